@@ -1,0 +1,164 @@
+"""`imagine "prompt" --out DIR`: render locally, without Discord.
+
+Writes DIR/frames/000000.png, 000050.png, ... (iteration 0, every K, and the last), DIR/final.png,
+DIR/video.mp4 and DIR/run.json (prompt, settings, seed, the similarity at every frame, timings).
+Bad arguments print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+PRESETS = {
+    # The seed article's notebook: 512x512, 1000 steps.
+    "seed": dict(grid=64, iterations=1000, cutn=12),
+    "normal": dict(grid=32, iterations=500, cutn=12),
+    "draft": dict(grid=32, iterations=200, cutn=8),
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, not {text!r}")
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="imagine", description="Render a prompt with CLIP + the DALL-E dVAE decoder.")
+    p.add_argument("prompt", help='what to draw; weighted parts: "a house | by Escher:0.5 | blurry:-1"')
+    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="seed",
+                   help="seed = the article's 512x512, 1000 steps (default); normal; draft")
+    p.add_argument("--iterations", type=_positive("--iterations"))
+    p.add_argument("--frame-every", type=_positive("--frame-every"), default=50)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, recorded in run.json)")
+    p.add_argument("--grid", type=int, choices=(32, 64), help="32 -> 256x256, 64 -> 512x512")
+    p.add_argument("--cutn", type=_positive("--cutn"))
+    p.add_argument("--clip-model", default="ViT-B/32", help="a CLIP model name or a local file")
+    p.add_argument("--decoder", default="openai", help="'openai' (download once) or a local decoder file")
+    p.add_argument("--trust-decoder", action="store_true",
+                   help="allow unpickling a local decoder file whose hash is not known good")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/imagine-bot)")
+    p.add_argument("--fps", type=float, default=10.0, help="video frame rate")
+    p.add_argument("--split-softmax", action="store_true", help="the notebook's two-softmax quirk")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"imagine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import secrets
+
+    import torch
+    from tqdm import tqdm
+
+    from engine import video
+    from engine.generate import GenerationSettings, PromptError, generate, parse_prompt
+    from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
+
+    try:
+        parts = parse_prompt(args.prompt)
+    except PromptError as exc:
+        raise UsageError(str(exc))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is available")
+    preset = PRESETS[args.preset]
+    settings = GenerationSettings(
+        iterations=args.iterations or preset["iterations"],
+        frame_every=args.frame_every,
+        grid=args.grid or preset["grid"],
+        cutn=args.cutn or preset["cutn"],
+        seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
+        split_softmax=args.split_softmax,
+        precision=args.precision,
+    )
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    t0 = time.perf_counter()
+    try:
+        models = load_models(args.clip_model, args.decoder, device, args.cache_dir or DEFAULT_CACHE,
+                             args.trust_decoder)
+    except ModelLoadError as exc:
+        raise UsageError(str(exc))
+    load_seconds = time.perf_counter() - t0
+
+    frames_dir = out / "frames"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    bar = tqdm(total=settings.iterations, unit="it", disable=args.no_progress, desc="imagine")
+
+    def on_frame(frame) -> None:
+        (frames_dir / f"{frame.iteration:06d}.png").write_bytes(frame.png())
+        records.append({"iteration": frame.iteration, "similarity": frame.similarity,
+                        "similarities": frame.similarities,
+                        "loss": None if frame.loss != frame.loss else frame.loss,
+                        "seconds": round(frame.elapsed, 3)})
+        bar.update(frame.iteration - bar.n)
+        bar.set_postfix(similarity=f"{frame.similarity:.4f}")
+
+    result = generate(parts, settings, models, progress=on_frame)
+    bar.close()
+    for warning in result.warnings:
+        print(f"imagine: warning: {warning}", file=sys.stderr)
+    (out / "final.png").write_bytes(result.final.png())
+    t1 = time.perf_counter()
+    video.encode_frames([f.pixels for f in result.frames], out / "video.mp4", fps=args.fps)
+    video_seconds = time.perf_counter() - t1
+    run = {
+        "prompt": args.prompt,
+        "parts": [{"text": p.text, "weight": p.weight} for p in parts],
+        "settings": settings.to_dict(),
+        "seed": settings.seed,
+        "device": device,
+        "clip_model": args.clip_model,
+        "decoder": args.decoder,
+        "frames": records,
+        "final_similarity": result.final.similarity,
+        "timings": {"load_models_s": round(load_seconds, 3), "generate_s": round(result.seconds, 3),
+                    "video_s": round(video_seconds, 3),
+                    "iterations_per_s": round(settings.iterations / result.seconds, 3) if result.seconds else None},
+        "warnings": result.warnings,
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out / 'final.png'} and {out / 'video.mp4'} (similarity {result.final.similarity:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

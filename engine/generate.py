@@ -1,0 +1,517 @@
+"""The optimisation loop: CLIP-guided search over the DALL-E dVAE decoder's codebook logits.
+
+advadnoun's prototype (2021), as DESIGN.md describes it: learnable logits [B, 8192, g, g] from
+random one-hot codes; each step a gumbel-softmax (tau 2), the decoder, sigmoid + unmap_pixels;
+`cutn` random cut-outs (0.5-0.99 of a side, random offset, up to 30 degrees of rotation, a little
+noise) resized to CLIP's input; loss = minus the weighted mean cosine similarity to the targets.
+Adam on the logits only, lr 0.01 growing x1.005 a step up to 0.12.
+
+`BatchRunner` steps many jobs ("slots") in one forward/backward pass; each slot has its own
+logits, optimiser, random generator and iteration count, so a job's frames do not depend on which
+other jobs share its batch. `generate()` is the one-job loop on top of it.
+
+Nothing here reads globals or writes files: settings, a cancel token and a progress callback come
+in as arguments.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dall_e import unmap_pixels
+
+from engine.models import Models
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import clip
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PROMPT_PARTS = 8
+
+
+class PromptError(ValueError):
+    """A prompt the engine refuses; the message says what to fix."""
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that decides a run. The defaults are the seed article's notebook."""
+
+    iterations: int = 1000          # optimiser steps; frames at 0, frame_every, ..., iterations
+    frame_every: int = 50
+    grid: int = 64                  # logits grid; the image is 8 * grid pixels a side
+    cutn: int = 12
+    tau: float = 2.0
+    lr: float = 0.01
+    lr_growth: float = 1.005
+    lr_max: float = 0.12
+    cut_min: float = 0.5
+    cut_max: float = 0.99
+    rotate_degrees: float = 30.0
+    noise: float = 0.1
+    seed: int = 0
+    split_softmax: bool = False     # the notebook's (1, 4096, -1) reshape quirk: two softmaxes of 4096
+    precision: str = "auto"         # auto | fp32 | bf16 | fp16 (autocast on CUDA; fp32 on CPU)
+
+    def validate(self) -> None:
+        problems = []
+        if self.iterations < 1:
+            problems.append("iterations must be at least 1")
+        if self.frame_every < 1:
+            problems.append("frame_every must be at least 1")
+        if self.grid < 2:
+            problems.append("grid must be at least 2")
+        if self.cutn < 1:
+            problems.append("cutn must be at least 1")
+        if not 0 < self.cut_min <= self.cut_max <= 1:
+            problems.append("need 0 < cut_min <= cut_max <= 1")
+        if self.tau <= 0:
+            problems.append("tau must be positive")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append("precision must be auto, fp32, bf16 or fp16")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def frame_iterations(self) -> list[int]:
+        its = list(range(0, self.iterations + 1, self.frame_every))
+        if its[-1] != self.iterations:
+            its.append(self.iterations)
+        return its
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+_WEIGHT = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    text: str
+    weight: float = 1.0
+
+
+def parse_prompt(prompt: str) -> list[PromptPart]:
+    """`a house | by Escher:0.5 | blurry:-1` -> parts with weights (default 1).
+
+    A trailing `:<number>` is a weight; any other colon is part of the text.
+    """
+    if prompt is None or not prompt.strip():
+        raise PromptError("the prompt is empty: describe the picture you want")
+    parts = []
+    for raw in prompt.split("|"):
+        raw = raw.strip()
+        if not raw:
+            raise PromptError("an empty part between '|' separators: remove the extra '|'")
+        match = _WEIGHT.match(raw)
+        text, weight = (match["text"].strip(), float(match["weight"])) if match else (raw, 1.0)
+        if not text:
+            raise PromptError(f"the part {raw!r} has a weight but no text")
+        if not math.isfinite(weight) or abs(weight) > 100:
+            raise PromptError(f"the weight of {text!r} must be a number between -100 and 100")
+        parts.append(PromptPart(text, weight))
+    if len(parts) > MAX_PROMPT_PARTS:
+        raise PromptError(f"{len(parts)} prompt parts; at most {MAX_PROMPT_PARTS} are allowed")
+    if not any(p.weight > 0 for p in parts):
+        raise PromptError("at least one part needs a positive weight")
+    return parts
+
+
+def tokenize(texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, list[str]]:
+    """CLIP tokens [T, context_length]; texts over CLIP's limit are truncated, with a warning each."""
+    warnings_out = []
+    rows = []
+    for text in texts:
+        try:
+            rows.append(clip.tokenize([text], context_length=context_length))
+        except RuntimeError:
+            rows.append(clip.tokenize([text], context_length=context_length, truncate=True))
+            warnings_out.append(
+                f"the prompt {text[:40]!r}... is longer than CLIP's {context_length} tokens: truncated"
+            )
+    return torch.cat(rows), warnings_out
+
+
+@dataclass
+class Targets:
+    """What a slot pulls toward (positive weight) or away from (negative): unit embeddings [T, D]."""
+
+    embeddings: torch.Tensor        # [T, D], unit length
+    weights: torch.Tensor           # [T]
+    labels: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def encode_targets(
+    models: Models, prompt: str | Sequence[PromptPart], image_targets: Sequence[tuple[torch.Tensor, float, str]] = ()
+) -> Targets:
+    """Embed the prompt's parts once per job (and image prompts: [3, H, W] in 0..1, weight, label)."""
+    parts = parse_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+    tokens, notes = tokenize([p.text for p in parts], models.clip.context_length)
+    text = models.clip.encode_text(tokens.to(models.device)).float()  # [T, D]
+    embeddings = [F.normalize(text, dim=-1)]
+    weights = [p.weight for p in parts]
+    labels = [p.text for p in parts]
+    for image, weight, label in image_targets:
+        embeddings.append(F.normalize(_clip_embed(models, image[None].to(models.device)), dim=-1))
+        weights.append(weight)
+        labels.append(label)
+    return Targets(
+        embeddings=torch.cat(embeddings),
+        weights=torch.tensor(weights, dtype=torch.float32, device=models.device),
+        labels=labels,
+        warnings=notes,
+    )
+
+
+def _clip_embed(models: Models, images: torch.Tensor) -> torch.Tensor:
+    """CLIP image embeddings [N, D] of images [N, 3, H, W] in 0..1 (resized, normalised)."""
+    res = models.clip_resolution
+    if images.shape[-1] != res or images.shape[-2] != res:
+        images = F.interpolate(images, size=(res, res), mode="bilinear", align_corners=False)
+    mean = images.new_tensor(CLIP_MEAN)[:, None, None]
+    std = images.new_tensor(CLIP_STD)[:, None, None]
+    return models.clip.encode_image((images - mean) / std).float()
+
+
+# --- one step's pieces -------------------------------------------------------------------------
+
+
+def random_one_hot_logits(vocab: int, grid: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    codes = torch.randint(vocab, (grid, grid), generator=generator, device=device)  # [g, g]
+    return F.one_hot(codes, vocab).permute(2, 0, 1)[None].float()  # [1, V, g, g]
+
+
+def gumbel_softmax(logits: torch.Tensor, uniforms: torch.Tensor, tau: float, split: bool) -> torch.Tensor:
+    """Soft codes [B, V, g, g] from logits [B, V, g, g] and uniform noise of the same shape."""
+    gumbels = -torch.log(-torch.log(uniforms.clamp(1e-10, 1 - 1e-7)))
+    y = (logits + gumbels) / tau
+    if split:  # the notebook's quirk: two softmaxes of V/2 codes per position
+        b, v, h, w = y.shape
+        return y.view(b, 2, v // 2, h, w).softmax(dim=2).view(b, v, h, w)
+    return y.softmax(dim=1)
+
+
+def cutout_grid(
+    n: int, size: int, cut_min: float, cut_max: float, degrees: float,
+    generator: torch.Generator, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grids [n, size, size, 2] for n random square cut-outs, each resized to `size` and
+    rotated, as one affine map; and a mask [n, 1, size, size] of the rotated square's inside
+    (outside it the picture is black, as a rotated crop's corners are)."""
+    scale = torch.rand(n, generator=generator, device=device) * (cut_max - cut_min) + cut_min  # [n]
+    # Offsets keep the cut-out inside the image: centre within +-(1 - scale) in [-1, 1] coords.
+    centre = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * (1 - scale)[:, None]
+    angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [n, 2, 2]
+    theta = torch.cat([rot * scale[:, None, None], centre[:, :, None]], dim=2)  # [n, 2, 3]
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # [n, S, S, 2]
+    local = (grid - centre[:, None, None, :]) / scale[:, None, None, None]  # back to crop coords
+    unrot = torch.einsum("nij,nhwj->nhwi", rot.transpose(1, 2), local)
+    mask = (unrot.abs() <= 1).all(dim=-1)[:, None].float()  # [n, 1, S, S]
+    return grid, mask
+
+
+def make_cutouts(
+    images: torch.Tensor, cutn: int, size: int, settings: Sequence["GenerationSettings"],
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """[B, 3, H, W] -> [B * cutn, 3, size, size]: every slot's cut-outs in one grid_sample."""
+    grids, masks, noise = [], [], []
+    for s, g in zip(settings, generators):
+        grid, mask = cutout_grid(cutn, size, s.cut_min, s.cut_max, s.rotate_degrees, g, images.device)
+        grids.append(grid)
+        masks.append(mask)
+        facs = torch.rand(cutn, 1, 1, 1, generator=g, device=images.device) * s.noise
+        noise.append(facs * torch.randn(cutn, 3, size, size, generator=g, device=images.device))
+    source = images.repeat_interleave(cutn, dim=0)  # [B * cutn, 3, H, W]
+    cuts = F.grid_sample(source, torch.cat(grids), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return cuts * torch.cat(masks) + torch.cat(noise)
+
+
+def decode(models: Models, soft_codes: torch.Tensor) -> torch.Tensor:
+    """Soft or one-hot codes [B, V, g, g] -> images [B, 3, 8g, 8g] in 0..1."""
+    out = models.decoder(soft_codes.float())  # [B, 6, 8g, 8g]
+    return unmap_pixels(torch.sigmoid(out[:, :3].float()))
+
+
+def frame_image(models: Models, logits: torch.Tensor) -> torch.Tensor:
+    """The picture a frame shows: the decoder on each position's most likely code, [B, 3, H, W].
+    Deterministic (no noise), so a remix's frame 0 is its parent's final frame, pixel for pixel."""
+    codes = F.one_hot(logits.argmax(dim=1), logits.shape[1]).permute(0, 3, 1, 2).float()
+    return decode(models, codes)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in 0..1 -> [H, W, 3] uint8."""
+    return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- slots and the batched step ----------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """A picture taken every `frame_every` iterations (and at the last)."""
+
+    iteration: int
+    total: int
+    pixels: np.ndarray               # [H, W, 3] uint8
+    similarity: float                # cosine similarity of the picture to the first prompt part
+    similarities: list[float]        # to every target, in Targets.labels order
+    loss: float                      # the step's training loss (augmented views)
+    elapsed: float
+
+    def png(self) -> bytes:
+        return png_bytes(self.pixels)
+
+
+class CancelToken(Protocol):
+    def is_set(self) -> bool: ...
+
+
+ProgressCallback = Callable[[Frame], None]
+
+
+class Slot:
+    """One job's state inside a batch."""
+
+    def __init__(
+        self, key: Any, models: Models, targets: Targets, settings: GenerationSettings,
+        init_logits: torch.Tensor | None = None, checkpoint: dict[str, Any] | None = None,
+    ):
+        settings.validate()
+        self.key = key
+        self.settings = settings
+        self.targets = targets
+        self.generator = torch.Generator(device=models.device)
+        self.generator.manual_seed(settings.seed)
+        if init_logits is None:
+            init_logits = random_one_hot_logits(models.vocab_size, settings.grid, self.generator, models.device)
+        if init_logits.shape[1:] != (models.vocab_size, settings.grid, settings.grid):
+            raise ValueError(f"initial logits {tuple(init_logits.shape)} do not fit grid {settings.grid}")
+        self.logits = torch.nn.Parameter(init_logits.detach().clone().float().to(models.device))  # [1, V, g, g]
+        self.optimizer = torch.optim.Adam([self.logits], lr=settings.lr)
+        self.iteration = 0
+        self.last_loss = float("nan")
+        self.started = time.perf_counter()
+        if checkpoint is not None:
+            self.load_state(checkpoint)
+
+    @property
+    def done(self) -> bool:
+        return self.iteration >= self.settings.iterations
+
+    def lr(self) -> float:
+        s = self.settings
+        return min(s.lr * s.lr_growth ** self.iteration, s.lr_max)
+
+    def wants_frame(self) -> bool:
+        return self.iteration % self.settings.frame_every == 0 or self.done
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: logits, Adam's moments, the RNG, the iteration."""
+        return {
+            "iteration": self.iteration,
+            "logits": self.logits.detach().cpu().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state().cpu(),
+            "settings": self.settings.to_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"].to(self.logits.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].to(self.generator.get_state().device))
+        self.iteration = int(state["iteration"])
+
+
+def state_to_bytes(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict[str, Any]:
+    # weights_only: a checkpoint is tensors and plain values; never unpickle code from a store.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _autocast(models: Models, precision: str):
+    if models.device.type != "cuda" or precision == "fp32":
+        return torch.autocast(device_type=models.device.type, enabled=False)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+class BatchRunner:
+    """Steps every slot of one grid size in one forward and backward pass.
+
+    Slots join (`add`) and leave (`remove`) between steps. A slot's result depends only on its own
+    seed, settings and targets: its noise comes from its own generator, its loss is its own term
+    of a sum whose gradient reaches only its own logits.
+    """
+
+    def __init__(self, models: Models):
+        self.models = models
+        self.slots: dict[Any, Slot] = {}
+
+    def add(self, slot: Slot) -> Slot:
+        if slot.key in self.slots:
+            raise KeyError(f"slot {slot.key!r} is already running")
+        self.slots[slot.key] = slot
+        return slot
+
+    def remove(self, key: Any) -> Slot | None:
+        return self.slots.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def frames(self, slots: Sequence[Slot]) -> list[Frame]:
+        """Take a frame of each slot now (no gradient): the picture and its similarities."""
+        with torch.no_grad(), _autocast(self.models, slots[0].settings.precision):
+            images = frame_image(self.models, torch.cat([s.logits for s in slots]))  # [B, 3, H, W]
+            emb = F.normalize(_clip_embed(self.models, images), dim=-1)  # [B, D]
+        frames = []
+        for i, slot in enumerate(slots):
+            sims = (slot.targets.embeddings @ emb[i]).tolist()  # [T]
+            frames.append(Frame(
+                iteration=slot.iteration, total=slot.settings.iterations, pixels=to_uint8(images[i]),
+                similarity=sims[0], similarities=sims, loss=slot.last_loss,
+                elapsed=time.perf_counter() - slot.started,
+            ))
+        return frames
+
+    def step(self) -> list[tuple[Slot, Frame | None]]:
+        """One optimiser step for every unfinished slot; returns (slot, frame or None) for each."""
+        active = [s for s in self.slots.values() if not s.done]
+        results: list[tuple[Slot, Frame | None]] = []
+        by_grid: dict[int, list[Slot]] = {}
+        for slot in active:
+            by_grid.setdefault(slot.settings.grid, []).append(slot)
+        for group in by_grid.values():
+            self._step_group(group)
+            wanted = [s for s in group if s.wants_frame()]
+            frames = dict(zip((s.key for s in wanted), self.frames(wanted))) if wanted else {}
+            results += [(s, frames.get(s.key)) for s in group]
+        return results
+
+    def _step_group(self, slots: list[Slot]) -> None:
+        models, res = self.models, self.models.clip_resolution
+        cutn = slots[0].settings.cutn
+        if any(s.settings.cutn != cutn for s in slots):
+            raise ValueError("slots in one batch must share cutn")
+        logits = torch.cat([s.logits for s in slots])  # [B, V, g, g]
+        uniforms = torch.cat([
+            torch.rand(s.logits.shape, generator=s.generator, device=models.device) for s in slots
+        ])  # [B, V, g, g]
+        with _autocast(models, slots[0].settings.precision):
+            soft = torch.cat([
+                gumbel_softmax(logits[i:i + 1], uniforms[i:i + 1], s.settings.tau, s.settings.split_softmax)
+                for i, s in enumerate(slots)
+            ])  # [B, V, g, g]
+            images = decode(models, soft)  # [B, 3, 8g, 8g]
+            cuts = make_cutouts(images, cutn, res, [s.settings for s in slots], [s.generator for s in slots])
+            emb = F.normalize(_clip_embed(models, cuts), dim=-1).view(len(slots), cutn, -1)  # [B, cutn, D]
+        losses = []
+        for i, slot in enumerate(slots):
+            sims = emb[i] @ slot.targets.embeddings.T  # [cutn, T]
+            losses.append(-(sims.mean(dim=0) * slot.targets.weights).sum())
+        loss = torch.stack(losses)  # [B]
+        for s in slots:
+            s.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        for s, l in zip(slots, loss.detach().tolist()):
+            for group in s.optimizer.param_groups:
+                group["lr"] = s.lr()
+            s.optimizer.step()
+            s.iteration += 1
+            s.last_loss = l
+
+
+# --- the one-job loop --------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    frames: list[Frame]
+    final: Frame
+    state: dict[str, Any]            # Slot.state(): the final logits etc. (continue / remix)
+    cancelled: bool
+    warnings: list[str]
+    seconds: float
+
+
+def generate(
+    prompt: str | Sequence[PromptPart],
+    settings: GenerationSettings,
+    models: Models,
+    cancel: CancelToken | None = None,
+    progress: ProgressCallback | None = None,
+    init_logits: torch.Tensor | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    image_targets: Sequence[tuple[torch.Tensor, float, str]] = (),
+) -> GenerationResult:
+    """Run one job to the end (or until `cancel.is_set()`, checked every iteration).
+
+    `progress` sees every frame: iteration 0, every `frame_every`, and the last. `on_checkpoint`
+    gets the slot's state at every frame after 0, for resuming after a crash (`checkpoint=`).
+    """
+    targets = encode_targets(models, prompt, image_targets)
+    started = time.perf_counter()
+    runner = BatchRunner(models)
+    slot = runner.add(Slot("job", models, targets, settings, init_logits, checkpoint))
+    frames: list[Frame] = []
+
+    def emit(frame: Frame) -> None:
+        frames.append(frame)
+        if progress is not None:
+            progress(frame)
+
+    emit(runner.frames([slot])[0])  # the start: iteration 0, or where the checkpoint left off
+    cancelled = False
+    while not slot.done:
+        if cancel is not None and cancel.is_set():
+            cancelled = True
+            break
+        (_, frame), = runner.step()
+        if frame is not None:
+            emit(frame)
+            if on_checkpoint is not None and not slot.done:
+                on_checkpoint(slot.state())
+    return GenerationResult(
+        frames=frames, final=frames[-1], state=slot.state(), cancelled=cancelled,
+        warnings=targets.warnings, seconds=time.perf_counter() - started,
+    )
+
+
+__all__ = [
+    "BatchRunner", "Frame", "GenerationResult", "GenerationSettings", "PromptError", "PromptPart",
+    "Slot", "Targets", "encode_targets", "generate", "parse_prompt", "state_from_bytes", "state_to_bytes",
+]

@@ -1,0 +1,155 @@
+"""Jobs as the bot and the GPU workers share them: specs, records, events, and the queue protocol.
+
+This module must never import torch (the bot imports it on machines without a GPU stack).
+Every backend of `JobQueue` (engine.queue.sqlite, engine.queue.redis) passes the same contract
+tests (tests/test_queue_contract.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class EventKind(str, enum.Enum):
+    QUEUED = "queued"        # accepted into the line
+    STARTED = "started"      # a worker claimed it (again, after a crash: `resumed_from` > 0)
+    PROGRESS = "progress"    # a frame: iteration, similarity, PNG bytes
+    DONE = "done"            # final image + video stored as artifacts
+    FAILED = "failed"        # reason in `message`
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class JobSpec:
+    """What a user asked for. Serialisable to JSON (see `to_dict`)."""
+
+    prompt: str
+    user_id: int = 0
+    channel_id: int = 0
+    guild_id: int | None = None
+    iterations: int = 300
+    seed: int | None = None
+    grid: int = 32                  # 32 -> 256x256, 64 -> 512x512
+    frame_every: int = 50
+    cutn: int = 12
+    preset: str | None = None
+    parent_job_id: str | None = None  # continue / remix start from this job's final logits
+    parent_kind: str | None = None    # "continue" | "remix" | "reroll"
+    # Where the bot shows this job: the interaction (token expires after 15 min) and the
+    # channel message it created (editable forever with the bot token).
+    reply: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class JobRecord:
+    """A job as the store knows it."""
+
+    id: str
+    spec: JobSpec
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    iteration: int = 0
+    similarity: float | None = None
+    attempts: int = 0
+    worker_id: str | None = None
+    error: str | None = None
+    delivered: bool = False   # the bot posted the final result (exactly-once final post)
+    cancel_requested: bool = False
+
+
+@dataclass
+class JobEvent:
+    """Progress of one job, in order. `seq` is assigned by the queue (monotonic per queue)."""
+
+    job_id: str
+    kind: EventKind
+    iteration: int = 0
+    total: int = 0
+    similarity: float | None = None
+    frame_png: bytes | None = None
+    message: str | None = None
+    seq: int = 0
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Checkpoint:
+    """Opaque engine state of a running job (torch.save bytes of logits, optimiser, RNG)."""
+
+    job_id: str
+    iteration: int
+    data: bytes
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    """The job store + line shared by the bot and the GPU workers.
+
+    Claim order is fair: round-robin across users (a user's second job waits behind every other
+    user's first), FIFO within a user. Positions are 1-based places in that order.
+    """
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # --- the bot side -------------------------------------------------------------------------
+    async def submit(self, spec: JobSpec) -> JobRecord: ...
+    async def get(self, job_id: str) -> JobRecord | None: ...
+    async def position(self, job_id: str) -> int | None: ...
+    async def queued(self) -> list[JobRecord]: ...               # in claim order
+    async def running(self) -> list[JobRecord]: ...
+    async def count_queued(self, user_id: int | None = None) -> int: ...
+    async def cancel(self, job_id: str) -> bool: ...            # queued -> cancelled now; running -> asked
+    async def clear(self) -> int: ...                           # cancel every queued job
+    async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]: ...
+    async def events(self, after: int = 0, timeout: float = 1.0) -> list[JobEvent]: ...
+    async def mark_delivered(self, job_id: str) -> bool: ...    # True only the first time
+    async def undelivered(self) -> list[JobRecord]: ...         # finished, not yet posted
+    async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None: ...
+    async def get_setting(self, key: str, default: Any = None) -> Any: ...
+    async def set_setting(self, key: str, value: Any) -> None: ...
+
+    # --- the worker side ----------------------------------------------------------------------
+    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None: ...
+    async def heartbeat(self, job_id: str, worker_id: str) -> bool: ...  # False: stop (cancelled / lost lease)
+    async def publish(self, event: JobEvent) -> None: ...
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    async def load_checkpoint(self, job_id: str) -> Checkpoint | None: ...
+    async def put_artifact(self, job_id: str, name: str, data: bytes) -> None: ...
+    async def get_artifact(self, job_id: str, name: str) -> bytes | None: ...
+    async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool: ...
+    async def fail(self, job_id: str, worker_id: str, reason: str, retry: bool = True) -> JobState: ...
+    async def mark_cancelled(self, job_id: str, worker_id: str) -> None: ...
+    async def release(self, job_id: str, worker_id: str) -> bool: ...  # graceful stop: back to the front, attempt not counted

@@ -1,0 +1,91 @@
+"""Frames -> an mp4 that plays inline in browsers and Discord (H.264, yuv420p, +faststart).
+
+ffmpeg comes from PATH, else from imageio-ffmpeg's bundled binary.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+class VideoError(RuntimeError):
+    pass
+
+
+def ffmpeg_binary() -> str:
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _run(args: list[str]) -> None:
+    proc = subprocess.run([ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *args],
+                          capture_output=True)
+    if proc.returncode != 0:
+        raise VideoError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
+
+
+def encode_frames(
+    frames: Sequence[np.ndarray], out: Path, fps: float = 10.0, hold_last_seconds: float = 1.0,
+    crf: int = 20, max_side: int | None = None,
+) -> Path:
+    """Write frames ([H, W, 3] uint8, all the same size) as an mp4; the last frame is held
+    `hold_last_seconds` longer. Returns `out`."""
+    if not frames:
+        raise VideoError("no frames to encode")
+    h, w, _ = frames[0].shape
+    hold = max(0, round(hold_last_seconds * fps))
+    sequence = list(frames) + [frames[-1]] * hold
+    scale = []
+    if max_side and max(h, w) > max_side:
+        scale = ["-vf", f"scale={max_side}:-2:flags=lanczos" if w >= h else f"scale=-2:{max_side}:flags=lanczos"]
+    elif h % 2 or w % 2:  # yuv420p needs even sides
+        scale = ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
+    raw = np.ascontiguousarray(np.stack(sequence)).tobytes()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y",
+         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
+         *scale, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf), "-pix_fmt", "yuv420p",
+         "-movflags", "+faststart", str(out)],
+        input=raw, capture_output=True,
+    )
+    if proc.returncode != 0:
+        raise VideoError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
+    return out
+
+
+def encode_frames_bytes(frames: Sequence[np.ndarray], **kwargs) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = encode_frames(frames, Path(tmp) / "video.mp4", **kwargs)
+        return path.read_bytes()
+
+
+def reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:
+    """A smaller encode of an mp4 that fits in `max_bytes`, or None if none does.
+
+    Tries a higher CRF, then half the size; a video that already fits is returned as it is.
+    """
+    if len(data) <= max_bytes:
+        return data
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in.mp4"
+        src.write_bytes(data)
+        for i, (crf, scale) in enumerate([(30, None), (36, "iw/2"), (42, "iw/4")]):
+            dst = Path(tmp) / f"out{i}.mp4"
+            vf = ["-vf", f"scale={scale}:-2"] if scale else []
+            _run(["-i", str(src), *vf, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
+                  "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-an", str(dst)])
+            if dst.stat().st_size <= max_bytes:
+                return dst.read_bytes()
+    return None

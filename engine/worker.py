@@ -1,0 +1,417 @@
+"""The GPU executor: claims jobs from a JobQueue, runs them in one batch on its own thread,
+publishes frames, saves checkpoints, stores the results.
+
+One `Worker` owns one device. Its asyncio side talks to the queue (claims, heartbeats, events,
+artifacts); its GPU thread only steps the `BatchRunner`, so the event loop never waits on the GPU
+and the GPU never waits on the network. It runs inside the bot (the embedded default) or alone as
+`imagine-worker --queue redis://...` on any host with a GPU (no Discord token needed).
+
+Artifacts a finished job leaves in the queue: `final.png`, `video.mp4`, `state.pt` (the final
+logits and optimiser state, for Continue and Remix). Checkpoints (every frame) hold the state and
+the frames so far, so a job taken up by another worker resumes where it stopped and its video
+still shows the whole generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import queue as thread_queue
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from engine import video
+from engine.generate import (
+    BatchRunner, Frame, GenerationSettings, PromptError, Slot, encode_targets, png_bytes,
+    state_from_bytes, state_to_bytes,
+)
+from engine.jobs import Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState
+from engine.models import Models
+
+log = logging.getLogger(__name__)
+
+
+def seed_for(job_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big")
+
+
+def settings_for(spec: JobSpec, base: GenerationSettings, job_id: str) -> GenerationSettings:
+    return replace(
+        base, iterations=spec.iterations, frame_every=spec.frame_every, grid=spec.grid, cutn=spec.cutn,
+        seed=spec.seed if spec.seed is not None else seed_for(job_id),
+    )
+
+
+def pack_checkpoint(state: dict[str, Any], frames_png: list[bytes]) -> bytes:
+    frames = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in frames_png]
+    return state_to_bytes({"state": state, "frames": frames})
+
+
+def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    blob = state_from_bytes(data)
+    return blob["state"], [bytes(t.numpy().tobytes()) for t in blob["frames"]]
+
+
+@dataclass
+class _Running:
+    """A job on this worker, as the asyncio side tracks it."""
+
+    record: JobRecord
+    cancel: threading.Event = field(default_factory=threading.Event)
+    frames_png: list[bytes] = field(default_factory=list)
+    frames_pixels: list[np.ndarray] = field(default_factory=list)
+    pending: list[asyncio.Future] = field(default_factory=list)
+    similarity: float | None = None
+
+
+@dataclass
+class _Start:
+    """Handed to the GPU thread: everything to build a slot without touching the queue."""
+
+    job_id: str
+    spec: JobSpec
+    settings: GenerationSettings
+    init_logits: torch.Tensor | None
+    state: dict[str, Any] | None
+    keep_optimizer: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        models_loader: Callable[[], Models],
+        *,
+        worker_id: str | None = None,
+        max_batch: int = 1,
+        grids: tuple[int, ...] | None = None,
+        base_settings: GenerationSettings | None = None,
+        heartbeat_every: float = 1.0,
+        poll_every: float = 0.25,
+        video_fps: float = 10.0,
+    ):
+        self.queue = queue
+        self.models_loader = models_loader
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10000}"
+        self.max_batch = max_batch
+        self.grids = grids
+        self.base_settings = base_settings or GenerationSettings()
+        self.heartbeat_every = heartbeat_every
+        self.poll_every = poll_every
+        self.video_fps = video_fps
+        self.models: Models | None = None
+        self.running: dict[str, _Running] = {}
+        self.iterations_done = 0          # for metrics: job-iterations since start
+        self._inbox: thread_queue.Queue[_Start] = thread_queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self.gpu_alive = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self.models is None:
+            self.models = await asyncio.to_thread(self.models_loader)
+        self._thread = threading.Thread(target=self._gpu_loop, name=f"gpu-{self.worker_id}", daemon=True)
+        self._thread.start()
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="worker-claim"),
+            asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
+        ]
+        log.info("worker %s started (max_batch=%d, device=%s)", self.worker_id, self.max_batch, self.models.device)
+
+    async def stop(self) -> None:
+        """Stop claiming, stop the GPU thread after its current step, and hand running jobs back."""
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        for job_id, run in list(self.running.items()):
+            await asyncio.gather(*run.pending, return_exceptions=True)
+            # The last checkpoint is in the queue; the job resumes from it on the next claim.
+            try:
+                await self.queue.release(job_id, self.worker_id)
+            except Exception:  # noqa: BLE001 - the lease will expire instead
+                log.exception("could not hand job %s back", job_id)
+        self.running.clear()
+
+    async def __aenter__(self) -> "Worker":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # --- asyncio side -----------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if len(self.running) < self.max_batch:
+                    record = await self.queue.claim(self.worker_id, self.grids)
+                    if record is not None:
+                        await self._begin(record)
+                        continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a queue outage must not kill the worker
+                log.exception("claim failed; retrying")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_every)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _begin(self, record: JobRecord) -> None:
+        spec = record.spec
+        run = _Running(record)
+        self.running[record.id] = run
+        try:
+            settings = settings_for(spec, self.base_settings, record.id)
+            init_logits, state, keep_optimizer = None, None, False
+            checkpoint = await self.queue.load_checkpoint(record.id)
+            if checkpoint is not None:
+                state, run.frames_png = await asyncio.to_thread(unpack_checkpoint, checkpoint.data)
+                run.frames_pixels = [np.asarray(_decode_png(p)) for p in run.frames_png]
+                log.info("job %s resumes from its checkpoint at iteration %d", record.id, state["iteration"])
+            elif spec.parent_job_id:
+                parent = await self.queue.get_artifact(spec.parent_job_id, "state.pt")
+                if parent is None:
+                    raise PromptError(f"the state of job {spec.parent_job_id} is gone (pruned): it cannot be continued")
+                parent_state = await asyncio.to_thread(state_from_bytes, parent)
+                init_logits = parent_state["logits"]
+                if spec.parent_kind == "continue":
+                    state, keep_optimizer = parent_state, True
+            self._inbox.put(_Start(record.id, spec, settings, init_logits, state, keep_optimizer))
+        except Exception as exc:  # noqa: BLE001
+            await self._failed(record.id, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(self.heartbeat_every)
+            for job_id, run in list(self.running.items()):
+                try:
+                    ok = await self.queue.heartbeat(job_id, self.worker_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - keep running; the lease may survive the outage
+                    log.warning("heartbeat for %s failed", job_id, exc_info=True)
+                    continue
+                if not ok:
+                    run.cancel.set()
+
+    def _from_gpu(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Called on the GPU thread: run `fn(*args)` as a task on the event loop."""
+        def schedule() -> None:
+            task = asyncio.ensure_future(fn(*args))
+            run = self.running.get(args[0])
+            if run is not None:
+                run.pending.append(task)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(schedule)
+
+    async def _on_frame(self, job_id: str, frame: Frame, state: dict[str, Any] | None) -> None:
+        run = self.running.get(job_id)
+        if run is None:
+            return
+        png = await asyncio.to_thread(frame.png)
+        run.frames_png.append(png)
+        run.frames_pixels.append(frame.pixels)
+        run.similarity = frame.similarity
+        await self.queue.publish(JobEvent(
+            job_id=job_id, kind=EventKind.PROGRESS, iteration=frame.iteration, total=frame.total,
+            similarity=frame.similarity, frame_png=png,
+        ))
+        if state is not None:
+            data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
+            await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data))
+
+    async def _on_done(self, job_id: str, state: dict[str, Any]) -> None:
+        run = self.running.get(job_id)
+        if run is None:
+            return
+        # Let this job's frame tasks (scheduled before this one) finish first.
+        current = asyncio.current_task()
+        await asyncio.gather(*(t for t in run.pending if t is not current), return_exceptions=True)
+        try:
+            video_bytes = await asyncio.to_thread(
+                video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
+            )
+            state_bytes = await asyncio.to_thread(state_to_bytes, state)
+            await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1])
+            await self.queue.put_artifact(job_id, "video.mp4", video_bytes)
+            await self.queue.put_artifact(job_id, "state.pt", state_bytes)
+            if not await self.queue.finish(job_id, self.worker_id, run.similarity):
+                log.warning("job %s was no longer ours when it finished; result dropped", job_id)
+        except Exception as exc:  # noqa: BLE001
+            await self._failed(job_id, exc)
+            return
+        finally:
+            self.running.pop(job_id, None)
+            self._wake.set()
+        log.info("job %s done (similarity %.4f)", job_id, run.similarity or 0.0)
+
+    async def _on_stopped(self, job_id: str) -> None:
+        """The GPU thread dropped the job: cancelled by a user, or our lease was lost."""
+        run = self.running.pop(job_id, None)
+        self._wake.set()
+        if run is None:
+            return
+        record = await self.queue.get(job_id)
+        if record is not None and record.cancel_requested and record.state == JobState.RUNNING:
+            await self.queue.mark_cancelled(job_id, self.worker_id)
+            log.info("job %s cancelled", job_id)
+
+    async def _failed(self, job_id: str, exc: BaseException) -> None:
+        self.running.pop(job_id, None)
+        self._wake.set()
+        retry = not isinstance(exc, (PromptError, ValueError))  # bad input fails at once, never retried
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PromptError) else str(exc)
+        log.warning("job %s failed: %s", job_id, reason)
+        try:
+            await self.queue.fail(job_id, self.worker_id, reason[:500], retry=retry)
+        except Exception:  # noqa: BLE001
+            log.exception("could not mark job %s failed", job_id)
+
+    # --- GPU thread -------------------------------------------------------------------------
+
+    def _gpu_loop(self) -> None:
+        assert self.models is not None
+        runner = BatchRunner(self.models)
+        self.gpu_alive = True
+        try:
+            while not self._stop.is_set():
+                self._admit(runner, block=len(runner) == 0)
+                for key in [k for k in runner.slots if self._cancelled(k)]:
+                    runner.remove(key)
+                    self._from_gpu(self._on_stopped, key)
+                if not len(runner):
+                    continue
+                try:
+                    results = runner.step()
+                except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: fail the batch's jobs
+                    for key in list(runner.slots):
+                        runner.remove(key)
+                        self._from_gpu(self._failed, key, exc)
+                    if self.models.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                self.iterations_done += len(results)
+                for slot, frame in results:
+                    if frame is not None:
+                        state = None if slot.done else slot.state()
+                        self._from_gpu(self._on_frame, slot.key, frame, state)
+                    if slot.done:
+                        runner.remove(slot.key)
+                        self._from_gpu(self._on_done, slot.key, slot.state())
+        finally:
+            self.gpu_alive = False
+
+    def _cancelled(self, job_id: str) -> bool:
+        run = self.running.get(job_id)
+        return run is None or run.cancel.is_set()
+
+    def _admit(self, runner: BatchRunner, block: bool) -> None:
+        while True:
+            try:
+                start = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            except thread_queue.Empty:
+                return
+            block = False
+            try:
+                slot = self._make_slot(start)
+            except Exception as exc:  # noqa: BLE001
+                self._from_gpu(self._failed, start.job_id, exc)
+                continue
+            runner.add(slot)
+            if slot.iteration == 0 or start.keep_optimizer:
+                # Frame 0 (or the parent's last frame, for Continue) opens the video.
+                frame = runner.frames([slot])[0]
+                self._from_gpu(self._on_frame, slot.key, frame, None)
+
+    def _make_slot(self, start: _Start) -> Slot:
+        assert self.models is not None
+        targets = encode_targets(self.models, start.spec.prompt)
+        slot = Slot(start.job_id, self.models, targets, start.settings, start.init_logits)
+        if start.state is not None:
+            slot.load_state(start.state)
+            if start.keep_optimizer:  # Continue: the parent's optimiser and RNG, a fresh count
+                slot.iteration = 0
+        return slot
+
+
+def _decode_png(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# --- imagine-worker ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagine-worker", description="Run a GPU worker for imagine-bot's queue.")
+    p.add_argument("--queue", required=True, help="queue URL: redis://host:6379/0 or sqlite:///path.db")
+    p.add_argument("--clip-model", default="ViT-B/32")
+    p.add_argument("--decoder", default="openai")
+    p.add_argument("--trust-decoder", action="store_true")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from engine.models import DEFAULT_CACHE, load_models
+    from engine.queue import open_queue
+
+    queue = open_queue(args.queue)
+    await queue.start()
+    cache = args.cache_dir or DEFAULT_CACHE
+    worker = Worker(
+        queue,
+        lambda: load_models(args.clip_model, args.decoder, args.device, cache, args.trust_decoder),
+        worker_id=args.worker_id, max_batch=args.max_batch,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()
+        await queue.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

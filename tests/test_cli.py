@@ -1,0 +1,75 @@
+"""The `imagine` CLI end to end on tiny models, and its bad-argument errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from engine import cli
+
+
+def test_imagine_renders_frames_final_video_and_run_json(tiny_model_files, tmp_path):
+    out = tmp_path / "run"
+    f = tiny_model_files
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "a house | blurry:-0.5", "--out", str(out),
+         "--iterations", "4", "--frame-every", "2", "--grid", "32", "--seed", "5",
+         "--clip-model", str(f.clip_torchscript), "--decoder", str(f.decoder_pickle), "--trust-decoder",
+         "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["000000.png", "000002.png", "000004.png"]
+    assert Image.open(out / "final.png").size == (256, 256)
+    assert (out / "final.png").read_bytes() == (out / "frames" / "000004.png").read_bytes()
+    run = json.loads((out / "run.json").read_text())
+    assert run["prompt"] == "a house | blurry:-0.5" and run["seed"] == 5
+    assert run["parts"] == [{"text": "a house", "weight": 1.0}, {"text": "blurry", "weight": -0.5}]
+    assert [r["iteration"] for r in run["frames"]] == [0, 2, 4]
+    assert all(isinstance(r["similarity"], float) for r in run["frames"])
+    assert run["settings"]["grid"] == 32 and run["timings"]["generate_s"] > 0
+    assert (out / "video.mp4").stat().st_size > 0
+    assert set(os.listdir(tmp_path)) == {"run", "cache"}  # nothing written into the working directory
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "x", "--iterations", "0"], "--iterations must be at least 1"),
+    (["--out", "x", "--iterations", "ten"], "whole number"),
+    (["--out", "x", "--grid", "48"], "invalid choice"),
+    (["--out", "x", "--device", "tpu"], "invalid choice"),
+    (["a cat"], "--out"),
+])
+def test_bad_arguments_one_line_and_exit_2(args, message, capsys):
+    argv = args if args and not args[0].startswith("--") else ["a cat", *args]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("prompt, message", [("   ", "empty"), ("blurry:-1", "positive weight")])
+def test_bad_prompts_exit_2(prompt, message, tmp_path, capsys):
+    assert cli.main([prompt, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_file_exit_2(tmp_path, capsys):
+    code = cli.main(["a cat", "--out", str(tmp_path / "o"), "--clip-model", str(tmp_path / "nope.pt"), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.pt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_untrusted_decoder_exit_2(tiny_model_files, tmp_path, capsys):
+    code = cli.main(["a cat", "--out", str(tmp_path / "o"), "--clip-model", str(tiny_model_files.clip_torchscript),
+                     "--decoder", str(tiny_model_files.decoder_pickle), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"])
+    assert code == 2
+    assert "--trust-decoder" in capsys.readouterr().err

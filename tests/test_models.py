@@ -1,0 +1,114 @@
+"""engine.models: OpenAI's file formats, the safe cache, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from engine import models as m
+from engine import random_models
+
+
+def test_clip_from_torchscript_archive_and_state_dict_agree(tiny_model_files):
+    scripted = m.load_clip(str(tiny_model_files.clip_torchscript))
+    plain = m.load_clip(str(tiny_model_files.clip_state_dict))
+    tokens = torch.zeros(1, 77, dtype=torch.long)
+    tokens[0, 0], tokens[0, 1], tokens[0, 2] = 49406, 320, 49407
+    with torch.no_grad():
+        a, b = scripted.encode_text(tokens), plain.encode_text(tokens)
+    assert a.dtype == torch.float32 and a.shape == (1, 32)
+    assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in scripted.parameters())
+
+
+def test_decoder_pickle_needs_trust_then_loads_from_the_safe_cache(tiny_model_files, tmp_path):
+    pickle = tmp_path / "decoder.pkl"
+    shutil.copy(tiny_model_files.decoder_pickle, pickle)
+    cache = tmp_path / "cache"
+    with pytest.raises(m.UntrustedPickleError, match="decoder.pkl"):
+        m.load_dvae("decoder", str(pickle), cache_dir=cache)
+    first = m.load_dvae("decoder", str(pickle), cache_dir=cache, trust=True)
+    safe = m.safe_cache_path(cache, "decoder", m.sha256_of(pickle))
+    assert safe.is_file()
+    # Second load: no trust needed and no unpickling, the weights come from safetensors.
+    torch_load = torch.load
+    try:
+        torch.load = lambda *a, **k: pytest.fail("the pickle was read again")  # type: ignore[assignment]
+        second = m.load_dvae("decoder", str(pickle), cache_dir=cache)
+    finally:
+        torch.load = torch_load
+    assert isinstance(second, m.Decoder)
+    codes = torch.nn.functional.one_hot(torch.randint(8192, (1, 4, 4)), 8192).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert torch.equal(first(codes), second(codes))
+    assert not any(p.requires_grad for p in second.parameters())
+    assert not second.training
+
+
+def test_a_known_hash_is_trusted_without_the_flag(tiny_model_files, tmp_path):
+    digest = m.sha256_of(tiny_model_files.decoder_pickle)
+    decoder = m.load_dvae("decoder", str(tiny_model_files.decoder_pickle), cache_dir=tmp_path, known_sha256={digest})
+    assert decoder.vocab_size == 8192
+
+
+def test_encoder_loads_by_the_same_rules(tiny_model_files, tmp_path):
+    with pytest.raises(m.UntrustedPickleError):
+        m.load_dvae("encoder", str(tiny_model_files.encoder_pickle), cache_dir=tmp_path)
+    encoder = m.load_dvae("encoder", str(tiny_model_files.encoder_pickle), cache_dir=tmp_path, trust=True)
+    assert isinstance(encoder, m.Encoder)
+
+
+def test_a_decoder_pickled_with_a_stale_upsample_still_runs(tmp_path):
+    decoder = random_models.make_decoder()
+    for group in ("group_1", "group_2", "group_3"):
+        # What an older torch leaves in the pickle: no recompute_scale_factor attribute.
+        del getattr(decoder.blocks, group).upsample.recompute_scale_factor
+    path = random_models.save_pickled_module(decoder, tmp_path / "old.pkl")
+    loaded = m.load_dvae("decoder", str(path), cache_dir=tmp_path / "c", trust=True)
+    codes = torch.zeros(1, 8192, 2, 2)
+    codes[:, 0] = 1
+    with torch.no_grad():
+        assert loaded(codes).shape == (1, 6, 16, 16)
+
+
+@pytest.mark.parametrize("which", ["clip", "decoder", "safetensors"])
+def test_corrupt_or_truncated_files_name_the_file(tiny_model_files, tmp_path, which):
+    if which == "clip":
+        src = tiny_model_files.clip_torchscript
+    elif which == "decoder":
+        src = tiny_model_files.decoder_pickle
+    else:
+        m.load_dvae("decoder", str(tiny_model_files.decoder_pickle), cache_dir=tmp_path / "c", trust=True)
+        src = next((tmp_path / "c" / "dvae").glob("*.safetensors"))
+    bad = tmp_path / f"truncated-{which}{src.suffix}"
+    bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(m.ModelLoadError) as err:
+        if which == "clip":
+            m.load_clip(str(bad))
+        else:
+            m.load_dvae("decoder", str(bad), cache_dir=tmp_path / "other", trust=True)
+    assert bad.name in str(err.value)
+
+
+def test_a_missing_download_says_which_file_from_where_and_where_to_put_it(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(m.urllib.request, "urlopen", offline)
+    with pytest.raises(m.ModelLoadError) as err:
+        m.load_dvae("decoder", "openai", cache_dir=tmp_path)
+    text = str(err.value)
+    assert "decoder.pkl" in text and m.DVAE_URLS["decoder"] in text and str(tmp_path / "dvae" / "decoder.pkl") in text
+    with pytest.raises(m.ModelLoadError) as err:
+        m.load_clip("ViT-B/32", cache_dir=tmp_path)
+    assert "ViT-B-32.pt" in str(err.value) and "openaipublic" in str(err.value)
+
+
+def test_a_placed_clip_file_with_the_wrong_hash_is_refused(tmp_path, tiny_model_files):
+    target = tmp_path / "clip" / "ViT-B-32.pt"
+    target.parent.mkdir()
+    shutil.copy(tiny_model_files.clip_torchscript, target)
+    with pytest.raises(m.ModelLoadError, match="SHA-256"):
+        m.load_clip("ViT-B/32", cache_dir=tmp_path)
