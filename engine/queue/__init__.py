@@ -1,0 +1,64 @@
+"""Backends of `engine.jobs.JobQueue`.
+
+    open_queue("sqlite:///imagine.db")        # SQLAlchemy style: relative path "imagine.db"
+    open_queue("sqlite:////var/lib/imagine.db")  # absolute path
+    open_queue("imagine.db")                  # a plain path is a SQLite file too
+    open_queue("redis://localhost:6379/0?prefix=imagine")
+
+Options in the query string (both backends): `lease` (seconds, default 30), `max_attempts`
+(default 3); Redis only: `prefix` (key namespace, default "imagine"). Other query parameters of a
+redis URL go to redis-py (`socket_timeout`, ...). The queue comes back unstarted: call
+`await queue.start()` (or `async with open_queue(url) as queue:`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from engine.jobs import JobQueue
+
+__all__ = ["open_queue"]
+
+_NUMERIC_OPTS = {"lease": float, "max_attempts": int}
+
+
+def _split_options(query: str, names: set[str]) -> tuple[dict[str, str], str]:
+    ours: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        (ours.__setitem__(key, value) if key in names else rest.append((key, value)))
+    return ours, urlencode(rest)
+
+
+def open_queue(url: str, **kwargs: Any) -> JobQueue:
+    """A `JobQueue` for `url` (see the module docstring); `kwargs` go to the backend's constructor."""
+    url = str(url)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
+        from engine.queue.redis import RedisJobQueue
+
+        parts = urlsplit(url)
+        opts, rest = _split_options(parts.query, {"prefix", *_NUMERIC_OPTS})
+        options: dict[str, Any] = {k: _NUMERIC_OPTS[k](v) for k, v in opts.items() if k in _NUMERIC_OPTS}
+        if "prefix" in opts:
+            options["prefix"] = opts["prefix"]
+        options.update(kwargs)
+        return RedisJobQueue(urlunsplit(parts._replace(query=rest)), **options)
+    if scheme in ("", "sqlite", "file"):
+        from engine.queue.sqlite import SQLiteJobQueue
+
+        path, options = url, {}
+        if scheme:
+            body = url.split("://", 1)[1]
+            # "sqlite:///x.db" -> "x.db" (relative), "sqlite:////abs/x.db" -> "/abs/x.db"
+            path = body[1:] if body.startswith("/") else body
+            if "?" in path:
+                path, query = path.split("?", 1)
+                opts, _ = _split_options(query, set(_NUMERIC_OPTS))
+                options = {k: _NUMERIC_OPTS[k](v) for k, v in opts.items()}
+        if not path:
+            raise ValueError(f"no database path in {url!r}")
+        options.update(kwargs)
+        return SQLiteJobQueue(path, **options)
+    raise ValueError(f"unsupported queue url {url!r} (use sqlite:///file.db, a path, or redis://host:port/db)")

@@ -1,0 +1,783 @@
+"""Redis backend of `JobQueue`, for many GPU workers on many hosts sharing one Redis server.
+
+What SAQ (0.26) gives us, and what it does not:
+
+* SAQ's line is one FIFO list moved with BLMOVE; its retries and its sweep of stuck jobs push a job
+  to the *back* of that list; its abort cancels an asyncio task inside a SAQ `Worker` that runs one
+  function call per job; its job record is one JSON blob, rewritten whole by each update. We need a
+  fair round-robin line by user with grid filters and positions, requeueing at the *front*, a
+  cancel flag that a batched GPU loop reads at its heartbeat, and state changes that are atomic with
+  the line: none of which SAQ's structures can express (and a JSON record cannot be updated inside
+  Lua without cjson turning 64-bit Discord ids into doubles). SAQ's notifications are pub/sub (lost
+  while the bot is down); we need a durable, ordered event log.
+* So the line, the records, leases and events are ours, and every state change is one Lua script
+  (atomic, so two claimers never take the same job; claim() sweeps expired leases first). Records
+  are hashes (the spec is an opaque JSON string Lua never parses); the event log is a Redis stream
+  whose entry ids are `<seq>-0`, so XREAD BLOCK is the long-poll and `seq` is monotonic for every
+  process; frames live beside it in a hash capped at `keep_frames`.
+* SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
+  claim/heartbeat, throttled; `RedisQueue.info()` for `workers()`), so SAQ's dashboard and tooling
+  see our GPU workers. It shares our Redis client (and its reconnect settings). Worker ids must not
+  contain ':' (SAQ's `info()` splits keys on it).
+
+Keys: `<prefix>:job:<id>` (hash), `<prefix>:line:<user>` (zset of that user's queued jobs, FIFO;
+negative scores are front-of-line returns), `<prefix>:rot` (zset of users with queued jobs, their
+turn order), `<prefix>:qall` (set), `<prefix>:running` (zset by lease expiry, server time),
+`<prefix>:hist:<channel>`, `<prefix>:undelivered`, `<prefix>:settings`, `<prefix>:ckpt:<id>`,
+`<prefix>:art:<id>`, `<prefix>:events` (stream), `<prefix>:evseq`, `<prefix>:frames`,
+`<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under `saq:<prefix>:`.
+Keys are computed inside the scripts, so this needs one Redis, not a cluster.
+
+Reconnecting: the client retries connection errors with backoff (redis-py `Retry`), and every call
+is retried again here for up to `reconnect_timeout` seconds. That is safe because every call is
+idempotent: reads and plain writes by nature, each mutating script through a per-call token whose
+first reply is kept for two minutes (`<prefix>:tok:<token>`), so a script re-sent after a lost
+reply returns the same answer instead of running twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from saq.queue.redis import RedisQueue
+
+from engine.jobs import (
+    Checkpoint,
+    EventKind,
+    JobEvent,
+    JobRecord,
+    JobSpec,
+    JobState,
+    new_job_id,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)  # BusyLoadingError is a ConnectionError
+
+# ARGV[1..6] of every script; script arguments start at ARGV[7].
+_LUA_PRELUDE = r"""
+local P = ARGV[1]
+local TOK = ARGV[2]
+local NOW = ARGV[3]
+local KEEP = tonumber(ARGV[4])
+local MAXATT = tonumber(ARGV[5])
+local LEASE = tonumber(ARGV[6])
+local TOKKEY = P .. ':tok:' .. TOK
+if TOK ~= '' then
+  local prev = redis.call('GET', TOKKEY)
+  if prev then return prev end
+end
+local function jk(id) return P .. ':job:' .. id end
+local function nextc() return redis.call('INCR', P .. ':ctr') end
+local function tnow()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.6f', x) end
+local function xadd(fields)
+  local seq = redis.call('INCR', P .. ':evseq')
+  redis.call('XADD', P .. ':events', 'MAXLEN', KEEP, seq .. '-0', unpack(fields))
+  return seq
+end
+local function emit(id, kind, msg)
+  local v = redis.call('HMGET', jk(id), 'iteration', 'total', 'similarity')
+  local f = {'job', id, 'kind', kind, 'it', v[1] or '0', 'tot', v[2] or '0', 'at', NOW}
+  if v[3] then f[#f + 1] = 'sim'; f[#f + 1] = v[3] end
+  if msg then f[#f + 1] = 'msg'; f[#f + 1] = msg end
+  return xadd(f)
+end
+local function leave_line(id, uid)
+  local lk = P .. ':line:' .. uid
+  redis.call('ZREM', lk, id)
+  redis.call('SREM', P .. ':qall', id)
+  if redis.call('ZCARD', lk) == 0 then redis.call('ZREM', P .. ':rot', uid) end
+end
+local function to_front(id)
+  local j = jk(id)
+  local uid = redis.call('HGET', j, 'user')
+  local q = -nextc()
+  redis.call('HSET', j, 'state', 'queued', 'qseq', q)
+  redis.call('HDEL', j, 'worker_id', 'lease_until', 'started_at')
+  redis.call('ZREM', P .. ':running', id)
+  redis.call('ZADD', P .. ':line:' .. uid, q, id)
+  redis.call('SADD', P .. ':qall', id)
+  redis.call('ZADD', P .. ':rot', -nextc(), uid)
+end
+local function finalize(id, state, err)
+  local j = jk(id)
+  redis.call('HSET', j, 'state', state, 'finished_at', NOW)
+  if err then redis.call('HSET', j, 'error', err) end
+  redis.call('HDEL', j, 'lease_until')
+  redis.call('ZREM', P .. ':running', id)
+  if redis.call('HGET', j, 'delivered') ~= '1' then
+    redis.call('ZADD', P .. ':undelivered', nextc(), id)
+  end
+end
+local function sweep()
+  local ids = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', '(' .. fmt(tnow()))
+  for i = #ids, 1, -1 do  -- latest expiry first, so the earliest ends up frontmost
+    local id = ids[i]
+    local v = redis.call('HMGET', jk(id), 'state', 'cancel_requested', 'attempts')
+    if v[1] ~= 'running' then
+      redis.call('ZREM', P .. ':running', id)
+    elseif v[2] == '1' then
+      finalize(id, 'cancelled')
+      emit(id, 'cancelled', 'worker lost')
+    elseif tonumber(v[3] or '0') >= MAXATT then
+      local msg = 'worker lost ' .. v[3] .. ' times'
+      finalize(id, 'failed', msg)
+      emit(id, 'failed', msg)
+    else
+      to_front(id)
+      emit(id, 'queued', 'worker lost')
+    end
+  end
+  return #ids
+end
+local function line()
+  -- the fair line: rank within the user first, then the users' turn order
+  local users = redis.call('ZRANGE', P .. ':rot', 0, -1)
+  local lines, longest = {}, 0
+  for i, u in ipairs(users) do
+    lines[i] = redis.call('ZRANGE', P .. ':line:' .. u, 0, -1)
+    if #lines[i] > longest then longest = #lines[i] end
+  end
+  local ids, uids = {}, {}
+  for r = 1, longest do
+    for i, u in ipairs(users) do
+      local id = lines[i][r]
+      if id then ids[#ids + 1] = id; uids[#uids + 1] = u end
+    end
+  end
+  return ids, uids
+end
+local function owned(id, worker)
+  local v = redis.call('HMGET', jk(id), 'state', 'worker_id')
+  return v[1] == 'running' and v[2] == worker
+end
+local function body()
+"""
+
+_LUA_EPILOGUE = r"""
+end
+local res = body()
+if TOK ~= '' and res ~= '' then redis.call('SET', TOKKEY, res, 'EX', 120) end
+return res
+"""
+
+_SCRIPTS: dict[str, str] = {
+    # id, user, channel, grid, total, spec
+    "submit": r"""
+  local id, uid, chan = ARGV[7], ARGV[8], ARGV[9]
+  local j = jk(id)
+  if redis.call('EXISTS', j) == 1 then return 'exists' end
+  local q = nextc()
+  redis.call('HSET', j, 'id', id, 'spec', ARGV[12], 'user', uid, 'channel', chan, 'grid', ARGV[10],
+    'total', ARGV[11], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
+    'delivered', '0', 'cancel_requested', '0', 'qseq', q)
+  if not redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
+  redis.call('ZADD', P .. ':line:' .. uid, q, id)
+  redis.call('SADD', P .. ':qall', id)
+  redis.call('ZADD', P .. ':hist:' .. chan, nextc(), id)
+  emit(id, 'queued')
+  return 'ok'
+""",
+    # worker, ngrids (-1: any), grids...
+    "claim": r"""
+  local worker, ngr = ARGV[7], tonumber(ARGV[8])
+  local grids = {}
+  for i = 1, ngr do grids[ARGV[8 + i]] = true end
+  sweep()
+  local paused = redis.call('HGET', P .. ':settings', 'paused')
+  if paused and paused ~= 'false' and paused ~= 'null' and paused ~= '0' and paused ~= '""'
+     and paused ~= '[]' and paused ~= '{}' then
+    return ''
+  end
+  local ids, uids = line()
+  for k, id in ipairs(ids) do
+    local j = jk(id)
+    if ngr < 0 or grids[redis.call('HGET', j, 'grid')] then
+      local uid = uids[k]
+      leave_line(id, uid)
+      if redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
+      local lu = fmt(tnow() + LEASE)
+      redis.call('HSET', j, 'state', 'running', 'worker_id', worker, 'started_at', NOW,
+        'lease_until', lu, 'cancel_requested', '0')
+      redis.call('HINCRBY', j, 'attempts', 1)
+      redis.call('ZADD', P .. ':running', lu, id)
+      emit(id, 'started')
+      return id
+    end
+  end
+  return ''
+""",
+    "sweep": r"""
+  return tostring(sweep())
+""",
+    "line": r"""
+  local ids = line()
+  return ids
+""",
+    # id, worker
+    "heartbeat": r"""
+  local id = ARGV[7]
+  local v = redis.call('HMGET', jk(id), 'state', 'worker_id', 'cancel_requested')
+  if v[1] ~= 'running' or v[2] ~= ARGV[8] or v[3] == '1' then return '0' end
+  local lu = fmt(tnow() + LEASE)
+  redis.call('HSET', jk(id), 'lease_until', lu)
+  redis.call('ZADD', P .. ':running', lu, id)
+  return '1'
+""",
+    # id
+    "cancel": r"""
+  local id = ARGV[7]
+  local v = redis.call('HMGET', jk(id), 'state', 'user')
+  if v[1] == 'queued' then
+    leave_line(id, v[2])
+    finalize(id, 'cancelled')
+    emit(id, 'cancelled')
+    return '1'
+  elseif v[1] == 'running' then
+    redis.call('HSET', jk(id), 'cancel_requested', '1')
+    return '1'
+  end
+  return '0'
+""",
+    "clear": r"""
+  local ids, uids = line()
+  for k, id in ipairs(ids) do
+    leave_line(id, uids[k])
+    finalize(id, 'cancelled')
+    emit(id, 'cancelled', 'queue cleared')
+  end
+  return tostring(#ids)
+""",
+    # id, worker, similarity ('' = keep)
+    "finish": r"""
+  local id = ARGV[7]
+  if not owned(id, ARGV[8]) then return '0' end
+  if ARGV[9] ~= '' then redis.call('HSET', jk(id), 'similarity', ARGV[9]) end
+  finalize(id, 'done')
+  emit(id, 'done')
+  return '1'
+""",
+    # id, worker, reason, retry ('1'/'0')
+    "fail": r"""
+  local id, reason = ARGV[7], ARGV[9]
+  local v = redis.call('HMGET', jk(id), 'state', 'worker_id', 'attempts', 'cancel_requested')
+  if not v[1] then return '' end
+  if v[1] ~= 'running' or v[2] ~= ARGV[8] then return v[1] end
+  if ARGV[10] == '1' and tonumber(v[3]) < MAXATT and v[4] ~= '1' then
+    to_front(id)
+    redis.call('HSET', jk(id), 'error', reason)
+    emit(id, 'queued', reason)
+    return 'queued'
+  end
+  finalize(id, 'failed', reason)
+  emit(id, 'failed', reason)
+  return 'failed'
+""",
+    # id, worker
+    "mark_cancelled": r"""
+  local id = ARGV[7]
+  if not owned(id, ARGV[8]) then return '0' end
+  finalize(id, 'cancelled')
+  emit(id, 'cancelled')
+  return '1'
+""",
+    # id, worker
+    "release": r"""
+  local id = ARGV[7]
+  if not owned(id, ARGV[8]) then return '0' end
+  if redis.call('HGET', jk(id), 'cancel_requested') == '1' then
+    finalize(id, 'cancelled')
+    emit(id, 'cancelled')
+    return '1'
+  end
+  to_front(id)
+  if redis.call('HINCRBY', jk(id), 'attempts', -1) < 0 then redis.call('HSET', jk(id), 'attempts', '0') end
+  emit(id, 'queued', 'worker stopped')
+  return '1'
+""",
+    # id
+    "mark_delivered": r"""
+  local id = ARGV[7]
+  if redis.call('EXISTS', jk(id)) == 0 or redis.call('HGET', jk(id), 'delivered') == '1' then return '0' end
+  redis.call('HSET', jk(id), 'delivered', '1')
+  redis.call('ZREM', P .. ':undelivered', id)
+  return '1'
+""",
+    # id, reply json
+    "set_reply": r"""
+  if redis.call('EXISTS', jk(ARGV[7])) == 1 then redis.call('HSET', jk(ARGV[7]), 'reply', ARGV[8]) end
+  return '1'
+""",
+    # id, kind, iteration, total, similarity ('' = none), message ('' = none, else '=' .. text),
+    # at, has_frame ('1'/'0'), frame, keep_frames
+    "publish": r"""
+  local id, kind = ARGV[7], ARGV[8]
+  local f = {'job', id, 'kind', kind, 'it', ARGV[9], 'tot', ARGV[10], 'at', ARGV[13]}
+  if ARGV[11] ~= '' then f[#f + 1] = 'sim'; f[#f + 1] = ARGV[11] end
+  if ARGV[12] ~= '' then f[#f + 1] = 'msg'; f[#f + 1] = string.sub(ARGV[12], 2) end
+  local has_frame = ARGV[14] == '1'
+  if has_frame then f[#f + 1] = 'f'; f[#f + 1] = '1' end
+  local seq = xadd(f)
+  if has_frame then
+    redis.call('HSET', P .. ':frames', seq, ARGV[15])
+    redis.call('RPUSH', P .. ':framelist', seq)
+    local extra = redis.call('LLEN', P .. ':framelist') - tonumber(ARGV[16])
+    for i = 1, extra do
+      local old = redis.call('LPOP', P .. ':framelist')
+      if old then redis.call('HDEL', P .. ':frames', old) end
+    end
+  end
+  if kind == 'progress' and redis.call('EXISTS', jk(id)) == 1 then
+    redis.call('HSET', jk(id), 'iteration', ARGV[9])
+    if ARGV[11] ~= '' then redis.call('HSET', jk(id), 'similarity', ARGV[11]) end
+  end
+  return tostring(seq)
+""",
+}
+
+
+class _SaqQueue(RedisQueue):
+    """SAQ's RedisQueue; `write_worker_info` writes the same keys without redis-py's deprecated SETEX."""
+
+    async def write_worker_info(self, worker_id: str, info: Any, ttl: int) -> None:
+        current = int(time.time() * 1000)
+        key = self.namespace(f"worker_info:{worker_id}")
+        pipe: Any
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, json.dumps(info), ex=ttl)
+            pipe.zremrangebyscore(self._stats, 0, current)
+            pipe.zadd(self._stats, {key: current + ttl * 1000})
+            pipe.expire(self._stats, ttl)
+            await pipe.execute()
+
+
+def _s(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _f(value: bytes | None) -> float | None:
+    return float(value) if value not in (None, b"") else None
+
+
+def _record(raw: dict[bytes, bytes]) -> JobRecord | None:
+    if not raw or b"spec" not in raw:
+        return None
+    h = {k.decode(): v for k, v in raw.items()}
+    spec = JobSpec.from_dict(json.loads(h["spec"]))
+    if "reply" in h:
+        spec.reply = json.loads(h["reply"])
+    return JobRecord(
+        id=h["id"].decode(),
+        spec=spec,
+        state=JobState(h["state"].decode()),
+        created_at=float(h["created_at"]),
+        started_at=_f(h.get("started_at")),
+        finished_at=_f(h.get("finished_at")),
+        iteration=int(h.get("iteration", b"0")),
+        similarity=_f(h.get("similarity")),
+        attempts=int(h.get("attempts", b"0")),
+        worker_id=_s(h.get("worker_id")),
+        error=_s(h.get("error")),
+        delivered=h.get("delivered") == b"1",
+        cancel_requested=h.get("cancel_requested") == b"1",
+    )
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+class RedisJobQueue:
+    """`JobQueue` on a Redis server (>= 5: streams). See the module docstring."""
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = "imagine",
+        lease: float = 30.0,
+        max_attempts: int = 3,
+        keep_events: int = 10_000,
+        keep_frames: int = 256,
+        reconnect_timeout: float = 30.0,
+        socket_timeout: float = 10.0,
+        worker_ttl: int = 60,
+        redis: Redis | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.lease = float(lease)
+        self.max_attempts = int(max_attempts)
+        self.keep_events = int(keep_events)
+        self.keep_frames = int(keep_frames)
+        self.reconnect_timeout = float(reconnect_timeout)
+        self.socket_timeout = float(socket_timeout)
+        self.worker_ttl = max(1, int(math.ceil(worker_ttl)))
+        self._given_client = redis
+        self.redis: Any = None  # redis.asyncio.Redis (bytes replies)
+        self.saq: RedisQueue | None = None
+        self._scripts: dict[str, Any] = {}
+        self._seen: dict[str, tuple[float, str | None]] = {}
+        self._stats: dict[str, dict[str, int]] = {}
+        self._started_ms = int(time.time() * 1000)
+
+    def __repr__(self) -> str:
+        return f"RedisJobQueue({self.url!r}, prefix={self.prefix!r})"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.redis is not None:
+            return
+        self.redis = self._given_client or Redis.from_url(
+            self.url,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6),
+            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=5.0,
+            socket_keepalive=True,
+            health_check_interval=10,
+        )
+        self.saq = _SaqQueue(self.redis, name=self.prefix)
+        self._scripts = {
+            name: self.redis.register_script(_LUA_PRELUDE + body + _LUA_EPILOGUE)
+            for name, body in _SCRIPTS.items()
+        }
+        await self._retry(self.redis.ping)
+
+    async def close(self) -> None:
+        client, self.redis = self.redis, None
+        if client is not None and self._given_client is None:
+            await client.aclose()
+
+    async def __aenter__(self) -> "RedisJobQueue":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _k(self, *parts: object) -> str:
+        return ":".join([self.prefix, *(str(p) for p in parts)])
+
+    def _client(self) -> Any:
+        if self.redis is None:
+            raise RuntimeError("queue not started: await queue.start() first")
+        return self.redis
+
+    async def _retry(self, call: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
+        """Run `call` (idempotent), retrying connection errors until Redis is back."""
+        loop = asyncio.get_running_loop()
+        deadline = deadline if deadline is not None else loop.time() + self.reconnect_timeout
+        delay, warned = 0.05, False
+        while True:
+            try:
+                return await call()
+            except _RETRYABLE as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                if not warned:
+                    log.warning("redis unreachable (%s); retrying", exc)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _run(self, name: str, *args: Any, token: bool = True, now: float | None = None) -> Any:
+        self._client()
+        argv = [
+            self.prefix,
+            uuid.uuid4().hex if token else "",
+            repr(time.time() if now is None else now),
+            self.keep_events,
+            self.max_attempts,
+            repr(self.lease),
+            *args,
+        ]
+        script = self._scripts[name]
+        result = await self._retry(lambda: script(keys=[], args=argv))
+        return result.decode() if isinstance(result, bytes) else result
+
+    async def _records(self, ids: Sequence[bytes | str]) -> list[JobRecord]:
+        if not ids:
+            return []
+        client = self._client()
+
+        async def fetch() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._k("job", _s(job_id)))
+                return await pipe.execute()
+
+        return [r for r in map(_record, await self._retry(fetch)) if r is not None]
+
+    async def _see_worker(self, worker_id: str, job_id: str | None) -> None:
+        """SAQ's worker registry (TTL'd), written at most every few seconds per worker."""
+        now = time.monotonic()
+        last = self._seen.get(worker_id)
+        if last is not None and now - last[0] < min(5.0, self.worker_ttl / 3) and (job_id is None or job_id == last[1]):
+            return
+        self._seen[worker_id] = (now, job_id if job_id is not None else (last[1] if last else None))
+        stats = self._stats.setdefault(worker_id, {"complete": 0, "failed": 0, "retried": 0, "aborted": 0})
+        info = {
+            "stats": {**stats, "uptime": int(time.time() * 1000) - self._started_ms},
+            "queue_key": self.prefix,
+            "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time()},
+        }
+        assert self.saq is not None
+        try:
+            await self.saq.write_worker_info(worker_id, info, ttl=self.worker_ttl)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - bookkeeping only
+            log.debug("could not write worker info for %s", worker_id, exc_info=True)
+
+    def _count(self, worker_id: str, what: str) -> None:
+        stats = self._stats.setdefault(worker_id, {"complete": 0, "failed": 0, "retried": 0, "aborted": 0})
+        stats[what] += 1
+
+    # --- the bot side ---------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> JobRecord:
+        record = JobRecord(id=new_job_id(), spec=spec)
+        await self._run(
+            "submit",
+            record.id,
+            str(int(spec.user_id)),
+            str(int(spec.channel_id)),
+            str(int(spec.grid)),
+            str(int(spec.iterations)),
+            json.dumps(spec.to_dict()),
+            now=record.created_at,
+        )
+        return record
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        client = self._client()
+        return _record(await self._retry(lambda: client.hgetall(self._k("job", job_id))))
+
+    async def _line(self) -> list[str]:
+        return [_s(i) for i in await self._run("line", token=False) or []]  # type: ignore[misc]
+
+    async def queued(self) -> list[JobRecord]:
+        return [r for r in await self._records(await self._line()) if r.state == JobState.QUEUED]
+
+    async def position(self, job_id: str) -> int | None:
+        line = await self._line()
+        return line.index(job_id) + 1 if job_id in line else None
+
+    async def running(self) -> list[JobRecord]:
+        client = self._client()
+        ids = await self._retry(lambda: client.zrange(self._k("running"), 0, -1))
+        records = [r for r in await self._records(ids) if r.state == JobState.RUNNING]
+        return sorted(records, key=lambda r: r.started_at or 0.0)
+
+    async def count_queued(self, user_id: int | None = None) -> int:
+        client = self._client()
+        if user_id is None:
+            return int(await self._retry(lambda: client.scard(self._k("qall"))))
+        return int(await self._retry(lambda: client.zcard(self._k("line", int(user_id)))))
+
+    async def cancel(self, job_id: str) -> bool:
+        return await self._run("cancel", job_id) == "1"
+
+    async def clear(self) -> int:
+        return int(await self._run("clear"))
+
+    async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
+        if limit <= 0:
+            return []
+        client = self._client()
+        ids = await self._retry(lambda: client.zrevrange(self._k("hist", int(channel_id)), 0, int(limit) - 1))
+        return await self._records(ids)
+
+    async def events(self, after: int = 0, timeout: float = 1.0, limit: int = 1000) -> list[JobEvent]:
+        client = self._client()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, float(timeout))
+        stream = self._k("events")
+        checked_reset = False
+        while True:
+            remaining = deadline - loop.time()
+            # Block in slices well under the socket timeout; 0 would mean "forever" to Redis.
+            block = None if remaining <= 0 else max(1, int(min(remaining, self.socket_timeout / 4) * 1000))
+            try:
+                reply = await client.xread({stream: f"{int(after)}-0"}, count=int(limit), block=block)
+            except _RETRYABLE as exc:
+                if loop.time() >= deadline:
+                    log.warning("events: redis unreachable (%s)", exc)
+                    return []
+                await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+                continue
+            entries = reply[0][1] if reply else []
+            if entries:
+                return await self._events_from(entries)
+            if not checked_reset and after > 0:
+                # A Redis that lost its data restarts the numbering: read from its beginning.
+                checked_reset = True
+                last = await self._retry(lambda: client.get(self._k("evseq")))
+                if int(last or 0) < after:
+                    log.warning("event log restarted at %s (< %s): reading it from the start", last, after)
+                    after = 0
+                    continue
+            if loop.time() >= deadline:
+                return []
+
+    async def _events_from(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[JobEvent]:
+        client = self._client()
+        with_frames = [int(eid.split(b"-")[0]) for eid, fields in entries if fields.get(b"f") == b"1"]
+        frames: dict[int, bytes] = {}
+        if with_frames:
+            values = await self._retry(lambda: client.hmget(self._k("frames"), with_frames))
+            frames = {seq: data for seq, data in zip(with_frames, values) if data is not None}
+        events = []
+        for eid, f in entries:
+            seq = int(eid.split(b"-")[0])
+            events.append(JobEvent(
+                job_id=f[b"job"].decode(),
+                kind=EventKind(f[b"kind"].decode()),
+                iteration=int(f.get(b"it", b"0")),
+                total=int(f.get(b"tot", b"0")),
+                similarity=_f(f.get(b"sim")),
+                frame_png=frames.get(seq),
+                message=_s(f.get(b"msg")),
+                seq=seq,
+                at=float(f.get(b"at", b"0")),
+            ))
+        return events
+
+    async def mark_delivered(self, job_id: str) -> bool:
+        return await self._run("mark_delivered", job_id) == "1"
+
+    async def undelivered(self) -> list[JobRecord]:
+        client = self._client()
+        ids = await self._retry(lambda: client.zrange(self._k("undelivered"), 0, -1))
+        return [r for r in await self._records(ids) if r.state.finished and not r.delivered]
+
+    async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None:
+        await self._run("set_reply", job_id, json.dumps(reply), token=False)
+
+    async def get_setting(self, key: str, default: Any = None) -> Any:
+        client = self._client()
+        raw = await self._retry(lambda: client.hget(self._k("settings"), key))
+        return json.loads(raw) if raw is not None else default
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        client = self._client()
+        data = json.dumps(value)
+        await self._retry(lambda: client.hset(self._k("settings"), key, data))
+
+    # --- the worker side ------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None:
+        if grids is not None and len(tuple(grids)) == 0:
+            return None
+        args: list[Any] = [worker_id, -1] if grids is None else [worker_id, len(tuple(grids)), *(int(g) for g in grids)]
+        job_id = await self._run("claim", *args)
+        await self._see_worker(worker_id, job_id or None)
+        return await self.get(job_id) if job_id else None
+
+    async def sweep(self) -> int:
+        """Handle expired leases now (claim() does this too). Returns how many jobs were touched."""
+        return int(await self._run("sweep", token=False))
+
+    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        ok = await self._run("heartbeat", job_id, worker_id, token=False) == "1"
+        await self._see_worker(worker_id, job_id if ok else None)
+        return ok
+
+    async def publish(self, event: JobEvent) -> None:
+        frame = event.frame_png
+        seq = await self._run(
+            "publish",
+            event.job_id,
+            EventKind(event.kind).value,
+            int(event.iteration),
+            int(event.total),
+            _num(event.similarity),
+            "" if event.message is None else "=" + event.message,
+            repr(float(event.at)),
+            "1" if frame is not None else "0",
+            bytes(frame) if frame is not None else b"",
+            self.keep_frames,
+        )
+        event.seq = int(seq)
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        client = self._client()
+        mapping = {"iteration": int(checkpoint.iteration), "data": bytes(checkpoint.data)}
+        await self._retry(lambda: client.hset(self._k("ckpt", checkpoint.job_id), mapping=mapping))
+
+    async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
+        client = self._client()
+        iteration, data = await self._retry(lambda: client.hmget(self._k("ckpt", job_id), ["iteration", "data"]))
+        if data is None:
+            return None
+        return Checkpoint(job_id, int(iteration or 0), bytes(data))
+
+    async def put_artifact(self, job_id: str, name: str, data: bytes) -> None:
+        client = self._client()
+        payload = bytes(data)
+        await self._retry(lambda: client.hset(self._k("art", job_id), name, payload))
+
+    async def get_artifact(self, job_id: str, name: str) -> bytes | None:
+        client = self._client()
+        data = await self._retry(lambda: client.hget(self._k("art", job_id), name))
+        return bytes(data) if data is not None else None
+
+    async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool:
+        ok = await self._run("finish", job_id, worker_id, _num(similarity)) == "1"
+        if ok:
+            self._count(worker_id, "complete")
+        return ok
+
+    async def fail(self, job_id: str, worker_id: str, reason: str, retry: bool = True) -> JobState:
+        state = await self._run("fail", job_id, worker_id, reason, "1" if retry else "0")
+        if not state:
+            raise KeyError(job_id)
+        result = JobState(state)
+        self._count(worker_id, "retried" if result == JobState.QUEUED else "failed")
+        return result
+
+    async def mark_cancelled(self, job_id: str, worker_id: str) -> None:
+        if await self._run("mark_cancelled", job_id, worker_id) == "1":
+            self._count(worker_id, "aborted")
+
+    async def release(self, job_id: str, worker_id: str) -> bool:
+        """A worker stopping gracefully hands its job back: the front of the line, attempt not counted.
+
+        A job whose cancel was requested is cancelled instead (it is never run again).
+        """
+        return await self._run("release", job_id, worker_id) == "1"
+
+    async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
+        """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact)."""
+        assert self.saq is not None
+        saq = self.saq
+        info = await self._retry(lambda: saq.info())
+        out: dict[str, dict[str, Any]] = {}
+        for worker_id, data in info["workers"].items():
+            meta = data.get("metadata") or {}
+            last_seen = float(meta.get("last_seen") or 0.0)
+            if max_age is not None and last_seen < time.time() - max_age:
+                continue
+            out[worker_id] = {"last_seen": last_seen, "job_id": meta.get("job_id"), "stats": data.get("stats")}
+        return out

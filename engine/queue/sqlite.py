@@ -1,0 +1,630 @@
+"""SQLite backend of `JobQueue`: one file, WAL, aiosqlite; the embedded default.
+
+Several processes (or several `SQLiteJobQueue`s) may share the file: every state change is one
+`BEGIN IMMEDIATE` transaction (SQLite's write lock), so two claimers never take the same job.
+
+The fair line is computed, not stored: queued jobs carry `qseq` (FIFO within a user; negative for
+a job put back at the front) and each user with queued jobs has a `rotation.rpos` (users' turn
+order: the back on entering the line or after being served, the front when a job comes back from a
+lost worker). The line is: rank within user first, then the user's turn:
+
+    ORDER BY ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq), rotation.rpos
+
+Events are a table with an AUTOINCREMENT key (the seq: monotonic across processes and restarts),
+pruned to the last `keep_events`; frames older than the last `keep_frames` events are dropped.
+A long-poll wakes at once for events published by this object and polls the file every
+`poll_interval` seconds for other processes' events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Iterable
+
+import aiosqlite
+
+from engine.jobs import (
+    Checkpoint,
+    EventKind,
+    JobEvent,
+    JobRecord,
+    JobSpec,
+    JobState,
+    new_job_id,
+)
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    reply TEXT,
+    user_id INTEGER NOT NULL,
+    channel_id INTEGER NOT NULL,
+    grid INTEGER NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    iteration INTEGER NOT NULL DEFAULT 0,
+    similarity REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    error TEXT,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lease_until REAL,
+    qseq INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, user_id, qseq);
+CREATE INDEX IF NOT EXISTS jobs_channel ON jobs(channel_id);
+CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs(finished_at)
+    WHERE delivered = 0 AND state IN ('done', 'failed', 'cancelled');
+CREATE TABLE IF NOT EXISTS rotation (user_id INTEGER PRIMARY KEY, rpos INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    iteration INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    similarity REAL,
+    message TEXT,
+    at REAL NOT NULL,
+    frame BLOB
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT PRIMARY KEY, iteration INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts (
+    job_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT);
+INSERT OR IGNORE INTO counters(name, value) VALUES ('line', 0);
+"""
+
+_FINISHED = ("done", "failed", "cancelled")
+
+# The fair line. `{where}` filters the candidates *after* ranking (a grid filter must not change
+# anybody's rank).
+_LINE_SQL = """
+SELECT j.{cols} FROM (
+    SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq) AS rnk
+    FROM jobs WHERE state = 'queued'
+) AS j JOIN rotation AS r ON r.user_id = j.user_id
+{where}
+ORDER BY j.rnk, r.rpos
+{limit}
+"""
+
+
+def _record(row: aiosqlite.Row) -> JobRecord:
+    spec = JobSpec.from_dict(json.loads(row["spec"]))
+    if row["reply"] is not None:
+        spec.reply = json.loads(row["reply"])
+    return JobRecord(
+        id=row["id"],
+        spec=spec,
+        state=JobState(row["state"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        iteration=row["iteration"],
+        similarity=row["similarity"],
+        attempts=row["attempts"],
+        worker_id=row["worker_id"],
+        error=row["error"],
+        delivered=bool(row["delivered"]),
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+def _event(row: aiosqlite.Row) -> JobEvent:
+    return JobEvent(
+        job_id=row["job_id"],
+        kind=EventKind(row["kind"]),
+        iteration=row["iteration"],
+        total=row["total"],
+        similarity=row["similarity"],
+        frame_png=row["frame"],
+        message=row["message"],
+        seq=row["seq"],
+        at=row["at"],
+    )
+
+
+class SQLiteJobQueue:
+    """`JobQueue` on one SQLite file. See the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lease: float = 30.0,
+        max_attempts: int = 3,
+        keep_events: int = 10_000,
+        keep_frames: int = 256,
+        poll_interval: float = 0.05,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.lease = float(lease)
+        self.max_attempts = int(max_attempts)
+        self.keep_events = int(keep_events)
+        self.keep_frames = int(keep_frames)
+        self.poll_interval = float(poll_interval)
+        self.busy_timeout = float(busy_timeout)
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._published = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"SQLiteJobQueue({self.path!r})"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._db is not None:
+            return
+        if self.path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        self._db = db
+        async with self._tx() as tx:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    await tx.execute(statement)
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            async with self._lock:
+                await db.close()
+
+    async def __aenter__(self) -> "SQLiteJobQueue":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("queue not started: await queue.start() first")
+        return self._db
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction (the file's write lock), serialised within this object too."""
+        async with self._lock:
+            db = self._conn()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._lock:
+            async with self._conn().execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self._all(sql, params)
+        return rows[0] if rows else None
+
+    @staticmethod
+    async def _fetchone(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        async with db.execute(sql, tuple(params)) as cur:
+            return await cur.fetchone()
+
+    @staticmethod
+    async def _next(db: aiosqlite.Connection) -> int:
+        row = await SQLiteJobQueue._fetchone(
+            db, "UPDATE counters SET value = value + 1 WHERE name = 'line' RETURNING value"
+        )
+        assert row is not None
+        return int(row[0])
+
+    def _wake(self) -> None:
+        event, self._published = self._published, asyncio.Event()
+        event.set()
+
+    async def _emit(
+        self,
+        db: aiosqlite.Connection,
+        job_id: str,
+        kind: EventKind,
+        message: str | None = None,
+    ) -> int:
+        """A state event for `job_id`, with the record's iteration / total / similarity."""
+        row = await self._fetchone(db, "SELECT iteration, total, similarity FROM jobs WHERE id = ?", (job_id,))
+        iteration, total, similarity = (row["iteration"], row["total"], row["similarity"]) if row else (0, 0, None)
+        return await self._insert_event(
+            db, JobEvent(job_id, kind, iteration=iteration, total=total, similarity=similarity, message=message)
+        )
+
+    async def _insert_event(self, db: aiosqlite.Connection, event: JobEvent) -> int:
+        cur = await db.execute(
+            "INSERT INTO events(job_id, kind, iteration, total, similarity, message, at, frame)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.job_id,
+                EventKind(event.kind).value,
+                int(event.iteration),
+                int(event.total),
+                event.similarity,
+                event.message,
+                float(event.at),
+                event.frame_png,
+            ),
+        )
+        seq = int(cur.lastrowid or 0)
+        await cur.close()
+        if seq % 32 == 0:  # prune in small steps, along the primary key
+            await db.execute(
+                "UPDATE events SET frame = NULL WHERE seq > ? AND seq <= ? AND frame IS NOT NULL",
+                (seq - self.keep_frames - 64, seq - self.keep_frames),
+            )
+            await db.execute("DELETE FROM events WHERE seq <= ?", (seq - self.keep_events,))
+        return seq
+
+    async def _see_worker(self, db: aiosqlite.Connection, worker_id: str, job_id: str | None) -> None:
+        await db.execute(
+            "INSERT INTO workers(worker_id, last_seen, job_id) VALUES (?, ?, ?)"
+            " ON CONFLICT(worker_id) DO UPDATE SET last_seen = excluded.last_seen,"
+            " job_id = COALESCE(excluded.job_id, workers.job_id)",
+            (worker_id, time.time(), job_id),
+        )
+
+    async def _to_front(self, db: aiosqlite.Connection, job_id: str, user_id: int) -> None:
+        """Back into the line at its very front (it was already this job's turn)."""
+        await db.execute(
+            "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_until = NULL, started_at = NULL,"
+            " qseq = ? WHERE id = ?",
+            (-await self._next(db), job_id),
+        )
+        await db.execute(
+            "INSERT INTO rotation(user_id, rpos) VALUES (?, ?)"
+            " ON CONFLICT(user_id) DO UPDATE SET rpos = excluded.rpos",
+            (user_id, -await self._next(db)),
+        )
+
+    async def _finalize(self, db: aiosqlite.Connection, job_id: str, state: JobState, error: str | None = None) -> None:
+        await db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, lease_until = NULL, error = COALESCE(?, error)"
+            " WHERE id = ?",
+            (state.value, time.time(), error, job_id),
+        )
+
+    async def _sweep(self, db: aiosqlite.Connection) -> int:
+        """Expired leases: back to the front, or FAILED after `max_attempts` claims."""
+        async with db.execute(
+            "SELECT id, user_id, attempts, cancel_requested FROM jobs"
+            " WHERE state = 'running' AND lease_until < ? ORDER BY started_at DESC",
+            (time.time(),),
+        ) as cur:
+            expired = list(await cur.fetchall())
+        for row in expired:  # latest first, so the earliest ends up frontmost
+            if row["cancel_requested"]:
+                await self._finalize(db, row["id"], JobState.CANCELLED)
+                await self._emit(db, row["id"], EventKind.CANCELLED, "worker lost")
+            elif row["attempts"] >= self.max_attempts:
+                reason = f"worker lost {row['attempts']} times"
+                await self._finalize(db, row["id"], JobState.FAILED, reason)
+                await self._emit(db, row["id"], EventKind.FAILED, reason)
+            else:
+                await self._to_front(db, row["id"], row["user_id"])
+                await self._emit(db, row["id"], EventKind.QUEUED, "worker lost")
+        return len(expired)
+
+    async def _get(self, db: aiosqlite.Connection, job_id: str) -> JobRecord | None:
+        row = await self._fetchone(db, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _record(row) if row else None
+
+    # --- the bot side ---------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> JobRecord:
+        record = JobRecord(id=new_job_id(), spec=spec)
+        spec_json = json.dumps(spec.to_dict())
+        async with self._tx() as db:
+            in_line = await self._fetchone(
+                db, "SELECT 1 FROM jobs WHERE state = 'queued' AND user_id = ? LIMIT 1", (int(spec.user_id),)
+            )
+            if in_line is None:  # entering the line: the back of the users' turn order
+                await db.execute(
+                    "INSERT INTO rotation(user_id, rpos) VALUES (?, ?)"
+                    " ON CONFLICT(user_id) DO UPDATE SET rpos = excluded.rpos",
+                    (int(spec.user_id), await self._next(db)),
+                )
+            await db.execute(
+                "INSERT INTO jobs(id, spec, user_id, channel_id, grid, total, state, created_at, qseq)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (
+                    record.id,
+                    spec_json,
+                    int(spec.user_id),
+                    int(spec.channel_id),
+                    int(spec.grid),
+                    int(spec.iterations),
+                    record.created_at,
+                    await self._next(db),
+                ),
+            )
+            await self._emit(db, record.id, EventKind.QUEUED)
+        self._wake()
+        return record
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        row = await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _record(row) if row else None
+
+    async def queued(self) -> list[JobRecord]:
+        return [_record(r) for r in await self._all(_LINE_SQL.format(cols="*", where="", limit=""))]
+
+    async def position(self, job_id: str) -> int | None:
+        rows = await self._all(_LINE_SQL.format(cols="id", where="", limit=""))
+        for index, row in enumerate(rows, 1):
+            if row["id"] == job_id:
+                return index
+        return None
+
+    async def running(self) -> list[JobRecord]:
+        return [_record(r) for r in await self._all("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at")]
+
+    async def count_queued(self, user_id: int | None = None) -> int:
+        if user_id is None:
+            row = await self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+        else:
+            row = await self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND user_id = ?", (int(user_id),))
+        return int(row[0]) if row else 0
+
+    async def cancel(self, job_id: str) -> bool:
+        async with self._tx() as db:
+            row = await self._fetchone(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                return False
+            if row["state"] == JobState.QUEUED.value:
+                await self._finalize(db, job_id, JobState.CANCELLED)
+                await self._emit(db, job_id, EventKind.CANCELLED)
+                changed = True
+            elif row["state"] == JobState.RUNNING.value:
+                await db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                return True
+            else:
+                return False
+        self._wake()
+        return changed
+
+    async def clear(self) -> int:
+        async with self._tx() as db:
+            async with db.execute(_LINE_SQL.format(cols="*", where="", limit="")) as cur:
+                ids = [row["id"] for row in await cur.fetchall()]
+            for job_id in ids:
+                await self._finalize(db, job_id, JobState.CANCELLED)
+                await self._emit(db, job_id, EventKind.CANCELLED, "queue cleared")
+        if ids:
+            self._wake()
+        return len(ids)
+
+    async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
+        rows = await self._all(
+            "SELECT * FROM jobs WHERE channel_id = ? ORDER BY rowid DESC LIMIT ?", (int(channel_id), int(limit))
+        )
+        return [_record(r) for r in rows]
+
+    async def events(self, after: int = 0, timeout: float = 1.0, limit: int = 1000) -> list[JobEvent]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, float(timeout))
+        while True:
+            published = self._published
+            rows = await self._all("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (int(after), int(limit)))
+            if rows:
+                return [_event(r) for r in rows]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(published.wait(), min(self.poll_interval, remaining))
+
+    async def mark_delivered(self, job_id: str) -> bool:
+        async with self._tx() as db:
+            cur = await db.execute("UPDATE jobs SET delivered = 1 WHERE id = ? AND delivered = 0", (job_id,))
+            return cur.rowcount == 1
+
+    async def undelivered(self) -> list[JobRecord]:
+        rows = await self._all(
+            "SELECT * FROM jobs WHERE delivered = 0 AND state IN ('done', 'failed', 'cancelled')"
+            " ORDER BY finished_at"
+        )
+        return [_record(r) for r in rows]
+
+    async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE jobs SET reply = ? WHERE id = ?", (json.dumps(reply), job_id))
+
+    async def get_setting(self, key: str, default: Any = None) -> Any:
+        row = await self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return json.loads(row["value"]) if row else default
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        data = json.dumps(value)
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, data),
+            )
+
+    # --- the worker side ------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None:
+        async with self._tx() as db:
+            swept = await self._sweep(db)
+            await self._see_worker(db, worker_id, None)
+            paused = await self._fetchone(db, "SELECT value FROM settings WHERE key = 'paused'")
+            record = None
+            if not (paused and json.loads(paused["value"])):
+                where, params = "", ()  # type: tuple[str, tuple[int, ...]]
+                if grids is not None:
+                    grids = tuple(int(g) for g in grids)
+                    if not grids:
+                        return None
+                    where = "WHERE j.grid IN (" + ",".join("?" * len(grids)) + ")"
+                    params = grids
+                row = await self._fetchone(db, _LINE_SQL.format(cols="*", where=where, limit="LIMIT 1"), params)
+                if row is not None:
+                    now = time.time()
+                    await db.execute(
+                        "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = ?,"
+                        " started_at = ?, lease_until = ?, cancel_requested = 0 WHERE id = ?",
+                        (worker_id, now, now + self.lease, row["id"]),
+                    )
+                    more = await self._fetchone(
+                        db, "SELECT 1 FROM jobs WHERE state = 'queued' AND user_id = ? LIMIT 1", (row["user_id"],)
+                    )
+                    if more is not None:  # served: this user goes to the back of the turn order
+                        await db.execute(
+                            "UPDATE rotation SET rpos = ? WHERE user_id = ?", (await self._next(db), row["user_id"])
+                        )
+                    await self._emit(db, row["id"], EventKind.STARTED)
+                    await self._see_worker(db, worker_id, row["id"])
+                    record = await self._get(db, row["id"])
+        if record is not None or swept:
+            self._wake()
+        return record
+
+    async def sweep(self) -> int:
+        """Handle expired leases now (claim() does this too). Returns how many jobs were touched."""
+        async with self._tx() as db:
+            swept = await self._sweep(db)
+        if swept:
+            self._wake()
+        return swept
+
+    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND worker_id = ?"
+                " AND cancel_requested = 0",
+                (time.time() + self.lease, job_id, worker_id),
+            )
+            ok = cur.rowcount == 1
+            await self._see_worker(db, worker_id, job_id if ok else None)
+            return ok
+
+    async def publish(self, event: JobEvent) -> None:
+        async with self._tx() as db:
+            event.seq = await self._insert_event(db, event)
+            if EventKind(event.kind) == EventKind.PROGRESS:
+                await db.execute(
+                    "UPDATE jobs SET iteration = ?, similarity = COALESCE(?, similarity) WHERE id = ?",
+                    (int(event.iteration), event.similarity, event.job_id),
+                )
+        self._wake()
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO checkpoints(job_id, iteration, data) VALUES (?, ?, ?)",
+                (checkpoint.job_id, int(checkpoint.iteration), bytes(checkpoint.data)),
+            )
+
+    async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
+        row = await self._one("SELECT iteration, data FROM checkpoints WHERE job_id = ?", (job_id,))
+        return Checkpoint(job_id, row["iteration"], bytes(row["data"])) if row else None
+
+    async def put_artifact(self, job_id: str, name: str, data: bytes) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO artifacts(job_id, name, data) VALUES (?, ?, ?)", (job_id, name, bytes(data))
+            )
+
+    async def get_artifact(self, job_id: str, name: str) -> bytes | None:
+        row = await self._one("SELECT data FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name))
+        return bytes(row["data"]) if row else None
+
+    async def _owned(self, db: aiosqlite.Connection, job_id: str, worker_id: str) -> aiosqlite.Row | None:
+        return await self._fetchone(
+            db, "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND worker_id = ?", (job_id, worker_id)
+        )
+
+    async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool:
+        async with self._tx() as db:
+            if await self._owned(db, job_id, worker_id) is None:
+                return False
+            if similarity is not None:
+                await db.execute("UPDATE jobs SET similarity = ? WHERE id = ?", (float(similarity), job_id))
+            await self._finalize(db, job_id, JobState.DONE)
+            await self._emit(db, job_id, EventKind.DONE)
+        self._wake()
+        return True
+
+    async def fail(self, job_id: str, worker_id: str, reason: str, retry: bool = True) -> JobState:
+        async with self._tx() as db:
+            row = await self._owned(db, job_id, worker_id)
+            if row is None:  # not this worker's running job: change nothing
+                current = await self._fetchone(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
+                if current is None:
+                    raise KeyError(job_id)
+                return JobState(current["state"])
+            if retry and row["attempts"] < self.max_attempts and not row["cancel_requested"]:
+                await self._to_front(db, job_id, row["user_id"])
+                await db.execute("UPDATE jobs SET error = ? WHERE id = ?", (reason, job_id))
+                await self._emit(db, job_id, EventKind.QUEUED, reason)
+                state = JobState.QUEUED
+            else:
+                await self._finalize(db, job_id, JobState.FAILED, reason)
+                await self._emit(db, job_id, EventKind.FAILED, reason)
+                state = JobState.FAILED
+        self._wake()
+        return state
+
+    async def mark_cancelled(self, job_id: str, worker_id: str) -> None:
+        async with self._tx() as db:
+            if await self._owned(db, job_id, worker_id) is None:
+                return
+            await self._finalize(db, job_id, JobState.CANCELLED)
+            await self._emit(db, job_id, EventKind.CANCELLED)
+        self._wake()
+
+    async def release(self, job_id: str, worker_id: str) -> bool:
+        """A worker stopping gracefully hands its job back: the front of the line, attempt not counted.
+
+        A job whose cancel was requested is cancelled instead (it is never run again).
+        """
+        async with self._tx() as db:
+            row = await self._owned(db, job_id, worker_id)
+            if row is None:
+                return False
+            if row["cancel_requested"]:
+                await self._finalize(db, job_id, JobState.CANCELLED)
+                await self._emit(db, job_id, EventKind.CANCELLED)
+            else:
+                await self._to_front(db, job_id, row["user_id"])
+                await db.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE id = ?", (job_id,))
+                await self._emit(db, job_id, EventKind.QUEUED, "worker stopped")
+        self._wake()
+        return True
+
+    async def workers(self, max_age: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Workers seen (claiming or heartbeating) in the last `max_age` seconds."""
+        rows = await self._all(
+            "SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id", (time.time() - max_age,)
+        )
+        return {r["worker_id"]: {"last_seen": r["last_seen"], "job_id": r["job_id"]} for r in rows}
