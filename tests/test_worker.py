@@ -1,0 +1,122 @@
+"""engine.worker with a real SQLite queue and tiny models: claims, frames, results, cancel, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from engine.generate import GenerationSettings, state_from_bytes
+from engine.jobs import EventKind, JobSpec, JobState
+from engine.queue import open_queue
+from engine.worker import Worker, unpack_checkpoint
+
+
+@pytest.fixture
+async def queue(tmp_path):
+    q = open_queue(f"sqlite:///{tmp_path}/jobs.db")
+    await q.start()
+    yield q
+    await q.close()
+
+
+def spec(prompt="a red house", user=1, **kw) -> JobSpec:
+    return JobSpec(prompt=prompt, user_id=user, channel_id=10, grid=kw.pop("grid", 8),
+                   iterations=kw.pop("iterations", 6), frame_every=kw.pop("frame_every", 2),
+                   cutn=kw.pop("cutn", 4), seed=kw.pop("seed", 1), **kw)
+
+
+async def wait_state(queue, job_id, states, timeout=60.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        record = await queue.get(job_id)
+        if record.state in states:
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} stuck in {record.state}")
+
+
+async def all_events(queue, job_id):
+    events, cursor = [], 0
+    while batch := await queue.events(cursor, timeout=0.1):
+        cursor = batch[-1].seq
+        events += [e for e in batch if e.job_id == job_id]
+    return events
+
+
+async def test_a_job_runs_to_the_end_with_frames_video_and_state(queue, tiny_models):
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2):
+        job = await queue.submit(spec())
+        record = await wait_state(queue, job.id, {JobState.DONE})
+    assert record.iteration == 6 and record.similarity is not None
+    events = await all_events(queue, job.id)
+    kinds = [e.kind for e in events]
+    assert kinds[:2] == [EventKind.QUEUED, EventKind.STARTED] and kinds[-1] == EventKind.DONE
+    progress = [e for e in events if e.kind == EventKind.PROGRESS]
+    assert [e.iteration for e in progress] == [0, 2, 4, 6]
+    assert all(Image.open(io.BytesIO(e.frame_png)).size == (64, 64) for e in progress)
+    final = await queue.get_artifact(job.id, "final.png")
+    assert final == progress[-1].frame_png
+    assert (await queue.get_artifact(job.id, "video.mp4"))[4:8] == b"ftyp"
+    assert state_from_bytes(await queue.get_artifact(job.id, "state.pt"))["iteration"] == 6
+
+
+async def test_cancel_a_running_job_frees_the_slot_and_marks_it_cancelled(queue, tiny_models):
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1):
+        job = await queue.submit(spec(iterations=10_000, frame_every=1000))
+        await wait_state(queue, job.id, {JobState.RUNNING})
+        assert await queue.cancel(job.id)
+        record = await wait_state(queue, job.id, {JobState.CANCELLED}, timeout=10)
+        assert record.iteration < 10_000
+        nxt = await queue.submit(spec("next", user=2, iterations=2))
+        await wait_state(queue, nxt.id, {JobState.DONE})
+
+
+async def test_a_bad_prompt_fails_with_the_reason_and_is_not_retried(queue, tiny_models):
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        job = await queue.submit(spec("blurry:-1"))
+        record = await wait_state(queue, job.id, {JobState.FAILED})
+    assert "positive weight" in record.error and record.attempts == 1
+
+
+async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_checkpoint(queue, tiny_models):
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1)
+    await worker.start()
+    job = await queue.submit(spec(iterations=400, frame_every=4))
+    loop = asyncio.get_running_loop()
+    while (cp := await queue.load_checkpoint(job.id)) is None or cp.iteration < 8:
+        await asyncio.sleep(0.05)
+    await worker.stop()
+    record = await queue.get(job.id)
+    assert record.state == JobState.QUEUED
+    resumed_at = (await queue.load_checkpoint(job.id)).iteration
+    async with Worker(queue, lambda: tiny_models, worker_id="w2") :
+        record = await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
+    assert record.worker_id in ("w2", None)
+    state, frames = unpack_checkpoint((await queue.load_checkpoint(job.id)).data)
+    starts = [e for e in await all_events(queue, job.id) if e.kind == EventKind.STARTED]
+    assert len(starts) == 2
+    progress = [e.iteration for e in await all_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    # The second worker did not start again from 0: after its STARTED no frame 0 comes.
+    assert progress.count(0) == 1 and progress[-1] == 400
+    assert resumed_at >= 8
+
+
+async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        parent = await queue.submit(spec())
+        await wait_state(queue, parent.id, {JobState.DONE})
+        remix = await queue.submit(spec("a blue boat", user=2, parent_job_id=parent.id, parent_kind="remix", seed=9))
+        cont = await queue.submit(spec(parent_job_id=parent.id, parent_kind="continue", iterations=4))
+        await wait_state(queue, remix.id, {JobState.DONE})
+        await wait_state(queue, cont.id, {JobState.DONE})
+        gone = await queue.submit(spec(parent_job_id="nosuchjob", parent_kind="remix"))
+        failed = await wait_state(queue, gone.id, {JobState.FAILED})
+    parent_final = await queue.get_artifact(parent.id, "final.png")
+    for child in (remix, cont):
+        first = next(e for e in await all_events(queue, child.id) if e.kind == EventKind.PROGRESS)
+        assert first.iteration == 0 and first.frame_png == parent_final  # pixel-exact
+    assert "gone" in failed.error
