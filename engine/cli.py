@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/imagine-bot)")
     p.add_argument("--fps", type=float, default=10.0, help="video frame rate")
     p.add_argument("--split-softmax", action="store_true", help="the notebook's two-softmax quirk")
+    p.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="pull toward this picture's CLIP embedding (repeatable; weight default 1)")
+    p.add_argument("--init-image", type=Path, help="start from this picture's dVAE codes (needs the encoder)")
+    p.add_argument("--encoder", default="openai", help="'openai' or a local dVAE encoder file (for --init-image)")
+    p.add_argument("--from-run", type=Path, metavar="DIR",
+                   help="remix: start from the final state of an earlier run's output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -110,10 +116,26 @@ def _run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
+    if args.init_image and args.from_run:
+        raise UsageError("--init-image and --from-run both set the start: choose one")
+    image_prompts = [_image_prompt(spec) for spec in args.image_prompt]
+    init_image = _read_image(args.init_image, "--init-image") if args.init_image else None
+    parent_state = None
+    if args.from_run:
+        state_file = args.from_run / "state.pt"
+        if not state_file.is_file():
+            raise UsageError(f"--from-run {args.from_run}: no state.pt there (is it an imagine output folder?)")
+        from engine.generate import state_from_bytes
+
+        parent_state = state_from_bytes(state_file.read_bytes())
+        parent_grid = parent_state["logits"].shape[-1]
+        if args.grid and args.grid != parent_grid:
+            raise UsageError(f"--from-run {args.from_run} has grid {parent_grid}; --grid {args.grid} does not fit")
+        settings = replace(settings, grid=parent_grid)
     t0 = time.perf_counter()
     try:
         models = load_models(args.clip_model, args.decoder, device, args.cache_dir or DEFAULT_CACHE,
-                             args.trust_decoder)
+                             args.trust_decoder, encoder=args.encoder if init_image else None)
     except ModelLoadError as exc:
         raise UsageError(str(exc))
     load_seconds = time.perf_counter() - t0
@@ -132,11 +154,20 @@ def _run(args: argparse.Namespace) -> int:
         bar.update(frame.iteration - bar.n)
         bar.set_postfix(similarity=f"{frame.similarity:.4f}")
 
-    result = generate(parts, settings, models, progress=on_frame)
+    from engine.image_prompts import init_logits_from_image, to_tensor
+
+    init_logits = parent_state["logits"] if parent_state is not None else None
+    if init_image is not None:
+        init_logits = init_logits_from_image(models, init_image, settings.grid)
+    targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
+    result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets)
     bar.close()
     for warning in result.warnings:
         print(f"imagine: warning: {warning}", file=sys.stderr)
     (out / "final.png").write_bytes(result.final.png())
+    from engine.generate import state_to_bytes
+
+    (out / "state.pt").write_bytes(state_to_bytes(result.state))  # for --from-run
     t1 = time.perf_counter()
     video.encode_frames([f.pixels for f in result.frames], out / "video.mp4", fps=args.fps)
     video_seconds = time.perf_counter() - t1
@@ -148,6 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         "device": device,
         "clip_model": args.clip_model,
         "decoder": args.decoder,
+        "image_prompts": [{"file": name, "weight": weight} for _, weight, name in image_prompts],
+        "init_image": str(args.init_image) if args.init_image else None,
+        "from_run": str(args.from_run) if args.from_run else None,
         "frames": records,
         "final_similarity": result.final.similarity,
         "timings": {"load_models_s": round(load_seconds, 3), "generate_s": round(result.seconds, 3),
@@ -158,6 +192,31 @@ def _run(args: argparse.Namespace) -> int:
     (out / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out / 'final.png'} and {out / 'video.mp4'} (similarity {result.final.similarity:.4f})")
     return 0
+
+
+def _read_image(path: Path, flag: str):
+    from engine.images import ImageRejected, load_image
+
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        image, notes = load_image(path.read_bytes())
+    except ImageRejected as exc:
+        raise UsageError(f"{flag} {path}: {exc}")
+    for note in notes:
+        print(f"imagine: warning: {flag} {path}: {note}", file=sys.stderr)
+    return image
+
+
+def _image_prompt(spec: str):
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass
+    return _read_image(Path(path), "--image-prompt"), weight, Path(path).name
 
 
 if __name__ == "__main__":

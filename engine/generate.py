@@ -16,6 +16,7 @@ in as arguments.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -178,14 +179,24 @@ def encode_targets(
     )
 
 
-def _clip_embed(models: Models, images: torch.Tensor) -> torch.Tensor:
+def _clip_embed(
+    models: Models, images: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """CLIP image embeddings [N, D] of images [N, 3, H, W] in 0..1 (resized, normalised)."""
     res = models.clip_resolution
     if images.shape[-1] != res or images.shape[-2] != res:
         images = F.interpolate(images, size=(res, res), mode="bilinear", align_corners=False)
-    mean = images.new_tensor(CLIP_MEAN)[:, None, None]
-    std = images.new_tensor(CLIP_STD)[:, None, None]
+    mean, std = norm if norm is not None else _clip_norm(images.device, images.dtype)
     return models.clip.encode_image((images - mean) / std).float()
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_norm(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std [3, 1, 1], made once per device: a tensor built from host values on a
+    GPU is a copy that waits for the device (a host sync), so not in every step."""
+    mean = torch.tensor(CLIP_MEAN, dtype=dtype)[:, None, None].to(device)
+    std = torch.tensor(CLIP_STD, dtype=dtype)[:, None, None].to(device)
+    return mean, std
 
 
 # --- one step's pieces -------------------------------------------------------------------------
@@ -227,21 +238,35 @@ def cutout_grid(
     return grid, mask
 
 
+def cutout_params(
+    cutn: int, size: int, settings: "GenerationSettings", generator: torch.Generator, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One slot's random cut-outs: sampling grids [cutn, S, S, 2], masks [cutn, 1, S, S] and noise
+    [cutn, 3, S, S], drawn from the slot's own generator (the order of draws is part of a seed's
+    meaning: grid, then noise)."""
+    grid, mask = cutout_grid(cutn, size, settings.cut_min, settings.cut_max, settings.rotate_degrees, generator, device)
+    facs = torch.rand(cutn, 1, 1, 1, generator=generator, device=device) * settings.noise
+    noise = facs * torch.randn(cutn, 3, size, size, generator=generator, device=device)
+    return grid, mask, noise
+
+
+def apply_cutouts(
+    images: torch.Tensor, cutn: int, grids: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor,
+) -> torch.Tensor:
+    """[B, 3, H, W] and the batch's grids/masks/noise ([B * cutn, ...]) -> [B * cutn, 3, S, S]."""
+    source = images.repeat_interleave(cutn, dim=0)  # [B * cutn, 3, H, W]
+    cuts = F.grid_sample(source, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return cuts * masks + noise
+
+
 def make_cutouts(
     images: torch.Tensor, cutn: int, size: int, settings: Sequence["GenerationSettings"],
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """[B, 3, H, W] -> [B * cutn, 3, size, size]: every slot's cut-outs in one grid_sample."""
-    grids, masks, noise = [], [], []
-    for s, g in zip(settings, generators):
-        grid, mask = cutout_grid(cutn, size, s.cut_min, s.cut_max, s.rotate_degrees, g, images.device)
-        grids.append(grid)
-        masks.append(mask)
-        facs = torch.rand(cutn, 1, 1, 1, generator=g, device=images.device) * s.noise
-        noise.append(facs * torch.randn(cutn, 3, size, size, generator=g, device=images.device))
-    source = images.repeat_interleave(cutn, dim=0)  # [B * cutn, 3, H, W]
-    cuts = F.grid_sample(source, torch.cat(grids), mode="bilinear", padding_mode="zeros", align_corners=False)
-    return cuts * torch.cat(masks) + torch.cat(noise)
+    params = [cutout_params(cutn, size, s, g, images.device) for s, g in zip(settings, generators)]
+    grids, masks, noise = (torch.cat(p) for p in zip(*params))
+    return apply_cutouts(images, cutn, grids, masks, noise)
 
 
 def decode(models: Models, soft_codes: torch.Tensor) -> torch.Tensor:
@@ -316,10 +341,17 @@ class Slot:
         self.logits = torch.nn.Parameter(init_logits.detach().clone().float().to(models.device))  # [1, V, g, g]
         self.optimizer = torch.optim.Adam([self.logits], lr=settings.lr)
         self.iteration = 0
-        self.last_loss = float("nan")
+        # The last step's loss stays on the device (a 0-d tensor): reading it is a host sync,
+        # done only when a frame is taken (`last_loss`).
+        self.loss: torch.Tensor | None = None
         self.started = time.perf_counter()
         if checkpoint is not None:
             self.load_state(checkpoint)
+
+    @property
+    def last_loss(self) -> float:
+        """The last step's training loss as a float (a host sync: read it only with a frame)."""
+        return float("nan") if self.loss is None else float(self.loss)
 
     @property
     def done(self) -> bool:
@@ -368,17 +400,39 @@ def _autocast(models: Models, precision: str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def batch_key(settings: GenerationSettings) -> tuple[Any, ...]:
+    """Slots whose keys are equal share one forward/backward pass: the tensors' shapes (grid, cutn)
+    and what applies to the whole batch (autocast precision, the softmax's shape and temperature)."""
+    return (settings.grid, settings.cutn, settings.precision, settings.split_softmax, settings.tau)
+
+
 class BatchRunner:
-    """Steps every slot of one grid size in one forward and backward pass.
+    """Steps every slot in as few forward and backward passes as there are batch keys (`batch_key`:
+    slots of different grid sizes or cut-out counts run in separate batches).
 
     Slots join (`add`) and leave (`remove`) between steps. A slot's result depends only on its own
     seed, settings and targets: its noise comes from its own generator, its loss is its own term
-    of a sum whose gradient reaches only its own logits.
+    of a sum whose gradient reaches only its own logits, its optimiser is its own.
+
+    The hot loop never waits for the device: a step queues its kernels and returns; the losses
+    stay on the device and are read (one sync) only when a frame is taken.
+
+    `compile`: opt-in `torch.compile` of the differentiable part (soft codes -> CLIP embeddings of
+    the cut-outs), `True` for the default backend or a backend's name; dynamic shapes, so slots
+    joining and leaving do not recompile for every batch size. Off by default: unmeasured.
     """
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, compile: bool | str = False):
         self.models = models
         self.slots: dict[Any, Slot] = {}
+        self._norm = _clip_norm(models.device, torch.float32)
+        self._decode_soft, self._embed_cuts = self._decode_soft_codes, self._embed_cutouts
+        if compile:
+            # Two regions: grid_sample between them stays eager (its decomposition would pin the
+            # batch size and recompile whenever a slot joins or leaves).
+            backend = compile if isinstance(compile, str) else "inductor"
+            self._decode_soft = torch.compile(self._decode_soft_codes, backend=backend, dynamic=True)
+            self._embed_cuts = torch.compile(self._embed_cutouts, backend=backend, dynamic=True)
 
     def add(self, slot: Slot) -> Slot:
         if slot.key in self.slots:
@@ -392,52 +446,80 @@ class BatchRunner:
     def __len__(self) -> int:
         return len(self.slots)
 
+    def batches(self) -> list[list[Slot]]:
+        """The unfinished slots, grouped as the next `step` runs them (in the order they joined)."""
+        groups: dict[tuple[Any, ...], list[Slot]] = {}
+        for slot in self.slots.values():
+            if not slot.done:
+                groups.setdefault(batch_key(slot.settings), []).append(slot)
+        return list(groups.values())
+
     def frames(self, slots: Sequence[Slot]) -> list[Frame]:
-        """Take a frame of each slot now (no gradient): the picture and its similarities."""
-        with torch.no_grad(), _autocast(self.models, slots[0].settings.precision):
-            images = frame_image(self.models, torch.cat([s.logits for s in slots]))  # [B, 3, H, W]
-            emb = F.normalize(_clip_embed(self.models, images), dim=-1)  # [B, D]
-        frames = []
+        """Take a frame of each slot now (no gradient): the picture and its similarities.
+        One host sync for all of them."""
+        with torch.no_grad():
+            with _autocast(self.models, slots[0].settings.precision):
+                images = frame_image(self.models, torch.cat([s.logits for s in slots]))  # [B, 3, H, W]
+                emb = F.normalize(_clip_embed(self.models, images, self._norm), dim=-1)  # [B, D]
+            sims = [slot.targets.embeddings @ emb[i].float() for i, slot in enumerate(slots)]  # [T] each
+            nan = torch.full((), float("nan"), device=images.device)
+            losses = torch.stack([nan if s.loss is None else s.loss.float() for s in slots])  # [B]
+            numbers = torch.cat(sims + [losses])
+            pixels = (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)  # [B, H, W, 3]
+        pixels_np = pixels.cpu().numpy()
+        values = numbers.tolist()
+        now = time.perf_counter()
+        frames, at = [], 0
         for i, slot in enumerate(slots):
-            sims = (slot.targets.embeddings @ emb[i]).tolist()  # [T]
+            n = len(slot.targets.labels)
+            sim = values[at:at + n]
+            at += n
             frames.append(Frame(
-                iteration=slot.iteration, total=slot.settings.iterations, pixels=to_uint8(images[i]),
-                similarity=sims[0], similarities=sims, loss=slot.last_loss,
-                elapsed=time.perf_counter() - slot.started,
+                iteration=slot.iteration, total=slot.settings.iterations, pixels=pixels_np[i],
+                similarity=sim[0], similarities=sim, loss=values[-len(slots) + i],
+                elapsed=now - slot.started,
             ))
         return frames
 
     def step(self) -> list[tuple[Slot, Frame | None]]:
         """One optimiser step for every unfinished slot; returns (slot, frame or None) for each."""
-        active = [s for s in self.slots.values() if not s.done]
         results: list[tuple[Slot, Frame | None]] = []
-        by_grid: dict[int, list[Slot]] = {}
-        for slot in active:
-            by_grid.setdefault(slot.settings.grid, []).append(slot)
-        for group in by_grid.values():
+        for group in self.batches():
             self._step_group(group)
             wanted = [s for s in group if s.wants_frame()]
             frames = dict(zip((s.key for s in wanted), self.frames(wanted))) if wanted else {}
             results += [(s, frames.get(s.key)) for s in group]
         return results
 
+    def _decode_soft_codes(self, logits: torch.Tensor, uniforms: torch.Tensor, tau: float, split: bool) -> torch.Tensor:
+        """logits [B, V, g, g] and their uniform noise -> pictures [B, 3, 8g, 8g] in 0..1."""
+        return decode(self.models, gumbel_softmax(logits, uniforms, tau, split))
+
+    def _embed_cutouts(self, cuts: torch.Tensor) -> torch.Tensor:
+        """Cut-outs [N, 3, R, R] -> unit CLIP embeddings [N, D]."""
+        return F.normalize(_clip_embed(self.models, cuts, self._norm), dim=-1)
+
     def _step_group(self, slots: list[Slot]) -> None:
         models, res = self.models, self.models.clip_resolution
-        cutn = slots[0].settings.cutn
-        if any(s.settings.cutn != cutn for s in slots):
-            raise ValueError("slots in one batch must share cutn")
+        s0 = slots[0].settings
+        if any(batch_key(s.settings) != batch_key(s0) for s in slots):
+            raise ValueError("slots in one batch must share grid, cutn, precision, split_softmax and tau")
+        cutn, device = s0.cutn, models.device
+        # Each slot's noise from its own generator, in the order a solo run draws it.
+        uniforms = torch.empty((len(slots),) + tuple(slots[0].logits.shape[1:]), device=device)
+        params = []
+        for i, s in enumerate(slots):
+            uniforms[i:i + 1].uniform_(generator=s.generator)  # == torch.rand(shape, generator=...)
+            params.append(cutout_params(cutn, res, s.settings, s.generator, device))
+        grids, masks, noise = (torch.cat(p) for p in zip(*params))
         logits = torch.cat([s.logits for s in slots])  # [B, V, g, g]
-        uniforms = torch.cat([
-            torch.rand(s.logits.shape, generator=s.generator, device=models.device) for s in slots
-        ])  # [B, V, g, g]
-        with _autocast(models, slots[0].settings.precision):
-            soft = torch.cat([
-                gumbel_softmax(logits[i:i + 1], uniforms[i:i + 1], s.settings.tau, s.settings.split_softmax)
-                for i, s in enumerate(slots)
-            ])  # [B, V, g, g]
-            images = decode(models, soft)  # [B, 3, 8g, 8g]
-            cuts = make_cutouts(images, cutn, res, [s.settings for s in slots], [s.generator for s in slots])
-            emb = F.normalize(_clip_embed(models, cuts), dim=-1).view(len(slots), cutn, -1)  # [B, cutn, D]
+        with _autocast(models, s0.precision):
+            images = self._decode_soft(logits, uniforms, s0.tau, s0.split_softmax)  # [B, 3, 8g, 8g]
+            del uniforms, logits
+            cuts = apply_cutouts(images, cutn, grids, masks, noise)  # [B * cutn, 3, R, R]
+            emb = self._embed_cuts(cuts)  # [B * cutn, D]
+        del images, cuts
+        emb = emb.float().view(len(slots), cutn, -1)  # [B, cutn, D]
         losses = []
         for i, slot in enumerate(slots):
             sims = emb[i] @ slot.targets.embeddings.T  # [cutn, T]
@@ -446,12 +528,13 @@ class BatchRunner:
         for s in slots:
             s.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
-        for s, l in zip(slots, loss.detach().tolist()):
+        loss = loss.detach()
+        for i, s in enumerate(slots):
             for group in s.optimizer.param_groups:
-                group["lr"] = s.lr()
+                group["lr"] = s.lr()  # a Python float: no sync
             s.optimizer.step()
             s.iteration += 1
-            s.last_loss = l
+            s.loss = loss[i]  # stays on the device until a frame reads it
 
 
 # --- the one-job loop --------------------------------------------------------------------------
@@ -513,5 +596,5 @@ def generate(
 
 __all__ = [
     "BatchRunner", "Frame", "GenerationResult", "GenerationSettings", "PromptError", "PromptPart",
-    "Slot", "Targets", "encode_targets", "generate", "parse_prompt", "state_from_bytes", "state_to_bytes",
+    "Slot", "Targets", "batch_key", "encode_targets", "generate", "parse_prompt", "state_from_bytes", "state_to_bytes",
 ]

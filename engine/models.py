@@ -191,8 +191,10 @@ def save_dvae_safe(module: nn.Module, part: DvaePart, target: Path) -> Path:
     config = {name: int(getattr(module, name)) for name in _DVAE_FIELDS[part]}
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    save_safetensors(tensors, str(tmp), metadata={"part": part, "config": json.dumps(config)})
+    # A unique temporary name: several workers may fill one shared cache at once.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(fd)
+    save_safetensors(tensors, tmp, metadata={"part": part, "config": json.dumps(config)})
     os.replace(tmp, target)
     return target
 

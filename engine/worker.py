@@ -95,17 +95,18 @@ class Worker:
         models_loader: Callable[[], Models],
         *,
         worker_id: str | None = None,
-        max_batch: int = 1,
+        max_batch: int | None = None,
         grids: tuple[int, ...] | None = None,
         base_settings: GenerationSettings | None = None,
         heartbeat_every: float = 1.0,
         poll_every: float = 0.25,
         video_fps: float = 10.0,
+        observer: Any = None,
     ):
         self.queue = queue
         self.models_loader = models_loader
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10000}"
-        self.max_batch = max_batch
+        self.max_batch = max_batch        # None: chosen from free GPU memory at start (1 on a CPU)
         self.grids = grids
         self.base_settings = base_settings or GenerationSettings()
         self.heartbeat_every = heartbeat_every
@@ -121,6 +122,17 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self.gpu_alive = False
+        # Metrics hooks (engine.observability.Observability): iterations(n) from the GPU thread,
+        # job_started(record), job_ended(record, state) with state done|failed|retried|cancelled|released.
+        self.observer = observer
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:  # noqa: BLE001 - metrics never break a job
+            log.debug("observer %s failed", hook, exc_info=True)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -129,6 +141,15 @@ class Worker:
         self._wake = asyncio.Event()
         if self.models is None:
             self.models = await asyncio.to_thread(self.models_loader)
+        if self.max_batch is None:
+            from engine.capacity import choose_max_batch
+
+            # The largest grid this worker may be given: a slot of it is the costliest.
+            grid = max(self.grids) if self.grids else max(64, self.base_settings.grid)
+            self.max_batch = choose_max_batch(
+                self.models.device, grid, cutn=self.base_settings.cutn,
+                precision=self.base_settings.precision, models=self.models,
+            )
         self._thread = threading.Thread(target=self._gpu_loop, name=f"gpu-{self.worker_id}", daemon=True)
         self._thread.start()
         self._tasks = [
@@ -150,6 +171,8 @@ class Worker:
             # The last checkpoint is in the queue; the job resumes from it on the next claim.
             try:
                 await self.queue.release(job_id, self.worker_id)
+                log.info("job %s handed back to the queue (worker stopping)", job_id)
+                self._observe("job_ended", run.record, "released")
             except Exception:  # noqa: BLE001 - the lease will expire instead
                 log.exception("could not hand job %s back", job_id)
         self.running.clear()
@@ -166,7 +189,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                if len(self.running) < self.max_batch:
+                if len(self.running) < self.max_batch and self._gpu_thread_ok():
                     record = await self.queue.claim(self.worker_id, self.grids)
                     if record is not None:
                         await self._begin(record)
@@ -185,6 +208,11 @@ class Worker:
         spec = record.spec
         run = _Running(record)
         self.running[record.id] = run
+        # No prompt at INFO (it is the users' text): only at DEBUG.
+        log.info("job %s started (attempt %d, grid %d, %d iterations, user %s)",
+                 record.id, record.attempts, spec.grid, spec.iterations, spec.user_id)
+        log.debug("job %s prompt: %r", record.id, spec.prompt)
+        self._observe("job_started", record)
         try:
             settings = settings_for(spec, self.base_settings, record.id)
             init_logits, state, keep_optimizer = None, None, False
@@ -208,6 +236,8 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             await asyncio.sleep(self.heartbeat_every)
+            if not self._gpu_thread_ok():
+                continue  # nothing runs these jobs: let their leases expire so others take them
             for job_id, run in list(self.running.items()):
                 try:
                     ok = await self.queue.heartbeat(job_id, self.worker_id)
@@ -218,6 +248,9 @@ class Worker:
                     continue
                 if not ok:
                     run.cancel.set()
+
+    def _gpu_thread_ok(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
 
     def _from_gpu(self, fn: Callable[..., Any], *args: Any) -> None:
         """Called on the GPU thread: run `fn(*args)` as a task on the event loop."""
@@ -262,13 +295,16 @@ class Worker:
             await self.queue.put_artifact(job_id, "state.pt", state_bytes)
             if not await self.queue.finish(job_id, self.worker_id, run.similarity):
                 log.warning("job %s was no longer ours when it finished; result dropped", job_id)
+                return
         except Exception as exc:  # noqa: BLE001
             await self._failed(job_id, exc)
             return
         finally:
             self.running.pop(job_id, None)
             self._wake.set()
-        log.info("job %s done (similarity %.4f)", job_id, run.similarity or 0.0)
+        self._observe("job_ended", run.record, "done")
+        log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
+                 time.time() - run.record.created_at)
 
     async def _on_stopped(self, job_id: str) -> None:
         """The GPU thread dropped the job: cancelled by a user, or our lease was lost."""
@@ -280,17 +316,30 @@ class Worker:
         if record is not None and record.cancel_requested and record.state == JobState.RUNNING:
             await self.queue.mark_cancelled(job_id, self.worker_id)
             log.info("job %s cancelled", job_id)
+            self._observe("job_ended", run.record, "cancelled")
+        else:
+            log.info("job %s stopped here: no longer ours (lease lost or taken over)", job_id)
 
     async def _failed(self, job_id: str, exc: BaseException) -> None:
-        self.running.pop(job_id, None)
+        run = self.running.pop(job_id, None)
         self._wake.set()
         retry = not isinstance(exc, (PromptError, ValueError))  # bad input fails at once, never retried
         reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PromptError) else str(exc)
-        log.warning("job %s failed: %s", job_id, reason)
+        if isinstance(exc, PromptError):
+            # Its message quotes the prompt: the reason goes to the user, the log says less.
+            log.info("job %s failed: the prompt was rejected", job_id)
+            log.debug("job %s: %s", job_id, reason)
+        else:
+            log.warning("job %s failed: %s", job_id, reason)
         try:
-            await self.queue.fail(job_id, self.worker_id, reason[:500], retry=retry)
+            state = await self.queue.fail(job_id, self.worker_id, reason[:500], retry=retry)
         except Exception:  # noqa: BLE001
             log.exception("could not mark job %s failed", job_id)
+            return
+        if state == JobState.QUEUED:
+            log.info("job %s back in the queue for another attempt", job_id)
+        label = "retried" if state == JobState.QUEUED else getattr(state, "value", str(state))
+        self._observe("job_ended", run.record if run else None, label)
 
     # --- GPU thread -------------------------------------------------------------------------
 
@@ -316,6 +365,7 @@ class Worker:
                         torch.cuda.empty_cache()
                     continue
                 self.iterations_done += len(results)
+                self._observe("iterations", len(results))
                 for slot, frame in results:
                     if frame is not None:
                         state = None if slot.done else slot.state()
@@ -323,6 +373,9 @@ class Worker:
                     if slot.done:
                         runner.remove(slot.key)
                         self._from_gpu(self._on_done, slot.key, slot.state())
+        except BaseException:
+            log.exception("GPU thread died: no more claims or heartbeats; other workers take its jobs over")
+            raise
         finally:
             self.gpu_alive = False
 
@@ -339,14 +392,17 @@ class Worker:
             block = False
             try:
                 slot = self._make_slot(start)
-            except Exception as exc:  # noqa: BLE001
+                runner.add(slot)
+                if slot.iteration == 0 or start.keep_optimizer:
+                    # Frame 0 (or the parent's last frame, for Continue) opens the video.
+                    frame = runner.frames([slot])[0]
+                    self._from_gpu(self._on_frame, slot.key, frame, None)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory, a decoder that cannot run
+                # Fail the job (retried elsewhere), never the GPU thread: a dead thread with
+                # heartbeating jobs would hold them forever.
+                runner.remove(start.job_id)
                 self._from_gpu(self._failed, start.job_id, exc)
                 continue
-            runner.add(slot)
-            if slot.iteration == 0 or start.keep_optimizer:
-                # Frame 0 (or the parent's last frame, for Continue) opens the video.
-                frame = runner.frames([slot])[0]
-                self._from_gpu(self._on_frame, slot.key, frame, None)
 
     def _make_slot(self, start: _Start) -> Slot:
         assert self.models is not None
@@ -369,25 +425,50 @@ def _decode_png(data: bytes):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagine-worker", description="Run a GPU worker for imagine-bot's queue.")
+    p = argparse.ArgumentParser(
+        prog="imagine-worker",
+        description="Run a GPU worker for imagine-bot's queue (one process per GPU).",
+        epilog="Health and metrics: --http-port 9100 serves /healthz (200 or 503, JSON) and /metrics "
+               "(Prometheus). The model cache is --cache-dir, else $IMAGINE_CACHE, else ~/.cache/imagine-bot.",
+    )
     p.add_argument("--queue", required=True, help="queue URL: redis://host:6379/0 or sqlite:///path.db")
     p.add_argument("--clip-model", default="ViT-B/32")
     p.add_argument("--decoder", default="openai")
     p.add_argument("--trust-decoder", action="store_true")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="jobs stepped together; default: as many as fit in free GPU memory (1 on a CPU)")
     p.add_argument("--worker-id", default=None)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="serve /healthz and /metrics on this port (default: no HTTP server)")
+    p.add_argument("--http-host", default="127.0.0.1", metavar="HOST",
+                   help="address for --http-port (default 127.0.0.1; 0.0.0.0 in a container)")
     return p
+
+
+def _redact(url: str) -> str:
+    """The queue URL without its password, for the log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _serve(args: argparse.Namespace) -> None:
     from engine.models import DEFAULT_CACHE, load_models
+    from engine.observability import Observability, queue_check, worker_check
     from engine.queue import open_queue
 
     queue = open_queue(args.queue)
     await queue.start()
+    log.info("queue %s", _redact(args.queue))
     cache = args.cache_dir or DEFAULT_CACHE
     worker = Worker(
         queue,
@@ -398,17 +479,27 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await worker.start()
+    runner = None
+    if args.http_port is not None:
+        # Up before the models load: /healthz says "gpu": false until the GPU thread runs.
+        obs = Observability()
+        obs.track_queue(queue)
+        obs.track_worker(worker)
+        runner = await obs.start_http(args.http_host, args.http_port,
+                                      {"queue": queue_check(queue), "gpu": worker_check(worker)})
     try:
+        await worker.start()
         await stop.wait()
     finally:
         await worker.stop()
+        if runner is not None:
+            await runner.cleanup()
         await queue.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve(args))
     return 0
 

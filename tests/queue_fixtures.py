@@ -79,7 +79,7 @@ def start_redis_process(args: list[str], port: int, timeout: float = 10.0) -> su
 def start_redis(*extra: str, port: int | None = None) -> RedisServer:
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server is not on PATH")
+        pytest.fail("redis-server is not on PATH: `make test` installs it")
     port = port or free_port()
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
     return RedisServer(port, start_redis_process(args, port), args)

@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1
+# imagine-bot: one image for the bot (the default command) and the GPU worker (`imagine-worker`).
+#
+#   docker build -t imagine-bot:local .
+#   docker run --rm --env-file .env -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local
+#   docker run --rm --gpus '"device=0"' -v imagine-cache:/cache imagine-bot:local \
+#       imagine-worker --queue redis://redis-host:6379/0
+#
+# Base: PyTorch's official CUDA *runtime* image (CUDA, cuDNN and a CUDA build of torch; no compilers),
+# pinned to one exact tag, never `latest`, so a rebuild gets the same torch and CUDA:
+#  - torch 2.9.0 is inside pyproject's `torch>=2.6,<=2.14.1` and torchvision 0.24 inside its range, so
+#    `pip install .` keeps the image's CUDA torch instead of pulling another torch (a CPU one, or GBs
+#    more); the build checks that below. The test machines run torch 2.14.1: bump BASE_IMAGE to a
+#    2.14.1 tag when one with this CUDA line is published (or pass --build-arg BASE_IMAGE=...).
+#  - CUDA 12.8 runs on every GPU from Volta (V100, T4) to Blackwell (RTX 50xx, B200); the host needs an
+#    NVIDIA driver for CUDA 12.8 (R570 or newer) and the NVIDIA Container Toolkit.
+#  - its Python is 3.11, which pyproject requires (>= 3.11).
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    IMAGINE_CACHE=/cache
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# ffmpeg makes the videos (imageio-ffmpeg's bundled binary is only the fallback). Ubuntu's archive
+# moves, so its package versions are not pinned (the base image tag pins the release).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ffmpeg \
+    && rm -rf /var/lib/apt/lists/*
+
+# Only what the package needs (.dockerignore is an allowlist: no .env, no config.toml, no tests).
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY engine ./engine
+COPY bot ./bot
+
+# Not editable, so /src can go. Then fail the build if pip swapped the CUDA torch for another one,
+# or if clip / dall_e do not import (clip needs setuptools<81 for pkg_resources).
+RUN pip install --no-cache-dir . \
+    && python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'pip replaced the CUDA torch')" \
+    && python -c "import clip, dall_e, engine.worker, bot.__main__" \
+    && imagine-worker --help > /dev/null \
+    && rm -rf /src
+
+# A non-root user; the model cache is a volume it owns (mount the same volume on every worker).
+RUN useradd --create-home --uid 10001 --user-group imagine \
+    && mkdir -p /cache /config \
+    && chown imagine:imagine /cache
+USER 10001:10001
+WORKDIR /home/imagine
+VOLUME ["/cache"]
+
+# imagine-worker --http-port 9100: /healthz and /metrics.
+EXPOSE 9100
+
+CMD ["imagine-bot", "--config", "/config/config.toml"]

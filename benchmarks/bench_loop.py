@@ -1,0 +1,274 @@
+"""Benchmark the optimisation loop on full-size architectures with random weights.
+
+    .venv/bin/python benchmarks/bench_loop.py                    # CUDA if present, else the CPU
+    .venv/bin/python benchmarks/bench_loop.py --device cuda --grid 32 --iterations 50 --max-batch 16
+
+One process, one run, three loops on the same models (CLIP ViT-B/32 + OpenAI's default dVAE
+decoder, random weights, built directly with engine.random_models and frozen as engine.models
+loads them; `--via-files DIR` instead saves them in OpenAI's formats and loads them through
+engine.models, like real files):
+
+  (a) reference: benchmarks/reference_loop.py, the seed article's notebook loop (batch 1, a Python
+      loop over cut-outs, F.interpolate + torchvision rotate; on CUDA in the notebook's fp16, and
+      also in fp32 as (a32));
+  (b) engine, one job: BatchRunner with one slot (settings.precision, bf16 autocast on CUDA);
+  (c) engine, max_batch jobs in one forward/backward pass (default on CUDA: choose_max_batch).
+
+Every loop takes a frame every 50 iterations, as the bot does. For each: job-iterations per
+second, the ratio to (a), peak memory (CUDA: max_memory_allocated; CPU: peak RSS, reset between
+loops), FLOPs per step as torch.utils.flop_counter.FlopCounterMode counts them (matmuls,
+convolutions, attention: forward and backward) and the TFLOP/s that makes, against the GPU's
+dense bf16 peak. The last line is JSON.
+
+On a CPU only the ratios mean anything (and little: the CPU is not what the bot runs on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from engine import random_models  # noqa: E402
+from engine.capacity import choose_max_batch, per_slot_bytes, effective_precision  # noqa: E402
+from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets  # noqa: E402
+from engine.models import Models, load_models  # noqa: E402
+from reference_loop import ReferenceLoop  # noqa: E402
+
+PROMPT = "a beautiful and mysterious house designed by Escher"
+
+# Dense (no sparsity) peak TFLOP/s: bf16/fp16 tensor cores. Source: NVIDIA's data sheets.
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+               "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+
+
+def gpu_peak_tflops(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if all(part in name for part in key.split()):
+            return name, value
+    return name, None
+
+
+def build_models(device: torch.device, via_files: str | None) -> Models:
+    clip_model = random_models.make_clip(random_models.VIT_B_32, seed=0)
+    decoder = random_models.make_decoder(tiny=False, seed=0)
+    if via_files:
+        root = Path(via_files)
+        root.mkdir(parents=True, exist_ok=True)
+        clip_path = random_models.save_clip_torchscript(clip_model, root / "ViT-B-32-random.pt")
+        decoder_path = random_models.save_pickled_module(decoder, root / "decoder-random.pkl")
+        return load_models(str(clip_path), str(decoder_path), device, cache_dir=root / "cache", trust_decoder=True)
+    # What engine.models.load_models does after reading the files: fp32, frozen, eval.
+    return Models(
+        clip=clip_model.float().eval().requires_grad_(False).to(device),
+        decoder=decoder.eval().requires_grad_(False).to(device),
+        device=device,
+    )
+
+
+class PeakMemory:
+    """Peak memory of one loop: CUDA's allocator peak, or the process's peak RSS (VmHWM, reset
+    through /proc/self/clear_refs where Linux allows it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, step, jobs: int, args, device: torch.device, memory: PeakMemory,
+            flop_step=None) -> dict:
+    """Warm up (counting one step's FLOPs), then time `args.iterations` steps."""
+    memory.reset()
+    flops = None
+    for i in range(args.warmup):
+        if i == 0:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                (flop_step or step)()
+            flops = counter.get_total_flops()
+        else:
+            step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(args.iterations):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - started
+    result = {
+        "name": name, "jobs": jobs, "seconds": round(seconds, 4),
+        "job_iterations_per_s": round(jobs * args.iterations / seconds, 4),
+        "step_ms": round(1000 * seconds / args.iterations, 2),
+        "peak_memory_bytes": memory.peak(),
+        "flops_per_step": flops,
+        "tflops": round(flops * args.iterations / seconds / 1e12, 4) if flops else None,
+    }
+    print(f"  {name:<26} {result['job_iterations_per_s']:9.3f} job-it/s  step {result['step_ms']:9.1f} ms  "
+          f"peak {result['peak_memory_bytes'] / 2**30:6.2f} GiB  "
+          f"{(flops or 0) / 1e12:8.3f} TFLOP/step  {result['tflops'] or 0:8.3f} TFLOP/s", flush=True)
+    return result
+
+
+def engine_runner(models: Models, targets, settings: GenerationSettings, jobs: int, compile: bool) -> BatchRunner:
+    runner = BatchRunner(models, compile=compile)
+    for i in range(jobs):
+        runner.add(Slot(f"job-{i}", models, targets, replace(settings, seed=settings.seed + i)))
+    return runner
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grid", type=int, default=32, help="logits grid (32 -> 256x256)")
+    p.add_argument("--iterations", type=int, default=None, help="timed steps (default 50 on CUDA, 2 on a CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on a CPU)")
+    p.add_argument("--max-batch", type=int, default=None, help="jobs in (c) (default: choose_max_batch on CUDA, 2 on a CPU)")
+    p.add_argument("--cutn", type=int, default=12)
+    p.add_argument("--precision", default="auto", help="the engine's: auto | fp32 | bf16 | fp16")
+    p.add_argument("--compile", action="store_true", help="the engine with torch.compile (opt-in)")
+    p.add_argument("--skip-reference-fp32", action="store_true", help="on CUDA, do not run (a32)")
+    p.add_argument("--skip-reference", action="store_true", help="only the engine: ratios to (a) left out")
+    p.add_argument("--dalle-half-casts", choices=("on", "off"), default="on",
+                   help="off: switch off dall_e's own fp16 casts in the decoder's convolutions for the "
+                        "engine's loops (autocast alone decides), to measure what that would gain")
+    p.add_argument("--via-files", nargs="?", const="", default=None, metavar="DIR",
+                   help="save the random models in OpenAI's formats and load them through engine.models")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation figure")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.iterations = args.iterations or (50 if cuda else 2)
+    args.warmup = max(1, args.warmup if args.warmup is not None else (5 if cuda else 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_name, peak = gpu_peak_tflops(device)
+    peak = args.peak_tflops or peak
+
+    t0 = time.perf_counter()
+    via = args.via_files
+    tmp = None
+    if via == "":
+        tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
+        via = tmp.name
+    models = build_models(device, via)
+    print(f"models: full-size random ViT-B/32 + dVAE decoder, {'saved and loaded via engine.models' if via else 'built directly'}"
+          f" on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
+    targets = encode_targets(models, PROMPT)
+    # Frames every 50 iterations; never finishing inside the run.
+    settings = GenerationSettings(iterations=10**9, frame_every=50, grid=args.grid, cutn=args.cutn,
+                                  precision=args.precision, seed=1)
+    if args.max_batch is None:
+        args.max_batch = choose_max_batch(device, args.grid, cutn=args.cutn, precision=args.precision, models=models) if cuda else 2
+    eff = effective_precision(device, args.precision)
+    estimate = per_slot_bytes(args.grid, args.cutn, eff)
+    print(f"device {device_name}; grid {args.grid} ({8 * args.grid}px), cutn {args.cutn}, engine precision {eff}, "
+          f"warmup {args.warmup}, timed {args.iterations}, max_batch {args.max_batch} "
+          f"(per-slot estimate {estimate / 2**30:.2f} GiB); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    memory = PeakMemory(device)
+    results = {}
+    if not args.skip_reference:
+        torch.manual_seed(0)
+        ref = ReferenceLoop(models, targets, settings, precision="notebook")
+        results["reference"] = measure("(a) reference" + (" fp16" if cuda else ""), ref.step, 1, args, device, memory)
+        del ref
+        if cuda and not args.skip_reference_fp32:
+            ref32 = ReferenceLoop(models, targets, settings, precision="fp32")
+            results["reference_fp32"] = measure("(a32) reference fp32", ref32.step, 1, args, device, memory)
+            del ref32
+    if args.dalle_half_casts == "off":
+        for module in models.decoder.modules():
+            if hasattr(module, "use_float16"):
+                module.use_float16 = False
+
+    for key, jobs in (("engine_1", 1), ("engine_batch", args.max_batch)):
+        runner = engine_runner(models, targets, settings, jobs, args.compile)
+        flop_step = None
+        if args.compile:  # count FLOPs on an uncompiled twin: the counter and compiled code do not mix
+            flop_step = engine_runner(models, targets, settings, jobs, False).step
+        label = "(b) engine, 1 job" if key == "engine_1" else f"(c) engine, {jobs} jobs"
+        results[key] = measure(label, runner.step, jobs, args, device, memory, flop_step)
+        del runner
+
+    ratios = {}
+    if "reference" in results:
+        base = results["reference"]["job_iterations_per_s"]
+        ratios = {k: round(v["job_iterations_per_s"] / base, 3) for k, v in results.items()}
+    if "reference_fp32" in results:
+        base32 = results["reference_fp32"]["job_iterations_per_s"]
+        ratios.update({f"{k}_vs_fp32": round(results[k]["job_iterations_per_s"] / base32, 3)
+                       for k in ("engine_1", "engine_batch")})
+    per_job = 1 / results["engine_1"]["job_iterations_per_s"]
+    projected_1000 = round(1000 * per_job, 1)
+    if ratios:
+        print("ratios to (a): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"a 1000-iteration job alone at grid {args.grid}: about {projected_1000} s (from (b); frames included)")
+    if peak:
+        for k, v in results.items():
+            if v["tflops"] is not None:
+                v["utilisation"] = round(v["tflops"] / peak, 4)
+        print("utilisation of the dense bf16 peak (%.0f TFLOP/s): " % peak
+              + ", ".join(f"{k} {v.get('utilisation', 0) * 100:.1f}%" for k, v in results.items()))
+    summary = {
+        "benchmark": "bench_loop", "date": datetime.date.today().isoformat(), "device": device_name,
+        "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "models": "random full-size ViT-B/32 + dVAE decoder, " + ("via engine.models files" if via else "built directly"),
+        "grid": args.grid, "cutn": args.cutn, "precision": eff, "compile": args.compile,
+        "dalle_half_casts": args.dalle_half_casts,
+        "iterations": args.iterations, "warmup": args.warmup, "max_batch": args.max_batch,
+        "per_slot_estimate_bytes": estimate, "peak_tflops": peak,
+        "results": results, "ratios": ratios, "projected_1000_iterations_s": projected_1000,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(summary), flush=True)
+    if tmp is not None:
+        tmp.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Correctness checks of the batched loop on a GPU (run by benchmarks/gpu_check.sh).
+
+    .venv/bin/python benchmarks/cuda_check.py                  # on CUDA, full-size random models
+    .venv/bin/python benchmarks/cuda_check.py --tiny --device cpu   # a dry run of this script
+
+1. smoke: two jobs, bf16 autocast (precision auto), a few steps: finite losses, frames of the
+   right size, similarities that are numbers;
+2. no host sync in steps that take no frame: `torch.cuda.set_sync_debug_mode("error")`;
+3. batched vs solo on the GPU, fp32 (TF32 off) and bf16: logits, the frame's codes (argmax),
+   similarities; next to the run-to-run noise of a solo job run twice (CUDA's atomics make even a
+   solo run non-deterministic);
+4. memory per slot: peak allocated at batch 1, 2 and 4, the slope against engine.capacity's
+   estimate, and what choose_max_batch then picks;
+5. a 1000-iteration 256x256 (grid 32) job alone through engine.generate.generate, timed.
+
+Prints every number, `PASS`/`FAIL` per check, and a JSON line at the end. Exit status 1 on a FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+from engine import capacity, random_models  # noqa: E402
+from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets, generate  # noqa: E402
+from engine.models import Models  # noqa: E402
+
+PROMPTS = ["a red house by the sea", "a cat made of glass | blurry:-0.5", "a forest at night"]
+report: dict = {"checks": {}}
+
+
+def verdict(name: str, ok: bool, **numbers) -> None:
+    report["checks"][name] = {"ok": bool(ok), **numbers}
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}: {shown}", flush=True)
+
+
+def build(device: torch.device, tiny: bool) -> Models:
+    if tiny:
+        decoder = random_models.make_decoder(tiny=True)
+        clip_model = random_models.make_clip(random_models.TINY_CLIP)
+    else:
+        decoder = random_models.make_decoder(tiny=False)
+        clip_model = random_models.make_clip(random_models.VIT_B_32)
+    return Models(clip=clip_model.float().eval().requires_grad_(False).to(device),
+                  decoder=decoder.eval().requires_grad_(False).to(device), device=device)
+
+
+def run(models: Models, settings: GenerationSettings, keys: list[int], steps: int) -> dict[int, Slot]:
+    runner = BatchRunner(models)
+    slots = {}
+    for k in keys:
+        slots[k] = runner.add(Slot(k, models, encode_targets(models, PROMPTS[k]), replace(settings, seed=100 + k)))
+    for _ in range(steps):
+        runner.step()
+    return slots
+
+
+def compare(a: Slot, b: Slot) -> dict:
+    d = (a.logits.detach() - b.logits.detach()).abs()
+    same_codes = (a.logits.argmax(1) == b.logits.argmax(1)).float().mean().item()
+    return {"mean": d.mean().item(), "max": d.max().item(), "codes_equal": same_codes,
+            "loss_diff": abs(a.last_loss - b.last_loss)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny models (a dry run of the script itself)")
+    p.add_argument("--grid", type=int, default=32)
+    p.add_argument("--long-iterations", type=int, default=1000)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+              f"CUDA {torch.version.cuda}, free {torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB", flush=True)
+    grid = 8 if args.tiny else args.grid
+    started = time.perf_counter()
+    models = build(device, args.tiny)
+    print(f"models built in {time.perf_counter() - started:.1f} s", flush=True)
+    base = GenerationSettings(iterations=10**6, frame_every=3, grid=grid, cutn=12)
+
+    # 1. smoke, bf16 autocast
+    runner = BatchRunner(models)
+    slots = [runner.add(Slot(k, models, encode_targets(models, PROMPTS[k]), replace(base, seed=k))) for k in (0, 1)]
+    frames = []
+    t = time.perf_counter()
+    for _ in range(3):
+        frames += [f for _, f in runner.step() if f is not None]
+    ok = (len(frames) == 2 and all(f.pixels.shape == (8 * grid, 8 * grid, 3) for f in frames)
+          and all(math.isfinite(f.loss) and math.isfinite(f.similarity) for f in frames))
+    verdict("smoke_bf16", ok, frames=len(frames), loss=frames[0].loss if frames else float("nan"),
+            seconds=time.perf_counter() - t)
+
+    # 2. no host sync in steps without a frame (iterations 4 and 5; the frame is at 6)
+    if cuda:
+        error = None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                runner.step()
+        except RuntimeError as exc:
+            error = str(exc).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        verdict("no_sync_in_hot_loop", error is None, error=error or "none")
+    del runner, slots
+
+    # 3. batched vs solo, fp32 (TF32 off) and bf16
+    steps = 5
+    for precision in ("fp32", "auto"):
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if precision == "fp32":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        s = replace(base, precision=precision, frame_every=10**6)
+        solo_a = run(models, s, [0], steps)[0]
+        solo_a2 = run(models, s, [0], steps)[0]
+        solo_b = run(models, s, [1], steps)[1]
+        batch = run(models, s, [0, 1, 2], steps)
+        noise = compare(solo_a, solo_a2)
+        da, db = compare(batch[0], solo_a), compare(batch[1], solo_b)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        # Tolerances: fp32 as on the CPU (tests/test_batching.py) but 10x looser for CUDA's atomics
+        # and dall_e's fp16 convolutions (they run in fp16 even here); bf16 much looser.
+        mean_tol, codes_tol, loss_tol = (2e-4, 0.999, 1e-4) if precision == "fp32" else (5e-3, 0.99, 5e-3)
+        ok = all(d["mean"] <= max(mean_tol, 3 * noise["mean"]) and d["codes_equal"] >= codes_tol
+                 and d["loss_diff"] <= max(loss_tol, 3 * noise["loss_diff"]) for d in (da, db))
+        verdict(f"batched_vs_solo_{'fp32' if precision == 'fp32' else 'bf16'}", ok,
+                mean=max(da["mean"], db["mean"]), max=max(da["max"], db["max"]),
+                codes_equal=min(da["codes_equal"], db["codes_equal"]), loss_diff=max(da["loss_diff"], db["loss_diff"]),
+                solo_twice_mean=noise["mean"], solo_twice_max=noise["max"])
+
+    # 4. memory per slot
+    if cuda:
+        peaks = {}
+        s = replace(base, frame_every=10**6)
+        for n in (1, 2, 4):
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            run(models, s, [i % len(PROMPTS) for i in range(n)], 2)
+            torch.cuda.synchronize()
+            peaks[n] = torch.cuda.max_memory_allocated(device) - before
+        slope = (peaks[4] - peaks[1]) / 3
+        half_casts = any(getattr(m, "use_float16", False) for m in models.decoder.modules())
+        estimate = capacity.per_slot_bytes(grid, 12, "bf16", capacity.DecoderDims.of(models.decoder),
+                                           capacity.ClipVisualDims.of(models.clip), decoder_half_casts=half_casts)
+        chosen = capacity.choose_max_batch(device, grid, models=models)
+        chosen_measured = capacity.choose_max_batch(device, grid, per_slot_bytes=int(slope * capacity.SAFETY))
+        # The estimate should cover what is measured, without wasting more than half.
+        verdict("per_slot_memory", slope <= estimate <= 2 * slope, measured_GiB=slope / 2**30,
+                estimate_GiB=estimate / 2**30, peak_1=peaks[1] / 2**30, peak_2=peaks[2] / 2**30,
+                peak_4=peaks[4] / 2**30, max_batch_estimate=chosen, max_batch_if_measured=chosen_measured)
+
+    # 5. one 1000-iteration 256x256 job alone, end to end
+    iterations = 20 if args.tiny else args.long_iterations
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    result = generate(PROMPTS[0], GenerationSettings(iterations=iterations, frame_every=50, grid=grid), models)
+    seconds = time.perf_counter() - t
+    verdict("job_1000_under_60s", seconds < 60 or args.tiny, seconds=seconds, iterations=iterations,
+            frames=len(result.frames), it_per_s=iterations / seconds)
+
+    report["device"] = torch.cuda.get_device_name(device) if cuda else str(device)
+    report["torch"] = torch.__version__
+    print(json.dumps(report), flush=True)
+    return 0 if all(c["ok"] for c in report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

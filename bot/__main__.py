@@ -1,0 +1,127 @@
+"""`imagine-bot` / `python -m bot`: run the Discord bot, or sync its slash commands.
+
+    imagine-bot [--config config.toml] [--queue URL] [--log-level INFO]          # run
+    imagine-bot sync [--guild ID]                                               # register commands
+
+The token comes from the DISCORD_TOKEN environment variable only, and is never logged. A missing
+or invalid config or token exits with status 2 and a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import discord
+
+from bot.config import Config, ConfigError, check_token, load_config
+from bot.launcher import LaunchError
+
+EXIT_CONFIG = 2
+log = logging.getLogger("bot")
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS if suppress else "config.toml",
+                        help="the config file (default: config.toml; see config.example.toml)")
+    parser.add_argument("--queue", metavar="URL", default=default,
+                        help="queue URL, overrides [queue] url (sqlite:///file.db or redis://host:6379/0)")
+    parser.add_argument("--log-level", metavar="LEVEL", default=default,
+                        choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
+                        help="logging level (default: log_level from the config, else INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagine-bot",
+        description="A Discord bot: /imagine a prompt, watch CLIP steer DALL-E's decoder. "
+                    "The bot token is read from the DISCORD_TOKEN environment variable.",
+    )
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="{run,sync}")
+    run_p = sub.add_parser("run", help="run the bot (the default)")
+    _common(run_p, suppress=True)
+    sync_p = sub.add_parser("sync", help="register the slash commands with Discord, then exit")
+    _common(sync_p, suppress=True)
+    sync_p.add_argument("--guild", type=int, metavar="ID", default=None,
+                        help="sync to one server only (instant; for testing) instead of globally")
+    return parser
+
+
+def load(args: argparse.Namespace) -> tuple[Config, str]:
+    config = load_config(args.config)
+    if args.queue:
+        config.queue.url = args.queue
+        if not config.queue.url.startswith(("sqlite://", "redis://", "rediss://")):
+            raise ConfigError(f"--queue: expected sqlite:///path.db or redis://host:port/db, got {args.queue!r}")
+    if args.log_level:
+        config.log_level = args.log_level
+    token = check_token(os.environ.get("DISCORD_TOKEN"))
+    return config, token
+
+
+async def sync_commands(config: Config, token: str, guild_id: int | None) -> int:
+    from bot.client import ImagineBot
+
+    bot = ImagineBot(config=config, queue=None, background=False)
+    async with bot:
+        await bot.login(token)   # runs setup_hook: the cogs add their commands
+        if guild_id:
+            guild = discord.Object(id=guild_id)
+            bot.tree.copy_global_to(guild=guild)
+            synced = await bot.tree.sync(guild=guild)
+            where = f"guild {guild_id}"
+        else:
+            synced = await bot.tree.sync()
+            where = "every guild (global commands can take a while to appear)"
+    names = ", ".join(f"/{c.name}" for c in synced)
+    print(f"synced {len(synced)} commands to {where}: {names}")
+    return 0
+
+
+async def _run_until_signal(config: Config, token: str) -> None:
+    from bot.launcher import run
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await run(config, token)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config, token = load(args)
+    except ConfigError as exc:
+        print(f"imagine-bot: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    discord.utils.setup_logging(level=getattr(logging, config.log_level.upper()), root=True)
+    try:
+        if args.command == "sync":
+            return asyncio.run(sync_commands(config, token, args.guild or config.discord.sync_guild or None))
+        asyncio.run(_run_until_signal(config, token))
+        return 0
+    except LaunchError as exc:
+        log.error("%s", exc)
+        print(f"imagine-bot: {exc}", file=sys.stderr)
+        return 1
+    except discord.LoginFailure:
+        print("imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
+              "Developer Portal (Bot > Reset Token)", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

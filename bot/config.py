@@ -1,0 +1,224 @@
+"""The bot's settings: `config.toml` (tomllib) into dataclasses, every value type-checked.
+
+The Discord token is never in the file: it comes from the `DISCORD_TOKEN` environment variable
+only (see `bot.__main__`). Every error names the key, e.g. `[imagine] max_prompt_chars: expected
+an integer, got "500"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key and what to fix."""
+
+
+@dataclass
+class DiscordConfig:
+    # Members with one of these role names (or Manage Server) may use the admin commands.
+    admin_roles: list[str] = field(default_factory=lambda: ["Imagine Admin"])
+    # Guild that `imagine-bot sync` uses when no --guild is given (0: sync globally).
+    sync_guild: int = 0
+
+
+@dataclass
+class QueueConfig:
+    url: str = "sqlite:///imagine-bot.db"
+    # Queued (not yet running) jobs one user may have; `/queue limit <n>` overrides it at runtime.
+    max_queued_per_user: int = 3
+
+
+@dataclass
+class WorkerConfig:
+    # Run a GPU worker inside the bot process (the one-machine default). false: run
+    # `imagine-worker --queue ...` processes elsewhere.
+    embedded: bool = True
+    clip_model: str = "ViT-B/32"
+    decoder: str = "openai"
+    trust_decoder: bool = False
+    device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
+    cache_dir: str = ""           # "" -> engine default (~/.cache/imagine-bot or $IMAGINE_CACHE)
+    max_batch: int = 1
+    worker_id: str = ""
+
+
+@dataclass
+class ImagineConfig:
+    max_prompt_chars: int = 500
+    default_iterations: int = 300
+    max_iterations: int = 1000
+    # Iterations a Continue button adds (0: as many as the job it continues).
+    continue_iterations: int = 0
+    frame_every: int = 50
+    cutn: int = 12
+    default_size: int = 256
+    # Image side (pixels, the `size` option) -> dVAE grid (the image is 8 * grid a side).
+    sizes: dict[str, int] = field(default_factory=lambda: {"256": 32, "512": 64})
+
+
+@dataclass
+class ProgressConfig:
+    # Seconds between two edits of one message, and between two edits in one channel.
+    message_interval: float = 2.0
+    channel_interval: float = 1.0
+    # Seconds between two recomputations of the line (queue positions in queued replies).
+    line_interval: float = 2.0
+    # Long-poll timeout for queue events, and how often undelivered results are re-checked.
+    poll_timeout: float = 5.0
+    reconcile_interval: float = 30.0
+    # An interaction token lives 15 minutes; after this many seconds the bot edits through the
+    # channel instead.
+    token_ttl: float = 840.0
+    # Upload limit in bytes when Discord does not say (0: 10 MiB).
+    upload_limit: int = 0
+
+
+@dataclass
+class Config:
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    imagine: ImagineConfig = field(default_factory=ImagineConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+    log_level: str = "INFO"
+
+    # --- derived ----------------------------------------------------------------------------
+
+    def grid_for(self, size: int) -> int:
+        return self.imagine.sizes[str(size)]
+
+    @property
+    def size_choices(self) -> list[int]:
+        return sorted(int(k) for k in self.imagine.sizes)
+
+
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {str(k): _check_value(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a bug here
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(unknown)} "
+                          f"(known: {', '.join(fields)})")
+    values = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"[{prefix}] {name}" if prefix else name
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}]: expected a table, got {value!r}")
+            values[name] = _build(tp, value, name)
+        else:
+            values[name] = _check_value(key, value, tp)
+    return cls(**values)
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    im, pr, q = cfg.imagine, cfg.progress, cfg.queue
+    need(q.url.startswith(("sqlite://", "redis://", "rediss://")),
+         f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {q.url!r}")
+    need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")
+    need(cfg.worker.max_batch >= 1, "[worker] max_batch: must be at least 1")
+    need(im.max_prompt_chars >= 1, "[imagine] max_prompt_chars: must be at least 1")
+    need(im.max_iterations >= 1, "[imagine] max_iterations: must be at least 1")
+    need(1 <= im.default_iterations <= im.max_iterations,
+         "[imagine] default_iterations: must be between 1 and max_iterations")
+    need(0 <= im.continue_iterations <= im.max_iterations,
+         "[imagine] continue_iterations: must be between 0 and max_iterations")
+    need(im.frame_every >= 1, "[imagine] frame_every: must be at least 1")
+    need(im.cutn >= 1, "[imagine] cutn: must be at least 1")
+    need(bool(im.sizes), "[imagine] sizes: needs at least one size = grid entry")
+    for size, grid in im.sizes.items():
+        need(size.isdigit() and int(size) > 0, f"[imagine] sizes.{size}: the key must be a size in pixels")
+        need(grid >= 2, f"[imagine] sizes.{size}: the grid must be at least 2")
+    need(len(im.sizes) <= 25, "[imagine] sizes: Discord allows at most 25 choices")
+    need(str(im.default_size) in im.sizes,
+         f"[imagine] default_size: {im.default_size} is not one of sizes ({', '.join(im.sizes)})")
+    for name in ("message_interval", "channel_interval", "line_interval", "reconcile_interval", "token_ttl"):
+        need(getattr(pr, name) >= 0, f"[progress] {name}: must not be negative")
+    need(pr.poll_timeout > 0, "[progress] poll_timeout: must be positive")
+    need(pr.upload_limit >= 0, "[progress] upload_limit: must not be negative")
+    need(cfg.log_level.upper() in _LOG_LEVELS,
+         f"log_level: expected one of {', '.join(_LOG_LEVELS)}, got {cfg.log_level!r}")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found (copy config.example.toml to start)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "token" in data or "token" in data.get("discord", {}):
+        raise ConfigError("the token does not belong in the config file: remove it and set DISCORD_TOKEN")
+    return config_from_dict(data)
+
+
+def check_token(token: str | None) -> str:
+    """The token from DISCORD_TOKEN, shape-checked (never echoed back)."""
+    if token is None or not token.strip():
+        raise ConfigError("DISCORD_TOKEN is not set: export the bot token as DISCORD_TOKEN")
+    token = token.strip()
+    if any(c.isspace() for c in token) or len(token) < 20 or token.count(".") < 2:
+        raise ConfigError("DISCORD_TOKEN does not look like a bot token (expected three dot-separated parts)")
+    return token

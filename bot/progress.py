@@ -1,0 +1,512 @@
+"""JobEvents -> message edits, and the final post of every job exactly once.
+
+How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
+
+- One `_Tracker` per job shown in Discord holds only the newest state (queue position, newest
+  frame, finished). An edit renders that state when it is sent, so a newer frame replaces an
+  older unsent one and nothing queues up.
+- One sender task per job at most; before each edit it waits until the message's last edit is
+  `message_interval` old and the channel's next slot (`channel_interval` apart) has come.
+  discord.py still waits out any 429 on its own; there is no second limiter here.
+- While the interaction token is young the bot edits through it; after `token_ttl` (or on 401 /
+  50027) it edits the channel message with the bot token, which never expires.
+- A deleted message (404 / 10008) ends the edits for that job; its result goes out as a new
+  message.
+- The final post: built from the store (record + artifacts), sent, then `mark_delivered`. It is
+  an idempotent edit of the job's reply, so a crash before `mark_delivered` repeats the same edit
+  rather than posting twice; a fallback new message carries a nonce that Discord deduplicates.
+  Jobs that finished while the bot was down come back through `undelivered()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord.ext import commands
+
+from bot import render
+from engine.jobs import EventKind, JobEvent, JobRecord, JobState
+
+if TYPE_CHECKING:
+    from bot.client import ImagineBot
+
+log = logging.getLogger(__name__)
+
+CURSOR_KEY = "bot.events_cursor"
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+UNKNOWN_MESSAGE = 10008
+INVALID_WEBHOOK_TOKEN = 50027
+
+
+class MessageGone(Exception):
+    """The job's message was deleted (404, code 10008): stop editing, post the result anew."""
+
+
+class NoMessage(Exception):
+    """No message of the job is known (yet): nothing to edit."""
+
+
+@dataclass
+class _Frame:
+    iteration: int
+    total: int
+    similarity: float | None
+    png: bytes | None
+
+
+@dataclass
+class _Final:
+    record: JobRecord
+    content: str
+    files: list[tuple[str, bytes]]   # (name, data): fresh discord.File objects for every attempt
+
+
+@dataclass
+class _Tracker:
+    job_id: str
+    record: JobRecord
+    channel_id: int
+    guild_id: int | None
+    message_id: int | None = None
+    interaction: discord.Interaction | None = None
+    interaction_at: float = 0.0
+    attached: bool = False            # the message exists (or never will); edits may go out
+    dead: bool = False                # the message was deleted: no more edits
+    position: int | None = None
+    paused: bool = False
+    started: bool = False
+    frame: _Frame | None = None
+    first_progress: tuple[float, int] | None = None   # (at, iteration) for the ETA
+    eta: float | None = None
+    final: bool = False
+    delivered: bool = False
+    dirty: bool = False
+    last_content: str | None = None
+    last_sent: float = 0.0
+    sender: asyncio.Task | None = None
+    upload_limit: int | None = None
+
+
+class ProgressCog(commands.Cog, name="Progress"):
+    """Follows the queue's events and keeps every job's message up to date."""
+
+    def __init__(self, bot: "ImagineBot"):
+        self.bot = bot
+        self.queue = bot.queue
+        self.cfg = bot.config.progress
+        self.trackers: dict[str, _Tracker] = {}
+        self._foreign: OrderedDict[str, None] = OrderedDict()   # job ids that are not ours to show
+        self._channel_next: dict[int, float] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._line_dirty = asyncio.Event()
+        self._closing = False
+        self.cursor = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def cog_load(self) -> None:
+        self._closing = False
+        self.cursor = int(await self.queue.get_setting(CURSOR_KEY, 0) or 0)
+        self._tasks = [
+            asyncio.create_task(self._event_loop(), name="progress-events"),
+            asyncio.create_task(self._line_loop(), name="progress-line"),
+            asyncio.create_task(self._reconcile_loop(), name="progress-reconcile"),
+        ]
+
+    async def cog_unload(self) -> None:
+        self._closing = True
+        tasks = self._tasks + [t.sender for t in self.trackers.values() if t.sender is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        try:
+            await self.queue.set_setting(CURSOR_KEY, self.cursor)
+        except Exception:  # noqa: BLE001 - the queue may already be gone; events replay harmlessly
+            log.warning("could not save the event cursor", exc_info=True)
+
+    # --- registration by the commands ---------------------------------------------------------
+
+    def register(self, record: JobRecord, interaction: discord.Interaction | None) -> _Tracker:
+        """A job this process just submitted; its message is attached once it exists."""
+        t = self.trackers.get(record.id)
+        if t is None:
+            t = _Tracker(record.id, record, record.spec.channel_id, record.spec.guild_id)
+            self.trackers[record.id] = t
+        t.attached = False   # until the command's own first edit has made the reply
+        t.dead = False
+        t.interaction = interaction
+        t.interaction_at = time.monotonic()
+        if interaction is not None:
+            t.upload_limit = getattr(interaction, "filesize_limit", None)
+        return t
+
+    def attach(self, job_id: str, channel_id: int | None, message_id: int | None, content: str | None) -> None:
+        """The job's reply exists now (or could not be made: message_id None)."""
+        t = self.trackers.get(job_id)
+        if t is None:
+            return
+        if channel_id:
+            t.channel_id = channel_id
+        t.message_id = message_id
+        t.attached = True
+        t.last_content = content
+        t.last_sent = time.monotonic()
+        self._line_dirty.set()
+        self._kick(t)
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def _event_loop(self) -> None:
+        saved, saved_at = self.cursor, time.monotonic()
+        while True:
+            try:
+                events = await self.queue.events(after=self.cursor, timeout=self.cfg.poll_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a queue outage must not end the task
+                log.exception("reading queue events failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for event in events:
+                try:
+                    await self._on_event(event)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001
+                    log.exception("handling event %s of job %s failed", event.kind, event.job_id)
+                self.cursor = max(self.cursor, event.seq)
+            if self.cursor != saved and time.monotonic() - saved_at > 2.0:
+                try:
+                    await self.queue.set_setting(CURSOR_KEY, self.cursor)
+                    saved, saved_at = self.cursor, time.monotonic()
+                except Exception:  # noqa: BLE001
+                    log.warning("could not save the event cursor", exc_info=True)
+
+    async def _on_event(self, event: JobEvent) -> None:
+        kind = EventKind(event.kind)
+        if kind != EventKind.PROGRESS:   # someone joined or left the line
+            self._line_dirty.set()
+        t = await self._tracker(event.job_id)
+        if t is None or t.final:
+            return
+        if kind == EventKind.STARTED:
+            t.started, t.position = True, None
+            self._kick(t)
+        elif kind == EventKind.PROGRESS:
+            t.started, t.position = True, None
+            if t.first_progress is None or event.iteration < t.first_progress[1]:
+                t.first_progress = (event.at, event.iteration)
+            at0, it0 = t.first_progress
+            if event.iteration > it0 and event.at > at0:
+                t.eta = (event.total - event.iteration) * (event.at - at0) / (event.iteration - it0)
+            else:
+                t.eta = None
+            png = event.frame_png if event.frame_png else (t.frame.png if t.frame else None)
+            t.frame = _Frame(event.iteration, event.total, event.similarity, png)
+            self._kick(t)
+        elif kind in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED):
+            self._finish(t)
+
+    async def _tracker(self, job_id: str, record: JobRecord | None = None) -> _Tracker | None:
+        t = self.trackers.get(job_id)
+        if t is not None or job_id in self._foreign:
+            return t
+        if record is None:
+            record = await self.queue.get(job_id)
+        t = self.trackers.get(job_id)   # made while we waited
+        if t is not None:
+            return t
+        if record is None or record.delivered or not record.spec.channel_id:
+            self._foreign[job_id] = None
+            while len(self._foreign) > 10_000:
+                self._foreign.popitem(last=False)
+            return None
+        reply = record.spec.reply or {}
+        t = _Tracker(job_id, record, int(reply.get("channel_id") or record.spec.channel_id), record.spec.guild_id)
+        t.message_id = int(reply["message_id"]) if reply.get("message_id") else None
+        t.upload_limit = reply.get("upload_limit")
+        t.started = record.state == JobState.RUNNING
+        # Made by another process (or before a restart): nothing more will attach it.
+        t.attached = True
+        self.trackers[job_id] = t
+        return t
+
+    def _finish(self, t: _Tracker) -> None:
+        if not t.final:
+            t.final = True
+            self._kick(t)
+
+    # --- the line (queue positions) ------------------------------------------------------------
+
+    async def _line_loop(self) -> None:
+        while True:
+            await self._line_dirty.wait()
+            self._line_dirty.clear()
+            try:
+                await self._refresh_line()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("refreshing queue positions failed")
+            await asyncio.sleep(self.cfg.line_interval)
+
+    async def _refresh_line(self) -> None:
+        paused = bool(await self.queue.get_setting("paused", False))
+        for position, record in enumerate(await self.queue.queued(), 1):
+            t = await self._tracker(record.id, record)
+            if t is None or t.final or t.started:
+                continue
+            if t.position != position or t.paused != paused:
+                t.position, t.paused = position, paused
+                self._kick(t)
+
+    def line_changed(self) -> None:
+        """Called by the admin commands (pause/resume/clear) so positions are redrawn."""
+        self._line_dirty.set()
+
+    # --- undelivered results --------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        first = True
+        while True:
+            try:
+                if first:  # pick up jobs that were queued / running before a restart
+                    for record in [*await self.queue.running(), *await self.queue.queued()]:
+                        await self._tracker(record.id, record)
+                    self._line_dirty.set()
+                    first = False
+                for record in await self.queue.undelivered():
+                    t = await self._tracker(record.id, record)
+                    if t is not None:
+                        t.record = record
+                        self._finish(t)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("checking for undelivered results failed")
+            await asyncio.sleep(self.cfg.reconcile_interval)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _kick(self, t: _Tracker) -> None:
+        t.dirty = True
+        if self._closing or t.delivered or not t.attached:
+            return
+        if t.sender is None or t.sender.done():
+            t.sender = asyncio.create_task(self._send_loop(t), name=f"progress-{t.job_id}")
+
+    async def _wait_turn(self, t: _Tracker) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            mono = time.monotonic()
+            wait = max(t.last_sent + self.cfg.message_interval - mono,
+                       self._channel_next.get(t.channel_id, 0.0) - now)
+            if wait <= 0:
+                self._channel_next[t.channel_id] = now + self.cfg.channel_interval
+                return
+            await asyncio.sleep(wait)
+
+    async def _send_loop(self, t: _Tracker) -> None:
+        failures = 0
+        try:
+            while t.dirty and t.attached and not t.delivered and not self._closing:
+                ok = False
+                try:
+                    if t.final:
+                        # Everything slow (the store, a re-encode) before taking a turn.
+                        t.dirty = False
+                        final = await self._prepare_final(t)
+                        if final is not None:
+                            await self._wait_turn(t)
+                            await self._post_final(t, final)
+                    else:
+                        await self._wait_turn(t)
+                        if t.final:   # it ended while we waited: post the final instead
+                            continue
+                        t.dirty = False
+                        if not t.dead:
+                            await self._edit_progress(t)
+                    ok = True
+                except asyncio.CancelledError:
+                    raise
+                except discord.HTTPException as exc:
+                    log.warning("job %s: Discord answered %s (code %s): %s", t.job_id, exc.status, exc.code, exc.text)
+                except Exception:  # noqa: BLE001 - never let one job's trouble end the task silently
+                    log.exception("job %s: updating its message failed", t.job_id)
+                t.last_sent = time.monotonic()
+                if ok:
+                    failures = 0
+                elif t.final:
+                    # The final post is never dropped: back off and try again.
+                    failures += 1
+                    t.dirty = True
+                    await asyncio.sleep(min(30.0, max(0.5, self.cfg.message_interval) * 2 ** min(failures, 6)))
+        finally:
+            if t.delivered:
+                self.trackers.pop(t.job_id, None)
+
+    def _progress_content(self, t: _Tracker) -> tuple[str, bytes | None]:
+        if t.frame is not None:
+            f = t.frame
+            return render.progress_text(t.record, f.iteration, f.total, f.similarity, t.eta), f.png
+        if t.started:
+            return render.starting_text(t.record), None
+        return render.queued_text(t.record, t.position, t.paused), None
+
+    async def _edit_progress(self, t: _Tracker) -> None:
+        content, png = self._progress_content(t)
+        if content == t.last_content:   # the content names the iteration: same frame
+            return
+        kwargs: dict[str, Any] = {"content": content}
+        if png is not None:
+            kwargs["attachments"] = [discord.File(io.BytesIO(png), filename="frame.png")]
+        try:
+            await self._edit(t, **kwargs)
+        except NoMessage:
+            return
+        except MessageGone:
+            log.info("job %s: its message was deleted; the result will be a new message", t.job_id)
+            t.dead = True
+            return
+        t.last_content = content
+
+    async def _edit(self, t: _Tracker, **kwargs: Any) -> None:
+        """Edit the job's reply: through the interaction while its token lives, else the channel.
+
+        Raises MessageGone when the message was deleted (404, code 10008), NoMessage when none is
+        known.
+        """
+        if t.interaction is not None and time.monotonic() - t.interaction_at < self.cfg.token_ttl:
+            try:
+                await t.interaction.edit_original_response(**kwargs)
+                return
+            except discord.HTTPException as exc:
+                if exc.code == UNKNOWN_MESSAGE:
+                    raise MessageGone() from exc
+                if exc.status not in (401, 404) and exc.code != INVALID_WEBHOOK_TOKEN:
+                    raise
+                log.info("job %s: the interaction token is no longer valid; editing through the channel",
+                         t.job_id)
+                for f in kwargs.get("attachments") or []:   # rewind what the failed request read
+                    f.reset()
+        t.interaction = None
+        if t.message_id is None or t.dead:
+            raise NoMessage()
+        channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
+        try:
+            await channel.get_partial_message(t.message_id).edit(**kwargs)
+        except discord.NotFound as exc:
+            if exc.code == UNKNOWN_MESSAGE:
+                raise MessageGone() from exc
+            raise
+
+    # --- the final post -----------------------------------------------------------------------
+
+    def _upload_limit(self, t: _Tracker) -> int:
+        if t.upload_limit:
+            return int(t.upload_limit)
+        guild = self.bot.get_guild(t.guild_id) if t.guild_id else None
+        if guild is not None:
+            return guild.filesize_limit
+        return self.cfg.upload_limit or DEFAULT_UPLOAD_LIMIT
+
+    async def _final_files(self, t: _Tracker, record: JobRecord) -> tuple[list[tuple[str, bytes]], str | None]:
+        if record.state != JobState.DONE:
+            return [], None
+        png = await self.queue.get_artifact(record.id, "final.png")
+        mp4 = await self.queue.get_artifact(record.id, "video.mp4")
+        files: list[tuple[str, bytes]] = []
+        note = None
+        limit = self._upload_limit(t)
+        if png is not None:
+            files.append(("final.png", png))
+        room = limit - (len(png) if png else 0) - 64 * 1024   # the rest of the request
+        if mp4 is not None:
+            fitted = mp4 if len(mp4) <= room else await _reencode_to_fit(mp4, room)
+            if fitted is not None:
+                files.append(("video.mp4", fitted))
+                if fitted is not mp4:
+                    note = f"The video was re-encoded to {render.mib(len(fitted))} to fit the upload limit."
+            else:
+                note = (f"The video ({render.mib(len(mp4))}) is over this server's upload limit "
+                        f"({render.mib(limit)}) even re-encoded, so here is the final image only.")
+        elif png is not None:
+            note = "The video could not be made; here is the final image."
+        return files, note
+
+    async def _prepare_final(self, t: _Tracker) -> _Final | None:
+        """The final post from the store, or None when there is nothing (more) to post."""
+        record = await self.queue.get(t.job_id)
+        if record is None or record.delivered:
+            t.delivered = True
+            return None
+        if not record.state.finished:   # a stale reconcile; keep following it
+            t.final = False
+            return None
+        t.record = record
+        files, note = await self._final_files(t, record)
+        return _Final(record, render.final_text(record, note), files)
+
+    async def _post_final(self, t: _Tracker, final: _Final) -> None:
+        from bot.imagine import result_view   # noqa: PLC0415 - imagine imports this module
+
+        def files() -> list[discord.File]:
+            return [discord.File(io.BytesIO(data), filename=name) for name, data in final.files]
+
+        view = result_view(final.record)
+        result_message_id: int | None = None
+        if not t.dead and (t.message_id is not None or t.interaction is not None):
+            # Editing the reply is idempotent: a repeat after a crash changes nothing.
+            kwargs: dict[str, Any] = {"content": final.content, "view": view}
+            if final.files:
+                kwargs["attachments"] = files()
+            try:
+                await self._edit(t, **kwargs)
+                result_message_id = t.message_id
+            except (MessageGone, NoMessage, discord.Forbidden):
+                t.dead = True
+        if result_message_id is None:
+            channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
+            try:
+                # The nonce lets Discord drop a repeat of this post (a crash before mark_delivered).
+                message = await channel.send(content=final.content, files=files(), view=view,
+                                             nonce=f"imagine-{t.job_id}")
+                result_message_id = message.id
+            except (discord.NotFound, discord.Forbidden) as exc:
+                # The channel is gone or closed to the bot: no retry can post it.
+                log.error("job %s: cannot post its result in channel %s (%s %s); giving up",
+                          t.job_id, t.channel_id, exc.status, exc.text)
+                await self.queue.mark_delivered(t.job_id)
+                t.delivered = True
+                return
+        reply = dict(final.record.spec.reply or {})
+        reply.setdefault("channel_id", t.channel_id)
+        reply["result_message_id"] = result_message_id
+        await self.queue.set_reply(t.job_id, reply)
+        if not await self.queue.mark_delivered(t.job_id):
+            log.warning("job %s was already delivered by someone else", t.job_id)
+        t.delivered = True
+
+
+async def _reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:
+    if max_bytes <= 0:
+        return None
+    try:
+        from engine.video import reencode_to_fit
+    except ImportError:  # pragma: no cover - the engine ships it
+        log.warning("engine.video.reencode_to_fit is missing; the video cannot be made smaller")
+        return None
+    try:
+        return await asyncio.to_thread(reencode_to_fit, data, max_bytes)
+    except Exception:  # noqa: BLE001 - ffmpeg missing or failing: post the image
+        log.exception("re-encoding the video failed")
+        return None

@@ -1,0 +1,112 @@
+"""Message texts: pure functions of a job and its progress, so tests can check them directly.
+
+Prompts are echoed with Markdown escaped; mentions in them (`@everyone`, `<@id>`) are shown as
+typed and never ping, because the client sends `allowed_mentions` with nothing allowed.
+"""
+
+from __future__ import annotations
+
+import discord
+
+from engine.jobs import JobRecord, JobSpec, JobState
+
+CONTENT_LIMIT = 2000
+CLIP_TOKENS = 77
+
+
+def size_of(spec: JobSpec) -> int:
+    size = spec.extra.get("size")
+    return int(size) if isinstance(size, int) else spec.grid * 8
+
+
+def escape_prompt(prompt: str) -> str:
+    return discord.utils.escape_markdown(prompt, as_needed=False)
+
+
+def snippet(prompt: str, limit: int = 60) -> str:
+    flat = " ".join(prompt.split())
+    if len(flat) > limit:
+        flat = flat[: limit - 1].rstrip() + "…"
+    return escape_prompt(flat)
+
+
+def settings_line(spec: JobSpec) -> str:
+    size = size_of(spec)
+    parts = [f"seed {spec.seed}", f"{spec.iterations} iterations", f"{size}×{size}"]
+    if spec.parent_kind == "continue" and spec.parent_job_id:
+        parts.append(f"continues {spec.parent_job_id}")
+    return " · ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _compose(spec: JobSpec, status: str, job_id: str) -> str:
+    head = f"**{escape_prompt(spec.prompt)}**"
+    tail = f"`{settings_line(spec)} · job {job_id}` · <@{spec.user_id}>"
+    text = f"{head}\n{status}\n{tail}"
+    if len(text) > CONTENT_LIMIT:  # only with a huge configured max_prompt_chars
+        room = CONTENT_LIMIT - len(status) - len(tail) - 10
+        text = f"**{escape_prompt(spec.prompt)[:room]}…**\n{status}\n{tail}"
+    return text
+
+
+def queued_text(record: JobRecord, position: int | None, paused: bool = False) -> str:
+    if position is None:
+        status = "Queued."
+    elif position == 1:
+        status = "Queued: next in line."
+    else:
+        status = f"Queued: #{position} in line."
+    if paused:
+        status += " The queue is paused; it will start when an admin resumes it."
+    return _compose(record.spec, status, record.id)
+
+
+def starting_text(record: JobRecord) -> str:
+    return _compose(record.spec, "Starting…", record.id)
+
+
+def progress_text(record: JobRecord, iteration: int, total: int, similarity: float | None,
+                  eta_seconds: float | None) -> str:
+    status = f"Iteration {iteration}/{total}"
+    if similarity is not None:
+        status += f" · similarity {similarity:.3f}"
+    if eta_seconds is not None and iteration < total:
+        status += f" · about {duration(eta_seconds)} left"
+    return _compose(record.spec, status, record.id)
+
+
+def final_text(record: JobRecord, note: str | None = None) -> str:
+    spec = record.spec
+    if record.state == JobState.DONE:
+        status = "Done"
+        if record.similarity is not None:
+            status += f" · similarity {record.similarity:.3f}"
+        if record.started_at and record.finished_at:
+            status += f" · took {duration(record.finished_at - record.started_at)}"
+        status += "."
+    elif record.state == JobState.CANCELLED:
+        status = "Cancelled."
+    else:
+        reason = (record.error or "unknown error").strip()
+        status = f"Failed: {discord.utils.escape_markdown(reason[:300])}"
+    if note:
+        status += f"\n{note}"
+    return _compose(spec, status, record.id)
+
+
+def jump_url(guild_id: int | None, channel_id: int, message_id: int) -> str:
+    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"
+
+
+def mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"

@@ -1,0 +1,236 @@
+"""Health and metrics over HTTP, for the GPU worker (`imagine-worker --http-port`) and the bot.
+
+    obs = Observability()                         # its own CollectorRegistry (never the global one)
+    obs.track_queue(queue)                        # imagine_queue_length, read at scrape time
+    obs.track_worker(worker)                      # iterations, jobs, latency, GPU memory
+    runner = await obs.start_http("127.0.0.1", 9100, {"queue": queue_check(queue)})
+    ...
+    await runner.cleanup()
+
+`GET /healthz` runs every check (an async callable returning a bool; raising or taking longer than
+`check_timeout` seconds counts as failing) and answers 200 when all pass, else 503, with JSON:
+`{"ok": false, "checks": {"queue": {"ok": false, "error": "TimeoutError: ..."}, "gpu": {"ok": true}}}`.
+
+`GET /metrics` is the Prometheus text format:
+
+| metric | type | what |
+|---|---|---|
+| `imagine_queue_length` | gauge | jobs waiting in the line (asked of the queue at each scrape) |
+| `imagine_jobs_total{state}` | counter | job transitions this process saw: started, done, failed, retried, cancelled, released |
+| `imagine_jobs_running` | gauge | jobs in this worker's batch |
+| `imagine_iterations_total` | counter | job-iterations stepped (`rate()` of it: iterations per second) |
+| `imagine_job_latency_seconds` | histogram | queued -> done, for jobs that finished |
+| `imagine_gpu_memory_allocated_bytes{device}` | gauge | `torch.cuda.memory_allocated` (absent on a CPU) |
+| `imagine_gpu_memory_reserved_bytes{device}` | gauge | `torch.cuda.memory_reserved` (absent on a CPU) |
+| `imagine_gpu_thread_alive` | gauge | 1 while the worker's GPU thread runs |
+| `imagine_discord_rate_limited_total` | counter | HTTP 429s the bot got from Discord (the bot increments it) |
+
+This module imports neither torch nor discord (the bot imports it on machines without a GPU stack;
+the worker hands it a torch device, and torch is imported only when that device is CUDA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], Awaitable[bool]]
+
+# Seconds from submit to done: a draft job on a free GPU takes seconds, a seed job in a long line an hour.
+LATENCY_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
+JOB_STATES = ("started", "done", "failed", "retried", "cancelled", "released")
+
+
+@dataclass
+class Metrics:
+    """The metric objects, all registered in one registry."""
+
+    queue_length: Gauge
+    jobs: Counter
+    jobs_running: Gauge
+    iterations: Counter
+    job_latency: Histogram
+    gpu_memory_allocated: Gauge
+    gpu_memory_reserved: Gauge
+    gpu_alive: Gauge
+    discord_rate_limited: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> "Metrics":
+        return cls(
+            queue_length=Gauge("imagine_queue_length", "Jobs waiting in the line", registry=registry),
+            jobs=Counter("imagine_jobs", "Job transitions seen by this process", ["state"], registry=registry),
+            jobs_running=Gauge("imagine_jobs_running", "Jobs in this worker's batch", registry=registry),
+            iterations=Counter("imagine_iterations", "Job-iterations stepped on the GPU", registry=registry),
+            job_latency=Histogram("imagine_job_latency_seconds", "Seconds from submit to done",
+                                  buckets=LATENCY_BUCKETS, registry=registry),
+            gpu_memory_allocated=Gauge("imagine_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated",
+                                       ["device"], registry=registry),
+            gpu_memory_reserved=Gauge("imagine_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved",
+                                      ["device"], registry=registry),
+            gpu_alive=Gauge("imagine_gpu_thread_alive", "1 while the worker's GPU thread runs", registry=registry),
+            discord_rate_limited=Counter("imagine_discord_rate_limited", "HTTP 429 answers from Discord",
+                                         registry=registry),
+        )
+
+
+class Observability:
+    """Metrics of one process in its own registry, health checks, and the HTTP server for both.
+
+    It is also the Worker's observer (see `engine.worker.Worker(observer=...)`): the Worker calls
+    `iterations`, `job_started` and `job_ended`; the first from its GPU thread (prometheus-client's
+    metrics are thread-safe).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, check_timeout: float = 3.0,
+                 refresh_timeout: float = 2.0):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics.create(self.registry)
+        self.check_timeout = check_timeout
+        self.refresh_timeout = refresh_timeout
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        for state in JOB_STATES:   # export every state at 0 from the start, so rate() sees the first one
+            self.metrics.jobs.labels(state)
+
+    # --- sources --------------------------------------------------------------------------------
+
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """`refresh()` runs before each scrape of /metrics (with a timeout; failures are logged at DEBUG)."""
+        self._refreshers.append(refresh)
+
+    def track_queue(self, queue: Any) -> None:
+        """Report `queue.count_queued()` as imagine_queue_length at each scrape."""
+        async def refresh() -> None:
+            self.metrics.queue_length.set(await queue.count_queued())
+        self.add_refresher(refresh)
+
+    def track_worker(self, worker: Any) -> None:
+        """Observe an `engine.worker.Worker`: its job counters, batch size, GPU thread and GPU memory."""
+        worker.observer = self
+        self.metrics.jobs_running.set_function(lambda: len(worker.running))
+        self.metrics.gpu_alive.set_function(lambda: 1.0 if worker.gpu_alive else 0.0)
+
+        tracked = False
+
+        async def refresh() -> None:   # the device is known once the models have loaded
+            nonlocal tracked
+            if not tracked and worker.models is not None:
+                self.track_gpu(worker.models.device)
+                tracked = True
+        self.add_refresher(refresh)
+
+    def track_gpu(self, device: Any) -> None:
+        """Report CUDA memory of `device` (a torch.device or a string) at scrape time; a CPU adds nothing."""
+        name = str(device)
+        if not name.startswith("cuda"):
+            return
+        import torch   # only here: this module must not import torch for the bot
+
+        dev = torch.device(name)
+        self.metrics.gpu_memory_allocated.labels(name).set_function(lambda: torch.cuda.memory_allocated(dev))
+        self.metrics.gpu_memory_reserved.labels(name).set_function(lambda: torch.cuda.memory_reserved(dev))
+
+    # --- the Worker's observer hooks -------------------------------------------------------------
+
+    def iterations(self, n: int) -> None:
+        self.metrics.iterations.inc(n)
+
+    def job_started(self, record: Any) -> None:
+        self.metrics.jobs.labels("started").inc()
+
+    def job_ended(self, record: Any, state: str) -> None:
+        """`state`: done | failed | retried | cancelled | released. Latency is observed for done jobs."""
+        self.metrics.jobs.labels(state).inc()
+        if state == "done" and record is not None:
+            self.metrics.job_latency.observe(max(0.0, time.time() - record.created_at))
+
+    # --- the bot's hooks -------------------------------------------------------------------------
+
+    def discord_rate_limited(self, n: int = 1) -> None:
+        self.metrics.discord_rate_limited.inc(n)
+
+    # --- HTTP ------------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        async def one(refresh: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await asyncio.wait_for(refresh(), self.refresh_timeout)
+            except Exception as exc:  # noqa: BLE001 - a scrape answers with what it has
+                log.debug("metrics refresh failed: %s: %s", type(exc).__name__, exc)
+        await asyncio.gather(*(one(r) for r in self._refreshers))
+
+    async def run_checks(self, checks: dict[str, Check]) -> tuple[bool, dict[str, dict[str, Any]]]:
+        async def one(check: Check) -> dict[str, Any]:
+            try:
+                ok = bool(await asyncio.wait_for(check(), self.check_timeout))
+            except asyncio.TimeoutError:
+                return {"ok": False, "error": f"no answer within {self.check_timeout:g} s"}
+            except Exception as exc:  # noqa: BLE001
+                return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            return {"ok": ok}
+        names = list(checks)
+        results = await asyncio.gather(*(one(checks[n]) for n in names))
+        report = dict(zip(names, results))
+        return all(r["ok"] for r in results), report
+
+    def app(self, checks: dict[str, Check] | None = None) -> web.Application:
+        checks = dict(checks or {})
+
+        async def healthz(request: web.Request) -> web.Response:
+            ok, report = await self.run_checks(checks)
+            return web.json_response({"ok": ok, "checks": report}, status=200 if ok else 503)
+
+        async def metrics(request: web.Request) -> web.Response:
+            await self.refresh()
+            body = await asyncio.to_thread(generate_latest, self.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    async def start_http(self, host: str, port: int, checks: dict[str, Check] | None = None) -> web.AppRunner:
+        """Serve /healthz and /metrics on host:port (0: any free port; see `bound_port`). Stop with
+        `await runner.cleanup()`."""
+        runner = web.AppRunner(self.app(checks), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("health and metrics on http://%s:%d (/healthz, /metrics)", host, bound_port(runner))
+        return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a runner from `start_http` listens on."""
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("the runner listens on no TCP socket")
+
+
+# --- ready-made checks ---------------------------------------------------------------------------
+
+
+def queue_check(queue: Any) -> Check:
+    """Reachable when a cheap call (`count_queued`) answers; a dead Redis fails by timeout."""
+    async def check() -> bool:
+        await queue.count_queued()
+        return True
+    return check
+
+
+def worker_check(worker: Any) -> Check:
+    """The worker's GPU thread is running (False while the models still load, or after it died)."""
+    async def check() -> bool:
+        return bool(worker.gpu_alive)
+    return check

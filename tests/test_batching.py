@@ -1,0 +1,297 @@
+"""Continuous batching in engine.generate.BatchRunner, on tiny models on the CPU.
+
+A job's results must not depend on which other jobs share its batch. Two strengths of "equal":
+
+- Same batch size, other companions (other prompts, seeds, positions): *bitwise* equal. Every
+  kernel computes a sample's output from that sample's inputs in a fixed order, so companions
+  cannot leak into a slot (its noise, gradient, optimiser and RNG are its own).
+- Batched vs solo (batch size changes): equal within float tolerance, not bitwise. Batched
+  convolutions and GEMMs pick other blockings than batch-1 ones and round their sums differently
+  (about 1e-7 relative). Adam divides every element's gradient by its own running RMS, so that
+  relative difference passes unscaled into the update, and where an element's gradient nearly
+  cancels between steps it grows to a fraction of the learning rate. Hence the logits tolerance:
+  mean |diff| <= 2e-5 (the bulk agrees to ~1e-6) and max |diff| <= lr / 2 (no element is more
+  than half a step apart). Frames show the same codes (argmax of the logits, compared exactly);
+  their pixels, decoded in a batch of another size, may differ by one level of 255 where a value
+  sits at a rounding boundary; similarities and losses agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import traceback
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine import capacity
+from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets
+
+S = GenerationSettings(iterations=6, frame_every=2, grid=8, cutn=4)
+JOBS = {  # key -> (prompt, seed)
+    "a": ("a red house", 1),
+    "b": ("a cat | blurry:-0.5", 2),
+    "c": ("the sea at night", 3),
+    "d": ("a tree", 4),
+    "e": ("a bird", 5),
+}
+LOGITS_MEAN_TOL = 2e-5
+LOGITS_MAX_TOL = S.lr / 2
+SCALAR_TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared with other test runs: one thread is several times faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class Run:
+    frames: list = field(default_factory=list)      # (iteration, pixels, similarity, loss)
+    batch_sizes: list[int] = field(default_factory=list)
+    slot: Slot | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.slot.logits.detach()
+
+
+def make_slot(models, key: str, settings: GenerationSettings = S) -> Slot:
+    prompt, seed = JOBS[key]
+    return Slot(key, models, encode_targets(models, prompt), replace(settings, seed=seed))
+
+
+def run(models, joins: dict[int, list[Slot]], leaves: dict[int, list[str]] | None = None,
+        compile: bool | str = False) -> dict[str, Run]:
+    """Step a runner; `joins[k]` are added and `leaves[k]` removed before global step k."""
+    runner, leaves = BatchRunner(models, compile=compile), leaves or {}
+    out: dict[str, Run] = {}
+    step = 0
+    while True:
+        for slot in joins.get(step, []):
+            out[slot.key] = Run(slot=runner.add(slot))
+        for key in leaves.get(step, []):
+            assert runner.remove(key) is out[key].slot
+        if step > max(joins) and not runner.batches():
+            return out
+        sizes = {s.key: len(group) for group in runner.batches() for s in group}
+        for slot, frame in runner.step():
+            out[slot.key].batch_sizes.append(sizes[slot.key])
+            if frame is not None:
+                out[slot.key].frames.append((frame.iteration, frame.pixels, frame.similarity, frame.loss))
+        step += 1
+
+
+def assert_identical(x: Run, y: Run) -> None:
+    assert torch.equal(x.logits, y.logits)
+    assert [f[0] for f in x.frames] == [f[0] for f in y.frames]
+    for fx, fy in zip(x.frames, y.frames):
+        assert np.array_equal(fx[1], fy[1]) and fx[2:] == fy[2:]
+
+
+def assert_close(x: Run, y: Run) -> None:
+    diff = (x.logits - y.logits).abs()
+    assert torch.equal(x.logits.argmax(dim=1), y.logits.argmax(dim=1))  # the frame's codes
+    assert diff.mean() <= LOGITS_MEAN_TOL and diff.max() <= LOGITS_MAX_TOL, (diff.mean(), diff.max())
+    assert [f[0] for f in x.frames] == [f[0] for f in y.frames]
+    for fx, fy in zip(x.frames, y.frames):
+        assert np.abs(fx[1].astype(int) - fy[1]).max() <= 1  # a float at a rounding boundary
+        assert fx[2] == pytest.approx(fy[2], abs=SCALAR_TOL) and fx[3] == pytest.approx(fy[3], abs=SCALAR_TOL)
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_models):
+    """Each job alone in its runner: the reference."""
+    cache: dict[tuple[str, str], Run] = {}
+
+    def get(key: str, settings: GenerationSettings = S) -> Run:
+        name = (key, repr(settings))
+        if name not in cache:
+            cache[name] = run(tiny_models, {0: [make_slot(tiny_models, key, settings)]})[key]
+            assert set(cache[name].batch_sizes) == {1}
+        return cache[name]
+
+    return get
+
+
+def test_batched_equals_solo_and_companions_do_not_matter(tiny_models, solo):
+    together = run(tiny_models, {0: [make_slot(tiny_models, k) for k in "abc"]})
+    for key in "abc":
+        assert together[key].batch_sizes == [3] * S.iterations
+        assert [f[0] for f in together[key].frames] == [2, 4, 6]
+        assert_close(together[key], solo(key))
+    # "a" with other companions, in another position: bitwise the same.
+    others = run(tiny_models, {0: [make_slot(tiny_models, k) for k in "dea"]})
+    assert_identical(others["a"], together["a"])
+    assert not torch.equal(others["d"].logits, together["b"].logits)
+
+
+def test_a_job_joining_mid_batch_changes_nothing(tiny_models, solo):
+    joined = run(tiny_models, {0: [make_slot(tiny_models, "a")], 2: [make_slot(tiny_models, "b")]})
+    assert joined["a"].batch_sizes == [1, 1, 2, 2, 2, 2]
+    assert joined["b"].batch_sizes == [2, 2, 2, 2, 1, 1]  # "b" finishes alone, 2 steps later
+    assert_close(joined["a"], solo("a"))
+    assert_close(joined["b"], solo("b"))
+    # Another job joining at the same step: "a" is bitwise the same.
+    other = run(tiny_models, {0: [make_slot(tiny_models, "a")], 2: [make_slot(tiny_models, "d")]})
+    assert_identical(other["a"], joined["a"])
+
+
+def test_a_job_leaving_mid_batch_the_others_run_to_completion(tiny_models, solo):
+    left = run(tiny_models, {0: [make_slot(tiny_models, k) for k in "abc"]}, leaves={3: ["c"]})
+    assert left["c"].slot.iteration == 3 and [f[0] for f in left["c"].frames] == [2]
+    for key in "ab":
+        assert left[key].slot.done and left[key].batch_sizes == [3, 3, 3, 2, 2, 2]
+        assert [f[0] for f in left[key].frames] == [2, 4, 6]
+        assert_close(left[key], solo(key))
+    other = run(tiny_models, {0: [make_slot(tiny_models, k) for k in "abd"]}, leaves={3: ["d"]})
+    assert_identical(other["a"], left["a"])
+    assert_identical(other["b"], left["b"])
+
+
+def test_grid_sizes_and_cutn_run_as_separate_batches_each_as_alone(tiny_models, solo):
+    small, fewer_cuts = replace(S, grid=4), replace(S, cutn=2)
+    runner = BatchRunner(tiny_models)
+    for slot in (make_slot(tiny_models, "a"), make_slot(tiny_models, "b", small),
+                 make_slot(tiny_models, "c", fewer_cuts), make_slot(tiny_models, "d")):
+        runner.add(slot)
+    assert sorted(sorted(s.key for s in g) for g in runner.batches()) == [["a", "d"], ["b"], ["c"]]
+    mixed = run(tiny_models, {0: [make_slot(tiny_models, "b", small), make_slot(tiny_models, "c", fewer_cuts)]})
+    assert mixed["b"].frames[0][1].shape == (32, 32, 3) and mixed["c"].frames[0][1].shape == (64, 64, 3)
+    # Each alone in its batch: bitwise its solo run.
+    assert_identical(mixed["b"], solo("b", small))
+    assert_identical(mixed["c"], solo("c", fewer_cuts))
+
+
+SYNC_METHODS = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
+# Ops that wait for a GPU: reading a value (`.item()`, `float()`), a tensor made from host values
+# (`torch.tensor`, `new_tensor`: a blocking copy), data-dependent shapes.
+SYNC_OPS = {"aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy", "aten.nonzero",
+            "aten.masked_select", "aten._unique2", "aten.unique_consecutive", "aten.equal", "aten.is_nonzero"}
+
+
+class SyncOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().split(".")[0] if hasattr(func, "name") else str(func)
+        if name in SYNC_OPS:
+            self.calls.append((name, id(args[0]) if args else 0))
+        return func(*args, **(kwargs or {}))
+
+
+def record_syncs(fn):
+    """Host reads during `fn()`: tensor methods that read values, as (method, caller file, tensor
+    id), and dispatcher ops that would wait for a GPU, as (op, tensor id)."""
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def wrap(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0].filename
+            calls.append((name, caller, id(self)))
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in SYNC_METHODS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        with SyncOps() as ops:
+            fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return calls, ops.calls
+
+
+def test_the_hot_loop_reads_nothing_back_until_a_frame(tiny_models):
+    settings = replace(S, iterations=4, frame_every=3, cutn=2)
+    runner = BatchRunner(tiny_models)
+    slots = [runner.add(make_slot(tiny_models, k, settings)) for k in "ab"]
+    runner.step()  # Adam's state exists from here on
+    steps = {id(s.optimizer.state[s.logits]["step"]) for s in slots}
+    calls, ops = record_syncs(runner.step)  # iteration 2: no frame
+    # Only Adam reading its own step counter, a CPU tensor (no device sync on CUDA).
+    assert calls and all(name == "item" and t in steps for name, _, t in calls), calls
+    assert ops and all(op == "aten._local_scalar_dense" and t in steps for op, t in ops), ops
+    assert slots[0].loss is not None and slots[0].loss.shape == ()
+    calls, ops = record_syncs(runner.step)  # iteration 3: a frame of both slots
+    ours = collections.Counter(name for name, caller, _ in calls if caller.endswith("generate.py"))
+    assert ours == {"cpu": 1, "numpy": 1, "tolist": 1}  # one read for the whole batch
+
+
+def test_saved_activations_match_the_capacity_estimate(tiny_models):
+    """On fp32 the analytic estimate of what autograd saves is exact (the loss's few bytes aside)."""
+    settings = replace(S, iterations=1, frame_every=10)
+    dims = (capacity.DecoderDims.of(tiny_models.decoder), capacity.ClipVisualDims.of(tiny_models.clip))
+    measured = {}
+    for n in (1, 2):
+        runner = BatchRunner(tiny_models)
+        for key in "ab"[:n]:
+            runner.add(make_slot(tiny_models, key, settings))
+        with capacity.saved_tensor_bytes(tiny_models.decoder, tiny_models.clip) as saved:
+            runner.step()
+        measured[n] = sum(saved.values())
+    estimate = sum(capacity.saved_bytes(S.grid, S.cutn, "fp32", *dims).values())
+    per_slot = measured[2] - measured[1]
+    assert abs(per_slot - estimate) <= 0.01 * estimate, (per_slot, estimate)
+    assert abs(measured[1] - estimate) <= 0.01 * estimate, (measured[1], estimate)
+
+
+def test_choose_max_batch():
+    cpu = torch.device("cpu")
+    assert capacity.choose_max_batch(cpu, 32) == 1
+    full32, full64 = capacity.per_slot_bytes(32), capacity.per_slot_bytes(64)
+    assert 1.5 * capacity.GiB < full32 < 3 * capacity.GiB and 3.5 < full64 / full32 < 4.5
+    free = 20 * capacity.GiB
+    n32 = capacity.choose_max_batch("cuda", 32, free_bytes=free)
+    n64 = capacity.choose_max_batch("cuda", 64, free_bytes=free)
+    assert n32 == (free * (1 - capacity.RESERVE_FRACTION) - capacity.RESERVE_BYTES) // full32 > n64 >= 1
+    assert capacity.choose_max_batch("cuda", 32, free_bytes=140 * capacity.GiB) == capacity.DEFAULT_CAP
+    big = 80 * capacity.GiB  # overrides: free memory and a measured per-slot figure, on any device
+    assert capacity.choose_max_batch(cpu, 32, free_bytes=big, per_slot_bytes=capacity.GiB) == capacity.DEFAULT_CAP
+    assert capacity.choose_max_batch(cpu, 32, free_bytes=big, per_slot_bytes=10 * capacity.GiB, cap=100) == 7
+    assert capacity.choose_max_batch(cpu, 64, free_bytes=capacity.GiB) == 1  # never less than one
+    # bf16 halves the activations, not the fp32 logits and optimiser.
+    assert capacity.per_slot_bytes(32, precision="bf16") < capacity.per_slot_bytes(32, precision="fp32")
+
+
+async def test_the_worker_chooses_max_batch_when_not_given(tmp_path, tiny_models):
+    from engine.queue import open_queue
+    from engine.worker import Worker
+
+    queue = open_queue(f"sqlite:///{tmp_path}/jobs.db")
+    await queue.start()
+    try:
+        worker = Worker(queue, lambda: tiny_models, worker_id="w-auto")
+        assert worker.max_batch is None
+        await worker.start()
+        await worker.stop()
+        assert worker.max_batch == 1  # on a CPU
+    finally:
+        await queue.close()
+
+
+def test_compile_is_opt_in_and_keeps_results(tiny_models):
+    """torch.compile (the `eager` backend: dynamo's tracing, no code generation) gives the same
+    steps and does not recompile when a slot joins or leaves."""
+    settings = replace(S, iterations=3, frame_every=3, cutn=2)
+    plain = run(tiny_models, {0: [make_slot(tiny_models, k, settings) for k in "ab"], 1: [make_slot(tiny_models, "c", settings)]})
+    torch._dynamo.reset()
+    compiled = run(tiny_models, {0: [make_slot(tiny_models, k, settings) for k in "ab"], 1: [make_slot(tiny_models, "c", settings)]},
+                   compile="eager")
+    for key in "abc":
+        assert_close(compiled[key], plain[key])
+    assert compiled["c"].batch_sizes == [3, 3, 1]

@@ -1,0 +1,116 @@
+"""/queue (show + admin subcommands), the per-user cap, and /history."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.jobs import JobState
+from tests.fakediscord import Permission
+from tests.test_bot_support import EPHEMERAL, harness  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _command(h, name, options=None, **kw):
+    inter = await h.fd.send_slash_command(name, options or {}, **kw)
+    await h.fd.wait_for_response(inter)
+    assert inter.response_type == 4
+    data = inter.response["data"]
+    assert data["flags"] & EPHEMERAL
+    return data["content"]
+
+
+async def _queued_jobs(h, n, user=None):
+    ids = []
+    for i in range(n):
+        inter = await h.imagine(f"waiting job {i}", user=user)
+        ids.append(h.job_id(await h.reply_of(inter)))
+    return ids
+
+
+async def test_non_admins_are_refused_and_nothing_changes(harness):
+    h = harness
+    await h.start()
+    await h.queue.set_setting("paused", True)
+    ids = await _queued_jobs(h, 2)
+    before = [(await h.queue.get(j)).state for j in ids]
+    for name, options in [("queue cancel", {"job": ids[0]}), ("queue clear", {}), ("queue resume", {}),
+                          ("queue pause", {}), ("queue limit", {"n": 1})]:
+        text = await _command(h, name, options)   # bob: no role, no Manage Server
+        assert "Only admins" in text and "Manage Server" in text, text
+    assert [(await h.queue.get(j)).state for j in ids] == before == [JobState.QUEUED] * 2
+    assert await h.queue.get_setting("paused") is True
+    assert await h.queue.get_setting("bot.max_queued_per_user") is None
+    assert await h.queue.count_queued() == 2
+    h.fd.assert_clean()
+
+
+async def test_admin_commands_by_permission_or_role_name(harness):
+    h = harness
+    h.config.discord.admin_roles = ["Admin"]
+    await h.start()
+    fd = h.fd
+    text = await _command(h, "queue pause", user=fd.admin_user)    # Manage Server (the Admin role)
+    assert "Paused" in text and await h.queue.get_setting("paused") is True
+    ids = await _queued_jobs(h, 3)
+
+    text = await _command(h, "queue show")                         # anyone may look
+    for n, job_id in enumerate(ids, 1):
+        assert f"**#{n}** `{job_id}` waiting job {n - 1}" in text
+    assert "paused" in text and f"<@{fd.member_user['id']}>" in text
+
+    # A member whose permissions lack Manage Server but who has a role named in admin_roles.
+    text = await _command(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
+                          member_permissions=Permission.EVERYONE)
+    assert f"Cancelled job `{ids[1]}`" in text
+    h.config.discord.admin_roles = []   # without the role name, the same member is refused
+    text = await _command(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
+                          member_permissions=Permission.EVERYONE)
+    assert "Only admins" in text and (await h.queue.get(ids[0])).state == JobState.QUEUED
+    h.config.discord.admin_roles = ["Admin"]
+    assert (await h.wait_delivered(ids[1])).state == JobState.CANCELLED
+
+    text = await _command(h, "queue limit", {"n": 1}, user=fd.admin_user)
+    assert await h.queue.get_setting("bot.max_queued_per_user") == 1
+    # The cap: bob has 2 waiting, the limit is now 1: refused, ephemerally, with what to do.
+    inter = await fd.send_slash_command("imagine", {"prompt": "one too many"})
+    await fd.wait_for_response(inter)
+    assert inter.response_type == 4 and inter.response["data"]["flags"] & EPHEMERAL
+    assert "the limit is 1" in inter.response["data"]["content"]
+    assert await h.queue.count_queued() == 2
+
+    text = await _command(h, "queue clear", user=fd.admin_user)
+    assert "2 jobs cancelled" in text
+    assert await h.queue.count_queued() == 0
+    for job_id in (ids[0], ids[2]):
+        assert (await h.wait_delivered(job_id)).state == JobState.CANCELLED
+
+    text = await _command(h, "queue resume", user=fd.admin_user)
+    assert await h.queue.get_setting("paused") is False
+    inter = await h.imagine("after the resume", user=fd.admin_user)
+    msg = await h.reply_of(inter)
+    done = await h.wait_delivered(h.job_id(msg))
+    assert done.state == JobState.DONE
+    fd.assert_clean()
+
+
+async def test_history_lists_the_channels_prompts_with_links_to_results(harness):
+    h = harness
+    await h.start()
+    fd = h.fd
+    results = []
+    for prompt in ("first idea", "second idea"):
+        inter = await h.imagine(prompt)
+        msg = await h.reply_of(inter)
+        await h.wait_delivered(h.job_id(msg))
+        results.append(msg)
+    # Elsewhere: not in this channel's history.
+    inter = await fd.send_slash_command("imagine", {"prompt": "other channel"}, channel_id=fd.other_channel_id)
+    await fd.wait_for_response(inter)
+    text = await _command(h, "history")
+    lines = text.splitlines()
+    assert "second idea" in lines[0] and "first idea" in lines[1]   # newest first
+    assert "other channel" not in text
+    for line, msg in zip(lines, reversed(results)):
+        assert f"https://discord.com/channels/{fd.guild_id}/{fd.channel_id}/{msg.id}" in line
+    fd.assert_clean()

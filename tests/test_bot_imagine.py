@@ -1,0 +1,116 @@
+"""/imagine end to end: deferral, queued reply, frames, final post with video and buttons."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.jobs import JobState
+from tests.test_bot_support import EPHEMERAL, harness  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_mp4(data: bytes) -> bool:
+    return data[4:8] == b"ftyp"
+
+
+def _edits_of(fd, message_id: int, since: int = 0) -> list:
+    """Successful PATCHes of one message, through the interaction webhook or the channel."""
+    out = []
+    for req in fd.requests[since:]:
+        if req.method != "PATCH" or req.status != 200:
+            continue
+        if isinstance(req.response, dict) and str(req.response.get("id")) == str(message_id):
+            out.append(req)
+    return out
+
+
+async def test_imagine_defers_queues_streams_frames_and_posts_the_result(harness):
+    h = harness
+    h.config.progress.message_interval = 0.0   # every frame that arrives while no edit is in flight
+    await h.start()
+    fd = h.fd
+    inter = await h.imagine("a house by Escher", seed=7, iterations=20)
+
+    # Deferred within the deadline, as a public "thinking" reply (callback type 5).
+    assert inter.response_type == 5
+    assert not (inter.response.get("data") or {}).get("flags", 0) & EPHEMERAL
+
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    record = await h.wait_delivered(job_id)
+    assert record.state == JobState.DONE
+
+    edits = _edits_of(fd, msg.id)
+    # The first edit is the queued reply, with a Cancel button and the job's place in line.
+    first = edits[0].json
+    assert "a house by Escher" in first["content"]
+    assert "Queued" in first["content"]
+    assert "seed 7 · 20 iterations · 256×256" in first["content"]
+    ids = [c["custom_id"] for row in first["components"] for c in row["components"]]
+    assert ids == [f"imagine:cancel:{job_id}"]
+    assert first["allowed_mentions"] == {"parse": []}
+
+    # Frames: PNG attachments named frame.png, with iteration, similarity and (after the first) an ETA.
+    frames = [r for r in edits if any(f.filename == "frame.png" for f in r.files)]
+    assert len(frames) >= 2, [r.json.get("content") for r in edits]
+    for req in frames:
+        (f,) = req.files
+        assert f.data.startswith(PNG_MAGIC)
+        assert [a["filename"] for a in req.json["attachments"]] == ["frame.png"]
+        assert "Iteration " in req.json["content"] and "/20" in req.json["content"]
+        assert "similarity " in req.json["content"]
+        assert req.json["allowed_mentions"] == {"parse": []}
+    assert any("left" in r.json["content"] for r in frames)
+
+    # The final: the same message, now with final.png + video.mp4 and Reroll / Continue.
+    (final,) = h.final_edits(msg.id)
+    names = sorted(f.filename for f in final.files)
+    assert names == ["final.png", "video.mp4"]
+    by_name = {f.filename: f.data for f in final.files}
+    assert by_name["final.png"].startswith(PNG_MAGIC)
+    assert _is_mp4(by_name["video.mp4"])
+    assert by_name["final.png"] == await h.queue.get_artifact(job_id, "final.png")
+    content = final.json["content"]
+    assert "a house by Escher" in content and "Done" in content and "seed 7" in content
+    ids = [c["custom_id"] for row in final.json["components"] for c in row["components"]]
+    assert ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}"]
+    assert final is edits[-1]
+
+    stored = fd.messages[msg.id]
+    assert sorted(a["filename"] for a in stored.attachments) == ["final.png", "video.mp4"]
+    assert stored.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}"]
+    # Exactly one final post, and no stray messages in the channel.
+    assert len(h.posts_of_job(job_id)) == 1
+    assert [m.id for m in fd.channel_messages()] == [msg.id]
+    fd.assert_clean()
+
+
+async def test_queued_replies_show_the_place_in_line_and_follow_it(harness):
+    h = harness
+    await h.start()
+    fd = h.fd
+    await h.queue.set_setting("paused", True)
+    carol = fd.add_user("carol")
+    msgs = []
+    for user in (None, fd.admin_user, carol):     # three users: the line is first come, first served
+        inter = await h.imagine("waiting in line", user=user)
+        msgs.append(await h.reply_of(inter))
+    ids = [h.job_id(m) for m in msgs]
+
+    def content(i):
+        return fd.messages[msgs[i].id].content
+
+    await fd.wait_for(lambda: "#3 in line" in content(2) and "#2 in line" in content(1)
+                      and "next in line" in content(0), 5, "positions 1-3")
+    assert "paused" in content(0)
+    await h.queue.cancel(ids[0])
+    await fd.wait_for(lambda: "next in line" in content(1) and "#2 in line" in content(2), 5, "the line moving")
+    await h.queue.set_setting("paused", False)
+    h.bot.progress.line_changed()
+    for job_id in ids[1:]:
+        assert (await h.wait_delivered(job_id)).state == JobState.DONE
+    assert "Cancelled." in content(0)
+    fd.assert_clean()

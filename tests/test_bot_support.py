@@ -1,0 +1,210 @@
+"""Shared harness for the bot's end-to-end tests (no tests here).
+
+The real discord.py client (bot.client.ImagineBot, built by the launcher's helpers) runs against
+the fake Discord on 127.0.0.1, with the real SQLite queue in tmp_path and the real embedded
+Worker on tiny random-weight models. Sizes map to a grid of 8 and frames come every 2 iterations,
+so a job takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest_asyncio
+
+from bot.config import Config, config_from_dict
+from bot.launcher import Resources, make_bot, open_resources
+from engine.jobs import EventKind, JobEvent, JobRecord, JobState
+from tests.fakediscord import FakeDiscord, InteractionRecord, StoredMessage, running_bot
+
+WEBHOOK_ORIGINAL = r"/webhooks/\d+/[^/]+/messages/@original"
+CHANNEL_MESSAGE = r"/channels/\d+/messages/\d+"
+CALLBACK = r"/interactions/\d+/[^/]+/callback"
+JOB_ID_RE = re.compile(r"job ([0-9a-f]{12})")
+EPHEMERAL = 1 << 6
+
+
+def tiny_png(width: int = 2, height: int = 2) -> bytes:
+    """A valid RGB PNG (red), `width` x `height`."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_config(tmp_path: Path, **overrides: Any) -> Config:
+    data: dict[str, Any] = {
+        "queue": {"url": f"sqlite:///{tmp_path / 'queue.db'}", "max_queued_per_user": 5},
+        "worker": {"embedded": True},
+        "imagine": {
+            "default_iterations": 4, "max_iterations": 40, "frame_every": 2, "cutn": 2,
+            "sizes": {"256": 8, "512": 16}, "default_size": 256,
+        },
+        "progress": {
+            "message_interval": 0.05, "channel_interval": 0.01, "line_interval": 0.05,
+            "poll_timeout": 0.5, "reconcile_interval": 0.5,
+        },
+        "discord": {"admin_roles": ["Imagine Admin"]},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
+
+
+@dataclass
+class Harness:
+    fd: FakeDiscord
+    config: Config
+    models: Any
+    resources: Resources | None = None
+    bot: Any = None
+    _stack: contextlib.AsyncExitStack | None = None
+    synced: bool = False
+    starts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def queue(self):
+        assert self.resources is not None
+        return self.resources.queue
+
+    async def start(self, *, worker: bool = True) -> None:
+        """Launcher resources + the Bot, connected to the fake; commands synced to the guild once."""
+        self.config.worker.embedded = worker
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self.resources = await stack.enter_async_context(open_resources(
+                self.config, models_loader=lambda: self.models,
+                worker_options={"poll_every": 0.05, "heartbeat_every": 0.2},
+            ))
+            self.bot = make_bot(self.resources)
+            await stack.enter_async_context(running_bot(self.fd, self.bot))
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self.starts += 1
+        if not self.synced:
+            await self.bot.tree.sync(guild=None)
+            self.synced = True
+
+    async def stop(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    # --- driving --------------------------------------------------------------------------------
+
+    async def imagine(self, prompt: str, *, user: Any = None, **options: Any) -> InteractionRecord:
+        inter = await self.fd.send_slash_command("imagine", {"prompt": prompt, **options}, user=user)
+        await self.fd.wait_for_response(inter)
+        return inter
+
+    async def reply_of(self, inter: InteractionRecord, timeout: float = 10.0) -> StoredMessage:
+        """The job's reply once it shows its queued state (the deferred message, edited)."""
+        await self.fd.wait_for(lambda: inter.original_message is not None
+                               and JOB_ID_RE.search(inter.original_message.content), timeout,
+                               "the queued reply")
+        msg = inter.original_message
+        assert msg is not None
+        return msg
+
+    def job_id(self, msg: StoredMessage) -> str:
+        found = JOB_ID_RE.search(msg.content) or JOB_ID_RE.search(
+            " ".join(h["content"] for h in msg.history))
+        assert found, msg.content
+        return found.group(1)
+
+    async def wait_delivered(self, job_id: str, timeout: float = 30.0) -> JobRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            record = await self.queue.get(job_id)
+            if record is not None and record.delivered:
+                return record
+            if loop.time() > deadline:
+                raise TimeoutError(f"job {job_id} was not delivered in {timeout}s (state {record and record.state})")
+            await asyncio.sleep(0.05)
+
+    async def wait_state(self, job_id: str, *states: JobState, timeout: float = 30.0) -> JobRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            record = await self.queue.get(job_id)
+            if record is not None and record.state in states:
+                return record
+            if loop.time() > deadline:
+                raise TimeoutError(f"job {job_id} did not reach {states} in {timeout}s (state {record and record.state})")
+            await asyncio.sleep(0.05)
+
+    def final_edits(self, message_id: int) -> list:
+        """Successful requests that put a video on `message_id` (the final post)."""
+        out = []
+        for req in self.fd.requests:
+            if req.status != 200 or req.method not in ("PATCH", "POST"):
+                continue
+            if not any(f.filename == "video.mp4" for f in req.files):
+                continue
+            body = req.response if isinstance(req.response, dict) else {}
+            if str(body.get("id")) == str(message_id):
+                out.append(req)
+        return out
+
+    def posts_of_job(self, job_id: str) -> list:
+        """Successful requests whose message carries the job's result buttons."""
+        wanted = f"imagine:reroll:{job_id}"
+        out = []
+        for req in self.fd.requests:
+            if req.status != 200 or req.method not in ("PATCH", "POST") or not isinstance(req.json, dict):
+                continue
+            ids = [c.get("custom_id") for row in req.json.get("components") or [] for c in row.get("components", [])]
+            if wanted in ids:
+                out.append(req)
+        return out
+
+
+# A stand-in for a fast GPU: the test claims the jobs and publishes frames itself.
+
+async def claim_jobs(queue, job_ids) -> None:
+    claimed = [(await queue.claim("test-gpu")).id for _ in job_ids]
+    assert sorted(claimed) == sorted(job_ids)
+
+
+async def publish_frames(queue, job_ids, frames: int, every: float) -> None:
+    for i in range(frames):
+        for job_id in job_ids:
+            await queue.publish(JobEvent(job_id, EventKind.PROGRESS, iteration=i, total=frames - 1,
+                                         similarity=0.1 + i / 1000, frame_png=tiny_png(1 + i, 1)))
+        await asyncio.sleep(every)
+
+
+async def finish_jobs(queue, job_ids) -> None:
+    for job_id in job_ids:
+        await queue.put_artifact(job_id, "final.png", tiny_png(9, 9))
+        await queue.put_artifact(job_id, "video.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+        assert await queue.finish(job_id, "test-gpu", 0.2)
+
+
+@pytest_asyncio.fixture
+async def harness(tmp_path, tiny_models) -> AsyncIterator[Harness]:
+    fd = FakeDiscord()
+    await fd.start()
+    h = Harness(fd=fd, config=test_config(tmp_path), models=tiny_models)
+    try:
+        yield h
+    finally:
+        await h.stop()
+        await fd.close()

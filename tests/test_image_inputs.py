@@ -1,0 +1,146 @@
+"""Issue 8, engine side: image prompts, init images, remix from a run, weighted parts, safe image loading."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import subprocess
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine.generate import GenerationSettings, PromptPart, decode, generate, to_uint8
+from engine.image_prompts import init_logits_from_image, to_tensor
+from engine.images import ImageRejected, load_image
+from engine import cli
+
+FAST = GenerationSettings(iterations=60, frame_every=30, grid=8, cutn=8, seed=3)
+
+
+def png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def noise_image(side=64, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def test_an_image_prompt_raises_the_similarity_to_that_image(tiny_models):
+    """A tiny random CLIP finds all pictures alike (cosine ~0.99), so the effect is compared with a
+    control run (same seed, the image's weight 0): toward the image with it, away without it."""
+    target = to_tensor(noise_image(seed=5))
+    s = replace(FAST, lr=0.05)
+    pulled = generate([PromptPart("a picture", 0.01)], s, tiny_models, image_targets=[(target, 1.0, "image")])
+    control = generate([PromptPart("a picture", 1.0)], s, tiny_models, image_targets=[(target, 0.0, "image")])
+    with_image = [f.similarities[1] for f in pulled.frames]
+    without = [f.similarities[1] for f in control.frames]
+    assert with_image[-1] > with_image[0], with_image
+    assert with_image[-1] > without[-1] + 0.01, (with_image, without)
+
+
+def test_a_negative_part_falls_while_the_positive_part_rises(tiny_models):
+    result = generate([PromptPart("a red house", 1.0), PromptPart("a blue ocean", -1.0)],
+                      replace(FAST, lr=0.05), tiny_models)
+    first, last = result.frames[0].similarities, result.frames[-1].similarities
+    assert last[0] > first[0] and last[1] < first[1], (first, last)
+
+
+def test_an_init_image_gives_frame_0_equal_to_its_dvae_reconstruction(tiny_models):
+    """Frame 0 decodes the encoder's codes of the picture, so it is the dVAE reconstruction: the only
+    difference allowed is the rounding to 8 bits (at most 1 level). The tiny encoder is random, so
+    the reconstruction does not look like the input; with OpenAI's weights it does."""
+    picture = noise_image(seed=9)
+    logits = init_logits_from_image(tiny_models, picture, grid=8)
+    assert logits.shape == (1, 8192, 8, 8) and torch.equal(logits.sum(1), torch.ones(1, 8, 8))
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.asarray(picture.resize((64, 64)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        from dall_e import map_pixels
+        codes = tiny_models.encoder(map_pixels(pixels)).argmax(1)
+        reconstruction = to_uint8(decode(tiny_models, F.one_hot(codes, 8192).permute(0, 3, 1, 2).float())[0])
+    frame0 = generate("a cat", replace(FAST, iterations=1), tiny_models, init_logits=logits).frames[0]
+    assert np.abs(frame0.pixels.astype(int) - reconstruction.astype(int)).max() <= 1
+
+
+def test_cli_remix_from_a_run_starts_at_the_parents_final_frame(tiny_model_files, tmp_path):
+    f = tiny_model_files
+    common = ["--iterations", "2", "--frame-every", "2", "--grid", "32", "--cutn", "2",
+              "--clip-model", str(f.clip_torchscript), "--decoder", str(f.decoder_pickle), "--trust-decoder",
+              "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]
+    assert cli.main(["a house", "--out", str(tmp_path / "a"), "--seed", "1", *common]) == 0
+    picture = tmp_path / "p.png"
+    picture.write_bytes(png(noise_image(96, seed=2)))
+    assert cli.main(["a boat", "--out", str(tmp_path / "b"), "--from-run", str(tmp_path / "a"),
+                     "--image-prompt", f"{picture}:0.5", *common]) == 0
+    parent_final = (tmp_path / "a" / "final.png").read_bytes()
+    assert (tmp_path / "b" / "frames" / "000000.png").read_bytes() == parent_final
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["from_run"] == str(tmp_path / "a") and run["image_prompts"] == [{"file": "p.png", "weight": 0.5}]
+    assert len(run["frames"][0]["similarities"]) == 2
+
+
+def test_cli_init_image_uses_the_encoder(tiny_model_files, tmp_path, capsys):
+    f = tiny_model_files
+    picture = tmp_path / "p.png"
+    picture.write_bytes(png(noise_image(300, seed=4)))
+    code = cli.main(["a cat", "--out", str(tmp_path / "o"), "--init-image", str(picture), "--encoder", str(f.encoder_pickle),
+                     "--iterations", "1", "--grid", "32", "--cutn", "2", "--clip-model", str(f.clip_torchscript),
+                     "--decoder", str(f.decoder_pickle), "--trust-decoder", "--cache-dir", str(tmp_path / "c"),
+                     "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "frames" / "000000.png").is_file()
+
+
+def test_cli_refuses_a_bad_init_image_with_exit_2(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a picture")
+    assert cli.main(["a cat", "--out", str(tmp_path / "o"), "--init-image", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not an image" in err and len(err.strip().splitlines()) == 1
+
+
+# --- untrusted pictures ------------------------------------------------------------------------
+
+def test_a_plain_image_loads_as_rgb():
+    image, notes = load_image(png(noise_image(32)))
+    assert image.mode == "RGB" and image.size == (32, 32) and notes == []
+
+
+def test_not_an_image_is_refused():
+    with pytest.raises(ImageRejected, match="not an image"):
+        load_image(b"%PDF-1.4 definitely not a picture")
+
+
+def test_a_12_mib_file_is_refused_before_decoding():
+    with pytest.raises(ImageRejected, match="12.0 MiB"):
+        load_image(b"\x89PNG" + b"\0" * (12 * 2**20))
+
+
+def test_a_pixel_bomb_is_refused_from_its_header():
+    bomb = png(Image.new("1", (20000, 20000)))  # ~50 KB on disk, 400 megapixels decoded
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageRejected, match="too large|20000x20000"):
+        load_image(bomb)
+
+
+def test_an_animation_uses_its_first_frame_and_says_so():
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue", "green")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    image, notes = load_image(buf.getvalue())
+    assert image.getpixel((0, 0)) == (255, 0, 0) or image.getpixel((0, 0))[0] > 200
+    assert "animated (3 frames)" in notes[0]
+
+
+def test_a_16_bit_image_is_converted_and_says_so():
+    deep = Image.fromarray(np.full((8, 8), 65535 // 2, dtype=np.uint16))
+    image, notes = load_image(png(deep))
+    assert image.mode == "RGB" and abs(image.getpixel((0, 0))[0] - 127) <= 1
+    assert "converted to 8-bit" in notes[0]

@@ -1,0 +1,337 @@
+"""Operations: /healthz and /metrics of a real `imagine-worker` process, its log lines, and the
+container files (Dockerfile through hadolint, compose.yaml through `docker compose config`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.jobs import JobSpec, JobState
+from engine.observability import Observability, bound_port, queue_check
+
+try:
+    from queue_fixtures import start_redis
+except ImportError:  # pragma: no cover - run from another rootdir
+    from tests.queue_fixtures import start_redis
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SECRET_PROMPT = "a lighthouse made of xyzzy-quartz"
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """A linter binary from the venv (installed by the test extras) or PATH; fail when absent."""
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (pip install '.[test]' brings it)")
+    return found
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels: str) -> float | None:
+    return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+class WorkerProcess:
+    """`imagine-worker` as an operator runs it, with the tiny models, an HTTP port chosen by the OS."""
+
+    def __init__(self, queue_url: str, files, log_path: Path):
+        exe = BIN / "imagine-worker"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.worker"]
+        cmd += ["--queue", queue_url, "--clip-model", str(files.clip_torchscript),
+                "--decoder", str(files.decoder_pickle), "--trust-decoder", "--device", "cpu",
+                "--cache-dir", str(files.cache_dir), "--worker-id", "ops-test",
+                "--http-port", "0", "--log-level", "INFO"]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.base = ""
+
+    def wait_ready(self) -> "WorkerProcess":
+        self.base = self._wait_for_port()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_for_port(self, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"health and metrics on (http://127\.0\.0\.1:\d+)", self.log())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"imagine-worker exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"imagine-worker never served HTTP:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+        return resp.status, await resp.text()
+
+
+async def wait_health(session, base: str, status: int, timeout: float = 60.0) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        code, body = await get(session, f"{base}/healthz")
+        if code == status:
+            return json.loads(body)
+        if loop.time() > deadline:
+            raise AssertionError(f"/healthz stayed {code}: {body}")
+        await asyncio.sleep(0.1)
+
+
+# --- a real imagine-worker ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory, tiny_model_files):
+    """Two `imagine-worker` processes started together (importing torch takes seconds each): one on a
+    SQLite queue, one on a throwaway redis-server that a test may kill."""
+    root = tmp_path_factory.mktemp("ops")
+    redis = start_redis()
+    sqlite_url = f"sqlite:///{root}/jobs.db"
+    procs = {
+        "sqlite": WorkerProcess(sqlite_url, tiny_model_files, root / "sqlite-worker.log"),
+        "redis": WorkerProcess(f"{redis.url}?prefix=ops&socket_timeout=1", tiny_model_files,
+                               root / "redis-worker.log"),
+    }
+    try:
+        for proc in procs.values():
+            proc.wait_ready()
+        yield {"sqlite_url": sqlite_url, "redis": redis, "sqlite_worker": procs["sqlite"],
+               "redis_worker": procs["redis"]}
+    finally:
+        redis.stop()
+        for proc in procs.values():
+            proc.stop()
+
+
+async def test_worker_health_and_metrics_move_with_a_job(workers):
+    from engine.queue import open_queue
+
+    queue = open_queue(workers["sqlite_url"])
+    await queue.start()
+    worker = workers["sqlite_worker"]
+    try:
+        async with aiohttp.ClientSession() as http:
+            health = await wait_health(http, worker.base, 200)
+            assert health == {"ok": True, "checks": {"queue": {"ok": True}, "gpu": {"ok": True}}}
+
+            code, text = await get(http, f"{worker.base}/metrics")
+            assert code == 200
+            before = samples(text)
+            assert value(before, "imagine_iterations_total") == 0
+            assert value(before, "imagine_jobs_total", state="done") == 0
+            assert value(before, "imagine_job_latency_seconds_count") == 0
+            assert value(before, "imagine_gpu_thread_alive") == 1
+            assert not any(name.startswith("imagine_gpu_memory") for name, _ in before)  # a CPU: absent
+
+            job = await queue.submit(JobSpec(prompt=SECRET_PROMPT, user_id=7, channel_id=1, grid=8,
+                                             iterations=4, frame_every=2, cutn=2, seed=1))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while (record := await queue.get(job.id)).state != JobState.DONE:
+                assert not record.state.finished, f"job ended {record.state}: {record.error}"
+                assert loop.time() < deadline, "the job did not finish"
+                await asyncio.sleep(0.1)
+
+            code, text = await get(http, f"{worker.base}/metrics")
+            after = samples(text)
+            assert value(after, "imagine_iterations_total") == 4
+            assert value(after, "imagine_jobs_total", state="started") == 1
+            assert value(after, "imagine_jobs_total", state="done") == 1
+            assert value(after, "imagine_jobs_total", state="failed") == 0
+            assert value(after, "imagine_job_latency_seconds_count") == 1
+            assert 0 < value(after, "imagine_job_latency_seconds_sum") < 120
+            assert value(after, "imagine_queue_length") == 0
+            assert value(after, "imagine_jobs_running") == 0
+            assert value(after, "imagine_discord_rate_limited_total") == 0
+
+    finally:
+        rc = await asyncio.to_thread(worker.stop)
+        await queue.close()
+    log = worker.log()
+    assert rc == 0, log
+    # One INFO line per job event, with the job id; the prompt never at INFO.
+    assert re.search(rf"INFO engine\.worker: job {job.id} started", log), log
+    assert re.search(rf"INFO engine\.worker: job {job.id} done", log), log
+    assert "xyzzy" not in log
+
+
+async def test_health_is_503_when_the_queue_is_unreachable(workers):
+    worker = workers["redis_worker"]
+    async with aiohttp.ClientSession() as http:
+        await wait_health(http, worker.base, 200)
+        workers["redis"].stop()   # the queue's server is gone
+        health = await wait_health(http, worker.base, 503, timeout=30)
+        assert health["ok"] is False
+        assert health["checks"]["queue"]["ok"] is False and health["checks"]["queue"]["error"]
+        assert health["checks"]["gpu"] == {"ok": True}
+        # /metrics still answers (without a fresh queue length).
+        code, text = await get(http, f"{worker.base}/metrics")
+        assert code == 200 and "imagine_iterations_total" in text
+    assert await asyncio.to_thread(worker.stop) == 0   # and SIGTERM still stops it cleanly
+
+
+# --- the module in-process --------------------------------------------------------------------------
+
+
+async def test_checks_registries_and_rate_limit_counter():
+    a, b = Observability(CollectorRegistry()), Observability(CollectorRegistry(), check_timeout=0.3)
+    a.discord_rate_limited()
+    a.discord_rate_limited(2)
+
+    class Queue:
+        async def count_queued(self) -> int:
+            return 5
+
+    async def raises() -> bool:
+        raise ConnectionError("gateway closed")
+
+    async def hangs() -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    async def up() -> bool:
+        return True
+
+    a.track_queue(Queue())
+    runner_a = await a.start_http("127.0.0.1", 0, {"queue": queue_check(Queue()), "discord": up})
+    runner_b = await b.start_http("127.0.0.1", 0, {"discord": raises, "gpu": hangs, "queue": up})
+    try:
+        async with aiohttp.ClientSession() as http:
+            code, body = await get(http, f"http://127.0.0.1:{bound_port(runner_a)}/healthz")
+            assert code == 200 and json.loads(body)["ok"] is True
+            code, text = await get(http, f"http://127.0.0.1:{bound_port(runner_a)}/metrics")
+            metrics = samples(text)
+            assert value(metrics, "imagine_discord_rate_limited_total") == 3
+            assert value(metrics, "imagine_queue_length") == 5
+
+            code, body = await get(http, f"http://127.0.0.1:{bound_port(runner_b)}/healthz")
+            report = json.loads(body)
+            assert code == 503 and report["ok"] is False
+            assert report["checks"]["discord"] == {"ok": False, "error": "ConnectionError: gateway closed"}
+            assert report["checks"]["gpu"]["ok"] is False and "0.3 s" in report["checks"]["gpu"]["error"]
+            assert report["checks"]["queue"] == {"ok": True}
+            code, text = await get(http, f"http://127.0.0.1:{bound_port(runner_b)}/metrics")
+            assert value(samples(text), "imagine_discord_rate_limited_total") == 0   # its own registry
+    finally:
+        await runner_a.cleanup()
+        await runner_b.cleanup()
+
+
+def test_worker_cli_http_is_off_by_default_and_the_log_masks_passwords():
+    from engine.worker import _redact, build_parser
+
+    args = build_parser().parse_args(["--queue", "sqlite:///x.db"])
+    assert args.http_port is None and args.http_host == "127.0.0.1" and args.log_level == "INFO"
+    assert build_parser().parse_args(["--queue", "q", "--log-level", "debug"]).log_level == "DEBUG"
+    assert _redact("redis://:hunter2@redis:6379/0?prefix=x") == "redis://:***@redis:6379/0?prefix=x"
+    assert _redact("redis://redis:6379/0") == "redis://redis:6379/0"
+
+
+# --- container files -------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint_and_has_the_operational_parts():
+    result = subprocess.run([tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)
+    assert re.search(r"^USER 10001", text, re.M)                      # not root
+    assert "IMAGINE_CACHE=/cache" in text and 'VOLUME ["/cache"]' in text
+    assert "ffmpeg" in text and "pip install --no-cache-dir ." in text
+    assert 'CMD ["imagine-bot", "--config", "/config/config.toml"]' in text
+
+
+def test_dockerignore_keeps_secrets_out_of_the_image():
+    lines = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    assert lines[0] == "*"                                    # an allowlist
+    assert not any(l.startswith("!") and (".env" in l or "config.toml" in l) for l in lines)
+    assert "DISCORD_TOKEN=" in (ROOT / ".env.example").read_text()
+
+
+def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_path):
+    compose = tool("docker-compose")
+    shutil.copy(ROOT / "compose.yaml", tmp_path / "compose.yaml")
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")      # the env file must exist, as for an operator
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+
+    def config(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([compose, "-f", str(tmp_path / "compose.yaml"), "config", *args],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+
+    checked = config("-q")
+    assert checked.returncode == 0, checked.stderr
+    project = json.loads(config("--format", "json").stdout)
+    services = project["services"]
+
+    assert services["redis"]["image"].startswith("redis:")
+    bot = services["bot"]
+    assert bot["command"][:3] == ["imagine-bot", "--config", "/config/config.toml"]
+    assert bot["command"][3:] == ["--queue", "redis://redis:6379/0"]
+    assert "DISCORD_TOKEN" in bot["environment"]              # from .env at run time
+    assert "deploy" not in bot                                # the bot needs no GPU
+    mounts = {v["target"]: v for v in bot["volumes"]}
+    assert mounts["/config/config.toml"]["read_only"] is True
+
+    workers = {name: s for name, s in services.items() if name.startswith("worker-")}
+    assert len(workers) >= 2
+    gpus = []
+    for name, s in workers.items():
+        assert s["command"][:3] == ["imagine-worker", "--queue", "redis://redis:6379/0"]
+        assert "--http-port" in s["command"]
+        (device,) = s["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        gpus += device["device_ids"]
+        assert "healthz" in " ".join(s["healthcheck"]["test"])
+    assert len(gpus) == len(set(gpus)) == len(workers)        # one worker per GPU
+    for s in [bot, *workers.values()]:
+        assert any(v["source"] == "model-cache" and v["target"] == "/cache" for v in s["volumes"])
+
+    # The check really checks: a misspelt key fails.
+    broken = (tmp_path / "compose.yaml").read_text().replace("device_ids:", "device_idz:", 1)
+    (tmp_path / "compose.yaml").write_text(broken)
+    assert config("-q").returncode != 0
