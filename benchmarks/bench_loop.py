@@ -14,11 +14,14 @@ engine.models, like real files):
   (b) engine, one job: BatchRunner with one slot (settings.precision, bf16 autocast on CUDA);
   (c) engine, max_batch jobs in one forward/backward pass (default on CUDA: choose_max_batch).
 
-Every loop takes a frame every 50 iterations, as the bot does. For each: job-iterations per
-second, the ratio to (a), peak memory (CUDA: max_memory_allocated; CPU: peak RSS, reset between
-loops), FLOPs per step as torch.utils.flop_counter.FlopCounterMode counts them (matmuls,
-convolutions, attention: forward and backward) and the TFLOP/s that makes, against the GPU's
-dense bf16 peak. The last line is JSON.
+Every loop takes a frame every 50 iterations, as the bot does. Each loop is warmed up on its own
+(the first warm-up step under torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions,
+attention, forward and backward; the peak memory of the warm-up steps: CUDA's
+max_memory_allocated, or on a CPU the peak RSS, reset between loops and including the models'
+weights); then the timed steps are taken in rounds with the loops taking turns (on a CPU one step
+a round, so that other load on a shared machine falls on all of them alike). For each loop:
+job-iterations per second, the ratio to (a), peak memory, FLOPs per step and the TFLOP/s that
+makes, against the GPU's dense bf16 peak. The last line is JSON.
 
 On a CPU only the ratios mean anything (and little: the CPU is not what the bot runs on).
 """
@@ -26,6 +29,7 @@ On a CPU only the ratios mean anything (and little: the CPU is not what the bot 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -34,8 +38,9 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -118,37 +123,56 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, step, jobs: int, args, device: torch.device, memory: PeakMemory,
-            flop_step=None) -> dict:
-    """Warm up (counting one step's FLOPs), then time `args.iterations` steps."""
+@dataclass
+class Loop:
+    key: str
+    name: str
+    step: Callable[[], Any]
+    jobs: int
+    flop_step: Callable[[], Any] | None = None
+    seconds: float = 0.0
+    result: dict = field(default_factory=dict)
+
+
+def warm_up(loop: Loop, args, device: torch.device, memory: PeakMemory) -> None:
+    """Untimed steps; the first under FlopCounterMode; the peak memory of these steps."""
     memory.reset()
     flops = None
     for i in range(args.warmup):
         if i == 0:
             counter = FlopCounterMode(display=False)
             with counter:
-                (flop_step or step)()
+                (loop.flop_step or loop.step)()
             flops = counter.get_total_flops()
         else:
-            step()
+            loop.step()
     sync(device)
-    started = time.perf_counter()
-    for _ in range(args.iterations):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - started
-    result = {
-        "name": name, "jobs": jobs, "seconds": round(seconds, 4),
-        "job_iterations_per_s": round(jobs * args.iterations / seconds, 4),
-        "step_ms": round(1000 * seconds / args.iterations, 2),
-        "peak_memory_bytes": memory.peak(),
-        "flops_per_step": flops,
-        "tflops": round(flops * args.iterations / seconds / 1e12, 4) if flops else None,
-    }
-    print(f"  {name:<26} {result['job_iterations_per_s']:9.3f} job-it/s  step {result['step_ms']:9.1f} ms  "
-          f"peak {result['peak_memory_bytes'] / 2**30:6.2f} GiB  "
-          f"{(flops or 0) / 1e12:8.3f} TFLOP/step  {result['tflops'] or 0:8.3f} TFLOP/s", flush=True)
-    return result
+    loop.result = {"name": loop.name, "jobs": loop.jobs, "peak_memory_bytes": memory.peak(), "flops_per_step": flops}
+
+
+def time_loops(loops: list[Loop], args, device: torch.device) -> None:
+    """`args.iterations` timed steps of each loop, in `args.rounds` rounds that take turns (so that
+    other load on a shared machine falls on every loop alike)."""
+    per_round = [args.iterations // args.rounds + (r < args.iterations % args.rounds) for r in range(args.rounds)]
+    for n in per_round:
+        for loop in loops:
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(n):
+                loop.step()
+            sync(device)
+            loop.seconds += time.perf_counter() - started
+    for loop in loops:
+        r, flops = loop.result, loop.result["flops_per_step"]
+        r.update({
+            "seconds": round(loop.seconds, 4),
+            "job_iterations_per_s": round(loop.jobs * args.iterations / loop.seconds, 4),
+            "step_ms": round(1000 * loop.seconds / args.iterations, 2),
+            "tflops": round(flops * args.iterations / loop.seconds / 1e12, 4) if flops else None,
+        })
+        print(f"  {loop.name:<26} {r['job_iterations_per_s']:9.3f} job-it/s  step {r['step_ms']:9.1f} ms  "
+              f"peak {r['peak_memory_bytes'] / 2**30:6.2f} GiB  "
+              f"{(flops or 0) / 1e12:8.3f} TFLOP/step  {r['tflops'] or 0:8.3f} TFLOP/s", flush=True)
 
 
 def engine_runner(models: Models, targets, settings: GenerationSettings, jobs: int, compile: bool) -> BatchRunner:
@@ -177,12 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="save the random models in OpenAI's formats and load them through engine.models")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation figure")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed steps are taken in rounds, the loops taking turns (default: one step a "
+                        "round on a CPU, where other load comes and goes; one round on CUDA)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.iterations = args.iterations or (50 if cuda else 2)
     args.warmup = max(1, args.warmup if args.warmup is not None else (5 if cuda else 1))
+    args.rounds = max(1, min(args.iterations, args.rounds or (1 if cuda else args.iterations)))
     if args.threads:
         torch.set_num_threads(args.threads)
     device_name, peak = gpu_peak_tflops(device)
@@ -210,29 +238,32 @@ def main(argv: list[str] | None = None) -> dict:
           f"(per-slot estimate {estimate / 2**30:.2f} GiB); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     memory = PeakMemory(device)
-    results = {}
+    loops: list[Loop] = []
     if not args.skip_reference:
         torch.manual_seed(0)
         ref = ReferenceLoop(models, targets, settings, precision="notebook")
-        results["reference"] = measure("(a) reference" + (" fp16" if cuda else ""), ref.step, 1, args, device, memory)
-        del ref
+        loops.append(Loop("reference", "(a) reference" + (" fp16" if cuda else ""), ref.step, 1))
         if cuda and not args.skip_reference_fp32:
             ref32 = ReferenceLoop(models, targets, settings, precision="fp32")
-            results["reference_fp32"] = measure("(a32) reference fp32", ref32.step, 1, args, device, memory)
-            del ref32
-    if args.dalle_half_casts == "off":
-        for module in models.decoder.modules():
+            loops.append(Loop("reference_fp32", "(a32) reference fp32", ref32.step, 1))
+    engine_models = models
+    if args.dalle_half_casts == "off":  # a copy: the reference keeps the notebook's casts
+        engine_models = replace(models, decoder=copy.deepcopy(models.decoder))
+        for module in engine_models.decoder.modules():
             if hasattr(module, "use_float16"):
                 module.use_float16 = False
-
     for key, jobs in (("engine_1", 1), ("engine_batch", args.max_batch)):
-        runner = engine_runner(models, targets, settings, jobs, args.compile)
+        runner = engine_runner(engine_models, targets, settings, jobs, args.compile)
         flop_step = None
         if args.compile:  # count FLOPs on an uncompiled twin: the counter and compiled code do not mix
-            flop_step = engine_runner(models, targets, settings, jobs, False).step
+            flop_step = engine_runner(engine_models, targets, settings, jobs, False).step
         label = "(b) engine, 1 job" if key == "engine_1" else f"(c) engine, {jobs} jobs"
-        results[key] = measure(label, runner.step, jobs, args, device, memory, flop_step)
-        del runner
+        loops.append(Loop(key, label, runner.step, jobs, flop_step))
+    for loop in loops:
+        warm_up(loop, args, device, memory)
+    print(f"warmed up; timing {args.iterations} steps of each in {args.rounds} round(s)", flush=True)
+    time_loops(loops, args, device)
+    results = {loop.key: loop.result for loop in loops}
 
     ratios = {}
     if "reference" in results:
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         "models": "random full-size ViT-B/32 + dVAE decoder, " + ("via engine.models files" if via else "built directly"),
         "grid": args.grid, "cutn": args.cutn, "precision": eff, "compile": args.compile,
         "dalle_half_casts": args.dalle_half_casts,
-        "iterations": args.iterations, "warmup": args.warmup, "max_batch": args.max_batch,
+        "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds, "max_batch": args.max_batch,
         "per_slot_estimate_bytes": estimate, "peak_tflops": peak,
         "results": results, "ratios": ratios, "projected_1000_iterations_s": projected_1000,
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -60,7 +60,8 @@ def run(models: Models, settings: GenerationSettings, keys: list[int], steps: in
     runner = BatchRunner(models)
     slots = {}
     for k in keys:
-        slots[k] = runner.add(Slot(k, models, encode_targets(models, PROMPTS[k]), replace(settings, seed=100 + k)))
+        prompt = PROMPTS[k % len(PROMPTS)]
+        slots[k] = runner.add(Slot(k, models, encode_targets(models, prompt), replace(settings, seed=100 + k)))
     for _ in range(steps):
         runner.step()
     return slots
@@ -151,7 +152,7 @@ def main() -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            run(models, s, [i % len(PROMPTS) for i in range(n)], 2)
+            run(models, s, list(range(n)), 2)
             torch.cuda.synchronize()
             peaks[n] = torch.cuda.max_memory_allocated(device) - before
         slope = (peaks[4] - peaks[1]) / 3

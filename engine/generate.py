@@ -475,7 +475,7 @@ class BatchRunner:
             sim = values[at:at + n]
             at += n
             frames.append(Frame(
-                iteration=slot.iteration, total=slot.settings.iterations, pixels=pixels_np[i],
+                iteration=slot.iteration, total=slot.settings.iterations, pixels=pixels_np[i].copy(),
                 similarity=sim[0], similarities=sim, loss=values[-len(slots) + i],
                 elapsed=now - slot.started,
             ))

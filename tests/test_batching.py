@@ -184,7 +184,7 @@ class SyncOps(TorchDispatchMode):
         self.calls: list[tuple[str, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name().split(".")[0] if hasattr(func, "name") else str(func)
+        name = str(getattr(func, "overloadpacket", func))  # e.g. "aten._local_scalar_dense"
         if name in SYNC_OPS:
             self.calls.append((name, id(args[0]) if args else 0))
         return func(*args, **(kwargs or {}))
