@@ -250,7 +250,7 @@ def test_saved_activations_match_the_capacity_estimate(tiny_models):
     assert abs(measured[1] - estimate) <= 0.01 * estimate, (measured[1], estimate)
 
 
-def test_choose_max_batch():
+def test_choose_max_batch(tiny_models):
     cpu = torch.device("cpu")
     assert capacity.choose_max_batch(cpu, 32) == 1
     full32, full64 = capacity.per_slot_bytes(32), capacity.per_slot_bytes(64)
@@ -264,6 +264,8 @@ def test_choose_max_batch():
     assert capacity.choose_max_batch(cpu, 32, free_bytes=big, per_slot_bytes=capacity.GiB) == capacity.DEFAULT_CAP
     assert capacity.choose_max_batch(cpu, 32, free_bytes=big, per_slot_bytes=10 * capacity.GiB, cap=100) == 7
     assert capacity.choose_max_batch(cpu, 64, free_bytes=capacity.GiB) == 1  # never less than one
+    # The models' own sizes: tiny ones fit many more slots.
+    assert capacity.choose_max_batch("cuda", 8, free_bytes=4 * capacity.GiB, models=tiny_models) == capacity.DEFAULT_CAP
     # bf16 halves the activations, not the fp32 logits and optimiser.
     assert capacity.per_slot_bytes(32, precision="bf16") < capacity.per_slot_bytes(32, precision="fp32")
 
