@@ -194,9 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="the engine with torch.compile (opt-in)")
     p.add_argument("--skip-reference-fp32", action="store_true", help="on CUDA, do not run (a32)")
     p.add_argument("--skip-reference", action="store_true", help="only the engine: ratios to (a) left out")
-    p.add_argument("--dalle-half-casts", choices=("on", "off"), default="on",
-                   help="off: switch off dall_e's own fp16 casts in the decoder's convolutions for the "
-                        "engine's loops (autocast alone decides), to measure what that would gain")
+    p.add_argument("--dalle-half-casts", choices=("on", "off"), default="off",
+                   help="off (default, as engine.models loads the decoder): the engine's loops run without "
+                        "dall_e's own fp16 conv casts (autocast alone decides); on: keep them, to compare. "
+                        "The reference loop always keeps them, as the notebook did")
     p.add_argument("--via-files", nargs="?", const="", default=None, metavar="DIR",
                    help="save the random models in OpenAI's formats and load them through engine.models")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation figure")

@@ -37,6 +37,7 @@ with warnings.catch_warnings():
 
 import dall_e
 from dall_e import Decoder, Encoder
+from dall_e.utils import Conv2d as DalleConv2d
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
@@ -175,6 +176,12 @@ def safe_cache_path(cache_dir: Path, part: DvaePart, sha256: str) -> Path:
 
 
 def _freeze(module: nn.Module) -> nn.Module:
+    """Frozen, eval mode, and no fp16 casts of its own: dall_e's Conv2d casts to fp16 on CUDA by
+    itself, which made precision "fp32" run the decoder in fp16 and, under bf16 autocast, kept a
+    second copy of every conv input. The engine's autocast (GenerationSettings.precision) decides."""
+    for sub in module.modules():
+        if isinstance(sub, DalleConv2d):
+            sub.use_float16 = False
     return module.eval().requires_grad_(False)
 
 

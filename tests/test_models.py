@@ -45,6 +45,9 @@ def test_decoder_pickle_needs_trust_then_loads_from_the_safe_cache(tiny_model_fi
         assert torch.equal(first(codes), second(codes))
     assert not any(p.requires_grad for p in second.parameters())
     assert not second.training
+    # No fp16 casts of dall_e's own: the engine's autocast decides the precision.
+    convs = [c for c in list(first.modules()) + list(second.modules()) if isinstance(c, m.DalleConv2d)]
+    assert convs and not any(c.use_float16 for c in convs)
 
 
 def test_a_known_hash_is_trusted_without_the_flag(tiny_model_files, tmp_path):
