@@ -1,6 +1,7 @@
 """`imagine-bot` / `python -m bot`: run the Discord bot, or sync its slash commands.
 
     imagine-bot [--config config.toml] [--queue URL] [--log-level INFO]          # run
+                [--no-worker] [--http-port PORT] [--http-host HOST]
     imagine-bot sync [--guild ID]                                               # register commands
 
 The token comes from the DISCORD_TOKEN environment variable only, and is never logged. A missing
@@ -37,6 +38,19 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="logging level (default: log_level from the config, else INFO)")
 
 
+def _run_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--no-worker", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="run no GPU worker inside the bot (overrides [worker] embedded; "
+                             "the jobs go to imagine-worker processes)")
+    parser.add_argument("--http-port", type=int, metavar="PORT", default=default,
+                        help="serve /healthz and /metrics on this port (overrides [http] port; 0: off, "
+                             "the default)")
+    parser.add_argument("--http-host", metavar="HOST", default=default,
+                        help="address for --http-port (overrides [http] host, default 127.0.0.1; "
+                             "0.0.0.0 in a container)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagine-bot",
@@ -44,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "The bot token is read from the DISCORD_TOKEN environment variable.",
     )
     _common(parser, suppress=False)
+    _run_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="{run,sync}")
     run_p = sub.add_parser("run", help="run the bot (the default)")
     _common(run_p, suppress=True)
+    _run_options(run_p, suppress=True)
     sync_p = sub.add_parser("sync", help="register the slash commands with Discord, then exit")
     _common(sync_p, suppress=True)
     sync_p.add_argument("--guild", type=int, metavar="ID", default=None,
@@ -62,6 +78,16 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
             raise ConfigError(f"--queue: expected sqlite:///path.db or redis://host:port/db, got {args.queue!r}")
     if args.log_level:
         config.log_level = args.log_level
+    if args.no_worker:
+        config.worker.embedded = False
+    if args.http_port is not None:
+        if not 0 <= args.http_port <= 65535:
+            raise ConfigError(f"--http-port: expected 0 (off) to 65535, got {args.http_port}")
+        config.http.port = args.http_port
+    if args.http_host is not None:
+        if not args.http_host.strip():
+            raise ConfigError("--http-host: must not be empty")
+        config.http.host = args.http_host
     token = check_token(os.environ.get("DISCORD_TOKEN"))
     return config, token
 

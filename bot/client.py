@@ -59,6 +59,10 @@ class ImagineBot(commands.Bot):
         await self.add_cog(ImagineCog(self))
         await self.add_cog(QueueCog(self))
         await self.add_cog(HistoryCog(self))
+        from bot.moderation import ModerationCog   # /queue ban-word: joins QueueCog's group, so after it
+        from bot.permutations import SheetsCog     # contact sheets of permutation sets
+        await self.add_cog(ModerationCog(self))
+        await self.add_cog(SheetsCog(self))
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         if self.background and self.queue is not None:
             await self.add_cog(ProgressCog(self))

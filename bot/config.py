@@ -45,8 +45,11 @@ class WorkerConfig:
     trust_decoder: bool = False
     device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
     cache_dir: str = ""           # "" -> engine default (~/.cache/imagine-bot or $IMAGINE_CACHE)
-    max_batch: int = 1
+    max_batch: int = 1            # 0: as many as fit in free GPU memory (engine.capacity; 1 on a CPU)
     worker_id: str = ""
+    keep_days: float = 0.0        # prune finished, posted jobs older than this (0: keep everything)
+    # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
+    encoder: str = "openai"
 
 
 @dataclass
@@ -61,6 +64,10 @@ class ImagineConfig:
     default_size: int = 256
     # Image side (pixels, the `size` option) -> dVAE grid (the image is 8 * grid a side).
     sizes: dict[str, int] = field(default_factory=lambda: {"256": 32, "512": 64})
+    # Most jobs one permutation prompt (`a {red, blue} house by {Escher, Magritte}`) may make.
+    max_permutations: int = 9
+    # Largest attachment accepted for `image` / `init_image`, in bytes (checked before downloading).
+    max_image_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass
@@ -81,12 +88,64 @@ class ProgressConfig:
 
 
 @dataclass
+class HttpConfig:
+    # /healthz and /metrics (engine.observability); port 0: no HTTP server (`--http-port` overrides).
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class PresetConfig:
+    """One `quality` choice of /imagine: image side (a key of [imagine] sizes), steps, cut-outs."""
+
+    size: int = 256
+    iterations: int = 500
+    cutn: int = 12
+
+
+@dataclass
+class DraftPreset(PresetConfig):
+    size: int = 256
+    iterations: int = 200
+    cutn: int = 8
+
+
+@dataclass
+class NormalPreset(PresetConfig):
+    size: int = 256
+    iterations: int = 500
+    cutn: int = 12
+
+
+@dataclass
+class BestPreset(PresetConfig):   # the seed article's notebook
+    size: int = 512
+    iterations: int = 1000
+    cutn: int = 12
+
+
+@dataclass
+class PresetsConfig:
+    draft: DraftPreset = field(default_factory=DraftPreset)
+    normal: NormalPreset = field(default_factory=NormalPreset)
+    best: BestPreset = field(default_factory=BestPreset)
+
+    def get(self, name: str) -> PresetConfig | None:
+        return getattr(self, name, None) if name in PRESET_NAMES else None
+
+
+PRESET_NAMES = ("draft", "normal", "best")
+
+
+@dataclass
 class Config:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     imagine: ImagineConfig = field(default_factory=ImagineConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    presets: PresetsConfig = field(default_factory=PresetsConfig)
     log_level: str = "INFO"
 
     # --- derived ----------------------------------------------------------------------------
@@ -150,9 +209,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp = hints[name]
         key = f"[{prefix}] {name}" if prefix else name
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            where = f"{prefix}.{name}" if prefix else name   # [presets.draft]
             if not isinstance(value, dict):
-                raise ConfigError(f"[{name}]: expected a table, got {value!r}")
-            values[name] = _build(tp, value, name)
+                raise ConfigError(f"[{where}]: expected a table, got {value!r}")
+            values[name] = _build(tp, value, where)
         else:
             values[name] = _check_value(key, value, tp)
     return cls(**values)
@@ -167,7 +227,10 @@ def _validate(cfg: Config) -> None:
     need(q.url.startswith(("sqlite://", "redis://", "rediss://")),
          f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {q.url!r}")
     need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")
-    need(cfg.worker.max_batch >= 1, "[worker] max_batch: must be at least 1")
+    need(cfg.worker.keep_days >= 0, "[worker] keep_days: must not be negative (0: keep everything)")
+    need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
+    need(0 <= cfg.http.port <= 65535, "[http] port: must be between 0 (off) and 65535")
+    need(bool(cfg.http.host.strip()), "[http] host: must not be empty (127.0.0.1, or 0.0.0.0 in a container)")
     need(im.max_prompt_chars >= 1, "[imagine] max_prompt_chars: must be at least 1")
     need(im.max_iterations >= 1, "[imagine] max_iterations: must be at least 1")
     need(1 <= im.default_iterations <= im.max_iterations,
@@ -176,6 +239,7 @@ def _validate(cfg: Config) -> None:
          "[imagine] continue_iterations: must be between 0 and max_iterations")
     need(im.frame_every >= 1, "[imagine] frame_every: must be at least 1")
     need(im.cutn >= 1, "[imagine] cutn: must be at least 1")
+    need(1 <= im.max_permutations <= 25, "[imagine] max_permutations: must be between 1 and 25")
     need(bool(im.sizes), "[imagine] sizes: needs at least one size = grid entry")
     for size, grid in im.sizes.items():
         need(size.isdigit() and int(size) > 0, f"[imagine] sizes.{size}: the key must be a size in pixels")
@@ -183,6 +247,14 @@ def _validate(cfg: Config) -> None:
     need(len(im.sizes) <= 25, "[imagine] sizes: Discord allows at most 25 choices")
     need(str(im.default_size) in im.sizes,
          f"[imagine] default_size: {im.default_size} is not one of sizes ({', '.join(im.sizes)})")
+    need(im.max_image_bytes >= 1, "[imagine] max_image_bytes: must be at least 1")
+    for name in PRESET_NAMES:
+        preset = getattr(cfg.presets, name)
+        need(str(preset.size) in im.sizes,
+             f"[presets.{name}] size: {preset.size} is not one of [imagine] sizes ({', '.join(im.sizes)})")
+        need(1 <= preset.iterations <= im.max_iterations,
+             f"[presets.{name}] iterations: must be between 1 and [imagine] max_iterations ({im.max_iterations})")
+        need(preset.cutn >= 1, f"[presets.{name}] cutn: must be at least 1")
     for name in ("message_interval", "channel_interval", "line_interval", "reconcile_interval", "token_ttl"):
         need(getattr(pr, name) >= 0, f"[progress] {name}: must not be negative")
     need(pr.poll_timeout > 0, "[progress] poll_timeout: must be positive")

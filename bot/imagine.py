@@ -1,4 +1,4 @@
-"""/imagine and the buttons on its replies (Reroll, Continue, Cancel).
+"""/imagine, /remix, /help and the buttons on the replies (Reroll, Continue, Remix, Cancel).
 
 Buttons survive restarts: their custom ids carry the job id (`imagine:reroll:<job_id>`) and are
 handled by `discord.ui.DynamicItem` subclasses registered in `setup_hook`; whatever a button needs
@@ -7,9 +7,12 @@ is read from the queue's store, never from memory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -17,9 +20,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render
+from bot import attachments, render
+from bot.config import PRESET_NAMES
+from bot.help import help_text
 from bot.permissions import is_admin
 from engine.jobs import JobRecord, JobSpec, JobState
+from engine.prompts import MAX_PROMPT_PARTS, PromptError, parse_prompt
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -28,6 +34,10 @@ log = logging.getLogger(__name__)
 
 SEED_MAX = 2**32 - 1
 JOB_ID = r"(?P<job_id>[0-9A-Za-z_-]{1,64})"
+# Seconds of Discord's 3 s answer window that downloading and checking attachments may use; a
+# slower download goes on after a public defer.
+ATTACHMENT_WINDOW = 2.0
+ATTACHMENT_TIMEOUT = 60.0
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -43,10 +53,24 @@ class ImagineRequest:
     seed: int
     size: int
     grid: int
+    cutn: int = 12
+    preset: str | None = None       # the `quality` used, if any
+
+
+def prompt_problem(text: str) -> str | None:
+    """Why the engine would refuse this (weighted) prompt, said for the user; None if it is fine.
+    Permutation prompts (`{a|b}`) are checked per expansion."""
+    try:
+        parse_prompt(text)
+    except PromptError as exc:
+        return (f"The prompt cannot be used: {exc}. Weighted prompts look like `a house | by Escher:0.5 | "
+                f"blurry:-1`: up to {MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` "
+                "from -100 to 100, at least one of them positive.")
+    return None
 
 
 def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed: int | None,
-             size: int | None) -> ImagineRequest:
+             size: int | None, quality: str | None = None) -> ImagineRequest:
     cfg = bot.config.imagine
     text = (prompt or "").strip()
     if not text:
@@ -57,8 +81,18 @@ def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed
             f"Shorten it: CLIP only reads the first {render.CLIP_TOKENS} tokens (about 300 characters of "
             "English) and ignores the rest anyway."
         )
+    if "{" not in text and "}" not in text:   # permutation prompts: checked per expansion
+        problem = prompt_problem(text)
+        if problem:
+            raise BadInput(problem)
+    preset = None
+    if quality is not None:
+        preset = bot.config.presets.get(quality)
+        if preset is None:
+            raise BadInput(f"`quality` must be one of {', '.join(PRESET_NAMES)} "
+                           f"(you gave {discord.utils.escape_markdown(str(quality))[:40]}).")
     if iterations is None:
-        iterations = cfg.default_iterations
+        iterations = preset.iterations if preset else cfg.default_iterations
     if not 1 <= iterations <= cfg.max_iterations:
         raise BadInput(f"`iterations` must be between 1 and {cfg.max_iterations:,} (you gave {iterations:,}).")
     if seed is None:
@@ -66,10 +100,11 @@ def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed
     elif not 0 <= seed <= SEED_MAX:
         raise BadInput(f"`seed` must be between 0 and {SEED_MAX:,} (you gave {seed:,}).")
     if size is None:
-        size = cfg.default_size
+        size = preset.size if preset else cfg.default_size
     if str(size) not in cfg.sizes:
         raise BadInput(f"`size` must be one of {', '.join(cfg.sizes)} (you gave {size}).")
-    return ImagineRequest(text, iterations, seed, size, cfg.sizes[str(size)])
+    return ImagineRequest(text, iterations, seed, size, cfg.sizes[str(size)],
+                          cutn=preset.cutn if preset else cfg.cutn, preset=quality if preset else None)
 
 
 # --- buttons -------------------------------------------------------------------------------------
@@ -92,6 +127,7 @@ def result_view(record: JobRecord) -> discord.ui.View:
     items: list[discord.ui.Item[Any]] = [RerollButton(record.id)]
     if record.state == JobState.DONE:
         items.append(ContinueButton(record.id))
+        items.append(RemixButton(record.id))
     return _button_view(*items)
 
 
@@ -130,6 +166,34 @@ class ContinueButton(_JobButton, template=r"imagine:continue:" + JOB_ID):
         await cog.from_button(interaction, self.job_id, "continue")
 
 
+class RemixButton(_JobButton, template=r"imagine:remix:" + JOB_ID):
+    action, label, style, emoji = "remix", "Remix", discord.ButtonStyle.secondary, "🎨"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = _imagine_cog(interaction)
+        await cog.remix_button(interaction, self.job_id)
+
+
+class RemixModal(discord.ui.Modal):
+    """Asks for the remix's prompt (pre-filled with the parent's). Held in memory while it is open
+    (30 minutes at most); the job it remixes is read from the store again on submit."""
+
+    def __init__(self, job_id: str, parent_prompt: str, max_chars: int):
+        super().__init__(title="Remix: a new prompt from this picture", timeout=30 * 60,
+                         custom_id=f"imagine:remix-modal:{job_id}")
+        self.job_id = job_id
+        self.prompt = discord.ui.TextInput(
+            label="New prompt", style=discord.TextStyle.paragraph, custom_id="prompt",
+            default=parent_prompt[:min(max_chars, 4000)], max_length=min(max_chars, 4000),
+            placeholder="a house | by Escher:0.5 | blurry:-1",
+        )
+        self.add_item(self.prompt)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        cog = _imagine_cog(interaction)
+        await cog.remix(interaction, self.job_id, self.prompt.value, None)
+
+
 class CancelButton(_JobButton, template=r"imagine:cancel:" + JOB_ID):
     action, label, style, emoji = "cancel", "Cancel", discord.ButtonStyle.danger, None
 
@@ -138,7 +202,7 @@ class CancelButton(_JobButton, template=r"imagine:cancel:" + JOB_ID):
         await cog.cancel_job(interaction, self.job_id)
 
 
-DYNAMIC_ITEMS = (RerollButton, ContinueButton, CancelButton)
+DYNAMIC_ITEMS = (RerollButton, ContinueButton, RemixButton, CancelButton)
 
 
 def _imagine_cog(interaction: discord.Interaction) -> "ImagineCog":
@@ -155,6 +219,17 @@ async def ephemeral(interaction: discord.Interaction, message: str) -> None:
         await interaction.response.send_message(message, ephemeral=True)
 
 
+async def refuse(interaction: discord.Interaction, message: str) -> None:
+    """An ephemeral refusal, also after a public defer: the deferred "thinking…" message is deleted
+    first (a follow-up would otherwise replace it, publicly)."""
+    if interaction.response.is_done():
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            pass
+    await ephemeral(interaction, message)
+
+
 # --- the cog -------------------------------------------------------------------------------------
 
 class ImagineCog(commands.Cog, name="Imagine"):
@@ -162,16 +237,25 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.bot = bot
         self.queue = bot.queue
         self.command = self._build_command()
+        self.more_commands = [self._build_remix_command(), self._build_help_command()]
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.command)
+        for command in self.more_commands:
+            self.bot.tree.add_command(command)
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.command.name)
+        for command in self.more_commands:
+            self.bot.tree.remove_command(command.name)
 
     def _build_command(self) -> app_commands.Command:
         cfg = self.bot.config.imagine
         sizes = [app_commands.Choice(name=f"{s}×{s}", value=s) for s in self.bot.config.size_choices]
+        qualities = [
+            app_commands.Choice(name=f"{name}: {p.size}×{p.size}, {p.iterations} steps, {p.cutn} cut-outs", value=name)
+            for name in PRESET_NAMES for p in [getattr(self.bot.config.presets, name)]
+        ]
         cog = self
 
         # Built here rather than with class decorators: the choices and the limits come from config.
@@ -181,35 +265,126 @@ class ImagineCog(commands.Cog, name="Imagine"):
             iterations=f"Optimisation steps, 1-{cfg.max_iterations} (default {cfg.default_iterations})",
             seed="Random seed, to repeat a result (default: a new one)",
             size=f"Image size (default {cfg.default_size})",
+            quality="A preset of size, steps and cut-outs; options you give override it",
+            image="A picture to aim at as well as the prompt (its CLIP embedding is a target)",
+            image_weight="How strongly to aim at the image, -100 to 100 (default 1)",
+            init_image="A picture to start from (its DALL-E codes) instead of noise",
         )
-        @app_commands.choices(size=sizes)
+        @app_commands.choices(size=sizes, quality=qualities)
         @app_commands.guild_only()
         async def imagine(interaction: discord.Interaction, prompt: str, iterations: Optional[int] = None,
-                          seed: Optional[int] = None, size: Optional[int] = None) -> None:
-            await cog.imagine(interaction, prompt, iterations, seed, size)
+                          seed: Optional[int] = None, size: Optional[int] = None, quality: Optional[str] = None,
+                          image: Optional[discord.Attachment] = None, image_weight: Optional[float] = None,
+                          init_image: Optional[discord.Attachment] = None) -> None:
+            await cog.imagine(interaction, prompt, iterations, seed, size, quality=quality, image=image,
+                              image_weight=image_weight, init_image=init_image)
 
         return imagine
+
+    def _build_remix_command(self) -> app_commands.Command:
+        cfg = self.bot.config.imagine
+        cog = self
+
+        @app_commands.command(name="remix", description="Start from another job's final picture, toward a new prompt")
+        @app_commands.describe(
+            job="The job id (under each result, and in /history)",
+            prompt=f"The new prompt (up to {cfg.max_prompt_chars} characters)",
+            iterations=f"Optimisation steps, 1-{cfg.max_iterations} (default: as many as the job remixed)",
+        )
+        @app_commands.guild_only()
+        async def remix(interaction: discord.Interaction, job: str, prompt: str,
+                        iterations: Optional[int] = None) -> None:
+            await cog.remix(interaction, job.strip(), prompt, iterations)
+
+        return remix
+
+    def _build_help_command(self) -> app_commands.Command:
+        cog = self
+
+        @app_commands.command(name="help", description="How to use imagine-bot: prompts, buttons, presets, limits")
+        async def help_(interaction: discord.Interaction) -> None:
+            text = help_text(cog.bot.config, await cog.bot.user_limit())
+            await interaction.response.send_message(text, ephemeral=True)
+
+        return help_
 
     # --- /imagine -----------------------------------------------------------------------------
 
     async def imagine(self, interaction: discord.Interaction, prompt: str, iterations: int | None,
-                      seed: int | None, size: int | None) -> None:
+                      seed: int | None, size: int | None, *, quality: str | None = None,
+                      image: discord.Attachment | None = None, image_weight: float | None = None,
+                      init_image: discord.Attachment | None = None) -> None:
+        started = time.monotonic()
+        pictures = [(option, a) for option, a in (("image", image), ("init_image", init_image)) if a is not None]
         try:
-            request = validate(self.bot, prompt, iterations, seed, size)
-        except BadInput as exc:
+            request = validate(self.bot, prompt, iterations, seed, size, quality)
+            if image_weight is not None and image is None:
+                raise BadInput("`image_weight` goes with `image`: attach the picture to aim at, or leave the weight out.")
+            weight = 1.0 if image_weight is None else float(image_weight)
+            if not math.isfinite(weight) or not -100 <= weight <= 100:
+                raise BadInput(f"`image_weight` must be between -100 and 100 (you gave {image_weight}).")
+            for option, a in pictures:
+                attachments.precheck(a, option, self.bot.config.imagine.max_image_bytes)
+        except (BadInput, attachments.AttachmentRefused) as exc:
             await ephemeral(interaction, str(exc))
             return
         spec = self._spec(interaction, request.prompt, request.iterations, request.seed, request.grid,
-                          request.size)
+                          request.size, cutn=request.cutn, preset=request.preset)
+        if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, started):
+            return
+        if "{" in spec.prompt or "}" in spec.prompt:   # a permutation prompt: bot/permutations.py
+            from bot.permutations import submit_set   # noqa: PLC0415
+            await submit_set(self, interaction, spec)
+            return
         await self.submit(interaction, spec)
+
+    async def _attach_pictures(self, interaction: discord.Interaction, spec: JobSpec,
+                               pictures: list[tuple[str, discord.Attachment]], weight: float, started: float) -> bool:
+        """Download and check the attachments, store them as artifacts and name them in spec.extra.
+        False when refused (the user was told why, ephemerally; nothing is queued)."""
+        problem = await self._over_limit(spec.user_id)   # before downloading anything
+        if problem:
+            await ephemeral(interaction, problem)
+            return False
+        max_bytes = self.bot.config.imagine.max_image_bytes
+
+        async def one(option: str, a: discord.Attachment) -> attachments.CheckedImage:
+            data = await attachments.download(a, option, max_bytes)
+            return await asyncio.to_thread(attachments.check, data, option, max_bytes)
+
+        work = asyncio.ensure_future(asyncio.gather(*(one(o, a) for o, a in pictures)))
+        try:
+            try:
+                window = max(0.1, ATTACHMENT_WINDOW - (time.monotonic() - started))
+                checked = await asyncio.wait_for(asyncio.shield(work), window)
+            except asyncio.TimeoutError:
+                # Discord wants an answer within 3 s: answer (publicly, the job's reply) and go on.
+                await interaction.response.defer(thinking=True)
+                checked = await asyncio.wait_for(work, ATTACHMENT_TIMEOUT)
+        except attachments.AttachmentRefused as exc:
+            await refuse(interaction, str(exc))
+            return False
+        except asyncio.TimeoutError:
+            await refuse(interaction, "Downloading the attachment from Discord took too long. Try again.")
+            return False
+        notes = []
+        for picture in checked:
+            ref = await attachments.store(self.queue, picture)
+            key = attachments.SPEC_KEYS[picture.option]
+            spec.extra[key] = {"artifact": ref, "weight": weight} if key == "image_prompt" else {"artifact": ref}
+            notes += [f"`{picture.option}`: {note}" for note in picture.notes]
+        if notes:
+            spec.extra["notes"] = notes
+        return True
 
     def _spec(self, interaction: discord.Interaction, prompt: str, iterations: int, seed: int, grid: int,
               size: int, **more: Any) -> JobSpec:
         cfg = self.bot.config.imagine
+        more.setdefault("cutn", cfg.cutn)
         return JobSpec(
             prompt=prompt, user_id=interaction.user.id, channel_id=interaction.channel_id or 0,
             guild_id=interaction.guild_id, iterations=iterations, seed=seed, grid=grid,
-            frame_every=cfg.frame_every, cutn=cfg.cutn, extra={"size": size}, **more,
+            frame_every=cfg.frame_every, extra={"size": size}, **more,
         )
 
     async def _over_limit(self, user_id: int) -> str | None:
@@ -222,11 +397,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
     async def submit(self, interaction: discord.Interaction, spec: JobSpec) -> JobRecord | None:
         """Check the user's cap, defer, queue the job and show its place in line."""
-        problem = await self._over_limit(spec.user_id)
+        from bot.moderation import refusal   # noqa: PLC0415 - the server's refused words (bot/moderation.py)
+        problem = await refusal(self.bot, spec.guild_id, [spec.prompt]) or await self._over_limit(spec.user_id)
         if problem:
-            await ephemeral(interaction, problem)
+            await refuse(interaction, problem)
             return None
-        await interaction.response.defer(thinking=True)
+        if not interaction.response.is_done():   # attachments may have made us defer already
+            await interaction.response.defer(thinking=True)
         record = await self.queue.submit(spec)
         progress = self.bot.progress
         if progress is not None:
@@ -260,7 +437,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         size = render.size_of(p)
         if kind == "reroll":
             spec = self._spec(interaction, p.prompt, p.iterations, random.randint(0, SEED_MAX), p.grid, size,
-                              parent_kind="reroll")
+                              parent_kind="reroll", cutn=p.cutn, preset=p.preset)
             spec.extra["rerolls"] = job_id
         else:
             if parent.state != JobState.DONE:
@@ -268,7 +445,61 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 return
             more = self.bot.config.imagine.continue_iterations or p.iterations
             spec = self._spec(interaction, p.prompt, more, p.seed if p.seed is not None else 0, p.grid, size,
-                              parent_job_id=job_id, parent_kind="continue")
+                              parent_job_id=job_id, parent_kind="continue", cutn=p.cutn, preset=p.preset)
+        await self.submit(interaction, spec)
+
+    # --- remix --------------------------------------------------------------------------------
+
+    async def _remix_parent(self, interaction: discord.Interaction, job_id: str) -> JobRecord | None:
+        """The job to remix, if its final state is there; else the user is told why (ephemeral)."""
+        shown = discord.utils.escape_markdown(job_id)[:64]
+        parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
+        if parent is None or parent.spec.guild_id != interaction.guild_id:
+            await ephemeral(interaction, f"There is no job `{shown}` here (or it has been pruned), so there is "
+                                         "nothing to remix. The ids are under each result and in `/history`.")
+            return None
+        if parent.state != JobState.DONE:
+            await ephemeral(interaction, f"Job `{shown}` has not finished ({parent.state.value}): only a finished "
+                                         "picture can be remixed.")
+            return None
+        if not await self.queue.has_artifact(job_id, "state.pt"):
+            await ephemeral(interaction, f"The final state of job `{shown}` is gone (pruned), so it cannot be "
+                                         "remixed. `/imagine` its prompt again instead.")
+            return None
+        return parent
+
+    async def remix_button(self, interaction: discord.Interaction, job_id: str) -> None:
+        parent = await self._remix_parent(interaction, job_id)
+        if parent is not None:
+            modal = RemixModal(job_id, parent.spec.prompt, self.bot.config.imagine.max_prompt_chars)
+            await interaction.response.send_modal(modal)
+
+    async def remix(self, interaction: discord.Interaction, job_id: str, prompt: str, iterations: int | None) -> None:
+        """A new job from `job_id`'s final logits toward `prompt` (anyone may remix anyone's job)."""
+        parent = await self._remix_parent(interaction, job_id)
+        if parent is None:
+            return
+        p = parent.spec
+        if iterations is None:
+            iterations = min(p.iterations, self.bot.config.imagine.max_iterations)
+        try:
+            request = validate(self.bot, prompt, iterations, None, None)
+            problem = prompt_problem(request.prompt)   # also with braces: a remix is one job
+            if problem:
+                raise BadInput(problem)
+        except BadInput as exc:
+            await ephemeral(interaction, str(exc))
+            return
+        # The parent's grid and cut-outs: the logits' shape is the parent's.
+        spec = self._spec(interaction, request.prompt, request.iterations, request.seed, p.grid, render.size_of(p),
+                          cutn=p.cutn, parent_job_id=job_id, parent_kind="remix")
+        reply = p.reply or {}
+        message_id = reply.get("result_message_id") or reply.get("message_id")
+        channel_id = reply.get("channel_id") or p.channel_id
+        spec.extra["parent"] = {
+            "prompt": p.prompt, "user_id": p.user_id,
+            "url": render.jump_url(p.guild_id, channel_id, message_id) if message_id else None,
+        }
         await self.submit(interaction, spec)
 
     async def cancel_job(self, interaction: discord.Interaction, job_id: str) -> None:

@@ -1,14 +1,21 @@
-"""The launcher owns the resources (queue, embedded GPU worker, aiohttp session) and hands them to
-the Bot, as discord.py's examples/advanced_startup.py does. Closing runs in reverse: the bot (its
-background tasks end in cog_unload), then the worker (running jobs go back to the queue with their
-checkpoints), then the session and the queue.
+"""The launcher owns the resources (queue, embedded GPU worker, aiohttp session, the /healthz and
+/metrics server) and hands them to the Bot, as discord.py's examples/advanced_startup.py does.
+Closing runs in reverse: the bot (its background tasks end in cog_unload), then the worker (running
+jobs go back to the queue with their checkpoints), then the HTTP server, the session and the queue.
+
+Health and metrics (`[http] port`, `--http-port`; off by default) come from
+`engine.observability.Observability`: checks `discord` (gateway ready, not closed, a finite
+heartbeat latency), `queue` (answers within 3 s) and, with an embedded worker, `gpu`. Discord's
+429s are counted by an aiohttp TraceConfig on discord.py's own HTTP session (`http_trace`), so
+REST and interaction-webhook requests both count, whether discord.py retried them or raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -17,6 +24,7 @@ import aiohttp
 from bot.client import ImagineBot
 from bot.config import Config, WorkerConfig
 from engine.jobs import JobQueue
+from engine.observability import Check, Observability, bound_port, queue_check, worker_check
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,45 @@ class Resources:
     queue: JobQueue
     http_session: aiohttp.ClientSession
     worker: Any = None   # engine.worker.Worker when embedded
+    obs: Observability = field(default_factory=Observability)
+    http_runner: Any = None   # aiohttp.web.AppRunner while /healthz and /metrics are served
+    bot: ImagineBot | None = None   # set by make_bot; the `discord` health check looks at it
+
+    @property
+    def http_port(self) -> int | None:
+        """The port /healthz and /metrics are served on (None: no HTTP server)."""
+        return bound_port(self.http_runner) if self.http_runner is not None else None
+
+
+def rate_limit_trace(obs: Observability) -> aiohttp.TraceConfig:
+    """Counts every HTTP 429 answer on the session it is given to (discord.py's `http_trace`)."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_request_end(session: Any, context: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        if params.response.status == 429:
+            obs.discord_rate_limited()
+
+    trace.on_request_end.append(on_request_end)
+    return trace
+
+
+def discord_check(resources: Resources) -> Check:
+    """Connected: the bot exists, its gateway is ready and open, and heartbeats are answered."""
+    async def check() -> bool:
+        bot = resources.bot
+        if bot is None:
+            raise ConnectionError("the bot has not started")
+        if bot.is_closed():
+            raise ConnectionError("the bot is closed")
+        if not bot.is_ready():
+            raise ConnectionError("the gateway is not ready")
+        ws = bot.ws
+        if ws is None or ws.socket.closed:
+            raise ConnectionError("the gateway is disconnected")
+        if not math.isfinite(bot.latency):
+            raise ConnectionError("no heartbeat answered")
+        return True
+    return check
 
 
 def default_models_loader(wc: WorkerConfig) -> Callable[[], Any]:
@@ -45,7 +92,8 @@ def default_models_loader(wc: WorkerConfig) -> Callable[[], Any]:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         cache = Path(wc.cache_dir).expanduser() if wc.cache_dir else DEFAULT_CACHE
-        return load_models(wc.clip_model, wc.decoder, device, cache, wc.trust_decoder)
+        return load_models(wc.clip_model, wc.decoder, device, cache, wc.trust_decoder,
+                           encoder=wc.encoder or None)
 
     return load
 
@@ -56,7 +104,10 @@ async def open_resources(
     *,
     models_loader: Callable[[], Any] | None = None,
     worker_options: dict[str, Any] | None = None,
+    http_port: int | None = None,
 ) -> AsyncIterator[Resources]:
+    """`http_port`: None serves HTTP as `[http] port` says (0: not at all); a number serves on it
+    (0: any free port, see `Resources.http_port`)."""
     from engine.queue import open_queue
 
     async with contextlib.AsyncExitStack() as stack:
@@ -68,6 +119,9 @@ async def open_resources(
         stack.push_async_callback(queue.close)
         session = aiohttp.ClientSession()
         stack.push_async_callback(session.close)
+        resources = Resources(config, queue, session)
+        obs = resources.obs
+        obs.track_queue(queue)
         worker = None
         if config.worker.embedded:
             from engine.worker import Worker   # imports torch: only when the worker is embedded
@@ -75,22 +129,43 @@ async def open_resources(
             wc = config.worker
             worker = Worker(
                 queue, models_loader or default_models_loader(wc),
-                worker_id=wc.worker_id or None, max_batch=wc.max_batch, **(worker_options or {}),
+                # max_batch 0: the worker chooses from free GPU memory (engine.capacity)
+                worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
+                keep_days=wc.keep_days or None, **(worker_options or {}),
             )
+            resources.worker = worker
+            if worker.observer is None:
+                obs.track_worker(worker)
+        port = (config.http.port or None) if http_port is None else http_port
+        if port is not None:
+            # Up before the models load: /healthz says "gpu": false until the GPU thread runs.
+            checks: dict[str, Check] = {"discord": discord_check(resources), "queue": queue_check(queue)}
+            if worker is not None:
+                checks["gpu"] = worker_check(worker)
+            try:
+                resources.http_runner = await obs.start_http(config.http.host, port, checks)
+            except OSError as exc:
+                raise LaunchError(f"cannot serve /healthz and /metrics on {config.http.host}:{port}: {exc}; "
+                                  "change [http] port / --http-port") from exc
+            stack.push_async_callback(resources.http_runner.cleanup)
+        if worker is not None:
             try:
                 await worker.start()
             except Exception as exc:  # noqa: BLE001
                 raise LaunchError(
                     f"the embedded worker could not load its models ({type(exc).__name__}: {exc}); "
-                    "check [worker] clip_model / decoder / cache_dir, or set [worker] embedded = false"
+                    "check [worker] clip_model / decoder / encoder / cache_dir, or run with --no-worker ([worker] embedded = false)"
                 ) from exc
             stack.push_async_callback(worker.stop)
-        yield Resources(config, queue, session, worker)
+        yield resources
 
 
 def make_bot(resources: Resources, **kwargs: Any) -> ImagineBot:
-    return ImagineBot(config=resources.config, queue=resources.queue, http_session=resources.http_session,
-                      worker=resources.worker, **kwargs)
+    kwargs.setdefault("http_trace", rate_limit_trace(resources.obs))
+    bot = ImagineBot(config=resources.config, queue=resources.queue, http_session=resources.http_session,
+                     worker=resources.worker, **kwargs)
+    resources.bot = bot
+    return bot
 
 
 async def run(config: Config, token: str) -> None:

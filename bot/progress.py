@@ -195,6 +195,8 @@ class ProgressCog(commands.Cog, name="Progress"):
         if kind != EventKind.PROGRESS:   # someone joined or left the line
             self._line_dirty.set()
         t = await self._tracker(event.job_id)
+        if t is not None and kind != EventKind.PROGRESS:   # one INFO line per job event; no prompt
+            log.info("job %s %s", event.job_id, kind.value)
         if t is None or t.final:
             return
         if kind == EventKind.STARTED:
@@ -494,6 +496,8 @@ class ProgressCog(commands.Cog, name="Progress"):
         await self.queue.set_reply(t.job_id, reply)
         if not await self.queue.mark_delivered(t.job_id):
             log.warning("job %s was already delivered by someone else", t.job_id)
+        else:
+            log.info("job %s result posted (message %s)", t.job_id, result_message_id)
         t.delivered = True
 
 

@@ -133,9 +133,13 @@ class HistoryCog(commands.Cog, name="History"):
             reply = record.spec.reply or {}
             message_id = reply.get("result_message_id") or reply.get("message_id")
             channel_id = reply.get("channel_id") or record.spec.channel_id
-            line = f"• {render.snippet(record.spec.prompt, 80)} · <@{record.spec.user_id}> · {record.state.value}"
+            line = (f"• {render.snippet(record.spec.prompt, 80)} · <@{record.spec.user_id}> · {record.state.value}"
+                    f" · `{record.id}`")
             if message_id:
                 line += f" · {render.jump_url(record.spec.guild_id, channel_id, message_id)}"
+            lineage = render.parent_line(record.spec, details=False)   # ↳ remix of <job> by <user>
+            if lineage:
+                line += f"\n  {lineage}"
             lines.append(line)
         text = "\n".join(lines) if lines else "No prompts in this channel yet: try `/imagine`."
         while len(text) > 2000 and lines:

@@ -35,7 +35,37 @@ def settings_line(spec: JobSpec) -> str:
     parts = [f"seed {spec.seed}", f"{spec.iterations} iterations", f"{size}×{size}"]
     if spec.parent_kind == "continue" and spec.parent_job_id:
         parts.append(f"continues {spec.parent_job_id}")
+    if spec.preset:
+        parts.append(f"quality {spec.preset}")
+    image = spec.extra.get("image_prompt")
+    if isinstance(image, dict):
+        parts.append(f"image prompt ×{float(image.get('weight', 1.0)):g}")
+    if isinstance(spec.extra.get("init_image"), dict):
+        parts.append("init image")
     return " · ".join(parts)
+
+
+def parent_line(spec: JobSpec, *, details: bool = True) -> str | None:
+    """`↳ remix of <job> *<prompt>* by <@user> · <link>` for a remix (the mention never pings: the
+    client allows no mentions); None for anything else. `details=False`: job and author only."""
+    if spec.parent_kind != "remix" or not spec.parent_job_id:
+        return None
+    parent = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
+    text = f"↳ remix of `{spec.parent_job_id}`"
+    if details and parent.get("prompt"):
+        text += f" *{snippet(str(parent['prompt']), 60)}*"
+    if parent.get("user_id"):
+        text += f" by <@{int(parent['user_id'])}>"
+    if details and parent.get("url"):
+        text += f" · {parent['url']}"
+    return text
+
+
+def _extra_lines(spec: JobSpec) -> str:
+    """The remix lineage and the notes about converted attachments, each on its own line."""
+    # The notes are the bot's own words (engine.images), never user text.
+    lines = [parent_line(spec)] + [f"-# {n}" for n in spec.extra.get("notes") or []]
+    return "".join(f"{line}\n" for line in lines if line)
 
 
 def duration(seconds: float) -> str:
@@ -51,7 +81,7 @@ def duration(seconds: float) -> str:
 
 def _compose(spec: JobSpec, status: str, job_id: str) -> str:
     head = f"**{escape_prompt(spec.prompt)}**"
-    tail = f"`{settings_line(spec)} · job {job_id}` · <@{spec.user_id}>"
+    tail = _extra_lines(spec) + f"`{settings_line(spec)} · job {job_id}` · <@{spec.user_id}>"
     text = f"{head}\n{status}\n{tail}"
     if len(text) > CONTENT_LIMIT:  # only with a huge configured max_prompt_chars
         room = CONTENT_LIMIT - len(status) - len(tail) - 10

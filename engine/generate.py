@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from dall_e import unmap_pixels
 
 from engine.models import Models
+from engine.prompts import MAX_PROMPT_PARTS, PromptError, PromptPart, parse_prompt  # noqa: F401 - re-exported
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -38,11 +38,6 @@ with warnings.catch_warnings():
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_PROMPT_PARTS = 8
-
-
-class PromptError(ValueError):
-    """A prompt the engine refuses; the message says what to fix."""
 
 
 @dataclass
@@ -94,42 +89,7 @@ class GenerationSettings:
         return asdict(self)
 
 
-# --- prompts -----------------------------------------------------------------------------------
-
-_WEIGHT = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*$", re.S)
-
-
-@dataclass(frozen=True)
-class PromptPart:
-    text: str
-    weight: float = 1.0
-
-
-def parse_prompt(prompt: str) -> list[PromptPart]:
-    """`a house | by Escher:0.5 | blurry:-1` -> parts with weights (default 1).
-
-    A trailing `:<number>` is a weight; any other colon is part of the text.
-    """
-    if prompt is None or not prompt.strip():
-        raise PromptError("the prompt is empty: describe the picture you want")
-    parts = []
-    for raw in prompt.split("|"):
-        raw = raw.strip()
-        if not raw:
-            raise PromptError("an empty part between '|' separators: remove the extra '|'")
-        match = _WEIGHT.match(raw)
-        text, weight = (match["text"].strip(), float(match["weight"])) if match else (raw, 1.0)
-        if not text:
-            raise PromptError(f"the part {raw!r} has a weight but no text")
-        if not math.isfinite(weight) or abs(weight) > 100:
-            raise PromptError(f"the weight of {text!r} must be a number between -100 and 100")
-        parts.append(PromptPart(text, weight))
-    if len(parts) > MAX_PROMPT_PARTS:
-        raise PromptError(f"{len(parts)} prompt parts; at most {MAX_PROMPT_PARTS} are allowed")
-    if not any(p.weight > 0 for p in parts):
-        raise PromptError("at least one part needs a positive weight")
-    return parts
-
+# --- prompts (parse_prompt, PromptPart: engine.prompts, torch-free) ------------------------------
 
 def tokenize(texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, list[str]]:
     """CLIP tokens [T, context_length]; texts over CLIP's limit are truncated, with a warning each."""

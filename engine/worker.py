@@ -86,6 +86,10 @@ class _Start:
     init_logits: torch.Tensor | None
     state: dict[str, Any] | None
     keep_optimizer: bool = False
+    # Pictures from spec.extra (decoded on the asyncio side): image prompts (image, weight, label)
+    # and the init image (its dVAE codes start the logits when nothing else does).
+    image_targets: list[tuple[Any, float, str]] = field(default_factory=list)
+    init_image: Any = None
 
 
 class Worker:
@@ -102,6 +106,7 @@ class Worker:
         poll_every: float = 0.25,
         video_fps: float = 10.0,
         observer: Any = None,
+        keep_days: float | None = None,
     ):
         self.queue = queue
         self.models_loader = models_loader
@@ -125,6 +130,11 @@ class Worker:
         # Metrics hooks (engine.observability.Observability): iterations(n) from the GPU thread,
         # job_started(record), job_ended(record, state) with state done|failed|retried|cancelled|released.
         self.observer = observer
+        # Retention: prune jobs finished and delivered more than `keep_days` ago, at most once an
+        # hour (None: never). Several workers may prune the same queue; the queue makes that safe.
+        self.keep_days = keep_days
+        self._next_prune = 0.0            # loop time of the next prune
+        self._prune_task: asyncio.Task | None = None
 
     def _observe(self, hook: str, *args: Any) -> None:
         if self.observer is None:
@@ -229,25 +239,88 @@ class Worker:
                 init_logits = parent_state["logits"]
                 if spec.parent_kind == "continue":
                     state, keep_optimizer = parent_state, True
-            self._inbox.put(_Start(record.id, spec, settings, init_logits, state, keep_optimizer))
+            image_targets, init_image = await self._pictures(spec, start=state is None and init_logits is None)
+            self._inbox.put(_Start(record.id, spec, settings, init_logits, state, keep_optimizer,
+                                   image_targets, init_image))
         except Exception as exc:  # noqa: BLE001
             await self._failed(record.id, exc)
 
+    async def _pictures(self, spec: JobSpec, start: bool) -> tuple[list[tuple[Any, float, str]], Any]:
+        """The job's image prompt and init image (spec.extra, uploaded by the bot as artifacts:
+        `{"image_prompt": {"artifact": [id, name], "weight": w}, "init_image": {"artifact": [id, name]}}`).
+        The init image is read only when it sets the start (no checkpoint, no parent)."""
+        async def fetch(key: str) -> Any:
+            ref = spec.extra.get(key)
+            if not isinstance(ref, dict):
+                return None
+            upload_id, name = ref["artifact"]
+            data = await self.queue.get_artifact(upload_id, name)
+            if data is None:
+                raise PromptError(f"the uploaded {key.replace('_', ' ')} is gone from the store: send it again")
+            from engine.images import load_image
+
+            image, _ = await asyncio.to_thread(load_image, data)
+            return image
+
+        targets = []
+        prompt_image = await fetch("image_prompt")
+        if prompt_image is not None:
+            targets.append((prompt_image, float(spec.extra["image_prompt"].get("weight", 1.0)), "image prompt"))
+        init_image = None
+        if start and isinstance(spec.extra.get("init_image"), dict):
+            assert self.models is not None
+            if self.models.encoder is None:
+                raise ValueError("this worker has no dVAE encoder, so it cannot start from an init image "
+                                 "(configure [worker] encoder, or imagine-worker --encoder)")
+            init_image = await fetch("init_image")
+        return targets, init_image
+
     async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def prune(keep_days: float) -> None:  # its own task: it never delays a heartbeat
+            try:
+                pruned = await self.queue.prune(keep_days * 86400.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - retried in an hour
+                log.warning("pruning old jobs failed", exc_info=True)
+                return
+            if pruned:
+                log.info("pruned %d jobs finished and delivered more than %g days ago", pruned, keep_days)
+
+        # Sweep expired leases here too (claim() does it, but with every worker busy nobody claims):
+        # a dead worker's job goes back to the line within about lease * 1.5.
+        sweep_every = max(self.heartbeat_every, float(getattr(self.queue, "lease", 30.0)) / 2)
+        next_sweep = loop.time() + sweep_every
         while not self._stop.is_set():
             await asyncio.sleep(self.heartbeat_every)
-            if not self._gpu_thread_ok():
-                continue  # nothing runs these jobs: let their leases expire so others take them
-            for job_id, run in list(self.running.items()):
+            # A dead GPU thread runs nothing: let its jobs' leases expire so others take them.
+            if self._gpu_thread_ok():
+                for job_id, run in list(self.running.items()):
+                    try:
+                        ok = await self.queue.heartbeat(job_id, self.worker_id)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # noqa: BLE001 - keep running; the lease may survive the outage
+                        log.warning("heartbeat for %s failed", job_id, exc_info=True)
+                        continue
+                    if not ok:
+                        run.cancel.set()
+            # After our own heartbeats, so that a late wake-up of this loop never sweeps our own jobs.
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + sweep_every
                 try:
-                    ok = await self.queue.heartbeat(job_id, self.worker_id)
+                    await self.queue.sweep()
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - keep running; the lease may survive the outage
-                    log.warning("heartbeat for %s failed", job_id, exc_info=True)
-                    continue
-                if not ok:
-                    run.cancel.set()
+                except Exception:  # noqa: BLE001 - the next sweep (or claim) will do it
+                    log.warning("sweeping expired leases failed", exc_info=True)
+            if self.keep_days is not None and loop.time() >= self._next_prune and (
+                    self._prune_task is None or self._prune_task.done()):
+                self._next_prune = loop.time() + 3600.0
+                self._prune_task = asyncio.create_task(prune(self.keep_days), name="worker-prune")
+                self._tasks = [t for t in self._tasks if not t.done()] + [self._prune_task]  # stop() cancels it
 
     def _gpu_thread_ok(self) -> bool:
         return self._thread is None or self._thread.is_alive()
@@ -270,13 +343,17 @@ class Worker:
         run.frames_png.append(png)
         run.frames_pixels.append(frame.pixels)
         run.similarity = frame.similarity
-        await self.queue.publish(JobEvent(
+        # Fenced writes: refused once the job is no longer ours (lease lost, taken over, finished).
+        ok = await self.queue.publish(JobEvent(
             job_id=job_id, kind=EventKind.PROGRESS, iteration=frame.iteration, total=frame.total,
             similarity=frame.similarity, frame_png=png,
-        ))
-        if state is not None:
+        ), self.worker_id)
+        if ok and state is not None:
             data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
-            await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data))
+            ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), self.worker_id)
+        if not ok and not run.cancel.is_set():
+            log.warning("job %s is no longer ours (lease lost or taken over): stopping it here", job_id)
+            run.cancel.set()  # the GPU thread drops the slot; _on_stopped follows
 
     async def _on_done(self, job_id: str, state: dict[str, Any]) -> None:
         run = self.running.get(job_id)
@@ -290,10 +367,14 @@ class Worker:
                 video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
             )
             state_bytes = await asyncio.to_thread(state_to_bytes, state)
-            await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1])
-            await self.queue.put_artifact(job_id, "video.mp4", video_bytes)
-            await self.queue.put_artifact(job_id, "state.pt", state_bytes)
-            if not await self.queue.finish(job_id, self.worker_id, run.similarity):
+            # Fenced: a worker that lost the job must not overwrite the new owner's results.
+            stored = (
+                await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], self.worker_id)
+                and await self.queue.put_artifact(job_id, "video.mp4", video_bytes, self.worker_id)
+                and await self.queue.put_artifact(job_id, "state.pt", state_bytes, self.worker_id)
+            )
+            if not stored or not await self.queue.finish(job_id, self.worker_id, run.similarity):
+                run.cancel.set()
                 log.warning("job %s was no longer ours when it finished; result dropped", job_id)
                 return
         except Exception as exc:  # noqa: BLE001
@@ -406,8 +487,18 @@ class Worker:
 
     def _make_slot(self, start: _Start) -> Slot:
         assert self.models is not None
-        targets = encode_targets(self.models, start.spec.prompt)
-        slot = Slot(start.job_id, self.models, targets, start.settings, start.init_logits)
+        from engine.image_prompts import init_logits_from_image, to_tensor
+
+        res = self.models.clip_resolution
+        images = [(to_tensor(image, res), weight, label) for image, weight, label in start.image_targets]
+        targets = encode_targets(self.models, start.spec.prompt, images)
+        init_logits = start.init_logits
+        if init_logits is None and start.init_image is not None:
+            init_logits = init_logits_from_image(self.models, start.init_image, start.settings.grid)
+        if images or start.init_image is not None:
+            log.info("job %s: %d CLIP targets (%d from an image prompt)%s", start.job_id, len(targets.labels),
+                     len(images), ", starts from an init image" if start.init_image is not None else "")
+        slot = Slot(start.job_id, self.models, targets, start.settings, init_logits)
         if start.state is not None:
             slot.load_state(start.state)
             if start.keep_optimizer:  # Continue: the parent's optimiser and RNG, a fresh count
@@ -435,11 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default="ViT-B/32")
     p.add_argument("--decoder", default="openai")
     p.add_argument("--trust-decoder", action="store_true")
+    p.add_argument("--encoder", default="", metavar="NAME_OR_PATH",
+                   help="dVAE encoder for init images: 'openai' (downloaded, pinned) or a local file "
+                        "(default: none; jobs with an init image then fail on this worker)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-batch", type=int, default=None,
                    help="jobs stepped together; default: as many as fit in free GPU memory (1 on a CPU)")
     p.add_argument("--worker-id", default=None)
+    p.add_argument("--keep-days", type=float, default=None, metavar="N",
+                   help="delete jobs finished and delivered more than N days ago (records, images, videos, "
+                        "state), checked hourly; their Continue/Remix then say 'gone' (default: keep forever)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     p.add_argument("--http-port", type=int, default=None, metavar="PORT",
@@ -472,8 +569,9 @@ async def _serve(args: argparse.Namespace) -> None:
     cache = args.cache_dir or DEFAULT_CACHE
     worker = Worker(
         queue,
-        lambda: load_models(args.clip_model, args.decoder, args.device, cache, args.trust_decoder),
-        worker_id=args.worker_id, max_batch=args.max_batch,
+        lambda: load_models(args.clip_model, args.decoder, args.device, cache, args.trust_decoder,
+                            encoder=args.encoder or None),
+        worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -37,7 +37,8 @@ def _uncomment(text: str) -> str:
 
 def test_the_example_config_lists_every_setting_with_its_default():
     text = (ROOT / "config.example.toml").read_text()
-    assert tomllib.loads(text) == {"discord": {}, "queue": {}, "worker": {}, "imagine": {}, "progress": {}}
+    assert tomllib.loads(text) == {"discord": {}, "queue": {}, "worker": {}, "imagine": {}, "progress": {},
+                                 "http": {}, "presets": {"draft": {}, "normal": {}, "best": {}}}
     live = tomllib.loads(_uncomment(text))
     assert config_from_dict(live) == Config()
     # every field of every section appears in the example, and no token setting does
@@ -143,13 +144,13 @@ async def test_sync_registers_the_commands_on_request_and_never_logs_the_token(t
                                               "--guild", str(fd.guild_id)])
         assert code == 0
         commands = {c["name"]: c for c in fd.guild_commands[fd.guild_id]}
-        assert set(commands) == {"imagine", "queue", "history"}
+        assert set(commands) == {"imagine", "queue", "history", "remix", "help"}
         assert fd.global_commands == []
         imagine = {o["name"]: o for o in commands["imagine"]["options"]}
         assert imagine["prompt"]["required"] is True
         assert [c["value"] for c in imagine["size"]["choices"]] == [256, 512]
         subs = {o["name"] for o in commands["queue"]["options"]}
-        assert subs == {"show", "cancel", "clear", "pause", "resume", "limit"}
+        assert subs == {"show", "cancel", "clear", "pause", "resume", "limit", "ban-word"}
         assert fd.bot_token not in caplog.text
         fd.assert_clean()
 

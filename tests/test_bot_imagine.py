@@ -76,12 +76,12 @@ async def test_imagine_defers_queues_streams_frames_and_posts_the_result(harness
     content = final.json["content"]
     assert "a house by Escher" in content and "Done" in content and "seed 7" in content
     ids = [c["custom_id"] for row in final.json["components"] for c in row["components"]]
-    assert ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}"]
+    assert ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}", f"imagine:remix:{job_id}"]
     assert final is edits[-1]
 
     stored = fd.messages[msg.id]
     assert sorted(a["filename"] for a in stored.attachments) == ["final.png", "video.mp4"]
-    assert stored.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}"]
+    assert stored.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}", f"imagine:remix:{job_id}"]
     # Exactly one final post, and no stray messages in the channel.
     assert len(h.posts_of_job(job_id)) == 1
     assert [m.id for m in fd.channel_messages()] == [msg.id]

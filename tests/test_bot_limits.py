@@ -146,7 +146,7 @@ async def test_deleted_reply_stops_edits_and_the_result_is_a_new_message(harness
     assert len(new) == 1
     result = new[0]
     assert sorted(a["filename"] for a in result.attachments) == ["final.png", "video.mp4"]
-    assert result.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}"]
+    assert result.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}", f"imagine:remix:{job_id}"]
     assert "a message someone deletes" in result.content and "Done" in result.content
     post = [r for r in fd.requests if r.method == "POST" and r.path == f"/channels/{msg.channel_id}/messages"]
     assert len(post) == 1 and post[0].json["allowed_mentions"] == {"parse": []}

@@ -49,7 +49,7 @@ async def test_queued_and_running_jobs_complete_after_a_restart_with_one_final_p
         assert len(h.posts_of_job(job_id)) == 1, job_id
         stored = fd.messages[msg.id]   # edited in place, through the channel: the reply became the result
         assert sorted(a["filename"] for a in stored.attachments) == ["final.png", "video.mp4"]
-        assert stored.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}"]
+        assert stored.custom_ids == [f"imagine:reroll:{job_id}", f"imagine:continue:{job_id}", f"imagine:remix:{job_id}"]
         (final,) = h.final_edits(msg.id)
         assert final.path == f"/channels/{msg.channel_id}/messages/{msg.id}"
     assert len(fd.channel_messages()) == len(msgs) + 1   # no duplicate posts

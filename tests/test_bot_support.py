@@ -54,6 +54,9 @@ def test_config(tmp_path: Path, **overrides: Any) -> Config:
             "poll_timeout": 0.5, "reconcile_interval": 0.5,
         },
         "discord": {"admin_roles": ["Imagine Admin"]},
+        # The presets scaled to the tiny sizes and iterations above (draft < normal < best, as by default).
+        "presets": {"draft": {"size": 256, "iterations": 2, "cutn": 2}, "normal": {"size": 256, "iterations": 4, "cutn": 3},
+                    "best": {"size": 512, "iterations": 6, "cutn": 4}},
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)

@@ -311,7 +311,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     assert services["redis"]["image"].startswith("redis:")
     bot = services["bot"]
     assert bot["command"][:3] == ["imagine-bot", "--config", "/config/config.toml"]
-    assert bot["command"][3:] == ["--queue", "redis://redis:6379/0"]
+    assert bot["command"][3:5] == ["--queue", "redis://redis:6379/0"]
+    assert "--no-worker" in bot["command"] and "--http-port" in bot["command"]   # no GPU in the bot's container
     assert "DISCORD_TOKEN" in bot["environment"]              # from .env at run time
     assert "deploy" not in bot                                # the bot needs no GPU
     mounts = {v["target"]: v for v in bot["volumes"]}

@@ -375,6 +375,8 @@ async def test_checkpoints_and_artifacts_round_trip(queue: JobQueue):
     assert await queue.get_artifact(rec.id, "video.mp4") == blob
     assert await queue.get_artifact(rec.id, "final.png") == b"\x89PNG"
     assert await queue.get_artifact("other", "final.png") is None
+    assert await queue.has_artifact(rec.id, "video.mp4") and not await queue.has_artifact(rec.id, "state.pt")
+    assert not await queue.has_artifact("other", "final.png")
 
 
 async def test_events_long_poll_wakes_on_publish(queue_factory: QueueFactory):
@@ -513,3 +515,126 @@ async def test_redis_scripts_are_idempotent_when_resent(redis_server):
         assert len(await all_events(q, before)) == 1
     finally:
         await q.close()
+
+
+# --- fencing, checkpoint cleanup, retention, sweeping ---------------------------------------------
+
+
+async def test_a_stale_workers_writes_are_refused_after_a_take_over(queue_factory: QueueFactory):
+    q = await queue_factory.open(lease=0.2)
+    rec = await q.submit(spec())
+    waiting = await q.submit(spec(2))
+    # Not running yet, or not this worker's: refused (and nothing written).
+    assert await q.save_checkpoint(Checkpoint(rec.id, 1, b"early"), "w1") is False
+    assert await q.put_artifact(rec.id, "final.png", b"early", "w1") is False
+    assert await q.load_checkpoint(rec.id) is None and not await q.has_artifact(rec.id, "final.png")
+    await q.claim("w1")
+    assert await q.save_checkpoint(Checkpoint(rec.id, 10, b"w1-ckpt"), "w1") is True
+    assert await q.put_artifact(rec.id, "final.png", b"w1-png", "w1") is True
+    assert await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=10, frame_png=b"f1"), "w1") is True
+    assert await q.save_checkpoint(Checkpoint(rec.id, 11, b"other"), "w2") is False
+    await asyncio.sleep(0.3)
+    assert await q.sweep() == 1  # w1's lease expired, nobody claimed: the sweep alone requeues it
+    assert (await q.get(rec.id)).state == JobState.QUEUED and await q.position(rec.id) == 1
+    assert await q.save_checkpoint(Checkpoint(rec.id, 12, b"late"), "w1") is False  # queued: nobody's
+    assert (await q.claim("w2")).id == rec.id
+    assert await q.heartbeat(rec.id, "w2") is True
+    assert await q.save_checkpoint(Checkpoint(rec.id, 20, b"w2-ckpt"), "w2") is True
+    assert await q.put_artifact(rec.id, "final.png", b"w2-png", "w2") is True
+    after = await last_seq(q)
+    # w1 comes back late: none of its writes land.
+    stale = JobEvent(rec.id, EventKind.PROGRESS, iteration=15, frame_png=b"stale")
+    assert await q.publish(stale, "w1") is False
+    assert await q.save_checkpoint(Checkpoint(rec.id, 15, b"w1-stale"), "w1") is False
+    assert await q.put_artifact(rec.id, "final.png", b"w1-stale", "w1") is False
+    assert await q.put_artifact(rec.id, "video.mp4", b"w1-stale", "w1") is False
+    assert await all_events(q, after) == []
+    ck = await q.load_checkpoint(rec.id)
+    assert (ck.iteration, ck.data) == (20, b"w2-ckpt")
+    assert await q.get_artifact(rec.id, "final.png") == b"w2-png" and not await q.has_artifact(rec.id, "video.mp4")
+    assert (await q.get(rec.id)).iteration == 10  # the stale PROGRESS did not move the record either
+    # Without a worker id the writes are unconditional (the bot's uploads, the queue's own events).
+    assert await q.put_artifact("upload_x", "image.png", b"img") is True
+    assert await q.put_artifact(waiting.id, "note", b"n") is True
+    assert await q.publish(JobEvent(waiting.id, EventKind.PROGRESS, iteration=1)) is True
+    assert await q.save_checkpoint(Checkpoint(waiting.id, 1, b"c")) is True
+    assert await q.finish(rec.id, "w2", 0.5) is True
+    assert await q.put_artifact(rec.id, "final.png", b"after", "w2") is False  # finished: nobody's
+
+
+async def test_checkpoints_are_deleted_when_a_job_ends(queue: JobQueue):
+    recs = [await queue.submit(spec(u)) for u in range(6)]
+    done, failed, cancelled, retried, released, queued = recs
+    for _ in range(5):
+        await queue.claim("w")
+    for rec in recs:
+        assert await queue.save_checkpoint(Checkpoint(rec.id, 5, b"ck-" + rec.id.encode())) is True
+    await queue.put_artifact(done.id, "state.pt", b"state", "w")
+    assert await queue.finish(done.id, "w", 0.3) is True
+    assert await queue.fail(failed.id, "w", "bad", retry=False) == JobState.FAILED
+    assert await queue.cancel(cancelled.id) is True
+    await queue.mark_cancelled(cancelled.id, "w")
+    assert await queue.fail(retried.id, "w", "oom", retry=True) == JobState.QUEUED
+    assert await queue.release(released.id, "w") is True
+    assert await queue.cancel(queued.id) is True
+    for rec in (done, failed, cancelled, queued):
+        assert await queue.load_checkpoint(rec.id) is None, (await queue.get(rec.id)).state
+    for rec in (retried, released):  # back in the line: they resume from it
+        assert (await queue.load_checkpoint(rec.id)).data == b"ck-" + rec.id.encode()
+    assert await queue.get_artifact(done.id, "state.pt") == b"state"  # Continue / Remix need it
+
+
+async def test_prune_removes_old_delivered_jobs_only(queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    q2 = await queue_factory.open()
+    chan = 77
+    old = [await q.submit(spec(u, f"old {u}", channel=chan)) for u in range(3)]   # done, failed, cancelled
+    old_undelivered = await q.submit(spec(3, "old, never posted", channel=chan))
+    for _ in range(4):
+        await q.claim("w")
+    for rec in (old[0], old_undelivered):
+        await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=1, frame_png=b"frame-" + rec.id.encode()))
+        await q.put_artifact(rec.id, "final.png", b"png", "w")
+        await q.put_artifact(rec.id, "state.pt", b"state", "w")
+        await q.save_checkpoint(Checkpoint(rec.id, 1, b"ck"), "w")
+    await q.finish(old[0].id, "w", 0.2)
+    await q.finish(old_undelivered.id, "w", 0.2)
+    await q.fail(old[1].id, "w", "bad", retry=False)
+    await q.cancel(old[2].id)
+    await q.mark_cancelled(old[2].id, "w")
+    for rec in old:
+        assert await q.mark_delivered(rec.id) is True
+    await q.put_artifact("upload_keep", "image.png", b"img")
+    assert await q.prune(3600) == 0  # nothing that old
+    await asyncio.sleep(0.3)
+    recent = await q.submit(spec(5, "recent", channel=chan))
+    await q.claim("w")
+    await q.finish(recent.id, "w", 0.1)
+    await q.mark_delivered(recent.id)
+    running = await q.submit(spec(6, "running", channel=chan))
+    waiting = await q.submit(spec(7, "waiting", channel=chan))
+    await q.claim("w")
+
+    counts = await asyncio.gather(q.prune(0.2), q2.prune(0.2))  # two workers at once: each job once
+    assert sum(counts) == 3
+    for rec in old:
+        assert await q.get(rec.id) is None
+        assert not await q.has_artifact(rec.id, "final.png") and await q.get_artifact(rec.id, "state.pt") is None
+        assert await q.load_checkpoint(rec.id) is None
+        assert await q.mark_delivered(rec.id) is False
+    assert [e.frame_png for e in await all_events(q) if e.job_id == old[0].id and e.frame_png] == []
+    history = [r.id for r in await q.history(chan, limit=50)]
+    assert history == [waiting.id, running.id, recent.id, old_undelivered.id]
+    kept = await q.get(old_undelivered.id)
+    assert kept.state == JobState.DONE and await q.get_artifact(old_undelivered.id, "state.pt") == b"state"
+    assert [r.id for r in await q.undelivered()] == [old_undelivered.id]
+    frames = [e.frame_png for e in await all_events(q) if e.job_id == old_undelivered.id and e.frame_png]
+    assert frames == [b"frame-" + old_undelivered.id.encode()]
+    assert (await q.get(recent.id)).state == JobState.DONE
+    assert (await q.get(running.id)).state == JobState.RUNNING and (await q.get(waiting.id)).state == JobState.QUEUED
+    assert await q.get_artifact("upload_keep", "image.png") == b"img"
+    assert await q.prune(0.2) == 0
+    # Delivered later: pruned once it is old enough.
+    assert await q.mark_delivered(old_undelivered.id) is True
+    assert await q.prune(0.2) == 1 and await q.get(old_undelivered.id) is None
+    assert await q.prune(0) == 1 and await q.get(recent.id) is None

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from engine.generate import GenerationSettings, state_from_bytes
-from engine.jobs import EventKind, JobSpec, JobState
+from engine.jobs import Checkpoint, EventKind, JobSpec, JobState
 from engine.queue import open_queue
-from engine.worker import Worker, unpack_checkpoint
+from engine.worker import Worker
 
 
 @pytest.fixture
@@ -96,7 +96,8 @@ async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_
     async with Worker(queue, lambda: tiny_models, worker_id="w2") :
         record = await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
     assert record.worker_id in ("w2", None)
-    state, frames = unpack_checkpoint((await queue.load_checkpoint(job.id)).data)
+    assert await queue.load_checkpoint(job.id) is None  # deleted once the job is DONE (state.pt stays)
+    assert await queue.has_artifact(job.id, "state.pt")
     starts = [e for e in await all_events(queue, job.id) if e.kind == EventKind.STARTED]
     assert len(starts) == 2
     progress = [e.iteration for e in await all_events(queue, job.id) if e.kind == EventKind.PROGRESS]
@@ -120,3 +121,46 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
         first = next(e for e in await all_events(queue, child.id) if e.kind == EventKind.PROGRESS)
         assert first.iteration == 0 and first.frame_png == parent_final  # pixel-exact
     assert "gone" in failed.error
+
+
+async def test_a_worker_that_lost_its_job_stops_it_and_overwrites_nothing(queue, tiny_models, caplog):
+    # Heartbeats far apart: only the fenced writes (publish, save_checkpoint) can tell the worker.
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=30)
+    async with worker:
+        job = await queue.submit(spec(iterations=100_000, frame_every=2))
+        while await queue.load_checkpoint(job.id) is None:
+            await asyncio.sleep(0.02)
+        # Taken over, as an expired lease swept and claimed by another worker would be.
+        assert await queue.release(job.id, "w1") is True
+        assert (await queue.claim("w2")).id == job.id
+        assert await queue.save_checkpoint(Checkpoint(job.id, 999, b"w2's"), "w2") is True
+        cursor = (await queue.events(0, timeout=0))[-1].seq
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while job.id in worker.running:
+            assert loop.time() < deadline, "the worker kept running a job it lost"
+            await asyncio.sleep(0.05)
+    assert (await queue.load_checkpoint(job.id)).data == b"w2's"
+    later = [e for e in await queue.events(cursor, timeout=0) if e.job_id == job.id]
+    assert later == []   # no PROGRESS from w1 after the take-over
+    record = await queue.get(job.id)
+    assert record.state == JobState.RUNNING and record.worker_id == "w2"
+    lost = [r for r in caplog.records if "is no longer ours" in r.getMessage()]
+    assert len(lost) == 1  # logged once
+
+
+async def test_a_busy_worker_sweeps_a_dead_workers_job_back_into_the_line(tmp_path, tiny_models):
+    q = open_queue(f"sqlite:///{tmp_path}/lease.db?lease=1")
+    await q.start()
+    try:
+        dead = await q.submit(spec(user=2))
+        assert (await q.claim("dead-worker")).id == dead.id   # ... which never heartbeats
+        async with Worker(q, lambda: tiny_models, worker_id="busy", max_batch=1, heartbeat_every=0.1):
+            busy = await q.submit(spec(iterations=100_000, frame_every=1000))
+            await wait_state(q, busy.id, {JobState.RUNNING})
+            # Every slot is busy, so nobody claims: the heartbeat loop's sweep requeues it.
+            record = await wait_state(q, dead.id, {JobState.QUEUED}, timeout=5)
+            assert record.worker_id is None and await q.position(dead.id) == 1
+            assert (await q.get(busy.id)).worker_id == "busy"
+    finally:
+        await q.close()

@@ -15,6 +15,10 @@ What SAQ (0.26) gives us, and what it does not:
   are hashes (the spec is an opaque JSON string Lua never parses); the event log is a Redis stream
   whose entry ids are `<seq>-0`, so XREAD BLOCK is the long-poll and `seq` is monotonic for every
   process; frames live beside it in a hash capped at `keep_frames`.
+* A worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `worker_id`) are fenced:
+  the script checks that the job is running and owned by that worker before it writes, so a worker
+  that lost its lease cannot overwrite the new owner's state. Writes without `worker_id` (the bot's
+  uploads) are plain commands. Finalising a job deletes its checkpoint.
 * SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
   claim/heartbeat, throttled; `RedisQueue.info()` for `workers()`), so SAQ's dashboard and tooling
   see our GPU workers. It shares our Redis client (and its reconnect settings). Worker ids must not
@@ -23,7 +27,8 @@ What SAQ (0.26) gives us, and what it does not:
 Keys: `<prefix>:job:<id>` (hash), `<prefix>:line:<user>` (zset of that user's queued jobs, FIFO;
 negative scores are front-of-line returns), `<prefix>:rot` (zset of users with queued jobs, their
 turn order), `<prefix>:qall` (set), `<prefix>:running` (zset by lease expiry, server time),
-`<prefix>:hist:<channel>`, `<prefix>:undelivered`, `<prefix>:settings`, `<prefix>:ckpt:<id>`,
+`<prefix>:hist:<channel>`, `<prefix>:undelivered`, `<prefix>:delivered` (zset of finished and
+delivered jobs by finish time, for `prune`), `<prefix>:settings`, `<prefix>:ckpt:<id>`,
 `<prefix>:art:<id>`, `<prefix>:events` (stream), `<prefix>:evseq`, `<prefix>:frames`,
 `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
@@ -122,8 +127,11 @@ local function finalize(id, state, err)
   if err then redis.call('HSET', j, 'error', err) end
   redis.call('HDEL', j, 'lease_until')
   redis.call('ZREM', P .. ':running', id)
+  redis.call('DEL', P .. ':ckpt:' .. id)  -- only for resuming; state.pt (an artifact) stays
   if redis.call('HGET', j, 'delivered') ~= '1' then
     redis.call('ZADD', P .. ':undelivered', nextc(), id)
+  else
+    redis.call('ZADD', P .. ':delivered', NOW, id)
   end
 end
 local function sweep()
@@ -167,6 +175,9 @@ end
 local function owned(id, worker)
   local v = redis.call('HMGET', jk(id), 'state', 'worker_id')
   return v[1] == 'running' and v[2] == worker
+end
+local function is_final(state)
+  return state == 'done' or state == 'failed' or state == 'cancelled'
 end
 local function body()
 """
@@ -318,6 +329,8 @@ _SCRIPTS: dict[str, str] = {
   if redis.call('EXISTS', jk(id)) == 0 or redis.call('HGET', jk(id), 'delivered') == '1' then return '0' end
   redis.call('HSET', jk(id), 'delivered', '1')
   redis.call('ZREM', P .. ':undelivered', id)
+  local v = redis.call('HMGET', jk(id), 'state', 'finished_at')
+  if is_final(v[1]) and v[2] then redis.call('ZADD', P .. ':delivered', v[2], id) end
   return '1'
 """,
     # id, reply json
@@ -326,9 +339,10 @@ _SCRIPTS: dict[str, str] = {
   return '1'
 """,
     # id, kind, iteration, total, similarity ('' = none), message ('' = none, else '=' .. text),
-    # at, has_frame ('1'/'0'), frame, keep_frames
+    # at, has_frame ('1'/'0'), frame, keep_frames, worker ('' or absent = unfenced)
     "publish": r"""
   local id, kind = ARGV[7], ARGV[8]
+  if ARGV[17] and ARGV[17] ~= '' and not owned(id, ARGV[17]) then return '0' end
   local f = {'job', id, 'kind', kind, 'it', ARGV[9], 'tot', ARGV[10], 'at', ARGV[13]}
   if ARGV[11] ~= '' then f[#f + 1] = 'sim'; f[#f + 1] = ARGV[11] end
   if ARGV[12] ~= '' then f[#f + 1] = 'msg'; f[#f + 1] = string.sub(ARGV[12], 2) end
@@ -349,6 +363,53 @@ _SCRIPTS: dict[str, str] = {
     if ARGV[11] ~= '' then redis.call('HSET', jk(id), 'similarity', ARGV[11]) end
   end
   return tostring(seq)
+""",
+    # id, worker, iteration, data (fenced: only the lease holder's checkpoint is kept)
+    "save_checkpoint": r"""
+  local id = ARGV[7]
+  if not owned(id, ARGV[8]) then return '0' end
+  redis.call('HSET', P .. ':ckpt:' .. id, 'iteration', ARGV[9], 'data', ARGV[10])
+  return '1'
+""",
+    # id, worker, name, data (fenced)
+    "put_artifact": r"""
+  local id = ARGV[7]
+  if not owned(id, ARGV[8]) then return '0' end
+  redis.call('HSET', P .. ':art:' .. id, ARGV[9], ARGV[10])
+  return '1'
+""",
+    # cutoff (epoch seconds), limit -> "<pruned> <examined>"
+    "prune": r"""
+  local ids = redis.call('ZRANGEBYSCORE', P .. ':delivered', '-inf', '(' .. ARGV[7], 'LIMIT', 0, tonumber(ARGV[8]))
+  local gone, n = {}, 0
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', P .. ':delivered', id)
+    local v = redis.call('HMGET', jk(id), 'state', 'delivered', 'channel')
+    if is_final(v[1]) and v[2] == '1' then
+      redis.call('DEL', jk(id), P .. ':art:' .. id, P .. ':ckpt:' .. id)
+      if v[3] then redis.call('ZREM', P .. ':hist:' .. v[3], id) end
+      redis.call('ZREM', P .. ':undelivered', id)
+      gone[id] = true
+      n = n + 1
+    end
+  end
+  if n > 0 then
+    -- their frames still kept (at most keep_frames, by event seq; the event names the job)
+    for _, seq in ipairs(redis.call('LRANGE', P .. ':framelist', 0, -1)) do
+      local e = redis.call('XRANGE', P .. ':events', seq .. '-0', seq .. '-0')
+      local f = e[1] and e[1][2] or {}
+      for i = 1, #f - 1, 2 do
+        if f[i] == 'job' then
+          if gone[f[i + 1]] then
+            redis.call('HDEL', P .. ':frames', seq)
+            redis.call('LREM', P .. ':framelist', 1, seq)
+          end
+          break
+        end
+      end
+    end
+  end
+  return n .. ' ' .. #ids
 """,
 }
 
@@ -704,7 +765,7 @@ class RedisJobQueue:
         await self._see_worker(worker_id, job_id if ok else None)
         return ok
 
-    async def publish(self, event: JobEvent) -> None:
+    async def publish(self, event: JobEvent, worker_id: str | None = None) -> bool:
         frame = event.frame_png
         seq = await self._run(
             "publish",
@@ -718,13 +779,22 @@ class RedisJobQueue:
             "1" if frame is not None else "0",
             bytes(frame) if frame is not None else b"",
             self.keep_frames,
+            worker_id or "",
         )
+        if seq == "0":  # fenced and not the lease holder: nothing written
+            return False
         event.seq = int(seq)
+        return True
 
-    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+    async def save_checkpoint(self, checkpoint: Checkpoint, worker_id: str | None = None) -> bool:
+        if worker_id is not None:
+            return await self._run(
+                "save_checkpoint", checkpoint.job_id, worker_id, int(checkpoint.iteration), bytes(checkpoint.data)
+            ) == "1"
         client = self._client()
         mapping = {"iteration": int(checkpoint.iteration), "data": bytes(checkpoint.data)}
         await self._retry(lambda: client.hset(self._k("ckpt", checkpoint.job_id), mapping=mapping))
+        return True
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         client = self._client()
@@ -733,15 +803,22 @@ class RedisJobQueue:
             return None
         return Checkpoint(job_id, int(iteration or 0), bytes(data))
 
-    async def put_artifact(self, job_id: str, name: str, data: bytes) -> None:
-        client = self._client()
+    async def put_artifact(self, job_id: str, name: str, data: bytes, worker_id: str | None = None) -> bool:
         payload = bytes(data)
+        if worker_id is not None:
+            return await self._run("put_artifact", job_id, worker_id, name, payload) == "1"
+        client = self._client()
         await self._retry(lambda: client.hset(self._k("art", job_id), name, payload))
+        return True
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
         client = self._client()
         data = await self._retry(lambda: client.hget(self._k("art", job_id), name))
         return bytes(data) if data is not None else None
+
+    async def has_artifact(self, job_id: str, name: str) -> bool:
+        client = self._client()
+        return bool(await self._retry(lambda: client.hexists(self._k("art", job_id), name)))
 
     async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool:
         ok = await self._run("finish", job_id, worker_id, _num(similarity)) == "1"
@@ -767,6 +844,20 @@ class RedisJobQueue:
         A job whose cancel was requested is cancelled instead (it is never run again).
         """
         return await self._run("release", job_id, worker_id) == "1"
+
+    # --- retention ------------------------------------------------------------------------------
+
+    async def prune(self, older_than: float, batch: int = 200) -> int:
+        """Delete jobs finished and delivered more than `older_than` seconds ago: records,
+        artifacts, checkpoints, history entries, kept frames (the event stream ages out by its
+        cap). Returns how many jobs. One script per `batch` jobs; safe from several processes."""
+        cutoff = repr(time.time() - float(older_than))
+        total = 0
+        while True:
+            pruned, examined = map(int, (await self._run("prune", cutoff, int(batch))).split())
+            total += pruned
+            if examined < batch:
+                return total
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
         """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact)."""

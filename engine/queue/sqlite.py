@@ -10,6 +10,10 @@ lost worker). The line is: rank within user first, then the user's turn:
 
     ORDER BY ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq), rotation.rpos
 
+A worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `worker_id`) check, in the
+same transaction, that the job is running and owned by that worker (fencing); finalising a job
+deletes its checkpoint; `prune` deletes old finished-and-delivered jobs with everything of theirs.
+
 Events are a table with an AUTOINCREMENT key (the seq: monotonic across processes and restarts),
 pruned to the last `keep_events`; frames older than the last `keep_frames` events are dropped.
 A long-poll wakes at once for events published by this object and polls the file every
@@ -67,6 +71,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, user_id, qseq);
 CREATE INDEX IF NOT EXISTS jobs_channel ON jobs(channel_id);
 CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs(finished_at)
     WHERE delivered = 0 AND state IN ('done', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS jobs_delivered ON jobs(finished_at) WHERE delivered = 1;
 CREATE TABLE IF NOT EXISTS rotation (user_id INTEGER PRIMARY KEY, rpos INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -312,6 +317,8 @@ class SQLiteJobQueue:
             " WHERE id = ?",
             (state.value, time.time(), error, job_id),
         )
+        # Checkpoints are only for resuming; a final job keeps its artifacts (state.pt) instead.
+        await db.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
 
     async def _sweep(self, db: aiosqlite.Connection) -> int:
         """Expired leases: back to the front, or FAILED after `max_attempts` claims."""
@@ -528,8 +535,10 @@ class SQLiteJobQueue:
             await self._see_worker(db, worker_id, job_id if ok else None)
             return ok
 
-    async def publish(self, event: JobEvent) -> None:
+    async def publish(self, event: JobEvent, worker_id: str | None = None) -> bool:
         async with self._tx() as db:
+            if worker_id is not None and await self._owned(db, event.job_id, worker_id) is None:
+                return False
             event.seq = await self._insert_event(db, event)
             if EventKind(event.kind) == EventKind.PROGRESS:
                 await db.execute(
@@ -537,27 +546,37 @@ class SQLiteJobQueue:
                     (int(event.iteration), event.similarity, event.job_id),
                 )
         self._wake()
+        return True
 
-    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+    async def save_checkpoint(self, checkpoint: Checkpoint, worker_id: str | None = None) -> bool:
         async with self._tx() as db:
+            if worker_id is not None and await self._owned(db, checkpoint.job_id, worker_id) is None:
+                return False
             await db.execute(
                 "INSERT OR REPLACE INTO checkpoints(job_id, iteration, data) VALUES (?, ?, ?)",
                 (checkpoint.job_id, int(checkpoint.iteration), bytes(checkpoint.data)),
             )
+        return True
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         row = await self._one("SELECT iteration, data FROM checkpoints WHERE job_id = ?", (job_id,))
         return Checkpoint(job_id, row["iteration"], bytes(row["data"])) if row else None
 
-    async def put_artifact(self, job_id: str, name: str, data: bytes) -> None:
+    async def put_artifact(self, job_id: str, name: str, data: bytes, worker_id: str | None = None) -> bool:
         async with self._tx() as db:
+            if worker_id is not None and await self._owned(db, job_id, worker_id) is None:
+                return False
             await db.execute(
                 "INSERT OR REPLACE INTO artifacts(job_id, name, data) VALUES (?, ?, ?)", (job_id, name, bytes(data))
             )
+        return True
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
         row = await self._one("SELECT data FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name))
         return bytes(row["data"]) if row else None
+
+    async def has_artifact(self, job_id: str, name: str) -> bool:
+        return await self._one("SELECT 1 FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name)) is not None
 
     async def _owned(self, db: aiosqlite.Connection, job_id: str, worker_id: str) -> aiosqlite.Row | None:
         return await self._fetchone(
@@ -621,6 +640,31 @@ class SQLiteJobQueue:
                 await self._emit(db, job_id, EventKind.QUEUED, "worker stopped")
         self._wake()
         return True
+
+    # --- retention ------------------------------------------------------------------------------
+
+    async def prune(self, older_than: float, batch: int = 200) -> int:
+        """Delete jobs finished and delivered more than `older_than` seconds ago, with their
+        artifacts, checkpoints and events (frames). Returns how many jobs. Works in short
+        transactions of `batch` jobs; several processes may prune at once (each job goes once)."""
+        cutoff = time.time() - float(older_than)
+        total = 0
+        while True:
+            async with self._tx() as db:
+                async with db.execute(
+                    "SELECT id FROM jobs WHERE delivered = 1 AND finished_at < ?"
+                    " AND state IN ('done', 'failed', 'cancelled') LIMIT ?",
+                    (cutoff, int(batch)),
+                ) as cur:
+                    ids = [row["id"] for row in await cur.fetchall()]
+                if ids:
+                    marks = ",".join("?" * len(ids))
+                    for table in ("artifacts", "checkpoints", "events"):
+                        await db.execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", ids)
+                    await db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            total += len(ids)
+            if len(ids) < batch:
+                return total
 
     async def workers(self, max_age: float = 60.0) -> dict[str, dict[str, Any]]:
         """Workers seen (claiming or heartbeating) in the last `max_age` seconds."""

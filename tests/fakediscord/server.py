@@ -566,7 +566,8 @@ class FakeDiscord:
     Start it with ``async with FakeDiscord(...) as fd`` (or ``await fd.start()`` / ``await fd.close()``);
     run a bot against it with :func:`running_bot`. Then:
 
-    * inject: :meth:`send_slash_command`, :meth:`click_button`, :meth:`select`, :meth:`delete_message`,
+    * inject: :meth:`send_slash_command`, :meth:`click_button`, :meth:`select`, :meth:`submit_modal`,
+      :meth:`delete_message`,
       :meth:`dispatch` (any gateway event), :meth:`request_reconnect`;
     * break things: :meth:`rate_limit`, :meth:`inject_error`, :meth:`expire_tokens`, :attr:`token_expiry`,
       :attr:`attachment_size_limit`, ``realistic_rate_limits=True`` with :attr:`bucket_limits`;
@@ -1348,6 +1349,53 @@ class FakeDiscord:
         """Choose ``values`` in the string select ``custom_id`` on a stored message."""
         return await self._component(message, custom_id, 3, values, user, member_permissions, locale)
 
+    async def submit_modal(self, interaction: InteractionRecord, values: Optional[Dict[str, str]] = None, *,
+                           user: Union[None, int, Dict[str, Any]] = None,
+                           member_permissions: Union[None, int, str] = None,
+                           locale: str = "en-US") -> InteractionRecord:
+        """Submit the modal the bot opened in answer to ``interaction`` (callback type 9 MODAL), as
+        Discord does: a type 5 MODAL_SUBMIT interaction with the modal's custom_id and every text
+        input's value. ``values`` maps text-input custom ids to what the user typed; inputs not named
+        keep their pre-filled ``value``. Input Discord's client would not let through (a required
+        input left empty, a value outside min_length/max_length) raises ValueError. ``user`` defaults
+        to the user who opened the modal."""
+        values = dict(values or {})
+        if interaction.response_type != 9:
+            raise ValueError(f"interaction {interaction.id} was answered with callback type "
+                             f"{interaction.response_type}, not a modal (9)")
+        modal = (interaction.response or {}).get("data") or {}
+        inputs = {c["custom_id"]: c for c in _walk_components(modal.get("components") or [])
+                  if c.get("type") == 4 and "custom_id" in c}
+        unknown = sorted(set(values) - set(inputs))
+        if unknown:
+            raise LookupError(f"the modal has no text input {unknown} (has {sorted(inputs)})")
+        for cid, c in inputs.items():
+            value = values.get(cid, c.get("value") or "")
+            if c.get("required", True) and not value:
+                raise ValueError(f"text input {cid!r} is required; Discord would not submit it empty")
+            if value and not (c.get("min_length") or 0) <= len(value) <= (c.get("max_length") or 4000):
+                raise ValueError(f"text input {cid!r}: {len(value)} characters is outside its length limits")
+
+        def answered(components: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+            out: List[Dict[str, Any]] = []
+            for c in components:
+                if c.get("type") == 1:
+                    out.append({"type": 1, "components": answered(c.get("components") or [])})
+                elif c.get("type") == 18 and isinstance(c.get("component"), dict):
+                    out.append({"type": 18, "component": answered([c["component"]])[0]})
+                elif c.get("type") == 4:
+                    out.append({"type": 4, "custom_id": c["custom_id"],
+                                "value": values.get(c["custom_id"], c.get("value") or "")})
+            return out
+
+        u = self._resolve_user(user) if user is not None else interaction.payload["member"]["user"]
+        payload = self._interaction_base(5, u, interaction.channel_id, member_permissions, locale)
+        payload["data"] = {"custom_id": modal.get("custom_id"), "components": answered(modal.get("components") or [])}
+        msg = self.messages.get(interaction.message_id) if interaction.message_id is not None else None
+        if msg is not None and not msg.deleted:
+            payload["message"] = copy.deepcopy(msg.data)   # a modal opened from a component
+        return await self._inject_interaction(payload, interaction.channel_id, message_id=interaction.message_id)
+
     async def _component(self, message, custom_id, ctype, values, user, member_permissions, locale):
         mid = message.id if isinstance(message, StoredMessage) else int(message["id"] if isinstance(message, dict) else message)
         msg = self.messages.get(mid)
@@ -1983,6 +2031,8 @@ class FakeDiscord:
                             violation=f"callback type {ctype} for interaction type {inter.type}")
         if ctype == 1:
             raise _ApiError(400, 50035, "Invalid Form Body", violation="PONG is only for PING interactions")
+        if ctype == 9 and inter.type not in (2, 3):
+            raise _ApiError(400, 50035, "Invalid Form Body", violation="a modal answers only a command or a component")
         if ctype == 8 and inter.type != 4:
             raise _ApiError(400, 50035, "Invalid Form Body", violation="autocomplete result for a non-autocomplete")
         msg_type = 20 if inter.type == 2 else 0

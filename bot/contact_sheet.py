@@ -1,0 +1,113 @@
+"""A contact sheet: the finals of a permutation set in one grid image, each captioned.
+
+Pure Pillow (the bot never imports torch). The layout is a function of the tile count and the
+tile size only, so a test can find every tile in the sheet (`layout`).
+
+    cols = ceil(sqrt(n)), rows = ceil(n / cols)
+    each cell: the image (tile x tile) over a caption band (CAPTION px), GAP px between cells
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+GAP = 6
+CAPTION = 18
+MIN_TILE = 128
+MAX_TILE = 256
+BACKGROUND = (24, 24, 27)
+TEXT = (235, 235, 235)
+RESAMPLE = Image.Resampling.BICUBIC
+FILENAME = "contact-sheet.png"
+
+
+@dataclass(frozen=True)
+class Layout:
+    size: tuple[int, int]                       # (width, height) of the sheet
+    cols: int
+    rows: int
+    tile: int
+    boxes: list[tuple[int, int, int, int]]      # the image box of each tile (left, top, right, bottom)
+    captions: list[tuple[int, int, int, int]]   # the caption band under each tile
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    if n < 1:
+        raise ValueError("a contact sheet needs at least one image")
+    cols = math.ceil(math.sqrt(n))
+    return cols, math.ceil(n / cols)
+
+
+def tile_size(sizes: list[tuple[int, int]]) -> int:
+    """The side of every tile: the largest final's side, kept between MIN_TILE and MAX_TILE."""
+    biggest = max((max(w, h) for w, h in sizes), default=MIN_TILE)
+    return max(MIN_TILE, min(MAX_TILE, biggest))
+
+
+def layout(n: int, tile: int) -> Layout:
+    cols, rows = grid_shape(n)
+    width = cols * tile + (cols + 1) * GAP
+    height = rows * (tile + CAPTION) + (rows + 1) * GAP
+    boxes, captions = [], []
+    for i in range(n):
+        col, row = i % cols, i // cols
+        x = GAP + col * (tile + GAP)
+        y = GAP + row * (tile + CAPTION + GAP)
+        boxes.append((x, y, x + tile, y + tile))
+        captions.append((x, y + tile, x + tile, y + tile + CAPTION))
+    return Layout((width, height), cols, rows, tile, boxes, captions)
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the bitmap font, no size
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text` cut (with "...") to fit `width` pixels."""
+    text = " ".join(text.split())
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "..."
+
+
+def _drawable(text: str, font) -> str:
+    """The bitmap fallback font only knows Latin-1."""
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def render_sheet(tiles: list[tuple[bytes, str]], fmt: str = "PNG") -> tuple[bytes, str]:
+    """The sheet's bytes and file name: one (final PNG bytes, caption) per tile, in order.
+
+    PNG by default (lossless: a test can compare tiles with the finals); "JPEG" when a PNG is
+    over the upload limit."""
+    images = []
+    for data, _ in tiles:
+        with Image.open(io.BytesIO(data)) as img:
+            images.append(img.convert("RGB"))
+    spec = layout(len(images), tile_size([img.size for img in images]))
+    sheet = Image.new("RGB", spec.size, BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = _font()
+    for img, (_, caption), box, band in zip(images, tiles, spec.boxes, spec.captions):
+        if img.size != (spec.tile, spec.tile):
+            img = img.resize((spec.tile, spec.tile), RESAMPLE)
+        sheet.paste(img, box[:2])
+        text = _fit(draw, _drawable(caption, font), font, spec.tile - 4)
+        draw.text((band[0] + 2, band[1] + 3), text, fill=TEXT, font=font)
+    out = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        sheet.save(out, format="JPEG", quality=85)
+        return out.getvalue(), FILENAME.replace(".png", ".jpg")
+    sheet.save(out, format="PNG")
+    return out.getvalue(), FILENAME

@@ -1,0 +1,277 @@
+"""Refused words and patterns, per server: `/queue ban-word add | remove | list` (admins only).
+
+The list lives in the queue's store (setting `banned:<guild_id>`, a JSON list of entries as the
+admin typed them), so it survives restarts and every bot process sharing the queue sees it; each
+check reads it afresh (one small read per prompt).
+
+Entries:
+- a plain word or phrase: matched case-insensitively as a whole word (`cat` refuses "a Cat" but
+  not "concatenate");
+- `re:<pattern>`: a regular expression, case-insensitive, searched anywhere in the prompt.
+
+Guards against a pattern that backtracks for ever: entries are at most MAX_ENTRY characters, a
+pattern is compiled and tried on a few adversarial strings when it is added (refused if that is
+slow), and every match runs with the `regex` module's timeout against at most the prompt's
+allowed length. A match that times out counts as a refusal (fail closed) and is logged, so an
+admin can fix the pattern.
+
+The check runs in ImagineCog.submit (so /imagine, Reroll, Continue and anything else that
+submits through it) and for each prompt of a permutation set before anything is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import TYPE_CHECKING, Iterable
+
+import discord
+import regex
+from discord import app_commands
+from discord.ext import commands
+
+from bot.permissions import is_admin
+
+if TYPE_CHECKING:
+    from bot.client import ImagineBot
+
+log = logging.getLogger(__name__)
+
+REGEX_PREFIX = "re:"
+MAX_ENTRY = 200
+MAX_ENTRIES = 100
+MATCH_TIMEOUT = 0.05          # seconds per entry and prompt
+_FLAGS = regex.IGNORECASE | regex.V0
+# Strings that make badly nested repeats backtrack; a new pattern must get through them quickly.
+_PROBES = ("a" * 400 + "!", "ab" * 200 + "!", " " * 400 + "!", "aaa0" * 100 + "\n", "x" * 400, "a1 " * 130)
+
+
+def setting_key(guild_id: int) -> str:
+    return f"banned:{guild_id}"
+
+
+class BadEntry(ValueError):
+    """An entry that cannot go on the list; the message says what to fix."""
+
+
+@functools.lru_cache(maxsize=2048)
+def _compile(entry: str) -> "regex.Pattern[str]":
+    if entry[: len(REGEX_PREFIX)].lower() == REGEX_PREFIX:
+        return regex.compile(entry[len(REGEX_PREFIX):], _FLAGS)
+    # Whole word: not inside a longer word on either side (works for "c++" and phrases too).
+    return regex.compile(r"(?<!\w)" + regex.escape(entry) + r"(?!\w)", _FLAGS)
+
+
+def is_regex(entry: str) -> bool:
+    return entry[: len(REGEX_PREFIX)].lower() == REGEX_PREFIX
+
+
+def normalise(raw: str) -> str:
+    """The entry as it will be stored, or BadEntry saying what is wrong with it."""
+    text = (raw or "").strip()
+    if is_regex(text):
+        entry = REGEX_PREFIX + text[len(REGEX_PREFIX):]   # the pattern as typed (spaces matter)
+        if entry == REGEX_PREFIX:
+            raise BadEntry("The pattern after `re:` is empty.")
+    else:
+        entry = " ".join(text.split())
+    if not entry:
+        raise BadEntry("Give a word, a phrase, or `re:<pattern>`.")
+    if len(entry) > MAX_ENTRY:
+        raise BadEntry(f"That entry is {len(entry)} characters long; the limit is {MAX_ENTRY}.")
+    try:
+        pattern = _compile(entry)
+    except regex.error as exc:
+        raise BadEntry(f"That is not a valid regular expression: {exc}. Nothing was added.") from None
+    if is_regex(entry):
+        if pattern.search("", timeout=MATCH_TIMEOUT) is not None:
+            raise BadEntry("That pattern matches an empty prompt, so it would refuse everything. Nothing was added.")
+        try:
+            for probe in _PROBES:
+                pattern.search(probe, timeout=MATCH_TIMEOUT, concurrent=True)
+        except TimeoutError:
+            raise BadEntry("That pattern is too slow to match (nested repeats like `(a+)+` can take exponential "
+                           "time). Simplify it. Nothing was added.") from None
+    return entry
+
+
+def same(a: str, b: str) -> bool:
+    return a.casefold() == b.casefold()
+
+
+def find(entries: Iterable[str], prompt: str, max_chars: int) -> tuple[str, str | None] | None:
+    """The first entry that matches `prompt` (cut to `max_chars`), with the matched text.
+
+    The matched text is None when the match timed out (counted as a match: fail closed).
+    """
+    text = prompt[:max_chars]
+    for entry in entries:
+        try:
+            pattern = _compile(entry)
+        except regex.error:   # stored by an older version, or edited by hand: skip, say so
+            log.warning("banned entry %r does not compile; ignoring it", entry)
+            continue
+        try:
+            found = pattern.search(text, timeout=MATCH_TIMEOUT, concurrent=True)
+        except TimeoutError:
+            log.warning("banned entry %r timed out on a %d-character prompt; refusing the prompt", entry, len(text))
+            return entry, None
+        if found is not None:
+            return entry, found.group(0)
+    return None
+
+
+async def entries(queue, guild_id: int | None) -> list[str]:
+    if not guild_id:
+        return []
+    value = await queue.get_setting(setting_key(guild_id), [])
+    return [e for e in value if isinstance(e, str)] if isinstance(value, list) else []
+
+
+def _shown(text: str) -> str:
+    flat = " ".join(text.split())
+    if len(flat) > 50:
+        flat = flat[:49] + "…"
+    return discord.utils.escape_mentions(discord.utils.escape_markdown(flat))
+
+
+async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str]) -> str | None:
+    """The ephemeral refusal for the first prompt that hits the server's list, else None."""
+    listed = await entries(bot.queue, guild_id)
+    if not listed:
+        return None
+    max_chars = bot.config.imagine.max_prompt_chars
+    for prompt in prompts:
+        hit = await asyncio.to_thread(find, listed, prompt, max_chars)   # off the event loop
+        if hit is None:
+            continue
+        _, matched = hit
+        if matched is None:
+            return ("Your prompt could not be checked against this server's list of refused words in time, so "
+                    "it was not queued. Try a shorter prompt, or ask an admin to simplify the list's patterns.")
+        return (f"Your prompt contains “{_shown(matched)}”, which this server's admins have refused. "
+                "Change it and try again; nothing was queued.")
+    return None
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+def _code(text: str) -> str:
+    """`text` as inline code: shown literally (a backtick inside becomes a look-alike)."""
+    return "`" + text.replace("`", "ˋ") + "`"
+
+
+def _listing(items: list[str]) -> str:
+    lines = [f"{n}. {_code(e)}" + ("  (regex)" if is_regex(e) else "")
+             for n, e in enumerate(items, 1)]
+    text = "\n".join(lines)
+    while len(text) > 1900 and lines:
+        lines.pop()
+        text = "\n".join(lines) + f"\n…and {len(items) - len(lines)} more."
+    return text
+
+
+class BanWordGroup(app_commands.Group):
+    """`/queue ban-word ...`: added to the Queue cog's group by ModerationCog."""
+
+    def __init__(self, cog: "ModerationCog"):
+        super().__init__(name="ban-word", description="Admin: words and patterns refused in prompts")
+        self.cog = cog
+
+    @app_commands.command(name="add", description="Admin: refuse prompts with this word (or re:<regex>)")
+    @app_commands.describe(entry=f"A word or phrase (whole words, any case), or re:<regex>; up to {MAX_ENTRY} characters")
+    async def add(self, interaction: discord.Interaction, entry: str) -> None:
+        await self.cog.add(interaction, entry)
+
+    @app_commands.command(name="remove", description="Admin: allow this word or pattern again")
+    @app_commands.describe(entry="The entry as /queue ban-word list shows it")
+    async def remove(self, interaction: discord.Interaction, entry: str) -> None:
+        await self.cog.remove(interaction, entry)
+
+    @app_commands.command(name="list", description="Admin: the words and patterns refused in this server")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        await self.cog.show(interaction)
+
+
+class ModerationCog(commands.Cog, name="Moderation"):
+    def __init__(self, bot: "ImagineBot"):
+        self.bot = bot
+        self.group = BanWordGroup(self)
+        self._lock = asyncio.Lock()   # one read-modify-write of the list at a time (in this process)
+
+    async def cog_load(self) -> None:
+        queue_cog = self.bot.get_cog("Queue")
+        if queue_cog is None or queue_cog.app_command is None:
+            raise RuntimeError("ModerationCog needs the Queue cog (its /queue group) loaded first")
+        queue_cog.app_command.add_command(self.group, override=True)
+
+    async def cog_unload(self) -> None:
+        queue_cog = self.bot.get_cog("Queue")
+        if queue_cog is not None and queue_cog.app_command is not None:
+            queue_cog.app_command.remove_command(self.group.name)
+
+    async def _admin(self, interaction: discord.Interaction) -> bool:
+        from bot.imagine import ephemeral   # noqa: PLC0415
+
+        if is_admin(interaction, self.bot.config):
+            return True
+        roles = ", ".join(f"`{r}`" for r in self.bot.config.discord.admin_roles)
+        await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
+                                  + (f" or one of the roles {roles}." if roles else "."))
+        return False
+
+    async def add(self, interaction: discord.Interaction, raw: str) -> None:
+        from bot.imagine import ephemeral   # noqa: PLC0415
+
+        if not await self._admin(interaction):
+            return
+        try:
+            entry = await asyncio.to_thread(normalise, raw)   # may try the pattern for up to ~0.3 s
+        except BadEntry as exc:
+            await ephemeral(interaction, str(exc))
+            return
+        guild_id = interaction.guild_id or 0
+        async with self._lock:
+            current = await entries(self.bot.queue, guild_id)
+            if any(same(e, entry) for e in current):
+                await ephemeral(interaction, f"{_code(entry)} is already on the list.")
+                return
+            if len(current) >= MAX_ENTRIES:
+                await ephemeral(interaction, f"The list is full ({MAX_ENTRIES} entries); remove one first.")
+                return
+            current.append(entry)
+            await self.bot.queue.set_setting(setting_key(guild_id), current)
+        kind = "pattern" if is_regex(entry) else "word"
+        await ephemeral(interaction, f"Added the {kind} {_code(entry)}: prompts that "
+                                     f"contain it are refused. The list has {len(current)} "
+                                     f"entr{'y' if len(current) == 1 else 'ies'}.")
+
+    async def remove(self, interaction: discord.Interaction, raw: str) -> None:
+        from bot.imagine import ephemeral   # noqa: PLC0415
+
+        if not await self._admin(interaction):
+            return
+        wanted = (raw or "").strip()
+        guild_id = interaction.guild_id or 0
+        async with self._lock:
+            current = await entries(self.bot.queue, guild_id)
+            keep = [e for e in current if not (same(e, wanted) or same(e, " ".join(wanted.split())))]
+            if len(keep) == len(current):
+                await ephemeral(interaction, f"{_code(wanted[:MAX_ENTRY])} is not on the "
+                                             "list; `/queue ban-word list` shows it.")
+                return
+            await self.bot.queue.set_setting(setting_key(guild_id), keep)
+        await ephemeral(interaction, f"Removed {_code(wanted)}: it is allowed again. "
+                                     f"The list has {len(keep)} entr{'y' if len(keep) == 1 else 'ies'}.")
+
+    async def show(self, interaction: discord.Interaction) -> None:
+        from bot.imagine import ephemeral   # noqa: PLC0415
+
+        if not await self._admin(interaction):
+            return
+        current = await entries(self.bot.queue, interaction.guild_id)
+        if not current:
+            await ephemeral(interaction, "No words or patterns are refused in this server.")
+            return
+        await ephemeral(interaction, f"Refused in prompts ({len(current)}):\n{_listing(current)}")

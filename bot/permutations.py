@@ -1,0 +1,422 @@
+"""Permutation prompts: `/imagine a {red, blue, golden} house by {Escher, Magritte}` queues one job
+per combination (6 here) and, once every one of them has ended, posts one contact sheet.
+
+- Syntax: `{a, b, c}` groups of comma-separated options; no nesting, no empty option, no repeat.
+  A prompt with braces that do not balance is refused with what to fix. A prompt whose groups all
+  have one option is an ordinary prompt (the braces dropped).
+- Limits: at most `[imagine] max_permutations` combinations (default 9), and the set counts
+  against the user's cap of waiting jobs (`[queue] max_queued_per_user`, or `/queue limit`):
+  over either limit the bot says how many it would make and how many are allowed, and queues
+  nothing. Every prompt of the set is checked against the server's refused words first.
+- Every job of a set has the same settings (seed included, so only the words change) and carries
+  `spec.extra["set"] = {"id", "size", "index", "options"}`. Each gets its own reply as any job
+  does: the first is the interaction's reply, the others are new channel messages; the progress
+  cog edits them all.
+- The contact sheet: the set is recorded in the store (`set:<id>`: job ids, captions, channel) and
+  listed in `sheets.open`. `SheetsCog` polls the open sets; when every job of one has ended it
+  posts one message with `contact-sheet.png` (the DONE finals in order, captioned with their
+  options; failed / cancelled ones are named in the text), then records `sheet:<id>`.
+
+Exactly once, honestly: the JobQueue protocol has no atomic compare-and-set on settings (and
+`mark_delivered` needs a job). So the sheet is posted like a job's final post: check `sheet:<id>`,
+post with the nonce `sheet-<id>` (Discord drops a repeat of it within a few minutes), then set
+`sheet:<id>`. One process never posts a set twice (a lock and the marker). A crash between the
+post and the marker, with the restart after Discord's nonce window, gives a second sheet; two
+bot processes polling the same set at the same moment post the same nonce and Discord keeps one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord.ext import commands
+
+from bot import contact_sheet, moderation, render
+from engine.jobs import JobRecord, JobSpec, JobState, new_job_id
+
+if TYPE_CHECKING:
+    from bot.client import ImagineBot
+    from bot.imagine import ImagineCog
+
+log = logging.getLogger(__name__)
+
+OPEN_KEY = "sheets.open"
+UPLOAD_MARGIN = 64 * 1024
+
+
+def set_key(set_id: str) -> str:
+    return f"set:{set_id}"
+
+
+def sheet_key(set_id: str) -> str:
+    return f"sheet:{set_id}"
+
+
+# --- the syntax ----------------------------------------------------------------------------------
+
+class TemplateError(ValueError):
+    """A prompt whose braces cannot be read; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    prompt: str
+    options: tuple[str, ...]     # the chosen option of each group with more than one option
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str
+    parts: tuple[str | tuple[str, ...], ...]   # literal text, or a group's options
+
+    @property
+    def groups(self) -> list[tuple[str, ...]]:
+        return [p for p in self.parts if isinstance(p, tuple)]
+
+    @property
+    def count(self) -> int:
+        n = 1
+        for g in self.groups:
+            n *= len(g)
+        return n
+
+    def expand(self) -> list[Variant]:
+        choices = [p if isinstance(p, tuple) else (p,) for p in self.parts]
+        varying = [isinstance(p, tuple) and len(p) > 1 for p in self.parts]
+        out = []
+        for combo in itertools.product(*choices):
+            prompt = " ".join("".join(combo).split())
+            out.append(Variant(prompt, tuple(c for c, v in zip(combo, varying) if v)))
+        return out
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    flat = " ".join(text.split())
+    if len(flat) > limit:
+        flat = flat[: limit - 1] + "…"
+    return "`" + flat.replace("`", "ˋ") + "`"
+
+
+def parse(text: str) -> Template | None:
+    """The prompt's option groups, None when it has no braces, TemplateError when they are wrong."""
+    if "{" not in text and "}" not in text:
+        return None
+    parts: list[str | tuple[str, ...]] = []
+    literal: list[str] = []
+    start: int | None = None
+    for i, ch in enumerate(text):
+        if ch == "{":
+            if start is not None:
+                raise TemplateError(
+                    f"Braces cannot be nested: a `{{` opens inside the group that starts with "
+                    f"{_quote(text[start:i + 1])}. Write each group on its own, e.g. `a {{red, blue}} house "
+                    f"by {{Escher, Magritte}}`.")
+            start = i
+            parts.append("".join(literal))
+            literal = []
+        elif ch == "}":
+            if start is None:
+                raise TemplateError(
+                    f"A `}}` closes a group that was never opened (after {_quote(text[max(0, i - 30):i])}). "
+                    "Add the missing `{` or remove the `}`.")
+            body = text[start + 1:i]
+            options = [o.strip() for o in body.split(",")]
+            if any(not o for o in options):
+                raise TemplateError(
+                    f"The group {_quote(text[start:i + 1])} has an empty option. Write options between commas, "
+                    "e.g. `{red, blue, golden}`.")
+            seen: set[str] = set()
+            for o in options:
+                if o.casefold() in seen:
+                    raise TemplateError(f"The group {_quote(text[start:i + 1])} lists {_quote(o)} twice.")
+                seen.add(o.casefold())
+            parts.append(tuple(options))
+            start = None
+        elif start is None:
+            literal.append(ch)
+    if start is not None:
+        raise TemplateError(
+            f"The group {_quote(text[start:])} is never closed: add the missing `}}`.")
+    parts.append("".join(literal))
+    return Template(text, tuple(p for p in parts if p != ""))
+
+
+def caption(options: list[str] | tuple[str, ...], prompt: str) -> str:
+    return " · ".join(options) if options else prompt
+
+
+# --- submitting a set ----------------------------------------------------------------------------
+
+async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: JobSpec) -> list[JobRecord]:
+    """Queue every combination of `spec.prompt` (a template), or refuse; returns the jobs queued."""
+    from bot import imagine   # noqa: PLC0415 - imagine imports this module
+    from bot.imagine import progress_view   # noqa: PLC0415
+
+    # Ephemeral even after a public defer (attachments may have made /imagine defer already).
+    ephemeral = getattr(imagine, "refuse", imagine.ephemeral)
+
+    bot = cog.bot
+    queue = bot.queue
+    try:
+        template = parse(spec.prompt)
+    except TemplateError as exc:
+        await ephemeral(interaction, str(exc))
+        return []
+    for variant in template.expand() if template is not None and template.count <= bot.config.imagine.max_permutations else []:
+        # validate() skips the weighted-prompt check for templates: check every expansion here.
+        if (problem := imagine.prompt_problem(variant.prompt)) is not None:
+            await ephemeral(interaction, f"{problem} (in the combination {_quote(variant.prompt)})")
+            return []
+    if template is None or template.count == 1:
+        if template is not None:
+            spec.prompt = template.expand()[0].prompt
+        record = await cog.submit(interaction, spec)
+        return [record] if record is not None else []
+
+    n = template.count
+    cap = bot.config.imagine.max_permutations
+    if n > cap:
+        sizes = " × ".join(str(len(g)) for g in template.groups if len(g) > 1)
+        await ephemeral(interaction, f"That prompt makes {n} combinations ({sizes}); at most {cap} are allowed per "
+                                     "prompt. Use fewer options. Nothing was queued.")
+        return []
+    variants = template.expand()
+    problem = await moderation.refusal(bot, spec.guild_id, [v.prompt for v in variants])
+    if problem:
+        await ephemeral(interaction, problem)
+        return []
+    limit = await bot.user_limit()
+    queued = await queue.count_queued(spec.user_id)
+    room = max(0, limit - queued)
+    if n > room:
+        await ephemeral(interaction, f"That prompt makes {n} images, but you may queue only {room} more right now "
+                                     f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
+                                     "wait for some to start. Nothing was queued.")
+        return []
+
+    if not interaction.response.is_done():
+        await interaction.response.defer(thinking=True)
+    set_id = new_job_id()
+    progress = bot.progress
+    records: list[JobRecord] = []
+    for index, variant in enumerate(variants):
+        one = JobSpec.from_dict(copy.deepcopy(spec.to_dict()))
+        one.prompt = variant.prompt
+        one.extra["set"] = {"id": set_id, "size": n, "index": index, "options": list(variant.options)}
+        record = await queue.submit(one)
+        records.append(record)
+        if progress is not None:
+            progress.register(record, interaction if index == 0 else None)
+
+    paused = bool(await queue.get_setting("paused", False))
+    channel_id = interaction.channel_id or spec.channel_id
+    channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
+    for index, record in enumerate(records):
+        content = render.queued_text(record, await queue.position(record.id), paused)
+        message_id = None
+        try:
+            if index == 0:
+                message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
+            else:
+                message = await channel.send(content=content, view=progress_view(record.id))
+            message_id = message.id
+            reply = {"channel_id": message.channel.id, "message_id": message.id, "guild_id": interaction.guild_id,
+                     "upload_limit": interaction.filesize_limit}
+            record.spec.reply = reply
+            await queue.set_reply(record.id, reply)
+        except discord.HTTPException:
+            log.exception("set %s: could not show the reply of job %s", set_id, record.id)
+        finally:
+            if progress is not None:
+                progress.attach(record.id, channel_id, message_id, content if message_id else None)
+
+    info = {
+        "id": set_id, "template": spec.prompt, "jobs": [r.id for r in records],
+        "captions": [caption(v.options, v.prompt) for v in variants],
+        "user_id": spec.user_id, "channel_id": channel_id, "guild_id": interaction.guild_id,
+        "seed": spec.seed, "created_at": time.time(),
+    }
+    sheets = bot.get_cog("Sheets")
+    if isinstance(sheets, SheetsCog):
+        await sheets.track(info)
+    else:   # no poller in this process: record it for one that has
+        await queue.set_setting(set_key(set_id), info)
+        opened = await queue.get_setting(OPEN_KEY, []) or []
+        await queue.set_setting(OPEN_KEY, [*opened, set_id])
+    return records
+
+
+# --- the contact sheet ---------------------------------------------------------------------------
+
+class SheetsCog(commands.Cog, name="Sheets"):
+    """Posts each permutation set's contact sheet once all its jobs have ended."""
+
+    def __init__(self, bot: "ImagineBot"):
+        self.bot = bot
+        self.queue = bot.queue
+        self._open: dict[str, dict[str, Any]] = {}          # set id -> its info
+        self._ended: dict[str, JobRecord] = {}              # job id -> its finished record (final)
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def cog_load(self) -> None:
+        if self.bot.background and self.queue is not None:
+            self._tasks = [asyncio.create_task(self._poll_loop(), name="sheets-poll")]
+
+    async def cog_unload(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    async def track(self, info: dict[str, Any]) -> None:
+        set_id = info["id"]
+        async with self._lock:
+            await self.queue.set_setting(set_key(set_id), info)
+            opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
+            if set_id not in opened:
+                await self.queue.set_setting(OPEN_KEY, [*opened, set_id])
+            self._open[set_id] = info
+        self._wake.set()
+
+    async def _load_open(self) -> None:
+        for set_id in list(await self.queue.get_setting(OPEN_KEY, []) or []):
+            if set_id not in self._open:
+                info = await self.queue.get_setting(set_key(set_id))
+                if isinstance(info, dict):
+                    self._open[set_id] = info
+
+    async def _close(self, set_id: str, marker: dict[str, Any] | None) -> None:
+        """Record the sheet as posted (if `marker`) and drop the set from the open list."""
+        if marker is not None:
+            await self.queue.set_setting(sheet_key(set_id), marker)
+        info = self._open.pop(set_id, None) or {}
+        for job_id in info.get("jobs", []):
+            self._ended.pop(job_id, None)
+        opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
+        if set_id in opened:
+            opened.remove(set_id)
+            await self.queue.set_setting(OPEN_KEY, opened)
+
+    # --- polling ------------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        reloaded = 0.0
+        while True:
+            try:
+                if time.monotonic() - reloaded >= self.bot.config.progress.reconcile_interval:
+                    await self._load_open()   # sets opened by other processes (or before a restart)
+                    reloaded = time.monotonic()
+                for set_id in list(self._open):
+                    await self.check(set_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - never end the task
+                log.exception("checking permutation sets failed")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, self.bot.config.progress.line_interval))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _records(self, info: dict[str, Any]) -> list[JobRecord | None] | None:
+        """Every job's record, or None while any is still queued or running."""
+        out: list[JobRecord | None] = []
+        for job_id in info["jobs"]:
+            record = self._ended.get(job_id)
+            if record is None:
+                record = await self.queue.get(job_id)
+                if record is not None and not record.state.finished:
+                    return None   # the first one still going: no need to look further
+                if record is not None:
+                    self._ended[job_id] = record
+            out.append(record)
+        return out
+
+    async def check(self, set_id: str) -> bool:
+        """Post the set's sheet if every job ended and it was not posted; True once it is done."""
+        async with self._lock:
+            info = self._open.get(set_id)
+            if info is None:
+                return True
+            if await self.queue.get_setting(sheet_key(set_id)):
+                await self._close(set_id, None)
+                return True
+            records = await self._records(info)
+            if records is None:
+                return False
+            try:
+                marker = await self._post(info, records)
+            except (discord.NotFound, discord.Forbidden) as exc:
+                log.error("set %s: cannot post its contact sheet in channel %s (%s %s); giving up",
+                          set_id, info.get("channel_id"), exc.status, exc.text)
+                marker = {"error": f"{exc.status} {exc.text}"[:200], "at": time.time()}
+            except discord.HTTPException as exc:
+                log.warning("set %s: posting the contact sheet failed (%s %s); will retry",
+                            set_id, exc.status, exc.text)
+                return False
+            await self._close(set_id, marker)
+            return True
+
+    async def _post(self, info: dict[str, Any], records: list[JobRecord | None]) -> dict[str, Any]:
+        set_id = info["id"]
+        captions = info.get("captions") or []
+        tiles: list[tuple[bytes, str]] = []
+        left_out: list[str] = []
+        for index, (job_id, record) in enumerate(zip(info["jobs"], records)):
+            label = captions[index] if index < len(captions) else (record.spec.prompt if record else job_id)
+            if record is None:
+                left_out.append(f"{label} (gone from the store)")
+                continue
+            if record.state != JobState.DONE:
+                left_out.append(f"{label} ({record.state.value})")
+                continue
+            png = await self.queue.get_artifact(record.id, "final.png")
+            if png is None:
+                left_out.append(f"{label} (no final image)")
+                continue
+            tiles.append((png, label))
+        if not tiles:
+            log.info("set %s: none of its %d jobs finished with an image; no contact sheet", set_id, len(records))
+            return {"skipped": "no finished image", "at": time.time()}
+
+        data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles)
+        limit = self._upload_limit(info) - UPLOAD_MARGIN
+        if len(data) > limit:
+            data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG")
+        content = self._content(info, len(tiles), len(records), left_out)
+        channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
+        # The nonce lets Discord drop a repeat (a crash between this post and the marker).
+        message = await channel.send(content=content, file=discord.File(io.BytesIO(data), filename=filename),
+                                     nonce=f"sheet-{set_id}")
+        return {"message_id": message.id, "channel_id": message.channel.id, "at": time.time()}
+
+    def _upload_limit(self, info: dict[str, Any]) -> int:
+        guild = self.bot.get_guild(int(info["guild_id"])) if info.get("guild_id") else None
+        if guild is not None:
+            return guild.filesize_limit
+        return self.bot.config.progress.upload_limit or 10 * 1024 * 1024
+
+    @staticmethod
+    def _content(info: dict[str, Any], shown: int, total: int, left_out: list[str]) -> str:
+        head = f"**Contact sheet** · {render.snippet(info.get('template') or '', 300)}"
+        line = f"{shown} of {total} variations"
+        if info.get("seed") is not None:
+            line += f" · seed {info['seed']}"
+        line += f" · <@{info.get('user_id', 0)}>"
+        text = f"{head}\n{line}"
+        if left_out:
+            note = "\nLeft out: " + "; ".join(discord.utils.escape_markdown(x) for x in left_out)
+            text += note[: render.CONTENT_LIMIT - len(text) - 1]
+        return text[: render.CONTENT_LIMIT]

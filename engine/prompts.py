@@ -1,0 +1,55 @@
+"""Weighted prompts: `a house | by Escher:0.5 | blurry:-1` -> parts, each its own CLIP target.
+
+Torch-free: the bot validates prompts with this before anything is queued; engine.generate
+re-exports these names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+MAX_PROMPT_PARTS = 8
+
+
+class PromptError(ValueError):
+    """A prompt the engine refuses; the message says what to fix."""
+
+
+_WEIGHT = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    text: str
+    weight: float = 1.0
+
+
+def parse_prompt(prompt: str) -> list[PromptPart]:
+    """`a house | by Escher:0.5 | blurry:-1` -> parts with weights (default 1).
+
+    A trailing `:<number>` is a weight; any other colon is part of the text.
+    """
+    if prompt is None or not prompt.strip():
+        raise PromptError("the prompt is empty: describe the picture you want")
+    parts = []
+    for raw in prompt.split("|"):
+        raw = raw.strip()
+        if not raw:
+            raise PromptError("an empty part between '|' separators: remove the extra '|'")
+        match = _WEIGHT.match(raw)
+        text, weight = (match["text"].strip(), float(match["weight"])) if match else (raw, 1.0)
+        if not text:
+            raise PromptError(f"the part {raw!r} has a weight but no text")
+        if not math.isfinite(weight) or abs(weight) > 100:
+            raise PromptError(f"the weight of {text!r} must be a number between -100 and 100")
+        parts.append(PromptPart(text, weight))
+    if len(parts) > MAX_PROMPT_PARTS:
+        raise PromptError(f"{len(parts)} prompt parts; at most {MAX_PROMPT_PARTS} are allowed")
+    if not any(p.weight > 0 for p in parts):
+        raise PromptError("at least one part needs a positive weight")
+    return parts
+
+
+__all__ = ["MAX_PROMPT_PARTS", "PromptError", "PromptPart", "parse_prompt"]

@@ -1,0 +1,305 @@
+"""Issue 8, the bot side: weighted prompts, Remix (button + modal, /remix), image prompts and init
+images from attachments, quality presets, /help. Real bot + fake Discord + tiny-model worker."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.jobs import EventKind, JobState
+from tests.test_bot_support import EPHEMERAL, claim_jobs, finish_jobs, harness  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+
+def png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def noise_png(side: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return png(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+
+
+async def all_events(queue, job_id):
+    events, cursor = [], 0
+    while batch := await queue.events(cursor, timeout=0.1):
+        cursor = batch[-1].seq
+        events += [e for e in batch if e.job_id == job_id]
+    return events
+
+
+async def first_frame(queue, job_id) -> bytes:
+    first = next(e for e in await all_events(queue, job_id) if e.kind == EventKind.PROGRESS)
+    assert first.iteration == 0
+    return first.frame_png
+
+
+def refusal(inter) -> str:
+    assert inter.response_type == 4, inter.response_type      # answered at once, not deferred
+    assert inter.response["data"]["flags"] & EPHEMERAL
+    return inter.response["data"]["content"]
+
+
+async def command(h, name, options=None, **kw):
+    inter = await h.fd.send_slash_command(name, options or {}, **kw)
+    await h.fd.wait_for_response(inter)
+    return inter
+
+
+async def nothing_queued(h) -> None:
+    assert await h.queue.count_queued() == 0
+    assert await h.queue.history(h.fd.channel_id) == []
+    assert h.fd.channel_messages() == []
+
+
+# --- weighted prompts --------------------------------------------------------------------------
+
+async def test_weighted_prompts_are_queued_intact_and_bad_ones_refused_before_queueing(harness):
+    h = harness
+    await h.start()
+    for prompt, expected in [
+        (" | ".join(f"part {i}" for i in range(9)), "9 prompt parts; at most 8"),
+        ("a:abc|", "empty part"),
+        ("blurry:-1", "positive weight"),
+        ("a house | by Escher:500", "between -100 and 100"),
+    ]:
+        text = refusal(await command(h, "imagine", {"prompt": prompt}))
+        assert expected in text and "a house | by Escher:0.5 | blurry:-1" in text, text
+    await nothing_queued(h)
+
+    prompt = "a house | by Escher:0.5 | blurry:-1"
+    msg = await h.reply_of(await h.imagine(prompt))
+    record = await h.wait_delivered(h.job_id(msg))
+    assert record.state == JobState.DONE and record.spec.prompt == prompt   # the worker read the parts too
+    h.fd.assert_clean()
+
+
+# --- remix ---------------------------------------------------------------------------------------
+
+async def test_remix_by_button_and_command_starts_from_the_parents_final_picture(harness):
+    h = harness
+    await h.start()
+    fd = h.fd
+    msg = await h.reply_of(await h.imagine("a red house", seed=1))
+    parent_id = h.job_id(msg)
+    parent = await h.wait_delivered(parent_id)
+    assert parent.state == JobState.DONE
+    await fd.wait_for(lambda: f"imagine:remix:{parent_id}" in fd.messages[msg.id].custom_ids, 10, "Remix button")
+    parent_final = await h.queue.get_artifact(parent_id, "final.png")
+    author = int(fd.member_user["id"])
+
+    # Someone else clicks Remix: a modal asks for the prompt (pre-filled with the parent's).
+    carol = fd.add_user("carol")
+    click = await fd.click_button(msg, f"imagine:remix:{parent_id}", user=carol)
+    await fd.wait_for_response(click)
+    assert click.response_type == 9
+    modal = click.response["data"]
+    text_input = modal["components"][0]["components"][0]
+    assert text_input["value"] == "a red house"
+    submit = await fd.submit_modal(click, {text_input["custom_id"]: "a blue boat | stormy:0.5"})
+    await fd.wait_for_response(submit)
+    assert submit.response_type == 5   # deferred: the remix's public reply
+    remix_msg = await h.reply_of(submit)
+    by_button = h.job_id(remix_msg)
+
+    # /remix by another user (the admin), not the author either.
+    inter = await h.fd.send_slash_command("remix", {"job": parent_id, "prompt": "a green tree"}, user=fd.admin_user)
+    await fd.wait_for_response(inter)
+    by_command = h.job_id(await h.reply_of(inter))
+
+    for job_id, user, prompt in [(by_button, carol, "a blue boat | stormy:0.5"), (by_command, fd.admin_user, "a green tree")]:
+        record = await h.wait_delivered(job_id)
+        assert record.state == JobState.DONE, record.error
+        spec = record.spec
+        assert (spec.parent_job_id, spec.parent_kind, spec.prompt) == (parent_id, "remix", prompt)
+        assert spec.user_id == int(user["id"]) and spec.grid == parent.spec.grid
+        assert await first_frame(h.queue, job_id) == parent_final   # frame 0 is the parent's final picture
+        final = fd.messages[int(record.spec.reply["result_message_id"])]
+        assert f"remix of `{parent_id}`" in final.content and "a red house" in final.content
+        assert f"<@{author}>" in final.content                                  # the parent's author, named...
+        assert final.data["mentions"] == [] and final.data["mention_everyone"] is False   # ...never pinged
+        assert f"https://discord.com/channels/{fd.guild_id}/{fd.channel_id}/{msg.id}" in final.content
+
+    history = (await command(h, "history")).response["data"]["content"]
+    assert history.count(f"↳ remix of `{parent_id}` by <@{author}>") == 2, history
+    fd.assert_clean()
+
+
+async def test_remix_of_a_job_without_its_state_is_refused_and_nothing_is_queued(harness):
+    h = harness
+    await h.start(worker=False)   # the test plays the GPU: a DONE job whose state.pt never came
+    fd = h.fd
+    msg = await h.reply_of(await h.imagine("a finished job"))
+    done_id = h.job_id(msg)
+    await claim_jobs(h.queue, [done_id])
+    await finish_jobs(h.queue, [done_id])   # final.png + video.mp4, no state.pt (as if pruned)
+    await h.wait_delivered(done_id)
+    await fd.wait_for(lambda: f"imagine:remix:{done_id}" in fd.messages[msg.id].custom_ids, 10, "Remix button")
+    await h.queue.set_setting("paused", True)
+    waiting_id = h.job_id(await h.reply_of(await h.imagine("still waiting")))
+    before = len(await h.queue.history(fd.channel_id))
+
+    cases = [("nosuchjob123", "There is no job `nosuchjob123`"), (waiting_id, "has not finished (queued)"),
+             (done_id, "is gone (pruned)")]
+    for job_id, expected in cases:
+        text = refusal(await command(h, "remix", {"job": job_id, "prompt": "anything"}))
+        assert expected in text, text
+    click = await fd.click_button(msg, f"imagine:remix:{done_id}")   # the button says the same, no modal
+    await fd.wait_for_response(click)
+    assert "is gone (pruned)" in refusal(click)
+    assert len(await h.queue.history(fd.channel_id)) == before and await h.queue.count_queued() == 1
+    fd.assert_clean()
+
+
+# --- image prompts and init images ---------------------------------------------------------------
+
+async def test_image_prompt_and_init_image_are_downloaded_stored_and_used(harness, caplog):
+    h = harness
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    await h.start()
+    fd = h.fd
+    target = fd.host_attachment("target.png", noise_png(seed=1))
+    start = fd.host_attachment("start.png", noise_png(seed=2))
+    msg = await h.reply_of(await h.imagine("a cat", image=target, image_weight=0.5, init_image=start))
+    job_id = h.job_id(msg)
+    record = await h.wait_delivered(job_id)
+    assert record.state == JobState.DONE, record.error
+
+    # Both attachments were fetched from the fake's CDN, by the bot.
+    fetched = {r.path for r in fd.cdn_requests if r.status == 200}
+    assert {f"/attachments/{fd.channel_id}/{a['id']}/{a['filename']}" for a in (target, start)} <= fetched
+    # They went to the worker as artifacts (re-encoded PNGs), named in the spec.
+    extra = record.spec.extra
+    assert extra["image_prompt"]["weight"] == 0.5
+    stored = {}
+    for key in ("image_prompt", "init_image"):
+        upload_id, name = extra[key]["artifact"]
+        assert upload_id.startswith("upload_") and name == "image.png"
+        stored[key] = await h.queue.get_artifact(upload_id, name)
+        assert stored[key].startswith(b"\x89PNG")
+    # The worker used them: two CLIP targets (the text and the image), and frame 0 is the init image's
+    # dVAE reconstruction.
+    assert f"job {job_id}: 2 CLIP targets (1 from an image prompt), starts from an init image" in caplog.text
+    from engine.generate import frame_image, to_uint8
+    from engine.image_prompts import init_logits_from_image
+
+    init = Image.open(io.BytesIO(stored["init_image"])).convert("RGB")
+    expected = to_uint8(frame_image(h.models, init_logits_from_image(h.models, init, record.spec.grid))[0])
+    frame0 = np.asarray(Image.open(io.BytesIO(await first_frame(h.queue, job_id))).convert("RGB"))
+    assert np.abs(frame0.astype(int) - expected.astype(int)).max() <= 1
+    assert "image prompt ×0.5 · init image" in fd.messages[msg.id].content
+    fd.assert_clean()
+
+
+async def test_bad_attachments_are_refused_and_an_animation_is_converted_with_a_note(harness):
+    h = harness
+    await h.start()
+    fd = h.fd
+    await h.queue.set_setting("paused", True)   # nothing needs to run here
+    bomb = png(Image.new("1", (20000, 20000)))   # ~50 KB on disk, 400 megapixels decoded
+    big = fd.host_attachment("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (12 * 2**20))
+    cases = [
+        ({"image": fd.host_attachment("notes.txt", b"not a picture")}, "`image`: `notes.txt` is not an image"),
+        ({"init_image": fd.host_attachment("fake.png", b"%PDF-1.4 not a picture")}, "`init_image`: the file is not an image"),
+        ({"image": big}, "`image`: the file is 12.0 MiB; the limit is 8.0 MiB"),
+        ({"init_image": fd.host_attachment("bomb.png", bomb)}, "20000x20000"),
+        ({"image_weight": 2.0}, "`image_weight` goes with `image`"),
+    ]
+    for options, expected in cases:
+        text = refusal(await command(h, "imagine", {"prompt": "a cat", **options}))
+        assert expected in text, text
+    assert not [r for r in fd.cdn_requests if r.path.endswith(("/big.png", "/bomb.png", "/notes.txt"))]   # refused unread
+    await nothing_queued(h)
+
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue", "green")]
+    gif = png(frames[0], format="GIF", save_all=True, append_images=frames[1:])
+    msg = await h.reply_of(await h.imagine("a cat", init_image=fd.host_attachment("moving.gif", gif)))
+    assert "-# `init_image`: the image is animated (3 frames): its first frame was used" in msg.content
+    record = await h.queue.get(h.job_id(msg))
+    assert record.state == JobState.QUEUED and "init_image" in record.spec.extra
+    fd.assert_clean()
+
+
+# --- presets and /help -----------------------------------------------------------------------------
+
+async def test_quality_presets_set_size_iterations_and_cutouts_and_options_override_them(harness):
+    h = harness
+    await h.start()
+    await h.queue.set_setting("paused", True)   # the specs are what matters here
+    # test_config's presets: draft 256/2/2, normal 256/4/3, best 512/6/4; sizes 256 -> grid 8, 512 -> 16.
+    cases = [({"quality": "draft"}, (8, 2, 2)), ({"quality": "normal"}, (8, 4, 3)), ({"quality": "best"}, (16, 6, 4)),
+             ({"quality": "best", "iterations": 3, "size": 256}, (8, 3, 4))]
+    for options, (grid, iterations, cutn) in cases:
+        msg = await h.reply_of(await h.imagine("a lighthouse", **options))
+        spec = (await h.queue.get(h.job_id(msg))).spec
+        assert (spec.grid, spec.iterations, spec.cutn, spec.preset) == (grid, iterations, cutn, options["quality"])
+        assert f"quality {options['quality']}" in msg.content and f"{iterations} iterations" in msg.content
+    text = refusal(await command(h, "imagine", {"prompt": "x", "quality": "ultra"}))
+    assert "`quality` must be one of draft, normal, best" in text
+    h.fd.assert_clean()
+
+
+async def test_help_is_short_and_private(harness):
+    h = harness
+    await h.start(worker=False)
+    text = refusal(await command(h, "help"))
+    assert len(text) < 2000
+    for fragment in ("a house | by Escher:0.5 | blurry:-1", "Remix", "Reroll", "Continue", "`draft` 256px, 2 steps",
+                     "`best` 512px, 6 steps", "up to 500 characters", "1-40 iterations", "8 MiB"):
+        assert fragment in text, (fragment, text)
+    h.fd.assert_clean()
+
+
+async def test_a_slow_download_is_answered_in_time_and_still_refused_privately(harness, monkeypatch):
+    """Past the answer window the bot defers (publicly: the job's reply); a refusal then deletes that
+    reply and answers privately, and a good picture goes on to be queued."""
+    import asyncio
+
+    from bot import attachments, imagine
+
+    original = attachments.download
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(0.3)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(imagine, "ATTACHMENT_WINDOW", 0.05)
+    monkeypatch.setattr(attachments, "download", slow)
+    h = harness
+    await h.start()
+    fd = h.fd
+    await h.queue.set_setting("paused", True)
+    inter = await h.imagine("a cat", image=fd.host_attachment("fake.png", b"garbage, not a picture"))
+    assert inter.response_type == 5                           # deferred in time
+    await fd.wait_for(lambda: inter.followups, 5, "the refusal")
+    assert inter.original_message.deleted                     # the public "thinking" reply is gone
+    refusal_msg = inter.followups[0]
+    assert refusal_msg.ephemeral and "`image`: the file is not an image" in refusal_msg.content
+    assert await h.queue.count_queued() == 0
+
+    msg = await h.reply_of(await h.imagine("a cat", image=fd.host_attachment("ok.png", noise_png())))
+    record = await h.queue.get(h.job_id(msg))
+    assert record.state == JobState.QUEUED and "image_prompt" in record.spec.extra
+    fd.assert_clean()
+
+
+async def test_an_init_image_on_a_worker_without_the_encoder_fails_at_once_with_the_reason(harness):
+    from dataclasses import replace
+
+    h = harness
+    h.models = replace(h.models, encoder=None)
+    await h.start()
+    msg = await h.reply_of(await h.imagine("a cat", init_image=h.fd.host_attachment("start.png", noise_png())))
+    record = await h.wait_delivered(h.job_id(msg))
+    assert record.state == JobState.FAILED and record.attempts == 1   # not retried
+    assert "no dVAE encoder" in record.error
+    await h.fd.wait_for(lambda: "Failed: " in h.fd.messages[msg.id].content, 5, "the failed reply")
+    assert "no dVAE encoder" in h.fd.messages[msg.id].content
+    h.fd.assert_clean()

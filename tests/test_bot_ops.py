@@ -1,0 +1,167 @@
+"""The bot's operations side: /healthz and /metrics over real HTTP on a running bot (fake Discord,
+real SQLite queue, embedded worker on the tiny models), Discord 429s counted, job log lines, and the
+options that switch these on and off ([http], --http-port, --no-worker, [worker] max_batch = 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.__main__ import build_parser, load
+from bot.config import ConfigError, load_config
+from bot.launcher import make_bot, open_resources
+from tests.fakediscord import running_bot
+from tests.test_bot_support import WEBHOOK_ORIGINAL, Harness, test_config
+
+PROMPT = "a lighthouse of xyzzy-quartz"
+GOOD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
+
+
+def samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics: dict, name: str, **labels: str) -> float | None:
+    return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+        return resp.status, await resp.text()
+
+
+async def health(http, base: str) -> tuple[int, dict]:
+    code, body = await get(http, f"{base}/healthz")
+    return code, json.loads(body)
+
+
+async def metrics(http, base: str) -> dict:
+    code, text = await get(http, f"{base}/metrics")
+    assert code == 200
+    return samples(text)
+
+
+async def test_health_and_metrics_of_a_running_bot(tmp_path, tiny_models, caplog):
+    caplog.set_level(logging.INFO)
+    from tests.fakediscord import FakeDiscord
+
+    config = test_config(tmp_path, worker={"max_batch": 0, "keep_days": 30})   # 0: the worker chooses (1 on a CPU)
+    assert config.http.port == 0                                # off by default...
+    async with contextlib.AsyncExitStack() as stack:
+        fd = await FakeDiscord().start()
+        stack.push_async_callback(fd.close)
+        resources = await stack.enter_async_context(open_resources(
+            config, models_loader=lambda: tiny_models, http_port=0,   # ...here: any free port
+            worker_options={"poll_every": 0.05, "heartbeat_every": 0.2}))
+        assert resources.worker is not None and resources.worker.max_batch == 1
+        assert resources.worker.keep_days == 30
+        base = f"http://127.0.0.1:{resources.http_port}"
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        # Before the bot connects: Discord is not ok (the GPU thread is up within moments).
+        for _ in range(100):
+            code, report = await health(http, base)
+            if report["checks"]["gpu"]["ok"]:
+                break
+            await asyncio.sleep(0.05)
+        assert code == 503 and report["ok"] is False
+        assert report["checks"]["discord"]["ok"] is False and "not started" in report["checks"]["discord"]["error"]
+        assert report["checks"]["queue"] == {"ok": True} and report["checks"]["gpu"] == {"ok": True}
+
+        bot = make_bot(resources)
+        await stack.enter_async_context(running_bot(fd, bot))
+        await bot.tree.sync(guild=None)
+        code, report = await health(http, base)
+        assert (code, report) == (200, {"ok": True, "checks": {"discord": {"ok": True}, "queue": {"ok": True},
+                                                               "gpu": {"ok": True}}})
+        before = await metrics(http, base)
+        assert value(before, "imagine_iterations_total") == 0
+        assert value(before, "imagine_jobs_total", state="done") == 0
+        assert value(before, "imagine_discord_rate_limited_total") == 0
+        assert value(before, "imagine_gpu_thread_alive") == 1
+        assert value(before, "imagine_queue_length") == 0
+
+        # A job whose first two edits Discord answers with 429 (discord.py waits them out).
+        fd.rate_limit("PATCH", WEBHOOK_ORIGINAL, count=2, retry_after=0.05)
+        h = Harness(fd=fd, config=config, models=tiny_models, resources=resources, bot=bot)
+        inter = await h.imagine(PROMPT)
+        job_id = h.job_id(await h.reply_of(inter))
+        await h.wait_delivered(job_id)
+        assert len([r for r in fd.requests if r.status == 429]) == 2
+
+        after = await metrics(http, base)
+        assert value(after, "imagine_iterations_total") == config.imagine.default_iterations
+        assert value(after, "imagine_jobs_total", state="started") == 1
+        assert value(after, "imagine_jobs_total", state="done") == 1
+        assert value(after, "imagine_jobs_total", state="failed") == 0
+        assert value(after, "imagine_job_latency_seconds_count") == 1
+        assert value(after, "imagine_discord_rate_limited_total") == 2
+        assert value(after, "imagine_queue_length") == 0
+        assert not any(name.startswith("imagine_gpu_memory") for name, _ in after)   # a CPU: absent
+
+        # The gateway closes: Discord is not ok any more; the rest still is.
+        await bot.close()
+        code, report = await health(http, base)
+        assert code == 503 and report["checks"]["discord"]["ok"] is False
+        assert report["checks"]["queue"] == {"ok": True}
+
+    # One INFO line per job event with the job id; neither the prompt nor the token at INFO.
+    info = [r for r in caplog.records if r.levelno >= logging.INFO]
+    lines = [r.getMessage() for r in info if r.name.startswith("bot")]
+    for event in ("queued", "started", "done"):
+        assert f"job {job_id} {event}" in lines, lines
+    assert any(line.startswith(f"job {job_id} result posted") for line in lines), lines
+    text = "\n".join(r.getMessage() for r in info)
+    assert "xyzzy" not in text and fd.bot_token not in text
+
+
+def test_http_and_worker_options_parse(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text('[http]\nport = 9200\nhost = "0.0.0.0"\n[worker]\nmax_batch = 0\nkeep_days = 7\n')
+    config = load_config(path)
+    assert (config.http.port, config.http.host, config.worker.max_batch) == (9200, "0.0.0.0", 0)
+    assert config.worker.keep_days == 7
+    for toml, message in [("[http]\nport = 70000", "[http] port: must be between 0 (off) and 65535"),
+                          ("[http]\nport = \"9200\"", "[http] port: expected an integer"),
+                          ("[worker]\nmax_batch = -1", "[worker] max_batch: must not be negative"),
+                          ("[worker]\nkeep_days = -1", "[worker] keep_days: must not be negative")]:
+        path.write_text(toml)
+        with pytest.raises(ConfigError, match=r"^" + __import__("re").escape(message)):
+            load_config(path)
+
+    path.write_text("[worker]\nembedded = true\n")
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    config, _ = load(build_parser().parse_args(["--config", str(path)]))
+    assert config.worker.embedded is True and config.http.port == 0
+    for argv in (["--config", str(path), "--no-worker", "--http-port", "9300", "--http-host", "0.0.0.0"],
+                 ["--config", str(path), "run", "--no-worker", "--http-port", "9300", "--http-host", "0.0.0.0"]):
+        config, _ = load(build_parser().parse_args(argv))
+        assert (config.worker.embedded, config.http.port, config.http.host) == (False, 9300, "0.0.0.0")
+    with pytest.raises(ConfigError, match="--http-port"):
+        load(build_parser().parse_args(["--config", str(path), "--http-port", "-1"]))
+
+
+async def test_no_worker_runs_no_embedded_worker_and_no_gpu_check(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n[worker]\nembedded = true\n[http]\nport = 0\n')
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    config, _ = load(build_parser().parse_args(["--config", str(path), "--no-worker"]))
+
+    def no_models():
+        raise AssertionError("no models are loaded without a worker")
+
+    async with open_resources(config, models_loader=no_models) as resources:   # [http] port 0: off
+        assert resources.worker is None and resources.http_port is None
+    async with open_resources(config, models_loader=no_models, http_port=0) as resources:
+        assert resources.worker is None
+        async with aiohttp.ClientSession() as http:
+            code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
+        assert code == 503 and set(report["checks"]) == {"discord", "queue"}   # no gpu check
+        assert report["checks"]["queue"] == {"ok": True}

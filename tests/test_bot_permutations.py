@@ -1,0 +1,186 @@
+"""Permutation prompts (`a {red, blue} house by {Escher, Magritte}`): one job per combination,
+the limits, and the one contact sheet once every job of the set has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot import contact_sheet
+from engine.jobs import EventKind, JobState
+from tests.test_bot_support import EPHEMERAL, JOB_ID_RE, claim_jobs, harness  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+TEMPLATE = "a {red, blue, golden} house by {Escher, Magritte}"
+EXPECTED = {f"a {c} house by {a}" for c in ("red", "blue", "golden") for a in ("Escher", "Magritte")}
+
+
+async def _ephemeral(h, name, options=None, **kw) -> str:
+    inter = await h.fd.send_slash_command(name, options or {}, **kw)
+    await h.fd.wait_for_response(inter)
+    assert inter.response_type == 4, (name, inter.response_type)
+    data = inter.response["data"]
+    assert data["flags"] & EPHEMERAL, data
+    return data["content"]
+
+
+def _sheet_messages(fd):
+    return [m for m in fd.channel_messages()
+            if any(a["filename"] == contact_sheet.FILENAME for a in m.attachments)]
+
+
+def _sheet_posts(fd):
+    return [r for r in fd.requests if r.status == 200 and r.method == "POST"
+            and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+
+
+def _png(color, side=64) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def _diff(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+
+
+async def _set_jobs(h):
+    records = await h.queue.history(h.fd.channel_id, limit=50)
+    return sorted((r for r in records if "set" in r.spec.extra), key=lambda r: r.spec.extra["set"]["index"])
+
+
+async def test_a_permutation_prompt_queues_each_combination_within_the_limits(harness):
+    """Syntax errors, the permutation cap and the user's cap refuse (ephemerally, nothing queued);
+    then the set is queued with one reply per job. A fake GPU ends them (one cancelled, one failed)
+    and the contact sheet shows the four finals, naming the two left out."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+
+    for prompt, why in [("a {red, blue house", "never closed"), ("a red} house", "never opened"),
+                        ("a {red,, blue} house", "empty option"), ("a {red, {blue}} house", "cannot be nested"),
+                        ("{blurry, foggy}:-1", "positive weight")]:  # every expansion is checked as a weighted prompt
+        assert why in await _ephemeral(h, "imagine", {"prompt": prompt}), prompt
+    text = await _ephemeral(h, "imagine", {"prompt": "{a, b, c} {d, e, f} {g, h}"})
+    assert "makes 18 combinations" in text and "at most 9" in text
+    # Six would pass max_permutations (9) but not the user's cap (5 in the test config).
+    text = await _ephemeral(h, "imagine", {"prompt": TEMPLATE})
+    assert "makes 6 images" in text and "only 5 more" in text and "the limit is 5" in text
+    assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
+
+    assert "6 jobs" in await _ephemeral(h, "queue limit", {"n": 6}, user=fd.admin_user)
+    inter = await h.imagine(TEMPLATE, seed=7, iterations=2)
+    first = await h.reply_of(inter)
+    await fd.wait_for(lambda: len(fd.channel_messages()) == 6 and all(
+        JOB_ID_RE.search(m.content) for m in fd.channel_messages()), 10, "six replies")
+    jobs = await _set_jobs(h)
+    assert {r.spec.prompt for r in jobs} == EXPECTED and len(jobs) == 6
+    set_id = jobs[0].spec.extra["set"]["id"]
+    for i, r in enumerate(jobs):
+        assert r.spec.extra["set"] == {"id": set_id, "size": 6, "index": i,
+                                       "options": r.spec.prompt[2:].split(" house by ")}
+        assert (r.spec.seed, r.spec.iterations, r.state) == (7, 2, JobState.QUEUED)
+    # One reply per job: the interaction's message for the first, channel messages for the others.
+    assert h.job_id(first) == jobs[0].id
+    assert sorted(h.job_id(m) for m in fd.channel_messages()) == sorted(r.id for r in jobs)
+    assert "the limit is 6" in await _ephemeral(h, "imagine", {"prompt": "one more"})
+
+    # The fake GPU: cancel one, fail one, finish four with a distinct colour each.
+    ids = [r.id for r in jobs]
+    assert await h.queue.cancel(ids[1])
+    await claim_jobs(h.queue, ids[:1] + ids[2:])
+    colours = {0: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 5: (255, 255, 0)}
+    for i, colour in colours.items():
+        await h.queue.put_artifact(ids[i], "final.png", _png(colour))
+        await h.queue.put_artifact(ids[i], "video.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+        await asyncio.sleep(0.3)
+        assert _sheet_messages(fd) == []   # not before the last one has ended
+        assert await h.queue.finish(ids[i], "test-gpu", 0.2)
+    await asyncio.sleep(0.3)
+    assert _sheet_messages(fd) == []
+    assert await h.queue.fail(ids[4], "test-gpu", "out of memory", retry=False) == JobState.FAILED
+
+    await fd.wait_for(lambda: _sheet_messages(fd), 10, "the contact sheet")
+    for job_id in ids:
+        await h.wait_delivered(job_id)
+    (sheet,) = _sheet_messages(fd)
+    assert "**Contact sheet**" in sheet.content and "4 of 6 variations" in sheet.content
+    assert "red · Magritte (cancelled)" in sheet.content and "golden · Escher (failed)" in sheet.content
+    image = _rgb(fd.attachment_bytes(sheet.attachments[0]))
+    spec = contact_sheet.layout(4, contact_sheet.MIN_TILE)   # 64-px finals -> 128-px tiles, 2 x 2
+    assert image.size == spec.size
+    for box, colour in zip(spec.boxes, colours.values()):
+        tile = np.asarray(image.crop(box), dtype=np.float32)
+        assert np.abs(tile - np.array(colour, dtype=np.float32)).max() <= 1.0, (box, colour)
+    marker = await h.queue.get_setting(f"sheet:{set_id}")
+    assert (marker["message_id"], marker["channel_id"]) == (sheet.id, fd.channel_id)
+    assert await h.queue.get_setting("sheets.open") == []
+    fd.assert_clean()
+
+
+async def test_the_contact_sheet_comes_once_after_every_job_of_the_set_is_done(harness):
+    """The real worker renders six tiny jobs; one contact sheet follows the last DONE event, and
+    each of its tiles is that job's final.png resized.
+
+    Tile check: the sheet is a lossless PNG and the bot pastes each final resized to the tile with
+    contact_sheet.RESAMPLE, so the same resize here must give (nearly) the same pixels: the mean
+    absolute difference of a tile and its own resized final must be under 1 (of 255). The jobs of
+    a set share the seed, and 2 iterations of the tiny models leave their finals (nearly)
+    identical, so this test cannot tell the tiles' order from their pixels: the test above does,
+    with four finals of distinct colours. Here the captions tell the tiles apart (each band is
+    drawn, and no two bands are the same)."""
+    h = harness
+    h.config.queue.max_queued_per_user = 9
+    await h.start()
+    fd = h.fd
+    await h.imagine(TEMPLATE, iterations=2)
+    await fd.wait_for(lambda: len(fd.channel_messages()) >= 6, 10, "six replies")
+    jobs = await _set_jobs(h)
+    assert {r.spec.prompt for r in jobs} == EXPECTED
+    for r in jobs:
+        assert (await h.wait_delivered(r.id, timeout=60)).state == JobState.DONE
+    await fd.wait_for(lambda: _sheet_messages(fd), 20, "the contact sheet")
+    await asyncio.sleep(1.0)   # several polls later: still one
+    (sheet,) = _sheet_messages(fd)
+    (post,) = _sheet_posts(fd)
+    assert str(post.response["id"]) == str(sheet.id)
+
+    # After every job's DONE event (the events' own clock, and the fake's receipt of the post).
+    ids = {r.id for r in jobs}
+    done_at = {e.job_id: e.at for e in await h.queue.events(after=0, timeout=0)
+               if e.kind == EventKind.DONE and e.job_id in ids}
+    assert set(done_at) == ids
+    assert post.timestamp > max(done_at.values())
+
+    finals = [_rgb(await h.queue.get_artifact(r.id, "final.png")) for r in jobs]
+    tile = contact_sheet.tile_size([f.size for f in finals])
+    spec = contact_sheet.layout(6, tile)
+    image = _rgb(fd.attachment_bytes(sheet.attachments[0]))
+    assert image.size == spec.size and (spec.cols, spec.rows) == (3, 2)
+    resized = [f.resize((tile, tile), contact_sheet.RESAMPLE) for f in finals]
+    bands = []
+    for i, box in enumerate(spec.boxes):
+        own = _diff(image.crop(box), resized[i])
+        assert own < 1.0, (i, own)
+        band = image.crop(spec.captions[i])
+        assert np.asarray(band).max() > 128, "the caption is drawn"
+        bands.append(band.tobytes())
+    assert len(set(bands)) == 6, "each tile has its own caption"
+    assert "6 of 6 variations" in sheet.content and "Left out" not in sheet.content
+
+    # A restart neither loses nor repeats it.
+    await h.stop()
+    await h.start(worker=False)
+    await asyncio.sleep(1.5)   # past reconcile_interval (0.5 s): the open sets were re-read
+    assert len(_sheet_messages(fd)) == 1 and len(_sheet_posts(fd)) == 1
+    fd.assert_clean()
