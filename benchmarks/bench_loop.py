@@ -32,7 +32,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
 import platform
 import resource
 import sys

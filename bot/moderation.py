@@ -31,7 +31,7 @@ import regex
 from discord import app_commands
 from discord.ext import commands
 
-from bot.permissions import is_admin
+from bot.permissions import require_admin
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -212,14 +212,7 @@ class ModerationCog(commands.Cog, name="Moderation"):
             queue_cog.app_command.remove_command(self.group.name)
 
     async def _admin(self, interaction: discord.Interaction) -> bool:
-        from bot.imagine import ephemeral   # noqa: PLC0415
-
-        if is_admin(interaction, self.bot.config):
-            return True
-        roles = ", ".join(f"`{r}`" for r in self.bot.config.discord.admin_roles)
-        await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
-                                  + (f" or one of the roles {roles}." if roles else "."))
-        return False
+        return await require_admin(interaction, self.bot.config)
 
     async def add(self, interaction: discord.Interaction, raw: str) -> None:
         from bot.imagine import ephemeral   # noqa: PLC0415

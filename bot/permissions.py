@@ -18,3 +18,15 @@ def is_admin(interaction: discord.Interaction, config: Config) -> bool:
     if isinstance(user, discord.Member) and wanted:
         return any(role.name.casefold() in wanted for role in user.roles)
     return False
+
+
+async def require_admin(interaction: discord.Interaction, config: Config) -> bool:
+    """True for an admin; anyone else gets an ephemeral refusal saying who may, and False."""
+    if is_admin(interaction, config):
+        return True
+    from bot.imagine import ephemeral   # noqa: PLC0415 - bot.imagine imports this module
+
+    roles = ", ".join(f"`{r}`" for r in config.discord.admin_roles)
+    await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
+                              + (f" or one of the roles {roles}." if roles else "."))
+    return False

@@ -14,7 +14,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import ephemeral
-from bot.permissions import is_admin
+from bot.permissions import require_admin
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -32,12 +32,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         super().__init__()
 
     async def _admin(self, interaction: discord.Interaction) -> bool:
-        if is_admin(interaction, self.bot.config):
-            return True
-        roles = ", ".join(f"`{r}`" for r in self.bot.config.discord.admin_roles)
-        await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
-                                  + (f" or one of the roles {roles}." if roles else "."))
-        return False
+        return await require_admin(interaction, self.bot.config)
 
     def _line_changed(self) -> None:
         if self.bot.progress is not None:

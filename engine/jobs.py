@@ -12,7 +12,7 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class JobState(str, enum.Enum):

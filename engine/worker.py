@@ -34,7 +34,7 @@ import torch
 
 from engine import video
 from engine.generate import (
-    BatchRunner, Frame, GenerationSettings, PromptError, Slot, encode_targets, png_bytes,
+    BatchRunner, Frame, GenerationSettings, PromptError, Slot, encode_targets,
     state_from_bytes, state_to_bytes,
 )
 from engine.jobs import Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState
