@@ -330,8 +330,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         spec = self._spec(interaction, request.prompt, request.iterations, request.seed, request.grid,
                           request.size, cutn=request.cutn, preset=request.preset)
-        if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, started):
-            return
+        if pictures:
+            # Refused words first, so a refused prompt leaves no stored upload behind (submit()
+            # checks again, for every path into the queue).
+            from bot.moderation import refusal   # noqa: PLC0415
+            if (problem := await refusal(self.bot, spec.guild_id, [spec.prompt])) is not None:
+                await ephemeral(interaction, problem)
+                return
+            if not await self._attach_pictures(interaction, spec, pictures, weight, started):
+                return
         if "{" in spec.prompt or "}" in spec.prompt:   # a permutation prompt: bot/permutations.py
             from bot.permutations import submit_set   # noqa: PLC0415
             await submit_set(self, interaction, spec)

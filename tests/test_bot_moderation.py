@@ -64,6 +64,12 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     assert "H00USE" in await _refused(h, "a tiny H00USE on a hill")
     # Every prompt of a permutation set is checked before anything is queued.
     assert "refused" in await _refused(h, "a {red, cursed} barn")
+    # With a picture attached: refused before the picture is even downloaded (nothing stored).
+    picture = fd.host_attachment("p.png", bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415478"
+        "9c63f8cfc000000301010018dd8db40000000049454e44ae426082"))
+    assert "refused" in await _refused(h, "a cursed lake", image=picture)
+    assert not [r for r in fd.cdn_requests if r.path.endswith("/p.png")]
 
     # A non-admin still cannot take anything off; an admin's list shows both entries.
     assert "Only admins" in await _ephemeral(h, "queue ban-word remove", {"entry": "cursed"})
