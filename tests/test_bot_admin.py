@@ -6,18 +6,9 @@ import pytest
 
 from engine.jobs import JobState
 from tests.fakediscord import Permission
-from tests.test_bot_support import EPHEMERAL, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import EPHEMERAL, ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _command(h, name, options=None, **kw):
-    inter = await h.fd.send_slash_command(name, options or {}, **kw)
-    await h.fd.wait_for_response(inter)
-    assert inter.response_type == 4
-    data = inter.response["data"]
-    assert data["flags"] & EPHEMERAL
-    return data["content"]
 
 
 async def _queued_jobs(h, n, user=None):
@@ -36,7 +27,7 @@ async def test_non_admins_are_refused_and_nothing_changes(harness):
     before = [(await h.queue.get(j)).state for j in ids]
     for name, options in [("queue cancel", {"job": ids[0]}), ("queue clear", {}), ("queue resume", {}),
                           ("queue pause", {}), ("queue limit", {"n": 1})]:
-        text = await _command(h, name, options)   # bob: no role, no Manage Server
+        text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
         assert "Only admins" in text and "Manage Server" in text, text
     assert [(await h.queue.get(j)).state for j in ids] == before == [JobState.QUEUED] * 2
     assert await h.queue.get_setting("paused") is True
@@ -50,27 +41,27 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     h.config.discord.admin_roles = ["Admin"]
     await h.start()
     fd = h.fd
-    text = await _command(h, "queue pause", user=fd.admin_user)    # Manage Server (the Admin role)
+    text = await ephemeral_answer(h, "queue pause", user=fd.admin_user)    # Manage Server (the Admin role)
     assert "Paused" in text and await h.queue.get_setting("paused") is True
     ids = await _queued_jobs(h, 3)
 
-    text = await _command(h, "queue show")                         # anyone may look
+    text = await ephemeral_answer(h, "queue show")                         # anyone may look
     for n, job_id in enumerate(ids, 1):
         assert f"**#{n}** `{job_id}` waiting job {n - 1}" in text
     assert "paused" in text and f"<@{fd.member_user['id']}>" in text
 
     # A member whose permissions lack Manage Server but who has a role named in admin_roles.
-    text = await _command(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
+    text = await ephemeral_answer(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
                           member_permissions=Permission.EVERYONE)
     assert f"Cancelled job `{ids[1]}`" in text
     h.config.discord.admin_roles = []   # without the role name, the same member is refused
-    text = await _command(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
+    text = await ephemeral_answer(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
                           member_permissions=Permission.EVERYONE)
     assert "Only admins" in text and (await h.queue.get(ids[0])).state == JobState.QUEUED
     h.config.discord.admin_roles = ["Admin"]
     assert (await h.wait_delivered(ids[1])).state == JobState.CANCELLED
 
-    text = await _command(h, "queue limit", {"n": 1}, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue limit", {"n": 1}, user=fd.admin_user)
     assert await h.queue.get_setting("bot.max_queued_per_user") == 1
     # The cap: bob has 2 waiting, the limit is now 1: refused, ephemerally, with what to do.
     inter = await fd.send_slash_command("imagine", {"prompt": "one too many"})
@@ -79,13 +70,13 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     assert "the limit is 1" in inter.response["data"]["content"]
     assert await h.queue.count_queued() == 2
 
-    text = await _command(h, "queue clear", user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue clear", user=fd.admin_user)
     assert "2 jobs cancelled" in text
     assert await h.queue.count_queued() == 0
     for job_id in (ids[0], ids[2]):
         assert (await h.wait_delivered(job_id)).state == JobState.CANCELLED
 
-    text = await _command(h, "queue resume", user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue resume", user=fd.admin_user)
     assert await h.queue.get_setting("paused") is False
     inter = await h.imagine("after the resume", user=fd.admin_user)
     msg = await h.reply_of(inter)
@@ -107,7 +98,7 @@ async def test_history_lists_the_channels_prompts_with_links_to_results(harness)
     # Elsewhere: not in this channel's history.
     inter = await fd.send_slash_command("imagine", {"prompt": "other channel"}, channel_id=fd.other_channel_id)
     await fd.wait_for_response(inter)
-    text = await _command(h, "history")
+    text = await ephemeral_answer(h, "history")
     lines = text.splitlines()
     assert "second idea" in lines[0] and "first idea" in lines[1]   # newest first
     assert "other channel" not in text

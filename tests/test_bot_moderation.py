@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_bot_support import EPHEMERAL, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
 
 
 
-async def _ephemeral(h, name, options=None, **kw) -> str:
-    inter = await h.fd.send_slash_command(name, options or {}, **kw)
-    await h.fd.wait_for_response(inter)
-    assert inter.response_type == 4, (name, inter.response_type)
-    data = inter.response["data"]
-    assert data["flags"] & EPHEMERAL, data
-    return data["content"]
-
-
 async def _refused(h, prompt, **options) -> str:
     before = await h.queue.count_queued()
-    text = await _ephemeral(h, "imagine", {"prompt": prompt, **options})
+    text = await ephemeral_answer(h, "imagine", {"prompt": prompt, **options})
     assert await h.queue.count_queued() == before, "a refused prompt was queued"
     return text
 
@@ -41,13 +32,13 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     # A non-admin can neither change nor read the list.
     for name, options in [("queue ban-word add", {"entry": "cursed"}), ("queue ban-word list", {}),
                           ("queue ban-word remove", {"entry": "cursed"})]:
-        assert "Only admins" in await _ephemeral(h, name, options)
+        assert "Only admins" in await ephemeral_answer(h, name, options)
     assert await h.queue.get_setting(key) is None
 
-    text = await _ephemeral(h, "queue ban-word add", {"entry": "  Cursed "}, **admin)
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": "  Cursed "}, **admin)
     assert "Added the word `Cursed`" in text
     assert await h.queue.get_setting(key) == ["Cursed"]
-    assert "already on the list" in await _ephemeral(h, "queue ban-word add", {"entry": "cursed"}, **admin)
+    assert "already on the list" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, **admin)
 
     # Whole words, any case; the refusal is ephemeral, says what matched, and queues nothing.
     text = await _refused(h, "a CURSED house by Escher")
@@ -58,9 +49,9 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     bad = [("re:(unclosed", "not a valid regular expression"), ("re:(x+x+)+y", "too slow"),
            ("re:.*", "matches an empty prompt"), ("re:" + "a" * 200, "the limit is 200")]
     for entry, why in bad:
-        assert why in await _ephemeral(h, "queue ban-word add", {"entry": entry}, **admin), entry
+        assert why in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin), entry
     assert await h.queue.get_setting(key) == ["Cursed"]
-    assert "Added the pattern" in await _ephemeral(h, "queue ban-word add", {"entry": r"re:h[o0]+use"}, **admin)
+    assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:h[o0]+use"}, **admin)
     assert "H00USE" in await _refused(h, "a tiny H00USE on a hill")
     # Every prompt of a permutation set is checked before anything is queued.
     assert "refused" in await _refused(h, "a {red, cursed} barn")
@@ -72,8 +63,8 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     assert not [r for r in fd.cdn_requests if r.path.endswith("/p.png")]
 
     # A non-admin still cannot take anything off; an admin's list shows both entries.
-    assert "Only admins" in await _ephemeral(h, "queue ban-word remove", {"entry": "cursed"})
-    listing = await _ephemeral(h, "queue ban-word list", **admin)
+    assert "Only admins" in await ephemeral_answer(h, "queue ban-word remove", {"entry": "cursed"})
+    listing = await ephemeral_answer(h, "queue ban-word list", **admin)
     assert "1. `Cursed`" in listing and "2. `re:h[o0]+use`  (regex)" in listing, listing
     assert await h.queue.get_setting(key) == ["Cursed", r"re:h[o0]+use"]
 
@@ -82,9 +73,9 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     await h.start(worker=False)
     assert "refused" in await _refused(h, "one more cursed idea")
     assert "refused" in await _refused(h, "a house")
-    text = await _ephemeral(h, "queue ban-word remove", {"entry": "CURSED"}, **admin)
+    text = await ephemeral_answer(h, "queue ban-word remove", {"entry": "CURSED"}, **admin)
     assert "Removed `CURSED`" in text and "1 entry" in text
-    assert "not on the list" in await _ephemeral(h, "queue ban-word remove", {"entry": "nothing"}, **admin)
+    assert "not on the list" in await ephemeral_answer(h, "queue ban-word remove", {"entry": "nothing"}, **admin)
     await _queued(h, "one more cursed idea")               # allowed again
     assert await h.queue.get_setting(key) == [r"re:h[o0]+use"]
     assert await h.queue.count_queued() == 2

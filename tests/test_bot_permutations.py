@@ -12,21 +12,12 @@ from PIL import Image
 
 from bot import contact_sheet
 from engine.jobs import EventKind, JobState
-from tests.test_bot_support import EPHEMERAL, JOB_ID_RE, claim_jobs, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import JOB_ID_RE, claim_jobs, ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
 
 TEMPLATE = "a {red, blue, golden} house by {Escher, Magritte}"
 EXPECTED = {f"a {c} house by {a}" for c in ("red", "blue", "golden") for a in ("Escher", "Magritte")}
-
-
-async def _ephemeral(h, name, options=None, **kw) -> str:
-    inter = await h.fd.send_slash_command(name, options or {}, **kw)
-    await h.fd.wait_for_response(inter)
-    assert inter.response_type == 4, (name, inter.response_type)
-    data = inter.response["data"]
-    assert data["flags"] & EPHEMERAL, data
-    return data["content"]
 
 
 def _sheet_messages(fd):
@@ -70,15 +61,15 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     for prompt, why in [("a {red, blue house", "never closed"), ("a red} house", "never opened"),
                         ("a {red,, blue} house", "empty option"), ("a {red, {blue}} house", "cannot be nested"),
                         ("{blurry, foggy}:-1", "positive weight")]:  # every expansion is checked as a weighted prompt
-        assert why in await _ephemeral(h, "imagine", {"prompt": prompt}), prompt
-    text = await _ephemeral(h, "imagine", {"prompt": "{a, b, c} {d, e, f} {g, h}"})
+        assert why in await ephemeral_answer(h, "imagine", {"prompt": prompt}), prompt
+    text = await ephemeral_answer(h, "imagine", {"prompt": "{a, b, c} {d, e, f} {g, h}"})
     assert "makes 18 combinations" in text and "at most 9" in text
     # Six would pass max_permutations (9) but not the user's cap (5 in the test config).
-    text = await _ephemeral(h, "imagine", {"prompt": TEMPLATE})
+    text = await ephemeral_answer(h, "imagine", {"prompt": TEMPLATE})
     assert "makes 6 images" in text and "only 5 more" in text and "the limit is 5" in text
     assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
 
-    assert "6 jobs" in await _ephemeral(h, "queue limit", {"n": 6}, user=fd.admin_user)
+    assert "6 jobs" in await ephemeral_answer(h, "queue limit", {"n": 6}, user=fd.admin_user)
     inter = await h.imagine(TEMPLATE, seed=7, iterations=2)
     first = await h.reply_of(inter)
     await fd.wait_for(lambda: len(fd.channel_messages()) == 6 and all(
@@ -93,7 +84,7 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     # One reply per job: the interaction's message for the first, channel messages for the others.
     assert h.job_id(first) == jobs[0].id
     assert sorted(h.job_id(m) for m in fd.channel_messages()) == sorted(r.id for r in jobs)
-    assert "the limit is 6" in await _ephemeral(h, "imagine", {"prompt": "one more"})
+    assert "the limit is 6" in await ephemeral_answer(h, "imagine", {"prompt": "one more"})
 
     # The fake GPU: cancel one, fail one, finish four with a distinct colour each.
     ids = [r.id for r in jobs]

@@ -181,6 +181,16 @@ class Harness:
 
 # A stand-in for a fast GPU: the test claims the jobs and publishes frames itself.
 
+async def ephemeral_answer(h, name, options=None, **kw) -> str:
+    """Run a slash command and return its answer, asserting that it was an ephemeral message."""
+    inter = await h.fd.send_slash_command(name, options or {}, **kw)
+    await h.fd.wait_for_response(inter)
+    assert inter.response_type == 4, (name, inter.response_type)
+    data = inter.response["data"]
+    assert data["flags"] & EPHEMERAL, data
+    return data["content"]
+
+
 async def claim_jobs(queue, job_ids) -> None:
     claimed = [(await queue.claim("test-gpu")).id for _ in job_ids]
     assert sorted(claimed) == sorted(job_ids)
