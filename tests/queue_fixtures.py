@@ -137,3 +137,12 @@ async def queue(queue_factory: QueueFactory) -> JobQueue:
 
 __all__ = ["BACKENDS", "QueueFactory", "RedisServer", "free_port", "queue", "queue_factory", "redis_server",
            "start_redis"]
+
+
+async def job_events(queue, job_id: str) -> list:
+    """Every event of one job so far, in order (reads the whole log from the start)."""
+    events, cursor = [], 0
+    while batch := await queue.events(cursor, timeout=0.1):
+        cursor = batch[-1].seq
+        events += [e for e in batch if e.job_id == job_id]
+    return events

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.jobs import EventKind, JobState
+from tests.queue_fixtures import job_events
 from tests.test_bot_support import EPHEMERAL, claim_jobs, finish_jobs, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -27,16 +28,8 @@ def noise_png(side: int = 48, seed: int = 0) -> bytes:
     return png(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
 
 
-async def all_events(queue, job_id):
-    events, cursor = [], 0
-    while batch := await queue.events(cursor, timeout=0.1):
-        cursor = batch[-1].seq
-        events += [e for e in batch if e.job_id == job_id]
-    return events
-
-
 async def first_frame(queue, job_id) -> bytes:
-    first = next(e for e in await all_events(queue, job_id) if e.kind == EventKind.PROGRESS)
+    first = next(e for e in await job_events(queue, job_id) if e.kind == EventKind.PROGRESS)
     assert first.iteration == 0
     return first.frame_png
 

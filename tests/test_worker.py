@@ -8,10 +8,11 @@ import io
 import pytest
 from PIL import Image
 
-from engine.generate import GenerationSettings, state_from_bytes
+from engine.generate import state_from_bytes
 from engine.jobs import Checkpoint, EventKind, JobSpec, JobState
 from engine.queue import open_queue
 from engine.worker import Worker
+from tests.queue_fixtures import job_events
 
 
 @pytest.fixture
@@ -39,20 +40,12 @@ async def wait_state(queue, job_id, states, timeout=60.0):
     raise AssertionError(f"job {job_id} stuck in {record.state}")
 
 
-async def all_events(queue, job_id):
-    events, cursor = [], 0
-    while batch := await queue.events(cursor, timeout=0.1):
-        cursor = batch[-1].seq
-        events += [e for e in batch if e.job_id == job_id]
-    return events
-
-
 async def test_a_job_runs_to_the_end_with_frames_video_and_state(queue, tiny_models):
     async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2):
         job = await queue.submit(spec())
         record = await wait_state(queue, job.id, {JobState.DONE})
     assert record.iteration == 6 and record.similarity is not None
-    events = await all_events(queue, job.id)
+    events = await job_events(queue, job.id)
     kinds = [e.kind for e in events]
     assert kinds[:2] == [EventKind.QUEUED, EventKind.STARTED] and kinds[-1] == EventKind.DONE
     progress = [e for e in events if e.kind == EventKind.PROGRESS]
@@ -86,7 +79,6 @@ async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_
     worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1)
     await worker.start()
     job = await queue.submit(spec(iterations=400, frame_every=4))
-    loop = asyncio.get_running_loop()
     while (cp := await queue.load_checkpoint(job.id)) is None or cp.iteration < 8:
         await asyncio.sleep(0.05)
     await worker.stop()
@@ -98,9 +90,9 @@ async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_
     assert record.worker_id in ("w2", None)
     assert await queue.load_checkpoint(job.id) is None  # deleted once the job is DONE (state.pt stays)
     assert await queue.has_artifact(job.id, "state.pt")
-    starts = [e for e in await all_events(queue, job.id) if e.kind == EventKind.STARTED]
+    starts = [e for e in await job_events(queue, job.id) if e.kind == EventKind.STARTED]
     assert len(starts) == 2
-    progress = [e.iteration for e in await all_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    progress = [e.iteration for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
     # The second worker did not start again from 0: after its STARTED no frame 0 comes.
     assert progress.count(0) == 1 and progress[-1] == 400
     assert resumed_at >= 8
@@ -118,7 +110,7 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
         failed = await wait_state(queue, gone.id, {JobState.FAILED})
     parent_final = await queue.get_artifact(parent.id, "final.png")
     for child in (remix, cont):
-        first = next(e for e in await all_events(queue, child.id) if e.kind == EventKind.PROGRESS)
+        first = next(e for e in await job_events(queue, child.id) if e.kind == EventKind.PROGRESS)
         assert first.iteration == 0 and first.frame_png == parent_final  # pixel-exact
     assert "gone" in failed.error
 
