@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_loop.py                    # CUDA if present, else the CPU
     .venv/bin/python benchmarks/bench_loop.py --device cuda --grid 32 --iterations 50 --max-batch 16
+    .venv/bin/python benchmarks/bench_loop.py --tiny --device cpu   # a dry run of this script (tests)
 
 One process, one run, three loops on the same models (CLIP ViT-B/32 + OpenAI's default dVAE
 decoder, random weights, built directly with engine.random_models and frozen as engine.models
@@ -48,7 +49,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from engine import random_models  # noqa: E402
-from engine.capacity import choose_max_batch, per_slot_bytes, effective_precision  # noqa: E402
+from engine.capacity import (ClipVisualDims, DecoderDims, choose_max_batch, effective_precision,  # noqa: E402
+                             per_slot_bytes)
 from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets  # noqa: E402
 from engine.models import Models, load_models  # noqa: E402
 from reference_loop import ReferenceLoop  # noqa: E402
@@ -70,9 +72,9 @@ def gpu_peak_tflops(device: torch.device) -> tuple[str, float | None]:
     return name, None
 
 
-def build_models(device: torch.device, via_files: str | None) -> Models:
-    clip_model = random_models.make_clip(random_models.VIT_B_32, seed=0)
-    decoder = random_models.make_decoder(tiny=False, seed=0)
+def build_models(device: torch.device, via_files: str | None, tiny: bool = False) -> Models:
+    clip_model = random_models.make_clip(random_models.TINY_CLIP if tiny else random_models.VIT_B_32, seed=0)
+    decoder = random_models.make_decoder(tiny=tiny, seed=0)
     if via_files:
         root = Path(via_files)
         root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,9 @@ def engine_runner(models: Models, targets, settings: GenerationSettings, jobs: i
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--grid", type=int, default=32, help="logits grid (32 -> 256x256)")
+    p.add_argument("--grid", type=int, default=None, help="logits grid (default 32 -> 256x256; 8 with --tiny)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tests' tiny models instead of full-size ones: a dry run of this script, no figures")
     p.add_argument("--iterations", type=int, default=None, help="timed steps (default 50 on CUDA, 2 on a CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on a CPU)")
     p.add_argument("--max-batch", type=int, default=None, help="jobs in (c) (default: choose_max_batch on CUDA, 2 on a CPU)")
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    args.grid = args.grid or (8 if args.tiny else 32)
     args.iterations = args.iterations or (50 if cuda else 2)
     args.warmup = max(1, args.warmup if args.warmup is not None else (5 if cuda else 1))
     args.rounds = max(1, min(args.iterations, args.rounds or (1 if cuda else args.iterations)))
@@ -222,8 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     if via == "":
         tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
         via = tmp.name
-    models = build_models(device, via)
-    print(f"models: full-size random ViT-B/32 + dVAE decoder, {'saved and loaded via engine.models' if via else 'built directly'}"
+    models = build_models(device, via, args.tiny)
+    model_names = "tiny random CLIP + dVAE decoder" if args.tiny else "full-size random ViT-B/32 + dVAE decoder"
+    print(f"models: {model_names}, {'saved and loaded via engine.models' if via else 'built directly'}"
           f" on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
     targets = encode_targets(models, PROMPT)
     # Frames every 50 iterations; never finishing inside the run.
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_batch is None:
         args.max_batch = choose_max_batch(device, args.grid, cutn=args.cutn, precision=args.precision, models=models) if cuda else 2
     eff = effective_precision(device, args.precision)
-    estimate = per_slot_bytes(args.grid, args.cutn, eff)
+    estimate = per_slot_bytes(args.grid, args.cutn, eff, DecoderDims.of(models.decoder), ClipVisualDims.of(models.clip),
+                              decoder_half_casts=args.dalle_half_casts == "on")
     print(f"device {device_name}; grid {args.grid} ({8 * args.grid}px), cutn {args.cutn}, engine precision {eff}, "
           f"warmup {args.warmup}, timed {args.iterations}, max_batch {args.max_batch} "
           f"(per-slot estimate {estimate / 2**30:.2f} GiB); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "benchmark": "bench_loop", "date": datetime.date.today().isoformat(), "device": device_name,
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "models": "random full-size ViT-B/32 + dVAE decoder, " + ("via engine.models files" if via else "built directly"),
+        "models": model_names + ", " + ("via engine.models files" if via else "built directly"),
         "grid": args.grid, "cutn": args.cutn, "precision": eff, "compile": args.compile,
         "dalle_half_casts": args.dalle_half_casts,
         "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds, "max_batch": args.max_batch,

@@ -6,17 +6,32 @@
 #   COMPILE=1 bash benchmarks/gpu_check.sh  # also the engine with torch.compile (adds minutes)
 #   OUT=dir bash benchmarks/gpu_check.sh    # also write each part's output under dir
 #
+# On the lent GPU machine (Python 3.12, torch, no index): run benchmarks/device_wheels.sh here
+# first and carry `.whl`; this script installs those wheels into /tmp/site when clip or dall_e is
+# missing. The device tool's call: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"]).
+#
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh  # every part on the CPU with tiny models: checks the
+#                                           # script itself (tests/test_benchmarks.py), no figures
+#
 # 1. benchmarks/cuda_check.py: bf16 smoke test, no host sync in the hot loop, batched vs solo on
 #    the GPU (fp32 and bf16), memory per slot against engine.capacity, a 1000-iteration 256x256
 #    job alone timed (the bar: under 60 s);
 # 2. benchmarks/bench_loop.py on CUDA: (a) the notebook loop, (b) the engine with one job, (c)
 #    the engine with max_batch jobs (the bars: (b) >= 2x (a), (c) >= 8x (a));
-# 3. the engine again with dall_e's own fp16 casts off (autocast alone decides the precision):
-#    what switching them off in engine.models would gain.
+# 3. the engine again with dall_e's own fp16 conv casts kept on (engine.models switches them off
+#    so that autocast alone decides the precision): whether switching them off was right.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+if ! "$PY" -c "import clip, dall_e" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            || { echo "gpu_check: installing .whl/*.whl failed"; exit 1; }
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    "$PY" -c "import clip, dall_e" || { echo "gpu_check: clip/dall_e missing: run benchmarks/device_wheels.sh and carry .whl"; exit 1; }
+fi
 OUT=${OUT:-}
 [ -n "$OUT" ] && mkdir -p "$OUT"
 status=0
@@ -33,13 +48,18 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
 export PYTHONWARNINGS=ignore
-part cuda_check "$PY" benchmarks/cuda_check.py --device cuda --grid 32
-part bench_loop "$PY" benchmarks/bench_loop.py --device cuda --grid 32 --iterations 50 --warmup 5
-part bench_no_dalle_casts "$PY" benchmarks/bench_loop.py --device cuda --grid 32 --iterations 30 --warmup 5 \
-    --skip-reference --dalle-half-casts off
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    # The same parts and flags, on the CPU with tiny models and few steps.
+    on=(--device cpu --tiny --grid 8); steps=(--iterations 2 --warmup 1); few=(--iterations 2 --warmup 1)
+else
+    on=(--device cuda --grid 32); steps=(--iterations 50 --warmup 5); few=(--iterations 30 --warmup 5)
+fi
+part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}"
+part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}"
+part bench_dalle_casts_on "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" \
+    --skip-reference --dalle-half-casts on
 if [ "${COMPILE:-0}" = 1 ]; then
-    part bench_compile "$PY" benchmarks/bench_loop.py --device cuda --grid 32 --iterations 50 --warmup 5 \
-        --skip-reference --compile
+    part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference --compile
 fi
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all passed || echo SOMETHING FAILED)"
 exit $status

@@ -1,0 +1,47 @@
+"""The GPU check script (benchmarks/gpu_check.sh) is run once, by a session that has a GPU for a few
+minutes: it must not rot in between. Its dry run takes every part, with the same flags, on the CPU
+with tiny models, and must finish with every check passed and every JSON record complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def json_line(log: str) -> dict:
+    lines = [line for line in log.splitlines() if line.startswith("{")]
+    assert lines, log[-2000:]
+    return json.loads(lines[-1])
+
+
+def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PY": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "=== gpu_check: all passed" in proc.stdout
+
+    checks = json_line((out / "cuda_check.log").read_text())["checks"]
+    assert set(checks) >= {"smoke_bf16", "batched_vs_solo_fp32", "batched_vs_solo_bf16", "job_1000_under_60s"}
+    assert all(c["ok"] for c in checks.values()), checks
+    # On the CPU batching is exact to float noise, as tests/test_batching.py asserts.
+    assert checks["batched_vs_solo_fp32"]["mean"] < 2e-5
+
+    bench = json_line((out / "bench_loop.log").read_text())
+    assert set(bench["results"]) == {"reference", "engine_1", "engine_batch"}
+    for loop in bench["results"].values():
+        assert loop["job_iterations_per_s"] > 0 and loop["flops_per_step"] > 0 and loop["peak_memory_bytes"] > 0
+    assert bench["results"]["engine_batch"]["jobs"] == bench["max_batch"] >= 2
+    # Batched FLOPs are the jobs' FLOPs: one forward/backward over B slots does B jobs' work.
+    one, many = bench["results"]["engine_1"]["flops_per_step"], bench["results"]["engine_batch"]["flops_per_step"]
+    assert abs(many / one - bench["max_batch"]) < 0.05 * bench["max_batch"]
+    assert bench["ratios"]["reference"] == 1.0 and bench["ratios"]["engine_batch"] > 0
+
+    casts_on = json_line((out / "bench_dalle_casts_on.log").read_text())
+    assert casts_on["dalle_half_casts"] == "on" and "reference" not in casts_on["results"]
