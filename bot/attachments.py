@@ -3,21 +3,23 @@
 Torch-free. What a worker gets is never the user's file: the bot decodes it safely
 (engine.images.load_image: size, pixel-bomb and format refusals; animations and 16-bit images
 converted, with a note), scales it down, re-encodes it as PNG and stores it in the queue as an
-artifact under a fresh id (`upload_<hex>`, name `image.png`) *before* the job is submitted, so no
-worker can claim the job before its picture is there. The spec names it in `extra`:
-`{"image_prompt": {"artifact": [id, "image.png"], "weight": w}, "init_image": {"artifact": [...]}}`.
+artifact under a fresh upload id (`engine.jobs.new_upload_id()`: `upload_<hex>`, name `image.png`)
+*before* the job is submitted, so no worker can claim the job before its picture is there. The spec
+names it in `extra`: `{"image_prompt": {"artifact": [id, "image.png"], "weight": w}, "init_image":
+{"artifact": [...]}}`. The queue's `prune` deletes an upload once it is older than its `older_than`
+and no job left in the store names it (so one whose job was never submitted goes too).
 """
 
 from __future__ import annotations
 
 import io
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import discord
 
 from engine.images import MAX_IMAGE_PIXELS, ImageRejected, load_image
+from engine.jobs import new_upload_id
 
 ARTIFACT_NAME = "image.png"
 # The worker needs at most CLIP's input (224) and the init image's 8 * grid (512): a stored copy
@@ -83,6 +85,6 @@ def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
 
 async def store(queue: Any, checked: CheckedImage) -> list[str]:
     """Put the picture in the queue under a fresh id; returns the artifact reference [id, name]."""
-    upload_id = f"upload_{secrets.token_hex(8)}"
+    upload_id = new_upload_id()
     await queue.put_artifact(upload_id, ARTIFACT_NAME, checked.png)
     return [upload_id, ARTIFACT_NAME]

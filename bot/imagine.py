@@ -2,7 +2,9 @@
 
 Buttons survive restarts: their custom ids carry the job id (`imagine:reroll:<job_id>`) and are
 handled by `discord.ui.DynamicItem` subclasses registered in `setup_hook`; whatever a button needs
-is read from the queue's store, never from memory.
+is read from the queue's store, never from memory. So does the Remix modal: it is never kept in
+discord.py's modal store; its submit (`imagine:remix-modal:<job_id>` and the typed prompt) is
+answered by the cog's `on_interaction` listener, before or after a restart alike.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SEED_MAX = 2**32 - 1
 JOB_ID = r"(?P<job_id>[0-9A-Za-z_-]{1,64})"
+REMIX_MODAL = re.compile(r"imagine:remix-modal:" + JOB_ID)
+REMIX_PROMPT_INPUT = "prompt"   # the custom id of the modal's text input
 # Seconds of Discord's 3 s answer window that downloading and checking attachments may use; a
 # slower download goes on after a public defer.
 ATTACHMENT_WINDOW = 2.0
@@ -175,23 +179,45 @@ class RemixButton(_JobButton, template=r"imagine:remix:" + JOB_ID):
 
 
 class RemixModal(discord.ui.Modal):
-    """Asks for the remix's prompt (pre-filled with the parent's). Held in memory while it is open
-    (30 minutes at most); the job it remixes is read from the store again on submit."""
+    """Asks for the remix's prompt (pre-filled with the parent's). Built only to be sent: it is
+    stopped at once, so discord.py does not keep it in its modal store (keyed by custom id alone,
+    lost on a restart, and shared by everyone remixing the same job). The submit is answered by
+    `ImagineCog.on_remix_submit` from the custom id (the job) and the submitted text alone, exactly
+    once, whether the bot restarted in between or not."""
 
     def __init__(self, job_id: str, parent_prompt: str, max_chars: int):
-        super().__init__(title="Remix: a new prompt from this picture", timeout=30 * 60,
+        super().__init__(title="Remix: a new prompt from this picture", timeout=None,
                          custom_id=f"imagine:remix-modal:{job_id}")
         self.job_id = job_id
         self.prompt = discord.ui.TextInput(
-            label="New prompt", style=discord.TextStyle.paragraph, custom_id="prompt",
+            label="New prompt", style=discord.TextStyle.paragraph, custom_id=REMIX_PROMPT_INPUT,
             default=parent_prompt[:min(max_chars, 4000)], max_length=min(max_chars, 4000),
             placeholder="a house | by Escher:0.5 | blurry:-1",
         )
         self.add_item(self.prompt)
+        # Stopped: `send_modal` then sends it without storing it, so discord.py never dispatches
+        # its submit and the cog's listener is the one answer (no second reply racing it).
+        self.stop()
 
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        cog = _imagine_cog(interaction)
-        await cog.remix(interaction, self.job_id, self.prompt.value, None)
+
+def submitted_value(components: Any, custom_id: str) -> str | None:
+    """The value of text input `custom_id` in a MODAL_SUBMIT's components (action rows of type 1,
+    or labels of type 18 holding one component); None if it is not there."""
+    for component in components if isinstance(components, list) else []:
+        if not isinstance(component, dict):
+            continue
+        if component.get("type") == 1:
+            found = submitted_value(component.get("components"), custom_id)
+        elif component.get("type") == 18:
+            found = submitted_value([component.get("component")], custom_id)
+        elif component.get("custom_id") == custom_id:
+            value = component.get("value")
+            found = value if isinstance(value, str) else None
+        else:
+            found = None
+        if found is not None:
+            return found
+    return None
 
 
 class CancelButton(_JobButton, template=r"imagine:cancel:" + JOB_ID):
@@ -248,6 +274,27 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.bot.tree.remove_command(self.command.name)
         for command in self.more_commands:
             self.bot.tree.remove_command(command.name)
+
+    @commands.Cog.listener("on_interaction")
+    async def on_remix_submit(self, interaction: discord.Interaction) -> None:
+        """A Remix modal's submit (see RemixModal): the job from the custom id, the prompt from the
+        submitted text input, then the same path (and checks) as /remix."""
+        if interaction.type != discord.InteractionType.modal_submit:
+            return
+        data: Any = interaction.data or {}
+        match = REMIX_MODAL.fullmatch(str(data.get("custom_id") or ""))
+        if match is None or interaction.response.is_done():
+            return
+        prompt = submitted_value(data.get("components"), REMIX_PROMPT_INPUT) or ""
+        try:
+            await self.remix(interaction, match["job_id"], prompt, None)
+        except Exception:   # noqa: BLE001 - a listener's errors reach no one else: log, tell the user
+            log.exception("remix modal %s failed", data.get("custom_id"))
+            try:
+                await refuse(interaction, "Something went wrong on my side; the error is logged. "
+                                          "Try again in a moment.")
+            except discord.HTTPException:
+                pass
 
     def _build_command(self) -> app_commands.Command:
         cfg = self.bot.config.imagine

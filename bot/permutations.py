@@ -17,6 +17,11 @@ per combination (6 here) and, once every one of them has ended, posts one contac
   posts one message with `contact-sheet.png` (the DONE finals in order, captioned with their
   options; failed / cancelled ones are named in the text), then records `sheet:<id>`.
 
+Retention: `set:<id>` and `sheet:<id>` are written with an expiry (`set_setting(...,
+expire_after=keep_seconds(bot))`: 30 days, or `[worker] keep_days` when that is longer), so the
+store does not keep them forever; an open set whose record expired before its jobs ended (a queue
+paused for a month) is dropped from `sheets.open` without a sheet.
+
 Exactly once, honestly: the JobQueue protocol has no atomic compare-and-set on settings (and
 `mark_delivered` needs a job). So the sheet is posted like a job's final post: check `sheet:<id>`,
 post with the nonce `sheet-<id>` (Discord drops a repeat of it within a few minutes), then set
@@ -50,6 +55,17 @@ log = logging.getLogger(__name__)
 
 OPEN_KEY = "sheets.open"
 UPLOAD_MARGIN = 64 * 1024
+# A set's bookkeeping is needed until its sheet is posted (and the marker a little after, for another
+# process that still has the set open): far less than this.
+KEEP_SETS_DAYS = 30.0
+
+
+def keep_seconds(bot: Any) -> float:
+    """How long `set:<id>` and `sheet:<id>` are kept: KEEP_SETS_DAYS, or as long as the jobs
+    themselves (`[worker] keep_days`) when that is longer."""
+    worker = getattr(getattr(bot, "config", None), "worker", None)
+    keep_days = float(getattr(worker, "keep_days", 0.0) or 0.0)
+    return max(KEEP_SETS_DAYS, keep_days) * 86400.0
 
 
 def set_key(set_id: str) -> str:
@@ -248,7 +264,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
     if isinstance(sheets, SheetsCog):
         await sheets.track(info)
     else:   # no poller in this process: record it for one that has
-        await queue.set_setting(set_key(set_id), info)
+        await queue.set_setting(set_key(set_id), info, expire_after=keep_seconds(bot))
         opened = await queue.get_setting(OPEN_KEY, []) or []
         await queue.set_setting(OPEN_KEY, [*opened, set_id])
     return records
@@ -283,7 +299,7 @@ class SheetsCog(commands.Cog, name="Sheets"):
     async def track(self, info: dict[str, Any]) -> None:
         set_id = info["id"]
         async with self._lock:
-            await self.queue.set_setting(set_key(set_id), info)
+            await self.queue.set_setting(set_key(set_id), info, expire_after=keep_seconds(self.bot))
             opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
             if set_id not in opened:
                 await self.queue.set_setting(OPEN_KEY, [*opened, set_id])
@@ -291,16 +307,26 @@ class SheetsCog(commands.Cog, name="Sheets"):
         self._wake.set()
 
     async def _load_open(self) -> None:
+        expired = []
         for set_id in list(await self.queue.get_setting(OPEN_KEY, []) or []):
             if set_id not in self._open:
                 info = await self.queue.get_setting(set_key(set_id))
                 if isinstance(info, dict):
                     self._open[set_id] = info
+                else:   # its record expired (or was never written): nothing to post it from
+                    expired.append(set_id)
+        if expired:
+            log.warning("sets %s: their records are gone (expired); no contact sheet", ", ".join(expired))
+            async with self._lock:
+                opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
+                kept = [s for s in opened if s not in expired]
+                if kept != opened:
+                    await self.queue.set_setting(OPEN_KEY, kept)
 
     async def _close(self, set_id: str, marker: dict[str, Any] | None) -> None:
         """Record the sheet as posted (if `marker`) and drop the set from the open list."""
         if marker is not None:
-            await self.queue.set_setting(sheet_key(set_id), marker)
+            await self.queue.set_setting(sheet_key(set_id), marker, expire_after=keep_seconds(self.bot))
         info = self._open.pop(set_id, None) or {}
         for job_id in info.get("jobs", []):
             self._ended.pop(job_id, None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -79,7 +81,10 @@ class JobRecord:
     iteration: int = 0
     similarity: float | None = None
     attempts: int = 0
-    worker_id: str | None = None
+    worker_id: str | None = None  # who runs (or last ran) it: for display, logs and metrics
+    # The current claim's token (a fresh one per claim; None unless RUNNING). The fenced calls take
+    # it, so a worker's stale run of a job it has since claimed again is refused too.
+    lease_id: str | None = None
     error: str | None = None
     delivered: bool = False   # the bot posted the final result (exactly-once final post)
     cancel_requested: bool = False
@@ -113,6 +118,43 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def new_lease_id() -> str:
+    """A claim's token (see `JobRecord.lease_id`)."""
+    return uuid.uuid4().hex
+
+
+# Uploads: pictures the bot stores with `put_artifact(new_upload_id(), name, data)` *before* it
+# submits the job that names them in `spec.extra` as `{"artifact": [upload_id, name], ...}` (at any
+# depth). They belong to no job: `prune` deletes an upload once it is older than `older_than` and
+# no job left in the store names it.
+UPLOAD_PREFIX = "upload_"
+_UPLOAD_ID = re.compile(r"upload_[0-9A-Za-z]{1,64}")
+
+
+def new_upload_id() -> str:
+    return f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
+
+
+def is_upload_id(value: Any) -> bool:
+    return isinstance(value, str) and _UPLOAD_ID.fullmatch(value) is not None
+
+
+def upload_refs(spec: JobSpec) -> list[str]:
+    """The upload ids `spec.extra` names (`{"artifact": [upload_id, name]}` anywhere in it), sorted."""
+    found: set[str] = set()
+    stack: list[Any] = [spec.extra]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("artifact")
+            if isinstance(ref, (list, tuple)) and ref and is_upload_id(ref[0]):
+                found.add(ref[0])
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return sorted(found)
+
+
 @runtime_checkable
 class JobQueue(Protocol):
     """The job store + line shared by the bot and the GPU workers.
@@ -138,29 +180,35 @@ class JobQueue(Protocol):
     async def mark_delivered(self, job_id: str) -> bool: ...    # True only the first time
     async def undelivered(self) -> list[JobRecord]: ...         # finished, not yet posted
     async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None: ...
-    async def get_setting(self, key: str, default: Any = None) -> Any: ...
-    async def set_setting(self, key: str, value: Any) -> None: ...
+    async def get_setting(self, key: str, default: Any = None) -> Any: ...  # `default` once expired
+    # `expire_after` (seconds): the setting is gone after that long (get_setting no longer sees it;
+    # Redis drops it itself, SQLite deletes it in `prune`). None: kept until overwritten.
+    async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None: ...
 
     # --- the worker side ----------------------------------------------------------------------
+    # `claim` returns the job RUNNING with a fresh `lease_id`. Every call below that takes a
+    # `lease_id` is fenced: it acts only while the job is RUNNING under that very claim (checked
+    # atomically with the write) and otherwise changes nothing and returns False (`fail`: the job's
+    # current state). So a worker that lost its lease, even one that has since claimed the same job
+    # again, cannot publish, overwrite the new run's checkpoint or results, or end the job.
     async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None: ...
-    async def heartbeat(self, job_id: str, worker_id: str) -> bool: ...  # False: stop (cancelled / lost lease)
+    async def heartbeat(self, job_id: str, lease_id: str) -> bool: ...  # False: stop (cancelled / lost lease)
     async def sweep(self) -> int: ...  # expired leases handled now (claim() does it too); how many
-    # Fenced writes: with `worker_id`, they happen only while the job is RUNNING and owned by that
-    # worker (checked atomically with the write) and return False otherwise, so a worker that lost
-    # its lease cannot overwrite the new owner's state. Without it (the bot's uploads, tests) they
-    # always happen and return True.
-    async def publish(self, event: JobEvent, worker_id: str | None = None) -> bool: ...
-    async def save_checkpoint(self, checkpoint: Checkpoint, worker_id: str | None = None) -> bool: ...
+    # Without `lease_id` (the bot's uploads, tests) these always write and return True.
+    async def publish(self, event: JobEvent, lease_id: str | None = None) -> bool: ...
+    async def save_checkpoint(self, checkpoint: Checkpoint, lease_id: str | None = None) -> bool: ...
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None: ...  # None once the job finished
-    async def put_artifact(self, job_id: str, name: str, data: bytes, worker_id: str | None = None) -> bool: ...
+    async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool: ...
     async def get_artifact(self, job_id: str, name: str) -> bytes | None: ...
     async def has_artifact(self, job_id: str, name: str) -> bool: ...  # without reading it (a state.pt is large)
-    async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool: ...
-    async def fail(self, job_id: str, worker_id: str, reason: str, retry: bool = True) -> JobState: ...
-    async def mark_cancelled(self, job_id: str, worker_id: str) -> None: ...
-    async def release(self, job_id: str, worker_id: str) -> bool: ...  # graceful stop: back to the front, attempt not counted
+    async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool: ...
+    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState: ...
+    async def mark_cancelled(self, job_id: str, lease_id: str) -> None: ...
+    async def release(self, job_id: str, lease_id: str) -> bool: ...  # graceful stop: back to the front, attempt not counted
 
     # --- retention ----------------------------------------------------------------------------
     # Jobs finished *and* delivered more than `older_than` seconds ago: their records, artifacts,
-    # history entries and frames go. Returns how many jobs. Safe to run from several processes.
+    # history entries and frames go. Uploads (see `UPLOAD_PREFIX`) stored more than `older_than`
+    # seconds ago that no job left in the store names go too, and (SQLite) expired settings.
+    # Returns how many jobs. Safe to run from several processes.
     async def prune(self, older_than: float) -> int: ...

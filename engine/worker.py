@@ -66,7 +66,11 @@ def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
 
 @dataclass
 class _Running:
-    """A job on this worker, as the asyncio side tracks it."""
+    """One run of a job on this worker (one claim), as the asyncio side tracks it.
+
+    Runs are keyed by their lease id, here and on the GPU thread (the slot's key), never by job id:
+    a run that lost its lease may still be stepping when this worker claims the same job again, and
+    the two runs must not be mixed up (the old one's writes are refused, the new one's are not)."""
 
     record: JobRecord
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -75,11 +79,18 @@ class _Running:
     pending: list[asyncio.Future] = field(default_factory=list)
     similarity: float | None = None
 
+    @property
+    def lease(self) -> str:
+        """This run's claim token: every write about the job is fenced by it (engine.jobs)."""
+        assert self.record.lease_id is not None, "a claimed job has a lease id"
+        return self.record.lease_id
+
 
 @dataclass
 class _Start:
     """Handed to the GPU thread: everything to build a slot without touching the queue."""
 
+    key: str                    # the run's lease id: the slot's key
     job_id: str
     spec: JobSpec
     settings: GenerationSettings
@@ -118,7 +129,7 @@ class Worker:
         self.poll_every = poll_every
         self.video_fps = video_fps
         self.models: Models | None = None
-        self.running: dict[str, _Running] = {}
+        self.running: dict[str, _Running] = {}   # by lease id (one per claim); see _Running
         self.iterations_done = 0          # for metrics: job-iterations since start
         self._inbox: thread_queue.Queue[_Start] = thread_queue.Queue()
         self._stop = threading.Event()
@@ -176,16 +187,23 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
-        for job_id, run in list(self.running.items()):
+        for run in list(self.running.values()):
+            job_id = run.record.id
             await asyncio.gather(*run.pending, return_exceptions=True)
             # The last checkpoint is in the queue; the job resumes from it on the next claim.
             try:
-                await self.queue.release(job_id, self.worker_id)
-                log.info("job %s handed back to the queue (worker stopping)", job_id)
-                self._observe("job_ended", run.record, "released")
+                if await self.queue.release(job_id, run.lease):
+                    log.info("job %s handed back to the queue (worker stopping)", job_id)
+                    self._observe("job_ended", run.record, "released")
+                else:
+                    log.info("job %s was no longer ours: nothing to hand back", job_id)
             except Exception:  # noqa: BLE001 - the lease will expire instead
                 log.exception("could not hand job %s back", job_id)
         self.running.clear()
+
+    def is_running(self, job_id: str) -> bool:
+        """Whether a run of `job_id` is on this worker (possibly one that lost its lease)."""
+        return any(run.record.id == job_id for run in list(self.running.values()))
 
     async def __aenter__(self) -> "Worker":
         await self.start()
@@ -217,7 +235,7 @@ class Worker:
     async def _begin(self, record: JobRecord) -> None:
         spec = record.spec
         run = _Running(record)
-        self.running[record.id] = run
+        self.running[run.lease] = run
         # No prompt at INFO (it is the users' text): only at DEBUG.
         log.info("job %s started (attempt %d, grid %d, %d iterations, user %s)",
                  record.id, record.attempts, spec.grid, spec.iterations, spec.user_id)
@@ -240,10 +258,10 @@ class Worker:
                 if spec.parent_kind == "continue":
                     state, keep_optimizer = parent_state, True
             image_targets, init_image = await self._pictures(spec, start=state is None and init_logits is None)
-            self._inbox.put(_Start(record.id, spec, settings, init_logits, state, keep_optimizer,
+            self._inbox.put(_Start(run.lease, record.id, spec, settings, init_logits, state, keep_optimizer,
                                    image_targets, init_image))
         except Exception as exc:  # noqa: BLE001
-            await self._failed(record.id, exc)
+            await self._failed(run.lease, exc)
 
     async def _pictures(self, spec: JobSpec, start: bool) -> tuple[list[tuple[Any, float, str]], Any]:
         """The job's image prompt and init image (spec.extra, uploaded by the bot as artifacts:
@@ -297,13 +315,13 @@ class Worker:
             await asyncio.sleep(self.heartbeat_every)
             # A dead GPU thread runs nothing: let its jobs' leases expire so others take them.
             if self._gpu_thread_ok():
-                for job_id, run in list(self.running.items()):
+                for run in list(self.running.values()):
                     try:
-                        ok = await self.queue.heartbeat(job_id, self.worker_id)
+                        ok = await self.queue.heartbeat(run.record.id, run.lease)
                     except asyncio.CancelledError:
                         raise
                     except Exception:  # noqa: BLE001 - keep running; the lease may survive the outage
-                        log.warning("heartbeat for %s failed", job_id, exc_info=True)
+                        log.warning("heartbeat for %s failed", run.record.id, exc_info=True)
                         continue
                     if not ok:
                         run.cancel.set()
@@ -326,7 +344,7 @@ class Worker:
         return self._thread is None or self._thread.is_alive()
 
     def _from_gpu(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Called on the GPU thread: run `fn(*args)` as a task on the event loop."""
+        """Called on the GPU thread: run `fn(*args)` as a task on the event loop (`args[0]`: the run's key)."""
         def schedule() -> None:
             task = asyncio.ensure_future(fn(*args))
             run = self.running.get(args[0])
@@ -335,30 +353,33 @@ class Worker:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(schedule)
 
-    async def _on_frame(self, job_id: str, frame: Frame, state: dict[str, Any] | None) -> None:
-        run = self.running.get(job_id)
+    async def _on_frame(self, key: str, frame: Frame, state: dict[str, Any] | None) -> None:
+        run = self.running.get(key)
         if run is None:
             return
+        job_id = run.record.id
         png = await asyncio.to_thread(frame.png)
         run.frames_png.append(png)
         run.frames_pixels.append(frame.pixels)
         run.similarity = frame.similarity
-        # Fenced writes: refused once the job is no longer ours (lease lost, taken over, finished).
+        # Fenced writes: refused once this run's claim is over (lease lost, taken over, finished),
+        # even when this worker has claimed the job again since (that run has another lease).
         ok = await self.queue.publish(JobEvent(
             job_id=job_id, kind=EventKind.PROGRESS, iteration=frame.iteration, total=frame.total,
             similarity=frame.similarity, frame_png=png,
-        ), self.worker_id)
+        ), run.lease)
         if ok and state is not None:
             data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
-            ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), self.worker_id)
+            ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
         if not ok and not run.cancel.is_set():
             log.warning("job %s is no longer ours (lease lost or taken over): stopping it here", job_id)
             run.cancel.set()  # the GPU thread drops the slot; _on_stopped follows
 
-    async def _on_done(self, job_id: str, state: dict[str, Any]) -> None:
-        run = self.running.get(job_id)
+    async def _on_done(self, key: str, state: dict[str, Any]) -> None:
+        run = self.running.get(key)
         if run is None:
             return
+        job_id = run.record.id
         # Let this job's frame tasks (scheduled before this one) finish first.
         current = asyncio.current_task()
         await asyncio.gather(*(t for t in run.pending if t is not current), return_exceptions=True)
@@ -369,41 +390,46 @@ class Worker:
             state_bytes = await asyncio.to_thread(state_to_bytes, state)
             # Fenced: a worker that lost the job must not overwrite the new owner's results.
             stored = (
-                await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], self.worker_id)
-                and await self.queue.put_artifact(job_id, "video.mp4", video_bytes, self.worker_id)
-                and await self.queue.put_artifact(job_id, "state.pt", state_bytes, self.worker_id)
+                await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], run.lease)
+                and await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease)
+                and await self.queue.put_artifact(job_id, "state.pt", state_bytes, run.lease)
             )
-            if not stored or not await self.queue.finish(job_id, self.worker_id, run.similarity):
+            if not stored or not await self.queue.finish(job_id, run.lease, run.similarity):
                 run.cancel.set()
                 log.warning("job %s was no longer ours when it finished; result dropped", job_id)
                 return
         except Exception as exc:  # noqa: BLE001
-            await self._failed(job_id, exc)
+            await self._failed(key, exc)
             return
         finally:
-            self.running.pop(job_id, None)
+            self.running.pop(key, None)
             self._wake.set()
         self._observe("job_ended", run.record, "done")
         log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
                  time.time() - run.record.created_at)
 
-    async def _on_stopped(self, job_id: str) -> None:
-        """The GPU thread dropped the job: cancelled by a user, or our lease was lost."""
-        run = self.running.pop(job_id, None)
+    async def _on_stopped(self, key: str) -> None:
+        """The GPU thread dropped the run: cancelled by a user, or our lease was lost."""
+        run = self.running.pop(key, None)
         self._wake.set()
         if run is None:
             return
+        job_id = run.record.id
         record = await self.queue.get(job_id)
-        if record is not None and record.cancel_requested and record.state == JobState.RUNNING:
-            await self.queue.mark_cancelled(job_id, self.worker_id)
+        if record is not None and record.cancel_requested and record.lease_id == run.lease:
+            await self.queue.mark_cancelled(job_id, run.lease)
             log.info("job %s cancelled", job_id)
             self._observe("job_ended", run.record, "cancelled")
         else:
             log.info("job %s stopped here: no longer ours (lease lost or taken over)", job_id)
 
-    async def _failed(self, job_id: str, exc: BaseException) -> None:
-        run = self.running.pop(job_id, None)
+    async def _failed(self, key: str, exc: BaseException) -> None:
+        run = self.running.pop(key, None)
         self._wake.set()
+        if run is None:  # already dropped here (stopped, or ended): nothing of ours to fail
+            log.debug("a run that already left this worker failed: %s", exc)
+            return
+        job_id = run.record.id
         retry = not isinstance(exc, (PromptError, ValueError))  # bad input fails at once, never retried
         reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PromptError) else str(exc)
         if isinstance(exc, PromptError):
@@ -413,14 +439,14 @@ class Worker:
         else:
             log.warning("job %s failed: %s", job_id, reason)
         try:
-            state = await self.queue.fail(job_id, self.worker_id, reason[:500], retry=retry)
+            state = await self.queue.fail(job_id, run.lease, reason[:500], retry=retry)
         except Exception:  # noqa: BLE001
             log.exception("could not mark job %s failed", job_id)
             return
         if state == JobState.QUEUED:
             log.info("job %s back in the queue for another attempt", job_id)
         label = "retried" if state == JobState.QUEUED else getattr(state, "value", str(state))
-        self._observe("job_ended", run.record if run else None, label)
+        self._observe("job_ended", run.record, label)
 
     # --- GPU thread -------------------------------------------------------------------------
 
@@ -460,8 +486,8 @@ class Worker:
         finally:
             self.gpu_alive = False
 
-    def _cancelled(self, job_id: str) -> bool:
-        run = self.running.get(job_id)
+    def _cancelled(self, key: str) -> bool:
+        run = self.running.get(key)
         return run is None or run.cancel.is_set()
 
     def _admit(self, runner: BatchRunner, block: bool) -> None:
@@ -481,8 +507,8 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory, a decoder that cannot run
                 # Fail the job (retried elsewhere), never the GPU thread: a dead thread with
                 # heartbeating jobs would hold them forever.
-                runner.remove(start.job_id)
-                self._from_gpu(self._failed, start.job_id, exc)
+                runner.remove(start.key)
+                self._from_gpu(self._failed, start.key, exc)
                 continue
 
     def _make_slot(self, start: _Start) -> Slot:
@@ -498,7 +524,7 @@ class Worker:
         if images or start.init_image is not None:
             log.info("job %s: %d CLIP targets (%d from an image prompt)%s", start.job_id, len(targets.labels),
                      len(images), ", starts from an init image" if start.init_image is not None else "")
-        slot = Slot(start.job_id, self.models, targets, start.settings, init_logits)
+        slot = Slot(start.key, self.models, targets, start.settings, init_logits)
         if start.state is not None:
             slot.load_state(start.state)
             if start.keep_optimizer:  # Continue: the parent's optimiser and RNG, a fresh count

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sqlite3
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bot import contact_sheet
+from bot import contact_sheet, permutations
 from engine.jobs import EventKind, JobState
 from tests.test_bot_support import JOB_ID_RE, claim_jobs, ephemeral_answer, harness  # noqa: F401 - the fixture
 
@@ -43,6 +45,12 @@ def _rgb(data: bytes) -> Image.Image:
 
 def _diff(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+
+
+async def _expiries(h, keys):
+    """When each setting expires (the SQLite store's `expires_at`), None for one kept forever."""
+    with sqlite3.connect(h.queue.path) as db:
+        return [db.execute("SELECT expires_at FROM settings WHERE key = ?", (k,)).fetchone()[0] for k in keys]
 
 
 async def _set_jobs(h):
@@ -96,10 +104,11 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
         await h.queue.put_artifact(ids[i], "video.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
         await asyncio.sleep(0.3)
         assert _sheet_messages(fd) == []   # not before the last one has ended
-        assert await h.queue.finish(ids[i], "test-gpu", 0.2)
+        assert await h.queue.finish(ids[i], (await h.queue.get(ids[i])).lease_id, 0.2)
     await asyncio.sleep(0.3)
     assert _sheet_messages(fd) == []
-    assert await h.queue.fail(ids[4], "test-gpu", "out of memory", retry=False) == JobState.FAILED
+    lease = (await h.queue.get(ids[4])).lease_id
+    assert await h.queue.fail(ids[4], lease, "out of memory", retry=False) == JobState.FAILED
 
     await fd.wait_for(lambda: _sheet_messages(fd), 10, "the contact sheet")
     for job_id in ids:
@@ -116,6 +125,9 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     marker = await h.queue.get_setting(f"sheet:{set_id}")
     assert (marker["message_id"], marker["channel_id"]) == (sheet.id, fd.channel_id)
     assert await h.queue.get_setting("sheets.open") == []
+    # The set's bookkeeping is not kept forever: both keys carry an expiry (30 days by default).
+    expiries = await _expiries(h, [f"set:{set_id}", f"sheet:{set_id}"])
+    assert all(abs(at - time.time() - permutations.KEEP_SETS_DAYS * 86400) < 600 for at in expiries), expiries
     fd.assert_clean()
 
 
@@ -175,3 +187,31 @@ async def test_the_contact_sheet_comes_once_after_every_job_of_the_set_is_done(h
     await asyncio.sleep(1.5)   # past reconcile_interval (0.5 s): the open sets were re-read
     assert len(_sheet_messages(fd)) == 1 and len(_sheet_posts(fd)) == 1
     fd.assert_clean()
+
+
+async def test_set_bookkeeping_expires_and_an_expired_open_set_is_dropped(tmp_path):
+    """keep_seconds: 30 days, or [worker] keep_days when longer. A set listed as open whose record
+    has expired is dropped from `sheets.open` (nothing to post it from) and the others stay."""
+    from types import SimpleNamespace
+
+    from engine.queue import open_queue
+
+    def bot_with(keep_days):
+        return SimpleNamespace(config=SimpleNamespace(worker=SimpleNamespace(keep_days=keep_days)))
+
+    assert permutations.keep_seconds(bot_with(0.0)) == 30 * 86400
+    assert permutations.keep_seconds(bot_with(7)) == 30 * 86400
+    assert permutations.keep_seconds(bot_with(90)) == 90 * 86400
+    queue = open_queue(f"sqlite:///{tmp_path}/q.db")
+    await queue.start()
+    try:
+        await queue.set_setting(permutations.set_key("live"), {"id": "live", "jobs": []}, expire_after=60)
+        await queue.set_setting(permutations.set_key("old"), {"id": "old", "jobs": []}, expire_after=0.05)
+        await queue.set_setting(permutations.OPEN_KEY, ["old", "live"])
+        await asyncio.sleep(0.1)
+        cog = permutations.SheetsCog(SimpleNamespace(queue=queue, config=bot_with(0.0).config))
+        await cog._load_open()
+        assert list(cog._open) == ["live"]
+        assert await queue.get_setting(permutations.OPEN_KEY) == ["live"]
+    finally:
+        await queue.close()

@@ -208,7 +208,7 @@ async def finish_jobs(queue, job_ids) -> None:
     for job_id in job_ids:
         await queue.put_artifact(job_id, "final.png", tiny_png(9, 9))
         await queue.put_artifact(job_id, "video.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
-        assert await queue.finish(job_id, "test-gpu", 0.2)
+        assert await queue.finish(job_id, (await queue.get(job_id)).lease_id, 0.2)  # the claim's lease
 
 
 @pytest_asyncio.fixture

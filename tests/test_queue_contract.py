@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sqlite3
 import time
 
 import pytest
 
-from engine.jobs import Checkpoint, EventKind, JobEvent, JobQueue, JobSpec, JobState
+from engine.jobs import Checkpoint, EventKind, JobEvent, JobQueue, JobSpec, JobState, is_upload_id, new_upload_id
 
 try:
     from queue_fixtures import QueueFactory, queue, queue_factory, redis_server, start_redis  # noqa: F401
@@ -38,6 +40,13 @@ async def all_events(q: JobQueue, after: int = 0) -> list[JobEvent]:
 async def last_seq(q: JobQueue) -> int:
     events = await all_events(q)
     return events[-1].seq if events else 0
+
+
+async def lease(q: JobQueue, job_id: str) -> str:
+    """The lease id of the job's current claim (what the worker that claimed it was given)."""
+    rec = await q.get(job_id)
+    assert rec is not None and rec.lease_id, rec
+    return rec.lease_id
 
 
 async def test_submit_and_get(queue: JobQueue):
@@ -92,6 +101,7 @@ async def test_claim_sets_running_and_started_event(queue: JobQueue):
     got = await queue.claim("w1")
     assert got is not None and got.id == rec.id
     assert got.state == JobState.RUNNING and got.attempts == 1 and got.worker_id == "w1"
+    assert got.lease_id and (await queue.get(rec.id)).lease_id == got.lease_id
     assert got.started_at is not None and abs(got.started_at - time.time()) < 5
     events = await all_events(queue, after)
     assert [(e.job_id, e.kind) for e in events] == [(rec.id, EventKind.STARTED)]
@@ -169,38 +179,41 @@ async def test_cancel_queued(queue: JobQueue):
 
 async def test_cancel_running(queue: JobQueue):
     rec = await queue.submit(spec())
-    await queue.claim("w1")
-    assert await queue.heartbeat(rec.id, "w1") is True
+    w1 = (await queue.claim("w1")).lease_id
+    assert await queue.heartbeat(rec.id, w1) is True
     assert await queue.cancel(rec.id) is True
     got = await queue.get(rec.id)
     assert got.state == JobState.RUNNING and got.cancel_requested
-    assert await queue.heartbeat(rec.id, "w1") is False
+    assert await queue.heartbeat(rec.id, w1) is False
     after = await last_seq(queue)
-    await queue.mark_cancelled(rec.id, "w2")  # not its job: nothing happens
+    await queue.mark_cancelled(rec.id, "not-its-lease")  # not its claim: nothing happens
+    await queue.mark_cancelled(rec.id, "w1")             # a worker id is not a lease
     assert (await queue.get(rec.id)).state == JobState.RUNNING
-    await queue.mark_cancelled(rec.id, "w1")
+    await queue.mark_cancelled(rec.id, w1)
     got = await queue.get(rec.id)
-    assert got.state == JobState.CANCELLED and got.finished_at is not None
+    assert got.state == JobState.CANCELLED and got.finished_at is not None and got.lease_id is None
     assert [(e.job_id, e.kind) for e in await all_events(queue, after)] == [(rec.id, EventKind.CANCELLED)]
     assert await queue.claim("w1") is None
     assert await queue.cancel(rec.id) is False
-    assert await queue.finish(rec.id, "w1", 0.5) is False
+    assert await queue.finish(rec.id, w1, 0.5) is False
 
 
 async def test_finish_and_late_finish(queue: JobQueue):
     rec = await queue.submit(spec())
-    await queue.claim("w1")
-    assert await queue.finish(rec.id, "w2", 0.9) is False
+    w1 = (await queue.claim("w1")).lease_id
+    assert await queue.finish(rec.id, "w1", 0.9) is False  # the worker id is not the lease
+    assert await queue.finish(rec.id, "", 0.9) is False
     assert (await queue.get(rec.id)).state == JobState.RUNNING
     after = await last_seq(queue)
-    assert await queue.finish(rec.id, "w1", 0.31) is True
+    assert await queue.finish(rec.id, w1, 0.31) is True
     got = await queue.get(rec.id)
     assert got.state == JobState.DONE and got.similarity == pytest.approx(0.31) and got.finished_at is not None
     events = await all_events(queue, after)
     assert [(e.job_id, e.kind) for e in events] == [(rec.id, EventKind.DONE)]
     assert events[0].similarity == pytest.approx(0.31)
-    assert await queue.finish(rec.id, "w1", 0.5) is False
-    assert await queue.heartbeat(rec.id, "w1") is False
+    assert await queue.finish(rec.id, w1, 0.5) is False
+    assert await queue.heartbeat(rec.id, w1) is False
+    assert (await queue.get(rec.id)).worker_id == "w1"  # who ran it stays on the record
     assert await queue.running() == []
 
 
@@ -212,7 +225,8 @@ async def test_fail_retries_at_front_until_cap(queue_factory: QueueFactory):
         got = await q.claim("w")
         assert got.id == rec.id and got.attempts == attempt
         after = await last_seq(q)
-        assert await q.fail(rec.id, "w", f"boom {attempt}") == JobState.QUEUED
+        assert await q.fail(rec.id, got.lease_id, f"boom {attempt}") == JobState.QUEUED
+        assert await q.fail(rec.id, got.lease_id, "twice") == JobState.QUEUED  # no change: not running
         assert await q.position(rec.id) == 1 and await q.position(other.id) == 2
         got = await q.get(rec.id)
         assert got.state == JobState.QUEUED and got.worker_id is None
@@ -220,16 +234,16 @@ async def test_fail_retries_at_front_until_cap(queue_factory: QueueFactory):
         assert [(e.kind, e.message) for e in events] == [(EventKind.QUEUED, f"boom {attempt}")]
     got = await q.claim("w")
     assert got.id == rec.id and got.attempts == 3
-    assert await q.fail(rec.id, "other-worker", "late") == JobState.RUNNING  # not its job: no change
+    assert await q.fail(rec.id, "other-lease", "late") == JobState.RUNNING  # not its claim: no change
     after = await last_seq(q)
-    assert await q.fail(rec.id, "w", "boom 3") == JobState.FAILED
+    assert await q.fail(rec.id, got.lease_id, "boom 3") == JobState.FAILED
     got = await q.get(rec.id)
     assert got.state == JobState.FAILED and got.error == "boom 3" and got.finished_at is not None
     assert [(e.kind, e.message) for e in await all_events(q, after)] == [(EventKind.FAILED, "boom 3")]
     # retry=False fails at once
     got = await q.claim("w")
     assert got.id == other.id
-    assert await q.fail(other.id, "w", "bad prompt", retry=False) == JobState.FAILED
+    assert await q.fail(other.id, got.lease_id, "bad prompt", retry=False) == JobState.FAILED
     assert (await q.get(other.id)).attempts == 1
 
 
@@ -239,19 +253,22 @@ async def test_lease_expiry_requeues_at_front(queue_factory: QueueFactory):
     b = await q.submit(spec(2))
     got = await q.claim("w1")
     assert got.id == a.id
+    w1 = got.lease_id
     await asyncio.sleep(0.45)
     after = await last_seq(q)
     assert await q.sweep() == 1
     got = await q.get(a.id)
-    assert got.state == JobState.QUEUED and got.worker_id is None and got.attempts == 1
+    assert got.state == JobState.QUEUED and got.worker_id is None and got.attempts == 1 and got.lease_id is None
     assert await q.position(a.id) == 1 and await q.position(b.id) == 2
     assert [(e.kind, e.message) for e in await all_events(q, after)] == [(EventKind.QUEUED, "worker lost")]
     got = await q.claim("w2")
     assert got.id == a.id and got.attempts == 2 and got.worker_id == "w2"
+    w2 = got.lease_id
+    assert w2 and w2 != w1
     # the first worker comes back late: its lease is gone
-    assert await q.heartbeat(a.id, "w1") is False
-    assert await q.finish(a.id, "w1", 0.1) is False
-    assert await q.heartbeat(a.id, "w2") is True
+    assert await q.heartbeat(a.id, w1) is False
+    assert await q.finish(a.id, w1, 0.1) is False
+    assert await q.heartbeat(a.id, w2) is True
     await asyncio.sleep(0.45)
     after = await last_seq(q)
     got = await q.claim("w3")  # sweeps first: a has used its 2 attempts
@@ -260,16 +277,16 @@ async def test_lease_expiry_requeues_at_front(queue_factory: QueueFactory):
     assert failed.state == JobState.FAILED and failed.error == "worker lost 2 times"
     events = [e for e in await all_events(q, after) if e.job_id == a.id]
     assert [(e.kind, e.message) for e in events] == [(EventKind.FAILED, "worker lost 2 times")]
-    assert await q.finish(a.id, "w2", 0.1) is False
+    assert await q.finish(a.id, w2, 0.1) is False
 
 
 async def test_heartbeat_keeps_the_lease(queue_factory: QueueFactory):
     q = await queue_factory.open(lease=0.3)
     rec = await q.submit(spec())
-    await q.claim("w1")
+    w1 = (await q.claim("w1")).lease_id
     for _ in range(4):
         await asyncio.sleep(0.12)
-        assert await q.heartbeat(rec.id, "w1") is True
+        assert await q.heartbeat(rec.id, w1) is True
     assert await q.sweep() == 0
     assert (await q.get(rec.id)).worker_id == "w1"
 
@@ -277,11 +294,12 @@ async def test_heartbeat_keeps_the_lease(queue_factory: QueueFactory):
 async def test_release_returns_to_front_without_counting(queue: JobQueue):
     a = await queue.submit(spec(1))
     b = await queue.submit(spec(2))
-    await queue.claim("w1")
-    assert await queue.release(a.id, "w2") is False
-    assert await queue.release(a.id, "w1") is True
+    w1 = (await queue.claim("w1")).lease_id
+    assert await queue.release(a.id, "w1") is False  # a worker id, not the claim's lease
+    assert await queue.release(a.id, w1) is True
+    assert await queue.release(a.id, w1) is False
     got = await queue.get(a.id)
-    assert got.state == JobState.QUEUED and got.attempts == 0 and got.worker_id is None
+    assert got.state == JobState.QUEUED and got.attempts == 0 and got.worker_id is None and got.lease_id is None
     assert [r.id for r in await queue.queued()] == [a.id, b.id]
     assert (await queue.claim("w1")).attempts == 1
 
@@ -292,7 +310,7 @@ async def test_history_newest_first(queue: JobQueue):
     other = await queue.submit(spec(1, "elsewhere", channel=CHANNEL))
     j3 = await queue.submit(spec(1, "three", channel=10))
     await queue.claim("w")
-    await queue.finish(j1.id, "w", 0.2)
+    await queue.finish(j1.id, await lease(queue, j1.id), 0.2)
     assert [r.id for r in await queue.history(10)] == [j3.id, j2.id, j1.id]
     assert [r.id for r in await queue.history(10, limit=2)] == [j3.id, j2.id]
     assert (await queue.history(10))[2].state == JobState.DONE
@@ -309,8 +327,8 @@ async def test_delivery_once_and_undelivered(queue_factory: QueueFactory):
     waiting = await q.submit(spec(4))
     await q.claim("w")
     await q.claim("w")
-    await q.finish(done.id, "w", 0.3)
-    await q.fail(failed.id, "w", "oops", retry=False)
+    await q.finish(done.id, await lease(q, done.id), 0.3)
+    await q.fail(failed.id, await lease(q, failed.id), "oops", retry=False)
     await q.cancel(cancelled.id)
     assert {r.id for r in await q.undelivered()} == {done.id, failed.id, cancelled.id}
     results = await asyncio.gather(q.mark_delivered(done.id), q2.mark_delivered(done.id), q.mark_delivered(done.id))
@@ -414,7 +432,7 @@ async def test_concurrent_claimers_never_share_a_job(queue_factory: QueueFactory
         while (rec := await worker.claim(name)) is not None:
             claimed.append((rec.id, name))
             await asyncio.sleep(0.01)  # "work", so that the claimers interleave
-            assert await worker.finish(rec.id, name, 0.5) is True
+            assert await worker.finish(rec.id, rec.lease_id, 0.5) is True
 
     await asyncio.gather(*(work(c, f"w{i}") for i, c in enumerate(claimers)))
     assert sorted(i for i, _ in claimed) == sorted(ids)
@@ -438,8 +456,8 @@ async def test_clear_cancels_every_queued_job(queue: JobQueue):
 
 async def test_workers_registry(queue: JobQueue):
     rec = await queue.submit(spec())
-    await queue.claim("gpu-0")
-    await queue.heartbeat(rec.id, "gpu-0")
+    got = await queue.claim("gpu-0")
+    assert await queue.heartbeat(rec.id, got.lease_id) is True
     workers = await queue.workers()
     assert "gpu-0" in workers and workers["gpu-0"]["job_id"] == rec.id
     assert abs(workers["gpu-0"]["last_seen"] - time.time()) < 5
@@ -474,10 +492,11 @@ async def test_redis_survives_server_restart(tmp_path):
     try:
         await q.start()
         rec = await q.submit(spec())
-        assert (await q.claim("w")).id == rec.id
+        got = await q.claim("w")
+        assert got.id == rec.id
         server.stop()
         restart = asyncio.get_running_loop().run_in_executor(None, lambda: (time.sleep(0.5), server.restart()))
-        assert await q.heartbeat(rec.id, "w") is True  # waits for the server to come back
+        assert await q.heartbeat(rec.id, got.lease_id) is True  # waits for the server to come back
         await restart
         after = await last_seq(q)
         waiter = asyncio.create_task(q.events(after=after, timeout=5))
@@ -486,7 +505,7 @@ async def test_redis_survives_server_restart(tmp_path):
         await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=10))
         events = await waiter
         assert [e.iteration for e in events] == [10]
-        assert await q.finish(rec.id, "w", 0.4) is True
+        assert await q.finish(rec.id, got.lease_id, 0.4) is True
         assert (await q.get(rec.id)).state == JobState.DONE
     finally:
         await q.close()
@@ -505,10 +524,11 @@ async def test_redis_scripts_are_idempotent_when_resent(redis_server):
         a = await q.submit(spec(1))
         b = await q.submit(spec(2))
         base = [q.prefix, "token-1", repr(time.time()), q.keep_events, q.max_attempts, repr(q.lease)]
-        first = await q._scripts["claim"](keys=[], args=[*base, "w", -1])
-        again = await q._scripts["claim"](keys=[], args=[*base, "w", -1])
+        first = await q._scripts["claim"](keys=[], args=[*base, "w", "lease-1", -1])
+        again = await q._scripts["claim"](keys=[], args=[*base, "w", "lease-1", -1])
         assert first == again == a.id.encode()
         assert (await q.get(b.id)).state == JobState.QUEUED and (await q.get(a.id)).attempts == 1
+        assert (await q.get(a.id)).lease_id == "lease-1"
         before = await last_seq(q)
         pub = [*base[:1], "token-2", *base[2:], a.id, "progress", 5, 10, "", "", repr(time.time()), "0", b"", 8]
         assert await q._scripts["publish"](keys=[], args=pub) == await q._scripts["publish"](keys=[], args=pub)
@@ -524,58 +544,133 @@ async def test_a_stale_workers_writes_are_refused_after_a_take_over(queue_factor
     q = await queue_factory.open(lease=0.2)
     rec = await q.submit(spec())
     waiting = await q.submit(spec(2))
-    # Not running yet, or not this worker's: refused (and nothing written).
-    assert await q.save_checkpoint(Checkpoint(rec.id, 1, b"early"), "w1") is False
-    assert await q.put_artifact(rec.id, "final.png", b"early", "w1") is False
+    # Not running yet, or not this claim's: refused (and nothing written).
+    assert await q.save_checkpoint(Checkpoint(rec.id, 1, b"early"), "some-lease") is False
+    assert await q.put_artifact(rec.id, "final.png", b"early", "some-lease") is False
     assert await q.load_checkpoint(rec.id) is None and not await q.has_artifact(rec.id, "final.png")
-    await q.claim("w1")
-    assert await q.save_checkpoint(Checkpoint(rec.id, 10, b"w1-ckpt"), "w1") is True
-    assert await q.put_artifact(rec.id, "final.png", b"w1-png", "w1") is True
-    assert await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=10, frame_png=b"f1"), "w1") is True
-    assert await q.save_checkpoint(Checkpoint(rec.id, 11, b"other"), "w2") is False
+    w1 = (await q.claim("w1")).lease_id
+    assert await q.save_checkpoint(Checkpoint(rec.id, 10, b"w1-ckpt"), w1) is True
+    assert await q.put_artifact(rec.id, "final.png", b"w1-png", w1) is True
+    assert await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=10, frame_png=b"f1"), w1) is True
+    assert await q.save_checkpoint(Checkpoint(rec.id, 11, b"other"), "other-lease") is False
+    assert await q.save_checkpoint(Checkpoint(rec.id, 11, b"other"), "w1") is False  # a worker id is no lease
     await asyncio.sleep(0.3)
     assert await q.sweep() == 1  # w1's lease expired, nobody claimed: the sweep alone requeues it
     assert (await q.get(rec.id)).state == JobState.QUEUED and await q.position(rec.id) == 1
-    assert await q.save_checkpoint(Checkpoint(rec.id, 12, b"late"), "w1") is False  # queued: nobody's
-    assert (await q.claim("w2")).id == rec.id
-    assert await q.heartbeat(rec.id, "w2") is True
-    assert await q.save_checkpoint(Checkpoint(rec.id, 20, b"w2-ckpt"), "w2") is True
-    assert await q.put_artifact(rec.id, "final.png", b"w2-png", "w2") is True
+    assert await q.save_checkpoint(Checkpoint(rec.id, 12, b"late"), w1) is False  # queued: nobody's
+    w2 = (await q.claim("w2")).lease_id
+    assert (await q.get(rec.id)).lease_id == w2 != w1
+    assert await q.heartbeat(rec.id, w2) is True
+    assert await q.save_checkpoint(Checkpoint(rec.id, 20, b"w2-ckpt"), w2) is True
+    assert await q.put_artifact(rec.id, "final.png", b"w2-png", w2) is True
     after = await last_seq(q)
     # w1 comes back late: none of its writes land.
     stale = JobEvent(rec.id, EventKind.PROGRESS, iteration=15, frame_png=b"stale")
-    assert await q.publish(stale, "w1") is False
-    assert await q.save_checkpoint(Checkpoint(rec.id, 15, b"w1-stale"), "w1") is False
-    assert await q.put_artifact(rec.id, "final.png", b"w1-stale", "w1") is False
-    assert await q.put_artifact(rec.id, "video.mp4", b"w1-stale", "w1") is False
+    assert await q.publish(stale, w1) is False
+    assert await q.save_checkpoint(Checkpoint(rec.id, 15, b"w1-stale"), w1) is False
+    assert await q.put_artifact(rec.id, "final.png", b"w1-stale", w1) is False
+    assert await q.put_artifact(rec.id, "video.mp4", b"w1-stale", w1) is False
     assert await all_events(q, after) == []
     ck = await q.load_checkpoint(rec.id)
     assert (ck.iteration, ck.data) == (20, b"w2-ckpt")
     assert await q.get_artifact(rec.id, "final.png") == b"w2-png" and not await q.has_artifact(rec.id, "video.mp4")
     assert (await q.get(rec.id)).iteration == 10  # the stale PROGRESS did not move the record either
-    # Without a worker id the writes are unconditional (the bot's uploads, the queue's own events).
+    # Without a lease the writes are unconditional (the bot's uploads, the queue's own events).
     assert await q.put_artifact("upload_x", "image.png", b"img") is True
     assert await q.put_artifact(waiting.id, "note", b"n") is True
     assert await q.publish(JobEvent(waiting.id, EventKind.PROGRESS, iteration=1)) is True
     assert await q.save_checkpoint(Checkpoint(waiting.id, 1, b"c")) is True
-    assert await q.finish(rec.id, "w2", 0.5) is True
-    assert await q.put_artifact(rec.id, "final.png", b"after", "w2") is False  # finished: nobody's
+    assert await q.finish(rec.id, w2, 0.5) is True
+    assert await q.put_artifact(rec.id, "final.png", b"after", w2) is False  # finished: nobody's
+
+
+async def test_the_same_worker_claiming_its_job_again_fences_off_its_first_run(queue_factory: QueueFactory):
+    """A worker that stalled past its lease and then claimed the same job again holds a new lease:
+    whatever its first (stale) run still writes is refused, the second run's writes land."""
+    q = await queue_factory.open(lease=0.2)
+    rec = await q.submit(spec())
+    first = await q.claim("gpu-1")
+    assert await q.save_checkpoint(Checkpoint(rec.id, 10, b"run1-ckpt"), first.lease_id) is True
+    assert await q.put_artifact(rec.id, "final.png", b"run1-png", first.lease_id) is True
+    await asyncio.sleep(0.3)  # the worker stalls: no heartbeat, its lease expires
+    second = await q.claim("gpu-1")  # the claim sweeps it back, and the same worker takes it again
+    assert second.id == rec.id and second.worker_id == "gpu-1" and second.attempts == 2
+    assert second.lease_id and second.lease_id != first.lease_id
+    old, new = first.lease_id, second.lease_id
+    after = await last_seq(q)
+
+    # The stale run: every fenced call is refused and changes nothing.
+    assert await q.heartbeat(rec.id, old) is False
+    assert await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=15, frame_png=b"stale"), old) is False
+    assert await q.save_checkpoint(Checkpoint(rec.id, 15, b"run1-stale"), old) is False
+    assert await q.put_artifact(rec.id, "final.png", b"run1-stale", old) is False
+    assert await q.put_artifact(rec.id, "state.pt", b"run1-stale", old) is False
+    assert await q.finish(rec.id, old, 0.9) is False
+    assert await q.fail(rec.id, old, "stale failure") == JobState.RUNNING
+    assert await q.fail(rec.id, old, "stale failure", retry=False) == JobState.RUNNING
+    await q.mark_cancelled(rec.id, old)
+    assert await q.release(rec.id, old) is False
+    assert await all_events(q, after) == []
+    got = await q.get(rec.id)
+    assert (got.state, got.lease_id, got.worker_id, got.attempts, got.iteration) == (
+        JobState.RUNNING, new, "gpu-1", 2, 0)
+    assert got.error is None and got.similarity is None
+    ck = await q.load_checkpoint(rec.id)
+    assert (ck.iteration, ck.data) == (10, b"run1-ckpt")  # what run 1 wrote while it held the job stays
+    assert await q.get_artifact(rec.id, "final.png") == b"run1-png" and not await q.has_artifact(rec.id, "state.pt")
+
+    # The second run: its writes land.
+    assert await q.heartbeat(rec.id, new) is True
+    assert await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=20, frame_png=b"run2"), new) is True
+    assert await q.save_checkpoint(Checkpoint(rec.id, 20, b"run2-ckpt"), new) is True
+    assert await q.put_artifact(rec.id, "final.png", b"run2-png", new) is True
+    assert (await q.load_checkpoint(rec.id)).data == b"run2-ckpt"
+    assert await q.save_checkpoint(Checkpoint(rec.id, 21, b"run1-stale"), old) is False  # still refused
+    assert (await q.load_checkpoint(rec.id)).data == b"run2-ckpt"
+    assert await q.finish(rec.id, old, 0.9) is False
+    assert await q.finish(rec.id, new, 0.4) is True
+    got = await q.get(rec.id)
+    assert got.state == JobState.DONE and got.similarity == pytest.approx(0.4) and got.lease_id is None
+    assert await q.get_artifact(rec.id, "final.png") == b"run2-png"
+    events = [(e.kind, e.iteration) for e in await all_events(q, after)]
+    assert events == [(EventKind.PROGRESS, 20), (EventKind.DONE, 20)]
+
+
+async def test_a_stale_lease_cannot_requeue_or_release_the_new_run(queue_factory: QueueFactory):
+    """fail(retry=True) and release() with an old lease must not put the new run back in line."""
+    q = await queue_factory.open(lease=0.2, max_attempts=5)
+    rec = await q.submit(spec())
+    old = (await q.claim("gpu-1")).lease_id
+    await asyncio.sleep(0.3)
+    new = (await q.claim("gpu-1")).lease_id
+    assert await q.fail(rec.id, old, "oom", retry=True) == JobState.RUNNING
+    assert await q.release(rec.id, old) is False
+    assert (await q.get(rec.id)).state == JobState.RUNNING and await q.position(rec.id) is None
+    assert await q.release(rec.id, new) is True
+    got = await q.get(rec.id)
+    assert got.state == JobState.QUEUED and got.lease_id is None and got.attempts == 1
+    third = await q.claim("gpu-1")
+    assert third.lease_id not in (old, new)
+    assert await q.fail(rec.id, new, "oom", retry=True) == JobState.RUNNING  # the released run is stale too
+    assert await q.fail(rec.id, third.lease_id, "oom", retry=True) == JobState.QUEUED
 
 
 async def test_checkpoints_are_deleted_when_a_job_ends(queue: JobQueue):
     recs = [await queue.submit(spec(u)) for u in range(6)]
     done, failed, cancelled, retried, released, queued = recs
+    leases = {}
     for _ in range(5):
-        await queue.claim("w")
+        got = await queue.claim("w")
+        leases[got.id] = got.lease_id
     for rec in recs:
         assert await queue.save_checkpoint(Checkpoint(rec.id, 5, b"ck-" + rec.id.encode())) is True
-    await queue.put_artifact(done.id, "state.pt", b"state", "w")
-    assert await queue.finish(done.id, "w", 0.3) is True
-    assert await queue.fail(failed.id, "w", "bad", retry=False) == JobState.FAILED
+    await queue.put_artifact(done.id, "state.pt", b"state", leases[done.id])
+    assert await queue.finish(done.id, leases[done.id], 0.3) is True
+    assert await queue.fail(failed.id, leases[failed.id], "bad", retry=False) == JobState.FAILED
     assert await queue.cancel(cancelled.id) is True
-    await queue.mark_cancelled(cancelled.id, "w")
-    assert await queue.fail(retried.id, "w", "oom", retry=True) == JobState.QUEUED
-    assert await queue.release(released.id, "w") is True
+    await queue.mark_cancelled(cancelled.id, leases[cancelled.id])
+    assert await queue.fail(retried.id, leases[retried.id], "oom", retry=True) == JobState.QUEUED
+    assert await queue.release(released.id, leases[released.id]) is True
     assert await queue.cancel(queued.id) is True
     for rec in (done, failed, cancelled, queued):
         assert await queue.load_checkpoint(rec.id) is None, (await queue.get(rec.id)).state
@@ -590,29 +685,32 @@ async def test_prune_removes_old_delivered_jobs_only(queue_factory: QueueFactory
     chan = 77
     old = [await q.submit(spec(u, f"old {u}", channel=chan)) for u in range(3)]   # done, failed, cancelled
     old_undelivered = await q.submit(spec(3, "old, never posted", channel=chan))
+    leases = {}
     for _ in range(4):
-        await q.claim("w")
+        got = await q.claim("w")
+        leases[got.id] = got.lease_id
     for rec in (old[0], old_undelivered):
         await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=1, frame_png=b"frame-" + rec.id.encode()))
-        await q.put_artifact(rec.id, "final.png", b"png", "w")
-        await q.put_artifact(rec.id, "state.pt", b"state", "w")
-        await q.save_checkpoint(Checkpoint(rec.id, 1, b"ck"), "w")
-    await q.finish(old[0].id, "w", 0.2)
-    await q.finish(old_undelivered.id, "w", 0.2)
-    await q.fail(old[1].id, "w", "bad", retry=False)
+        await q.put_artifact(rec.id, "final.png", b"png", leases[rec.id])
+        await q.put_artifact(rec.id, "state.pt", b"state", leases[rec.id])
+        await q.save_checkpoint(Checkpoint(rec.id, 1, b"ck"), leases[rec.id])
+    await q.finish(old[0].id, leases[old[0].id], 0.2)
+    await q.finish(old_undelivered.id, leases[old_undelivered.id], 0.2)
+    await q.fail(old[1].id, leases[old[1].id], "bad", retry=False)
     await q.cancel(old[2].id)
-    await q.mark_cancelled(old[2].id, "w")
+    await q.mark_cancelled(old[2].id, leases[old[2].id])
     for rec in old:
         assert await q.mark_delivered(rec.id) is True
-    await q.put_artifact("upload_keep", "image.png", b"img")
+    await q.put_artifact("upload_keep", "image.png", b"img")  # old, but a waiting job (below) names it
     assert await q.prune(3600) == 0  # nothing that old
     await asyncio.sleep(0.3)
     recent = await q.submit(spec(5, "recent", channel=chan))
-    await q.claim("w")
-    await q.finish(recent.id, "w", 0.1)
+    got = await q.claim("w")
+    await q.finish(recent.id, got.lease_id, 0.1)
     await q.mark_delivered(recent.id)
     running = await q.submit(spec(6, "running", channel=chan))
-    waiting = await q.submit(spec(7, "waiting", channel=chan))
+    waiting = await q.submit(spec(7, "waiting", channel=chan,
+                                  extra={"image_prompt": {"artifact": ["upload_keep", "image.png"], "weight": 1}}))
     await q.claim("w")
 
     counts = await asyncio.gather(q.prune(0.2), q2.prune(0.2))  # two workers at once: each job once
@@ -638,3 +736,223 @@ async def test_prune_removes_old_delivered_jobs_only(queue_factory: QueueFactory
     assert await q.mark_delivered(old_undelivered.id) is True
     assert await q.prune(0.2) == 1 and await q.get(old_undelivered.id) is None
     assert await q.prune(0) == 1 and await q.get(recent.id) is None
+
+
+# --- retention of uploads and settings ------------------------------------------------------------
+
+
+def image_ref(upload_id: str, key: str = "image_prompt") -> dict:
+    return {key: {"artifact": [upload_id, "image.png"], **({"weight": 1.0} if key == "image_prompt" else {})}}
+
+
+async def stored_anywhere(q: JobQueue, upload_id: str) -> bool:
+    """Whether anything of the upload is left in the backend's storage (not only through the API)."""
+    if hasattr(q, "redis"):
+        client = q.redis
+        return bool(
+            await client.exists(q._k("art", upload_id), q._k("refs", upload_id))
+            or await client.zscore(q._k("uploads"), upload_id) is not None
+            or await client.hexists(q._k("upload_at"), upload_id)
+        )
+    with sqlite3.connect(q.path) as db:
+        return any(
+            db.execute(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", (upload_id,)).fetchone()[0]
+            for table, column in (("artifacts", "job_id"), ("uploads", "id"), ("upload_refs", "upload_id"))
+        )
+
+
+async def setting_stored(q: JobQueue, key: str) -> bool:
+    """Whether the setting is still in the backend's storage (expired or not)."""
+    if hasattr(q, "redis"):
+        return bool(await q.redis.exists(q._k("setting", key)) or await q.redis.hexists(q._k("settings"), key))
+    with sqlite3.connect(q.path) as db:
+        return db.execute("SELECT COUNT(*) FROM settings WHERE key = ?", (key,)).fetchone()[0] > 0
+
+
+async def test_prune_deletes_uploads_that_no_job_needs(queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    q2 = await queue_factory.open()
+    names = ["orphan", "queued", "running", "undelivered", "old_done", "shared", "remixed"]
+    up = {name: new_upload_id() for name in names}
+    for name, upload_id in up.items():
+        assert is_upload_id(upload_id)
+        assert await q.put_artifact(upload_id, "image.png", name.encode()) is True
+    # `orphan` was stored and its job never submitted (refused, or the bot crashed in between).
+    running = await q.submit(spec(1, extra=image_ref(up["running"], "init_image")))
+    undelivered = await q.submit(spec(2, extra=image_ref(up["undelivered"])))
+    old_done = await q.submit(spec(3, extra=image_ref(up["old_done"])))
+    # A permutation set: several jobs name one upload (and both pictures, at any depth).
+    set_a = await q.submit(spec(4, extra={**image_ref(up["shared"]), "set": {"id": "s", "index": 0}}))
+    set_b = await q.submit(spec(5, extra={"nested": [image_ref(up["shared"]), image_ref(up["remixed"], "init_image")]}))
+    leases = {}
+    for _ in range(5):
+        got = await q.claim("w")
+        leases[got.id] = got.lease_id
+    queued = await q.submit(spec(6, extra=image_ref(up["queued"])))
+    for rec in (undelivered, old_done, set_a, set_b):
+        assert await q.finish(rec.id, leases[rec.id], 0.2) is True
+    for rec in (old_done, set_a):
+        assert await q.mark_delivered(rec.id) is True
+    assert await q.prune(3600) == 0
+    assert all([await q.has_artifact(u, "image.png") for u in up.values()])  # nothing is that old
+    await asyncio.sleep(0.3)
+    fresh = new_upload_id()
+    await q.put_artifact(fresh, "image.png", b"fresh")  # not named by any job yet: its job is on the way
+
+    counts = await asyncio.gather(q.prune(0.2), q2.prune(0.2))  # two workers at once
+    assert sum(counts) == 2  # old_done and set_a
+    for name in ("orphan", "old_done"):
+        assert await q.get_artifact(up[name], "image.png") is None, name
+        assert not await stored_anywhere(q, up[name]), name
+    for name in ("queued", "running", "undelivered", "shared", "remixed"):  # a job left still names it
+        assert await q.get_artifact(up[name], "image.png") == name.encode(), name
+    assert await q.get_artifact(fresh, "image.png") == b"fresh"
+    assert (await q.get(queued.id)).state == JobState.QUEUED and (await q.get(running.id)).state == JobState.RUNNING
+
+    # The last job naming `shared` and `remixed` is delivered and pruned: they go with it.
+    assert await q.mark_delivered(set_b.id) is True
+    assert await q.prune(0.2) == 1
+    for name in ("shared", "remixed"):
+        assert not await q.has_artifact(up[name], "image.png") and not await stored_anywhere(q, up[name]), name
+    # Jobs that end and are delivered release theirs; a job submitted later naming an old upload keeps it.
+    again = await q.submit(spec(7, extra=image_ref(up["running"], "init_image")))
+    assert await q.finish(running.id, leases[running.id], 0.1) is True
+    assert await q.mark_delivered(running.id) and await q.mark_delivered(undelivered.id)
+    await asyncio.sleep(0.25)
+    assert await q.prune(0.2) == 2
+    assert not await stored_anywhere(q, up["undelivered"])
+    assert await q.get_artifact(up["running"], "image.png") == b"running"  # `again` names it
+    assert await q.get_artifact(up["queued"], "image.png") == b"queued"
+    assert await q.get(again.id) is not None and await q.prune(0) == 0
+    assert await q.get_artifact(fresh, "image.png") is None  # by now older than 0 s, named by nobody
+
+
+async def test_upload_pruning_goes_past_uploads_still_needed(queue_factory: QueueFactory):
+    """Many old uploads, most still needed: pruning in small batches still reaches the orphans."""
+    q = await queue_factory.open()
+    needed = [new_upload_id() for _ in range(5)]
+    orphans = [new_upload_id() for _ in range(7)]
+    for upload_id in needed + orphans:
+        await q.put_artifact(upload_id, "image.png", b"x")
+    for i, upload_id in enumerate(needed):
+        await q.submit(spec(i, extra=image_ref(upload_id)))
+    await asyncio.sleep(0.25)
+    assert await q.prune(0.2, batch=2) == 0
+    assert [await q.has_artifact(u, "image.png") for u in needed] == [True] * 5
+    assert [await stored_anywhere(q, u) for u in orphans] == [False] * 7
+
+
+async def test_settings_can_expire(queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    await q.set_setting("set:a", {"jobs": ["j1", "j2"], "user_id": BIG_USER}, expire_after=0.4)
+    await q.set_setting("sheet:a", {"message_id": BIG_USER}, expire_after=60)
+    await q.set_setting("kept", [1, 2])
+    await q.set_setting("flip", 1, expire_after=0.4)
+    await q.set_setting("flip", 2)                      # rewritten without an expiry: kept
+    await q.set_setting("flop", 1)
+    await q.set_setting("flop", 2, expire_after=0.4)    # rewritten with one: goes
+    other = await queue_factory.open()  # another process sees the same
+    assert await other.get_setting("set:a") == {"jobs": ["j1", "j2"], "user_id": BIG_USER}
+    assert await other.get_setting("flip") == 2 and await other.get_setting("flop") == 2
+    await asyncio.sleep(0.6)
+    for reader in (q, other):
+        assert await reader.get_setting("set:a", "gone") == "gone"
+        assert await reader.get_setting("flop") is None
+        assert await reader.get_setting("sheet:a") == {"message_id": BIG_USER}
+        assert await reader.get_setting("kept") == [1, 2] and await reader.get_setting("flip") == 2
+    assert await q.prune(3600) == 0  # SQLite deletes expired settings here; Redis already has
+    for key in ("set:a", "flop"):
+        assert not await setting_stored(q, key), key
+    for key in ("sheet:a", "kept", "flip"):
+        assert await setting_stored(q, key), key
+    # A pause with an expiry ends by itself.
+    rec = await q.submit(spec())
+    await q.set_setting("paused", True, expire_after=0.3)
+    assert await q.claim("w") is None
+    await asyncio.sleep(0.4)
+    assert (await q.claim("w")).id == rec.id
+
+
+async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path):
+    """A file made before lease ids and upload/setting retention: opened, migrated, still works."""
+    from engine.queue.sqlite import SQLiteJobQueue
+
+    path = tmp_path / "old.db"
+    now = time.time()
+    upload_needed, upload_orphan = "upload_00aa11bb22cc33dd", "upload_deadbeefdeadbeef"
+    with sqlite3.connect(path) as db:
+        db.executescript(_PREVIOUS_SCHEMA)
+        queued_spec = spec(1, extra=image_ref(upload_needed)).to_dict()
+        db.execute("INSERT INTO jobs(id, spec, user_id, channel_id, grid, total, state, created_at, qseq)"
+                   " VALUES ('queuedjob0001', ?, 1, 5, 32, 300, 'queued', ?, 1)", (json.dumps(queued_spec), now))
+        db.execute("INSERT INTO rotation(user_id, rpos) VALUES (1, 1)")
+        # RUNNING under the old version, owned by a worker id, lease already past.
+        db.execute("INSERT INTO jobs(id, spec, user_id, channel_id, grid, total, state, created_at, started_at,"
+                   " attempts, worker_id, lease_until, qseq) VALUES ('runningjob01', ?, 2, 5, 32, 300, 'running',"
+                   " ?, ?, 1, 'old-worker', ?, 2)", (json.dumps(spec(2).to_dict()), now, now, now - 1))
+        for upload_id in (upload_needed, upload_orphan):
+            db.execute("INSERT INTO artifacts(job_id, name, data) VALUES (?, 'image.png', X'00')", (upload_id,))
+        db.execute("INSERT INTO settings(key, value) VALUES ('paused', 'false'), ('limits', '{\"per_user\": 3}')")
+    q = SQLiteJobQueue(path, lease=5)
+    await q.start()
+    try:
+        running = await q.get("runningjob01")
+        assert running.state == JobState.RUNNING and running.worker_id == "old-worker" and running.lease_id is None
+        # The old claim holds no lease id: nothing passes the fence in its name.
+        assert await q.finish("runningjob01", "old-worker", 0.1) is False
+        assert await q.get_setting("limits") == {"per_user": 3}
+        await q.set_setting("sheet:x", 1, expire_after=60)
+        assert await q.get_setting("sheet:x") == 1
+        got = await q.claim("new-worker")  # sweeps the old claim back (front of the line), then takes it
+        assert got.id == "runningjob01" and got.lease_id and got.attempts == 2
+        assert await q.finish(got.id, got.lease_id, 0.3) is True
+        await q.mark_delivered(got.id)
+        # Uploads already stored count as stored at the migration; the queued job's still counts as named.
+        assert await q.prune(3600) == 0 and await q.has_artifact(upload_orphan, "image.png")
+        await asyncio.sleep(0.05)
+        assert await q.prune(0.01) == 1
+        assert not await q.has_artifact(upload_orphan, "image.png")
+        assert await q.has_artifact(upload_needed, "image.png")
+    finally:
+        await q.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    q = SQLiteJobQueue(path)  # opened again: nothing to migrate, nothing lost
+    await q.start()
+    try:
+        assert (await q.get("queuedjob0001")).state == JobState.QUEUED
+        assert await q.get_setting("sheet:x") == 1
+    finally:
+        await q.close()
+
+
+# The schema of the version before lease ids (engine/queue/sqlite.py at commit 39a5af6).
+_PREVIOUS_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, spec TEXT NOT NULL, reply TEXT, user_id INTEGER NOT NULL,
+    channel_id INTEGER NOT NULL, grid INTEGER NOT NULL, total INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    iteration INTEGER NOT NULL DEFAULT 0, similarity REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT, error TEXT, delivered INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, lease_until REAL, qseq INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_state ON jobs(state, user_id, qseq);
+CREATE INDEX jobs_channel ON jobs(channel_id);
+CREATE INDEX jobs_undelivered ON jobs(finished_at)
+    WHERE delivered = 0 AND state IN ('done', 'failed', 'cancelled');
+CREATE INDEX jobs_delivered ON jobs(finished_at) WHERE delivered = 1;
+CREATE TABLE rotation (user_id INTEGER PRIMARY KEY, rpos INTEGER NOT NULL);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, kind TEXT NOT NULL,
+    iteration INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, similarity REAL,
+    message TEXT, at REAL NOT NULL, frame BLOB
+);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE checkpoints (job_id TEXT PRIMARY KEY, iteration INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE artifacts (
+    job_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, name)
+);
+CREATE TABLE workers (worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT);
+INSERT INTO counters(name, value) VALUES ('line', 10);
+"""

@@ -123,13 +123,14 @@ async def test_a_worker_that_lost_its_job_stops_it_and_overwrites_nothing(queue,
         while await queue.load_checkpoint(job.id) is None:
             await asyncio.sleep(0.02)
         # Taken over, as an expired lease swept and claimed by another worker would be.
-        assert await queue.release(job.id, "w1") is True
-        assert (await queue.claim("w2")).id == job.id
-        assert await queue.save_checkpoint(Checkpoint(job.id, 999, b"w2's"), "w2") is True
+        assert await queue.release(job.id, (await queue.get(job.id)).lease_id) is True
+        w2 = await queue.claim("w2")
+        assert w2.id == job.id
+        assert await queue.save_checkpoint(Checkpoint(job.id, 999, b"w2's"), w2.lease_id) is True
         cursor = (await queue.events(0, timeout=0))[-1].seq
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while job.id in worker.running:
+        while worker.is_running(job.id):
             assert loop.time() < deadline, "the worker kept running a job it lost"
             await asyncio.sleep(0.05)
     assert (await queue.load_checkpoint(job.id)).data == b"w2's"
@@ -154,5 +155,58 @@ async def test_a_busy_worker_sweeps_a_dead_workers_job_back_into_the_line(tmp_pa
             record = await wait_state(q, dead.id, {JobState.QUEUED}, timeout=5)
             assert record.worker_id is None and await q.position(dead.id) == 1
             assert (await q.get(busy.id)).worker_id == "busy"
+    finally:
+        await q.close()
+
+
+async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(tmp_path, tiny_models, monkeypatch, caplog):
+    """The worker stalls past its lease on a job (its heartbeats for that run renew nothing), the
+    job is swept back and this same worker claims it again while the first run still steps: two
+    runs of one job on one worker. The first run's writes are refused (its lease is old), so it
+    stops; the second resumes from the checkpoint and finishes. One DONE, and no frame of the
+    first run after the second started."""
+    q = open_queue(f"sqlite:///{tmp_path}/reclaim.db?lease=1")
+    await q.start()
+    renew, claim = q.heartbeat, q.claim
+    stalled: dict[str, str] = {}
+    reclaimed_while_running: list[bool] = []
+    holder: list[Worker] = []
+
+    async def stalling_heartbeat(job_id, lease_id):
+        if stalled.setdefault(job_id, lease_id) == lease_id:
+            return True   # the first run's heartbeats never reach the queue (a stall, as the queue sees it)
+        return await renew(job_id, lease_id)
+
+    async def watching_claim(worker_id, grids=None):
+        record = await claim(worker_id, grids)
+        if record is not None and record.attempts > 1:
+            reclaimed_while_running.append(holder[0].is_running(record.id))
+        return record
+
+    async def no_sweep():
+        return 0   # only claim() sweeps: the sweep and the re-claim happen in one transaction
+
+    monkeypatch.setattr(q, "heartbeat", stalling_heartbeat)
+    monkeypatch.setattr(q, "claim", watching_claim)
+    monkeypatch.setattr(q, "sweep", no_sweep)
+    try:
+        worker = Worker(q, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.1)
+        holder.append(worker)
+        async with worker:
+            job = await q.submit(spec(iterations=200, frame_every=2))
+            record = await wait_state(q, job.id, {JobState.DONE}, timeout=120)
+            assert not worker.is_running(job.id)
+        assert reclaimed_while_running == [True]
+        assert record.attempts == 2 and record.worker_id == "w1", record
+        events = await job_events(q, job.id)
+        starts = [i for i, e in enumerate(events) if e.kind == EventKind.STARTED]
+        assert len(starts) == 2
+        assert [e.kind for e in events].count(EventKind.DONE) == 1
+        after = [e.iteration for e in events[starts[-1]:] if e.kind == EventKind.PROGRESS]
+        assert after == sorted(after) and len(set(after)) == len(after), after  # one run's frames only
+        assert after[-1] == 200 and 0 not in after  # resumed from the checkpoint
+        lost = [r for r in caplog.records if "is no longer ours" in r.getMessage()]
+        assert len(lost) == 1
+        assert state_from_bytes(await q.get_artifact(job.id, "state.pt"))["iteration"] == 200
     finally:
         await q.close()

@@ -15,10 +15,17 @@ What SAQ (0.26) gives us, and what it does not:
   are hashes (the spec is an opaque JSON string Lua never parses); the event log is a Redis stream
   whose entry ids are `<seq>-0`, so XREAD BLOCK is the long-poll and `seq` is monotonic for every
   process; frames live beside it in a hash capped at `keep_frames`.
-* A worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `worker_id`) are fenced:
-  the script checks that the job is running and owned by that worker before it writes, so a worker
-  that lost its lease cannot overwrite the new owner's state. Writes without `worker_id` (the bot's
-  uploads) are plain commands. Finalising a job deletes its checkpoint.
+* Each claim stores a fresh lease token in the job (`lease`, returned as `JobRecord.lease_id`). A
+  worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `lease_id`, and finish / fail /
+  mark_cancelled / release / heartbeat) are fenced: the script checks that the job is running under
+  that lease before it writes, so a worker that lost its lease (even one that has since claimed the
+  same job again) cannot overwrite the new run's state. Writes without `lease_id` (the bot's
+  uploads) are unconditional. Finalising a job deletes its checkpoint.
+* Retention: `prune` deletes old finished-and-delivered jobs, then uploads that no job names any
+  more: `submit` records the uploads a spec names (`<prefix>:refs:<upload>`, a set of job ids, and
+  the job's `refs` field); an upload nobody names is in `<prefix>:uploads` (zset by the time it was
+  stored). Settings written with `expire_after` are plain keys with a Redis TTL
+  (`<prefix>:setting:<key>`); the others live in the `<prefix>:settings` hash.
 * SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
   claim/heartbeat, throttled; `RedisQueue.info()` for `workers()`), so SAQ's dashboard and tooling
   see our GPU workers. It shares our Redis client (and its reconnect settings). Worker ids must not
@@ -28,8 +35,9 @@ Keys: `<prefix>:job:<id>` (hash), `<prefix>:line:<user>` (zset of that user's qu
 negative scores are front-of-line returns), `<prefix>:rot` (zset of users with queued jobs, their
 turn order), `<prefix>:qall` (set), `<prefix>:running` (zset by lease expiry, server time),
 `<prefix>:hist:<channel>`, `<prefix>:undelivered`, `<prefix>:delivered` (zset of finished and
-delivered jobs by finish time, for `prune`), `<prefix>:settings`, `<prefix>:ckpt:<id>`,
-`<prefix>:art:<id>`, `<prefix>:events` (stream), `<prefix>:evseq`, `<prefix>:frames`,
+delivered jobs by finish time, for `prune`), `<prefix>:settings`, `<prefix>:setting:<key>`,
+`<prefix>:ckpt:<id>`, `<prefix>:art:<id>`, `<prefix>:uploads`, `<prefix>:upload_at` (hash: when each
+upload was stored), `<prefix>:refs:<upload>`, `<prefix>:events` (stream), `<prefix>:evseq`, `<prefix>:frames`,
 `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
 
@@ -63,7 +71,10 @@ from engine.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    is_upload_id,
     new_job_id,
+    new_lease_id,
+    upload_refs,
 )
 
 log = logging.getLogger(__name__)
@@ -115,7 +126,7 @@ local function to_front(id)
   local uid = redis.call('HGET', j, 'user')
   local q = -nextc()
   redis.call('HSET', j, 'state', 'queued', 'qseq', q)
-  redis.call('HDEL', j, 'worker_id', 'lease_until', 'started_at')
+  redis.call('HDEL', j, 'worker_id', 'lease', 'lease_until', 'started_at')
   redis.call('ZREM', P .. ':running', id)
   redis.call('ZADD', P .. ':line:' .. uid, q, id)
   redis.call('SADD', P .. ':qall', id)
@@ -125,7 +136,7 @@ local function finalize(id, state, err)
   local j = jk(id)
   redis.call('HSET', j, 'state', state, 'finished_at', NOW)
   if err then redis.call('HSET', j, 'error', err) end
-  redis.call('HDEL', j, 'lease_until')
+  redis.call('HDEL', j, 'lease', 'lease_until')
   redis.call('ZREM', P .. ':running', id)
   redis.call('DEL', P .. ':ckpt:' .. id)  -- only for resuming; state.pt (an artifact) stays
   if redis.call('HGET', j, 'delivered') ~= '1' then
@@ -172,9 +183,23 @@ local function line()
   end
   return ids, uids
 end
-local function owned(id, worker)
-  local v = redis.call('HMGET', jk(id), 'state', 'worker_id')
-  return v[1] == 'running' and v[2] == worker
+-- the fence: the job is running under the claim `lease` (a token made by that claim)
+local function owned(id, lease)
+  local v = redis.call('HMGET', jk(id), 'state', 'lease')
+  return lease ~= '' and v[1] == 'running' and v[2] == lease
+end
+local function unref(id)
+  -- a job leaves the store: the uploads it named that nobody else names become prunable
+  local refs = redis.call('HGET', jk(id), 'refs')
+  if not refs then return end
+  for u in string.gmatch(refs, '%S+') do
+    local rk = P .. ':refs:' .. u
+    redis.call('SREM', rk, id)
+    if redis.call('SCARD', rk) == 0 then
+      local at = redis.call('HGET', P .. ':upload_at', u)
+      if at then redis.call('ZADD', P .. ':uploads', at, u) end
+    end
+  end
 end
 local function is_final(state)
   return state == 'done' or state == 'failed' or state == 'cancelled'
@@ -190,7 +215,7 @@ return res
 """
 
 _SCRIPTS: dict[str, str] = {
-    # id, user, channel, grid, total, spec
+    # id, user, channel, grid, total, spec, uploads it names (space-separated, '' = none)
     "submit": r"""
   local id, uid, chan = ARGV[7], ARGV[8], ARGV[9]
   local j = jk(id)
@@ -199,6 +224,13 @@ _SCRIPTS: dict[str, str] = {
   redis.call('HSET', j, 'id', id, 'spec', ARGV[12], 'user', uid, 'channel', chan, 'grid', ARGV[10],
     'total', ARGV[11], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
     'delivered', '0', 'cancel_requested', '0', 'qseq', q)
+  if ARGV[13] ~= '' then
+    redis.call('HSET', j, 'refs', ARGV[13])
+    for u in string.gmatch(ARGV[13], '%S+') do  -- named by a job: not prunable while it is stored
+      redis.call('SADD', P .. ':refs:' .. u, id)
+      redis.call('ZREM', P .. ':uploads', u)
+    end
+  end
   if not redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
   redis.call('ZADD', P .. ':line:' .. uid, q, id)
   redis.call('SADD', P .. ':qall', id)
@@ -206,13 +238,13 @@ _SCRIPTS: dict[str, str] = {
   emit(id, 'queued')
   return 'ok'
 """,
-    # worker, ngrids (-1: any), grids...
+    # worker, lease (a fresh token), ngrids (-1: any), grids...
     "claim": r"""
-  local worker, ngr = ARGV[7], tonumber(ARGV[8])
+  local worker, lease, ngr = ARGV[7], ARGV[8], tonumber(ARGV[9])
   local grids = {}
-  for i = 1, ngr do grids[ARGV[8 + i]] = true end
+  for i = 1, ngr do grids[ARGV[9 + i]] = true end
   sweep()
-  local paused = redis.call('HGET', P .. ':settings', 'paused')
+  local paused = redis.call('HGET', P .. ':settings', 'paused') or redis.call('GET', P .. ':setting:paused')
   if paused and paused ~= 'false' and paused ~= 'null' and paused ~= '0' and paused ~= '""'
      and paused ~= '[]' and paused ~= '{}' then
     return ''
@@ -225,7 +257,7 @@ _SCRIPTS: dict[str, str] = {
       leave_line(id, uid)
       if redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
       local lu = fmt(tnow() + LEASE)
-      redis.call('HSET', j, 'state', 'running', 'worker_id', worker, 'started_at', NOW,
+      redis.call('HSET', j, 'state', 'running', 'worker_id', worker, 'lease', lease, 'started_at', NOW,
         'lease_until', lu, 'cancel_requested', '0')
       redis.call('HINCRBY', j, 'attempts', 1)
       redis.call('ZADD', P .. ':running', lu, id)
@@ -242,15 +274,16 @@ _SCRIPTS: dict[str, str] = {
   local ids = line()
   return ids
 """,
-    # id, worker
+    # id, lease -> '0', or '1 ' .. worker id (for SAQ's registry)
     "heartbeat": r"""
   local id = ARGV[7]
-  local v = redis.call('HMGET', jk(id), 'state', 'worker_id', 'cancel_requested')
-  if v[1] ~= 'running' or v[2] ~= ARGV[8] or v[3] == '1' then return '0' end
+  if not owned(id, ARGV[8]) then return '0' end
+  local v = redis.call('HMGET', jk(id), 'cancel_requested', 'worker_id')
+  if v[1] == '1' then return '0' end
   local lu = fmt(tnow() + LEASE)
   redis.call('HSET', jk(id), 'lease_until', lu)
   redis.call('ZADD', P .. ':running', lu, id)
-  return '1'
+  return '1 ' .. (v[2] or '')
 """,
     # id
     "cancel": r"""
@@ -276,40 +309,44 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(#ids)
 """,
-    # id, worker, similarity ('' = keep)
+    # id, lease, similarity ('' = keep) -> '0', or '1 ' .. worker id (for its stats)
     "finish": r"""
   local id = ARGV[7]
   if not owned(id, ARGV[8]) then return '0' end
   if ARGV[9] ~= '' then redis.call('HSET', jk(id), 'similarity', ARGV[9]) end
+  local worker = redis.call('HGET', jk(id), 'worker_id') or ''
   finalize(id, 'done')
   emit(id, 'done')
-  return '1'
+  return '1 ' .. worker
 """,
-    # id, worker, reason, retry ('1'/'0')
+    # id, lease, reason, retry ('1'/'0') -> the state after it ('' = no such job), and when this
+    # call changed it, ' ' .. worker id
     "fail": r"""
   local id, reason = ARGV[7], ARGV[9]
   local v = redis.call('HMGET', jk(id), 'state', 'worker_id', 'attempts', 'cancel_requested')
   if not v[1] then return '' end
-  if v[1] ~= 'running' or v[2] ~= ARGV[8] then return v[1] end
+  if not owned(id, ARGV[8]) then return v[1] end
+  local worker = v[2] or ''
   if ARGV[10] == '1' and tonumber(v[3]) < MAXATT and v[4] ~= '1' then
     to_front(id)
     redis.call('HSET', jk(id), 'error', reason)
     emit(id, 'queued', reason)
-    return 'queued'
+    return 'queued ' .. worker
   end
   finalize(id, 'failed', reason)
   emit(id, 'failed', reason)
-  return 'failed'
+  return 'failed ' .. worker
 """,
-    # id, worker
+    # id, lease -> '0', or '1 ' .. worker id
     "mark_cancelled": r"""
   local id = ARGV[7]
   if not owned(id, ARGV[8]) then return '0' end
+  local worker = redis.call('HGET', jk(id), 'worker_id') or ''
   finalize(id, 'cancelled')
   emit(id, 'cancelled')
-  return '1'
+  return '1 ' .. worker
 """,
-    # id, worker
+    # id, lease
     "release": r"""
   local id = ARGV[7]
   if not owned(id, ARGV[8]) then return '0' end
@@ -339,7 +376,7 @@ _SCRIPTS: dict[str, str] = {
   return '1'
 """,
     # id, kind, iteration, total, similarity ('' = none), message ('' = none, else '=' .. text),
-    # at, has_frame ('1'/'0'), frame, keep_frames, worker ('' or absent = unfenced)
+    # at, has_frame ('1'/'0'), frame, keep_frames, lease ('' or absent = unfenced)
     "publish": r"""
   local id, kind = ARGV[7], ARGV[8]
   if ARGV[17] and ARGV[17] ~= '' and not owned(id, ARGV[17]) then return '0' end
@@ -364,19 +401,42 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(seq)
 """,
-    # id, worker, iteration, data (fenced: only the lease holder's checkpoint is kept)
+    # id, lease, iteration, data (fenced: only the lease holder's checkpoint is kept)
     "save_checkpoint": r"""
   local id = ARGV[7]
   if not owned(id, ARGV[8]) then return '0' end
   redis.call('HSET', P .. ':ckpt:' .. id, 'iteration', ARGV[9], 'data', ARGV[10])
   return '1'
 """,
-    # id, worker, name, data (fenced)
+    # id, lease, name, data (fenced)
     "put_artifact": r"""
   local id = ARGV[7]
   if not owned(id, ARGV[8]) then return '0' end
   redis.call('HSET', P .. ':art:' .. id, ARGV[9], ARGV[10])
   return '1'
+""",
+    # upload id, name, data (unfenced): stored now; prunable while no job names it
+    "put_upload": r"""
+  local u = ARGV[7]
+  redis.call('HSET', P .. ':art:' .. u, ARGV[8], ARGV[9])
+  redis.call('HSET', P .. ':upload_at', u, NOW)
+  if redis.call('SCARD', P .. ':refs:' .. u) == 0 then redis.call('ZADD', P .. ':uploads', NOW, u) end
+  return '1'
+""",
+    # cutoff (epoch seconds), limit -> "<pruned> <examined>": uploads stored before the cutoff
+    # that no job names (only those are in the zset)
+    "prune_uploads": r"""
+  local ids = redis.call('ZRANGEBYSCORE', P .. ':uploads', '-inf', '(' .. ARGV[7], 'LIMIT', 0, tonumber(ARGV[8]))
+  local n = 0
+  for _, u in ipairs(ids) do
+    redis.call('ZREM', P .. ':uploads', u)
+    if redis.call('SCARD', P .. ':refs:' .. u) == 0 then
+      redis.call('DEL', P .. ':art:' .. u)
+      redis.call('HDEL', P .. ':upload_at', u)
+      n = n + 1
+    end
+  end
+  return n .. ' ' .. #ids
 """,
     # cutoff (epoch seconds), limit -> "<pruned> <examined>"
     "prune": r"""
@@ -386,6 +446,7 @@ _SCRIPTS: dict[str, str] = {
     redis.call('ZREM', P .. ':delivered', id)
     local v = redis.call('HMGET', jk(id), 'state', 'delivered', 'channel')
     if is_final(v[1]) and v[2] == '1' then
+      unref(id)
       redis.call('DEL', jk(id), P .. ':art:' .. id, P .. ':ckpt:' .. id)
       if v[3] then redis.call('ZREM', P .. ':hist:' .. v[3], id) end
       redis.call('ZREM', P .. ':undelivered', id)
@@ -457,6 +518,7 @@ def _record(raw: dict[bytes, bytes]) -> JobRecord | None:
         similarity=_f(h.get("similarity")),
         attempts=int(h.get("attempts", b"0")),
         worker_id=_s(h.get("worker_id")),
+        lease_id=_s(h.get("lease")),
         error=_s(h.get("error")),
         delivered=h.get("delivered") == b"1",
         cancel_requested=h.get("cancel_requested") == b"1",
@@ -627,6 +689,7 @@ class RedisJobQueue:
             str(int(spec.grid)),
             str(int(spec.iterations)),
             json.dumps(spec.to_dict()),
+            " ".join(upload_refs(spec)),
             now=record.created_at,
         )
         return record
@@ -738,34 +801,67 @@ class RedisJobQueue:
 
     async def get_setting(self, key: str, default: Any = None) -> Any:
         client = self._client()
-        raw = await self._retry(lambda: client.hget(self._k("settings"), key))
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hget(self._k("settings"), key)
+                pipe.get(self._k("setting", key))
+                return await pipe.execute()
+
+        kept, expiring = await self._retry(read)
+        raw = kept if kept is not None else expiring
         return json.loads(raw) if raw is not None else default
 
-    async def set_setting(self, key: str, value: Any) -> None:
+    async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None:
+        """A setting without expiry is a field of the settings hash; one with `expire_after` is its
+        own key with a Redis TTL. Writing one form deletes the other (one MULTI), so a key has one value."""
         client = self._client()
         data = json.dumps(value)
-        await self._retry(lambda: client.hset(self._k("settings"), key, data))
+
+        async def write() -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                if expire_after is None:
+                    pipe.hset(self._k("settings"), key, data)
+                    pipe.delete(self._k("setting", key))
+                else:
+                    pipe.set(self._k("setting", key), data, px=max(1, int(float(expire_after) * 1000)))
+                    pipe.hdel(self._k("settings"), key)
+                await pipe.execute()
+
+        await self._retry(write)
 
     # --- the worker side ------------------------------------------------------------------------
 
     async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None:
         if grids is not None and len(tuple(grids)) == 0:
             return None
-        args: list[Any] = [worker_id, -1] if grids is None else [worker_id, len(tuple(grids)), *(int(g) for g in grids)]
+        lease = new_lease_id()
+        args: list[Any] = [worker_id, lease, -1] if grids is None else [
+            worker_id, lease, len(tuple(grids)), *(int(g) for g in grids)]
         job_id = await self._run("claim", *args)
         await self._see_worker(worker_id, job_id or None)
-        return await self.get(job_id) if job_id else None
+        if not job_id:
+            return None
+        record = await self.get(job_id)
+        if record is not None:
+            # Ours is the token this claim made, whatever the job's record says by now (a lease
+            # lost before this read must stay lost: the fence then refuses our writes).
+            record.lease_id = lease
+        return record
 
     async def sweep(self) -> int:
         """Handle expired leases now (claim() does this too). Returns how many jobs were touched."""
         return int(await self._run("sweep", token=False))
 
-    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
-        ok = await self._run("heartbeat", job_id, worker_id, token=False) == "1"
-        await self._see_worker(worker_id, job_id if ok else None)
-        return ok
+    async def heartbeat(self, job_id: str, lease_id: str) -> bool:
+        ok, _, worker_id = (await self._run("heartbeat", job_id, lease_id, token=False)).partition(" ")
+        if ok != "1":
+            return False
+        if worker_id:
+            await self._see_worker(worker_id, job_id)
+        return True
 
-    async def publish(self, event: JobEvent, worker_id: str | None = None) -> bool:
+    async def publish(self, event: JobEvent, lease_id: str | None = None) -> bool:
         frame = event.frame_png
         seq = await self._run(
             "publish",
@@ -779,17 +875,17 @@ class RedisJobQueue:
             "1" if frame is not None else "0",
             bytes(frame) if frame is not None else b"",
             self.keep_frames,
-            worker_id or "",
+            lease_id or "",
         )
         if seq == "0":  # fenced and not the lease holder: nothing written
             return False
         event.seq = int(seq)
         return True
 
-    async def save_checkpoint(self, checkpoint: Checkpoint, worker_id: str | None = None) -> bool:
-        if worker_id is not None:
+    async def save_checkpoint(self, checkpoint: Checkpoint, lease_id: str | None = None) -> bool:
+        if lease_id is not None:
             return await self._run(
-                "save_checkpoint", checkpoint.job_id, worker_id, int(checkpoint.iteration), bytes(checkpoint.data)
+                "save_checkpoint", checkpoint.job_id, lease_id, int(checkpoint.iteration), bytes(checkpoint.data)
             ) == "1"
         client = self._client()
         mapping = {"iteration": int(checkpoint.iteration), "data": bytes(checkpoint.data)}
@@ -803,10 +899,12 @@ class RedisJobQueue:
             return None
         return Checkpoint(job_id, int(iteration or 0), bytes(data))
 
-    async def put_artifact(self, job_id: str, name: str, data: bytes, worker_id: str | None = None) -> bool:
+    async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool:
         payload = bytes(data)
-        if worker_id is not None:
-            return await self._run("put_artifact", job_id, worker_id, name, payload) == "1"
+        if lease_id is not None:
+            return await self._run("put_artifact", job_id, lease_id, name, payload) == "1"
+        if is_upload_id(job_id):
+            return await self._run("put_upload", job_id, name, payload) == "1"
         client = self._client()
         await self._retry(lambda: client.hset(self._k("art", job_id), name, payload))
         return True
@@ -820,42 +918,52 @@ class RedisJobQueue:
         client = self._client()
         return bool(await self._retry(lambda: client.hexists(self._k("art", job_id), name)))
 
-    async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool:
-        ok = await self._run("finish", job_id, worker_id, _num(similarity)) == "1"
-        if ok:
+    async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
+        ok, _, worker_id = (await self._run("finish", job_id, lease_id, _num(similarity))).partition(" ")
+        if ok == "1" and worker_id:
             self._count(worker_id, "complete")
-        return ok
+        return ok == "1"
 
-    async def fail(self, job_id: str, worker_id: str, reason: str, retry: bool = True) -> JobState:
-        state = await self._run("fail", job_id, worker_id, reason, "1" if retry else "0")
-        if not state:
+    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState:
+        reply = await self._run("fail", job_id, lease_id, reason, "1" if retry else "0")
+        if not reply:
             raise KeyError(job_id)
+        state, changed, worker_id = reply.partition(" ")
         result = JobState(state)
-        self._count(worker_id, "retried" if result == JobState.QUEUED else "failed")
+        if changed and worker_id:
+            self._count(worker_id, "retried" if result == JobState.QUEUED else "failed")
         return result
 
-    async def mark_cancelled(self, job_id: str, worker_id: str) -> None:
-        if await self._run("mark_cancelled", job_id, worker_id) == "1":
+    async def mark_cancelled(self, job_id: str, lease_id: str) -> None:
+        ok, _, worker_id = (await self._run("mark_cancelled", job_id, lease_id)).partition(" ")
+        if ok == "1" and worker_id:
             self._count(worker_id, "aborted")
 
-    async def release(self, job_id: str, worker_id: str) -> bool:
+    async def release(self, job_id: str, lease_id: str) -> bool:
         """A worker stopping gracefully hands its job back: the front of the line, attempt not counted.
 
         A job whose cancel was requested is cancelled instead (it is never run again).
         """
-        return await self._run("release", job_id, worker_id) == "1"
+        return await self._run("release", job_id, lease_id) == "1"
 
     # --- retention ------------------------------------------------------------------------------
 
     async def prune(self, older_than: float, batch: int = 200) -> int:
         """Delete jobs finished and delivered more than `older_than` seconds ago: records,
         artifacts, checkpoints, history entries, kept frames (the event stream ages out by its
-        cap). Returns how many jobs. One script per `batch` jobs; safe from several processes."""
+        cap), then uploads stored before the cutoff that no job left names. Expired settings need
+        nothing here (Redis drops them). Returns how many jobs. One script per `batch` jobs; safe
+        from several processes."""
         cutoff = repr(time.time() - float(older_than))
         total = 0
         while True:
             pruned, examined = map(int, (await self._run("prune", cutoff, int(batch))).split())
             total += pruned
+            if examined < batch:
+                break
+        # Then uploads no job names any more (those of the jobs just pruned included).
+        while True:
+            _, examined = map(int, (await self._run("prune_uploads", cutoff, int(batch))).split())
             if examined < batch:
                 return total
 

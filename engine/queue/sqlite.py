@@ -10,9 +10,15 @@ lost worker). The line is: rank within user first, then the user's turn:
 
     ORDER BY ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq), rotation.rpos
 
-A worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `worker_id`) check, in the
-same transaction, that the job is running and owned by that worker (fencing); finalising a job
-deletes its checkpoint; `prune` deletes old finished-and-delivered jobs with everything of theirs.
+Each claim stores a fresh `lease_id` with the job; a worker's writes (`publish`, `save_checkpoint`,
+`put_artifact` with `lease_id`, and finish / fail / mark_cancelled / release / heartbeat) check, in
+the same transaction, that the job is running under that lease (fencing); finalising a job deletes
+its checkpoint; `prune` deletes old finished-and-delivered jobs with everything of theirs, uploads
+no job names any more (`uploads`, `upload_refs`: filled by put_artifact and submit) and expired
+settings (`settings.expires_at`).
+
+Schema changes are applied by `start()` in its first transaction: a file made by an older version
+gets the new columns and tables (`PRAGMA user_version` says which migrations it has had).
 
 Events are a table with an AUTOINCREMENT key (the seq: monotonic across processes and restarts),
 pruned to the last `keep_events`; frames older than the last `keep_frames` events are dropped.
@@ -39,7 +45,11 @@ from engine.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    UPLOAD_PREFIX,
+    is_upload_id,
     new_job_id,
+    new_lease_id,
+    upload_refs,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +75,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivered INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     lease_until REAL,
-    qseq INTEGER NOT NULL DEFAULT 0
+    qseq INTEGER NOT NULL DEFAULT 0,
+    lease_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, user_id, qseq);
 CREATE INDEX IF NOT EXISTS jobs_channel ON jobs(channel_id);
@@ -85,14 +96,27 @@ CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL,
     frame BLOB
 );
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL);
 CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT PRIMARY KEY, iteration INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (
     job_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, name)
 );
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT);
+CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, stored_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS upload_refs (
+    upload_id TEXT NOT NULL, job_id TEXT NOT NULL, PRIMARY KEY (upload_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS upload_refs_job ON upload_refs(job_id);
 INSERT OR IGNORE INTO counters(name, value) VALUES ('line', 0);
 """
+
+# Statements that need the migrated columns (run after `_migrate_v1`).
+_SCHEMA_LATE = """
+CREATE INDEX IF NOT EXISTS settings_expiry ON settings(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS uploads_age ON uploads(stored_at);
+"""
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of a file this module made or migrated
 
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -107,6 +131,9 @@ SELECT j.{cols} FROM (
 ORDER BY j.rnk, r.rpos
 {limit}
 """
+
+
+_SETTING_SQL = "SELECT value FROM settings WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
 
 
 def _record(row: aiosqlite.Row) -> JobRecord:
@@ -124,6 +151,7 @@ def _record(row: aiosqlite.Row) -> JobRecord:
         similarity=row["similarity"],
         attempts=row["attempts"],
         worker_id=row["worker_id"],
+        lease_id=row["lease_id"],
         error=row["error"],
         delivered=bool(row["delivered"]),
         cancel_requested=bool(row["cancel_requested"]),
@@ -187,9 +215,52 @@ class SQLiteJobQueue:
         await db.execute("PRAGMA synchronous = NORMAL")
         self._db = db
         async with self._tx() as tx:
+            fresh = await self._fetchone(
+                tx, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+            ) is None
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     await tx.execute(statement)
+            row = await self._fetchone(tx, "PRAGMA user_version")
+            version = int(row[0]) if row is not None else 0
+            if not fresh and version < 1:
+                await self._migrate_v1(tx)
+            for statement in _SCHEMA_LATE.split(";"):
+                if statement.strip():
+                    await tx.execute(statement)
+            if version < SCHEMA_VERSION:
+                await tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def _migrate_v1(self, db: aiosqlite.Connection) -> None:
+        """A file from before per-claim leases and upload / setting retention."""
+        columns = {
+            table: {row["name"] for row in await self._rows(db, f"PRAGMA table_info({table})")}
+            for table in ("jobs", "settings")
+        }
+        if "lease_id" not in columns["jobs"]:
+            # A job RUNNING under the old version has no lease id: nobody's writes pass the fence
+            # any more, its lease expires and the sweep puts it back in line (resumed from its checkpoint).
+            await db.execute("ALTER TABLE jobs ADD COLUMN lease_id TEXT")
+        if "expires_at" not in columns["settings"]:
+            await db.execute("ALTER TABLE settings ADD COLUMN expires_at REAL")
+        # Uploads already stored: their age counts from now; the jobs that name them, from their specs.
+        now = time.time()
+        stored = await self._rows(db, "SELECT DISTINCT job_id FROM artifacts WHERE job_id GLOB ?", (UPLOAD_PREFIX + "*",))
+        await db.executemany(
+            "INSERT OR IGNORE INTO uploads(id, stored_at) VALUES (?, ?)",
+            [(row["job_id"], now) for row in stored if is_upload_id(row["job_id"])],
+        )
+        for row in await self._rows(db, "SELECT id, spec FROM jobs"):
+            await self._add_refs(db, row["id"], JobSpec.from_dict(json.loads(row["spec"])))
+        log.info("%s: migrated to schema version 1 (lease ids, upload and setting retention)", self.path)
+
+    @staticmethod
+    async def _add_refs(db: aiosqlite.Connection, job_id: str, spec: JobSpec) -> None:
+        refs = upload_refs(spec)
+        if refs:
+            await db.executemany(
+                "INSERT OR IGNORE INTO upload_refs(upload_id, job_id) VALUES (?, ?)", [(u, job_id) for u in refs]
+            )
 
     async def close(self) -> None:
         db, self._db = self._db, None
@@ -238,6 +309,11 @@ class SQLiteJobQueue:
     async def _fetchone(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
         async with db.execute(sql, tuple(params)) as cur:
             return await cur.fetchone()
+
+    @staticmethod
+    async def _rows(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with db.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
 
     @staticmethod
     async def _next(db: aiosqlite.Connection) -> int:
@@ -301,8 +377,8 @@ class SQLiteJobQueue:
     async def _to_front(self, db: aiosqlite.Connection, job_id: str, user_id: int) -> None:
         """Back into the line at its very front (it was already this job's turn)."""
         await db.execute(
-            "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_until = NULL, started_at = NULL,"
-            " qseq = ? WHERE id = ?",
+            "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_id = NULL, lease_until = NULL,"
+            " started_at = NULL, qseq = ? WHERE id = ?",
             (-await self._next(db), job_id),
         )
         await db.execute(
@@ -313,8 +389,8 @@ class SQLiteJobQueue:
 
     async def _finalize(self, db: aiosqlite.Connection, job_id: str, state: JobState, error: str | None = None) -> None:
         await db.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, lease_until = NULL, error = COALESCE(?, error)"
-            " WHERE id = ?",
+            "UPDATE jobs SET state = ?, finished_at = ?, lease_id = NULL, lease_until = NULL,"
+            " error = COALESCE(?, error) WHERE id = ?",
             (state.value, time.time(), error, job_id),
         )
         # Checkpoints are only for resuming; a final job keeps its artifacts (state.pt) instead.
@@ -374,6 +450,7 @@ class SQLiteJobQueue:
                     await self._next(db),
                 ),
             )
+            await self._add_refs(db, record.id, spec)  # its uploads stay while the job does
             await self._emit(db, record.id, EventKind.QUEUED)
         self._wake()
         return record
@@ -467,15 +544,17 @@ class SQLiteJobQueue:
             await db.execute("UPDATE jobs SET reply = ? WHERE id = ?", (json.dumps(reply), job_id))
 
     async def get_setting(self, key: str, default: Any = None) -> Any:
-        row = await self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        row = await self._one(_SETTING_SQL, (key, time.time()))
         return json.loads(row["value"]) if row else default
 
-    async def set_setting(self, key: str, value: Any) -> None:
+    async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None:
         data = json.dumps(value)
+        expires_at = None if expire_after is None else time.time() + float(expire_after)
         async with self._tx() as db:
             await db.execute(
-                "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (key, data),
+                "INSERT INTO settings(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE"
+                " SET value = excluded.value, expires_at = excluded.expires_at",
+                (key, data, expires_at),
             )
 
     # --- the worker side ------------------------------------------------------------------------
@@ -484,7 +563,7 @@ class SQLiteJobQueue:
         async with self._tx() as db:
             swept = await self._sweep(db)
             await self._see_worker(db, worker_id, None)
-            paused = await self._fetchone(db, "SELECT value FROM settings WHERE key = 'paused'")
+            paused = await self._fetchone(db, _SETTING_SQL, ("paused", time.time()))
             record = None
             if not (paused and json.loads(paused["value"])):
                 where, params = "", ()  # type: tuple[str, tuple[int, ...]]
@@ -498,9 +577,9 @@ class SQLiteJobQueue:
                 if row is not None:
                     now = time.time()
                     await db.execute(
-                        "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = ?,"
+                        "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = ?, lease_id = ?,"
                         " started_at = ?, lease_until = ?, cancel_requested = 0 WHERE id = ?",
-                        (worker_id, now, now + self.lease, row["id"]),
+                        (worker_id, new_lease_id(), now, now + self.lease, row["id"]),
                     )
                     more = await self._fetchone(
                         db, "SELECT 1 FROM jobs WHERE state = 'queued' AND user_id = ? LIMIT 1", (row["user_id"],)
@@ -524,20 +603,23 @@ class SQLiteJobQueue:
             self._wake()
         return swept
 
-    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
+    async def heartbeat(self, job_id: str, lease_id: str) -> bool:
         async with self._tx() as db:
-            cur = await db.execute(
-                "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND worker_id = ?"
-                " AND cancel_requested = 0",
-                (time.time() + self.lease, job_id, worker_id),
+            row = await self._fetchone(
+                db,
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND lease_id = ?"
+                " AND cancel_requested = 0 RETURNING worker_id",
+                (time.time() + self.lease, job_id, lease_id),
             )
-            ok = cur.rowcount == 1
-            await self._see_worker(db, worker_id, job_id if ok else None)
-            return ok
+            if row is None:
+                return False
+            if row["worker_id"] is not None:
+                await self._see_worker(db, row["worker_id"], job_id)
+            return True
 
-    async def publish(self, event: JobEvent, worker_id: str | None = None) -> bool:
+    async def publish(self, event: JobEvent, lease_id: str | None = None) -> bool:
         async with self._tx() as db:
-            if worker_id is not None and await self._owned(db, event.job_id, worker_id) is None:
+            if lease_id is not None and await self._owned(db, event.job_id, lease_id) is None:
                 return False
             event.seq = await self._insert_event(db, event)
             if EventKind(event.kind) == EventKind.PROGRESS:
@@ -548,9 +630,9 @@ class SQLiteJobQueue:
         self._wake()
         return True
 
-    async def save_checkpoint(self, checkpoint: Checkpoint, worker_id: str | None = None) -> bool:
+    async def save_checkpoint(self, checkpoint: Checkpoint, lease_id: str | None = None) -> bool:
         async with self._tx() as db:
-            if worker_id is not None and await self._owned(db, checkpoint.job_id, worker_id) is None:
+            if lease_id is not None and await self._owned(db, checkpoint.job_id, lease_id) is None:
                 return False
             await db.execute(
                 "INSERT OR REPLACE INTO checkpoints(job_id, iteration, data) VALUES (?, ?, ?)",
@@ -562,13 +644,19 @@ class SQLiteJobQueue:
         row = await self._one("SELECT iteration, data FROM checkpoints WHERE job_id = ?", (job_id,))
         return Checkpoint(job_id, row["iteration"], bytes(row["data"])) if row else None
 
-    async def put_artifact(self, job_id: str, name: str, data: bytes, worker_id: str | None = None) -> bool:
+    async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool:
         async with self._tx() as db:
-            if worker_id is not None and await self._owned(db, job_id, worker_id) is None:
+            if lease_id is not None and await self._owned(db, job_id, lease_id) is None:
                 return False
             await db.execute(
                 "INSERT OR REPLACE INTO artifacts(job_id, name, data) VALUES (?, ?, ?)", (job_id, name, bytes(data))
             )
+            if is_upload_id(job_id):  # an upload: its age counts from its last write
+                await db.execute(
+                    "INSERT INTO uploads(id, stored_at) VALUES (?, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET stored_at = excluded.stored_at",
+                    (job_id, time.time()),
+                )
         return True
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
@@ -578,14 +666,15 @@ class SQLiteJobQueue:
     async def has_artifact(self, job_id: str, name: str) -> bool:
         return await self._one("SELECT 1 FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name)) is not None
 
-    async def _owned(self, db: aiosqlite.Connection, job_id: str, worker_id: str) -> aiosqlite.Row | None:
+    async def _owned(self, db: aiosqlite.Connection, job_id: str, lease_id: str) -> aiosqlite.Row | None:
+        """The job's row if it is RUNNING under the claim `lease_id` (the fence), else None."""
         return await self._fetchone(
-            db, "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND worker_id = ?", (job_id, worker_id)
+            db, "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND lease_id = ?", (job_id, lease_id)
         )
 
-    async def finish(self, job_id: str, worker_id: str, similarity: float | None) -> bool:
+    async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
         async with self._tx() as db:
-            if await self._owned(db, job_id, worker_id) is None:
+            if await self._owned(db, job_id, lease_id) is None:
                 return False
             if similarity is not None:
                 await db.execute("UPDATE jobs SET similarity = ? WHERE id = ?", (float(similarity), job_id))
@@ -594,10 +683,10 @@ class SQLiteJobQueue:
         self._wake()
         return True
 
-    async def fail(self, job_id: str, worker_id: str, reason: str, retry: bool = True) -> JobState:
+    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState:
         async with self._tx() as db:
-            row = await self._owned(db, job_id, worker_id)
-            if row is None:  # not this worker's running job: change nothing
+            row = await self._owned(db, job_id, lease_id)
+            if row is None:  # not running under this claim: change nothing
                 current = await self._fetchone(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
                 if current is None:
                     raise KeyError(job_id)
@@ -614,21 +703,21 @@ class SQLiteJobQueue:
         self._wake()
         return state
 
-    async def mark_cancelled(self, job_id: str, worker_id: str) -> None:
+    async def mark_cancelled(self, job_id: str, lease_id: str) -> None:
         async with self._tx() as db:
-            if await self._owned(db, job_id, worker_id) is None:
+            if await self._owned(db, job_id, lease_id) is None:
                 return
             await self._finalize(db, job_id, JobState.CANCELLED)
             await self._emit(db, job_id, EventKind.CANCELLED)
         self._wake()
 
-    async def release(self, job_id: str, worker_id: str) -> bool:
+    async def release(self, job_id: str, lease_id: str) -> bool:
         """A worker stopping gracefully hands its job back: the front of the line, attempt not counted.
 
         A job whose cancel was requested is cancelled instead (it is never run again).
         """
         async with self._tx() as db:
-            row = await self._owned(db, job_id, worker_id)
+            row = await self._owned(db, job_id, lease_id)
             if row is None:
                 return False
             if row["cancel_requested"]:
@@ -645,26 +734,46 @@ class SQLiteJobQueue:
 
     async def prune(self, older_than: float, batch: int = 200) -> int:
         """Delete jobs finished and delivered more than `older_than` seconds ago, with their
-        artifacts, checkpoints and events (frames). Returns how many jobs. Works in short
-        transactions of `batch` jobs; several processes may prune at once (each job goes once)."""
+        artifacts, checkpoints, events (frames) and upload references; then uploads stored more than
+        `older_than` seconds ago that no job left names; then expired settings. Returns how many
+        jobs. Works in short transactions of `batch` rows; several processes may prune at once
+        (each job goes once)."""
         cutoff = time.time() - float(older_than)
         total = 0
         while True:
             async with self._tx() as db:
-                async with db.execute(
+                ids = [row["id"] for row in await self._rows(
+                    db,
                     "SELECT id FROM jobs WHERE delivered = 1 AND finished_at < ?"
                     " AND state IN ('done', 'failed', 'cancelled') LIMIT ?",
                     (cutoff, int(batch)),
-                ) as cur:
-                    ids = [row["id"] for row in await cur.fetchall()]
+                )]
                 if ids:
                     marks = ",".join("?" * len(ids))
-                    for table in ("artifacts", "checkpoints", "events"):
+                    for table in ("artifacts", "checkpoints", "events", "upload_refs"):
                         await db.execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", ids)
                     await db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
             total += len(ids)
             if len(ids) < batch:
-                return total
+                break
+        # Uploads: in the same transaction as the check, so a job submitted meanwhile keeps its upload.
+        while True:
+            async with self._tx() as db:
+                gone = [row["id"] for row in await self._rows(
+                    db,
+                    "SELECT id FROM uploads AS u WHERE stored_at < ?"
+                    " AND NOT EXISTS (SELECT 1 FROM upload_refs AS r WHERE r.upload_id = u.id) LIMIT ?",
+                    (cutoff, int(batch)),
+                )]
+                if gone:
+                    marks = ",".join("?" * len(gone))
+                    await db.execute(f"DELETE FROM artifacts WHERE job_id IN ({marks})", gone)
+                    await db.execute(f"DELETE FROM uploads WHERE id IN ({marks})", gone)
+            if len(gone) < batch:
+                break
+        async with self._tx() as db:
+            await db.execute("DELETE FROM settings WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),))
+        return total
 
     async def workers(self, max_age: float = 60.0) -> dict[str, dict[str, Any]]:
         """Workers seen (claiming or heartbeating) in the last `max_age` seconds."""
