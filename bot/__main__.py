@@ -5,7 +5,8 @@
     imagine-bot sync [--guild ID]                                               # register commands
 
 The token comes from the DISCORD_TOKEN environment variable only, and is never logged. A missing
-or invalid config or token exits with status 2 and a message that says what to fix.
+or invalid config or token, or a shard count Discord refuses, exits with status 2 and a message that
+says what to fix.
 """
 
 from __future__ import annotations
@@ -118,10 +119,26 @@ async def _run_until_signal(config: Config, token: str) -> None:
     loop = asyncio.get_running_loop()
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
+        # NotImplementedError: no signals here (Windows); RuntimeError: not the main thread
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, task.cancel)
     with contextlib.suppress(asyncio.CancelledError):
         await run(config, token)
+
+
+def shard_error(code: int, shard_count: int) -> str | None:
+    """What to do about a gateway close code that is about sharding (None: another close)."""
+    if code == 4011:   # Sharding required
+        if shard_count:
+            return (f"Discord closed the gateway with 4011 (sharding required): [discord] shard_count = "
+                    f"{shard_count} is too few shards for this bot's guilds; set shard_count = 0 to use "
+                    "Discord's recommendation, or a larger count")
+        return ("Discord closed the gateway with 4011 (sharding required) although the bot asked for "
+                "Discord's recommended shard count; start it again")
+    if code == 4010:   # Invalid shard
+        return (f"Discord closed the gateway with 4010 (invalid shard) for [discord] shard_count = "
+                f"{shard_count}; set shard_count = 0 to use Discord's recommendation")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except discord.LoginFailure:
         print("imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
               "Developer Portal (Bot > Reset Token)", file=sys.stderr)
+        return EXIT_CONFIG
+    except discord.ConnectionClosed as exc:
+        message = shard_error(exc.code, config.discord.shard_count)
+        if message is None:
+            raise
+        print(f"imagine-bot: {message}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0

@@ -16,6 +16,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import discord
 
 from engine.images import MAX_IMAGE_PIXELS, ImageRejected, load_image
@@ -64,6 +65,9 @@ async def download(attachment: discord.Attachment, option: str, max_bytes: int) 
     except discord.HTTPException as exc:
         raise AttachmentRefused(f"`{option}`: Discord did not hand me the file (HTTP {exc.status}). "
                                 "Attach it again.") from exc
+    except (aiohttp.ClientError, OSError) as exc:   # the connection failed or broke off
+        raise AttachmentRefused(f"`{option}`: Discord did not hand me the file (the download failed: "
+                                f"{type(exc).__name__}). Attach it again.") from exc
     if len(data) > max_bytes:   # the size Discord announced was wrong
         raise AttachmentRefused(f"`{option}`: the file is {_mib(len(data))}; the limit is {_mib(max_bytes)}. "
                                 "Send a smaller image.")

@@ -1,10 +1,22 @@
 """The Bot: gets its resources (queue, worker, HTTP session) from the launcher, adds one Cog per
 feature and the persistent buttons in `setup_hook`. Commands are synced only on request
-(`imagine-bot sync`), never on every start."""
+(`imagine-bot sync`), never on every start.
+
+Discord connection: discord.py's `AutoShardedBot`, so one process runs every gateway shard.
+`[discord] shard_count` 0 asks Discord (GET /gateway/bot) how many (one below 2,500 guilds; from
+2,500 on Discord refuses an unsharded IDENTIFY with close code 4011); a number is used as given.
+Each shard's state (`shard_status`) feeds /healthz and the per-shard metrics. Running shards in
+several processes (discord.py's `shard_ids`) is not supported: result posting, the reconcile loop
+and contact sheets assume that one bot process sees every guild.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
@@ -17,8 +29,29 @@ from engine.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
+# Discord lets `max_concurrency` sessions IDENTIFY per this many seconds (one per bucket
+# shard_id % max_concurrency).
+IDENTIFY_WINDOW = 5.0
 
-class ImagineBot(commands.Bot):
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """One gateway shard as the bot sees it. `state`: "not started" (not launched yet),
+    "connecting" (identified, its guilds still arriving), "ready" (ready or resumed),
+    "disconnected" (dropped; discord.py reconnects and resumes it). `latency`: the last heartbeat's
+    round trip in seconds (None before the first one is answered, and while the socket is closed)."""
+
+    shard_id: int
+    state: str
+    latency: float | None
+    open: bool
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "ready" and self.open and self.latency is not None
+
+
+class ImagineBot(commands.AutoShardedBot):
     def __init__(
         self,
         *,
@@ -32,6 +65,8 @@ class ImagineBot(commands.Bot):
         intents = discord.Intents.none()
         intents.guilds = True   # roles by name (admin_roles) and the guilds' upload limits
         kwargs.setdefault("intents", intents)
+        # None: discord.py asks GET /gateway/bot for Discord's recommendation when it connects.
+        kwargs.setdefault("shard_count", config.discord.shard_count or None)
         super().__init__(
             command_prefix=commands.when_mentioned,
             help_command=None,
@@ -46,6 +81,9 @@ class ImagineBot(commands.Bot):
         self.http_session = http_session
         self.worker = worker
         self.background = background
+        self._shard_states: dict[int, str] = {}
+        self._identify_concurrency: int | None = None
+        self._identify_slots: dict[int, float] = {}   # bucket -> loop time of its latest IDENTIFY
 
     @property
     def progress(self):  # -> ProgressCog | None
@@ -76,7 +114,69 @@ class ImagineBot(commands.Bot):
         return self.config.queue.max_queued_per_user
 
     async def on_ready(self) -> None:
-        log.info("logged in as %s (%s) in %d guilds", self.user, getattr(self.user, "id", "?"), len(self.guilds))
+        log.info("logged in as %s (%s) in %d guilds on %d shard(s)", self.user, getattr(self.user, "id", "?"),
+                 len(self.guilds), self.shard_count or 1)
+
+    # --- gateway shards -------------------------------------------------------------------------
+
+    async def on_shard_connect(self, shard_id: int) -> None:   # READY: its guilds are on their way
+        self._shard_states[shard_id] = "connecting"
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        self._shard_states[shard_id] = "ready"
+        log.info("gateway shard %d/%d ready", shard_id, self.shard_count or 1)
+
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        self._shard_states[shard_id] = "ready"
+        log.info("gateway shard %d resumed", shard_id)
+
+    async def on_shard_disconnect(self, shard_id: int) -> None:
+        if self._shard_states.get(shard_id) != "disconnected" and not self.is_closed():
+            log.warning("gateway shard %d disconnected", shard_id)
+        self._shard_states[shard_id] = "disconnected"
+
+    def shard_status(self) -> dict[int, ShardStatus]:
+        """Every shard this process runs (0 .. shard_count-1 once the count is known), by id."""
+        shards = self.shards
+        ids = sorted(set(range(self.shard_count or 0)) | set(shards))
+        out: dict[int, ShardStatus] = {}
+        for shard_id in ids:
+            info = shards.get(shard_id)
+            if info is None:
+                out[shard_id] = ShardStatus(shard_id, "not started", None, False)
+                continue
+            latency, is_open = info.latency, not info.is_closed()
+            # A closed socket is down even before discord.py's disconnect event has run.
+            state = self._shard_states.get(shard_id, "connecting") if is_open else "disconnected"
+            # A closed socket's latency is its last one: stale, not reported.
+            out[shard_id] = ShardStatus(shard_id, state, latency if is_open and math.isfinite(latency) else None,
+                                        is_open)
+        return out
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Discord's IDENTIFY rate limit: `max_concurrency` buckets (shard_id % max_concurrency), each
+        one IDENTIFY per 5 s. discord.py's default waits 5 s before every IDENTIFY but the first,
+        whatever the concurrency; this waits only when the shard's bucket identified less than 5 s ago
+        (max_concurrency from GET /gateway/bot, asked once, only with more than one shard)."""
+        concurrency = await self._max_concurrency() if (self.shard_count or 1) > 1 else 1
+        bucket = (shard_id or 0) % concurrency
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        last = self._identify_slots.get(bucket)
+        slot = now if last is None else max(now, last + IDENTIFY_WINDOW)
+        self._identify_slots[bucket] = slot   # reserved before sleeping: a second caller queues behind
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    async def _max_concurrency(self) -> int:
+        if self._identify_concurrency is None:
+            try:
+                limits = await self.fetch_session_start_limits()
+            except (discord.DiscordException, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("could not read the IDENTIFY concurrency from Discord (%s); one at a time", exc)
+                return 1
+            self._identify_concurrency = max(1, int(limits.max_concurrency))
+        return self._identify_concurrency
 
 
 class _Tree(app_commands.CommandTree):
@@ -93,6 +193,13 @@ class _Tree(app_commands.CommandTree):
             message = "Something went wrong on my side; the error is logged. Try again in a moment."
         try:
             if interaction.response.is_done():
+                # After a public defer the first follow-up replaces the "thinking…" message and is
+                # public whatever its flags: delete that message first, but only while it is still
+                # thinking (a reply the command already made, a job's message, stays).
+                with contextlib.suppress(discord.HTTPException):
+                    original = await interaction.original_response()
+                    if original.flags.loading:
+                        await interaction.delete_original_response()
                 await interaction.followup.send(message, ephemeral=True)
             else:
                 await interaction.response.send_message(message, ephemeral=True)

@@ -26,6 +26,9 @@ class DiscordConfig:
     admin_roles: list[str] = field(default_factory=lambda: ["Imagine Admin"])
     # Guild that `imagine-bot sync` uses when no --guild is given (0: sync globally).
     sync_guild: int = 0
+    # Gateway shards, all run by this one process (discord.py's AutoShardedBot); 0: as many as
+    # Discord recommends (GET /gateway/bot), which it requires from 2,500 guilds on.
+    shard_count: int = 0
 
 
 @dataclass
@@ -159,6 +162,8 @@ class Config:
 
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# One process runs every shard: far beyond what one process can hold is a typo, not a plan.
+MAX_SHARDS = 1024
 
 
 def _type_name(tp: Any) -> str:
@@ -224,6 +229,12 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(message)
 
     im, pr, q = cfg.imagine, cfg.progress, cfg.queue
+    need(cfg.discord.shard_count >= 0,
+         f"[discord] shard_count: must not be negative, got {cfg.discord.shard_count} "
+         "(0: as many shards as Discord recommends)")
+    need(cfg.discord.shard_count <= MAX_SHARDS,
+         f"[discord] shard_count: {cfg.discord.shard_count} is more than {MAX_SHARDS} shards "
+         "(Discord recommends about one per 1,000 guilds; 0: its recommendation)")
     need(q.url.startswith(("sqlite://", "redis://", "rediss://")),
          f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {q.url!r}")
     need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")

@@ -27,7 +27,7 @@ from bot.config import PRESET_NAMES
 from bot.help import help_text
 from bot.permissions import is_admin
 from engine.jobs import JobRecord, JobSpec, JobState
-from engine.prompts import MAX_PROMPT_PARTS, PromptError, parse_prompt
+from engine.prompts import MAX_PROMPT_PARTS, PromptError, has_visible_text, parse_prompt
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -66,8 +66,9 @@ def prompt_problem(text: str) -> str | None:
     Permutation prompts (`{a|b}`) are checked per expansion."""
     try:
         parse_prompt(text)
-    except PromptError as exc:
-        return (f"The prompt cannot be used: {exc}. Weighted prompts look like `a house | by Escher:0.5 | "
+    except PromptError as exc:   # it quotes at most 40 characters of the prompt: shown as text
+        reason = discord.utils.escape_markdown(str(exc))
+        return (f"The prompt cannot be used: {reason}. Weighted prompts look like `a house | by Escher:0.5 | "
                 f"blurry:-1`: up to {MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` "
                 "from -100 to 100, at least one of them positive.")
     return None
@@ -77,7 +78,7 @@ def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed
              size: int | None, quality: str | None = None) -> ImagineRequest:
     cfg = bot.config.imagine
     text = (prompt or "").strip()
-    if not text:
+    if not has_visible_text(text):   # zero-width and format characters alone look empty too
         raise BadInput("The prompt is empty: write what to imagine, e.g. `/imagine a house by Escher`.")
     if len(text) > cfg.max_prompt_chars:
         raise BadInput(
@@ -377,16 +378,21 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         spec = self._spec(interaction, request.prompt, request.iterations, request.seed, request.grid,
                           request.size, cutn=request.cutn, preset=request.preset)
+        template = "{" in spec.prompt or "}" in spec.prompt   # a permutation prompt: bot/permutations.py
         if pictures:
-            # Refused words first, so a refused prompt leaves no stored upload behind (submit()
-            # checks again, for every path into the queue).
+            # Every refusal first, so a refused prompt leaves no stored upload behind (submit() and
+            # submit_set() check again, for every path into the queue).
             from bot.moderation import refusal   # noqa: PLC0415
-            if (problem := await refusal(self.bot, spec.guild_id, [spec.prompt])) is not None:
+            from bot.permutations import set_refusal   # noqa: PLC0415
+            problem = await refusal(self.bot, spec.guild_id, [spec.prompt])
+            if problem is None and template:
+                problem = await set_refusal(self.bot, spec)
+            if problem is not None:
                 await ephemeral(interaction, problem)
                 return
             if not await self._attach_pictures(interaction, spec, pictures, weight, started):
                 return
-        if "{" in spec.prompt or "}" in spec.prompt:   # a permutation prompt: bot/permutations.py
+        if template:
             from bot.permutations import submit_set   # noqa: PLC0415
             await submit_set(self, interaction, spec)
             return

@@ -4,17 +4,19 @@ Closing runs in reverse: the bot (its background tasks end in cog_unload), then 
 jobs go back to the queue with their checkpoints), then the HTTP server, the session and the queue.
 
 Health and metrics (`[http] port`, `--http-port`; off by default) come from
-`engine.observability.Observability`: checks `discord` (gateway ready, not closed, a finite
-heartbeat latency), `queue` (answers within 3 s) and, with an embedded worker, `gpu`. Discord's
-429s are counted by an aiohttp TraceConfig on discord.py's own HTTP session (`http_trace`), so
-REST and interaction-webhook requests both count, whether discord.py retried them or raised.
+`engine.observability.Observability`: checks `discord` (every gateway shard ready or resumed, its
+socket open, its heartbeat answered; the report lists each shard's state and latency), `queue`
+(answers within 3 s) and, with an embedded worker, `gpu`. Each scrape of /metrics reads the shards
+into `imagine_discord_shard_connected{shard}` and `imagine_discord_gateway_latency_seconds{shard}`.
+Discord's 429s are counted by an aiohttp TraceConfig on discord.py's own HTTP session
+(`http_trace`), so REST and interaction-webhook requests both count, whether discord.py retried
+them or raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -62,22 +64,41 @@ def rate_limit_trace(obs: Observability) -> aiohttp.TraceConfig:
 
 
 def discord_check(resources: Resources) -> Check:
-    """Connected: the bot exists, its gateway is ready and open, and heartbeats are answered."""
-    async def check() -> bool:
+    """Connected: the bot exists and is ready, and every gateway shard is ready (or resumed), open,
+    and has its heartbeats answered. The report has each shard's state and latency:
+    `{"ok": false, "error": "shard 1 is not connected (disconnected)", "shards": {"0": {"state":
+    "ready", "latency": 0.042}, "1": {"state": "disconnected", "latency": null}}}`."""
+    async def check() -> dict[str, Any]:
         bot = resources.bot
         if bot is None:
             raise ConnectionError("the bot has not started")
         if bot.is_closed():
             raise ConnectionError("the bot is closed")
-        if not bot.is_ready():
-            raise ConnectionError("the gateway is not ready")
-        ws = bot.ws
-        if ws is None or ws.socket.closed:
-            raise ConnectionError("the gateway is disconnected")
-        if not math.isfinite(bot.latency):
-            raise ConnectionError("no heartbeat answered")
-        return True
+        status = bot.shard_status()
+        shards = {str(i): {"state": s.state, "latency": None if s.latency is None else round(s.latency, 4)}
+                  for i, s in status.items()}
+        down = [i for i, s in status.items() if not s.connected]
+        if not status:
+            error = "no gateway shard has connected yet"
+        elif down:
+            error = (f"shard{'s' if len(down) > 1 else ''} {', '.join(map(str, down))} "
+                     f"{'are' if len(down) > 1 else 'is'} not connected "
+                     f"({', '.join(status[i].state for i in down)})")
+        elif not bot.is_ready():
+            error = "the gateway is not ready"
+        else:
+            return {"ok": True, "shards": shards}
+        return {"ok": False, "error": error, "shards": shards}
     return check
+
+
+def track_shards(obs: Observability, resources: Resources) -> None:
+    """Per-shard gauges, read from the bot at each scrape of /metrics."""
+    async def refresh() -> None:
+        bot = resources.bot
+        status = bot.shard_status() if bot is not None else {}   # closed: every shard reads 0
+        obs.discord_shards({i: (s.connected, s.latency) for i, s in status.items()})
+    obs.add_refresher(refresh)
 
 
 def default_models_loader(wc: WorkerConfig) -> Callable[[], Any]:
@@ -122,6 +143,7 @@ async def open_resources(
         resources = Resources(config, queue, session)
         obs = resources.obs
         obs.track_queue(queue)
+        track_shards(obs, resources)
         worker = None
         if config.worker.embedded:
             from engine.worker import Worker   # imports torch: only when the worker is embedded

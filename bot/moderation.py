@@ -9,11 +9,18 @@ Entries:
   not "concatenate");
 - `re:<pattern>`: a regular expression, case-insensitive, searched anywhere in the prompt.
 
+Look-alike spellings match too: each entry is tried on the prompt as typed and on its folded form
+(`fold`: NFKC, so fullwidth `ｃｕｒｓｅｄ` -- which CLIP reads exactly as `cursed` -- and other
+compatibility forms become plain letters; zero-width and other format characters such as the soft
+hyphen removed; runs of white space made one space).
+
 Guards against a pattern that backtracks for ever: entries are at most MAX_ENTRY characters, a
 pattern is compiled and tried on a few adversarial strings when it is added (refused if that is
 slow), and every match runs with the `regex` module's timeout against at most the prompt's
 allowed length. A match that times out counts as a refusal (fail closed) and is logged, so an
-admin can fix the pattern.
+admin can fix the pattern. Compiling is guarded too: `regex` unrolls counted repeats (`x{1000}`)
+while it compiles, holding the GIL, so a pattern whose minimum counts multiply past MAX_UNROLL
+(`(?:a{65535}){65535}` would stop the whole process for hours) is refused before it is compiled.
 
 The check runs in ImagineCog.submit (so /imagine, Reroll, Continue and anything else that
 submits through it) and for each prompt of a permutation set before anything is queued.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import unicodedata
 from typing import TYPE_CHECKING, Iterable
 
 import discord
@@ -42,6 +50,8 @@ REGEX_PREFIX = "re:"
 MAX_ENTRY = 200
 MAX_ENTRIES = 100
 MATCH_TIMEOUT = 0.05          # seconds per entry and prompt
+MAX_UNROLL = 100_000          # the product of a pattern's minimum repeat counts (compiles in ~0.05 s)
+_COUNTED_REPEAT = regex.compile(r"\\.|\{\s*(\d*)\s*(?:,\s*\d*\s*)?\}")
 _FLAGS = regex.IGNORECASE | regex.V0
 # Strings that make badly nested repeats backtrack; a new pattern must get through them quickly.
 _PROBES = ("a" * 400 + "!", "ab" * 200 + "!", " " * 400 + "!", "aaa0" * 100 + "\n", "x" * 400, "a1 " * 130)
@@ -67,6 +77,25 @@ def is_regex(entry: str) -> bool:
     return entry[: len(REGEX_PREFIX)].lower() == REGEX_PREFIX
 
 
+def unrolled(pattern: str) -> int:
+    """An upper bound of how many copies of its atoms `regex` makes compiling `pattern`: the
+    product of the minimum counts of its counted repeats (`{m}`, `{m,}`, `{m,n}`), nested or not."""
+    total = 1
+    for match in _COUNTED_REPEAT.finditer(pattern):
+        if match[1]:   # escapes (group 1 None) and `{,n}` (empty) unroll nothing
+            total *= max(1, int(match[1]))
+            if total > MAX_UNROLL:
+                break
+    return total
+
+
+def fold(text: str) -> str:
+    """`text` as a look-alike spelling reads: NFKC, without format characters (zero-width spaces
+    and joiners, soft hyphens, bidi marks), white space runs as one space."""
+    text = unicodedata.normalize("NFKC", text)
+    return " ".join("".join(ch for ch in text if unicodedata.category(ch) != "Cf").split())
+
+
 def normalise(raw: str) -> str:
     """The entry as it will be stored, or BadEntry saying what is wrong with it."""
     text = (raw or "").strip()
@@ -80,14 +109,19 @@ def normalise(raw: str) -> str:
         raise BadEntry("Give a word, a phrase, or `re:<pattern>`.")
     if len(entry) > MAX_ENTRY:
         raise BadEntry(f"That entry is {len(entry)} characters long; the limit is {MAX_ENTRY}.")
+    if is_regex(entry) and unrolled(entry) > MAX_UNROLL:
+        raise BadEntry(f"That pattern repeats too much: its counted repeats (like `{{1000}}`) multiply to more than "
+                       f"{MAX_UNROLL:,}. A prompt is at most a few hundred characters: use smaller counts. "
+                       "Nothing was added.")
     try:
         pattern = _compile(entry)
     except regex.error as exc:
         raise BadEntry(f"That is not a valid regular expression: {exc}. Nothing was added.") from None
     if is_regex(entry):
-        if pattern.search("", timeout=MATCH_TIMEOUT) is not None:
-            raise BadEntry("That pattern matches an empty prompt, so it would refuse everything. Nothing was added.")
         try:
+            if pattern.search("", timeout=MATCH_TIMEOUT) is not None:
+                raise BadEntry("That pattern matches an empty prompt, so it would refuse everything. "
+                               "Nothing was added.")
             for probe in _PROBES:
                 pattern.search(probe, timeout=MATCH_TIMEOUT, concurrent=True)
         except TimeoutError:
@@ -101,24 +135,31 @@ def same(a: str, b: str) -> bool:
 
 
 def find(entries: Iterable[str], prompt: str, max_chars: int) -> tuple[str, str | None] | None:
-    """The first entry that matches `prompt` (cut to `max_chars`), with the matched text.
+    """The first entry that matches `prompt` (cut to `max_chars`) as typed or folded, with the
+    matched text.
 
     The matched text is None when the match timed out (counted as a match: fail closed).
     """
     text = prompt[:max_chars]
+    folded = fold(text)
+    texts = [text] if folded == text else [text, folded]
     for entry in entries:
         try:
+            if is_regex(entry) and unrolled(entry) > MAX_UNROLL:
+                raise regex.error("too many counted repeats")
             pattern = _compile(entry)
         except regex.error:   # stored by an older version, or edited by hand: skip, say so
             log.warning("banned entry %r does not compile; ignoring it", entry)
             continue
-        try:
-            found = pattern.search(text, timeout=MATCH_TIMEOUT, concurrent=True)
-        except TimeoutError:
-            log.warning("banned entry %r timed out on a %d-character prompt; refusing the prompt", entry, len(text))
-            return entry, None
-        if found is not None:
-            return entry, found.group(0)
+        for candidate in texts:
+            try:
+                found = pattern.search(candidate, timeout=MATCH_TIMEOUT, concurrent=True)
+            except TimeoutError:
+                log.warning("banned entry %r timed out on a %d-character prompt; refusing the prompt",
+                            entry, len(candidate))
+                return entry, None
+            if found is not None:
+                return entry, found.group(0)
     return None
 
 

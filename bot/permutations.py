@@ -166,10 +166,48 @@ def parse(text: str) -> Template | None:
 
 
 def caption(options: list[str] | tuple[str, ...], prompt: str) -> str:
-    return " · ".join(options) if options else prompt
+    return render.tame(" · ".join(options) if options else prompt)   # drawn on the sheet: one tame line
 
 
 # --- submitting a set ----------------------------------------------------------------------------
+
+async def set_refusal(bot: "ImagineBot", spec: JobSpec) -> str | None:
+    """Why the permutation prompt `spec.prompt` must be refused, said for the user (nothing is
+    queued); None when it may go. /imagine asks before it downloads any attached picture."""
+    from bot import imagine   # noqa: PLC0415 - imagine imports this module
+
+    try:
+        template = parse(spec.prompt)
+    except TemplateError as exc:
+        return str(exc)
+    if template is None:
+        return None
+    n, cap = template.count, bot.config.imagine.max_permutations
+    if n > cap:
+        sizes = " × ".join(str(len(g)) for g in template.groups if len(g) > 1)
+        if len(sizes) > 200:
+            sizes = sizes[:199] + "…"
+        return (f"That prompt makes {n} combinations ({sizes}); at most {cap} are allowed per "
+                "prompt. Use fewer options. Nothing was queued.")
+    variants = template.expand()
+    for variant in variants:
+        # validate() skips the weighted-prompt check for templates: check every expansion here.
+        if (problem := imagine.prompt_problem(variant.prompt)) is not None:
+            return f"{problem} (in the combination {_quote(variant.prompt)})"
+    if n == 1:
+        return None   # an ordinary prompt: ImagineCog.submit checks the rest
+    problem = await moderation.refusal(bot, spec.guild_id, [v.prompt for v in variants])
+    if problem:
+        return problem
+    limit = await bot.user_limit()
+    queued = await bot.queue.count_queued(spec.user_id)
+    room = max(0, limit - queued)
+    if n > room:
+        return (f"That prompt makes {n} images, but you may queue only {room} more right now "
+                f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
+                "wait for some to start. Nothing was queued.")
+    return None
+
 
 async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: JobSpec) -> list[JobRecord]:
     """Queue every combination of `spec.prompt` (a template), or refuse; returns the jobs queued."""
@@ -181,16 +219,11 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
 
     bot = cog.bot
     queue = bot.queue
-    try:
-        template = parse(spec.prompt)
-    except TemplateError as exc:
-        await ephemeral(interaction, str(exc))
+    problem = await set_refusal(bot, spec)
+    if problem:
+        await ephemeral(interaction, problem)
         return []
-    for variant in template.expand() if template is not None and template.count <= bot.config.imagine.max_permutations else []:
-        # validate() skips the weighted-prompt check for templates: check every expansion here.
-        if (problem := imagine.prompt_problem(variant.prompt)) is not None:
-            await ephemeral(interaction, f"{problem} (in the combination {_quote(variant.prompt)})")
-            return []
+    template = parse(spec.prompt)
     if template is None or template.count == 1:
         if template is not None:
             spec.prompt = template.expand()[0].prompt
@@ -198,26 +231,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         return [record] if record is not None else []
 
     n = template.count
-    cap = bot.config.imagine.max_permutations
-    if n > cap:
-        sizes = " × ".join(str(len(g)) for g in template.groups if len(g) > 1)
-        await ephemeral(interaction, f"That prompt makes {n} combinations ({sizes}); at most {cap} are allowed per "
-                                     "prompt. Use fewer options. Nothing was queued.")
-        return []
     variants = template.expand()
-    problem = await moderation.refusal(bot, spec.guild_id, [v.prompt for v in variants])
-    if problem:
-        await ephemeral(interaction, problem)
-        return []
-    limit = await bot.user_limit()
-    queued = await queue.count_queued(spec.user_id)
-    room = max(0, limit - queued)
-    if n > room:
-        await ephemeral(interaction, f"That prompt makes {n} images, but you may queue only {room} more right now "
-                                     f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
-                                     "wait for some to start. Nothing was queued.")
-        return []
-
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
     set_id = new_job_id()
@@ -443,6 +457,6 @@ class SheetsCog(commands.Cog, name="Sheets"):
         line += f" · <@{info.get('user_id', 0)}>"
         text = f"{head}\n{line}"
         if left_out:
-            note = "\nLeft out: " + "; ".join(discord.utils.escape_markdown(x) for x in left_out)
+            note = "\nLeft out: " + "; ".join(render.escape_prompt(x) for x in left_out)
             text += note[: render.CONTENT_LIMIT - len(text) - 1]
         return text[: render.CONTENT_LIMIT]

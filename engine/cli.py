@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -32,6 +34,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+SEED_MAX = 2**32 - 1     # as the bot's `seed` option
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be a whole number, not {text!r}")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"--seed must be between 0 and {SEED_MAX}, not {value}")
+    return value
+
+
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 240):
+        raise argparse.ArgumentTypeError(f"--fps must be a number above 0 and at most 240, not {text!r}")
+    return value
+
+
 def _positive(name: str):
     def parse(text: str) -> int:
         try:
@@ -52,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed = the article's 512x512, 1000 steps (default); normal; draft")
     p.add_argument("--iterations", type=_positive("--iterations"))
     p.add_argument("--frame-every", type=_positive("--frame-every"), default=50)
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, recorded in run.json)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help=f"random seed, 0-{SEED_MAX} (default: random, recorded in run.json)")
     p.add_argument("--grid", type=int, choices=(32, 64), help="32 -> 256x256, 64 -> 512x512")
     p.add_argument("--cutn", type=_positive("--cutn"))
     p.add_argument("--clip-model", default="ViT-B/32", help="a CLIP model name or a local file")
@@ -62,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/imagine-bot)")
-    p.add_argument("--fps", type=float, default=10.0, help="video frame rate")
+    p.add_argument("--fps", type=_fps, default=10.0, help="video frame rate")
     p.add_argument("--split-softmax", action="store_true", help="the notebook's two-softmax quirk")
     p.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="pull toward this picture's CLIP embedding (repeatable; weight default 1)")
@@ -71,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-run", type=Path, metavar="DIR",
                    help="remix: start from the final state of an earlier run's output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except UsageError as exc:
@@ -96,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine.generate import GenerationSettings, PromptError, generate, parse_prompt
     from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
 
+    args.prompt = _utf8_argument(args.prompt)
     try:
         parts = parse_prompt(args.prompt)
     except PromptError as exc:
@@ -114,20 +142,14 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    _check_out(out)
     if args.init_image and args.from_run:
         raise UsageError("--init-image and --from-run both set the start: choose one")
     image_prompts = [_image_prompt(spec) for spec in args.image_prompt]
     init_image = _read_image(args.init_image, "--init-image") if args.init_image else None
     parent_state = None
     if args.from_run:
-        state_file = args.from_run / "state.pt"
-        if not state_file.is_file():
-            raise UsageError(f"--from-run {args.from_run}: no state.pt there (is it an imagine output folder?)")
-        from engine.generate import state_from_bytes
-
-        parent_state = state_from_bytes(state_file.read_bytes())
+        parent_state = _read_state(args.from_run)
         parent_grid = parent_state["logits"].shape[-1]
         if args.grid and args.grid != parent_grid:
             raise UsageError(f"--from-run {args.from_run} has grid {parent_grid}; --grid {args.grid} does not fit")
@@ -141,7 +163,10 @@ def _run(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - t0
 
     frames_dir = out / "frames"
-    frames_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        frames_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create it ({exc.strerror or exc})")
     records = []
     bar = tqdm(total=settings.iterations, unit="it", disable=args.no_progress, desc="imagine")
 
@@ -189,9 +214,60 @@ def _run(args: argparse.Namespace) -> int:
                     "iterations_per_s": round(settings.iterations / result.seconds, 3) if result.seconds else None},
         "warnings": result.warnings,
     }
-    (out / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n")
+    # UTF-8 whatever the locale; file names the locale could not decode are written as their bytes.
+    (out / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                                  errors="surrogateescape")
     print(f"wrote {out / 'final.png'} and {out / 'video.mp4'} (similarity {result.final.similarity:.4f})")
     return 0
+
+
+def _utf8_argument(text: str) -> str:
+    """An argument as typed: under a locale that is not UTF-8 (LC_ALL=C without Python's UTF-8
+    mode) Python keeps the bytes it could not decode as lone surrogates; they are UTF-8 text."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        raise UsageError("the prompt is not valid UTF-8 text") from None
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a folder, or a path one can be made at (checked before the models load)."""
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create it in {parent} (no permission)")
+
+
+def _read_state(run_dir: Path) -> dict:
+    """The final state of an earlier run (`--from-run`), or a UsageError saying why it is not one."""
+    import torch
+
+    from engine.generate import state_from_bytes
+
+    state_file = run_dir / "state.pt"
+    if not state_file.is_file():
+        raise UsageError(f"--from-run {run_dir}: no state.pt there (is it an imagine output folder?)")
+    try:
+        state = state_from_bytes(state_file.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds; the file is the problem
+        raise UsageError(f"--from-run {run_dir}: state.pt cannot be read ({type(exc).__name__}): "
+                         "is it an imagine output folder?")
+    logits = state.get("logits") if isinstance(state, dict) else None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[-1] != logits.shape[-2]:
+        raise UsageError(f"--from-run {run_dir}: state.pt holds no imagine state (no square logits)")
+    return state
 
 
 def _read_image(path: Path, flag: str):
@@ -203,6 +279,8 @@ def _read_image(path: Path, flag: str):
         image, notes = load_image(path.read_bytes())
     except ImageRejected as exc:
         raise UsageError(f"{flag} {path}: {exc}")
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror or exc})")
     for note in notes:
         print(f"imagine: warning: {flag} {path}: {note}", file=sys.stderr)
     return image
@@ -216,6 +294,8 @@ def _image_prompt(spec: str):
             path, weight = head, float(tail)
         except ValueError:
             pass
+    if not (math.isfinite(weight) and -100 <= weight <= 100):   # as the bot's `image_weight`
+        raise UsageError(f"--image-prompt {spec}: the weight must be a number between -100 and 100")
     return _read_image(Path(path), "--image-prompt"), weight, Path(path).name
 
 

@@ -12,6 +12,9 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096       # Pillow's decompression-bomb guard, tighter than its default
+# The only decoders untrusted bytes reach: Pillow would otherwise try every format it knows (EPS runs
+# Ghostscript on the file; rarely used decoders are where Pillow's memory bugs were found).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 
 
 class ImageRejected(ValueError):
@@ -21,8 +24,8 @@ class ImageRejected(ValueError):
 def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, list[str]]:
     """Decode `data` into an RGB image. Returns (image, notes): notes say what was converted.
 
-    Refused: over `max_bytes`, not an image Pillow reads, more than `max_pixels` pixels (a pixel
-    bomb: checked from the header before decoding). Converted, with a note: animations (first frame),
+    Refused: over `max_bytes`, not a PNG, JPEG, WebP or GIF (FORMATS: no other decoder is tried),
+    more than `max_pixels` pixels (a pixel bomb: checked from the header before decoding). Converted, with a note: animations (first frame),
     16-bit and other modes (to 8-bit RGB), transparency (onto white).
     """
     if len(data) > max_bytes:
@@ -33,7 +36,7 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected(
@@ -47,7 +50,7 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
-            raise ImageRejected("the file is not an image Pillow can read (PNG, JPEG, WebP, GIF...)") from exc
+            raise ImageRejected("the file is not an image I can read: send a PNG, JPEG, WebP or GIF") from exc
         raise ImageRejected(f"the image is too large to decode safely ({exc}): scale it down") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"the image is damaged or truncated ({exc})") from exc

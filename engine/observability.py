@@ -7,8 +7,9 @@
     ...
     await runner.cleanup()
 
-`GET /healthz` runs every check (an async callable returning a bool; raising or taking longer than
-`check_timeout` seconds counts as failing) and answers 200 when all pass, else 503, with JSON:
+`GET /healthz` runs every check (an async callable returning a bool, or a dict with "ok" and more
+details to report; raising or taking longer than `check_timeout` seconds counts as failing) and
+answers 200 when all pass, else 503, with JSON:
 `{"ok": false, "checks": {"queue": {"ok": false, "error": "TimeoutError: ..."}, "gpu": {"ok": true}}}`.
 
 `GET /metrics` is the Prometheus text format:
@@ -24,6 +25,8 @@
 | `imagine_gpu_memory_reserved_bytes{device}` | gauge | `torch.cuda.memory_reserved` (absent on a CPU) |
 | `imagine_gpu_thread_alive` | gauge | 1 while the worker's GPU thread runs |
 | `imagine_discord_rate_limited_total` | counter | HTTP 429s the bot got from Discord (the bot increments it) |
+| `imagine_discord_shard_connected{shard}` | gauge | 1 while that gateway shard is ready and answered (the bot sets it) |
+| `imagine_discord_gateway_latency_seconds{shard}` | gauge | that shard's heartbeat round trip (absent without an open, answered connection) |
 
 This module imports neither torch nor discord (the bot imports it on machines without a GPU stack;
 the worker hands it a torch device, and torch is imported only when that device is CUDA).
@@ -35,14 +38,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping, Union
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger(__name__)
 
-Check = Callable[[], Awaitable[bool]]
+Check = Callable[[], Awaitable[Union[bool, Mapping[str, Any]]]]
 
 # Seconds from submit to done: a draft job on a free GPU takes seconds, a seed job in a long line an hour.
 LATENCY_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
@@ -62,6 +65,8 @@ class Metrics:
     gpu_memory_reserved: Gauge
     gpu_alive: Gauge
     discord_rate_limited: Counter
+    discord_shard_connected: Gauge
+    discord_gateway_latency: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> "Metrics":
@@ -79,6 +84,11 @@ class Metrics:
             gpu_alive=Gauge("imagine_gpu_thread_alive", "1 while the worker's GPU thread runs", registry=registry),
             discord_rate_limited=Counter("imagine_discord_rate_limited", "HTTP 429 answers from Discord",
                                          registry=registry),
+            discord_shard_connected=Gauge("imagine_discord_shard_connected",
+                                          "1 while the gateway shard is ready and its heartbeats answered",
+                                          ["shard"], registry=registry),
+            discord_gateway_latency=Gauge("imagine_discord_gateway_latency_seconds",
+                                          "Heartbeat round trip of the gateway shard", ["shard"], registry=registry),
         )
 
 
@@ -97,6 +107,8 @@ class Observability:
         self.check_timeout = check_timeout
         self.refresh_timeout = refresh_timeout
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        self._shard_labels: set[str] = set()
+        self._latency_labels: set[str] = set()
         for state in JOB_STATES:   # export every state at 0 from the start, so rate() sees the first one
             self.metrics.jobs.labels(state)
 
@@ -157,6 +169,22 @@ class Observability:
     def discord_rate_limited(self, n: int = 1) -> None:
         self.metrics.discord_rate_limited.inc(n)
 
+    def discord_shards(self, shards: Mapping[int, tuple[bool, float | None]]) -> None:
+        """The gateway shards now: shard id -> (connected, heartbeat latency in seconds or None).
+        Shards no longer given lose their series; a latency of None removes that shard's latency."""
+        m = self.metrics
+        labels = {str(i) for i in shards}
+        latencies = {str(i): lat for i, (_, lat) in shards.items() if lat is not None}
+        for gone in self._shard_labels - labels:
+            m.discord_shard_connected.remove(gone)
+        for gone in self._latency_labels - set(latencies):
+            m.discord_gateway_latency.remove(gone)
+        for i, (connected, _) in shards.items():
+            m.discord_shard_connected.labels(str(i)).set(1.0 if connected else 0.0)
+        for label, latency in latencies.items():
+            m.discord_gateway_latency.labels(label).set(latency)
+        self._shard_labels, self._latency_labels = labels, set(latencies)
+
     # --- HTTP ------------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
@@ -170,12 +198,14 @@ class Observability:
     async def run_checks(self, checks: dict[str, Check]) -> tuple[bool, dict[str, dict[str, Any]]]:
         async def one(check: Check) -> dict[str, Any]:
             try:
-                ok = bool(await asyncio.wait_for(check(), self.check_timeout))
+                result = await asyncio.wait_for(check(), self.check_timeout)
             except asyncio.TimeoutError:
                 return {"ok": False, "error": f"no answer within {self.check_timeout:g} s"}
             except Exception as exc:  # noqa: BLE001
                 return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-            return {"ok": ok}
+            if isinstance(result, Mapping):   # "ok" first, then the check's own details
+                return {"ok": bool(result.get("ok")), **{k: v for k, v in result.items() if k != "ok"}}
+            return {"ok": bool(result)}
         names = list(checks)
         results = await asyncio.gather(*(one(checks[n]) for n in names))
         report = dict(zip(names, results))

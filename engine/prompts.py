@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 MAX_PROMPT_PARTS = 8
+# Letters that draw nothing (Hangul fillers, the braille blank): used to make text look empty.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 class PromptError(ValueError):
@@ -18,6 +21,22 @@ class PromptError(ValueError):
 
 
 _WEIGHT = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*$", re.S)
+
+
+def has_visible_text(text: str) -> bool:
+    """False when `text` shows nothing: only spaces, control and format characters (zero-width
+    spaces, bidi marks, soft hyphens...), combining marks with nothing to sit on, blank letters."""
+    return any(
+        not ch.isspace() and ch not in _BLANK_LETTERS
+        and unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Mn", "Me", "Zs", "Zl", "Zp")
+        for ch in text
+    )
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """`text` for an error message: one line, at most `limit` characters, quoted."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 1] + "…")
 
 
 @dataclass(frozen=True)
@@ -31,19 +50,19 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
 
     A trailing `:<number>` is a weight; any other colon is part of the text.
     """
-    if prompt is None or not prompt.strip():
+    if prompt is None or not has_visible_text(prompt):
         raise PromptError("the prompt is empty: describe the picture you want")
     parts = []
     for raw in prompt.split("|"):
         raw = raw.strip()
-        if not raw:
+        if not has_visible_text(raw):
             raise PromptError("an empty part between '|' separators: remove the extra '|'")
         match = _WEIGHT.match(raw)
         text, weight = (match["text"].strip(), float(match["weight"])) if match else (raw, 1.0)
-        if not text:
-            raise PromptError(f"the part {raw!r} has a weight but no text")
+        if not has_visible_text(text):
+            raise PromptError(f"the part {_quote(raw)} has a weight but no text")
         if not math.isfinite(weight) or abs(weight) > 100:
-            raise PromptError(f"the weight of {text!r} must be a number between -100 and 100")
+            raise PromptError(f"the weight of {_quote(text)} must be a number between -100 and 100")
         parts.append(PromptPart(text, weight))
     if len(parts) > MAX_PROMPT_PARTS:
         raise PromptError(f"{len(parts)} prompt parts; at most {MAX_PROMPT_PARTS} are allowed")
@@ -52,4 +71,4 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
     return parts
 
 
-__all__ = ["MAX_PROMPT_PARTS", "PromptError", "PromptPart", "parse_prompt"]
+__all__ = ["MAX_PROMPT_PARTS", "PromptError", "PromptPart", "has_visible_text", "parse_prompt"]

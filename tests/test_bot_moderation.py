@@ -80,3 +80,34 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     assert await h.queue.get_setting(key) == [r"re:h[o0]+use"]
     assert await h.queue.count_queued() == 2
     fd.assert_clean()
+
+
+async def test_look_alike_and_invisible_spellings_of_a_refused_word_are_refused(harness):
+    """CLIP reads fullwidth `ｃｕｒｓｅｄ` exactly as `cursed`; a soft hyphen or a zero-width space
+    inside the word, or two spaces inside a phrase, must not get it past the list either."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    for entry in ("cursed", "dark forest"):
+        assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+    for prompt in ["a ｃｕｒｓｅｄ house", "a cur\u00adsed house", "a cur\u200bsed house", "a CUR\u200dSED house",
+                   "a dark  forest", "a dark\u3000forest", "a {dark\u00a0forest, meadow}"]:
+        assert "refused" in await _refused(h, prompt), prompt
+    await _queued(h, "a cursedly dark forester")           # still whole words only
+    h.fd.assert_clean()
+
+
+async def test_patterns_that_would_freeze_or_crash_the_bot_are_refused(harness):
+    """`regex` unrolls counted repeats when it compiles, holding the GIL: `(?:a{65535}){65535}`
+    would stop the whole bot (gateway, worker) for hours. A left-recursive pattern times out on
+    the empty prompt. Both get a clear refusal and the list stays as it was."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    for entry in [r"re:(?:a{1000}){1000}", r"re:x{200000}", r"re:(?(DEFINE)(?<x>(?&x)a))(?&x)"]:
+        text = await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+        assert "Nothing was added" in text, (entry, text)
+    assert await h.queue.get_setting(f"banned:{h.fd.guild_id}") is None
+    # Counted repeats of a sensible size are fine.
+    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:\d{3}-\d{4}"}, **admin)
+    h.fd.assert_clean()

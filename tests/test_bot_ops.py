@@ -79,9 +79,14 @@ async def test_health_and_metrics_of_a_running_bot(tmp_path, tiny_models, caplog
         await stack.enter_async_context(running_bot(fd, bot))
         await bot.tree.sync(guild=None)
         code, report = await health(http, base)
+        shard = report["checks"]["discord"].pop("shards")
         assert (code, report) == (200, {"ok": True, "checks": {"discord": {"ok": True}, "queue": {"ok": True},
                                                                "gpu": {"ok": True}}})
+        assert list(shard) == ["0"] and shard["0"]["state"] == "ready"   # one shard: Discord's recommendation
+        assert 0 <= shard["0"]["latency"] < 5
         before = await metrics(http, base)
+        assert value(before, "imagine_discord_shard_connected", shard="0") == 1
+        assert 0 <= value(before, "imagine_discord_gateway_latency_seconds", shard="0") < 5
         assert value(before, "imagine_iterations_total") == 0
         assert value(before, "imagine_jobs_total", state="done") == 0
         assert value(before, "imagine_discord_rate_limited_total") == 0
@@ -111,6 +116,7 @@ async def test_health_and_metrics_of_a_running_bot(tmp_path, tiny_models, caplog
         code, report = await health(http, base)
         assert code == 503 and report["checks"]["discord"]["ok"] is False
         assert report["checks"]["queue"] == {"ok": True}
+        assert value(await metrics(http, base), "imagine_discord_shard_connected", shard="0") == 0
 
     # One INFO line per job event with the job id; neither the prompt nor the token at INFO.
     info = [r for r in caplog.records if r.levelno >= logging.INFO]
@@ -165,3 +171,20 @@ async def test_no_worker_runs_no_embedded_worker_and_no_gpu_check(tmp_path, monk
             code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
         assert code == 503 and set(report["checks"]) == {"discord", "queue"}   # no gpu check
         assert report["checks"]["queue"] == {"ok": True}
+
+
+def test_shard_gauges_follow_the_shards_given():
+    from prometheus_client import generate_latest
+
+    from engine.observability import Observability
+
+    obs = Observability()
+    obs.discord_shards({0: (True, 0.25), 1: (True, 0.5)})
+    m = samples(generate_latest(obs.registry).decode())
+    assert value(m, "imagine_discord_shard_connected", shard="0") == 1
+    assert value(m, "imagine_discord_gateway_latency_seconds", shard="1") == 0.5
+    obs.discord_shards({0: (False, None)})   # shard 0 down, shard 1 gone (a smaller count)
+    m = samples(generate_latest(obs.registry).decode())
+    assert value(m, "imagine_discord_shard_connected", shard="0") == 0
+    assert value(m, "imagine_discord_shard_connected", shard="1") is None
+    assert not any(name == "imagine_discord_gateway_latency_seconds" for name, _ in m)

@@ -77,6 +77,7 @@ class Harness:
     synced: bool = False
     starts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    http_port: int | None = None   # 0: serve /healthz and /metrics on a free port (resources.http_port)
 
     @property
     def queue(self):
@@ -91,7 +92,7 @@ class Harness:
         try:
             self.resources = await stack.enter_async_context(open_resources(
                 self.config, models_loader=lambda: self.models,
-                worker_options={"poll_every": 0.05, "heartbeat_every": 0.2},
+                worker_options={"poll_every": 0.05, "heartbeat_every": 0.2}, http_port=self.http_port,
             ))
             self.bot = make_bot(self.resources)
             await stack.enter_async_context(running_bot(self.fd, self.bot))

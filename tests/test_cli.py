@@ -43,6 +43,12 @@ def test_imagine_renders_frames_final_video_and_run_json(tiny_model_files, tmp_p
     (["--out", "x", "--grid", "48"], "invalid choice"),
     (["--out", "x", "--device", "tpu"], "invalid choice"),
     (["a cat"], "--out"),
+    # Checked before the models load (`--clip-model` names no file: that error would come next).
+    (["--out", "x", "--seed", "-1", "--clip-model", "/nonexistent/clip.pt"], "--seed must be between 0 and 4294967295"),
+    (["--out", "x", "--seed", str(2**64), "--clip-model", "/nonexistent/clip.pt"], "--seed must be between 0"),
+    (["--out", "x", "--fps", "0", "--clip-model", "/nonexistent/clip.pt"], "--fps must be"),
+    (["--out", "x", "--fps", "nan", "--clip-model", "/nonexistent/clip.pt"], "--fps must be"),
+    (["--out", "x", "--log-level", "chatty"], "invalid choice"),
 ])
 def test_bad_arguments_one_line_and_exit_2(args, message, capsys):
     argv = args if args and not args[0].startswith("--") else ["a cat", *args]
@@ -53,7 +59,7 @@ def test_bad_arguments_one_line_and_exit_2(args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("prompt, message", [("   ", "empty"), ("blurry:-1", "positive weight")])
+@pytest.mark.parametrize("prompt, message", [("   ", "empty"), ("\u200b\u2060", "empty"), ("blurry:-1", "positive weight")])
 def test_bad_prompts_exit_2(prompt, message, tmp_path, capsys):
     assert cli.main([prompt, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -73,3 +79,49 @@ def test_untrusted_decoder_exit_2(tiny_model_files, tmp_path, capsys):
                      "--decoder", str(tiny_model_files.decoder_pickle), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"])
     assert code == 2
     assert "--trust-decoder" in capsys.readouterr().err
+
+
+def test_bad_files_exit_2_before_the_models_load(tmp_path, capsys):
+    """Weights, output folders and earlier runs that cannot work are refused up front, with exit 2,
+    not after minutes of loading models (or a traceback). `--clip-model` names no file, so an
+    argument checked too late shows up as the model's error instead."""
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    garbage = tmp_path / "garbage-run"
+    garbage.mkdir()
+    (garbage / "state.pt").write_bytes(b"not a torch file")
+    no_logits = tmp_path / "other-run"
+    no_logits.mkdir()
+    import torch
+
+    torch.save({"something": 1}, no_logits / "state.pt")
+    cases = [
+        (["--image-prompt", f"{picture}:nan"], "weight"),
+        (["--image-prompt", f"{picture}:1000"], "between -100 and 100"),
+        (["--out", str(blocker / "sub")], "not a folder"),
+        (["--from-run", str(garbage)], "state.pt"),
+        (["--from-run", str(no_logits)], "state.pt"),
+    ]
+    for args, message in cases:
+        argv = ["a cat", "--out", str(tmp_path / "o"), "--clip-model", "/nonexistent/clip.pt", "--device", "cpu", *args]
+        assert cli.main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "/nonexistent/clip.pt" not in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_unicode_prompt_under_a_non_utf8_locale(tiny_model_files, tmp_path):
+    """run.json is UTF-8 whatever the locale: under LC_ALL=C (no UTF-8 mode) writing it used to
+    fail with UnicodeEncodeError after the whole render."""
+    f = tiny_model_files
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "un château 🏰", "--out", str(tmp_path / "run"), "--iterations", "1",
+         "--grid", "32", "--cutn", "1", "--clip-model", str(f.clip_torchscript), "--decoder", str(f.decoder_pickle),
+         "--trust-decoder", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))["prompt"] == "un château 🏰"

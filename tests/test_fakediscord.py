@@ -337,3 +337,87 @@ async def test_edit_keeps_listed_attachments_and_adds_new_files(env) -> None:
     with pytest.raises(discord.HTTPException) as err:
         await channel.send(file=discord.File(io.BytesIO(b"x" * 1001), "big.mp4"))
     assert (err.value.status, err.value.code) == (413, 40005)
+
+
+async def _identify(fd: FakeDiscord, http: aiohttp.ClientSession, shard=None, *, resume=None):
+    """A raw gateway client: HELLO, then IDENTIFY (``shard`` as given) or RESUME ``(session_id, seq)``."""
+    ws = await http.ws_connect(f"{fd.gateway_url}?v=10&encoding=json")
+    hello = await ws.receive_json(timeout=5)
+    assert hello["op"] == 10
+    if resume is not None:
+        await ws.send_json({"op": 6, "d": {"token": fd.bot_token, "session_id": resume[0], "seq": resume[1]}})
+    else:
+        d: Dict[str, Any] = {"token": fd.bot_token, "intents": 1, "properties": {}}
+        if shard is not None:
+            d["shard"] = shard
+        await ws.send_json({"op": 2, "d": d})
+    return ws
+
+
+async def _events(ws, until: str) -> List[Dict[str, Any]]:
+    out = []
+    while True:
+        msg = await ws.receive_json(timeout=5)
+        if msg["op"] == 0:
+            out.append(msg)
+            if msg["t"] == until:
+                return out
+
+
+async def test_shards_get_only_their_guilds_and_a_dropped_shard_gets_its_events_on_resume() -> None:
+    async with FakeDiscord(shards=2, require_sharding=True) as fd, aiohttp.ClientSession() as http:
+        first = fd.guild()
+        second = fd.add_guild("Second Guild", shard_id=1 - fd.shard_of(first.id))
+        assert fd.shard_of(second.id) != fd.shard_of(first.id) and len(fd.guilds) == 2
+        assert {c["guild_id"] for c in fd.channels.values() if c["name"] == "general"} == {str(first.id), str(second.id)}
+
+        async with http.get(f"{fd.api_base}/gateway/bot", headers={"Authorization": f"Bot {fd.bot_token}"}) as resp:
+            assert (await resp.json())["shards"] == 2
+        # Too few shards (or none) is refused like Discord does; a shard id outside the count too.
+        for shard, code in ((None, 4011), ([0, 1], 4011), ([2, 2], 4010), ([0, 0], 4010)):
+            ws = await _identify(fd, http, shard)
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == code, (shard, msg)
+            await ws.close()
+        assert fd.identify_count == 0
+
+        ws = {}
+        for shard_id in (0, 1):
+            ws[shard_id] = await _identify(fd, http, [shard_id, 2])
+        got = {}
+        for shard_id in (0, 1):
+            events = await _events(ws[shard_id], "GUILD_CREATE")
+            assert [e["t"] for e in events] == ["READY", "GUILD_CREATE"]
+            ready, guild = events[0]["d"], events[1]["d"]
+            assert ready["shard"] == [shard_id, 2]
+            got[shard_id] = [g["id"] for g in ready["guilds"]], guild["id"]
+        for g in (first, second):
+            owner = fd.shard_of(g.id)
+            assert got[owner] == ([str(g.id)], str(g.id))
+            assert {c["name"] for c in fd.guild_payload(g.id)["channels"]} == {"Text Channels", "general", "imagine"}
+        assert fd.live_shards == [[0, 2], [1, 2]]
+
+        # A guild's event goes to its shard only; an event of no guild (a DM) to shard 0.
+        down = fd.shard_of(second.id)
+        await fd.dispatch("TEST_EVENT", {"guild_id": str(second.id), "n": 1})
+        await fd.dispatch("TEST_EVENT", {"n": 2})
+        assert [e["d"]["n"] for e in await _events(ws[down], "TEST_EVENT")] == [1]
+        by_shard = {s.shard_id: [d["n"] for d in s.events("TEST_EVENT")] for s in fd.sessions}
+        assert by_shard == ({0: [1, 2], 1: []} if down == 0 else {0: [2], 1: [1]})
+        session = next(s for s in fd.sessions if s.shard_id == down)
+        seq = session.seq
+
+        # The shard's connection drops: its guild's events wait for its RESUME, and never go elsewhere.
+        assert await fd.drop_connection(down) == 1
+        await fd.wait_for(lambda: fd.live_shards == [[1 - down, 2]], 5, "the drop")
+        await fd.dispatch("TEST_EVENT", {"guild_id": str(second.id), "n": 3})
+        assert session.events("TEST_EVENT")[-1]["n"] == 3
+        other = next(s for s in fd.sessions if s.shard_id != down)
+        assert 3 not in [d["n"] for d in other.events("TEST_EVENT")]
+        resumed = await _identify(fd, http, resume=(session.session_id, seq))
+        events = await _events(resumed, "RESUMED")
+        assert [(e["t"], e["d"].get("n")) for e in events] == [("TEST_EVENT", 3), ("RESUMED", None)]
+        assert fd.resume_count == 1 and fd.live_shards == [[0, 2], [1, 2]]
+        for w in (resumed, *ws.values()):
+            await w.close()
+    fd.assert_clean()

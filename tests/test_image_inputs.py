@@ -144,3 +144,25 @@ def test_a_16_bit_image_is_converted_and_says_so():
     image, notes = load_image(png(deep))
     assert image.mode == "RGB" and abs(image.getpixel((0, 0))[0] - 127) <= 1
     assert "converted to 8-bit" in notes[0]
+
+
+def test_only_png_jpeg_webp_and_gif_are_decoded(monkeypatch):
+    """Pillow opens dozens of formats; EPS runs Ghostscript on the file. Untrusted bytes go only to
+    the decoders of the formats we ask for."""
+    from PIL import EpsImagePlugin
+
+    ran = []
+
+    def ghostscript(*args, **kwargs):
+        ran.append(args)
+        raise OSError("Ghostscript ran on the upload")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    others = [png(noise_image(8), format=f) for f in ("BMP", "TIFF", "TGA", "ICO", "PPM")]
+    for data in [eps, *others]:
+        with pytest.raises(ImageRejected, match="PNG, JPEG, WebP or GIF"):
+            load_image(data)
+    assert ran == []
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF"):
+        assert load_image(png(noise_image(8), format=fmt))[0].size == (8, 8)

@@ -6,7 +6,8 @@
     open_queue("redis://localhost:6379/0?prefix=imagine")
 
 Options in the query string (both backends): `lease` (seconds, default 30), `max_attempts`
-(default 3); Redis only: `prefix` (key namespace, default "imagine"). Other query parameters of a
+(default 3); Redis only: `prefix` (key namespace, default "imagine"); SQLite only: `busy_timeout`
+(seconds a write waits for another process's write lock, default 30). Other query parameters of a
 redis URL go to redis-py (`socket_timeout`, ...). The queue comes back unstarted: call
 `await queue.start()` (or `async with open_queue(url) as queue:`).
 """
@@ -21,6 +22,7 @@ from engine.jobs import JobQueue
 __all__ = ["open_queue"]
 
 _NUMERIC_OPTS = {"lease": float, "max_attempts": int}
+_SQLITE_OPTS = {**_NUMERIC_OPTS, "busy_timeout": float}
 
 
 def _split_options(query: str, names: set[str]) -> tuple[dict[str, str], str]:
@@ -55,8 +57,8 @@ def open_queue(url: str, **kwargs: Any) -> JobQueue:
             path = body[1:] if body.startswith("/") else body
             if "?" in path:
                 path, query = path.split("?", 1)
-                opts, _ = _split_options(query, set(_NUMERIC_OPTS))
-                options = {k: _NUMERIC_OPTS[k](v) for k, v in opts.items()}
+                opts, _ = _split_options(query, set(_SQLITE_OPTS))
+                options = {k: _SQLITE_OPTS[k](v) for k, v in opts.items()}
         if not path:
             raise ValueError(f"no database path in {url!r}")
         options.update(kwargs)

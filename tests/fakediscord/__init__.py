@@ -6,6 +6,8 @@ See server.py for the API; the usual entry points are :class:`FakeDiscord` and :
 from .server import (
     SPEC_PATH,
     FakeDiscord,
+    FakeGuild,
+    GatewaySession,
     InjectedError,
     InteractionRecord,
     Permission,
@@ -20,6 +22,8 @@ from .server import (
 __all__ = [
     "SPEC_PATH",
     "FakeDiscord",
+    "FakeGuild",
+    "GatewaySession",
     "InjectedError",
     "InteractionRecord",
     "Permission",

@@ -70,6 +70,8 @@ __all__ = [
     "StoredMessage",
     "InteractionRecord",
     "InjectedError",
+    "FakeGuild",
+    "GatewaySession",
     "running_bot",
     "SPEC_PATH",
     "Permission",
@@ -439,6 +441,28 @@ class InteractionRecord:
         return [self._fd.messages[m] for m in self.followup_ids]
 
 
+@dataclass
+class FakeGuild:
+    """One guild of the fake. Its roles and channels live in :attr:`FakeDiscord.roles` /
+    :attr:`FakeDiscord.channels` (keyed by id, unique across guilds); its members (the same users in
+    every guild: the bot, Alice the owner with the Admin role, Bob) are its own."""
+
+    id: int
+    name: str
+    owner_id: int
+    admin_role_id: int = 0
+    bot_role_id: int = 0
+    category_id: int = 0
+    channel_id: int = 0  # "general"
+    other_channel_id: int = 0  # "imagine"
+    role_ids: List[int] = field(default_factory=list)
+    members: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def everyone_role_id(self) -> int:
+        return self.id
+
+
 class _ApiError(Exception):
     def __init__(self, status: int, code: int, message: str, errors: Any = None, *, violation: Optional[str] = None,
                  headers: Optional[Dict[str, str]] = None) -> None:
@@ -510,20 +534,44 @@ def _files_index(name: str) -> Optional[int]:
 # --------------------------------------------------------------------------------------------
 
 
-class _GatewaySession:
-    def __init__(self, session_id: str, intents: int) -> None:
+class GatewaySession:
+    """One IDENTIFYed gateway session: its shard ``(shard_id, shard_count)`` ((0, 1) when the IDENTIFY
+    had no ``shard``), and every dispatch sent to it (``sent``, replayed after a RESUME)."""
+
+    def __init__(self, session_id: str, intents: int, shard: Tuple[int, int] = (0, 1)) -> None:
         self.session_id = session_id
         self.intents = intents
+        self.shard = shard
         self.seq = 0
         self.sent: List[Dict[str, Any]] = []  # dispatches, for RESUME replay
         self.conn: Optional["_GatewayConn"] = None
+        self.ended = False  # the bot closed it (1000/1001): Discord keeps nothing for it
+
+    @property
+    def shard_id(self) -> int:
+        return self.shard[0]
+
+    def owns(self, guild_id: Optional[int]) -> bool:
+        """Whether this session's shard gets the events of ``guild_id`` (Discord's formula); events of
+        no guild (DMs) go to shard 0."""
+        if guild_id is None:
+            return self.shard[0] == 0
+        return (int(guild_id) >> 22) % self.shard[1] == self.shard[0]
+
+    def events(self, name: str) -> List[Dict[str, Any]]:
+        """The ``d`` of every ``name`` dispatch sent to this session (kept: the last 500 dispatches)."""
+        return [p["d"] for p in self.sent if p["t"] == name]
+
+    def __repr__(self) -> str:
+        return f"<GatewaySession shard={list(self.shard)} live={self.conn is not None}>"
 
 
 class _GatewayConn:
     def __init__(self, ws: web.WebSocketResponse, compress: Optional[str]) -> None:
         self.ws = ws
         self.compress = compress
-        self.session: Optional[_GatewaySession] = None
+        self.session: Optional[GatewaySession] = None
+        self.dropped = False  # the fake closed it (the session stays resumable)
         self.lock = asyncio.Lock()
         self._z = zlib.compressobj() if compress == "zlib-stream" else None
         self._zstd = None
@@ -561,19 +609,29 @@ _RouteHandler = Callable[["RecordedRequest", Dict[str, str]], Awaitable[Tuple[in
 class FakeDiscord:
     """A fake Discord server: one guild (:attr:`guild_id`) with text channels :attr:`channel_id` and
     :attr:`other_channel_id`, roles @everyone / Admin (:attr:`admin_role_id`) / the bot's, and members
-    :attr:`bot_user`, :attr:`admin_user` (Admin role, guild owner) and :attr:`member_user` (no role).
+    :attr:`bot_user`, :attr:`admin_user` (Admin role, guild owner) and :attr:`member_user` (no role);
+    :meth:`add_guild` adds more guilds of the same layout (:attr:`guilds`).
+
+    Sharding as Discord does it: ``GET /gateway/bot`` recommends ``shards`` (with ``max_concurrency``);
+    each IDENTIFY may carry ``shard: [id, count]`` and gets the guilds with ``(guild_id >> 22) % count
+    == id`` (READY, GUILD_CREATE, and every later event of those guilds; events of no guild go to
+    shard 0). ``require_sharding=True`` closes an IDENTIFY with fewer than ``shards`` shards with 4011
+    (Sharding required); a malformed ``shard`` is closed with 4010 (Invalid shard). Events for a shard
+    whose connection dropped wait for its RESUME, as on Discord.
 
     Start it with ``async with FakeDiscord(...) as fd`` (or ``await fd.start()`` / ``await fd.close()``);
     run a bot against it with :func:`running_bot`. Then:
 
     * inject: :meth:`send_slash_command`, :meth:`click_button`, :meth:`select`, :meth:`submit_modal`,
       :meth:`delete_message`,
-      :meth:`dispatch` (any gateway event), :meth:`request_reconnect`;
+      :meth:`dispatch` (any gateway event), :meth:`request_reconnect`, :meth:`drop_connection`,
+      :meth:`hold_resumes` / :meth:`release_resumes`;
     * break things: :meth:`rate_limit`, :meth:`inject_error`, :meth:`expire_tokens`, :attr:`token_expiry`,
       :attr:`attachment_size_limit`, ``realistic_rate_limits=True`` with :attr:`bucket_limits`;
     * observe: :attr:`requests`, :meth:`find_requests`, :meth:`wait_for_request`, :meth:`wait_for`,
       :attr:`messages`, :meth:`channel_messages`, :attr:`interactions`, :attr:`global_commands`,
-      :attr:`guild_commands`, :attr:`violations`, :attr:`unknown_requests`, :meth:`assert_clean`.
+      :attr:`guild_commands`, :attr:`violations`, :attr:`unknown_requests`, :meth:`assert_clean`,
+      :attr:`identifies`, :attr:`sessions`, :attr:`live_shards`.
     """
 
     def __init__(
@@ -588,7 +646,15 @@ class FakeDiscord:
         allowed_privileged_intents: int = INTENT_PRIVILEGED,
         bot_token: Optional[str] = None,
         host: str = "127.0.0.1",
+        shards: int = 1,
+        require_sharding: bool = False,
+        max_concurrency: int = 1,
     ) -> None:
+        if shards < 1 or max_concurrency < 1:
+            raise ValueError("shards and max_concurrency must be at least 1")
+        self.shards = shards  # what GET /gateway/bot recommends
+        self.require_sharding = require_sharding
+        self.max_concurrency = max_concurrency
         self.token_expiry = token_expiry
         self.interaction_deadline = interaction_deadline
         self.validate = validate
@@ -620,25 +686,19 @@ class FakeDiscord:
         for u in (self.bot_user, self.admin_user, self.member_user):
             self.users[int(u["id"])] = u
 
-        # one test guild
-        self.guild_id: int = self.snowflake()
-        self.everyone_role_id = self.guild_id
-        self.admin_role_id: int = self.snowflake()
-        self.bot_role_id: int = self.snowflake()
+        # one test guild (the primary one; add_guild adds more)
+        self.guilds: Dict[int, FakeGuild] = {}
         self.roles: Dict[int, Dict[str, Any]] = {}
-        self._add_role(self.everyone_role_id, "@everyone", Permission.EVERYONE, position=0)
-        self._add_role(self.admin_role_id, "Admin", Permission.ALL, position=2, hoist=True)
-        self._add_role(self.bot_role_id, "imagine-bot", Permission.BOT, position=1, managed=True,
-                       tags={"bot_id": str(self.application_id)})
         self.channels: Dict[int, Dict[str, Any]] = {}
-        self.category_id = self._add_channel("Text Channels", type=4)
-        self.channel_id: int = self.add_channel("general")
-        self.other_channel_id: int = self.add_channel("imagine")
-        self.members: Dict[int, Dict[str, Any]] = {}
-        self._add_member(_public_user(self.bot_user), [self.bot_role_id])
-        self._add_member(self.admin_user, [self.admin_role_id])
-        self._add_member(self.member_user, [])
-        self.owner_id = int(self.admin_user["id"])
+        primary = self._new_guild("Fake Guild", self.snowflake())
+        self.guild_id: int = primary.id
+        self.everyone_role_id = primary.everyone_role_id
+        self.admin_role_id: int = primary.admin_role_id
+        self.bot_role_id: int = primary.bot_role_id
+        self.category_id = primary.category_id
+        self.channel_id: int = primary.channel_id
+        self.other_channel_id: int = primary.other_channel_id
+        self.members: Dict[int, Dict[str, Any]] = primary.members
 
         # state
         self.requests: List[RecordedRequest] = []
@@ -654,8 +714,12 @@ class FakeDiscord:
         self.gateway_connects: List[Dict[str, str]] = []  # the query string of each websocket connection
         self.identify_count = 0
         self.resume_count = 0
+        # every accepted IDENTIFY: {"shard": [id, count] or None, "at": time.monotonic(), "session_id": ...}
+        self.identifies: List[Dict[str, Any]] = []
+        self._resumes_open = asyncio.Event()
+        self._resumes_open.set()
         self._blobs: Dict[int, Tuple[str, str, bytes]] = {}
-        self._sessions: Dict[str, _GatewaySession] = {}
+        self._sessions: Dict[str, GatewaySession] = {}
         self._conns: List[_GatewayConn] = []
         self._buckets: Dict[Tuple[str, Any], List[float]] = {}
         self._waiters: List[Tuple[Callable[[], Any], asyncio.Future]] = []
@@ -713,6 +777,7 @@ class FakeDiscord:
         return self
 
     async def close(self) -> None:
+        self._resumes_open.set()
         for conn in list(self._conns):
             with contextlib.suppress(Exception):
                 await conn.ws.close(code=1001, message=b"fake discord shutting down")
@@ -790,8 +855,66 @@ class FakeDiscord:
             u.update({"verified": True, "mfa_enabled": False, "locale": "en-US", "email": None, "bio": ""})
         return u
 
+    def _new_guild(self, name: str, gid: int) -> FakeGuild:
+        g = FakeGuild(id=gid, name=name, owner_id=int(self.admin_user["id"]))
+        self.guilds[gid] = g
+        g.admin_role_id = self.snowflake()
+        g.bot_role_id = self.snowflake()
+        self._add_role(g.everyone_role_id, "@everyone", Permission.EVERYONE, position=0, guild=g)
+        self._add_role(g.admin_role_id, "Admin", Permission.ALL, position=2, hoist=True, guild=g)
+        self._add_role(g.bot_role_id, "imagine-bot", Permission.BOT, position=1, managed=True,
+                       tags={"bot_id": str(self.application_id)}, guild=g)
+        g.category_id = self._add_channel("Text Channels", type=4, guild_id=gid)
+        g.channel_id = self.add_channel("general", guild_id=gid)
+        g.other_channel_id = self.add_channel("imagine", guild_id=gid)
+        self._add_member(_public_user(self.bot_user), [g.bot_role_id], guild=g)
+        self._add_member(self.admin_user, [g.admin_role_id], guild=g)
+        self._add_member(self.member_user, [], guild=g)
+        return g
+
+    def add_guild(self, name: str = "Second Guild", *, shard_id: Optional[int] = None,
+                  shard_count: Optional[int] = None) -> FakeGuild:
+        """Another guild with the primary guild's layout: channels general and imagine, roles
+        @everyone / Admin / the bot's, and the same three members (add it before the bot connects).
+        ``shard_id``: its id is chosen so that Discord's formula ``(guild_id >> 22) % shard_count``
+        (``shard_count`` defaults to :attr:`shards`) puts it on that shard."""
+        gid = self.snowflake()
+        if shard_id is not None:
+            count = shard_count or self.shards
+            if not 0 <= shard_id < count:
+                raise ValueError(f"shard_id {shard_id} is not below the shard count {count}")
+            ts = (gid >> 22) + 1  # a later timestamp than every id given out so far
+            ts += (shard_id - ts) % count
+            gid = ts << 22
+            self._last_snowflake = gid
+        return self._new_guild(name, gid)
+
+    def shard_of(self, guild_id: int, shard_count: Optional[int] = None) -> int:
+        """The shard a guild belongs to: ``(guild_id >> 22) % shard_count`` (default :attr:`shards`)."""
+        return (int(guild_id) >> 22) % (shard_count or self.shards)
+
+    def guild(self, guild_id: Optional[int] = None) -> FakeGuild:
+        """A guild by id (default: the primary one); KeyError if the fake has no such guild."""
+        return self.guilds[int(guild_id or self.guild_id)]
+
+    def _guild_of_channel(self, channel_id: Union[int, str]) -> Optional[FakeGuild]:
+        ch = self.channels.get(int(channel_id))
+        gid = ch.get("guild_id") if ch else None
+        return self.guilds.get(int(gid)) if gid else None
+
+    def _guild_id_of(self, channel_id: Union[int, str]) -> str:
+        return str((self._guild_of_channel(channel_id) or self.guild()).id)
+
+    @property
+    def owner_id(self) -> int:
+        return self.guild().owner_id
+
+    @owner_id.setter
+    def owner_id(self, user_id: int) -> None:
+        self.guild().owner_id = int(user_id)
+
     def _add_role(self, rid: int, name: str, perms: int, *, position: int, hoist: bool = False, managed: bool = False,
-                  tags: Optional[Dict[str, Any]] = None) -> None:
+                  tags: Optional[Dict[str, Any]] = None, guild: Optional[FakeGuild] = None) -> None:
         role = {
             "id": str(rid), "name": name, "permissions": str(perms), "position": position, "color": 0,
             "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
@@ -801,12 +924,16 @@ class FakeDiscord:
         if tags:
             role["tags"] = tags
         self.roles[rid] = role
+        (guild or self.guild()).role_ids.append(rid)
 
-    def _add_channel(self, name: str, *, type: int = 0, parent_id: Optional[int] = None) -> int:
+    def _add_channel(self, name: str, *, type: int = 0, parent_id: Optional[int] = None,
+                     guild_id: Optional[int] = None) -> int:
         cid = self.snowflake()
+        gid = str(guild_id or self.guild_id)
         ch: Dict[str, Any] = {
-            "id": str(cid), "type": type, "guild_id": str(self.guild_id), "name": name,
-            "position": len(self.channels), "permission_overwrites": [], "flags": 0,
+            "id": str(cid), "type": type, "guild_id": gid, "name": name,
+            "position": sum(1 for c in self.channels.values() if c.get("guild_id") == gid),
+            "permission_overwrites": [], "flags": 0,
         }
         if type == 0:
             ch.update({"parent_id": str(parent_id) if parent_id else None, "topic": None, "nsfw": False,
@@ -814,53 +941,60 @@ class FakeDiscord:
         self.channels[cid] = ch
         return cid
 
-    def add_channel(self, name: str) -> int:
-        """Add a text channel to the guild (do it before the bot connects). Returns its id."""
-        return self._add_channel(name, parent_id=self.category_id)
+    def add_channel(self, name: str, *, guild_id: Optional[int] = None) -> int:
+        """Add a text channel to a guild (default: the primary one; do it before the bot connects).
+        Returns its id."""
+        g = self.guild(guild_id)
+        return self._add_channel(name, parent_id=g.category_id, guild_id=g.id)
 
-    def _add_member(self, user: Dict[str, Any], roles: List[int]) -> Dict[str, Any]:
+    def _add_member(self, user: Dict[str, Any], roles: List[int], guild: Optional[FakeGuild] = None) -> Dict[str, Any]:
         m = {
             "user": user, "roles": [str(r) for r in roles], "nick": None, "avatar": None, "banner": None,
             "joined_at": _iso(), "premium_since": None, "deaf": False, "mute": False, "pending": False,
             "flags": 0, "communication_disabled_until": None, "unusual_dm_activity_until": None,
         }
-        self.members[int(user["id"])] = m
+        (guild or self.guild()).members[int(user["id"])] = m
         return m
 
-    def add_user(self, username: str, *, admin: bool = False) -> Dict[str, Any]:
-        """A new guild member (do it before the bot connects, or it is unknown to the bot's cache)."""
+    def add_user(self, username: str, *, admin: bool = False, guild_id: Optional[int] = None) -> Dict[str, Any]:
+        """A new guild member (do it before the bot connects, or it is unknown to the bot's cache);
+        of the primary guild unless ``guild_id`` names another."""
+        g = self.guild(guild_id)
         u = self._user(username)
         self.users[int(u["id"])] = u
-        self._add_member(u, [self.admin_role_id] if admin else [])
+        self._add_member(u, [g.admin_role_id] if admin else [], guild=g)
         return u
 
-    def permissions_of(self, user_id: int) -> int:
-        member = self.members.get(int(user_id))
+    def permissions_of(self, user_id: int, guild_id: Optional[int] = None) -> int:
+        g = self.guild(guild_id)
+        member = g.members.get(int(user_id))
         if member is None:
             return Permission.EVERYONE
-        perms = int(self.roles[self.everyone_role_id]["permissions"])
+        perms = int(self.roles[g.everyone_role_id]["permissions"])
         for r in member["roles"]:
             perms |= int(self.roles[int(r)]["permissions"])
-        if perms & Permission.ADMINISTRATOR or int(user_id) == self.owner_id:
+        if perms & Permission.ADMINISTRATOR or int(user_id) == g.owner_id:
             return Permission.ALL
         return perms
 
-    def guild_payload(self) -> Dict[str, Any]:
-        channels = [dict(c) for c in self.channels.values()]
+    def guild_payload(self, guild_id: Optional[int] = None) -> Dict[str, Any]:
+        g = self.guild(guild_id)
+        channels = [dict(c) for c in self.channels.values() if c.get("guild_id") == str(g.id)]
         for c in channels:
             c.pop("guild_id", None)
         return {
-            "id": str(self.guild_id), "name": "Fake Guild", "icon": None, "splash": None, "discovery_splash": None,
-            "banner": None, "description": None, "owner_id": str(self.owner_id), "region": "deprecated",
+            "id": str(g.id), "name": g.name, "icon": None, "splash": None, "discovery_splash": None,
+            "banner": None, "description": None, "owner_id": str(g.owner_id), "region": "deprecated",
             "afk_channel_id": None, "afk_timeout": 300, "verification_level": 0, "default_message_notifications": 1,
             "explicit_content_filter": 0, "mfa_level": 0, "nsfw_level": 0, "nsfw": False, "premium_tier": 0,
             "premium_subscription_count": 0, "premium_progress_bar_enabled": False, "preferred_locale": "en-US",
-            "system_channel_id": str(self.channel_id), "system_channel_flags": 0, "rules_channel_id": None,
+            "system_channel_id": str(g.channel_id), "system_channel_flags": 0, "rules_channel_id": None,
             "public_updates_channel_id": None, "safety_alerts_channel_id": None, "vanity_url_code": None,
             "max_members": 25000000, "max_video_channel_users": 25, "max_stage_video_channel_users": 50,
-            "application_id": None, "features": [], "roles": list(self.roles.values()), "emojis": [], "stickers": [],
-            "joined_at": self.members[self.application_id]["joined_at"], "large": False, "unavailable": False,
-            "member_count": len(self.members), "members": list(self.members.values()), "channels": channels,
+            "application_id": None, "features": [], "roles": [self.roles[r] for r in g.role_ids], "emojis": [],
+            "stickers": [], "joined_at": g.members[self.application_id]["joined_at"], "large": False,
+            "unavailable": False, "member_count": len(g.members), "members": list(g.members.values()),
+            "channels": channels,
             "threads": [], "presences": [], "voice_states": [], "stage_instances": [], "guild_scheduled_events": [],
             "soundboard_sounds": [], "embedded_activities": [], "lazy": True, "incidents_data": None,
             "home_header": None, "latest_onboarding_question_id": None, "hub_type": None, "version": 1,
@@ -873,7 +1007,7 @@ class FakeDiscord:
             "bot_public": True, "bot_require_code_grant": False, "verify_key": secrets.token_hex(32),
             "flags": (1 << 15) | (1 << 19), "owner": self.admin_user, "team": None, "bot": self.bot_user,
             "redirect_uris": [], "interactions_endpoint_url": None, "role_connections_verification_url": None,
-            "tags": [], "approximate_guild_count": 1, "integration_types_config": {"0": {}},
+            "tags": [], "approximate_guild_count": len(self.guilds), "integration_types_config": {"0": {}},
         }
 
     # ---------------------------------------------------------------- waiting
@@ -1033,7 +1167,8 @@ class FakeDiscord:
         msg.deleted = True
         if not msg.ephemeral:
             await self._dispatch_intent("MESSAGE_DELETE", {"id": str(message_id), "channel_id": str(channel_id),
-                                                           "guild_id": str(self.guild_id)}, INTENT_GUILD_MESSAGES)
+                                                           "guild_id": self._guild_id_of(channel_id)},
+                                        INTENT_GUILD_MESSAGES)
         self._notify()
 
     # ---------------------------------------------------------------- gateway: server side
@@ -1073,6 +1208,8 @@ class FakeDiscord:
             self._conns.remove(conn)
             if conn.session is not None and conn.session.conn is conn:
                 conn.session.conn = None
+                if ws.close_code in (1000, 1001) and not conn.dropped:  # the bot closed it: the session is over
+                    conn.session.ended = True
             self._notify()
         return ws
 
@@ -1091,15 +1228,27 @@ class FakeDiscord:
             if intents & INTENT_PRIVILEGED & ~self.allowed_privileged_intents:
                 await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
                 return
+            shard = d.get("shard", [0, 1])
+            if not (isinstance(shard, list) and len(shard) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
+                    and 0 <= shard[0] < shard[1]):
+                await conn.ws.close(code=4010, message=b"Invalid shard.")
+                return
+            if self.require_sharding and shard[1] < self.shards:
+                await conn.ws.close(code=4011, message=b"Sharding required.")
+                return
             self.identify_count += 1
-            session = _GatewaySession(uuid.uuid4().hex, intents)
+            session = GatewaySession(uuid.uuid4().hex, intents, (shard[0], shard[1]))
             session.conn = conn
             conn.session = session
             self._sessions[session.session_id] = session
+            self.identifies.append({"shard": d.get("shard"), "at": time.monotonic(),
+                                    "session_id": session.session_id})
+            owned = [g for g in self.guilds.values() if session.owns(g.id)]
             ready = {
                 "v": API_VERSION, "user": self.bot_user, "user_settings": {}, "private_channels": [],
                 "relationships": [], "presences": [], "guild_join_requests": [],
-                "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+                "guilds": [{"id": str(g.id), "unavailable": True} for g in owned],
                 "session_id": session.session_id, "session_type": "normal",
                 "resume_gateway_url": self.gateway_url,
                 "application": {"id": str(self.application_id), "flags": self.application_payload()["flags"]},
@@ -1108,11 +1257,15 @@ class FakeDiscord:
             if "shard" in d:
                 ready["shard"] = d["shard"]
             await self._dispatch_to(session, "READY", ready)
-            guild = self.guild_payload()
-            if not intents & INTENT_GUILD_MEMBERS:  # like Discord: only the bot's own member
-                guild["members"] = [m for m in guild["members"] if m["user"]["id"] == self.bot_user["id"]]
-            await self._dispatch_to(session, "GUILD_CREATE", guild)
+            for g in owned:  # only this shard's guilds
+                guild = self.guild_payload(g.id)
+                if not intents & INTENT_GUILD_MEMBERS:  # like Discord: only the bot's own member
+                    guild["members"] = [m for m in guild["members"] if m["user"]["id"] == self.bot_user["id"]]
+                await self._dispatch_to(session, "GUILD_CREATE", guild)
         elif op == 6:
+            if not self._resumes_open.is_set():  # hold_resumes(): answered after release_resumes()
+                self._notify()  # a waiter may be watching gateway_received for this RESUME
+                await self._resumes_open.wait()
             session = self._sessions.get(d.get("session_id", ""))
             if session is None or d.get("token") != self.bot_token:
                 await conn.send({"op": 9, "d": False, "s": None, "t": None})
@@ -1122,6 +1275,7 @@ class FakeDiscord:
             session.conn = conn
             conn.session = session
             if old is not None and old is not conn:
+                old.dropped = True
                 with contextlib.suppress(Exception):
                     await old.ws.close(code=4000)
             last = int(d.get("seq") or 0)
@@ -1131,9 +1285,11 @@ class FakeDiscord:
             await self._dispatch_to(session, "RESUMED", {"_trace": ["[\"fake-gateway\"]"]})
         elif op == 8:
             session = conn.session
-            if session is not None:
+            gid = str(d.get("guild_id") or self.guild_id)
+            g = self.guilds.get(int(gid)) if gid.isdigit() else None
+            if session is not None and g is not None:
                 await self._dispatch_to(session, "GUILD_MEMBERS_CHUNK", {
-                    "guild_id": str(self.guild_id), "members": list(self.members.values()), "chunk_index": 0,
+                    "guild_id": str(g.id), "members": list(g.members.values()), "chunk_index": 0,
                     "chunk_count": 1, "not_found": [], "nonce": d.get("nonce"),
                 })
         elif op in (3, 4):
@@ -1141,7 +1297,7 @@ class FakeDiscord:
         else:
             await conn.ws.close(code=4001, message=b"Unknown opcode.")
 
-    async def _dispatch_to(self, session: _GatewaySession, event: str, data: Dict[str, Any]) -> None:
+    async def _dispatch_to(self, session: GatewaySession, event: str, data: Dict[str, Any]) -> None:
         session.seq += 1
         payload = {"op": 0, "s": session.seq, "t": event, "d": data}
         session.sent.append(payload)
@@ -1149,23 +1305,46 @@ class FakeDiscord:
         if session.conn is not None:
             await session.conn.send(payload)
 
-    def _live_sessions(self) -> List[_GatewaySession]:
-        seen: List[_GatewaySession] = []
+    def _live_sessions(self) -> List[GatewaySession]:
+        seen: List[GatewaySession] = []
         for conn in self._conns:
             if conn.session is not None and conn.session not in seen:
                 seen.append(conn.session)
         return seen
 
-    async def dispatch(self, event: str, data: Dict[str, Any]) -> None:
-        """Send a DISPATCH event to every identified gateway session (buffered for RESUME)."""
-        sessions = self._live_sessions()
-        if not sessions:
+    def _targets(self, guild_id: Optional[int]) -> List[GatewaySession]:
+        """The sessions that get an event of ``guild_id`` (None: of no guild): every live session of
+        the owning shard; when that shard is between connections, its latest session, whose events
+        then wait for its RESUME (as on Discord)."""
+        live = [s for s in self._live_sessions() if s.owns(guild_id)]
+        if live:
+            return live
+        waiting = [s for s in self._sessions.values() if s.owns(guild_id) and not s.ended]
+        return waiting[-1:]
+
+    @staticmethod
+    def _event_guild(event: str, data: Any) -> Optional[int]:
+        if not isinstance(data, dict):
+            return None
+        gid = data.get("guild_id")
+        if gid is None and event in ("GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE"):
+            gid = data.get("id")
+        return int(gid) if gid is not None else None
+
+    async def dispatch(self, event: str, data: Dict[str, Any], *, guild_id: Optional[int] = None) -> None:
+        """Send a DISPATCH event to the gateway session(s) of the shard that owns its guild
+        (``guild_id``, else the data's ``guild_id``, else shard 0), buffered for RESUME."""
+        if not self._live_sessions():
             raise RuntimeError("fake discord: no bot is connected to the gateway")
+        gid = guild_id if guild_id is not None else self._event_guild(event, data)
+        sessions = self._targets(gid)
+        if not sessions:
+            raise RuntimeError(f"fake discord: no gateway session has the shard of guild {gid}")
         for s in sessions:
             await self._dispatch_to(s, event, data)
 
     async def _dispatch_intent(self, event: str, data: Dict[str, Any], intent: int) -> None:
-        for s in self._live_sessions():
+        for s in self._targets(self._event_guild(event, data)):
             if s.intents & intent:
                 await self._dispatch_to(s, event, data)
 
@@ -1173,12 +1352,48 @@ class FakeDiscord:
     def connected(self) -> bool:
         return bool(self._live_sessions())
 
+    @property
+    def sessions(self) -> List[GatewaySession]:
+        """Every IDENTIFYed session, oldest first (live or not)."""
+        return list(self._sessions.values())
+
+    @property
+    def live_shards(self) -> List[List[int]]:
+        """``[shard_id, shard_count]`` of every session with an open connection, sorted."""
+        return sorted([list(s.shard) for s in self._live_sessions()])
+
+    def hold_resumes(self) -> None:
+        """From now on a RESUME (op 6) is not answered until :meth:`release_resumes`: the bot's
+        reconnected shard stays not resumed (its events wait)."""
+        self._resumes_open.clear()
+
+    def release_resumes(self) -> None:
+        self._resumes_open.set()
+
+    async def drop_connection(self, shard_id: Optional[int] = None, *, code: int = 4000) -> int:
+        """Close the gateway connection of every live session (of shard ``shard_id`` only, when given)
+        with ``code``, as Discord does when it drops one; with 4000 (unknown error) discord.py
+        reconnects and RESUMEs. Returns how many connections were closed."""
+        closed = 0
+        for conn in list(self._conns):
+            s = conn.session
+            if s is None or (shard_id is not None and s.shard_id != shard_id):
+                continue
+            conn.dropped = True
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=code, message=b"fake discord dropped the connection")
+            closed += 1
+        return closed
+
     async def wait_until_connected(self, timeout: float = 10.0) -> None:
         await self.wait_for(lambda: self.connected, timeout, "a bot to IDENTIFY on the gateway")
 
-    async def request_reconnect(self) -> None:
-        """Send op 7 RECONNECT: discord.py drops the socket and RESUMEs on ``resume_gateway_url``."""
+    async def request_reconnect(self, shard_id: Optional[int] = None) -> None:
+        """Send op 7 RECONNECT (to shard ``shard_id`` only, when given): discord.py drops the socket
+        and RESUMEs on ``resume_gateway_url``."""
         for conn in list(self._conns):
+            if shard_id is not None and (conn.session is None or conn.session.shard_id != shard_id):
+                continue
             await conn.send({"op": 7, "d": None, "s": None, "t": None})
 
     # ---------------------------------------------------------------- interactions: injection
@@ -1193,12 +1408,13 @@ class FakeDiscord:
     def _interaction_base(self, itype: int, user: Dict[str, Any], channel_id: int,
                           member_permissions: Union[None, int, str], locale: str) -> Dict[str, Any]:
         uid = int(user["id"])
-        member = dict(self.members.get(uid) or {
+        g = self._guild_of_channel(channel_id) or self.guild()
+        member = dict(g.members.get(uid) or {
             "roles": [], "nick": None, "avatar": None, "banner": None, "joined_at": _iso(), "premium_since": None,
             "deaf": False, "mute": False, "pending": False, "flags": 0, "communication_disabled_until": None,
         })
         member["user"] = user
-        perms = self.permissions_of(uid) if member_permissions is None else int(member_permissions)
+        perms = self.permissions_of(uid, g.id) if member_permissions is None else int(member_permissions)
         member["permissions"] = str(perms)
         channel = dict(self.channels[int(channel_id)])
         channel["permissions"] = str(perms)
@@ -1208,17 +1424,17 @@ class FakeDiscord:
             "type": itype,
             "token": "fakeitoken" + secrets.token_urlsafe(48),
             "version": 1,
-            "guild_id": str(self.guild_id),
-            "guild": {"id": str(self.guild_id), "locale": "en-US", "features": []},
+            "guild_id": str(g.id),
+            "guild": {"id": str(g.id), "locale": "en-US", "features": []},
             "channel_id": str(channel_id),
             "channel": channel,
             "member": member,
-            "app_permissions": str(self.permissions_of(self.application_id)),
+            "app_permissions": str(self.permissions_of(self.application_id, g.id)),
             "locale": locale,
             "guild_locale": "en-US",
             "entitlements": [],
             "entitlement_sku_ids": [],
-            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "authorizing_integration_owners": {"0": str(g.id)},
             "context": 0,
             "attachment_size_limit": self.attachment_size_limit,
         }
@@ -1233,11 +1449,11 @@ class FakeDiscord:
         return None, False
 
     def _build_options(self, given: Any, definitions: Optional[List[Dict[str, Any]]],
-                       resolved: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+                       resolved: Dict[str, Dict[str, Any]], guild: FakeGuild) -> List[Dict[str, Any]]:
         if isinstance(given, list):  # raw option dicts; still collect resolved attachments
             for opt in given:
                 if isinstance(opt.get("value"), dict):
-                    opt["value"] = self._resolve_value(opt["value"], opt.get("type"), resolved)
+                    opt["value"] = self._resolve_value(opt["value"], opt.get("type"), resolved, guild)
             return given
         defs = {d["name"]: d for d in (definitions or [])}
         out = []
@@ -1246,10 +1462,11 @@ class FakeDiscord:
             if definitions is not None and d is None:
                 raise ValueError(f"option {name!r} is not in the synced command (known: {sorted(defs)})")
             otype = d["type"] if d else _infer_option_type(value)
-            out.append({"name": name, "type": otype, "value": self._resolve_value(value, otype, resolved)})
+            out.append({"name": name, "type": otype, "value": self._resolve_value(value, otype, resolved, guild)})
         return out
 
-    def _resolve_value(self, value: Any, otype: Optional[int], resolved: Dict[str, Dict[str, Any]]) -> Any:
+    def _resolve_value(self, value: Any, otype: Optional[int], resolved: Dict[str, Dict[str, Any]],
+                       guild: FakeGuild) -> Any:
         if otype == 11 or (isinstance(value, dict) and "filename" in value):
             att = value if isinstance(value, dict) else None
             if att is None:
@@ -1259,10 +1476,10 @@ class FakeDiscord:
         if otype in (6, 9) or (isinstance(value, dict) and "username" in value):
             user = value if isinstance(value, dict) else self.users[int(value)]
             resolved.setdefault("users", {})[user["id"]] = user
-            member = self.members.get(int(user["id"]))
+            member = guild.members.get(int(user["id"]))
             if member is not None:
                 m = {k: v for k, v in member.items() if k != "user"}
-                m["permissions"] = str(self.permissions_of(int(user["id"])))
+                m["permissions"] = str(self.permissions_of(int(user["id"]), guild.id))
                 resolved.setdefault("members", {})[user["id"]] = m
             return user["id"]
         if otype == 7:
@@ -1296,11 +1513,21 @@ class FakeDiscord:
         command was synced, else are inferred: str 3, bool 5, int 4, float 10, a dict from
         :meth:`host_attachment` 11, a user dict 6) or a raw list of option dicts.
         ``user`` defaults to :attr:`member_user` (no admin role); ``member_permissions`` overrides the
-        computed permission integer. Returns the record (id, token, and what the bot answered)."""
-        guild_id = int(guild_id or self.guild_id)
-        if guild_id != self.guild_id:
-            raise ValueError("the fake has one guild")
-        channel_id = int(channel_id or self.channel_id)
+        computed permission integer. ``guild_id`` / ``channel_id`` default to the primary guild and its
+        channel "general" (a channel alone names its guild). Returns the record (id, token, and what
+        the bot answered); the interaction goes to the shard that owns the guild."""
+        if guild_id is None and channel_id is not None:
+            guild = self._guild_of_channel(channel_id)
+            if guild is None:
+                raise ValueError(f"the fake has no guild channel {channel_id}")
+        else:
+            guild = self.guilds.get(int(guild_id or self.guild_id))
+            if guild is None:
+                raise ValueError(f"the fake has no guild {guild_id} (add_guild adds one)")
+        guild_id = guild.id
+        channel_id = int(channel_id or guild.channel_id)
+        if self._guild_of_channel(channel_id) is not guild:
+            raise ValueError(f"channel {channel_id} is not in guild {guild_id}")
         u = self._resolve_user(user)
         parts = name.split()
         cmd, is_guild_cmd = self._find_command(parts[0], guild_id)
@@ -1313,7 +1540,7 @@ class FakeDiscord:
             chain.append((sub, d["type"] if d else None))
             defs = d.get("options") if d else None
         resolved: Dict[str, Dict[str, Any]] = {}
-        leaf = self._build_options(options, defs if cmd else None, resolved)
+        leaf = self._build_options(options, defs if cmd else None, resolved, guild)
         if chain:
             if chain[-1][1] is None:  # unsynced: the last is a subcommand, an earlier one a group
                 chain = [(n, 2) for n, _ in chain[:-1]] + [(chain[-1][0], 1)]
@@ -1786,8 +2013,9 @@ class FakeDiscord:
                     raise _form_error(["message_reference"], "Unknown message", "MESSAGE_REFERENCE_UNKNOWN_MESSAGE")
             else:
                 data["type"] = 19
+                g = self._guild_of_channel(channel_id) or self.guild()
                 data["message_reference"] = {"type": 0, "channel_id": str(channel_id), "message_id": str(target.id),
-                                             "guild_id": str(self.guild_id)}
+                                             "guild_id": str(g.id)}
                 data["referenced_message"] = target.data
         if interaction is not None:
             data["webhook_id"] = str(self.application_id)
@@ -1795,7 +2023,7 @@ class FakeDiscord:
             user = interaction.payload["member"]["user"]
             meta: Dict[str, Any] = {
                 "id": str(interaction.id), "type": interaction.type, "user": user,
-                "authorizing_integration_owners": {"0": str(self.guild_id)},
+                "authorizing_integration_owners": {"0": interaction.payload.get("guild_id", str(self.guild_id))},
             }
             if interaction.type == 2:
                 meta["name"] = interaction.payload["data"]["name"]
@@ -1855,8 +2083,9 @@ class FakeDiscord:
         if msg.ephemeral:
             return
         data = dict(msg.data)
-        data["guild_id"] = str(self.guild_id)
-        member = self.members.get(self.application_id)
+        g = self._guild_of_channel(msg.channel_id) or self.guild()
+        data["guild_id"] = str(g.id)
+        member = g.members.get(self.application_id)
         if member is not None:
             data["member"] = {k: v for k, v in member.items() if k != "user"}
         await self._dispatch_intent(event, data, INTENT_GUILD_MESSAGES)
@@ -1867,9 +2096,9 @@ class FakeDiscord:
         return 200, {"url": self.gateway_url}
 
     async def _h_gateway_bot(self, rec, p):
-        return 200, {"url": self.gateway_url, "shards": 1,
+        return 200, {"url": self.gateway_url, "shards": self.shards,
                      "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 86400000,
-                                             "max_concurrency": 1}}
+                                             "max_concurrency": self.max_concurrency}}
 
     async def _h_me(self, rec, p):
         return 200, self.bot_user
@@ -1888,26 +2117,27 @@ class FakeDiscord:
         return 204, None
 
     async def _h_guild_get(self, rec, p):
-        self._guild(p["guild_id"])
-        g = self.guild_payload()
+        g = self.guild_payload(self._guild(p["guild_id"]).id)
         for k in ("members", "channels", "threads", "presences", "voice_states", "joined_at", "large", "member_count"):
             g.pop(k, None)
         return 200, g
 
     async def _h_guild_channels(self, rec, p):
-        self._guild(p["guild_id"])
-        return 200, list(self.channels.values())
+        gid = str(self._guild(p["guild_id"]).id)
+        return 200, [c for c in self.channels.values() if c.get("guild_id") == gid]
 
     async def _h_guild_member(self, rec, p):
-        self._guild(p["guild_id"])
-        m = self.members.get(int(p["user_id"])) if p["user_id"].isdigit() else None
+        g = self._guild(p["guild_id"])
+        m = g.members.get(int(p["user_id"])) if p["user_id"].isdigit() else None
         if m is None:
             raise _ApiError(404, 10007, "Unknown Member")
         return 200, m
 
-    def _guild(self, gid: str) -> None:
-        if gid != str(self.guild_id):
+    def _guild(self, gid: str) -> FakeGuild:
+        g = self.guilds.get(int(gid)) if gid.isdigit() else None
+        if g is None:
             raise _ApiError(404, 10004, "Unknown Guild")
+        return g
 
     def _channel(self, cid: str) -> Dict[str, Any]:
         ch = self.channels.get(int(cid)) if cid.isdigit() else None
@@ -2091,6 +2321,15 @@ class FakeDiscord:
         if not inter.acknowledged:
             raise _ApiError(404, 10015, "Unknown Webhook")
         body = rec.json or {}
+        original = inter.original_message
+        if original is not None and not original.deleted and original.data["flags"] & FLAG_LOADING:
+            # Like Discord: the first follow-up after a defer *is* the deferred "thinking…" message,
+            # as public (or ephemeral) as the defer was, whatever flags the follow-up asks for.
+            self._edit_message(original, body, rec.files, finishes_loading=True)
+            await self._announce("MESSAGE_UPDATE", original)
+            if rec.query.get("wait") in ("1", "true", "True"):
+                return 200, original.data
+            return 204, None
         msg = self._create_message(inter.channel_id, body, rec.files, msg_type=20 if inter.type == 2 else 0,
                                    interaction=inter)
         inter.followup_ids.append(msg.id)
@@ -2116,7 +2355,8 @@ class FakeDiscord:
         msg.deleted = True
         if not msg.ephemeral:
             await self._dispatch_intent("MESSAGE_DELETE", {"id": str(msg.id), "channel_id": str(msg.channel_id),
-                                                           "guild_id": str(self.guild_id)}, INTENT_GUILD_MESSAGES)
+                                                           "guild_id": self._guild_id_of(msg.channel_id)},
+                                        INTENT_GUILD_MESSAGES)
         return 204, None
 
     # ---------------------------------------------------------------- route handlers: channels
@@ -2167,7 +2407,8 @@ class FakeDiscord:
         msg = self._channel_message(p)
         msg.deleted = True
         await self._dispatch_intent("MESSAGE_DELETE", {"id": str(msg.id), "channel_id": str(msg.channel_id),
-                                                       "guild_id": str(self.guild_id)}, INTENT_GUILD_MESSAGES)
+                                                       "guild_id": self._guild_id_of(msg.channel_id)},
+                                    INTENT_GUILD_MESSAGES)
         return 204, None
 
 
