@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch", type=int, default=None, help="jobs in (c) (default: choose_max_batch on CUDA, 2 on a CPU)")
     p.add_argument("--cutn", type=int, default=12)
     p.add_argument("--precision", default="auto", help="the engine's: auto | fp32 | bf16 | fp16")
-    p.add_argument("--compile", action="store_true", help="the engine with torch.compile (opt-in)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="the engine with torch.compile (opt-in; backend default inductor, `eager` for a dry run)")
     p.add_argument("--skip-reference-fp32", action="store_true", help="on CUDA, do not run (a32)")
     p.add_argument("--skip-reference", action="store_true", help="only the engine: ratios to (a) left out")
     p.add_argument("--dalle-half-casts", choices=("on", "off"), default="off",
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
             if hasattr(module, "use_float16"):
                 module.use_float16 = False
     for key, jobs in (("engine_1", 1), ("engine_batch", args.max_batch)):
-        runner = engine_runner(engine_models, targets, settings, jobs, args.compile)
+        runner = engine_runner(engine_models, targets, settings, jobs, args.compile or False)
         flop_step = None
         if args.compile:  # count FLOPs on an uncompiled twin: the counter and compiled code do not mix
             flop_step = engine_runner(engine_models, targets, settings, jobs, False).step

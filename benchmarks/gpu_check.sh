@@ -3,7 +3,7 @@
 # H100/H200, most of it the benchmark). Prints everything; the JSON lines are the record.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-#   COMPILE=1 bash benchmarks/gpu_check.sh  # also the engine with torch.compile (adds minutes)
+#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 4 (torch.compile: a minute or two more)
 #   OUT=dir bash benchmarks/gpu_check.sh    # also write each part's output under dir
 #
 # On the lent GPU machine (Python 3.12, torch, no index): run benchmarks/device_wheels.sh here
@@ -19,7 +19,9 @@
 # 2. benchmarks/bench_loop.py on CUDA: (a) the notebook loop, (b) the engine with one job, (c)
 #    the engine with max_batch jobs (the bars: (b) >= 2x (a), (c) >= 8x (a));
 # 3. the engine again with dall_e's own fp16 conv casts kept on (engine.models switches them off
-#    so that autocast alone decides the precision): whether switching them off was right.
+#    so that autocast alone decides the precision): whether switching them off was right;
+# 4. the engine with torch.compile (inductor, dynamic shapes): whether it pays. Last, so that a
+#    slow compile that runs past the call's time limit costs nothing of parts 1-3.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -50,16 +52,19 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 export PYTHONWARNINGS=ignore
 if [ "${DRY_RUN:-0}" = 1 ]; then
     # The same parts and flags, on the CPU with tiny models and few steps.
+    # torch.compile's `eager` backend: dynamo traces, nothing is compiled (inductor would need minutes here).
     on=(--device cpu --tiny --grid 8); steps=(--iterations 2 --warmup 1); few=(--iterations 2 --warmup 1)
+    backend=eager
 else
     on=(--device cuda --grid 32); steps=(--iterations 50 --warmup 5); few=(--iterations 30 --warmup 5)
+    backend=inductor
 fi
 part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}"
 part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}"
 part bench_dalle_casts_on "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" \
     --skip-reference --dalle-half-casts on
-if [ "${COMPILE:-0}" = 1 ]; then
-    part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference --compile
+if [ "${COMPILE:-1}" = 1 ]; then
+    part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$backend"
 fi
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all passed || echo SOMETHING FAILED)"
 exit $status

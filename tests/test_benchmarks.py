@@ -45,3 +45,6 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
 
     casts_on = json_line((out / "bench_dalle_casts_on.log").read_text())
     assert casts_on["dalle_half_casts"] == "on" and "reference" not in casts_on["results"]
+
+    compiled = json_line((out / "bench_compile.log").read_text())
+    assert compiled["compile"] == "eager" and set(compiled["results"]) == {"engine_1", "engine_batch"}
