@@ -176,7 +176,8 @@ def time_loops(loops: list[Loop], args, device: torch.device) -> None:
               f"{(flops or 0) / 1e12:8.3f} TFLOP/step  {r['tflops'] or 0:8.3f} TFLOP/s", flush=True)
 
 
-def engine_runner(models: Models, targets, settings: GenerationSettings, jobs: int, compile: bool) -> BatchRunner:
+def engine_runner(models: Models, targets, settings: GenerationSettings, jobs: int,
+                  compile: bool | str) -> BatchRunner:
     runner = BatchRunner(models, compile=compile)
     for i in range(jobs):
         runner.add(Slot(f"job-{i}", models, targets, replace(settings, seed=settings.seed + i)))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5, in one go, for a session that has a GPU (about 5 minutes on an
-# H100/H200, most of it the benchmark). Prints everything; the JSON lines are the record.
+# The GPU checks of issue 5, in one go, for a session that has a GPU (parts 1-3 an estimated 5
+# minutes on an H100/H200, never run yet; part 4 adds inductor's compile time, unknown there: 201 s
+# for the tiny models on a 2-core CPU). Prints everything; the JSON lines are the record.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 4 (torch.compile: a minute or two more)
+#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 4 (torch.compile)
 #   OUT=dir bash benchmarks/gpu_check.sh    # also write each part's output under dir
 #
 # On the lent GPU machine (Python 3.12, torch, no index): run benchmarks/device_wheels.sh here
