@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import discord
 
+from bot import render
 from engine.images import MAX_IMAGE_PIXELS, ImageRejected, load_image
 from engine.jobs import new_upload_id
 
@@ -51,8 +52,8 @@ def precheck(attachment: discord.Attachment, option: str, max_bytes: int) -> Non
                                 "Send a smaller image.")
     ctype = (attachment.content_type or "").split(";")[0].strip().lower()
     if ctype and not ctype.startswith("image/"):
-        raise AttachmentRefused(f"`{option}`: `{discord.utils.escape_markdown(attachment.filename)[:80]}` is not an "
-                                f"image ({ctype}). Send a PNG, JPEG, WebP or GIF.")
+        raise AttachmentRefused(f"`{option}`: {render.quote(attachment.filename, 80)} is not an image "
+                                f"({render.quote(ctype, 80)}). Send a PNG, JPEG, WebP or GIF.")
     width, height = attachment.width or 0, attachment.height or 0
     if width * height > MAX_IMAGE_PIXELS:
         raise AttachmentRefused(f"`{option}`: the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} "

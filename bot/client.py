@@ -185,23 +185,16 @@ class _Tree(app_commands.CommandTree):
         if isinstance(error, app_commands.NoPrivateMessage):
             message = "This command works in a server channel, not in direct messages."
         elif isinstance(error, app_commands.TransformerError):
-            message = f"I could not read `{error.value}` as the right kind of value: {error}"
+            from bot.render import quote   # noqa: PLC0415 - user text in a refusal: tamed, as inline code
+            kind = getattr(error.type, "name", "value").replace("_", " ")
+            message = f"I could not read {quote(str(error.value))} as the right kind of value ({kind})."
         elif isinstance(error, app_commands.CheckFailure):
             message = "You cannot use this command here."
         else:
             log.error("command %s failed", getattr(interaction.command, "qualified_name", "?"), exc_info=error)
-            message = "Something went wrong on my side; the error is logged. Try again in a moment."
-        try:
-            if interaction.response.is_done():
-                # After a public defer the first follow-up replaces the "thinking…" message and is
-                # public whatever its flags: delete that message first, but only while it is still
-                # thinking (a reply the command already made, a job's message, stays).
-                with contextlib.suppress(discord.HTTPException):
-                    original = await interaction.original_response()
-                    if original.flags.loading:
-                        await interaction.delete_original_response()
-                await interaction.followup.send(message, ephemeral=True)
-            else:
-                await interaction.response.send_message(message, ephemeral=True)
-        except discord.HTTPException:
-            pass
+            from bot.imagine import OUR_ERROR   # noqa: PLC0415 - bot.imagine imports this module
+            message = OUR_ERROR
+        from bot.imagine import ephemeral   # noqa: PLC0415 - private before or after a defer; keeps a real reply
+
+        with contextlib.suppress(discord.HTTPException):
+            await ephemeral(interaction, message)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.jobs import check_keep_days
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key and what to fix."""
@@ -50,7 +52,9 @@ class WorkerConfig:
     cache_dir: str = ""           # "" -> engine default (~/.cache/imagine-bot or $IMAGINE_CACHE)
     max_batch: int = 1            # 0: as many as fit in free GPU memory (engine.capacity; 1 on a CPU)
     worker_id: str = ""
-    keep_days: float = 0.0        # prune finished, posted jobs older than this (0: keep everything)
+    # Prune finished, posted jobs older than this many days, and uploads no job names that old
+    # (0: never prune; else at least 1/24, an hour: engine.jobs.MIN_KEEP_DAYS).
+    keep_days: float = 0.0
     # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
     encoder: str = "openai"
 
@@ -238,7 +242,11 @@ def _validate(cfg: Config) -> None:
     need(q.url.startswith(("sqlite://", "redis://", "rediss://")),
          f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {q.url!r}")
     need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")
-    need(cfg.worker.keep_days >= 0, "[worker] keep_days: must not be negative (0: keep everything)")
+    need(cfg.worker.keep_days >= 0, "[worker] keep_days: must not be negative (0: never prune)")
+    try:
+        check_keep_days(cfg.worker.keep_days)
+    except ValueError as exc:
+        raise ConfigError(f"[worker] keep_days: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
     need(0 <= cfg.http.port <= 65535, "[http] port: must be between 0 (off) and 65535")
     need(bool(cfg.http.host.strip()), "[http] host: must not be empty (127.0.0.1, or 0.0.0.0 in a container)")

@@ -10,6 +10,7 @@ answered by the cog's `on_interaction` listener, before or after a restart alike
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -95,7 +96,7 @@ def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed
         preset = bot.config.presets.get(quality)
         if preset is None:
             raise BadInput(f"`quality` must be one of {', '.join(PRESET_NAMES)} "
-                           f"(you gave {discord.utils.escape_markdown(str(quality))[:40]}).")
+                           f"(you gave {render.quote(str(quality))}).")
     if iterations is None:
         iterations = preset.iterations if preset else cfg.default_iterations
     if not 1 <= iterations <= cfg.max_iterations:
@@ -238,23 +239,39 @@ def _imagine_cog(interaction: discord.Interaction) -> "ImagineCog":
     return cog
 
 
+# Our own error, told privately. A job whose reply already shows is queued: trying again would
+# make a second one, so the text says to look first.
+OUR_ERROR = ("Something went wrong on my side; the error is logged. If a reply above shows your job, "
+             "it is queued; otherwise try again in a moment.")
+
+
 async def ephemeral(interaction: discord.Interaction, message: str) -> None:
-    """An ephemeral answer; never after a public defer (its follow-ups are public)."""
-    if interaction.response.is_done():
-        await interaction.followup.send(message, ephemeral=True)
-    else:
+    """Tell the user alone: the one way the bot answers privately, before or after a defer (every
+    refusal, and our own errors: bot.client's `_Tree.on_error`, the Remix modal's listener).
+
+    Not answered yet: an ephemeral response. Answered already: an ephemeral follow-up. After a
+    public defer the first follow-up *replaces* the "thinking…" message and is public whatever its
+    flags, so that message is deleted first -- but only while it is still thinking: a reply made
+    since (a job's queued message with its Cancel button, the message a button is on) stays.
+    HTTP errors of the answer itself are the caller's."""
+    if not interaction.response.is_done():
         await interaction.response.send_message(message, ephemeral=True)
-
-
-async def refuse(interaction: discord.Interaction, message: str) -> None:
-    """An ephemeral refusal, also after a public defer: the deferred "thinking…" message is deleted
-    first (a follow-up would otherwise replace it, publicly)."""
-    if interaction.response.is_done():
-        try:
+        return
+    with contextlib.suppress(discord.HTTPException):   # none (a modal was the answer), or gone
+        original = await interaction.original_response()
+        if original.flags.loading:
             await interaction.delete_original_response()
-        except discord.HTTPException:
-            pass
-    await ephemeral(interaction, message)
+    await interaction.followup.send(message, ephemeral=True)
+
+
+async def over_limit(bot: "ImagineBot", user_id: int) -> str | None:
+    """Why the user may not queue one more job (their cap of waiting jobs), or None."""
+    limit = await bot.user_limit()
+    queued = await bot.queue.count_queued(user_id)
+    if queued >= limit:
+        return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
+                "Wait for one to start (or cancel one) and try again.")
+    return None
 
 
 # --- the cog -------------------------------------------------------------------------------------
@@ -291,11 +308,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await self.remix(interaction, match["job_id"], prompt, None)
         except Exception:   # noqa: BLE001 - a listener's errors reach no one else: log, tell the user
             log.exception("remix modal %s failed", data.get("custom_id"))
-            try:
-                await refuse(interaction, "Something went wrong on my side; the error is logged. "
-                                          "Try again in a moment.")
-            except discord.HTTPException:
-                pass
+            # Privately; the job's message stays if submit() had already made it (see ephemeral).
+            with contextlib.suppress(discord.HTTPException):
+                await ephemeral(interaction, OUR_ERROR)
 
     def _build_command(self) -> app_commands.Command:
         cfg = self.bot.config.imagine
@@ -378,34 +393,32 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         spec = self._spec(interaction, request.prompt, request.iterations, request.seed, request.grid,
                           request.size, cutn=request.cutn, preset=request.preset)
-        template = "{" in spec.prompt or "}" in spec.prompt   # a permutation prompt: bot/permutations.py
-        if pictures:
-            # Every refusal first, so a refused prompt leaves no stored upload behind (submit() and
-            # submit_set() check again, for every path into the queue).
-            from bot.moderation import refusal   # noqa: PLC0415
-            from bot.permutations import set_refusal   # noqa: PLC0415
-            problem = await refusal(self.bot, spec.guild_id, [spec.prompt])
-            if problem is None and template:
-                problem = await set_refusal(self.bot, spec)
-            if problem is not None:
-                await ephemeral(interaction, problem)
+        # Every refusal first, once (refused words, the user's cap; for a permutation prompt its
+        # braces, count and every combination), so a refused prompt leaves no stored upload behind;
+        # what it found goes on to submit() / submit_set(), which do not check again.
+        if "{" in spec.prompt or "}" in spec.prompt:   # a permutation prompt: bot/permutations.py
+            from bot.permutations import check_set, submit_set   # noqa: PLC0415
+            check = await check_set(self.bot, spec)
+            if check.problem is not None:
+                await ephemeral(interaction, check.problem)
                 return
-            if not await self._attach_pictures(interaction, spec, pictures, weight, started):
+            if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, started):
                 return
-        if template:
-            from bot.permutations import submit_set   # noqa: PLC0415
-            await submit_set(self, interaction, spec)
+            await submit_set(self, interaction, spec, check)
             return
-        await self.submit(interaction, spec)
+        problem = await self.refusal(spec)
+        if problem is not None:
+            await ephemeral(interaction, problem)
+            return
+        if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, started):
+            return
+        await self.submit(interaction, spec, checked=True)
 
     async def _attach_pictures(self, interaction: discord.Interaction, spec: JobSpec,
                                pictures: list[tuple[str, discord.Attachment]], weight: float, started: float) -> bool:
         """Download and check the attachments, store them as artifacts and name them in spec.extra.
-        False when refused (the user was told why, ephemerally; nothing is queued)."""
-        problem = await self._over_limit(spec.user_id)   # before downloading anything
-        if problem:
-            await ephemeral(interaction, problem)
-            return False
+        False when refused (the user was told why, privately; nothing is queued). The prompt's
+        refusals come first (ImagineCog.imagine): nothing is downloaded for a refused prompt."""
         max_bytes = self.bot.config.imagine.max_image_bytes
 
         async def one(option: str, a: discord.Attachment) -> attachments.CheckedImage:
@@ -422,10 +435,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 await interaction.response.defer(thinking=True)
                 checked = await asyncio.wait_for(work, ATTACHMENT_TIMEOUT)
         except attachments.AttachmentRefused as exc:
-            await refuse(interaction, str(exc))
+            await ephemeral(interaction, str(exc))
             return False
         except asyncio.TimeoutError:
-            await refuse(interaction, "Downloading the attachment from Discord took too long. Try again.")
+            await ephemeral(interaction, "Downloading the attachment from Discord took too long. Try again.")
             return False
         notes = []
         for picture in checked:
@@ -447,21 +460,19 @@ class ImagineCog(commands.Cog, name="Imagine"):
             frame_every=cfg.frame_every, extra={"size": size}, **more,
         )
 
-    async def _over_limit(self, user_id: int) -> str | None:
-        limit = await self.bot.user_limit()
-        queued = await self.queue.count_queued(user_id)
-        if queued >= limit:
-            return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
-                    "Wait for one to start (or cancel one) and try again.")
-        return None
+    async def refusal(self, spec: JobSpec) -> str | None:
+        """Why this one job may not be queued: the server's refused words (bot/moderation.py), then
+        the user's cap; None when it may go."""
+        from bot.moderation import refusal   # noqa: PLC0415
+        return await refusal(self.bot, spec.guild_id, [spec.prompt]) or await over_limit(self.bot, spec.user_id)
 
-    async def submit(self, interaction: discord.Interaction, spec: JobSpec) -> JobRecord | None:
-        """Check the user's cap, defer, queue the job and show its place in line."""
-        from bot.moderation import refusal   # noqa: PLC0415 - the server's refused words (bot/moderation.py)
-        problem = await refusal(self.bot, spec.guild_id, [spec.prompt]) or await self._over_limit(spec.user_id)
-        if problem:
-            await refuse(interaction, problem)
-            return None
+    async def submit(self, interaction: discord.Interaction, spec: JobSpec, *, checked: bool = False) -> JobRecord | None:
+        """Check the job (unless the caller has: `checked`), defer, queue it and show its place in line."""
+        if not checked:
+            problem = await self.refusal(spec)
+            if problem:
+                await ephemeral(interaction, problem)
+                return None
         if not interaction.response.is_done():   # attachments may have made us defer already
             await interaction.response.defer(thinking=True)
         record = await self.queue.submit(spec)
@@ -512,18 +523,18 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
     async def _remix_parent(self, interaction: discord.Interaction, job_id: str) -> JobRecord | None:
         """The job to remix, if its final state is there; else the user is told why (ephemeral)."""
-        shown = discord.utils.escape_markdown(job_id)[:64]
+        shown = render.quote(job_id, 64)
         parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
         if parent is None or parent.spec.guild_id != interaction.guild_id:
-            await ephemeral(interaction, f"There is no job `{shown}` here (or it has been pruned), so there is "
+            await ephemeral(interaction, f"There is no job {shown} here (or it has been pruned), so there is "
                                          "nothing to remix. The ids are under each result and in `/history`.")
             return None
         if parent.state != JobState.DONE:
-            await ephemeral(interaction, f"Job `{shown}` has not finished ({parent.state.value}): only a finished "
+            await ephemeral(interaction, f"Job {shown} has not finished ({parent.state.value}): only a finished "
                                          "picture can be remixed.")
             return None
         if not await self.queue.has_artifact(job_id, "state.pt"):
-            await ephemeral(interaction, f"The final state of job `{shown}` is gone (pruned), so it cannot be "
+            await ephemeral(interaction, f"The final state of job {shown} is gone (pruned), so it cannot be "
                                          "remixed. `/imagine` its prompt again instead.")
             return None
         return parent

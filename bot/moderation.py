@@ -22,8 +22,11 @@ admin can fix the pattern. Compiling is guarded too: `regex` unrolls counted rep
 while it compiles, holding the GIL, so a pattern whose minimum counts multiply past MAX_UNROLL
 (`(?:a{65535}){65535}` would stop the whole process for hours) is refused before it is compiled.
 
-The check runs in ImagineCog.submit (so /imagine, Reroll, Continue and anything else that
-submits through it) and for each prompt of a permutation set before anything is queued.
+The check runs once per request, before anything is queued: /imagine makes it before it
+downloads any attached picture (ImagineCog.refusal; permutations.check_set for each prompt of a
+permutation set), and ImagineCog.submit makes it for Reroll, Continue, Remix and anything else
+that submits through it unchecked. A refusal quotes what matched through render.quote (tamed:
+no bidi controls, combining marks capped).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import regex
 from discord import app_commands
 from discord.ext import commands
 
+from bot import render
 from bot.permissions import require_admin
+from engine.text import is_format
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -65,12 +70,33 @@ class BadEntry(ValueError):
     """An entry that cannot go on the list; the message says what to fix."""
 
 
+class TooManyRepeats(regex.error):
+    """A pattern whose counted repeats would unroll past MAX_UNROLL: never compiled."""
+
+
 @functools.lru_cache(maxsize=2048)
+def _compiled(entry: str) -> "regex.Pattern[str] | tuple[type[regex.error], str]":
+    """The entry's pattern, or why it has none (cached too: each entry is compiled, or refused,
+    once, whoever asks)."""
+    try:
+        if is_regex(entry):
+            source = entry[len(REGEX_PREFIX):]
+            if unrolled(source) > MAX_UNROLL:   # before `regex` unrolls it, holding the GIL
+                raise TooManyRepeats(f"its counted repeats multiply to more than {MAX_UNROLL:,}")
+            return regex.compile(source, _FLAGS)
+        # Whole word: not inside a longer word on either side (works for "c++" and phrases too).
+        return regex.compile(r"(?<!\w)" + regex.escape(entry) + r"(?!\w)", _FLAGS)
+    except regex.error as exc:
+        return type(exc), str(exc)
+
+
 def _compile(entry: str) -> "regex.Pattern[str]":
-    if entry[: len(REGEX_PREFIX)].lower() == REGEX_PREFIX:
-        return regex.compile(entry[len(REGEX_PREFIX):], _FLAGS)
-    # Whole word: not inside a longer word on either side (works for "c++" and phrases too).
-    return regex.compile(r"(?<!\w)" + regex.escape(entry) + r"(?!\w)", _FLAGS)
+    """The entry's pattern; regex.error (TooManyRepeats for one that repeats too much) if it has none."""
+    found = _compiled(entry)
+    if isinstance(found, tuple):
+        kind, message = found
+        raise kind(message)
+    return found
 
 
 def is_regex(entry: str) -> bool:
@@ -93,7 +119,7 @@ def fold(text: str) -> str:
     """`text` as a look-alike spelling reads: NFKC, without format characters (zero-width spaces
     and joiners, soft hyphens, bidi marks), white space runs as one space."""
     text = unicodedata.normalize("NFKC", text)
-    return " ".join("".join(ch for ch in text if unicodedata.category(ch) != "Cf").split())
+    return " ".join("".join(ch for ch in text if not is_format(ch)).split())
 
 
 def normalise(raw: str) -> str:
@@ -109,12 +135,12 @@ def normalise(raw: str) -> str:
         raise BadEntry("Give a word, a phrase, or `re:<pattern>`.")
     if len(entry) > MAX_ENTRY:
         raise BadEntry(f"That entry is {len(entry)} characters long; the limit is {MAX_ENTRY}.")
-    if is_regex(entry) and unrolled(entry) > MAX_UNROLL:
-        raise BadEntry(f"That pattern repeats too much: its counted repeats (like `{{1000}}`) multiply to more than "
-                       f"{MAX_UNROLL:,}. A prompt is at most a few hundred characters: use smaller counts. "
-                       "Nothing was added.")
     try:
         pattern = _compile(entry)
+    except TooManyRepeats:
+        raise BadEntry(f"That pattern repeats too much: its counted repeats (like `{{1000}}`) multiply to more than "
+                       f"{MAX_UNROLL:,}. A prompt is at most a few hundred characters: use smaller counts. "
+                       "Nothing was added.") from None
     except regex.error as exc:
         raise BadEntry(f"That is not a valid regular expression: {exc}. Nothing was added.") from None
     if is_regex(entry):
@@ -145,8 +171,6 @@ def find(entries: Iterable[str], prompt: str, max_chars: int) -> tuple[str, str 
     texts = [text] if folded == text else [text, folded]
     for entry in entries:
         try:
-            if is_regex(entry) and unrolled(entry) > MAX_UNROLL:
-                raise regex.error("too many counted repeats")
             pattern = _compile(entry)
         except regex.error:   # stored by an older version, or edited by hand: skip, say so
             log.warning("banned entry %r does not compile; ignoring it", entry)
@@ -170,13 +194,6 @@ async def entries(queue, guild_id: int | None) -> list[str]:
     return [e for e in value if isinstance(e, str)] if isinstance(value, list) else []
 
 
-def _shown(text: str) -> str:
-    flat = " ".join(text.split())
-    if len(flat) > 50:
-        flat = flat[:49] + "…"
-    return discord.utils.escape_mentions(discord.utils.escape_markdown(flat))
-
-
 async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str]) -> str | None:
     """The ephemeral refusal for the first prompt that hits the server's list, else None."""
     listed = await entries(bot.queue, guild_id)
@@ -191,7 +208,7 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
         if matched is None:
             return ("Your prompt could not be checked against this server's list of refused words in time, so "
                     "it was not queued. Try a shorter prompt, or ask an admin to simplify the list's patterns.")
-        return (f"Your prompt contains “{_shown(matched)}”, which this server's admins have refused. "
+        return (f"Your prompt contains {render.quote(matched, 50)}, which this server's admins have refused. "
                 "Change it and try again; nothing was queued.")
     return None
 
@@ -199,8 +216,8 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
 # --- the commands --------------------------------------------------------------------------------
 
 def _code(text: str) -> str:
-    """`text` as inline code: shown literally (a backtick inside becomes a look-alike)."""
-    return "`" + text.replace("`", "ˋ") + "`"
+    """An entry as inline code (render.quote: tamed, a backtick inside becomes a look-alike)."""
+    return render.quote(text, MAX_ENTRY)
 
 
 def _listing(items: list[str]) -> str:

@@ -114,13 +114,6 @@ class Template:
         return out
 
 
-def _quote(text: str, limit: int = 40) -> str:
-    flat = " ".join(text.split())
-    if len(flat) > limit:
-        flat = flat[: limit - 1] + "…"
-    return "`" + flat.replace("`", "ˋ") + "`"
-
-
 def parse(text: str) -> Template | None:
     """The prompt's option groups, None when it has no braces, TemplateError when they are wrong."""
     if "{" not in text and "}" not in text:
@@ -133,7 +126,7 @@ def parse(text: str) -> Template | None:
             if start is not None:
                 raise TemplateError(
                     f"Braces cannot be nested: a `{{` opens inside the group that starts with "
-                    f"{_quote(text[start:i + 1])}. Write each group on its own, e.g. `a {{red, blue}} house "
+                    f"{render.quote(text[start:i + 1])}. Write each group on its own, e.g. `a {{red, blue}} house "
                     f"by {{Escher, Magritte}}`.")
             start = i
             parts.append("".join(literal))
@@ -141,18 +134,18 @@ def parse(text: str) -> Template | None:
         elif ch == "}":
             if start is None:
                 raise TemplateError(
-                    f"A `}}` closes a group that was never opened (after {_quote(text[max(0, i - 30):i])}). "
+                    f"A `}}` closes a group that was never opened (after {render.quote(text[max(0, i - 30):i])}). "
                     "Add the missing `{` or remove the `}`.")
             body = text[start + 1:i]
             options = [o.strip() for o in body.split(",")]
             if any(not o for o in options):
                 raise TemplateError(
-                    f"The group {_quote(text[start:i + 1])} has an empty option. Write options between commas, "
+                    f"The group {render.quote(text[start:i + 1])} has an empty option. Write options between commas, "
                     "e.g. `{red, blue, golden}`.")
             seen: set[str] = set()
             for o in options:
                 if o.casefold() in seen:
-                    raise TemplateError(f"The group {_quote(text[start:i + 1])} lists {_quote(o)} twice.")
+                    raise TemplateError(f"The group {render.quote(text[start:i + 1])} lists {render.quote(o)} twice.")
                 seen.add(o.casefold())
             parts.append(tuple(options))
             start = None
@@ -160,7 +153,7 @@ def parse(text: str) -> Template | None:
             literal.append(ch)
     if start is not None:
         raise TemplateError(
-            f"The group {_quote(text[start:])} is never closed: add the missing `}}`.")
+            f"The group {render.quote(text[start:])} is never closed: add the missing `}}`.")
     parts.append("".join(literal))
     return Template(text, tuple(p for p in parts if p != ""))
 
@@ -171,67 +164,77 @@ def caption(options: list[str] | tuple[str, ...], prompt: str) -> str:
 
 # --- submitting a set ----------------------------------------------------------------------------
 
-async def set_refusal(bot: "ImagineBot", spec: JobSpec) -> str | None:
-    """Why the permutation prompt `spec.prompt` must be refused, said for the user (nothing is
-    queued); None when it may go. /imagine asks before it downloads any attached picture."""
+@dataclass(frozen=True)
+class SetCheck:
+    """What `check_set` found: why to refuse (`problem`; nothing is queued), or the combinations
+    to queue (`variants`, in order)."""
+    problem: str | None
+    variants: tuple[Variant, ...] = ()
+
+
+async def check_set(bot: "ImagineBot", spec: JobSpec) -> SetCheck:
+    """Every refusal of the permutation prompt `spec.prompt`, in one pass: its braces, the number
+    of combinations, each combination's weights and the server's refused words, the user's cap.
+    /imagine runs it once, before it downloads any attached picture, and hands the result to
+    `submit_set`; a prompt whose groups all have one option is one job, checked the same way."""
     from bot import imagine   # noqa: PLC0415 - imagine imports this module
 
     try:
         template = parse(spec.prompt)
     except TemplateError as exc:
-        return str(exc)
-    if template is None:
-        return None
-    n, cap = template.count, bot.config.imagine.max_permutations
-    if n > cap:
-        sizes = " × ".join(str(len(g)) for g in template.groups if len(g) > 1)
-        if len(sizes) > 200:
-            sizes = sizes[:199] + "…"
-        return (f"That prompt makes {n} combinations ({sizes}); at most {cap} are allowed per "
-                "prompt. Use fewer options. Nothing was queued.")
-    variants = template.expand()
+        return SetCheck(str(exc))
+    if template is None:   # no braces: one job as typed
+        variants: tuple[Variant, ...] = (Variant(spec.prompt, ()),)
+    else:
+        n, cap = template.count, bot.config.imagine.max_permutations
+        if n > cap:
+            sizes = " × ".join(str(len(g)) for g in template.groups if len(g) > 1)
+            if len(sizes) > 200:
+                sizes = sizes[:199] + "…"
+            return SetCheck(f"That prompt makes {n} combinations ({sizes}); at most {cap} are allowed per "
+                            "prompt. Use fewer options. Nothing was queued.")
+        variants = tuple(template.expand())
     for variant in variants:
         # validate() skips the weighted-prompt check for templates: check every expansion here.
         if (problem := imagine.prompt_problem(variant.prompt)) is not None:
-            return f"{problem} (in the combination {_quote(variant.prompt)})"
-    if n == 1:
-        return None   # an ordinary prompt: ImagineCog.submit checks the rest
+            return SetCheck(f"{problem} (in the combination {render.quote(variant.prompt)})")
     problem = await moderation.refusal(bot, spec.guild_id, [v.prompt for v in variants])
     if problem:
-        return problem
+        return SetCheck(problem)
+    n = len(variants)
+    if n == 1:
+        problem = await imagine.over_limit(bot, spec.user_id)
+        return SetCheck(problem) if problem else SetCheck(None, variants)
     limit = await bot.user_limit()
     queued = await bot.queue.count_queued(spec.user_id)
     room = max(0, limit - queued)
     if n > room:
-        return (f"That prompt makes {n} images, but you may queue only {room} more right now "
-                f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
-                "wait for some to start. Nothing was queued.")
-    return None
+        return SetCheck(f"That prompt makes {n} images, but you may queue only {room} more right now "
+                        f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
+                        "wait for some to start. Nothing was queued.")
+    return SetCheck(None, variants)
 
 
-async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: JobSpec) -> list[JobRecord]:
-    """Queue every combination of `spec.prompt` (a template), or refuse; returns the jobs queued."""
-    from bot import imagine   # noqa: PLC0415 - imagine imports this module
-    from bot.imagine import progress_view   # noqa: PLC0415
-
-    # Ephemeral even after a public defer (attachments may have made /imagine defer already).
-    ephemeral = getattr(imagine, "refuse", imagine.ephemeral)
+async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: JobSpec,
+                     checked: SetCheck | None = None) -> list[JobRecord]:
+    """Queue every combination of `spec.prompt` (a template), or refuse; returns the jobs queued.
+    `checked`: what `check_set` found for this spec already (it is not run again)."""
+    from bot.imagine import ephemeral, progress_view   # noqa: PLC0415 - imagine imports this module
 
     bot = cog.bot
     queue = bot.queue
-    problem = await set_refusal(bot, spec)
-    if problem:
-        await ephemeral(interaction, problem)
+    check = checked if checked is not None else await check_set(bot, spec)
+    if check.problem is not None:
+        # Private even after a public defer (attachments may have made /imagine defer already).
+        await ephemeral(interaction, check.problem)
         return []
-    template = parse(spec.prompt)
-    if template is None or template.count == 1:
-        if template is not None:
-            spec.prompt = template.expand()[0].prompt
-        record = await cog.submit(interaction, spec)
+    variants = list(check.variants)
+    if len(variants) == 1:   # one option per group: an ordinary prompt, the braces dropped
+        spec.prompt = variants[0].prompt
+        record = await cog.submit(interaction, spec, checked=True)
         return [record] if record is not None else []
 
-    n = template.count
-    variants = template.expand()
+    n = len(variants)
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
     set_id = new_job_id()

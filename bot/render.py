@@ -2,24 +2,24 @@
 
 Prompts are echoed with Markdown escaped; mentions in them (`@everyone`, `<@id>`) are shown as
 typed and never ping, because the client sends `allowed_mentions` with nothing allowed. An echoed
-prompt is also made harmless to the text around it (`tame`): one line, no bidi embeddings,
-overrides or isolates (they would reorder the job id and mention after it), and at most MAX_MARKS
-combining marks in a row (zalgo piles up over other messages). The stored prompt is as typed.
+prompt is also made harmless to the text around it (`tame`, engine.text's rules): one line, no
+bidi embeddings, overrides or isolates (they would reorder the job id and mention after it), and
+at most MAX_MARKS combining marks in a row (zalgo piles up over other messages). The stored prompt
+is as typed.
+
+User text quoted in a refusal or an answer (a matched refused word, a permutation combination, a
+job id or file name as given) goes through `quote`: tamed, cut, in an inline code span.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
-
 import discord
 
 from engine.jobs import JobRecord, JobSpec, JobState
+from engine.text import MAX_MARKS, clip, tame  # noqa: F401 - re-exported: the bot's echo rules
 
 CONTENT_LIMIT = 2000
 CLIP_TOKENS = 77
-MAX_MARKS = 4     # combining marks in a row: enough for any script's stacked diacritics
-_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
 def size_of(spec: JobSpec) -> int:
@@ -27,27 +27,20 @@ def size_of(spec: JobSpec) -> int:
     return int(size) if isinstance(size, int) else spec.grid * 8
 
 
-def tame(text: str) -> str:
-    """`text` on one line, without bidi embeddings, overrides and isolates, with at most
-    MAX_MARKS combining marks in a row."""
-    out: list[str] = []
-    marks = 0
-    for ch in _BIDI_CONTROLS.sub("", " ".join(text.split())):
-        marks = marks + 1 if unicodedata.category(ch) in ("Mn", "Me") else 0
-        if marks <= MAX_MARKS:
-            out.append(ch)
-    return "".join(out)
-
-
 def escape_prompt(prompt: str) -> str:
     return discord.utils.escape_markdown(tame(prompt), as_needed=False)
 
 
 def snippet(prompt: str, limit: int = 60) -> str:
-    flat = tame(prompt)
-    if len(flat) > limit:
-        flat = flat[: limit - 1].rstrip() + "…"
-    return escape_prompt(flat)
+    """`prompt` tamed, cut to `limit` characters, Markdown escaped (for bold or italic text)."""
+    return escape_prompt(clip(prompt, limit))
+
+
+def quote(text: str, limit: int = 40) -> str:
+    """User text for a refusal (or any answer that repeats it): tamed, cut to `limit` characters,
+    as inline code (shown literally, Markdown and mentions included; a backtick inside becomes a
+    look-alike). The one way the bot quotes what a user typed."""
+    return "`" + clip(text, limit).replace("`", "ˋ") + "`"
 
 
 def settings_line(spec: JobSpec) -> str:

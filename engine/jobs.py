@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import secrets
 import time
@@ -131,6 +132,30 @@ UPLOAD_PREFIX = "upload_"
 _UPLOAD_ID = re.compile(r"upload_[0-9A-Za-z]{1,64}")
 
 
+# Retention in days (`[worker] keep_days`, `imagine-worker --keep-days`, `Worker(keep_days=)`): 0 or
+# None never prunes; otherwise at least an hour. `prune(older_than)` also deletes uploads no job names
+# yet once they are `older_than` old, so a window of seconds could delete a picture between the bot
+# storing it and submitting its job.
+MIN_KEEP_DAYS = 1 / 24
+
+
+def check_keep_days(value: float | None) -> float | None:
+    """`keep_days` checked: None for "never prune" (None or 0), else the value (>= `MIN_KEEP_DAYS`).
+    ValueError, saying what is allowed, for anything else."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of days, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be 0 (never prune) or a number of days, at least {MIN_KEEP_DAYS:.4g} (an hour), "
+                         f"got {value!r}")
+    if value < MIN_KEEP_DAYS:
+        raise ValueError(f"must be 0 (never prune) or at least {MIN_KEEP_DAYS:.4g} days (an hour), got {value!r}: "
+                         "pruning also deletes uploaded pictures no job names yet once they are that old, "
+                         "and a shorter window could delete one before its job is submitted")
+    return float(value)
+
+
 def new_upload_id() -> str:
     return f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
 
@@ -188,9 +213,9 @@ class JobQueue(Protocol):
     # --- the worker side ----------------------------------------------------------------------
     # `claim` returns the job RUNNING with a fresh `lease_id`. Every call below that takes a
     # `lease_id` is fenced: it acts only while the job is RUNNING under that very claim (checked
-    # atomically with the write) and otherwise changes nothing and returns False (`fail`: the job's
-    # current state). So a worker that lost its lease, even one that has since claimed the same job
-    # again, cannot publish, overwrite the new run's checkpoint or results, or end the job.
+    # atomically with the write) and otherwise changes nothing and returns False (`fail`: None;
+    # `mark_cancelled`: nothing). So a worker that lost its lease, even one that has since claimed
+    # the same job again, cannot publish, overwrite the new run's checkpoint or results, or end the job.
     async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None: ...
     async def heartbeat(self, job_id: str, lease_id: str) -> bool: ...  # False: stop (cancelled / lost lease)
     async def sweep(self) -> int: ...  # expired leases handled now (claim() does it too); how many
@@ -202,7 +227,10 @@ class JobQueue(Protocol):
     async def get_artifact(self, job_id: str, name: str) -> bytes | None: ...
     async def has_artifact(self, job_id: str, name: str) -> bool: ...  # without reading it (a state.pt is large)
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool: ...
-    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState: ...
+    # The state this call left the job in: QUEUED (back at the front for another attempt) or FAILED
+    # (`retry=False`, the attempts cap, or a cancel requested); None when the fence refused it (a
+    # stale run, or no such job): nothing changed, so nothing ended.
+    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState | None: ...
     async def mark_cancelled(self, job_id: str, lease_id: str) -> None: ...
     async def release(self, job_id: str, lease_id: str) -> bool: ...  # graceful stop: back to the front, attempt not counted
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 
+from engine.text import clip, has_visible_text
+
 MAX_PROMPT_PARTS = 8
-# Letters that draw nothing (Hangul fillers, the braille blank): used to make text look empty.
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 class PromptError(ValueError):
@@ -23,20 +22,10 @@ class PromptError(ValueError):
 _WEIGHT = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*$", re.S)
 
 
-def has_visible_text(text: str) -> bool:
-    """False when `text` shows nothing: only spaces, control and format characters (zero-width
-    spaces, bidi marks, soft hyphens...), combining marks with nothing to sit on, blank letters."""
-    return any(
-        not ch.isspace() and ch not in _BLANK_LETTERS
-        and unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Mn", "Me", "Zs", "Zl", "Zp")
-        for ch in text
-    )
-
-
 def _quote(text: str, limit: int = 40) -> str:
-    """`text` for an error message: one line, at most `limit` characters, quoted."""
-    flat = " ".join(text.split())
-    return repr(flat if len(flat) <= limit else flat[: limit - 1] + "…")
+    """`text` for an error message: tamed (engine.text: one line, no bidi controls, combining
+    marks capped), at most `limit` characters, quoted (repr: what else is invisible is spelled out)."""
+    return repr(clip(text, limit))
 
 
 @dataclass(frozen=True)

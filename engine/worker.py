@@ -37,7 +37,9 @@ from engine.generate import (
     BatchRunner, Frame, GenerationSettings, PromptError, Slot, encode_targets,
     state_from_bytes, state_to_bytes,
 )
-from engine.jobs import Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState
+from engine.jobs import (
+    Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days,
+)
 from engine.models import Models
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,12 @@ class Worker:
         # job_started(record), job_ended(record, state) with state done|failed|retried|cancelled|released.
         self.observer = observer
         # Retention: prune jobs finished and delivered more than `keep_days` ago, at most once an
-        # hour (None: never). Several workers may prune the same queue; the queue makes that safe.
-        self.keep_days = keep_days
+        # hour (None or 0: never; else at least an hour, see engine.jobs.check_keep_days). Several
+        # workers may prune the same queue; the queue makes that safe.
+        try:
+            self.keep_days = check_keep_days(keep_days)
+        except ValueError as exc:
+            raise ValueError(f"keep_days: {exc}") from None
         self._next_prune = 0.0            # loop time of the next prune
         self._prune_task: asyncio.Task | None = None
 
@@ -200,10 +206,6 @@ class Worker:
             except Exception:  # noqa: BLE001 - the lease will expire instead
                 log.exception("could not hand job %s back", job_id)
         self.running.clear()
-
-    def is_running(self, job_id: str) -> bool:
-        """Whether a run of `job_id` is on this worker (possibly one that lost its lease)."""
-        return any(run.record.id == job_id for run in list(self.running.values()))
 
     async def __aenter__(self) -> "Worker":
         await self.start()
@@ -443,10 +445,12 @@ class Worker:
         except Exception:  # noqa: BLE001
             log.exception("could not mark job %s failed", job_id)
             return
+        if state is None:  # refused: this run had lost the job (lease expired, taken over); nothing ended
+            log.info("job %s was no longer ours when it failed here: left to its current run", job_id)
+            return
         if state == JobState.QUEUED:
             log.info("job %s back in the queue for another attempt", job_id)
-        label = "retried" if state == JobState.QUEUED else getattr(state, "value", str(state))
-        self._observe("job_ended", run.record, label)
+        self._observe("job_ended", run.record, "retried" if state == JobState.QUEUED else "failed")
 
     # --- GPU thread -------------------------------------------------------------------------
 
@@ -560,9 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None,
                    help="jobs stepped together; default: as many as fit in free GPU memory (1 on a CPU)")
     p.add_argument("--worker-id", default=None)
-    p.add_argument("--keep-days", type=float, default=None, metavar="N",
+    p.add_argument("--keep-days", type=_keep_days, default=None, metavar="N",
                    help="delete jobs finished and delivered more than N days ago (records, images, videos, "
-                        "state), checked hourly; their Continue/Remix then say 'gone' (default: keep forever)")
+                        "state), uploaded pictures no job names that are N days old, and (SQLite) expired "
+                        "settings, checked hourly; Continue/Remix of a pruned job then say 'gone'. N is 0 "
+                        "(never, the default) or at least 1/24 (an hour)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     p.add_argument("--http-port", type=int, default=None, metavar="PORT",
@@ -570,6 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-host", default="127.0.0.1", metavar="HOST",
                    help="address for --http-port (default 127.0.0.1; 0.0.0.0 in a container)")
     return p
+
+
+def _keep_days(text: str) -> float | None:
+    """--keep-days: 0 (never) or at least an hour's worth of days (engine.jobs.check_keep_days)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    try:
+        return check_keep_days(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _redact(url: str) -> str:

@@ -69,6 +69,11 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("imagine = 3", "[imagine]: expected a table"),
     ("[discord]\ntoken = \"abc\"", "the token does not belong in the config file"),
     ("[imagine\n", "not valid TOML"),
+    ("[worker]\nkeep_days = 0.0001", "[worker] keep_days: must be 0 (never prune) or at least 0.04167 days (an hour), "
+                                     "got 0.0001"),
+    ("[worker]\nkeep_days = 0.04", "[worker] keep_days: must be 0 (never prune) or at least 0.04167 days"),
+    ("[worker]\nkeep_days = -1", "[worker] keep_days: must not be negative (0: never prune)"),
+    ("[worker]\nkeep_days = inf", "[worker] keep_days: must be 0 (never prune) or a number of days"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, toml, message):
     path = tmp_path / "config.toml"
@@ -76,6 +81,13 @@ def test_bad_config_values_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("days", [0, 1 / 24, 0.5, 30])
+def test_keep_days_is_zero_for_never_or_at_least_an_hour(days):
+    # Pruning also deletes uploads no job names yet once they are keep_days old: a window of seconds
+    # could delete a picture between the bot storing it and submitting its job.
+    assert config_from_dict({"worker": {"keep_days": days}}).worker.keep_days == days
 
 
 def test_tokens_are_shape_checked_and_never_echoed():

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sqlite3
 import unicodedata
 
 import pytest
 
+from bot import moderation
+from bot.queue_admin import USER_LIMIT_KEY
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord
-from tests.test_bot_support import EPHEMERAL, Harness, harness, test_config, tiny_png  # noqa: F401 - the fixture
+from tests.test_bot_support import (  # noqa: F401 - the fixture
+    EPHEMERAL, WEBHOOK_ORIGINAL, Harness, claim_jobs, ephemeral_answer, finish_jobs, harness, test_config, tiny_png,
+)
+
+BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 pytestmark = pytest.mark.asyncio
 
@@ -113,7 +121,7 @@ async def test_echoed_prompts_cannot_reorder_stack_or_break_the_lines_around_the
         await fd.wait_for_response(other)
         shown.append(other.response["data"]["content"])
     for text in shown:
-        assert not re.search("[\u202a-\u202e\u2066-\u2069]", text), text
+        assert not BIDI_CONTROLS.search(text), text
         assert _longest_mark_run(text) <= 4, text
     fd.assert_clean()
 
@@ -165,8 +173,7 @@ async def test_a_bad_permutation_prompt_with_a_picture_is_refused_before_the_dow
     h = harness
     await h.start(worker=False)
     fd = h.fd
-    admin = {"user": fd.admin_user}
-    await fd.send_slash_command("queue ban-word add", {"entry": "cursed"}, **admin)
+    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, user=fd.admin_user)
     picture = fd.host_attachment("p.png", tiny_png())
     for prompt, why in [("a {red, blue house", "never closed"), ("{a, b, c} {d, e, f} {g, h}", "at most 9"),
                         ("a {red, cursed} barn", "refused"), ("{blurry, foggy}:-1", "positive weight"),
@@ -205,6 +212,149 @@ async def test_our_own_error_after_a_public_defer_is_told_only_to_the_user(tmp_p
         assert fd.channel_messages() == []   # nothing public is left of it
         locker.execute("ROLLBACK")
         assert await h.queue.count_queued() == 0
+        fd.assert_clean()
+    finally:
+        if locker is not None:
+            locker.close()
+        await h.stop()
+        await fd.close()
+
+
+async def test_refusals_quote_a_refused_word_or_a_combination_without_bidi_controls_or_zalgo(harness):
+    """What a refusal quotes of the prompt (the text a refused pattern matched, a permutation
+    combination or group, a part whose weight is wrong) is tamed like every echo: a bidi override
+    in it would reorder the rest of the refusal, a pile of combining marks would spill over it."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    for entry in (r"re:cur.sed", r"re:z\p{Mn}+"):
+        assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, user=fd.admin_user)
+    cases = [
+        ("a cur\u202esed house", "refused", "cursed"),                   # the matched text, as typed
+        ("z" + "\u0301" * 40 + " lake", "refused", "z" + "\u0301" * 4),
+        ("\u202e{blurry, foggy}:-1", "positive weight", "in the combination `blurry:-1`"),
+        ("a {red\u202e, blue house", "never closed", "`{red, blue house`"),
+        ("a house" + "\u0301" * 30 + ":500", "between -100 and 100", "a house" + "\u0301" * 4),   # the engine's quote
+    ]
+    for prompt, why, shown in cases:
+        inter = await fd.send_slash_command("imagine", {"prompt": prompt})
+        await fd.wait_for_response(inter)
+        text = _refusal(inter)
+        assert why in text and shown in text, (prompt, text)
+        assert not BIDI_CONTROLS.search(text), (prompt, text)
+        assert _longest_mark_run(text) <= 4, (prompt, text)
+    assert await h.queue.count_queued() == 0
+    fd.assert_clean()
+
+
+async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download(harness, monkeypatch):
+    """Every refusal of /imagine comes before the picture is downloaded and stored (a refused
+    prompt leaves no upload behind), and each check runs once: each prompt (each combination of a
+    permutation prompt) is matched against the refused words once, the user's cap is read once,
+    and what the check found goes on to the submit."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, user=fd.admin_user)
+    matched: list[str] = []
+    counted: list[int] = []
+    find, count_queued = moderation.find, h.queue.count_queued
+
+    def counting_find(entries, prompt, max_chars):
+        matched.append(prompt)
+        return find(entries, prompt, max_chars)
+
+    async def counting_count(user_id=None):
+        if user_id is not None:
+            counted.append(user_id)
+        return await count_queued(user_id)
+
+    monkeypatch.setattr(moderation, "find", counting_find)
+    monkeypatch.setattr(h.queue, "count_queued", counting_count)
+    picture = fd.host_attachment("p.png", tiny_png())
+
+    inter = await fd.send_slash_command("imagine", {"prompt": "a {red, blue} house", "image": picture})
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(fd.channel_messages()) == 2, 10, "the set's two replies")
+    assert sorted(matched) == ["a blue house", "a red house"] and len(counted) == 1, (matched, counted)
+    jobs = await h.queue.history(fd.channel_id)
+    assert len(jobs) == 2 and all("image_prompt" in r.spec.extra for r in jobs)
+
+    matched.clear()
+    counted.clear()
+    inter = await fd.send_slash_command("imagine", {"prompt": "a house", "image": picture})
+    msg = await h.reply_of(inter)
+    assert "image prompt" in msg.content
+    assert matched == ["a house"] and len(counted) == 1, (matched, counted)
+    assert len(fd.cdn_requests) == 2
+
+    # At the cap: refused before anything is downloaded, for a plain prompt and for a set.
+    await h.queue.set_setting(USER_LIMIT_KEY, 3)
+    for prompt, why in [("a boat", "You already have 3 jobs waiting"), ("a {red, blue} boat", "only 0 more")]:
+        inter = await fd.send_slash_command("imagine", {"prompt": prompt, "image": picture})
+        await fd.wait_for_response(inter)
+        assert why in _refusal(inter), prompt
+    assert len(fd.cdn_requests) == 2 and await h.queue.count_queued() == 3
+    fd.assert_clean()
+
+
+async def test_our_own_error_after_the_jobs_reply_keeps_the_reply_and_is_told_only_to_the_user(tmp_path, tiny_models):
+    """The Remix modal's submit: submit() defers, queues the job and edits the "thinking…" message
+    into the job's queued reply (with its Cancel button); then recording that reply in the store
+    fails (the queue's file is locked by another process past its busy timeout the moment the
+    reply is shown). The listener tells the user privately, and the job's public message stays:
+    the job is still queued, and its Cancel button works."""
+    db = tmp_path / "queue.db"
+    fd = FakeDiscord()
+    await fd.start()
+    h = Harness(fd=fd, config=test_config(tmp_path, queue={"url": f"sqlite:///{db}?busy_timeout=0.3"}),
+                models=tiny_models)
+    locker = None
+    try:
+        await h.start(worker=False)
+        parent = await h.reply_of(await h.imagine("a red house"))
+        job_id = h.job_id(parent)
+        await claim_jobs(h.queue, [job_id])
+        await h.queue.put_artifact(job_id, "state.pt", b"the final logits")
+        await finish_jobs(h.queue, [job_id])
+        await h.wait_delivered(job_id)
+        await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[parent.id].custom_ids, 10, "Remix")
+        click = await fd.click_button(parent, f"imagine:remix:{job_id}")
+        await fd.wait_for_response(click)
+        assert click.response_type == 9
+
+        locker = sqlite3.connect(db, isolation_level=None)
+        since = len(fd.requests)
+
+        def lock_once_the_reply_is_shown():
+            for r in fd.requests[since:]:
+                content = str(r.json.get("content") or "") if isinstance(r.json, dict) else ""
+                if (r.method == "PATCH" and r.status == 200 and re.search(WEBHOOK_ORIGINAL, r.path)
+                        and f"remix of `{job_id}`" in content):
+                    # Runs in the fake's handler, before the bot has the answer: its next write waits.
+                    if not locker.in_transaction:
+                        locker.execute("BEGIN IMMEDIATE")
+                    return True
+            return False
+
+        shown = asyncio.ensure_future(fd.wait_for(lock_once_the_reply_is_shown, 10, "the remix's queued reply"))
+        (text_input,) = [c for row in click.response["data"]["components"] for c in row["components"]]
+        submit = await fd.submit_modal(click, {text_input["custom_id"]: "a blue boat"})
+        await shown
+        await fd.wait_for(lambda: submit.followups, 10, "the error follow-up")
+        (told,) = submit.followups
+        assert told.ephemeral and "Something went wrong on my side" in told.content
+        assert "If a reply above shows your job, it is queued" in told.content   # not a bare "try again"
+        reply = submit.original_message
+        assert reply is not None and not reply.deleted, "the job's reply was deleted"
+        remix_id = h.job_id(reply)
+        assert f"imagine:cancel:{remix_id}" in reply.custom_ids and not reply.ephemeral
+        locker.execute("ROLLBACK")
+        record = await h.queue.get(remix_id)
+        assert record.state == JobState.QUEUED and record.spec.parent_job_id == job_id
+        cancel = await fd.click_button(reply, f"imagine:cancel:{remix_id}")
+        await fd.wait_for_response(cancel)
+        assert "Cancelled" in cancel.response["data"]["content"]
         fd.assert_clean()
     finally:
         if locker is not None:

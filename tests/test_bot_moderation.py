@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 
+from bot import moderation
 from tests.test_bot_support import ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -111,3 +115,19 @@ async def test_patterns_that_would_freeze_or_crash_the_bot_are_refused(harness):
     # Counted repeats of a sensible size are fine.
     assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:\d{3}-\d{4}"}, **admin)
     h.fd.assert_clean()
+
+
+async def test_a_stored_pattern_that_repeats_too_much_is_skipped_and_never_compiled(caplog):
+    """A list stored by an older version (or edited by hand) may hold a pattern `/queue ban-word
+    add` refuses: the check skips it, says so, and still applies the other entries -- at once,
+    since the repeat guard runs before `regex` would unroll it (compiled or refused once per entry)."""
+    entries = [r"re:(?:a{65535}){65535}", "re:(unclosed", "cursed"]
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="bot.moderation"):
+        for _ in range(3):
+            assert moderation.find(entries, "a cursed house", 500) == ("cursed", "cursed")
+            assert moderation.find(entries, "a quiet house", 500) is None
+    assert time.monotonic() - started < 1.0
+    assert "(?:a{65535}){65535}" in caplog.text and "does not compile" in caplog.text
+    with pytest.raises(moderation.BadEntry, match="repeats too much"):
+        moderation.normalise(r"re:(?:a{65535}){65535}")

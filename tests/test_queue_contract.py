@@ -226,7 +226,7 @@ async def test_fail_retries_at_front_until_cap(queue_factory: QueueFactory):
         assert got.id == rec.id and got.attempts == attempt
         after = await last_seq(q)
         assert await q.fail(rec.id, got.lease_id, f"boom {attempt}") == JobState.QUEUED
-        assert await q.fail(rec.id, got.lease_id, "twice") == JobState.QUEUED  # no change: not running
+        assert await q.fail(rec.id, got.lease_id, "twice") is None  # refused, no change: not running
         assert await q.position(rec.id) == 1 and await q.position(other.id) == 2
         got = await q.get(rec.id)
         assert got.state == JobState.QUEUED and got.worker_id is None
@@ -234,7 +234,9 @@ async def test_fail_retries_at_front_until_cap(queue_factory: QueueFactory):
         assert [(e.kind, e.message) for e in events] == [(EventKind.QUEUED, f"boom {attempt}")]
     got = await q.claim("w")
     assert got.id == rec.id and got.attempts == 3
-    assert await q.fail(rec.id, "other-lease", "late") == JobState.RUNNING  # not its claim: no change
+    assert await q.fail(rec.id, "other-lease", "late") is None  # not its claim: refused, no change
+    assert await q.fail("nosuchjob", got.lease_id, "late") is None
+    assert (await q.get(rec.id)).state == JobState.RUNNING
     after = await last_seq(q)
     assert await q.fail(rec.id, got.lease_id, "boom 3") == JobState.FAILED
     got = await q.get(rec.id)
@@ -606,8 +608,8 @@ async def test_the_same_worker_claiming_its_job_again_fences_off_its_first_run(q
     assert await q.put_artifact(rec.id, "final.png", b"run1-stale", old) is False
     assert await q.put_artifact(rec.id, "state.pt", b"run1-stale", old) is False
     assert await q.finish(rec.id, old, 0.9) is False
-    assert await q.fail(rec.id, old, "stale failure") == JobState.RUNNING
-    assert await q.fail(rec.id, old, "stale failure", retry=False) == JobState.RUNNING
+    assert await q.fail(rec.id, old, "stale failure") is None
+    assert await q.fail(rec.id, old, "stale failure", retry=False) is None
     await q.mark_cancelled(rec.id, old)
     assert await q.release(rec.id, old) is False
     assert await all_events(q, after) == []
@@ -643,7 +645,7 @@ async def test_a_stale_lease_cannot_requeue_or_release_the_new_run(queue_factory
     old = (await q.claim("gpu-1")).lease_id
     await asyncio.sleep(0.3)
     new = (await q.claim("gpu-1")).lease_id
-    assert await q.fail(rec.id, old, "oom", retry=True) == JobState.RUNNING
+    assert await q.fail(rec.id, old, "oom", retry=True) is None
     assert await q.release(rec.id, old) is False
     assert (await q.get(rec.id)).state == JobState.RUNNING and await q.position(rec.id) is None
     assert await q.release(rec.id, new) is True
@@ -651,7 +653,7 @@ async def test_a_stale_lease_cannot_requeue_or_release_the_new_run(queue_factory
     assert got.state == JobState.QUEUED and got.lease_id is None and got.attempts == 1
     third = await q.claim("gpu-1")
     assert third.lease_id not in (old, new)
-    assert await q.fail(rec.id, new, "oom", retry=True) == JobState.RUNNING  # the released run is stale too
+    assert await q.fail(rec.id, new, "oom", retry=True) is None  # the released run is stale too
     assert await q.fail(rec.id, third.lease_id, "oom", retry=True) == JobState.QUEUED
 
 
@@ -956,3 +958,114 @@ CREATE TABLE artifacts (
 CREATE TABLE workers (worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT);
 INSERT INTO counters(name, value) VALUES ('line', 10);
 """
+
+
+# --- start-up under contention, atomic setting reads ------------------------------------------------
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new-file", "file-to-migrate"])
+async def test_sqlite_start_that_cannot_get_the_write_lock_fails_cleanly_and_can_be_retried(tmp_path, previous):
+    """Another process holds the file's write lock (e.g. mid-migration) past `busy_timeout`: start()
+    fails with a clear error and leaves the queue unstarted; once the lock is free, start() does the
+    whole schema work (and migration) and the queue works."""
+    from engine.queue import open_queue
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode = WAL")
+        if previous:
+            holder.executescript(_PREVIOUS_SCHEMA)
+            holder.execute("INSERT INTO jobs(id, spec, user_id, channel_id, grid, total, state, created_at, qseq)"
+                           " VALUES ('queuedjob0001', ?, 1, 5, 32, 300, 'queued', ?, 1)",
+                           (json.dumps(spec(1).to_dict()), time.time()))
+            holder.execute("INSERT INTO rotation(user_id, rpos) VALUES (1, 1)")
+        holder.execute("BEGIN IMMEDIATE")  # the other process's write transaction
+        q = open_queue(f"sqlite:///{path}?busy_timeout=0.2")
+        for _ in range(2):  # and again: a failed start leaves nothing half-open behind
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match=r"locked.*busy_timeout") as err:
+                await q.start()
+            assert time.monotonic() - started < 5
+            assert str(path) in str(err.value)
+            with pytest.raises(RuntimeError, match="not started"):
+                await q.submit(spec())
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    await q.start()
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        if previous:
+            got = await q.claim("w")
+            assert got.id == "queuedjob0001" and got.lease_id
+            assert await q.finish(got.id, got.lease_id, 0.2) is True
+        rec = await q.submit(spec(2))
+        got = await q.claim("w")
+        assert got.id == rec.id and await q.finish(rec.id, got.lease_id, 0.3) is True
+        assert (await q.get(rec.id)).state == JobState.DONE
+    finally:
+        await q.close()
+
+
+async def _dribbling_proxy(port: int, chunk: int = 8, pause: float = 0.0005):
+    """A TCP proxy to 127.0.0.1:`port` that hands the client's bytes on `chunk` bytes at a time,
+    with a pause between: Redis then runs a pipeline's commands one at a time, other clients'
+    commands in between, unless they are one MULTI/EXEC transaction (or one script)."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, step: int | None) -> None:
+        try:
+            while data := await reader.read(65536):
+                for i in range(0, len(data), step or len(data)):
+                    writer.write(data[i:i + (step or len(data))])
+                    await writer.drain()
+                    if step:
+                        await asyncio.sleep(pause)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(client_r, server_w, chunk), pipe(server_r, client_w, None))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_redis_setting_reads_never_miss_a_setting_that_switches_form(redis_server):
+    """A setting rewritten with and without an expiry moves between the settings hash and its own
+    TTL key. A reader must see one form or the other, never neither (bot/permutations.py takes the
+    default for "expired" and drops the set for good). The reader's commands reach Redis a few bytes
+    at a time, so a read made of two separate commands would let the writers in between."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    prefix = f"atomic-{uuid.uuid4().hex[:8]}"
+    proxy = await _dribbling_proxy(redis_server.port)
+    port = proxy.sockets[0].getsockname()[1]
+    reader = RedisJobQueue(f"redis://127.0.0.1:{port}/0", prefix=prefix)
+    writers = [RedisJobQueue(redis_server.url, prefix=prefix) for _ in range(3)]
+    for q in (reader, *writers):
+        await q.start()
+    stop = asyncio.Event()
+
+    async def flip(q: RedisJobQueue, n: int) -> None:
+        while not stop.is_set():
+            await q.set_setting("set:s", {"jobs": [n]}, expire_after=3600)
+            await q.set_setting("set:s", {"jobs": [n]})
+
+    try:
+        await writers[0].set_setting("set:s", {"jobs": [0]})
+        tasks = [asyncio.create_task(flip(q, n)) for n, q in enumerate(writers)]
+        seen = [await reader.get_setting("set:s", "missing") for _ in range(150)]
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert "missing" not in seen, f"{seen.count('missing')} of {len(seen)} reads saw neither form"
+    finally:
+        stop.set()
+        for q in (reader, *writers):
+            await q.close()
+        proxy.close()
+        await proxy.wait_closed()

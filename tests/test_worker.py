@@ -29,6 +29,27 @@ def spec(prompt="a red house", user=1, **kw) -> JobSpec:
                    cutn=kw.pop("cutn", 4), seed=kw.pop("seed", 1), **kw)
 
 
+def runs_of(worker: Worker, job_id: str) -> int:
+    """How many runs of `job_id` the worker has (a stale one, having lost its lease, included)."""
+    return sum(run.record.id == job_id for run in list(worker.running.values()))
+
+
+class Ends:
+    """A worker observer (engine.observability's hooks) that records `job_ended`."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    def iterations(self, n: int) -> None:
+        pass
+
+    def job_started(self, record) -> None:
+        pass
+
+    def job_ended(self, record, state: str) -> None:
+        self.ended.append((record.id, state))
+
+
 async def wait_state(queue, job_id, states, timeout=60.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -69,10 +90,47 @@ async def test_cancel_a_running_job_frees_the_slot_and_marks_it_cancelled(queue,
 
 
 async def test_a_bad_prompt_fails_with_the_reason_and_is_not_retried(queue, tiny_models):
-    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+    observer = Ends()
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", observer=observer):
         job = await queue.submit(spec("blurry:-1"))
         record = await wait_state(queue, job.id, {JobState.FAILED})
     assert "positive weight" in record.error and record.attempts == 1
+    assert observer.ended == [(job.id, "failed")]
+
+
+async def test_a_failure_the_fence_refuses_is_not_counted_as_a_job_ending(queue, tiny_models, monkeypatch):
+    """The run fails after it lost the job (taken over by w2): queue.fail is refused and changes
+    nothing, so the worker must not count a job ending (the job is still running, on w2)."""
+    real_fail, real_claim = queue.fail, queue.claim
+    failing, taken_over = [], []
+
+    async def claim(worker_id, grids=None):
+        if worker_id == "w1" and failing:
+            return None   # w1 does not take the job back: only w2 runs it now
+        return await real_claim(worker_id, grids)
+
+    async def fail_after_a_take_over(job_id, lease_id, reason, retry=True):
+        failing.append(job_id)
+        assert await queue.release(job_id, lease_id) is True   # as if its lease had expired ...
+        taken_over.append(await real_claim("w2"))              # ... and w2 claimed the job
+        return await real_fail(job_id, lease_id, reason, retry=retry)
+
+    monkeypatch.setattr(queue, "claim", claim)
+    monkeypatch.setattr(queue, "fail", fail_after_a_take_over)
+    observer = Ends()
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", observer=observer) as worker:
+        job = await queue.submit(spec("blurry:-1"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not taken_over or runs_of(worker, job.id):
+            assert loop.time() < deadline, "the run never failed"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+    assert taken_over[0] is not None and taken_over[0].id == job.id
+    record = await queue.get(job.id)
+    assert (record.state, record.worker_id, record.lease_id) == (JobState.RUNNING, "w2", taken_over[0].lease_id)
+    assert record.error is None
+    assert observer.ended == []
 
 
 async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_checkpoint(queue, tiny_models):
@@ -130,7 +188,7 @@ async def test_a_worker_that_lost_its_job_stops_it_and_overwrites_nothing(queue,
         cursor = (await queue.events(0, timeout=0))[-1].seq
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while worker.is_running(job.id):
+        while runs_of(worker, job.id):
             assert loop.time() < deadline, "the worker kept running a job it lost"
             await asyncio.sleep(0.05)
     assert (await queue.load_checkpoint(job.id)).data == b"w2's"
@@ -180,7 +238,7 @@ async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(t
     async def watching_claim(worker_id, grids=None):
         record = await claim(worker_id, grids)
         if record is not None and record.attempts > 1:
-            reclaimed_while_running.append(holder[0].is_running(record.id))
+            reclaimed_while_running.append(runs_of(holder[0], record.id) > 0)
         return record
 
     async def no_sweep():
@@ -195,7 +253,7 @@ async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(t
         async with worker:
             job = await q.submit(spec(iterations=200, frame_every=2))
             record = await wait_state(q, job.id, {JobState.DONE}, timeout=120)
-            assert not worker.is_running(job.id)
+            assert runs_of(worker, job.id) == 0
         assert reclaimed_while_running == [True]
         assert record.attempts == 2 and record.worker_id == "w1", record
         events = await job_events(q, job.id)
@@ -210,3 +268,28 @@ async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(t
         assert state_from_bytes(await q.get_artifact(job.id, "state.pt"))["iteration"] == 200
     finally:
         await q.close()
+
+
+def test_keep_days_is_zero_for_never_or_at_least_an_hour(capsys):
+    """Pruning also deletes uploads no job names yet once they are keep_days old: a window of seconds
+    could delete a picture between the bot storing it and submitting its job. So keep_days is 0
+    (never) or at least an hour, for imagine-worker --keep-days and for Worker(keep_days=) alike."""
+    from engine.worker import build_parser
+
+    parse = build_parser().parse_args
+    for given, taken in (("0", None), ("0.0416667", 0.0416667), ("7", 7.0)):
+        assert parse(["--queue", "x.db", "--keep-days", given]).keep_days == taken
+    assert parse(["--queue", "x.db"]).keep_days is None
+    for bad, message in (("0.0001", "at least 0.04167 days (an hour), got 0.0001"),
+                         ("-1", "must be 0 (never prune) or a number of days"),
+                         ("soon", "expected a number of days, got 'soon'")):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--queue", "x.db", "--keep-days", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--keep-days" in err and message in err, err
+    assert Worker(object(), lambda: None, keep_days=0).keep_days is None
+    assert Worker(object(), lambda: None, keep_days=None).keep_days is None
+    assert Worker(object(), lambda: None, keep_days=2).keep_days == 2
+    with pytest.raises(ValueError, match=r"keep_days: must be 0 \(never prune\) or at least 0.04167 days"):
+        Worker(object(), lambda: None, keep_days=0.0001)

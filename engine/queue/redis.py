@@ -25,7 +25,8 @@ What SAQ (0.26) gives us, and what it does not:
   more: `submit` records the uploads a spec names (`<prefix>:refs:<upload>`, a set of job ids, and
   the job's `refs` field); an upload nobody names is in `<prefix>:uploads` (zset by the time it was
   stored). Settings written with `expire_after` are plain keys with a Redis TTL
-  (`<prefix>:setting:<key>`); the others live in the `<prefix>:settings` hash.
+  (`<prefix>:setting:<key>`); the others live in the `<prefix>:settings` hash. Writing one form
+  deletes the other and reading looks at both, each in one MULTI/EXEC.
 * SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
   claim/heartbeat, throttled; `RedisQueue.info()` for `workers()`), so SAQ's dashboard and tooling
   see our GPU workers. It shares our Redis client (and its reconnect settings). Worker ids must not
@@ -319,13 +320,13 @@ _SCRIPTS: dict[str, str] = {
   emit(id, 'done')
   return '1 ' .. worker
 """,
-    # id, lease, reason, retry ('1'/'0') -> the state after it ('' = no such job), and when this
-    # call changed it, ' ' .. worker id
+    # id, lease, reason, retry ('1'/'0') -> '' when the fence refused (not running under this
+    # lease, or no such job: nothing changed), else the state it left ('queued' / 'failed') .. ' '
+    # .. worker id
     "fail": r"""
   local id, reason = ARGV[7], ARGV[9]
+  if not owned(id, ARGV[8]) then return '' end
   local v = redis.call('HMGET', jk(id), 'state', 'worker_id', 'attempts', 'cancel_requested')
-  if not v[1] then return '' end
-  if not owned(id, ARGV[8]) then return v[1] end
   local worker = v[2] or ''
   if ARGV[10] == '1' and tonumber(v[3]) < MAXATT and v[4] ~= '1' then
     to_front(id)
@@ -800,10 +801,13 @@ class RedisJobQueue:
         await self._run("set_reply", job_id, json.dumps(reply), token=False)
 
     async def get_setting(self, key: str, default: Any = None) -> Any:
+        """Both forms of the setting (see `set_setting`) in one MULTI/EXEC: read apart, a writer
+        switching forms in between could leave neither for us to see, and the setting would read as
+        expired (bot/permutations.py would then drop an open set for good)."""
         client = self._client()
 
         async def read() -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=True) as pipe:
                 pipe.hget(self._k("settings"), key)
                 pipe.get(self._k("setting", key))
                 return await pipe.execute()
@@ -924,13 +928,13 @@ class RedisJobQueue:
             self._count(worker_id, "complete")
         return ok == "1"
 
-    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState:
+    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState | None:
         reply = await self._run("fail", job_id, lease_id, reason, "1" if retry else "0")
-        if not reply:
-            raise KeyError(job_id)
-        state, changed, worker_id = reply.partition(" ")
+        if not reply:  # refused by the fence: nothing changed
+            return None
+        state, _, worker_id = reply.partition(" ")
         result = JobState(state)
-        if changed and worker_id:
+        if worker_id:
             self._count(worker_id, "retried" if result == JobState.QUEUED else "failed")
         return result
 

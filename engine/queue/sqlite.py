@@ -18,7 +18,8 @@ no job names any more (`uploads`, `upload_refs`: filled by put_artifact and subm
 settings (`settings.expires_at`).
 
 Schema changes are applied by `start()` in its first transaction: a file made by an older version
-gets the new columns and tables (`PRAGMA user_version` says which migrations it has had).
+gets the new columns and tables (`PRAGMA user_version` says which migrations it has had). The queue
+is started only once that transaction has committed; a start that fails leaves it unstarted.
 
 Events are a table with an AUTOINCREMENT key (the seq: monotonic across processes and restarts),
 pruned to the last `keep_events`; frames older than the last `keep_frames` events are dropped.
@@ -33,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from typing import Any, AsyncIterator, Iterable
 
@@ -133,6 +135,14 @@ ORDER BY j.rnk, r.rpos
 """
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock past the busy timeout."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 _SETTING_SQL = "SELECT value FROM settings WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
 
 
@@ -195,6 +205,7 @@ class SQLiteJobQueue:
         self.busy_timeout = float(busy_timeout)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
         self._published = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -203,33 +214,60 @@ class SQLiteJobQueue:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._db is not None:
-            return
-        if self.path != ":memory:":
-            parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-        db = await aiosqlite.connect(self.path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = NORMAL")
-        self._db = db
-        async with self._tx() as tx:
-            fresh = await self._fetchone(
-                tx, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
-            ) is None
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    await tx.execute(statement)
-            row = await self._fetchone(tx, "PRAGMA user_version")
-            version = int(row[0]) if row is not None else 0
-            if not fresh and version < 1:
-                await self._migrate_v1(tx)
-            for statement in _SCHEMA_LATE.split(";"):
-                if statement.strip():
-                    await tx.execute(statement)
-            if version < SCHEMA_VERSION:
-                await tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        """Open the file and bring its schema up to date, in one write transaction. The queue counts
+        as started only once that transaction has committed: a start that fails (the file's write
+        lock held past `busy_timeout` by another process, e.g. one migrating it) closes its
+        connection and leaves the queue unstarted, so a later start() does all of it again."""
+        async with self._start_lock:
+            if self._db is not None:
+                return
+            if self.path != ":memory:":
+                parent = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(parent, exist_ok=True)
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+            try:
+                db.row_factory = aiosqlite.Row
+                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                await db.execute("PRAGMA journal_mode = WAL")
+                await db.execute("PRAGMA synchronous = NORMAL")
+                async with self._lock:
+                    await db.execute("BEGIN IMMEDIATE")
+                    try:
+                        await self._create_schema(db)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await db.execute("ROLLBACK")
+                        raise
+                    await db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await db.close()
+                if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+                    raise RuntimeError(
+                        f"cannot start the SQLite queue {self.path!r}: {exc} (another process held its write "
+                        f"lock longer than busy_timeout={self.busy_timeout:g} s, e.g. while migrating it); "
+                        "nothing was changed: start again"
+                    ) from exc
+                raise
+            self._db = db
+
+    async def _create_schema(self, tx: aiosqlite.Connection) -> None:
+        """The tables, and the migrations a file made by an older version needs (inside `start`'s transaction)."""
+        fresh = await self._fetchone(
+            tx, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+        ) is None
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                await tx.execute(statement)
+        row = await self._fetchone(tx, "PRAGMA user_version")
+        version = int(row[0]) if row is not None else 0
+        if not fresh and version < 1:
+            await self._migrate_v1(tx)
+        for statement in _SCHEMA_LATE.split(";"):
+            if statement.strip():
+                await tx.execute(statement)
+        if version < SCHEMA_VERSION:
+            await tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def _migrate_v1(self, db: aiosqlite.Connection) -> None:
         """A file from before per-claim leases and upload / setting retention."""
@@ -666,10 +704,13 @@ class SQLiteJobQueue:
     async def has_artifact(self, job_id: str, name: str) -> bool:
         return await self._one("SELECT 1 FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name)) is not None
 
-    async def _owned(self, db: aiosqlite.Connection, job_id: str, lease_id: str) -> aiosqlite.Row | None:
-        """The job's row if it is RUNNING under the claim `lease_id` (the fence), else None."""
+    async def _owned(
+        self, db: aiosqlite.Connection, job_id: str, lease_id: str, columns: str = "1"
+    ) -> aiosqlite.Row | None:
+        """`columns` of the job's row if it is RUNNING under the claim `lease_id` (the fence), else
+        None. Only what the caller needs: publish and save_checkpoint ask on every frame."""
         return await self._fetchone(
-            db, "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND lease_id = ?", (job_id, lease_id)
+            db, f"SELECT {columns} FROM jobs WHERE id = ? AND state = 'running' AND lease_id = ?", (job_id, lease_id)
         )
 
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
@@ -683,14 +724,11 @@ class SQLiteJobQueue:
         self._wake()
         return True
 
-    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState:
+    async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState | None:
         async with self._tx() as db:
-            row = await self._owned(db, job_id, lease_id)
-            if row is None:  # not running under this claim: change nothing
-                current = await self._fetchone(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
-                if current is None:
-                    raise KeyError(job_id)
-                return JobState(current["state"])
+            row = await self._owned(db, job_id, lease_id, "user_id, attempts, cancel_requested")
+            if row is None:  # not running under this claim (or no such job): change nothing
+                return None
             if retry and row["attempts"] < self.max_attempts and not row["cancel_requested"]:
                 await self._to_front(db, job_id, row["user_id"])
                 await db.execute("UPDATE jobs SET error = ? WHERE id = ?", (reason, job_id))
@@ -717,7 +755,7 @@ class SQLiteJobQueue:
         A job whose cancel was requested is cancelled instead (it is never run again).
         """
         async with self._tx() as db:
-            row = await self._owned(db, job_id, lease_id)
+            row = await self._owned(db, job_id, lease_id, "user_id, cancel_requested")
             if row is None:
                 return False
             if row["cancel_requested"]:
