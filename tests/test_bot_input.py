@@ -8,6 +8,7 @@ import sqlite3
 import unicodedata
 
 import pytest
+import pytest_asyncio
 
 from bot import moderation
 from bot.queue_admin import USER_LIMIT_KEY
@@ -20,6 +21,24 @@ from tests.test_bot_support import (  # noqa: F401 - the fixture
 BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def busy_harness(tmp_path, tiny_models):
+    """A harness whose SQLite queue waits only 0.3 s for another process's write lock, and a second
+    connection to the same file (`locker`) that a test can take that lock with."""
+    db = tmp_path / "queue.db"
+    fd = FakeDiscord()
+    await fd.start()
+    h = Harness(fd=fd, config=test_config(tmp_path, queue={"url": f"sqlite:///{db}?busy_timeout=0.3"}),
+                models=tiny_models)
+    locker = sqlite3.connect(db, isolation_level=None)
+    try:
+        yield h, locker
+    finally:
+        locker.close()
+        await h.stop()
+        await fd.close()
 
 
 def _refusal(inter) -> str:
@@ -186,38 +205,25 @@ async def test_a_bad_permutation_prompt_with_a_picture_is_refused_before_the_dow
     fd.assert_clean()
 
 
-async def test_our_own_error_after_a_public_defer_is_told_only_to_the_user(tmp_path, tiny_models):
+async def test_our_own_error_after_a_public_defer_is_told_only_to_the_user(busy_harness):
     """A command that fails on our side after deferring publicly (here the queue's file is locked
     by another process past its busy timeout, so the submit fails after the defer) answers with an
     ephemeral word: the public "thinking…" message goes first, since Discord would turn the first
     follow-up into that public message, and the channel keeps nothing of it."""
-    import sqlite3
-
-    db = tmp_path / "queue.db"
-    fd = FakeDiscord()
-    await fd.start()
-    h = Harness(fd=fd, config=test_config(tmp_path, queue={"url": f"sqlite:///{db}?busy_timeout=0.3"}),
-                models=tiny_models)
-    locker = None
-    try:
-        await h.start(worker=False)
-        locker = sqlite3.connect(db, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")   # another process writing: reads go on (WAL), writes wait
-        inter = await fd.send_slash_command("imagine", {"prompt": "a house"})
-        await fd.wait_for(lambda: inter.followups, 10, "the error follow-up")
-        assert inter.response_type == 5   # deferred publicly, then the submit failed
-        (told,) = inter.followups
-        assert told.ephemeral and "Something went wrong on my side" in told.content
-        assert inter.original_message is None or inter.original_message.deleted
-        assert fd.channel_messages() == []   # nothing public is left of it
-        locker.execute("ROLLBACK")
-        assert await h.queue.count_queued() == 0
-        fd.assert_clean()
-    finally:
-        if locker is not None:
-            locker.close()
-        await h.stop()
-        await fd.close()
+    h, locker = busy_harness
+    fd = h.fd
+    await h.start(worker=False)
+    locker.execute("BEGIN IMMEDIATE")   # another process writing: reads go on (WAL), writes wait
+    inter = await fd.send_slash_command("imagine", {"prompt": "a house"})
+    await fd.wait_for(lambda: inter.followups, 10, "the error follow-up")
+    assert inter.response_type == 5   # deferred publicly, then the submit failed
+    (told,) = inter.followups
+    assert told.ephemeral and "Something went wrong on my side" in told.content
+    assert inter.original_message is None or inter.original_message.deleted
+    assert fd.channel_messages() == []   # nothing public is left of it
+    locker.execute("ROLLBACK")
+    assert await h.queue.count_queued() == 0
+    fd.assert_clean()
 
 
 async def test_refusals_quote_a_refused_word_or_a_combination_without_bidi_controls_or_zalgo(harness):
@@ -298,66 +304,55 @@ async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download
     fd.assert_clean()
 
 
-async def test_our_own_error_after_the_jobs_reply_keeps_the_reply_and_is_told_only_to_the_user(tmp_path, tiny_models):
+async def test_our_own_error_after_the_jobs_reply_keeps_the_reply_and_is_told_only_to_the_user(busy_harness):
     """The Remix modal's submit: submit() defers, queues the job and edits the "thinking…" message
     into the job's queued reply (with its Cancel button); then recording that reply in the store
     fails (the queue's file is locked by another process past its busy timeout the moment the
     reply is shown). The listener tells the user privately, and the job's public message stays:
     the job is still queued, and its Cancel button works."""
-    db = tmp_path / "queue.db"
-    fd = FakeDiscord()
-    await fd.start()
-    h = Harness(fd=fd, config=test_config(tmp_path, queue={"url": f"sqlite:///{db}?busy_timeout=0.3"}),
-                models=tiny_models)
-    locker = None
-    try:
-        await h.start(worker=False)
-        parent = await h.reply_of(await h.imagine("a red house"))
-        job_id = h.job_id(parent)
-        await claim_jobs(h.queue, [job_id])
-        await h.queue.put_artifact(job_id, "state.pt", b"the final logits")
-        await finish_jobs(h.queue, [job_id])
-        await h.wait_delivered(job_id)
-        await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[parent.id].custom_ids, 10, "Remix")
-        click = await fd.click_button(parent, f"imagine:remix:{job_id}")
-        await fd.wait_for_response(click)
-        assert click.response_type == 9
+    h, locker = busy_harness
+    fd = h.fd
+    await h.start(worker=False)
+    parent = await h.reply_of(await h.imagine("a red house"))
+    job_id = h.job_id(parent)
+    await claim_jobs(h.queue, [job_id])
+    await h.queue.put_artifact(job_id, "state.pt", b"the final logits")
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id)
+    await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[parent.id].custom_ids, 10, "Remix")
+    click = await fd.click_button(parent, f"imagine:remix:{job_id}")
+    await fd.wait_for_response(click)
+    assert click.response_type == 9
 
-        locker = sqlite3.connect(db, isolation_level=None)
-        since = len(fd.requests)
+    since = len(fd.requests)
 
-        def lock_once_the_reply_is_shown():
-            for r in fd.requests[since:]:
-                content = str(r.json.get("content") or "") if isinstance(r.json, dict) else ""
-                if (r.method == "PATCH" and r.status == 200 and re.search(WEBHOOK_ORIGINAL, r.path)
-                        and f"remix of `{job_id}`" in content):
-                    # Runs in the fake's handler, before the bot has the answer: its next write waits.
-                    if not locker.in_transaction:
-                        locker.execute("BEGIN IMMEDIATE")
-                    return True
-            return False
+    def lock_once_the_reply_is_shown():
+        for r in fd.requests[since:]:
+            content = str(r.json.get("content") or "") if isinstance(r.json, dict) else ""
+            if (r.method == "PATCH" and r.status == 200 and re.search(WEBHOOK_ORIGINAL, r.path)
+                    and f"remix of `{job_id}`" in content):
+                # Runs in the fake's handler, before the bot has the answer: its next write waits.
+                if not locker.in_transaction:
+                    locker.execute("BEGIN IMMEDIATE")
+                return True
+        return False
 
-        shown = asyncio.ensure_future(fd.wait_for(lock_once_the_reply_is_shown, 10, "the remix's queued reply"))
-        (text_input,) = [c for row in click.response["data"]["components"] for c in row["components"]]
-        submit = await fd.submit_modal(click, {text_input["custom_id"]: "a blue boat"})
-        await shown
-        await fd.wait_for(lambda: submit.followups, 10, "the error follow-up")
-        (told,) = submit.followups
-        assert told.ephemeral and "Something went wrong on my side" in told.content
-        assert "If a reply above shows your job, it is queued" in told.content   # not a bare "try again"
-        reply = submit.original_message
-        assert reply is not None and not reply.deleted, "the job's reply was deleted"
-        remix_id = h.job_id(reply)
-        assert f"imagine:cancel:{remix_id}" in reply.custom_ids and not reply.ephemeral
-        locker.execute("ROLLBACK")
-        record = await h.queue.get(remix_id)
-        assert record.state == JobState.QUEUED and record.spec.parent_job_id == job_id
-        cancel = await fd.click_button(reply, f"imagine:cancel:{remix_id}")
-        await fd.wait_for_response(cancel)
-        assert "Cancelled" in cancel.response["data"]["content"]
-        fd.assert_clean()
-    finally:
-        if locker is not None:
-            locker.close()
-        await h.stop()
-        await fd.close()
+    shown = asyncio.ensure_future(fd.wait_for(lock_once_the_reply_is_shown, 10, "the remix's queued reply"))
+    (text_input,) = [c for row in click.response["data"]["components"] for c in row["components"]]
+    submit = await fd.submit_modal(click, {text_input["custom_id"]: "a blue boat"})
+    await shown
+    await fd.wait_for(lambda: submit.followups, 10, "the error follow-up")
+    (told,) = submit.followups
+    assert told.ephemeral and "Something went wrong on my side" in told.content
+    assert "If a reply above shows your job, it is queued" in told.content   # not a bare "try again"
+    reply = submit.original_message
+    assert reply is not None and not reply.deleted, "the job's reply was deleted"
+    remix_id = h.job_id(reply)
+    assert f"imagine:cancel:{remix_id}" in reply.custom_ids and not reply.ephemeral
+    locker.execute("ROLLBACK")
+    record = await h.queue.get(remix_id)
+    assert record.state == JobState.QUEUED and record.spec.parent_job_id == job_id
+    cancel = await fd.click_button(reply, f"imagine:cancel:{remix_id}")
+    await fd.wait_for_response(cancel)
+    assert "Cancelled" in cancel.response["data"]["content"]
+    fd.assert_clean()
