@@ -41,6 +41,10 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
     """
     if prompt is None or not has_visible_text(prompt):
         raise PromptError("the prompt is empty: describe the picture you want")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:   # JSON can carry half of a UTF-16 pair; nothing downstream can store it
+        raise PromptError("the prompt has a broken character (half of a UTF-16 surrogate pair): type it again") from None
     parts = []
     for raw in prompt.split("|"):
         raw = raw.strip()

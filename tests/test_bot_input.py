@@ -65,6 +65,7 @@ async def test_bad_input_is_refused_ephemerally_and_nothing_is_queued(harness):
         ({"prompt": "\u3164 \u2800 \u00ad"}, ["prompt is empty"]),
         ({"prompt": "a house | \u200b:0.5"}, ["has a weight but no text"]),
         ({"prompt": "a house | \u200b | b"}, ["empty part"]),
+        ({"prompt": "a house \ud800"}, ["broken character"]),   # JSON can say "\ud800"; UTF-8 cannot
     ]
     for options, expected in cases:
         inter = await h.fd.send_slash_command("imagine", options)
