@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch", type=int, default=None, help="jobs in (c) (default: choose_max_batch on CUDA, 2 on a CPU)")
     p.add_argument("--cutn", type=int, default=12)
     p.add_argument("--precision", default="auto", help="the engine's: auto | fp32 | bf16 | fp16")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="the engine with torch.compile (opt-in; backend default inductor, `eager` for a dry run)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND[:MODE]",
+                   help="the engine with torch.compile (opt-in; default inductor; inductor:reduce-overhead adds CUDA graphs; `eager` for a dry run)")
     p.add_argument("--skip-reference-fp32", action="store_true", help="on CUDA, do not run (a32)")
     p.add_argument("--skip-reference", action="store_true", help="only the engine: ratios to (a) left out")
     p.add_argument("--dalle-half-casts", choices=("on", "off"), default="off",

@@ -22,7 +22,9 @@
 # 3. the engine again with dall_e's own fp16 conv casts kept on (engine.models switches them off
 #    so that autocast alone decides the precision): whether switching them off was right;
 # 4. the engine with torch.compile (inductor, dynamic shapes): whether it pays. Last, so that a
-#    slow compile that runs past the call's time limit costs nothing of parts 1-3.
+#    slow compile that runs past the call's time limit costs nothing of parts 1-3;
+# 5. the same with CUDA graphs (inductor:reduce-overhead): whether they pay on top. If 4 or 5 pays,
+#    make it `[worker] compile`'s default (engine/compiling.py; off until measured).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -55,10 +57,10 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     # The same parts and flags, on the CPU with tiny models and few steps.
     # torch.compile's `eager` backend: dynamo traces, nothing is compiled (inductor would need minutes here).
     on=(--device cpu --tiny --grid 8); steps=(--iterations 2 --warmup 1); few=(--iterations 2 --warmup 1)
-    backend=eager
+    backend=eager; graphs=eager   # modes are inductor's: the dry run checks the line, not the mode
 else
     on=(--device cuda --grid 32); steps=(--iterations 50 --warmup 5); few=(--iterations 30 --warmup 5)
-    backend=inductor
+    backend=inductor; graphs=inductor:reduce-overhead
 fi
 part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}"
 part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}"
@@ -66,6 +68,7 @@ part bench_dalle_casts_on "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" 
     --skip-reference --dalle-half-casts on
 if [ "${COMPILE:-1}" = 1 ]; then
     part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$backend"
+    part bench_cudagraphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$graphs"
 fi
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all passed || echo SOMETHING FAILED)"
 exit $status

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.jobs import check_keep_days
+from engine.compiling import compile_options
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,9 @@ class WorkerConfig:
     keep_days: float = 0.0
     # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
     encoder: str = "openai"
+    # torch.compile the hot loop: "" (off), "inductor", "inductor:reduce-overhead" (CUDA graphs
+    # too). Off by default until a GPU run shows it pays (docs/PERFORMANCE.md).
+    compile: str = ""
 
 
 @dataclass
@@ -248,6 +252,10 @@ def _validate(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"[worker] keep_days: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
+    try:
+        compile_options(cfg.worker.compile)
+    except ValueError as exc:
+        raise ConfigError(f"[worker] {exc}") from None
     need(0 <= cfg.http.port <= 65535, "[http] port: must be between 0 (off) and 65535")
     need(bool(cfg.http.host.strip()), "[http] host: must not be empty (127.0.0.1, or 0.0.0.0 in a container)")
     need(im.max_prompt_chars >= 1, "[imagine] max_prompt_chars: must be at least 1")

@@ -153,7 +153,7 @@ async def open_resources(
                 queue, models_loader or default_models_loader(wc),
                 # max_batch 0: the worker chooses from free GPU memory (engine.capacity)
                 worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
-                keep_days=wc.keep_days or None, **(worker_options or {}),
+                keep_days=wc.keep_days or None, compile=wc.compile, **(worker_options or {}),
             )
             resources.worker = worker
             if worker.observer is None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from dall_e import unmap_pixels
 
+from engine.compiling import compile_options
 from engine.models import Models
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, PromptPart, parse_prompt  # noqa: F401 - re-exported
 
@@ -378,8 +379,9 @@ class BatchRunner:
     stay on the device and are read (one sync) only when a frame is taken.
 
     `compile`: opt-in `torch.compile` of the differentiable part (soft codes -> CLIP embeddings of
-    the cut-outs), `True` for the default backend or a backend's name; dynamic shapes, so slots
-    joining and leaving do not recompile for every batch size. Off by default: unmeasured.
+    the cut-outs): `True` for inductor, or `"BACKEND"` / `"BACKEND:MODE"` (`compile_options`;
+    `"inductor:reduce-overhead"` adds CUDA graphs). Dynamic shapes, so slots joining and leaving
+    do not recompile for every batch size. Off by default: unmeasured on a GPU.
     """
 
     def __init__(self, models: Models, compile: bool | str = False):
@@ -387,12 +389,12 @@ class BatchRunner:
         self.slots: dict[Any, Slot] = {}
         self._norm = _clip_norm(models.device, torch.float32)
         self._decode_soft, self._embed_cuts = self._decode_soft_codes, self._embed_cutouts
-        if compile:
+        options = compile_options(compile)
+        if options is not None:
             # Two regions: grid_sample between them stays eager (its decomposition would pin the
             # batch size and recompile whenever a slot joins or leaves).
-            backend = compile if isinstance(compile, str) else "inductor"
-            self._decode_soft = torch.compile(self._decode_soft_codes, backend=backend, dynamic=True)
-            self._embed_cuts = torch.compile(self._embed_cutouts, backend=backend, dynamic=True)
+            self._decode_soft = torch.compile(self._decode_soft_codes, dynamic=True, **options)
+            self._embed_cuts = torch.compile(self._embed_cutouts, dynamic=True, **options)
 
     def add(self, slot: Slot) -> Slot:
         if slot.key in self.slots:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine import video
+from engine.compiling import compile_options
 from engine.generate import (
     BatchRunner, Frame, GenerationSettings, PromptError, Slot, encode_targets,
     state_from_bytes, state_to_bytes,
@@ -120,6 +121,7 @@ class Worker:
         video_fps: float = 10.0,
         observer: Any = None,
         keep_days: float | None = None,
+        compile: bool | str = False,
     ):
         self.queue = queue
         self.models_loader = models_loader
@@ -127,6 +129,8 @@ class Worker:
         self.max_batch = max_batch        # None: chosen from free GPU memory at start (1 on a CPU)
         self.grids = grids
         self.base_settings = base_settings or GenerationSettings()
+        compile_options(compile)          # a bad setting fails here, not on the GPU thread later
+        self.compile = compile            # torch.compile for the BatchRunner (engine.generate)
         self.heartbeat_every = heartbeat_every
         self.poll_every = poll_every
         self.video_fps = video_fps
@@ -456,7 +460,7 @@ class Worker:
 
     def _gpu_loop(self) -> None:
         assert self.models is not None
-        runner = BatchRunner(self.models)
+        runner = BatchRunner(self.models, compile=self.compile)
         self.gpu_alive = True
         try:
             while not self._stop.is_set():
@@ -564,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None,
                    help="jobs stepped together; default: as many as fit in free GPU memory (1 on a CPU)")
     p.add_argument("--worker-id", default=None)
+    p.add_argument("--compile", nargs="?", const="inductor", default="", type=_compile, metavar="BACKEND[:MODE]",
+                   help="torch.compile the hot loop (off by default: unmeasured on a GPU; docs/PERFORMANCE.md): "
+                        "inductor (alone: --compile), inductor:reduce-overhead (CUDA graphs too), eager")
     p.add_argument("--keep-days", type=_keep_days, default=None, metavar="N",
                    help="delete jobs finished and delivered more than N days ago (records, images, videos, "
                         "state), uploaded pictures no job names that are N days old, and (SQLite) expired "
@@ -588,6 +595,15 @@ def _keep_days(text: str) -> float | None:
         return check_keep_days(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _compile(text: str) -> str:
+    """--compile: a setting engine.generate.compile_options accepts."""
+    try:
+        compile_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _redact(url: str) -> str:
@@ -615,7 +631,7 @@ async def _serve(args: argparse.Namespace) -> None:
         queue,
         lambda: load_models(args.clip_model, args.decoder, args.device, cache, args.trust_decoder,
                             encoder=args.encoder or None),
-        worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
+        worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days, compile=args.compile,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

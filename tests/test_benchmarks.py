@@ -48,3 +48,5 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
 
     compiled = json_line((out / "bench_compile.log").read_text())
     assert compiled["compile"] == "eager" and set(compiled["results"]) == {"engine_1", "engine_batch"}
+    graphs = json_line((out / "bench_cudagraphs.log").read_text())
+    assert graphs["compile"] == "eager" and set(graphs["results"]) == {"engine_1", "engine_batch"}

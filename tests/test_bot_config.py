@@ -74,6 +74,10 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("[worker]\nkeep_days = 0.04", "[worker] keep_days: must be 0 (never prune) or at least 0.04167 days"),
     ("[worker]\nkeep_days = -1", "[worker] keep_days: must not be negative (0: never prune)"),
     ("[worker]\nkeep_days = inf", "[worker] keep_days: must be 0 (never prune) or a number of days"),
+    ("[worker]\ncompile = \"inductor:fast\"", "[worker] compile 'inductor:fast': the mode must be one of default, "
+                                              "reduce-overhead, max-autotune"),
+    ("[worker]\ncompile = \"eager:reduce-overhead\"", "[worker] compile 'eager:reduce-overhead': a mode is inductor's"),
+    ("[worker]\ncompile = true", "[worker] compile: expected a string, got True"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, toml, message):
     path = tmp_path / "config.toml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -76,6 +77,36 @@ async def test_a_job_runs_to_the_end_with_frames_video_and_state(queue, tiny_mod
     assert final == progress[-1].frame_png
     assert (await queue.get_artifact(job.id, "video.mp4"))[4:8] == b"ftyp"
     assert state_from_bytes(await queue.get_artifact(job.id, "state.pt"))["iteration"] == 6
+
+
+async def test_a_compiling_worker_gives_the_same_job(queue, tiny_models):
+    """`compile` (`[worker] compile`, `imagine-worker --compile`) reaches the BatchRunner: with the
+    `eager` backend dynamo traces the hot loop (nothing is code-generated) and the job's frames are
+    those of the plain worker, to float tolerance."""
+    from torch._dynamo.utils import counters   # noqa: PLC0415 - dynamo's own tally of traced graphs
+
+    finals, graphs = {}, {}
+    for name, compile in (("plain", ""), ("compiled", "eager")):
+        before = counters["stats"]["unique_graphs"]
+        async with Worker(queue, lambda: tiny_models, worker_id=name, compile=compile):
+            job = await queue.submit(spec())
+            await wait_state(queue, job.id, {JobState.DONE})
+        graphs[name] = counters["stats"]["unique_graphs"] - before
+        finals[name] = [e.frame_png for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    plain, compiled = ([np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16) for png in finals[k]]
+                       for k in ("plain", "compiled"))
+    assert graphs["plain"] == 0 and graphs["compiled"] >= 2   # the two compiled regions were traced
+    assert len(plain) == len(compiled) == 4
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, compiled))
+
+
+def test_a_bad_compile_setting_is_refused_before_anything_runs(queue, tiny_models, capsys):
+    with pytest.raises(ValueError, match="the mode must be one of"):
+        Worker(queue, lambda: tiny_models, compile="inductor:turbo")
+    from engine.worker import main   # noqa: PLC0415
+    with pytest.raises(SystemExit) as exit_:
+        main(["--queue", "sqlite:///never.db", "--compile", "eager:reduce-overhead"])
+    assert exit_.value.code == 2 and "a mode is inductor's" in capsys.readouterr().err
 
 
 async def test_cancel_a_running_job_frees_the_slot_and_marks_it_cancelled(queue, tiny_models):
