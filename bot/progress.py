@@ -182,7 +182,9 @@ class ProgressCog(commands.Cog, name="Progress"):
                     raise
                 except Exception:  # noqa: BLE001
                     log.exception("handling event %s of job %s failed", event.kind, event.job_id)
-                self.cursor = max(self.cursor, event.seq)
+                # Not max(): events come in order, and after a Redis that lost its data the
+                # numbering restarts below the saved cursor (engine.queue.redis reads from 0 then).
+                self.cursor = event.seq
             if self.cursor != saved and time.monotonic() - saved_at > 2.0:
                 try:
                     await self.queue.set_setting(CURSOR_KEY, self.cursor)
@@ -389,7 +391,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         """
         if t.interaction is not None and time.monotonic() - t.interaction_at < self.cfg.token_ttl:
             try:
-                await t.interaction.edit_original_response(**kwargs)
+                message = await t.interaction.edit_original_response(**kwargs)
+                if t.message_id is None:   # its first edit failed: learn the id, or the final post repeats
+                    t.message_id = message.id
                 return
             except discord.HTTPException as exc:
                 if exc.code == UNKNOWN_MESSAGE:

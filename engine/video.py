@@ -18,6 +18,12 @@ class VideoError(RuntimeError):
     pass
 
 
+# ffmpeg never waits on a person: a hung encode would hold a worker's batch slot (its lease kept
+# alive by heartbeats) or a bot's send loop forever. The longest honest encode here (1000 frames
+# of 512x512) takes seconds; five minutes means something is wrong.
+FFMPEG_TIMEOUT = 300.0
+
+
 def ffmpeg_binary() -> str:
     found = shutil.which("ffmpeg")
     if found:
@@ -27,16 +33,23 @@ def ffmpeg_binary() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _run(args: list[str]) -> None:
-    proc = subprocess.run([ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *args],
-                          capture_output=True)
+def _ffmpeg(args: list[str], data: bytes | None, timeout: float) -> None:
+    """Run ffmpeg on `args` (reading `data` on stdin if given); VideoError if it fails or runs
+    past `timeout` seconds. Without `data` stdin is /dev/null and `-nostdin` is set: ffmpeg reads
+    the terminal for keys otherwise, and a bot started in the background would be stopped (SIGTTIN)."""
+    head = [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y"] + ([] if data is not None else ["-nostdin"])
+    try:
+        proc = subprocess.run([*head, *args], input=data, capture_output=True, timeout=timeout,
+                              **({} if data is not None else {"stdin": subprocess.DEVNULL}))
+    except subprocess.TimeoutExpired:
+        raise VideoError(f"ffmpeg ran past {timeout:g} s and was stopped") from None
     if proc.returncode != 0:
         raise VideoError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
 
 
 def encode_frames(
     frames: Sequence[np.ndarray], out: Path, fps: float = 10.0, hold_last_seconds: float = 1.0,
-    crf: int = 20, max_side: int | None = None,
+    crf: int = 20, max_side: int | None = None, timeout: float = FFMPEG_TIMEOUT,
 ) -> Path:
     """Write frames ([H, W, 3] uint8, all the same size) as an mp4; the last frame is held
     `hold_last_seconds` longer. Returns `out`."""
@@ -53,15 +66,9 @@ def encode_frames(
     raw = np.ascontiguousarray(np.stack(sequence)).tobytes()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y",
-         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
-         *scale, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf), "-pix_fmt", "yuv420p",
-         "-movflags", "+faststart", str(out)],
-        input=raw, capture_output=True,
-    )
-    if proc.returncode != 0:
-        raise VideoError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
+    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
+             *scale, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf), "-pix_fmt", "yuv420p",
+             "-movflags", "+faststart", str(out)], raw, timeout)
     return out
 
 
@@ -71,7 +78,7 @@ def encode_frames_bytes(frames: Sequence[np.ndarray], **kwargs) -> bytes:
         return path.read_bytes()
 
 
-def reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:
+def reencode_to_fit(data: bytes, max_bytes: int, timeout: float = FFMPEG_TIMEOUT) -> bytes | None:
     """A smaller encode of an mp4 that fits in `max_bytes`, or None if none does.
 
     Tries a higher CRF, then half the size; a video that already fits is returned as it is.
@@ -84,8 +91,8 @@ def reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:
         for i, (crf, scale) in enumerate([(30, None), (36, "iw/2"), (42, "iw/4")]):
             dst = Path(tmp) / f"out{i}.mp4"
             vf = ["-vf", f"scale={scale}:-2"] if scale else []
-            _run(["-i", str(src), *vf, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
-                  "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-an", str(dst)])
+            _ffmpeg(["-i", str(src), *vf, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
+                     "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-an", str(dst)], None, timeout)
             if dst.stat().st_size <= max_bytes:
                 return dst.read_bytes()
     return None

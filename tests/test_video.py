@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from engine import video
 
@@ -50,3 +51,14 @@ def test_ffmpeg_falls_back_to_imageio_ffmpeg(monkeypatch):
 
     assert video.ffmpeg_binary() == imageio_ffmpeg.get_ffmpeg_exe()
     assert video.encode_frames_bytes(frames(2))[:64].find(b"ftyp") > 0
+
+
+def test_an_encode_past_its_time_is_stopped_with_a_clear_error(tmp_path):
+    # A real ffmpeg given no time at all: stopped, VideoError (a hung encode must not hold a
+    # worker's slot or the bot's send loop forever), and nothing half-written is returned.
+    with pytest.raises(video.VideoError, match="ran past"):
+        video.encode_frames(frames(200, 256), tmp_path / "v.mp4", timeout=0.001)
+    data = video.encode_frames_bytes(frames(30, 256), fps=10, crf=10)
+    with pytest.raises(video.VideoError, match="ran past"):
+        video.reencode_to_fit(data, len(data) // 3, timeout=0.001)
+
