@@ -128,6 +128,10 @@ def _run(args: argparse.Namespace) -> int:
         parts = parse_prompt(args.prompt)
     except PromptError as exc:
         raise UsageError(str(exc))
+    from engine.prompts import clip_overflow
+
+    for note in clip_overflow(parts):   # now, not after the run: the person can stop and rephrase
+        print(f"imagine: warning: {note}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
@@ -187,8 +191,6 @@ def _run(args: argparse.Namespace) -> int:
     targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
     result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets)
     bar.close()
-    for warning in result.warnings:
-        print(f"imagine: warning: {warning}", file=sys.stderr)
     (out / "final.png").write_bytes(result.final.png())
     from engine.generate import state_to_bytes
 

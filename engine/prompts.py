@@ -6,13 +6,18 @@ re-exports these names.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
 
 from engine.text import clip, has_visible_text
 
 MAX_PROMPT_PARTS = 8
+CLIP_CONTEXT = 77   # tokens CLIP's text encoder reads, its start and end markers included
 
 
 class PromptError(ValueError):
@@ -64,4 +69,35 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
     return parts
 
 
-__all__ = ["MAX_PROMPT_PARTS", "PromptError", "PromptPart", "has_visible_text", "parse_prompt"]
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer() -> Any:
+    """openai-clip's own BPE tokenizer (the one engine.generate tokenizes with), loaded from its
+    file: `import clip` would import torch, and the bot checks prompts without it."""
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("openai-clip is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "simple_tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("_imagine_clip_simple_tokenizer", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+def clip_overflow(parts: Sequence[PromptPart], context_length: int = CLIP_CONTEXT) -> list[str]:
+    """A note for each part longer than CLIP reads (it is cut there, as engine.generate does),
+    naming the words it ignores, so that a person can move what matters forward. [] when all fit."""
+    tokenizer = _clip_tokenizer()
+    room = context_length - 2   # the start and end markers
+    notes = []
+    for part in parts:
+        tokens = tokenizer.encode(part.text)
+        if len(tokens) > room:
+            ignored, n = tokenizer.decode(tokens[room:]).strip(), len(tokens) - room
+            notes.append(f"CLIP reads only the first {room} tokens of {_quote(part.text)}: "
+                         f"it ignores {_quote(ignored, 60)} ({n} token{'s' if n != 1 else ''})")
+    return notes
+
+
+__all__ = ["CLIP_CONTEXT", "MAX_PROMPT_PARTS", "PromptError", "PromptPart", "clip_overflow", "has_visible_text",
+           "parse_prompt"]
