@@ -1,5 +1,6 @@
 # One command each: `make test` installs everything and runs the tests; `make run` installs and
-# starts the bot (config.toml + DISCORD_TOKEN); `make imagine PROMPT="..."` renders locally.
+# starts the bot (DISCORD_TOKEN; ./config.toml when there is one, else the built-in defaults);
+# `make imagine PROMPT="..."` renders locally.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,7 +30,7 @@ test: system-deps install
 	$(BIN)/python -m pytest
 
 run: system-deps install
-	$(BIN)/imagine-bot --config config.toml
+	$(BIN)/imagine-bot
 
 imagine: system-deps install
 	$(BIN)/imagine "$(PROMPT)" --out out/$$(date +%Y%m%d-%H%M%S)

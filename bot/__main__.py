@@ -4,9 +4,10 @@
                 [--no-worker] [--http-port PORT] [--http-host HOST]
     imagine-bot sync [--guild ID]                                               # register commands
 
-The token comes from the DISCORD_TOKEN environment variable only, and is never logged. A missing
-or invalid config or token, or a shard count Discord refuses, exits with status 2 and a message that
-says what to fix.
+The token comes from the DISCORD_TOKEN environment variable only, and is never logged. Without
+--config the bot reads ./config.toml, or runs on the built-in defaults when there is none (a log
+line says so). A missing --config file, an invalid config or token, a queue that cannot be opened
+or a shard count Discord refuses exits with status 2 and a message that says what to fix.
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import discord
 
 from bot.config import Config, ConfigError, check_token, load_config
 from bot.launcher import LaunchError
+from engine.queue import redact_url
 
 EXIT_CONFIG = 2
+DEFAULT_CONFIG = "config.toml"   # read when present and no --config is given
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "config.example.toml"   # in a source checkout
 log = logging.getLogger("bot")
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS if suppress else "config.toml",
-                        help="the config file (default: config.toml; see config.example.toml)")
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS if suppress else None,
+                        help="the config file (default: ./config.toml if it exists, else the built-in "
+                             "defaults; see config.example.toml)")
     parser.add_argument("--queue", metavar="URL", default=default,
                         help="queue URL, overrides [queue] url (sqlite:///file.db or redis://host:6379/0)")
     parser.add_argument("--log-level", metavar="LEVEL", default=default,
@@ -71,12 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def uses_defaults(args: argparse.Namespace) -> bool:
+    """No --config and no ./config.toml: the bot runs on the built-in defaults."""
+    return args.config is None and not Path(DEFAULT_CONFIG).exists()
+
+
+def defaults_note() -> str:
+    example = str(EXAMPLE_CONFIG) if EXAMPLE_CONFIG.is_file() else "config.example.toml (in imagine-bot's sources)"
+    return (f"no {DEFAULT_CONFIG} in {Path.cwd()}: running with the built-in defaults; copy {example} "
+            f"to {DEFAULT_CONFIG} (or pass --config PATH) to change them")
+
+
 def load(args: argparse.Namespace) -> tuple[Config, str]:
-    config = load_config(args.config)
+    # An explicit --config must exist; the default ./config.toml may be absent (first run).
+    config = Config() if uses_defaults(args) else load_config(args.config or DEFAULT_CONFIG)
     if args.queue:
         config.queue.url = args.queue
         if not config.queue.url.startswith(("sqlite://", "redis://", "rediss://")):
-            raise ConfigError(f"--queue: expected sqlite:///path.db or redis://host:port/db, got {args.queue!r}")
+            raise ConfigError("--queue: expected sqlite:///path.db or redis://host:port/db, "
+                              f"got {redact_url(args.queue)!r}")
     if args.log_level:
         config.log_level = args.log_level
     if args.no_worker:
@@ -118,10 +137,23 @@ async def _run_until_signal(config: Config, token: str) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     assert task is not None
+    stopping = False
+
+    def stop() -> None:
+        # Once: a second Ctrl-C would cancel the shutdown itself (the worker checkpointing and
+        # handing back its jobs); kill -9 still stops at once, and the jobs' leases then expire.
+        nonlocal stopping
+        if stopping:
+            log.warning("already stopping (checkpointing and handing back the running jobs); kill -9 to stop at once")
+            return
+        stopping = True
+        log.info("stopping")
+        task.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         # NotImplementedError: no signals here (Windows); RuntimeError: not the main thread
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
     with contextlib.suppress(asyncio.CancelledError):
         await run(config, token)
 
@@ -149,15 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagine-bot: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     discord.utils.setup_logging(level=getattr(logging, config.log_level.upper()), root=True)
+    if uses_defaults(args):
+        log.info("%s", defaults_note())
     try:
         if args.command == "sync":
             return asyncio.run(sync_commands(config, token, args.guild or config.discord.sync_guild or None))
         asyncio.run(_run_until_signal(config, token))
         return 0
-    except LaunchError as exc:
+    except LaunchError as exc:   # its message masks the queue URL's password
         log.error("%s", exc)
         print(f"imagine-bot: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except discord.LoginFailure:
         print("imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
               "Developer Portal (Bot > Reset Token)", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The Bot: gets its resources (queue, worker, HTTP session) from the launcher, adds one Cog per
-feature and the persistent buttons in `setup_hook`. Commands are synced only on request
-(`imagine-bot sync`), never on every start.
+feature and the persistent buttons in `setup_hook`. Commands are synced on request
+(`imagine-bot sync`), and by the launcher only on a first start, when Discord has none of ours.
 
 Discord connection: discord.py's `AutoShardedBot`, so one process runs every gateway shard.
 `[discord] shard_count` 0 asks Discord (GET /gateway/bot) how many (one below 2,500 guilds; from
@@ -105,12 +105,19 @@ class ImagineBot(commands.AutoShardedBot):
         if self.background and self.queue is not None:
             await self.add_cog(ProgressCog(self))
 
-    async def user_limit(self) -> int:
-        from bot.queue_admin import USER_LIMIT_KEY
+    async def user_limit(self, guild_id: int | None = None) -> int:
+        """How many waiting jobs one person may have when queueing in `guild_id`: that server's
+        `/queue limit` (setting `bot.max_queued_per_user:<guild_id>`), else the global setting
+        `bot.max_queued_per_user` (no command sets it; an operator may), else `[queue]
+        max_queued_per_user`. Without a guild (direct messages, or a caller that does not pass one)
+        only the global values count. The person's waiting jobs are counted across every server."""
+        from bot.queue_admin import USER_LIMIT_KEY, user_limit_key
 
-        value = await self.queue.get_setting(USER_LIMIT_KEY, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
+        keys = ([user_limit_key(guild_id)] if guild_id is not None else []) + [USER_LIMIT_KEY]
+        for key in keys:
+            value = await self.queue.get_setting(key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                return value
         return self.config.queue.max_queued_per_user
 
     async def on_ready(self) -> None:

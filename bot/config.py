@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.jobs import check_keep_days
+from engine.queue import redact_url
 from engine.compiling import compile_options
 
 
@@ -49,7 +50,10 @@ class WorkerConfig:
     clip_model: str = "ViT-B/32"
     decoder: str = "openai"
     trust_decoder: bool = False
-    device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
+    # SHA-256 (hex) of dVAE decoder / encoder pickles that may be unpickled (a file you checked).
+    known_sha256: list[str] = field(default_factory=list)
+    # auto: cuda when this host has a CUDA GPU, else no embedded worker (a warning says so); cpu | cuda | cuda:1 ...
+    device: str = "auto"
     cache_dir: str = ""           # "" -> engine default (~/.cache/imagine-bot or $IMAGINE_CACHE)
     max_batch: int = 1            # 0: as many as fit in free GPU memory (engine.capacity; 1 on a CPU)
     worker_id: str = ""
@@ -61,6 +65,9 @@ class WorkerConfig:
     # torch.compile the hot loop: "" (off), "inductor", "inductor:reduce-overhead" (CUDA graphs
     # too). Off by default until a GPU run shows it pays (docs/PERFORMANCE.md).
     compile: str = ""
+    # Seconds between two checkpoints of a running job (taken at its frames; 0: every frame). A
+    # crash loses at most this much of a job's work; a stopping worker checkpoints its jobs anyway.
+    checkpoint_every: float = 60.0
 
 
 @dataclass
@@ -244,7 +251,7 @@ def _validate(cfg: Config) -> None:
          f"[discord] shard_count: {cfg.discord.shard_count} is more than {MAX_SHARDS} shards "
          "(Discord recommends about one per 1,000 guilds; 0: its recommendation)")
     need(q.url.startswith(("sqlite://", "redis://", "rediss://")),
-         f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {q.url!r}")
+         f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {redact_url(q.url)!r}")
     need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")
     need(cfg.worker.keep_days >= 0, "[worker] keep_days: must not be negative (0: never prune)")
     try:
@@ -252,6 +259,11 @@ def _validate(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"[worker] keep_days: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
+    need(cfg.worker.checkpoint_every >= 0,
+         "[worker] checkpoint_every: must not be negative (seconds; 0: a checkpoint at every frame)")
+    for i, digest in enumerate(cfg.worker.known_sha256):
+        need(len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest),
+             f"[worker] known_sha256[{i}]: expected a SHA-256 as 64 hex digits (sha256sum FILE), got {digest!r}")
     try:
         compile_options(cfg.worker.compile)
     except ValueError as exc:

@@ -20,7 +20,8 @@ def help_text(config: Config, per_user: int) -> str:
         "**Commands**",
         "`/imagine prompt [quality] [iterations] [seed] [size] [image] [image_weight] [init_image]`",
         "`/remix job prompt [iterations]`: start from another job's final picture, toward a new prompt",
-        "`/history` this channel's prompts · `/queue show` the line",
+        "`/history` this channel's prompts · `/queue show` this server's jobs in the line · "
+        "`/queue cancel job` cancel one of yours",
         "",
         "**Prompts**: `a house | by Escher:0.5 | blurry:-1`: up to "
         f"{MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` (-100 to 100, default 1; "
@@ -28,7 +29,7 @@ def help_text(config: Config, per_user: int) -> str:
         f"`image`: a picture to aim at too (`image_weight`, default 1); `init_image`: start from a picture.",
         "",
         "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more steps from the end) · "
-        "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin).",
+        "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin of the server).",
         "",
         f"**Quality presets**: {presets}. Options you give override the preset.",
         "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -27,8 +28,8 @@ from bot import attachments, render
 from bot.config import PRESET_NAMES
 from bot.help import help_text
 from bot.permissions import is_admin
-from engine.jobs import JobRecord, JobSpec, JobState
-from engine.prompts import MAX_PROMPT_PARTS, PromptError, has_visible_text, parse_prompt
+from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached
+from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -43,6 +44,54 @@ REMIX_PROMPT_INPUT = "prompt"   # the custom id of the modal's text input
 # slower download goes on after a public defer.
 ATTACHMENT_WINDOW = 2.0
 ATTACHMENT_TIMEOUT = 60.0
+
+
+# The pictures a job's spec.extra names (bot/attachments.py stores them; the worker reads them).
+PICTURE_KEYS = ("image_prompt", "init_image")
+OPTION_OF_KEY = {key: option for option, key in attachments.SPEC_KEYS.items()}   # "image_prompt" -> "image"
+
+
+def carried_pictures(spec: JobSpec, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Copies of the picture references among `keys` in `spec.extra` (`{"artifact": [upload_id, name],
+    ...}`), for a new job that reuses the same uploads."""
+    out = {}
+    for key in keys:
+        ref = spec.extra.get(key)
+        artifact = ref.get("artifact") if isinstance(ref, dict) else None
+        if isinstance(artifact, (list, tuple)) and len(artifact) == 2:
+            out[key] = copy.deepcopy(ref)
+    return out
+
+
+async def clip_notes(prompts: list[str]) -> list[list[str]]:
+    """For each prompt, the notes on the words CLIP will not read (engine.prompts.clip_overflow, one
+    per weighted part cut at 77 tokens); [] for a prompt that fits. Off the event loop: the first
+    call loads CLIP's vocabulary. Never raises: no tokenizer (or a prompt it cannot parse) means
+    no notes."""
+    def work() -> list[list[str]]:
+        clip_overflow([])   # loads the vocabulary (once): the preload asks for nothing more
+        out = []
+        for prompt in prompts:
+            try:
+                out.append(clip_overflow(parse_prompt(prompt)))
+            except PromptError:
+                out.append([])
+        return out
+
+    try:
+        return await asyncio.to_thread(work)
+    except Exception:  # noqa: BLE001 - e.g. openai-clip missing: the job goes on without the notes
+        log.warning("could not check the prompts' length in CLIP tokens", exc_info=True)
+        return [[] for _ in prompts]
+
+
+async def add_clip_notes(spec: JobSpec) -> None:
+    """Name in `spec.extra["clip_notes"]` what CLIP will ignore of the prompt (render shows them, quoted)."""
+    (notes,) = await clip_notes([spec.prompt])
+    if notes:
+        spec.extra["clip_notes"] = notes
+    else:
+        spec.extra.pop("clip_notes", None)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -264,13 +313,26 @@ async def ephemeral(interaction: discord.Interaction, message: str) -> None:
     await interaction.followup.send(message, ephemeral=True)
 
 
-async def over_limit(bot: "ImagineBot", user_id: int) -> str | None:
-    """Why the user may not queue one more job (their cap of waiting jobs), or None."""
-    limit = await bot.user_limit()
-    queued = await bot.queue.count_queued(user_id)
-    if queued >= limit:
+def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
+    """The refusal when `wanted` more jobs would pass the user's cap of waiting jobs (`queued` waiting
+    now, at most `limit`): one wording for the early checks and for the store's QueueLimitReached."""
+    if wanted == 1:
         return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
                 "Wait for one to start (or cancel one) and try again.")
+    room = max(0, limit - queued)
+    return (f"That prompt makes {wanted} images, but you may queue only {room} more right now "
+            f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
+            "wait for some to start. Nothing was queued.")
+
+
+async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = None) -> str | None:
+    """Why the user may not queue one more job in `guild_id` (their cap of waiting jobs), or None. An
+    early answer before deferring; the store has the last word (`submit(..., max_queued=)`, see
+    ImagineCog.submit)."""
+    limit = await bot.user_limit(guild_id)
+    queued = await bot.queue.count_queued(user_id)
+    if queued >= limit:
+        return limit_text(queued, limit)
     return None
 
 
@@ -287,8 +349,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.bot.tree.add_command(self.command)
         for command in self.more_commands:
             self.bot.tree.add_command(command)
+        # Load CLIP's vocabulary (about a second) in a thread now, not in the first /imagine.
+        self._preload = asyncio.ensure_future(clip_notes([]))
 
     async def cog_unload(self) -> None:
+        preload = getattr(self, "_preload", None)
+        if preload is not None:
+            await asyncio.gather(preload, return_exceptions=True)   # a thread: it cannot be cancelled
         self.bot.tree.remove_command(self.command.name)
         for command in self.more_commands:
             self.bot.tree.remove_command(command.name)
@@ -366,7 +433,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
         @app_commands.command(name="help", description="How to use imagine-bot: prompts, buttons, presets, limits")
         async def help_(interaction: discord.Interaction) -> None:
-            text = help_text(cog.bot.config, await cog.bot.user_limit())
+            text = help_text(cog.bot.config, await cog.bot.user_limit(interaction.guild_id))
             await interaction.response.send_message(text, ephemeral=True)
 
         return help_
@@ -464,10 +531,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
         """Why this one job may not be queued: the server's refused words (bot/moderation.py), then
         the user's cap; None when it may go."""
         from bot.moderation import refusal   # noqa: PLC0415
-        return await refusal(self.bot, spec.guild_id, [spec.prompt]) or await over_limit(self.bot, spec.user_id)
+        return (await refusal(self.bot, spec.guild_id, [spec.prompt])
+                or await over_limit(self.bot, spec.user_id, spec.guild_id))
 
     async def submit(self, interaction: discord.Interaction, spec: JobSpec, *, checked: bool = False) -> JobRecord | None:
-        """Check the job (unless the caller has: `checked`), defer, queue it and show its place in line."""
+        """Check the job (unless the caller has: `checked`), defer, queue it within the user's cap and
+        show its place in line; None when refused (the user was told why, privately)."""
         if not checked:
             problem = await self.refusal(spec)
             if problem:
@@ -475,23 +544,36 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 return None
         if not interaction.response.is_done():   # attachments may have made us defer already
             await interaction.response.defer(thinking=True)
-        record = await self.queue.submit(spec)
+        await add_clip_notes(spec)
+        try:   # the store counts and queues in one step: the cap holds against a racing command
+            record = await self.queue.submit(spec, max_queued=await self.bot.user_limit(spec.guild_id))
+        except QueueLimitReached as exc:
+            await ephemeral(interaction, limit_text(exc.queued, exc.limit))   # private, after the defer
+            return None
         progress = self.bot.progress
         if progress is not None:
             progress.register(record, interaction)
-        position = await self.queue.position(record.id)
-        paused = bool(await self.queue.get_setting("paused", False))
-        content = render.queued_text(record, position, paused)
+        # From here on the job is queued and its tracker registered: whatever fails below, the
+        # tracker is attached (finally), so its progress and result still reach the user.
         message_id = channel_id = None
+        content: str | None = None
         try:
-            message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
-            message_id, channel_id = message.id, message.channel.id
-            reply = {"channel_id": channel_id, "message_id": message_id, "guild_id": interaction.guild_id,
-                     "upload_limit": interaction.filesize_limit}
-            record.spec.reply = reply
-            await self.queue.set_reply(record.id, reply)
-        except discord.HTTPException:
-            log.exception("job %s: could not show its queued reply", record.id)
+            try:
+                position: int | None = await self.queue.position(record.id)
+                paused = bool(await self.queue.get_setting("paused", False))
+            except Exception:  # noqa: BLE001 - a queue outage: show the reply without the place in line
+                log.exception("job %s: could not read its place in line", record.id)
+                position, paused = None, False
+            content = render.queued_text(record, position, paused)
+            try:
+                message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
+                message_id, channel_id = message.id, message.channel.id
+                reply = {"channel_id": channel_id, "message_id": message_id, "guild_id": interaction.guild_id,
+                         "upload_limit": interaction.filesize_limit}
+                record.spec.reply = reply
+                await self.queue.set_reply(record.id, reply)
+            except discord.HTTPException:
+                log.exception("job %s: could not show its queued reply", record.id)
         finally:
             if progress is not None:
                 progress.attach(record.id, channel_id, message_id, content if message_id else None)
@@ -500,6 +582,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
     # --- buttons ------------------------------------------------------------------------------
 
     async def from_button(self, interaction: discord.Interaction, job_id: str, kind: str) -> None:
+        """Reroll: the job again with a new seed, from the same start: its image prompt and init image
+        (`spec.extra`, the same uploads), and for a remix the same remixed picture. Continue: more
+        steps from the finished job's final state (`state.pt`, checked here), toward the same targets
+        (the prompt and the image prompt)."""
         parent = await self.queue.get(job_id)
         if parent is None:
             await ephemeral(interaction, f"Job `{job_id}` is no longer in the store, so it cannot be reused.")
@@ -509,14 +595,41 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if kind == "reroll":
             spec = self._spec(interaction, p.prompt, p.iterations, random.randint(0, SEED_MAX), p.grid, size,
                               parent_kind="reroll", cutn=p.cutn, preset=p.preset)
-            spec.extra["rerolls"] = job_id
+            carried = carried_pictures(p, PICTURE_KEYS)
+            if p.parent_kind == "remix" and p.parent_job_id:
+                # A remix starts from another job's final picture: so does its reroll.
+                if not await self.queue.has_artifact(p.parent_job_id, "state.pt"):
+                    await ephemeral(interaction, f"Job `{job_id}` is a remix of job `{p.parent_job_id}`, whose final "
+                                                 "state is gone (pruned), so it cannot be rerolled from the same "
+                                                 "start. `/remix` another job or `/imagine` the prompt instead.")
+                    return
+                spec.parent_job_id, spec.parent_kind = p.parent_job_id, "remix"
+                if isinstance(p.extra.get("parent"), dict):
+                    spec.extra["parent"] = copy.deepcopy(p.extra["parent"])
         else:
             if parent.state != JobState.DONE:
                 await ephemeral(interaction, "Only a finished job can be continued.")
                 return
+            if not await self.queue.has_artifact(job_id, "state.pt"):
+                await ephemeral(interaction, f"The final state of job `{job_id}` is gone (pruned), so it cannot be "
+                                             "continued. Reroll it or `/imagine` its prompt again instead.")
+                return
             more = self.bot.config.imagine.continue_iterations or p.iterations
             spec = self._spec(interaction, p.prompt, more, p.seed if p.seed is not None else 0, p.grid, size,
                               parent_job_id=job_id, parent_kind="continue", cutn=p.cutn, preset=p.preset)
+            # The init image only set the parent's start; the image prompt is a target all along.
+            carried = carried_pictures(p, ("image_prompt",))
+        for key, ref in carried.items():
+            upload_id, name = ref["artifact"]
+            if not await self.queue.has_artifact(upload_id, name):
+                what = "picture it aims at" if key == "image_prompt" else "picture it starts from"
+                await ephemeral(interaction, f"The {what} (`{OPTION_OF_KEY.get(key, key)}`) of job "
+                                             f"`{job_id}` is gone from the store, so it cannot be reused. "
+                                             "`/imagine` the prompt again with the picture attached.")
+                return
+        spec.extra.update(carried)   # the same uploads: submit records the new job's references to them
+        if kind == "reroll":
+            spec.extra["rerolls"] = job_id
         await self.submit(interaction, spec)
 
     # --- remix --------------------------------------------------------------------------------
@@ -578,7 +691,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if record is None:
             await ephemeral(interaction, f"There is no job `{job_id}`.")
             return
-        if interaction.user.id != record.spec.user_id and not is_admin(interaction, self.bot.config):
+        # An admin of this server, not of any server: /queue cancel's rule (bot/queue_admin.py).
+        admin_here = is_admin(interaction, self.bot.config) and record.spec.guild_id == interaction.guild_id
+        if interaction.user.id != record.spec.user_id and not admin_here:
             await ephemeral(interaction, "Only the person who asked for this image, or an admin, can cancel it.")
             return
         if record.state.finished:

@@ -11,6 +11,13 @@ into `imagine_discord_shard_connected{shard}` and `imagine_discord_gateway_laten
 Discord's 429s are counted by an aiohttp TraceConfig on discord.py's own HTTP session
 (`http_trace`), so REST and interaction-webhook requests both count, whether discord.py retried
 them or raised.
+
+`[worker] device = "auto"` on a host without a CUDA GPU starts no embedded worker (a WARNING says
+so; /healthz then has no `gpu` check, as with --no-worker): a CPU worker would claim shared jobs at
+~11 s a step. `device = "cpu"` runs one anyway.
+
+`run` registers the slash commands once when Discord has none of them (a first start), and
+otherwise only says when Discord's set differs from this bot's: `imagine-bot sync` updates them.
 """
 
 from __future__ import annotations
@@ -22,17 +29,37 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
+import discord
 
 from bot.client import ImagineBot
 from bot.config import Config, WorkerConfig
 from engine.jobs import JobQueue
 from engine.observability import Check, Observability, bound_port, queue_check, worker_check
+from engine.queue import redact_secrets, redact_url
 
 log = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
-    """A resource the bot needs could not be started; the message says which and why."""
+    """A resource the bot needs could not be started; the message says which and why.
+    `exit_code`: what `imagine-bot` exits with (2: a setting to fix, as for a bad config)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# How the bot's refusal of an untrusted decoder / encoder pickle says to trust it (engine.models).
+TRUST_HINT_BOT = ("set [worker] trust_decoder = true in config.toml, or add its SHA-256 to "
+                  "[worker] known_sha256")
+NO_GPU_WARNING = ('no CUDA GPU: the embedded worker is off; set [worker] device = "cpu" to run on the '
+                  "CPU anyway, or run imagine-worker on a GPU host")
+
+
+def cuda_available() -> bool:
+    import torch   # only when [worker] device = "auto" asks
+
+    return bool(torch.cuda.is_available())
 
 
 @dataclass
@@ -108,13 +135,12 @@ def default_models_loader(wc: WorkerConfig) -> Callable[[], Any]:
         from engine.models import DEFAULT_CACHE, load_models
 
         device = wc.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "auto":   # open_resources starts no worker for "auto" without CUDA
+            device = "cuda" if cuda_available() else "cpu"
         cache = Path(wc.cache_dir).expanduser() if wc.cache_dir else DEFAULT_CACHE
         return load_models(wc.clip_model, wc.decoder, device, cache, wc.trust_decoder,
-                           encoder=wc.encoder or None)
+                           encoder=wc.encoder or None, known_sha256=frozenset(wc.known_sha256),
+                           trust_hint=TRUST_HINT_BOT)
 
     return load
 
@@ -128,16 +154,22 @@ async def open_resources(
     http_port: int | None = None,
 ) -> AsyncIterator[Resources]:
     """`http_port`: None serves HTTP as `[http] port` says (0: not at all); a number serves on it
-    (0: any free port, see `Resources.http_port`)."""
+    (0: any free port, see `Resources.http_port`). `models_loader`: what the embedded worker runs
+    (tests give tiny models); None loads `[worker]`'s models on its `device`."""
     from engine.queue import open_queue
 
     async with contextlib.AsyncExitStack() as stack:
+        url = config.queue.url
         try:
-            queue = open_queue(config.queue.url)
+            queue = open_queue(url)
             await queue.start()
         except Exception as exc:  # noqa: BLE001 - say what failed, not a traceback
-            raise LaunchError(f"cannot open the queue {config.queue.url!r}: {exc}") from exc
+            # The URL may hold a password: masked here, and wherever the error quotes it.
+            detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
+            raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check [queue] url / --queue "
+                              "and that its server is up", exit_code=2) from None
         stack.push_async_callback(queue.close)
+        log.info("queue %s", redact_url(url))
         session = aiohttp.ClientSession()
         stack.push_async_callback(session.close)
         resources = Resources(config, queue, session)
@@ -145,7 +177,11 @@ async def open_resources(
         obs.track_queue(queue)
         track_shards(obs, resources)
         worker = None
-        if config.worker.embedded:
+        embedded = config.worker.embedded
+        if embedded and models_loader is None and config.worker.device == "auto" and not cuda_available():
+            log.warning("%s", NO_GPU_WARNING)
+            embedded = False
+        if embedded:
             from engine.worker import Worker   # imports torch: only when the worker is embedded
 
             wc = config.worker
@@ -153,7 +189,8 @@ async def open_resources(
                 queue, models_loader or default_models_loader(wc),
                 # max_batch 0: the worker chooses from free GPU memory (engine.capacity)
                 worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
-                keep_days=wc.keep_days or None, compile=wc.compile, **(worker_options or {}),
+                keep_days=wc.keep_days or None, compile=wc.compile, checkpoint_every=wc.checkpoint_every,
+                **(worker_options or {}),
             )
             resources.worker = worker
             if worker.observer is None:
@@ -190,8 +227,40 @@ def make_bot(resources: Resources, **kwargs: Any) -> ImagineBot:
     return bot
 
 
+async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> list[str] | None:
+    """After login: when Discord has none of this bot's commands (global ones, or `guild_id`'s),
+    register them (one GET; a PUT only then) and return their names; else None, with a log line
+    when Discord's set differs from the bot's by name (`imagine-bot sync` updates it). A failure
+    is logged, never fatal: the bot runs either way."""
+    guild = discord.Object(id=guild_id) if guild_id else None
+    where = f"guild {guild_id}" if guild_id else "global"
+    try:
+        registered = {c.name for c in await bot.tree.fetch_commands(guild=guild)}
+        if guild is not None:
+            bot.tree.copy_global_to(guild=guild)
+        ours = {c.name for c in bot.tree.get_commands(guild=guild)}
+        if registered:
+            if registered != ours:
+                log.warning("Discord's %s slash commands (%s) differ from this bot's (%s): run "
+                            "`imagine-bot sync` to update them", where, ", ".join(sorted(registered)) or "none",
+                            ", ".join(sorted(ours)))
+            return None
+        synced = await bot.tree.sync(guild=guild)
+    except (discord.HTTPException, discord.ClientException, aiohttp.ClientError, OSError) as exc:
+        log.warning("could not check or register the slash commands (%s: %s); run `imagine-bot sync`",
+                    type(exc).__name__, exc)
+        return None
+    names = [c.name for c in synced]
+    log.info("registered %d %s slash commands (Discord had none): %s%s", len(names), where,
+             ", ".join(f"/{n}" for n in names),
+             "; global commands can take a while to appear" if guild is None else "")
+    return names
+
+
 async def run(config: Config, token: str) -> None:
     async with open_resources(config) as resources:
         bot = make_bot(resources)
         async with bot:
-            await bot.start(token)
+            await bot.login(token)   # bot.start() is login + connect, with the commands checked between
+            await sync_if_unregistered(bot, config.discord.sync_guild or None)
+            await bot.connect()

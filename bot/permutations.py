@@ -7,7 +7,9 @@ per combination (6 here) and, once every one of them has ended, posts one contac
 - Limits: at most `[imagine] max_permutations` combinations (default 9), and the set counts
   against the user's cap of waiting jobs (`[queue] max_queued_per_user`, or `/queue limit`):
   over either limit the bot says how many it would make and how many are allowed, and queues
-  nothing. Every prompt of the set is checked against the server's refused words first.
+  nothing. Every prompt of the set is checked against the server's refused words first. The set
+  is queued with one `queue.submit_many(..., max_queued=)`: the store counts and queues in one
+  step, so two commands at once cannot both pass the cap, and a crash never queues half a set.
 - Every job of a set has the same settings (seed included, so only the words change) and carries
   `spec.extra["set"] = {"id", "size", "index", "options"}`. Each gets its own reply as any job
   does: the first is the interaction's reply, the others are new channel messages; the progress
@@ -45,7 +47,7 @@ import discord
 from discord.ext import commands
 
 from bot import contact_sheet, moderation, render
-from engine.jobs import JobRecord, JobSpec, JobState, new_job_id
+from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, new_job_id
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -203,23 +205,21 @@ async def check_set(bot: "ImagineBot", spec: JobSpec) -> SetCheck:
         return SetCheck(problem)
     n = len(variants)
     if n == 1:
-        problem = await imagine.over_limit(bot, spec.user_id)
+        problem = await imagine.over_limit(bot, spec.user_id, spec.guild_id)
         return SetCheck(problem) if problem else SetCheck(None, variants)
-    limit = await bot.user_limit()
+    limit = await bot.user_limit(spec.guild_id)
     queued = await bot.queue.count_queued(spec.user_id)
-    room = max(0, limit - queued)
-    if n > room:
-        return SetCheck(f"That prompt makes {n} images, but you may queue only {room} more right now "
-                        f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
-                        "wait for some to start. Nothing was queued.")
+    if queued + n > limit:
+        return SetCheck(imagine.limit_text(queued, limit, n))
     return SetCheck(None, variants)
 
 
 async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: JobSpec,
                      checked: SetCheck | None = None) -> list[JobRecord]:
     """Queue every combination of `spec.prompt` (a template), or refuse; returns the jobs queued.
-    `checked`: what `check_set` found for this spec already (it is not run again)."""
-    from bot.imagine import ephemeral, progress_view   # noqa: PLC0415 - imagine imports this module
+    `checked`: what `check_set` found for this spec already (it is not run again). The set is queued
+    in one `submit_many` within the user's cap: all of it or, refused by the store, none of it."""
+    from bot.imagine import clip_notes, ephemeral, limit_text, progress_view   # noqa: PLC0415 - imagine imports this module
 
     bot = cog.bot
     queue = bot.queue
@@ -239,52 +239,94 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         await interaction.response.defer(thinking=True)
     set_id = new_job_id()
     progress = bot.progress
-    records: list[JobRecord] = []
+    notes = await clip_notes([v.prompt for v in variants])
+    specs: list[JobSpec] = []
     for index, variant in enumerate(variants):
         one = JobSpec.from_dict(copy.deepcopy(spec.to_dict()))
         one.prompt = variant.prompt
         one.extra["set"] = {"id": set_id, "size": n, "index": index, "options": list(variant.options)}
-        record = await queue.submit(one)
-        records.append(record)
-        if progress is not None:
+        if notes[index]:
+            one.extra["clip_notes"] = notes[index]
+        specs.append(one)
+    try:   # counted and queued in one step: a racing command cannot push the user past the cap
+        records = await queue.submit_many(specs, max_queued=await bot.user_limit(spec.guild_id))
+    except QueueLimitReached as exc:
+        await ephemeral(interaction, limit_text(exc.queued, exc.limit, n))   # private, after the defer
+        return []
+    if progress is not None:
+        for index, record in enumerate(records):
             progress.register(record, interaction if index == 0 else None)
 
-    paused = bool(await queue.get_setting("paused", False))
+    # From here on the jobs are queued and registered: every one of them is attached whatever
+    # happens to another one's reply (the finally below), so each one's result is posted.
     channel_id = interaction.channel_id or spec.channel_id
-    channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
-    for index, record in enumerate(records):
-        content = render.queued_text(record, await queue.position(record.id), paused)
-        message_id = None
+    attached: set[str] = set()
+    try:
+        # The set first: its contact sheet comes from this record, whatever happens to the replies.
+        info = {
+            "id": set_id, "template": spec.prompt, "jobs": [r.id for r in records],
+            "captions": [caption(v.options, v.prompt) for v in variants],
+            "user_id": spec.user_id, "channel_id": channel_id, "guild_id": interaction.guild_id,
+            "seed": spec.seed, "created_at": time.time(),
+        }
+        tracked = await _track_set(bot, info)
         try:
-            if index == 0:
-                message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
-            else:
-                message = await channel.send(content=content, view=progress_view(record.id))
-            message_id = message.id
-            reply = {"channel_id": message.channel.id, "message_id": message.id, "guild_id": interaction.guild_id,
-                     "upload_limit": interaction.filesize_limit}
-            record.spec.reply = reply
-            await queue.set_reply(record.id, reply)
-        except discord.HTTPException:
-            log.exception("set %s: could not show the reply of job %s", set_id, record.id)
-        finally:
-            if progress is not None:
-                progress.attach(record.id, channel_id, message_id, content if message_id else None)
-
-    info = {
-        "id": set_id, "template": spec.prompt, "jobs": [r.id for r in records],
-        "captions": [caption(v.options, v.prompt) for v in variants],
-        "user_id": spec.user_id, "channel_id": channel_id, "guild_id": interaction.guild_id,
-        "seed": spec.seed, "created_at": time.time(),
-    }
-    sheets = bot.get_cog("Sheets")
-    if isinstance(sheets, SheetsCog):
-        await sheets.track(info)
-    else:   # no poller in this process: record it for one that has
-        await queue.set_setting(set_key(set_id), info, expire_after=keep_seconds(bot))
-        opened = await queue.get_setting(OPEN_KEY, []) or []
-        await queue.set_setting(OPEN_KEY, [*opened, set_id])
+            paused = bool(await queue.get_setting("paused", False))
+        except Exception:  # noqa: BLE001 - a queue outage: the replies go out without it
+            log.exception("set %s: could not read whether the queue is paused", set_id)
+            paused = False
+        channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
+        for index, record in enumerate(records):
+            content: str | None = None
+            message_id = None
+            try:
+                try:
+                    position: int | None = await queue.position(record.id)
+                except Exception:  # noqa: BLE001 - a queue outage: the reply without the place in line
+                    log.exception("set %s: could not read the place in line of job %s", set_id, record.id)
+                    position = None
+                content = render.queued_text(record, position, paused)
+                if index == 0:
+                    message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
+                else:
+                    message = await channel.send(content=content, view=progress_view(record.id))
+                message_id = message.id
+                reply = {"channel_id": message.channel.id, "message_id": message.id, "guild_id": interaction.guild_id,
+                         "upload_limit": interaction.filesize_limit}
+                record.spec.reply = reply
+                await queue.set_reply(record.id, reply)
+            except Exception:  # noqa: BLE001 - one reply's trouble is that job's alone: log, go on
+                log.exception("set %s: could not show the reply of job %s", set_id, record.id)
+            finally:
+                attached.add(record.id)
+                if progress is not None:
+                    progress.attach(record.id, channel_id, message_id, content if message_id else None)
+        if not tracked and not await _track_set(bot, info):   # one more try, the replies made
+            log.error("set %s: could not be recorded; its jobs are posted one by one, with no contact sheet", set_id)
+    finally:
+        if progress is not None:
+            for record in records:
+                if record.id not in attached:
+                    progress.attach(record.id, channel_id, None, None)
     return records
+
+
+async def _track_set(bot: "ImagineBot", info: dict[str, Any]) -> bool:
+    """Record the set (`set:<id>` and `sheets.open`) for this process's SheetsCog or, without one,
+    for a process that has it. False (logged) when the store could not be written."""
+    try:
+        sheets = bot.get_cog("Sheets")
+        if isinstance(sheets, SheetsCog):
+            await sheets.track(info)
+        else:   # no poller in this process: record it for one that has
+            queue = bot.queue
+            await queue.set_setting(set_key(info["id"]), info, expire_after=keep_seconds(bot))
+            opened = await queue.get_setting(OPEN_KEY, []) or []
+            await queue.set_setting(OPEN_KEY, [*opened, info["id"]])
+        return True
+    except Exception:  # noqa: BLE001 - the caller goes on showing the jobs' replies
+        log.exception("set %s: recording it (for its contact sheet) failed", info["id"])
+        return False
 
 
 # --- the contact sheet ---------------------------------------------------------------------------

@@ -16,6 +16,10 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   an idempotent edit of the job's reply, so a crash before `mark_delivered` repeats the same edit
   rather than posting twice; a fallback new message carries a nonce that Discord deduplicates.
   Jobs that finished while the bot was down come back through `undelivered()`.
+- A followed job whose record is gone from the store before its result was posted (the store lost
+  its data: a Redis restarted empty) will get no more events: the reconcile pass finds it (at once
+  when the event numbering restarts, else every `reconcile_interval`), edits its reply once into a
+  notice (render.lost_text) and stops following it.
 """
 
 from __future__ import annotations
@@ -84,8 +88,10 @@ class _Tracker:
     started: bool = False
     frame: _Frame | None = None
     first_progress: tuple[float, int] | None = None   # (at, iteration) for the ETA
+    new_run: bool = True              # no frame of the job's current run (claim) seen yet
     eta: float | None = None
     final: bool = False
+    lost: bool = False                # gone from the store before it ended: one notice, then dropped
     delivered: bool = False
     dirty: bool = False
     last_content: str | None = None
@@ -106,6 +112,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         self._channel_next: dict[int, float] = {}
         self._tasks: list[asyncio.Task] = []
         self._line_dirty = asyncio.Event()
+        self._reconcile_now = asyncio.Event()
         self._closing = False
         self.cursor = 0
 
@@ -175,6 +182,12 @@ class ProgressCog(commands.Cog, name="Progress"):
                 log.exception("reading queue events failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
+            if events and events[0].seq <= self.cursor:
+                # The numbering restarted: the store lost its data (a Redis that came back empty),
+                # and with it the jobs we follow. Look for them now, not at the next round.
+                log.warning("the queue's event numbering restarted (%s after %s): checking the jobs followed",
+                            events[0].seq, self.cursor)
+                self._reconcile_now.set()
             for event in events:
                 try:
                     await self._on_event(event)
@@ -199,13 +212,18 @@ class ProgressCog(commands.Cog, name="Progress"):
         t = await self._tracker(event.job_id)
         if t is not None and kind != EventKind.PROGRESS:   # one INFO line per job event; no prompt
             log.info("job %s %s", event.job_id, kind.value)
-        if t is None or t.final:
+        if t is None or t.final or t.lost:
             return
         if kind == EventKind.STARTED:
-            t.started, t.position = True, None
+            t.started, t.position, t.new_run = True, None, True
             self._kick(t)
         elif kind == EventKind.PROGRESS:
             t.started, t.position = True, None
+            if t.frame is not None and event.iteration < t.frame.iteration and not t.new_run:
+                # A late frame of this run: a worker's frames can reach the log out of order (their
+                # publishes retried concurrently after a queue outage). Keep showing the newer one.
+                return
+            t.new_run = False   # a new run (resumed from a checkpoint) may start below the last frame
             if t.first_progress is None or event.iteration < t.first_progress[1]:
                 t.first_progress = (event.at, event.iteration)
             at0, it0 = t.first_progress
@@ -281,6 +299,7 @@ class ProgressCog(commands.Cog, name="Progress"):
     async def _reconcile_loop(self) -> None:
         first = True
         while True:
+            self._reconcile_now.clear()
             try:
                 if first:  # pick up jobs that were queued / running before a restart
                     for record in [*await self.queue.running(), *await self.queue.queued()]:
@@ -292,11 +311,30 @@ class ProgressCog(commands.Cog, name="Progress"):
                     if t is not None:
                         t.record = record
                         self._finish(t)
+                await self._find_lost()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
                 log.exception("checking for undelivered results failed")
-            await asyncio.sleep(self.cfg.reconcile_interval)
+            try:
+                await asyncio.wait_for(self._reconcile_now.wait(), self.cfg.reconcile_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _find_lost(self) -> None:
+        """Jobs followed here whose record is gone from the store before their result was posted:
+        the store lost its data (a Redis restarted empty). No event will ever come for them, so
+        their reply would stay at its last frame: tell the user once, then stop following them.
+        (Nothing else deletes an undelivered job: pruning takes delivered ones only.)"""
+        for t in list(self.trackers.values()):
+            if t.delivered or t.lost:
+                continue
+            if await self.queue.get(t.job_id) is not None:
+                continue
+            log.warning("job %s is gone from the store before its result was posted (the queue lost its "
+                        "data?): telling the user", t.job_id)
+            t.lost = True
+            self._kick(t)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -325,7 +363,11 @@ class ProgressCog(commands.Cog, name="Progress"):
             while t.dirty and t.attached and not t.delivered and not self._closing:
                 ok = False
                 try:
-                    if t.final:
+                    if t.lost:
+                        t.dirty = False
+                        await self._wait_turn(t)
+                        await self._post_lost(t)
+                    elif t.final:
                         # Everything slow (the store, a re-encode) before taking a turn.
                         t.dirty = False
                         final = await self._prepare_final(t)
@@ -349,8 +391,8 @@ class ProgressCog(commands.Cog, name="Progress"):
                 t.last_sent = time.monotonic()
                 if ok:
                     failures = 0
-                elif t.final:
-                    # The final post is never dropped: back off and try again.
+                elif t.final or t.lost:
+                    # The final post (or the notice of a lost job) is never dropped: back off, try again.
                     failures += 1
                     t.dirty = True
                     await asyncio.sleep(min(30.0, max(0.5, self.cfg.message_interval) * 2 ** min(failures, 6)))
@@ -452,7 +494,10 @@ class ProgressCog(commands.Cog, name="Progress"):
     async def _prepare_final(self, t: _Tracker) -> _Final | None:
         """The final post from the store, or None when there is nothing (more) to post."""
         record = await self.queue.get(t.job_id)
-        if record is None or record.delivered:
+        if record is None:   # gone before it was posted: the store lost its data
+            t.lost, t.dirty = True, True
+            return None
+        if record.delivered:
             t.delivered = True
             return None
         if not record.state.finished:   # a stale reconcile; keep following it
@@ -502,6 +547,17 @@ class ProgressCog(commands.Cog, name="Progress"):
             log.warning("job %s was already delivered by someone else", t.job_id)
         else:
             log.info("job %s result posted (message %s)", t.job_id, result_message_id)
+        t.delivered = True
+
+    async def _post_lost(self, t: _Tracker) -> None:
+        """Edit the reply of a job the store lost into a notice (render.lost_text), without its Cancel
+        button; the last frame stays. Then the job is dropped here (`delivered`)."""
+        try:
+            await self._edit(t, content=render.lost_text(t.record), view=None)
+        except (MessageGone, NoMessage, discord.Forbidden):
+            log.info("job %s: lost, and its reply is gone too; nothing to tell", t.job_id)
+        else:
+            log.info("job %s: its reply says it was lost", t.job_id)
         t.delivered = True
 
 

@@ -1,7 +1,21 @@
-"""/queue: the line for anyone (`/queue show`), and the admin subcommands.
+"""/queue: the line for anyone (`/queue show`), and the subcommands that change it.
 
-Admin subcommands (cancel, clear, pause, resume, limit) need Manage Server or a role named in
-config `admin_roles`; anyone else gets an ephemeral refusal and nothing changes.
+One queue serves every server the bot is in, so each subcommand is scoped to the server it is
+used in (the caller's own jobs in direct messages):
+- `show` (anyone): this server's running and waiting jobs, with their places in the shared line
+  (a place counts every server's jobs ahead), and how many jobs of other servers are not shown;
+- `cancel <job>`: a job's author may cancel it; an admin of the job's server may cancel any job of
+  that server. A job of another server gets the same answer as an id that does not exist, so ids
+  of other servers are never confirmed;
+- `clear` (admins): cancels this server's waiting jobs only;
+- `limit <n>` (admins): this server's cap of waiting jobs per person (setting
+  `bot.max_queued_per_user:<guild_id>`; without one, the global setting `bot.max_queued_per_user`
+  if an operator stored one, then `[queue] max_queued_per_user`);
+- `pause` / `resume`: they stop or start every worker for every server, so only the bot's owner
+  (the application's owner, or its team's admins and developers) may use them.
+
+Admins: Manage Server or a role named in config `admin_roles` (bot.permissions). Every refusal is
+private and changes nothing; echoed prompts go through bot.render, and the client allows no mentions.
 """
 
 from __future__ import annotations
@@ -14,13 +28,79 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import ephemeral
-from bot.permissions import require_admin
+from bot.permissions import is_admin, require_admin
+from engine.jobs import JobRecord, JobState
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
 
-USER_LIMIT_KEY = "bot.max_queued_per_user"
+USER_LIMIT_KEY = "bot.max_queued_per_user"   # global (operator) value; no command sets it
 SHOW_MAX = 20
+CONTENT_LIMIT = 2000
+
+
+def user_limit_key(guild_id: int) -> str:
+    """The setting that holds one server's cap of waiting jobs per person (`/queue limit`)."""
+    return f"{USER_LIMIT_KEY}:{int(guild_id)}"
+
+
+def in_scope(record: JobRecord, guild_id: int | None, user_id: int) -> bool:
+    """Whether a caller in `guild_id` (None: direct messages) may see `record`: a job of that
+    server, or in direct messages the caller's own job."""
+    if guild_id is None:
+        return record.spec.user_id == user_id
+    return record.spec.guild_id == guild_id
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int | None, user_id: int,
+              *, paused: bool, limit: int) -> str:
+    """The `/queue show` answer: the jobs in scope (see `in_scope`) with their places in the whole
+    line (`queued` in claim order), and how many of the others are not shown."""
+    mine_running = [r for r in running if in_scope(r, guild_id, user_id)]
+    mine_queued = [(n, r) for n, r in enumerate(queued, 1) if in_scope(r, guild_id, user_id)]
+    other_running = len(running) - len(mine_running)
+    other_queued = len(queued) - len(mine_queued)
+    whose = "of this server" if guild_id is not None else "of yours"
+
+    head: list[str] = []
+    if paused:
+        head.append("**The queue is paused** for every server: no job starts until the bot's owner resumes it.")
+    items: list[str] = []
+    for record in mine_running:
+        items.append(f"▶ `{record.id}` {render.snippet(record.spec.prompt)} · <@{record.spec.user_id}> · "
+                     f"{record.iteration}/{record.spec.iterations}")
+    for position, record in mine_queued:
+        items.append(f"**#{position}** `{record.id}` {render.snippet(record.spec.prompt)} · "
+                     f"<@{record.spec.user_id}>")
+    if not running and not queued:
+        head.append("The line is empty.")
+    elif not items:
+        head.append(f"No job {whose} is in the line.")
+
+    foot: list[str] = []
+    if other_queued or other_running:
+        parts = [f"{other_queued} waiting"] if other_queued else []
+        if other_running:
+            parts.append(f"{other_running} running")
+        noun = "job" if other_queued + other_running == 1 else "jobs"
+        where = "other servers" if guild_id is not None else "other people"
+        foot.append(f"-# Not shown: {' and '.join(parts)} {noun} of {where}. "
+                    "Places (#) count every job in the line.")
+    scope = " in this server" if guild_id is not None else ""
+    foot.append(f"-# Each person may have {_plural(limit, 'job')} waiting{scope}.")
+
+    shown = items[:len(mine_running) + SHOW_MAX]
+    while True:
+        hidden = len(items) - len(shown)
+        more = [f"…and {hidden} more {whose}."] if hidden else []
+        text = "\n".join(head + shown + more + foot)
+        if len(text) <= CONTENT_LIMIT or not shown:
+            return text[:CONTENT_LIMIT]
+        shown.pop()
 
 
 @app_commands.guild_only()
@@ -34,76 +114,90 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
     async def _admin(self, interaction: discord.Interaction) -> bool:
         return await require_admin(interaction, self.bot.config)
 
+    async def _owner(self, interaction: discord.Interaction) -> bool:
+        """True for the bot's owner; anyone else (server admins included) gets a private refusal."""
+        if await self.bot.is_owner(interaction.user):
+            return True
+        await ephemeral(interaction, "Only the bot's owner can pause or resume the queue: it is shared by "
+                                     "every server the bot is in, so pausing it would stop their jobs too. "
+                                     "Admins can `/queue cancel` or `/queue clear` this server's jobs.")
+        return False
+
     def _line_changed(self) -> None:
         if self.bot.progress is not None:
             self.bot.progress.line_changed()
 
-    @app_commands.command(name="show", description="Show the line: who waits for what, and what runs")
+    @app_commands.command(name="show",
+                          description="Show this server's jobs in the line: who waits for what, and what runs")
     async def show(self, interaction: discord.Interaction) -> None:
         running = await self.queue.running()
         queued = await self.queue.queued()
         paused = bool(await self.queue.get_setting("paused", False))
-        lines: list[str] = []
-        if paused:
-            lines.append("**The queue is paused.**")
-        for record in running:
-            total = record.spec.iterations
-            lines.append(f"▶ `{record.id}` {render.snippet(record.spec.prompt)} · <@{record.spec.user_id}> · "
-                         f"{record.iteration}/{total}")
-        for position, record in enumerate(queued[:SHOW_MAX], 1):
-            lines.append(f"**#{position}** `{record.id}` {render.snippet(record.spec.prompt)} · "
-                         f"<@{record.spec.user_id}>")
-        if len(queued) > SHOW_MAX:
-            lines.append(f"…and {len(queued) - SHOW_MAX} more.")
-        if not running and not queued:
-            lines.append("The line is empty.")
-        limit = await self.bot.user_limit()
-        lines.append(f"-# Each person may have {limit} job{'s' if limit != 1 else ''} waiting.")
-        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+        limit = await self.bot.user_limit(interaction.guild_id)
+        text = show_text(running, queued, interaction.guild_id, interaction.user.id, paused=paused, limit=limit)
+        await interaction.response.send_message(text, ephemeral=True)
 
-    @app_commands.command(name="cancel", description="Admin: cancel a queued or running job")
+    @app_commands.command(name="cancel",
+                          description="Cancel a queued or running job (yours, or as an admin this server's)")
     @app_commands.describe(job="The job id (shown under each reply and in /queue show)")
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
-        if not await self._admin(interaction):
-            return
         job = job.strip()
-        record = await self.queue.get(job)
-        if record is None:
-            await ephemeral(interaction, f"There is no job `{discord.utils.escape_markdown(job)[:64]}`; "
-                                      "see `/queue show` for the ids.")
+        record = await self.queue.get(job) if job else None
+        own = record is not None and record.spec.user_id == interaction.user.id
+        if record is None or not (own or in_scope(record, interaction.guild_id, interaction.user.id)):
+            # Another server's job reads exactly as an unknown id: its existence is not confirmed.
+            await ephemeral(interaction, f"There is no job {render.quote(job)} in this server; "
+                                         "see `/queue show` for the ids.")
+            return
+        if not own and not is_admin(interaction, self.bot.config):
+            roles = ", ".join(f"`{r}`" for r in self.bot.config.discord.admin_roles)
+            await ephemeral(interaction, f"Only the person who asked for job `{record.id}`, or an admin, can cancel "
+                                         "it: admins need the Manage Server permission"
+                                         + (f" or one of the roles {roles}." if roles else "."))
             return
         if record.state.finished:
-            await ephemeral(interaction, f"Job `{job}` has already ended ({record.state.value}).")
+            await ephemeral(interaction, f"Job `{record.id}` has already ended ({record.state.value}).")
             return
-        ok = await self.queue.cancel(job)
+        ok = await self.queue.cancel(record.id)
         self._line_changed()
-        await ephemeral(interaction, f"Cancelled job `{job}`." if ok else f"Job `{job}` had already ended.")
+        if not ok:
+            await ephemeral(interaction, f"Job `{record.id}` had already ended.")
+        elif record.state == JobState.RUNNING:
+            await ephemeral(interaction, f"Stopping job `{record.id}`…")
+        else:
+            await ephemeral(interaction, f"Cancelled job `{record.id}`.")
 
-    @app_commands.command(name="clear", description="Admin: cancel every queued job (running ones go on)")
+    @app_commands.command(name="clear", description="Admin: cancel this server's queued jobs (running ones go on)")
     async def clear(self, interaction: discord.Interaction) -> None:
         if not await self._admin(interaction):
             return
-        count = await self.queue.clear()
-        self._line_changed()
-        await ephemeral(interaction, f"Cleared the line: {count} job{'s' if count != 1 else ''} cancelled.")
+        count = 0
+        for record in await self.queue.queued():
+            if in_scope(record, interaction.guild_id, interaction.user.id) and await self.queue.cancel(record.id):
+                count += 1
+        if count:
+            self._line_changed()
+        await ephemeral(interaction, f"Cleared this server's jobs from the line: "
+                                     f"{_plural(count, 'job')} cancelled.")
 
-    @app_commands.command(name="pause", description="Admin: stop starting new jobs (running ones finish)")
+    @app_commands.command(name="pause", description="Bot owner: stop starting new jobs, in every server")
     async def pause(self, interaction: discord.Interaction) -> None:
-        if not await self._admin(interaction):
+        if not await self._owner(interaction):
             return
         await self.queue.set_setting("paused", True)
         self._line_changed()
-        await ephemeral(interaction, "Paused: no new job starts until `/queue resume`.")
+        await ephemeral(interaction, "Paused for every server: no new job starts until `/queue resume` "
+                                     "(running ones finish).")
 
-    @app_commands.command(name="resume", description="Admin: start jobs again")
+    @app_commands.command(name="resume", description="Bot owner: start jobs again, in every server")
     async def resume(self, interaction: discord.Interaction) -> None:
-        if not await self._admin(interaction):
+        if not await self._owner(interaction):
             return
         await self.queue.set_setting("paused", False)
         self._line_changed()
         await ephemeral(interaction, "Resumed: jobs start again.")
 
-    @app_commands.command(name="limit", description="Admin: how many waiting jobs each person may have")
+    @app_commands.command(name="limit", description="Admin: how many waiting jobs each person may have in this server")
     @app_commands.describe(n="Jobs one person may have waiting (1-100)")
     async def limit(self, interaction: discord.Interaction, n: int) -> None:
         if not await self._admin(interaction):
@@ -111,8 +205,9 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         if not 1 <= n <= 100:
             await ephemeral(interaction, f"`n` must be between 1 and 100 (you gave {n}).")
             return
-        await self.queue.set_setting(USER_LIMIT_KEY, n)
-        await ephemeral(interaction, f"Each person may now have {n} job{'s' if n != 1 else ''} waiting.")
+        guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
+        await self.queue.set_setting(user_limit_key(guild_id), n)
+        await ephemeral(interaction, f"Each person may now have {_plural(n, 'job')} waiting in this server.")
 
 
 class HistoryCog(commands.Cog, name="History"):

@@ -20,6 +20,8 @@ from engine.text import MAX_MARKS, clip, tame  # noqa: F401 - re-exported: the b
 
 CONTENT_LIMIT = 2000
 CLIP_TOKENS = 77
+MAX_CLIP_NOTES = 3       # lines naming what CLIP ignores; more parts cut are counted in one line
+CLIP_NOTE_CHARS = 220    # clip_overflow's note quotes at most 40 + 60 characters of the prompt
 
 
 def size_of(spec: JobSpec) -> int:
@@ -74,10 +76,23 @@ def parent_line(spec: JobSpec, *, details: bool = True) -> str | None:
     return text
 
 
+def clip_note_lines(spec: JobSpec) -> list[str]:
+    """The notes on what CLIP ignores of the prompt (`spec.extra["clip_notes"]`, made by
+    engine.prompts.clip_overflow: one per prompt part cut at 77 tokens, naming the ignored words).
+    They quote the prompt, so each goes through `quote`; at most MAX_CLIP_NOTES lines."""
+    notes = [str(n) for n in spec.extra.get("clip_notes") or []]
+    lines = [f"-# ✂ {quote(n, CLIP_NOTE_CHARS)}" for n in notes[:MAX_CLIP_NOTES]]
+    if len(notes) > MAX_CLIP_NOTES:
+        more = len(notes) - MAX_CLIP_NOTES
+        lines.append(f"-# ✂ …and {more} more prompt part{'s' if more != 1 else ''} longer than CLIP reads.")
+    return lines
+
+
 def _extra_lines(spec: JobSpec) -> str:
-    """The remix lineage and the notes about converted attachments, each on its own line."""
-    # The notes are the bot's own words (engine.images), never user text.
-    lines = [parent_line(spec)] + [f"-# {n}" for n in spec.extra.get("notes") or []]
+    """The remix lineage, the notes about converted attachments and what CLIP ignores of the
+    prompt, each on its own line."""
+    # The attachment notes are the bot's own words (engine.images), never user text.
+    lines = [parent_line(spec)] + [f"-# {n}" for n in spec.extra.get("notes") or []] + clip_note_lines(spec)
     return "".join(f"{line}\n" for line in lines if line)
 
 
@@ -97,7 +112,7 @@ def _compose(spec: JobSpec, status: str, job_id: str) -> str:
     tail = _extra_lines(spec) + f"`{settings_line(spec)} · job {job_id}` · <@{spec.user_id}>"
     text = f"{head}\n{status}\n{tail}"
     if len(text) > CONTENT_LIMIT:  # only with a huge configured max_prompt_chars
-        room = CONTENT_LIMIT - len(status) - len(tail) - 10
+        room = max(0, CONTENT_LIMIT - len(status) - len(tail) - 10)
         text = f"**{escape_prompt(spec.prompt)[:room]}…**\n{status}\n{tail}"
     return text
 
@@ -145,6 +160,14 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
     if note:
         status += f"\n{note}"
     return _compose(spec, status, record.id)
+
+
+def lost_text(record: JobRecord) -> str:
+    """The job's reply when the job is gone from the queue's store before it ended (a Redis that
+    came back without its data): it will never finish, and nothing else will say so."""
+    status = ("Lost: the queue lost its data (its store restarted empty) before this job finished, "
+              "so it will not finish. Run `/imagine` again.")
+    return _compose(record.spec, status, record.id)
 
 
 def jump_url(guild_id: int | None, channel_id: int, message_id: int) -> str:

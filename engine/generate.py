@@ -326,21 +326,108 @@ class Slot:
         return self.iteration % self.settings.frame_every == 0 or self.done
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: logits, Adam's moments, the RNG, the iteration."""
+        """A snapshot of everything needed to resume exactly: logits, Adam's moments and step count,
+        the RNG, the iteration. Every tensor in it is a CPU copy taken now, never one the optimiser
+        still updates: the worker's GPU thread hands it to the asyncio side and steps on while that
+        side serialises it, so live tensors (`optimizer.state_dict()`'s are) would mix iteration N's
+        logits with the moments of a later step (a torn checkpoint, which resumes elsewhere).
+        On CUDA the copies are blocking: the snapshot waits for the step's kernels (a host sync,
+        paid only when a checkpoint or the final state is taken)."""
         return {
             "iteration": self.iteration,
-            "logits": self.logits.detach().cpu().clone(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state().cpu(),
+            "logits": _cpu_copy(self.logits),                        # [1, V, g, g]
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),     # exp_avg, exp_avg_sq: [1, V, g, g]; step: []
+            "generator": self.generator.get_state().clone(),         # already a host tensor; clone: ours
             "settings": self.settings.to_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Take over a `state()` (a checkpoint, or a parent's state.pt, maybe `compact_state`d: it is
+        brought back to fp32 here). A state whose tensors do not fit this slot is refused here, at
+        the start (ValueError), not at its first step: there it would fail the whole batch."""
+        state = expand_state(state)
+        shape = tuple(self.logits.shape)
+        if tuple(state["logits"].shape) != shape:
+            raise ValueError(f"the saved logits {tuple(state['logits'].shape)} do not fit this job's {shape}")
+        for per_param in state["optimizer"].get("state", {}).values():
+            for name, value in per_param.items():
+                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
+                    raise ValueError(f"the saved optimiser state {name!r} {tuple(value.shape)} does not fit "
+                                     f"this job's logits {shape}")
         with torch.no_grad():
             self.logits.copy_(state["logits"].to(self.logits.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"].to(self.generator.get_state().device))
         self.iteration = int(state["iteration"])
+
+
+def _cpu_copy(value: Any) -> Any:
+    """`value` with every tensor replaced by a detached CPU copy of it (dicts, lists and tuples
+    walked; anything else is immutable here: numbers, strings, None)."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
+
+
+def compact_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A `Slot.state()` to keep (a finished job's state.pt, for Continue and Remix), in half the
+    bytes: logits in fp16, Adam's moments (the tensors of the logits' shape) in bf16; the step
+    count, the RNG and the rest unchanged. `Slot.load_state` (`expand_state`) brings it back to fp32.
+
+    What a reader gets back: logits within fp16's rounding (2^-11 relative), except that where
+    rounding would change which code wins at a position (the picture is the argmax), the winner is
+    raised by one fp16 step, so the decoded picture, and a Remix's frame 0, stay exactly the
+    parent's final frame; moments within bf16's (2^-8 relative; bf16 keeps fp32's exponent range,
+    so tiny second moments do not underflow as they would in fp16). Logits beyond fp16's range
+    (not reached by the lr schedule: 0.12 a step at most) stay fp32. Mid-run checkpoints are never
+    compacted: a resume must be exact."""
+    logits = state["logits"]                                        # [1, V, g, g] fp32
+    out = dict(state, logits=_half_keeping_argmax(logits))
+    optimizer = dict(state["optimizer"])
+    optimizer["state"] = {
+        index: {name: value.to(torch.bfloat16)
+                if torch.is_tensor(value) and value.dtype == torch.float32 and value.shape == logits.shape
+                else value
+                for name, value in per_param.items()}
+        for index, per_param in state["optimizer"].get("state", {}).items()
+    }
+    out["optimizer"] = optimizer
+    return out
+
+
+def _half_keeping_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """fp16 logits [1, V, g, g] with the same argmax over V as the fp32 ones at every position."""
+    if logits.dtype != torch.float32:
+        return logits
+    half = logits.to(torch.float16)
+    if not torch.isfinite(half).all() and torch.isfinite(logits).all():
+        return logits                                               # out of fp16's range: keep fp32
+    want = logits.argmax(dim=1, keepdim=True)                       # [1, 1, g, g]
+    moved = half.argmax(dim=1, keepdim=True) != want                # a near-tie rounded the other way
+    if moved.any():
+        top = half.max(dim=1, keepdim=True).values                  # [1, 1, g, g]
+        raised = torch.nextafter(top, torch.full_like(top, float("inf")))
+        winner = half.gather(1, want)
+        half.scatter_(1, want, torch.where(moved, raised, winner))
+    return half
+
+
+def expand_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Undo `compact_state`: every fp16 / bf16 tensor of the logits and the optimiser state back to
+    fp32 (a state that is already fp32 comes back as it is)."""
+    def fp32(value: Any) -> Any:
+        if torch.is_tensor(value) and value.dtype in (torch.float16, torch.bfloat16):
+            return value.float()
+        return value
+
+    optimizer = dict(state["optimizer"])
+    optimizer["state"] = {index: {name: fp32(v) for name, v in per_param.items()}
+                          for index, per_param in state["optimizer"].get("state", {}).items()}
+    return dict(state, logits=fp32(state["logits"]), optimizer=optimizer)
 
 
 def state_to_bytes(state: dict[str, Any]) -> bytes:
@@ -558,5 +645,6 @@ def generate(
 
 __all__ = [
     "BatchRunner", "Frame", "GenerationResult", "GenerationSettings", "PromptError", "PromptPart",
-    "Slot", "Targets", "batch_key", "encode_targets", "generate", "parse_prompt", "state_from_bytes", "state_to_bytes",
+    "Slot", "Targets", "batch_key", "compact_state", "encode_targets", "expand_state", "generate", "parse_prompt",
+    "state_from_bytes", "state_to_bytes",
 ]

@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 
 class JobState(str, enum.Enum):
@@ -180,6 +180,27 @@ def upload_refs(spec: JobSpec) -> list[str]:
     return sorted(found)
 
 
+class QueueLimitReached(Exception):
+    """A submit refused by the user's cap of waiting jobs (`max_queued`): nothing was queued.
+    `queued`: that user's QUEUED jobs at that moment (counted atomically with the refusal); `limit`: the cap."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(queued, limit)
+        self.queued = int(queued)
+        self.limit = int(limit)
+
+    def __str__(self) -> str:
+        return f"{self.queued} jobs already queued for this user; the limit is {self.limit}"
+
+
+def batch_user(specs: Sequence[JobSpec]) -> int | None:
+    """The one user of a `submit_many` batch (None when it is empty); ValueError when they differ."""
+    users = {int(s.user_id) for s in specs}
+    if len(users) > 1:
+        raise ValueError(f"submit_many takes the jobs of one user, got users {sorted(users)}")
+    return users.pop() if users else None
+
+
 @runtime_checkable
 class JobQueue(Protocol):
     """The job store + line shared by the bot and the GPU workers.
@@ -192,7 +213,13 @@ class JobQueue(Protocol):
     async def close(self) -> None: ...
 
     # --- the bot side -------------------------------------------------------------------------
-    async def submit(self, spec: JobSpec) -> JobRecord: ...
+    # `submit_many` queues every spec (all of one user: ValueError otherwise) in one transaction /
+    # script, in order, each with its QUEUED event: all or nothing. With `max_queued`, the user's
+    # QUEUED jobs (as `count_queued(user)` counts them) are counted in that same atomic step: if they
+    # plus len(specs) would exceed it, nothing is queued and it raises QueueLimitReached. So two
+    # submits racing for the last place cannot both get it. `submit` is submit_many of one spec.
+    async def submit(self, spec: JobSpec, *, max_queued: int | None = None) -> JobRecord: ...
+    async def submit_many(self, specs: Sequence[JobSpec], *, max_queued: int | None = None) -> list[JobRecord]: ...
     async def get(self, job_id: str) -> JobRecord | None: ...
     async def position(self, job_id: str) -> int | None: ...
     async def queued(self) -> list[JobRecord]: ...               # in claim order

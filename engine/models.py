@@ -51,9 +51,13 @@ DVAE_URLS: dict[str, str] = {
     "encoder": "https://cdn.openai.com/dall-e/encoder.pkl",
 }
 # OpenAI publishes no checksum for the dVAE pickles. Files whose SHA-256 is listed here (or in
-# `known_sha256` passed by the caller, e.g. from config.toml) may be unpickled. A download from
-# DVAE_URLS over HTTPS is pinned on first use: its hash is written beside it and checked ever after.
+# `known_sha256` passed by the caller: the bot's `[worker] known_sha256`) may be unpickled. A
+# download from DVAE_URLS over HTTPS is pinned on first use: its hash is written beside it and
+# checked ever after.
 KNOWN_DVAE_SHA256: set[str] = set()
+# What an untrusted pickle's refusal tells the person to do. The CLIs' flag by default; the bot
+# passes its own (engine.models knows nothing of config.toml).
+TRUST_HINT_CLI = "pass --trust-decoder"
 
 DEFAULT_CACHE = Path(os.environ.get("IMAGINE_CACHE", Path.home() / ".cache" / "imagine-bot"))
 
@@ -245,6 +249,7 @@ def load_dvae(
     cache_dir: Path = DEFAULT_CACHE,
     trust: bool = False,
     known_sha256: set[str] | frozenset[str] = frozenset(),
+    trust_hint: str = TRUST_HINT_CLI,
 ) -> nn.Module:
     """The dVAE decoder or encoder.
 
@@ -252,6 +257,7 @@ def load_dvae(
     file written by `save_dvae_safe`, or a pickle like OpenAI's `decoder.pkl`. A pickle is
     unpickled only when its SHA-256 is known good, pinned from the official download, or
     `trust` is set; its weights are then cached as safetensors and the pickle is not read again.
+    `known_sha256`: hex digests of files to accept; `trust_hint`: how the refusal says to trust a file.
     """
     cache_dir = Path(cache_dir)
     if name_or_path.endswith(".safetensors"):
@@ -277,12 +283,12 @@ def load_dvae(
     safe = safe_cache_path(cache_dir, part, digest)
     if safe.is_file():
         return load_dvae_safe(safe, part).to(device)
-    trusted = trust or digest in KNOWN_DVAE_SHA256 or digest in known_sha256 or digest == pinned
+    known = {h.strip().lower() for h in known_sha256}
+    trusted = trust or digest in KNOWN_DVAE_SHA256 or digest in known or digest == pinned
     if not trusted:
         raise UntrustedPickleError(
             f"refusing to unpickle {path}: its SHA-256 {digest} is not a known dVAE {part} "
-            f"(unpickling runs code). If you trust this file, pass --trust-decoder "
-            f"(or list the hash in config.toml's models.known_sha256)."
+            f"(unpickling runs code). If you trust this file, {trust_hint}."
         )
     module = _unpickle_dvae(path, part)
     save_dvae_safe(module, part, safe)
@@ -298,13 +304,14 @@ def load_models(
     trust_decoder: bool = False,
     encoder: str | None = None,
     known_sha256: set[str] | frozenset[str] = frozenset(),
+    trust_hint: str = TRUST_HINT_CLI,
 ) -> Models:
     device = torch.device(device)
     return Models(
         clip=load_clip(clip_model, device, cache_dir),
-        decoder=load_dvae("decoder", decoder, device, cache_dir, trust_decoder, known_sha256),
+        decoder=load_dvae("decoder", decoder, device, cache_dir, trust_decoder, known_sha256, trust_hint),
         encoder=(
-            load_dvae("encoder", encoder, device, cache_dir, trust_decoder, known_sha256)
+            load_dvae("encoder", encoder, device, cache_dir, trust_decoder, known_sha256, trust_hint)
             if encoder
             else None
         ),

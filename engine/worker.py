@@ -7,9 +7,10 @@ and the GPU never waits on the network. It runs inside the bot (the embedded def
 `imagine-worker --queue redis://...` on any host with a GPU (no Discord token needed).
 
 Artifacts a finished job leaves in the queue: `final.png`, `video.mp4`, `state.pt` (the final
-logits and optimiser state, for Continue and Remix). Checkpoints (every frame) hold the state and
-the frames so far, so a job taken up by another worker resumes where it stopped and its video
-still shows the whole generation.
+logits and optimiser state, for Continue and Remix; stored compactly, `compact_state`). Checkpoints
+hold the exact state and the frames so far, so a job taken up by another worker resumes where it
+stopped and its video still shows the whole generation. One is taken at a frame once
+`checkpoint_every` seconds have passed since the job's last one, and when the worker stops.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from engine import video
 from engine.compiling import compile_options
 from engine.generate import (
-    BatchRunner, Frame, GenerationSettings, PromptError, Slot, encode_targets,
+    BatchRunner, Frame, GenerationSettings, PromptError, Slot, compact_state, encode_targets,
     state_from_bytes, state_to_bytes,
 )
 from engine.jobs import (
@@ -44,6 +45,17 @@ from engine.jobs import (
 from engine.models import Models
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_CHECKPOINT_EVERY = 60.0
+
+
+def check_checkpoint_every(seconds: float) -> float:
+    """`checkpoint_every`: seconds, at least 0 (0: a checkpoint at every frame)."""
+    seconds = float(seconds)
+    if not seconds >= 0:   # NaN too
+        raise ValueError(f"must be 0 (every frame) or a number of seconds, got {seconds!r}")
+    return seconds
 
 
 def seed_for(job_id: str) -> int:
@@ -67,6 +79,11 @@ def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
     return blob["state"], [bytes(t.numpy().tobytes()) for t in blob["frames"]]
 
 
+def _unpack_with_pixels(data: bytes) -> tuple[dict[str, Any], list[bytes], list[np.ndarray]]:
+    state, frames_png = unpack_checkpoint(data)
+    return state, frames_png, [np.asarray(_decode_png(p)) for p in frames_png]
+
+
 @dataclass
 class _Running:
     """One run of a job on this worker (one claim), as the asyncio side tracks it.
@@ -81,6 +98,7 @@ class _Running:
     frames_pixels: list[np.ndarray] = field(default_factory=list)
     pending: list[asyncio.Future] = field(default_factory=list)
     similarity: float | None = None
+    last_frame: asyncio.Task | None = None   # the newest _on_frame task: the next one waits for it
 
     @property
     def lease(self) -> str:
@@ -122,6 +140,7 @@ class Worker:
         observer: Any = None,
         keep_days: float | None = None,
         compile: bool | str = False,
+        checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
     ):
         self.queue = queue
         self.models_loader = models_loader
@@ -156,6 +175,21 @@ class Worker:
             raise ValueError(f"keep_days: {exc}") from None
         self._next_prune = 0.0            # loop time of the next prune
         self._prune_task: asyncio.Task | None = None
+        # Mid-run checkpoints are timed: a frame takes one only when this many seconds have passed
+        # since the run's last one (0: every frame). A full-size state is 96 MiB at grid 32 and
+        # 384 MiB at grid 64 (fp32 logits [1, 8192, g, g] and Adam's two moments): at every frame
+        # (every couple of seconds per job on a GPU, times max_batch jobs) that is more than the
+        # store should take. What a crash loses is at most this long of one job's work.
+        try:
+            self.checkpoint_every = check_checkpoint_every(checkpoint_every)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint_every: {exc}") from None
+        # GPU thread only: per slot key, (monotonic time, iteration) of its last snapshot taken for
+        # a checkpoint (or of its start: a resumed run starts at its checkpoint).
+        self._checkpointed: dict[str, tuple[float, int]] = {}
+        # Written by the GPU thread as it stops (worker.stop()), read once it has been joined:
+        # per slot key, the snapshot to save before the job is handed back.
+        self._stop_states: dict[str, dict[str, Any]] = {}
 
     def _observe(self, hook: str, *args: Any) -> None:
         if self.observer is None:
@@ -190,17 +224,29 @@ class Worker:
         log.info("worker %s started (max_batch=%d, device=%s)", self.worker_id, self.max_batch, self.models.device)
 
     async def stop(self) -> None:
-        """Stop claiming, stop the GPU thread after its current step, and hand running jobs back."""
+        """Stop claiming, stop the GPU thread after its current step, save each running job's state
+        as its checkpoint (fenced by the run's lease) and hand the jobs back."""
         self._stop.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        stopped = True
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
-        for run in list(self.running.values()):
+            stopped = not self._thread.is_alive()
+        if not stopped:   # a step that never ends: its slots are not ours to read
+            log.warning("the GPU thread did not stop within 30 s: jobs handed back without a new checkpoint")
+        states = self._stop_states if stopped else {}
+        for key, run in list(self.running.items()):
             job_id = run.record.id
+            # Its frames (and their checkpoints) first: the stop checkpoint carries every frame.
             await asyncio.gather(*run.pending, return_exceptions=True)
-            # The last checkpoint is in the queue; the job resumes from it on the next claim.
+            if self.running.get(key) is not run:   # it ended meanwhile (done, failed, stopped)
+                continue
+            state = states.get(key)
+            if state is not None:
+                await self._save_stop_checkpoint(run, state)
+            # The job resumes from its last checkpoint (this one, if saved) on the next claim.
             try:
                 if await self.queue.release(job_id, run.lease):
                     log.info("job %s handed back to the queue (worker stopping)", job_id)
@@ -210,6 +256,20 @@ class Worker:
             except Exception:  # noqa: BLE001 - the lease will expire instead
                 log.exception("could not hand job %s back", job_id)
         self.running.clear()
+        self._stop_states = {}
+
+    async def _save_stop_checkpoint(self, run: _Running, state: dict[str, Any]) -> None:
+        job_id = run.record.id
+        try:
+            data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
+            ok = await self.queue.save_checkpoint(Checkpoint(job_id, state["iteration"], data), run.lease)
+        except Exception:  # noqa: BLE001 - it resumes from its previous checkpoint instead
+            log.exception("could not save job %s's checkpoint while stopping", job_id)
+            return
+        if ok:
+            log.info("job %s checkpointed at iteration %d (worker stopping)", job_id, state["iteration"])
+        else:
+            log.info("job %s was no longer ours: its checkpoint was refused", job_id)
 
     async def __aenter__(self) -> "Worker":
         await self.start()
@@ -224,7 +284,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if len(self.running) < self.max_batch and self._gpu_thread_ok():
-                    record = await self.queue.claim(self.worker_id, self.grids)
+                    record = await self._claim()
                     if record is not None:
                         await self._begin(record)
                         continue
@@ -237,6 +297,23 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self.poll_every)
             except asyncio.TimeoutError:
                 pass
+
+    async def _claim(self) -> JobRecord | None:
+        """One claim. `stop()` cancels this loop, maybe while the store is committing a claim: the
+        claim itself is shielded, and a job it took then is handed straight back (attempt not
+        counted) instead of sitting RUNNING under a lease nobody renews until it expires."""
+        claim = asyncio.ensure_future(self.queue.claim(self.worker_id, self.grids))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            try:
+                record = await claim
+                if record is not None and record.lease_id is not None:
+                    await self.queue.release(record.id, record.lease_id)
+                    log.info("job %s handed back (claimed as the worker stopped)", record.id)
+            except Exception:  # noqa: BLE001 - its lease expires instead
+                log.warning("a claim in flight as the worker stopped could not be handed back", exc_info=True)
+            raise
 
     async def _begin(self, record: JobRecord) -> None:
         spec = record.spec
@@ -252,8 +329,8 @@ class Worker:
             init_logits, state, keep_optimizer = None, None, False
             checkpoint = await self.queue.load_checkpoint(record.id)
             if checkpoint is not None:
-                state, run.frames_png = await asyncio.to_thread(unpack_checkpoint, checkpoint.data)
-                run.frames_pixels = [np.asarray(_decode_png(p)) for p in run.frames_png]
+                # Off the event loop, the PNGs' decoding too: in the bot it would stall Discord.
+                state, run.frames_png, run.frames_pixels = await asyncio.to_thread(_unpack_with_pixels, checkpoint.data)
                 log.info("job %s resumes from its checkpoint at iteration %d", record.id, state["iteration"])
             elif spec.parent_job_id:
                 parent = await self.queue.get_artifact(spec.parent_job_id, "state.pt")
@@ -364,6 +441,12 @@ class Worker:
         if run is None:
             return
         job_id = run.record.id
+        # One run's frames are handled in order, each after the one before: its PNG encode runs on
+        # a thread pool, so two frames in flight could append out of order, and a checkpoint of
+        # iteration N must carry the frames up to N, no later one (the resumed run makes those).
+        previous, run.last_frame = run.last_frame, asyncio.current_task()
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         png = await asyncio.to_thread(frame.png)
         run.frames_png.append(png)
         run.frames_pixels.append(frame.pixels)
@@ -393,7 +476,8 @@ class Worker:
             video_bytes = await asyncio.to_thread(
                 video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
             )
-            state_bytes = await asyncio.to_thread(state_to_bytes, state)
+            # Kept for Continue / Remix (for ever unless keep_days): compact, half the bytes.
+            state_bytes = await asyncio.to_thread(lambda: state_to_bytes(compact_state(state)))
             # Fenced: a worker that lost the job must not overwrite the new owner's results.
             stored = (
                 await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], run.lease)
@@ -467,6 +551,7 @@ class Worker:
                 self._admit(runner, block=len(runner) == 0)
                 for key in [k for k in runner.slots if self._cancelled(k)]:
                     runner.remove(key)
+                    self._checkpointed.pop(key, None)
                     self._from_gpu(self._on_stopped, key)
                 if not len(runner):
                     continue
@@ -475,6 +560,7 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: fail the batch's jobs
                     for key in list(runner.slots):
                         runner.remove(key)
+                        self._checkpointed.pop(key, None)
                         self._from_gpu(self._failed, key, exc)
                     if self.models.device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -483,11 +569,23 @@ class Worker:
                 self._observe("iterations", len(results))
                 for slot, frame in results:
                     if frame is not None:
-                        state = None if slot.done else slot.state()
+                        # Snapshots (Slot.state) are taken here, between two steps: the asyncio
+                        # side serialises them while this thread steps on.
+                        state = self._checkpoint_snapshot(slot) if not slot.done else None
                         self._from_gpu(self._on_frame, slot.key, frame, state)
                     if slot.done:
                         runner.remove(slot.key)
+                        self._checkpointed.pop(slot.key, None)
                         self._from_gpu(self._on_done, slot.key, slot.state())
+            # Stopping (worker.stop() joins this thread next): a snapshot of every run still ours
+            # that moved since its last checkpoint, saved by stop() before it hands the job back.
+            for key, slot in list(runner.slots.items()):
+                if self._cancelled(key) or slot.iteration <= self._checkpointed.get(key, (0.0, 0))[1]:
+                    continue
+                try:
+                    self._stop_states[key] = slot.state()
+                except Exception:  # noqa: BLE001 - it resumes from its last checkpoint instead
+                    log.exception("could not snapshot job %s while stopping", key)
         except BaseException:
             log.exception("GPU thread died: no more claims or heartbeats; other workers take its jobs over")
             raise
@@ -497,6 +595,16 @@ class Worker:
     def _cancelled(self, key: str) -> bool:
         run = self.running.get(key)
         return run is None or run.cancel.is_set()
+
+    def _checkpoint_snapshot(self, slot: Slot) -> dict[str, Any] | None:
+        """GPU thread, at a frame: the slot's state for a checkpoint when one is due (at least
+        `checkpoint_every` seconds since the run's last one, or its start), else None."""
+        now = time.monotonic()
+        last = self._checkpointed.get(slot.key)
+        if self.checkpoint_every > 0 and last is not None and now - last[0] < self.checkpoint_every:
+            return None
+        self._checkpointed[slot.key] = (now, slot.iteration)
+        return slot.state()
 
     def _admit(self, runner: BatchRunner, block: bool) -> None:
         while True:
@@ -508,6 +616,9 @@ class Worker:
             try:
                 slot = self._make_slot(start)
                 runner.add(slot)
+                # The run's start counts as its last checkpoint: a resumed run starts at one, and
+                # a new one has nothing to lose yet (a Continue restarts from its parent's state).
+                self._checkpointed[slot.key] = (time.monotonic(), slot.iteration)
                 if slot.iteration == 0 or start.keep_optimizer:
                     # Frame 0 (or the parent's last frame, for Continue) opens the video.
                     frame = runner.frames([slot])[0]
@@ -516,6 +627,7 @@ class Worker:
                 # Fail the job (retried elsewhere), never the GPU thread: a dead thread with
                 # heartbeating jobs would hold them forever.
                 runner.remove(start.key)
+                self._checkpointed.pop(start.key, None)
                 self._from_gpu(self._failed, start.key, exc)
                 continue
 
@@ -564,7 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dVAE encoder for init images: 'openai' (downloaded, pinned) or a local file "
                         "(default: none; jobs with an init image then fail on this worker)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", metavar="auto|cuda|cuda:N|cpu",
+                   help="auto (the default): cuda when this host has a CUDA GPU, else the worker does not "
+                        "start (a CPU worker would claim shared jobs at ~11 s a step); cpu runs on the CPU anyway")
     p.add_argument("--max-batch", type=int, default=None,
                    help="jobs stepped together; default: as many as fit in free GPU memory (1 on a CPU)")
     p.add_argument("--worker-id", default=None)
@@ -576,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "state), uploaded pictures no job names that are N days old, and (SQLite) expired "
                         "settings, checked hourly; Continue/Remix of a pruned job then say 'gone'. N is 0 "
                         "(never, the default) or at least 1/24 (an hour)")
+    p.add_argument("--checkpoint-every", type=_checkpoint_every, default=DEFAULT_CHECKPOINT_EVERY, metavar="SECONDS",
+                   help="seconds between two checkpoints of a running job, taken at its frames (default "
+                        f"{DEFAULT_CHECKPOINT_EVERY:g}; 0: every frame); a stopping worker checkpoints its jobs anyway")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     p.add_argument("--http-port", type=int, default=None, metavar="PORT",
@@ -597,6 +714,18 @@ def _keep_days(text: str) -> float | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _checkpoint_every(text: str) -> float:
+    """--checkpoint-every: seconds, at least 0 (check_checkpoint_every)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    try:
+        return check_checkpoint_every(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _compile(text: str) -> str:
     """--compile: a setting engine.generate.compile_options accepts."""
     try:
@@ -607,15 +736,10 @@ def _compile(text: str) -> str:
 
 
 def _redact(url: str) -> str:
-    """The queue URL without its password, for the log."""
-    from urllib.parse import urlsplit, urlunsplit
+    """The queue URL without its password, for the log (engine.queue.redact_url)."""
+    from engine.queue import redact_url
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return redact_url(url)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -623,15 +747,25 @@ async def _serve(args: argparse.Namespace) -> None:
     from engine.observability import Observability, queue_check, worker_check
     from engine.queue import open_queue
 
+    device = args.device
+    if device == "auto":   # before the queue: a worker that would not run must not claim anything
+        if not torch.cuda.is_available():
+            print("imagine-worker: --device auto: this host has no CUDA GPU, so no worker is started "
+                  "(on a CPU a full-size step takes ~11 s and the worker would hold users' jobs for hours); "
+                  "pass --device cpu to run on the CPU anyway, or run imagine-worker on a GPU host",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        device = "cuda"
     queue = open_queue(args.queue)
     await queue.start()
     log.info("queue %s", _redact(args.queue))
     cache = args.cache_dir or DEFAULT_CACHE
     worker = Worker(
         queue,
-        lambda: load_models(args.clip_model, args.decoder, args.device, cache, args.trust_decoder,
+        lambda: load_models(args.clip_model, args.decoder, device, cache, args.trust_decoder,
                             encoder=args.encoder or None),
         worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days, compile=args.compile,
+        checkpoint_every=args.checkpoint_every,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

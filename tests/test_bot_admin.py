@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bot.queue_admin import USER_LIMIT_KEY, user_limit_key
 from engine.jobs import JobState
 from tests.fakediscord import Permission
 from tests.test_bot_support import EPHEMERAL, ephemeral_answer, harness  # noqa: F401 - the fixture
@@ -22,18 +23,39 @@ async def _queued_jobs(h, n, user=None):
 async def test_non_admins_are_refused_and_nothing_changes(harness):
     h = harness
     await h.start()
+    fd = h.fd
     await h.queue.set_setting("paused", True)
-    ids = await _queued_jobs(h, 2)
+    ids = await _queued_jobs(h, 2, user=fd.admin_user)   # Alice's jobs: Bob may not cancel them
     before = [(await h.queue.get(j)).state for j in ids]
-    for name, options in [("queue cancel", {"job": ids[0]}), ("queue clear", {}), ("queue resume", {}),
-                          ("queue pause", {}), ("queue limit", {"n": 1})]:
+    for name, options, why in [("queue cancel", {"job": ids[0]}, "Only the person who asked for job"),
+                               ("queue clear", {}, "Only admins"), ("queue limit", {"n": 1}, "Only admins")]:
         text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
-        assert "Only admins" in text and "Manage Server" in text, text
+        assert why in text and "Manage Server" in text, text
+    for name in ("queue resume", "queue pause"):         # the whole queue: the bot's owner alone
+        text = await ephemeral_answer(h, name)
+        assert "Only the bot's owner" in text and "every server" in text, text
     assert [(await h.queue.get(j)).state for j in ids] == before == [JobState.QUEUED] * 2
     assert await h.queue.get_setting("paused") is True
-    assert await h.queue.get_setting("bot.max_queued_per_user") is None
+    assert await h.queue.get_setting(user_limit_key(fd.guild_id)) is None
+    assert await h.queue.get_setting(USER_LIMIT_KEY) is None
     assert await h.queue.count_queued() == 2
     h.fd.assert_clean()
+
+
+async def test_anyone_may_cancel_their_own_job(harness):
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    (mine,) = await _queued_jobs(h, 1)                       # Bob's
+    (alices,) = await _queued_jobs(h, 1, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue cancel", {"job": alices})
+    assert "Only the person who asked for job" in text and (await h.queue.get(alices)).state == JobState.QUEUED
+    text = await ephemeral_answer(h, "queue cancel", {"job": f"  {mine} "})
+    assert text == f"Cancelled job `{mine}`."
+    assert (await h.queue.get(mine)).state == JobState.CANCELLED
+    text = await ephemeral_answer(h, "queue cancel", {"job": mine})
+    assert text == f"Job `{mine}` has already ended (cancelled)."
+    fd.assert_clean()
 
 
 async def test_admin_commands_by_permission_or_role_name(harness):
@@ -41,7 +63,8 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     h.config.discord.admin_roles = ["Admin"]
     await h.start()
     fd = h.fd
-    text = await ephemeral_answer(h, "queue pause", user=fd.admin_user)    # Manage Server (the Admin role)
+    # Alice: Manage Server (the Admin role), and the application's owner (pause is hers alone).
+    text = await ephemeral_answer(h, "queue pause", user=fd.admin_user)
     assert "Paused" in text and await h.queue.get_setting("paused") is True
     ids = await _queued_jobs(h, 3)
 
@@ -49,6 +72,7 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     for n, job_id in enumerate(ids, 1):
         assert f"**#{n}** `{job_id}` waiting job {n - 1}" in text
     assert "paused" in text and f"<@{fd.member_user['id']}>" in text
+    assert "Not shown" not in text and "5 jobs waiting in this server" in text
 
     # A member whose permissions lack Manage Server but who has a role named in admin_roles.
     text = await ephemeral_answer(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
@@ -57,18 +81,17 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     h.config.discord.admin_roles = []   # without the role name, the same member is refused
     text = await ephemeral_answer(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
                           member_permissions=Permission.EVERYONE)
-    assert "Only admins" in text and (await h.queue.get(ids[0])).state == JobState.QUEUED
+    assert "Only the person who asked for job" in text and "Manage Server" in text
+    assert (await h.queue.get(ids[0])).state == JobState.QUEUED
     h.config.discord.admin_roles = ["Admin"]
     assert (await h.wait_delivered(ids[1])).state == JobState.CANCELLED
 
     text = await ephemeral_answer(h, "queue limit", {"n": 1}, user=fd.admin_user)
-    assert await h.queue.get_setting("bot.max_queued_per_user") == 1
-    # The cap: bob has 2 waiting, the limit is now 1: refused, ephemerally, with what to do.
-    inter = await fd.send_slash_command("imagine", {"prompt": "one too many"})
-    await fd.wait_for_response(inter)
-    assert inter.response_type == 4 and inter.response["data"]["flags"] & EPHEMERAL
-    assert "the limit is 1" in inter.response["data"]["content"]
-    assert await h.queue.count_queued() == 2
+    assert text == "Each person may now have 1 job waiting in this server."
+    assert await h.queue.get_setting(user_limit_key(fd.guild_id)) == 1
+    assert await h.queue.get_setting(USER_LIMIT_KEY) is None           # nothing global
+    assert await h.bot.user_limit(fd.guild_id) == 1 and await h.bot.user_limit() == 5
+    assert "1 job waiting in this server" in await ephemeral_answer(h, "queue show")
 
     text = await ephemeral_answer(h, "queue clear", user=fd.admin_user)
     assert "2 jobs cancelled" in text

@@ -4,9 +4,12 @@ a listener for the modal's submit, state from the store)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine.jobs import JobState
 from tests.test_bot_support import EPHEMERAL, harness  # noqa: F401 - the fixture
@@ -221,4 +224,127 @@ async def test_remix_modal_submit_without_a_restart_is_answered_once(harness, ca
         assert len(h.posts_of_job(remix_id)) == 1
     await asyncio.sleep(0.3)
     _no_double_answers(h, caplog, submits)
+    fd.assert_clean()
+
+
+# --- Reroll and Continue keep the job's pictures; Continue needs the final state ------------------
+
+def _frame0(frame_png: bytes):
+    return np.asarray(Image.open(io.BytesIO(frame_png)).convert("RGB")).astype(int)
+
+
+async def test_reroll_and_continue_keep_the_image_prompt_and_reroll_the_init_image(harness, caplog):
+    """Continue aims at the same image prompt (the init image only set the parent's start); Reroll
+    is the same job with a new seed: the same image prompt and the same init image, so its frame 0
+    is the init image's dVAE reconstruction again. Both name the same uploads, so pruning the
+    parent (and the continue) keeps them while the reroll waits in line."""
+    from engine.generate import frame_image, to_uint8
+    from engine.image_prompts import init_logits_from_image
+    from engine.jobs import upload_refs
+    from tests.test_bot_brainstorm import first_frame, noise_png
+
+    h = harness
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    await h.start()
+    fd = h.fd
+    target = fd.host_attachment("target.png", noise_png(seed=1))
+    start = fd.host_attachment("start.png", noise_png(seed=2))
+    msg, job_id = await _finished_job(h, "a cat", image=target, image_weight=0.5, init_image=start, iterations=4)
+    parent = await h.queue.get(job_id)
+    pictures = {k: parent.spec.extra[k] for k in ("image_prompt", "init_image")}
+    assert pictures["image_prompt"]["weight"] == 0.5
+    assert f"job {job_id}: 2 CLIP targets (1 from an image prompt), starts from an init image" in caplog.text
+
+    # Continue: from the parent's final state, toward the same text and the same image.
+    click = await h.fd.click_button(msg, f"imagine:continue:{job_id}")
+    cont_msg, cont_id = await _button_job(h, click)
+    cont = await h.wait_delivered(cont_id)
+    assert cont.state == JobState.DONE, cont.error
+    assert (cont.spec.parent_job_id, cont.spec.parent_kind) == (job_id, "continue")
+    assert cont.spec.extra["image_prompt"] == pictures["image_prompt"] and "init_image" not in cont.spec.extra
+    (used,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {cont_id}: ")
+               and "CLIP targets" in r.getMessage()]
+    assert used == f"job {cont_id}: 2 CLIP targets (1 from an image prompt)"   # no init image: the state
+    assert "image prompt ×0.5" in fd.messages[cont_msg.id].content
+
+    # Reroll, held in line while the parent and the continue are pruned: the uploads stay, named by it.
+    await h.queue.set_setting("paused", True)
+    click = await h.fd.click_button(msg, f"imagine:reroll:{job_id}")
+    reroll_msg, reroll_id = await _button_job(h, click)
+    queued = await h.queue.get(reroll_id)
+    assert queued.state == JobState.QUEUED
+    assert {k: queued.spec.extra.get(k) for k in pictures} == pictures
+    assert queued.spec.seed != parent.spec.seed and queued.spec.parent_job_id is None
+    assert upload_refs(queued.spec) == upload_refs(parent.spec) and len(upload_refs(parent.spec)) == 2
+    assert await h.queue.prune(0) == 2   # the parent and the continue: delivered
+    assert await h.queue.get(job_id) is None
+    for ref in pictures.values():
+        assert await h.queue.has_artifact(*ref["artifact"])
+    await h.queue.set_setting("paused", False)
+    h.bot.progress.line_changed()
+    reroll = await h.wait_delivered(reroll_id)
+    assert reroll.state == JobState.DONE, reroll.error
+    assert f"job {reroll_id}: 2 CLIP targets (1 from an image prompt), starts from an init image" in caplog.text
+    init = Image.open(io.BytesIO(await h.queue.get_artifact(*pictures["init_image"]["artifact"]))).convert("RGB")
+    expected = to_uint8(frame_image(h.models, init_logits_from_image(h.models, init, reroll.spec.grid))[0])
+    assert np.abs(_frame0(await first_frame(h.queue, reroll_id)) - expected.astype(int)).max() <= 1
+    assert "image prompt ×0.5 · init image" in fd.messages[reroll_msg.id].content
+    assert len(h.posts_of_job(reroll_id)) == 1
+    fd.assert_clean()
+
+
+async def test_reroll_of_a_remix_starts_from_the_same_picture_with_a_new_seed(harness):
+    """A remix's start is another job's final picture: its Reroll is a remix of that same job
+    (same prompt, new seed), so both begin on the same frame 0, the remixed job's final."""
+    from tests.test_bot_brainstorm import first_frame
+
+    h = harness
+    await h.start()
+    fd = h.fd
+    _, job_id = await _finished_job(h, prompt="a red house", seed=5)
+    inter = await fd.send_slash_command("remix", {"job": job_id, "prompt": "a blue boat", "iterations": 4})
+    await fd.wait_for_response(inter)
+    remix_msg = await h.reply_of(inter)
+    remix_id = h.job_id(remix_msg)
+    remix = await h.wait_delivered(remix_id)
+    assert remix.state == JobState.DONE, remix.error
+    await fd.wait_for(lambda: f"imagine:reroll:{remix_id}" in fd.messages[remix_msg.id].custom_ids, 10, "buttons")
+
+    click = await fd.click_button(remix_msg, f"imagine:reroll:{remix_id}")
+    reroll_msg, reroll_id = await _button_job(h, click)
+    reroll = await h.wait_delivered(reroll_id)
+    assert reroll.state == JobState.DONE, reroll.error
+    spec = reroll.spec
+    assert (spec.parent_job_id, spec.parent_kind, spec.prompt) == (job_id, "remix", "a blue boat")
+    assert spec.seed != remix.spec.seed and spec.extra["rerolls"] == remix_id
+    assert spec.extra["parent"] == remix.spec.extra["parent"]
+    assert f"remix of `{job_id}`" in fd.messages[reroll_msg.id].content
+    assert (_frame0(await first_frame(h.queue, reroll_id)) == _frame0(await first_frame(h.queue, remix_id))).all()
+    fd.assert_clean()
+
+
+async def test_continue_without_the_final_state_is_refused_privately(harness):
+    """A finished job whose state.pt is not in the store (here a stand-in GPU finished it with its
+    final picture and video only): Continue says so, privately, and queues nothing; Reroll still works."""
+    from tests.test_bot_support import claim_jobs, finish_jobs
+
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    msg = await h.reply_of(await h.imagine("a boat at night"))
+    job_id = h.job_id(msg)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id)
+    await fd.wait_for(lambda: f"imagine:continue:{job_id}" in fd.messages[msg.id].custom_ids, 10, "the buttons")
+    assert not await h.queue.has_artifact(job_id, "state.pt")
+    before = [r.id for r in await h.queue.history(fd.channel_id)]
+
+    click = await fd.click_button(msg, f"imagine:continue:{job_id}")
+    await fd.wait_for_response(click)
+    assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL
+    assert f"The final state of job `{job_id}` is gone" in click.response["data"]["content"]
+    assert await h.queue.count_queued() == 0
+    assert [r.id for r in await h.queue.history(fd.channel_id)] == before
+    assert [m.id for m in fd.channel_messages()] == [msg.id]
     fd.assert_clean()

@@ -78,6 +78,11 @@ def test_the_example_config_lists_every_setting_with_its_default():
                                               "reduce-overhead, max-autotune"),
     ("[worker]\ncompile = \"eager:reduce-overhead\"", "[worker] compile 'eager:reduce-overhead': a mode is inductor's"),
     ("[worker]\ncompile = true", "[worker] compile: expected a string, got True"),
+    ("[worker]\nknown_sha256 = \"ab\"", "[worker] known_sha256: expected a list, got 'ab'"),
+    ("[worker]\nknown_sha256 = [\"" + "a" * 63 + "\"]", "[worker] known_sha256[0]: expected a SHA-256 as 64 hex digits"),
+    ("[worker]\nknown_sha256 = [\"" + "a" * 64 + "\", \"" + "g" * 64 + "\"]",
+     "[worker] known_sha256[1]: expected a SHA-256 as 64 hex digits"),
+    ("[queue]\nurl = \"postgres://u:s3cret@h/db\"", "got 'postgres://u:***@h/db'"),   # never the password
 ])
 def test_bad_config_values_name_the_key(tmp_path, toml, message):
     path = tmp_path / "config.toml"
@@ -185,8 +190,10 @@ async def test_sync_registers_the_commands_on_request_and_never_logs_the_token(t
 
 def test_a_worker_that_cannot_load_its_models_stops_the_launch_with_a_clear_message(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "config.toml"
+    # device "cpu": with "auto" a host without CUDA starts no embedded worker at all.
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
-                   f'[worker]\nclip_model = "{tmp_path / "missing-clip.pt"}"\ncache_dir = "{tmp_path}"\n')
+                   f'[worker]\nclip_model = "{tmp_path / "missing-clip.pt"}"\ncache_dir = "{tmp_path}"\n'
+                   'device = "cpu"\n')
     monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
     assert main(["--config", str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -194,3 +201,206 @@ def test_a_worker_that_cannot_load_its_models_stops_the_launch_with_a_clear_mess
     assert GOOD_TOKEN not in err
     logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
                                        if type(h).__module__.startswith("_pytest")]
+
+
+def _drop_discord_log_handlers() -> None:
+    """main() calls discord.utils.setup_logging(root=True): take its handler off again."""
+    logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
+                                       if type(h).__module__.startswith("_pytest")]
+
+
+# --- the queue URL's password ---------------------------------------------------------------------
+
+
+def test_a_queue_that_cannot_be_opened_exits_2_and_never_shows_the_password(tmp_path):
+    """A real `python -m bot` process with nothing listening on the Redis port: it retries for the
+    queue's reconnect timeout (30 s), then says which queue and what to check, with the password
+    masked, in its log and its message alike."""
+    from tests.queue_fixtures import free_port
+
+    port = free_port()   # bound, then closed: nothing listens there
+    url = f"redis://user:s3cret@127.0.0.1:{port}/0"
+    proc = _cli(["--queue", url, "--no-worker", "--log-level", "DEBUG"], GOOD_TOKEN, tmp_path)   # no config.toml
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "s3cret" not in out, out
+    assert f"imagine-bot: cannot open the queue redis://user:***@127.0.0.1:{port}/0: " in proc.stderr, out
+    assert "check [queue] url / --queue" in proc.stderr
+    assert GOOD_TOKEN not in out
+
+    # A --queue that is not a queue URL at all: refused up front, password masked too.
+    proc = _cli(["--queue", "mysql://user:s3cret@db/x"], GOOD_TOKEN, tmp_path)
+    assert proc.returncode == 2
+    assert "--queue: expected sqlite:///path.db" in proc.stderr and "mysql://user:***@db/x" in proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+# --- known_sha256 and the trust message ------------------------------------------------------------
+
+
+def test_the_bots_loader_trusts_a_decoder_by_its_hash_in_known_sha256(tiny_model_files, tmp_path):
+    """A local decoder pickle nobody vouched for is refused with what to set in config.toml (not a
+    command-line flag the bot does not have); listed in [worker] known_sha256 it loads."""
+    from bot.launcher import default_models_loader
+    from engine import models as m
+
+    f = tiny_model_files
+    digest = m.sha256_of(f.decoder_pickle)
+    base = (f'[worker]\nclip_model = "{f.clip_torchscript}"\ndecoder = "{f.decoder_pickle}"\n'
+            f'encoder = ""\ndevice = "cpu"\ncache_dir = "{tmp_path / "cache"}"\n')
+    path = tmp_path / "config.toml"
+    path.write_text(base)
+    with pytest.raises(m.UntrustedPickleError) as err:
+        default_models_loader(load_config(path).worker)()
+    message = str(err.value)
+    assert digest in message and "[worker] trust_decoder = true" in message and "[worker] known_sha256" in message
+    assert "--trust-decoder" not in message and "models.known_sha256" not in message
+    assert not list((tmp_path / "cache").glob("dvae/*.safetensors"))   # nothing was unpickled
+
+    path.write_text(base + f'known_sha256 = ["{"0" * 64}", "{digest.upper()}"]\n')   # any case
+    models = default_models_loader(load_config(path).worker)()
+    assert isinstance(models.decoder, m.Decoder) and models.encoder is None and str(models.device) == "cpu"
+    assert list((tmp_path / "cache").glob("dvae/decoder-*.safetensors"))   # cached: not unpickled again
+
+
+def test_the_bot_says_how_to_trust_a_decoder_when_it_refuses_one(tiny_model_files, tmp_path, monkeypatch, capsys):
+    f = tiny_model_files
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
+                   f'[worker]\nclip_model = "{f.clip_torchscript}"\ndecoder = "{f.decoder_pickle}"\n'
+                   f'encoder = ""\ndevice = "cpu"\ncache_dir = "{tmp_path / "cache"}"\n')
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    assert main(["--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to unpickle" in err and "[worker] known_sha256" in err and "--trust-decoder" not in err
+    _drop_discord_log_handlers()
+
+
+# --- the first run: no config.toml, commands registered once --------------------------------------
+
+
+def test_without_config_toml_the_bot_uses_the_defaults_but_a_named_config_must_exist(tmp_path, monkeypatch):
+    from bot.__main__ import build_parser, load
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    config, _ = load(build_parser().parse_args([]))
+    assert config == Config()
+    (tmp_path / "config.toml").write_text("[imagine]\ncutn = 5\n")     # ./config.toml is read when there
+    config, _ = load(build_parser().parse_args(["run"]))
+    assert config.imagine.cutn == 5
+    with pytest.raises(ConfigError, match="not found"):
+        load(build_parser().parse_args(["--config", str(tmp_path / "other.toml")]))
+
+    # A real process in an empty folder gets past the config to the next thing it needs.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _cli([], None, empty)
+    assert proc.returncode == 2 and "DISCORD_TOKEN is not set" in proc.stderr and "config" not in proc.stderr
+
+
+def _run_main_until_commands(fd: FakeDiscord, argv: list[str]) -> tuple[int, int]:
+    """main(argv) in this (the main) thread, as `make run` runs it (the fake serves from another
+    thread); once the bot is connected after its start-up check of the commands, SIGINT (Ctrl-C)
+    stops it. Returns (exit code, PUTs of the global commands during the run)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    commands = f"/applications/{fd.application_id}/commands"
+    done = threading.Event()
+
+    def puts() -> int:
+        return len([r for r in list(fd.requests) if r.method == "PUT" and r.path.endswith(commands)])
+
+    def gets() -> int:
+        return len([r for r in list(fd.requests) if r.method == "GET" and r.path.endswith(commands)])
+
+    gets_before, puts_before = gets(), puts()
+
+    def stop_when_ready() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            # connected after the check: the check is done (the PUT, if any, came before connecting)
+            if gets() > gets_before and fd.connected:
+                time.sleep(0.3)   # past on_ready
+                if not done.is_set():
+                    os.kill(os.getpid(), signal.SIGINT)   # the bot's handler cancels its run
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_when_ready, daemon=True)
+    watcher.start()
+    try:
+        code = main(argv)
+    finally:
+        done.set()
+        watcher.join(5)
+        _drop_discord_log_handlers()
+    return code, puts() - puts_before
+
+
+def test_the_first_start_without_config_registers_the_commands_once(tmp_path, monkeypatch, caplog):
+    """`DISCORD_TOKEN=... make run` in a fresh checkout: no config.toml, no commands on Discord yet.
+    The bot runs on the defaults, registers its commands globally (one GET, one PUT), and a second
+    start finds them and does not PUT again. On this host without CUDA the default device "auto"
+    also means no embedded worker, said in a warning."""
+    import threading
+
+    import torch
+
+    from bot.launcher import NO_GPU_WARNING
+
+    monkeypatch.chdir(tmp_path)   # the default queue, imagine-bot.db, lands here
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fd = asyncio.run_coroutine_threadsafe(FakeDiscord().start(), loop).result(30)
+    try:
+        monkeypatch.setenv("DISCORD_TOKEN", fd.bot_token)
+        caplog.set_level(logging.INFO)
+        # With a GPU the default would load the real models: keep this test to the Discord side there.
+        argv = ["--no-worker"] if torch.cuda.is_available() else []
+        code, puts = _run_main_until_commands(fd, argv)
+        assert code == 0 and puts == 1
+        names = {c["name"] for c in fd.global_commands}
+        assert names == {"imagine", "queue", "history", "remix", "help"}
+        assert "running with the built-in defaults" in caplog.text and "config.example.toml" in caplog.text
+        assert "registered 5 global slash commands (Discord had none)" in caplog.text
+        if not torch.cuda.is_available():
+            assert NO_GPU_WARNING in caplog.text
+        assert (tmp_path / "imagine-bot.db").exists()
+
+        caplog.clear()
+        code, puts = _run_main_until_commands(fd, argv)
+        assert code == 0 and puts == 0                      # registered already: no PUT
+        assert {c["name"] for c in fd.global_commands} == names
+        assert "registered" not in caplog.text and "differ" not in caplog.text
+        assert fd.bot_token not in caplog.text
+        fd.assert_clean()
+    finally:
+        asyncio.run_coroutine_threadsafe(fd.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+async def test_a_changed_command_set_is_only_reported_not_synced(caplog):
+    """Commands on Discord that differ from the bot's (by name) stay as they are: `imagine-bot sync`
+    is how they change; the log says so."""
+    from bot.client import ImagineBot
+    from bot.launcher import sync_if_unregistered
+
+    caplog.set_level(logging.INFO)
+    async with FakeDiscord() as fd:
+        fd.global_commands.append({"id": str(fd.snowflake()), "application_id": str(fd.application_id),
+                                   "name": "imagine", "description": "old", "type": 1, "version": "1",
+                                   "options": [], "default_member_permissions": None})
+        bot = ImagineBot(config=Config(), queue=None, background=False)
+        async with bot:
+            await bot.login(fd.bot_token)
+            assert await sync_if_unregistered(bot) is None
+        assert not fd.find_requests("PUT")
+        assert [c["name"] for c in fd.global_commands] == ["imagine"]
+        assert "differ from this bot's" in caplog.text and "imagine-bot sync" in caplog.text

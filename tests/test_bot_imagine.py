@@ -114,3 +114,70 @@ async def test_queued_replies_show_the_place_in_line_and_follow_it(harness):
         assert (await h.wait_delivered(job_id)).state == JobState.DONE
     assert "Cancelled." in content(0)
     fd.assert_clean()
+
+
+LONG_PROMPT = "tree " * 74 + "a purple zebra with `code` and **bold** @everyone"
+
+
+async def test_a_prompt_longer_than_clip_reads_names_the_ignored_words(harness):
+    """CLIP reads 77 tokens (75 of text): the queued reply (and every later state of it, the final
+    post included) says which words of a longer prompt it ignores, quoted as inline code so that
+    the echoed words cannot format the message or ping anyone. A prompt that fits has no such note."""
+    h = harness
+    await h.start()
+    fd = h.fd
+    inter = await h.imagine(LONG_PROMPT, iterations=2)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    first = _edits_of(fd, msg.id)[0].json
+    (line,) = [x for x in first["content"].split("\n") if "CLIP" in x]
+    assert line.startswith("-# ✂ `CLIP reads only the first 75 tokens of 'tree tree tree"), line
+    # The ignored words, in one code span (the prompt's backticks become look-alikes).
+    assert line.endswith("it ignores 'purple zebra with ˋ code ˋ and ** bold ** @ everyone' (12 tokens)`"), line
+    assert line.count("`") == 2
+    assert first["allowed_mentions"] == {"parse": []}
+    record = await h.wait_delivered(job_id)
+    assert record.state == JobState.DONE
+    # Stored as the engine said it (engine.prompts.clip_overflow); quoted only when shown.
+    assert [n.replace("`", "ˋ") for n in record.spec.extra["clip_notes"]] == [line[len("-# ✂ `"):-1]]
+    (final,) = h.final_edits(msg.id)
+    assert line in final.json["content"] and "Done" in final.json["content"]
+
+    inter = await h.imagine("a short prompt", iterations=2)
+    msg = await h.reply_of(inter)
+    assert "CLIP" not in msg.content
+    record = await h.wait_delivered(h.job_id(msg))
+    assert "clip_notes" not in record.spec.extra
+    assert "CLIP" not in fd.messages[msg.id].content
+    fd.assert_clean()
+
+
+async def test_a_queue_outage_right_after_the_submit_still_shows_and_posts_the_job(harness, monkeypatch):
+    """The job is queued, then the queue fails the next read (its place in line): the reply is shown
+    without the place, and the job's progress and result still reach it. (The outage is one read
+    made to raise: an SQLite file fails no read on its own between two calls.)"""
+    h = harness
+    await h.start()
+    fd = h.fd
+    real_position = h.queue.position
+    failed = []
+
+    async def position_in_an_outage(job_id):
+        if not failed:
+            failed.append(job_id)
+            raise ConnectionError("the queue is unreachable")
+        return await real_position(job_id)
+
+    monkeypatch.setattr(h.queue, "position", position_in_an_outage)
+    inter = await h.imagine("a house in a storm", iterations=4)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    assert failed == [job_id]
+    assert "Queued" in _edits_of(fd, msg.id)[0].json["content"]
+    record = await h.wait_delivered(job_id)
+    assert record.state == JobState.DONE
+    (final,) = h.final_edits(msg.id)
+    assert "Done" in final.json["content"]
+    assert len(h.posts_of_job(job_id)) == 1 and inter.followups == []
+    assert [m.id for m in fd.channel_messages()] == [msg.id]
+    fd.assert_clean()

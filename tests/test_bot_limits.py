@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from bot.queue_admin import USER_LIMIT_KEY
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    WEBHOOK_ORIGINAL, Harness, claim_jobs, finish_jobs, harness, publish_frames, test_config,
+    CALLBACK, WEBHOOK_ORIGINAL, Harness, claim_jobs, finish_jobs, harness, publish_frames, test_config,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -156,44 +157,54 @@ async def test_deleted_reply_stops_edits_and_the_result_is_a_new_message(harness
     fd.assert_clean()
 
 
-async def test_video_over_the_upload_limit_is_reencoded_or_left_out(tmp_path, tiny_models, monkeypatch):
-    import engine.video
+async def test_video_over_the_upload_limit_is_reencoded_or_left_out(tmp_path, tiny_models):
+    """The real re-encode (engine.video.reencode_to_fit, ffmpeg): under a limit it can meet, the
+    smaller video goes up (ffprobe reads it as H.264 yuv420p with every frame); under one it
+    cannot, the final image goes alone."""
+    from engine.video import reencode_to_fit
+    from tests.test_video import probe
 
     fd = FakeDiscord(attachment_size_limit=3 * 1024 * 1024)
     await fd.start()
     h = Harness(fd=fd, config=test_config(tmp_path), models=tiny_models)
     try:
         await h.start()
-        # Find the sizes of a real result first.
-        inter = await h.imagine("size probe", seed=1)
+        # Find the sizes of a real result first (16 frames of 128x128: a video re-encoding can shrink).
+        inter = await h.imagine("size probe", seed=1, size=512, iterations=30)
         msg = await h.reply_of(inter)
-        probe = h.job_id(msg)
-        await h.wait_delivered(probe)
-        png = await h.queue.get_artifact(probe, "final.png")
-        mp4 = await h.queue.get_artifact(probe, "video.mp4")
+        probe_id = h.job_id(msg)
+        await h.wait_delivered(probe_id)
+        png = await h.queue.get_artifact(probe_id, "final.png")
+        mp4 = await h.queue.get_artifact(probe_id, "video.mp4")
         budget = 64 * 1024   # the bot keeps 64 KiB for the rest of the request
+        smaller = reencode_to_fit(mp4, len(mp4) - 1)
+        assert smaller is not None and len(smaller) < len(mp4), (len(mp4), smaller and len(smaller))
+        room = (len(mp4) + len(smaller)) // 2   # what the re-encode meets, with a margin on either side
+        source = probe(_write(tmp_path / "source.mp4", mp4))["streams"][0]
 
         # 1. Re-encoding makes it fit: the smaller video goes up, with a word saying so.
-        fd.attachment_size_limit = len(png) + budget + len(mp4) - 1
-        calls = []
-
-        def fake_reencode(data: bytes, max_bytes: int):
-            calls.append((len(data), max_bytes))
-            return data[: max_bytes - 10]
-
-        monkeypatch.setattr(engine.video, "reencode_to_fit", fake_reencode)
-        inter = await h.imagine("size probe", seed=1)
+        fd.attachment_size_limit = len(png) + budget + room
+        inter = await h.imagine("size probe", seed=1, size=512, iterations=30)
         msg = await h.reply_of(inter)
         job_id = h.job_id(msg)
         await h.wait_delivered(job_id)
+        stored = await h.queue.get_artifact(job_id, "video.mp4")
+        assert len(stored) > room   # too big as it is: it had to be re-encoded
         (final,) = h.final_edits(msg.id)
-        assert calls and calls[0][1] == len(mp4) - 1
         assert "re-encoded" in final.json["content"]
+        (posted,) = [f.data for f in final.files if f.filename == "video.mp4"]
+        assert len(posted) <= room and posted != stored
+        info = probe(_write(tmp_path / "posted.mp4", posted))
+        (stream,) = info["streams"]
+        assert (stream["codec_name"], stream["pix_fmt"]) == ("h264", "yuv420p")
+        assert int(stream["nb_read_frames"]) == int(source["nb_read_frames"])
+        assert 0 < int(stream["width"]) <= int(source["width"])
+        assert fd.attachment_bytes([a for a in fd.messages[msg.id].attachments
+                                    if a["filename"] == "video.mp4"][0]) == posted
 
-        # 2. Nothing fits: the image alone, and the reply says why.
-        monkeypatch.undo()
+        # 2. Nothing fits (no mp4 is 200 bytes): the image alone, and the reply says why.
         fd.attachment_size_limit = len(png) + budget + 200
-        inter = await h.imagine("size probe", seed=1)
+        inter = await h.imagine("size probe", seed=1, size=512, iterations=30)
         msg = await h.reply_of(inter)
         job_id = h.job_id(msg)
         await h.wait_delivered(job_id)
@@ -206,3 +217,42 @@ async def test_video_over_the_upload_limit_is_reencoded_or_left_out(tmp_path, ti
     finally:
         await h.stop()
         await fd.close()
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("prompt", ["a house", "a {red, blue} house"], ids=["one-job", "a-set"])
+async def test_two_commands_racing_for_the_last_place_queue_only_one(harness, prompt):
+    """The user's cap holds for two commands at once. The first one passes the early check (nothing
+    waiting yet), then its defer meets a 429 and discord.py waits to retry it; meanwhile a second
+    command of the same user passes the same check and is queued. The first one then reaches the
+    store, which counts and queues in one step: it is refused, privately, with the words of the
+    early check, and nothing of it (not one job of a set) is queued."""
+    h = harness
+    await h.start(worker=False)   # the queued jobs stay queued
+    fd = h.fd
+    size = 2 if "{" in prompt else 1
+    await h.queue.set_setting(USER_LIMIT_KEY, size)   # room for this command alone
+    rule = fd.rate_limit("POST", CALLBACK, count=1, retry_after=2.0)
+    held = await fd.send_slash_command("imagine", {"prompt": prompt})
+    await fd.wait_for(lambda: rule.hits, 5, "the first command's defer (answered 429)")
+    other = await h.imagine("another house")
+    shown = await h.reply_of(other)
+    assert not held.acknowledged, "the held command was answered before the other one was queued"
+
+    await fd.wait_for(lambda: held.followups, 10, "the first command's refusal")
+    assert held.response_type == 5 and len(rule.hits) == 1   # deferred (on the retry), then refused
+    (told,) = held.followups
+    assert told.ephemeral
+    if size == 1:
+        assert "You already have 1 job waiting; the limit is 1." in told.content
+    else:
+        assert ("That prompt makes 2 images, but you may queue only 1 more right now (you have 1 waiting; "
+                "the limit is 2)") in told.content and "Nothing was queued." in told.content
+    assert held.original_message is None or held.original_message.deleted   # no public "thinking…" left
+    assert [r.spec.prompt for r in await h.queue.queued()] == ["another house"]
+    assert [m.id for m in fd.channel_messages()] == [shown.id]
+    fd.assert_clean()

@@ -188,3 +188,39 @@ def test_shard_gauges_follow_the_shards_given():
     assert value(m, "imagine_discord_shard_connected", shard="0") == 0
     assert value(m, "imagine_discord_shard_connected", shard="1") is None
     assert not any(name == "imagine_discord_gateway_latency_seconds" for name, _ in m)
+
+
+async def test_device_auto_without_a_gpu_runs_no_embedded_worker_and_says_so(tmp_path, tiny_model_files, caplog):
+    """[worker] device = "auto" (the default) on a host without CUDA: no embedded worker (a CPU one
+    would claim shared jobs at ~11 s a step), a WARNING that says what to do, and /healthz as with
+    --no-worker. device = "cpu" runs it on the CPU anyway, through the same default loader."""
+    import torch
+
+    from bot.launcher import NO_GPU_WARNING
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA GPU: device auto means cuda here")
+    caplog.set_level(logging.INFO)
+    f = tiny_model_files
+    worker = {"clip_model": str(f.clip_torchscript), "decoder": str(f.decoder_pickle), "encoder": "",
+              "trust_decoder": True, "cache_dir": str(f.cache_dir)}
+    config = test_config(tmp_path, worker=worker)
+    assert config.worker.embedded is True and config.worker.device == "auto"
+    async with open_resources(config, http_port=0) as resources:
+        assert resources.worker is None
+        async with aiohttp.ClientSession() as http:
+            code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
+        assert code == 503 and set(report["checks"]) == {"discord", "queue"}   # no gpu check
+        assert report["checks"]["queue"] == {"ok": True}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "bot.launcher"]
+    assert warnings == [NO_GPU_WARNING]
+    assert 'set [worker] device = "cpu"' in NO_GPU_WARNING and "imagine-worker on a GPU host" in NO_GPU_WARNING
+
+    caplog.clear()
+    config = test_config(tmp_path, worker={**worker, "device": "cpu"})
+    async with open_resources(config, http_port=0, worker_options={"poll_every": 0.05}) as resources:
+        assert resources.worker is not None and str(resources.worker.models.device) == "cpu"
+        async with aiohttp.ClientSession() as http:
+            code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
+        assert report["checks"]["gpu"] == {"ok": True}
+    assert NO_GPU_WARNING not in caplog.text

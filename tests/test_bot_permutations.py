@@ -215,3 +215,35 @@ async def test_set_bookkeeping_expires_and_an_expired_open_set_is_dropped(tmp_pa
         assert await queue.get_setting(permutations.OPEN_KEY) == ["live"]
     finally:
         await queue.close()
+
+
+async def test_a_reply_that_fails_oddly_leaves_every_job_of_the_set_followed_and_the_sheet_posted(harness, caplog):
+    """Discord answers the second job's reply with a 200 whose body is no message (discord.py then
+    raises a KeyError, not an HTTPException). That job's reply is missing; the third job still gets
+    its reply, every job's result is posted (the second one's as a new message) and the contact
+    sheet follows: the set was recorded before the replies were sent."""
+    h = harness
+    await h.start()
+    fd = h.fd
+    rule = fd.inject_error("POST", r"/channels/\d+/messages", 200, body={}, count=1)
+    inter = await h.imagine("a {red, blue, golden} house", iterations=2)
+    first = await h.reply_of(inter)
+    await fd.wait_for(lambda: len(rule.hits) == 1, 10, "the second job's reply (answered oddly)")
+    jobs = await _set_jobs(h)
+    assert [r.spec.prompt for r in jobs] == ["a red house", "a blue house", "a golden house"]
+    for r in jobs:
+        record = await h.wait_delivered(r.id, timeout=60)
+        assert record.state == JobState.DONE, record.error
+        assert len(h.posts_of_job(r.id)) == 1, r.spec.prompt
+    assert "set " in caplog.text and f"could not show the reply of job {jobs[1].id}" in caplog.text
+    await fd.wait_for(lambda: _sheet_messages(fd), 20, "the contact sheet")
+    (sheet,) = _sheet_messages(fd)
+    assert "3 of 3 variations" in sheet.content
+    # The first and third jobs' replies were edited into their results; the second one's is a new message.
+    assert h.job_id(first) == jobs[0].id
+    results = {r.id: (await h.queue.get(r.id)).spec.reply for r in jobs}
+    assert results[jobs[0].id]["result_message_id"] == first.id
+    assert results[jobs[2].id]["result_message_id"] == results[jobs[2].id]["message_id"]
+    assert "message_id" not in results[jobs[1].id] and results[jobs[1].id]["result_message_id"]
+    assert len(fd.channel_messages()) == 4   # three results and the sheet
+    fd.assert_clean()

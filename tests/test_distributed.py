@@ -85,6 +85,9 @@ def start_worker(url: str, worker_id: str, files, log_dir: Path, decoder: Path |
         "--clip-model", str(files.clip_torchscript), "--decoder", str(decoder or files.decoder_pickle),
         "--trust-decoder", "--device", "cpu", "--max-batch", "1", "--worker-id", worker_id,
         "--cache-dir", str(files.cache_dir),
+        # A checkpoint at every frame (the default is timed, every 60 s): the kill -9 tests take
+        # a job over from the last frame's checkpoint.
+        "--checkpoint-every", "0",
     ]
     log_path = log_dir / f"{worker_id}.log"
     log_file = open(log_path, "a")

@@ -131,3 +131,102 @@ def test_weighted_loss_is_the_weighted_sum_of_the_parts(tiny_models):
     together = first_loss(parts)
     separately = [p.weight * first_loss([PromptPart(p.text, 1.0)]) for p in parts]
     assert together == pytest.approx(sum(separately), rel=1e-4, abs=1e-6)
+
+
+def _leaves(value, path=()):
+    """(path, value) of every leaf of a nested state (dicts and lists walked)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, value
+
+
+def assert_same_state(a, b):
+    la, lb = dict(_leaves(a)), dict(_leaves(b))
+    assert la.keys() == lb.keys()
+    for path, x in la.items():
+        y = lb[path]
+        if torch.is_tensor(x):
+            assert x.dtype == y.dtype and torch.equal(x, y), path
+        else:
+            assert x == y, path
+
+
+def test_a_state_is_a_snapshot_that_later_steps_do_not_change(tiny_models):
+    """The worker's GPU thread takes Slot.state() at a frame and steps on while the asyncio side
+    serialises it: what it serialises must be the state of that iteration, Adam's moments and step
+    count included (they were live tensors: a torn checkpoint), and resume to the same result."""
+    s = replace(FAST, iterations=6, frame_every=6)
+    targets = encode_targets(tiny_models, "a cat")
+    runner = BatchRunner(tiny_models)
+    slot = runner.add(Slot("x", tiny_models, targets, s))
+    runner.step()
+    runner.step()
+    state = slot.state()
+    at_once = state_from_bytes(state_to_bytes(state))   # serialised the moment it was taken
+    for _ in range(4):
+        runner.step()                                    # ... the thread steps on
+    assert slot.done
+    assert_same_state(state_from_bytes(state_to_bytes(state)), at_once)
+    assert state["iteration"] == 2 and int(state["optimizer"]["state"][0]["step"]) == 2
+    resumed = BatchRunner(tiny_models)
+    again = resumed.add(Slot("y", tiny_models, targets, s, checkpoint=state))
+    while not again.done:
+        resumed.step()
+    assert torch.equal(again.logits, slot.logits)
+
+
+def test_compact_state_halves_state_pt_and_keeps_the_picture(tiny_models):
+    """A finished job's state.pt: logits fp16, Adam's moments bf16, back to fp32 on load. The
+    picture (argmax of the logits) is kept exactly, even where fp16 rounding ties two codes;
+    Continue runs from it."""
+    from engine.generate import compact_state, expand_state, frame_image
+
+    s = replace(FAST, iterations=4, frame_every=4)
+    state = generate("a cat", s, tiny_models).state
+    logits = state["logits"]                                       # [1, V, 8, 8]
+    # A near-tie fp16 cannot tell apart, the winner at the higher index: plain rounding would tie
+    # them and argmax would pick the lower index (another code, another picture).
+    top = logits[0, :, 0, 0].max().item()
+    logits[0, 10, 0, 0], logits[0, 20, 0, 0] = top + 1.0, top + 1.0 + 1e-4
+    assert torch.equal(logits[:, :, :1, :1].half().argmax(1), torch.tensor([[[10]]]))
+    compact = compact_state(state)
+    assert compact["logits"].dtype == torch.float16
+    moments = compact["optimizer"]["state"][0]
+    assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.bfloat16
+    assert moments["step"].dtype == torch.float32 and int(moments["step"]) == 4   # counts stay exact
+    full, small = len(state_to_bytes(state)), len(state_to_bytes(compact))
+    assert small < 0.52 * full, (small, full)
+
+    back = expand_state(state_from_bytes(state_to_bytes(compact)))
+    assert back["logits"].dtype == torch.float32
+    assert torch.equal(back["logits"].argmax(1), logits.argmax(1))   # every position's code
+    assert torch.equal(frame_image(tiny_models, back["logits"]), frame_image(tiny_models, logits))
+    assert torch.allclose(back["logits"], logits, rtol=2 ** -10, atol=1e-6)
+    for name in ("exp_avg", "exp_avg_sq"):
+        was = state["optimizer"]["state"][0][name]
+        assert torch.allclose(back["optimizer"]["state"][0][name], was, rtol=2 ** -7, atol=0), name
+    assert torch.equal(back["generator"], state["generator"])
+    # Two more steps from it, as a Continue does: fp32 again, Adam's count going on from 4.
+    more = generate("a cat", replace(s, iterations=6), tiny_models, checkpoint=compact).state
+    assert more["iteration"] == 6 and more["logits"].dtype == torch.float32
+    assert int(more["optimizer"]["state"][0]["step"]) == 6
+    assert more["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+
+
+def test_a_state_that_does_not_fit_the_job_is_refused_when_loaded(tiny_models):
+    """Refused at the start (ValueError), not at the first step, where the optimiser would raise
+    and take the whole batch with it."""
+    s = replace(FAST, iterations=2, frame_every=2)
+    state = generate("a cat", s, tiny_models).state
+    targets = encode_targets(tiny_models, "a cat")
+    moments = state["optimizer"]["state"][0]
+    bad = dict(state, optimizer=dict(state["optimizer"], state={0: dict(moments, exp_avg=moments["exp_avg"][..., :4, :4])}))
+    with pytest.raises(ValueError, match=r"optimiser state 'exp_avg' \(1, 8192, 4, 4\) does not fit"):
+        Slot("x", tiny_models, targets, s, checkpoint=bad)
+    with pytest.raises(ValueError, match="saved logits"):
+        Slot("x", tiny_models, targets, s, checkpoint=dict(state, logits=state["logits"][..., :1, :1]))

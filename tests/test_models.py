@@ -56,6 +56,17 @@ def test_a_known_hash_is_trusted_without_the_flag(tiny_model_files, tmp_path):
     assert decoder.vocab_size == 8192
 
 
+def test_a_refusal_says_how_the_caller_trusts_a_file(tiny_model_files, tmp_path):
+    """The CLIs' flag by default, the caller's own words otherwise (the bot names its config keys)."""
+    path = str(tiny_model_files.decoder_pickle)
+    with pytest.raises(m.UntrustedPickleError, match=r"If you trust this file, pass --trust-decoder\.$"):
+        m.load_dvae("decoder", path, cache_dir=tmp_path)
+    with pytest.raises(m.UntrustedPickleError, match=r"If you trust this file, list it\.$"):
+        m.load_dvae("decoder", path, cache_dir=tmp_path, trust_hint="list it")
+    digest = m.sha256_of(tiny_model_files.decoder_pickle).upper()   # as some tools print it
+    assert m.load_dvae("decoder", path, cache_dir=tmp_path, known_sha256={digest}).vocab_size == 8192
+
+
 def test_encoder_loads_by_the_same_rules(tiny_model_files, tmp_path):
     with pytest.raises(m.UntrustedPickleError):
         m.load_dvae("encoder", str(tiny_model_files.encoder_pickle), cache_dir=tmp_path)

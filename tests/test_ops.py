@@ -261,13 +261,49 @@ async def test_checks_registries_and_rate_limit_counter():
 
 
 def test_worker_cli_http_is_off_by_default_and_the_log_masks_passwords():
+    from engine.queue import redact_secrets, redact_url
     from engine.worker import _redact, build_parser
 
     args = build_parser().parse_args(["--queue", "sqlite:///x.db"])
     assert args.http_port is None and args.http_host == "127.0.0.1" and args.log_level == "INFO"
+    assert args.device == "auto"
     assert build_parser().parse_args(["--queue", "q", "--log-level", "debug"]).log_level == "DEBUG"
     assert _redact("redis://:hunter2@redis:6379/0?prefix=x") == "redis://:***@redis:6379/0?prefix=x"
     assert _redact("redis://redis:6379/0") == "redis://redis:6379/0"
+    # One masking for the worker and the bot (engine.queue), whatever the URL looks like.
+    for url, shown in [("redis://user:s3cret@127.0.0.1:6379/0", "redis://user:***@127.0.0.1:6379/0"),
+                       ("rediss://:p%40ss@[::1]:6380/1", "rediss://:***@[::1]:6380/1"),
+                       ("redis://:raw/pass@word@host:6379/0", "redis://:***@host:6379/0"),   # malformed
+                       ("redis://host:6379/0?password=s3cret&prefix=x", "redis://host:6379/0?password=***&prefix=x"),
+                       ("redis://:s3cret@host:notaport/0", "redis://:***@host:notaport/0"),
+                       ("sqlite:////var/lib/a@b:c.db", "sqlite:////var/lib/a@b:c.db"),
+                       ("imagine.db", "imagine.db")]:
+        assert redact_url(url) == shown
+    error = "Error connecting to redis://user:s3cret@h:1/0 (AUTH s3cret refused)"
+    assert redact_secrets(error, "redis://user:s3cret@h:1/0") == \
+        "Error connecting to redis://user:***@h:1/0 (AUTH *** refused)"
+
+
+def _worker_cmd(*args: str) -> list[str]:
+    exe = BIN / "imagine-worker"
+    return [*([str(exe)] if exe.exists() else [sys.executable, "-m", "engine.worker"]), *args]
+
+
+def test_imagine_worker_with_device_auto_and_no_gpu_exits_2_before_it_touches_the_queue(tmp_path):
+    """`--device auto` (the default) on a host without CUDA: a CPU worker would claim users' jobs at
+    ~11 s a step, so it does not start; `--device cpu` is the explicit way (the `workers` fixture
+    above runs with it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA GPU: --device auto means cuda here")
+    db = tmp_path / "jobs.db"
+    proc = subprocess.run(_worker_cmd("--queue", f"sqlite:///{db}", "--log-level", "INFO"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not db.exists()   # refused before the queue was opened: nothing claimed, nothing created
 
 
 # --- container files -------------------------------------------------------------------------------
@@ -299,8 +335,9 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")      # the env file must exist, as for an operator
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
 
-    def config(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([compose, "-f", str(tmp_path / "compose.yaml"), "config", *args],
+    def config(*args: str, profiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        enabled = [a for p in profiles for a in ("--profile", p)]
+        return subprocess.run([compose, "-f", str(tmp_path / "compose.yaml"), *enabled, "config", *args],
                               capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
 
     checked = config("-q")
@@ -318,12 +355,20 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     mounts = {v["target"]: v for v in bot["volumes"]}
     assert mounts["/config/config.toml"]["read_only"] is True
 
+    # A one-GPU host: `docker compose up` starts worker-0 only (on GPU 0); more GPUs are profiles.
+    assert sorted(name for name in services if name.startswith("worker-")) == ["worker-0"]
+    assert services["worker-0"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
+    two_gpus = config("--format", "json", profiles=("gpu1",))
+    assert two_gpus.returncode == 0, two_gpus.stderr
+    services = json.loads(two_gpus.stdout)["services"]
     workers = {name: s for name, s in services.items() if name.startswith("worker-")}
-    assert len(workers) >= 2
+    assert sorted(workers) == ["worker-0", "worker-1"] and workers["worker-1"]["profiles"] == ["gpu1"]
     gpus = []
     for name, s in workers.items():
         assert s["command"][:3] == ["imagine-worker", "--queue", "redis://redis:6379/0"]
         assert "--http-port" in s["command"]
+        keep = s["command"].index("--keep-days")   # finished jobs are pruned, not kept forever
+        assert float(s["command"][keep + 1]) == 30
         (device,) = s["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         gpus += device["device_ids"]

@@ -10,7 +10,10 @@ import time
 
 import pytest
 
-from engine.jobs import Checkpoint, EventKind, JobEvent, JobQueue, JobSpec, JobState, is_upload_id, new_upload_id
+from engine.jobs import (
+    Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, QueueLimitReached, is_upload_id,
+    new_upload_id,
+)
 
 try:
     from queue_fixtures import QueueFactory, queue, queue_factory, redis_server, start_redis  # noqa: F401
@@ -442,6 +445,164 @@ async def test_concurrent_claimers_never_share_a_job(queue_factory: QueueFactory
     for job_id in ids:
         rec = await q.get(job_id)
         assert rec.attempts == 1 and rec.state == JobState.DONE
+
+
+# --- submit_many and the per-user cap (max_queued) ------------------------------------------------
+
+
+async def _snapshot(q: JobQueue, user: int) -> tuple:
+    """What a refused submit must leave as it was: the counts, the line, the event log."""
+    return (await q.count_queued(), await q.count_queued(user), [r.id for r in await q.queued()], await last_seq(q))
+
+
+async def test_submit_many_queues_a_batch_in_order_each_with_its_event(queue: JobQueue):
+    a0 = await queue.submit(spec(1, "a0"))
+    b0 = await queue.submit(spec(BIG_USER, "b0"))
+    after = await last_seq(queue)
+    batch = [spec(1, f"set {i}", grid=32 * (1 + i % 2), extra={"set": {"index": i}}) for i in range(3)]
+    recs = await queue.submit_many(batch, max_queued=4)  # 1 + 3: exactly at the cap
+    assert [r.spec.prompt for r in recs] == ["set 0", "set 1", "set 2"]
+    assert len({r.id for r in recs} | {a0.id, b0.id}) == 5 and all(r.state == JobState.QUEUED for r in recs)
+    for rec, s in zip(recs, batch):
+        got = await queue.get(rec.id)
+        assert got.spec == s and got.state == JobState.QUEUED and got.created_at == pytest.approx(rec.created_at)
+    # FIFO behind the user's own first job; the fair line puts the other user's first job in between.
+    line = [a0, b0, *recs]
+    assert [r.id for r in await queue.queued()] == [r.id for r in line]
+    for place, rec in enumerate(line, 1):
+        assert await queue.position(rec.id) == place
+    assert await queue.count_queued(1) == 4 and await queue.count_queued() == 5
+    assert [(e.job_id, e.kind) for e in await all_events(queue, after)] == [(r.id, EventKind.QUEUED) for r in recs]
+    assert [r.id for r in await queue.history(CHANNEL)] == [r.id for r in reversed(line)]
+    got = await queue.submit(spec(1, "single"), max_queued=5)  # submit() takes the cap too
+    assert await queue.position(got.id) == 6
+    assert [(await queue.claim("w")).id for _ in range(6)] == [r.id for r in line] + [got.id]
+
+
+async def test_submit_many_takes_one_users_jobs_and_an_empty_batch_is_nothing(queue: JobQueue):
+    await queue.submit(spec(1))
+    before = await _snapshot(queue, 1)
+    assert await queue.submit_many([]) == [] and await queue.submit_many([], max_queued=0) == []
+    for cap in (None, 10):
+        with pytest.raises(ValueError):
+            await queue.submit_many([spec(1, "mine"), spec(2, "not mine")], max_queued=cap)
+    assert await _snapshot(queue, 1) == before
+
+
+async def test_max_queued_refuses_over_the_cap_and_queues_nothing(queue: JobQueue):
+    first = await queue.submit(spec(1, "first"), max_queued=3)
+    await queue.submit_many([spec(1, "second"), spec(1, "third")], max_queued=3)
+    for _ in range(4):
+        await queue.submit(spec(2, "theirs"), max_queued=4)  # another user's jobs count for them alone
+    before = await _snapshot(queue, 1)
+    with pytest.raises(QueueLimitReached) as err:
+        await queue.submit(spec(1, "refused"), max_queued=3)
+    assert (err.value.queued, err.value.limit) == (3, 3) and isinstance(err.value, Exception)
+    with pytest.raises(QueueLimitReached) as err:  # one of the two would fit: neither is queued
+        await queue.submit_many([spec(1, "refused"), spec(1, "refused")], max_queued=4)
+    assert (err.value.queued, err.value.limit) == (3, 4)
+    with pytest.raises(QueueLimitReached) as err:
+        await queue.submit(spec(3, "refused"), max_queued=0)
+    assert (err.value.queued, err.value.limit) == (0, 0)
+    assert await _snapshot(queue, 1) == before
+    assert "refused" not in {r.spec.prompt for r in await queue.history(CHANNEL, 50)}
+
+    # Only QUEUED jobs count: not a running one, not a cancelled one; a job put back in line does.
+    got = await queue.claim("w")
+    assert got.id == first.id
+    fourth = await queue.submit(spec(1, "fourth"), max_queued=3)
+    assert await queue.cancel(fourth.id) is True
+    await queue.submit(spec(1, "fifth"), max_queued=3)
+    assert await queue.fail(first.id, got.lease_id, "retry me") == JobState.QUEUED
+    with pytest.raises(QueueLimitReached) as err:
+        await queue.submit(spec(1, "sixth"), max_queued=4)
+    assert (err.value.queued, err.value.limit) == (4, 4)
+    await queue.submit(spec(1, "no cap"))  # without max_queued nothing is refused
+    assert await queue.count_queued(1) == 5
+
+
+async def _submit_or_refusal(q: JobQueue, specs: list[JobSpec], cap: int) -> list[JobRecord] | QueueLimitReached:
+    try:
+        return await q.submit_many(specs, max_queued=cap)
+    except QueueLimitReached as exc:
+        return exc
+
+
+async def test_the_cap_holds_when_submits_race(queue_factory: QueueFactory):
+    """Ten submits at once for one user with room for three: three queued, seven refused. Once on
+    one queue object, once spread over three (other processes on the same file / Redis), and with
+    sets: each set all or nothing, never interleaved with another."""
+    one = await queue_factory.open()
+    many = [one, await queue_factory.open(), await queue_factory.open()]
+    for user, queues in ((7, [one]), (8, many)):
+        results = await asyncio.gather(*(
+            _submit_or_refusal(queues[i % len(queues)], [spec(user, f"race {i}")], 3) for i in range(10)))
+        queued = [r[0] for r in results if isinstance(r, list)]
+        refused = [r for r in results if isinstance(r, QueueLimitReached)]
+        assert len(queued) == 3 and len(refused) == 7, results
+        assert all((e.queued, e.limit) == (3, 3) for e in refused)
+        assert await one.count_queued(user) == 3
+        assert sorted(r.id for r in await many[1].queued() if r.spec.user_id == user) == sorted(r.id for r in queued)
+
+    sets = [[spec(9, f"set {i} #{k}") for k in range(2)] for i in range(6)]
+    results = await asyncio.gather(*(_submit_or_refusal(many[i % 3], s, 5) for i, s in enumerate(sets)))
+    accepted = [r for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, QueueLimitReached)]
+    assert len(accepted) == 2 and len(refused) == 4, results
+    assert all((e.queued, e.limit) == (4, 5) for e in refused)
+    line = [r.id for r in await one.queued() if r.spec.user_id == 9]
+    first, second = ([r.id for r in s] for s in accepted)
+    assert line in (first + second, second + first)
+
+
+async def test_sqlite_submit_many_that_fails_half_way_queues_nothing(tmp_path):
+    """The second job's insert fails (a channel id SQLite cannot store) after the first one's went
+    in: the transaction is rolled back whole."""
+    from engine.queue.sqlite import SQLiteJobQueue
+
+    q = SQLiteJobQueue(tmp_path / "q.db")
+    await q.start()
+    try:
+        await q.submit(spec(1, "before"))
+        before = await _snapshot(q, 1)
+        with pytest.raises(OverflowError):
+            await q.submit_many([spec(1, "ok"), spec(1, "too big", channel=2**63), spec(1, "after")], max_queued=9)
+        assert await _snapshot(q, 1) == before
+        assert [r.spec.prompt for r in await q.history(CHANNEL)] == ["before"]
+        rec = await q.submit(spec(1, "later"))  # and the queue goes on as before
+        assert [r.id for r in await q.queued()][-1] == rec.id and await q.position(rec.id) == 2
+    finally:
+        await q.close()
+
+
+async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
+    """The submit script re-sent with the same token (a reconnect retry) answers the same and queues
+    the batch once; a refusal re-sent is the same refusal."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    q = RedisJobQueue(redis_server.url, prefix=f"idem-{uuid.uuid4().hex[:8]}")
+    await q.start()
+    try:
+        def args(token: str, cap: str, *ids: str) -> list:
+            out = [q.prefix, token, repr(time.time()), q.keep_events, q.max_attempts, repr(q.lease), cap, "5", len(ids)]
+            for job_id in ids:
+                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), ""]
+            return out
+
+        batch = args("token-s1", "2", "job0000000a1", "job0000000a2")
+        assert await q._scripts["submit"](keys=[], args=batch) == b"ok"
+        assert await q._scripts["submit"](keys=[], args=batch) == b"ok"
+        assert await q.count_queued(5) == 2 and len(await all_events(q)) == 2
+        refused = args("token-s2", "2", "job0000000a3")
+        assert await q._scripts["submit"](keys=[], args=refused) == b"limit 2"
+        assert await q._scripts["submit"](keys=[], args=refused) == b"limit 2"
+        assert await q._scripts["submit"](keys=[], args=args("token-s3", "", "job0000000a1")) == b"exists"
+        assert await q.count_queued(5) == 2 and len(await all_events(q)) == 2
+        assert await q.get("job0000000a3") is None
+    finally:
+        await q.close()
 
 
 async def test_clear_cancels_every_queued_job(queue: JobQueue):

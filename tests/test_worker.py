@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine.generate import state_from_bytes
@@ -49,6 +51,23 @@ class Ends:
 
     def job_ended(self, record, state: str) -> None:
         self.ended.append((record.id, state))
+
+
+class Steps(Ends):
+    """Also counts the worker's steps (job-iterations: with one job at a time, that job's iteration)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def iterations(self, n: int) -> None:   # called on the GPU thread, after each step
+        self.count += n
+
+
+async def final_of(queue, job_id):
+    """The job's final picture and its kept logits (state.pt: fp16, engine.generate.compact_state)."""
+    state = state_from_bytes(await queue.get_artifact(job_id, "state.pt"))
+    return await queue.get_artifact(job_id, "final.png"), state["logits"]
 
 
 async def wait_state(queue, job_id, states, timeout=60.0):
@@ -165,7 +184,7 @@ async def test_a_failure_the_fence_refuses_is_not_counted_as_a_job_ending(queue,
 
 
 async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_checkpoint(queue, tiny_models):
-    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1)
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1, checkpoint_every=0)
     await worker.start()
     job = await queue.submit(spec(iterations=400, frame_every=4))
     while (cp := await queue.load_checkpoint(job.id)) is None or cp.iteration < 8:
@@ -187,6 +206,188 @@ async def test_a_stopped_worker_hands_its_job_back_and_another_resumes_from_the_
     assert resumed_at >= 8
 
 
+async def test_a_checkpoint_is_the_state_of_its_frame_though_the_worker_steps_on(queue, tiny_models, monkeypatch):
+    """The GPU thread takes a job's state at a frame and steps on while the asyncio side encodes
+    the PNG, publishes, then serialises the checkpoint. A checkpoint of iteration N must hold
+    iteration N's logits, Adam moments and RNG (live optimiser tensors gave a later step's moments).
+    Here a checkpoint is taken at every frame (checkpoint_every=0); the serialisation of the one at
+    iteration 4 waits until the GPU thread is 3 steps further on (as a large state does on a fast
+    GPU), the run loses its lease right after it is saved, resumes from it and ends exactly as an
+    uninterrupted run with the same seed."""
+    from engine import worker as worker_module
+
+    steps = Steps()
+    target: list[str] = []
+    ahead: list[int] = []   # how far the GPU thread was when the iteration-4 checkpoint was serialised
+    real_pack, real_save = worker_module.pack_checkpoint, queue.save_checkpoint
+
+    def pack_once_the_gpu_moved_on(state, frames_png):   # on a thread (asyncio.to_thread)
+        if target and state["iteration"] == 4 and not ahead:
+            deadline = time.monotonic() + 60
+            while steps.count < 4 + 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            ahead.append(steps.count - 4)
+        return real_pack(state, frames_png)   # the real serialisation
+
+    async def save_then_lose_the_lease(checkpoint, lease_id=None):
+        ok = await real_save(checkpoint, lease_id)
+        if ok and checkpoint.job_id in target and checkpoint.iteration == 4:
+            # As a lease that expired and was swept: this run's next write is refused and it stops.
+            assert await queue.release(checkpoint.job_id, lease_id) is True
+        return ok
+
+    monkeypatch.setattr(worker_module, "pack_checkpoint", pack_once_the_gpu_moved_on)
+    monkeypatch.setattr(queue, "save_checkpoint", save_then_lose_the_lease)
+    job_spec = dict(iterations=20, frame_every=2, seed=5)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=1, heartbeat_every=0.2,
+                      checkpoint_every=0, observer=steps):
+        reference = await queue.submit(spec(**job_spec))
+        await wait_state(queue, reference.id, {JobState.DONE})
+        steps.count = 0   # the GPU thread is idle: from here on, the target's iteration in its first run
+        job = await queue.submit(spec(**job_spec))
+        target.append(job.id)
+        record = await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
+    assert ahead and ahead[0] >= 3, ahead
+    events = await job_events(queue, job.id)
+    starts = [i for i, e in enumerate(events) if e.kind == EventKind.STARTED]
+    assert len(starts) == 2 and record.iteration == 20
+    second = starts[1]
+    after = [e.iteration for e in events[second:] if e.kind == EventKind.PROGRESS]
+    assert after == list(range(6, 21, 2))   # resumed from the checkpoint at 4
+    picture, logits = await final_of(queue, job.id)
+    ref_picture, ref_logits = await final_of(queue, reference.id)
+    assert picture == ref_picture
+    assert torch.allclose(logits.float(), ref_logits.float(), rtol=2 ** -10, atol=0)  # fp16 rounding of equal fp32
+
+
+async def test_a_checkpoint_holds_its_iteration_and_the_frames_up_to_it(queue, tiny_models, monkeypatch):
+    """Every checkpoint of a run whose GPU thread runs ahead of the asyncio side (a frame at every
+    step): Adam's step count is the checkpoint's iteration, and it carries frames 0..N, in order."""
+    from engine.worker import unpack_checkpoint
+
+    saved = []
+    real_save = queue.save_checkpoint
+
+    async def noting_save(checkpoint, lease_id=None):
+        saved.append(checkpoint)
+        return await real_save(checkpoint, lease_id)
+
+    monkeypatch.setattr(queue, "save_checkpoint", noting_save)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", checkpoint_every=0):
+        job = await queue.submit(spec(grid=4, cutn=1, iterations=12, frame_every=1))
+        await wait_state(queue, job.id, {JobState.DONE})
+    progress = {e.iteration: e.frame_png for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS}
+    assert [c.iteration for c in saved] == list(range(1, 12))
+    for checkpoint in saved:
+        state, frames = unpack_checkpoint(checkpoint.data)
+        n = checkpoint.iteration
+        assert state["iteration"] == n and int(state["optimizer"]["state"][0]["step"]) == n
+        assert frames == [progress[i] for i in range(n + 1)]
+
+
+async def test_a_stopping_worker_checkpoints_where_it_stopped_and_the_job_resumes_there(queue, tiny_models, monkeypatch):
+    """checkpoint_every far off: no timed checkpoint is taken. Stopping the worker snapshots the job
+    on the GPU thread after its current step, saves it (fenced by the run's lease) and hands the job
+    back; the next worker resumes at that iteration, not 0, and ends as an uninterrupted run."""
+    from engine.worker import unpack_checkpoint
+
+    saved: list[int] = []
+    real_save = queue.save_checkpoint
+
+    async def noting_save(checkpoint, lease_id=None):
+        saved.append(checkpoint.iteration)
+        return await real_save(checkpoint, lease_id)
+
+    monkeypatch.setattr(queue, "save_checkpoint", noting_save)
+    job_spec = dict(iterations=80, frame_every=4, seed=6)
+    steps = Steps()
+    w1 = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=3600,
+                observer=steps)
+    await w1.start()
+    try:
+        job = await queue.submit(spec(**job_spec))
+        while steps.count < 5:   # past frame 4: at least one step since the run's start
+            await asyncio.sleep(0.01)
+        assert saved == [] and await queue.load_checkpoint(job.id) is None
+    finally:
+        await w1.stop()
+    stopped_at = steps.count   # the GPU thread has been joined: the job's iteration
+    assert 5 <= stopped_at < 80
+    record = await queue.get(job.id)
+    assert record.state == JobState.QUEUED
+    checkpoint = await queue.load_checkpoint(job.id)
+    assert saved == [stopped_at] and checkpoint.iteration == stopped_at
+    state, frames = unpack_checkpoint(checkpoint.data)
+    assert state["iteration"] == stopped_at and len(frames) == stopped_at // 4 + 1
+
+    async with Worker(queue, lambda: tiny_models, worker_id="w2", heartbeat_every=0.2, checkpoint_every=3600):
+        record = await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
+        reference = await queue.submit(spec(**job_spec))   # the same job, never stopped
+        await wait_state(queue, reference.id, {JobState.DONE}, timeout=120)
+    assert saved == [stopped_at]   # w2 took none: no timed checkpoint was due
+    events = await job_events(queue, job.id)
+    second = [i for i, e in enumerate(events) if e.kind == EventKind.STARTED][1]
+    after = [e.iteration for e in events[second:] if e.kind == EventKind.PROGRESS]
+    assert after == list(range((stopped_at // 4 + 1) * 4, 81, 4))   # from where it stopped, not 0
+    progress = [e.iteration for e in events if e.kind == EventKind.PROGRESS]
+    assert progress == list(range(0, 81, 4))
+    picture, logits = await final_of(queue, job.id)
+    ref_picture, ref_logits = await final_of(queue, reference.id)
+    assert picture == ref_picture
+    assert torch.allclose(logits.float(), ref_logits.float(), rtol=2 ** -10, atol=0)
+
+
+async def test_mid_run_checkpoints_are_timed(queue, tiny_models, monkeypatch):
+    """checkpoint_every: a frame takes a checkpoint only once that many seconds have passed since
+    the run's last one (its start, for a new run); the finished job keeps none."""
+    saved: list[tuple[float, int]] = []
+    real_save = queue.save_checkpoint
+
+    async def noting_save(checkpoint, lease_id=None):
+        saved.append((asyncio.get_running_loop().time(), checkpoint.iteration))
+        return await real_save(checkpoint, lease_id)
+
+    monkeypatch.setattr(queue, "save_checkpoint", noting_save)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", checkpoint_every=0.5):
+        job = await queue.submit(spec(grid=4, iterations=150, frame_every=1))
+        started = asyncio.get_running_loop().time()
+        await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
+        took = asyncio.get_running_loop().time() - started
+    iterations = [i for _, i in saved]
+    assert iterations == sorted(set(iterations)) and 0 not in iterations and 150 not in iterations
+    assert 1 <= len(saved) <= took / 0.5 + 1, (saved, took)   # 150 frames; a checkpoint every 0.5 s at most
+    assert await queue.load_checkpoint(job.id) is None
+
+
+async def test_a_continue_whose_parent_state_does_not_fit_fails_alone_not_its_batch(queue, tiny_models):
+    """A parent's state.pt whose Adam moments do not fit its logits (a file from another version,
+    or damaged): the optimiser would only raise at the Continue's first step, which is a batched
+    step, and fail its companions too (each losing an attempt). It is refused when the slot is
+    built instead: the Continue fails alone, at once (bad input), the companion keeps running."""
+    from engine.generate import state_to_bytes
+
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.2):
+        parent = await queue.submit(spec(iterations=2))
+        await wait_state(queue, parent.id, {JobState.DONE})
+        state = state_from_bytes(await queue.get_artifact(parent.id, "state.pt"))
+        moments = state["optimizer"]["state"][0]
+        moments["exp_avg"] = moments["exp_avg"][..., :4, :4].clone()   # [1, 8192, 4, 4] for grid 8
+        await queue.put_artifact(parent.id, "state.pt", state_to_bytes(state))
+        companion = await queue.submit(spec("a blue boat", user=2, iterations=100_000, frame_every=5))
+        while not [e for e in await job_events(queue, companion.id) if e.kind == EventKind.PROGRESS]:
+            await asyncio.sleep(0.05)
+        cont = await queue.submit(spec(user=3, parent_job_id=parent.id, parent_kind="continue", iterations=4))
+        failed = await wait_state(queue, cont.id, {JobState.FAILED})
+        before = (await queue.get(companion.id)).iteration
+        while (record := await queue.get(companion.id)).iteration <= before:   # it steps on
+            assert record.state == JobState.RUNNING
+            await asyncio.sleep(0.05)
+        assert record.attempts == 1 and record.state == JobState.RUNNING
+        assert await queue.cancel(companion.id)
+        await wait_state(queue, companion.id, {JobState.CANCELLED})
+    assert failed.attempts == 1 and "does not fit" in failed.error, failed.error
+
+
 async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
     async with Worker(queue, lambda: tiny_models, worker_id="w1"):
         parent = await queue.submit(spec())
@@ -206,7 +407,7 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
 
 async def test_a_worker_that_lost_its_job_stops_it_and_overwrites_nothing(queue, tiny_models, caplog):
     # Heartbeats far apart: only the fenced writes (publish, save_checkpoint) can tell the worker.
-    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=30)
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=30, checkpoint_every=0)
     async with worker:
         job = await queue.submit(spec(iterations=100_000, frame_every=2))
         while await queue.load_checkpoint(job.id) is None:
@@ -279,7 +480,8 @@ async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(t
     monkeypatch.setattr(q, "claim", watching_claim)
     monkeypatch.setattr(q, "sweep", no_sweep)
     try:
-        worker = Worker(q, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.1)
+        worker = Worker(q, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.1,
+                        checkpoint_every=0)
         holder.append(worker)
         async with worker:
             job = await q.submit(spec(iterations=200, frame_every=2))
@@ -324,3 +526,60 @@ def test_keep_days_is_zero_for_never_or_at_least_an_hour(capsys):
     assert Worker(object(), lambda: None, keep_days=2).keep_days == 2
     with pytest.raises(ValueError, match=r"keep_days: must be 0 \(never prune\) or at least 0.04167 days"):
         Worker(object(), lambda: None, keep_days=0.0001)
+
+
+def test_checkpoint_every_is_seconds_zero_or_more(capsys):
+    """`checkpoint_every`: Worker(checkpoint_every=), `imagine-worker --checkpoint-every`, `[worker]
+    checkpoint_every`; 60 s unless set, 0 for a checkpoint at every frame, never negative."""
+    from bot.config import ConfigError, config_from_dict
+    from engine.worker import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--queue", "x.db"]).checkpoint_every == 60.0
+    for given, taken in (("0", 0.0), ("2.5", 2.5), ("600", 600.0)):
+        assert parse(["--queue", "x.db", "--checkpoint-every", given]).checkpoint_every == taken
+    for bad, message in (("-1", "must be 0 (every frame) or a number of seconds"),
+                         ("soon", "expected a number of seconds, got 'soon'")):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--queue", "x.db", "--checkpoint-every", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--checkpoint-every" in err and message in err, err
+    assert Worker(object(), lambda: None).checkpoint_every == 60.0
+    assert Worker(object(), lambda: None, checkpoint_every=0).checkpoint_every == 0.0
+    with pytest.raises(ValueError, match=r"checkpoint_every: must be 0 \(every frame\)"):
+        Worker(object(), lambda: None, checkpoint_every=-5)
+    assert config_from_dict({}).worker.checkpoint_every == 60.0
+    assert config_from_dict({"worker": {"checkpoint_every": 0}}).worker.checkpoint_every == 0.0
+    with pytest.raises(ConfigError, match=r"\[worker\] checkpoint_every: must not be negative"):
+        config_from_dict({"worker": {"checkpoint_every": -1}})
+
+
+async def test_a_job_claimed_as_the_worker_stops_is_handed_back_at_once(queue, tiny_models, monkeypatch):
+    """stop() cancels the claim loop; if the store has just committed a claim (its reply still on
+    the way: here held back after the real claim), the job goes back to the line at once, its
+    attempt not counted, instead of sitting RUNNING until a lease nobody renews expires."""
+    real_claim, committed = queue.claim, asyncio.Event()
+
+    async def slow_reply(worker_id, grids=None):
+        record = await real_claim(worker_id, grids)
+        if record is not None:
+            committed.set()
+            await asyncio.sleep(5)   # the reply still travelling when stop() comes
+        return record
+
+    monkeypatch.setattr(queue, "claim", slow_reply)
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1)
+    await worker.start()
+    try:
+        job = await queue.submit(spec())
+        await asyncio.wait_for(committed.wait(), 30)
+        assert (await queue.get(job.id)).state == JobState.RUNNING
+    finally:
+        await worker.stop()
+    record = await queue.get(job.id)
+    assert record.state == JobState.QUEUED and await queue.position(job.id) == 1
+    monkeypatch.setattr(queue, "claim", real_claim)
+    async with Worker(queue, lambda: tiny_models, worker_id="w2"):
+        record = await wait_state(queue, job.id, {JobState.DONE})
+    assert record.attempts == 1 and record.worker_id == "w2"

@@ -10,19 +10,56 @@ Options in the query string (both backends): `lease` (seconds, default 30), `max
 (seconds a write waits for another process's write lock, default 30). Other query parameters of a
 redis URL go to redis-py (`socket_timeout`, ...). The queue comes back unstarted: call
 `await queue.start()` (or `async with open_queue(url) as queue:`).
+
+A queue URL may hold a password (`redis://:PASSWORD@host:6379/0`): print or log it only through
+`redact_url(url)`, and an error message that may quote it through `redact_secrets(text, url)`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from engine.jobs import JobQueue
 
-__all__ = ["open_queue"]
+__all__ = ["open_queue", "redact_url", "redact_secrets"]
 
 _NUMERIC_OPTS = {"lease": float, "max_attempts": int}
 _SQLITE_OPTS = {**_NUMERIC_OPTS, "busy_timeout": float}
+
+
+# scheme://user:PASSWORD@rest: the password runs to the last "@" (a raw "@" or "/" in a password
+# is a malformed URL, but its text is still a secret); "sqlite:///a.db" has no user part.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):(.*)@([^@]*)$", re.S)
+_PASSWORD_OPTION = re.compile(r"([?&]password=)[^&#]*", re.I)   # redis-py also takes ?password=
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for logs and messages:
+    `redis://user:s3cret@host:6379/0` -> `redis://user:***@host:6379/0` (also `?password=...`).
+    Never raises, whatever the URL looks like."""
+    url = str(url)
+    url = _USERINFO.sub(lambda m: f"{m.group(1)}:***@{m.group(3)}", url, count=1)
+    return _PASSWORD_OPTION.sub(r"\1***", url)
+
+
+def _passwords(url: str) -> set[str]:
+    url = str(url)
+    m = _USERINFO.match(url)
+    found = {m.group(2)} if m else set()
+    query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
+    found.update(v for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() == "password")
+    return found | {unquote(p) for p in found}
+
+
+def redact_secrets(text: str, url: str) -> str:
+    """`text` (an error message, say) with `url` and its password masked wherever they appear."""
+    text = str(text).replace(str(url), redact_url(url))
+    for password in sorted(_passwords(url), key=len, reverse=True):
+        if len(password) >= 3:   # shorter: masking it would garble the message and hide little
+            text = text.replace(password, "***")
+    return _PASSWORD_OPTION.sub(r"\1***", text)
 
 
 def _split_options(query: str, names: set[str]) -> tuple[dict[str, str], str]:
@@ -63,4 +100,4 @@ def open_queue(url: str, **kwargs: Any) -> JobQueue:
             raise ValueError(f"no database path in {url!r}")
         options.update(kwargs)
         return SQLiteJobQueue(path, **options)
-    raise ValueError(f"unsupported queue url {url!r} (use sqlite:///file.db, a path, or redis://host:port/db)")
+    raise ValueError(f"unsupported queue url {redact_url(url)!r} (use sqlite:///file.db, a path, or redis://host:port/db)")

@@ -11,7 +11,8 @@ What SAQ (0.26) gives us, and what it does not:
   Lua without cjson turning 64-bit Discord ids into doubles). SAQ's notifications are pub/sub (lost
   while the bot is down); we need a durable, ordered event log.
 * So the line, the records, leases and events are ours, and every state change is one Lua script
-  (atomic, so two claimers never take the same job; claim() sweeps expired leases first). Records
+  (atomic, so two claimers never take the same job; claim() sweeps expired leases first;
+  `submit_many` checks the user's cap of queued jobs and queues the whole batch in one). Records
   are hashes (the spec is an opaque JSON string Lua never parses); the event log is a Redis stream
   whose entry ids are `<seq>-0`, so XREAD BLOCK is the long-poll and `seq` is monotonic for every
   process; frames live beside it in a hash capped at `keep_frames`.
@@ -65,6 +66,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from saq.queue.redis import RedisQueue
 
+from engine.queue import redact_url
 from engine.jobs import (
     Checkpoint,
     EventKind,
@@ -72,6 +74,8 @@ from engine.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    QueueLimitReached,
+    batch_user,
     is_upload_id,
     new_job_id,
     new_lease_id,
@@ -216,27 +220,43 @@ return res
 """
 
 _SCRIPTS: dict[str, str] = {
-    # id, user, channel, grid, total, spec, uploads it names (space-separated, '' = none)
+    # max_queued ('' = no cap), user, n, then n times: id, channel, grid, total, spec, uploads it
+    # names (space-separated, '' = none) -> 'ok', 'limit <queued>' (nothing written) or 'exists'
+    # (an id taken: nothing written). All or nothing: every check comes before the first write.
     "submit": r"""
-  local id, uid, chan = ARGV[7], ARGV[8], ARGV[9]
-  local j = jk(id)
-  if redis.call('EXISTS', j) == 1 then return 'exists' end
-  local q = nextc()
-  redis.call('HSET', j, 'id', id, 'spec', ARGV[12], 'user', uid, 'channel', chan, 'grid', ARGV[10],
-    'total', ARGV[11], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
-    'delivered', '0', 'cancel_requested', '0', 'qseq', q)
-  if ARGV[13] ~= '' then
-    redis.call('HSET', j, 'refs', ARGV[13])
-    for u in string.gmatch(ARGV[13], '%S+') do  -- named by a job: not prunable while it is stored
-      redis.call('SADD', P .. ':refs:' .. u, id)
-      redis.call('ZREM', P .. ':uploads', u)
-    end
+  local uid, n = ARGV[8], tonumber(ARGV[9])
+  local lk = P .. ':line:' .. uid
+  if ARGV[7] ~= '' then
+    local queued = redis.call('ZCARD', lk)  -- what count_queued(user) counts
+    if queued + n > tonumber(ARGV[7]) then return 'limit ' .. queued end
   end
-  if not redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
-  redis.call('ZADD', P .. ':line:' .. uid, q, id)
-  redis.call('SADD', P .. ':qall', id)
-  redis.call('ZADD', P .. ':hist:' .. chan, nextc(), id)
-  emit(id, 'queued')
+  local seen = {}
+  for k = 0, n - 1 do
+    local id = ARGV[10 + 6 * k]
+    if seen[id] or redis.call('EXISTS', jk(id)) == 1 then return 'exists' end
+    seen[id] = true
+  end
+  for k = 0, n - 1 do
+    local a = 10 + 6 * k
+    local id, chan, refs = ARGV[a], ARGV[a + 1], ARGV[a + 5]
+    local j = jk(id)
+    local q = nextc()
+    redis.call('HSET', j, 'id', id, 'spec', ARGV[a + 4], 'user', uid, 'channel', chan, 'grid', ARGV[a + 2],
+      'total', ARGV[a + 3], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
+      'delivered', '0', 'cancel_requested', '0', 'qseq', q)
+    if refs ~= '' then
+      redis.call('HSET', j, 'refs', refs)
+      for u in string.gmatch(refs, '%S+') do  -- named by a job: not prunable while it is stored
+        redis.call('SADD', P .. ':refs:' .. u, id)
+        redis.call('ZREM', P .. ':uploads', u)
+      end
+    end
+    if not redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
+    redis.call('ZADD', lk, q, id)
+    redis.call('SADD', P .. ':qall', id)
+    redis.call('ZADD', P .. ':hist:' .. chan, nextc(), id)
+    emit(id, 'queued')
+  end
   return 'ok'
 """,
     # worker, lease (a fresh token), ngrids (-1: any), grids...
@@ -565,7 +585,7 @@ class RedisJobQueue:
         self._started_ms = int(time.time() * 1000)
 
     def __repr__(self) -> str:
-        return f"RedisJobQueue({self.url!r}, prefix={self.prefix!r})"
+        return f"RedisJobQueue({redact_url(self.url)!r}, prefix={self.prefix!r})"
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -680,20 +700,34 @@ class RedisJobQueue:
 
     # --- the bot side ---------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> JobRecord:
-        record = JobRecord(id=new_job_id(), spec=spec)
-        await self._run(
-            "submit",
-            record.id,
-            str(int(spec.user_id)),
-            str(int(spec.channel_id)),
-            str(int(spec.grid)),
-            str(int(spec.iterations)),
-            json.dumps(spec.to_dict()),
-            " ".join(upload_refs(spec)),
-            now=record.created_at,
-        )
-        return record
+    async def submit(self, spec: JobSpec, *, max_queued: int | None = None) -> JobRecord:
+        return (await self.submit_many([spec], max_queued=max_queued))[0]
+
+    async def submit_many(self, specs: Sequence[JobSpec], *, max_queued: int | None = None) -> list[JobRecord]:
+        """Queue every spec in order in one Lua script (all or nothing). With `max_queued`, the script
+        counts the user's line first: over the cap, QueueLimitReached and nothing is written."""
+        specs = list(specs)
+        user_id = batch_user(specs)
+        if user_id is None:
+            return []
+        cap = "" if max_queued is None else str(int(max_queued))
+        data = [
+            (str(int(s.channel_id)), str(int(s.grid)), str(int(s.iterations)), json.dumps(s.to_dict()),
+             " ".join(upload_refs(s)))
+            for s in specs
+        ]
+        while True:
+            now = time.time()
+            records = [JobRecord(id=new_job_id(), spec=s, created_at=now) for s in specs]
+            args: list[Any] = [cap, str(user_id), len(records)]
+            for record, fields in zip(records, data):
+                args += [record.id, *fields]
+            reply = await self._run("submit", *args, now=now)
+            if reply != "exists":  # a job id already taken (48 random bits): new ids, and again
+                break
+        if reply.startswith("limit "):
+            raise QueueLimitReached(int(reply.split()[1]), int(cap))
+        return records
 
     async def get(self, job_id: str) -> JobRecord | None:
         client = self._client()

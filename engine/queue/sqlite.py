@@ -1,7 +1,8 @@
 """SQLite backend of `JobQueue`: one file, WAL, aiosqlite; the embedded default.
 
 Several processes (or several `SQLiteJobQueue`s) may share the file: every state change is one
-`BEGIN IMMEDIATE` transaction (SQLite's write lock), so two claimers never take the same job.
+`BEGIN IMMEDIATE` transaction (SQLite's write lock), so two claimers never take the same job, and
+`submit_many` counts the user's queued jobs against `max_queued` and queues the batch in one.
 
 The fair line is computed, not stored: queued jobs carry `qseq` (FIFO within a user; negative for
 a job put back at the front) and each user with queued jobs has a `rotation.rpos` (users' turn
@@ -36,7 +37,7 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Sequence
 
 import aiosqlite
 
@@ -47,7 +48,9 @@ from engine.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    QueueLimitReached,
     UPLOAD_PREFIX,
+    batch_user,
     is_upload_id,
     new_job_id,
     new_lease_id,
@@ -461,37 +464,61 @@ class SQLiteJobQueue:
 
     # --- the bot side ---------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> JobRecord:
-        record = JobRecord(id=new_job_id(), spec=spec)
-        spec_json = json.dumps(spec.to_dict())
+    async def submit(self, spec: JobSpec, *, max_queued: int | None = None) -> JobRecord:
+        return (await self.submit_many([spec], max_queued=max_queued))[0]
+
+    async def submit_many(self, specs: Sequence[JobSpec], *, max_queued: int | None = None) -> list[JobRecord]:
+        """Queue every spec in order, all in one write transaction (all or nothing). With `max_queued`,
+        the user's QUEUED jobs are counted inside it too (the write lock held: no other process can
+        queue in between): over the cap, QueueLimitReached and nothing is written."""
+        specs = list(specs)
+        user_id = batch_user(specs)
+        if user_id is None:
+            return []
+        now = time.time()
+        records = [JobRecord(id=new_job_id(), spec=spec, created_at=now) for spec in specs]
+        spec_json = [json.dumps(spec.to_dict()) for spec in specs]  # before taking the write lock
         async with self._tx() as db:
-            in_line = await self._fetchone(
-                db, "SELECT 1 FROM jobs WHERE state = 'queued' AND user_id = ? LIMIT 1", (int(spec.user_id),)
-            )
-            if in_line is None:  # entering the line: the back of the users' turn order
-                await db.execute(
-                    "INSERT INTO rotation(user_id, rpos) VALUES (?, ?)"
-                    " ON CONFLICT(user_id) DO UPDATE SET rpos = excluded.rpos",
-                    (int(spec.user_id), await self._next(db)),
+            if max_queued is not None:
+                row = await self._fetchone(
+                    db, "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND user_id = ?", (user_id,)
                 )
-            await db.execute(
-                "INSERT INTO jobs(id, spec, user_id, channel_id, grid, total, state, created_at, qseq)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (
-                    record.id,
-                    spec_json,
-                    int(spec.user_id),
-                    int(spec.channel_id),
-                    int(spec.grid),
-                    int(spec.iterations),
-                    record.created_at,
-                    await self._next(db),
-                ),
-            )
-            await self._add_refs(db, record.id, spec)  # its uploads stay while the job does
-            await self._emit(db, record.id, EventKind.QUEUED)
+                queued = int(row[0]) if row else 0
+                if queued + len(records) > int(max_queued):
+                    raise QueueLimitReached(queued, int(max_queued))  # _tx rolls back: nothing written
+            for record, data in zip(records, spec_json):
+                await self._insert_job(db, record, data)
         self._wake()
-        return record
+        return records
+
+    async def _insert_job(self, db: aiosqlite.Connection, record: JobRecord, spec_json: str) -> None:
+        """One queued job at the back of its user's line, with its upload references and QUEUED event."""
+        spec = record.spec
+        in_line = await self._fetchone(
+            db, "SELECT 1 FROM jobs WHERE state = 'queued' AND user_id = ? LIMIT 1", (int(spec.user_id),)
+        )
+        if in_line is None:  # entering the line: the back of the users' turn order
+            await db.execute(
+                "INSERT INTO rotation(user_id, rpos) VALUES (?, ?)"
+                " ON CONFLICT(user_id) DO UPDATE SET rpos = excluded.rpos",
+                (int(spec.user_id), await self._next(db)),
+            )
+        await db.execute(
+            "INSERT INTO jobs(id, spec, user_id, channel_id, grid, total, state, created_at, qseq)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (
+                record.id,
+                spec_json,
+                int(spec.user_id),
+                int(spec.channel_id),
+                int(spec.grid),
+                int(spec.iterations),
+                record.created_at,
+                await self._next(db),
+            ),
+        )
+        await self._add_refs(db, record.id, spec)  # its uploads stay while the job does
+        await self._emit(db, record.id, EventKind.QUEUED)
 
     async def get(self, job_id: str) -> JobRecord | None:
         row = await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))

@@ -1,0 +1,219 @@
+"""/queue across servers: one queue serves every server the bot is in, and each server's admins
+manage only their own server's jobs. `show` lists this server's jobs (places counted in the whole
+line), `cancel` of another server's job reads as an unknown id, `clear` cancels this server's jobs,
+`limit` is per server, and `pause` / `resume` (every server at once) are the bot owner's alone.
+
+Two guilds of the fake: A (the primary one) and B. Alice is the application's owner and an admin of
+both; Carol is an admin of B only; Bob is a plain member of both.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.queue_admin import USER_LIMIT_KEY, in_scope, show_text, user_limit_key
+from engine.jobs import JobRecord, JobSpec, JobState
+from tests.test_bot_support import EPHEMERAL, JOB_ID_RE, ephemeral_answer, harness  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _queue(h, prompt, *, user, guild_id):
+    inter = await h.fd.send_slash_command("imagine", {"prompt": prompt}, user=user, guild_id=guild_id)
+    await h.fd.wait_for_response(inter)
+    return h.job_id(await h.reply_of(inter))
+
+
+async def _two_servers(h):
+    """Guild B and Carol (B's admin, not the bot's owner), then the bot without a worker: jobs stay queued."""
+    fd = h.fd
+    b = fd.add_guild("Other Guild")
+    carol = fd.add_user("carol", admin=True, guild_id=b.id)
+    await h.start(worker=False)
+    return fd.guild_id, b.id, carol
+
+
+async def _states(h, ids):
+    return {job_id: (await h.queue.get(job_id)).state for job_id in ids}
+
+
+async def test_show_lists_only_this_servers_jobs_with_their_places_in_the_whole_line(harness):
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    alice, bob = fd.admin_user, fd.member_user
+    jobs = {
+        "a-run": await _queue(h, "apple running", user=bob, guild_id=a),
+        "b-one": await _queue(h, "banana one", user=carol, guild_id=b),
+        "a-one": await _queue(h, "apricot one", user=alice, guild_id=a),
+        "b-two": await _queue(h, "blueberry two", user=bob, guild_id=b),
+    }
+    claimed = await h.queue.claim("test-gpu")
+    assert claimed.id == jobs["a-run"]
+    line = [r.id for r in await h.queue.queued()]   # the shared line, in claim order
+    assert sorted(line) == sorted([jobs["b-one"], jobs["a-one"], jobs["b-two"]])
+    place = {job_id: n for n, job_id in enumerate(line, 1)}
+
+    text = await ephemeral_answer(h, "queue show", guild_id=a)           # Bob in A
+    assert f"▶ `{jobs['a-run']}` apple running · <@{bob['id']}> · 0/" in text
+    assert f"**#{place[jobs['a-one']]}** `{jobs['a-one']}` apricot one · <@{alice['id']}>" in text
+    for key in ("b-one", "b-two"):
+        assert jobs[key] not in text
+    assert "banana" not in text and "blueberry" not in text and f"<@{carol['id']}>" not in text
+    assert "Not shown: 2 waiting jobs of other servers." in text, text
+
+    text = await ephemeral_answer(h, "queue show", guild_id=b, user=carol)   # Carol in B
+    for key, prompt in (("b-one", "banana one"), ("b-two", "blueberry two")):
+        assert f"**#{place[jobs[key]]}** `{jobs[key]}` {prompt}" in text, text
+    assert jobs["a-run"] not in text and jobs["a-one"] not in text and "apple" not in text
+    assert "apricot" not in text and "▶" not in text
+    assert "Not shown: 1 waiting and 1 running jobs of other servers." in text, text
+
+    # A server with nothing in the line says so, and what waits elsewhere.
+    for job_id in (jobs["b-one"], jobs["b-two"]):
+        assert await h.queue.cancel(job_id)
+    text = await ephemeral_answer(h, "queue show", guild_id=b)
+    assert text.startswith("No job of this server is in the line.")
+    assert "Not shown: 1 waiting and 1 running jobs of other servers." in text
+    fd.assert_clean()
+
+
+async def test_cancel_of_another_servers_job_reads_as_an_unknown_id(harness):
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    alice, bob = fd.admin_user, fd.member_user
+    a_alice = await _queue(h, "apricot", user=alice, guild_id=a)
+    b_carol = await _queue(h, "banana", user=carol, guild_id=b)
+    b_bob = await _queue(h, "blueberry", user=bob, guild_id=b)
+    before = await _states(h, [a_alice, b_carol, b_bob])
+
+    unknown = await ephemeral_answer(h, "queue cancel", {"job": "0123456789ab"}, guild_id=b, user=carol)
+    assert "There is no job" in unknown
+    # Carol (B's admin) on A's job, and Alice (A's admin, and B's too) on B's job from A: not confirmed.
+    text = await ephemeral_answer(h, "queue cancel", {"job": a_alice}, guild_id=b, user=carol)
+    assert text == unknown.replace("0123456789ab", a_alice)
+    text = await ephemeral_answer(h, "queue cancel", {"job": b_carol}, guild_id=a, user=alice)
+    assert text == unknown.replace("0123456789ab", b_carol)
+    # Bob (no admin anywhere) on another server's job: the same answer, not "only the author".
+    text = await ephemeral_answer(h, "queue cancel", {"job": b_carol}, guild_id=a, user=bob)
+    assert text == unknown.replace("0123456789ab", b_carol)
+    assert await _states(h, [a_alice, b_carol, b_bob]) == before
+
+    # His own job, wherever he asks from; and B's admin cancels B's jobs.
+    text = await ephemeral_answer(h, "queue cancel", {"job": b_bob}, guild_id=a, user=bob)
+    assert text == f"Cancelled job `{b_bob}`."
+    text = await ephemeral_answer(h, "queue cancel", {"job": b_carol}, guild_id=b, user=carol)
+    assert text == f"Cancelled job `{b_carol}`."
+    assert await _states(h, [a_alice, b_carol, b_bob]) == {
+        a_alice: JobState.QUEUED, b_carol: JobState.CANCELLED, b_bob: JobState.CANCELLED}
+    fd.assert_clean()
+
+
+async def test_clear_cancels_only_this_servers_queued_jobs(harness):
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    alice, bob = fd.admin_user, fd.member_user
+    a_running = await _queue(h, "apple", user=bob, guild_id=a)
+    b_running = await _queue(h, "banana", user=carol, guild_id=b)
+    assert {(await h.queue.claim("test-gpu")).id for _ in range(2)} == {a_running, b_running}
+    a_ids = [await _queue(h, f"apricot {i}", user=user, guild_id=a) for i, user in enumerate((alice, bob))]
+    b_ids = [await _queue(h, f"blueberry {i}", user=user, guild_id=b) for i, user in enumerate((carol, bob))]
+
+    text = await ephemeral_answer(h, "queue clear", guild_id=b, user=carol)
+    assert text == "Cleared this server's jobs from the line: 2 jobs cancelled."
+    states = await _states(h, [a_running, b_running, *a_ids, *b_ids])
+    assert states == {a_running: JobState.RUNNING, b_running: JobState.RUNNING,    # running ones go on
+                      **{j: JobState.QUEUED for j in a_ids}, **{j: JobState.CANCELLED for j in b_ids}}
+    assert (await h.queue.get(b_running)).cancel_requested is False
+    assert "0 jobs cancelled" in await ephemeral_answer(h, "queue clear", guild_id=b, user=carol)
+    assert sorted(r.id for r in await h.queue.queued()) == sorted(a_ids)
+    fd.assert_clean()
+
+
+async def test_pause_and_resume_are_the_bot_owners_alone(harness):
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    for name in ("queue pause", "queue resume"):
+        inter = await fd.send_slash_command(name, {}, guild_id=b, user=carol)   # B's admin, not the owner
+        await fd.wait_for_response(inter)
+        data = inter.response["data"]
+        assert inter.response_type == 4 and data["flags"] & EPHEMERAL
+        assert "Only the bot's owner" in data["content"] and "every server" in data["content"]
+    assert await h.queue.get_setting("paused") is None
+
+    # Alice owns the application (the fake's GET /oauth2/applications/@me names her).
+    text = await ephemeral_answer(h, "queue pause", guild_id=b, user=fd.admin_user)
+    assert text.startswith("Paused for every server") and await h.queue.get_setting("paused") is True
+    assert "paused** for every server" in await ephemeral_answer(h, "queue show", guild_id=a)
+    assert "Only the bot's owner" in await ephemeral_answer(h, "queue resume", guild_id=b, user=carol)
+    assert await h.queue.get_setting("paused") is True
+    assert "Resumed" in await ephemeral_answer(h, "queue resume", guild_id=a, user=fd.admin_user)
+    assert await h.queue.get_setting("paused") is False
+    fd.assert_clean()
+
+
+async def test_limit_is_per_server(harness):
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    assert await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b, user=carol) == (
+        "Each person may now have 1 job waiting in this server.")
+    assert await h.queue.get_setting(user_limit_key(b)) == 1
+    assert await h.queue.get_setting(user_limit_key(a)) is None
+    assert await h.queue.get_setting(USER_LIMIT_KEY) is None
+    assert [await h.bot.user_limit(g) for g in (a, b, None)] == [5, 1, 5]   # 5: [queue] max_queued_per_user
+    assert "1 job waiting in this server" in await ephemeral_answer(h, "queue show", guild_id=b)
+    assert "5 jobs waiting in this server" in await ephemeral_answer(h, "queue show", guild_id=a)
+
+    assert "2 jobs" in await ephemeral_answer(h, "queue limit", {"n": 2}, guild_id=a, user=fd.admin_user)
+    assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 5]
+    # A server's setting wins over the global one (which no command sets), and that over the config.
+    await h.queue.set_setting(USER_LIMIT_KEY, 4)
+    assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 4]
+    # Refusals: out of range, and not an admin of this server.
+    assert "between 1 and 100" in await ephemeral_answer(h, "queue limit", {"n": 0}, guild_id=b, user=carol)
+    assert "Only admins" in await ephemeral_answer(h, "queue limit", {"n": 9}, guild_id=b)   # Bob
+    assert [await h.bot.user_limit(g) for g in (a, b)] == [2, 1]
+    fd.assert_clean()
+
+
+async def test_imagine_honours_the_servers_limit(harness):
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b, user=carol)
+    await _queue(h, "banana", user=fd.member_user, guild_id=b)
+    # B's cap is 1 and Bob has 1 waiting: refused in B ...
+    text = await ephemeral_answer(h, "imagine", {"prompt": "blueberry"}, guild_id=b)
+    assert "the limit is 1" in text
+    # ... while A keeps the configured 5 (his waiting jobs are counted across servers).
+    await _queue(h, "apricot", user=fd.member_user, guild_id=a)
+    assert await h.queue.count_queued(int(fd.member_user["id"])) == 2
+    fd.assert_clean()
+
+
+def _record(job_id, guild_id, user_id, prompt="x", state=JobState.QUEUED):
+    return JobRecord(id=job_id, spec=JobSpec(prompt=prompt, user_id=user_id, guild_id=guild_id, iterations=10),
+                     state=state)
+
+
+async def test_show_in_direct_messages_lists_only_the_callers_own_jobs():
+    """The /queue group is guild-only today; should it ever answer in DMs (guild None), the caller
+    sees their own jobs only."""
+    line = [_record("a1", 1, 7, "seven in A"), _record("d1", None, 8, "eight in DM"),
+            _record("b1", 2, 8, "eight in B"), _record("b2", 2, 9, "nine in B")]
+    assert [r.id for r in line if in_scope(r, None, 8)] == ["d1", "b1"]
+    assert [r.id for r in line if in_scope(r, 2, 8)] == ["b1", "b2"]
+    text = show_text([], line, None, 8, paused=False, limit=3)
+    assert "**#2** `d1` eight in DM" in text and "**#3** `b1` eight in B" in text
+    assert "a1" not in text and "b2" not in text and "nine" not in text
+    assert "Not shown: 2 waiting jobs of other people." in text
+    assert JOB_ID_RE.search(text) is None   # ids are shown as `code`, never as "job <id>"
+    assert show_text([], [], None, 8, paused=False, limit=3).startswith("The line is empty.")
+    # A long line is cut to whole entries and says how many are left out.
+    many = [_record(f"j{i:02d}", 1, 7, "y" * 200) for i in range(40)]
+    text = show_text([], many, 1, 7, paused=True, limit=3)
+    assert len(text) <= 2000 and "more of this server." in text and text.endswith("in this server.")
