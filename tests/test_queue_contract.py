@@ -555,6 +555,29 @@ async def test_the_cap_holds_when_submits_race(queue_factory: QueueFactory):
     assert line in (first + second, second + first)
 
 
+async def test_sqlite_reads_are_answered_while_a_large_write_holds_the_file(tmp_path):
+    """A full-size checkpoint takes the file's write lock for seconds; the bot's quick reads before
+    it answers Discord (3 s) must not wait for it: they use the reader connection (WAL)."""
+    from engine.queue.sqlite import SQLiteJobQueue
+
+    q = SQLiteJobQueue(tmp_path / "q.db")
+    await q.start()
+    try:
+        job = await q.submit(spec(1, "a house"))
+        blob = os.urandom(192 * 2**20)   # a grid-64 state.pt, as the worker keeps it
+        write = asyncio.create_task(q.put_artifact(job.id, "state.pt", blob))
+        await asyncio.sleep(0.01)        # the write has the connection (and soon the file)
+        reads = 0
+        while not write.done():
+            assert await q.count_queued(1) == 1 and (await q.get(job.id)).state == JobState.QUEUED
+            reads += 1
+        await write
+        assert reads >= 2, "every read waited for the write"
+        assert await q.get_artifact(job.id, "state.pt") == blob
+    finally:
+        await q.close()
+
+
 async def test_sqlite_submit_many_that_fails_half_way_queues_nothing(tmp_path):
     """The second job's insert fails (a channel id SQLite cannot store) after the first one's went
     in: the transaction is rolled back whole."""

@@ -208,6 +208,13 @@ class SQLiteJobQueue:
         self.busy_timeout = float(busy_timeout)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # Reads go through a second connection: in WAL mode a read never waits for a write, and a
+        # write can hold the file for seconds (a full-size checkpoint is 96-384 MiB). On one
+        # connection the bot's quick checks before it answers Discord (which gives it 3 s) would
+        # queue behind the worker's checkpoint. ":memory:" has one connection (a second would
+        # open another, empty database).
+        self._reader: aiosqlite.Connection | None = None
+        self._read_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._published = asyncio.Event()
 
@@ -252,7 +259,17 @@ class SQLiteJobQueue:
                         "nothing was changed: start again"
                     ) from exc
                 raise
-            self._db = db
+            reader = db
+            if self.path != ":memory:":
+                try:
+                    reader = await aiosqlite.connect(self.path, isolation_level=None)
+                    reader.row_factory = aiosqlite.Row
+                    await reader.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await db.close()
+                    raise
+            self._reader, self._db = reader, db
 
     async def _create_schema(self, tx: aiosqlite.Connection) -> None:
         """The tables, and the migrations a file made by an older version needs (inside `start`'s transaction)."""
@@ -305,6 +322,10 @@ class SQLiteJobQueue:
 
     async def close(self) -> None:
         db, self._db = self._db, None
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not db:
+            async with self._read_lock:
+                await reader.close()
         if db is not None:
             async with self._lock:
                 await db.close()
@@ -338,8 +359,15 @@ class SQLiteJobQueue:
             await db.execute("COMMIT")
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        async with self._lock:
-            async with self._conn().execute(sql, tuple(params)) as cur:
+        """A read outside any write transaction: the reader connection (its own snapshot of
+        what has been committed), so it never waits behind a write."""
+        reader = self._reader
+        if reader is None or reader is self._db:
+            async with self._lock:
+                async with self._conn().execute(sql, tuple(params)) as cur:
+                    return list(await cur.fetchall())
+        async with self._read_lock:
+            async with reader.execute(sql, tuple(params)) as cur:
                 return list(await cur.fetchall())
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
