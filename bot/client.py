@@ -107,15 +107,14 @@ class ImagineBot(commands.AutoShardedBot):
 
     async def user_limit(self, guild_id: int | None = None) -> int:
         """How many waiting jobs one person may have when queueing in `guild_id`: that server's
-        `/queue limit` (setting `bot.max_queued_per_user:<guild_id>`), else the global setting
-        `bot.max_queued_per_user` (no command sets it; an operator may), else `[queue]
-        max_queued_per_user`. Without a guild (direct messages, or a caller that does not pass one)
-        only the global values count. The person's waiting jobs are counted across every server."""
-        from bot.queue_admin import USER_LIMIT_KEY, user_limit_key
+        `/queue limit` (setting `bot.max_queued_per_user:<guild_id>`), else `[queue]
+        max_queued_per_user` (also without a guild: direct messages). The global setting that
+        earlier versions' `/queue limit` wrote is ignored: one server's admin set it for all. The
+        person's waiting jobs are counted across every server."""
+        from bot.queue_admin import user_limit_key
 
-        keys = ([user_limit_key(guild_id)] if guild_id is not None else []) + [USER_LIMIT_KEY]
-        for key in keys:
-            value = await self.queue.get_setting(key, None)
+        if guild_id is not None:
+            value = await self.queue.get_setting(user_limit_key(guild_id), None)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
                 return value
         return self.config.queue.max_queued_per_user

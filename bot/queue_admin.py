@@ -9,8 +9,7 @@ used in (the caller's own jobs in direct messages):
   of other servers are never confirmed;
 - `clear` (admins): cancels this server's waiting jobs only;
 - `limit <n>` (admins): this server's cap of waiting jobs per person (setting
-  `bot.max_queued_per_user:<guild_id>`; without one, the global setting `bot.max_queued_per_user`
-  if an operator stored one, then `[queue] max_queued_per_user`);
+  `bot.max_queued_per_user:<guild_id>`; without one, `[queue] max_queued_per_user`);
 - `pause` / `resume`: they stop or start every worker for every server, so only the bot's owner
   (the application's owner, or its team's admins and developers) may use them.
 
@@ -34,7 +33,7 @@ from engine.jobs import JobRecord, JobState
 if TYPE_CHECKING:
     from bot.client import ImagineBot
 
-USER_LIMIT_KEY = "bot.max_queued_per_user"   # global (operator) value; no command sets it
+USER_LIMIT_KEY = "bot.max_queued_per_user"   # global; written by earlier versions, read by none now
 SHOW_MAX = 20
 CONTENT_LIMIT = 2000
 

@@ -125,7 +125,7 @@ def queued_text(record: JobRecord, position: int | None, paused: bool = False) -
     else:
         status = f"Queued: #{position} in line."
     if paused:
-        status += " The queue is paused; it will start when an admin resumes it."
+        status += " The queue is paused; it will start when the bot's owner resumes it."
     return _compose(record.spec, status, record.id)
 
 

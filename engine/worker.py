@@ -230,6 +230,28 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # The leases stay ours until each job is handed back: saving full-size checkpoints one
+        # after another can take longer than a lease, and a job swept meanwhile would lose an
+        # attempt and resume from an older checkpoint.
+        keeper = asyncio.create_task(self._keep_leases(), name="worker-stop-leases")
+        try:
+            await self._hand_back()
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            for run in list(self.running.values()):
+                try:
+                    await self.queue.heartbeat(run.record.id, run.lease)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the lease may survive the outage
+                    log.warning("heartbeat for %s failed while stopping", run.record.id, exc_info=True)
+
+    async def _hand_back(self) -> None:
         stopped = True
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)

@@ -170,9 +170,9 @@ async def test_limit_is_per_server(harness):
 
     assert "2 jobs" in await ephemeral_answer(h, "queue limit", {"n": 2}, guild_id=a, user=fd.admin_user)
     assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 5]
-    # A server's setting wins over the global one (which no command sets), and that over the config.
+    # The global setting an earlier version's /queue limit wrote (one server's admin, for all) is ignored.
     await h.queue.set_setting(USER_LIMIT_KEY, 4)
-    assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 4]
+    assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 5]
     # Refusals: out of range, and not an admin of this server.
     assert "between 1 and 100" in await ephemeral_answer(h, "queue limit", {"n": 0}, guild_id=b, user=carol)
     assert "Only admins" in await ephemeral_answer(h, "queue limit", {"n": 9}, guild_id=b)   # Bob

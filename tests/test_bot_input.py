@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from bot import moderation
-from bot.queue_admin import USER_LIMIT_KEY
+from bot.queue_admin import user_limit_key
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord
 from tests.test_bot_support import (  # noqa: F401 - the fixture
@@ -296,7 +296,7 @@ async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download
     assert len(fd.cdn_requests) == 2
 
     # At the cap: refused before anything is downloaded, for a plain prompt and for a set.
-    await h.queue.set_setting(USER_LIMIT_KEY, 3)
+    await h.queue.set_setting(user_limit_key(fd.guild_id), 3)
     for prompt, why in [("a boat", "You already have 3 jobs waiting"), ("a {red, blue} boat", "only 0 more")]:
         inter = await fd.send_slash_command("imagine", {"prompt": prompt, "image": picture})
         await fd.wait_for_response(inter)

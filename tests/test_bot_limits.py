@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.queue_admin import USER_LIMIT_KEY
+from bot.queue_admin import user_limit_key
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord
 from tests.test_bot_support import (  # noqa: F401 - the fixture
@@ -235,7 +235,7 @@ async def test_two_commands_racing_for_the_last_place_queue_only_one(harness, pr
     await h.start(worker=False)   # the queued jobs stay queued
     fd = h.fd
     size = 2 if "{" in prompt else 1
-    await h.queue.set_setting(USER_LIMIT_KEY, size)   # room for this command alone
+    await h.queue.set_setting(user_limit_key(fd.guild_id), size)   # room for this command alone
     rule = fd.rate_limit("POST", CALLBACK, count=1, retry_after=2.0)
     held = await fd.send_slash_command("imagine", {"prompt": prompt})
     await fd.wait_for(lambda: rule.hits, 5, "the first command's defer (answered 429)")

@@ -486,6 +486,11 @@ async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(t
         async with worker:
             job = await q.submit(spec(iterations=200, frame_every=2))
             record = await wait_state(q, job.id, {JobState.DONE}, timeout=120)
+            # DONE is visible to a reader the moment it commits; the worker forgets the run just after.
+            for _ in range(100):
+                if runs_of(worker, job.id) == 0:
+                    break
+                await asyncio.sleep(0.05)
             assert runs_of(worker, job.id) == 0
         assert reclaimed_while_running == [True]
         assert record.attempts == 2 and record.worker_id == "w1", record
@@ -583,3 +588,37 @@ async def test_a_job_claimed_as_the_worker_stops_is_handed_back_at_once(queue, t
     async with Worker(queue, lambda: tiny_models, worker_id="w2"):
         record = await wait_state(queue, job.id, {JobState.DONE})
     assert record.attempts == 1 and record.worker_id == "w2"
+
+
+async def test_a_stopping_worker_keeps_its_leases_until_its_jobs_are_handed_back(tmp_path, tiny_models, monkeypatch):
+    """Saving the stop checkpoints can outlast a lease (full-size states, one after another, over a
+    slow link: here a 1 s lease and a 2.5 s save). Meanwhile another worker's sweep must not take
+    the job back as lost (an attempt counted, the stop checkpoint refused)."""
+    q = open_queue(f"sqlite:///{tmp_path}/jobs.db?lease=1")
+    await q.start()
+    try:
+        real_save = q.save_checkpoint
+
+        async def slow_save(checkpoint, lease_id=None):
+            await asyncio.sleep(2.5)
+            return await real_save(checkpoint, lease_id)
+
+        worker = Worker(q, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=3600)
+        await worker.start()
+        job = await q.submit(spec(iterations=10_000, frame_every=1000))
+        await wait_state(q, job.id, {JobState.RUNNING})
+        await asyncio.sleep(0.5)   # some steps past the start
+        monkeypatch.setattr(q, "save_checkpoint", slow_save)
+        stopping = asyncio.create_task(worker.stop())
+        swept = 0
+        while not stopping.done():   # the other workers' sweeps, as often as they come
+            swept += await q.sweep()
+            await asyncio.sleep(0.1)
+        await stopping
+        assert swept == 0
+        record = await q.get(job.id)
+        assert record.state == JobState.QUEUED and record.attempts <= 1, record
+        checkpoint = await q.load_checkpoint(job.id)
+        assert checkpoint is not None and checkpoint.iteration > 0
+    finally:
+        await q.close()
