@@ -325,6 +325,23 @@ def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
             "wait for some to start. Nothing was queued.")
 
 
+async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction, record: JobRecord) -> None:
+    """Cancel a job the caller may cancel (the Cancel button, `/queue cancel`) and say privately
+    what happened: cancelled (it was waiting), stopping (it runs), or it had already ended."""
+    if record.state.finished:
+        await ephemeral(interaction, f"Job `{record.id}` has already ended ({record.state.value}).")
+        return
+    ok = await bot.queue.cancel(record.id)
+    if bot.progress is not None:
+        bot.progress.line_changed()
+    if not ok:
+        await ephemeral(interaction, f"Job `{record.id}` had already ended.")
+    elif record.state == JobState.RUNNING:
+        await ephemeral(interaction, f"Stopping job `{record.id}`…")
+    else:
+        await ephemeral(interaction, f"Cancelled job `{record.id}`.")
+
+
 async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = None) -> str | None:
     """Why the user may not queue one more job in `guild_id` (their cap of waiting jobs), or None. An
     early answer before deferring; the store has the last word (`submit(..., max_queued=)`, see
@@ -696,15 +713,4 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if interaction.user.id != record.spec.user_id and not admin_here:
             await ephemeral(interaction, "Only the person who asked for this image, or an admin, can cancel it.")
             return
-        if record.state.finished:
-            await ephemeral(interaction, f"Job `{job_id}` has already ended ({record.state.value}).")
-            return
-        ok = await self.queue.cancel(job_id)
-        if self.bot.progress is not None:
-            self.bot.progress.line_changed()
-        if not ok:
-            await ephemeral(interaction, f"Job `{job_id}` could not be cancelled (it has just ended).")
-        elif record.state == JobState.RUNNING:
-            await ephemeral(interaction, f"Stopping job `{job_id}`…")
-        else:
-            await ephemeral(interaction, f"Cancelled job `{job_id}`.")
+        await cancel_and_answer(self.bot, interaction, record)

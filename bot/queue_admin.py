@@ -26,9 +26,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.imagine import ephemeral
+from bot.imagine import cancel_and_answer, ephemeral
 from bot.permissions import is_admin, require_admin
-from engine.jobs import JobRecord, JobState
+from engine.jobs import JobRecord
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -154,17 +154,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
                                          "it: admins need the Manage Server permission"
                                          + (f" or one of the roles {roles}." if roles else "."))
             return
-        if record.state.finished:
-            await ephemeral(interaction, f"Job `{record.id}` has already ended ({record.state.value}).")
-            return
-        ok = await self.queue.cancel(record.id)
-        self._line_changed()
-        if not ok:
-            await ephemeral(interaction, f"Job `{record.id}` had already ended.")
-        elif record.state == JobState.RUNNING:
-            await ephemeral(interaction, f"Stopping job `{record.id}`…")
-        else:
-            await ephemeral(interaction, f"Cancelled job `{record.id}`.")
+        await cancel_and_answer(self.bot, interaction, record)
 
     @app_commands.command(name="clear", description="Admin: cancel this server's queued jobs (running ones go on)")
     async def clear(self, interaction: discord.Interaction) -> None:
