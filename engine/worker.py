@@ -724,28 +724,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _keep_days(text: str) -> float | None:
-    """--keep-days: 0 (never) or at least an hour's worth of days (engine.jobs.check_keep_days)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
-    try:
-        return check_keep_days(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _number(check: Callable[[float], Any], unit: str) -> Callable[[str], Any]:
+    """An argparse type: a number of `unit`, then `check` (its ValueError becomes the usage error)."""
+    def parse(text: str) -> Any:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
-def _checkpoint_every(text: str) -> float:
-    """--checkpoint-every: seconds, at least 0 (check_checkpoint_every)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    try:
-        return check_checkpoint_every(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+# --keep-days: 0 (never) or at least an hour's worth of days (engine.jobs.check_keep_days);
+# --checkpoint-every: seconds, at least 0.
+_keep_days = _number(check_keep_days, "days")
+_checkpoint_every = _number(check_checkpoint_every, "seconds")
 
 
 def _compile(text: str) -> str:
