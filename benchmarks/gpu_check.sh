@@ -41,10 +41,18 @@ OUT=${OUT:-}
 [ -n "$OUT" ] && mkdir -p "$OUT"
 status=0
 
+# The device call has a hard limit (600 s); every part runs under what is left of BUDGET_S, so
+# that a part that runs long is stopped (exit 124) with the later parts skipped, and every log so
+# far still comes back.
+deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 part() {  # part NAME COMMAND...: run, print, keep the output, remember a failure
     local name=$1; shift
-    echo "=== $name: $* ($(date -u +%H:%M:%S))"
-    if [ -n "$OUT" ]; then "$@" 2>&1 | tee "$OUT/$name.log"; rc=${PIPESTATUS[0]}; else "$@" 2>&1; rc=$?; fi
+    local left=$(( deadline - $(date +%s) ))
+    [ "${CAP:-0}" -gt 0 ] && [ "$left" -gt "$CAP" ] && left=$CAP   # CAP=S part ...: at most S seconds
+    if [ "$left" -lt 20 ]; then echo "=== $name: skipped, ${left} s of BUDGET_S left"; status=1; return; fi
+    echo "=== $name: $* ($(date -u +%H:%M:%S), ${left} s left)"
+    if [ -n "$OUT" ]; then timeout "$left" "$@" 2>&1 | tee "$OUT/$name.log"; rc=${PIPESTATUS[0]}
+    else timeout "$left" "$@" 2>&1; rc=$?; fi
     echo "=== $name: exit $rc"
     [ "$rc" -ne 0 ] && status=1
 }
@@ -52,7 +60,7 @@ part() {  # part NAME COMMAND...: run, print, keep the output, remember a failur
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
-export PYTHONWARNINGS=ignore
+export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 if [ "${DRY_RUN:-0}" = 1 ]; then
     # The same parts and flags, on the CPU with tiny models and few steps.
     # torch.compile's `eager` backend: dynamo traces, nothing is compiled (inductor would need minutes here).
@@ -67,7 +75,8 @@ part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}"
 part bench_dalle_casts_on "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" \
     --skip-reference --dalle-half-casts on
 if [ "${COMPILE:-1}" = 1 ]; then
-    part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$backend"
+    # torch.compile's first compile may be slow: it gets half of what is left, CUDA graphs the rest.
+    CAP=$(( (deadline - $(date +%s)) / 2 )) part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$backend"
     part bench_cudagraphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$graphs"
 fi
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all passed || echo SOMETHING FAILED)"
