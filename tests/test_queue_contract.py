@@ -640,6 +640,25 @@ async def test_clear_cancels_every_queued_job(queue: JobQueue):
     assert await queue.clear() == 0
 
 
+async def test_clear_of_one_server_cancels_only_its_queued_jobs(queue: JobQueue):
+    # Discord's ids are 64-bit: two servers whose ids a double could not tell apart
+    a, b = 1_180_000_000_000_000_001, 1_180_000_000_000_000_002
+    a_jobs = [await queue.submit(spec(u, guild_id=a)) for u in (1, 2, 1)]
+    b_jobs = [await queue.submit(spec(u, guild_id=b)) for u in (1, 3)]
+    dm_job = await queue.submit(spec(4))
+    running = await queue.claim("w")
+    assert running.id == a_jobs[0].id
+    assert await queue.clear(guild_id=a) == 2
+    assert {r.id for r in await queue.queued()} == {b_jobs[0].id, b_jobs[1].id, dm_job.id}
+    assert [(await queue.get(r.id)).state for r in a_jobs[1:]] == [JobState.CANCELLED] * 2
+    assert (await queue.get(running.id)).state == JobState.RUNNING     # running jobs go on
+    cancelled = [e for e in await all_events(queue) if e.kind == EventKind.CANCELLED]
+    assert sorted(e.job_id for e in cancelled) == sorted(r.id for r in a_jobs[1:])
+    assert await queue.clear(guild_id=a) == 0
+    assert await queue.count_queued(1) == 1 and await queue.count_queued(2) == 0
+    assert await queue.clear(guild_id=b) == 2 and [r.id for r in await queue.queued()] == [dm_job.id]
+
+
 async def test_workers_registry(queue: JobQueue):
     rec = await queue.submit(spec())
     got = await queue.claim("gpu-0")

@@ -330,6 +330,21 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(#ids)
 """,
+    # ids... -> how many were cancelled: those still queued; one claimed meanwhile is left running
+    "clear_ids": r"""
+  local n = 0
+  for i = 7, #ARGV do
+    local id = ARGV[i]
+    local v = redis.call('HMGET', jk(id), 'state', 'user')
+    if v[1] == 'queued' then
+      leave_line(id, v[2])
+      finalize(id, 'cancelled')
+      emit(id, 'cancelled', 'queue cleared')
+      n = n + 1
+    end
+  end
+  return tostring(n)
+""",
     # id, lease, similarity ('' = keep) -> '0', or '1 ' .. worker id (for its stats)
     "finish": r"""
   local id = ARGV[7]
@@ -758,8 +773,13 @@ class RedisJobQueue:
     async def cancel(self, job_id: str) -> bool:
         return await self._run("cancel", job_id) == "1"
 
-    async def clear(self) -> int:
-        return int(await self._run("clear"))
+    async def clear(self, guild_id: int | None = None) -> int:
+        if guild_id is None:
+            return int(await self._run("clear"))
+        # The server is in each job's spec (JSON, whose 64-bit ids Lua's cjson would round): pick
+        # the jobs here, then cancel in one script only those still queued.
+        ids = [r.id for r in await self.queued() if r.spec.guild_id == int(guild_id)]
+        return int(await self._run("clear_ids", *ids)) if ids else 0
 
     async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
         if limit <= 0:

@@ -589,10 +589,12 @@ class SQLiteJobQueue:
         self._wake()
         return changed
 
-    async def clear(self) -> int:
+    async def clear(self, guild_id: int | None = None) -> int:
         async with self._tx() as db:
             async with db.execute(_LINE_SQL.format(cols="*", where="", limit="")) as cur:
-                ids = [row["id"] for row in await cur.fetchall()]
+                rows = await cur.fetchall()
+            ids = [row["id"] for row in rows
+                   if guild_id is None or json.loads(row["spec"]).get("guild_id") == int(guild_id)]
             for job_id in ids:
                 await self._finalize(db, job_id, JobState.CANCELLED)
                 await self._emit(db, job_id, EventKind.CANCELLED, "queue cleared")
