@@ -598,6 +598,34 @@ async def test_sqlite_submit_many_that_fails_half_way_queues_nothing(tmp_path):
         await q.close()
 
 
+async def test_redis_event_log_lost_and_renumbered_past_the_cursor_is_read_from_its_start(redis_server):
+    """Redis lost its data (FLUSHDB here) and its new event numbering has already passed the
+    reader's cursor: the new log's epoch differs, so events() reads it from the start instead of
+    skipping the first new events."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    q = RedisJobQueue(redis_server.url, prefix=f"epoch-{uuid.uuid4().hex[:8]}")
+    await q.start()
+    try:
+        for i in range(3):
+            await q.submit(spec(1, f"old {i}"))
+        old = await all_events(q)
+        cursor = old[-1].seq
+        assert cursor == 3
+        await q.redis.flushdb()
+        new = [await q.submit(spec(2, f"new {i}")) for i in range(5)]   # new numbers 1..5, past 3
+        got = await q.events(after=cursor, timeout=0)
+        assert [e.job_id for e in got] == [r.id for r in new]
+        assert [e.seq for e in got] == [1, 2, 3, 4, 5]
+        # and from then on, the same log: nothing read twice
+        more = await q.submit(spec(2, "later"))
+        assert [e.job_id for e in await q.events(after=got[-1].seq, timeout=0)] == [more.id]
+    finally:
+        await q.close()
+
+
 async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
     """The submit script re-sent with the same token (a reconnect retry) answers the same and queues
     the batch once; a refusal re-sent is the same refusal."""

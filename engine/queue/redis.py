@@ -109,7 +109,15 @@ local function tnow()
 end
 local function fmt(x) return string.format('%.6f', x) end
 local function xadd(fields)
+  -- The log's epoch: made with its first event, so a Redis that lost its data starts a new one,
+  -- and a reader can tell new numbers from old ones even where the new ones passed its cursor.
+  local ep = redis.call('GET', P .. ':evepoch')
+  if not ep then
+    ep = (ARGV[2] ~= '' and ARGV[2]) or (NOW .. '-' .. redis.call('INCR', P .. ':evepochs'))
+    redis.call('SET', P .. ':evepoch', ep)
+  end
   local seq = redis.call('INCR', P .. ':evseq')
+  fields[#fields + 1] = 'ep'; fields[#fields + 1] = ep
   redis.call('XADD', P .. ':events', 'MAXLEN', KEEP, seq .. '-0', unpack(fields))
   return seq
 end
@@ -598,6 +606,7 @@ class RedisJobQueue:
         self._seen: dict[str, tuple[float, str | None]] = {}
         self._stats: dict[str, dict[str, int]] = {}
         self._started_ms = int(time.time() * 1000)
+        self._events_epoch: bytes | None = None   # the event log's epoch at the last events() read
 
     def __repr__(self) -> str:
         return f"RedisJobQueue({redact_url(self.url)!r}, prefix={self.prefix!r})"
@@ -808,6 +817,17 @@ class RedisJobQueue:
                 continue
             entries = reply[0][1] if reply else []
             if entries:
+                epoch = entries[0][1].get(b"ep")   # None: written before epochs existed
+                if epoch is not None and self._events_epoch is not None and epoch != self._events_epoch \
+                        and after > 0:
+                    # A new log whose numbering already passed `after`: read it from its start.
+                    log.warning("event log restarted (a new epoch at %s, after %s): reading it from the start",
+                                _s(entries[0][0]), after)
+                    self._events_epoch = epoch
+                    after = 0
+                    continue
+                if epoch is not None:
+                    self._events_epoch = epoch
                 return await self._events_from(entries)
             if not checked_reset and after > 0:
                 # A Redis that lost its data restarts the numbering: read from its beginning.
