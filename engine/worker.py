@@ -560,7 +560,8 @@ class Worker:
             return
         if state == JobState.QUEUED:
             log.info("job %s back in the queue for another attempt", job_id)
-        self._observe("job_ended", run.record, "retried" if state == JobState.QUEUED else "failed")
+        self._observe("job_ended", run.record,
+                      {JobState.QUEUED: "retried", JobState.CANCELLED: "cancelled"}.get(state, "failed"))
 
     # --- GPU thread -------------------------------------------------------------------------
 

@@ -201,6 +201,21 @@ async def test_cancel_running(queue: JobQueue):
     assert await queue.finish(rec.id, w1, 0.5) is False
 
 
+async def test_a_cancelled_run_that_then_fails_ends_cancelled(queue: JobQueue):
+    """The user pressed Cancel, and before the worker saw it the run failed (a step that ran out
+    of memory, say): the job ends as its user asked, cancelled, not failed or retried."""
+    for retry in (True, False):
+        rec = await queue.submit(spec())
+        lease = (await queue.claim("w1")).lease_id
+        assert await queue.cancel(rec.id) is True
+        after = await last_seq(queue)
+        assert await queue.fail(rec.id, lease, "RuntimeError: out of memory", retry=retry) == JobState.CANCELLED
+        got = await queue.get(rec.id)
+        assert got.state == JobState.CANCELLED and got.error is None and got.lease_id is None
+        assert [(e.job_id, e.kind) for e in await all_events(queue, after)] == [(rec.id, EventKind.CANCELLED)]
+        assert await queue.claim("w1") is None
+
+
 async def test_finish_and_late_finish(queue: JobQueue):
     rec = await queue.submit(spec())
     w1 = (await queue.claim("w1")).lease_id

@@ -364,8 +364,8 @@ _SCRIPTS: dict[str, str] = {
   return '1 ' .. worker
 """,
     # id, lease, reason, retry ('1'/'0') -> '' when the fence refused (not running under this
-    # lease, or no such job: nothing changed), else the state it left ('queued' / 'failed') .. ' '
-    # .. worker id
+    # lease, or no such job: nothing changed), else the state it left ('queued' / 'failed' /
+    # 'cancelled') .. ' ' .. worker id
     "fail": r"""
   local id, reason = ARGV[7], ARGV[9]
   if not owned(id, ARGV[8]) then return '' end
@@ -376,6 +376,11 @@ _SCRIPTS: dict[str, str] = {
     redis.call('HSET', jk(id), 'error', reason)
     emit(id, 'queued', reason)
     return 'queued ' .. worker
+  end
+  if v[4] == '1' then  -- the user had asked to cancel it: that is how it ended
+    finalize(id, 'cancelled')
+    emit(id, 'cancelled')
+    return 'cancelled ' .. worker
   end
   finalize(id, 'failed', reason)
   emit(id, 'failed', reason)
@@ -1009,7 +1014,7 @@ class RedisJobQueue:
         state, _, worker_id = reply.partition(" ")
         result = JobState(state)
         if worker_id:
-            self._count(worker_id, "retried" if result == JobState.QUEUED else "failed")
+            self._count(worker_id, {JobState.QUEUED: "retried", JobState.CANCELLED: "aborted"}.get(result, "failed"))
         return result
 
     async def mark_cancelled(self, job_id: str, lease_id: str) -> None:
