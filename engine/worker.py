@@ -9,17 +9,20 @@ and the GPU never waits on the network. It runs inside the bot (the embedded def
 Artifacts a finished job leaves in the queue: `final.png`, `video.mp4`, `state.pt` (the final
 logits and optimiser state, for Continue and Remix; stored compactly, `compact_state`). Checkpoints
 hold the exact state and the frames so far, so a job taken up by another worker resumes where it
-stopped and its video still shows the whole generation. One is taken at a frame once
-`checkpoint_every` seconds have passed since the job's last one, and when the worker stops.
+stopped and its video still shows the whole generation. One is taken at a new run's first frame,
+then at a frame once `checkpoint_every` seconds have passed since the job's last one, and when the
+worker stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
+import math
 import os
 import queue as thread_queue
 import signal
@@ -448,6 +451,10 @@ class Worker:
     def _gpu_thread_ok(self) -> bool:
         return self._thread is None or self._thread.is_alive()
 
+    def gpu_thread_alive(self) -> bool:
+        """Whether the GPU thread runs: False once started and then died (or stopped)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _from_gpu(self, fn: Callable[..., Any], *args: Any) -> None:
         """Called on the GPU thread: run `fn(*args)` as a task on the event loop (`args[0]`: the run's key)."""
         def schedule() -> None:
@@ -621,7 +628,7 @@ class Worker:
 
     def _checkpoint_snapshot(self, slot: Slot) -> dict[str, Any] | None:
         """GPU thread, at a frame: the slot's state for a checkpoint when one is due (at least
-        `checkpoint_every` seconds since the run's last one, or its start), else None."""
+        `checkpoint_every` seconds since the run's last one; a new run's first frame), else None."""
         now = time.monotonic()
         last = self._checkpointed.get(slot.key)
         if self.checkpoint_every > 0 and last is not None and now - last[0] < self.checkpoint_every:
@@ -639,9 +646,11 @@ class Worker:
             try:
                 slot = self._make_slot(start)
                 runner.add(slot)
-                # The run's start counts as its last checkpoint: a resumed run starts at one, and
-                # a new one has nothing to lose yet (a Continue restarts from its parent's state).
-                self._checkpointed[slot.key] = (time.monotonic(), slot.iteration)
+                # A resumed run starts at its checkpoint: the next is due `checkpoint_every` from
+                # now. A new run (a Continue too: its parent's state is not this job's checkpoint)
+                # takes its first at its first frame, so a job killed early resumes from there.
+                resumed = start.state is not None and not start.keep_optimizer
+                self._checkpointed[slot.key] = (time.monotonic() if resumed else -math.inf, slot.iteration)
                 if slot.iteration == 0 or start.keep_optimizer:
                     # Frame 0 (or the parent's last frame, for Continue) opens the video.
                     frame = runner.frames([slot])[0]
@@ -761,7 +770,7 @@ def _redact(url: str) -> str:
     return redact_url(url)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace) -> int:
     from engine.models import DEFAULT_CACHE, load_models
     from engine.observability import Observability, queue_check, worker_check
     from engine.queue import open_queue
@@ -800,7 +809,7 @@ async def _serve(args: argparse.Namespace) -> None:
                                       {"queue": queue_check(queue), "gpu": worker_check(worker)})
     try:
         await worker.start()
-        await stop.wait()
+        return await until_stopped_or_gpu_dead(worker, stop)
     finally:
         await worker.stop()
         if runner is not None:
@@ -808,11 +817,25 @@ async def _serve(args: argparse.Namespace) -> None:
         await queue.close()
 
 
+async def until_stopped_or_gpu_dead(worker: Worker, stop: asyncio.Event, poll: float = 1.0) -> int:
+    """Wait for `stop`: 0. Or for the worker's GPU thread to die: 1, so that `imagine-worker` exits
+    and its supervisor (compose's restart policy, systemd) starts a fresh one, instead of a process
+    that claims nothing and runs nothing until someone notices (its jobs' leases lapse meanwhile,
+    so other workers already took them over)."""
+    while not stop.is_set():
+        if not worker.gpu_thread_alive():
+            log.error("worker %s: its GPU thread died (see the error above); exiting so that it is restarted",
+                      worker.worker_id)
+            return 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(args))
-    return 0
+    return asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":

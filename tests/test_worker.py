@@ -286,9 +286,10 @@ async def test_a_checkpoint_holds_its_iteration_and_the_frames_up_to_it(queue, t
 
 
 async def test_a_stopping_worker_checkpoints_where_it_stopped_and_the_job_resumes_there(queue, tiny_models, monkeypatch):
-    """checkpoint_every far off: no timed checkpoint is taken. Stopping the worker snapshots the job
-    on the GPU thread after its current step, saves it (fenced by the run's lease) and hands the job
-    back; the next worker resumes at that iteration, not 0, and ends as an uninterrupted run."""
+    """checkpoint_every far off: after the run's first frame's checkpoint no timed one is taken.
+    Stopping the worker snapshots the job on the GPU thread after its current step, saves it
+    (fenced by the run's lease) and hands the job back; the next worker resumes at that iteration,
+    not 0, and ends as an uninterrupted run."""
     from engine.worker import unpack_checkpoint
 
     saved: list[int] = []
@@ -306,17 +307,21 @@ async def test_a_stopping_worker_checkpoints_where_it_stopped_and_the_job_resume
     await w1.start()
     try:
         job = await queue.submit(spec(**job_spec))
-        while steps.count < 5:   # past frame 4: at least one step since the run's start
+        while steps.count < 9:   # past frame 8: the first frame's checkpoint (4) is saved by now
             await asyncio.sleep(0.01)
-        assert saved == [] and await queue.load_checkpoint(job.id) is None
+        deadline = time.monotonic() + 30
+        while saved != [4]:
+            assert time.monotonic() < deadline and len(saved) <= 1, saved
+            await asyncio.sleep(0.01)
+        assert (await queue.load_checkpoint(job.id)).iteration == 4
     finally:
         await w1.stop()
     stopped_at = steps.count   # the GPU thread has been joined: the job's iteration
-    assert 5 <= stopped_at < 80
+    assert 9 <= stopped_at < 80
     record = await queue.get(job.id)
     assert record.state == JobState.QUEUED
     checkpoint = await queue.load_checkpoint(job.id)
-    assert saved == [stopped_at] and checkpoint.iteration == stopped_at
+    assert saved == [4, stopped_at] and checkpoint.iteration == stopped_at
     state, frames = unpack_checkpoint(checkpoint.data)
     assert state["iteration"] == stopped_at and len(frames) == stopped_at // 4 + 1
 
@@ -324,7 +329,8 @@ async def test_a_stopping_worker_checkpoints_where_it_stopped_and_the_job_resume
         record = await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
         reference = await queue.submit(spec(**job_spec))   # the same job, never stopped
         await wait_state(queue, reference.id, {JobState.DONE}, timeout=120)
-    assert saved == [stopped_at]   # w2 took none: no timed checkpoint was due
+    # w2 took none for the resumed run (its next was not due), one for the reference's first frame
+    assert saved == [4, stopped_at, 4]
     events = await job_events(queue, job.id)
     second = [i for i, e in enumerate(events) if e.kind == EventKind.STARTED][1]
     after = [e.iteration for e in events[second:] if e.kind == EventKind.PROGRESS]
@@ -338,8 +344,8 @@ async def test_a_stopping_worker_checkpoints_where_it_stopped_and_the_job_resume
 
 
 async def test_mid_run_checkpoints_are_timed(queue, tiny_models, monkeypatch):
-    """checkpoint_every: a frame takes a checkpoint only once that many seconds have passed since
-    the run's last one (its start, for a new run); the finished job keeps none."""
+    """checkpoint_every: a new run checkpoints at its first frame, then a frame takes one only once
+    that many seconds have passed since the run's last one; the finished job keeps none."""
     saved: list[tuple[float, int]] = []
     real_save = queue.save_checkpoint
 
@@ -355,7 +361,8 @@ async def test_mid_run_checkpoints_are_timed(queue, tiny_models, monkeypatch):
         took = asyncio.get_running_loop().time() - started
     iterations = [i for _, i in saved]
     assert iterations == sorted(set(iterations)) and 0 not in iterations and 150 not in iterations
-    assert 1 <= len(saved) <= took / 0.5 + 1, (saved, took)   # 150 frames; a checkpoint every 0.5 s at most
+    assert iterations[0] == 1   # the first frame's
+    assert 1 <= len(saved) <= took / 0.5 + 2, (saved, took)   # 150 frames; then one every 0.5 s at most
     assert await queue.load_checkpoint(job.id) is None
 
 
@@ -622,3 +629,30 @@ async def test_a_stopping_worker_keeps_its_leases_until_its_jobs_are_handed_back
         assert checkpoint is not None and checkpoint.iteration > 0
     finally:
         await q.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the thread's death
+async def test_imagine_worker_exits_1_when_its_gpu_thread_dies(queue, tiny_models, caplog):
+    """The GPU thread dies (here: the runner cannot be built on a device that does not exist, the
+    real failure of a worker pointed at a GPU it cannot use): `imagine-worker`'s wait ends with
+    exit status 1 instead of idling for ever, so its supervisor restarts it. Stopping normally is 0."""
+    from engine.models import Models
+    from engine.worker import until_stopped_or_gpu_dead
+
+    broken = Models(clip=tiny_models.clip, decoder=tiny_models.decoder, device=torch.device("cuda", 99))
+    worker = Worker(queue, lambda: broken, worker_id="w-dead", max_batch=2)
+    await worker.start()
+    try:
+        code = await asyncio.wait_for(until_stopped_or_gpu_dead(worker, asyncio.Event(), poll=0.05), 30)
+    finally:
+        await worker.stop()
+    assert code == 1 and not worker.gpu_thread_alive()
+    assert "GPU thread died" in caplog.text and "exiting so that it is restarted" in caplog.text
+
+    async with Worker(queue, lambda: tiny_models, worker_id="w-ok", max_batch=2) as healthy:
+        stop = asyncio.Event()
+        waiting = asyncio.create_task(until_stopped_or_gpu_dead(healthy, stop, poll=0.05))
+        await asyncio.sleep(0.3)
+        assert not waiting.done() and healthy.gpu_thread_alive()
+        stop.set()
+        assert await asyncio.wait_for(waiting, 5) == 0
