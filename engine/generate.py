@@ -115,6 +115,9 @@ class Targets:
     weights: torch.Tensor           # [T]
     labels: list[str]
     warnings: list[str] = field(default_factory=list)
+    # The part a frame's `similarity` reports: the first one pulled toward (the parse requires one),
+    # not a negative part, whose similarity falls as the picture gets better.
+    headline: int = 0
 
 
 @torch.no_grad()
@@ -137,6 +140,7 @@ def encode_targets(
         weights=torch.tensor(weights, dtype=torch.float32, device=models.device),
         labels=labels,
         warnings=notes,
+        headline=next((i for i, w in enumerate(weights) if w > 0), 0),
     )
 
 
@@ -266,7 +270,7 @@ class Frame:
     iteration: int
     total: int
     pixels: np.ndarray               # [H, W, 3] uint8
-    similarity: float                # cosine similarity of the picture to the first prompt part
+    similarity: float                # cosine similarity of the picture to the first positive part
     similarities: list[float]        # to every target, in Targets.labels order
     loss: float                      # the step's training loss (augmented views)
     elapsed: float
@@ -525,7 +529,7 @@ class BatchRunner:
             at += n
             frames.append(Frame(
                 iteration=slot.iteration, total=slot.settings.iterations, pixels=pixels_np[i].copy(),
-                similarity=sim[0], similarities=sim, loss=values[-len(slots) + i],
+                similarity=sim[slot.targets.headline], similarities=sim, loss=values[-len(slots) + i],
                 elapsed=now - slot.started,
             ))
         return frames

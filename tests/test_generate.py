@@ -27,6 +27,16 @@ def test_similarity_rises_over_100_iterations_with_frames_at_0_50_100(tiny_model
     assert last.loss < 0
 
 
+def test_a_frames_similarity_is_to_the_first_part_pulled_toward_not_a_negative_one(tiny_models):
+    """`blurry:-1 | a house`: the number shown to users (reply, run.json) is the similarity to "a
+    house", the part the picture moves toward; every part's is still in `similarities`."""
+    result = generate("blurry:-1 | a house", replace(FAST, iterations=4, frame_every=2), tiny_models)
+    for frame in result.frames:
+        assert len(frame.similarities) == 2 and frame.similarity == frame.similarities[1]
+    plain = generate("a house | blurry:-1", replace(FAST, iterations=2, frame_every=2), tiny_models)
+    assert all(f.similarity == f.similarities[0] for f in plain.frames)
+
+
 def test_same_seed_same_frames_other_seed_other_frames(tiny_models):
     s = replace(FAST, iterations=10, frame_every=5)
     a = generate("a cat", s, tiny_models)
