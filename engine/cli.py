@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default="ViT-B/32", help="a CLIP model name or a local file")
     p.add_argument("--decoder", default="openai", help="'openai' (download once) or a local decoder file")
     p.add_argument("--trust-decoder", action="store_true",
-                   help="allow unpickling a local decoder file whose hash is not known good")
+                   help="allow unpickling a local dVAE file (the decoder, and the encoder that "
+                        "--init-image loads) whose hash is not known good")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/imagine-bot)")
@@ -192,9 +193,10 @@ def _run(args: argparse.Namespace) -> int:
     result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets)
     bar.close()
     (out / "final.png").write_bytes(result.final.png())
-    from engine.generate import state_to_bytes
+    from engine.generate import compact_state, state_to_bytes
 
-    (out / "state.pt").write_bytes(state_to_bytes(result.state))  # for --from-run
+    # for --from-run; compact (half the bytes, the same picture), like the bot's state.pt
+    (out / "state.pt").write_bytes(state_to_bytes(compact_state(result.state)))
     t1 = time.perf_counter()
     video.encode_frames([f.pixels for f in result.frames], out / "video.mp4", fps=args.fps)
     video_seconds = time.perf_counter() - t1
@@ -256,7 +258,7 @@ def _read_state(run_dir: Path) -> dict:
     """The final state of an earlier run (`--from-run`), or a UsageError saying why it is not one."""
     import torch
 
-    from engine.generate import state_from_bytes
+    from engine.generate import expand_state, state_from_bytes
 
     state_file = run_dir / "state.pt"
     if not state_file.is_file():
@@ -269,7 +271,7 @@ def _read_state(run_dir: Path) -> dict:
     logits = state.get("logits") if isinstance(state, dict) else None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[-1] != logits.shape[-2]:
         raise UsageError(f"--from-run {run_dir}: state.pt holds no imagine state (no square logits)")
-    return state
+    return expand_state(state)   # a compact state.pt (fp16 logits) back to fp32; a full one as it is
 
 
 def _read_image(path: Path, flag: str):

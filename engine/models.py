@@ -14,6 +14,7 @@ Every workaround for today's torch / setuptools lives here and only here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -96,18 +97,29 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(url: str, target: Path, expected_sha256: str | None) -> Path:
-    """Download `url` to `target` atomically; verify the hash when one is known."""
+def _download(url: str, target: Path, expected_sha256: str | None, placed_by_hand: str = "") -> Path:
+    """Download `url` to `target` atomically; verify the hash when one is known. A failed download
+    leaves nothing behind (a CLIP file is 350 MB). `placed_by_hand`: what the offline advice adds."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path: str | None = None
     try:
         with urllib.request.urlopen(url, timeout=60) as src, tempfile.NamedTemporaryFile(
             dir=target.parent, delete=False
         ) as tmp:
+            tmp_path = tmp.name
             shutil.copyfileobj(src, tmp, 1 << 20)
-    except OSError as exc:
+            # urllib returns a body cut short by a closed connection as if it were whole; a
+            # truncated dVAE pickle would then be pinned as the download.
+            expected = src.headers.get("Content-Length")
+            if expected is not None and expected.isdigit() and tmp.tell() != int(expected):
+                raise OSError(f"the connection closed after {tmp.tell()} of {expected} bytes")
+    except Exception as exc:  # OSError, and http.client's IncompleteRead for a body cut short
+        if tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
         raise ModelLoadError(
-            f"could not download {target.name} from {url} ({exc}). On an offline machine, "
-            f"download it elsewhere and place it at {target}, or pass its local path."
+            f"could not download {target.name} from {url} ({type(exc).__name__}: {exc}). On an offline "
+            f"machine, download it elsewhere and place it at {target}, or pass its local path.{placed_by_hand}"
         ) from exc
     digest = sha256_of(Path(tmp.name))
     if expected_sha256 and digest != expected_sha256:
@@ -271,7 +283,9 @@ def load_dvae(
         path = cache_dir / "dvae" / f"{part}.pkl"
         pin_file = path.with_suffix(".pkl.sha256")
         if not path.is_file():
-            _download(DVAE_URLS[part], path, None)
+            _download(DVAE_URLS[part], path, None,
+                      f" A file placed there by hand is not pinned as a download is, so it is unpickled "
+                      f"only if you trust it: {trust_hint}, or list its SHA-256 in known_sha256.")
             pin_file.write_text(sha256_of(path) + "\n")
         pinned = pin_file.read_text().strip() if pin_file.is_file() else None
     else:

@@ -703,7 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", required=True, help="queue URL: redis://host:6379/0 or sqlite:///path.db")
     p.add_argument("--clip-model", default="ViT-B/32")
     p.add_argument("--decoder", default="openai")
-    p.add_argument("--trust-decoder", action="store_true")
+    p.add_argument("--trust-decoder", action="store_true",
+                   help="allow unpickling a dVAE file (decoder and --encoder) whose hash is not known good")
     p.add_argument("--encoder", default="", metavar="NAME_OR_PATH",
                    help="dVAE encoder for init images: 'openai' (downloaded, pinned) or a local file "
                         "(default: none; jobs with an init image then fail on this worker)")

@@ -37,6 +37,25 @@ def test_imagine_renders_frames_final_video_and_run_json(tiny_model_files, tmp_p
     assert set(os.listdir(tmp_path)) == {"run", "cache"}  # nothing written into the working directory
 
 
+def test_from_run_starts_from_a_compact_state_at_the_earlier_runs_last_picture(tiny_model_files, tmp_path):
+    """state.pt is written compact (fp16 logits, half the bytes); `--from-run` expands it, and the
+    new run's frame 0 is the earlier run's final picture."""
+    import torch
+
+    f = tiny_model_files
+    common = ["--iterations", "2", "--frame-every", "2", "--grid", "32", "--clip-model", str(f.clip_torchscript),
+              "--decoder", str(f.decoder_pickle), "--trust-decoder", "--cache-dir", str(tmp_path / "cache"),
+              "--device", "cpu"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out, extra in ((first, []), (second, ["--from-run", str(first)])):
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", "a house", "--out", str(out), *common, *extra],
+                              capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    state = torch.load(first / "state.pt", weights_only=True)
+    assert state["logits"].dtype == torch.float16
+    assert (second / "frames" / "000000.png").read_bytes() == (first / "final.png").read_bytes()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "x", "--iterations", "0"], "--iterations must be at least 1"),
     (["--out", "x", "--iterations", "ten"], "whole number"),

@@ -120,6 +120,39 @@ def test_a_missing_download_says_which_file_from_where_and_where_to_put_it(tmp_p
     assert "ViT-B-32.pt" in str(err.value) and "openaipublic" in str(err.value)
 
 
+def test_a_download_cut_short_leaves_nothing_behind_and_says_how_to_place_the_file(tmp_path, monkeypatch):
+    """A real HTTP server on 127.0.0.1 promises 1 MiB and closes after 64 KiB: the download fails
+    with the clear offline message (urllib itself hands the short body over as whole: it would be
+    pinned as the download), no partial file is left in the cache, and the advice says that a pickle placed by hand must be trusted."""
+    import http.server
+    import threading
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"\0" * (64 << 10))
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setitem(m.DVAE_URLS, "decoder", f"http://127.0.0.1:{server.server_port}/decoder.pkl")
+        with pytest.raises(m.ModelLoadError) as err:
+            m.load_dvae("decoder", "openai", cache_dir=tmp_path)
+    finally:
+        server.shutdown()
+    text = str(err.value)
+    assert "could not download decoder.pkl" in text and "after 65536 of 1048576 bytes" in text
+    assert "placed there by hand" in text and "--trust-decoder" in text
+    assert list((tmp_path / "dvae").iterdir()) == []
+
+
 def test_a_placed_clip_file_with_the_wrong_hash_is_refused(tmp_path, tiny_model_files):
     target = tmp_path / "clip" / "ViT-B-32.pt"
     target.parent.mkdir()
