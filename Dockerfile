@@ -2,9 +2,15 @@
 # imagine-bot: one image for the bot (the default command) and the GPU worker (`imagine-worker`).
 #
 #   docker build -t imagine-bot:local .
-#   docker run --rm --env-file .env -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local
-#   docker run --rm --gpus '"device=0"' -v imagine-cache:/cache imagine-bot:local \
+#   # one GPU box, no other server: the bot with its embedded worker, its SQLite queue on a volume
+#   docker run -d --gpus '"device=0"' --env-file .env -v imagine-data:/data -v imagine-cache:/cache \
+#       -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local \
+#       imagine-bot --config /config/config.toml --queue sqlite:////data/imagine-bot.db
+#   # a GPU worker of a Redis queue, on any host (compose.yaml runs the bot, Redis and workers)
+#   docker run -d --gpus '"device=0"' -v imagine-cache:/cache imagine-bot:local \
 #       imagine-worker --queue redis://redis-host:6379/0
+# Without --gpus the bot starts no worker (no CUDA): jobs would wait for an imagine-worker. The
+# SQLite file must be on a volume (/data): in the container's own layer it is lost with the container.
 #
 # Base: PyTorch's official CUDA *runtime* image (CUDA, cuDNN and a CUDA build of torch; no compilers),
 # pinned to one exact tag, never `latest`, so a rebuild gets the same torch and CUDA:
@@ -48,12 +54,13 @@ RUN pip install --no-cache-dir . \
     && rm -rf /src
 
 # A non-root user; the model cache is a volume it owns (mount the same volume on every worker).
+# /data: the embedded default's SQLite queue (`--queue sqlite:////data/imagine-bot.db`).
 RUN useradd --create-home --uid 10001 --user-group imagine \
-    && mkdir -p /cache /config \
-    && chown imagine:imagine /cache
+    && mkdir -p /cache /config /data \
+    && chown imagine:imagine /cache /data
 USER 10001:10001
 WORKDIR /home/imagine
-VOLUME ["/cache"]
+VOLUME ["/cache", "/data"]
 
 # imagine-worker --http-port 9100: /healthz and /metrics.
 EXPOSE 9100

@@ -316,7 +316,8 @@ def test_dockerfile_passes_hadolint_and_has_the_operational_parts():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)
     assert re.search(r"^USER 10001", text, re.M)                      # not root
-    assert "IMAGINE_CACHE=/cache" in text and 'VOLUME ["/cache"]' in text
+    assert "IMAGINE_CACHE=/cache" in text and 'VOLUME ["/cache", "/data"]' in text
+    assert "chown imagine:imagine /cache /data" in text   # volumes the non-root user can write
     assert "ffmpeg" in text and "pip install --no-cache-dir ." in text
     assert 'CMD ["imagine-bot", "--config", "/config/config.toml"]' in text
 
