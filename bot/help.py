@@ -1,4 +1,4 @@
-"""/help: the prompt syntax, the buttons, the presets and the limits, from the live config."""
+"""/help: the prompt syntax (permutations too), the buttons, the presets and the limits, from the live config."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def help_text(config: Config, per_user: int) -> str:
         f"{MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` (-100 to 100, default 1; "
         "negative pushes away), at least one positive. "
         f"`image`: a picture to aim at too (`image_weight`, default 1); `init_image`: start from a picture.",
+        "",
+        "**Permutations**: `a {red, blue} house by {Escher, Magritte}` makes one job per combination "
+        f"(4 here: options split by commas, no nesting), at most {im.max_permutations} per prompt; each "
+        "counts as a waiting job, and one contact sheet shows them all once they have ended.",
         "",
         "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more steps from the end) · "
         "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin of the server).",

@@ -113,7 +113,7 @@ class ImagineRequest:
 
 def prompt_problem(text: str) -> str | None:
     """Why the engine would refuse this (weighted) prompt, said for the user; None if it is fine.
-    Permutation prompts (`{a|b}`) are checked per expansion."""
+    Permutation prompts (`{a, b}`) are checked per expansion."""
     try:
         parse_prompt(text)
     except PromptError as exc:   # it quotes at most 40 characters of the prompt: shown as text
@@ -204,28 +204,37 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"imagine:(
                              match: re.Match[str], /):
         return cls(match["job_id"])
 
+    async def callback(self, interaction: discord.Interaction) -> None:
+        """The click, with the one error handler of every button: discord.py would only log
+        "Ignoring exception in dynamic item callback" and leave the user without an answer (and a
+        "thinking…" placeholder for ever), so a failure is logged and answered here."""
+        try:
+            await self.on_click(_imagine_cog(interaction), interaction)
+        except Exception:   # noqa: BLE001 - ours (the store down or locked, a bug): logged, told
+            await answer_our_error(interaction, f"the {self.action} button of job {self.job_id}")
+
+    async def on_click(self, cog: "ImagineCog", interaction: discord.Interaction) -> None:
+        raise NotImplementedError
+
 
 class RerollButton(_JobButton, template=r"imagine:reroll:" + JOB_ID):
     action, label, style, emoji = "reroll", "Reroll", discord.ButtonStyle.primary, "🎲"
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine_cog(interaction)
+    async def on_click(self, cog: "ImagineCog", interaction: discord.Interaction) -> None:
         await cog.from_button(interaction, self.job_id, "reroll")
 
 
 class ContinueButton(_JobButton, template=r"imagine:continue:" + JOB_ID):
     action, label, style, emoji = "continue", "Continue", discord.ButtonStyle.secondary, "➕"
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine_cog(interaction)
+    async def on_click(self, cog: "ImagineCog", interaction: discord.Interaction) -> None:
         await cog.from_button(interaction, self.job_id, "continue")
 
 
 class RemixButton(_JobButton, template=r"imagine:remix:" + JOB_ID):
     action, label, style, emoji = "remix", "Remix", discord.ButtonStyle.secondary, "🎨"
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine_cog(interaction)
+    async def on_click(self, cog: "ImagineCog", interaction: discord.Interaction) -> None:
         await cog.remix_button(interaction, self.job_id)
 
 
@@ -274,8 +283,7 @@ def submitted_value(components: Any, custom_id: str) -> str | None:
 class CancelButton(_JobButton, template=r"imagine:cancel:" + JOB_ID):
     action, label, style, emoji = "cancel", "Cancel", discord.ButtonStyle.danger, None
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        cog = _imagine_cog(interaction)
+    async def on_click(self, cog: "ImagineCog", interaction: discord.Interaction) -> None:
         await cog.cancel_job(interaction, self.job_id)
 
 
@@ -294,23 +302,44 @@ OUR_ERROR = ("Something went wrong on my side; the error is logged. If a reply a
              "it is queued; otherwise try again in a moment.")
 
 
-async def ephemeral(interaction: discord.Interaction, message: str) -> None:
-    """Tell the user alone: the one way the bot answers privately, before or after a defer (every
-    refusal, and our own errors: bot.client's `_Tree.on_error`, the Remix modal's listener).
+# What a public "thinking…" placeholder says when our own error stopped what it was for.
+FAILED_PLACEHOLDER = "This did not go through: something went wrong on my side (the error is logged)."
 
-    Not answered yet: an ephemeral response. Answered already: an ephemeral follow-up. After a
-    public defer the first follow-up *replaces* the "thinking…" message and is public whatever its
-    flags, so that message is deleted first -- but only while it is still thinking: a reply made
-    since (a job's queued message with its Cancel button, the message a button is on) stays.
+
+async def ephemeral(interaction: discord.Interaction, message: str, *, public_placeholder: str | None = None) -> None:
+    """Tell the user alone: the one way the bot answers privately, before or after a defer (every
+    refusal, and our own errors: `answer_our_error`, bot.client's `_Tree.on_error`).
+
+    Not answered yet: an ephemeral response. Answered already: an ephemeral follow-up. After an
+    ephemeral defer the first follow-up replaces the private "thinking…" message: that is the
+    answer. After a public defer it would replace the "thinking…" message *publicly*, whatever its
+    flags, so that message is first deleted, or edited to `public_placeholder` when one is given
+    (our errors: the channel sees that it failed) -- but only while it is still thinking: a reply
+    made since (a job's queued message with its Cancel button, the message a button is on) stays.
     HTTP errors of the answer itself are the caller's."""
     if not interaction.response.is_done():
         await interaction.response.send_message(message, ephemeral=True)
         return
     with contextlib.suppress(discord.HTTPException):   # none (a modal was the answer), or gone
         original = await interaction.original_response()
-        if original.flags.loading:
-            await interaction.delete_original_response()
+        if original.flags.loading and not original.flags.ephemeral:
+            if public_placeholder is None:
+                await interaction.delete_original_response()
+            else:
+                await interaction.edit_original_response(content=public_placeholder)
     await interaction.followup.send(message, ephemeral=True)
+
+
+async def answer_our_error(interaction: discord.Interaction, what: str) -> None:
+    """The one handler of our own errors in a button or the Remix modal (call it from `except`):
+    logs the exception with `what` failed and who pressed (never the interaction's token or the
+    prompt), tells the user privately (OUR_ERROR, a follow-up if the bot had answered already)
+    and turns a public "thinking…" placeholder the bot left into FAILED_PLACEHOLDER. Never raises."""
+    log.exception("%s failed (user %s, guild %s)", what, interaction.user.id, interaction.guild_id)
+    try:
+        await ephemeral(interaction, OUR_ERROR, public_placeholder=FAILED_PLACEHOLDER)
+    except Exception as exc:   # noqa: BLE001 - e.g. Discord's 15 minutes are over: nothing more to do
+        log.warning("could not tell user %s that %s failed: %s", interaction.user.id, what, exc)
 
 
 def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
@@ -327,10 +356,16 @@ def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
 
 async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction, record: JobRecord) -> None:
     """Cancel a job the caller may cancel (the Cancel button, `/queue cancel`) and say privately
-    what happened: cancelled (it was waiting), stopping (it runs), or it had already ended."""
+    what happened: cancelled (it was waiting), stopping (it runs), or it had already ended.
+
+    The store's write may wait seconds (SQLite: behind a worker's checkpoint write), longer than
+    Discord's 3 s to answer: an interaction not answered yet is deferred (privately) first. One
+    the caller deferred already is answered with follow-ups (`ephemeral`)."""
     if record.state.finished:
         await ephemeral(interaction, f"Job `{record.id}` has already ended ({record.state.value}).")
         return
+    if not interaction.response.is_done():
+        await interaction.response.defer(ephemeral=True, thinking=True)
     ok = await bot.queue.cancel(record.id)
     if bot.progress is not None:
         bot.progress.line_changed()
@@ -391,10 +426,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
         try:
             await self.remix(interaction, match["job_id"], prompt, None)
         except Exception:   # noqa: BLE001 - a listener's errors reach no one else: log, tell the user
-            log.exception("remix modal %s failed", data.get("custom_id"))
             # Privately; the job's message stays if submit() had already made it (see ephemeral).
-            with contextlib.suppress(discord.HTTPException):
-                await ephemeral(interaction, OUR_ERROR)
+            await answer_our_error(interaction, f"the remix modal of job {match['job_id']}")
 
     def _build_command(self) -> app_commands.Command:
         cfg = self.bot.config.imagine
@@ -524,6 +557,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         except asyncio.TimeoutError:
             await ephemeral(interaction, "Downloading the attachment from Discord took too long. Try again.")
             return False
+        # Storing is a write: it may wait seconds behind a worker's (SQLite), so Discord gets its
+        # answer first: the public "thinking…" that becomes the job's reply.
+        if not interaction.response.is_done():
+            await interaction.response.defer(thinking=True)
         notes = []
         for picture in checked:
             ref = await attachments.store(self.queue, picture)
@@ -670,6 +707,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
         return parent
 
     async def remix_button(self, interaction: discord.Interaction, job_id: str) -> None:
+        """The Remix form, or why there is none. Its answer is the modal, which cannot follow a
+        defer, so only reads come first, and only two small ones: the job's row (`queue.get`: the
+        prompt to pre-fill, the server, the state) and whether its `state.pt` exists
+        (`has_artifact`: an indexed lookup, no data read). On SQLite both go through the reader
+        connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS.
+        Everything else (the prompt's checks, the cap, the write) waits for the submit."""
         parent = await self._remix_parent(interaction, job_id)
         if parent is not None:
             modal = RemixModal(job_id, parent.spec.prompt, self.bot.config.imagine.max_prompt_chars)

@@ -230,6 +230,15 @@ def _listing(items: list[str]) -> str:
     return text
 
 
+async def _defer_privately(interaction: discord.Interaction) -> None:
+    """Answer Discord (a private "thinking…") before the list's read-modify-write: the write may
+    wait seconds behind another (SQLite: a worker's checkpoint), or behind another admin's edit
+    (the cog's lock), and Discord wants an answer within 3 s. The answers that follow are
+    ephemeral follow-ups, which replace the "thinking…"."""
+    if not interaction.response.is_done():
+        await interaction.response.defer(ephemeral=True, thinking=True)
+
+
 class BanWordGroup(app_commands.Group):
     """`/queue ban-word ...`: added to the Queue cog's group by ModerationCog."""
 
@@ -283,6 +292,7 @@ class ModerationCog(commands.Cog, name="Moderation"):
             await ephemeral(interaction, str(exc))
             return
         guild_id = interaction.guild_id or 0
+        await _defer_privately(interaction)
         async with self._lock:
             current = await entries(self.bot.queue, guild_id)
             if any(same(e, entry) for e in current):
@@ -305,6 +315,7 @@ class ModerationCog(commands.Cog, name="Moderation"):
             return
         wanted = (raw or "").strip()
         guild_id = interaction.guild_id or 0
+        await _defer_privately(interaction)
         async with self._lock:
             current = await entries(self.bot.queue, guild_id)
             keep = [e for e in current if not (same(e, wanted) or same(e, " ".join(wanted.split())))]

@@ -250,6 +250,18 @@ async def test_help_is_short_and_private(harness):
     h.fd.assert_clean()
 
 
+async def test_help_explains_permutation_prompts_with_the_configured_cap(harness):
+    h = harness
+    h.config.imagine.max_permutations = 7   # not the default 9: the text reads the live config
+    await h.start(worker=False)
+    text = refusal(await command(h, "help"))
+    assert len(text) < 2000
+    for fragment in ("`a {red, blue} house by {Escher, Magritte}`", "one job per combination",
+                     "at most 7 per prompt", "contact sheet"):
+        assert fragment in text, (fragment, text)
+    h.fd.assert_clean()
+
+
 async def test_a_slow_download_is_answered_in_time_and_still_refused_privately(harness, monkeypatch):
     """Past the answer window the bot defers (publicly: the job's reply); a refusal then deletes that
     reply and answers privately, and a good picture goes on to be queued."""

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from engine.jobs import JobState
-from tests.test_bot_support import EPHEMERAL, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import EPHEMERAL, harness, private_answer  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
 
@@ -81,10 +81,11 @@ async def test_cancel_button_owner_or_admin_only(harness):
     assert "Only the person" in click.response["data"]["content"]
     assert (await h.queue.get(job_id)).state == JobState.QUEUED
 
-    # The owner cancels: an ephemeral confirmation, the reply says so, buttons change to Reroll.
+    # The owner cancels: a private "thinking…" at once (the store's write may be slow), then the
+    # confirmation in its place; the reply says so, buttons change to Reroll.
     click = await h.fd.click_button(msg, f"imagine:cancel:{job_id}")
-    await h.fd.wait_for_response(click)
-    assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL
+    assert await private_answer(h, click) == f"Cancelled job `{job_id}`."
+    assert click.response_type == 5
     record = await h.wait_delivered(job_id)
     assert record.state == JobState.CANCELLED
     await h.fd.wait_for(lambda: "Cancelled." in h.fd.messages[msg.id].content, 5, "the cancelled reply")
@@ -98,8 +99,7 @@ async def test_cancel_button_owner_or_admin_only(harness):
     job_id = h.job_id(msg)
     await h.fd.wait_for(lambda: "Iteration" in h.fd.messages[msg.id].content, 20, "a frame")
     click = await h.fd.click_button(msg, f"imagine:cancel:{job_id}", user=h.fd.admin_user)
-    await h.fd.wait_for_response(click)
-    assert click.response["data"]["flags"] & EPHEMERAL
+    assert await private_answer(h, click) == f"Stopping job `{job_id}`…"
     record = await h.wait_delivered(job_id)
     assert record.state == JobState.CANCELLED
     assert len(h.posts_of_job(job_id)) == 1

@@ -15,7 +15,8 @@ from bot.queue_admin import user_limit_key
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    EPHEMERAL, WEBHOOK_ORIGINAL, Harness, claim_jobs, ephemeral_answer, finish_jobs, harness, test_config, tiny_png,
+    EPHEMERAL, WEBHOOK_ORIGINAL, Harness, claim_jobs, ephemeral_answer, finish_jobs, harness, private_answer,
+    test_config, tiny_png,
 )
 
 BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
@@ -354,6 +355,5 @@ async def test_our_own_error_after_the_jobs_reply_keeps_the_reply_and_is_told_on
     record = await h.queue.get(remix_id)
     assert record.state == JobState.QUEUED and record.spec.parent_job_id == job_id
     cancel = await fd.click_button(reply, f"imagine:cancel:{remix_id}")
-    await fd.wait_for_response(cancel)
-    assert "Cancelled" in cancel.response["data"]["content"]
+    assert "Cancelled" in await private_answer(h, cancel)
     fd.assert_clean()

@@ -29,6 +29,7 @@ CHANNEL_MESSAGE = r"/channels/\d+/messages/\d+"
 CALLBACK = r"/interactions/\d+/[^/]+/callback"
 JOB_ID_RE = re.compile(r"job ([0-9a-f]{12})")
 EPHEMERAL = 1 << 6
+FLAG_LOADING = 1 << 7   # a deferred "thinking…" message
 
 
 def tiny_png(width: int = 2, height: int = 2) -> bytes:
@@ -183,13 +184,26 @@ class Harness:
 # A stand-in for a fast GPU: the test claims the jobs and publishes frames itself.
 
 async def ephemeral_answer(h, name, options=None, **kw) -> str:
-    """Run a slash command and return its answer, asserting that it was an ephemeral message."""
+    """Run a slash command and return its answer, asserting that only the user saw it."""
     inter = await h.fd.send_slash_command(name, options or {}, **kw)
+    return await private_answer(h, inter)
+
+
+async def private_answer(h, inter: InteractionRecord, timeout: float = 10.0) -> str:
+    """The answer to `inter`, asserting that only the user saw it: an ephemeral message at once
+    (callback 4), or an ephemeral "thinking…" (a defer, callback 5: the bot had a slow store write
+    to make first) that the answer then replaced."""
     await h.fd.wait_for_response(inter)
-    assert inter.response_type == 4, (name, inter.response_type)
-    data = inter.response["data"]
-    assert data["flags"] & EPHEMERAL, data
-    return data["content"]
+    data = inter.response.get("data") or {}
+    assert inter.response_type in (4, 5), inter.response_type
+    assert data.get("flags", 0) & EPHEMERAL, data
+    if inter.response_type == 4:
+        return data["content"]
+    await h.fd.wait_for(lambda: inter.original_message is not None
+                        and not inter.original_message.flags & FLAG_LOADING, timeout, "the answer after the defer")
+    msg = inter.original_message
+    assert msg.ephemeral and not inter.followups, (msg, inter.followups)
+    return msg.content
 
 
 async def claim_jobs(queue, job_ids) -> None:
