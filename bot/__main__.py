@@ -4,9 +4,11 @@
                 [--no-worker] [--http-port PORT] [--http-host HOST]
     imagine-bot sync [--guild ID]                                               # register commands
 
-The token comes from the DISCORD_TOKEN environment variable only, and is never logged. Without
---config the bot reads ./config.toml, or runs on the built-in defaults when there is none (a log
-line says so). A missing --config file, an invalid config or token, a queue that cannot be opened
+The token comes from the DISCORD_TOKEN environment variable only, and is never logged. The queue
+URL is --queue, else the IMAGINE_QUEUE_URL environment variable, else [queue] url (a Redis password
+belongs in the variable: a command line shows in `ps`); it is logged with the password masked.
+Without --config the bot reads ./config.toml, or runs on the built-in defaults when there is none
+(a log line says so). A missing --config file, an invalid config or token, a queue that cannot be opened
 or a shard count Discord refuses exits with status 2 and a message that says what to fix.
 """
 
@@ -23,9 +25,8 @@ from pathlib import Path
 
 import discord
 
-from bot.config import Config, ConfigError, check_token, load_config
+from bot.config import QUEUE_URL_ENV, Config, ConfigError, check_token, choose_queue_url, load_config
 from bot.launcher import LaunchError
-from engine.queue import redact_url
 
 EXIT_CONFIG = 2
 DEFAULT_CONFIG = "config.toml"   # read when present and no --config is given
@@ -39,7 +40,9 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="the config file (default: ./config.toml if it exists, else the built-in "
                              "defaults; see config.example.toml)")
     parser.add_argument("--queue", metavar="URL", default=default,
-                        help="queue URL, overrides [queue] url (sqlite:///file.db or redis://host:6379/0)")
+                        help=f"queue URL (sqlite:///file.db or redis://host:6379/0); overrides ${QUEUE_URL_ENV}, "
+                             "which overrides [queue] url (put a Redis password in the variable: a "
+                             "command line is visible to every local user)")
     parser.add_argument("--log-level", metavar="LEVEL", default=default,
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"], type=str.upper,
                         help="logging level (default: log_level from the config, else INFO)")
@@ -91,11 +94,7 @@ def defaults_note() -> str:
 def load(args: argparse.Namespace) -> tuple[Config, str]:
     # An explicit --config must exist; the default ./config.toml may be absent (first run).
     config = Config() if uses_defaults(args) else load_config(args.config or DEFAULT_CONFIG)
-    if args.queue:
-        config.queue.url = args.queue
-        if not config.queue.url.startswith(("sqlite://", "redis://", "rediss://")):
-            raise ConfigError("--queue: expected sqlite:///path.db or redis://host:port/db, "
-                              f"got {redact_url(args.queue)!r}")
+    choose_queue_url(config, args.queue)   # --queue > $IMAGINE_QUEUE_URL > [queue] url
     if args.log_level:
         config.log_level = args.log_level
     if args.no_worker:

@@ -1,8 +1,10 @@
 """The bot's settings: `config.toml` (tomllib) into dataclasses, every value type-checked.
 
 The Discord token is never in the file: it comes from the `DISCORD_TOKEN` environment variable
-only (see `bot.__main__`). Every error names the key, e.g. `[imagine] max_prompt_chars: expected
-an integer, got "500"`.
+only (see `bot.__main__`). The queue URL, which may hold the Redis password, can come from the
+`IMAGINE_QUEUE_URL` environment variable instead of the file (`choose_queue_url`: --queue, then the
+variable, then `[queue] url`). Every error names the key, e.g. `[imagine] max_prompt_chars:
+expected an integer, got "500"`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from typing import Any
 from engine.jobs import check_keep_days
 from engine.queue import redact_url
 from engine.compiling import compile_options
+
+
+QUEUE_URL_ENV = "IMAGINE_QUEUE_URL"   # the queue URL, kept out of the config file and the command line
+QUEUE_URL_SCHEMES = ("sqlite://", "redis://", "rediss://")
 
 
 class ConfigError(ValueError):
@@ -250,7 +256,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.discord.shard_count <= MAX_SHARDS,
          f"[discord] shard_count: {cfg.discord.shard_count} is more than {MAX_SHARDS} shards "
          "(Discord recommends about one per 1,000 guilds; 0: its recommendation)")
-    need(q.url.startswith(("sqlite://", "redis://", "rediss://")),
+    need(q.url.startswith(QUEUE_URL_SCHEMES),
          f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {redact_url(q.url)!r}")
     need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")
     need(cfg.worker.keep_days >= 0, "[worker] keep_days: must not be negative (0: never prune)")
@@ -333,3 +339,18 @@ def check_token(token: str | None) -> str:
     if any(c.isspace() for c in token) or len(token) < 20 or token.count(".") < 2:
         raise ConfigError("DISCORD_TOKEN does not look like a bot token (expected three dot-separated parts)")
     return token
+
+
+def choose_queue_url(config: Config, command_line: str | None,
+                     environ: typing.Mapping[str, str] = os.environ) -> None:
+    """Set `config.queue.url` by precedence: `--queue` (`command_line`), else the `IMAGINE_QUEUE_URL`
+    environment variable, else `[queue] url` as loaded; an empty value counts as unset. A value that
+    is no queue URL is refused naming where it came from, its password masked."""
+    for source, url in (("--queue", command_line), (QUEUE_URL_ENV, environ.get(QUEUE_URL_ENV))):
+        if url is not None and url.strip():
+            url = url.strip()
+            if not url.startswith(QUEUE_URL_SCHEMES):
+                raise ConfigError(f"{source}: expected sqlite:///path.db or redis://host:port/db, "
+                                  f"got {redact_url(url)!r}")
+            config.queue.url = url
+            return

@@ -6,8 +6,13 @@ jobs go back to the queue with their checkpoints), then the HTTP server, the ses
 Health and metrics (`[http] port`, `--http-port`; off by default) come from
 `engine.observability.Observability`: checks `discord` (every gateway shard ready or resumed, its
 socket open, its heartbeat answered; the report lists each shard's state and latency), `queue`
-(answers within 3 s) and, with an embedded worker, `gpu`. Each scrape of /metrics reads the shards
-into `imagine_discord_shard_connected{shard}` and `imagine_discord_gateway_latency_seconds{shard}`.
+(answers within 3 s) and, with an embedded worker, `gpu`; without one, `workers` (some GPU worker
+claimed or heartbeated within `worker_window`: two leases, at least 10 s). `workers` is advisory:
+reported, and listed in `"degraded"`, but it never makes /healthz 503, because no restart of the bot
+brings a worker back and the bot still takes and queues commands meanwhile (README, "Health and
+metrics"). Each scrape of /metrics reads the shards into `imagine_discord_shard_connected{shard}` and
+`imagine_discord_gateway_latency_seconds{shard}`, the store into `imagine_queue_jobs{state}` and the
+live workers into `imagine_workers_alive`.
 Discord's 429s are counted by an aiohttp TraceConfig on discord.py's own HTTP session
 (`http_trace`), so REST and interaction-webhook requests both count, whether discord.py retried
 them or raised.
@@ -16,8 +21,10 @@ them or raised.
 so; /healthz then has no `gpu` check, as with --no-worker): a CPU worker would claim shared jobs at
 ~11 s a step. `device = "cpu"` runs one anyway.
 
-`run` registers the slash commands once when Discord has none of them (a first start), and
-otherwise only says when Discord's set differs from this bot's: `imagine-bot sync` updates them.
+`run` logs in to Discord before the embedded worker loads its models (minutes on a first start), so
+a bad or revoked token fails at once; once the worker is up it registers the slash commands when
+Discord has none of them (a first start), and otherwise only says when Discord's set differs from
+this bot's (`imagine-bot sync` updates them); then the gateway connects.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ import aiohttp
 import discord
 
 from bot.client import ImagineBot
-from bot.config import Config, WorkerConfig
+from bot.config import QUEUE_URL_ENV, Config, WorkerConfig
 from engine.jobs import JobQueue
-from engine.observability import Check, Observability, bound_port, queue_check, worker_check
+from engine.observability import Check, Observability, bound_port, queue_check, worker_check, workers_check
 from engine.queue import redact_secrets, redact_url
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,9 @@ class LaunchError(RuntimeError):
 # How the bot's refusal of an untrusted decoder / encoder pickle says to trust it (engine.models).
 TRUST_HINT_BOT = ("set [worker] trust_decoder = true in config.toml, or add its SHA-256 to "
                   "[worker] known_sha256")
+# A worker counts as alive when it claimed or heartbeated within two leases, but never less than
+# 10 s: the Redis backend writes its worker registry at most every 5 s per worker.
+MIN_WORKER_WINDOW = 10.0
 NO_GPU_WARNING = ('no CUDA GPU: the embedded worker is off; set [worker] device = "cpu" to run on the '
                   "CPU anyway, or run imagine-worker on a GPU host")
 
@@ -71,6 +81,25 @@ class Resources:
     obs: Observability = field(default_factory=Observability)
     http_runner: Any = None   # aiohttp.web.AppRunner while /healthz and /metrics are served
     bot: ImagineBot | None = None   # set by make_bot; the `discord` health check looks at it
+    # Where the embedded worker's stop is registered once `start_worker` has started it.
+    stack: contextlib.AsyncExitStack | None = None
+    worker_started: bool = False
+
+    async def start_worker(self) -> None:
+        """Start the embedded worker (it loads its models: minutes on a first start) and have it
+        stopped when the resources close, before the HTTP server and the queue. No worker: nothing."""
+        if self.worker is None or self.worker_started:
+            return
+        assert self.stack is not None
+        try:
+            await self.worker.start()
+        except Exception as exc:  # noqa: BLE001
+            raise LaunchError(
+                f"the embedded worker could not load its models ({type(exc).__name__}: {exc}); "
+                "check [worker] clip_model / decoder / encoder / cache_dir, or run with --no-worker ([worker] embedded = false)"
+            ) from exc
+        self.worker_started = True
+        self.stack.push_async_callback(self.worker.stop)
 
     @property
     def http_port(self) -> int | None:
@@ -119,6 +148,12 @@ def discord_check(resources: Resources) -> Check:
     return check
 
 
+def worker_window(queue: JobQueue) -> float:
+    """Seconds since a GPU worker's last claim or heartbeat within which it counts as alive: two
+    leases (`?lease=` in the queue URL, 30 s by default), at least MIN_WORKER_WINDOW."""
+    return max(2.0 * float(getattr(queue, "lease", 30.0)), MIN_WORKER_WINDOW)
+
+
 def track_shards(obs: Observability, resources: Resources) -> None:
     """Per-shard gauges, read from the bot at each scrape of /metrics."""
     async def refresh() -> None:
@@ -152,10 +187,12 @@ async def open_resources(
     models_loader: Callable[[], Any] | None = None,
     worker_options: dict[str, Any] | None = None,
     http_port: int | None = None,
+    start_worker: bool = True,
 ) -> AsyncIterator[Resources]:
     """`http_port`: None serves HTTP as `[http] port` says (0: not at all); a number serves on it
     (0: any free port, see `Resources.http_port`). `models_loader`: what the embedded worker runs
-    (tests give tiny models); None loads `[worker]`'s models on its `device`."""
+    (tests give tiny models); None loads `[worker]`'s models on its `device`. `start_worker`: False
+    leaves the embedded worker unstarted (`await resources.start_worker()` later: `run` logs in first)."""
     from engine.queue import open_queue
 
     async with contextlib.AsyncExitStack() as stack:
@@ -166,15 +203,17 @@ async def open_resources(
         except Exception as exc:  # noqa: BLE001 - say what failed, not a traceback
             # The URL may hold a password: masked here, and wherever the error quotes it.
             detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
-            raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check [queue] url / --queue "
-                              "and that its server is up", exit_code=2) from None
+            raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check --queue / "
+                              f"{QUEUE_URL_ENV} / [queue] url and that its server is up", exit_code=2) from None
         stack.push_async_callback(queue.close)
         log.info("queue %s", redact_url(url))
         session = aiohttp.ClientSession()
         stack.push_async_callback(session.close)
-        resources = Resources(config, queue, session)
+        resources = Resources(config, queue, session, stack=stack)
         obs = resources.obs
         obs.track_queue(queue)
+        obs.track_store(queue)
+        obs.track_workers(queue, worker_window(queue))
         track_shards(obs, resources)
         worker = None
         embedded = config.worker.embedded
@@ -199,23 +238,20 @@ async def open_resources(
         if port is not None:
             # Up before the models load: /healthz says "gpu": false until the GPU thread runs.
             checks: dict[str, Check] = {"discord": discord_check(resources), "queue": queue_check(queue)}
+            advisory: set[str] = set()
             if worker is not None:
                 checks["gpu"] = worker_check(worker)
+            else:   # the GPU work is done elsewhere: say whether anyone is doing it
+                checks["workers"] = workers_check(queue, worker_window(queue))
+                advisory.add("workers")
             try:
-                resources.http_runner = await obs.start_http(config.http.host, port, checks)
+                resources.http_runner = await obs.start_http(config.http.host, port, checks, advisory)
             except OSError as exc:
                 raise LaunchError(f"cannot serve /healthz and /metrics on {config.http.host}:{port}: {exc}; "
                                   "change [http] port / --http-port") from exc
             stack.push_async_callback(resources.http_runner.cleanup)
-        if worker is not None:
-            try:
-                await worker.start()
-            except Exception as exc:  # noqa: BLE001
-                raise LaunchError(
-                    f"the embedded worker could not load its models ({type(exc).__name__}: {exc}); "
-                    "check [worker] clip_model / decoder / encoder / cache_dir, or run with --no-worker ([worker] embedded = false)"
-                ) from exc
-            stack.push_async_callback(worker.stop)
+        if start_worker:
+            await resources.start_worker()
         yield resources
 
 
@@ -258,9 +294,13 @@ async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> 
 
 
 async def run(config: Config, token: str) -> None:
-    async with open_resources(config) as resources:
+    """The bot until it is cancelled. A token Discord refuses raises discord.LoginFailure before the
+    embedded worker loads anything."""
+    async with open_resources(config, start_worker=False) as resources:
         bot = make_bot(resources)
         async with bot:
-            await bot.login(token)   # bot.start() is login + connect, with the commands checked between
+            # bot.start() is login + connect; split, so that a bad token fails before the models load.
+            await bot.login(token)
+            await resources.start_worker()
             await sync_if_unregistered(bot, config.discord.sync_guild or None)
             await bot.connect()

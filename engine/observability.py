@@ -3,6 +3,8 @@
     obs = Observability()                         # its own CollectorRegistry (never the global one)
     obs.track_queue(queue)                        # imagine_queue_length, read at scrape time
     obs.track_worker(worker)                      # iterations, jobs, latency, GPU memory
+    obs.track_store(queue)                        # imagine_queue_jobs{state}: the whole store (the bot)
+    obs.track_workers(queue, within=60)           # imagine_workers_alive (the bot)
     runner = await obs.start_http("127.0.0.1", 9100, {"queue": queue_check(queue)})
     ...
     await runner.cleanup()
@@ -11,12 +13,17 @@
 details to report; raising or taking longer than `check_timeout` seconds counts as failing) and
 answers 200 when all pass, else 503, with JSON:
 `{"ok": false, "checks": {"queue": {"ok": false, "error": "TimeoutError: ..."}, "gpu": {"ok": true}}}`.
+An *advisory* check (`start_http(..., advisory={"workers"})`) is run and reported the same way, but
+its failure does not make the answer 503: it is listed in `"degraded": [...]` instead (the bot's
+`workers` check: no GPU worker alive is not something restarting the bot would fix).
 
 `GET /metrics` is the Prometheus text format:
 
 | metric | type | what |
 |---|---|---|
 | `imagine_queue_length` | gauge | jobs waiting in the line (asked of the queue at each scrape) |
+| `imagine_queue_jobs{state}` | gauge | jobs in the whole store: queued, running, undelivered (finished, result not posted yet); read at each scrape (`track_store`) |
+| `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (`track_workers`) |
 | `imagine_jobs_total{state}` | counter | job transitions this process saw: started, done, failed, retried, cancelled, released |
 | `imagine_jobs_running` | gauge | jobs in this worker's batch |
 | `imagine_iterations_total` | counter | job-iterations stepped (`rate()` of it: iterations per second) |
@@ -38,7 +45,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Union
+from typing import Any, Awaitable, Callable, Collection, Mapping, Union
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -50,6 +57,7 @@ Check = Callable[[], Awaitable[Union[bool, Mapping[str, Any]]]]
 # Seconds from submit to done: a draft job on a free GPU takes seconds, a seed job in a long line an hour.
 LATENCY_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 JOB_STATES = ("started", "done", "failed", "retried", "cancelled", "released")
+STORE_STATES = ("queued", "running", "undelivered")   # imagine_queue_jobs{state}
 
 
 @dataclass
@@ -57,6 +65,8 @@ class Metrics:
     """The metric objects, all registered in one registry."""
 
     queue_length: Gauge
+    store_jobs: Gauge
+    workers_alive: Gauge
     jobs: Counter
     jobs_running: Gauge
     iterations: Counter
@@ -72,6 +82,13 @@ class Metrics:
     def create(cls, registry: CollectorRegistry) -> "Metrics":
         return cls(
             queue_length=Gauge("imagine_queue_length", "Jobs waiting in the line", registry=registry),
+            # Not `imagine_jobs`: the counter of this process's transitions owns that name.
+            store_jobs=Gauge("imagine_queue_jobs",
+                             "Jobs in the whole store by state (queued, running, undelivered)", ["state"],
+                             registry=registry),
+            workers_alive=Gauge("imagine_workers_alive",
+                                "GPU workers that claimed or heartbeated within the liveness window",
+                                registry=registry),
             jobs=Counter("imagine_jobs", "Job transitions seen by this process", ["state"], registry=registry),
             jobs_running=Gauge("imagine_jobs_running", "Jobs in this worker's batch", registry=registry),
             iterations=Counter("imagine_iterations", "Job-iterations stepped on the GPU", registry=registry),
@@ -122,6 +139,24 @@ class Observability:
         """Report `queue.count_queued()` as imagine_queue_length at each scrape."""
         async def refresh() -> None:
             self.metrics.queue_length.set(await queue.count_queued())
+        self.add_refresher(refresh)
+
+    def track_store(self, queue: Any) -> None:
+        """Report the whole store's jobs by state as imagine_queue_jobs{state} at each scrape:
+        `count_queued()`, `len(running())` and `len(undelivered())` (finished, result not posted).
+        Every process sharing the queue reads the same numbers: the bot exports them."""
+        async def refresh() -> None:
+            queued, running, undelivered = await asyncio.gather(
+                queue.count_queued(), queue.running(), queue.undelivered())
+            for state, count in zip(STORE_STATES, (queued, len(running), len(undelivered))):
+                self.metrics.store_jobs.labels(state).set(count)
+        self.add_refresher(refresh)
+
+    def track_workers(self, queue: Any, within: float) -> None:
+        """Report how many GPU workers claimed or heartbeated in the last `within` seconds
+        (`queue.workers(max_age=within)`) as imagine_workers_alive at each scrape."""
+        async def refresh() -> None:
+            self.metrics.workers_alive.set(len(await queue.workers(max_age=within)))
         self.add_refresher(refresh)
 
     def track_worker(self, worker: Any) -> None:
@@ -195,7 +230,9 @@ class Observability:
                 log.debug("metrics refresh failed: %s: %s", type(exc).__name__, exc)
         await asyncio.gather(*(one(r) for r in self._refreshers))
 
-    async def run_checks(self, checks: dict[str, Check]) -> tuple[bool, dict[str, dict[str, Any]]]:
+    async def run_checks(self, checks: dict[str, Check],
+                         advisory: Collection[str] = ()) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """Every check at once: (all non-advisory checks passed, each check's report)."""
         async def one(check: Check) -> dict[str, Any]:
             try:
                 result = await asyncio.wait_for(check(), self.check_timeout)
@@ -209,14 +246,20 @@ class Observability:
         names = list(checks)
         results = await asyncio.gather(*(one(checks[n]) for n in names))
         report = dict(zip(names, results))
-        return all(r["ok"] for r in results), report
+        return all(r["ok"] for n, r in report.items() if n not in advisory), report
 
-    def app(self, checks: dict[str, Check] | None = None) -> web.Application:
+    def app(self, checks: dict[str, Check] | None = None, advisory: Collection[str] = ()) -> web.Application:
+        """`advisory`: names of checks reported but not counted for the status (see the module doc)."""
         checks = dict(checks or {})
+        advisory = frozenset(advisory)
 
         async def healthz(request: web.Request) -> web.Response:
-            ok, report = await self.run_checks(checks)
-            return web.json_response({"ok": ok, "checks": report}, status=200 if ok else 503)
+            ok, report = await self.run_checks(checks, advisory)
+            body: dict[str, Any] = {"ok": ok, "checks": report}
+            degraded = [name for name in report if name in advisory and not report[name]["ok"]]
+            if degraded:
+                body["degraded"] = degraded
+            return web.json_response(body, status=200 if ok else 503)
 
         async def metrics(request: web.Request) -> web.Response:
             await self.refresh()
@@ -228,10 +271,11 @@ class Observability:
         app.router.add_get("/metrics", metrics)
         return app
 
-    async def start_http(self, host: str, port: int, checks: dict[str, Check] | None = None) -> web.AppRunner:
+    async def start_http(self, host: str, port: int, checks: dict[str, Check] | None = None,
+                         advisory: Collection[str] = ()) -> web.AppRunner:
         """Serve /healthz and /metrics on host:port (0: any free port; see `bound_port`). Stop with
-        `await runner.cleanup()`."""
-        runner = web.AppRunner(self.app(checks), access_log=None)
+        `await runner.cleanup()`. `advisory`: checks reported but not counted for the status."""
+        runner = web.AppRunner(self.app(checks, advisory), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -263,4 +307,18 @@ def worker_check(worker: Any) -> Check:
     """The worker's GPU thread is running (False while the models still load, or after it died)."""
     async def check() -> bool:
         return bool(worker.gpu_alive)
+    return check
+
+
+def workers_check(queue: Any, within: float) -> Check:
+    """At least one GPU worker claimed or heartbeated in the last `within` seconds
+    (`queue.workers(max_age=within)`; an idle worker claims every 0.25 s, a busy one heartbeats every
+    second). Reports how many, and their ids: `{"ok": true, "alive": 2, "workers": ["gpu0", "gpu1"]}`."""
+    async def check() -> dict[str, Any]:
+        alive = sorted(await queue.workers(max_age=within))
+        if alive:
+            return {"ok": True, "alive": len(alive), "workers": alive}
+        return {"ok": False, "alive": 0, "workers": [],
+                "error": f"no GPU worker claimed or heartbeated in the last {within:g} s: queued jobs wait "
+                         "until one does (start imagine-worker, or check the workers' own /healthz)"}
     return check

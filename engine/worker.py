@@ -700,7 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Health and metrics: --http-port 9100 serves /healthz (200 or 503, JSON) and /metrics "
                "(Prometheus). The model cache is --cache-dir, else $IMAGINE_CACHE, else ~/.cache/imagine-bot.",
     )
-    p.add_argument("--queue", required=True, help="queue URL: redis://host:6379/0 or sqlite:///path.db")
+    p.add_argument("--queue", default=None,
+                   help="queue URL: redis://host:6379/0 or sqlite:///path.db (default: the IMAGINE_QUEUE_URL "
+                        "environment variable, where a Redis password belongs: a command line shows in ps)")
     p.add_argument("--clip-model", default="ViT-B/32")
     p.add_argument("--decoder", default="openai")
     p.add_argument("--trust-decoder", action="store_true",
@@ -834,7 +836,12 @@ async def until_stopped_or_gpu_dead(worker: Worker, stop: asyncio.Event, poll: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.queue:   # --queue > IMAGINE_QUEUE_URL, as for the bot (which also has [queue] url)
+        args.queue = os.environ.get("IMAGINE_QUEUE_URL", "").strip()
+        if not args.queue:
+            parser.error("--queue URL or the IMAGINE_QUEUE_URL environment variable is required")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(_serve(args))
 

@@ -188,19 +188,29 @@ async def test_sync_registers_the_commands_on_request_and_never_logs_the_token(t
                                            if type(h).__module__.startswith("_pytest")]
 
 
-def test_a_worker_that_cannot_load_its_models_stops_the_launch_with_a_clear_message(tmp_path, monkeypatch, capsys):
+async def _main_against_the_fake(argv: list[str], monkeypatch) -> int:
+    """main(argv) logged in to a fake Discord that accepts its token (the bot logs in before its
+    embedded worker loads the models), in a thread: main() runs its own event loop."""
+    async with FakeDiscord() as fd:
+        monkeypatch.setenv("DISCORD_TOKEN", fd.bot_token)
+        try:
+            return await asyncio.to_thread(main, argv)
+        finally:
+            _drop_discord_log_handlers()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_cannot_load_its_models_stops_the_launch_with_a_clear_message(tmp_path, monkeypatch,
+                                                                                          capsys):
     cfg = tmp_path / "config.toml"
     # device "cpu": with "auto" a host without CUDA starts no embedded worker at all.
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
                    f'[worker]\nclip_model = "{tmp_path / "missing-clip.pt"}"\ncache_dir = "{tmp_path}"\n'
                    'device = "cpu"\n')
-    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
-    assert main(["--config", str(cfg)]) == 1
+    assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 1
     err = capsys.readouterr().err
     assert "the embedded worker could not load its models" in err and "missing-clip.pt" in err
-    assert GOOD_TOKEN not in err
-    logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
-                                       if type(h).__module__.startswith("_pytest")]
+    assert "rejected the token" not in err   # the token was fine: logged in, then the models failed
 
 
 def _drop_discord_log_handlers() -> None:
@@ -225,7 +235,7 @@ def test_a_queue_that_cannot_be_opened_exits_2_and_never_shows_the_password(tmp_
     assert proc.returncode == 2, out
     assert "s3cret" not in out, out
     assert f"imagine-bot: cannot open the queue redis://user:***@127.0.0.1:{port}/0: " in proc.stderr, out
-    assert "check [queue] url / --queue" in proc.stderr
+    assert "check --queue / IMAGINE_QUEUE_URL / [queue] url" in proc.stderr
     assert GOOD_TOKEN not in out
 
     # A --queue that is not a queue URL at all: refused up front, password masked too.
@@ -233,6 +243,79 @@ def test_a_queue_that_cannot_be_opened_exits_2_and_never_shows_the_password(tmp_
     assert proc.returncode == 2
     assert "--queue: expected sqlite:///path.db" in proc.stderr and "mysql://user:***@db/x" in proc.stderr
     assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_the_queue_url_comes_from_the_command_line_then_imagine_queue_url_then_the_config(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """--queue > $IMAGINE_QUEUE_URL > [queue] url; an empty variable counts as unset; a variable
+    that is no queue URL is refused up front, named, with its password masked."""
+    from bot.__main__ import build_parser, load
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[queue]\nurl = "sqlite:///from-config.db"\n')
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    monkeypatch.delenv("IMAGINE_QUEUE_URL", raising=False)
+
+    def url(*argv: str) -> str:
+        return load(build_parser().parse_args(["--config", str(cfg), *argv]))[0].queue.url
+
+    assert url() == "sqlite:///from-config.db"
+    monkeypatch.setenv("IMAGINE_QUEUE_URL", "redis://:s3cret@redis:6379/0")
+    assert url() == url("run") == "redis://:s3cret@redis:6379/0"
+    assert url("--queue", "sqlite:///from-flag.db") == "sqlite:///from-flag.db"
+    assert url("run", "--queue", "sqlite:///from-flag.db") == "sqlite:///from-flag.db"
+    monkeypatch.setenv("IMAGINE_QUEUE_URL", "  ")
+    assert url() == "sqlite:///from-config.db"
+
+    monkeypatch.setenv("IMAGINE_QUEUE_URL", "mysql://user:s3cret@db/x")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "IMAGINE_QUEUE_URL: expected sqlite:///path.db" in err and "mysql://user:***@db/x" in err
+    assert "s3cret" not in err
+    assert url("--queue", "sqlite:///from-flag.db") == "sqlite:///from-flag.db"   # not even read then
+
+
+def test_the_bot_uses_the_queue_url_from_imagine_queue_url_and_never_logs_its_password(tmp_path, monkeypatch,
+                                                                                      caplog, capfd):
+    """`imagine-bot --no-worker` with the Redis URL, password and all, only in IMAGINE_QUEUE_URL (a
+    Redis that requires the password; the config file names another queue): the bot opens that
+    Redis, connects to Discord and runs until Ctrl-C, and nothing it logs, at DEBUG, shows the
+    password."""
+    import threading
+
+    import redis as redis_py
+
+    from tests.queue_fixtures import start_redis
+
+    password = "pw-" + "x9" * 12
+    redis = start_redis()
+    redis_py.Redis(port=redis.port).config_set("requirepass", password)   # from now on: AUTH first
+    monkeypatch.chdir(tmp_path)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fd = asyncio.run_coroutine_threadsafe(FakeDiscord().start(), loop).result(30)
+    try:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "from-config.db"}"\n[worker]\nembedded = false\n')
+        env_url = f"redis://:{password}@127.0.0.1:{redis.port}/0?prefix=env-test"
+        monkeypatch.setenv("IMAGINE_QUEUE_URL", env_url)
+        monkeypatch.setenv("DISCORD_TOKEN", fd.bot_token)
+        caplog.set_level(logging.DEBUG)
+        code, _ = _run_main_until_commands(fd, ["--config", str(cfg), "--log-level", "debug"])
+        assert code == 0
+        assert f"queue redis://:***@127.0.0.1:{redis.port}/0?prefix=env-test" in caplog.messages
+        assert not (tmp_path / "from-config.db").exists()   # the config file's queue was never opened
+        out, err = capfd.readouterr()
+        for text in (caplog.text, "\n".join(caplog.messages), out, err):
+            assert password not in text and env_url not in text
+        assert fd.bot_token not in caplog.text
+    finally:
+        asyncio.run_coroutine_threadsafe(fd.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        redis.stop()
 
 
 # --- known_sha256 and the trust message ------------------------------------------------------------
@@ -263,17 +346,17 @@ def test_the_bots_loader_trusts_a_decoder_by_its_hash_in_known_sha256(tiny_model
     assert list((tmp_path / "cache").glob("dvae/decoder-*.safetensors"))   # cached: not unpickled again
 
 
-def test_the_bot_says_how_to_trust_a_decoder_when_it_refuses_one(tiny_model_files, tmp_path, monkeypatch, capsys):
+@pytest.mark.asyncio
+async def test_the_bot_says_how_to_trust_a_decoder_when_it_refuses_one(tiny_model_files, tmp_path, monkeypatch,
+                                                                       capsys):
     f = tiny_model_files
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
                    f'[worker]\nclip_model = "{f.clip_torchscript}"\ndecoder = "{f.decoder_pickle}"\n'
                    f'encoder = ""\ndevice = "cpu"\ncache_dir = "{tmp_path / "cache"}"\n')
-    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
-    assert main(["--config", str(cfg)]) == 1
+    assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 1
     err = capsys.readouterr().err
     assert "refusing to unpickle" in err and "[worker] known_sha256" in err and "--trust-decoder" not in err
-    _drop_discord_log_handlers()
 
 
 # --- the first run: no config.toml, commands registered once --------------------------------------

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.__main__ import build_parser, load
 from bot.config import ConfigError, load_config
 from bot.launcher import make_bot, open_resources
-from tests.fakediscord import running_bot
+from tests.fakediscord import FakeDiscord, running_bot
 from tests.test_bot_support import WEBHOOK_ORIGINAL, Harness, test_config
 
 PROMPT = "a lighthouse of xyzzy-quartz"
@@ -169,7 +169,9 @@ async def test_no_worker_runs_no_embedded_worker_and_no_gpu_check(tmp_path, monk
         assert resources.worker is None
         async with aiohttp.ClientSession() as http:
             code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
-        assert code == 503 and set(report["checks"]) == {"discord", "queue"}   # no gpu check
+        # no gpu check: the (advisory) workers check asks whether a GPU worker elsewhere is alive
+        assert code == 503 and set(report["checks"]) == {"discord", "queue", "workers"}
+        assert report["checks"]["workers"]["alive"] == 0 and report["degraded"] == ["workers"]
         assert report["checks"]["queue"] == {"ok": True}
 
 
@@ -210,7 +212,9 @@ async def test_device_auto_without_a_gpu_runs_no_embedded_worker_and_says_so(tmp
         assert resources.worker is None
         async with aiohttp.ClientSession() as http:
             code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
-        assert code == 503 and set(report["checks"]) == {"discord", "queue"}   # no gpu check
+        # no gpu check: the (advisory) workers check asks whether a GPU worker elsewhere is alive
+        assert code == 503 and set(report["checks"]) == {"discord", "queue", "workers"}
+        assert report["checks"]["workers"]["alive"] == 0 and report["degraded"] == ["workers"]
         assert report["checks"]["queue"] == {"ok": True}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "bot.launcher"]
     assert warnings == [NO_GPU_WARNING]
@@ -224,3 +228,51 @@ async def test_device_auto_without_a_gpu_runs_no_embedded_worker_and_says_so(tmp
             code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
         assert report["checks"]["gpu"] == {"ok": True}
     assert NO_GPU_WARNING not in caplog.text
+
+
+async def test_a_rejected_token_stops_the_bot_before_the_embedded_worker_loads_its_models(
+        tmp_path, tiny_model_files, monkeypatch, capsys, caplog):
+    """Discord refuses the token: `imagine-bot` exits 2 at once with the message about DISCORD_TOKEN,
+    before its embedded worker loads anything (on a GPU host's first start: minutes of downloads and
+    loading, wasted). Seen from outside: loading leaves the decoder's safetensors copy in the model
+    cache, and a started worker claims from the queue; neither happened."""
+    from bot.__main__ import main
+    from bot.launcher import default_models_loader
+    from engine.queue import open_queue
+
+    f = tiny_model_files
+    cache = tmp_path / "cache"
+    queue_url = f"sqlite:///{tmp_path / 'q.db'}"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[queue]\nurl = "{queue_url}"\n'
+                   f'[worker]\nembedded = true\ndevice = "cpu"\nclip_model = "{f.clip_torchscript}"\n'
+                   f'decoder = "{f.decoder_pickle}"\ntrust_decoder = true\nencoder = ""\ncache_dir = "{cache}"\n')
+    caplog.set_level(logging.INFO)
+    async with FakeDiscord() as fd:
+        assert GOOD_TOKEN != fd.bot_token
+        monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)   # well formed, but not this bot's
+        try:
+            # main() runs its own event loop: give it a thread, the fake keeps serving on this loop.
+            code = await asyncio.to_thread(main, ["--config", str(cfg)])
+        finally:   # main() calls discord.utils.setup_logging(root=True): take its handler off again
+            logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
+                                               if type(h).__module__.startswith("_pytest")]
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "Discord rejected the token in DISCORD_TOKEN" in err and GOOD_TOKEN not in err
+        assert [r.status for r in fd.find_requests("GET", "/users/@me")] == [401]
+        assert not fd.identifies   # never reached the gateway either
+
+    assert not list(cache.glob("dvae/*.safetensors")), "the embedded worker loaded its models"
+    assert not [r for r in caplog.records if r.name == "engine.worker" and " started (" in r.getMessage()]
+    queue = open_queue(queue_url)
+    await queue.start()
+    try:
+        assert await queue.workers(max_age=3600) == {}   # no worker ever claimed
+    finally:
+        await queue.close()
+    assert GOOD_TOKEN not in caplog.text
+
+    # The control: loading these models does leave that copy in this cache.
+    await asyncio.to_thread(default_models_loader(load_config(cfg).worker))
+    assert list(cache.glob("dvae/decoder-*.safetensors"))

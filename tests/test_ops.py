@@ -61,16 +61,21 @@ def value(metrics: dict, name: str, **labels: str) -> float | None:
 class WorkerProcess:
     """`imagine-worker` as an operator runs it, with the tiny models, an HTTP port chosen by the OS."""
 
-    def __init__(self, queue_url: str, files, log_path: Path):
+    def __init__(self, queue_url: str, files, log_path: Path, url_in_env: bool = False):
         exe = BIN / "imagine-worker"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.worker"]
-        cmd += ["--queue", queue_url, "--clip-model", str(files.clip_torchscript),
+        # url_in_env: the queue URL (where a Redis password would be) only in IMAGINE_QUEUE_URL
+        cmd += [] if url_in_env else ["--queue", queue_url]
+        cmd += ["--clip-model", str(files.clip_torchscript),
                 "--decoder", str(files.decoder_pickle), "--trust-decoder", "--device", "cpu",
                 "--cache-dir", str(files.cache_dir), "--worker-id", "ops-test",
                 "--http-port", "0", "--log-level", "INFO"]
+        env = {k: v for k, v in os.environ.items() if k != "IMAGINE_QUEUE_URL"}
+        if url_in_env:
+            env["IMAGINE_QUEUE_URL"] = queue_url
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.base = ""
 
     def wait_ready(self) -> "WorkerProcess":
@@ -133,7 +138,7 @@ def workers(tmp_path_factory, tiny_model_files):
     procs = {
         "sqlite": WorkerProcess(sqlite_url, tiny_model_files, root / "sqlite-worker.log"),
         "redis": WorkerProcess(f"{redis.url}?prefix=ops&socket_timeout=1", tiny_model_files,
-                               root / "redis-worker.log"),
+                               root / "redis-worker.log", url_in_env=True),
     }
     try:
         for proc in procs.values():
@@ -284,6 +289,14 @@ def test_worker_cli_http_is_off_by_default_and_the_log_masks_passwords():
         "Error connecting to redis://user:***@h:1/0 (AUTH *** refused)"
 
 
+def test_imagine_worker_without_a_queue_url_exits_2_naming_the_flag_and_the_variable():
+    env = {k: v for k, v in os.environ.items() if k != "IMAGINE_QUEUE_URL"}
+    proc = subprocess.run(_worker_cmd("--device", "cpu"), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--queue URL or the IMAGINE_QUEUE_URL environment variable is required" in proc.stderr
+
+
 def _worker_cmd(*args: str) -> list[str]:
     exe = BIN / "imagine-worker"
     return [*([str(exe)] if exe.exists() else [sys.executable, "-m", "engine.worker"]), *args]
@@ -334,7 +347,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     compose = tool("docker-compose")
     shutil.copy(ROOT / "compose.yaml", tmp_path / "compose.yaml")
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")      # the env file must exist, as for an operator
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("COMPOSE_", "DOCKER_")) and k != "IMAGINE_QUEUE_URL"}
 
     def config(*args: str, profiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         enabled = [a for p in profiles for a in ("--profile", p)]
@@ -349,7 +363,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     assert services["redis"]["image"].startswith("redis:")
     bot = services["bot"]
     assert bot["command"][:3] == ["imagine-bot", "--config", "/config/config.toml"]
-    assert bot["command"][3:5] == ["--queue", "redis://redis:6379/0"]
+    assert "--queue" not in bot["command"]   # the URL (maybe with a password) is in the environment
+    assert bot["environment"]["IMAGINE_QUEUE_URL"] == "redis://redis:6379/0"
     assert "--no-worker" in bot["command"] and "--http-port" in bot["command"]   # no GPU in the bot's container
     assert "DISCORD_TOKEN" in bot["environment"]              # from .env at run time
     assert "deploy" not in bot                                # the bot needs no GPU
@@ -366,7 +381,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     assert sorted(workers) == ["worker-0", "worker-1"] and workers["worker-1"]["profiles"] == ["gpu1"]
     gpus = []
     for name, s in workers.items():
-        assert s["command"][:3] == ["imagine-worker", "--queue", "redis://redis:6379/0"]
+        assert s["command"][0] == "imagine-worker" and "--queue" not in s["command"]
+        assert s["environment"]["IMAGINE_QUEUE_URL"] == "redis://redis:6379/0"
         assert "--http-port" in s["command"]
         keep = s["command"].index("--keep-days")   # finished jobs are pruned, not kept forever
         assert float(s["command"][keep + 1]) == 30

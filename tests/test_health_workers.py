@@ -1,0 +1,186 @@
+"""The bot's view of the GPU workers and of the whole store, over real HTTP, when the workers are
+not inside the bot (`--no-worker`, as in compose): /healthz's advisory `workers` check,
+`imagine_workers_alive`, and `imagine_queue_jobs{state}`.
+
+A "remote" worker here is a real `engine.worker.Worker` on the tiny models with its own queue
+object on the same SQLite file / Redis prefix: it shares nothing with the bot but the store, as an
+`imagine-worker` process would. Both backends run (a throwaway redis-server for Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.launcher import MIN_WORKER_WINDOW, make_bot, open_resources, worker_window
+from engine.jobs import JobSpec
+from engine.observability import Observability, bound_port
+from tests.fakediscord import FakeDiscord, running_bot
+from tests.queue_fixtures import QueueFactory, queue_factory, redis_server  # noqa: F401 - fixtures
+from tests.test_bot_support import Harness, test_config
+
+LEASE = 2   # seconds: the liveness window is then MIN_WORKER_WINDOW (two leases would be 4 s)
+
+
+def samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics: dict, name: str, **labels: str) -> float | None:
+    return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
+        return resp.status, await resp.text()
+
+
+async def health(http: aiohttp.ClientSession, base: str) -> tuple[int, dict]:
+    code, body = await get(http, f"{base}/healthz")
+    return code, json.loads(body)
+
+
+async def metrics(http: aiohttp.ClientSession, base: str) -> dict:
+    code, text = await get(http, f"{base}/metrics")
+    assert code == 200
+    return samples(text)
+
+
+async def wait_workers_check(http: aiohttp.ClientSession, base: str, ok: bool, timeout: float) -> tuple[int, dict]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        code, report = await health(http, base)
+        if report["checks"]["workers"]["ok"] is ok:
+            return code, report
+        assert loop.time() < deadline, f"the workers check did not turn {ok} within {timeout} s: {report}"
+        await asyncio.sleep(0.2)
+
+
+def queue_url(factory: QueueFactory) -> str:
+    if factory.kind == "sqlite":
+        return f"sqlite:///{factory.target}?lease={LEASE}"
+    return f"{factory.target}?prefix={factory.defaults['prefix']}&lease={LEASE}"
+
+
+def spec(user_id: int, n: int) -> JobSpec:
+    return JobSpec(prompt=f"a lighthouse number {n}", user_id=user_id, channel_id=1, grid=8, iterations=4,
+                   frame_every=2, cutn=2, seed=n)
+
+
+@pytest.mark.asyncio
+async def test_a_bot_without_an_embedded_worker_reports_whether_any_gpu_worker_is_alive(
+        queue_factory, tmp_path, tiny_models):
+    """No worker: /healthz stays 200 (the bot still takes commands; advisory check) but says so in
+    its `workers` check and in "degraded", and imagine_workers_alive is 0 while the line grows.
+    A worker starts: alive 1, listed by id. It stops: reported gone once the window has passed."""
+    from engine.queue import open_queue
+    from engine.worker import Worker
+
+    url = queue_url(queue_factory)
+    config = test_config(tmp_path, queue={"url": url}, worker={"embedded": False})
+    async with contextlib.AsyncExitStack() as stack:
+        fd = await FakeDiscord().start()
+        stack.push_async_callback(fd.close)
+        resources = await stack.enter_async_context(open_resources(config, http_port=0))
+        assert resources.worker is None
+        assert worker_window(resources.queue) == MIN_WORKER_WINDOW
+        bot = make_bot(resources)
+        await stack.enter_async_context(running_bot(fd, bot))
+        await bot.tree.sync(guild=None)
+        base = f"http://127.0.0.1:{resources.http_port}"
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        code, report = await health(http, base)
+        assert code == 200 and report["ok"] is True, report
+        assert report["degraded"] == ["workers"]
+        workers = report["checks"]["workers"]
+        assert (workers["ok"], workers["alive"], workers["workers"]) == (False, 0, [])
+        assert f"no GPU worker claimed or heartbeated in the last {MIN_WORKER_WINDOW:g} s" in workers["error"]
+        assert report["checks"]["discord"]["ok"] is True and report["checks"]["queue"] == {"ok": True}
+
+        # Users queue jobs; nobody runs them: the line grows, and /metrics says so.
+        h = Harness(fd=fd, config=config, models=tiny_models, resources=resources, bot=bot)
+        jobs = []
+        for user in (None, fd.admin_user):   # two people: each job is first in line for its user
+            inter = await h.imagine("a lighthouse in the fog", user=user)
+            jobs.append(h.job_id(await h.reply_of(inter)))
+        m = await metrics(http, base)
+        assert value(m, "imagine_workers_alive") == 0
+        assert value(m, "imagine_queue_jobs", state="queued") == 2
+        assert value(m, "imagine_queue_jobs", state="running") == 0
+        assert value(m, "imagine_queue_jobs", state="undelivered") == 0
+
+        # A GPU worker elsewhere (its own connection to the store) comes up and runs them.
+        worker_queue = open_queue(url)
+        await worker_queue.start()
+        stack.push_async_callback(worker_queue.close)
+        worker = Worker(worker_queue, lambda: tiny_models, worker_id="gpu-elsewhere", max_batch=1,
+                        poll_every=0.05, heartbeat_every=0.2)
+        await worker.start()
+        try:
+            code, report = await wait_workers_check(http, base, True, timeout=10)
+            assert code == 200 and "degraded" not in report
+            assert report["checks"]["workers"] == {"ok": True, "alive": 1, "workers": ["gpu-elsewhere"]}
+            for job_id in jobs:
+                await h.wait_delivered(job_id)
+            m = await metrics(http, base)
+            assert value(m, "imagine_workers_alive") == 1
+            assert value(m, "imagine_queue_jobs", state="queued") == 0
+            assert value(m, "imagine_queue_jobs", state="running") == 0
+            assert value(m, "imagine_queue_jobs", state="undelivered") == 0
+        finally:
+            await worker.stop()
+
+        # It is gone: no claim, no heartbeat. Reported within the window (and a little more).
+        code, report = await wait_workers_check(http, base, False, timeout=MIN_WORKER_WINDOW + 8)
+        assert code == 200 and report["degraded"] == ["workers"]
+        assert report["checks"]["workers"]["alive"] == 0
+        assert value(await metrics(http, base), "imagine_workers_alive") == 0
+        fd.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_store_gauges_count_queued_running_and_undelivered_jobs_of_every_process(queue_factory):
+    """imagine_queue_jobs{state} is read from the store at each scrape, so it counts what other
+    processes did: here two other queue objects (a "bot" that submits, a "worker" that claims and
+    finishes), and the scraped process did nothing itself."""
+    scraped, submitter, claimer = [await queue_factory.open(lease=LEASE) for _ in range(3)]
+    obs = Observability()
+    obs.track_queue(scraped)
+    obs.track_store(scraped)
+    obs.track_workers(scraped, within=MIN_WORKER_WINDOW)
+    runner = await obs.start_http("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{bound_port(runner)}"
+            m = await metrics(http, base)
+            assert [value(m, "imagine_queue_jobs", state=s) for s in ("queued", "running", "undelivered")] == [0, 0, 0]
+            assert value(m, "imagine_workers_alive") == 0
+
+            for n, user in enumerate((1, 2, 3, 3)):
+                await submitter.submit(spec(user, n))
+            first = await claimer.claim("w1")
+            second = await claimer.claim("w1")
+            assert first is not None and second is not None and first.lease_id and second.lease_id
+            assert await claimer.finish(first.id, first.lease_id, 0.5)
+
+            m = await metrics(http, base)
+            assert value(m, "imagine_queue_jobs", state="queued") == 2
+            assert value(m, "imagine_queue_jobs", state="running") == 1
+            assert value(m, "imagine_queue_jobs", state="undelivered") == 1
+            assert value(m, "imagine_queue_length") == 2
+            assert value(m, "imagine_workers_alive") == 1
+            # Not the counter of this process's own transitions: that one has not moved.
+            assert value(m, "imagine_jobs_total", state="done") == 0
+
+            assert await submitter.mark_delivered(first.id)
+            m = await metrics(http, base)
+            assert value(m, "imagine_queue_jobs", state="undelivered") == 0
+    finally:
+        await runner.cleanup()
