@@ -10,11 +10,16 @@ used in (the caller's own jobs in direct messages):
 - `clear` (admins): cancels this server's waiting jobs only;
 - `limit <n>` (admins): this server's cap of waiting jobs per person (setting
   `bot.max_queued_per_user:<guild_id>`; without one, `[queue] max_queued_per_user`);
-- `pause` / `resume`: they stop or start every worker for every server, so only the bot's owner
-  (the application's owner, or its team's admins and developers) may use them.
+- `pause` / `resume` (admins): stop or start this server's jobs (setting `paused:<guild_id>`): the
+  workers skip its waiting jobs, which keep their places, and go on with other servers' jobs;
+  running jobs finish. `everywhere:True` stops or starts every worker for every server (setting
+  `paused`), so that is for the bot's owner alone (the application's owner, or its team's admins
+  and developers).
 
 Admins: Manage Server or a role named in config `admin_roles` (bot.permissions). Every refusal is
 private and changes nothing; echoed prompts go through bot.render, and the client allows no mentions.
+A subcommand that writes to the store defers (privately) first: a write can wait seconds for the
+SQLite file (behind a worker's checkpoint) and Discord drops an interaction not answered in 3 s.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from discord.ext import commands
 from bot import render
 from bot.imagine import cancel_and_answer, ephemeral
 from bot.permissions import is_admin, require_admin
-from engine.jobs import JobRecord
+from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -56,9 +61,10 @@ def _plural(n: int, word: str) -> str:
 
 
 def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int | None, user_id: int,
-              *, paused: bool, limit: int) -> str:
+              *, paused: bool, limit: int, server_paused: bool = False) -> str:
     """The `/queue show` answer: the jobs in scope (see `in_scope`) with their places in the whole
-    line (`queued` in claim order), and how many of the others are not shown."""
+    line (`queued` in claim order), and how many of the others are not shown. `paused`: every
+    server is paused; `server_paused`: this one is."""
     mine_running = [r for r in running if in_scope(r, guild_id, user_id)]
     mine_queued = [(n, r) for n, r in enumerate(queued, 1) if in_scope(r, guild_id, user_id)]
     other_running = len(running) - len(mine_running)
@@ -68,6 +74,9 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     head: list[str] = []
     if paused:
         head.append("**The queue is paused** for every server: no job starts until the bot's owner resumes it.")
+    if server_paused:
+        head.append("**This server's jobs are paused**: none of them starts until an admin uses `/queue resume` "
+                    "(other servers' jobs go on).")
     items: list[str] = []
     for record in mine_running:
         items.append(f"▶ `{record.id}` {render.snippet(record.spec.prompt)} · <@{record.spec.user_id}> · "
@@ -117,10 +126,14 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         """True for the bot's owner; anyone else (server admins included) gets a private refusal."""
         if await self.bot.is_owner(interaction.user):
             return True
-        await ephemeral(interaction, "Only the bot's owner can pause or resume the queue: it is shared by "
-                                     "every server the bot is in, so pausing it would stop their jobs too. "
-                                     "Admins can `/queue cancel` or `/queue clear` this server's jobs.")
+        await ephemeral(interaction, "Only the bot's owner can pause or resume every server at once: the queue is "
+                                     "shared by every server the bot is in. Admins can `/queue pause` and "
+                                     "`/queue resume` this server's jobs (without `everywhere`).")
         return False
+
+    async def _may_pause(self, interaction: discord.Interaction, everywhere: bool) -> bool:
+        """Every server: the bot's owner alone; this server: its admins. Refused: answered privately."""
+        return await (self._owner(interaction) if everywhere else self._admin(interaction))
 
     def _line_changed(self) -> None:
         if self.bot.progress is not None:
@@ -131,9 +144,12 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
     async def show(self, interaction: discord.Interaction) -> None:
         running = await self.queue.running()
         queued = await self.queue.queued()
-        paused = bool(await self.queue.get_setting("paused", False))
-        limit = await self.bot.user_limit(interaction.guild_id)
-        text = show_text(running, queued, interaction.guild_id, interaction.user.id, paused=paused, limit=limit)
+        paused = bool(await self.queue.get_setting(PAUSED_KEY, False))
+        guild_id = interaction.guild_id
+        server_paused = guild_id is not None and bool(await self.queue.get_setting(guild_paused_key(guild_id), False))
+        limit = await self.bot.user_limit(guild_id)
+        text = show_text(running, queued, guild_id, interaction.user.id, paused=paused, limit=limit,
+                         server_paused=server_paused)
         await interaction.response.send_message(text, ephemeral=True)
 
     @app_commands.command(name="cancel",
@@ -154,7 +170,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
                                          "it: admins need the Manage Server permission"
                                          + (f" or one of the roles {roles}." if roles else "."))
             return
-        await cancel_and_answer(self.bot, interaction, record)
+        await cancel_and_answer(self.bot, interaction, record)   # it defers before the store's write
 
     @app_commands.command(name="clear", description="Admin: cancel this server's queued jobs (running ones go on)")
     async def clear(self, interaction: discord.Interaction) -> None:
@@ -162,28 +178,48 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
             return
         # _admin refuses outside a server. The store cancels only jobs still waiting, so one a
         # worker claims meanwhile goes on.
+        await interaction.response.defer(ephemeral=True)
         count = await self.queue.clear(guild_id=interaction.guild_id)
         if count:
             self._line_changed()
         await ephemeral(interaction, f"Cleared this server's jobs from the line: "
                                      f"{_plural(count, 'job')} cancelled.")
 
-    @app_commands.command(name="pause", description="Bot owner: stop starting new jobs, in every server")
-    async def pause(self, interaction: discord.Interaction) -> None:
-        if not await self._owner(interaction):
+    @app_commands.command(name="pause", description="Admin: stop starting this server's jobs (running ones finish)")
+    @app_commands.describe(everywhere="Bot owner only: pause every server the bot is in")
+    async def pause(self, interaction: discord.Interaction, everywhere: bool = False) -> None:
+        if not await self._may_pause(interaction, everywhere):
             return
-        await self.queue.set_setting("paused", True)
+        await interaction.response.defer(ephemeral=True)
+        if everywhere:
+            await self.queue.set_setting(PAUSED_KEY, True)
+            text = "Paused for every server: no new job starts until `/queue resume everywhere:True` (running ones finish)."
+        else:
+            guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
+            await self.queue.set_setting(guild_paused_key(guild_id), True)
+            text = ("Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
+                    "other servers' jobs go on).")
         self._line_changed()
-        await ephemeral(interaction, "Paused for every server: no new job starts until `/queue resume` "
-                                     "(running ones finish).")
+        await ephemeral(interaction, text)
 
-    @app_commands.command(name="resume", description="Bot owner: start jobs again, in every server")
-    async def resume(self, interaction: discord.Interaction) -> None:
-        if not await self._owner(interaction):
+    @app_commands.command(name="resume", description="Admin: start this server's jobs again")
+    @app_commands.describe(everywhere="Bot owner only: resume every server the bot is in")
+    async def resume(self, interaction: discord.Interaction, everywhere: bool = False) -> None:
+        if not await self._may_pause(interaction, everywhere):
             return
-        await self.queue.set_setting("paused", False)
+        await interaction.response.defer(ephemeral=True)
+        if everywhere:
+            # The owner's pause only: a server its admins paused stays paused.
+            await self.queue.set_setting(PAUSED_KEY, False)
+            text = "Resumed: jobs start again (except in servers whose admins paused them)."
+        else:
+            guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
+            await self.queue.set_setting(guild_paused_key(guild_id), False)
+            text = "Resumed: this server's jobs start again."
+            if await self.queue.get_setting(PAUSED_KEY, False):
+                text += " But the bot's owner has paused every server: nothing starts until they resume it."
         self._line_changed()
-        await ephemeral(interaction, "Resumed: jobs start again.")
+        await ephemeral(interaction, text)
 
     @app_commands.command(name="limit", description="Admin: how many waiting jobs each person may have in this server")
     @app_commands.describe(n="Jobs one person may have waiting (1-100)")
@@ -194,6 +230,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
             await ephemeral(interaction, f"`n` must be between 1 and 100 (you gave {n}).")
             return
         guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
+        await interaction.response.defer(ephemeral=True)
         await self.queue.set_setting(user_limit_key(guild_id), n)
         await ephemeral(interaction, f"Each person may now have {_plural(n, 'job')} waiting in this server.")
 

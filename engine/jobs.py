@@ -180,6 +180,20 @@ def upload_refs(spec: JobSpec) -> list[str]:
     return sorted(found)
 
 
+# Pausing: while the setting `PAUSED_KEY` is true no claim takes any job (the bot owner's
+# `/queue pause everywhere`); while `guild_paused_key(g)` is true claims skip the queued jobs of
+# server `g` (their `spec.guild_id`), which keep their places in the line, and take the next job of
+# another server (a server admin's `/queue pause`). Running jobs go on either way. Both backends
+# check these settings inside the claim itself (SQLite: its transaction, Redis: its Lua script),
+# so a job of a paused server is never claimed after the pause was written.
+PAUSED_KEY = "paused"
+
+
+def guild_paused_key(guild_id: int) -> str:
+    """The setting that pauses one server's jobs (the claims build the same "paused:<id>" themselves)."""
+    return f"{PAUSED_KEY}:{int(guild_id)}"
+
+
 class QueueLimitReached(Exception):
     """A submit refused by the user's cap of waiting jobs (`max_queued`): nothing was queued.
     `queued`: that user's QUEUED jobs at that moment (counted atomically with the refusal); `limit`: the cap."""
@@ -239,10 +253,11 @@ class JobQueue(Protocol):
     async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None: ...
 
     # --- the worker side ----------------------------------------------------------------------
-    # `claim` returns the job RUNNING with a fresh `lease_id`. Every call below that takes a
-    # `lease_id` is fenced: it acts only while the job is RUNNING under that very claim (checked
-    # atomically with the write) and otherwise changes nothing and returns False (`fail`: None;
-    # `mark_cancelled`: nothing). So a worker that lost its lease, even one that has since claimed
+    # `claim` returns the job RUNNING with a fresh `lease_id`: the first job of the fair line that
+    # matches `grids` and whose server is not paused (see `PAUSED_KEY`); None while everything is
+    # paused. Every call below that takes a `lease_id` is fenced: it acts only while the job is
+    # RUNNING under that very claim (checked atomically with the write) and otherwise changes
+    # nothing and returns False (`fail`: None; `mark_cancelled`: nothing). So a worker that lost its lease, even one that has since claimed
     # the same job again, cannot publish, overwrite the new run's checkpoint or results, or end the job.
     async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None: ...
     async def heartbeat(self, job_id: str, lease_id: str) -> bool: ...  # False: stop (cancelled / lost lease)

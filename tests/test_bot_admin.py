@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import threading
+
 import pytest
 
 from bot.queue_admin import USER_LIMIT_KEY, user_limit_key
-from engine.jobs import JobState
+from engine.jobs import PAUSED_KEY, JobState, guild_paused_key
 from tests.fakediscord import Permission
-from tests.test_bot_support import EPHEMERAL, ephemeral_answer, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import (  # noqa: F401 - harness: the fixture
+    FLAG_LOADING, ephemeral_answer, harness, private_answer,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,14 +34,16 @@ async def test_non_admins_are_refused_and_nothing_changes(harness):
     ids = await _queued_jobs(h, 2, user=fd.admin_user)   # Alice's jobs: Bob may not cancel them
     before = [(await h.queue.get(j)).state for j in ids]
     for name, options, why in [("queue cancel", {"job": ids[0]}, "Only the person who asked for job"),
-                               ("queue clear", {}, "Only admins"), ("queue limit", {"n": 1}, "Only admins")]:
+                               ("queue clear", {}, "Only admins"), ("queue limit", {"n": 1}, "Only admins"),
+                               ("queue pause", {}, "Only admins"), ("queue resume", {}, "Only admins")]:
         text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
         assert why in text and "Manage Server" in text, text
-    for name in ("queue resume", "queue pause"):         # the whole queue: the bot's owner alone
-        text = await ephemeral_answer(h, name)
+    for name in ("queue resume", "queue pause"):         # every server: the bot's owner alone
+        text = await ephemeral_answer(h, name, {"everywhere": True})
         assert "Only the bot's owner" in text and "every server" in text, text
     assert [(await h.queue.get(j)).state for j in ids] == before == [JobState.QUEUED] * 2
     assert await h.queue.get_setting("paused") is True
+    assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is None
     assert await h.queue.get_setting(user_limit_key(fd.guild_id)) is None
     assert await h.queue.get_setting(USER_LIMIT_KEY) is None
     assert await h.queue.count_queued() == 2
@@ -63,24 +71,27 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     h.config.discord.admin_roles = ["Admin"]
     await h.start()
     fd = h.fd
-    # Alice: Manage Server (the Admin role), and the application's owner (pause is hers alone).
+    # Alice: Manage Server (the Admin role). Her pause stops this server's jobs: the worker leaves them.
     text = await ephemeral_answer(h, "queue pause", user=fd.admin_user)
-    assert "Paused" in text and await h.queue.get_setting("paused") is True
+    assert text.startswith("Paused this server's jobs")
+    assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is True
+    assert await h.queue.get_setting(PAUSED_KEY) is None          # not every server's
     ids = await _queued_jobs(h, 3)
 
     text = await ephemeral_answer(h, "queue show")                         # anyone may look
     for n, job_id in enumerate(ids, 1):
         assert f"**#{n}** `{job_id}` waiting job {n - 1}" in text
-    assert "paused" in text and f"<@{fd.member_user['id']}>" in text
+    assert "This server's jobs are paused" in text and f"<@{fd.member_user['id']}>" in text
+    assert "for every server" not in text
     assert "Not shown" not in text and "5 jobs waiting in this server" in text
 
     # A member whose permissions lack Manage Server but who has a role named in admin_roles.
     text = await ephemeral_answer(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
-                          member_permissions=Permission.EVERYONE)
+                                  member_permissions=Permission.EVERYONE)
     assert f"Cancelled job `{ids[1]}`" in text
     h.config.discord.admin_roles = []   # without the role name, the same member is refused
     text = await ephemeral_answer(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
-                          member_permissions=Permission.EVERYONE)
+                                  member_permissions=Permission.EVERYONE)
     assert "Only the person who asked for job" in text and "Manage Server" in text
     assert (await h.queue.get(ids[0])).state == JobState.QUEUED
     h.config.discord.admin_roles = ["Admin"]
@@ -93,6 +104,8 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     assert await h.bot.user_limit(fd.guild_id) == 1 and await h.bot.user_limit() == 5
     assert "1 job waiting in this server" in await ephemeral_answer(h, "queue show")
 
+    # All this time the embedded worker has left this server's jobs waiting.
+    assert [(await h.queue.get(j)).state for j in (ids[0], ids[2])] == [JobState.QUEUED] * 2
     text = await ephemeral_answer(h, "queue clear", user=fd.admin_user)
     assert "2 jobs cancelled" in text
     assert await h.queue.count_queued() == 0
@@ -100,11 +113,71 @@ async def test_admin_commands_by_permission_or_role_name(harness):
         assert (await h.wait_delivered(job_id)).state == JobState.CANCELLED
 
     text = await ephemeral_answer(h, "queue resume", user=fd.admin_user)
-    assert await h.queue.get_setting("paused") is False
+    assert text == "Resumed: this server's jobs start again."
+    assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is False
     inter = await h.imagine("after the resume", user=fd.admin_user)
     msg = await h.reply_of(inter)
     done = await h.wait_delivered(h.job_id(msg))
     assert done.state == JobState.DONE
+    fd.assert_clean()
+
+
+def _hold_write_lock(path: str, held: threading.Event, release: threading.Event) -> None:
+    """What a worker's full-size checkpoint write does to the SQLite file: hold its write lock."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        held.set()
+        release.wait(30)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+async def test_commands_that_write_answer_in_time_while_the_store_is_busy(harness):
+    """Discord drops an interaction that is not answered within 3 s (the fake too). Every /queue
+    subcommand that writes defers first, so a write that waits for the SQLite file (held here past
+    that window, as a large checkpoint write can) still gets its answer, afterwards."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    assert fd.interaction_deadline == 3.0
+    running, waiting = await _queued_jobs(h, 2)
+    assert (await h.queue.claim("test-gpu")).id == running
+    held, release = threading.Event(), threading.Event()
+    holder = asyncio.get_running_loop().run_in_executor(None, _hold_write_lock, h.queue.path, held, release)
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        alice = fd.admin_user
+        commands = [
+            ("queue pause", {}, alice), ("queue resume", {"everywhere": True}, alice),
+            ("queue limit", {"n": 3}, alice), ("queue clear", {}, alice),
+            ("queue cancel", {"job": running}, fd.member_user),
+        ]
+        sent = [await fd.send_slash_command(name, options, user=user) for name, options, user in commands]
+        for inter in sent:
+            await fd.wait_for_response(inter, timeout=3.0)
+            assert inter.response_type == 5            # deferred, within the window
+        await asyncio.sleep(fd.interaction_deadline + 0.5)
+        for inter in sent:   # the store has not let them through yet: still thinking
+            assert inter.original_message.flags & FLAG_LOADING and not inter.followups
+    finally:
+        release.set()
+        await holder
+    answers = [await private_answer(h, inter) for inter in sent]
+    assert answers == [
+        "Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
+        "other servers' jobs go on).",
+        "Resumed: jobs start again (except in servers whose admins paused them).",
+        "Each person may now have 3 jobs waiting in this server.",
+        "Cleared this server's jobs from the line: 1 job cancelled.",
+        f"Stopping job `{running}`…",
+    ]
+    assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is True
+    assert await h.queue.get_setting(PAUSED_KEY) is False
+    assert await h.queue.get_setting(user_limit_key(fd.guild_id)) == 3
+    assert (await h.queue.get(waiting)).state == JobState.CANCELLED
+    assert (await h.queue.get(running)).cancel_requested
     fd.assert_clean()
 
 

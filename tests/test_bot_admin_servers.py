@@ -1,7 +1,8 @@
 """/queue across servers: one queue serves every server the bot is in, and each server's admins
 manage only their own server's jobs. `show` lists this server's jobs (places counted in the whole
 line), `cancel` of another server's job reads as an unknown id, `clear` cancels this server's jobs,
-`limit` is per server, and `pause` / `resume` (every server at once) are the bot owner's alone.
+`limit` is per server, `pause` / `resume` stop and start this server's jobs, and the same with
+`everywhere` (every server at once) is the bot owner's alone.
 
 Two guilds of the fake: A (the primary one) and B. Alice is the application's owner and an admin of
 both; Carol is an admin of B only; Bob is a plain member of both.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from bot.queue_admin import USER_LIMIT_KEY, in_scope, show_text, user_limit_key
-from engine.jobs import JobRecord, JobSpec, JobState
+from engine.jobs import PAUSED_KEY, JobRecord, JobSpec, JobState, guild_paused_key
 from tests.test_bot_support import EPHEMERAL, JOB_ID_RE, ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -132,26 +133,66 @@ async def test_clear_cancels_only_this_servers_queued_jobs(harness):
     fd.assert_clean()
 
 
-async def test_pause_and_resume_are_the_bot_owners_alone(harness):
+async def test_an_admin_pauses_and_resumes_their_own_server_alone(harness):
+    """Carol (B's admin) pauses B: the workers skip B's waiting jobs and take A's; /queue show says so
+    in B only; a member cannot resume it; Carol's resume lets B's jobs start."""
     h = harness
     a, b, carol = await _two_servers(h)
     fd = h.fd
+    bob = fd.member_user
+    b_one = await _queue(h, "banana one", user=bob, guild_id=b)
+    b_two = await _queue(h, "blueberry two", user=carol, guild_id=b)
+    a_one = await _queue(h, "apricot one", user=fd.admin_user, guild_id=a)
+
+    text = await ephemeral_answer(h, "queue pause", guild_id=b, user=carol)
+    assert text == ("Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
+                    "other servers' jobs go on).")
+    assert await h.queue.get_setting(guild_paused_key(b)) is True
+    assert await h.queue.get_setting(guild_paused_key(a)) is None and await h.queue.get_setting(PAUSED_KEY) is None
+    assert "This server's jobs are paused" in await ephemeral_answer(h, "queue show", guild_id=b)
+    assert "paused" not in await ephemeral_answer(h, "queue show", guild_id=a)
+
+    assert (await h.queue.claim("test-gpu")).id == a_one          # A's job starts, ahead of B's
+    assert await h.queue.claim("test-gpu") is None                # B's wait
+    assert await _states(h, [b_one, b_two]) == {b_one: JobState.QUEUED, b_two: JobState.QUEUED}
+    text = await ephemeral_answer(h, "queue resume", guild_id=b, user=bob)   # not an admin
+    assert "Only admins" in text and await h.queue.get_setting(guild_paused_key(b)) is True
+
+    assert await ephemeral_answer(h, "queue resume", guild_id=b, user=carol) == "Resumed: this server's jobs start again."
+    assert await h.queue.get_setting(guild_paused_key(b)) is False
+    assert "paused" not in await ephemeral_answer(h, "queue show", guild_id=b)
+    assert [(await h.queue.claim("test-gpu")).id for _ in range(2)] == [b_one, b_two]
+    fd.assert_clean()
+
+
+async def test_pausing_every_server_is_the_bot_owners_alone(harness):
+    """A server admin who asks for `everywhere` is refused, privately, and nothing is paused; the bot's
+    owner pauses and resumes every server; a server resumed by its admin meanwhile still waits."""
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    b_job = await _queue(h, "banana", user=carol, guild_id=b)
     for name in ("queue pause", "queue resume"):
-        inter = await fd.send_slash_command(name, {}, guild_id=b, user=carol)   # B's admin, not the owner
+        inter = await fd.send_slash_command(name, {"everywhere": True}, guild_id=b, user=carol)  # B's admin
         await fd.wait_for_response(inter)
         data = inter.response["data"]
         assert inter.response_type == 4 and data["flags"] & EPHEMERAL
         assert "Only the bot's owner" in data["content"] and "every server" in data["content"]
-    assert await h.queue.get_setting("paused") is None
+        assert "Admins can `/queue pause`" in data["content"]
+    assert await h.queue.get_setting(PAUSED_KEY) is None
+    assert await h.queue.get_setting(guild_paused_key(b)) is None
 
     # Alice owns the application (the fake's GET /oauth2/applications/@me names her).
-    text = await ephemeral_answer(h, "queue pause", guild_id=b, user=fd.admin_user)
-    assert text.startswith("Paused for every server") and await h.queue.get_setting("paused") is True
+    text = await ephemeral_answer(h, "queue pause", {"everywhere": True}, guild_id=b, user=fd.admin_user)
+    assert text.startswith("Paused for every server") and await h.queue.get_setting(PAUSED_KEY) is True
     assert "paused** for every server" in await ephemeral_answer(h, "queue show", guild_id=a)
-    assert "Only the bot's owner" in await ephemeral_answer(h, "queue resume", guild_id=b, user=carol)
-    assert await h.queue.get_setting("paused") is True
-    assert "Resumed" in await ephemeral_answer(h, "queue resume", guild_id=a, user=fd.admin_user)
-    assert await h.queue.get_setting("paused") is False
+    assert await h.queue.claim("test-gpu") is None
+    text = await ephemeral_answer(h, "queue resume", guild_id=b, user=carol)      # her server's pause only
+    assert text.endswith("But the bot's owner has paused every server: nothing starts until they resume it.")
+    assert await h.queue.get_setting(PAUSED_KEY) is True and await h.queue.claim("test-gpu") is None
+    text = await ephemeral_answer(h, "queue resume", {"everywhere": True}, guild_id=a, user=fd.admin_user)
+    assert text.startswith("Resumed") and await h.queue.get_setting(PAUSED_KEY) is False
+    assert (await h.queue.claim("test-gpu")).id == b_job
     fd.assert_clean()
 
 

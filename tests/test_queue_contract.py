@@ -11,8 +11,8 @@ import time
 import pytest
 
 from engine.jobs import (
-    Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, QueueLimitReached, is_upload_id,
-    new_upload_id,
+    PAUSED_KEY, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, QueueLimitReached,
+    guild_paused_key, is_upload_id, new_upload_id,
 )
 
 try:
@@ -125,6 +125,54 @@ async def test_claim_respects_grids_and_pause(queue: JobQueue):
     await queue.set_setting("paused", False)
     got = await queue.claim("w", grids=(32, 64))
     assert got is not None and got.id == small.id
+
+
+async def test_a_paused_server_waits_while_other_servers_jobs_start(queue: JobQueue):
+    """An admin's pause of one server: claims skip its queued jobs (they keep their places) and take
+    the others in the fair order; its running job goes on; resuming lets its jobs start. The bot
+    owner's pause of everything still stops every claim."""
+    # Discord's ids are 64-bit: two servers a double cannot tell apart (cjson would round both alike).
+    a, b = 1_180_000_000_000_000_001, 1_180_000_000_000_000_002
+    assert float(a) == float(b)
+    a_run = await queue.submit(spec(5, "a running", guild_id=a))
+    assert (await queue.claim("w")).id == a_run.id
+    a1 = await queue.submit(spec(1, "a1", guild_id=a))
+    b1 = await queue.submit(spec(2, "b1", guild_id=b))
+    a2 = await queue.submit(spec(3, "a2", guild_id=a, grid=64))
+    dm = await queue.submit(spec(4, "dm"))                 # no server: never paused by one
+    b2 = await queue.submit(spec(1, "b2", guild_id=b))
+    line = [a1.id, b1.id, a2.id, dm.id, b2.id]
+    assert [r.id for r in await queue.queued()] == line
+
+    await queue.set_setting(guild_paused_key(a), True)
+    assert await queue.claim("w", grids=(64,)) is None     # the one grid-64 job is A's
+    assert [r.id for r in await queue.queued()] == line    # paused jobs keep their places
+    claimed = [(await queue.claim("w")).id for _ in range(3)]
+    assert claimed == [b1.id, dm.id, b2.id]                # the others, in the fair order
+    assert await queue.claim("w") is None
+    # user 1 was served (b2), so the user of a2 has the first turn now
+    assert [r.id for r in await queue.queued()] == [a2.id, a1.id]
+    assert [(await queue.get(r.id)).state for r in (a1, a2)] == [JobState.QUEUED] * 2
+    assert await queue.heartbeat(a_run.id, await lease(queue, a_run.id)) is True   # running: goes on
+
+    await queue.set_setting(PAUSED_KEY, True)              # the owner's pause, over A's resume
+    await queue.set_setting(guild_paused_key(a), False)
+    assert await queue.claim("w") is None
+    await queue.set_setting(PAUSED_KEY, False)
+    assert [(await queue.claim("w")).id for _ in range(2)] == [a2.id, a1.id]
+    assert await queue.finish(a_run.id, await lease(queue, a_run.id), 0.5) is True
+
+
+async def test_pausing_one_server_leaves_a_server_with_a_neighbouring_id_running(queue: JobQueue):
+    """The other way round from the test above, on ids one apart: only the paused one waits."""
+    a, b = 1_180_000_000_000_000_001, 1_180_000_000_000_000_002
+    b_job = await queue.submit(spec(1, "b", guild_id=b))
+    a_job = await queue.submit(spec(2, "a", guild_id=a))
+    await queue.set_setting(guild_paused_key(b), True)
+    assert (await queue.claim("w")).id == a_job.id
+    assert await queue.claim("w") is None
+    await queue.set_setting(guild_paused_key(b), False)
+    assert (await queue.claim("w")).id == b_job.id
 
 
 async def test_progress_events_in_order_with_frames(queue_factory: QueueFactory):
@@ -654,7 +702,7 @@ async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
         def args(token: str, cap: str, *ids: str) -> list:
             out = [q.prefix, token, repr(time.time()), q.keep_events, q.max_attempts, repr(q.lease), cap, "5", len(ids)]
             for job_id in ids:
-                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), ""]
+                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), "", ""]
             return out
 
         batch = args("token-s1", "2", "job0000000a1", "job0000000a2")
@@ -998,7 +1046,7 @@ async def stored_anywhere(q: JobQueue, upload_id: str) -> bool:
     if hasattr(q, "redis"):
         client = q.redis
         return bool(
-            await client.exists(q._k("art", upload_id), q._k("refs", upload_id))
+            await client.exists(q._k("art", upload_id), q._k("artp", upload_id), q._k("refs", upload_id))
             or await client.zscore(q._k("uploads"), upload_id) is not None
             or await client.hexists(q._k("upload_at"), upload_id)
         )

@@ -15,13 +15,24 @@ What SAQ (0.26) gives us, and what it does not:
   `submit_many` checks the user's cap of queued jobs and queues the whole batch in one). Records
   are hashes (the spec is an opaque JSON string Lua never parses); the event log is a Redis stream
   whose entry ids are `<seq>-0`, so XREAD BLOCK is the long-poll and `seq` is monotonic for every
-  process; frames live beside it in a hash capped at `keep_frames`.
+  process; frames live beside it in a hash capped at `keep_frames`. The claim skips the jobs of a
+  paused server (setting `paused:<guild id>`): a job's server is its `guild` field, the id as a
+  decimal string written at submit, compared as a string (cjson would round the spec's number).
 * Each claim stores a fresh lease token in the job (`lease`, returned as `JobRecord.lease_id`). A
   worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `lease_id`, and finish / fail /
   mark_cancelled / release / heartbeat) are fenced: the script checks that the job is running under
   that lease before it writes, so a worker that lost its lease (even one that has since claimed the
   same job again) cannot overwrite the new run's state. Writes without `lease_id` (the bot's
   uploads) are unconditional. Finalising a job deletes its checkpoint.
+* Blobs (checkpoints: 96-384 MiB, artifacts such as state.pt: 48-192 MiB) never travel in one
+  command: redis-py gives each command `socket_timeout` for its whole payload and reply, so on a
+  slow link one big command would time out on every try. A write sends `blob_chunk`-sized pieces
+  (SETRANGE, idempotent when re-sent) to `<prefix>:stage:<blob id>`, which has a TTL until the
+  commit; the commit is one fenced script that renames it to `<prefix>:blob:<blob id>`, points the
+  checkpoint / artifact record at it and drops the blob it replaced. An interrupted write leaves
+  the previous blob in place and its staged bytes expiring. A blob is never changed once written,
+  so a read (GETRANGE chunks of the blob its record points to) either gets every chunk of that one
+  version or sees it dropped (replaced meanwhile) and starts again from the record.
 * Retention: `prune` deletes old finished-and-delivered jobs, then uploads that no job names any
   more: `submit` records the uploads a spec names (`<prefix>:refs:<upload>`, a set of job ids, and
   the job's `refs` field); an upload nobody names is in `<prefix>:uploads` (zset by the time it was
@@ -38,7 +49,9 @@ negative scores are front-of-line returns), `<prefix>:rot` (zset of users with q
 turn order), `<prefix>:qall` (set), `<prefix>:running` (zset by lease expiry, server time),
 `<prefix>:hist:<channel>`, `<prefix>:undelivered`, `<prefix>:delivered` (zset of finished and
 delivered jobs by finish time, for `prune`), `<prefix>:settings`, `<prefix>:setting:<key>`,
-`<prefix>:ckpt:<id>`, `<prefix>:art:<id>`, `<prefix>:uploads`, `<prefix>:upload_at` (hash: when each
+`<prefix>:ckpt:<id>` (hash: iteration, blob, size), `<prefix>:artp:<id>` (hash: name -> '<blob id>
+<size>'), `<prefix>:blob:<blob id>`, `<prefix>:stage:<blob id>` (TTL), `<prefix>:art:<id>` (artifacts
+an earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload_at` (hash: when each
 upload was stored), `<prefix>:refs:<upload>`, `<prefix>:events` (stream), `<prefix>:evseq`, `<prefix>:frames`,
 `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
@@ -53,6 +66,7 @@ reply returns the same answer instead of running twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -87,6 +101,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)  # BusyLoadingError is a ConnectionError
+
+# A blob (checkpoint, artifact) moves in commands of at most this many bytes, each of which must
+# cross the link within `socket_timeout`: 4 MiB in 10 s works down to 0.4 MiB/s.
+BLOB_CHUNK = 4 * 1024 * 1024
+# How long a staged blob outlives its last chunk when its write never commits (the writer died or
+# gave up): each chunk renews it, and one chunk's retries end well within it.
+STAGING_TTL = 600.0
+# Reads of a blob that was replaced meanwhile start again from its record, at most this many times.
+_BLOB_READ_TRIES = 10
 
 # ARGV[1..6] of every script; script arguments start at ARGV[7].
 _LUA_PRELUDE = r"""
@@ -145,13 +168,31 @@ local function to_front(id)
   redis.call('SADD', P .. ':qall', id)
   redis.call('ZADD', P .. ':rot', -nextc(), uid)
 end
+-- Blobs (checkpoints, artifacts): the bytes are in `blob:<blob id>`, a string written once and never
+-- changed; the checkpoint hash (`blob`, `size`) or the artifact's field in `artp:<id>` ('<blob id>
+-- <size>') points to it. A replace points to a new blob and drops the old one. Earlier versions kept
+-- the bytes inline (`ckpt:<id>` field `data`, `art:<id>` fields): still read, dropped with the rest.
+local function blobkey(bid) return P .. ':blob:' .. bid end
+local function pointed(ptr) return ptr and string.match(ptr, '^(%S+)') end
+local function drop_checkpoint(id)
+  local bid = redis.call('HGET', P .. ':ckpt:' .. id, 'blob')
+  if bid then redis.call('UNLINK', blobkey(bid)) end  -- UNLINK: a large value is freed off the main thread
+  redis.call('DEL', P .. ':ckpt:' .. id)
+end
+local function drop_artifacts(id)
+  for _, ptr in ipairs(redis.call('HVALS', P .. ':artp:' .. id)) do
+    local bid = pointed(ptr)
+    if bid then redis.call('UNLINK', blobkey(bid)) end
+  end
+  redis.call('UNLINK', P .. ':artp:' .. id, P .. ':art:' .. id)
+end
 local function finalize(id, state, err)
   local j = jk(id)
   redis.call('HSET', j, 'state', state, 'finished_at', NOW)
   if err then redis.call('HSET', j, 'error', err) end
   redis.call('HDEL', j, 'lease', 'lease_until')
   redis.call('ZREM', P .. ':running', id)
-  redis.call('DEL', P .. ':ckpt:' .. id)  -- only for resuming; state.pt (an artifact) stays
+  drop_checkpoint(id)  -- only for resuming; state.pt (an artifact) stays
   if redis.call('HGET', j, 'delivered') ~= '1' then
     redis.call('ZADD', P .. ':undelivered', nextc(), id)
   else
@@ -214,6 +255,11 @@ local function unref(id)
     end
   end
 end
+-- whether a setting (JSON, in either of its forms: see set_setting) holds a true value
+local function setting_on(key)
+  local v = redis.call('HGET', P .. ':settings', key) or redis.call('GET', P .. ':setting:' .. key)
+  return v and v ~= 'false' and v ~= 'null' and v ~= '0' and v ~= '""' and v ~= '[]' and v ~= '{}' or false
+end
 local function is_final(state)
   return state == 'done' or state == 'failed' or state == 'cancelled'
 end
@@ -229,8 +275,10 @@ return res
 
 _SCRIPTS: dict[str, str] = {
     # max_queued ('' = no cap), user, n, then n times: id, channel, grid, total, spec, uploads it
-    # names (space-separated, '' = none) -> 'ok', 'limit <queued>' (nothing written) or 'exists'
-    # (an id taken: nothing written). All or nothing: every check comes before the first write.
+    # names (space-separated, '' = none), server ('' = none; the decimal id: a string, so the claim
+    # compares it exactly, where cjson would round the spec's 64-bit number) -> 'ok', 'limit <queued>'
+    # (nothing written) or 'exists' (an id taken: nothing written). All or nothing: every check
+    # comes before the first write.
     "submit": r"""
   local uid, n = ARGV[8], tonumber(ARGV[9])
   local lk = P .. ':line:' .. uid
@@ -240,18 +288,19 @@ _SCRIPTS: dict[str, str] = {
   end
   local seen = {}
   for k = 0, n - 1 do
-    local id = ARGV[10 + 6 * k]
+    local id = ARGV[10 + 7 * k]
     if seen[id] or redis.call('EXISTS', jk(id)) == 1 then return 'exists' end
     seen[id] = true
   end
   for k = 0, n - 1 do
-    local a = 10 + 6 * k
-    local id, chan, refs = ARGV[a], ARGV[a + 1], ARGV[a + 5]
+    local a = 10 + 7 * k
+    local id, chan, refs, guild = ARGV[a], ARGV[a + 1], ARGV[a + 5], ARGV[a + 6]
     local j = jk(id)
     local q = nextc()
     redis.call('HSET', j, 'id', id, 'spec', ARGV[a + 4], 'user', uid, 'channel', chan, 'grid', ARGV[a + 2],
       'total', ARGV[a + 3], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
       'delivered', '0', 'cancel_requested', '0', 'qseq', q)
+    if guild ~= '' then redis.call('HSET', j, 'guild', guild) end
     if refs ~= '' then
       redis.call('HSET', j, 'refs', refs)
       for u in string.gmatch(refs, '%S+') do  -- named by a job: not prunable while it is stored
@@ -273,15 +322,21 @@ _SCRIPTS: dict[str, str] = {
   local grids = {}
   for i = 1, ngr do grids[ARGV[9 + i]] = true end
   sweep()
-  local paused = redis.call('HGET', P .. ':settings', 'paused') or redis.call('GET', P .. ':setting:paused')
-  if paused and paused ~= 'false' and paused ~= 'null' and paused ~= '0' and paused ~= '""'
-     and paused ~= '[]' and paused ~= '{}' then
-    return ''
+  if setting_on('paused') then return '' end
+  -- A server is paused while its setting 'paused:<server id>' is on. The job's server is its
+  -- 'guild' field, the id's decimal string (never the spec's JSON number: cjson would round it).
+  -- Jobs submitted before that field existed have none and are never skipped.
+  local guild_paused = {}
+  local function skipped(j)
+    local g = redis.call('HGET', j, 'guild')
+    if not g then return false end
+    if guild_paused[g] == nil then guild_paused[g] = setting_on('paused:' .. g) end
+    return guild_paused[g]
   end
   local ids, uids = line()
   for k, id in ipairs(ids) do
     local j = jk(id)
-    if ngr < 0 or grids[redis.call('HGET', j, 'grid')] then
+    if (ngr < 0 or grids[redis.call('HGET', j, 'grid')]) and not skipped(j) then
       local uid = uids[k]
       leave_line(id, uid)
       if redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
@@ -450,26 +505,58 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(seq)
 """,
-    # id, lease, iteration, data (fenced: only the lease holder's checkpoint is kept)
-    "save_checkpoint": r"""
-  local id = ARGV[7]
-  if not owned(id, ARGV[8]) then return '0' end
-  redis.call('HSET', P .. ':ckpt:' .. id, 'iteration', ARGV[9], 'data', ARGV[10])
+    # blob id, offset, bytes, ttl (ms) -> '1', or 'gap' when the staged bytes end before `offset`
+    # (they expired, or a Redis that lost its data): the write must start again. One chunk of a
+    # staged blob: SETRANGE (the same bytes at the same place when re-sent) and its TTL together, so
+    # a staging key never exists without one, even one a late duplicate chunk brings back.
+    "stage_chunk": r"""
+  local stage = P .. ':stage:' .. ARGV[7]
+  local offset = tonumber(ARGV[8])
+  if redis.call('STRLEN', stage) < offset then return 'gap' end
+  redis.call('SETRANGE', stage, offset, ARGV[9])
+  redis.call('PEXPIRE', stage, ARGV[10])
   return '1'
 """,
-    # id, lease, name, data (fenced)
-    "put_artifact": r"""
-  local id = ARGV[7]
-  if not owned(id, ARGV[8]) then return '0' end
-  redis.call('HSET', P .. ':art:' .. id, ARGV[9], ARGV[10])
-  return '1'
-""",
-    # upload id, name, data (unfenced): stored now; prunable while no job names it
-    "put_upload": r"""
-  local u = ARGV[7]
-  redis.call('HSET', P .. ':art:' .. u, ARGV[8], ARGV[9])
-  redis.call('HSET', P .. ':upload_at', u, NOW)
-  if redis.call('SCARD', P .. ':refs:' .. u) == 0 then redis.call('ZADD', P .. ':uploads', NOW, u) end
+    # kind ('ckpt' | 'art' | 'upload'), id (job or upload), lease ('' = unfenced), iteration (ckpt)
+    # or artifact name, blob id, size, staged ('1': the bytes are in stage:<blob id>; '0': inline,
+    # next), bytes -> '1' stored, '0' refused by the fence (nothing changed; staged bytes dropped),
+    # 'gone' (the staged bytes are missing or short: nothing changed, write again). The commit of a
+    # blob: the fence, the staged bytes becoming the blob, the pointer moving to it and the old blob
+    # dropped are one step, so a stale run never replaces anything and a reader never sees a half.
+    "put_blob": r"""
+  local kind, id, lease, what, bid, size = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+  local stage, blob = P .. ':stage:' .. bid, blobkey(bid)
+  if lease ~= '' and not owned(id, lease) then
+    redis.call('UNLINK', stage)
+    return '0'
+  end
+  if ARGV[13] == '1' then
+    if redis.call('STRLEN', stage) ~= tonumber(size) then
+      redis.call('UNLINK', stage)
+      return 'gone'
+    end
+    redis.call('RENAME', stage, blob)
+    redis.call('PERSIST', blob)  -- RENAME keeps the staging TTL
+  else
+    redis.call('SET', blob, ARGV[14])
+  end
+  local old
+  if kind == 'ckpt' then
+    local ck = P .. ':ckpt:' .. id
+    old = redis.call('HGET', ck, 'blob')
+    redis.call('HSET', ck, 'iteration', what, 'blob', bid, 'size', size)
+    redis.call('HDEL', ck, 'data')
+  else
+    local ap = P .. ':artp:' .. id
+    old = pointed(redis.call('HGET', ap, what))
+    redis.call('HSET', ap, what, bid .. ' ' .. size)
+    redis.call('HDEL', P .. ':art:' .. id, what)
+    if kind == 'upload' then  -- stored now; prunable while no job names it
+      redis.call('HSET', P .. ':upload_at', id, NOW)
+      if redis.call('SCARD', P .. ':refs:' .. id) == 0 then redis.call('ZADD', P .. ':uploads', NOW, id) end
+    end
+  end
+  if old and old ~= bid then redis.call('UNLINK', blobkey(old)) end
   return '1'
 """,
     # cutoff (epoch seconds), limit -> "<pruned> <examined>": uploads stored before the cutoff
@@ -480,7 +567,7 @@ _SCRIPTS: dict[str, str] = {
   for _, u in ipairs(ids) do
     redis.call('ZREM', P .. ':uploads', u)
     if redis.call('SCARD', P .. ':refs:' .. u) == 0 then
-      redis.call('DEL', P .. ':art:' .. u)
+      drop_artifacts(u)
       redis.call('HDEL', P .. ':upload_at', u)
       n = n + 1
     end
@@ -496,7 +583,9 @@ _SCRIPTS: dict[str, str] = {
     local v = redis.call('HMGET', jk(id), 'state', 'delivered', 'channel')
     if is_final(v[1]) and v[2] == '1' then
       unref(id)
-      redis.call('DEL', jk(id), P .. ':art:' .. id, P .. ':ckpt:' .. id)
+      drop_artifacts(id)
+      drop_checkpoint(id)
+      redis.call('DEL', jk(id))
       if v[3] then redis.call('ZREM', P .. ':hist:' .. v[3], id) end
       redis.call('ZREM', P .. ':undelivered', id)
       gone[id] = true
@@ -594,6 +683,8 @@ class RedisJobQueue:
         socket_timeout: float = 10.0,
         worker_ttl: int = 60,
         redis: Redis | None = None,
+        blob_chunk: int = BLOB_CHUNK,
+        staging_ttl: float = STAGING_TTL,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -604,6 +695,10 @@ class RedisJobQueue:
         self.reconnect_timeout = float(reconnect_timeout)
         self.socket_timeout = float(socket_timeout)
         self.worker_ttl = max(1, int(math.ceil(worker_ttl)))
+        if int(blob_chunk) < 1:
+            raise ValueError(f"blob_chunk must be at least 1 byte, got {blob_chunk!r}")
+        self.blob_chunk = int(blob_chunk)
+        self.staging_ttl_ms = max(1, int(float(staging_ttl) * 1000))
         self._given_client = redis
         self.redis: Any = None  # redis.asyncio.Redis (bytes replies)
         self.saq: RedisQueue | None = None
@@ -742,7 +837,7 @@ class RedisJobQueue:
         cap = "" if max_queued is None else str(int(max_queued))
         data = [
             (str(int(s.channel_id)), str(int(s.grid)), str(int(s.iterations)), json.dumps(s.to_dict()),
-             " ".join(upload_refs(s)))
+             " ".join(upload_refs(s)), "" if s.guild_id is None else str(int(s.guild_id)))
             for s in specs
         ]
         while True:
@@ -965,41 +1060,147 @@ class RedisJobQueue:
         event.seq = int(seq)
         return True
 
-    async def save_checkpoint(self, checkpoint: Checkpoint, lease_id: str | None = None) -> bool:
-        if lease_id is not None:
-            return await self._run(
-                "save_checkpoint", checkpoint.job_id, lease_id, int(checkpoint.iteration), bytes(checkpoint.data)
-            ) == "1"
+    # --- blobs: checkpoints and artifacts, moved in chunks ---------------------------------------
+    #
+    # A blob (a checkpoint: 96-384 MiB; state.pt: 48-192 MiB; a video) never travels in one command:
+    # redis-py gives every command `socket_timeout` for its whole payload and its whole reply, so on a
+    # link slower than size / timeout one command would time out on every attempt. Writes stage it
+    # in chunks (`stage_chunk`) under a key of its own with a TTL and then commit it with one fenced
+    # script (`put_blob`); reads fetch the blob a record points to in GETRANGE chunks. A blob is
+    # written once and never changed (a replace is a new blob), so a read that got every chunk of it
+    # has one version, whole; a chunk that comes back short means the blob was dropped meanwhile
+    # (replaced, or its job ended) and the read starts again from the record.
+
+    async def _job_owned(self, job_id: str, lease_id: str) -> bool:
+        """Whether the job runs under `lease_id` now: a quick look before staging a large blob, so a
+        stale run does not send hundreds of MiB only to be refused. The commit checks it again."""
         client = self._client()
-        mapping = {"iteration": int(checkpoint.iteration), "data": bytes(checkpoint.data)}
-        await self._retry(lambda: client.hset(self._k("ckpt", checkpoint.job_id), mapping=mapping))
+        state, lease = await self._retry(lambda: client.hmget(self._k("job", job_id), ["state", "lease"]))
+        return state == b"running" and lease is not None and lease.decode() == lease_id
+
+    async def _stage(self, blob_id: str, data: memoryview) -> bool:
+        """The bytes under `stage:<blob_id>`, one chunk per command; False when the staged bytes went
+        missing on the way (expired, or Redis lost them): the caller writes the blob again."""
+        for offset in range(0, len(data), self.blob_chunk):
+            part = data[offset:offset + self.blob_chunk]
+            if await self._run("stage_chunk", blob_id, offset, part, self.staging_ttl_ms, token=False) != "1":
+                return False
         return True
+
+    async def _put_blob(self, kind: str, owner: str, lease_id: str | None, what: Any, data: bytes) -> bool:
+        """Store a blob (`kind`: "ckpt", "art" or "upload") for job / upload `owner`; False when the fence
+        refused it (nothing changed). A blob up to one chunk goes inline in the commit itself."""
+        view = memoryview(data).cast("B")
+        size = len(view)
+        for _ in range(3):
+            blob_id = uuid.uuid4().hex
+            staged = size > self.blob_chunk
+            if staged:
+                if lease_id is not None and not await self._job_owned(owner, lease_id):
+                    return False
+                try:
+                    complete = await self._stage(blob_id, view)
+                except Exception:
+                    # Its TTL drops it anyway; dropping it now frees the memory sooner, when Redis answers.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._client().unlink(self._k("stage", blob_id)), self.socket_timeout)
+                    raise
+                if not complete:
+                    continue
+            reply = await self._run("put_blob", kind, owner, lease_id or "", what, blob_id, size,
+                                    "1" if staged else "0", b"" if staged else view)
+            if reply != "gone":
+                return reply == "1"
+        raise RuntimeError(f"could not store a {size}-byte blob for {owner}: its staged bytes kept going "
+                           f"missing from Redis before the commit (a Redis losing its data?)")
+
+    async def _read_blob(self, blob_id: bytes, size: int) -> bytes | None:
+        """Blob `blob_id` (`size` bytes) in chunks; None when it was dropped while we read it."""
+        client = self._client()
+        key = self._k("blob", blob_id.decode())
+        parts = []
+        for offset in range(0, size, self.blob_chunk):
+            want = min(self.blob_chunk, size - offset)
+            # the lambda is awaited within this iteration, so its loop variables are this chunk's
+            part = await self._retry(lambda: client.getrange(key, offset, offset + want - 1))  # noqa: B023
+            if len(part) != want:
+                return None
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _read_pointed(self, describe: str, pointer: Callable[[], Awaitable[tuple[Any, ...] | None]]
+                            ) -> tuple[Any, bytes] | None:
+        """Follow `pointer()` (None: nothing stored; (extra, data) for an inline blob of an earlier
+        version; (extra, blob id, size) for a blob) and read what it points to, again from the
+        pointer when the blob was replaced or dropped during the read."""
+        found = await pointer()
+        for _ in range(_BLOB_READ_TRIES):
+            if found is None:
+                return None
+            if len(found) == 2:
+                return found[0], bytes(found[1])
+            extra, blob_id, size = found
+            data = await self._read_blob(blob_id, size)
+            if data is not None:
+                return extra, data
+            found = await pointer()   # the blob was dropped under us: where does the record point now?
+            if found is not None and len(found) == 3 and found[1] == blob_id:
+                raise RuntimeError(f"{describe}: Redis no longer has its blob {blob_id.decode()} "
+                                   "(evicted? set maxmemory-policy noeviction)")
+        raise RuntimeError(f"{describe} was replaced {_BLOB_READ_TRIES} times while it was being read")
+
+    async def save_checkpoint(self, checkpoint: Checkpoint, lease_id: str | None = None) -> bool:
+        return await self._put_blob("ckpt", checkpoint.job_id, lease_id, int(checkpoint.iteration), checkpoint.data)
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
         client = self._client()
-        iteration, data = await self._retry(lambda: client.hmget(self._k("ckpt", job_id), ["iteration", "data"]))
-        if data is None:
-            return None
-        return Checkpoint(job_id, int(iteration or 0), bytes(data))
+        key = self._k("ckpt", job_id)
+
+        async def pointer() -> tuple[Any, ...] | None:
+            iteration, blob_id, size, inline = await self._retry(
+                lambda: client.hmget(key, ["iteration", "blob", "size", "data"]))
+            if blob_id is not None:
+                return int(iteration or 0), blob_id, int(size)
+            return None if inline is None else (int(iteration or 0), inline)
+
+        found = await self._read_pointed(f"the checkpoint of job {job_id}", pointer)
+        return None if found is None else Checkpoint(job_id, found[0], found[1])
 
     async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool:
-        payload = bytes(data)
-        if lease_id is not None:
-            return await self._run("put_artifact", job_id, lease_id, name, payload) == "1"
-        if is_upload_id(job_id):
-            return await self._run("put_upload", job_id, name, payload) == "1"
+        kind = "art" if lease_id is not None or not is_upload_id(job_id) else "upload"
+        return await self._put_blob(kind, job_id, lease_id, name, data)
+
+    async def _artifact_fields(self, job_id: str, name: str, inline: bool) -> tuple[Any, Any]:
+        """The artifact's pointer ('<blob id> <size>') and its inline form of an earlier version (its
+        bytes with `inline`, else whether there is one), read together: a write replaces both at once."""
         client = self._client()
-        await self._retry(lambda: client.hset(self._k("art", job_id), name, payload))
-        return True
+
+        async def read() -> list[Any]:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hget(self._k("artp", job_id), name)
+                if inline:
+                    pipe.hget(self._k("art", job_id), name)
+                else:
+                    pipe.hexists(self._k("art", job_id), name)
+                return await pipe.execute()
+
+        ptr, old = await self._retry(read)
+        return ptr, old
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
-        client = self._client()
-        data = await self._retry(lambda: client.hget(self._k("art", job_id), name))
-        return bytes(data) if data is not None else None
+        async def pointer() -> tuple[Any, ...] | None:
+            ptr, inline = await self._artifact_fields(job_id, name, inline=True)
+            if ptr is not None:
+                blob_id, size = ptr.split()
+                return None, blob_id, int(size)
+            return None if inline is None else (None, inline)
+
+        found = await self._read_pointed(f"artifact {name} of {job_id}", pointer)
+        return None if found is None else found[1]
 
     async def has_artifact(self, job_id: str, name: str) -> bool:
-        client = self._client()
-        return bool(await self._retry(lambda: client.hexists(self._k("art", job_id), name)))
+        ptr, inline = await self._artifact_fields(job_id, name, inline=False)
+        return ptr is not None or bool(inline)
 
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
         ok, _, worker_id = (await self._run("finish", job_id, lease_id, _num(similarity))).partition(" ")

@@ -11,6 +11,10 @@ lost worker). The line is: rank within user first, then the user's turn:
 
     ORDER BY ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq), rotation.rpos
 
+A claim takes the first job of that line whose grid the worker has and whose server is not paused
+(settings `paused`: everything; `paused:<guild id>`: one server, matched against the spec's
+guild_id with json_extract, in the claim's transaction).
+
 Each claim stores a fresh `lease_id` with the job; a worker's writes (`publish`, `save_checkpoint`,
 `put_artifact` with `lease_id`, and finish / fail / mark_cancelled / release / heartbeat) check, in
 the same transaction, that the job is running under that lease (fencing); finalising a job deletes
@@ -48,6 +52,7 @@ from engine.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    PAUSED_KEY,
     QueueLimitReached,
     UPLOAD_PREFIX,
     batch_user,
@@ -125,8 +130,8 @@ SCHEMA_VERSION = 1  # PRAGMA user_version of a file this module made or migrated
 
 _FINISHED = ("done", "failed", "cancelled")
 
-# The fair line. `{where}` filters the candidates *after* ranking (a grid filter must not change
-# anybody's rank).
+# The fair line. `{where}` filters the candidates *after* ranking (a grid filter or a paused server
+# must not change anybody's rank).
 _LINE_SQL = """
 SELECT j.{cols} FROM (
     SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq) AS rnk
@@ -147,6 +152,16 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 
 
 _SETTING_SQL = "SELECT value FROM settings WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
+
+# A line entry whose server is paused (its setting 'paused:<server id>', engine.jobs.guild_paused_key,
+# holds a true JSON value and has not expired; parameter: now). json_extract reads the spec's 64-bit
+# id as an exact integer. A job without a server (direct messages) is never skipped.
+_GUILD_PAUSED_SQL = """EXISTS (
+    SELECT 1 FROM settings AS s
+    WHERE s.key = 'paused:' || json_extract(j.spec, '$.guild_id')
+      AND s.value NOT IN ('false', 'null', '0', '""', '[]', '{}')
+      AND (s.expires_at IS NULL OR s.expires_at > ?)
+)"""
 
 
 def _record(row: aiosqlite.Row) -> JobRecord:
@@ -661,16 +676,21 @@ class SQLiteJobQueue:
         async with self._tx() as db:
             swept = await self._sweep(db)
             await self._see_worker(db, worker_id, None)
-            paused = await self._fetchone(db, _SETTING_SQL, ("paused", time.time()))
+            now = time.time()
+            paused = await self._fetchone(db, _SETTING_SQL, (PAUSED_KEY, now))
             record = None
             if not (paused and json.loads(paused["value"])):
-                where, params = "", ()  # type: tuple[str, tuple[int, ...]]
+                # Filters after the ranking: a grid this worker lacks or a paused server moves
+                # nobody's place in the line; the claim takes the first job that passes them.
+                conditions: list[str] = [f"NOT {_GUILD_PAUSED_SQL}"]
+                params: list[Any] = [now]
                 if grids is not None:
                     grids = tuple(int(g) for g in grids)
                     if not grids:
                         return None
-                    where = "WHERE j.grid IN (" + ",".join("?" * len(grids)) + ")"
-                    params = grids
+                    conditions.append("j.grid IN (" + ",".join("?" * len(grids)) + ")")
+                    params += grids
+                where = "WHERE " + " AND ".join(conditions)
                 row = await self._fetchone(db, _LINE_SQL.format(cols="*", where=where, limit="LIMIT 1"), params)
                 if row is not None:
                     now = time.time()
