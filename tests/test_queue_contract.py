@@ -689,6 +689,34 @@ async def test_redis_event_log_lost_and_renumbered_past_the_cursor_is_read_from_
         await q.close()
 
 
+async def test_redis_refusing_the_password_fails_at_once_not_after_the_reconnect_timeout():
+    """A Redis that wants a password, given none or a wrong one: the queue's start fails within
+    seconds with Redis's own reason (and the URL's password never in it), instead of retrying an
+    authentication error as if the link were down until `reconnect_timeout` (30 s) ran out."""
+    from redis import exceptions as redis_errors
+
+    from engine.queue.redis import RedisJobQueue
+
+    server = start_redis("--requirepass", "right-pw")
+    try:
+        for url in (server.url, server.url.replace("redis://", "redis://:wrong-pw@")):
+            q = RedisJobQueue(url, prefix="auth", reconnect_timeout=30)
+            started = time.monotonic()
+            with pytest.raises(redis_errors.AuthenticationError) as refused:
+                await q.start()
+            await q.close()
+            assert time.monotonic() - started < 5, time.monotonic() - started
+            assert "wrong-pw" not in str(refused.value)
+        q = RedisJobQueue(server.url.replace("redis://", "redis://:right-pw@"), prefix="auth")
+        await q.start()
+        try:
+            assert (await q.get((await q.submit(spec())).id)).state == JobState.QUEUED
+        finally:
+            await q.close()
+    finally:
+        server.stop()
+
+
 async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
     """The submit script re-sent with the same token (a reconnect retry) answers the same and queues
     the batch once; a refusal re-sent is the same refusal."""

@@ -101,6 +101,30 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)  # BusyLoadingError is a ConnectionError
+# ...and so are these, which no retry mends: a password Redis refused (or one it wants and was not
+# given). They fail at once, with Redis's reason, instead of as "unreachable" after reconnect_timeout.
+_REFUSED = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+
+
+class _Refused(Exception):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _RetryUnlessRefused(Retry):
+    """redis-py's Retry, except that a refused password is raised at once: redis-py counts it a
+    ConnectionError and would retry it like a dropped link."""
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Any, *args: Any, **kwargs: Any) -> T:
+        async def attempt() -> T:
+            try:
+                return await do()
+            except _REFUSED as exc:
+                raise _Refused(exc) from exc   # not one of the retried errors
+        try:
+            return await super().call_with_retry(attempt, fail, *args, **kwargs)
+        except _Refused as refused:
+            raise refused.error from None
 
 # A blob (checkpoint, artifact) moves in commands of at most this many bytes, each of which must
 # cross the link within `socket_timeout`: 4 MiB in 10 s works down to 0.4 MiB/s.
@@ -718,7 +742,7 @@ class RedisJobQueue:
             return
         self.redis = self._given_client or Redis.from_url(
             self.url,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6),
+            retry=_RetryUnlessRefused(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=5.0,
@@ -762,6 +786,8 @@ class RedisJobQueue:
         while True:
             try:
                 return await call()
+            except _REFUSED:
+                raise
             except _RETRYABLE as exc:
                 if loop.time() + delay > deadline:
                     raise
