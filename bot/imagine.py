@@ -28,7 +28,7 @@ from bot import attachments, render
 from bot.config import PRESET_NAMES
 from bot.help import help_text
 from bot.permissions import is_admin
-from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached
+from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
 if TYPE_CHECKING:
@@ -614,10 +614,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         try:
             try:
                 position: int | None = await self.queue.position(record.id)
-                paused = bool(await self.queue.get_setting("paused", False))
+                paused = await pause_of(self.queue, record.spec.guild_id)
             except Exception:  # noqa: BLE001 - a queue outage: show the reply without the place in line
                 log.exception("job %s: could not read its place in line", record.id)
-                position, paused = None, False
+                position, paused = None, ""
             content = render.queued_text(record, position, paused)
             try:
                 message = await interaction.edit_original_response(content=content, view=progress_view(record.id))

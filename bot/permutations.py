@@ -47,7 +47,7 @@ import discord
 from discord.ext import commands
 
 from bot import contact_sheet, moderation, render
-from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, new_job_id
+from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, new_job_id, pause_of
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -271,10 +271,10 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         }
         tracked = await _track_set(bot, info)
         try:
-            paused = bool(await queue.get_setting("paused", False))
+            paused = await pause_of(queue, interaction.guild_id)
         except Exception:  # noqa: BLE001 - a queue outage: the replies go out without it
             log.exception("set %s: could not read whether the queue is paused", set_id)
-            paused = False
+            paused = ""
         channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
         for index, record in enumerate(records):
             content: str | None = None

@@ -36,7 +36,7 @@ import discord
 from discord.ext import commands
 
 from bot import render
-from engine.jobs import EventKind, JobEvent, JobRecord, JobState
+from engine.jobs import EventKind, JobEvent, JobRecord, JobState, pause_of
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -84,7 +84,7 @@ class _Tracker:
     attached: bool = False            # the message exists (or never will); edits may go out
     dead: bool = False                # the message was deleted: no more edits
     position: int | None = None
-    paused: bool = False
+    paused: str = ""   # engine.jobs.pause_of
     started: bool = False
     frame: _Frame | None = None
     first_progress: tuple[float, int] | None = None   # (at, iteration) for the ETA
@@ -281,11 +281,15 @@ class ProgressCog(commands.Cog, name="Progress"):
             await asyncio.sleep(self.cfg.line_interval)
 
     async def _refresh_line(self) -> None:
-        paused = bool(await self.queue.get_setting("paused", False))
+        pauses: dict[int | None, str] = {}   # per server, read once a round
         for position, record in enumerate(await self.queue.queued(), 1):
             t = await self._tracker(record.id, record)
             if t is None or t.final or t.started:
                 continue
+            guild_id = record.spec.guild_id
+            if guild_id not in pauses:
+                pauses[guild_id] = await pause_of(self.queue, guild_id)
+            paused = pauses[guild_id]
             if t.position != position or t.paused != paused:
                 t.position, t.paused = position, paused
                 self._kick(t)

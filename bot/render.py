@@ -117,15 +117,18 @@ def _compose(spec: JobSpec, status: str, job_id: str) -> str:
     return text
 
 
-def queued_text(record: JobRecord, position: int | None, paused: bool = False) -> str:
+def queued_text(record: JobRecord, position: int | None, paused: str = "") -> str:
+    """`paused`: what holds it back (engine.jobs.pause_of): "everywhere", "server" or ""."""
     if position is None:
         status = "Queued."
     elif position == 1:
         status = "Queued: next in line."
     else:
         status = f"Queued: #{position} in line."
-    if paused:
+    if paused == "everywhere":
         status += " The queue is paused; it will start when the bot's owner resumes it."
+    elif paused == "server":
+        status += " This server's jobs are paused; it will start when an admin uses `/queue resume`."
     return _compose(record.spec, status, record.id)
 
 

@@ -194,6 +194,16 @@ def guild_paused_key(guild_id: int) -> str:
     return f"{PAUSED_KEY}:{int(guild_id)}"
 
 
+async def pause_of(queue: "JobQueue", guild_id: int | None) -> str:
+    """What holds a queued job of `guild_id` back: "everywhere" (the owner paused every server),
+    "server" (its admins paused this one), or "" (nothing)."""
+    if await queue.get_setting(PAUSED_KEY, False):
+        return "everywhere"
+    if guild_id is not None and await queue.get_setting(guild_paused_key(guild_id), False):
+        return "server"
+    return ""
+
+
 class QueueLimitReached(Exception):
     """A submit refused by the user's cap of waiting jobs (`max_queued`): nothing was queued.
     `queued`: that user's QUEUED jobs at that moment (counted atomically with the refusal); `limit`: the cap."""
@@ -246,6 +256,9 @@ class JobQueue(Protocol):
     async def events(self, after: int = 0, timeout: float = 1.0) -> list[JobEvent]: ...
     async def mark_delivered(self, job_id: str) -> bool: ...    # True only the first time
     async def undelivered(self) -> list[JobRecord]: ...         # finished, not yet posted
+    # Workers that claimed or heartbeated lately: id -> {"last_seen": epoch seconds, "job_id", ...}.
+    # `max_age`: seconds (SQLite: 60 unless given; Redis: its registry's own expiry unless given).
+    async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]: ...
     async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None: ...
     async def get_setting(self, key: str, default: Any = None) -> Any: ...  # `default` once expired
     # `expire_after` (seconds): the setting is gone after that long (get_setting no longer sees it;

@@ -165,6 +165,33 @@ async def test_an_admin_pauses_and_resumes_their_own_server_alone(harness):
     fd.assert_clean()
 
 
+async def test_queued_replies_say_when_their_server_is_paused(harness):
+    """A paused server's waiting jobs say so in their replies (redrawn when an admin pauses or
+    resumes, and a new job's first reply), naming what ends it; other servers' replies do not."""
+    h = harness
+    a, b, carol = await _two_servers(h)
+    fd = h.fd
+    note = "This server's jobs are paused; it will start when an admin uses `/queue resume`."
+
+    async def reply(prompt, guild_id):
+        inter = await fd.send_slash_command("imagine", {"prompt": prompt}, user=fd.member_user, guild_id=guild_id)
+        await fd.wait_for_response(inter)
+        return await h.reply_of(inter)
+
+    b_waiting, a_waiting = await reply("banana", b), await reply("apricot", a)
+    assert note not in fd.messages[b_waiting.id].content
+    await ephemeral_answer(h, "queue pause", guild_id=b, user=carol)
+    await fd.wait_for(lambda: note in fd.messages[b_waiting.id].content, 10, "the paused note in B's reply")
+    b_new = await reply("blueberry", b)
+    assert note in fd.messages[b_new.id].content
+    assert "paused" not in fd.messages[a_waiting.id].content
+
+    await ephemeral_answer(h, "queue resume", guild_id=b, user=carol)
+    await fd.wait_for(lambda: all("paused" not in fd.messages[m.id].content for m in (b_waiting, b_new)), 10,
+                      "the note gone after the resume")
+    fd.assert_clean()
+
+
 async def test_pausing_every_server_is_the_bot_owners_alone(harness):
     """A server admin who asks for `everywhere` is refused, privately, and nothing is paused; the bot's
     owner pauses and resumes every server; a server resumed by its admin meanwhile still waits."""

@@ -897,8 +897,9 @@ class SQLiteJobQueue:
             await db.execute("DELETE FROM settings WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),))
         return total
 
-    async def workers(self, max_age: float = 60.0) -> dict[str, dict[str, Any]]:
-        """Workers seen (claiming or heartbeating) in the last `max_age` seconds."""
+    async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
+        """Workers seen (claiming or heartbeating) in the last `max_age` seconds (default 60)."""
+        max_age = 60.0 if max_age is None else float(max_age)
         rows = await self._all(
             "SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id", (time.time() - max_age,)
         )
