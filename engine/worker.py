@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT_EVERY = 60.0
 
 
+# How long stop() waits for a claim already in flight (to hand back what it took).
+CLAIM_GRACE_ON_STOP = 5.0
+
+
 def check_checkpoint_every(seconds: float) -> float:
     """`checkpoint_every`: seconds, at least 0 (0: a checkpoint at every frame)."""
     seconds = float(seconds)
@@ -332,10 +336,17 @@ class Worker:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
             try:
-                record = await claim
+                # Not for ever: with the store unreachable the claim retries for the queue's whole
+                # reconnect timeout, and a stop must not wait that out. A claim given up on that
+                # took a job anyway leaves it under a lease that simply expires.
+                record = await asyncio.wait_for(claim, CLAIM_GRACE_ON_STOP)
                 if record is not None and record.lease_id is not None:
                     await self.queue.release(record.id, record.lease_id)
                     log.info("job %s handed back (claimed as the worker stopped)", record.id)
+            except asyncio.TimeoutError:
+                log.warning("a claim in flight as the worker stopped did not end within %.0f s (the queue "
+                            "unreachable?): given up; a job it took comes back when its lease expires",
+                            CLAIM_GRACE_ON_STOP)
             except Exception:  # noqa: BLE001 - its lease expires instead
                 log.warning("a claim in flight as the worker stopped could not be handed back", exc_info=True)
             raise

@@ -260,7 +260,7 @@ async def test_redis_worker_killed_mid_job_another_resumes_from_its_checkpoint(r
 async def test_a_job_failing_on_every_worker_is_retried_up_to_the_cap_then_failed(rq, redis_workers):
     """A truncated checkpoint (as a crash of a store or a torch-version mismatch leaves it): every
     worker's `_begin` raises loading it, calls queue.fail(retry=True), the job goes back to the
-    front and is claimed again, by whichever worker is free, until `max_attempts` (3) claims."""
+    front and is claimed again, by the other worker, until `max_attempts` (3) claims."""
     from engine.worker import pack_checkpoint
 
     follow = Follower(rq)
@@ -286,6 +286,8 @@ async def test_a_job_failing_on_every_worker_is_retried_up_to_the_cap_then_faile
     assert follow.count(job.id, EventKind.STARTED) == 3
     logs = "".join(w.log() for w in redis_workers)
     assert logs.count(f"job {job.id} failed") == 3
+    # each retry went to the other worker (both are alive): neither failed it three times alone
+    assert all(f"job {job.id} failed" in w.log() for w in redis_workers), [w.log().count(job.id) for w in redis_workers]
 
 
 # --- cancel reaches a remote worker -------------------------------------------------------------

@@ -180,8 +180,13 @@ async def test_worker_health_and_metrics_move_with_a_job(workers):
                 assert loop.time() < deadline, "the job did not finish"
                 await asyncio.sleep(0.1)
 
-            code, text = await get(http, f"{worker.base}/metrics")
-            after = samples(text)
+            # The worker counts a job's end just after the store has it DONE: wait for that count.
+            while True:
+                code, text = await get(http, f"{worker.base}/metrics")
+                after = samples(text)
+                if value(after, "imagine_jobs_total", state="done") or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             assert value(after, "imagine_iterations_total") == 4
             assert value(after, "imagine_jobs_total", state="started") == 1
             assert value(after, "imagine_jobs_total", state="done") == 1

@@ -283,6 +283,33 @@ async def test_finish_and_late_finish(queue: JobQueue):
     assert await queue.running() == []
 
 
+async def test_a_failed_job_is_retried_on_another_worker_when_one_is_alive(queue_factory: QueueFactory):
+    """A job that failed on w1 (out of memory on the smallest GPU, say) is not w1's to claim again
+    for a lease while another worker is alive (it claimed or heartbeated within two leases): the
+    retry goes elsewhere. A worker alone takes it back at once, and after the lease anyone may."""
+    q = await queue_factory.open(lease=2.0, max_attempts=5)
+    rec = await q.submit(spec(1))
+    got = await q.claim("w1")
+    assert await q.fail(rec.id, got.lease_id, "out of memory") == JobState.QUEUED
+    got = await q.claim("w1")                       # alone: w1 takes it back
+    assert got.id == rec.id and got.attempts == 2 and got.worker_id == "w1"
+
+    assert await q.claim("w2") is None             # w2 is alive now (nothing for it yet)
+    assert await q.fail(rec.id, got.lease_id, "out of memory") == JobState.QUEUED
+    assert await q.claim("w1") is None             # w2 is alive: not w1's again for now
+    got = await q.claim("w2")
+    assert got.id == rec.id and got.attempts == 3 and got.worker_id == "w2"
+    assert await q.finish(rec.id, got.lease_id, 0.5)
+
+    other = await q.submit(spec(2))
+    got = await q.claim("w2")
+    assert await q.fail(other.id, got.lease_id, "out of memory") == JobState.QUEUED
+    assert await q.claim("w2") is None             # w1 still alive: not w2's for a lease
+    await asyncio.sleep(2.3)                       # the lease has passed (w1 is still within two)
+    got = await q.claim("w2")
+    assert got.id == other.id and got.attempts == 2
+
+
 async def test_fail_retries_at_front_until_cap(queue_factory: QueueFactory):
     q = await queue_factory.open(max_attempts=3)
     rec = await q.submit(spec(1))
@@ -1240,7 +1267,9 @@ async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path
     finally:
         await q.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        assert {"lease_id", "failed_on", "retry_after"} <= columns
     q = SQLiteJobQueue(path)  # opened again: nothing to migrate, nothing lost
     await q.start()
     try:
@@ -1318,7 +1347,7 @@ async def test_sqlite_start_that_cannot_get_the_write_lock_fails_cleanly_and_can
     await q.start()
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         if previous:
             got = await q.claim("w")
             assert got.id == "queuedjob0001" and got.lease_id

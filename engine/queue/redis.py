@@ -346,6 +346,24 @@ _SCRIPTS: dict[str, str] = {
   local grids = {}
   for i = 1, ngr do grids[ARGV[9 + i]] = true end
   sweep()
+  -- Who is alive, for retries: a worker is seen at each claim (every poll, busy or idle) and heartbeat.
+  local t = tnow()
+  redis.call('ZADD', P .. ':alive', t, worker)
+  redis.call('ZREMRANGEBYSCORE', P .. ':alive', '-inf', t - 3600)
+  local others = nil
+  local function elsewhere(j)
+    -- A job that failed here and went back for another attempt is another worker's to retry, for
+    -- a lease, when another worker is alive (seen within two leases); alone, this one takes it.
+    local f = redis.call('HMGET', j, 'failed_on', 'retry_after')
+    if f[1] ~= worker or not f[2] or tonumber(f[2]) <= t then return false end
+    if others == nil then
+      others = false
+      for _, w in ipairs(redis.call('ZRANGEBYSCORE', P .. ':alive', t - 2 * LEASE, '+inf')) do
+        if w ~= worker then others = true end
+      end
+    end
+    return others
+  end
   if setting_on('paused') then return '' end
   -- A server is paused while its setting 'paused:<server id>' is on. The job's server is its
   -- 'guild' field, the id's decimal string (never the spec's JSON number: cjson would round it).
@@ -360,13 +378,14 @@ _SCRIPTS: dict[str, str] = {
   local ids, uids = line()
   for k, id in ipairs(ids) do
     local j = jk(id)
-    if (ngr < 0 or grids[redis.call('HGET', j, 'grid')]) and not skipped(j) then
+    if (ngr < 0 or grids[redis.call('HGET', j, 'grid')]) and not skipped(j) and not elsewhere(j) then
       local uid = uids[k]
       leave_line(id, uid)
       if redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
       local lu = fmt(tnow() + LEASE)
       redis.call('HSET', j, 'state', 'running', 'worker_id', worker, 'lease', lease, 'started_at', NOW,
         'lease_until', lu, 'cancel_requested', '0')
+      redis.call('HDEL', j, 'failed_on', 'retry_after')
       redis.call('HINCRBY', j, 'attempts', 1)
       redis.call('ZADD', P .. ':running', lu, id)
       emit(id, 'started')
@@ -391,6 +410,7 @@ _SCRIPTS: dict[str, str] = {
   local lu = fmt(tnow() + LEASE)
   redis.call('HSET', jk(id), 'lease_until', lu)
   redis.call('ZADD', P .. ':running', lu, id)
+  if v[2] then redis.call('ZADD', P .. ':alive', tnow(), v[2]) end
   return '1 ' .. (v[2] or '')
 """,
     # id
@@ -452,7 +472,8 @@ _SCRIPTS: dict[str, str] = {
   local worker = v[2] or ''
   if ARGV[10] == '1' and tonumber(v[3]) < MAXATT and v[4] ~= '1' then
     to_front(id)
-    redis.call('HSET', jk(id), 'error', reason)
+    -- another worker's to retry, for a lease (see claim)
+    redis.call('HSET', jk(id), 'error', reason, 'failed_on', worker, 'retry_after', fmt(tnow() + LEASE))
     emit(id, 'queued', reason)
     return 'queued ' .. worker
   end

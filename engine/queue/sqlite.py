@@ -86,7 +86,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     lease_until REAL,
     qseq INTEGER NOT NULL DEFAULT 0,
-    lease_id TEXT
+    lease_id TEXT,
+    failed_on TEXT,
+    retry_after REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, user_id, qseq);
 CREATE INDEX IF NOT EXISTS jobs_channel ON jobs(channel_id);
@@ -126,7 +128,16 @@ CREATE INDEX IF NOT EXISTS settings_expiry ON settings(expires_at) WHERE expires
 CREATE INDEX IF NOT EXISTS uploads_age ON uploads(stored_at);
 """
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of a file this module made or migrated
+SCHEMA_VERSION = 2  # PRAGMA user_version of a file this module made or migrated
+
+# A job that failed on a worker and went back for another attempt is not that worker's to claim
+# again for a while, when another worker is alive (claimed or heartbeated within `_ALIVE` leases):
+# the retry goes elsewhere. Alone, the worker takes it back.
+_RETRY_ELSEWHERE_SQL = """NOT COALESCE(
+    j.failed_on = ? AND j.retry_after > ?
+    AND EXISTS (SELECT 1 FROM workers AS w WHERE w.worker_id != ? AND w.last_seen > ?),
+    0)"""
+_ALIVE = 2.0
 
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -301,11 +312,20 @@ class SQLiteJobQueue:
         version = int(row[0]) if row is not None else 0
         if not fresh and version < 1:
             await self._migrate_v1(tx)
+        if not fresh and version < 2:
+            await self._migrate_v2(tx)
         for statement in _SCHEMA_LATE.split(";"):
             if statement.strip():
                 await tx.execute(statement)
         if version < SCHEMA_VERSION:
             await tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def _migrate_v2(self, db: aiosqlite.Connection) -> None:
+        """A file from before retries went to another worker."""
+        columns = {row["name"] for row in await self._rows(db, "PRAGMA table_info(jobs)")}
+        for column, kind in (("failed_on", "TEXT"), ("retry_after", "REAL")):
+            if column not in columns:
+                await db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     async def _migrate_v1(self, db: aiosqlite.Connection) -> None:
         """A file from before per-claim leases and upload / setting retention."""
@@ -682,8 +702,8 @@ class SQLiteJobQueue:
             if not (paused and json.loads(paused["value"])):
                 # Filters after the ranking: a grid this worker lacks or a paused server moves
                 # nobody's place in the line; the claim takes the first job that passes them.
-                conditions: list[str] = [f"NOT {_GUILD_PAUSED_SQL}"]
-                params: list[Any] = [now]
+                conditions: list[str] = [f"NOT {_GUILD_PAUSED_SQL}", _RETRY_ELSEWHERE_SQL]
+                params: list[Any] = [now, worker_id, now, worker_id, now - _ALIVE * self.lease]
                 if grids is not None:
                     grids = tuple(int(g) for g in grids)
                     if not grids:
@@ -696,7 +716,8 @@ class SQLiteJobQueue:
                     now = time.time()
                     await db.execute(
                         "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = ?, lease_id = ?,"
-                        " started_at = ?, lease_until = ?, cancel_requested = 0 WHERE id = ?",
+                        " started_at = ?, lease_until = ?, cancel_requested = 0, failed_on = NULL,"
+                        " retry_after = NULL WHERE id = ?",
                         (worker_id, new_lease_id(), now, now + self.lease, row["id"]),
                     )
                     more = await self._fetchone(
@@ -806,12 +827,13 @@ class SQLiteJobQueue:
 
     async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState | None:
         async with self._tx() as db:
-            row = await self._owned(db, job_id, lease_id, "user_id, attempts, cancel_requested")
+            row = await self._owned(db, job_id, lease_id, "user_id, attempts, cancel_requested, worker_id")
             if row is None:  # not running under this claim (or no such job): change nothing
                 return None
             if retry and row["attempts"] < self.max_attempts and not row["cancel_requested"]:
                 await self._to_front(db, job_id, row["user_id"])
-                await db.execute("UPDATE jobs SET error = ? WHERE id = ?", (reason, job_id))
+                await db.execute("UPDATE jobs SET error = ?, failed_on = ?, retry_after = ? WHERE id = ?",
+                                 (reason, row["worker_id"], time.time() + self.lease, job_id))
                 await self._emit(db, job_id, EventKind.QUEUED, reason)
                 state = JobState.QUEUED
             elif row["cancel_requested"]:   # the user had asked to cancel it: that is how it ended
