@@ -258,7 +258,7 @@ def _read_state(run_dir: Path) -> dict:
     """The final state of an earlier run (`--from-run`), or a UsageError saying why it is not one."""
     import torch
 
-    from engine.generate import expand_state, state_from_bytes
+    from engine.generate import state_from_bytes
 
     state_file = run_dir / "state.pt"
     if not state_file.is_file():
@@ -271,7 +271,8 @@ def _read_state(run_dir: Path) -> dict:
     logits = state.get("logits") if isinstance(state, dict) else None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[-1] != logits.shape[-2]:
         raise UsageError(f"--from-run {run_dir}: state.pt holds no imagine state (no square logits)")
-    return expand_state(state)   # a compact state.pt (fp16 logits) back to fp32; a full one as it is
+    # Only the logits start the new run: a compact state.pt's fp16 ones back to fp32.
+    return dict(state, logits=logits.float())
 
 
 def _read_image(path: Path, flag: str):

@@ -9,9 +9,9 @@ and the GPU never waits on the network. It runs inside the bot (the embedded def
 Artifacts a finished job leaves in the queue: `final.png`, `video.mp4`, `state.pt` (the final
 logits and optimiser state, for Continue and Remix; stored compactly, `compact_state`). Checkpoints
 hold the exact state and the frames so far, so a job taken up by another worker resumes where it
-stopped and its video still shows the whole generation. One is taken at a new run's first frame,
-then at a frame once `checkpoint_every` seconds have passed since the job's last one, and when the
-worker stops.
+stopped and its video still shows the whole generation. One is taken at a new run's first frame
+when the rest of the run will take longer than `checkpoint_every`, then at a frame once that many
+seconds have passed since the job's last one, and when the worker stops.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_CHECKPOINT_EVERY = 60.0
+
+
+class GpuThreadDied(RuntimeError):
+    """The reason a job fails when its worker's GPU thread died under it (retried elsewhere)."""
 
 
 # How long stop() waits for a claim already in flight (to hand back what it took).
@@ -170,6 +174,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self.gpu_alive = False
+        self._gpu_error: BaseException | None = None   # what killed the GPU thread, if anything
         # Metrics hooks (engine.observability.Observability): iterations(n) from the GPU thread,
         # job_started(record), job_ended(record, state) with state done|failed|retried|cancelled|released.
         self.observer = observer
@@ -192,8 +197,9 @@ class Worker:
         except ValueError as exc:
             raise ValueError(f"checkpoint_every: {exc}") from None
         # GPU thread only: per slot key, (monotonic time, iteration) of its last snapshot taken for
-        # a checkpoint (or of its start: a resumed run starts at its checkpoint).
-        self._checkpointed: dict[str, tuple[float, int]] = {}
+        # a checkpoint (a resumed run starts at its checkpoint; a new run: -inf), then the run's
+        # start (monotonic time, iteration), for its pace.
+        self._checkpointed: dict[str, tuple[float, int, float, int]] = {}
         # Written by the GPU thread as it stops (worker.stop()), read once it has been joined:
         # per slot key, the snapshot to save before the job is handed back.
         self._stop_states: dict[str, dict[str, Any]] = {}
@@ -271,6 +277,13 @@ class Worker:
             # Its frames (and their checkpoints) first: the stop checkpoint carries every frame.
             await asyncio.gather(*run.pending, return_exceptions=True)
             if self.running.get(key) is not run:   # it ended meanwhile (done, failed, stopped)
+                continue
+            if self._gpu_error is not None:
+                # Not a graceful hand-back: the thread died running these jobs, and one of them may
+                # be why. A failed attempt (counted, and retried on another worker) instead of a
+                # release, so a job that kills GPU threads cannot crash-loop workers for ever.
+                await self._failed(key, GpuThreadDied(
+                    f"the worker's GPU thread died: {type(self._gpu_error).__name__}: {self._gpu_error}"))
                 continue
             state = states.get(key)
             if state is not None:
@@ -612,12 +625,22 @@ class Worker:
                     if frame is not None:
                         # Snapshots (Slot.state) are taken here, between two steps: the asyncio
                         # side serialises them while this thread steps on.
-                        state = self._checkpoint_snapshot(slot) if not slot.done else None
+                        state = None
+                        if not slot.done:
+                            try:
+                                state = self._checkpoint_snapshot(slot)
+                            except Exception:  # noqa: BLE001 - this checkpoint only: the job runs on
+                                log.exception("could not snapshot job %s for a checkpoint", slot.key)
                         self._from_gpu(self._on_frame, slot.key, frame, state)
                     if slot.done:
                         runner.remove(slot.key)
                         self._checkpointed.pop(slot.key, None)
-                        self._from_gpu(self._on_done, slot.key, slot.state())
+                        try:
+                            final_state = slot.state()
+                        except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error surfacing at the copy: this job alone
+                            self._from_gpu(self._failed, slot.key, exc)
+                            continue
+                        self._from_gpu(self._on_done, slot.key, final_state)
             # Stopping (worker.stop() joins this thread next): a snapshot of every run still ours
             # that moved since its last checkpoint, saved by stop() before it hands the job back.
             for key, slot in list(runner.slots.items()):
@@ -627,8 +650,9 @@ class Worker:
                     self._stop_states[key] = slot.state()
                 except Exception:  # noqa: BLE001 - it resumes from its last checkpoint instead
                     log.exception("could not snapshot job %s while stopping", key)
-        except BaseException:
-            log.exception("GPU thread died: no more claims or heartbeats; other workers take its jobs over")
+        except BaseException as exc:
+            self._gpu_error = exc
+            log.exception("GPU thread died: no more claims or heartbeats; its jobs go back as failed attempts")
             raise
         finally:
             self.gpu_alive = False
@@ -639,12 +663,24 @@ class Worker:
 
     def _checkpoint_snapshot(self, slot: Slot) -> dict[str, Any] | None:
         """GPU thread, at a frame: the slot's state for a checkpoint when one is due (at least
-        `checkpoint_every` seconds since the run's last one; a new run's first frame), else None."""
+        `checkpoint_every` seconds since the run's last one; a new run's first frame if the rest of
+        the run takes longer than that), else None."""
         now = time.monotonic()
         last = self._checkpointed.get(slot.key)
-        if self.checkpoint_every > 0 and last is not None and now - last[0] < self.checkpoint_every:
-            return None
-        self._checkpointed[slot.key] = (now, slot.iteration)
+        if self.checkpoint_every > 0 and last is not None:
+            if last[0] == -math.inf:
+                # A new run's first frame: worth a checkpoint only when the rest of the run takes
+                # longer than checkpoint_every (at its pace so far). A short job then writes none
+                # (a full-size checkpoint is 96-384 MiB), and a crash loses no more of it than the
+                # timed rule allows.
+                done = slot.iteration - last[3]
+                left = (slot.settings.iterations - slot.iteration) * (now - last[2]) / max(done, 1)
+                if left <= self.checkpoint_every:
+                    return None
+            elif now - last[0] < self.checkpoint_every:
+                return None
+        start = last[2:] if last is not None else (now, slot.iteration)
+        self._checkpointed[slot.key] = (now, slot.iteration, *start)
         return slot.state()
 
     def _admit(self, runner: BatchRunner, block: bool) -> None:
@@ -659,9 +695,12 @@ class Worker:
                 runner.add(slot)
                 # A resumed run starts at its checkpoint: the next is due `checkpoint_every` from
                 # now. A new run (a Continue too: its parent's state is not this job's checkpoint)
-                # takes its first at its first frame, so a job killed early resumes from there.
+                # takes its first at its first frame when the rest of it takes longer than that,
+                # so a long job killed early resumes from there.
                 resumed = start.state is not None and not start.keep_optimizer
-                self._checkpointed[slot.key] = (time.monotonic() if resumed else -math.inf, slot.iteration)
+                started = time.monotonic()
+                self._checkpointed[slot.key] = (started if resumed else -math.inf, slot.iteration,
+                                                started, slot.iteration)
                 if slot.iteration == 0 or start.keep_optimizer:
                     # Frame 0 (or the parent's last frame, for Continue) opens the video.
                     frame = runner.frames([slot])[0]
@@ -814,14 +853,19 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner = None
-    if args.http_port is not None:
-        # Up before the models load: /healthz says "gpu": false until the GPU thread runs.
-        obs = Observability()
-        obs.track_queue(queue)
-        obs.track_worker(worker)
-        runner = await obs.start_http(args.http_host, args.http_port,
-                                      {"queue": queue_check(queue), "gpu": worker_check(worker)})
     try:
+        if args.http_port is not None:
+            # Up before the models load: /healthz says "gpu": false until the GPU thread runs.
+            obs = Observability()
+            obs.track_queue(queue)
+            obs.track_worker(worker)
+            try:
+                runner = await obs.start_http(args.http_host, args.http_port,
+                                              {"queue": queue_check(queue), "gpu": worker_check(worker)})
+            except OSError as exc:   # the port taken, say: the operator's setting, not a crash
+                print(f"imagine-worker: cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}",
+                      file=sys.stderr)
+                return 2
         await worker.start()
         return await until_stopped_or_gpu_dead(worker, stop)
     finally:
@@ -834,8 +878,8 @@ async def _serve(args: argparse.Namespace) -> int:
 async def until_stopped_or_gpu_dead(worker: Worker, stop: asyncio.Event, poll: float = 1.0) -> int:
     """Wait for `stop`: 0. Or for the worker's GPU thread to die: 1, so that `imagine-worker` exits
     and its supervisor (compose's restart policy, systemd) starts a fresh one, instead of a process
-    that claims nothing and runs nothing until someone notices (its jobs' leases lapse meanwhile,
-    so other workers already took them over)."""
+    that claims nothing and runs nothing until someone notices. (`worker.stop()` then fails its
+    jobs as attempts, to be retried on another worker.)"""
     while not stop.is_set():
         if not worker.gpu_thread_alive():
             log.error("worker %s: its GPU thread died (see the error above); exiting so that it is restarted",

@@ -11,30 +11,16 @@ import logging
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bot.__main__ import build_parser, load
 from bot.config import ConfigError, load_config
 from bot.launcher import make_bot, open_resources
 from tests.fakediscord import FakeDiscord, running_bot
 from tests.test_bot_support import WEBHOOK_ORIGINAL, Harness, test_config
+from tests.metrics_support import get, samples, value
 
 PROMPT = "a lighthouse of xyzzy-quartz"
 GOOD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
-
-
-def samples(text: str) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(metrics: dict, name: str, **labels: str) -> float | None:
-    return metrics.get((name, tuple(sorted(labels.items()))))
-
-
-async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with http.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
-        return resp.status, await resp.text()
 
 
 async def health(http, base: str) -> tuple[int, dict]:

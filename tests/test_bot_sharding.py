@@ -22,6 +22,7 @@ from bot.__main__ import main
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord, FakeGuild, InteractionRecord
 from tests.test_bot_support import Harness, test_config
+from tests.metrics_support import get
 
 pytestmark = pytest.mark.asyncio
 
@@ -42,11 +43,6 @@ async def make_harness(tmp_path, tiny_models):
         for h in made:
             await h.stop()
             await h.fd.close()
-
-
-async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with http.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
-        return resp.status, await resp.text()
 
 
 async def discord_health(h: Harness, http: aiohttp.ClientSession) -> tuple[int, dict]:

@@ -147,3 +147,13 @@ def test_a_unicode_prompt_under_a_non_utf8_locale(tiny_model_files, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))["prompt"] == "un château 🏰"
+
+
+def test_from_run_reads_a_state_that_holds_only_logits(tmp_path):
+    """`--from-run` uses only the logits: a state.pt without the optimiser's state (written by hand
+    or by another tool) is read, its fp16 logits made fp32, rather than failing with a traceback."""
+    import torch
+
+    torch.save({"logits": torch.zeros(1, 8192, 32, 32, dtype=torch.float16)}, tmp_path / "state.pt")
+    state = cli._read_state(tmp_path)
+    assert state["logits"].dtype == torch.float32 and state["logits"].shape == (1, 8192, 32, 32)

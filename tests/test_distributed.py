@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,7 @@ class WorkerProc:
     argv: list[str]
     log_path: Path
     proc: subprocess.Popen
+    started_at: float = field(default_factory=time.time)   # this process's start (a restart: the new one's)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -104,12 +105,14 @@ def restart(w: WorkerProc) -> WorkerProc:
 
 
 async def wait_workers(queue, workers: list[WorkerProc], timeout: float = 90.0) -> None:
-    """Until every worker has claimed at least once (models loaded, GPU thread up)."""
+    """Until every worker process has claimed at least once (models loaded, GPU thread up): seen
+    since it started, so a killed one's last record does not count for its restart."""
     deadline = time.monotonic() + timeout
     while True:
         seen = await queue.workers()
         now = time.time()
-        missing = [w for w in workers if w.worker_id not in seen or seen[w.worker_id]["last_seen"] < now - 10]
+        missing = [w for w in workers if w.worker_id not in seen
+                   or seen[w.worker_id]["last_seen"] < max(now - 10, w.started_at)]
         if not missing:
             return
         for w in missing:
@@ -263,6 +266,7 @@ async def test_a_job_failing_on_every_worker_is_retried_up_to_the_cap_then_faile
     front and is claimed again, by the other worker, until `max_attempts` (3) claims."""
     from engine.worker import pack_checkpoint
 
+    await wait_workers(rq, redis_workers)   # both up (the one an earlier test restarted too)
     follow = Follower(rq)
     await follow.skip_to_end()
     await rq.set_setting("paused", True)  # so that no worker claims it before its checkpoint is in

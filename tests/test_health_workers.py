@@ -14,7 +14,6 @@ import json
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bot.launcher import MIN_WORKER_WINDOW, make_bot, open_resources, worker_window
 from engine.jobs import JobSpec
@@ -22,22 +21,9 @@ from engine.observability import Observability, bound_port
 from tests.fakediscord import FakeDiscord, running_bot
 from tests.queue_fixtures import QueueFactory, queue_factory, redis_server  # noqa: F401 - fixtures
 from tests.test_bot_support import Harness, test_config
+from tests.metrics_support import get, samples, value
 
 LEASE = 2   # seconds: the liveness window is then MIN_WORKER_WINDOW (two leases would be 4 s)
-
-
-def samples(text: str) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(metrics: dict, name: str, **labels: str) -> float | None:
-    return metrics.get((name, tuple(sorted(labels.items()))))
-
-
-async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with http.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
-        return resp.status, await resp.text()
 
 
 async def health(http: aiohttp.ClientSession, base: str) -> tuple[int, dict]:

@@ -17,10 +17,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine.jobs import JobSpec, JobState
 from engine.observability import Observability, bound_port, queue_check
+from tests.metrics_support import get, samples, value
 
 try:
     from queue_fixtures import start_redis
@@ -44,18 +44,6 @@ def tool(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed (pip install '.[test]' brings it)")
     return found
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(metrics: dict, name: str, **labels: str) -> float | None:
-    return metrics.get((name, tuple(sorted(labels.items()))))
 
 
 class WorkerProcess:
@@ -106,11 +94,6 @@ class WorkerProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
-
-
-async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=15)) as resp:
-        return resp.status, await resp.text()
 
 
 async def wait_health(session, base: str, status: int, timeout: float = 60.0) -> dict:
@@ -300,6 +283,20 @@ def test_imagine_worker_without_a_queue_url_exits_2_naming_the_flag_and_the_vari
                           timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "--queue URL or the IMAGINE_QUEUE_URL environment variable is required" in proc.stderr
+
+
+def test_imagine_worker_whose_http_port_is_taken_exits_2_with_the_reason(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(_worker_cmd("--queue", f"sqlite:///{tmp_path}/jobs.db", "--device", "cpu",
+                                          "--http-port", str(port)),
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _worker_cmd(*args: str) -> list[str]:

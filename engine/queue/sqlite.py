@@ -266,8 +266,9 @@ class SQLiteJobQueue:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                 await db.execute("PRAGMA journal_mode = WAL")
                 # FULL: a commit is on the disk when it returns (WAL synced each time), so a job the
-                # user saw queued survives a power cut too, not only a crash. Commits are few (a
-                # job's events, a frame every 50 iterations), so the fsyncs cost little.
+                # user saw queued survives a power cut too, not only a crash. The cost is an fsync a
+                # commit: an idle worker's claim poll (4 a second) commits too, measured 2.6 ms a
+                # claim instead of 1.1 ms on this project's test machine.
                 await db.execute("PRAGMA synchronous = FULL")
                 async with self._lock:
                     await db.execute("BEGIN IMMEDIATE")
