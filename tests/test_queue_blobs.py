@@ -113,6 +113,11 @@ async def keys(q: RedisJobQueue, kind: str) -> list[bytes]:
     return [k async for k in q.redis.scan_iter(match=q._k(kind, "*"))]
 
 
+async def staging(q: RedisJobQueue) -> list[bytes]:
+    """Every key of a write not yet committed: its bytes (`stage:`) and how far they reached (`staged:`)."""
+    return await keys(q, "stage") + await keys(q, "staged")
+
+
 async def test_blobs_far_larger_than_one_command_can_carry_save_and_load_intact(queues):
     slow, fast = queues
     rec = await fast.submit(JobSpec(prompt="a slow link", user_id=1, channel_id=2))
@@ -143,7 +148,7 @@ async def test_blobs_far_larger_than_one_command_can_carry_save_and_load_intact(
     assert not await fast.redis.hexists(fast._k("art", rec.id), "state.pt")
 
     # Nothing left behind: one blob per stored thing, no staging keys; the replaced checkpoint's gone.
-    assert await keys(fast, "stage") == []
+    assert await staging(fast) == []
     assert len(await keys(fast, "blob")) == 3
     assert await fast.finish(rec.id, lease, 0.3) is True   # a job's end drops its checkpoint
     assert await fast.load_checkpoint(rec.id) is None and len(await keys(fast, "blob")) == 2
@@ -173,7 +178,7 @@ async def test_a_run_that_loses_its_lease_during_a_slow_save_is_refused(queues):
     assert await saving is False
     loaded = await fast.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data) == (20, b"new run")
-    assert await keys(fast, "stage") == []
+    assert await staging(fast) == []
     # Known stale before it starts: refused without sending the bytes at all.
     assert await slow.save_checkpoint(Checkpoint(rec.id, 60, blob(b"stale")), old) is False
     assert await slow.put_artifact(rec.id, "state.pt", blob(b"stale"), old) is False
@@ -196,10 +201,11 @@ async def test_a_write_cut_off_half_way_leaves_the_previous_checkpoint_whole(que
 
     loaded = await fast.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data == previous) == (100, True)
-    # What was staged of the new one is not kept for good: it expires.
-    staged = await keys(fast, "stage")
-    assert len(staged) == 1
-    assert 0 < await fast.redis.pttl(staged[0]) <= slow.staging_ttl_ms
+    # What was staged of the new one is not kept for good: it expires (its bytes and their mark).
+    staged = await staging(fast)
+    assert len(staged) == 2
+    for key in staged:
+        assert 0 < await fast.redis.pttl(key) <= slow.staging_ttl_ms
     assert (await fast.get(rec.id)).state == JobState.RUNNING
 
 
@@ -224,20 +230,96 @@ async def test_a_read_that_races_a_replace_returns_one_whole_version(queues):
     assert fetched == new_art
 
 
-async def test_a_write_whose_staged_bytes_vanish_half_way_starts_again_and_lands_whole(queues):
-    """Staged bytes lost mid-write (a Redis restarted without persistence, a staging key expired):
-    the next chunk finds a gap where they were, so the write starts again instead of committing a
-    blob with a hole in it."""
+@pytest.mark.parametrize("lost", ["stage", "staged", "both"])
+async def test_a_write_whose_staged_bytes_vanish_half_way_starts_again_and_lands_whole(queues, lost):
+    """Staged bytes lost mid-write (a Redis restarted without persistence, a staging key expired or
+    evicted): the next chunk finds a gap where they were, so the write starts again instead of
+    committing a blob with a hole in it. Either of a write's two keys going is such a loss: the
+    bytes, or the mark of how far they reached (the bytes' key is full size from the start, so its
+    length alone cannot tell)."""
     slow, fast = queues
     rec = await fast.submit(JobSpec(prompt="a forgetful redis", user_id=1, channel_id=2))
     lease = (await fast.claim("gpu-far-away")).lease_id
     data = blob(b"whole")
     saving = asyncio.create_task(slow.save_checkpoint(Checkpoint(rec.id, 7, data), lease))
     await asyncio.sleep(0.5)
-    staged = await keys(fast, "stage")
-    assert len(staged) == 1 and not saving.done()
+    staged = await keys(fast, "stage") if lost == "stage" else \
+        await keys(fast, "staged") if lost == "staged" else await staging(fast)
+    assert len(staged) == (2 if lost == "both" else 1) and not saving.done()
     await fast.redis.delete(*staged)
     assert await saving is True
     loaded = await fast.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data == data) == (7, True)
-    assert await keys(fast, "stage") == []
+    assert await staging(fast) == []
+
+
+async def test_a_staged_blob_has_its_full_size_from_its_first_chunk(queues):
+    """Staging must not grow the key chunk by chunk: Redis then reallocates and copies the whole
+    string as it grows (it reserves at most 1 MB ahead), all of it on the main thread every client
+    waits on. Seen from Redis itself, during a slow write: whenever the staging key exists, it
+    already has the blob's whole length."""
+    slow, fast = queues
+    rec = await fast.submit(JobSpec(prompt="a presized stage", user_id=1, channel_id=2))
+    lease = (await fast.claim("gpu-far-away")).lease_id
+    data = blob(b"presized")
+    saving = asyncio.create_task(slow.save_checkpoint(Checkpoint(rec.id, 3, data), lease))
+    lengths, reached = set(), set()
+    while not saving.done():
+        for key in await keys(fast, "stage"):
+            # at once (MULTI): the commit may rename the key away between the scan and here
+            async with fast.redis.pipeline(transaction=True) as pipe:
+                pipe.exists(key).strlen(key).get(key.replace(b":stage:", b":staged:"))
+                there, length, mark = await pipe.execute()
+            if there:
+                lengths.add(length)
+            if mark is not None:
+                reached.add(int(mark))
+        await asyncio.sleep(0.01)
+    assert await saving is True
+    assert lengths == {len(data)}                # never shorter, from the first chunk on
+    assert len([r for r in reached if 0 < r < len(data)]) >= 2   # seen part-way, more than once
+    assert (await fast.load_checkpoint(rec.id)).data == data
+
+
+async def test_staged_chunks_resent_out_of_turn_and_a_commit_missing_one(queues):
+    """The staging scripts themselves, chunk by chunk (what `_put_blob` sends, here in an order a
+    retry after a lost reply can produce): a re-sent chunk rewrites its own bytes and nothing else
+    (the first one too, once later ones are in: the key's pre-sizing must not run again over the
+    last byte); a chunk past a missing one is a gap, which drops the write's keys (it starts again
+    under a new id); and a commit with a chunk missing is refused although the key has its full
+    length already."""
+    _, fast = queues
+    rec = await fast.submit(JobSpec(prompt="chunk by chunk", user_id=1, channel_id=2))
+    lease = (await fast.claim("gpu-near")).lease_id
+    assert await fast.save_checkpoint(Checkpoint(rec.id, 1, b"the previous one"), lease) is True
+    size = 3 * CHUNK + 5
+    data = blob(b"chunks", size - 1) + b"\xff"   # a last byte that pre-sizing's zero would change
+    ttl = fast.staging_ttl_ms
+
+    async def chunks(bid: str, *ns: int) -> list[str]:
+        return [await fast._run("stage_chunk", bid, n * CHUNK, data[n * CHUNK:(n + 1) * CHUNK], ttl, size,
+                                token=False) for n in ns]
+
+    async def commit(bid: str) -> str:
+        return await fast._run("put_blob", "ckpt", rec.id, lease, 2, bid, size, "1", b"")
+
+    skipped = uuid.uuid4().hex
+    assert await chunks(skipped, 0, 2) == ["1", "gap"]
+    assert await staging(fast) == []
+
+    short = uuid.uuid4().hex
+    assert await chunks(short, 0, 0, 1, 0, 1) == ["1"] * 5
+    assert len(await staging(fast)) == 2
+    for key in await staging(fast):             # each chunk leaves both keys with a TTL
+        assert 0 < await fast.redis.pttl(key) <= ttl
+    assert await fast.redis.strlen(fast._k("stage", short)) == size
+    assert await commit(short) == "gone"       # chunks 2 and 3 never came: full length, not complete
+    assert (await fast.load_checkpoint(rec.id)).data == b"the previous one"
+    assert await staging(fast) == []
+
+    whole = uuid.uuid4().hex
+    assert await chunks(whole, 0, 1, 2, 3, 3, 0, 2) == ["1"] * 7
+    assert await commit(whole) == "1"
+    loaded = await fast.load_checkpoint(rec.id)
+    assert (loaded.iteration, loaded.data == data) == (2, True)
+    assert await staging(fast) == [] and await fast.redis.ttl(fast._k("blob", whole)) == -1

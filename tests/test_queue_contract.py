@@ -863,6 +863,55 @@ async def test_redis_survives_server_restart(tmp_path):
         server.stop()
 
 
+async def test_redis_idle_claims_write_nothing(tmp_path):
+    """An idle worker claims about 4 times a second, and with production's `appendfsync always`
+    every write is an fsync: a claim that finds nothing must write nothing. The worker's liveness
+    score (for retrying a failed job on another worker) is rewritten only once it is a quarter of a
+    lease old, by a claim or a heartbeat."""
+    from engine.queue.redis import RedisJobQueue
+
+    # Its own server, persisting as in production: its write counter and AOF see only this test.
+    server = start_redis("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
+    q = RedisJobQueue(server.url, prefix="idle")                # a 30 s lease: rewritten after 7.5 s
+    quick = RedisJobQueue(server.url, prefix="idle", lease=0.4)  # the same queue, with 0.1 s for a quarter
+    try:
+        await q.start()
+        await quick.start()
+        other = await q.submit(spec(1, grid=64))   # queued, not for w1's grid: each claim walks the line
+
+        async def writes() -> tuple[int, int]:
+            info = await q.redis.info("persistence")
+            return info["rdb_changes_since_last_save"], info["aof_current_size"]
+
+        async def seen(worker: str) -> float | None:
+            return await q.redis.zscore(q._k("alive"), worker)
+
+        assert await q.claim("w1", grids=(32,)) is None    # the first: w1 is seen (a write)
+        first, before = await seen("w1"), await writes()
+        assert first is not None
+        for _ in range(20):
+            assert await q.claim("w1", grids=(32,)) is None
+        assert await writes() == before                    # not one write, nothing appended to the AOF
+        assert await seen("w1") == first
+
+        await asyncio.sleep(0.15)                          # a quarter lease has passed: refreshed
+        assert await quick.claim("w1", grids=(32,)) is None
+        assert await seen("w1") > first
+
+        got = await q.claim("w2")                          # a heartbeat likewise
+        assert got.id == other.id
+        w2 = await seen("w2")
+        assert await q.heartbeat(other.id, got.lease_id) is True
+        assert await seen("w2") == w2
+        await asyncio.sleep(0.15)
+        assert await quick.heartbeat(other.id, got.lease_id) is True
+        assert await seen("w2") > w2
+    finally:
+        await quick.close()
+        await q.close()
+        server.stop()
+
+
 async def test_redis_scripts_are_idempotent_when_resent(redis_server):
     """A script re-sent after a lost reply (what a reconnect retry does) answers the same, runs once."""
     import uuid

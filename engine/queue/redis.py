@@ -27,12 +27,14 @@ What SAQ (0.26) gives us, and what it does not:
 * Blobs (checkpoints: 96-384 MiB, artifacts such as state.pt: 48-192 MiB) never travel in one
   command: redis-py gives each command `socket_timeout` for its whole payload and reply, so on a
   slow link one big command would time out on every try. A write sends `blob_chunk`-sized pieces
-  (SETRANGE, idempotent when re-sent) to `<prefix>:stage:<blob id>`, which has a TTL until the
-  commit; the commit is one fenced script that renames it to `<prefix>:blob:<blob id>`, points the
-  checkpoint / artifact record at it and drops the blob it replaced. An interrupted write leaves
-  the previous blob in place and its staged bytes expiring. A blob is never changed once written,
-  so a read (GETRANGE chunks of the blob its record points to) either gets every chunk of that one
-  version or sees it dropped (replaced meanwhile) and starts again from the record.
+  (SETRANGE, idempotent when re-sent) to `<prefix>:stage:<blob id>`, made its full size by the
+  first piece (so Redis never regrows and copies it), with `<prefix>:staged:<blob id>` saying how
+  far the pieces reached; both have a TTL until the commit. The commit is one fenced script that
+  renames it to `<prefix>:blob:<blob id>`, points the checkpoint / artifact record at it and drops
+  the blob it replaced. An interrupted write leaves the previous blob in place and its staged bytes
+  expiring. A blob is never changed once written, so a read (GETRANGE chunks of the blob its record
+  points to) either gets every chunk of that one version or sees it dropped (replaced meanwhile)
+  and starts again from the record.
 * Retention: `prune` deletes old finished-and-delivered jobs, then uploads that no job names any
   more: `submit` records the uploads a spec names (`<prefix>:refs:<upload>`, a set of job ids, and
   the job's `refs` field); an upload nobody names is in `<prefix>:uploads` (zset by the time it was
@@ -47,13 +49,15 @@ What SAQ (0.26) gives us, and what it does not:
 Keys: `<prefix>:job:<id>` (hash), `<prefix>:line:<user>` (zset of that user's queued jobs, FIFO;
 negative scores are front-of-line returns), `<prefix>:rot` (zset of users with queued jobs, their
 turn order), `<prefix>:qall` (set), `<prefix>:running` (zset by lease expiry, server time),
-`<prefix>:hist:<channel>`, `<prefix>:undelivered`, `<prefix>:delivered` (zset of finished and
-delivered jobs by finish time, for `prune`), `<prefix>:settings`, `<prefix>:setting:<key>`,
-`<prefix>:ckpt:<id>` (hash: iteration, blob, size), `<prefix>:artp:<id>` (hash: name -> '<blob id>
-<size>'), `<prefix>:blob:<blob id>`, `<prefix>:stage:<blob id>` (TTL), `<prefix>:art:<id>` (artifacts
-an earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload_at` (hash: when each
-upload was stored), `<prefix>:refs:<upload>`, `<prefix>:events` (stream), `<prefix>:evseq`, `<prefix>:frames`,
-`<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under `saq:<prefix>:`.
+`<prefix>:alive` (zset of workers by when last seen), `<prefix>:hist:<channel>`,
+`<prefix>:undelivered`, `<prefix>:delivered` (zset of finished and delivered jobs by finish time,
+for `prune`), `<prefix>:settings`, `<prefix>:setting:<key>`, `<prefix>:ckpt:<id>` (hash: iteration,
+blob, size), `<prefix>:artp:<id>` (hash: name -> '<blob id> <size>'), `<prefix>:blob:<blob id>`,
+`<prefix>:stage:<blob id>` and `<prefix>:staged:<blob id>` (TTL), `<prefix>:art:<id>` (artifacts an
+earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload_at` (hash: when
+each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:events` (stream), `<prefix>:evseq`,
+`<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under
+`saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
 
 Reconnecting: the client retries connection errors with backoff (redis-py `Retry`), and every call
@@ -284,6 +288,20 @@ local function setting_on(key)
   local v = redis.call('HGET', P .. ':settings', key) or redis.call('GET', P .. ':setting:' .. key)
   return v and v ~= 'false' and v ~= 'null' and v ~= '0' and v ~= '""' and v ~= '[]' and v ~= '{}' or false
 end
+-- Who is alive, for retries (see claim's `elsewhere`): a worker is seen at each claim (every poll,
+-- busy or idle) and heartbeat. Its score is rewritten only once it is LEASE/4 old: liveness is
+-- judged over two leases, which a score at most LEASE/4 behind still meets with room to spare,
+-- while rewriting it at every poll made each idle claim (~4/s per worker) a write, and so an fsync
+-- under `appendfsync always`; now a claim that finds nothing writes nothing (unless its sweep
+-- finds an expired lease). Members unseen for an hour are pruned only along with such a write, for
+-- the same reason. (A score ahead of the clock,
+-- which stepped back, is rewritten: it would otherwise keep a dead worker alive.)
+local function seen(worker, t)
+  local at = tonumber(redis.call('ZSCORE', P .. ':alive', worker) or '')
+  if at and at <= t and t - at < LEASE / 4 then return end
+  redis.call('ZADD', P .. ':alive', t, worker)
+  redis.call('ZREMRANGEBYSCORE', P .. ':alive', '-inf', t - 3600)
+end
 local function is_final(state)
   return state == 'done' or state == 'failed' or state == 'cancelled'
 end
@@ -346,14 +364,13 @@ _SCRIPTS: dict[str, str] = {
   local grids = {}
   for i = 1, ngr do grids[ARGV[9 + i]] = true end
   sweep()
-  -- Who is alive, for retries: a worker is seen at each claim (every poll, busy or idle) and heartbeat.
   local t = tnow()
-  redis.call('ZADD', P .. ':alive', t, worker)
-  redis.call('ZREMRANGEBYSCORE', P .. ':alive', '-inf', t - 3600)
+  seen(worker, t)
   local others = nil
   local function elsewhere(j)
     -- A job that failed here and went back for another attempt is another worker's to retry, for
-    -- a lease, when another worker is alive (seen within two leases); alone, this one takes it.
+    -- a lease, when another worker is alive (seen within two leases, its score lagging by at most
+    -- LEASE/4: see `seen`); alone, this one takes it.
     local f = redis.call('HMGET', j, 'failed_on', 'retry_after')
     if f[1] ~= worker or not f[2] or tonumber(f[2]) <= t then return false end
     if others == nil then
@@ -410,7 +427,7 @@ _SCRIPTS: dict[str, str] = {
   local lu = fmt(tnow() + LEASE)
   redis.call('HSET', jk(id), 'lease_until', lu)
   redis.call('ZADD', P .. ':running', lu, id)
-  if v[2] then redis.call('ZADD', P .. ':alive', tnow(), v[2]) end
+  if v[2] then seen(v[2], tnow()) end
   return '1 ' .. (v[2] or '')
 """,
     # id
@@ -550,16 +567,38 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(seq)
 """,
-    # blob id, offset, bytes, ttl (ms) -> '1', or 'gap' when the staged bytes end before `offset`
-    # (they expired, or a Redis that lost its data): the write must start again. One chunk of a
-    # staged blob: SETRANGE (the same bytes at the same place when re-sent) and its TTL together, so
-    # a staging key never exists without one, even one a late duplicate chunk brings back.
+    # blob id, offset, bytes, ttl (ms), size (the whole blob's) -> '1', or 'gap' when bytes before
+    # `offset` are not staged (they expired, or a Redis that lost its data): the write must start
+    # again. One chunk of a staged blob: SETRANGE (the same bytes at the same place when re-sent)
+    # and the TTLs together, so a staging key never exists without one, even one a late duplicate
+    # chunk brings back.
+    # The first chunk makes `stage:<blob id>` its final size at once (zeros: a SETRANGE at size - 1).
+    # Grown chunk by chunk, the string was reallocated and copied whole as it grew (Redis reserves
+    # at most 1 MB ahead), on the main thread every client waits on: for 256 MiB, 2.2-2.6 s in all
+    # and 0.3 s for the last chunk alone, against 0.8-1.1 s pre-sized, where the one long step is
+    # the first chunk's zero-fill (0.25 s; measured on a 2-core VM). The key's length then says
+    # nothing of what was written, so `staged:<blob id>` holds how far the chunks reached: they are
+    # sent in order, and a re-sent one ends at or before that. The two keys get the same TTL,
+    # renewed together.
     "stage_chunk": r"""
-  local stage = P .. ':stage:' .. ARGV[7]
-  local offset = tonumber(ARGV[8])
-  if redis.call('STRLEN', stage) < offset then return 'gap' end
-  redis.call('SETRANGE', stage, offset, ARGV[9])
-  redis.call('PEXPIRE', stage, ARGV[10])
+  local stage, reach = P .. ':stage:' .. ARGV[7], P .. ':staged:' .. ARGV[7]
+  local offset, part, ttl, size = tonumber(ARGV[8]), ARGV[9], ARGV[10], tonumber(ARGV[11])
+  -- what is staged: nothing unless both keys are there (either can expire or be evicted alone)
+  local have = 0
+  if redis.call('STRLEN', stage) == size then have = tonumber(redis.call('GET', reach) or '0') end
+  if have < offset then
+    -- The write starts again under a new blob id: what is left of this one (the bytes at full
+    -- size, or the mark) would only hold memory until its TTL.
+    redis.call('UNLINK', stage, reach)
+    return 'gap'
+  end
+  if have == 0 then  -- the first chunk (again, when what it wrote was lost): a new key, full size
+    redis.call('UNLINK', stage)
+    redis.call('SETRANGE', stage, size - 1, '\0')
+  end
+  redis.call('SETRANGE', stage, offset, part)
+  redis.call('PEXPIRE', stage, ttl)
+  redis.call('SET', reach, math.max(have, offset + #part), 'PX', ttl)
   return '1'
 """,
     # kind ('ckpt' | 'art' | 'upload'), id (job or upload), lease ('' = unfenced), iteration (ckpt)
@@ -570,13 +609,17 @@ _SCRIPTS: dict[str, str] = {
     # dropped are one step, so a stale run never replaces anything and a reader never sees a half.
     "put_blob": r"""
   local kind, id, lease, what, bid, size = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
-  local stage, blob = P .. ':stage:' .. bid, blobkey(bid)
+  local stage, reach, blob = P .. ':stage:' .. bid, P .. ':staged:' .. bid, blobkey(bid)
   if lease ~= '' and not owned(id, lease) then
-    redis.call('UNLINK', stage)
+    redis.call('UNLINK', stage, reach)
     return '0'
   end
   if ARGV[13] == '1' then
-    if redis.call('STRLEN', stage) ~= tonumber(size) then
+    -- complete: the key at its full size (which it has from its first chunk on) and every chunk in it
+    local complete = redis.call('STRLEN', stage) == tonumber(size)
+      and tonumber(redis.call('GET', reach) or '0') == tonumber(size)
+    redis.call('UNLINK', reach)
+    if not complete then
       redis.call('UNLINK', stage)
       return 'gone'
     end
@@ -1130,7 +1173,8 @@ class RedisJobQueue:
         missing on the way (expired, or Redis lost them): the caller writes the blob again."""
         for offset in range(0, len(data), self.blob_chunk):
             part = data[offset:offset + self.blob_chunk]
-            if await self._run("stage_chunk", blob_id, offset, part, self.staging_ttl_ms, token=False) != "1":
+            if await self._run("stage_chunk", blob_id, offset, part, self.staging_ttl_ms, len(data),
+                               token=False) != "1":
                 return False
         return True
 
@@ -1150,7 +1194,9 @@ class RedisJobQueue:
                 except Exception:
                     # Its TTL drops it anyway; dropping it now frees the memory sooner, when Redis answers.
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._client().unlink(self._k("stage", blob_id)), self.socket_timeout)
+                        await asyncio.wait_for(
+                            self._client().unlink(self._k("stage", blob_id), self._k("staged", blob_id)),
+                            self.socket_timeout)
                     raise
                 if not complete:
                     continue
