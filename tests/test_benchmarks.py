@@ -1,6 +1,7 @@
-"""The GPU check script (benchmarks/gpu_check.sh) is run once, by a session that has a GPU for a few
-minutes: it must not rot in between. Its dry run takes every part, with the same flags, on the CPU
-with tiny models, and must finish with every check passed and every JSON record complete."""
+"""The benchmarks must not rot between the runs that record them. The GPU check script
+(benchmarks/gpu_check.sh) is run by a session that has a GPU for a few minutes: its dry run takes
+every part, with the same flags, on the CPU with tiny models, and must finish with every check
+passed and every JSON record complete. benchmarks/redis_blobs.py runs on a small blob."""
 
 from __future__ import annotations
 
@@ -50,3 +51,17 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
     assert compiled["compile"] == "eager" and set(compiled["results"]) == {"engine_1", "engine_batch"}
     graphs = json_line((out / "bench_cudagraphs.log").read_text())
     assert graphs["compile"] == "eager" and set(graphs["results"]) == {"engine_1", "engine_batch"}
+
+
+def test_redis_blobs_benchmark_saves_and_loads_through_a_real_server_and_reports():
+    """benchmarks/redis_blobs.py on a small blob: its own redis-server, every run saved and loaded
+    whole (it asserts that), the JSON record complete; a 12 MiB blob takes three 4 MiB chunks."""
+    proc = subprocess.run([sys.executable, "benchmarks/redis_blobs.py", "--mib", "12", "--runs", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json_line(proc.stdout)
+    assert record["benchmark"] == "redis_blobs" and record["mib"] == 12 and record["blob_chunk_mib"] == 4
+    (run,) = record["runs"]
+    assert run["save_s"] > 0 and run["load_s"] > 0 and run["redis_s"] > 0
+    assert run["commands"] >= 3 + 1   # three chunks staged, one commit (plus the fence and lookups)
+    assert 0 < run["longest_ms"] <= run["redis_s"] * 1000
