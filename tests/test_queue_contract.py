@@ -668,6 +668,29 @@ async def test_sqlite_reads_are_answered_while_a_large_write_holds_the_file(tmp_
         await q.close()
 
 
+async def test_sqlite_reads_are_answered_while_a_large_read_is_in_flight(tmp_path):
+    """A worker loading a big state or checkpoint (here 192 MiB) reads for a while; the bot's quick
+    reads (a Remix button opening its form must answer within 3 s) go through another connection."""
+    from engine.queue.sqlite import SQLiteJobQueue
+
+    q = SQLiteJobQueue(tmp_path / "q.db")
+    await q.start()
+    try:
+        job = await q.submit(spec(1, "a house"))
+        blob = os.urandom(192 * 2**20)
+        await q.put_artifact(job.id, "state.pt", blob)
+        big_read = asyncio.create_task(q.get_artifact(job.id, "state.pt"))
+        await asyncio.sleep(0.01)        # the big read has its connection
+        reads = 0
+        while not big_read.done():
+            assert (await q.get(job.id)).state == JobState.QUEUED and await q.has_artifact(job.id, "state.pt")
+            reads += 1
+        assert await big_read == blob
+        assert reads >= 2, "every quick read waited for the big one"
+    finally:
+        await q.close()
+
+
 async def test_sqlite_submit_many_that_fails_half_way_queues_nothing(tmp_path):
     """The second job's insert fails (a channel id SQLite cannot store) after the first one's went
     in: the transaction is rolled back whole."""

@@ -241,6 +241,10 @@ class SQLiteJobQueue:
         # open another, empty database).
         self._reader: aiosqlite.Connection | None = None
         self._read_lock = asyncio.Lock()
+        # ...and the big reads (checkpoints, artifacts: up to 384 MiB, seconds to read) through a
+        # third, so that a worker loading one does not hold up those quick checks either.
+        self._blob_reader: aiosqlite.Connection | None = None
+        self._blob_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._published = asyncio.Event()
 
@@ -289,17 +293,22 @@ class SQLiteJobQueue:
                         "nothing was changed: start again"
                     ) from exc
                 raise
-            reader = db
+            reader = blob_reader = db
             if self.path != ":memory:":
+                opened: list[aiosqlite.Connection] = []
                 try:
-                    reader = await aiosqlite.connect(self.path, isolation_level=None)
-                    reader.row_factory = aiosqlite.Row
-                    await reader.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                    for _ in range(2):
+                        conn = await aiosqlite.connect(self.path, isolation_level=None)
+                        opened.append(conn)
+                        conn.row_factory = aiosqlite.Row
+                        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                 except BaseException:
-                    with contextlib.suppress(Exception):
-                        await db.close()
+                    for conn in [*opened, db]:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
                     raise
-            self._reader, self._db = reader, db
+                reader, blob_reader = opened
+            self._reader, self._blob_reader, self._db = reader, blob_reader, db
 
     async def _create_schema(self, tx: aiosqlite.Connection) -> None:
         """The tables, and the migrations a file made by an older version needs (inside `start`'s transaction)."""
@@ -362,9 +371,13 @@ class SQLiteJobQueue:
     async def close(self) -> None:
         db, self._db = self._db, None
         reader, self._reader = self._reader, None
+        blob_reader, self._blob_reader = self._blob_reader, None
         if reader is not None and reader is not db:
             async with self._read_lock:
                 await reader.close()
+        if blob_reader is not None and blob_reader is not db:
+            async with self._blob_lock:
+                await blob_reader.close()
         if db is not None:
             async with self._lock:
                 await db.close()
@@ -397,20 +410,20 @@ class SQLiteJobQueue:
                 raise
             await db.execute("COMMIT")
 
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        """A read outside any write transaction: the reader connection (its own snapshot of
-        what has been committed), so it never waits behind a write."""
-        reader = self._reader
+    async def _all(self, sql: str, params: Iterable[Any] = (), *, blob: bool = False) -> list[aiosqlite.Row]:
+        """A read outside any write transaction: a reader connection (its own snapshot of what
+        has been committed), so it never waits behind a write; `blob`: the one for big reads."""
+        reader, lock = (self._blob_reader, self._blob_lock) if blob else (self._reader, self._read_lock)
         if reader is None or reader is self._db:
             async with self._lock:
                 async with self._conn().execute(sql, tuple(params)) as cur:
                     return list(await cur.fetchall())
-        async with self._read_lock:
+        async with lock:
             async with reader.execute(sql, tuple(params)) as cur:
                 return list(await cur.fetchall())
 
-    async def _one(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
-        rows = await self._all(sql, params)
+    async def _one(self, sql: str, params: Iterable[Any] = (), *, blob: bool = False) -> aiosqlite.Row | None:
+        rows = await self._all(sql, params, blob=blob)
         return rows[0] if rows else None
 
     @staticmethod
@@ -781,7 +794,7 @@ class SQLiteJobQueue:
         return True
 
     async def load_checkpoint(self, job_id: str) -> Checkpoint | None:
-        row = await self._one("SELECT iteration, data FROM checkpoints WHERE job_id = ?", (job_id,))
+        row = await self._one("SELECT iteration, data FROM checkpoints WHERE job_id = ?", (job_id,), blob=True)
         return Checkpoint(job_id, row["iteration"], bytes(row["data"])) if row else None
 
     async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool:
@@ -800,7 +813,7 @@ class SQLiteJobQueue:
         return True
 
     async def get_artifact(self, job_id: str, name: str) -> bytes | None:
-        row = await self._one("SELECT data FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name))
+        row = await self._one("SELECT data FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name), blob=True)
         return bytes(row["data"]) if row else None
 
     async def has_artifact(self, job_id: str, name: str) -> bool:
