@@ -21,47 +21,24 @@ import datetime
 import json
 import os
 import platform
-import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from engine.jobs import Checkpoint  # noqa: E402
 from engine.queue.redis import BLOB_CHUNK, RedisJobQueue  # noqa: E402
+from load_run import start_redis  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis() -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis_blobs: redis-server is not on PATH (make test installs it), or pass --url")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise SystemExit("redis_blobs: redis-server did not start")
-        time.sleep(0.05)
+def _start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
+    proc, port = start_redis(Path(workdir))   # benchmarks/load_run.py's throwaway server
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 async def _slowlog(redis) -> list[dict]:
@@ -115,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.mib < 1 or args.runs < 1:
         p.error("--mib and --runs must be at least 1")
-    proc, url = (None, args.url) if args.url else _start_redis()
-    try:
-        result = asyncio.run(measure(url, args.mib << 20, args.runs))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+    with tempfile.TemporaryDirectory() as workdir:
+        proc, url = (None, args.url) if args.url else _start_redis(workdir)
+        try:
+            result = asyncio.run(measure(url, args.mib << 20, args.runs))
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
     rows = result["rows"]
     best = min(rows, key=lambda r: r["save_s"])
     print(json.dumps({
