@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/redis_blobs.py --url redis://host:6379/0   # a real server (its own prefix)
 
 A full-size checkpoint is 96-384 MiB. engine.queue.redis moves it in `blob_chunk` pieces (4 MiB:
-each one command, within the socket timeout) staged under a key pre-sized to the blob, then one
-fenced commit, and reads it back in pieces. Redis runs one command at a time, so its longest
+each one command, within the socket timeout) staged as the fields of one hash, then one fenced
+commit, and reads it back a piece at a time. Redis runs one command at a time, so its longest
 command is how long every other client (the bot's reads, other workers' heartbeats) can be held
 up, and the sum of its commands is the main-thread time the checkpoint costs. For each run this
 prints the wall time of save_checkpoint and load_checkpoint (MiB/s) and, from Redis's SLOWLOG, the

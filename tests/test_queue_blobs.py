@@ -114,7 +114,8 @@ async def keys(q: RedisJobQueue, kind: str) -> list[bytes]:
 
 
 async def staging(q: RedisJobQueue) -> list[bytes]:
-    """Every key of a write not yet committed: its bytes (`stage:`) and how far they reached (`staged:`)."""
+    """Every key of a write not yet committed (`stage:`, a hash of the chunks staged so far); and no
+    `staged:` key, which an earlier staging format kept beside it."""
     return await keys(q, "stage") + await keys(q, "staged")
 
 
@@ -133,6 +134,8 @@ async def test_blobs_far_larger_than_one_command_can_carry_save_and_load_intact(
     assert await slow.save_checkpoint(Checkpoint(rec.id, 100, first), lease) is True
     assert (await fast.load_checkpoint(rec.id)).data == first
     assert await fast.save_checkpoint(Checkpoint(rec.id, 200, second), lease) is True   # a replace
+    # stored in 4 MiB chunks (fast's blob_chunk), each more than slow can fetch in one command: it
+    # reads them in ranges of its own blob_chunk
     loaded = await slow.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data == second) == (200, True)
 
@@ -201,9 +204,9 @@ async def test_a_write_cut_off_half_way_leaves_the_previous_checkpoint_whole(que
 
     loaded = await fast.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data == previous) == (100, True)
-    # What was staged of the new one is not kept for good: it expires (its bytes and their mark).
+    # What was staged of the new one is not kept for good: it expires.
     staged = await staging(fast)
-    assert len(staged) == 2
+    assert len(staged) == 1
     for key in staged:
         assert 0 < await fast.redis.pttl(key) <= slow.staging_ttl_ms
     assert (await fast.get(rec.id)).state == JobState.RUNNING
@@ -230,78 +233,98 @@ async def test_a_read_that_races_a_replace_returns_one_whole_version(queues):
     assert fetched == new_art
 
 
-@pytest.mark.parametrize("lost", ["stage", "staged", "both"])
+@pytest.mark.parametrize("lost", ["deleted", "expired"])
 async def test_a_write_whose_staged_bytes_vanish_half_way_starts_again_and_lands_whole(queues, lost):
     """Staged bytes lost mid-write (a Redis restarted without persistence, a staging key expired or
-    evicted): the next chunk finds a gap where they were, so the write starts again instead of
-    committing a blob with a hole in it. Either of a write's two keys going is such a loss: the
-    bytes, or the mark of how far they reached (the bytes' key is full size from the start, so its
-    length alone cannot tell)."""
+    evicted): the next chunk finds a gap where they were (fewer chunks staged than come before it),
+    so the write starts again instead of committing a blob with a hole in it."""
     slow, fast = queues
     rec = await fast.submit(JobSpec(prompt="a forgetful redis", user_id=1, channel_id=2))
     lease = (await fast.claim("gpu-far-away")).lease_id
     data = blob(b"whole")
     saving = asyncio.create_task(slow.save_checkpoint(Checkpoint(rec.id, 7, data), lease))
     await asyncio.sleep(0.5)
-    staged = await keys(fast, "stage") if lost == "stage" else \
-        await keys(fast, "staged") if lost == "staged" else await staging(fast)
-    assert len(staged) == (2 if lost == "both" else 1) and not saving.done()
-    await fast.redis.delete(*staged)
+    staged = await staging(fast)
+    assert len(staged) == 1 and not saving.done()
+    if lost == "deleted":
+        await fast.redis.delete(*staged)
+    else:
+        await fast.redis.pexpire(staged[0], 1)
     assert await saving is True
     loaded = await fast.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data == data) == (7, True)
     assert await staging(fast) == []
 
 
-async def test_a_staged_blob_has_its_full_size_from_its_first_chunk(queues):
-    """Staging must not grow the key chunk by chunk: Redis then reallocates and copies the whole
-    string as it grows (it reserves at most 1 MB ahead), all of it on the main thread every client
-    waits on. Seen from Redis itself, during a slow write: whenever the staging key exists, it
-    already has the blob's whole length."""
+async def test_a_staged_blob_is_a_hash_of_chunks_none_bigger_than_one(queues):
+    """Staging must not build one value the size of the blob: grown chunk by chunk, Redis reallocates
+    and copies the whole string as it grows; pre-sized, it zero-fills the whole size at the first
+    chunk (0.2-0.4 s for 256 MiB); either on the main thread every client waits on. Seen from Redis
+    itself, during a slow write: the staging key is a hash whose fields are the chunks sent so far
+    (0 .. n-1, in order), none bigger than one chunk, always with a TTL; and the blob it becomes is
+    that same hash."""
     slow, fast = queues
-    rec = await fast.submit(JobSpec(prompt="a presized stage", user_id=1, channel_id=2))
+    rec = await fast.submit(JobSpec(prompt="a chunked stage", user_id=1, channel_id=2))
     lease = (await fast.claim("gpu-far-away")).lease_id
-    data = blob(b"presized")
+    data = blob(b"chunked")
     saving = asyncio.create_task(slow.save_checkpoint(Checkpoint(rec.id, 3, data), lease))
-    lengths, reached = set(), set()
+    counts, biggest = set(), 0
     while not saving.done():
         for key in await keys(fast, "stage"):
             # at once (MULTI): the commit may rename the key away between the scan and here
             async with fast.redis.pipeline(transaction=True) as pipe:
-                pipe.exists(key).strlen(key).get(key.replace(b":stage:", b":staged:"))
-                there, length, mark = await pipe.execute()
-            if there:
-                lengths.add(length)
-            if mark is not None:
-                reached.add(int(mark))
+                pipe.type(key).pttl(key).hkeys(key)
+                kind, ttl, fields = await pipe.execute()
+            if kind == b"none":
+                continue
+            assert kind == b"hash" and 0 < ttl <= slow.staging_ttl_ms
+            assert sorted(int(f) for f in fields) == list(range(len(fields)))   # no gap
+            lengths = [await fast.redis.hstrlen(key, f) for f in fields]
+            biggest = max([biggest, *lengths])
+            counts.add(len(fields))
         await asyncio.sleep(0.01)
     assert await saving is True
-    assert lengths == {len(data)}                # never shorter, from the first chunk on
-    assert len([r for r in reached if 0 < r < len(data)]) >= 2   # seen part-way, more than once
+    chunks = -(-len(data) // CHUNK)
+    assert len([c for c in counts if 0 < c < chunks]) >= 2   # seen part-way, more than once
+    assert biggest == CHUNK                                    # never more than one chunk in a value
+    (key,) = await keys(fast, "blob")
+    assert await fast.redis.type(key) == b"hash" and await fast.redis.hlen(key) == chunks
+    assert max([await fast.redis.hstrlen(key, str(n)) for n in range(chunks)]) == CHUNK
     assert (await fast.load_checkpoint(rec.id)).data == data
+    # A blob of one chunk or less is stored by the commit itself: the same shape, one field.
+    assert await slow.save_checkpoint(Checkpoint(rec.id, 4, b"small"), lease) is True
+    (key,) = await keys(fast, "blob")
+    assert await fast.redis.hgetall(key) == {b"0": b"small"}
+    assert (await slow.load_checkpoint(rec.id)).data == b"small"
+    assert await staging(fast) == []
 
 
 async def test_staged_chunks_resent_out_of_turn_and_a_commit_missing_one(queues):
     """The staging scripts themselves, chunk by chunk (what `_put_blob` sends, here in an order a
-    retry after a lost reply can produce): a re-sent chunk rewrites its own bytes and nothing else
-    (the first one too, once later ones are in: the key's pre-sizing must not run again over the
-    last byte); a chunk past a missing one is a gap, which drops the write's keys (it starts again
-    under a new id); and a commit with a chunk missing is refused although the key has its full
-    length already."""
+    retry after a lost reply can produce): a re-sent chunk rewrites its own field and nothing else
+    (the first one too, once later ones are in); a chunk past a missing one is a gap, which drops
+    the write's key (it starts again under a new id); and a commit is refused unless every chunk is
+    there at its length."""
     _, fast = queues
     rec = await fast.submit(JobSpec(prompt="chunk by chunk", user_id=1, channel_id=2))
     lease = (await fast.claim("gpu-near")).lease_id
     assert await fast.save_checkpoint(Checkpoint(rec.id, 1, b"the previous one"), lease) is True
     size = 3 * CHUNK + 5
-    data = blob(b"chunks", size - 1) + b"\xff"   # a last byte that pre-sizing's zero would change
+    data = blob(b"chunks", size - 1) + b"\xff"
     ttl = fast.staging_ttl_ms
 
+    def part(n: int) -> bytes:
+        return data[n * CHUNK:(n + 1) * CHUNK]
+
     async def chunks(bid: str, *ns: int) -> list[str]:
-        return [await fast._run("stage_chunk", bid, n * CHUNK, data[n * CHUNK:(n + 1) * CHUNK], ttl, size,
-                                token=False) for n in ns]
+        return [await fast._run("stage_chunk", bid, n, part(n), ttl, token=False) for n in ns]
 
     async def commit(bid: str) -> str:
-        return await fast._run("put_blob", "ckpt", rec.id, lease, 2, bid, size, "1", b"")
+        return await fast._run("put_blob", "ckpt", rec.id, lease, 2, bid, size, CHUNK, b"")
+
+    async def previous_still_there() -> None:
+        assert (await fast.load_checkpoint(rec.id)).data == b"the previous one"
+        assert await staging(fast) == []
 
     skipped = uuid.uuid4().hex
     assert await chunks(skipped, 0, 2) == ["1", "gap"]
@@ -309,13 +332,25 @@ async def test_staged_chunks_resent_out_of_turn_and_a_commit_missing_one(queues)
 
     short = uuid.uuid4().hex
     assert await chunks(short, 0, 0, 1, 0, 1) == ["1"] * 5
-    assert len(await staging(fast)) == 2
-    for key in await staging(fast):             # each chunk leaves both keys with a TTL
-        assert 0 < await fast.redis.pttl(key) <= ttl
-    assert await fast.redis.strlen(fast._k("stage", short)) == size
-    assert await commit(short) == "gone"       # chunks 2 and 3 never came: full length, not complete
-    assert (await fast.load_checkpoint(rec.id)).data == b"the previous one"
-    assert await staging(fast) == []
+    assert await staging(fast) == [fast._k("stage", short).encode()]
+    assert 0 < await fast.redis.pttl(fast._k("stage", short)) <= ttl   # each chunk renews the TTL
+    assert await fast.redis.hgetall(fast._k("stage", short)) == {b"0": part(0), b"1": part(1)}
+    assert await commit(short) == "gone"       # chunks 2 and 3 never came
+    await previous_still_there()
+
+    # A chunk of the wrong length (a writer with another blob_chunk, a torn value): not complete.
+    torn = uuid.uuid4().hex
+    assert await chunks(torn, 0, 1, 2, 3) == ["1"] * 4
+    await fast.redis.hset(fast._k("stage", torn), "1", part(1)[:-1])
+    assert await commit(torn) == "gone"
+    await previous_still_there()
+
+    # One field too many is not this blob either.
+    extra = uuid.uuid4().hex
+    assert await chunks(extra, 0, 1, 2, 3) == ["1"] * 4
+    await fast.redis.hset(fast._k("stage", extra), "4", b"x")
+    assert await commit(extra) == "gone"
+    await previous_still_there()
 
     whole = uuid.uuid4().hex
     assert await chunks(whole, 0, 1, 2, 3, 3, 0, 2) == ["1"] * 7
@@ -323,3 +358,6 @@ async def test_staged_chunks_resent_out_of_turn_and_a_commit_missing_one(queues)
     loaded = await fast.load_checkpoint(rec.id)
     assert (loaded.iteration, loaded.data == data) == (2, True)
     assert await staging(fast) == [] and await fast.redis.ttl(fast._k("blob", whole)) == -1
+    assert await fast.redis.type(fast._k("blob", whole)) == b"hash"
+    assert await chunks(whole, 3) == ["gap"]   # a late duplicate after the commit brings nothing back
+    assert await staging(fast) == []

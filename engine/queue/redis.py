@@ -26,15 +26,18 @@ What SAQ (0.26) gives us, and what it does not:
   uploads) are unconditional. Finalising a job deletes its checkpoint.
 * Blobs (checkpoints: 96-384 MiB, artifacts such as state.pt: 48-192 MiB) never travel in one
   command: redis-py gives each command `socket_timeout` for its whole payload and reply, so on a
-  slow link one big command would time out on every try. A write sends `blob_chunk`-sized pieces
-  (SETRANGE, idempotent when re-sent) to `<prefix>:stage:<blob id>`, made its full size by the
-  first piece (so Redis never regrows and copies it), with `<prefix>:staged:<blob id>` saying how
-  far the pieces reached; both have a TTL until the commit. The commit is one fenced script that
-  renames it to `<prefix>:blob:<blob id>`, points the checkpoint / artifact record at it and drops
-  the blob it replaced. An interrupted write leaves the previous blob in place and its staged bytes
-  expiring. A blob is never changed once written, so a read (GETRANGE chunks of the blob its record
-  points to) either gets every chunk of that one version or sees it dropped (replaced meanwhile)
-  and starts again from the record.
+  slow link one big command would time out on every try. A write sends `blob_chunk`-sized pieces,
+  in order, to the hash `<prefix>:stage:<blob id>`, piece n in field n (HSET, idempotent when
+  re-sent; each piece a value of its own, so Redis never allocates, regrows or copies anything
+  the size of the blob), with a TTL renewed by each piece until the commit. The commit is one
+  fenced script that checks every piece is there at its length, renames the hash to
+  `<prefix>:blob:<blob id>`, points the checkpoint / artifact record at it and drops the blob it
+  replaced. A blob of one piece or less is written by the commit itself (a hash of one field). An
+  interrupted write leaves the previous blob in place and its staged pieces expiring. A blob is
+  never changed once written, so a read (HGET piece by piece of the blob its record points to)
+  either gets every piece of that one version or sees it dropped (replaced meanwhile) and starts
+  again from the record. (Blobs stored as one string, by an unreleased development version, are
+  not read.)
 * Retention: `prune` deletes old finished-and-delivered jobs, then uploads that no job names any
   more: `submit` records the uploads a spec names (`<prefix>:refs:<upload>`, a set of job ids, and
   the job's `refs` field); an upload nobody names is in `<prefix>:uploads` (zset by the time it was
@@ -53,7 +56,7 @@ turn order), `<prefix>:qall` (set), `<prefix>:running` (zset by lease expiry, se
 `<prefix>:undelivered`, `<prefix>:delivered` (zset of finished and delivered jobs by finish time,
 for `prune`), `<prefix>:settings`, `<prefix>:setting:<key>`, `<prefix>:ckpt:<id>` (hash: iteration,
 blob, size), `<prefix>:artp:<id>` (hash: name -> '<blob id> <size>'), `<prefix>:blob:<blob id>`,
-`<prefix>:stage:<blob id>` and `<prefix>:staged:<blob id>` (TTL), `<prefix>:art:<id>` (artifacts an
+`<prefix>:stage:<blob id>` (hash, TTL), `<prefix>:art:<id>` (artifacts an
 earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload_at` (hash: when
 each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:events` (stream), `<prefix>:evseq`,
 `<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under
@@ -196,15 +199,16 @@ local function to_front(id)
   redis.call('SADD', P .. ':qall', id)
   redis.call('ZADD', P .. ':rot', -nextc(), uid)
 end
--- Blobs (checkpoints, artifacts): the bytes are in `blob:<blob id>`, a string written once and never
--- changed; the checkpoint hash (`blob`, `size`) or the artifact's field in `artp:<id>` ('<blob id>
--- <size>') points to it. A replace points to a new blob and drops the old one. Earlier versions kept
--- the bytes inline (`ckpt:<id>` field `data`, `art:<id>` fields): still read, dropped with the rest.
+-- Blobs (checkpoints, artifacts): the bytes are in `blob:<blob id>`, a hash of the blob's chunks
+-- (field n: chunk n; a small blob: field '0' alone) written once and never changed; the checkpoint
+-- hash (`blob`, `size`) or the artifact's field in `artp:<id>` ('<blob id> <size>') points to it. A
+-- replace points to a new blob and drops the old one. Earlier versions kept the bytes inline
+-- (`ckpt:<id>` field `data`, `art:<id>` fields): still read, dropped with the rest.
 local function blobkey(bid) return P .. ':blob:' .. bid end
 local function pointed(ptr) return ptr and string.match(ptr, '^(%S+)') end
 local function drop_checkpoint(id)
   local bid = redis.call('HGET', P .. ':ckpt:' .. id, 'blob')
-  if bid then redis.call('UNLINK', blobkey(bid)) end  -- UNLINK: a large value is freed off the main thread
+  if bid then redis.call('UNLINK', blobkey(bid)) end  -- UNLINK: over 64 chunks, freed off the main thread
   redis.call('DEL', P .. ':ckpt:' .. id)
 end
 local function drop_artifacts(id)
@@ -567,58 +571,53 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(seq)
 """,
-    # blob id, offset, bytes, ttl (ms), size (the whole blob's) -> '1', or 'gap' when bytes before
-    # `offset` are not staged (they expired, or a Redis that lost its data): the write must start
-    # again. One chunk of a staged blob: SETRANGE (the same bytes at the same place when re-sent)
-    # and the TTLs together, so a staging key never exists without one, even one a late duplicate
-    # chunk brings back.
-    # The first chunk makes `stage:<blob id>` its final size at once (zeros: a SETRANGE at size - 1).
-    # Grown chunk by chunk, the string was reallocated and copied whole as it grew (Redis reserves
-    # at most 1 MB ahead), on the main thread every client waits on: for 256 MiB, 2.2-2.6 s in all
-    # and 0.3 s for the last chunk alone, against 0.8-1.1 s pre-sized, where the one long step is
-    # the first chunk's zero-fill (0.25 s; measured on a 2-core VM). The key's length then says
-    # nothing of what was written, so `staged:<blob id>` holds how far the chunks reached: they are
-    # sent in order, and a re-sent one ends at or before that. The two keys get the same TTL,
-    # renewed together.
+    # blob id, chunk number n (0, 1, ...), bytes, ttl (ms) -> '1', or 'gap' when a chunk before n is
+    # not staged (it expired, or a Redis that lost its data): the write must start again. One chunk of
+    # a staged blob: field n of the hash `stage:<blob id>` (HSET: the same bytes in the same field
+    # when re-sent) and the hash's TTL together, so a staging key never exists without one, even one
+    # a late duplicate chunk brings back. Each chunk is a value of its own: nothing is allocated
+    # beyond the chunk and nothing is ever regrown or copied (a string staged whole was: grown chunk
+    # by chunk, 2.2-2.6 s of main-thread copying per 256 MiB; pre-sized, a 0.23-0.37 s zero-fill).
+    # Chunks are sent in order and a hash loses its fields only all together (expired, evicted, a
+    # Redis that lost its data), so the fields are always 0 .. HLEN-1: chunk n has every earlier
+    # chunk before it exactly when HLEN >= n (a re-sent chunk finds HLEN > n).
     "stage_chunk": r"""
-  local stage, reach = P .. ':stage:' .. ARGV[7], P .. ':staged:' .. ARGV[7]
-  local offset, part, ttl, size = tonumber(ARGV[8]), ARGV[9], ARGV[10], tonumber(ARGV[11])
-  -- what is staged: nothing unless both keys are there (either can expire or be evicted alone)
-  local have = 0
-  if redis.call('STRLEN', stage) == size then have = tonumber(redis.call('GET', reach) or '0') end
-  if have < offset then
-    -- The write starts again under a new blob id: what is left of this one (the bytes at full
-    -- size, or the mark) would only hold memory until its TTL.
-    redis.call('UNLINK', stage, reach)
+  local stage, n = P .. ':stage:' .. ARGV[7], tonumber(ARGV[8])
+  if redis.call('HLEN', stage) < n then
+    -- The write starts again under a new blob id: what is left of this one would only hold memory
+    -- until its TTL.
+    redis.call('UNLINK', stage)
     return 'gap'
   end
-  if have == 0 then  -- the first chunk (again, when what it wrote was lost): a new key, full size
-    redis.call('UNLINK', stage)
-    redis.call('SETRANGE', stage, size - 1, '\0')
-  end
-  redis.call('SETRANGE', stage, offset, part)
-  redis.call('PEXPIRE', stage, ttl)
-  redis.call('SET', reach, math.max(have, offset + #part), 'PX', ttl)
+  redis.call('HSET', stage, n, ARGV[9])
+  redis.call('PEXPIRE', stage, ARGV[10])
   return '1'
 """,
     # kind ('ckpt' | 'art' | 'upload'), id (job or upload), lease ('' = unfenced), iteration (ckpt)
-    # or artifact name, blob id, size, staged ('1': the bytes are in stage:<blob id>; '0': inline,
-    # next), bytes -> '1' stored, '0' refused by the fence (nothing changed; staged bytes dropped),
-    # 'gone' (the staged bytes are missing or short: nothing changed, write again). The commit of a
-    # blob: the fence, the staged bytes becoming the blob, the pointer moving to it and the old blob
-    # dropped are one step, so a stale run never replaces anything and a reader never sees a half.
+    # or artifact name, blob id, size, chunk size (staged: the bytes are in stage:<blob id>, in
+    # chunks of that size; '0': inline, next), bytes -> '1' stored, '0' refused by the fence (nothing
+    # changed; staged bytes dropped), 'gone' (the staged bytes are missing or incomplete: nothing
+    # changed, write again). The commit of a blob: the fence, the staged hash becoming the blob
+    # (RENAME: O(1) whatever its size), the pointer moving to it and the old blob dropped are one
+    # step, so a stale run never replaces anything and a reader never sees a half. An inline blob is
+    # the same hash with one field, '0'.
     "put_blob": r"""
   local kind, id, lease, what, bid, size = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
-  local stage, reach, blob = P .. ':stage:' .. bid, P .. ':staged:' .. bid, blobkey(bid)
+  local chunk = tonumber(ARGV[13])
+  local stage, blob = P .. ':stage:' .. bid, blobkey(bid)
   if lease ~= '' and not owned(id, lease) then
-    redis.call('UNLINK', stage, reach)
+    redis.call('UNLINK', stage)
     return '0'
   end
-  if ARGV[13] == '1' then
-    -- complete: the key at its full size (which it has from its first chunk on) and every chunk in it
-    local complete = redis.call('STRLEN', stage) == tonumber(size)
-      and tonumber(redis.call('GET', reach) or '0') == tonumber(size)
-    redis.call('UNLINK', reach)
+  if chunk > 0 then
+    -- complete: exactly the blob's chunks, each of its length (re-sent ones included: same bytes)
+    local bytes = tonumber(size)
+    local count = math.ceil(bytes / chunk)
+    local complete = redis.call('HLEN', stage) == count
+    for n = 0, count - 1 do
+      if not complete then break end
+      complete = redis.call('HSTRLEN', stage, n) == math.min(chunk, bytes - n * chunk)  -- 0 if missing
+    end
     if not complete then
       redis.call('UNLINK', stage)
       return 'gone'
@@ -626,7 +625,8 @@ _SCRIPTS: dict[str, str] = {
     redis.call('RENAME', stage, blob)
     redis.call('PERSIST', blob)  -- RENAME keeps the staging TTL
   else
-    redis.call('SET', blob, ARGV[14])
+    redis.call('UNLINK', blob)
+    redis.call('HSET', blob, '0', ARGV[14])
   end
   local old
   if kind == 'ckpt' then
@@ -646,6 +646,16 @@ _SCRIPTS: dict[str, str] = {
   end
   if old and old ~= bid then redis.call('UNLINK', blobkey(old)) end
   return '1'
+""",
+    # blob id, chunk number, start (from 0), length -> those bytes of that chunk ('' past its end),
+    # or nil when the blob is not there. Redis has no HGETRANGE: this is how a reader whose
+    # `blob_chunk` is smaller than the writer's gets a chunk in commands it can carry (it costs a
+    # copy of the chunk each time; readers that share the writer's `blob_chunk` use HGET).
+    "blob_range": r"""
+  local v = redis.call('HGET', blobkey(ARGV[7]), ARGV[8])
+  if not v then return false end
+  local start = tonumber(ARGV[9])
+  return string.sub(v, start + 1, start + tonumber(ARGV[10]))
 """,
     # cutoff (epoch seconds), limit -> "<pruned> <examined>": uploads stored before the cutoff
     # that no job names (only those are in the zset)
@@ -861,7 +871,8 @@ class RedisJobQueue:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _run(self, name: str, *args: Any, token: bool = True, now: float | None = None) -> Any:
+    async def _run(self, name: str, *args: Any, token: bool = True, now: float | None = None,
+                   decode: bool = True) -> Any:
         self._client()
         argv = [
             self.prefix,
@@ -874,7 +885,7 @@ class RedisJobQueue:
         ]
         script = self._scripts[name]
         result = await self._retry(lambda: script(keys=[], args=argv))
-        return result.decode() if isinstance(result, bytes) else result
+        return result.decode() if decode and isinstance(result, bytes) else result
 
     async def _records(self, ids: Sequence[bytes | str]) -> list[JobRecord]:
         if not ids:
@@ -1155,11 +1166,11 @@ class RedisJobQueue:
     # A blob (a checkpoint: 96-384 MiB; state.pt: 48-192 MiB; a video) never travels in one command:
     # redis-py gives every command `socket_timeout` for its whole payload and its whole reply, so on a
     # link slower than size / timeout one command would time out on every attempt. Writes stage it
-    # in chunks (`stage_chunk`) under a key of its own with a TTL and then commit it with one fenced
-    # script (`put_blob`); reads fetch the blob a record points to in GETRANGE chunks. A blob is
-    # written once and never changed (a replace is a new blob), so a read that got every chunk of it
-    # has one version, whole; a chunk that comes back short means the blob was dropped meanwhile
-    # (replaced, or its job ended) and the read starts again from the record.
+    # in chunks (`stage_chunk`: field n of a hash of its own, with a TTL) and then commit it with one
+    # fenced script (`put_blob`); reads fetch the chunks of the blob a record points to, one HGET
+    # each. A blob is written once and never changed (a replace is a new blob), so a read that got
+    # every chunk of it has one version, whole; a chunk that is missing means the blob was dropped
+    # meanwhile (replaced, or its job ended) and the read starts again from the record.
 
     async def _job_owned(self, job_id: str, lease_id: str) -> bool:
         """Whether the job runs under `lease_id` now: a quick look before staging a large blob, so a
@@ -1171,10 +1182,9 @@ class RedisJobQueue:
     async def _stage(self, blob_id: str, data: memoryview) -> bool:
         """The bytes under `stage:<blob_id>`, one chunk per command; False when the staged bytes went
         missing on the way (expired, or Redis lost them): the caller writes the blob again."""
-        for offset in range(0, len(data), self.blob_chunk):
+        for n, offset in enumerate(range(0, len(data), self.blob_chunk)):
             part = data[offset:offset + self.blob_chunk]
-            if await self._run("stage_chunk", blob_id, offset, part, self.staging_ttl_ms, len(data),
-                               token=False) != "1":
+            if await self._run("stage_chunk", blob_id, n, part, self.staging_ttl_ms, token=False) != "1":
                 return False
         return True
 
@@ -1195,30 +1205,46 @@ class RedisJobQueue:
                     # Its TTL drops it anyway; dropping it now frees the memory sooner, when Redis answers.
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(
-                            self._client().unlink(self._k("stage", blob_id), self._k("staged", blob_id)),
+                            self._client().unlink(self._k("stage", blob_id)),
                             self.socket_timeout)
                     raise
                 if not complete:
                     continue
             reply = await self._run("put_blob", kind, owner, lease_id or "", what, blob_id, size,
-                                    "1" if staged else "0", b"" if staged else view)
+                                    self.blob_chunk if staged else 0, b"" if staged else view)
             if reply != "gone":
                 return reply == "1"
         raise RuntimeError(f"could not store a {size}-byte blob for {owner}: its staged bytes kept going "
                            f"missing from Redis before the commit (a Redis losing its data?)")
 
     async def _read_blob(self, blob_id: bytes, size: int) -> bytes | None:
-        """Blob `blob_id` (`size` bytes) in chunks; None when it was dropped while we read it."""
+        """Blob `blob_id` (`size` bytes), one chunk (hash field) per command; None when it was dropped
+        while we read it. The writer's chunk size is the first chunk's length (every chunk but the
+        last has it); a chunk bigger than our own `blob_chunk` is read in pieces of that size."""
+        if size == 0:
+            return b""
         client = self._client()
-        key = self._k("blob", blob_id.decode())
+        bid = blob_id.decode()
+        key = self._k("blob", bid)
+        chunk = await self._retry(lambda: client.hstrlen(key, "0"))
+        if chunk == 0:
+            return None
         parts = []
-        for offset in range(0, size, self.blob_chunk):
-            want = min(self.blob_chunk, size - offset)
-            # the lambda is awaited within this iteration, so its loop variables are this chunk's
-            part = await self._retry(lambda: client.getrange(key, offset, offset + want - 1))  # noqa: B023
-            if len(part) != want:
-                return None
-            parts.append(part)
+        for n, offset in enumerate(range(0, size, chunk)):
+            want = min(chunk, size - offset)
+            # the lambdas are awaited within this iteration, so their loop variables are this chunk's
+            if want <= self.blob_chunk:
+                part = await self._retry(lambda: client.hget(key, str(n)))  # noqa: B023
+                if part is None or len(part) != want:
+                    return None
+                parts.append(part)
+                continue
+            for start in range(0, want, self.blob_chunk):
+                length = min(self.blob_chunk, want - start)
+                part = await self._run("blob_range", bid, n, start, length, token=False, decode=False)
+                if part is None or len(part) != length:
+                    return None
+                parts.append(part)
         return b"".join(parts)
 
     async def _read_pointed(self, describe: str, pointer: Callable[[], Awaitable[tuple[Any, ...] | None]]
