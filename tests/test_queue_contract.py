@@ -739,6 +739,37 @@ async def test_redis_event_log_lost_and_renumbered_past_the_cursor_is_read_from_
         await q.close()
 
 
+async def test_redis_jobs_from_before_the_guild_field_are_held_by_their_servers_pause(redis_server):
+    """A job queued by the version before the `guild` field (made here by removing the field) gets
+    it when a queue object starts, from its spec, exactly (64-bit ids), so that its server's pause
+    holds it like any other."""
+    import uuid
+
+    from engine.jobs import guild_paused_key
+    from engine.queue.redis import RedisJobQueue
+
+    prefix = f"guild-{uuid.uuid4().hex[:8]}"
+    old = RedisJobQueue(redis_server.url, prefix=prefix)
+    await old.start()
+    try:
+        guild = 1_180_000_000_000_000_001
+        job = await old.submit(spec(1, guild_id=guild))
+        other = await old.submit(spec(2, guild_id=guild + 1))
+        for j in (job, other):
+            await old.redis.hdel(old._k("job", j.id), "guild")
+        await old.set_setting(guild_paused_key(guild), True)
+        new = RedisJobQueue(redis_server.url, prefix=prefix)
+        await new.start()
+        try:
+            assert await new.redis.hget(new._k("job", job.id), "guild") == str(guild).encode()
+            assert (await new.claim("w")).id == other.id   # the paused server's job is held
+            assert await new.claim("w") is None
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+
+
 async def test_redis_refusing_the_password_fails_at_once_not_after_the_reconnect_timeout():
     """A Redis that wants a password, given none or a wrong one: the queue's start fails within
     seconds with Redis's own reason (and the URL's password never in it), instead of retrying an

@@ -388,7 +388,8 @@ _SCRIPTS: dict[str, str] = {
   if setting_on('paused') then return '' end
   -- A server is paused while its setting 'paused:<server id>' is on. The job's server is its
   -- 'guild' field, the id's decimal string (never the spec's JSON number: cjson would round it).
-  -- Jobs submitted before that field existed have none and are never skipped.
+  -- Jobs submitted before that field existed get it at start() (_backfill_guilds); one without
+  -- it (no server: direct messages) is never skipped.
   local guild_paused = {}
   local function skipped(j)
     local g = redis.call('HGET', j, 'guild')
@@ -829,6 +830,33 @@ class RedisJobQueue:
             for name, body in _SCRIPTS.items()
         }
         await self._retry(self.redis.ping)
+        await self._retry(self._backfill_guilds)
+
+    async def _backfill_guilds(self) -> None:
+        """Jobs queued or running under a version before the `guild` field get it now, from their
+        specs (here, in Python: exact 64-bit ids), so that a server's pause holds them too. HSETNX:
+        idempotent, and never overwrites what a submit wrote."""
+        client = self.redis
+        ids = [_s(i) for i in await client.smembers(self._k("qall"))]
+        ids += [_s(i) for i in await client.zrange(self._k("running"), 0, -1)]
+        if not ids:
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self._k("job", job_id), "guild", "spec")
+            rows = await pipe.execute()
+        missing = []
+        for job_id, (guild, spec) in zip(ids, rows):
+            if guild is None and spec is not None:
+                guild_id = json.loads(spec).get("guild_id")
+                if guild_id is not None:
+                    missing.append((job_id, str(int(guild_id))))
+        if missing:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id, guild in missing:
+                    pipe.hsetnx(self._k("job", job_id), "guild", guild)
+                await pipe.execute()
+            log.info("gave %d job(s) from an earlier version their server id", len(missing))
 
     async def close(self) -> None:
         client, self.redis = self.redis, None
