@@ -188,36 +188,34 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
     @app_commands.command(name="pause", description="Admin: stop starting this server's jobs (running ones finish)")
     @app_commands.describe(everywhere="Bot owner only: pause every server the bot is in")
     async def pause(self, interaction: discord.Interaction, everywhere: bool = False) -> None:
-        if not await self._may_pause(interaction, everywhere):
-            return
-        await interaction.response.defer(ephemeral=True)
-        if everywhere:
-            await self.queue.set_setting(PAUSED_KEY, True)
-            text = "Paused for every server: no new job starts until `/queue resume everywhere:True` (running ones finish)."
-        else:
-            guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
-            await self.queue.set_setting(guild_paused_key(guild_id), True)
-            text = ("Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
-                    "other servers' jobs go on).")
-        self._line_changed()
-        await ephemeral(interaction, text)
+        await self._set_paused(interaction, everywhere, True)
 
     @app_commands.command(name="resume", description="Admin: start this server's jobs again")
     @app_commands.describe(everywhere="Bot owner only: resume every server the bot is in")
     async def resume(self, interaction: discord.Interaction, everywhere: bool = False) -> None:
+        await self._set_paused(interaction, everywhere, False)
+
+    async def _set_paused(self, interaction: discord.Interaction, everywhere: bool, paused: bool) -> None:
+        """`/queue pause` and `resume`: every server's setting (the owner's), or this server's."""
         if not await self._may_pause(interaction, everywhere):
             return
         await interaction.response.defer(ephemeral=True)
         if everywhere:
-            # The owner's pause only: a server its admins paused stays paused.
-            await self.queue.set_setting(PAUSED_KEY, False)
-            text = "Resumed: jobs start again (except in servers whose admins paused them)."
+            # The owner's setting only: a server its admins paused stays paused when it is resumed.
+            await self.queue.set_setting(PAUSED_KEY, paused)
+            text = ("Paused for every server: no new job starts until `/queue resume everywhere:True` "
+                    "(running ones finish)." if paused else
+                    "Resumed: jobs start again (except in servers whose admins paused them).")
         else:
             guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
-            await self.queue.set_setting(guild_paused_key(guild_id), False)
-            text = "Resumed: this server's jobs start again."
-            if await self.queue.get_setting(PAUSED_KEY, False):
-                text += " But the bot's owner has paused every server: nothing starts until they resume it."
+            await self.queue.set_setting(guild_paused_key(guild_id), paused)
+            if paused:
+                text = ("Paused this server's jobs: none of them starts until `/queue resume` (running ones "
+                        "finish; other servers' jobs go on).")
+            else:
+                text = "Resumed: this server's jobs start again."
+                if await self.queue.get_setting(PAUSED_KEY, False):
+                    text += " But the bot's owner has paused every server: nothing starts until they resume it."
         self._line_changed()
         await ephemeral(interaction, text)
 

@@ -76,6 +76,12 @@ def start_redis_process(args: list[str], port: int, timeout: float = 10.0) -> su
     return proc
 
 
+def start_redis_with_aof(data_dir) -> RedisServer:
+    """A redis-server whose append-only file (fsync always) is in `data_dir`: a kill -9 and a
+    restart on the same port (`RedisServer.restart`) keep every acknowledged write."""
+    return start_redis("--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir))
+
+
 def start_redis(*extra: str, port: int | None = None) -> RedisServer:
     exe = shutil.which("redis-server")
     if exe is None:

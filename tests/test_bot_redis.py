@@ -36,7 +36,7 @@ import pytest_asyncio
 
 from engine.jobs import EventKind, JobState
 from tests.fakediscord import FakeDiscord
-from tests.queue_fixtures import RedisServer, free_port, job_events, start_redis_process
+from tests.queue_fixtures import RedisServer, job_events, start_redis_process, start_redis_with_aof
 from tests.test_bot_support import Harness, test_config
 
 pytestmark = pytest.mark.asyncio
@@ -76,14 +76,8 @@ class RedisWithData:
 
 @pytest.fixture(scope="module")
 def redis_db(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not on PATH: `make test` installs it")
     data = tmp_path_factory.mktemp("bot-redis-data")
-    port = free_port()
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-            "--appendfsync", "always", "--dir", str(data)]
-    db = RedisWithData(RedisServer(port, start_redis_process(args, port), args), data)
+    db = RedisWithData(start_redis_with_aof(data), data)
     yield db
     db.server.stop()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import torch
 
 from engine.jobs import Checkpoint, EventKind, JobEvent, JobSpec, JobState
 from engine.queue import open_queue
-from tests.queue_fixtures import RedisServer, free_port, start_redis_process
+from tests.queue_fixtures import start_redis_process, start_redis_with_aof
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE = 2
@@ -174,14 +173,7 @@ def spec(user: int = 1, **kw) -> JobSpec:
 def redis_aof(tmp_path_factory):
     """A redis-server of our own with the append-only file on (fsync always), so a kill -9 and a
     restart on the same port keep every acknowledged write."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not on PATH: `make test` installs it")
-    data = tmp_path_factory.mktemp("redis-data")
-    port = free_port()
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-            "--appendfsync", "always", "--dir", str(data)]
-    server = RedisServer(port, start_redis_process(args, port), args)
+    server = start_redis_with_aof(tmp_path_factory.mktemp("redis-data"))
     yield server
     server.stop()
 
