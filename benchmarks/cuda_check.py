@@ -109,9 +109,12 @@ def main() -> int:
         error = None
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
+        failed: list[Exception] = []
         try:
             for _ in range(2):
-                runner.step()
+                runner.step(on_failure=lambda slot, exc: failed.append(exc))  # the worker's path
+            if failed:
+                error = str(failed[0]).splitlines()[0]
         except RuntimeError as exc:
             error = str(exc).splitlines()[0]
         finally:

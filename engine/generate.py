@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -36,6 +38,8 @@ from engine.prompts import MAX_PROMPT_PARTS, PromptError, PromptPart, parse_prom
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import clip
+
+log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -445,6 +449,11 @@ def state_from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, Python's, or the CPU allocator's (a RuntimeError)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
 def _autocast(models: Models, precision: str):
     if models.device.type != "cuda" or precision == "fp32":
         return torch.autocast(device_type=models.device.type, enabled=False)
@@ -473,19 +482,41 @@ class BatchRunner:
     the cut-outs): `True` for inductor, or `"BACKEND"` / `"BACKEND:MODE"` (`compile_options`;
     `"inductor:reduce-overhead"` adds CUDA graphs). Dynamic shapes, so slots joining and leaving
     do not recompile for every batch size. Off by default: unmeasured on a GPU.
+
+    Failures (`step(on_failure=...)`): a pass that raises is undone (each slot's noise generator
+    is put back; nothing else has changed before the optimiser steps) and run again in two halves,
+    down to the slot that fails alone, which leaves the runner through `on_failure`; the others
+    step as if nothing happened. Out of memory also teaches the runner a smaller pass for that
+    batch key (`pass_limit`): later steps run the key's slots in passes of at most that many.
     """
 
     def __init__(self, models: Models, compile: bool | str = False):
         self.models = models
         self.slots: dict[Any, Slot] = {}
+        # batch_key -> the most slots one pass holds, learned from out-of-memory errors (absent:
+        # no limit). Kept for the runner's life: memory freed later is not probed again.
+        self.pass_limit: dict[tuple[Any, ...], int] = {}
         self._norm = _clip_norm(models.device, torch.float32)
-        self._decode_soft, self._embed_cuts = self._decode_soft_codes, self._embed_cutouts
+        norm = self._norm
+
+        # Closures over the models, not methods: a bound method kept on self would make every
+        # runner a reference cycle, whose slots (logits, Adam's moments) only the garbage
+        # collector frees.
+        def decode_soft(logits: torch.Tensor, uniforms: torch.Tensor, tau: float, split: bool) -> torch.Tensor:
+            """logits [B, V, g, g] and their uniform noise -> pictures [B, 3, 8g, 8g] in 0..1."""
+            return decode(models, gumbel_softmax(logits, uniforms, tau, split))
+
+        def embed_cuts(cuts: torch.Tensor) -> torch.Tensor:
+            """Cut-outs [N, 3, R, R] -> unit CLIP embeddings [N, D]."""
+            return F.normalize(_clip_embed(models, cuts, norm), dim=-1)
+
+        self._decode_soft, self._embed_cuts = decode_soft, embed_cuts
         options = compile_options(compile)
         if options is not None:
             # Two regions: grid_sample between them stays eager (its decomposition would pin the
             # batch size and recompile whenever a slot joins or leaves).
-            self._decode_soft = torch.compile(self._decode_soft_codes, dynamic=True, **options)
-            self._embed_cuts = torch.compile(self._embed_cutouts, dynamic=True, **options)
+            self._decode_soft = torch.compile(decode_soft, dynamic=True, **options)
+            self._embed_cuts = torch.compile(embed_cuts, dynamic=True, **options)
 
     def add(self, slot: Slot) -> Slot:
         if slot.key in self.slots:
@@ -534,25 +565,101 @@ class BatchRunner:
             ))
         return frames
 
-    def step(self) -> list[tuple[Slot, Frame | None]]:
-        """One optimiser step for every unfinished slot; returns (slot, frame or None) for each."""
+    def step(self, on_failure: Callable[[Slot, Exception], None] | None = None
+             ) -> list[tuple[Slot, Frame | None]]:
+        """One optimiser step for every unfinished slot; returns (slot, frame or None) for each
+        that stepped. Without `on_failure` an error propagates (one job: `generate`). With it, a
+        failing pass is bisected: a slot that fails alone is removed and handed to
+        `on_failure(slot, error)`, and every other slot steps as usual."""
         results: list[tuple[Slot, Frame | None]] = []
         for group in self.batches():
-            self._step_group(group)
-            wanted = [s for s in group if s.wants_frame()]
-            frames = dict(zip((s.key for s in wanted), self.frames(wanted))) if wanted else {}
-            results += [(s, frames.get(s.key)) for s in group]
+            limit = self.pass_limit.get(batch_key(group[0].settings), len(group))
+            for at in range(0, len(group), limit):
+                results += self._step_pass(group[at:at + limit], on_failure)
         return results
 
-    def _decode_soft_codes(self, logits: torch.Tensor, uniforms: torch.Tensor, tau: float, split: bool) -> torch.Tensor:
-        """logits [B, V, g, g] and their uniform noise -> pictures [B, 3, 8g, 8g] in 0..1."""
-        return decode(self.models, gumbel_softmax(logits, uniforms, tau, split))
+    def _step_pass(self, slots: list[Slot], on_failure: Callable[[Slot, Exception], None] | None
+                   ) -> list[tuple[Slot, Frame | None]]:
+        if on_failure is None:
+            self._apply(slots, self._gradients(slots), None)
+            return self._with_frames(slots, None)
+        noise = [s.generator.get_state() for s in slots]  # host tensors: no device sync
+        failure: Exception | None = None
+        try:
+            loss = self._gradients(slots)                 # [B]; no slot's logits or optimiser touched yet
+        except Exception as exc:  # noqa: BLE001 - bisected: the slot that fails alone leaves
+            # The traceback's frames hold the failed pass's tensors: drop them before the halves
+            # run (out of memory would strike again), keeping the lines for the log.
+            traceback.clear_frames(exc.__traceback__)
+            failure = exc
+        if failure is not None:
+            for s, state in zip(slots, noise):
+                s.generator.set_state(state)              # this pass's draws, undone
+                s.optimizer.zero_grad(set_to_none=True)
+            try:
+                return self._split(slots, failure, on_failure)
+            finally:
+                # The traceback holds this frame: without this, frame -> failure -> traceback ->
+                # frame is a cycle, and the failed slot's tensors wait for the garbage collector.
+                del failure
+        stepped = self._apply(slots, loss, on_failure)
+        return self._with_frames(stepped, on_failure)
 
-    def _embed_cutouts(self, cuts: torch.Tensor) -> torch.Tensor:
-        """Cut-outs [N, 3, R, R] -> unit CLIP embeddings [N, D]."""
-        return F.normalize(_clip_embed(self.models, cuts, self._norm), dim=-1)
+    def _split(self, slots: list[Slot], exc: Exception, on_failure: Callable[[Slot, Exception], None]
+               ) -> list[tuple[Slot, Frame | None]]:
+        """Run a pass that failed again as two halves (or fail its one slot)."""
+        out_of_memory = _out_of_memory(exc)
+        if out_of_memory and self.models.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(slots) == 1:
+            self._fail(slots[0], exc, on_failure)
+            return []
+        half = len(slots) // 2
+        if out_of_memory:
+            key = batch_key(slots[0].settings)
+            limit = min(self.pass_limit.get(key, len(slots)), half)
+            if self.pass_limit.get(key) != limit:
+                log.warning("out of memory at %d slots in one pass (grid %d, cutn %d): from now on "
+                            "passes of at most %d; a smaller max_batch avoids the failed tries",
+                            len(slots), slots[0].settings.grid, slots[0].settings.cutn, limit)
+            self.pass_limit[key] = limit
+        else:
+            log.warning("a pass of %d slots failed (%s: %s); running it in halves to find the job "
+                        "that fails", len(slots), type(exc).__name__, exc)
+        return self._step_pass(slots[:half], on_failure) + self._step_pass(slots[half:], on_failure)
 
-    def _step_group(self, slots: list[Slot]) -> None:
+    def _fail(self, slot: Slot, exc: Exception, on_failure: Callable[[Slot, Exception], None]) -> None:
+        self.remove(slot.key)
+        on_failure(slot, exc)
+
+    def _with_frames(self, slots: list[Slot], on_failure: Callable[[Slot, Exception], None] | None
+                     ) -> list[tuple[Slot, Frame | None]]:
+        """(slot, its frame if one is due) for each slot; a frame that cannot be taken with the
+        others is taken alone, and a slot whose frame fails alone fails."""
+        wanted = [s for s in slots if s.wants_frame()]
+        frames: dict[Any, Frame] = {}
+        if wanted:
+            together = True
+            try:
+                frames = dict(zip((s.key for s in wanted), self.frames(wanted)))
+            except Exception as exc:  # noqa: BLE001 - one at a time, below
+                if on_failure is None:
+                    raise
+                traceback.clear_frames(exc.__traceback__)
+                together = False
+            if not together:
+                if self.models.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                for s in wanted:
+                    try:
+                        frames[s.key] = self.frames([s])[0]
+                    except Exception as exc:  # noqa: BLE001 - this job alone
+                        self._fail(s, exc, on_failure)
+        return [(s, frames.get(s.key)) for s in slots if s.key in self.slots or on_failure is None]
+
+    def _gradients(self, slots: list[Slot]) -> torch.Tensor:
+        """Forward and backward of one pass: every slot's loss [B] and the gradient on its logits.
+        Changes nothing of a slot but its generator (this step's draws) and its `.grad`."""
         models, res = self.models, self.models.clip_resolution
         s0 = slots[0].settings
         if any(batch_key(s.settings) != batch_key(s0) for s in slots):
@@ -581,13 +688,26 @@ class BatchRunner:
         for s in slots:
             s.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
-        loss = loss.detach()
+        return loss.detach()
+
+    def _apply(self, slots: list[Slot], loss: torch.Tensor,
+               on_failure: Callable[[Slot, Exception], None] | None) -> list[Slot]:
+        """Each slot's optimiser step on its gradient; returns the slots that stepped."""
+        stepped = []
         for i, s in enumerate(slots):
             for group in s.optimizer.param_groups:
                 group["lr"] = s.lr()  # a Python float: no sync
-            s.optimizer.step()
+            try:
+                s.optimizer.step()
+            except Exception as exc:  # noqa: BLE001 - e.g. an optimiser state that does not fit: this job alone
+                if on_failure is None:
+                    raise
+                self._fail(s, exc, on_failure)
+                continue
             s.iteration += 1
             s.loss = loss[i]  # stays on the device until a frame reads it
+            stepped.append(s)
+        return stepped
 
 
 # --- the one-job loop --------------------------------------------------------------------------

@@ -610,8 +610,10 @@ class Worker:
                 if not len(runner):
                     continue
                 try:
-                    results = runner.step()
-                except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: fail the batch's jobs
+                    # A failing pass is bisected by the runner: only the job that fails alone
+                    # fails (retried on another worker); out of memory shrinks its passes.
+                    results = runner.step(on_failure=self._slot_failed)
+                except Exception as exc:  # noqa: BLE001 - not a pass (a bug of ours): fail the batch's jobs
                     for key in list(runner.slots):
                         runner.remove(key)
                         self._checkpointed.pop(key, None)
@@ -656,6 +658,11 @@ class Worker:
             raise
         finally:
             self.gpu_alive = False
+
+    def _slot_failed(self, slot: Slot, exc: Exception) -> None:
+        """GPU thread: the runner dropped `slot`, whose step failed alone."""
+        self._checkpointed.pop(slot.key, None)
+        self._from_gpu(self._failed, slot.key, exc)
 
     def _cancelled(self, key: str) -> bool:
         run = self.running.get(key)

@@ -70,7 +70,7 @@ def make_slot(models, key: str, settings: GenerationSettings = S) -> Slot:
 
 
 def run(models, joins: dict[int, list[Slot]], leaves: dict[int, list[str]] | None = None,
-        compile: bool | str = False) -> dict[str, Run]:
+        compile: bool | str = False, on_failure=None) -> dict[str, Run]:
     """Step a runner; `joins[k]` are added and `leaves[k]` removed before global step k."""
     runner, leaves = BatchRunner(models, compile=compile), leaves or {}
     out: dict[str, Run] = {}
@@ -83,7 +83,7 @@ def run(models, joins: dict[int, list[Slot]], leaves: dict[int, list[str]] | Non
         if step > max(joins) and not runner.batches():
             return out
         sizes = {s.key: len(group) for group in runner.batches() for s in group}
-        for slot, frame in runner.step():
+        for slot, frame in runner.step(on_failure=on_failure):
             out[slot.key].batch_sizes.append(sizes[slot.key])
             if frame is not None:
                 out[slot.key].frames.append((frame.iteration, frame.pixels, frame.similarity, frame.loss))
@@ -222,12 +222,17 @@ def test_the_hot_loop_reads_nothing_back_until_a_frame(tiny_models):
     slots = [runner.add(make_slot(tiny_models, k, settings)) for k in "ab"]
     runner.step()  # Adam's state exists from here on
     steps = {id(s.optimizer.state[s.logits]["step"]) for s in slots}
-    calls, ops = record_syncs(runner.step)  # iteration 2: no frame
+
+    def step():  # the worker's way: a failing pass would be bisected
+        assert runner.step(on_failure=lambda slot, exc: failed.append(exc))
+    failed: list[Exception] = []
+    calls, ops = record_syncs(step)  # iteration 2: no frame
     # Only Adam reading its own step counter, a CPU tensor (no device sync on CUDA).
     assert calls and all(name == "item" and t in steps for name, _, t in calls), calls
     assert ops and all(op == "aten._local_scalar_dense" and t in steps for op, t in ops), ops
     assert slots[0].loss is not None and slots[0].loss.shape == ()
-    calls, ops = record_syncs(runner.step)  # iteration 3: a frame of both slots
+    calls, ops = record_syncs(step)  # iteration 3: a frame of both slots
+    assert failed == []
     ours = collections.Counter(name for name, caller, _ in calls if caller.endswith("generate.py"))
     assert ours == {"cpu": 1, "numpy": 1, "tolist": 1}  # one read for the whole batch
 

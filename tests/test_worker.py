@@ -415,6 +415,33 @@ async def test_a_continue_whose_parent_state_does_not_fit_fails_alone_not_its_ba
     assert failed.attempts == 1 and "does not fit" in failed.error, failed.error
 
 
+async def test_a_job_whose_step_fails_fails_alone_and_its_batch_steps_on(queue, tiny_models):
+    """A parent's state.pt that fits (load_state takes it) but whose Adam step counter is damaged:
+    the Continue's first optimiser step raises inside a batched step. The runner bisects the pass:
+    the Continue fails alone (each attempt), its companion keeps its attempt and runs on."""
+    from engine.generate import state_to_bytes
+
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.2):
+        parent = await queue.submit(spec(iterations=2))
+        await wait_state(queue, parent.id, {JobState.DONE})
+        state = state_from_bytes(await queue.get_artifact(parent.id, "state.pt"))
+        state["optimizer"]["state"][0]["step"] = torch.tensor(True)  # a 0-d tensor, of the wrong kind
+        await queue.put_artifact(parent.id, "state.pt", state_to_bytes(state))
+        companion = await queue.submit(spec("a blue boat", user=2, iterations=100_000, frame_every=5))
+        while not [e for e in await job_events(queue, companion.id) if e.kind == EventKind.PROGRESS]:
+            await asyncio.sleep(0.05)
+        cont = await queue.submit(spec(user=3, parent_job_id=parent.id, parent_kind="continue", iterations=4))
+        failed = await wait_state(queue, cont.id, {JobState.FAILED})
+        before = (await queue.get(companion.id)).iteration
+        while (record := await queue.get(companion.id)).iteration <= before:   # it steps on
+            assert record.state == JobState.RUNNING
+            await asyncio.sleep(0.05)
+        assert record.attempts == 1 and record.state == JobState.RUNNING
+        assert await queue.cancel(companion.id)
+        await wait_state(queue, companion.id, {JobState.CANCELLED})
+    assert failed.attempts > 1 and failed.error.startswith("RuntimeError"), (failed.attempts, failed.error)
+
+
 async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
     async with Worker(queue, lambda: tiny_models, worker_id="w1"):
         parent = await queue.submit(spec())
