@@ -27,7 +27,7 @@ from discord.ext import commands
 from bot import attachments, render
 from bot.config import PRESET_NAMES
 from bot.help import help_text
-from bot.permissions import is_admin
+from bot.permissions import can_see_job, is_admin
 from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
@@ -344,14 +344,27 @@ async def answer_our_error(interaction: discord.Interaction, what: str) -> None:
 
 def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
     """The refusal when `wanted` more jobs would pass the user's cap of waiting jobs (`queued` waiting
-    now, at most `limit`): one wording for the early checks and for the store's QueueLimitReached."""
+    now, at most `limit`): one wording for the early checks and for the store's QueueLimitReached.
+    The limit is this server's, but the store counts the user's waiting jobs in every server, so
+    the text says so: someone with nothing waiting here would not see why otherwise."""
+    everywhere = "Jobs waiting in other servers count too."
     if wanted == 1:
         return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
-                "Wait for one to start (or cancel one) and try again.")
+                f"{everywhere} Wait for one to start (or cancel one) and try again.")
     room = max(0, limit - queued)
     return (f"That prompt makes {wanted} images, but you may queue only {room} more right now "
-            f"(you have {queued} waiting; the limit is {limit}). Use fewer options, or "
+            f"(you have {queued} waiting; the limit is {limit}). {everywhere} Use fewer options, or "
             "wait for some to start. Nothing was queued.")
+
+
+def lineage_gone(job_id: str, kind: str | None, parent_id: str) -> str:
+    """The refusal of a Reroll whose job started from `parent_id`'s final state (a remix, a
+    continue) when that state has been pruned: without it the reroll would start from noise."""
+    if kind == "remix":
+        return (f"Job `{job_id}` is a remix of job `{parent_id}`, whose final state is gone (pruned), so it "
+                "cannot be rerolled from the same start. `/remix` another job or `/imagine` the prompt instead.")
+    return (f"Job `{job_id}` continues job `{parent_id}`, whose final state is gone (pruned), so it cannot be "
+            "rerolled from the same start. `/imagine` the prompt instead.")
 
 
 async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction, record: JobRecord) -> None:
@@ -369,18 +382,21 @@ async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction,
     ok = await bot.queue.cancel(record.id)
     if bot.progress is not None:
         bot.progress.line_changed()
+    # Read again: a worker may have claimed the job since `record` was read, and then it is
+    # being stopped, not cancelled in line. Still running now: it was claimed before the cancel.
+    now = await bot.queue.get(record.id) or record
     if not ok:
         await ephemeral(interaction, f"Job `{record.id}` had already ended.")
-    elif record.state == JobState.RUNNING:
+    elif now.state == JobState.RUNNING:
         await ephemeral(interaction, f"Stopping job `{record.id}`…")
     else:
         await ephemeral(interaction, f"Cancelled job `{record.id}`.")
 
 
 async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = None) -> str | None:
-    """Why the user may not queue one more job in `guild_id` (their cap of waiting jobs), or None. An
-    early answer before deferring; the store has the last word (`submit(..., max_queued=)`, see
-    ImagineCog.submit)."""
+    """Why the user may not queue one more job in `guild_id` (that server's cap, against their
+    waiting jobs in every server: the store counts per user), or None. An early answer before
+    deferring; the store has the last word (`submit(..., max_queued=)`, see ImagineCog.submit)."""
     limit = await bot.user_limit(guild_id)
     queued = await bot.queue.count_queued(user_id)
     if queued >= limit:
@@ -637,28 +653,33 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
     async def from_button(self, interaction: discord.Interaction, job_id: str, kind: str) -> None:
         """Reroll: the job again with a new seed, from the same start: its image prompt and init image
-        (`spec.extra`, the same uploads), and for a remix the same remixed picture. Continue: more
-        steps from the finished job's final state (`state.pt`, checked here), toward the same targets
-        (the prompt and the image prompt)."""
+        (`spec.extra`, the same uploads), and for a remix or a continue the same parent's final state.
+        Continue: more steps from the finished job's final state (`state.pt`, checked here), toward
+        the same targets (the prompt and the image prompt). Both within today's limits: a button
+        made before an admin lowered them must not queue what /imagine would refuse."""
         parent = await self.queue.get(job_id)
         if parent is None:
             await ephemeral(interaction, f"Job `{job_id}` is no longer in the store, so it cannot be reused.")
             return
         p = parent.spec
+        problem = self.size_problem(p, job_id, "rerolled" if kind == "reroll" else "continued")
+        if problem:
+            await ephemeral(interaction, problem)
+            return
         size = render.size_of(p)
+        max_iterations = self.bot.config.imagine.max_iterations
         if kind == "reroll":
-            spec = self._spec(interaction, p.prompt, p.iterations, random.randint(0, SEED_MAX), p.grid, size,
-                              parent_kind="reroll", cutn=p.cutn, preset=p.preset)
+            spec = self._spec(interaction, p.prompt, min(p.iterations, max_iterations), random.randint(0, SEED_MAX),
+                              p.grid, size, parent_kind="reroll", cutn=p.cutn, preset=p.preset)
             carried = carried_pictures(p, PICTURE_KEYS)
-            if p.parent_kind == "remix" and p.parent_job_id:
-                # A remix starts from another job's final picture: so does its reroll.
+            if p.parent_kind in ("remix", "continue") and p.parent_job_id:
+                # A remix or a continue starts from another job's final state: so does its reroll,
+                # or it would start from noise and show a different picture from the same settings.
                 if not await self.queue.has_artifact(p.parent_job_id, "state.pt"):
-                    await ephemeral(interaction, f"Job `{job_id}` is a remix of job `{p.parent_job_id}`, whose final "
-                                                 "state is gone (pruned), so it cannot be rerolled from the same "
-                                                 "start. `/remix` another job or `/imagine` the prompt instead.")
+                    await ephemeral(interaction, lineage_gone(job_id, p.parent_kind, p.parent_job_id))
                     return
-                spec.parent_job_id, spec.parent_kind = p.parent_job_id, "remix"
-                if isinstance(p.extra.get("parent"), dict):
+                spec.parent_job_id, spec.parent_kind = p.parent_job_id, p.parent_kind
+                if p.parent_kind == "remix" and isinstance(p.extra.get("parent"), dict):
                     spec.extra["parent"] = copy.deepcopy(p.extra["parent"])
         else:
             if parent.state != JobState.DONE:
@@ -668,7 +689,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 await ephemeral(interaction, f"The final state of job `{job_id}` is gone (pruned), so it cannot be "
                                              "continued. Reroll it or `/imagine` its prompt again instead.")
                 return
-            more = self.bot.config.imagine.continue_iterations or p.iterations
+            more = min(self.bot.config.imagine.continue_iterations or p.iterations, max_iterations)
             spec = self._spec(interaction, p.prompt, more, p.seed if p.seed is not None else 0, p.grid, size,
                               parent_job_id=job_id, parent_kind="continue", cutn=p.cutn, preset=p.preset)
             # The init image only set the parent's start; the image prompt is a target all along.
@@ -686,15 +707,30 @@ class ImagineCog(commands.Cog, name="Imagine"):
             spec.extra["rerolls"] = job_id
         await self.submit(interaction, spec)
 
+    def size_problem(self, p: JobSpec, job_id: str, verb: str) -> str | None:
+        """Why a new job on `p`'s grid may not be queued: a grid no size offers any more (an admin
+        took it out of `[imagine] sizes`, e.g. for its cost), or None. A job from another's state
+        keeps that state's grid, so there is no other size to fall back to: refused, not shrunk."""
+        sizes = self.bot.config.imagine.sizes
+        if p.grid in sizes.values():
+            return None
+        size = render.size_of(p)
+        return (f"Job `{job_id}` is {size}×{size}, a size no longer offered here (now {', '.join(sizes)}), "
+                f"so it cannot be {verb}. `/imagine` its prompt at one of those sizes instead.")
+
     # --- remix --------------------------------------------------------------------------------
 
     async def _remix_parent(self, interaction: discord.Interaction, job_id: str) -> JobRecord | None:
-        """The job to remix, if its final state is there; else the user is told why (ephemeral)."""
+        """The job to remix, if the caller may see it (its server and channel), it has finished, its
+        final state is there and its size is still offered; else the user is told why (ephemeral)."""
         shown = render.quote(job_id, 64)
         parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
-        if parent is None or parent.spec.guild_id != interaction.guild_id:
-            await ephemeral(interaction, f"There is no job {shown} here (or it has been pruned), so there is "
-                                         "nothing to remix. The ids are under each result and in `/history`.")
+        # A job of another server or of a channel the caller cannot see reads exactly as an unknown
+        # id: its prompt, author and final picture belong to that channel, not to whoever has the id.
+        if parent is None or not can_see_job(interaction, parent):
+            await ephemeral(interaction, f"There is no job {shown} you can see in this server (or it has been "
+                                         "pruned), so there is nothing to remix. The ids are under each result "
+                                         "and in `/history`.")
             return None
         if parent.state != JobState.DONE:
             await ephemeral(interaction, f"Job {shown} has not finished ({parent.state.value}): only a finished "
@@ -703,6 +739,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if not await self.queue.has_artifact(job_id, "state.pt"):
             await ephemeral(interaction, f"The final state of job {shown} is gone (pruned), so it cannot be "
                                          "remixed. `/imagine` its prompt again instead.")
+            return None
+        problem = self.size_problem(parent.spec, job_id, "remixed")   # the remix keeps the parent's grid
+        if problem:
+            await ephemeral(interaction, problem)
             return None
         return parent
 

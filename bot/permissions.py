@@ -5,6 +5,7 @@ from __future__ import annotations
 import discord
 
 from bot.config import Config
+from engine.jobs import JobRecord
 
 
 def is_admin(interaction: discord.Interaction, config: Config) -> bool:
@@ -30,3 +31,36 @@ async def require_admin(interaction: discord.Interaction, config: Config) -> boo
     await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
                               + (f" or one of the roles {roles}." if roles else "."))
     return False
+
+
+def can_view_channel(interaction: discord.Interaction, channel_id: int | None) -> bool:
+    """Whether the member behind `interaction` may see channel `channel_id` of the interaction's
+    server: a job's prompt, author and pictures belong to the channel it was made in, and any id
+    typed into `/remix` or listed by `/queue show` would otherwise show a private channel's job to
+    anyone in the server. Unknown (no guild, a channel missing from the cache, a user who is no
+    member): False, so what cannot be checked is hidden."""
+    if channel_id is None or interaction.guild_id is None:
+        return False
+    if channel_id == interaction.channel_id:
+        return True   # they are using it: Discord sends interactions only from channels one sees
+    guild = interaction.guild
+    if guild is None:
+        return False
+    channel = guild.get_channel_or_thread(channel_id)
+    member = interaction.user if isinstance(interaction.user, discord.Member) else guild.get_member(interaction.user.id)
+    if channel is None or member is None:
+        return False
+    return channel.permissions_for(member).view_channel
+
+
+def can_see_job(interaction: discord.Interaction, record: JobRecord) -> bool:
+    """Whether the caller may see `record` (its prompt, author, pictures, id): a job of this server
+    whose channel, and the channel its reply is in, the caller can view (`can_view_channel`)."""
+    spec = record.spec
+    if spec.guild_id is None or spec.guild_id != interaction.guild_id:
+        return False
+    channels = {spec.channel_id}
+    reply_channel = (spec.reply or {}).get("channel_id")
+    if reply_channel:
+        channels.add(int(reply_channel))
+    return all(can_view_channel(interaction, channel_id) for channel_id in channels)

@@ -2,14 +2,16 @@
 
 One queue serves every server the bot is in, so each subcommand is scoped to the server it is
 used in (the caller's own jobs in direct messages):
-- `show` (anyone): this server's running and waiting jobs, with their places in the shared line
-  (a place counts every server's jobs ahead), and how many jobs of other servers are not shown;
+- `show` (anyone): this server's running and waiting jobs of channels the caller can view (a
+  private channel's prompts stay in it: bot.permissions.can_see_job), with their places in the
+  shared line (a place counts every server's jobs ahead), and how many others are not shown;
 - `cancel <job>`: a job's author may cancel it; an admin of the job's server may cancel any job of
   that server. A job of another server gets the same answer as an id that does not exist, so ids
   of other servers are never confirmed;
 - `clear` (admins): cancels this server's waiting jobs only;
 - `limit <n>` (admins): this server's cap of waiting jobs per person (setting
-  `bot.max_queued_per_user:<guild_id>`; without one, `[queue] max_queued_per_user`);
+  `bot.max_queued_per_user:<guild_id>`; without one, `[queue] max_queued_per_user`), checked when
+  they queue here against their waiting jobs in every server (the store counts per person);
 - `pause` / `resume` (admins): stop or start this server's jobs (setting `paused:<guild_id>`): the
   workers skip its waiting jobs, which keep their places, and go on with other servers' jobs;
   running jobs finish. `everywhere:True` stops or starts every worker for every server (setting
@@ -24,7 +26,7 @@ SQLite file (behind a worker's checkpoint) and Discord drops an interaction not 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import discord
 from discord import app_commands
@@ -32,7 +34,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import cancel_and_answer, ephemeral
-from bot.permissions import is_admin, require_admin
+from bot.permissions import can_see_job, is_admin, require_admin
 from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
 if TYPE_CHECKING:
@@ -60,15 +62,31 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def limit_sentence(limit: int, guild_id: int | None, *, now: bool = False) -> str:
+    """The cap as it works: `limit` is this server's, but the store counts a person's waiting jobs
+    in every server (`count_queued(user)`), so saying "in this server" alone would be wrong."""
+    have = f"Each person may {'now ' if now else ''}have {_plural(limit, 'job')} waiting"
+    if guild_id is None:
+        return f"{have}, counting every server."
+    return f"{have} when they queue in this server; jobs waiting in other servers count too."
+
+
 def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int | None, user_id: int,
-              *, paused: bool, limit: int, server_paused: bool = False) -> str:
-    """The `/queue show` answer: the jobs in scope (see `in_scope`) with their places in the whole
+              *, paused: bool, limit: int, server_paused: bool = False,
+              can_see: Callable[[JobRecord], bool] | None = None) -> str:
+    """The `/queue show` answer: the jobs in scope (see `in_scope`) that the caller `can_see` (the
+    channel check, bot.permissions.can_see_job; None: all of them) with their places in the whole
     line (`queued` in claim order), and how many of the others are not shown. `paused`: every
     server is paused; `server_paused`: this one is."""
-    mine_running = [r for r in running if in_scope(r, guild_id, user_id)]
-    mine_queued = [(n, r) for n, r in enumerate(queued, 1) if in_scope(r, guild_id, user_id)]
+    def shown(record: JobRecord) -> bool:
+        return in_scope(record, guild_id, user_id) and (can_see is None or can_see(record))
+
+    mine_running = [r for r in running if shown(r)]
+    mine_queued = [(n, r) for n, r in enumerate(queued, 1) if shown(r)]
     other_running = len(running) - len(mine_running)
     other_queued = len(queued) - len(mine_queued)
+    # This server's jobs hidden by the channel check: counted, never described (nor their ids).
+    unseen = sum(1 for r in running + queued if in_scope(r, guild_id, user_id) and not shown(r))
     whose = "of this server" if guild_id is not None else "of yours"
 
     head: list[str] = []
@@ -87,7 +105,7 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     if not running and not queued:
         head.append("The line is empty.")
     elif not items:
-        head.append(f"No job {whose} is in the line.")
+        head.append(f"No job {whose}{' that you can see' if unseen else ''} is in the line.")
 
     foot: list[str] = []
     if other_queued or other_running:
@@ -95,11 +113,17 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
         if other_running:
             parts.append(f"{other_running} running")
         noun = "job" if other_queued + other_running == 1 else "jobs"
-        where = "other servers" if guild_id is not None else "other people"
+        if guild_id is None:
+            where = "other people"
+        elif not unseen:
+            where = "other servers"
+        elif unseen == other_queued + other_running:
+            where = "channels you cannot see"
+        else:
+            where = "other servers or of channels you cannot see"
         foot.append(f"-# Not shown: {' and '.join(parts)} {noun} of {where}. "
                     "Places (#) count every job in the line.")
-    scope = " in this server" if guild_id is not None else ""
-    foot.append(f"-# Each person may have {_plural(limit, 'job')} waiting{scope}.")
+    foot.append(f"-# {limit_sentence(limit, guild_id)}")
 
     shown = items[:len(mine_running) + SHOW_MAX]
     while True:
@@ -148,8 +172,12 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         guild_id = interaction.guild_id
         server_paused = guild_id is not None and bool(await self.queue.get_setting(guild_paused_key(guild_id), False))
         limit = await self.bot.user_limit(guild_id)
+
+        def can_see(record: JobRecord) -> bool:   # a private channel's jobs stay in it
+            return can_see_job(interaction, record)
+
         text = show_text(running, queued, guild_id, interaction.user.id, paused=paused, limit=limit,
-                         server_paused=server_paused)
+                         server_paused=server_paused, can_see=None if guild_id is None else can_see)
         await interaction.response.send_message(text, ephemeral=True)
 
     @app_commands.command(name="cancel",
@@ -159,12 +187,15 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         job = job.strip()
         record = await self.queue.get(job) if job else None
         own = record is not None and record.spec.user_id == interaction.user.id
-        if record is None or not (own or in_scope(record, interaction.guild_id, interaction.user.id)):
-            # Another server's job reads exactly as an unknown id: its existence is not confirmed.
+        admin = is_admin(interaction, self.bot.config)
+        if record is None or not (own or (in_scope(record, interaction.guild_id, interaction.user.id)
+                                          and (admin or can_see_job(interaction, record)))):
+            # Another server's job, or (to a member who may not cancel it anyway) one of a channel
+            # they cannot see, reads exactly as an unknown id: its existence is not confirmed.
             await ephemeral(interaction, f"There is no job {render.quote(job)} in this server; "
                                          "see `/queue show` for the ids.")
             return
-        if not own and not is_admin(interaction, self.bot.config):
+        if not own and not admin:
             roles = ", ".join(f"`{r}`" for r in self.bot.config.discord.admin_roles)
             await ephemeral(interaction, f"Only the person who asked for job `{record.id}`, or an admin, can cancel "
                                          "it: admins need the Manage Server permission"
@@ -219,7 +250,8 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         self._line_changed()
         await ephemeral(interaction, text)
 
-    @app_commands.command(name="limit", description="Admin: how many waiting jobs each person may have in this server")
+    @app_commands.command(name="limit",
+                          description="Admin: how many waiting jobs (in every server) a person may have to queue here")
     @app_commands.describe(n="Jobs one person may have waiting (1-100)")
     async def limit(self, interaction: discord.Interaction, n: int) -> None:
         if not await self._admin(interaction):
@@ -230,7 +262,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
         await interaction.response.defer(ephemeral=True)
         await self.queue.set_setting(user_limit_key(guild_id), n)
-        await ephemeral(interaction, f"Each person may now have {_plural(n, 'job')} waiting in this server.")
+        await ephemeral(interaction, limit_sentence(n, guild_id, now=True))
 
 
 class HistoryCog(commands.Cog, name="History"):

@@ -83,7 +83,7 @@ async def test_admin_commands_by_permission_or_role_name(harness):
         assert f"**#{n}** `{job_id}` waiting job {n - 1}" in text
     assert "This server's jobs are paused" in text and f"<@{fd.member_user['id']}>" in text
     assert "for every server" not in text
-    assert "Not shown" not in text and "5 jobs waiting in this server" in text
+    assert "Not shown" not in text and "5 jobs waiting when they queue in this server" in text
 
     # A member whose permissions lack Manage Server but who has a role named in admin_roles.
     text = await ephemeral_answer(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
@@ -98,11 +98,12 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     assert (await h.wait_delivered(ids[1])).state == JobState.CANCELLED
 
     text = await ephemeral_answer(h, "queue limit", {"n": 1}, user=fd.admin_user)
-    assert text == "Each person may now have 1 job waiting in this server."
+    assert text == ("Each person may now have 1 job waiting when they queue in this server; "
+                    "jobs waiting in other servers count too.")
     assert await h.queue.get_setting(user_limit_key(fd.guild_id)) == 1
     assert await h.queue.get_setting(USER_LIMIT_KEY) is None           # nothing global
     assert await h.bot.user_limit(fd.guild_id) == 1 and await h.bot.user_limit() == 5
-    assert "1 job waiting in this server" in await ephemeral_answer(h, "queue show")
+    assert "1 job waiting when they queue in this server" in await ephemeral_answer(h, "queue show")
 
     # All this time the embedded worker has left this server's jobs waiting.
     assert [(await h.queue.get(j)).state for j in (ids[0], ids[2])] == [JobState.QUEUED] * 2
@@ -169,7 +170,8 @@ async def test_commands_that_write_answer_in_time_while_the_store_is_busy(harnes
         "Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
         "other servers' jobs go on).",
         "Resumed: jobs start again (except in servers whose admins paused them).",
-        "Each person may now have 3 jobs waiting in this server.",
+        "Each person may now have 3 jobs waiting when they queue in this server; "
+        "jobs waiting in other servers count too.",
         "Cleared this server's jobs from the line: 1 job cancelled.",
         f"Stopping job `{running}`…",
     ]

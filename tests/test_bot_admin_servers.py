@@ -228,13 +228,14 @@ async def test_limit_is_per_server(harness):
     a, b, carol = await _two_servers(h)
     fd = h.fd
     assert await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b, user=carol) == (
-        "Each person may now have 1 job waiting in this server.")
+        "Each person may now have 1 job waiting when they queue in this server; "
+        "jobs waiting in other servers count too.")
     assert await h.queue.get_setting(user_limit_key(b)) == 1
     assert await h.queue.get_setting(user_limit_key(a)) is None
     assert await h.queue.get_setting(USER_LIMIT_KEY) is None
     assert [await h.bot.user_limit(g) for g in (a, b, None)] == [5, 1, 5]   # 5: [queue] max_queued_per_user
-    assert "1 job waiting in this server" in await ephemeral_answer(h, "queue show", guild_id=b)
-    assert "5 jobs waiting in this server" in await ephemeral_answer(h, "queue show", guild_id=a)
+    assert "1 job waiting when they queue in this server" in await ephemeral_answer(h, "queue show", guild_id=b)
+    assert "5 jobs waiting when they queue in this server" in await ephemeral_answer(h, "queue show", guild_id=a)
 
     assert "2 jobs" in await ephemeral_answer(h, "queue limit", {"n": 2}, guild_id=a, user=fd.admin_user)
     assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 5]
@@ -284,4 +285,5 @@ async def test_show_in_direct_messages_lists_only_the_callers_own_jobs():
     # A long line is cut to whole entries and says how many are left out.
     many = [_record(f"j{i:02d}", 1, 7, "y" * 200) for i in range(40)]
     text = show_text([], many, 1, 7, paused=True, limit=3)
-    assert len(text) <= 2000 and "more of this server." in text and text.endswith("in this server.")
+    assert len(text) <= 2000 and "more of this server." in text
+    assert text.endswith("jobs waiting in other servers count too.")

@@ -348,3 +348,80 @@ async def test_continue_without_the_final_state_is_refused_privately(harness):
     assert [r.id for r in await h.queue.history(fd.channel_id)] == before
     assert [m.id for m in fd.channel_messages()] == [msg.id]
     fd.assert_clean()
+
+
+async def test_reroll_of_a_continue_continues_the_same_job_with_a_new_seed(harness):
+    """A continue starts from its parent's final state: its Reroll does too (a continue of the same
+    job, new seed), not from noise; both begin on the same frame, the parent's final."""
+    from tests.test_bot_brainstorm import first_frame
+
+    h = harness
+    await h.start()
+    fd = h.fd
+    msg, job_id = await _finished_job(h, prompt="a lighthouse", seed=5, iterations=4)
+    cont_msg, cont_id = await _button_job(h, await fd.click_button(msg, f"imagine:continue:{job_id}"))
+    cont = await h.wait_delivered(cont_id)
+    assert cont.state == JobState.DONE, cont.error
+    await fd.wait_for(lambda: f"imagine:reroll:{cont_id}" in fd.messages[cont_msg.id].custom_ids, 10, "buttons")
+
+    reroll_msg, reroll_id = await _button_job(h, await fd.click_button(cont_msg, f"imagine:reroll:{cont_id}"))
+    reroll = await h.wait_delivered(reroll_id)
+    assert reroll.state == JobState.DONE, reroll.error
+    spec = reroll.spec
+    assert (spec.parent_job_id, spec.parent_kind, spec.prompt) == (job_id, "continue", "a lighthouse")
+    assert spec.seed != cont.spec.seed and spec.extra["rerolls"] == cont_id
+    assert f"continues {job_id}" in fd.messages[reroll_msg.id].content
+    assert (_frame0(await first_frame(h.queue, reroll_id)) == _frame0(await first_frame(h.queue, cont_id))).all()
+    fd.assert_clean()
+
+
+async def test_buttons_keep_to_todays_limits(harness):
+    """Buttons made before an admin lowered the limits: Reroll and Continue take at most today's
+    `max_iterations`; a size taken out of `[imagine] sizes` is refused (privately) by Reroll,
+    Continue and Remix alike, since a job from another's state keeps its grid."""
+    h = harness
+    await h.start()
+    fd = h.fd
+    msg, job_id = await _finished_job(h, prompt="a tall tower", iterations=8)
+    h.config.imagine.max_iterations = 3
+    for action in ("reroll", "continue"):
+        _, new_id = await _button_job(h, await fd.click_button(msg, f"imagine:{action}:{job_id}"))
+        assert (await h.queue.get(new_id)).spec.iterations == 3, action
+        await h.wait_delivered(new_id)
+
+    h.config.imagine.max_iterations = 40
+    big_msg, big_id = await _finished_job(h, prompt="a wide field", size=512, iterations=2)
+    del h.config.imagine.sizes["512"]
+    queued = len(await h.queue.history(fd.channel_id, limit=50))
+    for action in ("reroll", "continue", "remix"):
+        click = await fd.click_button(big_msg, f"imagine:{action}:{big_id}")
+        await fd.wait_for_response(click)
+        assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, (action, click.response)
+        assert f"Job `{big_id}` is 512×512, a size no longer offered here" in click.response["data"]["content"]
+    assert len(await h.queue.history(fd.channel_id, limit=50)) == queued
+    fd.assert_clean()
+
+
+async def test_cancel_says_stopping_when_a_worker_took_the_job_meanwhile(harness):
+    """The answer follows the job's state after the cancel, not the one read before it: a worker
+    that claims the job between the two makes it "Stopping…", not "Cancelled"."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    msg = await h.reply_of(await h.imagine("a slow sunrise"))
+    job_id = h.job_id(msg)
+    store_cancel = h.queue.cancel
+
+    async def claimed_first(jid):   # the real store: a worker's claim lands just before the cancel
+        assert (await h.queue.claim("test-gpu")).id == jid
+        return await store_cancel(jid)
+
+    h.queue.cancel = claimed_first
+    try:
+        click = await fd.click_button(msg, f"imagine:cancel:{job_id}")
+        assert await private_answer(h, click) == f"Stopping job `{job_id}`…"
+    finally:
+        del h.queue.cancel
+    record = await h.queue.get(job_id)
+    assert record.state == JobState.RUNNING and record.cancel_requested
+    fd.assert_clean()

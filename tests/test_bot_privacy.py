@@ -1,0 +1,142 @@
+"""A private channel's jobs stay in it: `/remix <id>` and `/queue show` give nothing of a job (its
+prompt, author, id, pictures) to someone who cannot view the channel it was made in, and say no
+more about such an id than about one that does not exist. Also: the per-user cap's wording says
+that waiting jobs of every server count (the store counts them per person, not per server).
+
+The fake's channel `staff-only` hides from @everyone (a permission overwrite, as Discord has them)
+and lets Carol in by a member overwrite; Alice is an admin (she sees everything); Bob is a plain
+member who sees #general only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.jobs import JobState
+from tests.fakediscord import Permission
+from tests.test_bot_support import EPHEMERAL, ephemeral_answer, harness  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+VIEW = str(Permission.VIEW_CHANNEL)
+
+
+def _private_channel(fd, name="staff-only", *, allow_users=()) -> int:
+    """A text channel @everyone cannot view; `allow_users` may (member overwrites). Before the bot
+    connects: the overwrites reach its cache with the guild."""
+    channel_id = fd.add_channel(name)
+    overwrites = [{"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": VIEW}]
+    overwrites += [{"id": str(user["id"]), "type": 1, "allow": VIEW, "deny": "0"} for user in allow_users]
+    fd.channels[channel_id]["permission_overwrites"] = overwrites
+    return channel_id
+
+
+async def _job_in(h, prompt, *, channel_id, user, done=True):
+    inter = await h.fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=channel_id, user=user)
+    await h.fd.wait_for_response(inter)
+    job_id = h.job_id(await h.reply_of(inter))
+    if done:
+        assert (await h.wait_delivered(job_id)).state == JobState.DONE
+    return job_id
+
+
+def _answer(inter) -> str:
+    assert inter.response_type == 4 and inter.response["data"]["flags"] & EPHEMERAL, inter.response
+    return inter.response["data"]["content"]
+
+
+async def test_remix_of_a_job_in_a_channel_one_cannot_see_reads_as_an_unknown_id(harness):
+    h = harness
+    fd = h.fd
+    carol = fd.add_user("carol")
+    staff = _private_channel(fd, allow_users=[carol])
+    await h.start()
+    secret = await _job_in(h, "secret launch poster", channel_id=staff, user=fd.admin_user)
+    public_before = [m.id for m in fd.channel_messages(fd.channel_id)]
+    queued_before = len(await h.queue.history(fd.channel_id, limit=50))
+
+    # Bob, in #general, has the id (guessed, leaked): the same answer as for an id that never existed.
+    told = _answer(await _send(h, "remix", {"job": secret, "prompt": "anything"}))
+    unknown = _answer(await _send(h, "remix", {"job": "nosuchjob123", "prompt": "anything"}))
+    assert told == unknown.replace("nosuchjob123", secret)
+    assert f"There is no job `{secret}` you can see in this server" in told
+    assert "secret" not in told.replace(secret, "") and "launch" not in told and str(staff) not in told
+    # Nothing was queued or posted for him, in any channel.
+    assert len(await h.queue.history(fd.channel_id, limit=50)) == queued_before
+    assert [m.id for m in fd.channel_messages(fd.channel_id)] == public_before
+
+    # Carol (let in by a member overwrite) and Alice (an admin) see the channel: they may remix it from #general.
+    for user in (carol, fd.admin_user):
+        inter = await _send(h, "remix", {"job": secret, "prompt": "a brighter poster", "iterations": 2}, user=user)
+        assert inter.response_type == 5, inter.response   # deferred: queued
+        remix_id = h.job_id(await h.reply_of(inter))
+        remix = await h.queue.get(remix_id)
+        assert (remix.spec.parent_job_id, remix.spec.parent_kind) == (secret, "remix")
+    fd.assert_clean()
+
+
+async def test_remix_of_a_job_whose_channel_the_bot_does_not_know_is_refused(harness):
+    """A channel missing from the bot's cache (made after it connected: the fake sends no
+    CHANNEL_CREATE) cannot be checked, so its jobs are not shown elsewhere, even to an admin."""
+    h = harness
+    fd = h.fd
+    await h.start()
+    unknown_channel = fd.add_channel("made-later")
+    job_id = await _job_in(h, "a hidden lighthouse", channel_id=unknown_channel, user=fd.admin_user)
+    told = _answer(await _send(h, "remix", {"job": job_id, "prompt": "anything"}, user=fd.admin_user))
+    assert f"There is no job `{job_id}` you can see in this server" in told and "lighthouse" not in told
+    # From the job's own channel (the caller is in it, so they see it) the remix goes ahead.
+    inter = await _send(h, "remix", {"job": job_id, "prompt": "a found lighthouse", "iterations": 2},
+                        user=fd.admin_user, channel_id=unknown_channel)
+    assert inter.response_type == 5
+    fd.assert_clean()
+
+
+async def test_queue_show_and_cancel_show_only_jobs_of_channels_the_caller_can_see(harness):
+    h = harness
+    fd = h.fd
+    staff = _private_channel(fd)
+    await h.start(worker=False)   # no worker: the jobs stay in line
+    hidden = await _job_in(h, "secret merger plan", channel_id=staff, user=fd.admin_user, done=False)
+    open_job = await _job_in(h, "an open meadow", channel_id=fd.channel_id, user=fd.member_user, done=False)
+
+    text = await ephemeral_answer(h, "queue show")   # Bob
+    assert f"`{open_job}` an open meadow" in text
+    assert hidden not in text and "merger" not in text and f"<@{fd.admin_user['id']}>" not in text
+    assert "Not shown: 1 waiting job of channels you cannot see." in text
+    # Nor does /queue cancel confirm the id to him (he could not cancel it anyway).
+    assert await ephemeral_answer(h, "queue cancel", {"job": hidden}) == (
+        f"There is no job `{hidden}` in this server; see `/queue show` for the ids.")
+    assert (await h.queue.get(hidden)).state == JobState.QUEUED
+
+    text = await ephemeral_answer(h, "queue show", user=fd.admin_user)   # Alice sees #staff-only
+    assert f"`{hidden}` secret merger plan" in text and f"`{open_job}` an open meadow" in text
+    assert "Not shown" not in text
+    fd.assert_clean()
+
+
+async def test_the_caps_wording_says_jobs_of_other_servers_count(harness):
+    """The cap is the server's, the count is the person's waiting jobs in every server: Bob, with
+    one job waiting in A and none in B, is refused in B (cap 1), and every text about the cap says why."""
+    h = harness
+    fd = h.fd
+    b = fd.add_guild("Other Guild")
+    await h.start(worker=False)
+    everywhere = "jobs waiting in other servers count too"
+    text = await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b.id, user=fd.admin_user)
+    assert text == f"Each person may now have 1 job waiting when they queue in this server; {everywhere}."
+    await _job_in(h, "apple", channel_id=fd.channel_id, user=fd.member_user, done=False)   # in A
+
+    text = await ephemeral_answer(h, "imagine", {"prompt": "banana"}, guild_id=b.id)
+    assert "You already have 1 job waiting; the limit is 1." in text and everywhere.capitalize() in text
+    text = await ephemeral_answer(h, "queue show", guild_id=b.id)
+    assert text.endswith(f"-# Each person may have 1 job waiting when they queue in this server; {everywhere}.")
+    assert "in this server." not in text
+    assert await h.queue.count_queued() == 1
+    fd.assert_clean()
+
+
+async def _send(h, name, options, *, user=None, channel_id=None):
+    inter = await h.fd.send_slash_command(name, options, user=user, channel_id=channel_id)
+    await h.fd.wait_for_response(inter)
+    return inter
