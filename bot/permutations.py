@@ -12,12 +12,19 @@ per combination (6 here) and, once every one of them has ended, posts one contac
   step, so two commands at once cannot both pass the cap, and a crash never queues half a set.
 - Every job of a set has the same settings (seed included, so only the words change) and carries
   `spec.extra["set"] = {"id", "size", "index", "options"}`. Each gets its own reply as any job
-  does: the first is the interaction's reply, the others are new channel messages; the progress
-  cog edits them all.
+  does: the first is the interaction's reply, the others are follow-ups of the interaction (a
+  webhook: they need no channel permission, as the slash command itself needs none, so a set
+  works in a channel where the bot may not post). Only when the first reply could not be made are
+  the others channel messages (a follow-up would take over the deferred "thinking…" message that
+  the first job's edits go to). The progress cog edits them all, through the token while it lives.
 - The contact sheet: the set is recorded in the store (`set:<id>`: job ids, captions, channel) and
   listed in `sheets.open`. `SheetsCog` polls the open sets; when every job of one has ended it
   posts one message with `contact-sheet.png` (the DONE finals in order, captioned with their
-  options; failed / cancelled ones are named in the text), then records `sheet:<id>`.
+  options; failed / cancelled ones are named in the text), then records `sheet:<id>`. A post that
+  fails with a 5xx or a network error is tried again with backoff (`SHEET_RETRY_FIRST` doubling up
+  to `SHEET_RETRY_MAX`), not on every poll; a refusal (a 4xx: `bot.progress.is_refusal`) is final: the set is closed with
+  an error marker. A 403 (the bot may not post in the channel) is first retried as a follow-up of
+  the command that made the set, while its token lives and this process has it.
 
 Retention: `set:<id>` and `sheet:<id>` are written with an expiry (`set_setting(...,
 expire_after=keep_seconds(bot))`: 30 days, or `[worker] keep_days` when that is longer), so the
@@ -47,6 +54,7 @@ import discord
 from discord.ext import commands
 
 from bot import contact_sheet, moderation, render
+from bot.progress import INVALID_WEBHOOK_TOKEN, is_refusal
 from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, new_job_id, pause_of
 
 if TYPE_CHECKING:
@@ -60,6 +68,10 @@ UPLOAD_MARGIN = 64 * 1024
 # A set's bookkeeping is needed until its sheet is posted (and the marker a little after, for another
 # process that still has the set open): far less than this.
 KEEP_SETS_DAYS = 30.0
+# A failed sheet post (5xx, network) waits this long before the next try, doubling up to the max:
+# each try renders and uploads the whole sheet again.
+SHEET_RETRY_FIRST = 2.0
+SHEET_RETRY_MAX = 300.0
 
 
 def keep_seconds(bot: Any) -> float:
@@ -276,9 +288,15 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             log.exception("set %s: could not read whether the queue is paused", set_id)
             paused = ""
         channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
+        sheets = bot.get_cog("Sheets")
+        if isinstance(sheets, SheetsCog):   # its 403 fallback: the sheet as a follow-up
+            sheets.remember(set_id, interaction)
+        by_followup = False   # replies 2..n as follow-ups, once the first reply is made
         for index, record in enumerate(records):
             content: str | None = None
             message_id = None
+            message: discord.Message
+            followup = by_followup and index > 0
             try:
                 try:
                     position: int | None = await queue.position(record.id)
@@ -288,6 +306,10 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
                 content = render.queued_text(record, position, paused)
                 if index == 0:
                     message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
+                    by_followup = True
+                elif followup:   # the command's webhook: no channel permission needed
+                    message = await interaction.followup.send(content=content, view=progress_view(record.id),
+                                                              wait=True, allowed_mentions=discord.AllowedMentions.none())
                 else:
                     message = await channel.send(content=content, view=progress_view(record.id))
                 message_id = message.id
@@ -300,7 +322,8 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             finally:
                 attached.add(record.id)
                 if progress is not None:
-                    progress.attach(record.id, channel_id, message_id, content if message_id else None)
+                    progress.attach(record.id, channel_id, message_id, content if message_id else None,
+                                    followup_of=interaction if followup else None)
         if not tracked and not await _track_set(bot, info):   # one more try, the replies made
             log.error("set %s: could not be recorded; its jobs are posted one by one, with no contact sheet", set_id)
     finally:
@@ -341,6 +364,8 @@ class SheetsCog(commands.Cog, name="Sheets"):
         self._ended: dict[str, JobRecord] = {}              # job id -> its finished record (final)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._retry: dict[str, tuple[int, float]] = {}      # set id -> (failed posts, next try at: monotonic)
+        self._interactions: dict[str, tuple[discord.Interaction, float]] = {}   # set id -> (its command, at)
         self._tasks: list[asyncio.Task] = []
 
     async def cog_load(self) -> None:
@@ -365,6 +390,16 @@ class SheetsCog(commands.Cog, name="Sheets"):
             self._open[set_id] = info
         self._wake.set()
 
+    def remember(self, set_id: str, interaction: discord.Interaction) -> None:
+        """The command that made the set, for posting its sheet as a follow-up while its token lives."""
+        self._interactions[set_id] = (interaction, time.monotonic())
+
+    def _live_interaction(self, set_id: str) -> discord.Interaction | None:
+        interaction, at = self._interactions.get(set_id, (None, 0.0))
+        if interaction is None or time.monotonic() - at >= self.bot.config.progress.token_ttl:
+            return None
+        return interaction
+
     async def _load_open(self) -> None:
         expired = []
         for set_id in list(await self.queue.get_setting(OPEN_KEY, []) or []):
@@ -387,6 +422,8 @@ class SheetsCog(commands.Cog, name="Sheets"):
         if marker is not None:
             await self.queue.set_setting(sheet_key(set_id), marker, expire_after=keep_seconds(self.bot))
         info = self._open.pop(set_id, None) or {}
+        self._retry.pop(set_id, None)
+        self._interactions.pop(set_id, None)
         for job_id in info.get("jobs", []):
             self._ended.pop(job_id, None)
         opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
@@ -441,16 +478,25 @@ class SheetsCog(commands.Cog, name="Sheets"):
             records = await self._records(info)
             if records is None:
                 return False
+            failed, next_at = self._retry.get(set_id, (0, 0.0))
+            if time.monotonic() < next_at:   # backing off after a failed post
+                return False
             try:
                 marker = await self._post(info, records)
-            except (discord.NotFound, discord.Forbidden) as exc:
-                log.error("set %s: cannot post its contact sheet in channel %s (%s %s); giving up",
-                          set_id, info.get("channel_id"), exc.status, exc.text)
-                marker = {"error": f"{exc.status} {exc.text}"[:200], "at": time.time()}
             except discord.HTTPException as exc:
-                log.warning("set %s: posting the contact sheet failed (%s %s); will retry",
-                            set_id, exc.status, exc.text)
-                return False
+                if not is_refusal(exc):
+                    # 5xx or worse: Discord may take it later. Not on every poll: each try re-renders
+                    # and re-uploads the sheet.
+                    delay = min(SHEET_RETRY_MAX, SHEET_RETRY_FIRST * 2 ** failed)
+                    self._retry[set_id] = (failed + 1, time.monotonic() + delay)
+                    log.warning("set %s: posting the contact sheet failed (%s %s); will retry in %.1f s",
+                                set_id, exc.status, exc.text, delay)
+                    return False
+                # A refusal (the channel gone or closed to the bot, the upload too large, a bad form):
+                # the same post would be refused again.
+                log.error("set %s: Discord refused its contact sheet in channel %s (%s, code %s: %s); giving up",
+                          set_id, info.get("channel_id"), exc.status, exc.code, exc.text)
+                marker = {"error": f"{exc.status} {exc.text}"[:200], "at": time.time()}
             await self._close(set_id, marker)
             return True
 
@@ -482,9 +528,26 @@ class SheetsCog(commands.Cog, name="Sheets"):
             data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG")
         content = self._content(info, len(tiles), len(records), left_out)
         channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
-        # The nonce lets Discord drop a repeat (a crash between this post and the marker).
-        message = await channel.send(content=content, file=discord.File(io.BytesIO(data), filename=filename),
-                                     nonce=f"sheet-{set_id}")
+        try:
+            # The nonce lets Discord drop a repeat (a crash between this post and the marker).
+            message = await channel.send(content=content, file=discord.File(io.BytesIO(data), filename=filename),
+                                         nonce=f"sheet-{set_id}")
+        except discord.Forbidden as refused:
+            interaction = self._live_interaction(set_id)
+            if interaction is None:
+                raise
+            # The bot may not post in this channel; the command's token may (as the set's replies did).
+            log.warning("set %s: channel %s refuses the bot's messages; posting the contact sheet as a follow-up",
+                        set_id, info.get("channel_id"))
+            try:
+                message = await interaction.followup.send(content=content, wait=True,
+                                                          file=discord.File(io.BytesIO(data), filename=filename),
+                                                          allowed_mentions=discord.AllowedMentions.none())
+            except discord.HTTPException as exc:
+                if exc.status == 401 or exc.code == INVALID_WEBHOOK_TOKEN:   # the token expired early
+                    self._interactions.pop(set_id, None)
+                    raise refused from exc   # the channel's refusal is the one to record
+                raise
         return {"message_id": message.id, "channel_id": message.channel.id, "at": time.time()}
 
     def _upload_limit(self, info: dict[str, Any]) -> int:

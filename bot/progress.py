@@ -8,10 +8,19 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
 - One sender task per job at most; before each edit it waits until the message's last edit is
   `message_interval` old and the channel's next slot (`channel_interval` apart) has come.
   discord.py still waits out any 429 on its own; there is no second limiter here.
-- While the interaction token is young the bot edits through it; after `token_ttl` (or on 401 /
-  50027) it edits the channel message with the bot token, which never expires.
-- A deleted message (404 / 10008) ends the edits for that job; its result goes out as a new
-  message.
+- While the interaction token is young the bot edits through it (the original response, or a
+  follow-up: replies 2..n of a permutation set); after `token_ttl` (or on 401 / 50027) it edits
+  the channel message with the bot token, which never expires.
+- A deleted message (any 404 of the channel edit: 10008 Unknown Message, or 10003 Unknown Channel
+  when the channel or thread went) ends the edits for that job; its result goes out as a new
+  message. A new message the channel refuses (403: the bot may not post there; slash commands
+  still work) goes out as an interaction follow-up while the token lives; after that, and on 404,
+  nothing can post it: the bot logs an error and marks it delivered.
+- Refusals are final, errors are not: Discord's 5xx and network errors are retried with backoff
+  for ever (nothing is lost), but a 4xx (other than 429, 408, 401) would be refused again. A 413 (too large:
+  the server lost its boosts since the job was queued) posts the image without the video, then
+  the text alone; any other 4xx of the final post (or the lost-job notice) is tried
+  `REFUSED_TRIES` times, then given up: logged as an error and marked delivered.
 - The final post: built from the store (record + artifacts), sent, then `mark_delivered`. It is
   an idempotent edit of the job's reply, so a crash before `mark_delivered` repeats the same edit
   rather than posting twice; a fallback new message carries a nonce that Discord deduplicates.
@@ -30,7 +39,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import discord
 from discord.ext import commands
@@ -47,6 +56,17 @@ CURSOR_KEY = "bot.events_cursor"
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 UNKNOWN_MESSAGE = 10008
 INVALID_WEBHOOK_TOKEN = 50027
+# A 4xx (is_refusal) of the final post is tried this many times, then given up: the same request would
+# be refused again, and each try re-reads the artifacts and re-uploads them.
+REFUSED_TRIES = 3
+NO_PING = discord.AllowedMentions.none()
+
+
+def is_refusal(exc: discord.HTTPException) -> bool:
+    """Discord refused the request itself (a 4xx): repeating it cannot help, unlike a 5xx or a
+    network error. Not 429 (wait and retry), 408 (a timeout) or 401: the bot token itself is
+    refused, so nothing gets through until it is fixed, and nothing should be given up meanwhile."""
+    return 400 <= exc.status < 500 and exc.status not in (401, 408, 429)
 
 
 class MessageGone(Exception):
@@ -79,8 +99,9 @@ class _Tracker:
     channel_id: int
     guild_id: int | None
     message_id: int | None = None
-    interaction: discord.Interaction | None = None
+    interaction: discord.Interaction | None = None   # its token edits the message, posts follow-ups
     interaction_at: float = 0.0
+    followup: bool = False            # the message is a follow-up of `interaction`, not its original
     attached: bool = False            # the message exists (or never will); edits may go out
     dead: bool = False                # the message was deleted: no more edits
     position: int | None = None
@@ -98,6 +119,8 @@ class _Tracker:
     last_sent: float = 0.0
     sender: asyncio.Task | None = None
     upload_limit: int | None = None
+    refused: int = 0                  # 4xx answers to the final post (or lost notice) so far
+    shrink: int = 0                   # 413s so far: 1 = post without the video, 2 = the text alone
 
 
 class ProgressCog(commands.Cog, name="Progress"):
@@ -155,11 +178,16 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.upload_limit = getattr(interaction, "filesize_limit", None)
         return t
 
-    def attach(self, job_id: str, channel_id: int | None, message_id: int | None, content: str | None) -> None:
-        """The job's reply exists now (or could not be made: message_id None)."""
+    def attach(self, job_id: str, channel_id: int | None, message_id: int | None, content: str | None,
+               *, followup_of: discord.Interaction | None = None) -> None:
+        """The job's reply exists now (or could not be made: message_id None). `followup_of`: the
+        reply is (or was to be) a follow-up of that interaction, edited through its token while it
+        lives, like an original response: no channel permission needed."""
         t = self.trackers.get(job_id)
         if t is None:
             return
+        if followup_of is not None:
+            t.interaction, t.followup = followup_of, True
         if channel_id:
             t.channel_id = channel_id
         t.message_id = message_id
@@ -390,10 +418,12 @@ class ProgressCog(commands.Cog, name="Progress"):
                     raise
                 except discord.HTTPException as exc:
                     log.warning("job %s: Discord answered %s (code %s): %s", t.job_id, exc.status, exc.code, exc.text)
+                    if (t.final or t.lost) and is_refusal(exc):
+                        await self._refused(t, exc)
                 except Exception:  # noqa: BLE001 - never let one job's trouble end the task silently
                     log.exception("job %s: updating its message failed", t.job_id)
                 t.last_sent = time.monotonic()
-                if ok:
+                if ok or t.delivered:
                     failures = 0
                 elif t.final or t.lost:
                     # The final post (or the notice of a lost job) is never dropped: back off, try again.
@@ -403,6 +433,26 @@ class ProgressCog(commands.Cog, name="Progress"):
         finally:
             if t.delivered:
                 self.trackers.pop(t.job_id, None)
+
+    async def _refused(self, t: _Tracker, exc: discord.HTTPException) -> None:
+        """Discord refused the final post (or the lost notice) with a 4xx: the same request would be
+        refused for ever. Too large (413): post less next time. Otherwise give up after
+        REFUSED_TRIES: the job is marked delivered, so neither this loop nor a restart's
+        undelivered() tries it again."""
+        if exc.status == 413 and t.final and t.shrink < 2:
+            t.shrink += 1
+            log.warning("job %s: Discord refused its result as too large; posting it %s", t.job_id,
+                        "without the video" if t.shrink == 1 else "without files")
+            return
+        t.refused += 1
+        if t.refused < REFUSED_TRIES:
+            return
+        what = "its result" if t.final else "the notice that it was lost"
+        log.error("job %s: Discord refused %s %d times (%s, code %s: %s); giving up, it is not posted",
+                  t.job_id, what, t.refused, exc.status, exc.code, exc.text)
+        if t.final:
+            await self.queue.mark_delivered(t.job_id)
+        t.delivered = True
 
     def _progress_content(self, t: _Tracker) -> tuple[str, bytes | None]:
         if t.frame is not None:
@@ -432,14 +482,13 @@ class ProgressCog(commands.Cog, name="Progress"):
     async def _edit(self, t: _Tracker, **kwargs: Any) -> None:
         """Edit the job's reply: through the interaction while its token lives, else the channel.
 
-        Raises MessageGone when the message was deleted (404, code 10008), NoMessage when none is
+        Raises MessageGone when the message (or its channel) was deleted, NoMessage when none is
         known.
         """
-        if t.interaction is not None and time.monotonic() - t.interaction_at < self.cfg.token_ttl:
+        # A follow-up whose post failed has no id to edit; its token still posts the result.
+        if self._token_live(t) and (t.message_id is not None or not t.followup):
             try:
-                message = await t.interaction.edit_original_response(**kwargs)
-                if t.message_id is None:   # its first edit failed: learn the id, or the final post repeats
-                    t.message_id = message.id
+                await self._edit_by_token(t, **kwargs)
                 return
             except discord.HTTPException as exc:
                 if exc.code == UNKNOWN_MESSAGE:
@@ -448,18 +497,34 @@ class ProgressCog(commands.Cog, name="Progress"):
                     raise
                 log.info("job %s: the interaction token is no longer valid; editing through the channel",
                          t.job_id)
+                t.interaction = None
                 for f in kwargs.get("attachments") or []:   # rewind what the failed request read
                     f.reset()
-        t.interaction = None
         if t.message_id is None or t.dead:
             raise NoMessage()
         channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
         try:
             await channel.get_partial_message(t.message_id).edit(**kwargs)
         except discord.NotFound as exc:
-            if exc.code == UNKNOWN_MESSAGE:
-                raise MessageGone() from exc
-            raise
+            # 10008 (the message) or 10003 (its channel or thread was deleted): either way there is
+            # nothing left to edit, and retrying the edit would fail for ever.
+            raise MessageGone() from exc
+
+    def _token_live(self, t: _Tracker) -> bool:
+        """Whether the job's interaction token may still be used (younger than `token_ttl`)."""
+        if t.interaction is not None and time.monotonic() - t.interaction_at >= self.cfg.token_ttl:
+            t.interaction = None   # the bot token from now on
+        return t.interaction is not None
+
+    async def _edit_by_token(self, t: _Tracker, **kwargs: Any) -> None:
+        assert t.interaction is not None
+        if t.followup:
+            assert t.message_id is not None   # _edit: a follow-up without one is not edited
+            await t.interaction.followup.edit_message(t.message_id, **kwargs)
+            return
+        message = await t.interaction.edit_original_response(**kwargs)
+        if t.message_id is None:   # its first edit failed: learn the id, or the final post repeats
+            t.message_id = message.id
 
     # --- the final post -----------------------------------------------------------------------
 
@@ -479,6 +544,11 @@ class ProgressCog(commands.Cog, name="Progress"):
         files: list[tuple[str, bytes]] = []
         note = None
         limit = self._upload_limit(t)
+        if t.shrink >= 2:   # refused as too large even without the video (_refused)
+            return [], "The image and video are over this server's upload limit, so they could not be posted."
+        if t.shrink == 1 and png is not None:
+            # The limit the job was queued under is gone (the server lost its boosts): Discord said 413.
+            return [("final.png", png)], "The video is over this server's upload limit, so here is the final image only."
         if png is not None:
             files.append(("final.png", png))
         room = limit - (len(png) if png else 0) - 64 * 1024   # the rest of the request
@@ -530,16 +600,8 @@ class ProgressCog(commands.Cog, name="Progress"):
             except (MessageGone, NoMessage, discord.Forbidden):
                 t.dead = True
         if result_message_id is None:
-            channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
-            try:
-                # The nonce lets Discord drop a repeat of this post (a crash before mark_delivered).
-                message = await channel.send(content=final.content, files=files(), view=view,
-                                             nonce=f"imagine-{t.job_id}")
-                result_message_id = message.id
-            except (discord.NotFound, discord.Forbidden) as exc:
-                # The channel is gone or closed to the bot: no retry can post it.
-                log.error("job %s: cannot post its result in channel %s (%s %s); giving up",
-                          t.job_id, t.channel_id, exc.status, exc.text)
+            result_message_id = await self._post_new(t, final, files, view)
+            if result_message_id is None:   # nothing can post it: given up
                 await self.queue.mark_delivered(t.job_id)
                 t.delivered = True
                 return
@@ -552,6 +614,38 @@ class ProgressCog(commands.Cog, name="Progress"):
         else:
             log.info("job %s result posted (message %s)", t.job_id, result_message_id)
         t.delivered = True
+
+    async def _post_new(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]],
+                        view: discord.ui.View) -> int | None:
+        """The result as a new message; its id, or None (logged) when nothing can post it."""
+        channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
+        why: discord.HTTPException
+        try:
+            # The nonce lets Discord drop a repeat of this post (a crash before mark_delivered).
+            message = await channel.send(content=final.content, files=files(), view=view,
+                                         nonce=f"imagine-{t.job_id}")
+            return message.id
+        except discord.Forbidden as exc:
+            if self._token_live(t):
+                # The bot may not post in this channel, but the command's token may: answer there.
+                log.warning("job %s: channel %s refuses the bot's messages (%s %s); posting the result as "
+                            "a follow-up of the command", t.job_id, t.channel_id, exc.status, exc.text)
+                assert t.interaction is not None
+                try:
+                    message = await t.interaction.followup.send(content=final.content, files=files(), view=view,
+                                                                wait=True, allowed_mentions=NO_PING)
+                    return message.id
+                except discord.HTTPException as late:
+                    if late.status != 401 and late.code != INVALID_WEBHOOK_TOKEN:
+                        raise
+                    t.interaction = None   # it expired before its TTL here: as if it had
+            why = exc
+        except discord.NotFound as exc:
+            why = exc
+        # The channel is gone, or closed to the bot with the command's token expired: no retry can post it.
+        log.error("job %s: cannot post its result in channel %s (%s %s); giving up",
+                  t.job_id, t.channel_id, why.status, why.text)
+        return None
 
     async def _post_lost(self, t: _Tracker) -> None:
         """Edit the reply of a job the store lost into a notice (render.lost_text), without its Cancel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import sqlite3
 import time
 
@@ -14,7 +15,9 @@ from PIL import Image
 
 from bot import contact_sheet, permutations
 from engine.jobs import EventKind, JobState
-from tests.test_bot_support import JOB_ID_RE, claim_jobs, ephemeral_answer, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import (  # noqa: F401 - the fixture
+    JOB_ID_RE, claim_jobs, ephemeral_answer, finish_jobs, harness,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -53,6 +56,15 @@ async def _expiries(h, keys):
         return [db.execute("SELECT expires_at FROM settings WHERE key = ?", (k,)).fetchone()[0] for k in keys]
 
 
+async def _marker(h, set_id, timeout=10.0):
+    """`sheet:<id>`, once the set is closed (the marker is written just after the sheet's post)."""
+    deadline = time.monotonic() + timeout
+    while (marker := await h.queue.get_setting(f"sheet:{set_id}")) is None:
+        assert time.monotonic() < deadline, f"set {set_id} was not closed"
+        await asyncio.sleep(0.05)
+    return marker
+
+
 async def _set_jobs(h):
     records = await h.queue.history(h.fd.channel_id, limit=50)
     return sorted((r for r in records if "set" in r.spec.extra), key=lambda r: r.spec.extra["set"]["index"])
@@ -89,9 +101,10 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
         assert r.spec.extra["set"] == {"id": set_id, "size": 6, "index": i,
                                        "options": r.spec.prompt[2:].split(" house by ")}
         assert (r.spec.seed, r.spec.iterations, r.state) == (7, 2, JobState.QUEUED)
-    # One reply per job: the interaction's message for the first, channel messages for the others.
+    # One reply per job: the interaction's message for the first, its follow-ups for the others.
     assert h.job_id(first) == jobs[0].id
     assert sorted(h.job_id(m) for m in fd.channel_messages()) == sorted(r.id for r in jobs)
+    assert sorted(h.job_id(m) for m in inter.followups) == sorted(r.id for r in jobs[1:])
     assert "the limit is 6" in await ephemeral_answer(h, "imagine", {"prompt": "one more"})
 
     # The fake GPU: cancel one, fail one, finish four with a distinct colour each.
@@ -122,7 +135,7 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     for box, colour in zip(spec.boxes, colours.values()):
         tile = np.asarray(image.crop(box), dtype=np.float32)
         assert np.abs(tile - np.array(colour, dtype=np.float32)).max() <= 1.0, (box, colour)
-    marker = await h.queue.get_setting(f"sheet:{set_id}")
+    marker = await _marker(h, set_id)   # written just after the post
     assert (marker["message_id"], marker["channel_id"]) == (sheet.id, fd.channel_id)
     assert await h.queue.get_setting("sheets.open") == []
     # The set's bookkeeping is not kept forever: both keys carry an expiry (30 days by default).
@@ -218,14 +231,14 @@ async def test_set_bookkeeping_expires_and_an_expired_open_set_is_dropped(tmp_pa
 
 
 async def test_a_reply_that_fails_oddly_leaves_every_job_of_the_set_followed_and_the_sheet_posted(harness, caplog):
-    """Discord answers the second job's reply with a 200 whose body is no message (discord.py then
-    raises a KeyError, not an HTTPException). That job's reply is missing; the third job still gets
-    its reply, every job's result is posted (the second one's as a new message) and the contact
-    sheet follows: the set was recorded before the replies were sent."""
+    """Discord answers the second job's reply (a follow-up of the command) with a 200 whose body is
+    no message (discord.py then raises a KeyError, not an HTTPException). That job's reply is
+    missing; the third job still gets its reply, every job's result is posted (the second one's as
+    a new message) and the contact sheet follows: the set was recorded before the replies were sent."""
     h = harness
     await h.start()
     fd = h.fd
-    rule = fd.inject_error("POST", r"/channels/\d+/messages", 200, body={}, count=1)
+    rule = fd.inject_error("POST", r"/webhooks/\d+/[^/]+", 200, body={}, count=1)
     inter = await h.imagine("a {red, blue, golden} house", iterations=2)
     first = await h.reply_of(inter)
     await fd.wait_for(lambda: len(rule.hits) == 1, 10, "the second job's reply (answered oddly)")
@@ -247,3 +260,133 @@ async def test_a_reply_that_fails_oddly_leaves_every_job_of_the_set_followed_and
     assert "message_id" not in results[jobs[1].id] and results[jobs[1].id]["result_message_id"]
     assert len(fd.channel_messages()) == 4   # three results and the sheet
     fd.assert_clean()
+
+
+def _visible_job_ids(h):
+    return sorted(h.job_id(m) for m in h.fd.channel_messages() if JOB_ID_RE.search(m.content))
+
+
+def _result_on(fd, message) -> bool:
+    """The message shows a final result: the image and the video."""
+    return {a["filename"] for a in fd.messages[message.id].attachments} == {"final.png", "video.mp4"}
+
+
+async def test_a_set_in_a_channel_the_bot_may_not_post_in_is_answered_through_the_command(harness):
+    """The bot may not post in the channel (every channel message answers 403 / 50013), but the
+    slash command works there. Every job of the set gets its reply (the interaction's message and
+    its follow-ups: a webhook, no channel permission needed), each reply shows its job's result,
+    and the contact sheet comes as a follow-up too. Nothing pings anyone."""
+    h = harness
+    await h.start()
+    fd = h.fd
+    denied = fd.inject_error("POST", r"/channels/\d+/messages", 403,
+                             body={"message": "Missing Permissions", "code": 50013}, count=10_000)
+    inter = await h.imagine("a {red, blue, green} house", iterations=2)
+    await h.reply_of(inter)
+    jobs = await _set_jobs(h)
+    assert len(jobs) == 3
+    for r in jobs:
+        record = await h.wait_delivered(r.id, timeout=60)
+        assert record.state == JobState.DONE, record.error
+    await fd.wait_for(lambda: _sheet_messages(fd), 20, "the contact sheet")
+
+    assert _visible_job_ids(h) == sorted(r.id for r in jobs)
+    replies = [m for m in [inter.original_message, *inter.followups] if JOB_ID_RE.search(m.content)]
+    for r in jobs:
+        (reply,) = [m for m in replies if h.job_id(m) == r.id]
+        assert _result_on(fd, reply), r.spec.prompt
+        assert (await h.queue.get(r.id)).spec.reply["result_message_id"] == reply.id
+    (sheet,) = _sheet_messages(fd)
+    assert sheet.id in inter.followup_ids and "3 of 3 variations" in sheet.content
+    for m in inter.followups:
+        assert m.allowed_mentions == {"parse": []}, m.allowed_mentions
+        assert not m.data["mentions"]
+    assert not [r for r in fd.requests if r.method == "POST" and r.status == 200 and r.path.startswith("/channels/")]
+    assert denied.hits   # the sheet tried the channel first (its nonce), and fell back
+    fd.assert_clean()
+
+
+async def test_after_the_token_expired_the_follow_up_replies_are_edited_through_the_channel(harness, caplog):
+    """The same channel, the jobs finishing after the command's token expired: each reply (the
+    follow-ups too) is edited into its result with the bot token. A follow-up the user deleted
+    meanwhile cannot be replaced (a new message is refused, the token is gone): the bot says so in
+    its log and marks that job delivered; the contact sheet is given up the same way, once."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    await h.start(worker=False)
+    fd = h.fd
+    fd.inject_error("POST", r"/channels/\d+/messages", 403,
+                    body={"message": "Missing Permissions", "code": 50013}, count=10_000)
+    inter = await h.imagine("a {red, blue, green} house", iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == 2, 10, "the follow-up replies")
+    jobs = await _set_jobs(h)
+    ids = [r.id for r in jobs]
+    assert _visible_job_ids(h) == sorted(ids)
+    gone = next(m for m in inter.followups if h.job_id(m) == ids[2])
+    await fd.delete_message(gone.channel_id, gone.id)
+    fd.expire_tokens()
+    caplog.set_level(logging.INFO)
+    await claim_jobs(h.queue, ids)
+    await finish_jobs(h.queue, ids)
+    for job_id in ids:
+        await h.wait_delivered(job_id, timeout=20)
+
+    for m in [inter.original_message, *inter.followups]:
+        if m.id != gone.id:
+            assert _result_on(fd, m), m
+    assert f"job {ids[2]}: cannot post its result in channel {fd.channel_id}" in caplog.text
+    set_id = jobs[0].spec.extra["set"]["id"]
+    marker = await _marker(h, set_id)
+    assert marker["error"].startswith("403"), marker
+    sheet_tries = [r for r in fd.requests if r.method == "POST" and r.path.startswith("/channels/")
+                   and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+    assert len(sheet_tries) == 1
+
+
+async def test_a_refused_contact_sheet_is_final_and_a_failing_one_backs_off(harness, monkeypatch):
+    """A 400 (a form Discord will never take) closes the set after one post, with the error
+    marker. A 503 is tried again, but with backoff (not on every poll: each try re-renders and
+    re-uploads the sheet), and posted once Discord takes it."""
+    h = harness
+    monkeypatch.setattr(permutations, "SHEET_RETRY_FIRST", 0.5, raising=False)   # (raising: runs on code without it)
+    monkeypatch.setattr(permutations, "SHEET_RETRY_MAX", 2.0, raising=False)
+    h.config.queue.max_queued_per_user = 9
+    await h.start(worker=False)
+    fd = h.fd
+
+    def sheet_tries(since=0):
+        return [r for r in fd.requests[since:] if r.method == "POST"
+                and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+
+    async def run_set(prompt):
+        inter = await h.imagine(prompt, iterations=2)
+        await h.reply_of(inter)
+        jobs = [r for r in await _set_jobs(h) if r.spec.extra["set"]["id"] not in done_sets]
+        await claim_jobs(h.queue, [r.id for r in jobs])
+        await finish_jobs(h.queue, [r.id for r in jobs])
+        return jobs[0].spec.extra["set"]["id"]
+
+    done_sets: set[str] = set()
+    rule = fd.inject_error("POST", r"/channels/\d+/messages", 400,
+                           body={"message": "Invalid Form Body", "code": 50035}, count=10_000)
+    set_id = await run_set("a {red, blue} house")
+    done_sets.add(set_id)
+    await fd.wait_for(lambda: sheet_tries(), 10, "the first sheet post")
+    await asyncio.sleep(2.0)   # 40 polls
+    assert len(sheet_tries()) == 1
+    assert (await _marker(h, set_id))["error"].startswith("400")
+    assert set_id not in (await h.queue.get_setting("sheets.open") or [])
+    rule.remaining = 0
+
+    since = len(fd.requests)
+    rule = fd.inject_error("POST", r"/channels/\d+/messages", 503,
+                           body={"message": "Service Unavailable", "code": 0}, count=10_000)
+    set_id = await run_set("a {green, gold} house")
+    await fd.wait_for(lambda: sheet_tries(since), 10, "the first sheet post")
+    await asyncio.sleep(4.0)   # tries at 0, 0.5, 1.5, 3.5 s (80 polls)
+    assert 3 <= len(sheet_tries(since)) <= 5, len(sheet_tries(since))
+    rule.remaining = 0
+    await fd.wait_for(lambda: [r for r in sheet_tries(since) if r.status == 200], 10, "the sheet, posted")
+    marker = await _marker(h, set_id)
+    assert marker.get("message_id") and "error" not in marker

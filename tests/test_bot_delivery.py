@@ -1,0 +1,139 @@
+"""The final post when Discord refuses it: refusals (4xx other than 429) end, errors do not.
+
+After the interaction token's TTL the final post is an edit of the channel message with the bot
+token. Whatever Discord answers there that no retry can change (the channel or thread deleted:
+404 / 10003; an archived thread: 400 / 50083; an upload over a limit that shrank: 413) must end
+in a bounded number of requests: the result posted some other way (a new message, the image
+without the video) or given up with an error in the log and the job marked delivered, so that
+neither the send loop nor a restart's undelivered() tries it for ever.
+
+All over the fake Discord (real HTTP), with the real SQLite queue; the test plays the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from bot import progress
+from tests.test_bot_support import claim_jobs, finish_jobs, harness, tiny_png  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+CHANNEL_EDIT = r"/channels/{}/messages/\d+"
+CHANNEL_POST = r"/channels/{}/messages"
+
+
+def _requests(fd, method, pattern, since=0):
+    import re
+    rx = re.compile(pattern)
+    return [r for r in fd.requests[since:] if r.method == method and rx.fullmatch(r.path)]
+
+
+async def _queued_job_past_its_token(h, prompt):
+    """A job queued by /imagine whose interaction token has since expired (it waited > 14 min)."""
+    await h.start(worker=False)
+    inter = await h.imagine(prompt)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    h.fd.expire_tokens()
+    return msg, job_id
+
+
+async def test_a_deleted_channel_ends_the_final_post_at_once(harness, caplog):
+    """The channel (or thread) was deleted while the job ran: the edit answers 404 / 10003 Unknown
+    Channel. That is the message gone: the bot tries one new message (404 too), then gives up with
+    an error and marks the job delivered. No more requests, and a restart does not try again."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await _queued_job_past_its_token(h, "a channel someone deletes")
+    fd = h.fd
+    body = {"message": "Unknown Channel", "code": 10003}
+    fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 404, body=body, count=10_000)
+    fd.inject_error("POST", CHANNEL_POST.format(msg.channel_id), 404, body=body, count=10_000)
+    since = len(fd.requests)
+    caplog.set_level(logging.INFO, logger="bot.progress")
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+
+    await h.wait_delivered(job_id, timeout=10)
+    await asyncio.sleep(2.0)   # past several backoffs: nothing more is sent
+    edits = _requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)
+    assert len([r for r in edits if r.files]) == 1   # the final post's edit (the "starting" edit has none)
+    assert len(_requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
+    assert f"job {job_id}: cannot post its result in channel {msg.channel_id}" in caplog.text
+    assert job_id not in h.bot.progress.trackers
+
+    await h.stop()
+    await h.start(worker=False)
+    await asyncio.sleep(1.5)   # past reconcile_interval: undelivered() does not name it
+    assert len(_requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)) == len(edits)
+    assert len(_requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
+
+
+async def test_a_refused_final_post_is_given_up_after_a_few_tries(harness, caplog):
+    """An archived thread answers every edit and post 400 / 50083: the final post is tried
+    REFUSED_TRIES times, then given up (an error naming the job and Discord's answer), the job
+    marked delivered; not one request after that."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await _queued_job_past_its_token(h, "a thread that gets archived")
+    fd = h.fd
+    body = {"message": "Thread is archived", "code": 50083}
+    fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 400, body=body, count=10_000)
+    fd.inject_error("POST", CHANNEL_POST.format(msg.channel_id), 400, body=body, count=10_000)
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+
+    await h.wait_delivered(job_id, timeout=20)
+    await asyncio.sleep(2.0)
+    # The job's "starting" edit is refused too, once; the final post (with its files) three times.
+    tries = [r for r in _requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since) if r.files]
+    assert len(tries) == progress.REFUSED_TRIES
+    assert "Discord refused its result 3 times (400, code 50083" in caplog.text and job_id in caplog.text
+    assert job_id not in h.bot.progress.trackers
+
+
+async def test_a_server_error_is_retried_until_it_is_posted(harness):
+    """A 503 is not a refusal: the final post is retried (with backoff) past REFUSED_TRIES until
+    Discord takes it; the video is on the reply."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await _queued_job_past_its_token(h, "a flaky gateway")
+    fd = h.fd
+    rule = fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 503,
+                           body={"message": "Service Unavailable", "code": 0}, count=getattr(progress, "REFUSED_TRIES", 3) + 1)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id, timeout=60)
+    assert rule.remaining == 0
+    assert len(h.final_edits(msg.id)) == 1
+    assert {a["filename"] for a in fd.messages[msg.id].attachments} == {"final.png", "video.mp4"}
+
+
+async def test_an_upload_over_a_limit_that_shrank_posts_the_image_alone(harness):
+    """The job was queued under a 10 MiB limit; the server has since lost its boosts and Discord
+    answers the final post 413. The bot posts the final image without the video, saying why,
+    rather than uploading the same request for ever."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    await h.start(worker=False)
+    fd = h.fd
+    inter = await h.imagine("a server that loses its boosts")
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    fd.attachment_size_limit = len(tiny_png(9, 9)) + 16   # the image fits, the image and the video do not
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+
+    await h.wait_delivered(job_id, timeout=20)
+    refused = [r for r in fd.requests[since:] if r.status == 413]
+    assert len(refused) == 1
+    final = fd.messages[msg.id]
+    assert [a["filename"] for a in final.attachments] == ["final.png"]
+    assert "video is over this server's upload limit" in final.content
+    assert f"imagine:reroll:{job_id}" in final.custom_ids
