@@ -9,7 +9,9 @@ URL is --queue, else the IMAGINE_QUEUE_URL environment variable, else [queue] ur
 belongs in the variable: a command line shows in `ps`); it is logged with the password masked.
 Without --config the bot reads ./config.toml, or runs on the built-in defaults when there is none
 (a log line says so). A missing --config file, an invalid config or token, a queue that cannot be opened
-or a shard count Discord refuses exits with status 2 and a message that says what to fix.
+or a shard count Discord refuses exits with status 2 and a message that says what to fix. A Discord
+that cannot be reached (DNS, network, proxy) exits with status 1 and one line: nothing in the
+settings is wrong, so a supervisor that restarts on failure tries again later.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import discord
 
 from bot.config import QUEUE_URL_ENV, Config, ConfigError, check_token, choose_queue_url, load_config
 from bot.launcher import LaunchError
 
 EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 1   # Discord unreachable: transient, a restart later may work; no setting to fix
 DEFAULT_CONFIG = "config.toml"   # read when present and no --config is given
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "config.example.toml"   # in a source checkout
 log = logging.getLogger("bot")
@@ -172,6 +176,23 @@ def shard_error(code: int, shard_count: int) -> str | None:
     return None
 
 
+def unreachable(exc: BaseException, token: str) -> str:
+    """One line for a Discord that cannot be reached: where, and the network's reason (never the token)."""
+    from discord.http import Route
+
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError):
+        reason = os_error.strerror or str(os_error)
+    else:
+        reason = str(exc)
+    reason = " ".join(reason.split()) or type(exc).__name__
+    host = getattr(exc, "host", None)
+    where = f"{host}:{getattr(exc, 'port', 443)}" if host else Route.BASE
+    message = (f"cannot reach Discord at {where}: {reason}; check this host's network, DNS and proxy "
+               "(and https://discordstatus.com)")
+    return message.replace(token, "***") if token else message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -191,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         print(f"imagine-bot: {exc}", file=sys.stderr)
         return exc.exit_code
+    except aiohttp.ClientConnectionError as exc:   # DNS, refused, reset, timed out: no traceback
+        print(f"imagine-bot: {unreachable(exc, token)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except discord.LoginFailure:
         print("imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
               "Developer Portal (Bot > Reset Token)", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -64,8 +65,9 @@ class WorkerConfig:
     max_batch: int = 1            # 0: as many as fit in free GPU memory (engine.capacity; 1 on a CPU)
     worker_id: str = ""
     # Prune finished, posted jobs older than this many days, and uploads no job names that old
-    # (0: never prune; else at least 1/24, an hour: engine.jobs.MIN_KEEP_DAYS).
-    keep_days: float = 0.0
+    # (0: never prune; else at least 1/24, an hour: engine.jobs.MIN_KEEP_DAYS). Each finished job
+    # keeps its 48-192 MiB state.pt until then (imagine-worker --keep-days has the same default).
+    keep_days: float = 30.0
     # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
     encoder: str = "openai"
     # torch.compile the hot loop: "" (off), "inductor", "inductor:reduce-overhead" (CUDA graphs
@@ -183,6 +185,24 @@ class Config:
 
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")   # as imagine-worker --device
+
+
+def _check_compile_backend(value: str) -> None:
+    """ValueError unless the backend of a `compile` setting is one this torch has (an unknown one
+    passed here and killed the embedded worker's GPU thread at its first batch). Imports torch only
+    when compile is set; without torch (no worker can run here) only its form is checked."""
+    options = compile_options(value)
+    if options is None:
+        return
+    try:
+        import torch._dynamo
+    except ImportError:   # pragma: no cover - torch is a dependency
+        return
+    known = sorted(torch._dynamo.list_backends(exclude_tags=()))
+    if options["backend"] not in known:
+        shown = [b for b in known if "TESTING" not in b]
+        raise ValueError(f"compile {value!r}: torch has no backend {options['backend']!r} (known: {', '.join(shown)})")
 # One process runs every shard: far beyond what one process can hold is a typo, not a plan.
 MAX_SHARDS = 1024
 
@@ -270,8 +290,10 @@ def _validate(cfg: Config) -> None:
     for i, digest in enumerate(cfg.worker.known_sha256):
         need(len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest),
              f"[worker] known_sha256[{i}]: expected a SHA-256 as 64 hex digits (sha256sum FILE), got {digest!r}")
+    need(bool(_DEVICE.fullmatch(cfg.worker.device)),
+         f"[worker] device: expected auto, cpu, cuda or cuda:N (cuda:1 ...), got {cfg.worker.device!r}")
     try:
-        compile_options(cfg.worker.compile)
+        _check_compile_backend(cfg.worker.compile)
     except ValueError as exc:
         raise ConfigError(f"[worker] {exc}") from None
     need(0 <= cfg.http.port <= 65535, "[http] port: must be between 0 (off) and 65535")

@@ -2,7 +2,9 @@
 
 Writes DIR/frames/000000.png, 000050.png, ... (iteration 0, every K, and the last), DIR/final.png,
 DIR/video.mp4 and DIR/run.json (prompt, settings, seed, the similarity at every frame, timings).
-Bad arguments print one line and exit with code 2.
+Bad arguments print one line and exit with code 2, and write nothing: an --out folder that is not
+empty is refused (a new run there would mix its files with the old ones). Ctrl-C prints one line,
+says what is left in --out (frames, no run.json: run.json is written last), and exits with 130.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +39,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 SEED_MAX = 2**32 - 1     # as the bot's `seed` option
+# Upper bounds: far above what the bot allows ([imagine] max_iterations 1000, cutn 12), room for a
+# big GPU (100x the seed preset's steps; 20x its cut-outs, whose memory grows linearly: not measured
+# at 256 on a GPU), low enough that a typo is refused at once instead of failing in the allocator.
+MAX_ITERATIONS = 100_000
+MAX_CUTN = 256
+GRIDS = (32, 64)
+EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -58,7 +69,7 @@ def _fps(text: str) -> float:
     return value
 
 
-def _positive(name: str):
+def _positive(name: str, most: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -66,6 +77,8 @@ def _positive(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, not {text!r}")
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {most}, not {value}")
         return value
     return parse
 
@@ -73,15 +86,20 @@ def _positive(name: str):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imagine", description="Render a prompt with CLIP + the DALL-E dVAE decoder.")
     p.add_argument("prompt", help='what to draw; weighted parts: "a house | by Escher:0.5 | blurry:-1"')
-    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: created, or an existing empty one (a non-empty one is refused)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="seed",
                    help="seed = the article's 512x512, 1000 steps (default); normal; draft")
-    p.add_argument("--iterations", type=_positive("--iterations"))
-    p.add_argument("--frame-every", type=_positive("--frame-every"), default=50)
+    p.add_argument("--iterations", type=_positive("--iterations", MAX_ITERATIONS),
+                   help=f"optimisation steps, 1-{MAX_ITERATIONS} (default: the preset's)")
+    p.add_argument("--frame-every", type=_positive("--frame-every", MAX_ITERATIONS), default=50,
+                   help="save a frame every K iterations (default 50)")
     p.add_argument("--seed", type=_seed, default=None,
                    help=f"random seed, 0-{SEED_MAX} (default: random, recorded in run.json)")
-    p.add_argument("--grid", type=int, choices=(32, 64), help="32 -> 256x256, 64 -> 512x512")
-    p.add_argument("--cutn", type=_positive("--cutn"))
+    p.add_argument("--grid", type=int, choices=GRIDS, help="32 -> 256x256, 64 -> 512x512")
+    p.add_argument("--cutn", type=_positive("--cutn", MAX_CUTN),
+                   help=f"random cut-outs CLIP sees per step, 1-{MAX_CUTN} (default: the preset's; "
+                        "memory grows with it)")
     p.add_argument("--clip-model", default="ViT-B/32", help="a CLIP model name or a local file")
     p.add_argument("--decoder", default="openai", help="'openai' (download once) or a local decoder file")
     p.add_argument("--trust-decoder", action="store_true",
@@ -103,18 +121,88 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Written:
+    """What this run has put in --out so far, for the one line a failure or Ctrl-C prints."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.created_out = False   # --out did not exist: this run made it
+        self.frames = 0
+        self.files: list[str] = []
+
+    def tidy(self) -> None:
+        """Nothing written yet: remove the empty frames/ (and --out, when this run made it)."""
+        if self.frames or self.files:
+            return
+        for folder in (self.out / "frames", self.out if self.created_out else None):
+            if folder is not None:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+    def left(self) -> str:
+        if not self.frames and not self.files:
+            return "nothing was written"
+        what = ([f"{self.frames} frame{'s' if self.frames != 1 else ''} in frames/"] if self.frames else []) + self.files
+        return (f"{self.out} holds an unfinished run ({', '.join(what)}; no run.json): "
+                "delete it, or pass another --out, to run again")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    written = _Written(args.out)
     try:
-        return _run(args)
+        return _run(args, written)
     except UsageError as exc:
-        print(f"imagine: error: {exc}", file=sys.stderr)
+        written.tidy()
+        after = f" ({written.left()})" if written.frames or written.files else ""
+        print(f"imagine: error: {exc}{after}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        written.tidy()
+        print(f"imagine: interrupted; {written.left()}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace) -> int:
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def one_line(text: str) -> str:
+    """`text` as one line for an operator: ANSI escapes gone, its first non-empty line, spaces collapsed."""
+    lines = [" ".join(line.split()) for line in _ANSI.sub("", str(text)).splitlines()]
+    return next((line for line in lines if line), "")
+
+
+def model_error(exc: BaseException) -> str:
+    """A ModelLoadError as one line that says which file and what was expected. torch's own text
+    (several lines, ANSI escapes, advice to unpickle the file anyway, or a bare number) is
+    replaced by its exception's type."""
+    text = str(exc)
+    cause = exc.__cause__
+    cause_text = str(cause) if cause is not None else ""
+    if cause is not None and cause_text and text.endswith(cause_text):
+        text = f"{text[:-len(cause_text)].rstrip().rstrip(':')} ({type(cause).__name__})"
+    text = one_line(text)
+    if text.startswith("CLIP file "):
+        text += ("; expected OpenAI's CLIP TorchScript archive (such as ViT-B-32.pt), a CLIP state dict, "
+                 "or a model name such as ViT-B/32")
+    elif text.startswith("dVAE ") and cause is not None:
+        text += "; expected a dall_e pickle such as OpenAI's decoder.pkl / encoder.pkl, or its .safetensors copy"
+    return text
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "can't allocate memory"))
+    )
+
+
+def _run(args: argparse.Namespace, written: _Written) -> int:
     import secrets
 
     import torch
@@ -135,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"imagine: warning: {note}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is available")
+        raise UsageError("--device cuda, but no CUDA device is available (--device cpu runs on the CPU)")
     preset = PRESETS[args.preset]
     settings = GenerationSettings(
         iterations=args.iterations or preset["iterations"],
@@ -164,10 +252,16 @@ def _run(args: argparse.Namespace) -> int:
         models = load_models(args.clip_model, args.decoder, device, args.cache_dir or DEFAULT_CACHE,
                              args.trust_decoder, encoder=args.encoder if init_image else None)
     except ModelLoadError as exc:
-        raise UsageError(str(exc))
+        raise UsageError(model_error(exc))
     load_seconds = time.perf_counter() - t0
+    if parent_state is not None:   # its vocabulary is the decoder's: known now, before --out is made
+        vocab = parent_state["logits"].shape[1]
+        if vocab != models.vocab_size:
+            raise UsageError(f"--from-run {args.from_run}: state.pt has {vocab} codes per cell, but the decoder "
+                             f"has {models.vocab_size} (a run made with another decoder?)")
 
     frames_dir = out / "frames"
+    written.created_out = not out.exists()
     try:
         frames_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -177,6 +271,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def on_frame(frame) -> None:
         (frames_dir / f"{frame.iteration:06d}.png").write_bytes(frame.png())
+        written.frames += 1
         records.append({"iteration": frame.iteration, "similarity": frame.similarity,
                         "similarities": frame.similarities,
                         "loss": None if frame.loss != frame.loss else frame.loss,
@@ -190,15 +285,26 @@ def _run(args: argparse.Namespace) -> int:
     if init_image is not None:
         init_logits = init_logits_from_image(models, init_image, settings.grid)
     targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
-    result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets)
-    bar.close()
+    try:
+        result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets)
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise UsageError(f"out of {'GPU ' if device == 'cuda' else ''}memory at --grid {settings.grid} --cutn "
+                         f"{settings.cutn}: lower --cutn (or --grid), or close what else uses the "
+                         f"{'GPU' if device == 'cuda' else 'memory'}") from None
+    finally:
+        bar.close()
     (out / "final.png").write_bytes(result.final.png())
+    written.files.append("final.png")
     from engine.generate import compact_state, state_to_bytes
 
     # for --from-run; compact (half the bytes, the same picture), like the bot's state.pt
     (out / "state.pt").write_bytes(state_to_bytes(compact_state(result.state)))
+    written.files.append("state.pt")
     t1 = time.perf_counter()
     video.encode_frames([f.pixels for f in result.frames], out / "video.mp4", fps=args.fps)
+    written.files.append("video.mp4")
     video_seconds = time.perf_counter() - t1
     run = {
         "prompt": args.prompt,
@@ -219,8 +325,10 @@ def _run(args: argparse.Namespace) -> int:
         "warnings": result.warnings,
     }
     # UTF-8 whatever the locale; file names the locale could not decode are written as their bytes.
-    (out / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
-                                  errors="surrogateescape")
+    # Last, and whole or not at all: a run.json says the run finished.
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8", errors="surrogateescape")
+    os.replace(tmp, out / "run.json")
     print(f"wrote {out / 'final.png'} and {out / 'video.mp4'} (similarity {result.final.similarity:.4f})")
     return 0
 
@@ -240,18 +348,44 @@ def _utf8_argument(text: str) -> str:
 
 
 def _check_out(out: Path) -> None:
-    """--out must be a folder, or a path one can be made at (checked before the models load)."""
+    """--out must be an empty folder we can write in, or a path one can be made at (checked before
+    the models load, by writing and removing a probe file: permissions, read-only file systems, and
+    root, for whom os.access says yes to everything)."""
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
+        try:
+            entries = next(os.scandir(out), None)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot read it ({exc.strerror or exc})")
+        if entries is not None:
+            raise UsageError(f"--out {out} is not empty (a new run would mix with what is there): "
+                             f"choose another folder, e.g. --out {_free_name(out)}")
+        _probe(out, f"--out {out}: cannot write in it")
         return
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"--out {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: cannot create it in {parent} (no permission)")
+    _probe(parent, f"--out {out}: cannot create it in {parent}")
+
+
+def _probe(folder: Path, message: str) -> None:
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".imagine-probe-")
+    except OSError as exc:
+        raise UsageError(f"{message} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _free_name(out: Path) -> Path:
+    """`out-2`, `out-3`, ...: the first that does not exist, to suggest."""
+    n = 2
+    while out.with_name(f"{out.name}-{n}").exists():
+        n += 1
+    return out.with_name(f"{out.name}-{n}")
 
 
 def _read_state(run_dir: Path) -> dict:
@@ -271,6 +405,14 @@ def _read_state(run_dir: Path) -> dict:
     logits = state.get("logits") if isinstance(state, dict) else None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[-1] != logits.shape[-2]:
         raise UsageError(f"--from-run {run_dir}: state.pt holds no imagine state (no square logits)")
+    # [1, vocab, grid, grid]: one picture, a grid imagine renders (the vocabulary is checked
+    # against the decoder once it is loaded, still before anything is written).
+    if logits.shape[0] != 1 or logits.shape[1] < 2 or not logits.is_floating_point():
+        raise UsageError(f"--from-run {run_dir}: state.pt holds logits of shape {list(logits.shape)}, "
+                         "not one picture's [1, codes, grid, grid]")
+    if logits.shape[-1] not in GRIDS:
+        raise UsageError(f"--from-run {run_dir}: state.pt has grid {logits.shape[-1]}; imagine renders grid "
+                         f"{' or '.join(map(str, GRIDS))}")
     # Only the logits start the new run: a compact state.pt's fp16 ones back to fp32.
     return dict(state, logits=logits.float())
 

@@ -305,8 +305,10 @@ class Slot:
         self.generator.manual_seed(settings.seed)
         if init_logits is None:
             init_logits = random_one_hot_logits(models.vocab_size, settings.grid, self.generator, models.device)
-        if init_logits.shape[1:] != (models.vocab_size, settings.grid, settings.grid):
-            raise ValueError(f"initial logits {tuple(init_logits.shape)} do not fit grid {settings.grid}")
+        want = (1, models.vocab_size, settings.grid, settings.grid)
+        if tuple(init_logits.shape) != want:   # one job's logits: a batch of them is not a start
+            raise ValueError(f"initial logits {tuple(init_logits.shape)} do not fit this job's {want} "
+                             f"(grid {settings.grid})")
         self.logits = torch.nn.Parameter(init_logits.detach().clone().float().to(models.device))  # [1, V, g, g]
         self.optimizer = torch.optim.Adam([self.logits], lr=settings.lr)
         self.iteration = 0
@@ -314,6 +316,9 @@ class Slot:
         # done only when a frame is taken (`last_loss`).
         self.loss: torch.Tensor | None = None
         self.started = time.perf_counter()
+        # The device type whose generator state load_state could not take (None: none such): the
+        # run then continues with noise of its own (see load_state).
+        self.reseeded_from: str | None = None
         if checkpoint is not None:
             self.load_state(checkpoint)
 
@@ -365,8 +370,45 @@ class Slot:
         with torch.no_grad():
             self.logits.copy_(state["logits"].to(self.logits.device))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"].to(self.generator.get_state().device))
         self.iteration = int(state["iteration"])
+        self._load_generator(state["generator"])
+
+    # A generator's state (a uint8 tensor) tells its device type by its size: CPU's Mersenne Twister
+    # keeps 5056 bytes, CUDA's Philox a seed and an offset (16 bytes).
+    _GENERATOR_KINDS = {5056: "CPU", 16: "CUDA"}
+
+    def _load_generator(self, saved: Any) -> None:
+        """The saved random generator, when this device's generator can take it. A state saved on
+        another device type (a checkpoint or Continue made on a CUDA worker, resumed on a CPU one,
+        or the reverse: a mixed fleet) cannot be: the two generators have nothing in common. The
+        run is not failed for that (the job would fail on every worker of this type, retried for
+        nothing): its logits, optimiser and iteration are taken exactly and the generator is
+        seeded anew, deterministically (from the job's seed and the iteration), so it continues
+        with different noise than it would have drawn where it started. The frames already made
+        stay as they were; other device types compute slightly differently anyway, so an exact
+        replay across them was never on offer. `reseeded_from` says it happened, and it is logged."""
+        current = self.generator.get_state()
+        if not torch.is_tensor(saved) or saved.dtype != torch.uint8 or saved.dim() != 1:
+            raise ValueError(f"this state's random generator is not a generator state "
+                             f"({type(saved).__name__} {getattr(saved, 'dtype', '')}): the state is damaged")
+        if saved.numel() == current.numel():
+            self.generator.set_state(saved.to(current.device))
+            return
+        mine = self._GENERATOR_KINDS.get(current.numel(), self.generator.device.type.upper())
+        theirs = self._GENERATOR_KINDS.get(saved.numel())
+        if theirs is None or theirs == mine:
+            raise ValueError(f"this state's random generator ({saved.numel()} bytes) was saved on a device "
+                             f"type this {mine} worker does not know: the state cannot be resumed here")
+        import hashlib
+
+        seed = int.from_bytes(hashlib.sha256(f"{self.settings.seed}:{self.iteration}:{theirs}".encode())
+                              .digest()[:8], "big") & (2**63 - 1)
+        self.generator.manual_seed(seed)
+        self.reseeded_from = theirs
+        log.warning("job %s: this state's random generator was saved on a %s worker, which this %s worker "
+                    "cannot take: it resumes at iteration %d with the same logits and optimiser state, and "
+                    "a new generator seeded from the job's seed and the iteration (different noise from "
+                    "there on)", self.key, theirs, mine, self.iteration)
 
 
 def _cpu_copy(value: Any) -> Any:

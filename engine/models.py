@@ -285,7 +285,7 @@ def load_dvae(
         if not path.is_file():
             _download(DVAE_URLS[part], path, None,
                       f" A file placed there by hand is not pinned as a download is, so it is unpickled "
-                      f"only if you trust it: {trust_hint}, or list its SHA-256 in known_sha256.")
+                      f"only if you trust it: {trust_hint}.")
             pin_file.write_text(sha256_of(path) + "\n")
         pinned = pin_file.read_text().strip() if pin_file.is_file() else None
     else:

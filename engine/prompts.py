@@ -24,7 +24,18 @@ class PromptError(ValueError):
     """A prompt the engine refuses; the message says what to fix."""
 
 
-_WEIGHT = re.compile(r"^(?P<text>.*?):\s*(?P<weight>[+-]?(\d+(\.\d*)?|\.\d+))\s*$", re.S)
+# Signs as people type them: ASCII, and the Unicode minus (U+2212) that word processors and phone
+# keyboards substitute, its small and full-width forms, the full-width plus.
+_MINUS = "\u2212\ufe63\uff0d"
+_PLUS = "\uff0b"
+_SIGN = f"[+\\-{_MINUS}{_PLUS}]"
+_NUMBER = rf"{_SIGN}?(\d+(\.\d*)?|\.\d+)([eE]{_SIGN}?\d+)?"   # 0.5, -1, .5, -1e1, 1E-2
+_WEIGHT = re.compile(rf"^(?P<text>.*?):\s*(?P<weight>{_NUMBER})\s*$", re.S)
+# What follows a part's last ':' that is meant as a weight but is no number the parser takes:
+# nan / inf (never a weight), a decimal comma (0,5), a sign then digits with junk (-1x, -1.5.2).
+# Read as text, such a part would get weight +1: "push away" turned into "pull toward".
+_NOT_A_WEIGHT = re.compile(rf"^{_SIGN}?(nan|inf|infinity)$|^{_SIGN}?\d+,\d+$|^{_SIGN}[\d.]", re.I)
+_SIGNS = str.maketrans({c: "-" for c in _MINUS} | {_PLUS: "+"})
 
 
 def _quote(text: str, limit: int = 40) -> str:
@@ -56,7 +67,14 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
         if not has_visible_text(raw):
             raise PromptError("an empty part between '|' separators: remove the extra '|'")
         match = _WEIGHT.match(raw)
-        text, weight = (match["text"].strip(), float(match["weight"])) if match else (raw, 1.0)
+        if match:
+            text, weight = match["text"].strip(), float(match["weight"].translate(_SIGNS))
+        else:
+            text, weight = raw, 1.0
+            head, colon, tail = raw.rpartition(":")
+            if colon and has_visible_text(head) and _NOT_A_WEIGHT.match(tail.strip()):
+                raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "
+                                  "weight: write a number between -100 and 100 (e.g. blurry:-1 or by Escher:0.5)")
         if not has_visible_text(text):
             raise PromptError(f"the part {_quote(raw)} has a weight but no text")
         if not math.isfinite(weight) or abs(weight) > 100:

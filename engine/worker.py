@@ -500,20 +500,38 @@ class Worker:
         previous, run.last_frame = run.last_frame, asyncio.current_task()
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        png = await asyncio.to_thread(frame.png)
+        # Every failure here is logged here, once: these tasks' exceptions are gathered (and
+        # dropped) by whoever waits for them. The job runs on: a frame missing from the channel or
+        # a checkpoint missing (a crash then resumes from the one before) is not worth failing it.
+        try:
+            png = await asyncio.to_thread(frame.png)
+        except Exception:  # noqa: BLE001
+            log.warning("job %s: the frame at iteration %d could not be encoded: dropped (not in the "
+                        "video)", job_id, frame.iteration, exc_info=True)
+            return
         run.frames_png.append(png)
         run.frames_pixels.append(frame.pixels)
         run.similarity = frame.similarity
         # Fenced writes: refused once this run's claim is over (lease lost, taken over, finished),
         # even when this worker has claimed the job again since (that run has another lease).
-        ok = await self.queue.publish(JobEvent(
-            job_id=job_id, kind=EventKind.PROGRESS, iteration=frame.iteration, total=frame.total,
-            similarity=frame.similarity, frame_png=png,
-        ), run.lease)
-        if ok and state is not None:
-            data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
-            ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
-        if not ok and not run.cancel.is_set():
+        ok: bool | None
+        try:
+            ok = await self.queue.publish(JobEvent(
+                job_id=job_id, kind=EventKind.PROGRESS, iteration=frame.iteration, total=frame.total,
+                similarity=frame.similarity, frame_png=png,
+            ), run.lease)
+        except Exception:  # noqa: BLE001 - the next frame tries again
+            log.warning("job %s: publishing the frame at iteration %d failed (the store refused it or is "
+                        "unreachable)", job_id, frame.iteration, exc_info=True)
+            ok = None     # not known to be lost: its checkpoint is still tried (fenced)
+        if ok is not False and state is not None:
+            try:
+                data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
+                ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
+            except Exception:  # noqa: BLE001 - a crash resumes from the previous checkpoint instead
+                log.warning("job %s: its checkpoint at iteration %d could not be saved (a crash now would "
+                            "resume from the one before)", job_id, frame.iteration, exc_info=True)
+        if ok is False and not run.cancel.is_set():
             log.warning("job %s is no longer ours (lease lost or taken over): stopping it here", job_id)
             run.cancel.set()  # the GPU thread drops the slot; _on_stopped follows
 
@@ -558,9 +576,15 @@ class Worker:
         if run is None:
             return
         job_id = run.record.id
-        record = await self.queue.get(job_id)
+        try:
+            record = await self.queue.get(job_id)
+            if record is not None and record.cancel_requested and record.lease_id == run.lease:
+                await self.queue.mark_cancelled(job_id, run.lease)
+        except Exception:  # noqa: BLE001 - nobody awaits this task's result: say it here
+            log.warning("job %s: could not mark it cancelled (its lease expires and the sweep cancels it)",
+                        job_id, exc_info=True)
+            return
         if record is not None and record.cancel_requested and record.lease_id == run.lease:
-            await self.queue.mark_cancelled(job_id, run.lease)
             log.info("job %s cancelled", job_id)
             self._observe("job_ended", run.record, "cancelled")
         else:
@@ -749,9 +773,13 @@ def _decode_png(data: bytes):
 
 # --- imagine-worker ----------------------------------------------------------------------------
 
+import re  # noqa: E402 - the command line's part of this module
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from engine.cli import _Parser   # one-line usage errors, exit 2
+
+    p = _Parser(
         prog="imagine-worker",
         description="Run a GPU worker for imagine-bot's queue (one process per GPU).",
         epilog="Health and metrics: --http-port 9100 serves /healthz (200 or 503, JSON) and /metrics "
@@ -764,30 +792,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="openai")
     p.add_argument("--trust-decoder", action="store_true",
                    help="allow unpickling a dVAE file (decoder and --encoder) whose hash is not known good")
+    p.add_argument("--known-sha256", action="append", default=[], type=_sha256, metavar="HEX",
+                   help="the SHA-256 (sha256sum FILE) of a dVAE decoder / encoder pickle you checked, to unpickle "
+                        "without --trust-decoder, e.g. one placed in the cache by hand (repeatable; as the bot's "
+                        "[worker] known_sha256)")
     p.add_argument("--encoder", default="", metavar="NAME_OR_PATH",
                    help="dVAE encoder for init images: 'openai' (downloaded, pinned) or a local file "
                         "(default: none; jobs with an init image then fail on this worker)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default="auto", metavar="auto|cuda|cuda:N|cpu",
+    p.add_argument("--device", default="auto", type=_device, metavar="auto|cuda|cuda:N|cpu",
                    help="auto (the default): cuda when this host has a CUDA GPU, else the worker does not "
                         "start (a CPU worker would claim shared jobs at ~11 s a step); cpu runs on the CPU anyway")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="jobs stepped together; default: as many as fit in free GPU memory (1 on a CPU)")
+    p.add_argument("--max-batch", type=_max_batch, default=None, metavar="N",
+                   help="jobs stepped together, at least 1; 0 or unset (the default): as many as fit in free "
+                        "GPU memory (1 on a CPU)")
     p.add_argument("--worker-id", default=None)
     p.add_argument("--compile", nargs="?", const="inductor", default="", type=_compile, metavar="BACKEND[:MODE]",
                    help="torch.compile the hot loop (off by default: unmeasured on a GPU; docs/PERFORMANCE.md): "
-                        "inductor (alone: --compile), inductor:reduce-overhead (CUDA graphs too), eager")
-    p.add_argument("--keep-days", type=_keep_days, default=None, metavar="N",
+                        "inductor (alone: --compile), inductor:reduce-overhead (CUDA graphs too), eager, or "
+                        "another backend torch._dynamo.list_backends() names")
+    p.add_argument("--keep-days", type=_keep_days, default=DEFAULT_KEEP_DAYS, metavar="N",
                    help="delete jobs finished and delivered more than N days ago (records, images, videos, "
                         "state), uploaded pictures no job names that are N days old, and (SQLite) expired "
-                        "settings, checked hourly; Continue/Remix of a pruned job then say 'gone'. N is 0 "
-                        "(never, the default) or at least 1/24 (an hour)")
+                        "settings, checked hourly; Continue/Remix of a pruned job then say 'gone'. N is "
+                        f"{DEFAULT_KEEP_DAYS:g} by default, 0 (never) or at least 1/24 (an hour)")
     p.add_argument("--checkpoint-every", type=_checkpoint_every, default=DEFAULT_CHECKPOINT_EVERY, metavar="SECONDS",
                    help="seconds between two checkpoints of a running job, taken at its frames (default "
                         f"{DEFAULT_CHECKPOINT_EVERY:g}; 0: every frame); a stopping worker checkpoints its jobs anyway")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
-    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--http-port", type=_port, default=None, metavar="PORT",
                    help="serve /healthz and /metrics on this port (default: no HTTP server)")
     p.add_argument("--http-host", default="127.0.0.1", metavar="HOST",
                    help="address for --http-port (default 127.0.0.1; 0.0.0.0 in a container)")
@@ -812,15 +846,102 @@ def _number(check: Callable[[float], Any], unit: str) -> Callable[[str], Any]:
 # --checkpoint-every: seconds, at least 0.
 _keep_days = _number(check_keep_days, "days")
 _checkpoint_every = _number(check_checkpoint_every, "seconds")
+# A finished job's state.pt is 48-192 MiB: kept for ever by default, a worker fills its disk.
+DEFAULT_KEEP_DAYS = 30.0
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device(text: str) -> str:
+    """--device: auto, cpu, cuda, cuda:N (torch's own error for `gpu` is a traceback at model load)."""
+    value = text.strip().lower()
+    if not _DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"expected {DEVICE_FORMS}, got {text!r}")
+    return value
+
+
+def _max_batch(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (0: as many as fit), got {value}")
+    return value or None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port, 0 (any free one) to 65535, got {text!r}")
+    return value
+
+
+def _sha256(text: str) -> str:
+    value = text.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise argparse.ArgumentTypeError(f"expected a SHA-256 as 64 hex digits (sha256sum FILE), got {text!r}")
+    return value
+
+
+def compile_backends() -> list[str]:
+    """The torch.compile backends this torch knows (debug ones such as eager included), plugins too."""
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def check_compile(value: str) -> None:
+    """ValueError unless `value` is a compile setting engine.compiling accepts, naming a backend this
+    torch has: an unknown one used to pass here and kill the GPU thread at its first batch."""
+    options = compile_options(value)
+    if options is None:
+        return
+    known = compile_backends()
+    if options["backend"] not in known:
+        shown = [b for b in known if "TESTING" not in b]
+        raise ValueError(f"compile {value!r}: torch has no backend {options['backend']!r} "
+                         f"(known: {', '.join(shown)})")
 
 
 def _compile(text: str) -> str:
-    """--compile: a setting engine.generate.compile_options accepts."""
+    """--compile: a setting engine.compiling.compile_options accepts, with a backend torch knows."""
     try:
-        compile_options(text)
+        check_compile(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def check_queue_url(url: str) -> str | None:
+    """Why `url` cannot be a queue URL (its password masked), or None: the scheme, and the numbers
+    in its query string (`?lease=abc` was a float() traceback)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from engine.queue import redact_url
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    # unix:// (a Redis socket) is left out: the Redis backend's connection options do not fit it.
+    if scheme not in ("redis", "rediss", "sqlite", "file", ""):
+        return f"expected redis://host:6379/0, rediss://..., or sqlite:///path.db, got {redact_url(url)!r}"
+    query = urlsplit(url).query if scheme in ("redis", "rediss") else url.partition("?")[2]
+    checks = {"lease": (float, 0.0, "a number of seconds above 0"),
+              "max_attempts": (int, 1, "a whole number, at least 1"),
+              "busy_timeout": (float, -1.0, "a number of seconds, at least 0")}
+    for key, text in parse_qsl(query, keep_blank_values=True):
+        if key not in checks:
+            continue
+        kind, floor, what = checks[key]
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= floor:
+            return f"?{key}= in {redact_url(url)!r} must be {what}, got {text!r}"
+    return None
 
 
 def _redact(url: str) -> str:
@@ -830,10 +951,17 @@ def _redact(url: str) -> str:
     return redact_url(url)
 
 
+def _say(message: str) -> int:
+    """A setting to fix, in one line: exit status 2 (1 means "my GPU thread died, restart me")."""
+    print(f"imagine-worker: {message}", file=sys.stderr)
+    return 2
+
+
 async def _serve(args: argparse.Namespace) -> int:
-    from engine.models import DEFAULT_CACHE, load_models
+    from engine.cli import model_error, one_line
+    from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
     from engine.observability import Observability, queue_check, worker_check
-    from engine.queue import open_queue
+    from engine.queue import open_queue, redact_secrets
 
     device = args.device
     if device == "auto":   # before the queue: a worker that would not run must not claim anything
@@ -844,14 +972,31 @@ async def _serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             raise SystemExit(2)
         device = "cuda"
-    queue = open_queue(args.queue)
-    await queue.start()
+    elif device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            return _say(f"--device {device}: this host has {count or 'no'} CUDA GPU{'s' if count != 1 else ''}"
+                        + (f" (cuda:0 to cuda:{count - 1})" if count else "; --device cpu runs on the CPU"))
+    try:
+        queue = open_queue(args.queue)
+    except Exception as exc:  # noqa: BLE001 - a URL main() did not catch: say so, not a traceback
+        return _say(f"--queue: {one_line(redact_secrets(str(exc), args.queue))}")
+    try:
+        await queue.start()
+    except Exception as exc:  # noqa: BLE001 - a server that is down, a wrong host or password: one line
+        with contextlib.suppress(Exception):
+            await queue.close()
+        detail = one_line(redact_secrets(str(exc), args.queue)).rstrip(".") or type(exc).__name__
+        return _say(f"cannot open the queue {_redact(args.queue)}: {detail}; check --queue / IMAGINE_QUEUE_URL "
+                    "and that its server is up")
     log.info("queue %s", _redact(args.queue))
     cache = args.cache_dir or DEFAULT_CACHE
     worker = Worker(
         queue,
         lambda: load_models(args.clip_model, args.decoder, device, cache, args.trust_decoder,
-                            encoder=args.encoder or None),
+                            encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
+                            trust_hint=TRUST_HINT_WORKER),
         worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days, compile=args.compile,
         checkpoint_every=args.checkpoint_every,
     )
@@ -873,7 +1018,12 @@ async def _serve(args: argparse.Namespace) -> int:
                 print(f"imagine-worker: cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}",
                       file=sys.stderr)
                 return 2
-        await worker.start()
+        try:
+            await worker.start()
+        except ModelLoadError as exc:   # a missing, corrupt, untrusted or undownloadable model file
+            return _say(model_error(exc))
+        except OSError as exc:   # the model cache cannot be made or written, say
+            return _say(f"cannot load the models: {one_line(str(exc))} (--cache-dir {cache})")
         return await until_stopped_or_gpu_dead(worker, stop)
     finally:
         await worker.stop()
@@ -897,13 +1047,21 @@ async def until_stopped_or_gpu_dead(worker: Worker, stop: asyncio.Event, poll: f
     return 0
 
 
+TRUST_HINT_WORKER = "pass --trust-decoder, or --known-sha256 with its SHA-256"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    source = "--queue"
     if not args.queue:   # --queue > IMAGINE_QUEUE_URL, as for the bot (which also has [queue] url)
         args.queue = os.environ.get("IMAGINE_QUEUE_URL", "").strip()
+        source = "IMAGINE_QUEUE_URL"
         if not args.queue:
             parser.error("--queue URL or the IMAGINE_QUEUE_URL environment variable is required")
+    problem = check_queue_url(args.queue)
+    if problem:
+        parser.error(f"{source}: {problem}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(_serve(args))
 

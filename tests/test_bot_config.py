@@ -487,3 +487,54 @@ async def test_a_changed_command_set_is_only_reported_not_synced(caplog):
         assert not fd.find_requests("PUT")
         assert [c["name"] for c in fd.global_commands] == ["imagine"]
         assert "differ from this bot's" in caplog.text and "imagine-bot sync" in caplog.text
+
+
+# --- settings that used to pass here and fail later with a traceback ----------------------------------
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[worker]\ndevice = "gpu"', "[worker] device: expected auto, cpu, cuda or cuda:N (cuda:1 ...), got 'gpu'"),
+    ('[worker]\ndevice = "cuda:x"', "[worker] device: expected auto, cpu, cuda or cuda:N"),
+    ('[worker]\ncompile = "foo"', "[worker] compile 'foo': torch has no backend 'foo' (known: "),
+    ('[worker]\ncompile = "foo:reduce-overhead"', "[worker] compile 'foo:reduce-overhead': a mode is inductor's"),
+])
+def test_a_device_or_compile_backend_torch_does_not_have_is_refused_in_one_line(tmp_path, toml, message):
+    path = tmp_path / "config.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_the_devices_the_worker_takes_are_accepted(device):
+    assert config_from_dict({"worker": {"device": device}}).worker.device == device
+
+
+@pytest.mark.parametrize("setting", ["", "inductor", "inductor:reduce-overhead", "eager", "aot_eager"])
+def test_compile_backends_torch_has_are_accepted(setting):
+    assert config_from_dict({"worker": {"compile": setting}}).worker.compile == setting
+
+
+def test_finished_jobs_are_pruned_after_30_days_by_default():
+    """Kept for ever (the old default 0), every finished job's 48-192 MiB state.pt filled the disk."""
+    assert Config().worker.keep_days == 30.0
+    assert config_from_dict({"worker": {"keep_days": 0}}).worker.keep_days == 0   # 0 still means never
+
+
+@pytest.mark.parametrize("command", [[], ["sync"]])
+def test_an_unreachable_discord_is_one_line_exit_1_and_never_shows_the_token(tmp_path, command):
+    """A DNS or connect failure used to end in aiohttp's ClientConnectorDNSError traceback. Exit 1:
+    nothing in the settings is wrong (2 is for those); a supervisor restarts the bot later."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[worker]\nembedded = false\n[queue]\nurl = "sqlite:///{tmp_path}/q.db"\n')
+    code = ("import sys, discord.http; discord.http.Route.BASE = 'http://127.0.0.1:1/api/v10'; "
+            "from bot.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DISCORD_TOKEN": GOOD_TOKEN}
+    proc = subprocess.run([sys.executable, "-c", code, "--config", str(cfg), *command], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("imagine-bot:")]
+    assert len(ours) == 1 and ours[0].startswith("imagine-bot: cannot reach Discord at 127.0.0.1:1: "), proc.stderr
+    assert "Traceback" not in proc.stderr and GOOD_TOKEN not in proc.stderr + proc.stdout
+    assert GOOD_TOKEN.split(".")[0] not in proc.stderr + proc.stdout

@@ -157,3 +157,148 @@ def test_from_run_reads_a_state_that_holds_only_logits(tmp_path):
     torch.save({"logits": torch.zeros(1, 8192, 32, 32, dtype=torch.float16)}, tmp_path / "state.pt")
     state = cli._read_state(tmp_path)
     assert state["logits"].dtype == torch.float32 and state["logits"].shape == (1, 8192, 32, 32)
+
+
+# --- input and startup errors: one line, exit 2, nothing written ----------------------------------
+
+
+def _models(f, tmp_path) -> list[str]:
+    return ["--clip-model", str(f.clip_torchscript), "--decoder", str(f.decoder_pickle), "--trust-decoder",
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 16, 32, 32), "16 codes per cell, but the decoder has 8192"),
+    ((2, 8192, 32, 32), "shape [2, 8192, 32, 32]"),
+    ((1, 8192, 48, 48), "grid 48"),
+])
+def test_from_run_with_malformed_logits_exits_2_before_writing_anything(shape, message, tiny_model_files, tmp_path,
+                                                                        capsys):
+    """A state.pt of the wrong vocabulary used to crash with a traceback after making out/frames; one
+    of batch 2 wrote frames/000000.png, then crashed in grid_sample."""
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"logits": torch.zeros(*shape)}, run / "state.pt")
+    out = tmp_path / "o"
+    code = cli.main(["a house", "--out", str(out), "--from-run", str(run), "--iterations", "2", "--cutn", "1",
+                     *_models(tiny_model_files, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_non_empty_out_is_refused_before_the_models_load(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "frames").mkdir()
+    (out / "frames" / "000000.png").write_bytes(b"an earlier run")
+    (out / "o-2").mkdir()   # an unrelated name: the suggestion is beside --out
+    code = cli.main(["a house", "--out", str(out), "--clip-model", "/nonexistent/clip.pt", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {out} is not empty" in err and f"--out {tmp_path / 'o-2'}" in err
+    assert "/nonexistent/clip.pt" not in err   # refused before the models load
+    assert sorted(p.name for p in out.rglob("*")) == ["000000.png", "frames", "o-2"]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_models_load(tmp_path, capsys, monkeypatch):
+    """Checked by writing a probe file (root passes any os.access check; a read-only mount does not)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    for out, message in ((existing, f"--out {existing}: cannot write in it (Permission denied)"),
+                         (tmp_path / "new", f"--out {tmp_path / 'new'}: cannot create it in {tmp_path} (Permission denied)")):
+        code = cli.main(["a house", "--out", str(out), "--clip-model", "/nonexistent/clip.pt", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "/nonexistent" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and not os.listdir(existing)
+
+
+def test_an_empty_existing_out_is_used(tiny_model_files, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    assert cli.main(["a house", "--out", str(out), "--iterations", "1", "--grid", "32", "--cutn", "1",
+                     *_models(tiny_model_files, tmp_path)]) == 0
+    assert {"final.png", "run.json", "video.mp4", "state.pt", "frames"} == set(os.listdir(out))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cutn", "100000000"], "--cutn must be at most 256"),
+    (["--iterations", "99999999999999999999"], "--iterations must be at most 100000"),
+    (["--frame-every", "10000000000"], "--frame-every must be at most 100000"),
+])
+def test_sizes_beyond_any_gpu_are_refused_at_parse_time(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["a house", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_help_states_the_bounds(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1-100000" in out and "1-256" in out
+
+
+def test_wrong_or_junk_clip_files_give_one_clean_line(tiny_model_files, tmp_path, capsys):
+    """torch's message for a non-CLIP file is several lines with ANSI escapes (and advice to unpickle
+    it anyway); for a junk file a bare number."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 40)
+    for wrong in (tiny_model_files.decoder_pickle, junk):
+        code = cli.main(["a house", "--out", str(tmp_path / "o"), "--clip-model", str(wrong), "--device", "cpu",
+                         "--cache-dir", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "\x1b" not in err and "weights_only" not in err
+        assert f"CLIP file {wrong} is corrupt or not a CLIP model" in err and "TorchScript archive" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_line_strips_ansi_and_keeps_the_first_line():
+    assert cli.one_line("\n\x1b[1mbold\x1b[0m  first\n\tsecond") == "bold first"
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_says_what_is_left(tiny_model_files, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "a house", "--out", str(out), "--iterations", "100000",
+         "--frame-every", "1", "--grid", "32", "--cutn", "1", *_models(tiny_model_files, tmp_path)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "frames" / "000001.png").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("imagine: interrupted;") and "frames in frames/" in err and "no run.json" in err
+    assert not (out / "run.json").exists()
+
+
+def test_ctrl_c_while_the_models_load_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import engine.models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.models, "load_models", interrupted)
+    assert cli.main(["a house", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "imagine: interrupted; nothing was written\n"
+    assert not (tmp_path / "o").exists()

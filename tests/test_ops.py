@@ -400,3 +400,108 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     broken = (tmp_path / "compose.yaml").read_text().replace("device_ids:", "device_idz:", 1)
     (tmp_path / "compose.yaml").write_text(broken)
     assert config("-q").returncode != 0
+
+
+# --- imagine-worker: settings to fix are one line and exit 2 (1 means "my GPU thread died") ----------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--queue", "foo://x"], "--queue: expected redis://host:6379/0"),
+    (["--queue", "postgres://user:s3cret@db/x"], "'postgres://user:***@db/x'"),
+    (["--queue", "redis://127.0.0.1:6379/0?lease=abc"], "?lease= in 'redis://127.0.0.1:6379/0?lease=abc' must be a number"),
+    (["--queue", "sqlite:///x.db?max_attempts=0"], "?max_attempts= in"),
+    (["--queue", "sqlite:///x.db?busy_timeout=nan"], "?busy_timeout= in"),
+    (["--queue", "x.db", "--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--queue", "x.db", "--max-batch", "-1"], "argument --max-batch: must be at least 1"),
+    (["--queue", "x.db", "--compile", "foo"], "argument --compile: compile 'foo': torch has no backend 'foo'"),
+    (["--queue", "x.db", "--known-sha256", "abc"], "argument --known-sha256: expected a SHA-256 as 64 hex digits"),
+    (["--queue", "x.db", "--http-port", "70000"], "argument --http-port: expected a port"),
+])
+def test_imagine_worker_refuses_bad_settings_at_parse_time_in_one_line(args, message, tmp_path, capsys, monkeypatch):
+    from engine.worker import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "s3cret" not in err and not os.listdir(tmp_path)
+
+
+def test_imagine_worker_parses_what_it_accepts():
+    from engine.worker import build_parser
+
+    digest = "AB" * 32
+    args = build_parser().parse_args(["--queue", "x.db", "--device", "cuda:1", "--max-batch", "0", "--compile", "eager",
+                                      "--known-sha256", digest, "--known-sha256", "cd" * 32])
+    assert args.device == "cuda:1" and args.max_batch is None and args.compile == "eager"
+    assert args.known_sha256 == ["ab" * 32, "cd" * 32]
+    assert args.keep_days == 30.0   # finished jobs' state.pt (48-192 MiB each) is not kept for ever
+    assert build_parser().parse_args(["--queue", "x.db", "--keep-days", "0"]).keep_days is None   # 0: never
+
+
+def _bad_model_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 40)
+    return junk
+
+
+def test_imagine_worker_with_a_missing_or_junk_model_exits_2_in_one_line(tmp_path):
+    junk = _bad_model_files(tmp_path)
+    for clip_model, message in ((str(tmp_path / "nope.pt"), f"CLIP model '{tmp_path / 'nope.pt'}' is neither"),
+                                (str(junk), f"CLIP file {junk} is corrupt or not a CLIP model (")):
+        proc = subprocess.run(_worker_cmd("--queue", f"sqlite:///{tmp_path}/jobs.db", "--device", "cpu",
+                                          "--clip-model", clip_model, "--cache-dir", str(tmp_path / "cache"),
+                                          "--log-level", "WARNING"),
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("imagine-worker: ") and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "\x1b" not in proc.stderr, proc.stderr
+
+
+def test_imagine_worker_names_its_own_known_sha256_option_and_trusts_it(tiny_model_files, tmp_path):
+    """The refusal of an untrusted decoder said 'or list its SHA-256 in known_sha256', an option
+    imagine-worker did not have; --known-sha256 HEX trusts the file (engine.models' known_sha256)."""
+    from engine.models import sha256_of
+    from engine.worker import TRUST_HINT_WORKER
+
+    f = tiny_model_files
+    base = ["--queue", f"sqlite:///{tmp_path}/jobs.db", "--device", "cpu", "--clip-model", str(f.clip_torchscript),
+            "--decoder", str(f.decoder_pickle), "--cache-dir", str(tmp_path / "cache"), "--log-level", "WARNING"]
+    proc = subprocess.run(_worker_cmd(*base), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "refusing to unpickle" in proc.stderr and "--known-sha256" in proc.stderr
+    assert "[worker]" not in proc.stderr
+
+    from engine.models import load_dvae
+
+    decoder = load_dvae("decoder", str(f.decoder_pickle), cache_dir=tmp_path / "cache2",
+                        known_sha256={sha256_of(f.decoder_pickle)}, trust_hint=TRUST_HINT_WORKER)
+    assert decoder.vocab_size == 8192
+
+
+def test_the_download_advice_names_no_setting_the_caller_lacks(tmp_path, monkeypatch):
+    """A decoder that cannot be downloaded: the advice for one placed by hand is the caller's own
+    trust hint, not the bot's config key for everyone."""
+    import engine.models as m
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(m.urllib.request, "urlopen", offline)
+    with pytest.raises(m.ModelLoadError) as err:
+        m.load_dvae("decoder", "openai", cache_dir=tmp_path, trust_hint="pass --trust-decoder")
+    message = str(err.value)
+    assert "only if you trust it: pass --trust-decoder." in message and "known_sha256" not in message
+
+
+def test_imagine_worker_with_an_unreachable_redis_exits_2_in_one_line_with_the_password_masked(tmp_path):
+    from tests.queue_fixtures import free_port
+
+    port = free_port()
+    proc = subprocess.run(_worker_cmd("--queue", f"redis://:s3cret@127.0.0.1:{port}/0", "--device", "cpu",
+                                      "--log-level", "ERROR"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    assert f"imagine-worker: cannot open the queue redis://:***@127.0.0.1:{port}/0: " in proc.stderr
+    assert "Traceback" not in proc.stderr and "s3cret" not in proc.stderr

@@ -45,3 +45,48 @@ def test_the_cli_warns_before_the_models_load(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("imagine: warning: CLIP reads only") and "in the rain" in err[0]
     assert "nope.pt" in err[1]
+
+
+# --- weights: numbers as people type them, and what only looks like one ---------------------------
+
+
+@pytest.mark.parametrize("prompt, parts", [
+    ("a house | blurry:-1e1", [("a house", 1.0), ("blurry", -10.0)]),           # exponent
+    ("a house | blurry:1E-2", [("a house", 1.0), ("blurry", 0.01)]),
+    ("a house | blurry:\u22121", [("a house", 1.0), ("blurry", -1.0)]),        # Unicode minus U+2212
+    ("a house | blurry:\uff0d0.5", [("a house", 1.0), ("blurry", -0.5)]),      # full-width minus
+    ("a house | blurry: \u22122e-1", [("a house", 1.0), ("blurry", -0.2)]),
+    # Colons that are text stay text, as before; a trailing :number stays a weight, as before.
+    ("time 10:30 pm", [("time 10:30 pm", 1.0)]),
+    ("a sign that says: open", [("a sign that says: open", 1.0)]),
+    ("smile :-)", [("smile :-)", 1.0)]),
+    ("ratio 16:9", [("ratio 16", 9.0)]),
+])
+def test_weights_in_exponent_form_and_with_a_unicode_minus_are_numbers(prompt, parts):
+    assert [(p.text, p.weight) for p in parse_prompt(prompt)] == parts
+
+
+@pytest.mark.parametrize("prompt, shown", [
+    ("a house:nan", "':nan'"),
+    ("a house | blurry:-inf", "':-inf'"),
+    ("a house | blurry:Infinity", "':Infinity'"),
+    ("a house | blurry:\u2212nan", "nan"),
+    ("a house | blurry:-0,5", "':-0,5'"),      # a decimal comma
+    ("a house | blurry:-1x", "':-1x'"),
+])
+def test_a_weight_that_is_no_finite_number_is_refused_not_read_as_text(prompt, shown):
+    """Read as text these parts used to get weight +1: 'push away' became 'pull toward'."""
+    from engine.prompts import PromptError
+
+    with pytest.raises(PromptError) as err:
+        parse_prompt(prompt)
+    message = str(err.value)
+    assert shown in message and "not a weight" in message and "between -100 and 100" in message
+    assert "\n" not in message
+
+
+def test_an_overflowing_exponent_is_refused_by_the_range_check():
+    from engine.prompts import PromptError
+
+    with pytest.raises(PromptError, match="between -100 and 100"):
+        parse_prompt("a house | blurry:-1e999")

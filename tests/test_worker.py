@@ -571,7 +571,7 @@ def test_keep_days_is_zero_for_never_or_at_least_an_hour(capsys):
     parse = build_parser().parse_args
     for given, taken in (("0", None), ("0.0416667", 0.0416667), ("7", 7.0)):
         assert parse(["--queue", "x.db", "--keep-days", given]).keep_days == taken
-    assert parse(["--queue", "x.db"]).keep_days is None
+    assert parse(["--queue", "x.db"]).keep_days == 30.0   # finished jobs kept 30 days by default
     for bad, message in (("0.0001", "at least 0.04167 days (an hour), got 0.0001"),
                          ("-1", "must be 0 (never prune) or a number of days"),
                          ("soon", "expected a number of days, got 'soon'")):

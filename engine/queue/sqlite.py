@@ -19,8 +19,11 @@ Each claim stores a fresh `lease_id` with the job; a worker's writes (`publish`,
 `put_artifact` with `lease_id`, and finish / fail / mark_cancelled / release / heartbeat) check, in
 the same transaction, that the job is running under that lease (fencing); finalising a job deletes
 its checkpoint; `prune` deletes old finished-and-delivered jobs with everything of theirs, uploads
-no job names any more (`uploads`, `upload_refs`: filled by put_artifact and submit) and expired
-settings (`settings.expires_at`).
+no job names any more (`uploads`, `upload_refs`: filled by put_artifact and submit), expired
+settings (`settings.expires_at`) and workers not seen for as long (a day at least).
+
+`start()` refuses a file whose directory does not exist (ValueError: a mistyped path would start
+an empty queue) and logs the file's absolute path, new or existing.
 
 Schema changes are applied by `start()` in its first transaction: a file made by an older version
 gets the new columns and tables (`PRAGMA user_version` says which migrations it has had). The queue
@@ -138,6 +141,7 @@ _RETRY_ELSEWHERE_SQL = """NOT COALESCE(
     AND EXISTS (SELECT 1 FROM workers AS w WHERE w.worker_id != ? AND w.last_seen > ?),
     0)"""
 _ALIVE = 2.0
+_FORGET_WORKERS_AFTER = 86400.0   # prune() keeps a worker's row at least this long after it was last seen
 
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -261,9 +265,16 @@ class SQLiteJobQueue:
         async with self._start_lock:
             if self._db is not None:
                 return
+            fresh = False
             if self.path != ":memory:":
-                parent = os.path.dirname(os.path.abspath(self.path))
-                os.makedirs(parent, exist_ok=True)
+                # Never made up: a mistyped path would otherwise start an empty queue somewhere
+                # (every queued job, setting and kept state "gone"). The file itself is created.
+                where = os.path.abspath(self.path)
+                if not os.path.isdir(os.path.dirname(where)):
+                    raise ValueError(f"cannot open the SQLite queue {where!r}: its directory "
+                                     f"{os.path.dirname(where)!r} does not exist (a typo in the queue URL? "
+                                     "create the directory first)")
+                fresh = not os.path.exists(where) or os.path.getsize(where) == 0
             db = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 db.row_factory = aiosqlite.Row
@@ -308,6 +319,8 @@ class SQLiteJobQueue:
                             await conn.close()
                     raise
                 reader, blob_reader = opened
+                log.info("SQLite queue %s (%s)", os.path.abspath(self.path),
+                         "a new file" if fresh else "an existing file")
             self._reader, self._blob_reader, self._db = reader, blob_reader, db
 
     async def _create_schema(self, tx: aiosqlite.Connection) -> None:
@@ -398,17 +411,37 @@ class SQLiteJobQueue:
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction (the file's write lock), serialised within this object too."""
+        """One write transaction (the file's write lock), serialised within this object too.
+
+        Never leaves a transaction open, whatever happens to the awaiting task: aiosqlite runs each
+        statement on its connection's thread in the order they were queued, whether or not the
+        task awaiting it is still there. A task cancelled while it awaits BEGIN (a heartbeat loop
+        cancelled by Worker.stop(), say, maybe while another process holds the lock) has its BEGIN
+        run anyway: the ROLLBACK queued behind it ends that transaction. Left open, it would make
+        every later write on this object fail ("cannot start a transaction within a transaction")
+        and hold the file's write lock against every other process until close(). A COMMIT that
+        fails (or is cancelled) is followed by a ROLLBACK too (a no-op when it had committed)."""
         async with self._lock:
             db = self._conn()
-            await db.execute("BEGIN IMMEDIATE")
+            if db.in_transaction:   # never expected: something left one open; its writes are undone
+                log.warning("%s: a write transaction was left open on the connection: rolled back", self.path)
+                await self._rollback(db)
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(Exception):
-                    await db.execute("ROLLBACK")
+                await self._rollback(db)
                 raise
-            await db.execute("COMMIT")
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        """ROLLBACK, errors ignored (no transaction open: BEGIN failed, COMMIT done). Awaiting it
+        queues it on the connection's thread in this very step, behind whatever is queued there
+        (a BEGIN still waiting for the lock): a task cancelled again while it waits leaves it
+        queued, and it runs before any later write of this object."""
+        with contextlib.suppress(Exception):
+            await db.execute("ROLLBACK")
 
     async def _all(self, sql: str, params: Iterable[Any] = (), *, blob: bool = False) -> list[aiosqlite.Row]:
         """A read outside any write transaction: a reader connection (its own snapshot of what
@@ -893,7 +926,8 @@ class SQLiteJobQueue:
     async def prune(self, older_than: float, batch: int = 200) -> int:
         """Delete jobs finished and delivered more than `older_than` seconds ago, with their
         artifacts, checkpoints, events (frames) and upload references; then uploads stored more than
-        `older_than` seconds ago that no job left names; then expired settings. Returns how many
+        `older_than` seconds ago that no job left names; then expired settings, and the rows of
+        workers not seen for `older_than` seconds (a day at least). Returns how many
         jobs. Works in short transactions of `batch` rows; several processes may prune at once
         (each job goes once)."""
         cutoff = time.time() - float(older_than)
@@ -931,6 +965,10 @@ class SQLiteJobQueue:
                 break
         async with self._tx() as db:
             await db.execute("DELETE FROM settings WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),))
+            # Workers not seen for `older_than` (a day at least): one row is left by each worker
+            # process that ever ran (its id names the host and pid), so restarts would pile them up.
+            await db.execute("DELETE FROM workers WHERE last_seen < ?",
+                             (time.time() - max(float(older_than), _FORGET_WORKERS_AFTER),))
         return total
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
