@@ -263,23 +263,43 @@ def make_bot(resources: Resources, **kwargs: Any) -> ImagineBot:
     return bot
 
 
+_OPTION_FIELDS = ("type", "name", "description", "min_value", "max_value", "min_length", "max_length")
+
+
+def command_shape(payload: dict[str, Any]) -> tuple[Any, ...]:
+    """What a user sees of a slash command, from Discord's payload or the bot's own (`to_dict`):
+    its name, description and options (choices, bounds, nested options), without ids, versions,
+    localisations or fields one side leaves out (`AppCommand.to_dict` has no permissions)."""
+    def option(o: dict[str, Any]) -> tuple[Any, ...]:
+        return (tuple(o.get(k) for k in _OPTION_FIELDS)
+                + (bool(o.get("required")), bool(o.get("autocomplete")),
+                   tuple((c["name"], c["value"]) for c in o.get("choices") or ()),
+                   tuple(sorted(o.get("channel_types") or ())),
+                   tuple(option(sub) for sub in o.get("options") or ())))
+    return (payload.get("type") or 1, payload["name"], payload.get("description") or "",
+            tuple(option(o) for o in payload.get("options") or ()))
+
+
 async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> list[str] | None:
     """After login: when Discord has none of this bot's commands (global ones, or `guild_id`'s),
     register them (one GET; a PUT only then) and return their names; else None, with a log line
-    when Discord's set differs from the bot's by name (`imagine-bot sync` updates it). A failure
-    is logged, never fatal: the bot runs either way."""
+    naming the commands whose definition on Discord differs from the bot's (a new size, preset or
+    limit in the config changes /imagine's options and descriptions; `imagine-bot sync` updates
+    them: synced on request, so a restart never spends Discord's daily command-update budget). A
+    failure is logged, never fatal: the bot runs either way."""
     guild = discord.Object(id=guild_id) if guild_id else None
     where = f"guild {guild_id}" if guild_id else "global"
     try:
-        registered = {c.name for c in await bot.tree.fetch_commands(guild=guild)}
+        registered = {c.name: command_shape(c.to_dict()) for c in await bot.tree.fetch_commands(guild=guild)}
         if guild is not None:
             bot.tree.copy_global_to(guild=guild)
-        ours = {c.name for c in bot.tree.get_commands(guild=guild)}
+        ours = {c.name: command_shape(c.to_dict(bot.tree)) for c in bot.tree.get_commands(guild=guild)}
         if registered:
-            if registered != ours:
-                log.warning("Discord's %s slash commands (%s) differ from this bot's (%s): run "
-                            "`imagine-bot sync` to update them", where, ", ".join(sorted(registered)) or "none",
-                            ", ".join(sorted(ours)))
+            differ = sorted(name for name in registered.keys() | ours.keys() if registered.get(name) != ours.get(name))
+            if differ:
+                log.warning("Discord's %s slash commands differ from this bot's (%s: added, removed or changed "
+                            "since the last sync, e.g. by the config's sizes, presets or limits): run "
+                            "`imagine-bot sync` to update them", where, ", ".join(f"/{n}" for n in differ))
             return None
         synced = await bot.tree.sync(guild=guild)
     except (discord.HTTPException, discord.ClientException, aiohttp.ClientError, OSError) as exc:

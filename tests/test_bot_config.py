@@ -489,6 +489,30 @@ async def test_a_changed_command_set_is_only_reported_not_synced(caplog):
         assert "differ from this bot's" in caplog.text and "imagine-bot sync" in caplog.text
 
 
+async def test_commands_changed_by_the_config_are_named_after_a_restart(caplog):
+    """Registered by one bot; a restart with the same config finds nothing to report; one whose
+    sizes and limits changed (so /imagine's and /remix's options did) names exactly those."""
+    from bot.client import ImagineBot
+    from bot.launcher import sync_if_unregistered
+
+    caplog.set_level(logging.INFO)
+    async with FakeDiscord() as fd:
+        for config in (Config(), Config(), config_from_dict({"imagine": {"max_iterations": 2000}})):
+            caplog.clear()
+            bot = ImagineBot(config=config, queue=None, background=False)
+            async with bot:
+                await bot.login(fd.bot_token)
+                await sync_if_unregistered(bot)
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            if config.imagine.max_iterations == 2000:
+                assert len(warnings) == 1 and "imagine-bot sync" in warnings[0], warnings
+                named = warnings[0].split("(")[1].split(":")[0]
+                assert set(named.split(", ")) == {"/imagine", "/remix"}, named
+            else:
+                assert warnings == [], warnings
+        assert len(fd.find_requests("PUT")) == 1   # registered once, by the first; never again
+
+
 # --- settings that used to pass here and fail later with a traceback ----------------------------------
 
 
