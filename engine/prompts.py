@@ -31,10 +31,22 @@ _PLUS = "\uff0b"
 _SIGN = f"[+\\-{_MINUS}{_PLUS}]"
 _NUMBER = rf"{_SIGN}?(\d+(\.\d*)?|\.\d+)([eE]{_SIGN}?\d+)?"   # 0.5, -1, .5, -1e1, 1E-2
 _WEIGHT = re.compile(rf"^(?P<text>.*?):\s*(?P<weight>{_NUMBER})\s*$", re.S)
-# What follows a part's last ':' that is meant as a weight but is no number the parser takes:
-# nan / inf (never a weight), a decimal comma (0,5), a sign then digits with junk (-1x, -1.5.2).
-# Read as text, such a part would get weight +1: "push away" turned into "pull toward".
-_NOT_A_WEIGHT = re.compile(rf"^{_SIGN}?(nan|inf|infinity)$|^{_SIGN}?\d+,\d+$|^{_SIGN}[\d.]", re.I)
+# What follows a part's last ':' that is meant as a weight but is no number the parser takes.
+# Read as text, such a part would get weight +1: "push away" turned into "pull toward". Only a
+# tail that is one token and plainly number-like, so ordinary text after a colon stays text
+# ("temperature: -5 degrees", "sale: -50%", "price: 1,000", "my grandmother: Nan"):
+# - a signed nan / inf (-inf), or an unsigned one written straight after the colon (blurry:nan);
+# - a decimal comma: signed (-0,5) or 0,5;
+# - a sign, digits and dots, then at most two letters (-1x, -1.5.2, -0.5a).
+_SIGNED_JUNK = re.compile(rf"^{_SIGN}(nan|inf|infinity)$|^({_SIGN}\d+|{_SIGN}?0),\d+$|^{_SIGN}\.?\d[\d.]*[a-z]{{0,2}}$",
+                          re.I)
+_BARE_NAN = re.compile(r"^(nan|inf|infinity)$", re.I)
+
+
+def _not_a_weight(tail: str) -> bool:
+    """Whether `tail`, what follows a part's last ':', is a weight gone wrong (see _SIGNED_JUNK)."""
+    token = tail.strip()
+    return bool(_SIGNED_JUNK.match(token) or (tail == token and _BARE_NAN.match(token)))
 _SIGNS = str.maketrans({c: "-" for c in _MINUS} | {_PLUS: "+"})
 
 
@@ -72,7 +84,7 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
         else:
             text, weight = raw, 1.0
             head, colon, tail = raw.rpartition(":")
-            if colon and has_visible_text(head) and _NOT_A_WEIGHT.match(tail.strip()):
+            if colon and has_visible_text(head) and _not_a_weight(tail):
                 raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "
                                   "weight: write a number between -100 and 100 (e.g. blurry:-1 or by Escher:0.5)")
         if not has_visible_text(text):

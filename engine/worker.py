@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT_EVERY = 60.0
 
 
+DEFAULT_STALL_TIMEOUT = 900.0   # seconds one unit of GPU work may take before the GPU counts as hung
+
+
 class GpuThreadDied(RuntimeError):
     """The reason a job fails when its worker's GPU thread died under it (retried elsewhere)."""
 
@@ -152,6 +155,7 @@ class Worker:
         keep_days: float | None = None,
         compile: bool | str = False,
         checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ):
         self.queue = queue
         self.models_loader = models_loader
@@ -175,6 +179,19 @@ class Worker:
         self._wake = asyncio.Event()
         self.gpu_alive = False
         self._gpu_error: BaseException | None = None   # what killed the GPU thread, if anything
+        # The hang watchdog. A step that never returns (a hung driver, a kernel that never ends)
+        # would keep its jobs for ever: the asyncio side renews their leases regardless. The GPU
+        # thread marks when it starts a unit of work (a step, a slot's start) and clears it after;
+        # one that takes longer than `stall_timeout` seconds (0: never) makes the GPU count as dead
+        # (`_gpu_thread_ok`): no more heartbeats (others take the jobs when their leases expire), no
+        # claims, and `imagine-worker` exits 1 to be restarted. It does not come back: a GPU that
+        # hung once is not trusted with more jobs. The default leaves room for torch.compile's
+        # first steps (minutes) and for a full batch on a slow GPU.
+        if stall_timeout < 0 or not math.isfinite(stall_timeout):
+            raise ValueError(f"stall_timeout: must be 0 (never) or a number of seconds, got {stall_timeout!r}")
+        self.stall_timeout = stall_timeout
+        self._busy_since: float | None = None   # GPU thread: monotonic start of its current work
+        self._stalled = False
         # Metrics hooks (engine.observability.Observability): iterations(n) from the GPU thread,
         # job_started(record), job_ended(record, state) with state done|failed|retried|cancelled|released.
         self.observer = observer
@@ -473,11 +490,26 @@ class Worker:
                 self._tasks = [t for t in self._tasks if not t.done()] + [self._prune_task]  # stop() cancels it
 
     def _gpu_thread_ok(self) -> bool:
-        return self._thread is None or self._thread.is_alive()
+        return (self._thread is None or self._thread.is_alive()) and not self._hung()
 
     def gpu_thread_alive(self) -> bool:
-        """Whether the GPU thread runs: False once started and then died (or stopped)."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the GPU thread runs: False once started and then died (or stopped), or hung."""
+        return self._thread is not None and self._thread.is_alive() and not self._hung()
+
+    def _hung(self) -> bool:
+        """Whether the GPU thread's current work has run past `stall_timeout` (latched)."""
+        if self._stalled:
+            return True
+        since = self._busy_since
+        if self.stall_timeout and since is not None and time.monotonic() - since > self.stall_timeout:
+            self._stalled = True
+            self.gpu_alive = False
+            self._gpu_error = GpuThreadDied(
+                f"the GPU did not finish a step within {self.stall_timeout:g} s (hung)")
+            log.error("worker %s: the GPU thread has been on one step for over %g s: counted as hung; "
+                      "its jobs' leases are no longer renewed, so other workers take them",
+                      self.worker_id, self.stall_timeout)
+        return self._stalled
 
     def _from_gpu(self, fn: Callable[..., Any], *args: Any) -> None:
         """Called on the GPU thread: run `fn(*args)` as a task on the event loop (`args[0]`: the run's key)."""
@@ -625,7 +657,8 @@ class Worker:
         runner = BatchRunner(self.models, compile=self.compile)
         self.gpu_alive = True
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._stalled:
+                self._busy_since = None           # waiting for work is not work (see _hung)
                 self._admit(runner, block=len(runner) == 0)
                 for key in [k for k in runner.slots if self._cancelled(k)]:
                     runner.remove(key)
@@ -633,6 +666,7 @@ class Worker:
                     self._from_gpu(self._on_stopped, key)
                 if not len(runner):
                     continue
+                self._busy_since = time.monotonic()
                 try:
                     # A failing pass is bisected by the runner: only the job that fails alone
                     # fails (retried on another worker); out of memory shrinks its passes.
@@ -669,7 +703,8 @@ class Worker:
                         self._from_gpu(self._on_done, slot.key, final_state)
             # Stopping (worker.stop() joins this thread next): a snapshot of every run still ours
             # that moved since its last checkpoint, saved by stop() before it hands the job back.
-            for key, slot in list(runner.slots.items()):
+            # Not after a hang: nothing read from that GPU is trusted (the jobs resume elsewhere).
+            for key, slot in [] if self._stalled else list(runner.slots.items()):
                 if self._cancelled(key) or slot.iteration <= self._checkpointed.get(key, (0.0, 0))[1]:
                     continue
                 try:
@@ -721,6 +756,7 @@ class Worker:
             except thread_queue.Empty:
                 return
             block = False
+            self._busy_since = time.monotonic()   # building a slot and its first frame is GPU work
             try:
                 slot = self._make_slot(start)
                 runner.add(slot)
@@ -762,6 +798,10 @@ class Worker:
             slot.load_state(start.state)
             if start.keep_optimizer:  # Continue: the parent's optimiser and RNG, a fresh count
                 slot.iteration = 0
+                if start.spec.extra.get("rerolls"):
+                    # A Reroll of a Continue: the same start, its own noise (its new seed), or it
+                    # would be a copy of the continue it rerolls, picture for picture.
+                    slot.generator.manual_seed(start.settings.seed)
         return slot
 
 
@@ -819,6 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_checkpoint_every, default=DEFAULT_CHECKPOINT_EVERY, metavar="SECONDS",
                    help="seconds between two checkpoints of a running job, taken at its frames (default "
                         f"{DEFAULT_CHECKPOINT_EVERY:g}; 0: every frame); a stopping worker checkpoints its jobs anyway")
+    p.add_argument("--stall-timeout", type=_checkpoint_every, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+                   help="a GPU step (or a job's start) running longer than this counts as a hung GPU: the "
+                        "worker stops renewing its jobs' leases (other workers take them) and exits 1 to be "
+                        f"restarted (default {DEFAULT_STALL_TIMEOUT:g}; 0: never; raise it if torch.compile's "
+                        "first steps take longer)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     p.add_argument("--http-port", type=_port, default=None, metavar="PORT",
@@ -843,7 +888,7 @@ def _number(check: Callable[[float], Any], unit: str) -> Callable[[str], Any]:
 
 
 # --keep-days: 0 (never) or at least an hour's worth of days (engine.jobs.check_keep_days);
-# --checkpoint-every: seconds, at least 0.
+# --checkpoint-every, --stall-timeout: seconds, at least 0.
 _keep_days = _number(check_keep_days, "days")
 _checkpoint_every = _number(check_checkpoint_every, "seconds")
 # A finished job's state.pt is 48-192 MiB: kept for ever by default, a worker fills its disk.
@@ -928,18 +973,19 @@ def check_queue_url(url: str) -> str | None:
     if scheme not in ("redis", "rediss", "sqlite", "file", ""):
         return f"expected redis://host:6379/0, rediss://..., or sqlite:///path.db, got {redact_url(url)!r}"
     query = urlsplit(url).query if scheme in ("redis", "rediss") else url.partition("?")[2]
-    checks = {"lease": (float, 0.0, "a number of seconds above 0"),
-              "max_attempts": (int, 1, "a whole number, at least 1"),
-              "busy_timeout": (float, -1.0, "a number of seconds, at least 0")}
+    # (type, the least value allowed, whether that value itself is allowed, what to say)
+    checks = {"lease": (float, 0.0, False, "a number of seconds above 0"),
+              "max_attempts": (int, 1, True, "a whole number, at least 1"),
+              "busy_timeout": (float, 0.0, True, "a number of seconds, at least 0")}
     for key, text in parse_qsl(query, keep_blank_values=True):
         if key not in checks:
             continue
-        kind, floor, what = checks[key]
+        kind, least, inclusive, what = checks[key]
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value <= floor:
+        if value is None or not math.isfinite(value) or value < least or (value == least and not inclusive):
             return f"?{key}= in {redact_url(url)!r} must be {what}, got {text!r}"
     return None
 
@@ -998,7 +1044,7 @@ async def _serve(args: argparse.Namespace) -> int:
                             encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
                             trust_hint=TRUST_HINT_WORKER),
         worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days, compile=args.compile,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1039,7 +1085,7 @@ async def until_stopped_or_gpu_dead(worker: Worker, stop: asyncio.Event, poll: f
     jobs as attempts, to be retried on another worker.)"""
     while not stop.is_set():
         if not worker.gpu_thread_alive():
-            log.error("worker %s: its GPU thread died (see the error above); exiting so that it is restarted",
+            log.error("worker %s: its GPU thread died or hung (see the error above); exiting so that it is restarted",
                       worker.worker_id)
             return 1
         with contextlib.suppress(asyncio.TimeoutError):

@@ -411,6 +411,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     (["--queue", "redis://127.0.0.1:6379/0?lease=abc"], "?lease= in 'redis://127.0.0.1:6379/0?lease=abc' must be a number"),
     (["--queue", "sqlite:///x.db?max_attempts=0"], "?max_attempts= in"),
     (["--queue", "sqlite:///x.db?busy_timeout=nan"], "?busy_timeout= in"),
+    (["--queue", "sqlite:///x.db?busy_timeout=-0.5"], "?busy_timeout= in"),
+    (["--queue", "sqlite:///x.db?lease=0"], "?lease= in"),
     (["--queue", "x.db", "--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--queue", "x.db", "--max-batch", "-1"], "argument --max-batch: must be at least 1"),
     (["--queue", "x.db", "--compile", "foo"], "argument --compile: compile 'foo': torch has no backend 'foo'"),
@@ -438,6 +440,10 @@ def test_imagine_worker_parses_what_it_accepts():
     assert args.known_sha256 == ["ab" * 32, "cd" * 32]
     assert args.keep_days == 30.0   # finished jobs' state.pt (48-192 MiB each) is not kept for ever
     assert build_parser().parse_args(["--queue", "x.db", "--keep-days", "0"]).keep_days is None   # 0: never
+    # The least values the queues take are taken here too (a shared IMAGINE_QUEUE_URL must start both).
+    from engine.worker import check_queue_url
+    assert check_queue_url("sqlite:///x.db?max_attempts=1&busy_timeout=0&lease=0.5") is None
+    assert check_queue_url("redis://127.0.0.1:6379/0?max_attempts=1") is None
 
 
 def _bad_model_files(tmp_path):

@@ -85,6 +85,15 @@ def test_a_weight_that_is_no_finite_number_is_refused_not_read_as_text(prompt, s
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("prompt", [
+    "temperature: -5 degrees", "sale sign: -50% off", "a sale: -50%", "price: 1,000",
+    "portrait of my grandmother: Nan", "time 10:30 pm", "smile :-)",
+])
+def test_ordinary_text_after_a_colon_stays_text(prompt):
+    """Only a tail that is one plainly number-like token is taken for a broken weight."""
+    assert [(p.text, p.weight) for p in parse_prompt(prompt)] == [(prompt, 1.0)]
+
+
 def test_an_overflowing_exponent_is_refused_by_the_range_check():
     from engine.prompts import PromptError
 

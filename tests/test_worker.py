@@ -459,6 +459,25 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
     assert "gone" in failed.error
 
 
+async def test_a_reroll_of_a_continue_has_its_own_noise_a_second_continue_does_not(queue, tiny_models):
+    """Both start from the parent's final state and optimiser. A Continue keeps the parent's random
+    generator too (the same Continue twice is the same picture); a Reroll of it (the bot marks it
+    `rerolls`, with a new seed) draws its own noise, or it would copy the continue it rerolls."""
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        parent = await queue.submit(spec())
+        await wait_state(queue, parent.id, {JobState.DONE})
+        kw = dict(parent_job_id=parent.id, parent_kind="continue", iterations=4)
+        cont = await queue.submit(spec(**kw))
+        again = await queue.submit(spec(user=2, **kw))
+        await wait_state(queue, cont.id, {JobState.DONE})
+        reroll = await queue.submit(spec(user=3, seed=12345, extra={"rerolls": cont.id}, **kw))
+        for job in (again, reroll):
+            await wait_state(queue, job.id, {JobState.DONE})
+    logits = {job.id: (await final_of(queue, job.id))[1] for job in (cont, again, reroll)}
+    assert torch.equal(logits[cont.id], logits[again.id])
+    assert not torch.equal(logits[cont.id], logits[reroll.id])
+
+
 async def test_a_worker_that_lost_its_job_stops_it_and_overwrites_nothing(queue, tiny_models, caplog):
     # Heartbeats far apart: only the fenced writes (publish, save_checkpoint) can tell the worker.
     worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=30, checkpoint_every=0)
@@ -703,6 +722,41 @@ async def test_imagine_worker_exits_1_when_its_gpu_thread_dies(queue, tiny_model
         assert not waiting.done() and healthy.gpu_thread_alive()
         stop.set()
         assert await asyncio.wait_for(waiting, 5) == 0
+
+
+async def test_a_gpu_step_past_the_stall_timeout_counts_as_hung_and_lets_its_job_go(tmp_path, tiny_models, caplog):
+    """The watchdog, on steps that really take longer than its timeout (a grid-32 step of the tiny
+    models, against 0.05 s): the GPU counts as hung, `imagine-worker`'s wait ends with 1, the job's
+    lease is no longer renewed (a sweep puts it back in line) and the worker claims nothing more."""
+    from engine.worker import until_stopped_or_gpu_dead
+
+    queue = open_queue(f"sqlite:///{tmp_path}/jobs.db?lease=1")
+    await queue.start()
+    try:
+        worker = Worker(queue, lambda: tiny_models, worker_id="w-hung", max_batch=1,
+                        heartbeat_every=0.05, poll_every=0.05, stall_timeout=0.05)
+        await worker.start()
+        try:
+            job = await queue.submit(spec(grid=32, cutn=16, iterations=100_000, frame_every=50))
+            code = await asyncio.wait_for(until_stopped_or_gpu_dead(worker, asyncio.Event(), poll=0.05), 30)
+            assert code == 1 and not worker.gpu_thread_alive()
+            assert "counted as hung" in caplog.text
+            await asyncio.sleep(1.5)                       # past the 1 s lease: not renewed
+            await queue.sweep()
+            assert (await queue.get(job.id)).state == JobState.QUEUED
+            await asyncio.sleep(0.5)                       # several claim polls: it takes nothing
+            assert (await queue.get(job.id)).state == JobState.QUEUED and runs_of(worker, job.id) <= 1
+        finally:
+            await asyncio.wait_for(worker.stop(), 30)
+    finally:
+        await queue.close()
+    assert Worker(queue, lambda: tiny_models, stall_timeout=0).stall_timeout == 0   # 0: no watchdog
+    from engine.worker import DEFAULT_STALL_TIMEOUT, build_parser
+    parse = build_parser().parse_args
+    assert parse(["--queue", "x.db"]).stall_timeout == DEFAULT_STALL_TIMEOUT == 900.0
+    assert parse(["--queue", "x.db", "--stall-timeout", "0"]).stall_timeout == 0
+    with pytest.raises(ValueError, match="stall_timeout"):
+        Worker(queue, lambda: tiny_models, stall_timeout=-1)
 
 
 class _Fatal(BaseException):
