@@ -34,16 +34,21 @@ def noise_image(side=64, seed=0) -> Image.Image:
 
 
 def test_an_image_prompt_raises_the_similarity_to_that_image(tiny_models):
-    """A tiny random CLIP finds all pictures alike (cosine ~0.99), so the effect is compared with a
-    control run (same seed, the image's weight 0): toward the image with it, away without it."""
+    """A tiny random CLIP finds all pictures alike (cosine ~0.99, near its ceiling), so the effect is
+    compared with a control run (same seed, the image's weight 0): toward the image with it, away
+    without it. Frames show argmax codes, so one frame's similarity jitters by a few 1e-3 around
+    the trend (which frame is last varies with the CPU's float rounding): the run is judged on its
+    best frame and on its frames' mean, not on its last frame alone."""
     target = to_tensor(noise_image(seed=5))
-    s = replace(FAST, lr=0.05)
+    s = replace(FAST, lr=0.05, frame_every=10)
     pulled = generate([PromptPart("a picture", 0.01)], s, tiny_models, image_targets=[(target, 1.0, "image")])
     control = generate([PromptPart("a picture", 1.0)], s, tiny_models, image_targets=[(target, 0.0, "image")])
     with_image = [f.similarities[1] for f in pulled.frames]
     without = [f.similarities[1] for f in control.frames]
-    assert with_image[-1] > with_image[0], with_image
-    assert with_image[-1] > without[-1] + 0.01, (with_image, without)
+    assert max(with_image[1:]) > with_image[0], with_image
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(with_image[1:]) > mean(without[1:]) + 0.01, (with_image, without)
+    assert min(with_image[1:]) > max(without[2:]), (with_image, without)   # apart at every frame after the first steps
 
 
 def test_a_negative_part_falls_while_the_positive_part_rises(tiny_models):
