@@ -50,7 +50,21 @@ def can_view_channel(interaction: discord.Interaction, channel_id: int | None) -
     member = interaction.user if isinstance(interaction.user, discord.Member) else guild.get_member(interaction.user.id)
     if channel is None or member is None:
         return False
-    return channel.permissions_for(member).view_channel
+    try:
+        # A thread's permissions are its parent's: discord.py raises ClientException when the
+        # parent is not cached (what cannot be checked is hidden).
+        perms = channel.permissions_for(member)
+    except discord.ClientException:
+        return False
+    if not perms.view_channel:
+        return False
+    if isinstance(channel, discord.Thread) and channel.type == discord.ChannelType.private_thread:
+        # A private thread is seen by the members of the thread (its owner among them) and by
+        # those who may manage the parent's threads, not by everyone who sees the parent.
+        if perms.manage_threads or (channel.owner_id is not None and channel.owner_id == member.id):
+            return True
+        return any(thread_member.id == member.id for thread_member in channel.members)
+    return True
 
 
 def can_see_job(interaction: discord.Interaction, record: JobRecord) -> bool:

@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands
 
@@ -441,7 +442,12 @@ class SheetsCog(commands.Cog, name="Sheets"):
                     await self._load_open()   # sets opened by other processes (or before a restart)
                     reloaded = time.monotonic()
                 for set_id in list(self._open):
-                    await self.check(set_id)
+                    try:
+                        await self.check(set_id)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # noqa: BLE001 - one set's trouble must not skip the others
+                        log.exception("set %s: checking it failed", set_id)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - never end the task
@@ -483,14 +489,16 @@ class SheetsCog(commands.Cog, name="Sheets"):
                 return False
             try:
                 marker = await self._post(info, records)
-            except discord.HTTPException as exc:
-                if not is_refusal(exc):
-                    # 5xx or worse: Discord may take it later. Not on every poll: each try re-renders
-                    # and re-uploads the sheet.
+            except (discord.HTTPException, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if not isinstance(exc, discord.HTTPException) or not is_refusal(exc):
+                    # 5xx, or the network failed (no answer at all): Discord may take it later. Not on
+                    # every poll: each try re-renders and re-uploads the sheet.
                     delay = min(SHEET_RETRY_MAX, SHEET_RETRY_FIRST * 2 ** failed)
                     self._retry[set_id] = (failed + 1, time.monotonic() + delay)
-                    log.warning("set %s: posting the contact sheet failed (%s %s); will retry in %.1f s",
-                                set_id, exc.status, exc.text, delay)
+                    why = (f"{exc.status} {exc.text}" if isinstance(exc, discord.HTTPException)
+                           else f"{type(exc).__name__}: {exc}")
+                    log.warning("set %s: posting the contact sheet failed (%s); will retry in %.1f s",
+                                set_id, why, delay)
                     return False
                 # A refusal (the channel gone or closed to the bot, the upload too large, a bad form):
                 # the same post would be refused again.

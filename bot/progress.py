@@ -104,6 +104,7 @@ class _Tracker:
     followup: bool = False            # the message is a follow-up of `interaction`, not its original
     attached: bool = False            # the message exists (or never will); edits may go out
     dead: bool = False                # the message was deleted: no more edits
+    muted: bool = False               # a progress edit was refused (403): no more progress edits
     position: int | None = None
     paused: str = ""   # engine.jobs.pause_of
     started: bool = False
@@ -172,6 +173,7 @@ class ProgressCog(commands.Cog, name="Progress"):
             self.trackers[record.id] = t
         t.attached = False   # until the command's own first edit has made the reply
         t.dead = False
+        t.muted = False
         t.interaction = interaction
         t.interaction_at = time.monotonic()
         if interaction is not None:
@@ -411,7 +413,7 @@ class ProgressCog(commands.Cog, name="Progress"):
                         if t.final:   # it ended while we waited: post the final instead
                             continue
                         t.dirty = False
-                        if not t.dead:
+                        if not t.dead and not t.muted:
                             await self._edit_progress(t)
                     ok = True
                 except asyncio.CancelledError:
@@ -419,7 +421,11 @@ class ProgressCog(commands.Cog, name="Progress"):
                 except discord.HTTPException as exc:
                     log.warning("job %s: Discord answered %s (code %s): %s", t.job_id, exc.status, exc.code, exc.text)
                     if (t.final or t.lost) and is_refusal(exc):
-                        await self._refused(t, exc)
+                        try:
+                            await self._refused(t, exc)
+                        except Exception:  # noqa: BLE001 - the store failed marking it: try again later
+                            log.exception("job %s: recording that Discord refused its result failed; "
+                                          "trying again", t.job_id)
                 except Exception:  # noqa: BLE001 - never let one job's trouble end the task silently
                     log.exception("job %s: updating its message failed", t.job_id)
                 t.last_sent = time.monotonic()
@@ -476,6 +482,14 @@ class ProgressCog(commands.Cog, name="Progress"):
         except MessageGone:
             log.info("job %s: its message was deleted; the result will be a new message", t.job_id)
             t.dead = True
+            return
+        except discord.Forbidden as exc:
+            # The bot may not edit there (its token expired and it cannot access the channel): every
+            # later frame would be refused too, and Discord bans bots that make many refused
+            # requests. No more progress edits for this job; the final post has its own handling.
+            log.warning("job %s: Discord refused a progress edit (%s, code %s); no more progress "
+                        "updates for it", t.job_id, exc.status, exc.code)
+            t.muted = True
             return
         t.last_content = content
 

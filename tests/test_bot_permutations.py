@@ -390,3 +390,43 @@ async def test_a_refused_contact_sheet_is_final_and_a_failing_one_backs_off(harn
     await fd.wait_for(lambda: [r for r in sheet_tries(since) if r.status == 200], 10, "the sheet, posted")
     marker = await _marker(h, set_id)
     assert marker.get("message_id") and "error" not in marker
+
+
+async def test_a_network_failure_posting_a_sheet_backs_off_and_other_sets_go_on(harness, monkeypatch, caplog):
+    """The connection drops while the sheet uploads (no answer at all: aiohttp's error, not an
+    HTTPException): like a 5xx, the post is tried again with backoff, not on every poll, and the
+    other open sets are still checked and posted in the meantime."""
+    h = harness
+    monkeypatch.setattr(permutations, "SHEET_RETRY_FIRST", 0.5, raising=False)
+    monkeypatch.setattr(permutations, "SHEET_RETRY_MAX", 2.0, raising=False)
+    h.config.queue.max_queued_per_user = 9
+    await h.start(worker=False)
+    fd = h.fd
+
+    def sheet_tries(since=0):
+        return [r for r in fd.requests[since:] if r.method == "POST"
+                and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+
+    async def queue_set(prompt, known):
+        inter = await h.imagine(prompt, iterations=2)
+        await h.reply_of(inter)
+        jobs = [r for r in await _set_jobs(h) if r.spec.extra["set"]["id"] not in known]
+        return jobs[0].spec.extra["set"]["id"], [r.id for r in jobs]
+
+    first, first_jobs = await queue_set("a {red, blue} boat", set())
+    second, second_jobs = await queue_set("a {green, gold} boat", {first})
+    caplog.set_level(logging.INFO)
+    since = len(fd.requests)
+    rule = fd.inject_error("POST", r"/channels/\d+/messages", 0, count=10_000)   # drop every post
+    await claim_jobs(h.queue, first_jobs + second_jobs)
+    await finish_jobs(h.queue, first_jobs + second_jobs)
+    await fd.wait_for(lambda: len(sheet_tries(since)) >= 2, 10, "both sets' first sheet posts")
+    await asyncio.sleep(3.0)   # tries at 0, 0.5, 1.5 s (60 polls)
+    assert 4 <= len(sheet_tries(since)) <= 8, len(sheet_tries(since))   # both sets, backing off
+    assert "Traceback" not in caplog.text and "checking permutation sets failed" not in caplog.text
+    assert f"set {first}: posting the contact sheet failed" in caplog.text
+    assert f"set {second}: posting the contact sheet failed" in caplog.text
+    rule.remaining = 0
+    for set_id in (first, second):
+        marker = await _marker(h, set_id)
+        assert marker.get("message_id") and "error" not in marker, marker

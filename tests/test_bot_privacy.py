@@ -10,6 +10,8 @@ member who sees #general only.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine.jobs import JobState
@@ -140,3 +142,64 @@ async def _send(h, name, options, *, user=None, channel_id=None):
     inter = await h.fd.send_slash_command(name, options, user=user, channel_id=channel_id)
     await h.fd.wait_for_response(inter)
     return inter
+
+
+async def _thread_member_joins(h, thread_id, user) -> None:
+    """Discord's THREAD_MEMBERS_UPDATE: `user` was added to the thread; waits for the bot's cache.
+    (Discord sends it for other users only with the members intent, which the bot does not ask
+    for: without it a thread member is not known as one, and sees the thread's jobs only from
+    inside the thread.)"""
+    fd = h.fd
+    await fd.dispatch("THREAD_MEMBERS_UPDATE", {
+        "id": str(thread_id), "guild_id": str(fd.guild_id), "member_count": 2,
+        "added_members": [{"id": str(thread_id), "user_id": str(user["id"]),
+                           "join_timestamp": "2026-01-01T00:00:00+00:00", "flags": 0}]})
+    thread = h.bot.get_guild(fd.guild_id).get_thread(thread_id)
+    for _ in range(100):   # the bot's cache, not the fake's: fd.wait_for would not re-check it
+        if any(m.id == int(user["id"]) for m in thread.members):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the bot never cached the thread member")
+
+
+async def test_jobs_of_a_private_thread_show_only_to_its_members(harness):
+    """A private thread under #general: Discord shows it to its members (its owner Dan, and Carol,
+    added to it) and to those who may manage the channel's threads (Alice, an admin), not to
+    everyone who sees #general. Bob, in #general but not in the thread, gets nothing of its jobs."""
+    h = harness
+    fd = h.fd
+    carol = fd.add_user("carol")
+    dan = fd.add_user("dan")
+    thread = fd.add_thread("dans-secret-thread", fd.channel_id, owner_id=int(dan["id"]), private=True)
+    await h.start(worker=False)   # no worker: the job stays in line
+    await _thread_member_joins(h, thread, carol)
+    hidden = await _job_in(h, "secret thread plans", channel_id=thread, user=dan, done=False)
+
+    text = await ephemeral_answer(h, "queue show")   # Bob
+    assert hidden not in text and "thread plans" not in text
+    assert "Not shown: 1 waiting job of channels you cannot see." in text
+    assert await ephemeral_answer(h, "queue cancel", {"job": hidden}) == (
+        f"There is no job `{hidden}` in this server; see `/queue show` for the ids.")
+    told = _answer(await _send(h, "remix", {"job": hidden, "prompt": "anything"}))
+    assert f"There is no job `{hidden}` you can see in this server" in told and "thread plans" not in told
+    assert (await h.queue.get(hidden)).state.name == "QUEUED"
+
+    for user in (carol, dan, fd.admin_user):   # from #general: a member, the owner, an admin
+        text = await ephemeral_answer(h, "queue show", user=user)
+        assert f"`{hidden}` secret thread plans" in text and "Not shown" not in text, (user["username"], text)
+    fd.assert_clean()
+
+
+async def test_a_thread_whose_parent_the_bot_does_not_know_hides_its_jobs(harness):
+    """A thread whose parent channel is missing from the bot's cache: discord.py cannot resolve its
+    permissions (ClientException). Its jobs are hidden elsewhere, and the command is still answered."""
+    h = harness
+    fd = h.fd
+    parent = fd.add_channel("gone-parent")
+    thread = fd.add_thread("orphan", parent, owner_id=int(fd.admin_user["id"]), private=False)
+    del fd.channels[parent]   # not in GUILD_CREATE: the thread's parent is unknown to the bot
+    await h.start(worker=False)
+    hidden = await _job_in(h, "an orphaned thread job", channel_id=thread, user=fd.admin_user, done=False)
+    text = await ephemeral_answer(h, "queue show", user=fd.admin_user)
+    assert hidden not in text and "Not shown: 1 waiting job of channels you cannot see." in text
+    fd.assert_clean()

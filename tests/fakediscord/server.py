@@ -947,6 +947,22 @@ class FakeDiscord:
         g = self.guild(guild_id)
         return self._add_channel(name, parent_id=g.category_id, guild_id=g.id)
 
+    def add_thread(self, name: str, parent_id: int, *, owner_id: int, private: bool = True) -> int:
+        """Add a thread (private: type 12; else public, type 11) under text channel ``parent_id``,
+        made by ``owner_id`` (do it before the bot connects: it comes in GUILD_CREATE's
+        ``threads``). Its other members reach the bot by ``THREAD_MEMBERS_UPDATE`` (``dispatch``).
+        Returns its id."""
+        parent = self.channels[int(parent_id)]
+        cid = self.snowflake()
+        self.channels[cid] = {
+            "id": str(cid), "type": 12 if private else 11, "guild_id": parent["guild_id"], "name": name,
+            "parent_id": str(parent_id), "owner_id": str(owner_id), "flags": 0, "last_message_id": None,
+            "rate_limit_per_user": 0, "message_count": 0, "member_count": 1, "total_message_sent": 0,
+            "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": _iso(),
+                                "locked": False, **({"invitable": False} if private else {})},
+        }
+        return cid
+
     def _add_member(self, user: Dict[str, Any], roles: List[int], guild: Optional[FakeGuild] = None) -> Dict[str, Any]:
         m = {
             "user": user, "roles": [str(r) for r in roles], "nick": None, "avatar": None, "banner": None,
@@ -979,9 +995,12 @@ class FakeDiscord:
 
     def guild_payload(self, guild_id: Optional[int] = None) -> Dict[str, Any]:
         g = self.guild(guild_id)
-        channels = [dict(c) for c in self.channels.values() if c.get("guild_id") == str(g.id)]
+        channels = [dict(c) for c in self.channels.values()
+                    if c.get("guild_id") == str(g.id) and c.get("type") not in (10, 11, 12)]
         for c in channels:
             c.pop("guild_id", None)
+        threads = [dict(c) for c in self.channels.values()
+                   if c.get("guild_id") == str(g.id) and c.get("type") in (10, 11, 12)]
         return {
             "id": str(g.id), "name": g.name, "icon": None, "splash": None, "discovery_splash": None,
             "banner": None, "description": None, "owner_id": str(g.owner_id), "region": "deprecated",
@@ -995,7 +1014,7 @@ class FakeDiscord:
             "stickers": [], "joined_at": g.members[self.application_id]["joined_at"], "large": False,
             "unavailable": False, "member_count": len(g.members), "members": list(g.members.values()),
             "channels": channels,
-            "threads": [], "presences": [], "voice_states": [], "stage_instances": [], "guild_scheduled_events": [],
+            "threads": threads, "presences": [], "voice_states": [], "stage_instances": [], "guild_scheduled_events": [],
             "soundboard_sounds": [], "embedded_activities": [], "lazy": True, "incidents_data": None,
             "home_header": None, "latest_onboarding_question_id": None, "hub_type": None, "version": 1,
         }
@@ -1120,7 +1139,8 @@ class FakeDiscord:
     def inject_error(self, method: Optional[str], path: str, status: int, body: Any = None, *, count: int = 1,
                      headers: Optional[Dict[str, str]] = None) -> InjectedError:
         """The next ``count`` requests with ``method`` (None/"*" = any) whose API path fully matches the
-        regex ``path`` are answered ``status`` with ``body`` (JSON) without being processed."""
+        regex ``path`` are answered ``status`` with ``body`` (JSON) without being processed.
+        ``status`` 0: no answer, the connection is dropped (a network failure)."""
         rule = InjectedError(method.upper() if method else None, re.compile(path), status,
                              body if body is not None else {"message": f"{status}: injected", "code": 0},
                              dict(headers or {}), count)
@@ -1779,6 +1799,10 @@ class FakeDiscord:
                         headers.update(h)
                         headers.update(rule.headers)
                         rec.status, rec.response, rec.response_headers = rule.status, rule.body, headers
+                        if rule.status == 0:   # a network failure: the connection drops, no answer
+                            if request.transport is not None:
+                                request.transport.close()
+                            return web.Response(status=500)
                         return _json_response(rule.status, rule.body, headers)
                 if match is None:
                     rec.unknown = True
