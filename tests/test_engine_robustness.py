@@ -17,6 +17,7 @@ from engine.jobs import Checkpoint, JobSpec, JobState
 from engine.queue import open_queue
 from engine.queue.sqlite import SQLiteJobQueue
 from engine.worker import Worker, pack_checkpoint
+from tests.test_worker import wait_state
 
 S = GenerationSettings(iterations=6, frame_every=2, grid=4, cutn=1, seed=3)
 
@@ -38,17 +39,6 @@ def other_process_can_write(path) -> bool:
         return False
     finally:
         conn.close()
-
-
-async def wait_state(queue, job_id, states, timeout=60.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        record = await queue.get(job_id)
-        if record.state in states:
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} stuck in {record.state}")
 
 
 # --- 1. a cancelled write leaves no transaction open ---------------------------------------------
