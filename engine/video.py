@@ -60,7 +60,8 @@ def encode_frames(
     sequence = list(frames) + [frames[-1]] * hold
     scale = []
     if max_side and max(h, w) > max_side:
-        scale = ["-vf", f"scale={max_side}:-2:flags=lanczos" if w >= h else f"scale=-2:{max_side}:flags=lanczos"]
+        side = max(2, max_side - max_side % 2)   # yuv420p needs even sides: -2 evens the other one
+        scale = ["-vf", f"scale={side}:-2:flags=lanczos" if w >= h else f"scale=-2:{side}:flags=lanczos"]
     elif h % 2 or w % 2:  # yuv420p needs even sides
         scale = ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
     raw = np.ascontiguousarray(np.stack(sequence)).tobytes()
@@ -88,7 +89,8 @@ def reencode_to_fit(data: bytes, max_bytes: int, timeout: float = FFMPEG_TIMEOUT
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.mp4"
         src.write_bytes(data)
-        for i, (crf, scale) in enumerate([(30, None), (36, "iw/2"), (42, "iw/4")]):
+        # Widths rounded down to even (yuv420p): half of a 266-wide video is 133, which fails.
+        for i, (crf, scale) in enumerate([(30, None), (36, "trunc(iw/4)*2"), (42, "trunc(iw/8)*2")]):
             dst = Path(tmp) / f"out{i}.mp4"
             vf = ["-vf", f"scale={scale}:-2"] if scale else []
             _ffmpeg(["-i", str(src), *vf, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),

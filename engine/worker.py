@@ -576,15 +576,23 @@ class Worker:
         current = asyncio.current_task()
         await asyncio.gather(*(t for t in run.pending if t is not current), return_exceptions=True)
         try:
-            video_bytes = await asyncio.to_thread(
-                video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
-            )
-            # Kept for Continue / Remix (for ever unless keep_days): compact, half the bytes.
+            try:
+                video_bytes: bytes | None = await asyncio.to_thread(
+                    video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
+                )
+            except (video.VideoError, OSError) as exc:
+                # The picture is done: a video that cannot be made (ffmpeg missing, broken, timed
+                # out) must not throw it away and run the job again. The bot posts the final
+                # image and says the video could not be made.
+                video_bytes = None
+                log.warning("job %s: its video could not be made, so it has none: %s", job_id,
+                            str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+            # Kept for Continue / Remix (until keep_state_days / keep_days): compact, half the bytes.
             state_bytes = await asyncio.to_thread(lambda: state_to_bytes(compact_state(state)))
             # Fenced: a worker that lost the job must not overwrite the new owner's results.
             stored = (
                 await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], run.lease)
-                and await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease)
+                and (video_bytes is None or await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease))
                 and await self.queue.put_artifact(job_id, "state.pt", state_bytes, run.lease)
             )
             if not stored or not await self.queue.finish(job_id, run.lease, run.similarity):

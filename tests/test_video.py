@@ -62,3 +62,14 @@ def test_an_encode_past_its_time_is_stopped_with_a_clear_error(tmp_path):
     with pytest.raises(video.VideoError, match="ran past"):
         video.reencode_to_fit(data, len(data) // 3, timeout=0.001)
 
+
+
+def test_odd_halves_and_an_odd_max_side_still_encode(tmp_path):
+    """yuv420p needs even sides: a 266-wide video's half is 133 and its quarter 66.5, and a
+    max_side of 33 would give 33. Each is rounded to an even width instead of failing."""
+    wide = [np.random.default_rng(i).integers(0, 256, (60, 266, 3), dtype=np.uint8) for i in range(12)]
+    data = video.encode_frames_bytes(wide, fps=10, crf=10)
+    assert video.reencode_to_fit(data, 100) is None   # every size tried (none fits), none failed
+    out = video.encode_frames(frames(5), tmp_path / "s.mp4", max_side=33)
+    stream = probe(out)["streams"][0]
+    assert (stream["width"], stream["height"]) == (32, 32)

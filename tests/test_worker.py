@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import time
 
 import numpy as np
@@ -457,6 +458,25 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
         first = next(e for e in await job_events(queue, child.id) if e.kind == EventKind.PROGRESS)
         assert first.iteration == 0 and first.frame_png == parent_final  # pixel-exact
     assert "gone" in failed.error
+
+
+async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, tiny_models, tmp_path, monkeypatch, caplog):
+    """ffmpeg on PATH is a build that fails (here: one without libx264, a real failing process):
+    the job still ends DONE with its final picture and state, without video.mp4 (the bot posts the
+    picture alone and says so); before, the finished picture was failed and the job run again."""
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "ffmpeg").write_text("#!/bin/sh\necho \"Unknown encoder 'libx264'\" >&2\nexit 1\n")
+    (broken / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        job = await queue.submit(spec(iterations=4))
+        done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert done.state == JobState.DONE and done.attempts == 1, done
+    assert await queue.get_artifact(job.id, "final.png") is not None
+    assert await queue.get_artifact(job.id, "state.pt") is not None
+    assert await queue.get_artifact(job.id, "video.mp4") is None
+    assert "its video could not be made" in caplog.text and "libx264" in caplog.text
 
 
 async def test_a_reroll_of_a_continue_has_its_own_noise_a_second_continue_does_not(queue, tiny_models):
