@@ -6,13 +6,20 @@ check reads it afresh (one small read per prompt).
 
 Entries:
 - a plain word or phrase: matched case-insensitively as a whole word (`cat` refuses "a Cat" but
-  not "concatenate");
+  not "concatenate"); "whole" as CLIP splits words: only a letter next to it makes it part of a
+  longer word, so "cat1", "cat_x" and "cat" with an accent still hit. An entry that begins or ends
+  in a script written without spaces (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar) needs no
+  boundary on that side: `猫` refuses "黒猫の絵";
 - `re:<pattern>`: a regular expression, case-insensitive, searched anywhere in the prompt.
 
 Look-alike spellings match too: each entry is tried on the prompt as typed and on its folded form
-(`fold`: NFKC, so fullwidth `ｃｕｒｓｅｄ` -- which CLIP reads exactly as `cursed` -- and other
-compatibility forms become plain letters; zero-width and other format characters such as the soft
-hyphen removed; runs of white space made one space).
+(`fold`: first cleaned exactly as CLIP's tokenizer cleans it -- ftfy, HTML entities unescaped
+twice, so `c&#97;t` and `c&amp;#97;t` read `cat` -- then NFKC's compatibility folding, so
+fullwidth `ｃｕｒｓｅｄ` -- which CLIP reads exactly as `cursed` -- and other compatibility forms
+become plain letters; zero-width and other format characters such as the soft hyphen removed, and
+combining marks (`cat\u0301`, decomposed `café` reads `cafe`; kana voicing marks kept); runs of
+white space made one space). A plain entry is folded the same way, so `ｃａｔ` and `café` entries
+match too; a pattern is used as typed.
 
 Guards against a pattern that backtracks for ever: entries are at most MAX_ENTRY characters, a
 pattern is compiled and tried on a few adversarial strings when it is added (refused if that is
@@ -33,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import html
 import logging
 import unicodedata
 from typing import TYPE_CHECKING, Iterable
 
 import discord
+import ftfy   # an openai-clip dependency: its tokenizer cleans every prompt with it
 import regex
 from discord import app_commands
 from discord.ext import commands
@@ -84,8 +93,7 @@ def _compiled(entry: str) -> "regex.Pattern[str] | tuple[type[regex.error], str]
             if unrolled(source) > MAX_UNROLL:   # before `regex` unrolls it, holding the GIL
                 raise TooManyRepeats(f"its counted repeats multiply to more than {MAX_UNROLL:,}")
             return regex.compile(source, _FLAGS)
-        # Whole word: not inside a longer word on either side (works for "c++" and phrases too).
-        return regex.compile(r"(?<!\w)" + regex.escape(entry) + r"(?!\w)", _FLAGS)
+        return regex.compile(_word_pattern(entry), _FLAGS)
     except regex.error as exc:
         return type(exc), str(exc)
 
@@ -115,11 +123,47 @@ def unrolled(pattern: str) -> int:
     return total
 
 
+# Scripts written without spaces between words: an entry's edge in one of them needs no boundary.
+_UNSPACED = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]")
+_LETTER = regex.compile(r"\p{L}")
+# Kana voicing marks: decomposed from が, ぱ...; dropping them would make different words one.
+_KEEP_MARKS = frozenset("\u3099\u309a")
+
+
+def _edge(ch: str, before: bool) -> str:
+    """The boundary on one side of a plain entry whose edge character is `ch`."""
+    if _UNSPACED.match(ch):
+        return ""                                     # CJK, Thai...: matched inside text
+    if _LETTER.match(ch):                             # CLIP splits a word from digits, `_`, marks
+        return r"(?<!\p{L})" if before else r"(?!\p{L})"
+    return r"(?<!\w)" if before else r"(?!\w)"       # "c++", "1984": as before
+
+
+def _word_pattern(entry: str) -> str:
+    """A plain entry's pattern: its folded form as a whole word (works for "c++" and phrases)."""
+    word = fold(entry)
+    if not word:
+        raise regex.error("the entry is empty once folded (only invisible characters or marks)")
+    return _edge(word[0], True) + regex.escape(word) + _edge(word[-1], False)
+
+
+def clip_clean(text: str) -> str:
+    """`text` as CLIP's tokenizer cleans it before it reads it (clip.simple_tokenizer's
+    basic_clean then whitespace_clean: ftfy, HTML entities unescaped twice -- `c&amp;#97;t`
+    reads `cat` -- white space runs as one space), less its final lower-casing."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
 def fold(text: str) -> str:
-    """`text` as a look-alike spelling reads: NFKC, without format characters (zero-width spaces
-    and joiners, soft hyphens, bidi marks), white space runs as one space."""
-    text = unicodedata.normalize("NFKC", text)
-    return " ".join("".join(ch for ch in text if not is_format(ch)).split())
+    """`text` as a look-alike spelling reads: cleaned as CLIP cleans it (clip_clean), NFKC,
+    without format characters (zero-width spaces and joiners, soft hyphens, bidi marks) or
+    combining marks (`cat\u0301`, `ca\u0332t`, decomposed `café` read as `cafe`), white space
+    runs as one space."""
+    text = unicodedata.normalize("NFKD", clip_clean(text))   # NFKC's compatibility folding, marks apart
+    text = "".join(ch for ch in text
+                   if not is_format(ch) and (unicodedata.category(ch) != "Mn" or ch in _KEEP_MARKS))
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def normalise(raw: str) -> str:
@@ -131,6 +175,8 @@ def normalise(raw: str) -> str:
             raise BadEntry("The pattern after `re:` is empty.")
     else:
         entry = " ".join(text.split())
+        if entry and not fold(entry):
+            raise BadEntry("That entry is only invisible characters or accents once folded; give a word.")
     if not entry:
         raise BadEntry("Give a word, a phrase, or `re:<pattern>`.")
     if len(entry) > MAX_ENTRY:
@@ -157,7 +203,11 @@ def normalise(raw: str) -> str:
 
 
 def same(a: str, b: str) -> bool:
-    return a.casefold() == b.casefold()
+    """Whether two entries are one: patterns exactly (`\\b` is not `\\B`, `[a-z]` not `[A-Z]`),
+    except the `re:` prefix's case; plain words as they fold, in any case."""
+    if is_regex(a) or is_regex(b):
+        return is_regex(a) and is_regex(b) and a[len(REGEX_PREFIX):] == b[len(REGEX_PREFIX):]
+    return fold(a).casefold() == fold(b).casefold()
 
 
 def find(entries: Iterable[str], prompt: str, max_chars: int) -> tuple[str, str | None] | None:

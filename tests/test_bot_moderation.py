@@ -131,3 +131,27 @@ async def test_a_stored_pattern_that_repeats_too_much_is_skipped_and_never_compi
     assert "(?:a{65535}){65535}" in caplog.text and "does not compile" in caplog.text
     with pytest.raises(moderation.BadEntry, match="repeats too much"):
         moderation.normalise(r"re:(?:a{65535}){65535}")
+
+
+async def test_spellings_clip_reads_as_a_refused_word_are_refused_and_patterns_are_kept_apart(harness):
+    """CLIP unescapes HTML entities (twice) and splits a word from digits, `_` and combining marks:
+    `c&#97;t`, `c&amp;#97;t`, `cat1`, `cat\u0301` all read `cat`. A folded entry (`ｃａｔ`) matches
+    too. Patterns differing only in case (`\\b` and `\\B`) are two entries, and removing one keeps
+    the other."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    key = f"banned:{h.fd.guild_id}"
+    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "ｃａｔ"}, **admin)
+    assert "already on the list" in await ephemeral_answer(h, "queue ban-word add", {"entry": "CAT"}, **admin)
+    for prompt in ["a c&#97;t", "a &#x63;&#x61;&#x74;", "a c&amp;#97;t", "a cat1", "a cat_ x", "a cat\u0301",
+                   "a cat\u0332", "a {dog, c&#97;t}"]:
+        assert "refused" in await _refused(h, prompt), prompt
+    await _queued(h, "a concatenated catalog")             # still whole words only
+
+    for entry in [r"re:\bdog\b", r"re:\Bdog\B"]:
+        assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+    assert await h.queue.get_setting(key) == ["ｃａｔ", r"re:\bdog\b", r"re:\Bdog\B"]
+    assert "Removed" in await ephemeral_answer(h, "queue ban-word remove", {"entry": r"re:\Bdog\B"}, **admin)
+    assert await h.queue.get_setting(key) == ["ｃａｔ", r"re:\bdog\b"]
+    h.fd.assert_clean()

@@ -1,0 +1,90 @@
+"""bot.moderation's matching, as pure functions: prompts (and plain entries) are folded the way
+CLIP will read them, words end where CLIP's tokenizer ends them, and patterns compare exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from bot import moderation
+
+
+def _clip_simple_tokenizer():
+    """clip.simple_tokenizer loaded from its file (`import clip` would import torch)."""
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("openai-clip is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "simple_tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("_test_clip_simple_tokenizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+CLEAN_SAMPLES = ["a c&#97;t", "a &#x63;&#x61;&#x74;", "a c&amp;#97;t", "a c&amp;amp;#97;t", "  a\t\tb \n c  ",
+                 "fish &amp; chips", "&lt;b&gt;", "cafe\u0301", "ｃａｔ", "\ufb01sh", "â€œquotedâ€\x9d", "don&#39;t",
+                 "a\u00a0b\u3000c", "", "&#0;", "&#x110000;", "&nbsp;x"]
+
+
+@pytest.mark.parametrize("text", CLEAN_SAMPLES)
+def test_clip_clean_is_clips_own_cleaning(text):
+    clip = _clip_simple_tokenizer()
+    assert moderation.clip_clean(text) == clip.whitespace_clean(clip.basic_clean(text))
+
+
+@pytest.mark.parametrize("prompt", ["a c&#97;t", "a &#x63;&#x61;&#x74;", "a c&amp;#97;t", "a C&#65;T house",
+                                    "a &#99;&#97;&#116;"])
+def test_html_entities_that_clip_reads_as_the_word_are_refused(prompt):
+    assert moderation.find(["cat"], prompt, 500) is not None
+
+
+@pytest.mark.parametrize("prompt", ["a cat1", "a cat_ x", "a cat\u0301", "a cat\u0332", "a c\u0332a\u0332t\u0332",
+                                    "a ca\u0301t", "a 2cat", "_cat_", "a cat's toy"])
+def test_a_word_ends_where_clip_ends_it(prompt):
+    assert moderation.find(["cat"], prompt, 500) is not None
+
+
+@pytest.mark.parametrize("prompt", ["concatenate", "a catalog", "bobcat", "a cats\u0301", "c a t"])
+def test_a_word_inside_a_longer_word_still_passes(prompt):
+    assert moderation.find(["cat"], prompt, 500) is None
+
+
+def test_non_letter_edges_keep_their_old_boundaries():
+    assert moderation.find(["1984"], "a 1984 poster", 500) == ("1984", "1984")
+    assert moderation.find(["1984"], "a 19845 poster", 500) is None
+    assert moderation.find(["c++"], "learn c++ now", 500) is not None
+    assert moderation.find(["c++"], "c++x", 500) is None
+
+
+@pytest.mark.parametrize("entry, prompt", [("ｃａｔ", "a cat"), ("cafe\u0301", "un caf\u00e9"), ("caf\u00e9", "un cafe\u0301"),
+                                           ("c&#97;t", "a cat"), ("CAT", "a ｃａｔ"), ("c\u200bat", "a cat")])
+def test_plain_entries_are_folded_like_prompts(entry, prompt):
+    assert moderation.find([entry], prompt, 500) is not None
+
+
+def test_an_entry_that_folds_to_nothing_is_refused_and_skipped():
+    with pytest.raises(moderation.BadEntry, match="invisible"):
+        moderation.normalise("\u200b\u0301")
+    assert moderation.find(["\u200b", "cat"], "a dog", 500) is None   # stored: skipped, refuses nothing
+
+
+@pytest.mark.parametrize("entry, prompt", [("猫", "黒猫の絵"), ("ねこ", "かわいいねこちゃん"), ("カタナ", "青いカタナです"),
+                                           ("แมว", "ภาพแมวสีดำ"), ("猫", "a猫b")])
+def test_words_of_unspaced_scripts_match_inside_text(entry, prompt):
+    assert moderation.find([entry], prompt, 500) is not None
+
+
+def test_kana_voicing_marks_are_not_folded_away():
+    assert moderation.find(["かき"], "がき", 500) is None      # a different word, not an accent
+    assert moderation.find(["がき"], "か\u3099き", 500) is not None
+
+
+def test_patterns_compare_exactly_and_plain_words_in_any_case_or_form():
+    assert not moderation.same(r"re:\bcat\b", r"re:\Bcat\B")
+    assert not moderation.same("re:[a-z]", "re:[A-Z]")
+    assert moderation.same(r"re:\bcat\b", r"RE:\bcat\b")
+    assert not moderation.same("re:cat", "cat")
+    assert moderation.same("Cursed", "CURSED")
+    assert moderation.same("ｃａｔ", "cat")
