@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.jobs import check_keep_days
+from engine.jobs import check_keep_days, check_keep_state_days
 from engine.queue import redact_url
 from engine.compiling import compile_options
 
@@ -68,6 +68,12 @@ class WorkerConfig:
     # (0: never prune; else at least 1/24, an hour: engine.jobs.MIN_KEEP_DAYS). Each finished job
     # keeps its 48-192 MiB state.pt until then (imagine-worker --keep-days has the same default).
     keep_days: float = 30.0
+    # ...but its state.pt (48-192 MiB, what Continue / Remix / Reroll of a continue start from) only
+    # this many days after it was posted; the record, picture and video stay keep_days. 0: as long
+    # as the job (keep_days); else at least 1/24, an hour. More than keep_days is the same as
+    # keep_days. Applies with keep_days = 0 too (jobs kept for ever, their states not).
+    # imagine-worker --keep-state-days has the same default.
+    keep_state_days: float = 7.0
     # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
     encoder: str = "openai"
     # torch.compile the hot loop: "" (off), "inductor", "inductor:reduce-overhead" (CUDA graphs
@@ -284,6 +290,12 @@ def _validate(cfg: Config) -> None:
         check_keep_days(cfg.worker.keep_days)
     except ValueError as exc:
         raise ConfigError(f"[worker] keep_days: {exc}") from None
+    need(cfg.worker.keep_state_days >= 0,
+         "[worker] keep_state_days: must not be negative (0: as long as the job, keep_days)")
+    try:
+        check_keep_state_days(cfg.worker.keep_state_days)
+    except ValueError as exc:
+        raise ConfigError(f"[worker] keep_state_days: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
     need(cfg.worker.checkpoint_every >= 0,
          "[worker] checkpoint_every: must not be negative (seconds; 0: a checkpoint at every frame)")

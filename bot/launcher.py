@@ -228,7 +228,8 @@ async def open_resources(
                 queue, models_loader or default_models_loader(wc),
                 # max_batch 0: the worker chooses from free GPU memory (engine.capacity)
                 worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
-                keep_days=wc.keep_days or None, compile=wc.compile, checkpoint_every=wc.checkpoint_every,
+                keep_days=wc.keep_days or None, keep_state_days=wc.keep_state_days or None,
+                compile=wc.compile, checkpoint_every=wc.checkpoint_every,
                 **(worker_options or {}),
             )
             resources.worker = worker

@@ -156,6 +156,25 @@ def check_keep_days(value: float | None) -> float | None:
     return float(value)
 
 
+# A shorter retention for a finished job's `state.pt` alone (48-192 MiB: Continue / Remix), the
+# rest of the job (record, final.png, video.mp4, history) kept `keep_days`: `[worker]
+# keep_state_days`, `imagine-worker --keep-state-days`, `Worker(keep_state_days=)`. 0 or None: as
+# long as the job; otherwise at least an hour (a state gone minutes after its picture was posted
+# would make Continue / Remix useless). More than keep_days is the same as keep_days (the job's
+# prune takes its state with it).
+def check_keep_state_days(value: float | None) -> float | None:
+    """`keep_state_days` checked: None for "as long as the job" (None or 0), else the value
+    (>= `MIN_KEEP_DAYS`). ValueError, saying what is allowed, for anything else."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of days, got {value!r}")
+    if not math.isfinite(value) or value < MIN_KEEP_DAYS:
+        raise ValueError(f"must be 0 (as long as the job: keep_days) or at least {MIN_KEEP_DAYS:.4g} days "
+                         f"(an hour), got {value!r}")
+    return float(value)
+
+
 def new_upload_id() -> str:
     return f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
 
@@ -294,5 +313,9 @@ class JobQueue(Protocol):
     # Jobs finished *and* delivered more than `older_than` seconds ago: their records, artifacts,
     # history entries and frames go. Uploads (see `UPLOAD_PREFIX`) stored more than `older_than`
     # seconds ago that no job left in the store names go too, and (SQLite) expired settings.
-    # Returns how many jobs. Safe to run from several processes.
-    async def prune(self, older_than: float) -> int: ...
+    # Then, with `state_older_than` (None: the same as `older_than`, nothing more), only the
+    # `state.pt` artifact of jobs finished and delivered more than that many seconds ago: their
+    # records, final.png, video and history stay (Continue / Remix of them then say "gone").
+    # `older_than` may be math.inf: no whole job goes, only states. Jobs queued, running or not
+    # yet delivered are never touched. Returns how many whole jobs. Safe to run from several processes.
+    async def prune(self, older_than: float, state_older_than: float | None = None) -> int: ...

@@ -43,7 +43,7 @@ from engine.generate import (
     state_from_bytes, state_to_bytes,
 )
 from engine.jobs import (
-    Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days,
+    Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days, check_keep_state_days,
 )
 from engine.models import Models
 
@@ -153,6 +153,7 @@ class Worker:
         video_fps: float = 10.0,
         observer: Any = None,
         keep_days: float | None = None,
+        keep_state_days: float | None = None,
         compile: bool | str = False,
         checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
@@ -202,6 +203,16 @@ class Worker:
             self.keep_days = check_keep_days(keep_days)
         except ValueError as exc:
             raise ValueError(f"keep_days: {exc}") from None
+        # ...and a finished job's state.pt alone (48-192 MiB) after `keep_state_days` (None or 0: as
+        # long as the job; more than keep_days is the same as keep_days: the job takes it along).
+        # With keep_days None, states are still pruned: the rest of each job is kept for ever.
+        try:
+            keep_state_days = check_keep_state_days(keep_state_days)
+        except ValueError as exc:
+            raise ValueError(f"keep_state_days: {exc}") from None
+        if keep_state_days is not None and self.keep_days is not None and keep_state_days >= self.keep_days:
+            keep_state_days = None
+        self.keep_state_days = keep_state_days   # the effective value: None when it changes nothing
         self._next_prune = 0.0            # loop time of the next prune
         self._prune_task: asyncio.Task | None = None
         # Mid-run checkpoints are timed: a frame takes one only when this many seconds have passed
@@ -445,9 +456,12 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
 
-        async def prune(keep_days: float) -> None:  # its own task: it never delays a heartbeat
+        async def prune(keep_days: float | None, keep_state_days: float | None) -> None:
+            # its own task: it never delays a heartbeat
             try:
-                pruned = await self.queue.prune(keep_days * 86400.0)
+                pruned = await self.queue.prune(
+                    math.inf if keep_days is None else keep_days * 86400.0,
+                    None if keep_state_days is None else keep_state_days * 86400.0)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - retried in an hour
@@ -483,10 +497,12 @@ class Worker:
                     raise
                 except Exception:  # noqa: BLE001 - the next sweep (or claim) will do it
                     log.warning("sweeping expired leases failed", exc_info=True)
-            if self.keep_days is not None and loop.time() >= self._next_prune and (
+            prunes = self.keep_days is not None or self.keep_state_days is not None
+            if prunes and loop.time() >= self._next_prune and (
                     self._prune_task is None or self._prune_task.done()):
                 self._next_prune = loop.time() + 3600.0
-                self._prune_task = asyncio.create_task(prune(self.keep_days), name="worker-prune")
+                self._prune_task = asyncio.create_task(prune(self.keep_days, self.keep_state_days),
+                                                       name="worker-prune")
                 self._tasks = [t for t in self._tasks if not t.done()] + [self._prune_task]  # stop() cancels it
 
     def _gpu_thread_ok(self) -> bool:
@@ -864,6 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "state), uploaded pictures no job names that are N days old, and (SQLite) expired "
                         "settings, checked hourly; Continue/Remix of a pruned job then say 'gone'. N is "
                         f"{DEFAULT_KEEP_DAYS:g} by default, 0 (never) or at least 1/24 (an hour)")
+    p.add_argument("--keep-state-days", type=_keep_state_days, default=DEFAULT_KEEP_STATE_DAYS, metavar="N",
+                   help="delete only the final state (state.pt, 48-192 MiB, what Continue/Remix start from) of "
+                        "jobs finished and delivered more than N days ago, hourly; their records, images and "
+                        "videos stay --keep-days, and Continue/Remix of them then say 'gone'. N is "
+                        f"{DEFAULT_KEEP_STATE_DAYS:g} by default, 0 (as long as the job: --keep-days) or at "
+                        "least 1/24 (an hour); more than --keep-days is the same as --keep-days")
     p.add_argument("--checkpoint-every", type=_checkpoint_every, default=DEFAULT_CHECKPOINT_EVERY, metavar="SECONDS",
                    help="seconds between two checkpoints of a running job, taken at its frames (default "
                         f"{DEFAULT_CHECKPOINT_EVERY:g}; 0: every frame); a stopping worker checkpoints its jobs anyway")
@@ -898,9 +920,12 @@ def _number(check: Callable[[float], Any], unit: str) -> Callable[[str], Any]:
 # --keep-days: 0 (never) or at least an hour's worth of days (engine.jobs.check_keep_days);
 # --checkpoint-every, --stall-timeout: seconds, at least 0.
 _keep_days = _number(check_keep_days, "days")
+_keep_state_days = _number(check_keep_state_days, "days")
 _checkpoint_every = _number(check_checkpoint_every, "seconds")
 # A finished job's state.pt is 48-192 MiB: kept for ever by default, a worker fills its disk.
 DEFAULT_KEEP_DAYS = 30.0
+# ...and its state.pt alone (48-192 MiB, for Continue / Remix, which come within hours or days).
+DEFAULT_KEEP_STATE_DAYS = 7.0
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -1051,7 +1076,8 @@ async def _serve(args: argparse.Namespace) -> int:
         lambda: load_models(args.clip_model, args.decoder, device, cache, args.trust_decoder,
                             encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
                             trust_hint=TRUST_HINT_WORKER),
-        worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days, compile=args.compile,
+        worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
+        keep_state_days=args.keep_state_days, compile=args.compile,
         checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )
     stop = asyncio.Event()

@@ -74,6 +74,12 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("[worker]\nkeep_days = 0.04", "[worker] keep_days: must be 0 (never prune) or at least 0.04167 days"),
     ("[worker]\nkeep_days = -1", "[worker] keep_days: must not be negative (0: never prune)"),
     ("[worker]\nkeep_days = inf", "[worker] keep_days: must be 0 (never prune) or a number of days"),
+    ("[worker]\nkeep_state_days = 0.04", "[worker] keep_state_days: must be 0 (as long as the job: keep_days) or "
+                                          "at least 0.04167 days (an hour), got 0.04"),
+    ("[worker]\nkeep_state_days = -1", "[worker] keep_state_days: must not be negative (0: as long as the job"),
+    ("[worker]\nkeep_state_days = inf", "[worker] keep_state_days: must be 0 (as long as the job: keep_days) or "
+                                         "at least"),
+    ("[worker]\nkeep_state_days = \"7\"", "[worker] keep_state_days: expected a number, got '7'"),
     ("[worker]\ncompile = \"inductor:fast\"", "[worker] compile 'inductor:fast': the mode must be one of default, "
                                               "reduce-overhead, max-autotune"),
     ("[worker]\ncompile = \"eager:reduce-overhead\"", "[worker] compile 'eager:reduce-overhead': a mode is inductor's"),
@@ -97,6 +103,13 @@ def test_keep_days_is_zero_for_never_or_at_least_an_hour(days):
     # Pruning also deletes uploads no job names yet once they are keep_days old: a window of seconds
     # could delete a picture between the bot storing it and submitting its job.
     assert config_from_dict({"worker": {"keep_days": days}}).worker.keep_days == days
+
+
+@pytest.mark.parametrize("days", [0, 1 / 24, 2, 7, 30, 90])
+def test_keep_state_days_is_zero_for_as_long_as_the_job_or_at_least_an_hour(days):
+    # More than keep_days is allowed: the worker treats it as keep_days (the job takes its state along).
+    assert config_from_dict({"worker": {"keep_state_days": days}}).worker.keep_state_days == days
+    assert config_from_dict({"worker": {"keep_days": 0, "keep_state_days": days}}).worker.keep_state_days == days
 
 
 def test_tokens_are_shape_checked_and_never_echoed():
@@ -544,6 +557,13 @@ def test_finished_jobs_are_pruned_after_30_days_by_default():
     """Kept for ever (the old default 0), every finished job's 48-192 MiB state.pt filled the disk."""
     assert Config().worker.keep_days == 30.0
     assert config_from_dict({"worker": {"keep_days": 0}}).worker.keep_days == 0   # 0 still means never
+
+
+def test_final_states_are_pruned_after_7_days_by_default():
+    """Each finished job's state.pt (48-192 MiB, for Continue / Remix) goes after 7 days; the job, 30."""
+    assert Config().worker.keep_state_days == 7.0
+    assert config_from_dict({"worker": {"keep_state_days": 0}}).worker.keep_state_days == 0   # as the job
+    assert config_from_dict({"worker": {"keep_state_days": 3}}).worker.keep_state_days == 3.0
 
 
 @pytest.mark.parametrize("command", [[], ["sync"]])

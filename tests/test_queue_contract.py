@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 import time
@@ -1190,6 +1191,100 @@ async def test_prune_removes_old_delivered_jobs_only(queue_factory: QueueFactory
     assert await q.mark_delivered(old_undelivered.id) is True
     assert await q.prune(0.2) == 1 and await q.get(old_undelivered.id) is None
     assert await q.prune(0) == 1 and await q.get(recent.id) is None
+
+
+async def states_stored(q: JobQueue) -> int:
+    """How many `state.pt` artifacts the backend's storage holds, and (Redis) that no blob is left
+    behind by a dropped one: every blob key is pointed to by an artifact or a checkpoint."""
+    if hasattr(q, "redis"):
+        client = q.redis
+        pointed, states = set(), 0
+        async for key in client.scan_iter(match=q._k("artp", "*")):
+            for name, ptr in (await client.hgetall(key)).items():
+                pointed.add(ptr.split()[0].decode())
+                states += name == b"state.pt"
+        async for key in client.scan_iter(match=q._k("ckpt", "*")):
+            pointed.add((await client.hget(key, "blob")).decode())
+        blobs = {key.decode().rsplit(":", 1)[1] async for key in client.scan_iter(match=q._k("blob", "*"))}
+        assert blobs == pointed
+        return states
+    with sqlite3.connect(q.path) as db:
+        return db.execute("SELECT COUNT(*) FROM artifacts WHERE name = 'state.pt'").fetchone()[0]
+
+
+async def test_prune_drops_old_states_alone_and_keeps_their_jobs(queue_factory: QueueFactory):
+    """prune(older_than, state_older_than): the state.pt of jobs finished and delivered more than
+    `state_older_than` ago goes; their records, pictures, videos and history stay until `older_than`."""
+    q = await queue_factory.open()
+    q2 = await queue_factory.open()
+    chan = 78
+    old = [await q.submit(spec(u, f"old {u}", channel=chan)) for u in range(5)]  # done x3, failed, cancelled
+    undelivered = await q.submit(spec(5, "old, never posted", channel=chan))
+    running = await q.submit(spec(6, "running", channel=chan))
+    leases = {}
+    for _ in range(7):
+        got = await q.claim("w")
+        leases[got.id] = got.lease_id
+    for rec in (*old, undelivered, running):
+        for name in ("final.png", "video.mp4", "state.pt"):
+            assert await q.put_artifact(rec.id, name, f"{name} {rec.id}".encode(), leases[rec.id]) is True
+    for rec in (*old[:3], undelivered):
+        assert await q.finish(rec.id, leases[rec.id], 0.2) is True
+    assert await q.fail(old[3].id, leases[old[3].id], "bad", retry=False) == JobState.FAILED
+    assert await q.cancel(old[4].id) is True
+    await q.mark_cancelled(old[4].id, leases[old[4].id])
+    for rec in old:
+        assert await q.mark_delivered(rec.id) is True
+    assert await q.prune(3600, 5) == 0 and await states_stored(q) == 7   # nothing is 5 s old yet
+    old_end = time.time()
+    await asyncio.sleep(0.3)
+    young = await q.submit(spec(7, "young", channel=chan))
+    got = await q.claim("w")
+    for name in ("final.png", "state.pt"):
+        await q.put_artifact(young.id, name, f"{name} {young.id}".encode(), got.lease_id)
+    young_start = time.time()
+    await q.finish(young.id, got.lease_id, 0.1)
+
+    def between() -> float:
+        """An age that the old jobs have passed and the young one has not (however slow this runs)."""
+        return time.time() - (old_end + young_start) / 2
+
+    await q.mark_delivered(young.id)
+    # state_older_than None (the default) is older_than's: nothing more than before.
+    assert await q.prune(3600) == 0 and await states_stored(q) == 8
+
+    # Two workers at once, in small batches (paging past jobs that keep theirs): no whole job goes.
+    counts = await asyncio.gather(q.prune(3600, between(), batch=2), q2.prune(3600, between(), batch=2))
+    assert counts == [0, 0]
+    for rec in old:
+        kept = await q.get(rec.id)
+        assert kept is not None and kept.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+        assert not await q.has_artifact(rec.id, "state.pt") and await q.get_artifact(rec.id, "state.pt") is None
+        for name in ("final.png", "video.mp4"):
+            assert await q.get_artifact(rec.id, name) == f"{name} {rec.id}".encode(), name
+        assert await q.mark_delivered(rec.id) is False   # still delivered, once
+    for rec in (undelivered, running, young):   # not delivered, not finished, too young: everything stays
+        assert await q.get_artifact(rec.id, "state.pt") == f"state.pt {rec.id}".encode(), rec.prompt
+        assert await q.has_artifact(rec.id, "final.png")
+    assert await states_stored(q) == 3
+    history = [r.id for r in await q.history(chan, limit=50)]
+    assert set(history) == {r.id for r in (*old, undelivered, running, young)}
+    assert [r.id for r in await q.undelivered()] == [undelivered.id]
+    assert (await q.get(running.id)).state == JobState.RUNNING
+    assert await q.prune(3600, between()) == 0 and await states_stored(q) == 3   # again: nothing more to drop
+
+    # Once delivered, the old undelivered one loses its state too; `older_than` math.inf: states only.
+    assert await q.mark_delivered(undelivered.id) is True
+    assert await q.prune(math.inf, between()) == 0
+    assert await q.get_artifact(undelivered.id, "state.pt") is None and await q.get(undelivered.id) is not None
+    assert await q.has_artifact(undelivered.id, "final.png") and await states_stored(q) == 2
+    # A `state_older_than` longer than `older_than` changes nothing: the whole jobs go as before.
+    assert await q.prune(between(), 3600) == 6   # the old five and the once-undelivered one
+    for rec in (*old, undelivered):
+        assert await q.get(rec.id) is None and not await q.has_artifact(rec.id, "final.png")
+    assert await q.get_artifact(young.id, "state.pt") == f"state.pt {young.id}".encode()
+    assert await q.prune(0, 0) == 1 and await q.get(young.id) is None   # count: whole jobs only
+    assert await states_stored(q) == 1   # the running job's
 
 
 # --- retention of uploads and settings ------------------------------------------------------------

@@ -626,6 +626,77 @@ def test_keep_days_is_zero_for_never_or_at_least_an_hour(capsys):
         Worker(object(), lambda: None, keep_days=0.0001)
 
 
+def test_keep_state_days_is_zero_for_as_long_as_the_job_or_at_least_an_hour(capsys):
+    """`imagine-worker --keep-state-days` (7 by default), `Worker(keep_state_days=)` (None by
+    default: as long as the job), `[worker] keep_state_days`: 0 is as long as the job, otherwise at
+    least an hour; more than keep_days is the same as keep_days (the Worker keeps None then)."""
+    from engine.worker import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--queue", "x.db"]).keep_state_days == 7.0
+    for given, taken in (("0", None), ("0.0416667", 0.0416667), ("2", 2.0), ("60", 60.0)):
+        assert parse(["--queue", "x.db", "--keep-state-days", given]).keep_state_days == taken
+    for bad, message in (("0.0001", "must be 0 (as long as the job: keep_days) or at least 0.04167 days"),
+                         ("-1", "must be 0 (as long as the job: keep_days) or at least"),
+                         ("soon", "expected a number of days, got 'soon'")):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--queue", "x.db", "--keep-state-days", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--keep-state-days" in err and message in err, err
+    assert Worker(object(), lambda: None).keep_state_days is None
+    assert Worker(object(), lambda: None, keep_days=30, keep_state_days=0).keep_state_days is None
+    assert Worker(object(), lambda: None, keep_days=30, keep_state_days=7).keep_state_days == 7.0
+    assert Worker(object(), lambda: None, keep_days=3, keep_state_days=7).keep_state_days is None  # clamped
+    assert Worker(object(), lambda: None, keep_days=7, keep_state_days=7).keep_state_days is None
+    assert Worker(object(), lambda: None, keep_days=None, keep_state_days=7).keep_state_days == 7.0
+    with pytest.raises(ValueError, match=r"keep_state_days: must be 0 \(as long as the job: keep_days\)"):
+        Worker(object(), lambda: None, keep_state_days=0.0001)
+
+
+@pytest.mark.parametrize("keep_days, keep_state_days, expected", [
+    (30, 7, (30 * 86400.0, 7 * 86400.0)),
+    (30, None, (30 * 86400.0, None)),
+    (3, 7, (3 * 86400.0, None)),                 # a state never outlives its job
+    (None, 7, (float("inf"), 7 * 86400.0)),      # jobs kept for ever, states not
+    (None, None, None),                          # nothing pruned: prune is never called
+])
+async def test_the_hourly_prune_passes_both_retentions(queue, tiny_models, monkeypatch, keep_days, keep_state_days,
+                                                       expected):
+    calls = []
+
+    async def prune(older_than, state_older_than=None):
+        calls.append((older_than, state_older_than))
+        return 0
+
+    monkeypatch.setattr(queue, "prune", prune)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.02,
+                      keep_days=keep_days, keep_state_days=keep_state_days):
+        await asyncio.sleep(0.3)
+    assert calls == ([] if expected is None else [expected])   # at start, then an hour later
+
+
+async def test_a_continue_queued_before_its_parents_state_was_pruned_fails_as_gone(queue, tiny_models):
+    """prune(older_than, state_older_than) drops the state.pt alone: the parent's record and picture
+    stay, and a Continue already in the line fails with the "gone (pruned)" reason; the worker goes on."""
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        parent = await queue.submit(spec())
+        await wait_state(queue, parent.id, {JobState.DONE})
+    assert await queue.mark_delivered(parent.id)
+    cont = await queue.submit(spec(parent_job_id=parent.id, parent_kind="continue", iterations=4))
+    remix = await queue.submit(spec("a blue boat", user=2, parent_job_id=parent.id, parent_kind="remix"))
+    assert await queue.prune(3600, 0) == 0
+    assert await queue.get(parent.id) is not None and await queue.has_artifact(parent.id, "final.png")
+    assert not await queue.has_artifact(parent.id, "state.pt")
+    async with Worker(queue, lambda: tiny_models, worker_id="w2"):
+        for child in (cont, remix):
+            failed = await wait_state(queue, child.id, {JobState.FAILED, JobState.DONE})
+            assert failed.state == JobState.FAILED and failed.attempts == 1, failed
+            assert f"the state of job {parent.id} is gone (pruned)" in failed.error, failed.error
+        after = await queue.submit(spec(user=3))
+        await wait_state(queue, after.id, {JobState.DONE})
+
+
 def test_checkpoint_every_is_seconds_zero_or_more(capsys):
     """`checkpoint_every`: Worker(checkpoint_every=), `imagine-worker --checkpoint-every`, `[worker]
     checkpoint_every`; 60 s unless set, 0 for a checkpoint at every frame, never negative."""

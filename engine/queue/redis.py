@@ -38,10 +38,11 @@ What SAQ (0.26) gives us, and what it does not:
   either gets every piece of that one version or sees it dropped (replaced meanwhile) and starts
   again from the record. (Blobs stored as one string, by an unreleased development version, are
   not read.)
-* Retention: `prune` deletes old finished-and-delivered jobs, then uploads that no job names any
-  more: `submit` records the uploads a spec names (`<prefix>:refs:<upload>`, a set of job ids, and
-  the job's `refs` field); an upload nobody names is in `<prefix>:uploads` (zset by the time it was
-  stored). Settings written with `expire_after` are plain keys with a Redis TTL
+* Retention: `prune` deletes old finished-and-delivered jobs, uploads that no job names any more
+  and then, with `state_older_than`, the `state.pt` alone of younger delivered jobs (paging
+  through `<prefix>:delivered`). Uploads: `submit` records the uploads a spec names
+  (`<prefix>:refs:<upload>`, a set of job ids, and the job's `refs` field); an upload nobody
+  names is in `<prefix>:uploads` (zset by the time it was stored). Settings written with `expire_after` are plain keys with a Redis TTL
   (`<prefix>:setting:<key>`); the others live in the `<prefix>:settings` hash. Writing one form
   deletes the other and reading looks at both, each in one MULTI/EXEC.
 * SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
@@ -669,6 +670,27 @@ _SCRIPTS: dict[str, str] = {
       drop_artifacts(u)
       redis.call('HDEL', P .. ':upload_at', u)
       n = n + 1
+    end
+  end
+  return n .. ' ' .. #ids
+""",
+    # cutoff (epoch seconds), limit, offset -> "<dropped> <examined>": the state.pt alone of jobs
+    # finished and delivered before the cutoff (the record and the other artifacts stay). A job
+    # keeps its place in `delivered` (the whole-job prune finds it there later), so the caller
+    # pages on with `offset`; a state being read meanwhile is seen dropped (the read says "gone").
+    "prune_state": r"""
+  local ids = redis.call('ZRANGEBYSCORE', P .. ':delivered', '-inf', '(' .. ARGV[7],
+                         'LIMIT', tonumber(ARGV[9]), tonumber(ARGV[8]))
+  local n = 0
+  for _, id in ipairs(ids) do
+    local v = redis.call('HMGET', jk(id), 'state', 'delivered')
+    if is_final(v[1]) and v[2] == '1' then
+      local ap = P .. ':artp:' .. id
+      local bid = pointed(redis.call('HGET', ap, 'state.pt'))
+      if bid then redis.call('UNLINK', blobkey(bid)) end
+      if redis.call('HDEL', ap, 'state.pt') + redis.call('HDEL', P .. ':art:' .. id, 'state.pt') > 0 then
+        n = n + 1
+      end
     end
   end
   return n .. ' ' .. #ids
@@ -1379,12 +1401,13 @@ class RedisJobQueue:
 
     # --- retention ------------------------------------------------------------------------------
 
-    async def prune(self, older_than: float, batch: int = 200) -> int:
+    async def prune(self, older_than: float, state_older_than: float | None = None, batch: int = 200) -> int:
         """Delete jobs finished and delivered more than `older_than` seconds ago: records,
         artifacts, checkpoints, history entries, kept frames (the event stream ages out by its
-        cap), then uploads stored before the cutoff that no job left names. Expired settings need
-        nothing here (Redis drops them). Returns how many jobs. One script per `batch` jobs; safe
-        from several processes."""
+        cap), then uploads stored before the cutoff that no job left names; then, with
+        `state_older_than` shorter than `older_than`, only the `state.pt` of jobs finished and
+        delivered more than that many seconds ago. Expired settings need nothing here (Redis drops
+        them). Returns how many whole jobs. One script per `batch` jobs; safe from several processes."""
         cutoff = repr(time.time() - float(older_than))
         total = 0
         while True:
@@ -1396,7 +1419,20 @@ class RedisJobQueue:
         while True:
             _, examined = map(int, (await self._run("prune_uploads", cutoff, int(batch))).split())
             if examined < batch:
-                return total
+                break
+        # Then the states of the jobs kept that are older than `state_older_than`: each job delivered
+        # before that cutoff is looked at each time (those already without a state cost a lookup).
+        # Another process pruning whole jobs meanwhile shifts the pages: what this pass skips, the
+        # next one takes.
+        if state_older_than is not None and float(state_older_than) < float(older_than):
+            state_cutoff = repr(time.time() - float(state_older_than))
+            offset = 0
+            while True:
+                _, examined = map(int, (await self._run("prune_state", state_cutoff, int(batch), offset)).split())
+                offset += examined
+                if examined < batch:
+                    break
+        return total
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
         """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact)."""

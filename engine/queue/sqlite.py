@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -142,6 +143,8 @@ _RETRY_ELSEWHERE_SQL = """NOT COALESCE(
     0)"""
 _ALIVE = 2.0
 _FORGET_WORKERS_AFTER = 86400.0   # prune() keeps a worker's row at least this long after it was last seen
+_STATE_ARTIFACT = "state.pt"      # what prune(state_older_than=) deletes of a job it keeps
+_STATES_PER_TX = 4                # states deleted a transaction: each frees 48-192 MiB of pages
 
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -923,14 +926,47 @@ class SQLiteJobQueue:
 
     # --- retention ------------------------------------------------------------------------------
 
-    async def prune(self, older_than: float, batch: int = 200) -> int:
+    async def prune(self, older_than: float, state_older_than: float | None = None, batch: int = 200) -> int:
         """Delete jobs finished and delivered more than `older_than` seconds ago, with their
         artifacts, checkpoints, events (frames) and upload references; then uploads stored more than
         `older_than` seconds ago that no job left names; then expired settings, and the rows of
-        workers not seen for `older_than` seconds (a day at least). Returns how many
-        jobs. Works in short transactions of `batch` rows; several processes may prune at once
-        (each job goes once)."""
-        cutoff = time.time() - float(older_than)
+        workers not seen for `older_than` seconds (a day at least); then, with `state_older_than`
+        shorter than `older_than`, only the `state.pt` of jobs finished and delivered more than that
+        many seconds ago (`_STATES_PER_TX` a transaction: each is 48-192 MiB of pages to free).
+        Returns how many whole jobs. Works in short transactions of `batch` rows; several processes
+        may prune at once (each job goes once)."""
+        total = await self._prune_jobs(float(older_than), int(batch))
+        if state_older_than is not None and float(state_older_than) < float(older_than):
+            state_cutoff = time.time() - float(state_older_than)
+            per_tx = max(1, min(int(batch), _STATES_PER_TX))
+            # Oldest first, from where the last transaction stopped (`after`: jobs whose state went
+            # already no longer join; those finished at `after` itself are looked at again, harmlessly),
+            # so the jobs kept without a state are not scanned again at every step.
+            after = -math.inf
+            while True:
+                async with self._tx() as db:
+                    rows = await self._rows(
+                        db,
+                        "SELECT j.id, j.finished_at FROM jobs AS j"
+                        " JOIN artifacts AS a ON a.job_id = j.id AND a.name = ?"
+                        " WHERE j.delivered = 1 AND j.finished_at >= ? AND j.finished_at < ?"
+                        # `+`: walk jobs_delivered by finish time, not jobs_state (every finished job)
+                        " AND +j.state IN ('done', 'failed', 'cancelled') ORDER BY j.finished_at LIMIT ?",
+                        (_STATE_ARTIFACT, after, state_cutoff, per_tx),
+                    )
+                    if rows:
+                        ids = [row["id"] for row in rows]
+                        marks = ",".join("?" * len(ids))
+                        await db.execute(f"DELETE FROM artifacts WHERE name = ? AND job_id IN ({marks})",
+                                         [_STATE_ARTIFACT, *ids])
+                        after = rows[-1]["finished_at"]
+                if len(rows) < per_tx:
+                    break
+        return total
+
+    async def _prune_jobs(self, older_than: float, batch: int) -> int:
+        """`prune` less its last pass (states): whole jobs, uploads, settings, workers."""
+        cutoff = time.time() - older_than
         total = 0
         while True:
             async with self._tx() as db:
