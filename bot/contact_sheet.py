@@ -70,13 +70,20 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """`text` cut (with "...") to fit `width` pixels."""
+    """`text` cut (with "...") to fit `width` pixels: the longest prefix that fits with "..." after
+    it (none: just "..."). A binary search over the prefix length (a prefix's width grows with its
+    length), so a long caption costs about log2(len) measurements, not one per character."""
     text = " ".join(text.split())
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text.rstrip() + "..."
+    lo, hi = 0, len(text)   # the answer is in [lo, hi]; prefixes longer than hi do not fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + "...", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "..."
 
 
 def _drawable(text: str, font) -> str:

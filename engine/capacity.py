@@ -27,15 +27,22 @@ Full-size models (ViT-B/32 + OpenAI's decoder), cutn 12, bf16 on CUDA: about 1.7
 grid 32 (256x256) and 6.0 GiB at grid 64 (512x512); fp32 2.2 and 7.5 GiB. `python -m
 engine.capacity` prints the table. (bf16 saves less than half: the fp32 logits and Adam state do
 not shrink, and dall_e's own fp16 casts make every decoder conv keep a second copy of its input.)
+
+The estimate knows CLIP's vision transformers (ViT-*) only. With a ResNet CLIP (RN50, RN101, ...),
+`choose_max_batch(models=...)` answers 1 and logs a WARNING saying why: set the batch size explicitly
+(`max_batch` in the bot's [worker] table, `imagine-worker --max-batch`) to run more jobs at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 SAFETY = 1.25                 # allocator rounding, fragmentation, workspaces
@@ -59,6 +66,10 @@ class DecoderDims:
                    int(decoder.n_blk_per_group), int(decoder.output_channels))
 
 
+class UnknownArchitecture(ValueError):
+    """The per-slot estimate does not know this model (e.g. a ResNet CLIP)."""
+
+
 @dataclass(frozen=True)
 class ClipVisualDims:
     resolution: int = 224
@@ -76,7 +87,9 @@ class ClipVisualDims:
     def of(cls, clip_model: Any) -> "ClipVisualDims":
         v = clip_model.visual
         if not hasattr(v, "transformer"):
-            raise ValueError("the memory estimate knows CLIP's vision transformers (ViT), not ResNets")
+            kind = type(v).__name__
+            raise UnknownArchitecture(f"the memory estimate knows CLIP's vision transformers (ViT), "
+                                      f"not this CLIP's {kind} visual (a ResNet CLIP such as RN50)")
         blocks = v.transformer.resblocks
         return cls(int(v.input_resolution), int(v.conv1.kernel_size[0]), int(v.conv1.out_channels),
                    len(blocks), int(blocks[0].attn.num_heads), int(v.output_dim))
@@ -197,14 +210,20 @@ def choose_max_batch(
     Call it after the models are loaded (their weights are then no longer free memory). On CUDA
     `free_bytes` defaults to `torch.cuda.mem_get_info`; elsewhere the answer is 1 unless
     `free_bytes` is given. `per_slot_bytes` overrides the analytic estimate (e.g. a measured one);
-    `models` (an engine.models.Models) gives the architecture's sizes, else full-size ones."""
+    `models` (an engine.models.Models) gives the architecture's sizes, else full-size ones. Models
+    the estimate does not know (a ResNet CLIP) give 1, with a WARNING naming why."""
     device = torch.device(device)
     if free_bytes is None:
         free_bytes = free_device_bytes(device)
         if free_bytes is None:
             return 1
     if per_slot_bytes is None:
-        per_slot_bytes = _estimate_for(device, grid, cutn, precision, models)
+        try:
+            per_slot_bytes = _estimate_for(device, grid, cutn, precision, models)
+        except UnknownArchitecture as exc:
+            log.warning("max_batch 1: %s, so it cannot tell how many jobs fit in GPU memory; "
+                        "set max_batch (imagine-worker --max-batch) to run more at once", exc)
+            return 1
     usable = free_bytes * (1 - RESERVE_FRACTION) - reserve_bytes
     return int(max(1, min(cap, usable // max(per_slot_bytes, 1))))
 

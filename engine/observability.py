@@ -24,6 +24,7 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 | `imagine_queue_length` | gauge | jobs waiting in the line (asked of the queue at each scrape) |
 | `imagine_queue_jobs{state}` | gauge | jobs in the whole store: queued, running, undelivered (finished, result not posted yet); read at each scrape (`track_store`) |
 | `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (`track_workers`) |
+| `imagine_queue_up` | gauge | 1 when every read of the queue for this scrape answered, 0 when one failed or timed out (present once a queue gauge is tracked) |
 | `imagine_jobs_total{state}` | counter | job transitions this process saw: started, done, failed, retried, cancelled, released |
 | `imagine_jobs_running` | gauge | jobs in this worker's batch |
 | `imagine_iterations_total` | counter | job-iterations stepped (`rate()` of it: iterations per second) |
@@ -35,6 +36,12 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 | `imagine_discord_shard_connected{shard}` | gauge | 1 while that gateway shard is ready and answered (the bot sets it) |
 | `imagine_discord_gateway_latency_seconds{shard}` | gauge | that shard's heartbeat round trip (absent without an open, answered connection) |
 
+When a read of the queue fails (the store is down or slow), the gauges it feeds read NaN ("unknown")
+for that scrape instead of their last values, and `imagine_queue_up` is 0: alert on
+`imagine_queue_up == 0`, since a comparison with NaN is never true. A gauge whose value function
+raises at scrape time (e.g. `torch.cuda.memory_allocated` after a sticky CUDA error) reads NaN too
+(logged at WARNING once, until it works again): /metrics still answers 200 with every other metric.
+
 This module imports neither torch nor discord (the bot imports it on machines without a GPU stack;
 the worker hands it a torch device, and torch is imported only when that device is CUDA).
 """
@@ -45,7 +52,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Collection, Mapping, Union
+from typing import Any, Awaitable, Callable, Collection, Iterator, Mapping, Union
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -58,6 +65,7 @@ Check = Callable[[], Awaitable[Union[bool, Mapping[str, Any]]]]
 LATENCY_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 JOB_STATES = ("started", "done", "failed", "retried", "cancelled", "released")
 STORE_STATES = ("queued", "running", "undelivered")   # imagine_queue_jobs{state}
+NAN = float("nan")   # Prometheus' "unknown": what a gauge reads when its source could not be read
 
 
 @dataclass
@@ -65,6 +73,7 @@ class Metrics:
     """The metric objects, all registered in one registry."""
 
     queue_length: Gauge
+    queue_up: Gauge        # registered with the first queue gauge (see Observability._track_queue_gauge)
     store_jobs: Gauge
     workers_alive: Gauge
     jobs: Counter
@@ -82,6 +91,8 @@ class Metrics:
     def create(cls, registry: CollectorRegistry) -> "Metrics":
         return cls(
             queue_length=Gauge("imagine_queue_length", "Jobs waiting in the line", registry=registry),
+            queue_up=Gauge("imagine_queue_up", "1 when every read of the queue for this scrape answered, else 0",
+                           registry=None),
             # Not `imagine_jobs`: the counter of this process's transitions owns that name.
             store_jobs=Gauge("imagine_queue_jobs",
                              "Jobs in the whole store by state (queued, running, undelivered)", ["state"],
@@ -123,7 +134,10 @@ class Observability:
         self.metrics = Metrics.create(self.registry)
         self.check_timeout = check_timeout
         self.refresh_timeout = refresh_timeout
-        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        self._refreshers: list[tuple[Callable[[], Awaitable[None]], Callable[[], None] | None, bool]] = []
+        self._queue_up_registered = False
+        self._queue_failing = False
+        self._failing_functions: set[str] = set()
         self._shard_labels: set[str] = set()
         self._latency_labels: set[str] = set()
         for state in JOB_STATES:   # export every state at 0 from the start, so rate() sees the first one
@@ -131,15 +145,41 @@ class Observability:
 
     # --- sources --------------------------------------------------------------------------------
 
-    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
-        """`refresh()` runs before each scrape of /metrics (with a timeout; failures are logged at DEBUG)."""
-        self._refreshers.append(refresh)
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]],
+                      on_failure: Callable[[], None] | None = None) -> None:
+        """`refresh()` runs before each scrape of /metrics (with a timeout; failures are logged at DEBUG).
+        `on_failure()` runs when it raised or timed out, e.g. to set its gauges to NaN (unknown)."""
+        self._refreshers.append((refresh, on_failure, False))
+
+    def _add_queue_refresher(self, refresh: Callable[[], Awaitable[None]], on_failure: Callable[[], None]) -> None:
+        """A refresher that reads the queue: its failure sets its gauges to NaN and imagine_queue_up to 0."""
+        if not self._queue_up_registered:
+            self.registry.register(self.metrics.queue_up)
+            self._queue_up_registered = True
+        self._refreshers.append((refresh, on_failure, True))
+
+    def set_function(self, gauge: Gauge, f: Callable[[], float], what: str) -> None:
+        """`gauge.set_function(f)`, but a call of `f` that raises reads NaN (logged at WARNING once,
+        until it works again) instead of failing the whole scrape. `what` names it in the log."""
+        def value() -> float:
+            try:
+                result = float(f())
+            except Exception as exc:  # noqa: BLE001 - one broken source must not take /metrics down
+                if what not in self._failing_functions:
+                    self._failing_functions.add(what)
+                    log.warning("metric %s cannot be read, reporting NaN: %s: %s", what, type(exc).__name__, exc)
+                return NAN
+            if what in self._failing_functions:
+                self._failing_functions.discard(what)
+                log.info("metric %s can be read again", what)
+            return result
+        gauge.set_function(value)
 
     def track_queue(self, queue: Any) -> None:
-        """Report `queue.count_queued()` as imagine_queue_length at each scrape."""
+        """Report `queue.count_queued()` as imagine_queue_length at each scrape (NaN when it fails)."""
         async def refresh() -> None:
             self.metrics.queue_length.set(await queue.count_queued())
-        self.add_refresher(refresh)
+        self._add_queue_refresher(refresh, lambda: self.metrics.queue_length.set(NAN))
 
     def track_store(self, queue: Any) -> None:
         """Report the whole store's jobs by state as imagine_queue_jobs{state} at each scrape:
@@ -150,20 +190,25 @@ class Observability:
                 queue.count_queued(), queue.running(), queue.undelivered())
             for state, count in zip(STORE_STATES, (queued, len(running), len(undelivered))):
                 self.metrics.store_jobs.labels(state).set(count)
-        self.add_refresher(refresh)
+
+        def unknown() -> None:
+            for state in STORE_STATES:
+                self.metrics.store_jobs.labels(state).set(NAN)
+        self._add_queue_refresher(refresh, unknown)
 
     def track_workers(self, queue: Any, within: float) -> None:
         """Report how many GPU workers claimed or heartbeated in the last `within` seconds
         (`queue.workers(max_age=within)`) as imagine_workers_alive at each scrape."""
         async def refresh() -> None:
             self.metrics.workers_alive.set(len(await queue.workers(max_age=within)))
-        self.add_refresher(refresh)
+        self._add_queue_refresher(refresh, lambda: self.metrics.workers_alive.set(NAN))
 
     def track_worker(self, worker: Any) -> None:
         """Observe an `engine.worker.Worker`: its job counters, batch size, GPU thread and GPU memory."""
         worker.observer = self
-        self.metrics.jobs_running.set_function(lambda: len(worker.running))
-        self.metrics.gpu_alive.set_function(lambda: 1.0 if worker.gpu_alive else 0.0)
+        self.set_function(self.metrics.jobs_running, lambda: len(worker.running), "imagine_jobs_running")
+        self.set_function(self.metrics.gpu_alive, lambda: 1.0 if worker.gpu_alive else 0.0,
+                          "imagine_gpu_thread_alive")
 
         tracked = False
 
@@ -182,8 +227,10 @@ class Observability:
         import torch   # only here: this module must not import torch for the bot
 
         dev = torch.device(name)
-        self.metrics.gpu_memory_allocated.labels(name).set_function(lambda: torch.cuda.memory_allocated(dev))
-        self.metrics.gpu_memory_reserved.labels(name).set_function(lambda: torch.cuda.memory_reserved(dev))
+        self.set_function(self.metrics.gpu_memory_allocated.labels(name), lambda: torch.cuda.memory_allocated(dev),
+                          f"imagine_gpu_memory_allocated_bytes{{device={name}}}")
+        self.set_function(self.metrics.gpu_memory_reserved.labels(name), lambda: torch.cuda.memory_reserved(dev),
+                          f"imagine_gpu_memory_reserved_bytes{{device={name}}}")
 
     # --- the Worker's observer hooks -------------------------------------------------------------
 
@@ -223,12 +270,46 @@ class Observability:
     # --- HTTP ------------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        async def one(refresh: Callable[[], Awaitable[None]]) -> None:
+        """Run every refresher. One that fails has its `on_failure` run (its gauges read NaN); if it
+        read the queue, imagine_queue_up is 0 for this scrape (a WARNING when that starts)."""
+        async def one(refresh: Callable[[], Awaitable[None]], on_failure: Callable[[], None] | None) -> str | None:
             try:
                 await asyncio.wait_for(refresh(), self.refresh_timeout)
+                return None
             except Exception as exc:  # noqa: BLE001 - a scrape answers with what it has
-                log.debug("metrics refresh failed: %s: %s", type(exc).__name__, exc)
-        await asyncio.gather(*(one(r) for r in self._refreshers))
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                if isinstance(exc, asyncio.TimeoutError):
+                    error = f"no answer within {self.refresh_timeout:g} s"
+                log.debug("metrics refresh failed: %s", error)
+                if on_failure is not None:
+                    try:
+                        on_failure()
+                    except Exception:  # noqa: BLE001
+                        log.exception("metrics refresh: clearing the gauges failed")
+                return error
+        errors = await asyncio.gather(*(one(r, f) for r, f, _ in self._refreshers))
+        queue_errors = [e for (_, _, is_queue), e in zip(self._refreshers, errors) if is_queue and e is not None]
+        if self._queue_up_registered:
+            self.metrics.queue_up.set(0.0 if queue_errors else 1.0)
+        if queue_errors and not self._queue_failing:
+            log.warning("metrics: the queue cannot be read (%s); its gauges read NaN, imagine_queue_up 0",
+                        queue_errors[0])
+        elif not queue_errors and self._queue_failing:
+            log.info("metrics: the queue can be read again")
+        self._queue_failing = bool(queue_errors)
+
+    def exposition(self) -> bytes:
+        """The /metrics page. A collector that raises (a value function set on a gauge directly, not
+        through `set_function`) is left out, logged, instead of turning the whole page into a 500."""
+        try:
+            body = generate_latest(self.registry)
+        except Exception as exc:  # noqa: BLE001
+            if "<collect>" not in self._failing_functions:   # once, until every metric collects again
+                self._failing_functions.add("<collect>")
+                log.warning("a metric cannot be collected, it is left out: %s: %s", type(exc).__name__, exc)
+            return generate_latest(_SkipBroken(self.registry))
+        self._failing_functions.discard("<collect>")
+        return body
 
     async def run_checks(self, checks: dict[str, Check],
                          advisory: Collection[str] = ()) -> tuple[bool, dict[str, dict[str, Any]]]:
@@ -263,7 +344,7 @@ class Observability:
 
         async def metrics(request: web.Request) -> web.Response:
             await self.refresh()
-            body = await asyncio.to_thread(generate_latest, self.registry)
+            body = await asyncio.to_thread(self.exposition)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()
@@ -281,6 +362,26 @@ class Observability:
         await site.start()
         log.info("health and metrics on http://%s:%d (/healthz, /metrics)", host, bound_port(runner))
         return runner
+
+
+class _SkipBroken:
+    """A registry's collectors, each collected on its own: one that raises is left out."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        collectors = list(getattr(self.registry, "_collector_to_names", {}))   # prometheus_client's own list
+        if not collectors:
+            yield from self.registry.collect()
+            return
+        for collector in collectors:
+            try:
+                families = list(collector.collect())
+            except Exception as exc:  # noqa: BLE001
+                log.debug("metric collector %r left out: %s: %s", collector, type(exc).__name__, exc)
+                continue
+            yield from families
 
 
 def bound_port(runner: web.AppRunner) -> int:
