@@ -191,6 +191,8 @@ class Config:
 
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+MAX_GRID = 128   # 1024x1024: a slot's activations grow with grid^2 (engine.capacity)
+MAX_CUTN = 256   # as `imagine --cutn`: cut-outs per step, each a CLIP forward
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")   # as imagine-worker --device
 
 
@@ -317,12 +319,16 @@ def _validate(cfg: Config) -> None:
     need(0 <= im.continue_iterations <= im.max_iterations,
          "[imagine] continue_iterations: must be between 0 and max_iterations")
     need(im.frame_every >= 1, "[imagine] frame_every: must be at least 1")
-    need(im.cutn >= 1, "[imagine] cutn: must be at least 1")
+    need(1 <= im.cutn <= MAX_CUTN, f"[imagine] cutn: must be between 1 and {MAX_CUTN}")
     need(1 <= im.max_permutations <= 25, "[imagine] max_permutations: must be between 1 and 25")
     need(bool(im.sizes), "[imagine] sizes: needs at least one size = grid entry")
     for size, grid in im.sizes.items():
-        need(size.isdigit() and int(size) > 0, f"[imagine] sizes.{size}: the key must be a size in pixels")
-        need(grid >= 2, f"[imagine] sizes.{size}: the grid must be at least 2")
+        # ASCII digits as written, no leading zero: "0512" or "５１２" would pass isdigit() and then
+        # never match the size a user picks (str(512)), and "²" is a digit int() refuses.
+        need(size.isascii() and size.isdigit() and str(int(size)) == size and int(size) > 0,
+             f"[imagine] sizes.{size}: the key must be a size in pixels, e.g. \"512\"")
+        need(2 <= grid <= MAX_GRID, f"[imagine] sizes.{size}: the grid must be between 2 and {MAX_GRID} "
+                                    f"({MAX_GRID} is {8 * MAX_GRID} pixels, 4x the memory of 512x512 per job)")
     need(len(im.sizes) <= 25, "[imagine] sizes: Discord allows at most 25 choices")
     need(str(im.default_size) in im.sizes,
          f"[imagine] default_size: {im.default_size} is not one of sizes ({', '.join(im.sizes)})")
@@ -333,7 +339,7 @@ def _validate(cfg: Config) -> None:
              f"[presets.{name}] size: {preset.size} is not one of [imagine] sizes ({', '.join(im.sizes)})")
         need(1 <= preset.iterations <= im.max_iterations,
              f"[presets.{name}] iterations: must be between 1 and [imagine] max_iterations ({im.max_iterations})")
-        need(preset.cutn >= 1, f"[presets.{name}] cutn: must be at least 1")
+        need(1 <= preset.cutn <= MAX_CUTN, f"[presets.{name}] cutn: must be between 1 and {MAX_CUTN}")
     for name in ("message_interval", "channel_interval", "line_interval", "reconcile_interval", "token_ttl"):
         need(getattr(pr, name) >= 0, f"[progress] {name}: must not be negative")
     need(pr.poll_timeout > 0, "[progress] poll_timeout: must be positive")

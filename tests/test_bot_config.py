@@ -582,3 +582,18 @@ def test_an_unreachable_discord_is_one_line_exit_1_and_never_shows_the_token(tmp
     assert len(ours) == 1 and ours[0].startswith("imagine-bot: cannot reach Discord at 127.0.0.1:1: "), proc.stderr
     assert "Traceback" not in proc.stderr and GOOD_TOKEN not in proc.stderr + proc.stdout
     assert GOOD_TOKEN.split(".")[0] not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("imagine, message", [
+    ({"sizes": {"²": 32}}, "[imagine] sizes.²: the key must be a size in pixels"),
+    ({"sizes": {"0512": 64, "256": 32}, "default_size": 256}, "[imagine] sizes.0512: the key must be a size"),
+    ({"sizes": {"５１２": 64, "256": 32}, "default_size": 256}, "the key must be a size in pixels"),
+    ({"sizes": {"256": 32, "8192": 1024}}, "[imagine] sizes.8192: the grid must be between 2 and 128"),
+    ({"cutn": 100_000}, "[imagine] cutn: must be between 1 and 256"),
+])
+def test_sizes_and_cutn_that_could_never_work_are_refused_in_one_line(imagine, message):
+    """Each of these loaded before: "²" then crashed int() with a traceback, "0512" offered a size
+    the bot could not find (KeyError at /imagine), and no grid or cutn was too big."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"imagine": imagine})
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
