@@ -11,7 +11,10 @@
    solo run non-deterministic);
 4. memory per slot: peak allocated at batch 1, 2 and 4, the slope against engine.capacity's
    estimate, and what choose_max_batch then picks;
-5. a 1000-iteration 256x256 (grid 32) job alone through engine.generate.generate, timed.
+5. a 1000-iteration 256x256 (grid 32) job alone through engine.generate.generate, timed;
+6. out of memory: four jobs under a memory cap (`torch.cuda.set_per_process_memory_fraction`) that
+   holds two in one pass but not four: the pass of four fails with CUDA's own out-of-memory error,
+   the runner learns passes of two (`pass_limit`), and no job fails (the worker's `on_failure` path).
 
 Prints every number, `PASS`/`FAIL` per check, and a JSON line at the end. Exit status 1 on a FAIL.
 """
@@ -178,6 +181,38 @@ def main() -> int:
     seconds = time.perf_counter() - t
     verdict("job_1000_under_60s", seconds < 60 or args.tiny, seconds=seconds, iterations=iterations,
             frames=len(result.frames), it_per_s=iterations / seconds)
+
+    # 6. a real CUDA out-of-memory error halves the passes and fails no job
+    if cuda:
+        s = replace(base, frame_every=10**6)
+        # What a pass of two takes above what is held now (slots and Adam's moments included).
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run(models, s, [0, 1], 2)
+        torch.cuda.synchronize()
+        two = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        # Room for a pass of two and a half: four need about twice two's activations.
+        cap = torch.cuda.memory_reserved(device) + int(1.25 * two)
+        failed: list[str] = []
+        runner = BatchRunner(models)
+        for k in range(4):
+            runner.add(Slot(k, models, encode_targets(models, PROMPTS[k % len(PROMPTS)]), replace(s, seed=k)))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        try:
+            for _ in range(3):
+                runner.step(on_failure=lambda slot, exc: failed.append(f"{slot.key}: {type(exc).__name__}"))
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        limit = next(iter(runner.pass_limit.values()), None)
+        verdict("oom_halves_passes", limit is not None and limit >= 1 and not failed
+                and all(sl.iteration == 3 for sl in runner.slots.values()),
+                pass_limit=limit or 0, failed=len(failed), two_GiB=two / 2**30, cap_GiB=cap / 2**30)
+        del runner
+        torch.cuda.empty_cache()
 
     report["device"] = torch.cuda.get_device_name(device) if cuda else str(device)
     report["torch"] = torch.__version__

@@ -39,7 +39,7 @@ import aiohttp
 import discord
 
 from bot.client import ImagineBot
-from bot.config import QUEUE_URL_ENV, Config, WorkerConfig
+from bot.config import PRESET_NAMES, QUEUE_URL_ENV, Config, WorkerConfig
 from engine.jobs import JobQueue
 from engine.observability import Check, Observability, bound_port, queue_check, worker_check, workers_check
 from engine.queue import redact_secrets, redact_url
@@ -163,6 +163,14 @@ def track_shards(obs: Observability, resources: Resources) -> None:
     obs.add_refresher(refresh)
 
 
+def costliest_job(config: Config) -> tuple[int, int]:
+    """(grid, cutn) of the costliest job the bot queues: its largest size's grid with the most
+    cut-outs any of /imagine's settings asks for (memory per job grows with both)."""
+    im = config.imagine
+    cutn = max([im.cutn] + [getattr(config.presets, name).cutn for name in PRESET_NAMES])
+    return max(im.sizes.values()), cutn
+
+
 def default_models_loader(wc: WorkerConfig) -> Callable[[], Any]:
     """A zero-argument loader of the real models, as config says (imports torch when called)."""
 
@@ -197,10 +205,14 @@ async def open_resources(
 
     async with contextlib.AsyncExitStack() as stack:
         url = config.queue.url
+        queue = None
         try:
             queue = open_queue(url)
             await queue.start()
         except Exception as exc:  # noqa: BLE001 - say what failed, not a traceback
+            if queue is not None:   # a half-started queue (a Redis pool, a SQLite connection) closed
+                with contextlib.suppress(Exception):
+                    await queue.close()
             # The URL may hold a password: masked here, and wherever the error quotes it.
             detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
             raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check --queue / "
@@ -230,6 +242,9 @@ async def open_resources(
                 worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
                 keep_days=wc.keep_days or None, keep_state_days=wc.keep_state_days or None,
                 compile=wc.compile, checkpoint_every=wc.checkpoint_every,
+                # Sized for the costliest job this bot can queue (a "1024" = 128 size is 4x a
+                # 512's memory per job), not for a 512 one.
+                costliest=costliest_job(config),
                 **(worker_options or {}),
             )
             resources.worker = worker

@@ -359,7 +359,11 @@ class Observability:
         runner = web.AppRunner(self.app(checks, advisory), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:   # the port taken, say: the runner set up above is not left behind
+            await runner.cleanup()
+            raise
         log.info("health and metrics on http://%s:%d (/healthz, /metrics)", host, bound_port(runner))
         return runner
 

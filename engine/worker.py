@@ -157,11 +157,15 @@ class Worker:
         compile: bool | str = False,
         checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        costliest: tuple[int, int] | None = None,
     ):
         self.queue = queue
         self.models_loader = models_loader
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10000}"
         self.max_batch = max_batch        # None: chosen from free GPU memory at start (1 on a CPU)
+        # (grid, cutn) of the costliest job this worker will be given, for that choice: the bot
+        # knows it from its sizes and presets; None: the largest of `grids` (or 64) and base cutn.
+        self.costliest = costliest
         self.grids = grids
         self.base_settings = base_settings or GenerationSettings()
         compile_options(compile)          # a bad setting fails here, not on the GPU thread later
@@ -252,8 +256,11 @@ class Worker:
 
             # The largest grid this worker may be given: a slot of it is the costliest.
             grid = max(self.grids) if self.grids else max(64, self.base_settings.grid)
+            cutn = self.base_settings.cutn
+            if self.costliest is not None:
+                grid, cutn = self.costliest
             self.max_batch = choose_max_batch(
-                self.models.device, grid, cutn=self.base_settings.cutn,
+                self.models.device, grid, cutn=cutn,
                 precision=self.base_settings.precision, models=self.models,
             )
         self._thread = threading.Thread(target=self._gpu_loop, name=f"gpu-{self.worker_id}", daemon=True)

@@ -210,6 +210,11 @@ async def test_device_auto_without_a_gpu_runs_no_embedded_worker_and_says_so(tmp
     config = test_config(tmp_path, worker={**worker, "device": "cpu"})
     async with open_resources(config, http_port=0, worker_options={"poll_every": 0.05}) as resources:
         assert resources.worker is not None and str(resources.worker.models.device) == "cpu"
+        # Its automatic max_batch (on a GPU) is sized for the costliest job this config queues.
+        im = config.imagine
+        assert resources.worker.costliest == (max(im.sizes.values()),
+                                              max([im.cutn] + [config.presets.best.cutn, config.presets.normal.cutn,
+                                                               config.presets.draft.cutn]))
         async with aiohttp.ClientSession() as http:
             code, report = await health(http, f"http://127.0.0.1:{resources.http_port}")
         assert report["checks"]["gpu"] == {"ok": True}
