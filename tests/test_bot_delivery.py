@@ -42,6 +42,15 @@ async def _queued_job_past_its_token(h, prompt):
     return msg, job_id
 
 
+def _refuse_channel(h, msg, status: int, message: str, code: int) -> int:
+    """Every edit and new message in the job's channel answered `status` / `code` from now on;
+    returns where the fake Discord's request log stands (the `since` of later counts)."""
+    body = {"message": message, "code": code}
+    h.fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), status, body=body, count=10_000)
+    h.fd.inject_error("POST", CHANNEL_POST.format(msg.channel_id), status, body=body, count=10_000)
+    return len(h.fd.requests)
+
+
 async def test_a_deleted_channel_ends_the_final_post_at_once(harness, caplog):
     """The channel (or thread) was deleted while the job ran: the edit answers 404 / 10003 Unknown
     Channel. That is the message gone: the bot tries one new message (404 too), then gives up with
@@ -50,10 +59,7 @@ async def test_a_deleted_channel_ends_the_final_post_at_once(harness, caplog):
     h.config.progress.message_interval = 0.01
     msg, job_id = await _queued_job_past_its_token(h, "a channel someone deletes")
     fd = h.fd
-    body = {"message": "Unknown Channel", "code": 10003}
-    fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 404, body=body, count=10_000)
-    fd.inject_error("POST", CHANNEL_POST.format(msg.channel_id), 404, body=body, count=10_000)
-    since = len(fd.requests)
+    since = _refuse_channel(h, msg, 404, "Unknown Channel", 10003)
     caplog.set_level(logging.INFO, logger="bot.progress")
     await claim_jobs(h.queue, [job_id])
     await finish_jobs(h.queue, [job_id])
@@ -83,10 +89,7 @@ async def test_a_refused_final_post_is_given_up_after_a_few_tries(harness, caplo
     h.config.progress.message_interval = 0.01
     msg, job_id = await _queued_job_past_its_token(h, "a thread that gets archived")
     fd = h.fd
-    body = {"message": "Thread is archived", "code": 50083}
-    fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 400, body=body, count=10_000)
-    fd.inject_error("POST", CHANNEL_POST.format(msg.channel_id), 400, body=body, count=10_000)
-    since = len(fd.requests)
+    since = _refuse_channel(h, msg, 400, "Thread is archived", 50083)
     await claim_jobs(h.queue, [job_id])
     await finish_jobs(h.queue, [job_id])
 
@@ -155,10 +158,7 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     h.config.progress.message_interval = 0.01
     msg, job_id = await _queued_job_past_its_token(h, "a thread archived while the store is down")
     fd = h.fd
-    body = {"message": "Thread is archived", "code": 50083}
-    fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 400, body=body, count=10_000)
-    fd.inject_error("POST", CHANNEL_POST.format(msg.channel_id), 400, body=body, count=10_000)
-    since = len(fd.requests)
+    since = _refuse_channel(h, msg, 400, "Thread is archived", 50083)
     caplog.set_level(logging.INFO, logger="bot.progress")
     await claim_jobs(h.queue, [job_id])
     await finish_jobs(h.queue, [job_id])

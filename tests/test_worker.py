@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from engine.generate import state_from_bytes
-from engine.jobs import Checkpoint, EventKind, JobSpec, JobState
+from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState
 from engine.queue import open_queue
 from engine.worker import Worker
 from tests.queue_fixtures import job_events
@@ -387,19 +387,17 @@ async def test_a_long_new_run_checkpoints_at_its_first_frame_a_short_one_never(q
     assert saved[0] == (long.id, 4) and all(job_id == long.id for job_id, _ in saved)
 
 
-async def test_a_continue_whose_parent_state_does_not_fit_fails_alone_not_its_batch(queue, tiny_models):
-    """A parent's state.pt whose Adam moments do not fit its logits (a file from another version,
-    or damaged): the optimiser would only raise at the Continue's first step, which is a batched
-    step, and fail its companions too (each losing an attempt). It is refused when the slot is
-    built instead: the Continue fails alone, at once (bad input), the companion keeps running."""
+async def continue_of_a_damaged_parent_beside_a_companion(queue, tiny_models, damage) -> JobRecord:
+    """A finished parent whose state.pt `damage(state)` changes; a long companion job running; a
+    Continue of the parent queued into the same batch (max_batch 2). Waits for the Continue to
+    fail, checks the companion stepped on with its one attempt, and returns the failed Continue."""
     from engine.generate import state_to_bytes
 
     async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.2):
         parent = await queue.submit(spec(iterations=2))
         await wait_state(queue, parent.id, {JobState.DONE})
         state = state_from_bytes(await queue.get_artifact(parent.id, "state.pt"))
-        moments = state["optimizer"]["state"][0]
-        moments["exp_avg"] = moments["exp_avg"][..., :4, :4].clone()   # [1, 8192, 4, 4] for grid 8
+        damage(state)
         await queue.put_artifact(parent.id, "state.pt", state_to_bytes(state))
         companion = await queue.submit(spec("a blue boat", user=2, iterations=100_000, frame_every=5))
         while not [e for e in await job_events(queue, companion.id) if e.kind == EventKind.PROGRESS]:
@@ -413,6 +411,19 @@ async def test_a_continue_whose_parent_state_does_not_fit_fails_alone_not_its_ba
         assert record.attempts == 1 and record.state == JobState.RUNNING
         assert await queue.cancel(companion.id)
         await wait_state(queue, companion.id, {JobState.CANCELLED})
+    return failed
+
+
+async def test_a_continue_whose_parent_state_does_not_fit_fails_alone_not_its_batch(queue, tiny_models):
+    """A parent's state.pt whose Adam moments do not fit its logits (a file from another version,
+    or damaged): the optimiser would only raise at the Continue's first step, which is a batched
+    step, and fail its companions too (each losing an attempt). It is refused when the slot is
+    built instead: the Continue fails alone, at once (bad input), the companion keeps running."""
+    def shrink_moments(state):
+        moments = state["optimizer"]["state"][0]
+        moments["exp_avg"] = moments["exp_avg"][..., :4, :4].clone()   # [1, 8192, 4, 4] for grid 8
+
+    failed = await continue_of_a_damaged_parent_beside_a_companion(queue, tiny_models, shrink_moments)
     assert failed.attempts == 1 and "does not fit" in failed.error, failed.error
 
 
@@ -420,26 +431,10 @@ async def test_a_job_whose_step_fails_fails_alone_and_its_batch_steps_on(queue, 
     """A parent's state.pt that fits (load_state takes it) but whose Adam step counter is damaged:
     the Continue's first optimiser step raises inside a batched step. The runner bisects the pass:
     the Continue fails alone (each attempt), its companion keeps its attempt and runs on."""
-    from engine.generate import state_to_bytes
-
-    async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.2):
-        parent = await queue.submit(spec(iterations=2))
-        await wait_state(queue, parent.id, {JobState.DONE})
-        state = state_from_bytes(await queue.get_artifact(parent.id, "state.pt"))
+    def break_step(state):
         state["optimizer"]["state"][0]["step"] = torch.tensor(True)  # a 0-d tensor, of the wrong kind
-        await queue.put_artifact(parent.id, "state.pt", state_to_bytes(state))
-        companion = await queue.submit(spec("a blue boat", user=2, iterations=100_000, frame_every=5))
-        while not [e for e in await job_events(queue, companion.id) if e.kind == EventKind.PROGRESS]:
-            await asyncio.sleep(0.05)
-        cont = await queue.submit(spec(user=3, parent_job_id=parent.id, parent_kind="continue", iterations=4))
-        failed = await wait_state(queue, cont.id, {JobState.FAILED})
-        before = (await queue.get(companion.id)).iteration
-        while (record := await queue.get(companion.id)).iteration <= before:   # it steps on
-            assert record.state == JobState.RUNNING
-            await asyncio.sleep(0.05)
-        assert record.attempts == 1 and record.state == JobState.RUNNING
-        assert await queue.cancel(companion.id)
-        await wait_state(queue, companion.id, {JobState.CANCELLED})
+
+    failed = await continue_of_a_damaged_parent_beside_a_companion(queue, tiny_models, break_step)
     assert failed.attempts > 1 and failed.error.startswith("RuntimeError"), (failed.attempts, failed.error)
 
 
