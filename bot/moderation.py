@@ -126,16 +126,19 @@ def unrolled(pattern: str) -> int:
 # Scripts written without spaces between words: an entry's edge in one of them needs no boundary.
 _UNSPACED = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]")
 _LETTER = regex.compile(r"\p{L}")
-# Kana voicing marks: decomposed from が, ぱ...; dropping them would make different words one.
-_KEEP_MARKS = frozenset("\u3099\u309a")
+# Letters whose leftover combining marks are decoration (cat + U+0301, ca + U+0332 + t): after
+# NFKC, every mark a Latin, Greek or Cyrillic letter really takes is part of a precomposed letter
+# (ñ, ồ, й). In other scripts marks are vowels and tones (Hindi, Thai...): never dropped.
+_DECORATED = regex.compile(r"[\p{Latin}\p{Greek}\p{Cyrillic}]")
 
 
 def _edge(ch: str, before: bool) -> str:
     """The boundary on one side of a plain entry whose edge character is `ch`."""
     if _UNSPACED.match(ch):
         return ""                                     # CJK, Thai...: matched inside text
-    if _LETTER.match(ch):                             # CLIP splits a word from digits, `_`, marks
-        return r"(?<!\p{L})" if before else r"(?!\p{L})"
+    if _LETTER.match(ch):                             # CLIP splits a word from digits and `_`
+        # A mark goes on with the word: a Hindi vowel sign after an entry makes it another word.
+        return r"(?<![\p{L}\p{M}])" if before else r"(?![\p{L}\p{M}])"
     return r"(?<!\w)" if before else r"(?!\w)"       # "c++", "1984": as before
 
 
@@ -156,14 +159,25 @@ def clip_clean(text: str) -> str:
 
 
 def fold(text: str) -> str:
-    """`text` as a look-alike spelling reads: cleaned as CLIP cleans it (clip_clean), NFKC,
-    without format characters (zero-width spaces and joiners, soft hyphens, bidi marks) or
-    combining marks (`cat\u0301`, `ca\u0332t`, decomposed `café` read as `cafe`), white space
-    runs as one space."""
-    text = unicodedata.normalize("NFKD", clip_clean(text))   # NFKC's compatibility folding, marks apart
-    text = "".join(ch for ch in text
-                   if not is_format(ch) and (unicodedata.category(ch) != "Mn" or ch in _KEEP_MARKS))
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    """`text` as a look-alike spelling reads: cleaned as CLIP cleans it (clip_clean), NFKC (full-width
+    letters, ligatures; a decomposed `café` composed), without format characters (zero-width
+    spaces and joiners, soft hyphens, bidi marks) or the combining marks left on a Latin, Greek or
+    Cyrillic letter once composed (`cat\u0301`, `ca\u0332t` read `cat`); accented letters stay
+    themselves (`año` is not `ano`), and marks of other scripts stay; white space runs as one space."""
+    out: list[str] = []
+    # Whether a mark here is dropped: after a Latin, Greek or Cyrillic letter, or on no letter at
+    # all (the start, a space, a digit); kept after a letter of another script.
+    decorated = True
+    for ch in unicodedata.normalize("NFKC", clip_clean(text)):
+        if is_format(ch):
+            continue
+        if unicodedata.category(ch) == "Mn":
+            if not decorated:
+                out.append(ch)
+            continue
+        decorated = bool(_DECORATED.match(ch)) or not unicodedata.category(ch).startswith("L")
+        out.append(ch)
+    return " ".join("".join(out).split())
 
 
 def normalise(raw: str) -> str:

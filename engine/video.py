@@ -28,9 +28,12 @@ def ffmpeg_binary() -> str:
     found = shutil.which("ffmpeg")
     if found:
         return found
-    import imageio_ffmpeg
+    try:
+        import imageio_ffmpeg
 
-    return imageio_ffmpeg.get_ffmpeg_exe()
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as exc:   # no bundled binary for this platform, say
+        raise VideoError(f"no ffmpeg: none on PATH, and imageio-ffmpeg has none ({exc})") from None
 
 
 def _ffmpeg(args: list[str], data: bytes | None, timeout: float) -> None:

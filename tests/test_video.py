@@ -53,6 +53,20 @@ def test_ffmpeg_falls_back_to_imageio_ffmpeg(monkeypatch):
     assert video.encode_frames_bytes(frames(2))[:64].find(b"ftyp") > 0
 
 
+def test_no_ffmpeg_anywhere_is_a_video_error(monkeypatch):
+    """No ffmpeg on PATH and none bundled (imageio-ffmpeg ships none for some platforms, and then
+    raises RuntimeError): a VideoError, which the worker takes as "no video", not a failed job.
+    The missing bundle cannot be made here, so its error is raised in its place."""
+    import imageio_ffmpeg
+
+    def no_bundle():
+        raise RuntimeError("No ffmpeg exe could be found. Install ffmpeg on your system.")
+    monkeypatch.setattr(video.shutil, "which", lambda name: None)
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_bundle)
+    with pytest.raises(video.VideoError, match="no ffmpeg: none on PATH"):
+        video.encode_frames_bytes(frames(2))
+
+
 def test_an_encode_past_its_time_is_stopped_with_a_clear_error(tmp_path):
     # A real ffmpeg given no time at all: stopped, VideoError (a hung encode must not hold a
     # worker's slot or the bot's send loop forever), and nothing half-written is returned.
