@@ -6,8 +6,8 @@ check reads it afresh (one small read per prompt).
 
 Entries:
 - a plain word or phrase: matched case-insensitively as a whole word (`cat` refuses "a Cat" but
-  not "concatenate"); "whole" as CLIP splits words: only a letter next to it makes it part of a
-  longer word, so "cat1", "cat_x" and "cat" with an accent still hit. An entry that begins or ends
+  not "concatenate"); "whole" as CLIP splits words: only a letter (or a letter's mark: a Hindi
+  vowel sign) next to it makes it part of a longer word, so "cat1" and "cat_x" still hit. An entry that begins or ends
   in a script written without spaces (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar) needs no
   boundary on that side: `猫` refuses "黒猫の絵";
 - `re:<pattern>`: a regular expression, case-insensitive, searched anywhere in the prompt.
@@ -16,10 +16,11 @@ Look-alike spellings match too: each entry is tried on the prompt as typed and o
 (`fold`: first cleaned exactly as CLIP's tokenizer cleans it -- ftfy, HTML entities unescaped
 twice, so `c&#97;t` and `c&amp;#97;t` read `cat` -- then NFKC's compatibility folding, so
 fullwidth `ｃｕｒｓｅｄ` -- which CLIP reads exactly as `cursed` -- and other compatibility forms
-become plain letters; zero-width and other format characters such as the soft hyphen removed, and
-combining marks (`cat\u0301`, decomposed `café` reads `cafe`; kana voicing marks kept); runs of
-white space made one space). A plain entry is folded the same way, so `ｃａｔ` and `café` entries
-match too; a pattern is used as typed.
+become plain letters and a decomposed `café` is composed; zero-width and other format characters
+such as the soft hyphen removed, and the marks left stacked on a Latin, Greek or Cyrillic letter
+(`cat\u0301` reads `cat`), while accented letters stay themselves (`año` is not `ano`) and marks of
+other scripts (Thai, Hindi vowels and tones) stay; runs of white space made one space). A plain
+entry is folded the same way, so `ｃａｔ` entries match too; a pattern is used as typed.
 
 Guards against a pattern that backtracks for ever: entries are at most MAX_ENTRY characters, a
 pattern is compiled and tried on a few adversarial strings when it is added (refused if that is
