@@ -65,3 +65,13 @@ def test_redis_blobs_benchmark_saves_and_loads_through_a_real_server_and_reports
     assert run["save_s"] > 0 and run["load_s"] > 0 and run["redis_s"] > 0
     assert run["commands"] >= 3 + 1   # three chunks staged, one commit (plus the fence and lookups)
     assert 0 < run["longest_ms"] <= run["redis_s"] * 1000
+
+
+def test_contact_sheet_benchmark_times_now_and_a_past_revision():
+    """benchmarks/contact_sheet.py, small: the sheet now and at git revision HEAD, both
+    rendered in one run, and its JSON record."""
+    proc = subprocess.run([sys.executable, "benchmarks/contact_sheet.py", "--tiles", "2", "--chars", "60",
+                           "--against", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["tiles"] == 2 and record["seconds"] > 0 and record["seconds_then"] > 0 and record["speedup"] > 0

@@ -344,20 +344,30 @@ async def test_after_the_token_expired_the_follow_up_replies_are_edited_through_
     assert len(sheet_tries) == 1
 
 
+async def _start_with_quick_sheet_retries(h, monkeypatch):
+    """The bot started with sheet retries after 0.5 s doubling to 2 s, and room for several sets."""
+    monkeypatch.setattr(permutations, "SHEET_RETRY_FIRST", 0.5)
+    monkeypatch.setattr(permutations, "SHEET_RETRY_MAX", 2.0)
+    h.config.queue.max_queued_per_user = 9
+    await h.start(worker=False)
+
+
+def _sheet_tries(fd, since=0):
+    """The contact-sheet uploads the fake Discord has seen since request `since`."""
+    return [r for r in fd.requests[since:] if r.method == "POST"
+            and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+
+
 async def test_a_refused_contact_sheet_is_final_and_a_failing_one_backs_off(harness, monkeypatch):
     """A 400 (a form Discord will never take) closes the set after one post, with the error
     marker. A 503 is tried again, but with backoff (not on every poll: each try re-renders and
     re-uploads the sheet), and posted once Discord takes it."""
     h = harness
-    monkeypatch.setattr(permutations, "SHEET_RETRY_FIRST", 0.5, raising=False)   # (raising: runs on code without it)
-    monkeypatch.setattr(permutations, "SHEET_RETRY_MAX", 2.0, raising=False)
-    h.config.queue.max_queued_per_user = 9
-    await h.start(worker=False)
+    await _start_with_quick_sheet_retries(h, monkeypatch)
     fd = h.fd
 
     def sheet_tries(since=0):
-        return [r for r in fd.requests[since:] if r.method == "POST"
-                and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+        return _sheet_tries(fd, since)
 
     async def run_set(prompt):
         inter = await h.imagine(prompt, iterations=2)
@@ -397,15 +407,11 @@ async def test_a_network_failure_posting_a_sheet_backs_off_and_other_sets_go_on(
     HTTPException): like a 5xx, the post is tried again with backoff, not on every poll, and the
     other open sets are still checked and posted in the meantime."""
     h = harness
-    monkeypatch.setattr(permutations, "SHEET_RETRY_FIRST", 0.5, raising=False)
-    monkeypatch.setattr(permutations, "SHEET_RETRY_MAX", 2.0, raising=False)
-    h.config.queue.max_queued_per_user = 9
-    await h.start(worker=False)
+    await _start_with_quick_sheet_retries(h, monkeypatch)
     fd = h.fd
 
     def sheet_tries(since=0):
-        return [r for r in fd.requests[since:] if r.method == "POST"
-                and any(f.filename == contact_sheet.FILENAME for f in r.files)]
+        return _sheet_tries(fd, since)
 
     async def queue_set(prompt, known):
         inter = await h.imagine(prompt, iterations=2)
