@@ -19,7 +19,9 @@ fullwidth `ｃｕｒｓｅｄ` -- which CLIP reads exactly as `cursed` -- and ot
 become plain letters and a decomposed `café` is composed; zero-width and other format characters
 such as the soft hyphen removed, and the marks left stacked on a Latin, Greek or Cyrillic letter
 (`cat\u0301` reads `cat`), while accented letters stay themselves (`año` is not `ano`) and marks of
-other scripts (Thai, Hindi vowels and tones) stay; runs of white space made one space). A plain
+other scripts (Thai, Hindi vowels and tones) stay; runs of white space made one space; and a word
+that mixes Cyrillic or Greek letters drawn like Latin ones with Latin letters, or is made of such
+letters alone, read as Latin: `сat` with a Cyrillic `с` is `cat`, while `кот` stays Russian). A plain
 entry is folded the same way, so `ｃａｔ` entries match too; a pattern is used as typed.
 
 Guards against a pattern that backtracks for ever: entries are at most MAX_ENTRY characters, a
@@ -164,7 +166,9 @@ def fold(text: str) -> str:
     letters, ligatures; a decomposed `café` composed), without format characters (zero-width
     spaces and joiners, soft hyphens, bidi marks) or the combining marks left on a Latin, Greek or
     Cyrillic letter once composed (`cat\u0301`, `ca\u0332t` read `cat`); accented letters stay
-    themselves (`año` is not `ano`), and marks of other scripts stay; white space runs as one space."""
+    themselves (`año` is not `ano`), and marks of other scripts stay; white space runs as one space;
+    a word of Latin and look-alike Cyrillic or Greek letters, or of look-alikes alone, read as Latin
+    (`сat` reads `cat`, `кот` stays itself)."""
     out: list[str] = []
     # Whether a mark here is dropped: after a Latin, Greek or Cyrillic letter, or on no letter at
     # all (the start, a space, a digit); kept after a letter of another script.
@@ -178,7 +182,27 @@ def fold(text: str) -> str:
             continue
         decorated = bool(_DECORATED.match(ch)) or not unicodedata.category(ch).startswith("L")
         out.append(ch)
-    return " ".join("".join(out).split())
+    return _LOOKALIKE_WORD.sub(_as_latin, " ".join("".join(out).split()))
+
+
+# Cyrillic and Greek letters drawn like a Latin one (Unicode's confusables.txt, both cases): `сat`
+# with a Cyrillic `с` is `cat` to the eye. A word that mixes them with Latin letters, or is made of
+# them alone, is read as Latin; a word with any other letter of its alphabet (`кот`, `γάτα`) is
+# that language and stays itself.
+_LOOKALIKES = str.maketrans(
+    "аеѕіјорсухԁһԛԝӏүАВЕКМНОРСТХУЅІЈԚԜ" "οανιρυκχγΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aesijopcyxdhqwlyABEKMHOPCTXYSIJQW" "oavipukxyABEZHIKMNOPTYX",
+)
+_LOOKALIKE_LETTERS = "".join(chr(code) for code in _LOOKALIKES)
+_LOOKALIKE_WORD = regex.compile(
+    r"[\p{L}\p{M}]*[" + _LOOKALIKE_LETTERS + r"][\p{L}\p{M}]*"
+)
+
+
+def _as_latin(match: "regex.Match[str]") -> str:
+    word = match[0]
+    others = regex.sub(r"[\p{Latin}\p{M}" + _LOOKALIKE_LETTERS + "]", "", word)
+    return word if others else word.translate(_LOOKALIKES)
 
 
 def normalise(raw: str) -> str:

@@ -107,3 +107,36 @@ def test_patterns_compare_exactly_and_plain_words_in_any_case_or_form():
     assert not moderation.same("re:cat", "cat")
     assert moderation.same("Cursed", "CURSED")
     assert moderation.same("ｃａｔ", "cat")
+
+
+@pytest.mark.parametrize("prompt", [
+    "a \u0441at",              # Cyrillic es for the c
+    "a C\u0410T on a mat",     # Cyrillic capital A
+    "a c\u03b1t",              # Greek alpha
+    "a \u0441\u0430t",         # two Cyrillic letters and a Latin one
+])
+def test_a_word_mixing_look_alike_letters_with_latin_is_read_as_latin(prompt):
+    found = moderation.find(["cat"], prompt, 500)
+    assert found is not None and found[0] == "cat"
+
+
+@pytest.mark.parametrize("prompt, entry", [
+    ("\u0441\u0443\u0445\u043e", "cyxo"),        # all look-alikes: read as Latin
+    ("\u03bf\u03ba", "ok"),
+])
+def test_a_word_of_look_alike_letters_only_is_read_as_latin(prompt, entry):
+    assert moderation.find([entry], prompt, 500) is not None
+
+
+@pytest.mark.parametrize("prompt", [
+    "\u043a\u043e\u0442",                      # Russian kot ("cat"): к and т are no look-alikes
+    "\u03b3\u03ac\u03c4\u03b1",                # Greek gata
+    "\u0441\u0430\u0442",                      # Cyrillic s-a-t: т keeps it Cyrillic
+])
+def test_words_of_other_alphabets_stay_themselves(prompt):
+    assert moderation.find(["cat", "kot", "gata", "cat"], prompt, 500) is None
+    assert moderation.fold(prompt) == prompt
+
+
+def test_a_look_alike_entry_matches_the_latin_spelling_too():
+    assert moderation.find(["\u0441at"], "a cat", 500) is not None
