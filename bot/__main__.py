@@ -4,7 +4,8 @@
                 [--no-worker] [--http-port PORT] [--http-host HOST]
     imagine-bot sync [--guild ID]                                               # register commands
 
-The token comes from the DISCORD_TOKEN environment variable only, and is never logged. The queue
+The token comes from the DISCORD_TOKEN environment variable only, and is never logged: the log
+handler masks it, and the interaction and webhook tokens in discord.py's DEBUG lines (bot.redact). The queue
 URL is --queue, else the IMAGINE_QUEUE_URL environment variable, else [queue] url (a Redis password
 belongs in the variable: a command line shows in `ps`); it is logged with the password masked.
 Without --config the bot reads ./config.toml, or runs on the built-in defaults when there is none
@@ -28,6 +29,7 @@ from pathlib import Path
 import aiohttp
 import discord
 
+from bot import redact
 from bot.config import QUEUE_URL_ENV, Config, ConfigError, check_token, choose_queue_url, load_config
 from bot.launcher import LaunchError
 
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imagine-bot: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    discord.utils.setup_logging(level=getattr(logging, config.log_level.upper()), root=True)
+    # Interaction and webhook tokens (discord.py's DEBUG lines) and the bot token are masked.
+    redact.setup_logging(getattr(logging, config.log_level.upper()), secrets=[token])
     if uses_defaults(args):
         log.info("%s", defaults_note())
     try:

@@ -3,31 +3,47 @@
 Torch-free. What a worker gets is never the user's file: the bot decodes it safely
 (engine.images.load_image: size, pixel-bomb and format refusals; animations and 16-bit images
 converted, with a note), scales it down, re-encodes it as PNG and stores it in the queue as an
-artifact under a fresh upload id (`engine.jobs.new_upload_id()`: `upload_<hex>`, name `image.png`)
-*before* the job is submitted, so no worker can claim the job before its picture is there. The spec
-names it in `extra`: `{"image_prompt": {"artifact": [id, "image.png"], "weight": w}, "init_image":
-{"artifact": [...]}}`. The queue's `prune` deletes an upload once it is older than its `older_than`
-and no job left in the store names it (so one whose job was never submitted goes too).
+artifact under the PNG's content id (`engine.jobs.upload_id_of`: `upload_<32 hex of its SHA-256>`,
+name `image.png`; the same picture is stored once, however often it is sent) *before* the job is
+submitted, so no worker can claim the job before its picture is there. The spec names it in
+`extra`: `{"image_prompt": {"artifact": [id, "image.png"], "weight": w}, "init_image":
+{"artifact": [...]}}`.
+
+What a command stored and then did not queue goes at once (`Uploads.discard`: the store's
+`discard_uploads`, which keeps whatever a job names); a job cancelled while queued takes its
+uploads along in the store; the queue's `prune` deletes the rest once it is older than its
+`older_than` and no job left in the store names it (a bot that crashed between store and submit).
+One user's commands with pictures take turns (`UserTurns`, held by bot.imagine from the early
+checks to the submit), so a burst of them cannot all pass the early cap check and download first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 import discord
 
 from bot import render
 from engine.images import MAX_IMAGE_PIXELS, ImageRejected, load_image
-from engine.jobs import new_upload_id
+from engine.jobs import UploadGone, upload_id_of
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ARTIFACT_NAME = "image.png"
 # The worker needs at most CLIP's input (224) and the init image's 8 * grid (512): a stored copy
 # of up to 1024 a side keeps the detail and keeps the queue small.
 STORE_SIDE = 1024
 SPEC_KEYS = {"image": "image_prompt", "init_image": "init_image"}
+# How many times `Uploads.submit` stores a picture of its own again when the submit finds it gone
+# (another command's discard or cancel of the same picture came between this store and this submit).
+RESTORE_TRIES = 3
 
 
 class AttachmentRefused(ValueError):
@@ -89,7 +105,85 @@ def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
 
 
 async def store(queue: Any, checked: CheckedImage) -> list[str]:
-    """Put the picture in the queue under a fresh id; returns the artifact reference [id, name]."""
-    upload_id = new_upload_id()
+    """Put the picture in the queue under its content id (storing one already there rewrites the
+    same bytes and counts its age from now); returns the artifact reference [id, name]."""
+    upload_id = upload_id_of(checked.png)
     await queue.put_artifact(upload_id, ARTIFACT_NAME, checked.png)
     return [upload_id, ARTIFACT_NAME]
+
+
+class Uploads:
+    """The pictures one command stored, for its submit: stored again when the submit finds one gone
+    (`submit`), deleted when the command queues nothing (`discard`)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.pngs: dict[str, bytes] = {}
+
+    async def store(self, checked: CheckedImage) -> list[str]:
+        upload_id = upload_id_of(checked.png)
+        if upload_id in self.pngs:   # `image` and `init_image` the same picture: one upload, stored once
+            return [upload_id, ARTIFACT_NAME]
+        self.pngs[upload_id] = checked.png   # first: a store that fails half-way is discarded too
+        return await store(self.queue, checked)
+
+    async def submit(self, submit: Callable[[], Awaitable[T]]) -> T:
+        """`submit()` (the store's submit / submit_many). The same picture is one upload for every
+        command that sends it, so another command's refusal (`discard`) or a cancelled job may have
+        deleted ours between our store and this submit: the store refuses the job then (UploadGone,
+        nothing queued), and the picture is stored again and the job submitted again, up to
+        RESTORE_TRIES times. UploadGone of a picture this command did not store (a Reroll's, carried
+        from another job) is raised."""
+        for attempt in range(RESTORE_TRIES + 1):
+            try:
+                return await submit()
+            except UploadGone as exc:
+                png = self.pngs.get(exc.upload_id)
+                if png is None or attempt == RESTORE_TRIES:
+                    raise
+                log.info("upload %s went before its job was queued; storing it again", exc.upload_id)
+                await self.queue.put_artifact(exc.upload_id, ARTIFACT_NAME, png)
+        raise AssertionError("unreachable")
+
+    async def discard(self) -> None:
+        """The command queued nothing: delete its pictures now, those no job names (another job may
+        use the same picture: it keeps it). Never raises; `prune` takes what this could not."""
+        if not self.pngs:
+            return
+        try:
+            await self.queue.discard_uploads(sorted(self.pngs))
+        except Exception:   # noqa: BLE001 - the store is down: prune deletes them after keep_days
+            log.warning("could not delete the uploads of a command that queued nothing", exc_info=True)
+
+
+class UserTurns:
+    """One turn at a time per user (an asyncio lock per user id, made on first use and dropped once
+    nobody holds or waits for it): bot.imagine holds a user's turn for a command with pictures from
+    its early checks (the cap) to its submit, so a burst of such commands cannot all pass the cap
+    check and download and store their pictures before the store's cap refuses them."""
+
+    def __init__(self) -> None:
+        self._turns: dict[int, tuple[asyncio.Lock, list[int]]] = {}   # user -> (lock, [holders + waiters])
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    async def acquire(self, user_id: int) -> None:
+        """Wait for the user's turn (cancel it to stop waiting: nothing is held then)."""
+        lock, users = self._turns.setdefault(user_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave(user_id)
+            raise
+
+    def release(self, user_id: int) -> None:
+        self._turns[user_id][0].release()
+        self._leave(user_id)
+
+    def _leave(self, user_id: int) -> None:
+        _, users = self._turns[user_id]
+        users[0] -= 1
+        if users[0] == 0:
+            del self._turns[user_id]

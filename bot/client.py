@@ -71,6 +71,10 @@ class ImagineBot(commands.AutoShardedBot):
             command_prefix=commands.when_mentioned,
             help_command=None,
             tree_cls=_Tree,
+            # Guild install only: a user install would run the commands in servers the bot is not
+            # in, where it can post no result and /queue would keep settings for them. Synced as
+            # `integration_types: [0]` on every command.
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
             # Echoed prompts never ping anyone: this holds for every send and edit.
             allowed_mentions=discord.AllowedMentions.none(),
             **kwargs,
@@ -186,6 +190,19 @@ class ImagineBot(commands.AutoShardedBot):
 
 
 class _Tree(app_commands.CommandTree):
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        """No command in a server that has not installed the bot (a user install made before
+        installs were restricted to servers, or one Discord lets through): told why, privately."""
+        from bot.permissions import NOT_INSTALLED, not_installed_here   # noqa: PLC0415
+
+        if not not_installed_here(interaction):
+            return True
+        log.info("command %s refused: server %s has not installed the bot",
+                 getattr(interaction.command, "qualified_name", "?"), interaction.guild_id)
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.response.send_message(NOT_INSTALLED, ephemeral=True)
+        return False
+
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """Every failed command gets an ephemeral word (a refusal of the checks, or our error)."""
         if isinstance(error, app_commands.NoPrivateMessage):

@@ -33,7 +33,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DiscordConfig:
-    # Members with one of these role names (or Manage Server) may use the admin commands.
+    # Members with one of these roles (or Manage Server) may use the admin commands. An entry of
+    # digits is a role id ("123456789012345678"), anything else a role name; prefer ids where
+    # members other than admins have Manage Roles: they can create a role of any name.
     admin_roles: list[str] = field(default_factory=lambda: ["Imagine Admin"])
     # Guild that `imagine-bot sync` uses when no --guild is given (0: sync globally).
     sync_guild: int = 0
@@ -112,8 +114,8 @@ class ProgressConfig:
     # Long-poll timeout for queue events, and how often undelivered results are re-checked.
     poll_timeout: float = 5.0
     reconcile_interval: float = 30.0
-    # An interaction token lives 15 minutes; after this many seconds the bot edits through the
-    # channel instead.
+    # An interaction token lives 15 minutes from the interaction's creation; after this many seconds
+    # (counted from then, below 900) the bot edits through the channel instead.
     token_ttl: float = 840.0
     # Upload limit in bytes when Discord does not say (0: 10 MiB).
     upload_limit: int = 0
@@ -342,6 +344,8 @@ def _validate(cfg: Config) -> None:
         need(1 <= preset.cutn <= MAX_CUTN, f"[presets.{name}] cutn: must be between 1 and {MAX_CUTN}")
     for name in ("message_interval", "channel_interval", "line_interval", "reconcile_interval", "token_ttl"):
         need(getattr(pr, name) >= 0, f"[progress] {name}: must not be negative")
+    need(pr.token_ttl < 900, "[progress] token_ttl: must be below 900 (an interaction token lives 15 minutes; "
+                             "past it, edits through the token fail with 401)")
     need(pr.poll_timeout > 0, "[progress] poll_timeout: must be positive")
     need(pr.upload_limit >= 0, "[progress] upload_limit: must not be negative")
     need(cfg.log_level.upper() in _LOG_LEVELS,

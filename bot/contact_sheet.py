@@ -10,10 +10,15 @@ tile size only, so a test can find every tile in the sheet (`layout`).
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
+
+from bot.config import MAX_GRID
+
+log = logging.getLogger(__name__)
 
 GAP = 6
 CAPTION = 18
@@ -23,6 +28,7 @@ BACKGROUND = (24, 24, 27)
 TEXT = (235, 235, 235)
 RESAMPLE = Image.Resampling.BICUBIC
 FILENAME = "contact-sheet.png"
+MAX_FINAL_SIDE = 8 * MAX_GRID   # the largest final a worker writes (1024 a side)
 
 
 @dataclass(frozen=True)
@@ -93,23 +99,42 @@ def _drawable(text: str, font) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
+def _final(data: bytes) -> Image.Image | None:
+    """A job's final.png as RGB, or None when it is not what a worker writes: only Pillow's PNG
+    decoder is tried, and the size is checked from the header before any pixel is decoded (at
+    most MAX_FINAL_SIDE a side: 8 x the largest grid). The store is shared with every worker (and,
+    with Redis, whoever has its password), so a final is not trusted to be small."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as img:
+            width, height = img.size
+            if not (0 < width <= MAX_FINAL_SIDE and 0 < height <= MAX_FINAL_SIDE):
+                log.warning("a contact sheet tile is a %dx%d PNG (at most %d a side): left empty",
+                            width, height, MAX_FINAL_SIDE)
+                return None
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        log.warning("a contact sheet tile is not a readable PNG (%s): left empty", exc)
+        return None
+
+
 def render_sheet(tiles: list[tuple[bytes, str]], fmt: str = "PNG") -> tuple[bytes, str]:
     """The sheet's bytes and file name: one (final PNG bytes, caption) per tile, in order.
 
     PNG by default (lossless: a test can compare tiles with the finals); "JPEG" when a PNG is
-    over the upload limit."""
-    images = []
-    for data, _ in tiles:
-        with Image.open(io.BytesIO(data)) as img:
-            images.append(img.convert("RGB"))
-    spec = layout(len(images), tile_size([img.size for img in images]))
+    over the upload limit. A tile that is not a PNG of at most MAX_FINAL_SIDE a side is left empty
+    and its caption says "(unreadable image)"."""
+    images = [_final(data) for data, _ in tiles]
+    spec = layout(len(images), tile_size([img.size for img in images if img is not None]))
     sheet = Image.new("RGB", spec.size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = _font()
     for img, (_, caption), box, band in zip(images, tiles, spec.boxes, spec.captions):
-        if img.size != (spec.tile, spec.tile):
-            img = img.resize((spec.tile, spec.tile), RESAMPLE)
-        sheet.paste(img, box[:2])
+        if img is None:   # not a final a worker wrote: its place stays empty, the caption says so
+            caption = f"{caption} (unreadable image)"
+        else:
+            if img.size != (spec.tile, spec.tile):
+                img = img.resize((spec.tile, spec.tile), RESAMPLE)
+            sheet.paste(img, box[:2])
         text = _fit(draw, _drawable(caption, font), font, spec.tile - 4)
         draw.text((band[0] + 2, band[1] + 3), text, fill=TEXT, font=font)
     out = io.BytesIO()

@@ -16,9 +16,8 @@ import logging
 import math
 import random
 import re
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, TypeVar
 
 import discord
 from discord import app_commands
@@ -27,8 +26,8 @@ from discord.ext import commands
 from bot import attachments, render
 from bot.config import PRESET_NAMES
 from bot.help import help_text
-from bot.permissions import can_see_job, is_admin
-from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, pause_of
+from bot.permissions import NOT_INSTALLED, can_see_job, is_admin, not_installed_here, results_refusal
+from engine.jobs import JobRecord, JobSpec, JobState, ParentGone, QueueLimitReached, UploadGone, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
 if TYPE_CHECKING:
@@ -40,10 +39,27 @@ SEED_MAX = 2**32 - 1
 JOB_ID = r"(?P<job_id>[0-9A-Za-z_-]{1,64})"
 REMIX_MODAL = re.compile(r"imagine:remix-modal:" + JOB_ID)
 REMIX_PROMPT_INPUT = "prompt"   # the custom id of the modal's text input
-# Seconds of Discord's 3 s answer window that downloading and checking attachments may use; a
-# slower download goes on after a public defer.
+# Seconds of Discord's 3 s answer window (counted from the interaction's creation) that the checks
+# before the first answer may use (`in_time`): reading the store (the ban-word list, the user's cap,
+# a job's row: seconds behind a busy SQLite file, up to ~30 s while Redis reconnects) and matching
+# the ban words. Slower, and the bot defers first and answers after.
+ANSWER_WINDOW = 2.0
+# The same for downloading and checking attachments; a slower download goes on after a public defer.
 ATTACHMENT_WINDOW = 2.0
 ATTACHMENT_TIMEOUT = 60.0
+# A user's second command with pictures waits (deferred publicly once past the answer window) while
+# their first one downloads, checks, stores and submits (`attachments.UserTurns`), at most this long:
+# the first one's download alone may take ATTACHMENT_TIMEOUT, its store and submit a busy store's
+# seconds. Then it is refused, privately (BUSY_WITH_PICTURES).
+TURN_WAIT = 120.0
+BUSY_WITH_PICTURES = ("Your previous command with a picture is still being handled, so this one was not queued. "
+                      "Send it again once that one has its reply.")
+# The Remix button's answer is its modal, which cannot follow a defer: reads slower than the window
+# get this instead.
+REMIX_TOO_SLOW = ("I could not read that job in time (the store is slow right now), so there is no Remix form. "
+                  "Try the button again in a moment.")
+
+T = TypeVar("T")
 
 
 # The pictures a job's spec.extra names (bot/attachments.py stores them; the worker reads them).
@@ -209,6 +225,9 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"imagine:(
         "Ignoring exception in dynamic item callback" and leave the user without an answer (and a
         "thinking…" placeholder for ever), so a failure is logged and answered here."""
         try:
+            if not_installed_here(interaction):   # a reply made through a user install, before they were refused
+                await ephemeral(interaction, NOT_INSTALLED)
+                return
             await self.on_click(_imagine_cog(interaction), interaction)
         except Exception:   # noqa: BLE001 - ours (the store down or locked, a bug): logged, told
             await answer_our_error(interaction, f"the {self.action} button of job {self.job_id}")
@@ -330,6 +349,39 @@ async def ephemeral(interaction: discord.Interaction, message: str, *, public_pl
     await interaction.followup.send(message, ephemeral=True)
 
 
+def interaction_age(interaction: discord.Interaction) -> float:
+    """Seconds since Discord made the interaction (the time in its id), never below 0."""
+    return max(0.0, (discord.utils.utcnow() - interaction.created_at).total_seconds())
+
+
+class TooSlow(Exception):
+    """The checks before a modal (which cannot follow a defer) did not end within the window."""
+
+
+async def in_time(interaction: discord.Interaction, work: Awaitable[T], *, defer: str | None,
+                  window: float | None = None) -> T:
+    """Run `work` (what comes before the first answer: the store's reads, the ban-word check) while
+    Discord waits: its 3 s count from the interaction's creation, not from when this handler got
+    it. Not done `window` (ANSWER_WINDOW) seconds after that: defer, then wait for it. `defer`:
+    "public" (a "thinking…" that becomes the job's reply; a private refusal after it goes through
+    `ephemeral`, which removes it) or "private" (every answer is private); None when the answer must
+    be a modal, which cannot follow a defer: then `work` is cancelled and TooSlow raised. An
+    interaction answered already just waits for `work`."""
+    task = asyncio.ensure_future(work)
+    try:
+        if not interaction.response.is_done():
+            left = (ANSWER_WINDOW if window is None else window) - interaction_age(interaction)
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, left))
+            if not done:
+                if defer is None:
+                    raise TooSlow()
+                await interaction.response.defer(ephemeral=defer == "private", thinking=True)
+        return await task
+    finally:
+        if not task.done():   # a defer that failed, TooSlow, or we were cancelled: nobody waits for it
+            task.cancel()
+
+
 async def answer_our_error(interaction: discord.Interaction, what: str) -> None:
     """The one handler of our own errors in a button or the Remix modal (call it from `except`):
     logs the exception with `what` failed and who pressed (never the interaction's token or the
@@ -355,6 +407,26 @@ def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
     return (f"That prompt makes {wanted} images, but you may queue only {room} more right now "
             f"(you have {queued} waiting; the limit is {limit}). {everywhere} Use fewer options, or "
             "wait for some to start. Nothing was queued.")
+
+
+def picture_gone(job_id: str | None, key: str, *, cancelled: bool = False) -> str:
+    """The refusal of a new job that would reuse job `job_id`'s picture `key` (Reroll, Continue)
+    when that upload is no longer stored: its job was cancelled while it waited in line (`cancelled`:
+    the store drops such a job's pictures at once), or pruned after every job naming it."""
+    what = "picture it aims at" if key == "image_prompt" else "picture it starts from"
+    of = f" of job `{job_id}`" if job_id else ""
+    why = " (the job was cancelled while it waited in line, and its pictures went with it)" if cancelled else ""
+    return (f"The {what} (`{OPTION_OF_KEY.get(key, key)}`){of} is gone from the store{why}, so it cannot be "
+            "reused. `/imagine` the prompt again with the picture attached.")
+
+
+def picture_gone_text(spec: JobSpec, upload_id: str) -> str:
+    """`picture_gone` for the store's UploadGone at submit: the job that `spec` reuses pictures of (a
+    Reroll's, a Continue's), and which of them is gone."""
+    key = next((k for k in PICTURE_KEYS if isinstance(spec.extra.get(k), dict)
+                and (spec.extra[k].get("artifact") or [None])[0] == upload_id), "image_prompt")
+    source = spec.extra.get("rerolls") or spec.parent_job_id
+    return picture_gone(str(source) if source else None, key) + " Nothing was queued."
 
 
 def lineage_gone(job_id: str, kind: str | None, parent_id: str) -> str:
@@ -412,6 +484,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.queue = bot.queue
         self.command = self._build_command()
         self.more_commands = [self._build_remix_command(), self._build_help_command()]
+        self.picture_turns = attachments.UserTurns()   # one command with pictures per user at a time
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.command)
@@ -440,6 +513,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         prompt = submitted_value(data.get("components"), REMIX_PROMPT_INPUT) or ""
         try:
+            if not_installed_here(interaction):
+                await ephemeral(interaction, NOT_INSTALLED)
+                return
             await self.remix(interaction, match["job_id"], prompt, None)
         except Exception:   # noqa: BLE001 - a listener's errors reach no one else: log, tell the user
             # Privately; the job's message stays if submit() had already made it (see ephemeral).
@@ -499,8 +575,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
         @app_commands.command(name="help", description="How to use imagine-bot: prompts, buttons, presets, limits")
         async def help_(interaction: discord.Interaction) -> None:
-            text = help_text(cog.bot.config, await cog.bot.user_limit(interaction.guild_id))
-            await interaction.response.send_message(text, ephemeral=True)
+            # The limit is a store read: a private "thinking…" first when it is slow.
+            limit = await in_time(interaction, cog.bot.user_limit(interaction.guild_id), defer="private")
+            await ephemeral(interaction, help_text(cog.bot.config, limit))
 
         return help_
 
@@ -510,7 +587,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
                       seed: int | None, size: int | None, *, quality: str | None = None,
                       image: discord.Attachment | None = None, image_weight: float | None = None,
                       init_image: discord.Attachment | None = None) -> None:
-        started = time.monotonic()
+        problem = results_refusal(interaction)   # first: no prompt could be posted here
+        if problem is not None:
+            await ephemeral(interaction, problem)
+            return
         pictures = [(option, a) for option, a in (("image", image), ("init_image", init_image)) if a is not None]
         try:
             request = validate(self.bot, prompt, iterations, seed, size, quality)
@@ -526,47 +606,90 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         spec = self._spec(interaction, request.prompt, request.iterations, request.seed, request.grid,
                           request.size, cutn=request.cutn, preset=request.preset)
+        if not pictures:
+            await self._check_and_submit(interaction, spec, [], weight)
+            return
+        # With pictures: one such command of a user at a time, from the early checks (the cap) to
+        # the submit, so a burst of them cannot all pass the cap and store their pictures.
+        if not await self._wait_for_turn(interaction):
+            return
+        try:
+            await self._check_and_submit(interaction, spec, pictures, weight)
+        finally:
+            self.picture_turns.release(interaction.user.id)
+
+    async def _wait_for_turn(self, interaction: discord.Interaction) -> bool:
+        """Wait for the user's turn for a command with pictures (`attachments.UserTurns`): at once
+        when they have no other one in flight; else, past the answer window, after a public defer
+        (`in_time`: the "thinking…" that becomes the job's reply), for up to TURN_WAIT seconds.
+        False (the user was told, privately) when the turn did not come by then. True: the turn is
+        held, and the caller releases it."""
+        user_id = interaction.user.id
+        turn = asyncio.ensure_future(asyncio.wait_for(self.picture_turns.acquire(user_id), TURN_WAIT))
+        try:
+            await in_time(interaction, turn, defer="public")
+        except asyncio.TimeoutError:
+            await ephemeral(interaction, BUSY_WITH_PICTURES)
+            return False
+        except BaseException:
+            # The defer failed (or we were cancelled) just as the turn came: hand it on.
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self.picture_turns.release(user_id)
+            raise
+        return True
+
+    async def _check_and_submit(self, interaction: discord.Interaction, spec: JobSpec,
+                                pictures: list[tuple[str, discord.Attachment]], weight: float) -> None:
+        """/imagine past its input checks: the refusals, the pictures, the submit."""
         # Every refusal first, once (refused words, the user's cap; for a permutation prompt its
         # braces, count and every combination), so a refused prompt leaves no stored upload behind;
-        # what it found goes on to submit() / submit_set(), which do not check again.
+        # what it found goes on to submit() / submit_set(), which do not check again. They read the
+        # store, so they race Discord's answer window (`in_time`): slower, a public "thinking…" first.
         if "{" in spec.prompt or "}" in spec.prompt:   # a permutation prompt: bot/permutations.py
             from bot.permutations import check_set, submit_set   # noqa: PLC0415
-            check = await check_set(self.bot, spec)
+            check = await in_time(interaction, check_set(self.bot, spec), defer="public")
             if check.problem is not None:
                 await ephemeral(interaction, check.problem)
                 return
-            if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, started):
+        else:
+            check = None
+            problem = await in_time(interaction, self.refusal(spec), defer="public")
+            if problem is not None:
+                await ephemeral(interaction, problem)
                 return
-            await submit_set(self, interaction, spec, check)
-            return
-        problem = await self.refusal(spec)
-        if problem is not None:
-            await ephemeral(interaction, problem)
-            return
-        if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, started):
-            return
-        await self.submit(interaction, spec, checked=True)
+        # The pictures this command stores: deleted again (those no job names) unless a job was
+        # queued: refused by the store (its cap, a picture gone), or any error on the way.
+        uploads = attachments.Uploads(self.queue)
+        queued = False
+        try:
+            if pictures and not await self._attach_pictures(interaction, spec, pictures, weight, uploads):
+                return
+            if check is not None:
+                queued = bool(await submit_set(self, interaction, spec, check, uploads=uploads))
+            else:
+                queued = await self.submit(interaction, spec, checked=True, uploads=uploads) is not None
+        finally:
+            if not queued:
+                await uploads.discard()
 
     async def _attach_pictures(self, interaction: discord.Interaction, spec: JobSpec,
-                               pictures: list[tuple[str, discord.Attachment]], weight: float, started: float) -> bool:
-        """Download and check the attachments, store them as artifacts and name them in spec.extra.
-        False when refused (the user was told why, privately; nothing is queued). The prompt's
-        refusals come first (ImagineCog.imagine): nothing is downloaded for a refused prompt."""
+                               pictures: list[tuple[str, discord.Attachment]], weight: float,
+                               uploads: attachments.Uploads) -> bool:
+        """Download and check the attachments, store them as artifacts (through `uploads`, which the
+        caller discards unless a job is queued) and name them in spec.extra. False when refused (the
+        user was told why, privately; nothing is queued). The prompt's refusals come first
+        (ImagineCog.imagine): nothing is downloaded for a refused prompt."""
         max_bytes = self.bot.config.imagine.max_image_bytes
 
         async def one(option: str, a: discord.Attachment) -> attachments.CheckedImage:
             data = await attachments.download(a, option, max_bytes)
             return await asyncio.to_thread(attachments.check, data, option, max_bytes)
 
-        work = asyncio.ensure_future(asyncio.gather(*(one(o, a) for o, a in pictures)))
+        work = asyncio.wait_for(asyncio.gather(*(one(o, a) for o, a in pictures)), ATTACHMENT_TIMEOUT)
         try:
-            try:
-                window = max(0.1, ATTACHMENT_WINDOW - (time.monotonic() - started))
-                checked = await asyncio.wait_for(asyncio.shield(work), window)
-            except asyncio.TimeoutError:
-                # Discord wants an answer within 3 s: answer (publicly, the job's reply) and go on.
-                await interaction.response.defer(thinking=True)
-                checked = await asyncio.wait_for(work, ATTACHMENT_TIMEOUT)
+            # Discord wants an answer within 3 s of the command: slower, answer (publicly, the job's
+            # reply) and go on.
+            checked = await in_time(interaction, work, defer="public", window=ATTACHMENT_WINDOW)
         except attachments.AttachmentRefused as exc:
             await ephemeral(interaction, str(exc))
             return False
@@ -579,7 +702,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await interaction.response.defer(thinking=True)
         notes = []
         for picture in checked:
-            ref = await attachments.store(self.queue, picture)
+            ref = await uploads.store(picture)
             key = attachments.SPEC_KEYS[picture.option]
             spec.extra[key] = {"artifact": ref, "weight": weight} if key == "image_prompt" else {"artifact": ref}
             notes += [f"`{picture.option}`: {note}" for note in picture.notes]
@@ -604,21 +727,35 @@ class ImagineCog(commands.Cog, name="Imagine"):
         return (await refusal(self.bot, spec.guild_id, [spec.prompt])
                 or await over_limit(self.bot, spec.user_id, spec.guild_id))
 
-    async def submit(self, interaction: discord.Interaction, spec: JobSpec, *, checked: bool = False) -> JobRecord | None:
+    async def submit(self, interaction: discord.Interaction, spec: JobSpec, *, checked: bool = False,
+                     uploads: attachments.Uploads | None = None) -> JobRecord | None:
         """Check the job (unless the caller has: `checked`), defer, queue it within the user's cap and
-        show its place in line; None when refused (the user was told why, privately)."""
+        show its place in line; None when refused (the user was told why, privately). `uploads`: the
+        pictures this command stored (stored again if the submit finds one gone; the caller
+        discards them when nothing was queued)."""
         if not checked:
-            problem = await self.refusal(spec)
+            problem = await in_time(interaction, self.refusal(spec), defer="public")
             if problem:
                 await ephemeral(interaction, problem)
                 return None
         if not interaction.response.is_done():   # attachments may have made us defer already
             await interaction.response.defer(thinking=True)
         await add_clip_notes(spec)
+        max_queued = await self.bot.user_limit(spec.guild_id)
         try:   # the store counts and queues in one step: the cap holds against a racing command
-            record = await self.queue.submit(spec, max_queued=await self.bot.user_limit(spec.guild_id))
+            if uploads is not None:
+                record = await uploads.submit(lambda: self.queue.submit(spec, max_queued=max_queued))
+            else:
+                record = await self.queue.submit(spec, max_queued=max_queued)
         except QueueLimitReached as exc:
             await ephemeral(interaction, limit_text(exc.queued, exc.limit))   # private, after the defer
+            return None
+        except ParentGone as exc:   # pruned since our has_artifact check: the store refused it, nothing queued
+            await ephemeral(interaction, f"The final state of job `{exc.job_id}` is gone (pruned), so nothing was "
+                                         "queued. `/imagine` its prompt again instead.")
+            return None
+        except UploadGone as exc:   # a carried picture gone since our has_artifact check (its job cancelled, pruned)
+            await ephemeral(interaction, picture_gone_text(spec, exc.upload_id))
             return None
         progress = self.bot.progress
         if progress is not None:
@@ -656,16 +793,28 @@ class ImagineCog(commands.Cog, name="Imagine"):
         (`spec.extra`, the same uploads), and for a remix or a continue the same parent's final state.
         Continue: more steps from the finished job's final state (`state.pt`, checked here), toward
         the same targets (the prompt and the image prompt). Both within today's limits: a button
-        made before an admin lowered them must not queue what /imagine would refuse."""
+        made before an admin lowered them must not queue what /imagine would refuse. The store's
+        reads and the checks race Discord's answer window (`in_time`)."""
+        problem = results_refusal(interaction)
+        if problem is not None:
+            await ephemeral(interaction, problem)
+            return
+        found = await in_time(interaction, self._button_spec(interaction, job_id, kind), defer="public")
+        if isinstance(found, str):
+            await ephemeral(interaction, found)
+            return
+        await self.submit(interaction, found, checked=True)
+
+    async def _button_spec(self, interaction: discord.Interaction, job_id: str, kind: str) -> JobSpec | str:
+        """The new job of a Reroll or Continue of `job_id`, checked (refused words, the user's cap),
+        or why it may not be queued (for the user)."""
         parent = await self.queue.get(job_id)
         if parent is None:
-            await ephemeral(interaction, f"Job `{job_id}` is no longer in the store, so it cannot be reused.")
-            return
+            return f"Job `{job_id}` is no longer in the store, so it cannot be reused."
         p = parent.spec
         problem = self.size_problem(p, job_id, "rerolled" if kind == "reroll" else "continued")
         if problem:
-            await ephemeral(interaction, problem)
-            return
+            return problem
         size = render.size_of(p)
         max_iterations = self.bot.config.imagine.max_iterations
         if kind == "reroll":
@@ -676,19 +825,16 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 # A remix or a continue starts from another job's final state: so does its reroll,
                 # or it would start from noise and show a different picture from the same settings.
                 if not await self.queue.has_artifact(p.parent_job_id, "state.pt"):
-                    await ephemeral(interaction, lineage_gone(job_id, p.parent_kind, p.parent_job_id))
-                    return
+                    return lineage_gone(job_id, p.parent_kind, p.parent_job_id)
                 spec.parent_job_id, spec.parent_kind = p.parent_job_id, p.parent_kind
                 if p.parent_kind == "remix" and isinstance(p.extra.get("parent"), dict):
                     spec.extra["parent"] = copy.deepcopy(p.extra["parent"])
         else:
             if parent.state != JobState.DONE:
-                await ephemeral(interaction, "Only a finished job can be continued.")
-                return
+                return "Only a finished job can be continued."
             if not await self.queue.has_artifact(job_id, "state.pt"):
-                await ephemeral(interaction, f"The final state of job `{job_id}` is gone (pruned), so it cannot be "
-                                             "continued. Reroll it or `/imagine` its prompt again instead.")
-                return
+                return (f"The final state of job `{job_id}` is gone (pruned), so it cannot be "
+                        "continued. Reroll it or `/imagine` its prompt again instead.")
             more = min(self.bot.config.imagine.continue_iterations or p.iterations, max_iterations)
             spec = self._spec(interaction, p.prompt, more, p.seed if p.seed is not None else 0, p.grid, size,
                               parent_job_id=job_id, parent_kind="continue", cutn=p.cutn, preset=p.preset)
@@ -697,15 +843,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         for key, ref in carried.items():
             upload_id, name = ref["artifact"]
             if not await self.queue.has_artifact(upload_id, name):
-                what = "picture it aims at" if key == "image_prompt" else "picture it starts from"
-                await ephemeral(interaction, f"The {what} (`{OPTION_OF_KEY.get(key, key)}`) of job "
-                                             f"`{job_id}` is gone from the store, so it cannot be reused. "
-                                             "`/imagine` the prompt again with the picture attached.")
-                return
+                # Cancelled while it waited in line (not running: started_at is unset in line).
+                cancelled = parent.state == JobState.CANCELLED and parent.started_at is None
+                return picture_gone(job_id, key, cancelled=cancelled)
         spec.extra.update(carried)   # the same uploads: submit records the new job's references to them
         if kind == "reroll":
             spec.extra["rerolls"] = job_id
-        await self.submit(interaction, spec)
+        return await self.refusal(spec) or spec
 
     def size_problem(self, p: JobSpec, job_id: str, verb: str) -> str | None:
         """Why a new job on `p`'s grid may not be queued: a grid no size offers any more (an admin
@@ -720,49 +864,72 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
     # --- remix --------------------------------------------------------------------------------
 
-    async def _remix_parent(self, interaction: discord.Interaction, job_id: str) -> JobRecord | None:
+    async def _remix_parent(self, interaction: discord.Interaction, job_id: str) -> JobRecord | str:
         """The job to remix, if the caller may see it (its server and channel), it has finished, its
-        final state is there and its size is still offered; else the user is told why (ephemeral)."""
+        final state is there and its size is still offered; else why not (for the user)."""
         shown = render.quote(job_id, 64)
         parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
         # A job of another server or of a channel the caller cannot see reads exactly as an unknown
         # id: its prompt, author and final picture belong to that channel, not to whoever has the id.
         if parent is None or not can_see_job(interaction, parent):
-            await ephemeral(interaction, f"There is no job {shown} you can see in this server (or it has been "
-                                         "pruned), so there is nothing to remix. The ids are under each result "
-                                         "and in `/history`.")
-            return None
+            return (f"There is no job {shown} you can see in this server (or it has been "
+                    "pruned), so there is nothing to remix. The ids are under each result "
+                    "and in `/history`.")
         if parent.state != JobState.DONE:
-            await ephemeral(interaction, f"Job {shown} has not finished ({parent.state.value}): only a finished "
-                                         "picture can be remixed.")
-            return None
+            return (f"Job {shown} has not finished ({parent.state.value}): only a finished "
+                    "picture can be remixed.")
         if not await self.queue.has_artifact(job_id, "state.pt"):
-            await ephemeral(interaction, f"The final state of job {shown} is gone (pruned), so it cannot be "
-                                         "remixed. `/imagine` its prompt again instead.")
-            return None
+            return (f"The final state of job {shown} is gone (pruned), so it cannot be "
+                    "remixed. `/imagine` its prompt again instead.")
         problem = self.size_problem(parent.spec, job_id, "remixed")   # the remix keeps the parent's grid
-        if problem:
-            await ephemeral(interaction, problem)
-            return None
-        return parent
+        return problem if problem else parent
 
     async def remix_button(self, interaction: discord.Interaction, job_id: str) -> None:
         """The Remix form, or why there is none. Its answer is the modal, which cannot follow a
         defer, so only reads come first, and only two small ones: the job's row (`queue.get`: the
         prompt to pre-fill, the server, the state) and whether its `state.pt` exists
         (`has_artifact`: an indexed lookup, no data read). On SQLite both go through the reader
-        connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS.
-        Everything else (the prompt's checks, the cap, the write) waits for the submit."""
-        parent = await self._remix_parent(interaction, job_id)
-        if parent is not None:
-            modal = RemixModal(job_id, parent.spec.prompt, self.bot.config.imagine.max_prompt_chars)
-            await interaction.response.send_modal(modal)
+        connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS,
+        which retry through a reconnect: reads not done within Discord's answer window get a
+        private "try again" (REMIX_TOO_SLOW) instead of no answer at all. Everything else (the
+        prompt's checks, the cap, the write) waits for the submit."""
+        problem = results_refusal(interaction)   # before the form: no typing for a refusal
+        if problem is not None:
+            await ephemeral(interaction, problem)
+            return
+        try:
+            found = await in_time(interaction, self._remix_parent(interaction, job_id), defer=None)
+        except TooSlow:
+            log.warning("the Remix button of job %s: the store's reads took longer than %.1f s; told to retry",
+                        job_id, ANSWER_WINDOW)
+            await ephemeral(interaction, REMIX_TOO_SLOW)
+            return
+        if isinstance(found, str):
+            await ephemeral(interaction, found)
+            return
+        modal = RemixModal(job_id, found.spec.prompt, self.bot.config.imagine.max_prompt_chars)
+        await interaction.response.send_modal(modal)
 
     async def remix(self, interaction: discord.Interaction, job_id: str, prompt: str, iterations: int | None) -> None:
-        """A new job from `job_id`'s final logits toward `prompt` (anyone may remix anyone's job)."""
-        parent = await self._remix_parent(interaction, job_id)
-        if parent is None:
+        """A new job from `job_id`'s final logits toward `prompt` (anyone may remix anyone's job).
+        The store's reads and the checks race Discord's answer window (`in_time`)."""
+        problem = results_refusal(interaction)
+        if problem is not None:
+            await ephemeral(interaction, problem)
             return
+        found = await in_time(interaction, self._remix_spec(interaction, job_id, prompt, iterations), defer="public")
+        if isinstance(found, str):
+            await ephemeral(interaction, found)
+            return
+        await self.submit(interaction, found, checked=True)
+
+    async def _remix_spec(self, interaction: discord.Interaction, job_id: str, prompt: str,
+                          iterations: int | None) -> JobSpec | str:
+        """The remix's job, checked (the parent, the prompt, refused words, the user's cap), or why
+        it may not be queued (for the user)."""
+        parent = await self._remix_parent(interaction, job_id)
+        if isinstance(parent, str):
+            return parent
         p = parent.spec
         if iterations is None:
             iterations = min(p.iterations, self.bot.config.imagine.max_iterations)
@@ -772,8 +939,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             if problem:
                 raise BadInput(problem)
         except BadInput as exc:
-            await ephemeral(interaction, str(exc))
-            return
+            return str(exc)
         # The parent's grid and cut-outs: the logits' shape is the parent's.
         spec = self._spec(interaction, request.prompt, request.iterations, request.seed, p.grid, render.size_of(p),
                           cutn=p.cutn, parent_job_id=job_id, parent_kind="remix")
@@ -784,10 +950,11 @@ class ImagineCog(commands.Cog, name="Imagine"):
             "prompt": p.prompt, "user_id": p.user_id,
             "url": render.jump_url(p.guild_id, channel_id, message_id) if message_id else None,
         }
-        await self.submit(interaction, spec)
+        return await self.refusal(spec) or spec
 
     async def cancel_job(self, interaction: discord.Interaction, job_id: str) -> None:
-        record = await self.queue.get(job_id)
+        # Every answer is private: a private "thinking…" first when the store's read is slow.
+        record = await in_time(interaction, self.queue.get(job_id), defer="private")
         if record is None:
             await ephemeral(interaction, f"There is no job `{job_id}`.")
             return

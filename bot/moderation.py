@@ -28,14 +28,16 @@ Guards against a pattern that backtracks for ever: entries are at most MAX_ENTRY
 pattern is compiled and tried on a few adversarial strings when it is added (refused if that is
 slow), and every match runs with the `regex` module's timeout against at most the prompt's
 allowed length. A match that times out counts as a refusal (fail closed) and is logged, so an
-admin can fix the pattern. Compiling is guarded too: `regex` unrolls counted repeats (`x{1000}`)
-while it compiles, holding the GIL, so a pattern whose minimum counts multiply past MAX_UNROLL
-(`(?:a{65535}){65535}` would stop the whole process for hours) is refused before it is compiled.
+admin can fix the pattern. One request's whole check (every prompt of a permutation set) has
+MATCH_BUDGET seconds; past it the request is refused the same way. Compiling is guarded too:
+`regex` unrolls counted repeats (`x{1000}`) while it compiles, holding the GIL, so a pattern whose
+minimum counts multiply past MAX_UNROLL (`(?:a{65535}){65535}` would stop the whole process for
+hours) is refused before it is compiled.
 
 The check runs once per request, before anything is queued: /imagine makes it before it
 downloads any attached picture (ImagineCog.refusal; permutations.check_set for each prompt of a
-permutation set), and ImagineCog.submit makes it for Reroll, Continue, Remix and anything else
-that submits through it unchecked. A refusal quotes what matched through render.quote (tamed:
+permutation set), and the Reroll / Continue buttons and Remix make it before they submit
+(anything else that submits through ImagineCog.submit unchecked gets it there). A refusal quotes what matched through render.quote (tamed:
 no bidi controls, combining marks capped).
 """
 
@@ -45,6 +47,7 @@ import asyncio
 import functools
 import html
 import logging
+import time
 import unicodedata
 from typing import TYPE_CHECKING, Iterable
 
@@ -67,6 +70,10 @@ REGEX_PREFIX = "re:"
 MAX_ENTRY = 200
 MAX_ENTRIES = 100
 MATCH_TIMEOUT = 0.05          # seconds per entry and prompt
+# Seconds for the whole check of one request (every prompt of a permutation set, folding
+# included): 100 entries at MATCH_TIMEOUT each would otherwise take up to 10 s a prompt, 90 s for
+# a set of 9. Past it the request is refused as a timeout is (fail closed).
+MATCH_BUDGET = 3.0
 MAX_UNROLL = 100_000          # the product of a pattern's minimum repeat counts (compiles in ~0.05 s)
 _COUNTED_REPEAT = regex.compile(r"\\.|\{\s*(\d*)\s*(?:,\s*\d*\s*)?\}")
 _FLAGS = regex.IGNORECASE | regex.V0
@@ -249,11 +256,13 @@ def same(a: str, b: str) -> bool:
     return fold(a).casefold() == fold(b).casefold()
 
 
-def find(entries: Iterable[str], prompt: str, max_chars: int) -> tuple[str, str | None] | None:
+def find(entries: Iterable[str], prompt: str, max_chars: int,
+         deadline: float | None = None) -> tuple[str, str | None] | None:
     """The first entry that matches `prompt` (cut to `max_chars`) as typed or folded, with the
     matched text.
 
-    The matched text is None when the match timed out (counted as a match: fail closed).
+    The matched text is None when the match timed out, or `deadline` (time.monotonic()) passed
+    before every entry was tried (counted as a match: fail closed).
     """
     text = prompt[:max_chars]
     folded = fold(text)
@@ -265,8 +274,15 @@ def find(entries: Iterable[str], prompt: str, max_chars: int) -> tuple[str, str 
             log.warning("banned entry %r does not compile; ignoring it", entry)
             continue
         for candidate in texts:
+            timeout = MATCH_TIMEOUT
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    log.warning("checking a %d-character prompt against the refused words took longer than "
+                                "%.1f s in all; refusing the prompt", len(candidate), MATCH_BUDGET)
+                    return entry, None
             try:
-                found = pattern.search(candidate, timeout=MATCH_TIMEOUT, concurrent=True)
+                found = pattern.search(candidate, timeout=timeout, concurrent=True)
             except TimeoutError:
                 log.warning("banned entry %r timed out on a %d-character prompt; refusing the prompt",
                             entry, len(candidate))
@@ -289,10 +305,18 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
     if not listed:
         return None
     max_chars = bot.config.imagine.max_prompt_chars
-    for prompt in prompts:
-        hit = await asyncio.to_thread(find, listed, prompt, max_chars)   # off the event loop
-        if hit is None:
-            continue
+    prompts = list(prompts)
+
+    def check() -> tuple[str, str | None] | None:   # every prompt within MATCH_BUDGET, from its start here
+        deadline = time.monotonic() + MATCH_BUDGET
+        for prompt in prompts:
+            hit = find(listed, prompt, max_chars, deadline)
+            if hit is not None:
+                return hit
+        return None
+
+    hit = await asyncio.to_thread(check)   # off the event loop
+    if hit is not None:
         _, matched = hit
         if matched is None:
             return ("Your prompt could not be checked against this server's list of refused words in time, so "
@@ -417,11 +441,12 @@ class ModerationCog(commands.Cog, name="Moderation"):
                                      f"The list has {len(keep)} entr{'y' if len(keep) == 1 else 'ies'}.")
 
     async def show(self, interaction: discord.Interaction) -> None:
-        from bot.imagine import ephemeral   # noqa: PLC0415
+        from bot.imagine import ephemeral, in_time   # noqa: PLC0415
 
         if not await self._admin(interaction):
             return
-        current = await entries(self.bot.queue, interaction.guild_id)
+        # A read: a private "thinking…" first when it is slower than Discord's window allows.
+        current = await in_time(interaction, entries(self.bot.queue, interaction.guild_id), defer="private")
         if not current:
             await ephemeral(interaction, "No words or patterns are refused in this server.")
             return

@@ -1,4 +1,4 @@
-"""Who may use the admin commands: Manage Server, or a role named in config `admin_roles`."""
+"""Who may use the admin commands: Manage Server, or a role in config `admin_roles` (by id or name)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,21 @@ def is_admin(interaction: discord.Interaction, config: Config) -> bool:
     if interaction.permissions.manage_guild or interaction.permissions.administrator:
         return True
     user = interaction.user
-    wanted = {name.casefold() for name in config.discord.admin_roles}
-    if isinstance(user, discord.Member) and wanted:
-        return any(role.name.casefold() in wanted for role in user.roles)
+    entries = [entry.strip() for entry in config.discord.admin_roles]
+    # An entry of digits is a role id; anything else a role name. A name is matched by whatever
+    # role bears it, which anyone with Manage Roles can create: an id names the one role meant.
+    ids = {int(entry) for entry in entries if entry.isascii() and entry.isdigit()}
+    names = {entry.casefold() for entry in entries if not (entry.isascii() and entry.isdigit())}
+    if isinstance(user, discord.Member) and (ids or names):
+        return any(role.id in ids or role.name.casefold() in names for role in user.roles)
     return False
+
+
+def admin_roles_text(config: Config) -> str:
+    """The configured admin roles for a message: an id as a role mention (shown as the role's name;
+    the client's allowed mentions ping no one), a name in code."""
+    return ", ".join(f"<@&{r.strip()}>" if r.strip().isascii() and r.strip().isdigit() else f"`{r}`"
+                     for r in config.discord.admin_roles)
 
 
 async def require_admin(interaction: discord.Interaction, config: Config) -> bool:
@@ -27,7 +38,7 @@ async def require_admin(interaction: discord.Interaction, config: Config) -> boo
         return True
     from bot.imagine import ephemeral   # noqa: PLC0415 - bot.imagine imports this module
 
-    roles = ", ".join(f"`{r}`" for r in config.discord.admin_roles)
+    roles = admin_roles_text(config)
     await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
                               + (f" or one of the roles {roles}." if roles else "."))
     return False
@@ -78,3 +89,54 @@ def can_see_job(interaction: discord.Interaction, record: JobRecord) -> bool:
     if reply_channel:
         channels.add(int(reply_channel))
     return all(can_view_channel(interaction, channel_id) for channel_id in channels)
+
+
+# What posting a result needs once the command's interaction token has expired (15 minutes): from
+# then on bot/progress.py edits the job's reply through the channel and, when that message is
+# gone, sends a new message with the final image and video (so does a permutation set's contact
+# sheet). Slash commands themselves need none of these, so they are checked when a job is asked
+# for. Discord's names for them, as its UI shows them.
+THREAD_TYPES = (discord.ChannelType.public_thread, discord.ChannelType.private_thread,
+                discord.ChannelType.news_thread)
+
+
+def missing_for_results(interaction: discord.Interaction) -> list[str]:
+    """The permissions the bot lacks in the interaction's channel (`app_permissions`, which Discord
+    resolves with the channel's overwrites) to post a result there after the token's 15 minutes:
+    View Channel, Send Messages (in a thread: Send Messages in Threads) and Attach Files. [] when it
+    has them all, or outside a server (nothing to check: the job commands are for servers)."""
+    if interaction.guild_id is None:
+        return []
+    perms = interaction.app_permissions
+    if perms.administrator:
+        return []
+    in_thread = getattr(interaction.channel, "type", None) in THREAD_TYPES
+    needed = [("view_channel", "View Channel"),
+              ("send_messages_in_threads", "Send Messages in Threads") if in_thread
+              else ("send_messages", "Send Messages"),
+              ("attach_files", "Attach Files")]
+    return [name for attr, name in needed if not getattr(perms, attr)]
+
+
+def results_refusal(interaction: discord.Interaction) -> str | None:
+    """The private refusal of a job the bot could not deliver in this channel (`missing_for_results`),
+    naming what it lacks; None when it can. Refused whatever the job's length: how long it waits in
+    line is not known when it is asked for."""
+    missing = missing_for_results(interaction)
+    if not missing:
+        return None
+    names = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+    return (f"I can't post results in this channel: I'm missing {names}. Ask a server admin, or use "
+            "another channel.")
+
+
+NOT_INSTALLED = ("I'm not a member of this server (you added me to your account, not to the server), so I "
+                 "can't post results or keep settings here. Ask a server admin to add me to the server, or "
+                 "use me in a server I'm in.")
+
+
+def not_installed_here(interaction: discord.Interaction) -> bool:
+    """An interaction from a server that has not installed the bot: it reached the bot through a
+    user install (`authorizing_integration_owners` without the server's), so the bot is not in
+    that server, can read nothing of it and could never post a result there."""
+    return interaction.guild_id is not None and not interaction.is_guild_integration()

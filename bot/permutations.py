@@ -13,8 +13,9 @@ per combination (6 here) and, once every one of them has ended, posts one contac
 - Every job of a set has the same settings (seed included, so only the words change) and carries
   `spec.extra["set"] = {"id", "size", "index", "options"}`. Each gets its own reply as any job
   does: the first is the interaction's reply, the others are follow-ups of the interaction (a
-  webhook: they need no channel permission, as the slash command itself needs none, so a set
-  works in a channel where the bot may not post). Only when the first reply could not be made are
+  webhook: they need no channel permission, as the slash command itself needs none; a set is
+  only asked for where the bot may post, bot.permissions.results_refusal, but one whose channel
+  closed to the bot since still gets its replies). Only when the first reply could not be made are
   the others channel messages (a follow-up would take over the deferred "thinking…" message that
   the first job's edits go to). The progress cog edits them all, through the token while it lives.
 - The contact sheet: the set is recorded in the store (`set:<id>`: job ids, captions, channel) and
@@ -55,10 +56,11 @@ import discord
 from discord.ext import commands
 
 from bot import contact_sheet, moderation, render
-from bot.progress import INVALID_WEBHOOK_TOKEN, is_refusal
-from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, new_job_id, pause_of
+from bot.progress import INVALID_WEBHOOK_TOKEN, created_monotonic, is_refusal
+from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, UploadGone, new_job_id, pause_of
 
 if TYPE_CHECKING:
+    from bot.attachments import Uploads
     from bot.client import ImagineBot
     from bot.imagine import ImagineCog
 
@@ -228,10 +230,12 @@ async def check_set(bot: "ImagineBot", spec: JobSpec) -> SetCheck:
 
 
 async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: JobSpec,
-                     checked: SetCheck | None = None) -> list[JobRecord]:
+                     checked: SetCheck | None = None, *, uploads: "Uploads | None" = None) -> list[JobRecord]:
     """Queue every combination of `spec.prompt` (a template), or refuse; returns the jobs queued.
     `checked`: what `check_set` found for this spec already (it is not run again). The set is queued
-    in one `submit_many` within the user's cap: all of it or, refused by the store, none of it."""
+    in one `submit_many` within the user's cap: all of it or, refused by the store, none of it.
+    `uploads`: the pictures the command stored (stored again if the submit finds one gone; the
+    caller discards them when nothing was queued)."""
     from bot.imagine import clip_notes, ephemeral, limit_text, progress_view   # noqa: PLC0415 - imagine imports this module
 
     bot = cog.bot
@@ -244,7 +248,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
     variants = list(check.variants)
     if len(variants) == 1:   # one option per group: an ordinary prompt, the braces dropped
         spec.prompt = variants[0].prompt
-        record = await cog.submit(interaction, spec, checked=True)
+        record = await cog.submit(interaction, spec, checked=True, uploads=uploads)
         return [record] if record is not None else []
 
     n = len(variants)
@@ -261,10 +265,18 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         if notes[index]:
             one.extra["clip_notes"] = notes[index]
         specs.append(one)
+    max_queued = await bot.user_limit(spec.guild_id)
     try:   # counted and queued in one step: a racing command cannot push the user past the cap
-        records = await queue.submit_many(specs, max_queued=await bot.user_limit(spec.guild_id))
+        if uploads is not None:
+            records = await uploads.submit(lambda: queue.submit_many(specs, max_queued=max_queued))
+        else:
+            records = await queue.submit_many(specs, max_queued=max_queued)
     except QueueLimitReached as exc:
         await ephemeral(interaction, limit_text(exc.queued, exc.limit, n))   # private, after the defer
+        return []
+    except UploadGone as exc:   # stored again RESTORE_TRIES times and gone each time: told, nothing queued
+        from bot.imagine import picture_gone_text   # noqa: PLC0415 - imagine imports this module
+        await ephemeral(interaction, picture_gone_text(spec, exc.upload_id))
         return []
     if progress is not None:
         for index, record in enumerate(records):
@@ -393,7 +405,7 @@ class SheetsCog(commands.Cog, name="Sheets"):
 
     def remember(self, set_id: str, interaction: discord.Interaction) -> None:
         """The command that made the set, for posting its sheet as a follow-up while its token lives."""
-        self._interactions[set_id] = (interaction, time.monotonic())
+        self._interactions[set_id] = (interaction, created_monotonic(interaction))   # the token's age
 
     def _live_interaction(self, set_id: str) -> discord.Interaction | None:
         interaction, at = self._interactions.get(set_id, (None, 0.0))

@@ -6,11 +6,24 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   frame, finished). An edit renders that state when it is sent, so a newer frame replaces an
   older unsent one and nothing queues up.
 - One sender task per job at most; before each edit it waits until the message's last edit is
-  `message_interval` old and the channel's next slot (`channel_interval` apart) has come.
-  discord.py still waits out any 429 on its own; there is no second limiter here.
+  `message_interval` old and the channel gives it a slot (`channel_interval` apart). A slot goes
+  to the channel's most urgent waiter: a final post (or lost notice), then a frame (or the
+  "starting" edit), then a redraw of a place in line (one that has waited LINE_AGING slots counts
+  as a frame, so it is not starved for ever); first come first served within each. discord.py still
+  waits out any 429 on its own; there is no second limiter here.
+- Places in line: when the line moves, only the first LINE_REDRAWS queued jobs of each channel are
+  redrawn; a job further back keeps the place it was last shown until it gets among them (a pause
+  or resume is redrawn for every job). So a start or finish costs a channel at most LINE_REDRAWS
+  position edits, however long its line.
 - While the interaction token is young the bot edits through it (the original response, or a
   follow-up: replies 2..n of a permutation set); after `token_ttl` (or on 401 / 50027) it edits
-  the channel message with the bot token, which never expires.
+  the channel message with the bot token, which never expires. The token's age counts from the
+  interaction's creation (its snowflake), not from when the job was registered: an attachment
+  download and a slow store come before that.
+- An archived thread (auto-archived after 1 h to 7 days without a new message; edits are no
+  activity) refuses edits with 400 / 50083: that ends the job's progress edits (like a 403), and its
+  result goes out as a new message, which unarchives the thread (a locked one refuses that too,
+  unless the bot has Manage Threads: then a refusal like any other, below).
 - A deleted message (any 404 of the channel edit: 10008 Unknown Message, or 10003 Unknown Channel
   when the channel or thread went) ends the edits for that job; its result goes out as a new
   message. A new message the channel refuses (403: the bot may not post there; slash commands
@@ -38,7 +51,7 @@ import io
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import discord
@@ -56,6 +69,13 @@ CURSOR_KEY = "bot.events_cursor"
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 UNKNOWN_MESSAGE = 10008
 INVALID_WEBHOOK_TOKEN = 50027
+THREAD_ARCHIVED = 50083
+# When the line moves, the places of only this many queued jobs per channel are redrawn (the first).
+LINE_REDRAWS = 10
+# A channel's slots go to final posts, then frames, then redraws of places in line...
+FINAL_TURN, FRAME_TURN, LINE_TURN = 0, 1, 2
+# ...but a redraw that has waited this many channel intervals goes as a frame.
+LINE_AGING = 20
 # A 4xx (is_refusal) of the final post is tried this many times, then given up: the same request would
 # be refused again, and each try re-reads the artifacts and re-uploads them.
 REFUSED_TRIES = 3
@@ -75,6 +95,22 @@ class MessageGone(Exception):
 
 class NoMessage(Exception):
     """No message of the job is known (yet): nothing to edit."""
+
+
+class ThreadArchived(Exception):
+    """The job's message is in an archived thread (400, code 50083): edits are refused until a new
+    message unarchives it."""
+
+
+def created_monotonic(interaction: discord.Interaction) -> float:
+    """When `interaction` was made, on time.monotonic()'s clock (its id's timestamp, Discord's
+    clock): its token's 15 minutes count from then. A creation time ahead of ours (clock skew)
+    counts as now."""
+    now = time.monotonic()
+    created = getattr(interaction, "created_at", None)
+    if created is None:
+        return now
+    return now - max(0.0, (discord.utils.utcnow() - created).total_seconds())
 
 
 @dataclass
@@ -100,12 +136,14 @@ class _Tracker:
     guild_id: int | None
     message_id: int | None = None
     interaction: discord.Interaction | None = None   # its token edits the message, posts follow-ups
-    interaction_at: float = 0.0
+    interaction_at: float = 0.0       # when the interaction was made (created_monotonic)
     followup: bool = False            # the message is a follow-up of `interaction`, not its original
     attached: bool = False            # the message exists (or never will); edits may go out
     dead: bool = False                # the message was deleted: no more edits
-    muted: bool = False               # a progress edit was refused (403): no more progress edits
+    muted: bool = False               # a progress edit was refused (403, 50083): no more progress edits
+    archived: bool = False            # an edit answered 50083: the result goes out as a new message
     position: int | None = None
+    line_stale: bool = False          # its place in line changed and was not redrawn (LINE_REDRAWS)
     paused: str = ""   # engine.jobs.pause_of
     started: bool = False
     frame: _Frame | None = None
@@ -124,6 +162,22 @@ class _Tracker:
     shrink: int = 0                   # 413s so far: 1 = post without the video, 2 = the text alone
 
 
+@dataclass
+class _Waiter:
+    tracker: _Tracker
+    seq: int
+    since: float                      # loop time it began waiting
+    future: asyncio.Future
+
+
+@dataclass
+class _ChannelTurns:
+    """One channel's slots: the next one's loop time, who waits for one, the timer that grants it."""
+    next_at: float = 0.0
+    waiters: list[_Waiter] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
 class ProgressCog(commands.Cog, name="Progress"):
     """Follows the queue's events and keeps every job's message up to date."""
 
@@ -133,7 +187,8 @@ class ProgressCog(commands.Cog, name="Progress"):
         self.cfg = bot.config.progress
         self.trackers: dict[str, _Tracker] = {}
         self._foreign: OrderedDict[str, None] = OrderedDict()   # job ids that are not ours to show
-        self._channel_next: dict[int, float] = {}
+        self._turns: dict[int, _ChannelTurns] = {}
+        self._turn_seq = 0
         self._tasks: list[asyncio.Task] = []
         self._line_dirty = asyncio.Event()
         self._reconcile_now = asyncio.Event()
@@ -158,6 +213,10 @@ class ProgressCog(commands.Cog, name="Progress"):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
+        for turns in self._turns.values():
+            if turns.timer is not None:
+                turns.timer.cancel()
+        self._turns.clear()
         try:
             await self.queue.set_setting(CURSOR_KEY, self.cursor)
         except Exception:  # noqa: BLE001 - the queue may already be gone; events replay harmlessly
@@ -174,8 +233,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.attached = False   # until the command's own first edit has made the reply
         t.dead = False
         t.muted = False
+        t.archived = False
         t.interaction = interaction
-        t.interaction_at = time.monotonic()
+        t.interaction_at = created_monotonic(interaction) if interaction is not None else time.monotonic()
         if interaction is not None:
             t.upload_limit = getattr(interaction, "filesize_limit", None)
         return t
@@ -190,6 +250,7 @@ class ProgressCog(commands.Cog, name="Progress"):
             return
         if followup_of is not None:
             t.interaction, t.followup = followup_of, True
+            t.interaction_at = created_monotonic(followup_of)
         if channel_id:
             t.channel_id = channel_id
         t.message_id = message_id
@@ -197,6 +258,12 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.last_content = content
         t.last_sent = time.monotonic()
         self._line_dirty.set()
+        if (message_id is not None and content is not None and t.position is None
+                and not (t.started or t.final or t.lost)):
+            # The reply shows the job queued, with the place the command read; no round of the line
+            # has placed it yet, so an edit now could only draw it without its place ("Queued.").
+            # The line's next round redraws the place if it has changed (LINE_REDRAWS).
+            return
         self._kick(t)
 
     # --- events -----------------------------------------------------------------------------
@@ -311,18 +378,28 @@ class ProgressCog(commands.Cog, name="Progress"):
             await asyncio.sleep(self.cfg.line_interval)
 
     async def _refresh_line(self) -> None:
+        """Every queued job's place; redrawn for the first LINE_REDRAWS queued jobs of each channel
+        only (a pause or resume for all): a long line would otherwise cost one edit per job at each
+        start and finish."""
         pauses: dict[int | None, str] = {}   # per server, read once a round
+        ranks: dict[int, int] = {}           # queued jobs of ours seen so far, per channel
         for position, record in enumerate(await self.queue.queued(), 1):
             t = await self._tracker(record.id, record)
             if t is None or t.final or t.started:
                 continue
+            rank = ranks[t.channel_id] = ranks.get(t.channel_id, 0) + 1
             guild_id = record.spec.guild_id
             if guild_id not in pauses:
                 pauses[guild_id] = await pause_of(self.queue, guild_id)
             paused = pauses[guild_id]
-            if t.position != position or t.paused != paused:
-                t.position, t.paused = position, paused
+            moved = t.position != position
+            repaused = t.paused != paused
+            t.position, t.paused = position, paused
+            if repaused or (rank <= LINE_REDRAWS and (moved or t.line_stale)):
+                t.line_stale = False
                 self._kick(t)
+            elif moved:
+                t.line_stale = True   # shown once it is among its channel's first LINE_REDRAWS
 
     def line_changed(self) -> None:
         """Called by the admin commands (pause/resume/clear) so positions are redrawn."""
@@ -380,16 +457,69 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.sender = asyncio.create_task(self._send_loop(t), name=f"progress-{t.job_id}")
 
     async def _wait_turn(self, t: _Tracker) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            mono = time.monotonic()
-            wait = max(t.last_sent + self.cfg.message_interval - mono,
-                       self._channel_next.get(t.channel_id, 0.0) - now)
-            if wait <= 0:
-                self._channel_next[t.channel_id] = now + self.cfg.channel_interval
-                return
+        """Until the message's last edit is `message_interval` old and its channel gives `t` a slot
+        (`_grant`: the most urgent waiter first)."""
+        wait = t.last_sent + self.cfg.message_interval - time.monotonic()
+        if wait > 0:
             await asyncio.sleep(wait)
+        loop = asyncio.get_running_loop()
+        turns = self._turns.get(t.channel_id)
+        if turns is None:
+            turns = self._turns[t.channel_id] = _ChannelTurns()
+        self._turn_seq += 1
+        waiter = _Waiter(t, self._turn_seq, loop.time(), loop.create_future())
+        turns.waiters.append(waiter)
+        self._grant(t.channel_id)
+        try:
+            await waiter.future
+        finally:
+            if not waiter.future.done():   # cancelled while waiting: out of the line
+                waiter.future.cancel()
+                if waiter in turns.waiters:
+                    turns.waiters.remove(waiter)
+
+    def _turn_priority(self, waiter: "_Waiter", now: float) -> tuple[int, int]:
+        t = waiter.tracker
+        if t.final or t.lost:
+            kind = FINAL_TURN
+        elif t.started or t.frame is not None:
+            kind = FRAME_TURN
+        elif now - waiter.since >= LINE_AGING * self.cfg.channel_interval:
+            kind = FRAME_TURN
+        else:
+            kind = LINE_TURN
+        return kind, waiter.seq
+
+    def _grant(self, channel_id: int) -> None:
+        """Give the channel's slot to its most urgent waiter if the slot has come; else (or if more
+        are waiting) come back when it does."""
+        turns = self._turns.get(channel_id)
+        if turns is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        turns.waiters = [w for w in turns.waiters if not w.future.done()]
+        if not turns.waiters:
+            if turns.timer is None and turns.next_at <= now:
+                del self._turns[channel_id]
+            return
+        if turns.timer is not None:   # a later call will grant
+            return
+        if now < turns.next_at:
+            turns.timer = loop.call_later(turns.next_at - now, self._on_turn_timer, channel_id)
+            return
+        best = min(turns.waiters, key=lambda w: self._turn_priority(w, now))
+        turns.waiters.remove(best)
+        best.future.set_result(None)
+        turns.next_at = now + self.cfg.channel_interval
+        if turns.waiters:
+            turns.timer = loop.call_later(self.cfg.channel_interval, self._on_turn_timer, channel_id)
+
+    def _on_turn_timer(self, channel_id: int) -> None:
+        turns = self._turns.get(channel_id)
+        if turns is not None:
+            turns.timer = None
+            self._grant(channel_id)
 
     async def _send_loop(self, t: _Tracker) -> None:
         failures = 0
@@ -408,6 +538,8 @@ class ProgressCog(commands.Cog, name="Progress"):
                         if final is not None:
                             await self._wait_turn(t)
                             await self._post_final(t, final)
+                    elif t.dead or t.muted or self._progress_content(t)[0] == t.last_content:
+                        t.dirty = False   # nothing to draw: take none of the channel's slots
                     else:
                         await self._wait_turn(t)
                         if t.final:   # it ended while we waited: post the final instead
@@ -469,6 +601,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         return render.queued_text(t.record, t.position, t.paused), None
 
     async def _edit_progress(self, t: _Tracker) -> None:
+        t.line_stale = False   # what is drawn now is the current place
         content, png = self._progress_content(t)
         if content == t.last_content:   # the content names the iteration: same frame
             return
@@ -491,13 +624,20 @@ class ProgressCog(commands.Cog, name="Progress"):
                         "updates for it", t.job_id, exc.status, exc.code)
             t.muted = True
             return
+        except ThreadArchived:
+            # Every later edit would be refused too (only a new message unarchives a thread), and
+            # Discord bans bots that make many refused requests.
+            log.info("job %s: its thread is archived; no more progress updates, the result will be a "
+                     "new message", t.job_id)
+            t.muted = t.archived = True
+            return
         t.last_content = content
 
     async def _edit(self, t: _Tracker, **kwargs: Any) -> None:
         """Edit the job's reply: through the interaction while its token lives, else the channel.
 
         Raises MessageGone when the message (or its channel) was deleted, NoMessage when none is
-        known.
+        known, ThreadArchived when it is in an archived thread.
         """
         # A follow-up whose post failed has no id to edit; its token still posts the result.
         if self._token_live(t) and (t.message_id is not None or not t.followup):
@@ -507,6 +647,8 @@ class ProgressCog(commands.Cog, name="Progress"):
             except discord.HTTPException as exc:
                 if exc.code == UNKNOWN_MESSAGE:
                     raise MessageGone() from exc
+                if exc.code == THREAD_ARCHIVED:
+                    raise ThreadArchived() from exc
                 if exc.status not in (401, 404) and exc.code != INVALID_WEBHOOK_TOKEN:
                     raise
                 log.info("job %s: the interaction token is no longer valid; editing through the channel",
@@ -523,6 +665,10 @@ class ProgressCog(commands.Cog, name="Progress"):
             # 10008 (the message) or 10003 (its channel or thread was deleted): either way there is
             # nothing left to edit, and retrying the edit would fail for ever.
             raise MessageGone() from exc
+        except discord.HTTPException as exc:
+            if exc.code == THREAD_ARCHIVED:
+                raise ThreadArchived() from exc
+            raise
 
     def _token_live(self, t: _Tracker) -> bool:
         """Whether the job's interaction token may still be used (younger than `token_ttl`)."""
@@ -603,7 +749,7 @@ class ProgressCog(commands.Cog, name="Progress"):
 
         view = result_view(final.record)
         result_message_id: int | None = None
-        if not t.dead and (t.message_id is not None or t.interaction is not None):
+        if not t.dead and not t.archived and (t.message_id is not None or t.interaction is not None):
             # Editing the reply is idempotent: a repeat after a crash changes nothing.
             kwargs: dict[str, Any] = {"content": final.content, "view": view}
             if final.files:
@@ -613,6 +759,10 @@ class ProgressCog(commands.Cog, name="Progress"):
                 result_message_id = t.message_id
             except (MessageGone, NoMessage, discord.Forbidden):
                 t.dead = True
+            except ThreadArchived:
+                # A new message unarchives the thread (edits never do): post the result as one.
+                log.info("job %s: its thread is archived; posting the result as a new message", t.job_id)
+                t.archived = True
         if result_message_id is None:
             result_message_id = await self._post_new(t, final, files, view)
             if result_message_id is None:   # nothing can post it: given up
@@ -666,8 +816,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         button; the last frame stays. Then the job is dropped here (`delivered`)."""
         try:
             await self._edit(t, content=render.lost_text(t.record), view=None)
-        except (MessageGone, NoMessage, discord.Forbidden):
-            log.info("job %s: lost, and its reply is gone too; nothing to tell", t.job_id)
+        except (MessageGone, NoMessage, discord.Forbidden, ThreadArchived):
+            log.info("job %s: lost, and its reply is gone too (or in an archived thread); nothing to tell",
+                     t.job_id)
         else:
             log.info("job %s: its reply says it was lost", t.job_id)
         t.delivered = True

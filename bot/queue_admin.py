@@ -22,6 +22,8 @@ Admins: Manage Server or a role named in config `admin_roles` (bot.permissions).
 private and changes nothing; echoed prompts go through bot.render, and the client allows no mentions.
 A subcommand that writes to the store defers (privately) first: a write can wait seconds for the
 SQLite file (behind a worker's checkpoint) and Discord drops an interaction not answered in 3 s.
+One that only reads (`show`, `cancel`'s look-up, `/history`) races its reads against that window
+(bot.imagine.in_time) and defers privately when they are slower (a Redis reconnect).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.imagine import cancel_and_answer, ephemeral
-from bot.permissions import can_see_job, is_admin, require_admin
+from bot.imagine import cancel_and_answer, ephemeral, in_time
+from bot.permissions import admin_roles_text, can_see_job, is_admin, require_admin
 from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
 if TYPE_CHECKING:
@@ -166,26 +168,29 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
     @app_commands.command(name="show",
                           description="Show this server's jobs in the line: who waits for what, and what runs")
     async def show(self, interaction: discord.Interaction) -> None:
-        running = await self.queue.running()
-        queued = await self.queue.queued()
-        paused = bool(await self.queue.get_setting(PAUSED_KEY, False))
         guild_id = interaction.guild_id
-        server_paused = guild_id is not None and bool(await self.queue.get_setting(guild_paused_key(guild_id), False))
-        limit = await self.bot.user_limit(guild_id)
 
         def can_see(record: JobRecord) -> bool:   # a private channel's jobs stay in it
             return can_see_job(interaction, record)
 
-        text = show_text(running, queued, guild_id, interaction.user.id, paused=paused, limit=limit,
-                         server_paused=server_paused, can_see=None if guild_id is None else can_see)
-        await interaction.response.send_message(text, ephemeral=True)
+        async def read() -> str:
+            running = await self.queue.running()
+            queued = await self.queue.queued()
+            paused = bool(await self.queue.get_setting(PAUSED_KEY, False))
+            server_paused = (guild_id is not None
+                             and bool(await self.queue.get_setting(guild_paused_key(guild_id), False)))
+            limit = await self.bot.user_limit(guild_id)
+            return show_text(running, queued, guild_id, interaction.user.id, paused=paused, limit=limit,
+                             server_paused=server_paused, can_see=None if guild_id is None else can_see)
+
+        await ephemeral(interaction, await in_time(interaction, read(), defer="private"))
 
     @app_commands.command(name="cancel",
                           description="Cancel a queued or running job (yours, or as an admin this server's)")
     @app_commands.describe(job="The job id (shown under each reply and in /queue show)")
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
         job = job.strip()
-        record = await self.queue.get(job) if job else None
+        record = await in_time(interaction, self.queue.get(job), defer="private") if job else None
         own = record is not None and record.spec.user_id == interaction.user.id
         admin = is_admin(interaction, self.bot.config)
         if record is None or not (own or (in_scope(record, interaction.guild_id, interaction.user.id)
@@ -196,7 +201,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
                                          "see `/queue show` for the ids.")
             return
         if not own and not admin:
-            roles = ", ".join(f"`{r}`" for r in self.bot.config.discord.admin_roles)
+            roles = admin_roles_text(self.bot.config)
             await ephemeral(interaction, f"Only the person who asked for job `{record.id}`, or an admin, can cancel "
                                          "it: admins need the Manage Server permission"
                                          + (f" or one of the roles {roles}." if roles else "."))
@@ -272,7 +277,9 @@ class HistoryCog(commands.Cog, name="History"):
     @app_commands.command(name="history", description="This channel's recent prompts, with links to the results")
     @app_commands.guild_only()
     async def history(self, interaction: discord.Interaction) -> None:
-        records = await self.bot.queue.history(interaction.channel_id or 0, limit=15)
+        # A read: a private "thinking…" first when it is slow (bot.imagine.in_time).
+        records = await in_time(interaction, self.bot.queue.history(interaction.channel_id or 0, limit=15),
+                                defer="private")
         lines = []
         for record in records:
             reply = record.spec.reply or {}
@@ -290,4 +297,4 @@ class HistoryCog(commands.Cog, name="History"):
         while len(text) > 2000 and lines:
             lines.pop()
             text = "\n".join(lines)
-        await interaction.response.send_message(text, ephemeral=True)
+        await ephemeral(interaction, text)

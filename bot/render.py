@@ -1,6 +1,7 @@
 """Message texts: pure functions of a job and its progress, so tests can check them directly.
 
-Prompts are echoed with Markdown escaped; mentions in them (`@everyone`, `<@id>`) are shown as
+Prompts are echoed with Markdown escaped and links defanged (`defang_links`: shown as typed, never
+a link, an embed or an invite card); mentions in them (`@everyone`, `<@id>`) are shown as
 typed and never ping, because the client sends `allowed_mentions` with nothing allowed. An echoed
 prompt is also made harmless to the text around it (`tame`, engine.text's rules): one line, no
 bidi embeddings, overrides or isolates (they would reorder the job id and mention after it), and
@@ -12,6 +13,8 @@ job id or file name as given) goes through `quote`: tamed, cut, in an inline cod
 """
 
 from __future__ import annotations
+
+import re
 
 import discord
 
@@ -29,8 +32,23 @@ def size_of(spec: JobSpec) -> int:
     return int(size) if isinstance(size, int) else spec.grid * 8
 
 
+# Links in echoed prompts are defanged: `https://x` is sent as `https\://x` and `discord.gg/x` as
+# `discord.gg\/x`. Discord shows the escaped character without its backslash (the text reads as
+# typed) but neither makes a link of it nor unfurls it (no embed, no invite card): a prompt cannot
+# turn the bot's public reply, /queue or a contact sheet into a live link or an invite.
+_SCHEME = re.compile(r"(?<=[A-Za-z0-9+.-])://")
+_INVITE = re.compile(r"(?i)\b(discord(?:app)?\.com/invite|discord\.gg|discord\.me|dsc\.gg)/")
+
+
+def defang_links(text: str) -> str:
+    """`text` (Markdown-escaped already) with every `scheme://` and invite host's `/` escaped."""
+    return _INVITE.sub(r"\1\\/", _SCHEME.sub(r"\\://", text))
+
+
 def escape_prompt(prompt: str) -> str:
-    return discord.utils.escape_markdown(tame(prompt), as_needed=False)
+    """A prompt for Markdown text: tamed, Markdown escaped, links defanged (defang_links)."""
+    # ignore_links=False: a defanged URL is plain text, so its `_`, `*` or `~` must not turn into Markdown.
+    return defang_links(discord.utils.escape_markdown(tame(prompt), as_needed=False, ignore_links=False))
 
 
 def snippet(prompt: str, limit: int = 60) -> str:
@@ -159,7 +177,8 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
         status = "Cancelled."
     else:
         reason = (record.error or "unknown error").strip()
-        status = f"Failed: {discord.utils.escape_markdown(reason[:300])}"
+        # A reason may quote the prompt (a PromptError): its links defanged as the prompt's are.
+        status = f"Failed: {defang_links(discord.utils.escape_markdown(reason[:300], ignore_links=False))}"
     if note:
         status += f"\n{note}"
     return _compose(spec, status, record.id)

@@ -6,6 +6,7 @@ Torch-free: the bot validates attachments with this before anything is queued.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -15,18 +16,31 @@ MAX_IMAGE_PIXELS = 4096 * 4096       # Pillow's decompression-bomb guard, tighte
 # The only decoders untrusted bytes reach: Pillow would otherwise try every format it knows (EPS runs
 # Ghostscript on the file; rarely used decoders are where Pillow's memory bugs were found).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# No caller needs more: the bot stores attachments at most 1024 a side, a worker's init image is
+# 8 x grid (at most 1024), CLIP's input 224.
+MAX_SIDE_NEEDED = 1024
+REDUCING_GAP = 2.0   # Image.thumbnail's default: reduce while the picture stays twice the target
 
 
 class ImageRejected(ValueError):
     """The message says what was wrong and what to do."""
 
 
-def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, list[str]]:
+def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_side: int | None = MAX_SIDE_NEEDED) -> tuple[Image.Image, list[str]]:
     """Decode `data` into an RGB image. Returns (image, notes): notes say what was converted.
 
     Refused: over `max_bytes`, not a PNG, JPEG, WebP or GIF (FORMATS: no other decoder is tried),
     more than `max_pixels` pixels (a pixel bomb: checked from the header before decoding). Converted, with a note: animations (first frame),
     16-bit and other modes (to 8-bit RGB), transparency (onto white).
+
+    `max_side`: the largest side any caller scales the picture to (None: keep every pixel). A
+    picture whose short side is at least twice that comes back reduced by a whole factor, as
+    `Image.thumbnail((max_side, max_side))` reduces before it resamples (both sides stay at least
+    twice what the thumbnail or a square crop needs; a JPEG is decoded at that scale,
+    `Image.draft`), so a caller's thumbnail or resize to at most `max_side` gives the same picture
+    (a JPEG's: to a few levels), for a fraction of the memory. 16-bit pictures are converted with
+    integer arithmetic, transparency is flattened onto white without RGBA copies.
     """
     if len(data) > max_bytes:
         raise ImageRejected(
@@ -36,7 +50,7 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected(
@@ -45,6 +59,10 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
             if getattr(image, "is_animated", False) and getattr(image, "n_frames", 1) > 1:
                 notes.append(f"the image is animated ({image.n_frames} frames): its first frame was used")
                 image = next(iter(ImageSequence.Iterator(image)))
+            if max_side is not None and image.format == "JPEG":
+                # Decoded at 1/2, 1/4 or 1/8 scale when that is still twice max_side (thumbnail's draft).
+                gap = int(max_side * REDUCING_GAP)
+                image.draft(None, (gap, gap))
             image.load()
     except ImageRejected:
         raise
@@ -58,15 +76,67 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
         notes.append(f"the image has {image.mode} pixels (more than 8 bits): converted to 8-bit RGB")
         image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB"), notes
+        # Onto white: the picture pasted through its own alpha onto a white RGB picture (one new
+        # picture; no RGBA copies of the whole picture).
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba)
+        del rgba
+    elif image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")   # P, 1, CMYK, YCbCr...: what the thumbnail would have resampled
+    if max_side is not None:
+        image = _reduce(image, max_side)
+    return image if image.mode == "RGB" else image.convert("RGB"), notes
+
+
+def _reduce(image: Image.Image, max_side: int) -> Image.Image:
+    """`image` reduced by the whole factor `Image.thumbnail((max_side, max_side))` reduces it by
+    before it resamples (Image.resize's reducing_gap rule), so that the thumbnail of the result is
+    the thumbnail of `image`, pixel for pixel; or `image` itself. Only when that factor is the same
+    on both axes and divides both sides (with a remainder Pillow samples a fraction of a pixel
+    further), and the short side stays at least twice `max_side` (a square crop of it, as
+    image_prompts.to_tensor takes, keeps the detail)."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    target = _thumbnail_size(width, height, max_side)
+    factor = int(width / target[0] / REDUCING_GAP)
+    if (factor < 2 or factor != int(height / target[1] / REDUCING_GAP) or width % factor or height % factor
+            or min(width, height) < factor * REDUCING_GAP * max_side
+            or _thumbnail_size(width // factor, height // factor, max_side) != target):
+        return image
+    return image.reduce(factor)
+
+
+def _thumbnail_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """The size `Image.thumbnail((side, side))` gives a `width` x `height` picture (Pillow's rule)."""
+    def round_aspect(number: float, key) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    x, y = side, side
+    aspect = width / height
+    if x / y >= aspect:
+        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
+    else:
+        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
+    return x, y
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (I;16*), 32-bit integer (I) or float (F) pixels to 8-bit gray ("L"): 0..65535 onto
+    0..255 (v // 257) for 16-bit pictures and integer ones above 255, else 0..255 as is. Integer
+    arithmetic into one uint8 array (no float64 copies of the picture)."""
     import numpy as np
 
-    pixels = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-    return Image.fromarray((pixels / top * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    pixels = np.asarray(image)   # one copy: uint16, int32 or float32
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    if pixels.dtype.kind == "f":
+        top = np.float32(65535.0 if pixels.max() > 255 else 255.0)
+        np.clip(pixels / top * np.float32(255), 0, 255, out=out, casting="unsafe")
+    elif image.mode.startswith("I;16") or pixels.max() > 255:
+        np.floor_divide(np.clip(pixels, 0, 65535) if pixels.dtype.kind == "i" else pixels, 257,
+                        out=out, casting="unsafe")
+    else:
+        np.clip(pixels, 0, 255, out=out, casting="unsafe")
+    del pixels
+    return Image.fromarray(out, "L")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import math
 import re
 import secrets
@@ -124,10 +125,13 @@ def new_lease_id() -> str:
     return uuid.uuid4().hex
 
 
-# Uploads: pictures the bot stores with `put_artifact(new_upload_id(), name, data)` *before* it
+# Uploads: pictures the bot stores with `put_artifact(upload_id_of(png), name, data)` *before* it
 # submits the job that names them in `spec.extra` as `{"artifact": [upload_id, name], ...}` (at any
 # depth). They belong to no job: `prune` deletes an upload once it is older than `older_than` and
-# no job left in the store names it.
+# no job left in the store names it; `discard_uploads` deletes those of a command that queued
+# nothing at once, and cancelling a queued job deletes the ones no other job names. The id is the
+# content's hash (`upload_id_of`), so the same picture is stored once however often it is sent;
+# storing it again rewrites the same bytes and counts its age from then.
 UPLOAD_PREFIX = "upload_"
 _UPLOAD_ID = re.compile(r"upload_[0-9A-Za-z]{1,64}")
 
@@ -176,7 +180,14 @@ def check_keep_state_days(value: float | None) -> float | None:
 
 
 def new_upload_id() -> str:
+    """A random upload id (tests; uploads of content not worth addressing)."""
     return f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
+
+
+def upload_id_of(data: bytes) -> str:
+    """The upload id of these bytes: `upload_` and the first 32 hex digits (128 bits) of their
+    SHA-256, so identical pictures share one stored copy."""
+    return f"{UPLOAD_PREFIX}{hashlib.sha256(data).hexdigest()[:32]}"
 
 
 def is_upload_id(value: Any) -> bool:
@@ -236,6 +247,35 @@ class QueueLimitReached(Exception):
         return f"{self.queued} jobs already queued for this user; the limit is {self.limit}"
 
 
+class ParentGone(Exception):
+    """A submit refused because a job of the batch starts from a parent (`JobSpec.parent_job_id`)
+    whose final state (`state.pt`) is no longer in the store (pruned): nothing was queued. Checked
+    atomically with the insert, so a prune between the bot's own check and the submit is caught here.
+    `job_id`: that parent."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = str(job_id)
+
+    def __str__(self) -> str:
+        return f"the state of job {self.job_id} is gone (pruned)"
+
+
+class UploadGone(Exception):
+    """A submit refused because a job of the batch names an upload (`spec.extra`, see `upload_refs`)
+    that is not in the store (never stored, pruned, discarded or dropped with a cancelled job since):
+    nothing was queued. Checked atomically with the insert, so a job is never queued without its
+    pictures. `upload_id`: that upload. A caller that still has the bytes stores them again
+    (`put_artifact`) and submits again."""
+
+    def __init__(self, upload_id: str) -> None:
+        super().__init__(upload_id)
+        self.upload_id = str(upload_id)
+
+    def __str__(self) -> str:
+        return f"upload {self.upload_id} is not in the store"
+
+
 def batch_user(specs: Sequence[JobSpec]) -> int | None:
     """The one user of a `submit_many` batch (None when it is empty); ValueError when they differ."""
     users = {int(s.user_id) for s in specs}
@@ -260,7 +300,11 @@ class JobQueue(Protocol):
     # script, in order, each with its QUEUED event: all or nothing. With `max_queued`, the user's
     # QUEUED jobs (as `count_queued(user)` counts them) are counted in that same atomic step: if they
     # plus len(specs) would exceed it, nothing is queued and it raises QueueLimitReached. So two
-    # submits racing for the last place cannot both get it. `submit` is submit_many of one spec.
+    # submits racing for the last place cannot both get it. A spec with `parent_job_id` needs that
+    # job's `state.pt`: checked in the same atomic step, and if one is missing, nothing is queued
+    # and it raises ParentGone. Likewise every upload a spec names (`upload_refs`) must be stored:
+    # else nothing is queued and it raises UploadGone (checked after the cap). `submit` is
+    # submit_many of one spec.
     async def submit(self, spec: JobSpec, *, max_queued: int | None = None) -> JobRecord: ...
     async def submit_many(self, specs: Sequence[JobSpec], *, max_queued: int | None = None) -> list[JobRecord]: ...
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -268,9 +312,17 @@ class JobQueue(Protocol):
     async def queued(self) -> list[JobRecord]: ...               # in claim order
     async def running(self) -> list[JobRecord]: ...
     async def count_queued(self, user_id: int | None = None) -> int: ...
-    async def cancel(self, job_id: str) -> bool: ...            # queued -> cancelled now; running -> asked
-    # cancel every queued job (of one server: `guild_id`), in one step: running ones go on
+    # queued -> cancelled now; running -> asked. A job cancelled while queued names its uploads no
+    # more (its spec still shows them): those no other job names are deleted in the same step.
+    async def cancel(self, job_id: str) -> bool: ...
+    # cancel every queued job (of one server: `guild_id`), in one step, uploads as `cancel`: running
+    # ones go on
     async def clear(self, guild_id: int | None = None) -> int: ...
+    # Delete those of these uploads that no job names, at once (the check and the delete in one
+    # transaction / script: an upload a job names, submitted before, is kept; a submit after finds it
+    # gone: UploadGone). For a command that stored pictures and then queued nothing. Ids that are
+    # not upload ids are ignored. Returns how many uploads were deleted.
+    async def discard_uploads(self, upload_ids: Sequence[str]) -> int: ...
     async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]: ...
     async def events(self, after: int = 0, timeout: float = 1.0) -> list[JobEvent]: ...
     async def mark_delivered(self, job_id: str) -> bool: ...    # True only the first time
@@ -317,5 +369,8 @@ class JobQueue(Protocol):
     # `state.pt` artifact of jobs finished and delivered more than that many seconds ago: their
     # records, final.png, video and history stay (Continue / Remix of them then say "gone").
     # `older_than` may be math.inf: no whole job goes, only states. Jobs queued, running or not
-    # yet delivered are never touched. Returns how many whole jobs. Safe to run from several processes.
+    # yet delivered are never touched, nor (neither whole nor their state) a job that is the
+    # `parent_job_id` of a queued or running job: checked atomically with each delete, so it is
+    # prunable again at the first prune after its last such child ended. Returns how many whole
+    # jobs. Safe to run from several processes.
     async def prune(self, older_than: float, state_older_than: float | None = None) -> int: ...

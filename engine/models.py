@@ -6,8 +6,11 @@ Every workaround for today's torch / setuptools lives here and only here:
 - `clip.load(jit=True)` breaks on today's torch, and `clip.load` on a state-dict file raises
   EOFError: we read the TorchScript archive (or the state dict) ourselves and call `build_model`;
 - `dall_e`'s pickles need `weights_only=False`: we unpickle only a file whose SHA-256 is known
-  good or that the caller explicitly trusts, then cache its weights as safetensors so the next
-  load unpickles nothing;
+  good (the operator's `known_sha256`, `KNOWN_DVAE_SHA256`), that the caller explicitly trusts,
+  or that this process has just downloaded over HTTPS, then cache its weights as safetensors so
+  the next load unpickles nothing. Trust never comes from the model cache itself (whoever can
+  write a pickle there could write a hash beside it), and a file is read once: the bytes hashed
+  are the bytes loaded (`_private_copy`);
 - modules from an old pickle lack `Upsample.recompute_scale_factor`: fresh `nn.Upsample`s;
 - dVAE modules come out with `requires_grad=True`: frozen and put in eval mode.
 """
@@ -16,16 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -52,9 +55,12 @@ DVAE_URLS: dict[str, str] = {
     "encoder": "https://cdn.openai.com/dall-e/encoder.pkl",
 }
 # OpenAI publishes no checksum for the dVAE pickles. Files whose SHA-256 is listed here (or in
-# `known_sha256` passed by the caller: the bot's `[worker] known_sha256`) may be unpickled. A
-# download from DVAE_URLS over HTTPS is pinned on first use: its hash is written beside it and
-# checked ever after.
+# `known_sha256` passed by the caller: the bot's `[worker] known_sha256`, imagine-worker's
+# --known-sha256) may be unpickled. A download from DVAE_URLS over HTTPS is unpickled (and
+# converted to safetensors) by the process that downloaded it, from the bytes it downloaded, before
+# it is put in the cache; a pickle found in the cache is never trusted for being there, nor for a
+# hash file beside it (earlier versions wrote `<part>.pkl.sha256` and trusted it: anyone who can
+# write the cache can write both).
 KNOWN_DVAE_SHA256: set[str] = set()
 # What an untrusted pickle's refusal tells the person to do. The CLIs' flag by default; the bot
 # passes its own (engine.models knows nothing of config.toml).
@@ -97,19 +103,65 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(url: str, target: Path, expected_sha256: str | None, placed_by_hand: str = "") -> Path:
+@contextlib.contextmanager
+def _private_copy(path: Path) -> Iterator[tuple[str, str | io.BytesIO]]:
+    """Read `path` once: (the SHA-256 of the bytes read, a source torch.load / torch.jit.load read
+    those very bytes from). Hashing a file by its path and then loading it by its path again would
+    load whatever another writer put there in between.
+
+    On Linux the copy is a sealed memfd (no one, this process included, can change it; the loaders
+    read it by its /proc path, so it is the only copy of the file in memory); elsewhere a BytesIO
+    of the bytes read (torch.jit.load copies that buffer once more while it imports)."""
+    h = hashlib.sha256()
+    memfd = getattr(os, "memfd_create", None)
+    fd = -1
+    if memfd is not None and os.path.isdir("/proc/self/fd"):
+        try:
+            fd = memfd(f"imagine-{path.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError:
+            fd = -1
+    try:
+        if fd >= 0:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            yield h.hexdigest(), f"/proc/self/fd/{fd}"
+        else:
+            data = path.read_bytes()
+            h.update(data)
+            yield h.hexdigest(), io.BytesIO(data)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _download(url: str, target: Path, expected_sha256: str | None, placed_by_hand: str = "",
+              then: Callable[[Path, str], None] | None = None) -> str:
     """Download `url` to `target` atomically; verify the hash when one is known. A failed download
-    leaves nothing behind (a CLIP file is 350 MB). `placed_by_hand`: what the offline advice adds."""
+    leaves nothing behind (a CLIP file is 350 MB). `placed_by_hand`: what the offline advice adds.
+    `then(temporary path, SHA-256 of the bytes downloaded)` runs before the file takes its place;
+    if it raises, the file is dropped. Returns that SHA-256 (of the bytes received, not of the file
+    read back)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_path: str | None = None
+    h = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as src, tempfile.NamedTemporaryFile(
             dir=target.parent, delete=False
         ) as tmp:
             tmp_path = tmp.name
-            shutil.copyfileobj(src, tmp, 1 << 20)
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                tmp.write(chunk)
             # urllib returns a body cut short by a closed connection as if it were whole; a
-            # truncated dVAE pickle would then be pinned as the download.
+            # truncated dVAE pickle would then be trusted as the download.
             expected = src.headers.get("Content-Length")
             if expected is not None and expected.isdigit() and tmp.tell() != int(expected):
                 raise OSError(f"the connection closed after {tmp.tell()} of {expected} bytes")
@@ -121,51 +173,78 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
             f"could not download {target.name} from {url} ({type(exc).__name__}: {exc}). On an offline "
             f"machine, download it elsewhere and place it at {target}, or pass its local path.{placed_by_hand}"
         ) from exc
-    digest = sha256_of(Path(tmp.name))
-    if expected_sha256 and digest != expected_sha256:
-        os.unlink(tmp.name)
-        raise ModelLoadError(f"{url} downloaded, but its SHA-256 {digest} is not {expected_sha256}")
+    digest = h.hexdigest()
+    try:
+        if expected_sha256 and digest != expected_sha256:
+            raise ModelLoadError(f"{url} downloaded, but its SHA-256 {digest} is not {expected_sha256}")
+        if then is not None:
+            then(Path(tmp.name), digest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
+        raise
     os.replace(tmp.name, target)
-    return target
+    return digest
 
 
 # --- CLIP --------------------------------------------------------------------------------------
 
 
-def clip_file(name_or_path: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """A local CLIP file for a model name (downloaded and checked once) or a path."""
+def _clip_source(name_or_path: str, cache_dir: Path) -> tuple[Path, str | None]:
+    """The local CLIP file for a model name (downloaded once) or a path, and the SHA-256 it must
+    have (a name's: the one in OpenAI's URL; None for a path the caller gave)."""
     if name_or_path in CLIP_URLS:
         url = CLIP_URLS[name_or_path]
         expected = url.split("/")[-2]
         target = Path(cache_dir) / "clip" / os.path.basename(url)
-        if target.is_file():
-            if sha256_of(target) == expected:
-                return target
-            raise ModelLoadError(
-                f"{target} exists but its SHA-256 is not {expected}: delete it to download again"
-            )
-        return _download(url, target, expected)
+        if not target.is_file():
+            _download(url, target, expected)
+        return target, expected
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise ModelLoadError(
             f"CLIP model {name_or_path!r} is neither a known name ({', '.join(CLIP_URLS)}) nor a file"
         )
+    return path, None
+
+
+def _wrong_clip_hash(path: Path, expected: str) -> ModelLoadError:
+    return ModelLoadError(f"{path} exists but its SHA-256 is not {expected}: delete it to download again")
+
+
+def clip_file(name_or_path: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """A local CLIP file for a model name (downloaded and checked once) or a path. (load_clip
+    checks the bytes it loads, not this path.)"""
+    path, expected = _clip_source(name_or_path, cache_dir)
+    if expected is not None and sha256_of(path) != expected:
+        raise _wrong_clip_hash(path, expected)
     return path
 
 
-def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: Path = DEFAULT_CACHE) -> CLIP:
-    """CLIP from OpenAI's TorchScript archive or from a plain state dict; frozen, fp32, eval."""
-    path = clip_file(name_or_path, cache_dir)
+def _read_clip(source: str | io.BytesIO, path: Path) -> Any:
+    """The state dict in a CLIP file's bytes (`source`, from _private_copy; `path` names it)."""
     try:
         # OpenAI's files are TorchScript archives: read its state dict, not its code.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+            return torch.jit.load(source, map_location="cpu").state_dict()
     except RuntimeError:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
         try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds on a corrupt file
             raise ModelLoadError(f"CLIP file {path} is corrupt or not a CLIP model: {exc}") from exc
+
+
+def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: Path = DEFAULT_CACHE) -> CLIP:
+    """CLIP from OpenAI's TorchScript archive or from a plain state dict; frozen, fp32, eval.
+    A model by name: the bytes loaded are the bytes whose SHA-256 was checked (one read)."""
+    path, expected = _clip_source(name_or_path, cache_dir)
+    with _private_copy(path) as (digest, source):
+        if expected is not None and digest != expected:
+            raise _wrong_clip_hash(path, expected)
+        state_dict = _read_clip(source, path)
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or "visual.proj" not in state_dict and "visual.attnpool.c_proj.weight" not in state_dict:
@@ -241,17 +320,22 @@ def load_dvae_safe(path: Path, part: DvaePart) -> nn.Module:
     return _freeze(module)
 
 
-def _unpickle_dvae(path: Path, part: DvaePart) -> nn.Module:
-    try:
-        # Unpickling runs code: callers reach this only for a verified or explicitly trusted file.
-        module = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ModelLoadError(f"dVAE {part} file {path} is corrupt or truncated: {exc}") from exc
+def _unpickle_dvae(path: Path, part: DvaePart, trusted: Callable[[str], bool], refusal: Callable[[str], str]) -> tuple[nn.Module, str]:
+    """Read `path` once, and unpickle those bytes only if `trusted(their SHA-256)`; else
+    UntrustedPickleError(`refusal(SHA-256)`). Returns the module and the SHA-256."""
+    with _private_copy(path) as (digest, source):
+        if not trusted(digest):
+            raise UntrustedPickleError(refusal(digest))
+        try:
+            # Unpickling runs code: only the bytes whose hash was just checked (or trusted) get here.
+            module = torch.load(source, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ModelLoadError(f"dVAE {part} file {path} is corrupt or truncated: {exc}") from exc
     if not isinstance(module, _DVAE_CLASSES[part]):
         raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a dall_e {part.title()}")
     if part == "decoder":
         _fresh_upsamples(module)
-    return _freeze(module)
+    return _freeze(module), digest
 
 
 def load_dvae(
@@ -267,9 +351,13 @@ def load_dvae(
 
     `name_or_path`: "openai" (OpenAI's file, downloaded into `cache_dir` once), a `.safetensors`
     file written by `save_dvae_safe`, or a pickle like OpenAI's `decoder.pkl`. A pickle is
-    unpickled only when its SHA-256 is known good, pinned from the official download, or
-    `trust` is set; its weights are then cached as safetensors and the pickle is not read again.
-    `known_sha256`: hex digests of files to accept; `trust_hint`: how the refusal says to trust a file.
+    unpickled only when its SHA-256 is known good (`KNOWN_DVAE_SHA256`, `known_sha256`), when this
+    call has just downloaded it from OpenAI over HTTPS (it is converted before it is put in the
+    cache), or when `trust` is set; its weights are then cached as safetensors and the pickle is not
+    read again. Nothing in the cache makes a pickle trusted (a `<part>.pkl.sha256` beside it, which
+    earlier versions wrote and trusted, is ignored). The file is read once: the bytes hashed are the
+    bytes unpickled. `known_sha256`: hex digests of files to accept; `trust_hint`: how the refusal
+    says to trust a file.
     """
     cache_dir = Path(cache_dir)
     if name_or_path.endswith(".safetensors"):
@@ -278,36 +366,48 @@ def load_dvae(
             raise ModelLoadError(f"dVAE {part} file {path} does not exist")
         return load_dvae_safe(path, part).to(device)
 
-    pinned: str | None = None
+    known = {h.strip().lower() for h in known_sha256}
+
+    def trusted(digest: str) -> bool:
+        return trust or digest in KNOWN_DVAE_SHA256 or digest in known
+
+    def convert(pickle_path: Path, trusted: Callable[[str], bool]) -> nn.Module:
+        module, digest = _unpickle_dvae(pickle_path, part, trusted, lambda digest: refusal(pickle_path, digest))
+        safe = save_dvae_safe(module, part, safe_cache_path(cache_dir, part, digest))
+        log.info("cached the dVAE %s weights as %s", part, safe)
+        return module
+
+    def refusal(pickle_path: Path, digest: str) -> str:
+        old_pin = pickle_path.with_suffix(".pkl.sha256")
+        note = (f" The hash file {old_pin.name} beside it is not trusted (whoever can write the cache can "
+                f"write both)." if old_pin.is_file() else "")
+        return (f"refusing to unpickle {pickle_path}: its SHA-256 {digest} is not a known dVAE {part} "
+                f"(unpickling runs code).{note} If you trust this file, {trust_hint}.")
+
     if name_or_path == "openai":
         path = cache_dir / "dvae" / f"{part}.pkl"
-        pin_file = path.with_suffix(".pkl.sha256")
         if not path.is_file():
+            converted: list[nn.Module] = []
+
+            def from_download(tmp: Path, downloaded: str) -> None:
+                # The bytes this process received over HTTPS from OpenAI (hash of the stream), read
+                # back once: unpickled only if they are still those bytes.
+                converted.append(convert(tmp, lambda digest: digest == downloaded or trusted(digest)))
+
             _download(DVAE_URLS[part], path, None,
-                      f" A file placed there by hand is not pinned as a download is, so it is unpickled "
-                      f"only if you trust it: {trust_hint}.")
-            pin_file.write_text(sha256_of(path) + "\n")
-        pinned = pin_file.read_text().strip() if pin_file.is_file() else None
+                      f" A file placed there by hand is not trusted as a download is, so it is unpickled "
+                      f"only if you trust it: {trust_hint}.", then=from_download)
+            return converted[0].to(device)
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"dVAE {part} {name_or_path!r} is neither 'openai' nor a file")
 
-    digest = sha256_of(path)
-    safe = safe_cache_path(cache_dir, part, digest)
+    # Its safetensors copy, if it has one, is all that is read (no code runs loading it).
+    safe = safe_cache_path(cache_dir, part, sha256_of(path))
     if safe.is_file():
         return load_dvae_safe(safe, part).to(device)
-    known = {h.strip().lower() for h in known_sha256}
-    trusted = trust or digest in KNOWN_DVAE_SHA256 or digest in known or digest == pinned
-    if not trusted:
-        raise UntrustedPickleError(
-            f"refusing to unpickle {path}: its SHA-256 {digest} is not a known dVAE {part} "
-            f"(unpickling runs code). If you trust this file, {trust_hint}."
-        )
-    module = _unpickle_dvae(path, part)
-    save_dvae_safe(module, part, safe)
-    log.info("cached the dVAE %s weights as %s", part, safe)
-    return module.to(device)
+    return convert(path, trusted).to(device)
 
 
 def load_models(

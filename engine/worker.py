@@ -93,9 +93,34 @@ def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
     return blob["state"], [bytes(t.numpy().tobytes()) for t in blob["frames"]]
 
 
-def _unpack_with_pixels(data: bytes) -> tuple[dict[str, Any], list[bytes], list[np.ndarray]]:
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint that is not what a worker writes for its job (its frames: not PNGs, not the
+    job's size, too many). Handled as a truncated one: the attempt fails with this reason (the
+    job is retried, up to the attempts cap, then FAILED with it)."""
+
+
+# Frames a checkpoint may hold beyond `iterations // frame_every + 2` (0, every frame_every, the last).
+CHECKPOINT_FRAME_MARGIN = 2
+
+
+def _unpack_with_pixels(data: bytes, spec: JobSpec) -> tuple[dict[str, Any], list[bytes], list[np.ndarray]]:
+    """A checkpoint's state, its frames' PNGs and their pixels. Its frames are checked before they
+    are decoded (the store is shared: another process wrote them): at most one per `frame_every`
+    iterations (+ the first and last, + CHECKPOINT_FRAME_MARGIN), each a PNG (no other decoder is
+    tried) of the job's size (8 x grid a side, RGB); else DamagedCheckpoint."""
     state, frames_png = unpack_checkpoint(data)
-    return state, frames_png, [np.asarray(_decode_png(p)) for p in frames_png]
+    most = spec.iterations // max(1, spec.frame_every) + 2 + CHECKPOINT_FRAME_MARGIN
+    if len(frames_png) > most:
+        raise DamagedCheckpoint(f"the checkpoint holds {len(frames_png)} frames; a job of {spec.iterations} "
+                                f"iterations with a frame every {spec.frame_every} has at most {most}")
+    side = 8 * spec.grid
+    pixels = []
+    for i, png in enumerate(frames_png):
+        try:
+            pixels.append(np.asarray(_decode_png(png, (side, side))))
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder raises: the checkpoint is damaged
+            raise DamagedCheckpoint(f"the checkpoint's frame {i + 1} of {len(frames_png)} is {exc}") from None
+    return state, frames_png, pixels
 
 
 @dataclass
@@ -414,7 +439,7 @@ class Worker:
             checkpoint = await self.queue.load_checkpoint(record.id)
             if checkpoint is not None:
                 # Off the event loop, the PNGs' decoding too: in the bot it would stall Discord.
-                state, run.frames_png, run.frames_pixels = await asyncio.to_thread(_unpack_with_pixels, checkpoint.data)
+                state, run.frames_png, run.frames_pixels = await asyncio.to_thread(_unpack_with_pixels, checkpoint.data, spec)
                 log.info("job %s resumes from its checkpoint at iteration %d", record.id, state["iteration"])
             elif spec.parent_job_id:
                 parent = await self.queue.get_artifact(spec.parent_job_id, "state.pt")
@@ -836,10 +861,21 @@ class Worker:
         return slot
 
 
-def _decode_png(data: bytes):
-    from PIL import Image
+def _decode_png(data: bytes, size: tuple[int, int]):
+    """A frame this engine wrote: an RGB PNG of `size`, checked from its header before its pixels
+    are decoded (ValueError otherwise; Pillow's own errors for a damaged PNG). Only Pillow's PNG
+    decoder is tried."""
+    from PIL import Image, UnidentifiedImageError
 
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    try:
+        image = Image.open(io.BytesIO(data), formats=("PNG",))
+    except UnidentifiedImageError:
+        raise ValueError("not a PNG") from None
+    with image:
+        if image.size != size or image.mode != "RGB":
+            raise ValueError(f"a {image.size[0]}x{image.size[1]} {image.mode} PNG, not a {size[0]}x{size[1]} "
+                             "RGB frame")
+        return image.convert("RGB")
 
 
 # --- imagine-worker ----------------------------------------------------------------------------

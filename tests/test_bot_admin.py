@@ -203,3 +203,24 @@ async def test_history_lists_the_channels_prompts_with_links_to_results(harness)
     for line, msg in zip(lines, reversed(results)):
         assert f"https://discord.com/channels/{fd.guild_id}/{fd.channel_id}/{msg.id}" in line
     fd.assert_clean()
+
+
+async def test_an_admin_role_given_by_id_is_that_role_not_any_of_its_name(harness):
+    """Anyone with Manage Roles can create a role called "Imagine Admin"; an id names one role."""
+    h = harness
+    fd = h.fd
+    h.config.discord.admin_roles = [str(fd.admin_role_id)]
+    await h.start()
+    assert (await ephemeral_answer(h, "queue pause", user=fd.admin_user)).startswith("Paused")  # all wait
+    ids = await _queued_jobs(h, 2)
+    text = await ephemeral_answer(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
+                                  member_permissions=Permission.EVERYONE)
+    assert f"Cancelled job `{ids[0]}`" in text
+    # The role's name alone no longer counts, and another role's id does not either.
+    h.config.discord.admin_roles = [str(fd.admin_role_id + 1), "Imagine Admin"]
+    text = await ephemeral_answer(h, "queue cancel", {"job": ids[1]}, user=fd.admin_user,
+                                  member_permissions=Permission.EVERYONE)
+    assert "Only the person who asked for job" in text
+    assert f"<@&{fd.admin_role_id + 1}>" in text and "`Imagine Admin`" in text
+    assert (await h.queue.get(ids[1])).state == JobState.QUEUED
+    fd.assert_clean()

@@ -57,6 +57,9 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("[imagine]\nmax_prompt_chars = \"500\"", "[imagine] max_prompt_chars: expected an integer, got '500'"),
     ("[worker]\nembedded = 1", "[worker] embedded: expected true or false, got 1"),
     ("[progress]\nmessage_interval = \"fast\"", "[progress] message_interval: expected a number"),
+    # An interaction token lives 15 minutes: a TTL of 900 or more edits through a dead token (401s).
+    ("[progress]\ntoken_ttl = 900", "[progress] token_ttl: must be below 900 (an interaction token lives 15 minutes"),
+    ("[progress]\ntoken_ttl = 3600", "[progress] token_ttl: must be below 900"),
     ("[discord]\nadmin_roles = \"Admin\"", "[discord] admin_roles: expected a list"),
     ("[discord]\nshard_count = -1", "[discord] shard_count: must not be negative, got -1 (0: as many shards as Discord recommends)"),
     ("[discord]\nshard_count = \"2\"", "[discord] shard_count: expected an integer, got '2'"),
@@ -96,6 +99,11 @@ def test_bad_config_values_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("ttl", [0, 60, 840, 899.5])
+def test_token_ttl_below_the_tokens_fifteen_minutes_is_accepted(ttl):
+    assert config_from_dict({"progress": {"token_ttl": ttl}}).progress.token_ttl == ttl
 
 
 @pytest.mark.parametrize("days", [0, 1 / 24, 0.5, 30])

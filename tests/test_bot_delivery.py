@@ -2,10 +2,16 @@
 
 After the interaction token's TTL the final post is an edit of the channel message with the bot
 token. Whatever Discord answers there that no retry can change (the channel or thread deleted:
-404 / 10003; an archived thread: 400 / 50083; an upload over a limit that shrank: 413) must end
-in a bounded number of requests: the result posted some other way (a new message, the image
-without the video) or given up with an error in the log and the job marked delivered, so that
-neither the send loop nor a restart's undelivered() tries it for ever.
+404 / 10003; a locked archived thread: 400 / 50083 to the edit and to a new message; an upload
+over a limit that shrank: 413) must end in a bounded number of requests: the result posted some
+other way (a new message, the image without the video) or given up with an error in the log and
+the job marked delivered, so that neither the send loop nor a restart's undelivered() tries it for
+ever.
+
+Threads archive themselves after 1 h to 7 days without a new message (edits are no activity), so a
+job that waited long in a thread finds it archived: the fake refuses edits there (400 / 50083) and
+lets a new message unarchive it, as Discord does; a locked thread refuses new messages too unless
+the bot has Manage Threads.
 
 All over the fake Discord (real HTTP), with the real SQLite queue; the test plays the GPU.
 """
@@ -18,6 +24,7 @@ import logging
 import pytest
 
 from bot import progress
+from tests.fakediscord import Permission
 from tests.test_bot_support import claim_jobs, finish_jobs, harness, publish_frames, tiny_png  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -40,6 +47,26 @@ async def _queued_job_past_its_token(h, prompt):
     job_id = h.job_id(msg)
     h.fd.expire_tokens()
     return msg, job_id
+
+
+async def _queued_job_in_a_thread(h, prompt, *, expire_token=True):
+    """A job queued by /imagine in a public thread of #general (its reply is in the thread), whose
+    interaction token has since expired unless `expire_token` is False."""
+    fd = h.fd
+    thread_id = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
+    await h.start(worker=False)
+    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=thread_id)
+    await fd.wait_for_response(inter)
+    msg = await h.reply_of(inter)
+    assert msg.channel_id == thread_id
+    job_id = h.job_id(msg)
+    if expire_token:
+        fd.expire_tokens()
+    return msg, job_id
+
+
+def _is_final(req) -> bool:
+    return any(f.filename == "final.png" for f in req.files)
 
 
 def _refuse_channel(h, msg, status: int, message: str, code: int) -> int:
@@ -81,24 +108,87 @@ async def test_a_deleted_channel_ends_the_final_post_at_once(harness, caplog):
     assert len(_requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
 
 
-async def test_a_refused_final_post_is_given_up_after_a_few_tries(harness, caplog):
-    """An archived thread answers every edit and post 400 / 50083: the final post is tried
-    REFUSED_TRIES times, then given up (an error naming the job and Discord's answer), the job
-    marked delivered; not one request after that."""
+@pytest.mark.parametrize("archived", ["before-frames", "before-result"])
+@pytest.mark.parametrize("token_expired", [True, False], ids=["channel-edits", "token-edits"])
+async def test_a_result_in_an_archived_thread_is_posted_as_a_new_message(harness, caplog, token_expired, archived):
+    """The job waited in a thread until the thread archived itself. Its edits are refused (400 /
+    50083) whether they go through the channel (token expired) or the interaction token (a moderator
+    archived it early). Archived before its frames: one refused progress edit ends the progress
+    edits (not one per frame), and the result goes straight out as a new message. Archived after
+    them: the final edit is refused once, and the result goes out as a new message. The new message
+    unarchives the thread; the job is delivered, with the video and the buttons, nothing given up."""
     h = harness
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job_past_its_token(h, "a thread that gets archived")
+    msg, job_id = await _queued_job_in_a_thread(h, "a thread that archives itself", expire_token=token_expired)
     fd = h.fd
-    since = _refuse_channel(h, msg, 400, "Thread is archived", 50083)
+    thread_id = msg.channel_id
+    caplog.set_level(logging.INFO, logger="bot.progress")
+    await claim_jobs(h.queue, [job_id])
+    if archived == "before-frames":
+        await fd.archive_thread(thread_id)
+        since = len(fd.requests)
+    await publish_frames(h.queue, [job_id], frames=20, every=0.05)
+    if archived == "before-result":
+        await fd.wait_for(lambda: "Iteration 19/19" in fd.messages[msg.id].content, 10, "the last frame")
+        await fd.archive_thread(thread_id)
+        since = len(fd.requests)
+    await finish_jobs(h.queue, [job_id])
+
+    record = await h.wait_delivered(job_id, timeout=20)
+    await asyncio.sleep(1.0)   # nothing more comes
+    edits = [r for r in fd.requests[since:] if r.method == "PATCH" and r.status != 401   # 401: the dead token
+             and (r.path.startswith(f"/channels/{thread_id}/") or r.path.startswith("/webhooks/"))]
+    assert all(r.status == 400 and r.response["code"] == 50083 for r in edits), [(r.path, r.status) for r in edits]
+    if archived == "before-frames":   # one progress edit (the "starting" one or a frame); the result not tried
+        assert len([r for r in edits if not _is_final(r)]) == 1 and len(edits) == 1
+    else:
+        assert len([r for r in edits if _is_final(r)]) == 1 and len(edits) == 1
+    posts = _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    assert [r.status for r in posts] == [200]
+    result = fd.messages[int(posts[0].response["id"])]
+    assert {a["filename"] for a in result.attachments} == {"final.png", "video.mp4"}
+    assert f"imagine:reroll:{job_id}" in result.custom_ids
+    assert record.spec.reply["result_message_id"] == result.id
+    assert not fd.thread_archived(thread_id)   # the new message unarchived it
+    assert "refused its result" not in caplog.text and job_id not in h.bot.progress.trackers
+
+
+@pytest.mark.parametrize("manage_threads", [False, True], ids=["plain-bot", "thread-manager"])
+async def test_a_locked_archived_thread_refuses_the_result_a_few_times_then_it_is_given_up(harness, caplog,
+                                                                                           manage_threads):
+    """A locked archived thread refuses new messages too (400 / 50083), unless the bot has Manage
+    Threads. One edit is refused; the new message REFUSED_TRIES times, then the result is
+    given up (an error naming the job and Discord's answer), the job marked delivered; not one
+    request after that. With Manage Threads the new message goes out and unarchives the thread."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    fd = h.fd
+    if manage_threads:
+        role = fd.roles[fd.bot_role_id]
+        role["permissions"] = str(int(role["permissions"]) | Permission.MANAGE_THREADS)
+    msg, job_id = await _queued_job_in_a_thread(h, "a thread a moderator locked")
+    thread_id = msg.channel_id
+    await fd.archive_thread(thread_id, locked=True)
+    since = len(fd.requests)
     await claim_jobs(h.queue, [job_id])
     await finish_jobs(h.queue, [job_id])
 
     await h.wait_delivered(job_id, timeout=20)
     await asyncio.sleep(2.0)
-    # The job's "starting" edit is refused too, once; the final post (with its files) three times.
-    tries = [r for r in _requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since) if r.files]
-    assert len(tries) == progress.REFUSED_TRIES
-    assert "Discord refused its result 3 times (400, code 50083" in caplog.text and job_id in caplog.text
+    # One edit refused: the "starting" one (then the result is not tried as an edit) or, if the job
+    # finished before that went out, the final one.
+    edits = _requests(fd, "PATCH", CHANNEL_EDIT.format(thread_id), since)
+    assert [r.status for r in edits] == [400]
+    posts = _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    if manage_threads:
+        assert [r.status for r in posts] == [200]
+        assert not fd.thread_archived(thread_id)
+        assert "refused its result" not in caplog.text
+    else:
+        assert [r.status for r in posts] == [400] * progress.REFUSED_TRIES
+        assert all(r.response["code"] == 50083 for r in posts)
+        assert "Discord refused its result 3 times (400, code 50083" in caplog.text and job_id in caplog.text
+        assert fd.thread_archived(thread_id)
     assert job_id not in h.bot.progress.trackers
 
 
@@ -156,9 +246,10 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     db = Path(h.config.queue.url.removeprefix("sqlite:///"))
     h.config.queue.url = f"sqlite:///{db}?busy_timeout=0.3"
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job_past_its_token(h, "a thread archived while the store is down")
+    msg, job_id = await _queued_job_in_a_thread(h, "a thread locked while the store is down")
     fd = h.fd
-    since = _refuse_channel(h, msg, 400, "Thread is archived", 50083)
+    await fd.archive_thread(msg.channel_id, locked=True)
+    since = len(fd.requests)
     caplog.set_level(logging.INFO, logger="bot.progress")
     await claim_jobs(h.queue, [job_id])
     await finish_jobs(h.queue, [job_id])
@@ -175,8 +266,8 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     finally:
         other.close()
     await h.wait_delivered(job_id, timeout=15)
-    tries = [r for r in _requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since) if r.files]
-    assert len(tries) == progress.REFUSED_TRIES + 1   # tried once more after the store failed
+    tries = _requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)   # new messages: edits cannot
+    assert [r.status for r in tries] == [400] * (progress.REFUSED_TRIES + 1)   # once more after the store failed
     assert job_id not in h.bot.progress.trackers
 
 

@@ -268,9 +268,9 @@ async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download
     counted: list[int] = []
     find, count_queued = moderation.find, h.queue.count_queued
 
-    def counting_find(entries, prompt, max_chars):
+    def counting_find(entries, prompt, max_chars, *deadline):
         matched.append(prompt)
-        return find(entries, prompt, max_chars)
+        return find(entries, prompt, max_chars, *deadline)
 
     async def counting_count(user_id=None):
         if user_id is not None:

@@ -24,10 +24,12 @@ VIEW = str(Permission.VIEW_CHANNEL)
 
 
 def _private_channel(fd, name="staff-only", *, allow_users=()) -> int:
-    """A text channel @everyone cannot view; `allow_users` may (member overwrites). Before the bot
-    connects: the overwrites reach its cache with the guild."""
+    """A text channel @everyone cannot view; `allow_users` may (member overwrites), and the bot (its
+    role: it posts the results there). Before the bot connects: the overwrites reach its cache
+    with the guild."""
     channel_id = fd.add_channel(name)
-    overwrites = [{"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": VIEW}]
+    overwrites = [{"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": VIEW},
+                  {"id": str(fd.bot_role_id), "type": 0, "allow": VIEW, "deny": "0"}]
     overwrites += [{"id": str(user["id"]), "type": 1, "allow": VIEW, "deny": "0"} for user in allow_users]
     fd.channels[channel_id]["permission_overwrites"] = overwrites
     return channel_id

@@ -395,6 +395,12 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     assert len(gpus) == len(set(gpus)) == len(workers)        # one worker per GPU
     for s in [bot, *workers.values()]:
         assert any(v["source"] == "model-cache" and v["target"] == "/cache" for v in s["volumes"])
+    # Only the workers write the model cache (they download and convert); the bot loads no model
+    # and must not be able to change what the workers load.
+    (cache_mount,) = [v for v in bot["volumes"] if v["target"] == "/cache"]
+    assert cache_mount.get("read_only") is True
+    for s in workers.values():
+        assert not any(v["target"] == "/cache" and v.get("read_only") for v in s["volumes"])
 
     # The check really checks: a misspelt key fails.
     broken = (tmp_path / "compose.yaml").read_text().replace("device_ids:", "device_idz:", 1)

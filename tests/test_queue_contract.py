@@ -12,8 +12,8 @@ import time
 import pytest
 
 from engine.jobs import (
-    PAUSED_KEY, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, QueueLimitReached,
-    guild_paused_key, is_upload_id, new_upload_id,
+    PAUSED_KEY, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, ParentGone,
+    QueueLimitReached, UploadGone, guild_paused_key, is_upload_id, new_upload_id, upload_id_of,
 )
 
 try:
@@ -812,7 +812,7 @@ async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
         def args(token: str, cap: str, *ids: str) -> list:
             out = [q.prefix, token, repr(time.time()), q.keep_events, q.max_attempts, repr(q.lease), cap, "5", len(ids)]
             for job_id in ids:
-                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), "", ""]
+                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), "", "", ""]
             return out
 
         batch = args("token-s1", "2", "job0000000a1", "job0000000a2")
@@ -1287,6 +1287,194 @@ async def test_prune_drops_old_states_alone_and_keeps_their_jobs(queue_factory: 
     assert await states_stored(q) == 1   # the running job's
 
 
+# --- retention of the parents of queued and running jobs -------------------------------------------
+
+
+async def finished_parent(q: JobQueue, user: int, prompt: str, chan: int = 79) -> JobRecord:
+    """A job run to the end (final.png, state.pt) and delivered: what Continue / Remix start from.
+    Call it while nothing else is queued (it claims the next job)."""
+    rec = await q.submit(spec(user, prompt, channel=chan))
+    got = await q.claim("w")
+    assert got.id == rec.id
+    for name in ("final.png", "state.pt"):
+        assert await q.put_artifact(rec.id, name, f"{name} {rec.id}".encode(), got.lease_id) is True
+    assert await q.finish(rec.id, got.lease_id, 0.3) is True
+    assert await q.mark_delivered(rec.id) is True
+    return rec
+
+
+def child(user: int, parent: JobRecord, kind: str = "continue", prompt: str = "more") -> JobSpec:
+    return spec(user, prompt, channel=80, parent_job_id=parent.id, parent_kind=kind)
+
+
+async def intact(q: JobQueue, rec: JobRecord) -> bool:
+    """The job is still in the store with its record, picture and final state."""
+    return (await q.get(rec.id) is not None
+            and await q.get_artifact(rec.id, "final.png") == f"final.png {rec.id}".encode()
+            and await q.get_artifact(rec.id, "state.pt") == f"state.pt {rec.id}".encode())
+
+
+async def test_prune_keeps_the_parent_of_a_queued_or_running_job_until_it_ends(queue_factory: QueueFactory):
+    """A job that a queued or running job starts from (`parent_job_id`: a Continue, a Remix) is not
+    pruned, neither whole nor its state alone, however old: not while its child waits in the line,
+    runs (claimed, under a lease), or is back in the line for another attempt; nor while any of
+    several children is left. The first prune after its last such child has ended (done,
+    cancelled) removes it like any other."""
+    q = await queue_factory.open()
+    q2 = await queue_factory.open()
+    p_queued = await finished_parent(q, 1, "parent of a queued remix")
+    p_running = await finished_parent(q, 2, "parent of a running continue")
+    p_retried = await finished_parent(q, 3, "parent of a continue back in line after a failure")
+    p_two = await finished_parent(q, 4, "parent of two")
+    free = await finished_parent(q, 5, "nobody's parent")   # the control: it goes
+    parents = (p_queued, p_running, p_retried, p_two)
+    running = await q.submit(child(11, p_running))
+    got = await q.claim("w2")
+    assert got.id == running.id
+    retried = await q.submit(child(12, p_retried))
+    got_retried = await q.claim("w2")
+    assert got_retried.id == retried.id
+    assert await q.fail(retried.id, got_retried.lease_id, "out of memory", retry=True) == JobState.QUEUED
+    two = [await q.submit(child(13, p_two, "remix")), await q.submit(child(14, p_two))]
+    queued = await q.submit(child(10, p_queued, "remix"))
+    await asyncio.sleep(0.3)   # every parent is past both cutoffs below
+
+    # States alone first (older_than math.inf), then whole jobs: from two processes at once, in
+    # batches smaller than the parents kept (paging past them).
+    assert await q.prune(math.inf, 0.2, batch=2) == 0
+    assert await q.get(free.id) is not None and not await q.has_artifact(free.id, "state.pt")
+    counts = await asyncio.gather(q.prune(0.2, 0.2, batch=2), q2.prune(0.2, 0.2, batch=2))
+    assert sorted(counts) == [0, 1] and await q.get(free.id) is None
+    for rec in parents:
+        assert await intact(q, rec), rec.spec.prompt
+    assert (await q.get(running.id)).state == JobState.RUNNING
+    assert (await q.get(retried.id)).state == JobState.QUEUED and (await q.get(queued.id)).state == JobState.QUEUED
+
+    # One of two children ends: the other still holds the parent. The running child finishes, the
+    # queued one is cancelled, the retried one runs to the end: their parents go at the next prune.
+    assert await q.cancel(two[0].id) is True
+    assert await q.finish(running.id, got.lease_id, 0.4) is True
+    assert await q.cancel(queued.id) is True
+    got_retried = await q.claim("w")
+    assert got_retried.id == retried.id
+    assert await q.finish(retried.id, got_retried.lease_id, 0.4) is True
+    assert await q.prune(0.2, 0.2) == 3
+    for rec in (p_queued, p_running, p_retried):
+        assert await q.get(rec.id) is None and not await q.has_artifact(rec.id, "state.pt"), rec.spec.prompt
+    assert await intact(q, p_two)
+    assert await q.prune(math.inf, 0.2) == 0 and await intact(q, p_two)   # not its state alone either
+    got = await q.claim("w")
+    assert got.id == two[1].id
+    assert await q.prune(0.2, 0.2) == 0 and await intact(q, p_two)      # running now: still held
+    assert await q.fail(two[1].id, got.lease_id, "bad prompt", retry=False) == JobState.FAILED
+    assert await q.prune(math.inf, 0.2) == 0
+    assert await q.get(p_two.id) is not None and not await q.has_artifact(p_two.id, "state.pt")
+    # The children themselves (finished, not delivered) are all still there.
+    for rec in (running, retried, queued, *two):
+        assert (await q.get(rec.id)).state.finished, rec.spec.prompt
+
+
+async def test_a_child_whose_parents_state_is_gone_is_refused_and_nothing_is_written(queue_factory: QueueFactory):
+    """submit / submit_many of a job whose parent's state.pt is gone (pruned, or never there) raises
+    ParentGone naming that parent, and queues nothing of the batch: no job, no event, no place in
+    the line, no reference. A child of a parent whose state is there is queued as usual."""
+    q = await queue_factory.open()
+    kept = await finished_parent(q, 1, "its state is kept")
+    pruned = await finished_parent(q, 2, "its state is pruned")
+    await asyncio.sleep(0.3)
+    kept_child = await q.submit(child(3, kept))          # holds `kept` through the prune
+    assert await q.prune(math.inf, 0.2) == 0
+    assert await q.get(pruned.id) is not None and not await q.has_artifact(pruned.id, "state.pt")
+    assert await q.has_artifact(kept.id, "state.pt")
+    before = await _snapshot(q, 4)
+    history = [r.id for r in await q.history(80, 50)]
+    for specs in ([child(4, pruned)], [spec(4, "plain"), child(4, kept), child(4, pruned, "remix")],
+                  [spec(4, "plain", parent_job_id="nosuchjob00", parent_kind="remix")]):
+        for cap in (None, 10):
+            with pytest.raises(ParentGone) as err:
+                await q.submit_many(specs, max_queued=cap)
+            assert err.value.job_id == (specs[-1].parent_job_id)
+            assert "gone" in str(err.value) and err.value.job_id in str(err.value)
+    with pytest.raises(ParentGone):
+        await q.submit(child(4, pruned), max_queued=5)
+    assert await _snapshot(q, 4) == before
+    assert [r.id for r in await q.history(80, 50)] == history
+    if hasattr(q, "redis"):   # no parent index written for a refused child
+        assert not await q.redis.exists(q._k("kids", pruned.id), q._k("kids", "nosuchjob00"))
+    else:
+        with sqlite3.connect(q.path) as db:
+            assert db.execute("SELECT COUNT(*) FROM jobs WHERE user_id = 4").fetchone()[0] == 0
+
+    accepted = await q.submit_many([spec(4, "plain"), child(4, kept, "remix")], max_queued=2)
+    assert [r.state for r in accepted] == [JobState.QUEUED] * 2
+    assert await q.count_queued(4) == 2 and (await q.get(kept_child.id)).state == JobState.QUEUED
+
+
+async def test_submits_racing_a_prune_never_queue_a_child_without_its_parents_state(queue_factory: QueueFactory):
+    """Children of old parents submitted (by one process) while another process prunes their states:
+    each submit either is refused (ParentGone: that state was already gone) or queues a child whose
+    parent keeps its state for as long as the child waits, whichever came first."""
+    q = await queue_factory.open()
+    pruner = await queue_factory.open()
+    parents = [await finished_parent(q, 100 + i, f"parent {i}") for i in range(12)]
+    await asyncio.sleep(0.3)
+
+    async def submit(i: int, parent: JobRecord) -> JobRecord | ParentGone:
+        await asyncio.sleep(0.002 * i)
+        try:
+            return await q.submit(child(200 + i, parent))
+        except ParentGone as exc:
+            return exc
+
+    results = await asyncio.gather(pruner.prune(math.inf, 0.2, batch=1),
+                                   *(submit(i, p) for i, p in enumerate(parents)))
+    outcomes = results[1:]
+    for parent, outcome in zip(parents, outcomes):
+        if isinstance(outcome, ParentGone):
+            assert outcome.job_id == parent.id and not await q.has_artifact(parent.id, "state.pt")
+        else:
+            assert await q.has_artifact(parent.id, "state.pt"), parent.spec.prompt
+    assert await pruner.prune(math.inf, 0.2) == 0   # and again, later: the queued children hold theirs
+    for parent, outcome in zip(parents, outcomes):
+        assert await q.has_artifact(parent.id, "state.pt") is isinstance(outcome, JobRecord), parent.spec.prompt
+
+
+async def test_redis_children_queued_before_the_parent_index_hold_their_parents(redis_server):
+    """A child queued or running under the version before the parent index (made here by removing
+    its `parent` field and its parent's `kids` set) is indexed when a queue object starts, from its
+    spec, so prune keeps its parent; a child that had already ended is not (its parent goes)."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    prefix = f"kids-{uuid.uuid4().hex[:8]}"
+    old = RedisJobQueue(redis_server.url, prefix=prefix)
+    await old.start()
+    new = RedisJobQueue(redis_server.url, prefix=prefix)
+    try:
+        p_queued = await finished_parent(old, 1, "queued child")
+        p_running = await finished_parent(old, 2, "running child")
+        p_ended = await finished_parent(old, 3, "ended child")
+        running = await old.submit(child(11, p_running))
+        assert (await old.claim("w")).id == running.id
+        ended = await old.submit(child(12, p_ended))
+        assert await old.cancel(ended.id) is True
+        queued = await old.submit(child(10, p_queued))
+        for c, p in ((queued, p_queued), (running, p_running), (ended, p_ended)):
+            await old.redis.hdel(old._k("job", c.id), "parent")
+            await old.redis.delete(old._k("kids", p.id))
+        await new.start()
+        for c, p in ((queued, p_queued), (running, p_running)):
+            assert await new.redis.hget(new._k("job", c.id), "parent") == p.id.encode()
+        assert not await new.redis.hexists(new._k("job", ended.id), "parent")
+        await asyncio.sleep(0.3)
+        assert await new.prune(0.2) == 1
+        assert await intact(new, p_queued) and await intact(new, p_running) and await new.get(p_ended.id) is None
+    finally:
+        await new.close()
+        await old.close()
+
+
 # --- retention of uploads and settings ------------------------------------------------------------
 
 
@@ -1389,6 +1577,129 @@ async def test_upload_pruning_goes_past_uploads_still_needed(queue_factory: Queu
     assert await q.prune(0.2, batch=2) == 0
     assert [await q.has_artifact(u, "image.png") for u in needed] == [True] * 5
     assert [await stored_anywhere(q, u) for u in orphans] == [False] * 7
+
+
+async def test_an_upload_id_is_the_hash_of_its_content_and_storing_it_again_refreshes_its_age(
+        queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    a, b = upload_id_of(b"picture a"), upload_id_of(b"picture b")
+    assert a == upload_id_of(b"picture a") != b and is_upload_id(a) and len(a) == len("upload_") + 32
+    assert await q.put_artifact(a, "image.png", b"picture a") is True
+    await asyncio.sleep(0.3)
+    # The same picture sent again: the same id, one copy, its age counted from now (so a prune
+    # cannot take it between this store and the submit that names it).
+    assert await q.put_artifact(a, "image.png", b"picture a") is True
+    assert await q.prune(0.25) == 0
+    assert await q.get_artifact(a, "image.png") == b"picture a"
+    rec = await q.submit(spec(1, extra=image_ref(a)))
+    await asyncio.sleep(0.3)
+    assert await q.prune(0.2) == 0 and await q.get_artifact(a, "image.png") == b"picture a"  # named
+    assert (await q.get(rec.id)).state == JobState.QUEUED
+
+
+async def test_a_submit_naming_an_upload_not_stored_queues_nothing(queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    stored, missing = upload_id_of(b"here"), upload_id_of(b"never stored")
+    await q.put_artifact(stored, "image.png", b"here")
+    before = await last_seq(q)
+    with pytest.raises(UploadGone) as err:   # a set: one job names a missing upload, nothing of it is queued
+        await q.submit_many([spec(1, extra=image_ref(stored)), spec(1, extra={"x": [image_ref(missing, "init_image")]})])
+    assert err.value.upload_id == missing
+    assert await q.count_queued() == 0 and await last_seq(q) == before and await q.history(CHANNEL) == []
+    assert await q.discard_uploads([stored]) == 1   # still named by nobody: nothing was queued
+    # The cap comes first: a user over it is told so, not that a picture is gone.
+    await q.put_artifact(stored, "image.png", b"here")
+    await q.submit(spec(1, extra=image_ref(stored)), max_queued=1)
+    with pytest.raises(QueueLimitReached):
+        await q.submit(spec(1, extra=image_ref(missing)), max_queued=1)
+    rec = await q.submit(spec(2, extra=image_ref(stored)), max_queued=1)   # stored: queued as ever
+    assert (await q.get(rec.id)).state == JobState.QUEUED
+
+
+async def test_discard_uploads_deletes_at_once_those_no_job_names(queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    named, orphan, other = (upload_id_of(n.encode()) for n in ("named", "orphan", "other"))
+    for u in (named, orphan, other):
+        await q.put_artifact(u, "image.png", u.encode())
+    rec = await q.submit(spec(1, extra=image_ref(named)))
+    await q.put_artifact(rec.id, "final.png", b"not an upload")
+    # `rec.id` is a job, not an upload; an id stored nowhere changes nothing.
+    assert await q.discard_uploads([named, orphan, rec.id, upload_id_of(b"nowhere"), orphan]) == 1
+    assert not await stored_anywhere(q, orphan)
+    assert await q.get_artifact(named, "image.png") == named.encode()   # a queued job names it
+    assert await q.get_artifact(other, "image.png") == other.encode()   # not asked for
+    assert await q.get_artifact(rec.id, "final.png") == b"not an upload"
+    assert await q.discard_uploads([]) == 0
+    with pytest.raises(UploadGone):   # gone at once, not 30 days later
+        await q.submit(spec(1, extra=image_ref(orphan)))
+    # Once the job that named it ends (and until it is pruned), it still names it.
+    got = await q.claim("w")
+    assert await q.finish(got.id, got.lease_id, 0.1) is True
+    assert await q.discard_uploads([named]) == 0 and await q.has_artifact(named, "image.png")
+
+
+async def test_discard_racing_submits_never_leaves_a_job_without_its_upload(queue_factory: QueueFactory):
+    """The check and the delete are one step: a submit naming the upload either came first (the
+    upload stays) or comes after (UploadGone, nothing queued); never a queued job whose picture is gone."""
+    q, q2 = await queue_factory.open(), await queue_factory.open()
+    queued = refused = 0
+    for i in range(30):
+        u = upload_id_of(f"picture {i}".encode())
+        await q.put_artifact(u, "image.png", b"png")
+        submitted, discarded = await asyncio.gather(
+            q.submit(spec(1, extra=image_ref(u))), q2.discard_uploads([u]), return_exceptions=True)
+        if isinstance(submitted, UploadGone):
+            refused += 1
+            assert discarded == 1 and not await stored_anywhere(q, u)
+        else:
+            assert isinstance(submitted, JobRecord), submitted
+            queued += 1
+            assert discarded == 0 and await q.get_artifact(u, "image.png") == b"png"
+    assert queued + refused == 30 and await q.count_queued() == queued
+
+
+async def test_a_job_cancelled_while_queued_drops_its_uploads_that_no_other_job_names(queue_factory: QueueFactory):
+    q = await queue_factory.open()
+    alone, shared, ran, cleared, kept = (upload_id_of(n.encode()) for n in ("alone", "shared", "ran", "cleared", "kept"))
+    for u in (alone, shared, ran, cleared, kept):
+        await q.put_artifact(u, "image.png", u.encode())
+    runs = await q.submit(spec(1, extra=image_ref(ran)))
+    got = await q.claim("w")
+    assert got.id == runs.id
+    first = await q.submit(spec(1, extra={**image_ref(alone), **image_ref(shared, "init_image")}))
+    second = await q.submit(spec(2, extra=image_ref(shared)))   # a set, a Reroll: another job names it too
+    assert await q.cancel(first.id) is True
+    assert not await stored_anywhere(q, alone)                    # at once, not after keep_days
+    assert await q.get_artifact(shared, "image.png") == shared.encode()
+    cancelled = await q.get(first.id)
+    assert cancelled.state == JobState.CANCELLED and cancelled.spec.extra["image_prompt"]["artifact"][0] == alone
+    assert await q.cancel(second.id) is True
+    assert not await stored_anywhere(q, shared)
+    # A running job's cancel is a request: it ran, its picture stays with it until it is pruned.
+    assert await q.cancel(runs.id) is True
+    await q.mark_cancelled(runs.id, got.lease_id)
+    assert await q.get_artifact(ran, "image.png") == ran.encode()
+    # /queue clear, of one server and of all: the same.
+    in_guild = await q.submit(spec(3, guild_id=BIG_USER, extra=image_ref(cleared)))
+    elsewhere = await q.submit(spec(3, guild_id=BIG_USER + 1, extra=image_ref(kept)))
+    assert await q.clear(BIG_USER) == 1
+    assert not await stored_anywhere(q, cleared) and await q.has_artifact(kept, "image.png")
+    assert await q.clear() == 1
+    assert not await stored_anywhere(q, kept)
+    assert {(await q.get(r.id)).state for r in (in_guild, elsewhere)} == {JobState.CANCELLED}
+    # Their records still name them (for /history, the Reroll button): a new job naming one is refused.
+    with pytest.raises(UploadGone):
+        await q.submit(spec(4, extra=image_ref(alone)))
+    # The same picture sent again is stored again under the same id, and the cancelled jobs'
+    # later prune leaves it alone (they name it no more).
+    await q.put_artifact(alone, "image.png", b"again")
+    again = await q.submit(spec(4, extra=image_ref(alone)))
+    for rec in (first, second, in_guild, elsewhere, runs):
+        assert await q.mark_delivered(rec.id) is True
+    await asyncio.sleep(0.25)
+    assert await q.prune(0.2) == 5
+    assert await q.get_artifact(alone, "image.png") == b"again" and (await q.get(again.id)).state == JobState.QUEUED
+    assert not await stored_anywhere(q, ran)   # its job pruned: it went with it
 
 
 async def test_settings_can_expire(queue_factory: QueueFactory):

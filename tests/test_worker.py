@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from engine.generate import state_from_bytes
-from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState
+from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState, ParentGone
 from engine.queue import open_queue
 from engine.worker import Worker
 from tests.queue_fixtures import job_events
@@ -446,13 +446,12 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
         cont = await queue.submit(spec(parent_job_id=parent.id, parent_kind="continue", iterations=4))
         await wait_state(queue, remix.id, {JobState.DONE})
         await wait_state(queue, cont.id, {JobState.DONE})
-        gone = await queue.submit(spec(parent_job_id="nosuchjob", parent_kind="remix"))
-        failed = await wait_state(queue, gone.id, {JobState.FAILED})
+        with pytest.raises(ParentGone):   # no such state: refused at submit, nothing queued
+            await queue.submit(spec(parent_job_id="nosuchjob", parent_kind="remix"))
     parent_final = await queue.get_artifact(parent.id, "final.png")
     for child in (remix, cont):
         first = next(e for e in await job_events(queue, child.id) if e.kind == EventKind.PROGRESS)
         assert first.iteration == 0 and first.frame_png == parent_final  # pixel-exact
-    assert "gone" in failed.error
 
 
 async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, tiny_models, tmp_path, monkeypatch, caplog):
@@ -671,24 +670,38 @@ async def test_the_hourly_prune_passes_both_retentions(queue, tiny_models, monke
     assert calls == ([] if expected is None else [expected])   # at start, then an hour later
 
 
-async def test_a_continue_queued_before_its_parents_state_was_pruned_fails_as_gone(queue, tiny_models):
-    """prune(older_than, state_older_than) drops the state.pt alone: the parent's record and picture
-    stay, and a Continue already in the line fails with the "gone (pruned)" reason; the worker goes on."""
+async def test_a_queued_continue_keeps_its_parents_state_through_a_prune(queue, tiny_models):
+    """prune(older_than, state_older_than) keeps the state.pt of a job that a queued Continue or
+    Remix starts from: they run from it, and the next prune drops it (the record and picture
+    stay); a Continue of it is then refused at submit. A state lost anyway (deleted outside prune)
+    fails the job with the "gone (pruned)" reason; the worker goes on."""
+    import sqlite3
+
     async with Worker(queue, lambda: tiny_models, worker_id="w1"):
         parent = await queue.submit(spec())
         await wait_state(queue, parent.id, {JobState.DONE})
     assert await queue.mark_delivered(parent.id)
     cont = await queue.submit(spec(parent_job_id=parent.id, parent_kind="continue", iterations=4))
     remix = await queue.submit(spec("a blue boat", user=2, parent_job_id=parent.id, parent_kind="remix"))
+    assert await queue.prune(3600, 0) == 0 and await queue.has_artifact(parent.id, "state.pt")
+    async with Worker(queue, lambda: tiny_models, worker_id="w2"):
+        for child in (cont, remix):
+            done = await wait_state(queue, child.id, {JobState.FAILED, JobState.DONE})
+            assert done.state == JobState.DONE, done.error
     assert await queue.prune(3600, 0) == 0
     assert await queue.get(parent.id) is not None and await queue.has_artifact(parent.id, "final.png")
     assert not await queue.has_artifact(parent.id, "state.pt")
-    async with Worker(queue, lambda: tiny_models, worker_id="w2"):
-        for child in (cont, remix):
-            failed = await wait_state(queue, child.id, {JobState.FAILED, JobState.DONE})
-            assert failed.state == JobState.FAILED and failed.attempts == 1, failed
-            assert f"the state of job {parent.id} is gone (pruned)" in failed.error, failed.error
-        after = await queue.submit(spec(user=3))
+    with pytest.raises(ParentGone):
+        await queue.submit(spec(parent_job_id=parent.id, parent_kind="continue", iterations=4))
+
+    again = await queue.submit(spec(user=3, parent_job_id=cont.id, parent_kind="continue", iterations=4))
+    with sqlite3.connect(queue.path) as db:   # lost outside prune: the worker finds it gone
+        db.execute("DELETE FROM artifacts WHERE job_id = ? AND name = 'state.pt'", (cont.id,))
+    async with Worker(queue, lambda: tiny_models, worker_id="w3"):
+        failed = await wait_state(queue, again.id, {JobState.FAILED, JobState.DONE})
+        assert failed.state == JobState.FAILED and failed.attempts == 1, failed
+        assert f"the state of job {cont.id} is gone (pruned)" in failed.error, failed.error
+        after = await queue.submit(spec(user=4))
         await wait_state(queue, after.id, {JobState.DONE})
 
 

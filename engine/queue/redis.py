@@ -42,7 +42,16 @@ What SAQ (0.26) gives us, and what it does not:
   and then, with `state_older_than`, the `state.pt` alone of younger delivered jobs (paging
   through `<prefix>:delivered`). Uploads: `submit` records the uploads a spec names
   (`<prefix>:refs:<upload>`, a set of job ids, and the job's `refs` field); an upload nobody
-  names is in `<prefix>:uploads` (zset by the time it was stored). Settings written with `expire_after` are plain keys with a Redis TTL
+  names is in `<prefix>:uploads` (zset by the time it was stored). A job that a queued or running
+  job starts from (`spec.parent_job_id`, the child's `parent` field) is never pruned, nor its
+  state.pt: `<prefix>:kids:<parent>` is the set of its queued and running children (added by
+  `submit`, removed when the child ends), which the prune scripts read before they delete; `submit`
+  refuses (ParentGone) a child whose parent's state.pt is gone, and (UploadGone) a job naming an
+  upload that is not stored, in its script. A job cancelled while queued (`cancel`, `clear`) drops
+  its `refs` field and leaves the uploads' `refs` sets, and an upload left named by nobody is
+  deleted in that script; `discard_uploads` deletes the unnamed uploads of a command that queued
+  nothing, in one script too. Settings written
+  with `expire_after` are plain keys with a Redis TTL
   (`<prefix>:setting:<key>`); the others live in the `<prefix>:settings` hash. Writing one form
   deletes the other and reading looks at both, each in one MULTI/EXEC.
 * SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
@@ -59,7 +68,8 @@ for `prune`), `<prefix>:settings`, `<prefix>:setting:<key>`, `<prefix>:ckpt:<id>
 blob, size), `<prefix>:artp:<id>` (hash: name -> '<blob id> <size>'), `<prefix>:blob:<blob id>`,
 `<prefix>:stage:<blob id>` (hash, TTL), `<prefix>:art:<id>` (artifacts an
 earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload_at` (hash: when
-each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:events` (stream), `<prefix>:evseq`,
+each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:kids:<job>` (set of the queued and
+running jobs that start from that job), `<prefix>:events` (stream), `<prefix>:evseq`,
 `<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under
 `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
@@ -96,7 +106,9 @@ from engine.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    ParentGone,
     QueueLimitReached,
+    UploadGone,
     batch_user,
     is_upload_id,
     new_job_id,
@@ -219,8 +231,14 @@ local function drop_artifacts(id)
   end
   redis.call('UNLINK', P .. ':artp:' .. id, P .. ':art:' .. id)
 end
+-- The queued and running jobs that start from job `id` (their `parent` field): while there is one,
+-- prune keeps job `id` whole, state.pt included. A child joins at submit and leaves in `finalize`.
+local function kidsk(id) return P .. ':kids:' .. id end
+local function has_live_kids(id) return redis.call('EXISTS', kidsk(id)) == 1 end
 local function finalize(id, state, err)
   local j = jk(id)
+  local parent = redis.call('HGET', j, 'parent')
+  if parent then redis.call('SREM', kidsk(parent), id) end  -- its parent may be pruned again
   redis.call('HSET', j, 'state', state, 'finished_at', NOW)
   if err then redis.call('HSET', j, 'error', err) end
   redis.call('HDEL', j, 'lease', 'lease_until')
@@ -288,6 +306,29 @@ local function unref(id)
     end
   end
 end
+-- an upload no job names goes at once: its blob, its record, its age (for prune)
+local function drop_upload(u)
+  drop_artifacts(u)
+  redis.call('HDEL', P .. ':upload_at', u)
+  redis.call('ZREM', P .. ':uploads', u)
+  redis.call('DEL', P .. ':refs:' .. u)
+end
+local function drop_if_unnamed(u)
+  if redis.call('SCARD', P .. ':refs:' .. u) > 0 then return 0 end
+  local stored = redis.call('EXISTS', P .. ':artp:' .. u, P .. ':art:' .. u)
+  drop_upload(u)
+  return stored > 0 and 1 or 0
+end
+-- a job cancelled while queued (it never ran) names its uploads no more: those nobody else names go
+local function release_uploads(id)
+  local refs = redis.call('HGET', jk(id), 'refs')
+  if not refs then return end
+  redis.call('HDEL', jk(id), 'refs')
+  for u in string.gmatch(refs, '%S+') do
+    redis.call('SREM', P .. ':refs:' .. u, id)
+    drop_if_unnamed(u)
+  end
+end
 -- whether a setting (JSON, in either of its forms: see set_setting) holds a true value
 local function setting_on(key)
   local v = redis.call('HGET', P .. ':settings', key) or redis.call('GET', P .. ':setting:' .. key)
@@ -323,31 +364,48 @@ return res
 _SCRIPTS: dict[str, str] = {
     # max_queued ('' = no cap), user, n, then n times: id, channel, grid, total, spec, uploads it
     # names (space-separated, '' = none), server ('' = none; the decimal id: a string, so the claim
-    # compares it exactly, where cjson would round the spec's 64-bit number) -> 'ok', 'limit <queued>'
-    # (nothing written) or 'exists' (an id taken: nothing written). All or nothing: every check
-    # comes before the first write.
+    # compares it exactly, where cjson would round the spec's 64-bit number), parent job ('' = none)
+    # -> 'ok', 'parent <job id>' (that parent's state.pt is gone: nothing written), 'limit <queued>'
+    # (nothing written), 'upload <upload id>' (not stored: nothing written) or 'exists' (an id
+    # taken: nothing written). All or nothing: every check comes before the first write.
     "submit": r"""
   local uid, n = ARGV[8], tonumber(ARGV[9])
   local lk = P .. ':line:' .. uid
+  for k = 0, n - 1 do
+    local parent = ARGV[17 + 8 * k]
+    if parent ~= '' and redis.call('HEXISTS', P .. ':artp:' .. parent, 'state.pt') == 0
+        and redis.call('HEXISTS', P .. ':art:' .. parent, 'state.pt') == 0 then
+      return 'parent ' .. parent
+    end
+  end
   if ARGV[7] ~= '' then
     local queued = redis.call('ZCARD', lk)  -- what count_queued(user) counts
     if queued + n > tonumber(ARGV[7]) then return 'limit ' .. queued end
   end
+  for k = 0, n - 1 do
+    for u in string.gmatch(ARGV[15 + 8 * k], '%S+') do  -- every upload it names is stored
+      if redis.call('EXISTS', P .. ':artp:' .. u, P .. ':art:' .. u) == 0 then return 'upload ' .. u end
+    end
+  end
   local seen = {}
   for k = 0, n - 1 do
-    local id = ARGV[10 + 7 * k]
+    local id = ARGV[10 + 8 * k]
     if seen[id] or redis.call('EXISTS', jk(id)) == 1 then return 'exists' end
     seen[id] = true
   end
   for k = 0, n - 1 do
-    local a = 10 + 7 * k
-    local id, chan, refs, guild = ARGV[a], ARGV[a + 1], ARGV[a + 5], ARGV[a + 6]
+    local a = 10 + 8 * k
+    local id, chan, refs, guild, parent = ARGV[a], ARGV[a + 1], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
     local j = jk(id)
     local q = nextc()
     redis.call('HSET', j, 'id', id, 'spec', ARGV[a + 4], 'user', uid, 'channel', chan, 'grid', ARGV[a + 2],
       'total', ARGV[a + 3], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
       'delivered', '0', 'cancel_requested', '0', 'qseq', q)
     if guild ~= '' then redis.call('HSET', j, 'guild', guild) end
+    if parent ~= '' then  -- its parent is not pruned while this job is queued or running
+      redis.call('HSET', j, 'parent', parent)
+      redis.call('SADD', kidsk(parent), id)
+    end
     if refs ~= '' then
       redis.call('HSET', j, 'refs', refs)
       for u in string.gmatch(refs, '%S+') do  -- named by a job: not prunable while it is stored
@@ -444,6 +502,7 @@ _SCRIPTS: dict[str, str] = {
     leave_line(id, v[2])
     finalize(id, 'cancelled')
     emit(id, 'cancelled')
+    release_uploads(id)
     return '1'
   elseif v[1] == 'running' then
     redis.call('HSET', jk(id), 'cancel_requested', '1')
@@ -457,6 +516,7 @@ _SCRIPTS: dict[str, str] = {
     leave_line(id, uids[k])
     finalize(id, 'cancelled')
     emit(id, 'cancelled', 'queue cleared')
+    release_uploads(id)
   end
   return tostring(#ids)
 """,
@@ -470,6 +530,7 @@ _SCRIPTS: dict[str, str] = {
       leave_line(id, v[2])
       finalize(id, 'cancelled')
       emit(id, 'cancelled', 'queue cleared')
+      release_uploads(id)
       n = n + 1
     end
   end
@@ -659,6 +720,13 @@ _SCRIPTS: dict[str, str] = {
   local start = tonumber(ARGV[9])
   return string.sub(v, start + 1, start + tonumber(ARGV[10]))
 """,
+    # upload ids... -> how many were deleted: those no job names (checked here, so a submit naming
+    # one either ran first and keeps it, or runs after and finds it gone)
+    "discard_uploads": r"""
+  local n = 0
+  for i = 7, #ARGV do n = n + drop_if_unnamed(ARGV[i]) end
+  return tostring(n)
+""",
     # cutoff (epoch seconds), limit -> "<pruned> <examined>": uploads stored before the cutoff
     # that no job names (only those are in the zset)
     "prune_uploads": r"""
@@ -675,7 +743,8 @@ _SCRIPTS: dict[str, str] = {
   return n .. ' ' .. #ids
 """,
     # cutoff (epoch seconds), limit, offset -> "<dropped> <examined>": the state.pt alone of jobs
-    # finished and delivered before the cutoff (the record and the other artifacts stay). A job
+    # finished and delivered before the cutoff (the record and the other artifacts stay), except
+    # those a queued or running job starts from. A job
     # keeps its place in `delivered` (the whole-job prune finds it there later), so the caller
     # pages on with `offset`; a state being read meanwhile is seen dropped (the read says "gone").
     "prune_state": r"""
@@ -684,7 +753,7 @@ _SCRIPTS: dict[str, str] = {
   local n = 0
   for _, id in ipairs(ids) do
     local v = redis.call('HMGET', jk(id), 'state', 'delivered')
-    if is_final(v[1]) and v[2] == '1' then
+    if is_final(v[1]) and v[2] == '1' and not has_live_kids(id) then
       local ap = P .. ':artp:' .. id
       local bid = pointed(redis.call('HGET', ap, 'state.pt'))
       if bid then redis.call('UNLINK', blobkey(bid)) end
@@ -695,14 +764,19 @@ _SCRIPTS: dict[str, str] = {
   end
   return n .. ' ' .. #ids
 """,
-    # cutoff (epoch seconds), limit -> "<pruned> <examined>"
+    # cutoff (epoch seconds), limit, offset -> "<pruned> <examined> <kept>": jobs finished and
+    # delivered before the cutoff, except those a queued or running job starts from: these are
+    # `kept` in `delivered` (prunable once their last such child has ended), and the caller pages
+    # on past them with `offset`.
     "prune": r"""
-  local ids = redis.call('ZRANGEBYSCORE', P .. ':delivered', '-inf', '(' .. ARGV[7], 'LIMIT', 0, tonumber(ARGV[8]))
-  local gone, n = {}, 0
+  local ids = redis.call('ZRANGEBYSCORE', P .. ':delivered', '-inf', '(' .. ARGV[7],
+                         'LIMIT', tonumber(ARGV[9]), tonumber(ARGV[8]))
+  local gone, n, kept = {}, 0, 0
   for _, id in ipairs(ids) do
-    redis.call('ZREM', P .. ':delivered', id)
     local v = redis.call('HMGET', jk(id), 'state', 'delivered', 'channel')
-    if is_final(v[1]) and v[2] == '1' then
+    local keep = has_live_kids(id)  -- a queued or running job starts from it: it stays, in `delivered` too
+    if keep then kept = kept + 1 else redis.call('ZREM', P .. ':delivered', id) end
+    if not keep and is_final(v[1]) and v[2] == '1' then
       unref(id)
       drop_artifacts(id)
       drop_checkpoint(id)
@@ -729,7 +803,21 @@ _SCRIPTS: dict[str, str] = {
       end
     end
   end
-  return n .. ' ' .. #ids
+  return n .. ' ' .. #ids .. ' ' .. kept
+""",
+    # pairs of (job id, parent job id): jobs queued or running under a version before the `parent`
+    # field (see submit) get it and join their parent's `kids` now, if they are still queued or
+    # running and have none (idempotent; one that ended meanwhile needs none).
+    "index_parents": r"""
+  for i = 7, #ARGV - 1, 2 do
+    local id, parent = ARGV[i], ARGV[i + 1]
+    local state = redis.call('HGET', jk(id), 'state')
+    if (state == 'queued' or state == 'running') and redis.call('HEXISTS', jk(id), 'parent') == 0 then
+      redis.call('HSET', jk(id), 'parent', parent)
+      redis.call('SADD', kidsk(parent), id)
+    end
+  end
+  return '1'
 """,
 }
 
@@ -857,7 +945,10 @@ class RedisJobQueue:
     async def _backfill_guilds(self) -> None:
         """Jobs queued or running under a version before the `guild` field get it now, from their
         specs (here, in Python: exact 64-bit ids), so that a server's pause holds them too. HSETNX:
-        idempotent, and never overwrites what a submit wrote."""
+        idempotent, and never overwrites what a submit wrote. Likewise the `parent` field and the
+        parent's `kids` set (see submit), so that prune keeps the parents of those jobs too: through
+        a script that indexes a job only while it is still queued or running (one that ended
+        meanwhile must not be left in its parent's set)."""
         client = self.redis
         ids = [_s(i) for i in await client.smembers(self._k("qall"))]
         ids += [_s(i) for i in await client.zrange(self._k("running"), 0, -1)]
@@ -865,20 +956,25 @@ class RedisJobQueue:
             return
         async with client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hmget(self._k("job", job_id), "guild", "spec")
+                pipe.hmget(self._k("job", job_id), "guild", "spec", "parent")
             rows = await pipe.execute()
-        missing = []
-        for job_id, (guild, spec) in zip(ids, rows):
-            if guild is None and spec is not None:
-                guild_id = json.loads(spec).get("guild_id")
-                if guild_id is not None:
-                    missing.append((job_id, str(int(guild_id))))
+        missing, orphans = [], []
+        for job_id, (guild, spec, parent) in zip(ids, rows):
+            data = json.loads(spec) if spec is not None and (guild is None or parent is None) else {}
+            guild_id = data.get("guild_id") if guild is None else None
+            if guild_id is not None:
+                missing.append((job_id, str(int(guild_id))))
+            if parent is None and data.get("parent_job_id"):
+                orphans += [job_id, str(data["parent_job_id"])]
         if missing:
             async with client.pipeline(transaction=False) as pipe:
                 for job_id, guild in missing:
                     pipe.hsetnx(self._k("job", job_id), "guild", guild)
                 await pipe.execute()
             log.info("gave %d job(s) from an earlier version their server id", len(missing))
+        if orphans:
+            await self._run("index_parents", *orphans)
+            log.info("indexed the parents of %d job(s) from an earlier version", len(orphans) // 2)
 
     async def close(self) -> None:
         client, self.redis = self.redis, None
@@ -980,7 +1076,9 @@ class RedisJobQueue:
 
     async def submit_many(self, specs: Sequence[JobSpec], *, max_queued: int | None = None) -> list[JobRecord]:
         """Queue every spec in order in one Lua script (all or nothing). With `max_queued`, the script
-        counts the user's line first: over the cap, QueueLimitReached and nothing is written."""
+        counts the user's line first: over the cap, QueueLimitReached and nothing is written. A spec
+        whose parent's state.pt is gone (pruned): ParentGone, nothing written (checked in the script);
+        likewise UploadGone for a spec naming an upload that is not stored (checked after the cap)."""
         specs = list(specs)
         user_id = batch_user(specs)
         if user_id is None:
@@ -988,7 +1086,8 @@ class RedisJobQueue:
         cap = "" if max_queued is None else str(int(max_queued))
         data = [
             (str(int(s.channel_id)), str(int(s.grid)), str(int(s.iterations)), json.dumps(s.to_dict()),
-             " ".join(upload_refs(s)), "" if s.guild_id is None else str(int(s.guild_id)))
+             " ".join(upload_refs(s)), "" if s.guild_id is None else str(int(s.guild_id)),
+             str(s.parent_job_id) if s.parent_job_id else "")
             for s in specs
         ]
         while True:
@@ -1000,8 +1099,12 @@ class RedisJobQueue:
             reply = await self._run("submit", *args, now=now)
             if reply != "exists":  # a job id already taken (48 random bits): new ids, and again
                 break
+        if reply.startswith("parent "):
+            raise ParentGone(reply.split(" ", 1)[1])
         if reply.startswith("limit "):
             raise QueueLimitReached(int(reply.split()[1]), int(cap))
+        if reply.startswith("upload "):
+            raise UploadGone(reply.split(" ", 1)[1])
         return records
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -1040,6 +1143,12 @@ class RedisJobQueue:
         # the jobs here, then cancel in one script only those still queued.
         ids = [r.id for r in await self.queued() if r.spec.guild_id == int(guild_id)]
         return int(await self._run("clear_ids", *ids)) if ids else 0
+
+    async def discard_uploads(self, upload_ids: Sequence[str]) -> int:
+        """Delete those of `upload_ids` that no job names, in one script (see JobQueue). Ids that
+        are not upload ids are ignored. How many went."""
+        ids = sorted({u for u in upload_ids if is_upload_id(u)})
+        return int(await self._run("discard_uploads", *ids)) if ids else 0
 
     async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
         if limit <= 0:
@@ -1406,13 +1515,17 @@ class RedisJobQueue:
         artifacts, checkpoints, history entries, kept frames (the event stream ages out by its
         cap), then uploads stored before the cutoff that no job left names; then, with
         `state_older_than` shorter than `older_than`, only the `state.pt` of jobs finished and
-        delivered more than that many seconds ago. Expired settings need nothing here (Redis drops
-        them). Returns how many whole jobs. One script per `batch` jobs; safe from several processes."""
+        delivered more than that many seconds ago. Neither touches a job that a queued or running job
+        starts from (its `kids` set, read in the deleting script). Expired settings need nothing here
+        (Redis drops them). Returns how many whole jobs. One script per `batch` jobs; safe from
+        several processes."""
         cutoff = repr(time.time() - float(older_than))
-        total = 0
+        total, offset = 0, 0
         while True:
-            pruned, examined = map(int, (await self._run("prune", cutoff, int(batch))).split())
+            # Jobs a queued or running job starts from stay in `delivered`: page on past them.
+            pruned, examined, kept = map(int, (await self._run("prune", cutoff, int(batch), offset)).split())
             total += pruned
+            offset += kept
             if examined < batch:
                 break
         # Then uploads no job names any more (those of the jobs just pruned included).

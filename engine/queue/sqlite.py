@@ -20,7 +20,13 @@ Each claim stores a fresh `lease_id` with the job; a worker's writes (`publish`,
 the same transaction, that the job is running under that lease (fencing); finalising a job deletes
 its checkpoint; `prune` deletes old finished-and-delivered jobs with everything of theirs, uploads
 no job names any more (`uploads`, `upload_refs`: filled by put_artifact and submit), expired
-settings (`settings.expires_at`) and workers not seen for as long (a day at least).
+settings (`settings.expires_at`) and workers not seen for as long (a day at least), but never a
+job (nor its state.pt) that a queued or running job names as its parent (`spec.parent_job_id`,
+read with json_extract in the deleting transaction); `submit` refuses (ParentGone) a job whose
+parent's state.pt is gone, and (UploadGone) one naming an upload that is not stored, in its own
+transaction. A job cancelled while queued (`cancel`, `clear`) loses its `upload_refs` rows, and the
+uploads no other job names are deleted in that transaction; `discard_uploads` deletes unnamed
+uploads of a command that queued nothing.
 
 `start()` refuses a file whose directory does not exist (ValueError: a mistyped path would start
 an empty queue) and logs the file's absolute path, new or existing.
@@ -57,8 +63,10 @@ from engine.jobs import (
     JobSpec,
     JobState,
     PAUSED_KEY,
+    ParentGone,
     QueueLimitReached,
     UPLOAD_PREFIX,
+    UploadGone,
     batch_user,
     is_upload_id,
     new_job_id,
@@ -147,6 +155,15 @@ _STATE_ARTIFACT = "state.pt"      # what prune(state_older_than=) deletes of a j
 _STATES_PER_TX = 4                # states deleted a transaction: each frees 48-192 MiB of pages
 
 _FINISHED = ("done", "failed", "cancelled")
+
+# The jobs a queued or running job starts from (`spec.parent_job_id`): prune keeps them, state and
+# all, in the transaction that deletes. Not correlated: SQLite computes it once a statement, over
+# the live jobs only (jobs_state), so no index of parents is needed. `IS NOT NULL`: a NULL in the
+# list would make every `NOT IN` unknown (nothing pruned).
+_LIVE_PARENTS_SQL = """(
+    SELECT json_extract(c.spec, '$.parent_job_id') FROM jobs AS c
+    WHERE c.state IN ('queued', 'running') AND json_extract(c.spec, '$.parent_job_id') IS NOT NULL
+)"""
 
 # The fair line. `{where}` filters the candidates *after* ranking (a grid filter or a paused server
 # must not change anybody's rank).
@@ -586,7 +603,11 @@ class SQLiteJobQueue:
     async def submit_many(self, specs: Sequence[JobSpec], *, max_queued: int | None = None) -> list[JobRecord]:
         """Queue every spec in order, all in one write transaction (all or nothing). With `max_queued`,
         the user's QUEUED jobs are counted inside it too (the write lock held: no other process can
-        queue in between): over the cap, QueueLimitReached and nothing is written."""
+        queue in between): over the cap, QueueLimitReached and nothing is written. A spec whose
+        parent's state.pt is gone (pruned): ParentGone, nothing written; checked in the same
+        transaction, so no prune can take the state between the check and the insert. A spec naming
+        an upload that is not stored: UploadGone, nothing written (checked after the cap, in the
+        same transaction, so a job is never queued without its pictures)."""
         specs = list(specs)
         user_id = batch_user(specs)
         if user_id is None:
@@ -594,7 +615,13 @@ class SQLiteJobQueue:
         now = time.time()
         records = [JobRecord(id=new_job_id(), spec=spec, created_at=now) for spec in specs]
         spec_json = [json.dumps(spec.to_dict()) for spec in specs]  # before taking the write lock
+        parents = list(dict.fromkeys(str(s.parent_job_id) for s in specs if s.parent_job_id))
+        uploads = sorted({u for s in specs for u in upload_refs(s)})
         async with self._tx() as db:
+            for parent in parents:
+                if await self._fetchone(db, "SELECT 1 FROM artifacts WHERE job_id = ? AND name = ?",
+                                        (parent, _STATE_ARTIFACT)) is None:
+                    raise ParentGone(parent)  # _tx rolls back: nothing written
             if max_queued is not None:
                 row = await self._fetchone(
                     db, "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND user_id = ?", (user_id,)
@@ -602,6 +629,9 @@ class SQLiteJobQueue:
                 queued = int(row[0]) if row else 0
                 if queued + len(records) > int(max_queued):
                     raise QueueLimitReached(queued, int(max_queued))  # _tx rolls back: nothing written
+            for upload_id in uploads:
+                if await self._fetchone(db, "SELECT 1 FROM artifacts WHERE job_id = ? LIMIT 1", (upload_id,)) is None:
+                    raise UploadGone(upload_id)  # _tx rolls back: nothing written
             for record, data in zip(records, spec_json):
                 await self._insert_job(db, record, data)
         self._wake()
@@ -668,6 +698,7 @@ class SQLiteJobQueue:
             if row["state"] == JobState.QUEUED.value:
                 await self._finalize(db, job_id, JobState.CANCELLED)
                 await self._emit(db, job_id, EventKind.CANCELLED)
+                await self._release_uploads(db, [job_id])  # it never ran: its pictures are needed no more
                 changed = True
             elif row["state"] == JobState.RUNNING.value:
                 await db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
@@ -686,9 +717,54 @@ class SQLiteJobQueue:
             for job_id in ids:
                 await self._finalize(db, job_id, JobState.CANCELLED)
                 await self._emit(db, job_id, EventKind.CANCELLED, "queue cleared")
+            await self._release_uploads(db, ids)
         if ids:
             self._wake()
         return len(ids)
+
+    async def discard_uploads(self, upload_ids: Sequence[str]) -> int:
+        """Delete those of `upload_ids` that no job names (`upload_refs`), in one write transaction:
+        a submit naming one either committed first (its reference keeps it) or comes after (and
+        finds it gone: UploadGone). Ids that are not upload ids are ignored. How many went."""
+        ids = sorted({u for u in upload_ids if is_upload_id(u)})
+        if not ids:
+            return 0
+        async with self._tx() as db:
+            return await self._drop_unnamed(db, ids)
+
+    async def _release_uploads(self, db: aiosqlite.Connection, job_ids: Sequence[str]) -> None:
+        """Jobs cancelled while queued name their uploads no more: their references go, and the
+        uploads no other job names go with them (in the caller's transaction)."""
+        if not job_ids:
+            return
+        named: set[str] = set()
+        for start in range(0, len(job_ids), 500):
+            part = list(job_ids[start:start + 500])
+            marks = ",".join("?" * len(part))
+            named.update(row[0] for row in await self._rows(
+                db, f"SELECT DISTINCT upload_id FROM upload_refs WHERE job_id IN ({marks})", part))
+            await db.execute(f"DELETE FROM upload_refs WHERE job_id IN ({marks})", part)
+        if named:
+            await self._drop_unnamed(db, sorted(named))
+
+    async def _drop_unnamed(self, db: aiosqlite.Connection, upload_ids: Sequence[str]) -> int:
+        """Delete the uploads among `upload_ids` that no job names (in the caller's transaction); how many."""
+        gone = 0
+        for start in range(0, len(upload_ids), 500):
+            part = list(upload_ids[start:start + 500])
+            marks = ",".join("?" * len(part))
+            named = {row[0] for row in await self._rows(
+                db, f"SELECT DISTINCT upload_id FROM upload_refs WHERE upload_id IN ({marks})", part)}
+            unnamed = [u for u in part if u not in named]
+            if not unnamed:
+                continue
+            marks = ",".join("?" * len(unnamed))
+            row = await self._fetchone(
+                db, f"SELECT COUNT(DISTINCT job_id) FROM artifacts WHERE job_id IN ({marks})", unnamed)
+            gone += int(row[0]) if row else 0
+            await db.execute(f"DELETE FROM artifacts WHERE job_id IN ({marks})", unnamed)
+            await db.execute(f"DELETE FROM uploads WHERE id IN ({marks})", unnamed)
+        return gone
 
     async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
         rows = await self._all(
@@ -933,8 +1009,9 @@ class SQLiteJobQueue:
         workers not seen for `older_than` seconds (a day at least); then, with `state_older_than`
         shorter than `older_than`, only the `state.pt` of jobs finished and delivered more than that
         many seconds ago (`_STATES_PER_TX` a transaction: each is 48-192 MiB of pages to free).
-        Returns how many whole jobs. Works in short transactions of `batch` rows; several processes
-        may prune at once (each job goes once)."""
+        Neither pass touches a job that a queued or running job names as its parent: the check is in
+        the statement that picks what the transaction deletes. Returns how many whole jobs. Works in
+        short transactions of `batch` rows; several processes may prune at once (each job goes once)."""
         total = await self._prune_jobs(float(older_than), int(batch))
         if state_older_than is not None and float(state_older_than) < float(older_than):
             state_cutoff = time.time() - float(state_older_than)
@@ -951,7 +1028,8 @@ class SQLiteJobQueue:
                         " JOIN artifacts AS a ON a.job_id = j.id AND a.name = ?"
                         " WHERE j.delivered = 1 AND j.finished_at >= ? AND j.finished_at < ?"
                         # `+`: walk jobs_delivered by finish time, not jobs_state (every finished job)
-                        " AND +j.state IN ('done', 'failed', 'cancelled') ORDER BY j.finished_at LIMIT ?",
+                        " AND +j.state IN ('done', 'failed', 'cancelled')"
+                        f" AND j.id NOT IN {_LIVE_PARENTS_SQL} ORDER BY j.finished_at LIMIT ?",
                         (_STATE_ARTIFACT, after, state_cutoff, per_tx),
                     )
                     if rows:
@@ -973,7 +1051,7 @@ class SQLiteJobQueue:
                 ids = [row["id"] for row in await self._rows(
                     db,
                     "SELECT id FROM jobs WHERE delivered = 1 AND finished_at < ?"
-                    " AND state IN ('done', 'failed', 'cancelled') LIMIT ?",
+                    f" AND state IN ('done', 'failed', 'cancelled') AND id NOT IN {_LIVE_PARENTS_SQL} LIMIT ?",
                     (cutoff, int(batch)),
                 )]
                 if ids:

@@ -98,9 +98,13 @@ class Permission:
     SPEAK = 1 << 21
     CHANGE_NICKNAME = 1 << 26
     USE_APPLICATION_COMMANDS = 1 << 31
+    MANAGE_THREADS = 1 << 34
     CREATE_PUBLIC_THREADS = 1 << 35
     SEND_MESSAGES_IN_THREADS = 1 << 38
     ALL = (1 << 51) - 1
+    # Server-wide permissions, kept in a channel one cannot view (kick, ban, administrator, manage
+    # server, audit log, insights, nicknames, expressions, timeouts, monetization analytics)
+    GUILD_ONLY = sum(1 << b for b in (1, 2, 3, 5, 7, 19, 26, 27, 30, 40, 41, 43))
 
     EVERYONE = (
         CREATE_INSTANT_INVITE | ADD_REACTIONS | VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | ATTACH_FILES
@@ -110,6 +114,9 @@ class Permission:
     BOT = EVERYONE | MANAGE_MESSAGES
 
 
+# JSON error codes
+THREAD_ARCHIVED = 50083
+
 # message flags
 FLAG_SUPPRESS_EMBEDS = 1 << 2
 FLAG_EPHEMERAL = 1 << 6
@@ -118,6 +125,7 @@ FLAG_SUPPRESS_NOTIFICATIONS = 1 << 12
 FLAG_IS_COMPONENTS_V2 = 1 << 15
 
 # gateway intents
+INTENT_GUILDS = 1 << 0
 INTENT_GUILD_MEMBERS = 1 << 1
 INTENT_GUILD_MESSAGES = 1 << 9
 INTENT_PRIVILEGED = (1 << 1) | (1 << 8) | (1 << 15)  # members, presences, message_content
@@ -680,6 +688,13 @@ class FakeDiscord:
         self.bot_user: Dict[str, Any] = self._user("imagine-bot", bot=True, discriminator="4242")
         self.application_id: int = int(self.bot_user["id"])
         self.bot_token = bot_token or f"{_b64id(self.application_id)}.fake.{secrets.token_urlsafe(27)}"
+        # The installation contexts enabled for the application in the Developer Portal (0: guild
+        # install, 1: user install); a global command synced without `integration_types` gets these.
+        self.install_types: List[int] = [0]
+        # Every interaction's `authorizing_integration_owners`; None: the guild's install, {"0": guild
+        # id}. {"1": user id} alone: the command came through a user install, in a server that never
+        # added the bot.
+        self.integration_owners: Optional[Dict[str, str]] = None
         self.admin_user: Dict[str, Any] = self._user("alice", global_name="Alice")
         self.member_user: Dict[str, Any] = self._user("bob", global_name="Bob")
         self.users: Dict[int, Dict[str, Any]] = {}
@@ -963,6 +978,51 @@ class FakeDiscord:
         }
         return cid
 
+    async def archive_thread(self, thread_id: int, *, locked: bool = False) -> None:
+        """Archive a thread as its auto-archive (or a moderator) would; ``locked``: lock it too.
+        Like Discord: edits of its messages answer 400 / 50083 "Thread is archived"; a new message
+        (a channel post or an interaction follow-up) unarchives it, unless it is locked and the bot
+        lacks Manage Threads (then 50083 too). The bot gets THREAD_UPDATE (Guilds intent), and an
+        archived thread is left out of GUILD_CREATE's ``threads``."""
+        thread = self.channels[int(thread_id)]
+        meta = thread.get("thread_metadata")
+        if meta is None:
+            raise ValueError(f"channel {thread_id} is not a thread")
+        meta.update({"archived": True, "locked": bool(locked), "archive_timestamp": _iso()})
+        await self._thread_update(thread)
+        self._notify()
+
+    def thread_archived(self, thread_id: int) -> bool:
+        return bool(self.channels[int(thread_id)]["thread_metadata"]["archived"])
+
+    async def _thread_update(self, thread: Dict[str, Any]) -> None:
+        await self._dispatch_intent("THREAD_UPDATE", copy.deepcopy(thread), INTENT_GUILDS)
+
+    def _check_thread_edit(self, channel_id: Union[int, str]) -> None:
+        """Editing a message in an archived thread is refused (edits are no activity)."""
+        meta = (self.channels.get(int(channel_id)) or {}).get("thread_metadata")
+        if meta and meta["archived"]:
+            raise _ApiError(400, THREAD_ARCHIVED, "Thread is archived")
+
+    def _thread_to_reopen(self, channel_id: Union[int, str]) -> Optional[Dict[str, Any]]:
+        """Before a new message in ``channel_id``: the archived thread it will unarchive (pass it to
+        :meth:`_reopen` once the message exists), or None; a locked archived thread refuses it
+        (400 / 50083) unless the bot has Manage Threads."""
+        thread = self.channels.get(int(channel_id))
+        meta = (thread or {}).get("thread_metadata")
+        if not meta or not meta["archived"]:
+            return None
+        guild = self._guild_of_channel(channel_id)
+        if meta["locked"] and not self.permissions_of(self.application_id, guild.id if guild else None) \
+                & Permission.MANAGE_THREADS:
+            raise _ApiError(400, THREAD_ARCHIVED, "Thread is archived")
+        return thread
+
+    async def _reopen(self, thread: Optional[Dict[str, Any]]) -> None:
+        if thread is not None:
+            thread["thread_metadata"].update({"archived": False, "archive_timestamp": _iso()})
+            await self._thread_update(thread)
+
     def _add_member(self, user: Dict[str, Any], roles: List[int], guild: Optional[FakeGuild] = None) -> Dict[str, Any]:
         m = {
             "user": user, "roles": [str(r) for r in roles], "nick": None, "avatar": None, "banner": None,
@@ -993,14 +1053,55 @@ class FakeDiscord:
             return Permission.ALL
         return perms
 
+    def channel_permissions_of(self, user_id: int, channel_id: int, base: Optional[int] = None) -> int:
+        """A member's permissions in a channel as Discord resolves them for an interaction's
+        ``member.permissions`` and ``app_permissions``: the guild permissions (``base``, default
+        :meth:`permissions_of`; administrators and the owner have all), then the channel's
+        ``permission_overwrites`` (@everyone, the member's roles together, the member), then the
+        implicit rules (no Send Messages: no Attach Files, Embed Links, Mention @everyone, TTS; in a
+        thread the same for Send Messages in Threads; no View Channel: none of the channel's
+        permissions). A thread has its parent's overwrites."""
+        ch = self.channels[int(channel_id)]
+        thread = ch.get("type") in (10, 11, 12)
+        if thread and ch.get("parent_id"):
+            ch = self.channels.get(int(ch["parent_id"]), ch)
+        g = self._guild_of_channel(int(ch["id"])) or self.guild()
+        perms = self.permissions_of(user_id, g.id) if base is None else int(base)
+        if perms & Permission.ADMINISTRATOR or perms == Permission.ALL:
+            return Permission.ALL
+        member = g.members.get(int(user_id)) or {"roles": []}
+        roles = {str(r) for r in member.get("roles", [])}
+        overwrites = ch.get("permission_overwrites") or []
+        for ow in overwrites:   # @everyone first
+            if ow.get("type") == 0 and str(ow.get("id")) == str(g.everyone_role_id):
+                perms = (perms & ~int(ow.get("deny") or 0)) | int(ow.get("allow") or 0)
+        allow = deny = 0
+        for ow in overwrites:   # the member's roles, together
+            if ow.get("type") == 0 and str(ow.get("id")) in roles:
+                allow |= int(ow.get("allow") or 0)
+                deny |= int(ow.get("deny") or 0)
+        perms = (perms & ~deny) | allow
+        for ow in overwrites:   # the member
+            if ow.get("type") == 1 and str(ow.get("id")) == str(user_id):
+                perms = (perms & ~int(ow.get("deny") or 0)) | int(ow.get("allow") or 0)
+        lose_with_send = Permission.ATTACH_FILES | Permission.EMBED_LINKS | Permission.MENTION_EVERYONE | (1 << 12)
+        if not perms & Permission.SEND_MESSAGES:
+            perms &= ~lose_with_send
+        if thread and not perms & Permission.SEND_MESSAGES_IN_THREADS:
+            perms &= ~lose_with_send
+        if not perms & Permission.VIEW_CHANNEL:
+            perms &= Permission.GUILD_ONLY
+        return perms
+
     def guild_payload(self, guild_id: Optional[int] = None) -> Dict[str, Any]:
         g = self.guild(guild_id)
         channels = [dict(c) for c in self.channels.values()
                     if c.get("guild_id") == str(g.id) and c.get("type") not in (10, 11, 12)]
         for c in channels:
             c.pop("guild_id", None)
-        threads = [dict(c) for c in self.channels.values()
-                   if c.get("guild_id") == str(g.id) and c.get("type") in (10, 11, 12)]
+        threads = [dict(c) for c in self.channels.values()   # the active ones only, as on Discord
+                   if c.get("guild_id") == str(g.id) and c.get("type") in (10, 11, 12)
+                   and not c.get("thread_metadata", {}).get("archived")]
         return {
             "id": str(g.id), "name": g.name, "icon": None, "splash": None, "discovery_splash": None,
             "banner": None, "description": None, "owner_id": str(g.owner_id), "region": "deprecated",
@@ -1026,7 +1127,8 @@ class FakeDiscord:
             "bot_public": True, "bot_require_code_grant": False, "verify_key": secrets.token_hex(32),
             "flags": (1 << 15) | (1 << 19), "owner": self.admin_user, "team": None, "bot": self.bot_user,
             "redirect_uris": [], "interactions_endpoint_url": None, "role_connections_verification_url": None,
-            "tags": [], "approximate_guild_count": len(self.guilds), "integration_types_config": {"0": {}},
+            "tags": [], "approximate_guild_count": len(self.guilds),
+            "integration_types_config": {str(t): {} for t in self.install_types},
         }
 
     # ---------------------------------------------------------------- waiting
@@ -1434,10 +1536,13 @@ class FakeDiscord:
             "deaf": False, "mute": False, "pending": False, "flags": 0, "communication_disabled_until": None,
         })
         member["user"] = user
-        perms = self.permissions_of(uid, g.id) if member_permissions is None else int(member_permissions)
+        # As Discord: the member's and the bot's permissions in this channel, overwrites included.
+        perms = (self.channel_permissions_of(uid, channel_id) if member_permissions is None
+                 else int(member_permissions))
         member["permissions"] = str(perms)
         channel = dict(self.channels[int(channel_id)])
         channel["permissions"] = str(perms)
+        owners = self.integration_owners or {"0": str(g.id)}
         return {
             "id": str(self.snowflake()),
             "application_id": str(self.application_id),
@@ -1449,12 +1554,12 @@ class FakeDiscord:
             "channel_id": str(channel_id),
             "channel": channel,
             "member": member,
-            "app_permissions": str(self.permissions_of(self.application_id, g.id)),
+            "app_permissions": str(self.channel_permissions_of(self.application_id, channel_id)),
             "locale": locale,
             "guild_locale": "en-US",
             "entitlements": [],
             "entitlement_sku_ids": [],
-            "authorizing_integration_owners": {"0": str(g.id)},
+            "authorizing_integration_owners": owners,
             "context": 0,
             "attachment_size_limit": self.attachment_size_limit,
         }
@@ -2192,7 +2297,8 @@ class FakeDiscord:
         cmd.setdefault("name_localizations", None)
         cmd.setdefault("description_localizations", None)
         cmd.setdefault("contexts", None)
-        cmd.setdefault("integration_types", [0])
+        if cmd.get("integration_types") is None:   # as Discord: the app's installation contexts
+            cmd["integration_types"] = list(self.install_types)
         cmd["id"] = old["id"] if old else str(self.snowflake())
         cmd["application_id"] = str(self.application_id)
         cmd["version"] = str(self.snowflake())
@@ -2345,17 +2451,20 @@ class FakeDiscord:
         if not inter.acknowledged:
             raise _ApiError(404, 10015, "Unknown Webhook")
         body = rec.json or {}
+        reopen = self._thread_to_reopen(inter.channel_id)   # a new message unarchives its thread
         original = inter.original_message
         if original is not None and not original.deleted and original.data["flags"] & FLAG_LOADING:
             # Like Discord: the first follow-up after a defer *is* the deferred "thinking…" message,
             # as public (or ephemeral) as the defer was, whatever flags the follow-up asks for.
             self._edit_message(original, body, rec.files, finishes_loading=True)
+            await self._reopen(reopen)
             await self._announce("MESSAGE_UPDATE", original)
             if rec.query.get("wait") in ("1", "true", "True"):
                 return 200, original.data
             return 204, None
         msg = self._create_message(inter.channel_id, body, rec.files, msg_type=20 if inter.type == 2 else 0,
                                    interaction=inter)
+        await self._reopen(reopen)
         inter.followup_ids.append(msg.id)
         await self._announce("MESSAGE_CREATE", msg)
         if rec.query.get("wait") in ("1", "true", "True"):
@@ -2369,6 +2478,7 @@ class FakeDiscord:
     async def _h_webhook_message_patch(self, rec, p):
         inter = self._interaction_by_token(p)
         msg = self._webhook_target(inter, p)
+        self._check_thread_edit(msg.channel_id)
         self._edit_message(msg, rec.json or {}, rec.files, finishes_loading=True)
         await self._announce("MESSAGE_UPDATE", msg)
         return 200, msg.data
@@ -2412,7 +2522,9 @@ class FakeDiscord:
 
     async def _h_channel_message_post(self, rec, p):
         self._channel(p["channel_id"])
+        reopen = self._thread_to_reopen(p["channel_id"])
         msg = self._create_message(int(p["channel_id"]), rec.json or {}, rec.files)
+        await self._reopen(reopen)
         await self._announce("MESSAGE_CREATE", msg)
         return 200, msg.data
 
@@ -2423,6 +2535,7 @@ class FakeDiscord:
         msg = self._channel_message(p)
         if msg.data["author"]["id"] != self.bot_user["id"]:
             raise _ApiError(403, 50005, "Cannot edit a message authored by another user")
+        self._check_thread_edit(msg.channel_id)
         self._edit_message(msg, rec.json or {}, rec.files, finishes_loading=True)
         await self._announce("MESSAGE_UPDATE", msg)
         return 200, msg.data

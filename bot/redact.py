@@ -1,0 +1,82 @@
+"""Log output without Discord secrets.
+
+At DEBUG, discord.py logs every gateway event whole (an INTERACTION_CREATE carries the
+interaction's token) and every webhook request's URL (`/webhooks/<app id>/<token>/...`,
+`/interactions/<id>/<token>/callback`). An interaction token lets whoever reads it post and edit
+as the bot in that channel for 15 minutes; the bot token, for ever. `setup_logging` installs the
+bot's one log handler (discord.py's format, on the root logger) with a `Redactor`: its filter
+rewrites each record's message (so any handler after it sees the redacted text too), and the
+handler redacts its whole formatted output as well (tracebacks, whose exception texts may quote a
+URL). DEBUG stays useful: ids, routes and payloads are kept, only the secrets read `***`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import IO, Iterable
+
+import discord
+
+MASK = "***"
+
+# What discord.py's own DEBUG lines and errors put secrets in.
+PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    # https://discord.com/api/v10/interactions/<id>/<token>/callback
+    (re.compile(r"(/interactions/\d+/)[^/\s'\"?#]+"), r"\1" + MASK),
+    # .../webhooks/<application or webhook id>/<token>[/messages/@original][?wait=true]
+    (re.compile(r"(/webhooks/\d+/)[^/\s'\"?#]+"), r"\1" + MASK),
+    # a payload's 'token': '...' (a dict's repr) or "token": "..." (JSON), any *_token key too
+    (re.compile(r"""(['"](?:\w*_)?token['"]\s*:\s*)(['"])[^'"]*\2""", re.IGNORECASE), r"\1\2" + MASK + r"\2"),
+    # a bot token's shape: <base64 user id>.<timestamp>.<hmac>
+    (re.compile(r"\b[A-Za-z0-9_-]{18,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{20,}"), MASK),
+]
+
+
+class Redactor(logging.Filter):
+    """A filter that rewrites a record's message with every secret masked (never drops one).
+    `secrets`: exact strings to mask as well (the bot token)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 8}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        for pattern, replacement in PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: logging reports it as it always does
+            return True
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+class RedactingHandler(logging.StreamHandler):
+    """A stream handler whose every output line went through `redactor` (message and traceback)."""
+
+    def __init__(self, redactor: Redactor, stream: IO[str] | None = None) -> None:
+        super().__init__(stream)
+        self.redactor = redactor
+        self.addFilter(redactor)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor.redact(super().format(record))
+
+
+def setup_logging(level: int, secrets: Iterable[str] = (), stream: IO[str] | None = None) -> RedactingHandler:
+    """The bot's logging: discord.py's setup (root logger, its colour format on a terminal) with a
+    redacting handler on stderr (or `stream`). Returns the handler."""
+    handler = RedactingHandler(Redactor(secrets), stream)
+    discord.utils.setup_logging(handler=handler, level=level, root=True)
+    return handler

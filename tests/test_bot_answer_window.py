@@ -1,0 +1,183 @@
+"""Discord's 3 s to answer, counted from the interaction's creation: the checks before the first
+answer (the store's reads: the ban-word list, the user's cap, a job's row, the line; the ban-word
+matching) race a 2 s window, and the bot defers when they are slower, then answers.
+
+The store is the real SQLite queue whose reads are made slow: each sleeps 4 s first, as behind a
+long write or while Redis retries through a reconnect (a wrapper around the real backend; nothing
+of the bot is replaced). Each interaction must get its first answer (a defer) within 3 s at the
+fake Discord, which answers 10062 Unknown interaction after that, and then its final answer. The
+Remix button's answer is a form, which cannot follow a defer: it says privately to try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bot import moderation
+from bot.imagine import REMIX_TOO_SLOW
+from engine.jobs import JobState
+from tests.test_bot_support import (  # noqa: F401 - the fixture
+    EPHEMERAL, FLAG_LOADING, JOB_ID_RE, claim_jobs, finish_jobs, harness, private_answer,
+)
+
+pytestmark = pytest.mark.asyncio
+
+DISCORD_WINDOW = 3.0
+SLOW_READ = 4.0
+
+
+class SlowReads:
+    """The real queue, whose reads each sleep `delay` seconds first while `on`."""
+
+    READS = ("get", "get_setting", "count_queued", "has_artifact", "running", "queued", "history")
+
+    def __init__(self, queue, monkeypatch, delay: float = SLOW_READ):
+        self.delay, self.on = delay, False
+        for name in self.READS:
+            monkeypatch.setattr(queue, name, self._slowed(getattr(queue, name)))
+
+    def _slowed(self, read):
+        async def slow(*args, **kwargs):
+            if self.on:
+                await asyncio.sleep(self.delay)
+            return await read(*args, **kwargs)
+        return slow
+
+
+def _first_answer_in_time(inter) -> None:
+    assert inter.callback_request is not None and inter.acknowledged, "never answered"
+    took = inter.callback_request.monotonic - inter.created
+    assert took < DISCORD_WINDOW, f"first answer after {took:.2f} s"
+
+
+async def _finished_job(h, prompt):
+    fd = h.fd
+    inter = await h.imagine(prompt)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await claim_jobs(h.queue, [job_id])
+    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id)
+    await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[msg.id].custom_ids, 5, "the result's buttons")
+    return msg, job_id
+
+
+async def _job_reply(h, inter, timeout=30.0) -> str:
+    """The job id of the public reply a deferred interaction turned into."""
+    assert inter.response_type == 5 and not (inter.response.get("data") or {}).get("flags", 0) & EPHEMERAL
+    return h.job_id(await h.reply_of(inter, timeout))
+
+
+async def test_every_command_and_button_answers_in_time_while_the_store_reads_slowly(harness, monkeypatch):
+    h = harness
+    fd = h.fd
+    h.config.queue.max_queued_per_user = 20
+    await h.start(worker=False)
+    await h.queue.set_setting(f"banned:{fd.guild_id}", ["cursed"])
+    done_msg, done_id = await _finished_job(h, "a lake at dawn")
+    waiting_msg = await h.reply_of(await h.imagine("waiting for the button"))
+    waiting_id = h.job_id(waiting_msg)
+    other_id = h.job_id(await h.reply_of(await h.imagine("waiting for /queue cancel")))
+    await h.reply_of(await h.imagine("still in line"))
+    slow = SlowReads(h.queue, monkeypatch)
+
+    slow.on = True
+    sent = {
+        "imagine": await fd.send_slash_command("imagine", {"prompt": "a lake at noon"}),
+        "set": await fd.send_slash_command("imagine", {"prompt": "a {red, blue} boat"}),
+        "refused": await fd.send_slash_command("imagine", {"prompt": "a cursed lake"}),
+        "remix": await fd.send_slash_command("remix", {"job": done_id, "prompt": "a lake at night"}),
+        "reroll": await fd.click_button(done_msg, f"imagine:reroll:{done_id}"),
+        "continue": await fd.click_button(done_msg, f"imagine:continue:{done_id}"),
+        "cancel button": await fd.click_button(waiting_msg, f"imagine:cancel:{waiting_id}"),
+        "queue cancel": await fd.send_slash_command("queue cancel", {"job": other_id}),
+        "queue show": await fd.send_slash_command("queue show"),
+        "history": await fd.send_slash_command("history"),
+        "help": await fd.send_slash_command("help"),
+        "ban-word list": await fd.send_slash_command("queue ban-word list", user=fd.admin_user),
+        "remix button": await fd.click_button(done_msg, f"imagine:remix:{done_id}"),
+    }
+    for name, inter in sent.items():
+        await fd.wait_for_response(inter, DISCORD_WINDOW + 1)
+        _first_answer_in_time(inter)
+        assert inter.response_type in (4, 5), name
+    slow.on = False   # the reads already waiting still take their 4 s
+
+    # The Remix form cannot follow a defer: a private "try again", no form.
+    remix_button = sent.pop("remix button")
+    assert remix_button.response_type == 4 and remix_button.response["data"]["flags"] & EPHEMERAL
+    assert remix_button.response["data"]["content"] == REMIX_TOO_SLOW
+
+    # Jobs: a public "thinking…" that became the job's reply.
+    jobs = {name: await _job_reply(h, sent.pop(name)) for name in ("imagine", "set", "remix", "reroll", "continue")}
+    records = {name: await h.queue.get(job_id) for name, job_id in jobs.items()}
+    assert records["imagine"].spec.prompt == "a lake at noon"
+    assert (records["remix"].spec.parent_job_id, records["remix"].spec.parent_kind) == (done_id, "remix")
+    assert records["reroll"].spec.extra["rerolls"] == done_id
+    assert (records["continue"].spec.parent_job_id, records["continue"].spec.parent_kind) == (done_id, "continue")
+    set_id = records["set"].spec.extra["set"]["id"]
+    in_set = [r for r in await h.queue.history(fd.channel_id, limit=50) if (r.spec.extra.get("set") or {}).get("id") == set_id]
+    assert sorted(r.spec.prompt for r in in_set) == ["a blue boat", "a red boat"]
+
+    # A refusal after the public defer: that "thinking…" is removed, the refusal told privately.
+    refused = sent.pop("refused")
+    assert refused.response_type == 5
+    await fd.wait_for(lambda: refused.followups, 30, "the refusal")
+    assert refused.original_message.deleted
+    assert refused.followups[0].ephemeral and "which this server's admins have refused" in refused.followups[0].content
+
+    # Private answers: a private "thinking…", then the answer in its place.
+    assert await private_answer(h, sent.pop("cancel button"), 30) == f"Cancelled job `{waiting_id}`."
+    assert await private_answer(h, sent.pop("queue cancel"), 30) == f"Cancelled job `{other_id}`."
+    assert "still in line" in await private_answer(h, sent.pop("queue show"), 30)
+    assert "a lake at dawn" in await private_answer(h, sent.pop("history"), 30)
+    assert "**imagine-bot**" in await private_answer(h, sent.pop("help"), 30)
+    assert "cursed" in await private_answer(h, sent.pop("ban-word list"), 30)
+    assert not sent
+    assert (await h.queue.get(waiting_id)).state == JobState.CANCELLED
+    assert not [r for r in fd.requests if "10062" in str(r.response)]
+    fd.assert_clean()
+
+
+async def test_slow_ban_word_matching_is_capped_per_request_and_answered_in_time(harness, monkeypatch):
+    """Matching a prompt against the server's list is slow here (each prompt's folding takes 0.5 s):
+    a 9-way permutation would take 4.5 s. The whole request's check stops at MATCH_BUDGET and is
+    refused as a timeout is (fail closed), after a public defer in time; nothing is queued."""
+    h = harness
+    fd = h.fd
+    h.config.queue.max_queued_per_user = 20
+    await h.start(worker=False)
+    await h.queue.set_setting(f"banned:{fd.guild_id}", ["cursed", "re:dark\\s+magic"])
+    fold = moderation.fold
+
+    def slow_fold(text):
+        if "boat" in text:   # the prompts; the entries fold at their usual speed
+            time.sleep(0.5)
+        return fold(text)
+
+    monkeypatch.setattr(moderation, "fold", slow_fold)
+    assert moderation.MATCH_BUDGET < 9 * 0.5
+    started = time.monotonic()
+    inter = await fd.send_slash_command("imagine", {"prompt": "a {red, blue, green} {big, small, old} boat"})
+    await fd.wait_for_response(inter, DISCORD_WINDOW + 1)
+    _first_answer_in_time(inter)
+    assert inter.response_type == 5
+    await fd.wait_for(lambda: inter.followups, 10, "the refusal")
+    took = time.monotonic() - started
+    (refusal,) = inter.followups
+    assert refusal.ephemeral and "could not be checked against this server's list of refused words in time" \
+        in refusal.content
+    assert took < 9 * 0.5, took
+    assert inter.original_message.deleted and not JOB_ID_RE.search(inter.original_message.content)
+    assert await h.queue.count_queued() == 0
+
+    # A prompt that fits in the budget is checked and queued as ever.
+    inter = await fd.send_slash_command("imagine", {"prompt": "a {red, blue} boat"})
+    await fd.wait_for_response(inter, DISCORD_WINDOW + 1)
+    await h.reply_of(inter)
+    assert await h.queue.count_queued() == 2
+    fd.assert_clean()

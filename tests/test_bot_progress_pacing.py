@@ -1,0 +1,161 @@
+"""How the progress edits share a channel, and how long the interaction token is trusted.
+
+- Places in line: when the line moves, only the first LINE_REDRAWS queued jobs of a channel are
+  redrawn, so a start in a channel with a long line costs at most that many edits (a job further
+  back shows its new place once it gets among them).
+- A channel's slots go to final posts first, then frames, then places in line: a result is not
+  held up behind a burst of position redraws.
+- The interaction token's clock starts when the interaction was made, not when the job was
+  registered: a command that waited for the store first does not edit through a dead token (401).
+
+All over the fake Discord (real HTTP), with the real SQLite queue; the test plays the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot import progress
+from tests.test_bot_support import claim_jobs, finish_jobs, harness, publish_frames  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.asyncio
+
+
+def _edits_since(fd, since):
+    """Successful edits of messages (through the interaction token or the channel), in order."""
+    return [r for r in fd.requests[since:] if r.method == "PATCH" and r.status == 200
+            and (r.path.startswith("/webhooks/") or r.path.startswith("/channels/"))]
+
+
+def _is_position(req) -> bool:
+    return isinstance(req.json, dict) and "in line." in (req.json.get("content") or "")
+
+
+def _is_final(req) -> bool:
+    return any(f.filename == "final.png" for f in req.files)
+
+
+async def _queue_jobs(h, n):
+    """`n` jobs queued by /imagine in #general (one user, so the line is in this order); their replies."""
+    msgs = []
+    for i in range(n):
+        inter = await h.imagine(f"a long line, job {i}")
+        msgs.append(await h.reply_of(inter))
+    return msgs
+
+
+async def _quiet(fd, seconds=0.5, timeout=15.0):
+    """Until the fake has had no request for `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        seen = len(fd.requests)
+        await asyncio.sleep(seconds)
+        if len(fd.requests) == seen:
+            return
+    raise TimeoutError("the bot kept sending requests")
+
+
+async def test_a_start_redraws_the_places_of_the_first_jobs_of_the_channel_only(harness):
+    """25 jobs wait in one channel. The first starts: every other job moves up one place, but only
+    the first LINE_REDRAWS of them are redrawn (10 edits, not 24). A job further back shows its new
+    place once it is among them."""
+    h = harness
+    h.config.queue.max_queued_per_user = 100
+    await h.start(worker=False)
+    fd = h.fd
+    msgs = await _queue_jobs(h, 25)
+    ids = [h.job_id(m) for m in msgs]
+    await _quiet(fd)
+    assert "#12 in line" in fd.messages[msgs[11].id].content
+
+    since = len(fd.requests)
+    await claim_jobs(h.queue, ids[:1])
+    await fd.wait_for(lambda: "next in line" in fd.messages[msgs[1].id].content, 10, "job 2 first in line")
+    await _quiet(fd)
+    positions = [r for r in _edits_since(fd, since) if _is_position(r)]
+    assert len(positions) == progress.LINE_REDRAWS == 10, [r.json["content"][-40:] for r in positions]
+    for i in range(1, 11):   # jobs 2..11: places 1..10
+        expected = "next in line" if i == 1 else f"#{i} in line"
+        assert expected in fd.messages[msgs[i].id].content
+    assert "#12 in line" in fd.messages[msgs[11].id].content   # job 12 (now 11th): not redrawn yet
+
+    since = len(fd.requests)
+    await claim_jobs(h.queue, ids[1:2])
+    await fd.wait_for(lambda: "#10 in line" in fd.messages[msgs[11].id].content, 10, "job 12 redrawn at #10")
+    await _quiet(fd)
+    assert len([r for r in _edits_since(fd, since) if _is_position(r)]) == 10
+    assert "#14 in line" in fd.messages[msgs[13].id].content   # still as queued: never among the first 10
+
+
+async def test_a_result_is_not_held_up_behind_position_redraws(harness):
+    """A channel with a running job and a long line, its slots 0.3 s apart. Another job starts (ten
+    places to redraw, 3 s of slots) and, just after, the running job finishes: its result takes the
+    channel's next slot, ahead of the redraws still waiting."""
+    h = harness
+    h.config.queue.max_queued_per_user = 100
+    h.config.progress.message_interval = 0.01
+    await h.start(worker=False)
+    fd = h.fd
+    msgs = await _queue_jobs(h, 14)
+    ids = [h.job_id(m) for m in msgs]
+    await claim_jobs(h.queue, ids[:1])   # the job whose result we watch
+    await _quiet(fd)
+
+    h.config.progress.channel_interval = 0.3
+    since = len(fd.requests)
+    await claim_jobs(h.queue, ids[1:2])   # the line moves: jobs 3..12 are redrawn
+    await fd.wait_for(lambda: any(_is_position(r) for r in _edits_since(fd, since)), 10, "the first redraw")
+    await finish_jobs(h.queue, ids[:1])
+    await h.wait_delivered(ids[0], timeout=20)
+    await _quiet(fd, seconds=1.0)
+
+    edits = _edits_since(fd, since)
+    final_at = next(i for i, r in enumerate(edits) if _is_final(r))
+    # Before it: the first redraw (already sent), at most the started job's "Starting…" edit (a
+    # frame's turn, asked for before the result was), and at most one more redraw (a slot taken
+    # while the result was read from the store).
+    assert final_at <= 3, [("final" if _is_final(r) else (r.json or {}).get("content", "")[-30:]) for r in edits]
+    assert len([r for r in edits[final_at:] if _is_position(r)]) >= 7   # the rest of the redraws came after
+
+
+async def test_the_token_clock_starts_when_the_command_was_made(harness):
+    """The interaction's token lives 3 s here (Discord: 15 minutes) and the bot trusts it for 2 s
+    (`token_ttl`: 14 minutes). The command waits 1.5 s for the store (another process holds its
+    write lock) before its job is registered. Counting from the registration, the bot would edit
+    through the token until 3.5 s, past its death at 3 s (401 Invalid Webhook Token); counting from
+    the command, it moves to the channel at 2 s, and no edit is refused."""
+    h = harness
+    fd = h.fd
+    fd.token_expiry = 3.0
+    h.config.progress.token_ttl = 2.0
+    h.config.progress.message_interval = 0.05
+    await h.start(worker=False)
+    db = Path(h.config.queue.url.removeprefix("sqlite:///"))
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")   # another process's write
+        loop = asyncio.get_running_loop()
+        made = loop.time()
+        inter = await h.imagine("a command that waits for the store")
+        await asyncio.sleep(1.5 - (loop.time() - made))
+        await asyncio.to_thread(other.execute, "ROLLBACK")
+    finally:
+        other.close()
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await claim_jobs(h.queue, [job_id])
+    await publish_frames(h.queue, [job_id], frames=60, every=0.05)   # until past 4.5 s
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id, timeout=20)
+
+    refused = [(r.method, r.path, r.status) for r in fd.requests if r.status == 401]
+    assert refused == []
+    through_channel = [r for r in fd.requests if r.method == "PATCH" and r.path.startswith(f"/channels/{msg.channel_id}/")
+                       and r.status == 200]
+    assert through_channel   # after its 2 s, the frames went through the channel
+    assert len(h.final_edits(msg.id)) == 1
