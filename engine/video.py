@@ -18,6 +18,11 @@ class VideoError(RuntimeError):
     pass
 
 
+class VideoInterrupted(VideoError):
+    """ffmpeg was killed by a signal (a supervisor such as systemd signals every process of the
+    service when it stops it): nothing was wrong with the encode, which is worth one more try."""
+
+
 # ffmpeg never waits on a person: a hung encode would hold a worker's batch slot (its lease kept
 # alive by heartbeats) or a bot's send loop forever. The longest honest encode here (1000 frames
 # of 512x512) takes seconds; five minutes means something is wrong.
@@ -42,10 +47,15 @@ def _ffmpeg(args: list[str], data: bytes | None, timeout: float) -> None:
     the terminal for keys otherwise, and a bot started in the background would be stopped (SIGTTIN)."""
     head = [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y"] + ([] if data is not None else ["-nostdin"])
     try:
+        # Its own session: a Ctrl-C in the terminal (or a signal to the worker's process group) is
+        # the worker's to handle, and must not kill the encode of a job that is finishing.
         proc = subprocess.run([*head, *args], input=data, capture_output=True, timeout=timeout,
+                              start_new_session=True,
                               **({} if data is not None else {"stdin": subprocess.DEVNULL}))
     except subprocess.TimeoutExpired:
         raise VideoError(f"ffmpeg ran past {timeout:g} s and was stopped") from None
+    if proc.returncode < 0:   # killed by a signal (a supervisor stopping every process): try again
+        raise VideoInterrupted(f"ffmpeg was stopped by signal {-proc.returncode}")
     if proc.returncode != 0:
         raise VideoError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
 

@@ -95,8 +95,10 @@ def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
 
 class DamagedCheckpoint(RuntimeError):
     """A checkpoint that is not what a worker writes for its job (its frames: not PNGs, not the
-    job's size, too many). Handled as a truncated one: the attempt fails with this reason (the
-    job is retried, up to the attempts cap, then FAILED with it)."""
+    job's size, too many). Every worker would find the same, so the job starts over (from noise,
+    or its parent's state) rather than failing: its progress is lost, its result is not. A
+    checkpoint that does not unpickle at all is another matter (a torch another worker may read):
+    that attempt fails and the job is retried elsewhere, up to the attempts cap."""
 
 
 # Frames a checkpoint may hold beyond `iterations // frame_every + 2` (0, every frame_every, the last).
@@ -257,6 +259,10 @@ class Worker:
         # a checkpoint (a resumed run starts at its checkpoint; a new run: -inf), then the run's
         # start (monotonic time, iteration), for its pace.
         self._checkpointed: dict[str, tuple[float, int, float, int]] = {}
+        # Per slot key, the iteration its store holds a checkpoint of (or where the run started):
+        # set at admission by the GPU thread, raised by the asyncio side once a save is accepted.
+        # A stopping worker snapshots every run past it, so a save that failed is made up for.
+        self._saved: dict[str, int] = {}
         # Written by the GPU thread as it stops (worker.stop()), read once it has been joined:
         # per slot key, the snapshot to save before the job is handed back.
         self._stop_states: dict[str, dict[str, Any]] = {}
@@ -438,10 +444,15 @@ class Worker:
             init_logits, state, keep_optimizer = None, None, False
             checkpoint = await self.queue.load_checkpoint(record.id)
             if checkpoint is not None:
-                # Off the event loop, the PNGs' decoding too: in the bot it would stall Discord.
-                state, run.frames_png, run.frames_pixels = await asyncio.to_thread(_unpack_with_pixels, checkpoint.data, spec)
-                log.info("job %s resumes from its checkpoint at iteration %d", record.id, state["iteration"])
-            elif spec.parent_job_id:
+                try:
+                    # Off the event loop, the PNGs' decoding too: in the bot it would stall Discord.
+                    state, run.frames_png, run.frames_pixels = await asyncio.to_thread(
+                        _unpack_with_pixels, checkpoint.data, spec)
+                    log.info("job %s resumes from its checkpoint at iteration %d", record.id, state["iteration"])
+                except DamagedCheckpoint as exc:
+                    log.warning("job %s: its checkpoint is damaged (%s): starting it over", record.id, exc)
+                    checkpoint, state, run.frames_png, run.frames_pixels = None, None, [], []
+            if checkpoint is None and spec.parent_job_id:
                 parent = await self.queue.get_artifact(spec.parent_job_id, "state.pt")
                 if parent is None:
                     raise PromptError(f"the state of job {spec.parent_job_id} is gone (pruned): it cannot be continued")
@@ -608,6 +619,8 @@ class Worker:
             try:
                 data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
                 ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
+                if ok and key in self._saved:   # not once the run has left the GPU thread
+                    self._saved[key] = max(self._saved[key], frame.iteration)
             except Exception:  # noqa: BLE001 - a crash resumes from the previous checkpoint instead
                 log.warning("job %s: its checkpoint at iteration %d could not be saved (a crash now would "
                             "resume from the one before)", job_id, frame.iteration, exc_info=True)
@@ -625,9 +638,15 @@ class Worker:
         await asyncio.gather(*(t for t in run.pending if t is not current), return_exceptions=True)
         try:
             try:
-                video_bytes: bytes | None = await asyncio.to_thread(
-                    video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
-                )
+                try:
+                    video_bytes: bytes | None = await asyncio.to_thread(
+                        video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
+                    )
+                except video.VideoInterrupted as exc:   # a signal meant for the service: once more
+                    log.info("job %s: its video's encoder was stopped (%s): encoding it again", job_id, exc)
+                    video_bytes = await asyncio.to_thread(
+                        video.encode_frames_bytes, run.frames_pixels, fps=self.video_fps
+                    )
             except (video.VideoError, OSError) as exc:
                 # The picture is done: a video that cannot be made (ffmpeg missing, broken, timed
                 # out) must not throw it away and run the job again. The bot posts the final
@@ -719,6 +738,7 @@ class Worker:
                 for key in [k for k in runner.slots if self._cancelled(k)]:
                     runner.remove(key)
                     self._checkpointed.pop(key, None)
+                    self._saved.pop(key, None)
                     self._from_gpu(self._on_stopped, key)
                 if not len(runner):
                     continue
@@ -731,6 +751,7 @@ class Worker:
                     for key in list(runner.slots):
                         runner.remove(key)
                         self._checkpointed.pop(key, None)
+                        self._saved.pop(key, None)
                         self._from_gpu(self._failed, key, exc)
                     if self.models.device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -751,6 +772,7 @@ class Worker:
                     if slot.done:
                         runner.remove(slot.key)
                         self._checkpointed.pop(slot.key, None)
+                        self._saved.pop(slot.key, None)
                         try:
                             final_state = slot.state()
                         except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error surfacing at the copy: this job alone
@@ -761,7 +783,7 @@ class Worker:
             # that moved since its last checkpoint, saved by stop() before it hands the job back.
             # Not after a hang: nothing read from that GPU is trusted (the jobs resume elsewhere).
             for key, slot in [] if self._stalled else list(runner.slots.items()):
-                if self._cancelled(key) or slot.iteration <= self._checkpointed.get(key, (0.0, 0))[1]:
+                if self._cancelled(key) or slot.iteration <= self._saved.get(key, 0):
                     continue
                 try:
                     self._stop_states[key] = slot.state()
@@ -777,6 +799,7 @@ class Worker:
     def _slot_failed(self, slot: Slot, exc: Exception) -> None:
         """GPU thread: the runner dropped `slot`, whose step failed alone."""
         self._checkpointed.pop(slot.key, None)
+        self._saved.pop(slot.key, None)
         self._from_gpu(self._failed, slot.key, exc)
 
     def _cancelled(self, key: str) -> bool:
@@ -824,6 +847,7 @@ class Worker:
                 started = time.monotonic()
                 self._checkpointed[slot.key] = (started if resumed else -math.inf, slot.iteration,
                                                 started, slot.iteration)
+                self._saved[slot.key] = slot.iteration
                 if slot.iteration == 0 or start.keep_optimizer:
                     # Frame 0 (or the parent's last frame, for Continue) opens the video.
                     frame = runner.frames([slot])[0]
@@ -833,6 +857,7 @@ class Worker:
                 # heartbeating jobs would hold them forever.
                 runner.remove(start.key)
                 self._checkpointed.pop(start.key, None)
+                self._saved.pop(start.key, None)
                 self._from_gpu(self._failed, start.key, exc)
                 continue
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -87,3 +89,31 @@ def test_odd_halves_and_an_odd_max_side_still_encode(tmp_path):
     out = video.encode_frames(frames(5), tmp_path / "s.mp4", max_side=33)
     stream = probe(out)["streams"][0]
     assert (stream["width"], stream["height"]) == (32, 32)
+
+
+def test_ffmpeg_runs_in_its_own_session(tmp_path, monkeypatch):
+    """A Ctrl-C in the terminal signals the whole foreground process group: ffmpeg, in a session
+    of its own, is left to finish the encode the worker is waiting for."""
+    import imageio_ffmpeg
+
+    real = shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    seen = tmp_path / "session"
+    # Field 6 of /proc/PID/stat: the process's session id.
+    (wrapper / "ffmpeg").write_text(f"#!/bin/sh\ncut -d' ' -f6 /proc/$$/stat > '{seen}'\nexec '{real}' \"$@\"\n")
+    (wrapper / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
+    assert video.encode_frames_bytes(frames(3))[4:8] == b"ftyp"
+    session = int(seen.read_text())
+    assert session != os.getsid(0)
+
+
+def test_an_ffmpeg_killed_by_a_signal_is_told_apart_from_a_failing_one(tmp_path, monkeypatch):
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "ffmpeg").write_text("#!/bin/sh\nkill -TERM $$\nsleep 5\n")
+    (wrapper / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
+    with pytest.raises(video.VideoInterrupted, match="stopped by signal 15"):
+        video.encode_frames_bytes(frames(2))

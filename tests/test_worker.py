@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -473,6 +475,33 @@ async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, 
     assert "its video could not be made" in caplog.text and "libx264" in caplog.text
 
 
+async def test_an_encoder_killed_by_a_signal_is_run_again_and_the_job_keeps_its_video(
+        queue, tiny_models, tmp_path, monkeypatch, caplog):
+    """A supervisor stopping the service signals every process in it (systemd's control group):
+    an ffmpeg killed so (here: a real ffmpeg process that SIGTERMs itself the first time) is not a
+    broken encoder. The encode runs again and the job ends DONE with its video."""
+    import imageio_ffmpeg
+
+    real = shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    marker = tmp_path / "killed-once"
+    (wrapper / "ffmpeg").write_text(
+        f"#!/bin/sh\nif [ ! -e '{marker}' ]; then touch '{marker}'; kill -TERM $$; sleep 5; fi\n"
+        f"exec '{real}' \"$@\"\n")
+    (wrapper / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        job = await queue.submit(spec(iterations=4))
+        done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert marker.exists()
+    assert done.state == JobState.DONE and done.attempts == 1, done
+    assert (await queue.get_artifact(job.id, "video.mp4") or b"")[4:8] == b"ftyp"
+    assert "stopped by signal 15" in caplog.text and "encoding it again" in caplog.text
+    assert "could not be made" not in caplog.text
+
+
 async def test_a_reroll_of_a_continue_has_its_own_noise_a_second_continue_does_not(queue, tiny_models):
     """Both start from the parent's final state and optimiser. A Continue keeps the parent's random
     generator too (the same Continue twice is the same picture); a Reroll of it (the bot marks it
@@ -760,6 +789,39 @@ async def test_a_job_claimed_as_the_worker_stops_is_handed_back_at_once(queue, t
     async with Worker(queue, lambda: tiny_models, worker_id="w2"):
         record = await wait_state(queue, job.id, {JobState.DONE})
     assert record.attempts == 1 and record.worker_id == "w2"
+
+
+async def test_a_stopping_worker_makes_up_for_checkpoints_the_store_refused(queue, tiny_models, monkeypatch):
+    """A checkpoint is taken at every frame (here every step) but the store refuses to save each
+    one (a full disk, say): the stop must still snapshot the job where it stands, not trust the
+    snapshots it took but could not save, or the job would start over at 0."""
+    import inspect
+
+    real_save = queue.save_checkpoint
+
+    async def refusing_save(checkpoint, lease_id=None):
+        # The checkpoints taken at frames are refused (the disk was full then); the one the stop
+        # saves is not (it had room again by then).
+        if any(frame.function == "_on_frame" for frame in inspect.stack()):
+            raise OSError("no space left on device")
+        return await real_save(checkpoint, lease_id)
+
+    monkeypatch.setattr(queue, "save_checkpoint", refusing_save)
+    steps = Steps()
+    w1 = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=0,
+                observer=steps)
+    await w1.start()
+    try:
+        job = await queue.submit(spec(iterations=400, frame_every=1))
+        while steps.count < 6:
+            await asyncio.sleep(0.01)
+        assert await queue.load_checkpoint(job.id) is None   # every one so far refused
+    finally:
+        await w1.stop()
+    stopped_at = steps.count
+    checkpoint = await queue.load_checkpoint(job.id)
+    assert checkpoint is not None and checkpoint.iteration == stopped_at >= 6
+    assert (await queue.get(job.id)).state == JobState.QUEUED
 
 
 async def test_a_stopping_worker_keeps_its_leases_until_its_jobs_are_handed_back(tmp_path, tiny_models, monkeypatch):
