@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,32 @@ class VideoInterrupted(VideoError):
 # alive by heartbeats) or a bot's send loop forever. The longest honest encode here (1000 frames
 # of 512x512) takes seconds; five minutes means something is wrong.
 FFMPEG_TIMEOUT = 300.0
+
+
+# Encodes write under the system's temp directory in folders of this prefix. A process killed
+# mid-encode (SIGKILL) never removes its folder, and ffmpeg, in a session of its own, finishes
+# writing into it: `sweep_temp` (a worker's start) removes those left for longer than any encode.
+TEMP_PREFIX = "imagine-video-"
+
+
+def sweep_temp(older_than: float = 2 * FFMPEG_TIMEOUT + 600) -> int:
+    """Remove the encode folders (TEMP_PREFIX) in the temp directory not touched for `older_than`
+    seconds (longer than an encode may run, so no live one is removed). Returns how many; never
+    raises (another process may sweep the same folder)."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        entries = list(Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def ffmpeg_binary() -> str:
@@ -87,7 +114,7 @@ def encode_frames(
 
 
 def encode_frames_bytes(frames: Sequence[np.ndarray], **kwargs) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         path = encode_frames(frames, Path(tmp) / "video.mp4", **kwargs)
         return path.read_bytes()
 
@@ -99,7 +126,7 @@ def reencode_to_fit(data: bytes, max_bytes: int, timeout: float = FFMPEG_TIMEOUT
     """
     if len(data) <= max_bytes:
         return data
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         src = Path(tmp) / "in.mp4"
         src.write_bytes(data)
         # Widths rounded down to even (yuv420p): half of a 266-wide video is 133, which fails.

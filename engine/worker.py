@@ -280,6 +280,8 @@ class Worker:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        if swept := await asyncio.to_thread(video.sweep_temp):   # left by a worker killed mid-encode
+            log.info("removed %d video encode folder(s) left behind by a killed process", swept)
         if self.models is None:
             self.models = await asyncio.to_thread(self.models_loader)
         if self.max_batch is None:

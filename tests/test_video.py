@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -117,3 +119,23 @@ def test_an_ffmpeg_killed_by_a_signal_is_told_apart_from_a_failing_one(tmp_path,
     monkeypatch.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
     with pytest.raises(video.VideoInterrupted, match="stopped by signal 15"):
         video.encode_frames_bytes(frames(2))
+
+
+def test_encode_folders_left_by_a_killed_process_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
+    """A worker killed mid-encode leaves its temp folder (ffmpeg finishes writing into it): the
+    next worker's start sweeps those older than any encode runs, never a live one."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old = tmp_path / f"{video.TEMP_PREFIX}left"
+    old.mkdir()
+    (old / "video.mp4").write_bytes(b"x" * 1000)
+    past = time.time() - 3 * video.FFMPEG_TIMEOUT - 600
+    os.utime(old, (past, past))
+    live = tmp_path / f"{video.TEMP_PREFIX}live"
+    live.mkdir()
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    os.utime(other, (past, past))
+    assert video.sweep_temp() == 1
+    assert not old.exists() and live.exists() and other.exists()
+    assert video.encode_frames_bytes(frames(2))[4:8] == b"ftyp"   # encodes under the same prefix
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
