@@ -391,17 +391,31 @@ class Worker:
     # --- asyncio side -----------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        # An outage (a full disk, Redis down) fails every poll: its traceback is logged once, then
+        # a line a minute while it lasts, and its end.
+        failing_since: float | None = None
+        last_said = 0.0
         while not self._stop.is_set():
             try:
                 if len(self.running) < self.max_batch and self._gpu_thread_ok():
                     record = await self._claim()
+                    if failing_since is not None:
+                        log.warning("claims work again (they failed for %.0f s)", time.monotonic() - failing_since)
+                        failing_since = None
                     if record is not None:
                         await self._begin(record)
                         continue
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a queue outage must not kill the worker
-                log.exception("claim failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - a queue outage must not kill the worker
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = last_said = now
+                    log.exception("claim failed; retrying")
+                elif now - last_said >= 60:
+                    last_said = now
+                    log.warning("claims still fail (for %.0f s): %s: %s", now - failing_since,
+                                type(exc).__name__, exc)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_every)

@@ -948,3 +948,27 @@ async def test_jobs_of_a_gpu_thread_that_died_go_back_as_failed_attempts_not_rel
     record = await queue.get(job.id)
     assert record.state == JobState.QUEUED and record.attempts == 1, (record.state, record.attempts)
     assert record.error.startswith("GpuThreadDied: the worker's GPU thread died: _Fatal: boom"), record.error
+
+
+async def test_a_store_refusing_claims_is_logged_once_with_its_traceback_then_its_end(queue, tiny_models, monkeypatch, caplog):
+    """A full disk fails every claim poll: one traceback, not one per poll, and a line when claims
+    work again (the job queued meanwhile is then run)."""
+    real_claim = queue.claim
+    refused = 0
+
+    async def refusing_claim(*args, **kwargs):
+        nonlocal refused
+        if refused < 8:
+            refused += 1
+            raise OSError("database or disk is full")
+        return await real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "claim", refusing_claim)
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", poll_every=0.02):
+        job = await queue.submit(spec(iterations=2))
+        done = await wait_state(queue, job.id, {JobState.DONE})
+    assert done.state == JobState.DONE and refused == 8
+    failures = [r for r in caplog.records if r.getMessage() == "claim failed; retrying"]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert sum("claims work again" in r.getMessage() for r in caplog.records) == 1
