@@ -47,6 +47,15 @@ ANSWER_WINDOW = 2.0
 # The same for downloading and checking attachments; a slower download goes on after a public defer.
 ATTACHMENT_WINDOW = 2.0
 ATTACHMENT_TIMEOUT = 60.0
+# The age (`interaction_age`) trusts this host's clock against Discord's. A host clock seconds ahead
+# makes every interaction look old: without a floor, no wait is left, so every command would defer
+# at once and the Remix button (whose modal cannot follow a defer) would always answer
+# REMIX_TOO_SLOW. So `in_time` waits at least MIN_ANSWER_WAIT before a modal, and before a defer
+# when the age reads over CLOCK_SUSPECT_AFTER (were it true, Discord's 3 s would be over: nothing
+# is lost by waiting). Ages outside [-CLOCK_TOLERANCE, CLOCK_SUSPECT_AFTER] are logged, once.
+MIN_ANSWER_WAIT = 0.5
+CLOCK_SUSPECT_AFTER = 3.0
+CLOCK_TOLERANCE = 0.5
 # A user's second command with pictures waits (deferred publicly once past the answer window) while
 # their first one downloads, checks, stores and submits (`attachments.UserTurns`), at most this long:
 # the first one's download alone may take ATTACHMENT_TIMEOUT, its store and submit a busy store's
@@ -350,8 +359,28 @@ async def ephemeral(interaction: discord.Interaction, message: str, *, public_pl
 
 
 def interaction_age(interaction: discord.Interaction) -> float:
-    """Seconds since Discord made the interaction (the time in its id), never below 0."""
-    return max(0.0, (discord.utils.utcnow() - interaction.created_at).total_seconds())
+    """Seconds since Discord made the interaction (the time in its id, Discord's clock, against this
+    host's), never below 0. A reading that cannot be right (`_note_clock`) is logged, once."""
+    age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
+    _note_clock(age)
+    return max(0.0, age)
+
+
+_clock_logged = False
+
+
+def _note_clock(age: float) -> None:
+    """Log (once per process, not per interaction) an age the bot should never see before its
+    first answer: below -CLOCK_TOLERANCE (this host's clock behind Discord's) or over
+    CLOCK_SUSPECT_AFTER (ahead of it, or the event came after Discord's 3 s were over)."""
+    global _clock_logged
+    if _clock_logged or -CLOCK_TOLERANCE <= age <= CLOCK_SUSPECT_AFTER:
+        return
+    _clock_logged = True
+    log.warning("an interaction reads %.1f s old when the bot gets it: this host's clock is probably %s "
+                "Discord's (is it synchronised, e.g. NTP?)%s. The answer window counts from that age, so "
+                "answers may come late or be deferred needlessly; logged once.", age,
+                "behind" if age < 0 else "ahead of", "" if age < 0 else ", or the event came late (a resume)")
 
 
 class TooSlow(Exception):
@@ -365,12 +394,18 @@ async def in_time(interaction: discord.Interaction, work: Awaitable[T], *, defer
     it. Not done `window` (ANSWER_WINDOW) seconds after that: defer, then wait for it. `defer`:
     "public" (a "thinking…" that becomes the job's reply; a private refusal after it goes through
     `ephemeral`, which removes it) or "private" (every answer is private); None when the answer must
-    be a modal, which cannot follow a defer: then `work` is cancelled and TooSlow raised. An
-    interaction answered already just waits for `work`."""
+    be a modal, which cannot follow a defer: then `work` is cancelled and TooSlow raised. The wait
+    is never under MIN_ANSWER_WAIT for a modal, nor for an age this host's clock got wrong (see
+    there). An interaction answered already just waits for `work`."""
     task = asyncio.ensure_future(work)
     try:
         if not interaction.response.is_done():
-            left = (ANSWER_WINDOW if window is None else window) - interaction_age(interaction)
+            age = interaction_age(interaction)
+            left = (ANSWER_WINDOW if window is None else window) - age
+            if defer is None or age > CLOCK_SUSPECT_AFTER:
+                # A modal has no defer to fall back on; an age past Discord's 3 s is this host's
+                # clock (the interaction would be dead): MIN_ANSWER_WAIT rather than none.
+                left = max(left, MIN_ANSWER_WAIT)
             done, _ = await asyncio.wait({task}, timeout=max(0.0, left))
             if not done:
                 if defer is None:
@@ -420,9 +455,15 @@ def picture_gone(job_id: str | None, key: str, *, cancelled: bool = False) -> st
             "reused. `/imagine` the prompt again with the picture attached.")
 
 
-def picture_gone_text(spec: JobSpec, upload_id: str) -> str:
-    """`picture_gone` for the store's UploadGone at submit: the job that `spec` reuses pictures of (a
-    Reroll's, a Continue's), and which of them is gone."""
+PICTURE_NOT_STORED = "Your picture could not be stored, so nothing was queued. Try again."
+
+
+def picture_gone_text(spec: JobSpec, upload_id: str, uploads: attachments.Uploads | None = None) -> str:
+    """The refusal for the store's UploadGone at submit. A picture this command stored (`uploads`)
+    went each time it was stored again (RESTORE_TRIES): PICTURE_NOT_STORED. Else `picture_gone`:
+    the job that `spec` reuses pictures of (a Reroll's, a Continue's), and which of them is gone."""
+    if uploads is not None and upload_id in uploads.pngs:
+        return PICTURE_NOT_STORED
     key = next((k for k in PICTURE_KEYS if isinstance(spec.extra.get(k), dict)
                 and (spec.extra[k].get("artifact") or [None])[0] == upload_id), "image_prompt")
     source = spec.extra.get("rerolls") or spec.parent_job_id
@@ -623,20 +664,42 @@ class ImagineCog(commands.Cog, name="Imagine"):
         when they have no other one in flight; else, past the answer window, after a public defer
         (`in_time`: the "thinking…" that becomes the job's reply), for up to TURN_WAIT seconds.
         False (the user was told, privately) when the turn did not come by then. True: the turn is
-        held, and the caller releases it."""
+        held, and the caller releases it.
+
+        The turn belongs to this method until it returns True: every other way out (the refusal,
+        a defer that failed, a cancel) goes through the `finally`, which gives back whatever the
+        turn task took, now or, if it has not ended yet, once it does (`_give_back_turn`). A
+        defer's own timeout (aiohttp's ServerTimeoutError is an asyncio.TimeoutError) is not the
+        turn's: only the turn task's TimeoutError (TURN_WAIT passed) is the busy refusal."""
         user_id = interaction.user.id
         turn = asyncio.ensure_future(asyncio.wait_for(self.picture_turns.acquire(user_id), TURN_WAIT))
+        handed_over = False
         try:
-            await in_time(interaction, turn, defer="public")
-        except asyncio.TimeoutError:
-            await ephemeral(interaction, BUSY_WITH_PICTURES)
-            return False
-        except BaseException:
-            # The defer failed (or we were cancelled) just as the turn came: hand it on.
-            if turn.done() and not turn.cancelled() and turn.exception() is None:
+            try:
+                await in_time(interaction, turn, defer="public")
+            except Exception:
+                if turn.done() and not turn.cancelled() and isinstance(turn.exception(), asyncio.TimeoutError):
+                    await ephemeral(interaction, BUSY_WITH_PICTURES)
+                    return False
+                raise   # the defer failed: our error (the tree's on_error tells the user)
+            handed_over = True
+            return True
+        finally:
+            if not handed_over:
+                self._give_back_turn(turn, user_id)
+
+    def _give_back_turn(self, turn: asyncio.Future, user_id: int) -> None:
+        """Release the user's turn if `turn` took it: at once when it has ended, else when it ends
+        (it is cancelled; on Python 3.11 `wait_for` still returns the lock it had just taken)."""
+        def give_back(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is None:
                 self.picture_turns.release(user_id)
-            raise
-        return True
+
+        if turn.done():
+            give_back(turn)
+        else:
+            turn.cancel()
+            turn.add_done_callback(give_back)
 
     async def _check_and_submit(self, interaction: discord.Interaction, spec: JobSpec,
                                 pictures: list[tuple[str, discord.Attachment]], weight: float) -> None:
@@ -754,8 +817,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await ephemeral(interaction, f"The final state of job `{exc.job_id}` is gone (pruned), so nothing was "
                                          "queued. `/imagine` its prompt again instead.")
             return None
-        except UploadGone as exc:   # a carried picture gone since our has_artifact check (its job cancelled, pruned)
-            await ephemeral(interaction, picture_gone_text(spec, exc.upload_id))
+        except UploadGone as exc:   # a carried picture gone since our has_artifact check (its job cancelled,
+            # pruned), or ours, gone each time it was stored again
+            await ephemeral(interaction, picture_gone_text(spec, exc.upload_id, uploads))
             return None
         progress = self.bot.progress
         if progress is not None:

@@ -16,20 +16,27 @@ def is_admin(interaction: discord.Interaction, config: Config) -> bool:
         return True
     user = interaction.user
     entries = [entry.strip() for entry in config.discord.admin_roles]
-    # An entry of digits is a role id; anything else a role name. A name is matched by whatever
-    # role bears it, which anyone with Manage Roles can create: an id names the one role meant.
-    ids = {int(entry) for entry in entries if entry.isascii() and entry.isdigit()}
-    names = {entry.casefold() for entry in entries if not (entry.isascii() and entry.isdigit())}
+    # An entry shaped like a snowflake is a role id; anything else a role name ("2024" too). A
+    # name is matched by whatever role bears it, which anyone with Manage Roles can create: an id
+    # names the one role meant.
+    ids = {int(entry) for entry in entries if is_role_id(entry)}
+    names = {entry.casefold() for entry in entries if not is_role_id(entry)}
     if isinstance(user, discord.Member) and (ids or names):
         return any(role.id in ids or role.name.casefold() in names for role in user.roles)
     return False
 
 
+def is_role_id(entry: str) -> bool:
+    """Whether an `admin_roles` entry is a role id: 17 to 20 digits (a Discord snowflake). Shorter
+    digits ("2024") are a role's name."""
+    entry = entry.strip()
+    return entry.isascii() and entry.isdigit() and 17 <= len(entry) <= 20
+
+
 def admin_roles_text(config: Config) -> str:
     """The configured admin roles for a message: an id as a role mention (shown as the role's name;
     the client's allowed mentions ping no one), a name in code."""
-    return ", ".join(f"<@&{r.strip()}>" if r.strip().isascii() and r.strip().isdigit() else f"`{r}`"
-                     for r in config.discord.admin_roles)
+    return ", ".join(f"<@&{r.strip()}>" if is_role_id(r) else f"`{r}`" for r in config.discord.admin_roles)
 
 
 async def require_admin(interaction: discord.Interaction, config: Config) -> bool:
@@ -130,6 +137,9 @@ def results_refusal(interaction: discord.Interaction) -> str | None:
             "another channel.")
 
 
+# The keys of `authorizing_integration_owners`: a guild install ("0") and a user install ("1").
+USER_INSTALL = 1
+
 NOT_INSTALLED = ("I'm not a member of this server (you added me to your account, not to the server), so I "
                  "can't post results or keep settings here. Ask a server admin to add me to the server, or "
                  "use me in a server I'm in.")
@@ -137,6 +147,15 @@ NOT_INSTALLED = ("I'm not a member of this server (you added me to your account,
 
 def not_installed_here(interaction: discord.Interaction) -> bool:
     """An interaction from a server that has not installed the bot: it reached the bot through a
-    user install (`authorizing_integration_owners` without the server's), so the bot is not in
-    that server, can read nothing of it and could never post a result there."""
-    return interaction.guild_id is not None and not interaction.is_guild_integration()
+    user install (`authorizing_integration_owners` names the user's install, "1", and not this
+    server's, "0"), so the bot is not in that server, can read nothing of it and could never post
+    a result there. Only that: a component on a message the bot posted with its own token (a
+    result after the token's 15 minutes, a new message after a deleted reply or in an archived
+    thread, a contact sheet) may come with no owners at all, and is the bot's own server's.
+
+    The user's install is looked for as a key, not as `is_user_integration()` (whose owner must be
+    the user who clicks): a button on a message made through someone's user install names that
+    someone, whoever clicks it. discord.py keeps the owners in `_integration_owners` alone."""
+    owners = getattr(interaction, "_integration_owners", None) or {}
+    return (interaction.guild_id is not None and USER_INSTALL in owners
+            and not interaction.is_guild_integration())

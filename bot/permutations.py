@@ -276,7 +276,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         return []
     except UploadGone as exc:   # stored again RESTORE_TRIES times and gone each time: told, nothing queued
         from bot.imagine import picture_gone_text   # noqa: PLC0415 - imagine imports this module
-        await ephemeral(interaction, picture_gone_text(spec, exc.upload_id))
+        await ephemeral(interaction, picture_gone_text(spec, exc.upload_id, uploads))
         return []
     if progress is not None:
         for index, record in enumerate(records):

@@ -395,11 +395,12 @@ class ProgressCog(commands.Cog, name="Progress"):
             moved = t.position != position
             repaused = t.paused != paused
             t.position, t.paused = position, paused
-            if repaused or (rank <= LINE_REDRAWS and (moved or t.line_stale)):
-                t.line_stale = False
-                self._kick(t)
-            elif moved:
-                t.line_stale = True   # shown once it is among its channel's first LINE_REDRAWS
+            if moved or repaused:
+                # Until an edit has shown it (_edit_progress): one that failed (a 5xx) is tried
+                # again at the next round, not left showing the old place.
+                t.line_stale = True
+            if repaused or (rank <= LINE_REDRAWS and t.line_stale):
+                self._kick(t)   # else shown once it is among its channel's first LINE_REDRAWS
 
     def line_changed(self) -> None:
         """Called by the admin commands (pause/resume/clear) so positions are redrawn."""
@@ -540,6 +541,7 @@ class ProgressCog(commands.Cog, name="Progress"):
                             await self._post_final(t, final)
                     elif t.dead or t.muted or self._progress_content(t)[0] == t.last_content:
                         t.dirty = False   # nothing to draw: take none of the channel's slots
+                        t.line_stale = False   # what is drawn is current, or nothing ever will be
                     else:
                         await self._wait_turn(t)
                         if t.final:   # it ended while we waited: post the final instead
@@ -601,9 +603,10 @@ class ProgressCog(commands.Cog, name="Progress"):
         return render.queued_text(t.record, t.position, t.paused), None
 
     async def _edit_progress(self, t: _Tracker) -> None:
-        t.line_stale = False   # what is drawn now is the current place
+        drawn = (t.position, t.paused)
         content, png = self._progress_content(t)
         if content == t.last_content:   # the content names the iteration: same frame
+            t.line_stale = False
             return
         kwargs: dict[str, Any] = {"content": content}
         if png is not None:
@@ -632,6 +635,8 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.muted = t.archived = True
             return
         t.last_content = content
+        if (t.position, t.paused) == drawn:   # not moved again while the edit went out
+            t.line_stale = False   # what is drawn now is the current place (not before: an edit may fail)
 
     async def _edit(self, t: _Tracker, **kwargs: Any) -> None:
         """Edit the job's reply: through the interaction while its token lives, else the channel.
@@ -813,14 +818,34 @@ class ProgressCog(commands.Cog, name="Progress"):
 
     async def _post_lost(self, t: _Tracker) -> None:
         """Edit the reply of a job the store lost into a notice (render.lost_text), without its Cancel
-        button; the last frame stays. Then the job is dropped here (`delivered`)."""
+        button; the last frame stays. In an archived thread (edits refused) the notice is a new
+        message, which unarchives it, as a result would be. Then the job is dropped here
+        (`delivered`). Other HTTP errors are the send loop's: retried, a refusal given up after
+        REFUSED_TRIES."""
+        content = render.lost_text(t.record)
+        if not t.archived:
+            try:
+                await self._edit(t, content=content, view=None)
+            except (MessageGone, NoMessage, discord.Forbidden):
+                log.info("job %s: lost, and its reply is gone too; nothing to tell", t.job_id)
+                t.delivered = True
+                return
+            except ThreadArchived:
+                log.info("job %s: lost, and its reply is in an archived thread; saying so in a new message",
+                         t.job_id)
+                t.archived = True
+            else:
+                log.info("job %s: its reply says it was lost", t.job_id)
+                t.delivered = True
+                return
+        channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
         try:
-            await self._edit(t, content=render.lost_text(t.record), view=None)
-        except (MessageGone, NoMessage, discord.Forbidden, ThreadArchived):
-            log.info("job %s: lost, and its reply is gone too (or in an archived thread); nothing to tell",
-                     t.job_id)
+            message = await channel.send(content=content, nonce=f"imagine-lost-{t.job_id}")
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.info("job %s: lost, and no notice can be posted in channel %s (%s %s)", t.job_id, t.channel_id,
+                     exc.status, exc.text)
         else:
-            log.info("job %s: its reply says it was lost", t.job_id)
+            log.info("job %s: lost; a new message (%s) says so", t.job_id, message.id)
         t.delivered = True
 
 

@@ -28,8 +28,14 @@ PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(/webhooks/\d+/)[^/\s'\"?#]+"), r"\1" + MASK),
     # a payload's 'token': '...' (a dict's repr) or "token": "..." (JSON), any *_token key too
     (re.compile(r"""(['"](?:\w*_)?token['"]\s*:\s*)(['"])[^'"]*\2""", re.IGNORECASE), r"\1\2" + MASK + r"\2"),
-    # a bot token's shape: <base64 user id>.<timestamp>.<hmac>
-    (re.compile(r"\b[A-Za-z0-9_-]{18,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{20,}"), MASK),
+    # a bot token's shape (the configured token is masked as itself; this is for any other):
+    # <base64 of the user id's 17-20 digits>.<6-character timestamp>.<27+ character hmac>
+    # Base64 of ASCII digits comes in groups of four characters, each from a small set ([MNO],
+    # [DTjz], [AEIMQUYcgk], [w-z0-5]): 17 digits are five groups and three characters, 18 six
+    # groups, 19 six and two ([MNO][AQgw]), 20 six and three (23-27 characters in all). A long
+    # dotted name (`a_long_module_name.something.and_a_long_tail`) is not of that alphabet.
+    (re.compile(r"(?<![A-Za-z0-9_-])(?:[MNO][DTjz][AEIMQUYcgk][w-z0-5]){5,6}(?:[MNO][DTjz][AEIMQUYcgk]|[MNO][AQgw])?"
+                r"\.[A-Za-z0-9_-]{6}\.[A-Za-z0-9_-]{27,}"), MASK),
 ]
 
 

@@ -224,3 +224,24 @@ async def test_an_admin_role_given_by_id_is_that_role_not_any_of_its_name(harnes
     assert f"<@&{fd.admin_role_id + 1}>" in text and "`Imagine Admin`" in text
     assert (await h.queue.get(ids[1])).state == JobState.QUEUED
     fd.assert_clean()
+
+
+async def test_an_admin_role_named_with_digits_is_a_name_not_an_id(harness):
+    """Only a snowflake (17-20 digits) is read as a role id: `admin_roles = ["2024"]` means the role
+    named "2024" (before: read as the id 2024, which no role has, so its members were refused, and
+    refusals named it as a role mention)."""
+    h = harness
+    fd = h.fd
+    fd.roles[fd.admin_role_id]["name"] = "2024"
+    h.config.discord.admin_roles = ["2024"]
+    await h.start()
+    assert (await ephemeral_answer(h, "queue pause", user=fd.admin_user)).startswith("Paused")  # all wait
+    (bobs,) = await _queued_jobs(h, 1)
+    (alices,) = await _queued_jobs(h, 1, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue cancel", {"job": bobs}, user=fd.admin_user,
+                                  member_permissions=Permission.EVERYONE)   # the role alone, no Manage Server
+    assert text == f"Cancelled job `{bobs}`.", text
+    text = await ephemeral_answer(h, "queue cancel", {"job": alices})       # Bob: no role
+    assert "Only the person who asked for job" in text and "`2024`" in text and "<@&2024>" not in text, text
+    assert (await h.queue.get(alices)).state == JobState.QUEUED
+    fd.assert_clean()

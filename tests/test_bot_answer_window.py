@@ -181,3 +181,37 @@ async def test_slow_ban_word_matching_is_capped_per_request_and_answered_in_time
     await h.reply_of(inter)
     assert await h.queue.count_queued() == 2
     fd.assert_clean()
+
+
+async def test_a_host_clock_ahead_of_discords_still_gets_the_remix_form_and_is_logged_once(harness, monkeypatch,
+                                                                                          caplog):
+    """The answer window counts from the interaction's age: its id's time (Discord's clock) against
+    this host's. Here the host's clock is 5 s ahead, so every interaction reads 5 s old when it
+    arrives. The Remix button (whose answer, a form, cannot follow a defer) still gets its form from
+    a quick store, and a command that can defer answers at once rather than deferring first (before:
+    no wait at all, so REMIX_TOO_SLOW every time, and a defer for everything). The implausible age is
+    logged once, not per interaction."""
+    import logging
+
+    from bot import imagine
+
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    msg, job_id = await _finished_job(h, "a clock that runs ahead")
+    monkeypatch.setattr(imagine, "_clock_logged", False)
+    caplog.set_level(logging.WARNING, logger="bot.imagine")
+    fd.interaction_clock_skew = 5.0
+
+    for _ in range(2):
+        click = await fd.click_button(msg, f"imagine:remix:{job_id}")
+        await fd.wait_for_response(click, DISCORD_WINDOW + 1)
+        _first_answer_in_time(click)
+        assert click.response_type == 9, click.response   # the form, not REMIX_TOO_SLOW
+    inter = await fd.send_slash_command("queue show")
+    await fd.wait_for_response(inter, DISCORD_WINDOW + 1)
+    _first_answer_in_time(inter)
+    assert inter.response_type == 4 and inter.response["data"]["flags"] & EPHEMERAL, inter.response   # no defer
+    clock = [r for r in caplog.records if "host's clock is probably ahead of Discord's" in r.getMessage()]
+    assert len(clock) == 1, [r.getMessage() for r in caplog.records]
+    fd.assert_clean()

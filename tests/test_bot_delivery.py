@@ -292,3 +292,36 @@ async def test_a_refused_progress_edit_stops_the_progress_edits(harness):
     assert len(refused) == 2   # and the final post's edit, which then posts a new message
     posts = _requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
     assert len(posts) == 1 and posts[0].status == 200
+
+
+@pytest.mark.parametrize("token_expired", [True, False], ids=["channel-edits", "token-edits"])
+async def test_a_lost_job_in_an_archived_thread_says_so_in_a_new_message(harness, caplog, token_expired):
+    """The store lost a job (a Redis that came back empty; here its row is deleted) while its reply
+    waited in a thread that has since archived itself. The notice that it was lost cannot be an
+    edit there (400 / 50083, once): it goes out as a new message, which unarchives the thread, as a
+    result would (before: "nothing to tell", and the reply showed it queued for ever)."""
+    import sqlite3
+
+    h = harness
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await _queued_job_in_a_thread(h, "a job the store forgets", expire_token=token_expired)
+    fd = h.fd
+    thread_id = msg.channel_id
+    caplog.set_level(logging.INFO, logger="bot.progress")
+    await fd.archive_thread(thread_id)
+    since = len(fd.requests)
+    with sqlite3.connect(h.config.queue.url.removeprefix("sqlite:///")) as db:
+        db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    await fd.wait_for(lambda: _requests(fd, "POST", CHANNEL_POST.format(thread_id), since), 10, "the notice")
+    await asyncio.sleep(1.0)   # nothing more comes
+    edits = [r for r in fd.requests[since:] if r.method == "PATCH" and r.status != 401   # 401: the dead token
+             and (r.path.startswith(f"/channels/{thread_id}/") or r.path.startswith("/webhooks/"))]
+    assert [(r.status, r.response["code"]) for r in edits] == [(400, 50083)]
+    (post,) = _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    assert post.status == 200
+    notice = fd.messages[int(post.response["id"])]
+    assert "Lost:" in notice.content and "a job the store forgets" in notice.content and not notice.custom_ids
+    assert not fd.thread_archived(thread_id)   # the new message unarchived it
+    assert job_id not in h.bot.progress.trackers
+    fd.assert_clean()

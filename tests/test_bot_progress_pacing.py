@@ -2,7 +2,8 @@
 
 - Places in line: when the line moves, only the first LINE_REDRAWS queued jobs of a channel are
   redrawn, so a start in a channel with a long line costs at most that many edits (a job further
-  back shows its new place once it gets among them).
+  back shows its new place once it gets among them); a redraw that failed is tried again at the
+  next round.
 - A channel's slots go to final posts first, then frames, then places in line: a result is not
   held up behind a burst of position redraws.
 - The interaction token's clock starts when the interaction was made, not when the job was
@@ -90,6 +91,33 @@ async def test_a_start_redraws_the_places_of_the_first_jobs_of_the_channel_only(
     await _quiet(fd)
     assert len([r for r in _edits_since(fd, since) if _is_position(r)]) == 10
     assert "#14 in line" in fd.messages[msgs[13].id].content   # still as queued: never among the first 10
+
+
+async def test_a_place_whose_redraw_failed_is_redrawn_at_the_next_round(harness):
+    """Three jobs wait (past their tokens' 15 minutes: edits go through the channel); the first is
+    cancelled, and the third one's redraw of its new place (#2) answers 503. The line's next round
+    (a fourth job joins behind it: its own place does not change) redraws it. Before, its place
+    counted as drawn before the edit went out, so it kept showing #3 until it moved again."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    msgs = await _queue_jobs(h, 3)
+    ids = [h.job_id(m) for m in msgs]
+    await _quiet(fd)
+    assert "#3 in line" in fd.messages[msgs[2].id].content
+    fd.expire_tokens()
+    rule = fd.inject_error("PATCH", f"/channels/{msgs[2].channel_id}/messages/{msgs[2].id}", 503,
+                           body={"message": "Service Unavailable", "code": 0})
+    await h.queue.cancel(ids[0])
+    await fd.wait_for(lambda: rule.remaining == 0, 10, "the failed redraw")
+    await fd.wait_for(lambda: "next in line" in fd.messages[msgs[1].id].content, 10, "job 2 first in line")
+    await _quiet(fd)
+    assert "#3 in line" in fd.messages[msgs[2].id].content   # discord.py does not retry a 503 here
+
+    fourth = await h.reply_of(await h.imagine("a short line, job 3"))
+    await fd.wait_for(lambda: "#2 in line" in fd.messages[msgs[2].id].content, 10, "job 3 redrawn at #2")
+    assert "#3 in line" in fd.messages[fourth.id].content
+    fd.assert_clean()
 
 
 async def test_a_result_is_not_held_up_behind_position_redraws(harness):

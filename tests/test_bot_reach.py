@@ -11,7 +11,8 @@ Send Messages (Send Messages in Threads in a thread) or Attach Files.
 
 Installs: the commands are synced for guild installs alone (`integration_types: [0]`), even where
 the application also has User Install enabled; an interaction from a server that has not
-installed the bot (it came through a user install) is refused privately, and changes nothing.
+installed the bot (it came through a user install) is refused privately, and changes nothing; a
+button on a message the bot posted with its own token, sent with no owners at all, is not.
 """
 
 from __future__ import annotations
@@ -122,6 +123,53 @@ async def test_buttons_and_remix_are_refused_once_the_bot_may_no_longer_post_the
     await fd.wait_for(lambda: click.original_message is not None and "Queued" in click.original_message.content,
                       10, "the reroll's reply")
     assert await h.queue.count_queued() == 1
+    fd.assert_clean()
+
+
+async def test_buttons_on_a_message_the_bot_posted_itself_work_without_integration_owners(harness):
+    """A result the bot posted with its own token (here: its reply was deleted, so the result is a
+    new message; so are results in archived threads and contact sheets) is no interaction's
+    response, and Discord may send its buttons' interactions with no `authorizing_integration_owners`
+    at all ({}). That is not a user install (which names the user's, "1", alone): Reroll, Remix and
+    the Remix form work there as anywhere (before: refused as NOT_INSTALLED)."""
+    h = harness
+    fd = h.fd
+    h.config.queue.max_queued_per_user = 20
+    await h.start(worker=False)
+    inter = await fd.send_slash_command("imagine", {"prompt": "a lighthouse"})
+    await fd.wait_for_response(inter)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await fd.delete_message(msg.channel_id, msg.id)
+    await claim_jobs(h.queue, [job_id])
+    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
+    await finish_jobs(h.queue, [job_id])
+    record = await h.wait_delivered(job_id)
+    result = fd.messages[record.spec.reply["result_message_id"]]
+    assert result.id != msg.id and "interaction_metadata" not in result.data   # posted with the bot token
+
+    click = await fd.click_button(result, f"imagine:reroll:{job_id}", integration_owners={})
+    await fd.wait_for_response(click)
+    assert click.response_type == 5, click.response
+    await fd.wait_for(lambda: click.original_message is not None and "Queued" in click.original_message.content,
+                      10, "the reroll's reply")
+    click = await fd.click_button(result, f"imagine:remix:{job_id}", integration_owners={})
+    await fd.wait_for_response(click)
+    assert click.response_type == 9, click.response   # the form
+    submit = await fd.submit_modal(click, {"prompt": "a lighthouse at night"}, integration_owners={})
+    await fd.wait_for_response(submit)
+    assert submit.response_type == 5, submit.response
+    await fd.wait_for(lambda: submit.original_message is not None and "Queued" in submit.original_message.content,
+                      10, "the remix's reply")
+    assert await h.queue.count_queued() == 2
+
+    # A user's install alone is refused, even when it is another user's (a button on a message made
+    # through Alice's install names hers, whoever clicks).
+    click = await fd.click_button(result, f"imagine:reroll:{job_id}",
+                                  integration_owners={"1": str(fd.admin_user["id"])})
+    await fd.wait_for_response(click)
+    assert _refusal(click) == NOT_INSTALLED
+    assert await h.queue.count_queued() == 2
     fd.assert_clean()
 
 

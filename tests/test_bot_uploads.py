@@ -264,6 +264,35 @@ async def test_a_picture_deleted_between_its_store_and_its_submit_is_stored_agai
     fd.assert_clean()
 
 
+@pytest.mark.parametrize("prompt", ["a house", "a {red, blue} house"], ids=["one-job", "permutation-set"])
+async def test_a_picture_gone_each_time_it_is_stored_again_is_told_as_not_stored(harness, monkeypatch, prompt):
+    """The picture this command stored is deleted before every submit (another command's discard
+    each time): after RESTORE_TRIES stores again, nothing is queued and the user reads that their
+    picture could not be stored, not the Reroll's "gone from the store, so it cannot be reused"."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    submits = []
+
+    real_submit_many = h.queue.submit_many
+
+    async def submit_many_after_a_discard(specs, **kwargs):   # submit() goes through it too
+        await h.queue.discard_uploads(upload_refs(specs[0]))
+        submits.append(len(specs))
+        return await real_submit_many(specs, **kwargs)
+
+    monkeypatch.setattr(h.queue, "submit_many", submit_many_after_a_discard)
+    inter = await fd.send_slash_command("imagine", {"prompt": prompt,
+                                                    "image": fd.host_attachment("p.png", noise_png(seed=7))})
+    ((kind, text),) = await outcomes(h, [inter])
+    assert (kind, text) == ("refused", imagine.PICTURE_NOT_STORED)
+    assert len(submits) == attachments.RESTORE_TRIES + 1
+    assert await h.queue.count_queued() == 0
+    await uploads_settle(h, {})
+    await no_turns_left(h)
+    fd.assert_clean()
+
+
 async def test_a_users_second_command_with_pictures_waits_for_the_first_or_is_told_it_is_busy(harness, monkeypatch):
     """One user's commands with pictures take turns: a second one waits (answered in time with a
     public "thinking…") and goes on once the first is queued; past TURN_WAIT it is refused privately,
@@ -304,5 +333,72 @@ async def test_a_users_second_command_with_pictures_waits_for_the_first_or_is_to
     assert kind == "queued" and (second_kind, text) == ("refused", imagine.BUSY_WITH_PICTURES)
     assert "second again.png" not in spans                   # it downloaded nothing
     assert len(stored_uploads(h)) == 4
+    await no_turns_left(h)
+    fd.assert_clean()
+
+
+def _prompt_of(interaction) -> str | None:
+    return next((o.get("value") for o in (interaction.data or {}).get("options", []) if o.get("name") == "prompt"),
+                None)
+
+
+@pytest.mark.parametrize("failure", ["times-out-as-the-turn-comes", "fails-as-the-turn-is-handed-over"])
+async def test_a_defer_that_fails_while_waiting_for_the_turn_gives_the_turn_back(harness, monkeypatch, failure):
+    """A user's second command with a picture waits for the turn their first one holds and, past the
+    answer window, defers publicly. That defer fails: it stalls and times out (aiohttp's
+    ServerTimeoutError, an asyncio.TimeoutError) while the turn comes; or it fails in the very tick
+    the first command hands the turn over, before the waiting task has seen it (it is cancelled then,
+    and Python 3.11's wait_for returns the lock it had just taken all the same). Either way the
+    second command gets our error (not "busy": the turn came), the turn is given back, and the
+    user's next command with a picture goes at once. Before: the turn was held for ever, and every
+    later command with a picture of that user was refused as busy after TURN_WAIT."""
+    import aiohttp
+    import discord
+
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    turns = h.bot.get_cog("Imagine").picture_turns
+    go, handed = asyncio.Event(), asyncio.Event()
+    original_download = attachments.download
+
+    async def download(attachment, option, max_bytes):
+        if attachment.filename == "first.png":
+            await go.wait()   # the first command holds the turn until the second one defers
+        return await original_download(attachment, option, max_bytes)
+
+    real_release = turns.release
+
+    def release(user_id):
+        real_release(user_id)
+        handed.set()   # the first command's: the turn goes to the second one now
+
+    real_defer = discord.InteractionResponse.defer
+
+    async def defer(self, **kwargs):
+        if _prompt_of(self._parent) != "second":
+            return await real_defer(self, **kwargs)
+        go.set()
+        await handed.wait()   # woken in the tick the turn is handed over, before the waiting task
+        if failure == "times-out-as-the-turn-comes":
+            await asyncio.sleep(0.1)   # the waiting task has the turn by now
+            raise aiohttp.ServerTimeoutError("Timeout on reading data from socket")
+        raise aiohttp.ClientConnectionError("Connection lost")
+
+    monkeypatch.setattr(attachments, "download", download)
+    monkeypatch.setattr(turns, "release", release)
+    monkeypatch.setattr(discord.InteractionResponse, "defer", defer)
+    monkeypatch.setattr(imagine, "TURN_WAIT", 3.0)
+
+    def send(name, seed):
+        return fd.send_slash_command("imagine", {"prompt": name, "image": fd.host_attachment(f"{name}.png",
+                                                                                             noise_png(seed=seed))})
+
+    first, second = await asyncio.gather(send("first", 1), send("second", 2))
+    (kind, _), second_outcome = await outcomes(h, [first, second])
+    assert kind == "queued" and second_outcome == ("refused", imagine.OUR_ERROR), second_outcome
+    await no_turns_left(h)
+    ((kind, _),) = await outcomes(h, [await send("third", 3)])   # not refused as busy after TURN_WAIT
+    assert kind == "queued"
     await no_turns_left(h)
     fd.assert_clean()

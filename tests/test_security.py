@@ -454,6 +454,25 @@ def test_the_redactor_masks_tokens_in_messages_payloads_and_tracebacks():
     assert "INTERACTION_CREATE" in out and "{'type': 5}" in out   # the rest of each line is kept
 
 
+def test_the_redactor_masks_bot_token_shapes_but_not_long_dotted_names():
+    """A bot token not configured here (another bot's, a rotated one) is masked by its shape: the
+    base64 of a 17-20 digit user id, a 6-character timestamp, a 27+ character HMAC. Long dotted
+    names (a module path, a process name) are not of that alphabet and stay as they are."""
+    import base64
+
+    from bot.redact import MASK, Redactor
+
+    redactor = Redactor()
+    for user_id in ("41771983423143937", "123456789012345678", "1234567890123456789", "98765432109876543210"):
+        first = base64.urlsafe_b64encode(user_id.encode()).decode().rstrip("=")
+        token = f"{first}.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456_-AB"
+        assert redactor.redact(f"Bot {token} failed") == f"Bot {MASK} failed", user_id
+    for name in ("imagine_bot_worker_process_name.something_else.and_a_long_tail_segment_here",
+                 "MyVeryLongModuleNameHere1.abcdef.some_long_tail_segment_here_for_sure",
+                 "engine.queue.sqlite.SqliteQueue.submit_many_with_a_long_name_that_goes_on"):
+        assert redactor.redact(f"in {name}: ok") == f"in {name}: ok"
+
+
 async def test_debug_logs_of_a_real_bot_against_the_fake_discord_carry_no_token(harness):
     """The bot's own logging setup at DEBUG (bot.__main__ calls it), discord.py's real loggers: the
     gateway's INTERACTION_CREATE and the webhook requests are logged, their tokens are not."""

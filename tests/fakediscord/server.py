@@ -693,8 +693,13 @@ class FakeDiscord:
         self.install_types: List[int] = [0]
         # Every interaction's `authorizing_integration_owners`; None: the guild's install, {"0": guild
         # id}. {"1": user id} alone: the command came through a user install, in a server that never
-        # added the bot.
+        # added the bot. {}: no owners at all (Discord may send that for a component on a message
+        # the bot posted with its own token); click_button / select / submit_modal take one too.
         self.integration_owners: Optional[Dict[str, str]] = None
+        # Seconds by which the bot's clock is ahead of Discord's: every interaction's id (the time
+        # Discord made it) reads that much older to the bot. Negative: behind. Discord's own 3 s
+        # (interaction_deadline) still count from when the fake made the interaction.
+        self.interaction_clock_skew: float = 0.0
         self.admin_user: Dict[str, Any] = self._user("alice", global_name="Alice")
         self.member_user: Dict[str, Any] = self._user("bob", global_name="Bob")
         self.users: Dict[int, Dict[str, Any]] = {}
@@ -1527,8 +1532,16 @@ class FakeDiscord:
             return user
         return self.users[int(user)]
 
+    def _interaction_id(self) -> int:
+        """A new interaction id, its time `interaction_clock_skew` seconds before now."""
+        iid = self.snowflake() - (int(self.interaction_clock_skew * 1000) << 22)
+        while iid in self.interactions:
+            iid += 1
+        return iid
+
     def _interaction_base(self, itype: int, user: Dict[str, Any], channel_id: int,
-                          member_permissions: Union[None, int, str], locale: str) -> Dict[str, Any]:
+                          member_permissions: Union[None, int, str], locale: str,
+                          owners: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         uid = int(user["id"])
         g = self._guild_of_channel(channel_id) or self.guild()
         member = dict(g.members.get(uid) or {
@@ -1542,9 +1555,10 @@ class FakeDiscord:
         member["permissions"] = str(perms)
         channel = dict(self.channels[int(channel_id)])
         channel["permissions"] = str(perms)
-        owners = self.integration_owners or {"0": str(g.id)}
+        if owners is None:
+            owners = self.integration_owners if self.integration_owners is not None else {"0": str(g.id)}
         return {
-            "id": str(self.snowflake()),
+            "id": str(self._interaction_id()),
             "application_id": str(self.application_id),
             "type": itype,
             "token": "fakeitoken" + secrets.token_urlsafe(48),
@@ -1691,20 +1705,26 @@ class FakeDiscord:
 
     async def click_button(self, message: Union[StoredMessage, Dict[str, Any], int], custom_id: str, *,
                            user: Union[None, int, Dict[str, Any]] = None,
-                           member_permissions: Union[None, int, str] = None, locale: str = "en-US") -> InteractionRecord:
-        """Click the button ``custom_id`` on a stored message (type 3 interaction, component_type 2)."""
-        return await self._component(message, custom_id, 2, None, user, member_permissions, locale)
+                           member_permissions: Union[None, int, str] = None, locale: str = "en-US",
+                           integration_owners: Optional[Dict[str, str]] = None) -> InteractionRecord:
+        """Click the button ``custom_id`` on a stored message (type 3 interaction, component_type 2).
+        ``integration_owners``: this interaction's ``authorizing_integration_owners`` ({} for none)
+        instead of :attr:`integration_owners`'."""
+        return await self._component(message, custom_id, 2, None, user, member_permissions, locale, integration_owners)
 
     async def select(self, message: Union[StoredMessage, Dict[str, Any], int], custom_id: str, values: List[str], *,
                      user: Union[None, int, Dict[str, Any]] = None,
-                     member_permissions: Union[None, int, str] = None, locale: str = "en-US") -> InteractionRecord:
+                     member_permissions: Union[None, int, str] = None, locale: str = "en-US",
+                     integration_owners: Optional[Dict[str, str]] = None) -> InteractionRecord:
         """Choose ``values`` in the string select ``custom_id`` on a stored message."""
-        return await self._component(message, custom_id, 3, values, user, member_permissions, locale)
+        return await self._component(message, custom_id, 3, values, user, member_permissions, locale,
+                                     integration_owners)
 
     async def submit_modal(self, interaction: InteractionRecord, values: Optional[Dict[str, str]] = None, *,
                            user: Union[None, int, Dict[str, Any]] = None,
                            member_permissions: Union[None, int, str] = None,
-                           locale: str = "en-US") -> InteractionRecord:
+                           locale: str = "en-US",
+                           integration_owners: Optional[Dict[str, str]] = None) -> InteractionRecord:
         """Submit the modal the bot opened in answer to ``interaction`` (callback type 9 MODAL), as
         Discord does: a type 5 MODAL_SUBMIT interaction with the modal's custom_id and every text
         input's value. ``values`` maps text-input custom ids to what the user typed; inputs not named
@@ -1741,14 +1761,14 @@ class FakeDiscord:
             return out
 
         u = self._resolve_user(user) if user is not None else interaction.payload["member"]["user"]
-        payload = self._interaction_base(5, u, interaction.channel_id, member_permissions, locale)
+        payload = self._interaction_base(5, u, interaction.channel_id, member_permissions, locale, integration_owners)
         payload["data"] = {"custom_id": modal.get("custom_id"), "components": answered(modal.get("components") or [])}
         msg = self.messages.get(interaction.message_id) if interaction.message_id is not None else None
         if msg is not None and not msg.deleted:
             payload["message"] = copy.deepcopy(msg.data)   # a modal opened from a component
         return await self._inject_interaction(payload, interaction.channel_id, message_id=interaction.message_id)
 
-    async def _component(self, message, custom_id, ctype, values, user, member_permissions, locale):
+    async def _component(self, message, custom_id, ctype, values, user, member_permissions, locale, owners=None):
         mid = message.id if isinstance(message, StoredMessage) else int(message["id"] if isinstance(message, dict) else message)
         msg = self.messages.get(mid)
         if msg is None or msg.deleted:
@@ -1761,7 +1781,7 @@ class FakeDiscord:
         if comp.get("disabled"):
             raise ValueError(f"component {custom_id!r} is disabled; Discord would not let a user use it")
         u = self._resolve_user(user)
-        payload = self._interaction_base(3, u, msg.channel_id, member_permissions, locale)
+        payload = self._interaction_base(3, u, msg.channel_id, member_permissions, locale, owners)
         data: Dict[str, Any] = {"custom_id": custom_id, "component_type": ctype}
         if "id" in comp:
             data["id"] = comp["id"]
@@ -2152,7 +2172,8 @@ class FakeDiscord:
             user = interaction.payload["member"]["user"]
             meta: Dict[str, Any] = {
                 "id": str(interaction.id), "type": interaction.type, "user": user,
-                "authorizing_integration_owners": {"0": interaction.payload.get("guild_id", str(self.guild_id))},
+                "authorizing_integration_owners": interaction.payload.get(
+                    "authorizing_integration_owners", {"0": interaction.payload.get("guild_id", str(self.guild_id))}),
             }
             if interaction.type == 2:
                 meta["name"] = interaction.payload["data"]["name"]
