@@ -20,7 +20,7 @@ from bot import moderation
 from bot.imagine import REMIX_TOO_SLOW
 from engine.jobs import JobState
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    EPHEMERAL, FLAG_LOADING, JOB_ID_RE, claim_jobs, finish_jobs, harness, private_answer,
+    EPHEMERAL, FLAG_LOADING, JOB_ID_RE, finished_job, harness, private_answer,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -53,19 +53,6 @@ def _first_answer_in_time(inter) -> None:
     assert took < DISCORD_WINDOW, f"first answer after {took:.2f} s"
 
 
-async def _finished_job(h, prompt):
-    fd = h.fd
-    inter = await h.imagine(prompt)
-    msg = await h.reply_of(inter)
-    job_id = h.job_id(msg)
-    await claim_jobs(h.queue, [job_id])
-    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
-    await finish_jobs(h.queue, [job_id])
-    await h.wait_delivered(job_id)
-    await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[msg.id].custom_ids, 5, "the result's buttons")
-    return msg, job_id
-
-
 async def _job_reply(h, inter, timeout=30.0) -> str:
     """The job id of the public reply a deferred interaction turned into."""
     assert inter.response_type == 5 and not (inter.response.get("data") or {}).get("flags", 0) & EPHEMERAL
@@ -78,7 +65,7 @@ async def test_every_command_and_button_answers_in_time_while_the_store_reads_sl
     h.config.queue.max_queued_per_user = 20
     await h.start(worker=False)
     await h.queue.set_setting(f"banned:{fd.guild_id}", ["cursed"])
-    done_msg, done_id = await _finished_job(h, "a lake at dawn")
+    done_msg, done_id = await finished_job(h, "a lake at dawn")
     waiting_msg = await h.reply_of(await h.imagine("waiting for the button"))
     waiting_id = h.job_id(waiting_msg)
     other_id = h.job_id(await h.reply_of(await h.imagine("waiting for /queue cancel")))
@@ -198,7 +185,7 @@ async def test_a_host_clock_ahead_of_discords_still_gets_the_remix_form_and_is_l
     h = harness
     fd = h.fd
     await h.start(worker=False)
-    msg, job_id = await _finished_job(h, "a clock that runs ahead")
+    msg, job_id = await finished_job(h, "a clock that runs ahead")
     monkeypatch.setattr(imagine, "_clock_logged", False)
     caplog.set_level(logging.WARNING, logger="bot.imagine")
     fd.interaction_clock_skew = 5.0

@@ -23,7 +23,7 @@ from bot.permissions import NOT_INSTALLED
 from bot.queue_admin import user_limit_key
 from engine.jobs import JobState
 from tests.fakediscord import Permission
-from tests.test_bot_support import EPHEMERAL, claim_jobs, finish_jobs, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import EPHEMERAL, claim_jobs, finish_jobs, finished_job, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
 
@@ -44,21 +44,6 @@ def _refusal(inter) -> str:
 
 def _missing(what: str) -> str:
     return f"I can't post results in this channel: I'm missing {what}. Ask a server admin, or use another channel."
-
-
-async def _finished_job(h, prompt="a lighthouse", channel_id=None):
-    """A DONE job with its final state (Continue, Remix), delivered in `channel_id`: (reply, job id)."""
-    fd = h.fd
-    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=channel_id)
-    await fd.wait_for_response(inter)
-    msg = await h.reply_of(inter)
-    job_id = h.job_id(msg)
-    await claim_jobs(h.queue, [job_id])
-    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
-    await finish_jobs(h.queue, [job_id])
-    await h.wait_delivered(job_id)
-    await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[msg.id].custom_ids, 5, "the result's buttons")
-    return msg, job_id
 
 
 async def test_a_job_is_refused_where_the_bot_could_not_post_its_result(harness):
@@ -104,7 +89,7 @@ async def test_buttons_and_remix_are_refused_once_the_bot_may_no_longer_post_the
     h = harness
     fd = h.fd
     await h.start(worker=False)
-    msg, job_id = await _finished_job(h)
+    msg, job_id = await finished_job(h)
     h.config.queue.max_queued_per_user = 20
     _deny_the_bot(fd, fd.channel_id, ATTACH)
     for action in ("reroll", "continue", "remix"):
@@ -197,7 +182,7 @@ async def test_a_server_that_has_not_installed_the_bot_is_refused_privately(harn
     h = harness
     fd = h.fd
     await h.start(worker=False)
-    msg, job_id = await _finished_job(h)
+    msg, job_id = await finished_job(h)
     fd.integration_owners = {"1": str(fd.member_user["id"])}   # the user's install alone
     for name, options, user in [("imagine", {"prompt": "a house"}, None), ("help", {}, None),
                                 ("remix", {"job": job_id, "prompt": "a boat"}, None),

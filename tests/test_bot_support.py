@@ -226,6 +226,22 @@ async def finish_jobs(queue, job_ids) -> None:
         assert await queue.finish(job_id, (await queue.get(job_id)).lease_id, 0.2)  # the claim's lease
 
 
+async def finished_job(h, prompt: str = "a lighthouse", channel_id: int | None = None) -> tuple[Any, str]:
+    """A DONE job with a final state (Continue, Remix), delivered in `channel_id` (the default
+    channel when None), its buttons shown: (its reply, its id). No worker: the test finishes it."""
+    fd = h.fd
+    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=channel_id)
+    await fd.wait_for_response(inter)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await claim_jobs(h.queue, [job_id])
+    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id)
+    await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[msg.id].custom_ids, 5, "the result's buttons")
+    return msg, job_id
+
+
 @pytest_asyncio.fixture
 async def harness(tmp_path, tiny_models) -> AsyncIterator[Harness]:
     fd = FakeDiscord()
