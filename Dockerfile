@@ -3,14 +3,15 @@
 #
 #   docker build -t imagine-bot:local .
 #   # one GPU box, no other server: the bot with its embedded worker, its SQLite queue on a volume
+#   # (the working directory is /data, so the default sqlite:///imagine-bot.db is /data/imagine-bot.db)
 #   docker run -d --gpus '"device=0"' --env-file .env -v imagine-data:/data -v imagine-cache:/cache \
-#       -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local \
-#       imagine-bot --config /config/config.toml --queue sqlite:////data/imagine-bot.db
+#       -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local
 #   # a GPU worker of a Redis queue, on any host (compose.yaml runs the bot, Redis and workers)
 #   docker run -d --gpus '"device=0"' -v imagine-cache:/cache imagine-bot:local \
 #       imagine-worker --queue redis://redis-host:6379/0
-# Without --gpus the bot starts no worker (no CUDA): jobs would wait for an imagine-worker. The
-# SQLite file must be on a volume (/data): in the container's own layer it is lost with the container.
+# Without --gpus the bot starts no worker (no CUDA): jobs would wait for an imagine-worker. Mount a
+# named volume (or a folder uid 10001 can write) at /data: without one the SQLite file lands in an
+# anonymous volume, which `docker rm -v` deletes with the container.
 #
 # Base: PyTorch's official CUDA *runtime* image (CUDA, cuDNN and a CUDA build of torch; no compilers),
 # pinned to one exact tag, never `latest`, so a rebuild gets the same torch and CUDA:
@@ -54,12 +55,14 @@ RUN pip install --no-cache-dir . \
     && rm -rf /src
 
 # A non-root user; the model cache is a volume it owns (mount the same volume on every worker).
-# /data: the embedded default's SQLite queue (`--queue sqlite:////data/imagine-bot.db`).
+# /data: the working directory, so the embedded default's SQLite queue (`sqlite:///imagine-bot.db`,
+# relative) is /data/imagine-bot.db, on the volume. Not IMAGINE_QUEUE_URL: it would override a
+# config's [queue] url, and give an imagine-worker started without --queue a private SQLite queue.
 RUN useradd --create-home --uid 10001 --user-group imagine \
     && mkdir -p /cache /config /data \
     && chown imagine:imagine /cache /data
 USER 10001:10001
-WORKDIR /home/imagine
+WORKDIR /data
 VOLUME ["/cache", "/data"]
 
 # imagine-worker --http-port 9100: /healthz and /metrics.

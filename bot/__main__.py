@@ -9,8 +9,9 @@ handler masks it, and the interaction and webhook tokens in discord.py's DEBUG l
 URL is --queue, else the IMAGINE_QUEUE_URL environment variable, else [queue] url (a Redis password
 belongs in the variable: a command line shows in `ps`); it is logged with the password masked.
 Without --config the bot reads ./config.toml, or runs on the built-in defaults when there is none
-(a log line says so). A missing --config file, an invalid config or token, a queue that cannot be opened
-or a shard count Discord refuses exits with status 2 and a message that says what to fix. A Discord
+(a log line says so). A missing --config file, an invalid config or token, a queue that cannot be opened,
+models the embedded worker cannot load, an HTTP port already taken or a shard count Discord refuses
+exits with status 2 and a message that says what to fix. A Discord
 that cannot be reached (DNS, network, proxy) exits with status 1 and one line: nothing in the
 settings is wrong, so a supervisor that restarts on failure tries again later.
 """

@@ -935,7 +935,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
         # A job of another server or of a channel the caller cannot see reads exactly as an unknown
         # id: its prompt, author and final picture belong to that channel, not to whoever has the id.
-        if parent is None or not can_see_job(interaction, parent):
+        if parent is None or not await can_see_job(interaction, parent):
             return (f"There is no job {shown} you can see in this server (or it has been "
                     "pruned), so there is nothing to remix. The ids are under each result "
                     "and in `/history`.")

@@ -19,7 +19,8 @@ them or raised.
 
 `[worker] device = "auto"` on a host without a CUDA GPU starts no embedded worker (a WARNING says
 so; /healthz then has no `gpu` check, as with --no-worker): a CPU worker would claim shared jobs at
-~11 s a step. `device = "cpu"` runs one anyway.
+9.8 s a step (256x256, 12 cut-outs, on a 2-core CPU: docs/PERFORMANCE.md). `device = "cpu"` runs one
+anyway.
 
 `run` logs in to Discord before the embedded worker loads its models (minutes on a first start), so
 a bad or revoked token fails at once; once the worker is up it registers the slash commands when
@@ -96,7 +97,8 @@ class Resources:
         except Exception as exc:  # noqa: BLE001
             raise LaunchError(
                 f"the embedded worker could not load its models ({type(exc).__name__}: {exc}); "
-                "check [worker] clip_model / decoder / encoder / cache_dir, or run with --no-worker ([worker] embedded = false)"
+                "check [worker] clip_model / decoder / encoder / cache_dir, or run with --no-worker ([worker] embedded = false)",
+                exit_code=2,   # a setting to fix, as imagine-worker exits 2 for the same files
             ) from exc
         self.worker_started = True
         self.stack.push_async_callback(self.worker.stop)
@@ -264,7 +266,7 @@ async def open_resources(
                 resources.http_runner = await obs.start_http(config.http.host, port, checks, advisory)
             except OSError as exc:
                 raise LaunchError(f"cannot serve /healthz and /metrics on {config.http.host}:{port}: {exc}; "
-                                  "change [http] port / --http-port") from exc
+                                  "change [http] port / --http-port", exit_code=2) from exc
             stack.push_async_callback(resources.http_runner.cleanup)
         if start_worker:
             await resources.start_worker()

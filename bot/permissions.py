@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import discord
 
 from bot.config import Config
 from engine.jobs import JobRecord
+
+log = logging.getLogger(__name__)
 
 
 def is_admin(interaction: discord.Interaction, config: Config) -> bool:
@@ -51,12 +55,45 @@ async def require_admin(interaction: discord.Interaction, config: Config) -> boo
     return False
 
 
-def can_view_channel(interaction: discord.Interaction, channel_id: int | None) -> bool:
+class ThreadLookups:
+    """Whom one command found in which private threads, asked of Discord at most `budget` times.
+
+    The bot learns of other users joining a private thread only with the privileged members
+    intent, which it does not ask for; Get Thread Member answers without it. One command asks
+    once per thread, and a listing (`/queue show`) asks for at most `budget` threads: the rest are
+    hidden, as anything that cannot be checked is."""
+
+    def __init__(self, budget: int = 10) -> None:
+        self.budget = budget
+        self.answers: dict[int, bool] = {}   # thread id -> the caller is a member
+
+    async def is_member(self, thread: discord.Thread, user_id: int) -> bool:
+        if thread.id in self.answers:
+            return self.answers[thread.id]
+        if self.budget <= 0:
+            return False
+        self.budget -= 1
+        try:
+            await thread.fetch_member(user_id)
+            found = True
+        except discord.NotFound:   # 404 Unknown Member: not in the thread
+            found = False
+        except discord.HTTPException as error:   # refused or failed: hidden, as what cannot be checked
+            log.info("thread member lookup in %s failed (%s %s): its jobs stay hidden", thread.id,
+                     error.status, error.code)
+            found = False
+        self.answers[thread.id] = found
+        return found
+
+
+async def can_view_channel(interaction: discord.Interaction, channel_id: int | None,
+                           lookups: ThreadLookups | None = None) -> bool:
     """Whether the member behind `interaction` may see channel `channel_id` of the interaction's
     server: a job's prompt, author and pictures belong to the channel it was made in, and any id
     typed into `/remix` or listed by `/queue show` would otherwise show a private channel's job to
     anyone in the server. Unknown (no guild, a channel missing from the cache, a user who is no
-    member): False, so what cannot be checked is hidden."""
+    member): False, so what cannot be checked is hidden. `lookups`: the command's Discord lookups
+    of private-thread members (a fresh one when None)."""
     if channel_id is None or interaction.guild_id is None:
         return False
     if channel_id == interaction.channel_id:
@@ -81,11 +118,14 @@ def can_view_channel(interaction: discord.Interaction, channel_id: int | None) -
         # those who may manage the parent's threads, not by everyone who sees the parent.
         if perms.manage_threads or (channel.owner_id is not None and channel.owner_id == member.id):
             return True
-        return any(thread_member.id == member.id for thread_member in channel.members)
+        if any(thread_member.id == member.id for thread_member in channel.members):
+            return True
+        return await (lookups or ThreadLookups()).is_member(channel, member.id)
     return True
 
 
-def can_see_job(interaction: discord.Interaction, record: JobRecord) -> bool:
+async def can_see_job(interaction: discord.Interaction, record: JobRecord,
+                      lookups: ThreadLookups | None = None) -> bool:
     """Whether the caller may see `record` (its prompt, author, pictures, id): a job of this server
     whose channel, and the channel its reply is in, the caller can view (`can_view_channel`)."""
     spec = record.spec
@@ -95,7 +135,11 @@ def can_see_job(interaction: discord.Interaction, record: JobRecord) -> bool:
     reply_channel = (spec.reply or {}).get("channel_id")
     if reply_channel:
         channels.add(int(reply_channel))
-    return all(can_view_channel(interaction, channel_id) for channel_id in channels)
+    lookups = lookups or ThreadLookups()
+    for channel_id in channels:
+        if not await can_view_channel(interaction, channel_id, lookups):
+            return False
+    return True
 
 
 # What posting a result needs once the command's interaction token has expired (15 minutes): from

@@ -36,7 +36,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import cancel_and_answer, ephemeral, in_time
-from bot.permissions import admin_roles_text, can_see_job, is_admin, require_admin
+from bot.permissions import ThreadLookups, admin_roles_text, can_see_job, is_admin, require_admin
 from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
 if TYPE_CHECKING:
@@ -170,18 +170,21 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
     async def show(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
 
-        def can_see(record: JobRecord) -> bool:   # a private channel's jobs stay in it
-            return can_see_job(interaction, record)
-
         async def read() -> str:
             running = await self.queue.running()
             queued = await self.queue.queued()
+            # A private channel's jobs stay in it: which of this server's the caller may see, with
+            # one Discord lookup at most per private thread (and at most 10) for the whole list.
+            lookups = ThreadLookups()
+            seen = {r.id for r in running + queued
+                    if in_scope(r, guild_id, interaction.user.id) and await can_see_job(interaction, r, lookups)}
             paused = bool(await self.queue.get_setting(PAUSED_KEY, False))
             server_paused = (guild_id is not None
                              and bool(await self.queue.get_setting(guild_paused_key(guild_id), False)))
             limit = await self.bot.user_limit(guild_id)
             return show_text(running, queued, guild_id, interaction.user.id, paused=paused, limit=limit,
-                             server_paused=server_paused, can_see=None if guild_id is None else can_see)
+                             server_paused=server_paused,
+                             can_see=None if guild_id is None else (lambda r: r.id in seen))
 
         await ephemeral(interaction, await in_time(interaction, read(), defer="private"))
 
@@ -190,11 +193,21 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
     @app_commands.describe(job="The job id (shown under each reply and in /queue show)")
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
         job = job.strip()
-        record = await in_time(interaction, self.queue.get(job), defer="private") if job else None
-        own = record is not None and record.spec.user_id == interaction.user.id
         admin = is_admin(interaction, self.bot.config)
-        if record is None or not (own or (in_scope(record, interaction.guild_id, interaction.user.id)
-                                          and (admin or can_see_job(interaction, record)))):
+
+        async def find() -> tuple[JobRecord | None, bool]:
+            """The job, and whether the caller may know of it (a private thread's may ask Discord)."""
+            record = await self.queue.get(job) if job else None
+            if record is None:
+                return None, False
+            if record.spec.user_id == interaction.user.id:
+                return record, True
+            return record, (in_scope(record, interaction.guild_id, interaction.user.id)
+                            and (admin or await can_see_job(interaction, record)))
+
+        record, known = await in_time(interaction, find(), defer="private")
+        own = record is not None and record.spec.user_id == interaction.user.id
+        if record is None or not known:
             # Another server's job, or (to a member who may not cancel it anyway) one of a channel
             # they cannot see, reads exactly as an unknown id: its existence is not confirmed.
             await ephemeral(interaction, f"There is no job {render.quote(job)} in this server; "

@@ -224,6 +224,10 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available (--device cpu runs on the CPU)")
+    if device == "cpu" and args.precision in ("bf16", "fp16"):
+        # engine.generate autocasts on CUDA only: on a CPU every precision is fp32. Said, not refused.
+        print(f"imagine: note: --precision {args.precision} applies on CUDA only; on the CPU this runs in fp32",
+              file=sys.stderr)
     preset = PRESETS[args.preset]
     settings = GenerationSettings(
         iterations=args.iterations or preset["iterations"],

@@ -950,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="auto", type=_device, metavar="auto|cuda|cuda:N|cpu",
                    help="auto (the default): cuda when this host has a CUDA GPU, else the worker does not "
-                        "start (a CPU worker would claim shared jobs at ~11 s a step); cpu runs on the CPU anyway")
+                        "start (a CPU worker would claim shared jobs at ~10 s a step); cpu runs on the CPU anyway")
     p.add_argument("--max-batch", type=_max_batch, default=None, metavar="N",
                    help="jobs stepped together, at least 1; 0 or unset (the default): as many as fit in free "
                         "GPU memory (1 on a CPU)")
@@ -1093,7 +1093,8 @@ def check_queue_url(url: str) -> str | None:
     # (type, the least value allowed, whether that value itself is allowed, what to say)
     checks = {"lease": (float, 0.0, False, "a number of seconds above 0"),
               "max_attempts": (int, 1, True, "a whole number, at least 1"),
-              "busy_timeout": (float, 0.0, True, "a number of seconds, at least 0")}
+              "busy_timeout": (float, 0.0, True, "a number of seconds, at least 0"),
+              "reconnect_timeout": (float, 0.0, True, "a number of seconds, at least 0")}
     for key, text in parse_qsl(query, keep_blank_values=True):
         if key not in checks:
             continue
@@ -1130,7 +1131,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if device == "auto":   # before the queue: a worker that would not run must not claim anything
         if not torch.cuda.is_available():
             print("imagine-worker: --device auto: this host has no CUDA GPU, so no worker is started "
-                  "(on a CPU a full-size step takes ~11 s and the worker would hold users' jobs for hours); "
+                  "(on a CPU a full-size step takes ~10 s and the worker would hold users' jobs for hours); "
                   "pass --device cpu to run on the CPU anyway, or run imagine-worker on a GPU host",
                   file=sys.stderr)
             raise SystemExit(2)

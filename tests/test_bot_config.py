@@ -228,10 +228,29 @@ async def test_a_worker_that_cannot_load_its_models_stops_the_launch_with_a_clea
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
                    f'[worker]\nclip_model = "{tmp_path / "missing-clip.pt"}"\ncache_dir = "{tmp_path}"\n'
                    'device = "cpu"\n')
-    assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 1
+    # Exit 2: a setting to fix, as imagine-worker exits 2 for a missing, corrupt or untrusted model file.
+    assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 2
     err = capsys.readouterr().err
     assert "the embedded worker could not load its models" in err and "missing-clip.pt" in err
     assert "rejected the token" not in err   # the token was fine: logged in, then the models failed
+
+
+def test_an_http_port_already_in_use_exits_2_naming_the_setting(tmp_path):
+    """The port is the operator's setting ([http] port / --http-port), as for imagine-worker: exit 2,
+    one line, no traceback; refused before the bot logs in to Discord."""
+    import socket
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[worker]\nembedded = false\n[queue]\nurl = "sqlite:///{tmp_path}/q.db"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _cli(["--config", str(cfg), "--http-port", str(port)], GOOD_TOKEN, ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"imagine-bot: cannot serve /healthz and /metrics on 127.0.0.1:{port}: " in proc.stderr
+    assert "change [http] port / --http-port" in proc.stderr and "Traceback" not in proc.stderr
+    assert GOOD_TOKEN not in proc.stdout + proc.stderr
 
 
 def _drop_discord_log_handlers() -> None:
@@ -245,17 +264,18 @@ def _drop_discord_log_handlers() -> None:
 
 def test_a_queue_that_cannot_be_opened_exits_2_and_never_shows_the_password(tmp_path):
     """A real `python -m bot` process with nothing listening on the Redis port: it retries for the
-    queue's reconnect timeout (30 s), then says which queue and what to check, with the password
-    masked, in its log and its message alike."""
+    queue's reconnect timeout (30 s by default; the URL's `reconnect_timeout=2` here), then says
+    which queue and what to check, with the password masked, in its log and its message alike."""
     from tests.queue_fixtures import free_port
 
     port = free_port()   # bound, then closed: nothing listens there
-    url = f"redis://user:s3cret@127.0.0.1:{port}/0"
+    url = f"redis://user:s3cret@127.0.0.1:{port}/0?reconnect_timeout=2"
     proc = _cli(["--queue", url, "--no-worker", "--log-level", "DEBUG"], GOOD_TOKEN, tmp_path)   # no config.toml
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "s3cret" not in out, out
-    assert f"imagine-bot: cannot open the queue redis://user:***@127.0.0.1:{port}/0: " in proc.stderr, out
+    assert (f"imagine-bot: cannot open the queue redis://user:***@127.0.0.1:{port}/0?reconnect_timeout=2: "
+            in proc.stderr), out
     assert "check --queue / IMAGINE_QUEUE_URL / [queue] url" in proc.stderr
     assert GOOD_TOKEN not in out
 
@@ -375,7 +395,7 @@ async def test_the_bot_says_how_to_trust_a_decoder_when_it_refuses_one(tiny_mode
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
                    f'[worker]\nclip_model = "{f.clip_torchscript}"\ndecoder = "{f.decoder_pickle}"\n'
                    f'encoder = ""\ndevice = "cpu"\ncache_dir = "{tmp_path / "cache"}"\n')
-    assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 1
+    assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 2   # a setting to fix
     err = capsys.readouterr().err
     assert "refusing to unpickle" in err and "[worker] known_sha256" in err and "--trust-decoder" not in err
 

@@ -15,7 +15,7 @@ from bot.queue_admin import user_limit_key
 from engine.jobs import JobState
 from tests.fakediscord import FakeDiscord
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    EPHEMERAL, WEBHOOK_ORIGINAL, Harness, claim_jobs, ephemeral_answer, finish_jobs, harness, private_answer,
+    EPHEMERAL, WEBHOOK_ORIGINAL, Harness, ephemeral_answer, finished_job, harness, private_answer,
     test_config, tiny_png,
 )
 
@@ -315,13 +315,7 @@ async def test_our_own_error_after_the_jobs_reply_keeps_the_reply_and_is_told_on
     h, locker = busy_harness
     fd = h.fd
     await h.start(worker=False)
-    parent = await h.reply_of(await h.imagine("a red house"))
-    job_id = h.job_id(parent)
-    await claim_jobs(h.queue, [job_id])
-    await h.queue.put_artifact(job_id, "state.pt", b"the final logits")
-    await finish_jobs(h.queue, [job_id])
-    await h.wait_delivered(job_id)
-    await fd.wait_for(lambda: f"imagine:remix:{job_id}" in fd.messages[parent.id].custom_ids, 10, "Remix")
+    parent, job_id = await finished_job(h, "a red house")
     click = await fd.click_button(parent, f"imagine:remix:{job_id}")
     await fd.wait_for_response(click)
     assert click.response_type == 9

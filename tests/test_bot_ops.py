@@ -180,7 +180,7 @@ def test_shard_gauges_follow_the_shards_given():
 
 async def test_device_auto_without_a_gpu_runs_no_embedded_worker_and_says_so(tmp_path, tiny_model_files, caplog):
     """[worker] device = "auto" (the default) on a host without CUDA: no embedded worker (a CPU one
-    would claim shared jobs at ~11 s a step), a WARNING that says what to do, and /healthz as with
+    would claim shared jobs at ~10 s a step), a WARNING that says what to do, and /healthz as with
     --no-worker. device = "cpu" runs it on the CPU anyway, through the same default loader."""
     import torch
 

@@ -57,9 +57,11 @@ async def _expiries(h, keys):
 
 
 async def _marker(h, set_id, timeout=10.0):
-    """`sheet:<id>`, once the set is closed (the marker is written just after the sheet's post)."""
+    """`sheet:<id>`, once the set is closed: the marker is written just after the sheet's post, and
+    the set leaves `sheets.open` in a write after that one."""
     deadline = time.monotonic() + timeout
-    while (marker := await h.queue.get_setting(f"sheet:{set_id}")) is None:
+    while ((marker := await h.queue.get_setting(f"sheet:{set_id}")) is None
+           or set_id in (await h.queue.get_setting("sheets.open") or [])):
         assert time.monotonic() < deadline, f"set {set_id} was not closed"
         await asyncio.sleep(0.05)
     return marker

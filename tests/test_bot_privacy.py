@@ -192,6 +192,68 @@ async def test_jobs_of_a_private_thread_show_only_to_its_members(harness):
     fd.assert_clean()
 
 
+def _thread_member_lookups(fd, thread_id) -> int:
+    return sum(1 for r in fd.requests
+               if r.method == "GET" and r.path.startswith(f"/channels/{thread_id}/thread-members/"))
+
+
+async def test_a_private_thread_member_the_bot_was_never_told_of_is_asked_of_discord(harness):
+    """Discord tells the bot about other users joining a private thread only with the privileged
+    members intent, which it does not ask for. Erin was added to Dan's thread without the bot
+    hearing of it: Get Thread Member says she is in, so she sees the thread's jobs from #general;
+    Bob, not in it, still does not. One command asks once per thread, however many jobs it has."""
+    h = harness
+    fd = h.fd
+    dan = fd.add_user("dan")
+    erin = fd.add_user("erin")
+    thread = fd.add_thread("dans-secret-thread", fd.channel_id, owner_id=int(dan["id"]), private=True)
+    fd.add_thread_member(thread, int(erin["id"]))
+    await h.start(worker=False)   # no worker: the jobs stay in line
+    first = await _job_in(h, "secret thread plans", channel_id=thread, user=dan, done=False)
+    second = await _job_in(h, "more thread plans", channel_id=thread, user=dan, done=False)
+    assert not any(m.id == int(erin["id"]) for m in h.bot.get_guild(fd.guild_id).get_thread(thread).members)
+
+    asked = _thread_member_lookups(fd, thread)
+    text = await ephemeral_answer(h, "queue show", user=erin)
+    assert f"`{first}` secret thread plans" in text and f"`{second}` more thread plans" in text, text
+    assert "Not shown" not in text
+    assert _thread_member_lookups(fd, thread) == asked + 1
+    told = await ephemeral_answer(h, "queue cancel", {"job": first}, user=erin)   # seen, not hers to cancel
+    assert told.startswith(f"Only the person who asked for job `{first}`"), told
+
+    text = await ephemeral_answer(h, "queue show")   # Bob: Discord answers 404, he is not in it
+    assert first not in text and second not in text and "thread plans" not in text
+    assert "Not shown: 2 waiting jobs of channels you cannot see." in text, text
+    assert await ephemeral_answer(h, "queue cancel", {"job": first}) == (
+        f"There is no job `{first}` in this server; see `/queue show` for the ids.")
+    assert [(await h.queue.get(j)).state.name for j in (first, second)] == ["QUEUED", "QUEUED"]
+    fd.assert_clean()
+
+
+async def test_queue_show_asks_discord_about_ten_private_threads_at_most(harness):
+    """A line with jobs in 12 private threads the caller's membership of is unknown to the bot:
+    one `/queue show` asks Discord about 10 of them, and hides the rest (what cannot be checked is
+    hidden), so a long line costs a bounded number of requests and the answer stays in time."""
+    h = harness
+    fd = h.fd
+    dan = fd.add_user("dan")
+    erin = fd.add_user("erin")
+    threads = [fd.add_thread(f"thread-{n}", fd.channel_id, owner_id=int(dan["id"]), private=True)
+               for n in range(12)]
+    for thread in threads:
+        fd.add_thread_member(thread, int(erin["id"]))
+    h.config.queue.max_queued_per_user = 12
+    await h.start(worker=False)
+    jobs = [await _job_in(h, f"plan {n}", channel_id=thread, user=dan, done=False)
+            for n, thread in enumerate(threads)]
+    before = sum(_thread_member_lookups(fd, t) for t in threads)
+    text = await ephemeral_answer(h, "queue show", user=erin)
+    assert sum(_thread_member_lookups(fd, t) for t in threads) - before == 10
+    assert sum(1 for j in jobs if f"`{j}`" in text) == 10, text
+    assert "Not shown: 2 waiting jobs of channels you cannot see." in text, text
+    fd.assert_clean()
+
+
 async def test_a_thread_whose_parent_the_bot_does_not_know_hides_its_jobs(harness):
     """A thread whose parent channel is missing from the bot's cache: discord.py cannot resolve its
     permissions (ClientException). Its jobs are hidden elsewhere, and the command is still answered."""

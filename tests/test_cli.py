@@ -227,6 +227,27 @@ def test_an_empty_existing_out_is_used(tiny_model_files, tmp_path):
     assert {"final.png", "run.json", "video.mp4", "state.pt", "frames"} == set(os.listdir(out))
 
 
+@pytest.mark.parametrize("precision, noted", [("bf16", True), ("fp16", True), ("fp32", False), ("auto", False)])
+def test_a_half_precision_asked_on_the_cpu_is_noted_not_refused(precision, noted, tmp_path, capsys):
+    """engine.generate autocasts on CUDA only: on a CPU bf16 / fp16 run in fp32. The CLI says so in
+    one line (before the models load; `--clip-model` names no file, so the run stops there)."""
+    code = cli.main(["a house", "--out", str(tmp_path / "o"), "--precision", precision, "--device", "cpu",
+                     "--clip-model", str(tmp_path / "nope.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    note = f"imagine: note: --precision {precision} applies on CUDA only; on the CPU this runs in fp32"
+    assert code == 2 and "nope.pt" in err[-1]   # the missing model's error, as without the note
+    assert err[:-1] == ([note] if noted else []), err
+
+
+def test_a_cpu_run_with_fp16_asked_runs_and_exits_0(tiny_model_files, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["a house", "--out", str(out), "--iterations", "1", "--grid", "32", "--cutn", "1",
+                     "--precision", "fp16", *_models(tiny_model_files, tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("imagine: note: --precision fp16 applies on CUDA only") == 1, err
+    assert (out / "run.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--cutn", "100000000"], "--cutn must be at most 256"),
     (["--iterations", "99999999999999999999"], "--iterations must be at most 100000"),

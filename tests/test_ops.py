@@ -306,7 +306,7 @@ def _worker_cmd(*args: str) -> list[str]:
 
 def test_imagine_worker_with_device_auto_and_no_gpu_exits_2_before_it_touches_the_queue(tmp_path):
     """`--device auto` (the default) on a host without CUDA: a CPU worker would claim users' jobs at
-    ~11 s a step, so it does not start; `--device cpu` is the explicit way (the `workers` fixture
+    ~10 s a step, so it does not start; `--device cpu` is the explicit way (the `workers` fixture
     above runs with it)."""
     import torch
 
@@ -419,6 +419,7 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     (["--queue", "sqlite:///x.db?busy_timeout=nan"], "?busy_timeout= in"),
     (["--queue", "sqlite:///x.db?busy_timeout=-0.5"], "?busy_timeout= in"),
     (["--queue", "sqlite:///x.db?lease=0"], "?lease= in"),
+    (["--queue", "redis://127.0.0.1:6379/0?reconnect_timeout=inf"], "?reconnect_timeout= in"),
     (["--queue", "x.db", "--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--queue", "x.db", "--max-batch", "-1"], "argument --max-batch: must be at least 1"),
     (["--queue", "x.db", "--compile", "foo"], "argument --compile: compile 'foo': torch has no backend 'foo'"),
@@ -449,7 +450,7 @@ def test_imagine_worker_parses_what_it_accepts():
     # The least values the queues take are taken here too (a shared IMAGINE_QUEUE_URL must start both).
     from engine.worker import check_queue_url
     assert check_queue_url("sqlite:///x.db?max_attempts=1&busy_timeout=0&lease=0.5") is None
-    assert check_queue_url("redis://127.0.0.1:6379/0?max_attempts=1") is None
+    assert check_queue_url("redis://127.0.0.1:6379/0?max_attempts=1&reconnect_timeout=0") is None
 
 
 def _bad_model_files(tmp_path):
@@ -511,9 +512,13 @@ def test_imagine_worker_with_an_unreachable_redis_exits_2_in_one_line_with_the_p
     from tests.queue_fixtures import free_port
 
     port = free_port()
-    proc = subprocess.run(_worker_cmd("--queue", f"redis://:s3cret@127.0.0.1:{port}/0", "--device", "cpu",
-                                      "--log-level", "ERROR"),
+    # reconnect_timeout: how long it waits for Redis to come up (30 s by default), 2 s here.
+    url = f"redis://:s3cret@127.0.0.1:{port}/0?reconnect_timeout=2"
+    started = time.monotonic()
+    proc = subprocess.run(_worker_cmd("--queue", url, "--device", "cpu", "--log-level", "ERROR"),
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr
-    assert f"imagine-worker: cannot open the queue redis://:***@127.0.0.1:{port}/0: " in proc.stderr
+    assert time.monotonic() - started < 25   # it gave up after 2 s, not the default 30 s
+    assert (f"imagine-worker: cannot open the queue redis://:***@127.0.0.1:{port}/0?reconnect_timeout=2: "
+            in proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr and "s3cret" not in proc.stderr

@@ -6,8 +6,10 @@
     open_queue("redis://localhost:6379/0?prefix=imagine")
 
 Options in the query string (both backends): `lease` (seconds, default 30), `max_attempts`
-(default 3); Redis only: `prefix` (key namespace, default "imagine"); SQLite only: `busy_timeout`
-(seconds a write waits for another process's write lock, default 30). Other query parameters of a
+(default 3); Redis only: `prefix` (key namespace, default "imagine") and `reconnect_timeout`
+(seconds a call, the first one at start included, retries an unreachable Redis before it fails,
+default 30); SQLite only: `busy_timeout` (seconds a write waits for another process's write lock,
+default 30). Other query parameters of a
 redis URL go to redis-py (`socket_timeout`, ...). The queue comes back unstarted: call
 `await queue.start()` (or `async with open_queue(url) as queue:`).
 
@@ -27,6 +29,7 @@ __all__ = ["open_queue", "redact_url", "redact_secrets"]
 
 _NUMERIC_OPTS = {"lease": float, "max_attempts": int}
 _SQLITE_OPTS = {**_NUMERIC_OPTS, "busy_timeout": float}
+_REDIS_OPTS = {**_NUMERIC_OPTS, "reconnect_timeout": float}
 
 
 # scheme://user:PASSWORD@rest: the password runs to the last "@" (a raw "@" or "/" in a password
@@ -78,8 +81,8 @@ def open_queue(url: str, **kwargs: Any) -> JobQueue:
         from engine.queue.redis import RedisJobQueue
 
         parts = urlsplit(url)
-        opts, rest = _split_options(parts.query, {"prefix", *_NUMERIC_OPTS})
-        options: dict[str, Any] = {k: _NUMERIC_OPTS[k](v) for k, v in opts.items() if k in _NUMERIC_OPTS}
+        opts, rest = _split_options(parts.query, {"prefix", *_REDIS_OPTS})
+        options: dict[str, Any] = {k: _REDIS_OPTS[k](v) for k, v in opts.items() if k in _REDIS_OPTS}
         if "prefix" in opts:
             options["prefix"] = opts["prefix"]
         options.update(kwargs)

@@ -902,6 +902,8 @@ class RedisJobQueue:
         self.keep_events = int(keep_events)
         self.keep_frames = int(keep_frames)
         self.reconnect_timeout = float(reconnect_timeout)
+        if not (math.isfinite(self.reconnect_timeout) and self.reconnect_timeout >= 0):
+            raise ValueError(f"reconnect_timeout must be 0 or more seconds, got {reconnect_timeout!r}")
         self.socket_timeout = float(socket_timeout)
         self.worker_ttl = max(1, int(math.ceil(worker_ttl)))
         if int(blob_chunk) < 1:

@@ -40,7 +40,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 from urllib.parse import quote
 
 import jsonschema
@@ -710,6 +710,8 @@ class FakeDiscord:
         self.guilds: Dict[int, FakeGuild] = {}
         self.roles: Dict[int, Dict[str, Any]] = {}
         self.channels: Dict[int, Dict[str, Any]] = {}
+        # thread id -> ids of its members (the owner from the start; add_thread_member adds more)
+        self.thread_members: Dict[int, Set[int]] = {}
         primary = self._new_guild("Fake Guild", self.snowflake())
         self.guild_id: int = primary.id
         self.everyone_role_id = primary.everyone_role_id
@@ -778,6 +780,7 @@ class FakeDiscord:
         r("GET", "/guilds/{guild_id}", self._h_guild_get)
         r("GET", "/guilds/{guild_id}/channels", self._h_guild_channels)
         r("GET", "/guilds/{guild_id}/members/{user_id}", self._h_guild_member)
+        r("GET", "/channels/{channel_id}/thread-members/{user_id}", self._h_thread_member)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -981,7 +984,15 @@ class FakeDiscord:
             "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": _iso(),
                                 "locked": False, **({"invitable": False} if private else {})},
         }
+        self.thread_members[cid] = {int(owner_id)}
         return cid
+
+    def add_thread_member(self, thread_id: int, user_id: int) -> None:
+        """Add ``user_id`` to thread ``thread_id`` without telling the bot: Discord sends
+        THREAD_MEMBERS_UPDATE about other users only with the privileged members intent. Get Thread
+        Member (``GET /channels/{id}/thread-members/{user}``) answers for them."""
+        self.thread_members[int(thread_id)].add(int(user_id))
+        self.channels[int(thread_id)]["member_count"] = len(self.thread_members[int(thread_id)])
 
     async def archive_thread(self, thread_id: int, *, locked: bool = False) -> None:
         """Archive a thread as its auto-archive (or a moderator) would; ``locked``: lock it too.
@@ -2282,6 +2293,17 @@ class FakeDiscord:
         if m is None:
             raise _ApiError(404, 10007, "Unknown Member")
         return 200, m
+
+    async def _h_thread_member(self, rec, p):
+        """Get Thread Member: the member object, or 404 Unknown Member for a user not in the thread
+        (no privileged intent needed, unlike listing the members)."""
+        ch = self._channel(p["channel_id"])
+        if "thread_metadata" not in ch:
+            raise _ApiError(400, 50024, "Cannot execute action on this channel type")
+        uid = int(p["user_id"]) if p["user_id"].isdigit() else None
+        if uid is None or uid not in self.thread_members.get(int(ch["id"]), set()):
+            raise _ApiError(404, 10007, "Unknown Member")
+        return 200, {"id": ch["id"], "user_id": str(uid), "join_timestamp": _iso(), "flags": 0}
 
     def _guild(self, gid: str) -> FakeGuild:
         g = self.guilds.get(int(gid)) if gid.isdigit() else None
