@@ -497,11 +497,17 @@ async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction,
         bot.progress.line_changed()
     # Read again: a worker may have claimed the job since `record` was read, and then it is
     # being stopped, not cancelled in line. Still running now: it was claimed before the cancel.
+    # Done or failed now: the cancel was asked of a running job whose worker ended it (finish or
+    # fail committed) before it saw the request: not cancelled.
     now = await bot.queue.get(record.id) or record
     if not ok:
         await ephemeral(interaction, f"Job `{record.id}` had already ended.")
     elif now.state == JobState.RUNNING:
         await ephemeral(interaction, f"Stopping job `{record.id}`…")
+    elif now.state == JobState.DONE:
+        await ephemeral(interaction, f"Job `{record.id}` had already finished.")
+    elif now.state == JobState.FAILED:
+        await ephemeral(interaction, f"Job `{record.id}` had already failed.")
     else:
         await ephemeral(interaction, f"Cancelled job `{record.id}`.")
 

@@ -17,7 +17,9 @@ per combination (6 here) and, once every one of them has ended, posts one contac
   only asked for where the bot may post, bot.permissions.results_refusal, but one whose channel
   closed to the bot since still gets its replies). Only when the first reply could not be made are
   the others channel messages (a follow-up would take over the deferred "thinking…" message that
-  the first job's edits go to). The progress cog edits them all, through the token while it lives.
+  the first job's edits go to); one of those the channel refused is still handed the command, so
+  its result (a new message) can go out as a follow-up while the token lives. The progress cog
+  edits them all, through the token while it lives.
 - The contact sheet: the set is recorded in the store (`set:<id>`: job ids, captions, channel) and
   listed in `sheets.open`. `SheetsCog` polls the open sets; when every job of one has ended it
   posts one message with `contact-sheet.png` (the DONE finals in order, captioned with their
@@ -35,8 +37,9 @@ paused for a month) is dropped from `sheets.open` without a sheet.
 Exactly once, honestly: the JobQueue protocol has no atomic compare-and-set on settings (and
 `mark_delivered` needs a job). So the sheet is posted like a job's final post: check `sheet:<id>`,
 post with the nonce `sheet-<id>` (Discord drops a repeat of it within a few minutes), then set
-`sheet:<id>`. One process never posts a set twice (a lock and the marker). A crash between the
-post and the marker, with the restart after Discord's nonce window, gives a second sheet; two
+`sheet:<id>`. One process never posts a set twice (one check of a set at a time, and the marker;
+no lock is held while a sheet renders or uploads, so new sets are answered meanwhile). A crash
+between the post and the marker, with the restart after Discord's nonce window, gives a second sheet; two
 bot processes polling the same set at the same moment post the same nonce and Discord keeps one.
 """
 
@@ -286,6 +289,8 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
     # happens to another one's reply (the finally below), so each one's result is posted.
     channel_id = interaction.channel_id or spec.channel_id
     attached: set[str] = set()
+    sheets = bot.get_cog("Sheets")
+    recorded = False   # the set's record was saved: SheetsCog will close it (and forget its command)
     try:
         # The set first: its contact sheet comes from this record, whatever happens to the replies.
         info = {
@@ -294,14 +299,13 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             "user_id": spec.user_id, "channel_id": channel_id, "guild_id": interaction.guild_id,
             "seed": spec.seed, "created_at": time.time(),
         }
-        tracked = await _track_set(bot, info)
+        recorded = tracked = await _track_set(bot, info)
         try:
             paused = await pause_of(queue, interaction.guild_id)
         except Exception:  # noqa: BLE001 - a queue outage: the replies go out without it
             log.exception("set %s: could not read whether the queue is paused", set_id)
             paused = ""
         channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
-        sheets = bot.get_cog("Sheets")
         if isinstance(sheets, SheetsCog):   # its 403 fallback: the sheet as a follow-up
             sheets.remember(set_id, interaction)
         by_followup = False   # replies 2..n as follow-ups, once the first reply is made
@@ -335,11 +339,22 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             finally:
                 attached.add(record.id)
                 if progress is not None:
+                    # A reply 2..n that was not made (the first one failed too, so it was to be a
+                    # channel message, and the channel refused it) has no message to edit: its result
+                    # is a new message, and where the channel refuses that too, a follow-up of the
+                    # command while its token lives. (By then the first job's own edits, which go on
+                    # through the token, have normally made the "thinking…" message its reply, so the
+                    # follow-up does not take that over.)
+                    by_token = index > 0 and (followup or message_id is None)
                     progress.attach(record.id, channel_id, message_id, content if message_id else None,
-                                    followup_of=interaction if followup else None)
-        if not tracked and not await _track_set(bot, info):   # one more try, the replies made
+                                    followup_of=interaction if by_token else None)
+        if not tracked:   # one more try, the replies made
+            recorded = await _track_set(bot, info)
+        if not recorded:
             log.error("set %s: could not be recorded; its jobs are posted one by one, with no contact sheet", set_id)
     finally:
+        if not recorded and isinstance(sheets, SheetsCog):
+            sheets.forget(set_id)   # no sheet will close it: do not keep its command (and token) for good
         if progress is not None:
             for record in records:
                 if record.id not in attached:
@@ -375,7 +390,10 @@ class SheetsCog(commands.Cog, name="Sheets"):
         self.queue = bot.queue
         self._open: dict[str, dict[str, Any]] = {}          # set id -> its info
         self._ended: dict[str, JobRecord] = {}              # job id -> its finished record (final)
+        # Held only for the read-modify-write of `sheets.open` (never while a sheet renders or
+        # uploads: `track`, which a command awaits before its first reply, takes it too).
         self._lock = asyncio.Lock()
+        self._checking: set[str] = set()   # sets being checked (and maybe posted) now: one check at a time
         self._wake = asyncio.Event()
         self._retry: dict[str, tuple[int, float]] = {}      # set id -> (failed posts, next try at: monotonic)
         self._interactions: dict[str, tuple[discord.Interaction, float]] = {}   # set id -> (its command, at)
@@ -406,6 +424,10 @@ class SheetsCog(commands.Cog, name="Sheets"):
     def remember(self, set_id: str, interaction: discord.Interaction) -> None:
         """The command that made the set, for posting its sheet as a follow-up while its token lives."""
         self._interactions[set_id] = (interaction, created_monotonic(interaction))   # the token's age
+
+    def forget(self, set_id: str) -> None:
+        """Drop the command remembered for a set that will have no sheet (its record was never saved)."""
+        self._interactions.pop(set_id, None)
 
     def _live_interaction(self, set_id: str) -> discord.Interaction | None:
         interaction, at = self._interactions.get(set_id, (None, 0.0))
@@ -439,10 +461,11 @@ class SheetsCog(commands.Cog, name="Sheets"):
         self._interactions.pop(set_id, None)
         for job_id in info.get("jobs", []):
             self._ended.pop(job_id, None)
-        opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
-        if set_id in opened:
-            opened.remove(set_id)
-            await self.queue.set_setting(OPEN_KEY, opened)
+        async with self._lock:   # the open list's read-modify-write (track adds to it meanwhile)
+            opened = list(await self.queue.get_setting(OPEN_KEY, []) or [])
+            if set_id in opened:
+                opened.remove(set_id)
+                await self.queue.set_setting(OPEN_KEY, opened)
 
     # --- polling ------------------------------------------------------------------------------
 
@@ -485,40 +508,56 @@ class SheetsCog(commands.Cog, name="Sheets"):
         return out
 
     async def check(self, set_id: str) -> bool:
-        """Post the set's sheet if every job ended and it was not posted; True once it is done."""
-        async with self._lock:
-            info = self._open.get(set_id)
-            if info is None:
-                return True
-            if await self.queue.get_setting(sheet_key(set_id)):
-                await self._close(set_id, None)
-                return True
-            records = await self._records(info)
-            if records is None:
-                return False
-            failed, next_at = self._retry.get(set_id, (0, 0.0))
-            if time.monotonic() < next_at:   # backing off after a failed post
-                return False
-            try:
-                marker = await self._post(info, records)
-            except (discord.HTTPException, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if not isinstance(exc, discord.HTTPException) or not is_refusal(exc):
-                    # 5xx, or the network failed (no answer at all): Discord may take it later. Not on
-                    # every poll: each try re-renders and re-uploads the sheet.
-                    delay = min(SHEET_RETRY_MAX, SHEET_RETRY_FIRST * 2 ** failed)
-                    self._retry[set_id] = (failed + 1, time.monotonic() + delay)
-                    why = (f"{exc.status} {exc.text}" if isinstance(exc, discord.HTTPException)
-                           else f"{type(exc).__name__}: {exc}")
-                    log.warning("set %s: posting the contact sheet failed (%s); will retry in %.1f s",
-                                set_id, why, delay)
-                    return False
-                # A refusal (the channel gone or closed to the bot, the upload too large, a bad form):
-                # the same post would be refused again.
-                log.error("set %s: Discord refused its contact sheet in channel %s (%s, code %s: %s); giving up",
-                          set_id, info.get("channel_id"), exc.status, exc.code, exc.text)
-                marker = {"error": f"{exc.status} {exc.text}"[:200], "at": time.time()}
-            await self._close(set_id, marker)
+        """Post the set's sheet if every job ended and it was not posted; True once it is done.
+
+        No lock is held while the sheet renders and uploads (a 429 wait, discord.py's 5xx retries,
+        a slow store): `track`, which every new set's command awaits before its first reply, would
+        wait for all of it. One check of a set at a time instead (`_checking`, claimed with no await
+        in between): a second one while the first is posting returns False, and the set is closed
+        (marker, then the open list) before it is released, so it is never posted twice here."""
+        if set_id not in self._open:
             return True
+        if set_id in self._checking:   # being checked (maybe posted) right now
+            return False
+        self._checking.add(set_id)
+        try:
+            return await self._check(set_id)
+        finally:
+            self._checking.discard(set_id)
+
+    async def _check(self, set_id: str) -> bool:
+        info = self._open.get(set_id)
+        if info is None:
+            return True
+        if await self.queue.get_setting(sheet_key(set_id)):
+            await self._close(set_id, None)
+            return True
+        records = await self._records(info)
+        if records is None:
+            return False
+        failed, next_at = self._retry.get(set_id, (0, 0.0))
+        if time.monotonic() < next_at:   # backing off after a failed post
+            return False
+        try:
+            marker = await self._post(info, records)
+        except (discord.HTTPException, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if not isinstance(exc, discord.HTTPException) or not is_refusal(exc):
+                # 5xx, or the network failed (no answer at all): Discord may take it later. Not on
+                # every poll: each try re-renders and re-uploads the sheet.
+                delay = min(SHEET_RETRY_MAX, SHEET_RETRY_FIRST * 2 ** failed)
+                self._retry[set_id] = (failed + 1, time.monotonic() + delay)
+                why = (f"{exc.status} {exc.text}" if isinstance(exc, discord.HTTPException)
+                       else f"{type(exc).__name__}: {exc}")
+                log.warning("set %s: posting the contact sheet failed (%s); will retry in %.1f s",
+                            set_id, why, delay)
+                return False
+            # A refusal (the channel gone or closed to the bot, the upload too large, a bad form):
+            # the same post would be refused again.
+            log.error("set %s: Discord refused its contact sheet in channel %s (%s, code %s: %s); giving up",
+                      set_id, info.get("channel_id"), exc.status, exc.code, exc.text)
+            marker = {"error": f"{exc.status} {exc.text}"[:200], "at": time.time()}
+        await self._close(set_id, marker)
+        return True
 
     async def _post(self, info: dict[str, Any], records: list[JobRecord | None]) -> dict[str, Any]:
         set_id = info["id"]

@@ -37,7 +37,11 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
 - The final post: built from the store (record + artifacts), sent, then `mark_delivered`. It is
   an idempotent edit of the job's reply, so a crash before `mark_delivered` repeats the same edit
   rather than posting twice; a fallback new message carries a nonce that Discord deduplicates.
-  Jobs that finished while the bot was down come back through `undelivered()`.
+  Once it is posted, its message's id is kept (and written as the reply's `result_message_id`):
+  a store write that fails after the post is retried alone, and a restart before `mark_delivered`
+  finds that id and only repeats the store writes (an edit of the original reply would be a
+  second result when the first went out as a new message). Jobs that finished while the bot was
+  down come back through `undelivered()`.
 - A followed job whose record is gone from the store before its result was posted (the store lost
   its data: a Redis restarted empty) will get no more events: the reconcile pass finds it (at once
   when the event numbering restarts, else every `reconcile_interval`), edits its reply once into a
@@ -47,6 +51,7 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import time
@@ -80,6 +85,17 @@ LINE_AGING = 20
 # be refused again, and each try re-reads the artifacts and re-uploads them.
 REFUSED_TRIES = 3
 NO_PING = discord.AllowedMentions.none()
+# Discord takes a message nonce of at most this many characters.
+NONCE_MAX = 25
+
+
+def _nonce(prefix: str, job_id: str) -> str:
+    """The nonce of a new message of a job (Discord drops a repeat of it): `prefix` and the job id,
+    or, should that be longer than NONCE_MAX, a hash of both (distinct prefixes stay distinct)."""
+    nonce = f"{prefix}{job_id}"
+    if len(nonce) > NONCE_MAX:
+        nonce = "i" + hashlib.sha256(nonce.encode()).hexdigest()[:NONCE_MAX - 1]
+    return nonce
 
 
 def is_refusal(exc: discord.HTTPException) -> bool:
@@ -144,9 +160,11 @@ class _Tracker:
     archived: bool = False            # an edit answered 50083: the result goes out as a new message
     position: int | None = None
     line_stale: bool = False          # its place in line changed and was not redrawn (LINE_REDRAWS)
+    requeued: bool = False            # back in line after a run (QUEUED): its place is drawn at the next round
     paused: str = ""   # engine.jobs.pause_of
     started: bool = False
     frame: _Frame | None = None
+    framed: bool = False              # the message may carry a frame.png: a progress edit without one removes it
     first_progress: tuple[float, int] | None = None   # (at, iteration) for the ETA
     new_run: bool = True              # no frame of the job's current run (claim) seen yet
     eta: float | None = None
@@ -160,6 +178,12 @@ class _Tracker:
     upload_limit: int | None = None
     refused: int = 0                  # 4xx answers to the final post (or lost notice) so far
     shrink: int = 0                   # 413s so far: 1 = post without the video, 2 = the text alone
+    # The result's message once it is posted (0: nothing can post it, given up): a retry after a
+    # failed store write (set_reply, mark_delivered) repeats only those, never the post.
+    posted: int | None = None
+    # (video size, room, what _reencode_to_fit made of it): a retry of the final post does not run
+    # ffmpeg again.
+    fitted: tuple[int, int, bytes | None] | None = None
 
 
 @dataclass
@@ -312,7 +336,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         if t is None or t.final or t.lost:
             return
         if kind == EventKind.STARTED:
-            t.started, t.position, t.new_run = True, None, True
+            t.started, t.position, t.new_run, t.requeued = True, None, True, False
             self._kick(t)
         elif kind == EventKind.PROGRESS:
             t.started, t.position = True, None
@@ -331,6 +355,14 @@ class ProgressCog(commands.Cog, name="Progress"):
             png = event.frame_png if event.frame_png else (t.frame.png if t.frame else None)
             t.frame = _Frame(event.iteration, event.total, event.similarity, png)
             self._kick(t)
+        elif kind == EventKind.QUEUED:
+            if t.started or t.frame is not None:
+                # Back in line after a run (released, failed for a retry, its worker's lease expired):
+                # show its place again, not the last frame and ETA of the run that stopped. The line's
+                # next round (its event set _line_dirty) draws it, among the first LINE_REDRAWS or not.
+                t.started, t.frame, t.eta, t.first_progress, t.new_run = False, None, None, None, True
+                t.position, t.requeued = None, True
+                t.framed = True   # it may show a frame (drawn before a restart of the bot, too): remove it
         elif kind in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED):
             self._finish(t)
 
@@ -341,22 +373,33 @@ class ProgressCog(commands.Cog, name="Progress"):
         if record is None:
             record = await self.queue.get(job_id)
         t = self.trackers.get(job_id)   # made while we waited
-        if t is not None:
+        if t is not None or job_id in self._foreign:   # (or delivered and dropped meanwhile)
             return t
         if record is None or record.delivered or not record.spec.channel_id:
-            self._foreign[job_id] = None
-            while len(self._foreign) > 10_000:
-                self._foreign.popitem(last=False)
+            self._forget(job_id)
             return None
         reply = record.spec.reply or {}
         t = _Tracker(job_id, record, int(reply.get("channel_id") or record.spec.channel_id), record.spec.guild_id)
         t.message_id = int(reply["message_id"]) if reply.get("message_id") else None
+        if reply.get("result_message_id"):
+            # Its result was posted (set_reply writes this only after the post) but not marked
+            # delivered (a crash in between): that message is the job's now, and only the store
+            # writes are left to repeat. Not the reply: after a repost (deleted reply, archived
+            # thread) an edit of it would be a second result.
+            t.message_id = t.posted = int(reply["result_message_id"])
         t.upload_limit = reply.get("upload_limit")
         t.started = record.state == JobState.RUNNING
         # Made by another process (or before a restart): nothing more will attach it.
         t.attached = True
         self.trackers[job_id] = t
         return t
+
+    def _forget(self, job_id: str) -> None:
+        """No tracker is made for `job_id` from now on: not ours to show, or delivered (a queue
+        snapshot read before that must not bring it back)."""
+        self._foreign[job_id] = None
+        while len(self._foreign) > 10_000:
+            self._foreign.popitem(last=False)
 
     def _finish(self, t: _Tracker) -> None:
         if not t.final:
@@ -399,8 +442,11 @@ class ProgressCog(commands.Cog, name="Progress"):
                 # Until an edit has shown it (_edit_progress): one that failed (a 5xx) is tried
                 # again at the next round, not left showing the old place.
                 t.line_stale = True
-            if repaused or (rank <= LINE_REDRAWS and t.line_stale):
-                self._kick(t)   # else shown once it is among its channel's first LINE_REDRAWS
+            requeued, t.requeued = t.requeued, False
+            if repaused or requeued or (rank <= LINE_REDRAWS and t.line_stale):
+                # else shown once it is among its channel's first LINE_REDRAWS (a job back in line
+                # after a run at once: it still shows its last frame)
+                self._kick(t)
 
     def line_changed(self) -> None:
         """Called by the admin commands (pause/resume/clear) so positions are redrawn."""
@@ -537,7 +583,8 @@ class ProgressCog(commands.Cog, name="Progress"):
                         t.dirty = False
                         final = await self._prepare_final(t)
                         if final is not None:
-                            await self._wait_turn(t)
+                            if t.posted is None:   # else only store writes are left: no slot needed
+                                await self._wait_turn(t)
                             await self._post_final(t, final)
                     elif t.dead or t.muted or self._progress_content(t)[0] == t.last_content:
                         t.dirty = False   # nothing to draw: take none of the channel's slots
@@ -572,7 +619,13 @@ class ProgressCog(commands.Cog, name="Progress"):
                     await asyncio.sleep(min(30.0, max(0.5, self.cfg.message_interval) * 2 ** min(failures, 6)))
         finally:
             if t.delivered:
-                self.trackers.pop(t.job_id, None)
+                if self.trackers.get(t.job_id) is t:
+                    del self.trackers[t.job_id]
+                if not t.lost:
+                    # A queue snapshot read before this (the line's round) must not make it a new
+                    # tracker, drawn queued again over its final post. (A lost job is not remembered:
+                    # should its record come back, it is followed again.)
+                    self._forget(t.job_id)
 
     async def _refused(self, t: _Tracker, exc: discord.HTTPException) -> None:
         """Discord refused the final post (or the lost notice) with a 4xx: the same request would be
@@ -611,6 +664,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         kwargs: dict[str, Any] = {"content": content}
         if png is not None:
             kwargs["attachments"] = [discord.File(io.BytesIO(png), filename="frame.png")]
+            t.framed = True   # (a failed edit may have gone through)
+        elif t.framed:   # back in line after a run: its last frame goes with the rest of it
+            kwargs["attachments"] = []
         try:
             await self._edit(t, **kwargs)
         except NoMessage:
@@ -635,6 +691,7 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.muted = t.archived = True
             return
         t.last_content = content
+        t.framed = png is not None
         if (t.position, t.paused) == drawn:   # not moved again while the edit went out
             t.line_stale = False   # what is drawn now is the current place (not before: an edit may fail)
 
@@ -718,7 +775,13 @@ class ProgressCog(commands.Cog, name="Progress"):
             files.append(("final.png", png))
         room = limit - (len(png) if png else 0) - 64 * 1024   # the rest of the request
         if mp4 is not None:
-            fitted = mp4 if len(mp4) <= room else await _reencode_to_fit(mp4, room)
+            if len(mp4) <= room:
+                fitted = mp4
+            elif t.fitted is not None and t.fitted[:2] == (len(mp4), room):   # a retry: ffmpeg ran already
+                fitted = t.fitted[2]
+            else:
+                fitted = await _reencode_to_fit(mp4, room)
+                t.fitted = (len(mp4), room, fitted)
             if fitted is not None:
                 files.append(("video.mp4", fitted))
                 if fitted is not mp4:
@@ -743,37 +806,24 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.final = False
             return None
         t.record = record
+        if t.posted is not None:   # posted already: only the store writes are left (_post_final)
+            return _Final(record, "", [])
         files, note = await self._final_files(t, record)
         return _Final(record, render.final_text(record, note), files)
 
     async def _post_final(self, t: _Tracker, final: _Final) -> None:
-        from bot.imagine import result_view   # noqa: PLC0415 - imagine imports this module
-
         def files() -> list[discord.File]:
             return [discord.File(io.BytesIO(data), filename=name) for name, data in final.files]
 
-        view = result_view(final.record)
-        result_message_id: int | None = None
-        if not t.dead and not t.archived and (t.message_id is not None or t.interaction is not None):
-            # Editing the reply is idempotent: a repeat after a crash changes nothing.
-            kwargs: dict[str, Any] = {"content": final.content, "view": view}
-            if final.files:
-                kwargs["attachments"] = files()
-            try:
-                await self._edit(t, **kwargs)
-                result_message_id = t.message_id
-            except (MessageGone, NoMessage, discord.Forbidden):
-                t.dead = True
-            except ThreadArchived:
-                # A new message unarchives the thread (edits never do): post the result as one.
-                log.info("job %s: its thread is archived; posting the result as a new message", t.job_id)
-                t.archived = True
-        if result_message_id is None:
-            result_message_id = await self._post_new(t, final, files, view)
-            if result_message_id is None:   # nothing can post it: given up
-                await self.queue.mark_delivered(t.job_id)
-                t.delivered = True
-                return
+        if t.posted is None:
+            t.posted = await self._post_result(t, final, files) or 0
+        if not t.posted:   # nothing can post it: given up
+            await self.queue.mark_delivered(t.job_id)
+            t.delivered = True
+            return
+        # Posted: a failure from here on (the store) repeats only these writes, not the post (a new
+        # message's follow-up fallback has no nonce; any repost re-uploads the files).
+        result_message_id = t.posted
         reply = dict(final.record.spec.reply or {})
         reply.setdefault("channel_id", t.channel_id)
         reply["result_message_id"] = result_message_id
@@ -784,6 +834,26 @@ class ProgressCog(commands.Cog, name="Progress"):
             log.info("job %s result posted (message %s)", t.job_id, result_message_id)
         t.delivered = True
 
+    async def _post_result(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]]) -> int | None:
+        """Post the result: an edit of the job's reply, else a new message. Its message's id, or None
+        (logged) when nothing can post it."""
+        from bot.imagine import result_view   # noqa: PLC0415 - imagine imports this module
+
+        view = result_view(final.record)
+        if not t.dead and not t.archived and (t.message_id is not None or t.interaction is not None):
+            # Editing the reply is idempotent: a repeat after a crash changes nothing. The attachments
+            # always: without files (the text alone after 413s, no final.png) the last frame goes too.
+            try:
+                await self._edit(t, content=final.content, view=view, attachments=files())
+                return t.message_id
+            except (MessageGone, NoMessage, discord.Forbidden):
+                t.dead = True
+            except ThreadArchived:
+                # A new message unarchives the thread (edits never do): post the result as one.
+                log.info("job %s: its thread is archived; posting the result as a new message", t.job_id)
+                t.archived = True
+        return await self._post_new(t, final, files, view)
+
     async def _post_new(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]],
                         view: discord.ui.View) -> int | None:
         """The result as a new message; its id, or None (logged) when nothing can post it."""
@@ -792,7 +862,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         try:
             # The nonce lets Discord drop a repeat of this post (a crash before mark_delivered).
             message = await channel.send(content=final.content, files=files(), view=view,
-                                         nonce=f"imagine-{t.job_id}")
+                                         nonce=_nonce("imagine-", t.job_id))
             return message.id
         except discord.Forbidden as exc:
             if self._token_live(t):
@@ -840,7 +910,7 @@ class ProgressCog(commands.Cog, name="Progress"):
                 return
         channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
         try:
-            message = await channel.send(content=content, nonce=f"imagine-lost-{t.job_id}")
+            message = await channel.send(content=content, nonce=_nonce("imagine-lost-", t.job_id))
         except (discord.Forbidden, discord.NotFound) as exc:
             log.info("job %s: lost, and no notice can be posted in channel %s (%s %s)", t.job_id, t.channel_id,
                      exc.status, exc.text)

@@ -425,3 +425,31 @@ async def test_cancel_says_stopping_when_a_worker_took_the_job_meanwhile(harness
     record = await h.queue.get(job_id)
     assert record.state == JobState.RUNNING and record.cancel_requested
     fd.assert_clean()
+
+
+async def test_cancel_of_a_running_job_that_finished_meanwhile_says_it_had_finished(harness):
+    """The store takes the cancel of a running job (a request to its worker), but the worker's
+    finish commits before the bot reads the job again: the answer says it had already finished,
+    not "Cancelled"."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    msg = await h.reply_of(await h.imagine("a quick sketch"))
+    job_id = h.job_id(msg)
+    got = await h.queue.claim("test-gpu")
+    assert got.id == job_id
+    store_cancel = h.queue.cancel
+
+    async def finished_meanwhile(jid):   # the real store: the cancel is asked, then the worker's finish lands
+        asked = await store_cancel(jid)
+        assert await h.queue.finish(jid, got.lease_id, 0.3) is True
+        return asked
+
+    h.queue.cancel = finished_meanwhile
+    try:
+        click = await fd.click_button(msg, f"imagine:cancel:{job_id}")
+        assert await private_answer(h, click) == f"Job `{job_id}` had already finished."
+    finally:
+        del h.queue.cancel
+    assert (await h.wait_delivered(job_id)).state == JobState.DONE
+    fd.assert_clean()

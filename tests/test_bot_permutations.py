@@ -7,6 +7,7 @@ import asyncio
 import io
 import logging
 import sqlite3
+import threading
 import time
 
 import numpy as np
@@ -438,3 +439,114 @@ async def test_a_network_failure_posting_a_sheet_backs_off_and_other_sets_go_on(
     for set_id in (first, second):
         marker = await _marker(h, set_id)
         assert marker.get("message_id") and "error" not in marker, marker
+
+
+async def _until(predicate, timeout, what):
+    """Poll `predicate` (not tied to the fake's events, e.g. a thread's flag) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_slow_contact_sheet_does_not_hold_up_a_new_set(harness, monkeypatch):
+    """A sheet that takes long to render or upload (a 429 wait, discord.py's 5xx retries, a slow
+    store) must not hold up new sets: their command records the set (SheetsCog.track) before its
+    first reply. The first set's sheet is held mid-render here; a second set is answered meanwhile,
+    a second check of the first set does not post it again, and once let go the first sheet is
+    posted exactly once. No timing: the render waits on a flag the test sets."""
+    h = harness
+    h.config.queue.max_queued_per_user = 9
+    await h.start(worker=False)
+    fd = h.fd
+    rendering, release = threading.Event(), threading.Event()
+    real_render = contact_sheet.render_sheet
+
+    def held_render(*args, **kwargs):
+        rendering.set()
+        release.wait(60)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(contact_sheet, "render_sheet", held_render)
+    try:
+        inter = await h.imagine("a {red, blue} kite", iterations=2)
+        await h.reply_of(inter)
+        jobs = await _set_jobs(h)
+        first = jobs[0].spec.extra["set"]["id"]
+        await claim_jobs(h.queue, [r.id for r in jobs])
+        await finish_jobs(h.queue, [r.id for r in jobs])
+        await _until(rendering.is_set, 20, "the first set's sheet never started rendering")
+
+        second = await h.imagine("a {green, gold} kite", iterations=2)
+        await h.reply_of(second, timeout=10)   # not stuck behind the sheet being rendered
+        await fd.wait_for(lambda: len(second.followups) == 1, 10, "the second set's other reply")
+        assert not release.is_set() and _sheet_tries(fd) == []
+        sheets = h.bot.get_cog("Sheets")
+        assert await asyncio.wait_for(sheets.check(first), 5) is False   # being posted: not twice
+    finally:
+        release.set()
+    marker = await _marker(h, first)
+    assert marker.get("message_id"), marker
+    await asyncio.sleep(0.5)   # several polls later: still one
+    assert len(_sheet_posts(fd)) == 1 and len(_sheet_tries(fd)) == 1
+    assert [m.id for m in _sheet_messages(fd)] == [marker["message_id"]]
+
+
+async def test_a_set_that_could_not_be_recorded_does_not_keep_its_command(harness, monkeypatch, caplog):
+    """The set's record fails to save, twice (before and after the replies): it gets no sheet, and
+    SheetsCog must not keep the command it was handed for one (the interaction and its token) for
+    good: nothing else would ever drop it."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    real_set_setting = h.queue.set_setting
+
+    async def failing_set_setting(key, *args, **kwargs):
+        if key.startswith("set:"):
+            raise ConnectionError("the store is down")
+        return await real_set_setting(key, *args, **kwargs)
+
+    monkeypatch.setattr(h.queue, "set_setting", failing_set_setting)
+    inter = await h.imagine("a {red, blue} boat", iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == 1, 10, "the second reply")
+    await _until(lambda: "could not be recorded" in caplog.text, 10, "the set was not given up")
+    jobs = await _set_jobs(h)
+    set_id = jobs[0].spec.extra["set"]["id"]
+    sheets = h.bot.get_cog("Sheets")
+    assert set_id not in sheets._open
+    assert set_id not in sheets._interactions, "the command of a set with no sheet is kept for good"
+
+
+async def test_a_set_whose_first_reply_failed_in_a_closed_channel_gets_every_result_through_the_command(
+        harness, caplog):
+    """The first reply fails (Discord answers the edit oddly), so replies 2..n are to be channel
+    messages; the channel refuses the bot (403), so they are not made. The command's token still
+    lives: every job's result must come through it (the first job's in its reply, the others as
+    follow-ups), not be given up as unpostable."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    denied = fd.inject_error("POST", r"/channels/\d+/messages", 403,
+                             body={"message": "Missing Permissions", "code": 50013}, count=10_000)
+    odd = fd.inject_error("PATCH", r"/webhooks/\d+/[^/]+/messages/@original", 200, body={}, count=1)
+    caplog.set_level(logging.INFO)
+    inter = await h.imagine("a {red, blue, green} house", iterations=2)
+    await fd.wait_for(lambda: odd.hits, 10, "the first reply (answered oddly)")
+    await fd.wait_for(lambda: len(denied.hits) >= 2, 10, "the other replies (refused by the channel)")
+    await h.reply_of(inter)   # the first job's own progress edit makes its reply
+    jobs = await _set_jobs(h)
+    ids = [r.id for r in jobs]
+    assert len(ids) == 3 and h.job_id(inter.original_message) == ids[0]
+    await claim_jobs(h.queue, ids)
+    await finish_jobs(h.queue, ids)
+    for job_id in ids:
+        await h.wait_delivered(job_id, timeout=20)
+    assert "cannot post its result" not in caplog.text
+    for job_id in ids:
+        assert len(h.posts_of_job(job_id)) == 1, job_id
+    results = {r.id: (await h.queue.get(r.id)).spec.reply["result_message_id"] for r in jobs}
+    assert results[ids[0]] == inter.original_message.id
+    for job_id in ids[1:]:
+        assert results[job_id] in inter.followup_ids
+        assert _result_on(fd, fd.messages[results[job_id]])

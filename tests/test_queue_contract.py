@@ -17,9 +17,13 @@ from engine.jobs import (
 )
 
 try:
-    from queue_fixtures import QueueFactory, queue, queue_factory, redis_server, start_redis  # noqa: F401
+    from queue_fixtures import (  # noqa: F401
+        QueueFactory, free_port, queue, queue_factory, redis_server, start_redis,
+    )
 except ImportError:  # tests/ imported as a package
-    from tests.queue_fixtures import QueueFactory, queue, queue_factory, redis_server, start_redis  # noqa: F401
+    from tests.queue_fixtures import (  # noqa: F401
+        QueueFactory, free_port, queue, queue_factory, redis_server, start_redis,
+    )
 
 pytestmark = pytest.mark.asyncio
 
@@ -385,6 +389,23 @@ async def test_heartbeat_keeps_the_lease(queue_factory: QueueFactory):
         assert await q.heartbeat(rec.id, w1) is True
     assert await q.sweep() == 0
     assert (await q.get(rec.id)).worker_id == "w1"
+
+
+async def test_leases_expiring_together_go_back_in_the_order_their_runs_started(queue_factory: QueueFactory):
+    """Two leases found expired by one sweep go back to the front of the line in the order their
+    runs started, the earliest frontmost, whatever their expiries (a heartbeat moved the first
+    one's past the second's): the same line on every backend."""
+    q = await queue_factory.open(lease=0.6)
+    a = await q.submit(spec(1, "a"))
+    b = await q.submit(spec(2, "b"))
+    got_a = await q.claim("w1")
+    got_b = await q.claim("w2")
+    assert (got_a.id, got_b.id) == (a.id, b.id)
+    assert await q.heartbeat(a.id, got_a.lease_id) is True   # a's lease now ends after b's
+    await asyncio.sleep(0.9)
+    assert await q.sweep() == 2
+    assert [r.id for r in await q.queued()] == [a.id, b.id]
+    assert [(await q.claim("w3")).id, (await q.claim("w3")).id] == [a.id, b.id]
 
 
 async def test_release_returns_to_front_without_counting(queue: JobQueue):
@@ -797,6 +818,67 @@ async def test_redis_refusing_the_password_fails_at_once_not_after_the_reconnect
             await q.close()
     finally:
         server.stop()
+
+
+async def test_redis_start_that_failed_leaves_the_queue_unstarted_and_can_be_retried():
+    """No Redis there yet (reconnect_timeout 0: no waiting for it): start() fails, and fails again
+    when retried (not "started" by the first try's half-made client), the queue refuses calls as
+    unstarted in between; once Redis is up, start() connects and the queue works."""
+    from redis import exceptions as redis_errors
+
+    from engine.queue.redis import RedisJobQueue
+
+    port = free_port()
+    q = RedisJobQueue(f"redis://127.0.0.1:{port}/0", prefix="restart-start", reconnect_timeout=0)
+    for _ in range(2):
+        with pytest.raises(redis_errors.ConnectionError):
+            await q.start()
+        assert q.redis is None
+        with pytest.raises(RuntimeError, match="not started"):
+            await q.submit(spec())
+    server = start_redis(port=port)
+    try:
+        await q.start()
+        rec = await q.submit(spec())
+        assert (await q.get(rec.id)).state == JobState.QUEUED
+    finally:
+        await q.close()
+        server.stop()
+
+
+async def test_redis_a_cancelled_blob_write_leaves_no_staged_chunks(redis_server):
+    """A checkpoint write cancelled half-way through its chunks (the worker's task cancelled) drops
+    what it had staged at once, as a failed one does, instead of leaving it for the staging TTL."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    q = RedisJobQueue(redis_server.url, prefix=f"stage-{uuid.uuid4().hex[:8]}", blob_chunk=1024)
+    await q.start()
+    try:
+        rec = await q.submit(spec())
+        got = await q.claim("w")
+        run, third_chunk = q._run, asyncio.Event()
+
+        async def stalled_at_the_third_chunk(name: str, *args, **kwargs):
+            if name == "stage_chunk" and args[1] == 2:   # args: blob id, chunk number, bytes, ttl
+                third_chunk.set()
+                await asyncio.Event().wait()             # until cancelled
+            return await run(name, *args, **kwargs)
+
+        q._run = stalled_at_the_third_chunk
+        write = asyncio.create_task(q.save_checkpoint(Checkpoint(rec.id, 5, os.urandom(8 * 1024)), got.lease_id))
+        await asyncio.wait_for(third_chunk.wait(), 10)
+        staged = q._k("stage", "*")
+        assert len(await q.redis.keys(staged)) == 1      # chunks 0 and 1 are there
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        del q._run
+        assert await q.redis.keys(staged) == []
+        assert await q.load_checkpoint(rec.id) is None
+    finally:
+        await q.close()
 
 
 async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
@@ -1731,6 +1813,49 @@ async def test_settings_can_expire(queue_factory: QueueFactory):
     assert await q.claim("w") is None
     await asyncio.sleep(0.4)
     assert (await q.claim("w")).id == rec.id
+
+
+async def test_sqlite_prune_keeping_every_job_still_forgets_old_workers_and_users_out_of_line(tmp_path):
+    """keep_days unset prunes with `older_than` = math.inf: no job goes, but the row of a worker
+    not seen for a day does, and so does the turn (`rotation` row) of each user with nothing queued
+    (Redis drops a user from `rot` when their line empties). A user who queues again after that
+    enters at the back of the turn order, as one who kept their row would."""
+    from engine.queue.sqlite import _FORGET_WORKERS_AFTER, SQLiteJobQueue
+
+    path = tmp_path / "q.db"
+    q = SQLiteJobQueue(str(path))
+    await q.start()
+    try:
+        a = await q.submit(spec(1, "a"))
+        b1 = await q.submit(spec(2, "b1"))
+        c = await q.submit(spec(3, "c"))
+        b2 = await q.submit(spec(2, "b2"))
+        got = await q.claim("gone-gpu")
+        assert got.id == a.id and await q.finish(a.id, got.lease_id, 0.1) is True
+        assert await q.cancel(c.id) is True            # user 3 leaves the line by cancelling
+        assert (await q.claim("gpu")).id == b1.id      # user 2 still has b2 queued
+        with sqlite3.connect(path) as db:              # the first worker was last seen two days ago
+            db.execute("UPDATE workers SET last_seen = ? WHERE worker_id = 'gone-gpu'",
+                       (time.time() - 2 * _FORGET_WORKERS_AFTER,))
+
+        def rotation() -> set[int]:
+            with sqlite3.connect(path) as db:
+                return {row[0] for row in db.execute("SELECT user_id FROM rotation")}
+
+        assert rotation() == {1, 2, 3}
+        assert await q.prune(math.inf) == 0
+        assert rotation() == {2}
+        assert set(await q.workers(max_age=10 * _FORGET_WORKERS_AFTER)) == {"gpu"}
+        assert (await q.get(a.id)).state == JobState.DONE   # every job kept
+
+        # The fair line does not miss the rows: user 1 comes back behind user 2, user 3 behind both.
+        a2 = await q.submit(spec(1, "a2"))
+        c2 = await q.submit(spec(3, "c2"))
+        assert [r.id for r in await q.queued()] == [b2.id, a2.id, c2.id]
+        assert rotation() == {1, 2, 3}
+        assert [(await q.claim("gpu")).id for _ in range(3)] == [b2.id, a2.id, c2.id]
+    finally:
+        await q.close()
 
 
 async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path):

@@ -252,7 +252,17 @@ local function finalize(id, state, err)
 end
 local function sweep()
   local ids = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', '(' .. fmt(tnow()))
-  for i = #ids, 1, -1 do  -- latest expiry first, so the earliest ends up frontmost
+  -- By when their runs started (then id), not by lease expiry (a heartbeat moves that): latest
+  -- start first, so the run that started earliest ends up frontmost, as the SQLite backend does.
+  local started = {}
+  for _, id in ipairs(ids) do
+    started[id] = tonumber(redis.call('HGET', jk(id), 'started_at') or '') or 0
+  end
+  table.sort(ids, function(x, y)
+    if started[x] ~= started[y] then return started[x] < started[y] end
+    return x < y
+  end)
+  for i = #ids, 1, -1 do
     local id = ids[i]
     local v = redis.call('HMGET', jk(id), 'state', 'cancel_requested', 'attempts')
     if v[1] ~= 'running' then
@@ -925,9 +935,13 @@ class RedisJobQueue:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect, and bring jobs of an earlier version up to date. The queue counts as started
+        (`self.redis` set) only once all of that succeeded: a start that raised (Redis unreachable
+        past `reconnect_timeout`, a refused password) leaves it unstarted, its client closed, and
+        may be tried again."""
         if self.redis is not None:
             return
-        self.redis = self._given_client or Redis.from_url(
+        client = self._given_client or Redis.from_url(
             self.url,
             retry=_RetryUnlessRefused(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
@@ -936,22 +950,33 @@ class RedisJobQueue:
             socket_keepalive=True,
             health_check_interval=10,
         )
-        self.saq = _SaqQueue(self.redis, name=self.prefix)
-        self._scripts = {
-            name: self.redis.register_script(_LUA_PRELUDE + body + _LUA_EPILOGUE)
-            for name, body in _SCRIPTS.items()
-        }
-        await self._retry(self.redis.ping)
-        await self._retry(self._backfill_guilds)
+        try:
+            scripts = {
+                name: client.register_script(_LUA_PRELUDE + body + _LUA_EPILOGUE)
+                for name, body in _SCRIPTS.items()
+            }
+            await self._retry(client.ping)
+            await self._retry(lambda: self._backfill_guilds(client, scripts))
+        except BaseException:
+            if self._given_client is None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            raise
+        if self.redis is not None:  # another start() of this queue finished meanwhile: keep its client
+            if self._given_client is None:
+                await client.aclose()
+            return
+        self.redis, self._scripts = client, scripts
+        self.saq = _SaqQueue(client, name=self.prefix)
 
-    async def _backfill_guilds(self) -> None:
+    async def _backfill_guilds(self, client: Any, scripts: dict[str, Any]) -> None:
         """Jobs queued or running under a version before the `guild` field get it now, from their
         specs (here, in Python: exact 64-bit ids), so that a server's pause holds them too. HSETNX:
         idempotent, and never overwrites what a submit wrote. Likewise the `parent` field and the
         parent's `kids` set (see submit), so that prune keeps the parents of those jobs too: through
         a script that indexes a job only while it is still queued or running (one that ended
-        meanwhile must not be left in its parent's set)."""
-        client = self.redis
+        meanwhile must not be left in its parent's set). Run by start() on its `client` and
+        `scripts`, before the queue counts as started."""
         ids = [_s(i) for i in await client.smembers(self._k("qall"))]
         ids += [_s(i) for i in await client.zrange(self._k("running"), 0, -1)]
         if not ids:
@@ -975,7 +1000,7 @@ class RedisJobQueue:
                 await pipe.execute()
             log.info("gave %d job(s) from an earlier version their server id", len(missing))
         if orphans:
-            await self._run("index_parents", *orphans)
+            await self._run("index_parents", *orphans, scripts=scripts)
             log.info("indexed the parents of %d job(s) from an earlier version", len(orphans) // 2)
 
     async def close(self) -> None:
@@ -1020,8 +1045,10 @@ class RedisJobQueue:
                 delay = min(delay * 2, 1.0)
 
     async def _run(self, name: str, *args: Any, token: bool = True, now: float | None = None,
-                   decode: bool = True) -> Any:
-        self._client()
+                   decode: bool = True, scripts: dict[str, Any] | None = None) -> Any:
+        if scripts is None:  # `scripts`: start()'s own, on the client it has not made ours yet
+            self._client()
+            scripts = self._scripts
         argv = [
             self.prefix,
             uuid.uuid4().hex if token else "",
@@ -1031,7 +1058,7 @@ class RedisJobQueue:
             repr(self.lease),
             *args,
         ]
-        script = self._scripts[name]
+        script = scripts[name]
         result = await self._retry(lambda: script(keys=[], args=argv))
         return result.decode() if decode and isinstance(result, bytes) else result
 
@@ -1362,7 +1389,7 @@ class RedisJobQueue:
                     return False
                 try:
                     complete = await self._stage(blob_id, view)
-                except Exception:
+                except BaseException:  # a cancelled write too (CancelledError is no Exception)
                     # Its TTL drops it anyway; dropping it now frees the memory sooner, when Redis answers.
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(

@@ -20,7 +20,8 @@ Each claim stores a fresh `lease_id` with the job; a worker's writes (`publish`,
 the same transaction, that the job is running under that lease (fencing); finalising a job deletes
 its checkpoint; `prune` deletes old finished-and-delivered jobs with everything of theirs, uploads
 no job names any more (`uploads`, `upload_refs`: filled by put_artifact and submit), expired
-settings (`settings.expires_at`) and workers not seen for as long (a day at least), but never a
+settings (`settings.expires_at`), workers not seen for a day (whatever `older_than`) and the
+`rotation` rows of users with no queued job, but never a
 job (nor its state.pt) that a queued or running job names as its parent (`spec.parent_job_id`,
 read with json_extract in the deleting transaction); `submit` refuses (ParentGone) a job whose
 parent's state.pt is gone, and (UploadGone) one naming an upload that is not stored, in its own
@@ -150,7 +151,7 @@ _RETRY_ELSEWHERE_SQL = """NOT COALESCE(
     AND EXISTS (SELECT 1 FROM workers AS w WHERE w.worker_id != ? AND w.last_seen > ?),
     0)"""
 _ALIVE = 2.0
-_FORGET_WORKERS_AFTER = 86400.0   # prune() keeps a worker's row at least this long after it was last seen
+_FORGET_WORKERS_AFTER = 86400.0   # prune() drops a worker's row this long after it was last seen
 _STATE_ARTIFACT = "state.pt"      # what prune(state_older_than=) deletes of a job it keeps
 _STATES_PER_TX = 4                # states deleted a transaction: each frees 48-192 MiB of pages
 
@@ -574,11 +575,13 @@ class SQLiteJobQueue:
         """Expired leases: back to the front, or FAILED after `max_attempts` claims."""
         async with db.execute(
             "SELECT id, user_id, attempts, cancel_requested FROM jobs"
-            " WHERE state = 'running' AND lease_until < ? ORDER BY started_at DESC",
+            " WHERE state = 'running' AND lease_until < ? ORDER BY started_at DESC, id DESC",
             (time.time(),),
         ) as cur:
             expired = list(await cur.fetchall())
-        for row in expired:  # latest first, so the earliest ends up frontmost
+        # Latest start first, so the run that started earliest ends up frontmost (whatever the lease
+        # expiries: a heartbeat moves those). The Redis backend's sweep puts them back in this order too.
+        for row in expired:
             if row["cancel_requested"]:
                 await self._finalize(db, row["id"], JobState.CANCELLED)
                 await self._emit(db, row["id"], EventKind.CANCELLED, "worker lost")
@@ -1006,7 +1009,8 @@ class SQLiteJobQueue:
         """Delete jobs finished and delivered more than `older_than` seconds ago, with their
         artifacts, checkpoints, events (frames) and upload references; then uploads stored more than
         `older_than` seconds ago that no job left names; then expired settings, and the rows of
-        workers not seen for `older_than` seconds (a day at least); then, with `state_older_than`
+        workers not seen for `_FORGET_WORKERS_AFTER` (a day, whatever `older_than`) and the turn
+        of each user with no queued job (`rotation`); then, with `state_older_than`
         shorter than `older_than`, only the `state.pt` of jobs finished and delivered more than that
         many seconds ago (`_STATES_PER_TX` a transaction: each is 48-192 MiB of pages to free).
         Neither pass touches a job that a queued or running job names as its parent: the check is in
@@ -1079,10 +1083,16 @@ class SQLiteJobQueue:
                 break
         async with self._tx() as db:
             await db.execute("DELETE FROM settings WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),))
-            # Workers not seen for `older_than` (a day at least): one row is left by each worker
+            # Workers not seen for `_FORGET_WORKERS_AFTER`, whatever `older_than` is (keep_days unset
+            # prunes with math.inf: no job goes, but these must): one row is left by each worker
             # process that ever ran (its id names the host and pid), so restarts would pile them up.
-            await db.execute("DELETE FROM workers WHERE last_seen < ?",
-                             (time.time() - max(float(older_than), _FORGET_WORKERS_AFTER),))
+            await db.execute("DELETE FROM workers WHERE last_seen < ?", (time.time() - _FORGET_WORKERS_AFTER,))
+            # Users with no queued job have no turn to keep: one who queues again enters at the back
+            # of the turn order (_insert_job) and one whose job comes back at the front (_to_front),
+            # with a row or without, as Redis drops a user from `rot` when their line empties. In
+            # this transaction, so no submit slips in between the check and the delete.
+            await db.execute("DELETE FROM rotation WHERE user_id NOT IN"
+                             " (SELECT user_id FROM jobs WHERE state = 'queued')")
         return total
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
