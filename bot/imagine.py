@@ -879,7 +879,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         """The new job of a Reroll or Continue of `job_id`, checked (refused words, the user's cap),
         or why it may not be queued (for the user)."""
         parent = await self.queue.get(job_id)
-        if parent is None:
+        # A job of another server or of a channel the caller cannot see (a forged custom id: the
+        # buttons Discord shows name this channel's jobs) reads exactly as an unknown id: its
+        # prompt, uploads and final state belong to that channel, not to whoever has the id.
+        if parent is None or not await can_see_job(interaction, parent):
             return f"Job `{job_id}` is no longer in the store, so it cannot be reused."
         p = parent.spec
         problem = self.size_problem(p, job_id, "rerolled" if kind == "reroll" else "continued")
@@ -1023,13 +1026,28 @@ class ImagineCog(commands.Cog, name="Imagine"):
         return await self.refusal(spec) or spec
 
     async def cancel_job(self, interaction: discord.Interaction, job_id: str) -> None:
+        admin = is_admin(interaction, self.bot.config)
+
+        async def find() -> JobRecord | None:
+            """The job, if the caller may know of it: /queue cancel's rule (bot/queue_admin.py).
+            Their own job; else one of this server that they are an admin of, or whose channel
+            they can see (a private thread's may ask Discord: inside the answer window)."""
+            record = await self.queue.get(job_id)
+            if record is None or record.spec.user_id == interaction.user.id:
+                return record
+            if interaction.guild_id is None or record.spec.guild_id != interaction.guild_id:
+                return None
+            return record if admin or await can_see_job(interaction, record) else None
+
         # Every answer is private: a private "thinking…" first when the store's read is slow.
-        record = await in_time(interaction, self.queue.get(job_id), defer="private")
+        record = await in_time(interaction, find(), defer="private")
         if record is None:
+            # Unknown, or another server's job or a hidden channel's (a forged custom id: the
+            # buttons Discord shows name this channel's jobs): its existence is not confirmed.
             await ephemeral(interaction, f"There is no job `{job_id}`.")
             return
         # An admin of this server, not of any server: /queue cancel's rule (bot/queue_admin.py).
-        admin_here = is_admin(interaction, self.bot.config) and record.spec.guild_id == interaction.guild_id
+        admin_here = admin and record.spec.guild_id == interaction.guild_id
         if interaction.user.id != record.spec.user_id and not admin_here:
             await ephemeral(interaction, "Only the person who asked for this image, or an admin, can cancel it.")
             return

@@ -59,7 +59,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.permissions import require_admin
-from engine.text import is_format
+from engine.text import has_visible_text, is_format
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -106,6 +106,9 @@ def _compiled(entry: str) -> "regex.Pattern[str] | tuple[type[regex.error], str]
         return regex.compile(_word_pattern(entry), _FLAGS)
     except regex.error as exc:
         return type(exc), str(exc)
+    except Exception as exc:   # noqa: BLE001 - `regex`'s own failures on odd input: `\p{inf}`
+        # (OverflowError), `\p{1e999}`, `[[:inf:]]` and the like. Still no pattern: an invalid one.
+        return regex.error, f"it cannot be compiled ({type(exc).__name__})"
 
 
 def _compile(entry: str) -> "regex.Pattern[str]":
@@ -321,6 +324,9 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
         if matched is None:
             return ("Your prompt could not be checked against this server's list of refused words in time, so "
                     "it was not queued. Try a shorter prompt, or ask an admin to simplify the list's patterns.")
+        if not has_visible_text(matched):   # `re:\b`, `re:\s`: nothing to quote
+            return ("Your prompt matches a pattern this server's admins have refused. Change it and try again; "
+                    "nothing was queued.")
         return (f"Your prompt contains {render.quote(matched, 50)}, which this server's admins have refused. "
                 "Change it and try again; nothing was queued.")
     return None

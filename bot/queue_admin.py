@@ -28,6 +28,7 @@ One that only reads (`show`, `cancel`'s look-up, `/history`) races its reads aga
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Callable
 
 import discord
@@ -35,7 +36,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.imagine import cancel_and_answer, ephemeral, in_time
+from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
 from bot.permissions import ThreadLookups, admin_roles_text, can_see_job, is_admin, require_admin
 from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
@@ -197,7 +198,9 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
 
         async def find() -> tuple[JobRecord | None, bool]:
             """The job, and whether the caller may know of it (a private thread's may ask Discord)."""
-            record = await self.queue.get(job) if job else None
+            # Only what can be an id is looked up: other text (a lone surrogate, which the store
+            # cannot even encode) is no job, as in /remix.
+            record = await self.queue.get(job) if re.fullmatch(JOB_ID, job) else None
             if record is None:
                 return None, False
             if record.spec.user_id == interaction.user.id:

@@ -19,7 +19,7 @@ import re
 import discord
 
 from engine.jobs import JobRecord, JobSpec, JobState
-from engine.text import MAX_MARKS, clip, tame  # noqa: F401 - re-exported: the bot's echo rules
+from engine.text import MAX_MARKS, clip, has_visible_text, tame  # noqa: F401 - re-exported: the bot's echo rules
 
 CONTENT_LIMIT = 2000
 CLIP_TOKENS = 77
@@ -56,11 +56,21 @@ def snippet(prompt: str, limit: int = 60) -> str:
     return escape_prompt(clip(prompt, limit))
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")   # a lone surrogate: no character
+
+
 def quote(text: str, limit: int = 40) -> str:
     """User text for a refusal (or any answer that repeats it): tamed, cut to `limit` characters,
     as inline code (shown literally, Markdown and mentions included; a backtick inside becomes a
-    look-alike). The one way the bot quotes what a user typed."""
-    return "`" + clip(text, limit).replace("`", "ˋ") + "`"
+    look-alike). The one way the bot quotes what a user typed.
+
+    A lone surrogate (no character: JSON carries it, UTF-8 cannot) shows as U+FFFD. Text that
+    shows nothing once tamed (empty, only spaces, only invisible characters) is named instead,
+    in italics: an empty span would show as two literal backticks, a blank one as nothing."""
+    flat = _SURROGATE.sub("\ufffd", clip(text, limit))
+    if not has_visible_text(flat):
+        return "*(empty)*" if not flat else "*(only invisible characters)*"
+    return "`" + flat.replace("`", "ˋ") + "`"
 
 
 def settings_line(spec: JobSpec) -> str:

@@ -192,18 +192,31 @@ def cutout_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling grids [n, size, size, 2] for n random square cut-outs, each resized to `size` and
     rotated, as one affine map; and a mask [n, 1, size, size] of the rotated square's inside
-    (outside it the picture is black, as a rotated crop's corners are)."""
+    (outside it the picture is black, as a rotated crop's corners are). `cutout_affine` says how."""
     scale = torch.rand(n, generator=generator, device=device) * (cut_max - cut_min) + cut_min  # [n]
     # Offsets keep the cut-out inside the image: centre within +-(1 - scale) in [-1, 1] coords.
     centre = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * (1 - scale)[:, None]
     angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(degrees)
+    return cutout_affine(scale, centre, angle, size)
+
+
+def cutout_affine(
+    scale: torch.Tensor, centre: torch.Tensor, angle: torch.Tensor, size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grids [n, S, S, 2] and masks [n, 1, S, S] of n given cut-outs: scale [n] (a side, as a
+    fraction of the image's), centre [n, 2] (x, y in the image's [-1, 1] coordinates), angle [n]
+    (radians). What the seed loop does in three steps (crop the axis-aligned square `centre +-
+    scale`, resize it to S, torchvision's `rotate` by `degrees(angle)`, black where nothing of the
+    crop lands), as one affine map: output pixel xy ([-1, 1] coords) samples the crop at R(angle)·xy
+    (crop coords, the crop being |p| <= 1), i.e. the image at scale·R·xy + centre. The mask is 1
+    where that point lies in the crop: R·xy is inside the square, not xy (which always is)."""
+    n = scale.shape[0]
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [n, 2, 2]
     theta = torch.cat([rot * scale[:, None, None], centre[:, :, None]], dim=2)  # [n, 2, 3]
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # [n, S, S, 2]
-    local = (grid - centre[:, None, None, :]) / scale[:, None, None, None]  # back to crop coords
-    unrot = torch.einsum("nij,nhwj->nhwi", rot.transpose(1, 2), local)
-    mask = (unrot.abs() <= 1).all(dim=-1)[:, None].float()  # [n, 1, S, S]
+    local = (grid - centre[:, None, None, :]) / scale[:, None, None, None]  # crop coords: R·xy
+    mask = (local.abs() <= 1).all(dim=-1)[:, None].float()  # [n, 1, S, S]
     return grid, mask
 
 
@@ -281,6 +294,12 @@ class Frame:
 
     def png(self) -> bytes:
         return png_bytes(self.pixels)
+
+
+class NonFiniteError(FloatingPointError):
+    """A slot's loss, logits or optimiser state went NaN or infinite (e.g. an fp16 overflow on a
+    GPU): Adam keeps NaN logits NaN for good, and their argmax is a flat picture of code 0, so the
+    job cannot go on. Found when a frame is taken (the host reads the device only then)."""
 
 
 class CancelToken(Protocol):
@@ -411,6 +430,18 @@ class Slot:
                     "there on)", self.key, theirs, mine, self.iteration)
 
 
+def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor, on the tensors' device (no host sync): every element of every one finite.
+    Each tensor's min and max (one pass, no tensor of its size made: isfinite().all() is ~20x
+    slower on a CPU): NaN propagates through aminmax, and an infinity is the min or the max."""
+    return torch.isfinite(torch.stack([torch.stack(torch.aminmax(t.detach())) for t in tensors])).all()
+
+
+def _moments(slot: Slot) -> list[torch.Tensor]:
+    """The slot's Adam moments (exp_avg, exp_avg_sq: [1, V, g, g]; none before its first step)."""
+    return [v for v in slot.optimizer.state.get(slot.logits, {}).values() if torch.is_tensor(v) and v.dim() > 0]
+
+
 def _cpu_copy(value: Any) -> Any:
     """`value` with every tensor replaced by a detached CPU copy of it (dicts, lists and tuples
     walked; anything else is immutable here: numbers, strings, None)."""
@@ -530,6 +561,9 @@ class BatchRunner:
     down to the slot that fails alone, which leaves the runner through `on_failure`; the others
     step as if nothing happened. Out of memory also teaches the runner a smaller pass for that
     batch key (`pass_limit`): later steps run the key's slots in passes of at most that many.
+    A slot whose loss, logits or Adam moments are NaN or infinite (an fp16 overflow, say) fails
+    alone with NonFiniteError at its next frame, where the host reads the device anyway: the check
+    rides on the frame's one read, the steps between frames stay free of syncs.
     """
 
     def __init__(self, models: Models, compile: bool | str = False):
@@ -582,7 +616,16 @@ class BatchRunner:
 
     def frames(self, slots: Sequence[Slot]) -> list[Frame]:
         """Take a frame of each slot now (no gradient): the picture and its similarities.
-        One host sync for all of them."""
+        One host sync for all of them. A slot whose loss, logits or optimiser state is not finite
+        has no picture to show: NonFiniteError (the first such slot's)."""
+        taken = self._frames(slots)
+        for got in taken:
+            if isinstance(got, NonFiniteError):
+                raise got
+        return taken  # type: ignore[return-value] - every one a Frame
+
+    def _frames(self, slots: Sequence[Slot]) -> list[Frame | NonFiniteError]:
+        """`frames`, each slot's own: its Frame, or the NonFiniteError it fails with."""
         with torch.no_grad():
             with _autocast(self.models, slots[0].settings.precision):
                 images = frame_image(self.models, torch.cat([s.logits for s in slots]))  # [B, 3, H, W]
@@ -590,19 +633,35 @@ class BatchRunner:
             sims = [slot.targets.embeddings @ emb[i].float() for i, slot in enumerate(slots)]  # [T] each
             nan = torch.full((), float("nan"), device=images.device)
             losses = torch.stack([nan if s.loss is None else s.loss.float() for s in slots])  # [B]
-            numbers = torch.cat(sims + [losses])
+            # Whether each slot is finite: its last loss, and its logits and Adam's moments (what
+            # its next steps and its state.pt are made of) [B, 2]. Read back with the rest: frames
+            # only, no sync of its own, nothing in the step.
+            yes = torch.ones((), dtype=torch.bool, device=images.device)
+            finite = torch.stack([torch.stack([yes if s.loss is None else torch.isfinite(s.loss),
+                                               _all_finite(s.logits, *_moments(s))]) for s in slots])
+            numbers = torch.cat(sims + [losses, finite.flatten().float()])
             pixels = (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)  # [B, H, W, 3]
         pixels_np = pixels.cpu().numpy()
         values = numbers.tolist()
         now = time.perf_counter()
-        frames, at = [], 0
+        frames: list[Frame | NonFiniteError] = []
+        at, b = 0, len(slots)
         for i, slot in enumerate(slots):
             n = len(slot.targets.labels)
             sim = values[at:at + n]
             at += n
+            loss_ok, state_ok = values[-2 * b + 2 * i], values[-2 * b + 2 * i + 1]
+            if not (loss_ok and state_ok):
+                what = " and ".join(name for name, ok in (("loss", loss_ok), ("logits / optimiser state", state_ok))
+                                    if not ok)
+                frames.append(NonFiniteError(
+                    f"non-finite values (NaN or infinity) in this job's {what} at iteration {slot.iteration}: "
+                    f"the optimisation diverged (with fp16 precision an overflow is the usual cause; bf16 or "
+                    f"fp32 avoids it), and its pictures would be blank from here on"))
+                continue
             frames.append(Frame(
                 iteration=slot.iteration, total=slot.settings.iterations, pixels=pixels_np[i].copy(),
-                similarity=sim[slot.targets.headline], similarities=sim, loss=values[-len(slots) + i],
+                similarity=sim[slot.targets.headline], similarities=sim, loss=values[-3 * b + i],
                 elapsed=now - slot.started,
             ))
         return frames
@@ -677,19 +736,29 @@ class BatchRunner:
     def _with_frames(self, slots: list[Slot], on_failure: Callable[[Slot, Exception], None] | None
                      ) -> list[tuple[Slot, Frame | None]]:
         """(slot, its frame if one is due) for each slot; a frame that cannot be taken with the
-        others is taken alone, and a slot whose frame fails alone fails."""
+        others is taken alone, and a slot whose frame fails alone fails. A slot found non-finite
+        at its frame (NonFiniteError: its own numbers, not the pass's) fails alone at once; the
+        others' frames, taken with it, stand."""
         wanted = [s for s in slots if s.wants_frame()]
         frames: dict[Any, Frame] = {}
         if wanted:
             together = True
             try:
-                frames = dict(zip((s.key for s in wanted), self.frames(wanted)))
+                taken = self._frames(wanted)
             except Exception as exc:  # noqa: BLE001 - one at a time, below
                 if on_failure is None:
                     raise
                 traceback.clear_frames(exc.__traceback__)
                 together = False
-            if not together:
+            if together:
+                for s, got in zip(wanted, taken):
+                    if not isinstance(got, NonFiniteError):
+                        frames[s.key] = got
+                    elif on_failure is None:
+                        raise got
+                    else:
+                        self._fail(s, got, on_failure)
+            else:
                 if self.models.device.type == "cuda":
                     torch.cuda.empty_cache()
                 for s in wanted:
@@ -810,7 +879,7 @@ def generate(
 
 
 __all__ = [
-    "BatchRunner", "Frame", "GenerationResult", "GenerationSettings", "PromptError", "PromptPart",
+    "BatchRunner", "Frame", "GenerationResult", "GenerationSettings", "NonFiniteError", "PromptError", "PromptPart",
     "Slot", "Targets", "batch_key", "compact_state", "encode_targets", "expand_state", "generate", "parse_prompt",
     "state_from_bytes", "state_to_bytes",
 ]

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import queue as thread_queue
+import re
 import signal
 import socket
 import sys
@@ -62,6 +63,28 @@ class GpuThreadDied(RuntimeError):
 
 # How long stop() waits for a claim already in flight (to hand back what it took).
 CLAIM_GRACE_ON_STOP = 5.0
+
+
+# Snapshots for checkpoints one run may hold at once (Worker._saving): the one being saved and the
+# next, waiting for it. Further frames take none until the save is over: each is a full state (up
+# to 384 MiB at grid 64), and with saves slower than `checkpoint_every` (always, at 0; or many jobs
+# sharing a slow store) they would pile up in memory without bound, each waiting on the one before
+# it, and the run's frames would fall further and further behind.
+CHECKPOINT_STATES_PER_RUN = 2
+
+
+# Jobs failing alone in a row with CUDA errors (no job stepping in between) after which the GPU
+# counts as dead (Worker._note_failure): a CUDA error is sticky, every later kernel fails too.
+CUDA_FAILURES_TO_LATCH = 3
+_CUDA_ERROR = re.compile(r"CUDA error|CUBLAS_STATUS|cuDNN error|CUDNN_STATUS")
+
+
+def _looks_like_cuda_error(exc: BaseException) -> bool:
+    """Whether `exc` reads as a CUDA error (not out of memory: that one is the job's size, and the
+    runner shrinks its passes for it)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return bool(_CUDA_ERROR.search(text)) and not (
+        isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text)
 
 
 def check_checkpoint_every(seconds: float) -> float:
@@ -105,12 +128,23 @@ class DamagedCheckpoint(RuntimeError):
 CHECKPOINT_FRAME_MARGIN = 2
 
 
+def _check_checkpoint_iteration(state: Any, spec: JobSpec) -> None:
+    """A worker checkpoints a run between its first and its last iteration (0 < iteration <
+    spec.iterations), else DamagedCheckpoint: a run resumed at or past its end is done before its
+    first step, and would never be stepped, finished or let go."""
+    iteration = state.get("iteration") if isinstance(state, dict) else None
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or not 0 < iteration < spec.iterations:
+        raise DamagedCheckpoint(f"the checkpoint is at iteration {iteration!r}; a job of {spec.iterations} "
+                                "iterations is checkpointed only after its first and before its last")
+
+
 def _unpack_with_pixels(data: bytes, spec: JobSpec) -> tuple[dict[str, Any], list[bytes], list[np.ndarray]]:
     """A checkpoint's state, its frames' PNGs and their pixels. Its frames are checked before they
     are decoded (the store is shared: another process wrote them): at most one per `frame_every`
     iterations (+ the first and last, + CHECKPOINT_FRAME_MARGIN), each a PNG (no other decoder is
     tried) of the job's size (8 x grid a side, RGB); else DamagedCheckpoint."""
     state, frames_png = unpack_checkpoint(data)
+    _check_checkpoint_iteration(state, spec)
     most = spec.iterations // max(1, spec.frame_every) + 2 + CHECKPOINT_FRAME_MARGIN
     if len(frames_png) > most:
         raise DamagedCheckpoint(f"the checkpoint holds {len(frames_png)} frames; a job of {spec.iterations} "
@@ -263,6 +297,16 @@ class Worker:
         # set at admission by the GPU thread, raised by the asyncio side once a save is accepted.
         # A stopping worker snapshots every run past it, so a save that failed is made up for.
         self._saved: dict[str, int] = {}
+        # Per slot key: how many snapshots taken for checkpoints are not saved yet (counted up by
+        # the GPU thread as it takes one, down by the frame task that carries it, whatever becomes
+        # of it; dropped when the run leaves). At CHECKPOINT_STATES_PER_RUN the run's frames take
+        # no more until one is over.
+        self._saving: dict[str, int] = {}
+        # Guards `_saved` and `_saving`, written by both the GPU thread and the asyncio side (a
+        # check-then-write there could meet a pop here: a KeyError, or a gone run put back).
+        self._book = threading.Lock()
+        # GPU thread: single-slot failures in a row that look like CUDA errors (see _note_failure).
+        self._cuda_failures = 0
         # Written by the GPU thread as it stops (worker.stop()), read once it has been joined:
         # per slot key, the snapshot to save before the job is handed back.
         self._stop_states: dict[str, dict[str, Any]] = {}
@@ -568,7 +612,8 @@ class Worker:
         return (self._thread is None or self._thread.is_alive()) and not self._hung()
 
     def gpu_thread_alive(self) -> bool:
-        """Whether the GPU thread runs: False once started and then died (or stopped), or hung."""
+        """Whether the GPU thread runs: False once started and then died (or stopped), or hung, or
+        counted as dead after failing job after job with CUDA errors (`_note_failure`)."""
         return self._thread is not None and self._thread.is_alive() and not self._hung()
 
     def _hung(self) -> bool:
@@ -597,6 +642,19 @@ class Worker:
         self._loop.call_soon_threadsafe(schedule)
 
     async def _on_frame(self, key: str, frame: Frame, state: dict[str, Any] | None) -> None:
+        try:
+            await self._frame(key, frame, state)
+        finally:
+            if state is not None:   # its checkpoint is over (saved, refused, failed, dropped): another may be taken
+                with self._book:
+                    left = self._saving.get(key, 0) - 1
+                    if left > 0:
+                        self._saving[key] = left
+                    else:
+                        self._saving.pop(key, None)   # never put back for a run that is gone
+
+    async def _frame(self, key: str, frame: Frame, state: dict[str, Any] | None) -> None:
+        """_on_frame's work: the frame's PNG, its event, then its checkpoint (`state`) if any."""
         run = self.running.get(key)
         if run is None:
             return
@@ -635,8 +693,10 @@ class Worker:
             try:
                 data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
                 ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
-                if ok and key in self._saved:   # not once the run has left the GPU thread
-                    self._saved[key] = max(self._saved[key], frame.iteration)
+                if ok:
+                    with self._book:   # the GPU thread may be forgetting the run right now
+                        if key in self._saved:   # not once the run has left the GPU thread
+                            self._saved[key] = max(self._saved[key], frame.iteration)
             except Exception:  # noqa: BLE001 - a crash resumes from the previous checkpoint instead
                 log.warning("job %s: its checkpoint at iteration %d could not be saved (a crash now would "
                             "resume from the one before)", job_id, frame.iteration, exc_info=True)
@@ -720,7 +780,9 @@ class Worker:
             log.debug("a run that already left this worker failed: %s", exc)
             return
         job_id = run.record.id
-        retry = not isinstance(exc, (PromptError, ValueError))  # bad input fails at once, never retried
+        # Bad input fails at once, never retried; so does a run gone non-finite (NaN): run again from
+        # its last checkpoint, with its generator's state, it would diverge the same way.
+        retry = not isinstance(exc, (PromptError, ValueError, FloatingPointError))
         reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PromptError) else str(exc)
         if isinstance(exc, PromptError):
             # Its message quotes the prompt: the reason goes to the user, the log says less.
@@ -753,12 +815,28 @@ class Worker:
                 self._admit(runner, block=len(runner) == 0)
                 for key in [k for k in runner.slots if self._cancelled(k)]:
                     runner.remove(key)
-                    self._checkpointed.pop(key, None)
-                    self._saved.pop(key, None)
+                    self._forget(key)
                     self._from_gpu(self._on_stopped, key)
                 if not len(runner):
                     continue
                 self._busy_since = time.monotonic()
+                # A slot that is done before its first step (admitted at or past its last
+                # iteration: _unpack_with_pixels refuses such checkpoints, this is the backstop)
+                # would never be stepped (BatchRunner.batches skips it), finished or removed, its
+                # job kept RUNNING by our heartbeats for ever: it ends here, with a frame of where it is.
+                for slot in [s for s in runner.slots.values() if s.done]:
+                    try:
+                        frame = runner.frames([slot])[0]
+                    except Exception as exc:  # noqa: BLE001 - this job alone
+                        runner.remove(slot.key)
+                        self._forget(slot.key)
+                        self._note_failure(exc)
+                        self._from_gpu(self._failed, slot.key, exc)
+                        continue
+                    self._from_gpu(self._on_frame, slot.key, frame, None)
+                    self._finish(runner, slot)
+                if not len(runner) or self._stalled:
+                    continue
                 try:
                     # A failing pass is bisected by the runner: only the job that fails alone
                     # fails (retried on another worker); out of memory shrinks its passes.
@@ -766,12 +844,13 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - not a pass (a bug of ours): fail the batch's jobs
                     for key in list(runner.slots):
                         runner.remove(key)
-                        self._checkpointed.pop(key, None)
-                        self._saved.pop(key, None)
+                        self._forget(key)
                         self._from_gpu(self._failed, key, exc)
                     if self.models.device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
+                if results:
+                    self._cuda_failures = 0       # the GPU stepped a job: it works
                 self.iterations_done += len(results)
                 self._observe("iterations", len(results))
                 for slot, frame in results:
@@ -786,20 +865,14 @@ class Worker:
                                 log.exception("could not snapshot job %s for a checkpoint", slot.key)
                         self._from_gpu(self._on_frame, slot.key, frame, state)
                     if slot.done:
-                        runner.remove(slot.key)
-                        self._checkpointed.pop(slot.key, None)
-                        self._saved.pop(slot.key, None)
-                        try:
-                            final_state = slot.state()
-                        except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error surfacing at the copy: this job alone
-                            self._from_gpu(self._failed, slot.key, exc)
-                            continue
-                        self._from_gpu(self._on_done, slot.key, final_state)
+                        self._finish(runner, slot)
             # Stopping (worker.stop() joins this thread next): a snapshot of every run still ours
             # that moved since its last checkpoint, saved by stop() before it hands the job back.
             # Not after a hang: nothing read from that GPU is trusted (the jobs resume elsewhere).
             for key, slot in [] if self._stalled else list(runner.slots.items()):
-                if self._cancelled(key) or slot.iteration <= self._saved.get(key, 0):
+                with self._book:
+                    saved = self._saved.get(key, 0)
+                if self._cancelled(key) or slot.iteration <= saved:
                     continue
                 try:
                     self._stop_states[key] = slot.state()
@@ -812,11 +885,52 @@ class Worker:
         finally:
             self.gpu_alive = False
 
+    def _finish(self, runner: BatchRunner, slot: Slot) -> None:
+        """GPU thread: `slot` is done: out of the runner, its final state to _on_done."""
+        runner.remove(slot.key)
+        self._forget(slot.key)
+        try:
+            final_state = slot.state()
+        except Exception as exc:  # noqa: BLE001 - e.g. a CUDA error surfacing at the copy: this job alone
+            self._note_failure(exc)
+            self._from_gpu(self._failed, slot.key, exc)
+            return
+        self._from_gpu(self._on_done, slot.key, final_state)
+
+    def _forget(self, key: str) -> None:
+        """GPU thread: the run left the runner (done, failed, stopped): its checkpoint bookkeeping goes."""
+        self._checkpointed.pop(key, None)
+        with self._book:
+            self._saved.pop(key, None)
+            self._saving.pop(key, None)
+
     def _slot_failed(self, slot: Slot, exc: Exception) -> None:
         """GPU thread: the runner dropped `slot`, whose step failed alone."""
-        self._checkpointed.pop(slot.key, None)
-        self._saved.pop(slot.key, None)
+        self._forget(slot.key)
+        self._note_failure(exc)
         self._from_gpu(self._failed, slot.key, exc)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        """GPU thread: a job failed alone. A CUDA error is sticky (an illegal memory access, a
+        device-side assert: the context is lost and every later kernel fails too), so after
+        CUDA_FAILURES_TO_LATCH of them in a row, with no job stepping in between, the GPU counts as
+        dead, as a hung one does (`_hung`): no more claims or heartbeats, the GPU thread ends, and
+        `imagine-worker` exits 1 to be restarted. Else each job it claimed would spend an attempt
+        here (bisection fails each job alone) and the worker would fail the whole queue."""
+        if not _looks_like_cuda_error(exc):
+            self._cuda_failures = 0
+            return
+        self._cuda_failures += 1
+        if self._cuda_failures < CUDA_FAILURES_TO_LATCH or self._stalled:
+            return
+        self._gpu_error = GpuThreadDied(
+            f"the GPU failed {self._cuda_failures} jobs in a row with CUDA errors, the last: "
+            f"{type(exc).__name__}: {str(exc)[:200]}")
+        self._stalled = True
+        self.gpu_alive = False
+        log.error("worker %s: %d jobs in a row failed with CUDA errors (the last: %s): the GPU counts as dead; "
+                  "no more claims, and its jobs' leases are no longer renewed, so other workers take them",
+                  self.worker_id, self._cuda_failures, str(exc)[:200])
 
     def _cancelled(self, key: str) -> bool:
         run = self.running.get(key)
@@ -825,7 +939,12 @@ class Worker:
     def _checkpoint_snapshot(self, slot: Slot) -> dict[str, Any] | None:
         """GPU thread, at a frame: the slot's state for a checkpoint when one is due (at least
         `checkpoint_every` seconds since the run's last one; a new run's first frame if the rest of
-        the run takes longer than that), else None."""
+        the run takes longer than that), else None. None too while the run already holds
+        CHECKPOINT_STATES_PER_RUN snapshots not yet saved (`_saving`): `_checkpointed` is left as
+        it is, so the next frame tries again."""
+        with self._book:
+            if self._saving.get(slot.key, 0) >= CHECKPOINT_STATES_PER_RUN:
+                return None
         now = time.monotonic()
         last = self._checkpointed.get(slot.key)
         if self.checkpoint_every > 0 and last is not None:
@@ -842,7 +961,10 @@ class Worker:
                 return None
         start = last[2:] if last is not None else (now, slot.iteration)
         self._checkpointed[slot.key] = (now, slot.iteration, *start)
-        return slot.state()
+        state = slot.state()
+        with self._book:   # until the frame task that carries it is over (_on_frame)
+            self._saving[slot.key] = self._saving.get(slot.key, 0) + 1
+        return state
 
     def _admit(self, runner: BatchRunner, block: bool) -> None:
         while True:
@@ -863,7 +985,8 @@ class Worker:
                 started = time.monotonic()
                 self._checkpointed[slot.key] = (started if resumed else -math.inf, slot.iteration,
                                                 started, slot.iteration)
-                self._saved[slot.key] = slot.iteration
+                with self._book:
+                    self._saved[slot.key] = slot.iteration
                 if slot.iteration == 0 or start.keep_optimizer:
                     # Frame 0 (or the parent's last frame, for Continue) opens the video.
                     frame = runner.frames([slot])[0]
@@ -872,9 +995,11 @@ class Worker:
                 # Fail the job (retried elsewhere), never the GPU thread: a dead thread with
                 # heartbeating jobs would hold them forever.
                 runner.remove(start.key)
-                self._checkpointed.pop(start.key, None)
-                self._saved.pop(start.key, None)
+                self._forget(start.key)
+                self._note_failure(exc)
                 self._from_gpu(self._failed, start.key, exc)
+                if self._stalled:   # the GPU counts as dead: the rest wait where they are (see _note_failure)
+                    return
                 continue
 
     def _make_slot(self, start: _Start) -> Slot:
@@ -920,8 +1045,6 @@ def _decode_png(data: bytes, size: tuple[int, int]):
 
 
 # --- imagine-worker ----------------------------------------------------------------------------
-
-import re  # noqa: E402 - the command line's part of this module
 
 
 def build_parser() -> argparse.ArgumentParser:

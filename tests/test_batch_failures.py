@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 from engine.generate import BatchRunner
@@ -46,6 +47,31 @@ def test_a_job_whose_optimiser_step_fails_leaves_alone(tiny_models, solo):
     assert failed == ["b"] and out["b"].slot.iteration == 0
     for key in "ac":
         assert out[key].slot.done
+        assert_close(out[key], solo(key))
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_job_gone_non_finite_fails_alone_at_its_frame_the_others_run_on(tiny_models, solo, poison):
+    """A NaN loss or gradient (an fp16 overflow on a GPU) makes Adam turn a job's logits NaN for
+    good: every frame a flat picture of code 0, and a done job's state.pt NaN. Found at the job's
+    next frame (the one host read a frame makes anyway), it fails that job alone; its companions'
+    steps never saw its numbers, so they finish as their solo runs."""
+    bad = make_slot(tiny_models, "b")
+    if poison == "loss":        # NaN targets: a NaN loss, and gradient, from the first step on
+        bad.targets = replace(bad.targets, embeddings=torch.full_like(bad.targets.embeddings, float("nan")))
+    else:                       # a finite loss, a NaN gradient: the overflow in the backward pass
+        bad.logits.register_hook(lambda grad: grad * float("nan"))
+    failed = []
+    out = run(tiny_models, {0: [make_slot(tiny_models, "a"), bad, make_slot(tiny_models, "c")]},
+              on_failure=lambda slot, exc: failed.append((slot.key, exc)))
+    assert [key for key, _ in failed] == ["b"]
+    exc = failed[0][1]
+    assert isinstance(exc, FloatingPointError) and "non-finite values" in str(exc), exc
+    assert "at iteration 2" in str(exc) and "logits / optimiser state" in str(exc), exc
+    assert out["b"].slot.iteration == 2 and out["b"].frames == []   # failed at its first frame
+    for key in "ac":
+        assert out[key].slot.done and out[key].batch_sizes == [3, 3, 2, 2, 2, 2]
+        assert [f[0] for f in out[key].frames] == [2, 4, 6]
         assert_close(out[key], solo(key))
 
 

@@ -245,3 +245,23 @@ async def test_an_admin_role_named_with_digits_is_a_name_not_an_id(harness):
     assert "Only the person who asked for job" in text and "`2024`" in text and "<@&2024>" not in text, text
     assert (await h.queue.get(alices)).state == JobState.QUEUED
     fd.assert_clean()
+
+
+async def test_queue_cancel_of_text_that_cannot_be_a_job_id_is_no_job(harness):
+    """Only what can be an id is looked up: a lone surrogate (the store cannot even encode it) and
+    blank text get the unknown-id answer, quoted readably (never an empty code span's two backticks)."""
+    h = harness
+    await h.start(worker=False)
+    for job, shown in [("\ud800", "`\ufffd`"), (" ", "*(empty)*"), ("abc def", "`abc def`")]:
+        text = await ephemeral_answer(h, "queue cancel", {"job": job})
+        assert text == f"There is no job {shown} in this server; see `/queue show` for the ids.", (job, text)
+    h.fd.assert_clean()
+
+
+async def test_quote_names_text_that_shows_nothing():
+    from bot.render import quote
+
+    assert quote("") == "*(empty)*" and quote("  \t ") == "*(empty)*"
+    assert quote("\u200b\u2800") == "*(only invisible characters)*"
+    assert quote("\ud800x") == "`\ufffdx`"
+    assert quote("a`b") == "`aˋb`"

@@ -351,3 +351,26 @@ async def test_our_own_error_after_the_jobs_reply_keeps_the_reply_and_is_told_on
     cancel = await fd.click_button(reply, f"imagine:cancel:{remix_id}")
     assert "Cancelled" in await private_answer(h, cancel)
     fd.assert_clean()
+
+
+async def test_a_damaged_pictures_refusal_cannot_format_the_answer():
+    """Pillow's error quotes the file's own bytes (`broken PNG file (chunk b'||*_')`, a chunk type
+    after the first image data): the refusal shows them Markdown-escaped, so a file cannot spoil,
+    italicise or link the private answer."""
+    import struct
+    import zlib
+
+    from bot import attachments
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"".join(b"\x00" + b"\xff\x00\x00" * 64 for _ in range(64)))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", pixels[:len(pixels) // 2]) + chunk(b"||*_", b"x" * 8) + chunk(b"IEND", b""))
+    with pytest.raises(attachments.AttachmentRefused) as caught:
+        attachments.check(png, "image", 2**20)
+    text = str(caught.value)
+    assert text.startswith("`image`: the image is damaged or truncated"), text
+    assert r"\|\|\*\_" in text, text
+    assert not re.search(r"(?<!\\)[|*_~`]", text.removeprefix("`image`")), text

@@ -155,3 +155,22 @@ async def test_spellings_clip_reads_as_a_refused_word_are_refused_and_patterns_a
     assert "Removed" in await ephemeral_answer(h, "queue ban-word remove", {"entry": r"re:\Bdog\B"}, **admin)
     assert await h.queue.get_setting(key) == ["ｃａｔ", r"re:\bdog\b"]
     h.fd.assert_clean()
+
+
+async def test_patterns_the_regex_module_fails_on_are_refused_as_invalid(harness):
+    """`regex` raises its own OverflowError (not regex.error) compiling `\\p{inf}`: the admin is told
+    the pattern is not valid, not "something went wrong", and the list stays as it was. A pattern
+    whose match is empty (`\\b`) refuses a prompt without quoting an empty code span."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    for entry in [r"re:\p{inf}", "re:[[:inf:]]"]:
+        text = await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+        assert text.startswith("That is not a valid regular expression") and "Nothing was added" in text, (entry, text)
+    assert await h.queue.get_setting(f"banned:{h.fd.guild_id}") is None
+
+    assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:\b"}, **admin)
+    text = await _refused(h, "a cat")
+    assert text.startswith("Your prompt matches a pattern this server's admins have refused."), text
+    assert "``" not in text
+    h.fd.assert_clean()

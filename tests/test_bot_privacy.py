@@ -16,7 +16,9 @@ import pytest
 
 from engine.jobs import JobState
 from tests.fakediscord import Permission
-from tests.test_bot_support import EPHEMERAL, ephemeral_answer, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import (  # noqa: F401 - harness: the fixture
+    EPHEMERAL, ephemeral_answer, finished_job, harness, private_answer,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -266,4 +268,82 @@ async def test_a_thread_whose_parent_the_bot_does_not_know_hides_its_jobs(harnes
     hidden = await _job_in(h, "an orphaned thread job", channel_id=thread, user=fd.admin_user, done=False)
     text = await ephemeral_answer(h, "queue show", user=fd.admin_user)
     assert hidden not in text and "Not shown: 1 waiting job of channels you cannot see." in text
+    fd.assert_clean()
+
+
+def _forge(fd, message, custom_id: str) -> str:
+    """Discord delivers whatever custom id a client sends: the fake's copy of `message` now has a
+    first button bearing `custom_id` (a modified client's forgery). Click it at once: the bot may
+    edit the message meanwhile."""
+    button = next(c for row in fd.messages[message.id].data["components"] for c in row.get("components", []))
+    button["custom_id"] = custom_id
+    return custom_id
+
+
+async def _click_forged(h, message, custom_id, *, user) -> str:
+    """A forged button's private answer."""
+    return await private_answer(h, await h.fd.click_button(message, _forge(h.fd, message, custom_id), user=user))
+
+
+def _reuse_refusal(job_id: str) -> str:
+    return f"Job `{job_id}` is no longer in the store, so it cannot be reused."
+
+
+async def test_forged_buttons_naming_another_servers_job_read_as_an_unknown_id(harness):
+    """A button on a message in server B whose custom id names a job of server A: Reroll and
+    Continue queue nothing (they would post A's prompt, its uploads and its final state in B) and
+    Cancel confirms nothing, even to an admin of B: each answers as an unknown id does."""
+    h = harness
+    fd = h.fd
+    b = fd.add_guild("Other Guild")
+    carol = fd.add_user("carol", admin=True, guild_id=b.id)   # B's admin, not A's
+    await h.start(worker=False)
+    _, secret = await finished_job(h, "a secret lighthouse")                       # A, Bob's
+    msg_b, _ = await finished_job(h, "a banana", channel_id=b.channel_id)   # B
+    waiting = await _job_in(h, "apricot plans", channel_id=fd.channel_id, user=fd.admin_user, done=False)  # A
+    queued = await h.queue.count_queued()
+    b_messages = [m.id for m in fd.channel_messages(msg_b.channel_id)]
+
+    for action in ("reroll", "continue"):
+        for user in (fd.member_user, carol):   # Bob (a member of both servers), Carol (B's admin)
+            text = await _click_forged(h, msg_b, f"imagine:{action}:{secret}", user=user)
+            assert text == _reuse_refusal(secret), (action, text)
+        assert await _click_forged(h, msg_b, f"imagine:{action}:0123456789ab", user=carol) == (
+            _reuse_refusal("0123456789ab"))
+    for user in (fd.member_user, carol):
+        text = await _click_forged(h, msg_b, f"imagine:cancel:{waiting}", user=user)
+        assert text == f"There is no job `{waiting}`.", text
+    assert await _click_forged(h, msg_b, "imagine:cancel:0123456789ab", user=carol) == (
+        "There is no job `0123456789ab`.")
+
+    assert await h.queue.count_queued() == queued
+    assert (await h.queue.get(waiting)).state == JobState.QUEUED
+    assert [m.id for m in fd.channel_messages(msg_b.channel_id)] == b_messages
+    fd.assert_clean()
+
+
+async def test_forged_buttons_naming_a_hidden_channels_job_read_as_an_unknown_id(harness):
+    """In one server: a button in #general forged to name a job of #staff-only, which Bob cannot
+    view. Reroll does not queue its prompt in public, Continue and Cancel do not confirm it."""
+    h = harness
+    fd = h.fd
+    staff = _private_channel(fd)
+    await h.start(worker=False)   # no worker: the jobs stay in line
+    hidden = await _job_in(h, "secret merger plan", channel_id=staff, user=fd.admin_user, done=False)
+    inter = await fd.send_slash_command("imagine", {"prompt": "an open meadow"})   # Bob, in #general
+    await fd.wait_for_response(inter)
+    mine = await h.reply_of(inter)
+    queued = await h.queue.count_queued()
+    public = [m.id for m in fd.channel_messages(fd.channel_id)]
+
+    for action in ("reroll", "continue"):
+        text = await _click_forged(h, mine, f"imagine:{action}:{hidden}", user=fd.member_user)
+        assert text == _reuse_refusal(hidden), (action, text)
+    text = await _click_forged(h, mine, f"imagine:cancel:{hidden}", user=fd.member_user)
+    assert text == f"There is no job `{hidden}`.", text
+
+    assert await h.queue.count_queued() == queued
+    assert (await h.queue.get(hidden)).state == JobState.QUEUED
+    assert [m.id for m in fd.channel_messages(fd.channel_id)] == public
+    assert "merger" not in " ".join(m.content for m in fd.channel_messages(fd.channel_id, include_ephemeral=True))
     fd.assert_clean()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.generate import (
-    BatchRunner, GenerationSettings, PromptError, PromptPart, Slot, cutout_grid, encode_targets,
-    generate, gumbel_softmax, make_cutouts, parse_prompt, state_from_bytes, state_to_bytes,
+    BatchRunner, GenerationSettings, PromptError, PromptPart, Slot, apply_cutouts, cutout_affine, cutout_grid,
+    encode_targets, generate, gumbel_softmax, make_cutouts, parse_prompt, state_from_bytes, state_to_bytes,
 )
 
 FAST = GenerationSettings(iterations=100, frame_every=50, grid=8, cutn=8, seed=7)
@@ -87,7 +89,57 @@ def test_cutouts_are_one_batched_op_of_the_right_shape(tiny_models):
     grid, mask = cutout_grid(4, 16, 0.5, 0.99, 30.0, torch.Generator().manual_seed(1), torch.device("cpu"))
     assert grid.shape == (4, 16, 16, 2) and mask.shape == (4, 1, 16, 16)
     assert grid.abs().max() <= 1.5  # inside the image, up to a rotated corner
-    assert 0.6 < mask.mean() <= 1.0  # the rotated square's corners are black
+    assert 0.6 < mask.mean() < 1.0  # the rotated square's corners are black
+    assert mask[:, 0, 8, 8].eq(1).all()  # ... never its middle
+
+
+def test_a_rotated_cutout_is_black_in_its_corners_and_whole_in_its_middle():
+    """The mask is where the turned crop lands: all of an unturned cut-out; the middle, not the
+    corners, of one turned ~30 degrees either way (it used to be all ones whatever the angle)."""
+    angles = torch.tensor([0.0, math.radians(30), math.radians(-28)])
+    _, mask = cutout_affine(torch.full((3,), 0.6), torch.zeros(3, 2), angles, 32)   # [3, 1, 32, 32]
+    assert torch.equal(mask[0], torch.ones(1, 32, 32))
+    for m in mask[1:, 0]:
+        assert m[8:24, 8:24].eq(1).all()                               # the middle
+        assert m[0, 0] == m[0, -1] == m[-1, 0] == m[-1, -1] == 0       # the corners
+        assert 0.7 < m.mean() < 0.9, m.mean()                          # a square turned 30 degrees: ~0.79
+
+
+@pytest.mark.parametrize("x0, y0, crop, degrees", [(8, 20, 32, 25.0), (4, 2, 48, -30.0), (10, 0, 54, 12.0)])
+def test_a_cutout_is_the_seed_loops_crop_resize_and_torchvision_rotate(x0, y0, crop, degrees):
+    """One grid_sample does what benchmarks/reference_loop.py does in three steps: crop an
+    axis-aligned square, resize it (F.interpolate), turn it with torchvision's TF.rotate by
+    `degrees` (an engine angle of radians(degrees): both turn the same way), black where the
+    turned crop does not reach. Same picture inside (bilinear once vs twice: close, on a smooth
+    picture), the same black corners."""
+    import torchvision.transforms.functional as TF
+
+    side, size = 64, 64
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=(side, side), mode="bicubic", align_corners=False)
+    image = smooth.clamp(0, 1) * 0.6 + 0.4                              # [1, 3, 64, 64], never black
+
+    def reference(deg):
+        piece = F.interpolate(image[:, :, y0:y0 + crop, x0:x0 + crop], (size, size), mode="bilinear",
+                              align_corners=False)
+        return TF.rotate(piece, deg, interpolation=TF.InterpolationMode.BILINEAR)[0]   # [3, S, S]
+
+    centre = torch.tensor([[(x0 + crop / 2) / (side / 2) - 1, (y0 + crop / 2) / (side / 2) - 1]])
+    grid, mask = cutout_affine(torch.tensor([crop / side]), centre, torch.tensor([math.radians(degrees)]), size)
+    got = apply_cutouts(image, 1, grid, mask, torch.zeros(1, 3, size, size))[0]   # [3, S, S]
+
+    def iou(a, b):
+        return ((a & b).sum() / (a | b).sum()).item()
+
+    lit = got.amin(0) > 0.2                                            # half the picture's darkest
+    want = reference(degrees)
+    assert iou(lit, want.amin(0) > 0.2) > 0.95
+    assert 0.05 < 1 - lit.float().mean() < 0.3                          # there are black corners
+    # 2 pixels in from the turned crop's edge and the cut-out's (where bilinear meets black).
+    inner = (-F.max_pool2d(-F.pad(mask[0], (2, 2, 2, 2)), 5, stride=1))[0].bool()
+    diff = (got - want).abs()[:, inner]
+    assert diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    assert (got - reference(-degrees)).abs()[:, inner].mean() > 0.05   # turned the other way: not it
 
 
 def test_gumbel_softmax_is_a_distribution_over_all_codes_or_two_halves():
@@ -240,3 +292,18 @@ def test_a_state_that_does_not_fit_the_job_is_refused_when_loaded(tiny_models):
         Slot("x", tiny_models, targets, s, checkpoint=bad)
     with pytest.raises(ValueError, match="saved logits"):
         Slot("x", tiny_models, targets, s, checkpoint=dict(state, logits=state["logits"][..., :1, :1]))
+
+
+@pytest.mark.parametrize("poison", ["logits", "exp_avg_sq"])
+def test_a_non_finite_state_fails_the_run_instead_of_finishing_with_blank_frames(tiny_models, poison):
+    """A state.pt holding NaN (a Continue of a run that diverged) or an infinite Adam moment: NaN
+    logits' argmax is a flat picture of code 0, and Adam keeps them NaN. The run raises at its
+    first frame (NonFiniteError, a FloatingPointError) rather than ending done."""
+    s = replace(FAST, iterations=4, frame_every=2)
+    state = generate("a cat", s, tiny_models).state
+    if poison == "logits":
+        state["logits"][0, 3, 1, 1] = float("nan")
+    else:
+        state["optimizer"]["state"][0]["exp_avg_sq"][0, 3, 1, 1] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite values .* logits / optimiser state at iteration 4"):
+        generate("a cat", replace(s, iterations=6), tiny_models, checkpoint=state)

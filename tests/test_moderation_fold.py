@@ -4,6 +4,7 @@ CLIP will read them, words end where CLIP's tokenizer ends them, and patterns co
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,15 @@ def test_words_of_other_alphabets_stay_themselves(prompt):
 
 def test_a_look_alike_entry_matches_the_latin_spelling_too():
     assert moderation.find(["\u0441at"], "a cat", 500) is not None
+
+
+@pytest.mark.parametrize("entry", [r"re:\p{inf}", r"re:\p{-inf}", r"re:\p{1e999}", "re:[[:inf:]]"])
+def test_a_pattern_the_regex_module_fails_on_is_invalid_and_skipped_when_stored(entry, caplog):
+    """`regex` raises OverflowError (not regex.error) on these: `add` refuses them as invalid, and
+    one already stored (an older version, a hand edit) is skipped, not a failure of every check."""
+    with pytest.raises(moderation.BadEntry, match="not a valid regular expression"):
+        moderation.normalise(entry)
+    with caplog.at_level(logging.WARNING, logger="bot.moderation"):
+        assert moderation.find([entry, "cat"], "a cat", 500) == ("cat", "cat")
+        assert moderation.find([entry, "cat"], "a dog", 500) is None
+    assert "does not compile" in caplog.text

@@ -280,7 +280,11 @@ async def test_a_checkpoint_holds_its_iteration_and_the_frames_up_to_it(queue, t
         job = await queue.submit(spec(grid=4, cutn=1, iterations=12, frame_every=1))
         await wait_state(queue, job.id, {JobState.DONE})
     progress = {e.iteration: e.frame_png for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS}
-    assert [c.iteration for c in saved] == list(range(1, 12))
+    # One at each frame while the store keeps up; a run holds at most one more snapshot behind a
+    # save in flight, so with the GPU thread ahead some frames take none (see
+    # test_a_slow_checkpoint_save_holds_back_the_runs_next_snapshot).
+    iterations = [c.iteration for c in saved]
+    assert iterations[:2] == [1, 2] and iterations == sorted(set(iterations)) and iterations[-1] <= 11, iterations
     for checkpoint in saved:
         state, frames = unpack_checkpoint(checkpoint.data)
         n = checkpoint.iteration
@@ -454,6 +458,26 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
     for child in (remix, cont):
         first = next(e for e in await job_events(queue, child.id) if e.kind == EventKind.PROGRESS)
         assert first.iteration == 0 and first.frame_png == parent_final  # pixel-exact
+
+
+async def test_a_continue_of_a_non_finite_state_fails_once_and_is_not_retried(queue, tiny_models):
+    """A parent whose state.pt holds NaN logits (a run that diverged before the frame check): its
+    Continue fails at its first frame with the non-finite reason, on its first attempt (run again it
+    would diverge the same way), and the worker goes on with the next job."""
+    from engine.generate import state_from_bytes, state_to_bytes
+
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        parent = await queue.submit(spec())
+        await wait_state(queue, parent.id, {JobState.DONE})
+        state = state_from_bytes(await queue.get_artifact(parent.id, "state.pt"))
+        state["logits"] = torch.full_like(state["logits"], float("nan"))
+        await queue.put_artifact(parent.id, "state.pt", state_to_bytes(state))
+        cont = await queue.submit(spec(user=2, parent_job_id=parent.id, parent_kind="continue", iterations=4))
+        failed = await wait_state(queue, cont.id, {JobState.FAILED, JobState.DONE})
+        assert failed.state == JobState.FAILED and failed.attempts == 1, failed
+        assert "non-finite" in failed.error, failed.error
+        after = await queue.submit(spec(user=3))
+        await wait_state(queue, after.id, {JobState.DONE})
 
 
 async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, tiny_models, tmp_path, monkeypatch, caplog):
@@ -972,3 +996,214 @@ async def test_a_store_refusing_claims_is_logged_once_with_its_traceback_then_it
     failures = [r for r in caplog.records if r.getMessage() == "claim failed; retrying"]
     assert len(failures) == 1 and failures[0].exc_info is not None
     assert sum("claims work again" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_slow_checkpoint_save_holds_back_the_runs_next_snapshot(queue, tiny_models, monkeypatch):
+    """checkpoint_every=0 (a checkpoint at every frame) and a store slower than the frames (here
+    the first save waits on a gate): while a run's save is in flight, its frames take one snapshot
+    more (the next to save) and then none (each is a full state, up to 384 MiB, that would otherwise
+    wait in memory behind the one before it, without bound). Once that save is over, the next
+    frame takes one again, and the job ends DONE."""
+    gate, saved_first = asyncio.Event(), asyncio.Event()
+    saves: list[int] = []
+    real_save = queue.save_checkpoint
+
+    async def gated_save(checkpoint, lease_id=None):
+        saves.append(checkpoint.iteration)
+        if len(saves) == 1:
+            await gate.wait()
+        ok = await real_save(checkpoint, lease_id)
+        if len(saves) == 1:
+            saved_first.set()
+        return ok
+
+    import threading
+
+    hold_at, held, release = 30, threading.Event(), threading.Event()
+
+    class HoldsTheGpu(Steps):
+        def iterations(self, n: int) -> None:   # GPU thread, after a step, before its frame's snapshot
+            super().iterations(n)
+            if self.count == hold_at:
+                held.set()
+                release.wait(60)
+
+    monkeypatch.setattr(queue, "save_checkpoint", gated_save)
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=1, checkpoint_every=0,
+                    observer=HoldsTheGpu())
+    taken: list[int] = []   # iterations of the snapshots taken for checkpoints (GPU thread)
+    real_snapshot = worker._checkpoint_snapshot
+
+    def noting_snapshot(slot):
+        state = real_snapshot(slot)
+        if state is not None:
+            taken.append(slot.iteration)
+        return state
+
+    monkeypatch.setattr(worker, "_checkpoint_snapshot", noting_snapshot)
+    async with worker:
+        try:
+            job = await queue.submit(spec(grid=4, cutn=1, iterations=40, frame_every=1))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not (saves and held.is_set()):   # the first save waits; the GPU thread is 30 steps in
+                assert loop.time() < deadline, (saves, held.is_set())
+                await asyncio.sleep(0.02)
+            # Frames up to 29 came and went meanwhile: only frame 2 took a snapshot (the next to save).
+            assert saves == [1] and taken == [1, 2], (taken, saves)
+            gate.set()
+            await asyncio.wait_for(saved_first.wait(), 30)
+            release.set()   # frame 30's snapshot is decided now: the first save is over
+            record = await wait_state(queue, job.id, {JobState.DONE}, timeout=120)
+        finally:   # whatever failed above: nothing left waiting (the worker's stop waits for its frames)
+            gate.set()
+            release.set()
+    assert record.iteration == 40 and record.attempts == 1
+    assert taken[:3] == [1, 2, 30] and taken == saves and saves == sorted(set(saves)) and saves[-1] < 40, taken
+    assert await queue.load_checkpoint(job.id) is None   # deleted once DONE
+
+
+async def test_a_saved_checkpoint_never_races_the_gpu_thread_forgetting_its_run(queue, tiny_models, caplog):
+    """The asyncio side raises the run's saved iteration (`_saved`) once a checkpoint is accepted,
+    while the GPU thread may be dropping the run (cancelled, done, failed) and forgetting it. Here
+    the GPU thread is made to drop the run exactly between the asyncio side's check and its write
+    (the check waits up to a second for it): the write must not raise (logged as a checkpoint that
+    "could not be saved") nor put back an entry for a run that is gone."""
+    import threading
+
+    holder: list[Worker] = []
+
+    class Racing(dict):
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed, self.key, self.popped = True, None, threading.Event()
+
+        def pop(self, key, *default):
+            out = super().pop(key, *default)
+            if key == self.key:
+                self.popped.set()
+            return out
+
+        def __contains__(self, key) -> bool:
+            found = super().__contains__(key)
+            worker = holder[0]
+            if found and self.armed and threading.current_thread() is not worker._thread:
+                self.armed, self.key = False, key
+                worker.running[key].cancel.set()   # the GPU thread drops the run and forgets it ...
+                self.popped.wait(1.0)              # ... now, unless it has to wait for this write
+            return found
+
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=1, checkpoint_every=0)
+    worker._saved = racing = Racing()
+    holder.append(worker)
+    async with worker:
+        job = await queue.submit(spec(grid=4, cutn=1, iterations=100_000, frame_every=1))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while racing.armed or runs_of(worker, job.id):   # a checkpoint accepted, then the run dropped
+            assert loop.time() < deadline, "no checkpoint was saved, or the run was not dropped"
+            await asyncio.sleep(0.02)
+        assert racing.popped.wait(10)
+    assert racing.key is not None and not dict.__contains__(racing, racing.key)   # not put back
+    assert "could not be saved" not in caplog.text, caplog.text
+
+
+async def _a_finished_state_and_frames(queue, tiny_models, job_spec):
+    """A real state (Slot.state(), compact) and frames of a job run to its end with `job_spec`."""
+    async with Worker(queue, lambda: tiny_models, worker_id="w-ref"):
+        ref = await queue.submit(spec(**job_spec))
+        await wait_state(queue, ref.id, {JobState.DONE})
+    state = state_from_bytes(await queue.get_artifact(ref.id, "state.pt"))
+    frames = [e.frame_png for e in await job_events(queue, ref.id) if e.kind == EventKind.PROGRESS]
+    return state, frames
+
+
+@pytest.mark.parametrize("at", [4, 6])   # the job's last iteration, and past it
+async def test_a_checkpoint_at_or_past_the_last_iteration_is_damaged_and_the_job_starts_over(
+        queue, tiny_models, caplog, at):
+    """A checkpoint at or past the job's last iteration (never written by a worker: another
+    version's, or a damaged store) resumed a run that was done before its first step: never
+    stepped, never finished, never let go, its job RUNNING for ever under the worker's heartbeats.
+    It is refused as damaged instead: the job starts over from 0 and ends DONE on its first attempt."""
+    from engine.worker import pack_checkpoint
+
+    job_spec = dict(iterations=4, frame_every=2)
+    state, frames = await _a_finished_state_and_frames(queue, tiny_models, job_spec)
+    state["iteration"] = at
+    job = await queue.submit(spec(user=2, **job_spec))
+    await queue.save_checkpoint(Checkpoint(job.id, at, pack_checkpoint(state, frames)))
+    caplog.set_level(logging.WARNING, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2):
+        record = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED}, timeout=60)
+    assert record.state == JobState.DONE and record.attempts == 1, record
+    progress = [e.iteration for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    assert progress == [0, 2, 4]   # started over
+    assert f"job {job.id}: its checkpoint is damaged (the checkpoint is at iteration {at};" in caplog.text
+
+
+async def test_a_run_admitted_already_done_is_finished_not_held_for_ever(queue, tiny_models, monkeypatch):
+    """The GPU loop's backstop, with the checkpoint check out of the way: a slot admitted at its
+    last iteration is never stepped (the runner skips done slots), so the loop finishes it itself,
+    with a frame of where it is, instead of spinning on it with its job RUNNING for ever."""
+    from engine import worker as worker_module
+
+    job_spec = dict(iterations=4, frame_every=2)
+    state, frames = await _a_finished_state_and_frames(queue, tiny_models, job_spec)
+    job = await queue.submit(spec(user=2, **job_spec))
+    await queue.save_checkpoint(Checkpoint(job.id, 4, worker_module.pack_checkpoint(state, frames)))
+    monkeypatch.setattr(worker_module, "_check_checkpoint_iteration", lambda state, spec: None)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2):
+        record = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED}, timeout=60)
+    assert record.state == JobState.DONE and record.attempts == 1, record
+    progress = [e for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    assert [e.iteration for e in progress] == [4]
+    assert await queue.get_artifact(job.id, "final.png") == progress[-1].frame_png
+    assert state_from_bytes(await queue.get_artifact(job.id, "state.pt"))["iteration"] == 4
+
+
+async def test_a_gpu_failing_every_job_with_cuda_errors_counts_as_dead_not_a_black_hole(tmp_path, tiny_models, caplog):
+    """A sticky CUDA error (an illegal memory access: every kernel fails from then on; here the
+    decoder raises it at every call) fails each job alone, bisection or not. Without a latch the
+    worker claims job after job and fails every one (an attempt each: here the last). After
+    CUDA_FAILURES_TO_LATCH in a row the GPU counts as dead: no more claims, `imagine-worker`'s wait
+    ends with 1 (restart me), and the jobs it did not take stay queued for healthy workers."""
+    import dataclasses
+
+    from engine.worker import CUDA_FAILURES_TO_LATCH, until_stopped_or_gpu_dead
+
+    class StickyCudaError(torch.nn.Module):
+        def __init__(self, real) -> None:
+            super().__init__()
+            self.vocab_size = real.vocab_size
+
+        def forward(self, codes):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    broken = dataclasses.replace(tiny_models, decoder=StickyCudaError(tiny_models.decoder))
+    q = open_queue(f"sqlite:///{tmp_path}/jobs.db?max_attempts=1")
+    await q.start()
+    try:
+        jobs = [await q.submit(spec(user=i + 1)) for i in range(CUDA_FAILURES_TO_LATCH + 3)]
+        worker = Worker(q, lambda: broken, worker_id="w-sticky", max_batch=1, poll_every=0.02, heartbeat_every=0.1)
+        await worker.start()
+        try:
+            code = await asyncio.wait_for(until_stopped_or_gpu_dead(worker, asyncio.Event(), poll=0.02), 60)
+            assert code == 1 and not worker.gpu_thread_alive()
+            await asyncio.sleep(0.3)   # claim polls: it takes nothing more
+        finally:
+            await asyncio.wait_for(worker.stop(), 30)
+        records = [await q.get(job.id) for job in jobs]
+        failed = [r for r in records if r.state == JobState.FAILED]
+        assert len(failed) == CUDA_FAILURES_TO_LATCH < len(jobs), [(r.state, r.attempts) for r in records]
+        assert all("CUDA error: an illegal memory access" in r.error for r in failed)
+        assert all(r.state == JobState.QUEUED and r.attempts == 0 for r in records if r not in failed)
+        assert "jobs in a row failed with CUDA errors" in caplog.text
+    finally:
+        await q.close()
+    from engine.worker import _looks_like_cuda_error
+    assert _looks_like_cuda_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert _looks_like_cuda_error(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm`"))
+    assert _looks_like_cuda_error(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"))
+    assert not _looks_like_cuda_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not _looks_like_cuda_error(RuntimeError("CUDA error: out of memory"))
+    assert not _looks_like_cuda_error(RuntimeError("the saved logits do not fit"))
