@@ -99,8 +99,8 @@ def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
     except ImageRejected as exc:
         # engine.images' words, which may carry Pillow's exception text, made of the file's own
         # bytes (`broken PNG file (chunk b'||*_')`): tamed, cut and Markdown escaped
-        # (render.escape_prompt), so the file cannot format (spoil, italicise, link) the answer.
-        raise AttachmentRefused(f"`{option}`: {render.escape_prompt(render.clip(str(exc), 300))}.") from None
+        # (render.snippet), so the file cannot format (spoil, italicise, link) the answer.
+        raise AttachmentRefused(f"`{option}`: {render.snippet(str(exc), 300)}.") from None
     image.thumbnail((STORE_SIDE, STORE_SIDE))
     buf = io.BytesIO()
     image.save(buf, format="PNG")

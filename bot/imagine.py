@@ -26,7 +26,7 @@ from discord.ext import commands
 from bot import attachments, render
 from bot.config import PRESET_NAMES
 from bot.help import help_text
-from bot.permissions import NOT_INSTALLED, can_see_job, is_admin, not_installed_here, results_refusal
+from bot.permissions import NOT_INSTALLED, can_see_job, is_admin, may_know_job, not_installed_here, results_refusal
 from engine.jobs import JobRecord, JobSpec, JobState, ParentGone, QueueLimitReached, UploadGone, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
@@ -942,16 +942,20 @@ class ImagineCog(commands.Cog, name="Imagine"):
         final state is there and its size is still offered; else why not (for the user)."""
         shown = render.quote(job_id, 64)
         parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
+        # Who may see it (a private thread's member the bot has not cached: a Discord lookup) and
+        # whether its state is there, at once: the Remix button has Discord's window and no defer.
+        visible, has_state = (False, False) if parent is None else await asyncio.gather(
+            can_see_job(interaction, parent), self.queue.has_artifact(job_id, "state.pt"))
         # A job of another server or of a channel the caller cannot see reads exactly as an unknown
         # id: its prompt, author and final picture belong to that channel, not to whoever has the id.
-        if parent is None or not await can_see_job(interaction, parent):
+        if parent is None or not visible:
             return (f"There is no job {shown} you can see in this server (or it has been "
                     "pruned), so there is nothing to remix. The ids are under each result "
                     "and in `/history`.")
         if parent.state != JobState.DONE:
             return (f"Job {shown} has not finished ({parent.state.value}): only a finished "
                     "picture can be remixed.")
-        if not await self.queue.has_artifact(job_id, "state.pt"):
+        if not has_state:
             return (f"The final state of job {shown} is gone (pruned), so it cannot be "
                     "remixed. `/imagine` its prompt again instead.")
         problem = self.size_problem(parent.spec, job_id, "remixed")   # the remix keeps the parent's grid
@@ -961,7 +965,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         """The Remix form, or why there is none. Its answer is the modal, which cannot follow a
         defer, so only reads come first, and only two small ones: the job's row (`queue.get`: the
         prompt to pre-fill, the server, the state) and whether its `state.pt` exists
-        (`has_artifact`: an indexed lookup, no data read). On SQLite both go through the reader
+        (`has_artifact`: an indexed lookup, no data read), the latter alongside the check that the
+        presser may see the job (for a private thread's member the bot has not cached, one Discord
+        lookup). On SQLite both go through the reader
         connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS,
         which retry through a reconnect: reads not done within Discord's answer window get a
         private "try again" (REMIX_TOO_SLOW) instead of no answer at all. Everything else (the
@@ -1029,15 +1035,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         admin = is_admin(interaction, self.bot.config)
 
         async def find() -> JobRecord | None:
-            """The job, if the caller may know of it: /queue cancel's rule (bot/queue_admin.py).
-            Their own job; else one of this server that they are an admin of, or whose channel
-            they can see (a private thread's may ask Discord: inside the answer window)."""
+            """The job, if the caller may know of it (/queue cancel's rule; a private thread's may
+            ask Discord: inside the answer window)."""
             record = await self.queue.get(job_id)
-            if record is None or record.spec.user_id == interaction.user.id:
-                return record
-            if interaction.guild_id is None or record.spec.guild_id != interaction.guild_id:
-                return None
-            return record if admin or await can_see_job(interaction, record) else None
+            return record if record is not None and await may_know_job(interaction, record, admin=admin) else None
 
         # Every answer is private: a private "thinking…" first when the store's read is slow.
         record = await in_time(interaction, find(), defer="private")
@@ -1046,9 +1047,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
             # buttons Discord shows name this channel's jobs): its existence is not confirmed.
             await ephemeral(interaction, f"There is no job `{job_id}`.")
             return
-        # An admin of this server, not of any server: /queue cancel's rule (bot/queue_admin.py).
-        admin_here = admin and record.spec.guild_id == interaction.guild_id
-        if interaction.user.id != record.spec.user_id and not admin_here:
+        # (Not theirs: then it is of this server, found through `admin` or its channel.)
+        if interaction.user.id != record.spec.user_id and not admin:
             await ephemeral(interaction, "Only the person who asked for this image, or an admin, can cancel it.")
             return
         await cancel_and_answer(self.bot, interaction, record)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import aiohttp
 import discord
 
 from bot.config import Config
@@ -82,6 +84,10 @@ class ThreadLookups:
             log.info("thread member lookup in %s failed (%s %s): its jobs stay hidden", thread.id,
                      error.status, error.code)
             found = False
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:   # no answer at all: the same
+            log.info("thread member lookup in %s failed (%s): its jobs stay hidden", thread.id,
+                     type(error).__name__)
+            found = False
         self.answers[thread.id] = found
         return found
 
@@ -140,6 +146,17 @@ async def can_see_job(interaction: discord.Interaction, record: JobRecord,
         if not await can_view_channel(interaction, channel_id, lookups):
             return False
     return True
+
+
+async def may_know_job(interaction: discord.Interaction, record: JobRecord, *, admin: bool) -> bool:
+    """Whether the caller may learn that `record` exists (to cancel it): their own job; else one of
+    this server that they, as its admin (`admin`: `is_admin`), may act on, or whose channel they can
+    see (`can_see_job`). Any other reads as an unknown id (a forged button's included)."""
+    if record.spec.user_id == interaction.user.id:
+        return True
+    if interaction.guild_id is None or record.spec.guild_id != interaction.guild_id:
+        return False
+    return admin or await can_see_job(interaction, record)
 
 
 # What posting a result needs once the command's interaction token has expired (15 minutes): from

@@ -299,7 +299,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             "user_id": spec.user_id, "channel_id": channel_id, "guild_id": interaction.guild_id,
             "seed": spec.seed, "created_at": time.time(),
         }
-        recorded = tracked = await _track_set(bot, info)
+        recorded = await _track_set(bot, info)
         try:
             paused = await pause_of(queue, interaction.guild_id)
         except Exception:  # noqa: BLE001 - a queue outage: the replies go out without it
@@ -348,7 +348,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
                     by_token = index > 0 and (followup or message_id is None)
                     progress.attach(record.id, channel_id, message_id, content if message_id else None,
                                     followup_of=interaction if by_token else None)
-        if not tracked:   # one more try, the replies made
+        if not recorded:   # one more try, the replies made
             recorded = await _track_set(bot, info)
         if not recorded:
             log.error("set %s: could not be recorded; its jobs are posted one by one, with no contact sheet", set_id)

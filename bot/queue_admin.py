@@ -37,7 +37,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
-from bot.permissions import ThreadLookups, admin_roles_text, can_see_job, is_admin, require_admin
+from bot.permissions import ThreadLookups, admin_roles_text, can_see_job, is_admin, may_know_job, require_admin
 from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
 if TYPE_CHECKING:
@@ -177,8 +177,9 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
             # A private channel's jobs stay in it: which of this server's the caller may see, with
             # one Discord lookup at most per private thread (and at most 10) for the whole list.
             lookups = ThreadLookups()
-            seen = {r.id for r in running + queued
-                    if in_scope(r, guild_id, interaction.user.id) and await can_see_job(interaction, r, lookups)}
+            seen = set() if guild_id is None else {
+                r.id for r in running + queued
+                if in_scope(r, guild_id, interaction.user.id) and await can_see_job(interaction, r, lookups)}
             paused = bool(await self.queue.get_setting(PAUSED_KEY, False))
             server_paused = (guild_id is not None
                              and bool(await self.queue.get_setting(guild_paused_key(guild_id), False)))
@@ -196,21 +197,16 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         job = job.strip()
         admin = is_admin(interaction, self.bot.config)
 
-        async def find() -> tuple[JobRecord | None, bool]:
-            """The job, and whether the caller may know of it (a private thread's may ask Discord)."""
+        async def find() -> JobRecord | None:
+            """The job, if the caller may know of it (`may_know_job`; a private thread's may ask Discord)."""
             # Only what can be an id is looked up: other text (a lone surrogate, which the store
             # cannot even encode) is no job, as in /remix.
             record = await self.queue.get(job) if re.fullmatch(JOB_ID, job) else None
-            if record is None:
-                return None, False
-            if record.spec.user_id == interaction.user.id:
-                return record, True
-            return record, (in_scope(record, interaction.guild_id, interaction.user.id)
-                            and (admin or await can_see_job(interaction, record)))
+            return record if record is not None and await may_know_job(interaction, record, admin=admin) else None
 
-        record, known = await in_time(interaction, find(), defer="private")
+        record = await in_time(interaction, find(), defer="private")
         own = record is not None and record.spec.user_id == interaction.user.id
-        if record is None or not known:
+        if record is None:
             # Another server's job, or (to a member who may not cancel it anyway) one of a channel
             # they cannot see, reads exactly as an unknown id: its existence is not confirmed.
             await ephemeral(interaction, f"There is no job {render.quote(job)} in this server; "

@@ -40,7 +40,7 @@ import torch
 from engine import video
 from engine.compiling import compile_options
 from engine.generate import (
-    BatchRunner, Frame, GenerationSettings, PromptError, Slot, compact_state, encode_targets,
+    BatchRunner, Frame, GenerationSettings, NonFiniteError, PromptError, Slot, compact_state, encode_targets,
     state_from_bytes, state_to_bytes,
 )
 from engine.jobs import (
@@ -780,9 +780,12 @@ class Worker:
             log.debug("a run that already left this worker failed: %s", exc)
             return
         job_id = run.record.id
-        # Bad input fails at once, never retried; so does a run gone non-finite (NaN): run again from
-        # its last checkpoint, with its generator's state, it would diverge the same way.
-        retry = not isinstance(exc, (PromptError, ValueError, FloatingPointError))
+        # Bad input fails at once, never retried. So does a run gone non-finite (NaN) on the CPU (always
+        # fp32): run again from its last checkpoint, with its generator's state, it would diverge the
+        # same way. On a GPU it may be a half-precision overflow that another worker's (or a retry's)
+        # arithmetic does not hit: retried, elsewhere first, like any failed run.
+        on_cpu = self.models is None or self.models.device.type != "cuda"
+        retry = not isinstance(exc, (PromptError, ValueError)) and not (isinstance(exc, NonFiniteError) and on_cpu)
         reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PromptError) else str(exc)
         if isinstance(exc, PromptError):
             # Its message quotes the prompt: the reason goes to the user, the log says less.

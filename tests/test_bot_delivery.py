@@ -25,18 +25,14 @@ import pytest
 
 from bot import progress
 from tests.fakediscord import Permission
-from tests.test_bot_support import claim_jobs, finish_jobs, harness, publish_frames, tiny_png  # noqa: F401 - the fixture
+from tests.test_bot_support import (  # noqa: F401 - the fixture
+    claim_jobs, finish_jobs, harness, publish_frames, queued_job_in_a_thread, requests_matching, tiny_png,
+)
 
 pytestmark = pytest.mark.asyncio
 
 CHANNEL_EDIT = r"/channels/{}/messages/\d+"
 CHANNEL_POST = r"/channels/{}/messages"
-
-
-def _requests(fd, method, pattern, since=0):
-    import re
-    rx = re.compile(pattern)
-    return [r for r in fd.requests[since:] if r.method == method and rx.fullmatch(r.path)]
 
 
 async def _queued_job_past_its_token(h, prompt):
@@ -46,22 +42,6 @@ async def _queued_job_past_its_token(h, prompt):
     msg = await h.reply_of(inter)
     job_id = h.job_id(msg)
     h.fd.expire_tokens()
-    return msg, job_id
-
-
-async def _queued_job_in_a_thread(h, prompt, *, expire_token=True):
-    """A job queued by /imagine in a public thread of #general (its reply is in the thread), whose
-    interaction token has since expired unless `expire_token` is False."""
-    fd = h.fd
-    thread_id = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
-    await h.start(worker=False)
-    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=thread_id)
-    await fd.wait_for_response(inter)
-    msg = await h.reply_of(inter)
-    assert msg.channel_id == thread_id
-    job_id = h.job_id(msg)
-    if expire_token:
-        fd.expire_tokens()
     return msg, job_id
 
 
@@ -93,19 +73,19 @@ async def test_a_deleted_channel_ends_the_final_post_at_once(harness, caplog):
 
     await h.wait_delivered(job_id, timeout=10)
     await asyncio.sleep(2.0)   # past several backoffs: nothing more is sent
-    edits = _requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)
+    edits = requests_matching(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)
     # The final post's edit (the "starting" edit has no files), unless that "starting" edit came
     # first, was answered 10003 and so already marked the message gone (a race of the two events).
     assert len([r for r in edits if r.files]) <= 1
-    assert len(_requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
+    assert len(requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
     assert f"job {job_id}: cannot post its result in channel {msg.channel_id}" in caplog.text
     assert job_id not in h.bot.progress.trackers
 
     await h.stop()
     await h.start(worker=False)
     await asyncio.sleep(1.5)   # past reconcile_interval: undelivered() does not name it
-    assert len(_requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)) == len(edits)
-    assert len(_requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
+    assert len(requests_matching(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)) == len(edits)
+    assert len(requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)) == 1
 
 
 @pytest.mark.parametrize("archived", ["before-frames", "before-result"])
@@ -119,7 +99,7 @@ async def test_a_result_in_an_archived_thread_is_posted_as_a_new_message(harness
     unarchives the thread; the job is delivered, with the video and the buttons, nothing given up."""
     h = harness
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job_in_a_thread(h, "a thread that archives itself", expire_token=token_expired)
+    msg, job_id = await queued_job_in_a_thread(h, "a thread that archives itself", expire_token=token_expired)
     fd = h.fd
     thread_id = msg.channel_id
     caplog.set_level(logging.INFO, logger="bot.progress")
@@ -143,7 +123,7 @@ async def test_a_result_in_an_archived_thread_is_posted_as_a_new_message(harness
         assert len([r for r in edits if not _is_final(r)]) == 1 and len(edits) == 1
     else:
         assert len([r for r in edits if _is_final(r)]) == 1 and len(edits) == 1
-    posts = _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    posts = requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)
     assert [r.status for r in posts] == [200]
     result = fd.messages[int(posts[0].response["id"])]
     assert {a["filename"] for a in result.attachments} == {"final.png", "video.mp4"}
@@ -166,7 +146,7 @@ async def test_a_locked_archived_thread_refuses_the_result_a_few_times_then_it_i
     if manage_threads:
         role = fd.roles[fd.bot_role_id]
         role["permissions"] = str(int(role["permissions"]) | Permission.MANAGE_THREADS)
-    msg, job_id = await _queued_job_in_a_thread(h, "a thread a moderator locked")
+    msg, job_id = await queued_job_in_a_thread(h, "a thread a moderator locked")
     thread_id = msg.channel_id
     await fd.archive_thread(thread_id, locked=True)
     since = len(fd.requests)
@@ -177,9 +157,9 @@ async def test_a_locked_archived_thread_refuses_the_result_a_few_times_then_it_i
     await asyncio.sleep(2.0)
     # One edit refused: the "starting" one (then the result is not tried as an edit) or, if the job
     # finished before that went out, the final one.
-    edits = _requests(fd, "PATCH", CHANNEL_EDIT.format(thread_id), since)
+    edits = requests_matching(fd, "PATCH", CHANNEL_EDIT.format(thread_id), since)
     assert [r.status for r in edits] == [400]
-    posts = _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    posts = requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)
     if manage_threads:
         assert [r.status for r in posts] == [200]
         assert not fd.thread_archived(thread_id)
@@ -246,7 +226,7 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     db = Path(h.config.queue.url.removeprefix("sqlite:///"))
     h.config.queue.url = f"sqlite:///{db}?busy_timeout=0.3"
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job_in_a_thread(h, "a thread locked while the store is down")
+    msg, job_id = await queued_job_in_a_thread(h, "a thread locked while the store is down")
     fd = h.fd
     await fd.archive_thread(msg.channel_id, locked=True)
     since = len(fd.requests)
@@ -266,7 +246,7 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     finally:
         other.close()
     await h.wait_delivered(job_id, timeout=15)
-    tries = _requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)   # new messages: edits cannot
+    tries = requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)   # new messages: edits cannot
     assert [r.status for r in tries] == [400] * (progress.REFUSED_TRIES + 1)   # once more after the store failed
     assert job_id not in h.bot.progress.trackers
 
@@ -286,11 +266,11 @@ async def test_a_refused_progress_edit_stops_the_progress_edits(harness):
     await publish_frames(h.queue, [job_id], frames=20, every=0.05)
     await finish_jobs(h.queue, [job_id])
     await h.wait_delivered(job_id, timeout=20)
-    refused = [r for r in _requests(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since) if r.status == 403]
+    refused = [r for r in requests_matching(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since) if r.status == 403]
     progress_refused = [r for r in refused if not any(f.filename == "final.png" for f in r.files)]
     assert len(progress_refused) == 1, [r.path for r in progress_refused]
     assert len(refused) == 2   # and the final post's edit, which then posts a new message
-    posts = _requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
+    posts = requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
     assert len(posts) == 1 and posts[0].status == 200
 
 
@@ -304,7 +284,7 @@ async def test_a_lost_job_in_an_archived_thread_says_so_in_a_new_message(harness
 
     h = harness
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job_in_a_thread(h, "a job the store forgets", expire_token=token_expired)
+    msg, job_id = await queued_job_in_a_thread(h, "a job the store forgets", expire_token=token_expired)
     fd = h.fd
     thread_id = msg.channel_id
     caplog.set_level(logging.INFO, logger="bot.progress")
@@ -313,12 +293,12 @@ async def test_a_lost_job_in_an_archived_thread_says_so_in_a_new_message(harness
     with sqlite3.connect(h.config.queue.url.removeprefix("sqlite:///")) as db:
         db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
-    await fd.wait_for(lambda: _requests(fd, "POST", CHANNEL_POST.format(thread_id), since), 10, "the notice")
+    await fd.wait_for(lambda: requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since), 10, "the notice")
     await asyncio.sleep(1.0)   # nothing more comes
     edits = [r for r in fd.requests[since:] if r.method == "PATCH" and r.status != 401   # 401: the dead token
              and (r.path.startswith(f"/channels/{thread_id}/") or r.path.startswith("/webhooks/"))]
     assert [(r.status, r.response["code"]) for r in edits] == [(400, 50083)]
-    (post,) = _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    (post,) = requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)
     assert post.status == 200
     notice = fd.messages[int(post.response["id"])]
     assert "Lost:" in notice.content and "a job the store forgets" in notice.content and not notice.custom_ids

@@ -17,23 +17,17 @@ All over the fake Discord (real HTTP), with the real SQLite queue; the test play
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 
 from bot import progress
 from engine.jobs import JobState
 from tests.test_bot_support import (WEBHOOK_ORIGINAL, claim_jobs, finish_jobs, harness,  # noqa: F401 - the fixture
-                                    publish_frames, tiny_png)
+                                    publish_frames, queued_job_in_a_thread, requests_matching, tiny_png)
 
 pytestmark = pytest.mark.asyncio
 
 CHANNEL_POST = r"/channels/{}/messages"
-
-
-def _requests(fd, method, pattern, since=0):
-    rx = re.compile(pattern)
-    return [r for r in fd.requests[since:] if r.method == method and rx.fullmatch(r.path)]
 
 
 async def _until(predicate, timeout=10.0, what="a condition"):
@@ -54,18 +48,17 @@ async def _queued_job(h, prompt):
     return msg, h.job_id(msg)
 
 
-async def _queued_job_in_a_thread(h, prompt):
-    """A job queued by /imagine in a public thread of #general, its interaction token since expired
-    (edits go through the channel, as after a restart)."""
+async def _job_showing_its_last_frame(h, prompt):
+    """A job claimed and run to its last frame (iteration 2 of 2), which its reply shows with
+    frame.png; its reply and id."""
+    msg, job_id = await _queued_job(h, prompt)
     fd = h.fd
-    thread_id = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
-    await h.start(worker=False)
-    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=thread_id)
-    await fd.wait_for_response(inter)
-    msg = await h.reply_of(inter)
-    assert msg.channel_id == thread_id
-    fd.expire_tokens()
-    return msg, h.job_id(msg)
+    await claim_jobs(h.queue, [job_id])
+    await publish_frames(h.queue, [job_id], frames=3, every=0.05)
+    await fd.wait_for(lambda: "Iteration 2/2" in fd.messages[msg.id].content
+                      and [a["filename"] for a in fd.messages[msg.id].attachments] == ["frame.png"], 10,
+                      "the last frame")
+    return msg, job_id
 
 
 async def test_a_stale_line_snapshot_does_not_bring_back_a_delivered_job(harness):
@@ -148,7 +141,7 @@ async def test_a_store_failure_after_a_new_message_does_not_post_the_result_agai
     record = await h.wait_delivered(job_id, timeout=20)
     assert failed == {"set_reply": 1, "mark_delivered": 1}
 
-    posts = _requests(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
+    posts = requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
     assert [r.status for r in posts] == [200], posts
     assert len(h.posts_of_job(job_id)) == 1
     result = fd.messages[int(posts[0].response["id"])]
@@ -165,7 +158,7 @@ async def test_a_restart_before_mark_delivered_does_not_edit_the_original_into_a
     result."""
     h = harness
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job_in_a_thread(h, "a crash between the post and the store")
+    msg, job_id = await queued_job_in_a_thread(h, "a crash between the post and the store")
     fd = h.fd
     thread_id = msg.channel_id
     await claim_jobs(h.queue, [job_id])
@@ -178,7 +171,7 @@ async def test_a_restart_before_mark_delivered_does_not_edit_the_original_into_a
 
     monkeypatch.setattr(h.queue, "mark_delivered", mark_delivered)
     await finish_jobs(h.queue, [job_id])
-    posts = await fd.wait_for(lambda: _requests(fd, "POST", CHANNEL_POST.format(thread_id), since), 10,
+    posts = await fd.wait_for(lambda: requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since), 10,
                               "the result as a new message")
     result_id = int(posts[0].response["id"])
 
@@ -198,7 +191,7 @@ async def test_a_restart_before_mark_delivered_does_not_edit_the_original_into_a
     await h.start(worker=False)   # a fresh queue object: mark_delivered works again
     await h.wait_delivered(job_id, timeout=20)
     await _until(lambda: job_id not in h.bot.progress.trackers, 10, "the tracker dropped")
-    assert [r.status for r in _requests(fd, "POST", CHANNEL_POST.format(thread_id), since)] == [200]
+    assert [r.status for r in requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)] == [200]
     assert h.final_edits(msg.id) == []   # the original reply was not made a second result
     assert "final.png" not in {a["filename"] for a in fd.messages[msg.id].attachments}
     assert len(h.posts_of_job(job_id)) == 1
@@ -211,13 +204,8 @@ async def test_a_requeued_job_shows_its_place_in_line_again(harness):
     Before: QUEUED events were ignored and the reply kept its frozen frame until the job restarted."""
     h = harness
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job(h, "a worker that stops mid-run")
+    msg, job_id = await _job_showing_its_last_frame(h, "a worker that stops mid-run")
     fd = h.fd
-    await claim_jobs(h.queue, [job_id])
-    await publish_frames(h.queue, [job_id], frames=3, every=0.05)
-    await fd.wait_for(lambda: "Iteration 2/2" in fd.messages[msg.id].content
-                      and [a["filename"] for a in fd.messages[msg.id].attachments] == ["frame.png"], 10,
-                      "the last frame")
 
     lease = (await h.queue.get(job_id)).lease_id
     assert await h.queue.release(job_id, lease)
@@ -241,13 +229,8 @@ async def test_a_final_post_without_files_removes_the_last_frame(harness):
     progress frame stayed under the final text."""
     h = harness
     h.config.progress.message_interval = 0.01
-    msg, job_id = await _queued_job(h, "a result too large twice")
+    msg, job_id = await _job_showing_its_last_frame(h, "a result too large twice")
     fd = h.fd
-    await claim_jobs(h.queue, [job_id])
-    await publish_frames(h.queue, [job_id], frames=3, every=0.05)
-    await fd.wait_for(lambda: "Iteration 2/2" in fd.messages[msg.id].content
-                      and [a["filename"] for a in fd.messages[msg.id].attachments] == ["frame.png"], 10,
-                      "the last frame")
     rule = fd.inject_error("PATCH", WEBHOOK_ORIGINAL, 413, body={"message": "Request entity too large",
                                                                  "code": 40005}, count=2)
     await finish_jobs(h.queue, [job_id])

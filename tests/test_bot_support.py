@@ -226,6 +226,29 @@ async def finish_jobs(queue, job_ids) -> None:
         assert await queue.finish(job_id, (await queue.get(job_id)).lease_id, 0.2)  # the claim's lease
 
 
+def requests_matching(fd: FakeDiscord, method: str, pattern: str, since: int = 0) -> list[Any]:
+    """The fake's recorded `method` requests since index `since` whose path matches `pattern` whole."""
+    rx = re.compile(pattern)
+    return [r for r in fd.requests[since:] if r.method == method and rx.fullmatch(r.path)]
+
+
+async def queued_job_in_a_thread(h, prompt: str, *, expire_token: bool = True) -> tuple[Any, str]:
+    """A job queued by /imagine in a public thread of #general (its reply is in the thread), whose
+    interaction token has since expired (edits go through the channel, as after a restart) unless
+    `expire_token` is False: (its reply, its id). No worker: the test plays the job."""
+    fd = h.fd
+    thread_id = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
+    await h.start(worker=False)
+    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=thread_id)
+    await fd.wait_for_response(inter)
+    msg = await h.reply_of(inter)
+    assert msg.channel_id == thread_id
+    job_id = h.job_id(msg)
+    if expire_token:
+        fd.expire_tokens()
+    return msg, job_id
+
+
 async def finished_job(h, prompt: str = "a lighthouse", channel_id: int | None = None) -> tuple[Any, str]:
     """A DONE job with a final state (Continue, Remix), delivered in `channel_id` (the default
     channel when None), its buttons shown: (its reply, its id). No worker: the test finishes it."""

@@ -462,8 +462,8 @@ async def test_continue_and_remix_start_from_the_parent(queue, tiny_models):
 
 async def test_a_continue_of_a_non_finite_state_fails_once_and_is_not_retried(queue, tiny_models):
     """A parent whose state.pt holds NaN logits (a run that diverged before the frame check): its
-    Continue fails at its first frame with the non-finite reason, on its first attempt (run again it
-    would diverge the same way), and the worker goes on with the next job."""
+    Continue fails at its first frame with the non-finite reason, on its first attempt (on the CPU,
+    all fp32, run again it would diverge the same way), and the worker goes on with the next job."""
     from engine.generate import state_from_bytes, state_to_bytes
 
     async with Worker(queue, lambda: tiny_models, worker_id="w1"):
