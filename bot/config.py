@@ -48,7 +48,12 @@ class DiscordConfig:
 class QueueConfig:
     url: str = "sqlite:///imagine-bot.db"
     # Queued (not yet running) jobs one user may have; `/queue limit <n>` overrides it at runtime.
-    max_queued_per_user: int = 3
+    # 9: a permutation set counts each of its jobs, so this is at least [imagine] max_permutations
+    # (9) and the largest set /help offers can be queued. It costs the others little: the line is
+    # round-robin per user (each other user's next job goes before this user's second), so someone
+    # with 9 waiting holds up another's next job no more than someone with 1; the cap bounds how
+    # much one user can stack up in the line.
+    max_queued_per_user: int = 9
 
 
 @dataclass
@@ -96,7 +101,8 @@ class ImagineConfig:
     frame_every: int = 50
     cutn: int = 12
     default_size: int = 256
-    # Image side (pixels, the `size` option) -> dVAE grid (the image is 8 * grid a side).
+    # Image side (pixels, the `size` option) -> dVAE grid. The image is 8 * grid a side, and the key
+    # must say so (checked): "512" = 64.
     sizes: dict[str, int] = field(default_factory=lambda: {"256": 32, "512": 64})
     # Most jobs one permutation prompt (`a {red, blue} house by {Escher, Magritte}`) may make.
     max_permutations: int = 9
@@ -194,6 +200,7 @@ class Config:
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 MAX_GRID = 128   # 1024x1024: a slot's activations grow with grid^2 (engine.capacity)
+PIXELS_PER_CELL = 8   # the dVAE decoder upsamples 8x: a grid of g makes 8g x 8g pictures
 MAX_CUTN = 256   # as `imagine --cutn`: cut-outs per step, each a CLIP forward
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")   # as imagine-worker --device
 
@@ -215,6 +222,18 @@ def _check_compile_backend(value: str) -> None:
         raise ValueError(f"compile {value!r}: torch has no backend {options['backend']!r} (known: {', '.join(shown)})")
 # One process runs every shard: far beyond what one process can hold is a typo, not a plan.
 MAX_SHARDS = 1024
+
+
+def _size_label_message(size: str, grid: int) -> str:
+    """Why `sizes.<size> = grid` is refused: the grid alone sets the picture (8 x grid pixels a
+    side); the key is only the label users pick and see, so it must say what the grid makes."""
+    side = PIXELS_PER_CELL * grid
+    message = (f"[imagine] sizes.{size}: a grid of {grid} makes {side}×{side} pictures, not {size}×{size}; "
+               f"the key must be {PIXELS_PER_CELL} × grid (\"{side}\" = {grid}")
+    wanted, rest = divmod(int(size), PIXELS_PER_CELL)
+    if rest == 0 and 2 <= wanted <= MAX_GRID:
+        message += f", or \"{size}\" = {wanted} for {size}×{size} pictures"
+    return message + ")"
 
 
 def _type_name(tp: Any) -> str:
@@ -331,6 +350,7 @@ def _validate(cfg: Config) -> None:
              f"[imagine] sizes.{size}: the key must be a size in pixels, e.g. \"512\"")
         need(2 <= grid <= MAX_GRID, f"[imagine] sizes.{size}: the grid must be between 2 and {MAX_GRID} "
                                     f"({MAX_GRID} is {8 * MAX_GRID} pixels, 4x the memory of 512x512 per job)")
+        need(int(size) == PIXELS_PER_CELL * grid, _size_label_message(size, grid))
     need(len(im.sizes) <= 25, "[imagine] sizes: Discord allows at most 25 choices")
     need(str(im.default_size) in im.sizes,
          f"[imagine] default_size: {im.default_size} is not one of sizes ({', '.join(im.sizes)})")

@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 from bot.config import PRESET_NAMES, Config
+from bot.permutations import template_chars
 from engine.prompts import MAX_PROMPT_PARTS
 
 LIMIT = 2000
+
+
+def permutations_text(config: Config, per_user: int) -> str:
+    """The permutation paragraph: the most a user can get from one prompt is the smaller of
+    `max_permutations` and their cap of waiting jobs (every job of a set waits in line), and the
+    example is one of that size or smaller, so it is never refused with these settings."""
+    most = min(config.imagine.max_permutations, per_user)
+    if config.imagine.max_permutations < 2:
+        return "**Permutations** (`a {red, blue} house`, one job per option) are turned off here."
+    if most < 2:
+        return (f"**Permutations** (`a {{red, blue}} house` makes one job per option) need room for 2 waiting "
+                f"jobs; the limit here is {per_user}.")
+    if most >= 4:
+        example, count = "`a {red, blue} house by {Escher, Magritte}`", 4
+    else:
+        example, count = "`a {red, blue} house`", 2
+    return (f"**Permutations**: {example} makes one job per combination ({count} here; options split by "
+            f"commas or by `|` as in `{{cat|dog}}`, no nesting), at most {most} per prompt; each counts as a "
+            "waiting job, and one contact sheet shows them all once they have ended, with each job's id "
+            "(for `/remix`) and link.")
 
 
 def help_text(config: Config, per_user: int) -> str:
@@ -28,16 +49,15 @@ def help_text(config: Config, per_user: int) -> str:
         "negative pushes away), at least one positive. "
         f"`image`: a picture to aim at too (`image_weight`, default 1); `init_image`: start from a picture.",
         "",
-        "**Permutations**: `a {red, blue} house by {Escher, Magritte}` makes one job per combination "
-        f"(4 here: options split by commas, no nesting), at most {im.max_permutations} per prompt; each "
-        "counts as a waiting job, and one contact sheet shows them all once they have ended.",
+        permutations_text(config, per_user),
         "",
         "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more steps from the end) · "
         "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin of the server).",
         "",
         f"**Quality presets**: {presets}. Options you give override the preset.",
         "",
-        f"**Limits**: prompts up to {im.max_prompt_chars} characters (CLIP reads about 77 tokens), "
+        f"**Limits**: prompts up to {im.max_prompt_chars} characters (CLIP reads about 77 tokens; "
+        f"a `{{…}}` prompt up to {template_chars(im.max_prompt_chars)}, each combination up to {im.max_prompt_chars}), "
         f"1-{im.max_iterations} iterations, images up to {im.max_image_bytes / 2**20:.0f} MiB, "
         f"{per_user} waiting job{'s' if per_user != 1 else ''} per person.",
     ])

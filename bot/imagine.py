@@ -67,6 +67,9 @@ BUSY_WITH_PICTURES = ("Your previous command with a picture is still being handl
 # get this instead.
 REMIX_TOO_SLOW = ("I could not read that job in time (the store is slow right now), so there is no Remix form. "
                   "Try the button again in a moment.")
+# /remix and the Remix form take one prompt: a `{…}` set (bot.permutations) is /imagine's alone.
+REMIX_NO_SETS = ("A remix makes one picture; `{…}` sets work with `/imagine`. Write the remix's prompt "
+                 "without braces. Nothing was queued.")
 
 T = TypeVar("T")
 
@@ -155,13 +158,23 @@ def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed
     text = (prompt or "").strip()
     if not has_visible_text(text):   # zero-width and format characters alone look empty too
         raise BadInput("The prompt is empty: write what to imagine, e.g. `/imagine a house by Escher`.")
-    if len(text) > cfg.max_prompt_chars:
+    is_template = "{" in text or "}" in text
+    if is_template:
+        # A permutation template holds every option: its own, longer limit here, and each
+        # combination (what CLIP reads) is held to max_prompt_chars by permutations.check_set.
+        from bot.permutations import template_chars   # noqa: PLC0415 - permutations imports this module
+        most = template_chars(cfg.max_prompt_chars)
+        if len(text) > most:
+            raise BadInput(
+                f"The prompt is {len(text):,} characters long; a prompt with `{{…}}` sets may be up to {most:,} "
+                f"(and each combination it makes up to {cfg.max_prompt_chars:,}). Use fewer or shorter options.")
+    elif len(text) > cfg.max_prompt_chars:
         raise BadInput(
             f"The prompt is {len(text):,} characters long; the limit is {cfg.max_prompt_chars:,}. "
             f"Shorten it: CLIP only reads the first {render.CLIP_TOKENS} tokens (about 300 characters of "
             "English) and ignores the rest anyway."
         )
-    if "{" not in text and "}" not in text:   # permutation prompts: checked per expansion
+    if not is_template:   # permutation prompts: checked per expansion
         problem = prompt_problem(text)
         if problem:
             raise BadInput(problem)
@@ -433,11 +446,16 @@ def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
     """The refusal when `wanted` more jobs would pass the user's cap of waiting jobs (`queued` waiting
     now, at most `limit`): one wording for the early checks and for the store's QueueLimitReached.
     The limit is this server's, but the store counts the user's waiting jobs in every server, so
-    the text says so: someone with nothing waiting here would not see why otherwise."""
+    the text says so: someone with nothing waiting here would not see why otherwise. A set larger
+    than the limit itself would never fit, however long one waits: that is said instead."""
     everywhere = "Jobs waiting in other servers count too."
     if wanted == 1:
         return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
                 f"{everywhere} Wait for one to start (or cancel one) and try again.")
+    if wanted > limit:
+        return (f"That prompt makes {wanted} images, but you may have at most {limit} waiting at once here, "
+                f"so it can never be queued whole. Use fewer options (at most {limit} combinations). "
+                "Nothing was queued.")
     room = max(0, limit - queued)
     return (f"That prompt makes {wanted} images, but you may queue only {room} more right now "
             f"(you have {queued} waiting; the limit is {limit}). {everywhere} Use fewer options, or "
@@ -523,6 +541,62 @@ async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = Non
     return None
 
 
+# --- one Continue of a job ---------------------------------------------------------------------
+
+# A Continue goes on exactly as its job would have (the job's seed, optimiser and noise:
+# engine.worker), so two Continues of one job are the same picture, twice the GPU time. A Continue
+# of a job that has one queued, running or done is answered with where that one is instead.
+# Looked for among the channel's latest CONTINUE_LOOKBACK jobs (see ImagineCog._continued_as).
+CONTINUE_LOOKBACK = 50
+
+
+class JobTurns:
+    """One turn at a time per job id (an asyncio lock per id, made on first use and dropped once
+    nobody holds or waits for it). The Continues of one job hold its turn from the look-up of an
+    existing Continue to their submit, so two clicks at once cannot both find none and both queue.
+    One bot process answers every click (several processes are not supported: docs/ARCHITECTURE.md),
+    so a lock in memory is enough."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, tuple[asyncio.Lock, list[int]]] = {}   # id -> (lock, [holders + waiters])
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    async def acquire(self, job_id: str) -> None:
+        """Wait for the job's turn (cancel it to stop waiting: nothing is held then)."""
+        lock, users = self._turns.setdefault(job_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave(job_id)
+            raise
+
+    def release(self, job_id: str) -> None:
+        self._turns[job_id][0].release()
+        self._leave(job_id)
+
+    def _leave(self, job_id: str) -> None:
+        _, users = self._turns[job_id]
+        users[0] -= 1
+        if users[0] == 0:
+            del self._turns[job_id]
+
+
+def already_continued(job_id: str, child: JobRecord) -> str:
+    """The private answer to a Continue of `job_id` when `child` continues it already (queued,
+    running or done): where to find it, and that a second one would be the same picture."""
+    url = render.reply_url(child.spec)
+    where = f"job `{child.id}`" + (f" {url}" if url else "")
+    same = "A Continue goes on exactly as the job would have, so another one would be the same picture."
+    if child.state == JobState.DONE:
+        return (f"Job `{job_id}` was already continued as {where}. {same} Continue that one to go further, "
+                "or Reroll it for a different path. Nothing was queued.")
+    return (f"Job `{job_id}` is already being continued: {where} ({child.state.value}). {same} Once it is "
+            "done, Continue that one to go further. Nothing was queued.")
+
+
 # --- the cog -------------------------------------------------------------------------------------
 
 class ImagineCog(commands.Cog, name="Imagine"):
@@ -532,6 +606,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         self.command = self._build_command()
         self.more_commands = [self._build_remix_command(), self._build_help_command()]
         self.picture_turns = attachments.UserTurns()   # one command with pictures per user at a time
+        self.continue_turns = JobTurns()   # one Continue of a job at a time, its check to its submit
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.command)
@@ -864,16 +939,35 @@ class ImagineCog(commands.Cog, name="Imagine"):
         Continue: more steps from the finished job's final state (`state.pt`, checked here), toward
         the same targets (the prompt and the image prompt). Both within today's limits: a button
         made before an admin lowered them must not queue what /imagine would refuse. The store's
-        reads and the checks race Discord's answer window (`in_time`)."""
+        reads and the checks race Discord's answer window (`in_time`).
+
+        A job continued already (queued, running or done) is not continued again: that would be the
+        same picture (see CONTINUE_LOOKBACK); the click is told where that Continue is. The
+        Continues of one job take turns (`continue_turns`) from that look-up to their submit, so of
+        two clicks at once the second finds the first's job. Its wait for the turn is inside
+        `in_time`: a long one defers first."""
         problem = results_refusal(interaction)
         if problem is not None:
             await ephemeral(interaction, problem)
             return
-        found = await in_time(interaction, self._button_spec(interaction, job_id, kind), defer="public")
-        if isinstance(found, str):
-            await ephemeral(interaction, found)
-            return
-        await self.submit(interaction, found, checked=True)
+        turns, held = self.continue_turns, False
+
+        async def checked() -> JobSpec | str:
+            nonlocal held
+            if kind == "continue":
+                await turns.acquire(job_id)
+                held = True   # given back below, whatever happens (also if this task is cancelled)
+            return await self._button_spec(interaction, job_id, kind)
+
+        try:
+            found = await in_time(interaction, checked(), defer="public")
+            if isinstance(found, str):
+                await ephemeral(interaction, found)
+                return
+            await self.submit(interaction, found, checked=True)
+        finally:
+            if held:   # queued (or refused) by now: the next Continue of this job finds it
+                turns.release(job_id)
 
     async def _button_spec(self, interaction: discord.Interaction, job_id: str, kind: str) -> JobSpec | str:
         """The new job of a Reroll or Continue of `job_id`, checked (refused words, the user's cap),
@@ -905,6 +999,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         else:
             if parent.state != JobState.DONE:
                 return "Only a finished job can be continued."
+            child = await self._continued_as(parent, interaction.channel_id or 0)
+            if child is not None:
+                return already_continued(job_id, child)
             if not await self.queue.has_artifact(job_id, "state.pt"):
                 return (f"The final state of job `{job_id}` is gone (pruned), so it cannot be "
                         "continued. Reroll it or `/imagine` its prompt again instead.")
@@ -922,7 +1019,34 @@ class ImagineCog(commands.Cog, name="Imagine"):
         spec.extra.update(carried)   # the same uploads: submit records the new job's references to them
         if kind == "reroll":
             spec.extra["rerolls"] = job_id
+        source_url = render.reply_url(p)
+        if source_url:   # the link of its lineage line (render.lineage_lines)
+            spec.extra["source_url"] = source_url
         return await self.refusal(spec) or spec
+
+    async def _continued_as(self, parent: JobRecord, channel_id: int) -> JobRecord | None:
+        """The Continue of `parent` already queued, running or done in this channel, if any: not a
+        Reroll of one (its own seed: a different picture), nor one failed, cancelled or being
+        cancelled (no picture to point to).
+
+        Looked for among the channel's latest CONTINUE_LOOKBACK jobs, newest first, down to
+        `parent` itself. That is enough for clicks on a result: a click comes from the channel of
+        the message it is on, which is where its Continue is queued (`_spec`: the interaction's
+        channel), and a Continue is queued after the job it continues finished, so once the
+        search reaches `parent` it has seen every Continue made from that message. A result
+        older than the window (more than CONTINUE_LOOKBACK jobs of the channel since) is not
+        searched further: its Continue is queued again, as before this check, which costs GPU time
+        but no correctness. The store has no look-up by parent (Redis indexes only the queued and
+        running children, for prune), and this needs none."""
+        for record in await self.queue.history(channel_id, limit=CONTINUE_LOOKBACK):
+            if record.id == parent.id:
+                break
+            spec = record.spec
+            if (spec.parent_job_id == parent.id and spec.parent_kind == "continue" and not spec.extra.get("rerolls")
+                    and (record.state == JobState.DONE
+                         or record.state in (JobState.QUEUED, JobState.RUNNING) and not record.cancel_requested)):
+                return record
+        return None
 
     def size_problem(self, p: JobSpec, job_id: str, verb: str) -> str | None:
         """Why a new job on `p`'s grid may not be queued: a grid no size offers any more (an admin
@@ -996,6 +1120,11 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if problem is not None:
             await ephemeral(interaction, problem)
             return
+        if "{" in prompt or "}" in prompt:
+            # Sent on, CLIP would read the braces and every option as words of one prompt. (No job's
+            # prompt has braces, so the Remix form's pre-filled text never brings them.)
+            await ephemeral(interaction, REMIX_NO_SETS)
+            return
         found = await in_time(interaction, self._remix_spec(interaction, job_id, prompt, iterations), defer="public")
         if isinstance(found, str):
             await ephemeral(interaction, found)
@@ -1014,7 +1143,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             iterations = min(p.iterations, self.bot.config.imagine.max_iterations)
         try:
             request = validate(self.bot, prompt, iterations, None, None)
-            problem = prompt_problem(request.prompt)   # also with braces: a remix is one job
+            problem = prompt_problem(request.prompt)   # (braces were refused by remix())
             if problem:
                 raise BadInput(problem)
         except BadInput as exc:

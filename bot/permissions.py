@@ -8,6 +8,7 @@ import logging
 import aiohttp
 import discord
 
+from bot import render
 from bot.config import Config
 from engine.jobs import JobRecord
 
@@ -39,10 +40,28 @@ def is_role_id(entry: str) -> bool:
     return entry.isascii() and entry.isdigit() and 17 <= len(entry) <= 20
 
 
-def admin_roles_text(config: Config) -> str:
+ADMIN_ROLES_CHARS = 300   # the roles' part of a refusal; a longer list names the first ones, then "and N more"
+ROLE_NAME_CHARS = 40      # a role name in it (Discord allows 100), cut by render.quote
+
+
+def admin_roles_text(config: Config, limit: int = ADMIN_ROLES_CHARS) -> str:
     """The configured admin roles for a message: an id as a role mention (shown as the role's name;
-    the client's allowed mentions ping no one), a name in code."""
-    return ", ".join(f"<@&{r.strip()}>" if is_role_id(r) else f"`{r}`" for r in config.discord.admin_roles)
+    the client's allowed mentions ping no one), a name quoted (`render.quote`, cut to
+    ROLE_NAME_CHARS). At most `limit` characters: a long list (any number of roles may be
+    configured) names the first ones and "and N more", so a refusal stays far below Discord's
+    2000-character content limit (over it, the refusal itself would fail). Always at least one
+    role when any is configured."""
+    shown = [f"<@&{r.strip()}>" if is_role_id(r) else render.quote(r, ROLE_NAME_CHARS)
+             for r in config.discord.admin_roles]
+    text = ", ".join(shown)
+    if len(text) <= limit:
+        return text
+    count, length = 1, len(shown[0])   # the first `count` roles, joined: `length` characters
+    while count < len(shown) and (length + 2 + len(shown[count])
+                                  + len(f" and {len(shown) - count - 1} more") <= limit):
+        length += 2 + len(shown[count])
+        count += 1
+    return ", ".join(shown[:count]) + f" and {len(shown) - count} more"
 
 
 async def require_admin(interaction: discord.Interaction, config: Config) -> bool:

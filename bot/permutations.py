@@ -1,12 +1,17 @@
 """Permutation prompts: `/imagine a {red, blue, golden} house by {Escher, Magritte}` queues one job
 per combination (6 here) and, once every one of them has ended, posts one contact sheet.
 
-- Syntax: `{a, b, c}` groups of comma-separated options; no nesting, no empty option, no repeat.
-  A prompt with braces that do not balance is refused with what to fix. A prompt whose groups all
-  have one option is an ordinary prompt (the braces dropped).
+- Syntax: `{a, b, c}` groups of comma-separated options, or `{a|b|c}` (sd-dynamic-prompts' style:
+  `|` separates the options of a group without commas; a group with both is refused); no nesting,
+  no empty option, no repeat. A prompt with braces that do not balance is refused with what to
+  fix. A prompt whose groups all have one option is an ordinary prompt (the braces dropped).
+- Length: the template may be up to `template_chars` (TEMPLATE_FACTOR x `[imagine]
+  max_prompt_chars`, at most Discord's 6000 for an option; bot.imagine.validate), and each
+  combination up to `max_prompt_chars`, as any prompt (check_set).
 - Limits: at most `[imagine] max_permutations` combinations (default 9), and the set counts
   against the user's cap of waiting jobs (`[queue] max_queued_per_user`, or `/queue limit`):
-  over either limit the bot says how many it would make and how many are allowed, and queues
+  over either limit the bot says how many it would make and how many are allowed (a set larger
+  than the cap itself: that it can never be queued whole), and queues
   nothing. Every prompt of the set is checked against the server's refused words first. The set
   is queued with one `queue.submit_many(..., max_queued=)`: the store counts and queues in one
   step, so two commands at once cannot both pass the cap, and a crash never queues half a set.
@@ -17,9 +22,10 @@ per combination (6 here) and, once every one of them has ended, posts one contac
   only asked for where the bot may post, bot.permissions.results_refusal, but one whose channel
   closed to the bot since still gets its replies). Only when the first reply could not be made are
   the others channel messages (a follow-up would take over the deferred "thinking…" message that
-  the first job's edits go to); one of those the channel refused is still handed the command, so
-  its result (a new message) can go out as a follow-up while the token lives. The progress cog
-  edits them all, through the token while it lives.
+  the first job's edits go to); each of those, made or refused by the channel, is still handed
+  the command, so its result, should the channel refuse it as a new message (the channel closed
+  to the bot since), can go out as a follow-up while the token lives. The progress cog edits the
+  follow-ups through the token while it lives, the channel messages with the bot token only.
 - The contact sheet: the set is recorded in the store (`set:<id>`: job ids, captions, channel) and
   listed in `sheets.open`. `SheetsCog` polls the open sets; when every job of one has ended it
   posts one message with `contact-sheet.png` (the DONE finals in order, captioned with their
@@ -78,6 +84,17 @@ KEEP_SETS_DAYS = 30.0
 # each try renders and uploads the whole sheet again.
 SHEET_RETRY_FIRST = 2.0
 SHEET_RETRY_MAX = 300.0
+# A template holds every option of its groups, so it may be longer than one prompt: up to this many
+# times `[imagine] max_prompt_chars` (each combination is still checked against that limit). Not
+# beyond what Discord lets a string option carry (the /imagine prompt option sets no max_length of
+# its own): a longer limit would only promise what Discord never sends.
+TEMPLATE_FACTOR = 4
+DISCORD_OPTION_CHARS = 6000
+
+
+def template_chars(max_prompt_chars: int) -> int:
+    """The longest permutation template (the prompt as typed, with its `{…}` groups) accepted."""
+    return max(max_prompt_chars, min(DISCORD_OPTION_CHARS, TEMPLATE_FACTOR * max_prompt_chars))
 
 
 def keep_seconds(bot: Any) -> float:
@@ -157,15 +174,23 @@ def parse(text: str) -> Template | None:
                     f"A `}}` closes a group that was never opened (after {render.quote(text[max(0, i - 30):i])}). "
                     "Add the missing `{` or remove the `}`.")
             body = text[start + 1:i]
-            options = [o.strip() for o in body.split(",")]
+            group = render.quote(text[start:i + 1])
+            if "," in body and "|" in body:
+                raise TemplateError(
+                    f"The group {group} mixes `,` and `|`: separate its options with one of them, e.g. "
+                    "`{red, blue}` or `{red|blue}`. (A weighted part goes outside the braces: "
+                    "`a {red, blue} house | blurry:-1`.)")
+            # `{cat|dog}` (sd-dynamic-prompts' style) is a set too: `|` separates the options of a
+            # group without commas. (Unwrapped as one option, `a cat|dog` would be a weighted prompt.)
+            options = [o.strip() for o in body.split("|" if "|" in body else ",")]
             if any(not o for o in options):
                 raise TemplateError(
-                    f"The group {render.quote(text[start:i + 1])} has an empty option. Write options between commas, "
-                    "e.g. `{red, blue, golden}`.")
+                    f"The group {group} has an empty option. Write options between commas or `|`, "
+                    "e.g. `{red, blue, golden}` or `{red|blue|golden}`.")
             seen: set[str] = set()
             for o in options:
                 if o.casefold() in seen:
-                    raise TemplateError(f"The group {render.quote(text[start:i + 1])} lists {render.quote(o)} twice.")
+                    raise TemplateError(f"The group {group} lists {render.quote(o)} twice.")
                 seen.add(o.casefold())
             parts.append(tuple(options))
             start = None
@@ -211,9 +236,23 @@ async def check_set(bot: "ImagineBot", spec: JobSpec) -> SetCheck:
             sizes = " × ".join(str(len(g)) for g in template.groups if len(g) > 1)
             if len(sizes) > 200:
                 sizes = sizes[:199] + "…"
-            return SetCheck(f"That prompt makes {n} combinations ({sizes}); at most {cap} are allowed per "
-                            "prompt. Use fewer options. Nothing was queued.")
+            limit = await bot.user_limit(spec.guild_id)
+            allowed = f"at most {cap} are allowed per prompt"
+            if limit < cap:   # the user's cap is the smaller: say the number that can really be queued
+                allowed += f", and at most {limit} here (each is a waiting job; the limit is {limit} per person)"
+            return SetCheck(f"That prompt makes {n} combinations ({sizes}); {allowed}. Use fewer options. "
+                            "Nothing was queued.")
         variants = tuple(template.expand())
+        # validate() let the template be longer than a prompt (template_chars): each combination is
+        # what CLIP reads, so each must fit the prompt limit.
+        longest = max(variants, key=lambda v: len(v.prompt))
+        max_chars = bot.config.imagine.max_prompt_chars
+        if len(longest.prompt) > max_chars:
+            return SetCheck(
+                f"The combination {render.quote(longest.prompt, 80)} is {len(longest.prompt):,} characters long; "
+                f"each combination may be up to {max_chars:,}. Shorten its options: CLIP only reads the first "
+                f"{render.CLIP_TOKENS} tokens (about 300 characters of English) and ignores the rest anyway. "
+                "Nothing was queued.")
     for variant in variants:
         # validate() skips the weighted-prompt check for templates: check every expansion here.
         if (problem := imagine.prompt_problem(variant.prompt)) is not None:
@@ -339,15 +378,17 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             finally:
                 attached.add(record.id)
                 if progress is not None:
-                    # A reply 2..n that was not made (the first one failed too, so it was to be a
-                    # channel message, and the channel refused it) has no message to edit: its result
-                    # is a new message, and where the channel refuses that too, a follow-up of the
-                    # command while its token lives. (By then the first job's own edits, which go on
-                    # through the token, have normally made the "thinking…" message its reply, so the
-                    # follow-up does not take that over.)
-                    by_token = index > 0 and (followup or message_id is None)
+                    # A follow-up reply is edited through the command's token, like the first one.
+                    # A channel-message reply (the first reply failed) cannot be: the token edits only
+                    # the command's own messages. Made or not, it still keeps the command as a fallback
+                    # for its result alone: a new message (when the reply was refused, deleted, or its
+                    # edit is refused) that the channel refuses (it closed to the bot) goes out as a
+                    # follow-up while the token lives (progress._post_new), not given up. (By then
+                    # the first job's own edits, which go on through the token, have normally made the
+                    # "thinking…" message its reply, so the follow-up does not take that over.)
                     progress.attach(record.id, channel_id, message_id, content if message_id else None,
-                                    followup_of=interaction if by_token else None)
+                                    followup_of=interaction if index > 0 and followup else None,
+                                    fallback_of=interaction if index > 0 and not followup else None)
         if not recorded:   # one more try, the replies made
             recorded = await _track_set(bot, info)
         if not recorded:
@@ -381,6 +422,40 @@ async def _track_set(bot: "ImagineBot", info: dict[str, Any]) -> bool:
 
 
 # --- the contact sheet ---------------------------------------------------------------------------
+
+# The sheet's text, tried in order until it fits in one message: (template characters, caption
+# characters, links to the replies). The last step fits 25 jobs whatever their captions say (each
+# line at most about 60 characters: a caption of 12, Markdown-escaped, the reason, the id).
+SHEET_TEXT_STEPS = ((300, 100, True), (300, 40, True), (300, 100, False), (300, 40, False), (100, 20, False),
+                    (60, 12, False))
+
+
+def reply_url(record: JobRecord) -> str | None:
+    """A link to the job's reply (its result, where that went to a new message), as /history gives."""
+    reply = record.spec.reply or {}
+    message_id = reply.get("result_message_id") or reply.get("message_id")
+    if not message_id:
+        return None
+    return render.jump_url(record.spec.guild_id, reply.get("channel_id") or record.spec.channel_id, message_id)
+
+
+@dataclass(frozen=True)
+class SheetEntry:
+    """One job of a set as the contact sheet's text lists it."""
+    label: str                     # its caption: the options it was made with
+    job_id: str
+    url: str | None                # its reply, when known
+    left_out: str | None = None    # why it has no tile (its state, gone, no final image)
+
+    def line(self, caption_chars: int, links: bool) -> str:
+        text = f"• {render.snippet(self.label, caption_chars)}"
+        if self.left_out:
+            text += f" ({self.left_out})"
+        text += f" · `{self.job_id}`"
+        if links and self.url:
+            text += f" · {self.url}"
+        return text
+
 
 class SheetsCog(commands.Cog, name="Sheets"):
     """Posts each permutation set's contact sheet once all its jobs have ended."""
@@ -563,20 +638,22 @@ class SheetsCog(commands.Cog, name="Sheets"):
         set_id = info["id"]
         captions = info.get("captions") or []
         tiles: list[tuple[bytes, str]] = []
-        left_out: list[str] = []
+        entries: list[SheetEntry] = []
         for index, (job_id, record) in enumerate(zip(info["jobs"], records)):
             label = captions[index] if index < len(captions) else (record.spec.prompt if record else job_id)
             if record is None:
-                left_out.append(f"{label} (gone from the store)")
+                entries.append(SheetEntry(label, job_id, None, "gone from the store"))
                 continue
+            url = reply_url(record)
             if record.state != JobState.DONE:
-                left_out.append(f"{label} ({record.state.value})")
+                entries.append(SheetEntry(label, job_id, url, record.state.value))
                 continue
             png = await self.queue.get_artifact(record.id, "final.png")
             if png is None:
-                left_out.append(f"{label} (no final image)")
+                entries.append(SheetEntry(label, job_id, url, "no final image"))
                 continue
             tiles.append((png, label))
+            entries.append(SheetEntry(label, job_id, url))
         if not tiles:
             log.info("set %s: none of its %d jobs finished with an image; no contact sheet", set_id, len(records))
             return {"skipped": "no finished image", "at": time.time()}
@@ -585,7 +662,7 @@ class SheetsCog(commands.Cog, name="Sheets"):
         limit = self._upload_limit(info) - UPLOAD_MARGIN
         if len(data) > limit:
             data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG")
-        content = self._content(info, len(tiles), len(records), left_out)
+        content = self._content(info, len(tiles), entries)
         channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
         try:
             # The nonce lets Discord drop a repeat (a crash between this post and the marker).
@@ -616,14 +693,20 @@ class SheetsCog(commands.Cog, name="Sheets"):
         return self.bot.config.progress.upload_limit or 10 * 1024 * 1024
 
     @staticmethod
-    def _content(info: dict[str, Any], shown: int, total: int, left_out: list[str]) -> str:
-        head = f"**Contact sheet** · {render.snippet(info.get('template') or '', 300)}"
-        line = f"{shown} of {total} variations"
+    def _content(info: dict[str, Any], shown: int, entries: list["SheetEntry"]) -> str:
+        """The sheet's text: the template, then one line per job of the set, in order: its caption
+        (and why it has no tile), its id (for `/remix`) and a link to its reply. Within Discord's
+        2000 characters: shorter captions, then no links, then a shorter template, until it fits;
+        an id is never cut (at most 25 jobs a set: their lines without links fit)."""
+        line = f"{shown} of {len(entries)} variations"
         if info.get("seed") is not None:
             line += f" · seed {info['seed']}"
         line += f" · <@{info.get('user_id', 0)}>"
-        text = f"{head}\n{line}"
-        if left_out:
-            note = "\nLeft out: " + "; ".join(render.escape_prompt(x) for x in left_out)
-            text += note[: render.CONTENT_LIMIT - len(text) - 1]
+        text = ""
+        for head_chars, caption_chars, links in SHEET_TEXT_STEPS:
+            head = f"**Contact sheet** · {render.snippet(info.get('template') or '', head_chars)}"
+            rows = [entry.line(caption_chars, links) for entry in entries]
+            text = "\n".join([head, line, *rows])
+            if len(text) <= render.CONTENT_LIMIT:
+                return text
         return text[: render.CONTENT_LIMIT]

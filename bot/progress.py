@@ -28,7 +28,10 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   when the channel or thread went) ends the edits for that job; its result goes out as a new
   message. A new message the channel refuses (403: the bot may not post there; slash commands
   still work) goes out as an interaction follow-up while the token lives; after that, and on 404,
-  nothing can post it: the bot logs an error and marks it delivered.
+  nothing can post it: the bot logs an error and marks it delivered. A permutation set's reply
+  that is a channel message (its first reply failed, bot.permutations) has no token to edit it,
+  but keeps the set's command for this one fallback (`_Tracker.fallback`), with the same age rule.
+  Tokens are never stored: after a restart no job has one.
 - Refusals are final, errors are not: Discord's 5xx and network errors are retried with backoff
   for ever (nothing is lost), but a 4xx (other than 429, 408, 401) would be refused again. A 413 (too large:
   the server lost its boosts since the job was queued) posts the image without the video, then
@@ -72,6 +75,13 @@ log = logging.getLogger(__name__)
 
 CURSOR_KEY = "bot.events_cursor"
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+# Discord checks an app's upload limit per file, not per message (since 2025-04-03: discord-api-docs
+# #7451), so the final image and the video are each measured against the whole limit on their own.
+# The video is kept this far under it all the same: whether Discord counts a file of exactly the
+# limit, or a part's few hundred bytes of multipart headers, is not documented, and a 413 costs the
+# whole video (the 413 path posts the image alone), while this room costs at most a re-encode of a
+# video that was within 4 KiB of the limit.
+FILE_MARGIN = 4 * 1024
 UNKNOWN_MESSAGE = 10008
 INVALID_WEBHOOK_TOKEN = 50027
 THREAD_ARCHIVED = 50083
@@ -154,6 +164,12 @@ class _Tracker:
     interaction: discord.Interaction | None = None   # its token edits the message, posts follow-ups
     interaction_at: float = 0.0       # when the interaction was made (created_monotonic)
     followup: bool = False            # the message is a follow-up of `interaction`, not its original
+    # The command of a permutation set whose reply here is a channel message (made with the bot
+    # token, or refused): its token cannot edit that message, so it is not `interaction` (edits
+    # would go to the command's own message, or be refused). It only posts the result as a
+    # follow-up when the channel refuses a new message (_post_new), while younger than token_ttl.
+    fallback: discord.Interaction | None = None
+    fallback_at: float = 0.0          # when `fallback` was made (created_monotonic)
     attached: bool = False            # the message exists (or never will); edits may go out
     dead: bool = False                # the message was deleted: no more edits
     muted: bool = False               # a progress edit was refused (403, 50083): no more progress edits
@@ -260,21 +276,28 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.archived = False
         t.interaction = interaction
         t.interaction_at = created_monotonic(interaction) if interaction is not None else time.monotonic()
+        t.fallback = None   # attach() hands it over, for a set's channel-message reply
         if interaction is not None:
             t.upload_limit = getattr(interaction, "filesize_limit", None)
         return t
 
     def attach(self, job_id: str, channel_id: int | None, message_id: int | None, content: str | None,
-               *, followup_of: discord.Interaction | None = None) -> None:
+               *, followup_of: discord.Interaction | None = None,
+               fallback_of: discord.Interaction | None = None) -> None:
         """The job's reply exists now (or could not be made: message_id None). `followup_of`: the
         reply is (or was to be) a follow-up of that interaction, edited through its token while it
-        lives, like an original response: no channel permission needed."""
+        lives, like an original response: no channel permission needed. `fallback_of`: the reply is
+        (or was to be) a channel message made for that interaction (a permutation set's), edited
+        with the bot token only; the interaction is kept just to post the result as its follow-up
+        should the channel refuse the bot (`_Tracker.fallback`)."""
         t = self.trackers.get(job_id)
         if t is None:
             return
         if followup_of is not None:
             t.interaction, t.followup = followup_of, True
             t.interaction_at = created_monotonic(followup_of)
+        if fallback_of is not None:
+            t.fallback, t.fallback_at = fallback_of, created_monotonic(fallback_of)
         if channel_id:
             t.channel_id = channel_id
         t.message_id = message_id
@@ -738,6 +761,16 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.interaction = None   # the bot token from now on
         return t.interaction is not None
 
+    def _followup_interaction(self, t: _Tracker) -> discord.Interaction | None:
+        """The interaction whose token may post the job's result as a follow-up now: the job's own
+        (`interaction`), else the set's command its channel-message reply keeps (`fallback`), each
+        while younger than `token_ttl`, counted from its creation; None when neither lives."""
+        if self._token_live(t):
+            return t.interaction
+        if t.fallback is not None and time.monotonic() - t.fallback_at >= self.cfg.token_ttl:
+            t.fallback = None
+        return t.fallback
+
     async def _edit_by_token(self, t: _Tracker, **kwargs: Any) -> None:
         assert t.interaction is not None
         if t.followup:
@@ -751,6 +784,11 @@ class ProgressCog(commands.Cog, name="Progress"):
     # --- the final post -----------------------------------------------------------------------
 
     def _upload_limit(self, t: _Tracker) -> int:
+        """The most bytes one file of the job's result may have. The command's interaction says
+        (`attachment_size_limit`, kept in the job's reply, so a restart or a post with the bot token
+        after the token expired has it too); without it (the reply could not be made) the guild's,
+        from its boost tier (the guilds intent), else `[progress] upload_limit` or 10 MiB, Discord's
+        default (a DM, a guild the bot is not in). A limit that has since shrunk is met by a 413."""
         if t.upload_limit:
             return int(t.upload_limit)
         guild = self.bot.get_guild(t.guild_id) if t.guild_id else None
@@ -773,8 +811,11 @@ class ProgressCog(commands.Cog, name="Progress"):
             return [("final.png", png)], "The video is over this server's upload limit, so here is the final image only."
         if png is not None:
             files.append(("final.png", png))
-        room = limit - (len(png) if png else 0) - 64 * 1024   # the rest of the request
+        # The video against the limit on its own (FILE_MARGIN), not what the image leaves of it. The
+        # image is not measured: a final image over the limit is met by the 413 path (_refused).
+        room = limit - FILE_MARGIN
         if mp4 is not None:
+            fitted: bytes | None
             if len(mp4) <= room:
                 fitted = mp4
             elif t.fitted is not None and t.fitted[:2] == (len(mp4), room):   # a retry: ffmpeg ran already
@@ -785,10 +826,11 @@ class ProgressCog(commands.Cog, name="Progress"):
             if fitted is not None:
                 files.append(("video.mp4", fitted))
                 if fitted is not mp4:
-                    note = f"The video was re-encoded to {render.mib(len(fitted))} to fit the upload limit."
+                    note = (f"The video was re-encoded to {render.mib(len(fitted))} to fit this server's "
+                            f"upload limit of {render.mib(limit)} a file.")
             else:
-                note = (f"The video ({render.mib(len(mp4))}) is over this server's upload limit "
-                        f"({render.mib(limit)}) even re-encoded, so here is the final image only.")
+                note = (f"The video ({render.mib(len(mp4))}) does not fit this server's upload limit of "
+                        f"{render.mib(limit)} a file, even re-encoded, so here is the final image only.")
         elif png is not None:
             note = "The video could not be made; here is the final image."
         return files, note
@@ -865,19 +907,23 @@ class ProgressCog(commands.Cog, name="Progress"):
                                          nonce=_nonce("imagine-", t.job_id))
             return message.id
         except discord.Forbidden as exc:
-            if self._token_live(t):
+            interaction = self._followup_interaction(t)
+            if interaction is not None:
                 # The bot may not post in this channel, but the command's token may: answer there.
                 log.warning("job %s: channel %s refuses the bot's messages (%s %s); posting the result as "
                             "a follow-up of the command", t.job_id, t.channel_id, exc.status, exc.text)
-                assert t.interaction is not None
                 try:
-                    message = await t.interaction.followup.send(content=final.content, files=files(), view=view,
-                                                                wait=True, allowed_mentions=NO_PING)
+                    message = await interaction.followup.send(content=final.content, files=files(), view=view,
+                                                              wait=True, allowed_mentions=NO_PING)
                     return message.id
                 except discord.HTTPException as late:
                     if late.status != 401 and late.code != INVALID_WEBHOOK_TOKEN:
                         raise
-                    t.interaction = None   # it expired before its TTL here: as if it had
+                    # It expired before its TTL here: as if it had.
+                    if interaction is t.interaction:
+                        t.interaction = None
+                    if interaction is t.fallback:
+                        t.fallback = None
             why = exc
         except discord.NotFound as exc:
             why = exc

@@ -37,7 +37,8 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
-from bot.permissions import ThreadLookups, admin_roles_text, can_see_job, is_admin, may_know_job, require_admin
+from bot.permissions import (ThreadLookups, admin_roles_text, can_see_job, can_view_channel, is_admin, may_know_job,
+                             require_admin)
 from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 
 if TYPE_CHECKING:
@@ -289,24 +290,43 @@ class HistoryCog(commands.Cog, name="History"):
     @app_commands.command(name="history", description="This channel's recent prompts, with links to the results")
     @app_commands.guild_only()
     async def history(self, interaction: discord.Interaction) -> None:
-        # A read: a private "thinking…" first when it is slow (bot.imagine.in_time).
-        records = await in_time(interaction, self.bot.queue.history(interaction.channel_id or 0, limit=15),
-                                defer="private")
-        lines = []
-        for record in records:
-            reply = record.spec.reply or {}
-            message_id = reply.get("result_message_id") or reply.get("message_id")
-            channel_id = reply.get("channel_id") or record.spec.channel_id
-            line = (f"• {render.snippet(record.spec.prompt, 80)} · <@{record.spec.user_id}> · {record.state.value}"
-                    f" · `{record.id}`")
-            if message_id:
-                line += f" · {render.jump_url(record.spec.guild_id, channel_id, message_id)}"
-            lineage = render.parent_line(record.spec, details=False)   # ↳ remix of <job> by <user>
-            if lineage:
-                line += f"\n  {lineage}"
-            lines.append(line)
+        # Reads only: a private "thinking…" first when they are slow (bot.imagine.in_time).
+        lines = await in_time(interaction, self._lines(interaction), defer="private")
         text = "\n".join(lines) if lines else "No prompts in this channel yet: try `/imagine`."
         while len(text) > 2000 and lines:
             lines.pop()
             text = "\n".join(lines)
         await ephemeral(interaction, text)
+
+    async def _lines(self, interaction: discord.Interaction) -> list[str]:
+        """One entry per job of this channel, newest first, each with its lineage (render.lineage_lines:
+        ↻ reroll of, → continues, ↳ remix of) in the short form, naming only jobs the caller may see."""
+        records = await self.bot.queue.history(interaction.channel_id or 0, limit=15)
+        hidden = await self._hidden_sources(interaction, records)
+        lines = []
+        for record in records:
+            url = render.reply_url(record.spec)
+            line = (f"• {render.snippet(record.spec.prompt, 80)} · <@{record.spec.user_id}> · {record.state.value}"
+                    f" · `{record.id}`" + (f" · {url}" if url else ""))
+            lines.append("\n  ".join([line] + render.lineage_lines(record.spec, details=False, hidden=hidden)))
+        return lines
+
+    async def _hidden_sources(self, interaction: discord.Interaction, records: list[JobRecord]) -> set[str]:
+        """The jobs these records' lineage names that the caller may not see. A remix (or a Reroll of
+        one) may come from a job of a channel the caller cannot view (/remix takes any job id its
+        user may see), and its id and author belong to that channel (bot.permissions.can_see_job).
+        A job pruned since is judged by the channel its link names (render.lineage_channels); one
+        with no link, hidden: what cannot be checked is hidden."""
+        lookups = ThreadLookups()
+        verdicts: dict[str, bool] = {}
+        for record in records:
+            for job_id, channel_id in render.lineage_channels(record.spec).items():
+                if job_id in verdicts:
+                    continue
+                source = await self.bot.queue.get(job_id)
+                if source is not None:
+                    verdicts[job_id] = await can_see_job(interaction, source, lookups)
+                else:
+                    verdicts[job_id] = (channel_id is not None
+                                        and await can_view_channel(interaction, channel_id, lookups))
+        return {job_id for job_id, visible in verdicts.items() if not visible}

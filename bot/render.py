@@ -76,8 +76,6 @@ def quote(text: str, limit: int = 40) -> str:
 def settings_line(spec: JobSpec) -> str:
     size = size_of(spec)
     parts = [f"seed {spec.seed}", f"{spec.iterations} iterations", f"{size}×{size}"]
-    if spec.parent_kind == "continue" and spec.parent_job_id:
-        parts.append(f"continues {spec.parent_job_id}")
     if spec.preset:
         parts.append(f"quality {spec.preset}")
     image = spec.extra.get("image_prompt")
@@ -88,13 +86,78 @@ def settings_line(spec: JobSpec) -> str:
     return " · ".join(parts)
 
 
-def parent_line(spec: JobSpec, *, details: bool = True) -> str | None:
-    """`↳ remix of <job> *<prompt>* by <@user> · <link>` for a remix (the mention never pings: the
-    client allows no mentions); None for anything else. `details=False`: job and author only."""
-    if spec.parent_kind != "remix" or not spec.parent_job_id:
+def reply_url(spec: JobSpec) -> str | None:
+    """The link to the message that shows `spec`'s job (its result message, else its reply); None
+    while it has none."""
+    reply = spec.reply or {}
+    message_id = reply.get("result_message_id") or reply.get("message_id")
+    if not message_id:
         return None
+    return jump_url(spec.guild_id, int(reply.get("channel_id") or spec.channel_id), int(message_id))
+
+
+_JUMP_URL = re.compile(r"https://discord\.com/channels/(?:\d+|@me)/(?P<channel>\d+)/\d+")
+
+
+def url_channel(url: object) -> int | None:
+    """The channel of a link made by `jump_url`; None for anything else."""
+    match = _JUMP_URL.fullmatch(url) if isinstance(url, str) else None
+    return int(match["channel"]) if match else None
+
+
+# Lineage: where a job came from, one line per job it names (a fresh /imagine has none).
+#   ↻ reroll of `R`                        a Reroll of R (spec.extra["rerolls"]): R's settings, a new seed
+#   → continues `B`                        a Continue of B (parent_kind "continue", not a reroll)
+#   ↳ remix of `P` *<prompt>* by <@user>   a remix of P (parent_kind "remix"; a Reroll of a remix has it too)
+# In a job's own messages (`details`) each line ends with the link to that job's message (spec.extra:
+# "source_url" for a Reroll or Continue, the remix's "parent"), and a Reroll of a Continue also names
+# the job both start from. The mention never pings: the client allows no mentions. /history shows the
+# short form (`details=False`), and only what its reader may see (`hidden`).
+REROLL, CONTINUE, REMIX = "reroll", "continue", "remix"
+HIDDEN_JOB = "a job you cannot see"
+
+
+def lineage(spec: JobSpec) -> list[tuple[str, str]]:
+    """The jobs `spec`'s lineage lines name, in their order: (kind, job id) pairs."""
+    out = []
+    rerolls = spec.extra.get("rerolls")
+    if isinstance(rerolls, str) and rerolls:
+        out.append((REROLL, rerolls))
+    elif spec.parent_kind == "continue" and spec.parent_job_id:
+        out.append((CONTINUE, spec.parent_job_id))
+    if spec.parent_kind == "remix" and spec.parent_job_id:
+        out.append((REMIX, spec.parent_job_id))
+    return out
+
+
+def lineage_lines(spec: JobSpec, *, details: bool = True, hidden: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """`spec`'s lineage lines (see above). `details=False`: each names its job (and a remix its
+    author) only. A job in `hidden` (one the reader may not see) is named as HIDDEN_JOB, without id,
+    prompt, author or link."""
+    lines = []
+    url = spec.extra.get("source_url") if details and isinstance(spec.extra.get("source_url"), str) else None
+    for kind, job_id in lineage(spec):
+        if kind == REROLL:
+            if job_id in hidden:
+                lines.append(f"↻ reroll of {HIDDEN_JOB}")
+                continue
+            text = f"↻ reroll of `{job_id}`"
+            if details and spec.parent_kind == "continue" and spec.parent_job_id:
+                text += f", which continues `{spec.parent_job_id}`"   # where both start from
+            lines.append(text + (f" · {url}" if url else ""))
+        elif kind == CONTINUE:
+            lines.append(f"→ continues {HIDDEN_JOB}" if job_id in hidden
+                         else f"→ continues `{job_id}`" + (f" · {url}" if url else ""))
+        else:
+            lines.append(_remix_line(spec, job_id, details=details, hidden=job_id in hidden))
+    return lines
+
+
+def _remix_line(spec: JobSpec, job_id: str, *, details: bool, hidden: bool) -> str:
+    if hidden:
+        return f"↳ remix of {HIDDEN_JOB}"
     parent = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
-    text = f"↳ remix of `{spec.parent_job_id}`"
+    text = f"↳ remix of `{job_id}`"
     if details and parent.get("prompt"):
         text += f" *{snippet(str(parent['prompt']), 60)}*"
     if parent.get("user_id"):
@@ -102,6 +165,14 @@ def parent_line(spec: JobSpec, *, details: bool = True) -> str | None:
     if details and parent.get("url"):
         text += f" · {parent['url']}"
     return text
+
+
+def lineage_channels(spec: JobSpec) -> dict[str, int | None]:
+    """For each job `spec`'s lineage names, the channel of its message as `spec` recorded it (its
+    link), or None: what is known of it once that job is pruned from the store."""
+    remix = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
+    return {job_id: url_channel(remix.get("url") if kind == REMIX else spec.extra.get("source_url"))
+            for kind, job_id in lineage(spec)}
 
 
 def clip_note_lines(spec: JobSpec) -> list[str]:
@@ -117,10 +188,10 @@ def clip_note_lines(spec: JobSpec) -> list[str]:
 
 
 def _extra_lines(spec: JobSpec) -> str:
-    """The remix lineage, the notes about converted attachments and what CLIP ignores of the
-    prompt, each on its own line."""
+    """The lineage (Reroll, Continue, remix), the notes about converted attachments and what CLIP
+    ignores of the prompt, each on its own line."""
     # The attachment notes are the bot's own words (engine.images), never user text.
-    lines = [parent_line(spec)] + [f"-# {n}" for n in spec.extra.get("notes") or []] + clip_note_lines(spec)
+    lines = lineage_lines(spec) + [f"-# {n}" for n in spec.extra.get("notes") or []] + clip_note_lines(spec)
     return "".join(f"{line}\n" for line in lines if line)
 
 

@@ -62,10 +62,16 @@ class PromptPart:
     weight: float = 1.0
 
 
-def parse_prompt(prompt: str) -> list[PromptPart]:
+def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[PromptPart]:
     """`a house | by Escher:0.5 | blurry:-1` -> parts with weights (default 1).
 
     A trailing `:<number>` is a weight; any other colon is part of the text.
+
+    Something must be pulled toward: a part with a positive weight, or an image prompt with one
+    (`image_weights`: the job's image prompts' weights). Its loss is minus the weighted sum of the
+    picture's similarities to every target (engine.generate), text and image alike, so
+    `blurry:-1` with an image prompt of weight 1 is well defined: toward the image, away from
+    "blurry". With nothing positive the loss only pushes away, toward nothing in particular.
     """
     if prompt is None or not has_visible_text(prompt):
         raise PromptError("the prompt is empty: describe the picture you want")
@@ -94,7 +100,9 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
         parts.append(PromptPart(text, weight))
     if len(parts) > MAX_PROMPT_PARTS:
         raise PromptError(f"{len(parts)} prompt parts; at most {MAX_PROMPT_PARTS} are allowed")
-    if not any(p.weight > 0 for p in parts):
+    if not any(p.weight > 0 for p in parts) and not any(w > 0 for w in image_weights):
+        if image_weights:
+            raise PromptError("at least one part, or the image prompt, needs a positive weight")
         raise PromptError("at least one part needs a positive weight")
     return parts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 
@@ -265,3 +266,33 @@ async def test_quote_names_text_that_shows_nothing():
     assert quote("\u200b\u2800") == "*(only invisible characters)*"
     assert quote("\ud800x") == "`\ufffdx`"
     assert quote("a`b") == "`aˋb`"
+
+
+async def test_the_refusal_names_a_long_list_of_admin_roles_in_part(harness):
+    """Any number of admin roles may be configured; the refusal names the first ones (a long name
+    cut) and how many more, and fits in a message (before: every role, so with 90 ids or 20 names
+    of 100 characters over Discord's 2000 characters: the refusal failed with 400 and the member
+    got "Something went wrong" instead)."""
+    h = harness
+    fd = h.fd
+    names = [f"{i:02d} " + ("Imagine Admin " * 7).strip() for i in range(20)]   # 100 characters each
+    ids = [str(10**18 + i) for i in range(90)]   # 19 digits each
+    await h.start(worker=False)
+    (alices,) = await _queued_jobs(h, 1, user=fd.admin_user)
+    for roles in (names, ids, names + ids):
+        assert len(", ".join(f"<@&{r}>" if r in ids else f"`{r}`" for r in roles)) > 2000   # all of them
+        h.config.discord.admin_roles = roles
+        for name, options, why in [("queue pause", {}, "Only admins can do that"),
+                                   ("queue cancel", {"job": alices}, "Only the person who asked for job")]:
+            text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
+            assert why in text and "Manage Server" in text, text
+            assert len(text) <= 500, (len(text), text)
+            if roles[0] in ids:
+                assert f"<@&{roles[0]}>" in text and f"<@&{roles[-1]}>" not in text, text
+            else:   # a long name is cut
+                assert f"`{roles[0][:30]}" in text and roles[0] not in text, text
+            shown = len(re.findall(r"<@&\d+>|`\d\d ", text))
+            assert 1 <= shown < len(roles) and text.endswith(f" and {len(roles) - shown} more."), text
+    assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is None
+    assert (await h.queue.get(alices)).state == JobState.QUEUED
+    fd.assert_clean()

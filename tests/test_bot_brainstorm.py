@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from PIL import Image
 
 from engine.jobs import EventKind, JobState
 from tests.queue_fixtures import job_events
-from tests.test_bot_support import EPHEMERAL, claim_jobs, finish_jobs, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import (  # noqa: F401 - the fixture
+    EPHEMERAL, claim_jobs, ephemeral_answer, finish_jobs, finished_job, harness,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -151,6 +154,28 @@ async def test_remix_of_a_job_without_its_state_is_refused_and_nothing_is_queued
     fd.assert_clean()
 
 
+async def test_a_remix_prompt_with_a_permutation_set_is_refused_privately(harness):
+    """A remix is one job: `{…}` sets are /imagine's. By /remix and by the Remix form, a prompt with
+    braces is refused at once, privately, and nothing is queued (sent on, CLIP would read the
+    braces and every option as one prompt)."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    msg, parent_id = await finished_job(h, "a red house")
+    before = len(await h.queue.history(fd.channel_id))
+
+    text = refusal(await command(h, "remix", {"job": parent_id, "prompt": "a {red, blue} boat"}))
+    assert "A remix makes one picture; `{…}` sets work with `/imagine`" in text, text
+    click = await fd.click_button(msg, f"imagine:remix:{parent_id}")
+    await fd.wait_for_response(click)
+    text_input = click.response["data"]["components"][0]["components"][0]
+    submit = await fd.submit_modal(click, {text_input["custom_id"]: "a {cat|dog} on a boat"})
+    await fd.wait_for_response(submit)
+    assert "A remix makes one picture" in refusal(submit)
+    assert len(await h.queue.history(fd.channel_id)) == before and await h.queue.count_queued() == 0
+    fd.assert_clean()
+
+
 # --- image prompts and init images ---------------------------------------------------------------
 
 async def test_image_prompt_and_init_image_are_downloaded_stored_and_used(harness, caplog):
@@ -226,9 +251,9 @@ async def test_quality_presets_set_size_iterations_and_cutouts_and_options_overr
     h = harness
     await h.start()
     await h.queue.set_setting("paused", True)   # the specs are what matters here
-    # test_config's presets: draft 256/2/2, normal 256/4/3, best 512/6/4; sizes 256 -> grid 8, 512 -> 16.
+    # test_config's presets: draft 64/2/2, normal 64/4/3, best 128/6/4; sizes 64 -> grid 8, 128 -> 16.
     cases = [({"quality": "draft"}, (8, 2, 2)), ({"quality": "normal"}, (8, 4, 3)), ({"quality": "best"}, (16, 6, 4)),
-             ({"quality": "best", "iterations": 3, "size": 256}, (8, 3, 4))]
+             ({"quality": "best", "iterations": 3, "size": 64}, (8, 3, 4))]
     for options, (grid, iterations, cutn) in cases:
         msg = await h.reply_of(await h.imagine("a lighthouse", **options))
         spec = (await h.queue.get(h.job_id(msg))).spec
@@ -244,8 +269,8 @@ async def test_help_is_short_and_private(harness):
     await h.start(worker=False)
     text = refusal(await command(h, "help"))
     assert len(text) < 2000
-    for fragment in ("a house | by Escher:0.5 | blurry:-1", "Remix", "Reroll", "Continue", "`draft` 256px, 2 steps",
-                     "`best` 512px, 6 steps", "up to 500 characters", "1-40 iterations", "8 MiB"):
+    for fragment in ("a house | by Escher:0.5 | blurry:-1", "Remix", "Reroll", "Continue", "`draft` 64px, 2 steps",
+                     "`best` 128px, 6 steps", "up to 500 characters", "1-40 iterations", "8 MiB"):
         assert fragment in text, (fragment, text)
     h.fd.assert_clean()
 
@@ -253,13 +278,65 @@ async def test_help_is_short_and_private(harness):
 async def test_help_explains_permutation_prompts_with_the_configured_cap(harness):
     h = harness
     h.config.imagine.max_permutations = 7   # not the default 9: the text reads the live config
+    h.config.queue.max_queued_per_user = 8  # more than 7: the permutation cap is the smaller one
     await h.start(worker=False)
     text = refusal(await command(h, "help"))
     assert len(text) < 2000
     for fragment in ("`a {red, blue} house by {Escher, Magritte}`", "one job per combination",
-                     "at most 7 per prompt", "contact sheet"):
+                     "at most 7 per prompt", "contact sheet", "`{cat|dog}`", "a `{…}` prompt up to 2000"):
         assert fragment in text, (fragment, text)
     h.fd.assert_clean()
+
+
+def _help_permutations(text: str) -> tuple[str, int, int]:
+    """/help's permutation paragraph: its example prompt, how many jobs it says that makes, and
+    the most it says one prompt may make."""
+    found = re.search(r"\*\*Permutations\*\*: `([^`]+)` makes one job per combination \((\d+) here.*"
+                      r"at most (\d+) per prompt", text)
+    assert found, text
+    return found.group(1), int(found.group(2)), int(found.group(3))
+
+
+async def test_help_offers_what_the_default_limits_allow_and_says_the_smaller_limit(harness):
+    """With the built-in defaults of `max_permutations` and `max_queued_per_user`, /help's own
+    example is queued, and so is a set as large as the most /help says one prompt may make (it
+    counts against the cap of waiting jobs). Where a server's cap of waiting jobs is the smaller
+    limit, /help says that number, its example fits it, and a larger set is refused as one that
+    can never fit (not "wait for some to start")."""
+    from bot.config import Config
+
+    h = harness
+    defaults = Config()
+    h.config.queue.max_queued_per_user = defaults.queue.max_queued_per_user
+    h.config.imagine.max_permutations = defaults.imagine.max_permutations
+    await h.start(worker=False)
+    fd = h.fd
+    example, count, most = _help_permutations(refusal(await command(h, "help")))
+    assert most == defaults.imagine.max_permutations   # the permutation cap is the one that binds
+    inter = await h.imagine(example)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == count - 1, 10, "the example's replies")
+    assert await h.queue.count_queued() == count
+    carol = fd.add_user("carol")   # nothing waiting: room for the largest set /help offers
+    options = ", ".join(f"colour {i}" for i in range(most))
+    inter = await fd.send_slash_command("imagine", {"prompt": f"a {{{options}}} house"}, user=carol)
+    await fd.wait_for_response(inter)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == most - 1, 10, "the largest set's replies")
+    assert await h.queue.count_queued() == count + most
+
+    # A server whose admins lowered the cap of waiting jobs to 3: /help says 3, with an example that fits.
+    assert "3 jobs" in await ephemeral_answer(h, "queue limit", {"n": 3}, user=fd.admin_user)
+    dave = fd.add_user("dave")
+    example, count, most = _help_permutations(refusal(await command(h, "help", user=dave)))
+    assert most == 3 and count <= 3, (example, count)
+    text = refusal(await command(h, "imagine", {"prompt": "a {red, blue} house by {Escher, Magritte}"}, user=dave))
+    assert "makes 4 images" in text and "at most 3 waiting at once" in text and "can never be queued whole" in text
+    assert "wait for some" not in text
+    inter = await fd.send_slash_command("imagine", {"prompt": example}, user=dave)
+    await fd.wait_for_response(inter)
+    await h.reply_of(inter)
+    fd.assert_clean()
 
 
 async def test_a_slow_download_is_answered_in_time_and_still_refused_privately(harness, monkeypatch):

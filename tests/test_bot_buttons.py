@@ -58,7 +58,7 @@ async def test_reroll_same_prompt_new_seed_and_continue_from_the_end(harness):
     assert cont.state == JobState.DONE
     assert (cont.spec.parent_job_id, cont.spec.parent_kind) == (job_id, "continue")
     assert cont.spec.prompt == parent.spec.prompt and cont.spec.seed == parent.spec.seed
-    assert "continues " + job_id in h.fd.messages[cont_msg.id].content
+    assert f"→ continues `{job_id}`" in h.fd.messages[cont_msg.id].content
     for jid in (job_id, reroll_id, cont_id):
         assert len(h.posts_of_job(jid)) == 1
     h.fd.assert_clean()
@@ -370,7 +370,7 @@ async def test_reroll_of_a_continue_continues_the_same_job_with_a_new_seed(harne
     spec = reroll.spec
     assert (spec.parent_job_id, spec.parent_kind, spec.prompt) == (job_id, "continue", "a lighthouse")
     assert spec.seed != cont.spec.seed and spec.extra["rerolls"] == cont_id
-    assert f"continues {job_id}" in fd.messages[reroll_msg.id].content
+    assert f"↻ reroll of `{cont_id}`, which continues `{job_id}`" in fd.messages[reroll_msg.id].content
     assert (_frame0(await first_frame(h.queue, reroll_id)) == _frame0(await first_frame(h.queue, cont_id))).all()
     fd.assert_clean()
 
@@ -390,14 +390,14 @@ async def test_buttons_keep_to_todays_limits(harness):
         await h.wait_delivered(new_id)
 
     h.config.imagine.max_iterations = 40
-    big_msg, big_id = await _finished_job(h, prompt="a wide field", size=512, iterations=2)
-    del h.config.imagine.sizes["512"]
+    big_msg, big_id = await _finished_job(h, prompt="a wide field", size=128, iterations=2)
+    del h.config.imagine.sizes["128"]
     queued = len(await h.queue.history(fd.channel_id, limit=50))
     for action in ("reroll", "continue", "remix"):
         click = await fd.click_button(big_msg, f"imagine:{action}:{big_id}")
         await fd.wait_for_response(click)
         assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, (action, click.response)
-        assert f"Job `{big_id}` is 512×512, a size no longer offered here" in click.response["data"]["content"]
+        assert f"Job `{big_id}` is 128×128, a size no longer offered here" in click.response["data"]["content"]
     assert len(await h.queue.history(fd.channel_id, limit=50)) == queued
     fd.assert_clean()
 

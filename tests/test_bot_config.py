@@ -67,6 +67,13 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("[discord]\nshard_count = 100000", "[discord] shard_count: 100000 is more than 1024 shards"),
     ("[imagine]\nsizes = { \"256\" = \"32\" }", "[imagine] sizes.256: expected an integer"),
     ("[imagine]\ndefault_size = 1024", "[imagine] default_size: 1024 is not one of sizes"),
+    # The key is the label users pick and see; the grid alone makes the picture (8 × grid a side).
+    ("[imagine]\nsizes = { \"256\" = 8 }\ndefault_size = 256",
+     "[imagine] sizes.256: a grid of 8 makes 64×64 pictures, not 256×256; the key must be 8 × grid "
+     "(\"64\" = 8, or \"256\" = 32 for 256×256 pictures)"),
+    ("[imagine]\nsizes = { \"256\" = 32, \"1024\" = 64 }", "[imagine] sizes.1024: a grid of 64 makes 512×512 pictures"),
+    ("[imagine]\nsizes = { \"300\" = 32 }", "[imagine] sizes.300: a grid of 32 makes 256×256 pictures, not 300×300; "
+                                            "the key must be 8 × grid (\"256\" = 32)"),
     ("[imagine]\nmax_promt_chars = 5", "unknown key in [imagine]: max_promt_chars"),
     ("[queue]\nurl = \"postgres://x\"", "[queue] url: expected sqlite:///path.db or redis://"),
     ("imagine = 3", "[imagine]: expected a table"),
@@ -625,3 +632,52 @@ def test_sizes_and_cutn_that_could_never_work_are_refused_in_one_line(imagine, m
     with pytest.raises(ConfigError) as err:
         config_from_dict({"imagine": imagine})
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    # The tests' own config used to be this: 64- and 128-pixel pictures offered as 256 and 512.
+    ({"256": 8, "512": 16}, "[imagine] sizes.256: a grid of 8 makes 64×64 pictures, not 256×256; "
+                            "the key must be 8 × grid (\"64\" = 8, or \"256\" = 32 for 256×256 pictures)"),
+    ({"256": 32, "512": 32}, "[imagine] sizes.512: a grid of 32 makes 256×256 pictures, not 512×512"),
+    ({"1024": 64}, "[imagine] sizes.1024: a grid of 64 makes 512×512 pictures, not 1024×1024; the key must be "
+                   "8 × grid (\"512\" = 64, or \"1024\" = 128 for 1024×1024 pictures)"),
+    ({"8": 2}, "[imagine] sizes.8: a grid of 2 makes 16×16 pictures, not 8×8; the key must be 8 × grid (\"16\" = 2)"),
+    ({"4096": 64}, "the key must be 8 × grid (\"512\" = 64)"),   # 4096 = 8 × 512: past MAX_GRID, not offered
+])
+def test_a_size_whose_key_is_not_eight_times_its_grid_exits_2_naming_both(tmp_path, monkeypatch, capsys,
+                                                                            sizes, message):
+    """The key is only the label users pick in /imagine and see in the reply; the picture is 8 × grid
+    pixels a side whatever it says. Nothing checked the two agreed: `"256" = 8` made 64×64 pictures
+    labelled 256×256. Such a config is now refused at start, in one line, exit 2."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"imagine": {"sizes": sizes, "default_size": int(next(iter(sizes)))}})
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+    cfg = tmp_path / "config.toml"
+    table = ", ".join(f'"{key}" = {grid}' for key, grid in sizes.items())
+    cfg.write_text(f"[imagine]\nsizes = {{ {table} }}\ndefault_size = {next(iter(sizes))}\n")
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    assert main(["--config", str(cfg)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("imagine-bot: [imagine] sizes.") and message in err_text, err_text
+
+
+@pytest.mark.parametrize("sizes", [{"16": 2}, {"64": 8, "128": 16}, {"256": 32, "512": 64}, {"1024": 128},
+                                   {"256": 32, "384": 48, "512": 64}])
+def test_sizes_whose_key_is_eight_times_the_grid_are_accepted(sizes):
+    default = min(sizes, key=int)
+    presets = {name: {"size": int(default), "iterations": 1, "cutn": 1} for name in ("draft", "normal", "best")}
+    cfg = config_from_dict({"imagine": {"sizes": sizes, "default_size": int(default)}, "presets": presets})
+    assert cfg.imagine.sizes == sizes
+    assert all(cfg.grid_for(size) * 8 == size for size in cfg.size_choices)
+
+
+def test_the_test_harness_config_and_the_defaults_offer_honest_sizes(tmp_path):
+    """tests/test_bot_support's config (every end-to-end test's) and the built-in defaults both load
+    (their presets name offered sizes) and label each size with the pictures it makes."""
+    from tests.test_bot_support import test_config as harness_config
+
+    for cfg in (Config(), harness_config(tmp_path)):
+        assert all(cfg.grid_for(size) * 8 == size for size in cfg.size_choices), cfg.imagine.sizes
+        assert {cfg.presets.get(name).size for name in ("draft", "normal", "best")} <= set(cfg.size_choices)
+    assert harness_config(tmp_path).size_choices == [64, 128]

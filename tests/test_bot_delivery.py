@@ -49,6 +49,17 @@ def _is_final(req) -> bool:
     return any(f.filename == "final.png" for f in req.files)
 
 
+MP4_HEAD = b"\x00\x00\x00\x18ftypmp42"
+MiB = 1024 * 1024
+
+
+async def _finish_with(queue, job_id: str, png: bytes, video: bytes) -> None:
+    """finish_jobs with this image and video (the job claimed)."""
+    await queue.put_artifact(job_id, "final.png", png)
+    await queue.put_artifact(job_id, "video.mp4", video)
+    assert await queue.finish(job_id, (await queue.get(job_id)).lease_id, 0.2)
+
+
 def _refuse_channel(h, msg, status: int, message: str, code: int) -> int:
     """Every edit and new message in the job's channel answered `status` / `code` from now on;
     returns where the fake Discord's request log stands (the `since` of later counts)."""
@@ -200,10 +211,11 @@ async def test_an_upload_over_a_limit_that_shrank_posts_the_image_alone(harness)
     inter = await h.imagine("a server that loses its boosts")
     msg = await h.reply_of(inter)
     job_id = h.job_id(msg)
-    fd.attachment_size_limit = len(tiny_png(9, 9)) + 16   # the image fits, the image and the video do not
+    # Discord measures each file on its own: the image fits the new limit, the video does not.
+    fd.attachment_size_limit = 1024
     since = len(fd.requests)
     await claim_jobs(h.queue, [job_id])
-    await finish_jobs(h.queue, [job_id])
+    await _finish_with(h.queue, job_id, tiny_png(9, 9), MP4_HEAD + b"\x00" * 2048)
 
     await h.wait_delivered(job_id, timeout=20)
     refused = [r for r in fd.requests[since:] if r.status == 413]
@@ -212,6 +224,89 @@ async def test_an_upload_over_a_limit_that_shrank_posts_the_image_alone(harness)
     assert [a["filename"] for a in final.attachments] == ["final.png"]
     assert "video is over this server's upload limit" in final.content
     assert f"imagine:reroll:{job_id}" in final.custom_ids
+
+
+async def test_an_image_and_a_video_that_each_fit_the_limit_are_posted_as_they_are(harness, monkeypatch):
+    """Discord checks an app's upload limit per file, not per message (since 2025-04-03): a 1.4 MiB
+    final image and a 9 MiB video under a 10 MiB limit go up as they are, 10.4 MiB in one message.
+    Before: the bot budgeted the video as what the image left of the limit, so it re-encoded it
+    (or, failing that, dropped it with a note calling a 9 MiB video over a 10 MiB limit)."""
+    from tests.test_bot_brainstorm import noise_png
+
+    h = harness
+    h.config.progress.message_interval = 0.01
+    fd = h.fd
+    fd.attachment_size_limit = 10 * MiB   # what the command's interaction says, and what Discord checks
+    made = []
+
+    async def reencode_to_fit(data, max_bytes):
+        made.append(max_bytes)
+        return None
+
+    monkeypatch.setattr(progress, "_reencode_to_fit", reencode_to_fit)
+    await h.start(worker=False)
+    inter = await h.imagine("a big image and a big video")
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    png, video = noise_png(700), MP4_HEAD + b"\x01" * (9 * MiB)
+    assert len(png) < fd.attachment_size_limit < len(png) + len(video)
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await _finish_with(h.queue, job_id, png, video)
+
+    await h.wait_delivered(job_id, timeout=20)
+    assert made == []
+    assert [r for r in fd.requests[since:] if r.status == 413] == []
+    (edit,) = h.final_edits(msg.id)
+    assert {f.filename: f.data for f in edit.files} == {"final.png": png, "video.mp4": video}
+    final = fd.messages[msg.id]
+    assert [fd.attachment_bytes(a) for a in final.attachments] == [png, video]
+    assert "upload limit" not in final.content and "re-encoded" not in final.content
+    assert f"imagine:reroll:{job_id}" in final.custom_ids
+    fd.assert_clean()
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["re-encoded", "left-out"])
+async def test_a_video_over_the_limit_on_its_own_is_reencoded_to_the_limit_or_left_out(harness, monkeypatch, fits):
+    """A 10.5 MiB video under a 10 MiB limit is over it whatever the image: it is re-encoded to fit
+    the limit on its own (less FILE_MARGIN), not what the image leaves of it, and goes up with a
+    word saying so; when the re-encode cannot meet that, the image goes alone, and the note names
+    the per-file limit without contradicting itself. Before: the re-encode aimed at the limit
+    less the image and 64 KiB."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    fd = h.fd
+    fd.attachment_size_limit = 10 * MiB
+    smaller = MP4_HEAD + b"\x02" * (8 * MiB)
+    made = []
+
+    async def reencode_to_fit(data, max_bytes):
+        made.append(max_bytes)
+        return smaller if fits else None
+
+    monkeypatch.setattr(progress, "_reencode_to_fit", reencode_to_fit)
+    await h.start(worker=False)
+    inter = await h.imagine("a video too big on its own")
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    png, video = tiny_png(9, 9), MP4_HEAD + b"\x01" * (10 * MiB + MiB // 2)
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await _finish_with(h.queue, job_id, png, video)
+
+    await h.wait_delivered(job_id, timeout=20)
+    assert made == [10 * MiB - progress.FILE_MARGIN]
+    assert [r for r in fd.requests[since:] if r.status == 413] == []
+    final = fd.messages[msg.id]
+    if fits:
+        assert [fd.attachment_bytes(a) for a in final.attachments] == [png, smaller]
+        assert "re-encoded to 8.0 MiB to fit this server's upload limit of 10.0 MiB a file" in final.content
+    else:
+        assert [fd.attachment_bytes(a) for a in final.attachments] == [png]
+        assert ("The video (10.5 MiB) does not fit this server's upload limit of 10.0 MiB a file, even "
+                "re-encoded, so here is the final image only") in final.content
+    assert f"imagine:reroll:{job_id}" in final.custom_ids
+    fd.assert_clean()
 
 
 async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(harness, caplog):

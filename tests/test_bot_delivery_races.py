@@ -23,7 +23,7 @@ import pytest
 from bot import progress
 from engine.jobs import JobState
 from tests.test_bot_support import (WEBHOOK_ORIGINAL, claim_jobs, finish_jobs, harness,  # noqa: F401 - the fixture
-                                    publish_frames, queued_job_in_a_thread, requests_matching, tiny_png)
+                                    publish_frames, queued_job_in_a_thread, requests_matching)
 
 pytestmark = pytest.mark.asyncio
 
@@ -258,8 +258,8 @@ async def test_a_retry_of_the_final_post_does_not_reencode_the_video_again(harne
         return b"\x00\x00\x00\x08ftyp"[:max_bytes]
 
     monkeypatch.setattr(progress, "_reencode_to_fit", reencode_to_fit)
-    # Room for the image, the rest of the request and 8 bytes: the 72-byte video does not fit.
-    h.bot.progress.trackers[job_id].upload_limit = len(tiny_png(9, 9)) + 64 * 1024 + 8
+    # Room for 8 bytes a file (the limit is per file; FILE_MARGIN under it): the 76-byte video does not fit.
+    h.bot.progress.trackers[job_id].upload_limit = progress.FILE_MARGIN + 8
     # Through the channel: discord.py retries a webhook's (the token's) 5xx itself, unseen by the bot.
     fd.expire_tokens()
     await claim_jobs(h.queue, [job_id])

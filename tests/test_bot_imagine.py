@@ -48,7 +48,7 @@ async def test_imagine_defers_queues_streams_frames_and_posts_the_result(harness
     first = edits[0].json
     assert "a house by Escher" in first["content"]
     assert "Queued" in first["content"]
-    assert "seed 7 · 20 iterations · 256×256" in first["content"]
+    assert "seed 7 · 20 iterations · 64×64" in first["content"]
     ids = [c["custom_id"] for row in first["components"] for c in row["components"]]
     assert ids == [f"imagine:cancel:{job_id}"]
     assert first["allowed_mentions"] == {"parse": []}

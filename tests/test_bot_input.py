@@ -60,7 +60,7 @@ async def test_bad_input_is_refused_ephemerally_and_nothing_is_queued(harness):
         ({"prompt": "ok", "iterations": 0}, ["`iterations` must be between 1 and 40"]),
         ({"prompt": "ok", "iterations": 100000}, ["`iterations` must be between 1 and 40"]),
         ({"prompt": "ok", "seed": -1}, ["`seed` must be between 0 and"]),
-        ({"prompt": "ok", "size": 300}, ["`size` must be one of 256, 512"]),
+        ({"prompt": "ok", "size": 300}, ["`size` must be one of 64, 128"]),
         # Nothing visible: zero-width and format characters, Hangul fillers, a braille blank.
         ({"prompt": "\u200b\u200b\u2060\ufeff"}, ["prompt is empty"]),
         ({"prompt": "\u3164 \u2800 \u00ad"}, ["prompt is empty"]),
@@ -198,7 +198,7 @@ async def test_a_bad_permutation_prompt_with_a_picture_is_refused_before_the_dow
     picture = fd.host_attachment("p.png", tiny_png())
     for prompt, why in [("a {red, blue house", "never closed"), ("{a, b, c} {d, e, f} {g, h}", "at most 9"),
                         ("a {red, cursed} barn", "refused"), ("{blurry, foggy}:-1", "positive weight"),
-                        ("a {1, 2, 3, 4, 5, 6} house", "only 5 more")]:
+                        ("a {1, 2, 3, 4, 5, 6} house", "can never be queued whole")]:
         inter = await fd.send_slash_command("imagine", {"prompt": prompt, "image": picture})
         await fd.wait_for_response(inter)
         assert why in _refusal(inter), prompt

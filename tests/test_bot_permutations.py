@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -17,7 +18,7 @@ from PIL import Image
 from bot import contact_sheet, permutations
 from engine.jobs import EventKind, JobState
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    JOB_ID_RE, claim_jobs, ephemeral_answer, finish_jobs, harness,
+    JOB_ID_RE, claim_jobs, ephemeral_answer, finish_jobs, harness, requests_matching,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -86,10 +87,12 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
                         ("{blurry, foggy}:-1", "positive weight")]:  # every expansion is checked as a weighted prompt
         assert why in await ephemeral_answer(h, "imagine", {"prompt": prompt}), prompt
     text = await ephemeral_answer(h, "imagine", {"prompt": "{a, b, c} {d, e, f} {g, h}"})
-    assert "makes 18 combinations" in text and "at most 9" in text
-    # Six would pass max_permutations (9) but not the user's cap (5 in the test config).
+    assert "makes 18 combinations" in text and "at most 9" in text and "at most 5 here" in text
+    # Six would pass max_permutations (9) but not the user's cap (5 in the test config), even with
+    # nothing waiting: said plainly, not "wait for some to start".
     text = await ephemeral_answer(h, "imagine", {"prompt": TEMPLATE})
-    assert "makes 6 images" in text and "only 5 more" in text and "the limit is 5" in text
+    assert "makes 6 images" in text and "at most 5 waiting at once" in text and "can never be queued whole" in text
+    assert "wait for some" not in text
     assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
 
     assert "6 jobs" in await ephemeral_answer(h, "queue limit", {"n": 6}, user=fd.admin_user)
@@ -132,6 +135,15 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     (sheet,) = _sheet_messages(fd)
     assert "**Contact sheet**" in sheet.content and "4 of 6 variations" in sheet.content
     assert "red · Magritte (cancelled)" in sheet.content and "golden · Escher (failed)" in sheet.content
+    # From each caption back to its job: one line per job, in order, with its id (for /remix) and a
+    # link to its reply (the message with its Remix / Continue buttons).
+    lines = sheet.content.split("\n")[2:]
+    assert len(lines) == 6, sheet.content
+    for line, r in zip(lines, jobs):
+        reply = (await h.queue.get(r.id)).spec.reply
+        url = f"https://discord.com/channels/{fd.guild_id}/{fd.channel_id}/{reply['message_id']}"
+        assert " · ".join(r.spec.extra["set"]["options"]) in line and f"`{r.id}`" in line and url in line, line
+        assert reply["message_id"] in {inter.original_message.id, *inter.followup_ids}
     image = _rgb(fd.attachment_bytes(sheet.attachments[0]))
     spec = contact_sheet.layout(4, contact_sheet.MIN_TILE)   # 64-px finals -> 128-px tiles, 2 x 2
     assert image.size == spec.size
@@ -145,6 +157,77 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     expiries = await _expiries(h, [f"set:{set_id}", f"sheet:{set_id}"])
     assert all(abs(at - time.time() - permutations.KEEP_SETS_DAYS * 86400) < 600 for at in expiries), expiries
     fd.assert_clean()
+
+
+async def test_pipe_separated_options_make_a_set_and_a_group_mixing_both_separators_is_refused(harness):
+    """`{cat|dog}` (sd-dynamic-prompts' style) is a set of two, not one job with the weighted
+    prompt `a cat|dog on a mat`; `|` outside the braces stays a weighted prompt's. A group with
+    both `,` and `|` is refused, naming it, and nothing is queued."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    text = await ephemeral_answer(h, "imagine", {"prompt": "a {cat, dog|cow} on a mat"})
+    assert "`{cat, dog|cow}`" in text and "mixes `,` and `|`" in text, text
+    assert "has an empty option" in await ephemeral_answer(h, "imagine", {"prompt": "a {cat|} on a mat"})
+    assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
+
+    inter = await h.imagine("a {cat|dog} on a mat | blurry:-1", iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == 1, 10, "the second reply")
+    jobs = await _set_jobs(h)
+    assert [r.spec.prompt for r in jobs] == ["a cat on a mat | blurry:-1", "a dog on a mat | blurry:-1"]
+    assert [r.spec.extra["set"]["options"] for r in jobs] == [["cat"], ["dog"]]
+    fd.assert_clean()
+
+
+async def test_a_long_template_is_held_to_the_limit_per_combination_and_to_its_own_limit(harness):
+    """The prompt limit is for what CLIP reads: each combination. A template whose every
+    combination fits is queued however long it is up to its own limit (4 × max_prompt_chars);
+    one whose longest combination does not, or that passes its own limit, is refused with that
+    reason. A plain prompt keeps the plain limit."""
+    h = harness
+    h.config.imagine.max_prompt_chars = 120
+    await h.start(worker=False)
+    fd = h.fd
+    palace = "a sunlit Victorian greenhouse full of ferns"                    # 43 characters
+    painters = "{Claude Monet in his late period, Caspar David Friedrich}"   # 57 with its braces
+    fits = f"{{{palace}, a misty Edwardian greenhouse full of orchids}} painted by {painters}"
+    assert 120 < len(fits) <= 480 and all(len(v.prompt) <= 120 for v in permutations.parse(fits).expand())
+    too_long = f"{{{palace}, {palace} and palms and a fountain at golden hour}} painted by {painters}"
+    longest = max((v.prompt for v in permutations.parse(too_long).expand()), key=len)
+    assert len(too_long) <= 480 and len(longest) > 120
+    huge = "a house by {" + ", ".join(f"painter number {i}" for i in range(30)) + "}"
+    assert len(huge) > 480
+
+    text = await ephemeral_answer(h, "imagine", {"prompt": too_long})
+    assert f"is {len(longest)} characters long; each combination may be up to 120" in text, text
+    text = await ephemeral_answer(h, "imagine", {"prompt": huge})
+    assert f"is {len(huge)} characters long; a prompt with `{{…}}` sets may be up to 480" in text, text
+    assert "CLIP" not in text   # not the false reason: CLIP never reads the template as one prompt
+    text = await ephemeral_answer(h, "imagine", {"prompt": "x" * 121})
+    assert "is 121 characters long; the limit is 120" in text, text
+    assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
+
+    inter = await h.imagine(fits, iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == 3, 10, "the other three replies")
+    assert {r.spec.prompt for r in await _set_jobs(h)} == {v.prompt for v in permutations.parse(fits).expand()}
+    fd.assert_clean()
+
+
+async def test_the_contact_sheet_text_names_every_job_and_fits_in_a_message():
+    """25 jobs (the most a set can have) with long captions full of Markdown, a long template:
+    the text stays within Discord's 2000 characters, and every job's id is there whole, in order
+    (links and caption length give way first). A short set keeps its links."""
+    url = "https://discord.com/channels/123456789012345678/123456789012345679/1234567890123456789"
+    info = {"template": "*" * 6000, "seed": 2**32 - 1, "user_id": 123456789012345678}
+    entries = [permutations.SheetEntry("*_" * 200 + str(i), f"{i:012x}", url, "gone from the store" if i % 2 else None)
+               for i in range(25)]
+    text = permutations.SheetsCog._content(info, 12, entries)
+    assert len(text) <= 2000
+    assert [m.group(1) for m in re.finditer(r"`([0-9a-f]{12})`", text)] == [e.job_id for e in entries]
+    short = permutations.SheetsCog._content({"template": TEMPLATE, "user_id": 1}, 6, entries[:6])
+    assert short.count(url) == 6 and len(short.split("\n")) == 8
 
 
 async def test_the_contact_sheet_comes_once_after_every_job_of_the_set_is_done(harness):
@@ -550,3 +633,108 @@ async def test_a_set_whose_first_reply_failed_in_a_closed_channel_gets_every_res
     for job_id in ids[1:]:
         assert results[job_id] in inter.followup_ids
         assert _result_on(fd, fd.messages[results[job_id]])
+
+
+WEBHOOK_POST = r"/webhooks/\d+/[^/]+"
+
+
+async def _set_with_channel_replies(h, prompt):
+    """A set whose first reply fails (Discord answers the edit oddly), so its other replies are
+    channel messages made with the bot token; then the channel closes to the bot (every new
+    message and every edit there answers 403 / 50001, as when it loses View Channel). Returns the
+    command, the jobs' ids, the channel-message replies (jobs 2..n) and the request index at
+    which the channel closed. No worker: the test plays the jobs."""
+    fd = h.fd
+    odd = fd.inject_error("PATCH", r"/webhooks/\d+/[^/]+/messages/@original", 200, body={}, count=1)
+    inter = await h.imagine(prompt, iterations=2)
+    await fd.wait_for(lambda: odd.hits, 10, "the first reply (answered oddly)")
+    jobs = await _set_jobs(h)
+    ids = [r.id for r in jobs]
+
+    def channel_replies():
+        out = {}
+        for m in fd.channel_messages():
+            found = JOB_ID_RE.search(m.content)
+            if found and m.id not in inter.followup_ids and m.id != inter.original_message_id:
+                out[found.group(1)] = m
+        return out
+
+    await fd.wait_for(lambda: set(ids[1:]) <= set(channel_replies()), 10, "the channel-message replies")
+    replies = channel_replies()
+    assert not inter.followup_ids   # replies 2..n are not follow-ups of the command
+    since = len(fd.requests)
+    for method, path in (("POST", rf"/channels/{fd.channel_id}/messages"),
+                         ("PATCH", rf"/channels/{fd.channel_id}/messages/\d+")):
+        fd.inject_error(method, path, 403, body={"message": "Missing Access", "code": 50001}, count=10_000)
+    return inter, ids, [replies[job_id] for job_id in ids[1:]], since
+
+
+async def test_a_channel_message_reply_of_a_set_posts_its_result_through_the_command_when_the_channel_closes(
+        harness, caplog):
+    """Replies 2..n of a set are channel messages (its first reply failed); the channel then
+    closes to the bot. Their edits never went through the command's token (it cannot edit them),
+    but the token still lives, so each result the channel refuses as a new message goes out as a
+    follow-up of the command, not given up."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    caplog.set_level(logging.INFO)
+    inter, ids, replies, since = await _set_with_channel_replies(h, "a {red, blue} house")
+    await claim_jobs(h.queue, ids)
+    await finish_jobs(h.queue, ids)
+    for job_id in ids:
+        await h.wait_delivered(job_id, timeout=20)
+
+    assert "cannot post its result" not in caplog.text
+    for job_id, reply in zip(ids[1:], replies):
+        (posted,) = h.posts_of_job(job_id)
+        assert posted.method == "POST" and re.fullmatch(WEBHOOK_POST, posted.path), posted.path
+        result_id = (await h.queue.get(job_id)).spec.reply["result_message_id"]
+        assert result_id in inter.followup_ids and result_id == int(posted.response["id"])
+        assert _result_on(fd, fd.messages[result_id])
+        assert fd.messages[result_id].allowed_mentions == {"parse": []}
+        # The channel refused the new message first (its nonce), then the token posted it.
+        refused = [r for r in requests_matching(fd, "POST", rf"/channels/{fd.channel_id}/messages", since)
+                   if r.status == 403 and isinstance(r.json, dict) and job_id in str(r.json.get("nonce"))]
+        assert refused, job_id
+        # Its own message was never edited through the token (the token cannot edit it).
+        assert not requests_matching(fd, "PATCH", rf"/webhooks/\d+/[^/]+/messages/{reply.id}")
+    fd.assert_clean()
+
+
+@pytest.mark.parametrize("expiry", ["aged", "revoked"])
+async def test_a_channel_message_reply_of_a_set_is_given_up_when_the_commands_token_is_gone(
+        harness, caplog, expiry):
+    """The same set, the channel closed, but the command's token is gone: older than token_ttl
+    (no follow-up is tried), or refused by Discord before that (401 / 50027 to the follow-up). Then
+    nothing can post reply 2's result: it is logged as given up and marked delivered, and the bot
+    goes on (the next command is answered)."""
+    h = harness
+    if expiry == "aged":
+        h.config.progress.token_ttl = 1.0
+    await h.start(worker=False)
+    fd = h.fd
+    caplog.set_level(logging.INFO)
+    inter, ids, replies, since = await _set_with_channel_replies(h, "a {red, blue} house")
+    if expiry == "aged":
+        await asyncio.sleep(1.0)   # the command is older than token_ttl by now
+    else:
+        fd.expire_tokens()
+    await claim_jobs(h.queue, ids)
+    await finish_jobs(h.queue, ids)
+    await h.wait_delivered(ids[1], timeout=20)
+
+    assert f"job {ids[1]}: cannot post its result in channel {fd.channel_id} (403 Missing Access); giving up" \
+        in caplog.text
+    assert (await h.queue.get(ids[1])).spec.reply.get("result_message_id") is None
+    assert not h.posts_of_job(ids[1])
+    followup_tries = [r for r in requests_matching(fd, "POST", WEBHOOK_POST, since)
+                      if f"imagine:reroll:{ids[1]}" in str(r.json)]   # reply 2's result, by its buttons
+    if expiry == "aged":
+        assert not followup_tries
+    else:   # tried once, refused as expired
+        assert [r.status for r in followup_tries] == [401], [(r.path, r.status) for r in followup_tries]
+    assert all(not t.done() for t in h.bot.progress._tasks)
+    later = await h.imagine("a lighthouse")
+    await h.reply_of(later)
+    fd.assert_clean()

@@ -2,8 +2,8 @@
 
 The real discord.py client (bot.client.ImagineBot, built by the launcher's helpers) runs against
 the fake Discord on 127.0.0.1, with the real SQLite queue in tmp_path and the real embedded
-Worker on tiny random-weight models. Sizes map to a grid of 8 and frames come every 2 iterations,
-so a job takes a fraction of a second.
+Worker on tiny random-weight models. The sizes are 64 (grid 8, the default) and 128 (grid 16), and
+frames come every 2 iterations, so a job takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def test_config(tmp_path: Path, **overrides: Any) -> Config:
         "worker": {"embedded": True},
         "imagine": {
             "default_iterations": 4, "max_iterations": 40, "frame_every": 2, "cutn": 2,
-            "sizes": {"256": 8, "512": 16}, "default_size": 256,
+            # Honest labels (the key is 8 × grid, as the config check requires): 64×64 and 128×128.
+            "sizes": {"64": 8, "128": 16}, "default_size": 64,
         },
         "progress": {
             "message_interval": 0.05, "channel_interval": 0.01, "line_interval": 0.05,
@@ -56,8 +57,8 @@ def test_config(tmp_path: Path, **overrides: Any) -> Config:
         },
         "discord": {"admin_roles": ["Imagine Admin"]},
         # The presets scaled to the tiny sizes and iterations above (draft < normal < best, as by default).
-        "presets": {"draft": {"size": 256, "iterations": 2, "cutn": 2}, "normal": {"size": 256, "iterations": 4, "cutn": 3},
-                    "best": {"size": 512, "iterations": 6, "cutn": 4}},
+        "presets": {"draft": {"size": 64, "iterations": 2, "cutn": 2}, "normal": {"size": 64, "iterations": 4, "cutn": 3},
+                    "best": {"size": 128, "iterations": 6, "cutn": 4}},
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)

@@ -333,9 +333,18 @@ async def test_edit_keeps_listed_attachments_and_adds_new_files(env) -> None:
     assert msg.attachments == [] and stored.attachments == []
     assert stored.edits == 3 and len(stored.history) == 3
 
-    fd.attachment_size_limit = 1000  # what the bot must stay under (interaction.filesize_limit)
+    fd.attachment_size_limit = 1000  # what each file must stay under (interaction.filesize_limit)
     with pytest.raises(discord.HTTPException) as err:
         await channel.send(file=discord.File(io.BytesIO(b"x" * 1001), "big.mp4"))
+    assert (err.value.status, err.value.code) == (413, 40005)
+    # Per file, as Discord checks an app's uploads (since 2025-04): two that each fit go up
+    # together, 1600 bytes in all; one over it refuses the message, however small the rest.
+    msg = await channel.send(files=[discord.File(io.BytesIO(b"p" * 800), "final.png"),
+                                    discord.File(io.BytesIO(b"v" * 800), "video.mp4")])
+    assert [fd.attachment_bytes(a) for a in fd.messages[msg.id].attachments] == [b"p" * 800, b"v" * 800]
+    with pytest.raises(discord.HTTPException) as err:
+        await channel.send(files=[discord.File(io.BytesIO(b"p" * 10), "final.png"),
+                                  discord.File(io.BytesIO(b"v" * 1001), "video.mp4")])
     assert (err.value.status, err.value.code) == (413, 40005)
 
 

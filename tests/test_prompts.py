@@ -3,6 +3,7 @@ computed without torch and cut exactly where engine.generate's tokenizer cuts.""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -99,3 +100,46 @@ def test_an_overflowing_exponent_is_refused_by_the_range_check():
 
     with pytest.raises(PromptError, match="between -100 and 100"):
         parse_prompt("a house | blurry:-1e999")
+
+
+# --- what the picture is pulled toward: a positive part, or a positive image prompt ----------------
+
+
+def test_a_positive_image_prompt_is_the_positive_target_a_negative_only_prompt_needs():
+    """`/imagine prompt:"blurry:-1" image:<png>`: the image is what the picture is pulled toward."""
+    from engine.prompts import PromptError
+
+    assert [(p.text, p.weight) for p in parse_prompt("blurry:-1", [0.5])] == [("blurry", -1.0)]
+    assert [p.weight for p in parse_prompt("blurry:-1 | text:-0.5", [-1.0, 2.0])] == [-1.0, -0.5]
+    for weights in ([-1.0], [0.0]):   # an image pushed away (or not at all) is no target to pull toward
+        with pytest.raises(PromptError, match="^at least one part, or the image prompt, needs a positive weight$"):
+            parse_prompt("blurry:-1", weights)
+    with pytest.raises(PromptError, match="^at least one part needs a positive weight$"):
+        parse_prompt("blurry:-1")
+
+
+def test_the_engine_pulls_toward_a_positive_image_with_only_negative_text(tiny_models):
+    """The loss is minus the weighted similarities to every target, text and image alike, so with
+    `blurry:-1` and an image prompt of weight 1 it is well defined: the frames report the image's
+    similarity (the target pulled toward, not the negative part), every step's loss is finite, and
+    the picture ends up nearer the image than in the same run with the image pushed away."""
+    from dataclasses import replace
+
+    from engine.generate import GenerationSettings, PromptPart, encode_targets, generate
+    from engine.image_prompts import to_tensor
+    from tests.test_image_inputs import noise_image
+
+    target = to_tensor(noise_image(seed=5))
+    targets = encode_targets(tiny_models, "blurry:-1", [(target, 1.0, "image")])
+    assert targets.weights.tolist() == [-1.0, 1.0] and targets.labels == ["blurry", "image"]
+    assert targets.headline == 1
+
+    settings = GenerationSettings(iterations=20, frame_every=5, grid=8, cutn=8, seed=3, lr=0.1)
+    pulled = generate("blurry:-1", settings, tiny_models, image_targets=[(target, 1.0, "image")])
+    assert all(f.similarity == f.similarities[1] for f in pulled.frames)
+    assert all(math.isfinite(f.loss) for f in pulled.frames[1:])   # frame 0 is before any step
+    # The control: the same run with the image pushed away (parts given as a list skip the check).
+    pushed = generate([PromptPart("blurry", -1.0)], replace(settings), tiny_models,
+                      image_targets=[(target, -1.0, "image")])
+    toward, away = ([f.similarities[1] for f in run.frames[1:]] for run in (pulled, pushed))
+    assert sum(toward) / len(toward) > sum(away) / len(away) + 0.005, (toward, away)

@@ -2018,8 +2018,9 @@ class FakeDiscord:
 
     def _attachments(self, channel_id: int, payload: Dict[str, Any], files: List[RecordedFile],
                      existing: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        total = sum(len(f.data) for f in files)
-        if total > self.attachment_size_limit:
+        # Per file, as Discord checks an app's uploads since 2025-04-03 (discord-api-docs #7451):
+        # files that each fit go up together, whatever their total.
+        if any(len(f.data) > self.attachment_size_limit for f in files):
             raise _ApiError(413, 40005, "Request entity too large")
         by_index: Dict[int, RecordedFile] = {}
         for n, f in enumerate(files):

@@ -1,0 +1,240 @@
+"""Where a job came from, and one Continue per picture.
+
+A Continue goes on exactly as its job would have (the same seed, optimiser and noise), so a second
+Continue of the same result is the same picture again: the click is told, privately, where the
+first one is, and nothing is queued. Reroll and Continue replies, and /history, name the job they
+came from (↻ reroll of, → continues, as the remix's ↳ remix of), and /history names only jobs its
+reader may see.
+
+No worker: the test plays the GPU (claims, stores the final state, finishes), so the states are
+exactly the ones each step needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine.jobs import JobState
+from tests.fakediscord import Permission
+from tests.test_bot_support import (  # noqa: F401 - harness: the fixture
+    EPHEMERAL, JOB_ID_RE, claim_jobs, ephemeral_answer, finish_jobs, finished_job, harness,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+def _url(fd, message_id: int, channel_id: int | None = None) -> str:
+    return f"https://discord.com/channels/{fd.guild_id}/{channel_id or fd.channel_id}/{message_id}"
+
+
+async def _queued_by(h, click) -> tuple:
+    """The job a Reroll / Continue click queued: its public reply (a defer, then the queued text)."""
+    await h.fd.wait_for_response(click)
+    assert click.response_type == 5, click.response
+    msg = await h.reply_of(click)
+    return msg, h.job_id(msg)
+
+
+async def _told(h, click) -> str:
+    """The private answer to a click that queued nothing."""
+    await h.fd.wait_for_response(click)
+    return _refusal(click)
+
+
+def _refusal(click) -> str:
+    assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, click.response
+    return click.response["data"]["content"]
+
+
+async def _private_or_job(h, click) -> tuple[str | None, str | None]:
+    """(the private answer, None) or (None, the job it queued): what one of two racing clicks got.
+    A click that waited for the other's submit past the answer window was deferred publicly first:
+    its private answer is then an ephemeral follow-up, its "thinking…" message deleted."""
+    fd = h.fd
+    await fd.wait_for_response(click)
+    if click.response_type == 4:
+        return _refusal(click), None
+    await fd.wait_for(lambda: [m for m in click.followups if m.ephemeral]
+                      or (click.original_message is not None and JOB_ID_RE.search(click.original_message.content)),
+                      10, "the click's answer")
+    private = [m for m in click.followups if m.ephemeral]
+    return (private[0].content, None) if private else (None, h.job_id(click.original_message))
+
+
+async def _finish(h, job_id: str) -> None:
+    """The stand-in GPU: the job (claimed already) ends DONE with a final state, and is delivered."""
+    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id)
+
+
+async def _ids(h) -> list[str]:
+    return [r.id for r in await h.queue.history(h.fd.channel_id, limit=100)]
+
+
+async def test_a_second_continue_of_a_result_points_to_the_first_and_queues_nothing(harness):
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    carol = fd.add_user("carol")
+    msg, a = await finished_job(h, "a lighthouse in fog")
+
+    cont_msg, c = await _queued_by(h, await fd.click_button(msg, f"imagine:continue:{a}"))
+    c_url = _url(fd, cont_msg.id)
+    before = await _ids(h)
+    # Carol, and Bob clicking again: the same picture would come out, so each is told where it is.
+    for user in (carol, None):
+        told = await _told(h, await fd.click_button(msg, f"imagine:continue:{a}", user=user))
+        assert told.startswith(f"Job `{a}` is already being continued: job `{c}` {c_url} (queued).")
+        assert "Nothing was queued." in told
+    await claim_jobs(h.queue, [c])
+    told = await _told(h, await fd.click_button(msg, f"imagine:continue:{a}", user=carol))
+    assert told.startswith(f"Job `{a}` is already being continued: job `{c}` {c_url} (running).")
+    await _finish(h, c)
+    told = await _told(h, await fd.click_button(msg, f"imagine:continue:{a}", user=carol))
+    assert told.startswith(f"Job `{a}` was already continued as job `{c}` {c_url}.")
+    assert "Continue that one to go further, or Reroll it for a different path" in told
+    assert await _ids(h) == before and await h.queue.count_queued() == 0
+    assert [m.id for m in fd.channel_messages()] == [msg.id, cont_msg.id]   # nothing public either
+
+    # Going further is Continue on that one; a Reroll of the first is a different picture: both queue.
+    await fd.wait_for(lambda: f"imagine:continue:{c}" in fd.messages[cont_msg.id].custom_ids, 5, "the buttons")
+    _, further = await _queued_by(h, await fd.click_button(cont_msg, f"imagine:continue:{c}", user=carol))
+    assert (await h.queue.get(further)).spec.parent_job_id == c
+    _, reroll = await _queued_by(h, await fd.click_button(msg, f"imagine:reroll:{a}", user=carol))
+    assert (await h.queue.get(reroll)).spec.extra["rerolls"] == a
+    for job_id in (further, reroll):
+        await h.queue.cancel(job_id)
+        await h.wait_delivered(job_id)
+
+    # A Continue that was cancelled or failed showed no picture: it does not count.
+    msg_b, b = await finished_job(h, "a boat at night")
+    _, d = await _queued_by(h, await fd.click_button(msg_b, f"imagine:continue:{b}"))
+    await h.queue.cancel(d)
+    assert (await h.wait_delivered(d)).state == JobState.CANCELLED
+    _, e = await _queued_by(h, await fd.click_button(msg_b, f"imagine:continue:{b}", user=carol))
+    await claim_jobs(h.queue, [e])
+    assert await h.queue.fail(e, (await h.queue.get(e)).lease_id, "out of memory", retry=False) == JobState.FAILED
+    await h.wait_delivered(e)
+    _, f = await _queued_by(h, await fd.click_button(msg_b, f"imagine:continue:{b}"))
+    assert len({d, e, f}) == 3 and (await h.queue.get(f)).spec.parent_job_id == b
+    fd.assert_clean()
+
+
+async def test_two_continue_clicks_at_once_queue_one_job(harness):
+    """Bob and Carol click Continue on the same result at the same moment, while the store's submit
+    is slow (seconds behind a worker's write, here half a second): both would find no Continue yet
+    and both queue one. The Continues of one job take turns from the look-up to the submit, so
+    the second finds the first's job."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    carol = fd.add_user("carol")
+    msg, a = await finished_job(h, "a lighthouse in fog")
+    store_submit = h.queue.submit
+
+    async def slow_submit(spec, **kw):   # the real store, half a second late
+        await asyncio.sleep(0.5)
+        return await store_submit(spec, **kw)
+
+    h.queue.submit = slow_submit
+    try:
+        clicks = [await fd.click_button(msg, f"imagine:continue:{a}"),
+                  await fd.click_button(msg, f"imagine:continue:{a}", user=carol)]
+        answers = [await _private_or_job(h, click) for click in clicks]
+    finally:
+        del h.queue.submit
+    continues = [r for r in await h.queue.history(fd.channel_id, limit=100) if r.spec.parent_job_id == a]
+    assert len(continues) == 1, answers
+    (told,) = [text for text, _ in answers if text is not None]
+    (queued,) = [job for _, job in answers if job is not None]
+    assert queued == continues[0].id
+    assert told.startswith(f"Job `{a}` is already being continued: job `{queued}`")
+    turns = h.bot.get_cog("Imagine").continue_turns
+    await fd.wait_for(lambda: len(turns) == 0, 5, "every turn given back")   # none left behind
+    fd.assert_clean()
+
+
+async def test_reroll_and_continue_replies_and_history_name_their_source(harness):
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    carol = fd.add_user("carol")
+    msg, a = await finished_job(h, "a lighthouse in fog")
+
+    reroll_msg, r = await _queued_by(h, await fd.click_button(msg, f"imagine:reroll:{a}", user=carol))
+    cont_msg, c = await _queued_by(h, await fd.click_button(msg, f"imagine:continue:{a}"))
+    assert f"\n↻ reroll of `{a}` · {_url(fd, msg.id)}\n" in reroll_msg.content
+    assert f"\n→ continues `{a}` · {_url(fd, msg.id)}\n" in cont_msg.content
+    assert "continues" not in reroll_msg.content and "reroll" not in cont_msg.content
+    assert f"continues {a}" not in cont_msg.content   # said once, on its own line, not in the settings too
+
+    await claim_jobs(h.queue, [r, c])
+    await _finish(h, r)
+    await _finish(h, c)
+    await fd.wait_for(lambda: f"imagine:reroll:{c}" in fd.messages[cont_msg.id].custom_ids, 5, "the buttons")
+    # The result keeps the line.
+    assert f"\n→ continues `{a}` · {_url(fd, msg.id)}\n" in fd.messages[cont_msg.id].content
+    # A Reroll of a Continue: a reroll of that continue, from where both start.
+    again_msg, rc = await _queued_by(h, await fd.click_button(cont_msg, f"imagine:reroll:{c}", user=carol))
+    assert f"\n↻ reroll of `{c}`, which continues `{a}` · {_url(fd, cont_msg.id)}\n" in again_msg.content
+    assert "→" not in again_msg.content
+    for message in (reroll_msg, cont_msg, again_msg):   # no one is pinged: only the author is named
+        data = fd.messages[message.id].data
+        assert data["mentions"] == [] and data["mention_everyone"] is False
+        assert data["content"].count("<@") == 1 and len(data["content"]) <= 2000
+
+    while not (await h.queue.get(rc)).spec.reply:   # the bot records its reply just after showing it
+        await asyncio.sleep(0.05)
+    history = await ephemeral_answer(h, "history")
+    assert f"`{rc}` · {_url(fd, again_msg.id)}\n  ↻ reroll of `{c}`\n" in history
+    assert f"`{c}` · {_url(fd, cont_msg.id)}\n  → continues `{a}`\n" in history
+    assert f"`{r}` · {_url(fd, reroll_msg.id)}\n  ↻ reroll of `{a}`\n" in history
+    assert f"`{a}` · {_url(fd, msg.id)}" in history and history.count("\n  ") == 3
+    fd.assert_clean()
+
+
+async def test_history_names_no_source_from_a_channel_the_reader_cannot_see(harness):
+    """Carol remixes a job of #staff-only (she may see it) from #general. Bob, in #general, cannot
+    see #staff-only: /history shows him that the remix came from somewhere, but not the job's id
+    or its author; Carol sees both. Also once that job is pruned (judged by its link's channel)."""
+    h = harness
+    fd = h.fd
+    carol = fd.add_user("carol")
+    staff = fd.add_channel("staff-only")
+    fd.channels[staff]["permission_overwrites"] = [
+        {"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": str(Permission.VIEW_CHANNEL)},
+        {"id": str(fd.bot_role_id), "type": 0, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"},
+        {"id": str(carol["id"]), "type": 1, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"}]
+    await h.start(worker=False)
+    admin = fd.admin_user["id"]
+    inter = await fd.send_slash_command("imagine", {"prompt": "secret launch poster"}, channel_id=staff,
+                                        user=fd.admin_user)
+    await fd.wait_for_response(inter)
+    secret = h.job_id(await h.reply_of(inter))
+    await claim_jobs(h.queue, [secret])
+    await _finish(h, secret)
+    await asyncio.sleep(0.5)   # the remix finishes well after it: the prune below takes only the parent
+
+    inter = await fd.send_slash_command("remix", {"job": secret, "prompt": "a brighter poster"}, user=carol)
+    await fd.wait_for_response(inter)
+    remix = h.job_id(await h.reply_of(inter))
+    await claim_jobs(h.queue, [remix])
+    await _finish(h, remix)
+
+    async def check() -> None:
+        bobs = await ephemeral_answer(h, "history")
+        assert f"`{remix}`" in bobs and "\n  ↳ remix of a job you cannot see" in bobs
+        assert secret not in bobs and f"<@{admin}>" not in bobs and "launch" not in bobs and str(staff) not in bobs
+        carols = await ephemeral_answer(h, "history", user=carol)
+        assert f"\n  ↳ remix of `{secret}` by <@{admin}>" in carols
+
+    await check()
+    parent, child = await h.queue.get(secret), await h.queue.get(remix)
+    assert await h.queue.prune(time.time() - (parent.finished_at + child.finished_at) / 2) == 1
+    assert await h.queue.get(secret) is None and await h.queue.get(remix) is not None
+    await check()
+    fd.assert_clean()
