@@ -12,8 +12,17 @@ Without --config the bot reads ./config.toml, or runs on the built-in defaults w
 (a log line says so). A missing --config file, an invalid config or token, a queue that cannot be opened,
 models the embedded worker cannot load, an HTTP port already taken or a shard count Discord refuses
 exits with status 2 and a message that says what to fix. A Discord
-that cannot be reached (DNS, network, proxy) exits with status 1 and one line: nothing in the
-settings is wrong, so a supervisor that restarts on failure tries again later.
+that cannot be reached (DNS, network, proxy), or that answers with a server error (a 5xx at login or
+at GET /gateway/bot: an outage), exits with status 1 and one line: nothing in the settings is wrong,
+so a supervisor that restarts on failure tries again later. So does an embedded worker whose GPU
+thread died (bot.launcher.run).
+
+SIGTERM or SIGINT stops the bot: whatever it is doing (logging in, loading the models, connecting,
+reconnecting the gateway) ends, the worker checkpoints and hands back its running jobs, exit status 0.
+A second signal while that runs stops the process at once with 128 + the signal's number (130 for
+Ctrl-C, 143 for SIGTERM: what a shell reports for a process the signal killed), handing nothing back:
+the running jobs' leases expire and another worker resumes them from their last checkpoints, as
+after kill -9. It is not 0, so that a supervisor does not take the stop for a clean one.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import aiohttp
 import discord
@@ -137,31 +147,39 @@ async def sync_commands(config: Config, token: str, guild_id: int | None) -> int
     return 0
 
 
-async def _run_until_signal(config: Config, token: str) -> None:
+def exit_now(signum: int) -> NoReturn:
+    """A second stop signal: leave at once with 128 + its number, after one log line. os._exit,
+    because nothing else is prompt: asyncio.run and the interpreter wait at exit for the loop's
+    executor threads (the worker's hand-back joins its GPU thread for up to 30 s there, a store write
+    may wait out another process's lock), which is what the first signal is already waiting for."""
+    code = 128 + signum
+    log.warning("%s again: stopping at once (exit status %d) without handing back the running jobs; "
+                "their leases expire and another worker resumes them from their last checkpoints",
+                signal.Signals(signum).name, code)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(code)
+
+
+async def _run_until_signal(config: Config, token: str) -> int:
     from bot.launcher import run
 
-    task = asyncio.current_task()
     loop = asyncio.get_running_loop()
-    assert task is not None
-    stopping = False
+    stop = asyncio.Event()
 
-    def stop() -> None:
-        # Once: a second Ctrl-C would cancel the shutdown itself (the worker checkpointing and
-        # handing back its jobs); kill -9 still stops at once, and the jobs' leases then expire.
-        nonlocal stopping
-        if stopping:
-            log.warning("already stopping (checkpointing and handing back the running jobs); kill -9 to stop at once")
-            return
-        stopping = True
-        log.info("stopping")
-        task.cancel()
+    def on_signal(signum: int) -> None:
+        if stop.is_set():   # the stop is under way (checkpoints, hand-back) and not wanted any more
+            exit_now(signum)
+        log.info("stopping (%s); a second signal stops at once, without handing back the running jobs",
+                 signal.Signals(signum).name)
+        stop.set()   # run() ends whatever it is doing, discord.py's reconnects included
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         # NotImplementedError: no signals here (Windows); RuntimeError: not the main thread
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop)
-    with contextlib.suppress(asyncio.CancelledError):
-        await run(config, token)
+            loop.add_signal_handler(sig, on_signal, sig)
+    return await run(config, token, stop)
 
 
 def shard_error(code: int, shard_count: int) -> str | None:
@@ -196,6 +214,26 @@ def unreachable(exc: BaseException, token: str) -> str:
     return message.replace(token, "***") if token else message
 
 
+def server_error(exc: BaseException, token: str) -> str:
+    """One line for Discord answering a start-up request with an error that is not the token's
+    (a 5xx: an outage; discord.py has already retried 500, 502, 504 and 524 four times)."""
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status", 0) if isinstance(exc, discord.HTTPException) else 0
+    if status and response is not None:
+        url = getattr(response, "url", None)
+        request = f"{getattr(response, 'method', '')} {url.path if url is not None else ''}".strip()
+        detail = " ".join((exc.text or "").split())   # type: ignore[union-attr]
+        answer = f"{status} {getattr(response, 'reason', '') or ''}".strip() + (f" ({detail})" if detail else "")
+        message = f"Discord answered {request} with {answer}"
+    else:
+        message = f"Discord failed at start ({type(exc).__name__}: {exc})"
+    if status >= 500 or not status:
+        message += "; an outage on Discord's side, not a setting: try again later (https://discordstatus.com)"
+    else:
+        message += "; not a setting of this bot: try again later"
+    return message.replace(token, "***") if token else message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -210,14 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sync":
             return asyncio.run(sync_commands(config, token, args.guild or config.discord.sync_guild or None))
-        asyncio.run(_run_until_signal(config, token))
-        return 0
+        return asyncio.run(_run_until_signal(config, token))
     except LaunchError as exc:   # its message masks the queue URL's password
-        log.error("%s", exc)
+        # Once, on stderr (where the log goes too): not a log line and the same text again.
         print(f"imagine-bot: {exc}", file=sys.stderr)
         return exc.exit_code
     except aiohttp.ClientConnectionError as exc:   # DNS, refused, reset, timed out: no traceback
         print(f"imagine-bot: {unreachable(exc, token)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except discord.GatewayNotFound as exc:   # GET /gateway/bot failed: its HTTPException is the cause
+        print(f"imagine-bot: {server_error(exc.__cause__ or exc, token)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except discord.LoginFailure:
         print("imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
@@ -229,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imagine-bot: {message}", file=sys.stderr)
         return EXIT_CONFIG
+    except discord.HTTPException as exc:   # a 5xx (or a Cloudflare 429) at login or sync: Discord's side
+        print(f"imagine-bot: {server_error(exc, token)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 0
 

@@ -12,13 +12,14 @@ LIMIT = 2000
 def permutations_text(config: Config, per_user: int) -> str:
     """The permutation paragraph: the most a user can get from one prompt is the smaller of
     `max_permutations` and their cap of waiting jobs (every job of a set waits in line), and the
-    example is one of that size or smaller, so it is never refused with these settings."""
+    example is one of that size or smaller, so it is never refused with these settings. Each form
+    ends with LITERAL_BRACES: escaped braces work whether sets do or not."""
     most = min(config.imagine.max_permutations, per_user)
     if config.imagine.max_permutations < 2:
-        return "**Permutations** (`a {red, blue} house`, one job per option) are turned off here."
+        return "**Permutations** (`a {red, blue} house`, one job per option) are turned off here." + LITERAL_BRACES
     if most < 2:
         return (f"**Permutations** (`a {{red, blue}} house` makes one job per option) need room for 2 waiting "
-                f"jobs; the limit here is {per_user}.")
+                f"jobs; the limit here is {per_user}." + LITERAL_BRACES)
     if most >= 4:
         example, count = "`a {red, blue} house by {Escher, Magritte}`", 4
     else:
@@ -26,7 +27,11 @@ def permutations_text(config: Config, per_user: int) -> str:
     return (f"**Permutations**: {example} makes one job per combination ({count} here; options split by "
             f"commas or by `|` as in `{{cat|dog}}`, no nesting), at most {most} per prompt; each counts as a "
             "waiting job, and one contact sheet shows them all once they have ended, with each job's id "
-            "(for `/remix`) and link.")
+            "(for `/remix`) and link." + LITERAL_BRACES)
+
+
+# bot.permutations: `\{` and `\}` are braces to keep (no set), in /imagine and /remix alike.
+LITERAL_BRACES = " `\\{` and `\\}` are literal braces."
 
 
 def help_text(config: Config, per_user: int) -> str:
@@ -46,13 +51,15 @@ def help_text(config: Config, per_user: int) -> str:
         "",
         "**Prompts**: `a house | by Escher:0.5 | blurry:-1`: up to "
         f"{MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` (-100 to 100, default 1; "
-        "negative pushes away), at least one positive. "
+        "negative pushes away), at least one positive, or an `image` with a positive weight. "
         f"`image`: a picture to aim at too (`image_weight`, default 1); `init_image`: start from a picture.",
         "",
         permutations_text(config, per_user),
         "",
-        "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more steps from the end) · "
-        "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin of the server).",
+        "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more steps from the end; the same "
+        "each time, so a second one points to the first) · "
+        "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin of the server). "
+        "Replies and `/history` name each job's source (↻ reroll of, → continues, ↳ remix of).",
         "",
         f"**Quality presets**: {presets}. Options you give override the preset.",
         "",

@@ -17,15 +17,16 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, Sequence, TypeVar
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot import attachments, render
-from bot.config import PRESET_NAMES
+from bot.config import PIXELS_PER_CELL, PRESET_NAMES
 from bot.help import help_text
+from bot.permutations import escape_braces, has_set_braces, unescape_braces   # (it imports this module lazily)
 from bot.permissions import NOT_INSTALLED, can_see_job, is_admin, may_know_job, not_installed_here, results_refusal
 from engine.jobs import JobRecord, JobSpec, JobState, ParentGone, QueueLimitReached, UploadGone, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
@@ -69,7 +70,7 @@ REMIX_TOO_SLOW = ("I could not read that job in time (the store is slow right no
                   "Try the button again in a moment.")
 # /remix and the Remix form take one prompt: a `{…}` set (bot.permutations) is /imagine's alone.
 REMIX_NO_SETS = ("A remix makes one picture; `{…}` sets work with `/imagine`. Write the remix's prompt "
-                 "without braces. Nothing was queued.")
+                 "without braces, or `\\{` and `\\}` for literal ones. Nothing was queued.")
 
 T = TypeVar("T")
 
@@ -91,17 +92,54 @@ def carried_pictures(spec: JobSpec, keys: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-async def clip_notes(prompts: list[str]) -> list[list[str]]:
+def remix_source(parent: JobSpec, channel_id: int) -> dict[str, Any]:
+    """What a remix made in channel `channel_id` records of the job it remixes (`extra["parent"]`,
+    for its lineage line: render._remix_line). The parent's prompt, author and link only when the
+    parent is of that very channel (its command's channel and its reply's): the remix's reply is
+    public there, and a job of another channel (a private one, say) belongs to that channel's
+    audience, not to everyone where the remix was asked for. A thread is a channel of its own: its
+    parent channel's audience is not its own (a private thread), nor the other way round. Else only
+    render.OTHER_CHANNEL and the parent's channel (for /history to judge who may see it once the
+    parent is pruned: render.lineage_channels), None when its two channels differ."""
+    channels = {parent.channel_id}
+    reply_channel = (parent.reply or {}).get("channel_id")
+    if reply_channel:
+        channels.add(int(reply_channel))
+    if channels == {channel_id}:
+        return {"prompt": parent.prompt, "user_id": parent.user_id, "url": render.reply_url(parent)}
+    return {render.OTHER_CHANNEL: True, "channel_id": next(iter(channels)) if len(channels) == 1 else None}
+
+
+def carried_source(source: dict[str, Any], channel_id: int) -> dict[str, Any]:
+    """The remix's `extra["parent"]` for its Reroll, made in channel `channel_id` (the remix's own,
+    where the button is): as recorded, or, for a remix recorded with another channel's parent
+    named in full (before remix_source), only render.OTHER_CHANNEL and that channel."""
+    where = render.url_channel(source.get("url"))
+    if source.get(render.OTHER_CHANNEL) or where == channel_id:
+        return copy.deepcopy(source)
+    return {render.OTHER_CHANNEL: True, "channel_id": where}
+
+
+def image_weights_of(spec: JobSpec) -> tuple[float, ...]:
+    """The weight of the job's image prompt (`spec.extra["image_prompt"]`), as engine.prompts.parse_prompt
+    takes it: `(w,)`, or `()` without one. A positive one is a target to pull toward, so the text
+    prompt may then be all negative (`blurry:-1`)."""
+    ref = spec.extra.get("image_prompt")
+    return (float(ref.get("weight", 1.0)),) if isinstance(ref, dict) else ()
+
+
+async def clip_notes(prompts: list[str], image_weights: Sequence[float] = ()) -> list[list[str]]:
     """For each prompt, the notes on the words CLIP will not read (engine.prompts.clip_overflow, one
-    per weighted part cut at 77 tokens); [] for a prompt that fits. Off the event loop: the first
-    call loads CLIP's vocabulary. Never raises: no tokenizer (or a prompt it cannot parse) means
-    no notes."""
+    per weighted part cut at 77 tokens); [] for a prompt that fits. `image_weights`: the weight of
+    the jobs' image prompt, if any (a negative-only prompt is parsed with a positive one). Off the
+    event loop: the first call loads CLIP's vocabulary. Never raises: no tokenizer (or a prompt
+    it cannot parse) means no notes."""
     def work() -> list[list[str]]:
         clip_overflow([])   # loads the vocabulary (once): the preload asks for nothing more
         out = []
         for prompt in prompts:
             try:
-                out.append(clip_overflow(parse_prompt(prompt)))
+                out.append(clip_overflow(parse_prompt(prompt, image_weights)))
             except PromptError:
                 out.append([])
         return out
@@ -115,7 +153,7 @@ async def clip_notes(prompts: list[str]) -> list[list[str]]:
 
 async def add_clip_notes(spec: JobSpec) -> None:
     """Name in `spec.extra["clip_notes"]` what CLIP will ignore of the prompt (render shows them, quoted)."""
-    (notes,) = await clip_notes([spec.prompt])
+    (notes,) = await clip_notes([spec.prompt], image_weights_of(spec))
     if notes:
         spec.extra["clip_notes"] = notes
     else:
@@ -139,43 +177,61 @@ class ImagineRequest:
     preset: str | None = None       # the `quality` used, if any
 
 
-def prompt_problem(text: str) -> str | None:
+def prompt_problem(text: str, image_weights: Sequence[float] = ()) -> str | None:
     """Why the engine would refuse this (weighted) prompt, said for the user; None if it is fine.
+    `image_weights`: the weight of the job's image prompt (`image`, `image_weight`), if it has one:
+    a positive one lets every part of the text be negative (engine.prompts.parse_prompt).
     Permutation prompts (`{a, b}`) are checked per expansion."""
     try:
-        parse_prompt(text)
+        parse_prompt(text, image_weights)
     except PromptError as exc:   # it quotes at most 40 characters of the prompt: shown as text
         reason = discord.utils.escape_markdown(str(exc))
+        positive = ("at least one of them, or the `image_weight`, positive" if image_weights
+                    else "at least one of them positive")
         return (f"The prompt cannot be used: {reason}. Weighted prompts look like `a house | by Escher:0.5 | "
                 f"blurry:-1`: up to {MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` "
-                "from -100 to 100, at least one of them positive.")
+                f"from -100 to 100, {positive}.")
     return None
 
 
 def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed: int | None,
-             size: int | None, quality: str | None = None) -> ImagineRequest:
+             size: int | None, quality: str | None = None, image_weights: Sequence[float] = ()) -> ImagineRequest:
+    """The request, checked against the config's limits, or BadInput (what to fix). `image_weights`:
+    as prompt_problem's (/imagine's attached `image`)."""
     cfg = bot.config.imagine
     text = (prompt or "").strip()
     if not has_visible_text(text):   # zero-width and format characters alone look empty too
         raise BadInput("The prompt is empty: write what to imagine, e.g. `/imagine a house by Escher`.")
-    is_template = "{" in text or "}" in text
+    is_template = has_set_braces(text)   # `\{` and `\}` are literal braces, no set
+    plain = unescape_braces(text)   # a prompt without sets as CLIP reads it (and it is stored)
     if is_template:
         # A permutation template holds every option: its own, longer limit here, and each
         # combination (what CLIP reads) is held to max_prompt_chars by permutations.check_set.
-        from bot.permutations import template_chars   # noqa: PLC0415 - permutations imports this module
+        from bot.permutations import TemplateError, parse, template_chars   # noqa: PLC0415
         most = template_chars(cfg.max_prompt_chars)
+        try:
+            parse(text)
+        except TemplateError as exc:
+            # Braces that do not parse are said here. A stray one may not have been meant as a set:
+            # one over the plain limit gets both reasons at once, not the second after a fix.
+            if len(plain) > cfg.max_prompt_chars:
+                raise BadInput(
+                    f"{exc} Also, at {len(text):,} characters the prompt is over the limit of "
+                    f"{cfg.max_prompt_chars:,} for a prompt without `{{…}}` sets (one with sets may be up to "
+                    f"{most:,}, each combination it makes up to {cfg.max_prompt_chars:,}).") from None
+            raise BadInput(str(exc)) from None
         if len(text) > most:
             raise BadInput(
                 f"The prompt is {len(text):,} characters long; a prompt with `{{…}}` sets may be up to {most:,} "
                 f"(and each combination it makes up to {cfg.max_prompt_chars:,}). Use fewer or shorter options.")
-    elif len(text) > cfg.max_prompt_chars:
+    elif len(plain) > cfg.max_prompt_chars:
         raise BadInput(
-            f"The prompt is {len(text):,} characters long; the limit is {cfg.max_prompt_chars:,}. "
+            f"The prompt is {len(plain):,} characters long; the limit is {cfg.max_prompt_chars:,}. "
             f"Shorten it: CLIP only reads the first {render.CLIP_TOKENS} tokens (about 300 characters of "
             "English) and ignores the rest anyway."
         )
     if not is_template:   # permutation prompts: checked per expansion
-        problem = prompt_problem(text)
+        problem = prompt_problem(plain, image_weights)
         if problem:
             raise BadInput(problem)
     preset = None
@@ -292,7 +348,8 @@ class RemixModal(discord.ui.Modal):
         self.job_id = job_id
         self.prompt = discord.ui.TextInput(
             label="New prompt", style=discord.TextStyle.paragraph, custom_id=REMIX_PROMPT_INPUT,
-            default=parent_prompt[:min(max_chars, 4000)], max_length=min(max_chars, 4000),
+            # Its braces escaped: a literal `{` typed back unescaped would read as a set (refused).
+            default=escape_braces(parent_prompt)[:min(max_chars, 4000)], max_length=min(max_chars, 4000),
             placeholder="a house | by Escher:0.5 | blurry:-1",
         )
         self.add_item(self.prompt)
@@ -644,6 +701,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await answer_our_error(interaction, f"the remix modal of job {match['job_id']}")
 
     def _build_command(self) -> app_commands.Command:
+        from bot.permutations import template_chars   # noqa: PLC0415 - permutations imports this module
+
         cfg = self.bot.config.imagine
         sizes = [app_commands.Choice(name=f"{s}×{s}", value=s) for s in self.bot.config.size_choices]
         qualities = [
@@ -651,11 +710,17 @@ class ImagineCog(commands.Cog, name="Imagine"):
             for name in PRESET_NAMES for p in [getattr(self.bot.config.presets, name)]
         ]
         cog = self
+        # Each picture's prompt (a set's every combination) and a `{…}` set as typed have their own
+        # limits. At most 100 characters (Discord's limit for a description): 94 with 6000 and 6000.
+        prompt_text = (f"What to imagine: up to {cfg.max_prompt_chars} characters a picture, "
+                       f"{template_chars(cfg.max_prompt_chars)} for a {{a, b}} set; CLIP reads ~77 tokens")
+        if len(prompt_text) > 100:   # a max_prompt_chars beyond what Discord sends (6000) anyway
+            prompt_text = f"What to imagine: up to {cfg.max_prompt_chars} characters a picture"
 
         # Built here rather than with class decorators: the choices and the limits come from config.
         @app_commands.command(name="imagine", description="Imagine a picture: CLIP steers DALL-E's decoder")
         @app_commands.describe(
-            prompt=f"What to imagine (up to {cfg.max_prompt_chars} characters; CLIP reads about 77 tokens)",
+            prompt=prompt_text,
             iterations=f"Optimisation steps, 1-{cfg.max_iterations} (default {cfg.default_iterations})",
             seed="Random seed, to repeat a result (default: a new one)",
             size=f"Image size (default {cfg.default_size})",
@@ -715,12 +780,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         pictures = [(option, a) for option, a in (("image", image), ("init_image", init_image)) if a is not None]
         try:
-            request = validate(self.bot, prompt, iterations, seed, size, quality)
+            # The image prompt's weight first: the prompt's check takes it (a positive image prompt
+            # lets every part of the text be negative: `blurry:-1`).
             if image_weight is not None and image is None:
                 raise BadInput("`image_weight` goes with `image`: attach the picture to aim at, or leave the weight out.")
             weight = 1.0 if image_weight is None else float(image_weight)
             if not math.isfinite(weight) or not -100 <= weight <= 100:
                 raise BadInput(f"`image_weight` must be between -100 and 100 (you gave {image_weight}).")
+            weights = (weight,) if image is not None else ()
+            request = validate(self.bot, prompt, iterations, seed, size, quality, image_weights=weights)
             for option, a in pictures:
                 attachments.precheck(a, option, self.bot.config.imagine.max_image_bytes)
         except (BadInput, attachments.AttachmentRefused) as exc:
@@ -789,9 +857,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # braces, count and every combination), so a refused prompt leaves no stored upload behind;
         # what it found goes on to submit() / submit_set(), which do not check again. They read the
         # store, so they race Discord's answer window (`in_time`): slower, a public "thinking…" first.
-        if "{" in spec.prompt or "}" in spec.prompt:   # a permutation prompt: bot/permutations.py
+        # A permutation prompt (bot/permutations.py), or one with escaped braces (`\{`: parse() unescapes
+        # them, and one combination is an ordinary job).
+        if "{" in spec.prompt or "}" in spec.prompt:
             from bot.permutations import check_set, submit_set   # noqa: PLC0415
-            check = await in_time(interaction, check_set(self.bot, spec), defer="public")
+            # The image prompt is not in spec.extra yet (stored once every check has passed): its weight.
+            weights = (weight,) if any(option == "image" for option, _ in pictures) else ()
+            check = await in_time(interaction, check_set(self.bot, spec, weights), defer="public")
             if check.problem is not None:
                 await ephemeral(interaction, check.problem)
                 return
@@ -982,7 +1054,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         problem = self.size_problem(p, job_id, "rerolled" if kind == "reroll" else "continued")
         if problem:
             return problem
-        size = render.size_of(p)
+        # The label of the parent's grid, not the parent's label: a job queued under an old config
+        # (`"256" = 8`) says 256 for a 64-pixel picture; the config now requires key = 8 × grid.
+        size = p.grid * PIXELS_PER_CELL
         max_iterations = self.bot.config.imagine.max_iterations
         if kind == "reroll":
             spec = self._spec(interaction, p.prompt, min(p.iterations, max_iterations), random.randint(0, SEED_MAX),
@@ -995,7 +1069,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                     return lineage_gone(job_id, p.parent_kind, p.parent_job_id)
                 spec.parent_job_id, spec.parent_kind = p.parent_job_id, p.parent_kind
                 if p.parent_kind == "remix" and isinstance(p.extra.get("parent"), dict):
-                    spec.extra["parent"] = copy.deepcopy(p.extra["parent"])
+                    spec.extra["parent"] = carried_source(p.extra["parent"], spec.channel_id)
         else:
             if parent.state != JobState.DONE:
                 return "Only a finished job can be continued."
@@ -1055,7 +1129,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         sizes = self.bot.config.imagine.sizes
         if p.grid in sizes.values():
             return None
-        size = render.size_of(p)
+        size = p.grid * PIXELS_PER_CELL   # what its pictures are (its own label may be an old config's)
         return (f"Job `{job_id}` is {size}×{size}, a size no longer offered here (now {', '.join(sizes)}), "
                 f"so it cannot be {verb}. `/imagine` its prompt at one of those sizes instead.")
 
@@ -1120,9 +1194,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if problem is not None:
             await ephemeral(interaction, problem)
             return
-        if "{" in prompt or "}" in prompt:
-            # Sent on, CLIP would read the braces and every option as words of one prompt. (No job's
-            # prompt has braces, so the Remix form's pre-filled text never brings them.)
+        if has_set_braces(prompt):
+            # Sent on, CLIP would read the braces and every option as words of one prompt. Escaped
+            # ones (`\{`, `\}`) are literal braces, as in /imagine; the Remix form's pre-filled text
+            # (the parent's prompt) has its braces escaped (RemixModal).
             await ephemeral(interaction, REMIX_NO_SETS)
             return
         found = await in_time(interaction, self._remix_spec(interaction, job_id, prompt, iterations), defer="public")
@@ -1142,22 +1217,17 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if iterations is None:
             iterations = min(p.iterations, self.bot.config.imagine.max_iterations)
         try:
-            request = validate(self.bot, prompt, iterations, None, None)
-            problem = prompt_problem(request.prompt)   # (braces were refused by remix())
-            if problem:
-                raise BadInput(problem)
+            # remix() refused braces that open or close a set: any left are escaped (`\{`), literal.
+            request = validate(self.bot, prompt, iterations, None, None)   # its prompt's weights included
         except BadInput as exc:
             return str(exc)
         # The parent's grid and cut-outs: the logits' shape is the parent's.
-        spec = self._spec(interaction, request.prompt, request.iterations, request.seed, p.grid, render.size_of(p),
+        # (Its label: the grid's, see _button_spec.)
+        spec = self._spec(interaction, unescape_braces(request.prompt), request.iterations, request.seed,
+                          p.grid, p.grid * PIXELS_PER_CELL,
                           cutn=p.cutn, parent_job_id=job_id, parent_kind="remix")
-        reply = p.reply or {}
-        message_id = reply.get("result_message_id") or reply.get("message_id")
-        channel_id = reply.get("channel_id") or p.channel_id
-        spec.extra["parent"] = {
-            "prompt": p.prompt, "user_id": p.user_id,
-            "url": render.jump_url(p.guild_id, channel_id, message_id) if message_id else None,
-        }
+        # Named in full only to the parent's own channel: the remix's reply is public where it is made.
+        spec.extra["parent"] = remix_source(p, spec.channel_id)
         return await self.refusal(spec) or spec
 
     async def cancel_job(self, interaction: discord.Interaction, job_id: str) -> None:

@@ -25,11 +25,14 @@ anyway.
 `run` logs in to Discord before the embedded worker loads its models (minutes on a first start), so
 a bad or revoked token fails at once; once the worker is up it registers the slash commands when
 Discord has none of them (a first start), and otherwise only says when Discord's set differs from
-this bot's (`imagine-bot sync` updates them); then the gateway connects.
+this bot's (`imagine-bot sync` updates them); then the gateway connects. `run` stops on its `stop`
+event in any of these steps, and when the embedded worker's GPU thread dies (returning 1, for the
+exit status).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -331,14 +334,86 @@ async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> 
     return names
 
 
-async def run(config: Config, token: str) -> None:
-    """The bot until it is cancelled. A token Discord refuses raises discord.LoginFailure before the
-    embedded worker loads anything."""
-    async with open_resources(config, start_worker=False) as resources:
-        bot = make_bot(resources)
-        async with bot:
-            # bot.start() is login + connect; split, so that a bad token fails before the models load.
-            await bot.login(token)
-            await resources.start_worker()
-            await sync_if_unregistered(bot, config.discord.sync_guild or None)
-            await bot.connect()
+EXIT_GPU_DEAD = 1   # the embedded worker's GPU thread died or hung: restart the process
+
+
+async def run(config: Config, token: str, stop: asyncio.Event | None = None) -> int:
+    """The bot until `stop` is set (or this task is cancelled): 0. A token Discord refuses raises
+    discord.LoginFailure before the embedded worker loads anything.
+
+    `stop` ends whatever is under way: opening the queue, the login, the models' load (its thread is
+    left behind: engine.worker), the command check, the gateway; then the bot closes and the worker
+    hands back its running jobs. The gateway runs in a task of its own (`_login_and_connect`) that
+    is cancelled and whose bot is closed: discord.py's reconnects (`Shard.reidentify`,
+    `Shard.reconnect`) swallow a cancel and carry on, closing is what ends its connect loop.
+
+    An embedded worker whose GPU thread dies or hangs (engine.worker: it claims nothing more) stops
+    the bot the same way, with one ERROR line, and returns EXIT_GPU_DEAD (1), as `imagine-worker`
+    exits 1: a process that takes commands that no one will ever run is worse than a restart. The
+    jobs wait in the queue (a running one goes back as a failed attempt, to be retried)."""
+    stop = stop if stop is not None else asyncio.Event()
+    me = asyncio.current_task()
+    assert me is not None
+
+    async def cancel_on_stop() -> None:   # while the queue and the HTTP server open (a Redis is retried for 30 s)
+        await stop.wait()
+        me.cancel()
+
+    opening = asyncio.create_task(cancel_on_stop(), name="bot-stop-while-opening")
+    try:
+        async with open_resources(config, start_worker=False) as resources:
+            opening.cancel()
+            bot = make_bot(resources)
+            async with bot:
+                return await _until_stopped(bot, resources, token, config, stop)
+    except asyncio.CancelledError:
+        if opening.done() and not opening.cancelled():   # our own cancel, for `stop`: nothing had started
+            me.uncancel()
+            return 0
+        raise
+    finally:
+        opening.cancel()
+
+
+async def _login_and_connect(bot: ImagineBot, resources: Resources, token: str, config: Config) -> None:
+    # bot.start() is login + connect; split, so that a bad token fails before the models load.
+    await bot.login(token)
+    await resources.start_worker()
+    await sync_if_unregistered(bot, config.discord.sync_guild or None)
+    await bot.connect()
+
+
+async def _until_stopped(bot: ImagineBot, resources: Resources, token: str, config: Config,
+                         stop: asyncio.Event) -> int:
+    """`_login_and_connect` until it ends (its error raised), `stop` is set (0) or the embedded
+    worker's GPU thread dies (1); then the bot is closed."""
+    gateway = asyncio.create_task(_login_and_connect(bot, resources, token, config), name="bot-gateway")
+    watch = asyncio.create_task(_until_stop_or_gpu_dead(resources, stop), name="bot-watch")
+    try:
+        done, _ = await asyncio.wait({gateway, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if gateway in done:   # the gateway closed (or failed before it connected)
+            gateway.result()
+            return 0
+        return watch.result()
+    finally:
+        watch.cancel()
+        if not gateway.done():
+            gateway.cancel()   # the login, the models' load, the command check, a first connect
+            await bot.close()  # the connect loop, even where discord.py swallowed the cancel
+            ended = (await asyncio.gather(gateway, return_exceptions=True))[0]
+            if not isinstance(ended, (asyncio.CancelledError, type(None))):   # stopping: not the outcome
+                log.debug("the gateway ended with %r while the bot stopped", ended)
+        await asyncio.gather(watch, return_exceptions=True)
+
+
+async def _until_stop_or_gpu_dead(resources: Resources, stop: asyncio.Event, poll: float = 1.0) -> int:
+    while not stop.is_set():
+        worker = resources.worker
+        if resources.worker_started and not worker.gpu_thread_alive():
+            log.error("the embedded worker's GPU thread died or hung (see the error above): stopping the bot "
+                      "with exit status %d so that its supervisor starts a fresh one; the jobs wait in the queue",
+                      EXIT_GPU_DEAD)
+            return EXIT_GPU_DEAD
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll)
+    return 0

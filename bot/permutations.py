@@ -5,6 +5,8 @@ per combination (6 here) and, once every one of them has ended, posts one contac
   `|` separates the options of a group without commas; a group with both is refused); no nesting,
   no empty option, no repeat. A prompt with braces that do not balance is refused with what to
   fix. A prompt whose groups all have one option is an ordinary prompt (the braces dropped).
+  `\\{` and `\\}` are literal braces (`a \\{red\\} house` is the one prompt `a {red} house`); /remix
+  takes those, and refuses any other brace (a set: one picture only).
 - Length: the template may be up to `template_chars` (TEMPLATE_FACTOR x `[imagine]
   max_prompt_chars`, at most Discord's 6000 for an option; bot.imagine.validate), and each
   combination up to `max_prompt_chars`, as any prompt (check_set).
@@ -56,9 +58,10 @@ import copy
 import io
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import aiohttp
 import discord
@@ -151,15 +154,44 @@ class Template:
         return out
 
 
+# `\{` and `\}` are literal braces, never a group's: `a \{red, blue\} house` is the one prompt
+# `a {red, blue} house`. (Any other backslash is itself.)
+_SET_BRACE = re.compile(r"(?<!\\)[{}]")
+
+
+def has_set_braces(text: str) -> bool:
+    """Whether `text` has a brace that opens or closes a group (one not escaped as `\\{` / `\\}`)."""
+    return _SET_BRACE.search(text) is not None
+
+
+def unescape_braces(text: str) -> str:
+    """`text` with `\\{` and `\\}` as the literal braces they stand for (what CLIP reads)."""
+    return text.replace("\\{", "{").replace("\\}", "}")
+
+
+def escape_braces(text: str) -> str:
+    """A prompt's literal braces written as `\\{` / `\\}`, to be typed back (the Remix form)."""
+    return text.replace("{", "\\{").replace("}", "\\}")
+
+
 def parse(text: str) -> Template | None:
-    """The prompt's option groups, None when it has no braces, TemplateError when they are wrong."""
+    """The prompt's option groups, None when it has no braces, TemplateError when they are wrong.
+    Escaped braces (`\\{`, `\\}`) are literal text, in an option too: a prompt with only those is
+    one prompt (a Template of no group), its braces unescaped."""
     if "{" not in text and "}" not in text:
         return None
     parts: list[str | tuple[str, ...]] = []
     literal: list[str] = []
+    body_chars: list[str] = []   # the open group's text, its escapes undone
     start: int | None = None
+    escaped = False
     for i, ch in enumerate(text):
-        if ch == "{":
+        if escaped:   # the brace after a backslash
+            escaped = False
+            (literal if start is None else body_chars).append(ch)
+        elif ch == "\\" and text[i + 1:i + 2] in ("{", "}"):
+            escaped = True
+        elif ch == "{":
             if start is not None:
                 raise TemplateError(
                     f"Braces cannot be nested: a `{{` opens inside the group that starts with "
@@ -167,13 +199,13 @@ def parse(text: str) -> Template | None:
                     f"by {{Escher, Magritte}}`.")
             start = i
             parts.append("".join(literal))
-            literal = []
+            literal, body_chars = [], []
         elif ch == "}":
             if start is None:
                 raise TemplateError(
                     f"A `}}` closes a group that was never opened (after {render.quote(text[max(0, i - 30):i])}). "
-                    "Add the missing `{` or remove the `}`.")
-            body = text[start + 1:i]
+                    "Add the missing `{` or remove the `}` (`\\}` is a literal brace).")
+            body = "".join(body_chars)
             group = render.quote(text[start:i + 1])
             if "," in body and "|" in body:
                 raise TemplateError(
@@ -194,11 +226,12 @@ def parse(text: str) -> Template | None:
                 seen.add(o.casefold())
             parts.append(tuple(options))
             start = None
-        elif start is None:
-            literal.append(ch)
+        else:
+            (literal if start is None else body_chars).append(ch)
     if start is not None:
         raise TemplateError(
-            f"The group {render.quote(text[start:])} is never closed: add the missing `}}`.")
+            f"The group {render.quote(text[start:])} is never closed: add the missing `}}` "
+            "(`\\{` is a literal brace).")
     parts.append("".join(literal))
     return Template(text, tuple(p for p in parts if p != ""))
 
@@ -217,12 +250,18 @@ class SetCheck:
     variants: tuple[Variant, ...] = ()
 
 
-async def check_set(bot: "ImagineBot", spec: JobSpec) -> SetCheck:
+async def check_set(bot: "ImagineBot", spec: JobSpec, image_weights: Sequence[float] | None = None) -> SetCheck:
     """Every refusal of the permutation prompt `spec.prompt`, in one pass: its braces, the number
     of combinations, each combination's weights and the server's refused words, the user's cap.
     /imagine runs it once, before it downloads any attached picture, and hands the result to
-    `submit_set`; a prompt whose groups all have one option is one job, checked the same way."""
+    `submit_set`; a prompt whose groups all have one option is one job, checked the same way.
+    `image_weights`: the weight of the set's image prompt, if it has one (a positive one lets a
+    combination's parts all be negative); None: the one `spec.extra` names (/imagine passes it:
+    its picture is stored only after this check)."""
     from bot import imagine   # noqa: PLC0415 - imagine imports this module
+
+    if image_weights is None:
+        image_weights = imagine.image_weights_of(spec)
 
     try:
         template = parse(spec.prompt)
@@ -255,7 +294,7 @@ async def check_set(bot: "ImagineBot", spec: JobSpec) -> SetCheck:
                 "Nothing was queued.")
     for variant in variants:
         # validate() skips the weighted-prompt check for templates: check every expansion here.
-        if (problem := imagine.prompt_problem(variant.prompt)) is not None:
+        if (problem := imagine.prompt_problem(variant.prompt, image_weights)) is not None:
             return SetCheck(f"{problem} (in the combination {render.quote(variant.prompt)})")
     problem = await moderation.refusal(bot, spec.guild_id, [v.prompt for v in variants])
     if problem:
@@ -278,7 +317,9 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
     in one `submit_many` within the user's cap: all of it or, refused by the store, none of it.
     `uploads`: the pictures the command stored (stored again if the submit finds one gone; the
     caller discards them when nothing was queued)."""
-    from bot.imagine import clip_notes, ephemeral, limit_text, progress_view   # noqa: PLC0415 - imagine imports this module
+    from bot.imagine import (  # noqa: PLC0415 - imagine imports this module
+        clip_notes, ephemeral, image_weights_of, limit_text, progress_view,
+    )
 
     bot = cog.bot
     queue = bot.queue
@@ -298,7 +339,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         await interaction.response.defer(thinking=True)
     set_id = new_job_id()
     progress = bot.progress
-    notes = await clip_notes([v.prompt for v in variants])
+    notes = await clip_notes([v.prompt for v in variants], image_weights_of(spec))   # its picture is stored by now
     specs: list[JobSpec] = []
     for index, variant in enumerate(variants):
         one = JobSpec.from_dict(copy.deepcopy(spec.to_dict()))
@@ -428,15 +469,6 @@ async def _track_set(bot: "ImagineBot", info: dict[str, Any]) -> bool:
 # line at most about 60 characters: a caption of 12, Markdown-escaped, the reason, the id).
 SHEET_TEXT_STEPS = ((300, 100, True), (300, 40, True), (300, 100, False), (300, 40, False), (100, 20, False),
                     (60, 12, False))
-
-
-def reply_url(record: JobRecord) -> str | None:
-    """A link to the job's reply (its result, where that went to a new message), as /history gives."""
-    reply = record.spec.reply or {}
-    message_id = reply.get("result_message_id") or reply.get("message_id")
-    if not message_id:
-        return None
-    return render.jump_url(record.spec.guild_id, reply.get("channel_id") or record.spec.channel_id, message_id)
 
 
 @dataclass(frozen=True)
@@ -644,7 +676,7 @@ class SheetsCog(commands.Cog, name="Sheets"):
             if record is None:
                 entries.append(SheetEntry(label, job_id, None, "gone from the store"))
                 continue
-            url = reply_url(record)
+            url = render.reply_url(record.spec)
             if record.state != JobState.DONE:
                 entries.append(SheetEntry(label, job_id, url, record.state.value))
                 continue

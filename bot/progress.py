@@ -62,6 +62,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import aiohttp
 import discord
 from discord.ext import commands
 
@@ -106,6 +107,48 @@ def _nonce(prefix: str, job_id: str) -> str:
     if len(nonce) > NONCE_MAX:
         nonce = "i" + hashlib.sha256(nonce.encode()).hexdigest()[:NONCE_MAX - 1]
     return nonce
+
+
+# What an edit or a post fails with while Discord, or the way to it, is down: expected, retried (a
+# result) or replaced by the next frame (an edit), so logged as an outage, without tracebacks.
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientError, OSError, asyncio.TimeoutError, discord.DiscordServerError)
+# While an outage lasts, a reminder this often (seconds); the rest of its failures only at DEBUG.
+OUTAGE_REMINDER = 60.0
+
+
+class _Outage:
+    """Discord failing every edit and post (network errors, 5xx): one WARNING when it begins, a
+    reminder a minute while it lasts, an INFO line when Discord answers again; each failure at
+    DEBUG. Without this, every job logged a traceback for every frame's edit (one every few seconds
+    per job) for as long as the outage lasted."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None   # monotonic start of the current outage
+        self.failures = 0
+        self.said_at = 0.0
+
+    def failed(self, job_id: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}"
+        if self.since is None:
+            self.since, self.failures, self.said_at = now, 1, now
+            log.warning("cannot reach Discord (job %s: %s); progress edits are skipped and results retried "
+                        "until it answers (a reminder a minute while this lasts)", job_id, reason)
+            return
+        self.failures += 1
+        if now - self.said_at >= OUTAGE_REMINDER:
+            self.said_at = now
+            log.warning("Discord still cannot be reached after %.0f s (%d failed requests; the last: %s)",
+                        now - self.since, self.failures, reason)
+        else:
+            log.debug("job %s: Discord not reached (%s)", job_id, reason)
+
+    def answered(self) -> None:
+        if self.since is not None:
+            log.info("Discord answers again after %.0f s (%d requests failed meanwhile)",
+                     time.monotonic() - self.since, self.failures)
+            self.since = None
 
 
 def is_refusal(exc: discord.HTTPException) -> bool:
@@ -234,6 +277,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         self._reconcile_now = asyncio.Event()
         self._closing = False
         self.cursor = 0
+        self._outage = _Outage()   # Discord unreachable: logged once, not per edit
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -596,19 +640,23 @@ class ProgressCog(commands.Cog, name="Progress"):
         try:
             while t.dirty and t.attached and not t.delivered and not self._closing:
                 ok = False
+                sent = False   # a request went to Discord and came back (the end of an outage)
                 try:
                     if t.lost:
                         t.dirty = False
                         await self._wait_turn(t)
                         await self._post_lost(t)
+                        sent = True
                     elif t.final:
                         # Everything slow (the store, a re-encode) before taking a turn.
                         t.dirty = False
                         final = await self._prepare_final(t)
                         if final is not None:
-                            if t.posted is None:   # else only store writes are left: no slot needed
+                            posting = t.posted is None   # else only store writes are left
+                            if posting:   # no slot needed otherwise
                                 await self._wait_turn(t)
                             await self._post_final(t, final)
+                            sent = posting and t.posted is not None
                     elif t.dead or t.muted or self._progress_content(t)[0] == t.last_content:
                         t.dirty = False   # nothing to draw: take none of the channel's slots
                         t.line_stale = False   # what is drawn is current, or nothing ever will be
@@ -618,11 +666,18 @@ class ProgressCog(commands.Cog, name="Progress"):
                             continue
                         t.dirty = False
                         if not t.dead and not t.muted:
+                            drawn = t.last_content
                             await self._edit_progress(t)
+                            sent = t.last_content != drawn or t.dead or t.muted
                     ok = True
+                    if sent:
+                        self._outage.answered()
                 except asyncio.CancelledError:
                     raise
+                except NETWORK_ERRORS as exc:   # an outage: no traceback, and not one line per edit
+                    self._outage.failed(t.job_id, exc)
                 except discord.HTTPException as exc:
+                    self._outage.answered()   # a 4xx (or a 429 discord.py gave up on) is an answer
                     log.warning("job %s: Discord answered %s (code %s): %s", t.job_id, exc.status, exc.code, exc.text)
                     if (t.final or t.lost) and is_refusal(exc):
                         try:

@@ -315,8 +315,9 @@ class HistoryCog(commands.Cog, name="History"):
         """The jobs these records' lineage names that the caller may not see. A remix (or a Reroll of
         one) may come from a job of a channel the caller cannot view (/remix takes any job id its
         user may see), and its id and author belong to that channel (bot.permissions.can_see_job).
-        A job pruned since is judged by the channel its link names (render.lineage_channels); one
-        with no link, hidden: what cannot be checked is hidden."""
+        A job pruned since is judged by the channel `record` recorded for it (render.lineage_channels:
+        its link's; a Reroll's or Continue's source without one, the record's own, this channel); one
+        of no known channel, hidden: what cannot be checked is hidden."""
         lookups = ThreadLookups()
         verdicts: dict[str, bool] = {}
         for record in records:

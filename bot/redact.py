@@ -80,9 +80,28 @@ class RedactingHandler(logging.StreamHandler):
         return self.redactor.redact(super().format(record))
 
 
+PLAIN_FORMAT = "[{asctime}] [{levelname:<8}] {name}: {message}"   # discord.py's own, without colour
+
+
 def setup_logging(level: int, secrets: Iterable[str] = (), stream: IO[str] | None = None) -> RedactingHandler:
-    """The bot's logging: discord.py's setup (root logger, its colour format on a terminal) with a
-    redacting handler on stderr (or `stream`). Returns the handler."""
+    """The bot's logging: discord.py's setup (root logger) with a redacting handler on stderr (or
+    `stream`). Returns the handler. Its colour format only on a terminal: discord.py also colours
+    any stream inside a container (it finds /.dockerenv), which puts ANSI codes in `docker logs`
+    and in every log collector's lines."""
     handler = RedactingHandler(Redactor(secrets), stream)
-    discord.utils.setup_logging(handler=handler, level=level, root=True)
+    colour = getattr(discord.utils, "_ColourFormatter", None)   # discord.py's, as it would pick
+    if colour is not None and colour_terminal(handler.stream):
+        formatter: logging.Formatter = colour()
+    else:
+        formatter = logging.Formatter(PLAIN_FORMAT, "%Y-%m-%d %H:%M:%S", style="{")
+    discord.utils.setup_logging(handler=handler, formatter=formatter, level=level, root=True)
     return handler
+
+
+def colour_terminal(stream: IO[str]) -> bool:
+    """A terminal that shows colours: a TTY, and one discord.py thinks can (Windows consoles)."""
+    try:
+        tty = bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False
+    return tty and discord.utils.stream_supports_colour(stream)

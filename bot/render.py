@@ -109,12 +109,21 @@ def url_channel(url: object) -> int | None:
 #   ↻ reroll of `R`                        a Reroll of R (spec.extra["rerolls"]): R's settings, a new seed
 #   → continues `B`                        a Continue of B (parent_kind "continue", not a reroll)
 #   ↳ remix of `P` *<prompt>* by <@user>   a remix of P (parent_kind "remix"; a Reroll of a remix has it too)
+#   ↳ remix of a job from another channel  a remix of a job of another channel (OTHER_CHANNEL below)
 # In a job's own messages (`details`) each line ends with the link to that job's message (spec.extra:
 # "source_url" for a Reroll or Continue, the remix's "parent"), and a Reroll of a Continue also names
 # the job both start from. The mention never pings: the client allows no mentions. /history shows the
 # short form (`details=False`), and only what its reader may see (`hidden`).
+#
+# A job's messages are public in its channel, so a remix records its parent's id, prompt, author and
+# link (`extra["parent"]`) only when the parent is of the remix's own channel (bot.imagine.
+# remix_source). A parent of another channel (a private one, or a thread: its own channel) is
+# recorded as {OTHER_CHANNEL: True, "channel_id": <its channel>}: the reply says only that much, and
+# /history names the job (its id) to a reader who may see that channel.
 REROLL, CONTINUE, REMIX = "reroll", "continue", "remix"
 HIDDEN_JOB = "a job you cannot see"
+OTHER_CHANNEL = "other_channel"
+FROM_OTHER_CHANNEL = "a job from another channel"
 
 
 def lineage(spec: JobSpec) -> list[tuple[str, str]]:
@@ -157,6 +166,9 @@ def _remix_line(spec: JobSpec, job_id: str, *, details: bool, hidden: bool) -> s
     if hidden:
         return f"↳ remix of {HIDDEN_JOB}"
     parent = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
+    if parent.get(OTHER_CHANNEL):
+        # Public (`details`): not which job; /history (`details=False`): its reader may see it (`hidden`).
+        return f"↳ remix of {FROM_OTHER_CHANNEL}" if details else f"↳ remix of `{job_id}`"
     text = f"↳ remix of `{job_id}`"
     if details and parent.get("prompt"):
         text += f" *{snippet(str(parent['prompt']), 60)}*"
@@ -168,11 +180,22 @@ def _remix_line(spec: JobSpec, job_id: str, *, details: bool, hidden: bool) -> s
 
 
 def lineage_channels(spec: JobSpec) -> dict[str, int | None]:
-    """For each job `spec`'s lineage names, the channel of its message as `spec` recorded it (its
-    link), or None: what is known of it once that job is pruned from the store."""
+    """For each job `spec`'s lineage names, the channel of its message as `spec` recorded it, or
+    None: what is known of it once that job is pruned from the store. A remix's parent: its link's
+    channel, or the channel an OTHER_CHANNEL record names. The source of a Reroll or Continue: its
+    link's channel; without a link (jobs made before `source_url`, or a source without a
+    message) `spec`'s own channel, since a button acts from its message's channel, the source's."""
     remix = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
-    return {job_id: url_channel(remix.get("url") if kind == REMIX else spec.extra.get("source_url"))
-            for kind, job_id in lineage(spec)}
+    out: dict[str, int | None] = {}
+    for kind, job_id in lineage(spec):
+        if kind == REMIX:
+            channel = url_channel(remix.get("url"))
+            if channel is None and remix.get(OTHER_CHANNEL) and isinstance(remix.get("channel_id"), int):
+                channel = remix["channel_id"]
+        else:
+            channel = url_channel(spec.extra.get("source_url")) or spec.channel_id or None
+        out[job_id] = channel
+    return out
 
 
 def clip_note_lines(spec: JobSpec) -> list[str]:

@@ -213,8 +213,11 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
 
     args.prompt = _utf8_argument(args.prompt)
+    # The image prompts' weights (their files are read below): a positive one lets every part of
+    # the text prompt be negative (`blurry:-1`: toward the picture, away from "blurry").
+    image_weights = [_image_prompt_weight(spec)[1] for spec in args.image_prompt]
     try:
-        parts = parse_prompt(args.prompt)
+        parts = parse_prompt(args.prompt, image_weights)
     except PromptError as exc:
         raise UsageError(str(exc))
     from engine.prompts import clip_overflow
@@ -271,7 +274,11 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create it ({exc.strerror or exc})")
     records = []
-    bar = tqdm(total=settings.iterations, unit="it", disable=args.no_progress, desc="imagine")
+    # Off a terminal (a log file, CI) tqdm writes each redraw on its own line: at most one a few
+    # seconds there, not ten a second from a fast GPU. TQDM_MININTERVAL in the environment wins
+    # (tqdm lets an explicit argument beat it, so none is passed then).
+    quiet = {} if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ else {"mininterval": 5.0}
+    bar = tqdm(total=settings.iterations, unit="it", disable=args.no_progress, desc="imagine", **quiet)
 
     def on_frame(frame) -> None:
         (frames_dir / f"{frame.iteration:06d}.png").write_bytes(frame.png())
@@ -283,6 +290,11 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
         bar.update(frame.iteration - bar.n)
         bar.set_postfix(similarity=f"{frame.similarity:.4f}")
 
+    def on_step(iteration: int) -> None:
+        # Every iteration, not only at frames (--frame-every 50 on a CPU is minutes between them):
+        # the count, its rate and the ETA move; the similarity (postfix) changes at frames only.
+        bar.update(iteration - bar.n)
+
     from engine.image_prompts import init_logits_from_image, to_tensor
 
     init_logits = parent_state["logits"] if parent_state is not None else None
@@ -290,7 +302,8 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
         init_logits = init_logits_from_image(models, init_image, settings.grid)
     targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
     try:
-        result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets)
+        result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets,
+                          on_step=on_step)
     except Exception as exc:
         if not _out_of_memory(exc):
             raise
@@ -437,7 +450,8 @@ def _read_image(path: Path, flag: str):
     return image
 
 
-def _image_prompt(spec: str):
+def _image_prompt_weight(spec: str) -> tuple[Path, float]:
+    """`--image-prompt PATH[:WEIGHT]` -> (path, weight), the weight checked; the file is not read."""
     path, weight = spec, 1.0
     head, sep, tail = spec.rpartition(":")
     if sep and head:
@@ -447,7 +461,12 @@ def _image_prompt(spec: str):
             pass
     if not (math.isfinite(weight) and -100 <= weight <= 100):   # as the bot's `image_weight`
         raise UsageError(f"--image-prompt {spec}: the weight must be a number between -100 and 100")
-    return _read_image(Path(path), "--image-prompt"), weight, Path(path).name
+    return Path(path), weight
+
+
+def _image_prompt(spec: str):
+    path, weight = _image_prompt_weight(spec)
+    return _read_image(path, "--image-prompt"), weight, path.name
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Adam on the logits only, lr 0.01 growing x1.005 a step up to 0.12.
 logits, optimiser, random generator and iteration count, so a job's frames do not depend on which
 other jobs share its batch. `generate()` is the one-job loop on top of it.
 
-Nothing here reads globals or writes files: settings, a cancel token and a progress callback come
-in as arguments.
+Nothing here reads globals or writes files: settings, a cancel token and progress callbacks (per
+frame, and `generate`'s per step) come in as arguments.
 """
 
 from __future__ import annotations
@@ -308,6 +308,7 @@ class CancelToken(Protocol):
 
 
 ProgressCallback = Callable[[Frame], None]
+StepCallback = Callable[[int], None]     # the iterations done after a step (generate's on_step)
 
 
 class Slot:
@@ -845,11 +846,17 @@ def generate(
     checkpoint: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     image_targets: Sequence[tuple[torch.Tensor, float, str]] = (),
+    on_step: StepCallback | None = None,
 ) -> GenerationResult:
     """Run one job to the end (or until `cancel.is_set()`, checked every iteration).
 
     `progress` sees every frame: iteration 0, every `frame_every`, and the last. `on_checkpoint`
     gets the slot's state at every frame after 0, for resuming after a crash (`checkpoint=`).
+    `on_step(iteration)` is called after every step, with the iterations now done (a Python int:
+    1, 2, ..., `iterations`; from the checkpoint's on when resuming), before that iteration's frame
+    if one is due: a progress bar that moves between frames. It reads nothing from the device (no
+    host sync), so on a GPU it says the step was queued, which may run a few steps ahead of the
+    device; frames, which wait for the device, keep it honest.
     """
     targets = encode_targets(models, prompt, image_targets)
     started = time.perf_counter()
@@ -869,6 +876,8 @@ def generate(
             cancelled = True
             break
         (_, frame), = runner.step()
+        if on_step is not None:
+            on_step(slot.iteration)       # a Python int: no host sync
         if frame is not None:
             emit(frame)
             if on_checkpoint is not None and not slot.done:

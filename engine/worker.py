@@ -327,7 +327,7 @@ class Worker:
         if swept := await asyncio.to_thread(video.sweep_temp):   # left by a worker killed mid-encode
             log.info("removed %d video encode folder(s) left behind by a killed process", swept)
         if self.models is None:
-            self.models = await asyncio.to_thread(self.models_loader)
+            self.models = await in_daemon_thread(self.models_loader, name=f"load-{self.worker_id}")
         if self.max_batch is None:
             from engine.capacity import choose_max_batch
 
@@ -1241,6 +1241,73 @@ def _redact(url: str) -> str:
     return redact_url(url)
 
 
+async def in_daemon_thread(fn: Callable[[], Any], name: str) -> Any:
+    """`fn()` on a daemon thread of its own, awaited (Worker.start loads the models so: minutes of
+    download on a first start, which a stop signal must not have to sit out; Docker kills 10 s after
+    its SIGTERM). A cancelled await leaves the thread to finish, or to end with the process,
+    unawaited; asyncio.to_thread would run it on the loop's executor, whose threads asyncio.run and
+    the interpreter both wait for at exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():   # cancelled: no one waits for it any more
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits it
+            error = exc
+        with contextlib.suppress(RuntimeError):   # the loop is closed: the process is on its way out
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
+
+def exit_now(signum: int) -> None:
+    """A second stop signal: leave at once with 128 + its number (130 for Ctrl-C, 143 for SIGTERM,
+    as a shell reports a process the signal killed; not 0: the jobs were not handed back), after one
+    log line. os._exit, because nothing else is prompt: asyncio.run and the interpreter wait at exit
+    for the loop's executor threads (the hand-back joins the GPU thread for up to 30 s there, a store
+    write may be waiting out another process's lock). The running jobs' leases expire and another
+    worker resumes them from their last checkpoints, as after kill -9."""
+    code = 128 + signum
+    log.warning("%s again: stopping at once (exit status %d) without handing back the running jobs; "
+                "their leases expire and another worker resumes them from their last checkpoints",
+                signal.Signals(signum).name, code)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(code)
+
+
+async def start_unless_stopped(worker: Worker, stop: asyncio.Event) -> bool:
+    """`worker.start()` (the models' load: minutes on a first start), unless `stop` is set first:
+    False, the start abandoned (the load's thread is left to end with the process). Its errors are
+    raised."""
+    start = asyncio.ensure_future(worker.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not start.done():
+            start.cancel()
+        await asyncio.gather(start, stopped, return_exceptions=True)
+    if start.cancelled():
+        log.info("worker %s stopped before its models were loaded", worker.worker_id)
+        return False
+    start.result()
+    return True
+
+
 def _say(message: str) -> int:
     """A setting to fix, in one line: exit status 2 (1 means "my GPU thread died, restart me")."""
     print(f"imagine-worker: {message}", file=sys.stderr)
@@ -1293,8 +1360,17 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():   # already stopping (checkpoints, hand-back) and not wanted any more
+            exit_now(signum)
+        # Said at once: checkpointing and handing back the running jobs can take a while.
+        log.info("worker %s stopping (%s): checkpointing and handing back its running jobs; a second "
+                 "signal stops at once", worker.worker_id, signal.Signals(signum).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     runner = None
     try:
         if args.http_port is not None:
@@ -1310,7 +1386,8 @@ async def _serve(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 2
         try:
-            await worker.start()
+            if not await start_unless_stopped(worker, stop):   # stopped while the models load
+                return 0
         except ModelLoadError as exc:   # a missing, corrupt, untrusted or undownloadable model file
             return _say(model_error(exc))
         except OSError as exc:   # the model cache cannot be made or written, say

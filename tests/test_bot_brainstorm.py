@@ -157,15 +157,19 @@ async def test_remix_of_a_job_without_its_state_is_refused_and_nothing_is_queued
 async def test_a_remix_prompt_with_a_permutation_set_is_refused_privately(harness):
     """A remix is one job: `{…}` sets are /imagine's. By /remix and by the Remix form, a prompt with
     braces is refused at once, privately, and nothing is queued (sent on, CLIP would read the
-    braces and every option as one prompt)."""
+    braces and every option as one prompt). Escaped braces (`\\{`, `\\}`) are literal ones, as in
+    /imagine: taken by both, and the form pre-fills a prompt's braces escaped, so the parent's
+    prompt sent back as it is goes through."""
     h = harness
     await h.start(worker=False)
     fd = h.fd
-    msg, parent_id = await finished_job(h, "a red house")
+    msg, parent_id = await finished_job(h, "a \\{red\\} house")
+    assert (await h.queue.get(parent_id)).spec.prompt == "a {red} house"
     before = len(await h.queue.history(fd.channel_id))
 
     text = refusal(await command(h, "remix", {"job": parent_id, "prompt": "a {red, blue} boat"}))
     assert "A remix makes one picture; `{…}` sets work with `/imagine`" in text, text
+    assert "`\\{` and `\\}` for literal ones" in text, text
     click = await fd.click_button(msg, f"imagine:remix:{parent_id}")
     await fd.wait_for_response(click)
     text_input = click.response["data"]["components"][0]["components"][0]
@@ -173,6 +177,19 @@ async def test_a_remix_prompt_with_a_permutation_set_is_refused_privately(harnes
     await fd.wait_for_response(submit)
     assert "A remix makes one picture" in refusal(submit)
     assert len(await h.queue.history(fd.channel_id)) == before and await h.queue.count_queued() == 0
+
+    inter = await fd.send_slash_command("remix", {"job": parent_id, "prompt": "a \\{red, blue\\} boat"})
+    await fd.wait_for_response(inter)
+    by_command = h.job_id(await h.reply_of(inter))
+    click = await fd.click_button(msg, f"imagine:remix:{parent_id}")
+    await fd.wait_for_response(click)
+    text_input = click.response["data"]["components"][0]["components"][0]
+    assert text_input["value"] == "a \\{red\\} house"
+    submit = await fd.submit_modal(click, {text_input["custom_id"]: text_input["value"]})
+    await fd.wait_for_response(submit)
+    by_form = h.job_id(await h.reply_of(submit))
+    assert [(await h.queue.get(job_id)).spec.prompt for job_id in (by_command, by_form)] == [
+        "a {red, blue} boat", "a {red} house"]
     fd.assert_clean()
 
 
@@ -213,6 +230,53 @@ async def test_image_prompt_and_init_image_are_downloaded_stored_and_used(harnes
     frame0 = np.asarray(Image.open(io.BytesIO(await first_frame(h.queue, job_id))).convert("RGB"))
     assert np.abs(frame0.astype(int) - expected.astype(int)).max() <= 1
     assert "image prompt ×0.5 · init image" in fd.messages[msg.id].content
+    fd.assert_clean()
+
+
+async def test_a_negative_only_prompt_with_a_positive_image_prompt_is_queued_and_runs(harness, caplog):
+    """`blurry:-1` alone pulls toward nothing and is refused; with an `image` of positive weight
+    the picture is the target (toward it, away from "blurry"), so /imagine queues it, as the
+    engine takes it, and the worker runs it to the end."""
+    h = harness
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    await h.start()
+    fd = h.fd
+    target = fd.host_attachment("target.png", noise_png(seed=1))
+    msg = await h.reply_of(await h.imagine("blurry:-1", image=target))
+    job_id = h.job_id(msg)
+    record = await h.wait_delivered(job_id)
+    assert record.state == JobState.DONE, record.error
+    assert record.spec.prompt == "blurry:-1" and record.spec.extra["image_prompt"]["weight"] == 1.0
+    assert f"job {job_id}: 2 CLIP targets (1 from an image prompt)" in caplog.text
+    (final,) = h.final_edits(msg.id)
+    assert "image prompt ×1" in final.json["content"]
+    fd.assert_clean()
+
+
+LONG_NEGATIVE = "fog " * 78 + "smoke haze"   # 80 CLIP tokens: the last 5 are not read
+
+
+async def test_a_negative_only_prompt_with_an_image_gets_its_clip_notes_alone_and_in_a_set(harness):
+    """A negative-only prompt with a positive image prompt is checked like any prompt: the words
+    CLIP ignores are named for one job, and for each combination of a set (each combination
+    checked with the image's weight: the set is queued)."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    target = fd.host_attachment("target.png", noise_png(seed=1))
+    msg = await h.reply_of(await h.imagine(f"{LONG_NEGATIVE}:-1", image=target))
+    (line,) = [x for x in msg.content.split("\n") if "CLIP" in x]
+    assert "it ignores 'fog fog fog smoke haze' (5 tokens)" in line, line
+
+    inter = await h.imagine(f"{{blurry, {LONG_NEGATIVE}}}:-1", image=target)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(fd.channel_messages()) == 3, 10, "the set's two replies")
+    jobs = {r.spec.prompt: r for r in await h.queue.history(fd.channel_id) if "set" in r.spec.extra}
+    assert sorted(jobs) == sorted(["blurry:-1", f"{LONG_NEGATIVE}:-1"]), list(jobs)
+    assert all(r.spec.extra["image_prompt"]["weight"] == 1.0 for r in jobs.values())
+    assert "clip_notes" not in jobs["blurry:-1"].spec.extra
+    (note,) = jobs[f"{LONG_NEGATIVE}:-1"].spec.extra["clip_notes"]
+    assert "it ignores 'fog fog fog smoke haze' (5 tokens)" in note, note
     fd.assert_clean()
 
 
@@ -283,7 +347,8 @@ async def test_help_explains_permutation_prompts_with_the_configured_cap(harness
     text = refusal(await command(h, "help"))
     assert len(text) < 2000
     for fragment in ("`a {red, blue} house by {Escher, Magritte}`", "one job per combination",
-                     "at most 7 per prompt", "contact sheet", "`{cat|dog}`", "a `{…}` prompt up to 2000"):
+                     "at most 7 per prompt", "contact sheet", "`{cat|dog}`", "a `{…}` prompt up to 2000",
+                     "`\\{` and `\\}` are literal braces"):
         assert fragment in text, (fragment, text)
     h.fd.assert_clean()
 

@@ -402,6 +402,43 @@ async def test_buttons_keep_to_todays_limits(harness):
     fd.assert_clean()
 
 
+async def test_jobs_made_from_a_job_with_an_old_size_label_are_labelled_by_their_grid(harness):
+    """A job queued under an old config whose label said more than its grid makes (`"256" = 8`:
+    64-pixel pictures called 256×256; the bot refuses such a config now). Once the admin fixed it
+    (`"64" = 8`), its Reroll, Continue and remix are labelled 64×64, what their pictures are; and
+    where its grid is no longer offered, the refusal says what the job is: 64×64."""
+    from tests.test_bot_support import finished_job
+
+    h = harness
+    h.config.imagine.sizes = {"256": 8, "128": 16}   # set past the config's check, as an old version loaded it
+    h.config.imagine.default_size = 256
+    await h.start(worker=False)
+    fd = h.fd
+    msg, job_id = await finished_job(h, "a lighthouse")
+    old = (await h.queue.get(job_id)).spec
+    assert (old.grid, old.extra["size"]) == (8, 256) and "256×256" in fd.messages[msg.id].content
+
+    h.config.imagine.sizes = {"64": 8, "128": 16}   # the admin's fix
+    h.config.imagine.default_size = 64
+    made = [await _button_job(h, await fd.click_button(msg, f"imagine:{action}:{job_id}"))
+            for action in ("reroll", "continue")]
+    inter = await fd.send_slash_command("remix", {"job": job_id, "prompt": "a boat"})
+    await fd.wait_for_response(inter)
+    remix_msg = await h.reply_of(inter)
+    made.append((remix_msg, h.job_id(remix_msg)))
+    for new_msg, new_id in made:
+        spec = (await h.queue.get(new_id)).spec
+        assert (spec.grid, spec.extra["size"]) == (8, 64), new_id
+        assert "64×64" in new_msg.content and "256×256" not in new_msg.content, new_msg.content
+
+    h.config.imagine.sizes = {"128": 16}   # grid 8 no longer offered
+    click = await fd.click_button(msg, f"imagine:reroll:{job_id}")
+    await fd.wait_for_response(click)
+    assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, click.response
+    assert f"Job `{job_id}` is 64×64, a size no longer offered here (now 128)" in click.response["data"]["content"]
+    fd.assert_clean()
+
+
 async def test_cancel_says_stopping_when_a_worker_took_the_job_meanwhile(harness):
     """The answer follows the job's state after the cancel, not the one read before it: a worker
     that claims the job between the two makes it "Stopping…", not "Cancelled"."""

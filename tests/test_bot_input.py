@@ -196,10 +196,17 @@ async def test_a_bad_permutation_prompt_with_a_picture_is_refused_before_the_dow
     fd = h.fd
     assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, user=fd.admin_user)
     picture = fd.host_attachment("p.png", tiny_png())
-    for prompt, why in [("a {red, blue house", "never closed"), ("{a, b, c} {d, e, f} {g, h}", "at most 9"),
-                        ("a {red, cursed} barn", "refused"), ("{blurry, foggy}:-1", "positive weight"),
-                        ("a {1, 2, 3, 4, 5, 6} house", "can never be queued whole")]:
-        inter = await fd.send_slash_command("imagine", {"prompt": prompt, "image": picture})
+    # (`{blurry, foggy}:-1` with the picture at its default weight 1 is fine: the picture is pulled
+    # toward. At weight -1 nothing is.)
+    for prompt, why, weight in [
+        ("a {red, blue house", "never closed", None), ("{a, b, c} {d, e, f} {g, h}", "at most 9", None),
+        ("a {red, cursed} barn", "refused", None),
+        ("{blurry, foggy}:-1", "at least one part, or the image prompt, needs a positive weight", -1.0),
+        ("blurry:-1", "at least one part, or the image prompt, needs a positive weight", 0.0),
+        ("a {1, 2, 3, 4, 5, 6} house", "can never be queued whole", None),
+    ]:
+        options = {"prompt": prompt, "image": picture} | ({"image_weight": weight} if weight is not None else {})
+        inter = await fd.send_slash_command("imagine", options)
         await fd.wait_for_response(inter)
         assert why in _refusal(inter), prompt
     assert fd.cdn_requests == []

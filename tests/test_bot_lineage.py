@@ -4,7 +4,7 @@ A Continue goes on exactly as its job would have (the same seed, optimiser and n
 Continue of the same result is the same picture again: the click is told, privately, where the
 first one is, and nothing is queued. Reroll and Continue replies, and /history, name the job they
 came from (↻ reroll of, → continues, as the remix's ↳ remix of), and /history names only jobs its
-reader may see.
+reader may see. A reply is public in its channel: a job of another channel is not named there.
 
 No worker: the test plays the GPU (claims, stores the final state, finishes), so the states are
 exactly the ones each step needs.
@@ -13,6 +13,8 @@ exactly the ones each step needs.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import time
 
 import pytest
@@ -69,6 +71,18 @@ async def _finish(h, job_id: str) -> None:
     await h.queue.put_artifact(job_id, "state.pt", b"a final state")
     await finish_jobs(h.queue, [job_id])
     await h.wait_delivered(job_id)
+
+
+def _set_extra(h, job_id: str, *, drop: tuple[str, ...] = (), **values) -> None:
+    """Rewrite the job's `spec.extra` in its SQLite row (`values` set, `drop` removed): a row as an
+    earlier version of the bot wrote it."""
+    with sqlite3.connect(h.queue.path) as db:
+        (text,) = db.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        spec = json.loads(text)
+        for key in drop:
+            del spec["extra"][key]
+        spec["extra"].update(values)
+        db.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec), job_id))
 
 
 async def _ids(h) -> list[str]:
@@ -197,10 +211,14 @@ async def test_reroll_and_continue_replies_and_history_name_their_source(harness
     fd.assert_clean()
 
 
-async def test_history_names_no_source_from_a_channel_the_reader_cannot_see(harness):
-    """Carol remixes a job of #staff-only (she may see it) from #general. Bob, in #general, cannot
-    see #staff-only: /history shows him that the remix came from somewhere, but not the job's id
-    or its author; Carol sees both. Also once that job is pruned (judged by its link's channel)."""
+async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it(harness):
+    """Carol remixes a job of #staff-only (she may see it) from #general. The remix's reply is
+    public in #general: it says "a job from another channel", without the job's id, prompt, author
+    or link, and so does Bob's Reroll of the remix. Bob, in #general, cannot see #staff-only:
+    /history shows him that the remix came from somewhere, but not the job's id or its author;
+    Carol sees the id. Also once that job is pruned (judged by the channel recorded for it). A
+    thread is a channel of its own: a remix of a #general job from a thread of #general does not
+    name it either."""
     h = harness
     fd = h.fd
     carol = fd.add_user("carol")
@@ -209,32 +227,96 @@ async def test_history_names_no_source_from_a_channel_the_reader_cannot_see(harn
         {"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": str(Permission.VIEW_CHANNEL)},
         {"id": str(fd.bot_role_id), "type": 0, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"},
         {"id": str(carol["id"]), "type": 1, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"}]
+    thread = fd.add_thread("renders", fd.channel_id, owner_id=int(carol["id"]), private=False)
     await h.start(worker=False)
     admin = fd.admin_user["id"]
     inter = await fd.send_slash_command("imagine", {"prompt": "secret launch poster"}, channel_id=staff,
                                         user=fd.admin_user)
     await fd.wait_for_response(inter)
-    secret = h.job_id(await h.reply_of(inter))
+    secret_msg = await h.reply_of(inter)
+    secret = h.job_id(secret_msg)
     await claim_jobs(h.queue, [secret])
     await _finish(h, secret)
     await asyncio.sleep(0.5)   # the remix finishes well after it: the prune below takes only the parent
 
+    def shows_no_source(message_id: int) -> None:
+        content = fd.messages[message_id].content
+        assert "\n↳ remix of a job from another channel\n" in content, content
+        for leak in (secret, f"<@{admin}>", "launch", str(staff), str(secret_msg.id)):
+            assert leak not in content, (leak, content)
+
     inter = await fd.send_slash_command("remix", {"job": secret, "prompt": "a brighter poster"}, user=carol)
     await fd.wait_for_response(inter)
-    remix = h.job_id(await h.reply_of(inter))
+    remix_msg = await h.reply_of(inter)
+    remix = h.job_id(remix_msg)
+    shows_no_source(remix_msg.id)
     await claim_jobs(h.queue, [remix])
     await _finish(h, remix)
+    await fd.wait_for(lambda: f"imagine:reroll:{remix}" in fd.messages[remix_msg.id].custom_ids, 5, "the buttons")
+    shows_no_source(remix_msg.id)   # the result too
+    assert (await h.queue.get(remix)).spec.extra["parent"] == {"other_channel": True, "channel_id": staff}
+
+    # Bob's Reroll of the remix (a remix of the same job): no more named in its reply. Even for a
+    # remix recorded as the bot did before, naming the job in full: the Reroll does not copy that.
+    secret_url = _url(fd, secret_msg.id, staff)
+    _set_extra(h, remix, parent={"prompt": "secret launch poster", "user_id": int(admin), "url": secret_url})
+    reroll_msg, reroll = await _queued_by(h, await fd.click_button(remix_msg, f"imagine:reroll:{remix}"))
+    assert f"\n↻ reroll of `{remix}` · {_url(fd, remix_msg.id)}\n" in reroll_msg.content
+    shows_no_source(reroll_msg.id)
+    assert (await h.queue.get(reroll)).spec.parent_job_id == secret
+    await claim_jobs(h.queue, [reroll])
+    await _finish(h, reroll)
+
+    # From a public thread of #general, a #general job is of another channel too.
+    inter = await fd.send_slash_command("remix", {"job": remix, "prompt": "a quieter poster"}, user=carol,
+                                        channel_id=thread)
+    await fd.wait_for_response(inter)
+    thread_msg = await h.reply_of(inter)
+    assert thread_msg.channel_id == thread
+    assert "\n↳ remix of a job from another channel\n" in thread_msg.content
+    assert remix not in thread_msg.content and "brighter" not in thread_msg.content
 
     async def check() -> None:
         bobs = await ephemeral_answer(h, "history")
-        assert f"`{remix}`" in bobs and "\n  ↳ remix of a job you cannot see" in bobs
+        assert f"`{remix}`" in bobs and f"`{reroll}`" in bobs
+        assert bobs.count("\n  ↳ remix of a job you cannot see") == 2, bobs
         assert secret not in bobs and f"<@{admin}>" not in bobs and "launch" not in bobs and str(staff) not in bobs
         carols = await ephemeral_answer(h, "history", user=carol)
-        assert f"\n  ↳ remix of `{secret}` by <@{admin}>" in carols
+        assert carols.count(f"\n  ↳ remix of `{secret}`") == 2, carols
 
     await check()
     parent, child = await h.queue.get(secret), await h.queue.get(remix)
     assert await h.queue.prune(time.time() - (parent.finished_at + child.finished_at) / 2) == 1
     assert await h.queue.get(secret) is None and await h.queue.get(remix) is not None
     await check()
+    fd.assert_clean()
+
+
+async def test_a_pruned_source_of_an_old_reroll_or_continue_is_named_to_this_channel(harness):
+    """Rerolls and Continues made before they recorded their source's link (`source_url`): once the
+    source is pruned, /history still names it to whoever reads this channel's history (Bob, who
+    made both, and Carol), not as "a job you cannot see": a button acts from its message's
+    channel, so the source was of this very channel."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    carol = fd.add_user("carol")
+    msg, a = await finished_job(h, "a lighthouse in fog")
+    await asyncio.sleep(0.5)   # the others finish well after it: the prune below takes only this one
+    _, r = await _queued_by(h, await fd.click_button(msg, f"imagine:reroll:{a}"))
+    _, c = await _queued_by(h, await fd.click_button(msg, f"imagine:continue:{a}"))
+    await claim_jobs(h.queue, [r, c])
+    await _finish(h, r)
+    await _finish(h, c)
+    for job_id in (r, c):   # their rows as the bot wrote them before `source_url`
+        _set_extra(h, job_id, drop=("source_url",))
+    assert "source_url" not in (await h.queue.get(r)).spec.extra
+
+    source, first = await h.queue.get(a), await h.queue.get(r)
+    assert await h.queue.prune(time.time() - (source.finished_at + first.finished_at) / 2) == 1
+    assert await h.queue.get(a) is None
+    for user in (None, carol):
+        history = await ephemeral_answer(h, "history", user=user)
+        assert f"\n  ↻ reroll of `{a}`" in history, history
+        assert f"\n  → continues `{a}`" in history and "cannot see" not in history, history
     fd.assert_clean()

@@ -1,13 +1,24 @@
 """The bot's operations side: /healthz and /metrics over real HTTP on a running bot (fake Discord,
 real SQLite queue, embedded worker on the tiny models), Discord 429s counted, job log lines, and the
-options that switch these on and off ([http], --http-port, --no-worker, [worker] max_batch = 0)."""
+options that switch these on and off ([http], --http-port, --no-worker, [worker] max_batch = 0).
+Then `imagine-bot` as a real process: stop signals (while the gateway reconnects, while the models
+download, a second one), a dying GPU thread, Discord failing at start; the log during a Discord
+outage, and its format (no colour codes off a terminal)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,8 +26,9 @@ import pytest
 from bot.__main__ import build_parser, load
 from bot.config import ConfigError, load_config
 from bot.launcher import make_bot, open_resources
+from engine.jobs import JobSpec, JobState
 from tests.fakediscord import FakeDiscord, running_bot
-from tests.test_bot_support import WEBHOOK_ORIGINAL, Harness, test_config
+from tests.test_bot_support import CHANNEL_MESSAGE, WEBHOOK_ORIGINAL, Harness, test_config
 from tests.metrics_support import get, samples, value
 
 PROMPT = "a lighthouse of xyzzy-quartz"
@@ -267,3 +279,347 @@ async def test_a_rejected_token_stops_the_bot_before_the_embedded_worker_loads_i
     # The control: loading these models does leave that copy in this cache.
     await asyncio.to_thread(default_models_loader(load_config(cfg).worker))
     assert list(cache.glob("dvae/decoder-*.safetensors"))
+
+
+# --- `imagine-bot` as a process: signals, a dying GPU thread, Discord failing at start ---------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# `imagine-bot` pointed at the fake Discord: its REST base (the gateway's URL comes from GET /gateway/bot).
+BOT_MAIN = ("import os, sys, discord.http; discord.http.Route.BASE = os.environ['FAKE_DISCORD_API']; "
+            "from bot.__main__ import main; sys.exit(main(sys.argv[1:]))")
+# A GPU thread that dies as it starts, for real: the models on a CUDA device this host does not have
+# (cuda:99; on a GPU host too), so the GPU thread cannot build its runner (as in test_worker's
+# test_imagine_worker_exits_1_when_its_gpu_thread_dies). The models themselves load as configured.
+GPU_THAT_DIES = """
+import dataclasses, torch, bot.launcher as launcher
+real_loader = launcher.default_models_loader
+def default_models_loader(wc):
+    load = real_loader(wc)
+    return lambda: dataclasses.replace(load(), device=torch.device("cuda", 99))
+launcher.default_models_loader = default_models_loader
+"""
+
+
+class BotProcess:
+    """`imagine-bot --config PATH ARGS` in a process of its own against `fd`, its output in a file."""
+
+    def __init__(self, fd: FakeDiscord, tmp_path: Path, config: str, *args: str, prelude: str = "",
+                 env: dict[str, str] | None = None, name: str = "bot"):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(config)
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        environ = {k: v for k, v in os.environ.items() if k not in ("IMAGINE_QUEUE_URL", "DISCORD_TOKEN")}
+        environ.update({"DISCORD_TOKEN": fd.bot_token, "FAKE_DISCORD_API": fd.api_base,
+                        "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen([sys.executable, "-c", prelude + BOT_MAIN, "--config", str(cfg), *args],
+                                     cwd=tmp_path, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_log(self, text: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert self.proc.poll() is None, f"the bot exited with {self.proc.returncode}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no {text!r} in the bot's log:\n{self.log()}"
+            await asyncio.sleep(0.05)
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        """The exit status, or None if it still runs after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def bot_config(tmp_path: Path, files=None, **worker: Any) -> str:
+    """A config on a SQLite queue in tmp_path; with model `files`, an embedded CPU worker on them."""
+    text = f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
+    if files is None:
+        return text + "[worker]\nembedded = false\n"
+    settings = {"embedded": True, "device": "cpu", "clip_model": str(files.clip_torchscript),
+                "decoder": str(files.decoder_pickle), "trust_decoder": True, "encoder": "",
+                "cache_dir": str(files.cache_dir), "max_batch": 1, **worker}
+    return text + "[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
+
+
+@contextlib.asynccontextmanager
+async def sqlite_queue(tmp_path: Path):
+    from engine.queue import open_queue
+
+    queue = open_queue(f"sqlite:///{tmp_path / 'q.db'}")
+    await queue.start()
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+async def wait_job(queue, job_id: str, state, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while (record := await queue.get(job_id)).state != state:
+        assert time.monotonic() < deadline, f"job {job_id} stayed {record.state}"
+        await asyncio.sleep(0.1)
+    return record
+
+
+@contextlib.contextmanager
+def locked_store(path: Path):
+    """Another process's write lock on the SQLite queue (a migration, a backup tool): every write of
+    the bot waits it out, up to the queue's busy_timeout (30 s)."""
+    import sqlite3
+
+    con = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+    try:
+        con.execute("BEGIN EXCLUSIVE")
+        yield
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+@contextlib.contextmanager
+def stalled_https_proxy():
+    """An HTTPS proxy that takes connections and never answers: with https_proxy pointing at it, a
+    first start's model download (urllib, 60 s timeout a read) hangs as one over a dead link does.
+    Yields (its URL, a function that says whether a connection is waiting on it)."""
+    import select
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)   # never accepted: the kernel completes the handshake, nothing answers
+
+        def pending() -> bool:
+            return bool(select.select([server], [], [], 0)[0])
+
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", pending
+
+
+async def test_sigterm_while_the_gateway_reconnects_stops_the_bot(tmp_path):
+    """The gateway drops and its reconnect hangs (no HELLO: discord.py waits up to 60 s, then tries
+    again, for ever). SIGTERM then used to cancel only that reconnect, which discord.py swallows
+    (Shard.reidentify returns), so the bot carried on and refused a second signal. Now the bot is
+    closed as well: it exits 0 within seconds."""
+    async with FakeDiscord() as fd:
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path))
+        try:
+            await bot.wait_log("gateway shard 0/1 ready")
+            fd.hold_gateway()
+            connects = len(fd.gateway_connects)
+            assert await fd.drop_connection() == 1
+            await bot.wait_log("gateway shard 0 disconnected")
+            deadline = time.monotonic() + 30
+            while len(fd.gateway_connects) == connects:   # its reconnect, held
+                assert time.monotonic() < deadline, f"the bot did not reconnect:\n{bot.log()}"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)   # inside discord.py's reconnect, waiting for a HELLO
+            bot.proc.send_signal(signal.SIGTERM)
+            code = await bot.wait_exit(20)
+            assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
+        finally:
+            bot.kill()
+    log = bot.log()
+    assert "stopping (SIGTERM)" in log and "Traceback" not in log, log
+
+
+async def test_a_second_signal_stops_the_bot_at_once_with_130(tmp_path, tiny_model_files):
+    """The first SIGTERM stops the bot gracefully (the progress cursor saved, the running job
+    checkpointed and handed back), and that takes as long as the store needs: here another process
+    holds its write lock. A second signal (Ctrl-C) used to be refused ("already stopping; kill -9");
+    now it stops the process at once with 130 (128 + SIGINT): nothing is handed back, the job's lease
+    expires and another worker resumes it from its last checkpoint."""
+    async with FakeDiscord() as fd, sqlite_queue(tmp_path) as queue:
+        job = await queue.submit(JobSpec(prompt="a slow lighthouse", user_id=7, channel_id=1, grid=8,
+                                         iterations=100_000, frame_every=50, cutn=2, seed=1))
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files))
+        try:
+            await bot.wait_log("gateway shard 0/1 ready")
+            await wait_job(queue, job.id, JobState.RUNNING)
+            with locked_store(tmp_path / "q.db"):
+                bot.proc.send_signal(signal.SIGTERM)
+                await bot.wait_log("bot: stopping", timeout=10)
+                assert await bot.wait_exit(2) is None, bot.log()   # waiting for the store's lock
+                bot.proc.send_signal(signal.SIGINT)
+                code = await bot.wait_exit(10)
+            assert code == 130, f"exit status {code} (None: still running):\n{bot.log()}"
+        finally:
+            bot.kill()
+        assert "SIGINT again: stopping at once (exit status 130)" in bot.log(), bot.log()
+        record = await queue.get(job.id)
+        assert record.state == JobState.RUNNING   # not handed back: its lease runs out instead
+
+
+async def test_sigterm_while_the_embedded_worker_downloads_its_models_stops_the_bot_at_once(
+        tmp_path, tiny_model_files):
+    """A first start downloads CLIP (~340 MB) before the bot connects. SIGTERM during the download
+    used to wait for it to end (the load ran on asyncio's executor, which asyncio.run waits for at
+    exit): Docker SIGKILLs 10 s after its SIGTERM. Now the bot exits 0 at once; the download's
+    thread is left behind. Here the download hangs on an HTTPS proxy that never answers."""
+    empty_cache = tmp_path / "cache"
+    async with FakeDiscord() as fd:
+        with stalled_https_proxy() as (proxy, downloading):
+            bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files, clip_model="ViT-B/32",
+                                                      cache_dir=str(empty_cache)),
+                             env={"https_proxy": proxy, "HTTPS_PROXY": proxy, "no_proxy": "127.0.0.1,localhost"})
+            try:
+                await bot.wait_log("logging in using static token")
+                deadline = time.monotonic() + 90
+                while not downloading():
+                    assert bot.proc.poll() is None and time.monotonic() < deadline, bot.log()
+                    await asyncio.sleep(0.05)
+                bot.proc.send_signal(signal.SIGTERM)
+                code = await bot.wait_exit(15)
+                assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
+            finally:
+                bot.kill()
+    log = bot.log()
+    assert "stopping (SIGTERM)" in log and "Traceback" not in log, log
+    assert not fd.identifies   # it never got as far as the gateway
+
+
+async def test_a_dead_gpu_thread_of_the_embedded_worker_stops_the_bot_with_1(tmp_path, tiny_model_files):
+    """imagine-worker exits 1 when its GPU thread dies; the bot with its embedded worker used to run
+    on, taking commands whose jobs sat "Queued" for ever. It exits 1 now (a supervisor starts a
+    fresh one) with one ERROR line, and the queued job is still in the queue."""
+    async with FakeDiscord() as fd, sqlite_queue(tmp_path) as queue:
+        job = await queue.submit(JobSpec(prompt="a lighthouse", user_id=7, channel_id=1, grid=8,
+                                         iterations=10, frame_every=5, cutn=2, seed=1))
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files), prelude=GPU_THAT_DIES)
+        try:
+            code = await bot.wait_exit(120)
+            assert code == 1, f"exit status {code} (None: still running):\n{bot.log()}"
+        finally:
+            bot.kill()
+        record = await queue.get(job.id)
+        assert record.state == JobState.QUEUED, record
+    log = bot.log()
+    assert "Exception in thread gpu-" in log   # the cause: the thread's own traceback
+    errors = [line for line in log.splitlines() if "[ERROR   ] bot.launcher" in line]
+    assert len(errors) == 1 and "the embedded worker's GPU thread died or hung" in errors[0], log
+    assert "exit status 1" in errors[0] and "stopping (" not in log
+
+
+@pytest.mark.parametrize("args, route", [([], "/users/@me"), ([], "/gateway/bot"), (["sync"], "/users/@me")])
+async def test_a_discord_server_error_at_start_is_one_line_and_exit_1(tmp_path, args, route):
+    """A 503 at login (GET /users/@me) or from GET /gateway/bot (discord.py's GatewayNotFound) used to
+    end in a 40-line traceback. An outage is no setting to fix: one line and exit 1, as for a
+    Discord that cannot be reached, so that a supervisor tries again later."""
+    async with FakeDiscord() as fd:
+        fd.inject_error("GET", route, 503, count=100)
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path), *args)
+        try:
+            code = await bot.wait_exit(90)
+        finally:
+            bot.kill()
+    log = bot.log()
+    assert code == 1, f"exit status {code}:\n{log}"
+    ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
+    assert ours == [f"imagine-bot: Discord answered GET /api/v10{route} with 503 Service Unavailable "
+                    "(503: injected); an outage on Discord's side, not a setting: try again later "
+                    "(https://discordstatus.com)"], log
+    assert "Traceback" not in log and fd.bot_token not in log
+
+
+async def test_a_start_up_failure_is_said_once(tmp_path):
+    """A launch error (here: the HTTP port taken) was logged and then printed: the same message twice
+    on stderr. Once now, as `imagine-bot: ...`."""
+    import socket
+
+    async with FakeDiscord() as fd:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            bot = BotProcess(fd, tmp_path, bot_config(tmp_path), "--http-port", str(port))
+            try:
+                code = await bot.wait_exit(90)
+            finally:
+                bot.kill()
+    log = bot.log()
+    assert code == 2, log
+    assert log.count(f"cannot serve /healthz and /metrics on 127.0.0.1:{port}") == 1, log
+    assert f"imagine-bot: cannot serve /healthz and /metrics on 127.0.0.1:{port}" in log
+
+
+# --- the log ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [0, 503], ids=["connection-dropped", "503"])
+async def test_a_discord_outage_is_one_warning_not_a_traceback_per_edit(tmp_path, tiny_models, caplog, status):
+    """Discord unreachable (the connection dropped: aiohttp's ServerDisconnectedError) or failing (503)
+    while a job runs: every progress edit failed, each logged with a full traceback (or a WARNING per
+    edit), every few seconds per job for as long as it lasted. Now: one WARNING when it begins, the
+    failures at DEBUG, one INFO line when Discord answers again; and the result is still posted.
+    (The edits go with the bot token here, token_ttl 0: through the interaction's token discord.py
+    itself retries a 5xx four times, 16 s, before the bot sees it fail.)"""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="bot.progress")
+    async with FakeDiscord() as fd:
+        h = Harness(fd=fd, config=test_config(tmp_path, progress={"token_ttl": 0}), models=tiny_models)
+        await h.start()
+        try:
+            inter = await h.imagine(PROMPT, iterations=40)
+            job_id = h.job_id(await h.reply_of(inter))
+            outage = fd.inject_error("PATCH", CHANNEL_MESSAGE, status, count=10_000)
+            deadline = time.monotonic() + 60
+            while len(outage.hits) < 4:   # progress edits, then the result's tries (backing off)
+                assert time.monotonic() < deadline, "the edits did not fail"
+                await asyncio.sleep(0.05)
+            outage.remaining = 0   # Discord is back
+            await h.wait_delivered(job_id, timeout=60)
+        finally:
+            await h.stop()
+    assert len(outage.hits) >= 4
+    ours = [r for r in caplog.records if r.name == "bot.progress"]
+    assert not [r for r in ours if r.exc_info], "a traceback for an outage"
+    loud = [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and loud[0].startswith(f"cannot reach Discord (job {job_id}: "), loud
+    assert ("ServerDisconnectedError" if status == 0 else "DiscordServerError: 503") in loud[0]
+    quiet = [r for r in ours if r.levelno == logging.DEBUG and "Discord not reached" in r.getMessage()]
+    assert len(quiet) >= 3   # the failures after the first: seen, at DEBUG
+    back = [r.getMessage() for r in ours if r.levelno == logging.INFO and "Discord answers again" in r.getMessage()]
+    assert len(back) == 1, back
+
+
+def test_the_log_has_colour_codes_only_on_a_terminal(monkeypatch):
+    """discord.py's log setup colours any stream in a container (it finds /.dockerenv): `docker logs`
+    and the log collectors got ANSI codes. The bot's handler colours a terminal only, and still masks
+    the token. (The container is stood in for here: not every host running the tests is one.)"""
+    import discord
+    import pty
+
+    from bot import redact
+
+    monkeypatch.setattr(discord.utils, "is_docker", lambda: True)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        pipe = io.StringIO()   # not a terminal: a pipe to `docker logs`, a file
+        handler = redact.setup_logging(logging.INFO, secrets=[GOOD_TOKEN], stream=pipe)
+        logging.getLogger("bot.test").warning("token %s here", GOOD_TOKEN)
+        root.removeHandler(handler)
+        text = pipe.getvalue()
+        assert "\x1b" not in text and "] [WARNING ] bot.test: token *** here" in text, repr(text)
+
+        leader, follower = pty.openpty()   # a terminal: colours
+        try:
+            with os.fdopen(follower, "w", closefd=False) as tty:
+                handler = redact.setup_logging(logging.INFO, secrets=[GOOD_TOKEN], stream=tty)
+                logging.getLogger("bot.test").warning("token %s here", GOOD_TOKEN)
+                root.removeHandler(handler)
+            out = os.read(leader, 65536).decode(errors="replace")
+        finally:
+            os.close(leader)
+            os.close(follower)
+        assert "\x1b[" in out and "token *** here" in out and GOOD_TOKEN not in out, repr(out)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

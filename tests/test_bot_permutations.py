@@ -215,6 +215,37 @@ async def test_a_long_template_is_held_to_the_limit_per_combination_and_to_its_o
     fd.assert_clean()
 
 
+async def test_escaped_braces_are_literal_and_a_long_prompt_with_a_stray_brace_hears_both_problems(harness):
+    """`\\{` and `\\}` are literal braces: `a \\{red, blue\\} house` is one job whose prompt is
+    `a {red, blue} house`, and in a set's option they are kept too. A prompt over the plain limit
+    with a stray `}` is told both what is wrong with its braces and that it is too long without
+    sets, in one answer; a short one only about its braces."""
+    h = harness
+    h.config.imagine.max_prompt_chars = 120
+    await h.start(worker=False)
+    fd = h.fd
+    inter = await h.imagine("a \\{red, blue\\} house", iterations=2)
+    job = await h.queue.get(h.job_id(await h.reply_of(inter)))
+    assert job.spec.prompt == "a {red, blue} house" and "set" not in job.spec.extra
+    assert "**a {red, blue} house**" in inter.original_message.content
+    assert await h.queue.count_queued() == 1 and inter.followups == []
+
+    inter = await h.imagine("a {red \\{x\\}, blue} house", iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == 1, 10, "the second reply")
+    assert [r.spec.prompt for r in await _set_jobs(h)] == ["a red {x} house", "a blue house"]
+
+    stray = "a house " + "in the warm light of a slow afternoon " * 3 + "by Escher}"
+    assert 120 < len(stray) <= 480
+    text = await ephemeral_answer(h, "imagine", {"prompt": stray})
+    assert "A `}` closes a group that was never opened" in text, text
+    assert f"at {len(stray)} characters the prompt is over the limit of 120 for a prompt without `{{…}}` sets" in text
+    text = await ephemeral_answer(h, "imagine", {"prompt": "a house by Escher}"})
+    assert "A `}` closes a group that was never opened" in text and "limit" not in text, text
+    assert await h.queue.count_queued() == 3
+    fd.assert_clean()
+
+
 async def test_the_contact_sheet_text_names_every_job_and_fits_in_a_message():
     """25 jobs (the most a set can have) with long captions full of Markdown, a long template:
     the text stays within Discord's 2000 characters, and every job's id is there whole, in order

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,30 @@ def test_imagine_renders_frames_final_video_and_run_json(tiny_model_files, tmp_p
     assert run["settings"]["grid"] == 32 and run["timings"]["generate_s"] > 0
     assert (out / "video.mp4").stat().st_size > 0
     assert set(os.listdir(tmp_path)) == {"run", "cache"}  # nothing written into the working directory
+
+
+def test_the_progress_bar_moves_every_iteration_with_a_rate_between_frames(tiny_model_files, tmp_path):
+    """--frame-every above --iterations: frames at 0 and the last only. The bar (tqdm, on stderr)
+    still shows every iteration with a rate and an ETA, not `0/4 [?it/s]` until the last frame,
+    and ends at 4/4 with the similarity the last frame set. TQDM_MININTERVAL=0 (tqdm's own
+    setting, read from the environment) draws every update, so none is skipped for being quick."""
+    out = tmp_path / "run"
+    f = tiny_model_files
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "a house", "--out", str(out), "--iterations", "4",
+         "--frame-every", "50", "--grid", "32", "--cutn", "1", "--clip-model", str(f.clip_torchscript),
+         "--decoder", str(f.decoder_pickle), "--trust-decoder", "--cache-dir", str(tmp_path / "cache"),
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**os.environ, "TQDM_MININTERVAL": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["000000.png", "000004.png"]
+    bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("imagine:")]
+    shown = [int(m.group(1)) for line in bars if (m := re.search(r"\| (\d+)/4 \[", line))]
+    assert shown[0] == 0 and shown[-1] == 4 and sorted(shown) == shown, bars
+    for n in (1, 2, 3):   # each iteration drawn, with a rate (it/s, or s/it when slow) and an ETA
+        assert any(re.search(rf"\| {n}/4 \[[\d:]+<[\d:]+, *[\d.]+(it/s|s/it)", line) for line in bars), bars
+    assert "similarity=" in bars[-1], bars
 
 
 def test_from_run_starts_from_a_compact_state_at_the_earlier_runs_last_picture(tiny_model_files, tmp_path):
@@ -84,6 +109,30 @@ def test_bad_prompts_exit_2(prompt, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_negative_only_prompt_runs_with_a_positive_image_prompt(tiny_model_files, tmp_path, capsys):
+    """`blurry:-1` alone pulls toward nothing, and so it does with an `--image-prompt` of weight 0
+    or -1: exit 2, before the models load. With a positive image prompt the picture is the target
+    (toward it, away from "blurry"): the run completes."""
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (8, 8), "red").save(picture)
+    for weight in ("0", "-1"):
+        argv = ["blurry:-1", "--out", str(tmp_path / "o"), "--image-prompt", f"{picture}:{weight}",
+                "--clip-model", "/nonexistent/clip.pt", "--device", "cpu"]
+        assert cli.main(argv) == 2, weight
+        err = capsys.readouterr().err
+        assert "at least one part, or the image prompt, needs a positive weight" in err, err
+        assert "/nonexistent/clip.pt" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+    out = tmp_path / "run"
+    assert cli.main(["blurry:-1", "--out", str(out), "--image-prompt", str(picture), "--iterations", "2",
+                     "--frame-every", "2", "--grid", "32", "--cutn", "1", *_models(tiny_model_files, tmp_path)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["parts"] == [{"text": "blurry", "weight": -1.0}]
+    assert run["image_prompts"] == [{"file": "p.png", "weight": 1.0}]
+    assert Image.open(out / "final.png").size == (256, 256)
 
 
 def test_missing_model_file_exit_2(tmp_path, capsys):

@@ -70,6 +70,37 @@ def test_frames_every_k_and_the_last(tiny_models):
     assert seen == [0, 3, 6, 7]
 
 
+def test_on_step_sees_every_iteration_between_frames_in_order(tiny_models):
+    """frame_every above the iteration count: frames at 0 and the last only, and `on_step` still
+    hears of each step, in order, as a Python int (nothing read from the device), before the
+    frame of its iteration; resumed from a checkpoint, it counts on from there; a cancel set in
+    it stops the run before the next step."""
+    events = []
+    generate("a cat", replace(FAST, iterations=4, frame_every=100), tiny_models,
+             progress=lambda f: events.append(("frame", f.iteration)),
+             on_step=lambda i: events.append(("step", i)))
+    assert events == [("frame", 0), ("step", 1), ("step", 2), ("step", 3), ("step", 4), ("frame", 4)]
+    assert all(type(i) is int for _, i in events)
+
+    s = replace(FAST, iterations=5, frame_every=2)
+    checkpoints = []
+    generate("a cat", s, tiny_models, on_checkpoint=checkpoints.append)
+    steps = []
+    generate("a cat", s, tiny_models, checkpoint=checkpoints[0], on_step=steps.append)
+    assert checkpoints[0]["iteration"] == 2 and steps == [3, 4, 5]
+
+    cancel = threading.Event()
+    steps = []
+
+    def on_step(i):
+        steps.append(i)
+        if i == 2:
+            cancel.set()
+
+    result = generate("a cat", replace(FAST, iterations=50, frame_every=100), tiny_models, cancel, on_step=on_step)
+    assert result.cancelled and steps == [1, 2] and result.state["iteration"] == 2
+
+
 def test_resume_from_a_checkpoint_gives_the_same_frames(tiny_models):
     s = replace(FAST, iterations=12, frame_every=4)
     checkpoints = []

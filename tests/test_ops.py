@@ -49,16 +49,17 @@ def tool(name: str) -> str:
 class WorkerProcess:
     """`imagine-worker` as an operator runs it, with the tiny models, an HTTP port chosen by the OS."""
 
-    def __init__(self, queue_url: str, files, log_path: Path, url_in_env: bool = False):
+    def __init__(self, queue_url: str, files, log_path: Path, url_in_env: bool = False, *,
+                 clip_model: str | None = None, cache_dir: Path | None = None, env: dict[str, str] | None = None):
         exe = BIN / "imagine-worker"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.worker"]
         # url_in_env: the queue URL (where a Redis password would be) only in IMAGINE_QUEUE_URL
         cmd += [] if url_in_env else ["--queue", queue_url]
-        cmd += ["--clip-model", str(files.clip_torchscript),
+        cmd += ["--clip-model", clip_model or str(files.clip_torchscript),
                 "--decoder", str(files.decoder_pickle), "--trust-decoder", "--device", "cpu",
-                "--cache-dir", str(files.cache_dir), "--worker-id", "ops-test",
+                "--cache-dir", str(cache_dir or files.cache_dir), "--worker-id", "ops-test",
                 "--http-port", "0", "--log-level", "INFO"]
-        env = {k: v for k, v in os.environ.items() if k != "IMAGINE_QUEUE_URL"}
+        env = {**{k: v for k, v in os.environ.items() if k != "IMAGINE_QUEUE_URL"}, **(env or {})}
         if url_in_env:
             env["IMAGINE_QUEUE_URL"] = queue_url
         self.log_path = log_path
@@ -204,6 +205,79 @@ async def test_health_is_503_when_the_queue_is_unreachable(workers):
         code, text = await get(http, f"{worker.base}/metrics")
         assert code == 200 and "imagine_iterations_total" in text
     assert await asyncio.to_thread(worker.stop) == 0   # and SIGTERM still stops it cleanly
+
+
+# --- stop signals -----------------------------------------------------------------------------------
+
+
+async def wait_until(predicate, what: str, proc: WorkerProcess, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.proc.poll() is None, f"imagine-worker exited with {proc.proc.returncode}:\n{proc.log()}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s:\n{proc.log()}"
+        await asyncio.sleep(0.05)
+
+
+async def wait_exit(proc: WorkerProcess, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while proc.proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return proc.proc.poll()
+
+
+async def test_imagine_worker_stopped_while_its_models_download_exits_at_once(tmp_path, tiny_model_files):
+    """A first start downloads CLIP (~340 MB; a few minutes on a slow link). SIGTERM meanwhile was not
+    even logged, and the worker exited only once the download was over (the load ran on asyncio's
+    executor, which asyncio.run waits for): Docker SIGKILLs 10 s after its SIGTERM. Now it says
+    "stopping" and exits 0 at once, leaving the download's thread behind. The download here hangs
+    on an HTTPS proxy that never answers."""
+    from tests.test_bot_ops import stalled_https_proxy
+
+    with stalled_https_proxy() as (proxy, downloading):
+        worker = WorkerProcess(f"sqlite:///{tmp_path}/jobs.db", tiny_model_files, tmp_path / "worker.log",
+                               clip_model="ViT-B/32", cache_dir=tmp_path / "empty-cache",
+                               env={"https_proxy": proxy, "HTTPS_PROXY": proxy, "no_proxy": "127.0.0.1,localhost"})
+        try:
+            await wait_until(downloading, "the download to start", worker)
+            worker.proc.send_signal(signal.SIGTERM)
+            code = await wait_exit(worker, 15)
+            assert code == 0, f"exit status {code} (None: still running):\n{worker.log()}"
+        finally:
+            worker.stop()
+    log = worker.log()
+    assert "worker ops-test stopping (SIGTERM)" in log and "stopped before its models were loaded" in log, log
+    assert "Traceback" not in log and " started (max_batch" not in log
+
+
+async def test_imagine_worker_says_stopping_at_once_and_a_second_signal_exits_143(tmp_path, tiny_model_files):
+    """SIGTERM: "stopping" is logged at once (nothing was said until the jobs had been checkpointed,
+    seconds later, or longer: here another process holds the store's write lock, so the hand-back
+    waits for it). A second signal used to be ignored; now the worker exits at once with 143
+    (128 + SIGTERM), handing nothing back: the job's lease runs out instead."""
+    from engine.queue import open_queue
+    from tests.test_bot_ops import locked_store, wait_job
+
+    db = tmp_path / "jobs.db"
+    queue = open_queue(f"sqlite:///{db}")
+    await queue.start()
+    worker = WorkerProcess(f"sqlite:///{db}", tiny_model_files, tmp_path / "worker.log")
+    try:
+        job = await queue.submit(JobSpec(prompt="a slow lighthouse", user_id=7, channel_id=1, grid=8,
+                                         iterations=100_000, frame_every=50, cutn=2, seed=1))
+        await wait_job(queue, job.id, JobState.RUNNING)
+        with locked_store(db):
+            worker.proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: "worker ops-test stopping (SIGTERM)" in worker.log(), "stopping", worker,
+                             timeout=3)
+            assert await wait_exit(worker, 2) is None, worker.log()   # the hand-back waits for the lock
+            worker.proc.send_signal(signal.SIGTERM)
+            code = await wait_exit(worker, 10)
+        assert code == 143, f"exit status {code} (None: still running):\n{worker.log()}"
+        assert "SIGTERM again: stopping at once (exit status 143)" in worker.log()
+        assert (await queue.get(job.id)).state == JobState.RUNNING   # not handed back
+    finally:
+        worker.stop()
+        await queue.close()
 
 
 # --- the module in-process --------------------------------------------------------------------------

@@ -633,7 +633,7 @@ class FakeDiscord:
     * inject: :meth:`send_slash_command`, :meth:`click_button`, :meth:`select`, :meth:`submit_modal`,
       :meth:`delete_message`,
       :meth:`dispatch` (any gateway event), :meth:`request_reconnect`, :meth:`drop_connection`,
-      :meth:`hold_resumes` / :meth:`release_resumes`;
+      :meth:`hold_resumes` / :meth:`release_resumes`, :meth:`hold_gateway` / :meth:`release_gateway`;
     * break things: :meth:`rate_limit`, :meth:`inject_error`, :meth:`expire_tokens`, :attr:`token_expiry`,
       :attr:`attachment_size_limit`, ``realistic_rate_limits=True`` with :attr:`bucket_limits`;
     * observe: :attr:`requests`, :meth:`find_requests`, :meth:`wait_for_request`, :meth:`wait_for`,
@@ -740,6 +740,8 @@ class FakeDiscord:
         self.identifies: List[Dict[str, Any]] = []
         self._resumes_open = asyncio.Event()
         self._resumes_open.set()
+        self._gateway_open = asyncio.Event()  # hold_gateway(): new connections get no HELLO
+        self._gateway_open.set()
         self._blobs: Dict[int, Tuple[str, str, bytes]] = {}
         self._sessions: Dict[str, GatewaySession] = {}
         self._conns: List[_GatewayConn] = []
@@ -801,6 +803,7 @@ class FakeDiscord:
 
     async def close(self) -> None:
         self._resumes_open.set()
+        self._gateway_open.set()
         for conn in list(self._conns):
             with contextlib.suppress(Exception):
                 await conn.ws.close(code=1001, message=b"fake discord shutting down")
@@ -1327,6 +1330,10 @@ class FakeDiscord:
         if query.get("v") not in (None, str(API_VERSION), "9"):
             await ws.close(code=4012, message=b"Invalid API version")
             return ws
+        if not self._gateway_open.is_set():  # hold_gateway(): accepted, but no HELLO until released
+            await self._gateway_open.wait()
+            if ws.closed or request.transport is None or request.transport.is_closing():
+                return ws
         self._conns.append(conn)
         try:
             await conn.send({"op": 10, "d": {"heartbeat_interval": int(self.heartbeat_interval * 1000),
@@ -1507,6 +1514,17 @@ class FakeDiscord:
 
     def release_resumes(self) -> None:
         self._resumes_open.set()
+
+    def hold_gateway(self) -> None:
+        """From now on a new gateway connection is accepted but gets no HELLO until
+        :meth:`release_gateway` (or :meth:`close`): a gateway that hangs. discord.py waits for the
+        HELLO inside its (re)connect, up to 60 s, then tries again. Connections already open are
+        left alone (:meth:`drop_connection` makes the bot reconnect into the hold);
+        :attr:`gateway_connects` counts the held ones too."""
+        self._gateway_open.clear()
+
+    def release_gateway(self) -> None:
+        self._gateway_open.set()
 
     async def drop_connection(self, shard_id: Optional[int] = None, *, code: int = 4000) -> int:
         """Close the gateway connection of every live session (of shard ``shard_id`` only, when given)
