@@ -35,7 +35,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import aiohttp
 import discord
@@ -43,6 +42,7 @@ import discord
 from bot import redact
 from bot.config import QUEUE_URL_ENV, Config, ConfigError, check_token, choose_queue_url, load_config
 from bot.launcher import LaunchError
+from engine.stopping import exit_if_abandoned, exit_now
 
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 1   # Discord unreachable: transient, a restart later may work; no setting to fix
@@ -147,21 +147,6 @@ async def sync_commands(config: Config, token: str, guild_id: int | None) -> int
     return 0
 
 
-def exit_now(signum: int) -> NoReturn:
-    """A second stop signal: leave at once with 128 + its number, after one log line. os._exit,
-    because nothing else is prompt: asyncio.run and the interpreter wait at exit for the loop's
-    executor threads (the worker's hand-back joins its GPU thread for up to 30 s there, a store write
-    may wait out another process's lock), which is what the first signal is already waiting for."""
-    code = 128 + signum
-    log.warning("%s again: stopping at once (exit status %d) without handing back the running jobs; "
-                "their leases expire and another worker resumes them from their last checkpoints",
-                signal.Signals(signum).name, code)
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    os._exit(code)
-
-
 async def _run_until_signal(config: Config, token: str) -> int:
     from bot.launcher import run
 
@@ -214,23 +199,35 @@ def unreachable(exc: BaseException, token: str) -> str:
     return message.replace(token, "***") if token else message
 
 
+def outage(exc: BaseException) -> bool:
+    """Whether Discord's error answer is an outage (a 5xx, or a 429: try again later, exit 1) rather
+    than a setting to fix (any other 4xx, say 403 Missing Access for `sync --guild` with a guild the
+    bot is not in: exit 2). An error with no status is taken for an outage."""
+    status = getattr(exc, "status", 0) if isinstance(exc, discord.HTTPException) else 0
+    return isinstance(exc, discord.DiscordServerError) or not status or status >= 500 or status == 429
+
+
 def server_error(exc: BaseException, token: str) -> str:
-    """One line for Discord answering a start-up request with an error that is not the token's
-    (a 5xx: an outage; discord.py has already retried 500, 502, 504 and 524 four times)."""
+    """One line for Discord answering a start-up (or sync) request with an error that is not the
+    token's: an outage (a 5xx; discord.py has already retried 500, 502, 504 and 524 four times; or a
+    429), or another 4xx, which names a setting to fix."""
     response = getattr(exc, "response", None)
     status = getattr(exc, "status", 0) if isinstance(exc, discord.HTTPException) else 0
     if status and response is not None:
         url = getattr(response, "url", None)
         request = f"{getattr(response, 'method', '')} {url.path if url is not None else ''}".strip()
-        detail = " ".join((exc.text or "").split())   # type: ignore[union-attr]
+        detail = " ".join((exc.text or "").split())   # type: ignore[attr-defined]
         answer = f"{status} {getattr(response, 'reason', '') or ''}".strip() + (f" ({detail})" if detail else "")
         message = f"Discord answered {request} with {answer}"
     else:
         message = f"Discord failed at start ({type(exc).__name__}: {exc})"
-    if status >= 500 or not status:
+    if status == 429:
+        message += "; Discord is rate-limiting this bot, not a setting: try again later"
+    elif outage(exc):
         message += "; an outage on Discord's side, not a setting: try again later (https://discordstatus.com)"
     else:
-        message += "; not a setting of this bot: try again later"
+        message += ("; not an outage but a setting to fix (a 403 or 404 for a guild: is the bot in that guild, "
+                    "invited with the applications.commands scope? check --guild / [discord] sync_guild)")
     return message.replace(token, "***") if token else message
 
 
@@ -248,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sync":
             return asyncio.run(sync_commands(config, token, args.guild or config.discord.sync_guild or None))
-        return asyncio.run(_run_until_signal(config, token))
+        code = asyncio.run(_run_until_signal(config, token))
+        exit_if_abandoned(code)   # stopped while the embedded worker loaded its models: not waiting for it
+        return code
     except LaunchError as exc:   # its message masks the queue URL's password
         # Once, on stderr (where the log goes too): not a log line and the same text again.
         print(f"imagine-bot: {exc}", file=sys.stderr)
@@ -257,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagine-bot: {unreachable(exc, token)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except discord.GatewayNotFound as exc:   # GET /gateway/bot failed: its HTTPException is the cause
-        print(f"imagine-bot: {server_error(exc.__cause__ or exc, token)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        cause = exc.__cause__ or exc
+        print(f"imagine-bot: {server_error(cause, token)}", file=sys.stderr)
+        return EXIT_UNREACHABLE if outage(cause) else EXIT_CONFIG
     except discord.LoginFailure:
         print("imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
               "Developer Portal (Bot > Reset Token)", file=sys.stderr)
@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imagine-bot: {message}", file=sys.stderr)
         return EXIT_CONFIG
-    except discord.HTTPException as exc:   # a 5xx (or a Cloudflare 429) at login or sync: Discord's side
+    except discord.HTTPException as exc:   # at login or sync: a 5xx or 429 is Discord's side, else a setting
         print(f"imagine-bot: {server_error(exc, token)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return EXIT_UNREACHABLE if outage(exc) else EXIT_CONFIG
     except KeyboardInterrupt:
         return 0
 

@@ -106,16 +106,21 @@ def remix_source(parent: JobSpec, channel_id: int) -> dict[str, Any]:
     if reply_channel:
         channels.add(int(reply_channel))
     if channels == {channel_id}:
-        return {"prompt": parent.prompt, "user_id": parent.user_id, "url": render.reply_url(parent)}
+        # Its channel too: its link is None until the parent has a reply (render.remix_channel).
+        return {"prompt": parent.prompt, "user_id": parent.user_id, "url": render.reply_url(parent),
+                "channel_id": channel_id}
     return {render.OTHER_CHANNEL: True, "channel_id": next(iter(channels)) if len(channels) == 1 else None}
 
 
-def carried_source(source: dict[str, Any], channel_id: int) -> dict[str, Any]:
+def carried_source(source: dict[str, Any], channel_id: int, recorded_in: int | None = None) -> dict[str, Any]:
     """The remix's `extra["parent"]` for its Reroll, made in channel `channel_id` (the remix's own,
     where the button is): as recorded, or, for a remix recorded with another channel's parent
-    named in full (before remix_source), only render.OTHER_CHANNEL and that channel."""
-    where = render.url_channel(source.get("url"))
-    if source.get(render.OTHER_CHANNEL) or where == channel_id:
+    named in full (before remix_source), only render.OTHER_CHANNEL and that channel. `recorded_in`:
+    the remix's channel, that of a full record naming none (render.remix_channel)."""
+    if source.get(render.OTHER_CHANNEL):
+        return copy.deepcopy(source)
+    where = render.remix_channel(source, recorded_in if recorded_in is not None else channel_id)
+    if where == channel_id:
         return copy.deepcopy(source)
     return {render.OTHER_CHANNEL: True, "channel_id": where}
 
@@ -335,6 +340,19 @@ class RemixButton(_JobButton, template=r"imagine:remix:" + JOB_ID):
         await cog.remix_button(interaction, self.job_id)
 
 
+def remix_default(parent_prompt: str, max_chars: int) -> tuple[str, int]:
+    """The Remix form's pre-fill and its `max_length`: the parent's prompt (at most `max_chars`
+    characters) with its braces escaped (a literal `{` typed back unescaped would read as a set,
+    refused), and room for those escapes on top of `max_chars` (each `\\{` is one character of the
+    prompt: validate counts the text unescaped), at most Discord's 4000. Never cut mid-escape."""
+    escaped = escape_braces(parent_prompt[:max_chars])
+    max_length = min(4000, max_chars + escaped.count("\\{") + escaped.count("\\}"))
+    default = escaped[:max_length]
+    if default.endswith("\\") and escaped[len(default):len(default) + 1] in ("{", "}"):
+        default = default[:-1]   # the escape's brace did not fit: drop its backslash too
+    return default, max_length
+
+
 class RemixModal(discord.ui.Modal):
     """Asks for the remix's prompt (pre-filled with the parent's). Built only to be sent: it is
     stopped at once, so discord.py does not keep it in its modal store (keyed by custom id alone,
@@ -346,10 +364,10 @@ class RemixModal(discord.ui.Modal):
         super().__init__(title="Remix: a new prompt from this picture", timeout=None,
                          custom_id=f"imagine:remix-modal:{job_id}")
         self.job_id = job_id
+        default, max_length = remix_default(parent_prompt, max_chars)
         self.prompt = discord.ui.TextInput(
             label="New prompt", style=discord.TextStyle.paragraph, custom_id=REMIX_PROMPT_INPUT,
-            # Its braces escaped: a literal `{` typed back unescaped would read as a set (refused).
-            default=escape_braces(parent_prompt)[:min(max_chars, 4000)], max_length=min(max_chars, 4000),
+            default=default, max_length=max_length,
             placeholder="a house | by Escher:0.5 | blurry:-1",
         )
         self.add_item(self.prompt)
@@ -1069,7 +1087,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                     return lineage_gone(job_id, p.parent_kind, p.parent_job_id)
                 spec.parent_job_id, spec.parent_kind = p.parent_job_id, p.parent_kind
                 if p.parent_kind == "remix" and isinstance(p.extra.get("parent"), dict):
-                    spec.extra["parent"] = carried_source(p.extra["parent"], spec.channel_id)
+                    spec.extra["parent"] = carried_source(p.extra["parent"], spec.channel_id, p.channel_id)
         else:
             if parent.state != JobState.DONE:
                 return "Only a finished job can be continued."

@@ -111,8 +111,10 @@ def _nonce(prefix: str, job_id: str) -> str:
 
 # What an edit or a post fails with while Discord, or the way to it, is down: expected, retried (a
 # result) or replaced by the next frame (an edit), so logged as an outage, without tracebacks.
+# Only what a request to Discord raises: not every OSError, or a local I/O error (a file of the
+# result unreadable, a disk full) would be taken for an outage and logged at DEBUG only.
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError, OSError, asyncio.TimeoutError, discord.DiscordServerError)
+    aiohttp.ClientError, asyncio.TimeoutError, TimeoutError, ConnectionError, discord.DiscordServerError)
 # While an outage lasts, a reminder this often (seconds); the rest of its failures only at DEBUG.
 OUTAGE_REMINDER = 60.0
 
@@ -645,8 +647,7 @@ class ProgressCog(commands.Cog, name="Progress"):
                     if t.lost:
                         t.dirty = False
                         await self._wait_turn(t)
-                        await self._post_lost(t)
-                        sent = True
+                        sent = await self._post_lost(t)   # False: no request was made (no reply)
                     elif t.final:
                         # Everything slow (the store, a re-encode) before taking a turn.
                         t.dirty = False
@@ -655,8 +656,12 @@ class ProgressCog(commands.Cog, name="Progress"):
                             posting = t.posted is None   # else only store writes are left
                             if posting:   # no slot needed otherwise
                                 await self._wait_turn(t)
-                            await self._post_final(t, final)
-                            sent = posting and t.posted is not None
+                            try:
+                                await self._post_final(t, final)
+                            finally:
+                                # Posted: Discord answered, even if the store writes after it failed.
+                                if posting and t.posted is not None:
+                                    self._outage.answered()
                     elif t.dead or t.muted or self._progress_content(t)[0] == t.last_content:
                         t.dirty = False   # nothing to draw: take none of the channel's slots
                         t.line_stale = False   # what is drawn is current, or nothing ever will be
@@ -987,20 +992,21 @@ class ProgressCog(commands.Cog, name="Progress"):
                   t.job_id, t.channel_id, why.status, why.text)
         return None
 
-    async def _post_lost(self, t: _Tracker) -> None:
+    async def _post_lost(self, t: _Tracker) -> bool:
         """Edit the reply of a job the store lost into a notice (render.lost_text), without its Cancel
         button; the last frame stays. In an archived thread (edits refused) the notice is a new
         message, which unarchives it, as a result would be. Then the job is dropped here
         (`delivered`). Other HTTP errors are the send loop's: retried, a refusal given up after
-        REFUSED_TRIES."""
+        REFUSED_TRIES. True when Discord answered a request; False when none was made (no reply to
+        edit), which says nothing of an outage."""
         content = render.lost_text(t.record)
         if not t.archived:
             try:
                 await self._edit(t, content=content, view=None)
-            except (MessageGone, NoMessage, discord.Forbidden):
+            except (MessageGone, NoMessage, discord.Forbidden) as exc:
                 log.info("job %s: lost, and its reply is gone too; nothing to tell", t.job_id)
                 t.delivered = True
-                return
+                return not isinstance(exc, NoMessage)
             except ThreadArchived:
                 log.info("job %s: lost, and its reply is in an archived thread; saying so in a new message",
                          t.job_id)
@@ -1008,7 +1014,7 @@ class ProgressCog(commands.Cog, name="Progress"):
             else:
                 log.info("job %s: its reply says it was lost", t.job_id)
                 t.delivered = True
-                return
+                return True
         channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
         try:
             message = await channel.send(content=content, nonce=_nonce("imagine-lost-", t.job_id))
@@ -1018,6 +1024,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         else:
             log.info("job %s: lost; a new message (%s) says so", t.job_id, message.id)
         t.delivered = True
+        return True
 
 
 async def _reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:

@@ -179,19 +179,30 @@ def _remix_line(spec: JobSpec, job_id: str, *, details: bool, hidden: bool) -> s
     return text
 
 
+def remix_channel(parent: dict, fallback: int | None) -> int | None:
+    """The channel of a remix's parent as its record (`extra["parent"]`) says: its `channel_id`,
+    else its link's channel; a full record (not OTHER_CHANNEL) with neither (made before it held
+    `channel_id`, of a parent without a message yet) is of the remix's own channel, `fallback`."""
+    channel = parent.get("channel_id")
+    if isinstance(channel, int) and not isinstance(channel, bool) and channel:
+        return channel
+    channel = url_channel(parent.get("url"))
+    if channel is None and not parent.get(OTHER_CHANNEL):
+        channel = fallback or None
+    return channel
+
+
 def lineage_channels(spec: JobSpec) -> dict[str, int | None]:
     """For each job `spec`'s lineage names, the channel of its message as `spec` recorded it, or
-    None: what is known of it once that job is pruned from the store. A remix's parent: its link's
-    channel, or the channel an OTHER_CHANNEL record names. The source of a Reroll or Continue: its
+    None: what is known of it once that job is pruned from the store. A remix's parent: the channel
+    its record names (remix_channel). The source of a Reroll or Continue: its
     link's channel; without a link (jobs made before `source_url`, or a source without a
     message) `spec`'s own channel, since a button acts from its message's channel, the source's."""
     remix = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
     out: dict[str, int | None] = {}
     for kind, job_id in lineage(spec):
         if kind == REMIX:
-            channel = url_channel(remix.get("url"))
-            if channel is None and remix.get(OTHER_CHANNEL) and isinstance(remix.get("channel_id"), int):
-                channel = remix["channel_id"]
+            channel = remix_channel(remix, spec.channel_id)
         else:
             channel = url_channel(spec.extra.get("source_url")) or spec.channel_id or None
         out[job_id] = channel

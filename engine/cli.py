@@ -288,7 +288,9 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
                         "loss": None if frame.loss != frame.loss else frame.loss,
                         "seconds": round(frame.elapsed, 3)})
         bar.update(frame.iteration - bar.n)
-        bar.set_postfix(similarity=f"{frame.similarity:.4f}")
+        # refresh=False: drawn with the next update (as mininterval allows), not a redraw of its own
+        # every frame, which off a terminal is a line per frame whatever the interval.
+        bar.set_postfix(similarity=f"{frame.similarity:.4f}", refresh=False)
 
     def on_step(iteration: int) -> None:
         # Every iteration, not only at frames (--frame-every 50 on a CPU is minutes between them):

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,31 @@ KNOWN_DVAE_SHA256: set[str] = set()
 TRUST_HINT_CLI = "pass --trust-decoder"
 
 DEFAULT_CACHE = Path(os.environ.get("IMAGINE_CACHE", Path.home() / ".cache" / "imagine-bot"))
+
+# Files being written into the cache (a download, a dVAE's safetensors copy) are named `.part-*`
+# until they take their place. A process stopped mid-download (a stop signal leaves the load's
+# thread to end with the process) leaves its `.part-` file behind: up to ~340 MB for CLIP.
+# `sweep_partial_files` removes those at every load; only ones not written for PARTIAL_MAX_AGE
+# seconds, because the bot and imagine-workers may share a cache and download at once (a download
+# in progress writes its file every second or so; urlopen gives up after 60 s without data).
+PARTIAL_PREFIX = ".part-"
+PARTIAL_MAX_AGE = 3600.0
+
+
+def sweep_partial_files(cache_dir: Path, max_age: float = PARTIAL_MAX_AGE) -> list[Path]:
+    """Remove the `.part-*` files in `cache_dir`'s subfolders not modified for `max_age` seconds
+    (left by a process stopped mid-download). Returns those removed; errors are ignored."""
+    removed: list[Path] = []
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for path in Path(cache_dir).glob(f"*/{PARTIAL_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if path.is_file() and now - path.stat().st_mtime > max_age:
+                    path.unlink()
+                    removed.append(path)
+    if removed:
+        log.info("removed %d partial download(s) left in %s by a stopped process", len(removed), cache_dir)
+    return removed
 
 
 class ModelLoadError(RuntimeError):
@@ -154,7 +180,7 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
     h = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as src, tempfile.NamedTemporaryFile(
-            dir=target.parent, delete=False
+            dir=target.parent, prefix=PARTIAL_PREFIX, delete=False
         ) as tmp:
             tmp_path = tmp.name
             for chunk in iter(lambda: src.read(1 << 20), b""):
@@ -294,7 +320,7 @@ def save_dvae_safe(module: nn.Module, part: DvaePart, target: Path) -> Path:
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     # A unique temporary name: several workers may fill one shared cache at once.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=PARTIAL_PREFIX, suffix=".tmp")
     os.close(fd)
     save_safetensors(tensors, tmp, metadata={"part": part, "config": json.dumps(config)})
     os.replace(tmp, target)
@@ -421,6 +447,7 @@ def load_models(
     trust_hint: str = TRUST_HINT_CLI,
 ) -> Models:
     device = torch.device(device)
+    sweep_partial_files(cache_dir)
     return Models(
         clip=load_clip(clip_model, device, cache_dir),
         decoder=load_dvae("decoder", decoder, device, cache_dir, trust_decoder, known_sha256, trust_hint),

@@ -47,6 +47,7 @@ from engine.jobs import (
     Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days, check_keep_state_days,
 )
 from engine.models import Models
+from engine.stopping import abandon, exit_if_abandoned, exit_now
 
 log = logging.getLogger(__name__)
 
@@ -1267,25 +1268,14 @@ async def in_daemon_thread(fn: Callable[[], Any], name: str) -> Any:
         with contextlib.suppress(RuntimeError):   # the loop is closed: the process is on its way out
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return await future
-
-
-def exit_now(signum: int) -> None:
-    """A second stop signal: leave at once with 128 + its number (130 for Ctrl-C, 143 for SIGTERM,
-    as a shell reports a process the signal killed; not 0: the jobs were not handed back), after one
-    log line. os._exit, because nothing else is prompt: asyncio.run and the interpreter wait at exit
-    for the loop's executor threads (the hand-back joins the GPU thread for up to 30 s there, a store
-    write may be waiting out another process's lock). The running jobs' leases expire and another
-    worker resumes them from their last checkpoints, as after kill -9."""
-    code = 128 + signum
-    log.warning("%s again: stopping at once (exit status %d) without handing back the running jobs; "
-                "their leases expire and another worker resumes them from their last checkpoints",
-                signal.Signals(signum).name, code)
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    os._exit(code)
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if thread.is_alive():   # the entry points then exit without it (engine.stopping.exit_if_abandoned)
+            abandon(thread)
+        raise
 
 
 async def start_unless_stopped(worker: Worker, stop: asyncio.Event) -> bool:
@@ -1431,7 +1421,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(f"{source}: {problem}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve(args))
+    code = asyncio.run(_serve(args))
+    exit_if_abandoned(code)   # a stop during the models' load: not waiting for the load's thread
+    return code
 
 
 if __name__ == "__main__":

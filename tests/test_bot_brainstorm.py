@@ -193,6 +193,31 @@ async def test_a_remix_prompt_with_a_permutation_set_is_refused_privately(harnes
     fd.assert_clean()
 
 
+async def test_the_remix_form_holds_a_prompt_of_the_longest_length_with_its_braces_escaped(harness):
+    """A parent prompt as long as `max_prompt_chars` with literal braces: the form pre-fills it
+    whole, its escapes on top of the limit (each `\\{` counts as one character of the prompt), so
+    sent back as it is it makes a remix of the very same prompt."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    h.config.imagine.max_prompt_chars = 120
+    prompt = "a house by the sea " + "x" * 90 + " {red} door"
+    assert len(prompt) == 120
+    msg, parent_id = await finished_job(h, prompt.replace("{", "\\{").replace("}", "\\}"))
+    assert (await h.queue.get(parent_id)).spec.prompt == prompt
+
+    click = await fd.click_button(msg, f"imagine:remix:{parent_id}")
+    await fd.wait_for_response(click)
+    text_input = click.response["data"]["components"][0]["components"][0]
+    assert text_input["value"] == prompt.replace("{", "\\{").replace("}", "\\}")
+    assert text_input["max_length"] == 122
+    submit = await fd.submit_modal(click, {text_input["custom_id"]: text_input["value"]})
+    await fd.wait_for_response(submit)
+    remix = h.job_id(await h.reply_of(submit))
+    assert (await h.queue.get(remix)).spec.prompt == prompt
+    fd.assert_clean()
+
+
 # --- image prompts and init images ---------------------------------------------------------------
 
 async def test_image_prompt_and_init_image_are_downloaded_stored_and_used(harness, caplog):

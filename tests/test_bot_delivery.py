@@ -400,3 +400,52 @@ async def test_a_lost_job_in_an_archived_thread_says_so_in_a_new_message(harness
     assert not fd.thread_archived(thread_id)   # the new message unarchived it
     assert job_id not in h.bot.progress.trackers
     fd.assert_clean()
+
+
+async def test_a_lost_job_without_a_message_does_not_end_a_discord_outage(harness, caplog):
+    """Discord fails every edit (503): one WARNING. Meanwhile the store loses a job that has no
+    message to edit (none was ever made): its notice makes no request, so it says nothing of the
+    outage; before, the bot logged "Discord answers again" while the outage went on."""
+    import sqlite3
+
+    from engine.jobs import JobSpec
+    from tests.test_bot_support import CHANNEL_MESSAGE
+
+    h = harness
+    h.config.progress.token_ttl = 0   # edits with the bot token: a 503 is not retried by discord.py
+    caplog.set_level(logging.DEBUG, logger="bot.progress")
+    await h.start(worker=False)
+    fd = h.fd
+    drawn = h.job_id(await h.reply_of(await h.imagine("a job that cannot be drawn")))
+    spec = JobSpec(prompt="a job without a message", user_id=int(fd.member_user["id"]), channel_id=fd.channel_id,
+                   guild_id=fd.guild_id, iterations=4, grid=8, frame_every=2, cutn=2)
+    silent = (await h.queue.submit(spec)).id
+    await h.stop()   # a restart: both are followed from the store, one with no message to edit
+    await h.start(worker=False)
+    await fd.wait_for(lambda: {drawn, silent} <= set(h.bot.progress.trackers), 10, "both followed")
+
+    outage = fd.inject_error("PATCH", CHANNEL_MESSAGE, 503, count=10_000)
+    await claim_jobs(h.queue, [drawn])   # its reply is edited (running), and fails
+    await _until(lambda: _logged(caplog, "cannot reach Discord"), "the outage noticed")
+    with sqlite3.connect(h.config.queue.url.removeprefix("sqlite:///")) as db:
+        db.execute("DELETE FROM jobs WHERE id = ?", (silent,))
+    await _until(lambda: silent not in h.bot.progress.trackers, "the lost job dropped")
+    await asyncio.sleep(0.3)
+    assert not _logged(caplog, "Discord answers again")
+
+    outage.remaining = 0   # Discord is back: the next request says so (the result's post)
+    await finish_jobs(h.queue, [drawn])
+    await h.wait_delivered(drawn)
+    await _until(lambda: _logged(caplog, "Discord answers again"), "the outage's end")
+
+
+def _logged(caplog, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
+
+
+async def _until(predicate, what: str, timeout: float = 10.0) -> None:
+    """Poll `predicate` (the bot's state or log, which fd.wait_for does not wake on)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)

@@ -320,3 +320,50 @@ async def test_a_pruned_source_of_an_old_reroll_or_continue_is_named_to_this_cha
         assert f"\n  ↻ reroll of `{a}`" in history, history
         assert f"\n  → continues `{a}`" in history and "cannot see" not in history, history
     fd.assert_clean()
+
+
+async def test_a_same_channel_remix_parent_without_a_link_stays_of_this_channel(harness):
+    """A remix of a job of this very channel that has no message (yet, or lost): its record has no
+    link, but it is of this channel. Bob's Reroll of the remix still names it in full, not as "a job
+    from another channel", and once it is pruned /history still names it to this channel's
+    readers. So too for a remix recorded before the record held its channel (`channel_id`)."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    carol = fd.add_user("carol")
+    msg, a = await finished_job(h, "a lighthouse in fog")
+    while not (await h.queue.get(a)).spec.reply:   # the bot records its reply just after showing it
+        await asyncio.sleep(0.05)
+    await h.queue.set_reply(a, {})   # a parent without a message
+    await asyncio.sleep(0.5)   # the others finish well after it: the prune below takes only this one
+
+    inter = await fd.send_slash_command("remix", {"job": a, "prompt": "a lighthouse at dawn"}, user=carol)
+    await fd.wait_for_response(inter)
+    remix_msg = await h.reply_of(inter)
+    remix = h.job_id(remix_msg)
+    assert f"\n↳ remix of `{a}` *a lighthouse in fog* by <@" in remix_msg.content, remix_msg.content
+    assert (await h.queue.get(remix)).spec.extra["parent"]["channel_id"] == fd.channel_id
+    await claim_jobs(h.queue, [remix])
+    await _finish(h, remix)
+    await fd.wait_for(lambda: f"imagine:reroll:{remix}" in fd.messages[remix_msg.id].custom_ids, 5, "the buttons")
+
+    rerolls = []
+    for old in (False, True):
+        if old:   # the record as the bot wrote it before it held the parent's channel
+            _set_extra(h, remix, parent={"prompt": "a lighthouse in fog", "user_id": int(carol["id"]), "url": None})
+        reroll_msg, reroll = await _queued_by(h, await fd.click_button(remix_msg, f"imagine:reroll:{remix}"))
+        assert f"\n↳ remix of `{a}` *a lighthouse in fog* by <@" in reroll_msg.content, reroll_msg.content
+        assert "another channel" not in reroll_msg.content
+        assert "other_channel" not in (await h.queue.get(reroll)).spec.extra["parent"]
+        await claim_jobs(h.queue, [reroll])
+        await _finish(h, reroll)
+        rerolls.append(reroll)
+
+    source, first = await h.queue.get(a), await h.queue.get(remix)
+    assert await h.queue.prune(time.time() - (source.finished_at + first.finished_at) / 2) == 1
+    assert await h.queue.get(a) is None
+    for user in (None, carol):
+        history = await ephemeral_answer(h, "history", user=user)
+        assert history.count(f"\n  ↳ remix of `{a}`") == 3, history   # the remix (an old record) and both Rerolls
+        assert "cannot see" not in history, history
+    fd.assert_clean()

@@ -408,19 +408,22 @@ async def test_sigterm_while_the_gateway_reconnects_stops_the_bot(tmp_path):
     again, for ever). SIGTERM then used to cancel only that reconnect, which discord.py swallows
     (Shard.reidentify returns), so the bot carried on and refused a second signal. Now the bot is
     closed as well: it exits 0 within seconds."""
+    # DEBUG: discord.py logs "Created websocket connected to ..." as it connects, just before it
+    # waits for the HELLO (a held connection gets none).
+    connected = "Created websocket connected to"
     async with FakeDiscord() as fd:
-        bot = BotProcess(fd, tmp_path, bot_config(tmp_path))
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path), "--log-level", "DEBUG")
         try:
             await bot.wait_log("gateway shard 0/1 ready")
+            assert bot.log().count(connected) == 1, bot.log()
             fd.hold_gateway()
-            connects = len(fd.gateway_connects)
             assert await fd.drop_connection() == 1
             await bot.wait_log("gateway shard 0 disconnected")
             deadline = time.monotonic() + 30
-            while len(fd.gateway_connects) == connects:   # its reconnect, held
+            while bot.log().count(connected) < 2:   # its reconnect, held: waiting for a HELLO
+                assert bot.proc.poll() is None, bot.log()
                 assert time.monotonic() < deadline, f"the bot did not reconnect:\n{bot.log()}"
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)   # inside discord.py's reconnect, waiting for a HELLO
             bot.proc.send_signal(signal.SIGTERM)
             code = await bot.wait_exit(20)
             assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
@@ -485,6 +488,32 @@ async def test_sigterm_while_the_embedded_worker_downloads_its_models_stops_the_
     assert not fd.identifies   # it never got as far as the gateway
 
 
+async def test_sigterm_while_the_embedded_worker_builds_its_models_in_torch_exits_0(tmp_path, tiny_model_files):
+    """The models' load thread, abandoned by the stop, was still inside a torch op when the interpreter
+    exited: Python 3.11 ended it within C++ ("terminate called without an active exception", exit
+    134). Now the bot leaves with os._exit(0) when such a thread is still running."""
+    from tests.test_ops import SLOW_TORCH_LOAD
+
+    mark = tmp_path / "loading"
+    async with FakeDiscord() as fd:
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files), env={"LOAD_MARK": str(mark)},
+                         prelude=SLOW_TORCH_LOAD + "import bot.launcher as launcher\n"
+                                                   "launcher.default_models_loader = lambda wc: _slow_torch_load\n")
+        try:
+            deadline = time.monotonic() + 90
+            while not mark.exists():
+                assert bot.proc.poll() is None and time.monotonic() < deadline, bot.log()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)   # well inside the loop of torch ops
+            bot.proc.send_signal(signal.SIGTERM)
+            code = await bot.wait_exit(15)
+            assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
+        finally:
+            bot.kill()
+    log = bot.log()
+    assert "stopping (SIGTERM)" in log and "terminate called" not in log and "Traceback" not in log, log
+
+
 async def test_a_dead_gpu_thread_of_the_embedded_worker_stops_the_bot_with_1(tmp_path, tiny_model_files):
     """imagine-worker exits 1 when its GPU thread dies; the bot with its embedded worker used to run
     on, taking commands whose jobs sat "Queued" for ever. It exits 1 now (a supervisor starts a
@@ -526,6 +555,26 @@ async def test_a_discord_server_error_at_start_is_one_line_and_exit_1(tmp_path, 
                     "(503: injected); an outage on Discord's side, not a setting: try again later "
                     "(https://discordstatus.com)"], log
     assert "Traceback" not in log and fd.bot_token not in log
+
+
+async def test_sync_to_a_guild_the_bot_is_not_in_is_a_setting_exit_2(tmp_path):
+    """`imagine-bot sync --guild G` with a guild the bot is not in: Discord answers 403 Missing Access.
+    That used to be taken for an outage ("try again later", exit 1, which a supervisor retries for
+    ever); it is a setting to fix: one line naming the error, exit 2."""
+    async with FakeDiscord() as fd:
+        fd.inject_error("PUT", r"/applications/\d+/guilds/999/commands", 403,
+                        {"message": "Missing Access", "code": 50001}, count=100)
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path), "sync", "--guild", "999")
+        try:
+            code = await bot.wait_exit(90)
+        finally:
+            bot.kill()
+    log = bot.log()
+    assert code == 2, f"exit status {code}:\n{log}"
+    ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
+    assert len(ours) == 1, log
+    assert "403 Forbidden (Missing Access)" in ours[0] and "setting to fix" in ours[0], log
+    assert "try again later" not in ours[0] and "Traceback" not in log and fd.bot_token not in log
 
 
 async def test_a_start_up_failure_is_said_once(tmp_path):

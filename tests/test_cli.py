@@ -62,6 +62,29 @@ def test_the_progress_bar_moves_every_iteration_with_a_rate_between_frames(tiny_
     assert "similarity=" in bars[-1], bars
 
 
+def test_off_a_terminal_a_frame_does_not_redraw_the_bar(tiny_model_files, tmp_path):
+    """stderr a pipe (a log file): a frame's similarity (tqdm's postfix) waits for the bar's next
+    draw (at most one in 5 s there) instead of forcing a line of its own every frame: no count is
+    drawn twice (but by the closing line), and the last line still shows the similarity."""
+    out = tmp_path / "run"
+    f = tiny_model_files
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "a house", "--out", str(out), "--iterations", "3",
+         "--frame-every", "1", "--grid", "32", "--cutn", "1", "--clip-model", str(f.clip_torchscript),
+         "--decoder", str(f.decoder_pickle), "--trust-decoder", "--cache-dir", str(tmp_path / "cache"),
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((out / "frames").iterdir())) == 4
+    bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("imagine:")]
+    shown = [int(m.group(1)) for line in bars if (m := re.search(r"\| (\d+)/3 \[", line))]
+    assert len(shown) == len(bars) and shown[0] == 0 and shown[-1] == 3, bars
+    assert all(a < b for a, b in zip(shown[:-2], shown[1:-1])), bars   # before: 0/3, then 0/3 with its similarity
+    assert "similarity=" in bars[-1], bars
+
+
 def test_from_run_starts_from_a_compact_state_at_the_earlier_runs_last_picture(tiny_model_files, tmp_path):
     """state.pt is written compact (fp16 logits, half the bytes); `--from-run` expands it, and the
     new run's frame 0 is the earlier run's final picture."""

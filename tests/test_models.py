@@ -159,3 +159,31 @@ def test_a_placed_clip_file_with_the_wrong_hash_is_refused(tmp_path, tiny_model_
     shutil.copy(tiny_model_files.clip_torchscript, target)
     with pytest.raises(m.ModelLoadError, match="SHA-256"):
         m.load_clip("ViT-B/32", cache_dir=tmp_path)
+
+
+def test_partial_downloads_left_by_a_stopped_process_are_swept_at_load_but_fresh_ones_are_not(
+        tiny_model_files, tmp_path):
+    """A process stopped mid-download leaves its `.part-` file in the cache (up to ~340 MB for CLIP).
+    The next load removes those not written for an hour; a fresh one may be another process's
+    download in progress (the bot and imagine-workers may share a cache) and is left alone."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    (cache / "clip").mkdir(parents=True)
+    (cache / "dvae").mkdir()
+    stale = cache / "clip" / f"{m.PARTIAL_PREFIX}abc123"
+    stale.write_bytes(b"x" * 1024)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    fresh = cache / "dvae" / f"{m.PARTIAL_PREFIX}def456.tmp"
+    fresh.write_bytes(b"y" * 1024)
+    kept = cache / "clip" / "ViT-B-32.pt"   # not a partial file, however old
+    kept.write_bytes(b"z")
+    os.utime(kept, (hours_ago, hours_ago))
+    digest = m.sha256_of(tiny_model_files.decoder_pickle)
+    m.load_models(str(tiny_model_files.clip_torchscript), str(tiny_model_files.decoder_pickle), "cpu", cache,
+                  known_sha256={digest})
+    assert not stale.exists() and fresh.exists() and kept.exists()
+    # The load's own cache write (the decoder's safetensors copy) left no `.part-` file behind.
+    assert [p.name for p in cache.glob(f"*/{m.PARTIAL_PREFIX}*")] == [fresh.name]

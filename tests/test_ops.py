@@ -50,9 +50,13 @@ class WorkerProcess:
     """`imagine-worker` as an operator runs it, with the tiny models, an HTTP port chosen by the OS."""
 
     def __init__(self, queue_url: str, files, log_path: Path, url_in_env: bool = False, *,
-                 clip_model: str | None = None, cache_dir: Path | None = None, env: dict[str, str] | None = None):
+                 clip_model: str | None = None, cache_dir: Path | None = None, env: dict[str, str] | None = None,
+                 prelude: str = ""):
         exe = BIN / "imagine-worker"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.worker"]
+        if prelude:   # Python run first in the worker's process (a test's stand-in for the models' load)
+            cmd = [sys.executable, "-c",
+                   prelude + "\nimport sys; from engine.worker import main; sys.exit(main(sys.argv[1:]))"]
         # url_in_env: the queue URL (where a Redis password would be) only in IMAGINE_QUEUE_URL
         cmd += [] if url_in_env else ["--queue", queue_url]
         cmd += ["--clip-model", clip_model or str(files.clip_torchscript),
@@ -249,6 +253,44 @@ async def test_imagine_worker_stopped_while_its_models_download_exits_at_once(tm
     assert "Traceback" not in log and " started (max_batch" not in log
 
 
+# A models' load that stays inside torch code (a stand-in for CLIP's build: minutes of torch ops on a
+# slow host): matrix products, the GIL released in each, for up to 2 minutes. It touches $LOAD_MARK
+# once it is under way.
+SLOW_TORCH_LOAD = """
+import os, pathlib, time, torch
+def _slow_torch_load(*args, **kwargs):
+    a = torch.randn(1024, 1024)
+    pathlib.Path(os.environ["LOAD_MARK"]).touch()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        a = torch.mm(a, a).clamp_(-1, 1)
+    raise RuntimeError("the test's slow load ran out")
+"""
+
+
+async def test_imagine_worker_stopped_while_its_models_build_in_torch_exits_0(tmp_path, tiny_model_files):
+    """The stop during the models' load leaves the load's (daemon) thread behind. Inside a torch op at
+    the interpreter's exit, Python 3.11 ended it as it took the GIL back, within C++: "terminate
+    called without an active exception", exit 134 (SIGABRT) instead of 0. Now the worker leaves with
+    os._exit(0) when such a thread is still running."""
+    mark = tmp_path / "loading"
+    worker = WorkerProcess(f"sqlite:///{tmp_path}/jobs.db", tiny_model_files, tmp_path / "worker.log",
+                           env={"LOAD_MARK": str(mark)},
+                           prelude=SLOW_TORCH_LOAD + "import engine.models\n"
+                                                     "engine.models.load_models = _slow_torch_load\n")
+    try:
+        await wait_until(mark.exists, "the load to start", worker)
+        await asyncio.sleep(0.2)   # well inside the loop of torch ops
+        worker.proc.send_signal(signal.SIGTERM)
+        code = await wait_exit(worker, 15)
+        assert code == 0, f"exit status {code} (None: still running):\n{worker.log()}"
+    finally:
+        worker.stop()
+    log = worker.log()
+    assert "stopped before its models were loaded" in log, log
+    assert "terminate called" not in log and "Traceback" not in log, log
+
+
 async def test_imagine_worker_says_stopping_at_once_and_a_second_signal_exits_143(tmp_path, tiny_model_files):
     """SIGTERM: "stopping" is logged at once (nothing was said until the jobs had been checkpointed,
     seconds later, or longer: here another process holds the store's write lock, so the hand-back
@@ -267,8 +309,12 @@ async def test_imagine_worker_says_stopping_at_once_and_a_second_signal_exits_14
         await wait_job(queue, job.id, JobState.RUNNING)
         with locked_store(db):
             worker.proc.send_signal(signal.SIGTERM)
+            # "At once": before the checkpoint and the hand-back, which cannot be written while the lock
+            # is held (the queue's busy_timeout is 30 s; the old worker said nothing until after them).
+            # The time allowed is for a loaded CI machine, not a measure of promptness.
             await wait_until(lambda: "worker ops-test stopping (SIGTERM)" in worker.log(), "stopping", worker,
-                             timeout=3)
+                             timeout=15)
+            assert "(worker stopping)" not in worker.log(), worker.log()   # no checkpoint nor hand-back yet
             assert await wait_exit(worker, 2) is None, worker.log()   # the hand-back waits for the lock
             worker.proc.send_signal(signal.SIGTERM)
             code = await wait_exit(worker, 10)
