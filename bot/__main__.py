@@ -232,6 +232,14 @@ def server_error(exc: BaseException, token: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    # Stopped while the embedded worker loaded its models (or a start-up error after such a stop):
+    # leave without waiting for the load's thread, which may be inside torch (engine.stopping).
+    exit_if_abandoned(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config, token = load(args)
@@ -245,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sync":
             return asyncio.run(sync_commands(config, token, args.guild or config.discord.sync_guild or None))
-        code = asyncio.run(_run_until_signal(config, token))
-        exit_if_abandoned(code)   # stopped while the embedded worker loaded its models: not waiting for it
-        return code
+        return asyncio.run(_run_until_signal(config, token))
     except LaunchError as exc:   # its message masks the queue URL's password
         # Once, on stderr (where the log goes too): not a log line and the same text again.
         print(f"imagine-bot: {exc}", file=sys.stderr)

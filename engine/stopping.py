@@ -45,6 +45,11 @@ def abandon(thread: threading.Thread) -> None:
     _abandoned.append(thread)
 
 
+def any_abandoned() -> bool:
+    """Whether a thread a stop abandoned is still running."""
+    return any(thread.is_alive() for thread in _abandoned)
+
+
 def exit_if_abandoned(code: int) -> None:
     """At the end of an entry point's main, once its event loop is closed: if a thread that a stop
     abandoned is still running, leave now with `code` (os._exit, after flushing the log and the
@@ -52,7 +57,7 @@ def exit_if_abandoned(code: int) -> None:
     load) may be inside a torch op: Python 3.11's finalisation ends a daemon thread when it next
     takes the GIL, which inside C++ code ends in std::terminate ("terminate called without an
     active exception", exit 134 instead of the stop's 0)."""
-    if not any(thread.is_alive() for thread in _abandoned):
+    if not any_abandoned():
         return
     log.debug("leaving with %d without waiting for the abandoned thread(s) %s", code,
               ", ".join(t.name for t in _abandoned if t.is_alive()))

@@ -47,7 +47,7 @@ from engine.jobs import (
     Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days, check_keep_state_days,
 )
 from engine.models import Models
-from engine.stopping import abandon, exit_if_abandoned, exit_now
+from engine.stopping import abandon, any_abandoned, exit_if_abandoned, exit_now
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +382,10 @@ class Worker:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             stopped = not self._thread.is_alive()
+            if not stopped:
+                # Stuck in a torch/CUDA op: the process must not wait for it at exit, nor let
+                # Python's finalisation end it inside C++ (std::terminate, exit 134).
+                abandon(self._thread)
         if not stopped:   # a step that never ends: its slots are not ours to read
             log.warning("the GPU thread did not stop within 30 s: jobs handed back without a new checkpoint")
         states = self._stop_states if stopped else {}
@@ -1421,8 +1425,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(f"{source}: {problem}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = asyncio.run(_serve(args))
-    exit_if_abandoned(code)   # a stop during the models' load: not waiting for the load's thread
+    try:
+        code = asyncio.run(_serve(args))
+    except Exception:
+        if any_abandoned():   # the traceback now: exit_if_abandoned leaves without the usual one
+            log.exception("imagine-worker stopped on an error")
+            exit_if_abandoned(1)
+        raise
+    exit_if_abandoned(code)   # a stop during the models' load (or a hung GPU thread): not waiting for it
     return code
 
 
