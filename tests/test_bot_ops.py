@@ -30,6 +30,7 @@ from engine.jobs import JobSpec, JobState
 from tests.fakediscord import FakeDiscord, running_bot
 from tests.test_bot_support import CHANNEL_MESSAGE, WEBHOOK_ORIGINAL, Harness, test_config
 from tests.metrics_support import get, samples, value
+from tests.test_ops import assert_exits, exit_status
 
 PROMPT = "a lighthouse of xyzzy-quartz"
 GOOD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
@@ -327,10 +328,7 @@ class BotProcess:
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit status, or None if it still runs after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.proc.poll()
+        return await exit_status(self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -424,9 +422,7 @@ async def test_sigterm_while_the_gateway_reconnects_stops_the_bot(tmp_path):
                 assert bot.proc.poll() is None, bot.log()
                 assert time.monotonic() < deadline, f"the bot did not reconnect:\n{bot.log()}"
                 await asyncio.sleep(0.05)
-            bot.proc.send_signal(signal.SIGTERM)
-            code = await bot.wait_exit(20)
-            assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
+            await assert_exits(bot.proc, bot.log, 0, within=20, send=signal.SIGTERM)
         finally:
             bot.kill()
     log = bot.log()
@@ -450,9 +446,7 @@ async def test_a_second_signal_stops_the_bot_at_once_with_130(tmp_path, tiny_mod
                 bot.proc.send_signal(signal.SIGTERM)
                 await bot.wait_log("bot: stopping", timeout=10)
                 assert await bot.wait_exit(2) is None, bot.log()   # waiting for the store's lock
-                bot.proc.send_signal(signal.SIGINT)
-                code = await bot.wait_exit(10)
-            assert code == 130, f"exit status {code} (None: still running):\n{bot.log()}"
+                await assert_exits(bot.proc, bot.log, 130, within=10, send=signal.SIGINT)
         finally:
             bot.kill()
         assert "SIGINT again: stopping at once (exit status 130)" in bot.log(), bot.log()
@@ -478,9 +472,7 @@ async def test_sigterm_while_the_embedded_worker_downloads_its_models_stops_the_
                 while not downloading():
                     assert bot.proc.poll() is None and time.monotonic() < deadline, bot.log()
                     await asyncio.sleep(0.05)
-                bot.proc.send_signal(signal.SIGTERM)
-                code = await bot.wait_exit(15)
-                assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
+                await assert_exits(bot.proc, bot.log, 0, within=15, send=signal.SIGTERM)
             finally:
                 bot.kill()
     log = bot.log()
@@ -505,9 +497,7 @@ async def test_sigterm_while_the_embedded_worker_builds_its_models_in_torch_exit
                 assert bot.proc.poll() is None and time.monotonic() < deadline, bot.log()
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)   # well inside the loop of torch ops
-            bot.proc.send_signal(signal.SIGTERM)
-            code = await bot.wait_exit(15)
-            assert code == 0, f"exit status {code} (None: still running):\n{bot.log()}"
+            await assert_exits(bot.proc, bot.log, 0, within=15, send=signal.SIGTERM)
         finally:
             bot.kill()
     log = bot.log()
@@ -523,8 +513,7 @@ async def test_a_dead_gpu_thread_of_the_embedded_worker_stops_the_bot_with_1(tmp
                                          iterations=10, frame_every=5, cutn=2, seed=1))
         bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files), prelude=GPU_THAT_DIES)
         try:
-            code = await bot.wait_exit(120)
-            assert code == 1, f"exit status {code} (None: still running):\n{bot.log()}"
+            await assert_exits(bot.proc, bot.log, 1, within=120)
         finally:
             bot.kill()
         record = await queue.get(job.id)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import pytest
@@ -222,11 +223,25 @@ async def wait_until(predicate, what: str, proc: WorkerProcess, timeout: float =
         await asyncio.sleep(0.05)
 
 
-async def wait_exit(proc: WorkerProcess, timeout: float) -> int | None:
+async def exit_status(popen: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit status, or None if it still runs after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while proc.proc.poll() is None and time.monotonic() < deadline:
+    while popen.poll() is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    return proc.proc.poll()
+    return popen.poll()
+
+
+async def wait_exit(proc: WorkerProcess, timeout: float) -> int | None:
+    return await exit_status(proc.proc, timeout)
+
+
+async def assert_exits(popen: subprocess.Popen, log: Callable[[], str], expect: int, within: float,
+                       send: signal.Signals | None = None) -> None:
+    """Send `send` (if any), then assert the process exits with status `expect` within `within` seconds."""
+    if send is not None:
+        popen.send_signal(send)
+    code = await exit_status(popen, within)
+    assert code == expect, f"exit status {code} (None: still running):\n{log()}"
 
 
 async def test_imagine_worker_stopped_while_its_models_download_exits_at_once(tmp_path, tiny_model_files):
@@ -243,9 +258,7 @@ async def test_imagine_worker_stopped_while_its_models_download_exits_at_once(tm
                                env={"https_proxy": proxy, "HTTPS_PROXY": proxy, "no_proxy": "127.0.0.1,localhost"})
         try:
             await wait_until(downloading, "the download to start", worker)
-            worker.proc.send_signal(signal.SIGTERM)
-            code = await wait_exit(worker, 15)
-            assert code == 0, f"exit status {code} (None: still running):\n{worker.log()}"
+            await assert_exits(worker.proc, worker.log, 0, within=15, send=signal.SIGTERM)
         finally:
             worker.stop()
     log = worker.log()
@@ -281,9 +294,7 @@ async def test_imagine_worker_stopped_while_its_models_build_in_torch_exits_0(tm
     try:
         await wait_until(mark.exists, "the load to start", worker)
         await asyncio.sleep(0.2)   # well inside the loop of torch ops
-        worker.proc.send_signal(signal.SIGTERM)
-        code = await wait_exit(worker, 15)
-        assert code == 0, f"exit status {code} (None: still running):\n{worker.log()}"
+        await assert_exits(worker.proc, worker.log, 0, within=15, send=signal.SIGTERM)
     finally:
         worker.stop()
     log = worker.log()
@@ -316,9 +327,7 @@ async def test_imagine_worker_says_stopping_at_once_and_a_second_signal_exits_14
                              timeout=15)
             assert "(worker stopping)" not in worker.log(), worker.log()   # no checkpoint nor hand-back yet
             assert await wait_exit(worker, 2) is None, worker.log()   # the hand-back waits for the lock
-            worker.proc.send_signal(signal.SIGTERM)
-            code = await wait_exit(worker, 10)
-        assert code == 143, f"exit status {code} (None: still running):\n{worker.log()}"
+            await assert_exits(worker.proc, worker.log, 143, within=10, send=signal.SIGTERM)
         assert "SIGTERM again: stopping at once (exit status 143)" in worker.log()
         assert (await queue.get(job.id)).state == JobState.RUNNING   # not handed back
     finally:
