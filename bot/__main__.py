@@ -2,7 +2,7 @@
 
     imagine-bot [--config config.toml] [--queue URL] [--log-level INFO]          # run
                 [--no-worker] [--http-port PORT] [--http-host HOST]
-    imagine-bot sync [--guild ID]                                               # register commands
+    imagine-bot sync [--guild ID | --global | --clear-guild ID]                 # register commands
 
 The token comes from the DISCORD_TOKEN environment variable only, and is never logged: the log
 handler masks it, and the interaction and webhook tokens in discord.py's DEBUG lines (bot.redact). The queue
@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import discord
@@ -92,9 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(run_p, suppress=True)
     sync_p = sub.add_parser("sync", help="register the slash commands with Discord, then exit")
     _common(sync_p, suppress=True)
-    sync_p.add_argument("--guild", type=int, metavar="ID", default=None,
-                        help="sync to one server only (instant; for testing) instead of globally")
+    # One target a run: argparse refuses two of them with a usage line and exit status 2.
+    target = sync_p.add_mutually_exclusive_group()
+    target.add_argument("--guild", type=int, metavar="ID", default=None,
+                        help="sync to one server only (instant; for testing) instead of globally "
+                             "(default: [discord] sync_guild, when set)")
+    target.add_argument("--global", dest="global_scope", action="store_true",
+                        help="sync globally even when [discord] sync_guild is set")
+    target.add_argument("--clear-guild", type=_guild_id, metavar="ID", default=None,
+                        help="remove this bot's commands from one server (its own copies, say of an old "
+                             "`sync --guild`, which show next to the global ones); registers nothing")
     return parser
+
+
+def _guild_id(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a server id (a positive number), got {text}")
+    return value
+
+
+_guild_id.__name__ = "server id"   # argparse names it on a ValueError: "invalid server id value: 'x'"
 
 
 def uses_defaults(args: argparse.Namespace) -> bool:
@@ -128,6 +147,18 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
     return config, token
 
 
+def sync_target(args: argparse.Namespace, config: Config) -> int | None:
+    """The server `sync` registers in (None: globally): --guild, else none with --global, else
+    [discord] sync_guild."""
+    if args.global_scope:
+        return None
+    return args.guild or config.discord.sync_guild or None
+
+
+def _command_names(commands: list[Any]) -> str:
+    return ", ".join(f"/{c.name}" for c in commands)
+
+
 async def sync_commands(config: Config, token: str, guild_id: int | None) -> int:
     from bot.client import ImagineBot
 
@@ -142,8 +173,35 @@ async def sync_commands(config: Config, token: str, guild_id: int | None) -> int
         else:
             synced = await bot.tree.sync()
             where = "every guild (global commands can take a while to appear)"
-    names = ", ".join(f"/{c.name}" for c in synced)
-    print(f"synced {len(synced)} commands to {where}: {names}")
+    note = ""
+    if guild_id is None and config.discord.sync_guild:
+        # A start checks (and registers in) that server, not the global set: it would keep its copies.
+        note = (f"; [discord] sync_guild is {config.discord.sync_guild}: set it to 0 and run `imagine-bot sync "
+                f"--clear-guild {config.discord.sync_guild}`, or that server lists each command twice")
+    print(f"synced {len(synced)} commands to {where}: {_command_names(synced)}{note}")
+    return 0
+
+
+async def clear_guild_commands(config: Config, token: str, guild_id: int) -> int:
+    """Put an empty command list to one server: its own copies go, the global commands stay."""
+    from bot.client import ImagineBot
+
+    bot = ImagineBot(config=config, queue=None, background=False)
+    async with bot:
+        await bot.login(token)
+        guild = discord.Object(id=guild_id)
+        registered = await bot.tree.fetch_commands(guild=guild)   # a read: no update spent for nothing
+        if registered:
+            bot.tree.clear_commands(guild=guild)   # the tree's copies for that server: none, so the PUT sends []
+            await bot.tree.sync(guild=guild)
+    if registered:
+        done = f"removed {len(registered)} commands from guild {guild_id}: {_command_names(registered)}"
+    else:
+        done = f"guild {guild_id} has none of this bot's own commands: nothing to remove"
+    note = ""
+    if guild_id == config.discord.sync_guild:
+        note = "; [discord] sync_guild still names it: set it to 0, or the next start registers them there again"
+    print(f"{done} (the global commands stay){note}")
     return 0
 
 
@@ -227,7 +285,8 @@ def server_error(exc: BaseException, token: str) -> str:
         message += "; an outage on Discord's side, not a setting: try again later (https://discordstatus.com)"
     else:
         message += ("; not an outage but a setting to fix (a 403 or 404 for a guild: is the bot in that guild, "
-                    "invited with the applications.commands scope? check --guild / [discord] sync_guild)")
+                    "invited with the applications.commands scope? check --guild / --clear-guild / "
+                    "[discord] sync_guild)")
     return message.replace(token, "***") if token else message
 
 
@@ -251,8 +310,10 @@ def _main(argv: list[str] | None) -> int:
     if uses_defaults(args):
         log.info("%s", defaults_note())
     try:
+        if args.command == "sync" and args.clear_guild:
+            return asyncio.run(clear_guild_commands(config, token, args.clear_guild))
         if args.command == "sync":
-            return asyncio.run(sync_commands(config, token, args.guild or config.discord.sync_guild or None))
+            return asyncio.run(sync_commands(config, token, sync_target(args, config)))
         return asyncio.run(_run_until_signal(config, token))
     except LaunchError as exc:   # its message masks the queue URL's password
         # Once, on stderr (where the log goes too): not a log line and the same text again.

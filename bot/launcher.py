@@ -37,7 +37,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 import discord
@@ -287,40 +287,73 @@ def make_bot(resources: Resources, **kwargs: Any) -> ImagineBot:
 _OPTION_FIELDS = ("type", "name", "description", "min_value", "max_value", "min_length", "max_length")
 
 
-def command_shape(payload: dict[str, Any]) -> tuple[Any, ...]:
-    """What a user sees of a slash command, from Discord's payload or the bot's own (`to_dict`):
-    its name, description and options (choices, bounds, nested options), without ids, versions,
-    localisations or fields one side leaves out (`AppCommand.to_dict` has no permissions)."""
-    def option(o: dict[str, Any]) -> tuple[Any, ...]:
+def command_shape(payload: Mapping[str, Any], *, in_guild: bool = False) -> tuple[Any, ...]:
+    """What a user sees of a slash command, from Discord's raw payload or the bot's own (`to_dict`):
+    its name, description and options (choices, bounds, nested options), and who may use it where
+    (`command_access`); without ids, versions or localisations. `in_guild`: a server's copy."""
+    def option(o: Mapping[str, Any]) -> tuple[Any, ...]:
         return (tuple(o.get(k) for k in _OPTION_FIELDS)
                 + (bool(o.get("required")), bool(o.get("autocomplete")),
                    tuple((c["name"], c["value"]) for c in o.get("choices") or ()),
                    tuple(sorted(o.get("channel_types") or ())),
                    tuple(option(sub) for sub in o.get("options") or ())))
     return (payload.get("type") or 1, payload["name"], payload.get("description") or "",
-            tuple(option(o) for o in payload.get("options") or ()))
+            tuple(option(o) for o in payload.get("options") or ()), command_access(payload, in_guild=in_guild))
+
+
+def command_access(payload: Mapping[str, Any], *, in_guild: bool = False) -> tuple[Any, ...]:
+    """Who may use a command, and where, with each field Discord may leave out or null read as what
+    that means, so that a freshly synced command compares equal to the bot's own: permissions (Discord
+    sends a string, discord.py an int; null: everyone), nsfw (absent: false), and for a global command
+    its installs (absent: guild install, Discord's default; the bot always sends [0]), its contexts
+    (null: not set, so the deprecated dm_permission decides, null or absent meaning true). A server's
+    copy has none of those three: Discord applies them to global commands only."""
+    permissions = payload.get("default_member_permissions")
+    access: tuple[Any, ...] = (None if permissions is None else int(permissions), bool(payload.get("nsfw")))
+    if in_guild:
+        return access
+    contexts = payload.get("contexts")
+    installs = payload.get("integration_types") or [0]
+    return access + (tuple(sorted(set(installs))),
+                     None if contexts is None else tuple(sorted(set(contexts))),
+                     payload.get("dm_permission") is not False if contexts is None else None)
+
+
+async def registered_commands(bot: ImagineBot, guild_id: int | None) -> Sequence[Mapping[str, Any]]:
+    """Discord's own payloads of the registered commands: `tree.fetch_commands` gives AppCommands,
+    whose `to_dict` leaves out default_member_permissions, nsfw and dm_permission."""
+    if bot.application_id is None:   # set at login
+        raise discord.ClientException("no application id: log in first")
+    if guild_id:
+        return await bot.http.get_guild_commands(bot.application_id, guild_id)
+    return await bot.http.get_global_commands(bot.application_id)
 
 
 async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> list[str] | None:
     """After login: when Discord has none of this bot's commands (global ones, or `guild_id`'s),
     register them (one GET; a PUT only then) and return their names; else None, with a log line
     naming the commands whose definition on Discord differs from the bot's (a new size, preset or
-    limit in the config changes /imagine's options and descriptions; `imagine-bot sync` updates
+    limit in the config changes /imagine's options and descriptions; an upgrade may change where
+    and by whom a command may be used, `command_access`; `imagine-bot sync` updates
     them: synced on request, so a restart never spends Discord's daily command-update budget). A
     failure is logged, never fatal: the bot runs either way."""
     guild = discord.Object(id=guild_id) if guild_id else None
     where = f"guild {guild_id}" if guild_id else "global"
     try:
-        registered = {c.name: command_shape(c.to_dict()) for c in await bot.tree.fetch_commands(guild=guild)}
+        in_guild = guild is not None
+        registered = {c["name"]: command_shape(c, in_guild=in_guild)
+                      for c in await registered_commands(bot, guild_id)}
         if guild is not None:
             bot.tree.copy_global_to(guild=guild)
-        ours = {c.name: command_shape(c.to_dict(bot.tree)) for c in bot.tree.get_commands(guild=guild)}
+        ours = {c.name: command_shape(c.to_dict(bot.tree), in_guild=in_guild)
+                for c in bot.tree.get_commands(guild=guild)}
         if registered:
             differ = sorted(name for name in registered.keys() | ours.keys() if registered.get(name) != ours.get(name))
             if differ:
                 log.warning("Discord's %s slash commands differ from this bot's (%s: added, removed or changed "
-                            "since the last sync, e.g. by the config's sizes, presets or limits): run "
-                            "`imagine-bot sync` to update them", where, ", ".join(f"/{n}" for n in differ))
+                            "since the last sync, e.g. by the config's sizes, presets or limits, or by an "
+                            "upgrade that changed where or by whom they may be used): run `imagine-bot sync` "
+                            "to update them", where, ", ".join(f"/{n}" for n in differ))
             return None
         synced = await bot.tree.sync(guild=guild)
     except (discord.HTTPException, discord.ClientException, aiohttp.ClientError, OSError) as exc:

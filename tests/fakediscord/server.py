@@ -2355,6 +2355,8 @@ class FakeDiscord:
         cmd.setdefault("description", "" if cmd["type"] != 1 else cmd.get("description", ""))
         cmd.setdefault("options", [])
         cmd.setdefault("default_member_permissions", None)
+        if cmd["default_member_permissions"] is not None:   # sent as an integer, kept as a string
+            cmd["default_member_permissions"] = str(cmd["default_member_permissions"])
         cmd.setdefault("nsfw", False)
         cmd.setdefault("name_localizations", None)
         cmd.setdefault("description_localizations", None)
