@@ -10,7 +10,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: test run imagine demo install python-check system-deps test-deps bench
+.PHONY: help test run imagine demo install python-check system-deps test-deps bench
+# `make` alone lists the commands: it used to run python-check (the first target) and say nothing.
+.DEFAULT_GOAL := help
+
+help:
+	@echo 'make test                                  # install everything (venv, ffmpeg, redis) and run the tests'
+	@echo 'DISCORD_TOKEN=... make run                 # install and run the bot (config.toml if there is one)'
+	@echo 'make imagine PROMPT="a house by Escher"    # install and render locally, no Discord (out/<time>/)'
+	@echo 'make demo                                  # offline check: tiny random models, 4 steps on the CPU'
+	@echo 'make install                               # install only: the venv, the package and its test extras'
+	@echo 'make bench                                 # install, then time the loop on full-size random models'
+	@echo 'See README.md.'
 
 # apt-get install $$missing (as root, else through sudo); without apt-get, say what is missing.
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -63,8 +74,11 @@ test: system-deps test-deps $(STAMP)
 run: system-deps $(STAMP)
 	$(BIN)/imagine-bot
 
+# The prompt reaches imagine as typed, through the environment: "$(PROMPT)" in the recipe would
+# let make expand its `$5` and the shell its quotes, backquotes and `$(...)`.
+imagine: export IMAGINE_PROMPT := $(value PROMPT)
 imagine: system-deps $(STAMP)
-	$(BIN)/imagine "$(PROMPT)" --out out/$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/imagine "$$IMAGINE_PROMPT" --out out/$$(date +%Y%m%d-%H%M%S)
 
 # Tiny random-weight CLIP and decoder (engine.random_models), 4 steps on the CPU, into out/demo/run.
 # --trust-decoder: the pickle is the one made the line before.

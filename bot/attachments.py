@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -44,6 +45,14 @@ SPEC_KEYS = {"image": "image_prompt", "init_image": "init_image"}
 # How many times `Uploads.submit` stores a picture of its own again when the submit finds it gone
 # (another command's discard or cancel of the same picture came between this store and this submit).
 RESTORE_TRIES = 3
+# Pictures are decoded on threads of their own, not on asyncio's default pool, which the rest of
+# the bot shares (ban-word matching, contact sheets, video re-encoding): a thread cannot be stopped,
+# so a picture still decoding when its command gives up (bot.imagine's ATTACHMENT_TIMEOUT) keeps its
+# thread until it is done, and enough of them would make every other command wait. engine.images
+# bounds one decode (pixels, a JPEG's scans); this bounds how many run at once. The others wait
+# their turn; a command that gives up while its picture waits takes it out of the line.
+DECODE_THREADS = 2
+_decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="attachment-decode")
 
 
 class AttachmentRefused(ValueError):
@@ -93,7 +102,7 @@ async def download(attachment: discord.Attachment, option: str, max_bytes: int) 
 
 def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
     """Decode (refusing what is not a safe image), scale down, re-encode as PNG. CPU work: run it
-    in a thread."""
+    on the decoders' threads (`check_on_decoders`)."""
     try:
         image, notes = load_image(data, max_bytes=max_bytes)
     except ImageRejected as exc:
@@ -105,6 +114,20 @@ def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return CheckedImage(option, buf.getvalue(), notes)
+
+
+async def check_on_decoders(data: bytes, option: str, max_bytes: int) -> CheckedImage:
+    """`check`, on the attachments' own threads (DECODE_THREADS, why: there)."""
+    return await asyncio.get_running_loop().run_in_executor(_decoders, check, data, option, max_bytes)
+
+
+def timeout_text(decoding: list[str]) -> str:
+    """What to tell the user when their pictures were not ready in time: `decoding`, the options
+    whose picture was downloaded and was being read (or waiting for a decoder) when time ran out."""
+    if decoding:
+        return (f"`{decoding[0]}`: reading the picture took too long (it may be too complex to decode, or "
+                "I am busy reading other pictures). Try again, or send a simpler picture (a PNG or a plain JPEG).")
+    return "Downloading the attachment from Discord took too long. Try again."
 
 
 async def store(queue: Any, checked: CheckedImage) -> list[str]:

@@ -526,7 +526,8 @@ def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
     everywhere = "Jobs waiting in other servers count too."
     if wanted == 1:
         return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
-                f"{everywhere} Wait for one to start (or cancel one) and try again.")
+                f"{everywhere} Wait for one to start, or cancel one (`/queue show` lists yours, those of "
+                "other servers first; `/queue cancel <id>` works from any server), and try again.")
     if wanted > limit:
         return (f"That prompt makes {wanted} images, but you may have at most {limit} waiting at once here, "
                 f"so it can never be queued whole. Use fewer options (at most {limit} combinations). "
@@ -573,9 +574,14 @@ def lineage_gone(job_id: str, kind: str | None, parent_id: str) -> str:
             "rerolled from the same start. `/imagine` the prompt instead.")
 
 
-async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction, record: JobRecord) -> None:
+async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction, record: JobRecord,
+                            reason: str | None = None) -> None:
     """Cancel a job the caller may cancel (the Cancel button, `/queue cancel`) and say privately
     what happened: cancelled (it was waiting), stopping (it runs), or it had already ended.
+
+    `reason`: why, stored with the cancel (render.final_text shows it publicly); by default none
+    when the caller asked for the job, else render.CANCEL_BY_ADMIN (only an admin may cancel
+    another's job: the callers check).
 
     The store's write may wait seconds (SQLite: behind a worker's checkpoint write), longer than
     Discord's 3 s to answer: an interaction not answered yet is deferred (privately) first. One
@@ -585,7 +591,14 @@ async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction,
         return
     if not interaction.response.is_done():
         await interaction.response.defer(ephemeral=True, thinking=True)
-    ok = await bot.queue.cancel(record.id)
+    by_author = interaction.user.id == record.spec.user_id
+    if reason is None and not by_author:
+        reason = render.CANCEL_BY_ADMIN
+    # Who, where and whose (the name repr()'d: the user's own text), for "who cancelled my job?".
+    log.info("user %s (%r) in server %s cancels job %s (%s) of user %s (%s)", interaction.user.id,
+             interaction.user.name, interaction.guild_id, record.id, record.state.value, record.spec.user_id,
+             "its author" if by_author else f"not its author; reason {reason!r}")
+    ok = await bot.queue.cancel(record.id, reason=reason)
     if bot.progress is not None:
         bot.progress.line_changed()
     # Read again: a worker may have claimed the job since `record` was read, and then it is
@@ -915,9 +928,14 @@ class ImagineCog(commands.Cog, name="Imagine"):
         (ImagineCog.imagine): nothing is downloaded for a refused prompt."""
         max_bytes = self.bot.config.imagine.max_image_bytes
 
+        decoding: list[str] = []   # the options whose picture is downloaded and being read: the timeout's words
+
         async def one(option: str, a: discord.Attachment) -> attachments.CheckedImage:
             data = await attachments.download(a, option, max_bytes)
-            return await asyncio.to_thread(attachments.check, data, option, max_bytes)
+            decoding.append(option)
+            checked = await attachments.check_on_decoders(data, option, max_bytes)
+            decoding.remove(option)
+            return checked
 
         work = asyncio.wait_for(asyncio.gather(*(one(o, a) for o, a in pictures)), ATTACHMENT_TIMEOUT)
         try:
@@ -928,7 +946,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await ephemeral(interaction, str(exc))
             return False
         except asyncio.TimeoutError:
-            await ephemeral(interaction, "Downloading the attachment from Discord took too long. Try again.")
+            await ephemeral(interaction, attachments.timeout_text(decoding))
             return False
         # Storing is a write: it may wait seconds behind a worker's (SQLite), so Discord gets its
         # answer first: the public "thinking…" that becomes the job's reply.

@@ -39,6 +39,12 @@ downloads any attached picture (ImagineCog.refusal; permutations.check_set for e
 permutation set), and the Reroll / Continue buttons and Remix make it before they submit
 (anything else that submits through ImagineCog.submit unchecked gets it there). A refusal quotes what matched through render.quote (tamed:
 no bidi controls, combining marks capped).
+
+Jobs already in line when an entry is added would otherwise run and be posted publicly: the add
+cancels this server's queued and running jobs whose prompt the new entry matches (`cancel_matching`,
+the same `find`), with the reason render.CANCEL_BANNED, whose public text never names the entry. A
+pattern that matches half of a few ordinary prompts (`_ORDINARY`) is refused when added: it would
+refuse nearly every prompt (`re:.`, `re:[a-z]`).
 """
 
 from __future__ import annotations
@@ -79,6 +85,9 @@ _COUNTED_REPEAT = regex.compile(r"\\.|\{\s*(\d*)\s*(?:,\s*\d*\s*)?\}")
 _FLAGS = regex.IGNORECASE | regex.V0
 # Strings that make badly nested repeats backtrack; a new pattern must get through them quickly.
 _PROBES = ("a" * 400 + "!", "ab" * 200 + "!", " " * 400 + "!", "aaa0" * 100 + "\n", "x" * 400, "a1 " * 130)
+# Ordinary prompts that share no word: a pattern matching half of them or more would refuse nearly
+# every prompt (`re:.`, `re:\S`, `re:[a-z]`, `re:\b`, `re:\s`, `re:e`), so it is refused when added.
+_ORDINARY = ("a red bicycle", "lighthouse at dusk", "1984", "猫", "Zebra", "portrait, oil on canvas")
 
 
 def setting_key(guild_id: int) -> str:
@@ -245,10 +254,20 @@ def normalise(raw: str) -> str:
                                "Nothing was added.")
             for probe in _PROBES:
                 pattern.search(probe, timeout=MATCH_TIMEOUT, concurrent=True)
+            _refuse_broad(pattern)
         except TimeoutError:
             raise BadEntry("That pattern is too slow to match (nested repeats like `(a+)+` can take exponential "
                            "time). Simplify it. Nothing was added.") from None
     return entry
+
+
+def _refuse_broad(pattern: "regex.Pattern[str]") -> None:
+    """BadEntry when `pattern` matches half of _ORDINARY or more: it would refuse nearly everything."""
+    hits = [p for p in _ORDINARY if pattern.search(p, timeout=MATCH_TIMEOUT, concurrent=True) is not None]
+    if 2 * len(hits) >= len(_ORDINARY):
+        examples = ", ".join(render.quote(p) for p in hits[:3])
+        raise BadEntry(f"That pattern matches ordinary prompts such as {examples}, so it would refuse nearly "
+                       "every prompt. Make it match only what you mean to refuse. Nothing was added.")
 
 
 def same(a: str, b: str) -> bool:
@@ -330,6 +349,42 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
         return (f"Your prompt contains {render.quote(matched, 50)}, which this server's admins have refused. "
                 "Change it and try again; nothing was queued.")
     return None
+
+
+# --- jobs already in line when an entry is added -------------------------------------------------
+
+async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[str]:
+    """Cancel server `guild_id`'s queued and running jobs whose prompt (as submitted: each job of a
+    permutation set its own) `entry` matches as `find` matches a new prompt (a timeout counts, as
+    it refuses one); their replies say why without naming the entry (render.CANCEL_BANNED). A
+    running job already asked to stop is left to that request. The ids cancelled, in line order."""
+    jobs = [r for r in await bot.queue.queued() + await bot.queue.running()
+            if r.spec.guild_id == guild_id and not r.cancel_requested]
+    max_chars = bot.config.imagine.max_prompt_chars
+    hits = await asyncio.to_thread(lambda: [r for r in jobs if find([entry], r.spec.prompt, max_chars) is not None])
+    cancelled = [r.id for r in hits if await bot.queue.cancel(r.id, reason=render.CANCEL_BANNED)]
+    if cancelled:
+        if bot.progress is not None:
+            bot.progress.line_changed()
+        log.info("the refused entry %r cancelled jobs %s of server %s", entry, ", ".join(cancelled), guild_id)
+    return cancelled
+
+
+def _cancelled_line(job_ids: list[str], room: int) -> str:
+    """The admin's line on the jobs `cancel_matching` cancelled, at most `room` characters: the ids
+    that fit, then how many more."""
+    if not job_ids:
+        return "No queued or running job of this server matches it."
+    n = len(job_ids)
+    text = (f"Cancelled {n} of this server's queued or running job{'s' if n != 1 else ''} whose prompt matches it "
+            "(a running one stops at its worker's next check):")
+    shown = list(job_ids)
+    while True:
+        more = f" …and {n - len(shown)} more." if len(shown) < n else ""
+        line = text + " " + ", ".join(f"`{j}`" for j in shown) + (more or ".")
+        if len(line) <= room or not shown:
+            return line
+        shown.pop()
 
 
 # --- the commands --------------------------------------------------------------------------------
@@ -422,10 +477,13 @@ class ModerationCog(commands.Cog, name="Moderation"):
                 return
             current.append(entry)
             await self.bot.queue.set_setting(setting_key(guild_id), current)
+        log.info("user %s added %r to the refused words of server %s", interaction.user.id, entry, guild_id)
+        # After the write: a job submitted from now on is refused at submit, one before it is here.
+        cancelled = await cancel_matching(self.bot, guild_id, entry)
         kind = "pattern" if is_regex(entry) else "word"
-        await ephemeral(interaction, f"Added the {kind} {_code(entry)}: prompts that "
-                                     f"contain it are refused. The list has {len(current)} "
-                                     f"entr{'y' if len(current) == 1 else 'ies'}.")
+        head = (f"Added the {kind} {_code(entry)}: prompts that contain it are refused. The list has "
+                f"{len(current)} entr{'y' if len(current) == 1 else 'ies'}.")
+        await ephemeral(interaction, f"{head}\n{_cancelled_line(cancelled, render.CONTENT_LIMIT - len(head) - 1)}")
 
     async def remove(self, interaction: discord.Interaction, raw: str) -> None:
         from bot.imagine import ephemeral   # noqa: PLC0415
@@ -443,6 +501,8 @@ class ModerationCog(commands.Cog, name="Moderation"):
                                              "list; `/queue ban-word list` shows it.")
                 return
             await self.bot.queue.set_setting(setting_key(guild_id), keep)
+        log.info("user %s removed %r from the refused words of server %s (entries %r)",
+                 interaction.user.id, wanted, guild_id, [e for e in current if e not in keep])
         await ephemeral(interaction, f"Removed {_code(wanted)}: it is allowed again. "
                                      f"The list has {len(keep)} entr{'y' if len(keep) == 1 else 'ies'}.")
 

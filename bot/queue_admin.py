@@ -2,12 +2,15 @@
 
 One queue serves every server the bot is in, so each subcommand is scoped to the server it is
 used in (the caller's own jobs in direct messages):
-- `show` (anyone): this server's running and waiting jobs of channels the caller can view (a
-  private channel's prompts stay in it: bot.permissions.can_see_job), with their places in the
-  shared line (a place counts every server's jobs ahead), and how many others are not shown;
-- `cancel <job>`: a job's author may cancel it; an admin of the job's server may cancel any job of
-  that server. A job of another server gets the same answer as an id that does not exist, so ids
-  of other servers are never confirmed;
+- `show [page]` (anyone): the caller's own jobs of other servers first (their author may always
+  see and cancel them: one waiting in a paused server counts against their cap everywhere), then
+  this server's running and waiting jobs of channels the caller can view (a private channel's
+  prompts stay in it: bot.permissions.can_see_job) and the caller's own, with their places in the
+  shared line (a place counts every server's jobs ahead), and how many others are not shown; up to
+  SHOW_MAX jobs a page;
+- `cancel <job>`: a job's author may cancel it, from any server; an admin of the job's server may
+  cancel any job of that server. Another's job of another server gets the same answer as an id
+  that does not exist, so ids of other servers are never confirmed;
 - `clear` (admins): cancels this server's waiting jobs only;
 - `limit <n>` (admins): this server's cap of waiting jobs per person (setting
   `bot.max_queued_per_user:<guild_id>`; without one, `[queue] max_queued_per_user`), checked when
@@ -17,6 +20,10 @@ used in (the caller's own jobs in direct messages):
   running jobs finish. `everywhere:True` stops or starts every worker for every server (setting
   `paused`), so that is for the bot's owner alone (the application's owner, or its team's admins
   and developers).
+
+When the bot is removed from a server (`on_guild_remove`), that server's waiting jobs are cancelled
+and its running ones stopped: no result could be posted there. Admins' actions are logged (INFO:
+who, where, on what).
 
 Admins: Manage Server or a role named in config `admin_roles` (bot.permissions). Every refusal is
 private and changes nothing; echoed prompts go through bot.render, and the client allows no mentions.
@@ -28,8 +35,9 @@ One that only reads (`show`, `cancel`'s look-up, `/history`) races its reads aga
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 import discord
 from discord import app_commands
@@ -44,9 +52,21 @@ from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
 if TYPE_CHECKING:
     from bot.client import ImagineBot
 
+log = logging.getLogger(__name__)
+
 USER_LIMIT_KEY = "bot.max_queued_per_user"   # global; written by earlier versions, read by none now
-SHOW_MAX = 20
+SHOW_MAX = 20          # jobs on one page of `/queue show` (fewer when their lines pass CONTENT_LIMIT)
 CONTENT_LIMIT = 2000
+LIMIT_MIN, LIMIT_MAX = 1, 100   # `/queue limit n`
+PAGE_LINES_ROOM = 160  # kept free on a page for its "…and N more" and "Page n of m" lines
+
+
+def log_admin_action(interaction: discord.Interaction, action: str, *args: object) -> None:
+    """One INFO line for an admin's action on the line (who, in which server, on what), so that a
+    server's owner asking "who cleared our queue?" has an answer. The name is logged repr()'d: it
+    is the user's own text."""
+    user = interaction.user
+    log.info("admin %s (%r) in server %s: " + action, user.id, user.name, interaction.guild_id, *args)
 
 
 def user_limit_key(guild_id: int) -> str:
@@ -75,22 +95,69 @@ def limit_sentence(limit: int, guild_id: int | None, *, now: bool = False) -> st
     return f"{have} when they queue in this server; jobs waiting in other servers count too."
 
 
+def elsewhere(record: JobRecord, guild_id: int | None, user_id: int) -> bool:
+    """Whether `record` is the caller's own job of another server (or of direct messages), seen from
+    server `guild_id`: its author may always see and cancel it from here. A job waiting in a server
+    that paused its jobs, or that removed the bot while it was offline, would otherwise block its
+    author's cap in every server with no way to learn its id."""
+    return guild_id is not None and record.spec.user_id == user_id and record.spec.guild_id != guild_id
+
+
+def _elsewhere_item(record: JobRecord, place: int | None, paused_servers: Collection[int]) -> str:
+    """One line for the caller's own job of another server: no mention (it is theirs), and why it
+    does not start when its server is paused."""
+    where = "in another server" if record.spec.guild_id is not None else "in direct messages"
+    line = f"`{record.id}` {render.snippet(record.spec.prompt)} · yours, {where}"
+    if place is None:
+        return f"▶ {line} · {record.iteration}/{record.spec.iterations}"
+    if record.spec.guild_id in paused_servers:
+        line += " (its server's jobs are paused)"
+    return f"**#{place}** {line}"
+
+
+def _pages(items: list[str], room: int) -> list[list[str]]:
+    """`items` cut into pages of at most SHOW_MAX entries and `room` characters (one newline each),
+    in order: the same pages for every `/queue show page:` while the line stays the same."""
+    pages: list[list[str]] = [[]]
+    used = 0
+    for item in items:
+        if pages[-1] and (len(pages[-1]) == SHOW_MAX or used + len(item) + 1 > room):
+            pages.append([])
+            used = 0
+        pages[-1].append(item)
+        used += len(item) + 1
+    return pages
+
+
 def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int | None, user_id: int,
               *, paused: bool, limit: int, server_paused: bool = False,
-              can_see: Callable[[JobRecord], bool] | None = None) -> str:
-    """The `/queue show` answer: the jobs in scope (see `in_scope`) that the caller `can_see` (the
-    channel check, bot.permissions.can_see_job; None: all of them) with their places in the whole
-    line (`queued` in claim order), and how many of the others are not shown. `paused`: every
+              can_see: Callable[[JobRecord], bool] | None = None, page: int = 1,
+              paused_servers: Collection[int] = ()) -> str:
+    """The `/queue show` answer, page `page` (1-based; past the last: the last, saying so): first the
+    caller's own jobs of other servers (`elsewhere`; `paused_servers`: those of their servers that
+    are paused), then the jobs in scope (see `in_scope`) that the caller `can_see` (the channel
+    check, bot.permissions.can_see_job; None: all of them) or asked for, with their places in the
+    whole line (`queued` in claim order), and how many of the others are not shown. `paused`: every
     server is paused; `server_paused`: this one is."""
-    def shown(record: JobRecord) -> bool:
-        return in_scope(record, guild_id, user_id) and (can_see is None or can_see(record))
+    def here(record: JobRecord) -> bool:
+        # One's own job is shown whatever its channel: its author wrote the prompt.
+        return in_scope(record, guild_id, user_id) and (
+            can_see is None or record.spec.user_id == user_id or can_see(record))
 
-    mine_running = [r for r in running if shown(r)]
-    mine_queued = [(n, r) for n, r in enumerate(queued, 1) if shown(r)]
-    other_running = len(running) - len(mine_running)
-    other_queued = len(queued) - len(mine_queued)
+    def away(record: JobRecord) -> bool:
+        return elsewhere(record, guild_id, user_id)
+
+    places = {record.id: n for n, record in enumerate(queued, 1)}
+    away_items = ([_elsewhere_item(r, None, paused_servers) for r in running if away(r)]
+                  + [_elsewhere_item(r, places[r.id], paused_servers) for r in queued if away(r)])
+    here_items = ([f"▶ `{r.id}` {render.snippet(r.spec.prompt)} · <@{r.spec.user_id}> · "
+                   f"{r.iteration}/{r.spec.iterations}" for r in running if here(r)]
+                  + [f"**#{places[r.id]}** `{r.id}` {render.snippet(r.spec.prompt)} · <@{r.spec.user_id}>"
+                     for r in queued if here(r)])
+    other_running = sum(1 for r in running if not here(r) and not away(r))
+    other_queued = sum(1 for r in queued if not here(r) and not away(r))
     # This server's jobs hidden by the channel check: counted, never described (nor their ids).
-    unseen = sum(1 for r in running + queued if in_scope(r, guild_id, user_id) and not shown(r))
+    unseen = sum(1 for r in running + queued if in_scope(r, guild_id, user_id) and not here(r))
     whose = "of this server" if guild_id is not None else "of yours"
 
     head: list[str] = []
@@ -99,16 +166,9 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     if server_paused:
         head.append("**This server's jobs are paused**: none of them starts until an admin uses `/queue resume` "
                     "(other servers' jobs go on).")
-    items: list[str] = []
-    for record in mine_running:
-        items.append(f"▶ `{record.id}` {render.snippet(record.spec.prompt)} · <@{record.spec.user_id}> · "
-                     f"{record.iteration}/{record.spec.iterations}")
-    for position, record in mine_queued:
-        items.append(f"**#{position}** `{record.id}` {render.snippet(record.spec.prompt)} · "
-                     f"<@{record.spec.user_id}>")
     if not running and not queued:
         head.append("The line is empty.")
-    elif not items:
+    elif not here_items:
         head.append(f"No job {whose}{' that you can see' if unseen else ''} is in the line.")
 
     foot: list[str] = []
@@ -127,16 +187,27 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
             where = "other servers or of channels you cannot see"
         foot.append(f"-# Not shown: {' and '.join(parts)} {noun} of {where}. "
                     "Places (#) count every job in the line.")
+    if away_items:
+        foot.append("-# Yours in other servers are listed first: `/queue cancel` takes their ids here too.")
     foot.append(f"-# {limit_sentence(limit, guild_id)}")
 
-    shown = items[:len(mine_running) + SHOW_MAX]
-    while True:
-        hidden = len(items) - len(shown)
-        more = [f"…and {hidden} more {whose}."] if hidden else []
-        text = "\n".join(head + shown + more + foot)
-        if len(text) <= CONTENT_LIMIT or not shown:
-            return text[:CONTENT_LIMIT]
-        shown.pop()
+    items = away_items + here_items
+    room = CONTENT_LIMIT - len("\n".join(head + foot)) - PAGE_LINES_ROOM
+    pages = _pages(items, room)
+    number = min(page, len(pages))
+    shown = pages[number - 1]
+    after = items[sum(len(p) for p in pages[:number]):]
+    more = []
+    if after:
+        # Past this page: this server's jobs alone, unless the caller's own of other servers spill over.
+        only_here = len(after) <= len(here_items)
+        more.append(f"…and {len(after)} more{f' {whose}' if only_here else ''}.")
+    if len(pages) > 1 or page > number:
+        line = f"-# Page {number} of {len(pages)}"
+        if page > number:
+            line += f" (there is no page {page} now)"
+        more.append(line + (f": `/queue show page:{number + 1}` for the next." if after else "."))
+    return "\n".join(head + shown + more + foot)[:CONTENT_LIMIT]
 
 
 @app_commands.guild_only()
@@ -167,29 +238,66 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         if self.bot.progress is not None:
             self.bot.progress.line_changed()
 
+    @commands.Cog.listener()
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        """The bot was removed from `guild` (kicked, banned, or the server deleted; discord.py reports
+        an outage as guild_unavailable, not this): no result of its jobs could ever be posted there,
+        and its waiting jobs would count against their authors' cap in every server for ever. So its
+        waiting jobs are cancelled and its running ones asked to stop. A removal while the bot was
+        offline is never told: those jobs stay for their authors' `/queue cancel`
+        (docs/ARCHITECTURE.md, Known gaps)."""
+        try:
+            cleared = await self.queue.clear(guild_id=guild.id)
+            # Read after the clear: a job claimed meanwhile left the line and is running now.
+            running = [r.id for r in await self.queue.running() if r.spec.guild_id == guild.id]
+            stopping = sum([await self.queue.cancel(job_id) for job_id in running])
+        except Exception:   # noqa: BLE001 - the store failed: said, and their authors can still cancel them
+            log.warning("removed from server %s, but could not cancel its jobs", guild.id, exc_info=True)
+            return
+        log.info("removed from server %s: %d waiting jobs cancelled, %d running jobs asked to stop",
+                 guild.id, cleared, stopping)
+        if cleared or stopping:
+            self._line_changed()
+
     @app_commands.command(name="show",
-                          description="Show this server's jobs in the line: who waits for what, and what runs")
-    async def show(self, interaction: discord.Interaction) -> None:
+                          description="Show this server's jobs in the line (and yours in other servers): "
+                                      "who waits for what, and what runs")
+    @app_commands.describe(page=f"Which page of the list (1 first; each shows up to {SHOW_MAX} jobs)")
+    async def show(self, interaction: discord.Interaction, page: app_commands.Range[int, 1, None] = 1) -> None:
         guild_id = interaction.guild_id
+        user_id = interaction.user.id
+        if page < 1:   # Discord enforces the option's minimum; this is for a value that arrives anyway
+            await ephemeral(interaction, f"`page` must be 1 or more (you gave {page}).")
+            return
 
         async def read() -> str:
             running = await self.queue.running()
             queued = await self.queue.queued()
             # A private channel's jobs stay in it: which of this server's the caller may see, with
             # one Discord lookup at most per private thread (and at most 10) for the whole list.
+            # The caller's own jobs are shown whatever their channel (show_text): no lookup for them.
             lookups = ThreadLookups()
             seen = set() if guild_id is None else {
                 r.id for r in running + queued
-                if in_scope(r, guild_id, interaction.user.id) and await can_see_job(interaction, r, lookups)}
+                if in_scope(r, guild_id, user_id) and r.spec.user_id != user_id
+                and await can_see_job(interaction, r, lookups)}
             paused = bool(await self.queue.get_setting(PAUSED_KEY, False))
             server_paused = (guild_id is not None
                              and bool(await self.queue.get_setting(guild_paused_key(guild_id), False)))
             limit = await self.bot.user_limit(guild_id)
-            return show_text(running, queued, guild_id, interaction.user.id, paused=paused, limit=limit,
+            return show_text(running, queued, guild_id, user_id, paused=paused, limit=limit,
                              server_paused=server_paused,
-                             can_see=None if guild_id is None else (lambda r: r.id in seen))
+                             can_see=None if guild_id is None else (lambda r: r.id in seen), page=page,
+                             paused_servers=await self._paused_servers_of(
+                                 [r for r in queued if elsewhere(r, guild_id, user_id)]))
 
         await ephemeral(interaction, await in_time(interaction, read(), defer="private"))
+
+    async def _paused_servers_of(self, records: list[JobRecord]) -> set[int]:
+        """Which of these jobs' servers are paused (one setting read per server): the caller's own
+        jobs there wait until that server's admins resume it."""
+        servers = {r.spec.guild_id for r in records if r.spec.guild_id is not None}
+        return {g for g in servers if await self.queue.get_setting(guild_paused_key(g), False)}
 
     @app_commands.command(name="cancel",
                           description="Cancel a queued or running job (yours, or as an admin this server's)")
@@ -229,6 +337,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         # worker claims meanwhile goes on.
         await interaction.response.defer(ephemeral=True)
         count = await self.queue.clear(guild_id=interaction.guild_id)
+        log_admin_action(interaction, "clear: %d queued jobs cancelled", count)
         if count:
             self._line_changed()
         await ephemeral(interaction, f"Cleared this server's jobs from the line: "
@@ -265,21 +374,23 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
                 text = "Resumed: this server's jobs start again."
                 if await self.queue.get_setting(PAUSED_KEY, False):
                     text += " But the bot's owner has paused every server: nothing starts until they resume it."
+        log_admin_action(interaction, "%s%s", "pause" if paused else "resume", " everywhere" if everywhere else "")
         self._line_changed()
         await ephemeral(interaction, text)
 
     @app_commands.command(name="limit",
                           description="Admin: how many waiting jobs (in every server) a person may have to queue here")
-    @app_commands.describe(n="Jobs one person may have waiting (1-100)")
-    async def limit(self, interaction: discord.Interaction, n: int) -> None:
+    @app_commands.describe(n=f"Jobs one person may have waiting ({LIMIT_MIN}-{LIMIT_MAX})")
+    async def limit(self, interaction: discord.Interaction, n: app_commands.Range[int, LIMIT_MIN, LIMIT_MAX]) -> None:
         if not await self._admin(interaction):
             return
-        if not 1 <= n <= 100:
-            await ephemeral(interaction, f"`n` must be between 1 and 100 (you gave {n}).")
+        if not LIMIT_MIN <= n <= LIMIT_MAX:   # Discord enforces the option's range; for a value that arrives anyway
+            await ephemeral(interaction, f"`n` must be between {LIMIT_MIN} and {LIMIT_MAX} (you gave {n}).")
             return
         guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
         await interaction.response.defer(ephemeral=True)
         await self.queue.set_setting(user_limit_key(guild_id), n)
+        log_admin_action(interaction, "limit set to %d", n)
         await ephemeral(interaction, limit_sentence(n, guild_id, now=True))
 
 

@@ -18,7 +18,7 @@ import re
 
 import discord
 
-from engine.jobs import JobRecord, JobSpec, JobState
+from engine.jobs import CLEARED, JobRecord, JobSpec, JobState
 from engine.text import MAX_MARKS, clip, has_visible_text, tame  # noqa: F401 - re-exported: the bot's echo rules
 
 CONTENT_LIMIT = 2000
@@ -289,7 +289,7 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
             status += f" · took {duration(record.finished_at - record.started_at)}"
         status += "."
     elif record.state == JobState.CANCELLED:
-        status = "Cancelled."
+        status = cancelled_status(record.error)
     else:
         reason = (record.error or "unknown error").strip()
         # A reason may quote the prompt (a PromptError): its links defanged as the prompt's are.
@@ -297,6 +297,29 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
     if note:
         status += f"\n{note}"
     return _compose(spec, status, record.id)
+
+
+# Why a job was cancelled, as the bot stores it (`queue.cancel(reason=)`, `queue.clear`: the record's
+# `error`), and what its public reply says of it. No reason (None): its author cancelled it. The
+# reply never names a banned word: the channel would read it.
+CANCEL_BY_ADMIN = "by an admin"
+CANCEL_BANNED = "banned word"
+_CANCELLED = {
+    None: "Cancelled.",
+    CANCEL_BY_ADMIN: "Cancelled by an admin.",
+    CLEARED: "Cancelled: the server's queue was cleared.",
+    CANCEL_BANNED: "Cancelled: its prompt matches a word this server's admins banned.",
+}
+
+
+def cancelled_status(reason: str | None) -> str:
+    """A cancelled job's status line for `reason` (its record's `error`). A reason the bot does
+    not know (stored by another version of it) is shown as it is, escaped as a failure's is."""
+    text = (reason or "").strip()
+    known = _CANCELLED.get(text or None)
+    if known is not None:
+        return known
+    return f"Cancelled: {defang_links(discord.utils.escape_markdown(text[:300], ignore_links=False))}"
 
 
 def lost_text(record: JobRecord) -> str:

@@ -10,6 +10,7 @@ says what is left in --out (frames, no run.json: run.json is written last), and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 PRESETS = {
     # The seed article's notebook: 512x512, 1000 steps.
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--init-image loads) whose hash is not known good")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/imagine-bot)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="model cache (default: $IMAGINE_CACHE, else ~/.cache/imagine-bot)")
     p.add_argument("--fps", type=_fps, default=10.0, help="video frame rate")
     p.add_argument("--split-softmax", action="store_true", help="the notebook's two-softmax quirk")
     p.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     written = _Written(args.out)
     try:
-        return _run(args, written)
+        with _downloads_on_stderr(args.log_level):
+            return _run(args, written)
     except UsageError as exc:
         written.tidy()
         after = f" ({written.left()})" if written.frames or written.files else ""
@@ -192,6 +196,42 @@ def model_error(exc: BaseException) -> str:
     elif text.startswith("dVAE ") and cause is not None:
         text += "; expected a dall_e pickle such as OpenAI's decoder.pkl / encoder.pkl, or its .safetensors copy"
     return text
+
+
+def _os_reason(exc: OSError) -> str:
+    """"Not a directory: 'cache/clip'" rather than "[Errno 20] Not a directory: 'cache/clip'"."""
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {str(exc.filename)!r}"
+    return one_line(str(exc)) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _downloads_on_stderr(log_level: str) -> Iterator[None]:
+    """engine.models logs each model download (minutes, ~400 MB on a first run) at INFO, which the
+    CLI's default log level (WARNING) hides: shown on stderr as `imagine: downloading ...`, and not
+    by the log too, unless the log shows it already (INFO, DEBUG). Undone on the way out: tests
+    call main() in-process."""
+    download_log = logging.getLogger("engine.models.download")   # by name: engine.models imports torch
+    if logging.getLevelName(log_level) <= logging.INFO:
+        yield
+        return
+    note, level, propagate = _StderrNote(), download_log.level, download_log.propagate
+    download_log.addHandler(note)
+    download_log.setLevel(logging.INFO)
+    download_log.propagate = False
+    try:
+        yield
+    finally:
+        download_log.removeHandler(note)
+        download_log.setLevel(level)
+        download_log.propagate = propagate
+
+
+class _StderrNote(logging.Handler):
+    """A log record as `imagine: MESSAGE` on the sys.stderr of the moment (pytest swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"imagine: {record.getMessage()}", file=sys.stderr)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -254,12 +294,21 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
         if args.grid and args.grid != parent_grid:
             raise UsageError(f"--from-run {args.from_run} has grid {parent_grid}; --grid {args.grid} does not fit")
         settings = replace(settings, grid=parent_grid)
+    if args.device is None and device == "cpu":
+        # Said, not refused: the fallback is silent otherwise, and the default preset takes hours there. After the
+        # input checks: a refusal stays one line.
+        slow = ": hours at the default preset (try --preset draft, or a GPU)" if args.preset == "seed" else ""
+        print(f"imagine: note: no CUDA device, so this runs on the CPU{slow}", file=sys.stderr)
     t0 = time.perf_counter()
+    cache = args.cache_dir or DEFAULT_CACHE
     try:
-        models = load_models(args.clip_model, args.decoder, device, args.cache_dir or DEFAULT_CACHE,
+        models = load_models(args.clip_model, args.decoder, device, cache,
                              args.trust_decoder, encoder=args.encoder if init_image else None)
     except ModelLoadError as exc:
         raise UsageError(model_error(exc))
+    except OSError as exc:   # the model cache cannot be made or written: HOME not writable, --cache-dir a file
+        raise UsageError(f"cannot load the models: {_os_reason(exc)} (the model cache is {cache}: "
+                         "--cache-dir or $IMAGINE_CACHE puts it elsewhere)") from None
     load_seconds = time.perf_counter() - t0
     if parent_state is not None:   # its vocabulary is the decoder's: known now, before --out is made
         vocab = parent_state["logits"].shape[1]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageSequence, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096       # Pillow's decompression-bomb guard, tighter than its default
@@ -20,6 +21,30 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 # 8 x grid (at most 1024), CLIP's input 224.
 MAX_SIDE_NEEDED = 1024
 REDUCING_GAP = 2.0   # Image.thumbnail's default: reduce while the picture stays twice the target
+# A progressive JPEG may hold any number of scans, and libjpeg passes over every block of the picture
+# for each one: 5,000 copies of one 33-byte scan (231 KB) take 30 s of CPU at 4096x4096, 8 MiB of
+# them ~25 min. Ordinary progressive JPEGs have about 10 (libjpeg's script); 100 scans of a
+# 4096x4096 picture decode in under a second (0.7 s measured). Counted as the SOS marker's bytes
+# (FF DA) anywhere in the file: entropy-coded data writes a 0xFF byte as FF 00, so every scan
+# libjpeg reads is one FF DA (a count no file can hide a scan from; metadata that happens to hold
+# the pair only adds to it).
+MAX_JPEG_SCANS = 100
+JPEG_SCAN_MARKER = b"\xff\xda"
+# What Pillow raises on damaged files besides OSError / SyntaxError / ValueError: a GIF cut inside a
+# frame's descriptor gives struct.error or IndexError, other truncations EOFError; a mangled header
+# can give TypeError or KeyError. For an untrusted picture each means the same: it cannot be read.
+DAMAGED = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
+# EXIF Orientation (2-8) -> the transposition that shows the picture upright, as viewers show it
+# (ImageOps.exif_transpose's table; 1 or none: upright already).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageRejected(ValueError):
@@ -31,8 +56,11 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
     """Decode `data` into an RGB image. Returns (image, notes): notes say what was converted.
 
     Refused: over `max_bytes`, not a PNG, JPEG, WebP or GIF (FORMATS: no other decoder is tried),
-    more than `max_pixels` pixels (a pixel bomb: checked from the header before decoding). Converted, with a note: animations (first frame),
-    16-bit and other modes (to 8-bit RGB), transparency (onto white).
+    more than `max_pixels` pixels (a pixel bomb: checked from the header before decoding), a JPEG
+    of more than MAX_JPEG_SCANS scans (a CPU bomb: counted before decoding), damaged (whatever
+    Pillow raises on it: DAMAGED). Converted, with a note: animations (first frame),
+    16-bit and other modes (to 8-bit RGB), transparency (onto white). Turned upright, silently, as
+    its EXIF orientation says (the pixel limit holds either way: a turn swaps the sides).
 
     `max_side`: the largest side any caller scales the picture to (None: keep every pixel). A
     picture whose short side is at least twice that comes back reduced by a whole factor, as
@@ -56,6 +84,8 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
                 raise ImageRejected(
                     f"the image is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted: scale it down"
                 )
+            if image.format in ("JPEG", "MPO"):   # MPO: a JPEG followed by more (a phone's depth map...)
+                _check_scans(data)
             if getattr(image, "is_animated", False) and getattr(image, "n_frames", 1) > 1:
                 notes.append(f"the image is animated ({image.n_frames} frames): its first frame was used")
                 image = next(iter(ImageSequence.Iterator(image)))
@@ -64,14 +94,15 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
                 gap = int(max_side * REDUCING_GAP)
                 image.draft(None, (gap, gap))
             image.load()
+            orientation = _orientation(image)
     except ImageRejected:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise ImageRejected("the file is not an image I can read: send a PNG, JPEG, WebP or GIF") from exc
         raise ImageRejected(f"the image is too large to decode safely ({exc}): scale it down") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected(f"the image is damaged or truncated ({exc})") from exc
+    except DAMAGED as exc:
+        raise ImageRejected(f"the image is damaged or truncated ({str(exc) or type(exc).__name__})") from exc
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") or image.mode.startswith("I;16"):
         notes.append(f"the image has {image.mode} pixels (more than 8 bits): converted to 8-bit RGB")
         image = _to_8bit(image)
@@ -84,9 +115,31 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
         del rgba
     elif image.mode not in ("L", "RGB"):
         image = image.convert("RGB")   # P, 1, CMYK, YCbCr...: what the thumbnail would have resampled
+    if orientation in UPRIGHT:   # before _reduce, whose promise is about the picture as shown
+        image = image.transpose(UPRIGHT[orientation])
     if max_side is not None:
         image = _reduce(image, max_side)
     return image if image.mode == "RGB" else image.convert("RGB"), notes
+
+
+def _check_scans(data: bytes) -> None:
+    """Refuse a JPEG of more than MAX_JPEG_SCANS scans (why: at MAX_JPEG_SCANS)."""
+    scans = data.count(JPEG_SCAN_MARKER)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageRejected(
+            f"the JPEG has {scans:,} scans (progressive passes); at most {MAX_JPEG_SCANS} are accepted, as each "
+            "one means decoding the whole picture again: save it again as an ordinary JPEG or a PNG"
+        )
+
+
+def _orientation(image: Image.Image) -> int:
+    """The picture's EXIF Orientation (2-8: a key of UPRIGHT), or 1 (upright) when it has none, or
+    EXIF that cannot be read (the pixels are fine: used as they are)."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except DAMAGED:
+        return 1
+    return value if isinstance(value, int) and value in UPRIGHT else 1
 
 
 def _reduce(image: Image.Image, max_side: int) -> Image.Image:

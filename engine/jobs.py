@@ -87,6 +87,9 @@ class JobRecord:
     # The current claim's token (a fresh one per claim; None unless RUNNING). The fenced calls take
     # it, so a worker's stale run of a job it has since claimed again is refused too.
     lease_id: str | None = None
+    # FAILED: why. CANCELLED: why it was cancelled, as the canceller gave it (`cancel(reason=)`,
+    # `clear`'s CLEARED); None when no reason was given (its author cancelled it). A cancel replaces
+    # an earlier attempt's failure reason, so a cancelled job never shows one.
     error: str | None = None
     delivered: bool = False   # the bot posted the final result (exactly-once final post)
     cancel_requested: bool = False
@@ -114,6 +117,10 @@ class Checkpoint:
     job_id: str
     iteration: int
     data: bytes
+
+
+# The reason `clear` stores on the jobs it cancels unless told another (and its events' message).
+CLEARED = "queue cleared"
 
 
 def new_job_id() -> str:
@@ -314,10 +321,13 @@ class JobQueue(Protocol):
     async def count_queued(self, user_id: int | None = None) -> int: ...
     # queued -> cancelled now; running -> asked. A job cancelled while queued names its uploads no
     # more (its spec still shows them): those no other job names are deleted in the same step.
-    async def cancel(self, job_id: str) -> bool: ...
-    # cancel every queued job (of one server: `guild_id`), in one step, uploads as `cancel`: running
-    # ones go on
-    async def clear(self, guild_id: int | None = None) -> int: ...
+    # `reason` (None or "": none given) is stored as the record's `error`, at once for a queued job,
+    # with the request for a running one, kept through the worker's end of it (mark_cancelled, fail,
+    # release, a sweep); a second request of a running job keeps the first one's reason.
+    async def cancel(self, job_id: str, reason: str | None = None) -> bool: ...
+    # cancel every queued job (of one server: `guild_id`), in one step, uploads as `cancel`, each
+    # with `reason` as its `error` (CLEARED unless given): running ones go on
+    async def clear(self, guild_id: int | None = None, reason: str | None = CLEARED) -> int: ...
     # Delete those of these uploads that no job names, at once (the check and the delete in one
     # transaction / script: an upload a job names, submitted before, is kept; a submit after finds it
     # gone: UploadGone). For a command that stored pictures and then queued nothing. Ids that are

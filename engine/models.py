@@ -29,7 +29,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -47,6 +47,10 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 log = logging.getLogger(__name__)
+# One INFO line before each model download (minutes for CLIP's ~340 MB): the bot's and the
+# worker's logs show it as it is; the `imagine` CLI, whose log level is WARNING, shows this logger
+# on stderr (engine.cli).
+download_log = logging.getLogger(f"{__name__}.download")
 
 DvaePart = Literal["decoder", "encoder"]
 
@@ -67,7 +71,15 @@ KNOWN_DVAE_SHA256: set[str] = set()
 # passes its own (engine.models knows nothing of config.toml).
 TRUST_HINT_CLI = "pass --trust-decoder"
 
-DEFAULT_CACHE = Path(os.environ.get("IMAGINE_CACHE", Path.home() / ".cache" / "imagine-bot"))
+
+def default_cache(environ: Mapping[str, str] = os.environ) -> Path:
+    """$IMAGINE_CACHE (`~` expanded), else ~/.cache/imagine-bot. An empty IMAGINE_CACHE counts as
+    unset: as a path it would be the current folder."""
+    chosen = environ.get("IMAGINE_CACHE", "")
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "imagine-bot"
+
+
+DEFAULT_CACHE = default_cache()
 
 # Files being written into the cache (a download, a dVAE's safetensors copy) are named `.part-*`
 # until they take their place. A process stopped mid-download (a stop signal leaves the load's
@@ -168,6 +180,13 @@ def _private_copy(path: Path) -> Iterator[tuple[str, str | io.BytesIO]]:
             os.close(fd)
 
 
+def _megabytes(content_length: str | None) -> str:
+    """A Content-Length header as "337.6 MB", or "size unknown" (none, or not a number)."""
+    if content_length is None or not content_length.isdigit():
+        return "size unknown"
+    return f"{int(content_length) / 1e6:.1f} MB"
+
+
 def _download(url: str, target: Path, expected_sha256: str | None, placed_by_hand: str = "",
               then: Callable[[Path, str], None] | None = None) -> str:
     """Download `url` to `target` atomically; verify the hash when one is known. A failed download
@@ -183,12 +202,13 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
             dir=target.parent, prefix=PARTIAL_PREFIX, delete=False
         ) as tmp:
             tmp_path = tmp.name
+            expected = src.headers.get("Content-Length")
+            download_log.info("downloading %s (%s) from %s to %s", target.name, _megabytes(expected), url, target)
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 h.update(chunk)
                 tmp.write(chunk)
             # urllib returns a body cut short by a closed connection as if it were whole; a
             # truncated dVAE pickle would then be trusted as the download.
-            expected = src.headers.get("Content-Length")
             if expected is not None and expected.isdigit() and tmp.tell() != int(expected):
                 raise OSError(f"the connection closed after {tmp.tell()} of {expected} bytes")
     except Exception as exc:  # OSError, and http.client's IncompleteRead for a body cut short
@@ -354,7 +374,12 @@ def _unpickle_dvae(path: Path, part: DvaePart, trusted: Callable[[str], bool], r
             raise UntrustedPickleError(refusal(digest))
         try:
             # Unpickling runs code: only the bytes whose hash was just checked (or trusted) get here.
-            module = torch.load(source, map_location="cpu", weights_only=False)
+            with warnings.catch_warnings():
+                # A TorchScript file given as a dVAE (a CLIP .pt, say): torch.load hands it to
+                # torch.jit.load, with two warnings about that; the refusal below says it all.
+                warnings.filterwarnings("ignore", "'torch.load' received a zip file", UserWarning)
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+                module = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise ModelLoadError(f"dVAE {part} file {path} is corrupt or truncated: {exc}") from exc
     if not isinstance(module, _DVAE_CLASSES[part]):

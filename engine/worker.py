@@ -1104,7 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_checkpoint_every, default=DEFAULT_CHECKPOINT_EVERY, metavar="SECONDS",
                    help="seconds between two checkpoints of a running job, taken at its frames (default "
                         f"{DEFAULT_CHECKPOINT_EVERY:g}; 0: every frame); a stopping worker checkpoints its jobs anyway")
-    p.add_argument("--stall-timeout", type=_checkpoint_every, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=_stall_timeout, default=DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
                    help="a GPU step (or a job's start) running longer than this counts as a hung GPU: the "
                         "worker stops renewing its jobs' leases (other workers take them) and exits 1 to be "
                         f"restarted (default {DEFAULT_STALL_TIMEOUT:g}; 0: never; raise it if torch.compile's "
@@ -1112,7 +1112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     p.add_argument("--http-port", type=_port, default=None, metavar="PORT",
-                   help="serve /healthz and /metrics on this port (default: no HTTP server)")
+                   help="serve /healthz and /metrics on this port; 0: any free port, logged (not off, as the "
+                        "bot's [http] port = 0 is; default: no HTTP server)")
     p.add_argument("--http-host", default="127.0.0.1", metavar="HOST",
                    help="address for --http-port (default 127.0.0.1; 0.0.0.0 in a container)")
     return p
@@ -1132,11 +1133,20 @@ def _number(check: Callable[[float], Any], unit: str) -> Callable[[str], Any]:
     return parse
 
 
+def check_stall_timeout(seconds: float) -> float:
+    """--stall-timeout: seconds, at least 0 (0: no watchdog), and finite (Worker refuses inf)."""
+    seconds = float(seconds)
+    if not (seconds >= 0 and math.isfinite(seconds)):   # NaN too
+        raise ValueError(f"must be 0 (no watchdog) or a number of seconds, got {seconds!r}")
+    return seconds
+
+
 # --keep-days: 0 (never) or at least an hour's worth of days (engine.jobs.check_keep_days);
-# --checkpoint-every, --stall-timeout: seconds, at least 0.
+# --checkpoint-every, --stall-timeout: seconds, at least 0 (their 0s differ: every frame, no watchdog).
 _keep_days = _number(check_keep_days, "days")
 _keep_state_days = _number(check_keep_state_days, "days")
 _checkpoint_every = _number(check_checkpoint_every, "seconds")
+_stall_timeout = _number(check_stall_timeout, "seconds")
 # A finished job's state.pt is 48-192 MiB: kept for ever by default, a worker fills its disk.
 DEFAULT_KEEP_DAYS = 30.0
 # ...and its state.pt alone (48-192 MiB, for Continue / Remix, which come within hours or days).

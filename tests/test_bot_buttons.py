@@ -449,9 +449,9 @@ async def test_cancel_says_stopping_when_a_worker_took_the_job_meanwhile(harness
     job_id = h.job_id(msg)
     store_cancel = h.queue.cancel
 
-    async def claimed_first(jid):   # the real store: a worker's claim lands just before the cancel
+    async def claimed_first(jid, reason=None):   # the real store: a worker's claim lands just before the cancel
         assert (await h.queue.claim("test-gpu")).id == jid
-        return await store_cancel(jid)
+        return await store_cancel(jid, reason)
 
     h.queue.cancel = claimed_first
     try:
@@ -477,8 +477,8 @@ async def test_cancel_of_a_running_job_that_finished_meanwhile_says_it_had_finis
     assert got.id == job_id
     store_cancel = h.queue.cancel
 
-    async def finished_meanwhile(jid):   # the real store: the cancel is asked, then the worker's finish lands
-        asked = await store_cancel(jid)
+    async def finished_meanwhile(jid, reason=None):   # the real store: the cancel is asked, then the worker's finish lands
+        asked = await store_cancel(jid, reason)
         assert await h.queue.finish(jid, got.lease_id, 0.3) is True
         return asked
 

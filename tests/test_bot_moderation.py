@@ -47,15 +47,18 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     # Whole words, any case; the refusal is ephemeral, says what matched, and queues nothing.
     text = await _refused(h, "a CURSED house by Escher")
     assert "CURSED" in text and "refused" in text
-    await _queued(h, "a cursedly charming house")          # not the whole word: allowed
+    charming = await _queued(h, "a cursedly charming house")   # not the whole word: allowed
 
     # Patterns: checked on add (invalid, too slow, matches everything), then used.
     bad = [("re:(unclosed", "not a valid regular expression"), ("re:(x+x+)+y", "too slow"),
-           ("re:.*", "matches an empty prompt"), ("re:" + "a" * 200, "the limit is 200")]
+           ("re:.*", "matches an empty prompt"), ("re:" + "a" * 200, "the limit is 200"),
+           ("re:[a-z]", "would refuse nearly every prompt")]
     for entry, why in bad:
         assert why in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin), entry
     assert await h.queue.get_setting(key) == ["Cursed"]
-    assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:h[o0]+use"}, **admin)
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:h[o0]+use"}, **admin)
+    assert "Added the pattern" in text and "Cancelled 1 of this server's queued or running job whose prompt matches it" in text
+    assert f"`{charming}`" in text and (await h.queue.get(charming)).state.value == "cancelled"   # its "house"
     assert "H00USE" in await _refused(h, "a tiny H00USE on a hill")
     # Every prompt of a permutation set is checked before anything is queued.
     assert "refused" in await _refused(h, "a {red, cursed} barn")
@@ -82,7 +85,7 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     assert "not on the list" in await ephemeral_answer(h, "queue ban-word remove", {"entry": "nothing"}, **admin)
     await _queued(h, "one more cursed idea")               # allowed again
     assert await h.queue.get_setting(key) == [r"re:h[o0]+use"]
-    assert await h.queue.count_queued() == 2
+    assert await h.queue.count_queued() == 1
     fd.assert_clean()
 
 
@@ -160,7 +163,7 @@ async def test_spellings_clip_reads_as_a_refused_word_are_refused_and_patterns_a
 async def test_patterns_the_regex_module_fails_on_are_refused_as_invalid(harness):
     """`regex` raises its own OverflowError (not regex.error) compiling `\\p{inf}`: the admin is told
     the pattern is not valid, not "something went wrong", and the list stays as it was. A pattern
-    whose match is empty (`\\b`) refuses a prompt without quoting an empty code span."""
+    whose match is empty (`(?=cat)`) refuses a prompt without quoting an empty code span."""
     h = harness
     await h.start(worker=False)
     admin = {"user": h.fd.admin_user}
@@ -169,8 +172,23 @@ async def test_patterns_the_regex_module_fails_on_are_refused_as_invalid(harness
         assert text.startswith("That is not a valid regular expression") and "Nothing was added" in text, (entry, text)
     assert await h.queue.get_setting(f"banned:{h.fd.guild_id}") is None
 
-    assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:\b"}, **admin)
+    assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:(?=cat)"}, **admin)
     text = await _refused(h, "a cat")
     assert text.startswith("Your prompt matches a pattern this server's admins have refused."), text
     assert "``" not in text
     h.fd.assert_clean()
+
+
+@pytest.mark.parametrize("entry", ["re:.", r"re:\S", "re:[a-z]", r"re:\b", r"re:\s", r"re:\w{5,}", "re:e", "re:(?i)[^0-9]"])
+async def test_a_pattern_that_matches_ordinary_prompts_is_refused(entry):
+    """A pattern matching half of a few ordinary prompts that share no word would refuse nearly
+    every prompt once added: refused, saying which ordinary prompts it matches."""
+    with pytest.raises(moderation.BadEntry, match="would refuse nearly every prompt") as refused:
+        moderation.normalise(entry)
+    assert "`" in str(refused.value) and "Nothing was added" in str(refused.value)
+
+
+@pytest.mark.parametrize("entry", [r"re:h[o0]+use", r"re:\d{3}-\d{4}", r"re:\p{Han}", r"re:\d", r"re:\bcat\b",
+                                   "re:(?=cat)", "re:nud(e|ity)", "house", "a"])
+async def test_a_pattern_that_matches_few_ordinary_prompts_is_accepted(entry):
+    assert moderation.normalise(entry) == entry

@@ -265,7 +265,8 @@ async def test_a_thread_whose_parent_the_bot_does_not_know_hides_its_jobs(harnes
     thread = fd.add_thread("orphan", parent, owner_id=int(fd.admin_user["id"]), private=False)
     del fd.channels[parent]   # not in GUILD_CREATE: the thread's parent is unknown to the bot
     await h.start(worker=False)
-    hidden = await _job_in(h, "an orphaned thread job", channel_id=thread, user=fd.admin_user, done=False)
+    # Bob's job, Alice looks (one's own jobs are shown to their author wherever they are).
+    hidden = await _job_in(h, "an orphaned thread job", channel_id=thread, user=fd.member_user, done=False)
     text = await ephemeral_answer(h, "queue show", user=fd.admin_user)
     assert hidden not in text and "Not shown: 1 waiting job of channels you cannot see." in text
     fd.assert_clean()

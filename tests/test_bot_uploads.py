@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -401,4 +402,66 @@ async def test_a_defer_that_fails_while_waiting_for_the_turn_gives_the_turn_back
     ((kind, _),) = await outcomes(h, [await send("third", 3)])   # not refused as busy after TURN_WAIT
     assert kind == "queued"
     await no_turns_left(h)
+    fd.assert_clean()
+
+
+async def test_pictures_decode_on_their_own_threads_and_a_slow_one_is_told_as_slow_to_read(harness, monkeypatch):
+    """The audit's starvation: pictures that decode for minutes, given up on after ATTACHMENT_TIMEOUT
+    but still decoding, held asyncio's default threads, so everyone's commands waited. Pictures now
+    decode on attachments' own DECODE_THREADS: here every one of them is busy (held by this test),
+    so a picture waits for a decoder until its command gives up and says the picture took too
+    long to read (not to download), while another user's /imagine is queued meanwhile. Freed,
+    the decoders read the next picture."""
+    monkeypatch.setattr(imagine, "ATTACHMENT_TIMEOUT", 1.0)
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    free = threading.Event()
+    held = [attachments._decoders.submit(free.wait) for _ in range(attachments.DECODE_THREADS)]
+    try:
+        waiting = await fd.send_slash_command("imagine", {"prompt": "a house",
+                                                          "image": fd.host_attachment("p.png", noise_png(seed=8))})
+        plain = await fd.send_slash_command("imagine", {"prompt": "a plain house"}, user=fd.admin_user)
+        results = await outcomes(h, [waiting, plain])
+    finally:
+        free.set()
+    assert results[0] == ("refused", "`image`: reading the picture took too long (it may be too complex to decode, or "
+                          "I am busy reading other pictures). Try again, or send a simpler picture (a PNG or a plain "
+                          "JPEG)."), results
+    assert results[1][0] == "queued", results
+    for future in held:
+        future.result(timeout=5)
+    await uploads_settle(h, {})   # the refused picture was never stored
+    msg = await h.reply_of(await fd.send_slash_command(
+        "imagine", {"prompt": "a house again", "image": fd.host_attachment("q.png", noise_png(seed=9))}), 30)
+    assert "image_prompt" in (await h.queue.get(h.job_id(msg))).spec.extra
+
+    # A download that never ends is still told as a slow download.
+    async def endless_download(attachment, option, max_bytes):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(attachments, "download", endless_download)
+    stuck = await fd.send_slash_command("imagine", {"prompt": "a boat",
+                                                    "image": fd.host_attachment("r.png", noise_png(seed=10))})
+    assert await outcomes(h, [stuck]) == [("refused",
+                                           "Downloading the attachment from Discord took too long. Try again.")]
+    await no_turns_left(h)
+    fd.assert_clean()
+
+
+@pytest.mark.parametrize("cut", ["struct.error", "IndexError"])
+async def test_a_gif_cut_inside_its_next_frame_is_refused_privately_as_damaged(harness, cut):
+    """Pillow raises struct.error / IndexError on these (the audit: "Something went wrong" and a
+    logged traceback): the user is told the picture is damaged, nothing is stored or queued."""
+    from tests.bad_pictures import damaged_gif
+
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    inter = await fd.send_slash_command("imagine", {"prompt": "a house",
+                                                    "image": fd.host_attachment("crash.gif", damaged_gif(cut))})
+    ((kind, text),) = await outcomes(h, [inter])
+    assert kind == "refused" and text.startswith("`image`: the image is damaged or truncated ("), text
+    assert await h.queue.count_queued() == 0
+    await uploads_settle(h, {})
     fd.assert_clean()

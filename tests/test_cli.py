@@ -395,3 +395,99 @@ def test_ctrl_c_while_the_models_load_leaves_nothing(tmp_path, capsys, monkeypat
     assert cli.main(["a house", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "imagine: interrupted; nothing was written\n"
     assert not (tmp_path / "o").exists()
+
+
+# --- a newcomer's first run: the model cache, downloads, the CPU ---------------------------------
+
+
+def test_a_model_cache_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys):
+    """--cache-dir a file (or a HOME the user cannot write): the cache's folders cannot be made. One
+    line naming the cache and why, exit 2, nothing written; it was a traceback and exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "o"
+    code = cli.main(["a house", "--out", str(out), "--device", "cpu", "--cache-dir", str(blocker)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("imagine: error: cannot load the models: Not a directory") and f"the model cache is {blocker}" in err
+    assert not out.exists()
+
+
+def test_a_first_run_says_what_it_downloads_before_the_download(tiny_model_files, tmp_path, capsys, monkeypatch):
+    """The CLI's log level is WARNING, and a first run downloads ~400 MB: the download's INFO line
+    (engine.models.download) is shown on stderr anyway, once, as an `imagine:` line. (The decoder
+    named is missing, so the run stops after CLIP's download.)"""
+    import engine.models
+    from tests.test_models import clip_url, serving
+
+    f = tiny_model_files
+    cache = tmp_path / "cache"
+    with serving(f.clip_torchscript.read_bytes()) as base:
+        url = clip_url(base, f.clip_torchscript)
+        monkeypatch.setitem(engine.models.CLIP_URLS, "ViT-B/32", url)
+        code = cli.main(["a house", "--out", str(tmp_path / "o"), "--device", "cpu", "--cache-dir", str(cache),
+                         "--decoder", str(tmp_path / "nope.pkl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    size = f"{f.clip_torchscript.stat().st_size / 1e6:.1f} MB"
+    assert code == 2 and len(err) == 2, err
+    assert err[0] == f"imagine: downloading ViT-B-32.pt ({size}) from {url} to {cache / 'clip' / 'ViT-B-32.pt'}"
+    assert "nope.pkl" in err[1]
+
+
+def test_at_log_level_info_the_download_is_the_logs_line_alone(tiny_model_files, tmp_path, capsys, caplog,
+                                                               monkeypatch):
+    """--log-level INFO: the log shows the download's line; no second `imagine:` copy of it."""
+    import logging
+
+    import engine.models
+    from tests.test_models import clip_url, serving
+
+    # What main()'s logging.basicConfig does outside pytest (under it, the root logger has
+    # pytest's handlers already, and basicConfig leaves it alone).
+    caplog.set_level(logging.INFO)
+    f = tiny_model_files
+    with serving(f.clip_torchscript.read_bytes()) as base:
+        monkeypatch.setitem(engine.models.CLIP_URLS, "ViT-B/32", clip_url(base, f.clip_torchscript))
+        code = cli.main(["a house", "--out", str(tmp_path / "o"), "--device", "cpu", "--log-level", "INFO",
+                         "--cache-dir", str(tmp_path / "cache"), "--decoder", str(tmp_path / "nope.pkl")])
+    assert code == 2
+    assert "imagine: downloading" not in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.name == "engine.models.download"] == [
+        f"downloading ViT-B-32.pt ({f.clip_torchscript.stat().st_size / 1e6:.1f} MB) from "
+        f"{clip_url(base, f.clip_torchscript)} to {tmp_path / 'cache' / 'clip' / 'ViT-B-32.pt'}"]
+
+
+@pytest.mark.parametrize("args, note", [
+    ([], "imagine: note: no CUDA device, so this runs on the CPU: hours at the default preset "
+         "(try --preset draft, or a GPU)"),
+    (["--preset", "draft"], "imagine: note: no CUDA device, so this runs on the CPU"),
+    (["--device", "cpu"], None),   # asked for: nothing to say
+])
+def test_falling_back_to_the_cpu_is_said(args, note, tmp_path):
+    """No --device and no CUDA (CUDA_VISIBLE_DEVICES="" hides any GPU): one note before the models
+    load (`--clip-model` names no file, so the run stops there)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "a house", "--out", str(tmp_path / "o"),
+         "--clip-model", str(tmp_path / "nope.pt"), *args],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "nope.pt" in err[-1], proc.stderr
+    assert err[:-1] == ([note] if note else []), proc.stderr
+
+
+def test_a_torchscript_file_as_the_decoder_is_one_line_without_torchs_warnings(tiny_model_files, tmp_path, capsys):
+    """torch.load hands a TorchScript file (a CLIP .pt given as --decoder) to torch.jit.load with a
+    UserWarning and a FutureWarning (four lines on stderr before the error)."""
+    import warnings
+
+    f = tiny_model_files
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = cli.main(["a house", "--out", str(tmp_path / "o"), "--clip-model", str(f.clip_torchscript),
+                         "--decoder", str(f.clip_torchscript), "--trust-decoder", "--device", "cpu",
+                         "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not a dall_e Decoder" in err
+    assert [str(w.message) for w in caught] == []

@@ -171,3 +171,59 @@ def test_only_png_jpeg_webp_and_gif_are_decoded(monkeypatch):
     assert ran == []
     for fmt in ("PNG", "JPEG", "WEBP", "GIF"):
         assert load_image(png(noise_image(8), format=fmt))[0].size == (8, 8)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
+    """The audit's scan bomb: one 33-byte refinement scan repeated, which libjpeg applies to every
+    block each time (at 4096x4096, 5,000 copies took 30 s of CPU). Refused from a count of its
+    scans; ordinary progressive JPEGs (libjpeg's script: 6 scans for gray, 10 for colour) load, up
+    to MAX_JPEG_SCANS."""
+    from engine.images import MAX_JPEG_SCANS
+    from tests.bad_pictures import progressive_jpeg
+
+    with pytest.raises(ImageRejected, match=f"the JPEG has 3,006 scans .* at most {MAX_JPEG_SCANS} are accepted"):
+        load_image(progressive_jpeg(side=1024, extra_scans=3000))
+    ordinary = progressive_jpeg()
+    base = ordinary.count(b"\xff\xda")
+    assert load_image(ordinary)[0].size == (256, 256)
+    colour = png(noise_image(256), format="JPEG", progressive=True)
+    assert colour.count(b"\xff\xda") == 10 and load_image(colour)[0].size == (256, 256)
+    assert load_image(progressive_jpeg(extra_scans=MAX_JPEG_SCANS - base))[0].size == (256, 256)
+    with pytest.raises(ImageRejected, match=f"{MAX_JPEG_SCANS + 1} scans"):
+        load_image(progressive_jpeg(extra_scans=MAX_JPEG_SCANS - base + 1))
+
+
+@pytest.mark.parametrize("cut", ["struct.error", "IndexError"])
+def test_a_gif_cut_inside_its_next_frame_is_refused_as_damaged(cut):
+    """Pillow raises struct.error / IndexError (not OSError) counting such a GIF's frames."""
+    from tests.bad_pictures import damaged_gif
+
+    with pytest.raises(ImageRejected, match="the image is damaged or truncated"):
+        load_image(damaged_gif(cut))
+
+
+@pytest.mark.parametrize("cut", ["struct.error", "IndexError"])
+def test_cli_refuses_a_damaged_gif_init_image_with_exit_2(cut, tmp_path, capsys):
+    from tests.bad_pictures import damaged_gif
+
+    bad = tmp_path / "crash.gif"
+    bad.write_bytes(damaged_gif(cut))
+    assert cli.main(["a cat", "--out", str(tmp_path / "o"), "--init-image", str(bad)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("imagine: note:")]   # the CPU's note
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"imagine: error: --init-image {bad}: the image is damaged or truncated ("), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_picture_tagged_sideways_is_turned_upright():
+    """EXIF Orientation 6 (as phones save a portrait photo): stored 200x100 with its red half on
+    the left, shown 100x200 with the red half on top; that is the picture used."""
+    from tests.bad_pictures import sideways_jpeg
+
+    image, notes = load_image(sideways_jpeg(6))
+    assert image.size == (100, 200) and notes == []
+    top, bottom = image.getpixel((50, 40)), image.getpixel((50, 160))
+    assert top[0] > 200 and top[2] < 60, top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+    assert load_image(sideways_jpeg(1))[0].size == (200, 100)

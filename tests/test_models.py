@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import logging
 import shutil
+import threading
 
 import pytest
 import torch
@@ -187,3 +191,96 @@ def test_partial_downloads_left_by_a_stopped_process_are_swept_at_load_but_fresh
     assert not stale.exists() and fresh.exists() and kept.exists()
     # The load's own cache write (the decoder's safetensors copy) left no `.part-` file behind.
     assert [p.name for p in cache.glob(f"*/{m.PARTIAL_PREFIX}*")] == [fresh.name]
+
+
+@contextlib.contextmanager
+def serving(data: bytes, with_length: bool = True, release: threading.Event | None = None):
+    """A real HTTP server on 127.0.0.1 answering every GET with `data`: with a Content-Length
+    header or not (then the body ends when the connection closes); the body waits for `release`
+    when one is given (the headers do not). Yields its base URL."""
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            if with_length:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.flush()
+            if release is not None:
+                release.wait(60)
+            self.wfile.write(data)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        if release is not None:
+            release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def clip_url(base: str, clip_file) -> str:
+    """A URL shaped like OpenAI's CLIP URLs (the folder is the file's SHA-256, which the load checks)."""
+    return f"{base}/{m.sha256_of(clip_file)}/ViT-B-32.pt"
+
+
+class _Announced(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.event.set()
+
+
+@pytest.mark.parametrize("with_length, size", [(True, "MB"), (False, "size unknown")])
+def test_a_download_is_announced_before_its_body_arrives(with_length, size, tiny_model_files, tmp_path,
+                                                         monkeypatch, caplog):
+    """A first run downloads ~400 MB: one INFO line (engine.models.download) says what, how big
+    (Content-Length) and where to, while the body is still on its way, not after minutes of silence.
+    The server holds the body back until the line has been logged."""
+    data = tiny_model_files.clip_torchscript.read_bytes()
+    release = threading.Event()
+    announced = _Announced()
+    caplog.set_level(logging.INFO, logger=m.download_log.name)
+    m.download_log.addHandler(announced)
+    loaded = []
+    try:
+        with serving(data, with_length, release) as base:
+            url = clip_url(base, tiny_model_files.clip_torchscript)
+            monkeypatch.setitem(m.CLIP_URLS, "ViT-B/32", url)
+            load = threading.Thread(target=lambda: loaded.append(m.load_clip("ViT-B/32", cache_dir=tmp_path)))
+            load.start()
+            assert announced.event.wait(30), "no line before the body arrived"
+            assert not loaded
+            release.set()
+            load.join(60)
+    finally:
+        m.download_log.removeHandler(announced)
+    assert loaded, "the download did not finish"
+    shown = f"{len(data) / 1e6:.1f} MB" if with_length else size
+    target = tmp_path / "clip" / "ViT-B-32.pt"
+    assert announced.messages == [f"downloading ViT-B-32.pt ({shown}) from {url} to {target}"]
+    assert target.is_file()
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, "HOME"),            # unset
+    ("", "HOME"),              # empty: unset, not the current folder
+    ("~/models", "~/models"),
+    ("/srv/cache", "/srv/cache"),
+])
+def test_imagine_cache_empty_is_unset_and_a_tilde_is_home(value, expected, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    environ = {} if value is None else {"IMAGINE_CACHE": value}
+    wanted = tmp_path / ".cache" / "imagine-bot" if expected == "HOME" else Path(expected.replace("~", str(tmp_path)))
+    assert m.default_cache(environ) == wanted

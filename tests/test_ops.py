@@ -554,6 +554,11 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     (["--queue", "x.db", "--compile", "foo"], "argument --compile: compile 'foo': torch has no backend 'foo'"),
     (["--queue", "x.db", "--known-sha256", "abc"], "argument --known-sha256: expected a SHA-256 as 64 hex digits"),
     (["--queue", "x.db", "--http-port", "70000"], "argument --http-port: expected a port"),
+    # 0 is no watchdog here, not "every frame" as for --checkpoint-every, whose parser it borrowed.
+    (["--queue", "x.db", "--stall-timeout", "-5"], "argument --stall-timeout: must be 0 (no watchdog) or a "
+                                                   "number of seconds, got -5.0"),
+    (["--queue", "x.db", "--stall-timeout", "inf"], "argument --stall-timeout: must be 0 (no watchdog) or a "
+                                                    "number of seconds, got inf"),
 ])
 def test_imagine_worker_refuses_bad_settings_at_parse_time_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     from engine.worker import main

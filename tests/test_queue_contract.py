@@ -12,7 +12,7 @@ import time
 import pytest
 
 from engine.jobs import (
-    PAUSED_KEY, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, ParentGone,
+    CLEARED, PAUSED_KEY, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, ParentGone,
     QueueLimitReached, UploadGone, guild_paused_key, is_upload_id, new_upload_id, upload_id_of,
 )
 
@@ -267,6 +267,71 @@ async def test_a_cancelled_run_that_then_fails_ends_cancelled(queue: JobQueue):
         assert got.state == JobState.CANCELLED and got.error is None and got.lease_id is None
         assert [(e.job_id, e.kind) for e in await all_events(queue, after)] == [(rec.id, EventKind.CANCELLED)]
         assert await queue.claim("w1") is None
+
+
+async def test_a_cancel_stores_its_reason_as_the_records_error(queue: JobQueue):
+    """`cancel(reason=)`: a queued job's record says why at once (its event too); no reason, no
+    `error`. An earlier attempt's failure reason is not how a cancelled job ended: it goes."""
+    rec = await queue.submit(spec(1))
+    after = await last_seq(queue)
+    assert await queue.cancel(rec.id, reason="by an admin") is True
+    got = await queue.get(rec.id)
+    assert got.state == JobState.CANCELLED and got.error == "by an admin"
+    assert [(e.kind, e.message) for e in await all_events(queue, after)] == [(EventKind.CANCELLED, "by an admin")]
+    assert await queue.cancel(rec.id, reason="again") is False and (await queue.get(rec.id)).error == "by an admin"
+
+    for reason in (None, "banned word"):
+        retried = await queue.submit(spec(2))
+        lease = (await queue.claim("w1")).lease_id
+        assert await queue.fail(retried.id, lease, "RuntimeError: out of memory") == JobState.QUEUED
+        assert (await queue.get(retried.id)).error == "RuntimeError: out of memory"
+        assert await queue.cancel(retried.id, reason=reason) is True
+        got = await queue.get(retried.id)
+        assert got.state == JobState.CANCELLED and got.error == reason, reason
+
+
+async def test_a_running_jobs_cancel_reason_survives_every_way_its_worker_ends_it(queue_factory: QueueFactory):
+    """The reason goes with the request and stays through mark_cancelled, fail, release and a
+    sweep of the lost worker's lease; a second request keeps the first one's reason; an author's
+    request (no reason) leaves no earlier failure reason behind."""
+    q = await queue_factory.open(lease=0.3, max_attempts=5)
+
+    async def running_job() -> tuple[str, str]:
+        rec = await q.submit(spec(1))
+        got = await q.claim("w1")
+        assert got.id == rec.id
+        return rec.id, got.lease_id
+
+    endings = {
+        "mark_cancelled": lambda job_id, lease: q.mark_cancelled(job_id, lease),
+        "fail": lambda job_id, lease: q.fail(job_id, lease, "RuntimeError: out of memory"),
+        "release": lambda job_id, lease: q.release(job_id, lease),
+    }
+    for name, end in endings.items():
+        job_id, lease = await running_job()
+        assert await q.cancel(job_id, reason="by an admin") is True
+        running = await q.get(job_id)
+        assert running.state == JobState.RUNNING and running.cancel_requested and running.error == "by an admin"
+        assert await q.cancel(job_id, reason="banned word") is True      # asked again: the first reason stays
+        await end(job_id, lease)
+        got = await q.get(job_id)
+        assert got.state == JobState.CANCELLED and got.error == "by an admin", name
+
+    job_id, lease = await running_job()                # its worker is lost: the sweep ends the cancel
+    assert await q.cancel(job_id, reason="banned word") is True
+    await asyncio.sleep(0.45)                          # the lease has passed
+    assert await q.sweep() == 1
+    got = await q.get(job_id)
+    assert got.state == JobState.CANCELLED and got.error == "banned word"
+
+    job_id, lease = await running_job()                # an earlier attempt failed; its author cancels this one
+    assert await q.fail(job_id, lease, "RuntimeError: out of memory") == JobState.QUEUED
+    lease = (await q.claim("w1")).lease_id
+    assert (await q.get(job_id)).error == "RuntimeError: out of memory"
+    assert await q.cancel(job_id) is True
+    await q.mark_cancelled(job_id, lease)
+    got = await q.get(job_id)
+    assert got.state == JobState.CANCELLED and got.error is None
 
 
 async def test_finish_and_late_finish(queue: JobQueue):
@@ -940,6 +1005,24 @@ async def test_clear_of_one_server_cancels_only_its_queued_jobs(queue: JobQueue)
     assert await queue.clear(guild_id=a) == 0
     assert await queue.count_queued(1) == 1 and await queue.count_queued(2) == 0
     assert await queue.clear(guild_id=b) == 2 and [r.id for r in await queue.queued()] == [dm_job.id]
+
+
+async def test_clear_stores_its_reason_on_every_job_it_cancels(queue: JobQueue):
+    """`clear` stores CLEARED as each cancelled job's `error` unless given another reason, on the
+    whole line and on one server's (two paths in the Redis backend); its events carry it too."""
+    server = 1_180_000_000_000_000_001
+    mine = [await queue.submit(spec(u, guild_id=server)) for u in (1, 2)]
+    after = await last_seq(queue)
+    assert await queue.clear(guild_id=server, reason="by the owner") == 2
+    assert [(await queue.get(r.id)).error for r in mine] == ["by the owner"] * 2
+    assert {e.message for e in await all_events(queue, after)} == {"by the owner"}
+    everyone = [await queue.submit(spec(u, guild_id=g)) for u, g in ((1, server), (3, None))]
+    after = await last_seq(queue)
+    assert await queue.clear() == 2
+    assert [(await queue.get(r.id)).error for r in everyone] == [CLEARED] * 2 == ["queue cleared"] * 2
+    assert {e.message for e in await all_events(queue, after)} == {CLEARED}
+    cleared = await queue.submit(spec(4, guild_id=server))
+    assert await queue.clear(guild_id=server) == 1 and (await queue.get(cleared.id)).error == CLEARED
 
 
 async def test_workers_registry(queue: JobQueue):

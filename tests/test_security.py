@@ -531,3 +531,31 @@ async def test_a_public_reply_echoes_a_link_in_the_prompt_as_text(harness):
     msg = await h.reply_of(inter)
     assert "https\\://evil.example/x" in msg.content and "discord.gg\\/abc" in msg.content
     assert "https://evil" not in msg.content and "discord.gg/abc" not in msg.content
+
+
+async def test_a_new_sqlite_queue_and_its_wal_are_readable_by_their_owner_only(tmp_path):
+    """The queue file holds every prompt (private channels' too), user and channel ids and uploaded
+    pictures: with the usual umask 022 it and its -wal / -shm were created 0644, readable by every
+    local user. A new one is 0600; an existing file keeps the mode its operator gave it."""
+    from engine.jobs import JobSpec
+    from engine.queue.sqlite import SQLiteJobQueue
+
+    old_umask = os.umask(0o022)
+    try:
+        queue = SQLiteJobQueue(tmp_path / "jobs.db")
+        await queue.start()
+        try:
+            await queue.submit(JobSpec(prompt="a private lighthouse", user_id=7, channel_id=1))
+            files = sorted(tmp_path.glob("jobs.db*"))
+            assert {f.name for f in files} >= {"jobs.db", "jobs.db-wal", "jobs.db-shm"}
+            assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+        finally:
+            await queue.close()
+        shared = tmp_path / "shared.db"
+        shared.touch(mode=0o640)
+        queue = SQLiteJobQueue(shared)
+        await queue.start()
+        await queue.close()
+        assert oct(shared.stat().st_mode & 0o777) == "0o640"
+    finally:
+        os.umask(old_umask)

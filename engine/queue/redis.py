@@ -100,6 +100,7 @@ from saq.queue.redis import RedisQueue
 
 from engine.queue import redact_url
 from engine.jobs import (
+    CLEARED,
     Checkpoint,
     EventKind,
     JobEvent,
@@ -361,6 +362,15 @@ end
 local function is_final(state)
   return state == 'done' or state == 'failed' or state == 'cancelled'
 end
+-- a queued job cancelled: out of the line, its `error` the reason ('' none given: an earlier
+-- attempt's failure reason goes either way, it is not how the job ended), its uploads released
+local function cancel_queued(id, uid, reason)
+  leave_line(id, uid)
+  finalize(id, 'cancelled')
+  if reason ~= '' then redis.call('HSET', jk(id), 'error', reason) else redis.call('HDEL', jk(id), 'error') end
+  emit(id, 'cancelled', reason ~= '' and reason or nil)
+  release_uploads(id)
+end
 local function body()
 """
 
@@ -504,43 +514,41 @@ _SCRIPTS: dict[str, str] = {
   if v[2] then seen(v[2], tnow()) end
   return '1 ' .. (v[2] or '')
 """,
-    # id
+    # id, reason ('' = none)
     "cancel": r"""
-  local id = ARGV[7]
-  local v = redis.call('HMGET', jk(id), 'state', 'user')
+  local id, reason = ARGV[7], ARGV[8]
+  local v = redis.call('HMGET', jk(id), 'state', 'user', 'cancel_requested')
   if v[1] == 'queued' then
-    leave_line(id, v[2])
-    finalize(id, 'cancelled')
-    emit(id, 'cancelled')
-    release_uploads(id)
+    cancel_queued(id, v[2], reason)
     return '1'
   elseif v[1] == 'running' then
+    -- The reason goes with the request (the first request's, if asked twice): the worker's end
+    -- of it (mark_cancelled, fail, release, a sweep) keeps `error`.
+    if v[3] ~= '1' then
+      if reason ~= '' then redis.call('HSET', jk(id), 'error', reason) else redis.call('HDEL', jk(id), 'error') end
+    end
     redis.call('HSET', jk(id), 'cancel_requested', '1')
     return '1'
   end
   return '0'
 """,
+    # reason ('' = none)
     "clear": r"""
   local ids, uids = line()
   for k, id in ipairs(ids) do
-    leave_line(id, uids[k])
-    finalize(id, 'cancelled')
-    emit(id, 'cancelled', 'queue cleared')
-    release_uploads(id)
+    cancel_queued(id, uids[k], ARGV[7])
   end
   return tostring(#ids)
 """,
-    # ids... -> how many were cancelled: those still queued; one claimed meanwhile is left running
+    # reason ('' = none), ids... -> how many were cancelled: those still queued; one claimed
+    # meanwhile is left running
     "clear_ids": r"""
   local n = 0
-  for i = 7, #ARGV do
+  for i = 8, #ARGV do
     local id = ARGV[i]
     local v = redis.call('HMGET', jk(id), 'state', 'user')
     if v[1] == 'queued' then
-      leave_line(id, v[2])
-      finalize(id, 'cancelled')
-      emit(id, 'cancelled', 'queue cleared')
-      release_uploads(id)
+      cancel_queued(id, v[2], ARGV[7])
       n = n + 1
     end
   end
@@ -1162,16 +1170,16 @@ class RedisJobQueue:
             return int(await self._retry(lambda: client.scard(self._k("qall"))))
         return int(await self._retry(lambda: client.zcard(self._k("line", int(user_id)))))
 
-    async def cancel(self, job_id: str) -> bool:
-        return await self._run("cancel", job_id) == "1"
+    async def cancel(self, job_id: str, reason: str | None = None) -> bool:
+        return await self._run("cancel", job_id, reason or "") == "1"
 
-    async def clear(self, guild_id: int | None = None) -> int:
+    async def clear(self, guild_id: int | None = None, reason: str | None = CLEARED) -> int:
         if guild_id is None:
-            return int(await self._run("clear"))
+            return int(await self._run("clear", reason or ""))
         # The server is in each job's spec (JSON, whose 64-bit ids Lua's cjson would round): pick
         # the jobs here, then cancel in one script only those still queued.
         ids = [r.id for r in await self.queued() if r.spec.guild_id == int(guild_id)]
-        return int(await self._run("clear_ids", *ids)) if ids else 0
+        return int(await self._run("clear_ids", reason or "", *ids)) if ids else 0
 
     async def discard_uploads(self, upload_ids: Sequence[str]) -> int:
         """Delete those of `upload_ids` that no job names, in one script (see JobQueue). Ids that

@@ -57,6 +57,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 import aiosqlite
 
 from engine.jobs import (
+    CLEARED,
     Checkpoint,
     EventKind,
     JobEvent,
@@ -236,6 +237,19 @@ def _event(row: aiosqlite.Row) -> JobEvent:
     )
 
 
+def _check_writable(where: str) -> None:
+    """Refuse, naming the path, a queue file this process could not write: SQLite says only
+    "unable to open database file". WAL mode writes the -wal and -shm files beside it, so the
+    directory must be writable too, even for an existing file."""
+    directory = os.path.dirname(where)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot open the SQLite queue {where!r}: its directory {directory!r} is not writable "
+                         f"by this user (uid {os.getuid()}); the queue needs to create files there")
+    if os.path.exists(where) and not os.access(where, os.R_OK | os.W_OK):
+        raise ValueError(f"cannot open the SQLite queue {where!r}: the file is not readable and writable by "
+                         f"this user (uid {os.getuid()})")
+
+
 class SQLiteJobQueue:
     """`JobQueue` on one SQLite file. See the module docstring."""
 
@@ -296,6 +310,11 @@ class SQLiteJobQueue:
                                      f"{os.path.dirname(where)!r} does not exist (a typo in the queue URL? "
                                      "create the directory first)")
                 fresh = not os.path.exists(where) or os.path.getsize(where) == 0
+                _check_writable(where)
+                if not os.path.exists(where):
+                    # Owner-only: it holds every prompt (private channels' too), ids and uploaded
+                    # pictures. SQLite gives the -wal and -shm files the database file's mode.
+                    os.close(os.open(where, os.O_CREAT | os.O_WRONLY, 0o600))
             db = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 db.row_factory = aiosqlite.Row
@@ -571,6 +590,13 @@ class SQLiteJobQueue:
         # Checkpoints are only for resuming; a final job keeps its artifacts (state.pt) instead.
         await db.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
 
+    async def _cancel_queued(self, db: aiosqlite.Connection, job_id: str, reason: str | None) -> None:
+        """A queued job cancelled, `reason` its `error` (None: none given; an earlier attempt's
+        failure reason goes either way: it is not how the job ended)."""
+        await self._finalize(db, job_id, JobState.CANCELLED)
+        await db.execute("UPDATE jobs SET error = ? WHERE id = ?", (reason, job_id))
+        await self._emit(db, job_id, EventKind.CANCELLED, reason)
+
     async def _sweep(self, db: aiosqlite.Connection) -> int:
         """Expired leases: back to the front, or FAILED after `max_attempts` claims."""
         async with db.execute(
@@ -693,33 +719,35 @@ class SQLiteJobQueue:
             row = await self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND user_id = ?", (int(user_id),))
         return int(row[0]) if row else 0
 
-    async def cancel(self, job_id: str) -> bool:
+    async def cancel(self, job_id: str, reason: str | None = None) -> bool:
+        reason = reason or None
         async with self._tx() as db:
             row = await self._fetchone(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
             if row is None:
                 return False
             if row["state"] == JobState.QUEUED.value:
-                await self._finalize(db, job_id, JobState.CANCELLED)
-                await self._emit(db, job_id, EventKind.CANCELLED)
+                await self._cancel_queued(db, job_id, reason)
                 await self._release_uploads(db, [job_id])  # it never ran: its pictures are needed no more
                 changed = True
             elif row["state"] == JobState.RUNNING.value:
-                await db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                # The reason goes with the request (the first request's, if asked twice): the
+                # worker's end of it (mark_cancelled, fail, release, a sweep) keeps `error`.
+                await db.execute("UPDATE jobs SET error = CASE WHEN cancel_requested THEN error ELSE ? END,"
+                                 " cancel_requested = 1 WHERE id = ?", (reason, job_id))
                 return True
             else:
                 return False
         self._wake()
         return changed
 
-    async def clear(self, guild_id: int | None = None) -> int:
+    async def clear(self, guild_id: int | None = None, reason: str | None = CLEARED) -> int:
         async with self._tx() as db:
             async with db.execute(_LINE_SQL.format(cols="*", where="", limit="")) as cur:
                 rows = await cur.fetchall()
             ids = [row["id"] for row in rows
                    if guild_id is None or json.loads(row["spec"]).get("guild_id") == int(guild_id)]
             for job_id in ids:
-                await self._finalize(db, job_id, JobState.CANCELLED)
-                await self._emit(db, job_id, EventKind.CANCELLED, "queue cleared")
+                await self._cancel_queued(db, job_id, reason or None)
             await self._release_uploads(db, ids)
         if ids:
             self._wake()
