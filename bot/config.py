@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.jobs import check_keep_days, check_keep_state_days
+from engine.jobs import check_keep_days, check_keep_state_days, check_keep_state_gib
 from engine.queue import redact_url
 from engine.compiling import compile_options
 
@@ -81,6 +81,11 @@ class WorkerConfig:
     # keep_days. Applies with keep_days = 0 too (jobs kept for ever, their states not).
     # imagine-worker --keep-state-days has the same default.
     keep_state_days: float = 7.0
+    # ...and, whatever their age, the kept states (48-192 MiB each) total at most this many GiB: over
+    # it, the oldest posted job's state goes first (after each finished job and hourly). Bounds the
+    # store however many jobs are queued (1-iteration jobs back to back each leave a full state).
+    # 0: no budget. imagine-worker --keep-state-gib does the same.
+    keep_state_gib: float = 0.0
     # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
     encoder: str = "openai"
     # torch.compile the hot loop: "" (off), "inductor", "inductor:reduce-overhead" (CUDA graphs
@@ -319,6 +324,10 @@ def _validate(cfg: Config) -> None:
         check_keep_state_days(cfg.worker.keep_state_days)
     except ValueError as exc:
         raise ConfigError(f"[worker] keep_state_days: {exc}") from None
+    try:
+        check_keep_state_gib(cfg.worker.keep_state_gib)
+    except ValueError as exc:
+        raise ConfigError(f"[worker] keep_state_gib: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
     need(cfg.worker.checkpoint_every >= 0,
          "[worker] checkpoint_every: must not be negative (seconds; 0: a checkpoint at every frame)")

@@ -278,6 +278,8 @@ def progress_view(job_id: str) -> discord.ui.View:
 
 
 def result_view(record: JobRecord) -> discord.ui.View:
+    if render.withholds_prompt(record):
+        return _button_view()   # cancelled for a banned word: nothing may start from it (withheld_refusal)
     items: list[discord.ui.Item[Any]] = [RerollButton(record.id)]
     if record.state == JobState.DONE:
         items.append(ContinueButton(record.id))
@@ -564,6 +566,15 @@ def picture_gone_text(spec: JobSpec, upload_id: str, uploads: attachments.Upload
     return picture_gone(str(source) if source else None, key) + " Nothing was queued."
 
 
+def withheld_refusal(job_id: str, verb: str) -> str:
+    """The refusal of a new job from a job cancelled (or being cancelled) for a banned word
+    (render.withholds_prompt): its prompt and its final state hold the banned word, and its public
+    reply withholds them. Also once the word is removed from the list: the admins cancelled that job.
+    Names neither the prompt nor the word."""
+    return (f"Job `{job_id}` was cancelled by this server's admins: its prompt matches a banned word, "
+            f"so it cannot be {verb}.")
+
+
 def lineage_gone(job_id: str, kind: str | None, parent_id: str) -> str:
     """The refusal of a Reroll whose job started from `parent_id`'s final state (a remix, a
     continue) when that state has been pruned: without it the reroll would start from noise."""
@@ -616,6 +627,19 @@ async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction,
         await ephemeral(interaction, f"Job `{record.id}` had already failed.")
     else:
         await ephemeral(interaction, f"Cancelled job `{record.id}`.")
+
+
+async def late_refusal(bot: "ImagineBot", guild_id: int | None, prompts: list[str]) -> str | None:
+    """The refused words checked again just before the store's write (ImagineCog.submit,
+    permutations.submit_set), against the list as it is now: the first check came before the
+    attachments' download (up to ATTACHMENT_TIMEOUT), the defer, the CLIP notes and the cap's read,
+    and an entry added meanwhile would let the job through (the add cancels only what its scan of
+    the line finds, after its own write). What remains: a job whose list is read here just before
+    an add's write, and committed just after that add's scan (bot.moderation.cancel_matching), still
+    slips through. That window is this one small read and the match in memory, then the commit:
+    milliseconds, longer only while the commit waits behind another write."""
+    from bot.moderation import refusal   # noqa: PLC0415
+    return await refusal(bot, guild_id, prompts)
 
 
 async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = None) -> str | None:
@@ -994,6 +1018,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             await interaction.response.defer(thinking=True)
         await add_clip_notes(spec)
         max_queued = await self.bot.user_limit(spec.guild_id)
+        if problem := await late_refusal(self.bot, spec.guild_id, [spec.prompt]):
+            await ephemeral(interaction, problem)   # private, after the defer; the caller discards `uploads`
+            return None
         try:   # the store counts and queues in one step: the cap holds against a racing command
             if uploads is not None:
                 record = await uploads.submit(lambda: self.queue.submit(spec, max_queued=max_queued))
@@ -1087,7 +1114,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if parent is None or not await can_see_job(interaction, parent):
             return f"Job `{job_id}` is no longer in the store, so it cannot be reused."
         p = parent.spec
-        problem = self.size_problem(p, job_id, "rerolled" if kind == "reroll" else "continued")
+        verb = "rerolled" if kind == "reroll" else "continued"
+        if render.withholds_prompt(parent):   # (a DONE one too: its worker finished before it saw the cancel)
+            return withheld_refusal(job_id, verb)
+        problem = self.size_problem(p, job_id, verb)
         if problem:
             return problem
         # The label of the parent's grid, not the parent's label: a job queued under an old config
@@ -1103,6 +1133,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 # or it would start from noise and show a different picture from the same settings.
                 if not await self.queue.has_artifact(p.parent_job_id, "state.pt"):
                     return lineage_gone(job_id, p.parent_kind, p.parent_job_id)
+                if await self._withheld(p.parent_job_id):   # its start is that job's final state
+                    # (Not named: a remix's parent may be of a channel the clicker cannot see.)
+                    return (f"Job `{job_id}` starts from the final state of a job this server's admins "
+                            "cancelled (its prompt matches a banned word), so it cannot be rerolled.")
                 spec.parent_job_id, spec.parent_kind = p.parent_job_id, p.parent_kind
                 if p.parent_kind == "remix" and isinstance(p.extra.get("parent"), dict):
                     spec.extra["parent"] = carried_source(p.extra["parent"], spec.channel_id, p.channel_id)
@@ -1158,6 +1192,11 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 return record
         return None
 
+    async def _withheld(self, job_id: str) -> bool:
+        """Whether job `job_id` (still in the store) was cancelled for a banned word."""
+        record = await self.queue.get(job_id)
+        return record is not None and render.withholds_prompt(record)
+
     def size_problem(self, p: JobSpec, job_id: str, verb: str) -> str | None:
         """Why a new job on `p`'s grid may not be queued: a grid no size offers any more (an admin
         took it out of `[imagine] sizes`, e.g. for its cost), or None. A job from another's state
@@ -1186,6 +1225,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return (f"There is no job {shown} you can see in this server (or it has been "
                     "pruned), so there is nothing to remix. The ids are under each result "
                     "and in `/history`.")
+        if render.withholds_prompt(parent):   # before its state: a DONE one has a final state too
+            return withheld_refusal(job_id, "remixed")
         if parent.state != JobState.DONE:
             return (f"Job {shown} has not finished ({parent.state.value}): only a finished "
                     "picture can be remixed.")

@@ -246,6 +246,7 @@ async def open_resources(
                 # max_batch 0: the worker chooses from free GPU memory (engine.capacity)
                 worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
                 keep_days=wc.keep_days or None, keep_state_days=wc.keep_state_days or None,
+                keep_state_gib=wc.keep_state_gib or None,
                 compile=wc.compile, checkpoint_every=wc.checkpoint_every,
                 # Sized for the costliest job this bot can queue (a "1024" = 128 size is 4x a
                 # 512's memory per job), not for a 512 one.

@@ -34,15 +34,21 @@ MATCH_BUDGET seconds; past it the request is refused the same way. Compiling is 
 minimum counts multiply past MAX_UNROLL (`(?:a{65535}){65535}` would stop the whole process for
 hours) is refused before it is compiled.
 
-The check runs once per request, before anything is queued: /imagine makes it before it
+The check runs before anything is queued: /imagine makes it before it
 downloads any attached picture (ImagineCog.refusal; permutations.check_set for each prompt of a
 permutation set), and the Reroll / Continue buttons and Remix make it before they submit
 (anything else that submits through ImagineCog.submit unchecked gets it there). A refusal quotes what matched through render.quote (tamed:
-no bidi controls, combining marks capped).
+no bidi controls, combining marks capped). It runs once more just before the store's write
+(imagine.late_refusal), against the list as it is then: an entry added while a request downloads
+its pictures would otherwise let it through.
 
 Jobs already in line when an entry is added would otherwise run and be posted publicly: the add
 cancels this server's queued and running jobs whose prompt the new entry matches (`cancel_matching`,
-the same `find`), with the reason render.CANCEL_BANNED, whose public text never names the entry. A
+the same `find`), with the reason render.CANCEL_BANNED: their replies say so without naming the
+entry or showing the prompt (render.withholds_prompt), and one whose worker finished it before it
+saw the request is posted as that cancel, without its picture (bot.progress). The admin's answer
+names the ids of the jobs cancelled that they may see (`/queue show`'s rule) and counts the others:
+the ids of a channel hidden from them would tell them which patterns its prompts match. A
 pattern that matches half of a few ordinary prompts (`_ORDINARY`) is refused when added: it would
 refuse nearly every prompt (`re:.`, `re:[a-z]`).
 """
@@ -64,7 +70,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
-from bot.permissions import require_admin
+from bot.permissions import ThreadLookups, can_see_job, require_admin
+from engine.jobs import JobRecord
 from engine.text import has_visible_text, is_format
 
 if TYPE_CHECKING:
@@ -353,35 +360,66 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
 
 # --- jobs already in line when an entry is added -------------------------------------------------
 
-async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[str]:
+async def _line(queue, guild_id: int) -> list[JobRecord]:
+    """Server `guild_id`'s queued and running jobs, each once, as last read. Two reads are not one
+    moment: a job claimed between queued() and running() is in both, and one that failed and went
+    back in line between them in neither, so queued() is read again after running()."""
+    jobs: dict[str, JobRecord] = {}
+    for record in [*await queue.queued(), *await queue.running(), *await queue.queued()]:
+        if record.spec.guild_id == guild_id:
+            jobs.pop(record.id, None)   # its newest read, where it was last seen
+            jobs[record.id] = record
+    return list(jobs.values())
+
+
+async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[JobRecord]:
     """Cancel server `guild_id`'s queued and running jobs whose prompt (as submitted: each job of a
     permutation set its own) `entry` matches as `find` matches a new prompt (a timeout counts, as
-    it refuses one); their replies say why without naming the entry (render.CANCEL_BANNED). A
-    running job already asked to stop is left to that request. The ids cancelled, in line order."""
-    jobs = [r for r in await bot.queue.queued() + await bot.queue.running()
-            if r.spec.guild_id == guild_id and not r.cancel_requested]
+    it refuses one); their replies say why without naming the entry or showing the prompt
+    (render.CANCEL_BANNED, render.withholds_prompt). A running job already asked to stop is left to
+    that request. The jobs cancelled, as read before the cancel."""
+    jobs = [r for r in await _line(bot.queue, guild_id) if not r.cancel_requested]
     max_chars = bot.config.imagine.max_prompt_chars
     hits = await asyncio.to_thread(lambda: [r for r in jobs if find([entry], r.spec.prompt, max_chars) is not None])
-    cancelled = [r.id for r in hits if await bot.queue.cancel(r.id, reason=render.CANCEL_BANNED)]
+    cancelled = [r for r in hits if await bot.queue.cancel(r.id, reason=render.CANCEL_BANNED)]
     if cancelled:
+        log.info("the refused entry %r cancelled jobs %s of server %s", entry, ", ".join(r.id for r in cancelled),
+                 guild_id)
         if bot.progress is not None:
             bot.progress.line_changed()
-        log.info("the refused entry %r cancelled jobs %s of server %s", entry, ", ".join(cancelled), guild_id)
+            for r in cancelled:   # a running one's frames until its worker stops: without the prompt
+                if (now := await bot.queue.get(r.id)) is not None:
+                    bot.progress.record_changed(now)
     return cancelled
 
 
-def _cancelled_line(job_ids: list[str], room: int) -> str:
+async def _visible(interaction: discord.Interaction, records: list[JobRecord]) -> list[str]:
+    """The ids of `records` the admin may see (their own, or of channels they can view: what
+    `/queue show` lists them). Any other id would tell them that a prompt in a channel hidden from
+    them matches what they just added: a pattern at a time, its words."""
+    lookups = ThreadLookups()
+    return [r.id for r in records
+            if r.spec.user_id == interaction.user.id or await can_see_job(interaction, r, lookups)]
+
+
+def _cancelled_line(job_ids: list[str], room: int, hidden: int = 0) -> str:
     """The admin's line on the jobs `cancel_matching` cancelled, at most `room` characters: the ids
-    that fit, then how many more."""
-    if not job_ids:
+    they may see (`job_ids`) that fit, how many more, and how many of channels they cannot see
+    (`hidden`: counted, never named)."""
+    n = len(job_ids) + hidden
+    if not n:
         return "No queued or running job of this server matches it."
-    n = len(job_ids)
     text = (f"Cancelled {n} of this server's queued or running job{'s' if n != 1 else ''} whose prompt matches it "
             "(a running one stops at its worker's next check):")
+    unseen = f"{hidden} in {'a channel' if hidden == 1 else 'channels'} you cannot see" if hidden else ""
     shown = list(job_ids)
     while True:
-        more = f" …and {n - len(shown)} more." if len(shown) < n else ""
-        line = text + " " + ", ".join(f"`{j}`" for j in shown) + (more or ".")
+        listed = ", ".join(f"`{j}`" for j in shown)
+        if len(shown) < len(job_ids):
+            listed += f" …and {len(job_ids) - len(shown)} more"
+        if unseen:
+            listed = f"{listed}, and {unseen}" if listed else unseen
+        line = f"{text} {listed}."
         if len(line) <= room or not shown:
             return line
         shown.pop()
@@ -478,12 +516,15 @@ class ModerationCog(commands.Cog, name="Moderation"):
             current.append(entry)
             await self.bot.queue.set_setting(setting_key(guild_id), current)
         log.info("user %s added %r to the refused words of server %s", interaction.user.id, entry, guild_id)
-        # After the write: a job submitted from now on is refused at submit, one before it is here.
+        # After the write: a job submitted from now on is refused at submit (its check just before the
+        # store's write, ImagineCog.submit, permutations.submit_set), one before it is here.
         cancelled = await cancel_matching(self.bot, guild_id, entry)
+        visible = await _visible(interaction, cancelled)
         kind = "pattern" if is_regex(entry) else "word"
         head = (f"Added the {kind} {_code(entry)}: prompts that contain it are refused. The list has "
                 f"{len(current)} entr{'y' if len(current) == 1 else 'ies'}.")
-        await ephemeral(interaction, f"{head}\n{_cancelled_line(cancelled, render.CONTENT_LIMIT - len(head) - 1)}")
+        line = _cancelled_line(visible, render.CONTENT_LIMIT - len(head) - 1, hidden=len(cancelled) - len(visible))
+        await ephemeral(interaction, f"{head}\n{line}")
 
     async def remove(self, interaction: discord.Interaction, raw: str) -> None:
         from bot.imagine import ephemeral   # noqa: PLC0415

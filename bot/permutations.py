@@ -31,7 +31,10 @@ per combination (6 here) and, once every one of them has ended, posts one contac
 - The contact sheet: the set is recorded in the store (`set:<id>`: job ids, captions, channel) and
   listed in `sheets.open`. `SheetsCog` polls the open sets; when every job of one has ended it
   posts one message with `contact-sheet.png` (the DONE finals in order, captioned with their
-  options; failed / cancelled ones are named in the text), then records `sheet:<id>`. A post that
+  options; failed / cancelled ones are named in the text; a job cancelled for a banned word,
+  render.withholds_prompt, DONE after the cancel too, gets no tile and its line says
+  `(prompt withheld)`, and then the text withholds the template as well: it holds every option),
+  then records `sheet:<id>`. A post that
   fails with a 5xx or a network error is tried again with backoff (`SHEET_RETRY_FIRST` doubling up
   to `SHEET_RETRY_MAX`), not on every poll; a refusal (a 4xx: `bot.progress.is_refusal`) is final: the set is closed with
   an error marker. A 403 (the bot may not post in the channel) is first retried as a follow-up of
@@ -318,7 +321,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
     `uploads`: the pictures the command stored (stored again if the submit finds one gone; the
     caller discards them when nothing was queued)."""
     from bot.imagine import (  # noqa: PLC0415 - imagine imports this module
-        clip_notes, ephemeral, image_weights_of, limit_text, progress_view,
+        clip_notes, ephemeral, image_weights_of, late_refusal, limit_text, progress_view,
     )
 
     bot = cog.bot
@@ -349,6 +352,11 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             one.extra["clip_notes"] = notes[index]
         specs.append(one)
     max_queued = await bot.user_limit(spec.guild_id)
+    # An entry added since check_set would let the set through (imagine.late_refusal says why, and
+    # what window remains): every combination again, just before the write.
+    if problem := await late_refusal(bot, spec.guild_id, [one.prompt for one in specs]):
+        await ephemeral(interaction, problem)   # private, after the defer; the caller discards `uploads`
+        return []
     try:   # counted and queued in one step: a racing command cannot push the user past the cap
         if uploads is not None:
             records = await uploads.submit(lambda: queue.submit_many(specs, max_queued=max_queued))
@@ -478,9 +486,11 @@ class SheetEntry:
     job_id: str
     url: str | None                # its reply, when known
     left_out: str | None = None    # why it has no tile (its state, gone, no final image)
+    withheld: bool = False         # cancelled for a banned word: its caption is not shown (label "")
 
     def line(self, caption_chars: int, links: bool) -> str:
-        text = f"• {render.snippet(self.label, caption_chars)}"
+        shown = render.PROMPT_WITHHELD if self.withheld else render.snippet(self.label, caption_chars)
+        text = f"• {shown}"
         if self.left_out:
             text += f" ({self.left_out})"
         text += f" · `{self.job_id}`"
@@ -677,6 +687,11 @@ class SheetsCog(commands.Cog, name="Sheets"):
                 entries.append(SheetEntry(label, job_id, None, "gone from the store"))
                 continue
             url = render.reply_url(record.spec)
+            if render.withholds_prompt(record):
+                # Cancelled for a banned word (DONE too: its worker finished before it saw the
+                # cancel): no tile, no caption, as its reply shows no picture and no prompt.
+                entries.append(SheetEntry("", job_id, url, JobState.CANCELLED.value, withheld=True))
+                continue
             if record.state != JobState.DONE:
                 entries.append(SheetEntry(label, job_id, url, record.state.value))
                 continue
@@ -729,14 +744,17 @@ class SheetsCog(commands.Cog, name="Sheets"):
         """The sheet's text: the template, then one line per job of the set, in order: its caption
         (and why it has no tile), its id (for `/remix`) and a link to its reply. Within Discord's
         2000 characters: shorter captions, then no links, then a shorter template, until it fits;
-        an id is never cut (at most 25 jobs a set: their lines without links fit)."""
+        an id is never cut (at most 25 jobs a set: their lines without links fit). When a job of the
+        set was cancelled for a banned word, the template (which has every option) is withheld too."""
         line = f"{shown} of {len(entries)} variations"
         if info.get("seed") is not None:
             line += f" · seed {info['seed']}"
         line += f" · <@{info.get('user_id', 0)}>"
         text = ""
+        withheld = any(entry.withheld for entry in entries)
         for head_chars, caption_chars, links in SHEET_TEXT_STEPS:
-            head = f"**Contact sheet** · {render.snippet(info.get('template') or '', head_chars)}"
+            template = render.PROMPT_WITHHELD if withheld else render.snippet(info.get("template") or "", head_chars)
+            head = f"**Contact sheet** · {template}"
             rows = [entry.line(caption_chars, links) for entry in entries]
             text = "\n".join([head, line, *rows])
             if len(text) <= render.CONTENT_LIMIT:

@@ -59,7 +59,7 @@ import io
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
@@ -521,6 +521,15 @@ class ProgressCog(commands.Cog, name="Progress"):
         """Called by the admin commands (pause/resume/clear) so positions are redrawn."""
         self._line_dirty.set()
 
+    def record_changed(self, record: JobRecord) -> None:
+        """A followed job's record changed with no event of its own (a running job asked to stop for
+        a banned word: its messages withhold its prompt from now on, render.withholds_prompt): its
+        message is redrawn from it, and so is every later frame until it ends."""
+        t = self.trackers.get(record.id)
+        if t is not None and not (t.final or t.lost or record.state.finished):
+            t.record = record
+            self._kick(t)
+
     # --- undelivered results --------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
@@ -910,6 +919,11 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.record = record
         if t.posted is not None:   # posted already: only the store writes are left (_post_final)
             return _Final(record, "", [])
+        if record.state == JobState.DONE and render.withholds_prompt(record):
+            # Asked to stop for a banned word, but its worker finished it before it saw the request:
+            # the admin was told it was cancelled, so it is posted as that cancel (the same text, no
+            # picture or video, the buttons of a cancelled job), and marked delivered as any result.
+            record = replace(record, state=JobState.CANCELLED)
         files, note = await self._final_files(t, record)
         return _Final(record, render.final_text(record, note), files)
 

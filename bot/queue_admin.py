@@ -47,7 +47,7 @@ from bot import render
 from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
 from bot.permissions import (ThreadLookups, admin_roles_text, can_see_job, can_view_channel, is_admin, may_know_job,
                              require_admin)
-from engine.jobs import PAUSED_KEY, JobRecord, guild_paused_key
+from engine.jobs import PAUSED_KEY, JobRecord, JobState, guild_paused_key
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -417,10 +417,24 @@ class HistoryCog(commands.Cog, name="History"):
         lines = []
         for record in records:
             url = render.reply_url(record.spec)
-            line = (f"• {render.snippet(record.spec.prompt, 80)} · <@{record.spec.user_id}> · {record.state.value}"
+            line = (f"• {self._shown_prompt(record)} · <@{record.spec.user_id}> · {self._shown_state(record)}"
                     f" · `{record.id}`" + (f" · {url}" if url else ""))
             lines.append("\n  ".join([line] + render.lineage_lines(record.spec, details=False, hidden=hidden)))
         return lines
+
+    @staticmethod
+    def _shown_prompt(record: JobRecord) -> str:
+        """The prompt as its public reply shows it: withheld for a job cancelled for a banned word
+        (render.withholds_prompt), which the admins removed from the channel's view."""
+        return render.PROMPT_WITHHELD if render.withholds_prompt(record) else render.snippet(record.spec.prompt, 80)
+
+    @staticmethod
+    def _shown_state(record: JobRecord) -> str:
+        """Its state; one that ended DONE after a banned-word cancel (its worker finished before it saw
+        the request) reads "cancelled", as its reply does: no picture of it was posted."""
+        if record.state.finished and render.withholds_prompt(record):
+            return JobState.CANCELLED.value
+        return record.state.value
 
     async def _hidden_sources(self, interaction: discord.Interaction, records: list[JobRecord]) -> set[str]:
         """The jobs these records' lineage names that the caller may not see. A remix (or a Reroll of

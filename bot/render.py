@@ -240,10 +240,26 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _compose(spec: JobSpec, status: str, job_id: str) -> str:
-    head = f"**{escape_prompt(spec.prompt)}**"
-    tail = _extra_lines(spec) + f"`{settings_line(spec)} · job {job_id}` · <@{spec.user_id}>"
-    text = f"{head}\n{status}\n{tail}"
+PROMPT_WITHHELD = "*(prompt withheld)*"
+
+
+def withholds_prompt(record: JobRecord) -> bool:
+    """Whether `record`'s public messages leave its prompt out: a job cancelled for a banned word
+    (CANCEL_BANNED), or asked to stop for one (still running, or finished by its worker before it
+    saw the request). Its reply would otherwise show the banned word to the channel, above the
+    line saying that it was banned."""
+    return (record.error or "").strip() == CANCEL_BANNED and (
+        record.state == JobState.CANCELLED or record.cancel_requested)
+
+
+def _compose(record: JobRecord, status: str) -> str:
+    spec = record.spec
+    tail = f"`{settings_line(spec)} · job {record.id}` · <@{spec.user_id}>"
+    if withholds_prompt(record):
+        # Nor the lines that quote it (what CLIP ignores of it) or a remix's parent's prompt.
+        return f"{PROMPT_WITHHELD}\n{status}\n{tail}"
+    tail = _extra_lines(spec) + tail
+    text = f"**{escape_prompt(spec.prompt)}**\n{status}\n{tail}"
     if len(text) > CONTENT_LIMIT:  # only with a huge configured max_prompt_chars
         room = max(0, CONTENT_LIMIT - len(status) - len(tail) - 10)
         text = f"**{escape_prompt(spec.prompt)[:room]}…**\n{status}\n{tail}"
@@ -262,11 +278,11 @@ def queued_text(record: JobRecord, position: int | None, paused: str = "") -> st
         status += " The queue is paused; it will start when the bot's owner resumes it."
     elif paused == "server":
         status += " This server's jobs are paused; it will start when an admin uses `/queue resume`."
-    return _compose(record.spec, status, record.id)
+    return _compose(record, status)
 
 
 def starting_text(record: JobRecord) -> str:
-    return _compose(record.spec, "Starting…", record.id)
+    return _compose(record, "Starting…")
 
 
 def progress_text(record: JobRecord, iteration: int, total: int, similarity: float | None,
@@ -276,12 +292,15 @@ def progress_text(record: JobRecord, iteration: int, total: int, similarity: flo
         status += f" · similarity {similarity:.3f}"
     if eta_seconds is not None and iteration < total:
         status += f" · about {duration(eta_seconds)} left"
-    return _compose(record.spec, status, record.id)
+    return _compose(record, status)
 
 
 def final_text(record: JobRecord, note: str | None = None) -> str:
-    spec = record.spec
-    if record.state == JobState.DONE:
+    if withholds_prompt(record):
+        # Finished by its worker before it saw the request, too: the cancel the admin was told of.
+        # (bot.progress posts no picture of it.)
+        status = cancelled_status(CANCEL_BANNED)
+    elif record.state == JobState.DONE:
         status = "Done"
         if record.similarity is not None:
             status += f" · similarity {record.similarity:.3f}"
@@ -296,12 +315,13 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
         status = f"Failed: {defang_links(discord.utils.escape_markdown(reason[:300], ignore_links=False))}"
     if note:
         status += f"\n{note}"
-    return _compose(spec, status, record.id)
+    return _compose(record, status)
 
 
 # Why a job was cancelled, as the bot stores it (`queue.cancel(reason=)`, `queue.clear`: the record's
 # `error`), and what its public reply says of it. No reason (None): its author cancelled it. The
-# reply never names a banned word: the channel would read it.
+# reply never names a banned word, nor shows the prompt that has it (withholds_prompt): the channel
+# would read it.
 CANCEL_BY_ADMIN = "by an admin"
 CANCEL_BANNED = "banned word"
 _CANCELLED = {
@@ -314,12 +334,10 @@ _CANCELLED = {
 
 def cancelled_status(reason: str | None) -> str:
     """A cancelled job's status line for `reason` (its record's `error`). A reason the bot does
-    not know (stored by another version of it) is shown as it is, escaped as a failure's is."""
-    text = (reason or "").strip()
-    known = _CANCELLED.get(text or None)
-    if known is not None:
-        return known
-    return f"Cancelled: {defang_links(discord.utils.escape_markdown(text[:300], ignore_links=False))}"
+    not know is plain "Cancelled.": the known ones are the constants above, and anything else is
+    not why it was cancelled (an earlier attempt's failure, `RuntimeError: …`, which a cancel kept
+    in `error` before cancels stored their reason) or came from another version."""
+    return _CANCELLED.get((reason or "").strip() or None, _CANCELLED[None])
 
 
 def lost_text(record: JobRecord) -> str:
@@ -327,7 +345,7 @@ def lost_text(record: JobRecord) -> str:
     came back without its data): it will never finish, and nothing else will say so."""
     status = ("Lost: the queue lost its data (its store restarted empty) before this job finished, "
               "so it will not finish. Run `/imagine` again.")
-    return _compose(record.spec, status, record.id)
+    return _compose(record, status)
 
 
 def jump_url(guild_id: int | None, channel_id: int, message_id: int) -> str:

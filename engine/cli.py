@@ -205,6 +205,17 @@ def _os_reason(exc: OSError) -> str:
     return one_line(str(exc)) or type(exc).__name__
 
 
+def _in_cache(filename, cache: Path) -> bool:
+    """Whether an OSError's file is the model cache, in it, or a folder above it (making the cache
+    makes those: a HOME the user cannot write). Compared as written, not resolved: the names in
+    such errors are the cache's path joined with more. Not for a model file named by --clip-model
+    or --decoder outside it: the cache's hint would send the person the wrong way."""
+    if not filename or not isinstance(filename, (str, bytes, os.PathLike)):   # none, or a descriptor
+        return False
+    path, cache = Path(os.path.abspath(os.fsdecode(filename))), Path(os.path.abspath(cache))
+    return path == cache or path in cache.parents or cache in path.parents
+
+
 @contextlib.contextmanager
 def _downloads_on_stderr(log_level: str) -> Iterator[None]:
     """engine.models logs each model download (minutes, ~400 MB on a first run) at INFO, which the
@@ -306,9 +317,10 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
                              args.trust_decoder, encoder=args.encoder if init_image else None)
     except ModelLoadError as exc:
         raise UsageError(model_error(exc))
-    except OSError as exc:   # the model cache cannot be made or written: HOME not writable, --cache-dir a file
-        raise UsageError(f"cannot load the models: {_os_reason(exc)} (the model cache is {cache}: "
-                         "--cache-dir or $IMAGINE_CACHE puts it elsewhere)") from None
+    except OSError as exc:   # the model cache cannot be made or written, or a model file named cannot be read
+        hint = (f" (the model cache is {cache}: --cache-dir or $IMAGINE_CACHE puts it elsewhere)"
+                if _in_cache(exc.filename, cache) else "")
+        raise UsageError(f"cannot load the models: {_os_reason(exc)}{hint}") from None
     load_seconds = time.perf_counter() - t0
     if parent_state is not None:   # its vocabulary is the decoder's: known now, before --out is made
         vocab = parent_state["logits"].shape[1]

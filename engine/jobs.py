@@ -186,6 +186,26 @@ def check_keep_state_days(value: float | None) -> float | None:
     return float(value)
 
 
+# A budget for the kept states (`[worker] keep_state_gib`, `imagine-worker --keep-state-gib`,
+# `Worker(keep_state_gib=)`): the state.pt artifacts in the store total at most this many GiB; over
+# it, the oldest delivered ones go first (`JobQueue.prune_states_over`). Whatever keep_state_days
+# says, so that jobs queued back to back (by one user, or by heavy use) cannot fill the disk or
+# Redis's memory. 0 or None: no budget.
+GIB = 1024 ** 3
+
+
+def check_keep_state_gib(value: float | None) -> float | None:
+    """`keep_state_gib` checked: None for "no budget" (None or 0), else the value (a positive,
+    finite number of GiB). ValueError, saying what is allowed, for anything else."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of GiB, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be 0 (no budget) or a positive number of GiB, got {value!r}")
+    return float(value)
+
+
 def new_upload_id() -> str:
     """A random upload id (tests; uploads of content not worth addressing)."""
     return f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
@@ -384,3 +404,14 @@ class JobQueue(Protocol):
     # prunable again at the first prune after its last such child ended. Returns how many whole
     # jobs. Safe to run from several processes.
     async def prune(self, older_than: float, state_older_than: float | None = None) -> int: ...
+    # The budget of the kept states (`check_keep_state_gib`). `state_bytes`: the total size of the
+    # `state.pt` artifacts in the store (every one: a running or undelivered job's too), read
+    # cheaply (SQLite: an index of their lengths; Redis: a counter kept with every write and delete
+    # of one). `prune_states_over(budget_bytes)`: while that total is over `budget_bytes`, deletes
+    # the `state.pt` alone of the job finished and delivered first (by `finished_at`), with the
+    # eligibility rules of `prune`'s states (never a job not yet delivered, nor one a queued or
+    # running job names as its parent: checked atomically with each delete); stops when the total
+    # fits or nothing more may go. Returns how many states it deleted. Safe to run from several
+    # processes: each state goes once and is counted off once.
+    async def state_bytes(self) -> int: ...
+    async def prune_states_over(self, budget_bytes: int) -> int: ...

@@ -74,9 +74,15 @@ TRUST_HINT_CLI = "pass --trust-decoder"
 
 def default_cache(environ: Mapping[str, str] = os.environ) -> Path:
     """$IMAGINE_CACHE (`~` expanded), else ~/.cache/imagine-bot. An empty IMAGINE_CACHE counts as
-    unset: as a path it would be the current folder."""
-    chosen = environ.get("IMAGINE_CACHE", "")
-    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "imagine-bot"
+    unset: as a path it would be the current folder. A `~` that names no home (`~typo/models`, or
+    no HOME and no passwd entry) is kept as typed, as the shell keeps it: pathlib raises
+    RuntimeError there, and this runs at import (DEFAULT_CACHE), where it killed the bot, the
+    worker and the CLI with a traceback before they could say anything."""
+    chosen = environ.get("IMAGINE_CACHE", "") or "~/.cache/imagine-bot"
+    try:
+        return Path(chosen).expanduser()
+    except RuntimeError:
+        return Path(chosen)
 
 
 DEFAULT_CACHE = default_cache()
@@ -133,11 +139,24 @@ class Models:
         return int(self.decoder.vocab_size)
 
 
+def _chunks(path: Path) -> Iterator[bytes]:
+    """`path`'s bytes, 1 MiB at a time. A read error names the file: open's errors do, a read's
+    (EIO from a failing disk or a /proc file) carry no file name, and the CLI's one line should say
+    which file it could not read."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in _chunks(path):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -160,19 +179,18 @@ def _private_copy(path: Path) -> Iterator[tuple[str, str | io.BytesIO]]:
             fd = -1
     try:
         if fd >= 0:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+            for chunk in _chunks(path):
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
             import fcntl
 
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             yield h.hexdigest(), f"/proc/self/fd/{fd}"
         else:
-            data = path.read_bytes()
+            data = b"".join(_chunks(path))
             h.update(data)
             yield h.hexdigest(), io.BytesIO(data)
     finally:
@@ -195,13 +213,16 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
     if it raises, the file is dropped. Returns that SHA-256 (of the bytes received, not of the file
     read back)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path: str | None = None
+    # Made before the connection is opened and outside the except below: a cache that exists but
+    # cannot be written (read-only) is the cache's problem, an OSError naming its folder, not "could
+    # not download ... On an offline machine ...".
+    try:
+        tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=PARTIAL_PREFIX, delete=False)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target.parent)) from exc   # the folder, not a random name
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as src, tempfile.NamedTemporaryFile(
-            dir=target.parent, prefix=PARTIAL_PREFIX, delete=False
-        ) as tmp:
-            tmp_path = tmp.name
+        with tmp, urllib.request.urlopen(url, timeout=60) as src:
             expected = src.headers.get("Content-Length")
             download_log.info("downloading %s (%s) from %s to %s", target.name, _megabytes(expected), url, target)
             for chunk in iter(lambda: src.read(1 << 20), b""):
@@ -212,9 +233,8 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
             if expected is not None and expected.isdigit() and tmp.tell() != int(expected):
                 raise OSError(f"the connection closed after {tmp.tell()} of {expected} bytes")
     except Exception as exc:  # OSError, and http.client's IncompleteRead for a body cut short
-        if tmp_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_path)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
         raise ModelLoadError(
             f"could not download {target.name} from {url} ({type(exc).__name__}: {exc}). On an offline "
             f"machine, download it elsewhere and place it at {target}, or pass its local path.{placed_by_hand}"

@@ -44,7 +44,8 @@ from engine.generate import (
     state_from_bytes, state_to_bytes,
 )
 from engine.jobs import (
-    Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days, check_keep_state_days,
+    GIB, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days,
+    check_keep_state_days, check_keep_state_gib,
 )
 from engine.models import Models
 from engine.stopping import abandon, any_abandoned, exit_if_abandoned, exit_now
@@ -216,6 +217,7 @@ class Worker:
         observer: Any = None,
         keep_days: float | None = None,
         keep_state_days: float | None = None,
+        keep_state_gib: float | None = None,
         compile: bool | str = False,
         checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
@@ -279,6 +281,15 @@ class Worker:
         if keep_state_days is not None and self.keep_days is not None and keep_state_days >= self.keep_days:
             keep_state_days = None
         self.keep_state_days = keep_state_days   # the effective value: None when it changes nothing
+        # ...and, whatever their age, the kept states total at most `keep_state_gib` GiB (None or 0:
+        # no budget): checked after each job this worker finishes and at each hourly prune, the
+        # oldest delivered ones going first (JobQueue.prune_states_over). Ages alone bound nothing:
+        # 1-iteration jobs queued back to back each leave a full state.
+        try:
+            keep_state_gib = check_keep_state_gib(keep_state_gib)
+        except ValueError as exc:
+            raise ValueError(f"keep_state_gib: {exc}") from None
+        self.keep_state_bytes = None if keep_state_gib is None else int(keep_state_gib * GIB)
         self._next_prune = 0.0            # loop time of the next prune
         self._prune_task: asyncio.Task | None = None
         # Mid-run checkpoints are timed: a frame takes one only when this many seconds have passed
@@ -566,17 +577,19 @@ class Worker:
 
         async def prune(keep_days: float | None, keep_state_days: float | None) -> None:
             # its own task: it never delays a heartbeat
-            try:
-                pruned = await self.queue.prune(
-                    math.inf if keep_days is None else keep_days * 86400.0,
-                    None if keep_state_days is None else keep_state_days * 86400.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - retried in an hour
-                log.warning("pruning old jobs failed", exc_info=True)
-                return
-            if pruned:
-                log.info("pruned %d jobs finished and delivered more than %g days ago", pruned, keep_days)
+            if keep_days is not None or keep_state_days is not None:
+                try:
+                    pruned = await self.queue.prune(
+                        math.inf if keep_days is None else keep_days * 86400.0,
+                        None if keep_state_days is None else keep_state_days * 86400.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - retried in an hour
+                    log.warning("pruning old jobs failed", exc_info=True)
+                    pruned = 0
+                if pruned:
+                    log.info("pruned %d jobs finished and delivered more than %g days ago", pruned, keep_days)
+            await self._keep_states_in_budget()
 
         # Sweep expired leases here too (claim() does it, but with every worker busy nobody claims):
         # a dead worker's job goes back to the line within about lease * 1.5.
@@ -605,13 +618,30 @@ class Worker:
                     raise
                 except Exception:  # noqa: BLE001 - the next sweep (or claim) will do it
                     log.warning("sweeping expired leases failed", exc_info=True)
-            prunes = self.keep_days is not None or self.keep_state_days is not None
+            prunes = (self.keep_days is not None or self.keep_state_days is not None
+                      or self.keep_state_bytes is not None)
             if prunes and loop.time() >= self._next_prune and (
                     self._prune_task is None or self._prune_task.done()):
                 self._next_prune = loop.time() + 3600.0
                 self._prune_task = asyncio.create_task(prune(self.keep_days, self.keep_state_days),
                                                        name="worker-prune")
                 self._tasks = [t for t in self._tasks if not t.done()] + [self._prune_task]  # stop() cancels it
+
+    async def _keep_states_in_budget(self) -> None:
+        """The kept states back under `keep_state_gib`, oldest delivered first (no budget: nothing).
+        Never raises but a cancel: a failure waits for the next finished job or hourly prune."""
+        if self.keep_state_bytes is None:
+            return
+        try:
+            dropped = await self.queue.prune_states_over(self.keep_state_bytes)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the next job's end or the hourly prune tries again
+            log.warning("keeping the kept states under keep_state_gib failed", exc_info=True)
+            return
+        if dropped:
+            log.info("deleted the final state of %d delivered job(s), the oldest, to keep the states "
+                     "under %g GiB", dropped, self.keep_state_bytes / GIB)
 
     def _gpu_thread_ok(self) -> bool:
         return (self._thread is None or self._thread.is_alive()) and not self._hung()
@@ -735,7 +765,8 @@ class Worker:
                 video_bytes = None
                 log.warning("job %s: its video could not be made, so it has none: %s", job_id,
                             str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
-            # Kept for Continue / Remix (until keep_state_days / keep_days): compact, half the bytes.
+            # Kept for Continue / Remix (until keep_state_days / keep_days, or keep_state_gib's budget
+            # takes it): compact, half the bytes.
             state_bytes = await asyncio.to_thread(lambda: state_to_bytes(compact_state(state)))
             # Fenced: a worker that lost the job must not overwrite the new owner's results.
             stored = (
@@ -753,6 +784,7 @@ class Worker:
         finally:
             self.running.pop(key, None)
             self._wake.set()
+        await self._keep_states_in_budget()   # its state is stored: that may put the states over
         self._observe("job_ended", run.record, "done")
         log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
                  time.time() - run.record.created_at)
@@ -1101,6 +1133,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "videos stay --keep-days, and Continue/Remix of them then say 'gone'. N is "
                         f"{DEFAULT_KEEP_STATE_DAYS:g} by default, 0 (as long as the job: --keep-days) or at "
                         "least 1/24 (an hour); more than --keep-days is the same as --keep-days")
+    p.add_argument("--keep-state-gib", type=_keep_state_gib, default=None, metavar="N",
+                   help="keep the final states (state.pt, 48-192 MiB each) of finished jobs to N GiB in all: "
+                        "after each job this worker finishes and hourly, while they total more, the state of "
+                        "the oldest delivered job goes first (whatever --keep-state-days; Continue/Remix of it "
+                        "then say 'gone'). Bounds the store's growth however many jobs are queued. 0 (the "
+                        "default): no budget")
     p.add_argument("--checkpoint-every", type=_checkpoint_every, default=DEFAULT_CHECKPOINT_EVERY, metavar="SECONDS",
                    help="seconds between two checkpoints of a running job, taken at its frames (default "
                         f"{DEFAULT_CHECKPOINT_EVERY:g}; 0: every frame); a stopping worker checkpoints its jobs anyway")
@@ -1145,6 +1183,7 @@ def check_stall_timeout(seconds: float) -> float:
 # --checkpoint-every, --stall-timeout: seconds, at least 0 (their 0s differ: every frame, no watchdog).
 _keep_days = _number(check_keep_days, "days")
 _keep_state_days = _number(check_keep_state_days, "days")
+_keep_state_gib = _number(check_keep_state_gib, "GiB")
 _checkpoint_every = _number(check_checkpoint_every, "seconds")
 _stall_timeout = _number(check_stall_timeout, "seconds")
 # A finished job's state.pt is 48-192 MiB: kept for ever by default, a worker fills its disk.
@@ -1359,7 +1398,7 @@ async def _serve(args: argparse.Namespace) -> int:
                             encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
                             trust_hint=TRUST_HINT_WORKER),
         worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
-        keep_state_days=args.keep_state_days, compile=args.compile,
+        keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile,
         checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )
     stop = asyncio.Event()

@@ -3,23 +3,40 @@ reply says who or what cancelled it (never the refused word); admins' actions ar
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
 from bot import moderation, render
-from engine.jobs import CLEARED, JobRecord, JobSpec, JobState
+from engine.jobs import CLEARED, EventKind, JobEvent, JobRecord, JobSpec, JobState
+from tests.fakediscord import Permission
+from tests.test_bot_privacy import _private_channel
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    claim_jobs, ephemeral_answer, harness, private_answer,
+    claim_jobs, ephemeral_answer, finish_jobs, harness, private_answer, tiny_png,
 )
 
 BANNED = "Cancelled: its prompt matches a word this server's admins banned."
+WORD = "zorblax"   # a banned word no text of the bot's has in it
+MANAGE_GUILD = 1 << 5
 
 
-async def _queue(h, prompt, *, user=None, guild_id=None) -> str:
-    inter = await h.fd.send_slash_command("imagine", {"prompt": prompt}, user=user, guild_id=guild_id)
+async def _queue(h, prompt, *, user=None, guild_id=None, channel_id=None) -> str:
+    inter = await h.fd.send_slash_command("imagine", {"prompt": prompt}, user=user, guild_id=guild_id,
+                                          channel_id=channel_id)
     await h.fd.wait_for_response(inter)
     return h.job_id(await h.reply_of(inter))
+
+
+def _public_text(msg) -> str:
+    """All the channel sees of a message in text: its content, its embeds, its files' names."""
+    return "\n".join([msg.content, json.dumps(msg.embeds), *(a["filename"] for a in msg.attachments)])
+
+
+async def _frame(h, job_id: str, iteration: int) -> None:
+    await h.queue.publish(JobEvent(job_id, EventKind.PROGRESS, iteration=iteration, total=4, similarity=0.1,
+                                   frame_png=tiny_png(1 + iteration, 1)))
+    await h.fd.wait_for(lambda: f"Iteration {iteration}/4" in _reply(h, job_id).content, 5, f"frame {iteration}")
 
 
 def _reply(h, job_id: str):
@@ -121,12 +138,14 @@ async def test_a_cancelled_reply_says_who_cancelled_it(harness, caplog):
     fd.assert_clean()
 
 
-def test_the_cancelled_status_names_the_reason_and_escapes_one_it_does_not_know():
+def test_the_cancelled_status_names_the_reason_and_shows_one_it_does_not_know_as_a_plain_cancel():
+    """A reason the bot does not know is not why the job was cancelled: before cancels stored their
+    reason, a cancel kept an earlier attempt's failure in `error`."""
     record = JobRecord(id="abc", spec=JobSpec(prompt="a cat", user_id=5), state=JobState.CANCELLED)
     for reason, status in [(None, "Cancelled."), ("", "Cancelled."), (render.CANCEL_BY_ADMIN, "Cancelled by an admin."),
                            (CLEARED, "Cancelled: the server's queue was cleared."), (render.CANCEL_BANNED, BANNED),
-                           ("stopped by **the owner** https://x.example",
-                            r"Cancelled: stopped by \*\*the owner\*\* https\://x.example")]:
+                           ("RuntimeError: CUDA error: an illegal memory access", "Cancelled."),
+                           ("stopped by **the owner** https://x.example", "Cancelled.")]:
         record.error = reason
         assert render.final_text(record).split("\n")[1] == status, reason
 
@@ -140,3 +159,97 @@ def test_the_admins_answer_fits_discord_however_many_jobs_were_cancelled():
     assert shown == ids[:len(shown)] and len(shown) > 50
     assert line.startswith("Cancelled 400 of this server's") and line.endswith(f"…and {400 - len(shown)} more.")
     assert moderation._cancelled_line(ids[:2], 1900).endswith(f"`{ids[0]}`, `{ids[1]}`.")
+    # Jobs of channels the admin cannot see are counted, never named.
+    line = moderation._cancelled_line(ids, render.CONTENT_LIMIT - len(head) - 1, hidden=7)
+    assert len(head) + 1 + len(line) <= render.CONTENT_LIMIT
+    assert line.startswith("Cancelled 407 of this server's") and line.endswith("more, and 7 in channels you cannot see.")
+    assert moderation._cancelled_line([], 1900, hidden=1).endswith("check): 1 in a channel you cannot see.")
+
+
+@pytest.mark.asyncio
+async def test_a_banned_cancel_shows_no_prompt_and_a_job_finished_before_it_saw_the_cancel_is_posted_as_one(harness):
+    """The reply of a job cancelled for a banned word shows neither its prompt nor the lines that
+    quote it (what CLIP ignores of it), and a running job's frames after the request neither. A
+    running job whose worker finishes it before it sees the request ends DONE with the request on
+    its record: it is posted as the cancel the admin was told of, without its picture or video."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    running = await _queue(h, f"a {WORD} at dawn")
+    await claim_jobs(h.queue, [running])
+    await _frame(h, running, 1)
+    assert WORD in _reply(h, running).content
+    waiting = await _queue(h, " ".join(["red"] * 80) + f" {WORD}")   # past CLIP's 77 tokens: a note quotes it
+    assert any(line.startswith("-# ✂") and WORD in line for line in _reply(h, waiting).content.split("\n"))
+
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=fd.admin_user)
+    assert f"`{running}`" in text and f"`{waiting}`" in text, text
+    # The running job's reply is redrawn without its prompt at once, and so is its next frame.
+    await fd.wait_for(lambda: _reply(h, running).content.startswith(render.PROMPT_WITHHELD), 5, "the prompt withheld")
+    await _frame(h, running, 2)
+    assert WORD not in _public_text(_reply(h, running)) and _reply(h, running).attachments   # the frame, still
+
+    # Its worker finishes it before it sees the request (the store's own calls, as a worker makes them).
+    await finish_jobs(h.queue, [running])
+    record = await h.wait_delivered(running)
+    assert (record.state, record.error, record.cancel_requested) == (JobState.DONE, render.CANCEL_BANNED, True)
+    for job_id in (running, waiting):
+        assert await _status(h, job_id) == BANNED   # delivered, no file on it
+        msg = _reply(h, job_id)
+        assert msg.content.startswith(render.PROMPT_WITHHELD + "\n") and WORD not in _public_text(msg), msg.content
+        assert msg.custom_ids == []   # nothing may start from it (bot.imagine.withheld_refusal)
+    assert not [r for r in fd.requests if any(f.filename in ("final.png", "video.mp4") for f in r.files)]
+    assert not [m for m in fd.channel_messages() if WORD in _public_text(m)]
+    fd.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_the_admins_answer_names_only_the_cancelled_jobs_of_channels_they_can_see(harness):
+    """Manage Server does not show every channel. A job of a channel hidden from the admin is
+    cancelled too, but only counted: its id would tell them that a prompt there matches what they
+    added (a pattern at a time, the channel's prompts read back)."""
+    h = harness
+    fd = h.fd
+    dave = fd.add_user("dave")   # an admin by Manage Server, who cannot see #staff-only
+    staff = _private_channel(fd)
+    await h.start(worker=False)
+    hidden = await _queue(h, f"the {WORD} merger", user=fd.admin_user, channel_id=staff)
+    shown = await _queue(h, f"an open {WORD} meadow")
+
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=dave,
+                                  member_permissions=Permission.EVERYONE | MANAGE_GUILD)
+    assert text.endswith("Cancelled 2 of this server's queued or running jobs whose prompt matches it (a running one "
+                         f"stops at its worker's next check): `{shown}`, and 1 in a channel you cannot see."), text
+    assert hidden not in text
+    for job_id in (hidden, shown):
+        assert (await h.queue.get(job_id)).state == JobState.CANCELLED
+    fd.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_a_job_claimed_or_put_back_in_line_while_the_add_reads_the_line_is_cancelled_once(harness, monkeypatch):
+    """The add reads the line twice (queued, then running): a job a worker claims between the reads
+    is in both, and one whose run fails and goes back in line between them in neither. Each is
+    cancelled, and named, once."""
+    h = harness
+    await h.start(worker=False)
+    back = await _queue(h, f"a {WORD} that fails")
+    claimed = await _queue(h, f"a {WORD} about to start")
+    await claim_jobs(h.queue, [back])
+    real_running = h.queue.running
+
+    async def running_after_a_claim_and_a_failure():
+        monkeypatch.setattr(h.queue, "running", real_running)   # this once
+        assert (await h.queue.claim("gpu-2")).id == claimed
+        lease = (await h.queue.get(back)).lease_id
+        assert await h.queue.fail(back, lease, "CUDA out of memory") == JobState.QUEUED
+        return await real_running()
+
+    monkeypatch.setattr(h.queue, "running", running_after_a_claim_and_a_failure)
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=h.fd.admin_user)
+    assert "Cancelled 2 of this server's" in text, text
+    assert text.count(f"`{claimed}`") == 1 and text.count(f"`{back}`") == 1, text
+    assert (await h.queue.get(back)).state == JobState.CANCELLED
+    record = await h.queue.get(claimed)
+    assert record.state == JobState.RUNNING and record.cancel_requested
+    h.fd.assert_clean()

@@ -90,6 +90,13 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("[worker]\nkeep_state_days = inf", "[worker] keep_state_days: must be 0 (as long as the job: keep_days) or "
                                          "at least"),
     ("[worker]\nkeep_state_days = \"7\"", "[worker] keep_state_days: expected a number, got '7'"),
+    ("[worker]\nkeep_state_gib = -1", "[worker] keep_state_gib: must be 0 (no budget) or a positive number of GiB, "
+                                       "got -1.0"),
+    ("[worker]\nkeep_state_gib = nan", "[worker] keep_state_gib: must be 0 (no budget) or a positive number of GiB, "
+                                        "got nan"),
+    ("[worker]\nkeep_state_gib = inf", "[worker] keep_state_gib: must be 0 (no budget) or a positive number of GiB, "
+                                        "got inf"),
+    ("[worker]\nkeep_state_gib = \"20\"", "[worker] keep_state_gib: expected a number, got '20'"),
     ("[worker]\ncompile = \"inductor:fast\"", "[worker] compile 'inductor:fast': the mode must be one of default, "
                                               "reduce-overhead, max-autotune"),
     ("[worker]\ncompile = \"eager:reduce-overhead\"", "[worker] compile 'eager:reduce-overhead': a mode is inductor's"),
@@ -599,6 +606,13 @@ def test_final_states_are_pruned_after_7_days_by_default():
     assert Config().worker.keep_state_days == 7.0
     assert config_from_dict({"worker": {"keep_state_days": 0}}).worker.keep_state_days == 0   # as the job
     assert config_from_dict({"worker": {"keep_state_days": 3}}).worker.keep_state_days == 3.0
+
+
+def test_kept_states_have_no_budget_unless_one_is_set():
+    """[worker] keep_state_gib: 0 (no budget, as before it existed) by default; GiB, fractions too."""
+    assert Config().worker.keep_state_gib == 0
+    assert config_from_dict({"worker": {"keep_state_gib": 20}}).worker.keep_state_gib == 20.0
+    assert config_from_dict({"worker": {"keep_state_gib": 0.5}}).worker.keep_state_gib == 0.5
 
 
 @pytest.mark.parametrize("command", [[], ["sync"]])

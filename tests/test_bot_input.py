@@ -264,9 +264,10 @@ async def test_refusals_quote_a_refused_word_or_a_combination_without_bidi_contr
 
 async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download(harness, monkeypatch):
     """Every refusal of /imagine comes before the picture is downloaded and stored (a refused
-    prompt leaves no upload behind), and each check runs once: each prompt (each combination of a
-    permutation prompt) is matched against the refused words once, the user's cap is read once,
-    and what the check found goes on to the submit."""
+    prompt leaves no upload behind), and each check runs once before it: each prompt (each
+    combination of a permutation prompt) is matched against the refused words once, the user's cap
+    is read once, and what the check found goes on to the submit. The refused words are matched
+    once more just before the submit (imagine.late_refusal: an entry added during the download)."""
     h = harness
     await h.start(worker=False)
     fd = h.fd
@@ -291,7 +292,7 @@ async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download
     inter = await fd.send_slash_command("imagine", {"prompt": "a {red, blue} house", "image": picture})
     await h.reply_of(inter)
     await fd.wait_for(lambda: len(fd.channel_messages()) == 2, 10, "the set's two replies")
-    assert sorted(matched) == ["a blue house", "a red house"] and len(counted) == 1, (matched, counted)
+    assert sorted(matched) == ["a blue house"] * 2 + ["a red house"] * 2 and len(counted) == 1, (matched, counted)
     jobs = await h.queue.history(fd.channel_id)
     assert len(jobs) == 2 and all("image_prompt" in r.spec.extra for r in jobs)
 
@@ -300,7 +301,7 @@ async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download
     inter = await fd.send_slash_command("imagine", {"prompt": "a house", "image": picture})
     msg = await h.reply_of(inter)
     assert "image prompt" in msg.content
-    assert matched == ["a house"] and len(counted) == 1, (matched, counted)
+    assert matched == ["a house", "a house"] and len(counted) == 1, (matched, counted)
     assert len(fd.cdn_requests) == 2
 
     # At the cap: refused before anything is downloaded, for a plain prompt and for a set.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import pytest
 
-from bot import moderation
+from bot import attachments, moderation
+from tests.test_bot_brainstorm import noise_png
 from tests.test_bot_support import ephemeral_answer, harness  # noqa: F401 - the fixture
+from tests.test_bot_uploads import outcomes, uploads_settle
 
 pytestmark = pytest.mark.asyncio
 
@@ -86,6 +89,38 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     await _queued(h, "one more cursed idea")               # allowed again
     assert await h.queue.get_setting(key) == [r"re:h[o0]+use"]
     assert await h.queue.count_queued() == 1
+    fd.assert_clean()
+
+
+async def test_an_entry_added_while_a_request_downloads_its_picture_still_refuses_it(harness, monkeypatch):
+    """The prompt is checked before its picture's download (up to a minute), and the add cancels
+    only what its scan of the line finds, so the request is checked again just before the store's
+    write: refused privately, nothing queued, its stored picture deleted. A permutation set too."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    original = attachments.download
+    downloading, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_download(attachment, option, max_bytes):
+        downloading.set()
+        await go_on.wait()   # until the entry is added
+        return await original(attachment, option, max_bytes)
+
+    monkeypatch.setattr(attachments, "download", held_download)
+    for n, (word, prompt) in enumerate([("zorblax", "a zorblax on a hill"), ("quibble", "a {quibble, dog} on a hill")]):
+        downloading.clear()
+        go_on.clear()
+        picture = fd.host_attachment(f"p{n}.png", noise_png(seed=n))
+        inter = await fd.send_slash_command("imagine", {"prompt": prompt, "image": picture})
+        await downloading.wait()   # past the first check
+        text = await ephemeral_answer(h, "queue ban-word add", {"entry": word}, user=fd.admin_user)
+        assert "No queued or running job of this server matches it." in text, text   # not in line yet
+        go_on.set()
+        ((kind, answer),) = await outcomes(h, [inter])
+        assert kind == "refused" and f"`{word}`" in answer and "nothing was queued" in answer, (kind, answer)
+        assert await h.queue.count_queued() == 0
+        await uploads_settle(h, {})
     fd.assert_clean()
 
 

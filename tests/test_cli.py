@@ -413,6 +413,56 @@ def test_a_model_cache_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/mem"), reason="needs Linux's /proc")
+def test_a_model_file_that_cannot_be_read_is_named_without_the_caches_hint(tmp_path, capsys):
+    """--clip-model names a file the CLI cannot read: the line names it and why, and does not point
+    at the model cache (it is not in it). The file: /proc/self/mem, whose first bytes no one can
+    read (EIO), root included; a chmod 000 file would stop only a user who is not root."""
+    cache = tmp_path / "cache"
+    code = cli.main(["a house", "--out", str(tmp_path / "o"), "--device", "cpu", "--cache-dir", str(cache),
+                     "--clip-model", "/proc/self/mem"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err == "imagine: error: cannot load the models: Input/output error: '/proc/self/mem'\n"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_cache_that_cannot_be_written_is_one_line_with_the_caches_hint(tiny_model_files, tmp_path, capsys,
+                                                                         monkeypatch):
+    """The cache's clip/ folder exists but takes no new file (read-only; here /proc's, which refuses
+    root too): one line naming the folder, with the cache's hint, exit 2, before any download."""
+    import engine.models
+    from tests.test_models import clip_url, serving
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "clip").symlink_to("/proc/self")
+    requests: list[str] = []
+    with serving(tiny_model_files.clip_torchscript.read_bytes(), requests=requests) as base:
+        monkeypatch.setitem(engine.models.CLIP_URLS, "ViT-B/32", clip_url(base, tiny_model_files.clip_torchscript))
+        code = cli.main(["a house", "--out", str(tmp_path / "o"), "--device", "cpu", "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"imagine: error: cannot load the models: No such file or directory: '{cache / 'clip'}' "
+                          f"(the model cache is {cache}: --cache-dir or $IMAGINE_CACHE puts it elsewhere)"), err
+    assert requests == [] and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("filename, hinted", [
+    ("/home/u/.cache/imagine-bot/clip/.part-x", True),   # in the cache
+    ("/home/u/.cache/imagine-bot", True),                # the cache itself
+    ("/home/u/.cache", True),                            # above it: making the cache makes it (HOME not writable)
+    ("/home/u/models/decoder.pkl", False),               # a file the person named
+    ("/home/u/.cache/imagine-bot-old/x", False),         # a neighbour whose name starts alike
+    (None, False),
+])
+def test_the_caches_hint_is_for_the_caches_files(filename, hinted):
+    from pathlib import Path
+
+    assert cli._in_cache(filename, Path("/home/u/.cache/imagine-bot")) is hinted
+
+
 def test_a_first_run_says_what_it_downloads_before_the_download(tiny_model_files, tmp_path, capsys, monkeypatch):
     """The CLI's log level is WARNING, and a first run downloads ~400 MB: the download's INFO line
     (engine.models.download) is shown on stderr anyway, once, as an `imagine:` line. (The decoder

@@ -181,7 +181,8 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
     from engine.images import MAX_JPEG_SCANS
     from tests.bad_pictures import progressive_jpeg
 
-    with pytest.raises(ImageRejected, match=f"the JPEG has 3,006 scans .* at most {MAX_JPEG_SCANS} are accepted"):
+    refusal = f"the JPEG has more than {MAX_JPEG_SCANS} scans .* at most {MAX_JPEG_SCANS} are accepted"
+    with pytest.raises(ImageRejected, match=refusal):
         load_image(progressive_jpeg(side=1024, extra_scans=3000))
     ordinary = progressive_jpeg()
     base = ordinary.count(b"\xff\xda")
@@ -189,8 +190,57 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
     colour = png(noise_image(256), format="JPEG", progressive=True)
     assert colour.count(b"\xff\xda") == 10 and load_image(colour)[0].size == (256, 256)
     assert load_image(progressive_jpeg(extra_scans=MAX_JPEG_SCANS - base))[0].size == (256, 256)
-    with pytest.raises(ImageRejected, match=f"{MAX_JPEG_SCANS + 1} scans"):
+    with pytest.raises(ImageRejected, match=refusal):
         load_image(progressive_jpeg(extra_scans=MAX_JPEG_SCANS - base + 1))
+
+
+def test_a_motion_photo_is_one_scan_whatever_video_follows_it():
+    """A phone's motion photo: a baseline JPEG (one scan) and a 7 MB video after its end (EOI),
+    holding FF DA ~100 times. libjpeg stops at the EOI; so does the count (it was refused as
+    "126 scans")."""
+    from engine.images import MAX_JPEG_SCANS, _count_scans
+    from tests.bad_pictures import motion_photo
+
+    data = motion_photo()
+    assert data.count(b"\xff\xda") > MAX_JPEG_SCANS + 1   # the video's, and the photo's one
+    assert _count_scans(data, MAX_JPEG_SCANS) == 1
+    image, notes = load_image(data, max_side=None)
+    assert image.size == (1200, 900) and notes == []
+
+
+def test_an_exif_thumbnails_own_scans_are_not_the_pictures():
+    """An EXIF thumbnail is a whole JPEG inside the APP1 segment: here a progressive one of 156
+    scans, with its own EOI, before the picture's first scan. The segment is skipped by its length,
+    as libjpeg skips it: the picture's 10 scans are counted (not 166, nor the 0 before the
+    thumbnail's EOI), and the picture loads, turned upright as its EXIF says."""
+    from engine.images import MAX_JPEG_SCANS, _count_scans
+    from tests.bad_pictures import encode, progressive_jpeg, with_exif_thumbnail
+
+    thumbnail = progressive_jpeg(side=64, extra_scans=150)
+    picture = Image.new("RGB", (200, 100), (0, 0, 255))
+    picture.paste((255, 0, 0), (0, 0, 100, 100))
+    data = with_exif_thumbnail(encode(picture, "JPEG", progressive=True, quality=95), thumbnail, orientation=6)
+    assert thumbnail.count(b"\xff\xda") == 156 and data.count(b"\xff\xda") == 166
+    assert _count_scans(data, MAX_JPEG_SCANS) == 10
+    image, notes = load_image(data)
+    assert image.size == (100, 200) and notes == []
+    top = image.getpixel((50, 40))
+    assert top[0] > 200 and top[2] < 60, top
+
+
+def test_restart_markers_and_fill_bytes_do_not_hide_scans():
+    """Restart markers (FF D0-D7) sit inside a scan's data, and FF fill bytes may precede any
+    marker: neither ends the count nor is read as a segment's length (which could skip scans)."""
+    from engine.images import MAX_JPEG_SCANS, _count_scans
+    from tests.bad_pictures import progressive_jpeg
+
+    restarts = progressive_jpeg(extra_scans=200, restart_marker_blocks=1)
+    assert restarts.count(b"\xff\xd0") > 1000
+    assert _count_scans(restarts, 1000) == restarts.count(b"\xff\xda") == 206
+    filled = restarts.replace(b"\xff\xda", b"\xff\xff\xff\xda")
+    assert _count_scans(filled, 1000) == 206
+    with pytest.raises(ImageRejected, match=f"more than {MAX_JPEG_SCANS} scans"):
+        load_image(filled)
 
 
 @pytest.mark.parametrize("cut", ["struct.error", "IndexError"])

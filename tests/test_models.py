@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import logging
+import os
 import shutil
 import threading
 
@@ -194,12 +195,16 @@ def test_partial_downloads_left_by_a_stopped_process_are_swept_at_load_but_fresh
 
 
 @contextlib.contextmanager
-def serving(data: bytes, with_length: bool = True, release: threading.Event | None = None):
+def serving(data: bytes, with_length: bool = True, release: threading.Event | None = None,
+            requests: list[str] | None = None):
     """A real HTTP server on 127.0.0.1 answering every GET with `data`: with a Content-Length
     header or not (then the body ends when the connection closes); the body waits for `release`
-    when one is given (the headers do not). Yields its base URL."""
+    when one is given (the headers do not); each request's path is appended to `requests`. Yields
+    its base URL."""
     class Serve(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if requests is not None:
+                requests.append(self.path)
             self.send_response(200)
             if with_length:
                 self.send_header("Content-Length", str(len(data)))
@@ -284,3 +289,38 @@ def test_imagine_cache_empty_is_unset_and_a_tilde_is_home(value, expected, tmp_p
     environ = {} if value is None else {"IMAGINE_CACHE": value}
     wanted = tmp_path / ".cache" / "imagine-bot" if expected == "HOME" else Path(expected.replace("~", str(tmp_path)))
     assert m.default_cache(environ) == wanted
+
+
+def test_an_imagine_cache_of_no_users_home_is_kept_as_typed():
+    """`~typo/models` names the home of no user: pathlib raises RuntimeError, and DEFAULT_CACHE is
+    made at import, so the bot, the worker and the CLI died with a traceback on import. Kept as
+    typed, as the shell keeps it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    typo = "~imagine-no-such-user/models"
+    assert m.default_cache({"IMAGINE_CACHE": typo}) == Path(typo)
+    proc = subprocess.run([sys.executable, "-c", "import engine.models as m; print(m.DEFAULT_CACHE)"],
+                          capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "IMAGINE_CACHE": typo})
+    assert proc.returncode == 0 and proc.stdout == f"{typo}\n", proc.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_cache_folder_that_cannot_be_written_is_the_caches_error_before_any_download(tmp_path, monkeypatch,
+                                                                                          tiny_model_files):
+    """The cache's clip/ folder exists but no file can be made in it (a read-only cache; here /proc's,
+    where not even root can make one). The temporary file is made first: an OSError naming the
+    folder, and no connection opened; it was "could not download ... On an offline machine", after
+    a request to the server."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "clip").symlink_to("/proc/self")
+    requests: list[str] = []
+    with serving(tiny_model_files.clip_torchscript.read_bytes(), requests=requests) as base:
+        monkeypatch.setitem(m.CLIP_URLS, "ViT-B/32", clip_url(base, tiny_model_files.clip_torchscript))
+        with pytest.raises(OSError) as err:
+            m.load_clip("ViT-B/32", cache_dir=cache)
+    assert err.value.filename == str(cache / "clip") and err.value.strerror, err.value
+    assert requests == []

@@ -517,6 +517,9 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
         assert "--http-port" in s["command"]
         keep = s["command"].index("--keep-days")   # finished jobs are pruned, not kept forever
         assert float(s["command"][keep + 1]) == 30
+        # ...and their states kept to a budget: one user's 1-iteration jobs must not fill Redis's memory.
+        budget = s["command"].index("--keep-state-gib")
+        assert 0 < float(s["command"][budget + 1]) <= 64
         (device,) = s["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         gpus += device["device_ids"]
@@ -559,6 +562,12 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
                                                    "number of seconds, got -5.0"),
     (["--queue", "x.db", "--stall-timeout", "inf"], "argument --stall-timeout: must be 0 (no watchdog) or a "
                                                     "number of seconds, got inf"),
+    (["--queue", "x.db", "--keep-state-gib", "-1"], "argument --keep-state-gib: must be 0 (no budget) or a "
+                                                    "positive number of GiB, got -1.0"),
+    (["--queue", "x.db", "--keep-state-gib", "nan"], "argument --keep-state-gib: must be 0 (no budget) or a "
+                                                     "positive number of GiB, got nan"),
+    (["--queue", "x.db", "--keep-state-gib", "inf"], "argument --keep-state-gib: must be 0 (no budget) or a "
+                                                     "positive number of GiB, got inf"),
 ])
 def test_imagine_worker_refuses_bad_settings_at_parse_time_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     from engine.worker import main

@@ -1643,6 +1643,133 @@ async def test_redis_children_queued_before_the_parent_index_hold_their_parents(
         await old.close()
 
 
+# --- the budget of the kept states (prune_states_over) ---------------------------------------------
+
+
+async def job_with_state(q: JobQueue, user: int, prompt: str, size: int, *, finish: bool = True,
+                         deliver: bool = True) -> JobRecord:
+    """A job whose run stored final.png and a state.pt of `size` bytes, then finished and was
+    delivered (unless told otherwise; not finished: left running). Call it while nothing else is queued."""
+    rec = await q.submit(spec(user, prompt, channel=81))
+    got = await q.claim("w")
+    assert got.id == rec.id
+    assert await q.put_artifact(rec.id, "final.png", f"final.png {rec.id}".encode(), got.lease_id) is True
+    assert await q.put_artifact(rec.id, "state.pt", bytes([user]) * size, got.lease_id) is True
+    if finish:
+        assert await q.finish(rec.id, got.lease_id, 0.3) is True
+        if deliver:
+            assert await q.mark_delivered(rec.id) is True
+    return rec
+
+
+async def test_a_budget_of_kept_states_drops_the_oldest_delivered_ones_first(queue_factory: QueueFactory):
+    """prune_states_over(budget): while the stored state.pt artifacts total more than `budget`
+    bytes, the state of the job finished and delivered first goes (its record and picture stay),
+    then the next, until the total fits; never a state not yet delivered, a running job's, or one a
+    queued job starts from. Two processes at once delete each state once, and none the budget did
+    not need."""
+    q = await queue_factory.open()
+    q2 = await queue_factory.open()
+    old = [await job_with_state(q, 1, "oldest", 100), await job_with_state(q, 2, "old", 100)]
+    parent = await job_with_state(q, 3, "parent of a queued continue", 100)
+    undelivered = await job_with_state(q, 4, "never posted", 100, deliver=False)
+    young = [await job_with_state(q, 5, "young", 100), await job_with_state(q, 6, "youngest", 150)]
+    running = await job_with_state(q, 7, "running", 100, finish=False)
+    continued = await q.submit(child(10, parent))
+    assert await q.state_bytes() == await q2.state_bytes() == 750
+    assert await q.prune_states_over(750) == 0 and await states_stored(q) == 7   # it fits: nothing goes
+
+    def states_of(*records: JobRecord) -> list:
+        return [q.has_artifact(rec.id, "state.pt") for rec in records]
+
+    # 100 bytes too many: the oldest delivered one goes, alone; then the next.
+    assert await q.prune_states_over(650) == 1 and await q.state_bytes() == 650
+    assert await asyncio.gather(*states_of(*old, *young)) == [False, True, True, True]
+    assert await q.prune_states_over(550) == 1 and await q.state_bytes() == 550
+    assert await asyncio.gather(*states_of(*old, *young)) == [False, False, True, True]
+    # 100 more, from two processes at once: the next that may go (the parent and the undelivered
+    # one, older, are passed over), once; the youngest stays.
+    counts = await asyncio.gather(q.prune_states_over(450), q2.prune_states_over(450))
+    assert sorted(counts) == [0, 1] and await q.state_bytes() == await q2.state_bytes() == 450
+    assert await asyncio.gather(*states_of(*old, *young)) == [False, False, False, True]
+    for rec in (*old, young[0]):
+        assert await q.get_artifact(rec.id, "state.pt") is None
+        assert (await q.get(rec.id)).state == JobState.DONE
+        assert await q.get_artifact(rec.id, "final.png") == f"final.png {rec.id}".encode()
+    for rec in (parent, undelivered, running):
+        assert await q.get_artifact(rec.id, "state.pt") == bytes([rec.spec.user_id]) * 100, rec.spec.prompt
+    assert await states_stored(q) == 4
+    # A Continue / Remix of a state the budget took is refused, "gone (pruned)", as after prune.
+    with pytest.raises(ParentGone, match=r"gone \(pruned\)"):
+        await q.submit(child(11, old[0]))
+
+    # Budget 0: whatever may go goes; the held ones stay until they may.
+    assert await q.prune_states_over(0) == 1 and await q.state_bytes() == 300   # the youngest's
+    assert await q.cancel(continued.id) is True              # `parent` is nobody's parent any more
+    assert await q.mark_delivered(undelivered.id) is True
+    assert await q.finish(running.id, await lease(q, running.id), 0.2) is True   # not delivered yet
+    assert await q.prune_states_over(0) == 2 and await q.state_bytes() == 100
+    assert await q.has_artifact(running.id, "state.pt")
+    assert await q.mark_delivered(running.id) is True
+    assert await q.prune_states_over(0) == 1 and await q.state_bytes() == 0 and await states_stored(q) == 0
+    assert await q.prune_states_over(0) == 0
+    with pytest.raises(ValueError, match="budget_bytes must not be negative"):
+        await q.prune_states_over(-1)
+
+
+async def test_the_kept_states_total_follows_every_write_and_delete_of_a_state(queue_factory: QueueFactory):
+    """state_bytes(): the stored state.pt artifacts' total, read cheaply, stays their sum through
+    a rewrite, the age prune of states, the prune of whole jobs; other artifacts are not counted."""
+    q = await queue_factory.open()
+    q2 = await queue_factory.open()
+    assert await q.state_bytes() == 0
+    first = await job_with_state(q, 1, "first", 100)
+    second = await job_with_state(q, 2, "second", 200)
+    kept = await job_with_state(q, 3, "not posted yet", 50, deliver=False)
+    assert await q.state_bytes() == 350
+    assert await q.put_artifact(first.id, "state.pt", b"s" * 40) is True   # rewritten: its new size, once
+    assert await q.put_artifact(first.id, "video.mp4", b"v" * 1000) is True
+    assert await q.put_artifact(upload_id_of(b"a picture"), "image.png", b"p" * 1000) is True
+    assert await q.state_bytes() == await q2.state_bytes() == 290
+    assert await q.prune(math.inf, 0) == 0 and await q.state_bytes() == 50   # states alone: the delivered ones
+    assert await q.mark_delivered(kept.id) is True
+    assert await q.prune(0) == 3 and await q.state_bytes() == 0               # whole jobs, states and all
+    assert await states_stored(q) == 0 and await q.get(second.id) is None
+
+
+async def test_states_stored_before_the_budget_existed_are_counted(queue_factory: QueueFactory):
+    """A store written by the version before the budget: SQLite's start() builds the index of the
+    states' lengths (the total is read from it alone, never the rows); Redis's start() indexes
+    the states it finds, and the budget drops an index entry whose state an earlier version
+    deleted (its total would otherwise stay too high for ever)."""
+    q = await queue_factory.open()
+    first = await job_with_state(q, 1, "first", 100)
+    second = await job_with_state(q, 2, "second", 200)
+    third = await job_with_state(q, 3, "third", 300)
+    if hasattr(q, "redis"):
+        await q.redis.delete(q._k("states"), q._k("statesize"), q._k("statebytes"))
+    else:
+        with sqlite3.connect(q.path) as db:
+            db.execute("DROP INDEX IF EXISTS artifacts_states")
+    new = await queue_factory.open()
+    assert await new.state_bytes() == 600
+    if not hasattr(new, "redis"):
+        with sqlite3.connect(new.path) as db:
+            plan = " ".join(str(row) for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT COALESCE(SUM(length(data)), 0) FROM artifacts WHERE name = 'state.pt'"))
+        assert "artifacts_states" in plan, plan
+        return
+    assert await new.prune_states_over(600) == 0
+    # The earlier version's prune of states: the state went, its index entry stayed.
+    bid = (await new.redis.hget(new._k("artp", second.id), "state.pt")).split()[0].decode()
+    await new.redis.hdel(new._k("artp", second.id), "state.pt")
+    await new.redis.unlink(new._k("blob", bid))
+    assert await new.state_bytes() == 600   # not known yet
+    assert await new.prune_states_over(350) == 1   # `first` goes (500), `second`'s entry leaves (300)
+    assert await new.state_bytes() == 300 and await states_stored(new) == 1
+    assert not await new.has_artifact(first.id, "state.pt") and await new.has_artifact(third.id, "state.pt")
+
+
 # --- retention of uploads and settings ------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import logging
 import os
@@ -721,6 +722,97 @@ async def test_the_hourly_prune_passes_both_retentions(queue, tiny_models, monke
                       keep_days=keep_days, keep_state_days=keep_state_days):
         await asyncio.sleep(0.3)
     assert calls == ([] if expected is None else [expected])   # at start, then an hour later
+
+
+def test_keep_state_gib_is_zero_for_no_budget_or_a_positive_number(capsys):
+    """`imagine-worker --keep-state-gib` (0 by default: no budget), `Worker(keep_state_gib=)`: GiB,
+    kept by the Worker in bytes; negative, NaN or infinite values are refused."""
+    from engine.jobs import GIB
+    from engine.worker import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--queue", "x.db"]).keep_state_gib is None
+    for given, taken in (("0", None), ("0.5", 0.5), ("20", 20.0)):
+        assert parse(["--queue", "x.db", "--keep-state-gib", given]).keep_state_gib == taken
+    for bad, message in (("-1", "must be 0 (no budget) or a positive number of GiB, got -1.0"),
+                         ("nan", "got nan"), ("inf", "got inf"), ("lots", "expected a number of GiB, got 'lots'")):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--queue", "x.db", "--keep-state-gib", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--keep-state-gib" in err and message in err, err
+    assert Worker(object(), lambda: None).keep_state_bytes is None
+    assert Worker(object(), lambda: None, keep_state_gib=0).keep_state_bytes is None
+    assert Worker(object(), lambda: None, keep_state_gib=1.5).keep_state_bytes == 3 * GIB // 2
+    with pytest.raises(ValueError, match=r"keep_state_gib: must be 0 \(no budget\) or a positive number of GiB"):
+        Worker(object(), lambda: None, keep_state_gib=-2)
+
+
+async def wait_until(check, what: str, timeout: float = 60.0) -> None:
+    """Poll `check()` (a bool, or an awaitable of one) until it is true."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"never: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_worker_keeps_the_kept_states_within_their_budget(queue, tiny_models):
+    """Worker(keep_state_gib=): at its start (the hourly prune) and after each job it finishes, the
+    state.pt of the oldest delivered jobs go while the states total more than the budget (here
+    room for one and a half); a state not yet delivered stays, and so does that of a job a queued
+    Continue starts from, until that Continue ends. Records and pictures stay."""
+    from engine.jobs import GIB
+
+    async with Worker(queue, lambda: tiny_models, worker_id="w0", grids=(8,)):
+        parent = await queue.submit(spec("a parent"))
+        await wait_state(queue, parent.id, {JobState.DONE})
+        older = await queue.submit(spec("older"))
+        await wait_state(queue, older.id, {JobState.DONE})
+    for rec in (parent, older):
+        assert await queue.mark_delivered(rec.id)
+    size = await queue.state_bytes() / 2
+    assert size > 0
+    # A Continue of `parent` that no worker here takes (grid 16): it holds the parent's state.
+    held = await queue.submit(spec("held", user=2, grid=16, parent_job_id=parent.id, parent_kind="continue"))
+
+    async def has_state(rec):
+        return await queue.has_artifact(rec.id, "state.pt")
+
+    async def gone(rec):
+        return not await has_state(rec)
+
+    ends = Ends()
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", grids=(8,), heartbeat_every=0.05,
+                      observer=ends, keep_state_gib=1.5 * size / GIB) as worker:
+        await wait_until(lambda: gone(older), "the start's prune took the oldest state that may go")
+        assert await queue.has_artifact(parent.id, "state.pt")   # its Continue waits
+        first = await queue.submit(spec("first"))
+        await wait_until(lambda: (first.id, "done") in ends.ended, "first ended")
+        assert await has_state(first) and await has_state(parent)   # over, but first is not posted yet
+        assert await queue.mark_delivered(first.id)
+        second = await queue.submit(spec("second"))
+        await wait_until(lambda: (second.id, "done") in ends.ended, "second ended")
+        assert await gone(first) and await has_state(second) and await has_state(parent)
+        assert await queue.state_bytes() <= 2 * size * 1.01
+        with pytest.raises(ParentGone, match=r"gone \(pruned\)"):
+            await queue.submit(spec(parent_job_id=first.id, parent_kind="continue"))
+        # The Continue ends (cancelled): the next finished job's check may take the parent's state.
+        assert await queue.cancel(held.id)
+        assert await queue.mark_delivered(second.id)
+        third = await queue.submit(spec("third"))
+        await wait_until(lambda: (third.id, "done") in ends.ended, "third ended")
+        assert await gone(parent) and await gone(second) and await has_state(third)
+        assert abs(worker.keep_state_bytes - 1.5 * size) <= 1
+    for rec in (parent, older, first, second):
+        record = await queue.get(rec.id)
+        assert record.state == JobState.DONE and await queue.has_artifact(rec.id, "final.png")
 
 
 async def test_a_queued_continue_keeps_its_parents_state_through_a_prune(queue, tiny_models):

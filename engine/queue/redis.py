@@ -47,8 +47,12 @@ What SAQ (0.26) gives us, and what it does not:
   state.pt: `<prefix>:kids:<parent>` is the set of its queued and running children (added by
   `submit`, removed when the child ends), which the prune scripts read before they delete; `submit`
   refuses (ParentGone) a child whose parent's state.pt is gone, and (UploadGone) a job naming an
-  upload that is not stored, in its script. A job cancelled while queued (`cancel`, `clear`) drops
-  its `refs` field and leaves the uploads' `refs` sets, and an upload left named by nobody is
+  upload that is not stored, in its script. `prune_states_over` deletes, under the same rules, the
+  state.pt of the oldest delivered jobs while the kept states total more than a budget: the
+  scripts that write or delete a state.pt keep an index of them (`<prefix>:states`, a zset by
+  finish time; `<prefix>:statesize`, their sizes; `<prefix>:statebytes`, the total), which start()
+  completes with the states an earlier version stored. A job cancelled while queued (`cancel`,
+  `clear`) drops its `refs` field and leaves the uploads' `refs` sets, and an upload left named by nobody is
   deleted in that script; `discard_uploads` deletes the unnamed uploads of a command that queued
   nothing, in one script too. Settings written
   with `expire_after` are plain keys with a Redis TTL
@@ -69,7 +73,8 @@ blob, size), `<prefix>:artp:<id>` (hash: name -> '<blob id> <size>'), `<prefix>:
 `<prefix>:stage:<blob id>` (hash, TTL), `<prefix>:art:<id>` (artifacts an
 earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload_at` (hash: when
 each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:kids:<job>` (set of the queued and
-running jobs that start from that job), `<prefix>:events` (stream), `<prefix>:evseq`,
+running jobs that start from that job), `<prefix>:states`, `<prefix>:statesize`,
+`<prefix>:statebytes` (the kept states' index), `<prefix>:events` (stream), `<prefix>:evseq`,
 `<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under
 `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
@@ -225,7 +230,29 @@ local function drop_checkpoint(id)
   if bid then redis.call('UNLINK', blobkey(bid)) end  -- UNLINK: over 64 chunks, freed off the main thread
   redis.call('DEL', P .. ':ckpt:' .. id)
 end
+-- The kept states' index, for their budget (prune_states_over): `states` (zset: each stored
+-- state.pt's job, by its finish time; +inf while the job is not finished), `statesize` (hash: job
+-- -> the state's bytes) and `statebytes` (their total). Changed only through these two, in the
+-- script that writes or deletes the state, so the total is always the sum of the sizes.
+local function index_state(id, size)
+  local old = redis.call('HGET', P .. ':statesize', id)
+  if old then redis.call('DECRBY', P .. ':statebytes', old) end
+  redis.call('HSET', P .. ':statesize', id, size)
+  redis.call('INCRBY', P .. ':statebytes', size)
+  local v = redis.call('HMGET', jk(id), 'state', 'finished_at')
+  local ended = v[1] == 'done' or v[1] == 'failed' or v[1] == 'cancelled'
+  redis.call('ZADD', P .. ':states', ended and v[2] or '+inf', id)
+end
+local function unindex_state(id)
+  local old = redis.call('HGET', P .. ':statesize', id)
+  if old then
+    redis.call('DECRBY', P .. ':statebytes', old)
+    redis.call('HDEL', P .. ':statesize', id)
+  end
+  redis.call('ZREM', P .. ':states', id)
+end
 local function drop_artifacts(id)
+  unindex_state(id)
   for _, ptr in ipairs(redis.call('HVALS', P .. ':artp:' .. id)) do
     local bid = pointed(ptr)
     if bid then redis.call('UNLINK', blobkey(bid)) end
@@ -245,6 +272,7 @@ local function finalize(id, state, err)
   redis.call('HDEL', j, 'lease', 'lease_until')
   redis.call('ZREM', P .. ':running', id)
   drop_checkpoint(id)  -- only for resuming; state.pt (an artifact) stays
+  redis.call('ZADD', P .. ':states', 'XX', NOW, id)  -- its state (if any) is ranked by this end
   if redis.call('HGET', j, 'delivered') ~= '1' then
     redis.call('ZADD', P .. ':undelivered', nextc(), id)
   else
@@ -720,6 +748,7 @@ _SCRIPTS: dict[str, str] = {
     old = pointed(redis.call('HGET', ap, what))
     redis.call('HSET', ap, what, bid .. ' ' .. size)
     redis.call('HDEL', P .. ':art:' .. id, what)
+    if what == 'state.pt' then index_state(id, size) end
     if kind == 'upload' then  -- stored now; prunable while no job names it
       redis.call('HSET', P .. ':upload_at', id, NOW)
       if redis.call('SCARD', P .. ':refs:' .. id) == 0 then redis.call('ZADD', P .. ':uploads', NOW, id) end
@@ -778,9 +807,65 @@ _SCRIPTS: dict[str, str] = {
       if redis.call('HDEL', ap, 'state.pt') + redis.call('HDEL', P .. ':art:' .. id, 'state.pt') > 0 then
         n = n + 1
       end
+      unindex_state(id)
     end
   end
   return n .. ' ' .. #ids
+""",
+    # budget (bytes), limit, offset -> "<dropped> <examined> <skipped> <total>": while the kept
+    # states total more than the budget, the state.pt alone of the jobs in `states` from rank
+    # `offset` on (oldest finished first), with prune_state's rules: finished, delivered, no queued
+    # or running child. `skipped`: those examined that had to stay (the caller pages on past them);
+    # an entry whose state is gone already (deleted by an earlier version) just leaves the index.
+    # Stops as soon as the total fits; `total`: the total then.
+    "prune_states_over": r"""
+  local budget, limit, offset = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+  local function total() return tonumber(redis.call('GET', P .. ':statebytes') or '0') end
+  local n, examined, skipped = 0, 0, 0
+  if total() > budget then
+    for _, id in ipairs(redis.call('ZRANGE', P .. ':states', offset, offset + limit - 1)) do
+      if total() <= budget then break end
+      examined = examined + 1
+      local ap, art = P .. ':artp:' .. id, P .. ':art:' .. id
+      local ptr = redis.call('HGET', ap, 'state.pt')
+      if not ptr and redis.call('HEXISTS', art, 'state.pt') == 0 then
+        unindex_state(id)
+      else
+        local v = redis.call('HMGET', jk(id), 'state', 'delivered')
+        if is_final(v[1]) and v[2] == '1' and not has_live_kids(id) then
+          local bid = pointed(ptr)
+          if bid then redis.call('UNLINK', blobkey(bid)) end
+          redis.call('HDEL', ap, 'state.pt')
+          redis.call('HDEL', art, 'state.pt')
+          unindex_state(id)
+          n = n + 1
+        else
+          skipped = skipped + 1
+        end
+      end
+    end
+  end
+  return n .. ' ' .. examined .. ' ' .. skipped .. ' ' .. string.format('%.0f', total())
+""",
+    # job ids... -> how many were indexed: the states of these jobs that are stored but not in the
+    # kept states' index (written by an earlier version: see _index_states), read here so that a
+    # state written or deleted meanwhile is indexed as it is now; an indexed one is left alone.
+    "index_states": r"""
+  local n = 0
+  for i = 7, #ARGV do
+    local id = ARGV[i]
+    if redis.call('HEXISTS', P .. ':statesize', id) == 0 then
+      local size = string.match(redis.call('HGET', P .. ':artp:' .. id, 'state.pt') or '', '^%S+ (%d+)$')
+      if not size and redis.call('HEXISTS', P .. ':art:' .. id, 'state.pt') == 1 then
+        size = tostring(redis.call('HSTRLEN', P .. ':art:' .. id, 'state.pt'))
+      end
+      if size then
+        index_state(id, size)
+        n = n + 1
+      end
+    end
+  end
+  return tostring(n)
 """,
     # cutoff (epoch seconds), limit, offset -> "<pruned> <examined> <kept>": jobs finished and
     # delivered before the cutoff, except those a queued or running job starts from: these are
@@ -965,6 +1050,7 @@ class RedisJobQueue:
             }
             await self._retry(client.ping)
             await self._retry(lambda: self._backfill_guilds(client, scripts))
+            await self._retry(lambda: self._index_states(client, scripts))
         except BaseException:
             if self._given_client is None:
                 with contextlib.suppress(Exception):
@@ -1010,6 +1096,33 @@ class RedisJobQueue:
         if orphans:
             await self._run("index_parents", *orphans, scripts=scripts)
             log.info("indexed the parents of %d job(s) from an earlier version", len(orphans) // 2)
+
+    async def _index_states(self, client: Any, scripts: dict[str, Any]) -> None:
+        """States stored by a version before the kept states' index (`states`, `statesize`,
+        `statebytes`: see prune_states_over) join it now, so the budget counts them: the jobs of
+        every list a stored job is in (finished, running, queued) whose state.pt is stored and not
+        indexed, through a script that reads each state's size itself (idempotent; one deleted
+        meanwhile is not indexed). Run by every start() (a worker of the earlier version may have
+        written states since the last one), before the queue counts as started."""
+        ids = {_s(i) for key in ("delivered", "undelivered", "running")
+               for i in await client.zrange(self._k(key), 0, -1)}
+        ids |= {_s(i) for i in await client.smembers(self._k("qall"))}
+        if not ids:
+            return
+        ids_in_order = sorted(i for i in ids if i)
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id in ids_in_order:
+                pipe.hexists(self._k("artp", job_id), "state.pt")
+                pipe.hexists(self._k("art", job_id), "state.pt")
+                pipe.hexists(self._k("statesize"), job_id)
+            found = await pipe.execute()
+        missing = [job_id for n, job_id in enumerate(ids_in_order)
+                   if (found[3 * n] or found[3 * n + 1]) and not found[3 * n + 2]]
+        indexed = 0
+        for start in range(0, len(missing), 500):
+            indexed += int(await self._run("index_states", *missing[start:start + 500], scripts=scripts))
+        if indexed:
+            log.info("indexed the kept states of %d job(s) from an earlier version", indexed)
 
     async def close(self) -> None:
         client, self.redis = self.redis, None
@@ -1583,6 +1696,29 @@ class RedisJobQueue:
                 if examined < batch:
                     break
         return total
+
+    async def state_bytes(self) -> int:
+        """The total size of the stored state.pt artifacts (the `statebytes` counter)."""
+        client = self._client()
+        return int(await self._retry(lambda: client.get(self._k("statebytes"))) or 0)
+
+    async def prune_states_over(self, budget_bytes: int, batch: int = 100) -> int:
+        """While the stored states total more than `budget_bytes`, delete the state.pt of the job
+        finished and delivered first that no queued or running job starts from (see JobQueue), in
+        scripts of at most `batch` entries of the `states` index, paging past those that stay. Each
+        script checks the total and deletes atomically: several processes at once delete each state
+        once, and none past the budget. How many states went."""
+        budget = int(budget_bytes)
+        if budget < 0:
+            raise ValueError(f"budget_bytes must not be negative, got {budget_bytes!r}")
+        dropped, offset = 0, 0
+        while True:
+            reply = await self._run("prune_states_over", budget, int(batch), offset)
+            gone, examined, skipped, total = map(int, reply.split())
+            dropped += gone
+            if total <= budget or examined < batch:
+                return dropped
+            offset += skipped
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
         """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact)."""

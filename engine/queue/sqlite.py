@@ -23,7 +23,9 @@ no job names any more (`uploads`, `upload_refs`: filled by put_artifact and subm
 settings (`settings.expires_at`), workers not seen for a day (whatever `older_than`) and the
 `rotation` rows of users with no queued job, but never a
 job (nor its state.pt) that a queued or running job names as its parent (`spec.parent_job_id`,
-read with json_extract in the deleting transaction); `submit` refuses (ParentGone) a job whose
+read with json_extract in the deleting transaction); `prune_states_over` deletes, under the same
+rules, the state.pt of the oldest delivered jobs while all the stored states (summed from
+`artifacts_states`, a partial index of their lengths) are over a budget; `submit` refuses (ParentGone) a job whose
 parent's state.pt is gone, and (UploadGone) one naming an upload that is not stored, in its own
 transaction. A job cancelled while queued (`cancel`, `clear`) loses its `upload_refs` rows, and the
 uploads no other job names are deleted in that transaction; `discard_uploads` deletes unnamed
@@ -140,6 +142,7 @@ INSERT OR IGNORE INTO counters(name, value) VALUES ('line', 0);
 _SCHEMA_LATE = """
 CREATE INDEX IF NOT EXISTS settings_expiry ON settings(expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS uploads_age ON uploads(stored_at);
+CREATE INDEX IF NOT EXISTS artifacts_states ON artifacts(job_id, length(data)) WHERE name = 'state.pt';
 """
 
 SCHEMA_VERSION = 2  # PRAGMA user_version of a file this module made or migrated
@@ -166,6 +169,23 @@ _LIVE_PARENTS_SQL = """(
     SELECT json_extract(c.spec, '$.parent_job_id') FROM jobs AS c
     WHERE c.state IN ('queued', 'running') AND json_extract(c.spec, '$.parent_job_id') IS NOT NULL
 )"""
+
+# The kept states' total, for their budget (prune_states_over). `artifacts_states` indexes each
+# state.pt row with its length (built by start() on a file of an earlier version, kept by SQLite on
+# every insert and delete), so the sum reads that index alone, never the rows' 48-192 MiB. The
+# literal 'state.pt' (not a parameter): only then may the planner use that partial index.
+_STATE_BYTES_SQL = "SELECT COALESCE(SUM(length(data)), 0) FROM artifacts WHERE name = 'state.pt'"
+
+# The states the budget may delete, oldest finished first: those of jobs finished and delivered
+# that no queued or running job starts from (the rules of prune's own states pass). `+`: walk
+# `artifacts_states` (the few kept states, each with its length) and look their jobs up, not every
+# finished job (jobs_state) and each one's artifact row.
+_STATES_OVER_SQL = f"""
+SELECT a.job_id, length(a.data) AS size FROM artifacts AS a JOIN jobs AS j ON j.id = a.job_id
+WHERE a.name = 'state.pt' AND +j.delivered = 1 AND +j.state IN ('done', 'failed', 'cancelled')
+  AND j.id NOT IN {_LIVE_PARENTS_SQL}
+ORDER BY j.finished_at, j.id LIMIT ?
+"""
 
 # The fair line. `{where}` filters the candidates *after* ranking (a grid filter or a paused server
 # must not change anybody's rank).
@@ -1073,6 +1093,42 @@ class SQLiteJobQueue:
                 if len(rows) < per_tx:
                     break
         return total
+
+    async def state_bytes(self) -> int:
+        """The total size of the stored state.pt artifacts (from their index, not their bytes)."""
+        row = await self._one(_STATE_BYTES_SQL)
+        return int(row[0]) if row else 0
+
+    async def prune_states_over(self, budget_bytes: int) -> int:
+        """While the stored states total more than `budget_bytes`, delete the state.pt of the job
+        finished and delivered first that no queued or running job starts from (see JobQueue).
+        Each transaction sums the states and deletes at most `_STATES_PER_TX` of them under the
+        write lock, so several processes at once delete each state once and never more than the
+        excess. How many states went."""
+        budget = int(budget_bytes)
+        if budget < 0:
+            raise ValueError(f"budget_bytes must not be negative, got {budget_bytes!r}")
+        if await self.state_bytes() <= budget:   # the usual case: a read, no write lock
+            return 0
+        dropped = 0
+        while True:
+            async with self._tx() as db:
+                row = await self._fetchone(db, _STATE_BYTES_SQL)
+                excess = (int(row[0]) if row else 0) - budget
+                picked: list[str] = []
+                if excess > 0:
+                    for candidate in await self._rows(db, _STATES_OVER_SQL, (_STATES_PER_TX,)):
+                        if excess <= 0:
+                            break
+                        picked.append(candidate["job_id"])
+                        excess -= int(candidate["size"])
+                if picked:
+                    marks = ",".join("?" * len(picked))
+                    await db.execute(f"DELETE FROM artifacts WHERE name = 'state.pt' AND job_id IN ({marks})",
+                                     picked)
+            dropped += len(picked)
+            if not picked or excess <= 0:   # it fits, or nothing more may go
+                return dropped
 
     async def _prune_jobs(self, older_than: float, batch: int) -> int:
         """`prune` less its last pass (states): whole jobs, uploads, settings, workers."""

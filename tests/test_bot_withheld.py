@@ -1,0 +1,125 @@
+"""A job cancelled for a banned word (render.withholds_prompt: CANCELLED, or ended DONE by a worker
+that finished before it saw the cancel) is withheld everywhere its reply is: the contact sheet of its
+set shows neither its picture nor its caption nor the set's template, /history shows no prompt of
+it, and no Reroll, Continue or remix starts a new job from its prompt or its final state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bot import contact_sheet, render
+from engine.jobs import JobState
+from tests.test_bot_cancel_reasons import WORD, _public_text, _queue, _reply, _status
+from tests.test_bot_permutations import _png, _rgb, _set_jobs, _sheet_messages
+from tests.test_bot_support import (  # noqa: F401 - the fixture
+    claim_jobs, ephemeral_answer, harness,
+)
+
+pytestmark = pytest.mark.asyncio
+
+VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64
+
+
+async def _ban(h, *job_ids: str) -> None:
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=h.fd.admin_user)
+    assert all(f"`{j}`" in text for j in job_ids), text
+
+
+async def _finish(h, job_id: str, png: bytes) -> None:
+    """Its worker's last steps (the store's own calls): the final state, the final, the video, DONE."""
+    await h.queue.put_artifact(job_id, "state.pt", b"a final state")
+    await h.queue.put_artifact(job_id, "final.png", png)
+    await h.queue.put_artifact(job_id, "video.mp4", VIDEO)
+    assert await h.queue.finish(job_id, (await h.queue.get(job_id)).lease_id, 0.2)
+
+
+async def _banned_done_and_cancelled(h) -> tuple[str, str]:
+    """Two jobs of WORD: one running when it was banned, which its worker then finished (DONE, the
+    cancel on its record, a final state and a final), and one cancelled while it waited."""
+    running = await _queue(h, f"a {WORD} at dawn")
+    waiting = await _queue(h, f"a {WORD} at dusk")
+    await claim_jobs(h.queue, [running])
+    await _ban(h, running, waiting)
+    await _finish(h, running, _png((255, 0, 0)))
+    record = await h.wait_delivered(running)
+    assert (record.state, record.cancel_requested, render.withholds_prompt(record)) == (JobState.DONE, True, True)
+    for job_id in (running, waiting):
+        assert "Cancelled" in await _status(h, job_id)
+    return running, waiting
+
+
+async def test_the_contact_sheet_shows_no_picture_or_caption_of_a_banned_cancel_nor_the_template(harness):
+    """The set's template holds every option, the banned word too; a banned job's caption is its
+    option. A job that ended DONE after the cancel has a final: it gets no tile (its reply posted no
+    picture either). The other jobs' tiles and captions stay."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    await fd.send_slash_command("imagine", {"prompt": f"a {{{WORD}, dog}} in a {{hat, box}}"})
+    await fd.wait_for(lambda: sum("job " in m.content for m in fd.channel_messages()) == 4, 10, "the set's replies")
+    jobs = await _set_jobs(h)
+    ids = [r.id for r in jobs]
+    assert [r.spec.prompt for r in jobs] == [f"a {WORD} in a hat", f"a {WORD} in a box", "a dog in a hat",
+                                             "a dog in a box"]
+    await claim_jobs(h.queue, ids[:1])   # running when the word is banned; the next one waits
+    await _ban(h, ids[0], ids[1])
+    await claim_jobs(h.queue, ids[2:])
+    colours = {0: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}
+    for i, colour in colours.items():   # the banned one's worker finishes it before it sees the cancel
+        await _finish(h, ids[i], _png(colour))
+
+    await fd.wait_for(lambda: _sheet_messages(fd), 10, "the contact sheet")
+    (sheet,) = _sheet_messages(fd)
+    assert WORD not in _public_text(sheet), sheet.content
+    head, count, *lines = sheet.content.split("\n")
+    assert head == f"**Contact sheet** · {render.PROMPT_WITHHELD}" and count.startswith("2 of 4 variations"), count
+    assert len(lines) == 4
+    for line, job_id in zip(lines[:2], ids[:2]):
+        assert line.startswith(f"• {render.PROMPT_WITHHELD} (cancelled) · `{job_id}`"), line
+    assert lines[2].startswith(f"• dog · hat · `{ids[2]}`") and lines[3].startswith(f"• dog · box · `{ids[3]}`")
+    # Two tiles, the dogs' finals, in order: nothing of the banned job's red final.
+    image = _rgb(fd.attachment_bytes(sheet.attachments[0]))
+    spec = contact_sheet.layout(2, contact_sheet.MIN_TILE)
+    assert image.size == spec.size
+    for box, colour in zip(spec.boxes, [colours[2], colours[3]]):
+        tile = np.asarray(image.crop(box), dtype=np.float32)
+        assert np.abs(tile - np.array(colour, dtype=np.float32)).max() <= 1.0, (box, colour)
+    fd.assert_clean()
+
+
+async def test_history_withholds_the_prompt_of_a_banned_cancel(harness):
+    """/history is private, but the prompt is what the admins took off the channel: it reads as the
+    public reply does, and the job that ended DONE after the cancel reads as cancelled, as there."""
+    h = harness
+    await h.start(worker=False)
+    done, cancelled = await _banned_done_and_cancelled(h)
+    kept = await _queue(h, "a quiet meadow")
+
+    text = await ephemeral_answer(h, "history")
+    assert WORD not in text, text
+    lines = {line.split("`")[1]: line for line in text.split("\n") if line.startswith("• ")}
+    for job_id in (done, cancelled):
+        assert lines[job_id].startswith(f"• {render.PROMPT_WITHHELD} · <@") and " · cancelled · " in lines[job_id]
+    assert lines[kept].startswith("• a quiet meadow · <@") and " · queued · " in lines[kept]
+    h.fd.assert_clean()
+
+
+async def test_no_reroll_or_remix_starts_from_a_banned_cancel_even_once_the_word_is_removed(harness):
+    """Its reply has no buttons (a Reroll would queue the banned prompt again); /remix (and the Remix
+    button, which shares its check) would start from the final state that the DONE one has. Refused privately, naming
+    neither the prompt nor the word; nothing queued. Once the word is removed from the list, the
+    prompt passes the refused words: the job's cancel still refuses."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    done, cancelled = await _banned_done_and_cancelled(h)
+    await ephemeral_answer(h, "queue ban-word remove", {"entry": WORD}, user=fd.admin_user)
+
+    for job_id in (done, cancelled):
+        assert _reply(h, job_id).custom_ids == []   # no Reroll, Continue or Remix button on it
+        text = await ephemeral_answer(h, "remix", {"job": job_id, "prompt": "a quiet meadow"})
+        assert text == (f"Job `{job_id}` was cancelled by this server's admins: its prompt matches a banned "
+                        "word, so it cannot be remixed."), text
+    assert await h.queue.count_queued() == 0 and await h.queue.running() == []
+    fd.assert_clean()
