@@ -292,6 +292,8 @@ class Worker:
         self.keep_state_bytes = None if keep_state_gib is None else int(keep_state_gib * GIB)
         self._next_prune = 0.0            # loop time of the next prune
         self._prune_task: asyncio.Task | None = None
+        self._budget_task: asyncio.Task | None = None
+        self._budget_warned = -math.inf   # loop time of the last "over its budget" warning
         # Mid-run checkpoints are timed: a frame takes one only when this many seconds have passed
         # since the run's last one (0: every frame). A full-size state is 96 MiB at grid 32 and
         # 384 MiB at grid 64 (fp32 logits [1, 8192, g, g] and Adam's two moments): at every frame
@@ -627,6 +629,15 @@ class Worker:
                                                        name="worker-prune")
                 self._tasks = [t for t in self._tasks if not t.done()] + [self._prune_task]  # stop() cancels it
 
+    def _start_budget(self) -> None:
+        """`_keep_states_in_budget` in a task of its own, one at a time (jobs of a batch finish
+        together; a catch-up after the budget was lowered may take many transactions), so a job's
+        end, its metric and its log never wait for it. stop() cancels it with the other tasks."""
+        if self.keep_state_bytes is None or (self._budget_task is not None and not self._budget_task.done()):
+            return
+        self._budget_task = asyncio.create_task(self._keep_states_in_budget(), name="worker-state-budget")
+        self._tasks = [t for t in self._tasks if not t.done()] + [self._budget_task]
+
     async def _keep_states_in_budget(self) -> None:
         """The kept states back under `keep_state_gib`, oldest delivered first (no budget: nothing).
         Never raises but a cancel: a failure waits for the next finished job or hourly prune."""
@@ -642,6 +653,18 @@ class Worker:
         if dropped:
             log.info("deleted the final state of %d delivered job(s), the oldest, to keep the states "
                      "under %g GiB", dropped, self.keep_state_bytes / GIB)
+            return
+        # Nothing could go: said (hourly at most), for the store may still fill up (Redis: noeviction).
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._budget_warned < 3600.0:
+            return
+        with contextlib.suppress(Exception):
+            total = await self.queue.state_bytes()
+            if total > self.keep_state_bytes:
+                self._budget_warned = loop.time()
+                log.warning("the kept states total %.1f GiB, over keep_state_gib (%g GiB), and none may go: "
+                            "they are of jobs not yet posted, or the parents of waiting Continues and Remixes",
+                            total / GIB, self.keep_state_bytes / GIB)
 
     def _gpu_thread_ok(self) -> bool:
         return (self._thread is None or self._thread.is_alive()) and not self._hung()
@@ -784,10 +807,10 @@ class Worker:
         finally:
             self.running.pop(key, None)
             self._wake.set()
-        await self._keep_states_in_budget()   # its state is stored: that may put the states over
         self._observe("job_ended", run.record, "done")
         log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
                  time.time() - run.record.created_at)
+        self._start_budget()   # its state is stored: that may put the states over
 
     async def _on_stopped(self, key: str) -> None:
         """The GPU thread dropped the run: cancelled by a user, or our lease was lost."""

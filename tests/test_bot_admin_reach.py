@@ -22,25 +22,12 @@ import pytest
 
 from bot.queue_admin import CONTENT_LIMIT, show_text
 from engine.jobs import JobRecord, JobSpec, JobState
+from tests.test_bot_admin_servers import _queue, _two_servers
 from tests.test_bot_support import ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
 
 ID_RE = re.compile(r"`([0-9a-f]{12})`")
-
-
-async def _queue(h, prompt, *, user, guild_id):
-    inter = await h.fd.send_slash_command("imagine", {"prompt": prompt}, user=user, guild_id=guild_id)
-    await h.fd.wait_for_response(inter)
-    return h.job_id(await h.reply_of(inter))
-
-
-async def _two_servers(h):
-    fd = h.fd
-    b = fd.add_guild("Other Guild")
-    carol = fd.add_user("carol", admin=True, guild_id=b.id)
-    await h.start(worker=False)   # no worker: the jobs stay in line
-    return fd.guild_id, b.id, carol
 
 
 async def _log_line(caplog, pattern: str, timeout: float = 10.0) -> str:

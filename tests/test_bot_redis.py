@@ -263,10 +263,12 @@ async def test_redis_restarted_with_its_data_mid_job_the_job_finishes_and_is_pos
     fd = h.fd
     redis_db: RedisWithData = h.extra["redis"]
     worker: WorkerProcess = h.extra["worker"]
+    # Long enough that frames still come after the restart: a fast CPU ran 30 iterations out within
+    # the outage, and then only the final post was left to show.
+    h.config.imagine.max_iterations = total = 150
     await h.start(worker=False)
     await wait_worker_up(h.queue, worker)
 
-    total = 30
     inter = await h.imagine("a harbour at dusk", iterations=total)
     msg = await h.reply_of(inter)
     job_id = h.job_id(msg)
