@@ -23,6 +23,7 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 |---|---|---|
 | `imagine_queue_length` | gauge | jobs waiting in the line (asked of the queue at each scrape) |
 | `imagine_queue_jobs{state}` | gauge | jobs in the whole store: queued, running, undelivered (finished, result not posted yet); read at each scrape (`track_store`) |
+| `imagine_kept_state_bytes` | gauge | bytes of finished jobs' `state.pt` kept in the store (`queue.state_bytes()`, what `keep_state_gib` bounds), read at each scrape (`track_store`) |
 | `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (`track_workers`) |
 | `imagine_queue_up` | gauge | 1 when every read of the queue for this scrape answered, 0 when one failed or timed out (present once a queue gauge is tracked) |
 | `imagine_jobs_total{state}` | counter | job transitions this process saw: started, done, failed, retried, cancelled, released |
@@ -75,6 +76,7 @@ class Metrics:
     queue_length: Gauge
     queue_up: Gauge        # registered with the first queue gauge (see Observability._track_queue_gauge)
     store_jobs: Gauge
+    kept_state_bytes: Gauge
     workers_alive: Gauge
     jobs: Counter
     jobs_running: Gauge
@@ -97,6 +99,9 @@ class Metrics:
             store_jobs=Gauge("imagine_queue_jobs",
                              "Jobs in the whole store by state (queued, running, undelivered)", ["state"],
                              registry=registry),
+            kept_state_bytes=Gauge("imagine_kept_state_bytes",
+                                   "Bytes of finished jobs' state.pt kept in the store (what keep_state_gib bounds)",
+                                   registry=registry),
             workers_alive=Gauge("imagine_workers_alive",
                                 "GPU workers that claimed or heartbeated within the liveness window",
                                 registry=registry),
@@ -183,17 +188,20 @@ class Observability:
 
     def track_store(self, queue: Any) -> None:
         """Report the whole store's jobs by state as imagine_queue_jobs{state} at each scrape:
-        `count_queued()`, `len(running())` and `len(undelivered())` (finished, result not posted).
+        `count_queued()`, `len(running())` and `len(undelivered())` (finished, result not posted),
+        and the kept states' bytes (`state_bytes()`) as imagine_kept_state_bytes.
         Every process sharing the queue reads the same numbers: the bot exports them."""
         async def refresh() -> None:
-            queued, running, undelivered = await asyncio.gather(
-                queue.count_queued(), queue.running(), queue.undelivered())
+            queued, running, undelivered, state_bytes = await asyncio.gather(
+                queue.count_queued(), queue.running(), queue.undelivered(), queue.state_bytes())
             for state, count in zip(STORE_STATES, (queued, len(running), len(undelivered))):
                 self.metrics.store_jobs.labels(state).set(count)
+            self.metrics.kept_state_bytes.set(state_bytes)
 
         def unknown() -> None:
             for state in STORE_STATES:
                 self.metrics.store_jobs.labels(state).set(NAN)
+            self.metrics.kept_state_bytes.set(NAN)
         self._add_queue_refresher(refresh, unknown)
 
     def track_workers(self, queue: Any, within: float) -> None:

@@ -147,6 +147,7 @@ async def test_store_gauges_count_queued_running_and_undelivered_jobs_of_every_p
             base = f"http://127.0.0.1:{bound_port(runner)}"
             m = await metrics(http, base)
             assert [value(m, "imagine_queue_jobs", state=s) for s in ("queued", "running", "undelivered")] == [0, 0, 0]
+            assert value(m, "imagine_kept_state_bytes") == 0
             assert value(m, "imagine_workers_alive") == 0
 
             for n, user in enumerate((1, 2, 3, 3)):
@@ -154,12 +155,14 @@ async def test_store_gauges_count_queued_running_and_undelivered_jobs_of_every_p
             first = await claimer.claim("w1")
             second = await claimer.claim("w1")
             assert first is not None and second is not None and first.lease_id and second.lease_id
+            assert await claimer.put_artifact(first.id, "state.pt", b"s" * 1000, first.lease_id)
             assert await claimer.finish(first.id, first.lease_id, 0.5)
 
             m = await metrics(http, base)
             assert value(m, "imagine_queue_jobs", state="queued") == 2
             assert value(m, "imagine_queue_jobs", state="running") == 1
             assert value(m, "imagine_queue_jobs", state="undelivered") == 1
+            assert value(m, "imagine_kept_state_bytes") == 1000   # the kept state (keep_state_gib's measure)
             assert value(m, "imagine_queue_length") == 2
             assert value(m, "imagine_workers_alive") == 1
             # Not the counter of this process's own transitions: that one has not moved.

@@ -30,6 +30,7 @@ def queue_gauges(metrics: dict) -> dict[str, float | None]:
         "running": value(metrics, "imagine_queue_jobs", state="running"),
         "undelivered": value(metrics, "imagine_queue_jobs", state="undelivered"),
         "workers": value(metrics, "imagine_workers_alive"),
+        "states": value(metrics, "imagine_kept_state_bytes"),
         "up": value(metrics, "imagine_queue_up"),
     }
 
@@ -58,7 +59,8 @@ async def test_queue_gauges_read_nan_and_queue_up_0_while_a_closed_sqlite_queue_
     try:
         async with aiohttp.ClientSession() as http:
             before = queue_gauges(await scrape(http, bound_port(runner)))
-            assert before == {"length": 3, "queued": 3, "running": 0, "undelivered": 0, "workers": 0, "up": 1}
+            assert before == {"length": 3, "queued": 3, "running": 0, "undelivered": 0, "workers": 0, "states": 0,
+                              "up": 1}
             await queue.close()   # the store is gone: every read of it raises
             with caplog.at_level(logging.WARNING, logger="engine.observability"):
                 during = queue_gauges(await scrape(http, bound_port(runner)))
@@ -67,7 +69,7 @@ async def test_queue_gauges_read_nan_and_queue_up_0_while_a_closed_sqlite_queue_
         await runner.cleanup()
         await factory.close_all()
     assert during["up"] == 0 and again["up"] == 0
-    for name in ("length", "queued", "running", "undelivered", "workers"):
+    for name in ("length", "queued", "running", "undelivered", "workers", "states"):
         assert math.isnan(during[name]) and math.isnan(again[name]), (name, during)
     warnings = [r for r in caplog.records if "queue cannot be read" in r.getMessage()]
     assert len(warnings) == 1   # once per outage, not once per scrape
@@ -87,7 +89,8 @@ async def test_queue_gauges_follow_a_redis_server_that_stops_and_comes_back():
             async with aiohttp.ClientSession() as http:
                 port = bound_port(runner)
                 up = queue_gauges(await scrape(http, port))
-                assert up == {"length": 1, "queued": 1, "running": 1, "undelivered": 0, "workers": 1, "up": 1}
+                assert up == {"length": 1, "queued": 1, "running": 1, "undelivered": 0, "workers": 1, "states": 0,
+                              "up": 1}
                 server.stop()
                 down = queue_gauges(await scrape(http, port))
                 assert down["up"] == 0
