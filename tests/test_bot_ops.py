@@ -332,6 +332,15 @@ class BotProcess:
         """The exit status, or None if it still runs after `timeout` seconds."""
         return await exit_status(self.proc, timeout)
 
+    async def run_out(self, timeout: float = 90) -> tuple[int | None, str]:
+        """Wait for the process to exit by itself (killed after `timeout`): its status (None: it was
+        still running) and its log."""
+        try:
+            code = await self.wait_exit(timeout)
+        finally:
+            self.kill()
+        return code, self.log()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -537,12 +546,7 @@ async def test_a_discord_server_error_at_start_is_one_line_and_exit_1(tmp_path, 
     Discord that cannot be reached, so that a supervisor tries again later."""
     async with FakeDiscord() as fd:
         fd.inject_error("GET", route, 503, count=100)
-        bot = BotProcess(fd, tmp_path, bot_config(tmp_path), *args)
-        try:
-            code = await bot.wait_exit(90)
-        finally:
-            bot.kill()
-    log = bot.log()
+        code, log = await BotProcess(fd, tmp_path, bot_config(tmp_path), *args).run_out()
     assert code == 1, f"exit status {code}:\n{log}"
     ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
     assert ours == [f"imagine-bot: Discord answered GET /api/v10{route} with 503 Service Unavailable "
@@ -558,12 +562,7 @@ async def test_sync_to_a_guild_the_bot_is_not_in_is_a_setting_exit_2(tmp_path):
     async with FakeDiscord() as fd:
         fd.inject_error("PUT", r"/applications/\d+/guilds/999/commands", 403,
                         {"message": "Missing Access", "code": 50001}, count=100)
-        bot = BotProcess(fd, tmp_path, bot_config(tmp_path), "sync", "--guild", "999")
-        try:
-            code = await bot.wait_exit(90)
-        finally:
-            bot.kill()
-    log = bot.log()
+        code, log = await BotProcess(fd, tmp_path, bot_config(tmp_path), "sync", "--guild", "999").run_out()
     assert code == 2, f"exit status {code}:\n{log}"
     ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
     assert len(ours) == 1, log
@@ -581,12 +580,7 @@ async def test_a_start_up_failure_is_said_once(tmp_path):
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            bot = BotProcess(fd, tmp_path, bot_config(tmp_path), "--http-port", str(port))
-            try:
-                code = await bot.wait_exit(90)
-            finally:
-                bot.kill()
-    log = bot.log()
+            code, log = await BotProcess(fd, tmp_path, bot_config(tmp_path), "--http-port", str(port)).run_out()
     assert code == 2, log
     assert log.count(f"cannot serve /healthz and /metrics on 127.0.0.1:{port}") == 1, log
     assert f"imagine-bot: cannot serve /healthz and /metrics on 127.0.0.1:{port}" in log
