@@ -6,7 +6,8 @@
 #   # (the working directory is /data, so the default sqlite:///imagine-bot.db is /data/imagine-bot.db)
 #   docker run -d --gpus '"device=0"' --env-file .env -v imagine-data:/data -v imagine-cache:/cache \
 #       -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local
-#   # a GPU worker of a Redis queue, on any host (compose.yaml runs the bot, Redis and workers)
+#   # a GPU worker of a Redis queue, on any host (compose.yaml runs the bot, Redis and workers); it
+#   # loads CLIP, the dVAE decoder and encoder (init images; --encoder '' for none) into /cache
 #   docker run -d --gpus '"device=0"' -v imagine-cache:/cache imagine-bot:local \
 #       imagine-worker --queue redis://redis-host:6379/0
 # Without --gpus the bot starts no worker (no CUDA): jobs would wait for an imagine-worker. Mount a
@@ -33,11 +34,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# ffmpeg makes the videos (imageio-ffmpeg's bundled binary is only the fallback). Ubuntu's archive
+# ffmpeg makes the videos (imageio-ffmpeg's bundled binary is only the fallback); DejaVu Sans
+# draws the contact sheets' captions (bot/contact_sheet.py). Ubuntu's archive
 # moves, so its package versions are not pinned (the base image tag pins the release).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg \
+    && apt-get install -y --no-install-recommends ffmpeg fonts-dejavu-core \
     && rm -rf /var/lib/apt/lists/*
 
 # Only what the package needs (.dockerignore is an allowlist: no .env, no config.toml, no tests).

@@ -41,19 +41,22 @@ python-check:
 	  echo "make: imagine-bot needs Python 3.11 or newer; $$py is $$("$$py" -c 'import platform; print(platform.python_version())')." >&2; \
 	  echo "      Install one and name it: make PY=python3.11 test  (an old .venv: rm -rf .venv first)" >&2; exit 1; }
 
-# What the package needs at run time: ffmpeg (the videos) and, to create .venv on Debian/Ubuntu,
+# What the package needs at run time: ffmpeg (the videos), DejaVu Sans (the contact sheets'
+# captions: Cyrillic, Greek) and, to create .venv on Debian/Ubuntu,
 # pythonX.Y-venv (ensurepip). redis-server is for the tests only (test-deps): the bot never starts one.
 system-deps: python-check
 	@missing=""; \
 	command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || missing="$$missing ffmpeg"; \
+	[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$$missing fonts-dejavu-core"; \
 	if [ ! -x $(BIN)/python ] && ! $(PY) -c 'import ensurepip' 2>/dev/null; then \
 	  missing="$$missing python$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"; \
 	fi; \
 	if [ -n "$$missing" ]; then $(APT_INSTALL); fi
 
-# The tests start throwaway redis-server processes.
+# The tests start throwaway redis-server processes, and make a TLS certificate with openssl.
 test-deps:
 	@missing=""; command -v redis-server >/dev/null || missing=" redis-server"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then $(APT_INSTALL); fi
 
 $(VENV)/pyvenv.cfg: | system-deps

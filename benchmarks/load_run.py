@@ -93,7 +93,7 @@ def start_workers(n: int, url: str, clip: Path, decoder: Path, workdir: Path) ->
         log = open(workdir / f"{wid}.log", "w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.worker", "--queue", url, "--clip-model", str(clip),
-             "--decoder", str(decoder), "--trust-decoder", "--device", "cpu", "--max-batch", "1",
+             "--decoder", str(decoder), "--encoder", "", "--trust-decoder", "--device", "cpu", "--max-batch", "1",
              "--worker-id", wid, "--cache-dir", str(workdir / "cache"), "--log-level", "WARNING"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )

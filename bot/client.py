@@ -96,12 +96,13 @@ class ImagineBot(commands.AutoShardedBot):
     async def setup_hook(self) -> None:
         from bot.imagine import DYNAMIC_ITEMS, ImagineCog
         from bot.progress import ProgressCog
-        from bot.queue_admin import HistoryCog, QueueCog
+        from bot.queue_admin import HistoryCog, QueueAdminCog, QueueCog
 
         await self.add_cog(ImagineCog(self))
         await self.add_cog(QueueCog(self))
+        await self.add_cog(QueueAdminCog(self))
         await self.add_cog(HistoryCog(self))
-        from bot.moderation import ModerationCog   # /queue ban-word: joins QueueCog's group, so after it
+        from bot.moderation import ModerationCog   # ban-word joins QueueAdminCog's group, so after it
         from bot.permutations import SheetsCog     # contact sheets of permutation sets
         await self.add_cog(ModerationCog(self))
         await self.add_cog(SheetsCog(self))
@@ -111,7 +112,7 @@ class ImagineBot(commands.AutoShardedBot):
 
     async def user_limit(self, guild_id: int | None = None) -> int:
         """How many waiting jobs one person may have when queueing in `guild_id`: that server's
-        `/queue limit` (setting `bot.max_queued_per_user:<guild_id>`), else `[queue]
+        `/queue-admin limit` (setting `bot.max_queued_per_user:<guild_id>`), else `[queue]
         max_queued_per_user` (also without a guild: direct messages). The global setting that
         earlier versions' `/queue limit` wrote is ignored: one server's admin set it for all. The
         person's waiting jobs are counted across every server."""
@@ -204,8 +205,15 @@ class _Tree(app_commands.CommandTree):
         return False
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        """Every failed command gets an ephemeral word (a refusal of the checks, or our error)."""
-        if isinstance(error, app_commands.NoPrivateMessage):
+        """Every failed command gets an ephemeral word (a refusal of the checks, an outdated command, or our
+        error)."""
+        if isinstance(error, (app_commands.CommandNotFound, app_commands.CommandSignatureMismatch)):
+            # Discord still offers a command as it was before an upgrade (until `imagine-bot sync`):
+            # one this bot no longer has, or whose options changed. Not our error: no traceback.
+            message = outdated_command_text(error)
+            log.warning("command %s: Discord's copy is out of date with this bot (%s); run `imagine-bot sync`",
+                        stale_command_name(error), type(error).__name__)
+        elif isinstance(error, app_commands.NoPrivateMessage):
             message = "This command works in a server channel, not in direct messages."
         elif isinstance(error, app_commands.TransformerError):
             from bot.render import quote   # noqa: PLC0415 - user text in a refusal: tamed, as inline code
@@ -221,3 +229,27 @@ class _Tree(app_commands.CommandTree):
 
         with contextlib.suppress(discord.HTTPException):
             await ephemeral(interaction, message)
+
+
+# The admin subcommands that left /queue for /queue-admin: a stale `/queue clear` names its new place.
+MOVED_TO_QUEUE_ADMIN = frozenset({"clear", "pause", "resume", "limit", "ban-word"})
+
+
+def stale_command_name(error: app_commands.CommandNotFound | app_commands.CommandSignatureMismatch) -> str:
+    """The outdated command as the user called it ("/queue clear"), for the log."""
+    if isinstance(error, app_commands.CommandNotFound):
+        return "/" + " ".join([*error.parents, error.name])
+    return "/" + error.command.qualified_name
+
+
+def outdated_command_text(error: app_commands.CommandNotFound | app_commands.CommandSignatureMismatch) -> str:
+    """The private answer to a command that Discord still offers as it was before the bot's upgrade
+    (until `imagine-bot sync`, which only whoever runs the bot can do): nothing was done, and what
+    to ask for; a moved admin subcommand names its new place."""
+    if (isinstance(error, app_commands.CommandNotFound) and error.parents == ["queue"]
+            and error.name in MOVED_TO_QUEUE_ADMIN):
+        return (f"`/queue {error.name}` is now `/queue-admin {error.name}`, and Discord still offers the old "
+                "command: nothing was done. Ask whoever runs the bot to run `imagine-bot sync`, then use "
+                f"`/queue-admin {error.name}`.")
+    return ("This command has changed since the bot was updated, and Discord still offers its old version: "
+            "nothing was done. Ask whoever runs the bot to run `imagine-bot sync`, then try again.")

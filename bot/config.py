@@ -47,7 +47,7 @@ class DiscordConfig:
 @dataclass
 class QueueConfig:
     url: str = "sqlite:///imagine-bot.db"
-    # Queued (not yet running) jobs one user may have; `/queue limit <n>` overrides it at runtime.
+    # Queued (not yet running) jobs one user may have; `/queue-admin limit <n>` overrides it at runtime.
     # 9: a permutation set counts each of its jobs, so this is at least [imagine] max_permutations
     # (9) and the largest set /help offers can be queued. It costs the others little: the line is
     # round-robin per user (each other user's next job goes before this user's second), so someone
@@ -86,7 +86,8 @@ class WorkerConfig:
     # store however many jobs are queued (1-iteration jobs back to back each leave a full state).
     # 0: no budget. imagine-worker --keep-state-gib does the same.
     keep_state_gib: float = 0.0
-    # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init images fail).
+    # dVAE encoder for `init_image` (same loading rules as the decoder); "" -> none (init_image jobs are
+    # left in line for a worker that has one).
     encoder: str = "openai"
     # torch.compile the hot loop: "" (off), "inductor", "inductor:reduce-overhead" (CUDA graphs
     # too). Off by default until a GPU run shows it pays (docs/PERFORMANCE.md).
@@ -329,6 +330,10 @@ def _validate(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"[worker] keep_state_gib: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
+    # As imagine-worker --worker-id (engine.worker.check_worker_id): SAQ's worker registry splits its
+    # keys on ':', so such a worker would never be listed (/healthz: "no GPU worker").
+    need(":" not in cfg.worker.worker_id,
+         f"[worker] worker_id: must not contain ':' (the worker registry splits on it), got {cfg.worker.worker_id!r}")
     need(cfg.worker.checkpoint_every >= 0,
          "[worker] checkpoint_every: must not be negative (seconds; 0: a checkpoint at every frame)")
     for i, digest in enumerate(cfg.worker.known_sha256):

@@ -5,6 +5,9 @@ tile size only, so a test can find every tile in the sheet (`layout`).
 
     cols = ceil(sqrt(n)), rows = ceil(n / cols)
     each cell: the image (tile x tile) over a caption band (CAPTION px), GAP px between cells
+
+Each caption starts with its tile's number (`1. red · Escher`), so that a caption the font cannot
+draw (a script or emoji it lacks: boxes) still matches its line in the message's text.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import io
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -29,6 +34,9 @@ TEXT = (235, 235, 235)
 RESAMPLE = Image.Resampling.BICUBIC
 FILENAME = "contact-sheet.png"
 MAX_FINAL_SIDE = 8 * MAX_GRID   # the largest final a worker writes (1024 a side)
+# Latin, Greek and Cyrillic (Debian's fonts-dejavu-core); Pillow's own font draws Latin only.
+CAPTION_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+FONT_SIZE = 11
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,14 @@ def layout(n: int, tile: int) -> Layout:
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """CAPTION_FONT where the system has it, else Pillow's default (Latin only: other scripts are boxes)."""
+    if CAPTION_FONT.is_file():
+        try:
+            return ImageFont.truetype(str(CAPTION_FONT), FONT_SIZE)
+        except OSError as exc:   # unreadable or damaged: the captions still come, in Latin
+            log.warning("contact sheets: cannot load %s (%s); captions use Pillow's default font", CAPTION_FONT, exc)
     try:
-        return ImageFont.load_default(size=11)
+        return ImageFont.load_default(size=FONT_SIZE)
     except TypeError:  # Pillow < 10.1: the bitmap font, no size
         return ImageFont.load_default()
 
@@ -117,18 +131,26 @@ def _final(data: bytes) -> Image.Image | None:
         return None
 
 
-def render_sheet(tiles: list[tuple[bytes, str]], fmt: str = "PNG") -> tuple[bytes, str]:
+def render_sheet(tiles: list[tuple[bytes, str]], fmt: str = "PNG",
+                 numbers: Sequence[int] | None = None) -> tuple[bytes, str]:
     """The sheet's bytes and file name: one (final PNG bytes, caption) per tile, in order.
 
+    Each caption starts with its number: `numbers[i]` for tile i (the line of its job in the
+    message's text, when some jobs of the set have no tile), by default 1, 2, ... in order.
     PNG by default (lossless: a test can compare tiles with the finals); "JPEG" when a PNG is
     over the upload limit. A tile that is not a PNG of at most MAX_FINAL_SIDE a side is left empty
     and its caption says "(unreadable image)"."""
+    if numbers is None:
+        numbers = range(1, len(tiles) + 1)
+    if len(numbers) != len(tiles):
+        raise ValueError(f"{len(numbers)} numbers for {len(tiles)} tiles")
     images = [_final(data) for data, _ in tiles]
     spec = layout(len(images), tile_size([img.size for img in images if img is not None]))
     sheet = Image.new("RGB", spec.size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = _font()
-    for img, (_, caption), box, band in zip(images, tiles, spec.boxes, spec.captions):
+    for img, (_, caption), number, box, band in zip(images, tiles, numbers, spec.boxes, spec.captions):
+        caption = f"{number}. {caption}"
         if img is None:   # not a final a worker wrote: its place stays empty, the caption says so
             caption = f"{caption} (unreadable image)"
         else:

@@ -47,7 +47,7 @@ def help_text(config: Config, per_user: int) -> str:
         "`/imagine prompt [quality] [iterations] [seed] [size] [image] [image_weight] [init_image]`",
         "`/remix job prompt [iterations]`: start from another job's final picture, toward a new prompt",
         "`/history` this channel's prompts · `/queue show` this server's jobs in the line · "
-        "`/queue cancel job` cancel one of yours",
+        "`/queue cancel job` cancel one of yours · `/queue-admin` (admins) manage the line and refused words",
         "",
         "**Prompts**: `a house | by Escher:0.5 | blurry:-1`: up to "
         f"{MAX_PROMPT_PARTS} parts split by `|`, each with an optional `:weight` (-100 to 100, default 1; "

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SEED_MAX = 2**32 - 1
 JOB_ID = r"(?P<job_id>[0-9A-Za-z_-]{1,64})"
+# A job id as the store makes them (engine.jobs.new_job_id: 12 hex digits), found in a pasted line.
+NEW_JOB_ID = re.compile(r"(?<![0-9A-Za-z_-])[0-9a-f]{12}(?![0-9A-Za-z_-])")
+RESULT_JOB_ID = re.compile(r"\bjob `?([0-9a-f]{12})(?![0-9A-Za-z_-])")   # a result line's (render._compose)
 REMIX_MODAL = re.compile(r"imagine:remix-modal:" + JOB_ID)
 REMIX_PROMPT_INPUT = "prompt"   # the custom id of the modal's text input
 # Seconds of Discord's 3 s answer window (counted from the interaction's creation) that the checks
@@ -90,6 +93,38 @@ def carried_pictures(spec: JobSpec, keys: tuple[str, ...]) -> dict[str, Any]:
         if isinstance(artifact, (list, tuple)) and len(artifact) == 2:
             out[key] = copy.deepcopy(ref)
     return out
+
+
+def pasted_job_id(text: str) -> str:
+    """The job id in what was given as /remix's `job`: the text itself when it is one (JOB_ID), else
+    the one after `job ` (a result's line, or its whole reply, pasted: `... · job `b36b…` · @user`),
+    else the one store-made id (NEW_JOB_ID) in it; the text as given when it holds none or several
+    (then refused as no job, quoted)."""
+    text = text.strip()
+    if re.fullmatch(JOB_ID, text):
+        return text
+    # A whole reply copied (mobile's Copy Text) also holds its lineage line's id (`↳ remix of
+    # `X``): the result line's `job <id>` is the reply's own.
+    own = set(RESULT_JOB_ID.findall(text))
+    if len(own) == 1:
+        return own.pop()
+    found = set(NEW_JOB_ID.findall(text))
+    return found.pop() if len(found) == 1 else text
+
+
+def with_typed_prompt(message: str, prompt: str) -> str:
+    """A refusal of the Remix form's submit, with the prompt typed into it quoted back to copy
+    (render.copyable): Discord keeps no copy of a submitted form, so it would be lost. Only its
+    start when the whole would not fit Discord's 2000 characters (then said)."""
+    if not has_visible_text(prompt):
+        return message
+    intro = "\nYour prompt, to copy and send again:\n"
+    block = render.copyable(prompt)
+    if len(message) + len(intro) + len(block) > render.CONTENT_LIMIT:
+        intro = "\nThe start of your prompt (too long to show whole here):\n"
+        room = render.CONTENT_LIMIT - len(message) - len(intro) - len(render.copyable(""))
+        block = render.copyable(render.clip(prompt, max(1, room)))
+    return message + intro + block
 
 
 def remix_source(parent: JobSpec, channel_id: int) -> dict[str, Any]:
@@ -614,8 +649,8 @@ async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction,
         bot.progress.line_changed()
     # Read again: a worker may have claimed the job since `record` was read, and then it is
     # being stopped, not cancelled in line. Still running now: it was claimed before the cancel.
-    # Done or failed now: the cancel was asked of a running job whose worker ended it (finish or
-    # fail committed) before it saw the request: not cancelled.
+    # A running job asked to stop ends CANCELLED whatever its worker does next (the store's finish
+    # and fail see the request); DONE or FAILED here only from a worker of an older version.
     now = await bot.queue.get(record.id) or record
     if not ok:
         await ephemeral(interaction, f"Job `{record.id}` had already ended.")
@@ -748,9 +783,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         prompt = submitted_value(data.get("components"), REMIX_PROMPT_INPUT) or ""
         try:
             if not_installed_here(interaction):
-                await ephemeral(interaction, NOT_INSTALLED)
+                await ephemeral(interaction, with_typed_prompt(NOT_INSTALLED, prompt))
                 return
-            await self.remix(interaction, match["job_id"], prompt, None)
+            await self.remix(interaction, match["job_id"], prompt, None, form=True)
         except Exception:   # noqa: BLE001 - a listener's errors reach no one else: log, tell the user
             # Privately; the job's message stays if submit() had already made it (see ephemeral).
             await answer_our_error(interaction, f"the remix modal of job {match['job_id']}")
@@ -808,7 +843,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         @app_commands.guild_only()
         async def remix(interaction: discord.Interaction, job: str, prompt: str,
                         iterations: Optional[int] = None) -> None:
-            await cog.remix(interaction, job.strip(), prompt, iterations)
+            await cog.remix(interaction, pasted_job_id(job), prompt, iterations)
 
         return remix
 
@@ -1004,22 +1039,26 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 or await over_limit(self.bot, spec.user_id, spec.guild_id))
 
     async def submit(self, interaction: discord.Interaction, spec: JobSpec, *, checked: bool = False,
-                     uploads: attachments.Uploads | None = None) -> JobRecord | None:
+                     uploads: attachments.Uploads | None = None, typed: str | None = None) -> JobRecord | None:
         """Check the job (unless the caller has: `checked`), defer, queue it within the user's cap and
         show its place in line; None when refused (the user was told why, privately). `uploads`: the
         pictures this command stored (stored again if the submit finds one gone; the caller
-        discards them when nothing was queued)."""
+        discards them when nothing was queued). `typed`: the Remix form's prompt, quoted back in
+        every refusal (with_typed_prompt)."""
+        def told(message: str) -> str:
+            return message if typed is None else with_typed_prompt(message, typed)
+
         if not checked:
             problem = await in_time(interaction, self.refusal(spec), defer="public")
             if problem:
-                await ephemeral(interaction, problem)
+                await ephemeral(interaction, told(problem))
                 return None
         if not interaction.response.is_done():   # attachments may have made us defer already
             await interaction.response.defer(thinking=True)
         await add_clip_notes(spec)
         max_queued = await self.bot.user_limit(spec.guild_id)
         if problem := await late_refusal(self.bot, spec.guild_id, [spec.prompt]):
-            await ephemeral(interaction, problem)   # private, after the defer; the caller discards `uploads`
+            await ephemeral(interaction, told(problem))   # private, after the defer; the caller discards `uploads`
             return None
         try:   # the store counts and queues in one step: the cap holds against a racing command
             if uploads is not None:
@@ -1027,15 +1066,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
             else:
                 record = await self.queue.submit(spec, max_queued=max_queued)
         except QueueLimitReached as exc:
-            await ephemeral(interaction, limit_text(exc.queued, exc.limit))   # private, after the defer
+            await ephemeral(interaction, told(limit_text(exc.queued, exc.limit)))   # private, after the defer
             return None
         except ParentGone as exc:   # pruned since our has_artifact check: the store refused it, nothing queued
-            await ephemeral(interaction, f"The final state of job `{exc.job_id}` is gone (pruned), so nothing was "
-                                         "queued. `/imagine` its prompt again instead.")
+            await ephemeral(interaction, told(f"The final state of job `{exc.job_id}` is gone (pruned), so nothing "
+                                              "was queued. `/imagine` its prompt again instead."))
             return None
         except UploadGone as exc:   # a carried picture gone since our has_artifact check (its job cancelled,
             # pruned), or ours, gone each time it was stored again
-            await ephemeral(interaction, picture_gone_text(spec, exc.upload_id, uploads))
+            await ephemeral(interaction, told(picture_gone_text(spec, exc.upload_id, uploads)))
             return None
         progress = self.bot.progress
         if progress is not None:
@@ -1242,17 +1281,25 @@ class ImagineCog(commands.Cog, name="Imagine"):
         prompt to pre-fill, the server, the state) and whether its `state.pt` exists
         (`has_artifact`: an indexed lookup, no data read), the latter alongside the check that the
         presser may see the job (for a private thread's member the bot has not cached, one Discord
-        lookup). On SQLite both go through the reader
-        connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS,
-        which retry through a reconnect: reads not done within Discord's answer window get a
-        private "try again" (REMIX_TOO_SLOW) instead of no answer at all. Everything else (the
-        prompt's checks, the cap, the write) waits for the submit."""
+        lookup). Alongside them, the presser's cap (`over_limit`: their server's limit and their
+        count of waiting jobs, two more small reads), so that a form they could not send is not
+        offered. On SQLite all go through the reader
+        connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS
+        (and the cap's GET and count), which retry through a reconnect: reads not done within
+        Discord's answer window get a private "try again" (REMIX_TOO_SLOW) instead of no answer at
+        all. Everything else (the prompt's checks, the cap again, the write) waits for the submit."""
         problem = results_refusal(interaction)   # before the form: no typing for a refusal
         if problem is not None:
             await ephemeral(interaction, problem)
             return
+
+        async def checked() -> JobRecord | str:
+            found, over = await asyncio.gather(self._remix_parent(interaction, job_id),
+                                               over_limit(self.bot, interaction.user.id, interaction.guild_id))
+            return found if isinstance(found, str) else over or found   # the job's refusal first
+
         try:
-            found = await in_time(interaction, self._remix_parent(interaction, job_id), defer=None)
+            found = await in_time(interaction, checked(), defer=None)
         except TooSlow:
             log.warning("the Remix button of job %s: the store's reads took longer than %.1f s; told to retry",
                         job_id, ANSWER_WINDOW)
@@ -1264,47 +1311,68 @@ class ImagineCog(commands.Cog, name="Imagine"):
         modal = RemixModal(job_id, found.spec.prompt, self.bot.config.imagine.max_prompt_chars)
         await interaction.response.send_modal(modal)
 
-    async def remix(self, interaction: discord.Interaction, job_id: str, prompt: str, iterations: int | None) -> None:
+    async def remix(self, interaction: discord.Interaction, job_id: str, prompt: str, iterations: int | None,
+                    *, form: bool = False) -> None:
         """A new job from `job_id`'s final logits toward `prompt` (anyone may remix anyone's job).
-        The store's reads and the checks race Discord's answer window (`in_time`)."""
+        The store's reads and the checks race Discord's answer window (`in_time`). `form`: the
+        prompt was typed into the Remix form, so every refusal quotes it back (with_typed_prompt)."""
+        def told(message: str) -> str:
+            return with_typed_prompt(message, prompt) if form else message
+
         problem = results_refusal(interaction)
         if problem is not None:
-            await ephemeral(interaction, problem)
+            await ephemeral(interaction, told(problem))
             return
         if has_set_braces(prompt):
             # Sent on, CLIP would read the braces and every option as words of one prompt. Escaped
             # ones (`\{`, `\}`) are literal braces, as in /imagine; the Remix form's pre-filled text
             # (the parent's prompt) has its braces escaped (RemixModal).
-            await ephemeral(interaction, REMIX_NO_SETS)
+            await ephemeral(interaction, told(REMIX_NO_SETS))
             return
         found = await in_time(interaction, self._remix_spec(interaction, job_id, prompt, iterations), defer="public")
         if isinstance(found, str):
-            await ephemeral(interaction, found)
+            await ephemeral(interaction, told(found))
             return
-        await self.submit(interaction, found, checked=True)
+        await self.submit(interaction, found, checked=True, typed=prompt if form else None)
 
     async def _remix_spec(self, interaction: discord.Interaction, job_id: str, prompt: str,
                           iterations: int | None) -> JobSpec | str:
         """The remix's job, checked (the parent, the prompt, refused words, the user's cap), or why
-        it may not be queued (for the user)."""
+        it may not be queued (for the user). It aims at the parent's image prompt too, as a Continue
+        does (the same upload, the same weight): a target all along, and a positive one is what let a
+        negative-only prompt (`blurry:-1`) through, also when the form sends that prompt back. Not
+        the init image: a remix starts from the parent's final state. (/remix has no picture option
+        of its own.) Only a parent of this very channel's: another channel's picture stays there, as
+        its prompt does (remix_source). An image prompt gone from the store (only a store's loss: the
+        parent names it) is left out, not a refusal: the parent's final state is what a remix needs."""
         parent = await self._remix_parent(interaction, job_id)
         if isinstance(parent, str):
             return parent
         p = parent.spec
         if iterations is None:
             iterations = min(p.iterations, self.bot.config.imagine.max_iterations)
+        source = remix_source(p, interaction.channel_id or 0)
+        carried = {} if source.get(render.OTHER_CHANNEL) else carried_pictures(p, ("image_prompt",))
+        for key, ref in list(carried.items()):
+            if not await self.queue.has_artifact(*ref["artifact"]):
+                log.warning("remix of job %s: its %s upload %s is gone from the store; the remix goes without it",
+                            job_id, key, ref["artifact"][0])
+                del carried[key]
         try:
             # remix() refused braces that open or close a set: any left are escaped (`\{`), literal.
-            request = validate(self.bot, prompt, iterations, None, None)   # its prompt's weights included
+            # Its prompt's weights included, with the carried image prompt's.
+            request = validate(self.bot, prompt, iterations, None, None,
+                               image_weights=image_weights_of(p) if carried else ())
         except BadInput as exc:
             return str(exc)
-        # The parent's grid and cut-outs: the logits' shape is the parent's.
-        # (Its label: the grid's, see _button_spec.)
+        # The parent's grid and cut-outs: the logits' shape is the parent's; so its preset's label,
+        # as a Reroll's and a Continue's. (Its size label: the grid's, see _button_spec.)
         spec = self._spec(interaction, unescape_braces(request.prompt), request.iterations, request.seed,
                           p.grid, p.grid * PIXELS_PER_CELL,
-                          cutn=p.cutn, parent_job_id=job_id, parent_kind="remix")
+                          cutn=p.cutn, parent_job_id=job_id, parent_kind="remix", preset=p.preset)
+        spec.extra.update(carried)   # the same upload: submit records the new job's reference to it
         # Named in full only to the parent's own channel: the remix's reply is public where it is made.
-        spec.extra["parent"] = remix_source(p, spec.channel_id)
+        spec.extra["parent"] = source
         return await self.refusal(spec) or spec
 
     async def cancel_job(self, interaction: discord.Interaction, job_id: str) -> None:

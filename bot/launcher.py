@@ -207,6 +207,7 @@ async def open_resources(
     (tests give tiny models); None loads `[worker]`'s models on its `device`. `start_worker`: False
     leaves the embedded worker unstarted (`await resources.start_worker()` later: `run` logs in first)."""
     from engine.queue import open_queue
+    from engine.queue.redis import CertificateNotVerified
 
     async with contextlib.AsyncExitStack() as stack:
         url = config.queue.url
@@ -220,6 +221,8 @@ async def open_resources(
                     await queue.close()
             # The URL may hold a password: masked here, and wherever the error quotes it.
             detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
+            if isinstance(exc, CertificateNotVerified):   # no server trouble: it says the fix itself
+                raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}", exit_code=2) from None
             raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check --queue / "
                               f"{QUEUE_URL_ENV} / [queue] url and that its server is up", exit_code=2) from None
         stack.push_async_callback(queue.close)
@@ -334,9 +337,10 @@ async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> 
     """After login: when Discord has none of this bot's commands (global ones, or `guild_id`'s),
     register them (one GET; a PUT only then) and return their names; else None, with a log line
     naming the commands whose definition on Discord differs from the bot's (a new size, preset or
-    limit in the config changes /imagine's options and descriptions; an upgrade may change where
-    and by whom a command may be used, `command_access`; `imagine-bot sync` updates
-    them: synced on request, so a restart never spends Discord's daily command-update budget). A
+    limit in the config changes /imagine's options and descriptions; emptying or setting
+    `admin_roles` changes who is shown /queue-admin, bot.permissions.admin_command_permissions; an
+    upgrade may change where and by whom a command may be used, `command_access`; `imagine-bot
+    sync` updates them: synced on request, so a restart never spends Discord's daily command-update budget). A
     failure is logged, never fatal: the bot runs either way."""
     guild = discord.Object(id=guild_id) if guild_id else None
     where = f"guild {guild_id}" if guild_id else "global"
@@ -352,7 +356,7 @@ async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> 
             differ = sorted(name for name in registered.keys() | ours.keys() if registered.get(name) != ours.get(name))
             if differ:
                 log.warning("Discord's %s slash commands differ from this bot's (%s: added, removed or changed "
-                            "since the last sync, e.g. by the config's sizes, presets or limits, or by an "
+                            "since the last sync, e.g. by the config's sizes, presets, limits or admin roles, or by an "
                             "upgrade that changed where or by whom they may be used): run `imagine-bot sync` "
                             "to update them", where, ", ".join(f"/{n}" for n in differ))
             return None

@@ -1,4 +1,4 @@
-"""Refused words and patterns, per server: `/queue ban-word add | remove | list` (admins only).
+"""Refused words and patterns, per server: `/queue-admin ban-word add | remove | list` (admins only).
 
 The list lives in the queue's store (setting `banned:<guild_id>`, a JSON list of entries as the
 admin typed them), so it survives restarts and every bot process sharing the queue sees it; each
@@ -45,8 +45,9 @@ its pictures would otherwise let it through.
 Jobs already in line when an entry is added would otherwise run and be posted publicly: the add
 cancels this server's queued and running jobs whose prompt the new entry matches (`cancel_matching`,
 the same `find`), with the reason render.CANCEL_BANNED: their replies say so without naming the
-entry or showing the prompt (render.withholds_prompt), and one whose worker finished it before it
-saw the request is posted as that cancel, without its picture (bot.progress). The admin's answer
+entry or showing the prompt (render.withholds_prompt), one already asked to stop for another
+reason (its author's cancel) included; one whose worker finishes it before it sees the request
+ends CANCELLED all the same (the store's `finish`), without its picture. The admin's answer
 names the ids of the jobs cancelled that they may see (`/queue show`'s rule) and counts the others:
 the ids of a channel hidden from them would tell them which patterns its prompts match. A
 pattern that matches half of a few ordinary prompts (`_ORDINARY`) is refused when added: it would
@@ -376,12 +377,14 @@ async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[
     """Cancel server `guild_id`'s queued and running jobs whose prompt (as submitted: each job of a
     permutation set its own) `entry` matches as `find` matches a new prompt (a timeout counts, as
     it refuses one); their replies say why without naming the entry or showing the prompt
-    (render.CANCEL_BANNED, render.withholds_prompt). A running job already asked to stop is left to
-    that request. The jobs cancelled, as read before the cancel."""
-    jobs = [r for r in await _line(bot.queue, guild_id) if not r.cancel_requested]
+    (render.CANCEL_BANNED, render.withholds_prompt). A running job already asked to stop for a
+    banned word is left to that request; one asked for another reason (its author, an admin) gets
+    this reason instead (`replace_reason`): the reason is what withholds its prompt. The jobs
+    cancelled, as read before the cancel."""
+    jobs = [r for r in await _line(bot.queue, guild_id) if not render.withholds_prompt(r)]
     max_chars = bot.config.imagine.max_prompt_chars
     hits = await asyncio.to_thread(lambda: [r for r in jobs if find([entry], r.spec.prompt, max_chars) is not None])
-    cancelled = [r for r in hits if await bot.queue.cancel(r.id, reason=render.CANCEL_BANNED)]
+    cancelled = [r for r in hits if await bot.queue.cancel(r.id, reason=render.CANCEL_BANNED, replace_reason=True)]
     if cancelled:
         log.info("the refused entry %r cancelled jobs %s of server %s", entry, ", ".join(r.id for r in cancelled),
                  guild_id)
@@ -452,7 +455,7 @@ async def _defer_privately(interaction: discord.Interaction) -> None:
 
 
 class BanWordGroup(app_commands.Group):
-    """`/queue ban-word ...`: added to the Queue cog's group by ModerationCog."""
+    """`/queue-admin ban-word ...`: added to the QueueAdmin cog's group by ModerationCog."""
 
     def __init__(self, cog: "ModerationCog"):
         super().__init__(name="ban-word", description="Admin: words and patterns refused in prompts")
@@ -464,7 +467,7 @@ class BanWordGroup(app_commands.Group):
         await self.cog.add(interaction, entry)
 
     @app_commands.command(name="remove", description="Admin: allow this word or pattern again")
-    @app_commands.describe(entry="The entry as /queue ban-word list shows it")
+    @app_commands.describe(entry="The entry as /queue-admin ban-word list shows it")
     async def remove(self, interaction: discord.Interaction, entry: str) -> None:
         await self.cog.remove(interaction, entry)
 
@@ -480,15 +483,15 @@ class ModerationCog(commands.Cog, name="Moderation"):
         self._lock = asyncio.Lock()   # one read-modify-write of the list at a time (in this process)
 
     async def cog_load(self) -> None:
-        queue_cog = self.bot.get_cog("Queue")
-        if queue_cog is None or queue_cog.app_command is None:
-            raise RuntimeError("ModerationCog needs the Queue cog (its /queue group) loaded first")
-        queue_cog.app_command.add_command(self.group, override=True)
+        admin_cog = self.bot.get_cog("QueueAdmin")
+        if admin_cog is None or admin_cog.app_command is None:
+            raise RuntimeError("ModerationCog needs the QueueAdmin cog (its /queue-admin group) loaded first")
+        admin_cog.app_command.add_command(self.group, override=True)
 
     async def cog_unload(self) -> None:
-        queue_cog = self.bot.get_cog("Queue")
-        if queue_cog is not None and queue_cog.app_command is not None:
-            queue_cog.app_command.remove_command(self.group.name)
+        admin_cog = self.bot.get_cog("QueueAdmin")
+        if admin_cog is not None and admin_cog.app_command is not None:
+            admin_cog.app_command.remove_command(self.group.name)
 
     async def _admin(self, interaction: discord.Interaction) -> bool:
         return await require_admin(interaction, self.bot.config)
@@ -539,7 +542,7 @@ class ModerationCog(commands.Cog, name="Moderation"):
             keep = [e for e in current if not (same(e, wanted) or same(e, " ".join(wanted.split())))]
             if len(keep) == len(current):
                 await ephemeral(interaction, f"{_code(wanted[:MAX_ENTRY])} is not on the "
-                                             "list; `/queue ban-word list` shows it.")
+                                             "list; `/queue-admin ban-word list` shows it.")
                 return
             await self.bot.queue.set_setting(setting_key(guild_id), keep)
         log.info("user %s removed %r from the refused words of server %s (entries %r)",

@@ -64,6 +64,17 @@ def admin_roles_text(config: Config, limit: int = ADMIN_ROLES_CHARS) -> str:
     return ", ".join(shown[:count]) + f" and {len(shown) - count} more"
 
 
+def admin_command_permissions(config: Config) -> discord.Permissions | None:
+    """`/queue-admin`'s default_member_permissions: Manage Server when no admin role is configured,
+    so Discord hides the command from members by default (a server's admins can change who sees
+    it: Server Settings → Integrations). None (everyone sees it) when roles are configured: Discord
+    knows nothing of `admin_roles`, and would hide it from a role's members who lack Manage Server.
+    Either way `require_admin` decides who may use it; this only decides who is shown it."""
+    if any(entry.strip() for entry in config.discord.admin_roles):
+        return None
+    return discord.Permissions(manage_guild=True)
+
+
 async def require_admin(interaction: discord.Interaction, config: Config) -> bool:
     """True for an admin; anyone else gets an ephemeral refusal saying who may, and False."""
     if is_admin(interaction, config):

@@ -11,7 +11,7 @@ per combination (6 here) and, once every one of them has ended, posts one contac
   max_prompt_chars`, at most Discord's 6000 for an option; bot.imagine.validate), and each
   combination up to `max_prompt_chars`, as any prompt (check_set).
 - Limits: at most `[imagine] max_permutations` combinations (default 9), and the set counts
-  against the user's cap of waiting jobs (`[queue] max_queued_per_user`, or `/queue limit`):
+  against the user's cap of waiting jobs (`[queue] max_queued_per_user`, or `/queue-admin limit`):
   over either limit the bot says how many it would make and how many are allowed (a set larger
   than the cap itself: that it can never be queued whole), and queues
   nothing. Every prompt of the set is checked against the server's refused words first. The set
@@ -222,11 +222,15 @@ def parse(text: str) -> Template | None:
                 raise TemplateError(
                     f"The group {group} has an empty option. Write options between commas or `|`, "
                     "e.g. `{red, blue, golden}` or `{red|blue|golden}`.")
+            # A repeat is an option CLIP reads as one already listed: Template.expand collapses the
+            # white space of each prompt, and CLIP's tokenizer lowercases (str.lower) what is left.
             seen: set[str] = set()
             for o in options:
-                if o.casefold() in seen:
-                    raise TemplateError(f"The group {group} lists {render.quote(o)} twice.")
-                seen.add(o.casefold())
+                read = " ".join(o.split()).lower()
+                if read in seen:
+                    raise TemplateError(f"The group {group} lists {render.quote(o)} twice (case and spacing "
+                                        "aside): remove one.")
+                seen.add(read)
             parts.append(tuple(options))
             start = None
         else:
@@ -285,6 +289,16 @@ async def check_set(bot: "ImagineBot", spec: JobSpec, image_weights: Sequence[fl
             return SetCheck(f"That prompt makes {n} combinations ({sizes}); {allowed}. Use fewer options. "
                             "Nothing was queued.")
         variants = tuple(template.expand())
+        # Repeats across groups (`{big red, big} {house, red house}`: "big red house" twice): the
+        # same job twice, as CLIP reads it (white space collapsed, lowercased, as within a group).
+        seen: dict[str, str] = {}
+        for variant in variants:
+            read = " ".join(variant.prompt.split()).lower()
+            if read in seen:
+                return SetCheck(f"The combinations {render.quote(seen[read], 80)} and {render.quote(variant.prompt, 80)} "
+                                "are the same prompt (case and spacing aside), so that set would make the same "
+                                "picture twice: change the options. Nothing was queued.")
+            seen[read] = variant.prompt
         # validate() let the template be longer than a prompt (template_chars): each combination is
         # what CLIP reads, so each must fit the prompt limit.
         longest = max(variants, key=lambda v: len(v.prompt))
@@ -487,10 +501,13 @@ class SheetEntry:
     url: str | None                # its reply, when known
     left_out: str | None = None    # why it has no tile (its state, gone, no final image)
     withheld: bool = False         # cancelled for a banned word: its caption is not shown (label "")
+    number: int = 0                # its place in the set (1, 2, ...): its tile's caption starts with it
 
     def line(self, caption_chars: int, links: bool) -> str:
         shown = render.PROMPT_WITHHELD if self.withheld else render.snippet(self.label, caption_chars)
-        text = f"• {shown}"
+        # The tile's number, not a bullet: a caption the sheet's font cannot draw (CJK, emoji) is
+        # still matched to its line here.
+        text = f"{self.number}. {shown}"
         if self.left_out:
             text += f" ({self.left_out})"
         text += f" · `{self.job_id}`"
@@ -680,35 +697,38 @@ class SheetsCog(commands.Cog, name="Sheets"):
         set_id = info["id"]
         captions = info.get("captions") or []
         tiles: list[tuple[bytes, str]] = []
+        numbers: list[int] = []   # each tile's job's place in the set: its line in the text
         entries: list[SheetEntry] = []
         for index, (job_id, record) in enumerate(zip(info["jobs"], records)):
             label = captions[index] if index < len(captions) else (record.spec.prompt if record else job_id)
+            number = index + 1
             if record is None:
-                entries.append(SheetEntry(label, job_id, None, "gone from the store"))
+                entries.append(SheetEntry(label, job_id, None, "gone from the store", number=number))
                 continue
             url = render.reply_url(record.spec)
             if render.withholds_prompt(record):
                 # Cancelled for a banned word (DONE too: its worker finished before it saw the
                 # cancel): no tile, no caption, as its reply shows no picture and no prompt.
-                entries.append(SheetEntry("", job_id, url, JobState.CANCELLED.value, withheld=True))
+                entries.append(SheetEntry("", job_id, url, JobState.CANCELLED.value, withheld=True, number=number))
                 continue
             if record.state != JobState.DONE:
-                entries.append(SheetEntry(label, job_id, url, record.state.value))
+                entries.append(SheetEntry(label, job_id, url, record.state.value, number=number))
                 continue
             png = await self.queue.get_artifact(record.id, "final.png")
             if png is None:
-                entries.append(SheetEntry(label, job_id, url, "no final image"))
+                entries.append(SheetEntry(label, job_id, url, "no final image", number=number))
                 continue
             tiles.append((png, label))
-            entries.append(SheetEntry(label, job_id, url))
+            numbers.append(number)
+            entries.append(SheetEntry(label, job_id, url, number=number))
         if not tiles:
             log.info("set %s: none of its %d jobs finished with an image; no contact sheet", set_id, len(records))
             return {"skipped": "no finished image", "at": time.time()}
 
-        data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles)
+        data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "PNG", numbers)
         limit = self._upload_limit(info) - UPLOAD_MARGIN
         if len(data) > limit:
-            data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG")
+            data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG", numbers)
         content = self._content(info, len(tiles), entries)
         channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
         try:

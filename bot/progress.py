@@ -920,9 +920,10 @@ class ProgressCog(commands.Cog, name="Progress"):
         if t.posted is not None:   # posted already: only the store writes are left (_post_final)
             return _Final(record, "", [])
         if record.state == JobState.DONE and render.withholds_prompt(record):
-            # Asked to stop for a banned word, but its worker finished it before it saw the request:
-            # the admin was told it was cancelled, so it is posted as that cancel (the same text, no
-            # picture or video, the buttons of a cancelled job), and marked delivered as any result.
+            # Asked to stop for a banned word, then finished DONE by a worker of an older version (the
+            # store's finish now ends such a job CANCELLED; a worker not yet upgraded, or a record it
+            # finished before the upgrade and not yet posted): the admin was told it was cancelled, so
+            # it is posted as that cancel (no picture or video of a banned prompt), delivered as any.
             record = replace(record, state=JobState.CANCELLED)
         files, note = await self._final_files(t, record)
         return _Final(record, render.final_text(record, note), files)

@@ -1,4 +1,9 @@
-"""/queue: the line for anyone (`/queue show`), and the subcommands that change it.
+"""/queue: the line for anyone (`show`, `cancel`); /queue-admin: the subcommands that change it.
+
+The admin subcommands are a top-level group of their own so that Discord's permission settings can
+hide them from members (`default_member_permissions`: bot.permissions.admin_command_permissions;
+a server's admins change who sees it under Server Settings → Integrations). Who may use them is
+still the bot's own check (`require_admin`): a member Discord shows them to anyway is refused.
 
 One queue serves every server the bot is in, so each subcommand is scoped to the server it is
 used in (the caller's own jobs in direct messages):
@@ -11,15 +16,16 @@ used in (the caller's own jobs in direct messages):
 - `cancel <job>`: a job's author may cancel it, from any server; an admin of the job's server may
   cancel any job of that server. Another's job of another server gets the same answer as an id
   that does not exist, so ids of other servers are never confirmed;
-- `clear` (admins): cancels this server's waiting jobs only;
-- `limit <n>` (admins): this server's cap of waiting jobs per person (setting
+- `/queue-admin clear`: cancels this server's waiting jobs only;
+- `/queue-admin limit <n>`: this server's cap of waiting jobs per person (setting
   `bot.max_queued_per_user:<guild_id>`; without one, `[queue] max_queued_per_user`), checked when
   they queue here against their waiting jobs in every server (the store counts per person);
-- `pause` / `resume` (admins): stop or start this server's jobs (setting `paused:<guild_id>`): the
-  workers skip its waiting jobs, which keep their places, and go on with other servers' jobs;
+- `/queue-admin pause` / `resume`: stop or start this server's jobs (setting `paused:<guild_id>`):
+  the workers skip its waiting jobs, which keep their places, and go on with other servers' jobs;
   running jobs finish. `everywhere:True` stops or starts every worker for every server (setting
   `paused`), so that is for the bot's owner alone (the application's owner, or its team's admins
-  and developers).
+  and developers);
+- `/queue-admin ban-word add | remove | list`: bot.moderation.
 
 When the bot is removed from a server (`on_guild_remove`), that server's waiting jobs are cancelled
 and its running ones stopped: no result could be posted there. Admins' actions are logged (INFO:
@@ -45,8 +51,8 @@ from discord.ext import commands
 
 from bot import render
 from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
-from bot.permissions import (ThreadLookups, admin_roles_text, can_see_job, can_view_channel, is_admin, may_know_job,
-                             require_admin)
+from bot.permissions import (ThreadLookups, admin_command_permissions, admin_roles_text, can_see_job, can_view_channel,
+                             is_admin, may_know_job, require_admin)
 from engine.jobs import PAUSED_KEY, JobRecord, JobState, guild_paused_key
 
 if TYPE_CHECKING:
@@ -57,7 +63,7 @@ log = logging.getLogger(__name__)
 USER_LIMIT_KEY = "bot.max_queued_per_user"   # global; written by earlier versions, read by none now
 SHOW_MAX = 20          # jobs on one page of `/queue show` (fewer when their lines pass CONTENT_LIMIT)
 CONTENT_LIMIT = 2000
-LIMIT_MIN, LIMIT_MAX = 1, 100   # `/queue limit n`
+LIMIT_MIN, LIMIT_MAX = 1, 100   # `/queue-admin limit n`
 PAGE_LINES_ROOM = 160  # kept free on a page for its "…and N more" and "Page n of m" lines
 
 
@@ -70,7 +76,7 @@ def log_admin_action(interaction: discord.Interaction, action: str, *args: objec
 
 
 def user_limit_key(guild_id: int) -> str:
-    """The setting that holds one server's cap of waiting jobs per person (`/queue limit`)."""
+    """The setting that holds one server's cap of waiting jobs per person (`/queue-admin limit`)."""
     return f"{USER_LIMIT_KEY}:{int(guild_id)}"
 
 
@@ -164,8 +170,8 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     if paused:
         head.append("**The queue is paused** for every server: no job starts until the bot's owner resumes it.")
     if server_paused:
-        head.append("**This server's jobs are paused**: none of them starts until an admin uses `/queue resume` "
-                    "(other servers' jobs go on).")
+        head.append("**This server's jobs are paused**: none of them starts until an admin uses "
+                    "`/queue-admin resume` (other servers' jobs go on).")
     if not running and not queued:
         head.append("The line is empty.")
     elif not here_items:
@@ -210,33 +216,18 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     return "\n".join(head + shown + more + foot)[:CONTENT_LIMIT]
 
 
+def _line_changed(bot: "ImagineBot") -> None:
+    if bot.progress is not None:
+        bot.progress.line_changed()
+
+
 @app_commands.guild_only()
 class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
-               group_description="The line of imagine jobs (admins: manage it)"):
+               group_description="The line of imagine jobs: see it, cancel yours"):
     def __init__(self, bot: "ImagineBot"):
         self.bot = bot
         self.queue = bot.queue
         super().__init__()
-
-    async def _admin(self, interaction: discord.Interaction) -> bool:
-        return await require_admin(interaction, self.bot.config)
-
-    async def _owner(self, interaction: discord.Interaction) -> bool:
-        """True for the bot's owner; anyone else (server admins included) gets a private refusal."""
-        if await self.bot.is_owner(interaction.user):
-            return True
-        await ephemeral(interaction, "Only the bot's owner can pause or resume every server at once: the queue is "
-                                     "shared by every server the bot is in. Admins can `/queue pause` and "
-                                     "`/queue resume` this server's jobs (without `everywhere`).")
-        return False
-
-    async def _may_pause(self, interaction: discord.Interaction, everywhere: bool) -> bool:
-        """Every server: the bot's owner alone; this server: its admins. Refused: answered privately."""
-        return await (self._owner(interaction) if everywhere else self._admin(interaction))
-
-    def _line_changed(self) -> None:
-        if self.bot.progress is not None:
-            self.bot.progress.line_changed()
 
     @commands.Cog.listener()
     async def on_guild_remove(self, guild: discord.Guild) -> None:
@@ -257,7 +248,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         log.info("removed from server %s: %d waiting jobs cancelled, %d running jobs asked to stop",
                  guild.id, cleared, stopping)
         if cleared or stopping:
-            self._line_changed()
+            _line_changed(self.bot)
 
     @app_commands.command(name="show",
                           description="Show this server's jobs in the line (and yours in other servers): "
@@ -329,6 +320,39 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
             return
         await cancel_and_answer(self.bot, interaction, record)   # it defers before the store's write
 
+
+@app_commands.guild_only()
+class QueueAdminCog(commands.GroupCog, name="QueueAdmin", group_name="queue-admin",
+                    group_description="Admin: manage this server's line of imagine jobs"):
+    """`/queue-admin ...` (bot.moderation adds its `ban-word` group). Shown to members with Manage
+    Server only when no admin role is configured (`admin_command_permissions`); used by admins
+    only either way (`require_admin`, `_owner`)."""
+
+    def __init__(self, bot: "ImagineBot"):
+        self.bot = bot
+        self.queue = bot.queue
+        super().__init__()
+        # Per config, so not the class decorator's: the group is made before __init__ runs.
+        group = self.app_command
+        assert group is not None   # a GroupCog's own group
+        group.default_permissions = admin_command_permissions(bot.config)
+
+    async def _admin(self, interaction: discord.Interaction) -> bool:
+        return await require_admin(interaction, self.bot.config)
+
+    async def _owner(self, interaction: discord.Interaction) -> bool:
+        """True for the bot's owner; anyone else (server admins included) gets a private refusal."""
+        if await self.bot.is_owner(interaction.user):
+            return True
+        await ephemeral(interaction, "Only the bot's owner can pause or resume every server at once: the queue is "
+                                     "shared by every server the bot is in. Admins can `/queue-admin pause` and "
+                                     "`/queue-admin resume` this server's jobs (without `everywhere`).")
+        return False
+
+    async def _may_pause(self, interaction: discord.Interaction, everywhere: bool) -> bool:
+        """Every server: the bot's owner alone; this server: its admins. Refused: answered privately."""
+        return await (self._owner(interaction) if everywhere else self._admin(interaction))
+
     @app_commands.command(name="clear", description="Admin: cancel this server's queued jobs (running ones go on)")
     async def clear(self, interaction: discord.Interaction) -> None:
         if not await self._admin(interaction):
@@ -339,7 +363,7 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         count = await self.queue.clear(guild_id=interaction.guild_id)
         log_admin_action(interaction, "clear: %d queued jobs cancelled", count)
         if count:
-            self._line_changed()
+            _line_changed(self.bot)
         await ephemeral(interaction, f"Cleared this server's jobs from the line: "
                                      f"{_plural(count, 'job')} cancelled.")
 
@@ -354,28 +378,28 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
         await self._set_paused(interaction, everywhere, False)
 
     async def _set_paused(self, interaction: discord.Interaction, everywhere: bool, paused: bool) -> None:
-        """`/queue pause` and `resume`: every server's setting (the owner's), or this server's."""
+        """`/queue-admin pause` and `resume`: every server's setting (the owner's), or this server's."""
         if not await self._may_pause(interaction, everywhere):
             return
         await interaction.response.defer(ephemeral=True)
         if everywhere:
             # The owner's setting only: a server its admins paused stays paused when it is resumed.
             await self.queue.set_setting(PAUSED_KEY, paused)
-            text = ("Paused for every server: no new job starts until `/queue resume everywhere:True` "
+            text = ("Paused for every server: no new job starts until `/queue-admin resume everywhere:True` "
                     "(running ones finish)." if paused else
                     "Resumed: jobs start again (except in servers whose admins paused them).")
         else:
             guild_id = interaction.guild_id or 0   # never 0: _admin refuses outside a server
             await self.queue.set_setting(guild_paused_key(guild_id), paused)
             if paused:
-                text = ("Paused this server's jobs: none of them starts until `/queue resume` (running ones "
-                        "finish; other servers' jobs go on).")
+                text = ("Paused this server's jobs: none of them starts until `/queue-admin resume` (running "
+                        "ones finish; other servers' jobs go on).")
             else:
                 text = "Resumed: this server's jobs start again."
                 if await self.queue.get_setting(PAUSED_KEY, False):
                     text += " But the bot's owner has paused every server: nothing starts until they resume it."
         log_admin_action(interaction, "%s%s", "pause" if paused else "resume", " everywhere" if everywhere else "")
-        self._line_changed()
+        _line_changed(self.bot)
         await ephemeral(interaction, text)
 
     @app_commands.command(name="limit",

@@ -9,7 +9,8 @@ at most MAX_MARKS combining marks in a row (zalgo piles up over other messages).
 is as typed.
 
 User text quoted in a refusal or an answer (a matched refused word, a permutation combination, a
-job id or file name as given) goes through `quote`: tamed, cut, in an inline code span.
+job id or file name as given) goes through `quote`: tamed, cut, in an inline code span. A whole
+prompt to copy back (a refused Remix form's) goes through `copyable`: a code block.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import discord
 
 from engine.jobs import CLEARED, JobRecord, JobSpec, JobState
+from engine.prompts import PromptError, parse_prompt
 from engine.text import MAX_MARKS, clip, has_visible_text, tame  # noqa: F401 - re-exported: the bot's echo rules
 
 CONTENT_LIMIT = 2000
@@ -71,6 +73,35 @@ def quote(text: str, limit: int = 40) -> str:
     if not has_visible_text(flat):
         return "*(empty)*" if not flat else "*(only invisible characters)*"
     return "`" + flat.replace("`", "ˋ") + "`"
+
+
+def copyable(text: str) -> str:
+    """User text in a code block, to copy back (a refused Remix form's prompt: Discord keeps no copy
+    of a submitted form). Tamed (one line: CLIP reads white space runs as one space anyway), a lone
+    surrogate as U+FFFD, and a run of three or more backticks (which would end the block early)
+    as look-alikes; single and double backticks stay as typed. Mentions in it never ping."""
+    flat = _SURROGATE.sub("\ufffd", tame(text))
+    flat = re.sub(r"`{3,}", lambda run: "ˋ" * len(run[0]), flat)
+    return f"```\n{flat}\n```"
+
+
+WEIGHT_PART_CHARS = 24   # of each part's text in the weights as read (`weights_read`)
+
+
+def weights_read(spec: JobSpec) -> str | None:
+    """How the prompt's weights were read (engine.prompts.parse_prompt), e.g. `a cat ×2 · blurry ×-1`,
+    each part's text cut to WEIGHT_PART_CHARS, as inline code; None when every part weighs 1 (or
+    the stored prompt no longer parses). At most MAX_PROMPT_PARTS parts: short enough for the reply."""
+    image = spec.extra.get("image_prompt")
+    image_weights = (float(image.get("weight", 1.0)),) if isinstance(image, dict) else ()
+    try:
+        parts = parse_prompt(spec.prompt, image_weights)
+    except PromptError:
+        return None
+    if all(part.weight == 1.0 for part in parts):
+        return None
+    text = " · ".join(f"{clip(part.text, WEIGHT_PART_CHARS)} ×{part.weight:g}" for part in parts)
+    return "`" + _SURROGATE.sub("\ufffd", text).replace("`", "ˋ") + "`"
 
 
 def settings_line(spec: JobSpec) -> str:
@@ -254,11 +285,13 @@ def withholds_prompt(record: JobRecord) -> bool:
 
 def _compose(record: JobRecord, status: str) -> str:
     spec = record.spec
-    tail = f"`{settings_line(spec)} · job {record.id}` · <@{spec.user_id}>"
+    # The id in a code span of its own: copied, it is what `/remix job:` takes.
+    job = f" · job `{record.id}` · <@{spec.user_id}>"
     if withholds_prompt(record):
-        # Nor the lines that quote it (what CLIP ignores of it) or a remix's parent's prompt.
-        return f"{PROMPT_WITHHELD}\n{status}\n{tail}"
-    tail = _extra_lines(spec) + tail
+        # Nor the lines that quote it (what CLIP ignores of it, its weights) or a remix's parent's prompt.
+        return f"{PROMPT_WITHHELD}\n{status}\n`{settings_line(spec)}`{job}"
+    weights = weights_read(spec)
+    tail = _extra_lines(spec) + f"`{settings_line(spec)}`" + (f" · read as {weights}" if weights else "") + job
     text = f"**{escape_prompt(spec.prompt)}**\n{status}\n{tail}"
     if len(text) > CONTENT_LIMIT:  # only with a huge configured max_prompt_chars
         room = max(0, CONTENT_LIMIT - len(status) - len(tail) - 10)
@@ -277,7 +310,7 @@ def queued_text(record: JobRecord, position: int | None, paused: str = "") -> st
     if paused == "everywhere":
         status += " The queue is paused; it will start when the bot's owner resumes it."
     elif paused == "server":
-        status += " This server's jobs are paused; it will start when an admin uses `/queue resume`."
+        status += " This server's jobs are paused; it will start when an admin uses `/queue-admin resume`."
     return _compose(record, status)
 
 

@@ -238,9 +238,9 @@ def upload_refs(spec: JobSpec) -> list[str]:
 
 
 # Pausing: while the setting `PAUSED_KEY` is true no claim takes any job (the bot owner's
-# `/queue pause everywhere`); while `guild_paused_key(g)` is true claims skip the queued jobs of
+# `/queue-admin pause everywhere`); while `guild_paused_key(g)` is true claims skip the queued jobs of
 # server `g` (their `spec.guild_id`), which keep their places in the line, and take the next job of
-# another server (a server admin's `/queue pause`). Running jobs go on either way. Both backends
+# another server (a server admin's `/queue-admin pause`). Running jobs go on either way. Both backends
 # check these settings inside the claim itself (SQLite: its transaction, Redis: its Lua script),
 # so a job of a paused server is never claimed after the pause was written.
 PAUSED_KEY = "paused"
@@ -342,9 +342,11 @@ class JobQueue(Protocol):
     # queued -> cancelled now; running -> asked. A job cancelled while queued names its uploads no
     # more (its spec still shows them): those no other job names are deleted in the same step.
     # `reason` (None or "": none given) is stored as the record's `error`, at once for a queued job,
-    # with the request for a running one, kept through the worker's end of it (mark_cancelled, fail,
-    # release, a sweep); a second request of a running job keeps the first one's reason.
-    async def cancel(self, job_id: str, reason: str | None = None) -> bool: ...
+    # with the request for a running one, kept through the worker's end of it (finish, mark_cancelled,
+    # fail, release, a sweep); a second request of a running job keeps the first one's reason, unless
+    # `replace_reason` (a banned word's cancel: its reason decides what the replies withhold). A
+    # finished job's reason never changes (False, nothing written).
+    async def cancel(self, job_id: str, reason: str | None = None, *, replace_reason: bool = False) -> bool: ...
     # cancel every queued job (of one server: `guild_id`), in one step, uploads as `cancel`, each
     # with `reason` as its `error` (CLEARED unless given): running ones go on
     async def clear(self, guild_id: int | None = None, reason: str | None = CLEARED) -> int: ...
@@ -369,13 +371,20 @@ class JobQueue(Protocol):
     # --- the worker side ----------------------------------------------------------------------
     # `claim` returns the job RUNNING with a fresh `lease_id`: the first job of the fair line that
     # matches `grids` and whose server is not paused (see `PAUSED_KEY`); None while everything is
-    # paused. Every call below that takes a `lease_id` is fenced: it acts only while the job is
+    # paused. `init_images=False` (a worker without the dVAE encoder) passes over the jobs that need
+    # it: an init image in `spec.extra`, no `parent_job_id` and no checkpoint (Redis: jobs queued by
+    # an older version are not known to, and are claimed). Skipped jobs keep their places, as those
+    # of other grids do. Its sweep of expired leases first leaves `worker_id`'s own running jobs
+    # alone (a claim delayed past their leases must not take them back from their runs): its own
+    # `sweep()` calls and the other workers' claims handle them.
+    # Every call below that takes a `lease_id` is fenced: it acts only while the job is
     # RUNNING under that very claim (checked atomically with the write) and otherwise changes
     # nothing and returns False (`fail`: None; `mark_cancelled`: nothing). So a worker that lost its lease, even one that has since claimed
     # the same job again, cannot publish, overwrite the new run's checkpoint or results, or end the job.
-    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None: ...
+    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None, *,
+                    init_images: bool = True) -> JobRecord | None: ...
     async def heartbeat(self, job_id: str, lease_id: str) -> bool: ...  # False: stop (cancelled / lost lease)
-    async def sweep(self) -> int: ...  # expired leases handled now (claim() does it too); how many
+    async def sweep(self) -> int: ...  # expired leases handled now (claim() does it too, but for the claimer's own); how many
     # Without `lease_id` (the bot's uploads, tests) these always write and return True.
     async def publish(self, event: JobEvent, lease_id: str | None = None) -> bool: ...
     async def save_checkpoint(self, checkpoint: Checkpoint, lease_id: str | None = None) -> bool: ...
@@ -383,6 +392,8 @@ class JobQueue(Protocol):
     async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool: ...
     async def get_artifact(self, job_id: str, name: str) -> bytes | None: ...
     async def has_artifact(self, job_id: str, name: str) -> bool: ...  # without reading it (a state.pt is large)
+    # True when it ended the job: DONE, or CANCELLED (its CANCELLED event, the cancel's reason kept)
+    # when its cancel was asked before this call, as `fail` and `release` end such a job.
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool: ...
     # The state this call left the job in: QUEUED (back at the front for another attempt), FAILED
     # (`retry=False`, or the attempts cap) or CANCELLED (its user had asked to cancel it); None

@@ -22,9 +22,9 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 | metric | type | what |
 |---|---|---|
 | `imagine_queue_length` | gauge | jobs waiting in the line (asked of the queue at each scrape) |
-| `imagine_queue_jobs{state}` | gauge | jobs in the whole store: queued, running, undelivered (finished, result not posted yet); read at each scrape (`track_store`) |
-| `imagine_kept_state_bytes` | gauge | bytes of finished jobs' `state.pt` kept in the store (`queue.state_bytes()`, what `keep_state_gib` bounds), read at each scrape (`track_store`) |
-| `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (`track_workers`) |
+| `imagine_queue_jobs{state}` | gauge | jobs in the whole store: queued, running, undelivered (finished, result not posted yet); read at each scrape (present only after `track_store`) |
+| `imagine_kept_state_bytes` | gauge | bytes of finished jobs' `state.pt` kept in the store (`queue.state_bytes()`, what `keep_state_gib` bounds), read at each scrape (present only after `track_store`) |
+| `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (present only after `track_workers`) |
 | `imagine_queue_up` | gauge | 1 when every read of the queue for this scrape answered, 0 when one failed or timed out (present once a queue gauge is tracked) |
 | `imagine_jobs_total{state}` | counter | job transitions this process saw: started, done, failed, retried, cancelled, released |
 | `imagine_jobs_running` | gauge | jobs in this worker's batch |
@@ -71,10 +71,12 @@ NAN = float("nan")   # Prometheus' "unknown": what a gauge reads when its source
 
 @dataclass
 class Metrics:
-    """The metric objects, all registered in one registry."""
+    """The metric objects, in one registry (those read from the whole store only once tracked)."""
 
     queue_length: Gauge
-    queue_up: Gauge        # registered with the first queue gauge (see Observability._track_queue_gauge)
+    queue_up: Gauge        # registered with the first queue gauge (see Observability._add_queue_refresher)
+    # These three are registered by track_store / track_workers (Observability._register_once): a
+    # process that does not track them (a worker) must not export them: an alert would read its 0.
     store_jobs: Gauge
     kept_state_bytes: Gauge
     workers_alive: Gauge
@@ -98,13 +100,13 @@ class Metrics:
             # Not `imagine_jobs`: the counter of this process's transitions owns that name.
             store_jobs=Gauge("imagine_queue_jobs",
                              "Jobs in the whole store by state (queued, running, undelivered)", ["state"],
-                             registry=registry),
+                             registry=None),
             kept_state_bytes=Gauge("imagine_kept_state_bytes",
                                    "Bytes of finished jobs' state.pt kept in the store (what keep_state_gib bounds)",
-                                   registry=registry),
+                                   registry=None),
             workers_alive=Gauge("imagine_workers_alive",
                                 "GPU workers that claimed or heartbeated within the liveness window",
-                                registry=registry),
+                                registry=None),
             jobs=Counter("imagine_jobs", "Job transitions seen by this process", ["state"], registry=registry),
             jobs_running=Gauge("imagine_jobs_running", "Jobs in this worker's batch", registry=registry),
             iterations=Counter("imagine_iterations", "Job-iterations stepped on the GPU", registry=registry),
@@ -141,6 +143,7 @@ class Observability:
         self.refresh_timeout = refresh_timeout
         self._refreshers: list[tuple[Callable[[], Awaitable[None]], Callable[[], None] | None, bool]] = []
         self._queue_up_registered = False
+        self._registered_late: set[int] = set()   # ids of the gauges _register_once registered
         self._queue_failing = False
         self._failing_functions: set[str] = set()
         self._shard_labels: set[str] = set()
@@ -162,6 +165,13 @@ class Observability:
             self.registry.register(self.metrics.queue_up)
             self._queue_up_registered = True
         self._refreshers.append((refresh, on_failure, True))
+
+    def _register_once(self, *gauges: Gauge) -> None:
+        """Register gauges made with `registry=None`, once: only a process that tracks them exports them."""
+        for gauge in gauges:
+            if id(gauge) not in self._registered_late:
+                self.registry.register(gauge)
+                self._registered_late.add(id(gauge))
 
     def set_function(self, gauge: Gauge, f: Callable[[], float], what: str) -> None:
         """`gauge.set_function(f)`, but a call of `f` that raises reads NaN (logged at WARNING once,
@@ -190,7 +200,9 @@ class Observability:
         """Report the whole store's jobs by state as imagine_queue_jobs{state} at each scrape:
         `count_queued()`, `len(running())` and `len(undelivered())` (finished, result not posted),
         and the kept states' bytes (`state_bytes()`) as imagine_kept_state_bytes.
-        Every process sharing the queue reads the same numbers: the bot exports them."""
+        Every process sharing the queue reads the same numbers: the bot exports them (only a process
+        that calls this has these gauges on its /metrics)."""
+        self._register_once(self.metrics.store_jobs, self.metrics.kept_state_bytes)
         async def refresh() -> None:
             queued, running, undelivered, state_bytes = await asyncio.gather(
                 queue.count_queued(), queue.running(), queue.undelivered(), queue.state_bytes())
@@ -206,7 +218,9 @@ class Observability:
 
     def track_workers(self, queue: Any, within: float) -> None:
         """Report how many GPU workers claimed or heartbeated in the last `within` seconds
-        (`queue.workers(max_age=within)`) as imagine_workers_alive at each scrape."""
+        (`queue.workers(max_age=within)`) as imagine_workers_alive at each scrape. Only a process that
+        calls this (the bot) has it: a worker that exported a 0 would fire "no worker alive" alerts."""
+        self._register_once(self.metrics.workers_alive)
         async def refresh() -> None:
             self.metrics.workers_alive.set(len(await queue.workers(max_age=within)))
         self._add_queue_refresher(refresh, lambda: self.metrics.workers_alive.set(NAN))

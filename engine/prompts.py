@@ -31,6 +31,12 @@ _PLUS = "\uff0b"
 _SIGN = f"[+\\-{_MINUS}{_PLUS}]"
 _NUMBER = rf"{_SIGN}?(\d+(\.\d*)?|\.\d+)([eE]{_SIGN}?\d+)?"   # 0.5, -1, .5, -1e1, 1E-2
 _WEIGHT = re.compile(rf"^(?P<text>.*?):\s*(?P<weight>{_NUMBER})\s*$", re.S)
+# A colon directly between digits and followed by a whole number only is text, not a weight's: a
+# time (10:30, 7:00), a ratio (16:9), a verse (John 3:16). Read as weights these changed the words
+# and the pull ("a clock showing 10" at weight 30), or refused the prompt (7:00: weight 0). A
+# decimal weight stays one (`photo from 1985:0.5`, as written before this rule); a whole one after a
+# digit takes a space: `16:9: 2`.
+_DIGIT_COLON_WHOLE = re.compile(r"\d:\d+\s*$")
 # What follows a part's last ':' that is meant as a weight but is no number the parser takes.
 # Read as text, such a part would get weight +1: "push away" turned into "pull toward". Only a
 # tail that is one token and plainly number-like, so ordinary text after a colon stays text
@@ -41,6 +47,12 @@ _WEIGHT = re.compile(rf"^(?P<text>.*?):\s*(?P<weight>{_NUMBER})\s*$", re.S)
 _SIGNED_JUNK = re.compile(rf"^{_SIGN}(nan|inf|infinity)$|^({_SIGN}\d+|{_SIGN}?0),\d+$|^{_SIGN}\.?\d[\d.]*[a-z]{{0,2}}$",
                           re.I)
 _BARE_NAN = re.compile(r"^(nan|inf|infinity)$", re.I)
+
+
+def _colon_is_text(raw: str, colon: int) -> bool:
+    """Whether the colon at `raw[colon]` follows a digit and only a whole number follows it (see
+    _DIGIT_COLON_WHOLE)."""
+    return colon > 0 and _DIGIT_COLON_WHOLE.match(raw, colon - 1) is not None
 
 
 def _not_a_weight(tail: str) -> bool:
@@ -65,7 +77,8 @@ class PromptPart:
 def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[PromptPart]:
     """`a house | by Escher:0.5 | blurry:-1` -> parts with weights (default 1).
 
-    A trailing `:<number>` is a weight; any other colon is part of the text.
+    A trailing `:<number>` is a weight; any other colon is part of the text, and so is one directly
+    between digits with only a whole number after it (`10:30`, `16:9`; `1985:0.5` is a weight).
 
     Something must be pulled toward: a part with a positive weight, or an image prompt with one
     (`image_weights`: the job's image prompts' weights). Its loss is minus the weighted sum of the
@@ -85,18 +98,22 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[Promp
         if not has_visible_text(raw):
             raise PromptError("an empty part between '|' separators: remove the extra '|'")
         match = _WEIGHT.match(raw)
-        if match:
+        if match and not _colon_is_text(raw, match.end("text")):
             text, weight = match["text"].strip(), float(match["weight"].translate(_SIGNS))
         else:
             text, weight = raw, 1.0
             head, colon, tail = raw.rpartition(":")
-            if colon and has_visible_text(head) and _not_a_weight(tail):
+            if colon and has_visible_text(head) and not _colon_is_text(raw, len(head)) and _not_a_weight(tail):
                 raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "
                                   "weight: write a number between -100 and 100 (e.g. blurry:-1 or by Escher:0.5)")
         if not has_visible_text(text):
             raise PromptError(f"the part {_quote(raw)} has a weight but no text")
         if not math.isfinite(weight) or abs(weight) > 100:
-            raise PromptError(f"the weight of {_quote(text)} must be a number between -100 and 100")
+            # A weight comes only after a colon, and "retro movie poster: 1984" meant its colon as text.
+            written = raw[match.end("text"):].strip() if match else ""
+            raise PromptError(f"the weight of {_quote(text)} must be a number between -100 and 100; if "
+                              f"{_quote(written, 20)} is text, not a weight, drop that colon or add a word "
+                              "after the number")
         parts.append(PromptPart(text, weight))
     if len(parts) > MAX_PROMPT_PARTS:
         raise PromptError(f"{len(parts)} prompt parts; at most {MAX_PROMPT_PARTS} are allowed")

@@ -63,6 +63,14 @@ class GpuThreadDied(RuntimeError):
     """The reason a job fails when its worker's GPU thread died under it (retried elsewhere)."""
 
 
+class NoEncoder(RuntimeError):
+    """A job starts from an init image and this worker has no dVAE encoder. Rare: such a worker's
+    claims pass over the jobs that need the encoder (`claim(init_images=False)`), so it meets only
+    those the claim could not tell (its checkpoint turned out damaged; Redis: queued by an older
+    version). Retried, so another worker (one with an encoder) gets it; its message is the reason
+    the job ends with when every attempt met a worker without one."""
+
+
 # How long stop() waits for a claim already in flight (to hand back what it took).
 CLAIM_GRACE_ON_STOP = 5.0
 
@@ -176,6 +184,9 @@ class _Running:
     pending: list[asyncio.Future] = field(default_factory=list)
     similarity: float | None = None
     last_frame: asyncio.Task | None = None   # the newest _on_frame task: the next one waits for it
+    # time.monotonic() just before the call that last renewed its lease (the claim, a heartbeat the
+    # store accepted): the store's lease runs at least `lease` seconds from there (Worker._lapsing).
+    renewed: float = field(default_factory=time.monotonic)
 
     @property
     def lease(self) -> str:
@@ -459,13 +470,15 @@ class Worker:
         last_said = 0.0
         while not self._stop.is_set():
             try:
-                if len(self.running) < self.max_batch and self._gpu_thread_ok():
+                # A claim sweeps expired leases first: not while one of our own may have run out.
+                if len(self.running) < self.max_batch and self._gpu_thread_ok() and not self._lapsing():
+                    sent = time.monotonic()
                     record = await self._claim()
                     if failing_since is not None:
                         log.warning("claims work again (they failed for %.0f s)", time.monotonic() - failing_since)
                         failing_since = None
                     if record is not None:
-                        await self._begin(record)
+                        await self._begin(record, claimed=sent)
                         continue
             except asyncio.CancelledError:
                 raise
@@ -488,7 +501,9 @@ class Worker:
         """One claim. `stop()` cancels this loop, maybe while the store is committing a claim: the
         claim itself is shielded, and a job it took then is handed straight back (attempt not
         counted) instead of sitting RUNNING under a lease nobody renews until it expires."""
-        claim = asyncio.ensure_future(self.queue.claim(self.worker_id, self.grids))
+        # Without the dVAE encoder, the jobs that start from an init image wait for a worker with one.
+        init_images = self.models is None or self.models.encoder is not None
+        claim = asyncio.ensure_future(self.queue.claim(self.worker_id, self.grids, init_images=init_images))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -508,9 +523,11 @@ class Worker:
                 log.warning("a claim in flight as the worker stopped could not be handed back", exc_info=True)
             raise
 
-    async def _begin(self, record: JobRecord) -> None:
+    async def _begin(self, record: JobRecord, claimed: float | None = None) -> None:
         spec = record.spec
         run = _Running(record)
+        if claimed is not None:
+            run.renewed = claimed
         self.running[run.lease] = run
         # No prompt at INFO (it is the users' text): only at DEBUG.
         log.info("job %s started (attempt %d, grid %d, %d iterations, user %s)",
@@ -569,8 +586,8 @@ class Worker:
         if start and isinstance(spec.extra.get("init_image"), dict):
             assert self.models is not None
             if self.models.encoder is None:
-                raise ValueError("this worker has no dVAE encoder, so it cannot start from an init image "
-                                 "(configure [worker] encoder, or imagine-worker --encoder)")
+                raise NoEncoder("this worker has no dVAE encoder, so it cannot start from an init image "
+                                "(configure [worker] encoder, or imagine-worker --encoder)")
             init_image = await fetch("init_image")
         return targets, init_image
 
@@ -602,6 +619,7 @@ class Worker:
             # A dead GPU thread runs nothing: let its jobs' leases expire so others take them.
             if self._gpu_thread_ok():
                 for run in list(self.running.values()):
+                    sent = time.monotonic()
                     try:
                         ok = await self.queue.heartbeat(run.record.id, run.lease)
                     except asyncio.CancelledError:
@@ -609,10 +627,13 @@ class Worker:
                     except Exception:  # noqa: BLE001 - keep running; the lease may survive the outage
                         log.warning("heartbeat for %s failed", run.record.id, exc_info=True)
                         continue
-                    if not ok:
+                    if ok:
+                        run.renewed = sent
+                    else:
                         run.cancel.set()
-            # After our own heartbeats, so that a late wake-up of this loop never sweeps our own jobs.
-            if loop.time() >= next_sweep:
+            # After our own heartbeats, so that a late wake-up of this loop never sweeps our own jobs;
+            # and not while one of them failed long enough for our lease to have run out (see _lapsing).
+            if loop.time() >= next_sweep and not self._lapsing():
                 next_sweep = loop.time() + sweep_every
                 try:
                     await self.queue.sweep()
@@ -665,6 +686,20 @@ class Worker:
                 log.warning("the kept states total %.1f GiB, over keep_state_gib (%g GiB), and none may go: "
                             "they are of jobs not yet posted, or the parents of waiting Continues and Remixes",
                             total / GIB, self.keep_state_bytes / GIB)
+
+    def _lapsing(self) -> bool:
+        """Whether the lease of a run this worker keeps may have run out in the store: its last
+        renewal is over half a lease old (its heartbeats failed: the store unreachable for a while).
+        No sweep, nor claim (which sweeps), until a heartbeat renews it: either would hand back a job
+        this worker is running right now, spending an attempt and the work since its last
+        checkpoint. Heartbeats come every `heartbeat_every` (1 s against a 30 s lease), so this holds
+        back nothing while they get through. Runs let go on purpose are not kept: a dead or hung
+        GPU's (no heartbeats, so that others take them), a cancelled or lost one."""
+        if not self._gpu_thread_ok():
+            return False
+        limit = float(getattr(self.queue, "lease", 30.0)) / 2
+        now = time.monotonic()
+        return any(now - run.renewed > limit for run in list(self.running.values()) if not run.cancel.is_set())
 
     def _gpu_thread_ok(self) -> bool:
         return (self._thread is None or self._thread.is_alive()) and not self._hung()
@@ -807,10 +842,25 @@ class Worker:
         finally:
             self.running.pop(key, None)
             self._wake.set()
-        self._observe("job_ended", run.record, "done")
-        log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
-                 time.time() - run.record.created_at)
+        if await self._ended_cancelled(job_id):
+            log.info("job %s cancelled: its cancel was asked before its run ended (its result is not posted)", job_id)
+            self._observe("job_ended", run.record, "cancelled")
+        else:
+            self._observe("job_ended", run.record, "done")
+            log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
+                     time.time() - run.record.created_at)
         self._start_budget()   # its state is stored: that may put the states over
+
+    async def _ended_cancelled(self, job_id: str) -> bool:
+        """Whether `finish` ended the job CANCELLED (its cancel was asked before the run ended: the
+        store ends it so) rather than DONE. Read back for the log and the metric only: the job has
+        ended either way, so a store that cannot answer now counts it done."""
+        try:
+            record = await self.queue.get(job_id)
+        except Exception:  # noqa: BLE001
+            log.debug("job %s: could not read how it ended", job_id, exc_info=True)
+            return False
+        return record is not None and record.state == JobState.CANCELLED
 
     async def _on_stopped(self, key: str) -> None:
         """The GPU thread dropped the run: cancelled by a user, or our lease was lost."""
@@ -843,10 +893,12 @@ class Worker:
         # Bad input fails at once, never retried. So does a run gone non-finite (NaN) on the CPU (always
         # fp32): run again from its last checkpoint, with its generator's state, it would diverge the
         # same way. On a GPU it may be a half-precision overflow that another worker's (or a retry's)
-        # arithmetic does not hit: retried, elsewhere first, like any failed run.
+        # arithmetic does not hit: retried, elsewhere first, like any failed run. So is NoEncoder (this
+        # worker's lack, not the job's; rare, see there): another worker with an encoder takes it;
+        # with none, the job ends after its attempts with that reason.
         on_cpu = self.models is None or self.models.device.type != "cuda"
         retry = not isinstance(exc, (PromptError, ValueError)) and not (isinstance(exc, NonFiniteError) and on_cpu)
-        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PromptError) else str(exc)
+        reason = str(exc) if isinstance(exc, (PromptError, NoEncoder)) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, PromptError):
             # Its message quotes the prompt: the reason goes to the user, the log says less.
             log.info("job %s failed: the prompt was rejected", job_id)
@@ -1130,9 +1182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the SHA-256 (sha256sum FILE) of a dVAE decoder / encoder pickle you checked, to unpickle "
                         "without --trust-decoder, e.g. one placed in the cache by hand (repeatable; as the bot's "
                         "[worker] known_sha256)")
-    p.add_argument("--encoder", default="", metavar="NAME_OR_PATH",
-                   help="dVAE encoder for init images: 'openai' (downloaded, pinned) or a local file "
-                        "(default: none; jobs with an init image then fail on this worker)")
+    p.add_argument("--encoder", default="openai", metavar="NAME_OR_PATH",
+                   help="dVAE encoder for init images: 'openai' (the default, as the bot's [worker] encoder: "
+                        "downloaded, pinned) or a local file; '' for none: this worker then leaves the jobs "
+                        "that start from an init image to workers with one (they wait while none is running)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="auto", type=_device, metavar="auto|cuda|cuda:N|cpu",
                    help="auto (the default): cuda when this host has a CUDA GPU, else the worker does not "
@@ -1140,7 +1193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_max_batch, default=None, metavar="N",
                    help="jobs stepped together, at least 1; 0 or unset (the default): as many as fit in free "
                         "GPU memory (1 on a CPU)")
-    p.add_argument("--worker-id", default=None)
+    p.add_argument("--worker-id", default=None, type=_worker_id,
+                   help="this worker's name in /healthz, metrics and logs (no ':'); default: host-pid-n")
     p.add_argument("--compile", nargs="?", const="inductor", default="", type=_compile, metavar="BACKEND[:MODE]",
                    help="torch.compile the hot loop (off by default: unmeasured on a GPU; docs/PERFORMANCE.md): "
                         "inductor (alone: --compile), inductor:reduce-overhead (CUDA graphs too), eager, or "
@@ -1233,6 +1287,21 @@ def _max_batch(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 1 (0: as many as fit), got {value}")
     return value or None
+
+
+def check_worker_id(worker_id: str) -> str:
+    """A worker id without ':': SAQ's worker registry splits its keys on it, so `workers()` (the
+    bot's /healthz, the metrics) would never list that worker. ValueError otherwise."""
+    if ":" in worker_id:
+        raise ValueError(f"must not contain ':' (the worker registry splits on it), got {worker_id!r}")
+    return worker_id
+
+
+def _worker_id(text: str) -> str:
+    try:
+        return check_worker_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -1385,6 +1454,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
     from engine.observability import Observability, queue_check, worker_check
     from engine.queue import open_queue, redact_secrets
+    from engine.queue.redis import CertificateNotVerified
 
     device = args.device
     if device == "auto":   # before the queue: a worker that would not run must not claim anything
@@ -1411,6 +1481,8 @@ async def _serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             await queue.close()
         detail = one_line(redact_secrets(str(exc), args.queue)).rstrip(".") or type(exc).__name__
+        if isinstance(exc, CertificateNotVerified):   # no server trouble: it says the fix itself
+            return _say(f"cannot open the queue {_redact(args.queue)}: {detail}")
         return _say(f"cannot open the queue {_redact(args.queue)}: {detail}; check --queue / IMAGINE_QUEUE_URL "
                     "and that its server is up")
     log.info("queue %s", _redact(args.queue))

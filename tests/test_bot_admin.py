@@ -1,14 +1,17 @@
-"""/queue (show + admin subcommands), the per-user cap, and /history."""
+"""/queue (show, cancel), /queue-admin (the admin subcommands), the per-user cap, and /history."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import re
 import sqlite3
 import threading
 
 import pytest
 
+from bot import moderation
 from bot.queue_admin import USER_LIMIT_KEY, user_limit_key
 from engine.jobs import PAUSED_KEY, JobState, guild_paused_key
 from tests.fakediscord import Permission
@@ -35,11 +38,12 @@ async def test_non_admins_are_refused_and_nothing_changes(harness):
     ids = await _queued_jobs(h, 2, user=fd.admin_user)   # Alice's jobs: Bob may not cancel them
     before = [(await h.queue.get(j)).state for j in ids]
     for name, options, why in [("queue cancel", {"job": ids[0]}, "Only the person who asked for job"),
-                               ("queue clear", {}, "Only admins"), ("queue limit", {"n": 1}, "Only admins"),
-                               ("queue pause", {}, "Only admins"), ("queue resume", {}, "Only admins")]:
+                               ("queue-admin clear", {}, "Only admins"),
+                               ("queue-admin limit", {"n": 1}, "Only admins"),
+                               ("queue-admin pause", {}, "Only admins"), ("queue-admin resume", {}, "Only admins")]:
         text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
         assert why in text and "Manage Server" in text, text
-    for name in ("queue resume", "queue pause"):         # every server: the bot's owner alone
+    for name in ("queue-admin resume", "queue-admin pause"):   # every server: the bot's owner alone
         text = await ephemeral_answer(h, name, {"everywhere": True})
         assert "Only the bot's owner" in text and "every server" in text, text
     assert [(await h.queue.get(j)).state for j in ids] == before == [JobState.QUEUED] * 2
@@ -49,6 +53,66 @@ async def test_non_admins_are_refused_and_nothing_changes(harness):
     assert await h.queue.get_setting(USER_LIMIT_KEY) is None
     assert await h.queue.count_queued() == 2
     h.fd.assert_clean()
+
+
+async def test_a_member_discord_shows_queue_admin_to_is_still_refused_and_nothing_changes(harness):
+    """Without admin roles, /queue-admin is synced for Manage Server only, so Discord hides it from
+    members; but a server's admins may show it to anyone (Server Settings → Integrations). Who may
+    use it stays the bot's own check: a member without Manage Server is refused privately, and
+    nothing changes; an admin's same command works."""
+    h = harness
+    h.config.discord.admin_roles = []
+    await h.start(worker=False)
+    fd = h.fd
+    synced = {c["name"]: c for c in fd.global_commands}
+    assert synced["queue-admin"]["default_member_permissions"] == "32"   # Manage Server
+    assert synced["queue"]["default_member_permissions"] is None         # show and cancel: everyone
+    ids = await _queued_jobs(h, 2)   # Bob's own
+    for name, options in [("queue-admin clear", {}), ("queue-admin pause", {}), ("queue-admin limit", {"n": 1}),
+                          ("queue-admin ban-word add", {"entry": "waiting"}), ("queue-admin ban-word list", {})]:
+        text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
+        assert text == "Only admins can do that: it needs the Manage Server permission.", (name, text)
+    assert [(await h.queue.get(j)).state for j in ids] == [JobState.QUEUED] * 2
+    assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is None
+    assert await h.queue.get_setting(user_limit_key(fd.guild_id)) is None
+    assert await moderation.entries(h.queue, fd.guild_id) == []
+    assert "2 jobs cancelled" in await ephemeral_answer(h, "queue-admin clear", user=fd.admin_user)
+    fd.assert_clean()
+
+
+async def test_a_stale_admin_subcommand_of_queue_is_answered_privately_with_what_to_do(harness, caplog):
+    """Until `imagine-bot sync`, Discord still offers /queue as the previous version registered it,
+    with clear, pause, resume, limit and ban-word. The bot has no such command (discord.py:
+    CommandNotFound), or one whose options changed (CommandSignatureMismatch): the tree's on_error
+    took them for our own error (an ERROR with a traceback, and "Something went wrong on my side").
+    Now the answer is private and says where it moved and what to ask for; nothing changes."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    ids = await _queued_jobs(h, 2)
+    queue = next(c for c in fd.global_commands if c["name"] == "queue")
+    admin = next(c for c in fd.global_commands if c["name"] == "queue-admin")
+    queue["options"] = queue["options"] + copy.deepcopy(admin["options"])   # the previous version's /queue
+    caplog.set_level(logging.INFO)
+
+    text = await ephemeral_answer(h, "queue clear", user=fd.admin_user)
+    assert text == ("`/queue clear` is now `/queue-admin clear`, and Discord still offers the old command: nothing "
+                    "was done. Ask whoever runs the bot to run `imagine-bot sync`, then use `/queue-admin clear`.")
+    text = await ephemeral_answer(h, "queue ban-word add", {"entry": "waiting"}, user=fd.admin_user)
+    assert text.startswith("`/queue ban-word` is now `/queue-admin ban-word`"), text
+    # A command whose Discord copy lacks an option the bot requires now.
+    next(o for o in queue["options"] if o["name"] == "cancel")["options"] = []
+    text = await ephemeral_answer(h, "queue cancel", {}, user=fd.admin_user)
+    assert text == ("This command has changed since the bot was updated, and Discord still offers its old version: "
+                    "nothing was done. Ask whoever runs the bot to run `imagine-bot sync`, then try again.")
+
+    assert [(await h.queue.get(j)).state for j in ids] == [JobState.QUEUED] * 2
+    assert await moderation.entries(h.queue, fd.guild_id) == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "Traceback" not in caplog.text
+    assert "command /queue clear: Discord's copy is out of date with this bot (CommandNotFound)" in caplog.text
+    assert "command /queue cancel: Discord's copy is out of date with this bot (CommandSignatureMismatch)" in caplog.text
+    fd.assert_clean()
 
 
 async def test_anyone_may_cancel_their_own_job(harness):
@@ -73,7 +137,7 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     await h.start()
     fd = h.fd
     # Alice: Manage Server (the Admin role). Her pause stops this server's jobs: the worker leaves them.
-    text = await ephemeral_answer(h, "queue pause", user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin pause", user=fd.admin_user)
     assert text.startswith("Paused this server's jobs")
     assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is True
     assert await h.queue.get_setting(PAUSED_KEY) is None          # not every server's
@@ -98,7 +162,7 @@ async def test_admin_commands_by_permission_or_role_name(harness):
     h.config.discord.admin_roles = ["Admin"]
     assert (await h.wait_delivered(ids[1])).state == JobState.CANCELLED
 
-    text = await ephemeral_answer(h, "queue limit", {"n": 1}, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin limit", {"n": 1}, user=fd.admin_user)
     assert text == ("Each person may now have 1 job waiting when they queue in this server; "
                     "jobs waiting in other servers count too.")
     assert await h.queue.get_setting(user_limit_key(fd.guild_id)) == 1
@@ -108,13 +172,13 @@ async def test_admin_commands_by_permission_or_role_name(harness):
 
     # All this time the embedded worker has left this server's jobs waiting.
     assert [(await h.queue.get(j)).state for j in (ids[0], ids[2])] == [JobState.QUEUED] * 2
-    text = await ephemeral_answer(h, "queue clear", user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin clear", user=fd.admin_user)
     assert "2 jobs cancelled" in text
     assert await h.queue.count_queued() == 0
     for job_id in (ids[0], ids[2]):
         assert (await h.wait_delivered(job_id)).state == JobState.CANCELLED
 
-    text = await ephemeral_answer(h, "queue resume", user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin resume", user=fd.admin_user)
     assert text == "Resumed: this server's jobs start again."
     assert await h.queue.get_setting(guild_paused_key(fd.guild_id)) is False
     inter = await h.imagine("after the resume", user=fd.admin_user)
@@ -152,8 +216,8 @@ async def test_commands_that_write_answer_in_time_while_the_store_is_busy(harnes
         await asyncio.to_thread(held.wait, 10)
         alice = fd.admin_user
         commands = [
-            ("queue pause", {}, alice), ("queue resume", {"everywhere": True}, alice),
-            ("queue limit", {"n": 3}, alice), ("queue clear", {}, alice),
+            ("queue-admin pause", {}, alice), ("queue-admin resume", {"everywhere": True}, alice),
+            ("queue-admin limit", {"n": 3}, alice), ("queue-admin clear", {}, alice),
             ("queue cancel", {"job": running}, fd.member_user),
         ]
         sent = [await fd.send_slash_command(name, options, user=user) for name, options, user in commands]
@@ -168,7 +232,7 @@ async def test_commands_that_write_answer_in_time_while_the_store_is_busy(harnes
         await holder
     answers = [await private_answer(h, inter) for inter in sent]
     assert answers == [
-        "Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
+        "Paused this server's jobs: none of them starts until `/queue-admin resume` (running ones finish; "
         "other servers' jobs go on).",
         "Resumed: jobs start again (except in servers whose admins paused them).",
         "Each person may now have 3 jobs waiting when they queue in this server; "
@@ -212,7 +276,7 @@ async def test_an_admin_role_given_by_id_is_that_role_not_any_of_its_name(harnes
     fd = h.fd
     h.config.discord.admin_roles = [str(fd.admin_role_id)]
     await h.start()
-    assert (await ephemeral_answer(h, "queue pause", user=fd.admin_user)).startswith("Paused")  # all wait
+    assert (await ephemeral_answer(h, "queue-admin pause", user=fd.admin_user)).startswith("Paused")  # all wait
     ids = await _queued_jobs(h, 2)
     text = await ephemeral_answer(h, "queue cancel", {"job": ids[0]}, user=fd.admin_user,
                                   member_permissions=Permission.EVERYONE)
@@ -236,7 +300,7 @@ async def test_an_admin_role_named_with_digits_is_a_name_not_an_id(harness):
     fd.roles[fd.admin_role_id]["name"] = "2024"
     h.config.discord.admin_roles = ["2024"]
     await h.start()
-    assert (await ephemeral_answer(h, "queue pause", user=fd.admin_user)).startswith("Paused")  # all wait
+    assert (await ephemeral_answer(h, "queue-admin pause", user=fd.admin_user)).startswith("Paused")  # all wait
     (bobs,) = await _queued_jobs(h, 1)
     (alices,) = await _queued_jobs(h, 1, user=fd.admin_user)
     text = await ephemeral_answer(h, "queue cancel", {"job": bobs}, user=fd.admin_user,
@@ -282,7 +346,7 @@ async def test_the_refusal_names_a_long_list_of_admin_roles_in_part(harness):
     for roles in (names, ids, names + ids):
         assert len(", ".join(f"<@&{r}>" if r in ids else f"`{r}`" for r in roles)) > 2000   # all of them
         h.config.discord.admin_roles = roles
-        for name, options, why in [("queue pause", {}, "Only admins can do that"),
+        for name, options, why in [("queue-admin pause", {}, "Only admins can do that"),
                                    ("queue cancel", {"job": alices}, "Only the person who asked for job")]:
             text = await ephemeral_answer(h, name, options)   # bob: no role, no Manage Server
             assert why in text and "Manage Server" in text, text

@@ -5,7 +5,7 @@ A job waiting in a server that paused its jobs counts against its author's cap i
 (the store counts per person): the author sees it in `/queue show` from any server (their own jobs
 of other servers first, with ids) and cancels it with `/queue cancel` from there. A server that
 removes the bot has its jobs cancelled (their results could never be posted); one that is only
-unavailable (an outage) keeps them. Also: `/queue show`'s pages, `/queue limit`'s range, and the
+unavailable (an outage) keeps them. Also: `/queue show`'s pages, `/queue-admin limit`'s range, and the
 admins' actions in the log.
 
 Two guilds of the fake: A (the primary one) and B. Alice is the application's owner and an admin of
@@ -52,7 +52,7 @@ async def test_an_author_sees_and_cancels_their_jobs_of_a_paused_server_from_ano
     a, b, carol = await _two_servers(h)
     fd = h.fd
     bob, alice = fd.member_user, fd.admin_user
-    await ephemeral_answer(h, "queue pause", guild_id=a, user=alice)
+    await ephemeral_answer(h, "queue-admin pause", guild_id=a, user=alice)
     ids = [await _queue(h, f"night job {i}", user=bob, guild_id=a) for i in range(5)]
     b_carol = await _queue(h, "banana", user=carol, guild_id=b)
 
@@ -176,12 +176,13 @@ async def test_limit_and_page_options_carry_their_bounds(harness):
     h = harness
     await h.start(worker=False)
     fd = h.fd
-    queue = next(c for c in h.bot.tree.get_commands() if c.name == "queue").to_dict(h.bot.tree)
-    options = {sub["name"]: {o["name"]: o for o in sub.get("options", [])} for sub in queue["options"]}
+    options = {sub["name"]: {o["name"]: o for o in sub.get("options", [])}
+               for group in h.bot.tree.get_commands() if group.name in ("queue", "queue-admin")
+               for sub in group.to_dict(h.bot.tree)["options"]}
     assert (options["limit"]["n"]["min_value"], options["limit"]["n"]["max_value"]) == (1, 100)
     assert options["show"]["page"]["min_value"] == 1 and not options["show"]["page"]["required"]
     for n in (0, 101):
-        text = await ephemeral_answer(h, "queue limit", {"n": n}, user=fd.admin_user)
+        text = await ephemeral_answer(h, "queue-admin limit", {"n": n}, user=fd.admin_user)
         assert text == f"`n` must be between 1 and 100 (you gave {n})."
     assert await h.bot.user_limit(fd.guild_id) == 5
     fd.assert_clean()
@@ -197,11 +198,11 @@ async def test_admin_actions_are_logged_with_who_where_and_what(harness, caplog)
     await ephemeral_answer(h, "queue cancel", {"job": bobs[2]})   # Bob's own: no admin action
     caplog.clear()
     await ephemeral_answer(h, "queue cancel", {"job": bobs[0]}, user=alice)
-    await ephemeral_answer(h, "queue clear", user=alice)
-    await ephemeral_answer(h, "queue pause", user=alice)
-    await ephemeral_answer(h, "queue resume", user=alice)
-    await ephemeral_answer(h, "queue limit", {"n": 3}, user=alice)
-    await ephemeral_answer(h, "queue pause", {"everywhere": True}, user=alice)
+    await ephemeral_answer(h, "queue-admin clear", user=alice)
+    await ephemeral_answer(h, "queue-admin pause", user=alice)
+    await ephemeral_answer(h, "queue-admin resume", user=alice)
+    await ephemeral_answer(h, "queue-admin limit", {"n": 3}, user=alice)
+    await ephemeral_answer(h, "queue-admin pause", {"everywhere": True}, user=alice)
     who = f"admin {alice['id']} ('{alice['username']}') in server {g}: "
     cancels = [r.getMessage() for r in caplog.records if r.name == "bot.imagine" and "cancels job" in r.getMessage()]
     assert cancels == [f"user {alice['id']} ('{alice['username']}') in server {g} cancels job {bobs[0]} (queued) "

@@ -123,13 +123,13 @@ async def test_clear_cancels_only_this_servers_queued_jobs(harness):
     a_ids = [await _queue(h, f"apricot {i}", user=user, guild_id=a) for i, user in enumerate((alice, bob))]
     b_ids = [await _queue(h, f"blueberry {i}", user=user, guild_id=b) for i, user in enumerate((carol, bob))]
 
-    text = await ephemeral_answer(h, "queue clear", guild_id=b, user=carol)
+    text = await ephemeral_answer(h, "queue-admin clear", guild_id=b, user=carol)
     assert text == "Cleared this server's jobs from the line: 2 jobs cancelled."
     states = await _states(h, [a_running, b_running, *a_ids, *b_ids])
     assert states == {a_running: JobState.RUNNING, b_running: JobState.RUNNING,    # running ones go on
                       **{j: JobState.QUEUED for j in a_ids}, **{j: JobState.CANCELLED for j in b_ids}}
     assert (await h.queue.get(b_running)).cancel_requested is False
-    assert "0 jobs cancelled" in await ephemeral_answer(h, "queue clear", guild_id=b, user=carol)
+    assert "0 jobs cancelled" in await ephemeral_answer(h, "queue-admin clear", guild_id=b, user=carol)
     assert sorted(r.id for r in await h.queue.queued()) == sorted(a_ids)
     fd.assert_clean()
 
@@ -145,8 +145,8 @@ async def test_an_admin_pauses_and_resumes_their_own_server_alone(harness):
     b_two = await _queue(h, "blueberry two", user=carol, guild_id=b)
     a_one = await _queue(h, "apricot one", user=fd.admin_user, guild_id=a)
 
-    text = await ephemeral_answer(h, "queue pause", guild_id=b, user=carol)
-    assert text == ("Paused this server's jobs: none of them starts until `/queue resume` (running ones finish; "
+    text = await ephemeral_answer(h, "queue-admin pause", guild_id=b, user=carol)
+    assert text == ("Paused this server's jobs: none of them starts until `/queue-admin resume` (running ones finish; "
                     "other servers' jobs go on).")
     assert await h.queue.get_setting(guild_paused_key(b)) is True
     assert await h.queue.get_setting(guild_paused_key(a)) is None and await h.queue.get_setting(PAUSED_KEY) is None
@@ -157,10 +157,10 @@ async def test_an_admin_pauses_and_resumes_their_own_server_alone(harness):
     assert (await h.queue.claim("test-gpu")).id == a_one          # A's job starts, ahead of B's
     assert await h.queue.claim("test-gpu") is None                # B's wait
     assert await _states(h, [b_one, b_two]) == {b_one: JobState.QUEUED, b_two: JobState.QUEUED}
-    text = await ephemeral_answer(h, "queue resume", guild_id=b, user=bob)   # not an admin
+    text = await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=bob)   # not an admin
     assert "Only admins" in text and await h.queue.get_setting(guild_paused_key(b)) is True
 
-    assert await ephemeral_answer(h, "queue resume", guild_id=b, user=carol) == "Resumed: this server's jobs start again."
+    assert await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=carol) == "Resumed: this server's jobs start again."
     assert await h.queue.get_setting(guild_paused_key(b)) is False
     assert "paused" not in await ephemeral_answer(h, "queue show", guild_id=b)
     assert [(await h.queue.claim("test-gpu")).id for _ in range(2)] == [b_one, b_two]
@@ -173,7 +173,7 @@ async def test_queued_replies_say_when_their_server_is_paused(harness):
     h = harness
     a, b, carol = await _two_servers(h)
     fd = h.fd
-    note = "This server's jobs are paused; it will start when an admin uses `/queue resume`."
+    note = "This server's jobs are paused; it will start when an admin uses `/queue-admin resume`."
 
     async def reply(prompt, guild_id):
         inter = await fd.send_slash_command("imagine", {"prompt": prompt}, user=fd.member_user, guild_id=guild_id)
@@ -182,13 +182,13 @@ async def test_queued_replies_say_when_their_server_is_paused(harness):
 
     b_waiting, a_waiting = await reply("banana", b), await reply("apricot", a)
     assert note not in fd.messages[b_waiting.id].content
-    await ephemeral_answer(h, "queue pause", guild_id=b, user=carol)
+    await ephemeral_answer(h, "queue-admin pause", guild_id=b, user=carol)
     await fd.wait_for(lambda: note in fd.messages[b_waiting.id].content, 10, "the paused note in B's reply")
     b_new = await reply("blueberry", b)
     assert note in fd.messages[b_new.id].content
     assert "paused" not in fd.messages[a_waiting.id].content
 
-    await ephemeral_answer(h, "queue resume", guild_id=b, user=carol)
+    await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=carol)
     await fd.wait_for(lambda: all("paused" not in fd.messages[m.id].content for m in (b_waiting, b_new)), 10,
                       "the note gone after the resume")
     fd.assert_clean()
@@ -201,25 +201,25 @@ async def test_pausing_every_server_is_the_bot_owners_alone(harness):
     a, b, carol = await _two_servers(h)
     fd = h.fd
     b_job = await _queue(h, "banana", user=carol, guild_id=b)
-    for name in ("queue pause", "queue resume"):
+    for name in ("queue-admin pause", "queue-admin resume"):
         inter = await fd.send_slash_command(name, {"everywhere": True}, guild_id=b, user=carol)  # B's admin
         await fd.wait_for_response(inter)
         data = inter.response["data"]
         assert inter.response_type == 4 and data["flags"] & EPHEMERAL
         assert "Only the bot's owner" in data["content"] and "every server" in data["content"]
-        assert "Admins can `/queue pause`" in data["content"]
+        assert "Admins can `/queue-admin pause`" in data["content"]
     assert await h.queue.get_setting(PAUSED_KEY) is None
     assert await h.queue.get_setting(guild_paused_key(b)) is None
 
     # Alice owns the application (the fake's GET /oauth2/applications/@me names her).
-    text = await ephemeral_answer(h, "queue pause", {"everywhere": True}, guild_id=b, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin pause", {"everywhere": True}, guild_id=b, user=fd.admin_user)
     assert text.startswith("Paused for every server") and await h.queue.get_setting(PAUSED_KEY) is True
     assert "paused** for every server" in await ephemeral_answer(h, "queue show", guild_id=a)
     assert await h.queue.claim("test-gpu") is None
-    text = await ephemeral_answer(h, "queue resume", guild_id=b, user=carol)      # her server's pause only
+    text = await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=carol)      # her server's pause only
     assert text.endswith("But the bot's owner has paused every server: nothing starts until they resume it.")
     assert await h.queue.get_setting(PAUSED_KEY) is True and await h.queue.claim("test-gpu") is None
-    text = await ephemeral_answer(h, "queue resume", {"everywhere": True}, guild_id=a, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin resume", {"everywhere": True}, guild_id=a, user=fd.admin_user)
     assert text.startswith("Resumed") and await h.queue.get_setting(PAUSED_KEY) is False
     assert (await h.queue.claim("test-gpu")).id == b_job
     fd.assert_clean()
@@ -229,7 +229,7 @@ async def test_limit_is_per_server(harness):
     h = harness
     a, b, carol = await _two_servers(h)
     fd = h.fd
-    assert await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b, user=carol) == (
+    assert await ephemeral_answer(h, "queue-admin limit", {"n": 1}, guild_id=b, user=carol) == (
         "Each person may now have 1 job waiting when they queue in this server; "
         "jobs waiting in other servers count too.")
     assert await h.queue.get_setting(user_limit_key(b)) == 1
@@ -239,14 +239,14 @@ async def test_limit_is_per_server(harness):
     assert "1 job waiting when they queue in this server" in await ephemeral_answer(h, "queue show", guild_id=b)
     assert "5 jobs waiting when they queue in this server" in await ephemeral_answer(h, "queue show", guild_id=a)
 
-    assert "2 jobs" in await ephemeral_answer(h, "queue limit", {"n": 2}, guild_id=a, user=fd.admin_user)
+    assert "2 jobs" in await ephemeral_answer(h, "queue-admin limit", {"n": 2}, guild_id=a, user=fd.admin_user)
     assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 5]
     # The global setting an earlier version's /queue limit wrote (one server's admin, for all) is ignored.
     await h.queue.set_setting(USER_LIMIT_KEY, 4)
     assert [await h.bot.user_limit(g) for g in (a, b, None)] == [2, 1, 5]
     # Refusals: out of range, and not an admin of this server.
-    assert "between 1 and 100" in await ephemeral_answer(h, "queue limit", {"n": 0}, guild_id=b, user=carol)
-    assert "Only admins" in await ephemeral_answer(h, "queue limit", {"n": 9}, guild_id=b)   # Bob
+    assert "between 1 and 100" in await ephemeral_answer(h, "queue-admin limit", {"n": 0}, guild_id=b, user=carol)
+    assert "Only admins" in await ephemeral_answer(h, "queue-admin limit", {"n": 9}, guild_id=b)   # Bob
     assert [await h.bot.user_limit(g) for g in (a, b)] == [2, 1]
     fd.assert_clean()
 
@@ -255,7 +255,7 @@ async def test_imagine_honours_the_servers_limit(harness):
     h = harness
     a, b, carol = await _two_servers(h)
     fd = h.fd
-    await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b, user=carol)
+    await ephemeral_answer(h, "queue-admin limit", {"n": 1}, guild_id=b, user=carol)
     await _queue(h, "banana", user=fd.member_user, guild_id=b)
     # B's cap is 1 and Bob has 1 waiting: refused in B ...
     text = await ephemeral_answer(h, "imagine", {"prompt": "blueberry"}, guild_id=b)

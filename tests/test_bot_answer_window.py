@@ -85,7 +85,7 @@ async def test_every_command_and_button_answers_in_time_while_the_store_reads_sl
         "queue show": await fd.send_slash_command("queue show"),
         "history": await fd.send_slash_command("history"),
         "help": await fd.send_slash_command("help"),
-        "ban-word list": await fd.send_slash_command("queue ban-word list", user=fd.admin_user),
+        "ban-word list": await fd.send_slash_command("queue-admin ban-word list", user=fd.admin_user),
         "remix button": await fd.click_button(done_msg, f"imagine:remix:{done_id}"),
     }
     for name, inter in sent.items():

@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sqlite3
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from engine.jobs import EventKind, JobState
+from bot import render
+from bot.imagine import REMIX_NO_SETS, limit_text
+from engine.jobs import EventKind, JobSpec, JobState
 from tests.queue_fixtures import job_events
 from tests.test_bot_support import (  # noqa: F401 - the fixture
     EPHEMERAL, claim_jobs, ephemeral_answer, finish_jobs, finished_job, harness,
@@ -76,6 +79,30 @@ async def test_weighted_prompts_are_queued_intact_and_bad_ones_refused_before_qu
     assert record.state == JobState.DONE and record.spec.prompt == prompt   # the worker read the parts too
     h.fd.assert_clean()
 
+
+
+async def test_a_reply_shows_how_the_prompts_weights_were_read(harness):
+    """When a part weighs other than 1, the reply's settings line says how the prompt was read
+    (engine.prompts.parse_prompt's parts, each cut short, as inline code: a backtick becomes a
+    look-alike); a prompt whose parts all weigh 1 has no such words. A reply that withholds its
+    prompt (cancelled for a banned word) withholds them too."""
+    from engine.jobs import JobRecord, JobSpec
+
+    h = harness
+    await h.start(worker=False)
+    msg = await h.reply_of(await h.imagine("a cat:2 | blurry:-1"))
+    assert "` · read as `a cat ×2 · blurry ×-1` · job `" in msg.content, msg.content
+    msg = await h.reply_of(await h.imagine("a `very` long description of a cat in a hat:0.5 | a dog"))
+    assert " · read as `a ˋveryˋ long descripti… ×0.5 · a dog ×1` · job `" in msg.content, msg.content
+    for prompt in ("a cat | a dog", "a cat:1 | a dog:1.0", "10:30 in the morning"):
+        msg = await h.reply_of(await h.imagine(prompt))
+        assert "read as" not in msg.content, msg.content
+
+    record = JobRecord(id="abc123def456", spec=JobSpec(prompt="a cat:2 | secret:-1", user_id=1, iterations=4),
+                       state=JobState.CANCELLED, error=render.CANCEL_BANNED)
+    text = render.final_text(record)
+    assert "read as" not in text and "secret" not in text and "job `abc123def456`" in text, text
+    h.fd.assert_clean()
 
 # --- remix ---------------------------------------------------------------------------------------
 
@@ -217,6 +244,196 @@ async def test_the_remix_form_holds_a_prompt_of_the_longest_length_with_its_brac
     assert (await h.queue.get(remix)).spec.prompt == prompt
     fd.assert_clean()
 
+
+
+async def _remix_form(h, msg, job_id: str, **kw):
+    """Press Remix on `msg`: the form Discord shows (the click, its text input)."""
+    click = await h.fd.click_button(msg, f"imagine:remix:{job_id}", **kw)
+    await h.fd.wait_for_response(click)
+    assert click.response_type == 9, click.response   # the modal
+    return click, click.response["data"]["components"][0]["components"][0]
+
+
+async def _submitted(h, form, typed: str):
+    """Submit the form `_remix_form` opened with `typed`; answered."""
+    click, text_input = form
+    submit = await h.fd.submit_modal(click, {text_input["custom_id"]: typed})
+    await h.fd.wait_for_response(submit)
+    return submit
+
+
+async def test_a_remix_aims_at_the_parents_image_prompt_and_keeps_its_preset_but_not_its_init_image(harness, caplog):
+    """The image prompt is a target all along: a remix (the form and /remix alike) aims at it too,
+    the same upload and weight, as Continue does, so the parent's negative-only prompt sent back
+    unchanged from the form is queued (the image's positive weight lets it through) and runs with
+    two CLIP targets. The parent's preset label stays (its grid and cut-outs do). Not the init
+    image: a remix starts from the parent's final state. An image prompt gone from the store is
+    left out (a prompt that needed its pull is refused)."""
+    h = harness
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    await h.start()
+    fd = h.fd
+    target = fd.host_attachment("target.png", noise_png(seed=1))
+    start = fd.host_attachment("start.png", noise_png(seed=2))
+    msg = await h.reply_of(await h.imagine("blurry:-1", image=target, image_weight=2, init_image=start,
+                                           quality="draft"))
+    parent_id = h.job_id(msg)
+    parent = await h.wait_delivered(parent_id)
+    assert parent.state == JobState.DONE, parent.error
+    await fd.wait_for(lambda: f"imagine:remix:{parent_id}" in fd.messages[msg.id].custom_ids, 10, "Remix button")
+    image_prompt = parent.spec.extra["image_prompt"]
+    assert image_prompt["weight"] == 2.0 and parent.spec.preset == "draft"
+
+    click, text_input = await _remix_form(h, msg, parent_id)
+    assert text_input["value"] == "blurry:-1"
+    submit = await _submitted(h, (click, text_input), text_input["value"])   # sent back unchanged
+    by_form = h.job_id(await h.reply_of(submit))
+    by_command = h.job_id(await h.reply_of(await command(h, "remix", {"job": parent_id, "prompt": "a cat"})))
+    for job_id, prompt in [(by_form, "blurry:-1"), (by_command, "a cat")]:
+        record = await h.wait_delivered(job_id)
+        assert record.state == JobState.DONE, record.error
+        spec = record.spec
+        assert (spec.prompt, spec.parent_job_id, spec.parent_kind) == (prompt, parent_id, "remix")
+        assert spec.extra["image_prompt"] == image_prompt and "init_image" not in spec.extra
+        assert spec.preset == "draft" and (spec.grid, spec.cutn) == (parent.spec.grid, parent.spec.cutn)
+        (used,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job_id}: ")
+                   and "CLIP targets" in r.getMessage()]
+        assert used == f"job {job_id}: 2 CLIP targets (1 from an image prompt)"   # no init image: the state
+        (final,) = h.final_edits(int(spec.reply["message_id"]))
+        assert "quality draft · image prompt ×2`" in final.json["content"], final.json["content"]
+
+    # The picture gone from the store (behind its back): the parent's final state is what a remix
+    # needs, so it goes without the picture; a prompt that needed the picture's pull is refused.
+    upload_id, _ = image_prompt["artifact"]
+    with sqlite3.connect(h.queue.path) as db:
+        db.execute("DELETE FROM artifacts WHERE job_id = ?", (upload_id,))
+    text = refusal(await command(h, "remix", {"job": parent_id, "prompt": "blurry:-1"}))
+    assert "needs a positive weight" in text, text
+    assert await h.queue.count_queued() == 0
+    without = h.job_id(await h.reply_of(await command(h, "remix", {"job": parent_id, "prompt": "a dog"})))
+    record = await h.wait_delivered(without)
+    assert record.state == JobState.DONE and "image_prompt" not in record.spec.extra, record.error
+    fd.assert_clean()
+
+
+TYPED = "a ```boat``` with `oars` @everyone | stormy:500"
+TYPED_BLOCK = "\nYour prompt, to copy and send again:\n```\na ˋˋˋboatˋˋˋ with `oars` @everyone | stormy:500\n```"
+
+
+async def test_a_refused_remix_form_quotes_the_typed_prompt_back_to_copy(harness, monkeypatch):
+    """Discord keeps no copy of a submitted form: every refusal of the Remix form's submit (a weight
+    out of range, a `{…}` set, a refused word, the cap reached while the form was open or at the
+    store's write) ends with the prompt as typed, in a code block to copy: a run of backticks that
+    would close the block early shows as look-alikes, single ones as typed, and @everyone inside
+    pings nobody. The cap full already when Remix is pressed: said at once, no form to type into."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    await h.queue.set_setting(f"bot.max_queued_per_user:{fd.guild_id}", 1)
+    msg, parent_id = await finished_job(h, "a red house")
+
+    form = await _remix_form(h, msg, parent_id)
+    text = refusal(await _submitted(h, form, TYPED))
+    assert text.startswith("The prompt cannot be used: the weight of") and text.endswith(TYPED_BLOCK), text
+    assert text.count("```") == 2
+
+    form = await _remix_form(h, msg, parent_id)
+    typed = "a {red, blue} ```boat``` with `oars` @everyone | stormy:500"
+    text = refusal(await _submitted(h, form, typed))
+    assert text.startswith(REMIX_NO_SETS) and text.endswith(TYPED_BLOCK.replace("a ˋ", "a {red, blue} ˋ")), text
+
+    assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "oars"}, user=fd.admin_user)
+    form = await _remix_form(h, msg, parent_id)
+    text = refusal(await _submitted(h, form, TYPED.replace(":500", ":0.5")))
+    assert text.startswith("Your prompt contains `oars`") and text.endswith(TYPED_BLOCK.replace(":500", ":0.5")), text
+
+    # The form opened with room in the cap; a job queued meanwhile fills it: the submit is refused.
+    form = await _remix_form(h, msg, parent_id)
+    await h.reply_of(await h.imagine("a waiting job"))
+    text = refusal(await _submitted(h, form, TYPED.replace(":500", ":0.5").replace("oars", "a sail")))
+    assert text.startswith(limit_text(1, 1)), text
+    assert text.endswith(TYPED_BLOCK.replace(":500", ":0.5").replace("oars", "a sail")), text
+    # Full already when Remix is pressed: said at once (the same words), no form.
+    click = await fd.click_button(msg, f"imagine:remix:{parent_id}")
+    await fd.wait_for_response(click)
+    assert refusal(click) == limit_text(1, 1)
+    assert await h.queue.count_queued() == 1
+
+    # Room for one more; another command of the user's is queued just before this one's write
+    # (after the checks and the public "thinking…"): the store refuses it, the answer quotes it too.
+    await h.queue.set_setting(f"bot.max_queued_per_user:{fd.guild_id}", 2)
+    form = await _remix_form(h, msg, parent_id)
+    real_submit = h.queue.submit
+
+    async def submit_after_another(spec, **kwargs):
+        await real_submit(JobSpec(prompt="a racing job", user_id=spec.user_id, channel_id=spec.channel_id,
+                                  guild_id=spec.guild_id, iterations=4, grid=8), **kwargs)
+        return await real_submit(spec, **kwargs)
+
+    monkeypatch.setattr(h.queue, "submit", submit_after_another)
+    submit = await _submitted(h, form, TYPED.replace(":500", ":0.5").replace("oars", "a sail"))
+    assert submit.response_type == 5   # the public "thinking…", deleted again
+    await fd.wait_for(lambda: submit.followups, 10, "the private answer")
+    (answer,) = submit.followups
+    assert answer.ephemeral and submit.original_message.deleted
+    assert answer.content == limit_text(2, 2) + TYPED_BLOCK.replace(":500", ":0.5").replace("oars", "a sail")
+    assert await h.queue.count_queued() == 2
+    assert all("@everyone" not in m.content for m in fd.channel_messages())
+    fd.assert_clean()
+
+
+async def test_a_long_refused_remix_prompt_is_quoted_back_within_discords_limit(harness):
+    """A form's prompt too long to quote whole with its refusal (a configured limit near Discord's
+    4000): its start, said to be one, and the answer within Discord's 2000 characters."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    h.config.imagine.max_prompt_chars = 3000
+    msg, parent_id = await finished_job(h, "a red house")
+    form = await _remix_form(h, msg, parent_id)
+    typed = "a boat " * 400 + "{a, b}"
+    text = refusal(await _submitted(h, form, typed))
+    assert len(text) <= 2000 and text.startswith(REMIX_NO_SETS), len(text)
+    assert "\nThe start of your prompt (too long to show whole here):\n```\na boat a boat" in text
+    assert text.endswith("…\n```"), text[-40:]
+
+
+async def test_the_job_id_is_its_own_code_span_and_remix_takes_it_from_a_pasted_line(harness):
+    """Under each result the job id is a code span of its own (copied alone, it is what `/remix
+    job:` takes), and `/remix job:` also finds the one job id in a pasted line: the settings and
+    the id together, or the whole line. A line with no id or two is no job (quoted)."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    msg, parent_id = await finished_job(h, "a red house")
+    (line,) = [x for x in fd.messages[msg.id].content.split("\n") if x.startswith("`seed")]
+    seed = (await h.queue.get(parent_id)).spec.seed
+    assert line == f"`seed {seed} · 4 iterations · 64×64` · job `{parent_id}` · <@{fd.member_user['id']}>", line
+    settings = f"seed {seed} · 4 iterations · 64×64"
+    remixes = []
+    for pasted in (f"{settings} · job {parent_id}", line, f" `{parent_id}` "):
+        inter = await command(h, "remix", {"job": pasted, "prompt": "a blue boat"})
+        assert inter.response_type == 5, inter.response   # deferred: the remix's public reply
+        remix_msg = await h.reply_of(inter)
+        remix = await h.queue.get(h.job_id(remix_msg))
+        assert (remix.spec.parent_job_id, remix.spec.parent_kind) == (parent_id, "remix"), pasted
+        remixes.append(remix.id)
+    # A remix's whole reply copied (mobile's Copy Text): its lineage line names the parent's id
+    # too, and the reply's own id (after `job`) is the one taken.
+    await claim_jobs(h.queue, remixes)
+    await h.queue.put_artifact(remix.id, "state.pt", b"a final state")
+    await finish_jobs(h.queue, remixes)
+    await h.wait_delivered(remix.id)
+    await fd.wait_for(lambda: f"imagine:remix:{remix.id}" in fd.messages[remix_msg.id].custom_ids, 5, "the buttons")
+    whole = fd.messages[remix_msg.id].content
+    assert f"`{parent_id}`" in whole, whole
+    inter = await command(h, "remix", {"job": whole, "prompt": "a green boat"})
+    again = await h.queue.get(h.job_id(await h.reply_of(inter)))
+    assert (again.spec.parent_job_id, again.spec.parent_kind) == (remix.id, "remix"), whole
+    for pasted in (settings, f"{parent_id} and {'0' * 12}"):
+        text = refusal(await command(h, "remix", {"job": pasted, "prompt": "a blue boat"}))
+        assert text.startswith(f"There is no job {render.quote(pasted, 64)} you can see"), text
+    fd.assert_clean()
 
 # --- image prompts and init images ---------------------------------------------------------------
 
@@ -416,7 +633,7 @@ async def test_help_offers_what_the_default_limits_allow_and_says_the_smaller_li
     assert await h.queue.count_queued() == count + most
 
     # A server whose admins lowered the cap of waiting jobs to 3: /help says 3, with an example that fits.
-    assert "3 jobs" in await ephemeral_answer(h, "queue limit", {"n": 3}, user=fd.admin_user)
+    assert "3 jobs" in await ephemeral_answer(h, "queue-admin limit", {"n": 3}, user=fd.admin_user)
     dave = fd.add_user("dave")
     example, count, most = _help_permutations(refusal(await command(h, "help", user=dave)))
     assert most == 3 and count <= 3, (example, count)
@@ -462,16 +679,20 @@ async def test_a_slow_download_is_answered_in_time_and_still_refused_privately(h
     fd.assert_clean()
 
 
-async def test_an_init_image_on_a_worker_without_the_encoder_fails_at_once_with_the_reason(harness):
+async def test_an_init_image_waits_in_line_while_no_worker_has_the_encoder(harness):
+    """A worker without the dVAE encoder leaves init-image jobs in line (for a worker that has one,
+    as a job waits for a worker of its grid: test_worker) and takes the next job: the picture's job
+    stays queued, not started, not failed, while a plain job after it runs to the end."""
     from dataclasses import replace
 
     h = harness
     h.models = replace(h.models, encoder=None)
     await h.start()
     msg = await h.reply_of(await h.imagine("a cat", init_image=h.fd.host_attachment("start.png", noise_png())))
-    record = await h.wait_delivered(h.job_id(msg))
-    assert record.state == JobState.FAILED and record.attempts == 1   # not retried
-    assert "no dVAE encoder" in record.error
-    await h.fd.wait_for(lambda: "Failed: " in h.fd.messages[msg.id].content, 5, "the failed reply")
-    assert "no dVAE encoder" in h.fd.messages[msg.id].content
+    waiting = h.job_id(msg)
+    plain = await h.wait_delivered(h.job_id(await h.reply_of(await h.imagine("a dog"))))
+    assert plain.state == JobState.DONE, plain.error
+    record = await h.queue.get(waiting)
+    assert (record.state, record.attempts, record.error) == (JobState.QUEUED, 0, None), record
+    assert "Failed" not in h.fd.messages[msg.id].content
     h.fd.assert_clean()

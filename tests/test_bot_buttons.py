@@ -464,10 +464,10 @@ async def test_cancel_says_stopping_when_a_worker_took_the_job_meanwhile(harness
     fd.assert_clean()
 
 
-async def test_cancel_of_a_running_job_that_finished_meanwhile_says_it_had_finished(harness):
-    """The store takes the cancel of a running job (a request to its worker), but the worker's
-    finish commits before the bot reads the job again: the answer says it had already finished,
-    not "Cancelled"."""
+async def test_cancel_of_a_running_job_that_finished_meanwhile_ends_cancelled(harness):
+    """The store takes the cancel of a running job (a request to its worker), and the worker's
+    finish commits before the bot reads the job again: the cancel wins (the store's finish ends a
+    job asked to stop CANCELLED), so the answer is "Cancelled" and no picture is posted."""
     h = harness
     await h.start(worker=False)
     fd = h.fd
@@ -485,8 +485,8 @@ async def test_cancel_of_a_running_job_that_finished_meanwhile_says_it_had_finis
     h.queue.cancel = finished_meanwhile
     try:
         click = await fd.click_button(msg, f"imagine:cancel:{job_id}")
-        assert await private_answer(h, click) == f"Job `{job_id}` had already finished."
+        assert await private_answer(h, click) == f"Cancelled job `{job_id}`."
     finally:
         del h.queue.cancel
-    assert (await h.wait_delivered(job_id)).state == JobState.DONE
+    assert (await h.wait_delivered(job_id)).state == JobState.CANCELLED
     fd.assert_clean()

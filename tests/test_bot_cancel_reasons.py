@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import time
 
 import pytest
 
@@ -41,8 +43,18 @@ async def _frame(h, job_id: str, iteration: int) -> None:
 
 def _reply(h, job_id: str):
     """The public reply that shows `job_id` (a set's jobs each have their own)."""
-    (msg,) = [m for m in h.fd.messages.values() if not m.ephemeral and f"job {job_id}`" in m.content]
+    (msg,) = [m for m in h.fd.messages.values() if not m.ephemeral and f"job `{job_id}`" in m.content]
     return msg
+
+
+def finish_as_an_older_worker(h, job_id: str) -> None:
+    """What `finish` of a worker of an earlier version wrote for a running job whose cancel was
+    asked: DONE, the request and its reason left on the record (the store now ends it CANCELLED).
+    The row alone, in the harness's SQLite store, without its DONE event: the bot's reconcile finds
+    the result all the same."""
+    with sqlite3.connect(h.queue.path) as db:
+        db.execute("UPDATE jobs SET state = 'done', finished_at = ?, similarity = 0.2, lease_id = NULL,"
+                   " lease_until = NULL WHERE id = ? AND state = 'running'", (time.time(), job_id))
 
 
 async def _status(h, job_id: str) -> str:
@@ -73,7 +85,7 @@ async def test_adding_a_refused_word_cancels_the_servers_waiting_and_running_job
     set_jobs = {r.spec.prompt: r.id for r in await h.queue.queued() if "in a hat" in r.spec.prompt}
     elsewhere = await _queue(h, "a cat in another server", user=carol, guild_id=other.id)
 
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": "cat"}, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cat"}, user=fd.admin_user)
     assert text.startswith("Added the word `cat`"), text
     cancelled = [running, waiting, set_jobs["a cat in a hat"]]
     assert "Cancelled 3 of this server's queued or running jobs" in text, text
@@ -93,14 +105,14 @@ async def test_adding_a_refused_word_cancels_the_servers_waiting_and_running_job
     assert await _status(h, running) == BANNED
 
     # Adding another word that matches only jobs already cancelled, or none, says so.
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": "re:black"}, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "re:black"}, user=fd.admin_user)
     assert "No queued or running job of this server matches it." in text, text
     logged = [r.getMessage() for r in caplog.records if r.name == "bot.moderation" and r.levelno == logging.INFO]
     admin_id, guild = fd.admin_user["id"], fd.guild_id
     assert any(str(admin_id) in m and "'cat'" in m and str(guild) in m and "added" in m for m in logged), logged
     assert any(running in m and waiting in m for m in logged), logged
 
-    await ephemeral_answer(h, "queue ban-word remove", {"entry": "cat"}, user=fd.admin_user)
+    await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "cat"}, user=fd.admin_user)
     logged = [r.getMessage() for r in caplog.records if r.name == "bot.moderation" and r.levelno == logging.INFO]
     assert any(str(admin_id) in m and "'cat'" in m and str(guild) in m and "removed" in m for m in logged), logged
     fd.assert_clean()
@@ -109,7 +121,7 @@ async def test_adding_a_refused_word_cancels_the_servers_waiting_and_running_job
 @pytest.mark.asyncio
 async def test_a_cancelled_reply_says_who_cancelled_it(harness, caplog):
     """Its author: "Cancelled."; an admin, by the Cancel button or /queue cancel: "Cancelled by an
-    admin."; /queue clear: the server's queue was cleared. Each cancel is logged with who asked."""
+    admin."; /queue-admin clear: the server's queue was cleared. Each cancel is logged with who asked."""
     caplog.set_level(logging.INFO, logger="bot")
     h = harness
     fd = h.fd
@@ -118,11 +130,11 @@ async def test_a_cancelled_reply_says_who_cancelled_it(harness, caplog):
     admin = fd.admin_user
 
     assert await ephemeral_answer(h, "queue cancel", {"job": by_author}) == f"Cancelled job `{by_author}`."
-    msg = next(m for m in fd.messages.values() if f"job {by_button}`" in m.content)
+    msg = next(m for m in fd.messages.values() if f"job `{by_button}`" in m.content)
     click = await fd.click_button(msg, f"imagine:cancel:{by_button}", user=admin)
     assert await private_answer(h, click) == f"Cancelled job `{by_button}`."
     assert await ephemeral_answer(h, "queue cancel", {"job": by_command}, user=admin) == f"Cancelled job `{by_command}`."
-    await ephemeral_answer(h, "queue clear", {}, user=admin)
+    await ephemeral_answer(h, "queue-admin clear", {}, user=admin)
 
     assert await _status(h, by_author) == "Cancelled."
     assert await _status(h, by_button) == "Cancelled by an admin."
@@ -170,8 +182,9 @@ def test_the_admins_answer_fits_discord_however_many_jobs_were_cancelled():
 async def test_a_banned_cancel_shows_no_prompt_and_a_job_finished_before_it_saw_the_cancel_is_posted_as_one(harness):
     """The reply of a job cancelled for a banned word shows neither its prompt nor the lines that
     quote it (what CLIP ignores of it), and a running job's frames after the request neither. A
-    running job whose worker finishes it before it sees the request ends DONE with the request on
-    its record: it is posted as the cancel the admin was told of, without its picture or video."""
+    running job whose worker finishes it before it sees the request ends CANCELLED all the same (the
+    store's finish), its final stored: it is posted as the cancel the admin was told of, without its
+    picture or video."""
     h = harness
     fd = h.fd
     await h.start(worker=False)
@@ -182,7 +195,7 @@ async def test_a_banned_cancel_shows_no_prompt_and_a_job_finished_before_it_saw_
     waiting = await _queue(h, " ".join(["red"] * 80) + f" {WORD}")   # past CLIP's 77 tokens: a note quotes it
     assert any(line.startswith("-# ✂") and WORD in line for line in _reply(h, waiting).content.split("\n"))
 
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
     assert f"`{running}`" in text and f"`{waiting}`" in text, text
     # The running job's reply is redrawn without its prompt at once, and so is its next frame.
     await fd.wait_for(lambda: _reply(h, running).content.startswith(render.PROMPT_WITHHELD), 5, "the prompt withheld")
@@ -192,13 +205,69 @@ async def test_a_banned_cancel_shows_no_prompt_and_a_job_finished_before_it_saw_
     # Its worker finishes it before it sees the request (the store's own calls, as a worker makes them).
     await finish_jobs(h.queue, [running])
     record = await h.wait_delivered(running)
-    assert (record.state, record.error, record.cancel_requested) == (JobState.DONE, render.CANCEL_BANNED, True)
+    assert (record.state, record.error, record.cancel_requested) == (JobState.CANCELLED, render.CANCEL_BANNED, True)
+    assert await h.queue.has_artifact(running, "final.png")
     for job_id in (running, waiting):
         assert await _status(h, job_id) == BANNED   # delivered, no file on it
         msg = _reply(h, job_id)
         assert msg.content.startswith(render.PROMPT_WITHHELD + "\n") and WORD not in _public_text(msg), msg.content
         assert msg.custom_ids == []   # nothing may start from it (bot.imagine.withheld_refusal)
     assert not [r for r in fd.requests if any(f.filename in ("final.png", "video.mp4") for f in r.files)]
+    assert not [m for m in fd.channel_messages() if WORD in _public_text(m)]
+    fd.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_a_banned_cancel_finished_done_by_an_older_worker_is_posted_as_the_cancel(harness):
+    """A worker not yet upgraded (or a record it finished before the upgrade, not yet posted) ended
+    the banned job DONE, the request on its record: the bot still posts it as the cancel, without
+    its picture or video (bot.progress)."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    running = await _queue(h, f"a {WORD} at dawn")
+    await claim_jobs(h.queue, [running])
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+    assert f"`{running}`" in text, text
+    await h.queue.put_artifact(running, "final.png", tiny_png(9, 9))
+    await h.queue.put_artifact(running, "video.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    finish_as_an_older_worker(h, running)
+
+    record = await h.wait_delivered(running)
+    assert (record.state, record.error, record.cancel_requested) == (JobState.DONE, render.CANCEL_BANNED, True)
+    assert await _status(h, running) == BANNED   # no file on it
+    msg = _reply(h, running)
+    assert msg.content.startswith(render.PROMPT_WITHHELD + "\n") and msg.custom_ids == [], msg.content
+    assert not [r for r in fd.requests if any(f.filename in ("final.png", "video.mp4") for f in r.files)]
+    assert not [m for m in fd.channel_messages() if WORD in _public_text(m)]
+    fd.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_a_running_job_its_author_cancelled_that_a_new_banned_word_matches_ends_withheld(harness):
+    """Its author asked to stop it (no reason), then an admin bans a word of its prompt before its
+    worker stops: the banned word's reason replaces the author's, so its reply withholds the prompt
+    from then on and at its end, as any banned cancel's does; the admin's answer names it."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    running = await _queue(h, f"a {WORD} at noon")
+    await claim_jobs(h.queue, [running])
+    await _frame(h, running, 1)
+    assert await ephemeral_answer(h, "queue cancel", {"job": running}) == f"Stopping job `{running}`…"
+    record = await h.queue.get(running)
+    assert (record.state, record.cancel_requested, record.error) == (JobState.RUNNING, True, None)
+
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+    assert f"`{running}`" in text, text
+    await fd.wait_for(lambda: _reply(h, running).content.startswith(render.PROMPT_WITHHELD), 5, "the prompt withheld")
+    await h.queue.mark_cancelled(running, record.lease_id)   # its worker sees the request
+
+    record = await h.wait_delivered(running)
+    assert (record.state, record.error) == (JobState.CANCELLED, render.CANCEL_BANNED)
+    assert await _status(h, running) == BANNED
+    msg = _reply(h, running)
+    assert msg.content.startswith(render.PROMPT_WITHHELD + "\n") and WORD not in _public_text(msg), msg.content
     assert not [m for m in fd.channel_messages() if WORD in _public_text(m)]
     fd.assert_clean()
 
@@ -216,7 +285,7 @@ async def test_the_admins_answer_names_only_the_cancelled_jobs_of_channels_they_
     hidden = await _queue(h, f"the {WORD} merger", user=fd.admin_user, channel_id=staff)
     shown = await _queue(h, f"an open {WORD} meadow")
 
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=dave,
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=dave,
                                   member_permissions=Permission.EVERYONE | MANAGE_GUILD)
     assert text.endswith("Cancelled 2 of this server's queued or running jobs whose prompt matches it (a running one "
                          f"stops at its worker's next check): `{shown}`, and 1 in a channel you cannot see."), text
@@ -246,7 +315,7 @@ async def test_a_job_claimed_or_put_back_in_line_while_the_add_reads_the_line_is
         return await real_running()
 
     monkeypatch.setattr(h.queue, "running", running_after_a_claim_and_a_failure)
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=h.fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=h.fd.admin_user)
     assert "Cancelled 2 of this server's" in text, text
     assert text.count(f"`{claimed}`") == 1 and text.count(f"`{back}`") == 1, text
     assert (await h.queue.get(back)).state == JobState.CANCELLED

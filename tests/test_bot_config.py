@@ -204,13 +204,20 @@ async def test_sync_registers_the_commands_on_request_and_never_logs_the_token(t
                                               "--guild", str(fd.guild_id)])
         assert code == 0
         commands = {c["name"]: c for c in fd.guild_commands[fd.guild_id]}
-        assert set(commands) == {"imagine", "queue", "history", "remix", "help"}
+        assert set(commands) == {"imagine", "queue", "queue-admin", "history", "remix", "help"}
         assert fd.global_commands == []
         imagine = {o["name"]: o for o in commands["imagine"]["options"]}
         assert imagine["prompt"]["required"] is True
         assert [c["value"] for c in imagine["size"]["choices"]] == [256, 512]
         subs = {o["name"] for o in commands["queue"]["options"]}
-        assert subs == {"show", "cancel", "clear", "pause", "resume", "limit", "ban-word"}
+        assert subs == {"show", "cancel"}
+        subs = {o["name"] for o in commands["queue-admin"]["options"]}
+        assert subs == {"clear", "pause", "resume", "limit", "ban-word"}
+        ban_word = next(o for o in commands["queue-admin"]["options"] if o["name"] == "ban-word")
+        assert {o["name"] for o in ban_word["options"]} == {"add", "remove", "list"}
+        # Admin roles are configured (the default "Imagine Admin"): Discord shows it to everyone, as
+        # it cannot know who holds them; the bot refuses the others.
+        assert commands["queue-admin"]["default_member_permissions"] is None
         assert fd.bot_token not in caplog.text
         fd.assert_clean()
 
@@ -221,6 +228,31 @@ async def test_sync_registers_the_commands_on_request_and_never_logs_the_token(t
         assert GOOD_TOKEN not in caplog.text
         logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
                                            if type(h).__module__.startswith("_pytest")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("admin_roles, permissions", [("[]", "32"), ('["Imagine Admin"]', None),
+                                                      ('["123456789012345678"]', None)])
+async def test_queue_admin_is_for_manage_server_by_default_only_without_admin_roles(tmp_path, monkeypatch,
+                                                                                  admin_roles, permissions):
+    """`imagine-bot sync` gives /queue-admin Discord's default_member_permissions Manage Server ("32":
+    Discord hides it from members) when no admin role is configured; with roles, none: Discord knows
+    nothing of them and would hide it from a role's members who lack Manage Server. /queue stays
+    for everyone; both are for servers only."""
+    async with FakeDiscord() as fd:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(f'[discord]\nadmin_roles = {admin_roles}\n'
+                       f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n[worker]\nembedded = false\n')
+        monkeypatch.setenv("DISCORD_TOKEN", fd.bot_token)
+        try:
+            assert await asyncio.to_thread(main, ["--config", str(cfg), "sync", "--global"]) == 0
+        finally:
+            _drop_discord_log_handlers()
+        commands = {c["name"]: c for c in fd.global_commands}
+        assert commands["queue-admin"]["default_member_permissions"] == permissions
+        assert commands["queue"]["default_member_permissions"] is None
+        assert commands["queue-admin"]["contexts"] == commands["queue"]["contexts"] == [0]   # guild only
+        fd.assert_clean()
 
 
 async def _main_against_the_fake(argv: list[str], monkeypatch) -> int:
@@ -503,9 +535,9 @@ def test_the_first_start_without_config_registers_the_commands_once(tmp_path, mo
         code, puts = _run_main_until_commands(fd, argv)
         assert code == 0 and puts == 1
         names = {c["name"] for c in fd.global_commands}
-        assert names == {"imagine", "queue", "history", "remix", "help"}
+        assert names == {"imagine", "queue", "queue-admin", "history", "remix", "help"}
         assert "running with the built-in defaults" in caplog.text and "config.example.toml" in caplog.text
-        assert "registered 5 global slash commands (Discord had none)" in caplog.text
+        assert "registered 6 global slash commands (Discord had none)" in caplog.text
         if not torch.cuda.is_available():
             assert NO_GPU_WARNING in caplog.text
         assert (tmp_path / "imagine-bot.db").exists()

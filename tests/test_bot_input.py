@@ -194,7 +194,7 @@ async def test_a_bad_permutation_prompt_with_a_picture_is_refused_before_the_dow
     h = harness
     await h.start(worker=False)
     fd = h.fd
-    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, user=fd.admin_user)
+    assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, user=fd.admin_user)
     picture = fd.host_attachment("p.png", tiny_png())
     # (`{blurry, foggy}:-1` with the picture at its default weight 1 is fine: the picture is pulled
     # toward. At weight -1 nothing is.)
@@ -243,7 +243,7 @@ async def test_refusals_quote_a_refused_word_or_a_combination_without_bidi_contr
     await h.start(worker=False)
     fd = h.fd
     for entry in (r"re:cur.sed", r"re:z\p{Mn}+"):
-        assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, user=fd.admin_user)
+        assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, user=fd.admin_user)
     cases = [
         ("a cur\u202esed house", "refused", "cursed"),                   # the matched text, as typed
         ("z" + "\u0301" * 40 + " lake", "refused", "z" + "\u0301" * 4),
@@ -271,7 +271,7 @@ async def test_imagine_with_a_picture_checks_the_prompt_once_before_the_download
     h = harness
     await h.start(worker=False)
     fd = h.fd
-    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, user=fd.admin_user)
+    assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, user=fd.admin_user)
     matched: list[str] = []
     counted: list[int] = []
     find, count_queued = moderation.find, h.queue.count_queued

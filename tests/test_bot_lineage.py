@@ -216,7 +216,8 @@ async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it
     public in #general: it says "a job from another channel", without the job's id, prompt, author
     or link, and so does Bob's Reroll of the remix. Bob, in #general, cannot see #staff-only:
     /history shows him that the remix came from somewhere, but not the job's id or its author;
-    Carol sees the id. Also once that job is pruned (judged by the channel recorded for it). A
+    Carol sees the id. Also once that job is pruned (judged by the channel recorded for it). Nor
+    does the remix aim at that job's image prompt (a picture of #staff-only). A
     thread is a channel of its own: a remix of a #general job from a thread of #general does not
     name it either."""
     h = harness
@@ -238,6 +239,10 @@ async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it
     await claim_jobs(h.queue, [secret])
     await _finish(h, secret)
     await asyncio.sleep(0.5)   # the remix finishes well after it: the prune below takes only the parent
+    # It aimed at a picture of #staff-only too: a remix made elsewhere does not carry it (it stays in
+    # its channel, as the job's prompt does).
+    assert await h.queue.put_artifact("staffupload1", "image.png", b"a picture of #staff-only")
+    _set_extra(h, secret, image_prompt={"artifact": ["staffupload1", "image.png"], "weight": 2.0})
 
     def shows_no_source(message_id: int) -> None:
         content = fd.messages[message_id].content
@@ -255,6 +260,7 @@ async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it
     await fd.wait_for(lambda: f"imagine:reroll:{remix}" in fd.messages[remix_msg.id].custom_ids, 5, "the buttons")
     shows_no_source(remix_msg.id)   # the result too
     assert (await h.queue.get(remix)).spec.extra["parent"] == {"other_channel": True, "channel_id": staff}
+    assert "image_prompt" not in (await h.queue.get(remix)).spec.extra
 
     # Bob's Reroll of the remix (a remix of the same job): no more named in its reply. Even for a
     # remix recorded as the bot did before, naming the job in full: the Reroll does not copy that.

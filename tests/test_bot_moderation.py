@@ -1,4 +1,4 @@
-"""Refused words and patterns: `/queue ban-word add | remove | list` and the check in /imagine."""
+"""Refused words and patterns: `/queue-admin ban-word add | remove | list` and the check in /imagine."""
 
 from __future__ import annotations
 
@@ -37,15 +37,15 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     admin = {"user": fd.admin_user}
 
     # A non-admin can neither change nor read the list.
-    for name, options in [("queue ban-word add", {"entry": "cursed"}), ("queue ban-word list", {}),
-                          ("queue ban-word remove", {"entry": "cursed"})]:
+    for name, options in [("queue-admin ban-word add", {"entry": "cursed"}), ("queue-admin ban-word list", {}),
+                          ("queue-admin ban-word remove", {"entry": "cursed"})]:
         assert "Only admins" in await ephemeral_answer(h, name, options)
     assert await h.queue.get_setting(key) is None
 
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": "  Cursed "}, **admin)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "  Cursed "}, **admin)
     assert "Added the word `Cursed`" in text
     assert await h.queue.get_setting(key) == ["Cursed"]
-    assert "already on the list" in await ephemeral_answer(h, "queue ban-word add", {"entry": "cursed"}, **admin)
+    assert "already on the list" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, **admin)
 
     # Whole words, any case; the refusal is ephemeral, says what matched, and queues nothing.
     text = await _refused(h, "a CURSED house by Escher")
@@ -57,9 +57,9 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
            ("re:.*", "matches an empty prompt"), ("re:" + "a" * 200, "the limit is 200"),
            ("re:[a-z]", "would refuse nearly every prompt")]
     for entry, why in bad:
-        assert why in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin), entry
+        assert why in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, **admin), entry
     assert await h.queue.get_setting(key) == ["Cursed"]
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:h[o0]+use"}, **admin)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": r"re:h[o0]+use"}, **admin)
     assert "Added the pattern" in text and "Cancelled 1 of this server's queued or running job whose prompt matches it" in text
     assert f"`{charming}`" in text and (await h.queue.get(charming)).state.value == "cancelled"   # its "house"
     assert "H00USE" in await _refused(h, "a tiny H00USE on a hill")
@@ -73,8 +73,8 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     assert not [r for r in fd.cdn_requests if r.path.endswith("/p.png")]
 
     # A non-admin still cannot take anything off; an admin's list shows both entries.
-    assert "Only admins" in await ephemeral_answer(h, "queue ban-word remove", {"entry": "cursed"})
-    listing = await ephemeral_answer(h, "queue ban-word list", **admin)
+    assert "Only admins" in await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "cursed"})
+    listing = await ephemeral_answer(h, "queue-admin ban-word list", **admin)
     assert "1. `Cursed`" in listing and "2. `re:h[o0]+use`  (regex)" in listing, listing
     assert await h.queue.get_setting(key) == ["Cursed", r"re:h[o0]+use"]
 
@@ -83,9 +83,9 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     await h.start(worker=False)
     assert "refused" in await _refused(h, "one more cursed idea")
     assert "refused" in await _refused(h, "a house")
-    text = await ephemeral_answer(h, "queue ban-word remove", {"entry": "CURSED"}, **admin)
+    text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "CURSED"}, **admin)
     assert "Removed `CURSED`" in text and "1 entry" in text
-    assert "not on the list" in await ephemeral_answer(h, "queue ban-word remove", {"entry": "nothing"}, **admin)
+    assert "not on the list" in await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "nothing"}, **admin)
     await _queued(h, "one more cursed idea")               # allowed again
     assert await h.queue.get_setting(key) == [r"re:h[o0]+use"]
     assert await h.queue.count_queued() == 1
@@ -114,7 +114,7 @@ async def test_an_entry_added_while_a_request_downloads_its_picture_still_refuse
         picture = fd.host_attachment(f"p{n}.png", noise_png(seed=n))
         inter = await fd.send_slash_command("imagine", {"prompt": prompt, "image": picture})
         await downloading.wait()   # past the first check
-        text = await ephemeral_answer(h, "queue ban-word add", {"entry": word}, user=fd.admin_user)
+        text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": word}, user=fd.admin_user)
         assert "No queued or running job of this server matches it." in text, text   # not in line yet
         go_on.set()
         ((kind, answer),) = await outcomes(h, [inter])
@@ -131,7 +131,7 @@ async def test_look_alike_and_invisible_spellings_of_a_refused_word_are_refused(
     await h.start(worker=False)
     admin = {"user": h.fd.admin_user}
     for entry in ("cursed", "dark forest"):
-        assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+        assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, **admin)
     for prompt in ["a ｃｕｒｓｅｄ house", "a cur\u00adsed house", "a cur\u200bsed house", "a CUR\u200dSED house",
                    "a dark  forest", "a dark\u3000forest", "a {dark\u00a0forest, meadow}"]:
         assert "refused" in await _refused(h, prompt), prompt
@@ -147,16 +147,16 @@ async def test_patterns_that_would_freeze_or_crash_the_bot_are_refused(harness):
     await h.start(worker=False)
     admin = {"user": h.fd.admin_user}
     for entry in [r"re:(?:a{1000}){1000}", r"re:x{200000}", r"re:(?(DEFINE)(?<x>(?&x)a))(?&x)"]:
-        text = await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+        text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, **admin)
         assert "Nothing was added" in text, (entry, text)
     assert await h.queue.get_setting(f"banned:{h.fd.guild_id}") is None
     # Counted repeats of a sensible size are fine.
-    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:\d{3}-\d{4}"}, **admin)
+    assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": r"re:\d{3}-\d{4}"}, **admin)
     h.fd.assert_clean()
 
 
 async def test_a_stored_pattern_that_repeats_too_much_is_skipped_and_never_compiled(caplog):
-    """A list stored by an older version (or edited by hand) may hold a pattern `/queue ban-word
+    """A list stored by an older version (or edited by hand) may hold a pattern `/queue-admin ban-word
     add` refuses: the check skips it, says so, and still applies the other entries -- at once,
     since the repeat guard runs before `regex` would unroll it (compiled or refused once per entry)."""
     entries = [r"re:(?:a{65535}){65535}", "re:(unclosed", "cursed"]
@@ -180,17 +180,17 @@ async def test_spellings_clip_reads_as_a_refused_word_are_refused_and_patterns_a
     await h.start(worker=False)
     admin = {"user": h.fd.admin_user}
     key = f"banned:{h.fd.guild_id}"
-    assert "Added" in await ephemeral_answer(h, "queue ban-word add", {"entry": "ｃａｔ"}, **admin)
-    assert "already on the list" in await ephemeral_answer(h, "queue ban-word add", {"entry": "CAT"}, **admin)
+    assert "Added" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "ｃａｔ"}, **admin)
+    assert "already on the list" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "CAT"}, **admin)
     for prompt in ["a c&#97;t", "a &#x63;&#x61;&#x74;", "a c&amp;#97;t", "a cat1", "a cat_ x", "a cat\u0301",
                    "a cat\u0332", "a {dog, c&#97;t}"]:
         assert "refused" in await _refused(h, prompt), prompt
     await _queued(h, "a concatenated catalog")             # still whole words only
 
     for entry in [r"re:\bdog\b", r"re:\Bdog\B"]:
-        assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+        assert "Added the pattern" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, **admin)
     assert await h.queue.get_setting(key) == ["ｃａｔ", r"re:\bdog\b", r"re:\Bdog\B"]
-    assert "Removed" in await ephemeral_answer(h, "queue ban-word remove", {"entry": r"re:\Bdog\B"}, **admin)
+    assert "Removed" in await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": r"re:\Bdog\B"}, **admin)
     assert await h.queue.get_setting(key) == ["ｃａｔ", r"re:\bdog\b"]
     h.fd.assert_clean()
 
@@ -203,11 +203,11 @@ async def test_patterns_the_regex_module_fails_on_are_refused_as_invalid(harness
     await h.start(worker=False)
     admin = {"user": h.fd.admin_user}
     for entry in [r"re:\p{inf}", "re:[[:inf:]]"]:
-        text = await ephemeral_answer(h, "queue ban-word add", {"entry": entry}, **admin)
+        text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, **admin)
         assert text.startswith("That is not a valid regular expression") and "Nothing was added" in text, (entry, text)
     assert await h.queue.get_setting(f"banned:{h.fd.guild_id}") is None
 
-    assert "Added the pattern" in await ephemeral_answer(h, "queue ban-word add", {"entry": r"re:(?=cat)"}, **admin)
+    assert "Added the pattern" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": r"re:(?=cat)"}, **admin)
     text = await _refused(h, "a cat")
     assert text.startswith("Your prompt matches a pattern this server's admins have refused."), text
     assert "``" not in text

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from bot import contact_sheet, permutations
 from engine.jobs import EventKind, JobState
@@ -95,7 +95,7 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     assert "wait for some" not in text
     assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
 
-    assert "6 jobs" in await ephemeral_answer(h, "queue limit", {"n": 6}, user=fd.admin_user)
+    assert "6 jobs" in await ephemeral_answer(h, "queue-admin limit", {"n": 6}, user=fd.admin_user)
     inter = await h.imagine(TEMPLATE, seed=7, iterations=2)
     first = await h.reply_of(inter)
     await fd.wait_for(lambda: len(fd.channel_messages()) == 6 and all(
@@ -139,7 +139,8 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     # link to its reply (the message with its Remix / Continue buttons).
     lines = sheet.content.split("\n")[2:]
     assert len(lines) == 6, sheet.content
-    for line, r in zip(lines, jobs):
+    for number, (line, r) in enumerate(zip(lines, jobs), 1):
+        assert line.startswith(f"{number}. "), line   # the number its tile's caption starts with
         reply = (await h.queue.get(r.id)).spec.reply
         url = f"https://discord.com/channels/{fd.guild_id}/{fd.channel_id}/{reply['message_id']}"
         assert " · ".join(r.spec.extra["set"]["options"]) in line and f"`{r.id}`" in line and url in line, line
@@ -177,6 +178,24 @@ async def test_pipe_separated_options_make_a_set_and_a_group_mixing_both_separat
     jobs = await _set_jobs(h)
     assert [r.spec.prompt for r in jobs] == ["a cat on a mat | blurry:-1", "a dog on a mat | blurry:-1"]
     assert [r.spec.extra["set"]["options"] for r in jobs] == [["cat"], ["dog"]]
+    fd.assert_clean()
+
+
+async def test_options_that_differ_only_in_spacing_or_case_are_a_repeat_and_refused(harness):
+    """`{a red  house, a red house}`: each job's prompt has its white space collapsed and CLIP
+    lowercases it, so both would run as "a red house", the same job twice. Refused, nothing queued."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    for prompt, repeated in [("{a red  house, a red house}", "`a red house`"),
+                             ("a {cat\u00a0on a mat|Cat on a mat}", "`Cat on a mat`"),
+                             ("a {red\thouse,blue, RED house} at dusk", "`RED house`")]:
+        text = await ephemeral_answer(h, "imagine", {"prompt": prompt})
+        assert f"lists {repeated} twice" in text and "remove one" in text, (prompt, text)
+    # Across groups: "big red house" twice, from two different pairs of options.
+    text = await ephemeral_answer(h, "imagine", {"prompt": "{big red, big} {house, red  House}"})
+    assert text.startswith("The combinations `big red house` and `big red House` are the same prompt"), text
+    assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
     fd.assert_clean()
 
 
@@ -260,6 +279,47 @@ async def test_the_contact_sheet_text_names_every_job_and_fits_in_a_message():
     short = permutations.SheetsCog._content({"template": TEMPLATE, "user_id": 1}, 6, entries[:6])
     assert short.count(url) == 6 and len(short.split("\n")) == 8
 
+
+def _caption_band(text: str, font, tile: int) -> np.ndarray:
+    """A caption band as render_sheet draws `text` with `font` (its offset, its colours)."""
+    band = Image.new("RGB", (tile, contact_sheet.CAPTION), contact_sheet.BACKGROUND)
+    ImageDraw.Draw(band).text((2, 3), text, fill=contact_sheet.TEXT, font=font)
+    return np.asarray(band)
+
+
+async def test_contact_sheet_captions_are_numbered_and_drawn_in_dejavu_sans():
+    """Captions are drawn in DejaVu Sans where the system has it (Cyrillic, Greek: Pillow's own font
+    draws them as boxes, `Кот` and `Жот` alike), each after its number (1., 2., ... or the numbers
+    the caller gives: its jobs' lines in the message), so a caption the font cannot draw still
+    matches its line."""
+    dejavu = ImageFont.truetype(str(contact_sheet.CAPTION_FONT), contact_sheet.FONT_SIZE)
+    tiles = [(_png((200, 0, 0)), "Кот"), (_png((0, 0, 200)), "Жот")]
+    spec = contact_sheet.layout(2, contact_sheet.MIN_TILE)
+    for numbers, expected in [(None, ["1. Кот", "2. Жот"]), ([2, 5], ["2. Кот", "5. Жот"])]:
+        data, _ = contact_sheet.render_sheet(tiles, numbers=numbers)
+        sheet = _rgb(data)
+        for band, text in zip(spec.captions, expected):
+            assert np.array_equal(np.asarray(sheet.crop(band)), _caption_band(text, dejavu, spec.tile)), text
+    # Pillow's own font would have drawn both words as the same boxes.
+    fallback = ImageFont.load_default(size=contact_sheet.FONT_SIZE)
+    assert np.array_equal(_caption_band("Кот", fallback, 128), _caption_band("Жот", fallback, 128))
+    assert not np.array_equal(_caption_band("Кот", dejavu, 128), _caption_band("Жот", dejavu, 128))
+    with pytest.raises(ValueError):
+        contact_sheet.render_sheet(tiles, numbers=[1])
+
+
+async def test_contact_sheet_captions_fall_back_to_pillows_font_without_dejavu(tmp_path, monkeypatch, caplog):
+    """No DejaVu Sans (another system), or a damaged file (logged): Pillow's own font, numbered all the same."""
+    fallback = ImageFont.load_default(size=contact_sheet.FONT_SIZE)
+    damaged = tmp_path / "damaged.ttf"   # (not a name Pillow then looks up among the system fonts)
+    damaged.write_bytes(b"not a font")
+    spec = contact_sheet.layout(1, contact_sheet.MIN_TILE)
+    for path in (tmp_path / "missing.ttf", damaged):
+        monkeypatch.setattr(contact_sheet, "CAPTION_FONT", path)
+        data, _ = contact_sheet.render_sheet([(_png((0, 200, 0)), "red · Escher")])
+        band = np.asarray(_rgb(data).crop(spec.captions[0]))
+        assert np.array_equal(band, _caption_band("1. red · Escher", fallback, spec.tile))
+    assert f"cannot load {damaged}" in caplog.text
 
 async def test_the_contact_sheet_comes_once_after_every_job_of_the_set_is_done(harness):
     """The real worker renders six tiny jobs; one contact sheet follows the last DONE event, and

@@ -129,7 +129,7 @@ async def test_the_caps_wording_says_jobs_of_other_servers_count(harness):
     b = fd.add_guild("Other Guild")
     await h.start(worker=False)
     everywhere = "jobs waiting in other servers count too"
-    text = await ephemeral_answer(h, "queue limit", {"n": 1}, guild_id=b.id, user=fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin limit", {"n": 1}, guild_id=b.id, user=fd.admin_user)
     assert text == f"Each person may now have 1 job waiting when they queue in this server; {everywhere}."
     await _job_in(h, "apple", channel_id=fd.channel_id, user=fd.member_user, done=False)   # in A
 

@@ -167,7 +167,7 @@ async def test_commands_are_synced_for_guild_installs_only(harness):
     fd.install_types = [0, 1]
     await h.start(worker=False)
     (put,) = [r for r in fd.requests if r.method == "PUT" and r.path.endswith("/commands")]
-    assert {c["name"] for c in put.json} >= {"imagine", "remix", "help", "queue", "history"}
+    assert {c["name"] for c in put.json} >= {"imagine", "remix", "help", "queue", "queue-admin", "history"}
     for command in put.json:
         assert command["integration_types"] == [0], command["name"]
     for command in fd.global_commands:
@@ -186,7 +186,7 @@ async def test_a_server_that_has_not_installed_the_bot_is_refused_privately(harn
     fd.integration_owners = {"1": str(fd.member_user["id"])}   # the user's install alone
     for name, options, user in [("imagine", {"prompt": "a house"}, None), ("help", {}, None),
                                 ("remix", {"job": job_id, "prompt": "a boat"}, None),
-                                ("queue limit", {"n": 1}, fd.admin_user), ("queue pause", {}, fd.admin_user)]:
+                                ("queue-admin limit", {"n": 1}, fd.admin_user), ("queue-admin pause", {}, fd.admin_user)]:
         inter = await fd.send_slash_command(name, options, user=user)
         await fd.wait_for_response(inter)
         assert _refusal(inter) == NOT_INSTALLED, name

@@ -99,6 +99,7 @@ def gpu_worker(redis_db, tiny_model_files, tmp_path_factory):
         sys.executable, "-m", "engine.worker", "--queue", redis_db.url,
         "--clip-model", str(files.clip_torchscript), "--decoder", str(files.decoder_pickle), "--trust-decoder",
         "--device", "cpu", "--max-batch", "1", "--worker-id", WORKER_ID, "--cache-dir", str(files.cache_dir),
+        "--encoder", str(files.encoder_pickle),   # the tiny one: the default, openai's, is a download
     ]
     env = {k: v for k, v in os.environ.items() if "DISCORD" not in k.upper() and "TOKEN" not in k.upper()}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -3,7 +3,7 @@ when it fails.
 
 Slow: another process holds the SQLite file's write lock (a real second connection in BEGIN
 IMMEDIATE, as a worker's multi-second checkpoint write does) for longer than Discord's 3 s to
-answer an interaction. Whatever writes to the store (Cancel, `/queue ban-word add | remove`,
+answer an interaction. Whatever writes to the store (Cancel, `/queue-admin ban-word add | remove`,
 /imagine storing an attached picture) defers first, and gives its answer once the write is done.
 
 Failing: the write lock is held past the queue's busy timeout, or a job's row cannot be read. A
@@ -126,8 +126,8 @@ async def test_ban_word_add_and_remove_answer_in_time_while_another_process_hold
     h, writer = patient_harness
     fd = h.fd
     key = f"banned:{fd.guild_id}"
-    for name, answer, stored in [("queue ban-word add", "Added the word `cursed`", ["cursed"]),
-                                 ("queue ban-word remove", "Removed `cursed`: it is allowed again", [])]:
+    for name, answer, stored in [("queue-admin ban-word add", "Added the word `cursed`", ["cursed"]),
+                                 ("queue-admin ban-word remove", "Removed `cursed`: it is allowed again", [])]:
         await writer.lock()
         inter = await fd.send_slash_command(name, {"entry": "cursed"}, user=fd.admin_user)
         await fd.wait_for_response(inter, DISCORD_ANSWER_WINDOW + 1)

@@ -27,7 +27,7 @@ from tests.fakediscord import FakeDiscord, InteractionRecord, StoredMessage, run
 WEBHOOK_ORIGINAL = r"/webhooks/\d+/[^/]+/messages/@original"
 CHANNEL_MESSAGE = r"/channels/\d+/messages/\d+"
 CALLBACK = r"/interactions/\d+/[^/]+/callback"
-JOB_ID_RE = re.compile(r"job ([0-9a-f]{12})")
+JOB_ID_RE = re.compile(r"job `?([0-9a-f]{12})")   # a reply's "job `<id>`" (and a log's "job <id>")
 EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7   # a deferred "thinking…" message
 

@@ -13,12 +13,12 @@ from discord import app_commands
 
 from bot.__main__ import main
 from bot.client import ImagineBot
-from bot.config import Config
+from bot.config import Config, config_from_dict
 from bot.launcher import sync_if_unregistered
 from tests.fakediscord import FakeDiscord
 from tests.test_bot_config import _drop_discord_log_handlers
 
-NAMES = {"imagine", "queue", "history", "remix", "help"}
+NAMES = {"imagine", "queue", "queue-admin", "history", "remix", "help"}
 
 
 @app_commands.command(name="lewd", description="an extra command with permissions and nsfw set", nsfw=True)
@@ -27,11 +27,12 @@ async def _restricted(interaction: discord.Interaction) -> None:
     pass
 
 
-async def _start_check(fd: FakeDiscord, caplog, guild_id: int | None = None, extra: bool = False) -> list[str]:
+async def _start_check(fd: FakeDiscord, caplog, guild_id: int | None = None, extra: bool = False,
+                       config: Config | None = None) -> list[str]:
     """One start's check of the commands (registering them when Discord has none): its warnings
-    (not discord.py's about voice)."""
+    (not discord.py's about voice). `config`: the built-in defaults when None."""
     caplog.clear()
-    bot = ImagineBot(config=Config(), queue=None, background=False)
+    bot = ImagineBot(config=config or Config(), queue=None, background=False)
     async with bot:
         await bot.login(fd.bot_token)   # setup_hook: the cogs add their commands
         if extra:
@@ -105,6 +106,54 @@ async def test_a_server_copy_with_other_permissions_is_named(caplog):
         assert len(warnings) == 1 and _named(warnings[0]) == {"/queue"}, warnings
 
 
+@pytest.mark.parametrize("scope", ["global", "guild"])
+@pytest.mark.parametrize("admin_roles", [[], ["Imagine Admin"]])
+async def test_queue_admin_reads_as_unchanged_after_a_sync_and_as_changed_when_the_roles_are(caplog, scope,
+                                                                                           admin_roles):
+    """/queue-admin's default_member_permissions follows `admin_roles` (Manage Server, "32", without
+    roles; none with them): a fresh sync reads as unchanged in either configuration, and a start
+    whose config set or emptied the roles since names /queue-admin alone."""
+    caplog.set_level(logging.INFO)
+    async with FakeDiscord() as fd:
+        guild_id = fd.guild_id if scope == "guild" else None
+        config = config_from_dict({"discord": {"admin_roles": admin_roles}})
+        assert await _start_check(fd, caplog, guild_id, config=config) == []   # registers them
+        stored = fd.guild_commands[guild_id] if guild_id else fd.global_commands
+        assert _stored(stored, "queue-admin")["default_member_permissions"] == (None if admin_roles else "32")
+        assert await _start_check(fd, caplog, guild_id, config=config) == []
+        other = config_from_dict({"discord": {"admin_roles": [] if admin_roles else ["Imagine Admin"]}})
+        warnings = await _start_check(fd, caplog, guild_id, config=other)
+        assert len(warnings) == 1 and "imagine-bot sync" in warnings[0], warnings
+        assert _named(warnings[0]) == {"/queue-admin"}
+        assert len(fd.find_requests("PUT")) == 1
+        fd.assert_clean()
+
+
+async def test_commands_registered_before_queue_admin_are_named_until_a_sync(caplog):
+    """An upgrade from the version whose /queue held the admin subcommands: the start names /queue
+    (subcommands gone) and /queue-admin (missing), and after `sync` nothing."""
+    caplog.set_level(logging.INFO)
+    async with FakeDiscord() as fd:
+        assert await _start_check(fd, caplog) == []
+        # Discord's copies as the previous version registered them: /queue with every subcommand.
+        queue, admin = _stored(fd.global_commands, "queue"), _stored(fd.global_commands, "queue-admin")
+        queue["options"] += admin["options"]
+        queue["description"] = "The line of imagine jobs (admins: manage it)"
+        fd.global_commands.remove(admin)
+        warnings = await _start_check(fd, caplog)
+        assert len(warnings) == 1 and "imagine-bot sync" in warnings[0], warnings
+        assert _named(warnings[0]) == {"/queue", "/queue-admin"}
+        assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+        bot = ImagineBot(config=Config(), queue=None, background=False)   # what `imagine-bot sync` does
+        async with bot:
+            await bot.login(fd.bot_token)
+            await bot.tree.sync()
+        assert {c["name"] for c in fd.global_commands} == NAMES
+        assert await _start_check(fd, caplog) == []
+        fd.assert_clean()
+
+
 # --- imagine-bot sync --global / --clear-guild ------------------------------------------------------
 
 
@@ -134,13 +183,13 @@ async def test_sync_global_registers_globally_although_sync_guild_is_set(tmp_pat
         assert {c["name"] for c in fd.global_commands} == NAMES
         assert not fd.guild_commands.get(fd.guild_id)
         (line,) = out.splitlines()
-        assert line.startswith("synced 5 commands to every guild")
+        assert line.startswith("synced 6 commands to every guild")
         # That server would keep (and a start would re-register) its own copies: say how to end that.
         assert f"sync_guild is {fd.guild_id}: set it to 0" in line and f"--clear-guild {fd.guild_id}" in line
 
         out = await _sync(fd, monkeypatch, capsys, cfg)   # without --global: sync_guild, as before
         assert {c["name"] for c in fd.guild_commands[fd.guild_id]} == NAMES
-        assert out.startswith(f"synced 5 commands to guild {fd.guild_id}")
+        assert out.startswith(f"synced 6 commands to guild {fd.guild_id}")
         fd.assert_clean()
 
 
@@ -159,7 +208,7 @@ async def test_sync_clear_guild_removes_that_servers_copies_and_leaves_the_globa
         assert {c["name"] for c in fd.guild_commands[other.id]} == NAMES   # only the one named
         assert {c["name"] for c in fd.global_commands} == NAMES
         (line,) = out.splitlines()
-        assert line.startswith(f"removed 5 commands from guild {fd.guild_id}: /") and "global commands stay" in line
+        assert line.startswith(f"removed 6 commands from guild {fd.guild_id}: /") and "global commands stay" in line
         assert "sync_guild" not in line
         puts = len(fd.find_requests("PUT"))
 

@@ -1,5 +1,6 @@
-"""A job cancelled for a banned word (render.withholds_prompt: CANCELLED, or ended DONE by a worker
-that finished before it saw the cancel) is withheld everywhere its reply is: the contact sheet of its
+"""A job cancelled for a banned word (render.withholds_prompt: CANCELLED, its final stored too when
+its worker finished it before it saw the cancel, or ended DONE so by a worker of an earlier version)
+is withheld everywhere its reply is: the contact sheet of its
 set shows neither its picture nor its caption nor the set's template, /history shows no prompt of
 it, and no Reroll, Continue or remix starts a new job from its prompt or its final state."""
 
@@ -10,49 +11,60 @@ import pytest
 
 from bot import contact_sheet, render
 from engine.jobs import JobState
-from tests.test_bot_cancel_reasons import WORD, _public_text, _queue, _reply, _status
+from tests.test_bot_cancel_reasons import WORD, _public_text, _queue, _reply, _status, finish_as_an_older_worker
 from tests.test_bot_permutations import _png, _rgb, _set_jobs, _sheet_messages
 from tests.test_bot_support import (  # noqa: F401 - the fixture
     claim_jobs, ephemeral_answer, harness,
 )
 
 pytestmark = pytest.mark.asyncio
+# How the banned running job's worker ends it: this version's finish (CANCELLED), or an earlier
+# version's (DONE, the request on the record), which the bot still withholds.
+by_either_worker = pytest.mark.parametrize("older_worker", [False, True], ids=["finish", "older-worker-finish"])
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64
 
 
 async def _ban(h, *job_ids: str) -> None:
-    text = await ephemeral_answer(h, "queue ban-word add", {"entry": WORD}, user=h.fd.admin_user)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=h.fd.admin_user)
     assert all(f"`{j}`" in text for j in job_ids), text
 
 
-async def _finish(h, job_id: str, png: bytes) -> None:
-    """Its worker's last steps (the store's own calls): the final state, the final, the video, DONE."""
+async def _finish(h, job_id: str, png: bytes, older_worker: bool = False) -> None:
+    """Its worker's last steps (the store's own calls): the final state, the final, the video, the
+    finish (DONE; CANCELLED when its cancel was asked); `older_worker`: that finish as an earlier
+    version wrote it (DONE)."""
     await h.queue.put_artifact(job_id, "state.pt", b"a final state")
     await h.queue.put_artifact(job_id, "final.png", png)
     await h.queue.put_artifact(job_id, "video.mp4", VIDEO)
-    assert await h.queue.finish(job_id, (await h.queue.get(job_id)).lease_id, 0.2)
+    if older_worker:
+        finish_as_an_older_worker(h, job_id)
+    else:
+        assert await h.queue.finish(job_id, (await h.queue.get(job_id)).lease_id, 0.2)
 
 
-async def _banned_done_and_cancelled(h) -> tuple[str, str]:
-    """Two jobs of WORD: one running when it was banned, which its worker then finished (DONE, the
-    cancel on its record, a final state and a final), and one cancelled while it waited."""
+async def _banned_finished_and_cancelled(h, older_worker: bool) -> tuple[str, str]:
+    """Two jobs of WORD: one running when it was banned, which its worker then finished (the cancel
+    on its record, a final state and a final; CANCELLED, or DONE by an `older_worker`), and one
+    cancelled while it waited."""
     running = await _queue(h, f"a {WORD} at dawn")
     waiting = await _queue(h, f"a {WORD} at dusk")
     await claim_jobs(h.queue, [running])
     await _ban(h, running, waiting)
-    await _finish(h, running, _png((255, 0, 0)))
+    await _finish(h, running, _png((255, 0, 0)), older_worker)
     record = await h.wait_delivered(running)
-    assert (record.state, record.cancel_requested, render.withholds_prompt(record)) == (JobState.DONE, True, True)
+    state = JobState.DONE if older_worker else JobState.CANCELLED
+    assert (record.state, record.cancel_requested, render.withholds_prompt(record)) == (state, True, True)
     for job_id in (running, waiting):
         assert "Cancelled" in await _status(h, job_id)
     return running, waiting
 
 
-async def test_the_contact_sheet_shows_no_picture_or_caption_of_a_banned_cancel_nor_the_template(harness):
+@by_either_worker
+async def test_the_contact_sheet_shows_no_picture_or_caption_of_a_banned_cancel_nor_the_template(harness, older_worker):
     """The set's template holds every option, the banned word too; a banned job's caption is its
-    option. A job that ended DONE after the cancel has a final: it gets no tile (its reply posted no
-    picture either). The other jobs' tiles and captions stay."""
+    option. A job its worker finished after the cancel has a final: it gets no tile (its reply
+    posted no picture either). The other jobs' tiles and captions stay."""
     h = harness
     fd = h.fd
     await h.start(worker=False)
@@ -67,7 +79,7 @@ async def test_the_contact_sheet_shows_no_picture_or_caption_of_a_banned_cancel_
     await claim_jobs(h.queue, ids[2:])
     colours = {0: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}
     for i, colour in colours.items():   # the banned one's worker finishes it before it sees the cancel
-        await _finish(h, ids[i], _png(colour))
+        await _finish(h, ids[i], _png(colour), older_worker and i == 0)
 
     await fd.wait_for(lambda: _sheet_messages(fd), 10, "the contact sheet")
     (sheet,) = _sheet_messages(fd)
@@ -75,9 +87,10 @@ async def test_the_contact_sheet_shows_no_picture_or_caption_of_a_banned_cancel_
     head, count, *lines = sheet.content.split("\n")
     assert head == f"**Contact sheet** · {render.PROMPT_WITHHELD}" and count.startswith("2 of 4 variations"), count
     assert len(lines) == 4
-    for line, job_id in zip(lines[:2], ids[:2]):
-        assert line.startswith(f"• {render.PROMPT_WITHHELD} (cancelled) · `{job_id}`"), line
-    assert lines[2].startswith(f"• dog · hat · `{ids[2]}`") and lines[3].startswith(f"• dog · box · `{ids[3]}`")
+    for number, (line, job_id) in enumerate(zip(lines[:2], ids[:2]), 1):
+        assert line.startswith(f"{number}. {render.PROMPT_WITHHELD} (cancelled) · `{job_id}`"), line
+    # Numbered by their place in the set: the tiles' captions (3., 4.) match these lines.
+    assert lines[2].startswith(f"3. dog · hat · `{ids[2]}`") and lines[3].startswith(f"4. dog · box · `{ids[3]}`")
     # Two tiles, the dogs' finals, in order: nothing of the banned job's red final.
     image = _rgb(fd.attachment_bytes(sheet.attachments[0]))
     spec = contact_sheet.layout(2, contact_sheet.MIN_TILE)
@@ -88,12 +101,14 @@ async def test_the_contact_sheet_shows_no_picture_or_caption_of_a_banned_cancel_
     fd.assert_clean()
 
 
-async def test_history_withholds_the_prompt_of_a_banned_cancel(harness):
+@by_either_worker
+async def test_history_withholds_the_prompt_of_a_banned_cancel(harness, older_worker):
     """/history is private, but the prompt is what the admins took off the channel: it reads as the
-    public reply does, and the job that ended DONE after the cancel reads as cancelled, as there."""
+    public reply does, and the job an older worker ended DONE after the cancel reads as cancelled,
+    as there."""
     h = harness
     await h.start(worker=False)
-    done, cancelled = await _banned_done_and_cancelled(h)
+    done, cancelled = await _banned_finished_and_cancelled(h, older_worker)
     kept = await _queue(h, "a quiet meadow")
 
     text = await ephemeral_answer(h, "history")
@@ -105,16 +120,17 @@ async def test_history_withholds_the_prompt_of_a_banned_cancel(harness):
     h.fd.assert_clean()
 
 
-async def test_no_reroll_or_remix_starts_from_a_banned_cancel_even_once_the_word_is_removed(harness):
+@by_either_worker
+async def test_no_reroll_or_remix_starts_from_a_banned_cancel_even_once_the_word_is_removed(harness, older_worker):
     """Its reply has no buttons (a Reroll would queue the banned prompt again); /remix (and the Remix
-    button, which shares its check) would start from the final state that the DONE one has. Refused privately, naming
-    neither the prompt nor the word; nothing queued. Once the word is removed from the list, the
+    button, which shares its check) would start from the final state that the finished one has.
+    Refused privately, naming neither the prompt nor the word; nothing queued. Once the word is removed from the list, the
     prompt passes the refused words: the job's cancel still refuses."""
     h = harness
     fd = h.fd
     await h.start(worker=False)
-    done, cancelled = await _banned_done_and_cancelled(h)
-    await ephemeral_answer(h, "queue ban-word remove", {"entry": WORD}, user=fd.admin_user)
+    done, cancelled = await _banned_finished_and_cancelled(h, older_worker)
+    await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": WORD}, user=fd.admin_user)
 
     for job_id in (done, cancelled):
         assert _reply(h, job_id).custom_ids == []   # no Reroll, Continue or Remix button on it

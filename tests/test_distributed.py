@@ -85,6 +85,7 @@ def start_worker(url: str, worker_id: str, files, log_dir: Path, decoder: Path |
         "--clip-model", str(files.clip_torchscript), "--decoder", str(decoder or files.decoder_pickle),
         "--trust-decoder", "--device", "cpu", "--max-batch", "1", "--worker-id", worker_id,
         "--cache-dir", str(files.cache_dir),
+        "--encoder", str(files.encoder_pickle),   # the tiny one: the default, openai's, is a download
         # A checkpoint at every frame (the default is timed, every 60 s): the kill -9 tests take
         # a job over from the last frame's checkpoint.
         "--checkpoint-every", "0",
@@ -346,6 +347,38 @@ async def test_redis_killed_and_restarted_mid_run_every_job_completes_once(rq, r
         assert await rq.get_artifact(job.id, "final.png") is not None
     assert all(w.proc.poll() is None for w in redis_workers)   # the same processes, reconnected
     await wait_workers(rq, redis_workers, timeout=20)
+
+
+async def test_redis_down_longer_than_the_lease_costs_a_running_job_no_attempt(rq, redis_workers, redis_aof):
+    """Redis stopped for three leases mid-job, then back with its data (append-only file): by its
+    clock the running job's lease ran out meanwhile. The first sweep after the restart (the test's
+    here, as the idle worker's next claim would be) used to requeue the job: a second attempt,
+    resumed from an older checkpoint. Now a Redis that restarted gives the workers a full lease to
+    renew first: the job keeps its run (one claim, the same lease) and its frames go on."""
+    await wait_workers(rq, redis_workers)
+    follow = Follower(rq)
+    await follow.skip_to_end()
+    job = await rq.submit(spec(iterations=100_000, frame_every=20))
+    await follow.until(lambda: follow.count(job.id, EventKind.PROGRESS) >= 2, what="the job under way")
+    before = await rq.get(job.id)
+    redis_aof.stop()
+    await asyncio.sleep(3 * LEASE)
+    redis_aof.proc = start_redis_process(redis_aof.args, redis_aof.port)
+    assert await rq.sweep() == 0   # every lease ran out by Redis's clock: none counts as expired yet
+    last_before = max(e.iteration for e in follow.of(job.id) if e.kind == EventKind.PROGRESS)
+    await follow.until(lambda: any(e.kind == EventKind.PROGRESS and e.iteration > last_before + 40
+                                   for e in follow.of(job.id)), what="frames after the restart")
+    await asyncio.sleep(2 * LEASE)   # past the grace: its worker renewed the lease
+    record = await rq.get(job.id)
+    assert record.state == JobState.RUNNING and record.attempts == 1, record
+    assert record.lease_id == before.lease_id and record.worker_id == before.worker_id
+    await follow.pump(0)
+    kinds = follow.kinds(job.id)
+    assert kinds.count(EventKind.STARTED) == 1 and kinds.count(EventKind.QUEUED) == 1, kinds   # never requeued
+    frames = [e.iteration for e in follow.of(job.id) if e.kind == EventKind.PROGRESS]
+    assert frames == sorted(set(frames)), frames   # one run's frames, on from where it was
+    assert await rq.cancel(job.id)
+    await follow.until(lambda: follow.finished([job.id]), what="the cancel")
 
 
 # --- load: none lost, none twice, fair ----------------------------------------------------------

@@ -186,7 +186,8 @@ def test_gumbel_softmax_is_a_distribution_over_all_codes_or_two_halves():
     ("a house", [PromptPart("a house", 1.0)]),
     ("a house | by Escher:0.5 | blurry:-1", [PromptPart("a house"), PromptPart("by Escher", 0.5), PromptPart("blurry", -1.0)]),
     ("a sign: open", [PromptPart("a sign: open")]),
-    ("ratio 16:9:2", [PromptPart("ratio 16:9", 2.0)]),
+    ("ratio 16:9: 2", [PromptPart("ratio 16:9", 2.0)]),   # a weight after a digit takes a space
+    ("ratio 16:9:2", [PromptPart("ratio 16:9:2")]),      # else a colon between digits is text
 ])
 def test_parse_prompt(prompt, parts):
     assert parse_prompt(prompt) == parts

@@ -22,6 +22,7 @@ from tests.fakediscord import FakeDiscord, running_bot
 from tests.queue_fixtures import QueueFactory, queue_factory, redis_server  # noqa: F401 - fixtures
 from tests.test_bot_support import Harness, test_config
 from tests.metrics_support import get, samples, value
+from tests.test_ops import WorkerProcess
 
 LEASE = 2   # seconds: the liveness window is then MIN_WORKER_WINDOW (two leases would be 4 s)
 
@@ -128,6 +129,48 @@ async def test_a_bot_without_an_embedded_worker_reports_whether_any_gpu_worker_i
         assert code == 200 and report["degraded"] == ["workers"]
         assert report["checks"]["workers"]["alive"] == 0
         assert value(await metrics(http, base), "imagine_workers_alive") == 0
+        fd.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_only_the_bot_exports_workers_alive_and_the_store_gauges_not_an_imagine_worker_process(
+        queue_factory, tmp_path, tiny_model_files):
+    """The README's scrape config scrapes the bot and every worker, and its alert reads
+    `imagine_workers_alive == 0 and on() imagine_queue_jobs{state="queued"} > 0`. So a real
+    `imagine-worker` process on the bot's store must not export imagine_workers_alive at all (a 0
+    there fired that alert on every worker target), nor the store's gauges the bot alone tracks;
+    the bot's /metrics counts that worker."""
+    url = queue_url(queue_factory)
+    config = test_config(tmp_path, queue={"url": url}, worker={"embedded": False})
+    async with contextlib.AsyncExitStack() as stack:
+        fd = await FakeDiscord().start()
+        stack.push_async_callback(fd.close)
+        resources = await stack.enter_async_context(open_resources(config, http_port=0))
+        bot = make_bot(resources)
+        await stack.enter_async_context(running_bot(fd, bot))
+        worker = WorkerProcess(url, tiny_model_files, tmp_path / "worker.log")
+        stack.push_async_callback(asyncio.to_thread, worker.stop)
+        await asyncio.to_thread(worker.wait_ready)
+        bot_base = f"http://127.0.0.1:{resources.http_port}"
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+
+        try:   # it claims once its models have loaded (seconds; more on a busy machine)
+            code, report = await wait_workers_check(http, bot_base, True, timeout=90)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nthe worker's log:\n{worker.log()}") from None
+        assert report["checks"]["workers"]["workers"] == ["ops-test"], worker.log()
+        m = await metrics(http, bot_base)
+        assert value(m, "imagine_workers_alive") == 1
+        assert value(m, "imagine_queue_jobs", state="queued") == 0
+        assert value(m, "imagine_kept_state_bytes") == 0
+
+        code, text = await get(http, f"{worker.base}/metrics")
+        assert code == 200
+        for name in ("imagine_workers_alive", "imagine_queue_jobs", "imagine_kept_state_bytes"):
+            assert name not in text, f"a worker exports {name}:\n{text}"
+        m = samples(text)   # its own view of the queue stays
+        assert value(m, "imagine_queue_length") == 0 and value(m, "imagine_queue_up") == 1
+        assert value(m, "imagine_gpu_thread_alive") == 1
         fd.assert_clean()
 
 

@@ -4,6 +4,7 @@ container files (Dockerfile through hadolint, compose.yaml through `docker compo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -62,6 +63,7 @@ class WorkerProcess:
         cmd += [] if url_in_env else ["--queue", queue_url]
         cmd += ["--clip-model", clip_model or str(files.clip_torchscript),
                 "--decoder", str(files.decoder_pickle), "--trust-decoder", "--device", "cpu",
+                "--encoder", "",   # none: the default, openai's, is a download
                 "--cache-dir", str(cache_dir or files.cache_dir), "--worker-id", "ops-test",
                 "--http-port", "0", "--log-level", "INFO"]
         env = {**{k: v for k, v in os.environ.items() if k != "IMAGINE_QUEUE_URL"}, **(env or {})}
@@ -568,6 +570,9 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
                                                      "positive number of GiB, got nan"),
     (["--queue", "x.db", "--keep-state-gib", "inf"], "argument --keep-state-gib: must be 0 (no budget) or a "
                                                      "positive number of GiB, got inf"),
+    # SAQ's worker registry splits its keys on ':': such a worker was never listed (/healthz: no GPU worker).
+    (["--queue", "x.db", "--worker-id", "box1:gpu0"], "argument --worker-id: must not contain ':' (the worker "
+                                                      "registry splits on it), got 'box1:gpu0'"),
 ])
 def test_imagine_worker_refuses_bad_settings_at_parse_time_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     from engine.worker import main
@@ -580,6 +585,23 @@ def test_imagine_worker_refuses_bad_settings_at_parse_time_in_one_line(args, mes
     assert "s3cret" not in err and not os.listdir(tmp_path)
 
 
+def test_the_bot_refuses_a_worker_id_with_a_colon_as_imagine_worker_does(tmp_path, monkeypatch, capsys):
+    """[worker] worker_id names the embedded worker in the same registry as --worker-id: refused at
+    start in one line, exit 2, not found out later as a missing worker on /healthz."""
+    from bot.__main__ import main as bot_main
+    from bot.config import config_from_dict
+    from tests.test_bot_config import GOOD_TOKEN
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[worker]\nworker_id = "box1:gpu0"\n')
+    monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+    assert bot_main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("imagine-bot: [worker] worker_id: must not contain ':' (the worker registry splits on it), "
+                   "got 'box1:gpu0'\n")
+    assert config_from_dict({"worker": {"worker_id": "box1-gpu0"}}).worker.worker_id == "box1-gpu0"
+
+
 def test_imagine_worker_parses_what_it_accepts():
     from engine.worker import build_parser
 
@@ -589,6 +611,8 @@ def test_imagine_worker_parses_what_it_accepts():
     assert args.device == "cuda:1" and args.max_batch is None and args.compile == "eager"
     assert args.known_sha256 == ["ab" * 32, "cd" * 32]
     assert args.keep_days == 30.0   # finished jobs' state.pt (48-192 MiB each) is not kept for ever
+    # The dVAE encoder (init images) as the bot's embedded worker has it; '' is none.
+    assert args.encoder == "openai" and build_parser().parse_args(["--queue", "x.db", "--encoder", ""]).encoder == ""
     assert build_parser().parse_args(["--queue", "x.db", "--keep-days", "0"]).keep_days is None   # 0: never
     # The least values the queues take are taken here too (a shared IMAGINE_QUEUE_URL must start both).
     from engine.worker import check_queue_url
@@ -665,3 +689,104 @@ def test_imagine_worker_with_an_unreachable_redis_exits_2_in_one_line_with_the_p
     assert (f"imagine-worker: cannot open the queue redis://:***@127.0.0.1:{port}/0?reconnect_timeout=2: "
             in proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr and "s3cret" not in proc.stderr
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key (as a private CA's would be, to a client
+    without that CA), made by openssl."""
+    exe = shutil.which("openssl")
+    if exe is None:
+        pytest.fail("openssl is not on PATH: it makes this test's self-signed certificate")
+    cert, key = folder / "server.crt", folder / "server.key"
+    subprocess.run([exe, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@contextlib.asynccontextmanager
+async def _tls_in_front_of(port: int, cert: Path, key: Path):
+    """A TLS server (Python's ssl, this certificate) that forwards each connection to the plain
+    redis-server on `port`: a rediss:// server, which this redis-server, built without TLS, is not.
+    Yields its port."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(client_reader, redis_writer), pipe(redis_reader, client_writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+A_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"   # shaped as a bot's
+
+
+async def test_a_tls_certificate_that_cannot_be_verified_fails_at_once_naming_ssl_ca_certs(tmp_path):
+    """rediss:// to a server whose certificate a private CA signed, without that CA: the handshake's
+    certificate verification error was retried for reconnect_timeout like a dropped link, then
+    reported as "check ... that its server is up". Now imagine-worker (and imagine-bot) exits 2 at once, in one line
+    naming the cause and the fix, and the fix it names works."""
+    from engine.queue import open_queue
+    from engine.queue.redis import CertificateNotVerified
+
+    cert, key = _self_signed_certificate(tmp_path)
+    redis = start_redis()
+    try:
+        async with _tls_in_front_of(redis.port, cert, key) as port:
+            url = f"rediss://127.0.0.1:{port}/0"
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                *_worker_cmd("--queue", f"{url}?reconnect_timeout=60", "--device", "cpu", "--log-level", "ERROR"),
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 180)
+            err = stderr.decode()
+            assert proc.returncode == 2, err
+            # At once: not after the 60 s of retries an unreachable server gets (torch's import aside).
+            assert time.monotonic() - started < 45, err
+            assert err.startswith(f"imagine-worker: cannot open the queue {url}?reconnect_timeout=60: the Redis "
+                                  "server's TLS certificate could not be verified ("), err
+            assert err.rstrip().endswith("give that CA's certificate on the URL, ?ssl_ca_certs=/path/ca.crt"), err
+            assert "server is up" not in err and len(err.strip().splitlines()) == 1, err
+
+            # The bot says the same, in the same one line.
+            bot = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bot", "--queue", url, "--no-worker", cwd=tmp_path,
+                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DISCORD_TOKEN": A_TOKEN},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, stderr = await asyncio.wait_for(bot.communicate(), 180)
+            err = stderr.decode()
+            assert bot.returncode == 2, err
+            assert f"imagine-bot: cannot open the queue {url}: the Redis server's TLS certificate could not" in err, err
+            assert "ssl_ca_certs" in err and "server is up" not in err, err
+
+            started = time.monotonic()
+            with pytest.raises(CertificateNotVerified, match="self-signed certificate"):
+                await open_queue(f"{url}?reconnect_timeout=60").start()
+            assert time.monotonic() - started < 5
+            # The fix named: the CA's certificate (this self-signed one is its own CA) on the URL.
+            queue = open_queue(f"{url}?ssl_ca_certs={cert}")
+            await queue.start()
+            try:
+                job = await queue.submit(JobSpec(prompt="a cat", user_id=1, channel_id=2))
+                assert (await queue.get(job.id)).state == JobState.QUEUED
+            finally:
+                await queue.close()
+    finally:
+        redis.stop()

@@ -57,11 +57,10 @@ def test_the_cli_warns_before_the_models_load(tmp_path, capsys):
     ("a house | blurry:\u22121", [("a house", 1.0), ("blurry", -1.0)]),        # Unicode minus U+2212
     ("a house | blurry:\uff0d0.5", [("a house", 1.0), ("blurry", -0.5)]),      # full-width minus
     ("a house | blurry: \u22122e-1", [("a house", 1.0), ("blurry", -0.2)]),
-    # Colons that are text stay text, as before; a trailing :number stays a weight, as before.
+    # Colons that are text stay text, as before.
     ("time 10:30 pm", [("time 10:30 pm", 1.0)]),
     ("a sign that says: open", [("a sign that says: open", 1.0)]),
     ("smile :-)", [("smile :-)", 1.0)]),
-    ("ratio 16:9", [("ratio 16", 9.0)]),
 ])
 def test_weights_in_exponent_form_and_with_a_unicode_minus_are_numbers(prompt, parts):
     assert [(p.text, p.weight) for p in parse_prompt(prompt)] == parts
@@ -93,6 +92,53 @@ def test_a_weight_that_is_no_finite_number_is_refused_not_read_as_text(prompt, s
 def test_ordinary_text_after_a_colon_stays_text(prompt):
     """Only a tail that is one plainly number-like token is taken for a broken weight."""
     assert [(p.text, p.weight) for p in parse_prompt(prompt)] == [(prompt, 1.0)]
+
+
+@pytest.mark.parametrize("prompt", [
+    "a clock showing 10:30",          # was "a clock showing 10" at weight 30
+    "a castle, aspect ratio 16:9",    # weight 9
+    "scripture, John 3:16",           # weight 16
+    "a city skyline at 7:00",         # weight 0: refused, nothing positive
+    "John 3:16:2",                    # the last colon is between digits too
+])
+def test_a_colon_between_digits_is_text_not_a_weight(prompt):
+    assert [(p.text, p.weight) for p in parse_prompt(prompt)] == [(prompt, 1.0)]
+
+
+@pytest.mark.parametrize("prompt, parts", [
+    ("a house | by Escher:0.5 | blurry:-1", [("a house", 1.0), ("by Escher", 0.5), ("blurry", -1.0)]),
+    ("a cat:2", [("a cat", 2.0)]),
+    ("a cat: 2", [("a cat", 2.0)]),
+    ("x:0.5 | blurry:-1", [("x", 0.5), ("blurry", -1.0)]),
+    ("x:1e-1", [("x", 0.1)]),
+    ("a house at 7:30 | blurry:-1", [("a house at 7:30", 1.0), ("blurry", -1.0)]),
+    # After a digit a weight takes a space (or a sign, which is no digit).
+    ("ratio 16:9: 2", [("ratio 16:9", 2.0)]),
+    ("a house | John 3:16 :0.5", [("a house", 1.0), ("John 3:16", 0.5)]),
+    ("a house | page 12:-1", [("a house", 1.0), ("page 12", -1.0)]),
+    # A decimal weight straight after a digit is still a weight (as before the rule for times).
+    ("photo from 1985:0.5 | a house", [("photo from 1985", 0.5), ("a house", 1.0)]),
+    ("model v2:1.5 | blurry:-1", [("model v2", 1.5), ("blurry", -1.0)]),
+])
+def test_documented_weights_still_parse_next_to_colons_between_digits(prompt, parts):
+    assert [(p.text, p.weight) for p in parse_prompt(prompt)] == parts
+
+
+def test_a_number_out_of_range_after_a_colon_is_refused_saying_how_to_keep_the_colon_as_text(tmp_path, capsys):
+    """`retro movie poster: 1984` most likely meant the colon as text, but a weight of 1984 may as
+    well be a typo for 19.84: refused, not guessed, with both ways out. The CLI parses the same way:
+    a time there reaches the model loading (no prompt error), the poster is refused with that text."""
+    from engine.prompts import PromptError
+
+    with pytest.raises(PromptError) as err:
+        parse_prompt("retro movie poster: 1984")
+    assert str(err.value) == ("the weight of 'retro movie poster' must be a number between -100 and 100; if "
+                              "': 1984' is text, not a weight, drop that colon or add a word after the number")
+    for prompt, error in [("a city skyline at 7:00", "nope.pt"), ("retro movie poster: 1984", "drop that colon")]:
+        code = cli.main([prompt, "--out", str(tmp_path / "o"), "--clip-model", str(tmp_path / "nope.pt"),
+                         "--device", "cpu"])
+        err_lines = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(err_lines) == 1 and error in err_lines[0], (prompt, err_lines)
 
 
 def test_an_overflowing_exponent_is_refused_by_the_range_check():

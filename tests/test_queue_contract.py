@@ -132,6 +132,32 @@ async def test_claim_respects_grids_and_pause(queue: JobQueue):
     assert got is not None and got.id == small.id
 
 
+async def test_a_claim_without_init_images_passes_over_the_jobs_that_need_the_encoder(queue: JobQueue):
+    """A worker without the dVAE encoder claims with init_images=False: a job that starts from its
+    init image keeps its place (no attempt spent) and waits for a worker with the encoder, and the
+    job behind it is taken. One resumed from a checkpoint, or starting from a parent's state, needs
+    no encoder: taken like any other."""
+    upload = upload_id_of(b"a start picture")
+    assert await queue.put_artifact(upload, "image.png", b"png") is True
+    init = await queue.submit(spec(1, "from a picture", extra=image_ref(upload, "init_image")))
+    plain = await queue.submit(spec(2, "from noise"))
+    got = await queue.claim("no-encoder", init_images=False)
+    assert got is not None and got.id == plain.id
+    assert await queue.claim("no-encoder", init_images=False) is None
+    waiting = await queue.get(init.id)
+    assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0) and await queue.position(init.id) == 1
+    got = await queue.claim("encoder")   # init_images=True, the default
+    assert got is not None and got.id == init.id
+    assert await queue.put_artifact(init.id, "state.pt", b"state", got.lease_id) is True
+    assert await queue.finish(init.id, got.lease_id, 0.3) is True
+
+    resumed = await queue.submit(spec(3, "resumed", extra=image_ref(upload, "init_image")))
+    assert await queue.save_checkpoint(Checkpoint(resumed.id, 10, b"ckpt")) is True
+    child = await queue.submit(spec(4, "a remix", extra=image_ref(upload, "init_image"), parent_job_id=init.id,
+                                    parent_kind="remix"))
+    assert [(await queue.claim("no-encoder", init_images=False)).id for _ in range(2)] == [resumed.id, child.id]
+
+
 async def test_a_paused_server_waits_while_other_servers_jobs_start(queue: JobQueue):
     """An admin's pause of one server: claims skip its queued jobs (they keep their places) and take
     the others in the fair order; its running job goes on; resuming lets its jobs start. The bot
@@ -334,6 +360,54 @@ async def test_a_running_jobs_cancel_reason_survives_every_way_its_worker_ends_i
     assert got.state == JobState.CANCELLED and got.error is None
 
 
+async def test_a_run_finished_after_its_cancel_was_asked_ends_cancelled(queue: JobQueue):
+    """Its worker finished the run before it saw the request (between two heartbeats): the cancel
+    wins, as it does over `fail` and `release`. CANCELLED with the cancel's reason and the CANCELLED
+    event, no DONE; `finish` still says it ended the job; the run's similarity is kept. Redis's
+    worker stats count it aborted, not complete."""
+    cancelled = await queue.submit(spec(1))
+    done = await queue.submit(spec(2))
+    leases = {r.id: r.lease_id for r in [await queue.claim("w1"), await queue.claim("w1")]}
+    assert await queue.cancel(cancelled.id, reason="by an admin") is True
+    after = await last_seq(queue)
+    assert await queue.finish(cancelled.id, leases[cancelled.id], 0.42) is True
+    assert await queue.finish(done.id, leases[done.id], 0.5) is True
+    got = await queue.get(cancelled.id)
+    assert (got.state, got.error, got.lease_id) == (JobState.CANCELLED, "by an admin", None)
+    assert got.finished_at is not None and got.similarity == pytest.approx(0.42)
+    assert (await queue.get(done.id)).state == JobState.DONE
+    assert [(e.job_id, e.kind) for e in await all_events(queue, after)] == [
+        (cancelled.id, EventKind.CANCELLED), (done.id, EventKind.DONE)]
+    assert {r.id for r in await queue.undelivered()} == {cancelled.id, done.id}
+    assert await queue.finish(cancelled.id, leases[cancelled.id], 0.5) is False   # ended: the fence refuses
+    if hasattr(queue, "_stats"):   # Redis: SAQ's worker registry
+        assert queue._stats["w1"] == {"complete": 1, "failed": 0, "retried": 0, "aborted": 1}
+
+
+async def test_a_replacing_cancel_sets_its_reason_only_while_the_job_has_not_ended(queue: JobQueue):
+    """`cancel(replace_reason=True)` (a banned word's) puts its reason over an earlier request's on
+    a running job, and the worker's end keeps it; a plain second request keeps the first reason.
+    A finished job's reason never changes."""
+    rec = await queue.submit(spec(1))
+    lease_id = (await queue.claim("w1")).lease_id
+    assert await queue.cancel(rec.id, reason="by an admin") is True
+    assert await queue.cancel(rec.id, reason="banned word") is True
+    assert (await queue.get(rec.id)).error == "by an admin"
+    assert await queue.cancel(rec.id, reason="banned word", replace_reason=True) is True
+    got = await queue.get(rec.id)
+    assert (got.state, got.cancel_requested, got.error) == (JobState.RUNNING, True, "banned word")
+    await queue.mark_cancelled(rec.id, lease_id)
+    assert await queue.cancel(rec.id, reason="by an admin", replace_reason=True) is False
+    got = await queue.get(rec.id)
+    assert (got.state, got.error) == (JobState.CANCELLED, "banned word")
+
+    done = await queue.submit(spec(2))
+    assert await queue.finish(done.id, (await queue.claim("w1")).lease_id, 0.3) is True
+    assert await queue.cancel(done.id, reason="banned word", replace_reason=True) is False
+    got = await queue.get(done.id)
+    assert (got.state, got.error, got.cancel_requested) == (JobState.DONE, None, False)
+
+
 async def test_finish_and_late_finish(queue: JobQueue):
     rec = await queue.submit(spec())
     w1 = (await queue.claim("w1")).lease_id
@@ -443,6 +517,27 @@ async def test_lease_expiry_requeues_at_front(queue_factory: QueueFactory):
     events = [e for e in await all_events(q, after) if e.job_id == a.id]
     assert [(e.kind, e.message) for e in events] == [(EventKind.FAILED, "worker lost 2 times")]
     assert await q.finish(a.id, w2, 0.1) is False
+
+
+async def test_a_claim_leaves_the_claiming_workers_own_expired_leases_to_others(queue_factory: QueueFactory):
+    """A claim sweeps expired leases first, but not the claiming worker's own: a claim of w1's that
+    reached the store only after w1's lease ran out (sent just before the link went down, retried
+    until it came back) must not hand w1 back the job it is still running, as a second attempt with
+    the first run dropped. Another worker's claim does sweep it, and takes it over."""
+    q = await queue_factory.open(lease=0.3)
+    a = await q.submit(spec(1, "a"))
+    b = await q.submit(spec(2, "b"))
+    first = await q.claim("w1")
+    assert first.id == a.id
+    await asyncio.sleep(0.45)   # w1's lease on a ran out (its heartbeats did not get through)
+    got = await q.claim("w1")
+    assert got is not None and got.id == b.id   # the next job, not a again
+    assert await q.claim("w1") is None
+    still = await q.get(a.id)
+    assert (still.state, still.worker_id, still.lease_id, still.attempts) == (JobState.RUNNING, "w1", first.lease_id, 1)
+    got = await q.claim("w2")
+    assert got is not None and got.id == a.id and got.worker_id == "w2" and got.attempts == 2
+    assert await q.heartbeat(a.id, first.lease_id) is False
 
 
 async def test_heartbeat_keeps_the_lease(queue_factory: QueueFactory):
@@ -857,6 +952,55 @@ async def test_redis_jobs_from_before_the_guild_field_are_held_by_their_servers_
         await old.close()
 
 
+async def test_redis_jobs_from_before_the_needs_encoder_field_are_claimed_without_the_encoder(redis_server):
+    """Submit marks a job that needs the dVAE encoder (`needs_encoder`). One queued by a version
+    before that field (made here by removing it) is not known to: a worker without the encoder
+    claims it (and its NoEncoder failure hands it on), rather than it waiting for ever."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    q = RedisJobQueue(redis_server.url, prefix=f"enc-{uuid.uuid4().hex[:8]}")
+    await q.start()
+    try:
+        upload = upload_id_of(b"a start picture")
+        assert await q.put_artifact(upload, "image.png", b"png") is True
+        new = await q.submit(spec(1, extra=image_ref(upload, "init_image")))
+        old = await q.submit(spec(2, extra=image_ref(upload, "init_image")))
+        plain = await q.submit(spec(3))
+        assert await q.redis.hget(q._k("job", new.id), "needs_encoder") == b"1"
+        assert await q.redis.hget(q._k("job", plain.id), "needs_encoder") is None
+        await q.redis.hdel(q._k("job", old.id), "needs_encoder")
+        assert [(await q.claim("w", init_images=False)).id for _ in range(2)] == [old.id, plain.id]
+        assert await q.claim("w", init_images=False) is None
+        assert (await q.claim("w")).id == new.id
+    finally:
+        await q.close()
+
+
+async def test_redis_restart_grace_ends_when_the_clock_is_behind_its_start(redis_server):
+    """The grace a restarted Redis gives (no sweep for a lease) is measured from when the first sweep
+    saw it back (`<prefix>:server` since). Were the host's clock to step back after that (NTP after a
+    reboot), the grace would last the step longer, every lost worker's job stuck meanwhile: a clock
+    behind `since` gets no grace. (Redis's clock cannot be stepped here: `since` is put an hour
+    ahead instead, which is what the clock an hour back looks like.)"""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    q = RedisJobQueue(redis_server.url, prefix=f"clock-{uuid.uuid4().hex[:8]}", lease=0.3)
+    await q.start()
+    try:
+        rec = await q.submit(spec())
+        assert (await q.claim("w1")).id == rec.id   # its sweep records this Redis's run_id and since when
+        await asyncio.sleep(0.45)   # the lease ran out, and so did the grace
+        await q.redis.hset(q._k("server"), "since", repr(time.time() + 3600))
+        assert await q.sweep() == 1
+        assert (await q.get(rec.id)).state == JobState.QUEUED
+    finally:
+        await q.close()
+
+
 async def test_redis_refusing_the_password_fails_at_once_not_after_the_reconnect_timeout():
     """A Redis that wants a password, given none or a wrong one: the queue's start fails within
     seconds with Redis's own reason (and the URL's password never in it), instead of retrying an
@@ -959,7 +1103,7 @@ async def test_redis_submit_resent_after_a_lost_reply_queues_once(redis_server):
         def args(token: str, cap: str, *ids: str) -> list:
             out = [q.prefix, token, repr(time.time()), q.keep_events, q.max_attempts, repr(q.lease), cap, "5", len(ids)]
             for job_id in ids:
-                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), "", "", ""]
+                out += [job_id, str(CHANNEL), "32", "300", json.dumps(spec(5, job_id).to_dict()), "", "", "", "0"]
             return out
 
         batch = args("token-s1", "2", "job0000000a1", "job0000000a2")
@@ -1144,8 +1288,8 @@ async def test_redis_scripts_are_idempotent_when_resent(redis_server):
         a = await q.submit(spec(1))
         b = await q.submit(spec(2))
         base = [q.prefix, "token-1", repr(time.time()), q.keep_events, q.max_attempts, repr(q.lease)]
-        first = await q._scripts["claim"](keys=[], args=[*base, "w", "lease-1", -1])
-        again = await q._scripts["claim"](keys=[], args=[*base, "w", "lease-1", -1])
+        first = await q._scripts["claim"](keys=[], args=[*base, "w", "lease-1", "1", -1])
+        again = await q._scripts["claim"](keys=[], args=[*base, "w", "lease-1", "1", -1])
         assert first == again == a.id.encode()
         assert (await q.get(b.id)).state == JobState.QUEUED and (await q.get(a.id)).attempts == 1
         assert (await q.get(a.id)).lease_id == "lease-1"
@@ -1213,7 +1357,8 @@ async def test_the_same_worker_claiming_its_job_again_fences_off_its_first_run(q
     assert await q.save_checkpoint(Checkpoint(rec.id, 10, b"run1-ckpt"), first.lease_id) is True
     assert await q.put_artifact(rec.id, "final.png", b"run1-png", first.lease_id) is True
     await asyncio.sleep(0.3)  # the worker stalls: no heartbeat, its lease expires
-    second = await q.claim("gpu-1")  # the claim sweeps it back, and the same worker takes it again
+    assert await q.sweep() == 1   # swept back (its own claims never sweep its jobs: another's, or its own sweep)
+    second = await q.claim("gpu-1")  # ... and the same worker takes it again
     assert second.id == rec.id and second.worker_id == "gpu-1" and second.attempts == 2
     assert second.lease_id and second.lease_id != first.lease_id
     old, new = first.lease_id, second.lease_id
@@ -1262,6 +1407,7 @@ async def test_a_stale_lease_cannot_requeue_or_release_the_new_run(queue_factory
     rec = await q.submit(spec())
     old = (await q.claim("gpu-1")).lease_id
     await asyncio.sleep(0.3)
+    assert await q.sweep() == 1   # its lease ran out: back in line, and the same worker takes it again
     new = (await q.claim("gpu-1")).lease_id
     assert await q.fail(rec.id, old, "oom", retry=True) is None
     assert await q.release(rec.id, old) is False
@@ -1974,7 +2120,7 @@ async def test_a_job_cancelled_while_queued_drops_its_uploads_that_no_other_job_
     assert await q.cancel(runs.id) is True
     await q.mark_cancelled(runs.id, got.lease_id)
     assert await q.get_artifact(ran, "image.png") == ran.encode()
-    # /queue clear, of one server and of all: the same.
+    # /queue-admin clear, of one server and of all: the same.
     in_guild = await q.submit(spec(3, guild_id=BIG_USER, extra=image_ref(cleared)))
     elsewhere = await q.submit(spec(3, guild_id=BIG_USER + 1, extra=image_ref(kept)))
     assert await q.clear(BIG_USER) == 1

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engine.generate import state_from_bytes
-from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState, ParentGone
+from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState, ParentGone, upload_id_of
 from engine.queue import open_queue
 from engine.worker import Worker
 from tests.queue_fixtures import job_events
@@ -152,16 +152,119 @@ async def test_a_bad_prompt_fails_with_the_reason_and_is_not_retried(queue, tiny
     assert observer.ended == [(job.id, "failed")]
 
 
+async def init_image_spec(queue, user: int = 1) -> JobSpec:
+    """A job starting from an uploaded picture (as the bot uploads /imagine's init_image)."""
+    rng = np.random.default_rng(user)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    upload = upload_id_of(buf.getvalue())
+    assert await queue.put_artifact(upload, "init.png", buf.getvalue()) is True
+    return spec(user=user, extra={"init_image": {"artifact": [upload, "init.png"]}})
+
+
+NO_ENCODER = ("this worker has no dVAE encoder, so it cannot start from an init image (configure [worker] encoder, "
+              "or imagine-worker --encoder)")
+
+
+async def test_init_image_jobs_a_worker_without_an_encoder_claims_go_to_one_with_it(tmp_path, tiny_models):
+    """Two workers on one queue: "with" has the dVAE encoder, "without" none (imagine-worker
+    --encoder ''). An init-image job "without" claimed used to fail for good there (a ValueError,
+    never retried) while "with" sat idle, then went back for another worker (an attempt spent
+    each time); now "without" never claims one: "with" runs every one of them, at its first
+    attempt."""
+    from dataclasses import replace
+
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    q_with, q_without = open_queue(url), open_queue(url)   # as two processes
+    await q_with.start()
+    await q_without.start()
+    try:
+        await q_with.set_setting("paused", True)   # both claim (and are seen alive) before the first job
+        async with Worker(q_with, lambda: tiny_models, worker_id="with", max_batch=1, heartbeat_every=0.2), \
+                Worker(q_without, lambda: replace(tiny_models, encoder=None), worker_id="without", max_batch=1,
+                       heartbeat_every=0.2) as without:
+            jobs = [await q_with.submit(await init_image_spec(q_with, user=1 + i % 3)) for i in range(6)]
+            await asyncio.sleep(0.5)
+            await q_with.set_setting("paused", False)
+            records = [await wait_state(q_with, job.id, {JobState.DONE, JobState.FAILED}) for job in jobs]
+            assert without.models.encoder is None
+        assert [(r.state, r.worker_id, r.attempts) for r in records] == [(JobState.DONE, "with", 1)] * 6, \
+            [(r.state, r.worker_id, r.attempts, r.error) for r in records]
+        for record in records:
+            kinds = [e.kind for e in await job_events(q_with, record.id)]
+            assert kinds.count(EventKind.STARTED) == 1 and kinds.count(EventKind.QUEUED) == 1, kinds
+    finally:
+        await q_with.close()
+        await q_without.close()
+
+
+async def test_an_init_image_job_waits_for_the_busy_worker_with_an_encoder(tmp_path, tiny_models):
+    """The worker with the encoder is busy with a long job; the one without stays idle for longer
+    than max_attempts leases. The init-image job used to go to the idle one again after each
+    lease (a failed job is held for another worker for one lease only) and end FAILED there after
+    its attempts; now it waits in the line, QUEUED with no attempt spent, until the worker with
+    the encoder is free, which runs it."""
+    from dataclasses import replace
+
+    url = f"sqlite:///{tmp_path}/jobs.db?lease=1"
+    q_with, q_without = open_queue(url), open_queue(url)   # as two processes
+    await q_with.start()
+    await q_without.start()
+    try:
+        busy = await q_with.submit(spec("a long one", user=9, iterations=100_000, frame_every=1000))
+        async with Worker(q_with, lambda: tiny_models, worker_id="with", max_batch=1, heartbeat_every=0.2):
+            await wait_state(q_with, busy.id, {JobState.RUNNING})
+            async with Worker(q_without, lambda: replace(tiny_models, encoder=None), worker_id="without",
+                              max_batch=1, heartbeat_every=0.2, poll_every=0.05):
+                job = await q_with.submit(await init_image_spec(q_with))
+                await asyncio.sleep((q_with.max_attempts + 1) * q_with.lease)
+                waiting = await q_with.get(job.id)
+                assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0), waiting
+                assert await q_with.position(job.id) == 1
+                assert (await q_with.get(busy.id)).state == JobState.RUNNING
+                assert await q_with.cancel(busy.id) is True   # "with" is free now
+                record = await wait_state(q_with, job.id, {JobState.DONE, JobState.FAILED})
+        assert (record.state, record.worker_id, record.attempts) == (JobState.DONE, "with", 1), record
+    finally:
+        await q_with.close()
+        await q_without.close()
+
+
+async def test_an_init_image_job_no_worker_can_start_fails_after_its_attempts_with_the_reason(queue, tiny_models):
+    """Alone, the worker without an encoder leaves an init-image job in the line (it waits for a
+    worker with one) and runs the job behind it. One the claim cannot tell needs the encoder (it
+    has a checkpoint, which turns out damaged: the run starts over, from the init image) it does
+    claim: alone, it takes it back (nobody else would) until its attempts are spent, and it ends
+    FAILED with the reason itself, not another's."""
+    from dataclasses import replace
+
+    from engine.worker import pack_checkpoint
+
+    observer = Ends()
+    async with Worker(queue, lambda: replace(tiny_models, encoder=None), worker_id="w1", observer=observer):
+        waiting = await queue.submit(await init_image_spec(queue))
+        plain = await queue.submit(spec("from noise", user=2))
+        await wait_state(queue, plain.id, {JobState.DONE})
+        damaged = await queue.submit(await init_image_spec(queue, user=3))
+        assert await queue.save_checkpoint(Checkpoint(damaged.id, 0, pack_checkpoint({"iteration": 0}, []))) is True
+        record = await wait_state(queue, damaged.id, {JobState.FAILED}, timeout=20)
+        still = await queue.get(waiting.id)
+    assert (still.state, still.attempts) == (JobState.QUEUED, 0) and await queue.position(waiting.id) == 1
+    assert record.attempts == queue.max_attempts == 3 and record.error == NO_ENCODER
+    assert observer.ended == [(plain.id, "done"), (damaged.id, "retried"), (damaged.id, "retried"),
+                              (damaged.id, "failed")]
+
+
 async def test_a_failure_the_fence_refuses_is_not_counted_as_a_job_ending(queue, tiny_models, monkeypatch):
     """The run fails after it lost the job (taken over by w2): queue.fail is refused and changes
     nothing, so the worker must not count a job ending (the job is still running, on w2)."""
     real_fail, real_claim = queue.fail, queue.claim
     failing, taken_over = [], []
 
-    async def claim(worker_id, grids=None):
+    async def claim(worker_id, grids=None, **options):
         if worker_id == "w1" and failing:
             return None   # w1 does not take the job back: only w2 runs it now
-        return await real_claim(worker_id, grids)
+        return await real_claim(worker_id, grids, **options)
 
     async def fail_after_a_take_over(job_id, lease_id, reason, retry=True):
         failing.append(job_id)
@@ -590,16 +693,63 @@ async def test_a_busy_worker_sweeps_a_dead_workers_job_back_into_the_line(tmp_pa
         await q.close()
 
 
+@pytest.mark.parametrize("max_batch", [1, 2])   # 1: only its heartbeat loop sweeps; 2: its claims sweep too
+async def test_a_worker_whose_heartbeats_fail_past_its_lease_never_requeues_its_own_running_job(
+        tmp_path, tiny_models, monkeypatch, max_batch):
+    """The store drops the worker's heartbeats for three leases (a link down, Redis away for longer
+    than its reconnect_timeout), while the rest gets through. Its next sweep (its own claims, or its
+    heartbeat loop's) used to requeue the job it was still running: a second attempt, resumed from
+    an older checkpoint. Now it sweeps and claims only once its own leases are renewed: the job
+    keeps its run (one claim, the same lease) and steps on."""
+    q = open_queue(f"sqlite:///{tmp_path}/jobs.db?lease=1")
+    await q.start()
+    renew = q.heartbeat
+    dropped: list[str] = []
+    failing = False
+
+    async def flaky_heartbeat(job_id, lease_id):
+        if failing:
+            dropped.append(job_id)
+            raise ConnectionError("the store is unreachable")
+        return await renew(job_id, lease_id)
+
+    monkeypatch.setattr(q, "heartbeat", flaky_heartbeat)
+    steps = Steps()
+    try:
+        async with Worker(q, lambda: tiny_models, worker_id="w1", max_batch=max_batch, heartbeat_every=0.1,
+                          poll_every=0.05, observer=steps) as worker:
+            job = await q.submit(spec(iterations=100_000, frame_every=1000))
+            before = await wait_state(q, job.id, {JobState.RUNNING})
+            failing = True
+            await asyncio.sleep(3.0)   # three leases without a renewal
+            failing = False
+            assert len(dropped) > 10
+            await asyncio.sleep(1.5)   # renewed, then sweeps and claims again (w1's polls: 0.05 s)
+            stepped = steps.count
+            record = await q.get(job.id)
+            assert record.state == JobState.RUNNING and record.attempts == 1, record
+            assert record.lease_id == before.lease_id and runs_of(worker, job.id) == 1
+            await wait_until(lambda: steps.count > stepped, "the job to step on")
+            await q.cancel(job.id)
+            await wait_state(q, job.id, {JobState.CANCELLED})
+        kinds = [e.kind for e in await job_events(q, job.id)]
+        assert kinds.count(EventKind.STARTED) == 1 and kinds.count(EventKind.QUEUED) == 1, kinds   # never requeued
+    finally:
+        await q.close()
+
+
 async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(tmp_path, tiny_models, monkeypatch, caplog):
-    """The worker stalls past its lease on a job (its heartbeats for that run renew nothing), the
-    job is swept back and this same worker claims it again while the first run still steps: two
+    """The worker stalls past its lease on a job (its heartbeats for that run renew nothing, and
+    its writes hang), the job is swept back (its heartbeat loop's sweep: a claim never sweeps its
+    own worker's jobs) and this same worker claims it again while the first run still steps: two
     runs of one job on one worker. The first run's writes are refused (its lease is old), so it
     stops; the second resumes from the checkpoint and finishes. One DONE, and no frame of the
     first run after the second started."""
     q = open_queue(f"sqlite:///{tmp_path}/reclaim.db?lease=1")
     await q.start()
-    renew, claim = q.heartbeat, q.claim
+    renew, claim, publish, save = q.heartbeat, q.claim, q.publish, q.save_checkpoint
     stalled: dict[str, str] = {}
+    reclaimed = asyncio.Event()
     reclaimed_while_running: list[bool] = []
     holder: list[Worker] = []
 
@@ -608,18 +758,31 @@ async def test_a_worker_that_claims_its_own_lost_job_again_drops_the_stale_run(t
             return True   # the first run's heartbeats never reach the queue (a stall, as the queue sees it)
         return await renew(job_id, lease_id)
 
-    async def watching_claim(worker_id, grids=None):
-        record = await claim(worker_id, grids)
+    async def stalled_write(job_id, lease_id):
+        # The first run's writes, once its job was swept back, hang until the job is claimed again:
+        # the stall lasts past the re-claim (its first refused write would otherwise stop it before).
+        if stalled.get(job_id) == lease_id and (await q.get(job_id)).lease_id != lease_id:
+            await reclaimed.wait()
+
+    async def stalling_publish(event, lease_id=None):
+        await stalled_write(event.job_id, lease_id)
+        return await publish(event, lease_id)
+
+    async def stalling_save(checkpoint, lease_id=None):
+        await stalled_write(checkpoint.job_id, lease_id)
+        return await save(checkpoint, lease_id)
+
+    async def watching_claim(worker_id, grids=None, **options):
+        record = await claim(worker_id, grids, **options)
         if record is not None and record.attempts > 1:
             reclaimed_while_running.append(runs_of(holder[0], record.id) > 0)
+            reclaimed.set()
         return record
-
-    async def no_sweep():
-        return 0   # only claim() sweeps: the sweep and the re-claim happen in one transaction
 
     monkeypatch.setattr(q, "heartbeat", stalling_heartbeat)
     monkeypatch.setattr(q, "claim", watching_claim)
-    monkeypatch.setattr(q, "sweep", no_sweep)
+    monkeypatch.setattr(q, "publish", stalling_publish)
+    monkeypatch.setattr(q, "save_checkpoint", stalling_save)
     try:
         worker = Worker(q, lambda: tiny_models, worker_id="w1", max_batch=2, heartbeat_every=0.1,
                         checkpoint_every=0)
@@ -888,8 +1051,8 @@ async def test_a_job_claimed_as_the_worker_stops_is_handed_back_at_once(queue, t
     attempt not counted, instead of sitting RUNNING until a lease nobody renews expires."""
     real_claim, committed = queue.claim, asyncio.Event()
 
-    async def slow_reply(worker_id, grids=None):
-        record = await real_claim(worker_id, grids)
+    async def slow_reply(worker_id, grids=None, **options):
+        record = await real_claim(worker_id, grids, **options)
         if record is not None:
             committed.set()
             await asyncio.sleep(5)   # the reply still travelling when stop() comes

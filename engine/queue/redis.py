@@ -11,19 +11,25 @@ What SAQ (0.26) gives us, and what it does not:
   Lua without cjson turning 64-bit Discord ids into doubles). SAQ's notifications are pub/sub (lost
   while the bot is down); we need a durable, ordered event log.
 * So the line, the records, leases and events are ours, and every state change is one Lua script
-  (atomic, so two claimers never take the same job; claim() sweeps expired leases first;
+  (atomic, so two claimers never take the same job; claim() sweeps expired leases first, but
+  not the claiming worker's own: see `sweep`;
   `submit_many` checks the user's cap of queued jobs and queues the whole batch in one). Records
   are hashes (the spec is an opaque JSON string Lua never parses); the event log is a Redis stream
   whose entry ids are `<seq>-0`, so XREAD BLOCK is the long-poll and `seq` is monotonic for every
   process; frames live beside it in a hash capped at `keep_frames`. The claim skips the jobs of a
   paused server (setting `paused:<guild id>`): a job's server is its `guild` field, the id as a
   decimal string written at submit, compared as a string (cjson would round the spec's number).
+  A worker without the dVAE encoder claims past the jobs that need it: marked `needs_encoder` at
+  submit (an init image, no parent) and with no checkpoint.
 * Each claim stores a fresh lease token in the job (`lease`, returned as `JobRecord.lease_id`). A
   worker's writes (`publish`, `save_checkpoint`, `put_artifact` with `lease_id`, and finish / fail /
   mark_cancelled / release / heartbeat) are fenced: the script checks that the job is running under
   that lease before it writes, so a worker that lost its lease (even one that has since claimed the
   same job again) cannot overwrite the new run's state. Writes without `lease_id` (the bot's
-  uploads) are unconditional. Finalising a job deletes its checkpoint.
+  uploads) are unconditional. Finalising a job deletes its checkpoint. A Redis that restarted (its
+  run_id changed: a restart with its data, a failover) sweeps no lease until a full lease after the
+  first sweep that saw it back: leases that ran out while it was down were the outage's, and their
+  workers, still running the jobs, renew them meanwhile instead of losing an attempt each.
 * Blobs (checkpoints: 96-384 MiB, artifacts such as state.pt: 48-192 MiB) never travel in one
   command: redis-py gives each command `socket_timeout` for its whole payload and reply, so on a
   slow link one big command would time out on every try. A write sends `blob_chunk`-sized pieces,
@@ -75,7 +81,8 @@ earlier version stored inline; still read), `<prefix>:uploads`, `<prefix>:upload
 each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:kids:<job>` (set of the queued and
 running jobs that start from that job), `<prefix>:states`, `<prefix>:statesize`,
 `<prefix>:statebytes` (the kept states' index), `<prefix>:events` (stream), `<prefix>:evseq`,
-`<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`; SAQ's own under
+`<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`, `<prefix>:server`
+(hash: the Redis run_id the sweeps last saw and since when, for a restart's grace); SAQ's own under
 `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
 
@@ -93,6 +100,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -132,14 +140,43 @@ _RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)  # BusyLo
 _REFUSED = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 
 
+
+
+class CertificateNotVerified(Exception):
+    """A rediss:// server whose TLS certificate this client cannot verify (signed by a CA it was not
+    given, self-signed, made for another host name). Like a refused password, no retry mends it:
+    raised at once, saying so, instead of as "unreachable" after reconnect_timeout. Not a
+    ConnectionError, so that nothing retries it."""
+
+
+def certificate_not_verified(exc: BaseException) -> CertificateNotVerified | None:
+    """The error to raise for `exc` when a TLS certificate verification failure is behind it
+    (redis-py wraps the ssl error in a ConnectionError, keeping it as the context), else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or cause.reason or str(cause)
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    else:   # the chain lost: redis-py's message still quotes OpenSSL's reason
+        if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+            return None
+        why = "certificate verify failed"
+    return CertificateNotVerified(
+        f"the Redis server's TLS certificate could not be verified ({why}): when a private CA signed it, "
+        "give that CA's certificate on the URL, ?ssl_ca_certs=/path/ca.crt")
+
+
 class _Refused(Exception):
     def __init__(self, error: Exception) -> None:
         self.error = error
 
 
 class _RetryUnlessRefused(Retry):
-    """redis-py's Retry, except that a refused password is raised at once: redis-py counts it a
-    ConnectionError and would retry it like a dropped link."""
+    """redis-py's Retry, except that a refused password or an unverified TLS certificate is raised
+    at once: redis-py counts them ConnectionErrors and would retry them like a dropped link."""
 
     async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Any, *args: Any, **kwargs: Any) -> T:
         async def attempt() -> T:
@@ -147,6 +184,11 @@ class _RetryUnlessRefused(Retry):
                 return await do()
             except _REFUSED as exc:
                 raise _Refused(exc) from exc   # not one of the retried errors
+            except redis_errors.ConnectionError as exc:
+                unverified = certificate_not_verified(exc)
+                if unverified is None:
+                    raise
+                raise _Refused(unverified) from exc
         try:
             return await super().call_with_retry(attempt, fail, *args, **kwargs)
         except _Refused as refused:
@@ -279,8 +321,34 @@ local function finalize(id, state, err)
     redis.call('ZADD', P .. ':delivered', NOW, id)
   end
 end
-local function sweep()
-  local ids = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', '(' .. fmt(tnow()))
+-- Whether this Redis started (a restart, a failover: its run_id is new to this prefix) less than a
+-- lease ago, as seen by the first sweep after it: leases that ran out while it was down or loading
+-- are the outage's, not their workers', who get a full lease from its return to renew them. One
+-- write per restart (`server`: run_id, since). A Redis whose INFO a script cannot read: no grace.
+-- Nor a clock now behind `since` (the host's clock stepped back after the restart, NTP after a
+-- reboot): the grace would otherwise last that step longer, every lease unswept meanwhile.
+local function just_restarted(t)
+  local info = redis.pcall('INFO', 'server')   -- an error reply (INFO renamed away): a table
+  local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
+  if not run then return false end
+  local v = redis.call('HMGET', P .. ':server', 'run_id', 'since')
+  if v[1] ~= run then
+    redis.call('HSET', P .. ':server', 'run_id', run, 'since', fmt(t))
+    return true
+  end
+  local since = tonumber(v[2]) or 0
+  return since <= t and t < since + LEASE
+end
+-- Expired leases: back to the front of the line, or ended (cancelled, failed after MAXATT claims).
+-- `spare` (a claim's worker id; nil: none) leaves that worker's own running jobs alone: a claim it
+-- sent before its heartbeats began to fail (so Worker._lapsing did not hold it back) may reach
+-- Redis only after a link outage longer than the lease, and would hand it back the job it is still
+-- running (a second attempt; the first run dropped). Its heartbeat loop's sweeps (held back while
+-- its leases may have lapsed) and the other workers' claims and sweeps handle them.
+local function sweep(spare)
+  local t = tnow()
+  if just_restarted(t) then return 0 end
+  local ids = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', '(' .. fmt(t))
   -- By when their runs started (then id), not by lease expiry (a heartbeat moves that): latest
   -- start first, so the run that started earliest ends up frontmost, as the SQLite backend does.
   local started = {}
@@ -291,11 +359,14 @@ local function sweep()
     if started[x] ~= started[y] then return started[x] < started[y] end
     return x < y
   end)
+  local spared = 0
   for i = #ids, 1, -1 do
     local id = ids[i]
-    local v = redis.call('HMGET', jk(id), 'state', 'cancel_requested', 'attempts')
+    local v = redis.call('HMGET', jk(id), 'state', 'cancel_requested', 'attempts', 'worker_id')
     if v[1] ~= 'running' then
       redis.call('ZREM', P .. ':running', id)
+    elseif spare and v[4] == spare then
+      spared = spared + 1
     elseif v[2] == '1' then
       finalize(id, 'cancelled')
       emit(id, 'cancelled', 'worker lost')
@@ -308,7 +379,7 @@ local function sweep()
       emit(id, 'queued', 'worker lost')
     end
   end
-  return #ids
+  return #ids - spared
 end
 local function line()
   -- the fair line: rank within the user first, then the users' turn order
@@ -412,15 +483,16 @@ return res
 _SCRIPTS: dict[str, str] = {
     # max_queued ('' = no cap), user, n, then n times: id, channel, grid, total, spec, uploads it
     # names (space-separated, '' = none), server ('' = none; the decimal id: a string, so the claim
-    # compares it exactly, where cjson would round the spec's 64-bit number), parent job ('' = none)
-    # -> 'ok', 'parent <job id>' (that parent's state.pt is gone: nothing written), 'limit <queued>'
+    # compares it exactly, where cjson would round the spec's 64-bit number), parent job ('' = none),
+    # needs the dVAE encoder ('1': it starts from an init image, with no parent; claims without
+    # the encoder skip it) -> 'ok', 'parent <job id>' (that parent's state.pt is gone: nothing written), 'limit <queued>'
     # (nothing written), 'upload <upload id>' (not stored: nothing written) or 'exists' (an id
     # taken: nothing written). All or nothing: every check comes before the first write.
     "submit": r"""
   local uid, n = ARGV[8], tonumber(ARGV[9])
   local lk = P .. ':line:' .. uid
   for k = 0, n - 1 do
-    local parent = ARGV[17 + 8 * k]
+    local parent = ARGV[17 + 9 * k]
     if parent ~= '' and redis.call('HEXISTS', P .. ':artp:' .. parent, 'state.pt') == 0
         and redis.call('HEXISTS', P .. ':art:' .. parent, 'state.pt') == 0 then
       return 'parent ' .. parent
@@ -431,18 +503,18 @@ _SCRIPTS: dict[str, str] = {
     if queued + n > tonumber(ARGV[7]) then return 'limit ' .. queued end
   end
   for k = 0, n - 1 do
-    for u in string.gmatch(ARGV[15 + 8 * k], '%S+') do  -- every upload it names is stored
+    for u in string.gmatch(ARGV[15 + 9 * k], '%S+') do  -- every upload it names is stored
       if redis.call('EXISTS', P .. ':artp:' .. u, P .. ':art:' .. u) == 0 then return 'upload ' .. u end
     end
   end
   local seen = {}
   for k = 0, n - 1 do
-    local id = ARGV[10 + 8 * k]
+    local id = ARGV[10 + 9 * k]
     if seen[id] or redis.call('EXISTS', jk(id)) == 1 then return 'exists' end
     seen[id] = true
   end
   for k = 0, n - 1 do
-    local a = 10 + 8 * k
+    local a = 10 + 9 * k
     local id, chan, refs, guild, parent = ARGV[a], ARGV[a + 1], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
     local j = jk(id)
     local q = nextc()
@@ -450,6 +522,7 @@ _SCRIPTS: dict[str, str] = {
       'total', ARGV[a + 3], 'state', 'queued', 'created_at', NOW, 'iteration', '0', 'attempts', '0',
       'delivered', '0', 'cancel_requested', '0', 'qseq', q)
     if guild ~= '' then redis.call('HSET', j, 'guild', guild) end
+    if ARGV[a + 8] == '1' then redis.call('HSET', j, 'needs_encoder', '1') end
     if parent ~= '' then  -- its parent is not pruned while this job is queued or running
       redis.call('HSET', j, 'parent', parent)
       redis.call('SADD', kidsk(parent), id)
@@ -469,12 +542,13 @@ _SCRIPTS: dict[str, str] = {
   end
   return 'ok'
 """,
-    # worker, lease (a fresh token), ngrids (-1: any), grids...
+    # worker, lease (a fresh token), init images ('1': it may take jobs that need the dVAE encoder;
+    # '0': it has none), ngrids (-1: any), grids...
     "claim": r"""
-  local worker, lease, ngr = ARGV[7], ARGV[8], tonumber(ARGV[9])
+  local worker, lease, init_ok, ngr = ARGV[7], ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
   local grids = {}
-  for i = 1, ngr do grids[ARGV[9 + i]] = true end
-  sweep()
+  for i = 1, ngr do grids[ARGV[10 + i]] = true end
+  sweep(worker)   -- not this worker's own running jobs (see sweep)
   local t = tnow()
   seen(worker, t)
   local others = nil
@@ -504,10 +578,18 @@ _SCRIPTS: dict[str, str] = {
     if guild_paused[g] == nil then guild_paused[g] = setting_on('paused:' .. g) end
     return guild_paused[g]
   end
+  -- A worker without the dVAE encoder skips the jobs that need it: those its submit marked
+  -- `needs_encoder` (an init image, no parent) that have no checkpoint to resume from. They wait
+  -- for a worker with one, keeping their places. Jobs stored before that field existed lack it:
+  -- claimed, and retried elsewhere (the worker's NoEncoder) when they turn out to need it.
+  local function needs_encoder(id, j)
+    return redis.call('HGET', j, 'needs_encoder') == '1' and redis.call('EXISTS', P .. ':ckpt:' .. id) == 0
+  end
   local ids, uids = line()
   for k, id in ipairs(ids) do
     local j = jk(id)
-    if (ngr < 0 or grids[redis.call('HGET', j, 'grid')]) and not skipped(j) and not elsewhere(j) then
+    if (ngr < 0 or grids[redis.call('HGET', j, 'grid')]) and (init_ok or not needs_encoder(id, j))
+        and not skipped(j) and not elsewhere(j) then
       local uid = uids[k]
       leave_line(id, uid)
       if redis.call('ZSCORE', P .. ':rot', uid) then redis.call('ZADD', P .. ':rot', nextc(), uid) end
@@ -542,7 +624,7 @@ _SCRIPTS: dict[str, str] = {
   if v[2] then seen(v[2], tnow()) end
   return '1 ' .. (v[2] or '')
 """,
-    # id, reason ('' = none)
+    # id, reason ('' = none), replace ('1'/'0')
     "cancel": r"""
   local id, reason = ARGV[7], ARGV[8]
   local v = redis.call('HMGET', jk(id), 'state', 'user', 'cancel_requested')
@@ -550,9 +632,9 @@ _SCRIPTS: dict[str, str] = {
     cancel_queued(id, v[2], reason)
     return '1'
   elseif v[1] == 'running' then
-    -- The reason goes with the request (the first request's, if asked twice): the worker's end
-    -- of it (mark_cancelled, fail, release, a sweep) keeps `error`.
-    if v[3] ~= '1' then
+    -- The reason goes with the request (the first request's, if asked twice, unless `replace`):
+    -- the worker's end of it (finish, mark_cancelled, fail, release, a sweep) keeps `error`.
+    if v[3] ~= '1' or ARGV[9] == '1' then
       if reason ~= '' then redis.call('HSET', jk(id), 'error', reason) else redis.call('HDEL', jk(id), 'error') end
     end
     redis.call('HSET', jk(id), 'cancel_requested', '1')
@@ -582,15 +664,18 @@ _SCRIPTS: dict[str, str] = {
   end
   return tostring(n)
 """,
-    # id, lease, similarity ('' = keep) -> '0', or '1 ' .. worker id (for its stats)
+    # id, lease, similarity ('' = keep) -> '0', or the state it left ('done' / 'cancelled') .. ' '
+    # .. worker id (for its stats)
     "finish": r"""
   local id = ARGV[7]
   if not owned(id, ARGV[8]) then return '0' end
   if ARGV[9] ~= '' then redis.call('HSET', jk(id), 'similarity', ARGV[9]) end
-  local worker = redis.call('HGET', jk(id), 'worker_id') or ''
-  finalize(id, 'done')
-  emit(id, 'done')
-  return '1 ' .. worker
+  local v = redis.call('HMGET', jk(id), 'worker_id', 'cancel_requested')
+  -- Its cancel was asked before the run ended: that is how it ends (the reason kept).
+  local state = (v[2] == '1') and 'cancelled' or 'done'
+  finalize(id, state)
+  emit(id, state)
+  return state .. ' ' .. (v[1] or '')
 """,
     # id, lease, reason, retry ('1'/'0') -> '' when the fence refused (not running under this
     # lease, or no such job: nothing changed), else the state it left ('queued' / 'failed' /
@@ -979,6 +1064,14 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _needs_encoder(spec: JobSpec) -> bool:
+    """Whether the job's first run starts from its init image, through the dVAE encoder (as the
+    worker's `_pictures` decides: a parent's state sets the start otherwise). A resumed run starts
+    from its checkpoint instead, which the claim checks itself. Stored at submit as `needs_encoder`,
+    for the claim (Lua, which never parses the spec) to read."""
+    return isinstance(spec.extra.get("init_image"), dict) and not spec.parent_job_id
+
+
 class RedisJobQueue:
     """`JobQueue` on a Redis server (>= 5: streams). See the module docstring."""
 
@@ -1157,6 +1250,9 @@ class RedisJobQueue:
             except _REFUSED:
                 raise
             except _RETRYABLE as exc:
+                # A connection made outside redis-py's Retry (the pool's) fails here unretried too.
+                if (unverified := certificate_not_verified(exc)) is not None:
+                    raise unverified from exc
                 if loop.time() + delay > deadline:
                     raise
                 if not warned:
@@ -1237,7 +1333,7 @@ class RedisJobQueue:
         data = [
             (str(int(s.channel_id)), str(int(s.grid)), str(int(s.iterations)), json.dumps(s.to_dict()),
              " ".join(upload_refs(s)), "" if s.guild_id is None else str(int(s.guild_id)),
-             str(s.parent_job_id) if s.parent_job_id else "")
+             str(s.parent_job_id) if s.parent_job_id else "", "1" if _needs_encoder(s) else "0")
             for s in specs
         ]
         while True:
@@ -1283,8 +1379,8 @@ class RedisJobQueue:
             return int(await self._retry(lambda: client.scard(self._k("qall"))))
         return int(await self._retry(lambda: client.zcard(self._k("line", int(user_id)))))
 
-    async def cancel(self, job_id: str, reason: str | None = None) -> bool:
-        return await self._run("cancel", job_id, reason or "") == "1"
+    async def cancel(self, job_id: str, reason: str | None = None, *, replace_reason: bool = False) -> bool:
+        return await self._run("cancel", job_id, reason or "", "1" if replace_reason else "0") == "1"
 
     async def clear(self, guild_id: int | None = None, reason: str | None = CLEARED) -> int:
         if guild_id is None:
@@ -1420,12 +1516,13 @@ class RedisJobQueue:
 
     # --- the worker side ------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None:
+    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None, *,
+                    init_images: bool = True) -> JobRecord | None:
         if grids is not None and len(tuple(grids)) == 0:
             return None
         lease = new_lease_id()
-        args: list[Any] = [worker_id, lease, -1] if grids is None else [
-            worker_id, lease, len(tuple(grids)), *(int(g) for g in grids)]
+        args: list[Any] = [worker_id, lease, "1" if init_images else "0"]
+        args += [-1] if grids is None else [len(tuple(grids)), *(int(g) for g in grids)]
         job_id = await self._run("claim", *args)
         await self._see_worker(worker_id, job_id or None)
         if not job_id:
@@ -1631,10 +1728,12 @@ class RedisJobQueue:
         return ptr is not None or bool(inline)
 
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
-        ok, _, worker_id = (await self._run("finish", job_id, lease_id, _num(similarity))).partition(" ")
-        if ok == "1" and worker_id:
-            self._count(worker_id, "complete")
-        return ok == "1"
+        state, _, worker_id = (await self._run("finish", job_id, lease_id, _num(similarity))).partition(" ")
+        if state == "0":   # refused by the fence: nothing changed
+            return False
+        if worker_id:   # one whose cancel was asked before it ended ends CANCELLED: aborted, as in `fail`
+            self._count(worker_id, "aborted" if state == JobState.CANCELLED.value else "complete")
+        return True
 
     async def fail(self, job_id: str, lease_id: str, reason: str, retry: bool = True) -> JobState | None:
         reply = await self._run("fail", job_id, lease_id, reason, "1" if retry else "0")

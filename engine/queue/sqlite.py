@@ -13,7 +13,9 @@ lost worker). The line is: rank within user first, then the user's turn:
 
 A claim takes the first job of that line whose grid the worker has and whose server is not paused
 (settings `paused`: everything; `paused:<guild id>`: one server, matched against the spec's
-guild_id with json_extract, in the claim's transaction).
+guild_id with json_extract, in the claim's transaction); a worker without the dVAE encoder also
+passes over the jobs that need it (an init image, no parent, no checkpoint). Its sweep of expired
+leases first leaves the claiming worker's own running jobs alone (see `_sweep`).
 
 Each claim stores a fresh `lease_id` with the job; a worker's writes (`publish`, `save_checkpoint`,
 `put_artifact` with `lease_id`, and finish / fail / mark_cancelled / release / heartbeat) check, in
@@ -218,6 +220,17 @@ _GUILD_PAUSED_SQL = """EXISTS (
     WHERE s.key = 'paused:' || json_extract(j.spec, '$.guild_id')
       AND s.value NOT IN ('false', 'null', '0', '""', '[]', '{}')
       AND (s.expires_at IS NULL OR s.expires_at > ?)
+)"""
+
+
+# A line entry that needs the dVAE encoder, which a worker without one skips (it waits, keeping
+# its place, for a worker with one): its first run starts from its init image (as the worker's
+# `_pictures` decides: an init image, and no parent state to start from), and it has no checkpoint
+# to resume from. `IS`, not `=`: never NULL (a job without an init image), which `NOT` would keep NULL.
+_NEEDS_ENCODER_SQL = """(
+    json_type(j.spec, '$.extra.init_image') IS 'object'
+    AND COALESCE(json_extract(j.spec, '$.parent_job_id'), '') = ''
+    AND NOT EXISTS (SELECT 1 FROM checkpoints AS c WHERE c.job_id = j.id)
 )"""
 
 
@@ -617,12 +630,18 @@ class SQLiteJobQueue:
         await db.execute("UPDATE jobs SET error = ? WHERE id = ?", (reason, job_id))
         await self._emit(db, job_id, EventKind.CANCELLED, reason)
 
-    async def _sweep(self, db: aiosqlite.Connection) -> int:
-        """Expired leases: back to the front, or FAILED after `max_attempts` claims."""
+    async def _sweep(self, db: aiosqlite.Connection, spare: str | None = None) -> int:
+        """Expired leases: back to the front, or FAILED after `max_attempts` claims. `spare` (a
+        claim's worker id) leaves that worker's own running jobs alone: a claim it sent before its
+        heartbeats began to fail (so Worker._lapsing did not hold it back) may get the file only
+        after its leases ran out, and would hand it back the job it is still running (a second
+        attempt; the first run dropped). Its heartbeat loop's sweeps (held back while its leases
+        may have lapsed) and the other workers handle them."""
+        not_spared = "" if spare is None else " AND worker_id IS NOT ?"
         async with db.execute(
             "SELECT id, user_id, attempts, cancel_requested FROM jobs"
-            " WHERE state = 'running' AND lease_until < ? ORDER BY started_at DESC, id DESC",
-            (time.time(),),
+            f" WHERE state = 'running' AND lease_until < ?{not_spared} ORDER BY started_at DESC, id DESC",
+            (time.time(),) if spare is None else (time.time(), spare),
         ) as cur:
             expired = list(await cur.fetchall())
         # Latest start first, so the run that started earliest ends up frontmost (whatever the lease
@@ -739,7 +758,7 @@ class SQLiteJobQueue:
             row = await self._one("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND user_id = ?", (int(user_id),))
         return int(row[0]) if row else 0
 
-    async def cancel(self, job_id: str, reason: str | None = None) -> bool:
+    async def cancel(self, job_id: str, reason: str | None = None, *, replace_reason: bool = False) -> bool:
         reason = reason or None
         async with self._tx() as db:
             row = await self._fetchone(db, "SELECT state FROM jobs WHERE id = ?", (job_id,))
@@ -750,10 +769,11 @@ class SQLiteJobQueue:
                 await self._release_uploads(db, [job_id])  # it never ran: its pictures are needed no more
                 changed = True
             elif row["state"] == JobState.RUNNING.value:
-                # The reason goes with the request (the first request's, if asked twice): the
-                # worker's end of it (mark_cancelled, fail, release, a sweep) keeps `error`.
-                await db.execute("UPDATE jobs SET error = CASE WHEN cancel_requested THEN error ELSE ? END,"
-                                 " cancel_requested = 1 WHERE id = ?", (reason, job_id))
+                # The reason goes with the request (the first request's, if asked twice, unless
+                # `replace_reason`): the worker's end of it (finish, mark_cancelled, fail, release,
+                # a sweep) keeps `error`.
+                await db.execute("UPDATE jobs SET error = CASE WHEN cancel_requested AND NOT ? THEN error ELSE ? END,"
+                                 " cancel_requested = 1 WHERE id = ?", (replace_reason, reason, job_id))
                 return True
             else:
                 return False
@@ -869,9 +889,10 @@ class SQLiteJobQueue:
 
     # --- the worker side ------------------------------------------------------------------------
 
-    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None) -> JobRecord | None:
+    async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None, *,
+                    init_images: bool = True) -> JobRecord | None:
         async with self._tx() as db:
-            swept = await self._sweep(db)
+            swept = await self._sweep(db, spare=worker_id)
             await self._see_worker(db, worker_id, None)
             now = time.time()
             paused = await self._fetchone(db, _SETTING_SQL, (PAUSED_KEY, now))
@@ -887,6 +908,8 @@ class SQLiteJobQueue:
                         return None
                     conditions.append("j.grid IN (" + ",".join("?" * len(grids)) + ")")
                     params += grids
+                if not init_images:
+                    conditions.append(f"NOT {_NEEDS_ENCODER_SQL}")
                 where = "WHERE " + " AND ".join(conditions)
                 row = await self._fetchone(db, _LINE_SQL.format(cols="*", where=where, limit="LIMIT 1"), params)
                 if row is not None:
@@ -993,12 +1016,15 @@ class SQLiteJobQueue:
 
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
         async with self._tx() as db:
-            if await self._owned(db, job_id, lease_id) is None:
+            row = await self._owned(db, job_id, lease_id, "cancel_requested")
+            if row is None:
                 return False
             if similarity is not None:
                 await db.execute("UPDATE jobs SET similarity = ? WHERE id = ?", (float(similarity), job_id))
-            await self._finalize(db, job_id, JobState.DONE)
-            await self._emit(db, job_id, EventKind.DONE)
+            # Its cancel was asked before the run ended: that is how it ends (the reason kept).
+            state = JobState.CANCELLED if row["cancel_requested"] else JobState.DONE
+            await self._finalize(db, job_id, state)
+            await self._emit(db, job_id, EventKind.CANCELLED if row["cancel_requested"] else EventKind.DONE)
         self._wake()
         return True
 
