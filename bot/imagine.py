@@ -98,8 +98,9 @@ def carried_pictures(spec: JobSpec, keys: tuple[str, ...]) -> dict[str, Any]:
 def pasted_job_id(text: str) -> str:
     """The job id in what was given as /remix's `job`: the text itself when it is one (JOB_ID), else
     the one after `job ` (a result's line, or its whole reply, pasted: `... · job `b36b…` · @user`),
-    else the one store-made id (NEW_JOB_ID) in it; the text as given when it holds none or several
-    (then refused as no job, quoted)."""
+    else the one store-made id (NEW_JOB_ID) in it, or in its first line (a /history entry pasted
+    with its lineage line); the text as given when it holds none or several (then refused as no
+    job, quoted)."""
     text = text.strip()
     if re.fullmatch(JOB_ID, text):
         return text
@@ -109,6 +110,8 @@ def pasted_job_id(text: str) -> str:
     if len(own) == 1:
         return own.pop()
     found = set(NEW_JOB_ID.findall(text))
+    if len(found) > 1:   # a /history entry: its own id on its first line, its lineage's below
+        found = set(NEW_JOB_ID.findall(text.split("\n", 1)[0]))
     return found.pop() if len(found) == 1 else text
 
 

@@ -430,6 +430,14 @@ async def test_the_job_id_is_its_own_code_span_and_remix_takes_it_from_a_pasted_
     inter = await command(h, "remix", {"job": whole, "prompt": "a green boat"})
     again = await h.queue.get(h.job_id(await h.reply_of(inter)))
     assert (again.spec.parent_job_id, again.spec.parent_kind) == (remix.id, "remix"), whole
+    # A /history entry copied: its own id on its first line, its lineage line's below it.
+    lines = (await ephemeral_answer(h, "history", {})).split("\n")
+    at = next(i for i, x in enumerate(lines) if x.startswith("• ") and f"`{remix.id}`" in x)
+    entry = "\n".join(lines[at:at + 2])
+    assert f"`{parent_id}`" in entry, entry
+    inter = await command(h, "remix", {"job": entry, "prompt": "a grey boat"})
+    again = await h.queue.get(h.job_id(await h.reply_of(inter)))
+    assert (again.spec.parent_job_id, again.spec.parent_kind) == (remix.id, "remix"), entry
     for pasted in (settings, f"{parent_id} and {'0' * 12}"):
         text = refusal(await command(h, "remix", {"job": pasted, "prompt": "a blue boat"}))
         assert text.startswith(f"There is no job {render.quote(pasted, 64)} you can see"), text

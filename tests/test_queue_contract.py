@@ -952,10 +952,11 @@ async def test_redis_jobs_from_before_the_guild_field_are_held_by_their_servers_
         await old.close()
 
 
-async def test_redis_jobs_from_before_the_needs_encoder_field_are_claimed_without_the_encoder(redis_server):
+async def test_redis_jobs_from_before_the_needs_encoder_field_are_marked_at_the_next_start(redis_server):
     """Submit marks a job that needs the dVAE encoder (`needs_encoder`). One queued by a version
-    before that field (made here by removing it) is not known to: a worker without the encoder
-    claims it (and its NoEncoder failure hands it on), rather than it waiting for ever."""
+    before that field (made here by removing it) is not known to until the next start() marks it
+    (its spec read, as for the `guild` field); until then a worker without the encoder claims it
+    (and its NoEncoder failure hands it on)."""
     import uuid
 
     from engine.queue.redis import RedisJobQueue
@@ -971,6 +972,14 @@ async def test_redis_jobs_from_before_the_needs_encoder_field_are_claimed_withou
         assert await q.redis.hget(q._k("job", new.id), "needs_encoder") == b"1"
         assert await q.redis.hget(q._k("job", plain.id), "needs_encoder") is None
         await q.redis.hdel(q._k("job", old.id), "needs_encoder")
+        again = RedisJobQueue(redis_server.url, prefix=q.prefix)
+        await again.start()   # as after the upgrade
+        try:
+            assert await q.redis.hget(q._k("job", old.id), "needs_encoder") == b"1"
+            assert await q.redis.hget(q._k("job", plain.id), "needs_encoder") is None
+        finally:
+            await again.close()
+        await q.redis.hdel(q._k("job", old.id), "needs_encoder")   # an old job again, not restarted since
         assert [(await q.claim("w", init_images=False)).id for _ in range(2)] == [old.id, plain.id]
         assert await q.claim("w", init_images=False) is None
         assert (await q.claim("w")).id == new.id

@@ -1158,7 +1158,8 @@ class RedisJobQueue:
 
     async def _backfill_guilds(self, client: Any, scripts: dict[str, Any]) -> None:
         """Jobs queued or running under a version before the `guild` field get it now, from their
-        specs (here, in Python: exact 64-bit ids), so that a server's pause holds them too. HSETNX:
+        specs (here, in Python: exact 64-bit ids), so that a server's pause holds them too; and the
+        `needs_encoder` mark (_needs_encoder), so that workers without the encoder leave them. HSETNX:
         idempotent, and never overwrites what a submit wrote. Likewise the `parent` field and the
         parent's `kids` set (see submit), so that prune keeps the parents of those jobs too: through
         a script that indexes a job only while it is still queued or running (one that ended
@@ -1170,22 +1171,32 @@ class RedisJobQueue:
             return
         async with client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hmget(self._k("job", job_id), "guild", "spec", "parent")
+                pipe.hmget(self._k("job", job_id), "guild", "spec", "parent", "needs_encoder")
             rows = await pipe.execute()
-        missing, orphans = [], []
-        for job_id, (guild, spec, parent) in zip(ids, rows):
-            data = json.loads(spec) if spec is not None and (guild is None or parent is None) else {}
+        missing, orphans, encoder = [], [], []
+        for job_id, (guild, spec, parent, needs) in zip(ids, rows):
+            unknown = guild is None or parent is None or needs is None
+            data = json.loads(spec) if spec is not None and unknown else {}
             guild_id = data.get("guild_id") if guild is None else None
             if guild_id is not None:
                 missing.append((job_id, str(int(guild_id))))
             if parent is None and data.get("parent_job_id"):
                 orphans += [job_id, str(data["parent_job_id"])]
-        if missing:
+            # (Only the jobs that need it are marked: a submit leaves the field off the others.)
+            if needs is None and isinstance((data.get("extra") or {}).get("init_image"), dict) \
+                    and not data.get("parent_job_id"):
+                encoder.append(job_id)
+        if missing or encoder:
             async with client.pipeline(transaction=False) as pipe:
                 for job_id, guild in missing:
                     pipe.hsetnx(self._k("job", job_id), "guild", guild)
+                for job_id in encoder:
+                    pipe.hsetnx(self._k("job", job_id), "needs_encoder", "1")
                 await pipe.execute()
-            log.info("gave %d job(s) from an earlier version their server id", len(missing))
+            if missing:
+                log.info("gave %d job(s) from an earlier version their server id", len(missing))
+            if encoder:
+                log.info("marked %d job(s) from an earlier version as needing the dVAE encoder", len(encoder))
         if orphans:
             await self._run("index_parents", *orphans, scripts=scripts)
             log.info("indexed the parents of %d job(s) from an earlier version", len(orphans) // 2)
