@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from typing import Any
 
 import aiohttp
 import pytest
@@ -55,6 +56,19 @@ def queue_url(factory: QueueFactory) -> str:
     return f"{factory.target}?prefix={factory.defaults['prefix']}&lease={LEASE}"
 
 
+async def bot_without_a_worker(stack: contextlib.AsyncExitStack, config) -> tuple[FakeDiscord, Any, Any, str,
+                                                                                   aiohttp.ClientSession]:
+    """A bot on `config`'s store with no embedded worker, against a fake Discord, its HTTP port
+    open, all closed by `stack`: (the fake Discord, its resources, the bot, its base URL, a client)."""
+    fd = await FakeDiscord().start()
+    stack.push_async_callback(fd.close)
+    resources = await stack.enter_async_context(open_resources(config, http_port=0))
+    bot = make_bot(resources)
+    await stack.enter_async_context(running_bot(fd, bot))
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    return fd, resources, bot, f"http://127.0.0.1:{resources.http_port}", http
+
+
 def spec(user_id: int, n: int) -> JobSpec:
     return JobSpec(prompt=f"a lighthouse number {n}", user_id=user_id, channel_id=1, grid=8, iterations=4,
                    frame_every=2, cutn=2, seed=n)
@@ -72,16 +86,10 @@ async def test_a_bot_without_an_embedded_worker_reports_whether_any_gpu_worker_i
     url = queue_url(queue_factory)
     config = test_config(tmp_path, queue={"url": url}, worker={"embedded": False})
     async with contextlib.AsyncExitStack() as stack:
-        fd = await FakeDiscord().start()
-        stack.push_async_callback(fd.close)
-        resources = await stack.enter_async_context(open_resources(config, http_port=0))
+        fd, resources, bot, base, http = await bot_without_a_worker(stack, config)
         assert resources.worker is None
         assert worker_window(resources.queue) == MIN_WORKER_WINDOW
-        bot = make_bot(resources)
-        await stack.enter_async_context(running_bot(fd, bot))
         await bot.tree.sync(guild=None)
-        base = f"http://127.0.0.1:{resources.http_port}"
-        http = await stack.enter_async_context(aiohttp.ClientSession())
 
         code, report = await health(http, base)
         assert code == 200 and report["ok"] is True, report
@@ -143,16 +151,10 @@ async def test_only_the_bot_exports_workers_alive_and_the_store_gauges_not_an_im
     url = queue_url(queue_factory)
     config = test_config(tmp_path, queue={"url": url}, worker={"embedded": False})
     async with contextlib.AsyncExitStack() as stack:
-        fd = await FakeDiscord().start()
-        stack.push_async_callback(fd.close)
-        resources = await stack.enter_async_context(open_resources(config, http_port=0))
-        bot = make_bot(resources)
-        await stack.enter_async_context(running_bot(fd, bot))
+        fd, _, _, bot_base, http = await bot_without_a_worker(stack, config)
         worker = WorkerProcess(url, tiny_model_files, tmp_path / "worker.log")
         stack.push_async_callback(asyncio.to_thread, worker.stop)
         await asyncio.to_thread(worker.wait_ready)
-        bot_base = f"http://127.0.0.1:{resources.http_port}"
-        http = await stack.enter_async_context(aiohttp.ClientSession())
 
         try:   # it claims once its models have loaded (seconds; more on a busy machine)
             code, report = await wait_workers_check(http, bot_base, True, timeout=90)
