@@ -30,16 +30,20 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    IMAGINE_CACHE=/cache
+    IMAGINE_CACHE=/cache \
+    TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
+    TRITON_CACHE_DIR=/cache/triton
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # ffmpeg makes the videos (imageio-ffmpeg's bundled binary is only the fallback); DejaVu Sans
-# draws the contact sheets' captions (bot/contact_sheet.py). Ubuntu's archive
+# draws the contact sheets' captions (bot/contact_sheet.py); gcc and libc6-dev let Triton build its
+# kernel launchers, without which the worker's default torch.compile (`[worker] compile = "auto"`)
+# stays off on the GPU (the runtime base image has no C compiler). Ubuntu's archive
 # moves, so its package versions are not pinned (the base image tag pins the release).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg fonts-dejavu-core \
+    && apt-get install -y --no-install-recommends ffmpeg fonts-dejavu-core gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # Only what the package needs (.dockerignore is an allowlist: no .env, no config.toml, no tests).
@@ -57,6 +61,7 @@ RUN pip install --no-cache-dir . \
     && rm -rf /src
 
 # A non-root user; the model cache is a volume it owns (mount the same volume on every worker).
+# torch.compile's kernels are cached there too: a recreated container skips the cold compile.
 # /data: the working directory, so the embedded default's SQLite queue (`sqlite:///imagine-bot.db`,
 # relative) is /data/imagine-bot.db, on the volume. Not IMAGINE_QUEUE_URL: it would override a
 # config's [queue] url, and give an imagine-worker started without --queue a private SQLite queue.

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5, in one go, for a session that has a GPU (parts 1-3 an estimated 5
-# minutes on an H100/H200, never run yet; part 4 adds inductor's compile time, unknown there: 201 s
-# for the tiny models on a 2-core CPU). Prints everything; the JSON lines are the record.
+# The GPU checks of issue 5, in one go, for a session that has a GPU. On an H200 (2026-11-30,
+# docs/PERFORMANCE.md) part 1 took about 60 s, part 2 about 30 s, part 3 (inductor, a cold compile)
+# about 190 s; part 4 crashed there (a segmentation fault).
+# Prints everything; the JSON lines are the record.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 4 (torch.compile)
+#   COMPILE=0 bash benchmarks/gpu_check.sh  # without parts 3-4 (torch.compile)
 #   OUT=dir bash benchmarks/gpu_check.sh    # also write each part's output under dir
 #
 # On the lent GPU machine (Python 3.12, torch, no index): run benchmarks/device_wheels.sh here
@@ -16,15 +17,14 @@
 #
 # 1. benchmarks/cuda_check.py: bf16 smoke test, no host sync in the hot loop, batched vs solo on
 #    the GPU (fp32 and bf16), memory per slot against engine.capacity, a 1000-iteration 256x256
-#    job alone timed (the bar: under 60 s);
-# 2. benchmarks/bench_loop.py on CUDA: (a) the notebook loop, (b) the engine with one job, (c)
-#    the engine with max_batch jobs (the bars: (b) >= 2x (a), (c) >= 8x (a));
-# 3. the engine again with dall_e's own fp16 conv casts kept on (engine.models switches them off
-#    so that autocast alone decides the precision): whether switching them off was right;
-# 4. the engine with torch.compile (inductor, dynamic shapes): whether it pays. Last, so that a
-#    slow compile that runs past the call's time limit costs nothing of parts 1-3;
-# 5. the same with CUDA graphs (inductor:reduce-overhead): whether they pay on top. If 4 or 5 pays,
-#    make it `[worker] compile`'s default (engine/compiling.py; off until measured).
+#    job alone timed (the bar: under 60 s), a real out-of-memory error halving the passes;
+# 2. benchmarks/bench_loop.py on CUDA, eager: (a) the notebook loop, (a32) it in fp32, (b) the
+#    engine with one job, (c) the engine with max_batch jobs (the bars: (b) >= 2x (a), (c) >= 8x (a));
+# 3. the same with torch.compile (inductor, dynamic shapes: the worker's default on CUDA, `[worker]
+#    compile = "auto"`), (a) again in the same run so that the ratios are of one run. After 1-2, so
+#    that a slow compile that runs past the call's time limit costs nothing of them;
+# 4. the engine with CUDA graphs on top (inductor:reduce-overhead): whether they pay (they crashed
+#    with a segmentation fault on torch 2.11, 2026-11-30).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -72,11 +72,9 @@ else
 fi
 part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}"
 part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}"
-part bench_dalle_casts_on "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" \
-    --skip-reference --dalle-half-casts on
 if [ "${COMPILE:-1}" = 1 ]; then
-    # torch.compile's first compile may be slow: it gets half of what is left, CUDA graphs the rest.
-    CAP=$(( (deadline - $(date +%s)) / 2 )) part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$backend"
+    # torch.compile's first compile is slow: it gets two thirds of what is left, CUDA graphs the rest.
+    CAP=$(( (deadline - $(date +%s)) * 2 / 3 )) part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference-fp32 --compile "$backend"
     part bench_cudagraphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$graphs"
 fi
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all passed || echo SOMETHING FAILED)"

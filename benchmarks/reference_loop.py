@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import random
 
+import clip.model
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
@@ -46,7 +47,11 @@ class ReferenceLoop:
         self.half = cuda and precision == "notebook"
         self.clip = models.clip
         if self.half:
-            self.clip = copy.deepcopy(models.clip).half()  # clip.load(..., device="cuda")
+            # clip.load(..., device="cuda") keeps OpenAI's fp16 weights: convert_weights halves the
+            # convolutions, linears and attention and leaves LayerNorm in fp32 (a plain .half()
+            # makes CLIP's fp32 LayerNorm meet fp16 weights: "expected scalar type Float").
+            self.clip = copy.deepcopy(models.clip)
+            clip.model.convert_weights(self.clip)
         self.decoder = models.decoder
         if cuda and precision == "fp32":
             self.decoder = copy.deepcopy(models.decoder)

@@ -28,7 +28,7 @@ from bot.config import PIXELS_PER_CELL, PRESET_NAMES
 from bot.help import help_text
 from bot.permutations import escape_braces, has_set_braces, unescape_braces   # (it imports this module lazily)
 from bot.permissions import NOT_INSTALLED, can_see_job, is_admin, may_know_job, not_installed_here, results_refusal
-from engine.jobs import JobRecord, JobSpec, JobState, ParentGone, QueueLimitReached, UploadGone, pause_of
+from engine.jobs import JobQueue, JobRecord, JobSpec, JobState, ParentGone, QueueLimitReached, UploadGone, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
 if TYPE_CHECKING:
@@ -591,6 +591,30 @@ def picture_gone(job_id: str | None, key: str, *, cancelled: bool = False) -> st
 
 PICTURE_NOT_STORED = "Your picture could not be stored, so nothing was queued. Try again."
 
+# A job that starts from a picture needs a worker with the dVAE encoder; while workers run and none
+# has one (`imagine-worker --encoder ""`), it would only ever say "queued".
+NO_ENCODER = ("No GPU worker running now can start from a picture (`init_image`): none of them has the "
+              "dVAE encoder that needs, so nothing was queued. The same prompt without `init_image` works "
+              "(with an `image` to aim at too).")
+
+
+def starts_from_init_image(spec: JobSpec) -> bool:
+    """Whether the job's first run starts from its init image, through the dVAE encoder: the jobs a
+    worker without one passes over (the stores' needs_encoder rule; a parent's state sets the start otherwise)."""
+    return isinstance(spec.extra.get("init_image"), dict) and not spec.parent_job_id
+
+
+async def encoder_refusal(queue: JobQueue) -> str | None:
+    """NO_ENCODER when GPU workers are live (claimed or heartbeated within bot.launcher's
+    `worker_window`, the /healthz `workers` check's) and none of them can take a job that starts
+    from an init image. None while none is live at all (starting, restarting): the job waits for
+    them, as every job does."""
+    from bot.launcher import worker_window   # noqa: PLC0415 - bot.launcher imports this module (via bot.client)
+    live = await queue.workers(max_age=worker_window(queue))
+    if live and not any(w.get("init_images", True) for w in live.values()):
+        return NO_ENCODER
+    return None
+
 
 def picture_gone_text(spec: JobSpec, upload_id: str, uploads: attachments.Uploads | None = None) -> str:
     """The refusal for the store's UploadGone at submit. A picture this command stored (`uploads`)
@@ -950,6 +974,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # braces, count and every combination), so a refused prompt leaves no stored upload behind;
         # what it found goes on to submit() / submit_set(), which do not check again. They read the
         # store, so they race Discord's answer window (`in_time`): slower, a public "thinking…" first.
+        # A picture to start from first: with no live worker able to take it, nothing else matters.
+        if any(option == "init_image" for option, _ in pictures):
+            problem = await in_time(interaction, encoder_refusal(self.queue), defer="public")
+            if problem is not None:
+                await ephemeral(interaction, problem)
+                return
         # A permutation prompt (bot/permutations.py), or one with escaped braces (`\{`: parse() unescapes
         # them, and one combination is an ordinary job).
         if "{" in spec.prompt or "}" in spec.prompt:
@@ -1208,6 +1238,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
         source_url = render.reply_url(p)
         if source_url:   # the link of its lineage line (render.lineage_lines)
             spec.extra["source_url"] = source_url
+        if starts_from_init_image(spec) and (problem := await encoder_refusal(self.queue)):
+            return problem
         return await self.refusal(spec) or spec
 
     async def _continued_as(self, parent: JobRecord, channel_id: int) -> JobRecord | None:

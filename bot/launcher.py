@@ -12,7 +12,9 @@ reported, and listed in `"degraded"`, but it never makes /healthz 503, because n
 brings a worker back and the bot still takes and queues commands meanwhile (README, "Health and
 metrics"). Each scrape of /metrics reads the shards into `imagine_discord_shard_connected{shard}` and
 `imagine_discord_gateway_latency_seconds{shard}`, the store into `imagine_queue_jobs{state}` and the
-live workers into `imagine_workers_alive`.
+live workers into `imagine_workers_alive`. The worker's metrics (`imagine_gpu_thread_alive`,
+`imagine_jobs_running`, job counters, latency, iterations, GPU memory) are there only with an
+embedded worker (`obs.track_worker`): without one the GPU work is elsewhere, and so are they.
 Discord's 429s are counted by an aiohttp TraceConfig on discord.py's own HTTP session
 (`http_trace`), so REST and interaction-webhook requests both count, whether discord.py retried
 them or raised.

@@ -3,20 +3,40 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The default of `[worker] compile` and `imagine-worker --compile`: inductor where it was measured
+# to pay (CUDA: 1.7x the job-iterations per second of eager at a batch of 32 on an H200, 1.35-1.74x
+# at batch 1, docs/PERFORMANCE.md), nothing on a CPU (no measured gain there, and minutes of compiling).
+AUTO = "auto"
 
 
-def compile_options(value: bool | str | None) -> dict[str, str] | None:
-    """`torch.compile` keywords for a `compile` setting, or None for none: False/None/"" -> None,
-    True -> inductor, "BACKEND" or "BACKEND:MODE" (MODE one of COMPILE_MODES; a mode is inductor's).
+def c_compiler() -> str | None:
+    """The C compiler Triton would build its kernel launchers with, or None: $CC as given, else gcc,
+    else clang (Triton's own order). Without one every inductor kernel on CUDA fails to load, and
+    CUDA "runtime" images ship none."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return shutil.which("gcc") or shutil.which("clang")
+
+
+def compile_options(value: bool | str | None, device_type: str | None = None) -> dict[str, str] | None:
+    """`torch.compile` keywords for a `compile` setting on a device of `device_type` ("cuda",
+    "cpu", ...; None when only the setting's form is checked), or None for none: False/None/"" ->
+    None, True -> inductor, "auto" -> inductor on CUDA where a C compiler is found (`c_compiler`),
+    else None; "BACKEND" or "BACKEND:MODE" (MODE one of COMPILE_MODES; a mode is inductor's).
     ValueError for a setting it cannot be."""
     if value is None or value is False or value == "":
         return None
     if value is True:
         return {"backend": "inductor"}
+    if str(value).strip() == AUTO:
+        return {"backend": "inductor"} if device_type == "cuda" and c_compiler() else None
     backend, _, mode = str(value).strip().partition(":")
     if not backend:
-        raise ValueError(f"compile {value!r}: expected BACKEND or BACKEND:MODE, e.g. inductor or inductor:reduce-overhead")
+        raise ValueError(f"compile {value!r}: expected auto, BACKEND or BACKEND:MODE, e.g. inductor or inductor:reduce-overhead")
     if not mode:
         return {"backend": backend}
     if mode not in COMPILE_MODES:

@@ -524,9 +524,30 @@ def state_from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def _chain(exc: BaseException, contexts: bool = True) -> list[BaseException]:
+    """`exc` and what it wraps: its `__cause__`, dynamo's `inner_exception`, and (with `contexts`)
+    the `__context__` it was raised while handling; outermost first, each once."""
+    links: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not seen for seen in links) and len(links) < 16:
+        links.append(link)
+        link = link.__cause__ or getattr(link, "inner_exception", None) or (link.__context__ if contexts else None)
+    return links
+
+
 def _out_of_memory(exc: BaseException) -> bool:
-    """CUDA's out-of-memory error, Python's, or the CPU allocator's (a RuntimeError)."""
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+    """CUDA's out-of-memory error, Python's, or the CPU allocator's (a RuntimeError), also where
+    another error wraps it (torch.compile's BackendCompilerFailed, when autotuning runs out)."""
+    return any(isinstance(link, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(link)
+               for link in _chain(exc))
+
+
+def _undo_draws(slots: list[Slot], noise: list[torch.Tensor]) -> None:
+    """Put back each slot's generator as it was before a pass (`noise`: their host states, read
+    without a device sync) and drop the pass's gradients: the pass is as if it never ran."""
+    for s, state in zip(slots, noise):
+        s.generator.set_state(state)
+        s.optimizer.zero_grad(set_to_none=True)
 
 
 def _autocast(models: Models, precision: str):
@@ -554,9 +575,11 @@ class BatchRunner:
     stay on the device and are read (one sync) only when a frame is taken.
 
     `compile`: opt-in `torch.compile` of the differentiable part (soft codes -> CLIP embeddings of
-    the cut-outs): `True` for inductor, or `"BACKEND"` / `"BACKEND:MODE"` (`compile_options`;
-    `"inductor:reduce-overhead"` adds CUDA graphs). Dynamic shapes, so slots joining and leaving
-    do not recompile for every batch size. Off by default: unmeasured on a GPU.
+    the cut-outs): `True` for inductor, `"auto"` (inductor on CUDA where a C compiler is found), or
+    `"BACKEND"` / `"BACKEND:MODE"` (`compile_options`; `"inductor:reduce-overhead"` adds CUDA
+    graphs). Dynamic shapes, so slots joining and leaving do not recompile for every batch size.
+    Off by default here (one-off renders would wait minutes for a compile that saves seconds); the
+    worker's default is `"auto"`. If compiling fails the runner says so once and runs eager.
 
     Failures (`step(on_failure=...)`): a pass that raises is undone (each slot's noise generator
     is put back; nothing else has changed before the optimiser steps) and run again in two halves,
@@ -588,8 +611,9 @@ class BatchRunner:
             """Cut-outs [N, 3, R, R] -> unit CLIP embeddings [N, D]."""
             return F.normalize(_clip_embed(models, cuts, norm), dim=-1)
 
-        self._decode_soft, self._embed_cuts = decode_soft, embed_cuts
-        options = compile_options(compile)
+        self._decode_soft, self._embed_cuts = self._eager = decode_soft, embed_cuts
+        options = compile_options(compile, models.device.type)
+        self.compiled = options is not None   # False again if compiling fails (`_compile_failed`)
         if options is not None:
             # Two regions: grid_sample between them stays eager (its decomposition would pin the
             # batch size and recompile whenever a slot joins or leaves).
@@ -683,22 +707,24 @@ class BatchRunner:
 
     def _step_pass(self, slots: list[Slot], on_failure: Callable[[Slot, Exception], None] | None
                    ) -> list[tuple[Slot, Frame | None]]:
-        if on_failure is None:
-            self._apply(slots, self._gradients(slots), None)
-            return self._with_frames(slots, None)
         noise = [s.generator.get_state() for s in slots]  # host tensors: no device sync
         failure: Exception | None = None
         try:
             loss = self._gradients(slots)                 # [B]; no slot's logits or optimiser touched yet
         except Exception as exc:  # noqa: BLE001 - bisected: the slot that fails alone leaves
+            if on_failure is None and not self.compiled:
+                raise
             # The traceback's frames hold the failed pass's tensors: drop them before the halves
             # run (out of memory would strike again), keeping the lines for the log.
             traceback.clear_frames(exc.__traceback__)
             failure = exc
         if failure is not None:
-            for s, state in zip(slots, noise):
-                s.generator.set_state(state)              # this pass's draws, undone
-                s.optimizer.zero_grad(set_to_none=True)
+            _undo_draws(slots, noise)
+            if self._compile_failed(slots, failure):
+                del failure
+                return self._step_pass(slots, on_failure)   # eager from now on
+            if on_failure is None:
+                raise failure
             try:
                 return self._split(slots, failure, on_failure)
             finally:
@@ -707,6 +733,35 @@ class BatchRunner:
                 del failure
         stepped = self._apply(slots, loss, on_failure)
         return self._with_frames(stepped, on_failure)
+
+    def _compile_failed(self, slots: list[Slot], exc: BaseException) -> bool:
+        """Whether a compiled runner's failed pass failed because of torch.compile (no C compiler
+        for Triton's launchers, an inductor bug): then, as that is no job's fault and would fail
+        every job, the runner says so once and runs eager from now on. An error of dynamo, inductor
+        or Triton in `exc`'s chain is compile's; so is any other error that the same pass run eager
+        does not raise (a backward compiled lazily re-raises its backend's error bare, at the first
+        `backward()`). Out of memory never is: that is the pass's size, for `_split`."""
+        if not self.compiled or _out_of_memory(exc):
+            return False
+        if not any(type(link).__module__.startswith(("torch._dynamo", "torch._inductor", "triton"))
+                   for link in _chain(exc)):
+            noise = [s.generator.get_state() for s in slots]
+            compiled = self._decode_soft, self._embed_cuts
+            self._decode_soft, self._embed_cuts = self._eager
+            try:
+                self._gradients(slots)                    # a probe: its gradients are dropped below
+            except Exception as again:  # noqa: BLE001 - the job's own error: bisected as usual
+                traceback.clear_frames(again.__traceback__)
+                self._decode_soft, self._embed_cuts = compiled
+                return False
+            finally:
+                _undo_draws(slots, noise)
+        cause = list(_chain(exc, contexts=False))[-1]    # dynamo's wrapper names only the backend
+        log.warning("torch.compile failed (%s: %s); this worker runs its steps uncompiled from now on",
+                    type(cause).__name__, (str(cause).strip().splitlines() or [""])[0])
+        self._decode_soft, self._embed_cuts = self._eager
+        self.compiled = False
+        return True
 
     def _split(self, slots: list[Slot], exc: Exception, on_failure: Callable[[Slot, Exception], None]
                ) -> list[tuple[Slot, Frame | None]]:

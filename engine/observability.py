@@ -2,7 +2,7 @@
 
     obs = Observability()                         # its own CollectorRegistry (never the global one)
     obs.track_queue(queue)                        # imagine_queue_length, read at scrape time
-    obs.track_worker(worker)                      # iterations, jobs, latency, GPU memory
+    obs.track_worker(worker)                      # jobs, iterations, latency, GPU (a worker's process)
     obs.track_store(queue)                        # imagine_queue_jobs{state}: the whole store (the bot)
     obs.track_workers(queue, within=60)           # imagine_workers_alive (the bot)
     runner = await obs.start_http("127.0.0.1", 9100, {"queue": queue_check(queue)})
@@ -26,16 +26,20 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 | `imagine_kept_state_bytes` | gauge | bytes of finished jobs' `state.pt` kept in the store (`queue.state_bytes()`, what `keep_state_gib` bounds), read at each scrape (present only after `track_store`) |
 | `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (present only after `track_workers`) |
 | `imagine_queue_up` | gauge | 1 when every read of the queue for this scrape answered, 0 when one failed or timed out (present once a queue gauge is tracked) |
-| `imagine_jobs_total{state}` | counter | job transitions this process saw: started, done, failed, retried, cancelled, released |
-| `imagine_jobs_running` | gauge | jobs in this worker's batch |
-| `imagine_iterations_total` | counter | job-iterations stepped (`rate()` of it: iterations per second) |
-| `imagine_job_latency_seconds` | histogram | queued -> done, for jobs that finished |
-| `imagine_gpu_memory_allocated_bytes{device}` | gauge | `torch.cuda.memory_allocated` (absent on a CPU) |
-| `imagine_gpu_memory_reserved_bytes{device}` | gauge | `torch.cuda.memory_reserved` (absent on a CPU) |
-| `imagine_gpu_thread_alive` | gauge | 1 while the worker's GPU thread runs |
+| `imagine_jobs_total{state}` | counter | job transitions this process's worker saw: started, done, failed, retried, cancelled, released (present only after `track_worker`) |
+| `imagine_jobs_running` | gauge | jobs in this worker's batch (present only after `track_worker`) |
+| `imagine_iterations_total` | counter | job-iterations stepped (`rate()` of it: iterations per second; present only after `track_worker`) |
+| `imagine_job_latency_seconds` | histogram | queued -> done, for jobs that finished (present only after `track_worker`) |
+| `imagine_gpu_memory_allocated_bytes{device}` | gauge | `torch.cuda.memory_allocated` (present only after `track_worker`; no series on a CPU) |
+| `imagine_gpu_memory_reserved_bytes{device}` | gauge | `torch.cuda.memory_reserved` (present only after `track_worker`; no series on a CPU) |
+| `imagine_gpu_thread_alive` | gauge | 1 while the worker's GPU thread runs (present only after `track_worker`) |
 | `imagine_discord_rate_limited_total` | counter | HTTP 429s the bot got from Discord (the bot increments it) |
 | `imagine_discord_shard_connected{shard}` | gauge | 1 while that gateway shard is ready and answered (the bot sets it) |
 | `imagine_discord_gateway_latency_seconds{shard}` | gauge | that shard's heartbeat round trip (absent without an open, answered connection) |
+
+So a process that runs a GPU worker (`imagine-worker`, a bot with its embedded worker) has the
+worker's metrics, and a bot without one (`--no-worker`) has none of them rather than zeros that an
+alert on `imagine_gpu_thread_alive == 0` would read; only the bot tracks the store and the workers.
 
 When a read of the queue fails (the store is down or slow), the gauges it feeds read NaN ("unknown")
 for that scrape instead of their last values, and `imagine_queue_up` is 0: alert on
@@ -80,6 +84,9 @@ class Metrics:
     store_jobs: Gauge
     kept_state_bytes: Gauge
     workers_alive: Gauge
+    # The worker's metrics, from `jobs` to `gpu_alive`, are registered by track_worker
+    # (`Observability.export_worker_metrics`): only the worker's hooks feed them, so a bot without a
+    # GPU worker would export them at 0 forever, and `imagine_gpu_thread_alive == 0` would fire there.
     jobs: Counter
     jobs_running: Gauge
     iterations: Counter
@@ -107,16 +114,16 @@ class Metrics:
             workers_alive=Gauge("imagine_workers_alive",
                                 "GPU workers that claimed or heartbeated within the liveness window",
                                 registry=None),
-            jobs=Counter("imagine_jobs", "Job transitions seen by this process", ["state"], registry=registry),
-            jobs_running=Gauge("imagine_jobs_running", "Jobs in this worker's batch", registry=registry),
-            iterations=Counter("imagine_iterations", "Job-iterations stepped on the GPU", registry=registry),
+            jobs=Counter("imagine_jobs", "Job transitions seen by this process", ["state"], registry=None),
+            jobs_running=Gauge("imagine_jobs_running", "Jobs in this worker's batch", registry=None),
+            iterations=Counter("imagine_iterations", "Job-iterations stepped on the GPU", registry=None),
             job_latency=Histogram("imagine_job_latency_seconds", "Seconds from submit to done",
-                                  buckets=LATENCY_BUCKETS, registry=registry),
+                                  buckets=LATENCY_BUCKETS, registry=None),
             gpu_memory_allocated=Gauge("imagine_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated",
-                                       ["device"], registry=registry),
+                                       ["device"], registry=None),
             gpu_memory_reserved=Gauge("imagine_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved",
-                                      ["device"], registry=registry),
-            gpu_alive=Gauge("imagine_gpu_thread_alive", "1 while the worker's GPU thread runs", registry=registry),
+                                      ["device"], registry=None),
+            gpu_alive=Gauge("imagine_gpu_thread_alive", "1 while the worker's GPU thread runs", registry=None),
             discord_rate_limited=Counter("imagine_discord_rate_limited", "HTTP 429 answers from Discord",
                                          registry=registry),
             discord_shard_connected=Gauge("imagine_discord_shard_connected",
@@ -143,7 +150,7 @@ class Observability:
         self.refresh_timeout = refresh_timeout
         self._refreshers: list[tuple[Callable[[], Awaitable[None]], Callable[[], None] | None, bool]] = []
         self._queue_up_registered = False
-        self._registered_late: set[int] = set()   # ids of the gauges _register_once registered
+        self._registered_late: set[int] = set()   # ids of the metrics _register_once registered
         self._queue_failing = False
         self._failing_functions: set[str] = set()
         self._shard_labels: set[str] = set()
@@ -166,12 +173,12 @@ class Observability:
             self._queue_up_registered = True
         self._refreshers.append((refresh, on_failure, True))
 
-    def _register_once(self, *gauges: Gauge) -> None:
-        """Register gauges made with `registry=None`, once: only a process that tracks them exports them."""
-        for gauge in gauges:
-            if id(gauge) not in self._registered_late:
-                self.registry.register(gauge)
-                self._registered_late.add(id(gauge))
+    def _register_once(self, *metrics: Gauge | Counter | Histogram) -> None:
+        """Register metrics made with `registry=None`, once: only a process that tracks them exports them."""
+        for metric in metrics:
+            if id(metric) not in self._registered_late:
+                self.registry.register(metric)
+                self._registered_late.add(id(metric))
 
     def set_function(self, gauge: Gauge, f: Callable[[], float], what: str) -> None:
         """`gauge.set_function(f)`, but a call of `f` that raises reads NaN (logged at WARNING once,
@@ -225,8 +232,17 @@ class Observability:
             self.metrics.workers_alive.set(len(await queue.workers(max_age=within)))
         self._add_queue_refresher(refresh, lambda: self.metrics.workers_alive.set(NAN))
 
+    def export_worker_metrics(self) -> None:
+        """Put the worker's metrics (job counters, latency, iterations, batch size, GPU thread and
+        memory) on /metrics. `track_worker` does it: only a process that runs a GPU worker has them."""
+        m = self.metrics
+        self._register_once(m.jobs, m.jobs_running, m.iterations, m.job_latency, m.gpu_memory_allocated,
+                            m.gpu_memory_reserved, m.gpu_alive)
+
     def track_worker(self, worker: Any) -> None:
-        """Observe an `engine.worker.Worker`: its job counters, batch size, GPU thread and GPU memory."""
+        """Observe an `engine.worker.Worker`: its job counters, batch size, GPU thread and GPU memory.
+        These metrics are exported from here on (see `export_worker_metrics`)."""
+        self.export_worker_metrics()
         worker.observer = self
         self.set_function(self.metrics.jobs_running, lambda: len(worker.running), "imagine_jobs_running")
         self.set_function(self.metrics.gpu_alive, lambda: 1.0 if worker.gpu_alive else 0.0,

@@ -303,3 +303,87 @@ def test_compile_is_opt_in_and_keeps_results(tiny_models):
     for key in "abc":
         assert_close(compiled[key], plain[key])
     assert compiled["c"].batch_sizes == [3, 3, 1]
+
+
+def _no_c_compiler(graph, example_inputs):
+    raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+
+@pytest.fixture(params=["at_compile", "at_first_backward"])
+def failing_backend(request):
+    """A torch.compile backend that fails as inductor does where Triton finds no C compiler: when
+    dynamo compiles (wrapped in BackendCompilerFailed), or only when AOTAutograd compiles the
+    backward at the first `backward()` (its error raised bare, nothing naming torch.compile)."""
+    import torch._dynamo   # noqa: PLC0415
+    from torch._dynamo.backends.common import aot_autograd   # noqa: PLC0415
+    from torch._dynamo.backends.registry import _COMPILER_FNS   # noqa: PLC0415 - to unregister it
+
+    name = f"imagine_test_no_c_compiler_{request.param}"
+    backend = (_no_c_compiler if request.param == "at_compile"
+               else aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=_no_c_compiler))
+    torch._dynamo.register_backend(backend, name=name)
+    torch._dynamo.reset()
+    yield name
+    _COMPILER_FNS.pop(name, None)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("with_on_failure", [True, False], ids=["worker", "generate"])
+def test_a_compile_that_fails_leaves_the_runner_eager_and_fails_no_job(tiny_models, failing_backend, caplog,
+                                                                         with_on_failure):
+    """torch.compile's own failure (here the backend's, as with no C compiler for Triton) is no
+    job's fault: the runner says so once, runs eager from then on, and every job steps as if
+    compile had been off (the worker's path with on_failure, generate's without)."""
+    failed: list = []
+    on_failure = (lambda slot, exc: failed.append((slot.key, exc))) if with_on_failure else None
+    settings = replace(S, iterations=3, frame_every=3, cutn=2)
+    plain = run(tiny_models, {0: [make_slot(tiny_models, k, settings) for k in "ab"]})
+    with caplog.at_level("WARNING", logger="engine.generate"):
+        fallen = run(tiny_models, {0: [make_slot(tiny_models, k, settings) for k in "ab"]},
+                     compile=failing_backend, on_failure=on_failure)
+    assert failed == []
+    for key in "ab":
+        assert_identical(fallen[key], plain[key])
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "Failed to find C compiler" in warnings[0], warnings
+
+
+def test_a_jobs_own_error_is_not_taken_for_a_compile_failure(tiny_models):
+    """A compiled runner whose pass fails the same way uncompiled (a job's own error) keeps
+    compiling and fails that job alone; out of memory is the pass's size, never compile's, also
+    where a compile error wraps it; an uncompiled runner never blames a compile."""
+    settings = replace(S, iterations=2, frame_every=2, cutn=2)
+    runner = BatchRunner(tiny_models, compile="eager")
+    good, bad = make_slot(tiny_models, "a", settings), make_slot(tiny_models, "b", settings)
+    bad.targets = replace(bad.targets, embeddings=bad.targets.embeddings[:, :3])   # [T, 3]: no CLIP width
+    runner.add(good), runner.add(bad)
+    failed: list = []
+    for _ in range(2):
+        runner.step(on_failure=lambda slot, exc: failed.append((slot.key, type(exc).__name__)))
+    assert failed == [("b", "RuntimeError")] and runner.compiled and good.iteration == 2
+    assert not runner._compile_failed([], torch.OutOfMemoryError("CUDA out of memory"))
+    from torch._dynamo.exc import BackendCompilerFailed   # noqa: PLC0415
+    try:
+        raise BackendCompilerFailed(_no_c_compiler, torch.OutOfMemoryError("CUDA out of memory"), None)
+    except BackendCompilerFailed as exc:
+        assert not runner._compile_failed([], exc) and runner.compiled
+    assert not BatchRunner(tiny_models)._compile_failed([], RuntimeError("Failed to find C compiler"))
+
+
+def test_compile_auto_is_inductor_on_cuda_with_a_c_compiler_and_off_elsewhere(tiny_models, tmp_path, monkeypatch):
+    """The worker's default: inductor where a GPU run measured it to pay (CUDA) and Triton can
+    build its launchers (a C compiler on PATH or in $CC); nothing on a CPU."""
+    from engine.compiling import c_compiler, compile_options   # noqa: PLC0415
+
+    assert not BatchRunner(tiny_models, compile="auto").compiled   # a CPU: no compile at all
+    assert compile_options("auto", "cpu") is None and compile_options("auto") is None
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))   # a CUDA runtime image: no cc, gcc or clang
+    assert c_compiler() is None and compile_options("auto", "cuda") is None
+    gcc = tmp_path / "gcc"
+    gcc.write_text("#!/bin/sh\n")
+    gcc.chmod(0o755)
+    assert c_compiler() == str(gcc) and compile_options("auto", "cuda") == {"backend": "inductor"}
+    monkeypatch.setenv("CC", "no-such-cc")   # Triton takes $CC as given: one it cannot find is none
+    assert c_compiler() is None and compile_options("auto", "cuda") is None
+    assert compile_options("inductor", "cuda") == {"backend": "inductor"}   # asked for by name: as asked

@@ -44,11 +44,9 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
     assert abs(many / one - bench["max_batch"]) < 0.05 * bench["max_batch"]
     assert bench["ratios"]["reference"] == 1.0 and bench["ratios"]["engine_batch"] > 0
 
-    casts_on = json_line((out / "bench_dalle_casts_on.log").read_text())
-    assert casts_on["dalle_half_casts"] == "on" and "reference" not in casts_on["results"]
-
-    compiled = json_line((out / "bench_compile.log").read_text())
-    assert compiled["compile"] == "eager" and set(compiled["results"]) == {"engine_1", "engine_batch"}
+    compiled = json_line((out / "bench_compile.log").read_text())   # the reference again: one run's ratios
+    assert compiled["compile"] == "eager" and set(compiled["results"]) == {"reference", "engine_1", "engine_batch"}
+    assert compiled["ratios"]["reference"] == 1.0 and compiled["ratios"]["engine_batch"] > 0
     graphs = json_line((out / "bench_cudagraphs.log").read_text())
     assert graphs["compile"] == "eager" and set(graphs["results"]) == {"engine_1", "engine_batch"}
 

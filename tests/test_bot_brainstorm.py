@@ -690,14 +690,18 @@ async def test_a_slow_download_is_answered_in_time_and_still_refused_privately(h
 async def test_an_init_image_waits_in_line_while_no_worker_has_the_encoder(harness):
     """A worker without the dVAE encoder leaves init-image jobs in line (for a worker that has one,
     as a job waits for a worker of its grid: test_worker) and takes the next job: the picture's job
-    stays queued, not started, not failed, while a plain job after it runs to the end."""
+    stays queued, not started, not failed, while a plain job after it runs to the end. (Queued while
+    no worker was live, as during a restart: once only workers without the encoder are live, the bot
+    refuses such a command instead, test_bot_uploads.)"""
     from dataclasses import replace
 
     h = harness
     h.models = replace(h.models, encoder=None)
-    await h.start()
+    await h.start(worker=False)
     msg = await h.reply_of(await h.imagine("a cat", init_image=h.fd.host_attachment("start.png", noise_png())))
     waiting = h.job_id(msg)
+    await h.stop()
+    await h.start()   # now with its worker, which has no encoder
     plain = await h.wait_delivered(h.job_id(await h.reply_of(await h.imagine("a dog"))))
     assert plain.state == JobState.DONE, plain.error
     record = await h.queue.get(waiting)

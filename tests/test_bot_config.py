@@ -622,9 +622,14 @@ def test_the_devices_the_worker_takes_are_accepted(device):
     assert config_from_dict({"worker": {"device": device}}).worker.device == device
 
 
-@pytest.mark.parametrize("setting", ["", "inductor", "inductor:reduce-overhead", "eager", "aot_eager"])
+@pytest.mark.parametrize("setting", ["", "auto", "inductor", "inductor:reduce-overhead", "eager", "aot_eager"])
 def test_compile_backends_torch_has_are_accepted(setting):
     assert config_from_dict({"worker": {"compile": setting}}).worker.compile == setting
+
+
+def test_the_embedded_worker_compiles_on_cuda_by_default():
+    """`auto`: inductor on a CUDA device with a C compiler (measured to pay), nothing on a CPU."""
+    assert config_from_dict({}).worker.compile == "auto"
 
 
 def test_finished_jobs_are_pruned_after_30_days_by_default():

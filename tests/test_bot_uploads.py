@@ -465,3 +465,47 @@ async def test_a_gif_cut_inside_its_next_frame_is_refused_privately_as_damaged(h
     assert await h.queue.count_queued() == 0
     await uploads_settle(h, {})
     fd.assert_clean()
+
+
+async def test_a_picture_to_start_from_is_refused_while_no_live_worker_has_the_encoder(harness):
+    """A worker without the dVAE encoder (`--encoder ""`) passes over the jobs that start from an
+    init image. While workers are live and none of them has the encoder, /imagine with `init_image`
+    and the Reroll of such a job are refused privately, nothing queued or stored (they would only
+    ever say "queued"); an `image` to aim at is queued. With no worker live at all (starting, a
+    restart) and with one that has the encoder, it is queued."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+
+    def start_from(prompt: str, seed: int):
+        return fd.send_slash_command("imagine", {"prompt": prompt,
+                                                 "init_image": fd.host_attachment("p.png", noise_png(seed=seed))})
+
+    # No worker has ever claimed: queued, as before (a worker with the encoder may be starting).
+    first = h.job_id(await h.reply_of(await start_from("a house", 12), 30))
+    await claim_jobs(h.queue, [first])   # a worker with the encoder runs it, then is gone for an hour
+    await finish_jobs(h.queue, [first])
+    await h.wait_delivered(first)
+    with sqlite3.connect(h.config.queue.url.split("sqlite:///", 1)[1]) as db:
+        db.execute("UPDATE workers SET last_seen = last_seen - 3600 WHERE worker_id = 'test-gpu'")
+    kept = list(stored_uploads(h))
+
+    # Only a worker without the encoder is live now.
+    assert await h.queue.claim("gpu-no-encoder", init_images=False) is None
+    assert await outcomes(h, [await start_from("a house again", 13)]) == [("refused", imagine.NO_ENCODER)]
+    (result,) = [m for m in fd.channel_messages() if f"imagine:reroll:{first}" in m.custom_ids]
+    reroll = await fd.click_button(result, f"imagine:reroll:{first}")
+    assert await outcomes(h, [reroll]) == [("refused", imagine.NO_ENCODER)]
+    assert await h.queue.count_queued() == 0
+    await uploads_settle(h, kept)
+    aim = await fd.send_slash_command("imagine", {"prompt": "a boat",
+                                                  "image": fd.host_attachment("q.png", noise_png(seed=14))})
+    ((kind, _),) = await outcomes(h, [aim])   # an image prompt needs no encoder: that worker runs it
+    assert kind == "queued"
+
+    # A worker with the encoder is live too: queued.
+    assert await h.queue.claim("gpu-encoder", grids=(99,)) is None
+    ((kind, job_id),) = await outcomes(h, [await start_from("a house at last", 15)])
+    assert kind == "queued" and "init_image" in (await h.queue.get(job_id)).spec.extra
+    await no_turns_left(h)
+    fd.assert_clean()

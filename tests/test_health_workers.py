@@ -26,6 +26,10 @@ from tests.metrics_support import get, samples, value
 from tests.test_ops import WorkerProcess
 
 LEASE = 2   # seconds: the liveness window is then MIN_WORKER_WINDOW (two leases would be 4 s)
+# What a GPU worker's process exports and a bot without a worker must not (names as on /metrics).
+WORKER_METRICS = ("imagine_gpu_thread_alive", "imagine_jobs_running", "imagine_jobs_total", "imagine_iterations_total",
+                  "imagine_job_latency_seconds", "imagine_gpu_memory_allocated_bytes",
+                  "imagine_gpu_memory_reserved_bytes")
 
 
 async def health(http: aiohttp.ClientSession, base: str) -> tuple[int, dict]:
@@ -177,6 +181,48 @@ async def test_only_the_bot_exports_workers_alive_and_the_store_gauges_not_an_im
 
 
 @pytest.mark.asyncio
+async def test_only_a_process_that_runs_a_gpu_worker_exports_the_worker_metrics(queue_factory, tmp_path, tiny_models):
+    """imagine_gpu_thread_alive, imagine_jobs_running and the job, iteration, latency and GPU memory
+    metrics describe a GPU worker: a bot without one must not export them at all (its 0 fired
+    `imagine_gpu_thread_alive == 0` on every such bot). A bot with its embedded worker, on the same
+    store, exports them with their real values while it runs a job, and the other bot counts it."""
+    url = queue_url(queue_factory)
+    async with contextlib.AsyncExitStack() as stack:
+        _, _, _, bot_base, http = await bot_without_a_worker(
+            stack, test_config(tmp_path, queue={"url": url}, worker={"embedded": False}))
+        code, text = await get(http, f"{bot_base}/metrics")
+        assert code == 200
+        for name in WORKER_METRICS:
+            assert name not in text, f"a bot without a worker exports {name}:\n{text}"
+        m = samples(text)   # the bot's own side stays
+        assert value(m, "imagine_workers_alive") == 0 and value(m, "imagine_queue_up") == 1
+        assert value(m, "imagine_discord_shard_connected", shard="0") == 1
+
+        embedded = await stack.enter_async_context(open_resources(
+            test_config(tmp_path, queue={"url": url}), models_loader=lambda: tiny_models, http_port=0,
+            worker_options={"poll_every": 0.05, "heartbeat_every": 0.2}))
+        assert embedded.worker is not None
+        await embedded.queue.submit(JobSpec(prompt="a slow lighthouse", user_id=7, channel_id=1, grid=8,
+                                            iterations=100_000, frame_every=50, cutn=2, seed=1))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:   # the embedded worker claims it and steps it (hours at this pace)
+            m = await metrics(http, f"http://127.0.0.1:{embedded.http_port}")
+            if value(m, "imagine_jobs_running") == 1 and value(m, "imagine_iterations_total"):
+                break
+            assert loop.time() < deadline, f"the embedded worker did not run the job: {m}"
+            await asyncio.sleep(0.1)
+        assert value(m, "imagine_gpu_thread_alive") == 1
+        assert value(m, "imagine_jobs_total", state="started") == 1
+        assert value(m, "imagine_job_latency_seconds_count") == 0
+
+        code, text = await get(http, f"{bot_base}/metrics")
+        assert code == 200 and value(samples(text), "imagine_workers_alive") == 1
+        for name in WORKER_METRICS:   # that worker is in another process: its metrics are there
+            assert name not in text, f"a bot without a worker exports {name}:\n{text}"
+
+
+@pytest.mark.asyncio
 async def test_store_gauges_count_queued_running_and_undelivered_jobs_of_every_process(queue_factory):
     """imagine_queue_jobs{state} is read from the store at each scrape, so it counts what other
     processes did: here two other queue objects (a "bot" that submits, a "worker" that claims and
@@ -210,8 +256,8 @@ async def test_store_gauges_count_queued_running_and_undelivered_jobs_of_every_p
             assert value(m, "imagine_kept_state_bytes") == 1000   # the kept state (keep_state_gib's measure)
             assert value(m, "imagine_queue_length") == 2
             assert value(m, "imagine_workers_alive") == 1
-            # Not the counter of this process's own transitions: that one has not moved.
-            assert value(m, "imagine_jobs_total", state="done") == 0
+            # Not the counter of a worker's own transitions: a process that runs none has no such series.
+            assert value(m, "imagine_jobs_total", state="done") is None
 
             assert await submitter.mark_delivered(first.id)
             m = await metrics(http, base)

@@ -613,6 +613,9 @@ def test_imagine_worker_parses_what_it_accepts():
     assert args.keep_days == 30.0   # finished jobs' state.pt (48-192 MiB each) is not kept for ever
     # The dVAE encoder (init images) as the bot's embedded worker has it; '' is none.
     assert args.encoder == "openai" and build_parser().parse_args(["--queue", "x.db", "--encoder", ""]).encoder == ""
+    # torch.compile: inductor on CUDA unless told otherwise (it paid on an H200), '' is off.
+    assert build_parser().parse_args(["--queue", "x.db"]).compile == "auto"
+    assert build_parser().parse_args(["--queue", "x.db", "--compile", ""]).compile == ""
     assert build_parser().parse_args(["--queue", "x.db", "--keep-days", "0"]).keep_days is None   # 0: never
     # The least values the queues take are taken here too (a shared IMAGINE_QUEUE_URL must start both).
     from engine.worker import check_queue_url

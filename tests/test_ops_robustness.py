@@ -113,6 +113,7 @@ async def test_queue_up_is_only_exported_when_a_queue_is_tracked():
 
 async def test_a_gauge_function_that_raises_reads_nan_and_metrics_still_answers_200(caplog):
     obs = Observability()
+    obs.export_worker_metrics()   # a worker's process: what track_worker does first
     obs.metrics.jobs_running.set(2)
 
     def sticky_cuda_error() -> float:
@@ -139,6 +140,7 @@ async def test_a_gauge_function_that_raises_reads_nan_and_metrics_still_answers_
 async def test_a_collector_that_raises_is_left_out_not_a_500():
     """A value function set on a gauge directly (not through Observability.set_function)."""
     obs = Observability()
+    obs.export_worker_metrics()
     obs.metrics.jobs_running.set(3)
     obs.metrics.gpu_alive.set_function(lambda: 1 / 0)
     runner = await obs.start_http("127.0.0.1", 0)

@@ -1187,6 +1187,40 @@ async def test_workers_registry(queue: JobQueue):
     assert abs(workers["gpu-0"]["last_seen"] - time.time()) < 5
 
 
+async def test_workers_registry_says_which_workers_take_init_image_jobs(queue: JobQueue):
+    """Each worker's entry says whether its claims take the jobs that need the dVAE encoder
+    (`init_images`, as claimed), kept through its heartbeats: the bot reads it to refuse an
+    init_image job that no live worker would ever run."""
+    rec = await queue.submit(spec())
+    got = await queue.claim("gpu-no-encoder", init_images=False)
+    assert got.id == rec.id
+    assert await queue.claim("gpu-encoder") is None   # the default: it has one
+    assert await queue.heartbeat(rec.id, got.lease_id) is True
+    workers = await queue.workers()
+    assert workers["gpu-no-encoder"]["init_images"] is False and workers["gpu-no-encoder"]["job_id"] == rec.id
+    assert workers["gpu-encoder"]["init_images"] is True
+    # A worker restarted with an encoder says so at its next claim.
+    assert await queue.claim("gpu-no-encoder", init_images=True) is None
+    assert (await queue.workers())["gpu-no-encoder"]["init_images"] is True
+
+
+async def test_redis_worker_entry_of_an_earlier_version_reads_as_taking_init_images(redis_server):
+    """An entry an earlier version wrote (SAQ's worker_info without `init_images`) reads as a worker
+    with the encoder: those versions always loaded one. (SQLite: the migration test.)"""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    q = RedisJobQueue(redis_server.url, prefix=f"old-worker-{uuid.uuid4().hex[:8]}")
+    await q.start()
+    try:
+        await q.saq.write_worker_info("old-gpu", {"stats": {}, "queue_key": q.prefix,
+                                                  "metadata": {"job_id": None, "last_seen": time.time()}}, ttl=60)
+        assert (await q.workers())["old-gpu"]["init_images"] is True
+    finally:
+        await q.close()
+
+
 async def test_open_queue_urls(tmp_path, redis_server):
     from engine.queue import open_queue
     from engine.queue.redis import RedisJobQueue
@@ -2246,9 +2280,12 @@ async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path
         for upload_id in (upload_needed, upload_orphan):
             db.execute("INSERT INTO artifacts(job_id, name, data) VALUES (?, 'image.png', X'00')", (upload_id,))
         db.execute("INSERT INTO settings(key, value) VALUES ('paused', 'false'), ('limits', '{\"per_user\": 3}')")
+        db.execute("INSERT INTO workers(worker_id, last_seen, job_id) VALUES ('old-worker', ?, 'runningjob01')", (now,))
     q = SQLiteJobQueue(path, lease=5)
     await q.start()
     try:
+        # Its worker's row reads as one with the dVAE encoder: every worker of that version loaded one.
+        assert (await q.workers(max_age=3600))["old-worker"]["init_images"] is True
         running = await q.get("runningjob01")
         assert running.state == JobState.RUNNING and running.worker_id == "old-worker" and running.lease_id is None
         # The old claim holds no lease id: nothing passes the fence in its name.
@@ -2269,9 +2306,10 @@ async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path
     finally:
         await q.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         assert {"lease_id", "failed_on", "retry_after"} <= columns
+        assert "init_images" in {row[1] for row in db.execute("PRAGMA table_info(workers)")}
     q = SQLiteJobQueue(path)  # opened again: nothing to migrate, nothing lost
     await q.start()
     try:
@@ -2349,7 +2387,7 @@ async def test_sqlite_start_that_cannot_get_the_write_lock_fails_cleanly_and_can
     await q.start()
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         if previous:
             got = await q.claim("w")
             assert got.id == "queuedjob0001" and got.lease_id

@@ -1111,6 +1111,7 @@ class RedisJobQueue:
         self.saq: RedisQueue | None = None
         self._scripts: dict[str, Any] = {}
         self._seen: dict[str, tuple[float, str | None]] = {}
+        self._init_images: dict[str, bool] = {}   # what each worker's last claim here said it can take
         self._stats: dict[str, dict[str, int]] = {}
         self._started_ms = int(time.time() * 1000)
         self._events_epoch: bytes | None = None   # the event log's epoch at the last events() read
@@ -1303,18 +1304,24 @@ class RedisJobQueue:
 
         return [r for r in map(_record, await self._retry(fetch)) if r is not None]
 
-    async def _see_worker(self, worker_id: str, job_id: str | None) -> None:
-        """SAQ's worker registry (TTL'd), written at most every few seconds per worker."""
+    async def _see_worker(self, worker_id: str, job_id: str | None, init_images: bool | None = None) -> None:
+        """SAQ's worker registry (TTL'd), written at most every few seconds per worker, and at once
+        when its job or what it can take (`init_images`, from its claim; None: unchanged) changes."""
         now = time.monotonic()
         last = self._seen.get(worker_id)
-        if last is not None and now - last[0] < min(5.0, self.worker_ttl / 3) and (job_id is None or job_id == last[1]):
+        changed = init_images is not None and init_images != self._init_images.get(worker_id)
+        if init_images is not None:
+            self._init_images[worker_id] = init_images
+        if (last is not None and now - last[0] < min(5.0, self.worker_ttl / 3) and (job_id is None or job_id == last[1])
+                and not changed):
             return
         self._seen[worker_id] = (now, job_id if job_id is not None else (last[1] if last else None))
         stats = self._stats.setdefault(worker_id, {"complete": 0, "failed": 0, "retried": 0, "aborted": 0})
         info = {
             "stats": {**stats, "uptime": int(time.time() * 1000) - self._started_ms},
             "queue_key": self.prefix,
-            "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time()},
+            "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time(),
+                         "init_images": self._init_images.get(worker_id, True)},
         }
         assert self.saq is not None
         try:
@@ -1535,7 +1542,7 @@ class RedisJobQueue:
         args: list[Any] = [worker_id, lease, "1" if init_images else "0"]
         args += [-1] if grids is None else [len(tuple(grids)), *(int(g) for g in grids)]
         job_id = await self._run("claim", *args)
-        await self._see_worker(worker_id, job_id or None)
+        await self._see_worker(worker_id, job_id or None, init_images)
         if not job_id:
             return None
         record = await self.get(job_id)
@@ -1831,7 +1838,8 @@ class RedisJobQueue:
             offset += skipped
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
-        """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact)."""
+        """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact):
+        id -> last_seen, job_id, stats, init_images (its last claim took jobs that need the encoder)."""
         assert self.saq is not None
         saq = self.saq
         info = await self._retry(lambda: saq.info())
@@ -1841,5 +1849,7 @@ class RedisJobQueue:
             last_seen = float(meta.get("last_seen") or 0.0)
             if max_age is not None and last_seen < time.time() - max_age:
                 continue
-            out[worker_id] = {"last_seen": last_seen, "job_id": meta.get("job_id"), "stats": data.get("stats")}
+            # An entry without the field is an earlier version's worker: those always had the encoder.
+            out[worker_id] = {"last_seen": last_seen, "job_id": meta.get("job_id"), "stats": data.get("stats"),
+                              "init_images": meta.get("init_images") is not False}
         return out

@@ -131,7 +131,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT PRIMARY KEY, iteration INTEG
 CREATE TABLE IF NOT EXISTS artifacts (
     job_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, name)
 );
-CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT, init_images INTEGER NOT NULL DEFAULT 1
+);
 CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, stored_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS upload_refs (
     upload_id TEXT NOT NULL, job_id TEXT NOT NULL, PRIMARY KEY (upload_id, job_id)
@@ -147,7 +149,7 @@ CREATE INDEX IF NOT EXISTS uploads_age ON uploads(stored_at);
 CREATE INDEX IF NOT EXISTS artifacts_states ON artifacts(job_id, length(data)) WHERE name = 'state.pt';
 """
 
-SCHEMA_VERSION = 2  # PRAGMA user_version of a file this module made or migrated
+SCHEMA_VERSION = 3  # PRAGMA user_version of a file this module made or migrated
 
 # A job that failed on a worker and went back for another attempt is not that worker's to claim
 # again for a while, when another worker is alive (claimed or heartbeated within `_ALIVE` leases):
@@ -410,11 +412,20 @@ class SQLiteJobQueue:
             await self._migrate_v1(tx)
         if not fresh and version < 2:
             await self._migrate_v2(tx)
+        if not fresh and version < 3:
+            await self._migrate_v3(tx)
         for statement in _SCHEMA_LATE.split(";"):
             if statement.strip():
                 await tx.execute(statement)
         if version < SCHEMA_VERSION:
             await tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def _migrate_v3(self, db: aiosqlite.Connection) -> None:
+        """A file from before the registry recorded whether a worker has the dVAE encoder. Its
+        workers' rows read as having it: every worker of those versions loaded one."""
+        columns = {row["name"] for row in await self._rows(db, "PRAGMA table_info(workers)")}
+        if "init_images" not in columns:
+            await db.execute("ALTER TABLE workers ADD COLUMN init_images INTEGER NOT NULL DEFAULT 1")
 
     async def _migrate_v2(self, db: aiosqlite.Connection) -> None:
         """A file from before retries went to another worker."""
@@ -593,12 +604,16 @@ class SQLiteJobQueue:
             await db.execute("DELETE FROM events WHERE seq <= ?", (seq - self.keep_events,))
         return seq
 
-    async def _see_worker(self, db: aiosqlite.Connection, worker_id: str, job_id: str | None) -> None:
+    async def _see_worker(self, db: aiosqlite.Connection, worker_id: str, job_id: str | None,
+                          init_images: bool | None = None) -> None:
+        """The worker's registry row. `init_images`: what its claim said it can take (None, from a
+        heartbeat: unchanged; a worker first seen that way counts as having the encoder)."""
         await db.execute(
-            "INSERT INTO workers(worker_id, last_seen, job_id) VALUES (?, ?, ?)"
+            "INSERT INTO workers(worker_id, last_seen, job_id, init_images) VALUES (?, ?, ?, COALESCE(?, 1))"
             " ON CONFLICT(worker_id) DO UPDATE SET last_seen = excluded.last_seen,"
-            " job_id = COALESCE(excluded.job_id, workers.job_id)",
-            (worker_id, time.time(), job_id),
+            " job_id = COALESCE(excluded.job_id, workers.job_id),"
+            " init_images = COALESCE(?, workers.init_images)",
+            (worker_id, time.time(), job_id, *([None if init_images is None else int(init_images)] * 2)),
         )
 
     async def _to_front(self, db: aiosqlite.Connection, job_id: str, user_id: int) -> None:
@@ -893,7 +908,7 @@ class SQLiteJobQueue:
                     init_images: bool = True) -> JobRecord | None:
         async with self._tx() as db:
             swept = await self._sweep(db, spare=worker_id)
-            await self._see_worker(db, worker_id, None)
+            await self._see_worker(db, worker_id, None, init_images)
             now = time.time()
             paused = await self._fetchone(db, _SETTING_SQL, (PAUSED_KEY, now))
             record = None
@@ -1206,9 +1221,11 @@ class SQLiteJobQueue:
         return total
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
-        """Workers seen (claiming or heartbeating) in the last `max_age` seconds (default 60)."""
+        """Workers seen (claiming or heartbeating) in the last `max_age` seconds (default 60): id ->
+        last_seen, job_id, init_images (its last claim took jobs that need the dVAE encoder)."""
         max_age = 60.0 if max_age is None else float(max_age)
         rows = await self._all(
             "SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id", (time.time() - max_age,)
         )
-        return {r["worker_id"]: {"last_seen": r["last_seen"], "job_id": r["job_id"]} for r in rows}
+        return {r["worker_id"]: {"last_seen": r["last_seen"], "job_id": r["job_id"],
+                                 "init_images": bool(r["init_images"])} for r in rows}
