@@ -592,10 +592,20 @@ def picture_gone(job_id: str | None, key: str, *, cancelled: bool = False) -> st
 PICTURE_NOT_STORED = "Your picture could not be stored, so nothing was queued. Try again."
 
 # A job that starts from a picture needs a worker with the dVAE encoder; while workers run and none
-# has one (`imagine-worker --encoder ""`), it would only ever say "queued".
+# has one (`imagine-worker --encoder ""`), it would only ever say "queued". An `image` (a picture to
+# aim at) and a Continue or Remix (they start from a job's final state) need none.
 NO_ENCODER = ("No GPU worker running now can start from a picture (`init_image`): none of them has the "
-              "dVAE encoder that needs, so nothing was queued. The same prompt without `init_image` works "
-              "(with an `image` to aim at too).")
+              "dVAE encoder that it needs, so nothing was queued. Attach the picture as `image` instead "
+              "(a picture to aim at, which needs no encoder), or try again in a minute if a worker with "
+              "the encoder is restarting.")
+
+
+def no_encoder_for_reroll(job_id: str) -> str:
+    """The Reroll's NO_ENCODER: the job it would repeat starts from its init image."""
+    return (f"Job `{job_id}` starts from a picture (`init_image`), and no GPU worker running now has the "
+            "dVAE encoder that it needs, so it cannot be rerolled now. Continue or Remix it instead (once it "
+            "has finished: they start from its final state and need no encoder), or try again in a minute "
+            "if a worker with the encoder is restarting. Nothing was queued.")
 
 
 def starts_from_init_image(spec: JobSpec) -> bool:
@@ -604,15 +614,28 @@ def starts_from_init_image(spec: JobSpec) -> bool:
     return isinstance(spec.extra.get("init_image"), dict) and not spec.parent_job_id
 
 
-async def encoder_refusal(queue: JobQueue) -> str | None:
-    """NO_ENCODER when GPU workers are live (claimed or heartbeated within bot.launcher's
-    `worker_window`, the /healthz `workers` check's) and none of them can take a job that starts
-    from an init image. None while none is live at all (starting, restarting): the job waits for
-    them, as every job does."""
+_registry_failing = False   # encoder_refusal's last read of the worker registry failed (logged once)
+
+
+async def encoder_refusal(queue: JobQueue, rerolls: str | None = None) -> str | None:
+    """NO_ENCODER (for the Reroll of job `rerolls`: no_encoder_for_reroll) when GPU workers are
+    live (claimed or heartbeated within bot.launcher's `worker_window`, the /healthz `workers`
+    check's) and none of them can take a job that starts from an init image. None while none is
+    live at all (starting, restarting): the job waits for them, as every job does. Advisory: when
+    the registry cannot be read, logged (once until a read succeeds) and None, the job queued."""
+    global _registry_failing
     from bot.launcher import worker_window   # noqa: PLC0415 - bot.launcher imports this module (via bot.client)
-    live = await queue.workers(max_age=worker_window(queue))
+    try:
+        live = await queue.workers(max_age=worker_window(queue))
+    except Exception:  # noqa: BLE001 - the check only spares a job that would wait; the submit says if the store is down
+        if not _registry_failing:
+            log.warning("could not read the worker registry, so an init_image job is queued without "
+                        "checking for a worker with the dVAE encoder", exc_info=True)
+        _registry_failing = True
+        return None
+    _registry_failing = False
     if live and not any(w.get("init_images", True) for w in live.values()):
-        return NO_ENCODER
+        return NO_ENCODER if rerolls is None else no_encoder_for_reroll(rerolls)
     return None
 
 
@@ -1238,7 +1261,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         source_url = render.reply_url(p)
         if source_url:   # the link of its lineage line (render.lineage_lines)
             spec.extra["source_url"] = source_url
-        if starts_from_init_image(spec) and (problem := await encoder_refusal(self.queue)):
+        if starts_from_init_image(spec) and (problem := await encoder_refusal(self.queue, rerolls=job_id)):
             return problem
         return await self.refusal(spec) or spec
 

@@ -29,7 +29,8 @@ a bad or revoked token fails at once; once the worker is up it registers the sla
 Discord has none of them (a first start), and otherwise only says when Discord's set differs from
 this bot's (`imagine-bot sync` updates them); then the gateway connects. `run` stops on its `stop`
 event in any of these steps, and when the embedded worker's GPU thread dies (returning 1, for the
-exit status).
+exit status). Before it logs in it takes the store's "bot" lease (`BotLease`: one bot per store;
+`imagine-worker`s do not take it), renews it while it runs and releases it as it stops.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
@@ -116,6 +121,7 @@ class Resources:
 
 def rate_limit_trace(obs: Observability) -> aiohttp.TraceConfig:
     """Counts every HTTP 429 answer on the session it is given to (discord.py's `http_trace`)."""
+    obs.export_discord_metrics()   # this process runs a Discord client: its 429 counter is exported
     trace = aiohttp.TraceConfig()
 
     async def on_request_end(session: Any, context: Any, params: aiohttp.TraceRequestEndParams) -> None:
@@ -162,7 +168,9 @@ def worker_window(queue: JobQueue) -> float:
 
 
 def track_shards(obs: Observability, resources: Resources) -> None:
-    """Per-shard gauges, read from the bot at each scrape of /metrics."""
+    """Per-shard gauges, read from the bot at each scrape of /metrics; from here on /metrics has the
+    `imagine_discord_*` metrics (`obs.export_discord_metrics`), which only the bot exports."""
+    obs.export_discord_metrics()
     async def refresh() -> None:
         bot = resources.bot
         status = bot.shard_status() if bot is not None else {}   # closed: every shard reads 0
@@ -375,6 +383,109 @@ async def sync_if_unregistered(bot: ImagineBot, guild_id: int | None = None) -> 
 
 
 EXIT_GPU_DEAD = 1   # the embedded worker's GPU thread died or hung: restart the process
+EXIT_LEASE_LOST = 1   # another bot took this store's bot lease: stop rather than run beside it
+
+# One bot per store: a running bot holds this lease on its queue's store (the SQLite file, or the
+# Redis prefix), so that a second bot there (another token, or an accidental second replica) stops
+# instead of posting, editing and reconciling the first one's jobs. Workers never take it: many
+# of them per store is the design.
+BOT_LEASE = "bot"
+BOT_LEASE_TTL = 60.0     # seconds; renewed every third of that (tests shrink it)
+BOT_LEASE_GRACE = 2.0    # seconds a starting bot waits past the holder's expiry before it gives up
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def lease_holder(info: Mapping[str, Any]) -> str:
+    """Who holds the bot lease, from `hold_lease`'s answer, for a log line or an error."""
+    return (f"{info['holder']} (host {info['host']}, pid {info['pid']}) since {_utc(info['since'])}, "
+            f"last renewed {_utc(info['renewed'])}")
+
+
+class BotLease:
+    """This bot's hold on its store's BOT_LEASE: `take` at start (before Discord), renewed every
+    ttl/3 by a task (`keeper`, which ends with EXIT_LEASE_LOST if another bot has it by then), and
+    `release` at a clean stop, so that the next bot starts at once. The holder id is
+    host-pid-random: a restarted process is a new holder."""
+
+    def __init__(self, queue: JobQueue, url: str, ttl: float | None = None) -> None:
+        self.queue = queue
+        self.url = url
+        self.ttl = float(BOT_LEASE_TTL if ttl is None else ttl)
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.keeper: asyncio.Task[int] | None = None
+
+    async def take(self) -> None:
+        """Take the lease. Held by another bot: wait for it to lapse (a bot killed or crashed
+        without releasing it loses it within its ttl), said once; still held then (renewed: that
+        bot runs), LaunchError with exit status 2."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while (other := await self.queue.hold_lease(BOT_LEASE, self.holder, self.ttl)) is not None:
+            now = loop.time()
+            if deadline is None:
+                deadline = now + float(other["expires_in"]) + BOT_LEASE_GRACE
+                log.warning("another bot holds this store's bot lease: %s; waiting up to %.0f s for it to lapse "
+                            "(a bot stopped without releasing it: killed, crashed)", lease_holder(other),
+                            deadline - now)
+            elif now >= deadline:
+                raise LaunchError(
+                    f"another bot runs on the queue {redact_url(self.url)}: its bot lease is held by "
+                    f"{lease_holder(other)}; two bots on one store post and edit each other's jobs: stop "
+                    "that bot, or give this one a store of its own (another SQLite file, or another Redis "
+                    "?prefix=)", exit_code=2)
+            await asyncio.sleep(max(0.0, min(self.ttl / 10, 1.0, deadline - now)))
+        if deadline is not None:
+            log.info("took this store's bot lease: the previous holder's lapsed")
+        self.keeper = asyncio.create_task(self._keep(), name="bot-lease")
+
+    async def _keep(self) -> int:
+        """Renew every ttl/3; a store that does not answer is tried again at the next turn (the
+        lease may lapse meanwhile, and is taken back if no other bot took it)."""
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                other = await self.queue.hold_lease(BOT_LEASE, self.holder, self.ttl)
+            except Exception as exc:  # noqa: BLE001 - the store's trouble, said; the next turn tries again
+                log.warning("could not renew this store's bot lease (%s: %s); trying again in %.0f s",
+                            type(exc).__name__, redact_secrets(str(exc), self.url), self.ttl / 3)
+                continue
+            if other is not None:
+                log.error("another bot took this store's bot lease (%s) while this one's lapsed: stopping with "
+                          "exit status %d rather than run beside it; run one bot per store", lease_holder(other),
+                          EXIT_LEASE_LOST)
+                return EXIT_LEASE_LOST
+
+    async def release(self) -> None:
+        """Stop renewing and hand the lease back (only ours: `release_lease` checks the holder)."""
+        if self.keeper is not None:
+            self.keeper.cancel()
+            await asyncio.gather(self.keeper, return_exceptions=True)
+        try:
+            await self.queue.release_lease(BOT_LEASE, self.holder)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway: the lease lapses by itself
+            log.warning("could not release this store's bot lease (%s: %s): the next bot on it waits up to "
+                        "%.0f s for it to lapse", type(exc).__name__, redact_secrets(str(exc), self.url), self.ttl)
+
+
+async def hold_bot_lease(resources: Resources, ttl: float | None = None) -> BotLease:
+    """Take the store's bot lease for this bot (see BotLease.take), released when the resources
+    close: after the embedded worker has handed back its jobs, before the queue closes."""
+    lease = BotLease(resources.queue, resources.config.queue.url, ttl)
+    assert resources.stack is not None
+    resources.stack.push_async_callback(lease.release)   # first: a take cancelled midway is undone too
+    try:
+        await lease.take()
+    except LaunchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the store failed just after it opened: say so, no traceback
+        url = resources.config.queue.url
+        detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
+        raise LaunchError(f"cannot take the bot lease on the queue {redact_url(url)}: {detail}; "
+                          "check that its server is up") from None
+    return lease
 
 
 async def run(config: Config, token: str, stop: asyncio.Event | None = None) -> int:
@@ -390,7 +501,13 @@ async def run(config: Config, token: str, stop: asyncio.Event | None = None) -> 
     An embedded worker whose GPU thread dies or hangs (engine.worker: it claims nothing more) stops
     the bot the same way, with one ERROR line, and returns EXIT_GPU_DEAD (1), as `imagine-worker`
     exits 1: a process that takes commands that no one will ever run is worse than a restart. The
-    jobs wait in the queue (a running one goes back as a failed attempt, to be retried)."""
+    jobs wait in the queue (a running one goes back as a failed attempt, to be retried).
+
+    One bot per store: once the queue is open, before Discord, it takes the store's bot lease
+    (BotLease). While another bot holds it, it waits up to that lease's expiry (a predecessor that
+    was killed), then raises LaunchError (exit status 2) naming the holder. Running, it renews the
+    lease; if another bot has taken it meanwhile (this one's lapsed in a long store outage) it
+    stops like a dead GPU thread, returning EXIT_LEASE_LOST (1). A clean stop releases it."""
     stop = stop if stop is not None else asyncio.Event()
     me = asyncio.current_task()
     assert me is not None
@@ -402,10 +519,11 @@ async def run(config: Config, token: str, stop: asyncio.Event | None = None) -> 
     opening = asyncio.create_task(cancel_on_stop(), name="bot-stop-while-opening")
     try:
         async with open_resources(config, start_worker=False) as resources:
+            lease = await hold_bot_lease(resources)   # another bot on this store: LaunchError, exit 2
             opening.cancel()
             bot = make_bot(resources)
             async with bot:
-                return await _until_stopped(bot, resources, token, config, stop)
+                return await _until_stopped(bot, resources, token, config, stop, lease)
     except asyncio.CancelledError:
         if opening.done() and not opening.cancelled():   # our own cancel, for `stop`: nothing had started
             me.uncancel()
@@ -424,16 +542,21 @@ async def _login_and_connect(bot: ImagineBot, resources: Resources, token: str, 
 
 
 async def _until_stopped(bot: ImagineBot, resources: Resources, token: str, config: Config,
-                         stop: asyncio.Event) -> int:
-    """`_login_and_connect` until it ends (its error raised), `stop` is set (0) or the embedded
-    worker's GPU thread dies (1); then the bot is closed."""
+                         stop: asyncio.Event, lease: BotLease | None = None) -> int:
+    """`_login_and_connect` until it ends (its error raised), `stop` is set (0), the embedded
+    worker's GPU thread dies (1) or another bot took the store's bot lease (1); then the bot is
+    closed (the lease is released later, with the resources)."""
     gateway = asyncio.create_task(_login_and_connect(bot, resources, token, config), name="bot-gateway")
     watch = asyncio.create_task(_until_stop_or_gpu_dead(resources, stop), name="bot-watch")
+    keeper = lease.keeper if lease is not None else None
     try:
-        done, _ = await asyncio.wait({gateway, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({gateway, watch} | ({keeper} if keeper else set()),
+                                     return_when=asyncio.FIRST_COMPLETED)
         if gateway in done:   # the gateway closed (or failed before it connected)
             gateway.result()
             return 0
+        if keeper in done:
+            return keeper.result()
         return watch.result()
     finally:
         watch.cancel()

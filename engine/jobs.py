@@ -369,6 +369,17 @@ class JobQueue(Protocol):
     # Redis drops it itself, SQLite deletes it in `prune`). None: kept until overwritten.
     async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None: ...
 
+    # --- named leases: one holder at a time (the bot's "bot" lease: one bot per store) -------------
+    # `hold_lease` takes the lease `name` when it is free or expired, or renews it when `holder` has
+    # it, until `ttl` seconds from now, in one transaction / script: None. While another holder has
+    # it (not expired), nothing changes and it returns that holder's info: {"holder", "host", "pid"
+    # (of the process that took it), "since" (when it took it), "renewed" (its last renewal; both
+    # epoch seconds), "expires_in" (seconds left)}. Times are the store's clock (SQLite: time.time()
+    # in the write transaction; Redis: the server's TIME). `release_lease` deletes it only when
+    # `holder` has it (True then): a clean stop lets the next holder take it at once.
+    async def hold_lease(self, name: str, holder: str, ttl: float) -> dict[str, Any] | None: ...
+    async def release_lease(self, name: str, holder: str) -> bool: ...
+
     # --- the worker side ----------------------------------------------------------------------
     # `claim` returns the job RUNNING with a fresh `lease_id`: the first job of the fair line that
     # matches `grids` and whose server is not paused (see `PAUSED_KEY`); None while everything is

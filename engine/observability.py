@@ -5,6 +5,7 @@
     obs.track_worker(worker)                      # jobs, iterations, latency, GPU (a worker's process)
     obs.track_store(queue)                        # imagine_queue_jobs{state}: the whole store (the bot)
     obs.track_workers(queue, within=60)           # imagine_workers_alive (the bot)
+    obs.export_discord_metrics()                  # imagine_discord_* (the bot: it runs the Discord client)
     runner = await obs.start_http("127.0.0.1", 9100, {"queue": queue_check(queue)})
     ...
     await runner.cleanup()
@@ -33,13 +34,14 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 | `imagine_gpu_memory_allocated_bytes{device}` | gauge | `torch.cuda.memory_allocated` (present only after `track_worker`; no series on a CPU) |
 | `imagine_gpu_memory_reserved_bytes{device}` | gauge | `torch.cuda.memory_reserved` (present only after `track_worker`; no series on a CPU) |
 | `imagine_gpu_thread_alive` | gauge | 1 while the worker's GPU thread runs (present only after `track_worker`) |
-| `imagine_discord_rate_limited_total` | counter | HTTP 429s the bot got from Discord (the bot increments it) |
-| `imagine_discord_shard_connected{shard}` | gauge | 1 while that gateway shard is ready and answered (the bot sets it) |
-| `imagine_discord_gateway_latency_seconds{shard}` | gauge | that shard's heartbeat round trip (absent without an open, answered connection) |
+| `imagine_discord_rate_limited_total` | counter | HTTP 429s the bot got from Discord (the bot increments it; present only after `export_discord_metrics`) |
+| `imagine_discord_shard_connected{shard}` | gauge | 1 while that gateway shard is ready and answered (the bot sets it; present only after `export_discord_metrics`) |
+| `imagine_discord_gateway_latency_seconds{shard}` | gauge | that shard's heartbeat round trip (present only after `export_discord_metrics`; absent without an open, answered connection) |
 
 So a process that runs a GPU worker (`imagine-worker`, a bot with its embedded worker) has the
 worker's metrics, and a bot without one (`--no-worker`) has none of them rather than zeros that an
-alert on `imagine_gpu_thread_alive == 0` would read; only the bot tracks the store and the workers.
+alert on `imagine_gpu_thread_alive == 0` would read; only the bot tracks the store and the workers,
+and only the bot, which runs the Discord client, has the `imagine_discord_*` metrics.
 
 When a read of the queue fails (the store is down or slow), the gauges it feeds read NaN ("unknown")
 for that scrape instead of their last values, and `imagine_queue_up` is 0: alert on
@@ -94,6 +96,8 @@ class Metrics:
     gpu_memory_allocated: Gauge
     gpu_memory_reserved: Gauge
     gpu_alive: Gauge
+    # The Discord client's metrics are registered by `Observability.export_discord_metrics` (the bot):
+    # `imagine-worker` has no Discord client, and a 429 counter at 0 forever there would be a lie.
     discord_rate_limited: Counter
     discord_shard_connected: Gauge
     discord_gateway_latency: Gauge
@@ -125,12 +129,12 @@ class Metrics:
                                       ["device"], registry=None),
             gpu_alive=Gauge("imagine_gpu_thread_alive", "1 while the worker's GPU thread runs", registry=None),
             discord_rate_limited=Counter("imagine_discord_rate_limited", "HTTP 429 answers from Discord",
-                                         registry=registry),
+                                         registry=None),
             discord_shard_connected=Gauge("imagine_discord_shard_connected",
                                           "1 while the gateway shard is ready and its heartbeats answered",
-                                          ["shard"], registry=registry),
+                                          ["shard"], registry=None),
             discord_gateway_latency=Gauge("imagine_discord_gateway_latency_seconds",
-                                          "Heartbeat round trip of the gateway shard", ["shard"], registry=registry),
+                                          "Heartbeat round trip of the gateway shard", ["shard"], registry=None),
         )
 
 
@@ -285,6 +289,13 @@ class Observability:
             self.metrics.job_latency.observe(max(0.0, time.time() - record.created_at))
 
     # --- the bot's hooks -------------------------------------------------------------------------
+
+    def export_discord_metrics(self) -> None:
+        """Put the Discord client's metrics (429s, each gateway shard's state and latency) on /metrics.
+        The bot does it (`bot.launcher.track_shards`, `rate_limit_trace`): `imagine-worker` has no
+        Discord client, so it has none of them rather than a 429 counter at 0 forever."""
+        m = self.metrics
+        self._register_once(m.discord_rate_limited, m.discord_shard_connected, m.discord_gateway_latency)
 
     def discord_rate_limited(self, n: int = 1) -> None:
         self.metrics.discord_rate_limited.inc(n)

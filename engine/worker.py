@@ -253,6 +253,9 @@ class Worker:
         self.iterations_done = 0          # for metrics: job-iterations since start
         self._inbox: thread_queue.Queue[_Start] = thread_queue.Queue()
         self._stop = threading.Event()
+        # Set by the GPU thread once torch.compile's warm-up is done (at once when nothing is
+        # compiled): the claim loop takes no job before (`_warm_up`).
+        self.warmed_up = threading.Event()
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -471,7 +474,8 @@ class Worker:
         while not self._stop.is_set():
             try:
                 # A claim sweeps expired leases first: not while one of our own may have run out.
-                if len(self.running) < self.max_batch and self._gpu_thread_ok() and not self._lapsing():
+                if (len(self.running) < self.max_batch and self._gpu_thread_ok() and not self._lapsing()
+                        and self.warmed_up.is_set()):
                     sent = time.monotonic()
                     record = await self._claim()
                     if failing_since is not None:
@@ -924,8 +928,8 @@ class Worker:
         assert self.models is not None
         runner = BatchRunner(self.models, compile=self.compile)
         if runner.compiled:
-            log.info("torch.compile on (compile=%r on %s): the first step at batch 1, and the first at a "
-                     "larger batch, wait for it", self.compile, self.models.device)
+            log.info("torch.compile on (compile=%r on %s): compiling before the first claim",
+                     self.compile, self.models.device)
         elif self.compile == AUTO and self.models.device.type == "cuda":
             log.warning("torch.compile off: compile='auto' found no C compiler for Triton (install gcc "
                         "or set CC; docs/PERFORMANCE.md: it runs 1.7x faster compiled)")
@@ -933,6 +937,11 @@ class Worker:
             log.info("torch.compile off (compile=%r on %s)", self.compile, self.models.device)
         self.gpu_alive = True
         try:
+            if runner.compiled:
+                self._warm_up(runner)
+            self.warmed_up.set()
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._wake.set)   # the claim loop waited for this
             while not self._stop.is_set() and not self._stalled:
                 self._busy_since = None           # waiting for work is not work (see _hung)
                 self._admit(runner, block=len(runner) == 0)
@@ -1088,6 +1097,35 @@ class Worker:
         with self._book:   # until the frame task that carries it is over (_on_frame)
             self._saving[slot.key] = self._saving.get(slot.key, 0) + 1
         return state
+
+    def _warm_up(self, runner: BatchRunner) -> None:
+        """Compile before the first claim: one step at batch 1 and one at batch 2 (dynamo compiles
+        each once, batch 1 being specialised; larger batches reuse the second) of two throwaway
+        slots with the worker's default settings. A job claimed meanwhile would sit "started" with
+        no frame for the minute or more a compile takes on a GPU, and a second job joining it
+        would freeze both for another; queued, the jobs wait where other workers can take them.
+        Other grids or cut-out counts compile at their first step. Errors are logged, not raised:
+        the jobs then compile (or fail) as they would have."""
+        assert self.models is not None
+        self._busy_since = started = time.monotonic()   # compiling is GPU work for the watchdog
+        settings = replace(self.base_settings, iterations=10, frame_every=10**6, seed=0)
+        try:
+            targets = encode_targets(self.models, "a warm-up")
+            for size in range(1, min(2, self.max_batch or 1) + 1):
+                runner.add(Slot(("warm-up", size), self.models, targets, settings))
+                runner.step()
+                if self._stop.is_set() or not runner.compiled:
+                    break
+            log.info("torch.compile warmed up in %.0f s (batch sizes 1-%d, grid %d, cutn %d)",
+                     time.monotonic() - started, len(runner), settings.grid, settings.cutn)
+        except Exception:  # noqa: BLE001 - the jobs compile at their first step instead
+            log.exception("torch.compile's warm-up failed; jobs compile at their first step")
+        finally:
+            for key in [k for k in runner.slots if isinstance(k, tuple) and k[:1] == ("warm-up",)]:
+                runner.remove(key)
+            self._busy_since = None
+            if self.models.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _admit(self, runner: BatchRunner, block: bool) -> None:
         while True:

@@ -182,6 +182,7 @@ def test_shard_gauges_follow_the_shards_given():
     from engine.observability import Observability
 
     obs = Observability()
+    obs.export_discord_metrics()   # what track_shards does first
     obs.discord_shards({0: (True, 0.25), 1: (True, 0.5)})
     m = samples(generate_latest(obs.registry).decode())
     assert value(m, "imagine_discord_shard_connected", shard="0") == 1

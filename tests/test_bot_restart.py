@@ -1,13 +1,19 @@
-"""Stopping the bot (Bot + launcher resources) and starting it again on the same SQLite file."""
+"""Stopping the bot (Bot + launcher resources) and starting it again on the same SQLite file; one
+bot per store (`imagine-bot` processes: a second one on the store exits 2, a lost lease stops a bot)."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import sqlite3
+import time
 
 import pytest
 
 from bot.launcher import open_resources
 from engine.jobs import JobState
+from tests.fakediscord import FakeDiscord
 from tests.test_bot_support import claim_jobs, harness, publish_frames  # noqa: F401 - the fixture
 from engine.queue import open_queue
 
@@ -89,3 +95,94 @@ async def test_a_job_that_finished_while_the_bot_was_down_is_posted_once(harness
     await asyncio.sleep(0.3)
     assert len(h.posts_of_job(job_id)) == 1
     fd.assert_clean()
+
+
+# --- one bot per store: `imagine-bot` processes on one SQLite file ----------------------------------
+
+# The bot lease renewed every second and lapsing 3 s after its last renewal (60 s in production).
+SHORT_LEASE = "import bot.launcher as launcher\nlauncher.BOT_LEASE_TTL = 3.0\n"
+
+
+def logins(fd) -> int:
+    return len(fd.find_requests("GET", "/users/@me"))
+
+
+async def test_a_second_bot_on_the_same_store_exits_2_and_a_bot_started_after_a_clean_stop_runs_at_once(tmp_path):
+    """Two bots on one store (two tokens, or an accidental second replica) both ran: each posted,
+    edited and reconciled the other's jobs. The second now waits out the first one's lease (it could
+    be a killed bot's), finds it renewed, and exits 2 with one line naming the holder and what to do,
+    without logging in. A bot started once the first has stopped cleanly (lease released) runs at once."""
+    from bot.launcher import BOT_LEASE, BOT_LEASE_GRACE
+    from tests.test_bot_ops import BotProcess, bot_config, sqlite_queue
+    from tests.test_ops import assert_exits
+
+    async with FakeDiscord() as fd, sqlite_queue(tmp_path) as queue:
+        first = BotProcess(fd, tmp_path, bot_config(tmp_path), prelude=SHORT_LEASE, name="first")
+        try:
+            await first.wait_log("gateway shard 0/1 ready")
+            before, started = logins(fd), time.monotonic()
+            second = BotProcess(fd, tmp_path, bot_config(tmp_path), prelude=SHORT_LEASE, name="second")
+            code, log = await second.run_out(60)
+            assert code == 2, f"exit status {code}:\n{log}"
+            assert time.monotonic() - started > BOT_LEASE_GRACE   # it waited for a lapse that never came
+            assert log.count("another bot holds this store's bot lease") == 1, log   # said once
+            ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
+            assert len(ours) == 1, log
+            assert ours[0].startswith(f"imagine-bot: another bot runs on the queue sqlite:///{tmp_path}/q.db: "
+                                      f"its bot lease is held by {socket.gethostname()}-{first.proc.pid}-"), log
+            assert f"(host {socket.gethostname()}, pid {first.proc.pid}) since " in ours[0]
+            assert ours[0].endswith("stop that bot, or give this one a store of its own (another SQLite file, "
+                                    "or another Redis ?prefix=)"), log
+            assert "Traceback" not in log and fd.bot_token not in log
+            assert logins(fd) == before and first.proc.poll() is None   # never reached Discord; the first runs on
+            await assert_exits(first.proc, first.log, 0, within=30, send=signal.SIGTERM)
+        finally:
+            first.kill()
+        assert "ERROR" not in first.log(), first.log()
+        # Released as it stopped (unreleased, it would be held for 2 s more: renewed every second).
+        assert await queue.hold_lease(BOT_LEASE, "probe", 60) is None
+        assert await queue.release_lease(BOT_LEASE, "probe")
+
+        third = BotProcess(fd, tmp_path, bot_config(tmp_path), prelude=SHORT_LEASE, name="third")
+        try:
+            await third.wait_log("gateway shard 0/1 ready")
+            assert "another bot holds" not in third.log(), third.log()
+            await assert_exits(third.proc, third.log, 0, within=30, send=signal.SIGTERM)
+        finally:
+            third.kill()
+    fd.assert_clean()
+
+
+async def test_a_bot_whose_lease_another_bot_took_stops_with_1(tmp_path):
+    """A bot cut off from its store longer than its lease (here: another process holds the SQLite
+    write lock), whose lease another bot took meanwhile, must not run on beside that bot: its next
+    renewal finds the other holder, and it stops with exit status 1 and one ERROR line. The other
+    bot's lease stays."""
+    from tests.test_bot_ops import BotProcess, bot_config
+
+    async with FakeDiscord() as fd:
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path), prelude=SHORT_LEASE)
+        try:
+            await bot.wait_log("gateway shard 0/1 ready")
+            con = sqlite3.connect(str(tmp_path / "q.db"), timeout=30, isolation_level=None)
+            try:
+                con.execute("BEGIN EXCLUSIVE")
+                await asyncio.sleep(3.5)   # the bot's renewals wait for the lock; its lease lapses
+                now = time.time()
+                # What another bot's hold_lease writes when it takes the lapsed lease.
+                con.execute("UPDATE leases SET holder = 'elsewhere-1-cafe', host = 'elsewhere', pid = 1,"
+                            " since = ?, renewed = ?, expires_at = ? WHERE name = 'bot'", (now, now, now + 60))
+                con.execute("COMMIT")
+                code = await bot.wait_exit(15)
+                assert code == 1, f"exit status {code} (None: still running):\n{bot.log()}"
+                (holder,) = con.execute("SELECT holder FROM leases WHERE name = 'bot'").fetchone()
+                assert holder == "elsewhere-1-cafe"   # not released: not this bot's any more
+            finally:
+                con.close()
+        finally:
+            bot.kill()
+    log = bot.log()
+    errors = [line for line in log.splitlines() if "[ERROR   ] bot.launcher" in line]
+    assert len(errors) == 1, log
+    assert "another bot took this store's bot lease (elsewhere-1-cafe (host elsewhere, pid 1) since" in errors[0]
+    assert "exit status 1" in errors[0] and "Traceback" not in log

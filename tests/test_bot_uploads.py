@@ -9,6 +9,7 @@ pictures take turns, so a burst cannot pass the early cap check together and sto
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 
@@ -495,17 +496,53 @@ async def test_a_picture_to_start_from_is_refused_while_no_live_worker_has_the_e
     assert await outcomes(h, [await start_from("a house again", 13)]) == [("refused", imagine.NO_ENCODER)]
     (result,) = [m for m in fd.channel_messages() if f"imagine:reroll:{first}" in m.custom_ids]
     reroll = await fd.click_button(result, f"imagine:reroll:{first}")
-    assert await outcomes(h, [reroll]) == [("refused", imagine.NO_ENCODER)]
+    assert await outcomes(h, [reroll]) == [("refused", imagine.no_encoder_for_reroll(first))]
     assert await h.queue.count_queued() == 0
     await uploads_settle(h, kept)
     aim = await fd.send_slash_command("imagine", {"prompt": "a boat",
                                                   "image": fd.host_attachment("q.png", noise_png(seed=14))})
-    ((kind, _),) = await outcomes(h, [aim])   # an image prompt needs no encoder: that worker runs it
+    ((kind, _),) = await outcomes(h, [aim])   # an image prompt needs no encoder: queued (that worker may take it)
     assert kind == "queued"
 
     # A worker with the encoder is live too: queued.
     assert await h.queue.claim("gpu-encoder", grids=(99,)) is None
     ((kind, job_id),) = await outcomes(h, [await start_from("a house at last", 15)])
     assert kind == "queued" and "init_image" in (await h.queue.get(job_id)).spec.extra
+    await no_turns_left(h)
+    fd.assert_clean()
+
+
+async def test_a_picture_to_start_from_is_queued_when_the_worker_registry_cannot_be_read(harness, caplog):
+    """The encoder check is advisory: when the store's worker registry cannot be read (here its table
+    is renamed away under the running bot, so every read of it fails in SQLite itself), /imagine with
+    `init_image` is queued as before, not answered as our error, and the failure is logged once until
+    a read succeeds again."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    caplog.set_level(logging.WARNING, logger="bot.imagine")
+    path = h.config.queue.url.split("sqlite:///", 1)[1]
+
+    def start_from(prompt: str, seed: int):
+        return fd.send_slash_command("imagine", {"prompt": prompt,
+                                                 "init_image": fd.host_attachment("p.png", noise_png(seed=seed))})
+
+    def registry_warnings() -> int:
+        return sum("could not read the worker registry" in r.getMessage() for r in caplog.records)
+
+    assert await h.queue.claim("gpu-no-encoder", init_images=False) is None   # readable: it would be refused
+    for away in (True, False, True):
+        with sqlite3.connect(path) as db:
+            db.execute("ALTER TABLE workers RENAME TO workers_away" if away else
+                       "ALTER TABLE workers_away RENAME TO workers")
+        if not away:   # readable again: refused, and the next failure is logged again
+            assert await outcomes(h, [await start_from("a house again", 23)]) == [("refused", imagine.NO_ENCODER)]
+            continue
+        before = registry_warnings()
+        for seed in (21, 22):
+            ((kind, job_id),) = await outcomes(h, [await start_from(f"a house {seed}", seed)])
+            assert kind == "queued" and "init_image" in (await h.queue.get(job_id)).spec.extra
+        assert registry_warnings() == before + 1
+    assert await h.queue.count_queued() == 4
     await no_turns_left(h)
     fd.assert_clean()

@@ -1187,26 +1187,35 @@ async def test_workers_registry(queue: JobQueue):
     assert abs(workers["gpu-0"]["last_seen"] - time.time()) < 5
 
 
-async def test_workers_registry_says_which_workers_take_init_image_jobs(queue: JobQueue):
+async def test_workers_registry_says_which_workers_take_init_image_jobs(queue_factory: QueueFactory):
     """Each worker's entry says whether its claims take the jobs that need the dVAE encoder
-    (`init_images`, as claimed), kept through its heartbeats: the bot reads it to refuse an
-    init_image job that no live worker would ever run."""
-    rec = await queue.submit(spec())
-    got = await queue.claim("gpu-no-encoder", init_images=False)
-    assert got.id == rec.id
-    assert await queue.claim("gpu-encoder") is None   # the default: it has one
-    assert await queue.heartbeat(rec.id, got.lease_id) is True
-    workers = await queue.workers()
-    assert workers["gpu-no-encoder"]["init_images"] is False and workers["gpu-no-encoder"]["job_id"] == rec.id
+    (`init_images`, as its last claim said), kept through its heartbeats, whichever queue object
+    (process) they go through: the bot reads it to refuse an init_image job that no live worker
+    would ever run."""
+    claims, other = await queue_factory.open(), await queue_factory.open()
+    first, second = await claims.submit(spec()), await claims.submit(spec(user=2))
+    held = [await claims.claim("gpu-no-encoder", init_images=False) for _ in range(2)]
+    assert [r.id for r in held] == [first.id, second.id]
+    assert await claims.claim("gpu-encoder") is None   # the default: it has one
+    # A heartbeat through a queue object that never saw its claims (on Redis: one that writes the
+    # entry at once, knowing nothing of the worker) keeps what the claim said.
+    assert await other.heartbeat(second.id, held[1].lease_id) is True
+    workers = await claims.workers()
+    assert workers["gpu-no-encoder"]["init_images"] is False and workers["gpu-no-encoder"]["job_id"] == second.id
     assert workers["gpu-encoder"]["init_images"] is True
-    # A worker restarted with an encoder says so at its next claim.
-    assert await queue.claim("gpu-no-encoder", init_images=True) is None
-    assert (await queue.workers())["gpu-no-encoder"]["init_images"] is True
+    # Its next claim (the worker restarted with an encoder) says so, through either object; a later
+    # heartbeat through the object that saw the earlier claim (it writes: another job) keeps that.
+    assert await other.claim("gpu-no-encoder", init_images=True) is None
+    assert (await claims.workers())["gpu-no-encoder"]["init_images"] is True
+    assert await claims.heartbeat(first.id, held[0].lease_id) is True
+    workers = await other.workers()
+    assert workers["gpu-no-encoder"]["init_images"] is True and workers["gpu-no-encoder"]["job_id"] == first.id
 
 
 async def test_redis_worker_entry_of_an_earlier_version_reads_as_taking_init_images(redis_server):
     """An entry an earlier version wrote (SAQ's worker_info without `init_images`) reads as a worker
-    with the encoder: those versions always loaded one. (SQLite: the migration test.)"""
+    with the encoder until its next claim says (a wrong True fails safe: the job is queued, as
+    before). (SQLite: the migration test.)"""
     import uuid
 
     from engine.queue.redis import RedisJobQueue
@@ -2217,6 +2226,47 @@ async def test_settings_can_expire(queue_factory: QueueFactory):
     assert (await q.claim("w")).id == rec.id
 
 
+async def test_a_named_lease_has_one_holder_at_a_time(queue_factory: QueueFactory):
+    """The bot's "one bot per store" lease (bot.launcher): taken when free, renewed by its holder,
+    refused to another holder (who learns whose it is), taken over once it expires, released only by
+    its holder. Two queues on one store, as two processes."""
+    import socket
+
+    one, two = await queue_factory.open(), await queue_factory.open()
+    assert await one.hold_lease("bot", "host-1-a", ttl=30) is None
+    held = await two.hold_lease("bot", "host-2-b", ttl=30)
+    assert held is not None and held["holder"] == "host-1-a"
+    assert held["host"] == socket.gethostname() and held["pid"] == os.getpid()   # the process that took it
+    assert held["since"] == held["renewed"] and abs(held["since"] - time.time()) < 5   # the store's clock
+    assert 25 < held["expires_in"] <= 30
+    await asyncio.sleep(0.05)
+    assert await one.hold_lease("bot", "host-1-a", ttl=30) is None   # renewed by its holder
+    renewed = await two.hold_lease("bot", "host-2-b", ttl=30)
+    assert renewed is not None and renewed["holder"] == "host-1-a"
+    assert renewed["since"] == held["since"] and renewed["renewed"] > held["renewed"]
+    assert await two.hold_lease("another", "host-2-b", ttl=30) is None   # names are independent
+
+    # Released only by its holder; then free at once.
+    assert await two.release_lease("bot", "host-2-b") is False
+    assert (await two.hold_lease("bot", "host-2-b", ttl=30))["holder"] == "host-1-a"
+    assert await one.release_lease("bot", "host-1-a") is True
+    assert await one.release_lease("bot", "host-1-a") is False
+    assert await two.hold_lease("bot", "host-2-b", ttl=0.3) is None
+
+    # Not renewed within its ttl (a holder that crashed): another holder takes it over.
+    assert (await one.hold_lease("bot", "host-1-a", ttl=30))["holder"] == "host-2-b"
+    await asyncio.sleep(0.5)
+    assert await one.hold_lease("bot", "host-1-a", ttl=30) is None
+    lapsed = await two.hold_lease("bot", "host-2-b", ttl=30)   # the lapsed holder's renewal is refused
+    assert lapsed is not None and lapsed["holder"] == "host-1-a" and lapsed["since"] > held["since"]
+    assert await two.release_lease("bot", "host-2-b") is False
+    assert (await two.hold_lease("bot", "host-2-b", ttl=30))["holder"] == "host-1-a"
+    for ttl in (0, -1, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            await one.hold_lease("bot", "host-1-a", ttl=ttl)
+    assert (await two.hold_lease("bot", "host-2-b", ttl=30))["holder"] == "host-1-a"   # unchanged
+
+
 async def test_sqlite_prune_keeping_every_job_still_forgets_old_workers_and_users_out_of_line(tmp_path):
     """keep_days unset prunes with `older_than` = math.inf: no job goes, but the row of a worker
     not seen for a day does, and so does the turn (`rotation` row) of each user with nothing queued
@@ -2284,7 +2334,7 @@ async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path
     q = SQLiteJobQueue(path, lease=5)
     await q.start()
     try:
-        # Its worker's row reads as one with the dVAE encoder: every worker of that version loaded one.
+        # Its worker's row reads as one with the dVAE encoder until its next claim says (fails safe).
         assert (await q.workers(max_age=3600))["old-worker"]["init_images"] is True
         running = await q.get("runningjob01")
         assert running.state == JobState.RUNNING and running.worker_id == "old-worker" and running.lease_id is None

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.generate import state_from_bytes
+from engine.generate import GenerationSettings, state_from_bytes
 from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState, ParentGone, upload_id_of
 from engine.queue import open_queue
 from engine.worker import Worker
@@ -121,6 +121,38 @@ async def test_a_compiling_worker_gives_the_same_job(queue, tiny_models):
     assert graphs["plain"] == 0 and graphs["compiled"] >= 2   # the two compiled regions were traced
     assert len(plain) == len(compiled) == 4
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(plain, compiled))
+
+
+async def test_a_compiling_worker_compiles_before_its_first_claim(queue, tiny_models, caplog):
+    """With torch.compile on, the GPU thread compiles (a step at batch 1 and one at batch 2 of
+    throwaway slots) before the worker claims anything: a job waiting meanwhile stays queued, where
+    any worker may take it, instead of sitting started with no frame while its worker compiles.
+    An uncompiled worker claims at once."""
+    import torch._dynamo   # noqa: PLC0415
+    from torch._dynamo.utils import counters   # noqa: PLC0415 - dynamo's own tally of traced graphs
+
+    torch._dynamo.reset()   # the regions traced by earlier tests are traced again here
+    job = await queue.submit(spec())
+    before = counters["stats"]["unique_graphs"]
+    with caplog.at_level(logging.INFO, logger="engine.worker"):
+        async with Worker(queue, lambda: tiny_models, worker_id="compiling", compile="eager", max_batch=2,
+                          base_settings=GenerationSettings(grid=8, cutn=2)) as worker:
+            await wait_state(queue, job.id, {JobState.DONE})
+            assert worker.warmed_up.is_set()
+    warmed = [r for r in caplog.records if "torch.compile warmed up" in r.getMessage()]
+    assert len(warmed) == 1 and "batch sizes 1-2" in warmed[0].getMessage(), [r.getMessage() for r in caplog.records]
+    # The picture region at batch 1 and at 2; the cut-outs' region (batch x cutn: 2, then 4) once.
+    assert counters["stats"]["unique_graphs"] - before >= 3
+    record = await queue.get(job.id)
+    assert record.state == JobState.DONE and record.started_at >= warmed[0].created   # claimed after
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="engine.worker"):
+        async with Worker(queue, lambda: tiny_models, worker_id="plain", compile="") as worker:
+            assert worker.warmed_up.wait(timeout=30)
+            plain = await queue.submit(spec())
+            await wait_state(queue, plain.id, {JobState.DONE})
+    assert not [r for r in caplog.records if "warmed up" in r.getMessage()]
 
 
 def test_a_bad_compile_setting_is_refused_before_anything_runs(queue, tiny_models, capsys):

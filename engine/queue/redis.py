@@ -82,8 +82,9 @@ each upload was stored), `<prefix>:refs:<upload>`, `<prefix>:kids:<job>` (set of
 running jobs that start from that job), `<prefix>:states`, `<prefix>:statesize`,
 `<prefix>:statebytes` (the kept states' index), `<prefix>:events` (stream), `<prefix>:evseq`,
 `<prefix>:frames`, `<prefix>:framelist`, `<prefix>:ctr`, `<prefix>:tok:<token>`, `<prefix>:server`
-(hash: the Redis run_id the sweeps last saw and since when, for a restart's grace); SAQ's own under
-`saq:<prefix>:`.
+(hash: the Redis run_id the sweeps last saw and since when, for a restart's grace),
+`<prefix>:lease:<name>` (hash: a named lease's holder, host, pid, since, renewed; its PX expiry is
+the lease's: `hold_lease`); SAQ's own under `saq:<prefix>:`.
 Keys are computed inside the scripts, so this needs one Redis, not a cluster.
 
 Reconnecting: the client retries connection errors with backoff (redis-py `Retry`), and every call
@@ -100,6 +101,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import ssl
 import time
 import uuid
@@ -1007,6 +1010,28 @@ _SCRIPTS: dict[str, str] = {
   end
   return '1'
 """,
+    # name, holder, host, pid, ttl (ms) -> {} (taken or renewed), or the other holder's
+    # {holder, host, pid, since, renewed, ms left} (nothing written). The key's PX expiry is the
+    # lease's: an expired lease is no key, free to take. Times are the server's.
+    "hold_lease": r"""
+  local k = P .. ':lease:' .. ARGV[7]
+  local v = redis.call('HMGET', k, 'holder', 'host', 'pid', 'since', 'renewed')
+  if v[1] and v[1] ~= ARGV[8] then
+    return {v[1], v[2] or '', v[3] or '0', v[4] or '0', v[5] or '0', tostring(redis.call('PTTL', k))}
+  end
+  local now = fmt(tnow())
+  if not v[1] then redis.call('HSET', k, 'holder', ARGV[8], 'host', ARGV[9], 'pid', ARGV[10], 'since', now) end
+  redis.call('HSET', k, 'renewed', now)
+  redis.call('PEXPIRE', k, ARGV[11])
+  return {}
+""",
+    # name, holder -> '1' (deleted: it was the holder's), '0'
+    "release_lease": r"""
+  local k = P .. ':lease:' .. ARGV[7]
+  if redis.call('HGET', k, 'holder') ~= ARGV[8] then return '0' end
+  redis.call('DEL', k)
+  return '1'
+""",
 }
 
 
@@ -1306,7 +1331,8 @@ class RedisJobQueue:
 
     async def _see_worker(self, worker_id: str, job_id: str | None, init_images: bool | None = None) -> None:
         """SAQ's worker registry (TTL'd), written at most every few seconds per worker, and at once
-        when its job or what it can take (`init_images`, from its claim; None: unchanged) changes."""
+        when its job or what it can take (`init_images`, from its claim; None, a heartbeat: the
+        stored value stands) changes."""
         now = time.monotonic()
         last = self._seen.get(worker_id)
         changed = init_images is not None and init_images != self._init_images.get(worker_id)
@@ -1317,14 +1343,19 @@ class RedisJobQueue:
             return
         self._seen[worker_id] = (now, job_id if job_id is not None else (last[1] if last else None))
         stats = self._stats.setdefault(worker_id, {"complete": 0, "failed": 0, "retried": 0, "aborted": 0})
-        info = {
-            "stats": {**stats, "uptime": int(time.time() * 1000) - self._started_ms},
-            "queue_key": self.prefix,
-            "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time(),
-                         "init_images": self._init_images.get(worker_id, True)},
-        }
         assert self.saq is not None
         try:
+            if init_images is None:
+                # A heartbeat keeps what the worker's last claim stored (SQLite's COALESCE), whichever
+                # queue object (process) made that claim; this object's own knowledge only when none is.
+                raw = await self._client().get(self.saq.namespace(f"worker_info:{worker_id}"))
+                stored = (json.loads(raw).get("metadata") or {}).get("init_images") if raw else None
+                init_images = stored if isinstance(stored, bool) else self._init_images.get(worker_id, True)
+            info = {
+                "stats": {**stats, "uptime": int(time.time() * 1000) - self._started_ms},
+                "queue_key": self.prefix,
+                "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time(), "init_images": init_images},
+            }
             await self.saq.write_worker_info(worker_id, info, ttl=self.worker_ttl)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - bookkeeping only
             log.debug("could not write worker info for %s", worker_id, exc_info=True)
@@ -1531,6 +1562,28 @@ class RedisJobQueue:
                 await pipe.execute()
 
         await self._retry(write)
+
+    # --- named leases ----------------------------------------------------------------------------
+
+    async def hold_lease(self, name: str, holder: str, ttl: float) -> dict[str, Any] | None:
+        """Take or renew the lease `name` (the hash `<prefix>:lease:<name>`, PX expiry) for
+        `holder` until `ttl` seconds from now, in one script: None. Held by another holder: nothing
+        changes; that holder's info (see JobQueue), its times in the server's clock. A re-sent
+        script (a lost reply) renews once more: no token needed."""
+        ttl = float(ttl)
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError(f"a lease's ttl must be a positive number of seconds, got {ttl!r}")
+        other = await self._run("hold_lease", name, holder, socket.gethostname(), os.getpid(),
+                                max(1, int(ttl * 1000)), token=False)
+        if not other:
+            return None
+        who, host, pid, since, renewed, left_ms = (_s(v) or "" for v in other)
+        return {"holder": who, "host": host, "pid": int(pid or 0), "since": float(since or 0),
+                "renewed": float(renewed or 0), "expires_in": max(0, int(left_ms or 0)) / 1000}
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        """Delete the lease `name` if `holder` has it: True then."""
+        return await self._run("release_lease", name, holder, token=False) == "1"
 
     # --- the worker side ------------------------------------------------------------------------
 
@@ -1849,7 +1902,8 @@ class RedisJobQueue:
             last_seen = float(meta.get("last_seen") or 0.0)
             if max_age is not None and last_seen < time.time() - max_age:
                 continue
-            # An entry without the field is an earlier version's worker: those always had the encoder.
+            # An entry without the field (an earlier version's worker) reads True until that worker's
+            # next claim under this version says: a wrong True fails safe (the job is queued, as before).
             out[worker_id] = {"last_seen": last_seen, "job_id": meta.get("job_id"), "stats": data.get("stats"),
                               "init_images": meta.get("init_images") is not False}
         return out

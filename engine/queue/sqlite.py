@@ -33,6 +33,10 @@ transaction. A job cancelled while queued (`cancel`, `clear`) loses its `upload_
 uploads no other job names are deleted in that transaction; `discard_uploads` deletes unnamed
 uploads of a command that queued nothing.
 
+Named leases (`hold_lease`, `release_lease`: one bot per store) are rows of `leases`, taken,
+renewed or refused in one transaction against `time.time()`; an expired row is simply taken over.
+The table is created by `start()` whatever the file's version (no migration: older versions ignore it).
+
 `start()` refuses a file whose directory does not exist (ValueError: a mistyped path would start
 an empty queue) and logs the file's absolute path, new or existing.
 
@@ -54,6 +58,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sqlite3
 import time
 from typing import Any, AsyncIterator, Iterable, Sequence
@@ -139,6 +144,10 @@ CREATE TABLE IF NOT EXISTS upload_refs (
     upload_id TEXT NOT NULL, job_id TEXT NOT NULL, PRIMARY KEY (upload_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS upload_refs_job ON upload_refs(job_id);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    since REAL NOT NULL, renewed REAL NOT NULL, expires_at REAL NOT NULL
+);
 INSERT OR IGNORE INTO counters(name, value) VALUES ('line', 0);
 """
 
@@ -422,7 +431,8 @@ class SQLiteJobQueue:
 
     async def _migrate_v3(self, db: aiosqlite.Connection) -> None:
         """A file from before the registry recorded whether a worker has the dVAE encoder. Its
-        workers' rows read as having it: every worker of those versions loaded one."""
+        workers' rows read as having it until that worker's next claim under this version says (an
+        encoder-less one among them fails safe: its init_image jobs are queued and wait, as before)."""
         columns = {row["name"] for row in await self._rows(db, "PRAGMA table_info(workers)")}
         if "init_images" not in columns:
             await db.execute("ALTER TABLE workers ADD COLUMN init_images INTEGER NOT NULL DEFAULT 1")
@@ -901,6 +911,41 @@ class SQLiteJobQueue:
                 " SET value = excluded.value, expires_at = excluded.expires_at",
                 (key, data, expires_at),
             )
+
+    # --- named leases ----------------------------------------------------------------------------
+
+    async def hold_lease(self, name: str, holder: str, ttl: float) -> dict[str, Any] | None:
+        """Take or renew the lease `name` for `holder` until `ttl` seconds from now: None. Held (not
+        expired) by another holder: nothing changes; that holder's info (see JobQueue)."""
+        ttl = float(ttl)
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError(f"a lease's ttl must be a positive number of seconds, got {ttl!r}")
+        async with self._tx() as db:
+            now = time.time()   # inside the write lock: every holder's clock reads in turn
+            row = await self._fetchone(db, "SELECT * FROM leases WHERE name = ?", (name,))
+            if row is not None and row["holder"] != holder and row["expires_at"] > now:
+                return {"holder": row["holder"], "host": row["host"], "pid": row["pid"], "since": row["since"],
+                        "renewed": row["renewed"], "expires_in": row["expires_at"] - now}
+            if row is None or row["holder"] != holder or row["expires_at"] <= now:
+                # Free, or expired (another's, or ours after a lapse): held from now, as in Redis,
+                # where an expired lease is no key at all.
+                await db.execute(
+                    "INSERT OR REPLACE INTO leases(name, holder, host, pid, since, renewed, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, holder, socket.gethostname(), os.getpid(), now, now, now + ttl),
+                )
+            else:
+                await db.execute("UPDATE leases SET renewed = ?, expires_at = ? WHERE name = ?",
+                                 (now, now + ttl, name))
+        return None
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        """Delete the lease `name` if `holder` has it: True then (False for one that had expired:
+        its row goes too, as an expired Redis key is gone)."""
+        async with self._tx() as db:
+            row = await self._fetchone(db, "DELETE FROM leases WHERE name = ? AND holder = ? RETURNING expires_at",
+                                       (name, holder))
+            return row is not None and row["expires_at"] > time.time()
 
     # --- the worker side ------------------------------------------------------------------------
 
