@@ -10,12 +10,14 @@ URL is --queue, else the IMAGINE_QUEUE_URL environment variable, else [queue] ur
 belongs in the variable: a command line shows in `ps`); it is logged with the password masked.
 Without --config the bot reads ./config.toml, or runs on the built-in defaults when there is none
 (a log line says so). A missing --config file, an invalid config or token, a queue that cannot be opened,
-models the embedded worker cannot load, an HTTP port already taken or a shard count Discord refuses
-exits with status 2 and a message that says what to fix. A Discord
+models the embedded worker cannot load, an HTTP port already taken, a shard count Discord refuses
+or another bot running on the same store (its bot lease still renewed after the wait for it to
+lapse: bot.launcher.BotLease) exits with status 2 and a message that says what to fix. A Discord
 that cannot be reached (DNS, network, proxy), or that answers with a server error (a 5xx at login or
 at GET /gateway/bot: an outage), exits with status 1 and one line: nothing in the settings is wrong,
-so a supervisor that restarts on failure tries again later. So does an embedded worker whose GPU
-thread died (bot.launcher.run).
+so a supervisor that restarts on failure tries again later. So do an embedded worker whose GPU
+thread died, a store that fails as the bot takes its bot lease, and a bot whose lease another bot
+took while this one's lapsed (a long store outage) (bot.launcher.run).
 
 SIGTERM or SIGINT stops the bot: whatever it is doing (logging in, loading the models, connecting,
 reconnecting the gateway) ends, the worker checkpoints and hands back its running jobs, exit status 0.

@@ -416,6 +416,10 @@ class BotLease:
         self.ttl = float(BOT_LEASE_TTL if ttl is None else ttl)
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.keeper: asyncio.Task[int] | None = None
+        # Ours from `take` until another bot took it: only then does a failed release keep the
+        # next bot waiting.
+        self.held = False
+        self.renewed_at = 0.0   # the event loop's clock at the last take or renewal
 
     async def take(self) -> None:
         """Take the lease. Held by another bot: wait for it to lapse (a bot killed or crashed
@@ -438,34 +442,56 @@ class BotLease:
                     "?prefix=)", exit_code=2)
             await asyncio.sleep(max(0.0, min(self.ttl / 10, 1.0, deadline - now)))
         if deadline is not None:
-            log.info("took this store's bot lease: the previous holder's lapsed")
+            log.info("took this store's bot lease: the previous holder's lease ended")
+        self.held, self.renewed_at = True, loop.time()
         self.keeper = asyncio.create_task(self._keep(), name="bot-lease")
 
     async def _keep(self) -> int:
         """Renew every ttl/3; a store that does not answer is tried again at the next turn (the
-        lease may lapse meanwhile, and is taken back if no other bot took it)."""
+        lease may lapse meanwhile, and is taken back if no other bot took it). The first renewal
+        after failed ones, or after more than the ttl (a lapse), says so; an ordinary one is quiet."""
+        loop = asyncio.get_running_loop()
+        failures = 0
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
                 other = await self.queue.hold_lease(BOT_LEASE, self.holder, self.ttl)
             except Exception as exc:  # noqa: BLE001 - the store's trouble, said; the next turn tries again
+                failures += 1
                 log.warning("could not renew this store's bot lease (%s: %s); trying again in %.0f s",
                             type(exc).__name__, redact_secrets(str(exc), self.url), self.ttl / 3)
                 continue
             if other is not None:
+                self.held = False
                 log.error("another bot took this store's bot lease (%s) while this one's lapsed: stopping with "
                           "exit status %d rather than run beside it; run one bot per store", lease_holder(other),
                           EXIT_LEASE_LOST)
                 return EXIT_LEASE_LOST
+            now = loop.time()
+            unrenewed, self.renewed_at = now - self.renewed_at, now
+            tries = f"{failures} failed {'try' if failures == 1 else 'tries'}, " if failures else ""
+            if unrenewed > self.ttl:   # a store that failed, or hung (a write lock held), that long
+                log.info("renewed this store's bot lease again after %.0f s without a renewal (%slonger than its "
+                         "%.0f s ttl): it had lapsed, no other bot had taken it, and this bot took it back",
+                         unrenewed, tries, self.ttl)
+            elif failures:
+                log.info("renewing this store's bot lease works again after %.0f s without a renewal (%swithin "
+                         "its %.0f s ttl)", unrenewed, tries, self.ttl)
+            failures = 0
 
     async def release(self) -> None:
-        """Stop renewing and hand the lease back (only ours: `release_lease` checks the holder)."""
+        """Stop renewing and hand the lease back (only ours: `release_lease` checks the holder).
+        Also after a `take` that failed or was cancelled (its write may have landed), quietly then."""
         if self.keeper is not None:
             self.keeper.cancel()
             await asyncio.gather(self.keeper, return_exceptions=True)
         try:
             await self.queue.release_lease(BOT_LEASE, self.holder)
         except Exception as exc:  # noqa: BLE001 - stopping anyway: the lease lapses by itself
+            if not self.held:   # no bot waits for a lease this one never had
+                log.debug("could not release this store's bot lease, which this bot did not hold (%s: %s)",
+                          type(exc).__name__, redact_secrets(str(exc), self.url))
+                return
             log.warning("could not release this store's bot lease (%s: %s): the next bot on it waits up to "
                         "%.0f s for it to lapse", type(exc).__name__, redact_secrets(str(exc), self.url), self.ttl)
 

@@ -363,6 +363,10 @@ class JobQueue(Protocol):
     # "init_images": whether its last claim took init_image jobs (it has the dVAE encoder), ...}.
     # `max_age`: seconds (SQLite: 60 unless given; Redis: its registry's own expiry unless given).
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]: ...
+    # A worker not claiming yet (compiling before its first claim: minutes on a GPU) says it is
+    # alive: `workers()` lists it as seen now, with `init_images` (whether it has the dVAE encoder),
+    # its job_id unchanged (None for one new to the registry). Claims and heartbeats do the rest.
+    async def announce_worker(self, worker_id: str, init_images: bool) -> None: ...
     async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None: ...
     async def get_setting(self, key: str, default: Any = None) -> Any: ...  # `default` once expired
     # `expire_after` (seconds): the setting is gone after that long (get_setting no longer sees it;

@@ -74,6 +74,12 @@ class NoEncoder(RuntimeError):
 # How long stop() waits for a claim already in flight (to hand back what it took).
 CLAIM_GRACE_ON_STOP = 5.0
 
+# Seconds between two announcements (`JobQueue.announce_worker`) of a worker that claims nothing
+# yet (torch.compile's warm-up: minutes on a GPU): the registry counts a worker as live for two
+# leases (bot.launcher.worker_window: 60 s by default, at least 10 s), and claims, which keep it
+# seen afterwards, come every `poll_every`.
+ANNOUNCE_EVERY = 2.0
+
 
 # Snapshots for checkpoints one run may hold at once (Worker._saving): the one being saved and the
 # next, waiting for it. Further frames take none until the save is over: each is a full state (up
@@ -260,6 +266,7 @@ class Worker:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self._announce_failing = False   # the last `_announce` failed (logged once until one works)
         self.gpu_alive = False
         self._gpu_error: BaseException | None = None   # what killed the GPU thread, if anything
         # The hang watchdog. A step that never returns (a hung driver, a kernel that never ends)
@@ -407,12 +414,17 @@ class Worker:
     async def _hand_back(self) -> None:
         stopped = True
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            # Still compiling (`_warm_up`): no job was claimed, nothing to wait for.
+            warming = not self.warmed_up.is_set()
+            await asyncio.to_thread(self._thread.join, 1 if warming else 30)
             stopped = not self._thread.is_alive()
             if not stopped:
                 # Stuck in a torch/CUDA op: the process must not wait for it at exit, nor let
                 # Python's finalisation end it inside C++ (std::terminate, exit 134).
                 abandon(self._thread)
+            if warming and not stopped:
+                log.info("stopped during torch.compile's warm-up (no job had been claimed)")
+                return
         if not stopped:   # a step that never ends: its slots are not ours to read
             log.warning("the GPU thread did not stop within 30 s: jobs handed back without a new checkpoint")
         states = self._stop_states if stopped else {}
@@ -471,11 +483,18 @@ class Worker:
         # a line a minute while it lasts, and its end.
         failing_since: float | None = None
         last_said = 0.0
+        announced = -math.inf   # time.monotonic() of the last announcement
         while not self._stop.is_set():
             try:
+                if not self.warmed_up.is_set():
+                    # Compiling (`_warm_up`) before the first claim: no claim says meanwhile that this
+                    # worker is alive, and the registry feeds the bot's /healthz `workers` check,
+                    # imagine_workers_alive and its init_image check: it says so itself.
+                    if self._gpu_thread_ok() and time.monotonic() - announced >= ANNOUNCE_EVERY:
+                        announced = time.monotonic()
+                        await self._announce()
                 # A claim sweeps expired leases first: not while one of our own may have run out.
-                if (len(self.running) < self.max_batch and self._gpu_thread_ok() and not self._lapsing()
-                        and self.warmed_up.is_set()):
+                elif len(self.running) < self.max_batch and self._gpu_thread_ok() and not self._lapsing():
                     sent = time.monotonic()
                     record = await self._claim()
                     if failing_since is not None:
@@ -501,13 +520,30 @@ class Worker:
             except asyncio.TimeoutError:
                 pass
 
+    def _takes_init_images(self) -> bool:
+        """Whether it has the dVAE encoder: without, the jobs that start from an init image wait
+        for a worker with one (its claims pass over them)."""
+        return self.models is None or self.models.encoder is not None
+
+    async def _announce(self) -> None:
+        """Tells the registry this worker is alive though it claims nothing yet. Advisory: a failure
+        is logged once until one gets through (the claims that follow report a store outage)."""
+        try:
+            await self.queue.announce_worker(self.worker_id, self._takes_init_images())
+        except Exception:  # noqa: BLE001 - the worker compiles on; it shows up at its first claim
+            if not self._announce_failing:
+                log.warning("could not announce worker %s to the queue's registry (it shows up at its first "
+                            "claim)", self.worker_id, exc_info=True)
+            self._announce_failing = True
+        else:
+            self._announce_failing = False
+
     async def _claim(self) -> JobRecord | None:
         """One claim. `stop()` cancels this loop, maybe while the store is committing a claim: the
         claim itself is shielded, and a job it took then is handed straight back (attempt not
         counted) instead of sitting RUNNING under a lease nobody renews until it expires."""
-        # Without the dVAE encoder, the jobs that start from an init image wait for a worker with one.
-        init_images = self.models is None or self.models.encoder is not None
-        claim = asyncio.ensure_future(self.queue.claim(self.worker_id, self.grids, init_images=init_images))
+        claim = asyncio.ensure_future(self.queue.claim(self.worker_id, self.grids,
+                                                       init_images=self._takes_init_images()))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -939,6 +975,8 @@ class Worker:
         try:
             if runner.compiled:
                 self._warm_up(runner)
+            if self._stop.is_set():
+                return
             self.warmed_up.set()
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._wake.set)   # the claim loop waited for this
@@ -1107,17 +1145,21 @@ class Worker:
         Other grids or cut-out counts compile at their first step. Errors are logged, not raised:
         the jobs then compile (or fail) as they would have."""
         assert self.models is not None
-        self._busy_since = started = time.monotonic()   # compiling is GPU work for the watchdog
+        started = time.monotonic()
         settings = replace(self.base_settings, iterations=10, frame_every=10**6, seed=0)
         try:
             targets = encode_targets(self.models, "a warm-up")
             for size in range(1, min(2, self.max_batch or 1) + 1):
-                runner.add(Slot(("warm-up", size), self.models, targets, settings))
-                runner.step()
                 if self._stop.is_set() or not runner.compiled:
                     break
-            log.info("torch.compile warmed up in %.0f s (batch sizes 1-%d, grid %d, cutn %d)",
-                     time.monotonic() - started, len(runner), settings.grid, settings.cutn)
+                runner.add(Slot(("warm-up", size), self.models, targets, settings))
+                self._busy_since = time.monotonic()   # each compile is a unit of GPU work for the watchdog
+                runner.step()
+            if self._stop.is_set():
+                log.info("torch.compile's warm-up stopped after %.0f s", time.monotonic() - started)
+            elif runner.compiled:
+                log.info("torch.compile warmed up in %.0f s (batch sizes 1-%d, grid %d, cutn %d)",
+                         time.monotonic() - started, len(runner), settings.grid, settings.cutn)
         except Exception:  # noqa: BLE001 - the jobs compile at their first step instead
             log.exception("torch.compile's warm-up failed; jobs compile at their first step")
         finally:

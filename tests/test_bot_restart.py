@@ -186,3 +186,140 @@ async def test_a_bot_whose_lease_another_bot_took_stops_with_1(tmp_path):
     assert len(errors) == 1, log
     assert "another bot took this store's bot lease (elsewhere-1-cafe (host elsewhere, pid 1) since" in errors[0]
     assert "exit status 1" in errors[0] and "Traceback" not in log
+
+
+async def test_a_bot_whose_gpu_thread_dies_exits_1_and_leaves_the_lease_free(tmp_path, tiny_model_files):
+    """A bot stopped by its embedded worker's dead GPU thread exits 1 so that its supervisor starts a
+    fresh one, which must start at once: the stop releases the bot lease, as a clean stop does (held,
+    the fresh bot would wait out the 60 s lease, then exit 2)."""
+    from bot.launcher import BOT_LEASE
+    from tests.test_bot_ops import GPU_THAT_DIES, BotProcess, bot_config, sqlite_queue
+    from tests.test_ops import assert_exits
+
+    async with FakeDiscord() as fd, sqlite_queue(tmp_path) as queue:
+        bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files), prelude=GPU_THAT_DIES)
+        try:
+            await assert_exits(bot.proc, bot.log, 1, within=120)
+        finally:
+            bot.kill()
+        log = bot.log()
+        assert "the embedded worker's GPU thread died or hung" in log, log
+        assert await queue.hold_lease(BOT_LEASE, "the-next-bot", 60) is None, log   # free: taken at once
+    assert "bot lease" not in log, log
+
+
+async def test_a_bot_whose_token_discord_rejects_exits_2_and_leaves_the_lease_free(tmp_path):
+    """The bot takes its lease before it logs in; a token Discord refuses (401) ends it with exit
+    status 2 and the message about DISCORD_TOKEN, and the lease is released: the bot started with
+    the right token runs at once."""
+    from bot.launcher import BOT_LEASE
+    from tests.test_bot_ops import GOOD_TOKEN, BotProcess, bot_config, sqlite_queue
+
+    async with FakeDiscord() as fd, sqlite_queue(tmp_path) as queue:
+        assert GOOD_TOKEN != fd.bot_token   # well formed, but not this bot's
+        code, log = await BotProcess(fd, tmp_path, bot_config(tmp_path), env={"DISCORD_TOKEN": GOOD_TOKEN}).run_out(60)
+        assert code == 2, f"exit status {code}:\n{log}"
+        assert [r.status for r in fd.find_requests("GET", "/users/@me")] == [401]   # it got as far as the login
+        assert await queue.hold_lease(BOT_LEASE, "the-next-bot", 60) is None, log   # free: taken at once
+    ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
+    assert ours == ["imagine-bot: Discord rejected the token in DISCORD_TOKEN; copy it again from the "
+                    "Developer Portal (Bot > Reset Token)"], log
+    assert "bot lease" not in log and GOOD_TOKEN not in log, log
+
+
+# A bot lease of 6 s, renewed every 2 s.
+LEASE_OF_6_S = "import bot.launcher as launcher\nlauncher.BOT_LEASE_TTL = 6.0\n"
+
+
+def quick_failing_store(config: str) -> str:
+    """`config`'s SQLite queue with writes that wait 0.2 s for another process's write lock, then fail."""
+    return config.replace('/q.db"', '/q.db?busy_timeout=0.2"', 1)
+
+
+async def _next_renewal(con: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Until the bot lease's row says it was renewed again."""
+    def renewed() -> float:
+        return con.execute("SELECT renewed FROM leases WHERE name = 'bot'").fetchone()[0]
+
+    deadline, last = time.monotonic() + timeout, renewed()
+    while renewed() == last:
+        assert time.monotonic() < deadline, "no renewal of the bot lease"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_bot_whose_store_fails_for_a_while_runs_on_and_says_when_its_lease_renews_again(tmp_path):
+    """A store that fails (here: another process holds the SQLite write lock; the bot's writes give
+    up after 0.2 s) makes the lease's renewals fail, each a WARNING; the bot runs on. When renewals
+    work again that is said once, at INFO, with how long there was none: within the lease's ttl, or
+    longer (it had lapsed, and this bot took it back: no other bot had taken it). Ordinary renewals
+    say nothing."""
+    from tests.test_bot_ops import BotProcess, bot_config
+    from tests.test_ops import assert_exits
+
+    async with FakeDiscord() as fd:
+        bot = BotProcess(fd, tmp_path, quick_failing_store(bot_config(tmp_path)), prelude=LEASE_OF_6_S)
+        try:
+            await bot.wait_log("gateway shard 0/1 ready")
+            con = sqlite3.connect(str(tmp_path / "q.db"), timeout=30, isolation_level=None)
+            try:
+                # One renewal fails: locked just after one, for 3 s (the next tries come 2 s and 4.2 s later).
+                await _next_renewal(con)
+                con.execute("BEGIN EXCLUSIVE")
+                await asyncio.sleep(3)
+                con.execute("ROLLBACK")
+                await bot.wait_log("renewing this store's bot lease works again", timeout=10)
+                # Then 7.5 s without a renewal: longer than the lease.
+                con.execute("BEGIN EXCLUSIVE")
+                await asyncio.sleep(7.5)
+                con.execute("ROLLBACK")
+                await bot.wait_log("this bot took it back", timeout=10)
+                await asyncio.sleep(4.5)   # two ordinary renewals
+                (holder,) = con.execute("SELECT holder FROM leases WHERE name = 'bot'").fetchone()
+                assert holder.startswith(f"{socket.gethostname()}-{bot.proc.pid}-"), holder
+            finally:
+                con.close()
+            await assert_exits(bot.proc, bot.log, 0, within=30, send=signal.SIGTERM)
+        finally:
+            bot.kill()
+    log = bot.log()
+    lines = [line for line in log.splitlines() if "bot lease" in line]
+    failed = [line for line in lines if "[WARNING ] bot.launcher: could not renew this store's bot lease "
+              "(OperationalError: database is locked); trying again in 2 s" in line]
+    # One failed renewal, the line saying they work again; three or four failed, the line saying the
+    # lease was taken back; nothing else (the ordinary renewals).
+    assert len(lines) >= 6 and lines[0] in failed and set(lines[2:-1]) <= set(failed), log
+    assert "[INFO    ] bot.launcher: renewing this store's bot lease works again after " in lines[1], log
+    assert " s without a renewal (1 failed try, within its 6 s ttl)" in lines[1], log
+    assert "[INFO    ] bot.launcher: renewed this store's bot lease again after " in lines[-1], log
+    assert f" s without a renewal ({len(lines) - 3} failed tries, longer than its 6 s ttl): it had lapsed, no " \
+           "other bot had taken it, and this bot took it back" in lines[-1], log
+    assert "ERROR" not in log and "Traceback" not in log, log
+
+
+async def test_a_bot_that_never_held_the_lease_does_not_say_that_the_next_bot_waits_for_it(tmp_path):
+    """A bot that waited for another bot's lease, and whose store then failed (the write lock held
+    past its busy_timeout), stops with the one line about the store; its release of the lease fails
+    too, but it never had the lease: "the next bot waits up to 60 s for it to lapse" would be false."""
+    from bot.launcher import BOT_LEASE
+    from tests.test_bot_ops import BotProcess, bot_config, sqlite_queue
+
+    async with FakeDiscord() as fd, sqlite_queue(tmp_path) as queue:
+        assert await queue.hold_lease(BOT_LEASE, "elsewhere-1-cafe", 60) is None   # another bot's
+        bot = BotProcess(fd, tmp_path, quick_failing_store(bot_config(tmp_path)))
+        try:
+            await bot.wait_log("another bot holds this store's bot lease")
+            con = sqlite3.connect(str(tmp_path / "q.db"), timeout=30, isolation_level=None)
+            try:
+                con.execute("BEGIN EXCLUSIVE")   # held until the bot has exited: its release fails too
+                code = await bot.wait_exit(15)
+            finally:
+                con.close()
+        finally:
+            bot.kill()
+        assert (await queue.hold_lease(BOT_LEASE, "probe", 60))["holder"] == "elsewhere-1-cafe"
+    log = bot.log()
+    assert code == 1, f"exit status {code} (None: still running):\n{log}"
+    ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
+    assert ours == [f"imagine-bot: cannot take the bot lease on the queue sqlite:///{tmp_path}/q.db?busy_timeout=0.2: "
+                    "database is locked; check that its server is up"], log
+    assert "could not release" not in log and "Traceback" not in log, log

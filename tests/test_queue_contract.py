@@ -1212,6 +1212,26 @@ async def test_workers_registry_says_which_workers_take_init_image_jobs(queue_fa
     assert workers["gpu-no-encoder"]["init_images"] is True and workers["gpu-no-encoder"]["job_id"] == first.id
 
 
+async def test_a_worker_that_announces_itself_is_in_the_registry_before_its_first_claim(queue: JobQueue):
+    """A worker that claims nothing yet (compiling before its first claim: minutes on a GPU)
+    announces itself: it is live at once, with whether it takes init_image jobs, and no job. Its
+    claims then keep it there, as they do any worker."""
+    await queue.announce_worker("gpu-compiling", init_images=False)
+    await queue.announce_worker("gpu-encoder", init_images=True)
+    workers = await queue.workers(max_age=10)
+    assert set(workers) == {"gpu-compiling", "gpu-encoder"}
+    assert (workers["gpu-compiling"]["init_images"], workers["gpu-compiling"]["job_id"]) == (False, None)
+    assert (workers["gpu-encoder"]["init_images"], workers["gpu-encoder"]["job_id"]) == (True, None)
+    assert abs(workers["gpu-compiling"]["last_seen"] - time.time()) < 5
+
+    rec = await queue.submit(spec())
+    got = await queue.claim("gpu-compiling", init_images=False)   # compiled: its first claim
+    assert got is not None and got.id == rec.id
+    workers = await queue.workers(max_age=10)
+    assert (workers["gpu-compiling"]["init_images"], workers["gpu-compiling"]["job_id"]) == (False, rec.id)
+    assert workers["gpu-compiling"]["last_seen"] >= workers["gpu-encoder"]["last_seen"]
+
+
 async def test_redis_worker_entry_of_an_earlier_version_reads_as_taking_init_images(redis_server):
     """An entry an earlier version wrote (SAQ's worker_info without `init_images`) reads as a worker
     with the encoder until its next claim says (a wrong True fails safe: the job is queued, as

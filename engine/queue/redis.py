@@ -65,7 +65,7 @@ What SAQ (0.26) gives us, and what it does not:
   (`<prefix>:setting:<key>`); the others live in the `<prefix>:settings` hash. Writing one form
   deletes the other and reading looks at both, each in one MULTI/EXEC.
 * SAQ is used where it fits: its worker registry and stats (`write_worker_info` on each
-  claim/heartbeat, throttled; `RedisQueue.info()` for `workers()`), so SAQ's dashboard and tooling
+  claim/heartbeat/announcement, throttled; `RedisQueue.info()` for `workers()`), so SAQ's dashboard and tooling
   see our GPU workers. It shares our Redis client (and its reconnect settings). Worker ids must not
   contain ':' (SAQ's `info()` splits keys on it).
 
@@ -1892,7 +1892,8 @@ class RedisJobQueue:
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
         """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact):
-        id -> last_seen, job_id, stats, init_images (its last claim took jobs that need the encoder)."""
+        id -> last_seen, job_id, stats, init_images (its last claim or announcement said it takes jobs
+        that need the encoder)."""
         assert self.saq is not None
         saq = self.saq
         info = await self._retry(lambda: saq.info())
@@ -1907,3 +1908,10 @@ class RedisJobQueue:
             out[worker_id] = {"last_seen": last_seen, "job_id": meta.get("job_id"), "stats": data.get("stats"),
                               "init_images": meta.get("init_images") is not False}
         return out
+
+    async def announce_worker(self, worker_id: str, init_images: bool) -> None:
+        """A worker that is not claiming yet (compiling) is seen now: the registry entry a claim that
+        found nothing writes (throttled alike). Not its `alive` score (claim's retry-elsewhere rule,
+        written by claims and heartbeats): a compiling worker can take no retry yet."""
+        assert self.saq is not None
+        await self._see_worker(worker_id, None, init_images)

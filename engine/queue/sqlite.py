@@ -1266,11 +1266,18 @@ class SQLiteJobQueue:
         return total
 
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
-        """Workers seen (claiming or heartbeating) in the last `max_age` seconds (default 60): id ->
-        last_seen, job_id, init_images (its last claim took jobs that need the dVAE encoder)."""
+        """Workers seen (claiming, heartbeating, or announced while compiling) in the last `max_age`
+        seconds (default 60): id -> last_seen, job_id, init_images (its last claim or announcement
+        said it takes jobs that need the dVAE encoder)."""
         max_age = 60.0 if max_age is None else float(max_age)
         rows = await self._all(
             "SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id", (time.time() - max_age,)
         )
         return {r["worker_id"]: {"last_seen": r["last_seen"], "job_id": r["job_id"],
                                  "init_images": bool(r["init_images"])} for r in rows}
+
+    async def announce_worker(self, worker_id: str, init_images: bool) -> None:
+        """A worker that is not claiming yet (compiling) is seen now: the row a claim that found
+        nothing writes."""
+        async with self._tx() as db:
+            await self._see_worker(db, worker_id, None, init_images)
