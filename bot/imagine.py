@@ -619,7 +619,7 @@ _registry_failing = False   # encoder_refusal's last read of the worker registry
 
 async def encoder_refusal(queue: JobQueue, rerolls: str | None = None) -> str | None:
     """NO_ENCODER (for the Reroll of job `rerolls`: no_encoder_for_reroll) when GPU workers are
-    live (claimed or heartbeated within bot.launcher's `worker_window`, the /healthz `workers`
+    live (claimed, heartbeated or announced themselves within bot.launcher's `worker_window`, the /healthz `workers`
     check's) and none of them can take a job that starts from an init image. None while none is
     live at all (starting, restarting): the job waits for them, as every job does. Advisory: when
     the registry cannot be read, logged (once until a read succeeds) and None, the job queued."""

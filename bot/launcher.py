@@ -7,7 +7,7 @@ Health and metrics (`[http] port`, `--http-port`; off by default) come from
 `engine.observability.Observability`: checks `discord` (every gateway shard ready or resumed, its
 socket open, its heartbeat answered; the report lists each shard's state and latency), `queue`
 (answers within 3 s) and, with an embedded worker, `gpu`; without one, `workers` (some GPU worker
-claimed or heartbeated within `worker_window`: two leases, at least 10 s). `workers` is advisory:
+claimed, heartbeated or announced itself within `worker_window`: two leases, at least 10 s). `workers` is advisory:
 reported, and listed in `"degraded"`, but it never makes /healthz 503, because no restart of the bot
 brings a worker back and the bot still takes and queues commands meanwhile (README, "Health and
 metrics"). Each scrape of /metrics reads the shards into `imagine_discord_shard_connected{shard}` and
@@ -70,7 +70,7 @@ class LaunchError(RuntimeError):
 # How the bot's refusal of an untrusted decoder / encoder pickle says to trust it (engine.models).
 TRUST_HINT_BOT = ("set [worker] trust_decoder = true in config.toml, or add its SHA-256 to "
                   "[worker] known_sha256")
-# A worker counts as alive when it claimed or heartbeated within two leases, but never less than
+# A worker counts as alive when it claimed, heartbeated or announced itself within two leases, but never less than
 # 10 s: the Redis backend writes its worker registry at most every 5 s per worker.
 MIN_WORKER_WINDOW = 10.0
 NO_GPU_WARNING = ('no CUDA GPU: the embedded worker is off; set [worker] device = "cpu" to run on the '
@@ -162,7 +162,7 @@ def discord_check(resources: Resources) -> Check:
 
 
 def worker_window(queue: JobQueue) -> float:
-    """Seconds since a GPU worker's last claim or heartbeat within which it counts as alive: two
+    """Seconds since a GPU worker's last claim, heartbeat or announcement within which it counts as alive: two
     leases (`?lease=` in the queue URL, 30 s by default), at least MIN_WORKER_WINDOW."""
     return max(2.0 * float(getattr(queue, "lease", 30.0)), MIN_WORKER_WINDOW)
 

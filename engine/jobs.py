@@ -359,7 +359,7 @@ class JobQueue(Protocol):
     async def events(self, after: int = 0, timeout: float = 1.0) -> list[JobEvent]: ...
     async def mark_delivered(self, job_id: str) -> bool: ...    # True only the first time
     async def undelivered(self) -> list[JobRecord]: ...         # finished, not yet posted
-    # Workers that claimed or heartbeated lately: id -> {"last_seen": epoch seconds, "job_id",
+    # Workers that claimed, heartbeated or announced themselves lately: id -> {"last_seen": epoch seconds, "job_id",
     # "init_images": whether its last claim took init_image jobs (it has the dVAE encoder), ...}.
     # `max_age`: seconds (SQLite: 60 unless given; Redis: its registry's own expiry unless given).
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]: ...

@@ -25,7 +25,7 @@ its failure does not make the answer 503: it is listed in `"degraded": [...]` in
 | `imagine_queue_length` | gauge | jobs waiting in the line (asked of the queue at each scrape) |
 | `imagine_queue_jobs{state}` | gauge | jobs in the whole store: queued, running, undelivered (finished, result not posted yet); read at each scrape (present only after `track_store`) |
 | `imagine_kept_state_bytes` | gauge | bytes of finished jobs' `state.pt` kept in the store (`queue.state_bytes()`, what `keep_state_gib` bounds), read at each scrape (present only after `track_store`) |
-| `imagine_workers_alive` | gauge | GPU workers that claimed or heartbeated recently (`queue.workers()`), read at each scrape (present only after `track_workers`) |
+| `imagine_workers_alive` | gauge | GPU workers that claimed, heartbeated or announced themselves recently (`queue.workers()`), read at each scrape (present only after `track_workers`) |
 | `imagine_queue_up` | gauge | 1 when every read of the queue for this scrape answered, 0 when one failed or timed out (present once a queue gauge is tracked) |
 | `imagine_jobs_total{state}` | counter | job transitions this process's worker saw: started, done, failed, retried, cancelled, released (present only after `track_worker`) |
 | `imagine_jobs_running` | gauge | jobs in this worker's batch (present only after `track_worker`) |
@@ -116,7 +116,7 @@ class Metrics:
                                    "Bytes of finished jobs' state.pt kept in the store (what keep_state_gib bounds)",
                                    registry=None),
             workers_alive=Gauge("imagine_workers_alive",
-                                "GPU workers that claimed or heartbeated within the liveness window",
+                                "GPU workers that claimed, heartbeated or announced themselves within the liveness window",
                                 registry=None),
             jobs=Counter("imagine_jobs", "Job transitions seen by this process", ["state"], registry=None),
             jobs_running=Gauge("imagine_jobs_running", "Jobs in this worker's batch", registry=None),
@@ -228,7 +228,7 @@ class Observability:
         self._add_queue_refresher(refresh, unknown)
 
     def track_workers(self, queue: Any, within: float) -> None:
-        """Report how many GPU workers claimed or heartbeated in the last `within` seconds
+        """Report how many GPU workers claimed, heartbeated or announced themselves in the last `within` seconds
         (`queue.workers(max_age=within)`) as imagine_workers_alive at each scrape. Only a process that
         calls this (the bot) has it: a worker that exported a 0 would fire "no worker alive" alerts."""
         self._register_once(self.metrics.workers_alive)
@@ -465,7 +465,7 @@ def worker_check(worker: Any) -> Check:
 
 
 def workers_check(queue: Any, within: float) -> Check:
-    """At least one GPU worker claimed or heartbeated in the last `within` seconds
+    """At least one GPU worker claimed, heartbeated or announced itself in the last `within` seconds
     (`queue.workers(max_age=within)`; an idle worker claims every 0.25 s, a busy one heartbeats every
     second). Reports how many, and their ids: `{"ok": true, "alive": 2, "workers": ["gpu0", "gpu1"]}`."""
     async def check() -> dict[str, Any]:
@@ -473,6 +473,6 @@ def workers_check(queue: Any, within: float) -> Check:
         if alive:
             return {"ok": True, "alive": len(alive), "workers": alive}
         return {"ok": False, "alive": 0, "workers": [],
-                "error": f"no GPU worker claimed or heartbeated in the last {within:g} s: queued jobs wait "
-                         "until one does (start imagine-worker, or check the workers' own /healthz)"}
+                "error": f"no GPU worker claimed, heartbeated or announced itself in the last {within:g} s: "
+                         "queued jobs wait until one does (start imagine-worker, or check the workers' own /healthz)"}
     return check

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+from contextlib import closing
 
 import pytest
 
@@ -532,7 +533,8 @@ async def test_a_picture_to_start_from_is_queued_when_the_worker_registry_cannot
 
     assert await h.queue.claim("gpu-no-encoder", init_images=False) is None   # readable: it would be refused
     for away in (True, False, True):
-        with sqlite3.connect(path) as db:
+        # The bot's own writes may hold the lock a while on a loaded machine: wait as the bot does.
+        with closing(sqlite3.connect(path, timeout=60)) as db, db:
             db.execute("ALTER TABLE workers RENAME TO workers_away" if away else
                        "ALTER TABLE workers_away RENAME TO workers")
         if not away:   # readable again: refused, and the next failure is logged again

@@ -100,7 +100,7 @@ async def test_a_bot_without_an_embedded_worker_reports_whether_any_gpu_worker_i
         assert report["degraded"] == ["workers"]
         workers = report["checks"]["workers"]
         assert (workers["ok"], workers["alive"], workers["workers"]) == (False, 0, [])
-        assert f"no GPU worker claimed or heartbeated in the last {MIN_WORKER_WINDOW:g} s" in workers["error"]
+        assert f"no GPU worker claimed, heartbeated or announced itself in the last {MIN_WORKER_WINDOW:g} s" in workers["error"]
         assert report["checks"]["discord"]["ok"] is True and report["checks"]["queue"] == {"ok": True}
 
         # Users queue jobs; nobody runs them: the line grows, and /metrics says so.

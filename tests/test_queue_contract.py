@@ -429,7 +429,7 @@ async def test_finish_and_late_finish(queue: JobQueue):
 
 async def test_a_failed_job_is_retried_on_another_worker_when_one_is_alive(queue_factory: QueueFactory):
     """A job that failed on w1 (out of memory on the smallest GPU, say) is not w1's to claim again
-    for a lease while another worker is alive (it claimed or heartbeated within two leases): the
+    for a lease while another worker is alive (it claimed, heartbeated or announced itself within two leases): the
     retry goes elsewhere. A worker alone takes it back at once, and after the lease anyone may."""
     q = await queue_factory.open(lease=2.0, max_attempts=5)
     rec = await q.submit(spec(1))

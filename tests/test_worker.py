@@ -156,26 +156,37 @@ async def test_a_compiling_worker_compiles_before_its_first_claim(queue, tiny_mo
     assert not [r for r in caplog.records if "warmed up" in r.getMessage()]
 
 
-async def test_a_worker_stopped_while_it_compiles_stops_at_once_and_took_no_job(queue, tiny_models, caplog):
-    """A stop during torch.compile's warm-up (minutes on a GPU) does not wait out the compile: no
-    job was claimed, so there is nothing to hand back, and the log says what happened (not that
-    the GPU thread hung). Here a backend that takes 4 s to compile stands for inductor's minutes."""
+@pytest.fixture
+def slow_compile():
+    """A torch.compile backend that takes 4 s to compile, standing for inductor's minutes on a GPU:
+    its name, and an Event set when a compile begins."""
     import torch._dynamo   # noqa: PLC0415
     from torch._dynamo.backends.registry import _COMPILER_FNS   # noqa: PLC0415 - to unregister it
 
-    compiling = threading.Event()
+    name, compiling = "imagine_test_slow_compile", threading.Event()
 
     def slow_backend(graph, example_inputs):
         compiling.set()
         time.sleep(4)
         return graph.forward
 
-    torch._dynamo.register_backend(slow_backend, name="imagine_test_slow")
+    torch._dynamo.register_backend(slow_backend, name=name)
     torch._dynamo.reset()
+    yield name, compiling
+    _COMPILER_FNS.pop(name, None)
+    torch._dynamo.reset()
+
+
+async def test_a_worker_stopped_while_it_compiles_stops_at_once_and_took_no_job(queue, tiny_models, caplog,
+                                                                               slow_compile):
+    """A stop during torch.compile's warm-up (minutes on a GPU) does not wait out the compile: no
+    job was claimed, so there is nothing to hand back, and the log says what happened (not that
+    the GPU thread hung)."""
+    backend, compiling = slow_compile
     job = await queue.submit(spec())
     try:
         with caplog.at_level(logging.INFO, logger="engine.worker"):
-            worker = Worker(queue, lambda: tiny_models, worker_id="slow", compile="imagine_test_slow",
+            worker = Worker(queue, lambda: tiny_models, worker_id="slow", compile=backend,
                             base_settings=GenerationSettings(grid=8, cutn=2))
             await worker.start()
             assert await asyncio.to_thread(compiling.wait, 30)
@@ -192,32 +203,20 @@ async def test_a_worker_stopped_while_it_compiles_stops_at_once_and_took_no_job(
         assert not any("warmed up in" in r.getMessage() or "GPU thread died" in r.getMessage() for r in caplog.records)
         assert (await queue.get(job.id)).state == JobState.QUEUED
     finally:
-        _COMPILER_FNS.pop("imagine_test_slow", None)
-        torch._dynamo.reset()
+        if worker._thread is not None:
+            await asyncio.to_thread(worker._thread.join, 60)
 
 
-async def test_a_compiling_worker_is_in_the_registry_before_its_first_claim(queue, tiny_models):
+async def test_a_compiling_worker_is_in_the_registry_before_its_first_claim(queue, tiny_models, slow_compile):
     """While it compiles (minutes on a GPU) a worker claims nothing, yet it is live in the registry
     (the bot's /healthz `workers` check, imagine_workers_alive and its init_image check read it):
-    it announces itself, saying whether it has the dVAE encoder (this one has none). Here a backend
-    that takes 4 s to compile stands for inductor's minutes."""
+    it announces itself, saying whether it has the dVAE encoder (this one has none)."""
     from dataclasses import replace   # noqa: PLC0415
 
-    import torch._dynamo   # noqa: PLC0415
-    from torch._dynamo.backends.registry import _COMPILER_FNS   # noqa: PLC0415 - to unregister it
-
-    compiling = threading.Event()
-
-    def slow_backend(graph, example_inputs):
-        compiling.set()
-        time.sleep(4)
-        return graph.forward
-
-    torch._dynamo.register_backend(slow_backend, name="imagine_test_slow_announced")
-    torch._dynamo.reset()
+    backend, compiling = slow_compile
     job = await queue.submit(spec())
     worker = Worker(queue, lambda: replace(tiny_models, encoder=None), worker_id="compiling",
-                    compile="imagine_test_slow_announced", base_settings=GenerationSettings(grid=8, cutn=2))
+                    compile=backend, base_settings=GenerationSettings(grid=8, cutn=2))
     try:
         await worker.start()
         assert await asyncio.to_thread(compiling.wait, 30)
@@ -234,8 +233,6 @@ async def test_a_compiling_worker_is_in_the_registry_before_its_first_claim(queu
         await worker.stop()
         if worker._thread is not None:   # a stop during the warm-up leaves the compile to end on its own
             await asyncio.to_thread(worker._thread.join, 60)
-        _COMPILER_FNS.pop("imagine_test_slow_announced", None)
-        torch._dynamo.reset()
 
 
 def test_a_bad_compile_setting_is_refused_before_anything_runs(queue, tiny_models, capsys):
