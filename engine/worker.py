@@ -1163,7 +1163,7 @@ class Worker:
         except Exception:  # noqa: BLE001 - the jobs compile at their first step instead
             log.exception("torch.compile's warm-up failed; jobs compile at their first step")
         finally:
-            for key in [k for k in runner.slots if isinstance(k, tuple) and k[:1] == ("warm-up",)]:
+            for key in list(runner.slots):   # only the warm-up's: nothing is claimed before it ends
                 runner.remove(key)
             self._busy_since = None
             if self.models.device.type == "cuda":

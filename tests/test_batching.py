@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import capacity
 from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets
+from tests.compile_support import compile_backend
 
 S = GenerationSettings(iterations=6, frame_every=2, grid=8, cutn=4)
 JOBS = {  # key -> (prompt, seed)
@@ -314,18 +315,12 @@ def failing_backend(request):
     """A torch.compile backend that fails as inductor does where Triton finds no C compiler: when
     dynamo compiles (wrapped in BackendCompilerFailed), or only when AOTAutograd compiles the
     backward at the first `backward()` (its error raised bare, nothing naming torch.compile)."""
-    import torch._dynamo   # noqa: PLC0415
     from torch._dynamo.backends.common import aot_autograd   # noqa: PLC0415
-    from torch._dynamo.backends.registry import _COMPILER_FNS   # noqa: PLC0415 - to unregister it
 
-    name = f"imagine_test_no_c_compiler_{request.param}"
     backend = (_no_c_compiler if request.param == "at_compile"
                else aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=_no_c_compiler))
-    torch._dynamo.register_backend(backend, name=name)
-    torch._dynamo.reset()
-    yield name
-    _COMPILER_FNS.pop(name, None)
-    torch._dynamo.reset()
+    with compile_backend(f"imagine_test_no_c_compiler_{request.param}", backend) as name:
+        yield name
 
 
 @pytest.mark.parametrize("with_on_failure", [True, False], ids=["worker", "generate"])

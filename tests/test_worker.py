@@ -20,6 +20,7 @@ from engine.generate import GenerationSettings, state_from_bytes
 from engine.jobs import Checkpoint, EventKind, JobRecord, JobSpec, JobState, ParentGone, upload_id_of
 from engine.queue import open_queue
 from engine.worker import Worker
+from tests.compile_support import compile_backend
 from tests.queue_fixtures import job_events
 
 
@@ -160,21 +161,15 @@ async def test_a_compiling_worker_compiles_before_its_first_claim(queue, tiny_mo
 def slow_compile():
     """A torch.compile backend that takes 4 s to compile, standing for inductor's minutes on a GPU:
     its name, and an Event set when a compile begins."""
-    import torch._dynamo   # noqa: PLC0415
-    from torch._dynamo.backends.registry import _COMPILER_FNS   # noqa: PLC0415 - to unregister it
-
-    name, compiling = "imagine_test_slow_compile", threading.Event()
+    compiling = threading.Event()
 
     def slow_backend(graph, example_inputs):
         compiling.set()
         time.sleep(4)
         return graph.forward
 
-    torch._dynamo.register_backend(slow_backend, name=name)
-    torch._dynamo.reset()
-    yield name, compiling
-    _COMPILER_FNS.pop(name, None)
-    torch._dynamo.reset()
+    with compile_backend("imagine_test_slow_compile", slow_backend) as name:
+        yield name, compiling
 
 
 async def test_a_worker_stopped_while_it_compiles_stops_at_once_and_took_no_job(queue, tiny_models, caplog,
