@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import sqlite3
 
 import numpy as np
 import pytest
@@ -305,8 +304,7 @@ async def test_a_remix_aims_at_the_parents_image_prompt_and_keeps_its_preset_but
     # The picture gone from the store (behind its back): the parent's final state is what a remix
     # needs, so it goes without the picture; a prompt that needed the picture's pull is refused.
     upload_id, _ = image_prompt["artifact"]
-    with sqlite3.connect(h.queue.path) as db:
-        db.execute("DELETE FROM artifacts WHERE job_id = ?", (upload_id,))
+    await h.write_store(lambda db: db.execute("DELETE FROM artifacts WHERE job_id = ?", (upload_id,)))
     text = refusal(await command(h, "remix", {"job": parent_id, "prompt": "blurry:-1"}))
     assert "needs a positive weight" in text, text
     assert await h.queue.count_queued() == 0

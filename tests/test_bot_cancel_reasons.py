@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 
 import pytest
@@ -47,14 +46,14 @@ def _reply(h, job_id: str):
     return msg
 
 
-def finish_as_an_older_worker(h, job_id: str) -> None:
+async def finish_as_an_older_worker(h, job_id: str) -> None:
     """What `finish` of a worker of an earlier version wrote for a running job whose cancel was
     asked: DONE, the request and its reason left on the record (the store now ends it CANCELLED).
     The row alone, in the harness's SQLite store, without its DONE event: the bot's reconcile finds
     the result all the same."""
-    with sqlite3.connect(h.queue.path) as db:
-        db.execute("UPDATE jobs SET state = 'done', finished_at = ?, similarity = 0.2, lease_id = NULL,"
-                   " lease_until = NULL WHERE id = ? AND state = 'running'", (time.time(), job_id))
+    await h.write_store(lambda db: db.execute(
+        "UPDATE jobs SET state = 'done', finished_at = ?, similarity = 0.2, lease_id = NULL,"
+        " lease_until = NULL WHERE id = ? AND state = 'running'", (time.time(), job_id)))
 
 
 async def _status(h, job_id: str) -> str:
@@ -231,7 +230,7 @@ async def test_a_banned_cancel_finished_done_by_an_older_worker_is_posted_as_the
     assert f"`{running}`" in text, text
     await h.queue.put_artifact(running, "final.png", tiny_png(9, 9))
     await h.queue.put_artifact(running, "video.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
-    finish_as_an_older_worker(h, running)
+    await finish_as_an_older_worker(h, running)
 
     record = await h.wait_delivered(running)
     assert (record.state, record.error, record.cancel_requested) == (JobState.DONE, render.CANCEL_BANNED, True)

@@ -375,8 +375,6 @@ async def test_a_lost_job_in_an_archived_thread_says_so_in_a_new_message(harness
     waited in a thread that has since archived itself. The notice that it was lost cannot be an
     edit there (400 / 50083, once): it goes out as a new message, which unarchives the thread, as a
     result would (before: "nothing to tell", and the reply showed it queued for ever)."""
-    import sqlite3
-
     h = harness
     h.config.progress.message_interval = 0.01
     msg, job_id = await queued_job_in_a_thread(h, "a job the store forgets", expire_token=token_expired)
@@ -385,8 +383,7 @@ async def test_a_lost_job_in_an_archived_thread_says_so_in_a_new_message(harness
     caplog.set_level(logging.INFO, logger="bot.progress")
     await fd.archive_thread(thread_id)
     since = len(fd.requests)
-    with sqlite3.connect(h.config.queue.url.removeprefix("sqlite:///")) as db:
-        db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    await h.write_store(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
 
     await fd.wait_for(lambda: requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since), 10, "the notice")
     await asyncio.sleep(1.0)   # nothing more comes
@@ -406,8 +403,6 @@ async def test_a_lost_job_without_a_message_does_not_end_a_discord_outage(harnes
     """Discord fails every edit (503): one WARNING. Meanwhile the store loses a job that has no
     message to edit (none was ever made): its notice makes no request, so it says nothing of the
     outage; before, the bot logged "Discord answers again" while the outage went on."""
-    import sqlite3
-
     from engine.jobs import JobSpec
     from tests.test_bot_support import CHANNEL_MESSAGE
 
@@ -427,8 +422,7 @@ async def test_a_lost_job_without_a_message_does_not_end_a_discord_outage(harnes
     outage = fd.inject_error("PATCH", CHANNEL_MESSAGE, 503, count=10_000)
     await claim_jobs(h.queue, [drawn])   # its reply is edited (running), and fails
     await _until(lambda: _logged(caplog, "cannot reach Discord"), "the outage noticed")
-    with sqlite3.connect(h.config.queue.url.removeprefix("sqlite:///")) as db:
-        db.execute("DELETE FROM jobs WHERE id = ?", (silent,))
+    await h.write_store(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (silent,)))
     await _until(lambda: silent not in h.bot.progress.trackers, "the lost job dropped")
     await asyncio.sleep(0.3)
     assert not _logged(caplog, "Discord answers again")

@@ -73,16 +73,17 @@ async def _finish(h, job_id: str) -> None:
     await h.wait_delivered(job_id)
 
 
-def _set_extra(h, job_id: str, *, drop: tuple[str, ...] = (), **values) -> None:
+async def _set_extra(h, job_id: str, *, drop: tuple[str, ...] = (), **values) -> None:
     """Rewrite the job's `spec.extra` in its SQLite row (`values` set, `drop` removed): a row as an
     earlier version of the bot wrote it."""
-    with sqlite3.connect(h.queue.path) as db:
+    def rewrite(db: sqlite3.Connection) -> None:
         (text,) = db.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
         spec = json.loads(text)
         for key in drop:
             del spec["extra"][key]
         spec["extra"].update(values)
         db.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec), job_id))
+    await h.write_store(rewrite)
 
 
 async def _ids(h) -> list[str]:
@@ -242,7 +243,7 @@ async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it
     # It aimed at a picture of #staff-only too: a remix made elsewhere does not carry it (it stays in
     # its channel, as the job's prompt does).
     assert await h.queue.put_artifact("staffupload1", "image.png", b"a picture of #staff-only")
-    _set_extra(h, secret, image_prompt={"artifact": ["staffupload1", "image.png"], "weight": 2.0})
+    await _set_extra(h, secret, image_prompt={"artifact": ["staffupload1", "image.png"], "weight": 2.0})
 
     def shows_no_source(message_id: int) -> None:
         content = fd.messages[message_id].content
@@ -265,7 +266,7 @@ async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it
     # Bob's Reroll of the remix (a remix of the same job): no more named in its reply. Even for a
     # remix recorded as the bot did before, naming the job in full: the Reroll does not copy that.
     secret_url = _url(fd, secret_msg.id, staff)
-    _set_extra(h, remix, parent={"prompt": "secret launch poster", "user_id": int(admin), "url": secret_url})
+    await _set_extra(h, remix, parent={"prompt": "secret launch poster", "user_id": int(admin), "url": secret_url})
     reroll_msg, reroll = await _queued_by(h, await fd.click_button(remix_msg, f"imagine:reroll:{remix}"))
     assert f"\n↻ reroll of `{remix}` · {_url(fd, remix_msg.id)}\n" in reroll_msg.content
     shows_no_source(reroll_msg.id)
@@ -315,7 +316,7 @@ async def test_a_pruned_source_of_an_old_reroll_or_continue_is_named_to_this_cha
     await _finish(h, r)
     await _finish(h, c)
     for job_id in (r, c):   # their rows as the bot wrote them before `source_url`
-        _set_extra(h, job_id, drop=("source_url",))
+        await _set_extra(h, job_id, drop=("source_url",))
     assert "source_url" not in (await h.queue.get(r)).spec.extra
 
     source, first = await h.queue.get(a), await h.queue.get(r)
@@ -356,7 +357,7 @@ async def test_a_same_channel_remix_parent_without_a_link_stays_of_this_channel(
     rerolls = []
     for old in (False, True):
         if old:   # the record as the bot wrote it before it held the parent's channel
-            _set_extra(h, remix, parent={"prompt": "a lighthouse in fog", "user_id": int(carol["id"]), "url": None})
+            await _set_extra(h, remix, parent={"prompt": "a lighthouse in fog", "user_id": int(carol["id"]), "url": None})
         reroll_msg, reroll = await _queued_by(h, await fd.click_button(remix_msg, f"imagine:reroll:{remix}"))
         assert f"\n↳ remix of `{a}` *a lighthouse in fog* by <@" in reroll_msg.content, reroll_msg.content
         assert "another channel" not in reroll_msg.content

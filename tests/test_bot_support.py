@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sqlite3
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import pytest_asyncio
 
@@ -23,6 +24,8 @@ from bot.config import Config, config_from_dict
 from bot.launcher import Resources, make_bot, open_resources
 from engine.jobs import EventKind, JobEvent, JobRecord, JobState
 from tests.fakediscord import FakeDiscord, InteractionRecord, StoredMessage, running_bot
+
+T = TypeVar("T")
 
 WEBHOOK_ORIGINAL = r"/webhooks/\d+/[^/]+/messages/@original"
 CHANNEL_MESSAGE = r"/channels/\d+/messages/\d+"
@@ -111,6 +114,19 @@ class Harness:
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()
+
+    async def write_store(self, change: Callable[[sqlite3.Connection], T]) -> T:
+        """`change` run on a connection of its own to the harness's SQLite store, behind the bot's
+        back (a row as an older version wrote it, a lost picture, a renamed table), and committed.
+        In a thread: the bot shares this test's event loop, and its aiosqlite transactions finish
+        only while the loop runs, so a wait for the write lock on the loop would wait for itself
+        (CI: "database is locked" after the timeout, "heartbeat blocked for more than 10 seconds")."""
+        path = self.config.queue.url.removeprefix("sqlite:///")
+
+        def run() -> T:
+            with contextlib.closing(sqlite3.connect(path, timeout=60)) as db, db:
+                return change(db)
+        return await asyncio.to_thread(run)
 
     # --- driving --------------------------------------------------------------------------------
 

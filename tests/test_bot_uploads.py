@@ -12,7 +12,6 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from contextlib import closing
 
 import pytest
 
@@ -254,9 +253,7 @@ async def test_a_picture_deleted_between_its_store_and_its_submit_is_stored_agai
     await fd.wait_for(lambda: f"imagine:reroll:{record.id}" in fd.messages[msg.id].custom_ids, 5, "the buttons")
 
     async def submit_after_the_picture_went(spec, **kwargs):
-        path = h.config.queue.url.split("sqlite:///", 1)[1]
-        with sqlite3.connect(path) as db:
-            db.execute("DELETE FROM artifacts WHERE job_id = ?", (upload,))
+        await h.write_store(lambda db: db.execute("DELETE FROM artifacts WHERE job_id = ?", (upload,)))
         return await real_submit(spec, **kwargs)
 
     monkeypatch.setattr(h.queue, "submit", submit_after_the_picture_went)
@@ -488,8 +485,8 @@ async def test_a_picture_to_start_from_is_refused_while_no_live_worker_has_the_e
     await claim_jobs(h.queue, [first])   # a worker with the encoder runs it, then is gone for an hour
     await finish_jobs(h.queue, [first])
     await h.wait_delivered(first)
-    with sqlite3.connect(h.config.queue.url.split("sqlite:///", 1)[1]) as db:
-        db.execute("UPDATE workers SET last_seen = last_seen - 3600 WHERE worker_id = 'test-gpu'")
+    await h.write_store(lambda db: db.execute(
+        "UPDATE workers SET last_seen = last_seen - 3600 WHERE worker_id = 'test-gpu'"))
     kept = list(stored_uploads(h))
 
     # Only a worker without the encoder is live now.
@@ -533,10 +530,8 @@ async def test_a_picture_to_start_from_is_queued_when_the_worker_registry_cannot
 
     assert await h.queue.claim("gpu-no-encoder", init_images=False) is None   # readable: it would be refused
     for away in (True, False, True):
-        # The bot's own writes may hold the lock a while on a loaded machine: wait as the bot does.
-        with closing(sqlite3.connect(path, timeout=60)) as db, db:
-            db.execute("ALTER TABLE workers RENAME TO workers_away" if away else
-                       "ALTER TABLE workers_away RENAME TO workers")
+        await h.write_store(lambda db: db.execute("ALTER TABLE workers RENAME TO workers_away" if away else
+                                                  "ALTER TABLE workers_away RENAME TO workers"))
         if not away:   # readable again: refused, and the next failure is logged again
             assert await outcomes(h, [await start_from("a house again", 23)]) == [("refused", imagine.NO_ENCODER)]
             continue

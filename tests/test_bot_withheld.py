@@ -38,7 +38,7 @@ async def _finish(h, job_id: str, png: bytes, older_worker: bool = False) -> Non
     await h.queue.put_artifact(job_id, "final.png", png)
     await h.queue.put_artifact(job_id, "video.mp4", VIDEO)
     if older_worker:
-        finish_as_an_older_worker(h, job_id)
+        await finish_as_an_older_worker(h, job_id)
     else:
         assert await h.queue.finish(job_id, (await h.queue.get(job_id)).lease_id, 0.2)
 
