@@ -12,7 +12,8 @@ engine.models, like real files):
   (a) reference: benchmarks/reference_loop.py, the seed article's notebook loop (batch 1, a Python
       loop over cut-outs, F.interpolate + torchvision rotate; on CUDA in the notebook's fp16, and
       also in fp32 as (a32));
-  (b) engine, one job: BatchRunner with one slot (settings.precision, bf16 autocast on CUDA);
+  (b) engine, one job: BatchRunner with one slot (settings.precision, bf16 autocast on CUDA;
+      with --cuda-graphs its step replayed from a CUDA graph);
   (c) engine, max_batch jobs in one forward/backward pass (default on CUDA: choose_max_batch).
 
 Every loop takes a frame every 50 iterations, as the bot does. Each loop is warmed up on its own
@@ -51,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from engine import random_models  # noqa: E402
 from engine.capacity import (ClipVisualDims, DecoderDims, choose_max_batch, effective_precision,  # noqa: E402
                              per_slot_bytes)
-from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets  # noqa: E402
+from engine.generate import GRAPH_WARMUP_STEPS, BatchRunner, GenerationSettings, Slot, encode_targets  # noqa: E402
 from engine.models import Models, load_models  # noqa: E402
 from reference_loop import ReferenceLoop  # noqa: E402
 
@@ -176,9 +177,40 @@ def time_loops(loops: list[Loop], args, device: torch.device) -> None:
               f"{(flops or 0) / 1e12:8.3f} TFLOP/step  {r['tflops'] or 0:8.3f} TFLOP/s", flush=True)
 
 
+def profile_loop(loop: Loop, steps: int, device: torch.device, top: int = 12) -> dict:
+    """`steps` steps of `loop` under torch.profiler: where a step's time goes. The device's busy
+    time per step (its kernels' own times, summed) against the step's unprofiled time tells a step
+    bound by launching kernels from Python (the device mostly idle) from one bound by the kernels;
+    the top ops say which kernels. On a CPU the ops' own CPU times. Prints a table; returns the
+    figures (times per step, in ms)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            loop.step()
+        sync(device)
+    events = prof.key_averages()
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"    # microseconds
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else list(events)
+    busy_ms = sum(getattr(e, own) for e in kernels) / 1000 / steps
+    print(f"profile of {loop.name}, {steps} steps ({'kernels on the device' if cuda else 'ops on the CPU'}):")
+    print(events.table(sort_by=own, row_limit=top), flush=True)
+    ranked = sorted(kernels, key=lambda e: getattr(e, own), reverse=True)[:top]
+    return {
+        "loop": loop.key, "steps": steps, "busy_ms_per_step": round(busy_ms, 3),
+        "busy_fraction": round(busy_ms / loop.result["step_ms"], 4) if loop.result.get("step_ms") else None,
+        "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+        "top": [{"name": e.key[:120], "ms_per_step": round(getattr(e, own) / 1000 / steps, 3),
+                 "calls_per_step": round(e.count / steps, 1)} for e in ranked],
+    }
+
+
 def engine_runner(models: Models, targets, settings: GenerationSettings, jobs: int,
-                  compile: bool | str) -> BatchRunner:
-    runner = BatchRunner(models, compile=compile)
+                  compile: bool | str, cuda_graphs: bool = False) -> BatchRunner:
+    runner = BatchRunner(models, compile=compile, cuda_graphs=cuda_graphs)
     for i in range(jobs):
         runner.add(Slot(f"job-{i}", models, targets, replace(settings, seed=settings.seed + i)))
     return runner
@@ -197,6 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", default="auto", help="the engine's: auto | fp32 | bf16 | fp16")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND[:MODE]",
                    help="the engine with torch.compile (opt-in; default inductor; inductor:reduce-overhead adds CUDA graphs; `eager` for a dry run)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the engine with BatchRunner(cuda_graphs=True): (b), a job alone, replays its step "
+                        "from a CUDA graph (captured during the warm-up, which takes at least GRAPH_WARMUP_STEPS + 2 "
+                        "steps then); nothing on a CPU")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS steps of (b) (torch.profiler): the device's busy time "
+                        "per step against the step's time, and the top kernels")
     p.add_argument("--skip-reference-fp32", action="store_true", help="on CUDA, do not run (a32)")
     p.add_argument("--skip-reference", action="store_true", help="only the engine: ratios to (a) left out")
     p.add_argument("--dalle-half-casts", choices=("on", "off"), default="off",
@@ -217,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.grid = args.grid or (8 if args.tiny else 32)
     args.iterations = args.iterations or (50 if cuda else 2)
     args.warmup = max(1, args.warmup if args.warmup is not None else (5 if cuda else 1))
+    if args.cuda_graphs:   # the capture and a first replay inside the warm-up, not timed
+        args.warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2)
     args.rounds = max(1, min(args.iterations, args.rounds or (1 if cuda else args.iterations)))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,15 +302,24 @@ def main(argv: list[str] | None = None) -> dict:
         for module in engine_models.decoder.modules():
             if hasattr(module, "use_float16"):
                 module.use_float16 = False
-    for key, jobs in (("engine_1", 1), ("engine_batch", args.max_batch)):
-        runner = engine_runner(engine_models, targets, settings, jobs, args.compile or False)
+    engines = [("engine_1", "(b) engine, 1 job", 1, False)]
+    if args.cuda_graphs:
+        engines.append(("engine_1_graphs", "(b) engine, 1 job, graphs", 1, True))
+    engines.append(("engine_batch", f"(c) engine, {args.max_batch} jobs", args.max_batch, False))
+    runners = {}
+    for key, label, jobs, graphs in engines:
+        runners[key] = engine_runner(engine_models, targets, settings, jobs, args.compile or False, graphs)
         flop_step = None
-        if args.compile:  # count FLOPs on an uncompiled twin: the counter and compiled code do not mix
+        if args.compile or graphs:  # count FLOPs on a plain twin: the counter, compiled code and graphs do not mix
             flop_step = engine_runner(engine_models, targets, settings, jobs, False).step
-        label = "(b) engine, 1 job" if key == "engine_1" else f"(c) engine, {jobs} jobs"
-        loops.append(Loop(key, label, runner.step, jobs, flop_step))
+        loops.append(Loop(key, label, runners[key].step, jobs, flop_step))
     for loop in loops:
         warm_up(loop, args, device, memory)
+    captured = None
+    if args.cuda_graphs:   # whether (b)'s graph was captured in its warm-up: else its figure is eager's
+        captured = any(g.replay is not None for g in runners["engine_1_graphs"]._graphs.values())
+        print(f"(b) with graphs: {'captured' if captured else 'NOT captured (no CUDA, or the capture failed: see the log)'}",
+              flush=True)
     print(f"warmed up; timing {args.iterations} steps of each in {args.rounds} round(s)", flush=True)
     time_loops(loops, args, device)
     results = {loop.key: loop.result for loop in loops}
@@ -281,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "reference_fp32" in results:
         base32 = results["reference_fp32"]["job_iterations_per_s"]
         ratios.update({f"{k}_vs_fp32": round(results[k]["job_iterations_per_s"] / base32, 3)
-                       for k in ("engine_1", "engine_batch")})
+                       for k in results if k.startswith("engine")})
     per_job = 1 / results["engine_1"]["job_iterations_per_s"]
     projected_1000 = round(1000 * per_job, 1)
     if ratios:
@@ -298,17 +348,31 @@ def main(argv: list[str] | None = None) -> dict:
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "models": model_names + ", " + ("via engine.models files" if via else "built directly"),
         "grid": args.grid, "cutn": args.cutn, "precision": eff, "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs, "graphs_captured": captured,
         "dalle_half_casts": args.dalle_half_casts,
         "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds, "max_batch": args.max_batch,
         "per_slot_estimate_bytes": estimate, "peak_tflops": peak,
         "results": results, "ratios": ratios, "projected_1000_iterations_s": projected_1000,
+        "profile": None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(summary), flush=True)
+    if args.profile > 0:
+        # After the record above: a profiler that fails (it has crashed next to CUDA graphs) loses
+        # only itself. The record is printed again with the profile.
+        for key in [k for k in ("engine_1", "engine_1_graphs") if k in results]:
+            profiled = summary["profile"] = {**(summary["profile"] or {}), key: profile_loop(
+                next(loop for loop in loops if loop.key == key), args.profile, device)}
+            print(f"{results[key]['name']}: the device busy {profiled[key]['busy_ms_per_step']} ms of its "
+                  f"{results[key]['step_ms']} ms step ({(profiled[key]['busy_fraction'] or 0) * 100:.0f}%), "
+                  f"{profiled[key]['kernels_per_step']} kernels a step", flush=True)
+        print(json.dumps(summary), flush=True)
     if tmp is not None:
         tmp.cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    record = main()
+    # Graphs asked for on CUDA and not captured: the run did not measure what it was asked to.
+    sys.exit(1 if record["device_type"] == "cuda" and record["cuda_graphs"] and not record["graphs_captured"] else 0)

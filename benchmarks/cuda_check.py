@@ -14,7 +14,13 @@
 5. a 1000-iteration 256x256 (grid 32) job alone through engine.generate.generate, timed;
 6. out of memory: four jobs under a memory cap (`torch.cuda.set_per_process_memory_fraction`) that
    holds two in one pass but not four: the pass of four fails with CUDA's own out-of-memory error,
-   the runner learns passes of two (`pass_limit`), and no job fails (the worker's `on_failure` path).
+   the runner learns passes of two (`pass_limit`), and no job fails (the worker's `on_failure` path);
+7. CUDA graphs (`BatchRunner(cuda_graphs=True)`): a job alone, captured after its warm-up and
+   replayed, against the same job eager, fp32 (TF32 off) and bf16: logits, codes, loss, next to a
+   solo job run twice; its random generator where the eager one's is (the replays drew the same
+   noise); no host sync in replayed steps; and in bf16 with torch.compile (the `eager` backend:
+   dynamo's guards, which a capture must not fail). (On a CPU, the dry run, a stand-in capture
+   that runs the step eagerly: it checks the script, not graphs.)
 
 Prints every number, `PASS`/`FAIL` per check, and a JSON line at the end. Exit status 1 on a FAIL.
 """
@@ -28,6 +34,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -35,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 
 from engine import capacity, random_models  # noqa: E402
-from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets, generate  # noqa: E402
+from engine.generate import GRAPH_MIN_REPLAYS, GRAPH_WARMUP_STEPS, BatchRunner, GenerationSettings, Slot, encode_targets, generate  # noqa: E402
 from engine.models import Models  # noqa: E402
 
 PROMPTS = ["a red house by the sea", "a cat made of glass | blurry:-0.5", "a forest at night"]
@@ -62,8 +69,9 @@ def build(device: torch.device, tiny: bool) -> Models:
                   decoder=decoder.eval().requires_grad_(False).to(device), device=device)
 
 
-def run(models: Models, settings: GenerationSettings, keys: list[int], steps: int) -> dict[int, Slot]:
-    runner = BatchRunner(models)
+def run(models: Models, settings: GenerationSettings, keys: list[int], steps: int,
+        cuda_graphs: Any = False) -> dict[int, Slot]:
+    runner = BatchRunner(models, cuda_graphs=cuda_graphs)
     slots = {}
     for k in keys:
         prompt = PROMPTS[k % len(PROMPTS)]
@@ -218,6 +226,49 @@ def main() -> int:
                 pass_limit=limit or 0, failed=len(failed), two_GiB=two / 2**30, cap_GiB=cap / 2**30)
         del runner
         torch.cuda.empty_cache()
+
+    # 7. CUDA graphs: a job alone, graphed, against the same job eager
+    graphs: Any = True if cuda else (lambda step, generator: step)    # the dry run: a stand-in
+    # Enough steps for a graph (GRAPH_MIN_REPLAYS ahead); compared after a few replays.
+    steps = GRAPH_WARMUP_STEPS + 6
+    # compile="eager": dynamo traces the two regions (no code generated: quick) and guards them, as
+    # inductor's would be guarded: a guard that fails inside the capture fails it.
+    for precision, compile in (("fp32", False), ("auto", False), ("auto", "eager")):
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if precision == "fp32":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        s = replace(base, precision=precision, frame_every=10**6, iterations=GRAPH_WARMUP_STEPS + GRAPH_MIN_REPLAYS)
+        eager, eager2 = run(models, s, [0], steps)[0], run(models, s, [0], steps)[0]
+        runner = BatchRunner(models, compile=compile, cuda_graphs=graphs)
+        graphed = runner.add(Slot(0, models, encode_targets(models, PROMPTS[0]), replace(s, seed=100)))
+        for _ in range(steps - 2):
+            runner.step()
+        error = None
+        if cuda:   # the last two steps are replays: no host sync in them
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                runner.step()
+        except RuntimeError as exc:
+            error = str(exc).splitlines()[0]
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        captured = bool(runner._graphs) and next(iter(runner._graphs.values())).replay is not None
+        noise, d = compare(eager, eager2), compare(graphed, eager)
+        rng_equal = torch.equal(graphed.generator.get_state(), eager.generator.get_state())
+        mean_tol, codes_tol, loss_tol = (2e-4, 0.999, 1e-4) if precision == "fp32" else (5e-3, 0.99, 5e-3)
+        ok = (captured and error is None and rng_equal and graphed.iteration == steps
+              and d["mean"] <= max(mean_tol, 3 * noise["mean"]) and d["codes_equal"] >= codes_tol
+              and d["loss_diff"] <= max(loss_tol, 3 * noise["loss_diff"]))
+        verdict(f"graphs_vs_eager_{'fp32' if precision == 'fp32' else 'bf16'}{'_compiled' if compile else ''}", ok,
+                captured=captured,
+                rng_equal=rng_equal, sync_error=error or "none", mean=d["mean"], max=d["max"],
+                codes_equal=d["codes_equal"], loss_diff=d["loss_diff"], eager_twice_mean=noise["mean"],
+                eager_twice_max=noise["max"])
+        del runner, graphed
 
     report["device"] = torch.cuda.get_device_name(device) if cuda else str(device)
     report["torch"] = torch.__version__

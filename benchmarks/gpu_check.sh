@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 5, in one go, for a session that has a GPU. On an H200 (2026-11-30,
-# docs/PERFORMANCE.md) part 1 took about 60 s, part 2 about 30 s, part 3 (inductor, a cold compile)
-# about 190 s; part 4 crashed there (a segmentation fault).
+# docs/PERFORMANCE.md) part 1 took about 60 s, part 2 about 30 s, an inductor part about 190 s
+# (a cold compile); CUDA graphs by inductor:reduce-overhead crashed there (a segmentation fault),
+# so parts 3-4 measure the engine's own graphs (BatchRunner(cuda_graphs=True)) instead.
 # Prints everything; the JSON lines are the record.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-#   COMPILE=0 bash benchmarks/gpu_check.sh  # without parts 3-4 (torch.compile)
+#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 4 (torch.compile)
 #   OUT=dir bash benchmarks/gpu_check.sh    # also write each part's output under dir
 #
 # On the lent GPU machine (Python 3.12, torch, no index): run benchmarks/device_wheels.sh here
@@ -17,14 +18,16 @@
 #
 # 1. benchmarks/cuda_check.py: bf16 smoke test, no host sync in the hot loop, batched vs solo on
 #    the GPU (fp32 and bf16), memory per slot against engine.capacity, a 1000-iteration 256x256
-#    job alone timed (the bar: under 60 s), a real out-of-memory error halving the passes;
+#    job alone timed (the bar: under 60 s), a real out-of-memory error halving the passes, a job
+#    replayed from a CUDA graph against the same job eager (check 7);
 # 2. benchmarks/bench_loop.py on CUDA, eager: (a) the notebook loop, (a32) it in fp32, (b) the
 #    engine with one job, (c) the engine with max_batch jobs (the bars: (b) >= 2x (a), (c) >= 8x (a));
-# 3. the same with torch.compile (inductor, dynamic shapes: the worker's default on CUDA, `[worker]
-#    compile = "auto"`), (a) again in the same run so that the ratios are of one run. After 1-2, so
-#    that a slow compile that runs past the call's time limit costs nothing of them;
-# 4. the engine with CUDA graphs on top (inductor:reduce-overhead): whether they pay (they crashed
-#    with a segmentation fault on torch 2.11, 2026-11-30).
+#    then 5 steps of (b) profiled: the GPU's busy time per step against the step, the top kernels;
+# 3. the same with --cuda-graphs: (b) with and without a CUDA graph, (a) again in the same run
+#    (no compile: quick); both (b)s profiled;
+# 4. the same with torch.compile (inductor, the worker's default on CUDA, `[worker] compile =
+#    "auto"`): (b) compiled with and without a graph, (c) compiled. Last: a slow compile that
+#    runs past the call's time limit costs nothing of 1-3.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -64,18 +67,17 @@ export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 if [ "${DRY_RUN:-0}" = 1 ]; then
     # The same parts and flags, on the CPU with tiny models and few steps.
     # torch.compile's `eager` backend: dynamo traces, nothing is compiled (inductor would need minutes here).
-    on=(--device cpu --tiny --grid 8); steps=(--iterations 2 --warmup 1); few=(--iterations 2 --warmup 1)
-    backend=eager; graphs=eager   # modes are inductor's: the dry run checks the line, not the mode
+    on=(--device cpu --tiny --grid 8); steps=(--iterations 2 --warmup 1)
+    backend=eager
 else
-    on=(--device cuda --grid 32); steps=(--iterations 50 --warmup 5); few=(--iterations 30 --warmup 5)
-    backend=inductor; graphs=inductor:reduce-overhead
+    on=(--device cuda --grid 32); steps=(--iterations 50 --warmup 5)
+    backend=inductor
 fi
-part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}"
-part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}"
+part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}" --long-iterations "${LONG_ITERATIONS:-1000}"
+part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --profile 5
+part bench_graphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference-fp32 --cuda-graphs --profile 5
 if [ "${COMPILE:-1}" = 1 ]; then
-    # torch.compile's first compile is slow: it gets two thirds of what is left, CUDA graphs the rest.
-    CAP=$(( (deadline - $(date +%s)) * 2 / 3 )) part bench_compile "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference-fp32 --compile "$backend"
-    part bench_cudagraphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${few[@]}" --skip-reference --compile "$graphs"
+    part bench_compile_graphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference-fp32 --compile "$backend" --cuda-graphs
 fi
 echo "=== gpu_check: $([ $status -eq 0 ] && echo all passed || echo SOMETHING FAILED)"
 exit $status

@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.jobs import check_keep_days, check_keep_state_days, check_keep_state_gib
 from engine.queue import redact_url
-from engine.compiling import compile_options
+from engine.compiling import check_cuda_graphs, compile_options
 
 
 QUEUE_URL_ENV = "IMAGINE_QUEUE_URL"   # the queue URL, kept out of the config file and the command line
@@ -93,6 +93,9 @@ class WorkerConfig:
     # 1.7x at a batch of 32 on an H200, docs/PERFORMANCE.md; none on a CPU), "" (off), "inductor",
     # "inductor:reduce-overhead" (CUDA graphs too).
     compile: str = "auto"
+    # Replay the step of a job that runs alone from a CUDA graph (engine.graphs; CUDA only, not
+    # with compile "inductor:reduce-overhead"). Experimental, off: not yet measured on a GPU.
+    cuda_graphs: bool = False
     # Seconds between two checkpoints of a running job (taken at its frames; 0: every frame). A
     # crash loses at most this much of a job's work; a stopping worker checkpoints its jobs anyway.
     checkpoint_every: float = 60.0
@@ -344,6 +347,7 @@ def _validate(cfg: Config) -> None:
          f"[worker] device: expected auto, cpu, cuda or cuda:N (cuda:1 ...), got {cfg.worker.device!r}")
     try:
         _check_compile_backend(cfg.worker.compile)
+        check_cuda_graphs(cfg.worker.compile, cfg.worker.cuda_graphs)
     except ValueError as exc:
         raise ConfigError(f"[worker] {exc}") from None
     need(0 <= cfg.http.port <= 65535, "[http] port: must be between 0 (off) and 65535")

@@ -260,7 +260,7 @@ async def open_resources(
                 worker_id=wc.worker_id or None, max_batch=wc.max_batch or None,
                 keep_days=wc.keep_days or None, keep_state_days=wc.keep_state_days or None,
                 keep_state_gib=wc.keep_state_gib or None,
-                compile=wc.compile, checkpoint_every=wc.checkpoint_every,
+                compile=wc.compile, cuda_graphs=wc.cuda_graphs, checkpoint_every=wc.checkpoint_every,
                 # Sized for the costliest job this bot can queue (a "1024" = 128 size is 4x a
                 # 512's memory per job), not for a 512 one.
                 costliest=costliest_job(config),

@@ -44,3 +44,18 @@ def compile_options(value: bool | str | None, device_type: str | None = None) ->
     if backend != "inductor":
         raise ValueError(f"compile {value!r}: a mode is inductor's (inductor:{mode})")
     return {"backend": backend, "mode": mode}
+
+
+# The modes in which inductor makes CUDA graphs of its own (its `triton.cudagraphs` option).
+GRAPHING_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_cuda_graphs(compile: bool | str | None, cuda_graphs: object) -> None:
+    """ValueError when `cuda_graphs` (the engine's own graphs of a job alone, `BatchRunner`) is
+    asked for with a `compile` setting that makes CUDA graphs of its own (GRAPHING_MODES): one
+    capture inside the other does not work."""
+    mode = (compile_options(compile) or {}).get("mode")
+    if cuda_graphs and mode in GRAPHING_MODES:
+        raise ValueError(f"cuda_graphs with compile {compile!r}: {mode} makes CUDA graphs of its own; use "
+                         "compile inductor (or auto, or inductor:max-autotune-no-cudagraphs) with cuda_graphs, "
+                         f"or {mode} alone")

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from dall_e import unmap_pixels
 
-from engine.compiling import compile_options
+from engine.compiling import check_cuda_graphs, compile_options
+from engine.graphs import Capture, capture_step, make_capturable, portable_optimizer_state, set_lr, side_stream
 from engine.models import Models
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, PromptPart, parse_prompt  # noqa: F401 - re-exported
 
@@ -370,7 +371,8 @@ class Slot:
         return {
             "iteration": self.iteration,
             "logits": _cpu_copy(self.logits),                        # [1, V, g, g]
-            "optimizer": _cpu_copy(self.optimizer.state_dict()),     # exp_avg, exp_avg_sq: [1, V, g, g]; step: []
+            # exp_avg, exp_avg_sq: [1, V, g, g]; step: []. Portable: a graphed slot's Adam is capturable.
+            "optimizer": portable_optimizer_state(_cpu_copy(self.optimizer.state_dict())),
             "generator": self.generator.get_state().clone(),         # already a host tensor; clone: ours
             "settings": self.settings.to_dict(),
         }
@@ -551,10 +553,15 @@ def _undo_draws(slots: list[Slot], noise: list[torch.Tensor]) -> None:
 
 
 def _autocast(models: Models, precision: str):
+    """Autocast without its cache, always: a CUDA graph's capture needs it off, and a step before
+    the capture must run with the same setting (dynamo guards on it: a compiled region would be
+    compiled again inside the capture, which dynamo refuses). It costs nothing here: the cache
+    keeps casts of fp32 leaves that require grad, and the models are frozen (the logits reach
+    autocast only through torch.cat)."""
     if models.device.type != "cuda" or precision == "fp32":
         return torch.autocast(device_type=models.device.type, enabled=False)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False)
 
 
 def batch_key(settings: GenerationSettings) -> tuple[Any, ...]:
@@ -581,6 +588,17 @@ class BatchRunner:
     Off by default here (one-off renders would wait minutes for a compile that saves seconds); the
     worker's default is `"auto"`. If compiling fails the runner says so once and runs eager.
 
+    `cuda_graphs`: on CUDA, a slot alone in its batch (no other unfinished slot of its batch key)
+    has its whole step captured as a CUDA graph (`engine.graphs`) after GRAPH_WARMUP_STEPS steps on
+    a side stream, and replayed while it stays alone; the graph is dropped (its memory freed) when
+    another slot joins its batch or it leaves. Batches that run in passes of one (`pass_limit`, or
+    a failed pass's halves) have no graphs: one per slot would hold every slot's activations.
+    Ignored elsewhere (no graphs on a CPU), and not with compile modes that make graphs of their
+    own (`engine.compiling.check_cuda_graphs`). A capture that fails is logged once and the runner
+    steps without graphs from then on; one that runs out of memory leaves that slot without one.
+    Opt-in until measured on a GPU (docs/PERFORMANCE.md). A capture function may be passed instead
+    of True (`engine.graphs.Capture`): tests use one that replays the step eagerly, on a CPU.
+
     Failures (`step(on_failure=...)`): a pass that raises is undone (each slot's noise generator
     is put back; nothing else has changed before the optimiser steps) and run again in two halves,
     down to the slot that fails alone, which leaves the runner through `on_failure`; the others
@@ -591,7 +609,7 @@ class BatchRunner:
     rides on the frame's one read, the steps between frames stay free of syncs.
     """
 
-    def __init__(self, models: Models, compile: bool | str = False):
+    def __init__(self, models: Models, compile: bool | str = False, cuda_graphs: bool | Capture = False):
         self.models = models
         self.slots: dict[Any, Slot] = {}
         # batch_key -> the most slots one pass holds, learned from out-of-memory errors (absent:
@@ -619,6 +637,14 @@ class BatchRunner:
             # batch size and recompile whenever a slot joins or leaves).
             self._decode_soft = torch.compile(decode_soft, dynamic=True, **options)
             self._embed_cuts = torch.compile(embed_cuts, dynamic=True, **options)
+        check_cuda_graphs(compile, cuda_graphs)
+        # The capture function, or None for no graphs.
+        self._capture: Capture | None = (cuda_graphs if callable(cuda_graphs)
+                                         else capture_step if cuda_graphs and models.device.type == "cuda"
+                                         else None)
+        self._graphs: dict[Any, _SoloGraph] = {}   # slot key -> its graph (a slot alone in its batch)
+        # One side stream for every warm-up (a fresh one each time would cache memory apart).
+        self._side = torch.cuda.Stream(models.device) if self._capture is not None and models.device.type == "cuda" else None
 
     def add(self, slot: Slot) -> Slot:
         if slot.key in self.slots:
@@ -627,7 +653,14 @@ class BatchRunner:
         return slot
 
     def remove(self, key: Any) -> Slot | None:
+        self._drop_graph(key)
         return self.slots.pop(key, None)
+
+    def _drop_graph(self, key: Any) -> None:
+        """Drop the slot's graph (its memory goes when nothing holds it): its `.grad` too, which
+        lives in the graph's memory (the next eager pass makes its own)."""
+        if self._graphs.pop(key, None) is not None and key in self.slots:
+            self.slots[key].logits.grad = None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -707,6 +740,80 @@ class BatchRunner:
 
     def _step_pass(self, slots: list[Slot], on_failure: Callable[[Slot, Exception], None] | None
                    ) -> list[tuple[Slot, Frame | None]]:
+        if self._capture is not None:
+            key = batch_key(slots[0].settings)
+            if len(slots) == 1 and [s for s in self.slots.values() if not s.done and batch_key(s.settings) == key] == slots:
+                return self._solo_pass(slots[0], on_failure)
+            for s in slots:                           # not alone in its batch: its graph no longer fits
+                self._drop_graph(s.key)
+        return self._eager_pass(slots, on_failure)
+
+    def _solo_pass(self, slot: Slot, on_failure: Callable[[Slot, Exception], None] | None
+                   ) -> list[tuple[Slot, Frame | None]]:
+        """A step of a slot alone in its batch, with `cuda_graphs`: its first GRAPH_WARMUP_STEPS
+        steps alone run eagerly on a side stream, then its step is captured and replayed. A slot
+        with too few steps left to pay for a capture (GRAPH_MIN_REPLAYS) runs eagerly."""
+        graph = self._graphs.get(slot.key)
+        if graph is None:
+            if slot.settings.iterations - slot.iteration < GRAPH_WARMUP_STEPS + GRAPH_MIN_REPLAYS:
+                return self._eager_pass([slot], on_failure)
+            make_capturable(slot.optimizer)           # before the warm-up: its steps run Adam as the graph will
+            graph = self._graphs[slot.key] = _SoloGraph(capture_at=slot.iteration + GRAPH_WARMUP_STEPS)
+        if graph.failed:
+            return self._eager_pass([slot], on_failure)
+        if graph.replay is None and slot.iteration < graph.capture_at:
+            with side_stream(self._side):
+                return self._eager_pass([slot], on_failure)
+        if graph.replay is None and not self._capture_graph(graph, slot):
+            return self._eager_pass([slot], on_failure)
+        for group in slot.optimizer.param_groups:
+            set_lr(group, slot.lr())                  # a fill queued before the replay, which reads it
+        assert graph.replay is not None and graph.loss is not None
+        try:
+            graph.replay()
+        except Exception as exc:  # noqa: BLE001 - as an eager pass's error: this job alone
+            self._drop_graph(slot.key)
+            if on_failure is None:
+                raise
+            self._fail(slot, exc, on_failure)
+            return []
+        slot.iteration += 1
+        slot.loss = graph.loss[0].clone()             # the graph's tensor is overwritten by the next replay
+        return self._with_frames([slot], on_failure)
+
+    def _capture_graph(self, graph: _SoloGraph, slot: Slot) -> bool:
+        """Capture the slot's step into `graph`; False when it failed (logged): out of memory leaves
+        this slot without a graph, anything else the runner without graphs from now on."""
+        try:
+            graph.capture(self, slot)
+            return True
+        except Exception as exc:  # noqa: BLE001 - no job's fault: this slot, or the runner, runs on eager
+            root = _chain(exc)[-1]                    # capture_end's error is raised over the body's
+            what = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]}"
+            # Out of memory, and the capture ended cleanly (it raised nothing over it).
+            out_of_memory = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            # The failed capture's tensors and graph are held by the tracebacks' frames: let them go now.
+            for link in _chain(exc):
+                traceback.clear_frames(link.__traceback__)
+            del exc, root
+        if out_of_memory:
+            graph.failed = True
+            log.warning("capturing a CUDA graph for job %s ran out of memory; it runs without one", slot.key)
+            if self.models.device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            self._graphs.clear()
+            self._capture = None
+            log.warning("capturing a CUDA graph failed (%s); this runner steps without CUDA graphs from now on", what)
+        return False
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether a slot alone in its batch is (still) stepped from a CUDA graph."""
+        return self._capture is not None
+
+    def _eager_pass(self, slots: list[Slot], on_failure: Callable[[Slot, Exception], None] | None
+                    ) -> list[tuple[Slot, Frame | None]]:
         noise = [s.generator.get_state() for s in slots]  # host tensors: no device sync
         failure: Exception | None = None
         try:
@@ -767,6 +874,14 @@ class BatchRunner:
                ) -> list[tuple[Slot, Frame | None]]:
         """Run a pass that failed again as two halves (or fail its one slot)."""
         out_of_memory = _out_of_memory(exc)
+        if out_of_memory and any(g.replay is not None for g in self._graphs.values()):
+            # Graphs hold their steps' memory: drop them and try the same pass again before
+            # learning a smaller one from a shortage they made (once: no graph holds any now).
+            for key in list(self._graphs):
+                self._drop_graph(key)
+            if self.models.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self._step_pass(slots, on_failure)
         if out_of_memory and self.models.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(slots) == 1:
@@ -864,7 +979,7 @@ class BatchRunner:
         stepped = []
         for i, s in enumerate(slots):
             for group in s.optimizer.param_groups:
-                group["lr"] = s.lr()  # a Python float: no sync
+                set_lr(group, s.lr())  # a Python float, or a device fill: no sync
             try:
                 s.optimizer.step()
             except Exception as exc:  # noqa: BLE001 - e.g. an optimiser state that does not fit: this job alone
@@ -876,6 +991,56 @@ class BatchRunner:
             s.loss = loss[i]  # stays on the device until a frame reads it
             stepped.append(s)
         return stepped
+
+
+GRAPH_WARMUP_STEPS = 2   # a slot's steps alone on a side stream before its capture
+# A capture costs a device sync, an emptied allocator cache and a step's worth of Python: a slot
+# gets a graph only with at least this many replays ahead.
+GRAPH_MIN_REPLAYS = 10
+
+
+class _SoloGraph:
+    """A slot's captured step: its replay (None until captured) and the loss tensor it writes;
+    `capture_at`: the slot's iteration at which it is captured (after its warm-up steps);
+    `failed`: its capture ran out of memory (the slot steps eagerly while alone)."""
+
+    def __init__(self, capture_at: int) -> None:
+        self.capture_at = capture_at
+        self.replay: Callable[[], None] | None = None
+        self.loss: torch.Tensor | None = None
+        self.failed = False
+
+    def capture(self, runner: BatchRunner, slot: Slot) -> None:
+        """Capture `slot`'s whole step (draws, forward, backward, Adam) with `runner`'s capture
+        function. On CUDA a probe first: the step's forward and backward, undone, with any host
+        sync an error (a sync inside a capture breaks it, and before torch 2.13 a broken capture
+        leaves CUDA's generators and allocator in capture mode for good). On failure the slot is as
+        it was: its draws put back (into a new generator: a failed capture may leave the old one
+        in capture mode), no gradient left."""
+        loss = torch.zeros(1, device=slot.logits.device)   # [1]: the graph's loss, made outside it
+
+        def step() -> None:
+            loss.copy_(runner._gradients([slot]))
+            slot.optimizer.step()
+
+        assert runner._capture is not None
+        noise = slot.generator.get_state()
+        try:
+            if slot.logits.device.type == "cuda":
+                before = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    runner._gradients([slot])
+                finally:
+                    torch.cuda.set_sync_debug_mode(before)
+                    _undo_draws([slot], [noise])
+            slot.optimizer.zero_grad(set_to_none=True)     # backward makes `.grad` in the graph's memory
+            self.replay = runner._capture(step, slot.generator)
+        except BaseException:
+            slot.generator = torch.Generator(device=slot.generator.device)
+            _undo_draws([slot], [noise])
+            raise
+        self.loss = loss
 
 
 # --- the one-job loop --------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from engine import video
-from engine.compiling import AUTO, compile_options
+from engine.compiling import AUTO, check_cuda_graphs, compile_options
 from engine.generate import (
     BatchRunner, Frame, GenerationSettings, NonFiniteError, PromptError, Slot, compact_state, encode_targets,
     state_from_bytes, state_to_bytes,
@@ -236,6 +236,7 @@ class Worker:
         keep_state_days: float | None = None,
         keep_state_gib: float | None = None,
         compile: bool | str = "auto",
+        cuda_graphs: bool = False,
         checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         costliest: tuple[int, int] | None = None,
@@ -250,7 +251,9 @@ class Worker:
         self.grids = grids
         self.base_settings = base_settings or GenerationSettings()
         compile_options(compile)          # a bad setting fails here, not on the GPU thread later
+        check_cuda_graphs(compile, cuda_graphs)
         self.compile = compile            # torch.compile for the BatchRunner (engine.generate)
+        self.cuda_graphs = cuda_graphs    # a job alone replayed from a CUDA graph (BatchRunner; CUDA only)
         self.heartbeat_every = heartbeat_every
         self.poll_every = poll_every
         self.video_fps = video_fps
@@ -962,7 +965,10 @@ class Worker:
 
     def _gpu_loop(self) -> None:
         assert self.models is not None
-        runner = BatchRunner(self.models, compile=self.compile)
+        runner = BatchRunner(self.models, compile=self.compile, cuda_graphs=self.cuda_graphs)
+        if self.cuda_graphs:
+            log.info("CUDA graphs for a job alone: %s", "on" if runner.cuda_graphs
+                     else f"asked for, but not on {self.models.device} (CUDA only)")
         if runner.compiled:
             log.info("torch.compile on (compile=%r on %s): compiling before the first claim",
                      self.compile, self.models.device)
@@ -1289,6 +1295,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "none on a CPU), "
                         "inductor (alone: --compile), inductor:reduce-overhead (CUDA graphs too), eager, "
                         "another backend torch._dynamo.list_backends() names, or '' (off)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the step of a job that runs alone from a CUDA graph (CUDA only; not with "
+                        "--compile inductor:reduce-overhead). Experimental: not yet measured on a GPU, "
+                        "docs/PERFORMANCE.md")
     p.add_argument("--keep-days", type=_keep_days, default=DEFAULT_KEEP_DAYS, metavar="N",
                    help="delete jobs finished and delivered more than N days ago (records, images, videos, "
                         "state), uploaded pictures no job names that are N days old, and (SQLite) expired "
@@ -1583,7 +1593,7 @@ async def _serve(args: argparse.Namespace) -> int:
                             encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
                             trust_hint=TRUST_HINT_WORKER),
         worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
-        keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile,
+        keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile, cuda_graphs=args.cuda_graphs,
         checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )
     stop = asyncio.Event()

@@ -72,9 +72,9 @@ def make_slot(models, key: str, settings: GenerationSettings = S) -> Slot:
 
 
 def run(models, joins: dict[int, list[Slot]], leaves: dict[int, list[str]] | None = None,
-        compile: bool | str = False, on_failure=None) -> dict[str, Run]:
+        compile: bool | str = False, on_failure=None, cuda_graphs=False) -> dict[str, Run]:
     """Step a runner; `joins[k]` are added and `leaves[k]` removed before global step k."""
-    runner, leaves = BatchRunner(models, compile=compile), leaves or {}
+    runner, leaves = BatchRunner(models, compile=compile, cuda_graphs=cuda_graphs), leaves or {}
     out: dict[str, Run] = {}
     step = 0
     while True:

@@ -29,7 +29,8 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
     assert "=== gpu_check: all passed" in proc.stdout
 
     checks = json_line((out / "cuda_check.log").read_text())["checks"]
-    assert set(checks) >= {"smoke_bf16", "batched_vs_solo_fp32", "batched_vs_solo_bf16", "job_1000_under_60s"}
+    assert set(checks) >= {"smoke_bf16", "batched_vs_solo_fp32", "batched_vs_solo_bf16", "job_1000_under_60s",
+                           "graphs_vs_eager_fp32", "graphs_vs_eager_bf16", "graphs_vs_eager_bf16_compiled"}
     assert all(c["ok"] for c in checks.values()), checks
     # On the CPU batching is exact to float noise, as tests/test_batching.py asserts.
     assert checks["batched_vs_solo_fp32"]["mean"] < 2e-5
@@ -43,12 +44,17 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
     one, many = bench["results"]["engine_1"]["flops_per_step"], bench["results"]["engine_batch"]["flops_per_step"]
     assert abs(many / one - bench["max_batch"]) < 0.05 * bench["max_batch"]
     assert bench["ratios"]["reference"] == 1.0 and bench["ratios"]["engine_batch"] > 0
+    profiled = bench["profile"]["engine_1"]   # (b) under torch.profiler: where its step's time goes
+    assert profiled["loop"] == "engine_1" and profiled["busy_ms_per_step"] > 0 and profiled["kernels_per_step"] > 0
+    assert profiled["top"] and all(op["ms_per_step"] > 0 for op in profiled["top"])
 
-    compiled = json_line((out / "bench_compile.log").read_text())   # the reference again: one run's ratios
-    assert compiled["compile"] == "eager" and set(compiled["results"]) == {"reference", "engine_1", "engine_batch"}
-    assert compiled["ratios"]["reference"] == 1.0 and compiled["ratios"]["engine_batch"] > 0
-    graphs = json_line((out / "bench_cudagraphs.log").read_text())
-    assert graphs["compile"] == "eager" and set(graphs["results"]) == {"engine_1", "engine_batch"}
+    for name, compile in (("bench_graphs", None), ("bench_compile_graphs", "eager")):   # the reference again: one run's ratios
+        record = json_line((out / f"{name}.log").read_text())
+        assert record["compile"] == compile
+        assert set(record["results"]) == {"reference", "engine_1", "engine_1_graphs", "engine_batch"}   # (b) both ways
+        assert record["ratios"]["reference"] == 1.0 and record["ratios"]["engine_1_graphs"] > 0
+        assert record["cuda_graphs"] is True and record["graphs_captured"] is False   # asked for; none on a CPU
+        assert record["warmup"] >= 4
 
 
 def test_redis_blobs_benchmark_saves_and_loads_through_a_real_server_and_reports():

@@ -608,6 +608,11 @@ async def test_commands_changed_by_the_config_are_named_after_a_restart(caplog):
     ('[worker]\ndevice = "cuda:x"', "[worker] device: expected auto, cpu, cuda or cuda:N"),
     ('[worker]\ncompile = "foo"', "[worker] compile 'foo': torch has no backend 'foo' (known: "),
     ('[worker]\ncompile = "foo:reduce-overhead"', "[worker] compile 'foo:reduce-overhead': a mode is inductor's"),
+    ('[worker]\ncompile = "inductor:reduce-overhead"\ncuda_graphs = true',
+     "[worker] cuda_graphs with compile 'inductor:reduce-overhead': reduce-overhead makes CUDA graphs of its own"),
+    ('[worker]\ncompile = "inductor:max-autotune"\ncuda_graphs = true',
+     "[worker] cuda_graphs with compile 'inductor:max-autotune': max-autotune makes CUDA graphs of its own"),
+    ('[worker]\ncuda_graphs = "yes"', "[worker] cuda_graphs"),
 ])
 def test_a_device_or_compile_backend_torch_does_not_have_is_refused_in_one_line(tmp_path, toml, message):
     path = tmp_path / "config.toml"
@@ -625,6 +630,11 @@ def test_the_devices_the_worker_takes_are_accepted(device):
 @pytest.mark.parametrize("setting", ["", "auto", "inductor", "inductor:reduce-overhead", "eager", "aot_eager"])
 def test_compile_backends_torch_has_are_accepted(setting):
     assert config_from_dict({"worker": {"compile": setting}}).worker.compile == setting
+
+
+def test_cuda_graphs_are_off_by_default_and_go_with_compile_auto():
+    assert config_from_dict({}).worker.cuda_graphs is False   # experimental: not yet measured on a GPU
+    assert config_from_dict({"worker": {"cuda_graphs": True}}).worker.cuda_graphs is True
 
 
 def test_the_embedded_worker_compiles_on_cuda_by_default():

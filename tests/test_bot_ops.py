@@ -52,7 +52,7 @@ async def test_health_and_metrics_of_a_running_bot(tmp_path, tiny_models, caplog
     from tests.fakediscord import FakeDiscord
 
     config = test_config(tmp_path, worker={"max_batch": 0, "keep_days": 30,   # 0: the worker chooses (1 on a CPU)
-                                           "keep_state_gib": 2.5})
+                                           "keep_state_gib": 2.5, "cuda_graphs": True})
     assert config.http.port == 0                                # off by default...
     async with contextlib.AsyncExitStack() as stack:
         fd = await FakeDiscord().start()
@@ -63,6 +63,7 @@ async def test_health_and_metrics_of_a_running_bot(tmp_path, tiny_models, caplog
         assert resources.worker is not None and resources.worker.max_batch == 1
         assert resources.worker.keep_days == 30
         assert resources.worker.keep_state_bytes == int(2.5 * 1024 ** 3)   # [worker] keep_state_gib reaches it
+        assert resources.worker.cuda_graphs is True                           # and cuda_graphs (none on a CPU)
         base = f"http://127.0.0.1:{resources.http_port}"
         http = await stack.enter_async_context(aiohttp.ClientSession())
 
