@@ -2,11 +2,11 @@
 # The GPU checks of issue 5, in one go, for a session that has a GPU. On an H200 (2026-11-30,
 # docs/PERFORMANCE.md) part 1 took about 60 s, part 2 about 30 s, an inductor part about 190 s
 # (a cold compile); CUDA graphs by inductor:reduce-overhead crashed there (a segmentation fault),
-# so parts 3-4 measure the engine's own graphs (BatchRunner(cuda_graphs=True)) instead.
+# so parts 2-3 measure the engine's own graphs (BatchRunner(cuda_graphs=True)) instead.
 # Prints everything; the JSON lines are the record.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 4 (torch.compile)
+#   COMPILE=0 bash benchmarks/gpu_check.sh  # without part 3 (torch.compile)
 #   OUT=dir bash benchmarks/gpu_check.sh    # also write each part's output under dir
 #
 # On the lent GPU machine (Python 3.12, torch, no index): run benchmarks/device_wheels.sh here
@@ -20,14 +20,14 @@
 #    the GPU (fp32 and bf16), memory per slot against engine.capacity, a 1000-iteration 256x256
 #    job alone timed (the bar: under 60 s), a real out-of-memory error halving the passes, a job
 #    replayed from a CUDA graph against the same job eager (check 7);
-# 2. benchmarks/bench_loop.py on CUDA, eager: (a) the notebook loop, (a32) it in fp32, (b) the
-#    engine with one job, (c) the engine with max_batch jobs (the bars: (b) >= 2x (a), (c) >= 8x (a));
-#    then 5 steps of (b) profiled: the GPU's busy time per step against the step, the top kernels;
-# 3. the same with --cuda-graphs: (b) with and without a CUDA graph, (a) again in the same run
-#    (no compile: quick); both (b)s profiled;
-# 4. the same with torch.compile (inductor, the worker's default on CUDA, `[worker] compile =
+# 2. benchmarks/bench_loop.py on CUDA, eager: (a) the notebook loop, (b) the engine with one job,
+#    with and without a CUDA graph (--cuda-graphs), (c) the engine with max_batch jobs (the bars:
+#    (b) >= 2x (a), (c) >= 8x (a)); then 5 steps of each (b) profiled: the GPU's busy time per step
+#    against the step, kernels per step, the top kernels. (--skip-reference-fp32: (a32), the
+#    notebook's loop in fp32, was 0.97x (a) on the H200; `bench_loop.py` alone still runs it.)
+# 3. the same with torch.compile (inductor, the worker's default on CUDA, `[worker] compile =
 #    "auto"`): (b) compiled with and without a graph, (c) compiled. Last: a slow compile that
-#    runs past the call's time limit costs nothing of 1-3.
+#    runs past the call's time limit costs nothing of 1-2.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -74,7 +74,6 @@ else
     backend=inductor
 fi
 part cuda_check "$PY" benchmarks/cuda_check.py "${on[@]}" --long-iterations "${LONG_ITERATIONS:-1000}"
-part bench_loop "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --profile 5
 part bench_graphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference-fp32 --cuda-graphs --profile 5
 if [ "${COMPILE:-1}" = 1 ]; then
     part bench_compile_graphs "$PY" benchmarks/bench_loop.py "${on[@]}" "${steps[@]}" --skip-reference-fp32 --compile "$backend" --cuda-graphs

@@ -35,8 +35,8 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
     # On the CPU batching is exact to float noise, as tests/test_batching.py asserts.
     assert checks["batched_vs_solo_fp32"]["mean"] < 2e-5
 
-    bench = json_line((out / "bench_loop.log").read_text())
-    assert set(bench["results"]) == {"reference", "engine_1", "engine_batch"}
+    bench = json_line((out / "bench_graphs.log").read_text())
+    assert set(bench["results"]) == {"reference", "engine_1", "engine_1_graphs", "engine_batch"}   # (b) both ways
     for loop in bench["results"].values():
         assert loop["job_iterations_per_s"] > 0 and loop["flops_per_step"] > 0 and loop["peak_memory_bytes"] > 0
     assert bench["results"]["engine_batch"]["jobs"] == bench["max_batch"] >= 2
@@ -44,17 +44,17 @@ def test_gpu_check_dry_run_runs_every_part_and_reports(tmp_path):
     one, many = bench["results"]["engine_1"]["flops_per_step"], bench["results"]["engine_batch"]["flops_per_step"]
     assert abs(many / one - bench["max_batch"]) < 0.05 * bench["max_batch"]
     assert bench["ratios"]["reference"] == 1.0 and bench["ratios"]["engine_batch"] > 0
-    profiled = bench["profile"]["engine_1"]   # (b) under torch.profiler: where its step's time goes
-    assert profiled["loop"] == "engine_1" and profiled["busy_ms_per_step"] > 0 and profiled["kernels_per_step"] > 0
-    assert profiled["top"] and all(op["ms_per_step"] > 0 for op in profiled["top"])
+    assert bench["cuda_graphs"] is True and bench["graphs_captured"] is False   # asked for; none on a CPU
+    assert bench["warmup"] >= 4
+    for key in ("engine_1", "engine_1_graphs"):   # each (b) under torch.profiler: where its step's time goes
+        profiled = bench["profile"][key]
+        assert profiled["loop"] == key and profiled["busy_ms_per_step"] > 0 and profiled["kernels_per_step"] > 0
+        assert profiled["top"] and all(op["ms_per_step"] > 0 for op in profiled["top"])
 
-    for name, compile in (("bench_graphs", None), ("bench_compile_graphs", "eager")):   # the reference again: one run's ratios
-        record = json_line((out / f"{name}.log").read_text())
-        assert record["compile"] == compile
-        assert set(record["results"]) == {"reference", "engine_1", "engine_1_graphs", "engine_batch"}   # (b) both ways
-        assert record["ratios"]["reference"] == 1.0 and record["ratios"]["engine_1_graphs"] > 0
-        assert record["cuda_graphs"] is True and record["graphs_captured"] is False   # asked for; none on a CPU
-        assert record["warmup"] >= 4
+    compiled = json_line((out / "bench_compile_graphs.log").read_text())   # the reference again: one run's ratios
+    assert bench["compile"] is None and compiled["compile"] == "eager"
+    assert set(compiled["results"]) == set(bench["results"]) and compiled["ratios"]["reference"] == 1.0
+    assert compiled["ratios"]["engine_1_graphs"] > 0 and compiled["cuda_graphs"] is True
 
 
 def test_redis_blobs_benchmark_saves_and_loads_through_a_real_server_and_reports():
