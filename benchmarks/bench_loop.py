@@ -332,11 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
         base32 = results["reference_fp32"]["job_iterations_per_s"]
         ratios.update({f"{k}_vs_fp32": round(results[k]["job_iterations_per_s"] / base32, 3)
                        for k in results if k.startswith("engine")})
-    per_job = 1 / results["engine_1"]["job_iterations_per_s"]
-    projected_1000 = round(1000 * per_job, 1)
+    projected_1000 = round(1000 / results["engine_1"]["job_iterations_per_s"], 1)
+    projected_graphs = (round(1000 / results["engine_1_graphs"]["job_iterations_per_s"], 1)
+                        if captured else None)
     if ratios:
         print("ratios to (a): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print(f"a 1000-iteration job alone at grid {args.grid}: about {projected_1000} s (from (b); frames included)")
+    print(f"a 1000-iteration job alone at grid {args.grid}: about {projected_1000} s (from (b); frames included)"
+          + (f", {projected_graphs} s with a CUDA graph" if projected_graphs is not None else ""))
     if peak:
         for k, v in results.items():
             if v["tflops"] is not None:
@@ -353,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         "iterations": args.iterations, "warmup": args.warmup, "rounds": args.rounds, "max_batch": args.max_batch,
         "per_slot_estimate_bytes": estimate, "peak_tflops": peak,
         "results": results, "ratios": ratios, "projected_1000_iterations_s": projected_1000,
+        "projected_1000_iterations_graphs_s": projected_graphs,
         "profile": None,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -27,16 +27,8 @@ from engine.generate import GRAPH_MIN_REPLAYS, GRAPH_WARMUP_STEPS, BatchRunner, 
 from engine.jobs import EventKind, JobState
 from engine.worker import Worker
 from tests.queue_fixtures import job_events
-from tests.test_batching import S, assert_close, make_slot, run
+from tests.test_batching import S, assert_close, make_slot, one_thread, run  # noqa: F401 - one_thread: autouse
 from tests.test_worker import queue, spec, wait_state  # noqa: F401 - queue: the fixture
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # Long enough for a graph: its warm-up, then at least GRAPH_MIN_REPLAYS replays.
