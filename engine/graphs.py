@@ -12,9 +12,12 @@ What a captured step needs, which `BatchRunner` arranges:
   would be baked into the graph), the loss copied into a tensor made before the capture;
 - the slot's own random generator registered with the graph, so each replay draws the next noise
   as an eager step would (`capture_step`);
-- autocast without its cast cache (cached casts made in a capture die with the capture);
-- steps run once before the capture, on a side stream (PyTorch's recipe: lazy initialisation,
-  cuDNN's and Triton's tuning happen there, not in the capture).
+- autocast without its cast cache, in every step, not only the captured one (cached casts made
+  in a capture die with it; and dynamo guards on the setting, so a compiled region warmed up
+  under another one would be compiled again inside the capture, which dynamo refuses);
+- steps run before the capture, on a side stream (PyTorch's recipe: lazy initialisation,
+  cuDNN's and Triton's tuning happen there, not in the capture), and a probe of the step with
+  host syncs made errors (a sync inside a capture breaks it).
 """
 
 from __future__ import annotations

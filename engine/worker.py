@@ -1297,7 +1297,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "another backend torch._dynamo.list_backends() names, or '' (off)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the step of a job that runs alone from a CUDA graph (CUDA only; not with "
-                        "--compile inductor:reduce-overhead). Experimental: not yet measured on a GPU, "
+                        "--compile inductor:reduce-overhead or max-autotune). Experimental: not yet measured on a GPU, "
                         "docs/PERFORMANCE.md")
     p.add_argument("--keep-days", type=_keep_days, default=DEFAULT_KEEP_DAYS, metavar="N",
                    help="delete jobs finished and delivered more than N days ago (records, images, videos, "
@@ -1593,8 +1593,8 @@ async def _serve(args: argparse.Namespace) -> int:
                             encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
                             trust_hint=TRUST_HINT_WORKER),
         worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
-        keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile, cuda_graphs=args.cuda_graphs,
-        checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
+        keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile,
+        cuda_graphs=args.cuda_graphs, checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1668,6 +1668,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_queue_url(args.queue)
     if problem:
         parser.error(f"{source}: {problem}")
+    try:
+        check_cuda_graphs(args.compile, args.cuda_graphs)
+    except ValueError as exc:
+        parser.error(f"--cuda-graphs: {exc}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = asyncio.run(_serve(args))

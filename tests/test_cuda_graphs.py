@@ -289,7 +289,11 @@ async def test_the_worker_passes_cuda_graphs_to_its_runner_and_the_job_is_the_sa
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(finals["plain"], finals["graphed"]))
 
 
-def test_a_worker_refuses_cuda_graphs_with_compiles_own(queue, tiny_models):
+def test_a_worker_refuses_cuda_graphs_with_compiles_own(queue, tiny_models, capsys):
+    from engine.worker import main   # noqa: PLC0415
+    with pytest.raises(SystemExit) as exit_:        # imagine-worker: a usage error, before anything runs
+        main(["--queue", "sqlite:///never.db", "--cuda-graphs", "--compile", "inductor:reduce-overhead"])
+    assert exit_.value.code == 2 and "--cuda-graphs: " in capsys.readouterr().err
     for mode in ("reduce-overhead", "max-autotune"):     # both make CUDA graphs of their own
         with pytest.raises(ValueError, match=f"{mode} makes CUDA graphs of its own"):
             Worker(queue, lambda: tiny_models, compile=f"inductor:{mode}", cuda_graphs=True)
