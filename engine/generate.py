@@ -662,6 +662,13 @@ class BatchRunner:
         if self._graphs.pop(key, None) is not None and key in self.slots:
             self.slots[key].logits.grad = None
 
+    def _drop_graphs(self) -> None:
+        """Drop every graph (`_drop_graph`) and hand the memory back to CUDA."""
+        for key in list(self._graphs):
+            self._drop_graph(key)
+        if self.models.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def __len__(self) -> int:
         return len(self.slots)
 
@@ -802,7 +809,7 @@ class BatchRunner:
             if self.models.device.type == "cuda":
                 torch.cuda.empty_cache()
         else:
-            self._graphs.clear()
+            self._drop_graphs()
             self._capture = None
             log.warning("capturing a CUDA graph failed (%s); this runner steps without CUDA graphs from now on", what)
         return False
@@ -877,10 +884,7 @@ class BatchRunner:
         if out_of_memory and any(g.replay is not None for g in self._graphs.values()):
             # Graphs hold their steps' memory: drop them and try the same pass again before
             # learning a smaller one from a shortage they made (once: no graph holds any now).
-            for key in list(self._graphs):
-                self._drop_graph(key)
-            if self.models.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._drop_graphs()
             return self._step_pass(slots, on_failure)
         if out_of_memory and self.models.device.type == "cuda":
             torch.cuda.empty_cache()
