@@ -28,6 +28,7 @@ Prints every number, `PASS`/`FAIL` per check, and a JSON line at the end. Exit s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -42,8 +43,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 
 from engine import capacity, random_models  # noqa: E402
+from engine.attention import stock_attention  # noqa: E402
 from engine.generate import GRAPH_MIN_REPLAYS, GRAPH_WARMUP_STEPS, BatchRunner, GenerationSettings, Slot, encode_targets, generate  # noqa: E402
-from engine.models import Models  # noqa: E402
+from engine.models import Models, prepare_clip  # noqa: E402
 
 PROMPTS = ["a red house by the sea", "a cat made of glass | blurry:-0.5", "a forest at night"]
 report: dict = {"checks": {}}
@@ -65,13 +67,13 @@ def build(device: torch.device, tiny: bool) -> Models:
     for module in decoder.modules():   # as engine.models loads a dVAE part: autocast alone decides
         if hasattr(module, "use_float16"):
             module.use_float16 = False
-    return Models(clip=clip_model.float().eval().requires_grad_(False).to(device),
+    return Models(clip=prepare_clip(clip_model, device),
                   decoder=decoder.eval().requires_grad_(False).to(device), device=device)
 
 
 def run(models: Models, settings: GenerationSettings, keys: list[int], steps: int,
-        cuda_graphs: Any = False) -> dict[int, Slot]:
-    runner = BatchRunner(models, cuda_graphs=cuda_graphs)
+        cuda_graphs: Any = False, precast: bool = True) -> dict[int, Slot]:
+    runner = BatchRunner(models, cuda_graphs=cuda_graphs, precast=precast)
     slots = {}
     for k in keys:
         prompt = PROMPTS[k % len(PROMPTS)]
@@ -269,6 +271,30 @@ def main() -> int:
                 codes_equal=d["codes_equal"], loss_diff=d["loss_diff"], eager_twice_mean=noise["mean"],
                 eager_twice_max=noise["max"])
         del runner, graphed
+
+    # 8. the engine's CLIP attention (engine.attention) against nn.MultiheadAttention's, and a
+    # bf16 job run from the runner's bf16 copies of the models (precast) against autocast's casts
+    stock = copy.deepcopy(models.clip)
+    stock_attention(stock)
+    images = torch.rand(12, 3, models.clip_resolution, models.clip_resolution, device=device)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        lean_fp32, stock_fp32 = models.clip.encode_image(images), stock.encode_image(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            lean_bf16, stock_bf16 = models.clip.encode_image(images).float(), stock.encode_image(images).float()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    d32 = ((lean_fp32 - stock_fp32).abs().max() / stock_fp32.abs().max()).item()
+    d16 = ((lean_bf16 - stock_bf16).abs().max() / stock_bf16.abs().max()).item()
+    verdict("lean_attention", d32 <= 1e-4 and d16 <= 3e-2, fp32_max_rel=d32, bf16_max_rel=d16)
+    del stock
+    s = replace(base, precision="auto", frame_every=10**6)
+    precast, precast2 = run(models, s, [0], 5)[0], run(models, s, [0], 5)[0]
+    plain = run(models, s, [0], 5, precast=False)[0]
+    noise, d = compare(precast, precast2), compare(precast, plain)
+    ok = d["mean"] <= max(5e-3, 3 * noise["mean"]) and d["codes_equal"] >= 0.99 and d["loss_diff"] <= max(5e-3, 3 * noise["loss_diff"])
+    verdict("precast_vs_autocast_bf16", ok, mean=d["mean"], max=d["max"], codes_equal=d["codes_equal"],
+            loss_diff=d["loss_diff"], precast_twice_mean=noise["mean"], precast_twice_max=noise["max"])
 
     report["device"] = torch.cuda.get_device_name(device) if cuda else str(device)
     report["torch"] = torch.__version__

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from dall_e import unmap_pixels
 
+from engine.attention import stock_attention
 from engine.generate import CLIP_MEAN, CLIP_STD, GenerationSettings, Targets
 from engine.models import Models
 
@@ -45,12 +46,14 @@ class ReferenceLoop:
         self.settings = settings
         cuda = self.device.type == "cuda"
         self.half = cuda and precision == "notebook"
-        self.clip = models.clip
+        # A copy with nn.MultiheadAttention as the notebook had it: the engine's CLIP runs its
+        # attention in fewer ops (engine.attention), part of what (b) is measured against.
+        self.clip = copy.deepcopy(models.clip)
+        stock_attention(self.clip)
         if self.half:
             # clip.load(..., device="cuda") keeps OpenAI's fp16 weights: convert_weights halves the
             # convolutions, linears and attention and leaves LayerNorm in fp32 (a plain .half()
             # makes CLIP's fp32 LayerNorm meet fp16 weights: "expected scalar type Float").
-            self.clip = copy.deepcopy(models.clip)
             clip.model.convert_weights(self.clip)
         self.decoder = models.decoder
         if cuda and precision == "fp32":

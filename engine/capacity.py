@@ -207,7 +207,8 @@ def choose_max_batch(
 ) -> int:
     """The most slots of `grid` that fit: (free - reserve) // per-slot estimate, at least 1.
 
-    Call it after the models are loaded (their weights are then no longer free memory). On CUDA
+    Call it after the models are loaded (their weights are then no longer free memory; the
+    runner's low-precision copies of them, `low_precision_copy_bytes`, are counted here). On CUDA
     `free_bytes` defaults to `torch.cuda.mem_get_info`; elsewhere the answer is 1 unless
     `free_bytes` is given. `per_slot_bytes` overrides the analytic estimate (e.g. a measured one);
     `models` (an engine.models.Models) gives the architecture's sizes, else full-size ones. Models
@@ -224,8 +225,24 @@ def choose_max_batch(
             log.warning("max_batch 1: %s, so it cannot tell how many jobs fit in GPU memory; "
                         "set max_batch (imagine-worker --max-batch) to run more at once", exc)
             return 1
-    usable = free_bytes * (1 - RESERVE_FRACTION) - reserve_bytes
+    usable = free_bytes * (1 - RESERVE_FRACTION) - reserve_bytes - low_precision_copy_bytes(device, precision, models)
     return int(max(1, min(cap, usable // max(per_slot_bytes, 1))))
+
+
+# Parameters of full-size CLIP ViT-B/32's image tower and OpenAI's decoder (random_models' copies).
+FULL_SIZE_TOWER_PARAMS = 87_849_216 + 43_829_766
+
+
+def low_precision_copy_bytes(device: torch.device | str, precision: str = "auto", models: Any = None) -> int:
+    """The memory of BatchRunner's low-precision copies of CLIP's image tower and the decoder
+    (`BatchRunner(precast=True)`, made when a bf16 or fp16 job first joins; about 263 MB at full
+    size): 2 bytes a parameter on CUDA under bf16/fp16, nothing elsewhere. Full-size models'
+    unless `models` are given. Not per slot: once per runner and dtype."""
+    if effective_precision(device, precision) not in ("bf16", "fp16"):
+        return 0
+    if models is None:
+        return 2 * FULL_SIZE_TOWER_PARAMS
+    return 2 * sum(p.numel() for part in (models.clip.visual, models.decoder) for p in part.parameters())
 
 
 # the function's parameter shadows the module-level function inside choose_max_batch

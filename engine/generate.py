@@ -33,7 +33,7 @@ from dall_e import unmap_pixels
 
 from engine.compiling import check_cuda_graphs, compile_options
 from engine.graphs import Capture, capture_step, make_capturable, portable_optimizer_state, set_lr, side_stream
-from engine.models import Models
+from engine.models import Models, low_precision_copy
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, PromptPart, parse_prompt  # noqa: F401 - re-exported
 
 with warnings.catch_warnings():
@@ -255,7 +255,11 @@ def make_cutouts(
 
 def decode(models: Models, soft_codes: torch.Tensor) -> torch.Tensor:
     """Soft or one-hot codes [B, V, g, g] -> images [B, 3, 8g, 8g] in 0..1."""
-    out = models.decoder(soft_codes.float())  # [B, 6, 8g, 8g]
+    return _decode_with(models.decoder, soft_codes)
+
+
+def _decode_with(decoder: torch.nn.Module, soft_codes: torch.Tensor) -> torch.Tensor:
+    out = decoder(soft_codes.float())  # [B, 6, 8g, 8g]
     return unmap_pixels(torch.sigmoid(out[:, :3].float()))
 
 
@@ -552,15 +556,22 @@ def _undo_draws(slots: list[Slot], noise: list[torch.Tensor]) -> None:
         s.optimizer.zero_grad(set_to_none=True)
 
 
+def _autocast_dtype(models: Models, precision: str) -> torch.dtype | None:
+    """The dtype a pass of `precision` autocasts to; None: no autocast (a CPU, or fp32)."""
+    if models.device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
 def _autocast(models: Models, precision: str):
     """Autocast without its cache, always: a CUDA graph's capture needs it off, and a step before
     the capture must run with the same setting (dynamo guards on it: a compiled region would be
     compiled again inside the capture, which dynamo refuses). It costs nothing here: the cache
     keeps casts of fp32 leaves that require grad, and the models are frozen (the logits reach
     autocast only through torch.cat)."""
-    if models.device.type != "cuda" or precision == "fp32":
+    dtype = _autocast_dtype(models, precision)
+    if dtype is None:
         return torch.autocast(device_type=models.device.type, enabled=False)
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=False)
 
 
@@ -599,6 +610,11 @@ class BatchRunner:
     Opt-in until measured on a GPU (docs/PERFORMANCE.md). A capture function may be passed instead
     of True (`engine.graphs.Capture`): tests use one that replays the step eagerly, on a CPU.
 
+    `precast` (default on): under bf16/fp16 autocast on CUDA, passes run copies of CLIP's image
+    tower and the decoder whose weights already are that dtype (`_towers`), made when the first
+    slot of that precision joins: the same numbers as autocast casting the fp32 weights in every
+    step, without those casts. Off: the benchmarks' comparison.
+
     Failures (`step(on_failure=...)`): a pass that raises is undone (each slot's noise generator
     is put back; nothing else has changed before the optimiser steps) and run again in two halves,
     down to the slot that fails alone, which leaves the runner through `on_failure`; the others
@@ -609,7 +625,8 @@ class BatchRunner:
     rides on the frame's one read, the steps between frames stay free of syncs.
     """
 
-    def __init__(self, models: Models, compile: bool | str = False, cuda_graphs: bool | Capture = False):
+    def __init__(self, models: Models, compile: bool | str = False, cuda_graphs: bool | Capture = False,
+                 precast: bool = True):
         self.models = models
         self.slots: dict[Any, Slot] = {}
         # batch_key -> the most slots one pass holds, learned from out-of-memory errors (absent:
@@ -621,13 +638,15 @@ class BatchRunner:
         # Closures over the models, not methods: a bound method kept on self would make every
         # runner a reference cycle, whose slots (logits, Adam's moments) only the garbage
         # collector frees.
-        def decode_soft(logits: torch.Tensor, uniforms: torch.Tensor, tau: float, split: bool) -> torch.Tensor:
+        def decode_soft(decoder: torch.nn.Module, logits: torch.Tensor, uniforms: torch.Tensor, tau: float,
+                        split: bool) -> torch.Tensor:
             """logits [B, V, g, g] and their uniform noise -> pictures [B, 3, 8g, 8g] in 0..1."""
-            return decode(models, gumbel_softmax(logits, uniforms, tau, split))
+            return _decode_with(decoder, gumbel_softmax(logits, uniforms, tau, split))
 
-        def embed_cuts(cuts: torch.Tensor) -> torch.Tensor:
-            """Cut-outs [N, 3, R, R] -> unit CLIP embeddings [N, D]."""
-            return F.normalize(_clip_embed(models, cuts, norm), dim=-1)
+        def embed_cuts(visual: torch.nn.Module, cuts: torch.Tensor) -> torch.Tensor:
+            """Cut-outs [N, 3, R, R] -> unit CLIP embeddings [N, D] (CLIP's encode_image)."""
+            mean, std = norm
+            return F.normalize(visual((cuts - mean) / std).float(), dim=-1)
 
         self._decode_soft, self._embed_cuts = self._eager = decode_soft, embed_cuts
         options = compile_options(compile, models.device.type)
@@ -643,14 +662,32 @@ class BatchRunner:
                                          else capture_step if cuda_graphs and models.device.type == "cuda"
                                          else None)
         self._graphs: dict[Any, _SoloGraph] = {}   # slot key -> its graph (a slot alone in its batch)
+        # autocast dtype -> (CLIP's image tower, decoder) with weights of that dtype (`_towers`).
+        self._low_precision: dict[torch.dtype, tuple[torch.nn.Module, torch.nn.Module]] = {}
+        self.precast = precast
         # One side stream for every warm-up (a fresh one each time would cache memory apart).
         self._side = torch.cuda.Stream(models.device) if self._capture is not None and models.device.type == "cuda" else None
 
     def add(self, slot: Slot) -> Slot:
         if slot.key in self.slots:
             raise KeyError(f"slot {slot.key!r} is already running")
+        self._towers(slot.settings.precision)   # made here, on the current stream, not inside a pass
         self.slots[slot.key] = slot
         return slot
+
+    def _towers(self, precision: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """CLIP's image tower and the decoder that a pass of `precision` runs. Under autocast to
+        bf16 or fp16 (`precast`, the default), copies whose weights already are that dtype
+        (`engine.models.low_precision_copy`: the same numbers, without a cast kernel per weight
+        per step), made once per dtype, for the runner's life (`engine.capacity` counts their
+        memory); otherwise the models' own."""
+        dtype = _autocast_dtype(self.models, precision)
+        if dtype is None or not self.precast:
+            return self.models.clip.visual, self.models.decoder
+        if dtype not in self._low_precision:
+            self._low_precision[dtype] = (low_precision_copy(self.models.clip.visual, dtype),
+                                          low_precision_copy(self.models.decoder, dtype))
+        return self._low_precision[dtype]
 
     def remove(self, key: Any) -> Slot | None:
         self._drop_graph(key)
@@ -960,11 +997,12 @@ class BatchRunner:
             params.append(cutout_params(cutn, res, s.settings, s.generator, device))
         grids, masks, noise = (torch.cat(p) for p in zip(*params))
         logits = torch.cat([s.logits for s in slots])  # [B, V, g, g]
+        visual, decoder = self._towers(s0.precision)
         with _autocast(models, s0.precision):
-            images = self._decode_soft(logits, uniforms, s0.tau, s0.split_softmax)  # [B, 3, 8g, 8g]
+            images = self._decode_soft(decoder, logits, uniforms, s0.tau, s0.split_softmax)  # [B, 3, 8g, 8g]
             del uniforms, logits
             cuts = apply_cutouts(images, cutn, grids, masks, noise)  # [B * cutn, 3, R, R]
-            emb = self._embed_cuts(cuts)  # [B * cutn, D]
+            emb = self._embed_cuts(visual, cuts)  # [B * cutn, D]
         del images, cuts
         emb = emb.float().view(len(slots), cutn, -1)  # [B, cutn, D]
         losses = []

@@ -18,6 +18,7 @@ Every workaround for today's torch / setuptools lives here and only here:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -45,6 +46,8 @@ from dall_e import Decoder, Encoder
 from dall_e.utils import Conv2d as DalleConv2d
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
+
+from engine.attention import lean_attention
 
 log = logging.getLogger(__name__)
 # One INFO line before each model download (minutes for CLIP's ~340 MB): the bot's and the
@@ -319,8 +322,37 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: 
         model = build_model(dict(state_dict))
     except Exception as exc:
         raise ModelLoadError(f"CLIP file {path} does not hold a CLIP model: {exc}") from exc
-    # build_model converts to fp16; the engine decides precision itself (autocast).
+    return prepare_clip(model, device)
+
+
+def prepare_clip(model: CLIP, device: str | torch.device = "cpu") -> CLIP:
+    """A CLIP as the engine runs it: fp32 (build_model converts to fp16; the engine decides
+    precision itself, with autocast), eval, frozen, and its attention in fewer ops
+    (`engine.attention`: the same numbers)."""
+    lean_attention(model.visual)
     return model.float().eval().requires_grad_(False).to(device)
+
+
+def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of a frozen model (CLIP's image tower, the dVAE decoder) whose convolution and
+    matmul weights are `dtype`, as clip's `convert_weights` makes OpenAI's fp16 CLIP: LayerNorm
+    and the embeddings stay fp32. Under autocast to `dtype` it computes the same numbers as the
+    original, since autocast casts exactly those weights to `dtype` at every use, without that
+    cast's kernel for every weight in every step (about 170 of them for ViT-B/32 and the decoder)."""
+    low = copy.deepcopy(module)
+    for sub in low.modules():
+        names: tuple[str, ...] = ()
+        if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            names = ("weight", "bias")
+        elif isinstance(sub, nn.MultiheadAttention):   # its out_proj is a Linear, above
+            names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v")
+        elif isinstance(sub, DalleConv2d):
+            names = ("w", "b")
+        for name in names + ("proj", "text_projection"):
+            tensor = getattr(sub, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype)
+    return low
 
 
 # --- dVAE --------------------------------------------------------------------------------------
@@ -520,6 +552,8 @@ __all__ = [
     "load_clip",
     "load_dvae",
     "load_models",
+    "low_precision_copy",
+    "prepare_clip",
     "save_dvae_safe",
     "sha256_of",
     "dall_e",

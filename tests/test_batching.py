@@ -29,7 +29,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine import capacity
+from engine import capacity, random_models
 from engine.generate import BatchRunner, GenerationSettings, Slot, encode_targets
 from tests.compile_support import compile_backend
 
@@ -265,7 +265,8 @@ def test_choose_max_batch(tiny_models):
     free = 20 * capacity.GiB
     n32 = capacity.choose_max_batch("cuda", 32, free_bytes=free)
     n64 = capacity.choose_max_batch("cuda", 64, free_bytes=free)
-    assert n32 == (free * (1 - capacity.RESERVE_FRACTION) - capacity.RESERVE_BYTES) // full32 > n64 >= 1
+    copies = capacity.low_precision_copy_bytes("cuda")    # the runner's bf16 CLIP tower and decoder
+    assert n32 == (free * (1 - capacity.RESERVE_FRACTION) - capacity.RESERVE_BYTES - copies) // full32 > n64 >= 1
     assert capacity.choose_max_batch("cuda", 32, free_bytes=140 * capacity.GiB) == capacity.DEFAULT_CAP
     big = 80 * capacity.GiB  # overrides: free memory and a measured per-slot figure, on any device
     assert capacity.choose_max_batch(cpu, 32, free_bytes=big, per_slot_bytes=capacity.GiB) == capacity.DEFAULT_CAP
@@ -275,6 +276,24 @@ def test_choose_max_batch(tiny_models):
     assert capacity.choose_max_batch("cuda", 8, free_bytes=4 * capacity.GiB, models=tiny_models) == capacity.DEFAULT_CAP
     # bf16 halves the activations, not the fp32 logits and optimiser.
     assert capacity.per_slot_bytes(32, precision="bf16") < capacity.per_slot_bytes(32, precision="fp32")
+
+
+def test_choose_max_batch_counts_the_runners_low_precision_copies_of_the_models(tiny_models):
+    # Full size: the parameters of ViT-B/32's image tower and OpenAI's decoder, 2 bytes each.
+    with torch.device("meta"):
+        clip_model, decoder = random_models.make_clip(random_models.VIT_B_32), random_models.make_decoder(tiny=False)
+    params = sum(p.numel() for part in (clip_model.visual, decoder) for p in part.parameters())
+    assert capacity.low_precision_copy_bytes("cuda", "bf16") == capacity.low_precision_copy_bytes("cuda") == 2 * params
+    assert capacity.low_precision_copy_bytes("cuda", "fp16") == 2 * params
+    # No copies in fp32 or on a CPU; the models' own sizes when given.
+    assert capacity.low_precision_copy_bytes("cuda", "fp32") == capacity.low_precision_copy_bytes("cpu", "bf16") == 0
+    tiny = sum(p.numel() for part in (tiny_models.clip.visual, tiny_models.decoder) for p in part.parameters())
+    assert capacity.low_precision_copy_bytes("cuda", "bf16", tiny_models) == 2 * tiny
+    # Free memory for exactly 3 slots and the reserve: the copies take the third slot's room in bf16.
+    per_slot = capacity.GiB
+    free = (capacity.RESERVE_BYTES + 3 * per_slot + 2 * params // 3) / (1 - capacity.RESERVE_FRACTION)
+    assert capacity.choose_max_batch("cuda", 32, free_bytes=free, per_slot_bytes=per_slot, precision="fp32") == 3
+    assert capacity.choose_max_batch("cuda", 32, free_bytes=free, per_slot_bytes=per_slot, precision="bf16") == 2
 
 
 async def test_the_worker_chooses_max_batch_when_not_given(tmp_path, tiny_models):
