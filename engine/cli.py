@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model cache (default: $IMAGINE_CACHE, else ~/.cache/imagine-bot)")
     p.add_argument("--fps", type=_fps, default=10.0, help="video frame rate")
     p.add_argument("--split-softmax", action="store_true", help="the notebook's two-softmax quirk")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the step from a CUDA graph after a short warm-up (CUDA only). Experimental: "
+                        "not yet measured on a GPU, docs/PERFORMANCE.md")
     p.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="pull toward this picture's CLIP embedding (repeatable; weight default 1)")
     p.add_argument("--init-image", type=Path, help="start from this picture's dVAE codes (needs the encoder)")
@@ -282,6 +285,8 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
         # engine.generate autocasts on CUDA only: on a CPU every precision is fp32. Said, not refused.
         print(f"imagine: note: --precision {args.precision} applies on CUDA only; on the CPU this runs in fp32",
               file=sys.stderr)
+    if device == "cpu" and args.cuda_graphs:
+        print("imagine: note: --cuda-graphs applies on CUDA only; on the CPU the step runs as usual", file=sys.stderr)
     preset = PRESETS[args.preset]
     settings = GenerationSettings(
         iterations=args.iterations or preset["iterations"],
@@ -366,7 +371,7 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
     try:
         result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets,
-                          on_step=on_step)
+                          on_step=on_step, cuda_graphs=args.cuda_graphs)
     except Exception as exc:
         if not _out_of_memory(exc):
             raise

@@ -1109,6 +1109,7 @@ def generate(
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     image_targets: Sequence[tuple[torch.Tensor, float, str]] = (),
     on_step: StepCallback | None = None,
+    cuda_graphs: bool | Capture = False,
 ) -> GenerationResult:
     """Run one job to the end (or until `cancel.is_set()`, checked every iteration).
 
@@ -1119,10 +1120,13 @@ def generate(
     if one is due: a progress bar that moves between frames. It reads nothing from the device (no
     host sync), so on a GPU it says the step was queued, which may run a few steps ahead of the
     device; frames, which wait for the device, keep it honest.
+
+    `cuda_graphs`: on CUDA, the job's step is replayed from a CUDA graph after a short warm-up
+    (`BatchRunner(cuda_graphs=True)`: a job alone is the case graphs are for); ignored on a CPU.
     """
     targets = encode_targets(models, prompt, image_targets)
     started = time.perf_counter()
-    runner = BatchRunner(models)
+    runner = BatchRunner(models, cuda_graphs=cuda_graphs)
     slot = runner.add(Slot("job", models, targets, settings, init_logits, checkpoint))
     frames: list[Frame] = []
 

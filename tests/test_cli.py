@@ -320,6 +320,15 @@ def test_a_cpu_run_with_fp16_asked_runs_and_exits_0(tiny_model_files, tmp_path, 
     assert (out / "run.json").exists()
 
 
+def test_cuda_graphs_asked_on_the_cpu_are_noted_and_the_run_goes_on(tiny_model_files, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["a house", "--out", str(out), "--iterations", "1", "--grid", "32", "--cutn", "1",
+                     "--cuda-graphs", *_models(tiny_model_files, tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("imagine: note: --cuda-graphs applies on CUDA only") == 1, err
+    assert (out / "final.png").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--cutn", "100000000"], "--cutn must be at most 256"),
     (["--iterations", "99999999999999999999"], "--iterations must be at most 100000"),

@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 
 from engine import graphs
-from engine.generate import GRAPH_MIN_REPLAYS, GRAPH_WARMUP_STEPS, BatchRunner, Slot, batch_key, state_from_bytes
+from engine.generate import GRAPH_MIN_REPLAYS, GRAPH_WARMUP_STEPS, BatchRunner, Slot, batch_key, generate, state_from_bytes
 from engine.jobs import EventKind, JobState
 from engine.worker import Worker
 from tests.queue_fixtures import job_events
-from tests.test_batching import S, assert_close, make_slot, one_thread, run  # noqa: F401 - one_thread: autouse
+from tests.test_batching import (LOGITS_MAX_TOL, LOGITS_MEAN_TOL, SCALAR_TOL, S, assert_close, make_slot,  # noqa: F401
+                                 one_thread, run)  # one_thread: autouse
 from tests.test_worker import queue, spec, wait_state  # noqa: F401 - queue: the fixture
 
 
@@ -298,3 +299,24 @@ def test_a_worker_refuses_cuda_graphs_with_compiles_own(queue, tiny_models, caps
         with pytest.raises(ValueError, match=f"{mode} makes CUDA graphs of its own"):
             Worker(queue, lambda: tiny_models, compile=f"inductor:{mode}", cuda_graphs=True)
     Worker(queue, lambda: tiny_models, compile="inductor:max-autotune-no-cudagraphs", cuda_graphs=True)
+
+
+def test_generate_replays_a_lone_job_from_its_graph_with_the_frames_of_a_plain_run(tiny_models):
+    """`generate(cuda_graphs=...)` (the `imagine` CLI's --cuda-graphs): a one-job render is the
+    case graphs are for."""
+    captured = []
+
+    def stand_in(step, generator):
+        captured.append(generator)
+        return step
+
+    settings = replace(G, seed=5, frame_every=4)
+    graphed = generate("a red house", settings, tiny_models, cuda_graphs=stand_in)
+    plain = generate("a red house", settings, tiny_models)
+    assert len(captured) == 1
+    assert [f.iteration for f in graphed.frames] == [f.iteration for f in plain.frames]
+    for a, b in zip(graphed.frames, plain.frames):   # as tests/test_batching.py's assert_close
+        assert np.abs(a.pixels.astype(int) - b.pixels).max() <= 1
+        assert a.loss == pytest.approx(b.loss, abs=SCALAR_TOL, nan_ok=True)   # frame 0: no step, no loss
+    diff = (graphed.state["logits"] - plain.state["logits"]).abs()     # capturable Adam: another order of ops
+    assert diff.mean() <= LOGITS_MEAN_TOL and diff.max() <= LOGITS_MAX_TOL, (diff.mean(), diff.max())
