@@ -46,15 +46,16 @@ class ReferenceLoop:
         self.settings = settings
         cuda = self.device.type == "cuda"
         self.half = cuda and precision == "notebook"
-        # A copy with nn.MultiheadAttention as the notebook had it: the engine's CLIP runs its
-        # attention in fewer ops (engine.attention), part of what (b) is measured against.
-        self.clip = copy.deepcopy(models.clip)
-        stock_attention(self.clip)
+        # A copy of CLIP's image tower (all the loop runs: its encode_image) with
+        # nn.MultiheadAttention as the notebook had it: the engine's runs its attention in fewer
+        # ops (engine.attention), part of what (b) is measured against.
+        self.visual = copy.deepcopy(models.clip.visual)
+        stock_attention(self.visual)
         if self.half:
             # clip.load(..., device="cuda") keeps OpenAI's fp16 weights: convert_weights halves the
             # convolutions, linears and attention and leaves LayerNorm in fp32 (a plain .half()
             # makes CLIP's fp32 LayerNorm meet fp16 weights: "expected scalar type Float").
-            clip.model.convert_weights(self.clip)
+            clip.model.convert_weights(self.visual)
         self.decoder = models.decoder
         if cuda and precision == "fp32":
             self.decoder = copy.deepcopy(models.decoder)
@@ -62,7 +63,7 @@ class ReferenceLoop:
                 if hasattr(module, "use_float16"):
                     module.use_float16 = False
         if unfrozen:
-            self.clip = copy.deepcopy(self.clip).requires_grad_(True)
+            self.visual = copy.deepcopy(self.visual).requires_grad_(True)
             self.decoder = copy.deepcopy(self.decoder).requires_grad_(True)
         self.resolution = int(models.clip.visual.input_resolution)
         self.text = targets.embeddings[:1].to(self.device)  # [1, D], the first prompt part
@@ -106,7 +107,7 @@ class ReferenceLoop:
         s = self.settings
         image = self.image(self.soft_codes())
         into = self.cutouts(image)
-        emb = self.clip.encode_image(into.half() if self.half else into).float()  # [cutn, D]
+        emb = self.visual(into.half() if self.half else into).float()  # [cutn, D]: CLIP's encode_image
         loss = -torch.cosine_similarity(self.text, emb, dim=-1).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

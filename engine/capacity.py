@@ -234,10 +234,12 @@ FULL_SIZE_TOWER_PARAMS = 87_849_216 + 43_829_766
 
 
 def low_precision_copy_bytes(device: torch.device | str, precision: str = "auto", models: Any = None) -> int:
-    """The memory of BatchRunner's low-precision copies of CLIP's image tower and the decoder
-    (`BatchRunner(precast=True)`, made when a bf16 or fp16 job first joins; about 263 MB at full
-    size): 2 bytes a parameter on CUDA under bf16/fp16, nothing elsewhere. Full-size models'
-    unless `models` are given. Not per slot: once per runner and dtype."""
+    """The memory of the low-precision copies of CLIP's image tower and the decoder that a
+    BatchRunner steps under bf16/fp16 autocast (`Models.low_precision`, made when the first such
+    job joins, once per models and dtype; about 263 MB at full size): 2 bytes a parameter on
+    CUDA under bf16/fp16, nothing elsewhere. Full-size models' unless `models` are given. Without
+    the copies, autocast's casts of the same weights took as much in every pass (saved for the
+    backward pass), uncounted: the copies stay, so they are counted."""
     if effective_precision(device, precision) not in ("bf16", "fp16"):
         return 0
     if models is None:

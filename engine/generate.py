@@ -33,7 +33,7 @@ from dall_e import unmap_pixels
 
 from engine.compiling import check_cuda_graphs, compile_options
 from engine.graphs import Capture, capture_step, make_capturable, portable_optimizer_state, set_lr, side_stream
-from engine.models import Models, low_precision_copy
+from engine.models import Models
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, PromptPart, parse_prompt  # noqa: F401 - re-exported
 
 with warnings.catch_warnings():
@@ -336,7 +336,9 @@ class Slot:
             raise ValueError(f"initial logits {tuple(init_logits.shape)} do not fit this job's {want} "
                              f"(grid {settings.grid})")
         self.logits = torch.nn.Parameter(init_logits.detach().clone().float().to(models.device))  # [1, V, g, g]
-        self.optimizer = torch.optim.Adam([self.logits], lr=settings.lr)
+        # Fused: one kernel a step for the slot's Adam instead of about a dozen (the default,
+        # foreach, for one tensor), on CUDA and on a CPU; B slots launch B of them a step.
+        self.optimizer = torch.optim.Adam([self.logits], lr=settings.lr, fused=True)
         self.iteration = 0
         # The last step's loss stays on the device (a 0-d tensor): reading it is a host sync,
         # done only when a frame is taken (`last_loss`).
@@ -360,6 +362,18 @@ class Slot:
     def lr(self) -> float:
         s = self.settings
         return min(s.lr * s.lr_growth ** self.iteration, s.lr_max)
+
+    def adam_step(self) -> None:
+        """The optimiser's step on the logits' gradient. Fused Adam trusts its moments' shapes (one
+        that does not fit the logits corrupts memory instead of raising, where the unfused Adam
+        raised), so they are checked first, from metadata only: no host sync."""
+        moments = self.optimizer.state.get(self.logits, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            value = moments.get(name)
+            if value is not None and (not torch.is_tensor(value) or value.shape != self.logits.shape):
+                raise ValueError(f"Adam's {name} {tuple(getattr(value, 'shape', ()))} does not fit the logits "
+                                 f"{tuple(self.logits.shape)}: the job's optimiser state is damaged")
+        self.optimizer.step()
 
     def wants_frame(self) -> bool:
         return self.iteration % self.settings.frame_every == 0 or self.done
@@ -396,7 +410,11 @@ class Slot:
                                      f"this job's logits {shape}")
         with torch.no_grad():
             self.logits.copy_(state["logits"].to(self.logits.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Loading takes the saved groups' settings: fused as this slot's Adam, whichever Adam
+        # saved it (states from before it was fused, another version's worker).
+        saved = state["optimizer"]
+        groups = [dict(g, fused=True, foreach=None) for g in saved.get("param_groups", [])]
+        self.optimizer.load_state_dict(dict(saved, param_groups=groups))
         self.iteration = int(state["iteration"])
         self._load_generator(state["generator"])
 
@@ -662,8 +680,6 @@ class BatchRunner:
                                          else capture_step if cuda_graphs and models.device.type == "cuda"
                                          else None)
         self._graphs: dict[Any, _SoloGraph] = {}   # slot key -> its graph (a slot alone in its batch)
-        # autocast dtype -> (CLIP's image tower, decoder) with weights of that dtype (`_towers`).
-        self._low_precision: dict[torch.dtype, tuple[torch.nn.Module, torch.nn.Module]] = {}
         self.precast = precast
         # One side stream for every warm-up (a fresh one each time would cache memory apart).
         self._side = torch.cuda.Stream(models.device) if self._capture is not None and models.device.type == "cuda" else None
@@ -678,16 +694,13 @@ class BatchRunner:
     def _towers(self, precision: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         """CLIP's image tower and the decoder that a pass of `precision` runs. Under autocast to
         bf16 or fp16 (`precast`, the default), copies whose weights already are that dtype
-        (`engine.models.low_precision_copy`: the same numbers, without a cast kernel per weight
-        per step), made once per dtype, for the runner's life (`engine.capacity` counts their
-        memory); otherwise the models' own."""
+        (`Models.low_precision`: the same numbers, without a cast kernel per weight per step),
+        made once per dtype and kept with the models (`engine.capacity` counts their memory);
+        otherwise the models' own."""
         dtype = _autocast_dtype(self.models, precision)
         if dtype is None or not self.precast:
             return self.models.clip.visual, self.models.decoder
-        if dtype not in self._low_precision:
-            self._low_precision[dtype] = (low_precision_copy(self.models.clip.visual, dtype),
-                                          low_precision_copy(self.models.decoder, dtype))
-        return self._low_precision[dtype]
+        return self.models.low_precision(dtype)
 
     def remove(self, key: Any) -> Slot | None:
         self._drop_graph(key)
@@ -1023,7 +1036,7 @@ class BatchRunner:
             for group in s.optimizer.param_groups:
                 set_lr(group, s.lr())  # a Python float, or a device fill: no sync
             try:
-                s.optimizer.step()
+                s.adam_step()
             except Exception as exc:  # noqa: BLE001 - e.g. an optimiser state that does not fit: this job alone
                 if on_failure is None:
                     raise
@@ -1063,7 +1076,7 @@ class _SoloGraph:
 
         def step() -> None:
             loss.copy_(runner._gradients([slot]))
-            slot.optimizer.step()
+            slot.adam_step()
 
         assert runner._capture is not None
         noise = slot.generator.get_state()

@@ -80,9 +80,9 @@ def set_lr(group: dict[str, Any], lr: float) -> None:
 
 def portable_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     """An optimiser `state_dict` (host copies) that any worker can load, graphs or none: learning
-    rates as floats, `capturable` off (a capturable Adam only runs on a GPU; a CPU worker that
-    resumes the job would fail at its first step). Adam puts the step count back where its own
-    settings want it when it loads the state."""
+    rates as floats, `capturable` off (an unfused capturable Adam only runs on a GPU: a CPU
+    worker of a version before Slot's Adam was fused would fail at its first step). Adam puts the
+    step count back where its own settings want it when it loads the state."""
     groups = [dict(g, lr=float(g["lr"]), capturable=False) for g in state.get("param_groups", [])]
     return dict(state, param_groups=groups)
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
@@ -132,6 +132,18 @@ class Models:
     decoder: Decoder
     device: torch.device
     encoder: Encoder | None = None
+    # dtype -> (CLIP's image tower, decoder) with weights of that dtype: `low_precision`.
+    _low_precision: dict[torch.dtype, tuple[nn.Module, nn.Module]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    def low_precision(self, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+        """CLIP's image tower and the decoder with their weights in `dtype` (`low_precision_copy`),
+        for steps under autocast to `dtype`: made at the first call, then kept with the models, so
+        every BatchRunner of these models shares one set (`engine.capacity.low_precision_copy_bytes`)."""
+        if dtype not in self._low_precision:
+            self._low_precision[dtype] = (low_precision_copy(self.clip.visual, dtype),
+                                          low_precision_copy(self.decoder, dtype))
+        return self._low_precision[dtype]
 
     @property
     def clip_resolution(self) -> int:
@@ -335,24 +347,27 @@ def prepare_clip(model: CLIP, device: str | torch.device = "cpu") -> CLIP:
 
 def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of a frozen model (CLIP's image tower, the dVAE decoder) whose convolution and
-    matmul weights are `dtype`, as clip's `convert_weights` makes OpenAI's fp16 CLIP: LayerNorm
-    and the embeddings stay fp32. Under autocast to `dtype` it computes the same numbers as the
-    original, since autocast casts exactly those weights to `dtype` at every use, without that
-    cast's kernel for every weight in every step (about 170 of them for ViT-B/32 and the decoder)."""
-    low = copy.deepcopy(module)
-    for sub in low.modules():
+    matmul weights are `dtype`, as clip's `convert_weights` makes OpenAI's fp16 CLIP: LayerNorm,
+    the embeddings and anything else autocast leaves alone stay fp32. Under autocast to `dtype` it
+    computes the same numbers as the original, since autocast casts exactly those weights to
+    `dtype` at every use, without that cast's kernel for every weight in every step (about 170 of
+    them for ViT-B/32 and the decoder). The converted weights are made directly, not from an fp32
+    copy first (no transient second fp32 model)."""
+    converted: dict[int, Any] = {}   # deepcopy's memo: id(original) -> its copy in `dtype`
+    for sub in module.modules():
         names: tuple[str, ...] = ()
         if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             names = ("weight", "bias")
-        elif isinstance(sub, nn.MultiheadAttention):   # its out_proj is a Linear, above
-            names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v")
-        elif isinstance(sub, DalleConv2d):
+        elif isinstance(sub, nn.MultiheadAttention):   # its out_proj is a Linear, above; bias_k/v go through cat: fp32
+            names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        elif isinstance(sub, DalleConv2d) and not sub.use_float16:   # with its own fp16 casts, autocast never sees w
             names = ("w", "b")
         for name in names + ("proj", "text_projection"):
             tensor = getattr(sub, name, None)
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                tensor.data = tensor.data.to(dtype)
-    return low
+                low = tensor.detach().to(dtype, copy=True)
+                converted[id(tensor)] = nn.Parameter(low, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else low
+    return copy.deepcopy(module, converted)
 
 
 # --- dVAE --------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 from engine import models as engine_models
 from engine import random_models
 from engine.attention import SelfAttention, lean_attention, stock_attention
-from engine.generate import GenerationSettings, encode_targets
+from engine import generate as generate_module
+from engine.generate import BatchRunner, GenerationSettings, encode_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_loop import ReferenceLoop  # noqa: E402
@@ -32,6 +33,15 @@ def aten_calls(run) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
+def random_attention(width: int = 64, heads: int = 4) -> nn.MultiheadAttention:
+    """Every parameter random, biases too (their own init leaves the biases 0, which would hide
+    a wrong split of the packed bias into q, k and v)."""
+    attention = nn.MultiheadAttention(width, heads).requires_grad_(False)
+    for p in attention.parameters():
+        nn.init.normal_(p, std=0.2)
+    return attention
+
+
 def forward_backward(attention: nn.MultiheadAttention, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...]:
     x = x.detach().requires_grad_(True)
     out, weights = attention(x, x, x, **kwargs)
@@ -41,7 +51,7 @@ def forward_backward(attention: nn.MultiheadAttention, x: torch.Tensor, **kwargs
 
 def test_self_attention_gives_the_base_class_numbers_to_the_last_bit():
     torch.manual_seed(0)
-    stock = nn.MultiheadAttention(64, 4).requires_grad_(False)
+    stock = random_attention()
     lean = copy.deepcopy(stock)
     assert lean_attention(lean) == 1 and type(lean) is SelfAttention
     assert list(lean.state_dict()) == list(stock.state_dict())
@@ -64,7 +74,7 @@ def test_self_attention_gives_the_base_class_numbers_to_the_last_bit():
 
 def test_self_attention_makes_fewer_calls_a_step():
     torch.manual_seed(0)
-    stock = nn.MultiheadAttention(64, 4).requires_grad_(False)
+    stock = random_attention()
     lean = copy.deepcopy(stock)
     lean_attention(lean)
     x = torch.randn(7, 3, 64)
@@ -98,7 +108,7 @@ def test_the_benchmarks_reference_loop_keeps_the_notebooks_attention(tiny_models
     assert any(isinstance(m, SelfAttention) for m in tiny_models.clip.modules())
     settings = GenerationSettings(grid=8, cutn=2, iterations=1)
     ref = ReferenceLoop(tiny_models, encode_targets(tiny_models, "a house"), settings, precision="fp32")
-    assert not any(isinstance(m, SelfAttention) for m in ref.clip.modules())
+    assert not any(isinstance(m, SelfAttention) for m in ref.visual.modules())
     assert any(isinstance(m, SelfAttention) for m in tiny_models.clip.modules())   # the engine's untouched
 
 
@@ -127,3 +137,42 @@ def test_a_low_precision_copy_gives_autocasts_numbers_without_casting_its_weight
         assert out.dtype == want_out.dtype
         assert torch.equal(out, want_out) and torch.equal(x_in.grad, want_grad)
         assert casts["copy"] < casts["original"]      # the weights' casts are gone
+    # A decoder that casts to fp16 by itself (dall_e's default on CUDA; the benchmarks can keep it):
+    # autocast never sees its weights, so they stay as they are.
+    own_casts = copy.deepcopy(decoder)
+    for sub in own_casts.modules():
+        if hasattr(sub, "use_float16"):
+            sub.use_float16 = True
+    assert all(p.dtype == torch.float32 for p in engine_models.low_precision_copy(own_casts, torch.bfloat16).parameters())
+
+
+def test_the_runner_steps_shared_low_precision_copies_with_autocasts_numbers(tiny_models, monkeypatch):
+    """On CUDA a bf16 job steps from the models' bf16 copies (`BatchRunner(precast=True)`). A CPU
+    runs no autocast, so here CPU autocast stands in for CUDA's: the runner's own code, with the
+    copies against autocast casting the fp32 weights, gives the same logits to the last bit."""
+    from tests.test_batching import make_slot
+
+    monkeypatch.setattr(generate_module, "_autocast_dtype", lambda models, precision: torch.bfloat16)
+    monkeypatch.setattr(generate_module, "_autocast",
+                        lambda models, precision: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False))
+    visual, decoder = tiny_models.low_precision(torch.bfloat16)
+    calls = {True: [], False: []}
+    precast_now = [True]
+    for copy_ in (visual, decoder):
+        copy_.register_forward_hook(lambda *_: calls[precast_now[0]].append(1))
+    logits, runners = {}, {}
+    for precast in (True, False):
+        precast_now[0] = precast
+        runner = runners[precast] = BatchRunner(tiny_models, precast=precast)
+        slots = [runner.add(make_slot(tiny_models, key)) for key in ("a", "b")]
+        start = [s.logits.detach().clone() for s in slots]
+        for _ in range(3):
+            runner.step()
+        logits[precast] = [s.logits.detach().clone() for s in slots]
+        assert not any(torch.equal(a, b) for a, b in zip(start, logits[precast]))   # they stepped
+    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+    assert len(calls[True]) == 2 * 3 and not calls[False]     # the passes ran the copies (each step: both)
+    assert runners[True]._towers("bf16") == (visual, decoder)                      # one set, shared
+    assert BatchRunner(tiny_models)._towers("bf16")[0] is visual
+    assert visual.conv1.weight.dtype == torch.bfloat16 and visual is not tiny_models.clip.visual
+    assert runners[False]._towers("bf16") == (tiny_models.clip.visual, tiny_models.decoder)

@@ -11,6 +11,7 @@ job; a capture that fails.
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import logging
@@ -128,25 +129,20 @@ def test_a_graphed_jobs_state_resumes_anywhere(tiny_models):
     assert type(group["lr"]) is float and group["capturable"] is False
 
     resumed = make_slot(tiny_models, "a", G)
-    resumed.load_state(state)
+    resumed.load_state(copy.deepcopy(state))   # a copy: Adam steps on the very tensors it loaded
     rest = run(tiny_models, {0: [resumed]})["a"]
     whole = run(tiny_models, {0: [make_slot(tiny_models, "a", G)]})["a"]
     whole.frames = [f for f in whole.frames if f[0] > GRAPH_WARMUP_STEPS + 2]   # the frames after the resume
     assert rest.frames
     assert_close(rest, whole)
 
-    # What would fail without it: a capturable Adam's state loaded on a CPU fails its first step.
-    state["optimizer"]["param_groups"][0]["capturable"] = True
-    stuck = make_slot(tiny_models, "a", G)
-    stuck.load_state(state)
-    with pytest.raises(Exception, match="capturable"):
-        _step_alone(tiny_models, stuck)
-
-
-def _step_alone(models, slot: Slot) -> None:
-    runner = BatchRunner(models)
-    runner.add(slot)
-    runner.step()
+    # A state saved by an Adam that was not fused (this project's before it was, or another
+    # version's worker in the fleet) resumes as fused, and the run goes on the same.
+    state["optimizer"]["param_groups"] = [dict(g, fused=None) for g in state["optimizer"]["param_groups"]]
+    older = make_slot(tiny_models, "a", G)
+    older.load_state(state)
+    assert older.optimizer.param_groups[0]["fused"] is True
+    assert_close(run(tiny_models, {0: [older]})["a"], rest)
 
 
 def test_a_capture_that_fails_is_logged_once_and_the_job_runs_on_without_graphs(tiny_models, caplog):
