@@ -316,6 +316,19 @@ ProgressCallback = Callable[[Frame], None]
 StepCallback = Callable[[int], None]     # the iterations done after a step (generate's on_step)
 
 
+_MOMENTS = ("exp_avg", "exp_avg_sq")   # Adam's per-parameter moments, each the logits' shape
+
+
+def _is_step_count(value: Any) -> bool:
+    """Whether a saved Adam step count is one: a finite number >= 0 (a 0-d tensor or a Python
+    int / float, not a bool). Read on the host: load time, not the hot loop."""
+    if torch.is_tensor(value):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return False
+        value = value.item()
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 class Slot:
     """One job's state inside a batch."""
 
@@ -364,13 +377,15 @@ class Slot:
         return min(s.lr * s.lr_growth ** self.iteration, s.lr_max)
 
     def adam_step(self) -> None:
-        """The optimiser's step on the logits' gradient. Fused Adam trusts its moments' shapes (one
-        that does not fit the logits corrupts memory instead of raising, where the unfused Adam
-        raised), so they are checked first, from metadata only: no host sync."""
+        """The optimiser's step on the logits' gradient. Fused Adam trusts its moments' shapes and
+        layout (one that does not fit the logits corrupts memory instead of raising, where the
+        unfused Adam raised), so they are checked first, from metadata only: no host sync.
+        (`load_state` makes them fit; this is for whatever else sets them.)"""
         moments = self.optimizer.state.get(self.logits, {})
-        for name in ("exp_avg", "exp_avg_sq"):
+        for name in _MOMENTS:
             value = moments.get(name)
-            if value is not None and (not torch.is_tensor(value) or value.shape != self.logits.shape):
+            if value is not None and (not torch.is_tensor(value) or value.shape != self.logits.shape
+                                      or value.stride() != self.logits.stride()):
                 raise ValueError(f"Adam's {name} {tuple(getattr(value, 'shape', ()))} does not fit the logits "
                                  f"{tuple(self.logits.shape)}: the job's optimiser state is damaged")
         self.optimizer.step()
@@ -408,6 +423,16 @@ class Slot:
                 if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
                     raise ValueError(f"the saved optimiser state {name!r} {tuple(value.shape)} does not fit "
                                      f"this job's logits {shape}")
+            # Fused Adam takes what it is given: a moment of another shape, or a step count that
+            # is no count (a bool, NaN), would corrupt memory or the run instead of raising.
+            for name in _MOMENTS:
+                value = per_param.get(name)
+                if not torch.is_tensor(value) or tuple(value.shape) != shape or not value.is_floating_point():
+                    raise ValueError(f"the saved optimiser state {name!r} is missing or does not fit this job's "
+                                     f"logits {shape}: the state is damaged")
+            if not _is_step_count(per_param.get("step")):
+                raise ValueError(f"the saved optimiser step count {per_param.get('step')!r} is not a count: "
+                                 "the state is damaged")
         with torch.no_grad():
             self.logits.copy_(state["logits"].to(self.logits.device))
         # Loading takes the saved groups' settings: fused as this slot's Adam, whichever Adam
@@ -415,6 +440,13 @@ class Slot:
         saved = state["optimizer"]
         groups = [dict(g, fused=True, foreach=None) for g in saved.get("param_groups", [])]
         self.optimizer.load_state_dict(dict(saved, param_groups=groups))
+        # The moments as fresh tensors laid out as the logits: fused Adam reads them by the
+        # logits' layout (a file's own strides would be read wrongly, or out of bounds), and
+        # it must not step on tensors the caller still holds.
+        with torch.no_grad():
+            for per_param in self.optimizer.state.values():
+                for name in _MOMENTS:
+                    per_param[name] = torch.empty_like(self.logits).copy_(per_param[name])
         self.iteration = int(state["iteration"])
         self._load_generator(state["generator"])
 

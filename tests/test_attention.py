@@ -158,18 +158,21 @@ def test_the_runner_steps_shared_low_precision_copies_with_autocasts_numbers(tin
     visual, decoder = tiny_models.low_precision(torch.bfloat16)
     calls = {True: [], False: []}
     precast_now = [True]
-    for copy_ in (visual, decoder):
-        copy_.register_forward_hook(lambda *_: calls[precast_now[0]].append(1))
+    hooks = [part.register_forward_hook(lambda *_: calls[precast_now[0]].append(1)) for part in (visual, decoder)]
     logits, runners = {}, {}
-    for precast in (True, False):
-        precast_now[0] = precast
-        runner = runners[precast] = BatchRunner(tiny_models, precast=precast)
-        slots = [runner.add(make_slot(tiny_models, key)) for key in ("a", "b")]
-        start = [s.logits.detach().clone() for s in slots]
-        for _ in range(3):
-            runner.step()
-        logits[precast] = [s.logits.detach().clone() for s in slots]
-        assert not any(torch.equal(a, b) for a, b in zip(start, logits[precast]))   # they stepped
+    try:
+        for precast in (True, False):
+            precast_now[0] = precast
+            runner = runners[precast] = BatchRunner(tiny_models, precast=precast)
+            slots = [runner.add(make_slot(tiny_models, key)) for key in ("a", "b")]
+            start = [s.logits.detach().clone() for s in slots]
+            for _ in range(3):
+                runner.step()
+            logits[precast] = [s.logits.detach().clone() for s in slots]
+            assert not any(torch.equal(a, b) for a, b in zip(start, logits[precast]))   # they stepped
+    finally:
+        for hook in hooks:      # the models are the session's
+            hook.remove()
     assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
     assert len(calls[True]) == 2 * 3 and not calls[False]     # the passes ran the copies (each step: both)
     assert runners[True]._towers("bf16") == (visual, decoder)                      # one set, shared

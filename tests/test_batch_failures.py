@@ -5,6 +5,7 @@ undone). Out of memory, under a real address-space limit, halves the passes and 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -185,3 +186,62 @@ def test_out_of_memory_halves_the_passes_and_fails_no_job(tiny_model_files):
     assert result["iterations"] == [3, 3, 3, 3], result
     # From the failed pass of four on, passes of two: bitwise the run that had them from the start.
     assert result["same_as_passes_of_two"], result
+
+
+def _stepped_state(models) -> dict:
+    slot = make_slot(models, "a")
+    runner = BatchRunner(models)
+    runner.add(slot)
+    for _ in range(2):
+        runner.step()
+    return slot.state()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.update(exp_avg=torch.tensor(0.0)), "'exp_avg' is missing or does not fit"),   # 0-d: read out of bounds
+    (lambda m: m.pop("exp_avg_sq"), "'exp_avg_sq' is missing"),
+    (lambda m: m.update(exp_avg=torch.zeros_like(m["exp_avg"], dtype=torch.int32)), "'exp_avg' is missing or does not fit"),
+    (lambda m: m.update(step=torch.tensor(True)), "step count"),
+    (lambda m: m.update(step=torch.tensor(float("nan"))), "step count"),
+    (lambda m: m.update(step=-1.0), "step count"),
+    (lambda m: m.pop("step"), "step count"),
+    (lambda m: m.update(step=torch.tensor([2.0])), "does not fit"),
+])
+def test_a_damaged_optimiser_state_is_refused_when_loaded(tiny_models, damage, message):
+    """Fused Adam takes whatever it is given (a misfit moment corrupts memory, a bool step runs on
+    as 1.0): load_state refuses such a state with a clear error, before any step."""
+    state = _stepped_state(tiny_models)
+    damage(state["optimizer"]["state"][0])
+    with pytest.raises(ValueError, match=message):
+        make_slot(tiny_models, "a").load_state(state)
+
+
+def test_moments_of_another_layout_load_as_the_logits_and_resume_the_same(tiny_models):
+    """A state's moments in another memory layout (a foreign or damaged file: zero strides, a
+    transposed copy) are read by value, not by layout: the resumed run is the run resumed from
+    the plain state; and the loaded slot steps its own tensors, not the caller's."""
+    state = _stepped_state(tiny_models)
+    plain = make_slot(tiny_models, "a")
+    plain.load_state(copy.deepcopy(state))
+    moments = state["optimizer"]["state"][0]
+    first = moments["exp_avg"][0, :, 0, 0].clone()
+    moments["exp_avg"] = moments["exp_avg"].transpose(2, 3).contiguous().transpose(2, 3)   # same values, other strides
+    moments["exp_avg_sq"] = moments["exp_avg_sq"].mean().expand_as(moments["exp_avg_sq"])  # zero strides
+    plain.optimizer.state[plain.logits]["exp_avg_sq"].fill_(float(moments["exp_avg_sq"][0, 0, 0, 0]))
+    odd = make_slot(tiny_models, "a")
+    odd.load_state(state)
+    got = run(tiny_models, {0: [odd]})["a"]
+    assert_close(got, run(tiny_models, {0: [plain]})["a"])
+    assert torch.equal(moments["exp_avg"][0, :, 0, 0], first)                # the caller's tensors untouched
+
+
+def test_a_moment_of_another_layout_set_after_loading_fails_its_step_not_the_process(tiny_models):
+    slot = make_slot(tiny_models, "a")
+    runner = BatchRunner(tiny_models)
+    runner.add(slot)
+    runner.step()
+    moments = slot.optimizer.state[slot.logits]
+    moments["exp_avg"] = moments["exp_avg"].transpose(2, 3)     # what no load makes: caught before the fused kernel
+    failed = []
+    runner.step(on_failure=lambda s, exc: failed.append(exc))
+    assert len(failed) == 1 and isinstance(failed[0], ValueError) and "damaged" in str(failed[0])

@@ -644,14 +644,32 @@ async def test_a_continue_whose_parent_state_does_not_fit_fails_alone_not_its_ba
     assert failed.attempts == 1 and "does not fit" in failed.error, failed.error
 
 
-async def test_a_job_whose_step_fails_fails_alone_and_its_batch_steps_on(queue, tiny_models):
-    """A parent's state.pt that fits (load_state takes it) but whose Adam step counter is damaged:
-    the Continue's first optimiser step raises inside a batched step. The runner bisects the pass:
-    the Continue fails alone (each attempt), its companion keeps its attempt and runs on."""
+async def test_a_continue_whose_parent_step_count_is_damaged_fails_alone_at_once(queue, tiny_models):
+    """A parent's state.pt whose Adam step counter is no count (a bool): fused Adam would take it
+    as 1.0 and run on with the wrong bias correction. load_state refuses it: the Continue fails
+    alone, at once (bad input), the companion keeps running."""
     def break_step(state):
         state["optimizer"]["state"][0]["step"] = torch.tensor(True)  # a 0-d tensor, of the wrong kind
 
     failed = await continue_of_a_damaged_parent_beside_a_companion(queue, tiny_models, break_step)
+    assert failed.attempts == 1 and "step count" in failed.error, (failed.attempts, failed.error)
+
+
+async def test_a_job_whose_step_fails_fails_alone_and_its_batch_steps_on(queue, tiny_models, monkeypatch):
+    """An optimiser step that raises inside a batched step, for a state that load_state took (none
+    it knows of gets that far now: a fault made here stands in): the Continue fails alone (each
+    attempt), its companion keeps its attempt and runs on."""
+    from engine.generate import Slot
+
+    real = Slot.adam_step
+
+    def adam_step(slot):
+        if slot.settings.iterations < 100_000 and slot.iteration >= 2:   # the Continue (its parent ran 2)
+            raise RuntimeError("the optimiser step failed")
+        real(slot)
+
+    monkeypatch.setattr(Slot, "adam_step", adam_step)
+    failed = await continue_of_a_damaged_parent_beside_a_companion(queue, tiny_models, lambda state: None)
     assert failed.attempts > 1 and failed.error.startswith("RuntimeError"), (failed.attempts, failed.error)
 
 
