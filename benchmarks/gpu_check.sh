@@ -19,11 +19,13 @@
 # 1. benchmarks/cuda_check.py: bf16 smoke test, no host sync in the hot loop, batched vs solo on
 #    the GPU (fp32 and bf16), memory per slot against engine.capacity, a 1000-iteration 256x256
 #    job alone timed (the bar: under 60 s), a real out-of-memory error halving the passes, a job
-#    replayed from a CUDA graph against the same job eager (check 7);
+#    replayed from a CUDA graph against the same job eager (check 7), the engine's CLIP attention
+#    against nn.MultiheadAttention's and a bf16 job from precast bf16 weights against autocast's
+#    casts (check 8);
 # 2. benchmarks/bench_loop.py on CUDA, eager: (a) the notebook loop, (b) the engine with one job,
 #    with and without a CUDA graph (--cuda-graphs), (c) the engine with max_batch jobs (the bars:
-#    (b) >= 2x (a), (c) >= 8x (a)); then 5 steps of each (b) profiled: the GPU's busy time per step
-#    against the step, kernels per step, the top kernels. (--skip-reference-fp32: (a32), the
+#    (b) >= 2x (a), (c) >= 8x (a)); then 5 steps of (a) and of each (b) profiled: the GPU's busy
+#    time per step against the step, kernels and ATen calls per step, the top kernels. (--skip-reference-fp32: (a32), the
 #    notebook's loop in fp32, was 0.97x (a) on the H200; `bench_loop.py` alone still runs it.)
 # 3. the same with torch.compile (inductor, the worker's default on CUDA, `[worker] compile =
 #    "auto"`): (b) compiled with and without a graph, (c) compiled. Last: a slow compile that
