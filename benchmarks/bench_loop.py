@@ -53,7 +53,7 @@ from engine import random_models  # noqa: E402
 from engine.capacity import (ClipVisualDims, DecoderDims, choose_max_batch, effective_precision,  # noqa: E402
                              per_slot_bytes)
 from engine.generate import GRAPH_WARMUP_STEPS, BatchRunner, GenerationSettings, Slot, encode_targets  # noqa: E402
-from engine.models import Models, load_models, prepare_clip  # noqa: E402
+from engine.models import Models, decoder_layout, load_models, prepare_clip  # noqa: E402
 from reference_loop import ReferenceLoop  # noqa: E402
 
 PROMPT = "a beautiful and mysterious house designed by Escher"
@@ -85,7 +85,7 @@ def build_models(device: torch.device, via_files: str | None, tiny: bool = False
     # What engine.models.load_models does after reading the files: fp32, frozen, eval.
     return Models(
         clip=prepare_clip(clip_model, device),
-        decoder=decoder.eval().requires_grad_(False).to(device),
+        decoder=decoder_layout(decoder.eval().requires_grad_(False).to(device)),
         device=device,
     )
 

@@ -370,6 +370,14 @@ def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(module, converted)
 
 
+def decoder_layout(decoder: nn.Module) -> nn.Module:
+    """The decoder's weights, in place, in the memory layout its convolutions run fastest in: on a
+    CPU channels-last (oneDNN's own; a full-size step 1.09x faster, docs/PERFORMANCE.md)."""
+    if next(decoder.parameters()).device.type == "cpu":
+        decoder.to(memory_format=torch.channels_last)
+    return decoder
+
+
 # --- dVAE --------------------------------------------------------------------------------------
 
 _DVAE_CLASSES: dict[str, type[nn.Module]] = {"decoder": Decoder, "encoder": Encoder}
@@ -542,7 +550,7 @@ def load_models(
     sweep_partial_files(cache_dir)
     return Models(
         clip=load_clip(clip_model, device, cache_dir),
-        decoder=load_dvae("decoder", decoder, device, cache_dir, trust_decoder, known_sha256, trust_hint),
+        decoder=decoder_layout(load_dvae("decoder", decoder, device, cache_dir, trust_decoder, known_sha256, trust_hint)),
         encoder=(
             load_dvae("encoder", encoder, device, cache_dir, trust_decoder, known_sha256, trust_hint)
             if encoder
@@ -567,6 +575,7 @@ __all__ = [
     "load_clip",
     "load_dvae",
     "load_models",
+    "decoder_layout",
     "low_precision_copy",
     "prepare_clip",
     "save_dvae_safe",

@@ -324,3 +324,25 @@ def test_a_cache_folder_that_cannot_be_written_is_the_caches_error_before_any_do
             m.load_clip("ViT-B/32", cache_dir=cache)
     assert err.value.filename == str(cache / "clip") and err.value.strerror, err.value
     assert requests == []
+
+
+def test_the_loaded_decoder_runs_channels_last_on_a_cpu_and_draws_the_same(tiny_models):
+    """oneDNN's convolutions run fastest channels-last (docs/PERFORMANCE.md): load_models lays the
+    decoder's weights out so on a CPU. The pictures are the same as the plain layout's."""
+    import copy
+
+    from engine.generate import frame_image, to_uint8
+
+    squares = [c.w for c in tiny_models.decoder.modules() if isinstance(c, m.DalleConv2d) and c.w.shape[-1] > 1]
+    assert squares and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                           for w in squares)
+    plain = m.Models(clip=tiny_models.clip, device=tiny_models.device,
+                     decoder=copy.deepcopy(tiny_models.decoder).to(memory_format=torch.contiguous_format))
+    assert all(c.w.is_contiguous() for c in plain.decoder.modules() if isinstance(c, m.DalleConv2d))
+    torch.manual_seed(0)
+    logits = torch.randn(2, tiny_models.vocab_size, 8, 8)
+    soft = logits.softmax(dim=1)
+    assert torch.allclose(tiny_models.decoder(soft), plain.decoder(soft), atol=1e-5)
+    ours, theirs = frame_image(tiny_models, logits), frame_image(plain, logits)
+    for a, b in zip(ours, theirs):
+        assert abs(to_uint8(a).astype(int) - to_uint8(b)).max() <= 1
