@@ -743,8 +743,9 @@ async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = Non
 # A Continue goes on exactly as its job would have (the job's seed, optimiser and noise:
 # engine.worker), so two Continues of one job are the same picture, twice the GPU time. A Continue
 # of a job that has one queued, running or done is answered with where that one is instead.
-# Looked for among the channel's latest CONTINUE_LOOKBACK jobs (see ImagineCog._continued_as).
-CONTINUE_LOOKBACK = 50
+# Looked for among the channel's latest jobs, first CONTINUE_LOOKBACK[0] of them, then, for an older
+# result, CONTINUE_LOOKBACK[1] (see ImagineCog._continued_as).
+CONTINUE_LOOKBACK = (50, 1000)
 
 
 class JobTurns:
@@ -1270,23 +1271,27 @@ class ImagineCog(commands.Cog, name="Imagine"):
         Reroll of one (its own seed: a different picture), nor one failed, cancelled or being
         cancelled (no picture to point to).
 
-        Looked for among the channel's latest CONTINUE_LOOKBACK jobs, newest first, down to
-        `parent` itself. That is enough for clicks on a result: a click comes from the channel of
-        the message it is on, which is where its Continue is queued (`_spec`: the interaction's
-        channel), and a Continue is queued after the job it continues finished, so once the
-        search reaches `parent` it has seen every Continue made from that message. A result
-        older than the window (more than CONTINUE_LOOKBACK jobs of the channel since) is not
-        searched further: its Continue is queued again, as before this check, which costs GPU time
-        but no correctness. The store has no look-up by parent (Redis indexes only the queued and
+        Looked for among the channel's latest jobs, newest first, down to `parent` itself. That is
+        enough for clicks on a result: a click comes from the channel of the message it is on,
+        which is where its Continue is queued (`_spec`: the interaction's channel), and a Continue
+        is queued after the job it continues finished, so once the search reaches `parent` it has
+        seen every Continue made from that message. The search reads CONTINUE_LOOKBACK[0] jobs,
+        and only for an older result (the channel moved on) CONTINUE_LOOKBACK[1]. A result older
+        than that is not searched further: its Continue is queued again, which costs GPU time but
+        no correctness. The store has no look-up by parent (Redis indexes only the queued and
         running children, for prune), and this needs none."""
-        for record in await self.queue.history(channel_id, limit=CONTINUE_LOOKBACK):
-            if record.id == parent.id:
-                break
-            spec = record.spec
-            if (spec.parent_job_id == parent.id and spec.parent_kind == "continue" and not spec.extra.get("rerolls")
-                    and (record.state == JobState.DONE
-                         or record.state in (JobState.QUEUED, JobState.RUNNING) and not record.cancel_requested)):
-                return record
+        for limit in CONTINUE_LOOKBACK:
+            records = await self.queue.history(channel_id, limit=limit)
+            for record in records:
+                if record.id == parent.id:
+                    return None
+                spec = record.spec
+                if (spec.parent_job_id == parent.id and spec.parent_kind == "continue" and not spec.extra.get("rerolls")
+                        and (record.state == JobState.DONE
+                             or record.state in (JobState.QUEUED, JobState.RUNNING) and not record.cancel_requested)):
+                    return record
+            if len(records) < limit:      # the channel's every job seen
+                return None
         return None
 
     async def _withheld(self, job_id: str) -> bool:

@@ -139,6 +139,34 @@ async def test_a_second_continue_of_a_result_points_to_the_first_and_queues_noth
     fd.assert_clean()
 
 
+async def test_a_continue_is_found_behind_more_jobs_than_the_first_look_reads(harness):
+    """The channel moved on: more jobs since an old result's Continue than the first look reads
+    (CONTINUE_LOOKBACK[0]). A second Continue of that result still finds the first one."""
+    from bot.imagine import CONTINUE_LOOKBACK
+
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    msg, a = await finished_job(h, "a lighthouse in fog")
+    cont_msg, c = await _queued_by(h, await fd.click_button(msg, f"imagine:continue:{a}"))
+
+    def the_channel_moves_on(db: sqlite3.Connection) -> None:   # finished, delivered jobs: copies of `a`
+        for i in range(CONTINUE_LOOKBACK[0] + 10):
+            db.execute("INSERT INTO jobs (id, spec, reply, user_id, channel_id, grid, total, state, created_at,"
+                       " finished_at, delivered) SELECT id || ?, spec, reply, user_id, channel_id, grid, total,"
+                       " state, created_at, finished_at, delivered FROM jobs WHERE id = ?", (f"later{i}", a))
+    await h.write_store(the_channel_moves_on)
+    first_look = [r.id for r in await h.queue.history(fd.channel_id, limit=CONTINUE_LOOKBACK[0])]
+    assert c not in first_look and a not in first_look
+    before = await h.queue.count_queued()
+    told = await _told(h, await fd.click_button(msg, f"imagine:continue:{a}"))
+    assert told.startswith(f"Job `{a}` is already being continued: job `{c}` {_url(fd, cont_msg.id)} (queued).")
+    assert await h.queue.count_queued() == before
+    await h.queue.cancel(c)
+    await h.wait_delivered(c)
+    fd.assert_clean()
+
+
 async def test_two_continue_clicks_at_once_queue_one_job(harness):
     """Bob and Carol click Continue on the same result at the same moment, while the store's submit
     is slow (seconds behind a worker's write, here half a second): both would find no Continue yet
