@@ -105,14 +105,15 @@ def restart(w: WorkerProc) -> WorkerProc:
 
 
 async def wait_workers(queue, workers: list[WorkerProc], timeout: float = 90.0) -> None:
-    """Until every worker process has claimed at least once (models loaded, GPU thread up): seen
-    since it started, so a killed one's last record does not count for its restart."""
+    """Until every worker process has claimed since it started (models loaded, GPU thread up), so
+    a killed one's last record does not count for its restart. Claimed, not only announced: a
+    worker still loading announces itself, and a retry waits for a worker that claims."""
     deadline = time.monotonic() + timeout
     while True:
         seen = await queue.workers()
         now = time.time()
         missing = [w for w in workers if w.worker_id not in seen
-                   or seen[w.worker_id]["last_seen"] < max(now - 10, w.started_at)]
+                   or (seen[w.worker_id]["claimed_at"] or 0.0) < max(now - 10, w.started_at)]
         if not missing:
             return
         for w in missing:

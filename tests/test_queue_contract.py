@@ -429,13 +429,16 @@ async def test_finish_and_late_finish(queue: JobQueue):
 
 async def test_a_failed_job_is_retried_on_another_worker_when_one_is_alive(queue_factory: QueueFactory):
     """A job that failed on w1 (out of memory on the smallest GPU, say) is not w1's to claim again
-    for a lease while another worker is alive (it claimed, heartbeated or announced itself within two leases): the
-    retry goes elsewhere. A worker alone takes it back at once, and after the lease anyone may."""
+    for a lease while another worker is alive (it claimed or heartbeated within two leases): the
+    retry goes elsewhere. A worker alone takes it back at once, and after the lease anyone may. A
+    worker that has only announced itself (compiling before its first claim: minutes on a GPU)
+    can take no retry yet: it does not count."""
     q = await queue_factory.open(lease=2.0, max_attempts=5)
     rec = await q.submit(spec(1))
     got = await q.claim("w1")
+    await q.announce_worker("w-compiling", init_images=True)
     assert await q.fail(rec.id, got.lease_id, "out of memory") == JobState.QUEUED
-    got = await q.claim("w1")                       # alone: w1 takes it back
+    got = await q.claim("w1")                       # alone (w-compiling claims nothing yet): w1 takes it back
     assert got.id == rec.id and got.attempts == 2 and got.worker_id == "w1"
 
     assert await q.claim("w2") is None             # w2 is alive now (nothing for it yet)
@@ -1223,6 +1226,7 @@ async def test_a_worker_that_announces_itself_is_in_the_registry_before_its_firs
     assert (workers["gpu-compiling"]["init_images"], workers["gpu-compiling"]["job_id"]) == (False, None)
     assert (workers["gpu-encoder"]["init_images"], workers["gpu-encoder"]["job_id"]) == (True, None)
     assert abs(workers["gpu-compiling"]["last_seen"] - time.time()) < 5
+    assert workers["gpu-compiling"]["claimed_at"] is None   # announced, never claimed
 
     rec = await queue.submit(spec())
     got = await queue.claim("gpu-compiling", init_images=False)   # compiled: its first claim
@@ -1230,6 +1234,12 @@ async def test_a_worker_that_announces_itself_is_in_the_registry_before_its_firs
     workers = await queue.workers(max_age=10)
     assert (workers["gpu-compiling"]["init_images"], workers["gpu-compiling"]["job_id"]) == (False, rec.id)
     assert workers["gpu-compiling"]["last_seen"] >= workers["gpu-encoder"]["last_seen"]
+    assert abs(workers["gpu-compiling"]["claimed_at"] - time.time()) < 5
+    assert workers["gpu-encoder"]["claimed_at"] is None
+    # An announcement after claims (the worker restarted, compiling again) keeps its last claim's time.
+    claimed_at = workers["gpu-compiling"]["claimed_at"]
+    await queue.announce_worker("gpu-compiling", init_images=False)
+    assert (await queue.workers(max_age=10))["gpu-compiling"]["claimed_at"] == claimed_at
 
 
 async def test_redis_worker_entry_of_an_earlier_version_reads_as_taking_init_images(redis_server):
@@ -2355,7 +2365,9 @@ async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path
     await q.start()
     try:
         # Its worker's row reads as one with the dVAE encoder until its next claim says (fails safe).
-        assert (await q.workers(max_age=3600))["old-worker"]["init_images"] is True
+        # And as claiming when last seen, as the retry rule read every row before announcements.
+        old_worker = (await q.workers(max_age=3600))["old-worker"]
+        assert old_worker["init_images"] is True and old_worker["claimed_at"] == old_worker["last_seen"] == now
         running = await q.get("runningjob01")
         assert running.state == JobState.RUNNING and running.worker_id == "old-worker" and running.lease_id is None
         # The old claim holds no lease id: nothing passes the fence in its name.
@@ -2376,10 +2388,10 @@ async def test_sqlite_file_from_the_previous_version_opens_and_migrates(tmp_path
     finally:
         await q.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         assert {"lease_id", "failed_on", "retry_after"} <= columns
-        assert "init_images" in {row[1] for row in db.execute("PRAGMA table_info(workers)")}
+        assert {"init_images", "claimed_at"} <= {row[1] for row in db.execute("PRAGMA table_info(workers)")}
     q = SQLiteJobQueue(path)  # opened again: nothing to migrate, nothing lost
     await q.start()
     try:
@@ -2457,7 +2469,7 @@ async def test_sqlite_start_that_cannot_get_the_write_lock_fails_cleanly_and_can
     await q.start()
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         if previous:
             got = await q.claim("w")
             assert got.id == "queuedjob0001" and got.lease_id

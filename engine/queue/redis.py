@@ -1893,10 +1893,14 @@ class RedisJobQueue:
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
         """Live workers, from SAQ's registry (entries expire `worker_ttl` seconds after last contact):
         id -> last_seen, job_id, stats, init_images (its last claim or announcement said it takes jobs
-        that need the encoder)."""
+        that need the encoder), claimed_at (its last claim or heartbeat, as claim's retry rule reads
+        it, to within LEASE/4; None while it has only announced itself)."""
         assert self.saq is not None
         saq = self.saq
+        client = self._client()
         info = await self._retry(lambda: saq.info())
+        claimed = {(w.decode() if isinstance(w, bytes) else w): score for w, score in
+                   await self._retry(lambda: client.zrange(self._k("alive"), 0, -1, withscores=True))}
         out: dict[str, dict[str, Any]] = {}
         for worker_id, data in info["workers"].items():
             meta = data.get("metadata") or {}
@@ -1906,7 +1910,8 @@ class RedisJobQueue:
             # An entry without the field (an earlier version's worker) reads True until that worker's
             # next claim under this version says: a wrong True fails safe (the job is queued, as before).
             out[worker_id] = {"last_seen": last_seen, "job_id": meta.get("job_id"), "stats": data.get("stats"),
-                              "init_images": meta.get("init_images") is not False}
+                              "init_images": meta.get("init_images") is not False,
+                              "claimed_at": claimed.get(worker_id)}
         return out
 
     async def announce_worker(self, worker_id: str, init_images: bool) -> None:

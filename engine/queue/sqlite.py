@@ -137,7 +137,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
     job_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, name)
 );
 CREATE TABLE IF NOT EXISTS workers (
-    worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT, init_images INTEGER NOT NULL DEFAULT 1
+    worker_id TEXT PRIMARY KEY, last_seen REAL NOT NULL, job_id TEXT, init_images INTEGER NOT NULL DEFAULT 1,
+    claimed_at REAL
 );
 CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, stored_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS upload_refs (
@@ -158,14 +159,15 @@ CREATE INDEX IF NOT EXISTS uploads_age ON uploads(stored_at);
 CREATE INDEX IF NOT EXISTS artifacts_states ON artifacts(job_id, length(data)) WHERE name = 'state.pt';
 """
 
-SCHEMA_VERSION = 3  # PRAGMA user_version of a file this module made or migrated
+SCHEMA_VERSION = 4  # PRAGMA user_version of a file this module made or migrated
 
 # A job that failed on a worker and went back for another attempt is not that worker's to claim
-# again for a while, when another worker is alive (claimed or heartbeated within `_ALIVE` leases):
-# the retry goes elsewhere. Alone, the worker takes it back.
+# again for a while, when another worker is alive (claimed or heartbeated within `_ALIVE` leases;
+# one that only announced itself is compiling and can take no retry yet): the retry goes
+# elsewhere. Alone, the worker takes it back.
 _RETRY_ELSEWHERE_SQL = """NOT COALESCE(
     j.failed_on = ? AND j.retry_after > ?
-    AND EXISTS (SELECT 1 FROM workers AS w WHERE w.worker_id != ? AND w.last_seen > ?),
+    AND EXISTS (SELECT 1 FROM workers AS w WHERE w.worker_id != ? AND w.claimed_at > ?),
     0)"""
 _ALIVE = 2.0
 _FORGET_WORKERS_AFTER = 86400.0   # prune() drops a worker's row this long after it was last seen
@@ -423,11 +425,21 @@ class SQLiteJobQueue:
             await self._migrate_v2(tx)
         if not fresh and version < 3:
             await self._migrate_v3(tx)
+        if not fresh and version < 4:
+            await self._migrate_v4(tx)
         for statement in _SCHEMA_LATE.split(";"):
             if statement.strip():
                 await tx.execute(statement)
         if version < SCHEMA_VERSION:
             await tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def _migrate_v4(self, db: aiosqlite.Connection) -> None:
+        """A file from before the registry told a claiming worker from one that only announced
+        itself: every row counts as claiming when last seen (as the retry rule read them before)."""
+        columns = {row["name"] for row in await self._rows(db, "PRAGMA table_info(workers)")}
+        if "claimed_at" not in columns:
+            await db.execute("ALTER TABLE workers ADD COLUMN claimed_at REAL")
+            await db.execute("UPDATE workers SET claimed_at = last_seen")
 
     async def _migrate_v3(self, db: aiosqlite.Connection) -> None:
         """A file from before the registry recorded whether a worker has the dVAE encoder. Its
@@ -615,15 +627,20 @@ class SQLiteJobQueue:
         return seq
 
     async def _see_worker(self, db: aiosqlite.Connection, worker_id: str, job_id: str | None,
-                          init_images: bool | None = None) -> None:
+                          init_images: bool | None = None, *, claiming: bool = True) -> None:
         """The worker's registry row. `init_images`: what its claim said it can take (None, from a
-        heartbeat: unchanged; a worker first seen that way counts as having the encoder)."""
+        heartbeat: unchanged; a worker first seen that way counts as having the encoder).
+        `claiming`: a claim or heartbeat (its `claimed_at` too), not an announcement."""
+        now = time.time()
         await db.execute(
-            "INSERT INTO workers(worker_id, last_seen, job_id, init_images) VALUES (?, ?, ?, COALESCE(?, 1))"
+            "INSERT INTO workers(worker_id, last_seen, job_id, init_images, claimed_at)"
+            " VALUES (?, ?, ?, COALESCE(?, 1), ?)"
             " ON CONFLICT(worker_id) DO UPDATE SET last_seen = excluded.last_seen,"
             " job_id = COALESCE(excluded.job_id, workers.job_id),"
-            " init_images = COALESCE(?, workers.init_images)",
-            (worker_id, time.time(), job_id, *([None if init_images is None else int(init_images)] * 2)),
+            " init_images = COALESCE(?, workers.init_images),"
+            " claimed_at = COALESCE(excluded.claimed_at, workers.claimed_at)",
+            (worker_id, now, job_id, None if init_images is None else int(init_images), now if claiming else None,
+             None if init_images is None else int(init_images)),
         )
 
     async def _to_front(self, db: aiosqlite.Connection, job_id: str, user_id: int) -> None:
@@ -1268,16 +1285,18 @@ class SQLiteJobQueue:
     async def workers(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
         """Workers seen (claiming, heartbeating, or announced while compiling) in the last `max_age`
         seconds (default 60): id -> last_seen, job_id, init_images (its last claim or announcement
-        said it takes jobs that need the dVAE encoder)."""
+        said it takes jobs that need the dVAE encoder), claimed_at (its last claim or heartbeat;
+        None while it has only announced itself)."""
         max_age = 60.0 if max_age is None else float(max_age)
         rows = await self._all(
             "SELECT * FROM workers WHERE last_seen >= ? ORDER BY worker_id", (time.time() - max_age,)
         )
         return {r["worker_id"]: {"last_seen": r["last_seen"], "job_id": r["job_id"],
-                                 "init_images": bool(r["init_images"])} for r in rows}
+                                 "init_images": bool(r["init_images"]), "claimed_at": r["claimed_at"]}
+                for r in rows}
 
     async def announce_worker(self, worker_id: str, init_images: bool) -> None:
         """A worker that is not claiming yet (compiling) is seen now: the row a claim that found
-        nothing writes."""
+        nothing writes, but not its `claimed_at` (the retry rule's: it can take no retry yet)."""
         async with self._tx() as db:
-            await self._see_worker(db, worker_id, None, init_images)
+            await self._see_worker(db, worker_id, None, init_images, claiming=False)
