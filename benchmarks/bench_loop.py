@@ -53,7 +53,7 @@ from engine import random_models  # noqa: E402
 from engine.capacity import (ClipVisualDims, DecoderDims, choose_max_batch, effective_precision,  # noqa: E402
                              per_slot_bytes)
 from engine.generate import GRAPH_WARMUP_STEPS, BatchRunner, GenerationSettings, Slot, encode_targets  # noqa: E402
-from engine.models import Models, decoder_layout, load_models, prepare_clip  # noqa: E402
+from engine.models import Models, load_models, prepare_clip, prepare_decoder  # noqa: E402
 from reference_loop import ReferenceLoop  # noqa: E402
 
 PROMPT = "a beautiful and mysterious house designed by Escher"
@@ -82,12 +82,8 @@ def build_models(device: torch.device, via_files: str | None, tiny: bool = False
         clip_path = random_models.save_clip_torchscript(clip_model, root / "ViT-B-32-random.pt")
         decoder_path = random_models.save_pickled_module(decoder, root / "decoder-random.pkl")
         return load_models(str(clip_path), str(decoder_path), device, cache_dir=root / "cache", trust_decoder=True)
-    # What engine.models.load_models does after reading the files: fp32, frozen, eval.
-    return Models(
-        clip=prepare_clip(clip_model, device),
-        decoder=decoder_layout(decoder.eval().requires_grad_(False).to(device)),
-        device=device,
-    )
+    # What engine.models.load_models does after reading the files.
+    return Models(clip=prepare_clip(clip_model, device), decoder=prepare_decoder(decoder, device), device=device)
 
 
 class PeakMemory:
@@ -244,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dalle-half-casts", choices=("on", "off"), default="off",
                    help="off (default, as engine.models loads the decoder): the engine's loops run without "
                         "dall_e's own fp16 conv casts (autocast alone decides); on: keep them, to compare. "
-                        "The reference loop always keeps them, as the notebook did")
+                        "The reference loop always keeps them on CUDA, as the notebook did (a copy of its own)")
     p.add_argument("--via-files", nargs="?", const="", default=None, metavar="DIR",
                    help="save the random models in OpenAI's formats and load them through engine.models")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation figure")
@@ -281,8 +277,15 @@ def main(argv: list[str] | None = None) -> dict:
     # Frames every 50 iterations; never finishing inside the run.
     settings = GenerationSettings(iterations=10**9, frame_every=50, grid=args.grid, cutn=args.cutn,
                                   precision=args.precision, seed=1)
+    engine_models = models   # as engine.models loads the decoder: none of dall_e's own fp16 casts
+    if args.dalle_half_casts == "on":  # a copy with them, to compare
+        engine_models = replace(models, decoder=copy.deepcopy(models.decoder))
+        for module in engine_models.decoder.modules():
+            if hasattr(module, "use_float16"):
+                module.use_float16 = True
     if args.max_batch is None:
-        args.max_batch = choose_max_batch(device, args.grid, cutn=args.cutn, precision=args.precision, models=models) if cuda else 2
+        args.max_batch = (choose_max_batch(device, args.grid, cutn=args.cutn, precision=args.precision, models=engine_models)
+                          if cuda else 2)
     eff = effective_precision(device, args.precision)
     estimate = per_slot_bytes(args.grid, args.cutn, eff, DecoderDims.of(models.decoder), ClipVisualDims.of(models.clip),
                               decoder_half_casts=args.dalle_half_casts == "on")
@@ -299,12 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
         if cuda and not args.skip_reference_fp32:
             ref32 = ReferenceLoop(models, targets, settings, precision="fp32")
             loops.append(Loop("reference_fp32", "(a32) reference fp32", ref32.step, 1))
-    engine_models = models
-    if args.dalle_half_casts == "off":  # a copy: the reference keeps the notebook's casts
-        engine_models = replace(models, decoder=copy.deepcopy(models.decoder))
-        for module in engine_models.decoder.modules():
-            if hasattr(module, "use_float16"):
-                module.use_float16 = False
     engines = [("engine_1", "(b) engine, 1 job", 1, False)]
     if args.cuda_graphs:
         engines.append(("engine_1_graphs", "(b) engine, 1 job, graphs", 1, True))

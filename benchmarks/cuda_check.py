@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from engine import capacity, random_models  # noqa: E402
 from engine.attention import stock_attention  # noqa: E402
 from engine.generate import GRAPH_MIN_REPLAYS, GRAPH_WARMUP_STEPS, BatchRunner, GenerationSettings, Slot, encode_targets, generate  # noqa: E402
-from engine.models import Models, decoder_layout, prepare_clip  # noqa: E402
+from engine.models import Models, prepare_clip, prepare_decoder  # noqa: E402
 
 PROMPTS = ["a red house by the sea", "a cat made of glass | blurry:-0.5", "a forest at night"]
 report: dict = {"checks": {}}
@@ -64,11 +64,7 @@ def build(device: torch.device, tiny: bool) -> Models:
     else:
         decoder = random_models.make_decoder(tiny=False)
         clip_model = random_models.make_clip(random_models.VIT_B_32)
-    for module in decoder.modules():   # as engine.models loads a dVAE part: autocast alone decides
-        if hasattr(module, "use_float16"):
-            module.use_float16 = False
-    return Models(clip=prepare_clip(clip_model, device),
-                  decoder=decoder_layout(decoder.eval().requires_grad_(False).to(device)), device=device)
+    return Models(clip=prepare_clip(clip_model, device), decoder=prepare_decoder(decoder, device), device=device)
 
 
 def run(models: Models, settings: GenerationSettings, keys: list[int], steps: int,

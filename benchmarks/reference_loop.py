@@ -11,8 +11,8 @@ cosine similarity to the prompt's embedding; Adam on the logits, lr 0.01 x1.005 
 
 Precision, `notebook` (the default): what the notebook ran on a GPU — CLIP in fp16 (`clip.load` on
 CUDA converts the weights) and the decoder's convolutions in fp16 (`dall_e`'s `Conv2d` casts by
-itself on CUDA); on a CPU both are fp32. `fp32`: everything fp32 (dall_e's casts switched off on
-a copy of the decoder). The model weights stay frozen in both (the notebook forgot to freeze them
+itself on CUDA: switched on again in a copy of the engine's decoder, which has them off); on a
+CPU both are fp32. `fp32`: everything fp32. The model weights stay frozen in both (the notebook forgot to freeze them
 and paid about 50% more compute: `unfrozen=True` reproduces that).
 
 Random numbers come from torch's global generator and Python's `random`, as in the notebook; no
@@ -56,12 +56,13 @@ class ReferenceLoop:
             # convolutions, linears and attention and leaves LayerNorm in fp32 (a plain .half()
             # makes CLIP's fp32 LayerNorm meet fp16 weights: "expected scalar type Float").
             clip.model.convert_weights(self.visual)
-        self.decoder = models.decoder
-        if cuda and precision == "fp32":
+        self.decoder = models.decoder   # the engine's: none of dall_e's own fp16 casts (engine.models)
+        if self.half:
+            # OpenAI's decoder.pkl as the notebook loaded it: dall_e's Conv2d casts to fp16 on CUDA.
             self.decoder = copy.deepcopy(models.decoder)
             for module in self.decoder.modules():
                 if hasattr(module, "use_float16"):
-                    module.use_float16 = False
+                    module.use_float16 = True
         if unfrozen:
             self.visual = copy.deepcopy(self.visual).requires_grad_(True)
             self.decoder = copy.deepcopy(self.decoder).requires_grad_(True)

@@ -237,10 +237,10 @@ def prompt_problem(text: str, image_weights: Sequence[float] = ()) -> str | None
     return None
 
 
-def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed: int | None,
-             size: int | None, quality: str | None = None, image_weights: Sequence[float] = ()) -> ImagineRequest:
-    """The request, checked against the config's limits, or BadInput (what to fix). `image_weights`:
-    as prompt_problem's (/imagine's attached `image`)."""
+def checked_prompt(bot: "ImagineBot", prompt: str | None, image_weights: Sequence[float] = ()) -> str:
+    """The prompt (stripped), checked against today's limits (its length, a set's, its weights), or
+    BadInput (what to fix). `image_weights`: as prompt_problem's. validate's check, also for the
+    prompt a Reroll or Continue takes from its job (ImagineCog._button_spec)."""
     cfg = bot.config.imagine
     text = (prompt or "").strip()
     if not has_visible_text(text):   # zero-width and format characters alone look empty too
@@ -277,6 +277,15 @@ def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed
         problem = prompt_problem(plain, image_weights)
         if problem:
             raise BadInput(problem)
+    return text
+
+
+def validate(bot: "ImagineBot", prompt: str | None, iterations: int | None, seed: int | None,
+             size: int | None, quality: str | None = None, image_weights: Sequence[float] = ()) -> ImagineRequest:
+    """The request, checked against the config's limits, or BadInput (what to fix). `image_weights`:
+    as prompt_problem's (/imagine's attached `image`)."""
+    cfg = bot.config.imagine
+    text = checked_prompt(bot, prompt, image_weights)
     preset = None
     if quality is not None:
         preset = bot.config.presets.get(quality)
@@ -660,6 +669,20 @@ def withheld_refusal(job_id: str, verb: str) -> str:
             f"so it cannot be {verb}.")
 
 
+def banned_parent_refusal(job_id: str, verb: str, timed_out: bool = False) -> str:
+    """The refusal of a remix of a job whose prompt the server's refused words match now (an entry
+    added since it finished, not cancelled by it: withheld_refusal is for those), or of a Reroll of
+    a remix of such a job: the remix starts from its picture, and its public reply would quote
+    that prompt (render's lineage line). Reroll and Continue of the job itself are refused by the
+    same check (ImagineCog.refusal: it is their prompt). Names neither the prompt nor the word, as
+    withheld_refusal. `timed_out`: the match ran out of time (moderation.UNCHECKED), no match."""
+    if timed_out:
+        return (f"The prompt of job `{job_id}` could not be checked against this server's list of refused "
+                f"words in time, so it was not {verb}. Try again in a moment. Nothing was queued.")
+    return (f"The prompt of job `{job_id}` is refused by this server's list of refused words, so it cannot be "
+            f"{verb} (a remix starts from its picture and names its prompt). Nothing was queued.")
+
+
 def lineage_gone(job_id: str, kind: str | None, parent_id: str) -> str:
     """The refusal of a Reroll whose job started from `parent_id`'s final state (a remix, a
     continue) when that state has been pruned: without it the reroll would start from noise."""
@@ -725,6 +748,12 @@ async def late_refusal(bot: "ImagineBot", guild_id: int | None, prompts: list[st
     milliseconds, longer only while the commit waits behind another write."""
     from bot.moderation import refusal   # noqa: PLC0415
     return await refusal(bot, guild_id, prompts)
+
+
+def unchecked(refusal_text: str | None) -> bool:
+    """Whether late_refusal's answer says the list could not be matched in time (not a match)."""
+    from bot.moderation import UNCHECKED   # noqa: PLC0415
+    return refusal_text == UNCHECKED
 
 
 async def over_limit(bot: "ImagineBot", user_id: int, guild_id: int | None = None) -> str | None:
@@ -1213,6 +1242,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         verb = "rerolled" if kind == "reroll" else "continued"
         if render.withholds_prompt(parent):   # (a DONE one too: its worker finished before it saw the cancel)
             return withheld_refusal(job_id, verb)
+        try:
+            # Its prompt as /imagine checks one today (the length limit, the weights), e.g. after an
+            # admin lowered max_prompt_chars: the refused words are matched only up to that limit.
+            # As stored its braces are literal: escaped, so that they are not read as a set again.
+            checked_prompt(self.bot, escape_braces(p.prompt), image_weights_of(p))
+        except BadInput as exc:
+            return f"Job `{job_id}` cannot be {verb} within today's limits. {exc}"
         problem = self.size_problem(p, job_id, verb)
         if problem:
             return problem
@@ -1233,6 +1269,19 @@ class ImagineCog(commands.Cog, name="Imagine"):
                     # (Not named: a remix's parent may be of a channel the clicker cannot see.)
                     return (f"Job `{job_id}` starts from the final state of a job this server's admins "
                             "cancelled (its prompt matches a banned word), so it cannot be rerolled.")
+                if p.parent_kind == "remix":
+                    # As /remix of that job today (_remix_parent): its picture, and its prompt in
+                    # the reroll's lineage line. (A continue's prompt is its own: self.refusal.)
+                    source = await self.queue.get(p.parent_job_id)
+                    banned = source is not None and await late_refusal(self.bot, interaction.guild_id,
+                                                                       [source.spec.prompt])
+                    if banned:
+                        return (f"Job `{job_id}` starts from the picture of a job whose prompt "
+                                + ("could not be checked against this server's list of refused words in "
+                                   "time, so it was not rerolled. Try again in a moment."
+                                   if unchecked(banned) else
+                                   "is refused by this server's list of refused words, so it cannot be "
+                                   "rerolled.") + " Nothing was queued.")
                 spec.parent_job_id, spec.parent_kind = p.parent_job_id, p.parent_kind
                 if p.parent_kind == "remix" and isinstance(p.extra.get("parent"), dict):
                     spec.extra["parent"] = carried_source(p.extra["parent"], spec.channel_id, p.channel_id)
@@ -1314,13 +1363,17 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
     async def _remix_parent(self, interaction: discord.Interaction, job_id: str) -> JobRecord | str:
         """The job to remix, if the caller may see it (its server and channel), it has finished, its
-        final state is there and its size is still offered; else why not (for the user)."""
+        final state is there, its size is still offered and its prompt is not refused here now; else
+        why not (for the user)."""
         shown = render.quote(job_id, 64)
         parent = await self.queue.get(job_id) if re.fullmatch(JOB_ID, job_id) else None
-        # Who may see it (a private thread's member the bot has not cached: a Discord lookup) and
-        # whether its state is there, at once: the Remix button has Discord's window and no defer.
-        visible, has_state = (False, False) if parent is None else await asyncio.gather(
-            can_see_job(interaction, parent), self.queue.has_artifact(job_id, "state.pt"))
+        # Who may see it (a private thread's member the bot has not cached: a Discord lookup),
+        # whether its state is there and whether the server's refused words match its prompt now
+        # (an entry added since it finished), at once: the Remix button has Discord's window and
+        # no defer. The last is the check a Reroll or Continue of it gets (ImagineCog.refusal).
+        visible, has_state, banned = (False, False, None) if parent is None else await asyncio.gather(
+            can_see_job(interaction, parent), self.queue.has_artifact(job_id, "state.pt"),
+            late_refusal(self.bot, interaction.guild_id, [parent.spec.prompt]))
         # A job of another server or of a channel the caller cannot see reads exactly as an unknown
         # id: its prompt, author and final picture belong to that channel, not to whoever has the id.
         if parent is None or not visible:
@@ -1329,6 +1382,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
                     "and in `/history`.")
         if render.withholds_prompt(parent):   # before its state: a DONE one has a final state too
             return withheld_refusal(job_id, "remixed")
+        if banned:   # its picture is that prompt's, and the remix's public reply would quote it
+            return banned_parent_refusal(job_id, "remixed", timed_out=unchecked(banned))
         if parent.state != JobState.DONE:
             return (f"Job {shown} has not finished ({parent.state.value}): only a finished "
                     "picture can be remixed.")
@@ -1340,11 +1395,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
     async def remix_button(self, interaction: discord.Interaction, job_id: str) -> None:
         """The Remix form, or why there is none. Its answer is the modal, which cannot follow a
-        defer, so only reads come first, and only two small ones: the job's row (`queue.get`: the
+        defer, so only reads come first, and only small ones: the job's row (`queue.get`: the
         prompt to pre-fill, the server, the state) and whether its `state.pt` exists
         (`has_artifact`: an indexed lookup, no data read), the latter alongside the check that the
         presser may see the job (for a private thread's member the bot has not cached, one Discord
-        lookup). Alongside them, the presser's cap (`over_limit`: their server's limit and their
+        lookup), and the match of the server's refused words against its prompt (the list: one more
+        small read). Alongside them, the presser's cap (`over_limit`: their server's limit and their
         count of waiting jobs, two more small reads), so that a form they could not send is not
         offered. On SQLite all go through the reader
         connection, which never waits behind a write (WAL); on Redis, one HGETALL and one HEXISTS

@@ -12,6 +12,10 @@ Entries:
   boundary on that side: `猫` refuses "黒猫の絵";
 - `re:<pattern>`: a regular expression, case-insensitive, searched anywhere in the prompt.
 
+`list` shows each entry as itself or, where that would not show it exactly (a run of spaces, a
+backtick, a bidi control), as a JSON string; `remove` takes what it shows and removes exactly that
+entry (`shown`).
+
 Look-alike spellings match too: each entry is tried on the prompt as typed and on its folded form
 (`fold`: first cleaned exactly as CLIP's tokenizer cleans it -- ftfy, HTML entities unescaped
 twice, so `c&#97;t` and `c&amp;#97;t` read `cat` -- then NFKC's compatibility folding, so
@@ -59,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import html
+import json
 import logging
 import time
 import unicodedata
@@ -279,11 +284,24 @@ def _refuse_broad(pattern: "regex.Pattern[str]") -> None:
 
 
 def same(a: str, b: str) -> bool:
-    """Whether two entries are one: patterns exactly (`\\b` is not `\\B`, `[a-z]` not `[A-Z]`),
-    except the `re:` prefix's case; plain words as they fold, in any case."""
-    if is_regex(a) or is_regex(b):
-        return is_regex(a) and is_regex(b) and a[len(REGEX_PREFIX):] == b[len(REGEX_PREFIX):]
-    return fold(a).casefold() == fold(b).casefold()
+    """Whether two entries are one: patterns exactly (`\\b` is not `\\B`, `[a-z]` not `[A-Z]`, and
+    `re:a  b` with two spaces not `re:a b`), except the `re:` prefix's case; plain words as they
+    fold, in any case."""
+    return identity(a) == identity(b)
+
+
+def identity(entry: str) -> tuple[bool, str]:
+    """What `same` compares: (is it a pattern, the pattern exactly or the plain word folded). Each
+    stored entry's is worked out once (cached, as its pattern is); compare a typed entry's with
+    them rather than calling `same` per entry, which would fold the typed text again each time."""
+    if is_regex(entry):
+        return True, entry[len(REGEX_PREFIX):]
+    return _word_identity(entry)
+
+
+@functools.lru_cache(maxsize=2048)
+def _word_identity(entry: str) -> tuple[bool, str]:
+    return False, fold(entry).casefold()
 
 
 def find(entries: Iterable[str], prompt: str, max_chars: int,
@@ -329,6 +347,11 @@ async def entries(queue, guild_id: int | None) -> list[str]:
     return [e for e in value if isinstance(e, str)] if isinstance(value, list) else []
 
 
+# The refusal when the list could not be matched in time (MATCH_BUDGET): not a match.
+UNCHECKED = ("Your prompt could not be checked against this server's list of refused words in time, so "
+             "it was not queued. Try a shorter prompt, or ask an admin to simplify the list's patterns.")
+
+
 async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str]) -> str | None:
     """The ephemeral refusal for the first prompt that hits the server's list, else None."""
     listed = await entries(bot.queue, guild_id)
@@ -349,8 +372,7 @@ async def refusal(bot: "ImagineBot", guild_id: int | None, prompts: Iterable[str
     if hit is not None:
         _, matched = hit
         if matched is None:
-            return ("Your prompt could not be checked against this server's list of refused words in time, so "
-                    "it was not queued. Try a shorter prompt, or ask an admin to simplify the list's patterns.")
+            return UNCHECKED
         if not has_visible_text(matched):   # `re:\b`, `re:\s`: nothing to quote
             return ("Your prompt matches a pattern this server's admins have refused. Change it and try again; "
                     "nothing was queued.")
@@ -431,17 +453,79 @@ def _cancelled_line(job_ids: list[str], room: int, hidden: int = 0) -> str:
 # --- the commands --------------------------------------------------------------------------------
 
 def _code(text: str) -> str:
-    """An entry as inline code (render.quote: tamed, a backtick inside becomes a look-alike)."""
+    """Text the admin typed, as inline code (render.quote: tamed, a backtick inside becomes a look-alike)."""
     return render.quote(text, MAX_ENTRY)
 
 
+# How the list (and every answer naming an entry) shows an entry, so that what an admin copies
+# from it and gives `remove` removes that entry and no other. render.quote would not do: it shows
+# `re:a  b` (two spaces) as `re:a b`, drops bidi controls, caps stacked marks and shows a backtick
+# as a look-alike, so two entries could look alike and a copy would not be the entry. Rather than
+# guess which entry a changed copy meant, an entry quote cannot show exactly is shown as a JSON
+# string: in double quotes, ASCII only (`\u0020` a space of a run, `\u0060` a backtick, `\u202e`
+# a bidi control...), which `remove` decodes back to exactly that entry (`_typed`). Every other
+# entry is shown as itself. One shown as itself never both begins and ends with `"` (such an
+# entry is shown as JSON too), so no entry's copy can be read as another's.
+
+def _quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] == '"'
+
+
+# Characters a JSON form escapes beyond JSON's own: those an inline code span would not show as
+# they are (controls, format and bidi characters, separators, private and unassigned code
+# points, combining marks that stack), a backtick (it would end the span) and runs of spaces.
+# Every other character shows as itself: an emoji or a CJK word is not six characters a letter,
+# so an entry's JSON form stays within Discord's 2000 characters.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs", "Mn", "Me"})
+
+
+def _escape_char(ch: str) -> str:
+    if ch == " " or (ch != "`" and unicodedata.category(ch) not in _ESCAPED_CATEGORIES):
+        return ch
+    units = ch.encode("utf-16-be")   # a surrogate pair beyond the BMP, as JSON writes one
+    return "".join(f"\\u{int.from_bytes(units[i:i + 2], 'big'):04x}" for i in range(0, len(units), 2))
+
+
+def _escaped(entry: str) -> str:
+    """`entry` as a JSON string that shows (and copies) exactly in an inline code span."""
+    text = "".join(_escape_char(ch) for ch in json.dumps(entry, ensure_ascii=False))
+    return regex.sub(r" {2,}", lambda run: "\\u0020" * len(run[0]), text)
+
+
+def shown(entry: str) -> str:
+    """`entry` as the list shows it, inside its inline code span: itself, or its JSON form."""
+    if render.quote(entry, MAX_ENTRY) == f"`{entry}`" and not _quoted(entry):
+        return entry
+    return _escaped(entry)
+
+
+def _shown_code(entry: str) -> str:
+    return f"`{shown(entry)}`"
+
+
+def _typed(wanted: str) -> str:
+    """The entry a typed (or copied) `wanted` names: a JSON string (`shown`) decoded, else as typed."""
+    if _quoted(wanted):
+        try:
+            decoded = json.loads(wanted)
+        except ValueError:
+            return wanted
+        if isinstance(decoded, str):
+            return decoded
+    return wanted
+
+
 def _listing(items: list[str]) -> str:
-    lines = [f"{n}. {_code(e)}" + ("  (regex)" if is_regex(e) else "")
+    lines = [f"{n}. {_shown_code(e)}" + ("  (regex)" if is_regex(e) else "")
              for n, e in enumerate(items, 1)]
-    text = "\n".join(lines)
+    note = ""
+    if any(shown(e) != e for e in items):
+        note = ("\n-# An entry in double quotes is written with escapes (`\\u0020` a space, `\\u0060` a backtick): "
+                "give it to `/queue-admin ban-word remove` as shown, quotes included.")
+    text = "\n".join(lines) + note
     while len(text) > 1900 and lines:
         lines.pop()
-        text = "\n".join(lines) + f"\n…and {len(items) - len(lines)} more."
+        text = "\n".join(lines) + f"\n…and {len(items) - len(lines)} more." + note
     return text
 
 
@@ -501,31 +585,39 @@ class ModerationCog(commands.Cog, name="Moderation"):
 
         if not await self._admin(interaction):
             return
+        # Answer Discord first: normalise tries a pattern for up to ~0.65 s in the thread pool that
+        # other work shares, so under load it may not even start within Discord's 3 s.
+        await _defer_privately(interaction)
         try:
-            entry = await asyncio.to_thread(normalise, raw)   # may try the pattern for up to ~0.3 s
+            entry = await asyncio.to_thread(normalise, raw)
         except BadEntry as exc:
             await ephemeral(interaction, str(exc))
             return
         guild_id = interaction.guild_id or 0
-        await _defer_privately(interaction)
         async with self._lock:
             current = await entries(self.bot.queue, guild_id)
-            if any(same(e, entry) for e in current):
-                await ephemeral(interaction, f"{_code(entry)} is already on the list.")
-                return
-            if len(current) >= MAX_ENTRIES:
-                await ephemeral(interaction, f"The list is full ({MAX_ENTRIES} entries); remove one first.")
-                return
-            current.append(entry)
-            await self.bot.queue.set_setting(setting_key(guild_id), current)
-        log.info("user %s added %r to the refused words of server %s", interaction.user.id, entry, guild_id)
+            key = identity(entry)
+            listed = next((e for e in current if identity(e) == key), None)
+            if listed is None:
+                if len(current) >= MAX_ENTRIES:
+                    await ephemeral(interaction, f"The list is full ({MAX_ENTRIES} entries); remove one first.")
+                    return
+                current.append(entry)
+                await self.bot.queue.set_setting(setting_key(guild_id), current)
+        if listed is None:
+            log.info("user %s added %r to the refused words of server %s", interaction.user.id, entry, guild_id)
+            kind = "pattern" if is_regex(entry) else "word"
+            head = (f"Added the {kind} {_shown_code(entry)}: prompts that contain it are refused. The list has "
+                    f"{len(current)} entr{'y' if len(current) == 1 else 'ies'}.")
+        else:
+            # Listed already: still cancel the jobs in line that match it. An add that stored the
+            # entry and then failed before (or during) its cancel pass is finished by a retry.
+            entry = listed
+            head = f"{_shown_code(entry)} is already on the list; nothing was added."
         # After the write: a job submitted from now on is refused at submit (its check just before the
         # store's write, ImagineCog.submit, permutations.submit_set), one before it is here.
         cancelled = await cancel_matching(self.bot, guild_id, entry)
         visible = await _visible(interaction, cancelled)
-        kind = "pattern" if is_regex(entry) else "word"
-        head = (f"Added the {kind} {_code(entry)}: prompts that contain it are refused. The list has "
-                f"{len(current)} entr{'y' if len(current) == 1 else 'ies'}.")
         line = _cancelled_line(visible, render.CONTENT_LIMIT - len(head) - 1, hidden=len(cancelled) - len(visible))
         await ephemeral(interaction, f"{head}\n{line}")
 
@@ -534,20 +626,42 @@ class ModerationCog(commands.Cog, name="Moderation"):
 
         if not await self._admin(interaction):
             return
-        wanted = (raw or "").strip()
+        # As typed, else as the list shows it (`shown`: a JSON string, decoded): an entry stored
+        # with its quotes (`"bad phrase"`) is removed when typed as it was added, never another
+        # that its decoded text names. No white space is collapsed here: a plain word's identity is
+        # folded (runs of white space as one space) anyway, and a pattern's white space is part of
+        # it (`re:a  b` is not `re:a b`).
+        typed = (raw or "").strip()
+        candidates = list(dict.fromkeys([typed, _typed(typed)]))
+
+        def size(text: str) -> int:   # as `normalise` counts
+            return len(text if is_regex(text) else " ".join(text.split()))
+
+        fitting = [c for c in candidates if size(c) <= MAX_ENTRY]
+        if not fitting:   # before any folding: it is on the event loop
+            await ephemeral(interaction, f"That entry is {min(map(size, candidates))} characters long; no entry "
+                                         f"is longer than {MAX_ENTRY}. Nothing was removed.")
+            return
+        keys = [identity(c) for c in fitting]   # each folded once; the stored entries' are cached
         guild_id = interaction.guild_id or 0
         await _defer_privately(interaction)
         async with self._lock:
             current = await entries(self.bot.queue, guild_id)
-            keep = [e for e in current if not (same(e, wanted) or same(e, " ".join(wanted.split())))]
-            if len(keep) == len(current):
-                await ephemeral(interaction, f"{_code(wanted[:MAX_ENTRY])} is not on the "
+            removed: list[str] = []
+            for key in keys:
+                removed = [e for e in current if identity(e) == key]
+                if removed:
+                    break
+            if not removed:
+                await ephemeral(interaction, f"{_code(fitting[-1])} is not on the "
                                              "list; `/queue-admin ban-word list` shows it.")
                 return
+            keep = [e for e in current if e not in removed]
             await self.bot.queue.set_setting(setting_key(guild_id), keep)
         log.info("user %s removed %r from the refused words of server %s (entries %r)",
-                 interaction.user.id, wanted, guild_id, [e for e in current if e not in keep])
-        await ephemeral(interaction, f"Removed {_code(wanted)}: it is allowed again. "
+                 interaction.user.id, typed, guild_id, removed)
+        await ephemeral(interaction, f"Removed {', '.join(_shown_code(e) for e in removed)}: "
+                                     f"{'they are' if len(removed) > 1 else 'it is'} allowed again. "
                                      f"The list has {len(keep)} entr{'y' if len(keep) == 1 else 'ies'}.")
 
     async def show(self, interaction: discord.Interaction) -> None:

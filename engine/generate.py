@@ -413,26 +413,8 @@ class Slot:
     def load_state(self, state: dict[str, Any]) -> None:
         """Take over a `state()` (a checkpoint, or a parent's state.pt, maybe `compact_state`d: it is
         brought back to fp32 here). A state whose tensors do not fit this slot is refused here, at
-        the start (ValueError), not at its first step: there it would fail the whole batch."""
-        state = expand_state(state)
-        shape = tuple(self.logits.shape)
-        if tuple(state["logits"].shape) != shape:
-            raise ValueError(f"the saved logits {tuple(state['logits'].shape)} do not fit this job's {shape}")
-        for per_param in state["optimizer"].get("state", {}).values():
-            for name, value in per_param.items():
-                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
-                    raise ValueError(f"the saved optimiser state {name!r} {tuple(value.shape)} does not fit "
-                                     f"this job's logits {shape}")
-            # Fused Adam takes what it is given: a moment of another shape, or a step count that
-            # is no count (a bool, NaN), would corrupt memory or the run instead of raising.
-            for name in _MOMENTS:
-                value = per_param.get(name)
-                if not torch.is_tensor(value) or tuple(value.shape) != shape or not value.is_floating_point():
-                    raise ValueError(f"the saved optimiser state {name!r} is missing or does not fit this job's "
-                                     f"logits {shape}: the state is damaged")
-            if not _is_step_count(per_param.get("step")):
-                raise ValueError(f"the saved optimiser step count {per_param.get('step')!r} is not a count: "
-                                 "the state is damaged")
+        the start (ValueError, `check_state`), not at its first step: there it would fail the whole batch."""
+        state = check_state(state, tuple(self.logits.shape))
         with torch.no_grad():
             self.logits.copy_(state["logits"].to(self.logits.device))
         # Loading takes the saved groups' settings: fused as this slot's Adam, whichever Adam
@@ -553,6 +535,71 @@ def _half_keeping_argmax(logits: torch.Tensor) -> torch.Tensor:
         winner = half.gather(1, want)
         half.scatter_(1, want, torch.where(moved, raised, winner))
     return half
+
+
+def check_state(state: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """A `Slot.state()` (a checkpoint, a parent's state.pt: read from a shared store) checked
+    against the logits `shape` of the slot that would take it ([1, V, g, g]), without a slot:
+    what `Slot.load_state` refuses, found where the state is read. Returns it `expand_state`d.
+    ValueError when it is not what `state()` writes for such a slot: its keys, the logits, Adam's
+    single group, moments and step count, the generator's form, the iteration. (Whether the
+    generator can be taken on this device is `load_state`'s to decide.)"""
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"{what}: the state is damaged")
+
+    if not isinstance(state, dict):
+        raise damaged(f"the state is a {type(state).__name__}, not a dict")
+    missing = [key for key in ("iteration", "logits", "optimizer", "generator") if key not in state]
+    if missing:
+        raise damaged(f"the state has no {', '.join(missing)}")
+    iteration = state["iteration"]
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise damaged(f"the saved iteration {iteration!r} is not a count")
+    logits, optimizer = state["logits"], state["optimizer"]
+    if not torch.is_tensor(logits) or not logits.is_floating_point():
+        raise damaged(f"the saved logits are a {type(logits).__name__} {getattr(logits, 'dtype', '')}")
+    if (not isinstance(optimizer, dict) or not isinstance(optimizer.get("state", {}), dict)
+            or not all(isinstance(per_param, dict) for per_param in optimizer.get("state", {}).values())):
+        raise damaged("the saved optimiser state is not Adam's")
+    groups = optimizer.get("param_groups")
+    # One group of one parameter (the logits), by its index: load_state_dict raises on any other
+    # count, and a state for a parameter the group does not hold would be kept unused.
+    params = groups[0].get("params") if isinstance(groups, list) and groups and isinstance(groups[0], dict) else None
+    if (params is None or len(groups) != 1 or not isinstance(params, list) or len(params) != 1
+            or isinstance(params[0], bool) or not isinstance(params[0], int)
+            or not set(optimizer.get("state", {})) <= set(params)):
+        raise damaged("the saved optimiser state is not one group of the logits alone")
+    generator = state["generator"]
+    if not torch.is_tensor(generator) or generator.dtype != torch.uint8 or generator.dim() != 1:
+        raise damaged(f"this state's random generator is not a generator state "
+                      f"({type(generator).__name__} {getattr(generator, 'dtype', '')})")
+    state = expand_state(state)
+    if tuple(state["logits"].shape) != shape:
+        raise ValueError(f"the saved logits {tuple(state['logits'].shape)} do not fit this job's {shape}")
+    for per_param in state["optimizer"].get("state", {}).values():
+        for name, value in per_param.items():
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
+                raise ValueError(f"the saved optimiser state {name!r} {tuple(value.shape)} does not fit "
+                                 f"this job's logits {shape}")
+        # Fused Adam takes what it is given: a moment of another shape, or a step count that
+        # is no count (a bool, NaN), would corrupt memory or the run instead of raising.
+        for name in _MOMENTS:
+            value = per_param.get(name)
+            if not torch.is_tensor(value) or tuple(value.shape) != shape or not value.is_floating_point():
+                raise ValueError(f"the saved optimiser state {name!r} is missing or does not fit this job's "
+                                 f"logits {shape}: the state is damaged")
+        if not _is_step_count(per_param.get("step")):
+            raise ValueError(f"the saved optimiser step count {per_param.get('step')!r} is not a count: "
+                             "the state is damaged")
+    return state
+
+
+def state_is_finite(state: dict[str, Any]) -> bool:
+    """Whether a `Slot.state()`'s logits and Adam moments are all finite (its host copies: a read,
+    no sync). A diverged run's state: resumed, its next frame fails with NonFiniteError."""
+    tensors = [state["logits"], *(v for per_param in state["optimizer"].get("state", {}).values()
+                                  for v in per_param.values() if torch.is_tensor(v) and v.dim() > 0)]
+    return bool(_all_finite(*tensors))
 
 
 def expand_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -1201,6 +1248,6 @@ def generate(
 
 __all__ = [
     "BatchRunner", "Frame", "GenerationResult", "GenerationSettings", "NonFiniteError", "PromptError", "PromptPart",
-    "Slot", "Targets", "batch_key", "compact_state", "encode_targets", "expand_state", "generate", "parse_prompt",
-    "state_from_bytes", "state_to_bytes",
+    "Slot", "Targets", "batch_key", "check_state", "compact_state", "encode_targets", "expand_state", "generate",
+    "parse_prompt", "state_from_bytes", "state_is_finite", "state_to_bytes",
 ]

@@ -370,6 +370,13 @@ def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(module, converted)
 
 
+def prepare_decoder(decoder: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """A dVAE decoder as the engine runs it (what `load_dvae` gives): frozen, eval, none of
+    dall_e's own fp16 casts (autocast decides), on `device`, in its fastest layout. For a decoder
+    built in memory (benchmarks); `load_models` does the same to the one it reads."""
+    return decoder_layout(_freeze(decoder).to(device))
+
+
 def decoder_layout(decoder: nn.Module) -> nn.Module:
     """The decoder's weights, in place, in the memory layout its convolutions run fastest in: on a
     CPU channels-last (oneDNN's own; a full-size step 1.09x faster, docs/PERFORMANCE.md)."""
@@ -578,6 +585,7 @@ __all__ = [
     "decoder_layout",
     "low_precision_copy",
     "prepare_clip",
+    "prepare_decoder",
     "save_dvae_safe",
     "sha256_of",
     "dall_e",

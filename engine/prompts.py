@@ -25,8 +25,10 @@ class PromptError(ValueError):
 
 
 # Signs as people type them: ASCII, and the Unicode minus (U+2212) that word processors and phone
-# keyboards substitute, its small and full-width forms, the full-width plus.
-_MINUS = "\u2212\ufe63\uff0d"
+# keyboards substitute, its small and full-width forms, the full-width plus; and the en and em
+# dashes (U+2013, U+2014) that phones and macOS autocorrect "-" and "--" into (`blurry:–1`). A dash
+# is a sign only right before a weight's number: `a house – blurry`, with no `:number`, stays text.
+_MINUS = "\u2212\ufe63\uff0d\u2013\u2014"
 _PLUS = "\uff0b"
 _SIGN = f"[+\\-{_MINUS}{_PLUS}]"
 _NUMBER = rf"{_SIGN}?(\d+(\.\d*)?|\.\d+)([eE]{_SIGN}?\d+)?"   # 0.5, -1, .5, -1e1, 1E-2
@@ -43,9 +45,11 @@ _DIGIT_COLON_WHOLE = re.compile(r"\d:\d+\s*$")
 # ("temperature: -5 degrees", "sale: -50%", "price: 1,000", "my grandmother: Nan"):
 # - a signed nan / inf (-inf), or an unsigned one written straight after the colon (blurry:nan);
 # - a decimal comma: signed (-0,5) or 0,5;
-# - a sign, digits and dots, then at most two letters (-1x, -1.5.2, -0.5a).
-_SIGNED_JUNK = re.compile(rf"^{_SIGN}(nan|inf|infinity)$|^({_SIGN}\d+|{_SIGN}?0),\d+$|^{_SIGN}\.?\d[\d.]*[a-z]{{0,2}}$",
-                          re.I)
+# - a sign, digits and dots, then at most two letters (-1x, -1.5.2, -0.5a);
+# - the same with a space after the sign (- 1, + 1) or a doubled sign (--1): the tail as a whole
+#   is still one number gone wrong, and read as text `- 1` would pull toward the part.
+_SIGNED_JUNK = re.compile(rf"^{_SIGN}(nan|inf|infinity)$|^({_SIGN}\d+|{_SIGN}?0),\d+$"
+                          rf"|^{_SIGN}+\s*\.?\d[\d.]*[a-z]{{0,2}}$", re.I)
 _BARE_NAN = re.compile(r"^(nan|inf|infinity)$", re.I)
 
 

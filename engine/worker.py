@@ -40,8 +40,8 @@ import torch
 from engine import video
 from engine.compiling import AUTO, check_cuda_graphs, compile_options
 from engine.generate import (
-    BatchRunner, Frame, GenerationSettings, NonFiniteError, PromptError, Slot, compact_state, encode_targets,
-    state_from_bytes, state_to_bytes,
+    BatchRunner, Frame, GenerationSettings, NonFiniteError, PromptError, Slot, check_state, compact_state,
+    encode_targets, state_from_bytes, state_is_finite, state_to_bytes,
 )
 from engine.jobs import (
     GIB, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days,
@@ -134,7 +134,8 @@ def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
 
 class DamagedCheckpoint(RuntimeError):
     """A checkpoint that is not what a worker writes for its job (its frames: not PNGs, not the
-    job's size, too many). Every worker would find the same, so the job starts over (from noise,
+    job's size, too many; its state: another grid's logits, damaged optimiser or generator
+    state, keys missing). Every worker would find the same, so the job starts over (from noise,
     or its parent's state) rather than failing: its progress is lost, its result is not. A
     checkpoint that does not unpickle at all is another matter (a torch another worker may read):
     that attempt fails and the job is retried elsewhere, up to the attempts cap."""
@@ -172,6 +173,20 @@ def _unpack_with_pixels(data: bytes, spec: JobSpec) -> tuple[dict[str, Any], lis
             pixels.append(np.asarray(_decode_png(png, (side, side))))
         except Exception as exc:  # noqa: BLE001 - whatever the decoder raises: the checkpoint is damaged
             raise DamagedCheckpoint(f"the checkpoint's frame {i + 1} of {len(frames_png)} is {exc}") from None
+    return state, frames_png, pixels
+
+
+def _unpack_resumable(data: bytes, spec: JobSpec, logits_shape: tuple[int, ...] | None):
+    """`_unpack_with_pixels`, and its state checked as the slot that takes it will check it
+    (`check_state` against the job's logits [1, V, g, g]; None: models not known, unchecked here):
+    a state no slot of this job can take is as damaged as a bad frame, on every worker, so the
+    job starts over rather than failing at its start on each."""
+    state, frames_png, pixels = _unpack_with_pixels(data, spec)
+    if logits_shape is not None:
+        try:
+            state = check_state(state, logits_shape)
+        except ValueError as exc:
+            raise DamagedCheckpoint(str(exc)) from None
     return state, frames_png, pixels
 
 
@@ -584,8 +599,9 @@ class Worker:
             if checkpoint is not None:
                 try:
                     # Off the event loop, the PNGs' decoding too: in the bot it would stall Discord.
+                    shape = None if self.models is None else (1, self.models.vocab_size, settings.grid, settings.grid)
                     state, run.frames_png, run.frames_pixels = await asyncio.to_thread(
-                        _unpack_with_pixels, checkpoint.data, spec)
+                        _unpack_resumable, checkpoint.data, spec, shape)
                     log.info("job %s resumes from its checkpoint at iteration %d", record.id, state["iteration"])
                 except DamagedCheckpoint as exc:
                     log.warning("job %s: its checkpoint is damaged (%s): starting it over", record.id, exc)
@@ -1038,7 +1054,7 @@ class Worker:
                             try:
                                 state = self._checkpoint_snapshot(slot)
                             except Exception:  # noqa: BLE001 - this checkpoint only: the job runs on
-                                log.exception("could not snapshot job %s for a checkpoint", slot.key)
+                                log.exception("could not snapshot job %s for a checkpoint", self._job_id(slot.key))
                         self._from_gpu(self._on_frame, slot.key, frame, state)
                     if slot.done:
                         self._finish(runner, slot)
@@ -1051,15 +1067,30 @@ class Worker:
                 if self._cancelled(key) or slot.iteration <= saved:
                     continue
                 try:
-                    self._stop_states[key] = slot.state()
+                    state = slot.state()
                 except Exception:  # noqa: BLE001 - it resumes from its last checkpoint instead
-                    log.exception("could not snapshot job %s while stopping", key)
+                    log.exception("could not snapshot job %s while stopping", self._job_id(key))
+                    continue
+                # Frame checkpoints are checked finite by their frames; this one has none. A run
+                # that diverged since would overwrite its last good checkpoint with one that
+                # fails at its next frame on every retry.
+                if not state_is_finite(state):
+                    log.warning("job %s diverged (non-finite logits or optimiser state at iteration %d): "
+                                "no checkpoint while stopping; it resumes from its last one (iteration %d)",
+                                self._job_id(key), slot.iteration, saved)
+                    continue
+                self._stop_states[key] = state
         except BaseException as exc:
             self._gpu_error = exc
             log.exception("GPU thread died: no more claims or heartbeats; its jobs go back as failed attempts")
             raise
         finally:
             self.gpu_alive = False
+
+    def _job_id(self, key: str) -> str:
+        """For the log, from either thread: the job a slot (keyed by its run's lease) runs."""
+        run = self.running.get(key)
+        return run.record.id if run is not None else f"(lease {key})"
 
     def _finish(self, runner: BatchRunner, slot: Slot) -> None:
         """GPU thread: `slot` is done: out of the runner, its final state to _on_done."""

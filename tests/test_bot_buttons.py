@@ -402,6 +402,37 @@ async def test_buttons_keep_to_todays_limits(harness):
     fd.assert_clean()
 
 
+async def test_reroll_and_continue_check_the_prompt_against_todays_limits(harness):
+    """An admin lowered `max_prompt_chars` since a job finished: its Reroll and Continue are refused,
+    privately, as `/imagine` of its prompt would be, and nothing is queued. The refused words are
+    matched only up to that limit: `cursed` past it would have gone unseen. A prompt within the
+    limits with a literal brace (typed `\\{`) still rerolls: it is not read as a set's, half open."""
+    from tests.test_bot_support import finished_job
+
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    prompt = "a lighthouse in fog at dusk, oils, with a cursed ship"
+    msg, job_id = await finished_job(h, prompt)
+    brace_msg, brace_id = await finished_job(h, "a sign reading \\{ open")
+    assert (await h.queue.get(brace_id)).spec.prompt == "a sign reading { open"
+    h.config.imagine.max_prompt_chars = 40
+    await h.queue.set_setting(f"banned:{fd.guild_id}", ["cursed"])
+    before = await h.queue.history(fd.channel_id, limit=50)
+    for action, verb in (("reroll", "rerolled"), ("continue", "continued")):
+        click = await fd.click_button(msg, f"imagine:{action}:{job_id}")
+        await fd.wait_for_response(click)
+        assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, (action, click.response)
+        assert click.response["data"]["content"].startswith(
+            f"Job `{job_id}` cannot be {verb} within today's limits. The prompt is {len(prompt)} characters "
+            "long; the limit is 40."), click.response
+    assert await h.queue.history(fd.channel_id, limit=50) == before and await h.queue.count_queued() == 0
+
+    _, reroll_id = await _button_job(h, await fd.click_button(brace_msg, f"imagine:reroll:{brace_id}"))
+    assert (await h.queue.get(reroll_id)).spec.prompt == "a sign reading { open"
+    fd.assert_clean()
+
+
 async def test_jobs_made_from_a_job_with_an_old_size_label_are_labelled_by_their_grid(harness):
     """A job queued under an old config whose label said more than its grid makes (`"256" = 8`:
     64-pixel pictures called 256×256; the bot refuses such a config now). Once the admin fixed it

@@ -402,3 +402,91 @@ async def test_a_same_channel_remix_parent_without_a_link_stays_of_this_channel(
         assert history.count(f"\n  ↳ remix of `{a}`") == 3, history   # the remix (an old record) and both Rerolls
         assert "cannot see" not in history, history
     fd.assert_clean()
+
+
+async def test_a_job_whose_prompt_is_banned_since_is_not_remixed(harness):
+    """An admin bans `cursed` after "a cursed lighthouse" finished (not cancelled: it was done). Its
+    Reroll and Continue are refused (their prompt is its prompt); so is a remix of it, by /remix
+    and by its Remix button alike: the remix would start from its picture, and its public reply
+    would quote the banned prompt (↳ remix of … *a cursed lighthouse*). Privately, nothing queued;
+    the remix's own prompt is fine. The same remix of a job the list does not match goes."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    msg, a = await finished_job(h, "a cursed lighthouse")
+    ok_msg, ok = await finished_job(h, "a quiet harbour")
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, user=fd.admin_user)
+    assert "Added the word `cursed`" in text, text
+    before = await h.queue.history(fd.channel_id, limit=50)
+    public = {m.id for m in fd.messages.values() if not m.ephemeral}
+
+    for action in ("reroll", "continue"):   # refused already: the contrast
+        click = await fd.click_button(msg, f"imagine:{action}:{a}")
+        await fd.wait_for_response(click)
+        assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, (action, click.response)
+        assert "refused" in click.response["data"]["content"], click.response
+    refusal = (f"The prompt of job `{a}` is refused by this server's list of refused words, so it cannot be "
+               "remixed (a remix starts from its picture and names its prompt). Nothing was queued.")
+    assert await ephemeral_answer(h, "remix", {"job": a, "prompt": "a calm sea"}) == refusal
+    click = await fd.click_button(msg, f"imagine:remix:{a}")   # no form to fill in for nothing
+    await fd.wait_for_response(click)
+    assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, click.response
+    assert click.response["data"]["content"] == refusal
+    assert await h.queue.history(fd.channel_id, limit=50) == before and await h.queue.count_queued() == 0
+    # No public message: the banned prompt is quoted nowhere but in its own result.
+    assert {m.id for m in fd.messages.values() if not m.ephemeral} == public
+
+    inter = await fd.send_slash_command("remix", {"job": ok, "prompt": "a calm sea"})
+    await fd.wait_for_response(inter)
+    assert inter.response_type == 5, inter.response
+    assert f"↳ remix of `{ok}` *a quiet harbour*" in (await h.reply_of(inter)).content
+    fd.assert_clean()
+
+
+async def test_a_reroll_of_a_remix_of_a_job_banned_since_is_refused(harness):
+    """B is a remix of "a cursed lighthouse" (A), both finished; then an admin bans `cursed`. /remix
+    of A is refused (above); a Reroll of B would be that remix again: from A's picture, its public
+    reply quoting A's prompt (↳ remix of `A` *a cursed lighthouse*). It is refused privately, and
+    nothing is queued; B's own prompt is fine."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    _, a = await finished_job(h, "a cursed lighthouse")
+    inter = await fd.send_slash_command("remix", {"job": a, "prompt": "a calm sea"})
+    await fd.wait_for_response(inter)
+    remix_msg = await h.reply_of(inter)
+    b = h.job_id(remix_msg)
+    await claim_jobs(h.queue, [b])
+    await h.queue.put_artifact(b, "state.pt", b"state")
+    await finish_jobs(h.queue, [b])
+    await h.wait_delivered(b)
+    await fd.wait_for(lambda: f"imagine:reroll:{b}" in fd.messages[remix_msg.id].custom_ids, 5, "B's buttons")
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, user=fd.admin_user)
+    assert "Added the word `cursed`" in text, text
+    public = {m.id for m in fd.messages.values() if not m.ephemeral}
+
+    click = await fd.click_button(remix_msg, f"imagine:reroll:{b}")
+    await fd.wait_for_response(click)
+    assert click.response_type == 4 and click.response["data"]["flags"] & EPHEMERAL, click.response
+    assert click.response["data"]["content"] == (
+        f"Job `{b}` starts from the picture of a job whose prompt is refused by this server's list of refused "
+        "words, so it cannot be rerolled. Nothing was queued.")
+    assert await h.queue.count_queued() == 0
+    assert {m.id for m in fd.messages.values() if not m.ephemeral} == public
+    fd.assert_clean()
+
+
+async def test_a_remix_whose_parent_could_not_be_checked_in_time_says_so(harness):
+    """A pattern that takes too long on the job's prompt (written to the store before the add's
+    checks, or slow only on this prompt) refuses the remix, but as what it is: not checked in time,
+    not a match."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    _, a = await finished_job(h, "a" * 40 + "!")
+    await h.queue.set_setting(f"banned:{fd.guild_id}", ["re:(a|aa)+$"])   # backtracks for ever on a…a!
+    text = await ephemeral_answer(h, "remix", {"job": a, "prompt": "a calm sea"})
+    assert text == (f"The prompt of job `{a}` could not be checked against this server's list of refused words "
+                    "in time, so it was not remixed. Try again in a moment. Nothing was queued."), text
+    assert await h.queue.count_queued() == 0
+    fd.assert_clean()

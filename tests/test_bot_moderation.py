@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import threading
 import time
 
 import pytest
 
 from bot import attachments, moderation
 from tests.test_bot_brainstorm import noise_png
-from tests.test_bot_support import ephemeral_answer, harness  # noqa: F401 - the fixture
+from tests.test_bot_support import EPHEMERAL, ephemeral_answer, harness, private_answer  # noqa: F401 - the fixture
 from tests.test_bot_uploads import outcomes, uploads_settle
 
 pytestmark = pytest.mark.asyncio
@@ -84,7 +86,7 @@ async def test_admins_keep_the_list_and_prompts_that_match_it_are_refused(harnes
     assert "refused" in await _refused(h, "one more cursed idea")
     assert "refused" in await _refused(h, "a house")
     text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "CURSED"}, **admin)
-    assert "Removed `CURSED`" in text and "1 entry" in text
+    assert "Removed `Cursed`" in text and "1 entry" in text
     assert "not on the list" in await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "nothing"}, **admin)
     await _queued(h, "one more cursed idea")               # allowed again
     assert await h.queue.get_setting(key) == [r"re:h[o0]+use"]
@@ -227,3 +229,148 @@ async def test_a_pattern_that_matches_ordinary_prompts_is_refused(entry):
                                    "re:(?=cat)", "re:nud(e|ity)", "house", "a"])
 async def test_a_pattern_that_matches_few_ordinary_prompts_is_accepted(entry):
     assert moderation.normalise(entry) == entry
+
+
+async def test_a_retried_add_cancels_the_jobs_in_line_that_a_failed_add_left(harness, monkeypatch):
+    """The add stores the entry, then cancels the jobs in line that match it. A store error in
+    between (here: the line's read fails once) leaves the entry listed and those jobs queued; the
+    admin's retry says it is listed already and cancels them all the same."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    key = f"banned:{h.fd.guild_id}"
+    job_id = await _queued(h, "a cursed house")
+    running = h.queue.running
+
+    async def store_away(*args, **kwargs):
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(h.queue, "running", store_away)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, **admin)
+    assert "Added" not in text and "went wrong" in text, text
+    assert await h.queue.get_setting(key) == ["cursed"]
+    assert (await h.queue.get(job_id)).state.value == "queued"   # half done
+
+    monkeypatch.setattr(h.queue, "running", running)
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "CURSED"}, **admin)
+    assert text.startswith("`cursed` is already on the list; nothing was added.\n"), text
+    assert "Cancelled 1 of this server's queued or running job whose prompt matches it" in text, text
+    assert f"`{job_id}`" in text
+    assert (await h.queue.get(job_id)).state.value == "cancelled"
+    assert await h.queue.get_setting(key) == ["cursed"]
+    # Nothing left to cancel: the retry says so.
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, **admin)
+    assert "already on the list" in text and "No queued or running job of this server matches it." in text, text
+    h.fd.assert_clean()
+
+
+_LISTED = re.compile(r"^\d+\. `([^`]*)`", re.MULTILINE)
+
+
+async def test_what_the_list_shows_removes_that_entry_and_no_other(harness):
+    """For a pattern white space matters: `re:evil  cat` (two spaces) and `re:evil cat` are two
+    entries, and removing one keeps the other. The list (and the add's answer) shows each entry so
+    that what it shows inside the code span, given to remove, removes exactly that entry: one with
+    a run of spaces or a backtick (which an inline code span cannot show as typed) too, and one
+    written with the backtick's look-alike is another entry."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    key = f"banned:{h.fd.guild_id}"
+    listed = ["re:evil  cat", "re:evil cat", "re:foo`bar", "re:foo\u02cbbar", "c`at", "c\u02cbat", '"dog"', "dog"]
+    answers = [await ephemeral_answer(h, "queue-admin ban-word add", {"entry": e}, **admin) for e in listed]
+    assert all(a.startswith("Added the ") for a in answers), answers
+    assert len({a.split(":")[1] for a in answers[:2]}) == 2, answers   # the two patterns told apart
+    assert await h.queue.get_setting(key) == listed
+
+    listing = await ephemeral_answer(h, "queue-admin ban-word list", **admin)
+    shown = _LISTED.findall(listing)
+    assert len(shown) == len(listed) and len(set(shown)) == len(listed), listing
+    assert "1. `\"re:evil\\u0020\\u0020cat\"`  (regex)" in listing and "2. `re:evil cat`  (regex)" in listing, listing
+    assert "8. `dog`" in listing, listing
+
+    left = list(listed)
+    for entry, copied in zip(listed, shown):
+        text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": copied}, **admin)
+        left.remove(entry)
+        assert text.startswith(f"Removed `{copied}`: it is allowed again."), (entry, text)
+        assert await h.queue.get_setting(key) == left, (entry, copied)
+
+    # Typed as added: the pattern with two spaces alone.
+    for entry in ["re:evil  cat", "re:evil cat"]:
+        await ephemeral_answer(h, "queue-admin ban-word add", {"entry": entry}, **admin)
+    assert "Removed" in await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "re:evil  cat"}, **admin)
+    assert await h.queue.get_setting(key) == ["re:evil cat"]
+    text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": "re:evil  cat"}, **admin)
+    assert "not on the list" in text and await h.queue.get_setting(key) == ["re:evil cat"]
+    h.fd.assert_clean()
+
+
+async def test_remove_refuses_an_entry_longer_than_any_and_folds_what_was_typed_once(harness, monkeypatch):
+    """Removing folds the typed text to compare it with each plain entry. Text longer than any
+    entry (the add's limit) is refused at once, nothing changed; other text is folded once, not
+    once per entry: 6000 characters against 100 entries held the event loop for seconds."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    key = f"banned:{h.fd.guild_id}"
+    words = [f"word{i}" for i in range(100)]
+    await h.queue.set_setting(key, words)
+
+    stalls = []
+
+    async def ticker():
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            stalls.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    try:
+        text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": ("a&amp;b " * 750)[:6000]}, **admin)
+    finally:
+        tick.cancel()
+    assert text.startswith("That entry is 5999 characters long; no entry is longer than 200."), text
+    assert "Nothing was removed" in text
+    assert await h.queue.get_setting(key) == words
+    assert max(stalls, default=0) < 1.0, max(stalls)
+
+    folded = []
+    fold = moderation.fold
+
+    def counted_fold(text):
+        folded.append(text)
+        return fold(text)
+
+    monkeypatch.setattr(moderation, "fold", counted_fold)
+    typed = ("a&amp;b " * 25).strip()   # 199 characters: within the limit
+    text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": typed}, **admin)
+    assert "not on the list" in text, text
+    assert folded.count(typed) <= 1, len(folded)
+    assert await h.queue.get_setting(key) == words
+    h.fd.assert_clean()
+
+
+async def test_add_answers_discord_first_while_the_thread_pool_is_busy(harness):
+    """The add tries a new pattern (up to ~0.65 s) in the thread pool other work shares (the
+    prompts' ban-word check, pictures, contact sheets). With that pool busy past Discord's 3 s, the
+    add still answers at once (a private "thinking…"), then with what it did."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    busy = [loop.run_in_executor(None, release.wait, 30) for _ in range(64)]   # every worker, and a queue
+    try:
+        inter = await fd.send_slash_command("queue-admin ban-word add", {"entry": r"re:h[o0]+use"}, user=fd.admin_user)
+        await fd.wait_for_response(inter, timeout=2.5)   # the pool still busy
+        assert inter.response_type == 5 and (inter.response.get("data") or {}).get("flags", 0) & EPHEMERAL
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+    text = await private_answer(h, inter)
+    assert text.startswith("Added the pattern `re:h[o0]+use`"), text
+    assert await h.queue.get_setting(f"banned:{fd.guild_id}") == [r"re:h[o0]+use"]
+    fd.assert_clean()

@@ -248,3 +248,44 @@ async def test_prune_forgets_workers_not_seen_for_long(tmp_path):
         assert set(await q.workers(max_age=30 * 86400)) == {"live-worker"}
     finally:
         await q.close()
+
+
+def test_a_damaged_state_is_refused_with_a_value_error_whatever_its_damage(tiny_models):
+    """`check_state` (where a checkpoint is read: a ValueError there makes it damaged, and the
+    job starts over) refuses a state of any malformed structure with ValueError, never the
+    AttributeError / TypeError of reading it, and takes what `Slot.state()` writes."""
+    import copy
+
+    from engine.generate import BatchRunner, check_state
+
+    runner = BatchRunner(tiny_models)
+    slot = runner.add(Slot("x", tiny_models, encode_targets(tiny_models, "a cat"), S))
+    runner.step()
+    good = slot.state()
+    shape = tuple(slot.logits.shape)
+    assert check_state(copy.deepcopy(good), shape)["iteration"] == 1
+
+    def damaged(mutate):
+        state = copy.deepcopy(good)
+        mutate(state)
+        return state
+
+    cases = {
+        "not a dict": [good],
+        "per-parameter state an int": damaged(lambda s: s["optimizer"]["state"].__setitem__(0, 5)),
+        "per-parameter state a list": damaged(lambda s: s["optimizer"]["state"].__setitem__(0, [1])),
+        "params nested": damaged(lambda s: s["optimizer"]["param_groups"][0].__setitem__("params", [[0]])),
+        "param_groups an int": damaged(lambda s: s["optimizer"].__setitem__("param_groups", 5)),
+        "param_groups empty": damaged(lambda s: s["optimizer"].__setitem__("param_groups", [])),
+        "a state for another parameter": damaged(lambda s: s["optimizer"].__setitem__(
+            "state", {7: s["optimizer"]["state"][0]})),
+        "logits a list": damaged(lambda s: s.__setitem__("logits", [0.0])),
+        "iteration a float": damaged(lambda s: s.__setitem__("iteration", 1.5)),
+        "no generator": damaged(lambda s: s.pop("generator")),
+        "moments of ints": damaged(lambda s: s["optimizer"]["state"][0].__setitem__(
+            "exp_avg", torch.zeros(shape, dtype=torch.int32))),
+    }
+    for name, state in cases.items():
+        with pytest.raises(ValueError):
+            check_state(state, shape)
+        print("refused:", name)

@@ -55,6 +55,25 @@ def test_decoder_pickle_needs_trust_then_loads_from_the_safe_cache(tiny_model_fi
     assert convs and not any(c.use_float16 for c in convs)
 
 
+def test_a_decoder_built_in_memory_is_prepared_as_a_loaded_one(tiny_model_files, tmp_path):
+    """`prepare_decoder` (the benchmarks' models, built without files) gives the decoder that
+    `load_dvae` gives from OpenAI's pickle: frozen, eval, no fp16 casts of dall_e's own (a fresh
+    dall_e Conv2d has them on), channels-last on a CPU; the same pictures."""
+    from engine import random_models
+
+    built = random_models.make_decoder(tiny=True, seed=0)
+    assert any(c.use_float16 for c in built.modules() if isinstance(c, m.DalleConv2d))   # dall_e's default
+    pickle = random_models.save_pickled_module(random_models.make_decoder(tiny=True, seed=0), tmp_path / "d.pkl")
+    loaded = m.decoder_layout(m.load_dvae("decoder", str(pickle), cache_dir=tmp_path / "cache", trust=True))
+    prepared = m.prepare_decoder(built, "cpu")
+    assert not prepared.training and not any(p.requires_grad for p in prepared.parameters())
+    assert not any(c.use_float16 for c in prepared.modules() if isinstance(c, m.DalleConv2d))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in prepared.parameters() if p.dim() == 4)
+    codes = torch.nn.functional.one_hot(torch.randint(8192, (1, 4, 4)), 8192).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert torch.equal(prepared(codes), loaded(codes))
+
+
 def test_a_known_hash_is_trusted_without_the_flag(tiny_model_files, tmp_path):
     digest = m.sha256_of(tiny_model_files.decoder_pickle)
     decoder = m.load_dvae("decoder", str(tiny_model_files.decoder_pickle), cache_dir=tmp_path, known_sha256={digest})

@@ -85,6 +85,40 @@ def test_a_weight_that_is_no_finite_number_is_refused_not_read_as_text(prompt, s
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("prompt, parts", [
+    # Phones and macOS autocorrect "-" and "--" into en and em dashes: still a minus sign.
+    ("a house | blurry:\u20131", [("a house", 1.0), ("blurry", -1.0)]),       # en dash U+2013
+    ("a house | blurry:\u20141", [("a house", 1.0), ("blurry", -1.0)]),       # em dash U+2014
+    ("a house | blurry: \u20130.5", [("a house", 1.0), ("blurry", -0.5)]),
+    ("a house | x:1e\u20132", [("a house", 1.0), ("x", 0.01)]),
+    # A dash that is not the sign of a weight's number stays text, as before.
+    ("a house \u2013 blurry", [("a house \u2013 blurry", 1.0)]),
+    ("a house \u2014 at dusk | blurry:-1", [("a house \u2014 at dusk", 1.0), ("blurry", -1.0)]),
+    ("a sign: \u2013 closed \u2013", [("a sign: \u2013 closed \u2013", 1.0)]),
+    ("pages 3\u20137 of a book", [("pages 3\u20137 of a book", 1.0)]),
+    ("a clock showing 10:30 \u2013 dusk", [("a clock showing 10:30 \u2013 dusk", 1.0)]),
+])
+def test_an_en_or_em_dash_before_a_weight_is_a_minus_sign(prompt, parts):
+    """`blurry:–1` used to be the text "blurry:–1" at weight +1: pulled toward, not pushed away."""
+    assert [(p.text, p.weight) for p in parse_prompt(prompt)] == parts
+
+
+@pytest.mark.parametrize("prompt, shown", [
+    ("a house | blurry:- 1", "':- 1'"),              # a space after the sign
+    ("a house | blurry: \u2013 1", "':\u2013 1'"),
+    ("a house | blurry:+ 2", "':+ 2'"),
+    ("a house | blurry:--1", "':--1'"),              # a doubled sign ("--" not autocorrected)
+])
+def test_a_sign_apart_from_its_number_is_refused_not_read_as_text(prompt, shown):
+    """Read as text, `blurry:- 1` got weight +1, silently; it is refused like `-1x`, saying how to write it."""
+    from engine.prompts import PromptError
+
+    with pytest.raises(PromptError) as err:
+        parse_prompt(prompt)
+    message = str(err.value)
+    assert shown in message and "not a weight" in message and "blurry:-1" in message
+
+
 @pytest.mark.parametrize("prompt", [
     "temperature: -5 degrees", "sale sign: -50% off", "a sale: -50%", "price: 1,000",
     "portrait of my grandmother: Nan", "time 10:30 pm", "smile :-)",

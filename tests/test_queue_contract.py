@@ -1260,6 +1260,34 @@ async def test_redis_worker_entry_of_an_earlier_version_reads_as_taking_init_ima
         await q.close()
 
 
+async def test_redis_worker_entries_live_through_the_bots_window_of_a_long_lease(redis_server):
+    """The bot asks `workers(max_age=)` for two leases (bot.launcher.worker_window); SAQ's registry
+    entries must outlive that, or with a lease over 30 s a worker silent for a minute would vanish
+    from /healthz and the encoder check sooner on Redis than on SQLite."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    for lease in (2.0, 30.0, 45.0):
+        q = RedisJobQueue(redis_server.url, prefix=f"ttl-{uuid.uuid4().hex[:8]}", lease=lease)
+        await q.start()
+        try:
+            await q.announce_worker("gpu", init_images=True)
+            ttl = await q._client().ttl(q.saq.namespace("worker_info:gpu"))
+            assert ttl >= max(60, 2 * lease + 5) - 1, (lease, ttl)   # - 1: the TTL counts down
+        finally:
+            await q.close()
+
+
+@pytest.mark.parametrize("lease", ["inf", "nan", "0", "-5"])
+async def test_a_lease_that_is_no_time_is_refused_by_either_backend(tmp_path, redis_server, lease):
+    from engine.queue import open_queue
+
+    for url in (f"sqlite:///{tmp_path}/l.db?lease={lease}", f"{redis_server.url}?lease={lease}"):
+        with pytest.raises(ValueError, match="lease must be a finite number of seconds above 0"):
+            open_queue(url)
+
+
 async def test_open_queue_urls(tmp_path, redis_server):
     from engine.queue import open_queue
     from engine.queue.redis import RedisJobQueue

@@ -1592,3 +1592,85 @@ async def test_a_gpu_failing_every_job_with_cuda_errors_counts_as_dead_not_a_bla
     assert not _looks_like_cuda_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert not _looks_like_cuda_error(RuntimeError("CUDA error: out of memory"))
     assert not _looks_like_cuda_error(RuntimeError("the saved logits do not fit"))
+
+
+async def test_a_run_that_diverged_since_its_last_checkpoint_leaves_that_checkpoint_when_stopping(
+        queue, tiny_models, monkeypatch, caplog):
+    """Frame checkpoints are checked finite by their frames; the one a stopping worker takes has no
+    frame. A run whose logits went NaN (an fp16 overflow) after its last frame would overwrite its
+    last good checkpoint with one that fails at its next frame, on every retry: it takes none, the
+    job resumes from its last good one and finishes."""
+    from engine.generate import Slot
+    from engine.worker import unpack_checkpoint
+
+    real_step = Slot.adam_step
+    worker: list[Worker] = []
+
+    def diverging_step(self):
+        real_step(self)
+        if self.iteration == 9:   # 10 after this step: between the frames at 8 and 12
+            with torch.no_grad():
+                self.logits.fill_(float("nan"))
+            worker[0]._stop.set()   # the GPU loop ends after this step, as at a SIGTERM
+
+    monkeypatch.setattr(Slot, "adam_step", diverging_step)
+    caplog.set_level(logging.WARNING, logger="engine.worker")
+    w = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=0)
+    worker.append(w)
+    await w.start()
+    job = await queue.submit(spec(iterations=40, frame_every=4))
+    while not w._stop.is_set():
+        await asyncio.sleep(0.01)
+    await w.stop()
+    checkpoint = await queue.load_checkpoint(job.id)
+    state, frames = unpack_checkpoint(checkpoint.data)
+    assert checkpoint.iteration == state["iteration"] == 8 and len(frames) == 3   # frames 0, 4, 8
+    assert torch.isfinite(state["logits"]).all()
+    assert f"job {job.id} diverged (non-finite logits or optimiser state at iteration 10)" in caplog.text
+
+    monkeypatch.setattr(Slot, "adam_step", real_step)
+    async with Worker(queue, lambda: tiny_models, worker_id="w2", heartbeat_every=0.2):
+        record = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert record.state == JobState.DONE, record.error
+    progress = [e.iteration for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    assert progress[:4] == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize("damage", ["another grid's logits", "no optimiser", "two param groups",
+                                    "a float generator", "a bool step count"])
+async def test_a_checkpoint_whose_state_fits_no_slot_of_its_job_is_damaged_and_the_job_starts_over(
+        queue, tiny_models, caplog, damage):
+    """A checkpoint's state is checked where the checkpoint is read, as its slot would check it:
+    one that no slot of the job can take (written by another version, or damaged in the store)
+    would fail the job at its start on every worker, for good (a ValueError is not retried) and
+    with its checkpoint deleted. Like a bad frame it is damaged instead: the job starts over and
+    ends DONE on its first attempt (a graceful stop's hand-back counts none)."""
+    from engine.worker import pack_checkpoint, unpack_checkpoint
+
+    job = await queue.submit(spec(iterations=12, frame_every=4))
+    w = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=0)
+    await w.start()
+    while (checkpoint := await queue.load_checkpoint(job.id)) is None or checkpoint.iteration < 4:
+        await asyncio.sleep(0.02)
+    await w.stop()
+    checkpoint = await queue.load_checkpoint(job.id)
+    state, frames = unpack_checkpoint(checkpoint.data)
+    if damage == "another grid's logits":
+        state["logits"] = state["logits"][..., :4, :4].clone()
+    elif damage == "no optimiser":
+        del state["optimizer"]
+    elif damage == "two param groups":
+        group = state["optimizer"]["param_groups"][0]
+        state["optimizer"]["param_groups"] = [group, dict(group, params=[1])]
+    elif damage == "a float generator":
+        state["generator"] = state["generator"].float()
+    else:
+        state["optimizer"]["state"][0]["step"] = torch.tensor(True)
+    await queue.save_checkpoint(Checkpoint(job.id, checkpoint.iteration, pack_checkpoint(state, frames)))
+    caplog.set_level(logging.WARNING, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w2", heartbeat_every=0.2):
+        record = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert record.state == JobState.DONE and record.attempts == 1, record.error
+    assert f"job {job.id}: its checkpoint is damaged" in caplog.text and "starting it over" in caplog.text
+    progress = [e.iteration for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    assert progress[-4:] == [0, 4, 8, 12]   # started over

@@ -1111,7 +1111,7 @@ class RedisJobQueue:
         keep_frames: int = 256,
         reconnect_timeout: float = 30.0,
         socket_timeout: float = 10.0,
-        worker_ttl: int = 60,
+        worker_ttl: int | None = None,
         redis: Redis | None = None,
         blob_chunk: int = BLOB_CHUNK,
         staging_ttl: float = STAGING_TTL,
@@ -1119,6 +1119,8 @@ class RedisJobQueue:
         self.url = url
         self.prefix = prefix
         self.lease = float(lease)
+        if not (math.isfinite(self.lease) and self.lease > 0):   # a lease that never ends holds a dead worker's job for ever
+            raise ValueError(f"lease must be a finite number of seconds above 0, got {lease!r}")
         self.max_attempts = int(max_attempts)
         self.keep_events = int(keep_events)
         self.keep_frames = int(keep_frames)
@@ -1126,7 +1128,11 @@ class RedisJobQueue:
         if not (math.isfinite(self.reconnect_timeout) and self.reconnect_timeout >= 0):
             raise ValueError(f"reconnect_timeout must be 0 or more seconds, got {reconnect_timeout!r}")
         self.socket_timeout = float(socket_timeout)
-        self.worker_ttl = max(1, int(math.ceil(worker_ttl)))
+        # SAQ's registry entries outlive the longest window a reader asks `workers(max_age=)` for
+        # (the bot's: two leases), plus the throttle of their writes (5 s): else a long lease's
+        # window would be cut to the entries' life.
+        self.worker_ttl = (max(60, int(math.ceil(2 * self.lease)) + 10) if worker_ttl is None
+                           else max(1, int(math.ceil(worker_ttl))))
         if int(blob_chunk) < 1:
             raise ValueError(f"blob_chunk must be at least 1 byte, got {blob_chunk!r}")
         self.blob_chunk = int(blob_chunk)

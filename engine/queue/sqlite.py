@@ -312,6 +312,8 @@ class SQLiteJobQueue:
     ) -> None:
         self.path = os.fspath(path)
         self.lease = float(lease)
+        if not (math.isfinite(self.lease) and self.lease > 0):   # a lease that never ends holds a dead worker's job for ever
+            raise ValueError(f"lease must be a finite number of seconds above 0, got {lease!r}")
         self.max_attempts = int(max_attempts)
         self.keep_events = int(keep_events)
         self.keep_frames = int(keep_frames)
