@@ -530,6 +530,13 @@ class SheetsCog(commands.Cog, name="Sheets"):
         self._checking: set[str] = set()   # sets being checked (and maybe posted) now: one check at a time
         self._wake = asyncio.Event()
         self._retry: dict[str, tuple[int, float]] = {}      # set id -> (failed posts, next try at: monotonic)
+        # Set id -> its marker, once its sheet is posted (or given up) and until the marker is
+        # stored: a failed store write is retried on later polls, never the post. In memory only:
+        # across a restart the stored marker is the only memory, so a sheet posted just before a
+        # crash (its marker unwritten) may be posted again. The channel post's nonce lets Discord
+        # drop such a repeat only within a few minutes; a follow-up (the command's webhook) has none.
+        self._posted: dict[str, dict[str, Any]] = {}
+        self._unrecorded: set[str] = set()   # sets whose failed marker write was logged (once)
         self._interactions: dict[str, tuple[discord.Interaction, float]] = {}   # set id -> (its command, at)
         self._tasks: list[asyncio.Task] = []
 
@@ -590,6 +597,8 @@ class SheetsCog(commands.Cog, name="Sheets"):
         """Record the sheet as posted (if `marker`) and drop the set from the open list."""
         if marker is not None:
             await self.queue.set_setting(sheet_key(set_id), marker, expire_after=keep_seconds(self.bot))
+        self._posted.pop(set_id, None)
+        self._unrecorded.discard(set_id)
         info = self._open.pop(set_id, None) or {}
         self._retry.pop(set_id, None)
         self._interactions.pop(set_id, None)
@@ -648,7 +657,8 @@ class SheetsCog(commands.Cog, name="Sheets"):
         a slow store): `track`, which every new set's command awaits before its first reply, would
         wait for all of it. One check of a set at a time instead (`_checking`, claimed with no await
         in between): a second one while the first is posting returns False, and the set is closed
-        (marker, then the open list) before it is released, so it is never posted twice here."""
+        (marker, then the open list) before it is released, so it is never posted twice here. If
+        the marker's write fails, the marker is kept (`_posted`) and only its write is retried."""
         if set_id not in self._open:
             return True
         if set_id in self._checking:   # being checked (maybe posted) right now
@@ -663,6 +673,9 @@ class SheetsCog(commands.Cog, name="Sheets"):
         info = self._open.get(set_id)
         if info is None:
             return True
+        marker = self._posted.get(set_id)
+        if marker is not None:   # posted already; its marker's write failed: retry that alone
+            return await self._record(set_id, marker)
         if await self.queue.get_setting(sheet_key(set_id)):
             await self._close(set_id, None)
             return True
@@ -690,7 +703,28 @@ class SheetsCog(commands.Cog, name="Sheets"):
             log.error("set %s: Discord refused its contact sheet in channel %s (%s, code %s: %s); giving up",
                       set_id, info.get("channel_id"), exc.status, exc.code, exc.text)
             marker = {"error": f"{exc.status} {exc.text}"[:200], "at": time.time()}
-        await self._close(set_id, marker)
+        self._posted[set_id] = marker   # before the store write: a failure of it must not post again
+        return await self._record(set_id, marker)
+
+    async def _record(self, set_id: str, marker: dict[str, Any]) -> bool:
+        """Close a set whose sheet is posted (or given up); False if the store failed (tried again
+        on the next poll: the store write, not the post). Logged once per set, then quietly."""
+        try:
+            await self._close(set_id, marker)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: never post the sheet again for it
+            if set_id not in self._posted:   # the marker is stored; the open list's write failed
+                log.warning("set %s: dropping it from the open sets failed (%s: %s)",
+                            set_id, type(exc).__name__, exc)
+            elif set_id not in self._unrecorded:
+                self._unrecorded.add(set_id)
+                log.warning("set %s: its contact sheet is done (posted or given up) but storing that failed (%s: %s); "
+                            "retrying the store write (not the post)", set_id, type(exc).__name__, exc)
+            else:
+                log.debug("set %s: storing its contact sheet's marker failed again (%s: %s)",
+                          set_id, type(exc).__name__, exc)
+            return False
         return True
 
     async def _post(self, info: dict[str, Any], records: list[JobRecord | None]) -> dict[str, Any]:

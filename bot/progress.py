@@ -85,6 +85,7 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 FILE_MARGIN = 4 * 1024
 UNKNOWN_MESSAGE = 10008
 INVALID_WEBHOOK_TOKEN = 50027
+MISSING_PERMISSIONS = 50013   # a 403: the bot lacks a permission (Send Messages, Attach Files...) there
 THREAD_ARCHIVED = 50083
 # When the line moves, the places of only this many queued jobs per channel are redrawn (the first).
 LINE_REDRAWS = 10
@@ -973,20 +974,34 @@ class ProgressCog(commands.Cog, name="Progress"):
 
     async def _post_new(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]],
                         view: discord.ui.View) -> int | None:
-        """The result as a new message; its id, or None (logged) when nothing can post it."""
+        """The result as a new message; its id, or None (logged) when nothing can post it.
+
+        A channel that refuses it (403) is tried in this order, and the first post that succeeds is
+        the result (never a second one): the command's follow-up with the files while its token
+        lives (a webhook: the channel's permissions do not apply to it, so the user still gets the
+        image and video), then, when the refusal was Missing Permissions (50013) and there were
+        files, the channel again without them (the bot lacks Attach Files there; Discord answers
+        the same 403 / 50013 when it lacks Send Messages, and then this is refused too). The text
+        alone only once the token cannot bring the files: better than nothing, the job is not
+        given up silently."""
         channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
+        # The nonce lets Discord drop a repeat of this post (a crash before mark_delivered); the post
+        # without files has the same one (the refused post made no message).
+        nonce = _nonce("imagine-", t.job_id)
         why: discord.HTTPException
         try:
-            # The nonce lets Discord drop a repeat of this post (a crash before mark_delivered).
-            message = await channel.send(content=final.content, files=files(), view=view,
-                                         nonce=_nonce("imagine-", t.job_id))
+            message = await channel.send(content=final.content, files=files(), view=view, nonce=nonce)
             return message.id
         except discord.Forbidden as exc:
+            why = exc
+        except discord.NotFound as exc:
+            why = exc
+        if isinstance(why, discord.Forbidden):
             interaction = self._followup_interaction(t)
             if interaction is not None:
                 # The bot may not post in this channel, but the command's token may: answer there.
                 log.warning("job %s: channel %s refuses the bot's messages (%s %s); posting the result as "
-                            "a follow-up of the command", t.job_id, t.channel_id, exc.status, exc.text)
+                            "a follow-up of the command", t.job_id, t.channel_id, why.status, why.text)
                 try:
                     message = await interaction.followup.send(content=final.content, files=files(), view=view,
                                                               wait=True, allowed_mentions=NO_PING)
@@ -999,9 +1014,15 @@ class ProgressCog(commands.Cog, name="Progress"):
                         t.interaction = None
                     if interaction is t.fallback:
                         t.fallback = None
-            why = exc
-        except discord.NotFound as exc:
-            why = exc
+            if why.code == MISSING_PERMISSIONS and final.files:
+                log.warning("job %s: channel %s refuses its files (%s %s: the bot lacks Attach Files there); "
+                            "posting the result without them", t.job_id, t.channel_id, why.status, why.text)
+                content = render.final_text(final.record, _unattached_note(final.files))
+                try:
+                    message = await channel.send(content=content, view=view, nonce=nonce)
+                    return message.id
+                except (discord.Forbidden, discord.NotFound) as exc:
+                    why = exc
         # The channel is gone, or closed to the bot with the command's token expired: no retry can post it.
         log.error("job %s: cannot post its result in channel %s (%s %s); giving up",
                   t.job_id, t.channel_id, why.status, why.text)
@@ -1040,6 +1061,13 @@ class ProgressCog(commands.Cog, name="Progress"):
             log.info("job %s: lost; a new message (%s) says so", t.job_id, message.id)
         t.delivered = True
         return True
+
+
+def _unattached_note(files: list[tuple[str, bytes]]) -> str:
+    """The result's note when the channel refused its files (no Attach Files for the bot there)."""
+    what = " and ".join({"final.png": "image", "video.mp4": "video"}.get(name, name) for name, _ in files)
+    return (f"The {what} could not be attached: the bot lacks the Attach Files permission in this channel "
+            "(ask a server admin).")
 
 
 async def _reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:

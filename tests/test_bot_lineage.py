@@ -452,15 +452,8 @@ async def test_a_reroll_of_a_remix_of_a_job_banned_since_is_refused(harness):
     fd = h.fd
     await h.start(worker=False)
     _, a = await finished_job(h, "a cursed lighthouse")
-    inter = await fd.send_slash_command("remix", {"job": a, "prompt": "a calm sea"})
-    await fd.wait_for_response(inter)
-    remix_msg = await h.reply_of(inter)
-    b = h.job_id(remix_msg)
-    await claim_jobs(h.queue, [b])
-    await h.queue.put_artifact(b, "state.pt", b"state")
-    await finish_jobs(h.queue, [b])
-    await h.wait_delivered(b)
-    await fd.wait_for(lambda: f"imagine:reroll:{b}" in fd.messages[remix_msg.id].custom_ids, 5, "B's buttons")
+    remix_msg, b = await finished_job(h, command="remix", options={"job": a, "prompt": "a calm sea"})
+    assert f"imagine:reroll:{b}" in fd.messages[remix_msg.id].custom_ids
     text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "cursed"}, user=fd.admin_user)
     assert "Added the word `cursed`" in text, text
     public = {m.id for m in fd.messages.values() if not m.ephemeral}

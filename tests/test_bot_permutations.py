@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bot import contact_sheet, permutations
 from engine.jobs import EventKind, JobState
+from tests.fakediscord import Permission
 from tests.test_bot_support import (  # noqa: F401 - the fixture
     JOB_ID_RE, claim_jobs, ephemeral_answer, finish_jobs, harness, requests_matching,
 )
@@ -615,6 +616,48 @@ async def test_a_network_failure_posting_a_sheet_backs_off_and_other_sets_go_on(
         assert marker.get("message_id") and "error" not in marker, marker
 
 
+async def test_a_failed_marker_write_is_retried_without_posting_the_sheet_again(harness, monkeypatch, caplog):
+    """The sheet is posted (as a follow-up: the channel refuses the bot, and a follow-up has no
+    nonce for Discord to drop a repeat by), then storing its `sheet:<id>` marker fails a few times
+    (a store hiccup; injected, as a real one cannot be produced on demand). The later polls retry
+    the store write alone: exactly one sheet, the marker written once the store works again, the
+    failure logged once and never out of the polling loop."""
+    h = harness
+    await h.start()
+    fd = h.fd
+    fd.inject_error("POST", r"/channels/\d+/messages", 403,
+                    body={"message": "Missing Permissions", "code": 50013}, count=10_000)
+    real = h.queue.set_setting
+    failed = []
+
+    async def set_setting(key, value, expire_after=None):
+        if key.startswith("sheet:") and len(failed) < 4:
+            failed.append(key)
+            raise sqlite3.OperationalError("database is locked")
+        return await real(key, value, expire_after=expire_after)
+
+    monkeypatch.setattr(h.queue, "set_setting", set_setting)
+    caplog.set_level(logging.DEBUG, logger="bot.permutations")
+    inter = await h.imagine("a {red, blue} house", iterations=2)
+    await h.reply_of(inter)
+    jobs = await _set_jobs(h)
+    set_id = jobs[0].spec.extra["set"]["id"]
+    for r in jobs:
+        assert (await h.wait_delivered(r.id, timeout=60)).state == JobState.DONE
+    marker = await _marker(h, set_id, timeout=20)
+
+    assert failed == [f"sheet:{set_id}"] * 4   # every poll in between retried the write
+    (sheet,) = _sheet_messages(fd)
+    assert marker["message_id"] == sheet.id and sheet.id in inter.followup_ids
+    await asyncio.sleep(0.5)   # ten more polls: nothing more is posted
+    assert len(_sheet_messages(fd)) == 1
+    assert len(_sheet_tries(fd)) == 2   # the channel's refusal, then the one follow-up
+    assert caplog.text.count(f"set {set_id}: its contact sheet is done (posted or given up) "
+                             "but storing that failed") == 1
+    assert "Traceback" not in caplog.text and "checking permutation sets failed" not in caplog.text
+    assert f"set {set_id}: checking it failed" not in caplog.text
+
+
 async def _until(predicate, timeout, what):
     """Poll `predicate` (not tied to the fake's events, e.g. a thread's flag) until it holds."""
     deadline = time.monotonic() + timeout
@@ -790,6 +833,45 @@ async def test_a_channel_message_reply_of_a_set_posts_its_result_through_the_com
         assert refused, job_id
         # Its own message was never edited through the token (the token cannot edit it).
         assert not requests_matching(fd, "PATCH", rf"/webhooks/\d+/[^/]+/messages/{reply.id}")
+    fd.assert_clean()
+
+
+async def test_a_result_the_channel_takes_without_files_is_posted_as_text_with_a_note(harness, caplog):
+    """The job's reply was deleted (its result is a new message), an admin has since taken Attach
+    Files away from the bot in the channel (Discord refuses a message with files: 403 / 50013), and
+    the command's token has expired (no follow-up can bring the files). The result is posted once,
+    in the channel, as text alone with a note saying why, and the job is delivered (before: given
+    up, nothing posted at all)."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    caplog.set_level(logging.INFO)
+    inter = await fd.send_slash_command("imagine", {"prompt": "a lighthouse"})
+    await fd.wait_for_response(inter)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await fd.delete_message(msg.channel_id, msg.id)
+    fd.channels[fd.channel_id]["permission_overwrites"] = [
+        {"id": str(fd.bot_role_id), "type": 0, "allow": "0", "deny": str(Permission.ATTACH_FILES)}]
+    fd.expire_tokens()
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+    record = await h.wait_delivered(job_id, timeout=20)
+
+    posts = requests_matching(fd, "POST", rf"/channels/{fd.channel_id}/messages", since)
+    assert [(r.status, bool(r.files)) for r in posts] == [(403, True), (200, False)], posts
+    assert posts[0].response == {"message": "Missing Permissions", "code": 50013}
+    (posted,) = h.posts_of_job(job_id)   # no second post, not through the (expired) token either
+    assert posted is posts[1]
+    assert all(r.status != 200 for r in requests_matching(fd, "POST", WEBHOOK_POST, since))
+    assert record.spec.reply["result_message_id"] == int(posted.response["id"])
+    result = fd.messages[record.spec.reply["result_message_id"]]
+    assert not result.attachments and "Done" in result.content
+    assert ("The image and video could not be attached: the bot lacks the Attach Files permission in this "
+            "channel (ask a server admin).") in result.content
+    assert "cannot post its result" not in caplog.text
+    assert caplog.text.count("refuses its files") == 1
     fd.assert_clean()
 
 

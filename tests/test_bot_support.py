@@ -266,11 +266,13 @@ async def queued_job_in_a_thread(h, prompt: str, *, expire_token: bool = True) -
     return msg, job_id
 
 
-async def finished_job(h, prompt: str = "a lighthouse", channel_id: int | None = None) -> tuple[Any, str]:
+async def finished_job(h, prompt: str = "a lighthouse", channel_id: int | None = None, command: str = "imagine",
+                       options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """A DONE job with a final state (Continue, Remix), delivered in `channel_id` (the default
-    channel when None), its buttons shown: (its reply, its id). No worker: the test finishes it."""
+    channel when None), its buttons shown: (its reply, its id). No worker: the test finishes it.
+    `command` and `options`: another command than /imagine `prompt` (a /remix)."""
     fd = h.fd
-    inter = await fd.send_slash_command("imagine", {"prompt": prompt}, channel_id=channel_id)
+    inter = await fd.send_slash_command(command, options or {"prompt": prompt}, channel_id=channel_id)
     await fd.wait_for_response(inter)
     msg = await h.reply_of(inter)
     job_id = h.job_id(msg)

@@ -2584,8 +2584,24 @@ class FakeDiscord:
             msgs = older + newer
         return 200, [m.data for m in reversed(msgs[-limit:])]
 
+    def _check_bot_may_post(self, channel_id: int, payload: Dict[str, Any], files: List[RecordedFile]) -> None:
+        """As Discord, for a new message from the bot in a guild channel (its permissions there,
+        overwrites included: :meth:`channel_permissions_of`): without View Channel 403 / 50001;
+        without Send Messages (Send Messages in Threads in a thread) 403 / 50013; with files (or
+        ``attachments``) without Attach Files 403 / 50013. A DM is not checked."""
+        if self._guild_of_channel(channel_id) is None:
+            return
+        perms = self.channel_permissions_of(self.application_id, channel_id)
+        if not perms & Permission.VIEW_CHANNEL:
+            raise _ApiError(403, 50001, "Missing Access")
+        thread = self.channels[int(channel_id)].get("type") in (10, 11, 12)
+        send = Permission.SEND_MESSAGES_IN_THREADS if thread else Permission.SEND_MESSAGES
+        if not perms & send or ((files or payload.get("attachments")) and not perms & Permission.ATTACH_FILES):
+            raise _ApiError(403, 50013, "Missing Permissions")
+
     async def _h_channel_message_post(self, rec, p):
         self._channel(p["channel_id"])
+        self._check_bot_may_post(int(p["channel_id"]), rec.json or {}, rec.files)
         reopen = self._thread_to_reopen(p["channel_id"])
         msg = self._create_message(int(p["channel_id"]), rec.json or {}, rec.files)
         await self._reopen(reopen)
