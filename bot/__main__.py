@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sync_p, suppress=True)
     # One target a run: argparse refuses two of them with a usage line and exit status 2.
     target = sync_p.add_mutually_exclusive_group()
-    target.add_argument("--guild", type=int, metavar="ID", default=None,
+    target.add_argument("--guild", type=_guild_id, metavar="ID", default=None,
                         help="sync to one server only (instant; for testing) instead of globally "
                              "(default: [discord] sync_guild, when set)")
     target.add_argument("--global", dest="global_scope", action="store_true",
@@ -130,7 +130,11 @@ def defaults_note() -> str:
 
 
 def load(args: argparse.Namespace) -> tuple[Config, str]:
-    # An explicit --config must exist; the default ./config.toml may be absent (first run).
+    # An explicit --config must exist; the default ./config.toml may be absent (first run). An empty
+    # one (`--config "$CONFIG"` with CONFIG unset) is refused, not taken for ./config.toml.
+    if args.config is not None and not args.config.strip():
+        raise ConfigError("--config: expected a config file's path, got an empty string (an unset variable?); "
+                          "leave --config out to read ./config.toml")
     config = Config() if uses_defaults(args) else load_config(args.config or DEFAULT_CONFIG)
     choose_queue_url(config, args.queue)   # --queue > $IMAGINE_QUEUE_URL > [queue] url
     if args.log_level:

@@ -3,8 +3,8 @@
 The Discord token is never in the file: it comes from the `DISCORD_TOKEN` environment variable
 only (see `bot.__main__`). The queue URL, which may hold the Redis password, can come from the
 `IMAGINE_QUEUE_URL` environment variable instead of the file (`choose_queue_url`: --queue, then the
-variable, then `[queue] url`). Every error names the key, e.g. `[imagine] max_prompt_chars:
-expected an integer, got "500"`.
+variable, then `[queue] url`). Every error names the file and the key, e.g. `config.toml: [imagine]
+max_prompt_chars: expected an integer, got '500'`; a token-shaped value is shown masked.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.jobs import check_keep_days, check_keep_state_days, check_keep_state_gib
-from engine.queue import redact_url
+from engine.queue import check_queue_url, redact_url
 from engine.compiling import check_cuda_graphs, compile_options
 
 
@@ -246,6 +246,14 @@ def _size_label_message(size: str, grid: int) -> str:
     return message + ")"
 
 
+def _masked(text: str) -> str:
+    """`text` with any token-shaped string masked (bot.redact): a bot token pasted under the wrong key
+    must not reach stderr and the logs that keep it."""
+    from bot.redact import Redactor
+
+    return Redactor().redact(text)
+
+
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
@@ -255,28 +263,28 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_masked(repr(value))}")
         return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is dict:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {value!r}")
+            raise ConfigError(f"{key}: expected a table, got {_masked(repr(value))}")
         return {str(k): _check_value(f"{key}.{k}", v, val_tp) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_masked(repr(value))}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_masked(repr(value))}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_masked(repr(value))}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_masked(repr(value))}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a bug here
 
@@ -287,7 +295,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"[{prefix}]" if prefix else "the top level"
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(unknown)} "
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} in {where}: {_masked(', '.join(unknown))} "
                           f"(known: {', '.join(fields)})")
     values = {}
     for name, value in data.items():
@@ -296,7 +304,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             where = f"{prefix}.{name}" if prefix else name   # [presets.draft]
             if not isinstance(value, dict):
-                raise ConfigError(f"[{where}]: expected a table, got {value!r}")
+                raise ConfigError(f"[{where}]: expected a table, got {_masked(repr(value))}")
             values[name] = _build(tp, value, where)
         else:
             values[name] = _check_value(key, value, tp)
@@ -315,8 +323,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.discord.shard_count <= MAX_SHARDS,
          f"[discord] shard_count: {cfg.discord.shard_count} is more than {MAX_SHARDS} shards "
          "(Discord recommends about one per 1,000 guilds; 0: its recommendation)")
+    need(cfg.discord.sync_guild >= 0,
+         f"[discord] sync_guild: expected a server id, got {cfg.discord.sync_guild} (0: sync globally)")
     need(q.url.startswith(QUEUE_URL_SCHEMES),
          f"[queue] url: expected sqlite:///path.db or redis://host:port/db, got {redact_url(q.url)!r}")
+    need(check_queue_url(q.url) is None, f"[queue] url: {check_queue_url(q.url)}")
     need(q.max_queued_per_user >= 1, "[queue] max_queued_per_user: must be at least 1")
     need(cfg.worker.keep_days >= 0, "[worker] keep_days: must not be negative (0: never prune)")
     try:
@@ -409,9 +420,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    if "token" in data or "token" in data.get("discord", {}):
-        raise ConfigError("the token does not belong in the config file: remove it and set DISCORD_TOKEN")
-    return config_from_dict(data)
+    discord = data.get("discord")   # not a table: config_from_dict says so ("in" on a string is a substring test)
+    try:
+        if "token" in data or (isinstance(discord, dict) and "token" in discord):
+            raise ConfigError("the token does not belong in the config file: remove it and set DISCORD_TOKEN")
+        return config_from_dict(data)
+    except ConfigError as exc:   # every error names the file, as the read and TOML errors above do
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def check_token(token: str | None) -> str:
@@ -435,5 +450,8 @@ def choose_queue_url(config: Config, command_line: str | None,
             if not url.startswith(QUEUE_URL_SCHEMES):
                 raise ConfigError(f"{source}: expected sqlite:///path.db or redis://host:port/db, "
                                   f"got {redact_url(url)!r}")
+            problem = check_queue_url(url)   # a Redis database that is no number, ?lease=abc...
+            if problem:
+                raise ConfigError(f"{source}: {problem}")
             config.queue.url = url
             return

@@ -66,9 +66,21 @@ def _fps(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 240):
-        raise argparse.ArgumentTypeError(f"--fps must be a number above 0 and at most 240, not {text!r}")
+    # At least a frame every 100 s: ffmpeg refuses the duration a slower rate gives a frame, after
+    # the whole render.
+    if not (math.isfinite(value) and 0.01 <= value <= 240):
+        raise argparse.ArgumentTypeError(f"--fps must be a number from 0.01 to 240, not {text!r}")
     return value
+
+
+def folder_argument(flag: str):
+    """A folder flag's path, `~` expanded (as $IMAGINE_CACHE is); an empty one is refused, not
+    read as the working directory."""
+    def parse(text: str) -> Path:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must name a folder, not an empty string")
+        return Path(text).expanduser()
+    return parse
 
 
 def _positive(name: str, most: int | None = None):
@@ -88,7 +100,7 @@ def _positive(name: str, most: int | None = None):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imagine", description="Render a prompt with CLIP + the DALL-E dVAE decoder.")
     p.add_argument("prompt", help='what to draw; weighted parts: "a house | by Escher:0.5 | blurry:-1"')
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=folder_argument("--out"),
                    help="output folder: created, or an existing empty one (a non-empty one is refused)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="seed",
                    help="seed = the article's 512x512, 1000 steps (default); normal; draft")
@@ -109,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--init-image loads) whose hash is not known good")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--cache-dir", type=Path, default=None,
+    p.add_argument("--cache-dir", type=folder_argument("--cache-dir"), default=None,
                    help="model cache (default: $IMAGINE_CACHE, else ~/.cache/imagine-bot)")
     p.add_argument("--fps", type=_fps, default=10.0, help="video frame rate")
     p.add_argument("--split-softmax", action="store_true", help="the notebook's two-softmax quirk")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from engine import video
+from engine.cli import folder_argument
 from engine.compiling import AUTO, check_cuda_graphs, compile_options
 from engine.generate import (
     BatchRunner, Frame, GenerationSettings, NonFiniteError, PromptError, Slot, check_state, compact_state,
@@ -1311,7 +1312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dVAE encoder for init images: 'openai' (the default, as the bot's [worker] encoder: "
                         "downloaded, pinned) or a local file; '' for none: this worker then leaves the jobs "
                         "that start from an init image to workers with one (they wait while none is running)")
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--cache-dir", type=folder_argument("--cache-dir"), default=None)
     p.add_argument("--device", default="auto", type=_device, metavar="auto|cuda|cuda:N|cpu",
                    help="auto (the default): cuda when this host has a CUDA GPU, else the worker does not "
                         "start (a CPU worker would claim shared jobs at ~10 s a step); cpu runs on the CPU anyway")
@@ -1479,36 +1480,6 @@ def _compile(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def check_queue_url(url: str) -> str | None:
-    """Why `url` cannot be a queue URL (its password masked), or None: the scheme, and the numbers
-    in its query string (`?lease=abc` was a float() traceback)."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    from engine.queue import redact_url
-
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    # unix:// (a Redis socket) is left out: the Redis backend's connection options do not fit it.
-    if scheme not in ("redis", "rediss", "sqlite", "file", ""):
-        return f"expected redis://host:6379/0, rediss://..., or sqlite:///path.db, got {redact_url(url)!r}"
-    query = urlsplit(url).query if scheme in ("redis", "rediss") else url.partition("?")[2]
-    # (type, the least value allowed, whether that value itself is allowed, what to say)
-    checks = {"lease": (float, 0.0, False, "a number of seconds above 0"),
-              "max_attempts": (int, 1, True, "a whole number, at least 1"),
-              "busy_timeout": (float, 0.0, True, "a number of seconds, at least 0"),
-              "reconnect_timeout": (float, 0.0, True, "a number of seconds, at least 0")}
-    for key, text in parse_qsl(query, keep_blank_values=True):
-        if key not in checks:
-            continue
-        kind, least, inclusive, what = checks[key]
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value < least or (value == least and not inclusive):
-            return f"?{key}= in {redact_url(url)!r} must be {what}, got {text!r}"
-    return None
 
 
 def _redact(url: str) -> str:
@@ -1696,6 +1667,8 @@ def main(argv: list[str] | None = None) -> int:
         source = "IMAGINE_QUEUE_URL"
         if not args.queue:
             parser.error("--queue URL or the IMAGINE_QUEUE_URL environment variable is required")
+    from engine.queue import check_queue_url
+
     problem = check_queue_url(args.queue)
     if problem:
         parser.error(f"{source}: {problem}")

@@ -360,6 +360,15 @@ def test_the_queue_url_comes_from_the_command_line_then_imagine_queue_url_then_t
     assert "IMAGINE_QUEUE_URL: expected sqlite:///path.db" in err and "mysql://user:***@db/x" in err
     assert "s3cret" not in err
     assert url("--queue", "sqlite:///from-flag.db") == "sqlite:///from-flag.db"   # not even read then
+    # A Redis database that is no number (redis-py would read it as db 0, another deployment's queue).
+    monkeypatch.setenv("IMAGINE_QUEUE_URL", "redis://:s3cret@redis:6379/O")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "IMAGINE_QUEUE_URL: the database in 'redis://:***@redis:6379/O' must be a number" in err, err
+    monkeypatch.delenv("IMAGINE_QUEUE_URL")
+    cfg.write_text('[queue]\nurl = "redis://redis:6379/abc"\n')
+    assert main(["--config", str(cfg)]) == 2
+    assert "[queue] url: the database in 'redis://redis:6379/abc' must be a number" in capsys.readouterr().err
 
 
 def test_the_bot_uses_the_queue_url_from_imagine_queue_url_and_never_logs_its_password(tmp_path, monkeypatch,
@@ -720,7 +729,7 @@ def test_a_size_whose_key_is_not_eight_times_its_grid_exits_2_naming_both(tmp_pa
     monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
     assert main(["--config", str(cfg)]) == 2
     err_text = capsys.readouterr().err
-    assert err_text.startswith("imagine-bot: [imagine] sizes.") and message in err_text, err_text
+    assert err_text.startswith(f"imagine-bot: {cfg}: [imagine] sizes.") and message in err_text, err_text
 
 
 @pytest.mark.parametrize("sizes", [{"16": 2}, {"64": 8, "128": 16}, {"256": 32, "512": 64}, {"1024": 128},
@@ -742,3 +751,66 @@ def test_the_test_harness_config_and_the_defaults_offer_honest_sizes(tmp_path):
         assert all(cfg.grid_for(size) * 8 == size for size in cfg.size_choices), cfg.imagine.sizes
         assert {cfg.presets.get(name).size for name in ("draft", "normal", "best")} <= set(cfg.size_choices)
     assert harness_config(tmp_path).size_choices == [64, 128]
+
+
+@pytest.mark.parametrize("value", ["5", f'"{GOOD_TOKEN}"', '["token"]'])
+def test_a_discord_key_that_is_not_a_table_exits_2_in_one_line(tmp_path, value):
+    """`discord = 5` crashed the token pre-check (`"token" in 5`: TypeError, exit 1), and a string
+    made `in` a substring test; now the usual type error, naming the file, the token masked."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"discord = {value}\n")
+    proc = _cli(["--config", str(cfg)], GOOD_TOKEN, ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"imagine-bot: {cfg}: [discord]: expected a table, got "), proc.stderr
+    assert "Traceback" not in proc.stderr and GOOD_TOKEN not in proc.stderr
+
+
+def test_config_errors_name_the_file_and_an_empty_config_path_is_refused(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "bot.toml"
+    for toml, message in [("[imagine]\nmax_prompt_chars = \"500\"", "[imagine] max_prompt_chars: expected an integer"),
+                          ("[imagine]\nmax_iterations = 0", "[imagine] max_iterations: must be at least 1"),
+                          ("colour = 1", "unknown key in the top level: colour"),
+                          ("[discord]\ntoken = \"x\"", "the token does not belong in the config file")]:
+        cfg.write_text(toml)
+        with pytest.raises(ConfigError) as err:
+            load_config(cfg)
+        assert str(err.value).startswith(f"{cfg}: {message}"), str(err.value)
+        monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
+        assert main(["--config", str(cfg)]) == 2
+        assert capsys.readouterr().err.startswith(f"imagine-bot: {cfg}: {message}")
+
+    # `--config "$CONFIG"` with CONFIG unset: not ./config.toml (here a valid one) in its place.
+    from bot.__main__ import build_parser, load
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text("")
+    for argv in (["--config", ""], ["sync", "--config", " "]):
+        with pytest.raises(ConfigError, match=r"^--config: expected a config file's path, got an empty string"):
+            load(build_parser().parse_args(argv))
+    proc = _cli(["--config", ""], GOOD_TOKEN, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("imagine-bot: --config: expected"), proc.stderr
+
+
+@pytest.mark.parametrize("toml", [f'[discord]\nadmin_roles = "{GOOD_TOKEN}"', f'[discord]\nsync_guild = "{GOOD_TOKEN}"',
+                                  f'[worker]\nembedded = "{GOOD_TOKEN}"', f'[worker]\nknown_sha256 = "{GOOD_TOKEN}"',
+                                  f'[imagine]\nsizes = "{GOOD_TOKEN}"', f'[progress]\ntoken_ttl = "{GOOD_TOKEN}"',
+                                  f'[presets]\ndraft = "{GOOD_TOKEN}"', f'[discord]\n"{GOOD_TOKEN}" = 1'])
+def test_a_token_pasted_under_a_wrong_key_is_never_echoed(tmp_path, toml):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert GOOD_TOKEN not in str(err.value) and "***" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("guild", ["0", "-5"])
+def test_sync_guild_must_be_a_server_id(guild, capsys):
+    """`sync --guild 0` synced globally (0 is falsy) and `--guild -5` went to Discord: refused as
+    --clear-guild's are; a negative [discord] sync_guild too (0 there is the default: globally)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["sync", "--guild", guild])
+    assert exit_.value.code == 2
+    assert f"argument --guild: expected a server id (a positive number), got {guild}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^\[discord\] sync_guild: expected a server id, got -5"):
+        config_from_dict({"discord": {"sync_guild": -5}})
+    assert config_from_dict({"discord": {"sync_guild": 0}}).discord.sync_guild == 0

@@ -141,7 +141,7 @@ def test_http_and_worker_options_parse(tmp_path, monkeypatch):
                           ("[worker]\nmax_batch = -1", "[worker] max_batch: must not be negative"),
                           ("[worker]\nkeep_days = -1", "[worker] keep_days: must not be negative")]:
         path.write_text(toml)
-        with pytest.raises(ConfigError, match=r"^" + __import__("re").escape(message)):
+        with pytest.raises(ConfigError, match=r"^" + __import__("re").escape(f"{path}: {message}")):
             load_config(path)
 
     path.write_text("[worker]\nembedded = true\n")

@@ -115,15 +115,28 @@ def test_from_run_starts_from_a_compact_state_at_the_earlier_runs_last_picture(t
     (["--out", "x", "--seed", str(2**64), "--clip-model", "/nonexistent/clip.pt"], "--seed must be between 0"),
     (["--out", "x", "--fps", "0", "--clip-model", "/nonexistent/clip.pt"], "--fps must be"),
     (["--out", "x", "--fps", "nan", "--clip-model", "/nonexistent/clip.pt"], "--fps must be"),
+    # ffmpeg refuses the duration of a frame at a slower rate: found out after the whole render.
+    (["--out", "x", "--fps", "1e-9", "--clip-model", "/nonexistent/clip.pt"], "--fps must be a number from 0.01"),
+    # Empty: not the working directory.
+    (["--out", "", "--clip-model", "/nonexistent/clip.pt"], "--out must name a folder"),
+    (["--out", "x", "--cache-dir", " ", "--clip-model", "/nonexistent/clip.pt"], "--cache-dir must name a folder"),
     (["--out", "x", "--log-level", "chatty"], "invalid choice"),
 ])
-def test_bad_arguments_one_line_and_exit_2(args, message, capsys):
+def test_bad_arguments_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     argv = args if args and not args[0].startswith("--") else ["a cat", *args]
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)   # nothing written
+
+
+def test_a_folder_flag_expands_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = cli.build_parser().parse_args(["a cat", "--out", "~/out", "--cache-dir", "~/cache"])
+    assert args.out == tmp_path / "out" and args.cache_dir == tmp_path / "cache"
 
 
 @pytest.mark.parametrize("prompt, message", [("   ", "empty"), ("\u200b\u2060", "empty"), ("blurry:-1", "positive weight")])

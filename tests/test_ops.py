@@ -557,6 +557,11 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     (["--queue", "sqlite:///x.db?busy_timeout=-0.5"], "?busy_timeout= in"),
     (["--queue", "sqlite:///x.db?lease=0"], "?lease= in"),
     (["--queue", "redis://127.0.0.1:6379/0?reconnect_timeout=inf"], "?reconnect_timeout= in"),
+    # redis-py reads these as no database: db 0, another deployment's queue.
+    (["--queue", "redis://:s3cret@127.0.0.1:6379/abc"], "the database in 'redis://:***@127.0.0.1:6379/abc' must "
+                                                        "be a number (redis://host:6379/0), got 'abc'"),
+    (["--queue", "redis://127.0.0.1:6379/0/extra"], "must be a number (redis://host:6379/0), got '0/extra'"),
+    (["--queue", "x.db", "--cache-dir", ""], "argument --cache-dir: --cache-dir must name a folder, not an empty string"),
     (["--queue", "x.db", "--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--queue", "x.db", "--max-batch", "-1"], "argument --max-batch: must be at least 1"),
     (["--queue", "x.db", "--compile", "foo"], "argument --compile: compile 'foo': torch has no backend 'foo'"),
@@ -600,7 +605,7 @@ def test_the_bot_refuses_a_worker_id_with_a_colon_as_imagine_worker_does(tmp_pat
     monkeypatch.setenv("DISCORD_TOKEN", GOOD_TOKEN)
     assert bot_main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert err == ("imagine-bot: [worker] worker_id: must not contain ':' (the worker registry splits on it), "
+    assert err == (f"imagine-bot: {cfg}: [worker] worker_id: must not contain ':' (the worker registry splits on it), "
                    "got 'box1:gpu0'\n")
     assert config_from_dict({"worker": {"worker_id": "box1-gpu0"}}).worker.worker_id == "box1-gpu0"
 
@@ -621,9 +626,11 @@ def test_imagine_worker_parses_what_it_accepts():
     assert build_parser().parse_args(["--queue", "x.db", "--compile", ""]).compile == ""
     assert build_parser().parse_args(["--queue", "x.db", "--keep-days", "0"]).keep_days is None   # 0: never
     # The least values the queues take are taken here too (a shared IMAGINE_QUEUE_URL must start both).
-    from engine.worker import check_queue_url
+    from engine.queue import check_queue_url
     assert check_queue_url("sqlite:///x.db?max_attempts=1&busy_timeout=0&lease=0.5") is None
     assert check_queue_url("redis://127.0.0.1:6379/0?max_attempts=1&reconnect_timeout=0") is None
+    assert check_queue_url("redis://127.0.0.1:6379") is None and check_queue_url("redis://h:6379/") is None
+    assert check_queue_url("rediss://h:6380/12") is None
 
 
 def _bad_model_files(tmp_path):

@@ -19,13 +19,14 @@ A queue URL may hold a password (`redis://:PASSWORD@host:6379/0`): print or log 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from engine.jobs import JobQueue
 
-__all__ = ["open_queue", "redact_url", "redact_secrets"]
+__all__ = ["check_queue_url", "open_queue", "redact_url", "redact_secrets"]
 
 _NUMERIC_OPTS = {"lease": float, "max_attempts": int}
 _SQLITE_OPTS = {**_NUMERIC_OPTS, "busy_timeout": float}
@@ -71,6 +72,37 @@ def _split_options(query: str, names: set[str]) -> tuple[dict[str, str], str]:
     for key, value in parse_qsl(query, keep_blank_values=True):
         (ours.__setitem__(key, value) if key in names else rest.append((key, value)))
     return ours, urlencode(rest)
+
+
+def check_queue_url(url: str) -> str | None:
+    """Why `url` cannot be a queue URL (its password masked), or None: the scheme, and the numbers
+    in its query string (`?lease=abc` was a float() traceback)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    # unix:// (a Redis socket) is left out: the Redis backend's connection options do not fit it.
+    if scheme not in ("redis", "rediss", "sqlite", "file", ""):
+        return f"expected redis://host:6379/0, rediss://..., or sqlite:///path.db, got {redact_url(url)!r}"
+    query = urlsplit(url).query if scheme in ("redis", "rediss") else url.partition("?")[2]
+    # redis-py reads a path that is not a database number (`/abc`, `/O`, `/0/x`) as none: db 0, a
+    # typo landing on another deployment's queue.
+    if scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/\d+", urlsplit(url).path):
+        return (f"the database in {redact_url(url)!r} must be a number (redis://host:6379/0), "
+                f"got {urlsplit(url).path[1:]!r}")
+    # (type, the least value allowed, whether that value itself is allowed, what to say)
+    checks = {"lease": (float, 0.0, False, "a number of seconds above 0"),
+              "max_attempts": (int, 1, True, "a whole number, at least 1"),
+              "busy_timeout": (float, 0.0, True, "a number of seconds, at least 0"),
+              "reconnect_timeout": (float, 0.0, True, "a number of seconds, at least 0")}
+    for key, text in parse_qsl(query, keep_blank_values=True):
+        if key not in checks:
+            continue
+        kind, least, inclusive, what = checks[key]
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < least or (value == least and not inclusive):
+            return f"?{key}= in {redact_url(url)!r} must be {what}, got {text!r}"
+    return None
 
 
 def open_queue(url: str, **kwargs: Any) -> JobQueue:
