@@ -1169,6 +1169,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # tracker is attached (finally), so its progress and result still reach the user.
         message_id = channel_id = None
         content: str | None = None
+        unsaved: dict[str, Any] | None = None
         try:
             try:
                 position: int | None = await self.queue.position(record.id)
@@ -1183,12 +1184,17 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 reply = {"channel_id": channel_id, "message_id": message_id, "guild_id": interaction.guild_id,
                          "upload_limit": interaction.filesize_limit}
                 record.spec.reply = reply
-                await self.queue.set_reply(record.id, reply)
+                try:
+                    await self.queue.set_reply(record.id, reply)
+                except Exception:  # noqa: BLE001 - a store hiccup: the job is queued, its reply shown
+                    log.exception("job %s: could not write its reply to the store; retrying", record.id)
+                    unsaved = reply   # the progress cog writes it again (a restart must find the reply)
             except discord.HTTPException:
                 log.exception("job %s: could not show its queued reply", record.id)
         finally:
             if progress is not None:
-                progress.attach(record.id, channel_id, message_id, content if message_id else None)
+                progress.attach(record.id, channel_id, message_id, content if message_id else None,
+                                unsaved_reply=unsaved)
         return record
 
     # --- buttons ------------------------------------------------------------------------------

@@ -414,6 +414,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         for index, record in enumerate(records):
             content: str | None = None
             message_id = None
+            unsaved: dict[str, Any] | None = None
             message: discord.Message
             followup = by_followup and index > 0
             try:
@@ -435,7 +436,12 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
                 reply = {"channel_id": message.channel.id, "message_id": message.id, "guild_id": interaction.guild_id,
                          "upload_limit": interaction.filesize_limit}
                 record.spec.reply = reply
-                await queue.set_reply(record.id, reply)
+                try:
+                    await queue.set_reply(record.id, reply)
+                except Exception:  # noqa: BLE001 - a store hiccup: the progress cog writes it again
+                    log.exception("set %s: could not write the reply of job %s to the store; retrying",
+                                  set_id, record.id)
+                    unsaved = reply
             except Exception:  # noqa: BLE001 - one reply's trouble is that job's alone: log, go on
                 log.exception("set %s: could not show the reply of job %s", set_id, record.id)
             finally:
@@ -451,7 +457,8 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
                     # "thinking…" message its reply, so the follow-up does not take that over.)
                     progress.attach(record.id, channel_id, message_id, content if message_id else None,
                                     followup_of=interaction if index > 0 and followup else None,
-                                    fallback_of=interaction if index > 0 and not followup else None)
+                                    fallback_of=interaction if index > 0 and not followup else None,
+                                    unsaved_reply=unsaved)
         if not recorded:   # one more try, the replies made
             recorded = await _track_set(bot, info)
         if not recorded:

@@ -43,8 +43,17 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   Once it is posted, its message's id is kept (and written as the reply's `result_message_id`):
   a store write that fails after the post is retried alone, and a restart before `mark_delivered`
   finds that id and only repeats the store writes (an edit of the original reply would be a
-  second result when the first went out as a new message). Jobs that finished while the bot was
-  down come back through `undelivered()`.
+  second result when the first went out as a new message). Before a result goes out as a new
+  message the reply is marked `reposting` in the store: a restart between that post and the write
+  of its id posts it again with the same nonce (Discord returns the first message for a nonce it
+  saw in the last few minutes), never as an edit of the original reply, which the first post may
+  have made editable again (an archived thread unarchives). Jobs that finished while the bot was
+  down come back through `undelivered()`; at most FINALS_AT_ONCE finals hold their files in memory
+  at a time, so a backlog after downtime is not read all at once.
+- A reply whose id could not be written to the store when it was made (`set_reply` failed: a
+  store hiccup) is kept on its tracker and written again by the reconcile pass (and with the
+  result), so a restart still finds the reply and edits it, instead of leaving it at "Queued" with
+  a live Cancel button and posting the result apart.
 - A followed job whose record is gone from the store before its result was posted (the store lost
   its data: a Redis restarted empty) will get no more events: the reconcile pass finds it (at once
   when the event numbering restarts, else every `reconcile_interval`), edits its reply once into a
@@ -99,6 +108,9 @@ REFUSED_TRIES = 3
 NO_PING = discord.AllowedMentions.none()
 # Discord takes a message nonce of at most this many characters.
 NONCE_MAX = 25
+# Final posts prepared at once (each holds its final image and video in memory until it is posted):
+# a backlog of results after downtime is read from the store a few at a time, not all together.
+FINALS_AT_ONCE = 4
 
 
 def _nonce(prefix: str, job_id: str) -> str:
@@ -246,6 +258,9 @@ class _Tracker:
     # (video size, room, what _reencode_to_fit made of it): a retry of the final post does not run
     # ffmpeg again.
     fitted: tuple[int, int, bytes | None] | None = None
+    # The reply's store entry (spec.reply) when writing it failed as the reply was made: written
+    # again by the reconcile pass, and merged into the result's write (_reply_of).
+    unsaved_reply: dict[str, Any] | None = None
 
 
 @dataclass
@@ -281,6 +296,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         self._closing = False
         self.cursor = 0
         self._outage = _Outage()   # Discord unreachable: logged once, not per edit
+        self._finals = asyncio.Semaphore(FINALS_AT_ONCE)   # finals holding their files (FINALS_AT_ONCE)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -324,22 +340,28 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.interaction = interaction
         t.interaction_at = created_monotonic(interaction) if interaction is not None else time.monotonic()
         t.fallback = None   # attach() hands it over, for a set's channel-message reply
+        t.unsaved_reply = None
         if interaction is not None:
             t.upload_limit = getattr(interaction, "filesize_limit", None)
         return t
 
     def attach(self, job_id: str, channel_id: int | None, message_id: int | None, content: str | None,
                *, followup_of: discord.Interaction | None = None,
-               fallback_of: discord.Interaction | None = None) -> None:
+               fallback_of: discord.Interaction | None = None,
+               unsaved_reply: dict[str, Any] | None = None) -> None:
         """The job's reply exists now (or could not be made: message_id None). `followup_of`: the
         reply is (or was to be) a follow-up of that interaction, edited through its token while it
         lives, like an original response: no channel permission needed. `fallback_of`: the reply is
         (or was to be) a channel message made for that interaction (a permutation set's), edited
         with the bot token only; the interaction is kept just to post the result as its follow-up
-        should the channel refuse the bot (`_Tracker.fallback`)."""
+        should the channel refuse the bot (`_Tracker.fallback`). `unsaved_reply`: the reply's store
+        entry, whose write failed: the reconcile pass writes it (`_save_replies`)."""
         t = self.trackers.get(job_id)
         if t is None:
             return
+        if unsaved_reply is not None:
+            t.unsaved_reply = dict(unsaved_reply)
+            self._reconcile_now.set()
         if followup_of is not None:
             t.interaction, t.followup = followup_of, True
             t.interaction_at = created_monotonic(followup_of)
@@ -451,6 +473,11 @@ class ProgressCog(commands.Cog, name="Progress"):
         reply = record.spec.reply or {}
         t = _Tracker(job_id, record, int(reply.get("channel_id") or record.spec.channel_id), record.spec.guild_id)
         t.message_id = int(reply["message_id"]) if reply.get("message_id") else None
+        if reply.get("reposting"):
+            # Its result was (being) posted as a new message when the bot stopped: post it as one
+            # again (the same nonce: Discord returns the first), never as an edit of the reply,
+            # which that post may have made editable again (it unarchives a thread).
+            t.dead = True
         if reply.get("result_message_id"):
             # Its result was posted (set_reply writes this only after the post) but not marked
             # delivered (a crash in between): that message is the job's now, and only the store
@@ -549,6 +576,7 @@ class ProgressCog(commands.Cog, name="Progress"):
                         t.record = record
                         self._finish(t)
                 await self._find_lost()
+                await self._save_replies()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
@@ -572,6 +600,33 @@ class ProgressCog(commands.Cog, name="Progress"):
                         "data?): telling the user", t.job_id)
             t.lost = True
             self._kick(t)
+
+    async def _save_replies(self) -> None:
+        """Write the replies whose first write failed (`_Tracker.unsaved_reply`). Not once the
+        job is final: the result's own write carries it (`_reply_of`), and this one, racing it,
+        could write the reply back without the result's id."""
+        for t in list(self.trackers.values()):
+            reply = t.unsaved_reply
+            if reply is None or t.final or t.delivered or t.lost:
+                continue
+            try:
+                await self.queue.set_reply(t.job_id, reply)
+            except Exception:  # noqa: BLE001 - the store is still down: the next round tries again
+                log.warning("job %s: writing its reply to the store failed again; retrying", t.job_id,
+                            exc_info=True)
+                return
+            if t.unsaved_reply is reply:
+                t.unsaved_reply = None
+                log.info("job %s: its reply is written to the store now", t.job_id)
+
+    def _reply_of(self, t: _Tracker, record: JobRecord) -> dict[str, Any]:
+        """The job's reply entry to write with its result: the store's, completed by the one whose
+        write failed (`unsaved_reply`)."""
+        reply = dict(record.spec.reply or {})
+        for key, value in (t.unsaved_reply or {}).items():
+            reply.setdefault(key, value)
+        reply.setdefault("channel_id", t.channel_id)
+        return reply
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -659,19 +714,20 @@ class ProgressCog(commands.Cog, name="Progress"):
                         await self._wait_turn(t)
                         sent = await self._post_lost(t)   # False: no request was made (no reply)
                     elif t.final:
-                        # Everything slow (the store, a re-encode) before taking a turn.
                         t.dirty = False
-                        final = await self._prepare_final(t)
-                        if final is not None:
-                            posting = t.posted is None   # else only store writes are left
-                            if posting:   # no slot needed otherwise
-                                await self._wait_turn(t)
-                            try:
-                                await self._post_final(t, final)
-                            finally:
-                                # Posted: Discord answered, even if the store writes after it failed.
-                                if posting and t.posted is not None:
-                                    self._outage.answered()
+                        async with self._finals:   # its files are in memory from here until it is posted
+                            # Everything slow (the store, a re-encode) before taking a turn.
+                            final = await self._prepare_final(t)
+                            if final is not None:
+                                posting = t.posted is None   # else only store writes are left
+                                if posting:   # no slot needed otherwise
+                                    await self._wait_turn(t)
+                                try:
+                                    await self._post_final(t, final)
+                                finally:
+                                    # Posted: Discord answered, even if the store writes after it failed.
+                                    if posting and t.posted is not None:
+                                        self._outage.answered()
                     elif t.dead or t.muted or self._progress_content(t)[0] == t.last_content:
                         t.dirty = False   # nothing to draw: take none of the channel's slots
                         t.line_stale = False   # what is drawn is current, or nothing ever will be
@@ -885,15 +941,20 @@ class ProgressCog(commands.Cog, name="Progress"):
         # image is not measured: a final image over the limit is met by the 413 path (_refused).
         room = limit - FILE_MARGIN
         if mp4 is not None:
-            fitted: bytes | None
+            fitted: Any   # bytes, None (no size fits) or REENCODE_FAILED
             if len(mp4) <= room:
                 fitted = mp4
             elif t.fitted is not None and t.fitted[:2] == (len(mp4), room):   # a retry: ffmpeg ran already
                 fitted = t.fitted[2]
             else:
                 fitted = await _reencode_to_fit(mp4, room)
-                t.fitted = (len(mp4), room, fitted)
-            if fitted is not None:
+                if fitted is not REENCODE_FAILED:   # a failure is tried again with the post's retry
+                    t.fitted = (len(mp4), room, fitted)
+            if fitted is REENCODE_FAILED:
+                note = (f"The video ({render.mib(len(mp4))}) is over this server's upload limit of "
+                        f"{render.mib(limit)} a file, and re-encoding it smaller failed, so here is the final "
+                        "image only.")
+            elif fitted is not None:
                 files.append(("video.mp4", fitted))
                 if fitted is not mp4:
                     note = (f"The video was re-encoded to {render.mib(len(fitted))} to fit this server's "
@@ -942,10 +1003,10 @@ class ProgressCog(commands.Cog, name="Progress"):
         # Posted: a failure from here on (the store) repeats only these writes, not the post (a new
         # message's follow-up fallback has no nonce; any repost re-uploads the files).
         result_message_id = t.posted
-        reply = dict(final.record.spec.reply or {})
-        reply.setdefault("channel_id", t.channel_id)
+        reply = self._reply_of(t, final.record)
         reply["result_message_id"] = result_message_id
         await self.queue.set_reply(t.job_id, reply)
+        t.unsaved_reply = None
         if not await self.queue.mark_delivered(t.job_id):
             log.warning("job %s was already delivered by someone else", t.job_id)
         else:
@@ -970,6 +1031,15 @@ class ProgressCog(commands.Cog, name="Progress"):
                 # A new message unarchives the thread (edits never do): post the result as one.
                 log.info("job %s: its thread is archived; posting the result as a new message", t.job_id)
                 t.archived = True
+        reply = self._reply_of(t, final.record)
+        if reply.get("message_id") and not reply.get("reposting"):
+            # A restart between the new message and the write of its id must not edit the reply
+            # (editable again once the post unarchived its thread) into a second result: it finds
+            # this mark and posts again, with the same nonce (_tracker).
+            reply["reposting"] = True
+            await self.queue.set_reply(t.job_id, reply)
+            final.record.spec.reply = reply
+            t.unsaved_reply = None
         return await self._post_new(t, final, files, view)
 
     async def _post_new(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]],
@@ -1070,16 +1140,19 @@ def _unattached_note(files: list[tuple[str, bytes]]) -> str:
             "(ask a server admin).")
 
 
-async def _reencode_to_fit(data: bytes, max_bytes: int) -> bytes | None:
+# _reencode_to_fit's answer when ffmpeg failed (not: no size fits), so the note says which.
+REENCODE_FAILED: Any = object()
+
+
+async def _reencode_to_fit(data: bytes, max_bytes: int) -> Any:
+    """The video re-encoded to at most `max_bytes`; None when no size tried fits; REENCODE_FAILED
+    when ffmpeg failed (missing, a damaged video, a timeout)."""
     if max_bytes <= 0:
         return None
-    try:
-        from engine.video import reencode_to_fit
-    except ImportError:  # pragma: no cover - the engine ships it
-        log.warning("engine.video.reencode_to_fit is missing; the video cannot be made smaller")
-        return None
+    from engine.video import reencode_to_fit   # noqa: PLC0415 - ffmpeg's module, only when needed
+
     try:
         return await asyncio.to_thread(reencode_to_fit, data, max_bytes)
     except Exception:  # noqa: BLE001 - ffmpeg missing or failing: post the image
         log.exception("re-encoding the video failed")
-        return None
+        return REENCODE_FAILED

@@ -309,6 +309,31 @@ async def test_a_video_over_the_limit_on_its_own_is_reencoded_to_the_limit_or_le
     fd.assert_clean()
 
 
+async def test_a_video_ffmpeg_cannot_reencode_is_left_out_with_a_note_that_says_so(harness, caplog):
+    """A video over the limit that ffmpeg fails to re-encode (here a damaged one; the real ffmpeg
+    runs): the image goes alone, and the note says the re-encode failed, not that no smaller
+    encode fits. Before: an ffmpeg failure read as "does not fit ... even re-encoded"."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    fd = h.fd
+    fd.attachment_size_limit = 1 * MiB
+    await h.start(worker=False)
+    msg = await h.reply_of(await h.imagine("a damaged video"))
+    job_id = h.job_id(msg)
+    png, video = tiny_png(9, 9), MP4_HEAD + b"\x01" * (MiB + MiB // 2)
+    await claim_jobs(h.queue, [job_id])
+    with caplog.at_level(logging.ERROR, logger="bot.progress"):
+        await _finish_with(h.queue, job_id, png, video)
+        await h.wait_delivered(job_id, timeout=60)
+    final = fd.messages[msg.id]
+    assert [fd.attachment_bytes(a) for a in final.attachments] == [png]
+    assert ("The video (1.5 MiB) is over this server's upload limit of 1.0 MiB a file, and re-encoding it "
+            "smaller failed, so here is the final image only") in final.content
+    assert "even re-encoded" not in final.content
+    assert "re-encoding the video failed" in caplog.text
+    fd.assert_clean()
+
+
 async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(harness, caplog):
     """The final post is refused REFUSED_TRIES times, and marking the job delivered then fails: the
     queue's SQLite file is write-locked by another process past the busy timeout ("database is
@@ -328,6 +353,9 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     caplog.set_level(logging.INFO, logger="bot.progress")
     await claim_jobs(h.queue, [job_id])
     await finish_jobs(h.queue, [job_id])
+    # The first refusal, after the reply's `reposting` mark was written (a new message follows it).
+    await fd.wait_for(lambda: [r for r in requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
+                               if r.status == 400], 10, "the first refused post")
     other = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=30)
     try:
         await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")   # another process's write lock

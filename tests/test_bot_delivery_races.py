@@ -283,3 +283,130 @@ async def test_nonces_fit_discord_limit():
     longer = "f" * 32
     a, b = progress._nonce("imagine-", longer), progress._nonce("imagine-lost-", longer)
     assert len(a) <= 25 and len(b) <= 25 and a != b
+
+
+async def test_a_restart_between_a_new_message_and_its_write_posts_no_second_result(harness, monkeypatch):
+    """The job waited in a thread that archived itself: its result went out as a new message M2
+    (which unarchived the thread), and the bot stopped before it could write M2's id. The reply
+    was marked `reposting` before that post, so the restarted bot posts the result as a new
+    message again, with the same nonce: Discord returns M2 and makes no third message. Before: it
+    edited the original reply M1 (editable again) into a second result."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await queued_job_in_a_thread(h, "a crash between the post and its write")
+    fd = h.fd
+    thread_id = msg.channel_id
+    await claim_jobs(h.queue, [job_id])
+    await fd.wait_for(lambda: "Starting" in fd.messages[msg.id].content, 10, "the starting edit")
+    await fd.archive_thread(thread_id)
+    since = len(fd.requests)
+    real_set_reply = h.queue.set_reply
+
+    async def set_reply(jid, reply):
+        if "result_message_id" in reply:
+            raise RuntimeError("the bot dies before writing the result's id")
+        return await real_set_reply(jid, reply)
+
+    monkeypatch.setattr(h.queue, "set_reply", set_reply)
+    await finish_jobs(h.queue, [job_id])
+    posts = await fd.wait_for(lambda: requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since), 10,
+                              "the result as a new message")
+    result_id = int(posts[0].response["id"])
+    assert (await h.queue.get(job_id)).spec.reply.get("reposting") is True
+    assert not fd.thread_archived(thread_id)   # the new message unarchived it: M1 is editable again
+    await h.stop()
+
+    await h.start(worker=False)   # a fresh queue object: set_reply works again
+    record = await h.wait_delivered(job_id, timeout=20)
+    assert record.spec.reply["result_message_id"] == result_id
+    posts = requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)
+    assert [(r.status, int(r.response["id"])) for r in posts] == [(200, result_id)] * 2   # the nonce's answer
+    assert h.final_edits(msg.id) == []   # the original reply was not made a second result
+    assert "final.png" not in {a["filename"] for a in fd.messages[msg.id].attachments}
+    assert {int(r.response["id"]) for r in h.posts_of_job(job_id)} == {result_id}
+    fd.assert_clean()
+
+
+async def test_a_reply_whose_first_write_failed_is_written_again_and_found_after_a_restart(harness, monkeypatch):
+    """Writing the reply's id to the store fails once as /imagine makes it (a store hiccup). The
+    user still sees the job queued, the progress cog writes the reply again, and after a restart
+    the result is an edit of that reply. Before: the command ended with the error, and after a
+    restart the reply stayed at "Queued" with a live Cancel button while the result went out as
+    a new message."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    await h.start(worker=False)
+    failed = []
+    real_set_reply = h.queue.set_reply
+
+    async def set_reply(jid, reply):
+        if not failed:
+            failed.append(jid)
+            raise RuntimeError("the store hiccups (set_reply)")
+        return await real_set_reply(jid, reply)
+
+    monkeypatch.setattr(h.queue, "set_reply", set_reply)
+    inter = await h.imagine("a reply written late")
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    for _ in range(500):
+        record = await h.queue.get(job_id)
+        if (record.spec.reply or {}).get("message_id"):
+            break
+        await asyncio.sleep(0.02)
+    assert failed == [job_id]
+    assert record.spec.reply["message_id"] == msg.id
+    assert "Queued" in h.fd.messages[msg.id].content
+    await h.stop()
+
+    fd = h.fd
+    await h.start(worker=False)
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id, timeout=20)
+    assert len(h.final_edits(msg.id)) == 1   # the reply became the result
+    assert requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since) == []
+    assert f"imagine:reroll:{job_id}" in fd.messages[msg.id].custom_ids
+    fd.assert_clean()
+
+
+async def test_a_backlog_of_results_is_read_a_few_at_a_time(harness, monkeypatch):
+    """Eight jobs finish at once in one channel, whose turns come one at a time: at most
+    FINALS_AT_ONCE of them hold their files in memory (read, not yet posted) at a time, and all
+    are posted once. Before: all eight read their image and video at once and waited for the
+    channel's turns with them (a backlog after downtime: every result in memory together)."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    h.config.progress.channel_interval = 0.1
+    h.config.queue.max_queued_per_user = 10
+    await h.start(worker=False)
+    job_ids = []
+    for i in range(8):
+        job_ids.append(h.job_id(await h.reply_of(await h.imagine(f"backlog {i}"))))
+    active, most = [0], [0]
+    real_prepare, real_post = progress.ProgressCog._prepare_final, progress.ProgressCog._post_final
+
+    async def prepare(self, t):
+        final = await real_prepare(self, t)
+        if final is not None and final.files:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        return final
+
+    async def post(self, t, final):
+        try:
+            await real_post(self, t, final)
+        finally:
+            if final.files:
+                active[0] -= 1
+
+    monkeypatch.setattr(progress.ProgressCog, "_prepare_final", prepare)
+    monkeypatch.setattr(progress.ProgressCog, "_post_final", post)
+    await claim_jobs(h.queue, job_ids)
+    await finish_jobs(h.queue, job_ids)
+    for job_id in job_ids:
+        await h.wait_delivered(job_id, timeout=30)
+    assert 1 < most[0] <= progress.FINALS_AT_ONCE, most
+    assert [len(h.posts_of_job(j)) for j in job_ids] == [1] * 8
+    h.fd.assert_clean()

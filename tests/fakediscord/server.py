@@ -728,6 +728,10 @@ class FakeDiscord:
         self.server_errors: List[str] = []  # tracebacks of bugs in the fake itself
         self.cdn_requests: List[RecordedRequest] = []
         self.messages: Dict[int, StoredMessage] = {}
+        # (channel id, nonce) -> (message id, monotonic time) of the bot's posts with enforce_nonce
+        self.nonces: Dict[tuple, tuple] = {}
+        # Discord: "checked for uniqueness in the past few minutes" (not documented more exactly)
+        self.nonce_window = 300.0
         self.interactions: Dict[int, InteractionRecord] = {}
         self.global_commands: List[Dict[str, Any]] = []
         self.guild_commands: Dict[int, List[Dict[str, Any]]] = {}
@@ -2602,8 +2606,19 @@ class FakeDiscord:
     async def _h_channel_message_post(self, rec, p):
         self._channel(p["channel_id"])
         self._check_bot_may_post(int(p["channel_id"]), rec.json or {}, rec.files)
+        payload = rec.json or {}
+        key = (int(p["channel_id"]), str(payload.get("nonce")))
+        if payload.get("enforce_nonce") and payload.get("nonce") is not None and key in self.nonces:
+            # As Discord: a post whose nonce the same author used within the window returns that
+            # message; no new one is made.
+            seen_id, seen_at = self.nonces[key]
+            seen = self.messages.get(seen_id)
+            if seen is not None and not seen.deleted and time.monotonic() - seen_at < self.nonce_window:
+                return 200, seen.data
         reopen = self._thread_to_reopen(p["channel_id"])
-        msg = self._create_message(int(p["channel_id"]), rec.json or {}, rec.files)
+        msg = self._create_message(int(p["channel_id"]), payload, rec.files)
+        if payload.get("enforce_nonce") and payload.get("nonce") is not None:
+            self.nonces[key] = (int(msg.data["id"]), time.monotonic())
         await self._reopen(reopen)
         await self._announce("MESSAGE_CREATE", msg)
         return 200, msg.data
