@@ -239,7 +239,7 @@ async def test_frames_and_events_pruned(queue_factory: QueueFactory):
     events = await all_events(q)
     assert 40 <= len(events) <= 40 + 32 and events[-1].iteration == 99  # pruning may run in steps
     with_frames = [e.iteration for e in events if e.frame_png is not None]
-    assert with_frames[-3:] == [97, 98, 99] and len(with_frames) <= 3 + 32
+    assert with_frames == [97, 98, 99]   # exactly the latest keep_frames frames
     assert events[-1].frame_png == b"png99"
 
 
@@ -2570,3 +2570,158 @@ async def test_redis_setting_reads_never_miss_a_setting_that_switches_form(redis
             await q.close()
         proxy.close()
         await proxy.wait_closed()
+
+
+# --- parity: one semantic on both backends (see engine/queue/__init__.py) --------------------------
+
+async def test_keep_frames_counts_frames_not_events(queue_factory: QueueFactory):
+    """`keep_frames` is how many frames (PNGs) the log keeps: the latest that many, however many
+    frameless events (other jobs', messages, state changes) came between them."""
+    q = await queue_factory.open(keep_frames=3)
+    rec = await q.submit(spec())
+    other = await q.submit(spec(2, "another job"))
+    for i in range(12):
+        await q.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=10 * i, frame_png=b"png%d" % i))
+        for k in range(7):   # frameless events between two frames
+            await q.publish(JobEvent(other.id if k % 2 else rec.id, EventKind.PROGRESS, iteration=10 * i + k + 1))
+    events = await all_events(await queue_factory.open(keep_frames=3))
+    assert [e.frame_png for e in events if e.frame_png is not None] == [b"png9", b"png10", b"png11"]
+    # Fewer frames than that: every one of them is kept.
+    q2 = await queue_factory.open(keep_frames=300)
+    start = await last_seq(q2)
+    await q2.publish(JobEvent(rec.id, EventKind.PROGRESS, iteration=1000, frame_png=b"last"))
+    frames = [e.frame_png for e in await all_events(q2) if e.frame_png is not None]
+    assert frames == [b"png9", b"png10", b"png11", b"last"]
+    assert [e.frame_png for e in await all_events(q2, start)] == [b"last"]
+
+
+async def test_prune_takes_a_pruned_jobs_events_and_every_cursor_reads_on(queue_factory: QueueFactory):
+    """A pruned job's events (frames, messages) leave the log with it; the other jobs' events stay,
+    and a reader's cursor, even one on a deleted event or past the last one left, reads on."""
+    q = await queue_factory.open()
+    old = await q.submit(spec(1, "old"))
+    got = await q.claim("w")
+    assert await q.publish(JobEvent(old.id, EventKind.PROGRESS, iteration=1, frame_png=b"old frame",
+                                    message="old message"), got.lease_id)
+    kept = await q.submit(spec(2, "kept"))
+    before_kept = await last_seq(q) - 1
+    got2 = await q.claim("w")
+    assert got2.id == kept.id
+    assert await q.publish(JobEvent(kept.id, EventKind.PROGRESS, iteration=2, frame_png=b"kept frame"), got2.lease_id)
+    assert await q.finish(old.id, got.lease_id, 0.5) and await q.mark_delivered(old.id)
+    on_last = await last_seq(q)   # the old job's DONE: the log's last event, deleted by the prune
+    reader = await queue_factory.open()   # the bot: another process
+    assert [e.job_id for e in await all_events(reader)].count(old.id) == 4
+    await asyncio.sleep(0.05)
+    assert await q.prune(0.01) == 1
+
+    events = await all_events(reader)
+    assert [e for e in events if e.job_id == old.id] == []
+    assert [(e.kind, e.frame_png) for e in events] == [
+        (EventKind.QUEUED, None), (EventKind.STARTED, None), (EventKind.PROGRESS, b"kept frame")]
+    assert [e.kind for e in await all_events(reader, before_kept)] == [
+        EventKind.QUEUED, EventKind.STARTED, EventKind.PROGRESS]
+    assert await reader.events(after=on_last, timeout=0) == []
+    assert await q.finish(kept.id, got2.lease_id, 0.1)   # a new event: read from every cursor
+    assert [(e.job_id, e.kind) for e in await all_events(reader, on_last)] == [(kept.id, EventKind.DONE)]
+    assert [e.kind for e in await all_events(reader, before_kept)][-1] == EventKind.DONE
+    assert (await all_events(reader))[-1].seq > on_last   # the numbering goes on past the deleted ones
+
+
+@pytest.mark.parametrize("expire_after", [math.inf, -math.inf, math.nan, 0, 0.0, -1.5])
+async def test_a_setting_expiry_that_is_no_time_is_refused(queue: JobQueue, expire_after):
+    """`expire_after` must be a finite number of seconds above 0 (None: no expiry): anything else is
+    a ValueError on either backend, and the setting is left as it was."""
+    await queue.set_setting("k", "before", expire_after=60)
+    with pytest.raises(ValueError):
+        await queue.set_setting("k", "after", expire_after=expire_after)
+    assert await queue.get_setting("k") == "before"
+    await queue.set_setting("k", "kept")
+    assert await queue.get_setting("k") == "kept"
+
+
+async def test_history_limit_zero_is_nothing_and_a_negative_limit_is_refused(queue: JobQueue):
+    await queue.submit(spec(1, "one", channel=10))
+    await queue.submit(spec(1, "two", channel=10))
+    assert await queue.history(10, limit=0) == []
+    assert len(await queue.history(10, limit=1)) == 1
+    for bad in (-1, -5):
+        with pytest.raises(ValueError):
+            await queue.history(10, limit=bad)
+
+
+PAUSE_OFF = [0, 0.0, -0.0, False, None, "", [], {}]
+PAUSE_ON = [True, 1, 0.5, -1, "0", "false", [0], {"by": 0}, math.nan, -math.inf]
+
+
+@pytest.mark.parametrize("value", PAUSE_OFF + PAUSE_ON, ids=repr)
+async def test_a_pause_is_on_exactly_when_its_value_is_true_in_python(queue: JobQueue, value):
+    """A pause setting (everywhere or one server's) holds the claims back exactly when its value is
+    true as Python reads it (what engine.jobs.pause_of, and so the bot, says): 0.0 pauses nothing,
+    as 0 and False do; the string "0" does pause."""
+    from engine.jobs import pause_of
+
+    server = 1_180_000_000_000_000_001
+    on = bool(value)
+    job = await queue.submit(spec(1, "a job", guild_id=server))
+    await queue.set_setting(guild_paused_key(server), value)
+    assert await pause_of(queue, server) == ("server" if on else "")
+    got = await queue.claim("w")
+    assert (got is None) == on
+    if on:
+        await queue.set_setting(guild_paused_key(server), False)
+        await queue.set_setting(PAUSED_KEY, value)
+        assert await pause_of(queue, server) == "everywhere"
+        assert await queue.claim("w") is None
+        await queue.set_setting(PAUSED_KEY, False)
+        assert (await queue.claim("w")).id == job.id
+    else:
+        assert got.id == job.id
+        second = await queue.submit(spec(2, "another", guild_id=server))
+        await queue.set_setting(PAUSED_KEY, value)
+        assert await pause_of(queue, server) == ""
+        assert (await queue.claim("w")).id == second.id
+
+
+async def test_redis_a_heartbeat_never_writes_back_an_init_images_older_than_a_claims(redis_server):
+    """The registry entry's `init_images` is the worker's last claim's: a heartbeat keeps the stored
+    value. A claim (another process) that lands between the heartbeat's read of the entry and its
+    write must not be undone. The claim is run at that very point, if the heartbeat has one (the
+    client's GET of the entry), else right after the heartbeat: either way its value must stand."""
+    import uuid
+
+    from engine.queue.redis import RedisJobQueue
+
+    prefix = f"hb-race-{uuid.uuid4().hex[:8]}"
+    claims, beats, restarted = (RedisJobQueue(redis_server.url, prefix=prefix) for _ in range(3))
+    for q in (claims, beats, restarted):
+        await q.start()
+    try:
+        rec = await claims.submit(spec())
+        got = await claims.claim("gpu", init_images=True)
+        assert got.id == rec.id and (await claims.workers())["gpu"]["init_images"] is True
+        client = beats._client()
+        real_get, injected = client.get, []
+
+        async def get_then_claim(key, *args, **kwargs):
+            value = await real_get(key, *args, **kwargs)
+            if "worker_info" in str(key) and not injected:
+                injected.append(key)
+                assert await restarted.claim("gpu", init_images=False) is None   # the worker, now without an encoder
+            return value
+
+        client.get = get_then_claim
+        try:
+            assert await beats.heartbeat(rec.id, got.lease_id) is True
+        finally:
+            client.get = real_get
+        if not injected:
+            assert await restarted.claim("gpu", init_images=False) is None
+        assert (await claims.workers())["gpu"]["init_images"] is False
+        # A heartbeat after it keeps it too.
+        beats._seen.clear()
+        assert await beats.heartbeat(rec.id, got.lease_id) is True
+        assert (await claims.workers())["gpu"]["init_images"] is False
+    finally:
+        for q in (claims, beats, restarted):
+            await q.close()

@@ -15,6 +15,25 @@ redis URL go to redis-py (`socket_timeout`, ...). The queue comes back unstarted
 
 A queue URL may hold a password (`redis://:PASSWORD@host:6379/0`): print or log it only through
 `redact_url(url)`, and an error message that may quote it through `redact_secrets(text, url)`.
+
+Where `engine.jobs.JobQueue` leaves a choice open, both backends make the same one (the contract
+suite, tests/test_queue_contract.py, runs each of these against both):
+
+* Frames: `keep_frames` (a constructor option, default 256) is a number of *frames*: the log keeps
+  the PNGs of the latest `keep_frames` events that carry one, whatever the frameless events
+  between them, and drops older ones at once (their events stay, `frame_png` None). `keep_events`
+  caps the events themselves (SQLite trims it in steps of 32, Redis exactly).
+* `prune` deletes a pruned job's events from the log too (its frames, messages, state changes).
+  The other events keep their `seq`, and a cursor (`events(after=seq)`) reads on past the deleted
+  ones, whether `seq` was one of them or the last event left: numbering never goes back.
+* `set_setting(..., expire_after=)`: None keeps the setting until overwritten; anything else must be
+  a finite number of seconds above 0 (`math.inf`, NaN, 0 and negatives: ValueError, nothing written).
+  There is no "expire now": overwrite it, or let it expire.
+* `history(channel_id, limit)`: `limit` 0 is no jobs; a negative limit is a ValueError.
+* A pause (`paused`, `paused:<server id>`) is on exactly when its value is true as Python reads it
+  (`bool(value)`, what `engine.jobs.pause_of` shows): False, None, any numeric zero (0, 0.0, -0.0),
+  "", [] and {} pause nothing; anything else (the string "0", NaN, [0]) pauses. The claims read it
+  that way too (SQLite in SQL, Redis in Lua).
 """
 
 from __future__ import annotations
@@ -26,7 +45,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from engine.jobs import JobQueue
 
-__all__ = ["check_queue_url", "open_queue", "redact_url", "redact_secrets"]
+__all__ = ["check_expire_after", "check_history_limit", "check_queue_url", "open_queue", "redact_url",
+           "redact_secrets"]
 
 _NUMERIC_OPTS = {"lease": float, "max_attempts": int}
 _SQLITE_OPTS = {**_NUMERIC_OPTS, "busy_timeout": float}
@@ -72,6 +92,25 @@ def _split_options(query: str, names: set[str]) -> tuple[dict[str, str], str]:
     for key, value in parse_qsl(query, keep_blank_values=True):
         (ours.__setitem__(key, value) if key in names else rest.append((key, value)))
     return ours, urlencode(rest)
+
+
+def check_expire_after(expire_after: float | None) -> float | None:
+    """A setting's `expire_after` checked (see the module docstring): None, or finite seconds > 0."""
+    if expire_after is None:
+        return None
+    seconds = float(expire_after)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"expire_after must be a finite number of seconds above 0 (None: no expiry), "
+                         f"got {expire_after!r}")
+    return seconds
+
+
+def check_history_limit(limit: int) -> int:
+    """`history`'s `limit` checked: a whole number, 0 or more."""
+    count = int(limit)
+    if count < 0:
+        raise ValueError(f"history's limit must be 0 or more, got {limit!r}")
+    return count
 
 
 def check_queue_url(url: str) -> str | None:

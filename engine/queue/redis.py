@@ -44,7 +44,9 @@ What SAQ (0.26) gives us, and what it does not:
   either gets every piece of that one version or sees it dropped (replaced meanwhile) and starts
   again from the record. (Blobs stored as one string, by an unreleased development version, are
   not read.)
-* Retention: `prune` deletes old finished-and-delivered jobs, uploads that no job names any more
+* Retention: `prune` deletes old finished-and-delivered jobs (their events too: XDEL of the log
+  up to the job's last event, `evlast`, which every script that logs an event writes), uploads
+  that no job names any more
   and then, with `state_older_than`, the `state.pt` alone of younger delivered jobs (paging
   through `<prefix>:delivered`). Uploads: `submit` records the uploads a spec names
   (`<prefix>:refs:<upload>`, a set of job ids, and the job's `refs` field); an upload nobody
@@ -114,7 +116,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from saq.queue.redis import RedisQueue
 
-from engine.queue import redact_url
+from engine.queue import check_expire_after, check_history_limit, redact_url
 from engine.jobs import (
     CLEARED,
     Checkpoint,
@@ -237,6 +239,11 @@ local function xadd(fields)
   local seq = redis.call('INCR', P .. ':evseq')
   fields[#fields + 1] = 'ep'; fields[#fields + 1] = ep
   redis.call('XADD', P .. ':events', 'MAXLEN', KEEP, seq .. '-0', unpack(fields))
+  -- The job's last event (fields[2]: every event names its job first), for prune: a pruned job's
+  -- events are all at or before it. Not for a job that is not stored (a publish may name one).
+  if fields[1] == 'job' and redis.call('EXISTS', jk(fields[2])) == 1 then
+    redis.call('HSET', jk(fields[2]), 'evlast', seq)
+  end
   return seq
 end
 local function emit(id, kind, msg)
@@ -442,10 +449,14 @@ local function release_uploads(id)
     drop_if_unnamed(u)
   end
 end
--- whether a setting (JSON, in either of its forms: see set_setting) holds a true value
+-- whether a setting (JSON, in either of its forms: see set_setting) holds a value true as Python
+-- reads it (engine/queue/__init__.py): not false, null, "", [], {} nor any numeric zero (json.dumps
+-- writes 0.0 as '0.0'). A number starts with a digit, or '-' and a digit ('-Infinity' is none).
 local function setting_on(key)
   local v = redis.call('HGET', P .. ':settings', key) or redis.call('GET', P .. ':setting:' .. key)
-  return v and v ~= 'false' and v ~= 'null' and v ~= '0' and v ~= '""' and v ~= '[]' and v ~= '{}' or false
+  if not v or v == 'false' or v == 'null' or v == '""' or v == '[]' or v == '{}' then return false end
+  if string.match(v, '^%-?%d') and tonumber(v) == 0 then return false end
+  return true
 end
 -- Who is alive, for retries (see claim's `elsewhere`): a worker is seen at each claim (every poll,
 -- busy or idle) and heartbeat. Its score is rewritten only once it is LEASE/4 old: liveness is
@@ -963,11 +974,15 @@ _SCRIPTS: dict[str, str] = {
   local ids = redis.call('ZRANGEBYSCORE', P .. ':delivered', '-inf', '(' .. ARGV[7],
                          'LIMIT', tonumber(ARGV[9]), tonumber(ARGV[8]))
   local gone, n, kept = {}, 0, 0
+  local upto = 0   -- the last event of the jobs pruned: their events are all at or before it
   for _, id in ipairs(ids) do
-    local v = redis.call('HMGET', jk(id), 'state', 'delivered', 'channel')
+    local v = redis.call('HMGET', jk(id), 'state', 'delivered', 'channel', 'evlast')
     local keep = has_live_kids(id)  -- a queued or running job starts from it: it stays, in `delivered` too
     if keep then kept = kept + 1 else redis.call('ZREM', P .. ':delivered', id) end
     if not keep and is_final(v[1]) and v[2] == '1' then
+      -- a job of an earlier version (no `evlast`): its events may be anywhere in the log
+      local last = tonumber(v[4] or '') or math.huge
+      if last > upto then upto = last end
       unref(id)
       drop_artifacts(id)
       drop_checkpoint(id)
@@ -979,17 +994,22 @@ _SCRIPTS: dict[str, str] = {
     end
   end
   if n > 0 then
-    -- their frames still kept (at most keep_frames, by event seq; the event names the job)
-    for _, seq in ipairs(redis.call('LRANGE', P .. ':framelist', 0, -1)) do
-      local e = redis.call('XRANGE', P .. ':events', seq .. '-0', seq .. '-0')
-      local f = e[1] and e[1][2] or {}
+    -- Their events leave the log (XDEL: the others keep their ids, and a reader's cursor reads on
+    -- past the deleted ones), with their frames still kept. Only the log up to their last event is
+    -- read: pruned jobs are old, so that is its oldest part (or nothing, already trimmed by MAXLEN).
+    local ek = P .. ':events'
+    local entries = redis.call('XRANGE', ek, '-', upto == math.huge and '+' or (string.format('%.0f', upto) .. '-0'))
+    for _, e in ipairs(entries) do
+      local f, job, framed = e[2], nil, false
       for i = 1, #f - 1, 2 do
-        if f[i] == 'job' then
-          if gone[f[i + 1]] then
-            redis.call('HDEL', P .. ':frames', seq)
-            redis.call('LREM', P .. ':framelist', 1, seq)
-          end
-          break
+        if f[i] == 'job' then job = f[i + 1] elseif f[i] == 'f' then framed = true end
+      end
+      if job and gone[job] then
+        redis.call('XDEL', ek, e[1])
+        if framed then
+          local seq = string.match(e[1], '^(%d+)')
+          redis.call('HDEL', P .. ':frames', seq)
+          redis.call('LREM', P .. ':framelist', 1, seq)
         end
       end
     end
@@ -1024,6 +1044,29 @@ _SCRIPTS: dict[str, str] = {
   redis.call('HSET', k, 'renewed', now)
   redis.call('PEXPIRE', k, ARGV[11])
   return {}
+""",
+    # SAQ's registry entry of a worker, written by a heartbeat: key, SAQ's stats key, the entry
+    # with init_images true, the same with false, the default ('1'/'0': no entry, or one without
+    # the field), ttl (s), now (ms), expiry score (ms) -> the value kept ('1'/'0'). The stored
+    # entry's `init_images` (its last claim's) is read and written back in this one step, so a
+    # claim (another process) landing between a read and a write cannot be undone by a stale value.
+    # The rest is SAQ's write_worker_info (_SaqQueue).
+    "worker_info": r"""
+  local key, stats = ARGV[7], ARGV[8]
+  local raw = redis.call('GET', key)
+  local keep = nil
+  if raw then
+    local ok, d = pcall(cjson.decode, raw)
+    if ok and type(d) == 'table' and type(d.metadata) == 'table' and type(d.metadata.init_images) == 'boolean' then
+      keep = d.metadata.init_images
+    end
+  end
+  if keep == nil then keep = ARGV[11] == '1' end
+  redis.call('SET', key, keep and ARGV[9] or ARGV[10], 'EX', ARGV[12])
+  redis.call('ZREMRANGEBYSCORE', stats, 0, ARGV[13])
+  redis.call('ZADD', stats, ARGV[14], key)
+  redis.call('EXPIRE', stats, ARGV[12])
+  return keep and '1' or '0'
 """,
     # name, holder -> '1' (deleted: it was the holder's), '0'
     "release_lease": r"""
@@ -1350,19 +1393,28 @@ class RedisJobQueue:
         self._seen[worker_id] = (now, job_id if job_id is not None else (last[1] if last else None))
         stats = self._stats.setdefault(worker_id, {"complete": 0, "failed": 0, "retried": 0, "aborted": 0})
         assert self.saq is not None
-        try:
-            if init_images is None:
-                # A heartbeat keeps what the worker's last claim stored (SQLite's COALESCE), whichever
-                # queue object (process) made that claim; this object's own knowledge only when none is.
-                raw = await self._client().get(self.saq.namespace(f"worker_info:{worker_id}"))
-                stored = (json.loads(raw).get("metadata") or {}).get("init_images") if raw else None
-                init_images = stored if isinstance(stored, bool) else self._init_images.get(worker_id, True)
-            info = {
+
+        def info(init_ok: bool) -> dict[str, Any]:
+            return {
                 "stats": {**stats, "uptime": int(time.time() * 1000) - self._started_ms},
                 "queue_key": self.prefix,
-                "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time(), "init_images": init_images},
+                "metadata": {"job_id": self._seen[worker_id][1], "last_seen": time.time(), "init_images": init_ok},
             }
-            await self.saq.write_worker_info(worker_id, info, ttl=self.worker_ttl)  # type: ignore[arg-type]
+
+        try:
+            if init_images is not None:
+                await self.saq.write_worker_info(worker_id, info(init_images), ttl=self.worker_ttl)  # type: ignore[arg-type]
+                return
+            # A heartbeat keeps what the worker's last claim stored (SQLite's COALESCE), whichever
+            # queue object (process) made that claim; this object's own knowledge only when none
+            # is. Read and written back in one script: a claim in between is never undone.
+            key = self.saq.namespace(f"worker_info:{worker_id}")
+            now_ms = int(time.time() * 1000)
+            argv = [self.prefix, "", repr(time.time()), self.keep_events, self.max_attempts, repr(self.lease),
+                    key, self.saq._stats, json.dumps(info(True)), json.dumps(info(False)),
+                    "1" if self._init_images.get(worker_id, True) else "0", self.worker_ttl, now_ms,
+                    now_ms + self.worker_ttl * 1000]
+            await self._scripts["worker_info"](keys=[], args=argv)
         except Exception:  # noqa: BLE001 - bookkeeping only
             log.debug("could not write worker info for %s", worker_id, exc_info=True)
 
@@ -1452,7 +1504,7 @@ class RedisJobQueue:
         return int(await self._run("discard_uploads", *ids)) if ids else 0
 
     async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
-        if limit <= 0:
+        if check_history_limit(limit) == 0:   # negative: ValueError, as on SQLite
             return []
         client = self._client()
         ids = await self._retry(lambda: client.zrevrange(self._k("hist", int(channel_id)), 0, int(limit) - 1))
@@ -1554,16 +1606,17 @@ class RedisJobQueue:
     async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None:
         """A setting without expiry is a field of the settings hash; one with `expire_after` is its
         own key with a Redis TTL. Writing one form deletes the other (one MULTI), so a key has one value."""
+        seconds = check_expire_after(expire_after)   # inf, NaN, 0, negative: ValueError, nothing written
         client = self._client()
         data = json.dumps(value)
 
         async def write() -> None:
             async with client.pipeline(transaction=True) as pipe:
-                if expire_after is None:
+                if seconds is None:
                     pipe.hset(self._k("settings"), key, data)
                     pipe.delete(self._k("setting", key))
                 else:
-                    pipe.set(self._k("setting", key), data, px=max(1, int(float(expire_after) * 1000)))
+                    pipe.set(self._k("setting", key), data, px=max(1, int(seconds * 1000)))
                     pipe.hdel(self._k("settings"), key)
                 await pipe.execute()
 
@@ -1838,8 +1891,8 @@ class RedisJobQueue:
 
     async def prune(self, older_than: float, state_older_than: float | None = None, batch: int = 200) -> int:
         """Delete jobs finished and delivered more than `older_than` seconds ago: records,
-        artifacts, checkpoints, history entries, kept frames (the event stream ages out by its
-        cap), then uploads stored before the cutoff that no job left names; then, with
+        artifacts, checkpoints, history entries, their events and kept frames (XDEL: the other
+        events keep their ids and every cursor reads on), then uploads stored before the cutoff that no job left names; then, with
         `state_older_than` shorter than `older_than`, only the `state.pt` of jobs finished and
         delivered more than that many seconds ago. Neither touches a job that a queued or running job
         starts from (its `kids` set, read in the deleting script). Expired settings need nothing here

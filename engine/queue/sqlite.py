@@ -45,7 +45,9 @@ gets the new columns and tables (`PRAGMA user_version` says which migrations it 
 is started only once that transaction has committed; a start that fails leaves it unstarted.
 
 Events are a table with an AUTOINCREMENT key (the seq: monotonic across processes and restarts),
-pruned to the last `keep_events`; frames older than the last `keep_frames` events are dropped.
+pruned to the last `keep_events`; each event stored with a frame drops the frames (not their events)
+older than the latest `keep_frames` frames, through the partial index `events_frames` (the events
+that still have one), as Redis keeps its latest `keep_frames` frames.
 A long-poll wakes at once for events published by this object and polls the file every
 `poll_interval` seconds for other processes' events.
 """
@@ -65,6 +67,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import aiosqlite
 
+from engine.queue import check_expire_after, check_history_limit
 from engine.jobs import (
     CLEARED,
     Checkpoint,
@@ -157,6 +160,7 @@ _SCHEMA_LATE = """
 CREATE INDEX IF NOT EXISTS settings_expiry ON settings(expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS uploads_age ON uploads(stored_at);
 CREATE INDEX IF NOT EXISTS artifacts_states ON artifacts(job_id, length(data)) WHERE name = 'state.pt';
+CREATE INDEX IF NOT EXISTS events_frames ON events(seq) WHERE frame IS NOT NULL;
 """
 
 SCHEMA_VERSION = 4  # PRAGMA user_version of a file this module made or migrated
@@ -226,12 +230,16 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 _SETTING_SQL = "SELECT value FROM settings WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
 
 # A line entry whose server is paused (its setting 'paused:<server id>', engine.jobs.guild_paused_key,
-# holds a true JSON value and has not expired; parameter: now). json_extract reads the spec's 64-bit
-# id as an exact integer. A job without a server (direct messages) is never skipped.
+# holds a value true as Python reads it (engine/queue/__init__.py: not false, null, "", [], {} nor
+# any numeric zero: json.dumps writes 0.0 as '0.0') and has not expired; parameter: now).
+# json_extract reads the spec's 64-bit id as an exact integer. A job without a server (direct
+# messages) is never skipped. A number is text that starts with a digit, or '-' and a digit
+# ('-Infinity' is none, and true); CAST reads it, 0.0 and -0.0 as 0.
 _GUILD_PAUSED_SQL = """EXISTS (
     SELECT 1 FROM settings AS s
     WHERE s.key = 'paused:' || json_extract(j.spec, '$.guild_id')
-      AND s.value NOT IN ('false', 'null', '0', '""', '[]', '{}')
+      AND s.value NOT IN ('false', 'null', '""', '[]', '{}')
+      AND NOT ((s.value GLOB '[0-9]*' OR s.value GLOB '-[0-9]*') AND CAST(s.value AS REAL) = 0)
       AND (s.expires_at IS NULL OR s.expires_at > ?)
 )"""
 
@@ -620,11 +628,16 @@ class SQLiteJobQueue:
         )
         seq = int(cur.lastrowid or 0)
         await cur.close()
-        if seq % 32 == 0:  # prune in small steps, along the primary key
+        if event.frame_png is not None:
+            # The latest `keep_frames` frames stay, however many frameless events came between them
+            # (engine/queue/__init__.py): through `events_frames`, the few rows that have one.
             await db.execute(
-                "UPDATE events SET frame = NULL WHERE seq > ? AND seq <= ? AND frame IS NOT NULL",
-                (seq - self.keep_frames - 64, seq - self.keep_frames),
+                "UPDATE events INDEXED BY events_frames SET frame = NULL WHERE frame IS NOT NULL AND seq <= ("
+                " SELECT seq FROM events INDEXED BY events_frames WHERE frame IS NOT NULL"
+                " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (max(0, self.keep_frames),),
             )
+        if seq % 32 == 0:  # prune in small steps, along the primary key
             await db.execute("DELETE FROM events WHERE seq <= ?", (seq - self.keep_events,))
         return seq
 
@@ -882,8 +895,10 @@ class SQLiteJobQueue:
         return gone
 
     async def history(self, channel_id: int, limit: int = 10) -> list[JobRecord]:
+        # A negative limit is a ValueError (SQLite would read LIMIT -1 as no limit at all).
         rows = await self._all(
-            "SELECT * FROM jobs WHERE channel_id = ? ORDER BY rowid DESC LIMIT ?", (int(channel_id), int(limit))
+            "SELECT * FROM jobs WHERE channel_id = ? ORDER BY rowid DESC LIMIT ?",
+            (int(channel_id), check_history_limit(limit)),
         )
         return [_record(r) for r in rows]
 
@@ -922,8 +937,9 @@ class SQLiteJobQueue:
         return json.loads(row["value"]) if row else default
 
     async def set_setting(self, key: str, value: Any, expire_after: float | None = None) -> None:
+        seconds = check_expire_after(expire_after)   # inf, NaN, 0, negative: ValueError, nothing written
         data = json.dumps(value)
-        expires_at = None if expire_after is None else time.time() + float(expire_after)
+        expires_at = None if seconds is None else time.time() + seconds
         async with self._tx() as db:
             await db.execute(
                 "INSERT INTO settings(key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE"
