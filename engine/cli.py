@@ -4,7 +4,11 @@ Writes DIR/frames/000000.png, 000050.png, ... (iteration 0, every K, and the las
 DIR/video.mp4 and DIR/run.json (prompt, settings, seed, the similarity at every frame, timings).
 Bad arguments print one line and exit with code 2, and write nothing: an --out folder that is not
 empty is refused (a new run there would mix its files with the old ones). Ctrl-C prints one line,
-says what is left in --out (frames, no run.json: run.json is written last), and exits with 130.
+says what is left in --out (frames, no run.json: run.json is written last), and exits with 130. A
+file that cannot be written once the render has begun (a full disk), or a video ffmpeg cannot make,
+is one line that says so and what is left, and exit 1. Every file is whole or absent: each is
+written beside its name and renamed when done, so a failure or Ctrl-C part-way leaves none cut short.
+The video is made from the frame files, read one at a time (not from pictures kept in memory).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class UsageError(Exception):
     pass
 
 
+class RunFailed(Exception):
+    """A file of the run cannot be made once the render has begun (a full disk, ffmpeg failing):
+    not the person's input (exit 2) but the run's failure, exit 1, with what is left in --out."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -48,6 +57,7 @@ MAX_ITERATIONS = 100_000
 MAX_CUTN = 256
 GRIDS = (32, 64)
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1          # a late failure (RunFailed); what an uncaught exception gave before, with a traceback
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -180,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         after = f" ({written.left()})" if written.frames or written.files else ""
         print(f"imagine: error: {exc}{after}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        written.tidy()
+        print(f"imagine: error: {exc}; {written.left()}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         written.tidy()
         print(f"imagine: interrupted; {written.left()}", file=sys.stderr)
@@ -258,6 +272,22 @@ class _StderrNote(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         print(f"imagine: {record.getMessage()}", file=sys.stderr)
+
+
+def _write_whole(path: Path, data: bytes, name: str) -> None:
+    """`data` as `path`, whole or not at all: written beside it and renamed, so that a full disk or a
+    Ctrl-C part-way leaves no cut-short file under the name (nor the one beside it). A write that
+    fails is a RunFailed naming the file (`name`, as the line about what is left names files)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise RunFailed(f"cannot write {name}: {exc.strerror or exc}") from None
+        raise
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -352,6 +382,7 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create it ({exc.strerror or exc})")
     records = []
+    frame_files: list[Path] = []   # the video is made from these, read one at a time
     # Off a terminal (a log file, CI) tqdm writes each redraw on its own line: at most one a few
     # seconds there, not ten a second from a fast GPU. TQDM_MININTERVAL in the environment wins
     # (tqdm lets an explicit argument beat it, so none is passed then).
@@ -359,7 +390,9 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     bar = tqdm(total=settings.iterations, unit="it", disable=args.no_progress, desc="imagine", **quiet)
 
     def on_frame(frame) -> None:
-        (frames_dir / f"{frame.iteration:06d}.png").write_bytes(frame.png())
+        name = f"{frame.iteration:06d}.png"
+        _write_whole(frames_dir / name, frame.png(), f"frames/{name}")
+        frame_files.append(frames_dir / name)
         written.frames += 1
         records.append({"iteration": frame.iteration, "similarity": frame.similarity,
                         "similarities": frame.similarities,
@@ -382,8 +415,11 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
         init_logits = init_logits_from_image(models, init_image, settings.grid)
     targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
     try:
+        # keep_frames=False: on_frame writes each frame as it comes, and the video is made from those
+        # files; the result keeps the last frame only (--iterations 100000 --frame-every 1 is 100001
+        # pictures, 73 GiB at --grid 64).
         result = generate(parts, settings, models, progress=on_frame, init_logits=init_logits, image_targets=targets,
-                          on_step=on_step, cuda_graphs=args.cuda_graphs)
+                          on_step=on_step, cuda_graphs=args.cuda_graphs, keep_frames=False)
     except Exception as exc:
         if not _out_of_memory(exc):
             raise
@@ -392,15 +428,21 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
                          f"{'GPU' if device == 'cuda' else 'memory'}") from None
     finally:
         bar.close()
-    (out / "final.png").write_bytes(result.final.png())
+    _write_whole(out / "final.png", result.final.png(), "final.png")
     written.files.append("final.png")
     from engine.generate import compact_state, state_to_bytes
 
     # for --from-run; compact (half the bytes, the same picture), like the bot's state.pt
-    (out / "state.pt").write_bytes(state_to_bytes(compact_state(result.state)))
+    _write_whole(out / "state.pt", state_to_bytes(compact_state(result.state)), "state.pt")
     written.files.append("state.pt")
     t1 = time.perf_counter()
-    video.encode_frames([f.pixels for f in result.frames], out / "video.mp4", fps=args.fps)
+    try:
+        # From the frame files (whole: _write_whole), one at a time: memory does not grow with their
+        # count. Whole or absent: a failure or Ctrl-C leaves no video.mp4 (nor its .partial.mp4).
+        video.encode_files(frame_files, out / "video.mp4", fps=args.fps)
+    except (video.VideoError, OSError) as exc:   # ffmpeg failing or missing; --out's folder gone
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise RunFailed(f"cannot make video.mp4: {one_line(reason)}") from None
     written.files.append("video.mp4")
     video_seconds = time.perf_counter() - t1
     run = {
@@ -423,9 +465,9 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     }
     # UTF-8 whatever the locale; file names the locale could not decode are written as their bytes.
     # Last, and whole or not at all: a run.json says the run finished.
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8", errors="surrogateescape")
-    os.replace(tmp, out / "run.json")
+    _write_whole(out / "run.json",
+                 (json.dumps(run, indent=2, ensure_ascii=False) + "\n").encode("utf-8", errors="surrogateescape"),
+                 "run.json")
     print(f"wrote {out / 'final.png'} and {out / 'video.mp4'} (similarity {result.final.similarity:.4f})")
     return 0
 

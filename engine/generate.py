@@ -1202,6 +1202,7 @@ def generate(
     image_targets: Sequence[tuple[torch.Tensor, float, str]] = (),
     on_step: StepCallback | None = None,
     cuda_graphs: bool | Capture = False,
+    keep_frames: bool = True,
 ) -> GenerationResult:
     """Run one job to the end (or until `cancel.is_set()`, checked every iteration).
 
@@ -1215,6 +1216,9 @@ def generate(
 
     `cuda_graphs`: on CUDA, the job's step is replayed from a CUDA graph after a short warm-up
     (`BatchRunner(cuda_graphs=True)`: a job alone is the case graphs are for); ignored on a CPU.
+
+    `keep_frames=False`: the result's `frames` holds the last frame only (a caller that keeps
+    them itself as they come, through `progress`: a long run's frames need not all be in memory).
     """
     targets = encode_targets(models, prompt, image_targets)
     started = time.perf_counter()
@@ -1223,7 +1227,10 @@ def generate(
     frames: list[Frame] = []
 
     def emit(frame: Frame) -> None:
-        frames.append(frame)
+        if keep_frames or not frames:
+            frames.append(frame)
+        else:
+            frames[0] = frame
         if progress is not None:
             progress(frame)
 

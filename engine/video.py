@@ -1,16 +1,20 @@
-"""Frames -> an mp4 that plays inline in browsers and Discord (H.264, yuv420p, +faststart).
+"""Frames -> an mp4 that plays inline in browsers and Discord (H.264, yuv420p, +faststart):
+from pixels in memory (`encode_frames`), or from picture files read one at a time (`encode_files`).
 
 ffmpeg comes from PATH, else from imageio-ffmpeg's bundled binary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -96,21 +100,128 @@ def encode_frames(
     if not frames:
         raise VideoError("no frames to encode")
     h, w, _ = frames[0].shape
-    hold = max(0, round(hold_last_seconds * fps))
-    sequence = list(frames) + [frames[-1]] * hold
+    sequence = list(frames) + [frames[-1]] * _hold(hold_last_seconds, fps)
+    raw = np.ascontiguousarray(np.stack(sequence)).tobytes()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _ffmpeg(_encode_args(w, h, fps, crf, max_side, out), raw, timeout)
+    return out
+
+
+def encode_files(
+    paths: Sequence[Path], out: Path, fps: float = 10.0, hold_last_seconds: float = 1.0,
+    crf: int = 20, max_side: int | None = None, timeout: float = FFMPEG_TIMEOUT,
+) -> Path:
+    """As `encode_frames`, from picture files (the CLI's frames/NNNNNN.png, all the same size),
+    read and handed to ffmpeg one at a time: memory does not grow with their count. The same pixels
+    make the same video, byte for byte.
+
+    `out` is whole or absent: ffmpeg writes `<stem>.partial<suffix>` beside it, renamed to `out`
+    when done, and removed when the encode fails or is interrupted (Ctrl-C: ffmpeg is stopped
+    first). A frame that cannot be read, or of another size, is a VideoError. Returns `out`."""
+    paths = list(paths)
+    if not paths:
+        raise VideoError("no frames to encode")
+    out = Path(out)
+    (w, h), first = _rgb_file(paths[0])
+
+    def chunks() -> Iterator[bytes]:
+        last = first
+        yield first
+        for path in paths[1:]:
+            size, last = _rgb_file(path)
+            if size != (w, h):
+                raise VideoError(f"frame {path} is {size[0]}x{size[1]}, not {w}x{h} as {paths[0].name}")
+            yield last
+        for _ in range(_hold(hold_last_seconds, fps)):
+            yield last
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+    try:
+        _ffmpeg_fed(_encode_args(w, h, fps, crf, max_side, partial), chunks(), timeout)
+        os.replace(partial, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+    return out
+
+
+def _hold(hold_last_seconds: float, fps: float) -> int:
+    return max(0, round(hold_last_seconds * fps))
+
+
+def _encode_args(w: int, h: int, fps: float, crf: int, max_side: int | None, out: Path) -> list[str]:
+    """ffmpeg's arguments for rgb24 frames of w x h on stdin -> an H.264 mp4 at `out`."""
     scale = []
     if max_side and max(h, w) > max_side:
         side = max(2, max_side - max_side % 2)   # yuv420p needs even sides: -2 evens the other one
         scale = ["-vf", f"scale={side}:-2:flags=lanczos" if w >= h else f"scale=-2:{side}:flags=lanczos"]
     elif h % 2 or w % 2:  # yuv420p needs even sides
         scale = ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
-    raw = np.ascontiguousarray(np.stack(sequence)).tobytes()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
-             *scale, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf), "-pix_fmt", "yuv420p",
-             "-movflags", "+faststart", str(out)], raw, timeout)
-    return out
+    # -xerror: a failed write (a full disk) is an exit status. Without it ffmpeg 5 prints "Error
+    # writing trailer" and exits 0 when the failed write is the last one (a short video's only
+    # one), leaving a cut-short file that does not play.
+    return ["-xerror", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
+            *scale, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-movflags", "+faststart", str(out)]
+
+
+def _rgb_file(path: Path) -> tuple[tuple[int, int], bytes]:
+    """A picture file's (width, height) and its rgb24 bytes; VideoError if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        return rgb.size, rgb.tobytes()
+    except (OSError, ValueError, SyntaxError) as exc:   # missing, unreadable, damaged
+        raise VideoError(f"cannot read frame {path}: {exc}") from None
+
+
+def _ffmpeg_fed(args: list[str], chunks: Iterable[bytes], timeout: float) -> None:
+    """As `_ffmpeg`, with ffmpeg's stdin fed from `chunks` as they come (a frame at a time). An
+    exception on the way (a chunk that cannot be made, Ctrl-C) stops ffmpeg before it goes on."""
+    expired = threading.Event()
+    # stderr to a file, not a pipe: an ffmpeg with much to say never blocks on it while it is fed.
+    with tempfile.TemporaryFile(prefix=TEMP_PREFIX) as err:
+        proc = subprocess.Popen([ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *args],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)   # as _ffmpeg: a Ctrl-C is ours to handle
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()   # a blocked write then fails with BrokenPipeError
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            try:
+                for chunk in chunks:
+                    proc.stdin.write(chunk)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass   # ffmpeg stopped reading (it failed, or was stopped): its status says why
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        if proc.returncode == 0:
+            return
+        if expired.is_set():
+            raise VideoError(f"ffmpeg ran past {timeout:g} s and was stopped")
+        if proc.returncode < 0:   # killed by a signal (a supervisor stopping every process): try again
+            raise VideoInterrupted(f"ffmpeg was stopped by signal {-proc.returncode}")
+        err.seek(0)
+        tail = err.read()[-2000:].decode(errors="replace")
+        raise VideoError(f"ffmpeg failed ({proc.returncode}): {tail}")
 
 
 def encode_frames_bytes(frames: Sequence[np.ndarray], **kwargs) -> bytes:
@@ -130,10 +241,12 @@ def reencode_to_fit(data: bytes, max_bytes: int, timeout: float = FFMPEG_TIMEOUT
         src = Path(tmp) / "in.mp4"
         src.write_bytes(data)
         # Widths rounded down to even (yuv420p): half of a 266-wide video is 133, which fails.
+        # -xerror (as _encode_args): a failed write (a full temp disk) fails, not a cut-short file
+        # small enough to pass the size check.
         for i, (crf, scale) in enumerate([(30, None), (36, "trunc(iw/4)*2"), (42, "trunc(iw/8)*2")]):
             dst = Path(tmp) / f"out{i}.mp4"
             vf = ["-vf", f"scale={scale}:-2"] if scale else []
-            _ffmpeg(["-i", str(src), *vf, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
+            _ffmpeg(["-xerror", "-i", str(src), *vf, "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
                      "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-an", str(dst)], None, timeout)
             if dst.stat().st_size <= max_bytes:
                 return dst.read_bytes()

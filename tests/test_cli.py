@@ -563,3 +563,138 @@ def test_a_torchscript_file_as_the_decoder_is_one_line_without_torchs_warnings(t
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "not a dall_e Decoder" in err
     assert [str(w.message) for w in caught] == []
+
+
+# --- after the render: the files written last, the video, and what is left when they fail ---------
+
+
+def _ffmpeg_wrapper(tmp_path, body: str) -> str:
+    """A folder holding an `ffmpeg` that runs the real one as `body` says ($REAL, "$@"): a PATH entry."""
+    import shutil
+
+    import imageio_ffmpeg
+
+    real = shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "ffmpeg").write_text(f"#!/bin/sh\nREAL='{real}'\n{body}\n")
+    (folder / "ffmpeg").chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_ctrl_c_during_the_video_encode_leaves_no_cut_short_video(tiny_model_files, tmp_path):
+    """The real ffmpeg, told to read its input at the video's own pace (-re: 4 s at --fps 1), so that
+    Ctrl-C comes while the video file is begun. Left: what the line names (the frames, final.png,
+    state.pt), and no video under any name (a cut-short mp4 has no index and does not play); it was
+    a video.mp4 the line did not mention."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    env = {**os.environ, "PATH": _ffmpeg_wrapper(tmp_path, 'exec "$REAL" -re "$@"')}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "a house", "--out", str(out), "--iterations", "2", "--frame-every", "1",
+         "--grid", "32", "--cutn", "1", "--fps", "1", *_models(tiny_model_files, tmp_path)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out.is_dir() and any(name.startswith("video") for name in os.listdir(out))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"imagine: interrupted; {out} holds an unfinished run (3 frames in frames/, final.png, "
+                          "state.pt; no run.json)"), err
+    assert sorted(os.listdir(out)) == ["final.png", "frames", "state.pt"]
+    assert sorted(os.listdir(out / "frames")) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_an_ffmpeg_that_fails_after_the_render_is_one_line_saying_what_is_left(tiny_model_files, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The real ffmpeg with a file-size limit (`ulimit -f 1`: its writes fail, as on a full disk).
+    One line (not a traceback), exit 1, naming what is there: the frames, final.png and state.pt;
+    no video, no run.json. Before, ffmpeg 5 exited 0 on the failed write and the run "succeeded"
+    with a cut-short video.mp4."""
+    monkeypatch.setenv("PATH", _ffmpeg_wrapper(tmp_path, "trap '' XFSZ\nulimit -f 1\nexec \"$REAL\" \"$@\""))
+    out = tmp_path / "o"
+    code = cli.main(["a house", "--out", str(out), "--iterations", "2", "--frame-every", "1", "--grid", "32",
+                     "--cutn", "1", *_models(tiny_model_files, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("imagine: error: cannot make video.mp4: ffmpeg failed (1):") and "File too large" in err, err
+    assert f"; {out} holds an unfinished run (3 frames in frames/, final.png, state.pt; no run.json)" in err, err
+    assert sorted(os.listdir(out)) == ["final.png", "frames", "state.pt"]
+
+
+def test_a_file_that_cannot_be_written_after_the_render_is_one_line_and_no_cut_short_file(tiny_model_files,
+                                                                                           tmp_path):
+    """state.pt (about 50 MB here) past the process's file-size limit (RLIMIT_FSIZE 30 MB, above what
+    loading the models writes; Python ignores SIGXFSZ, so the write fails with EFBIG, as a full disk
+    fails with ENOSPC): one line, exit 1, naming what is left; no state.pt cut short at 30 MB under
+    its name. It was a traceback, and that state.pt."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30 << 20, 30 << 20))
+
+    out = tmp_path / "o"
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "a house", "--out", str(out), "--iterations", "1", "--grid", "32",
+         "--cutn", "1", *_models(tiny_model_files, tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, preexec_fn=limit,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr == (f"imagine: error: cannot write state.pt: File too large; {out} holds an unfinished run "
+                           "(2 frames in frames/, final.png; no run.json): delete it, or pass another --out, to run "
+                           "again\n"), proc.stderr
+    assert sorted(os.listdir(out)) == ["final.png", "frames"]
+
+
+def _decoded(path, size: int):
+    """The video's frames, decoded by the real ffmpeg: [N, size, size, 3] uint8."""
+    import numpy as np
+
+    from engine import video
+
+    raw = subprocess.run([video.ffmpeg_binary(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], check=True, capture_output=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, size, size, 3)
+
+
+def test_the_video_is_encoded_from_the_frame_files_without_holding_them(tiny_model_files, tmp_path):
+    """The video is made from frames/*.png, read one at a time: its memory does not grow with its
+    frame count. --fps 240 holds the last frame 240 frames (1 s): run under tracemalloc, its peak is
+    that of --fps 1 (it was 40 MB more: every frame stacked, then copied to bytes). The video has
+    every frame written, and the last held; its first and last frames are the PNGs (up to H.264's
+    loss)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from tests.test_video import probe
+
+    peaks = {}
+    for fps in (1, 240):
+        out = tmp_path / f"fps{fps}"
+        tracemalloc.start()
+        try:
+            assert cli.main(["a house", "--out", str(out), "--iterations", "2", "--frame-every", "1", "--grid",
+                             "32", "--cutn", "1", "--fps", str(fps), *_models(tiny_model_files, tmp_path)]) == 0
+            peaks[fps] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks[240] - peaks[1] < 8 << 20, peaks
+    out = tmp_path / "fps240"
+    pngs = sorted((out / "frames").iterdir())
+    assert len(pngs) == 3 and int(probe(out / "video.mp4")["streams"][0]["nb_read_frames"]) == 3 + 240
+    decoded = _decoded(out / "video.mp4", 256)
+    for frame, png in ((decoded[0], pngs[0]), (decoded[-1], pngs[-1])):
+        error = np.abs(frame.astype(int) - np.asarray(Image.open(png).convert("RGB"), dtype=int)).mean()
+        assert error < 4, (png.name, error)

@@ -70,6 +70,18 @@ def test_frames_every_k_and_the_last(tiny_models):
     assert seen == [0, 3, 6, 7]
 
 
+def test_keep_frames_false_keeps_the_last_frame_only_and_changes_nothing_else(tiny_models):
+    """A caller that keeps the frames itself (the CLI writes each to disk) need not have them all
+    in memory too: the result holds the last one, the same as a run that kept them all."""
+    s = replace(FAST, iterations=7, frame_every=3)
+    kept = generate("a cat", s, tiny_models)
+    seen = []
+    lean = generate("a cat", s, tiny_models, progress=lambda f: seen.append(f.iteration), keep_frames=False)
+    assert [f.iteration for f in kept.frames] == seen == [0, 3, 6, 7]
+    assert [f.iteration for f in lean.frames] == [7] and lean.final is lean.frames[0]
+    np.testing.assert_array_equal(lean.final.pixels, kept.final.pixels)
+
+
 def test_on_step_sees_every_iteration_between_frames_in_order(tiny_models):
     """frame_every above the iteration count: frames at 0 and the last only, and `on_step` still
     hears of each step, in order, as a Python int (nothing read from the device), before the

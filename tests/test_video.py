@@ -139,3 +139,81 @@ def test_encode_folders_left_by_a_killed_process_are_swept_and_live_ones_kept(tm
     assert not old.exists() and live.exists() and other.exists()
     assert video.encode_frames_bytes(frames(2))[4:8] == b"ftyp"   # encodes under the same prefix
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+# --- encode_files: the CLI's video, from the frame files on disk ---------------------------------
+
+
+def _real_ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _png_files(pixels: list[np.ndarray], folder) -> list:
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, frame in enumerate(pixels):
+        paths.append(folder / f"{i:06d}.png")
+        Image.fromarray(frame).save(paths[-1])
+    return paths
+
+
+def test_encode_files_reads_one_frame_at_a_time_into_the_same_video_as_encode_frames(tmp_path):
+    """The CLI's frames are on disk already: read one at a time into ffmpeg, the encode's memory does
+    not grow with their count (60 frames of 256x256 are 11.8 MB, twice over in encode_frames' stacked
+    copy and its bytes), and the video is byte for byte the one encode_frames makes of the same pixels."""
+    import tracemalloc
+
+    pixels = frames(60, 256)
+    paths = _png_files(pixels, tmp_path / "frames")
+    tracemalloc.start()
+    try:
+        out = video.encode_files(paths, tmp_path / "v.mp4", fps=10, hold_last_seconds=1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * pixels[0].nbytes, peak   # a few frames' worth, not 70
+    assert out == tmp_path / "v.mp4" and sorted(os.listdir(tmp_path)) == ["frames", "v.mp4"]
+    assert out.read_bytes() == video.encode_frames(pixels, tmp_path / "w.mp4", fps=10).read_bytes()
+    assert int(probe(out)["streams"][0]["nb_read_frames"]) == 60 + 10
+
+
+def test_an_encode_from_files_that_fails_leaves_no_file_under_its_name(tmp_path):
+    """The video is written beside its name and renamed when whole: an encode stopped part-way (past
+    its time here) or refused (a frame missing, damaged, or of another size) leaves nothing, neither
+    at `out` nor beside it."""
+    pixels = frames(40, 256)
+    paths = _png_files(pixels, tmp_path / "frames")
+    with pytest.raises(video.VideoError, match="ran past"):
+        video.encode_files(paths, tmp_path / "v.mp4", timeout=0.001)
+    (tmp_path / "frames" / "000020.png").write_bytes(b"not a png")
+    with pytest.raises(video.VideoError, match="000020.png"):
+        video.encode_files(paths, tmp_path / "v.mp4")
+    _png_files([np.zeros((32, 32, 3), np.uint8)], tmp_path / "small")
+    with pytest.raises(video.VideoError, match="32x32, not 256x256"):
+        video.encode_files([paths[0], tmp_path / "small" / "000000.png"], tmp_path / "v.mp4")
+    with pytest.raises(video.VideoError, match="no frames"):
+        video.encode_files([], tmp_path / "v.mp4")
+    assert sorted(os.listdir(tmp_path)) == ["frames", "small"]
+
+
+def test_an_ffmpeg_that_cannot_write_its_output_is_a_video_error(tmp_path, monkeypatch):
+    """The real ffmpeg under a file-size limit of 512 bytes (`ulimit -f 1`; SIGXFSZ ignored, so a
+    write fails with EFBIG, as on a full disk). ffmpeg 5 prints "Error writing trailer" and exits 0
+    with a cut-short file unless told -xerror (when, as here, the whole video fits in its write
+    buffer until the end): that file is not a video."""
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "ffmpeg").write_text(f"#!/bin/sh\ntrap '' XFSZ\nulimit -f 1\nexec '{_real_ffmpeg()}' \"$@\"\n")
+    (wrapper / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
+    pixels = frames(20)
+    with pytest.raises(video.VideoError, match="ffmpeg failed"):
+        video.encode_frames(pixels, tmp_path / "a.mp4")
+    paths = _png_files(pixels, tmp_path / "frames")
+    with pytest.raises(video.VideoError, match="File too large"):
+        video.encode_files(paths, tmp_path / "b.mp4")
+    assert not (tmp_path / "b.mp4").exists() and not (tmp_path / "b.partial.mp4").exists()
