@@ -259,8 +259,13 @@ class _Tracker:
     # ffmpeg again.
     fitted: tuple[int, int, bytes | None] | None = None
     # The reply's store entry (spec.reply) when writing it failed as the reply was made: written
-    # again by the reconcile pass, and merged into the result's write (_reply_of).
+    # again by the reconcile pass (or before the result), and merged into every later write of
+    # the reply (_reply_of), since a record read before that write landed lacks it.
     unsaved_reply: dict[str, Any] | None = None
+    reply_saved: bool = False         # `unsaved_reply` is in the store now
+    # One write of the reply's entry at a time (the reconcile pass's and the final post's): a late
+    # one must not undo a later one (the `reposting` mark, the result's id).
+    reply_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -340,7 +345,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.interaction = interaction
         t.interaction_at = created_monotonic(interaction) if interaction is not None else time.monotonic()
         t.fallback = None   # attach() hands it over, for a set's channel-message reply
-        t.unsaved_reply = None
+        t.unsaved_reply, t.reply_saved = None, False
         if interaction is not None:
             t.upload_limit = getattr(interaction, "filesize_limit", None)
         return t
@@ -360,7 +365,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         if t is None:
             return
         if unsaved_reply is not None:
-            t.unsaved_reply = dict(unsaved_reply)
+            t.unsaved_reply, t.reply_saved = dict(unsaved_reply), False
             self._reconcile_now.set()
         if followup_of is not None:
             t.interaction, t.followup = followup_of, True
@@ -602,22 +607,34 @@ class ProgressCog(commands.Cog, name="Progress"):
             self._kick(t)
 
     async def _save_replies(self) -> None:
-        """Write the replies whose first write failed (`_Tracker.unsaved_reply`). Not once the
-        job is final: the result's own write carries it (`_reply_of`), and this one, racing it,
-        could write the reply back without the result's id."""
+        """Write the replies whose first write failed (`_Tracker.unsaved_reply`), while their job
+        is not final (then the final post writes it first: `_save_reply`)."""
         for t in list(self.trackers.values()):
-            reply = t.unsaved_reply
-            if reply is None or t.final or t.delivered or t.lost:
+            if t.unsaved_reply is None or t.reply_saved:
                 continue
-            try:
-                await self.queue.set_reply(t.job_id, reply)
-            except Exception:  # noqa: BLE001 - the store is still down: the next round tries again
-                log.warning("job %s: writing its reply to the store failed again; retrying", t.job_id,
-                            exc_info=True)
-                return
-            if t.unsaved_reply is reply:
-                t.unsaved_reply = None
+            async with t.reply_lock:
+                if t.reply_saved or t.final or t.delivered or t.lost:
+                    continue
+                try:
+                    await self.queue.set_reply(t.job_id, self._reply_of(t, t.record))
+                except Exception:  # noqa: BLE001 - the store is still down: the next round tries again
+                    log.warning("job %s: writing its reply to the store failed again; retrying", t.job_id,
+                                exc_info=True)
+                    return
+                t.reply_saved = True
                 log.info("job %s: its reply is written to the store now", t.job_id)
+
+    async def _save_reply(self, t: _Tracker, final: _Final) -> None:
+        """Before the result: the reply whose first write failed, if no reconcile pass has written it
+        yet (a restart during the post must find the reply, or the `reposting` mark)."""
+        if t.unsaved_reply is None or t.reply_saved:
+            return
+        async with t.reply_lock:
+            if not t.reply_saved:
+                reply = self._reply_of(t, final.record)
+                await self.queue.set_reply(t.job_id, reply)
+                final.record.spec.reply = reply
+                t.reply_saved = True
 
     def _reply_of(self, t: _Tracker, record: JobRecord) -> dict[str, Any]:
         """The job's reply entry to write with its result: the store's, completed by the one whose
@@ -1005,8 +1022,8 @@ class ProgressCog(commands.Cog, name="Progress"):
         result_message_id = t.posted
         reply = self._reply_of(t, final.record)
         reply["result_message_id"] = result_message_id
-        await self.queue.set_reply(t.job_id, reply)
-        t.unsaved_reply = None
+        async with t.reply_lock:
+            await self.queue.set_reply(t.job_id, reply)
         if not await self.queue.mark_delivered(t.job_id):
             log.warning("job %s was already delivered by someone else", t.job_id)
         else:
@@ -1018,6 +1035,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         (logged) when nothing can post it."""
         from bot.imagine import result_view   # noqa: PLC0415 - imagine imports this module
 
+        await self._save_reply(t, final)
         view = result_view(final.record)
         if not t.dead and not t.archived and (t.message_id is not None or t.interaction is not None):
             # Editing the reply is idempotent: a repeat after a crash changes nothing. The attachments
@@ -1037,9 +1055,9 @@ class ProgressCog(commands.Cog, name="Progress"):
             # (editable again once the post unarchived its thread) into a second result: it finds
             # this mark and posts again, with the same nonce (_tracker).
             reply["reposting"] = True
-            await self.queue.set_reply(t.job_id, reply)
+            async with t.reply_lock:
+                await self.queue.set_reply(t.job_id, reply)
             final.record.spec.reply = reply
-            t.unsaved_reply = None
         return await self._post_new(t, final, files, view)
 
     async def _post_new(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]],

@@ -341,8 +341,10 @@ class QueueAdminCog(commands.GroupCog, name="QueueAdmin", group_name="queue-admi
         return await require_admin(interaction, self.bot.config)
 
     async def _owner(self, interaction: discord.Interaction) -> bool:
-        """True for the bot's owner; anyone else (server admins included) gets a private refusal."""
-        if await self.bot.is_owner(interaction.user):
+        """True for the bot's owner; anyone else (server admins included) gets a private refusal.
+        discord.py asks Discord who owns the application on its first call (then remembers it): a
+        slow answer defers privately rather than miss the 3 s window (in_time)."""
+        if await in_time(interaction, self.bot.is_owner(interaction.user), defer="private"):
             return True
         await ephemeral(interaction, "Only the bot's owner can pause or resume every server at once: the queue is "
                                      "shared by every server the bot is in. Admins can `/queue-admin pause` and "
@@ -381,7 +383,8 @@ class QueueAdminCog(commands.GroupCog, name="QueueAdmin", group_name="queue-admi
         """`/queue-admin pause` and `resume`: every server's setting (the owner's), or this server's."""
         if not await self._may_pause(interaction, everywhere):
             return
-        await interaction.response.defer(ephemeral=True)
+        if not interaction.response.is_done():   # the owner check may have deferred already
+            await interaction.response.defer(ephemeral=True)
         if everywhere:
             # The owner's setting only: a server its admins paused stays paused when it is resumed.
             await self.queue.set_setting(PAUSED_KEY, paused)

@@ -202,3 +202,23 @@ async def test_a_host_clock_ahead_of_discords_still_gets_the_remix_form_and_is_l
     clock = [r for r in caplog.records if "host's clock is probably ahead of Discord's" in r.getMessage()]
     assert len(clock) == 1, [r.getMessage() for r in caplog.records]
     fd.assert_clean()
+
+
+async def test_pausing_every_server_defers_while_discord_is_slow_to_say_who_owns_the_bot(harness):
+    """discord.py asks Discord who owns the application on the first owner check (GET
+    /oauth2/applications/@me), here answered after a 4 s rate limit: `/queue-admin pause
+    everywhere:True` defers privately within the window, then pauses. Before: it answered after
+    the window, and Discord showed "The application did not respond" (nothing paused)."""
+    from engine.jobs import PAUSED_KEY
+
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    fd.rate_limit("GET", "/oauth2/applications/@me", retry_after=SLOW_READ)
+    inter = await fd.send_slash_command("queue-admin pause", {"everywhere": True}, user=fd.admin_user)
+    text = await private_answer(h, inter, timeout=30)
+    _first_answer_in_time(inter)
+    assert inter.response_type == 5   # a private "thinking…", then the answer
+    assert text.startswith("Paused for every server"), text
+    assert await h.queue.get_setting(PAUSED_KEY) is True
+    fd.assert_clean()

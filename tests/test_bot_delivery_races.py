@@ -410,3 +410,67 @@ async def test_a_backlog_of_results_is_read_a_few_at_a_time(harness, monkeypatch
     assert 1 < most[0] <= progress.FINALS_AT_ONCE, most
     assert [len(h.posts_of_job(j)) for j in job_ids] == [1] * 8
     h.fd.assert_clean()
+
+
+async def test_a_reply_written_late_still_gets_its_reposting_mark(harness, monkeypatch):
+    """The reply's first write failed; the reconcile pass's second write is slow and lands just
+    after the final post read the job's record (which has no reply yet). The new message that
+    follows (the reply's thread archived) is still preceded by the `reposting` mark, and a restart
+    before the result's id is written does not edit the original reply into a second result.
+    Before: the landed write cleared what the tracker kept, the mark was skipped (no reply id in
+    the stale record), and the restart made two results."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    h.config.progress.reconcile_interval = 3600   # the one pass attach() asks for, no more
+    fd = h.fd
+    thread_id = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
+    await h.start(worker=False)
+    real_set_reply = h.queue.set_reply
+    calls, gate, entered, saved = [], asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def set_reply(jid, reply):
+        calls.append(dict(reply))
+        if len(calls) == 1:
+            raise RuntimeError("the store hiccups as the reply is made")
+        if "result_message_id" in reply:
+            raise RuntimeError("the bot dies before writing the result's id")
+        if len(calls) == 2:   # the reconcile pass's write: slow, until the final post has read the record
+            entered.set()
+            await gate.wait()
+            await real_set_reply(jid, reply)
+            saved.set()
+            return
+        return await real_set_reply(jid, reply)
+
+    monkeypatch.setattr(h.queue, "set_reply", set_reply)
+    real_prepare = progress.ProgressCog._prepare_final
+
+    async def prepare(self, t):
+        final = await real_prepare(self, t)   # the record as read before the slow write landed
+        gate.set()
+        await asyncio.wait_for(saved.wait(), 10)
+        return final
+
+    monkeypatch.setattr(progress.ProgressCog, "_prepare_final", prepare)
+    inter = await fd.send_slash_command("imagine", {"prompt": "a reply written late"}, channel_id=thread_id)
+    await fd.wait_for_response(inter)
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await asyncio.wait_for(entered.wait(), 10)
+    fd.expire_tokens()
+    await claim_jobs(h.queue, [job_id])
+    await fd.wait_for(lambda: "Starting" in fd.messages[msg.id].content, 10, "the starting edit")
+    await fd.archive_thread(thread_id)
+    since = len(fd.requests)
+    await finish_jobs(h.queue, [job_id])
+    await fd.wait_for(lambda: requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since), 10,
+                      "the result as a new message")
+    stored = (await h.queue.get(job_id)).spec.reply
+    assert stored.get("reposting") is True and stored["message_id"] == msg.id, stored
+    await h.stop()
+
+    await h.start(worker=False)
+    await h.wait_delivered(job_id, timeout=20)
+    assert h.final_edits(msg.id) == []
+    assert len({int(r.response["id"]) for r in h.posts_of_job(job_id)}) == 1
+    fd.assert_clean()
