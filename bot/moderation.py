@@ -12,9 +12,10 @@ Entries:
   boundary on that side: `猫` refuses "黒猫の絵";
 - `re:<pattern>`: a regular expression, case-insensitive, searched anywhere in the prompt.
 
-`list` shows each entry as itself or, where that would not show it exactly (a run of spaces, a
-backtick, a bidi control), as a JSON string; `remove` takes what it shows and removes exactly that
-entry (`shown`).
+`list` (in pages of up to 20 entries: its `page` option) shows each entry as itself or, where that
+would not show it exactly (a run of spaces, a backtick, a bidi control), as a JSON string; `remove`
+takes what it shows and removes exactly that entry (`shown`). An entry is refused when added if its
+shown form passes MAX_SHOWN characters; every answer cuts a longer one (an older list's), marked.
 
 Look-alike spellings match too: each entry is tried on the prompt as typed and on its folded form
 (`fold`: first cleaned exactly as CLIP's tokenizer cleans it -- ftfy, HTML entities unescaped
@@ -88,6 +89,7 @@ log = logging.getLogger(__name__)
 REGEX_PREFIX = "re:"
 MAX_ENTRY = 200
 MAX_ENTRIES = 100
+MAX_SHOWN = 1500              # characters of an entry's shown form (`shown`: escapes included)
 MATCH_TIMEOUT = 0.05          # seconds per entry and prompt
 # Seconds for the whole check of one request (every prompt of a permutation set, folding
 # included): 100 entries at MATCH_TIMEOUT each would otherwise take up to 10 s a prompt, 90 s for
@@ -252,6 +254,11 @@ def normalise(raw: str) -> str:
         raise BadEntry("Give a word, a phrase, or `re:<pattern>`.")
     if len(entry) > MAX_ENTRY:
         raise BadEntry(f"That entry is {len(entry)} characters long; the limit is {MAX_ENTRY}.")
+    if len(shown(entry)) > MAX_SHOWN:   # the answers name it as `shown` does: escapes and all
+        raise BadEntry(f"That entry is too long to show: the list would write it as {len(shown(entry))} "
+                       "characters (an invisible character, a mark or a space of a run as an escape such as "
+                       f"`\\u0301`, one beyond U+FFFF as two), and the limit is {MAX_SHOWN}. Use fewer such "
+                       "characters. Nothing was added.")
     try:
         pattern = _compile(entry)
     except TooManyRepeats:
@@ -474,8 +481,11 @@ def _quoted(text: str) -> bool:
 # Characters a JSON form escapes beyond JSON's own: those an inline code span would not show as
 # they are (controls, format and bidi characters, separators, private and unassigned code
 # points, combining marks that stack), a backtick (it would end the span) and runs of spaces.
-# Every other character shows as itself: an emoji or a CJK word is not six characters a letter,
-# so an entry's JSON form stays within Discord's 2000 characters.
+# Every other character shows as itself: an emoji or a CJK word is not six characters a letter.
+# An escaped character is 6 characters (`\u0301`), one beyond U+FFFF 12 (a surrogate pair:
+# `\ud834\udd67`), so 200 such characters would be 2402: an entry is refused when added if its
+# shown form passes MAX_SHOWN (`normalise`), and every answer cuts a longer one that an older list
+# holds (`_shown_code`), so that no answer passes Discord's 2000 characters.
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs", "Mn", "Me"})
 
 
@@ -499,8 +509,47 @@ def shown(entry: str) -> str:
     return _escaped(entry)
 
 
-def _shown_code(entry: str) -> str:
-    return f"`{shown(entry)}`"
+# One escape (`\u0301`, a surrogate pair as one, `\"`) or one character of a shown form: where it may be cut.
+_SHOWN_TOKEN = regex.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[0-9a-fA-F]{4}|\\u[0-9a-fA-F]{4}|\\.|.", regex.DOTALL)
+
+
+def _shown_code(entry: str, limit: int = MAX_SHOWN + 2) -> str:
+    """`entry` as an inline code span of its shown form, at most `limit` characters: a form too
+    long for that (one an older list holds: every entry added now fits MAX_SHOWN) is cut at an
+    escape's edge and marked as cut, saying how long it is whole."""
+    text = shown(entry)
+    if len(text) + 2 <= limit:
+        return f"`{text}`"
+    mark = f"… *(cut: {len(text)} characters whole, too long to show)*"
+    room = max(0, limit - len(mark) - 2)
+    kept, used = [], 0
+    for token in _SHOWN_TOKEN.findall(text):
+        if used + len(token) > room:
+            break
+        kept.append(token)
+        used += len(token)
+    if not kept:   # no room for any of it (never with the limits used here)
+        return f"*(an entry of {len(text)} characters, too long to show)*"
+    return f"`{''.join(kept)}`{mark}"
+
+
+def _cut(entry: str) -> bool:
+    """Whether `_shown_code` cuts `entry` in a list's line (only an older list's entry can be)."""
+    return len(shown(entry)) > MAX_SHOWN
+
+
+def _shown_entries(entries: list[str], room: int) -> str:
+    """`entries` as inline code spans, comma-separated, at most `room` characters: the first one
+    (cut if it must be), then those that fit whole and how many more."""
+    parts = [_shown_code(entries[0], max(40, min(MAX_SHOWN + 2, room - 20)))]
+    for n, entry in enumerate(entries[1:], 1):
+        part = _shown_code(entry)
+        left = len(entries) - n - 1
+        tail = len(f" and {left} more") if left else 0
+        if len(", ".join(parts)) + 2 + len(part) + tail > room:
+            return ", ".join(parts) + f" and {len(entries) - n} more"
+        parts.append(part)
+    return ", ".join(parts)
 
 
 def _typed(wanted: str) -> str:
@@ -515,18 +564,43 @@ def _typed(wanted: str) -> str:
     return wanted
 
 
-def _listing(items: list[str]) -> str:
-    lines = [f"{n}. {_shown_code(e)}" + ("  (regex)" if is_regex(e) else "")
-             for n, e in enumerate(items, 1)]
-    note = ""
-    if any(shown(e) != e for e in items):
-        note = ("\n-# An entry in double quotes is written with escapes (`\\u0020` a space, `\\u0060` a backtick): "
-                "give it to `/queue-admin ban-word remove` as shown, quotes included.")
-    text = "\n".join(lines) + note
-    while len(text) > 1900 and lines:
-        lines.pop()
-        text = "\n".join(lines) + f"\n…and {len(items) - len(lines)} more." + note
-    return text
+_ESCAPES_NOTE = ("-# An entry in double quotes is written with escapes (`\\u0020` a space, `\\u0060` a backtick): "
+                 "give it to `/queue-admin ban-word remove` as shown, quotes included.")
+_CUT_NOTE = ("-# An entry marked *cut* is too long to show whole: remove it by giving "
+             "`/queue-admin ban-word remove` the entry as it was added.")
+_PAGE_LINE_ROOM = 120   # a page's "Page i of n: ... page:i+1 for the next" line
+
+
+def _listing(items: list[str], page: int = 1) -> tuple[str, int]:
+    """Page `page` (1-based) of the list's answer, and how many pages it has; the text is "" when
+    there is no such page. Pages hold up to queue_admin.SHOW_MAX entries (fewer when long ones
+    would pass Discord's 2000 characters: an entry too long for a page is cut, `_shown_code`);
+    the entries are numbered in the whole list, and the same list always pages the same way."""
+    from bot.queue_admin import _pages   # noqa: PLC0415 - bot.queue_admin imports bot.imagine
+
+    head = f"Refused in prompts ({len(items)}):"
+    # Room for the page's lines whatever notes it shows, so that the pages never depend on them.
+    room = render.CONTENT_LIMIT - len(head) - len(_ESCAPES_NOTE) - len(_CUT_NOTE) - _PAGE_LINE_ROOM - 4
+
+    def line(n: int, entry: str) -> str:
+        start, end = f"{n}. ", "  (regex)" if is_regex(entry) else ""
+        return start + _shown_code(entry, min(MAX_SHOWN + 2, room - len(start) - len(end))) + end
+
+    pages = _pages([line(n, e) for n, e in enumerate(items, 1)], room)
+    if not 1 <= page <= len(pages):
+        return "", len(pages)
+    first = sum(len(p) for p in pages[:page - 1])
+    on_page = items[first:first + len(pages[page - 1])]
+    text = [head, *pages[page - 1]]
+    if any(shown(e) != e for e in on_page):
+        text.append(_ESCAPES_NOTE)
+    if any(_cut(e) for e in on_page):
+        text.append(_CUT_NOTE)
+    if len(pages) > 1:
+        last = first + len(on_page)
+        text.append(f"-# Page {page} of {len(pages)} (entries {first + 1}-{last} of {len(items)})"
+                    + (f": `/queue-admin ban-word list page:{page + 1}` for the next." if page < len(pages) else "."))
+    return "\n".join(text)[:render.CONTENT_LIMIT], len(pages)
 
 
 async def _defer_privately(interaction: discord.Interaction) -> None:
@@ -556,8 +630,9 @@ class BanWordGroup(app_commands.Group):
         await self.cog.remove(interaction, entry)
 
     @app_commands.command(name="list", description="Admin: the words and patterns refused in this server")
-    async def list_(self, interaction: discord.Interaction) -> None:
-        await self.cog.show(interaction)
+    @app_commands.describe(page="Which page of the list (1 first; each shows up to 20 entries)")
+    async def list_(self, interaction: discord.Interaction, page: app_commands.Range[int, 1, None] = 1) -> None:
+        await self.cog.show(interaction, page)
 
 
 class ModerationCog(commands.Cog, name="Moderation"):
@@ -660,18 +735,29 @@ class ModerationCog(commands.Cog, name="Moderation"):
             await self.bot.queue.set_setting(setting_key(guild_id), keep)
         log.info("user %s removed %r from the refused words of server %s (entries %r)",
                  interaction.user.id, typed, guild_id, removed)
-        await ephemeral(interaction, f"Removed {', '.join(_shown_code(e) for e in removed)}: "
-                                     f"{'they are' if len(removed) > 1 else 'it is'} allowed again. "
-                                     f"The list has {len(keep)} entr{'y' if len(keep) == 1 else 'ies'}.")
+        tail = (f": {'they are' if len(removed) > 1 else 'it is'} allowed again. "
+                f"The list has {len(keep)} entr{'y' if len(keep) == 1 else 'ies'}.")
+        # What was removed, cut to fit (an older list may hold an entry too long to show whole).
+        what = _shown_entries(removed, render.CONTENT_LIMIT - len("Removed ") - len(tail))
+        await ephemeral(interaction, f"Removed {what}{tail}")
 
-    async def show(self, interaction: discord.Interaction) -> None:
+    async def show(self, interaction: discord.Interaction, page: int = 1) -> None:
         from bot.imagine import ephemeral, in_time   # noqa: PLC0415
 
         if not await self._admin(interaction):
+            return
+        if page < 1:   # Discord enforces the option's minimum; this is for a value that arrives anyway
+            await ephemeral(interaction, f"`page` must be 1 or more (you gave {page}).")
             return
         # A read: a private "thinking…" first when it is slower than Discord's window allows.
         current = await in_time(interaction, entries(self.bot.queue, interaction.guild_id), defer="private")
         if not current:
             await ephemeral(interaction, "No words or patterns are refused in this server.")
             return
-        await ephemeral(interaction, f"Refused in prompts ({len(current)}):\n{_listing(current)}")
+        text, pages = _listing(current, page)
+        if not text:
+            await ephemeral(interaction, f"There is no page {page}: the list has {pages} "
+                                         f"page{'s' if pages != 1 else ''} of {len(current)} entr{'y' if len(current) == 1 else 'ies'}. "
+                                         f"`/queue-admin ban-word list page:{pages}` shows the last.")
+            return
+        await ephemeral(interaction, text)

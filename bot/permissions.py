@@ -29,8 +29,35 @@ def is_admin(interaction: discord.Interaction, config: Config) -> bool:
     ids = {int(entry) for entry in entries if is_role_id(entry)}
     names = {entry.casefold() for entry in entries if not is_role_id(entry)}
     if isinstance(user, discord.Member) and (ids or names):
-        return any(role.id in ids or role.name.casefold() in names for role in user.roles)
+        if ids & member_role_ids(user):
+            return True
+        return any(role.name.casefold() in names for role in user.roles)   # names need the cached roles
     return False
+
+
+def member_role_ids(member: discord.Member) -> set[int]:
+    """The ids of `member`'s roles, as the interaction's member payload gives them, cached guild or not.
+
+    `Member.roles` (and `Member.get_role`) resolve them through the cached guild: while a server
+    is not cached (just after connecting, before its GUILD_CREATE; or unavailable) discord.py gives
+    a placeholder guild with no roles, and they are empty. discord.py 2.x has no public attribute
+    for the ids themselves; it keeps them in the private `Member._roles` (a SnowflakeList), read
+    here along with the cached roles. Should a later discord.py drop `_roles`, only the cached
+    roles count again (tests/test_bot_admin.py's test of a server not cached yet then fails)."""
+    return {role.id for role in member.roles} | set(getattr(member, "_roles", None) or ())
+
+
+def roles_not_loaded(interaction: discord.Interaction, config: Config) -> bool:
+    """Whether an admin role configured by name might be held by the caller but cannot be told:
+    role names are configured and the caller holds roles that the cache does not know (the server
+    is not cached yet, `member_role_ids`), so a name cannot be matched to them."""
+    user = interaction.user
+    if not isinstance(user, discord.Member):
+        return False
+    if not any(entry.strip() and not is_role_id(entry) for entry in config.discord.admin_roles):
+        return False
+    guild = user.guild
+    return any(guild.get_role(role_id) is None for role_id in member_role_ids(user))
 
 
 def is_role_id(entry: str) -> bool:
@@ -82,8 +109,13 @@ async def require_admin(interaction: discord.Interaction, config: Config) -> boo
     from bot.imagine import ephemeral   # noqa: PLC0415 - bot.imagine imports this module
 
     roles = admin_roles_text(config)
-    await ephemeral(interaction, "Only admins can do that: it needs the Manage Server permission"
-                              + (f" or one of the roles {roles}." if roles else "."))
+    text = ("Only admins can do that: it needs the Manage Server permission"
+            + (f" or one of the roles {roles}." if roles else "."))
+    if roles_not_loaded(interaction, config):   # a role given by name cannot be told from the rest yet
+        text += (" I have not loaded this server's roles yet (I just connected, or Discord has not sent "
+                 "them), so I cannot tell whether one of yours is an admin role given by name: try again "
+                 "in a moment.")
+    await ephemeral(interaction, text)
     return False
 
 
@@ -128,8 +160,11 @@ async def can_view_channel(interaction: discord.Interaction, channel_id: int | N
     server: a job's prompt, author and pictures belong to the channel it was made in, and any id
     typed into `/remix` or listed by `/queue show` would otherwise show a private channel's job to
     anyone in the server. Unknown (no guild, a channel missing from the cache, a user who is no
-    member): False, so what cannot be checked is hidden. `lookups`: the command's Discord lookups
-    of private-thread members (a fresh one when None)."""
+    member): False, so what cannot be checked is hidden. That includes a server not cached yet (just
+    after connecting, before its GUILD_CREATE; or unavailable): discord.py's placeholder guild has no
+    channels, roles or overwrites to compute permissions from, so only the interaction's own
+    channel is seen until it arrives. `lookups`: the command's Discord lookups of private-thread
+    members (a fresh one when None)."""
     if channel_id is None or interaction.guild_id is None:
         return False
     if channel_id == interaction.channel_id:

@@ -374,3 +374,101 @@ async def test_add_answers_discord_first_while_the_thread_pool_is_busy(harness):
     assert text.startswith("Added the pattern `re:h[o0]+use`"), text
     assert await h.queue.get_setting(f"banned:{fd.guild_id}") == [r"re:h[o0]+use"]
     fd.assert_clean()
+
+
+# "a" and 199 combining marks beyond U+FFFF (Mn): 200 characters, the limit, but its shown form
+# writes each mark as a surrogate pair's two escapes (12 characters): 2391 characters in all.
+_LONG_SHOWN = "a" + "\U0001D167" * 199
+
+
+async def test_an_entry_too_long_to_show_is_refused_and_no_answer_passes_2000_characters(harness):
+    """An entry's shown form (`moderation.shown`) escapes what an inline code span would not show,
+    a mark beyond U+FFFF as 12 characters. Before: `_LONG_SHOWN` was added, and the add's answer
+    (2391 characters of it) failed with 400, so the admin read "Something went wrong" though the
+    entry was on the list; its `remove` answered the same. Now such an entry is refused before
+    anything changes, one that fits is added, and an older list's entry too long to show is named
+    cut (marked) by the add, the list and the remove, which still removes it."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    key = f"banned:{h.fd.guild_id}"
+
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": _LONG_SHOWN}, **admin)
+    assert text.startswith("That entry is too long to show: the list would write it as 2391 characters"), text
+    assert f"the limit is {moderation.MAX_SHOWN}" in text and "Nothing was added" in text, text
+    assert await h.queue.get_setting(key) is None
+    fits = "a" + "\U0001D167" * 100   # shown as 1203 characters
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": fits}, **admin)
+    assert text.startswith(f"Added the word `{moderation.shown(fits)}`: prompts"), text
+    assert await h.queue.get_setting(key) == [fits]
+
+    # An older list holds entries too long to show (two of one identity: both fold to "a").
+    other = "a" + "\U0001D168" * 199
+    for stored in ([_LONG_SHOWN, "cursed"], [_LONG_SHOWN, other, "cursed"]):
+        await h.queue.set_setting(key, stored)
+        text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "a"}, **admin)   # the same identity
+        assert len(text) <= 2000 and "is already on the list; nothing was added." in text, (len(text), text)
+        assert text.startswith(f"`{moderation.shown(_LONG_SHOWN)[:100]}") and "*(cut: 2391 characters whole" in text, text
+        listing = await ephemeral_answer(h, "queue-admin ban-word list", **admin)
+        assert len(listing) <= 2000 and "*(cut: 2391 characters whole" in listing, (len(listing), listing)
+        assert "remove it by giving `/queue-admin ban-word remove` the entry as it was added" in listing, listing
+        pages = int((re.search(r"-# Page 1 of (\d+)", listing) or ["", "1"])[1])
+        last = await ephemeral_answer(h, "queue-admin ban-word list", {"page": pages}, **admin)
+        assert len(last) <= 2000 and f"{len(stored)}. `cursed`" in last, last
+        assert pages == len(stored) - 1, listing   # a cut entry leaves room for a short one, not another cut one
+        text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": _LONG_SHOWN}, **admin)
+        assert len(text) <= 2000 and text.startswith("Removed `\"a\\ud834\\udd67"), (len(text), text)
+        assert "*(cut: 2391 characters whole" in text and text.endswith("The list has 1 entry."), text
+        assert await h.queue.get_setting(key) == ["cursed"]
+    # Its whole shown form (too long for a message, not for the option) removes it too.
+    await h.queue.set_setting(key, [_LONG_SHOWN, "cursed"])
+    text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": moderation.shown(_LONG_SHOWN)}, **admin)
+    assert len(text) <= 2000 and text.startswith("Removed `") and "it is allowed again" in text, text
+    assert await h.queue.get_setting(key) == ["cursed"]
+    h.fd.assert_clean()
+
+
+async def test_the_list_pages_so_every_entry_can_be_seen_and_removed(harness):
+    """Before: the list showed what fit in one message and "…and N more": with 100 entries of 36
+    characters, 56 could never be seen, copied or removed. Now it has pages (`page`, 1 first), says
+    which and how to see the next, and a page past the last is refused, saying how many there are."""
+    h = harness
+    await h.start(worker=False)
+    admin = {"user": h.fd.admin_user}
+    key = f"banned:{h.fd.guild_id}"
+    words = [f"forbiddenword{n:03d}" + "x" * 20 for n in range(100)]   # 36 characters each
+    await h.queue.set_setting(key, words)
+
+    seen: list[str] = []
+    page, pages = 1, None
+    while True:
+        text = await ephemeral_answer(h, "queue-admin ban-word list", {"page": page}, **admin)
+        assert len(text) <= 2000 and text.startswith("Refused in prompts (100):\n"), text
+        found = re.search(r"-# Page (\d+) of (\d+) \(entries (\d+)-(\d+) of 100\)", text)
+        assert found and int(found[1]) == page, text
+        pages = int(found[2])
+        assert f"{len(seen) + 1}. `{words[len(seen)]}`" in text, text   # numbered in the whole list
+        seen += _LISTED.findall(text)
+        if page == pages:
+            assert text.endswith(".") and "for the next" not in text, text
+            break
+        assert text.endswith(f"`/queue-admin ban-word list page:{page + 1}` for the next."), text
+        page += 1
+    assert seen == words and pages == 5
+    assert await ephemeral_answer(h, "queue-admin ban-word list", **admin) == \
+        await ephemeral_answer(h, "queue-admin ban-word list", {"page": 1}, **admin)   # page 1 by default
+
+    text = await ephemeral_answer(h, "queue-admin ban-word list", {"page": 6}, **admin)
+    assert text == ("There is no page 6: the list has 5 pages of 100 entries. "
+                    "`/queue-admin ban-word list page:5` shows the last."), text
+    text = await ephemeral_answer(h, "queue-admin ban-word list", {"page": 0}, **admin)
+    assert text == "`page` must be 1 or more (you gave 0).", text
+    # The last entry, seen on the last page only, is removed as it is shown there.
+    text = await ephemeral_answer(h, "queue-admin ban-word remove", {"entry": seen[-1]}, **admin)
+    assert text.startswith(f"Removed `{words[-1]}`"), text
+    assert await h.queue.get_setting(key) == words[:-1]
+    # A short list is one page, with no page line.
+    await h.queue.set_setting(key, ["cursed"])
+    text = await ephemeral_answer(h, "queue-admin ban-word list", **admin)
+    assert text == "Refused in prompts (1):\n1. `cursed`", text
+    h.fd.assert_clean()
