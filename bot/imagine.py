@@ -724,7 +724,11 @@ async def cancel_and_answer(bot: "ImagineBot", interaction: discord.Interaction,
     # being stopped, not cancelled in line. Still running now: it was claimed before the cancel.
     # A running job asked to stop ends CANCELLED whatever its worker does next (the store's finish
     # and fail see the request); DONE or FAILED here only from a worker of an older version.
-    now = await bot.queue.get(record.id) or record
+    try:
+        now = await bot.queue.get(record.id) or record
+    except Exception:  # noqa: BLE001 - the cancel went through: answer from what was read before it
+        log.warning("job %s: cancelled, but reading it again failed", record.id, exc_info=True)
+        now = record
     if not ok:
         await ephemeral(interaction, f"Job `{record.id}` had already ended.")
     elif now.state == JobState.RUNNING:

@@ -393,3 +393,33 @@ async def test_admin_roles_in_a_server_whose_roles_are_not_loaded_yet(harness):
     assert (await ephemeral_answer(h, "queue-admin pause", user=fd.admin_user,
                                    member_permissions=Permission.EVERYONE)).startswith("Paused")   # by name, loaded
     fd.assert_clean()
+
+
+async def test_a_cancel_whose_second_read_fails_still_says_it_cancelled(harness, caplog):
+    """`/queue cancel` cancels the job, then reads it again (was it claimed meanwhile?), and that
+    read fails (a store hiccup). The answer comes from what was read before: the job is cancelled
+    and the user is told so. Before: our error ("try again") for a cancel that had gone through."""
+    h = harness
+    await h.start(worker=False)
+    (job_id,) = await _queued_jobs(h, 1, user=h.fd.member_user)
+    real_cancel, real_get = h.queue.cancel, h.queue.get
+    cancelled = []
+
+    async def cancel(jid, **kwargs):
+        ok = await real_cancel(jid, **kwargs)
+        cancelled.append(jid)
+        return ok
+
+    async def get(jid):
+        if cancelled:
+            raise RuntimeError("the store hiccups")
+        return await real_get(jid)
+
+    h.queue.cancel, h.queue.get = cancel, get
+    try:
+        text = await ephemeral_answer(h, "queue cancel", {"job": job_id}, user=h.fd.member_user)
+    finally:
+        h.queue.cancel, h.queue.get = real_cancel, real_get
+    assert text == f"Cancelled job `{job_id}`.", text
+    assert (await h.queue.get(job_id)).state == JobState.CANCELLED
+    assert "cancelled, but reading it again failed" in caplog.text
