@@ -252,12 +252,12 @@ def clip_note_lines(spec: JobSpec) -> list[str]:
     return lines
 
 
-def _extra_lines(spec: JobSpec) -> str:
+def _extra_lines(spec: JobSpec) -> list[str]:
     """The lineage (Reroll, Continue, remix), the notes about converted attachments and what CLIP
-    ignores of the prompt, each on its own line."""
+    ignores of the prompt, each a line, most needed first (_compose drops from the end)."""
     # The attachment notes are the bot's own words (engine.images), never user text.
     lines = lineage_lines(spec) + [f"-# {n}" for n in spec.extra.get("notes") or []] + clip_note_lines(spec)
-    return "".join(f"{line}\n" for line in lines if line)
+    return [line for line in lines if line]
 
 
 def duration(seconds: float) -> str:
@@ -283,20 +283,60 @@ def withholds_prompt(record: JobRecord) -> bool:
         record.state == JobState.CANCELLED or record.cancel_requested)
 
 
+# The prompt keeps at least this many characters before _compose drops note lines to fit.
+PROMPT_KEPT = 200
+NOTES_LEFT_OUT = "-# (some notes are left out: too long for one message)"
+
+
 def _compose(record: JobRecord, status: str) -> str:
+    """The job's message: its prompt, `status`, the lineage and notes, settings and weights, id and
+    author, within CONTENT_LIMIT. Too long (a long prompt, a long failure reason, many notes): the
+    prompt is cut to PROMPT_KEPT, then note lines are left out (CLIP's first, the lineage last),
+    then the weights, then the prompt cut further, then the status; never past the limit."""
     spec = record.spec
     # The id in a code span of its own: copied, it is what `/remix job:` takes.
     job = f" · job `{record.id}` · <@{spec.user_id}>"
     if withholds_prompt(record):
         # Nor the lines that quote it (what CLIP ignores of it, its weights) or a remix's parent's prompt.
-        return f"{PROMPT_WITHHELD}\n{status}\n`{settings_line(spec)}`{job}"
+        return _fit(f"{PROMPT_WITHHELD}\n{status}\n`{settings_line(spec)}`{job}")
+    prompt = escape_prompt(spec.prompt)
+    extras = _extra_lines(spec)
     weights = weights_read(spec)
-    tail = _extra_lines(spec) + f"`{settings_line(spec)}`" + (f" · read as {weights}" if weights else "") + job
-    text = f"**{escape_prompt(spec.prompt)}**\n{status}\n{tail}"
-    if len(text) > CONTENT_LIMIT:  # only with a huge configured max_prompt_chars
-        room = max(0, CONTENT_LIMIT - len(status) - len(tail) - 10)
-        text = f"**{escape_prompt(spec.prompt)[:room]}…**\n{status}\n{tail}"
-    return text
+
+    def text(prompt_room: int | None, lines: list[str], weights: str, status: str) -> str:
+        shown = prompt if prompt_room is None or len(prompt) <= prompt_room else prompt[:prompt_room] + "…"
+        tail = "".join(f"{line}\n" for line in lines) + f"`{settings_line(spec)}`"
+        return f"**{shown}**\n{status}\n{tail}" + (f" · read as {weights}" if weights else "") + job
+
+    def room_for_prompt(lines: list[str], weights: str, status: str) -> int:
+        return max(0, CONTENT_LIMIT - len(text(0, lines, weights, status)))
+
+    whole = text(None, extras, weights, status)
+    if len(whole) <= CONTENT_LIMIT:
+        return whole
+    room = room_for_prompt(extras, weights, status)
+    if room >= PROMPT_KEPT:
+        return text(room, extras, weights, status)
+    lines = list(extras)
+    while lines:   # the notes, least needed first, until the prompt keeps PROMPT_KEPT
+        lines.pop()
+        kept = lines + [NOTES_LEFT_OUT]
+        if room_for_prompt(kept, weights, status) >= PROMPT_KEPT:
+            return text(room_for_prompt(kept, weights, status), kept, weights, status)
+    lines = [NOTES_LEFT_OUT] if extras else []
+    if room_for_prompt(lines, "", status) >= PROMPT_KEPT:
+        return text(room_for_prompt(lines, "", status), lines, "", status)
+    room = room_for_prompt(lines, "", status)
+    if room > 0:
+        return text(room, lines, "", status)
+    # The status alone is too long (a long failure reason with a note): it is cut too.
+    over = len(text(0, lines, "", status)) - CONTENT_LIMIT
+    return _fit(text(0, lines, "", status[:max(0, len(status) - over - 1)] + "…"))
+
+
+def _fit(text: str) -> str:
+    """The last guard of CONTENT_LIMIT (Discord refuses a longer message, and the result is lost)."""
+    return text if len(text) <= CONTENT_LIMIT else text[:CONTENT_LIMIT - 1] + "…"
 
 
 def queued_text(record: JobRecord, position: int | None, paused: str = "") -> str:

@@ -17,6 +17,7 @@ from PIL import Image
 from engine.generate import GenerationSettings, PromptPart, decode, generate, to_uint8
 from engine.image_prompts import init_logits_from_image, to_tensor
 from engine.images import ImageRejected, load_image
+from engine.jobs import JobState
 from engine import cli
 
 FAST = GenerationSettings(iterations=60, frame_every=30, grid=8, cutn=8, seed=3)
@@ -277,3 +278,56 @@ def test_a_picture_tagged_sideways_is_turned_upright():
     assert top[0] > 200 and top[2] < 60, top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
     assert load_image(sideways_jpeg(1))[0].size == (200, 100)
+
+
+def _sixteen_bit_apng() -> bytes:
+    frames = [Image.fromarray((np.random.RandomState(i).rand(64, 64) * 65535).astype(np.uint16)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("state", [JobState.FAILED, JobState.DONE, JobState.CANCELLED, JobState.QUEUED])
+def test_every_text_of_a_job_with_every_note_and_a_long_failure_fits_discord(state):
+    """The most a job's message can carry: a Reroll of a remix (two lineage lines with links), a
+    prompt of 8 weighted parts that CLIP cuts (three notes and a count), a 16-bit animated PNG given
+    as both pictures (four notes, from the real attachment check), and a long failure reason. Each
+    text stays within 2000 characters and keeps its status, settings, id and author; what is left
+    out is said. Before: a failed one was 2107 characters, refused by Discord three times and then
+    given up, so the user never learnt that the job failed."""
+    from bot import render
+    from bot.attachments import check
+    from engine.jobs import JobRecord, JobSpec
+    from engine.prompts import clip_overflow, parse_prompt
+
+    picture = check(_sixteen_bit_apng(), "image", 8 << 20)
+    notes = [f"`{option}`: {note}" for option in ("image", "init_image") for note in picture.notes]
+    assert len(notes) == 4
+    part = "𓀀" * 20 + "\u200b" * 20
+    prompt = " | ".join(f"{part}:{w}" for w in ["0.75", "1.25", "-0.25", "0.333", "2.5", "-0.125", "1.75", "0.6"])
+    assert len(prompt) <= 500   # within [imagine] max_prompt_chars
+    url = "https://discord.com/channels/123456789012345678/123456789012345678/123456789012345679"
+    spec = JobSpec(prompt=prompt, user_id=123456789012345678, channel_id=1, guild_id=1, seed=4294967295,
+                   iterations=1000, grid=64, parent_job_id="a" * 12, parent_kind="remix",
+                   extra={"clip_notes": clip_overflow(parse_prompt(prompt)), "rerolls": "b" * 12, "source_url": url,
+                          "parent": {"prompt": "a_b*" * 15, "user_id": 123456789012345678, "url": url},
+                          "image_prompt": {"artifact": ["x", "image.png"], "weight": 0.75},
+                          "init_image": {"artifact": ["x", "image.png"]}, "notes": notes})
+    oom = ("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity; 13.1 GiB "
+           "already allocated; 1.2 GiB free; 14.0 GiB reserved in total by PyTorch) If reserved memory is >> allocated "
+           "memory try setting max_split_size_mb to avoid fragmentation.")
+    record = JobRecord(id="c" * 12, spec=spec, state=state, error=oom if state == JobState.FAILED else None,
+                       similarity=0.5 if state == JobState.DONE else None)
+    texts = [render.final_text(record, "The video could not be made; here is the final image.")
+             if state.finished else render.queued_text(record, 12, "server"),
+             render.progress_text(record, 500, 1000, 0.123, 3600.0), render.lost_text(record)]
+    for text in texts:
+        assert len(text) <= render.CONTENT_LIMIT, len(text)
+        assert f"job `{record.id}` · <@{spec.user_id}>" in text and render.settings_line(spec) in text
+        assert text.startswith("**") and "…**\n" in text   # the prompt cut, its bold closed
+    first = texts[0]
+    if state == JobState.FAILED:
+        assert "Failed: RuntimeError: CUDA out of memory" in first and "could not be made" in first
+        assert render.NOTES_LEFT_OUT in first
+    if state == JobState.DONE:
+        assert "Done · similarity 0.500" in first
