@@ -439,7 +439,9 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     try:
         # From the frame files (whole: _write_whole), one at a time: memory does not grow with their
         # count. Whole or absent: a failure or Ctrl-C leaves no video.mp4 (nor its .partial.mp4).
-        video.encode_files(frame_files, out / "video.mp4", fps=args.fps)
+        # No time limit: a long run's video takes long (about 76 frames a second on 2 CPU cores at
+        # 512x512: --iterations 100000 --frame-every 1 is over 20 minutes), and Ctrl-C stops it.
+        video.encode_files(frame_files, out / "video.mp4", fps=args.fps, timeout=None)
     except (video.VideoError, OSError) as exc:   # ffmpeg failing or missing; --out's folder gone
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise RunFailed(f"cannot make video.mp4: {one_line(reason)}") from None

@@ -68,8 +68,15 @@ _SIGNS = str.maketrans({c: "-" for c in _MINUS} | {_PLUS: "+"})
 
 def _quote(text: str, limit: int = 40) -> str:
     """`text` for an error message: tamed (engine.text: one line, no bidi controls, combining
-    marks capped), at most `limit` characters, quoted (repr: what else is invisible is spelled out)."""
-    return repr(clip(text, limit))
+    marks capped), quoted (repr: what else is invisible is spelled out), at most `limit` + 2
+    characters with the quotes: fewer of the text's characters when spelled-out ones (`\u200b`:
+    six each) would pass that, so a message that quotes it is never cut inside an escape."""
+    quoted = repr(clip(text, limit))
+    keep = limit
+    while len(quoted) > limit + 2 and keep > 1:
+        keep -= max(1, (len(quoted) - limit - 2) // 6)
+        quoted = repr(clip(text, max(1, keep)))
+    return quoted
 
 
 @dataclass(frozen=True)

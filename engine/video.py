@@ -6,6 +6,7 @@ ffmpeg comes from PATH, else from imageio-ffmpeg's bundled binary.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -110,7 +111,7 @@ def encode_frames(
 
 def encode_files(
     paths: Sequence[Path], out: Path, fps: float = 10.0, hold_last_seconds: float = 1.0,
-    crf: int = 20, max_side: int | None = None, timeout: float = FFMPEG_TIMEOUT,
+    crf: int = 20, max_side: int | None = None, timeout: float | None = FFMPEG_TIMEOUT,
 ) -> Path:
     """As `encode_frames`, from picture files (the CLI's frames/NNNNNN.png, all the same size),
     read and handed to ffmpeg one at a time: memory does not grow with their count. The same pixels
@@ -118,7 +119,8 @@ def encode_files(
 
     `out` is whole or absent: ffmpeg writes `<stem>.partial<suffix>` beside it, renamed to `out`
     when done, and removed when the encode fails or is interrupted (Ctrl-C: ffmpeg is stopped
-    first). A frame that cannot be read, or of another size, is a VideoError. Returns `out`."""
+    first). A frame that cannot be read, or of another size, is a VideoError. `timeout` None: no
+    limit (the CLI's, where a person can Ctrl-C: 100,001 frames take minutes). Returns `out`."""
     paths = list(paths)
     if not paths:
         raise VideoError("no frames to encode")
@@ -180,48 +182,63 @@ def _rgb_file(path: Path) -> tuple[tuple[int, int], bytes]:
         raise VideoError(f"cannot read frame {path}: {exc}") from None
 
 
-def _ffmpeg_fed(args: list[str], chunks: Iterable[bytes], timeout: float) -> None:
-    """As `_ffmpeg`, with ffmpeg's stdin fed from `chunks` as they come (a frame at a time). An
-    exception on the way (a chunk that cannot be made, Ctrl-C) stops ffmpeg before it goes on."""
+def _ffmpeg_fed(args: list[str], chunks: Iterable[bytes], timeout: float | None) -> None:
+    """As `_ffmpeg`, with ffmpeg's stdin fed from `chunks` as they come (a frame at a time); no
+    limit when `timeout` is None. An exception on the way (a chunk that cannot be made, Ctrl-C)
+    stops ffmpeg before it goes on."""
     expired = threading.Event()
-    # stderr to a file, not a pipe: an ffmpeg with much to say never blocks on it while it is fed.
-    with tempfile.TemporaryFile(prefix=TEMP_PREFIX) as err:
+    said: collections.deque[bytes] = collections.deque(maxlen=64)   # the end of what ffmpeg says
+    proc: subprocess.Popen | None = None
+    timer: threading.Timer | None = None
+    reader: threading.Thread | None = None
+    try:
         proc = subprocess.Popen([ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *args],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)   # as _ffmpeg: a Ctrl-C is ours to handle
+        # stderr drained by a thread into memory (not a file: on a full disk the temp directory is
+        # full too, and the reason would be lost), so an ffmpeg with much to say never blocks on it.
+        reader = threading.Thread(target=lambda: said.extend(iter(lambda: proc.stderr.read1(4096), b"")),
+                                  daemon=True)
+        reader.start()
+        if timeout is not None:
+            def expire() -> None:
+                expired.set()
+                proc.kill()   # a blocked write then fails with BrokenPipeError
 
-        def expire() -> None:
-            expired.set()
-            proc.kill()   # a blocked write then fails with BrokenPipeError
-
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
+            timer = threading.Timer(timeout, expire)
+            timer.daemon = True
+            timer.start()
         try:
-            try:
-                for chunk in chunks:
-                    proc.stdin.write(chunk)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass   # ffmpeg stopped reading (it failed, or was stopped): its status says why
-            proc.wait()
-        except BaseException:
+            for chunk in chunks:
+                proc.stdin.write(chunk)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass   # ffmpeg stopped reading (it failed, or was stopped): its status says why
+        proc.wait()
+    except BaseException:
+        if proc is not None:
             proc.kill()
             proc.wait()
-            raise
-        finally:
+        raise
+    finally:
+        if timer is not None:
             timer.cancel()
+        if proc is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-        if proc.returncode == 0:
-            return
-        if expired.is_set():
-            raise VideoError(f"ffmpeg ran past {timeout:g} s and was stopped")
-        if proc.returncode < 0:   # killed by a signal (a supervisor stopping every process): try again
-            raise VideoInterrupted(f"ffmpeg was stopped by signal {-proc.returncode}")
-        err.seek(0)
-        tail = err.read()[-2000:].decode(errors="replace")
-        raise VideoError(f"ffmpeg failed ({proc.returncode}): {tail}")
+        if reader is not None:
+            reader.join(timeout=5)
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.stderr.close()
+    if proc.returncode == 0:
+        return
+    if expired.is_set():
+        raise VideoError(f"ffmpeg ran past {timeout:g} s and was stopped")
+    if proc.returncode < 0:   # killed by a signal (a supervisor stopping every process): try again
+        raise VideoInterrupted(f"ffmpeg was stopped by signal {-proc.returncode}")
+    tail = b"".join(said)[-2000:].decode(errors="replace")
+    raise VideoError(f"ffmpeg failed ({proc.returncode}): {tail}")
 
 
 def encode_frames_bytes(frames: Sequence[np.ndarray], **kwargs) -> bytes:

@@ -223,3 +223,17 @@ def test_the_engine_pulls_toward_a_positive_image_with_only_negative_text(tiny_m
                       image_targets=[(target, -1.0, "image")])
     toward, away = ([f.similarities[1] for f in run.frames[1:]] for run in (pulled, pushed))
     assert sum(toward) / len(toward) > sum(away) / len(away) + 0.005, (toward, away)
+
+
+def test_a_clip_note_on_invisible_characters_fits_its_line_whole():
+    """A part whose text CLIP cuts is quoted with its invisible characters spelled out (`\\u200b`,
+    six characters each): the note still fits the line the bot gives it (render.CLIP_NOTE_CHARS),
+    so it is never cut inside an escape and keeps its token count. Before: 331 characters, cut to
+    `\\u2…` without the count."""
+    from bot.render import CLIP_NOTE_CHARS
+    from engine.prompts import clip_overflow, parse_prompt
+
+    part = "𓀀" * 20 + "\u200b" * 20
+    (note,) = clip_overflow(parse_prompt(f"{part} {part} {part}"))
+    assert len(note) <= CLIP_NOTE_CHARS, (len(note), note)
+    assert note.endswith(" tokens)") and "\\u200b" in note, note

@@ -217,3 +217,16 @@ def test_an_ffmpeg_that_cannot_write_its_output_is_a_video_error(tmp_path, monke
     with pytest.raises(video.VideoError, match="File too large"):
         video.encode_files(paths, tmp_path / "b.mp4")
     assert not (tmp_path / "b.mp4").exists() and not (tmp_path / "b.partial.mp4").exists()
+
+
+def test_an_encode_from_files_says_ffmpegs_reason_without_a_usable_temp_directory(tmp_path, monkeypatch):
+    """On a full disk the temp directory is full too: what ffmpeg says is kept in memory, not in a
+    temp file, so its reason reaches the error (here the temp directory is missing, and ffmpeg
+    refuses a frame rate). Before: its stderr went to a temp file, and the reason was lost (or the
+    encode failed on the temp file itself)."""
+    paths = _png_files(frames(3), tmp_path / "frames")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(video.VideoError, match="Unable to parse option value"):
+        video.encode_files(paths, tmp_path / "v.mp4", fps=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+    assert video.encode_files(paths, tmp_path / "v.mp4", timeout=None).stat().st_size > 0   # no limit: no timer
