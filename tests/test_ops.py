@@ -506,6 +506,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     assert "deploy" not in bot                                # the bot needs no GPU
     mounts = {v["target"]: v for v in bot["volumes"]}
     assert mounts["/config/config.toml"]["read_only"] is True
+    # A missing config.toml is refused at `up`, not made an empty folder of that name by Docker.
+    assert mounts["/config/config.toml"]["bind"]["create_host_path"] is False
 
     # A one-GPU host: `docker compose up` starts worker-0 only (on GPU 0); more GPUs are profiles.
     assert sorted(name for name in services if name.startswith("worker-")) == ["worker-0"]
