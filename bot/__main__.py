@@ -231,8 +231,12 @@ async def _run_until_signal(config: Config, token: str) -> int:
     return await run(config, token, stop)
 
 
-def shard_error(code: int, shard_count: int) -> str | None:
-    """What to do about a gateway close code that is about sharding (None: another close)."""
+def gateway_error(code: int, shard_count: int) -> str | None:
+    """What to do about a gateway close code that a reconnect cannot mend: a revoked token, too few
+    shards (None: another close)."""
+    if code == 4004:   # Authentication failed: the token was reset or revoked while the bot ran
+        return ("Discord closed the gateway with 4004 (authentication failed): the token in DISCORD_TOKEN "
+                "was reset or revoked; copy the new one from the Developer Portal (Bot > Reset Token)")
     if code == 4011:   # Sharding required
         if shard_count:
             return (f"Discord closed the gateway with 4011 (sharding required): [discord] shard_count = "
@@ -337,7 +341,7 @@ def _main(argv: list[str] | None) -> int:
               "Developer Portal (Bot > Reset Token)", file=sys.stderr)
         return EXIT_CONFIG
     except discord.ConnectionClosed as exc:
-        message = shard_error(exc.code, config.discord.shard_count)
+        message = gateway_error(exc.code, config.discord.shard_count)
         if message is None:
             raise
         print(f"imagine-bot: {message}", file=sys.stderr)

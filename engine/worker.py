@@ -830,6 +830,11 @@ class Worker:
         run.frames_png.append(png)
         run.frames_pixels.append(frame.pixels)
         run.similarity = frame.similarity
+        if self._stop.is_set():
+            # Stopping: the stop checkpoint (_hand_back) carries this frame. Its event and its own
+            # checkpoint would only hold the stop up: in a store outage every write waits out its
+            # reconnect timeout, and frames queued up during the outage would be written one by one.
+            return
         # Fenced writes: refused once this run's claim is over (lease lost, taken over, finished),
         # even when this worker has claimed the job again since (that run has another lease).
         ok: bool | None
@@ -842,7 +847,7 @@ class Worker:
             log.warning("job %s: publishing the frame at iteration %d failed (the store refused it or is "
                         "unreachable)", job_id, frame.iteration, exc_info=True)
             ok = None     # not known to be lost: its checkpoint is still tried (fenced)
-        if ok is not False and state is not None:
+        if ok is not False and state is not None and not self._stop.is_set():
             try:
                 data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
                 ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
@@ -1529,7 +1534,16 @@ async def start_unless_stopped(worker: Worker, stop: asyncio.Event) -> bool:
     """`worker.start()` (the models' load: minutes on a first start), unless `stop` is set first:
     False, the start abandoned (the load's thread is left to end with the process). Its errors are
     raised."""
-    start = asyncio.ensure_future(worker.start())
+    if await _unless_stopped(worker.start(), stop):
+        return True
+    log.info("worker %s stopped before its models were loaded", worker.worker_id)
+    return False
+
+
+async def _unless_stopped(work: Any, stop: asyncio.Event) -> bool:
+    """Await `work` unless `stop` is set first: then `work` is cancelled, and False. Its errors are
+    raised."""
+    start = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -1539,7 +1553,6 @@ async def start_unless_stopped(worker: Worker, stop: asyncio.Event) -> bool:
             start.cancel()
         await asyncio.gather(start, stopped, return_exceptions=True)
     if start.cancelled():
-        log.info("worker %s stopped before its models were loaded", worker.worker_id)
         return False
     start.result()
     return True
@@ -1577,8 +1590,31 @@ async def _serve(args: argparse.Namespace) -> int:
         queue = open_queue(args.queue)
     except Exception as exc:  # noqa: BLE001 - a URL main() did not catch: say so, not a traceback
         return _say(f"--queue: {one_line(redact_secrets(str(exc), args.queue))}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    worker: Worker | None = None
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():   # already stopping (checkpoints, hand-back) and not wanted any more
+            exit_now(signum)
+        name = signal.Signals(signum).name
+        if worker is None:   # still opening the queue (a Redis is retried for up to 30 s)
+            log.info("imagine-worker stopping (%s) before it started", name)
+        else:   # said at once: checkpointing and handing back the running jobs can take a while
+            log.info("worker %s stopping (%s): checkpointing and handing back its running jobs; a second "
+                     "signal stops at once", worker.worker_id, name)
+        stop.set()
+
+    # From here on, before the queue opens: a signal while a Redis is retried stops at once, with
+    # no traceback (and as PID 1 in a container, where SIGTERM has no default action, at all).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    log.info("opening the queue %s", _redact(args.queue))   # a Redis that is down is retried for a while
     try:
-        await queue.start()
+        if not await _unless_stopped(queue.start(), stop):
+            with contextlib.suppress(Exception):
+                await queue.close()
+            return 0
     except Exception as exc:  # noqa: BLE001 - a server that is down, a wrong host or password: one line
         with contextlib.suppress(Exception):
             await queue.close()
@@ -1598,19 +1634,6 @@ async def _serve(args: argparse.Namespace) -> int:
         keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile,
         cuda_graphs=args.cuda_graphs, checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():   # already stopping (checkpoints, hand-back) and not wanted any more
-            exit_now(signum)
-        # Said at once: checkpointing and handing back the running jobs can take a while.
-        log.info("worker %s stopping (%s): checkpointing and handing back its running jobs; a second "
-                 "signal stops at once", worker.worker_id, signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
     runner = None
     try:
         if args.http_port is not None:

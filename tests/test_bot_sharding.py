@@ -214,3 +214,27 @@ async def test_too_few_shards_stop_the_bot_with_a_clear_message(tmp_path, capsys
         assert "shard_count = 0" in err and fd.bot_token not in err
         assert [i["shard"] for i in fd.identifies] == []   # refused: no session was made
         assert [p["d"].get("shard") for p in fd.gateway_received if p.get("op") == 2] == [[0, 1]]
+
+
+async def test_a_token_revoked_while_the_bot_runs_stops_it_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    """The token is reset in the Developer Portal while the bot runs: Discord closes the gateway with
+    4004 (authentication failed), which no reconnect mends. One line saying so, exit 2 (a setting
+    to fix), never the token. Before: a traceback ending in ConnectionClosed, exit 1."""
+    async with FakeDiscord() as fd:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n[worker]\nembedded = false\n')
+        monkeypatch.setenv("DISCORD_TOKEN", fd.bot_token)
+        # main() runs its own event loop: give it a thread, the fake keeps serving on this loop.
+        running = asyncio.ensure_future(asyncio.to_thread(main, ["--config", str(cfg)]))
+        try:
+            await fd.wait_until_connected(30)
+            await fd.wait_for(lambda: fd.identifies, 30, "the bot's IDENTIFY")
+            assert await fd.drop_connection(code=4004) == 1
+            code = await asyncio.wait_for(running, 60)
+        finally:
+            logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
+                                               if type(h).__module__.startswith("_pytest")]
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "4004 (authentication failed)" in err and "Bot > Reset Token" in err, err
+        assert "Traceback" not in err and fd.bot_token not in err

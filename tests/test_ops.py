@@ -269,6 +269,25 @@ async def test_imagine_worker_stopped_while_its_models_download_exits_at_once(tm
     assert "Traceback" not in log and " started (max_batch" not in log
 
 
+async def test_imagine_worker_stopped_while_its_queue_is_retried_exits_0_at_once(tmp_path, tiny_model_files):
+    """A Redis that is down at start is retried for up to 30 s. SIGTERM meanwhile killed the process
+    outright (and as PID 1 in a container, where SIGTERM has no default action, was ignored until
+    the retries ran out), SIGINT with two tracebacks. Now the signal handlers are in place before
+    the queue opens: it says so and exits 0 at once."""
+    from tests.queue_fixtures import free_port
+
+    worker = WorkerProcess(f"redis://127.0.0.1:{free_port()}/0", tiny_model_files, tmp_path / "worker.log")
+    try:
+        await wait_until(lambda: "opening the queue" in worker.log(), "the queue to be opened", worker)
+        await asyncio.sleep(0.5)   # inside its retries
+        await assert_exits(worker.proc, worker.log, 0, within=15, send=signal.SIGTERM)
+    finally:
+        worker.stop()
+    log = worker.log()
+    assert "imagine-worker stopping (SIGTERM) before it started" in log, log
+    assert "Traceback" not in log and "cannot open the queue" not in log, log
+
+
 # A models' load that stays inside torch code (a stand-in for CLIP's build: minutes of torch ops on a
 # slow host): matrix products, the GIL released in each, for up to 2 minutes. It touches $LOAD_MARK
 # once it is under way.

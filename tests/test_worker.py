@@ -1233,6 +1233,50 @@ async def test_a_stopping_worker_makes_up_for_checkpoints_the_store_refused(queu
     assert (await queue.get(job.id)).state == JobState.QUEUED
 
 
+async def test_a_worker_stopped_in_a_store_outage_does_not_write_its_queued_frames_one_by_one(
+        queue, tiny_models, monkeypatch):
+    """The store is down (each publish waits out a reconnect timeout, then fails, as Redis's does)
+    while the GPU goes on making frames: their writes queue up, one after another. A stop then
+    makes no new write for them (at most the one under way finishes): their frames go into the
+    stop checkpoint, which carries every frame. Before: the stop waited for every queued write,
+    one reconnect timeout each (minutes for tens of frames), past any supervisor's grace period."""
+    real_publish = queue.publish
+    outage = {"on": False, "calls": 0}
+    stopping = asyncio.Event()
+    after_stop = []
+
+    async def publish(event, lease_id=None):
+        if stopping.is_set():
+            after_stop.append(event.iteration)
+        if outage["on"] and event.kind == EventKind.PROGRESS:
+            outage["calls"] += 1
+            await asyncio.sleep(0.3)
+            raise ConnectionError("the store is unreachable")
+        return await real_publish(event, lease_id)
+
+    monkeypatch.setattr(queue, "publish", publish)
+    worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=3600)
+    await worker.start()
+    job = await queue.submit(spec(iterations=100_000, frame_every=1))
+    await wait_state(queue, job.id, {JobState.RUNNING})
+    outage["on"] = True
+    while True:   # frames pile up behind the failing writes
+        run = next(iter(worker.running.values()))
+        if sum(not t.done() for t in run.pending) >= 6:
+            break
+        await asyncio.sleep(0.05)
+    stopping.set()
+    await worker.stop()
+    assert len(after_stop) <= 1, after_stop   # the write under way, if any; none for the queued frames
+    checkpoint = await queue.load_checkpoint(job.id)
+    assert checkpoint is not None
+    from engine.worker import unpack_checkpoint
+
+    state, frames = unpack_checkpoint(checkpoint.data)
+    assert len(frames) == state["iteration"] + 1   # every frame, 0 to the stop's, in the stop checkpoint
+    assert (await queue.get(job.id)).state == JobState.QUEUED
+
+
 async def test_a_stopping_worker_keeps_its_leases_until_its_jobs_are_handed_back(tmp_path, tiny_models, monkeypatch):
     """Saving the stop checkpoints can outlast a lease (full-size states, one after another, over a
     slow link: here a 1 s lease and a 2.5 s save). Meanwhile another worker's sweep must not take
