@@ -716,6 +716,8 @@ class Worker:
         end, its metric and its log never wait for it. stop() cancels it with the other tasks."""
         if self.keep_state_bytes is None or (self._budget_task is not None and not self._budget_task.done()):
             return
+        if self._stop.is_set():   # stop() has cancelled its tasks: one started now would outlive the queue
+            return
         self._budget_task = asyncio.create_task(self._keep_states_in_budget(), name="worker-state-budget")
         self._tasks = [t for t in self._tasks if not t.done()] + [self._budget_task]
 
