@@ -73,6 +73,7 @@ from discord.ext import commands
 from bot import contact_sheet, moderation, render
 from bot.progress import INVALID_WEBHOOK_TOKEN, created_monotonic, is_refusal
 from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, UploadGone, new_job_id, pause_of
+from engine.prompts import PromptError, parse_prompt
 
 if TYPE_CHECKING:
     from bot.attachments import Uploads
@@ -243,6 +244,16 @@ def parse(text: str) -> Template | None:
     return Template(text, tuple(p for p in parts if p != ""))
 
 
+def _as_read(prompt: str) -> Any:
+    """A combination as CLIP and the engine read it: its parts' texts (white space collapsed,
+    lowercased, as CLIP's tokenizer does) and weights, so that `a cat` and `a cat:1` are one. As
+    text when its weights do not parse (the weights check refuses it, with its own words)."""
+    try:
+        return tuple((" ".join(p.text.split()).lower(), p.weight) for p in parse_prompt(prompt))
+    except PromptError:
+        return " ".join(prompt.split()).lower()
+
+
 def caption(options: list[str] | tuple[str, ...], prompt: str) -> str:
     return render.tame(" · ".join(options) if options else prompt)   # drawn on the sheet: one tame line
 
@@ -291,12 +302,12 @@ async def check_set(bot: "ImagineBot", spec: JobSpec, image_weights: Sequence[fl
         variants = tuple(template.expand())
         # Repeats across groups (`{big red, big} {house, red house}`: "big red house" twice): the
         # same job twice, as CLIP reads it (white space collapsed, lowercased, as within a group).
-        seen: dict[str, str] = {}
+        seen: dict[Any, str] = {}
         for variant in variants:
-            read = " ".join(variant.prompt.split()).lower()
+            read = _as_read(variant.prompt)
             if read in seen:
                 return SetCheck(f"The combinations {render.quote(seen[read], 80)} and {render.quote(variant.prompt, 80)} "
-                                "are the same prompt (case and spacing aside), so that set would make the same "
+                                "are the same prompt (case, spacing and a weight of 1 aside), so that set would make the same "
                                 "picture twice: change the options. Nothing was queued.")
             seen[read] = variant.prompt
         # validate() let the template be longer than a prompt (template_chars): each combination is
@@ -644,14 +655,16 @@ class SheetsCog(commands.Cog, name="Sheets"):
                 pass
 
     async def _records(self, info: dict[str, Any]) -> list[JobRecord | None] | None:
-        """Every job's record, or None while any is still queued or running."""
+        """Every job's record, or None while any is still queued, running, or not yet delivered:
+        the sheet comes after every result (and links each where it was posted: a result that went
+        out as a new message, its reply deleted, has its `result_message_id` only once delivered)."""
         out: list[JobRecord | None] = []
         for job_id in info["jobs"]:
             record = self._ended.get(job_id)
             if record is None:
                 record = await self.queue.get(job_id)
-                if record is not None and not record.state.finished:
-                    return None   # the first one still going: no need to look further
+                if record is not None and not (record.state.finished and record.delivered):
+                    return None   # the first one still going or being posted: no need to look further
                 if record is not None:
                     self._ended[job_id] = record
             out.append(record)

@@ -292,7 +292,8 @@ def _compose(record: JobRecord, status: str) -> str:
     """The job's message: its prompt, `status`, the lineage and notes, settings and weights, id and
     author, within CONTENT_LIMIT. Too long (a long prompt, a long failure reason, many notes): the
     prompt is cut to PROMPT_KEPT, then note lines are left out (CLIP's first, the lineage last),
-    then the weights, then the prompt cut further, then the status; never past the limit."""
+    then the weights (and the notes tried again without them), then the prompt cut further, then
+    the status; never past the limit."""
     spec = record.spec
     # The id in a code span of its own: copied, it is what `/remix job:` takes.
     job = f" · job `{record.id}` · <@{spec.user_id}>"
@@ -311,21 +312,24 @@ def _compose(record: JobRecord, status: str) -> str:
     def room_for_prompt(lines: list[str], weights: str, status: str) -> int:
         return max(0, CONTENT_LIMIT - len(text(0, lines, weights, status)))
 
-    whole = text(None, extras, weights, status)
-    if len(whole) <= CONTENT_LIMIT:
-        return whole
-    room = room_for_prompt(extras, weights, status)
-    if room >= PROMPT_KEPT:
-        return text(room, extras, weights, status)
-    lines = list(extras)
-    while lines:   # the notes, least needed first, until the prompt keeps PROMPT_KEPT
-        lines.pop()
-        kept = lines + [NOTES_LEFT_OUT]
-        if room_for_prompt(kept, weights, status) >= PROMPT_KEPT:
-            return text(room_for_prompt(kept, weights, status), kept, weights, status)
+    def attempt(lines: list[str], weights: str) -> str | None:
+        """The message with these lines and weights: the prompt whole, else cut to the room left
+        if that keeps PROMPT_KEPT of it; None when neither fits."""
+        whole = text(None, lines, weights, status)
+        if len(whole) <= CONTENT_LIMIT:
+            return whole
+        room = room_for_prompt(lines, weights, status)
+        return text(room, lines, weights, status) if room >= PROMPT_KEPT else None
+
+    for shown_weights in dict.fromkeys((weights, "")):   # with the weights, then without them
+        if (found := attempt(extras, shown_weights)) is not None:
+            return found
+        lines = list(extras)
+        while lines:   # the notes, least needed first
+            lines.pop()
+            if (found := attempt(lines + [NOTES_LEFT_OUT], shown_weights)) is not None:
+                return found
     lines = [NOTES_LEFT_OUT] if extras else []
-    if room_for_prompt(lines, "", status) >= PROMPT_KEPT:
-        return text(room_for_prompt(lines, "", status), lines, "", status)
     room = room_for_prompt(lines, "", status)
     if room > 0:
         return text(room, lines, "", status)

@@ -196,6 +196,9 @@ async def test_options_that_differ_only_in_spacing_or_case_are_a_repeat_and_refu
     # Across groups: "big red house" twice, from two different pairs of options.
     text = await ephemeral_answer(h, "imagine", {"prompt": "{big red, big} {house, red  House}"})
     assert text.startswith("The combinations `big red house` and `big red House` are the same prompt"), text
+    # A weight of 1 is no weight: `a cat:1` is `a cat` (engine.prompts), the same picture twice.
+    text = await ephemeral_answer(h, "imagine", {"prompt": "a {cat|cat:1}"})
+    assert text.startswith("The combinations `a cat` and `a cat:1` are the same prompt"), text
     assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
     fd.assert_clean()
 
@@ -910,4 +913,31 @@ async def test_a_channel_message_reply_of_a_set_is_given_up_when_the_commands_to
     assert all(not t.done() for t in h.bot.progress._tasks)
     later = await h.imagine("a lighthouse")
     await h.reply_of(later)
+    fd.assert_clean()
+
+
+async def test_the_contact_sheet_comes_after_every_result_and_links_where_each_was_posted(harness):
+    """A set member's reply was deleted while it waited, so its result goes out as a new message.
+    The sheet waits for every result to be posted, and links that new message, not the deleted
+    reply. Before: a set counted as ended once its jobs had finished, so the sheet could come before
+    that result, linking the deleted reply ("Unknown message")."""
+    h = harness
+    h.config.progress.line_interval = 0.05
+    await h.start(worker=False)
+    fd = h.fd
+    inter = await h.imagine("a {red|blue} house", iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(inter.followups) == 1, 10, "the second reply")
+    ids = [r.id for r in await _set_jobs(h)]
+    gone = inter.followups[0]
+    await fd.delete_message(gone.channel_id, gone.id)
+    await claim_jobs(h.queue, ids)
+    await finish_jobs(h.queue, ids)
+    for job_id in ids:
+        await h.wait_delivered(job_id)
+    await fd.wait_for(lambda: _sheet_messages(fd), 10, "the sheet")
+    (sheet,) = _sheet_messages(fd)
+    result_id = (await h.queue.get(ids[1])).spec.reply["result_message_id"]
+    assert str(gone.id) not in sheet.content and str(result_id) in sheet.content, sheet.content
+    assert sheet.id > result_id   # posted after the result
     fd.assert_clean()

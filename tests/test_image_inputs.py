@@ -331,3 +331,25 @@ def test_every_text_of_a_job_with_every_note_and_a_long_failure_fits_discord(sta
         assert render.NOTES_LEFT_OUT in first
     if state == JobState.DONE:
         assert "Done · similarity 0.500" in first
+
+
+def test_a_short_prompt_is_kept_whole_and_only_the_notes_that_do_not_fit_are_left_out():
+    """A short weighted prompt, a failure of about 1500 characters and six notes of about 200: the
+    prompt and its weights stay whole, and only as many notes go as must (the text is then within
+    a note's length of the limit). Before: notes and weights were dropped until the prompt had
+    room for 200 characters it did not have."""
+    from bot import render
+    from engine.jobs import JobRecord, JobSpec
+
+    spec = JobSpec(prompt="a red cat:2 | blurry:-1", user_id=123456789012345678, channel_id=1, guild_id=1,
+                   seed=1, iterations=1000, grid=64, extra={"notes": [f"`image`: note {i} " + "n" * 180
+                                                                      for i in range(6)]})
+    record = JobRecord(id="c" * 12, spec=spec, state=JobState.FAILED, error="E" * 300)
+    for extra in range(0, 1300, 50):
+        text = render.final_text(record, "x" * extra)
+        assert len(text) <= render.CONTENT_LIMIT
+        assert text.startswith(f"**{render.escape_prompt(spec.prompt)}**\n") and "read as" in text, extra
+        kept = text.count("-# `image`: note")
+        if kept < 6:
+            assert render.NOTES_LEFT_OUT in text and len(text) > render.CONTENT_LIMIT - 200 - len(render.NOTES_LEFT_OUT), \
+                (extra, kept, len(text))
