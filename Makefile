@@ -84,7 +84,7 @@ imagine: system-deps $(STAMP)
 	$(BIN)/imagine "$$IMAGINE_PROMPT" --out out/$$(date +%Y%m%d-%H%M%S)
 
 # Tiny random-weight CLIP and decoder (engine.random_models), 4 steps on the CPU, into out/demo/run.
-# --trust-decoder: the pickle is the one made the line before.
+# --trust-decoder: the decoder pickle and the CLIP TorchScript file are the ones made the line before.
 demo: system-deps $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)/models
 	$(BIN)/python -c "from engine import random_models as r; r.save_clip_torchscript(r.make_clip(), '$(DEMO)/models/tiny-clip.pt'); r.save_pickled_module(r.make_decoder(), '$(DEMO)/models/decoder.pkl')"

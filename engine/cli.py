@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default="ViT-B/32", help="a CLIP model name or a local file")
     p.add_argument("--decoder", default="openai", help="'openai' (download once) or a local decoder file")
     p.add_argument("--trust-decoder", action="store_true",
-                   help="allow unpickling a local dVAE file (the decoder, and the encoder that "
-                        "--init-image loads) whose hash is not known good")
+                   help="allow loading a model file whose hash is not known good: a local dVAE pickle (the "
+                        "decoder, and the encoder that --init-image loads) or a CLIP TorchScript file given "
+                        "by path (loading either runs code it holds)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--cache-dir", type=folder_argument("--cache-dir"), default=None,

@@ -1239,6 +1239,8 @@ def generate(
     while not slot.done:
         if cancel is not None and cancel.is_set():
             cancelled = True
+            if slot.iteration != frames[-1].iteration:   # the result's frame is its state's picture
+                emit(runner.frames([slot])[0])
             break
         (_, frame), = runner.step()
         if on_step is not None:

@@ -302,8 +302,34 @@ def clip_file(name_or_path: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     return path
 
 
-def _read_clip(source: str | io.BytesIO, path: Path) -> Any:
-    """The state dict in a CLIP file's bytes (`source`, from _private_copy; `path` names it)."""
+def _is_torchscript(source: str | io.BytesIO) -> bool:
+    """Whether these bytes are a TorchScript archive (a zip with a constants.pkl, as torch.load
+    tells them): its load runs the code it holds. (torch.load with weights_only refuses one.)"""
+    import zipfile
+
+    try:
+        with (open(source, "rb") if isinstance(source, str) else contextlib.nullcontext(source)) as f:
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+            finally:
+                if isinstance(source, io.BytesIO):
+                    source.seek(0)
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _read_clip(source: str | io.BytesIO, path: Path, run_code: bool = True, refusal: str = "") -> Any:
+    """The state dict in a CLIP file's bytes (`source`, from _private_copy; `path` names it).
+    `run_code` False: a plain state dict only (weights_only: no code runs); a TorchScript archive,
+    whose load runs the code it holds (its classes' `__setstate__`), is refused with `refusal`."""
+    if not run_code:
+        if _is_torchscript(source):
+            raise UntrustedPickleError(refusal)
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds on a corrupt file
+            raise ModelLoadError(f"CLIP file {path} is corrupt or not a CLIP model: {exc}") from exc
     try:
         # OpenAI's files are TorchScript archives: read its state dict, not its code.
         with warnings.catch_warnings():
@@ -318,14 +344,26 @@ def _read_clip(source: str | io.BytesIO, path: Path) -> Any:
             raise ModelLoadError(f"CLIP file {path} is corrupt or not a CLIP model: {exc}") from exc
 
 
-def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: Path = DEFAULT_CACHE) -> CLIP:
+def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: Path = DEFAULT_CACHE,
+              trust: bool = False, known_sha256: set[str] | frozenset[str] = frozenset(),
+              trust_hint: str = TRUST_HINT_CLI) -> CLIP:
     """CLIP from OpenAI's TorchScript archive or from a plain state dict; frozen, fp32, eval.
-    A model by name: the bytes loaded are the bytes whose SHA-256 was checked (one read)."""
+    A model by name: the bytes loaded are the bytes whose SHA-256 was checked (one read). A file
+    by path: a plain state dict is read with weights_only (no code runs); a TorchScript archive
+    (OpenAI's format) runs the code it holds as it loads, so it is loaded only when its SHA-256 is
+    one of OpenAI's CLIP files (CLIP_URLS) or `known_sha256`, or when `trust` is set (the CLIs'
+    --trust-decoder, which trusts the model files named by path)."""
     path, expected = _clip_source(name_or_path, cache_dir)
+    pinned = {url.split("/")[-2] for url in CLIP_URLS.values()} | {h.strip().lower() for h in known_sha256}
     with _private_copy(path) as (digest, source):
         if expected is not None and digest != expected:
             raise _wrong_clip_hash(path, expected)
-        state_dict = _read_clip(source, path)
+        run_code = expected is not None or trust or digest in pinned
+        refusal = (f"refusing to load {path}: it is a TorchScript archive (loading one runs the code it holds) "
+                   f"and its SHA-256 {digest} is not one of OpenAI's CLIP files. If you trust this file, "
+                   f"{trust_hint}; or save its state dict (torch.save(model.state_dict(), path)), which "
+                   "loads without running code.")
+        state_dict = _read_clip(source, path, run_code, refusal)
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or "visual.proj" not in state_dict and "visual.attnpool.c_proj.weight" not in state_dict:
@@ -556,7 +594,7 @@ def load_models(
     device = torch.device(device)
     sweep_partial_files(cache_dir)
     return Models(
-        clip=load_clip(clip_model, device, cache_dir),
+        clip=load_clip(clip_model, device, cache_dir, trust_decoder, known_sha256, trust_hint),
         decoder=decoder_layout(load_dvae("decoder", decoder, device, cache_dir, trust_decoder, known_sha256, trust_hint)),
         encoder=(
             load_dvae("encoder", encoder, device, cache_dir, trust_decoder, known_sha256, trust_hint)

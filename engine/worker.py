@@ -1310,9 +1310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default="ViT-B/32")
     p.add_argument("--decoder", default="openai")
     p.add_argument("--trust-decoder", action="store_true",
-                   help="allow unpickling a dVAE file (decoder and --encoder) whose hash is not known good")
+                   help="allow loading a model file whose hash is not known good: a dVAE pickle (decoder and "
+                        "--encoder) or a CLIP TorchScript file given by path (loading either runs code it holds)")
     p.add_argument("--known-sha256", action="append", default=[], type=_sha256, metavar="HEX",
-                   help="the SHA-256 (sha256sum FILE) of a dVAE decoder / encoder pickle you checked, to unpickle "
+                   help="the SHA-256 (sha256sum FILE) of a dVAE decoder / encoder pickle (or a CLIP TorchScript "
+                        "file given by path) you checked, to load "
                         "without --trust-decoder, e.g. one placed in the cache by hand (repeatable; as the bot's "
                         "[worker] known_sha256)")
     p.add_argument("--encoder", default="openai", metavar="NAME_OR_PATH",

@@ -87,7 +87,7 @@ def test_self_attention_makes_fewer_calls_a_step():
 def test_clip_loaded_through_the_engine_has_lean_attention_in_its_image_tower_only(tmp_path):
     stock = random_models.make_clip(TWO_HEAD_CLIP, seed=3).float().eval().requires_grad_(False)
     path = random_models.save_clip_torchscript(stock, tmp_path / "clip.pt")
-    loaded = engine_models.load_clip(str(path), "cpu", cache_dir=tmp_path / "cache")
+    loaded = engine_models.load_clip(str(path), "cpu", cache_dir=tmp_path / "cache", trust=True)   # made here
     kinds = [type(m) for m in loaded.modules() if isinstance(m, nn.MultiheadAttention)]
     assert kinds == [SelfAttention] * 2 + [nn.MultiheadAttention]       # the text tower keeps its mask path
     assert loaded.state_dict().keys() == stock.state_dict().keys()

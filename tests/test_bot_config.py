@@ -425,7 +425,8 @@ def test_the_bots_loader_trusts_a_decoder_by_its_hash_in_known_sha256(tiny_model
 
     f = tiny_model_files
     digest = m.sha256_of(f.decoder_pickle)
-    base = (f'[worker]\nclip_model = "{f.clip_torchscript}"\ndecoder = "{f.decoder_pickle}"\n'
+    # CLIP as a plain state dict (it loads without trust): the decoder's refusal is the subject.
+    base = (f'[worker]\nclip_model = "{f.clip_state_dict}"\ndecoder = "{f.decoder_pickle}"\n'
             f'encoder = ""\ndevice = "cpu"\ncache_dir = "{tmp_path / "cache"}"\n')
     path = tmp_path / "config.toml"
     path.write_text(base)
@@ -448,7 +449,7 @@ async def test_the_bot_says_how_to_trust_a_decoder_when_it_refuses_one(tiny_mode
     f = tiny_model_files
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
-                   f'[worker]\nclip_model = "{f.clip_torchscript}"\ndecoder = "{f.decoder_pickle}"\n'
+                   f'[worker]\nclip_model = "{f.clip_state_dict}"\ndecoder = "{f.decoder_pickle}"\n'
                    f'encoder = ""\ndevice = "cpu"\ncache_dir = "{tmp_path / "cache"}"\n')
     assert await _main_against_the_fake(["--config", str(cfg)], monkeypatch) == 2   # a setting to fix
     err = capsys.readouterr().err

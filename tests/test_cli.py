@@ -179,7 +179,7 @@ def test_missing_model_file_exit_2(tmp_path, capsys):
 
 
 def test_untrusted_decoder_exit_2(tiny_model_files, tmp_path, capsys):
-    code = cli.main(["a cat", "--out", str(tmp_path / "o"), "--clip-model", str(tiny_model_files.clip_torchscript),
+    code = cli.main(["a cat", "--out", str(tmp_path / "o"), "--clip-model", str(tiny_model_files.clip_state_dict),
                      "--decoder", str(tiny_model_files.decoder_pickle), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err

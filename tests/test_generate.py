@@ -82,6 +82,23 @@ def test_keep_frames_false_keeps_the_last_frame_only_and_changes_nothing_else(ti
     np.testing.assert_array_equal(lean.final.pixels, kept.final.pixels)
 
 
+def test_a_cancelled_run_ends_with_a_frame_of_the_state_it_returns(tiny_models):
+    """Cancelled between frames: the result's final frame is the picture of the state it returns
+    (a Remix of that state starts from what final.png shows). Before: the last frame taken, older
+    than the state."""
+    class CancelAfter:
+        def __init__(self, checks: int) -> None:
+            self.checks = checks
+
+        def is_set(self) -> bool:
+            self.checks -= 1
+            return self.checks < 0
+
+    result = generate("a cat", replace(FAST, iterations=10, frame_every=2), tiny_models, cancel=CancelAfter(3))
+    assert result.cancelled and result.state["iteration"] == 3
+    assert result.final.iteration == 3 and [f.iteration for f in result.frames] == [0, 2, 3]
+
+
 def test_on_step_sees_every_iteration_between_frames_in_order(tiny_models):
     """frame_every above the iteration count: frames at 0 and the last only, and `on_step` still
     hears of each step, in order, as a Python int (nothing read from the device), before the

@@ -17,8 +17,8 @@ from engine import random_models
 
 
 def test_clip_from_torchscript_archive_and_state_dict_agree(tiny_model_files):
-    scripted = m.load_clip(str(tiny_model_files.clip_torchscript))
-    plain = m.load_clip(str(tiny_model_files.clip_state_dict))
+    scripted = m.load_clip(str(tiny_model_files.clip_torchscript), trust=True)   # made by the fixture
+    plain = m.load_clip(str(tiny_model_files.clip_state_dict))   # a state dict: no trust needed
     tokens = torch.zeros(1, 77, dtype=torch.long)
     tokens[0, 0], tokens[0, 1], tokens[0, 2] = 49406, 320, 49407
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_corrupt_or_truncated_files_name_the_file(tiny_model_files, tmp_path, wh
     bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(m.ModelLoadError) as err:
         if which == "clip":
-            m.load_clip(str(bad))
+            m.load_clip(str(bad), trust=True)
         else:
             m.load_dvae("decoder", str(bad), cache_dir=tmp_path / "other", trust=True)
     assert bad.name in str(err.value)
@@ -205,9 +205,9 @@ def test_partial_downloads_left_by_a_stopped_process_are_swept_at_load_but_fresh
     kept = cache / "clip" / "ViT-B-32.pt"   # not a partial file, however old
     kept.write_bytes(b"z")
     os.utime(kept, (hours_ago, hours_ago))
-    digest = m.sha256_of(tiny_model_files.decoder_pickle)
+    pinned = {m.sha256_of(tiny_model_files.decoder_pickle), m.sha256_of(tiny_model_files.clip_torchscript)}
     m.load_models(str(tiny_model_files.clip_torchscript), str(tiny_model_files.decoder_pickle), "cpu", cache,
-                  known_sha256={digest})
+                  known_sha256=pinned)
     assert not stale.exists() and fresh.exists() and kept.exists()
     # The load's own cache write (the decoder's safetensors copy) left no `.part-` file behind.
     assert [p.name for p in cache.glob(f"*/{m.PARTIAL_PREFIX}*")] == [fresh.name]

@@ -680,7 +680,7 @@ def test_imagine_worker_names_its_own_known_sha256_option_and_trusts_it(tiny_mod
     from engine.worker import TRUST_HINT_WORKER
 
     f = tiny_model_files
-    base = ["--queue", f"sqlite:///{tmp_path}/jobs.db", "--device", "cpu", "--clip-model", str(f.clip_torchscript),
+    base = ["--queue", f"sqlite:///{tmp_path}/jobs.db", "--device", "cpu", "--clip-model", str(f.clip_state_dict),
             "--decoder", str(f.decoder_pickle), "--cache-dir", str(tmp_path / "cache"), "--log-level", "WARNING"]
     proc = subprocess.run(_worker_cmd(*base), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

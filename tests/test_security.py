@@ -113,7 +113,7 @@ def test_a_clip_file_is_loaded_from_the_bytes_checked_against_its_url(tiny_model
 
     monkeypatch.setattr(torch.jit, "load", swap_then_load)
     clip = m.load_clip("Tiny/1", cache_dir=tmp_path)
-    reference = m.load_clip(str(tiny_model_files.clip_torchscript))
+    reference = m.load_clip(str(tiny_model_files.clip_torchscript), trust=True)
     assert all(torch.equal(a, b) for a, b in zip(clip.state_dict().values(), reference.state_dict().values()))
     with pytest.raises(m.ModelLoadError, match="SHA-256"):   # the swapped file is refused next time
         m.load_clip("Tiny/1", cache_dir=tmp_path)
@@ -127,7 +127,7 @@ def test_without_memfd_the_models_load_from_a_copy_in_memory(tiny_model_files, t
     decoder = m.load_dvae("decoder", str(tiny_model_files.decoder_pickle), cache_dir=tmp_path, trust=True)
     assert isinstance(decoder, m.Decoder)
     for clip_file in (tiny_model_files.clip_torchscript, tiny_model_files.clip_state_dict):
-        assert m.load_clip(str(clip_file)).visual.input_resolution > 0
+        assert m.load_clip(str(clip_file), trust=True).visual.input_resolution > 0
 
 
 class _Serve:
@@ -559,3 +559,31 @@ async def test_a_new_sqlite_queue_and_its_wal_are_readable_by_their_owner_only(t
         assert oct(shared.stat().st_mode & 0o777) == "0o640"
     finally:
         os.umask(old_umask)
+
+
+def test_a_torchscript_clip_file_nobody_pinned_is_not_loaded_and_runs_no_code(tiny_model_files, monkeypatch):
+    """A CLIP file given by path that is a TorchScript archive (OpenAI's format) runs the code it
+    holds as it loads (its classes' __setstate__; with torchvision's ops that code can write
+    files). One whose SHA-256 is neither OpenAI's nor in --known-sha256 is refused unless trusted,
+    before torch.jit.load ever sees it; a plain state dict loads without trust (weights_only).
+    Before: any path was loaded with torch.jit.load."""
+    import hashlib
+
+    import torch
+
+    real_jit_load, jit_loads = torch.jit.load, []
+
+    def watched_jit_load(f, *args, **kwargs):
+        jit_loads.append(f)
+        return real_jit_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", watched_jit_load)
+    with pytest.raises(m.UntrustedPickleError, match="TorchScript archive .*pass --trust-decoder"):
+        m.load_clip(str(tiny_model_files.clip_torchscript))
+    assert jit_loads == []   # refused before any of its code could run
+    assert m.load_clip(str(tiny_model_files.clip_state_dict)).visual.input_resolution > 0
+    assert jit_loads == []
+    digest = hashlib.sha256(tiny_model_files.clip_torchscript.read_bytes()).hexdigest()
+    assert m.load_clip(str(tiny_model_files.clip_torchscript), known_sha256={digest}).visual.input_resolution > 0
+    assert m.load_clip(str(tiny_model_files.clip_torchscript), trust=True).visual.input_resolution > 0
+    assert len(jit_loads) == 2
