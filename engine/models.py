@@ -238,6 +238,10 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
     h = hashlib.sha256()
     try:
         with tmp, urllib.request.urlopen(url, timeout=60) as src:
+            # urllib follows a redirect from https to plain http; a dVAE pickle downloaded from
+            # OpenAI is trusted for having come over HTTPS, so the last hop must be HTTPS too.
+            if url.startswith("https://") and not src.geturl().startswith("https://"):
+                raise OSError(f"redirected to {src.geturl()}, which is not HTTPS")
             expected = src.headers.get("Content-Length")
             download_log.info("downloading %s (%s) from %s to %s", target.name, _megabytes(expected), url, target)
             for chunk in iter(lambda: src.read(1 << 20), b""):
@@ -467,6 +471,27 @@ def save_dvae_safe(module: nn.Module, part: DvaePart, target: Path) -> Path:
     return target
 
 
+# The most each dVAE size in a safetensors config may be (OpenAI's: n_init 128, n_hid 256, 2 blocks a
+# group, 3 channels, vocab 8192): a config is read before the weights are checked against it, so a
+# huge one would build a huge model first.
+DVAE_SIZE_MAX = {"n_init": 4096, "n_hid": 4096, "n_blk_per_group": 16, "output_channels": 4,
+                 "input_channels": 4, "vocab_size": 65536}
+
+
+def _dvae_config(raw: Any, part: DvaePart) -> dict[str, int] | None:
+    """The dVAE sizes a safetensors file's metadata names (save_dvae_safe's `config`), or None when
+    it is no such thing: not JSON, other keys, not whole numbers from 1 to their DVAE_SIZE_MAX."""
+    try:
+        config = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    if not isinstance(config, dict) or set(config) != set(_DVAE_FIELDS[part]):
+        return None
+    if not all(type(v) is int and 1 <= v <= DVAE_SIZE_MAX[k] for k, v in config.items()):
+        return None
+    return config
+
+
 def load_dvae_safe(path: Path, part: DvaePart) -> nn.Module:
     from safetensors import safe_open
 
@@ -478,7 +503,11 @@ def load_dvae_safe(path: Path, part: DvaePart) -> nn.Module:
         raise ModelLoadError(f"dVAE weights file {path} is corrupt: {exc}") from exc
     if meta.get("part") != part:
         raise ModelLoadError(f"{path} holds a dVAE {meta.get('part')!r}, not a {part}")
-    module = _DVAE_CLASSES[part](**json.loads(meta["config"]), requires_grad=False)
+    config = _dvae_config(meta.get("config"), part)
+    if config is None:
+        raise ModelLoadError(f"dVAE weights file {path} has no valid config (its {part}'s sizes: "
+                             f"{', '.join(f'{k} up to {DVAE_SIZE_MAX[k]}' for k in _DVAE_FIELDS[part])})")
+    module = _DVAE_CLASSES[part](**config, requires_grad=False)
     try:
         module.load_state_dict(tensors)
     except RuntimeError as exc:

@@ -129,8 +129,18 @@ def pack_checkpoint(state: dict[str, Any], frames_png: list[bytes]) -> bytes:
 
 
 def unpack_checkpoint(data: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """A checkpoint's state and frames' PNG bytes. One that unpickles (weights_only) but is not
+    what pack_checkpoint writes (not a dict of a state and a list of byte tensors) is a
+    DamagedCheckpoint: every worker would find the same."""
     blob = state_from_bytes(data)
-    return blob["state"], [bytes(t.numpy().tobytes()) for t in blob["frames"]]
+    try:
+        state, frames = blob["state"], blob["frames"]
+        if not isinstance(state, dict) or not isinstance(frames, (list, tuple)):
+            raise TypeError(f"a state of {type(state).__name__} and frames of {type(frames).__name__}")
+        return state, [bytes(t.numpy().tobytes()) for t in frames]
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as exc:
+        raise DamagedCheckpoint(f"the checkpoint is not a state and its frames ({type(exc).__name__}: "
+                                f"{exc})") from None
 
 
 class DamagedCheckpoint(RuntimeError):

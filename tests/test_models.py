@@ -365,3 +365,27 @@ def test_the_loaded_decoder_runs_channels_last_on_a_cpu_and_draws_the_same(tiny_
     ours, theirs = frame_image(tiny_models, logits), frame_image(plain, logits)
     for a, b in zip(ours, theirs):
         assert abs(to_uint8(a).astype(int) - to_uint8(b)).max() <= 1
+
+
+@pytest.mark.parametrize("metadata", [
+    {"part": "decoder"},                                                   # no config
+    {"part": "decoder", "config": "{not json"},
+    {"part": "decoder", "config": '{"n_init": 128, "n_hid": 256, "n_blk_per_group": 2, "output_channels": 3, '
+                                  '"vocab_size": 8192, "requires_grad": true}'},   # a key of its own
+    {"part": "decoder", "config": '{"n_init": 128, "n_hid": 1000000, "n_blk_per_group": 2, '
+                                  '"output_channels": 3, "vocab_size": 8192}'},    # a huge model
+    {"part": "decoder", "config": '{"n_init": 128, "n_hid": 2.5, "n_blk_per_group": 2, '
+                                  '"output_channels": 3, "vocab_size": 8192}'},
+], ids=["missing", "not-json", "extra-key", "huge", "not-whole"])
+def test_a_safetensors_dvae_whose_config_is_not_its_own_is_a_clear_error(tmp_path, metadata):
+    """Its config is read before its weights are checked against it: one that is missing, not
+    JSON, with other keys or sizes far past OpenAI's is a one-line ModelLoadError naming the file,
+    built into no model. Before: KeyError, JSONDecodeError or TypeError tracebacks, or a model of
+    10^12 weights built first."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "decoder.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
+    with pytest.raises(m.ModelLoadError, match="has no valid config") as err:
+        m.load_dvae("decoder", str(path))
+    assert str(path) in str(err.value)

@@ -244,6 +244,20 @@ def test_a_checkpoints_frames_must_be_pngs_of_the_jobs_size(pixel_loads):
         assert all(size == (32, 32) for size in pixel_loads), pixel_loads   # the bomb never decoded
 
 
+@pytest.mark.parametrize("blob", [[1, 2], {"state": {"iteration": 2}}, {"state": [1], "frames": []},
+                                  {"state": {"iteration": 2}, "frames": [1, 2]}],
+                         ids=["a-list", "no-frames", "a-list-state", "frames-no-tensors"])
+def test_a_checkpoint_that_unpickles_but_is_no_checkpoint_is_damaged(blob):
+    """A checkpoint in the shared store that unpickles (weights_only) but is not what a worker
+    writes: DamagedCheckpoint (the job starts over), not a TypeError or KeyError that fails the
+    attempt on every worker until the job fails for good."""
+    from engine.generate import state_to_bytes
+    from engine.worker import DamagedCheckpoint, _unpack_with_pixels
+
+    with pytest.raises(DamagedCheckpoint, match="not a state and its frames"):
+        _unpack_with_pixels(state_to_bytes(blob), _spec())
+
+
 async def test_a_job_whose_checkpoint_has_a_bad_frame_starts_over(tmp_path, tiny_models, caplog):
     """Every worker would find the same bad frame: the job is run again from the start (its
     picture is not lost) instead of failing on each attempt, and the log says why."""
