@@ -61,6 +61,18 @@ async def _job_showing_its_last_frame(h, prompt):
     return msg, job_id
 
 
+async def _job_starting_in_an_archived_thread(h, prompt):
+    """A job queued by /imagine in a thread (its token expired), claimed and shown starting; then
+    its thread archives itself: (its reply, its id, the thread's id, the fake's request count then)."""
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await queued_job_in_a_thread(h, prompt)
+    fd = h.fd
+    await claim_jobs(h.queue, [job_id])
+    await fd.wait_for(lambda: "Starting" in fd.messages[msg.id].content, 10, "the starting edit")
+    await fd.archive_thread(msg.channel_id)
+    return msg, job_id, msg.channel_id, len(fd.requests)
+
+
 async def test_a_stale_line_snapshot_does_not_bring_back_a_delivered_job(harness):
     """The line's round reads queued(), then awaits the store once per server; meanwhile the job is
     cancelled, its "Cancelled." post goes out and its tracker is dropped. The round then reaches
@@ -157,14 +169,8 @@ async def test_a_restart_before_mark_delivered_does_not_edit_the_original_into_a
     read only the reply's message_id and edited the original M1 (editable again) into a second
     result."""
     h = harness
-    h.config.progress.message_interval = 0.01
-    msg, job_id = await queued_job_in_a_thread(h, "a crash between the post and the store")
+    msg, job_id, thread_id, since = await _job_starting_in_an_archived_thread(h, "a crash between the post and the store")
     fd = h.fd
-    thread_id = msg.channel_id
-    await claim_jobs(h.queue, [job_id])
-    await fd.wait_for(lambda: "Starting" in fd.messages[msg.id].content, 10, "the starting edit")
-    await fd.archive_thread(thread_id)
-    since = len(fd.requests)
 
     async def mark_delivered(jid):
         raise RuntimeError("the bot dies before marking it delivered")
@@ -292,14 +298,8 @@ async def test_a_restart_between_a_new_message_and_its_write_posts_no_second_res
     message again, with the same nonce: Discord returns M2 and makes no third message. Before: it
     edited the original reply M1 (editable again) into a second result."""
     h = harness
-    h.config.progress.message_interval = 0.01
-    msg, job_id = await queued_job_in_a_thread(h, "a crash between the post and its write")
+    msg, job_id, thread_id, since = await _job_starting_in_an_archived_thread(h, "a crash between the post and its write")
     fd = h.fd
-    thread_id = msg.channel_id
-    await claim_jobs(h.queue, [job_id])
-    await fd.wait_for(lambda: "Starting" in fd.messages[msg.id].content, 10, "the starting edit")
-    await fd.archive_thread(thread_id)
-    since = len(fd.requests)
     real_set_reply = h.queue.set_reply
 
     async def set_reply(jid, reply):

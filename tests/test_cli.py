@@ -247,6 +247,20 @@ def test_from_run_reads_a_state_that_holds_only_logits(tmp_path):
 # --- input and startup errors: one line, exit 2, nothing written ----------------------------------
 
 
+def _interrupted_once(proc, ready) -> str:
+    """Ctrl-C (SIGINT) to `proc` once `ready()`, polled every 0.05 s for up to 180 s while it runs;
+    its stderr once it has exited."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=120)[1]
+
+
 def _models(f, tmp_path) -> list[str]:
     return ["--clip-model", str(f.clip_torchscript), "--decoder", str(f.decoder_pickle), "--trust-decoder",
             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]
@@ -382,9 +396,6 @@ def test_one_line_strips_ansi_and_keeps_the_first_line():
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_says_what_is_left(tiny_model_files, tmp_path):
-    import signal
-    import time
-
     out = tmp_path / "o"
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "a house", "--out", str(out), "--iterations", "100000",
@@ -392,12 +403,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_says_what_is_left(tiny_model_files
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 180
-        while not (out / "frames" / "000001.png").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        err = _interrupted_once(proc, lambda: (out / "frames" / "000001.png").exists())
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -587,9 +593,6 @@ def test_ctrl_c_during_the_video_encode_leaves_no_cut_short_video(tiny_model_fil
     Ctrl-C comes while the video file is begun. Left: what the line names (the frames, final.png,
     state.pt), and no video under any name (a cut-short mp4 has no index and does not play); it was
     a video.mp4 the line did not mention."""
-    import signal
-    import time
-
     out = tmp_path / "o"
     env = {**os.environ, "PATH": _ffmpeg_wrapper(tmp_path, 'exec "$REAL" -re "$@"')}
     proc = subprocess.Popen(
@@ -598,12 +601,7 @@ def test_ctrl_c_during_the_video_encode_leaves_no_cut_short_video(tiny_model_fil
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
     )
     try:
-        deadline = time.monotonic() + 180
-        while not (out.is_dir() and any(name.startswith("video") for name in os.listdir(out))):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        err = _interrupted_once(proc, lambda: out.is_dir() and any(name.startswith("video") for name in os.listdir(out)))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -247,6 +247,17 @@ async def assert_exits(popen: subprocess.Popen, log: Callable[[], str], expect: 
     assert code == expect, f"exit status {code} (None: still running):\n{log()}"
 
 
+async def _stopped_once(worker: WorkerProcess, ready, what: str, settle: float) -> str:
+    """SIGTERM to `worker` `settle` seconds after `ready()`; it must exit 0 within 15 s. Its log."""
+    try:
+        await wait_until(ready, what, worker)
+        await asyncio.sleep(settle)
+        await assert_exits(worker.proc, worker.log, 0, within=15, send=signal.SIGTERM)
+    finally:
+        worker.stop()
+    return worker.log()
+
+
 async def test_imagine_worker_stopped_while_its_models_download_exits_at_once(tmp_path, tiny_model_files):
     """A first start downloads CLIP (~340 MB; a few minutes on a slow link). SIGTERM meanwhile was not
     even logged, and the worker exited only once the download was over (the load ran on asyncio's
@@ -277,13 +288,8 @@ async def test_imagine_worker_stopped_while_its_queue_is_retried_exits_0_at_once
     from tests.queue_fixtures import free_port
 
     worker = WorkerProcess(f"redis://127.0.0.1:{free_port()}/0", tiny_model_files, tmp_path / "worker.log")
-    try:
-        await wait_until(lambda: "opening the queue" in worker.log(), "the queue to be opened", worker)
-        await asyncio.sleep(0.5)   # inside its retries
-        await assert_exits(worker.proc, worker.log, 0, within=15, send=signal.SIGTERM)
-    finally:
-        worker.stop()
-    log = worker.log()
+    log = await _stopped_once(worker, lambda: "opening the queue" in worker.log(), "the queue to be opened",
+                              settle=0.5)   # inside its retries
     assert "imagine-worker stopping (SIGTERM) before it started" in log, log
     assert "Traceback" not in log and "cannot open the queue" not in log, log
 
@@ -313,13 +319,7 @@ async def test_imagine_worker_stopped_while_its_models_build_in_torch_exits_0(tm
                            env={"LOAD_MARK": str(mark)},
                            prelude=SLOW_TORCH_LOAD + "import engine.models\n"
                                                      "engine.models.load_models = _slow_torch_load\n")
-    try:
-        await wait_until(mark.exists, "the load to start", worker)
-        await asyncio.sleep(0.2)   # well inside the loop of torch ops
-        await assert_exits(worker.proc, worker.log, 0, within=15, send=signal.SIGTERM)
-    finally:
-        worker.stop()
-    log = worker.log()
+    log = await _stopped_once(worker, mark.exists, "the load to start", settle=0.2)   # well inside the torch ops
     assert "stopped before its models were loaded" in log, log
     assert "terminate called" not in log and "Traceback" not in log, log
 
