@@ -28,6 +28,7 @@ from bot.config import PIXELS_PER_CELL, PRESET_NAMES
 from bot.help import help_text
 from bot.permutations import escape_braces, has_set_braces, unescape_braces   # (it imports this module lazily)
 from bot.permissions import NOT_INSTALLED, can_see_job, is_admin, may_know_job, not_installed_here, results_refusal
+from bot.progress import write_reply
 from engine.jobs import JobQueue, JobRecord, JobSpec, JobState, ParentGone, QueueLimitReached, UploadGone, pause_of
 from engine.prompts import MAX_PROMPT_PARTS, PromptError, clip_overflow, has_visible_text, parse_prompt
 
@@ -1188,11 +1189,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 reply = {"channel_id": channel_id, "message_id": message_id, "guild_id": interaction.guild_id,
                          "upload_limit": interaction.filesize_limit}
                 record.spec.reply = reply
-                try:
-                    await self.queue.set_reply(record.id, reply)
-                except Exception:  # noqa: BLE001 - a store hiccup: the job is queued, its reply shown
-                    log.exception("job %s: could not write its reply to the store; retrying", record.id)
-                    unsaved = reply   # the progress cog writes it again (a restart must find the reply)
+                unsaved = await write_reply(self.queue, record.id, reply)   # a restart must find the reply
             except discord.HTTPException:
                 log.exception("job %s: could not show its queued reply", record.id)
         finally:

@@ -71,7 +71,7 @@ import discord
 from discord.ext import commands
 
 from bot import contact_sheet, moderation, render
-from bot.progress import INVALID_WEBHOOK_TOKEN, created_monotonic, is_refusal
+from bot.progress import INVALID_WEBHOOK_TOKEN, created_monotonic, is_refusal, write_reply
 from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, UploadGone, new_job_id, pause_of
 from engine.prompts import PromptError, parse_prompt
 
@@ -227,7 +227,7 @@ def parse(text: str) -> Template | None:
             # white space of each prompt, and CLIP's tokenizer lowercases (str.lower) what is left.
             seen: set[str] = set()
             for o in options:
-                read = " ".join(o.split()).lower()
+                read = _as_clip_reads(o)
                 if read in seen:
                     raise TemplateError(f"The group {group} lists {render.quote(o)} twice (case and spacing "
                                         "aside): remove one.")
@@ -244,14 +244,19 @@ def parse(text: str) -> Template | None:
     return Template(text, tuple(p for p in parts if p != ""))
 
 
+def _as_clip_reads(text: str) -> str:
+    """`text` as CLIP reads it: white space collapsed (Template.expand), lowercased (its tokenizer)."""
+    return " ".join(text.split()).lower()
+
+
 def _as_read(prompt: str) -> Any:
     """A combination as CLIP and the engine read it: its parts' texts (white space collapsed,
     lowercased, as CLIP's tokenizer does) and weights, so that `a cat` and `a cat:1` are one. As
     text when its weights do not parse (the weights check refuses it, with its own words)."""
     try:
-        return tuple((" ".join(p.text.split()).lower(), p.weight) for p in parse_prompt(prompt))
+        return tuple((_as_clip_reads(p.text), p.weight) for p in parse_prompt(prompt))
     except PromptError:
-        return " ".join(prompt.split()).lower()
+        return _as_clip_reads(prompt)
 
 
 def caption(options: list[str] | tuple[str, ...], prompt: str) -> str:
@@ -447,12 +452,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
                 reply = {"channel_id": message.channel.id, "message_id": message.id, "guild_id": interaction.guild_id,
                          "upload_limit": interaction.filesize_limit}
                 record.spec.reply = reply
-                try:
-                    await queue.set_reply(record.id, reply)
-                except Exception:  # noqa: BLE001 - a store hiccup: the progress cog writes it again
-                    log.exception("set %s: could not write the reply of job %s to the store; retrying",
-                                  set_id, record.id)
-                    unsaved = reply
+                unsaved = await write_reply(queue, record.id, reply)
             except Exception:  # noqa: BLE001 - one reply's trouble is that job's alone: log, go on
                 log.exception("set %s: could not show the reply of job %s", set_id, record.id)
             finally:

@@ -608,33 +608,30 @@ class ProgressCog(commands.Cog, name="Progress"):
 
     async def _save_replies(self) -> None:
         """Write the replies whose first write failed (`_Tracker.unsaved_reply`), while their job
-        is not final (then the final post writes it first: `_save_reply`)."""
+        is not final (the final post writes it first itself)."""
         for t in list(self.trackers.values()):
-            if t.unsaved_reply is None or t.reply_saved:
-                continue
-            async with t.reply_lock:
-                if t.reply_saved or t.final or t.delivered or t.lost:
-                    continue
-                try:
-                    await self.queue.set_reply(t.job_id, self._reply_of(t, t.record))
-                except Exception:  # noqa: BLE001 - the store is still down: the next round tries again
-                    log.warning("job %s: writing its reply to the store failed again; retrying", t.job_id,
-                                exc_info=True)
-                    return
-                t.reply_saved = True
-                log.info("job %s: its reply is written to the store now", t.job_id)
+            try:
+                await self._save_reply(t, t.record, before_result=False)
+            except Exception:  # noqa: BLE001 - the store is still down: the next round tries again
+                log.warning("job %s: writing its reply to the store failed again; retrying", t.job_id,
+                            exc_info=True)
+                return
 
-    async def _save_reply(self, t: _Tracker, final: _Final) -> None:
-        """Before the result: the reply whose first write failed, if no reconcile pass has written it
-        yet (a restart during the post must find the reply, or the `reposting` mark)."""
+    async def _save_reply(self, t: _Tracker, record: JobRecord, *, before_result: bool) -> None:
+        """Write the reply whose first write failed, completed from `record`'s entry, unless a write
+        has stored it already. The reconcile pass's (`before_result` False) leaves a job that is
+        final to the final post's own (a restart during the post must find the reply, or the
+        `reposting` mark). One write of the entry at a time (`reply_lock`)."""
         if t.unsaved_reply is None or t.reply_saved:
             return
         async with t.reply_lock:
-            if not t.reply_saved:
-                reply = self._reply_of(t, final.record)
-                await self.queue.set_reply(t.job_id, reply)
-                final.record.spec.reply = reply
-                t.reply_saved = True
+            if t.reply_saved or (not before_result and (t.final or t.delivered or t.lost)):
+                return
+            reply = self._reply_of(t, record)
+            await self.queue.set_reply(t.job_id, reply)
+            record.spec.reply = reply
+            t.reply_saved = True
+            log.info("job %s: its reply is written to the store now", t.job_id)
 
     def _reply_of(self, t: _Tracker, record: JobRecord) -> dict[str, Any]:
         """The job's reply entry to write with its result: the store's, completed by the one whose
@@ -1035,7 +1032,7 @@ class ProgressCog(commands.Cog, name="Progress"):
         (logged) when nothing can post it."""
         from bot.imagine import result_view   # noqa: PLC0415 - imagine imports this module
 
-        await self._save_reply(t, final)
+        await self._save_reply(t, final.record, before_result=True)
         view = result_view(final.record)
         if not t.dead and not t.archived and (t.message_id is not None or t.interaction is not None):
             # Editing the reply is idempotent: a repeat after a crash changes nothing. The attachments
@@ -1149,6 +1146,18 @@ class ProgressCog(commands.Cog, name="Progress"):
             log.info("job %s: lost; a new message (%s) says so", t.job_id, message.id)
         t.delivered = True
         return True
+
+
+async def write_reply(queue: Any, job_id: str, reply: dict[str, Any]) -> dict[str, Any] | None:
+    """Write a job's reply entry as its command makes the reply: None when written; the entry when
+    the store failed (a hiccup: the job is queued and its reply shown), for `ProgressCog.attach`'s
+    `unsaved_reply`, which writes it again."""
+    try:
+        await queue.set_reply(job_id, reply)
+        return None
+    except Exception:  # noqa: BLE001 - the progress cog retries the write
+        log.exception("job %s: could not write its reply to the store; retrying", job_id)
+        return reply
 
 
 def _unattached_note(files: list[tuple[str, bytes]]) -> str:

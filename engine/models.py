@@ -275,12 +275,17 @@ def _download(url: str, target: Path, expected_sha256: str | None, placed_by_han
 # --- CLIP --------------------------------------------------------------------------------------
 
 
+def _clip_sha256(url: str) -> str:
+    """The SHA-256 of the CLIP file at one of OpenAI's URLs: the URL's folder."""
+    return url.split("/")[-2]
+
+
 def _clip_source(name_or_path: str, cache_dir: Path) -> tuple[Path, str | None]:
     """The local CLIP file for a model name (downloaded once) or a path, and the SHA-256 it must
     have (a name's: the one in OpenAI's URL; None for a path the caller gave)."""
     if name_or_path in CLIP_URLS:
         url = CLIP_URLS[name_or_path]
-        expected = url.split("/")[-2]
+        expected = _clip_sha256(url)
         target = Path(cache_dir) / "clip" / os.path.basename(url)
         if not target.is_file():
             _download(url, target, expected)
@@ -327,25 +332,21 @@ def _read_clip(source: str | io.BytesIO, path: Path, run_code: bool = True, refu
     """The state dict in a CLIP file's bytes (`source`, from _private_copy; `path` names it).
     `run_code` False: a plain state dict only (weights_only: no code runs); a TorchScript archive,
     whose load runs the code it holds (its classes' `__setstate__`), is refused with `refusal`."""
-    if not run_code:
-        if _is_torchscript(source):
-            raise UntrustedPickleError(refusal)
+    if run_code:
         try:
-            return torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many kinds on a corrupt file
-            raise ModelLoadError(f"CLIP file {path} is corrupt or not a CLIP model: {exc}") from exc
+            # OpenAI's files are TorchScript archives: read its state dict, not its code.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                return torch.jit.load(source, map_location="cpu").state_dict()
+        except RuntimeError:   # not TorchScript: a plain state dict, below
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+    elif _is_torchscript(source):
+        raise UntrustedPickleError(refusal)
     try:
-        # OpenAI's files are TorchScript archives: read its state dict, not its code.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
-            return torch.jit.load(source, map_location="cpu").state_dict()
-    except RuntimeError:
-        if isinstance(source, io.BytesIO):
-            source.seek(0)
-        try:
-            return torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many kinds on a corrupt file
-            raise ModelLoadError(f"CLIP file {path} is corrupt or not a CLIP model: {exc}") from exc
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds on a corrupt file
+        raise ModelLoadError(f"CLIP file {path} is corrupt or not a CLIP model: {exc}") from exc
 
 
 def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: Path = DEFAULT_CACHE,
@@ -358,11 +359,11 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu", cache_dir: 
     one of OpenAI's CLIP files (CLIP_URLS) or `known_sha256`, or when `trust` is set (the CLIs'
     --trust-decoder, which trusts the model files named by path)."""
     path, expected = _clip_source(name_or_path, cache_dir)
-    pinned = {url.split("/")[-2] for url in CLIP_URLS.values()} | {h.strip().lower() for h in known_sha256}
+    pinned = {_clip_sha256(url) for url in CLIP_URLS.values()} | {h.strip().lower() for h in known_sha256}
     with _private_copy(path) as (digest, source):
         if expected is not None and digest != expected:
             raise _wrong_clip_hash(path, expected)
-        run_code = expected is not None or trust or digest in pinned
+        run_code = trust or digest in pinned   # a named model's file is pinned by its URL
         refusal = (f"refusing to load {path}: it is a TorchScript archive (loading one runs the code it holds) "
                    f"and its SHA-256 {digest} is not one of OpenAI's CLIP files. If you trust this file, "
                    f"{trust_hint}; or save its state dict (torch.save(model.state_dict(), path)), which "

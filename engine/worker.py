@@ -843,7 +843,8 @@ class Worker:
         run.frames_pixels.append(frame.pixels)
         run.similarity = frame.similarity
         if self._stop.is_set():
-            # Stopping: the stop checkpoint (_hand_back) carries this frame. Its event and its own
+            # Stopping: the stop checkpoint (_hand_back) carries this frame (when the GPU thread
+            # stopped in time; else the job resumes from its last checkpoint). Its event and its own
             # checkpoint would only hold the stop up: in a store outage every write waits out its
             # reconnect timeout, and frames queued up during the outage would be written one by one.
             return
