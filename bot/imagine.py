@@ -1190,7 +1190,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
                          "upload_limit": interaction.filesize_limit}
                 record.spec.reply = reply
                 unsaved = await write_reply(self.queue, record.id, reply)   # a restart must find the reply
-            except discord.HTTPException:
+            except Exception:  # noqa: BLE001 - Discord's error or the network's (aiohttp, a timeout, not wrapped
+                # by discord.py): the job is queued; its tracker (attached below) shows it through the
+                # token, and the user is not told to try again (a second job)
                 log.exception("job %s: could not show its queued reply", record.id)
         finally:
             if progress is not None:

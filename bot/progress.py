@@ -825,6 +825,12 @@ class ProgressCog(commands.Cog, name="Progress"):
             t.line_stale = False
             return
         kwargs: dict[str, Any] = {"content": content}
+        if t.message_id is None and t.interaction is not None:
+            # The command's own edit (with the Cancel button) never made the reply (a dropped
+            # connection): this edit, through its token, makes it, with the button.
+            from bot.imagine import progress_view   # noqa: PLC0415 - imagine imports this module
+
+            kwargs["view"] = progress_view(t.job_id)
         if png is not None:
             kwargs["attachments"] = [discord.File(io.BytesIO(png), filename="frame.png")]
             t.framed = True   # (a failed edit may have gone through)

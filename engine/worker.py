@@ -152,6 +152,10 @@ class DamagedCheckpoint(RuntimeError):
     that attempt fails and the job is retried elsewhere, up to the attempts cap."""
 
 
+# A finished run's result writes (artifacts, then finish) are tried this many times in place before
+# the job counts as failed (and is run again): 2 + 4 + 8 + 16 s between them.
+STORE_RESULT_TRIES = 5
+
 # Frames a checkpoint may hold beyond `iterations // frame_every + 2` (0, every frame_every, the last).
 CHECKPOINT_FRAME_MARGIN = 2
 
@@ -904,13 +908,7 @@ class Worker:
             # Kept for Continue / Remix (until keep_state_days / keep_days, or keep_state_gib's budget
             # takes it): compact, half the bytes.
             state_bytes = await asyncio.to_thread(lambda: state_to_bytes(compact_state(state)))
-            # Fenced: a worker that lost the job must not overwrite the new owner's results.
-            stored = (
-                await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], run.lease)
-                and (video_bytes is None or await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease))
-                and await self.queue.put_artifact(job_id, "state.pt", state_bytes, run.lease)
-            )
-            if not stored or not await self.queue.finish(job_id, run.lease, run.similarity):
+            if not await self._store_result(run, video_bytes, state_bytes):
                 run.cancel.set()
                 log.warning("job %s was no longer ours when it finished; result dropped", job_id)
                 return
@@ -928,6 +926,33 @@ class Worker:
             log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
                      time.time() - run.record.created_at)
         self._start_budget()   # its state is stored: that may put the states over
+
+    async def _store_result(self, run: _Running, video_bytes: bytes | None, state_bytes: bytes) -> bool:
+        """The finished run's final.png, video.mp4 and state.pt, then `finish`: False when the job
+        is no longer this run's. A store failure is tried again in place, STORE_RESULT_TRIES times
+        in all (the run's lease is renewed meanwhile: it is still running here), so that a store
+        hiccup does not throw a finished picture away and run the job again, an attempt spent (or
+        fail it, on its last); the last failure is raised. Not while the worker stops."""
+        job_id = run.record.id
+        for attempt in range(1, STORE_RESULT_TRIES + 1):
+            try:
+                # Fenced: a worker that lost the job must not overwrite the new owner's results.
+                # Each write replaces the same artifact: a repeat after a failure is harmless.
+                return bool(
+                    await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], run.lease)
+                    and (video_bytes is None
+                         or await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease))
+                    and await self.queue.put_artifact(job_id, "state.pt", state_bytes, run.lease)
+                    and await self.queue.finish(job_id, run.lease, run.similarity)
+                )
+            except Exception as exc:  # noqa: BLE001 - raised once the tries are spent
+                if attempt == STORE_RESULT_TRIES or self._stop.is_set():
+                    raise
+                delay = min(30.0, 2.0 ** attempt)
+                log.warning("job %s: storing its result failed (%s: %s); trying again in %.0f s", job_id,
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+        return False   # not reached: the loop returns or raises
 
     async def _ended_cancelled(self, job_id: str) -> bool:
         """Whether `finish` ended the job CANCELLED (its cancel was asked before the run ended: the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from engine.jobs import JobState
@@ -181,3 +183,24 @@ async def test_a_queue_outage_right_after_the_submit_still_shows_and_posts_the_j
     assert len(h.posts_of_job(job_id)) == 1 and inter.followups == []
     assert [m.id for m in fd.channel_messages()] == [msg.id]
     fd.assert_clean()
+
+
+async def test_a_dropped_connection_showing_the_queued_reply_leaves_the_job_shown_not_a_try_again(harness):
+    """The job is queued, then the edit that shows its reply loses its connection (no answer:
+    aiohttp's error, which discord.py does not wrap in an HTTPException). The user is not told to
+    try again (that queued a second job): the job's tracker shows it in the reply, with its Cancel
+    button. Before: the command's error handler deleted the reply and said "otherwise try again"."""
+    from tests.test_bot_support import WEBHOOK_ORIGINAL, requests_matching
+
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    dropped = fd.inject_error("PATCH", WEBHOOK_ORIGINAL, 0, count=1)
+    inter = await h.imagine("a house by the sea")
+    msg = await h.reply_of(inter, timeout=20)
+    job_id = h.job_id(msg)
+    assert len(dropped.hits) == 1 and "Queued" in msg.content
+    assert f"imagine:cancel:{job_id}" in msg.custom_ids and not msg.deleted
+    await asyncio.sleep(0.5)   # an error answer would have come by now
+    assert inter.followups == [] and await h.queue.count_queued() == 1
+    assert requests_matching(fd, "DELETE", WEBHOOK_ORIGINAL) == []

@@ -1277,6 +1277,34 @@ async def test_a_worker_stopped_in_a_store_outage_does_not_write_its_queued_fram
     assert (await queue.get(job.id)).state == JobState.QUEUED
 
 
+async def test_a_store_hiccup_while_storing_a_finished_result_is_tried_again_in_place(queue, tiny_models,
+                                                                                     monkeypatch, caplog):
+    """The run has finished; writing its state.pt fails once (a store hiccup). The write is tried
+    again in place and the job ends DONE on its first attempt with every artifact. Before: the
+    finished picture was thrown away and the job run again (an attempt spent; FAILED on its last)."""
+    real_put = queue.put_artifact
+    failed = []
+
+    async def put_artifact(job_id, name, data, lease_id=None):
+        if name == "state.pt" and not failed:
+            failed.append(name)
+            raise OSError("disk hiccup")
+        return await real_put(job_id, name, data, lease_id)
+
+    monkeypatch.setattr(queue, "put_artifact", put_artifact)
+    ends = Ends()
+    caplog.set_level(logging.WARNING, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.1, observer=ends):
+        job = await queue.submit(spec())
+        record = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert failed == ["state.pt"]
+    assert record.state == JobState.DONE and record.attempts == 1, record
+    assert ends.ended == [(job.id, "done")]
+    for name in ("final.png", "video.mp4", "state.pt"):
+        assert await queue.get_artifact(job.id, name)
+    assert "storing its result failed (OSError: disk hiccup); trying again in 2 s" in caplog.text
+
+
 async def test_a_stopping_worker_keeps_its_leases_until_its_jobs_are_handed_back(tmp_path, tiny_models, monkeypatch):
     """Saving the stop checkpoints can outlast a lease (full-size states, one after another, over a
     slow link: here a 1 s lease and a 2.5 s save). Meanwhile another worker's sweep must not take
