@@ -926,6 +926,11 @@ class ProgressCog(commands.Cog, name="Progress"):
         message = await t.interaction.edit_original_response(**kwargs)
         if t.message_id is None:   # its first edit failed: learn the id, or the final post repeats
             t.message_id = message.id
+            # ...and store it (as the command would have), so that a restart finds the reply.
+            t.unsaved_reply = {"channel_id": message.channel.id, "message_id": message.id, "guild_id": t.guild_id,
+                               "upload_limit": t.upload_limit}
+            t.reply_saved = False
+            self._reconcile_now.set()
 
     # --- the final post -----------------------------------------------------------------------
 

@@ -932,7 +932,8 @@ class Worker:
         is no longer this run's. A store failure is tried again in place, STORE_RESULT_TRIES times
         in all (the run's lease is renewed meanwhile: it is still running here), so that a store
         hiccup does not throw a finished picture away and run the job again, an attempt spent (or
-        fail it, on its last); the last failure is raised. Not while the worker stops."""
+        fail it, on its last); the last failure is raised. A stop cuts the wait short: a failure
+        then is raised at once."""
         job_id = run.record.id
         for attempt in range(1, STORE_RESULT_TRIES + 1):
             try:
@@ -951,7 +952,11 @@ class Worker:
                 delay = min(30.0, 2.0 ** attempt)
                 log.warning("job %s: storing its result failed (%s: %s); trying again in %.0f s", job_id,
                             type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+            # A stop cuts the wait short (one last try). `_stop` is a threading.Event (the GPU thread
+            # reads it): watched in steps, not awaited.
+            waited_until = time.monotonic() + delay
+            while not self._stop.is_set() and time.monotonic() < waited_until:
+                await asyncio.sleep(min(0.25, max(0.0, waited_until - time.monotonic())))
         return False   # not reached: the loop returns or raises
 
     async def _ended_cancelled(self, job_id: str) -> bool:

@@ -190,7 +190,7 @@ async def test_a_dropped_connection_showing_the_queued_reply_leaves_the_job_show
     aiohttp's error, which discord.py does not wrap in an HTTPException). The user is not told to
     try again (that queued a second job): the job's tracker shows it in the reply, with its Cancel
     button. Before: the command's error handler deleted the reply and said "otherwise try again"."""
-    from tests.test_bot_support import WEBHOOK_ORIGINAL, requests_matching
+    from tests.test_bot_support import WEBHOOK_ORIGINAL, claim_jobs, finish_jobs, requests_matching
 
     h = harness
     await h.start(worker=False)
@@ -204,3 +204,19 @@ async def test_a_dropped_connection_showing_the_queued_reply_leaves_the_job_show
     await asyncio.sleep(0.5)   # an error answer would have come by now
     assert inter.followups == [] and await h.queue.count_queued() == 1
     assert requests_matching(fd, "DELETE", WEBHOOK_ORIGINAL) == []
+    # The reply the tracker made is stored as the command's would have been: a restart finds it,
+    # and the result is that reply, not a new message beside a reply stuck at "Queued".
+    for _ in range(200):
+        record = await h.queue.get(job_id)
+        if (record.spec.reply or {}).get("message_id"):
+            break
+        await asyncio.sleep(0.05)
+    assert record.spec.reply["message_id"] == msg.id
+    await h.stop()
+    await h.start(worker=False)
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await finish_jobs(h.queue, [job_id])
+    await h.wait_delivered(job_id, timeout=20)
+    assert len(h.final_edits(msg.id)) == 1
+    assert requests_matching(fd, "POST", rf"/channels/{msg.channel_id}/messages", since) == []
