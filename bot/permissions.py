@@ -22,17 +22,21 @@ def is_admin(interaction: discord.Interaction, config: Config) -> bool:
     if interaction.permissions.manage_guild or interaction.permissions.administrator:
         return True
     user = interaction.user
-    entries = [entry.strip() for entry in config.discord.admin_roles]
-    # An entry shaped like a snowflake is a role id; anything else a role name ("2024" too). A
-    # name is matched by whatever role bears it, which anyone with Manage Roles can create: an id
-    # names the one role meant.
-    ids = {int(entry) for entry in entries if is_role_id(entry)}
-    names = {entry.casefold() for entry in entries if not is_role_id(entry)}
+    ids, names = admin_role_entries(config)
     if isinstance(user, discord.Member) and (ids or names):
         if ids & member_role_ids(user):
             return True
         return any(role.name.casefold() in names for role in user.roles)   # names need the cached roles
     return False
+
+
+def admin_role_entries(config: Config) -> tuple[set[int], set[str]]:
+    """`[discord] admin_roles` as (role ids, casefolded role names). An entry shaped like a
+    snowflake is a role id; anything else a role name ("2024" too). A name is matched by whatever
+    role bears it, which anyone with Manage Roles can create: an id names the one role meant."""
+    entries = [entry.strip() for entry in config.discord.admin_roles if entry.strip()]
+    return ({int(entry) for entry in entries if is_role_id(entry)},
+            {entry.casefold() for entry in entries if not is_role_id(entry)})
 
 
 def member_role_ids(member: discord.Member) -> set[int]:
@@ -54,7 +58,7 @@ def roles_not_loaded(interaction: discord.Interaction, config: Config) -> bool:
     user = interaction.user
     if not isinstance(user, discord.Member):
         return False
-    if not any(entry.strip() and not is_role_id(entry) for entry in config.discord.admin_roles):
+    if not admin_role_entries(config)[1]:   # no role names: ids need no cache
         return False
     guild = user.guild
     return any(guild.get_role(role_id) is None for role_id in member_role_ids(user))
