@@ -47,7 +47,11 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   message the reply is marked `reposting` in the store: a restart between that post and the write
   of its id posts it again with the same nonce (Discord returns the first message for a nonce it
   saw in the last few minutes), never as an edit of the original reply, which the first post may
-  have made editable again (an archived thread unarchives). Jobs that finished while the bot was
+  have made editable again (an archived thread unarchives). Discord keeps a nonce only a few
+  minutes, so a restart later than that first reads the channel's messages since the mark
+  (`reposting_after`, a snowflake a minute before it) for the bot's post with this job's buttons,
+  and takes that one as the result (REPOST_SEARCH messages at most; without Read Message History
+  the nonce alone guards it). Jobs that finished while the bot was
   down come back through `undelivered()`; at most FINALS_AT_ONCE finals hold their files in memory
   at a time, so a backlog after downtime is not read all at once.
 - A reply whose id could not be written to the store when it was made (`set_reply` failed: a
@@ -63,6 +67,7 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import io
 import logging
@@ -111,6 +116,11 @@ NONCE_MAX = 25
 # Final posts prepared at once (each holds its final image and video in memory until it is posted):
 # a backlog of results after downtime is read from the store a few at a time, not all together.
 FINALS_AT_ONCE = 4
+# A result reposted before a restart is looked for among this many of the channel's messages since
+# its `reposting` mark (two history pages): a busy channel's later chatter may hide an older post.
+REPOST_SEARCH = 200
+# The mark's snowflake is this much older than the mark, for a clock a little ahead of Discord's.
+REPOST_CLOCK_SLACK = 60.0
 
 
 def _nonce(prefix: str, job_id: str) -> str:
@@ -1058,15 +1068,43 @@ class ProgressCog(commands.Cog, name="Progress"):
                 log.info("job %s: its thread is archived; posting the result as a new message", t.job_id)
                 t.archived = True
         reply = self._reply_of(t, final.record)
-        if reply.get("message_id") and not reply.get("reposting"):
+        if reply.get("reposting_after"):
+            # Marked before an earlier try (or before a restart): that try may have posted it.
+            found = await self._find_repost(t, int(reply["reposting_after"]))
+            if found is not None:
+                log.info("job %s: its result was posted before (message %s); not posting it again", t.job_id, found)
+                return found
+        elif not reply.get("reposting"):   # (a mark of before `reposting_after` was kept: the nonce alone)
             # A restart between the new message and the write of its id must not edit the reply
             # (editable again once the post unarchived its thread) into a second result: it finds
-            # this mark and posts again, with the same nonce (_tracker).
+            # this mark and posts again, with the same nonce (_tracker), or, past the nonce's few
+            # minutes, finds the post among the channel's messages since the mark (_find_repost).
             reply["reposting"] = True
+            since = discord.utils.utcnow() - datetime.timedelta(seconds=REPOST_CLOCK_SLACK)
+            reply["reposting_after"] = str(discord.utils.time_snowflake(since))
             async with t.reply_lock:
                 await self.queue.set_reply(t.job_id, reply)
             final.record.spec.reply = reply
         return await self._post_new(t, final, files, view)
+
+    async def _find_repost(self, t: _Tracker, after: int) -> int | None:
+        """The id of the bot's message with this job's result buttons among the channel's messages
+        since the snowflake `after` (at most REPOST_SEARCH of them), or None: none there, or the
+        channel cannot be read (no Read Message History, gone: the nonce still guards the post)."""
+        me = self.bot.user.id if self.bot.user else None
+        ours = {f"imagine:{action}:{t.job_id}" for action in ("reroll", "continue", "remix")}
+        channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
+        try:
+            async for message in channel.history(limit=REPOST_SEARCH, after=discord.Object(after), oldest_first=True):
+                if message.author.id != me:
+                    continue
+                if any(getattr(item, "custom_id", None) in ours
+                       for row in message.components for item in getattr(row, "children", ())):
+                    return message.id
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.info("job %s: cannot read channel %s for an earlier post of its result (%s %s); relying on "
+                     "the nonce", t.job_id, t.channel_id, exc.status, exc.text)
+        return None
 
     async def _post_new(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]],
                         view: discord.ui.View) -> int | None:

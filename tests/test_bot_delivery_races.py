@@ -291,12 +291,14 @@ async def test_nonces_fit_discord_limit():
     assert len(a) <= 25 and len(b) <= 25 and a != b
 
 
-async def test_a_restart_between_a_new_message_and_its_write_posts_no_second_result(harness, monkeypatch):
+@pytest.mark.parametrize("nonce_kept", [True, False], ids=["within-the-nonce-window", "after-it"])
+async def test_a_restart_between_a_new_message_and_its_write_posts_no_second_result(harness, monkeypatch, nonce_kept):
     """The job waited in a thread that archived itself: its result went out as a new message M2
     (which unarchived the thread), and the bot stopped before it could write M2's id. The reply
-    was marked `reposting` before that post, so the restarted bot posts the result as a new
-    message again, with the same nonce: Discord returns M2 and makes no third message. Before: it
-    edited the original reply M1 (editable again) into a second result."""
+    was marked `reposting` before that post, so the restarted bot never edits the original reply
+    M1 (editable again) into a second result, as it did before. It finds M2 among the thread's
+    messages since the mark; within Discord's nonce window a post with the same nonce would
+    return M2 too, but after it (a restart minutes later) that post made a second result."""
     h = harness
     msg, job_id, thread_id, since = await _job_starting_in_an_archived_thread(h, "a crash between the post and its write")
     fd = h.fd
@@ -315,12 +317,15 @@ async def test_a_restart_between_a_new_message_and_its_write_posts_no_second_res
     assert (await h.queue.get(job_id)).spec.reply.get("reposting") is True
     assert not fd.thread_archived(thread_id)   # the new message unarchived it: M1 is editable again
     await h.stop()
+    if not nonce_kept:
+        fd.nonce_window = 0.0   # Discord has forgotten the nonce
 
     await h.start(worker=False)   # a fresh queue object: set_reply works again
     record = await h.wait_delivered(job_id, timeout=20)
     assert record.spec.reply["result_message_id"] == result_id
     posts = requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)
-    assert [(r.status, int(r.response["id"])) for r in posts] == [(200, result_id)] * 2   # the nonce's answer
+    assert [(r.status, int(r.response["id"])) for r in posts] == [(200, result_id)]
+    assert requests_matching(fd, "GET", CHANNEL_POST.format(thread_id), since)   # it looked
     assert h.final_edits(msg.id) == []   # the original reply was not made a second result
     assert "final.png" not in {a["filename"] for a in fd.messages[msg.id].attachments}
     assert {int(r.response["id"]) for r in h.posts_of_job(job_id)} == {result_id}

@@ -2186,8 +2186,8 @@ class FakeDiscord:
             "id": str(mid), "channel_id": str(channel_id), "author": _public_user(self.bot_user), "pinned": False,
             "mention_everyone": everyone, "tts": bool(payload.get("tts")),
         }
-        if payload.get("nonce") is not None:
-            data["nonce"] = payload["nonce"]
+        # No "nonce" in the stored message: Discord echoes it in the create's answer (and its
+        # MESSAGE_CREATE, which this fake sends without it); a message read back (GET, history) has none.
         ref = payload.get("message_reference")
         if ref and ref.get("message_id"):
             target = self.messages.get(int(ref["message_id"]))
@@ -2614,13 +2614,15 @@ class FakeDiscord:
             seen_id, seen_at = self.nonces[key]
             seen = self.messages.get(seen_id)
             if seen is not None and not seen.deleted and time.monotonic() - seen_at < self.nonce_window:
-                return 200, seen.data
+                return 200, {**seen.data, "nonce": payload["nonce"]}
         reopen = self._thread_to_reopen(p["channel_id"])
         msg = self._create_message(int(p["channel_id"]), payload, rec.files)
         if payload.get("enforce_nonce") and payload.get("nonce") is not None:
             self.nonces[key] = (int(msg.data["id"]), time.monotonic())
         await self._reopen(reopen)
         await self._announce("MESSAGE_CREATE", msg)
+        if payload.get("nonce") is not None:
+            return 200, {**msg.data, "nonce": payload["nonce"]}
         return 200, msg.data
 
     async def _h_channel_message_get(self, rec, p):
