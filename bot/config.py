@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.jobs import check_keep_days, check_keep_state_days, check_keep_state_gib
+from engine.jobs import MAX_GRID, check_keep_days, check_keep_state_days, check_keep_state_gib
 from engine.queue import check_queue_url, redact_url
 from engine.compiling import check_cuda_graphs, compile_options
 
@@ -209,7 +209,6 @@ class Config:
 
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
-MAX_GRID = 128   # 1024x1024: a slot's activations grow with grid^2 (engine.capacity)
 PIXELS_PER_CELL = 8   # the dVAE decoder upsamples 8x: a grid of g makes 8g x 8g pictures
 MAX_CUTN = 256   # as `imagine --cutn`: cut-outs per step, each a CLIP forward
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")   # as imagine-worker --device

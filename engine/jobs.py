@@ -40,6 +40,11 @@ class EventKind(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+# The largest dVAE grid a job may have: 1024x1024 (8 pixels a cell); a slot's activations grow with grid^2
+# (engine.capacity).
+MAX_GRID = 128
+
+
 @dataclass
 class JobSpec:
     """What a user asked for. Serialisable to JSON (see `to_dict`)."""

@@ -45,7 +45,7 @@ from engine.generate import (
     encode_targets, state_from_bytes, state_is_finite, state_to_bytes,
 )
 from engine.jobs import (
-    GIB, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days,
+    GIB, MAX_GRID, Checkpoint, EventKind, JobEvent, JobQueue, JobRecord, JobSpec, JobState, check_keep_days,
     check_keep_state_days, check_keep_state_gib,
 )
 from engine.models import Models
@@ -414,7 +414,8 @@ class Worker:
             asyncio.create_task(self._claim_loop(), name="worker-claim"),
             asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
         ]
-        log.info("worker %s started (max_batch=%d, device=%s)", self.worker_id, self.max_batch, self.models.device)
+        log.info("worker %s started (max_batch=%d, device=%s, grids=%s)", self.worker_id, self.max_batch,
+                 self.models.device, ",".join(map(str, self.grids)) if self.grids else "any")
 
     async def stop(self) -> None:
         """Stop claiming, stop the GPU thread after its current step, save each running job's state
@@ -1369,6 +1370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_max_batch, default=None, metavar="N",
                    help="jobs stepped together, at least 1; 0 or unset (the default): as many as fit in free "
                         "GPU memory (1 on a CPU)")
+    p.add_argument("--grids", type=_grids, default=None, metavar="G[,G...]",
+                   help="take only jobs of these dVAE grids (32: 256x256, 64: 512x512, 128: 1024x1024), e.g. "
+                        "a smaller GPU's worker with --grids 32; jobs of other grids wait for a worker that takes "
+                        "them. The automatic --max-batch is sized for the largest. Default: every grid, sized "
+                        "for grid 64")
     p.add_argument("--worker-id", default=None, type=_worker_id,
                    help="this worker's name in /healthz, metrics and logs (no ':'); default: host-pid-n")
     p.add_argument("--compile", nargs="?", const="inductor", default="auto", type=_compile, metavar="BACKEND[:MODE]",
@@ -1469,6 +1475,22 @@ def _max_batch(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 1 (0: as many as fit), got {value}")
     return value or None
+
+
+def _grids(text: str) -> tuple[int, ...]:
+    """--grids: whole numbers from 2 to MAX_GRID (as [imagine] sizes' grids), comma-separated;
+    sorted, each once."""
+    low, high = 2, MAX_GRID
+    grids = set()
+    for item in text.split(","):
+        try:
+            grid = int(item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected grids such as 32,64, got {text!r}") from None
+        if not low <= grid <= high:
+            raise argparse.ArgumentTypeError(f"a grid is between {low} and {high} (32: 256x256), got {grid}")
+        grids.add(grid)
+    return tuple(sorted(grids))
 
 
 def check_worker_id(worker_id: str) -> str:
@@ -1675,7 +1697,7 @@ async def _serve(args: argparse.Namespace) -> int:
         lambda: load_models(args.clip_model, args.decoder, device, cache, args.trust_decoder,
                             encoder=args.encoder or None, known_sha256=frozenset(args.known_sha256),
                             trust_hint=TRUST_HINT_WORKER),
-        worker_id=args.worker_id, max_batch=args.max_batch, keep_days=args.keep_days,
+        worker_id=args.worker_id, max_batch=args.max_batch, grids=args.grids, keep_days=args.keep_days,
         keep_state_days=args.keep_state_days, keep_state_gib=args.keep_state_gib, compile=args.compile,
         cuda_graphs=args.cuda_graphs, checkpoint_every=args.checkpoint_every, stall_timeout=args.stall_timeout,
     )

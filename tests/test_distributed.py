@@ -79,7 +79,8 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def start_worker(url: str, worker_id: str, files, log_dir: Path, decoder: Path | None = None) -> WorkerProc:
+def start_worker(url: str, worker_id: str, files, log_dir: Path, decoder: Path | None = None,
+                 extra: tuple[str, ...] = ()) -> WorkerProc:
     argv = [
         sys.executable, "-m", "engine.worker", "--queue", url,
         "--clip-model", str(files.clip_torchscript), "--decoder", str(decoder or files.decoder_pickle),
@@ -88,7 +89,7 @@ def start_worker(url: str, worker_id: str, files, log_dir: Path, decoder: Path |
         "--encoder", str(files.encoder_pickle),   # the tiny one: the default, openai's, is a download
         # A checkpoint at every frame (the default is timed, every 60 s): the kill -9 tests take
         # a job over from the last frame's checkpoint.
-        "--checkpoint-every", "0",
+        "--checkpoint-every", "0", *extra,
     ]
     log_path = log_dir / f"{worker_id}.log"
     log_file = open(log_path, "a")
@@ -164,7 +165,7 @@ class Follower:
 
 
 def spec(user: int = 1, **kw) -> JobSpec:
-    return JobSpec(prompt=kw.pop("prompt", "a red house"), user_id=user, channel_id=10, grid=8, cutn=2,
+    return JobSpec(prompt=kw.pop("prompt", "a red house"), user_id=user, channel_id=10, grid=kw.pop("grid", 8), cutn=2,
                    iterations=kw.pop("iterations", 2), frame_every=kw.pop("frame_every", 2), seed=1, **kw)
 
 
@@ -435,6 +436,38 @@ async def test_sqlite_worker_killed_mid_job_another_resumes_from_its_checkpoint(
     finally:
         stop_all(workers)
         await queue.close()
+
+
+async def test_a_worker_with_grids_takes_only_jobs_of_those_grids(tmp_path, tiny_model_files):
+    """`imagine-worker --grids 4` (a smaller GPU's worker) runs the grid-4 job queued behind a
+    grid-8 one and leaves the grid-8 job queued for a worker that takes it."""
+    url = f"sqlite:///{tmp_path}/jobs.db?lease={LEASE}"
+    queue = open_queue(url)
+    await queue.start()
+    worker = start_worker(url, "small", tiny_model_files, tmp_path, extra=("--grids", "4"))
+    try:
+        large = await queue.submit(spec(iterations=4, frame_every=2))             # grid 8
+        small = await queue.submit(spec(iterations=4, frame_every=2, grid=4))
+        deadline = time.monotonic() + 90
+        while (record := await queue.get(small.id)).state != JobState.DONE:
+            assert time.monotonic() < deadline and worker.proc.poll() is None, worker.log()[-3000:]
+            await asyncio.sleep(0.2)
+        assert record.worker_id == "small"
+        assert (await queue.get(large.id)).state == JobState.QUEUED
+        assert "grids=4" in worker.log()
+    finally:
+        stop_all([worker])
+        await queue.close()
+
+
+def test_grids_flag_refuses_what_is_no_grid():
+    from engine.worker import build_parser
+
+    assert build_parser().parse_args(["--queue", "x.db", "--grids", "64, 32,64"]).grids == (32, 64)
+    for bad in ("0", "256", "32;64", "big"):
+        proc = subprocess.run([sys.executable, "-m", "engine.worker", "--queue", "x.db", "--grids", bad],
+                              cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "--grids" in proc.stderr, (bad, proc.stderr)
 
 
 # --- a worker whose GPU work raises (regression: it used to kill the GPU thread) ----------------
