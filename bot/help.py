@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bot.config import PRESET_NAMES, Config
+from bot.render import mib
 from bot.permutations import template_chars
 from engine.prompts import MAX_PROMPT_PARTS
 
@@ -65,7 +66,7 @@ def help_text(config: Config, per_user: int) -> str:
         "",
         f"**Limits**: prompts up to {im.max_prompt_chars} characters (CLIP reads about 77 tokens; "
         f"a `{{…}}` prompt up to {template_chars(im.max_prompt_chars)}, each combination up to {im.max_prompt_chars}), "
-        f"1-{im.max_iterations} iterations, images up to {im.max_image_bytes / 2**20:.0f} MiB, "
+        f"1-{im.max_iterations} iterations, images up to {mib(im.max_image_bytes)}, "
         f"{per_user} waiting job{'s' if per_user != 1 else ''} per person.",
     ])
     return text[:LIMIT]

@@ -582,9 +582,19 @@ async def test_help_is_short_and_private(harness):
     text = refusal(await command(h, "help"))
     assert len(text) < 2000
     for fragment in ("a house | by Escher:0.5 | blurry:-1", "Remix", "Reroll", "Continue", "`draft` 64px, 2 steps",
-                     "`best` 128px, 6 steps", "up to 500 characters", "1-40 iterations", "8 MiB"):
+                     "`best` 128px, 6 steps", "up to 500 characters", "1-40 iterations", "8.0 MiB"):
         assert fragment in text, (fragment, text)
     h.fd.assert_clean()
+
+
+def test_help_states_a_small_image_limit_as_it_is():
+    """`max_image_bytes = 500000` read "images up to 0 MiB" (rounded to a whole MiB)."""
+    from bot.config import Config
+    from bot.help import help_text
+
+    config = Config()
+    config.imagine.max_image_bytes = 500_000
+    assert "images up to 0.5 MiB" in help_text(config, 3)
 
 
 async def test_help_explains_permutation_prompts_with_the_configured_cap(harness):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -654,6 +655,28 @@ def test_imagine_worker_parses_what_it_accepts():
     assert check_queue_url("rediss://h:6380/12") is None
 
 
+def test_a_queue_url_whose_password_has_a_slash_is_refused_without_quoting_it():
+    """`openssl rand -base64` passwords have '/' (and '?', '#' in others): unescaped, they cut the
+    URL's host part short, and the database check (or redis-py's port error) quoted the rest."""
+    from engine.queue import check_queue_url, redact_secrets
+
+    for url in ("redis://:Ab3/Kx9+QzP1mW@redis:6379/0", "redis://:Xq9?zzz@redis:6379/0", "rediss://u:Xq9#zz@h:1/0"):
+        problem = check_queue_url(url)
+        assert problem and "percent-encode" in problem and "Kx9" not in problem and "zz" not in problem, problem
+    assert check_queue_url("redis://:Ab3%2FKx9@host:6379/0") is None
+    # A piece of such a password in a library's message is masked too.
+    assert "Xq9" not in redact_secrets("Port could not be cast to integer value as 'Xq9'", "redis://:Xq9?zzz@redis:6379/0")
+
+
+def test_a_plain_sqlite_path_takes_its_options(tmp_path):
+    """`imagine-worker --queue jobs.db?lease=10` beside a bot on `sqlite:///jobs.db?lease=10`: the
+    options were checked, then the whole text opened as a file named `jobs.db?lease=10`."""
+    from engine.queue import open_queue
+
+    q = open_queue(f"{tmp_path}/jobs.db?lease=10&busy_timeout=2")
+    assert q.path == f"{tmp_path}/jobs.db" and q.lease == 10
+
+
 def _bad_model_files(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(bytes(range(256)) * 40)
@@ -824,3 +847,17 @@ async def test_a_tls_certificate_that_cannot_be_verified_fails_at_once_naming_ss
                 await queue.close()
     finally:
         redis.stop()
+
+
+async def test_a_stored_file_is_not_written_into_a_debug_log(tmp_path, caplog):
+    """At --log-level DEBUG (the root logger at DEBUG) aiosqlite logged each call's arguments: a
+    1 MiB put_artifact was megabytes of log (a state.pt, hundreds)."""
+    from engine.jobs import JobSpec
+    from engine.queue import open_queue
+
+    caplog.set_level(logging.DEBUG)   # the root logger, as the bot's and the worker's --log-level DEBUG
+    async with open_queue(str(tmp_path / "jobs.db")) as queue:
+        record = await queue.submit(JobSpec(prompt="a red house"))
+        caplog.clear()
+        await queue.put_artifact(record.id, "final.png", b"\x89PNG" + bytes(1 << 20))
+    assert sum(len(r.getMessage()) for r in caplog.records) < 10_000

@@ -1337,6 +1337,41 @@ async def test_redis_survives_server_restart(tmp_path):
         server.stop()
 
 
+async def test_redis_keeps_a_scripts_reply_longer_than_a_call_retries(redis_server):
+    """A re-sent script returns its first reply while its token lives; with a `reconnect_timeout`
+    longer than the old fixed two minutes, a re-send could outlive it and a submit ran twice."""
+    from engine.queue.redis import RedisJobQueue
+
+    async with RedisJobQueue(redis_server.url, prefix="tokttl", reconnect_timeout=600) as q:
+        await q.submit(spec())
+        tokens = [k async for k in q.redis.scan_iter(match="tokttl:tok:*")]
+        assert tokens and min([await q.redis.ttl(k) for k in tokens]) > 600 + 7 * q.socket_timeout
+
+
+async def test_redis_demoted_to_a_replica_is_waited_out_like_an_outage(tmp_path):
+    """READONLY (the server a queue talks to became a replica in a failover) failed every call at
+    once until the process restarted; it is retried like an unreachable Redis, on new connections."""
+    from engine.queue.redis import RedisJobQueue
+
+    server = start_redis("--dir", str(tmp_path))
+    q = RedisJobQueue(server.url, prefix="demoted", reconnect_timeout=20)
+    admin = RedisJobQueue(server.url, prefix="admin")
+    try:
+        await q.start()
+        await admin.start()
+        await admin.redis.execute_command("REPLICAOF", "127.0.0.1", "1")   # a replica of nothing: read-only
+        submit = asyncio.create_task(q.submit(spec()))
+        await asyncio.sleep(1.0)
+        assert not submit.done()   # waiting, not failed
+        await admin.redis.execute_command("REPLICAOF", "NO", "ONE")     # promoted again
+        record = await asyncio.wait_for(submit, 20)
+        assert (await q.get(record.id)).state == JobState.QUEUED
+    finally:
+        await q.close()
+        await admin.close()
+        server.stop()
+
+
 async def test_redis_idle_claims_write_nothing(tmp_path):
     """An idle worker claims about 4 times a second, and with production's `appendfsync always`
     every write is an fsync: a claim that finds nothing must write nothing. The worker's liveness

@@ -74,7 +74,9 @@ def _passwords(url: str) -> set[str]:
     found = {m.group(2)} if m else set()
     query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
     found.update(v for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() == "password")
-    return found | {unquote(p) for p in found}
+    found |= {unquote(p) for p in found}
+    # A password with a raw '/', '?' or '#' is cut there by URL parsers, whose errors quote a piece.
+    return found | {piece for p in found for piece in re.split(r"[/?#]", p)}
 
 
 def redact_secrets(text: str, url: str) -> str:
@@ -120,6 +122,11 @@ def check_queue_url(url: str) -> str | None:
     # unix:// (a Redis socket) is left out: the Redis backend's connection options do not fit it.
     if scheme not in ("redis", "rediss", "sqlite", "file", ""):
         return f"expected redis://host:6379/0, rediss://..., or sqlite:///path.db, got {redact_url(url)!r}"
+    if scheme in ("redis", "rediss") and "@" not in urlsplit(url).netloc and "@" in url.split("://", 1)[1]:
+        # `redis://:Ab3/Kx9@host/0`: a '/', '?' or '#' in the password ends the host part early, and
+        # redis-py's complaint (or the database check below) would quote the password's rest.
+        return ("the queue URL's password has a '/', '?' or '#' (or an '@' follows the host): percent-encode "
+                "them in the password (%2F, %3F, %23, %40), e.g. redis://:abc%2Fdef@host:6379/0")
     query = urlsplit(url).query if scheme in ("redis", "rediss") else url.partition("?")[2]
     # redis-py reads a path that is not a database number (`/abc`, `/O`, `/0/x`) as none: db 0, a
     # typo landing on another deployment's queue.
@@ -166,10 +173,10 @@ def open_queue(url: str, **kwargs: Any) -> JobQueue:
             body = url.split("://", 1)[1]
             # "sqlite:///x.db" -> "x.db" (relative), "sqlite:////abs/x.db" -> "/abs/x.db"
             path = body[1:] if body.startswith("/") else body
-            if "?" in path:
-                path, query = path.split("?", 1)
-                opts, _ = _split_options(query, set(_SQLITE_OPTS))
-                options = {k: _SQLITE_OPTS[k](v) for k, v in opts.items()}
+        if "?" in path:   # a plain path takes the options too (check_queue_url checks them there)
+            path, query = path.split("?", 1)
+            opts, _ = _split_options(query, set(_SQLITE_OPTS))
+            options = {k: _SQLITE_OPTS[k](v) for k, v in opts.items()}
         if not path:
             raise ValueError(f"no database path in {url!r}")
         options.update(kwargs)

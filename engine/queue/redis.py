@@ -92,8 +92,11 @@ Keys are computed inside the scripts, so this needs one Redis, not a cluster.
 Reconnecting: the client retries connection errors with backoff (redis-py `Retry`), and every call
 is retried again here for up to `reconnect_timeout` seconds. That is safe because every call is
 idempotent: reads and plain writes by nature, each mutating script through a per-call token whose
-first reply is kept for two minutes (`<prefix>:tok:<token>`), so a script re-sent after a lost
-reply returns the same answer instead of running twice.
+first reply is kept (`<prefix>:tok:<token>`) for longer than a call can go on retrying
+(`token_ttl`: two minutes, more with a longer `reconnect_timeout`), so a script re-sent after a
+lost reply returns the same answer instead of running twice. A Redis that answers READONLY (a
+primary demoted to a replica in a failover) is retried like an unreachable one: its connections are
+dropped and made again, so a DNS name or proxy that moved to the new primary is followed.
 """
 
 from __future__ import annotations
@@ -139,7 +142,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)  # BusyLoadingError is a ConnectionError
+# BusyLoadingError is a ConnectionError; ReadOnlyError (READONLY: a replica now) drops the connection
+# when redis-py retries it, so the next one may reach the new primary.
+_RETRYABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError)
 # ...and so are these, which no retry mends: a password Redis refused (or one it wants and was not
 # given). They fail at once, with Redis's reason, instead of as "unreachable" after reconnect_timeout.
 _REFUSED = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
@@ -490,7 +495,7 @@ local function body()
 _LUA_EPILOGUE = r"""
 end
 local res = body()
-if TOK ~= '' and res ~= '' then redis.call('SET', TOKKEY, res, 'EX', 120) end
+if TOK ~= '' and res ~= '' then redis.call('SET', TOKKEY, res, 'EX', TOKEN_TTL) end
 return res
 """
 
@@ -1171,6 +1176,10 @@ class RedisJobQueue:
         if not (math.isfinite(self.reconnect_timeout) and self.reconnect_timeout >= 0):
             raise ValueError(f"reconnect_timeout must be 0 or more seconds, got {reconnect_timeout!r}")
         self.socket_timeout = float(socket_timeout)
+        # Seconds a script's first reply is kept for a re-send of it: past the longest a call goes on
+        # re-sending (reconnect_timeout, each try up to redis-py's 7 sends of socket_timeout), so a
+        # re-sent submit or claim never runs twice (a Redis loading a big dataset for minutes).
+        self.token_ttl = max(120, math.ceil(self.reconnect_timeout + 7 * self.socket_timeout + 60))
         # SAQ's registry entries outlive the longest window a reader asks `workers(max_age=)` for
         # (the bot's: two leases), plus the throttle of their writes (5 s): else a long lease's
         # window would be cut to the entries' life.
@@ -1205,7 +1214,7 @@ class RedisJobQueue:
         client = self._given_client or Redis.from_url(
             self.url,
             retry=_RetryUnlessRefused(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6),
-            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+            retry_on_error=list(_RETRYABLE),
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=5.0,
             socket_keepalive=True,
@@ -1213,7 +1222,7 @@ class RedisJobQueue:
         )
         try:
             scripts = {
-                name: client.register_script(_LUA_PRELUDE + body + _LUA_EPILOGUE)
+                name: client.register_script(_LUA_PRELUDE + body + _LUA_EPILOGUE.replace("TOKEN_TTL", str(self.token_ttl)))
                 for name, body in _SCRIPTS.items()
             }
             await self._retry(client.ping)

@@ -89,6 +89,10 @@ from engine.jobs import (
 )
 
 log = logging.getLogger(__name__)
+# aiosqlite logs every call with its arguments at DEBUG: a stored frame, upload or state.pt
+# (48-192 MiB) became that many bytes of log text per write, built while holding the GIL, at
+# `--log-level DEBUG` (which the bot and the worker set on the root logger). Its INFO and up stay.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
