@@ -73,25 +73,6 @@ def ffmpeg_binary() -> str:
         raise VideoError(f"no ffmpeg: none on PATH, and imageio-ffmpeg has none ({exc})") from None
 
 
-def _ffmpeg(args: list[str], data: bytes | None, timeout: float) -> None:
-    """Run ffmpeg on `args` (reading `data` on stdin if given); VideoError if it fails or runs
-    past `timeout` seconds. Without `data` stdin is /dev/null and `-nostdin` is set: ffmpeg reads
-    the terminal for keys otherwise, and a bot started in the background would be stopped (SIGTTIN)."""
-    head = [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y"] + ([] if data is not None else ["-nostdin"])
-    try:
-        # Its own session: a Ctrl-C in the terminal (or a signal to the worker's process group) is
-        # the worker's to handle, and must not kill the encode of a job that is finishing.
-        proc = subprocess.run([*head, *args], input=data, capture_output=True, timeout=timeout,
-                              start_new_session=True,
-                              **({} if data is not None else {"stdin": subprocess.DEVNULL}))
-    except subprocess.TimeoutExpired:
-        raise VideoError(f"ffmpeg ran past {timeout:g} s and was stopped") from None
-    if proc.returncode < 0:   # killed by a signal (a supervisor stopping every process): try again
-        raise VideoInterrupted(f"ffmpeg was stopped by signal {-proc.returncode}")
-    if proc.returncode != 0:
-        raise VideoError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}")
-
-
 def encode_frames(
     frames: Sequence[np.ndarray], out: Path, fps: float = 10.0, hold_last_seconds: float = 1.0,
     crf: int = 20, max_side: int | None = None, timeout: float = FFMPEG_TIMEOUT,
@@ -105,7 +86,7 @@ def encode_frames(
     raw = np.ascontiguousarray(np.stack(sequence)).tobytes()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _ffmpeg(_encode_args(w, h, fps, crf, max_side, out), raw, timeout)
+    _ffmpeg(_encode_args(w, h, fps, crf, max_side, out), (raw,), timeout)
     return out
 
 
@@ -141,7 +122,7 @@ def encode_files(
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f"{out.stem}.partial{out.suffix}")
     try:
-        _ffmpeg_fed(_encode_args(w, h, fps, crf, max_side, partial), chunks(), timeout)
+        _ffmpeg(_encode_args(w, h, fps, crf, max_side, partial), chunks(), timeout)
         os.replace(partial, out)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -182,19 +163,23 @@ def _rgb_file(path: Path) -> tuple[tuple[int, int], bytes]:
         raise VideoError(f"cannot read frame {path}: {exc}") from None
 
 
-def _ffmpeg_fed(args: list[str], chunks: Iterable[bytes], timeout: float | None) -> None:
-    """As `_ffmpeg`, with ffmpeg's stdin fed from `chunks` as they come (a frame at a time); no
-    limit when `timeout` is None. An exception on the way (a chunk that cannot be made, Ctrl-C)
-    stops ffmpeg before it goes on."""
+def _ffmpeg(args: list[str], chunks: Iterable[bytes] | None, timeout: float | None) -> None:
+    """Run ffmpeg on `args`, its stdin fed from `chunks` as they come (a frame at a time); VideoError
+    if it fails or runs past `timeout` seconds (None: no limit). An exception on the way (a chunk
+    that cannot be made, Ctrl-C) stops ffmpeg before it goes on. `chunks` None: stdin is /dev/null
+    and `-nostdin` is set (ffmpeg reads the terminal for keys otherwise, and a bot started in the
+    background would be stopped: SIGTTIN)."""
     expired = threading.Event()
     said: collections.deque[bytes] = collections.deque(maxlen=64)   # the end of what ffmpeg says
     proc: subprocess.Popen | None = None
     timer: threading.Timer | None = None
     reader: threading.Thread | None = None
     try:
-        proc = subprocess.Popen([ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y", *args],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)   # as _ffmpeg: a Ctrl-C is ours to handle
+        head = [ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y"] + (["-nostdin"] if chunks is None else [])
+        # Its own session: a Ctrl-C in the terminal (or a signal to the worker's process group) is
+        # the worker's to handle, and must not kill the encode of a job that is finishing.
+        proc = subprocess.Popen([*head, *args], stdin=subprocess.DEVNULL if chunks is None else subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         # stderr drained by a thread into memory (not a file: on a full disk the temp directory is
         # full too, and the reason would be lost), so an ffmpeg with much to say never blocks on it.
         reader = threading.Thread(target=lambda: said.extend(iter(lambda: proc.stderr.read1(4096), b"")),
@@ -209,9 +194,10 @@ def _ffmpeg_fed(args: list[str], chunks: Iterable[bytes], timeout: float | None)
             timer.daemon = True
             timer.start()
         try:
-            for chunk in chunks:
+            for chunk in chunks or ():
                 proc.stdin.write(chunk)
-            proc.stdin.close()
+            if proc.stdin is not None:
+                proc.stdin.close()
         except BrokenPipeError:
             pass   # ffmpeg stopped reading (it failed, or was stopped): its status says why
         proc.wait()
@@ -223,7 +209,7 @@ def _ffmpeg_fed(args: list[str], chunks: Iterable[bytes], timeout: float | None)
     finally:
         if timer is not None:
             timer.cancel()
-        if proc is not None:
+        if proc is not None and proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
         if reader is not None:
