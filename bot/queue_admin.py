@@ -113,7 +113,7 @@ def _elsewhere_item(record: JobRecord, place: int | None, paused_servers: Collec
     """One line for the caller's own job of another server: no mention (it is theirs), and why it
     does not start when its server is paused."""
     where = "in another server" if record.spec.guild_id is not None else "in direct messages"
-    line = f"`{record.id}` {render.snippet(record.spec.prompt)} · yours, {where}"
+    line = f"`{record.id}` {render.shown_prompt(record)} · yours, {where}"
     if place is None:
         return f"▶ {line} · {record.iteration}/{record.spec.iterations}"
     if record.spec.guild_id in paused_servers:
@@ -156,9 +156,9 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     places = {record.id: n for n, record in enumerate(queued, 1)}
     away_items = ([_elsewhere_item(r, None, paused_servers) for r in running if away(r)]
                   + [_elsewhere_item(r, places[r.id], paused_servers) for r in queued if away(r)])
-    here_items = ([f"▶ `{r.id}` {render.snippet(r.spec.prompt)} · <@{r.spec.user_id}> · "
+    here_items = ([f"▶ `{r.id}` {render.shown_prompt(r)} · <@{r.spec.user_id}> · "
                    f"{r.iteration}/{r.spec.iterations}" for r in running if here(r)]
-                  + [f"**#{places[r.id]}** `{r.id}` {render.snippet(r.spec.prompt)} · <@{r.spec.user_id}>"
+                  + [f"**#{places[r.id]}** `{r.id}` {render.shown_prompt(r)} · <@{r.spec.user_id}>"
                      for r in queued if here(r)])
     other_running = sum(1 for r in running if not here(r) and not away(r))
     other_queued = sum(1 for r in queued if not here(r) and not away(r))
@@ -444,16 +444,10 @@ class HistoryCog(commands.Cog, name="History"):
         lines = []
         for record in records:
             url = render.reply_url(record.spec)
-            line = (f"• {self._shown_prompt(record)} · <@{record.spec.user_id}> · {self._shown_state(record)}"
+            line = (f"• {render.shown_prompt(record, 80)} · <@{record.spec.user_id}> · {self._shown_state(record)}"
                     f" · `{record.id}`" + (f" · {url}" if url else ""))
             lines.append("\n  ".join([line] + render.lineage_lines(record.spec, details=False, hidden=hidden)))
         return lines
-
-    @staticmethod
-    def _shown_prompt(record: JobRecord) -> str:
-        """The prompt as its public reply shows it: withheld for a job cancelled for a banned word
-        (render.withholds_prompt), which the admins removed from the channel's view."""
-        return render.PROMPT_WITHHELD if render.withholds_prompt(record) else render.snippet(record.spec.prompt, 80)
 
     @staticmethod
     def _shown_state(record: JobRecord) -> str:

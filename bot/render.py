@@ -283,6 +283,12 @@ def withholds_prompt(record: JobRecord) -> bool:
         record.state == JobState.CANCELLED or record.cancel_requested)
 
 
+def shown_prompt(record: JobRecord, limit: int = 60) -> str:
+    """A listing's snippet of `record`'s prompt (render.snippet), withheld as its public reply
+    withholds it (withholds_prompt): `/queue show`, `/history`."""
+    return PROMPT_WITHHELD if withholds_prompt(record) else snippet(record.spec.prompt, limit)
+
+
 # The prompt keeps at least this many characters before _compose drops note lines to fit.
 PROMPT_KEPT = 200
 NOTES_LEFT_OUT = "-# (some notes are left out: too long for one message)"
@@ -387,12 +393,48 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
     elif record.state == JobState.CANCELLED:
         status = cancelled_status(record.error)
     else:
-        reason = (record.error or "unknown error").strip()
         # A reason may quote the prompt (a PromptError): its links defanged as the prompt's are.
-        status = f"Failed: {defang_links(discord.utils.escape_markdown(reason[:300], ignore_links=False))}"
+        status = f"Failed: {defang_links(discord.utils.escape_markdown(failure_reason(record.error), ignore_links=False))}"
     if note:
         status += f"\n{note}"
     return _compose(record, status)
+
+
+# A failed job's stored reason as its public reply says it. The worker stores what went wrong for
+# the operator (`OutOfMemoryError: CUDA out of memory. Tried to allocate ... Process 48211 ...`,
+# a CUDA error's four lines of debugging advice); the channel gets what it means for the job and
+# what to do. A reason of the user's own input (a PromptError, a pruned parent) is shown as it is.
+_WORKER_LOST = re.compile(r"worker lost (\d+) times?")
+_EXCEPTION = re.compile(r"([A-Z][A-Za-z0-9_.]*(?:Error|Exception|Died|Interrupted|Failure))\b:?")
+_FAILURES = (
+    (re.compile(r"OutOfMemoryError|out of memory", re.I),
+     "the GPU ran out of memory. Reroll it later, or pick a smaller size."),
+    (re.compile(r"NonFiniteError"), "the picture's numbers overflowed. Reroll it (a new seed)."),
+    (re.compile(r"GpuThreadDied|CUDA error|cuDNN error|CUBLAS", re.I), "the GPU failed while running it. Reroll it."),
+    (re.compile(r"this worker has no dVAE encoder"),
+     "no worker that can start from an init image was running. Reroll it later, or ask an admin."),
+)
+FAILURE_SHOWN = 300
+
+
+def failure_reason(error: str | None) -> str:
+    """What a failed job's reply says of why (see _FAILURES): a known failure of the worker in
+    plain words, another exception of the worker by its class name only, a reason of the input
+    (a PromptError's message) as written, on one line (engine.text.clip), at most FAILURE_SHOWN
+    characters."""
+    reason = (error or "").strip()
+    if not reason:
+        return "unknown error."
+    if lost := _WORKER_LOST.fullmatch(reason):
+        times = int(lost.group(1))
+        return f"its worker stopped {'once' if times == 1 else f'{times} times'} while running it. Reroll it."
+    for pattern, said in _FAILURES:
+        if pattern.search(reason):
+            return said
+    if exception := _EXCEPTION.match(reason):
+        return (f"an error on the GPU worker ({exception.group(1)}). Reroll it; if it fails again, "
+                "tell an admin (the worker's log has the details).")
+    return clip(reason, FAILURE_SHOWN)
 
 
 # Why a job was cancelled, as the bot stores it (`queue.cancel(reason=)`, `queue.clear`: the record's

@@ -271,6 +271,19 @@ def _record(job_id, guild_id, user_id, prompt="x", state=JobState.QUEUED):
                      state=state)
 
 
+def test_show_withholds_the_prompt_of_a_running_job_cancelled_for_a_refused_word():
+    """Its reply and /history withhold it from the moment of the cancel; /queue show listed it
+    until its worker stopped (a second, or a hung worker's stall timeout)."""
+    from bot.render import CANCEL_BANNED, PROMPT_WITHHELD
+
+    running = _record("r1", 1, 7, "a BANNEDWORD poster", JobState.RUNNING)
+    running.cancel_requested, running.error = True, CANCEL_BANNED
+    mine = _record("r2", 2, 7, "my BANNEDWORD poster", JobState.RUNNING)   # the caller's, in another server
+    mine.cancel_requested, mine.error = True, CANCEL_BANNED
+    text = show_text([running, mine], [], 1, 7, paused=False, limit=3)
+    assert "BANNEDWORD" not in text and text.count(PROMPT_WITHHELD) == 2, text
+
+
 async def test_show_in_direct_messages_lists_only_the_callers_own_jobs():
     """The /queue group is guild-only today; should it ever answer in DMs (guild None), the caller
     sees their own jobs only."""

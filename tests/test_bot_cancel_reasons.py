@@ -161,6 +161,29 @@ def test_the_cancelled_status_names_the_reason_and_shows_one_it_does_not_know_as
         assert render.final_text(record).split("\n")[1] == status, reason
 
 
+def test_a_failed_reply_says_what_the_failure_means_not_the_workers_exception():
+    """The worker stores its exception for the operator (`OutOfMemoryError: ... Process 48211 has
+    22.44 GiB in use`, a CUDA error's lines of debugging advice, operator instructions); the public
+    reply said all of it. It says what happened and what to do; a reason of the input stays."""
+    record = JobRecord(id="abc", spec=JobSpec(prompt="a cat", user_id=5), state=JobState.FAILED)
+    for reason, status in [
+        ("OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB. Process 48211 has 22.44 GiB",
+         "Failed: the GPU ran out of memory. Reroll it later, or pick a smaller size."),
+        ("GpuThreadDied: the worker's GPU thread died: RuntimeError: CUDA error: an illegal memory access\n"
+         "For debugging consider passing CUDA_LAUNCH_BLOCKING=1", "Failed: the GPU failed while running it. Reroll it."),
+        ("NonFiniteError: non-finite values at iteration 40 with fp16 precision",
+         "Failed: the picture's numbers overflowed. Reroll it (a new seed)."),
+        ("worker lost 3 times", "Failed: its worker stopped 3 times while running it. Reroll it."),
+        ("KeyError: 'logits'", "Failed: an error on the GPU worker (KeyError). Reroll it; if it fails again, tell an "
+                               "admin (the worker's log has the details)."),
+        ("the prompt is empty: describe the picture you want",
+         "Failed: the prompt is empty: describe the picture you want"),
+        (None, "Failed: unknown error."),
+    ]:
+        record.error = reason
+        assert render.final_text(record).split("\n")[1] == status, reason
+
+
 def test_the_admins_answer_fits_discord_however_many_jobs_were_cancelled():
     ids = [f"{n:012x}" for n in range(400)]
     head = "x" * 420   # the "Added the …" line with a 200-character entry, and more

@@ -313,10 +313,9 @@ def test_every_text_of_a_job_with_every_note_and_a_long_failure_fits_discord(sta
                           "parent": {"prompt": "a_b*" * 15, "user_id": 123456789012345678, "url": url},
                           "image_prompt": {"artifact": ["x", "image.png"], "weight": 0.75},
                           "init_image": {"artifact": ["x", "image.png"]}, "notes": notes})
-    oom = ("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity; 13.1 GiB "
-           "already allocated; 1.2 GiB free; 14.0 GiB reserved in total by PyTorch) If reserved memory is >> allocated "
-           "memory try setting max_split_size_mb to avoid fragmentation.")
-    record = JobRecord(id="c" * 12, spec=spec, state=state, error=oom if state == JobState.FAILED else None,
+    # A reason of the input is shown as written (render.failure_reason), up to 300 characters.
+    long_reason = "the weight of " + repr("𓀀" * 40) + " must be a number between -100 and 100; " + "x" * 400
+    record = JobRecord(id="c" * 12, spec=spec, state=state, error=long_reason if state == JobState.FAILED else None,
                        similarity=0.5 if state == JobState.DONE else None)
     texts = [render.final_text(record, "The video could not be made; here is the final image.")
              if state.finished else render.queued_text(record, 12, "server"),
@@ -327,7 +326,7 @@ def test_every_text_of_a_job_with_every_note_and_a_long_failure_fits_discord(sta
         assert text.startswith("**") and "…**\n" in text   # the prompt cut, its bold closed
     first = texts[0]
     if state == JobState.FAILED:
-        assert "Failed: RuntimeError: CUDA out of memory" in first and "could not be made" in first
+        assert "Failed: the weight of '𓀀𓀀" in first and "could not be made" in first
         assert render.NOTES_LEFT_OUT in first
     if state == JobState.DONE:
         assert "Done · similarity 0.500" in first
