@@ -926,9 +926,11 @@ class SQLiteJobQueue:
             return cur.rowcount == 1
 
     async def undelivered(self) -> list[JobRecord]:
+        # INDEXED BY: without statistics the planner took jobs_state and sorted every finished job
+        # ever kept (35 ms at 50k, growing with the history), every reconcile pass.
         rows = await self._all(
-            "SELECT * FROM jobs WHERE delivered = 0 AND state IN ('done', 'failed', 'cancelled')"
-            " ORDER BY finished_at"
+            "SELECT * FROM jobs INDEXED BY jobs_undelivered"
+            " WHERE delivered = 0 AND state IN ('done', 'failed', 'cancelled') ORDER BY finished_at"
         )
         return [_record(r) for r in rows]
 
