@@ -2,7 +2,8 @@
 
 Torch-free. What a worker gets is never the user's file: the bot decodes it safely
 (engine.images.load_image: size, pixel-bomb and format refusals; animations and 16-bit images
-converted, with a note), scales it down, re-encodes it as PNG and stores it in the queue as an
+converted, with a note), crops it to the centre square the worker uses (as it always did, in
+engine.image_prompts.to_tensor), scales that down, re-encodes it as PNG and stores it in the queue as an
 artifact under the PNG's content id (`engine.jobs.upload_id_of`: `upload_<32 hex of its SHA-256>`,
 name `image.png`; the same picture is stored once, however often it is sent) *before* the job is
 submitted, so no worker can claim the job before its picture is there. The spec names it in
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ARTIFACT_NAME = "image.png"
-# The worker needs at most CLIP's input (224) and the init image's 8 * grid (512): a stored copy
-# of up to 1024 a side keeps the detail and keeps the queue small.
+# The worker needs at most CLIP's input (224) and the init image's 8 * grid (512), of the picture's
+# centre square (engine.image_prompts.to_tensor crops it): the stored copy is that square, of up to
+# 1024 a side, which keeps the detail and keeps the queue small. (Shrunk before the crop, a
+# 3000x1000 picture's square was 341 px.)
 STORE_SIDE = 1024
 SPEC_KEYS = {"image": "image_prompt", "init_image": "init_image"}
 # How many times `Uploads.submit` stores a picture of its own again when the submit finds it gone
@@ -100,9 +103,16 @@ async def download(attachment: discord.Attachment, option: str, max_bytes: int) 
     return data
 
 
+def centre_square(image: Any) -> Any:
+    """The centre square of `image`, as engine.image_prompts.to_tensor crops it (same offsets)."""
+    w, h = image.size
+    s = min(w, h)
+    return image if w == h else image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
 def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
-    """Decode (refusing what is not a safe image), scale down, re-encode as PNG. CPU work: run it
-    on the decoders' threads (`check_on_decoders`)."""
+    """Decode (refusing what is not a safe image), crop to the centre square the worker uses,
+    scale down, re-encode as PNG. CPU work: run it on the decoders' threads (`check_on_decoders`)."""
     try:
         image, notes = load_image(data, max_bytes=max_bytes)
     except ImageRejected as exc:
@@ -110,6 +120,7 @@ def check(data: bytes, option: str, max_bytes: int) -> CheckedImage:
         # bytes (`broken PNG file (chunk b'||*_')`): tamed, cut and Markdown escaped
         # (render.snippet), so the file cannot format (spoil, italicise, link) the answer.
         raise AttachmentRefused(f"`{option}`: {render.snippet(str(exc), 300)}.") from None
+    image = centre_square(image)
     image.thumbnail((STORE_SIDE, STORE_SIDE))
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -26,9 +26,9 @@ def permutations_text(config: Config, per_user: int) -> str:
     else:
         example, count = "`a {red, blue} house`", 2
     return (f"**Permutations**: {example} makes one job per combination ({count} here; options split by "
-            f"commas or by `|` as in `{{cat|dog}}`, no nesting), at most {most} per prompt; each counts as a "
-            "waiting job, and one contact sheet shows them all once they have ended, with each job's id "
-            "(for `/remix`) and link." + LITERAL_BRACES)
+            f"commas, or by `|` as in `{{cat|dog}}` (then an option may hold commas), no nesting), at most "
+            f"{most} per prompt; each counts as a waiting job, and one contact sheet shows them all once they "
+            "have ended, with each job's id (for `/remix`) and link." + LITERAL_BRACES)
 
 
 # bot.permutations: `\{` and `\}` are braces to keep (no set), in /imagine and /remix alike.

@@ -335,11 +335,31 @@ def result_view(record: JobRecord) -> discord.ui.View:
     return _button_view(*items)
 
 
+# The refusal of a button (or the Remix form) to a member without Use Application Commands here.
+NO_COMMANDS = ("You can't start a job from this message: you don't have the Use Application Commands permission "
+               "in this channel, which the bot's commands need. Nothing was queued.")
+
+
+def may_use_commands(interaction: discord.Interaction) -> bool:
+    """Whether the presser may use application commands here (`interaction.permissions`: the member's
+    permissions in this channel, as Discord resolved them for this interaction; no store read, no
+    request). Discord checks Use Application Commands (and the per-command overrides of Server
+    Settings → Integrations) for slash commands only, never for a component's click or a modal's
+    submit: the buttons that start a job (Reroll, Continue, Remix) and the Remix form check that
+    permission themselves. Not the per-command overrides (a role or channel barred from /imagine):
+    those are not in the interaction (README). Outside a server there is nothing to check."""
+    return interaction.guild_id is None or interaction.permissions.use_application_commands
+
+
 class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"imagine:(?P<action>[a-z]+):" + JOB_ID):
     action = ""
     label = ""
     style = discord.ButtonStyle.secondary
     emoji: str | None = None
+    # A job's start (Reroll, Continue, Remix): only for who may use the bot's commands here
+    # (may_use_commands). Not Cancel: stopping one's own job is not using the bot (and an admin's
+    # cancel is an admin's).
+    starts_a_job = True
 
     def __init__(self, job_id: str):
         self.job_id = job_id
@@ -360,6 +380,9 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"imagine:(
         try:
             if not_installed_here(interaction):   # a reply made through a user install, before they were refused
                 await ephemeral(interaction, NOT_INSTALLED)
+                return
+            if self.starts_a_job and not may_use_commands(interaction):   # before any store read
+                await ephemeral(interaction, NO_COMMANDS)
                 return
             await self.on_click(_imagine_cog(interaction), interaction)
         except Exception:   # noqa: BLE001 - ours (the store down or locked, a bug): logged, told
@@ -448,6 +471,7 @@ def submitted_value(components: Any, custom_id: str) -> str | None:
 
 class CancelButton(_JobButton, template=r"imagine:cancel:" + JOB_ID):
     action, label, style, emoji = "cancel", "Cancel", discord.ButtonStyle.danger, None
+    starts_a_job = False   # its author (or an admin) stops it, with or without Use Application Commands
 
     async def on_click(self, cog: "ImagineCog", interaction: discord.Interaction) -> None:
         await cog.cancel_job(interaction, self.job_id)
@@ -684,13 +708,16 @@ def banned_parent_refusal(job_id: str, verb: str, timed_out: bool = False) -> st
             f"{verb} (a remix starts from its picture and names its prompt). Nothing was queued.")
 
 
-def lineage_gone(job_id: str, kind: str | None, parent_id: str) -> str:
+def lineage_gone(job_id: str, kind: str | None, parent_id: str | None) -> str:
     """The refusal of a Reroll whose job started from `parent_id`'s final state (a remix, a
-    continue) when that state has been pruned: without it the reroll would start from noise."""
+    continue) when that state has been pruned: without it the reroll would start from noise.
+    `parent_id` None: a remix's parent of another channel, not named (render.FROM_OTHER_CHANNEL),
+    as the remix's reply does not name it."""
+    parent = f"job `{parent_id}`" if parent_id is not None else render.FROM_OTHER_CHANNEL
     if kind == "remix":
-        return (f"Job `{job_id}` is a remix of job `{parent_id}`, whose final state is gone (pruned), so it "
+        return (f"Job `{job_id}` is a remix of {parent}, whose final state is gone (pruned), so it "
                 "cannot be rerolled from the same start. `/remix` another job or `/imagine` the prompt instead.")
-    return (f"Job `{job_id}` continues job `{parent_id}`, whose final state is gone (pruned), so it cannot be "
+    return (f"Job `{job_id}` continues {parent}, whose final state is gone (pruned), so it cannot be "
             "rerolled from the same start. `/imagine` the prompt instead.")
 
 
@@ -869,6 +896,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         try:
             if not_installed_here(interaction):
                 await ephemeral(interaction, with_typed_prompt(NOT_INSTALLED, prompt))
+                return
+            if not may_use_commands(interaction):   # Discord does not check it for a modal's submit
+                await ephemeral(interaction, with_typed_prompt(NO_COMMANDS, prompt))
                 return
             await self.remix(interaction, match["job_id"], prompt, None, form=True)
         except Exception:   # noqa: BLE001 - a listener's errors reach no one else: log, tell the user
@@ -1273,7 +1303,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 # A remix or a continue starts from another job's final state: so does its reroll,
                 # or it would start from noise and show a different picture from the same settings.
                 if not await self.queue.has_artifact(p.parent_job_id, "state.pt"):
-                    return lineage_gone(job_id, p.parent_kind, p.parent_job_id)
+                    # A remix's parent of another channel is not named (the clicker may not see it),
+                    # as the remix's reply and the Reroll's (carried_source) do not name it.
+                    recorded = p.extra.get("parent")
+                    recorded = recorded if isinstance(recorded, dict) else {}
+                    elsewhere = p.parent_kind == "remix" and bool(carried_source(
+                        recorded, interaction.channel_id or 0, p.channel_id).get(render.OTHER_CHANNEL))
+                    return lineage_gone(job_id, p.parent_kind, None if elsewhere else p.parent_job_id)
                 if await self._withheld(p.parent_job_id):   # its start is that job's final state
                     # (Not named: a remix's parent may be of a channel the clicker cannot see.)
                     return (f"Job `{job_id}` starts from the final state of a job this server's admins "

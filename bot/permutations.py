@@ -2,7 +2,8 @@
 per combination (6 here) and, once every one of them has ended, posts one contact sheet.
 
 - Syntax: `{a, b, c}` groups of comma-separated options, or `{a|b|c}` (sd-dynamic-prompts' style:
-  `|` separates the options of a group without commas; a group with both is refused); no nesting,
+  in a group with a `|`, only `|` separates the options, so they may hold commas:
+  `{oil painting, detailed|watercolor}` is two); no nesting,
   no empty option, no repeat. A prompt with braces that do not balance is refused with what to
   fix. A prompt whose groups all have one option is an ordinary prompt (the braces dropped).
   `\\{` and `\\}` are literal braces (`a \\{red\\} house` is the one prompt `a {red} house`); /remix
@@ -211,18 +212,15 @@ def parse(text: str) -> Template | None:
                     "Add the missing `{` or remove the `}` (`\\}` is a literal brace).")
             body = "".join(body_chars)
             group = render.quote(text[start:i + 1])
-            if "," in body and "|" in body:
-                raise TemplateError(
-                    f"The group {group} mixes `,` and `|`: separate its options with one of them, e.g. "
-                    "`{red, blue}` or `{red|blue}`. (A weighted part goes outside the braces: "
-                    "`a {red, blue} house | blurry:-1`.)")
-            # `{cat|dog}` (sd-dynamic-prompts' style) is a set too: `|` separates the options of a
-            # group without commas. (Unwrapped as one option, `a cat|dog` would be a weighted prompt.)
+            # `{cat|dog}` (sd-dynamic-prompts' style) is a set too: in a group with a `|`, `|` alone
+            # separates the options and commas are their own (`{oil painting, detailed|watercolor}`:
+            # two). (Unwrapped as one option, `a cat|dog` would be a weighted prompt.)
             options = [o.strip() for o in body.split("|" if "|" in body else ",")]
             if any(not o for o in options):
                 raise TemplateError(
                     f"The group {group} has an empty option. Write options between commas or `|`, "
-                    "e.g. `{red, blue, golden}` or `{red|blue|golden}`.")
+                    "e.g. `{red, blue, golden}`, or `{red|blue|golden}` (an option with a comma: `{oil painting, "
+                    "detailed|watercolor}`).")
             # A repeat is an option CLIP reads as one already listed: Template.expand collapses the
             # white space of each prompt, and CLIP's tokenizer lowercases (str.lower) what is left.
             seen: set[str] = set()

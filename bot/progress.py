@@ -71,6 +71,7 @@ import datetime
 import hashlib
 import io
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -82,6 +83,7 @@ from discord.ext import commands
 
 from bot import render
 from engine.jobs import EventKind, JobEvent, JobRecord, JobState, pause_of
+from engine.outage import OutageLog
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -174,6 +176,24 @@ class _Outage:
             log.info("Discord answers again after %.0f s (%d requests failed meanwhile)",
                      time.monotonic() - self.since, self.failures)
             self.since = None
+
+
+# A failed job's reason that starts with an exception's type ("OSError: ...") or is a lost worker's
+# ("worker lost 3 times") is logged as the worker logs it. Any other (a prompt rejected: it quotes
+# the prompt's parts, engine.prompts._quote) is the users' text: only when it quotes nothing.
+_TYPED_REASON = re.compile(r"[A-Za-z_][\w.]*: |worker lost ")
+FAILURE_REASON_CHARS = 200
+
+
+def _failure_reason(reason: str | None) -> str:
+    """A failed job's reason (its record's error, which its FAILED event carries) for the log line:
+    one line, at most FAILURE_REASON_CHARS, none that quotes the prompt."""
+    text = " ".join((reason or "").split())
+    if not text:
+        return "no reason given"
+    if not _TYPED_REASON.match(text) and ("'" in text or '"' in text):
+        return "its input was rejected (the reason quotes the prompt: not logged)"
+    return text if len(text) <= FAILURE_REASON_CHARS else text[:FAILURE_REASON_CHARS - 1] + "…"
 
 
 def is_refusal(exc: discord.HTTPException) -> bool:
@@ -401,15 +421,18 @@ class ProgressCog(commands.Cog, name="Progress"):
 
     async def _event_loop(self) -> None:
         saved, saved_at = self.cursor, time.monotonic()
+        # A store outage fails these every second: one traceback, a line a minute, one at its end.
+        reads, cursor_saves = OutageLog(log, "reads of queue events"), OutageLog(log, "saves of the event cursor")
         while True:
             try:
                 events = await self.queue.events(after=self.cursor, timeout=self.cfg.poll_timeout)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a queue outage must not end the task
-                log.exception("reading queue events failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - a queue outage must not end the task
+                reads.failed(exc, "retrying every second")
                 await asyncio.sleep(1.0)
                 continue
+            reads.worked()
             if events and events[0].seq <= self.cursor:
                 # The numbering restarted: the store lost its data (a Redis that came back empty),
                 # and with it the jobs we follow. Look for them now, not at the next round.
@@ -430,15 +453,19 @@ class ProgressCog(commands.Cog, name="Progress"):
                 try:
                     await self.queue.set_setting(CURSOR_KEY, self.cursor)
                     saved, saved_at = self.cursor, time.monotonic()
-                except Exception:  # noqa: BLE001
-                    log.warning("could not save the event cursor", exc_info=True)
+                except Exception as exc:  # noqa: BLE001
+                    cursor_saves.failed(exc)
+                else:
+                    cursor_saves.worked()
 
     async def _on_event(self, event: JobEvent) -> None:
         kind = EventKind(event.kind)
         if kind != EventKind.PROGRESS:   # someone joined or left the line
             self._line_dirty.set()
         t = await self._tracker(event.job_id)
-        if t is not None and kind != EventKind.PROGRESS:   # one INFO line per job event; no prompt
+        if t is not None and kind == EventKind.FAILED:
+            log.info("job %s failed: %s", event.job_id, _failure_reason(event.message))
+        elif t is not None and kind != EventKind.PROGRESS:   # one INFO line per job event; no prompt
             log.info("job %s %s", event.job_id, kind.value)
         if t is None or t.final or t.lost:
             return
@@ -1085,12 +1112,34 @@ class ProgressCog(commands.Cog, name="Progress"):
             async with t.reply_lock:
                 await self.queue.set_reply(t.job_id, reply)
             final.record.spec.reply = reply
-        return await self._post_new(t, final, files, view)
+        posted = await self._post_new(t, final, files, view)
+        if posted and t.archived and not t.dead:
+            await self._point_to_result(t, posted)
+        return posted
+
+    async def _point_to_result(self, t: _Tracker, posted: int) -> None:
+        """After a result went out as a new message because the reply's thread was archived (the
+        reply is still there; the post unarchived the thread): one best-effort edit of the reply,
+        without its Cancel button and with its last progress text replaced by a link to the result.
+        Never the result itself (no view, no files): a restart before the result's id is written
+        reposts it (the `reposting` mark), and this reply must not read as a second result. Its
+        failure (still archived: the result went as a follow-up; deleted; an outage) is logged and
+        changes nothing of the delivery."""
+        url = render.jump_url(t.guild_id, t.channel_id, posted)
+        content = f"Job `{t.job_id}` has ended; its result is in a new message (this thread was archived): {url}"
+        try:
+            await self._edit(t, content=content, view=None)
+        except Exception as exc:  # noqa: BLE001 - a courtesy: the result is posted either way
+            log.info("job %s: could not point its old reply to the result (%s: %s)", t.job_id,
+                     type(exc).__name__, exc)
+        else:
+            log.debug("job %s: its old reply points to the result (message %s)", t.job_id, posted)
 
     async def _find_repost(self, t: _Tracker, after: int) -> int | None:
         """The id of the bot's message with this job's result buttons among the channel's messages
         since the snowflake `after` (at most REPOST_SEARCH of them), or None: none there, or the
-        channel cannot be read (no Read Message History, gone: the nonce still guards the post)."""
+        channel cannot be read (gone, no View Channel; without Read Message History Discord returns
+        no messages): the nonce still guards the post."""
         me = self.bot.user.id if self.bot.user else None
         ours = {f"imagine:{action}:{t.job_id}" for action in ("reroll", "continue", "remix")}
         channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)

@@ -414,7 +414,10 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     init_logits = parent_state["logits"] if parent_state is not None else None
     if init_image is not None:
         init_logits = init_logits_from_image(models, init_image, settings.grid)
-    targets = [(to_tensor(img), weight, f"image:{name}") for img, weight, name in image_prompts]
+    # At CLIP's side, resized with Lanczos as the worker does (Worker._make_slot): the same
+    # picture is the same target from either.
+    res = models.clip_resolution
+    targets = [(to_tensor(img, res), weight, f"image:{name}") for img, weight, name in image_prompts]
     try:
         # keep_frames=False: on_frame writes each frame as it comes, and the video is made from those
         # files; the result keeps the last frame only (--iterations 100000 --frame-every 1 is 100001

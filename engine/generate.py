@@ -63,7 +63,7 @@ class GenerationSettings:
     rotate_degrees: float = 30.0
     noise: float = 0.1
     seed: int = 0
-    split_softmax: bool = False     # the notebook's (1, 4096, -1) reshape quirk: two softmaxes of 4096
+    split_softmax: bool = False     # the notebook's (1, 4096, -1) reshape quirk: two softmaxes of 4096 (even, odd codes)
     precision: str = "auto"         # auto | fp32 | bf16 | fp16 (autocast on CUDA; fp32 on CPU)
 
     def validate(self) -> None:
@@ -153,10 +153,12 @@ def encode_targets(
 def _clip_embed(
     models: Models, images: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """CLIP image embeddings [N, D] of images [N, 3, H, W] in 0..1 (resized, normalised)."""
+    """CLIP image embeddings [N, D] of images [N, 3, H, W] in 0..1 (resized, normalised). A
+    picture larger than CLIP's side (a frame of grid 64: 512) is shrunk with antialiasing, so
+    detail finer than the new pixels is averaged rather than aliased into patterns of its own."""
     res = models.clip_resolution
     if images.shape[-1] != res or images.shape[-2] != res:
-        images = F.interpolate(images, size=(res, res), mode="bilinear", align_corners=False)
+        images = F.interpolate(images, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
     mean, std = norm if norm is not None else _clip_norm(images.device, images.dtype)
     return models.clip.encode_image((images - mean) / std).float()
 
@@ -183,8 +185,11 @@ def gumbel_softmax(logits: torch.Tensor, uniforms: torch.Tensor, tau: float, spl
     gumbels = -torch.log(-torch.log(uniforms.clamp(1e-10, 1 - 1e-7)))
     y = (logits + gumbels) / tau
     if split:  # the notebook's quirk: two softmaxes of V/2 codes per position
+        # Its `logits.view(1, V // 2, -1)` softmax over dim 1: the flat [V * g * g] row-major
+        # buffer as V/2 rows of codes (2j, 2j + 1) x positions, so each softmax is over the even
+        # codes or over the odd ones at a position (not the first half or the second).
         b, v, h, w = y.shape
-        return y.view(b, 2, v // 2, h, w).softmax(dim=2).view(b, v, h, w)
+        return y.view(b, v // 2, 2, h, w).softmax(dim=1).view(b, v, h, w)
     return y.softmax(dim=1)
 
 
@@ -353,6 +358,10 @@ class Slot:
         # foreach, for one tensor), on CUDA and on a CPU; B slots launch B of them a step.
         self.optimizer = torch.optim.Adam([self.logits], lr=settings.lr, fused=True)
         self.iteration = 0
+        # Steps of the learning-rate ramp taken before this run's first (`lr`): a Continue's
+        # parent's steps (theirs and their parent's: `as_continue`), so its ramp goes on where
+        # the parent's left off, as Adam's step count does. Saved in the state; 0 for a new run.
+        self.lr_offset = 0
         # The last step's loss stays on the device (a 0-d tensor): reading it is a host sync,
         # done only when a frame is taken (`last_loss`).
         self.loss: torch.Tensor | None = None
@@ -373,8 +382,24 @@ class Slot:
         return self.iteration >= self.settings.iterations
 
     def lr(self) -> float:
+        """The step's learning rate: `lr * lr_growth ** steps`, at most `lr_max`, where `steps`
+        counts the ramp's steps before it, the parent's too for a Continue (`lr_offset`)."""
         s = self.settings
-        return min(s.lr * s.lr_growth ** self.iteration, s.lr_max)
+        steps = self.lr_offset + self.iteration
+        if s.lr_growth > 1 and s.lr > 0:
+            # Past ceil(log(lr_max / lr) / log(growth)) steps the ramp is at lr_max: the power is
+            # capped there (+1 against rounding), so a huge count never overflows a float.
+            top = math.ceil(math.log(s.lr_max / s.lr) / math.log(s.lr_growth)) + 1 if s.lr_max > s.lr else 0
+            steps = min(steps, top)
+        return min(s.lr * s.lr_growth ** steps, s.lr_max)
+
+    def as_continue(self) -> None:
+        """Make this slot, just loaded with a finished parent's state (`load_state`), the parent's
+        Continue: a fresh count of iterations (its frames and end), with the learning-rate ramp
+        going on from where the parent's stopped (`lr_offset`), as the optimiser's step count does,
+        so N steps and a Continue of M take the steps one run of N + M would."""
+        self.lr_offset += self.iteration
+        self.iteration = 0
 
     def adam_step(self) -> None:
         """The optimiser's step on the logits' gradient. Fused Adam trusts its moments' shapes and
@@ -395,14 +420,15 @@ class Slot:
 
     def state(self) -> dict[str, Any]:
         """A snapshot of everything needed to resume exactly: logits, Adam's moments and step count,
-        the RNG, the iteration. Every tensor in it is a CPU copy taken now, never one the optimiser
-        still updates: the worker's GPU thread hands it to the asyncio side and steps on while that
+        the RNG, the iteration, the lr ramp's offset. Every tensor in it is a CPU copy taken now,
+        never one the optimiser still updates: the worker's GPU thread hands it to the asyncio side and steps on while that
         side serialises it, so live tensors (`optimizer.state_dict()`'s are) would mix iteration N's
         logits with the moments of a later step (a torn checkpoint, which resumes elsewhere).
         On CUDA the copies are blocking: the snapshot waits for the step's kernels (a host sync,
         paid only when a checkpoint or the final state is taken)."""
         return {
             "iteration": self.iteration,
+            "lr_offset": self.lr_offset,                             # the ramp's steps before this run's
             "logits": _cpu_copy(self.logits),                        # [1, V, g, g]
             # exp_avg, exp_avg_sq: [1, V, g, g]; step: []. Portable: a graphed slot's Adam is capturable.
             "optimizer": portable_optimizer_state(_cpu_copy(self.optimizer.state_dict())),
@@ -430,6 +456,7 @@ class Slot:
                 for name in _MOMENTS:
                     per_param[name] = torch.empty_like(self.logits).copy_(per_param[name])
         self.iteration = int(state["iteration"])
+        self.lr_offset = int(state.get("lr_offset", 0))   # a state saved before there was one: 0
         self._load_generator(state["generator"])
 
     # A generator's state (a uint8 tensor) tells its device type by its size: CPU's Mersenne Twister
@@ -542,7 +569,7 @@ def check_state(state: Any, shape: tuple[int, ...]) -> dict[str, Any]:
     against the logits `shape` of the slot that would take it ([1, V, g, g]), without a slot:
     what `Slot.load_state` refuses, found where the state is read. Returns it `expand_state`d.
     ValueError when it is not what `state()` writes for such a slot: its keys, the logits, Adam's
-    single group, moments and step count, the generator's form, the iteration. (Whether the
+    single group, moments and step count, the generator's form, the iteration and lr offset. (Whether the
     generator can be taken on this device is `load_state`'s to decide.)"""
     def damaged(what: str) -> ValueError:
         return ValueError(f"{what}: the state is damaged")
@@ -555,6 +582,9 @@ def check_state(state: Any, shape: tuple[int, ...]) -> dict[str, Any]:
     iteration = state["iteration"]
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise damaged(f"the saved iteration {iteration!r} is not a count")
+    lr_offset = state.get("lr_offset", 0)   # absent in a state saved before there was one
+    if isinstance(lr_offset, bool) or not isinstance(lr_offset, int) or lr_offset < 0:
+        raise damaged(f"the saved learning-rate offset {lr_offset!r} is not a count")
     logits, optimizer = state["logits"], state["optimizer"]
     if not torch.is_tensor(logits) or not logits.is_floating_point():
         raise damaged(f"the saved logits are a {type(logits).__name__} {getattr(logits, 'dtype', '')}")

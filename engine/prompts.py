@@ -38,7 +38,11 @@ _WEIGHT = re.compile(rf"^(?P<text>.*?):\s*(?P<weight>{_NUMBER})\s*$", re.S)
 # and the pull ("a clock showing 10" at weight 30), or refused the prompt (7:00: weight 0). A
 # decimal weight stays one (`photo from 1985:0.5`, as written before this rule); a whole one after a
 # digit takes a space: `16:9: 2`.
-_DIGIT_COLON_WHOLE = re.compile(r"\d:\d+\s*$")
+# Brackets, quotes and marks that may wrap a weight or follow it: `(blurry:-1)`, `blurry:-1,`.
+_OPENERS = "([{<\"'`*\u201c\u2018\u00ab"
+_CLOSERS = ")]}>\"'`*\u201d\u2019\u00bb,;.!?"
+_DIGIT_COLON_WHOLE = re.compile(rf"\d:\d+[\s{re.escape(_CLOSERS)}]*$")   # `at 10:30.`, `(16:9)` too
+_FULL_NUMBER = re.compile(rf"{_NUMBER}")
 # What follows a part's last ':' that is meant as a weight but is no number the parser takes.
 # Read as text, such a part would get weight +1: "push away" turned into "pull toward". Only a
 # tail that is one token and plainly number-like, so ordinary text after a colon stays text
@@ -47,7 +51,10 @@ _DIGIT_COLON_WHOLE = re.compile(r"\d:\d+\s*$")
 # - a decimal comma: signed (-0,5) or 0,5;
 # - a sign, digits and dots, then at most two letters (-1x, -1.5.2, -0.5a);
 # - the same with a space after the sign (- 1, + 1) or a doubled sign (--1): the tail as a whole
-#   is still one number gone wrong, and read as text `- 1` would pull toward the part.
+#   is still one number gone wrong, and read as text `- 1` would pull toward the part;
+# - any of these, or a number, with brackets, quotes or marks around or after it: `(blurry:-1)`,
+#   `blurry:(-1)`, `blurry:-1,` (Stable Diffusion's `(blurry:1.5)` too: read as text it lost its
+#   pull). Not a word (`smile :-)`), nor a time (`(at 10:30)`: _DIGIT_COLON_WHOLE).
 _SIGNED_JUNK = re.compile(rf"^{_SIGN}(nan|inf|infinity)$|^({_SIGN}\d+|{_SIGN}?0),\d+$"
                           rf"|^{_SIGN}+\s*\.?\d[\d.]*[a-z]{{0,2}}$", re.I)
 _BARE_NAN = re.compile(r"^(nan|inf|infinity)$", re.I)
@@ -62,7 +69,10 @@ def _colon_is_text(raw: str, colon: int) -> bool:
 def _not_a_weight(tail: str) -> bool:
     """Whether `tail`, what follows a part's last ':', is a weight gone wrong (see _SIGNED_JUNK)."""
     token = tail.strip()
-    return bool(_SIGNED_JUNK.match(token) or (tail == token and _BARE_NAN.match(token)))
+    if _SIGNED_JUNK.match(token) or (tail == token and _BARE_NAN.match(token)):
+        return True
+    bare = token.lstrip(_OPENERS + " \t").rstrip(_CLOSERS + " \t")
+    return bare != token and bool(_FULL_NUMBER.fullmatch(bare) or _SIGNED_JUNK.match(bare))
 _SIGNS = str.maketrans({c: "-" for c in _MINUS} | {_PLUS: "+"})
 
 
@@ -116,7 +126,8 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[Promp
             head, colon, tail = raw.rpartition(":")
             if colon and has_visible_text(head) and not _colon_is_text(raw, len(head)) and _not_a_weight(tail):
                 raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "
-                                  "weight: write a number between -100 and 100 (e.g. blurry:-1 or by Escher:0.5)")
+                                  "weight: write a number between -100 and 100, with nothing around or after it "
+                                  "(e.g. blurry:-1 or by Escher:0.5)")
         if not has_visible_text(text):
             raise PromptError(f"the part {_quote(raw)} has a weight but no text")
         if not math.isfinite(weight) or abs(weight) > 100:

@@ -49,6 +49,7 @@ from engine.jobs import (
     check_keep_state_days, check_keep_state_gib,
 )
 from engine.models import Models
+from engine.outage import OutageLog
 from engine.stopping import abandon, any_abandoned, exit_if_abandoned, exit_now
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,11 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._announce_failing = False   # the last `_announce` failed (logged once until one works)
+        # A store outage (a full disk, Redis MISCONF) fails these for every running job, every beat or
+        # frame: one traceback each, a line a minute while it lasts, one when they work again.
+        self._heartbeats = OutageLog(log, "heartbeats")
+        self._publishes = OutageLog(log, "frame publishes")
+        self._checkpoint_saves = OutageLog(log, "checkpoint saves")
         self.gpu_alive = False
         self._gpu_error: BaseException | None = None   # what killed the GPU thread, if anything
         # The hang watchdog. A step that never returns (a hung driver, a kernel that never ends)
@@ -442,8 +448,10 @@ class Worker:
                     await self.queue.heartbeat(run.record.id, run.lease)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - the lease may survive the outage
-                    log.warning("heartbeat for %s failed while stopping", run.record.id, exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - the lease may survive the outage
+                    self._heartbeats.failed(exc, f"job {run.record.id}, while stopping")
+                else:
+                    self._heartbeats.worked()
 
     async def _hand_back(self) -> None:
         stopped = True
@@ -625,7 +633,10 @@ class Worker:
             if checkpoint is None and spec.parent_job_id:
                 parent = await self.queue.get_artifact(spec.parent_job_id, "state.pt")
                 if parent is None:
-                    raise PromptError(f"the state of job {spec.parent_job_id} is gone (pruned): it cannot be continued")
+                    # (Pruned while this job waited: the bot checked it at submit.)
+                    verb = "remixed" if spec.parent_kind == "remix" else "continued"
+                    raise PromptError(f"the state of job {spec.parent_job_id} is gone (pruned): it cannot be {verb}; "
+                                      "`/imagine` its prompt again instead")
                 parent_state = await asyncio.to_thread(state_from_bytes, parent)
                 init_logits = parent_state["logits"]
                 if spec.parent_kind == "continue":
@@ -689,33 +700,41 @@ class Worker:
         # a dead worker's job goes back to the line within about lease * 1.5.
         sweep_every = max(self.heartbeat_every, float(getattr(self.queue, "lease", 30.0)) / 2)
         next_sweep = loop.time() + sweep_every
+        sweeps = OutageLog(log, "sweeps of expired leases")
         while not self._stop.is_set():
             await asyncio.sleep(self.heartbeat_every)
             # A dead GPU thread runs nothing: let its jobs' leases expire so others take them.
             if self._gpu_thread_ok():
+                beat = failed = False
                 for run in list(self.running.values()):
                     sent = time.monotonic()
                     try:
                         ok = await self.queue.heartbeat(run.record.id, run.lease)
                     except asyncio.CancelledError:
                         raise
-                    except Exception:  # noqa: BLE001 - keep running; the lease may survive the outage
-                        log.warning("heartbeat for %s failed", run.record.id, exc_info=True)
+                    except Exception as exc:  # noqa: BLE001 - keep running; the lease may survive the outage
+                        self._heartbeats.failed(exc, f"job {run.record.id}")
+                        failed = True
                         continue
+                    beat = True
                     if ok:
                         run.renewed = sent
                     else:
                         run.cancel.set()
+                if beat and not failed:   # a whole round: no "works again" between two failing jobs
+                    self._heartbeats.worked()
             # After our own heartbeats, so that a late wake-up of this loop never sweeps our own jobs;
             # and not while one of them failed long enough for our lease to have run out (see _lapsing).
             if loop.time() >= next_sweep and not self._lapsing():
                 next_sweep = loop.time() + sweep_every
                 try:
-                    await self.queue.sweep()
+                    await self.queue.sweep()   # the queue logs the jobs it swept (their ids)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - the next sweep (or claim) will do it
-                    log.warning("sweeping expired leases failed", exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - the next sweep (or claim) will do it
+                    sweeps.failed(exc)
+                else:
+                    sweeps.worked()
             prunes = (self.keep_days is not None or self.keep_state_days is not None
                       or self.keep_state_bytes is not None)
             if prunes and loop.time() >= self._next_prune and (
@@ -856,26 +875,30 @@ class Worker:
         # Fenced writes: refused once this run's claim is over (lease lost, taken over, finished),
         # even when this worker has claimed the job again since (that run has another lease).
         ok: bool | None
+        began = self._publishes.clock()
         try:
             ok = await self.queue.publish(JobEvent(
                 job_id=job_id, kind=EventKind.PROGRESS, iteration=frame.iteration, total=frame.total,
                 similarity=frame.similarity, frame_png=png,
             ), run.lease)
-        except Exception:  # noqa: BLE001 - the next frame tries again
-            log.warning("job %s: publishing the frame at iteration %d failed (the store refused it or is "
-                        "unreachable)", job_id, frame.iteration, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the next frame tries again
+            self._publishes.failed(exc, f"job {job_id}, its frame at iteration {frame.iteration}, dropped")
             ok = None     # not known to be lost: its checkpoint is still tried (fenced)
+        else:
+            self._publishes.worked(began)
         if ok is not False and state is not None and not self._stop.is_set():
+            began = self._checkpoint_saves.clock()
             try:
                 data = await asyncio.to_thread(pack_checkpoint, state, list(run.frames_png))
                 ok = await self.queue.save_checkpoint(Checkpoint(job_id, frame.iteration, data), run.lease)
+                self._checkpoint_saves.worked(began)
                 if ok:
                     with self._book:   # the GPU thread may be forgetting the run right now
                         if key in self._saved:   # not once the run has left the GPU thread
                             self._saved[key] = max(self._saved[key], frame.iteration)
-            except Exception:  # noqa: BLE001 - a crash resumes from the previous checkpoint instead
-                log.warning("job %s: its checkpoint at iteration %d could not be saved (a crash now would "
-                            "resume from the one before)", job_id, frame.iteration, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a crash resumes from the previous checkpoint instead
+                self._checkpoint_saves.failed(exc, f"job {job_id} at iteration {frame.iteration}; a crash now "
+                                                   "would resume from the one before")
         if ok is False and not run.cancel.is_set():
             log.warning("job %s is no longer ours (lease lost or taken over): stopping it here", job_id)
             run.cancel.set()  # the GPU thread drops the slot; _on_stopped follows
@@ -1308,8 +1331,8 @@ class Worker:
         slot = Slot(start.key, self.models, targets, start.settings, init_logits)
         if start.state is not None:
             slot.load_state(start.state)
-            if start.keep_optimizer:  # Continue: the parent's optimiser and RNG, a fresh count
-                slot.iteration = 0
+            if start.keep_optimizer:  # Continue: the parent's optimiser, RNG and lr ramp, a fresh count
+                slot.as_continue()
                 if start.spec.extra.get("rerolls"):
                     # A Reroll of a Continue: the same start, its own noise (its new seed), or it
                     # would be a copy of the continue it rerolls, picture for picture.

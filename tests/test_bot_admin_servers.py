@@ -271,7 +271,7 @@ def _record(job_id, guild_id, user_id, prompt="x", state=JobState.QUEUED):
                      state=state)
 
 
-def test_show_withholds_the_prompt_of_a_running_job_cancelled_for_a_refused_word():
+async def test_show_withholds_the_prompt_of_a_running_job_cancelled_for_a_refused_word():
     """Its reply and /history withhold it from the moment of the cancel; /queue show listed it
     until its worker stopped (a second, or a hung worker's stall timeout)."""
     from bot.render import CANCEL_BANNED, PROMPT_WITHHELD

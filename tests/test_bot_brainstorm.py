@@ -587,7 +587,7 @@ async def test_help_is_short_and_private(harness):
     h.fd.assert_clean()
 
 
-def test_help_states_a_small_image_limit_as_it_is():
+async def test_help_states_a_small_image_limit_as_it_is():
     """`max_image_bytes = 500000` read "images up to 0 MiB" (rounded to a whole MiB)."""
     from bot.config import Config
     from bot.help import help_text

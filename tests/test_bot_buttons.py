@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from engine.jobs import JobState
+from tests.fakediscord import Permission
 from tests.test_bot_support import EPHEMERAL, harness, private_answer  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -224,6 +225,41 @@ async def test_remix_modal_submit_without_a_restart_is_answered_once(harness, ca
         assert len(h.posts_of_job(remix_id)) == 1
     await asyncio.sleep(0.3)
     _no_double_answers(h, caplog, submits)
+    fd.assert_clean()
+
+
+async def test_buttons_and_the_remix_form_need_use_application_commands(harness):
+    """Discord checks Use Application Commands for slash commands only, not for a button's click
+    or a modal's submit. Carol is denied it in this channel (after she opened a Remix form and
+    queued a job of her own): her Reroll, Continue and Remix clicks and her form's submit are
+    refused privately, nothing queued. Her own job's Cancel still works: stopping it is not using
+    the bot."""
+    h = harness
+    fd = h.fd
+    await h.start()
+    msg, job_id = await _finished_job(h, prompt="a red house", seed=7)
+    carol = fd.add_user("carol")
+    form = await _open_remix(h, msg, job_id, carol)
+    await h.queue.set_setting("paused", True)   # Carol's own job stays in line
+    own_msg = await h.reply_of(await h.imagine("a green field", user=carol))
+    own_id = h.job_id(own_msg)
+    fd.channels[fd.channel_id]["permission_overwrites"] = [
+        {"id": str(carol["id"]), "type": 1, "allow": "0", "deny": str(Permission.USE_APPLICATION_COMMANDS)}]
+    before = [r.id for r in await h.queue.history(fd.channel_id, limit=50)]
+
+    for action in ("reroll", "continue", "remix"):
+        click = await fd.click_button(msg, f"imagine:{action}:{job_id}", user=carol)
+        await fd.wait_for_response(click)
+        assert "Use Application Commands" in _refused(click), (action, click.response)
+    submit = await _submit_remix(h, form, "a blue boat")
+    text = _refused(submit)
+    assert "Use Application Commands" in text and "a blue boat" in text   # the typed prompt, to copy
+    assert [r.id for r in await h.queue.history(fd.channel_id, limit=50)] == before
+    assert await h.queue.count_queued() == 1   # Carol's own job alone
+
+    click = await fd.click_button(own_msg, f"imagine:cancel:{own_id}", user=carol)
+    assert await private_answer(h, click) == f"Cancelled job `{own_id}`."
+    assert (await h.wait_delivered(own_id)).state == JobState.CANCELLED
     fd.assert_clean()
 
 

@@ -481,35 +481,37 @@ def test_without_config_toml_the_bot_uses_the_defaults_but_a_named_config_must_e
 
 def _run_main_until_commands(fd: FakeDiscord, argv: list[str]) -> tuple[int, int]:
     """main(argv) in this (the main) thread, as `make run` runs it (the fake serves from another
-    thread); once the bot is connected after its start-up check of the commands, SIGINT (Ctrl-C)
-    stops it. Returns (exit code, PUTs of the global commands during the run)."""
+    thread); once the bot is ready (its on_ready logged; it connects after its start-up check of the
+    commands), SIGINT (Ctrl-C) stops it. Returns (exit code, PUTs of the global commands during the run)."""
     import os
     import signal
     import threading
     import time
 
     commands = f"/applications/{fd.application_id}/commands"
-    done = threading.Event()
+    done, ready = threading.Event(), threading.Event()
+
+    class ReadyLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("logged in as "):   # bot.client's on_ready
+                ready.set()
 
     def puts() -> int:
         return len([r for r in list(fd.requests) if r.method == "PUT" and r.path.endswith(commands)])
 
-    def gets() -> int:
-        return len([r for r in list(fd.requests) if r.method == "GET" and r.path.endswith(commands)])
-
-    gets_before, puts_before = gets(), puts()
+    puts_before = puts()
 
     def stop_when_ready() -> None:
         deadline = time.monotonic() + 60
         while not done.is_set() and time.monotonic() < deadline:
-            # connected after the check: the check is done (the PUT, if any, came before connecting)
-            if gets() > gets_before and fd.connected:
-                time.sleep(0.3)   # past on_ready
-                if not done.is_set():
-                    os.kill(os.getpid(), signal.SIGINT)   # the bot's handler cancels its run
-                return
-            time.sleep(0.05)
+            if ready.wait(0.05):   # connected after the check: the PUT, if any, came before
+                break
+        if not done.is_set():   # ready, or never (then stopped all the same, and failed below)
+            os.kill(os.getpid(), signal.SIGINT)   # the bot's handler cancels its run
 
+    handler = ReadyLine(logging.INFO)
+    client_log = logging.getLogger("bot.client")
+    client_log.addHandler(handler)
     watcher = threading.Thread(target=stop_when_ready, daemon=True)
     watcher.start()
     try:
@@ -517,7 +519,9 @@ def _run_main_until_commands(fd: FakeDiscord, argv: list[str]) -> tuple[int, int
     finally:
         done.set()
         watcher.join(5)
+        client_log.removeHandler(handler)
         _drop_discord_log_handlers()
+    assert ready.is_set(), "the bot never logged that it was ready"
     return code, puts() - puts_before
 
 

@@ -107,7 +107,9 @@ async def test_a_result_in_an_archived_thread_is_posted_as_a_new_message(harness
     archived it early). Archived before its frames: one refused progress edit ends the progress
     edits (not one per frame), and the result goes straight out as a new message. Archived after
     them: the final edit is refused once, and the result goes out as a new message. The new message
-    unarchives the thread; the job is delivered, with the video and the buttons, nothing given up."""
+    unarchives the thread; the job is delivered, with the video and the buttons, nothing given up.
+    Then one edit of the old reply (no files, no buttons) points to the result: no live Cancel
+    button, no "Iteration n/m" left on it for good."""
     h = harness
     h.config.progress.message_interval = 0.01
     msg, job_id = await queued_job_in_a_thread(h, "a thread that archives itself", expire_token=token_expired)
@@ -129,6 +131,9 @@ async def test_a_result_in_an_archived_thread_is_posted_as_a_new_message(harness
     await asyncio.sleep(1.0)   # nothing more comes
     edits = [r for r in fd.requests[since:] if r.method == "PATCH" and r.status != 401   # 401: the dead token
              and (r.path.startswith(f"/channels/{thread_id}/") or r.path.startswith("/webhooks/"))]
+    # The last: after the result's post, the old reply's pointer to it (no files, no components).
+    *edits, pointer = edits
+    assert pointer.status == 200 and not pointer.files and pointer.json["components"] == [], pointer.json
     assert all(r.status == 400 and r.response["code"] == 50083 for r in edits), [(r.path, r.status) for r in edits]
     if archived == "before-frames":   # one progress edit (the "starting" one or a frame); the result not tried
         assert len([r for r in edits if not _is_final(r)]) == 1 and len(edits) == 1
@@ -142,6 +147,11 @@ async def test_a_result_in_an_archived_thread_is_posted_as_a_new_message(harness
     assert record.spec.reply["result_message_id"] == result.id
     assert not fd.thread_archived(thread_id)   # the new message unarchived it
     assert "refused its result" not in caplog.text and job_id not in h.bot.progress.trackers
+    assert fd.requests.index(pointer) > fd.requests.index(posts[0])
+    old = fd.messages[msg.id]
+    assert old.custom_ids == [] and "Iteration" not in old.content and len(old.content) <= 2000
+    assert f"https://discord.com/channels/{fd.guild_id}/{thread_id}/{result.id}" in old.content
+    assert "final.png" not in {a["filename"] for a in old.attachments}   # not a second result
 
 
 @pytest.mark.parametrize("manage_threads", [False, True], ids=["plain-bot", "thread-manager"])
@@ -169,10 +179,12 @@ async def test_a_locked_archived_thread_refuses_the_result_a_few_times_then_it_i
     # One edit refused: the "starting" one (then the result is not tried as an edit) or, if the job
     # finished before that went out, the final one.
     edits = requests_matching(fd, "PATCH", CHANNEL_EDIT.format(thread_id), since)
-    assert [r.status for r in edits] == [400]
+    # (With Manage Threads, after the post: the old reply's pointer to the result, without buttons.)
+    assert [r.status for r in edits] == ([400, 200] if manage_threads else [400])
     posts = requests_matching(fd, "POST", CHANNEL_POST.format(thread_id), since)
     if manage_threads:
         assert [r.status for r in posts] == [200]
+        assert fd.messages[msg.id].custom_ids == []
         assert not fd.thread_archived(thread_id)
         assert "refused its result" not in caplog.text
     else:
@@ -374,27 +386,36 @@ async def test_a_store_failure_while_giving_up_a_refused_post_is_tried_again(har
     assert job_id not in h.bot.progress.trackers
 
 
-async def test_a_refused_progress_edit_stops_the_progress_edits(harness):
-    """Past the token's TTL the progress edits go through the channel; in a channel the bot cannot
-    access every one is refused (403), and Discord bans bots that make many refused requests. The
-    first 403 ends the job's progress edits; the final post still goes out (a new message)."""
+async def test_a_refused_progress_edit_stops_the_progress_edits(harness, caplog):
+    """Past the token's TTL the progress edits go through the channel; in a channel the bot can no
+    longer view (an admin's overwrite) every request is refused (403 / 50001), and Discord bans
+    bots that make many refused requests. The first 403 ends the job's progress edits; the final
+    post tries the edit once and a new message once (refused too: the token has expired, so there
+    is no follow-up), then gives up, logged, and nothing more is sent there."""
+    from tests.test_bot_reach import _deny_the_bot
+
     h = harness
     h.config.progress.message_interval = 0.01
     msg, job_id = await _queued_job_past_its_token(h, "a channel the bot lost access to")
     fd = h.fd
-    fd.inject_error("PATCH", CHANNEL_EDIT.format(msg.channel_id), 403,
-                    body={"message": "Missing Access", "code": 50001}, count=10_000)
+    caplog.set_level(logging.INFO, logger="bot.progress")
+    _deny_the_bot(fd, msg.channel_id, Permission.VIEW_CHANNEL)
     since = len(fd.requests)
     await claim_jobs(h.queue, [job_id])
     await publish_frames(h.queue, [job_id], frames=20, every=0.05)
     await finish_jobs(h.queue, [job_id])
     await h.wait_delivered(job_id, timeout=20)
-    refused = [r for r in requests_matching(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since) if r.status == 403]
-    progress_refused = [r for r in refused if not any(f.filename == "final.png" for f in r.files)]
+    edits = requests_matching(fd, "PATCH", CHANNEL_EDIT.format(msg.channel_id), since)
+    assert all(r.status == 403 for r in edits), [r.status for r in edits]
+    progress_refused = [r for r in edits if not any(f.filename == "final.png" for f in r.files)]
     assert len(progress_refused) == 1, [r.path for r in progress_refused]
-    assert len(refused) == 2   # and the final post's edit, which then posts a new message
+    assert len(edits) == 2   # and the final post's edit, which then tries a new message
     posts = requests_matching(fd, "POST", CHANNEL_POST.format(msg.channel_id), since)
-    assert len(posts) == 1 and posts[0].status == 200
+    assert [r.status for r in posts] == [403]
+    assert f"job {job_id}: cannot post its result in channel {msg.channel_id}" in caplog.text
+    settled = len(fd.requests)
+    await asyncio.sleep(0.5)
+    assert not [r for r in fd.requests[settled:] if str(msg.channel_id) in r.path]
 
 
 @pytest.mark.parametrize("token_expired", [True, False], ids=["channel-edits", "token-edits"])

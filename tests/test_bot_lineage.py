@@ -404,6 +404,54 @@ async def test_a_same_channel_remix_parent_without_a_link_stays_of_this_channel(
     fd.assert_clean()
 
 
+async def test_a_reroll_refused_for_a_pruned_remix_parent_names_no_job_of_another_channel(harness):
+    """Two remixes in #general: one of a #staff-only job (Carol may see it, Bob may not), one of a
+    #general job. Both parents are pruned, so neither remix can be rerolled from the same start.
+    Bob's Reroll of the first is refused without naming the #staff-only job ("a job from another
+    channel", as the remix's reply says); that of the second names its #general parent."""
+    h = harness
+    fd = h.fd
+    carol = fd.add_user("carol")
+    staff = fd.add_channel("staff-only")
+    fd.channels[staff]["permission_overwrites"] = [
+        {"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": str(Permission.VIEW_CHANNEL)},
+        {"id": str(fd.bot_role_id), "type": 0, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"},
+        {"id": str(carol["id"]), "type": 1, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"}]
+    await h.start(worker=False)
+    inter = await fd.send_slash_command("imagine", {"prompt": "secret launch poster"}, channel_id=staff,
+                                        user=fd.admin_user)
+    await fd.wait_for_response(inter)
+    secret = h.job_id(await h.reply_of(inter))
+    await claim_jobs(h.queue, [secret])
+    await _finish(h, secret)
+    _, here = await finished_job(h, "a lighthouse in fog")
+    await asyncio.sleep(0.5)   # the remixes finish well after them: the prune below takes only the parents
+
+    remixes = []
+    for parent in (secret, here):
+        inter = await fd.send_slash_command("remix", {"job": parent, "prompt": "a brighter poster"}, user=carol)
+        await fd.wait_for_response(inter)
+        remix_msg = await h.reply_of(inter)
+        remix = h.job_id(remix_msg)
+        await claim_jobs(h.queue, [remix])
+        await _finish(h, remix)
+        await fd.wait_for(lambda: f"imagine:reroll:{remix}" in fd.messages[remix_msg.id].custom_ids, 5, "buttons")
+        remixes.append((remix_msg, remix))
+    first = await h.queue.get(remixes[0][1])
+    assert await h.queue.prune(time.time() - (first.finished_at - 0.25)) == 2
+    assert await h.queue.get(secret) is None and await h.queue.get(here) is None
+    before = await _ids(h)
+
+    (msg, remix), (here_msg, here_remix) = remixes
+    told = await _told(h, await fd.click_button(msg, f"imagine:reroll:{remix}"))
+    assert f"Job `{remix}` is a remix of a job from another channel, whose final state is gone" in told, told
+    assert secret not in told
+    told = await _told(h, await fd.click_button(here_msg, f"imagine:reroll:{here_remix}"))
+    assert f"Job `{here_remix}` is a remix of job `{here}`, whose final state is gone" in told, told
+    assert await _ids(h) == before
+    fd.assert_clean()
+
+
 async def test_a_job_whose_prompt_is_banned_since_is_not_remixed(harness):
     """An admin bans `cursed` after "a cursed lighthouse" finished (not cancelled: it was done). Its
     Reroll and Continue are refused (their prompt is its prompt); so is a remix of it, by /remix

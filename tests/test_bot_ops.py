@@ -493,23 +493,37 @@ async def test_sigterm_while_the_embedded_worker_downloads_its_models_stops_the_
     assert not fd.identifies   # it never got as far as the gateway
 
 
+# tests.test_ops.SLOW_TORCH_LOAD, but $LOAD_MARK is touched from inside its loop, once its first torch
+# op is done: from then on the thread spends nearly all its time in torch ops, for up to 2 minutes.
+LOOPING_TORCH_LOAD = """
+import os, pathlib, time, torch
+def _slow_torch_load(*args, **kwargs):
+    a = torch.randn(1024, 1024)
+    mark = pathlib.Path(os.environ["LOAD_MARK"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        a = torch.mm(a, a).clamp_(-1, 1)
+        if mark is not None:
+            mark.touch()
+            mark = None
+    raise RuntimeError("the test's slow load ran out")
+"""
+
+
 async def test_sigterm_while_the_embedded_worker_builds_its_models_in_torch_exits_0(tmp_path, tiny_model_files):
     """The models' load thread, abandoned by the stop, was still inside a torch op when the interpreter
     exited: Python 3.11 ended it within C++ ("terminate called without an active exception", exit
     134). Now the bot leaves with os._exit(0) when such a thread is still running."""
-    from tests.test_ops import SLOW_TORCH_LOAD
-
-    mark = tmp_path / "loading"
+    mark = tmp_path / "looping"
     async with FakeDiscord() as fd:
         bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files), env={"LOAD_MARK": str(mark)},
-                         prelude=SLOW_TORCH_LOAD + "import bot.launcher as launcher\n"
-                                                   "launcher.default_models_loader = lambda wc: _slow_torch_load\n")
+                         prelude=LOOPING_TORCH_LOAD + "import bot.launcher as launcher\n"
+                                                      "launcher.default_models_loader = lambda wc: _slow_torch_load\n")
         try:
             deadline = time.monotonic() + 90
-            while not mark.exists():
+            while not mark.exists():   # touched from inside the loop of torch ops
                 assert bot.proc.poll() is None and time.monotonic() < deadline, bot.log()
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)   # well inside the loop of torch ops
             await assert_exits(bot.proc, bot.log, 0, within=15, send=signal.SIGTERM)
         finally:
             bot.kill()

@@ -161,24 +161,27 @@ async def test_a_permutation_prompt_queues_each_combination_within_the_limits(ha
     fd.assert_clean()
 
 
-async def test_pipe_separated_options_make_a_set_and_a_group_mixing_both_separators_is_refused(harness):
+async def test_pipe_separated_options_make_a_set_and_keep_their_commas(harness):
     """`{cat|dog}` (sd-dynamic-prompts' style) is a set of two, not one job with the weighted
-    prompt `a cat|dog on a mat`; `|` outside the braces stays a weighted prompt's. A group with
-    both `,` and `|` is refused, naming it, and nothing is queued."""
+    prompt `a cat|dog on a mat`; `|` outside the braces stays a weighted prompt's. In a group with
+    `|` the commas are its options' own (`{oil painting, detailed|watercolor, soft}`: two options;
+    it used to be refused as mixing `,` and `|`); a group without `|` splits on commas."""
+    assert permutations.parse("a castle, {oil painting, detailed|watercolor, soft}").groups == [
+        ("oil painting, detailed", "watercolor, soft")]
+    assert permutations.parse("a {red, blue} house {cat|dog}").groups == [("red", "blue"), ("cat", "dog")]
     h = harness
     await h.start(worker=False)
     fd = h.fd
-    text = await ephemeral_answer(h, "imagine", {"prompt": "a {cat, dog|cow} on a mat"})
-    assert "`{cat, dog|cow}`" in text and "mixes `,` and `|`" in text, text
     assert "has an empty option" in await ephemeral_answer(h, "imagine", {"prompt": "a {cat|} on a mat"})
+    assert "has an empty option" in await ephemeral_answer(h, "imagine", {"prompt": "a {cat, black|} on a mat"})
     assert await h.queue.count_queued() == 0 and fd.channel_messages() == []
 
-    inter = await h.imagine("a {cat|dog} on a mat | blurry:-1", iterations=2)
+    inter = await h.imagine("a {cat, black|dog} on a mat | blurry:-1", iterations=2)
     await h.reply_of(inter)
     await fd.wait_for(lambda: len(inter.followups) == 1, 10, "the second reply")
     jobs = await _set_jobs(h)
-    assert [r.spec.prompt for r in jobs] == ["a cat on a mat | blurry:-1", "a dog on a mat | blurry:-1"]
-    assert [r.spec.extra["set"]["options"] for r in jobs] == [["cat"], ["dog"]]
+    assert [r.spec.prompt for r in jobs] == ["a cat, black on a mat | blurry:-1", "a dog on a mat | blurry:-1"]
+    assert [r.spec.extra["set"]["options"] for r in jobs] == [["cat, black"], ["dog"]]
     fd.assert_clean()
 
 

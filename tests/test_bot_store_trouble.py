@@ -244,3 +244,57 @@ async def test_a_button_whose_job_cannot_be_read_answers_with_our_error(impatien
         _our_error_logged(caplog, f"the {action} button of job {job_id}")
     assert await h.queue.count_queued() == 0
     fd.assert_clean()
+
+
+# --- a store outage is said once, not every second ---------------------------------------------------
+
+async def _until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_reading_events_in_a_store_outage_logs_one_traceback_then_its_end(patient_harness, caplog, monkeypatch):
+    """The store refuses every read of the event log (a full disk, Redis MISCONF): the bot's event
+    reader retries every second, and logs the first failure with its traceback, not each one, and
+    a line once reads work again."""
+    h, _ = patient_harness
+    caplog.set_level(logging.INFO, logger="bot.progress")
+    refused = 0
+
+    async def refusing_events(*args, **kwargs):
+        nonlocal refused
+        refused += 1
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(h.queue, "events", refusing_events)
+        await _until(lambda: refused >= 4, 15, "four failed reads")
+    await _until(lambda: "reads of queue events work again" in caplog.text, 10, "the end of the outage")
+    said = [r for r in caplog.records if r.name == "bot.progress" and "events" in r.getMessage()
+            and r.levelno >= logging.WARNING]
+    assert len([r for r in said if r.exc_info]) == 1, [r.getMessage() for r in said]
+    assert len(said) == 2, [r.getMessage() for r in said]   # the first failure, and its end
+
+
+async def test_a_failed_job_is_logged_with_its_reason_on_one_line(patient_harness, caplog):
+    """The bot's "job X failed" line says why (the record's error: one line, at most ~200
+    characters); a prompt's rejection, which quotes the prompt, is not logged."""
+    h, _ = patient_harness
+    caplog.set_level(logging.INFO, logger="bot.progress")
+    jobs = [h.job_id(await h.reply_of(await h.imagine(prompt))) for prompt in ("a red house", "a blue house")]
+    await claim_jobs(h.queue, jobs)
+    reasons = ["OSError: the disk\nis full " + "x" * 300, "the weight of 'a blue house' must be a number"]
+    for job_id, reason in zip(jobs, reasons):
+        record = await h.queue.get(job_id)
+        assert await h.queue.fail(job_id, record.lease_id, reason, retry=False) == JobState.FAILED
+    lines = {}
+    for job_id in jobs:
+        await _until(lambda: any(r.getMessage().startswith(f"job {job_id} failed") for r in caplog.records),
+                     10, f"the log line of {job_id}'s failure")
+        lines[job_id] = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job_id} failed"))
+    first = lines[jobs[0]]
+    assert first.startswith(f"job {jobs[0]} failed: OSError: the disk is full xxx"), first
+    assert "\n" not in first and len(first) <= len(f"job {jobs[0]} failed: ") + 200, first
+    assert "a blue house" not in lines[jobs[1]] and lines[jobs[1]].startswith(f"job {jobs[1]} failed: "), lines[jobs[1]]

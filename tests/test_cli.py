@@ -288,6 +288,40 @@ def test_from_run_with_malformed_logits_exits_2_before_writing_anything(shape, m
     assert not out.exists()
 
 
+def test_an_image_prompt_is_the_same_clip_input_as_the_workers(tiny_model_files, tmp_path, monkeypatch):
+    """The CLI's image prompt is what the worker makes of the same picture (Worker._make_slot):
+    centre-cropped and resized to CLIP's side with Lanczos, not handed over at full size to be
+    shrunk bilinearly, which aliases fine detail (1-pixel stripes: grey to the eye) into a
+    pattern of its own."""
+    import numpy as np
+    import torch
+
+    from engine import generate as generate_module
+    from engine.image_prompts import to_tensor
+    from engine.images import load_image
+
+    stripes = np.zeros((600, 900, 3), np.uint8)
+    stripes[:, ::2] = 255
+    picture = tmp_path / "stripes.png"
+    Image.fromarray(stripes).save(picture)
+    seen = {}
+    real = generate_module.generate
+
+    def spy(parts, settings, models, **kw):
+        seen["targets"], seen["res"] = kw["image_targets"], models.clip_resolution
+        return real(parts, settings, models, **kw)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    assert cli.main(["a house", "--out", str(tmp_path / "run"), "--image-prompt", str(picture), "--iterations", "1",
+                     "--frame-every", "1", "--grid", "32", "--cutn", "1", *_models(tiny_model_files, tmp_path)]) == 0
+    [(got, weight, _)] = seen["targets"]
+    res = seen["res"]
+    worker = to_tensor(load_image(picture.read_bytes())[0], res)
+    assert weight == 1.0 and got.shape == (3, res, res)
+    assert torch.equal(got, worker)
+    assert abs(got.mean().item() - 0.5) < 0.02 and got.std().item() < 0.05   # grey, as the stripes look
+
+
 def test_a_non_empty_out_is_refused_before_the_models_load(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()

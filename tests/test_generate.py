@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,23 @@ def test_similarity_rises_over_100_iterations_with_frames_at_0_50_100(tiny_model
     assert first.pixels.shape == (64, 64, 3) and first.pixels.dtype == np.uint8
     assert not np.array_equal(first.pixels, last.pixels)
     assert last.loss < 0
+
+
+def test_the_loss_falls_as_it_learns_and_not_without_learning(tiny_models):
+    """The loss (minus the weighted similarity of the cut-outs) falls over 100 steps; with a
+    learning rate of 0 (the same cut-out noise, nothing learnt) it only wanders. (Frame 0's loss
+    is NaN: no step has run.)"""
+    settings = replace(FAST, frame_every=10)
+
+    def ends(result):   # the mean loss of the first three stepped frames and of the last three
+        losses = [f.loss for f in result.frames[1:]]
+        assert len(losses) == 10 and all(math.isfinite(x) for x in losses), losses
+        return sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+
+    first, last = ends(generate("a red house by the sea", settings, tiny_models))
+    assert last < first - 0.03, (first, last)
+    first, last = ends(generate("a red house by the sea", replace(settings, lr=0.0), tiny_models))
+    assert abs(last - first) < 0.02, (first, last)
 
 
 def test_a_frames_similarity_is_to_the_first_part_pulled_toward_not_a_negative_one(tiny_models):
@@ -141,6 +160,63 @@ def test_resume_from_a_checkpoint_gives_the_same_frames(tiny_models):
     assert torch.equal(resumed.state["logits"], whole.state["logits"])
 
 
+def test_a_continue_takes_the_steps_one_longer_run_would(tiny_models):
+    """A job of 3 steps, its Continue of 3 (stopped after 1 and resumed from that checkpoint) and
+    a Continue of that of 2 (`Slot.as_continue`: a fresh count, the parent's optimiser, generator
+    and learning-rate ramp) take the steps of one run of 8: the same lr at each step (the ramp goes
+    on, not back to `lr` while Adam's step count goes on) and the same logits. The ramp's offset
+    travels in the state; a state saved before it had one reads 0."""
+    s = replace(FAST, iterations=8, frame_every=4, lr=0.05, lr_growth=1.5, lr_max=1.0)
+    targets = encode_targets(tiny_models, "a red house")
+
+    def run(slot, steps=None):
+        runner, lrs = BatchRunner(tiny_models), []
+        runner.add(slot)
+        while not slot.done and (steps is None or len(lrs) < steps):
+            lrs.append(slot.lr())
+            runner.step()
+        return lrs
+
+    def saved(slot):
+        return state_from_bytes(state_to_bytes(slot.state()))
+
+    def continue_of(state, iterations):
+        slot = Slot("c", tiny_models, targets, replace(s, iterations=iterations), state["logits"])
+        slot.load_state(state)
+        slot.as_continue()
+        return slot
+
+    whole = Slot("whole", tiny_models, targets, s)
+    want = run(whole)
+    parent = Slot("parent", tiny_models, targets, replace(s, iterations=3))
+    lrs = run(parent)
+    first = continue_of(saved(parent), 3)
+    lrs += run(first, steps=1)
+    checkpoint = saved(first)
+    resumed = Slot("r", tiny_models, targets, replace(s, iterations=3), checkpoint=checkpoint)
+    lrs += run(resumed)
+    second = continue_of(saved(resumed), 2)
+    lrs += run(second)
+    assert lrs == pytest.approx(want, rel=1e-12) and len(set(want)) == len(want)
+    assert torch.equal(second.logits, whole.logits)
+    assert (checkpoint["lr_offset"], checkpoint["iteration"]) == (3, 1)
+    assert second.state()["lr_offset"] == 6 and second.iteration == 2
+    old = {k: v for k, v in saved(parent).items() if k != "lr_offset"}   # a state from before lr_offset
+    assert Slot("o", tiny_models, targets, s, checkpoint=old).lr_offset == 0
+    with pytest.raises(ValueError, match="learning-rate offset"):
+        Slot("d", tiny_models, targets, s, checkpoint=dict(old, lr_offset=-1))
+
+
+def test_the_lr_ramp_stops_at_lr_max_without_overflowing_for_any_count(tiny_models):
+    targets = encode_targets(tiny_models, "a cat")
+    slot = Slot("x", tiny_models, targets, replace(FAST, lr=0.01, lr_growth=1.005, lr_max=0.12))
+    assert slot.lr() == 0.01
+    for offset in (498, 499, 500, 10**6, 10**18):   # 1.005 ** 10**6 overflows a float
+        slot.lr_offset = offset
+        assert slot.lr() == min(0.01 * 1.005 ** min(offset, 600), 0.12)
+    assert slot.lr() == 0.12
+
+
 def test_cutouts_are_one_batched_op_of_the_right_shape(tiny_models):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 3, 64, 64)
@@ -202,13 +278,51 @@ def test_a_cutout_is_the_seed_loops_crop_resize_and_torchvision_rotate(x0, y0, c
     assert (got - reference(-degrees)).abs()[:, inner].mean() > 0.05   # turned the other way: not it
 
 
-def test_gumbel_softmax_is_a_distribution_over_all_codes_or_two_halves():
+def test_gumbel_softmax_is_a_distribution_over_all_codes_or_the_notebooks_even_and_odd_codes():
+    """split=True is the notebook's `logits.view(1, V // 2, -1)` softmax over dim 1, as
+    benchmarks/reference_loop.py runs it (F.gumbel_softmax): a distribution over the even codes
+    and one over the odd codes at each position, the same numbers as the reference's for the
+    same noise (F.gumbel_softmax's gumbels are -log E, E ~ Exp(1): ours from u = exp(-E))."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from reference_loop import ReferenceLoop
+
     logits = torch.randn(2, 16, 3, 3)
     u = torch.rand_like(logits)
     whole = gumbel_softmax(logits, u, 2.0, split=False)
     assert torch.allclose(whole.sum(1), torch.ones(2, 3, 3))
     halves = gumbel_softmax(logits, u, 2.0, split=True)
-    assert torch.allclose(halves.view(2, 2, 8, 3, 3).sum(2), torch.ones(2, 2, 3, 3))
+    assert torch.allclose(halves[:, 0::2].sum(1), torch.ones(2, 3, 3))   # the even codes
+    assert torch.allclose(halves[:, 1::2].sum(1), torch.ones(2, 3, 3))   # the odd codes
+    for b in range(2):   # the reference is one image: each of the batch, with the noise it draws
+        torch.manual_seed(b)
+        exp = torch.empty_like(logits[b:b + 1]).exponential_()
+        torch.manual_seed(b)
+        ref = ReferenceLoop.soft_codes(SimpleNamespace(settings=SimpleNamespace(split_softmax=True, tau=2.0),
+                                                       logits=logits[b:b + 1]))
+        ours = gumbel_softmax(logits[b:b + 1], torch.exp(-exp), 2.0, split=True)
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_a_picture_larger_than_clips_side_is_shrunk_with_antialiasing():
+    """A frame of grid 64 (512 pixels) as CLIP sees it (224): detail finer than CLIP's pixels
+    (1-pixel stripes, grey to the eye) is averaged to grey, not aliased into stripes of its own as
+    plain bilinear sampling of 2 of every 2.3 pixels does."""
+    from types import SimpleNamespace
+
+    from engine.generate import _clip_embed, _clip_norm
+
+    seen = []
+    models = SimpleNamespace(clip_resolution=224, clip=SimpleNamespace(
+        encode_image=lambda x: seen.append(x) or torch.zeros(len(x), 4)))
+    stripes = torch.zeros(1, 3, 512, 512)
+    stripes[..., ::2] = 1
+    _clip_embed(models, stripes)
+    mean, std = _clip_norm(stripes.device, stripes.dtype)
+    pixels = seen[0] * std + mean                                       # [1, 3, 224, 224] in 0..1
+    assert pixels.shape == (1, 3, 224, 224)
+    assert (pixels - 0.5).abs().max() < 0.1 and pixels.std() < 0.02   # plain bilinear: 0.43 and 0.29
 
 
 @pytest.mark.parametrize("prompt, parts", [

@@ -114,6 +114,29 @@ def test_cli_refuses_a_bad_init_image_with_exit_2(tmp_path, capsys):
 
 # --- untrusted pictures ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("size", [(3000, 1000), (1000, 3000), (1500, 1400), (600, 300)])
+def test_an_upload_keeps_the_centre_square_the_worker_uses_at_up_to_1024(size):
+    """The bot stores the centre square the worker's to_tensor crops, then shrinks it to 1024 a side:
+    a 3000x1000 upload used to be shrunk to 1024x341 first, a 341 px square upscaled to 512."""
+    from bot import attachments
+
+    width, height = size
+    rng = np.random.default_rng(5)
+    side = min(width, height)
+    small = rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)
+    square = Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC)
+    picture = Image.new("RGB", size, (255, 0, 255))   # magenta outside the centre square
+    picture.paste(square, ((width - side) // 2, (height - side) // 2))
+    stored = attachments.check(png(picture), "image", 8 * 2**20)
+    image = Image.open(io.BytesIO(stored.png))
+    assert image.size == (min(side, attachments.STORE_SIDE),) * 2
+    # What the worker makes of it (load_image, to_tensor's centre crop and resize): the same region
+    # as it took from the picture itself, at the full detail of the init image's 512.
+    worker, _ = load_image(stored.png)
+    got, want = to_tensor(worker, 512), to_tensor(picture, 512)
+    assert (got - want).abs().mean() < 0.01, (got - want).abs().mean()
+
+
 def test_a_plain_image_loads_as_rgb():
     image, notes = load_image(png(noise_image(32)))
     assert image.mode == "RGB" and image.size == (32, 32) and notes == []

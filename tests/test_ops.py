@@ -461,13 +461,10 @@ def _worker_cmd(*args: str) -> list[str]:
 def test_imagine_worker_with_device_auto_and_no_gpu_exits_2_before_it_touches_the_queue(tmp_path):
     """`--device auto` (the default) on a host without CUDA: a CPU worker would claim users' jobs at
     ~10 s a step, so it does not start; `--device cpu` is the explicit way (the `workers` fixture
-    above runs with it)."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this host has a CUDA GPU: --device auto means cuda here")
+    above runs with it). CUDA_VISIBLE_DEVICES="" hides any GPU: this host is one without CUDA."""
     db = tmp_path / "jobs.db"
     proc = subprocess.run(_worker_cmd("--queue", f"sqlite:///{db}", "--log-level", "INFO"), cwd=ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr, proc.stderr

@@ -16,7 +16,7 @@ from engine import capacity
 from engine.jobs import JobSpec
 from engine.observability import Observability, bound_port
 from tests.metrics_support import get, samples, value
-from tests.queue_fixtures import QueueFactory, start_redis
+from tests.queue_fixtures import QueueFactory, queue_factory, redis_server, start_redis  # noqa: F401 - fixtures
 
 
 def spec(prompt: str = "a cat") -> JobSpec:
@@ -229,3 +229,60 @@ def test_a_sheet_of_25_tiles_with_2000_character_captions_renders():
     data, name = contact_sheet.render_sheet([(buf.getvalue(), f"{i} " + "x" * 2000) for i in range(25)])
     with Image.open(io.BytesIO(data)) as sheet:
         assert sheet.size == contact_sheet.layout(25, 256).size
+
+
+# --- lost workers: their jobs' sweep is logged --------------------------------------------------------
+
+async def test_a_sweep_of_lost_workers_jobs_logs_how_many_went_where_with_their_first_10_ids(queue_factory, caplog):
+    """Jobs whose worker vanished are swept (requeued, or FAILED "worker lost N times") by a sweep
+    or a claim: one WARNING says how many went where, naming the first 10 ids, not silence."""
+    import asyncio
+
+    q = await queue_factory.open(lease=0.3, max_attempts=2)
+    caplog.set_level(logging.WARNING, logger="engine.queue")
+    jobs = [await q.submit(spec(f"job {i}")) for i in range(12)]
+    for _ in jobs:
+        assert await q.claim("w1") is not None
+    await asyncio.sleep(0.45)
+    assert await q.sweep() == 12
+    said = [r.getMessage() for r in caplog.records if "swept" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("swept 12 jobs whose worker was lost"), said
+    named = [j.id for j in jobs if j.id in said[0]]
+    assert len(named) == 10 and "12 requeued: " in said[0] and " and 2 more" in said[0], said
+
+    caplog.clear()
+    lost = await q.claim("w2")   # a second attempt, lost too: the next claim's sweep fails it
+    await asyncio.sleep(0.45)
+    await q.claim("w3")
+    said = [r.getMessage() for r in caplog.records if "swept" in r.getMessage()]
+    assert len(said) == 1 and "1 failed (out of attempts): " + lost.id in said[0], said
+    assert (await q.get(lost.id)).error == "worker lost 2 times"
+    caplog.clear()
+    assert await q.sweep() == 0   # nothing expired: nothing said
+    assert not [r for r in caplog.records if "swept" in r.getMessage()]
+
+
+def test_outage_log_says_the_first_failure_with_its_traceback_a_line_a_minute_and_its_end(caplog):
+    from engine.outage import OutageLog
+
+    now = [0.0]
+    outage = OutageLog(logging.getLogger("test.outage"), "heartbeats", clock=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="test.outage")
+    outage.worked()   # nothing failed: nothing said
+    for second in range(150):   # 3 jobs failing every second for 150 s
+        now[0] = float(second)
+        for job in range(3):
+            try:
+                raise OSError("database or disk is full")
+            except OSError as exc:
+                outage.failed(exc, f"job {job}")
+    now[0] = 151.0
+    outage.worked(began=-1.0)   # in flight since before the outage began: says nothing of its end
+    outage.worked()
+    outage.worked()
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(" (")[0] for r in said] == [
+        "heartbeats failed", "heartbeats still fail", "heartbeats still fail", "heartbeats work again"]
+    assert said[0].exc_info is not None and not any(r.exc_info for r in said[1:])
+    assert "for 60 s, 181 failures; the last (job 0): OSError: database or disk is full" in said[1].getMessage()
+    assert said[3].getMessage() == "heartbeats work again (they failed for 151 s, 450 failures)"

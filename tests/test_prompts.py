@@ -119,6 +119,40 @@ def test_a_sign_apart_from_its_number_is_refused_not_read_as_text(prompt, shown)
     assert shown in message and "not a weight" in message and "blurry:-1" in message
 
 
+@pytest.mark.parametrize("prompt, shown", [
+    ("a castle | (blurry:-1)", "':-1)'"),            # wrapped in brackets or quotes
+    ("a castle | [blurry:-1]", "':-1]'"),
+    ('a castle | "blurry:-1"', "':-1\"'"),
+    ("a castle | `blurry:-1`", "':-1`'"),             # copied from the help with its backticks
+    ("a castle, (blurry:-1)", "':-1)'"),
+    ("a castle | blurry:(-1)", "':(-1)'"),
+    ("a castle | blurry:-1,", "':-1,'"),              # punctuation after it
+    ("a castle | blurry:-1;", "':-1;'"),
+    ("a castle | blurry:-1.0!", "':-1.0!'"),
+    ("a castle | blurry:( - 1 )", "':( - 1 )'"),
+    ("a castle | (blurry:1.5)", "':1.5)'"),           # Stable Diffusion's emphasis: no weight here either
+])
+def test_a_weight_in_brackets_or_followed_by_punctuation_is_refused_not_read_as_text(prompt, shown):
+    """Read as text `(blurry:-1)` got weight +1: "push away" became "pull toward" (and `(blurry:1.5)`
+    lost its emphasis); it is refused, saying how to write it."""
+    from engine.prompts import PromptError
+
+    with pytest.raises(PromptError) as err:
+        parse_prompt(prompt)
+    message = str(err.value)
+    assert shown in message and "not a weight" in message and "blurry:-1" in message, message
+
+
+@pytest.mark.parametrize("prompt", [
+    "smile :-)", "smile :)", "sad :(", "a sale: -50%", "a sale: (-50%)", "price: 1,000", "price: 1,000.",
+    "(at 10:30)", "a clock at 10:30.", "a screen (16:9)", "meet me at 7:00!", "a (red:1.5) house",
+    "temperature: -5 degrees.",
+])
+def test_brackets_and_punctuation_after_text_or_a_time_stay_text(prompt):
+    """`a clock at 10:30.` was "a clock at 10" at weight 30."""
+    assert [(p.text, p.weight) for p in parse_prompt(prompt)] == [(prompt, 1.0)]
+
+
 @pytest.mark.parametrize("prompt", [
     "temperature: -5 degrees", "sale sign: -50% off", "a sale: -50%", "price: 1,000",
     "portrait of my grandmother: Nan", "time 10:30 pm", "smile :-)",

@@ -774,6 +774,33 @@ async def test_a_reroll_of_a_continue_has_its_own_noise_a_second_continue_does_n
     assert not torch.equal(logits[cont.id], logits[reroll.id])
 
 
+async def test_a_continue_goes_on_with_its_parents_lr_ramp_a_remix_starts_it_afresh(queue, tiny_models):
+    """A Continue's learning rate goes on from its parent's last step (the state's `lr_offset`: the
+    steps before its own), as Adam's step count does, through a Continue of a Continue and a
+    Reroll of one; a Remix (a fresh optimiser on the parent's logits) ramps from `lr` again."""
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        parent = await queue.submit(spec())                                   # 6 iterations
+        await wait_state(queue, parent.id, {JobState.DONE})
+        kw = dict(parent_job_id=parent.id, parent_kind="continue", iterations=4)
+        cont = await queue.submit(spec(**kw))
+        remix = await queue.submit(spec(user=2, parent_job_id=parent.id, parent_kind="remix", iterations=4))
+        await wait_state(queue, cont.id, {JobState.DONE})
+        reroll = await queue.submit(spec(user=3, seed=12345, extra={"rerolls": cont.id}, **kw))
+        again = await queue.submit(spec(user=4, parent_job_id=cont.id, parent_kind="continue", iterations=2))
+        for job in (remix, reroll, again):
+            await wait_state(queue, job.id, {JobState.DONE})
+
+    async def kept(job):
+        state = state_from_bytes(await queue.get_artifact(job.id, "state.pt"))
+        return state["lr_offset"], state["iteration"], int(state["optimizer"]["state"][0]["step"])
+
+    assert await kept(parent) == (0, 6, 6)
+    assert await kept(cont) == (6, 4, 10)
+    assert await kept(reroll) == (6, 4, 10)
+    assert await kept(again) == (10, 2, 12)
+    assert await kept(remix) == (0, 4, 4)
+
+
 async def test_a_worker_that_lost_its_job_stops_it_and_overwrites_nothing(queue, tiny_models, caplog):
     # Heartbeats far apart: only the fenced writes (publish, save_checkpoint) can tell the worker.
     worker = Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=30, checkpoint_every=0)
@@ -1133,12 +1160,15 @@ async def test_a_queued_continue_keeps_its_parents_state_through_a_prune(queue, 
         await queue.submit(spec(parent_job_id=parent.id, parent_kind="continue", iterations=4))
 
     again = await queue.submit(spec(user=3, parent_job_id=cont.id, parent_kind="continue", iterations=4))
+    remixed = await queue.submit(spec("a red boat", user=5, parent_job_id=cont.id, parent_kind="remix"))
     with sqlite3.connect(queue.path) as db:   # lost outside prune: the worker finds it gone
         db.execute("DELETE FROM artifacts WHERE job_id = ? AND name = 'state.pt'", (cont.id,))
     async with Worker(queue, lambda: tiny_models, worker_id="w3"):
         failed = await wait_state(queue, again.id, {JobState.FAILED, JobState.DONE})
         assert failed.state == JobState.FAILED and failed.attempts == 1, failed
-        assert f"the state of job {cont.id} is gone (pruned)" in failed.error, failed.error
+        assert f"the state of job {cont.id} is gone (pruned): it cannot be continued" in failed.error, failed.error
+        failed = await wait_state(queue, remixed.id, {JobState.FAILED, JobState.DONE})
+        assert "it cannot be remixed; `/imagine` its prompt again instead" in failed.error, failed.error
         after = await queue.submit(spec(user=4))
         await wait_state(queue, after.id, {JobState.DONE})
 
@@ -1746,3 +1776,93 @@ async def test_a_checkpoint_whose_state_fits_no_slot_of_its_job_is_damaged_and_t
     assert f"job {job.id}: its checkpoint is damaged" in caplog.text and "starting it over" in caplog.text
     progress = [e.iteration for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
     assert progress[-4:] == [0, 4, 8, 12]   # started over
+
+
+async def _until_logged(caplog, text: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and not any(text in r.getMessage() for r in caplog.records):
+        await asyncio.sleep(0.05)
+
+
+async def test_heartbeats_failing_in_a_store_outage_log_one_traceback_not_one_per_job_per_beat(
+        queue, tiny_models, monkeypatch, caplog):
+    """A full disk (or Redis MISCONF) fails every heartbeat at once, for every running job: the first
+    failure is logged with its traceback, then a line a minute with a count (here every 0.3 s), and
+    one line when heartbeats work again; not a traceback per job per beat."""
+    import engine.outage
+    monkeypatch.setattr(engine.outage, "REMIND_EVERY", 0.3)
+    real_heartbeat = queue.heartbeat
+    failing, refused = False, 0
+
+    async def heartbeat(job_id, lease_id):
+        nonlocal refused
+        if failing:
+            refused += 1
+            raise OSError("database or disk is full")
+        return await real_heartbeat(job_id, lease_id)
+
+    monkeypatch.setattr(queue, "heartbeat", heartbeat)
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=3, heartbeat_every=0.02):
+        jobs = [await queue.submit(spec(iterations=100_000, frame_every=100_000)) for _ in range(3)]
+        for job in jobs:
+            await wait_state(queue, job.id, {JobState.RUNNING})
+        caplog.clear()
+        failing = True
+        await asyncio.sleep(1.2)
+        failing = False
+        await _until_logged(caplog, "heartbeats work again")
+        for job in jobs:
+            await queue.cancel(job.id)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING and "heartbeat" in r.getMessage()]
+    assert refused >= 60, refused   # 3 jobs, a beat every 0.02 s for 1.2 s
+    assert len([r for r in said if r.exc_info]) == 1, [r.getMessage() for r in said]
+    assert 1 <= sum("heartbeats still fail" in r.getMessage() for r in said) <= 5, [r.getMessage() for r in said]
+    assert sum("heartbeats work again" in r.getMessage() for r in said) == 1, [r.getMessage() for r in said]
+    assert len(said) <= 7, [r.getMessage() for r in said]
+
+
+async def test_frames_and_checkpoints_failing_in_a_store_outage_log_one_traceback_each(
+        queue, tiny_models, monkeypatch, caplog):
+    """Every frame's publish (and checkpoint save) fails while the store refuses writes: one traceback
+    each, not one per frame of every job, and a line when they work again."""
+    real_publish, real_save = queue.publish, queue.save_checkpoint
+    failing, refused = False, 0
+
+    async def publish(event, lease_id=None):
+        nonlocal refused
+        if failing and event.kind == EventKind.PROGRESS:
+            refused += 1
+            raise OSError("database or disk is full")
+        return await real_publish(event, lease_id)
+
+    async def save_checkpoint(checkpoint, lease_id=None):
+        if failing:
+            raise OSError("database or disk is full")
+        return await real_save(checkpoint, lease_id)
+
+    monkeypatch.setattr(queue, "publish", publish)
+    monkeypatch.setattr(queue, "save_checkpoint", save_checkpoint)
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", max_batch=3, heartbeat_every=0.2,
+                      checkpoint_every=0):
+        jobs = [await queue.submit(spec(iterations=100_000, frame_every=2)) for _ in range(3)]
+        for job in jobs:
+            await wait_state(queue, job.id, {JobState.RUNNING})
+        caplog.clear()
+        failing = True
+        while refused < 20:
+            await asyncio.sleep(0.05)
+        failing = False
+        await _until_logged(caplog, "frame publishes work again")
+        await _until_logged(caplog, "checkpoint saves work again")
+        for job in jobs:
+            await queue.cancel(job.id)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    frames = [r for r in said if "frame" in r.getMessage()]
+    checkpoints = [r for r in said if "checkpoint" in r.getMessage()]
+    assert len([r for r in frames if r.exc_info]) == 1, [r.getMessage() for r in frames]
+    assert sum("frame publishes work again" in r.getMessage() for r in frames) == 1, [r.getMessage() for r in frames]
+    assert len([r for r in checkpoints if r.exc_info]) == 1, [r.getMessage() for r in checkpoints]
+    assert sum("checkpoint saves work again" in r.getMessage() for r in checkpoints) == 1

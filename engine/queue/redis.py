@@ -119,6 +119,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from saq.queue.redis import RedisQueue
 
+from engine.outage import log_swept
 from engine.queue import check_expire_after, check_history_limit, redact_url
 from engine.jobs import (
     CLEARED,
@@ -139,6 +140,17 @@ from engine.jobs import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _log_swept(note: str) -> None:
+    """Logs a sweep's note (the Lua `swept_note`: counts requeued, failed and cancelled, then the
+    first "outcome:id"s), if any."""
+    if not note:
+        return
+    requeued, failed, cancelled, *ids = note.split()
+    log_swept(log, [(i.partition(":")[0], i.partition(":")[2]) for i in ids],
+              {"requeued": int(requeued), "failed": int(failed), "cancelled": int(cancelled)})
+
 
 T = TypeVar("T")
 
@@ -360,6 +372,17 @@ end
 -- Redis only after a link outage longer than the lease, and would hand it back the job it is still
 -- running (a second attempt; the first run dropped). Its heartbeat loop's sweeps (held back while
 -- its leases may have lapsed) and the other workers' claims and sweeps handle them.
+-- What it did goes in `swept` (counts, and the first 10 "outcome:id": engine.outage.SWEPT_IDS), which
+-- `swept_note` appends to the script's answer for the caller's log (engine.outage.log_swept).
+local swept = {requeued = 0, failed = 0, cancelled = 0, ids = {}}
+local function swept_as(outcome, id)
+  swept[outcome] = swept[outcome] + 1
+  if #swept.ids < 10 then swept.ids[#swept.ids + 1] = outcome .. ':' .. id end
+end
+local function swept_note()
+  if swept.requeued + swept.failed + swept.cancelled == 0 then return '' end
+  return '\n' .. swept.requeued .. ' ' .. swept.failed .. ' ' .. swept.cancelled .. ' ' .. table.concat(swept.ids, ' ')
+end
 local function sweep(spare)
   local t = tnow()
   if just_restarted(t) then return 0 end
@@ -385,13 +408,16 @@ local function sweep(spare)
     elseif v[2] == '1' then
       finalize(id, 'cancelled')
       emit(id, 'cancelled', 'worker lost')
+      swept_as('cancelled', id)
     elseif tonumber(v[3] or '0') >= MAXATT then
       local msg = 'worker lost ' .. v[3] .. ' times'
       finalize(id, 'failed', msg)
       emit(id, 'failed', msg)
+      swept_as('failed', id)
     else
       to_front(id)
       emit(id, 'queued', 'worker lost')
+      swept_as('requeued', id)
     end
   end
   return #ids - spared
@@ -562,7 +588,8 @@ _SCRIPTS: dict[str, str] = {
   return 'ok'
 """,
     # worker, lease (a fresh token), init images ('1': it may take jobs that need the dVAE encoder;
-    # '0': it has none), ngrids (-1: any), grids...
+    # '0': it has none), ngrids (-1: any), grids... -> the job's id or '', then its sweep's note (if
+    # it swept any: see swept_note; the "sweep" script's count is followed by it too)
     "claim": r"""
   local worker, lease, init_ok, ngr = ARGV[7], ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
   local grids = {}
@@ -585,7 +612,7 @@ _SCRIPTS: dict[str, str] = {
     end
     return others
   end
-  if setting_on('paused') then return '' end
+  if setting_on('paused') then return swept_note() end
   -- A server is paused while its setting 'paused:<server id>' is on. The job's server is its
   -- 'guild' field, the id's decimal string (never the spec's JSON number: cjson would round it).
   -- Jobs submitted before that field existed get it at start() (_backfill_guilds); one without
@@ -619,13 +646,13 @@ _SCRIPTS: dict[str, str] = {
       redis.call('HINCRBY', j, 'attempts', 1)
       redis.call('ZADD', P .. ':running', lu, id)
       emit(id, 'started')
-      return id
+      return id .. swept_note()
     end
   end
-  return ''
+  return swept_note()
 """,
     "sweep": r"""
-  return tostring(sweep())
+  return tostring(sweep()) .. swept_note()
 """,
     "line": r"""
   local ids = line()
@@ -1662,7 +1689,8 @@ class RedisJobQueue:
         lease = new_lease_id()
         args: list[Any] = [worker_id, lease, "1" if init_images else "0"]
         args += [-1] if grids is None else [len(tuple(grids)), *(int(g) for g in grids)]
-        job_id = await self._run("claim", *args)
+        job_id, _, swept = (await self._run("claim", *args)).partition("\n")
+        _log_swept(swept)
         await self._see_worker(worker_id, job_id or None, init_images)
         if not job_id:
             return None
@@ -1675,7 +1703,9 @@ class RedisJobQueue:
 
     async def sweep(self) -> int:
         """Handle expired leases now (claim() does this too). Returns how many jobs were touched."""
-        return int(await self._run("sweep", token=False))
+        count, _, swept = (await self._run("sweep", token=False)).partition("\n")
+        _log_swept(swept)
+        return int(count)
 
     async def heartbeat(self, job_id: str, lease_id: str) -> bool:
         ok, _, worker_id = (await self._run("heartbeat", job_id, lease_id, token=False)).partition(" ")

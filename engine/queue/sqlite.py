@@ -67,6 +67,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import aiosqlite
 
+from engine.outage import log_swept
 from engine.queue import check_expire_after, check_history_limit
 from engine.jobs import (
     CLEARED,
@@ -691,8 +692,10 @@ class SQLiteJobQueue:
         await db.execute("UPDATE jobs SET error = ? WHERE id = ?", (reason, job_id))
         await self._emit(db, job_id, EventKind.CANCELLED, reason)
 
-    async def _sweep(self, db: aiosqlite.Connection, spare: str | None = None) -> int:
-        """Expired leases: back to the front, or FAILED after `max_attempts` claims. `spare` (a
+    async def _sweep(self, db: aiosqlite.Connection, spare: str | None = None,
+                     swept: list[tuple[str, str]] | None = None) -> int:
+        """Expired leases: back to the front, or FAILED after `max_attempts` claims; `swept` gets
+        (outcome, job id) for each, logged by the caller once its transaction committed. `spare` (a
         claim's worker id) leaves that worker's own running jobs alone: a claim it sent before its
         heartbeats began to fail (so Worker._lapsing did not hold it back) may get the file only
         after its leases ran out, and would hand it back the job it is still running (a second
@@ -711,13 +714,18 @@ class SQLiteJobQueue:
             if row["cancel_requested"]:
                 await self._finalize(db, row["id"], JobState.CANCELLED)
                 await self._emit(db, row["id"], EventKind.CANCELLED, "worker lost")
+                outcome = "cancelled"
             elif row["attempts"] >= self.max_attempts:
                 reason = f"worker lost {row['attempts']} times"
                 await self._finalize(db, row["id"], JobState.FAILED, reason)
                 await self._emit(db, row["id"], EventKind.FAILED, reason)
+                outcome = "failed"
             else:
                 await self._to_front(db, row["id"], row["user_id"])
                 await self._emit(db, row["id"], EventKind.QUEUED, "worker lost")
+                outcome = "requeued"
+            if swept is not None:
+                swept.append((outcome, row["id"]))
         return len(expired)
 
     async def _get(self, db: aiosqlite.Connection, job_id: str) -> JobRecord | None:
@@ -992,8 +1000,9 @@ class SQLiteJobQueue:
 
     async def claim(self, worker_id: str, grids: tuple[int, ...] | None = None, *,
                     init_images: bool = True) -> JobRecord | None:
+        lost: list[tuple[str, str]] = []
         async with self._tx() as db:
-            swept = await self._sweep(db, spare=worker_id)
+            swept = await self._sweep(db, spare=worker_id, swept=lost)
             await self._see_worker(db, worker_id, None, init_images)
             now = time.time()
             paused = await self._fetchone(db, _SETTING_SQL, (PAUSED_KEY, now))
@@ -1006,6 +1015,7 @@ class SQLiteJobQueue:
                 if grids is not None:
                     grids = tuple(int(g) for g in grids)
                     if not grids:
+                        log_swept(log, lost)   # (committed as this returns)
                         return None
                     conditions.append("j.grid IN (" + ",".join("?" * len(grids)) + ")")
                     params += grids
@@ -1031,14 +1041,17 @@ class SQLiteJobQueue:
                     await self._emit(db, row["id"], EventKind.STARTED)
                     await self._see_worker(db, worker_id, row["id"])
                     record = await self._get(db, row["id"])
+        log_swept(log, lost)   # committed
         if record is not None or swept:
             self._wake()
         return record
 
     async def sweep(self) -> int:
         """Handle expired leases now (claim() does this too). Returns how many jobs were touched."""
+        lost: list[tuple[str, str]] = []
         async with self._tx() as db:
-            swept = await self._sweep(db)
+            swept = await self._sweep(db, swept=lost)
+        log_swept(log, lost)   # committed
         if swept:
             self._wake()
         return swept

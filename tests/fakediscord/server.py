@@ -2563,8 +2563,19 @@ class FakeDiscord:
 
     # ---------------------------------------------------------------- route handlers: channels
 
+    def _check_bot_may_view(self, channel_id: int) -> int:
+        """As Discord, for the bot's reads and edits of a guild channel's messages: without View
+        Channel 403 / 50001. Its permissions there (0 for a DM, which is not checked)."""
+        if self._guild_of_channel(channel_id) is None:
+            return 0
+        perms = self.channel_permissions_of(self.application_id, channel_id)
+        if not perms & Permission.VIEW_CHANNEL:
+            raise _ApiError(403, 50001, "Missing Access")
+        return perms
+
     def _channel_message(self, p: Dict[str, str]) -> StoredMessage:
         self._channel(p["channel_id"])
+        self._check_bot_may_view(int(p["channel_id"]))
         msg = self.messages.get(int(p["message_id"])) if p["message_id"].isdigit() else None
         if msg is None or msg.deleted or msg.ephemeral or msg.data["channel_id"] != p["channel_id"]:
             raise _unknown_message()
@@ -2575,6 +2586,9 @@ class FakeDiscord:
 
     async def _h_channel_history(self, rec, p):
         self._channel(p["channel_id"])
+        perms = self._check_bot_may_view(int(p["channel_id"]))
+        if self._guild_of_channel(int(p["channel_id"])) is not None and not perms & Permission.READ_MESSAGE_HISTORY:
+            return 200, []   # as Discord: without Read Message History no messages are returned
         limit = max(1, min(100, int(rec.query.get("limit", 50))))
         msgs = self.channel_messages(int(p["channel_id"]))
         if "before" in rec.query:
