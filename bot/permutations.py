@@ -421,6 +421,11 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
         except Exception:  # noqa: BLE001 - a queue outage: the replies go out without it
             log.exception("set %s: could not read whether the queue is paused", set_id)
             paused = ""
+        try:   # the line once for every reply (a read of it per reply read it 25 times)
+            places: dict[str, int] | None = {job_id: n for n, job_id in enumerate(await queue.line(), 1)}
+        except Exception:  # noqa: BLE001 - a queue outage: the replies without their places in line
+            log.exception("set %s: could not read the places in line", set_id)
+            places = None
         channel = bot.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
         if isinstance(sheets, SheetsCog):   # its 403 fallback: the sheet as a follow-up
             sheets.remember(set_id, interaction)
@@ -432,12 +437,7 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             message: discord.Message
             followup = by_followup and index > 0
             try:
-                try:
-                    position: int | None = await queue.position(record.id)
-                except Exception:  # noqa: BLE001 - a queue outage: the reply without the place in line
-                    log.exception("set %s: could not read the place in line of job %s", set_id, record.id)
-                    position = None
-                content = render.queued_text(record, position, paused)
+                content = render.queued_text(record, None if places is None else places.get(record.id), paused)
                 if index == 0:
                     message = await interaction.edit_original_response(content=content, view=progress_view(record.id))
                     by_followup = True

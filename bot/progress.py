@@ -82,7 +82,7 @@ import discord
 from discord.ext import commands
 
 from bot import render
-from engine.jobs import EventKind, JobEvent, JobRecord, JobState, pause_of
+from engine.jobs import PAUSED_KEY, EventKind, JobEvent, JobRecord, JobState, pause_of
 from engine.outage import OutageLog
 
 if TYPE_CHECKING:
@@ -563,16 +563,19 @@ class ProgressCog(commands.Cog, name="Progress"):
         """Every queued job's place; redrawn for the first LINE_REDRAWS queued jobs of each channel
         only (a pause or resume for all): a long line would otherwise cost one edit per job at each
         start and finish."""
-        pauses: dict[int | None, str] = {}   # per server, read once a round
+        # The line's ids only: a record is read for a job not followed yet (new here, or of
+        # another process), once; a long line's records were most of a round's cost.
+        everywhere = await self.queue.get_setting(PAUSED_KEY, False)   # read once a round...
+        pauses: dict[int | None, str] = {}   # ...and each server's pause once
         ranks: dict[int, int] = {}           # queued jobs of ours seen so far, per channel
-        for position, record in enumerate(await self.queue.queued(), 1):
-            t = await self._tracker(record.id, record)
+        for position, job_id in enumerate(await self.queue.line(), 1):
+            t = await self._tracker(job_id)
             if t is None or t.final or t.started:
                 continue
             rank = ranks[t.channel_id] = ranks.get(t.channel_id, 0) + 1
-            guild_id = record.spec.guild_id
+            guild_id = t.guild_id
             if guild_id not in pauses:
-                pauses[guild_id] = await pause_of(self.queue, guild_id)
+                pauses[guild_id] = await pause_of(self.queue, guild_id, everywhere)
             paused = pauses[guild_id]
             moved = t.position != position
             repaused = t.paused != paused
@@ -633,10 +636,10 @@ class ProgressCog(commands.Cog, name="Progress"):
         the store lost its data (a Redis restarted empty). No event will ever come for them, so
         their reply would stay at its last frame: tell the user once, then stop following them.
         (Nothing else deletes an undelivered job: pruning takes delivered ones only.)"""
-        for t in list(self.trackers.values()):
-            if t.delivered or t.lost:
-                continue
-            if await self.queue.get(t.job_id) is not None:
+        followed = [t for t in self.trackers.values() if not (t.delivered or t.lost)]
+        present = await self.queue.existing([t.job_id for t in followed])   # one batched read
+        for t in followed:
+            if t.job_id in present or t.delivered or t.lost:
                 continue
             log.warning("job %s is gone from the store before its result was posted (the queue lost its "
                         "data?): telling the user", t.job_id)

@@ -256,10 +256,13 @@ def guild_paused_key(guild_id: int) -> str:
     return f"{PAUSED_KEY}:{int(guild_id)}"
 
 
-async def pause_of(queue: "JobQueue", guild_id: int | None) -> str:
+async def pause_of(queue: "JobQueue", guild_id: int | None, everywhere: Any = None) -> str:
     """What holds a queued job of `guild_id` back: "everywhere" (the owner paused every server),
-    "server" (its admins paused this one), or "" (nothing)."""
-    if await queue.get_setting(PAUSED_KEY, False):
+    "server" (its admins paused this one), or "" (nothing). `everywhere`: the PAUSED_KEY setting
+    as already read (a pass over many servers reads it once), None: read it."""
+    if everywhere is None:
+        everywhere = await queue.get_setting(PAUSED_KEY, False)
+    if everywhere:
         return "everywhere"
     if guild_id is not None and await queue.get_setting(guild_paused_key(guild_id), False):
         return "server"
@@ -342,6 +345,11 @@ class JobQueue(Protocol):
     async def get(self, job_id: str) -> JobRecord | None: ...
     async def position(self, job_id: str) -> int | None: ...
     async def queued(self) -> list[JobRecord]: ...               # in claim order
+    # queued()'s ids alone, in its order: the bot's line pass reads this after every start and
+    # finish, and the records of a long line are most of the cost (parsed, on Redis fetched)
+    async def line(self) -> list[str]: ...
+    # those of `job_ids` whose record is in the store (one batched read, however many)
+    async def existing(self, job_ids: Sequence[str]) -> set[str]: ...
     async def running(self) -> list[JobRecord]: ...
     async def count_queued(self, user_id: int | None = None) -> int: ...
     # queued -> cancelled now; running -> asked. A job cancelled while queued names its uploads no

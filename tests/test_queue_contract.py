@@ -73,6 +73,14 @@ async def test_submit_and_get(queue: JobQueue):
     assert events[0].seq > 0
 
 
+async def test_existing_names_the_jobs_whose_records_are_kept(queue: JobQueue):
+    kept = [await queue.submit(spec(1, f"job {n}")) for n in range(3)]
+    assert await queue.existing([]) == set()
+    assert await queue.existing([kept[0].id, "nope", kept[2].id, kept[0].id]) == {kept[0].id, kept[2].id}
+    many = [f"{n:012x}" for n in range(1200)] + [r.id for r in kept]   # more than one batch
+    assert await queue.existing(many) == {r.id for r in kept}
+
+
 async def test_fair_order_and_positions(queue: JobQueue):
     a1 = await queue.submit(spec(1, "a1"))
     a2 = await queue.submit(spec(1, "a2"))
@@ -82,6 +90,7 @@ async def test_fair_order_and_positions(queue: JobQueue):
     b2 = await queue.submit(spec(BIG_USER, "b2"))
     expected = [a1, b1, c1, a2, b2, a3]
     assert [r.id for r in await queue.queued()] == [r.id for r in expected]
+    assert await queue.line() == [r.id for r in expected]   # the same order, ids only
     for place, rec in enumerate(expected, 1):
         assert await queue.position(rec.id) == place
     assert await queue.count_queued() == 6
@@ -95,6 +104,7 @@ async def test_fair_order_and_positions(queue: JobQueue):
     assert [r.id for r in await queue.queued()] == [b1.id, c1.id, a2.id, b2.id, a3.id]
     d1 = await queue.submit(spec(4, "d1"))  # a new user enters behind everybody in the line
     assert [r.id for r in await queue.queued()] == [b1.id, c1.id, a2.id, d1.id, b2.id, a3.id]
+    assert await queue.line() == [b1.id, c1.id, a2.id, d1.id, b2.id, a3.id]
     order = []
     while (rec := await queue.claim("w1")) is not None:
         order.append(rec.id)

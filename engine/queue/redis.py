@@ -1506,9 +1506,26 @@ class RedisJobQueue:
     async def queued(self) -> list[JobRecord]:
         return [r for r in await self._records(await self._line()) if r.state == JobState.QUEUED]
 
+    async def line(self) -> list[str]:
+        return await self._line()
+
     async def position(self, job_id: str) -> int | None:
         line = await self._line()
         return line.index(job_id) + 1 if job_id in line else None
+
+    async def existing(self, job_ids: Sequence[str]) -> set[str]:
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return set()
+        client = self._client()
+
+        async def fetch() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(self._k("job", job_id))
+                return await pipe.execute()
+
+        return {job_id for job_id, there in zip(ids, await self._retry(fetch)) if there}
 
     async def running(self) -> list[JobRecord]:
         client = self._client()

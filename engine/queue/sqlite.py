@@ -213,6 +213,8 @@ ORDER BY j.finished_at, j.id LIMIT ?
 
 # The fair line. `{where}` filters the candidates *after* ranking (a grid filter or a paused server
 # must not change anybody's rank).
+# Ids in one `IN (...)` list: far under SQLite's bound on a statement's variables (32766).
+_IN_CHUNK = 500
 _LINE_SQL = """
 SELECT j.{cols} FROM (
     SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY qseq) AS rnk
@@ -810,12 +812,20 @@ class SQLiteJobQueue:
     async def queued(self) -> list[JobRecord]:
         return [_record(r) for r in await self._all(_LINE_SQL.format(cols="*", where="", limit=""))]
 
+    async def line(self) -> list[str]:
+        return [row["id"] for row in await self._all(_LINE_SQL.format(cols="id", where="", limit=""))]
+
     async def position(self, job_id: str) -> int | None:
-        rows = await self._all(_LINE_SQL.format(cols="id", where="", limit=""))
-        for index, row in enumerate(rows, 1):
-            if row["id"] == job_id:
-                return index
-        return None
+        line = await self.line()
+        return line.index(job_id) + 1 if job_id in line else None
+
+    async def existing(self, job_ids: Sequence[str]) -> set[str]:
+        ids, found = list(dict.fromkeys(job_ids)), set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start:start + _IN_CHUNK]
+            rows = await self._all(f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            found.update(row["id"] for row in rows)
+        return found
 
     async def running(self) -> list[JobRecord]:
         return [_record(r) for r in await self._all("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at")]
@@ -878,8 +888,8 @@ class SQLiteJobQueue:
         if not job_ids:
             return
         named: set[str] = set()
-        for start in range(0, len(job_ids), 500):
-            part = list(job_ids[start:start + 500])
+        for start in range(0, len(job_ids), _IN_CHUNK):
+            part = list(job_ids[start:start + _IN_CHUNK])
             marks = ",".join("?" * len(part))
             named.update(row[0] for row in await self._rows(
                 db, f"SELECT DISTINCT upload_id FROM upload_refs WHERE job_id IN ({marks})", part))
