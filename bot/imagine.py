@@ -229,7 +229,7 @@ def prompt_problem(text: str, image_weights: Sequence[float] = ()) -> str | None
     try:
         parse_prompt(text, image_weights)
     except PromptError as exc:   # it quotes at most 40 characters of the prompt: shown as text
-        reason = discord.utils.escape_markdown(str(exc))
+        reason = render.defang_links(discord.utils.escape_markdown(str(exc), ignore_links=False))
         positive = ("at least one of them, or the `image_weight`, positive" if image_weights
                     else "at least one of them positive")
         return (f"The prompt cannot be used: {reason}. Weighted prompts look like `a house | by Escher:0.5 | "
@@ -601,7 +601,7 @@ def limit_text(queued: int, limit: int, wanted: int = 1) -> str:
     if wanted == 1:
         return (f"You already have {queued} job{'s' if queued != 1 else ''} waiting; the limit is {limit}. "
                 f"{everywhere} Wait for one to start, or cancel one (`/queue show` lists yours, those of "
-                "other servers first; `/queue cancel <id>` works from any server), and try again.")
+                "other servers first; `/queue cancel job:` works from any server), and try again.")
     if wanted > limit:
         return (f"That prompt makes {wanted} images, but you may have at most {limit} waiting at once here, "
                 f"so it can never be queued whole. Use fewer options (at most {limit} combinations). "

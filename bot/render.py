@@ -447,7 +447,7 @@ _CANCELLED = {
     None: "Cancelled.",
     CANCEL_BY_ADMIN: "Cancelled by an admin.",
     CLEARED: "Cancelled: the server's queue was cleared.",
-    CANCEL_BANNED: "Cancelled: its prompt matches a word this server's admins banned.",
+    CANCEL_BANNED: "Cancelled: its prompt matches a word or pattern this server's admins refuse.",
 }
 
 

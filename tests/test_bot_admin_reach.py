@@ -58,7 +58,7 @@ async def test_an_author_sees_and_cancels_their_jobs_of_a_paused_server_from_ano
 
     text = await ephemeral_answer(h, "imagine", {"prompt": "hello from b"}, guild_id=b, user=bob)
     assert "You already have 5 jobs waiting" in text
-    assert "`/queue show` lists yours" in text and "`/queue cancel <id>` works from any server" in text
+    assert "`/queue show` lists yours" in text and "`/queue cancel job:` works from any server" in text
 
     text = await ephemeral_answer(h, "queue show", guild_id=b, user=bob)
     lines = text.splitlines()

@@ -17,7 +17,7 @@ from tests.test_bot_support import (  # noqa: F401 - the fixture
     claim_jobs, ephemeral_answer, finish_jobs, harness, private_answer, tiny_png,
 )
 
-BANNED = "Cancelled: its prompt matches a word this server's admins banned."
+BANNED = "Cancelled: its prompt matches a word or pattern this server's admins refuse."
 WORD = "zorblax"   # a banned word no text of the bot's has in it
 MANAGE_GUILD = 1 << 5
 

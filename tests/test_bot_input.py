@@ -173,6 +173,14 @@ async def test_refusals_quote_the_prompt_safely_and_fit_in_a_message(tmp_path, t
         await fd.close()
 
 
+async def test_a_weight_refusal_quotes_a_link_as_text():
+    """The weight's refusal quotes the part: a URL in it was a live link (and its `_` Markdown)."""
+    from bot.imagine import prompt_problem
+
+    text = prompt_problem("a house | http://x.example/a_b:-1x")
+    assert text and "http\\://x.example/a\\_b" in text and "http://" not in text, text
+
+
 async def test_a_failed_attachment_download_is_a_clear_ephemeral_refusal(harness):
     """The CDN refusing the connection (not an HTTP error) is the user's to retry, not our crash."""
     h = harness
