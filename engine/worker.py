@@ -523,8 +523,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         # An outage (a full disk, Redis down) fails every poll: its traceback is logged once, then
         # a line a minute while it lasts, and its end.
-        failing_since: float | None = None
-        last_said = 0.0
+        claims = OutageLog(log, "claims")
         announced = -math.inf   # time.monotonic() of the last announcement
         while not self._stop.is_set():
             try:
@@ -539,23 +538,14 @@ class Worker:
                 elif len(self.running) < self.max_batch and self._gpu_thread_ok() and not self._lapsing():
                     sent = time.monotonic()
                     record = await self._claim()
-                    if failing_since is not None:
-                        log.warning("claims work again (they failed for %.0f s)", time.monotonic() - failing_since)
-                        failing_since = None
+                    claims.worked()
                     if record is not None:
                         await self._begin(record, claimed=sent)
                         continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a queue outage must not kill the worker
-                now = time.monotonic()
-                if failing_since is None:
-                    failing_since = last_said = now
-                    log.exception("claim failed; retrying")
-                elif now - last_said >= 60:
-                    last_said = now
-                    log.warning("claims still fail (for %.0f s): %s: %s", now - failing_since,
-                                type(exc).__name__, exc)
+                claims.failed(exc)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_every)
