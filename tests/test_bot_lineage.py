@@ -90,6 +90,16 @@ async def _ids(h) -> list[str]:
     return [r.id for r in await h.queue.history(h.fd.channel_id, limit=100)]
 
 
+def _staff_only_channel(fd, member) -> int:
+    """A channel only the bot and `member` may view (#staff-only); its id."""
+    staff = fd.add_channel("staff-only")
+    fd.channels[staff]["permission_overwrites"] = [
+        {"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": str(Permission.VIEW_CHANNEL)},
+        {"id": str(fd.bot_role_id), "type": 0, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"},
+        {"id": str(member["id"]), "type": 1, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"}]
+    return staff
+
+
 async def test_a_second_continue_of_a_result_points_to_the_first_and_queues_nothing(harness):
     h = harness
     fd = h.fd
@@ -252,11 +262,7 @@ async def test_a_source_of_another_channel_is_named_only_to_those_who_may_see_it
     h = harness
     fd = h.fd
     carol = fd.add_user("carol")
-    staff = fd.add_channel("staff-only")
-    fd.channels[staff]["permission_overwrites"] = [
-        {"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": str(Permission.VIEW_CHANNEL)},
-        {"id": str(fd.bot_role_id), "type": 0, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"},
-        {"id": str(carol["id"]), "type": 1, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"}]
+    staff = _staff_only_channel(fd, carol)
     thread = fd.add_thread("renders", fd.channel_id, owner_id=int(carol["id"]), private=False)
     await h.start(worker=False)
     admin = fd.admin_user["id"]
@@ -412,11 +418,7 @@ async def test_a_reroll_refused_for_a_pruned_remix_parent_names_no_job_of_anothe
     h = harness
     fd = h.fd
     carol = fd.add_user("carol")
-    staff = fd.add_channel("staff-only")
-    fd.channels[staff]["permission_overwrites"] = [
-        {"id": str(fd.everyone_role_id), "type": 0, "allow": "0", "deny": str(Permission.VIEW_CHANNEL)},
-        {"id": str(fd.bot_role_id), "type": 0, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"},
-        {"id": str(carol["id"]), "type": 1, "allow": str(Permission.VIEW_CHANNEL), "deny": "0"}]
+    staff = _staff_only_channel(fd, carol)
     await h.start(worker=False)
     inter = await fd.send_slash_command("imagine", {"prompt": "secret launch poster"}, channel_id=staff,
                                         user=fd.admin_user)
