@@ -221,13 +221,13 @@ class ImagineRequest:
     preset: str | None = None       # the `quality` used, if any
 
 
-def prompt_problem(text: str, image_weights: Sequence[float] = ()) -> str | None:
+def prompt_problem(text: str, image_weights: Sequence[float] = (), *, strict: bool = True) -> str | None:
     """Why the engine would refuse this (weighted) prompt, said for the user; None if it is fine.
     `image_weights`: the weight of the job's image prompt (`image`, `image_weight`), if it has one:
     a positive one lets every part of the text be negative (engine.prompts.parse_prompt).
     Permutation prompts (`{a, b}`) are checked per expansion."""
     try:
-        parse_prompt(text, image_weights)
+        parse_prompt(text, image_weights, strict=strict)
     except PromptError as exc:   # it quotes at most 40 characters of the prompt: shown as text
         reason = render.defang_links(discord.utils.escape_markdown(str(exc), ignore_links=False))
         positive = ("at least one of them, or the `image_weight`, positive" if image_weights
@@ -238,9 +238,11 @@ def prompt_problem(text: str, image_weights: Sequence[float] = ()) -> str | None
     return None
 
 
-def checked_prompt(bot: "ImagineBot", prompt: str | None, image_weights: Sequence[float] = ()) -> str:
+def checked_prompt(bot: "ImagineBot", prompt: str | None, image_weights: Sequence[float] = (), *,
+                   strict: bool = True) -> str:
     """The prompt (stripped), checked against today's limits (its length, a set's, its weights), or
-    BadInput (what to fix). `image_weights`: as prompt_problem's. validate's check, also for the
+    BadInput (what to fix). `image_weights`, `strict`: as prompt_problem's (engine.prompts.parse_prompt;
+    not strict: a stored prompt, read as it was when queued). validate's check, also for the
     prompt a Reroll or Continue takes from its job (ImagineCog._button_spec)."""
     cfg = bot.config.imagine
     text = (prompt or "").strip()
@@ -275,7 +277,7 @@ def checked_prompt(bot: "ImagineBot", prompt: str | None, image_weights: Sequenc
             "English) and ignores the rest anyway."
         )
     if not is_template:   # permutation prompts: checked per expansion
-        problem = prompt_problem(plain, image_weights)
+        problem = prompt_problem(plain, image_weights, strict=strict)
         if problem:
             raise BadInput(problem)
     return text
@@ -1285,7 +1287,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             # Its prompt as /imagine checks one today (the length limit, the weights), e.g. after an
             # admin lowered max_prompt_chars: the refused words are matched only up to that limit.
             # As stored its braces are literal: escaped, so that they are not read as a set again.
-            checked_prompt(self.bot, escape_braces(p.prompt), image_weights_of(p))
+            checked_prompt(self.bot, escape_braces(p.prompt), image_weights_of(p), strict=False)
         except BadInput as exc:
             return f"Job `{job_id}` cannot be {verb} within today's limits. {exc}"
         problem = self.size_problem(p, job_id, verb)

@@ -95,7 +95,7 @@ def weights_read(spec: JobSpec) -> str | None:
     image = spec.extra.get("image_prompt")
     image_weights = (float(image.get("weight", 1.0)),) if isinstance(image, dict) else ()
     try:
-        parts = parse_prompt(spec.prompt, image_weights)
+        parts = parse_prompt(spec.prompt, image_weights, strict=False)   # as the worker reads it
     except PromptError:
         return None
     if all(part.weight == 1.0 for part in parts):

@@ -131,7 +131,9 @@ def encode_targets(
 ) -> Targets:
     """Embed the prompt's parts once per job (and image prompts: [3, H, W] in 0..1, weight, label)."""
     # A positive image prompt is a target to pull toward as a positive part is (engine.prompts).
-    parts = parse_prompt(prompt, [w for _, w, _ in image_targets]) if isinstance(prompt, str) else list(prompt)
+    # Not strict: the prompt was checked when it was queued (perhaps by an older version's rules).
+    parts = (parse_prompt(prompt, [w for _, w, _ in image_targets], strict=False) if isinstance(prompt, str)
+             else list(prompt))
     tokens, notes = tokenize([p.text for p in parts], models.clip.context_length)
     text = models.clip.encode_text(tokens.to(models.device)).float()  # [T, D]
     embeddings = [F.normalize(text, dim=-1)]

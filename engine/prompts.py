@@ -95,7 +95,7 @@ class PromptPart:
     weight: float = 1.0
 
 
-def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[PromptPart]:
+def parse_prompt(prompt: str, image_weights: Sequence[float] = (), *, strict: bool = True) -> list[PromptPart]:
     """`a house | by Escher:0.5 | blurry:-1` -> parts with weights (default 1).
 
     A trailing `:<number>` is a weight; any other colon is part of the text, and so is one directly
@@ -106,6 +106,12 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[Promp
     picture's similarities to every target (engine.generate), text and image alike, so
     `blurry:-1` with an image prompt of weight 1 is well defined: toward the image, away from
     "blurry". With nothing positive the loss only pushes away, toward nothing in particular.
+
+    `strict` (a prompt being submitted): a part ending in what looks like a weight gone wrong
+    (`blurry:-1x`, `(blurry:-1)`, `blurry:-1,`) is refused. Not strict (a stored prompt read again:
+    the worker's targets, a Reroll or Continue of a job, its reply's weights line): such a part is
+    text at weight 1, as it was read when an older version accepted it, so a job queued before the
+    rules tightened still runs, and runs as it was queued.
     """
     if prompt is None or not has_visible_text(prompt):
         raise PromptError("the prompt is empty: describe the picture you want")
@@ -124,7 +130,8 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = ()) -> list[Promp
         else:
             text, weight = raw, 1.0
             head, colon, tail = raw.rpartition(":")
-            if colon and has_visible_text(head) and not _colon_is_text(raw, len(head)) and _not_a_weight(tail):
+            if (strict and colon and has_visible_text(head) and not _colon_is_text(raw, len(head))
+                    and _not_a_weight(tail)):
                 raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "
                                   "weight: write a number between -100 and 100, with nothing around or after it "
                                   "(e.g. blurry:-1 or by Escher:0.5)")

@@ -86,6 +86,27 @@ async def _set_extra(h, job_id: str, *, drop: tuple[str, ...] = (), **values) ->
     await h.write_store(rewrite)
 
 
+async def test_a_job_queued_before_its_weights_were_refused_can_be_rerolled_and_continued(harness):
+    """`a portrait | (smiling:1.2)` was text at weight 1 when an older bot queued it; /imagine now
+    refuses it, but the job's Reroll and Continue read its prompt as it was queued (they were
+    refused "within today's limits")."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    msg, job_id = await finished_job(h, "a portrait")
+
+    def rewrite(db: sqlite3.Connection) -> None:
+        (text,) = db.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        spec = json.loads(text)
+        spec["prompt"] = "a portrait | (smiling:1.2)"
+        db.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec), job_id))
+    await h.write_store(rewrite)
+    for action in ("reroll", "continue"):
+        _, new_id = await _queued_by(h, await fd.click_button(msg, f"imagine:{action}:{job_id}"))
+        assert (await h.queue.get(new_id)).spec.prompt == "a portrait | (smiling:1.2)"
+    fd.assert_clean()
+
+
 async def _ids(h) -> list[str]:
     return [r.id for r in await h.queue.history(h.fd.channel_id, limit=100)]
 

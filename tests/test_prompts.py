@@ -141,6 +141,8 @@ def test_a_weight_in_brackets_or_followed_by_punctuation_is_refused_not_read_as_
         parse_prompt(prompt)
     message = str(err.value)
     assert shown in message and "not a weight" in message and "blurry:-1" in message, message
+    # A stored prompt (queued before these were refused) is read as it was then: that part is text.
+    assert [p.weight for p in parse_prompt(prompt, strict=False)] == [1.0] * len(prompt.split("|"))
 
 
 @pytest.mark.parametrize("prompt", [

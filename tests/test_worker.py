@@ -1135,6 +1135,15 @@ async def test_a_worker_keeps_the_kept_states_within_their_budget(queue, tiny_mo
         assert record.state == JobState.DONE and await queue.has_artifact(rec.id, "final.png")
 
 
+async def test_a_job_queued_before_its_weights_were_refused_still_runs(queue, tiny_models):
+    """`portrait (smiling:1.2)` was text at weight 1 when an older bot queued it; the rules now
+    refuse it at submit, but the worker reads a queued job as it was queued: it runs."""
+    job = await queue.submit(spec("a portrait | (smiling:1.2)", iterations=2))
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert done.state == JobState.DONE, done.error
+
+
 async def test_a_queued_continue_keeps_its_parents_state_through_a_prune(queue, tiny_models):
     """prune(older_than, state_older_than) keeps the state.pt of a job that a queued Continue or
     Remix starts from: they run from it, and the next prune drops it (the record and picture
