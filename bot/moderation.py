@@ -413,6 +413,10 @@ async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[
     jobs = [r for r in await _line(bot.queue, guild_id) if not render.withholds_prompt(r)]
     max_chars = bot.config.imagine.max_prompt_chars
     hits = await asyncio.to_thread(lambda: [r for r in jobs if find([entry], r.spec.prompt, max_chars) is not None])
+    if hits and entry not in await entries(bot.queue, guild_id):
+        # Removed again (another admin) while the line was read and matched: it refuses nothing now.
+        log.info("the refused entry %r was removed before its jobs were cancelled; cancelling none", entry)
+        return []
     cancelled = [r for r in hits if await bot.queue.cancel(r.id, reason=render.CANCEL_BANNED, replace_reason=True)]
     if cancelled:
         log.info("the refused entry %r cancelled jobs %s of server %s", entry, ", ".join(r.id for r in cancelled),

@@ -745,9 +745,28 @@ class SheetsCog(commands.Cog, name="Sheets"):
             return False
         return True
 
+    async def _refused_now(self, info: dict[str, Any], records: list[JobRecord | None]) -> tuple[set[int], bool]:
+        """Which of the set's jobs (their indexes) have a prompt the server's refused words match
+        now, and whether its template does: an entry added after they finished (its add withholds
+        only jobs still waiting or running) must not be shown by the sheet either. A match that
+        timed out counts as one (as the add's check)."""
+        listed = await moderation.entries(self.queue, info.get("guild_id"))
+        if not listed:
+            return set(), False
+        max_chars = self.bot.config.imagine.max_prompt_chars
+
+        def check() -> tuple[set[int], bool]:   # off the event loop: patterns may take a while
+            hits = {i for i, r in enumerate(records)
+                    if r is not None and moderation.find(listed, r.spec.prompt, max_chars) is not None}
+            template = info.get("template") or ""
+            return hits, bool(template) and moderation.find(listed, template, len(template)) is not None
+
+        return await asyncio.to_thread(check)
+
     async def _post(self, info: dict[str, Any], records: list[JobRecord | None]) -> dict[str, Any]:
         set_id = info["id"]
         captions = info.get("captions") or []
+        refused, template_refused = await self._refused_now(info, records)
         tiles: list[tuple[bytes, str]] = []
         numbers: list[int] = []   # each tile's job's place in the set: its line in the text
         entries: list[SheetEntry] = []
@@ -758,10 +777,12 @@ class SheetsCog(commands.Cog, name="Sheets"):
                 entries.append(SheetEntry(label, job_id, None, "gone from the store", number=number))
                 continue
             url = render.reply_url(record.spec)
-            if render.withholds_prompt(record):
+            if render.withholds_prompt(record) or index in refused:
                 # Cancelled for a banned word (DONE too: its worker finished before it saw the
-                # cancel): no tile, no caption, as its reply shows no picture and no prompt.
-                entries.append(SheetEntry("", job_id, url, JobState.CANCELLED.value, withheld=True, number=number))
+                # cancel): no tile, no caption, as its reply shows no picture and no prompt. Or a
+                # word refused since it finished: not shown here either.
+                why = JobState.CANCELLED.value if render.withholds_prompt(record) else "its prompt is refused now"
+                entries.append(SheetEntry("", job_id, url, why, withheld=True, number=number))
                 continue
             if record.state != JobState.DONE:
                 entries.append(SheetEntry(label, job_id, url, record.state.value, number=number))
@@ -781,7 +802,7 @@ class SheetsCog(commands.Cog, name="Sheets"):
         limit = self._upload_limit(info) - UPLOAD_MARGIN
         if len(data) > limit:
             data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG", numbers)
-        content = self._content(info, len(tiles), entries)
+        content = self._content(info, len(tiles), entries, template_refused)
         channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
         try:
             # The nonce lets Discord drop a repeat (a crash between this post and the marker).
@@ -812,18 +833,19 @@ class SheetsCog(commands.Cog, name="Sheets"):
         return self.bot.config.progress.upload_limit or 10 * 1024 * 1024
 
     @staticmethod
-    def _content(info: dict[str, Any], shown: int, entries: list["SheetEntry"]) -> str:
+    def _content(info: dict[str, Any], shown: int, entries: list["SheetEntry"], withhold_template: bool = False) -> str:
         """The sheet's text: the template, then one line per job of the set, in order: its caption
         (and why it has no tile), its id (for `/remix`) and a link to its reply. Within Discord's
         2000 characters: shorter captions, then no links, then a shorter template, until it fits;
         an id is never cut (at most 25 jobs a set: their lines without links fit). When a job of the
-        set was cancelled for a banned word, the template (which has every option) is withheld too."""
+        set was cancelled for a banned word, the template (which has every option) is withheld too, as
+        it is when `withhold_template` (the server's refused words match it now)."""
         line = f"{shown} of {len(entries)} variations"
         if info.get("seed") is not None:
             line += f" · seed {info['seed']}"
         line += f" · <@{info.get('user_id', 0)}>"
         text = ""
-        withheld = any(entry.withheld for entry in entries)
+        withheld = withhold_template or any(entry.withheld for entry in entries)
         for head_chars, caption_chars, links in SHEET_TEXT_STEPS:
             template = render.PROMPT_WITHHELD if withheld else render.snippet(info.get("template") or "", head_chars)
             head = f"**Contact sheet** · {template}"

@@ -468,3 +468,16 @@ async def test_the_list_pages_so_every_entry_can_be_seen_and_removed(harness):
     text = await ephemeral_answer(h, "queue-admin ban-word list", **admin)
     assert text == "Refused in prompts (1):\n1. `cursed`", text
     h.fd.assert_clean()
+
+
+async def test_an_entry_removed_while_its_add_reads_the_line_cancels_nothing(harness):
+    """Admin A adds `cat`, admin B removes it at once: B was told "allowed again", so A's pass over
+    the line (after its write) must not then cancel every `cat` job for a word no longer refused."""
+    h = harness
+    await h.start(worker=False)
+    job_id = h.job_id(await h.reply_of(await h.imagine("a cat on a mat")))
+    assert await moderation.cancel_matching(h.bot, h.fd.guild_id, "cat") == []   # not on the list
+    assert (await h.queue.get(job_id)).state.value == "queued"
+    await h.queue.set_setting(f"banned:{h.fd.guild_id}", ["cat"])
+    assert [r.id for r in await moderation.cancel_matching(h.bot, h.fd.guild_id, "cat")] == [job_id]
+    h.fd.assert_clean()

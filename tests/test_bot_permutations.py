@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from bot import contact_sheet, permutations
+from bot import contact_sheet, permutations, render
 from engine.jobs import EventKind, JobState
 from tests.fakediscord import Permission
 from tests.test_bot_support import (  # noqa: F401 - the fixture
@@ -269,6 +269,32 @@ async def test_escaped_braces_are_literal_and_a_long_prompt_with_a_stray_brace_h
     text = await ephemeral_answer(h, "imagine", {"prompt": "a house by Escher}"})
     assert "A `}` closes a group that was never opened" in text and "limit" not in text, text
     assert await h.queue.count_queued() == 3
+    fd.assert_clean()
+
+
+async def test_the_contact_sheet_leaves_out_a_finished_job_whose_prompt_is_refused_since(harness):
+    """`a {cat|dog} on a mat`: the dog's job has finished when an admin refuses "dog" (the add
+    withholds only jobs still waiting or running). The sheet, posted when the cat's job ends,
+    shows neither the dog's picture nor its caption, nor the template (it names every option)."""
+    h = harness
+    await h.start(worker=False)
+    fd = h.fd
+    inter = await h.imagine("a {cat|dog} on a mat", seed=3, iterations=2)
+    await h.reply_of(inter)
+    await fd.wait_for(lambda: len(fd.channel_messages()) == 2, 10, "two replies")
+    cat, dog = [r.id for r in await _set_jobs(h)]
+    await claim_jobs(h.queue, [cat, dog])
+    await h.queue.put_artifact(dog, "final.png", _png((0, 0, 255)))
+    assert await h.queue.finish(dog, (await h.queue.get(dog)).lease_id, 0.2)
+    await h.wait_delivered(dog)
+    assert "dog" in await ephemeral_answer(h, "queue-admin ban-word add", {"entry": "dog"}, user=fd.admin_user)
+    await h.queue.put_artifact(cat, "final.png", _png((255, 0, 0)))
+    assert await h.queue.finish(cat, (await h.queue.get(cat)).lease_id, 0.2)
+    await fd.wait_for(lambda: _sheet_messages(fd), 10, "the contact sheet")
+    (sheet,) = _sheet_messages(fd)
+    assert "dog" not in sheet.content and "1 of 2 variations" in sheet.content, sheet.content
+    assert render.PROMPT_WITHHELD in sheet.content.split("\n")[0], sheet.content
+    assert f"2. {render.PROMPT_WITHHELD} (its prompt is refused now) · `{dog}`" in sheet.content, sheet.content
     fd.assert_clean()
 
 
