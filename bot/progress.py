@@ -82,7 +82,7 @@ import discord
 from discord.ext import commands
 
 from bot import render
-from engine.jobs import PAUSED_KEY, EventKind, JobEvent, JobRecord, JobState, pause_of
+from engine.jobs import PAUSED_KEY, EventKind, JobEvent, JobRecord, JobState, pause_of, places_in_line
 from engine.outage import OutageLog
 
 if TYPE_CHECKING:
@@ -568,15 +568,19 @@ class ProgressCog(commands.Cog, name="Progress"):
         everywhere = await self.queue.get_setting(PAUSED_KEY, False)   # read once a round...
         pauses: dict[int | None, str] = {}   # ...and each server's pause once
         ranks: dict[int, int] = {}           # queued jobs of ours seen so far, per channel
-        for position, job_id in enumerate(await self.queue.line(), 1):
-            t = await self._tracker(job_id)
+        trackers = [await self._tracker(job_id) for job_id in await self.queue.line()]
+        for t in trackers:
+            if t is not None and t.guild_id not in pauses:
+                pauses[t.guild_id] = await pause_of(self.queue, t.guild_id, everywhere)
+        # Places among the jobs the workers take first (not another paused server's); a job of no
+        # tracker (no channel) counts, its server unknown.
+        places = places_in_line([t.guild_id if t is not None else None for t in trackers],
+                                {g for g, why in pauses.items() if why == "server" and g is not None})
+        for t, position in zip(trackers, places):
             if t is None or t.final or t.started:
                 continue
             rank = ranks[t.channel_id] = ranks.get(t.channel_id, 0) + 1
-            guild_id = t.guild_id
-            if guild_id not in pauses:
-                pauses[guild_id] = await pause_of(self.queue, guild_id, everywhere)
-            paused = pauses[guild_id]
+            paused = pauses[t.guild_id]
             moved = t.position != position
             repaused = t.paused != paused
             t.position, t.paused = position, paused

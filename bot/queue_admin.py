@@ -53,7 +53,7 @@ from bot import render
 from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
 from bot.permissions import (ThreadLookups, admin_command_permissions, admin_roles_text, can_see_job, can_view_channel,
                              is_admin, may_know_job, require_admin)
-from engine.jobs import PAUSED_KEY, JobRecord, JobState, guild_paused_key
+from engine.jobs import PAUSED_KEY, JobRecord, JobState, guild_paused_key, places_in_line
 
 if TYPE_CHECKING:
     from bot.client import ImagineBot
@@ -140,11 +140,12 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
               can_see: Callable[[JobRecord], bool] | None = None, page: int = 1,
               paused_servers: Collection[int] = ()) -> str:
     """The `/queue show` answer, page `page` (1-based; past the last: the last, saying so): first the
-    caller's own jobs of other servers (`elsewhere`; `paused_servers`: those of their servers that
-    are paused), then the jobs in scope (see `in_scope`) that the caller `can_see` (the channel
-    check, bot.permissions.can_see_job; None: all of them) or asked for, with their places in the
-    whole line (`queued` in claim order), and how many of the others are not shown. `paused`: every
-    server is paused; `server_paused`: this one is."""
+    caller's own jobs of other servers (`elsewhere`), then the jobs in scope (see `in_scope`) that
+    the caller `can_see` (the channel check, bot.permissions.can_see_job; None: all of them) or
+    asked for, with their places in the whole line (`queued` in claim order; engine.jobs.
+    places_in_line: another paused server's jobs ahead do not count), and how many of the others
+    are not shown. `paused`: every server is paused; `server_paused`: this one is;
+    `paused_servers`: the servers of the line that are paused."""
     def here(record: JobRecord) -> bool:
         # One's own job is shown whatever its channel: its author wrote the prompt.
         return in_scope(record, guild_id, user_id) and (
@@ -153,7 +154,8 @@ def show_text(running: list[JobRecord], queued: list[JobRecord], guild_id: int |
     def away(record: JobRecord) -> bool:
         return elsewhere(record, guild_id, user_id)
 
-    places = {record.id: n for n, record in enumerate(queued, 1)}
+    held = () if paused else paused_servers
+    places = dict(zip((r.id for r in queued), places_in_line([r.spec.guild_id for r in queued], held)))
     away_items = ([_elsewhere_item(r, None, paused_servers) for r in running if away(r)]
                   + [_elsewhere_item(r, places[r.id], paused_servers) for r in queued if away(r)])
     here_items = ([f"▶ `{r.id}` {render.shown_prompt(r)} · <@{r.spec.user_id}> · "
@@ -279,14 +281,13 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
             return show_text(running, queued, guild_id, user_id, paused=paused, limit=limit,
                              server_paused=server_paused,
                              can_see=None if guild_id is None else (lambda r: r.id in seen), page=page,
-                             paused_servers=await self._paused_servers_of(
-                                 [r for r in queued if elsewhere(r, guild_id, user_id)]))
+                             paused_servers=await self._paused_servers_of(queued))
 
         await ephemeral(interaction, await in_time(interaction, read(), defer="private"))
 
     async def _paused_servers_of(self, records: list[JobRecord]) -> set[int]:
-        """Which of these jobs' servers are paused (one setting read per server): the caller's own
-        jobs there wait until that server's admins resume it."""
+        """Which of these jobs' servers are paused (one setting read per server): their jobs wait
+        until that server's admins resume it, and the workers take the jobs behind them first."""
         servers = {r.spec.guild_id for r in records if r.spec.guild_id is not None}
         return {g for g in servers if await self.queue.get_setting(guild_paused_key(g), False)}
 

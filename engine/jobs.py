@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Collection, Protocol, Sequence, runtime_checkable
 
 
 class JobState(str, enum.Enum):
@@ -267,6 +267,23 @@ async def pause_of(queue: "JobQueue", guild_id: int | None, everywhere: Any = No
     if guild_id is not None and await queue.get_setting(guild_paused_key(guild_id), False):
         return "server"
     return ""
+
+
+def places_in_line(servers: Sequence[int | None], paused_servers: Collection[int]) -> list[int]:
+    """Each queued job's place (1: next), from each one's server in claim order (`queued()`'s):
+    the jobs ahead of it that count are those the workers will take first, so not those of another
+    server in `paused_servers` (the claims pass them by). Its own server's count: a job of a paused
+    server is placed for when it resumes. With every server paused, pass none."""
+    held: dict[int, int] = {}   # jobs passed so far that their own server's pause holds
+    held_total = 0
+    places = []
+    for index, server in enumerate(servers, 1):
+        own = held.get(server, 0) if server is not None else 0
+        places.append(index - (held_total - own))
+        if server is not None and server in paused_servers:
+            held[server] = own + 1
+            held_total += 1
+    return places
 
 
 class QueueLimitReached(Exception):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from bot.queue_admin import USER_LIMIT_KEY, in_scope, show_text, user_limit_key
-from engine.jobs import PAUSED_KEY, JobRecord, JobSpec, JobState, guild_paused_key
+from engine.jobs import PAUSED_KEY, JobRecord, JobSpec, JobState, guild_paused_key, places_in_line
 from tests.test_bot_support import EPHEMERAL, JOB_ID_RE, ephemeral_answer, harness  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio
@@ -71,6 +71,15 @@ async def test_show_lists_only_this_servers_jobs_with_their_places_in_the_whole_
     assert "apricot" not in text and "▶" not in text
     assert "Not shown: 1 waiting and 1 running jobs of other servers." in text, text
 
+    # B paused: the workers pass its jobs by, so A's job is next whatever waits of B's ahead of it;
+    # B's keep their places among their own server's and those the workers take first.
+    await ephemeral_answer(h, "queue-admin pause", guild_id=b, user=carol)
+    text = await ephemeral_answer(h, "queue show", guild_id=a)
+    assert f"**#1** `{jobs['a-one']}` apricot one" in text, text
+    expected = dict(zip(line, places_in_line([b if j in (jobs["b-one"], jobs["b-two"]) else a for j in line], {b})))
+    assert f"**#{expected[jobs['b-two']]}** `{jobs['b-two']}` blueberry two · yours, in another server" in text, text
+    await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=carol)
+
     # A server with nothing in the line says so, and what waits elsewhere.
     for job_id in (jobs["b-one"], jobs["b-two"]):
         assert await h.queue.cancel(job_id)
@@ -78,6 +87,13 @@ async def test_show_lists_only_this_servers_jobs_with_their_places_in_the_whole_
     assert text.startswith("No job of this server is in the line.")
     assert "Not shown: 1 waiting and 1 running jobs of other servers." in text
     fd.assert_clean()
+
+
+async def test_places_in_line_pass_by_another_paused_servers_jobs():
+    # Claim order: A1, B1, B2, A2, None (a job of no server), B3, with B paused.
+    servers = [1, 2, 2, 1, None, 2]
+    assert places_in_line(servers, {2}) == [1, 2, 3, 2, 3, 6]
+    assert places_in_line(servers, ()) == [1, 2, 3, 4, 5, 6]
 
 
 async def test_cancel_of_another_servers_job_reads_as_an_unknown_id(harness):
@@ -182,11 +198,15 @@ async def test_queued_replies_say_when_their_server_is_paused(harness):
 
     b_waiting, a_waiting = await reply("banana", b), await reply("apricot", a)
     assert note not in fd.messages[b_waiting.id].content
+    assert "Queued: #2 in line." in fd.messages[a_waiting.id].content
     await ephemeral_answer(h, "queue-admin pause", guild_id=b, user=carol)
     await fd.wait_for(lambda: note in fd.messages[b_waiting.id].content, 10, "the paused note in B's reply")
     b_new = await reply("blueberry", b)
     assert note in fd.messages[b_new.id].content
     assert "paused" not in fd.messages[a_waiting.id].content
+    # B's paused job ahead of A's is passed by the workers: A's is next (it read #2 before).
+    await fd.wait_for(lambda: "Queued: next in line." in fd.messages[a_waiting.id].content, 10, "A's place")
+    await fd.wait_for(lambda: "Queued: #3 in line." in fd.messages[b_new.id].content, 10, "B's new job's place")
 
     await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=carol)
     await fd.wait_for(lambda: all("paused" not in fd.messages[m.id].content for m in (b_waiting, b_new)), 10,
