@@ -30,7 +30,7 @@ from engine.jobs import JobSpec, JobState
 from tests.fakediscord import FakeDiscord, running_bot
 from tests.test_bot_support import CHANNEL_MESSAGE, WEBHOOK_ORIGINAL, Harness, test_config
 from tests.metrics_support import get, samples, value
-from tests.test_ops import assert_exits, exit_status
+from tests.test_ops import SLOW_TORCH_LOAD, assert_exits, exit_status
 
 PROMPT = "a lighthouse of xyzzy-quartz"
 GOOD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
@@ -493,23 +493,6 @@ async def test_sigterm_while_the_embedded_worker_downloads_its_models_stops_the_
     assert not fd.identifies   # it never got as far as the gateway
 
 
-# tests.test_ops.SLOW_TORCH_LOAD, but $LOAD_MARK is touched from inside its loop, once its first torch
-# op is done: from then on the thread spends nearly all its time in torch ops, for up to 2 minutes.
-LOOPING_TORCH_LOAD = """
-import os, pathlib, time, torch
-def _slow_torch_load(*args, **kwargs):
-    a = torch.randn(1024, 1024)
-    mark = pathlib.Path(os.environ["LOAD_MARK"])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        a = torch.mm(a, a).clamp_(-1, 1)
-        if mark is not None:
-            mark.touch()
-            mark = None
-    raise RuntimeError("the test's slow load ran out")
-"""
-
-
 async def test_sigterm_while_the_embedded_worker_builds_its_models_in_torch_exits_0(tmp_path, tiny_model_files):
     """The models' load thread, abandoned by the stop, was still inside a torch op when the interpreter
     exited: Python 3.11 ended it within C++ ("terminate called without an active exception", exit
@@ -517,7 +500,7 @@ async def test_sigterm_while_the_embedded_worker_builds_its_models_in_torch_exit
     mark = tmp_path / "looping"
     async with FakeDiscord() as fd:
         bot = BotProcess(fd, tmp_path, bot_config(tmp_path, tiny_model_files), env={"LOAD_MARK": str(mark)},
-                         prelude=LOOPING_TORCH_LOAD + "import bot.launcher as launcher\n"
+                         prelude=SLOW_TORCH_LOAD + "import bot.launcher as launcher\n"
                                                       "launcher.default_models_loader = lambda wc: _slow_torch_load\n")
         try:
             deadline = time.monotonic() + 90

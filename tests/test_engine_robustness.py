@@ -113,7 +113,7 @@ async def _run_with_trigger(tmp_path, tiny_models, caplog, trigger_sql):
     conn = sqlite3.connect(str(path), isolation_level=None)
     conn.execute(trigger_sql)      # a real write failure in the store, for that table only
     conn.close()
-    caplog.set_level(logging.WARNING, logger="engine.worker")
+    caplog.set_level(logging.DEBUG, logger="engine.worker")
     try:
         async with Worker(q, lambda: tiny_models, worker_id="w1", checkpoint_every=0):
             job = await q.submit(spec(iterations=6, frame_every=2))
@@ -129,9 +129,16 @@ async def test_a_checkpoint_the_store_refuses_is_logged_once_per_failure(tmp_pat
         "CREATE TRIGGER no_room BEFORE INSERT ON checkpoints BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     assert record.state == JobState.DONE           # the job runs on
     logged = [r for r in caplog.records if job.id in r.getMessage() and "checkpoint" in r.getMessage()]
-    # checkpoint_every=0: one at frames 2 and 4 (frame 0 has none, 6 is the end): two failures, two lines
+    # checkpoint_every=0: one at frames 2 and 4 (frame 0 has none, 6 is the end): two failures, two
+    # lines: the first a WARNING with its traceback, the next (within a minute: engine.outage) DEBUG.
     assert len(logged) == 2, [r.getMessage() for r in caplog.records]
-    assert all(r.levelno >= logging.WARNING and r.exc_info and "disk full" in str(r.exc_info[1]) for r in logged)
+    _said_as_an_outage(logged, "disk full")
+
+
+def _said_as_an_outage(logged, why: str) -> None:
+    first, *rest = logged
+    assert first.levelno == logging.WARNING and first.exc_info and why in str(first.exc_info[1]), first.getMessage()
+    assert all(r.levelno == logging.DEBUG and why in r.getMessage() for r in rest), [r.getMessage() for r in rest]
 
 
 async def test_a_frame_the_store_refuses_to_publish_is_logged(tmp_path, tiny_models, caplog):
@@ -142,7 +149,7 @@ async def test_a_frame_the_store_refuses_to_publish_is_logged(tmp_path, tiny_mod
     assert record.state == JobState.DONE
     logged = [r for r in caplog.records if job.id in r.getMessage() and "frame" in r.getMessage()]
     assert len(logged) == 4, [r.getMessage() for r in caplog.records]   # frames 0, 2, 4, 6
-    assert all(r.exc_info and "no frames today" in str(r.exc_info[1]) for r in logged)
+    _said_as_an_outage(logged, "no frames today")
 
 
 # --- 3. the Slot refuses a batch and resumes a state from another device type --------------------

@@ -297,15 +297,19 @@ async def test_imagine_worker_stopped_while_its_queue_is_retried_exits_0_at_once
 
 # A models' load that stays inside torch code (a stand-in for CLIP's build: minutes of torch ops on a
 # slow host): matrix products, the GIL released in each, for up to 2 minutes. It touches $LOAD_MARK
-# once it is under way.
+# from inside its loop, once its first torch op is done: from then on the thread spends nearly all
+# its time in torch ops, so a signal sent once the mark exists finds it in one.
 SLOW_TORCH_LOAD = """
 import os, pathlib, time, torch
 def _slow_torch_load(*args, **kwargs):
     a = torch.randn(1024, 1024)
-    pathlib.Path(os.environ["LOAD_MARK"]).touch()
+    mark = pathlib.Path(os.environ["LOAD_MARK"])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         a = torch.mm(a, a).clamp_(-1, 1)
+        if mark is not None:
+            mark.touch()
+            mark = None
     raise RuntimeError("the test's slow load ran out")
 """
 
@@ -320,7 +324,7 @@ async def test_imagine_worker_stopped_while_its_models_build_in_torch_exits_0(tm
                            env={"LOAD_MARK": str(mark)},
                            prelude=SLOW_TORCH_LOAD + "import engine.models\n"
                                                      "engine.models.load_models = _slow_torch_load\n")
-    log = await _stopped_once(worker, mark.exists, "the load to start", settle=0.2)   # well inside the torch ops
+    log = await _stopped_once(worker, mark.exists, "the load to start", settle=0)   # inside the torch ops
     assert "stopped before its models were loaded" in log, log
     assert "terminate called" not in log and "Traceback" not in log, log
 

@@ -532,10 +532,14 @@ def test_a_failure_reason_quoting_a_link_is_defanged():
     from bot import render
     from engine.jobs import JobRecord, JobState
 
+    # A reason of the input (the worker stores a PromptError's message as it is) is shown, defanged.
     record = JobRecord(id="abc123def456", spec=_spec(), state=JobState.FAILED,
-                       error="PromptError: 'see https://evil.example' has no weight")
+                       error="the part 'see https://evil.example:x' ends in ':x', which is not a weight")
     text = render.final_text(record)
     assert "https\\://evil.example" in text and "https://evil" not in text
+    # A worker's exception is not shown at all (render.failure_reason), its links with it.
+    record.error = "OSError: cannot reach https://evil.example/x"
+    assert "evil" not in render.final_text(record)
 
 
 async def test_a_public_reply_echoes_a_link_in_the_prompt_as_text(harness):
