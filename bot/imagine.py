@@ -183,7 +183,7 @@ async def clip_notes(prompts: list[str], image_weights: Sequence[float] = ()) ->
         out = []
         for prompt in prompts:
             try:
-                out.append(clip_overflow(parse_prompt(prompt, image_weights)))
+                out.append(clip_overflow(parse_prompt(prompt, image_weights, strict=False)))   # (checked apart)
             except PromptError:
                 out.append([])
         return out
@@ -1209,8 +1209,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         unsaved: dict[str, Any] | None = None
         try:
             try:
-                position: int | None = await self.queue.position(record.id)
-                paused = await pause_of(self.queue, record.spec.guild_id)
+                position: int | None
+                if progress is not None:   # counted as its later redraws count it
+                    places, pauses = await progress.places()
+                    position, paused = places.get(record.id), pauses.get(record.spec.guild_id, "")
+                else:
+                    position = await self.queue.position(record.id)
+                    paused = await pause_of(self.queue, record.spec.guild_id)
             except Exception:  # noqa: BLE001 - a queue outage: show the reply without the place in line
                 log.exception("job %s: could not read its place in line", record.id)
                 position, paused = None, ""

@@ -413,7 +413,7 @@ async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[
     jobs = [r for r in await _line(bot.queue, guild_id) if not render.withholds_prompt(r)]
     max_chars = bot.config.imagine.max_prompt_chars
     hits = await asyncio.to_thread(lambda: [r for r in jobs if find([entry], r.spec.prompt, max_chars) is not None])
-    if hits and entry not in await entries(bot.queue, guild_id):
+    if hits and identity(entry) not in {identity(e) for e in await entries(bot.queue, guild_id)}:
         # Removed again (another admin) while the line was read and matched: it refuses nothing now.
         log.info("the refused entry %r was removed before its jobs were cancelled; cancelling none", entry)
         return []

@@ -422,7 +422,11 @@ async def submit_set(cog: "ImagineCog", interaction: discord.Interaction, spec: 
             log.exception("set %s: could not read whether the queue is paused", set_id)
             paused = ""
         try:   # the line once for every reply (a read of it per reply read it 25 times)
-            places: dict[str, int] | None = {job_id: n for n, job_id in enumerate(await queue.line(), 1)}
+            places: dict[str, int] | None
+            if progress is not None:   # counted as its later redraws count them (registered above)
+                places = (await progress.places())[0]
+            else:
+                places = {job_id: n for n, job_id in enumerate(await queue.line(), 1)}
         except Exception:  # noqa: BLE001 - a queue outage: the replies without their places in line
             log.exception("set %s: could not read the places in line", set_id)
             places = None

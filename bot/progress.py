@@ -563,20 +563,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         """Every queued job's place; redrawn for the first LINE_REDRAWS queued jobs of each channel
         only (a pause or resume for all): a long line would otherwise cost one edit per job at each
         start and finish."""
-        # The line's ids only: a record is read for a job not followed yet (new here, or of
-        # another process), once; a long line's records were most of a round's cost.
-        everywhere = await self.queue.get_setting(PAUSED_KEY, False)   # read once a round...
-        pauses: dict[int | None, str] = {}   # ...and each server's pause once
+        line, pauses = await self._line_places()
         ranks: dict[int, int] = {}           # queued jobs of ours seen so far, per channel
-        trackers = [await self._tracker(job_id) for job_id in await self.queue.line()]
-        for t in trackers:
-            if t is not None and t.guild_id not in pauses:
-                pauses[t.guild_id] = await pause_of(self.queue, t.guild_id, everywhere)
-        # Places among the jobs the workers take first (not another paused server's); a job of no
-        # tracker (no channel) counts, its server unknown.
-        places = places_in_line([t.guild_id if t is not None else None for t in trackers],
-                                {g for g, why in pauses.items() if why == "server" and g is not None})
-        for t, position in zip(trackers, places):
+        for t, position in line:
             if t is None or t.final or t.started:
                 continue
             rank = ranks[t.channel_id] = ranks.get(t.channel_id, 0) + 1
@@ -593,6 +582,29 @@ class ProgressCog(commands.Cog, name="Progress"):
                 # else shown once it is among its channel's first LINE_REDRAWS (a job back in line
                 # after a run at once: it still shows its last frame)
                 self._kick(t)
+
+    async def _line_places(self) -> tuple[list[tuple[_Tracker | None, int]], dict[int | None, str]]:
+        """The line, in claim order: each job's tracker (None: not ours to show) and place
+        (engine.jobs.places_in_line: not counting another paused server's jobs ahead; a job of no
+        tracker counts, its server unknown), and each server's pause (pause_of) as read now. The
+        line's ids only are read: a record is read for a job not followed yet (new here, or of
+        another process), once; a long line's records were most of a round's cost. The owner's
+        pause is read once, and each server's once."""
+        everywhere = await self.queue.get_setting(PAUSED_KEY, False)
+        pauses: dict[int | None, str] = {}
+        trackers = [await self._tracker(job_id) for job_id in await self.queue.line()]
+        for t in trackers:
+            if t is not None and t.guild_id not in pauses:
+                pauses[t.guild_id] = await pause_of(self.queue, t.guild_id, everywhere)
+        places = places_in_line([t.guild_id if t is not None else None for t in trackers],
+                                {g for g, why in pauses.items() if why == "server" and g is not None})
+        return list(zip(trackers, places)), pauses
+
+    async def places(self) -> tuple[dict[str, int], dict[int | None, str]]:
+        """The places in line of the jobs shown here (a new one's first reply: registered first), and
+        each of their servers' pauses, counted as the line pass counts them."""
+        line, pauses = await self._line_places()
+        return {t.job_id: place for t, place in line if t is not None}, pauses
 
     def line_changed(self) -> None:
         """Called by the admin commands (pause/resume/clear) so positions are redrawn."""

@@ -63,6 +63,7 @@ class OutageLog:
         self.since: float | None = None   # clock() at the first failure of the current outage
         self.failures = 0
         self.said_at = 0.0
+        self.last_failed = 0.0            # clock() at the latest failure
 
     @property
     def failing(self) -> bool:
@@ -72,13 +73,18 @@ class OutageLog:
         """One failure, `exc` (logged from an `except` block), `detail` naming it (a job id)."""
         now = self.clock()
         about = f" ({detail})" if detail else ""
+        every = REMIND_EVERY if self.every is None else self.every
+        if self.since is not None and now - self.last_failed > 2 * every:
+            # No failure for a while, and no success said it ended (nothing was tried meanwhile: a
+            # worker gone idle after a blip): this is another outage, said as one.
+            self.since, self.failures = None, 0
+        self.last_failed = now
         if self.since is None:
             self.since, self.said_at, self.failures = now, now, 1
             self.log.warning("%s failed%s; while they fail, a line a minute, and one when they work again",
                              self.what, about, exc_info=exc)
             return
         self.failures += 1
-        every = REMIND_EVERY if self.every is None else self.every
         if now - self.said_at >= every:
             self.said_at = now
             self.log.warning("%s still fail (for %.0f s, %d failures; the last%s: %s)",

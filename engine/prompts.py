@@ -54,7 +54,9 @@ _FULL_NUMBER = re.compile(rf"{_NUMBER}")
 #   is still one number gone wrong, and read as text `- 1` would pull toward the part;
 # - any of these, or a number, with brackets, quotes or marks around or after it: `(blurry:-1)`,
 #   `blurry:(-1)`, `blurry:-1,` (Stable Diffusion's `(blurry:1.5)` too: read as text it lost its
-#   pull). Not a word (`smile :-)`), nor a time (`(at 10:30)`: _DIGIT_COLON_WHOLE).
+#   pull); an unsigned one only straight after the colon, as a weight is written: `rated: 5!`,
+#   `(rated: 18)` and `room: 101?` are text. Not a word (`smile :-)`), nor a time (`(at 10:30)`:
+#   _DIGIT_COLON_WHOLE).
 _SIGNED_JUNK = re.compile(rf"^{_SIGN}(nan|inf|infinity)$|^({_SIGN}\d+|{_SIGN}?0),\d+$"
                           rf"|^{_SIGN}+\s*\.?\d[\d.]*[a-z]{{0,2}}$", re.I)
 _BARE_NAN = re.compile(r"^(nan|inf|infinity)$", re.I)
@@ -72,7 +74,9 @@ def _not_a_weight(tail: str) -> bool:
     if _SIGNED_JUNK.match(token) or (tail == token and _BARE_NAN.match(token)):
         return True
     bare = token.lstrip(_OPENERS + " \t").rstrip(_CLOSERS + " \t")
-    return bare != token and bool(_FULL_NUMBER.fullmatch(bare) or _SIGNED_JUNK.match(bare))
+    if bare == token or not (_FULL_NUMBER.fullmatch(bare) or _SIGNED_JUNK.match(bare)):
+        return False
+    return bare[:1] in f"+-{_MINUS}{_PLUS}" or not tail[:1].isspace()
 _SIGNS = str.maketrans({c: "-" for c in _MINUS} | {_PLUS: "+"})
 
 
@@ -134,7 +138,7 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = (), *, strict: bo
                     and _not_a_weight(tail)):
                 raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "
                                   "weight: write a number between -100 and 100, with nothing around or after it "
-                                  "(e.g. blurry:-1 or by Escher:0.5)")
+                                  "(e.g. blurry:-1 or by Escher:0.5); if it is text, not a weight, drop that colon")
         if not has_visible_text(text):
             raise PromptError(f"the part {_quote(raw)} has a weight but no text")
         if not math.isfinite(weight) or abs(weight) > 100:

@@ -626,7 +626,7 @@ class Worker:
                     # (Pruned while this job waited: the bot checked it at submit.)
                     verb = "remixed" if spec.parent_kind == "remix" else "continued"
                     raise PromptError(f"the state of job {spec.parent_job_id} is gone (pruned): it cannot be {verb}; "
-                                      "`/imagine` its prompt again instead")
+                                      "use /imagine with its prompt instead")
                 parent_state = await asyncio.to_thread(state_from_bytes, parent)
                 init_logits = parent_state["logits"]
                 if spec.parent_kind == "continue":

@@ -207,6 +207,11 @@ async def test_queued_replies_say_when_their_server_is_paused(harness):
     # B's paused job ahead of A's is passed by the workers: A's is next (it read #2 before).
     await fd.wait_for(lambda: "Queued: next in line." in fd.messages[a_waiting.id].content, 10, "A's place")
     await fd.wait_for(lambda: "Queued: #3 in line." in fd.messages[b_new.id].content, 10, "B's new job's place")
+    # A new job of A's is placed so from its first reply: #2 (behind A's), never #4.
+    a_new = await reply("avocado", a)
+    await fd.wait_for(lambda: "Queued: #2 in line." in fd.messages[a_new.id].content, 10, "A's new job's place")
+    shown = [snapshot["content"] for snapshot in fd.messages[a_new.id].history] + [fd.messages[a_new.id].content]
+    assert not any("#4 in line" in text for text in shown), shown
 
     await ephemeral_answer(h, "queue-admin resume", guild_id=b, user=carol)
     await fd.wait_for(lambda: all("paused" not in fd.messages[m.id].content for m in (b_waiting, b_new)), 10,

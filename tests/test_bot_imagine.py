@@ -155,27 +155,31 @@ async def test_a_prompt_longer_than_clip_reads_names_the_ignored_words(harness):
 
 
 async def test_a_queue_outage_right_after_the_submit_still_shows_and_posts_the_job(harness, monkeypatch):
-    """The job is queued, then the queue fails the next read (its place in line): the reply is shown
-    without the place, and the job's progress and result still reach it. (The outage is one read
-    made to raise: an SQLite file fails no read on its own between two calls.)"""
+    """The job is queued, then the queue fails the reads of the line (its place in line) until the
+    reply is shown: the reply is shown without the place, and the job's progress and result still
+    reach it. (The outage is the line's reads made to raise: an SQLite file fails no read on its
+    own between two calls.)"""
     h = harness
     await h.start()
     fd = h.fd
-    real_position = h.queue.position
+    real_line = h.queue.line
+    outage = [True]
     failed = []
 
-    async def position_in_an_outage(job_id):
-        if not failed:
-            failed.append(job_id)
+    async def line_in_an_outage():
+        if outage[0]:
+            failed.append(True)
             raise ConnectionError("the queue is unreachable")
-        return await real_position(job_id)
+        return await real_line()
 
-    monkeypatch.setattr(h.queue, "position", position_in_an_outage)
+    monkeypatch.setattr(h.queue, "line", line_in_an_outage)
     inter = await h.imagine("a house in a storm", iterations=4)
     msg = await h.reply_of(inter)
+    outage[0] = False
     job_id = h.job_id(msg)
-    assert failed == [job_id]
-    assert "Queued" in _edits_of(fd, msg.id)[0].json["content"]
+    assert failed
+    first = _edits_of(fd, msg.id)[0].json["content"]
+    assert "Queued" in first and "in line" not in first, first
     record = await h.wait_delivered(job_id)
     assert record.state == JobState.DONE
     (final,) = h.final_edits(msg.id)

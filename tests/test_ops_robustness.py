@@ -286,3 +286,16 @@ def test_outage_log_says_the_first_failure_with_its_traceback_a_line_a_minute_an
     assert said[0].exc_info is not None and not any(r.exc_info for r in said[1:])
     assert "for 60 s, 181 failures; the last (job 0): OSError: database or disk is full" in said[1].getMessage()
     assert said[3].getMessage() == "heartbeats work again (they failed for 151 s, 450 failures)"
+
+    # A blip that nothing said the end of (no call worked since: a worker gone idle), then another
+    # outage a day later: said as a new one, with its traceback, not "still fail (for 86400 s".
+    caplog.clear()
+    for moment in (200.0, 86_600.0):
+        now[0] = moment
+        try:
+            raise OSError("database or disk is full")
+        except OSError as exc:
+            outage.failed(exc, "job 0")
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(" (")[0] for r in said] == ["heartbeats failed", "heartbeats failed"]
+    assert all(r.exc_info for r in said)

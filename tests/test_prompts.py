@@ -148,7 +148,7 @@ def test_a_weight_in_brackets_or_followed_by_punctuation_is_refused_not_read_as_
 @pytest.mark.parametrize("prompt", [
     "smile :-)", "smile :)", "sad :(", "a sale: -50%", "a sale: (-50%)", "price: 1,000", "price: 1,000.",
     "(at 10:30)", "a clock at 10:30.", "a screen (16:9)", "meet me at 7:00!", "a (red:1.5) house",
-    "temperature: -5 degrees.",
+    "temperature: -5 degrees.", "movie (rated: 18)", "a poster that says 'Top 10: 1'", "room: 101?", "rated: 5!",
 ])
 def test_brackets_and_punctuation_after_text_or_a_time_stay_text(prompt):
     """`a clock at 10:30.` was "a clock at 10" at weight 30."""

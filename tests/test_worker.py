@@ -1177,7 +1177,7 @@ async def test_a_queued_continue_keeps_its_parents_state_through_a_prune(queue, 
         assert failed.state == JobState.FAILED and failed.attempts == 1, failed
         assert f"the state of job {cont.id} is gone (pruned): it cannot be continued" in failed.error, failed.error
         failed = await wait_state(queue, remixed.id, {JobState.FAILED, JobState.DONE})
-        assert "it cannot be remixed; `/imagine` its prompt again instead" in failed.error, failed.error
+        assert "it cannot be remixed; use /imagine with its prompt instead" in failed.error, failed.error
         after = await queue.submit(spec(user=4))
         await wait_state(queue, after.id, {JobState.DONE})
 

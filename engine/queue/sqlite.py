@@ -1017,16 +1017,14 @@ class SQLiteJobQueue:
             now = time.time()
             paused = await self._fetchone(db, _SETTING_SQL, (PAUSED_KEY, now))
             record = None
-            if not (paused and json.loads(paused["value"])):
+            if grids is not None:
+                grids = tuple(int(g) for g in grids)
+            if not (paused and json.loads(paused["value"])) and grids != ():   # (no grid: nothing to take)
                 # Filters after the ranking: a grid this worker lacks or a paused server moves
                 # nobody's place in the line; the claim takes the first job that passes them.
                 conditions: list[str] = [f"NOT {_GUILD_PAUSED_SQL}", _RETRY_ELSEWHERE_SQL]
                 params: list[Any] = [now, worker_id, now, worker_id, now - _ALIVE * self.lease]
                 if grids is not None:
-                    grids = tuple(int(g) for g in grids)
-                    if not grids:
-                        log_swept(log, lost)   # (committed as this returns)
-                        return None
                     conditions.append("j.grid IN (" + ",".join("?" * len(grids)) + ")")
                     params += grids
                 if not init_images:
