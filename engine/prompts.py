@@ -114,8 +114,8 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = (), *, strict: bo
     `strict` (a prompt being submitted): a part ending in what looks like a weight gone wrong
     (`blurry:-1x`, `(blurry:-1)`, `blurry:-1,`) is refused. Not strict (a stored prompt read again:
     the worker's targets, a Reroll or Continue of a job, its reply's weights line): such a part is
-    text at weight 1, as it was read when an older version accepted it, so a job queued before the
-    rules tightened still runs, and runs as it was queued.
+    text at weight 1, as older versions read it, so a job queued before the rules tightened still
+    runs as it was queued.
     """
     if prompt is None or not has_visible_text(prompt):
         raise PromptError("the prompt is empty: describe the picture you want")
