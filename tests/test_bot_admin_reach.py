@@ -21,7 +21,7 @@ import re
 import pytest
 
 from bot.queue_admin import CONTENT_LIMIT, show_text
-from engine.jobs import JobRecord, JobSpec, JobState
+from engine.jobs import JobRecord, JobSpec, JobState, places_in_line
 from tests.test_bot_admin_servers import _queue, _two_servers
 from tests.test_bot_support import ephemeral_answer, harness  # noqa: F401 - the fixture
 
@@ -62,7 +62,9 @@ async def test_an_author_sees_and_cancels_their_jobs_of_a_paused_server_from_ano
 
     text = await ephemeral_answer(h, "queue show", guild_id=b, user=bob)
     lines = text.splitlines()
-    place = {r.id: n for n, r in enumerate(await h.queue.queued(), 1)}   # the shared line, in claim order
+    line = await h.queue.queued()   # the shared line, in claim order: A's paused jobs count for A's only
+    place = dict(zip((r.id for r in line), places_in_line([r.spec.guild_id for r in line], {a})))
+    assert place[b_carol] == 1   # the workers take B's first
     for n, job_id in enumerate(ids):   # first, in line order, each with its place and why it waits
         assert lines[n] == (f"**#{place[job_id]}** `{job_id}` night job {n} · yours, "
                             "in another server (its server's jobs are paused)"), text

@@ -74,9 +74,9 @@ async def _job_starting_in_an_archived_thread(h, prompt):
 
 
 async def test_a_stale_line_snapshot_does_not_bring_back_a_delivered_job(harness):
-    """The line's round reads queued(), then awaits the store once per server; meanwhile the job is
+    """The line's round reads the line, then awaits the store once per server; meanwhile the job is
     cancelled, its "Cancelled." post goes out and its tracker is dropped. The round then reaches
-    the job's stale record. Before: a new tracker was made from it (it leaked) and the reply was
+    the job's stale entry. Before: a new tracker was made from it (it leaked) and the reply was
     edited to "Queued: next in line." for good, over the final post."""
     h = harness
     h.config.progress.message_interval = 0.01
@@ -98,12 +98,12 @@ async def test_a_stale_line_snapshot_does_not_bring_back_a_delivered_job(harness
 
     rounds = []
 
-    async def stale_queued():
+    async def stale_line():
         rounds.append(1)
-        return snapshot
+        return [r.id for r in snapshot]
 
-    real_queued = h.queue.queued
-    h.queue.queued = stale_queued
+    real_line = h.queue.line
+    h.queue.line = stale_line
     try:
         since = len(fd.requests)
         cog.line_changed()
@@ -111,7 +111,7 @@ async def test_a_stale_line_snapshot_does_not_bring_back_a_delivered_job(harness
         cog.line_changed()   # the loop is sequential: a second round means the first one is over
         await _until(lambda: len(rounds) >= 2, 10, "a second round of the line")
     finally:
-        h.queue.queued = real_queued
+        h.queue.line = real_line
     assert job_id not in cog.trackers
     await asyncio.sleep(0.3)   # an edit kicked by that round would have gone out by now
     assert "Cancelled." in fd.messages[msg.id].content
