@@ -32,7 +32,8 @@ SLOW_READ = 4.0
 class SlowReads:
     """The real queue, whose reads each sleep `delay` seconds first while `on`."""
 
-    READS = ("get", "get_setting", "count_queued", "has_artifact", "running", "queued", "history")
+    READS = ("get", "get_setting", "count_queued", "has_artifact", "running", "queued", "line", "position", "existing",
+             "history")
 
     def __init__(self, queue, monkeypatch, delay: float = SLOW_READ):
         self.delay, self.on = delay, False
