@@ -45,6 +45,7 @@ import discord
 from bot import redact
 from bot.config import QUEUE_URL_ENV, Config, ConfigError, check_token, choose_queue_url, load_config
 from bot.launcher import LaunchError
+from engine import package_version
 from engine.stopping import exit_if_abandoned, exit_now
 
 EXIT_CONFIG = 2
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "The bot token is read from the DISCORD_TOKEN environment variable.",
     )
     _common(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     _run_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="{run,sync}")
     run_p = sub.add_parser("run", help="run the bot (the default)")

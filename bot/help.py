@@ -38,7 +38,7 @@ LITERAL_BRACES = " `\\{` and `\\}` are literal braces."
 def help_text(config: Config, per_user: int) -> str:
     im = config.imagine
     presets = " · ".join(
-        f"`{name}` {p.size}px, {p.iterations} steps, {p.cutn} cut-outs"
+        f"`{name}` {p.size}px, {p.iterations} iterations, {p.cutn} cut-outs"
         for name in PRESET_NAMES for p in [getattr(config.presets, name)]
     )
     text = "\n".join([
@@ -57,7 +57,7 @@ def help_text(config: Config, per_user: int) -> str:
         "",
         permutations_text(config, per_user),
         "",
-        "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more steps from the end; the same "
+        "**Buttons**: 🎲 Reroll (same prompt, new seed) · ➕ Continue (more iterations from the end; the same "
         "each time, so a second one points to the first) · "
         "🎨 Remix (new prompt from this picture) · Cancel (the author or an admin of the server). "
         "Replies and `/history` name each job's source (↻ reroll of, → continues, ↳ remix of).",

@@ -913,7 +913,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         cfg = self.bot.config.imagine
         sizes = [app_commands.Choice(name=f"{s}×{s}", value=s) for s in self.bot.config.size_choices]
         qualities = [
-            app_commands.Choice(name=f"{name}: {p.size}×{p.size}, {p.iterations} steps, {p.cutn} cut-outs", value=name)
+            app_commands.Choice(name=f"{name}: {p.size}×{p.size}, {p.iterations} iterations, {p.cutn} cut-outs", value=name)
             for name in PRESET_NAMES for p in [getattr(self.bot.config.presets, name)]
         ]
         cog = self
@@ -931,7 +931,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             iterations=f"Optimisation steps, 1-{cfg.max_iterations} (default {cfg.default_iterations})",
             seed="Random seed, to repeat a result (default: a new one)",
             size=f"Image size (default {cfg.default_size})",
-            quality="A preset of size, steps and cut-outs; options you give override it",
+            quality="A preset of size, iterations and cut-outs; options you give override it",
             image="A picture to aim at as well as the prompt (its CLIP embedding is a target)",
             image_weight="How strongly to aim at the image, -100 to 100 (default 1)",
             init_image="A picture to start from (its DALL-E codes) instead of noise",

@@ -53,7 +53,7 @@ from bot.client import ImagineBot
 from bot.config import PRESET_NAMES, QUEUE_URL_ENV, Config, WorkerConfig
 from engine.jobs import JobQueue
 from engine.observability import Check, Observability, bound_port, queue_check, worker_check, workers_check
-from engine.queue import redact_secrets, redact_url
+from engine.queue import redact_secrets, redact_url, store_trouble_hint
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ async def open_resources(
             if isinstance(exc, CertificateNotVerified):   # no server trouble: it says the fix itself
                 raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}", exit_code=2) from None
             raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check --queue / "
-                              f"{QUEUE_URL_ENV} / [queue] url and that its server is up", exit_code=2) from None
+                              f"{QUEUE_URL_ENV} / [queue] url and {store_trouble_hint(url, detail)}", exit_code=2) from None
         stack.push_async_callback(queue.close)
         log.info("queue %s", redact_url(url))
         session = aiohttp.ClientSession()
@@ -510,7 +510,7 @@ async def hold_bot_lease(resources: Resources, ttl: float | None = None) -> BotL
         url = resources.config.queue.url
         detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
         raise LaunchError(f"cannot take the bot lease on the queue {redact_url(url)}: {detail}; "
-                          "check that its server is up") from None
+                          f"check {store_trouble_hint(url, detail)}") from None
     return lease
 
 

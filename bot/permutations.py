@@ -43,22 +43,36 @@ per combination (6 here) and, once every one of them has ended, posts one contac
 
 Retention: `set:<id>` and `sheet:<id>` are written with an expiry (`set_setting(...,
 expire_after=keep_seconds(bot))`: 30 days, or `[worker] keep_days` when that is longer), so the
-store does not keep them forever; an open set whose record expired before its jobs ended (a queue
-paused for a month) is dropped from `sheets.open` without a sheet.
+store does not keep them forever. While a set is open, the poll writes its record again (with a
+fresh expiry) once half of that time has passed since it was written (`kept_at`), so a set waiting
+longer (a queue paused for a month) still has its record after a restart. Only one whose record
+expired while no bot ran (down for longer than that) is dropped from `sheets.open` without a sheet.
 
 Exactly once, honestly: the JobQueue protocol has no atomic compare-and-set on settings (and
-`mark_delivered` needs a job). So the sheet is posted like a job's final post: check `sheet:<id>`,
-post with the nonce `sheet-<id>` (Discord drops a repeat of it within a few minutes), then set
-`sheet:<id>`. One process never posts a set twice (one check of a set at a time, and the marker;
-no lock is held while a sheet renders or uploads, so new sets are answered meanwhile). A crash
-between the post and the marker, with the restart after Discord's nonce window, gives a second sheet; two
-bot processes polling the same set at the same moment post the same nonce and Discord keeps one.
+`mark_delivered` needs a job). So the sheet is posted like a job's result as a new message
+(bot.progress): check `sheet:<id>`, mark the set's record (`posting_after` in `set:<id>`: a
+snowflake REPOST_CLOCK_SLACK before the mark), post with the nonce `sheet-<id>` (Discord drops a
+repeat of it within a few minutes), then set `sheet:<id>`. A later try of a marked set (a restart
+between the post and the marker, past the nonce's minutes; or a 5xx that posted after all) first
+reads the channel's messages since the mark (REPOST_SEARCH at most) for the bot's sheet of this set
+(a `contact-sheet` attachment, and a job id of the set in its text) and takes that one as the
+sheet. Without Read Message History (Discord returns no messages) the nonce alone guards it, and a
+sheet more than REPOST_SEARCH messages back is not found. One process never posts a set twice (one
+check of a set at a time, and the marker; no lock is held while a sheet renders or uploads, so new
+sets are answered meanwhile); two bot processes polling the same set at the same moment post the
+same nonce and Discord keeps one.
+
+Polling: every `[progress] line_interval` the open sets are checked with two batched reads for all
+of them (the line's ids and the running jobs); a job in neither is read alone, and a finished and
+posted one is remembered, so a set waiting in line costs no read of its own. `sheet:<id>` (written
+by another process, or before a restart) is read only once every job of a set has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 import io
 import itertools
 import logging
@@ -72,7 +86,9 @@ import discord
 from discord.ext import commands
 
 from bot import contact_sheet, moderation, render
-from bot.progress import INVALID_WEBHOOK_TOKEN, created_monotonic, is_refusal, write_reply
+from bot.progress import (
+    INVALID_WEBHOOK_TOKEN, REPOST_CLOCK_SLACK, REPOST_SEARCH, created_monotonic, is_refusal, write_reply,
+)
 from engine.jobs import JobRecord, JobSpec, JobState, QueueLimitReached, UploadGone, new_job_id, pause_of
 from engine.prompts import PromptError, parse_prompt
 
@@ -552,9 +568,9 @@ class SheetsCog(commands.Cog, name="Sheets"):
         self._retry: dict[str, tuple[int, float]] = {}      # set id -> (failed posts, next try at: monotonic)
         # Set id -> its marker, once its sheet is posted (or given up) and until the marker is
         # stored: a failed store write is retried on later polls, never the post. In memory only:
-        # across a restart the stored marker is the only memory, so a sheet posted just before a
-        # crash (its marker unwritten) may be posted again. The channel post's nonce lets Discord
-        # drop such a repeat only within a few minutes; a follow-up (the command's webhook) has none.
+        # across a restart a sheet posted just before a crash (its marker unwritten) is found by its
+        # record's `posting_after` mark and the channel's history (_find_sheet), or, within a few
+        # minutes, dropped by Discord as a repeat of its nonce.
         self._posted: dict[str, dict[str, Any]] = {}
         self._unrecorded: set[str] = set()   # sets whose failed marker write was logged (once)
         self._interactions: dict[str, tuple[discord.Interaction, float]] = {}   # set id -> (its command, at)
@@ -613,6 +629,26 @@ class SheetsCog(commands.Cog, name="Sheets"):
                 if kept != opened:
                     await self.queue.set_setting(OPEN_KEY, kept)
 
+    async def _keep_open(self) -> None:
+        """Write again the record of each open set written more than half its expiry ago, with a
+        fresh expiry: a set kept only in memory would otherwise be dropped by a restart after its
+        record expired (its jobs still waiting), while this process would still post its sheet. A
+        store failure is logged and tried again at the next reload; the sets are checked meanwhile."""
+        keep = keep_seconds(self.bot)
+        for set_id, info in list(self._open.items()):
+            written = float(info.get("kept_at") or info.get("created_at") or 0.0)
+            if time.time() - written < keep / 2 or set_id in self._posted or set_id in self._checking:
+                continue   # fresh enough; or being posted and closed (its record is needed no more)
+            now = time.time()
+            try:
+                await self.queue.set_setting(set_key(set_id), {**info, "kept_at": now}, expire_after=keep)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the record has time left: try again later
+                log.warning("set %s: writing its record again failed (%s: %s)", set_id, type(exc).__name__, exc)
+                return
+            info["kept_at"] = now
+
     async def _close(self, set_id: str, marker: dict[str, Any] | None) -> None:
         """Record the sheet as posted (if `marker`) and drop the set from the open list."""
         if marker is not None:
@@ -639,9 +675,11 @@ class SheetsCog(commands.Cog, name="Sheets"):
                 if time.monotonic() - reloaded >= self.bot.config.progress.reconcile_interval:
                     await self._load_open()   # sets opened by other processes (or before a restart)
                     reloaded = time.monotonic()
+                    await self._keep_open()
+                going = await self._going()
                 for set_id in list(self._open):
                     try:
-                        await self.check(set_id)
+                        await self.check(set_id, going)
                     except asyncio.CancelledError:
                         raise
                     except Exception:  # noqa: BLE001 - one set's trouble must not skip the others
@@ -656,14 +694,32 @@ class SheetsCog(commands.Cog, name="Sheets"):
             except asyncio.TimeoutError:
                 pass
 
-    async def _records(self, info: dict[str, Any]) -> list[JobRecord | None] | None:
+    async def _going(self) -> set[str] | None:
+        """The ids of the jobs queued or running now, in two batched reads for every open set (a
+        read of each set's jobs was about two reads a set every poll: 440 at 220 open sets), or None
+        when no open set has a job still to be read (all ended, or no set open).
+
+        Read in the order a job moves on (the line, then the running jobs): one claimed between the
+        two reads is in the second. One that moves back meanwhile (a failed attempt goes back to
+        the line) or finishes is in neither: `_records` reads it alone, as any job in neither."""
+        if not any(job_id not in self._ended for set_id, info in self._open.items() if set_id not in self._posted
+                   for job_id in info.get("jobs", [])):
+            return None
+        line = await self.queue.line()
+        running = await self.queue.running()
+        return {*line, *(record.id for record in running)}
+
+    async def _records(self, info: dict[str, Any], going: set[str] | None = None) -> list[JobRecord | None] | None:
         """Every job's record, or None while any is still queued, running, or not yet delivered:
         the sheet comes after every result (and links each where it was posted: a result that went
-        out as a new message, its reply deleted, has its `result_message_id` only once delivered)."""
+        out as a new message, its reply deleted, has its `result_message_id` only once delivered).
+        `going`: the jobs queued or running as `_going` read them; one of them is not read again."""
         out: list[JobRecord | None] = []
         for job_id in info["jobs"]:
             record = self._ended.get(job_id)
             if record is None:
+                if going is not None and job_id in going:
+                    return None
                 record = await self.queue.get(job_id)
                 if record is not None and not (record.state.finished and record.delivered):
                     return None   # the first one still going or being posted: no need to look further
@@ -672,8 +728,10 @@ class SheetsCog(commands.Cog, name="Sheets"):
             out.append(record)
         return out
 
-    async def check(self, set_id: str) -> bool:
+    async def check(self, set_id: str, going: set[str] | None = None) -> bool:
         """Post the set's sheet if every job ended and it was not posted; True once it is done.
+        `going`: the jobs queued or running (`_going`), read once for every open set; None: each
+        job of the set is read.
 
         No lock is held while the sheet renders and uploads (a 429 wait, discord.py's 5xx retries,
         a slow store): `track`, which every new set's command awaits before its first reply, would
@@ -687,23 +745,25 @@ class SheetsCog(commands.Cog, name="Sheets"):
             return False
         self._checking.add(set_id)
         try:
-            return await self._check(set_id)
+            return await self._check(set_id, going)
         finally:
             self._checking.discard(set_id)
 
-    async def _check(self, set_id: str) -> bool:
+    async def _check(self, set_id: str, going: set[str] | None = None) -> bool:
         info = self._open.get(set_id)
         if info is None:
             return True
         marker = self._posted.get(set_id)
         if marker is not None:   # posted already; its marker's write failed: retry that alone
             return await self._record(set_id, marker)
+        records = await self._records(info, going)
+        if records is None:
+            return False
+        # Posted by another process, or before a restart: only once every job has ended (the sheet
+        # waits for them all), so a set still waiting costs no read of its marker.
         if await self.queue.get_setting(sheet_key(set_id)):
             await self._close(set_id, None)
             return True
-        records = await self._records(info)
-        if records is None:
-            return False
         failed, next_at = self._retry.get(set_id, (0, 0.0))
         if time.monotonic() < next_at:   # backing off after a failed post
             return False
@@ -808,8 +868,18 @@ class SheetsCog(commands.Cog, name="Sheets"):
             data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG", numbers)
         content = self._content(info, len(tiles), entries, template_refused)
         channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
+        if info.get("posting_after"):
+            # Marked before an earlier try (or before a restart): that try may have posted it.
+            found = await self._find_sheet(info, channel, int(info["posting_after"]))
+            if found is not None:
+                log.info("set %s: its contact sheet was posted before (message %s); not posting it again",
+                         set_id, found.id)
+                return {"message_id": found.id, "channel_id": found.channel.id, "at": time.time()}
+        else:
+            await self._mark_posting(info)
         try:
-            # The nonce lets Discord drop a repeat (a crash between this post and the marker).
+            # The nonce lets Discord drop a repeat within a few minutes (a crash between this post and
+            # the marker); later, the mark above lets the next try find this post (_find_sheet).
             message = await channel.send(content=content, file=discord.File(io.BytesIO(data), filename=filename),
                                          nonce=f"sheet-{set_id}")
         except discord.Forbidden as refused:
@@ -829,6 +899,41 @@ class SheetsCog(commands.Cog, name="Sheets"):
                     raise refused from exc   # the channel's refusal is the one to record
                 raise
         return {"message_id": message.id, "channel_id": message.channel.id, "at": time.time()}
+
+    async def _mark_posting(self, info: dict[str, Any]) -> None:
+        """Write `posting_after` (a snowflake REPOST_CLOCK_SLACK before now, for a clock a little
+        ahead of Discord's) into the set's record before its sheet is posted: a restart between the
+        post and its marker then looks for the post (_find_sheet) instead of posting a second sheet
+        once Discord has forgotten the nonce. A failed write raises: nothing is posted, and the next
+        poll tries again."""
+        since = discord.utils.utcnow() - datetime.timedelta(seconds=REPOST_CLOCK_SLACK)
+        marked = {**info, "posting_after": str(discord.utils.time_snowflake(since))}
+        await self.queue.set_setting(set_key(info["id"]), marked, expire_after=keep_seconds(self.bot))
+        info["posting_after"] = marked["posting_after"]   # the dict `_open` holds: later tries search
+
+    async def _find_sheet(self, info: dict[str, Any], channel: Any, after: int) -> discord.Message | None:
+        """The bot's contact sheet of this set among the channel's messages since the snowflake
+        `after` (at most REPOST_SEARCH of them), or None: none there, or the channel cannot be read
+        (gone, no View Channel; without Read Message History Discord returns no messages), when the
+        nonce still guards the post. A sheet of this set is one with a `contact-sheet` attachment
+        (PNG or JPEG) whose text names a job of the set as its lines do (`` `<job id>` ``): a job id
+        is this set's alone, and user text cannot spell it so (Markdown-escaped, its backticks are
+        `\\``). Whatever else its text says (captions shortened, the template withheld by a word
+        refused since the first try), and the first line's id is there even in a text cut short."""
+        me = self.bot.user.id if self.bot.user else None
+        stem = contact_sheet.FILENAME.rsplit(".", 1)[0] + "."
+        ids = [f"`{job_id}`" for job_id in info["jobs"]]
+        try:
+            async for message in channel.history(limit=REPOST_SEARCH, after=discord.Object(after), oldest_first=True):
+                if message.author.id != me:
+                    continue
+                if (any(a.filename.startswith(stem) for a in message.attachments)
+                        and any(job_id in message.content for job_id in ids)):
+                    return message
+        except (discord.Forbidden, discord.NotFound) as exc:
+            log.info("set %s: cannot read channel %s for an earlier post of its contact sheet (%s %s); relying "
+                     "on the nonce", info["id"], info.get("channel_id"), exc.status, exc.text)
+        return None
 
     def _upload_limit(self, info: dict[str, Any]) -> int:
         guild = self.bot.get_guild(int(info["guild_id"])) if info.get("guild_id") else None

@@ -54,6 +54,10 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   the nonce alone guards it). Jobs that finished while the bot was
   down come back through `undelivered()`; at most FINALS_AT_ONCE finals hold their files in memory
   at a time, so a backlog after downtime is not read all at once.
+- A result is checked against its server's refused words as they are when it is posted (the same
+  matching as the add's cancel, moderation.find): a word added after the job finished (its result
+  waiting: the bot down or behind) cancels nothing, so the final post itself withholds it
+  (render.withheld_text): no picture, no prompt, no buttons; delivered as any.
 - A reply whose id could not be written to the store when it was made (`set_reply` failed: a
   store hiccup) is kept on its tracker and written again by the reconcile pass (and with the
   result), so a restart still finds the reply and edits it, instead of leaving it at "Queued" with
@@ -71,7 +75,6 @@ import datetime
 import hashlib
 import io
 import logging
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -81,7 +84,7 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from bot import render
+from bot import moderation, render
 from engine.jobs import PAUSED_KEY, EventKind, JobEvent, JobRecord, JobState, pause_of, places_in_line
 from engine.outage import OutageLog
 
@@ -178,20 +181,21 @@ class _Outage:
             self.since = None
 
 
-# A failed job's reason that starts with an exception's type ("OSError: ...") or is a lost worker's
-# ("worker lost 3 times") is logged as the worker logs it. Any other (a prompt rejected: it quotes
-# the prompt's parts, engine.prompts._quote) is the users' text: only when it quotes nothing.
-_TYPED_REASON = re.compile(r"[A-Za-z_][\w.]*: |worker lost ")
+# A failed job's reason in the log line of its FAILED event: of the kind its public reply reads
+# (render.classify_failure), but a worker's reason (an exception, a lost worker) as the worker
+# logged it, not what the reply says. A rejected input's reason is the user's text: logged only
+# when it quotes nothing (engine.prompts._quote quotes the prompt's parts).
 FAILURE_REASON_CHARS = 200
 
 
 def _failure_reason(reason: str | None) -> str:
     """A failed job's reason (its record's error, which its FAILED event carries) for the log line:
     one line, at most FAILURE_REASON_CHARS, none that quotes the prompt."""
+    kind = render.classify_failure(reason).kind
     text = " ".join((reason or "").split())
-    if not text:
+    if kind == render.FAILURE_NONE:
         return "no reason given"
-    if not _TYPED_REASON.match(text) and ("'" in text or '"' in text):
+    if kind == render.FAILURE_INPUT and ("'" in text or '"' in text):
         return "its input was rejected (the reason quotes the prompt: not logged)"
     return text if len(text) <= FAILURE_REASON_CHARS else text[:FAILURE_REASON_CHARS - 1] + "…"
 
@@ -240,6 +244,7 @@ class _Final:
     record: JobRecord
     content: str
     files: list[tuple[str, bytes]]   # (name, data): fresh discord.File objects for every attempt
+    withheld: bool = False           # its prompt is refused now (render.withheld_text): no buttons either
 
 
 @dataclass
@@ -530,6 +535,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.started = record.state == JobState.RUNNING
         # Made by another process (or before a restart): nothing more will attach it.
         t.attached = True
+        # What its message shows is not known here: a frame of a run that stopped meanwhile (the job
+        # handed back while the bot was down) goes with the first edit that draws none.
+        t.framed = True
         self.trackers[job_id] = t
         return t
 
@@ -1062,14 +1070,35 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.record = record
         if t.posted is not None:   # posted already: only the store writes are left (_post_final)
             return _Final(record, "", [])
-        if record.state == JobState.DONE and render.withholds_prompt(record):
-            # Asked to stop for a banned word, then finished DONE by a worker of an older version (the
-            # store's finish now ends such a job CANCELLED; a worker not yet upgraded, or a record it
-            # finished before the upgrade and not yet posted): the admin was told it was cancelled, so
-            # it is posted as that cancel (no picture or video of a banned prompt), delivered as any.
-            record = replace(record, state=JobState.CANCELLED)
+        if render.withholds_prompt(record):
+            # Cancelled for a banned word: posted as that cancel (render.final_text), which withholds
+            # it already, whatever the list holds now.
+            if record.state == JobState.DONE:
+                # Asked to stop for a banned word, then finished DONE by a worker of an older version
+                # (the store's finish now ends such a job CANCELLED; a worker not yet upgraded, or a
+                # record it finished before the upgrade and not yet posted): the admin was told it was
+                # cancelled, so it is posted as that cancel (no picture or video of a banned prompt),
+                # delivered as any.
+                record = replace(record, state=JobState.CANCELLED)
+        elif await self._refused_now(record):
+            # A refused word (or pattern) added since it was queued matches its prompt, and the add
+            # did not cancel it: it had finished (its result waiting for the bot: down, or behind an
+            # outage), or finished while the add read the line. Posted, it would show the channel
+            # that prompt and its picture: withheld instead, delivered as any, so it is not retried.
+            return _Final(record, render.withheld_text(record), [], withheld=True)
         files, note = await self._final_files(t, record)
         return _Final(record, render.final_text(record, note), files)
+
+    async def _refused_now(self, record: JobRecord) -> bool:
+        """Whether the server's refused words match `record`'s prompt now, as the add's cancel
+        (moderation.cancel_matching) and a set's contact sheet match it: moderation.find, a timeout
+        counting as a match (fail closed). The list is read afresh: a store failure is raised, and
+        the final post tried again later, rather than posting what may be refused."""
+        listed = await moderation.entries(self.queue, record.spec.guild_id)
+        if not listed:
+            return False
+        max_chars = self.bot.config.imagine.max_prompt_chars
+        return await asyncio.to_thread(moderation.find, listed, record.spec.prompt, max_chars) is not None
 
     async def _post_final(self, t: _Tracker, final: _Final) -> None:
         def files() -> list[discord.File]:
@@ -1091,7 +1120,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         if not await self.queue.mark_delivered(t.job_id):
             log.warning("job %s was already delivered by someone else", t.job_id)
         else:
-            log.info("job %s result posted (message %s)", t.job_id, result_message_id)
+            withheld = ", withheld: its prompt matches a word or pattern its server refuses now"
+            log.info("job %s result posted (message %s)%s", t.job_id, result_message_id,
+                     withheld if final.withheld else "")
         t.delivered = True
 
     async def _post_result(self, t: _Tracker, final: _Final, files: Callable[[], list[discord.File]]) -> int | None:
@@ -1100,7 +1131,9 @@ class ProgressCog(commands.Cog, name="Progress"):
         from bot.imagine import result_view   # noqa: PLC0415 - imagine imports this module
 
         await self._save_reply(t, final.record, before_result=True)
-        view = result_view(final.record)
+        # A withheld result keeps no button: each would start a job from the refused prompt (a Reroll,
+        # a Continue) or from its final state (a Remix). An empty view removes the reply's Cancel.
+        view = _no_buttons() if final.withheld else result_view(final.record)
         if not t.dead and not t.archived and (t.message_id is not None or t.interaction is not None):
             # Editing the reply is idempotent: a repeat after a crash changes nothing. The attachments
             # always: without files (the text alone after 413s, no final.png) the last frame goes too.
@@ -1275,6 +1308,13 @@ async def write_reply(queue: Any, job_id: str, reply: dict[str, Any]) -> dict[st
     except Exception:  # noqa: BLE001 - the progress cog retries the write
         log.exception("job %s: could not write its reply to the store; retrying", job_id)
         return reply
+
+
+def _no_buttons() -> discord.ui.View:
+    """A view without items: the message's buttons are removed (`components: []`)."""
+    view = discord.ui.View(timeout=None)
+    view.stop()
+    return view
 
 
 def _unattached_note(files: list[tuple[str, bytes]]) -> str:

@@ -16,6 +16,7 @@ prompt to copy back (a refused Remix form's) goes through `copyable`: a code blo
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import discord
 
@@ -294,16 +295,17 @@ PROMPT_KEPT = 200
 NOTES_LEFT_OUT = "-# (some notes are left out: too long for one message)"
 
 
-def _compose(record: JobRecord, status: str) -> str:
+def _compose(record: JobRecord, status: str, *, withheld: bool = False) -> str:
     """The job's message: its prompt, `status`, the lineage and notes, settings and weights, id and
     author, within CONTENT_LIMIT. Too long (a long prompt, a long failure reason, many notes): the
     prompt is cut to PROMPT_KEPT, then note lines are left out (CLIP's first, the lineage last),
     then the weights (and the notes tried again without them), then the prompt cut further, then
-    the status; never past the limit."""
+    the status; never past the limit. `withheld` (or withholds_prompt): PROMPT_WITHHELD instead of
+    the prompt, and none of the lines that quote it."""
     spec = record.spec
     # The id in a code span of its own: copied, it is what `/remix job:` takes.
     job = f" · job `{record.id}` · <@{spec.user_id}>"
-    if withholds_prompt(record):
+    if withheld or withholds_prompt(record):
         # Nor the lines that quote it (what CLIP ignores of it, its weights) or a remix's parent's prompt.
         return _fit(f"{PROMPT_WITHHELD}\n{status}\n`{settings_line(spec)}`{job}")
     prompt = escape_prompt(spec.prompt)
@@ -400,41 +402,84 @@ def final_text(record: JobRecord, note: str | None = None) -> str:
     return _compose(record, status)
 
 
-# A failed job's stored reason as its public reply says it. The worker stores what went wrong for
-# the operator (`OutOfMemoryError: CUDA out of memory. Tried to allocate ... Process 48211 ...`,
-# a CUDA error's four lines of debugging advice); the channel gets what it means for the job and
-# what to do. A reason of the user's own input (a PromptError, a pruned parent) is shown as it is.
+def withheld_text(record: JobRecord) -> str:
+    """The final post of a finished job whose prompt a refused word (or pattern) added since it was
+    queued matches, and that the add did not cancel (it had finished, or finished while the add
+    read the line): no prompt, and no failure reason (one may quote the prompt). The channel is
+    told why there is nothing to see, as a banned cancel tells it; the entry is not named.
+    (bot.progress posts no picture and no buttons with it.)"""
+    return _compose(record, RESULT_WITHHELD, withheld=True)
+
+
+# A failed job's stored reason: what kind it is (classify_failure), and what its public reply says
+# of it (failure_reason). The worker stores what went wrong for the operator (`OutOfMemoryError:
+# CUDA out of memory. Tried to allocate ... Process 48211 ...`, a CUDA error's four lines of
+# debugging advice); the channel gets what it means for the job and what to do. A reason of the
+# user's own input (a PromptError, a pruned parent) is shown as it is. The bot's log line of the
+# failure (bot.progress) reads the same kinds, and may show more of a worker's reason.
+#
+# Where the reasons come from: the worker's `_failed` stores an exception as `f"{type(exc).__name__}:
+# {exc}"` (any class name: `error` of struct.error, `Error` of binascii.Error, `BadZipFile`,
+# `StopIteration`, its message possibly empty), except a PromptError (the input) and NoEncoder,
+# stored as their message alone; the store's lease sweep stores "worker lost N times". A
+# PromptError's message is a sentence ("the part 'x' ...", "the prompt is empty: ...", "3 prompt
+# parts; ..."): it never begins with a name right before a colon, and only its start is read, so
+# what it quotes of the prompt ("out of memory", "CUDA error") is not taken for a worker's failure.
+FAILURE_NONE = "none"          # no reason stored
+FAILURE_LOST = "worker lost"   # its worker stopped (lease expired) on every attempt
+FAILURE_WORKER = "worker"      # the worker failed: an exception (its class shown, never its text)
+FAILURE_INPUT = "input"        # its input was refused: the reason is the user's to read, quoting it
+
 _WORKER_LOST = re.compile(r"worker lost (\d+) times?")
-_EXCEPTION = re.compile(r"([A-Z][A-Za-z0-9_.]*(?:Error|Exception|Died|Interrupted|Failure))\b:?")
+_TYPED = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?:\s|$)")   # the worker's `Class: message`
+# A class name with no colon after it (stored by an older version): a worker's exception all the same.
+_EXCEPTION = re.compile(r"([A-Z][A-Za-z0-9_.]*(?:Error|Exception|Died|Interrupted|Failure))\b")
+_NO_ENCODER = re.compile(r"this worker has no dVAE encoder")   # NoEncoder's message: no class name
+# A worker's failure (only: a rejected input may quote these words) said in plain words.
 _FAILURES = (
     (re.compile(r"OutOfMemoryError|out of memory", re.I),
      "the GPU ran out of memory. Reroll it later, or pick a smaller size."),
     (re.compile(r"NonFiniteError"), "the picture's numbers overflowed. Reroll it (a new seed)."),
     (re.compile(r"GpuThreadDied|CUDA error|cuDNN error|CUBLAS", re.I), "the GPU failed while running it. Reroll it."),
-    (re.compile(r"this worker has no dVAE encoder"),
-     "no worker that can start from an init image was running. Reroll it later, or ask an admin."),
 )
 FAILURE_SHOWN = 300
+CLASS_SHOWN = 60
 
 
-def failure_reason(error: str | None) -> str:
-    """What a failed job's reply says of why (see _FAILURES): a known failure of the worker in
-    plain words, another exception of the worker by its class name only, a reason of the input
-    (a PromptError's message) as written, on one line (engine.text.clip), at most FAILURE_SHOWN
+@dataclass(frozen=True)
+class Failure:
+    kind: str   # FAILURE_NONE, FAILURE_LOST, FAILURE_WORKER or FAILURE_INPUT
+    said: str   # what the public reply says of it (failure_reason)
+
+
+def classify_failure(error: str | None) -> Failure:
+    """What a failed job's stored reason is (see above), and what its reply says of it: a known
+    failure of the worker in plain words, another exception of the worker by its class name only,
+    a reason of the input as written, on one line (engine.text.clip), at most FAILURE_SHOWN
     characters."""
     reason = (error or "").strip()
     if not reason:
-        return "unknown error."
+        return Failure(FAILURE_NONE, "unknown error.")
     if lost := _WORKER_LOST.fullmatch(reason):
         times = int(lost.group(1))
-        return f"its worker stopped {'once' if times == 1 else f'{times} times'} while running it. Reroll it."
+        return Failure(FAILURE_LOST, f"its worker stopped {'once' if times == 1 else f'{times} times'} while "
+                                     "running it. Reroll it.")
+    if _NO_ENCODER.match(reason):
+        return Failure(FAILURE_WORKER, "no worker that can start from an init image was running. Reroll it "
+                                       "later, or ask an admin.")
+    exception = _TYPED.match(reason) or _EXCEPTION.match(reason)
+    if exception is None:
+        return Failure(FAILURE_INPUT, clip(reason, FAILURE_SHOWN))
     for pattern, said in _FAILURES:
         if pattern.search(reason):
-            return said
-    if exception := _EXCEPTION.match(reason):
-        return (f"an error on the GPU worker ({exception.group(1)}). Reroll it; if it fails again, "
-                "tell an admin (the worker's log has the details).")
-    return clip(reason, FAILURE_SHOWN)
+            return Failure(FAILURE_WORKER, said)
+    return Failure(FAILURE_WORKER, f"an error on the GPU worker ({clip(exception.group(1), CLASS_SHOWN)}). Reroll "
+                                   "it; if it fails again, tell an admin (the worker's log has the details).")
+
+
+def failure_reason(error: str | None) -> str:
+    """What a failed job's reply says of why (classify_failure)."""
+    return classify_failure(error).said
 
 
 # Why a job was cancelled, as the bot stores it (`queue.cancel(reason=)`, `queue.clear`: the record's
@@ -443,11 +488,14 @@ def failure_reason(error: str | None) -> str:
 # would read it.
 CANCEL_BY_ADMIN = "by an admin"
 CANCEL_BANNED = "banned word"
+# Why a job's public reply shows nothing of it: a banned cancel's, and a withheld result's (withheld_text).
+REFUSED_PROMPT = "its prompt matches a word or pattern this server's admins refuse."
+RESULT_WITHHELD = f"Result withheld: {REFUSED_PROMPT}"
 _CANCELLED = {
     None: "Cancelled.",
     CANCEL_BY_ADMIN: "Cancelled by an admin.",
     CLEARED: "Cancelled: the server's queue was cleared.",
-    CANCEL_BANNED: "Cancelled: its prompt matches a word or pattern this server's admins refuse.",
+    CANCEL_BANNED: f"Cancelled: {REFUSED_PROMPT}",
 }
 
 

@@ -27,6 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+from engine import package_version
+
 PRESETS = {
     # The seed article's notebook: 512x512, 1000 steps.
     "seed": dict(grid=64, iterations=1000, cutn=12),
@@ -109,6 +111,7 @@ def _positive(name: str, most: int | None = None):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imagine", description="Render a prompt with CLIP + the DALL-E dVAE decoder.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument("prompt", help='what to draw; weighted parts: "a house | by Escher:0.5 | blurry:-1"')
     p.add_argument("--out", required=True, type=folder_argument("--out"),
                    help="output folder: created, or an existing empty one (a non-empty one is refused)")
@@ -228,7 +231,7 @@ def model_error(exc: BaseException) -> str:
     return text
 
 
-def _os_reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     """"Not a directory: 'cache/clip'" rather than "[Errno 20] Not a directory: 'cache/clip'"."""
     if exc.strerror and exc.filename:
         return f"{exc.strerror}: {str(exc.filename)!r}"
@@ -368,7 +371,7 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
     except OSError as exc:   # the model cache cannot be made or written, or a model file named cannot be read
         hint = (f" (the model cache is {cache}: --cache-dir or $IMAGINE_CACHE puts it elsewhere)"
                 if _in_cache(exc.filename, cache) else "")
-        raise UsageError(f"cannot load the models: {_os_reason(exc)}{hint}") from None
+        raise UsageError(f"cannot load the models: {os_reason(exc)}{hint}") from None
     load_seconds = time.perf_counter() - t0
     if parent_state is not None:   # its vocabulary is the decoder's: known now, before --out is made
         vocab = parent_state["logits"].shape[1]

@@ -397,6 +397,12 @@ class JobQueue(Protocol):
     # alive: `workers()` lists it as seen now, with `init_images` (whether it has the dVAE encoder),
     # its job_id unchanged (None for one new to the registry). Claims and heartbeats do the rest.
     async def announce_worker(self, worker_id: str, init_images: bool) -> None: ...
+    # A worker that stopped cleanly (its jobs handed back) leaves the registry at once: `workers()`
+    # no longer lists it, and claim's retry rule no longer counts it as another live worker (a job
+    # that failed on the one left is that one's to retry, with no wait). Else it would count as
+    # alive for up to two leases after it stopped. A later claim, heartbeat or announcement under
+    # the same id lists it again; an id not in the registry is no error.
+    async def forget_worker(self, worker_id: str) -> None: ...
     async def set_reply(self, job_id: str, reply: dict[str, Any]) -> None: ...
     async def get_setting(self, key: str, default: Any = None) -> Any: ...  # `default` once expired
     # `expire_after` (seconds): the setting is gone after that long (get_setting no longer sees it;
@@ -438,6 +444,11 @@ class JobQueue(Protocol):
     async def put_artifact(self, job_id: str, name: str, data: bytes, lease_id: str | None = None) -> bool: ...
     async def get_artifact(self, job_id: str, name: str) -> bytes | None: ...
     async def has_artifact(self, job_id: str, name: str) -> bool: ...  # without reading it (a state.pt is large)
+    # Removes the artifact if there is one (fenced as put_artifact: False when refused, nothing
+    # changed; True otherwise, whether or not there was one). A run that makes no video removes an
+    # earlier attempt's video.mp4 (one that stored its results but never finished), which would
+    # otherwise be posted as this run's.
+    async def delete_artifact(self, job_id: str, name: str, lease_id: str | None = None) -> bool: ...
     # True when it ended the job: DONE, or CANCELLED (its CANCELLED event, the cancel's reason kept)
     # when its cancel was asked before this call, as `fail` and `release` end such a job.
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool: ...

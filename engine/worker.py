@@ -37,8 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine import video
-from engine.cli import folder_argument
+from engine import package_version, video
+from engine.cli import folder_argument, os_reason
 from engine.compiling import AUTO, check_cuda_graphs, compile_options
 from engine.generate import (
     BatchRunner, Frame, GenerationSettings, NonFiniteError, PromptError, Slot, check_state, compact_state,
@@ -75,6 +75,10 @@ class NoEncoder(RuntimeError):
 
 # How long stop() waits for a claim already in flight (to hand back what it took).
 CLAIM_GRACE_ON_STOP = 5.0
+
+# How long stop() waits for the store to take the worker out of its registry (a store unreachable
+# would retry for its whole reconnect timeout): past it, the entry expires on its own.
+LEAVE_REGISTRY_TIMEOUT = 5.0
 
 # Seconds between two announcements (`JobQueue.announce_worker`) of a worker that claims nothing
 # yet (torch.compile's warm-up: minutes on a GPU): the registry counts a worker as live for two
@@ -174,14 +178,24 @@ def _check_checkpoint_iteration(state: Any, spec: JobSpec) -> None:
 def _unpack_with_pixels(data: bytes, spec: JobSpec) -> tuple[dict[str, Any], list[bytes], list[np.ndarray]]:
     """A checkpoint's state, its frames' PNGs and their pixels. Its frames are checked before they
     are decoded (the store is shared: another process wrote them): at most one per `frame_every`
-    iterations (+ the first and last, + CHECKPOINT_FRAME_MARGIN), each a PNG (no other decoder is
-    tried) of the job's size (8 x grid a side, RGB); else DamagedCheckpoint."""
+    iterations (+ the first and last, + CHECKPOINT_FRAME_MARGIN), and no more than the run had made
+    by the checkpoint's iteration (one at 0 and at every `frame_every` up to it), each a PNG (no
+    other decoder is tried) of the job's size (8 x grid a side, RGB); else DamagedCheckpoint."""
     state, frames_png = unpack_checkpoint(data)
     _check_checkpoint_iteration(state, spec)
     most = spec.iterations // max(1, spec.frame_every) + 2 + CHECKPOINT_FRAME_MARGIN
     if len(frames_png) > most:
         raise DamagedCheckpoint(f"the checkpoint holds {len(frames_png)} frames; a job of {spec.iterations} "
                                 f"iterations with a frame every {spec.frame_every} has at most {most}")
+    # Its frames are those of iterations 0, frame_every, ... up to its own: more than that and they
+    # disagree with its state (frames saved past it, or twice). The PNGs carry no iteration, so
+    # which ones are extra cannot be told, and resumed, the video would show them twice or out of
+    # order: the job starts over. Fewer is what a run whose frame could not be encoded keeps (_frame
+    # drops it from the video): resumed, the video is what that run would have made.
+    made = state["iteration"] // max(1, spec.frame_every) + 1
+    if len(frames_png) > made:
+        raise DamagedCheckpoint(f"the checkpoint at iteration {state['iteration']} holds {len(frames_png)} "
+                                f"frames; a run there with a frame every {spec.frame_every} has made at most {made}")
     side = 8 * spec.grid
     pixels = []
     for i, png in enumerate(frames_png):
@@ -439,6 +453,20 @@ class Worker:
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
+        await self._leave_registry()
+
+    async def _leave_registry(self) -> None:
+        """Stopped (its claims and heartbeats over, its jobs handed back): out of the registry now,
+        not two leases from now. Meanwhile the bot's /healthz `workers` check and
+        imagine_workers_alive counted it, and claim's retry rule held a job that failed on another
+        worker back for it. Advisory: a store that cannot answer leaves the entry to expire."""
+        if self._thread is None:   # never started (stopped while its models loaded): never listed
+            return
+        try:
+            await asyncio.wait_for(self.queue.forget_worker(self.worker_id), LEAVE_REGISTRY_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - its entry expires after two leases instead
+            log.warning("worker %s could not leave the queue's registry (%s): it counts as alive until its "
+                        "entry expires", self.worker_id, str(exc) or type(exc).__name__)
 
     async def _keep_leases(self) -> None:
         while True:
@@ -953,10 +981,13 @@ class Worker:
             try:
                 # Fenced: a worker that lost the job must not overwrite the new owner's results.
                 # Each write replaces the same artifact: a repeat after a failure is harmless.
+                # No video this time: an earlier attempt's (one that stored its results, then lost
+                # the job before `finish`: its worker died, a store failure) is deleted, or the bot
+                # would post that other run's video with this run's picture.
                 return bool(
                     await self.queue.put_artifact(job_id, "final.png", run.frames_png[-1], run.lease)
-                    and (video_bytes is None
-                         or await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease))
+                    and (await self.queue.delete_artifact(job_id, "video.mp4", run.lease) if video_bytes is None
+                         else await self.queue.put_artifact(job_id, "video.mp4", video_bytes, run.lease))
                     and await self.queue.put_artifact(job_id, "state.pt", state_bytes, run.lease)
                     and await self.queue.finish(job_id, run.lease, run.similarity)
                 )
@@ -1359,6 +1390,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Health and metrics: --http-port 9100 serves /healthz (200 or 503, JSON) and /metrics "
                "(Prometheus). The model cache is --cache-dir, else $IMAGINE_CACHE, else ~/.cache/imagine-bot.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument("--queue", default=None,
                    help="queue URL: redis://host:6379/0 or sqlite:///path.db (default: the IMAGINE_QUEUE_URL "
                         "environment variable, where a Redis password belongs: a command line shows in ps)")
@@ -1648,7 +1680,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from engine.cli import model_error, one_line
     from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
     from engine.observability import Observability, queue_check, worker_check
-    from engine.queue import open_queue, redact_secrets
+    from engine.queue import open_queue, redact_secrets, store_trouble_hint
     from engine.queue.redis import CertificateNotVerified
 
     device = args.device
@@ -1702,7 +1734,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if isinstance(exc, CertificateNotVerified):   # no server trouble: it says the fix itself
             return _say(f"cannot open the queue {_redact(args.queue)}: {detail}")
         return _say(f"cannot open the queue {_redact(args.queue)}: {detail}; check --queue / IMAGINE_QUEUE_URL "
-                    "and that its server is up")
+                    f"and {store_trouble_hint(args.queue, detail)}")
     log.info("queue %s", _redact(args.queue))
     cache = args.cache_dir or DEFAULT_CACHE
     worker = Worker(
@@ -1734,7 +1766,7 @@ async def _serve(args: argparse.Namespace) -> int:
         except ModelLoadError as exc:   # a missing, corrupt, untrusted or undownloadable model file
             return _say(model_error(exc))
         except OSError as exc:   # the model cache cannot be made or written, say
-            return _say(f"cannot load the models: {one_line(str(exc))} (--cache-dir {cache})")
+            return _say(f"cannot load the models: {os_reason(exc)} (--cache-dir {cache})")
         return await until_stopped_or_gpu_dead(worker, stop)
     finally:
         await worker.stop()

@@ -581,8 +581,8 @@ async def test_help_is_short_and_private(harness):
     await h.start(worker=False)
     text = refusal(await command(h, "help"))
     assert len(text) < 2000
-    for fragment in ("a house | by Escher:0.5 | blurry:-1", "Remix", "Reroll", "Continue", "`draft` 64px, 2 steps",
-                     "`best` 128px, 6 steps", "up to 500 characters", "1-40 iterations", "8.0 MiB"):
+    for fragment in ("a house | by Escher:0.5 | blurry:-1", "Remix", "Reroll", "Continue", "`draft` 64px, 2 iterations",
+                     "`best` 128px, 6 iterations", "up to 500 characters", "1-40 iterations", "8.0 MiB"):
         assert fragment in text, (fragment, text)
     h.fd.assert_clean()
 

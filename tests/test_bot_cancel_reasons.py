@@ -184,6 +184,27 @@ def test_a_failed_reply_says_what_the_failure_means_not_the_workers_exception():
         assert render.final_text(record).split("\n")[1] == status, reason
 
 
+def test_a_failure_is_read_as_the_workers_or_the_inputs_by_its_stored_form_not_its_words():
+    """The worker stores an exception as `Class: message` whatever its class is called (struct's
+    `error`, zipfile's `BadZipFile`, a bare `StopIteration:`), and an input's reason as a sentence
+    that may quote the prompt ("out of memory" in it is the user's words, not the GPU's)."""
+    for reason, kind, said in [
+        ("error: unpack requires a buffer of 4 bytes", render.FAILURE_WORKER, "(error)"),
+        ("BadZipFile: File is not a zip file", render.FAILURE_WORKER, "(BadZipFile)"),
+        ("StopIteration:", render.FAILURE_WORKER, "(StopIteration)"),
+        ("binascii.Error: Incorrect padding", render.FAILURE_WORKER, "(binascii.Error)"),
+        ("the part 'out of memory: CUDA error' has no words CLIP reads", render.FAILURE_INPUT,
+         "the part 'out of memory: CUDA error' has no words CLIP reads"),
+        ("this worker has no dVAE encoder, so it cannot start from an init image", render.FAILURE_WORKER,
+         "no worker that can start from an init image"),
+        ("worker lost 1 time", render.FAILURE_LOST, "its worker stopped once"),
+        ("  ", render.FAILURE_NONE, "unknown error."),
+    ]:
+        failure = render.classify_failure(reason)
+        assert (failure.kind, said in failure.said) == (kind, True), (reason, failure)
+        assert render.failure_reason(reason) == failure.said
+
+
 def test_the_admins_answer_fits_discord_however_many_jobs_were_cancelled():
     ids = [f"{n:012x}" for n in range(400)]
     head = "x" * 420   # the "Added the …" line with a 200-character entry, and more

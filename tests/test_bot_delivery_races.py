@@ -22,6 +22,7 @@ import pytest
 
 from bot import progress
 from engine.jobs import JobState
+from engine.queue import open_queue
 from tests.test_bot_support import (WEBHOOK_ORIGINAL, claim_jobs, finish_jobs, harness,  # noqa: F401 - the fixture
                                     publish_frames, queued_job_in_a_thread, requests_matching)
 
@@ -202,6 +203,24 @@ async def test_a_restart_before_mark_delivered_does_not_edit_the_original_into_a
     assert "final.png" not in {a["filename"] for a in fd.messages[msg.id].attachments}
     assert len(h.posts_of_job(job_id)) == 1
     assert (await h.queue.get(job_id)).spec.reply["result_message_id"] == result_id
+
+
+async def test_a_job_handed_back_while_the_bot_was_down_drops_its_stale_frame(harness):
+    """The bot stops while its reply shows a run's last frame; meanwhile the job is handed back to
+    the line (its worker stopped gracefully). The restarted bot knows nothing of what the reply
+    shows, and a job back in line draws no frame: before, its place in line was drawn over the
+    stopped run's frame.png, which stayed until the job ran again."""
+    h = harness
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await _job_showing_its_last_frame(h, "a worker that stops while the bot is down")
+    fd = h.fd
+    lease = (await h.queue.get(job_id)).lease_id
+    await h.stop()
+    async with open_queue(h.config.queue.url) as queue:   # the worker's own connection, say
+        assert await queue.release(job_id, lease)
+    await h.start(worker=False)
+    await fd.wait_for(lambda: "next in line" in fd.messages[msg.id].content, 10, "its place in line again")
+    assert fd.messages[msg.id].attachments == []
 
 
 async def test_a_requeued_job_shows_its_place_in_line_again(harness):

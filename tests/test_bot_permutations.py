@@ -440,6 +440,36 @@ async def test_set_bookkeeping_expires_and_an_expired_open_set_is_dropped(tmp_pa
         await queue.close()
 
 
+async def test_an_open_set_waiting_longer_than_its_records_expiry_still_gets_its_sheet_after_a_restart(
+        harness, monkeypatch):
+    """The set's record is kept 3 s here (KEEP_SETS_DAYS, scaled down) and its jobs wait longer than
+    that in line. The running bot writes the open set's record again as half of that passes, so
+    after 4 s it is still in the store, and a restart then still posts the set's sheet once its
+    jobs end. Before: the record expired, the running bot still had the set in memory, but the
+    restarted one dropped it without a sheet."""
+    h = harness
+    monkeypatch.setattr(permutations, "KEEP_SETS_DAYS", 3.0 / 86400)
+    h.config.worker.keep_days = 0.0   # keep_seconds: the longer of the two
+    await h.start(worker=False)
+    fd = h.fd
+    inter = await h.imagine("a {red, blue} mill", iterations=2)
+    await h.reply_of(inter)
+    jobs = await _set_jobs(h)
+    set_id = jobs[0].spec.extra["set"]["id"]
+    assert (await h.queue.get_setting(permutations.set_key(set_id)))["jobs"] == [r.id for r in jobs]
+    await asyncio.sleep(4.0)   # past the first expiry: written again meanwhile
+    kept = await h.queue.get_setting(permutations.set_key(set_id))
+    assert kept is not None and kept["jobs"] == [r.id for r in jobs] and kept.get("kept_at")
+    await h.stop()
+
+    await h.start(worker=False)
+    await claim_jobs(h.queue, [r.id for r in jobs])
+    await finish_jobs(h.queue, [r.id for r in jobs])
+    assert (await _marker(h, set_id, timeout=20)).get("message_id")
+    assert len(_sheet_messages(fd)) == 1
+    fd.assert_clean()
+
+
 async def test_a_reply_that_fails_oddly_leaves_every_job_of_the_set_followed_and_the_sheet_posted(harness, caplog):
     """Discord answers the second job's reply (a follow-up of the command) with a 200 whose body is
     no message (discord.py then raises a KeyError, not an HTTPException). That job's reply is
@@ -688,6 +718,111 @@ async def test_a_failed_marker_write_is_retried_without_posting_the_sheet_again(
                              "but storing that failed") == 1
     assert "Traceback" not in caplog.text and "checking permutation sets failed" not in caplog.text
     assert f"set {set_id}: checking it failed" not in caplog.text
+
+
+async def test_open_sets_waiting_in_line_or_running_cost_no_reads_of_their_own(harness, monkeypatch):
+    """Four sets are open, two of their jobs running and the rest in line: each poll (every
+    line_interval, 0.05 s here) reads the line and the running jobs once for all of them, and no
+    set's jobs or `sheet:<id>` one by one. Before: each set's first job and its marker were read
+    at every poll (about 440 reads every 2 s at 220 open sets). Once their jobs end, every sheet is
+    posted once, as before."""
+    h = harness
+    h.config.queue.max_queued_per_user = 8
+    await h.start(worker=False)
+    fd = h.fd
+    sets: dict[str, list[str]] = {}
+    for colour in ("red", "green", "gold", "grey"):
+        inter = await h.imagine(f"a {{{colour}, pale {colour}}} barn", iterations=2)
+        await h.reply_of(inter)
+        await fd.wait_for(lambda: len(inter.followups) == 1, 10, "the set's other reply")
+    for r in await _set_jobs(h):
+        sets.setdefault(r.spec.extra["set"]["id"], []).append(r.id)
+    assert len(sets) == 4
+    job_ids = [r.id for r in await h.queue.queued()]   # in the order they are claimed
+    await claim_jobs(h.queue, job_ids[:2])
+    queue, reads = h.queue, []
+
+    def counted(name):
+        real = getattr(queue, name)
+
+        async def read(*args, **kwargs):
+            reads.append((name, args[0] if args else None))
+            return await real(*args, **kwargs)
+        monkeypatch.setattr(queue, name, read)
+
+    for name in ("get", "get_setting", "line", "running"):
+        counted(name)
+    await asyncio.sleep(1.0)   # 20 polls
+    polls = sum(1 for name, _ in reads if name == "running")
+    assert polls >= 5, reads   # (the progress cog reads the running jobs too, every 0.5 s)
+    assert [r for r in reads if r[0] == "get" and r[1] in job_ids] == []
+    assert [r for r in reads if r[0] == "get_setting" and str(r[1]).startswith("sheet:")] == []
+    monkeypatch.undo()
+
+    await claim_jobs(h.queue, job_ids[2:])
+    await finish_jobs(h.queue, job_ids)
+    for set_id in sets:
+        assert (await _marker(h, set_id, timeout=20)).get("message_id")
+    await asyncio.sleep(0.5)
+    assert len(_sheet_messages(fd)) == 4 and len(_sheet_posts(fd)) == 4
+    fd.assert_clean()
+
+
+async def test_a_restart_between_the_sheet_and_its_marker_after_the_nonce_window_posts_no_second_sheet(
+        harness, monkeypatch):
+    """Set B's sheet is posted, and the bot stops before it can store B's `sheet:<id>` (the write
+    fails until then: a crash between the two). It restarts after Discord has forgotten the nonce
+    (the fake's nonce window set to 0), so a second post would be a second sheet. The set's record
+    was marked before the post: the restarted bot reads the channel's messages since the mark, finds
+    B's sheet there (not set A's, posted and recorded just before it in the same channel) and
+    records it, posting nothing. Before: a second sheet of B."""
+    h = harness
+    h.config.queue.max_queued_per_user = 9
+    await h.start(worker=False)
+    fd = h.fd
+
+    async def finished_set(prompt, known):
+        inter = await h.imagine(prompt, iterations=2)
+        await h.reply_of(inter)
+        jobs = [r for r in await _set_jobs(h) if r.spec.extra["set"]["id"] not in known]
+        return jobs[0].spec.extra["set"]["id"], [r.id for r in jobs]
+
+    first, first_jobs = await finished_set("a {red, blue} lighthouse", set())
+    await claim_jobs(h.queue, first_jobs)
+    await finish_jobs(h.queue, first_jobs)
+    first_sheet = (await _marker(h, first))["message_id"]
+
+    second, second_jobs = await finished_set("a {green, gold} lighthouse", {first})
+    real = h.queue.set_setting
+    failed = []
+
+    async def set_setting(key, value, expire_after=None):
+        if key == f"sheet:{second}":
+            failed.append(key)
+            raise RuntimeError("the bot stops before it stores the sheet's marker")
+        return await real(key, value, expire_after=expire_after)
+
+    monkeypatch.setattr(h.queue, "set_setting", set_setting)
+    await claim_jobs(h.queue, second_jobs)
+    await finish_jobs(h.queue, second_jobs)
+    await fd.wait_for(lambda: len(_sheet_messages(fd)) == 2, 20, "the second set's sheet")
+    await _until(lambda: failed, 10, "the second set's marker was never tried")
+    sheet = _sheet_messages(fd)[-1]
+    assert sheet.id != first_sheet and all(f"`{j}`" in sheet.content for j in second_jobs)
+    assert await h.queue.get_setting(f"sheet:{second}") is None
+    assert second in await h.queue.get_setting("sheets.open")
+    await h.stop()
+
+    fd.nonce_window = 0.0   # Discord has forgotten the nonce: a post now is a second sheet
+    since = len(fd.requests)
+    await h.start(worker=False)   # a fresh queue object: the marker's write works again
+    marker = await _marker(h, second)
+    assert marker["message_id"] == sheet.id
+    assert requests_matching(fd, "GET", rf"/channels/{fd.channel_id}/messages", since)   # it looked
+    await asyncio.sleep(1.0)   # past reconcile_interval (0.5 s) and many polls: still two sheets
+    assert [m.id for m in _sheet_messages(fd)] == [first_sheet, sheet.id]
+    assert _sheet_tries(fd, since) == []
+    fd.assert_clean()
 
 
 async def _until(predicate, timeout, what):

@@ -321,5 +321,5 @@ async def test_a_bot_that_never_held_the_lease_does_not_say_that_the_next_bot_wa
     assert code == 1, f"exit status {code} (None: still running):\n{log}"
     ours = [line for line in log.splitlines() if line.startswith("imagine-bot:")]
     assert ours == [f"imagine-bot: cannot take the bot lease on the queue sqlite:///{tmp_path}/q.db?busy_timeout=0.2: "
-                    "database is locked; check that its server is up"], log
+                    "database is locked; check that no other process holds the file locked"], log
     assert "could not release" not in log and "Traceback" not in log, log

@@ -2,9 +2,13 @@
 its worker finished it before it saw the cancel, or ended DONE so by a worker of an earlier version)
 is withheld everywhere its reply is: the contact sheet of its
 set shows neither its picture nor its caption nor the set's template, /history shows no prompt of
-it, and no Reroll, Continue or remix starts a new job from its prompt or its final state."""
+it, and no Reroll, Continue or remix starts a new job from its prompt or its final state. A job
+that had finished when the word was added, its result not yet posted, is posted withheld
+(render.withheld_text)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
@@ -138,4 +142,59 @@ async def test_no_reroll_or_remix_starts_from_a_banned_cancel_even_once_the_word
         assert text == (f"Job `{job_id}` was cancelled by this server's admins: its prompt matches a banned "
                         "word, so it cannot be remixed."), text
     assert await h.queue.count_queued() == 0 and await h.queue.running() == []
+    fd.assert_clean()
+
+
+@pytest.mark.parametrize("ended", ["done", "failed"])
+async def test_a_result_not_yet_posted_when_its_word_is_refused_is_posted_withheld(harness, ended):
+    """The add cancels only jobs still waiting or running. A job that had finished, its result not
+    yet posted (Discord down: the bot retries its post), is posted after the add: as withheld, with
+    no picture (neither the final nor the last frame), no prompt, no failure reason (a rejection
+    quotes the prompt) and no Reroll, Continue or Remix; delivered, so not retried. A job of another
+    prompt waiting out the same outage is posted as usual."""
+    from tests.test_bot_support import CHANNEL_MESSAGE, publish_frames
+
+    h = harness
+    fd = h.fd
+    h.config.progress.token_ttl = 0   # edits go through the channel (a 503 is not retried by discord.py)
+    h.config.progress.message_interval = 0.01
+    await h.start(worker=False)
+    refused, kept = await _queue(h, f"a {WORD} at dawn"), await _queue(h, "a quiet meadow")
+    await claim_jobs(h.queue, [refused, kept])
+    await publish_frames(h.queue, [refused], 1, every=0)
+    await fd.wait_for(lambda: _reply(h, refused).attachments, 5, "its frame")
+
+    outage = fd.inject_error("PATCH", CHANNEL_MESSAGE, 503, count=10_000)
+    if ended == "done":
+        await _finish(h, refused, _png((255, 0, 0)))
+    else:
+        record = await h.queue.get(refused)
+        reason = f"the weight of 'a {WORD} at dawn' must be a number between -100 and 100"
+        assert await h.queue.fail(refused, record.lease_id, reason, retry=False) == JobState.FAILED
+    await _finish(h, kept, _png((0, 255, 0)))
+    await fd.wait_for(lambda: len(outage.hits) >= 2, 10, "both posts failing")
+
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+    assert "No queued or running job of this server matches it." in text, text
+    outage.remaining = 0   # Discord is back
+    record = await h.wait_delivered(refused)
+    assert record.state == (JobState.DONE if ended == "done" else JobState.FAILED)
+    await h.wait_delivered(kept)
+
+    msg = _reply(h, refused)
+    assert WORD not in _public_text(msg), msg.content
+    assert msg.content.startswith(render.PROMPT_WITHHELD + "\n" + "Result withheld: its prompt matches a word "
+                                  "or pattern this server's admins refuse.\n")
+    assert msg.attachments == [] and msg.custom_ids == []
+    shown = _reply(h, kept)
+    assert {a["filename"] for a in shown.attachments} == {"final.png", "video.mp4"}
+    assert shown.custom_ids == [f"imagine:{a}:{kept}" for a in ("reroll", "continue", "remix")]
+
+    # Delivered: a restart does not post it again.
+    posts = len([r for r in fd.requests if r.method == "PATCH" and f"/messages/{msg.id}" in r.path])
+    await h.stop()
+    await h.start(worker=False)
+    await asyncio.sleep(1.0)
+    assert len([r for r in fd.requests if r.method == "PATCH" and f"/messages/{msg.id}" in r.path]) == posts
+    assert WORD not in _public_text(_reply(h, refused))
     fd.assert_clean()

@@ -604,6 +604,8 @@ def test_compose_file_is_valid_and_wires_bot_redis_and_one_worker_per_gpu(tmp_pa
     # SAQ's worker registry splits its keys on ':': such a worker was never listed (/healthz: no GPU worker).
     (["--queue", "x.db", "--worker-id", "box1:gpu0"], "argument --worker-id: must not contain ':' (the worker "
                                                       "registry splits on it), got 'box1:gpu0'"),
+    # A Redis address without its scheme: no SQLite file named `redis:6379` made and waited on.
+    (["--queue", "redis:6379"], "--queue: 'redis:6379' looks like a Redis address: write redis://redis:6379"),
 ])
 def test_imagine_worker_refuses_bad_settings_at_parse_time_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     from engine.worker import main
@@ -654,6 +656,12 @@ def test_imagine_worker_parses_what_it_accepts():
     assert check_queue_url("redis://127.0.0.1:6379/0?max_attempts=1&reconnect_timeout=0") is None
     assert check_queue_url("redis://127.0.0.1:6379") is None and check_queue_url("redis://h:6379/") is None
     assert check_queue_url("rediss://h:6380/12") is None
+    # A Redis address without its scheme was a SQLite file named `redis:6379`, silently.
+    for url in ("redis:6379", "10.0.0.5:6379/0", "localhost:6379?lease=10"):
+        assert check_queue_url(url) == (f"{url!r} looks like a Redis address: write redis://{url.partition('?')[0]} "
+                                        f"(or sqlite:///{url} for a SQLite file of that name)"), url
+    assert check_queue_url("jobs.db") is None and check_queue_url("sqlite:///redis:6379") is None
+    assert check_queue_url("/var/lib/imagine/jobs.db?lease=10") is None
 
 
 def test_a_queue_url_whose_password_has_a_slash_is_refused_without_quoting_it():
@@ -862,3 +870,45 @@ async def test_a_stored_file_is_not_written_into_a_debug_log(tmp_path, caplog):
         caplog.clear()
         await queue.put_artifact(record.id, "final.png", b"\x89PNG" + bytes(1 << 20))
     assert sum(len(r.getMessage()) for r in caplog.records) < 10_000
+
+
+def test_each_command_says_its_version_so_hosts_sharing_a_queue_can_be_compared(capsys):
+    """README, Upgrading several hosts: the bot and every worker on one Redis must run the same
+    version. It said to check each host's version, and no command could tell it."""
+    from importlib.metadata import version
+
+    from bot.__main__ import build_parser as bot_parser
+    from engine.cli import build_parser as imagine_parser
+    from engine.worker import build_parser as worker_parser
+
+    for prog, parser in (("imagine", imagine_parser), ("imagine-bot", bot_parser), ("imagine-worker", worker_parser)):
+        with pytest.raises(SystemExit) as exit_:
+            parser().parse_args(["--version"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out == f"{prog} {version('imagine-bot')}\n"
+
+
+def test_a_sqlite_queue_that_cannot_be_opened_is_not_blamed_on_a_server(tmp_path, capsys):
+    """A SQLite file has no server: its error said "check ... that its server is up"."""
+    from engine.worker import main
+
+    url = f"sqlite:///{tmp_path}/missing/q.db"
+    assert main(["--queue", url, "--device", "cpu", "--log-level", "WARNING"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"imagine-worker: cannot open the queue {url}: ") and len(err.strip().splitlines()) == 1, err
+    assert err.rstrip().endswith("check --queue / IMAGINE_QUEUE_URL and that the file can be opened"), err
+    assert "server" not in err and not (tmp_path / "missing").exists(), err
+
+
+def test_imagine_worker_says_why_its_model_cache_cannot_be_made_without_an_errno(tmp_path, capsys):
+    """`--cache-dir` under a file: "[Errno 20] Not a directory: ..." is Python's form, not a sentence
+    (imagine already said it without the number)."""
+    from engine.worker import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = blocker / "cache"
+    assert main(["--queue", f"sqlite:///{tmp_path}/q.db", "--device", "cpu", "--log-level", "WARNING",
+                 "--cache-dir", str(cache)]) == 2
+    assert capsys.readouterr().err == (f"imagine-worker: cannot load the models: Not a directory: "
+                                       f"'{cache / 'clip'}' (--cache-dir {cache})\n")

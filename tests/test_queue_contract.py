@@ -1200,6 +1200,31 @@ async def test_workers_registry(queue: JobQueue):
     assert abs(workers["gpu-0"]["last_seen"] - time.time()) < 5
 
 
+async def test_a_worker_that_stopped_leaves_the_registry_and_the_retry_rule_at_once(queue_factory: QueueFactory):
+    """forget_worker (a clean stop): the worker is out of workers() at once, through any queue
+    object, not two leases later, and no longer counts as another live worker for claim's retry
+    rule: a job that failed on the one left is that one's to take back at once. A claim under the
+    same id (it started again) lists it again; forgetting an unknown id is no error."""
+    q, other = await queue_factory.open(lease=30.0, max_attempts=5), await queue_factory.open(lease=30.0)
+    assert await q.claim("w-stopping") is None                  # idle, alive
+    rec = await q.submit(spec(1))
+    await q.announce_worker("w-compiling", init_images=True)
+    got = await q.claim("w1")
+    assert await q.fail(rec.id, got.lease_id, "out of memory") == JobState.QUEUED
+    assert await q.claim("w1") is None                          # w-stopping is alive: not w1's for a lease
+    assert set(await other.workers()) == {"w-stopping", "w-compiling", "w1"}
+
+    await q.forget_worker("w-stopping")
+    await other.forget_worker("w-compiling")                    # announced only: it goes too
+    assert set(await q.workers()) == set(await other.workers()) == {"w1"}
+    got = await q.claim("w1")                                   # alone now: w1 takes it back at once
+    assert got is not None and got.id == rec.id and got.attempts == 2
+    await q.forget_worker("never-seen")
+    assert await q.claim("w-stopping") is None                  # started again: listed again
+    assert set(await other.workers()) == {"w-stopping", "w1"}
+    assert await q.heartbeat(rec.id, got.lease_id) is True
+
+
 async def test_workers_registry_says_which_workers_take_init_image_jobs(queue_factory: QueueFactory):
     """Each worker's entry says whether its claims take the jobs that need the dVAE encoder
     (`init_images`, as its last claim said), kept through its heartbeats, whichever queue object
@@ -1501,6 +1526,35 @@ async def test_a_stale_workers_writes_are_refused_after_a_take_over(queue_factor
     assert await q.save_checkpoint(Checkpoint(waiting.id, 1, b"c")) is True
     assert await q.finish(rec.id, w2, 0.5) is True
     assert await q.put_artifact(rec.id, "final.png", b"after", w2) is False  # finished: nobody's
+
+
+async def test_delete_artifact_is_fenced_and_removes_an_earlier_attempts_result(queue_factory: QueueFactory):
+    """A run that makes no video deletes the video.mp4 an earlier attempt stored (it lost the job
+    before `finish`): fenced as put_artifact, so a stale run cannot delete the new run's; a state.pt
+    deleted leaves the kept states' total (and, Redis, no blob behind)."""
+    q = await queue_factory.open(lease=0.2)
+    rec = await q.submit(spec())
+    first = (await q.claim("w1")).lease_id
+    big = os.urandom(300_000)
+    for name, data in (("final.png", b"run1-png"), ("video.mp4", big), ("state.pt", b"run1-state")):
+        assert await q.put_artifact(rec.id, name, data, first) is True
+    assert await q.state_bytes() == len(b"run1-state") and await states_stored(q) == 1
+    await asyncio.sleep(0.3)   # w1 dies before `finish`: its lease expires, the job goes back
+    assert await q.sweep() == 1
+    second = (await q.claim("w2")).lease_id
+    assert await q.delete_artifact(rec.id, "video.mp4", first) is False   # the stale run: nothing changes
+    assert await q.get_artifact(rec.id, "video.mp4") == big
+    assert await q.delete_artifact(rec.id, "video.mp4", "some-lease") is False
+    assert await q.delete_artifact(rec.id, "video.mp4", second) is True
+    assert not await q.has_artifact(rec.id, "video.mp4") and await q.get_artifact(rec.id, "video.mp4") is None
+    assert await q.delete_artifact(rec.id, "video.mp4", second) is True   # none there: nothing to do
+    assert await q.delete_artifact(rec.id, "state.pt", second) is True
+    assert await q.state_bytes() == 0 and await states_stored(q) == 0
+    assert await q.get_artifact(rec.id, "final.png") == b"run1-png"   # only the one named goes
+    assert await q.finish(rec.id, second, 0.5) is True
+    assert await q.delete_artifact(rec.id, "final.png", second) is False   # finished: nobody's
+    assert await q.delete_artifact(rec.id, "final.png") is True            # without a lease: unconditional
+    assert not await q.has_artifact(rec.id, "final.png")
 
 
 async def test_the_same_worker_claiming_its_job_again_fences_off_its_first_run(queue_factory: QueueFactory):

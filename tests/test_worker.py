@@ -728,6 +728,32 @@ async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, 
     assert "its video could not be made" in caplog.text and "libx264" in caplog.text
 
 
+async def test_a_rerun_that_makes_no_video_leaves_no_earlier_attempts_video(queue, tiny_models, tmp_path, monkeypatch):
+    """An earlier attempt stored its final.png and video.mp4, then lost the job before `finish`
+    (its worker died). The next attempt's video cannot be made (a broken ffmpeg): it deletes that
+    earlier video, which the bot would otherwise post beside this attempt's picture as its own."""
+    from engine import video
+
+    job = await queue.submit(spec(iterations=4))
+    earlier = await queue.claim("w-dead")
+    old_video = await asyncio.to_thread(video.encode_frames_bytes, [np.zeros((64, 64, 3), np.uint8)] * 3)
+    assert await queue.put_artifact(job.id, "final.png", b"earlier picture", earlier.lease_id) is True
+    assert await queue.put_artifact(job.id, "video.mp4", old_video, earlier.lease_id) is True
+    assert await queue.release(job.id, earlier.lease_id) is True   # back in line, as a lost worker's job
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "ffmpeg").write_text("#!/bin/sh\necho \"Unknown encoder 'libx264'\" >&2\nexit 1\n")
+    (broken / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert done.state == JobState.DONE and done.worker_id == "w1", done
+    progress = [e for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    assert await queue.get_artifact(job.id, "final.png") == progress[-1].frame_png
+    assert await queue.get_artifact(job.id, "video.mp4") is None
+    assert not await queue.has_artifact(job.id, "video.mp4")
+
+
 async def test_an_encoder_killed_by_a_signal_is_run_again_and_the_job_keeps_its_video(
         queue, tiny_models, tmp_path, monkeypatch, caplog):
     """A supervisor stopping the service signals every process in it (systemd's control group):
@@ -1635,6 +1661,74 @@ async def test_a_checkpoint_at_or_past_the_last_iteration_is_damaged_and_the_job
     progress = [e.iteration for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
     assert progress == [0, 2, 4]   # started over
     assert f"job {job.id}: its checkpoint is damaged (the checkpoint is at iteration {at};" in caplog.text
+
+
+def _video_frames(data: bytes) -> int:
+    """How many frames the real ffmpeg decodes from an mp4 of 64x64 frames (grid 8)."""
+    import subprocess
+    import tempfile
+
+    from engine import video
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        raw = subprocess.run([video.ffmpeg_binary(), "-v", "error", "-i", f.name, "-f", "rawvideo", "-pix_fmt",
+                              "rgb24", "-"], check=True, capture_output=True).stdout
+    return len(raw) // (64 * 64 * 3)
+
+
+async def test_a_checkpoint_holding_more_frames_than_its_iteration_made_starts_the_job_over(
+        queue, tiny_models, monkeypatch, caplog):
+    """A checkpoint at iteration N holds the frames of 0, 2, ..., N (frame_every 2). One holding
+    more (here the frames of a later point too, as a crash between saving frames and state would
+    leave) resumed gave a video with those frames twice. Which ones are extra cannot be told: the
+    job starts over, and its video has each frame once. A checkpoint that agrees resumes, its video
+    the same length."""
+    from engine.worker import pack_checkpoint, unpack_checkpoint
+
+    saved: list[Checkpoint] = []
+    real_save = queue.save_checkpoint
+
+    async def noting_save(checkpoint, lease_id=None):
+        saved.append(checkpoint)
+        return await real_save(checkpoint, lease_id)
+
+    monkeypatch.setattr(queue, "save_checkpoint", noting_save)
+    job_spec = dict(iterations=12, frame_every=2)
+    hold = 10   # the last frame held 1 s at 10 fps (video.encode_frames)
+    async with Worker(queue, lambda: tiny_models, worker_id="w-ref", checkpoint_every=0):
+        ref = await queue.submit(spec(**job_spec))
+        await wait_state(queue, ref.id, {JobState.DONE})
+    assert _video_frames(await queue.get_artifact(ref.id, "video.mp4")) == 7 + hold
+    ref_frames = {e.iteration: e.frame_png for e in await job_events(queue, ref.id) if e.kind == EventKind.PROGRESS}
+    checkpoint = saved[0]
+    state, frames = unpack_checkpoint(checkpoint.data)
+    n = checkpoint.iteration
+    assert state["iteration"] == n and frames == [ref_frames[i] for i in range(0, n + 1, 2)]
+    monkeypatch.setattr(queue, "save_checkpoint", real_save)
+
+    torn = await queue.submit(spec(user=2, **job_spec))
+    later = [ref_frames[i] for i in range(n + 2, 13, 2)][:2]   # frames saved past the state
+    assert len(later) == 2
+    await queue.save_checkpoint(Checkpoint(torn.id, n, pack_checkpoint(state, frames + later)))
+    whole = await queue.submit(spec(user=3, **job_spec))
+    await queue.save_checkpoint(Checkpoint(whole.id, n, pack_checkpoint(state, frames)))
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    async with Worker(queue, lambda: tiny_models, worker_id="w1", heartbeat_every=0.2, checkpoint_every=3600):
+        for job in (torn, whole):
+            record = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+            assert record.state == JobState.DONE and record.attempts == 1, record
+    assert _video_frames(await queue.get_artifact(torn.id, "video.mp4")) == 7 + hold   # each frame once
+    progress = [e.iteration for e in await job_events(queue, torn.id) if e.kind == EventKind.PROGRESS]
+    assert progress == list(range(0, 13, 2))   # started over
+    assert (f"job {torn.id}: its checkpoint is damaged (the checkpoint at iteration {n} holds "
+            f"{len(frames) + len(later)} frames; a run there with a frame every 2 has made at most "
+            f"{len(frames)}): starting it over") in caplog.text
+    assert f"job {whole.id} resumes from its checkpoint at iteration {n}" in caplog.text
+    progress = [e.iteration for e in await job_events(queue, whole.id) if e.kind == EventKind.PROGRESS]
+    assert progress == list(range(n + 2, 13, 2))   # resumed
+    assert _video_frames(await queue.get_artifact(whole.id, "video.mp4")) == 7 + hold
 
 
 async def test_a_run_admitted_already_done_is_finished_not_held_for_ever(queue, tiny_models, monkeypatch):

@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 from engine.jobs import JobQueue
 
 __all__ = ["check_expire_after", "check_history_limit", "check_queue_url", "open_queue", "redact_url",
-           "redact_secrets"]
+           "redact_secrets", "store_trouble_hint"]
 
 _NUMERIC_OPTS = {"lease": float, "max_attempts": int}
 _SQLITE_OPTS = {**_NUMERIC_OPTS, "busy_timeout": float}
@@ -122,6 +122,11 @@ def check_queue_url(url: str) -> str | None:
     # unix:// (a Redis socket) is left out: the Redis backend's connection options do not fit it.
     if scheme not in ("redis", "rediss", "sqlite", "file", ""):
         return f"expected redis://host:6379/0, rediss://..., or sqlite:///path.db, got {redact_url(url)!r}"
+    # `redis:6379`, `10.0.0.5:6379/0`: a Redis address without its scheme read as a plain path made
+    # a SQLite file of that name, and a worker waited on it for jobs that never came.
+    if not scheme and re.fullmatch(r"[A-Za-z0-9._-]+:\d+(/\d*)?", url.partition("?")[0]):
+        return (f"{redact_url(url)!r} looks like a Redis address: write redis://{url.partition('?')[0]} "
+                f"(or sqlite:///{url} for a SQLite file of that name)")
     if scheme in ("redis", "rediss") and "@" not in urlsplit(url).netloc and "@" in url.split("://", 1)[1]:
         # `redis://:Ab3/Kx9@host/0`: a '/', '?' or '#' in the password ends the host part early, and
         # redis-py's complaint (or the database check below) would quote the password's rest.
@@ -149,6 +154,18 @@ def check_queue_url(url: str) -> str | None:
         if value is None or not math.isfinite(value) or value < least or (value == least and not inclusive):
             return f"?{key}= in {redact_url(url)!r} must be {what}, got {text!r}"
     return None
+
+
+def store_trouble_hint(url: str, detail: str) -> str:
+    """What to check when the store at `url` failed at start with `detail` (the end of a one-line
+    error): a Redis server may be down; a SQLite file has no server: another process's lock, or the
+    file itself (its own message says which part of the path)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
+        return "that its server is up"
+    if "locked" in detail:
+        return "that no other process holds the file locked"
+    return "that the file can be opened"
 
 
 def open_queue(url: str, **kwargs: Any) -> JobQueue:

@@ -888,6 +888,20 @@ _SCRIPTS: dict[str, str] = {
   if old and old ~= bid then redis.call('UNLINK', blobkey(old)) end
   return '1'
 """,
+    # id, name, lease ('' = unfenced) -> '1' (deleted, or there was none), '0' refused by the fence
+    # (nothing changed). The artifact's pointer, its blob, an earlier version's inline copy, and
+    # (a state.pt) its entry in the kept states' index go together.
+    "delete_artifact": r"""
+  local id, name, lease = ARGV[7], ARGV[8], ARGV[9]
+  if lease ~= '' and not owned(id, lease) then return '0' end
+  local ap = P .. ':artp:' .. id
+  local bid = pointed(redis.call('HGET', ap, name))
+  if bid then redis.call('UNLINK', blobkey(bid)) end
+  redis.call('HDEL', ap, name)
+  redis.call('HDEL', P .. ':art:' .. id, name)
+  if name == 'state.pt' then unindex_state(id) end
+  return '1'
+""",
     # blob id, chunk number, start (from 0), length -> those bytes of that chunk ('' past its end),
     # or nil when the blob is not there. Redis has no HGETRANGE: this is how a reader whose
     # `blob_chunk` is smaller than the writer's gets a chunk in commands it can carry (it costs a
@@ -1099,6 +1113,14 @@ _SCRIPTS: dict[str, str] = {
   redis.call('ZADD', stats, ARGV[14], key)
   redis.call('EXPIRE', stats, ARGV[12])
   return keep and '1' or '0'
+""",
+    # worker, its SAQ worker_info key, SAQ's stats key -> '1': a worker that stopped cleanly leaves
+    # the registry (its SAQ entry, which workers() lists) and the `alive` set (claim's retry rule)
+    "forget_worker": r"""
+  redis.call('ZREM', P .. ':alive', ARGV[7])
+  redis.call('DEL', ARGV[8])
+  redis.call('ZREM', ARGV[9], ARGV[8])
+  return '1'
 """,
     # name, holder -> '1' (deleted: it was the holder's), '0'
     "release_lease": r"""
@@ -1913,6 +1935,9 @@ class RedisJobQueue:
         ptr, inline = await self._artifact_fields(job_id, name, inline=False)
         return ptr is not None or bool(inline)
 
+    async def delete_artifact(self, job_id: str, name: str, lease_id: str | None = None) -> bool:
+        return await self._run("delete_artifact", job_id, name, lease_id or "") == "1"
+
     async def finish(self, job_id: str, lease_id: str, similarity: float | None) -> bool:
         state, _, worker_id = (await self._run("finish", job_id, lease_id, _num(similarity))).partition(" ")
         if state == "0":   # refused by the fence: nothing changed
@@ -2035,3 +2060,10 @@ class RedisJobQueue:
         written by claims and heartbeats): a compiling worker can take no retry yet."""
         assert self.saq is not None
         await self._see_worker(worker_id, None, init_images)
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """A worker that stopped cleanly leaves SAQ's registry and the `alive` set (see JobQueue)."""
+        assert self.saq is not None
+        await self._run("forget_worker", worker_id, self.saq.namespace(f"worker_info:{worker_id}"), self.saq._stats)
+        # Not throttled any more: a claim or announcement under this id lists it again at once.
+        self._seen.pop(worker_id, None)

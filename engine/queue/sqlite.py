@@ -1127,6 +1127,13 @@ class SQLiteJobQueue:
     async def has_artifact(self, job_id: str, name: str) -> bool:
         return await self._one("SELECT 1 FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name)) is not None
 
+    async def delete_artifact(self, job_id: str, name: str, lease_id: str | None = None) -> bool:
+        async with self._tx() as db:
+            if lease_id is not None and await self._owned(db, job_id, lease_id) is None:
+                return False
+            await db.execute("DELETE FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name))
+        return True
+
     async def _owned(
         self, db: aiosqlite.Connection, job_id: str, lease_id: str, columns: str = "1"
     ) -> aiosqlite.Row | None:
@@ -1345,3 +1352,8 @@ class SQLiteJobQueue:
         nothing writes, but not its `claimed_at` (the retry rule's: it can take no retry yet)."""
         async with self._tx() as db:
             await self._see_worker(db, worker_id, None, init_images, claiming=False)
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """A worker that stopped cleanly: its registry row goes (see JobQueue)."""
+        async with self._tx() as db:
+            await db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
