@@ -10,6 +10,7 @@ max_prompt_chars: expected an integer, got '500'`; a token-shaped value is shown
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -344,10 +345,26 @@ def _validate(cfg: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"[worker] keep_state_gib: {exc}") from None
     need(cfg.worker.max_batch >= 0, "[worker] max_batch: must not be negative (0: automatic)")
+    if cfg.worker.cache_dir:
+        # `~typo/models`: pathlib's RuntimeError when the models load, after the bot had connected.
+        try:
+            Path(cfg.worker.cache_dir).expanduser()
+        except RuntimeError:
+            need(False, f"[worker] cache_dir: {cfg.worker.cache_dir!r}: {cfg.worker.cache_dir.split('/')[0]!r} is no "
+                        "home folder on this host (write the folder's full path)")
     # As imagine-worker --worker-id (engine.worker.check_worker_id): SAQ's worker registry splits its
     # keys on ':', so such a worker would never be listed (/healthz: "no GPU worker").
     need(":" not in cfg.worker.worker_id,
          f"[worker] worker_id: must not contain ':' (the worker registry splits on it), got {cfg.worker.worker_id!r}")
+    # TOML writes `inf` and `nan`. Seconds here are finite (0 is each one's "every time"): nan
+    # failed the checks below as "must not be negative", inf passed them and meant a checkpoint,
+    # an edit or a long-poll never.
+    seconds = {"[worker] checkpoint_every": cfg.worker.checkpoint_every,
+               **{f"[progress] {name}": getattr(pr, name) for name in (
+                   "message_interval", "channel_interval", "line_interval", "poll_timeout", "reconcile_interval",
+                   "token_ttl")}}
+    for key, value in seconds.items():
+        need(math.isfinite(value), f"{key}: expected a finite number of seconds, got {value}")
     need(cfg.worker.checkpoint_every >= 0,
          "[worker] checkpoint_every: must not be negative (seconds; 0: a checkpoint at every frame)")
     for i, digest in enumerate(cfg.worker.known_sha256):
@@ -386,8 +403,12 @@ def _validate(cfg: Config) -> None:
     need(im.max_image_bytes >= 1, "[imagine] max_image_bytes: must be at least 1")
     for name in PRESET_NAMES:
         preset = getattr(cfg.presets, name)
+        # A preset left as it is keeps its default size, which [imagine] sizes may have dropped: the
+        # message said "[presets.best] size: 512" of a table the person never wrote.
+        default = getattr(PresetsConfig(), name).size == preset.size
         need(str(preset.size) in im.sizes,
-             f"[presets.{name}] size: {preset.size} is not one of [imagine] sizes ({', '.join(im.sizes)})")
+             f"[presets.{name}] size: {preset.size}{' (its default)' if default else ''} is not one of [imagine] "
+             f"sizes ({', '.join(im.sizes)})" + (f": set [presets.{name}] size to one of them" if default else ""))
         need(1 <= preset.iterations <= im.max_iterations,
              f"[presets.{name}] iterations: must be between 1 and [imagine] max_iterations ({im.max_iterations})")
         need(1 <= preset.cutn <= MAX_CUTN, f"[presets.{name}] cutn: must be between 1 and {MAX_CUTN}")

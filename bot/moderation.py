@@ -354,6 +354,21 @@ async def entries(queue, guild_id: int | None) -> list[str]:
     return [e for e in value if isinstance(e, str)] if isinstance(value, list) else []
 
 
+async def refused_now(queue, guild_id: int | None, records: Iterable[JobRecord], max_chars: int) -> set[str]:
+    """The ids of `records` whose prompt the server's refused words match now (find, each within
+    MATCH_BUDGET; a timeout counts as a match: fail closed). For listings of jobs that ended before
+    an entry was added: the add cancelled only the jobs still in line or running."""
+    listed = await entries(queue, guild_id)
+    if not listed:
+        return set()
+    records = list(records)
+
+    def check() -> set[str]:
+        return {r.id for r in records
+                if find(listed, r.spec.prompt, max_chars, time.monotonic() + MATCH_BUDGET) is not None}
+    return await asyncio.to_thread(check)
+
+
 # The refusal when the list could not be matched in time (MATCH_BUDGET): not a match.
 UNCHECKED = ("Your prompt could not be checked against this server's list of refused words in time, so "
              "it was not queued. Try a shorter prompt, or ask an admin to simplify the list's patterns.")

@@ -49,7 +49,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render
+from bot import moderation, render
 from bot.imagine import JOB_ID, cancel_and_answer, ephemeral, in_time
 from bot.permissions import (ThreadLookups, admin_command_permissions, admin_roles_text, can_see_job, can_view_channel,
                              is_admin, may_know_job, require_admin)
@@ -442,10 +442,13 @@ class HistoryCog(commands.Cog, name="History"):
         ↻ reroll of, → continues, ↳ remix of) in the short form, naming only jobs the caller may see."""
         records = await self.bot.queue.history(interaction.channel_id or 0, limit=15)
         hidden = await self._hidden_sources(interaction, records)
+        refused = await moderation.refused_now(self.bot.queue, interaction.guild_id, records,
+                                               self.bot.config.imagine.max_prompt_chars)
         lines = []
         for record in records:
             url = render.reply_url(record.spec)
-            line = (f"• {render.shown_prompt(record, 80)} · <@{record.spec.user_id}> · {self._shown_state(record)}"
+            shown = render.shown_prompt(record, 80, refused=record.id in refused)
+            line = (f"• {shown} · <@{record.spec.user_id}> · {self._shown_state(record)}"
                     f" · `{record.id}`" + (f" · {url}" if url else ""))
             lines.append("\n  ".join([line] + render.lineage_lines(record.spec, details=False, hidden=hidden)))
         return lines

@@ -284,10 +284,11 @@ def withholds_prompt(record: JobRecord) -> bool:
         record.state == JobState.CANCELLED or record.cancel_requested)
 
 
-def shown_prompt(record: JobRecord, limit: int = 60) -> str:
+def shown_prompt(record: JobRecord, limit: int = 60, *, refused: bool = False) -> str:
     """A listing's snippet of `record`'s prompt (render.snippet), withheld as its public reply
-    withholds it (withholds_prompt): `/queue show`, `/history`."""
-    return PROMPT_WITHHELD if withholds_prompt(record) else snippet(record.spec.prompt, limit)
+    withholds it (withholds_prompt), or when `refused`: a refused word matches it now
+    (moderation.refused_now: `/history`'s jobs that ended before the word was added)."""
+    return PROMPT_WITHHELD if refused or withholds_prompt(record) else snippet(record.spec.prompt, limit)
 
 
 # The prompt keeps at least this many characters before _compose drops note lines to fit.

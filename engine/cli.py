@@ -95,6 +95,16 @@ def folder_argument(flag: str):
     return parse
 
 
+def image_file_argument(flag: str):
+    """An image file flag's path, `~` expanded; an empty one is refused, not read as the working
+    directory ("no such file" of a path never typed)."""
+    def parse(text: str) -> Path:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must name an image file, not an empty string")
+        return Path(text).expanduser()
+    return parse
+
+
 def _positive(name: str, most: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -144,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "not yet measured on a GPU, docs/PERFORMANCE.md")
     p.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="pull toward this picture's CLIP embedding (repeatable; weight default 1)")
-    p.add_argument("--init-image", type=Path, help="start from this picture's dVAE codes (needs the encoder)")
+    p.add_argument("--init-image", type=image_file_argument("--init-image"), help="start from this picture's dVAE codes (needs the encoder)")
     p.add_argument("--encoder", default="openai", help="'openai' or a local dVAE encoder file (for --init-image)")
-    p.add_argument("--from-run", type=Path, metavar="DIR",
+    p.add_argument("--from-run", type=folder_argument("--from-run"), metavar="DIR",
                    help="remix: start from the final state of an earlier run's output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
@@ -220,8 +230,8 @@ def model_error(exc: BaseException) -> str:
     text = str(exc)
     cause = exc.__cause__
     cause_text = str(cause) if cause is not None else ""
-    if cause is not None and cause_text and text.endswith(cause_text):
-        text = f"{text[:-len(cause_text)].rstrip().rstrip(':')} ({type(cause).__name__})"
+    if cause is not None and text.endswith(cause_text):   # (an empty one too: an empty file's EOFError)
+        text = f"{text[:len(text) - len(cause_text)].rstrip().rstrip(':')} ({type(cause).__name__})"
     text = one_line(text)
     if text.startswith("CLIP file "):
         text += ("; expected OpenAI's CLIP TorchScript archive (such as ViT-B-32.pt), a CLIP state dict, "
@@ -568,6 +578,8 @@ def _read_state(run_dir: Path) -> dict:
 def _read_image(path: Path, flag: str):
     from engine.images import ImageRejected, load_image
 
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder, not an image file")
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
@@ -592,7 +604,9 @@ def _image_prompt_weight(spec: str) -> tuple[Path, float]:
             pass
     if not (math.isfinite(weight) and -100 <= weight <= 100):   # as the bot's `image_weight`
         raise UsageError(f"--image-prompt {spec}: the weight must be a number between -100 and 100")
-    return Path(path), weight
+    if not path.strip():   # `--image-prompt ''`: not the working directory
+        raise UsageError(f"--image-prompt {spec!r}: name an image file (PATH or PATH:WEIGHT)")
+    return Path(path).expanduser(), weight
 
 
 def _image_prompt(spec: str):

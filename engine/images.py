@@ -105,7 +105,7 @@ def load_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         if isinstance(exc, UnidentifiedImageError):
-            raise ImageRejected("the file is not an image I can read: send a PNG, JPEG, WebP or GIF") from exc
+            raise ImageRejected("the file is not an image I can read: use a PNG, JPEG, WebP or GIF") from exc
         raise ImageRejected(f"the image is too large to decode safely ({exc}): scale it down") from exc
     except DAMAGED as exc:
         raise ImageRejected(f"the image is damaged or truncated ({str(exc) or type(exc).__name__})") from exc

@@ -530,6 +530,10 @@ def _unpickle_dvae(path: Path, part: DvaePart, trusted: Callable[[str], bool], r
                 warnings.filterwarnings("ignore", "'torch.load' received a zip file", UserWarning)
                 warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
                 module = torch.load(source, map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError) as exc:
+            # A whole pickle of classes this install lacks (another project's model, a module since
+            # renamed): the file is fine, it is just not a dall_e one.
+            raise ModelLoadError(f"dVAE {part} file {path} is not a dall_e {part} pickle: {exc}") from exc
         except Exception as exc:
             raise ModelLoadError(f"dVAE {part} file {path} is corrupt or truncated: {exc}") from exc
     if not isinstance(module, _DVAE_CLASSES[part]):

@@ -365,3 +365,21 @@ async def test_a_job_claimed_or_put_back_in_line_while_the_add_reads_the_line_is
     record = await h.queue.get(claimed)
     assert record.state == JobState.RUNNING and record.cancel_requested
     h.fd.assert_clean()
+
+
+async def test_history_withholds_the_prompt_of_a_finished_job_that_a_word_added_since_matches(harness):
+    """Adding a refused word cancels the jobs still in line or running; a finished one keeps its
+    record, and /history listed its prompt (the word itself) to anyone in the channel."""
+    h = harness
+    await h.start(worker=False)
+    refused, kept = await _queue(h, f"a {WORD} tower"), await _queue(h, "a quiet lake")
+    for job_id in (refused, kept):
+        await claim_jobs(h.queue, [job_id])
+        await finish_jobs(h.queue, [job_id])
+        await h.wait_delivered(job_id)
+    await h.queue.set_setting(moderation.setting_key(h.fd.guild_id), [WORD])
+    text = await ephemeral_answer(h, "history")
+    lines = text.splitlines()
+    assert WORD not in text and len(lines) == 2, text
+    assert lines[0].startswith("• a quiet lake") and lines[1].startswith(f"• {render.PROMPT_WITHHELD}"), text
+    assert f"`{refused}`" in lines[1]

@@ -97,6 +97,17 @@ def test_the_example_config_lists_every_setting_with_its_default():
     ("[worker]\nkeep_state_gib = inf", "[worker] keep_state_gib: must be 0 (no budget) or a positive number of GiB, "
                                         "got inf"),
     ("[worker]\nkeep_state_gib = \"20\"", "[worker] keep_state_gib: expected a number, got '20'"),
+    ("[worker]\ncache_dir = \"~no-such-user-here/models\"", "[worker] cache_dir: '~no-such-user-here/models': "
+                                                             "'~no-such-user-here' is no home folder on this host"),
+    # [imagine] sizes without a size a preset left as it is uses: the default named, and the fix.
+    ("[imagine]\nsizes = { \"256\" = 32 }\ndefault_size = 256\n[presets.draft]\nsize = 256\n[presets.normal]\nsize = 256",
+     "[presets.best] size: 512 (its default) is not one of [imagine] sizes (256): set [presets.best] size to one of them"),
+    ("[imagine]\nsizes = { \"256\" = 32 }\ndefault_size = 256\n[presets.draft]\nsize = 128",
+     "[presets.draft] size: 128 is not one of [imagine] sizes (256)"),
+    # TOML's inf and nan: refused as such, not as "negative" (nan) or accepted as "never" (inf).
+    ("[worker]\ncheckpoint_every = inf", "[worker] checkpoint_every: expected a finite number of seconds, got inf"),
+    ("[progress]\npoll_timeout = inf", "[progress] poll_timeout: expected a finite number of seconds, got inf"),
+    ("[progress]\nmessage_interval = nan", "[progress] message_interval: expected a finite number of seconds, got nan"),
     ("[worker]\ncompile = \"inductor:fast\"", "[worker] compile 'inductor:fast': the mode must be one of default, "
                                               "reduce-overhead, max-autotune"),
     ("[worker]\ncompile = \"eager:reduce-overhead\"", "[worker] compile 'eager:reduce-overhead': a mode is inductor's"),

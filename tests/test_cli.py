@@ -425,6 +425,17 @@ def test_wrong_or_junk_clip_files_give_one_clean_line(tiny_model_files, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_an_empty_clip_file_is_said_without_a_dangling_colon(tmp_path, capsys):
+    """An empty file's error has no text: the line read "not a CLIP model:; expected ..."."""
+    empty = tmp_path / "ViT-B-32.pt"
+    empty.write_bytes(b"")
+    code = cli.main(["a house", "--out", str(tmp_path / "o"), "--clip-model", str(empty), "--device", "cpu",
+                     "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"imagine: error: CLIP file {empty} is corrupt or not a CLIP model (EOFError); "
+                                        "expected OpenAI's CLIP TorchScript archive"), err
+
+
 def test_one_line_strips_ansi_and_keeps_the_first_line():
     assert cli.one_line("\n\x1b[1mbold\x1b[0m  first\n\tsecond") == "bold first"
 

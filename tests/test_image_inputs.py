@@ -112,6 +112,27 @@ def test_cli_refuses_a_bad_init_image_with_exit_2(tmp_path, capsys):
     assert "not an image" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    # A folder is not "no such file"; an empty path is not the working directory (a --from-run ''
+    # read ./state.pt).
+    (["--init-image", "{tmp}"], "imagine: error: --init-image {tmp}: is a folder, not an image file\n"),
+    (["--image-prompt", "{tmp}:0.5"], "imagine: error: --image-prompt {tmp}: is a folder, not an image file\n"),
+    (["--init-image", ""], "argument --init-image: --init-image must name an image file, not an empty string\n"),
+    (["--from-run", ""], "argument --from-run: --from-run must name a folder, not an empty string\n"),
+    (["--image-prompt", ""], "imagine: error: --image-prompt '': name an image file (PATH or PATH:WEIGHT)\n"),
+])
+def test_cli_says_what_is_wrong_with_an_image_path_that_names_no_image_file(args, message, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path) for a in args]
+    try:
+        code = cli.main(["a cat", "--out", str(tmp_path / "o"), *args])
+    except SystemExit as exit_:   # refused by the parser (its usage line first)
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(message.format(tmp=tmp_path)) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 # --- untrusted pictures ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [(3000, 1000), (1000, 3000), (1500, 1400), (600, 300)])

@@ -111,6 +111,25 @@ def test_a_decoder_pickled_with_a_stale_upsample_still_runs(tmp_path):
         assert loaded(codes).shape == (1, 6, 16, 16)
 
 
+def test_a_whole_pickle_of_another_projects_classes_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A trusted pickle whose classes this install lacks (another model, a renamed module) read as
+    "corrupt or truncated": the person would download the same file again."""
+    import importlib
+    import sys
+
+    (tmp_path / "other_project_model.py").write_text("class Net:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("other_project_model")
+    path = tmp_path / "decoder.pkl"
+    torch.save(module.Net(), path)
+    monkeypatch.delitem(sys.modules, "other_project_model")
+    (tmp_path / "other_project_model.py").unlink()
+    with pytest.raises(m.ModelLoadError) as err:
+        m.load_dvae("decoder", str(path), cache_dir=tmp_path / "c", trust=True)
+    assert str(err.value) == (f"dVAE decoder file {path} is not a dall_e decoder pickle: "
+                              "No module named 'other_project_model'")
+
+
 @pytest.mark.parametrize("which", ["clip", "decoder", "safetensors"])
 def test_corrupt_or_truncated_files_name_the_file(tiny_model_files, tmp_path, which):
     if which == "clip":
