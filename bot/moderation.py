@@ -98,6 +98,11 @@ MATCH_BUDGET = 3.0
 MAX_UNROLL = 100_000          # the product of a pattern's minimum repeat counts (compiles in ~0.05 s)
 _COUNTED_REPEAT = regex.compile(r"\\.|\{\s*(\d*)\s*(?:,\s*\d*\s*)?\}")
 _FLAGS = regex.IGNORECASE | regex.V0
+# An inline flag group that turns on verbose mode: `(?x)`, `(?ix)`, `(?x:...)`. There `regex`
+# ignores spaces and `#` comments inside a repeat's count (`a{6 5}` is `a{65}`), which
+# _COUNTED_REPEAT does not read as a count: `(?x)(?:a{65 535}){65 535}` got past MAX_UNROLL and
+# held the GIL (every server's bot) for as long as it took to compile.
+_VERBOSE_FLAG = regex.compile(r"\(\?[a-zA-Z^-]*[xX]")
 # Strings that make badly nested repeats backtrack; a new pattern must get through them quickly.
 _PROBES = ("a" * 400 + "!", "ab" * 200 + "!", " " * 400 + "!", "aaa0" * 100 + "\n", "x" * 400, "a1 " * 130)
 # Ordinary prompts that share no word: a pattern matching half of them or more would refuse nearly
@@ -117,6 +122,10 @@ class TooManyRepeats(regex.error):
     """A pattern whose counted repeats would unroll past MAX_UNROLL: never compiled."""
 
 
+class VerbosePattern(regex.error):
+    """A pattern that turns on verbose mode (_VERBOSE_FLAG): never compiled."""
+
+
 @functools.lru_cache(maxsize=2048)
 def _compiled(entry: str) -> "regex.Pattern[str] | tuple[type[regex.error], str]":
     """The entry's pattern, or why it has none (cached too: each entry is compiled, or refused,
@@ -124,6 +133,8 @@ def _compiled(entry: str) -> "regex.Pattern[str] | tuple[type[regex.error], str]
     try:
         if is_regex(entry):
             source = entry[len(REGEX_PREFIX):]
+            if _VERBOSE_FLAG.search(source):   # its counts cannot be read: not compiled at all
+                raise VerbosePattern("it turns on verbose mode ((?x)), which this list does not take")
             if unrolled(source) > MAX_UNROLL:   # before `regex` unrolls it, holding the GIL
                 raise TooManyRepeats(f"its counted repeats multiply to more than {MAX_UNROLL:,}")
             return regex.compile(source, _FLAGS)
@@ -265,6 +276,9 @@ def normalise(raw: str) -> str:
         raise BadEntry(f"That pattern repeats too much: its counted repeats (like `{{1000}}`) multiply to more than "
                        f"{MAX_UNROLL:,}. A prompt is at most a few hundred characters: use smaller counts. "
                        "Nothing was added.") from None
+    except VerbosePattern:
+        raise BadEntry("That pattern turns on verbose mode (`(?x)`), which this list does not take: write it "
+                       "without the flag (a space then matches a space). Nothing was added.") from None
     except regex.error as exc:
         raise BadEntry(f"That is not a valid regular expression: {exc}. Nothing was added.") from None
     if is_regex(entry):

@@ -183,6 +183,29 @@ async def test_a_stored_pattern_that_repeats_too_much_is_skipped_and_never_compi
         moderation.normalise(r"re:(?:a{65535}){65535}")
 
 
+@pytest.mark.parametrize("entry", [r"re:(?x)(?:a{65 535}){65 535}", r"re:(?ix)(?:a{6#c\n5535}){65535}",
+                                   r"re:b(?x:(?:a{65 535}){65 535})", r"re:(?-x)a{6 5}"])
+async def test_a_verbose_pattern_whose_counts_hide_behind_spaces_is_refused_and_never_compiled(entry, monkeypatch):
+    """In verbose mode `regex` reads `a{65 535}` as `a{65535}`, which the repeat guard did not
+    count: the pattern was compiled, holding the GIL (every server's bot) for tens of minutes."""
+    compiled = []
+    real_compile = moderation.regex.compile
+
+    def watched_compile(pattern, *args, **kwargs):
+        compiled.append(pattern)
+        return real_compile(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(moderation.regex, "compile", watched_compile)
+    moderation._compiled.cache_clear()
+    with pytest.raises(moderation.BadEntry, match=r"verbose mode \(`\(\?x\)`\)"):
+        moderation.normalise(entry)
+    assert moderation.find([entry, "cursed"], "a cursed house", 500) == ("cursed", "cursed")   # stored: skipped
+    assert compiled == [moderation._word_pattern("cursed")], compiled
+    # A named group called x, a lookahead for x, and x itself are no flags.
+    for fine in (r"re:(?P<x>ab)c", r"re:(?=x)xyz", r"re:\(\?x\)"):
+        assert moderation.normalise(fine) == fine
+
+
 async def test_spellings_clip_reads_as_a_refused_word_are_refused_and_patterns_are_kept_apart(harness):
     """CLIP unescapes HTML entities (twice) and splits a word from digits, `_` and combining marks:
     `c&#97;t`, `c&amp;#97;t`, `cat1`, `cat\u0301` all read `cat`. A folded entry (`ｃａｔ`) matches
