@@ -168,20 +168,20 @@ class _Written:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.created_out = False   # --out did not exist: this run made it
+        self.made: list[Path] = []   # the folders this run made for --out (frames/, --out, its new parents), deepest first
         self.frames = 0
         self.files: list[str] = []
 
     def tidy(self) -> None:
-        """Nothing written yet: remove the empty frames/ (and --out, when this run made it)."""
+        """Nothing written yet: remove the empty folders this run made (frames/, and --out with the
+        parents it needed, `runs/2026/cat` from an empty folder: as before the run)."""
         if self.frames or self.files:
             return
-        for folder in (self.out / "frames", self.out if self.created_out else None):
-            if folder is not None:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except OSError:   # not empty (something else wrote there meanwhile), or gone: left as it is
+                return
 
     def left(self) -> str:
         if not self.frames and not self.files:
@@ -390,7 +390,7 @@ def _run(args: argparse.Namespace, written: _Written) -> int:
                              f"has {models.vocab_size} (a run made with another decoder?)")
 
     frames_dir = out / "frames"
-    written.created_out = not out.exists()
+    written.made = [folder for folder in (frames_dir, out, *out.parents) if not folder.exists()]
     try:
         frames_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -458,6 +458,25 @@ def test_ctrl_c_prints_one_line_exits_130_and_says_what_is_left(tiny_model_files
     assert not (out / "run.json").exists()
 
 
+def test_ctrl_c_before_the_first_frame_removes_the_parents_it_made_for_out(tiny_model_files, tmp_path, capsys,
+                                                                           monkeypatch):
+    """`--out runs/2026/cat` under an empty folder: Ctrl-C before a frame said "nothing was written"
+    and left runs/2026/ behind (only frames/ and cat/ were removed)."""
+    import engine.generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.generate, "generate", interrupted)
+    top = tmp_path / "top"
+    top.mkdir()
+    (tmp_path / "cache").mkdir()
+    assert cli.main(["a house", "--out", str(top / "runs" / "2026" / "cat"), "--iterations", "2",
+                     *_models(tiny_model_files, tmp_path)]) == 130
+    assert capsys.readouterr().err == "imagine: interrupted; nothing was written\n"
+    assert list(top.iterdir()) == []
+
+
 def test_ctrl_c_while_the_models_load_leaves_nothing(tmp_path, capsys, monkeypatch):
     import engine.models
 
