@@ -28,8 +28,9 @@ used in (the caller's own jobs in direct messages):
 - `/queue-admin ban-word add | remove | list`: bot.moderation.
 
 When the bot is removed from a server (`on_guild_remove`), that server's waiting jobs are cancelled
-and its running ones stopped: no result could be posted there. Admins' actions are logged (INFO:
-who, where, on what).
+and its running ones stopped: no result could be posted there. Likewise a deleted channel's or
+thread's jobs (`on_guild_channel_delete`, `on_raw_thread_delete`). Admins' actions are logged
+(INFO: who, where, on what).
 
 Admins: Manage Server or a role named in config `admin_roles` (bot.permissions). Every refusal is
 private and changes nothing; echoed prompts go through bot.render, and the client allows no mentions.
@@ -251,6 +252,43 @@ class QueueCog(commands.GroupCog, name="Queue", group_name="queue",
                  guild.id, cleared, stopping)
         if cleared or stopping:
             _line_changed(self.bot)
+
+    @commands.Cog.listener()
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        """A channel of a server was deleted. Before, its jobs stayed: the waiting ones counted
+        against their authors' cap and ran on the GPU for nothing, and every result's post failed.
+        Its cached threads go with it: discord.py reports each as a thread delete
+        (`on_raw_thread_delete`). A category has no jobs: nothing to do."""
+        await self._cancel_jobs_of_channel(channel.id, "channel")
+
+    @commands.Cog.listener()
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        """A thread was deleted (raw: one the bot had not cached too); as `on_guild_channel_delete`."""
+        await self._cancel_jobs_of_channel(payload.thread_id, "thread")
+
+    async def _cancel_jobs_of_channel(self, channel_id: int, kind: str) -> None:
+        """Cancel the waiting jobs shown in channel `channel_id` and ask its running ones to stop,
+        with render.CANCEL_CHANNEL_GONE: nothing of them can be posted there any more (the progress
+        cog gives their final post up on Discord's 404 and marks them delivered). A deletion while
+        the bot was offline is never told: those jobs stay (docs/ARCHITECTURE.md, Known gaps)."""
+        # A job's channel is its command's (a thread for a command used in one), and its reply is
+        # there too: the command's response, or a follow-up of it (bot.imagine).
+        reason = render.CANCEL_CHANNEL_GONE
+        try:
+            waiting = [r.id for r in await self.queue.queued() if r.spec.channel_id == channel_id]
+            cancelled = sum([await self.queue.cancel(job_id, reason) for job_id in waiting])
+            # Read after the cancels: one claimed meanwhile was asked to stop by its cancel already.
+            running = [r.id for r in await self.queue.running()
+                       if r.spec.channel_id == channel_id and r.id not in waiting]
+            stopping = sum([await self.queue.cancel(job_id, reason) for job_id in running])
+        except Exception:   # noqa: BLE001 - the store failed: said, and their authors can still cancel them
+            log.warning("%s %s was deleted, but its jobs could not be cancelled", kind, channel_id, exc_info=True)
+            return
+        if not cancelled and not stopping:
+            return   # most deleted channels never had a job: no line for them
+        log.info("%s %s was deleted: %d waiting jobs cancelled, %d running jobs asked to stop",
+                 kind, channel_id, cancelled, stopping)
+        _line_changed(self.bot)
 
     @app_commands.command(name="show",
                           description="Show this server's jobs in the line (and yours in other servers): "

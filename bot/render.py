@@ -489,6 +489,7 @@ def failure_reason(error: str | None) -> str:
 # would read it.
 CANCEL_BY_ADMIN = "by an admin"
 CANCEL_BANNED = "banned word"
+CANCEL_CHANNEL_GONE = "channel deleted"   # its channel or thread was deleted (bot.queue_admin)
 # Why a job's public reply shows nothing of it: a banned cancel's, and a withheld result's (withheld_text).
 REFUSED_PROMPT = "its prompt matches a word or pattern this server's admins refuse."
 RESULT_WITHHELD = f"Result withheld: {REFUSED_PROMPT}"
@@ -497,6 +498,7 @@ _CANCELLED = {
     CANCEL_BY_ADMIN: "Cancelled by an admin.",
     CLEARED: "Cancelled: the server's queue was cleared.",
     CANCEL_BANNED: f"Cancelled: {REFUSED_PROMPT}",
+    CANCEL_CHANNEL_GONE: "Cancelled: its channel was deleted.",
 }
 
 

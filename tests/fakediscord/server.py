@@ -631,7 +631,7 @@ class FakeDiscord:
     run a bot against it with :func:`running_bot`. Then:
 
     * inject: :meth:`send_slash_command`, :meth:`click_button`, :meth:`select`, :meth:`submit_modal`,
-      :meth:`delete_message`,
+      :meth:`delete_message`, :meth:`delete_channel`,
       :meth:`dispatch` (any gateway event), :meth:`request_reconnect`, :meth:`drop_connection`,
       :meth:`hold_resumes` / :meth:`release_resumes`, :meth:`hold_gateway` / :meth:`release_gateway`;
     * break things: :meth:`rate_limit`, :meth:`inject_error`, :meth:`expire_tokens`, :attr:`token_expiry`,
@@ -712,6 +712,7 @@ class FakeDiscord:
         self.channels: Dict[int, Dict[str, Any]] = {}
         # thread id -> ids of its members (the owner from the start; add_thread_member adds more)
         self.thread_members: Dict[int, Set[int]] = {}
+        self.deleted_channels: Set[int] = set()  # delete_channel's: an interaction there cannot follow up
         primary = self._new_guild("Fake Guild", self.snowflake())
         self.guild_id: int = primary.id
         self.everyone_role_id = primary.everyone_role_id
@@ -1314,6 +1315,35 @@ class FakeDiscord:
             await self._dispatch_intent("MESSAGE_DELETE", {"id": str(message_id), "channel_id": str(channel_id),
                                                            "guild_id": self._guild_id_of(channel_id)},
                                         INTENT_GUILD_MESSAGES)
+        self._notify()
+
+    async def delete_channel(self, channel_id: int) -> None:
+        """Delete a guild channel or thread as a moderator would. A thread: THREAD_DELETE (id,
+        guild_id, parent_id and type only); a channel: CHANNEL_DELETE (the channel), and its threads
+        go with it with no event of their own (discord.py drops its cached ones itself); a category:
+        CHANNEL_DELETE, and its channels stay, uncategorised (CHANNEL_UPDATE each). Guilds intent.
+        Later requests to a deleted one answer 404 / 10003 Unknown Channel (a follow-up of an
+        interaction made there too), and its messages are gone (an interaction token's edit: 404 /
+        10008 Unknown Message)."""
+        channel = self.channels.pop(int(channel_id))
+        gone = {int(channel_id)} | {cid for cid, c in self.channels.items()
+                                    if c.get("thread_metadata") and c.get("parent_id") == str(channel_id)}
+        for cid in gone:
+            self.channels.pop(cid, None)
+            self.thread_members.pop(cid, None)
+        self.deleted_channels |= gone
+        for msg in self.messages.values():
+            if msg.channel_id in gone:
+                msg.deleted = True
+        if channel.get("thread_metadata"):
+            subset = {k: channel[k] for k in ("id", "guild_id", "parent_id", "type")}
+            await self._dispatch_intent("THREAD_DELETE", subset, INTENT_GUILDS)
+        else:
+            await self._dispatch_intent("CHANNEL_DELETE", copy.deepcopy(channel), INTENT_GUILDS)
+        for child in self.channels.values():
+            if channel.get("type") == 4 and child.get("parent_id") == str(channel_id):
+                child["parent_id"] = None
+                await self._dispatch_intent("CHANNEL_UPDATE", copy.deepcopy(child), INTENT_GUILDS)
         self._notify()
 
     # ---------------------------------------------------------------- gateway: server side
@@ -2518,6 +2548,8 @@ class FakeDiscord:
         inter = self._interaction_by_token(p)
         if not inter.acknowledged:
             raise _ApiError(404, 10015, "Unknown Webhook")
+        if int(inter.channel_id) in self.deleted_channels:
+            raise _ApiError(404, 10003, "Unknown Channel")
         body = rec.json or {}
         reopen = self._thread_to_reopen(inter.channel_id)   # a new message unarchives its thread
         original = inter.original_message
