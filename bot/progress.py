@@ -34,8 +34,10 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   Tokens are never stored: after a restart no job has one.
 - Refusals are final, errors are not: Discord's 5xx and network errors are retried with backoff
   for ever (nothing is lost), but a 4xx (other than 429, 408, 401) would be refused again. A 413 (too large:
-  the server lost its boosts since the job was queued) posts the image without the video, then
-  the text alone; any other 4xx of the final post (or the lost-job notice) is tried
+  the server lost its boosts since the job was queued) first drops the limit kept from the
+  command for the guild's of now, when that is known and smaller, and fits the video to it again;
+  a 413 after that (or at once, with no smaller limit known) posts the image without the video,
+  then the text alone; any other 4xx of the final post (or the lost-job notice) is tried
   `REFUSED_TRIES` times, then given up: logged as an error and marked delivered.
 - The final post: built from the store (record + artifacts), sent, then `mark_delivered`. It is
   an idempotent edit of the job's reply, so a crash before `mark_delivered` repeats the same edit
@@ -49,9 +51,10 @@ How it keeps within Discord's limits (see DESIGN.md, "Discord facts"):
   saw in the last few minutes), never as an edit of the original reply, which the first post may
   have made editable again (an archived thread unarchives). Discord keeps a nonce only a few
   minutes, so a restart later than that first reads the channel's messages since the mark
-  (`reposting_after`, a snowflake a minute before it) for the bot's post with this job's buttons,
-  and takes that one as the result (REPOST_SEARCH messages at most; without Read Message History
-  the nonce alone guards it). Jobs that finished while the bot was
+  (`reposting_after`, a snowflake a minute before it) for the bot's post with this job's buttons
+  (or, for a result without buttons, withheld or a banned word's cancel, naming the job), and takes
+  that one as the result (REPOST_SEARCH messages at most; without Read Message History the nonce
+  alone guards it). Jobs that finished while the bot was
   down come back through `undelivered()`; at most FINALS_AT_ONCE finals hold their files in memory
   at a time, so a backlog after downtime is not read all at once.
 - A result is checked against its server's refused words as they are when it is posted (the same
@@ -287,6 +290,9 @@ class _Tracker:
     upload_limit: int | None = None
     refused: int = 0                  # 4xx answers to the final post (or lost notice) so far
     shrink: int = 0                   # 413s so far: 1 = post without the video, 2 = the text alone
+    # The first 413 is handled (`_refused`): the limit kept from the command (`upload_limit`) gave way to
+    # the guild's smaller one of now (the server lost boosts), or none smaller was known. Later 413s shrink.
+    refitted: bool = False
     # The result's message once it is posted (0: nothing can post it, given up): a retry after a
     # failed store write (set_reply, mark_delivered) repeats only those, never the post.
     posted: int | None = None
@@ -856,9 +862,21 @@ class ProgressCog(commands.Cog, name="Progress"):
 
     async def _refused(self, t: _Tracker, exc: discord.HTTPException) -> None:
         """Discord refused the final post (or the lost notice) with a 4xx: the same request would be
-        refused for ever. Too large (413): post less next time. Otherwise give up after
+        refused for ever. Too large (413): the first time, when the guild's upload limit is smaller
+        now than the one the job was queued under (it lost boosts), fit the video to that; else (and
+        at the next 413) post less next time: no video, then no files. Otherwise give up after
         REFUSED_TRIES: the job is marked delivered, so neither this loop nor a restart's
         undelivered() tries it again."""
+        if exc.status == 413 and t.final and not t.refitted:
+            t.refitted = True   # once: a 413 to the refitted post goes on to `shrink`
+            smaller = self._shrunk_limit(t)
+            if smaller is not None:
+                log.warning("job %s: Discord refused its result as too large: its server's upload limit is %s now, "
+                            "%s when the job was queued; fitting the video to it", t.job_id, render.mib(smaller),
+                            render.mib(int(t.upload_limit or 0)))
+                # _upload_limit falls back to the guild's; the video fitted to the old limit goes.
+                t.upload_limit, t.fitted = None, None
+                return
         if exc.status == 413 and t.final and t.shrink < 2:
             t.shrink += 1
             log.warning("job %s: Discord refused its result as too large; posting it %s", t.job_id,
@@ -1003,13 +1021,26 @@ class ProgressCog(commands.Cog, name="Progress"):
         (`attachment_size_limit`, kept in the job's reply, so a restart or a post with the bot token
         after the token expired has it too); without it (the reply could not be made) the guild's,
         from its boost tier (the guilds intent), else `[progress] upload_limit` or 10 MiB, Discord's
-        default (a DM, a guild the bot is not in). A limit that has since shrunk is met by a 413."""
+        default (a DM, a guild the bot is not in). A limit that has since shrunk is met by a 413, after
+        which the guild's is used (`_refused`, `_shrunk_limit`)."""
         if t.upload_limit:
             return int(t.upload_limit)
         guild = self.bot.get_guild(t.guild_id) if t.guild_id else None
         if guild is not None:
             return guild.filesize_limit
         return self.cfg.upload_limit or DEFAULT_UPLOAD_LIMIT
+
+    def _shrunk_limit(self, t: _Tracker) -> int | None:
+        """The guild's upload limit now (its boost tier, kept current by the guilds intent's
+        GUILD_UPDATE) when it is smaller than the limit kept from the job's command, which the
+        result was fitted to; None when the guild is not known here (a DM, not in the cache) or its
+        limit is no smaller: a post fitted to it would be the one just refused."""
+        if not t.upload_limit:
+            return None   # the result was fitted to the guild's limit, or the default, already
+        guild = self.bot.get_guild(t.guild_id) if t.guild_id else None
+        if guild is None or guild.filesize_limit >= int(t.upload_limit):
+            return None
+        return guild.filesize_limit
 
     async def _final_files(self, t: _Tracker, record: JobRecord) -> tuple[list[tuple[str, bytes]], str | None]:
         if record.state != JobState.DONE:
@@ -1022,7 +1053,8 @@ class ProgressCog(commands.Cog, name="Progress"):
         if t.shrink >= 2:   # refused as too large even without the video (_refused)
             return [], "The image and video are over this server's upload limit, so they could not be posted."
         if t.shrink == 1 and png is not None:
-            # The limit the job was queued under is gone (the server lost its boosts): Discord said 413.
+            # The limit the job was queued under is gone (the server lost its boosts): Discord said 413,
+            # to the video fitted to the guild's limit of now too, or no smaller limit was known.
             return [("final.png", png)], "The video is over this server's upload limit, so here is the final image only."
         if png is not None:
             files.append(("final.png", png))
@@ -1070,6 +1102,13 @@ class ProgressCog(commands.Cog, name="Progress"):
         t.record = record
         if t.posted is not None:   # posted already: only the store writes are left (_post_final)
             return _Final(record, "", [])
+        if record.state == JobState.CANCELLED and (record.error or "").strip() == render.CANCEL_CHANNEL_GONE:
+            # Cancelled because its channel or thread was deleted (bot.queue_admin): there is nowhere
+            # to post it. Tried, it was two requests answered 404 and an error logged for each job.
+            await self.queue.mark_delivered(t.job_id)
+            t.delivered = True
+            log.info("job %s: cancelled with its deleted channel; nothing to post", t.job_id)
+            return None
         if render.withholds_prompt(record):
             # Cancelled for a banned word: posted as that cancel (render.final_text), which withholds
             # it already, whatever the list holds now.
@@ -1188,12 +1227,18 @@ class ProgressCog(commands.Cog, name="Progress"):
             log.debug("job %s: its old reply points to the result (message %s)", t.job_id, posted)
 
     async def _find_repost(self, t: _Tracker, after: int) -> int | None:
-        """The id of the bot's message with this job's result buttons among the channel's messages
-        since the snowflake `after` (at most REPOST_SEARCH of them), or None: none there, or the
-        channel cannot be read (gone, no View Channel; without Read Message History Discord returns
-        no messages): the nonce still guards the post."""
+        """The id of the bot's earlier post of this job's result among the channel's messages since
+        the snowflake `after` (at most REPOST_SEARCH of them), or None: none there, or the channel
+        cannot be read (gone, no View Channel; without Read Message History Discord returns no
+        messages): the nonce still guards the post. A post is the bot's message with this job's
+        result buttons, or, for a result that has none (withheld, a banned word's cancel), one that
+        names the job as its messages do (render._compose), other than the job's reply, which names
+        it too. Before, only the buttons were looked for: a result without them was posted again."""
         me = self.bot.user.id if self.bot.user else None
         ours = {f"imagine:{action}:{t.job_id}" for action in ("reroll", "continue", "remix")}
+        # The job line of render._compose. A prompt or a failure reason cannot forge it: their
+        # backticks are escaped; a lineage line names a parent otherwise ("continues `<id>`").
+        named = f" · job `{t.job_id}` · "
         channel = self.bot.get_partial_messageable(t.channel_id, guild_id=t.guild_id)
         try:
             async for message in channel.history(limit=REPOST_SEARCH, after=discord.Object(after), oldest_first=True):
@@ -1201,6 +1246,8 @@ class ProgressCog(commands.Cog, name="Progress"):
                     continue
                 if any(getattr(item, "custom_id", None) in ours
                        for row in message.components for item in getattr(row, "children", ())):
+                    return message.id
+                if message.id != t.message_id and named in message.content:
                     return message.id
         except (discord.Forbidden, discord.NotFound) as exc:
             log.info("job %s: cannot read channel %s for an earlier post of its result (%s %s); relying on "

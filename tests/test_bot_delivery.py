@@ -215,7 +215,8 @@ async def test_a_server_error_is_retried_until_it_is_posted(harness):
 async def test_an_upload_over_a_limit_that_shrank_posts_the_image_alone(harness):
     """The job was queued under a 10 MiB limit; the server has since lost its boosts and Discord
     answers the final post 413. The bot posts the final image without the video, saying why,
-    rather than uploading the same request for ever."""
+    rather than uploading the same request for ever. The guild's limit as the bot knows it (10 MiB,
+    boost tier 0) is no smaller than the job's, so the video is not fitted to it first."""
     h = harness
     h.config.progress.message_interval = 0.01
     await h.start(worker=False)
@@ -236,6 +237,73 @@ async def test_an_upload_over_a_limit_that_shrank_posts_the_image_alone(harness)
     assert [a["filename"] for a in final.attachments] == ["final.png"]
     assert "video is over this server's upload limit" in final.content
     assert f"imagine:reroll:{job_id}" in final.custom_ids
+
+
+def _guild_update(fd, premium_tier: int) -> dict:
+    """The guild's GUILD_UPDATE at boost tier `premium_tier` (discord.py's `filesize_limit` follows
+    it): the fake's guild, less what only GUILD_CREATE carries."""
+    data = fd.guild_payload()
+    for key in ("joined_at", "large", "unavailable", "member_count", "members", "channels", "threads", "presences",
+                "voice_states", "stage_instances", "guild_scheduled_events", "soundboard_sounds",
+                "embedded_activities", "lazy"):
+        data.pop(key, None)
+    data["premium_tier"] = premium_tier
+    return data
+
+
+@pytest.mark.parametrize("refused_again", [False, True], ids=["refitted", "refitted-and-refused"])
+async def test_a_video_over_the_limit_of_a_server_that_lost_its_boosts_is_fitted_to_its_limit_now(
+        harness, monkeypatch, refused_again):
+    """The job was queued in a server at boost tier 2 (its command said 50 MiB a file); the server
+    lost its boosts (tier 0: 10 MiB) before the result was posted, so Discord answers the post of
+    its 10.5 MiB video 413. The bot forgets the limit the job was queued under, fits the video to
+    the guild's of now and posts it re-encoded: two attempts, one 413. Before: the 413 posted the
+    image alone. Should Discord refuse the refitted post too, the image goes alone: one refit, no
+    loop."""
+    from tests.test_bot_delivery_races import _until
+
+    h = harness
+    h.config.progress.message_interval = 0.01
+    fd = h.fd
+    smaller = MP4_HEAD + b"\x02" * (8 * MiB)
+    made = []
+
+    async def reencode_to_fit(data, max_bytes):
+        made.append(max_bytes)
+        return smaller
+
+    monkeypatch.setattr(progress, "_reencode_to_fit", reencode_to_fit)
+    await h.start(worker=False)
+    guild = h.bot.get_guild(fd.guild_id)
+    await fd.dispatch("GUILD_UPDATE", _guild_update(fd, 2))
+    await _until(lambda: guild.filesize_limit == 50 * MiB, what="boost tier 2")
+    fd.attachment_size_limit = 50 * MiB
+    inter = await h.imagine("a server that loses its boosts before the result")
+    msg = await h.reply_of(inter)
+    job_id = h.job_id(msg)
+    await fd.dispatch("GUILD_UPDATE", _guild_update(fd, 0))
+    # What Discord checks now: the guild's 10 MiB; or less, refusing the refitted video as well.
+    fd.attachment_size_limit = 1 * MiB if refused_again else 10 * MiB
+    await _until(lambda: guild.filesize_limit == 10 * MiB, what="boost tier 0")
+    png, video = tiny_png(9, 9), MP4_HEAD + b"\x01" * (10 * MiB + MiB // 2)
+    since = len(fd.requests)
+    await claim_jobs(h.queue, [job_id])
+    await _finish_with(h.queue, job_id, png, video)
+
+    await h.wait_delivered(job_id, timeout=30)
+    attempts = [r.status for r in fd.requests[since:] if _is_final(r)]
+    assert made == [10 * MiB - progress.FILE_MARGIN]   # no re-encode before the 413: it fitted 50 MiB
+    final = fd.messages[msg.id]
+    if refused_again:
+        assert attempts == [413, 413, 200]
+        assert [fd.attachment_bytes(a) for a in final.attachments] == [png]
+        assert "video is over this server's upload limit" in final.content
+    else:
+        assert attempts == [413, 200]
+        assert [fd.attachment_bytes(a) for a in final.attachments] == [png, smaller]
+        assert "re-encoded to 8.0 MiB to fit this server's upload limit of 10.0 MiB a file" in final.content
+    assert f"imagine:reroll:{job_id}" in final.custom_ids
+    fd.assert_clean()
 
 
 async def test_an_image_and_a_video_that_each_fit_the_limit_are_posted_as_they_are(harness, monkeypatch):

@@ -4,7 +4,8 @@ is withheld everywhere its reply is: the contact sheet of its
 set shows neither its picture nor its caption nor the set's template, /history shows no prompt of
 it, and no Reroll, Continue or remix starts a new job from its prompt or its final state. A job
 that had finished when the word was added, its result not yet posted, is posted withheld
-(render.withheld_text)."""
+(render.withheld_text). Such a result, and a banned cancel's, has no buttons: a late restart
+still finds its post (by the job it names) and does not post it again."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from bot import contact_sheet, render
+from bot import contact_sheet, progress, render
 from engine.jobs import JobState
 from tests.test_bot_cancel_reasons import WORD, _public_text, _queue, _reply, _status, finish_as_an_older_worker
 from tests.test_bot_permutations import _png, _rgb, _set_jobs, _sheet_messages
 from tests.test_bot_support import (  # noqa: F401 - the fixture
-    claim_jobs, ephemeral_answer, harness,
+    claim_jobs, ephemeral_answer, harness, queued_job_in_a_thread, requests_matching,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -197,4 +198,62 @@ async def test_a_result_not_yet_posted_when_its_word_is_refused_is_posted_withhe
     await asyncio.sleep(1.0)
     assert len([r for r in fd.requests if r.method == "PATCH" and f"/messages/{msg.id}" in r.path]) == posts
     assert WORD not in _public_text(_reply(h, refused))
+    fd.assert_clean()
+
+
+@pytest.mark.parametrize("result", ["banned-cancel", "withheld"])
+async def test_a_result_without_buttons_posted_before_a_late_restart_is_not_posted_again(harness, monkeypatch, result):
+    """A result with no buttons (a banned word's cancel; a result withheld, the word added after
+    the job finished) went out as a new message, its thread having archived itself, and the bot
+    stopped right after that post: before it wrote the post's id or marked the job delivered. It
+    restarts after Discord has forgotten the post's nonce, reads the thread's messages since its
+    `reposting` mark and takes the post that names the job as the result; not the job's reply,
+    which names it too and was made within the mark's minute. One post of the result. Before:
+    only a message with the job's buttons counted as the result, so this one was posted again."""
+    h = harness
+    fd = h.fd
+    h.config.progress.message_interval = 0.01
+    msg, job_id = await queued_job_in_a_thread(h, f"a {WORD} at dawn")   # edits through the channel
+    thread_id = msg.channel_id
+    posted = asyncio.Event()
+
+    async def bot_stops_here(self, t, message_id):   # after the post, before anything else
+        posted.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(progress.ProgressCog, "_point_to_result", bot_stops_here)
+    if result == "banned-cancel":
+        await fd.archive_thread(thread_id)
+        since = len(fd.requests)
+        text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+        assert "Cancelled 1 of this server's" in text, text   # while it waits: its final post follows
+    else:
+        await claim_jobs(h.queue, [job_id])
+        await fd.wait_for(lambda: "Starting" in fd.messages[msg.id].content, 10, "the starting edit")
+        await fd.archive_thread(thread_id)
+        since = len(fd.requests)
+        outage = fd.inject_error("POST", f"/channels/{thread_id}/messages", 503, count=10_000)
+        await _finish(h, job_id, _png((255, 0, 0)))
+        await fd.wait_for(lambda: outage.hits, 10, "the result's first post failing")
+        text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+        assert "No queued or running job of this server matches it." in text, text   # it had finished
+        outage.remaining = 0
+    await asyncio.wait_for(posted.wait(), 20)
+    reply_shows = fd.messages[msg.id].content
+    await h.stop()
+    fd.nonce_window = 0.0   # a late restart: a post now would be a second message
+
+    await h.start(worker=False)
+    record = await h.wait_delivered(job_id)
+    posts = [r for r in requests_matching(fd, "POST", f"/channels/{thread_id}/messages", since) if r.status == 200]
+    assert len(posts) == 1, posts
+    result_id = int(posts[0].response["id"])
+    assert record.spec.reply["result_message_id"] == result_id
+    assert requests_matching(fd, "GET", f"/channels/{thread_id}/messages", since)   # it looked
+    naming = [m.id for m in fd.channel_messages(thread_id) if f"job `{job_id}`" in m.content]
+    assert naming == [msg.id, result_id]
+    shown = fd.messages[result_id]
+    assert WORD not in _public_text(shown) and shown.attachments == [] and shown.custom_ids == []
+    assert ("Cancelled: " if result == "banned-cancel" else "Result withheld: ") + render.REFUSED_PROMPT in shown.content
+    assert fd.messages[msg.id].content == reply_shows   # the reply was not made a second result
     fd.assert_clean()
