@@ -62,6 +62,15 @@ async def _nothing_more_sent(h, channel_id, interactions):
     assert _addressed_to(h.fd, channel_id, interactions, since) == []
 
 
+async def _started_with_a_thread(h, caplog):
+    """The bot started, #general with a public thread of Bob's: (the harness, the fake, the thread's id)."""
+    caplog.set_level(logging.INFO, logger="bot.queue_admin")
+    fd = h.fd
+    thread = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
+    await h.start(worker=False)
+    return h, fd, thread
+
+
 async def test_deleting_a_channel_cancels_its_waiting_and_running_jobs(harness, caplog):
     """#general is deleted with Bob's running job and waiting job in it, and his waiting job in
     #imagine: the waiting one ends CANCELLED at once, the running one is asked to stop and ends
@@ -109,11 +118,7 @@ async def test_deleting_a_channel_cancels_its_waiting_and_running_jobs(harness, 
 async def test_deleting_a_thread_cancels_its_jobs_and_not_its_channels(harness, caplog):
     """A thread of #general is deleted (THREAD_DELETE) with a waiting job in it: that job is
     cancelled and given up; the job in #general itself still waits."""
-    caplog.set_level(logging.INFO, logger="bot.queue_admin")
-    h = harness
-    fd = h.fd
-    thread = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
-    await h.start(worker=False)
+    h, fd, thread = await _started_with_a_thread(harness, caplog)
     in_thread_inter, in_thread = await _queue(h, "a moth in the lamplight", thread)
     _, in_channel = await _queue(h, "a moth on the window", fd.channel_id)
 
@@ -131,11 +136,7 @@ async def test_deleting_a_thread_cancels_its_jobs_and_not_its_channels(harness, 
 async def test_a_thread_the_bot_had_not_cached_is_seen_deleted_too(harness, caplog):
     """An archived thread is out of discord.py's cache: its THREAD_DELETE comes raw, with no
     thread object. Its waiting job is cancelled all the same."""
-    caplog.set_level(logging.INFO, logger="bot.queue_admin")
-    h = harness
-    fd = h.fd
-    thread = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
-    await h.start(worker=False)
+    h, fd, thread = await _started_with_a_thread(harness, caplog)
     _, job = await _queue(h, "a moth asleep", thread)
     await fd.archive_thread(thread)
     loop = asyncio.get_running_loop()
@@ -153,11 +154,7 @@ async def test_deleting_a_channel_cancels_the_jobs_of_its_threads(harness, caplo
     """#general is deleted while a thread of it has a waiting job: the thread goes with it (Discord
     sends no THREAD_DELETE for it; discord.py reports its cached threads), so that job is
     cancelled too."""
-    caplog.set_level(logging.INFO, logger="bot.queue_admin")
-    h = harness
-    fd = h.fd
-    thread = fd.add_thread("renders", fd.channel_id, owner_id=int(fd.member_user["id"]), private=False)
-    await h.start(worker=False)
+    h, fd, thread = await _started_with_a_thread(harness, caplog)
     _, in_thread = await _queue(h, "a heron in the reeds", thread)
     _, in_channel = await _queue(h, "a heron in flight", fd.channel_id)
 
