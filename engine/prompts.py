@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.text import clip, has_visible_text
+from engine.text import clip, has_visible_text, is_format
 
 MAX_PROMPT_PARTS = 8
 CLIP_CONTEXT = 77   # tokens CLIP's text encoder reads, its start and end markers included
@@ -78,6 +78,22 @@ def _not_a_weight(tail: str) -> bool:
         return False
     return bare[:1] in f"+-{_MINUS}{_PLUS}" or not tail[:1].isspace()
 _SIGNS = str.maketrans({c: "-" for c in _MINUS} | {_PLUS: "+"})
+# Full-width and small colons, as Chinese and Japanese input methods type them (`ぼやけた：-1`).
+_WIDE_COLONS = "\uff1a\ufe55"
+
+
+def _hidden_weight(raw: str) -> str | None:
+    """The weight `raw` ends in once its format characters (a zero-width space or a bidi mark
+    pasted from the web or typed by a right-to-left keyboard, a soft hyphen) are dropped and a
+    full-width colon is read as ':', when `raw` itself has none: `blurry:-1` + U+200B was text at
+    weight +1, "push away" turned into "pull toward" with nothing to see. None otherwise."""
+    seen = "".join(c for c in raw if not is_format(c))
+    for colon in _WIDE_COLONS:
+        seen = seen.replace(colon, ":")
+    match = _WEIGHT.match(seen) if seen != raw else None
+    if match is None or _colon_is_text(seen, match.end("text")) or not has_visible_text(match["text"]):
+        return None
+    return ":" + match["weight"]
 
 
 def _quote(text: str, limit: int = 40) -> str:
@@ -134,6 +150,11 @@ def parse_prompt(prompt: str, image_weights: Sequence[float] = (), *, strict: bo
         else:
             text, weight = raw, 1.0
             head, colon, tail = raw.rpartition(":")
+            hidden = _hidden_weight(raw) if strict else None
+            if hidden is not None:
+                raise PromptError(f"the part {_quote(raw)} ends in what reads as the weight {_quote(hidden, 20)}, but "
+                                  "with an invisible character or a full-width colon in it, so it would be text: "
+                                  f"type it again as {hidden} with a plain ':' (or, if it is text, drop the colon)")
             if (strict and colon and has_visible_text(head) and not _colon_is_text(raw, len(head))
                     and _not_a_weight(tail)):
                 raise PromptError(f"the part {_quote(raw)} ends in {_quote(':' + tail.strip(), 20)}, which is not a "

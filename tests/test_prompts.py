@@ -273,3 +273,26 @@ def test_a_clip_note_on_invisible_characters_fits_its_line_whole():
     (note,) = clip_overflow(parse_prompt(f"{part} {part} {part}"))
     assert len(note) <= CLIP_NOTE_CHARS, (len(note), note)
     assert note.endswith(" tokens)") and "\\u200b" in note, note
+
+
+@pytest.mark.parametrize("prompt", [
+    "a cat | blurry:-1\u200b",          # a zero-width space pasted after it
+    "a cat | blurry:\u200f-1",          # a right-to-left mark a keyboard typed
+    "a cat | blurry:-1\u00ad",          # a soft hyphen
+    "a cat | blurry:\u2068-1\u2069",    # bidi isolates around it
+    "a cat | blurry\uff1a-1",           # a full-width colon, as a Chinese or Japanese input method types it
+    "\u307c\u3084\u3051\u305f\ufe55-1 | a cat",   # a small colon
+])
+def test_a_weight_hidden_by_an_invisible_character_or_a_wide_colon_is_refused_not_read_as_text(prompt):
+    """Such a part missed the weight's pattern and passed as text at weight +1: "push away"
+    became "pull toward", and nothing on screen showed why. A stored prompt reads as it did."""
+    from engine.prompts import PromptError
+
+    with pytest.raises(PromptError) as err:
+        parse_prompt(prompt)
+    message = str(err.value)
+    assert "reads as the weight ':-1'" in message and "type it again as :-1 with a plain ':'" in message, message
+    assert [p.weight for p in parse_prompt(prompt, strict=False)] == [1.0, 1.0]
+    # Text with such characters and no weight in it is text, as before.
+    for text in ("a \u200bcat", "a cat\u200b | blurry:-1", "time\uff1a10\uff1a30", "\u200fa cat:0.5"):
+        parse_prompt(text)
