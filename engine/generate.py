@@ -452,11 +452,15 @@ class Slot:
         self.optimizer.load_state_dict(dict(saved, param_groups=groups))
         # The moments as fresh tensors laid out as the logits: fused Adam reads them by the
         # logits' layout (a file's own strides would be read wrongly, or out of bounds), and
-        # it must not step on tensors the caller still holds.
+        # it must not step on tensors the caller still holds: nor on its step count, which
+        # load_state_dict hands over as the caller's own tensor and fused Adam increments in place
+        # (a second load of the same state then resumed with the first run's count).
         with torch.no_grad():
             for per_param in self.optimizer.state.values():
                 for name in _MOMENTS:
                     per_param[name] = torch.empty_like(self.logits).copy_(per_param[name])
+                if torch.is_tensor(per_param.get("step")):
+                    per_param["step"] = per_param["step"].clone()
         self.iteration = int(state["iteration"])
         self.lr_offset = int(state.get("lr_offset", 0))   # a state saved before there was one: 0
         self._load_generator(state["generator"])

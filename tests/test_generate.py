@@ -482,3 +482,24 @@ def test_a_non_finite_state_fails_the_run_instead_of_finishing_with_blank_frames
         state["optimizer"]["state"][0]["exp_avg_sq"][0, 3, 1, 1] = float("inf")
     with pytest.raises(FloatingPointError, match="non-finite values .* logits / optimiser state at iteration 4"):
         generate("a cat", replace(s, iterations=6), tiny_models, checkpoint=state)
+
+
+def test_a_state_loaded_twice_resumes_the_same_both_times(tiny_models):
+    """load_state copied the moments but not Adam's step count: the resumed slot stepped the
+    caller's own tensor, so the same state loaded again resumed with another bias correction."""
+    s = GenerationSettings(iterations=6, frame_every=2, grid=8, cutn=2, seed=1)
+    targets = encode_targets(tiny_models, "a red house")
+    runner = BatchRunner(tiny_models)
+    slot = runner.add(Slot("a", tiny_models, targets, s))
+    for _ in range(3):
+        runner.step()
+    state = slot.state()
+    step_saved = state["optimizer"]["state"][0]["step"].clone()
+    resumed = []
+    for name in ("b", "c"):
+        again = BatchRunner(tiny_models)
+        resumed.append(again.add(Slot(name, tiny_models, targets, s, checkpoint=state)))
+        again.step()
+        again.step()
+    assert torch.equal(state["optimizer"]["state"][0]["step"], step_saved)
+    assert torch.equal(resumed[0].logits, resumed[1].logits)
