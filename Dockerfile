@@ -4,12 +4,17 @@
 #   docker build -t imagine-bot:local .
 #   # one GPU box, no other server: the bot with its embedded worker, its SQLite queue on a volume
 #   # (the working directory is /data, so the default sqlite:///imagine-bot.db is /data/imagine-bot.db)
-#   docker run -d --gpus '"device=0"' --env-file .env -v imagine-data:/data -v imagine-cache:/cache \
-#       -v "$PWD/config.toml:/config/config.toml:ro" imagine-bot:local
+#   docker run -d --restart unless-stopped --stop-timeout 60 --gpus '"device=0"' --env-file .env \
+#       -v imagine-data:/data -v imagine-cache:/cache \
+#       --mount type=bind,src="$PWD/config.toml",dst=/config/config.toml,readonly imagine-bot:local
 #   # a GPU worker of a Redis queue, on any host (compose.yaml runs the bot, Redis and workers); it
 #   # loads CLIP, the dVAE decoder and encoder (init images; --encoder '' for none) into /cache
-#   docker run -d --gpus '"device=0"' -v imagine-cache:/cache imagine-bot:local \
-#       imagine-worker --queue redis://redis-host:6379/0
+#   docker run -d --restart unless-stopped --stop-timeout 60 --gpus '"device=0"' -v imagine-cache:/cache \
+#       imagine-bot:local imagine-worker --queue redis://redis-host:6379/0
+# --restart: the bot and the worker exit 1 for a supervisor to restart them (Discord unreachable at
+# start, a dead GPU thread, a lost bot lease). --stop-timeout: time to checkpoint running jobs and
+# hand them back (Docker's default, 10 s, may kill it first). --mount, not -v: a missing
+# config.toml is refused, where -v would make an empty folder of that name.
 # Without --gpus the bot starts no worker (no CUDA): jobs would wait for an imagine-worker. Mount a
 # named volume (or a folder uid 10001 can write) at /data: without one the SQLite file lands in an
 # anonymous volume, which `docker rm -v` deletes with the container.
@@ -53,11 +58,12 @@ COPY engine ./engine
 COPY bot ./bot
 
 # Not editable, so /src can go. Then fail the build if pip swapped the CUDA torch for another one,
-# or if clip / dall_e do not import (clip needs setuptools<81 for pkg_resources).
+# or if clip / dall_e do not import (clip needs setuptools<81 for pkg_resources). `-I` (Python 3.11+:
+# no working directory on sys.path): the installed engine and bot, not /src's, which go next.
 RUN pip install --no-cache-dir . \
     && python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'pip replaced the CUDA torch')" \
-    && python -c "import clip, dall_e, engine.worker, bot.__main__" \
-    && imagine-worker --help > /dev/null \
+    && python -I -c "import clip, dall_e, engine.worker, bot.__main__" \
+    && imagine-worker --help > /dev/null && imagine-bot --help > /dev/null \
     && rm -rf /src
 
 # A non-root user; the model cache is a volume it owns (mount the same volume on every worker).

@@ -137,6 +137,11 @@ def load(args: argparse.Namespace) -> tuple[Config, str]:
     if args.config is not None and not args.config.strip():
         raise ConfigError("--config: expected a config file's path, got an empty string (an unset variable?); "
                           "leave --config out to read ./config.toml")
+    if args.queue is not None and not args.queue.strip():
+        # `--queue "$QUEUE_URL"` with QUEUE_URL unset: not the next source in line (./imagine-bot.db
+        # at the end), where the bot would queue jobs that the workers on Redis never see.
+        raise ConfigError("--queue: expected a queue URL, got an empty string (an unset variable?); leave --queue "
+                          f"out to use {QUEUE_URL_ENV} or [queue] url")
     config = Config() if uses_defaults(args) else load_config(args.config or DEFAULT_CONFIG)
     choose_queue_url(config, args.queue)   # --queue > $IMAGINE_QUEUE_URL > [queue] url
     if args.log_level:

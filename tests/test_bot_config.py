@@ -805,6 +805,10 @@ def test_config_errors_name_the_file_and_an_empty_config_path_is_refused(tmp_pat
             load(build_parser().parse_args(argv))
     proc = _cli(["--config", ""], GOOD_TOKEN, tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("imagine-bot: --config: expected"), proc.stderr
+    # Likewise `--queue "$QUEUE_URL"`: not ./imagine-bot.db while the workers wait on Redis.
+    for argv in (["--queue", ""], ["sync", "--queue", " "]):
+        with pytest.raises(ConfigError, match=r"^--queue: expected a queue URL, got an empty string \(an unset"):
+            load(build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize("toml", [f'[discord]\nadmin_roles = "{GOOD_TOKEN}"', f'[discord]\nsync_guild = "{GOOD_TOKEN}"',
