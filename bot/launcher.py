@@ -219,6 +219,16 @@ async def open_resources(
     from engine.queue import open_queue
     from engine.queue.redis import CertificateNotVerified
 
+    wc = config.worker
+    if wc.embedded and models_loader is None and wc.device.startswith("cuda"):
+        # Before the queue, the lease and the login (as imagine-worker checks --device): else the
+        # worker found out after minutes of loading models, with a hint that did not name it.
+        from engine.worker import missing_cuda_device   # imports torch: only when asked for CUDA
+
+        if missing := missing_cuda_device(wc.device):
+            raise LaunchError(f"[worker] device = {wc.device!r}: {missing}; set device = \"auto\" (or \"cpu\", or "
+                              "embedded = false with imagine-worker on a GPU host)", exit_code=2)
+
     async with contextlib.AsyncExitStack() as stack:
         url = config.queue.url
         queue = None

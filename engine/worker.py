@@ -1676,6 +1676,18 @@ def _say(message: str) -> int:
     return 2
 
 
+def missing_cuda_device(device: str) -> str | None:
+    """Why `device` ("cuda", "cuda:N") names none of this host's CUDA GPUs, or None: checked before
+    the queue opens and the models load (minutes of downloading CLIP, then torch's error)."""
+    if not device.startswith("cuda"):
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(device.partition(":")[2] or 0) < count:
+        return None
+    return (f"this host has {count or 'no'} CUDA GPU{'s' if count != 1 else ''}"
+            + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from engine.cli import model_error, one_line
     from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
@@ -1692,12 +1704,8 @@ async def _serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             raise SystemExit(2)
         device = "cuda"
-    elif device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.partition(":")[2] or 0)
-        if index >= count:
-            return _say(f"--device {device}: this host has {count or 'no'} CUDA GPU{'s' if count != 1 else ''}"
-                        + (f" (cuda:0 to cuda:{count - 1})" if count else "; --device cpu runs on the CPU"))
+    elif missing := missing_cuda_device(device):
+        return _say(f"--device {device}: {missing}" + ("" if "(" in missing else "; --device cpu runs on the CPU"))
     try:
         queue = open_queue(args.queue)
     except Exception as exc:  # noqa: BLE001 - a URL main() did not catch: say so, not a traceback

@@ -195,6 +195,24 @@ def test_shard_gauges_follow_the_shards_given():
     assert not any(name == "imagine_discord_gateway_latency_seconds" for name, _ in m)
 
 
+async def test_a_cuda_device_this_host_lacks_is_refused_before_the_queue_opens(tmp_path, tiny_model_files):
+    """[worker] device = "cuda:1" on a one-GPU host ("cuda" on one with none): the bot opened the
+    queue, took its lease, logged in, loaded the models (minutes of downloading CLIP) and only then
+    failed, with a hint that named the model files, not the device."""
+    import torch
+
+    from bot.launcher import LaunchError
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    config = test_config(tmp_path, worker={"device": f"cuda:{gpus}"})
+    with pytest.raises(LaunchError) as err:
+        async with open_resources(config, http_port=0):
+            pass
+    assert err.value.exit_code == 2
+    assert str(err.value).startswith(f"[worker] device = 'cuda:{gpus}': this host has {gpus or 'no'} CUDA GPU")
+    assert not list(tmp_path.glob("*.db")), "the queue was opened"
+
+
 async def test_device_auto_without_a_gpu_runs_no_embedded_worker_and_says_so(tmp_path, tiny_model_files, caplog):
     """[worker] device = "auto" (the default) on a host without CUDA: no embedded worker (a CPU one
     would claim shared jobs at ~10 s a step), a WARNING that says what to do, and /healthz as with
