@@ -217,7 +217,7 @@ async def open_resources(
     (tests give tiny models); None loads `[worker]`'s models on its `device`. `start_worker`: False
     leaves the embedded worker unstarted (`await resources.start_worker()` later: `run` logs in first)."""
     from engine.queue import open_queue
-    from engine.queue.redis import CertificateNotVerified
+    from engine.queue.redis import CertificateNotVerified, unreachable
 
     wc = config.worker
     if wc.embedded and models_loader is None and wc.device.startswith("cuda"):
@@ -243,8 +243,11 @@ async def open_resources(
             detail = redact_secrets(str(exc), url).strip().rstrip(".") or type(exc).__name__
             if isinstance(exc, CertificateNotVerified):   # no server trouble: it says the fix itself
                 raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}", exit_code=2) from None
+            # Unreachable (down, restarting): 1, as for Discord, for a supervisor to restart it; else
+            # a setting to fix (a refused password, a SQLite folder), 2.
             raise LaunchError(f"cannot open the queue {redact_url(url)}: {detail}; check --queue / "
-                              f"{QUEUE_URL_ENV} / [queue] url and {store_trouble_hint(url, detail)}", exit_code=2) from None
+                              f"{QUEUE_URL_ENV} / [queue] url and {store_trouble_hint(url, detail)}",
+                              exit_code=1 if unreachable(exc) else 2) from None
         stack.push_async_callback(queue.close)
         log.info("queue %s", redact_url(url))
         session = aiohttp.ClientSession()

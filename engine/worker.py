@@ -1693,7 +1693,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from engine.models import DEFAULT_CACHE, ModelLoadError, load_models
     from engine.observability import Observability, queue_check, worker_check
     from engine.queue import open_queue, redact_secrets, store_trouble_hint
-    from engine.queue.redis import CertificateNotVerified
+    from engine.queue.redis import CertificateNotVerified, unreachable
 
     device = args.device
     if device == "auto":   # before the queue: a worker that would not run must not claim anything
@@ -1741,8 +1741,10 @@ async def _serve(args: argparse.Namespace) -> int:
         detail = one_line(redact_secrets(str(exc), args.queue)).rstrip(".") or type(exc).__name__
         if isinstance(exc, CertificateNotVerified):   # no server trouble: it says the fix itself
             return _say(f"cannot open the queue {_redact(args.queue)}: {detail}")
-        return _say(f"cannot open the queue {_redact(args.queue)}: {detail}; check --queue / IMAGINE_QUEUE_URL "
+        said = _say(f"cannot open the queue {_redact(args.queue)}: {detail}; check --queue / IMAGINE_QUEUE_URL "
                     f"and {store_trouble_hint(args.queue, detail)}")
+        # Unreachable (down, restarting): 1, for a supervisor to restart it; else a setting to fix, 2.
+        return 1 if unreachable(exc) else said
     log.info("queue %s", _redact(args.queue))
     cache = args.cache_dir or DEFAULT_CACHE
     worker = Worker(

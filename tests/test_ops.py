@@ -741,7 +741,8 @@ def test_the_download_advice_names_no_setting_the_caller_lacks(tmp_path, monkeyp
     assert "only if you trust it: pass --trust-decoder." in message and "known_sha256" not in message
 
 
-def test_imagine_worker_with_an_unreachable_redis_exits_2_in_one_line_with_the_password_masked(tmp_path):
+def test_imagine_worker_with_an_unreachable_redis_exits_1_in_one_line_with_the_password_masked(tmp_path):
+    """Status 1 (a supervisor restarts it once Redis is back), not 2, a setting to fix."""
     from tests.queue_fixtures import free_port
 
     port = free_port()
@@ -750,7 +751,7 @@ def test_imagine_worker_with_an_unreachable_redis_exits_2_in_one_line_with_the_p
     started = time.monotonic()
     proc = subprocess.run(_worker_cmd("--queue", url, "--device", "cpu", "--log-level", "ERROR"),
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert time.monotonic() - started < 25   # it gave up after 2 s, not the default 30 s
     assert (f"imagine-worker: cannot open the queue redis://:***@127.0.0.1:{port}/0?reconnect_timeout=2: "
             in proc.stderr), proc.stderr
@@ -912,3 +913,27 @@ def test_imagine_worker_says_why_its_model_cache_cannot_be_made_without_an_errno
                  "--cache-dir", str(cache)]) == 2
     assert capsys.readouterr().err == (f"imagine-worker: cannot load the models: Not a directory: "
                                        f"'{cache / 'clip'}' (--cache-dir {cache})\n")
+
+
+def test_only_a_queue_server_out_of_reach_is_a_failure_for_a_restart():
+    """`cannot open the queue`: status 1 (a supervisor restarts it) for a Redis down, restarting or
+    loading its data; 2 (a setting to fix) for a refused password, an unverified certificate or a
+    SQLite file that cannot be opened."""
+    import sqlite3
+    import ssl
+
+    from redis import exceptions as redis_errors
+
+    from engine.queue.redis import unreachable
+
+    for exc in (redis_errors.ConnectionError("Connection refused"), redis_errors.TimeoutError("Timeout connecting"),
+                redis_errors.BusyLoadingError("Redis is loading the dataset in memory")):
+        assert unreachable(exc), exc
+    wrapped = redis_errors.ConnectionError("SSL: CERTIFICATE_VERIFY_FAILED")
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message, verify.reason = "self-signed certificate", "CERTIFICATE_VERIFY_FAILED"   # as ssl sets them
+    wrapped.__context__ = verify
+    for exc in (redis_errors.AuthenticationError("invalid username-password pair"),
+                redis_errors.AuthorizationError("NOPERM"), wrapped, sqlite3.OperationalError("unable to open database"),
+                ValueError("x")):
+        assert not unreachable(exc), exc

@@ -164,6 +164,14 @@ _REFUSED = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
 
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, a start's failure, says the server could not be reached in time (down,
+    restarting, loading its data, its name not resolving yet): a supervisor's restart may mend it.
+    Not a refused password, nor a certificate no retry verifies."""
+    return (isinstance(exc, (*_RETRYABLE, redis_errors.BusyLoadingError)) and not isinstance(exc, _REFUSED)
+            and certificate_not_verified(exc) is None)
+
+
 class CertificateNotVerified(Exception):
     """A rediss:// server whose TLS certificate this client cannot verify (signed by a CA it was not
     given, self-signed, made for another host name). Like a refused password, no retry mends it:
