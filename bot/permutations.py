@@ -529,6 +529,14 @@ SHEET_TEXT_STEPS = ((300, 100, True), (300, 40, True), (300, 100, False), (300, 
                     (60, 12, False))
 
 
+class MarkFailed(Exception):
+    """The store failed writing a set's `posting_after` mark: nothing was posted (tried again after
+    a backoff, as a failed post is: SheetsCog._check)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+
+
 @dataclass(frozen=True)
 class SheetEntry:
     """One job of a set as the contact sheet's text lists it."""
@@ -769,13 +777,14 @@ class SheetsCog(commands.Cog, name="Sheets"):
             return False
         try:
             marker = await self._post(info, records)
-        except (discord.HTTPException, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if not isinstance(exc, discord.HTTPException) or not is_refusal(exc):
+        except (discord.HTTPException, OSError, aiohttp.ClientError, asyncio.TimeoutError, MarkFailed) as exc:
+            if isinstance(exc, MarkFailed) or not isinstance(exc, discord.HTTPException) or not is_refusal(exc):
                 # 5xx, or the network failed (no answer at all): Discord may take it later. Not on
                 # every poll: each try re-renders and re-uploads the sheet.
                 delay = min(SHEET_RETRY_MAX, SHEET_RETRY_FIRST * 2 ** failed)
                 self._retry[set_id] = (failed + 1, time.monotonic() + delay)
                 why = (f"{exc.status} {exc.text}" if isinstance(exc, discord.HTTPException)
+                       else f"the store failed marking it: {exc}" if isinstance(exc, MarkFailed)
                        else f"{type(exc).__name__}: {exc}")
                 log.warning("set %s: posting the contact sheet failed (%s); will retry in %.1f s",
                             set_id, why, delay)
@@ -862,12 +871,9 @@ class SheetsCog(commands.Cog, name="Sheets"):
             log.info("set %s: none of its %d jobs finished with an image; no contact sheet", set_id, len(records))
             return {"skipped": "no finished image", "at": time.time()}
 
-        data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "PNG", numbers)
-        limit = self._upload_limit(info) - UPLOAD_MARGIN
-        if len(data) > limit:
-            data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG", numbers)
-        content = self._content(info, len(tiles), entries, template_refused)
         channel = self.bot.get_partial_messageable(int(info["channel_id"]), guild_id=info.get("guild_id"))
+        # Before the sheet is rendered (twice, when the PNG is over the limit): a store that fails
+        # the mark fails it on every try, and each try would render it again for nothing.
         if info.get("posting_after"):
             # Marked before an earlier try (or before a restart): that try may have posted it.
             found = await self._find_sheet(info, channel, int(info["posting_after"]))
@@ -876,7 +882,17 @@ class SheetsCog(commands.Cog, name="Sheets"):
                          set_id, found.id)
                 return {"message_id": found.id, "channel_id": found.channel.id, "at": time.time()}
         else:
-            await self._mark_posting(info)
+            try:
+                await self._mark_posting(info)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store's error, of either backend
+                raise MarkFailed(exc) from exc
+        data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "PNG", numbers)
+        limit = self._upload_limit(info) - UPLOAD_MARGIN
+        if len(data) > limit:
+            data, filename = await asyncio.to_thread(contact_sheet.render_sheet, tiles, "JPEG", numbers)
+        content = self._content(info, len(tiles), entries, template_refused)
         try:
             # The nonce lets Discord drop a repeat within a few minutes (a crash between this post and
             # the marker); later, the mark above lets the next try find this post (_find_sheet).

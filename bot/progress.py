@@ -806,6 +806,12 @@ class ProgressCog(commands.Cog, name="Progress"):
                                 posting = t.posted is None   # else only store writes are left
                                 if posting:   # no slot needed otherwise
                                     await self._wait_turn(t)
+                                    # A word added while it waited for its slot (seconds, more
+                                    # behind other finals): the add could not cancel a finished job.
+                                    if (not final.withheld and not render.withholds_prompt(final.record)
+                                            and await self._refused_now(final.record)):
+                                        final = _Final(final.record, render.withheld_text(final.record), [],
+                                                       withheld=True)
                                 try:
                                     await self._post_final(t, final)
                                 finally:
@@ -1129,15 +1135,18 @@ class ProgressCog(commands.Cog, name="Progress"):
         return _Final(record, render.final_text(record, note), files)
 
     async def _refused_now(self, record: JobRecord) -> bool:
-        """Whether the server's refused words match `record`'s prompt now, as the add's cancel
-        (moderation.cancel_matching) and a set's contact sheet match it: moderation.find, a timeout
-        counting as a match (fail closed). The list is read afresh: a store failure is raised, and
-        the final post tried again later, rather than posting what may be refused."""
+        """Whether the server's refused words match a prompt `record`'s post would quote now (its
+        own; a remix's parent's, in its lineage line: render.quoted_prompts), as the add's cancel
+        (moderation.cancel_matching) and a set's contact sheet match a prompt: moderation.find, a
+        timeout counting as a match (fail closed). The list is read afresh: a store failure is
+        raised, and the final post tried again later, rather than posting what may be refused."""
         listed = await moderation.entries(self.queue, record.spec.guild_id)
         if not listed:
             return False
         max_chars = self.bot.config.imagine.max_prompt_chars
-        return await asyncio.to_thread(moderation.find, listed, record.spec.prompt, max_chars) is not None
+        return await asyncio.to_thread(
+            lambda: any(moderation.find(listed, prompt, max_chars) is not None
+                        for prompt in render.quoted_prompts(record.spec)))
 
     async def _post_final(self, t: _Tracker, final: _Final) -> None:
         def files() -> list[discord.File]:

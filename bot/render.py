@@ -194,6 +194,15 @@ def lineage_lines(spec: JobSpec, *, details: bool = True, hidden: frozenset[str]
     return lines
 
 
+def quoted_prompts(spec: JobSpec) -> list[str]:
+    """The prompts a job's public reply quotes: its own, and a remix's parent's (its lineage line,
+    `_remix_line`, unless the parent is of another channel)."""
+    parent = spec.extra.get("parent") if isinstance(spec.extra.get("parent"), dict) else {}
+    if parent.get("prompt") and not parent.get(OTHER_CHANNEL):
+        return [spec.prompt, str(parent["prompt"])]
+    return [spec.prompt]
+
+
 def _remix_line(spec: JobSpec, job_id: str, *, details: bool, hidden: bool) -> str:
     if hidden:
         return f"↳ remix of {HIDDEN_JOB}"

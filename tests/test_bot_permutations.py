@@ -1105,3 +1105,49 @@ async def test_the_contact_sheet_comes_after_every_result_and_links_where_each_w
     assert str(gone.id) not in sheet.content and str(result_id) in sheet.content, sheet.content
     assert sheet.id > result_id   # posted after the result
     fd.assert_clean()
+
+
+async def test_a_store_that_fails_the_sheets_mark_is_retried_after_a_backoff_without_rendering(harness, monkeypatch,
+                                                                                                caplog):
+    """The `posting_after` mark is written before the sheet is posted. A store refusing that write
+    (SQLite's lock, a disk full, Redis out of memory) failed every poll: the sheet rendered again
+    each time (twice when over the limit) and a traceback logged, 45 of each in 3 s. Now nothing is
+    rendered until the mark is written, the next try waits as after a failed post, one warning says
+    why, and once the store takes the write the sheet is posted, once."""
+    h = harness
+    await h.start(worker=False)
+    inter = await h.imagine("a {red, blue} house", iterations=2)
+    await h.reply_of(inter)
+    records = [r for r in await h.queue.history(h.fd.channel_id, limit=50) if "set" in r.spec.extra]
+    set_id = records[0].spec.extra["set"]["id"]
+    real_set_setting = h.queue.set_setting
+    refusals = []
+
+    async def set_setting(key, value, expire_after=None):
+        if key == f"set:{set_id}" and isinstance(value, dict) and "posting_after" in value and len(refusals) < 2:
+            refusals.append(key)
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_set_setting(key, value, expire_after=expire_after)
+
+    monkeypatch.setattr(h.queue, "set_setting", set_setting)
+    renders = []
+    real_render = contact_sheet.render_sheet
+
+    def counted_render(*args, **kwargs):
+        renders.append(1)
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(contact_sheet, "render_sheet", counted_render)
+    monkeypatch.setattr(permutations, "SHEET_RETRY_FIRST", 0.5)
+    caplog.set_level(logging.INFO, logger="bot.permutations")
+    ids = [r.id for r in records]
+    await claim_jobs(h.queue, ids)
+    await finish_jobs(h.queue, ids)
+    await asyncio.sleep(1.2)   # ~24 polls: the first refusal, then the backoff's 0.5 s, the second
+    assert len(refusals) == 2 and renders == [], (len(refusals), len(renders))
+    assert "checking it failed" not in caplog.text
+    assert caplog.text.count(f"set {set_id}: posting the contact sheet failed (the store failed marking it: "
+                             "OperationalError: database or disk is full)") == 2
+    await h.fd.wait_for(lambda: _sheet_messages(h.fd), 10, "the contact sheet")
+    await asyncio.sleep(0.3)
+    assert len(_sheet_posts(h.fd)) == 1 and len(renders) == 1

@@ -257,3 +257,58 @@ async def test_a_result_without_buttons_posted_before_a_late_restart_is_not_post
     assert ("Cancelled: " if result == "banned-cancel" else "Result withheld: ") + render.REFUSED_PROMPT in shown.content
     assert fd.messages[msg.id].content == reply_shows   # the reply was not made a second result
     fd.assert_clean()
+
+
+async def test_a_remix_of_a_prompt_refused_while_it_ran_is_posted_withheld(harness):
+    """A remix's reply quotes its parent's prompt (↳ remix of `A` *a zorblax lighthouse*). The word
+    is added while the remix runs: the add cancels no job (the remix's own prompt is fine) and the
+    finished remix was posted with the refused prompt in its lineage line. It is withheld."""
+    from tests.test_bot_support import finished_job
+
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    _, parent = await finished_job(h, f"a {WORD} lighthouse")
+    inter = await fd.send_slash_command("remix", {"job": parent, "prompt": "a calm sea"})
+    await fd.wait_for_response(inter)
+    remix = h.job_id(await h.reply_of(inter))
+    await claim_jobs(h.queue, [remix])
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+    assert "No queued or running job of this server matches it." in text, text
+    await _finish(h, remix, _png((0, 0, 255)))
+    await h.wait_delivered(remix)
+    msg = _reply(h, remix)
+    assert WORD not in _public_text(msg), msg.content
+    assert msg.content.startswith(render.PROMPT_WITHHELD + "\nResult withheld: ")
+    assert msg.attachments == [] and msg.custom_ids == []
+    fd.assert_clean()
+
+
+async def test_a_word_added_while_a_result_waits_for_its_channel_slot_withholds_it(harness, monkeypatch):
+    """The final post reads the list, then waits for its turn in the channel (a second each,
+    longer behind other finals); a word added meanwhile cannot cancel a finished job, and the result
+    was posted with its prompt and picture. The list is read again once the turn comes."""
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    job = await _queue(h, f"a {WORD} at noon")
+    await claim_jobs(h.queue, [job])
+    real_wait_turn = progress.ProgressCog._wait_turn
+    added = asyncio.Event()
+
+    async def wait_turn(self, t):
+        if t.job_id == job and t.final and not added.is_set():   # the final's turn: the admin is quicker
+            text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+            assert "No queued or running job of this server matches it." in text, text
+            added.set()
+        return await real_wait_turn(self, t)
+
+    monkeypatch.setattr(progress.ProgressCog, "_wait_turn", wait_turn)
+    await _finish(h, job, _png((255, 0, 0)))
+    await h.wait_delivered(job)
+    assert added.is_set()
+    msg = _reply(h, job)
+    assert WORD not in _public_text(msg), msg.content
+    assert msg.content.startswith(render.PROMPT_WITHHELD + "\nResult withheld: ")
+    assert msg.attachments == [] and msg.custom_ids == []
+    fd.assert_clean()
