@@ -433,7 +433,7 @@ async def _line(queue, guild_id: int) -> list[JobRecord]:
 
 async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[JobRecord]:
     """Cancel server `guild_id`'s queued and running jobs whose prompt (as submitted: each job of a
-    permutation set its own) `entry` matches as `find` matches a new prompt (a timeout counts, as
+    permutation set its own; a remix's parent's too, which its replies quote) `entry` matches as `find` matches a new prompt (a timeout counts, as
     it refuses one); their replies say why without naming the entry or showing the prompt
     (render.CANCEL_BANNED, render.withholds_prompt). A running job already asked to stop for a
     banned word is left to that request; one asked for another reason (its author, an admin) gets
@@ -441,7 +441,9 @@ async def cancel_matching(bot: "ImagineBot", guild_id: int, entry: str) -> list[
     cancelled, as read before the cancel."""
     jobs = [r for r in await _line(bot.queue, guild_id) if not render.withholds_prompt(r)]
     max_chars = bot.config.imagine.max_prompt_chars
-    hits = await asyncio.to_thread(lambda: [r for r in jobs if find([entry], r.spec.prompt, max_chars) is not None])
+    # Each prompt its replies quote: a remix's parent's too (its lineage line), as a Reroll of it is refused.
+    hits = await asyncio.to_thread(lambda: [r for r in jobs if any(
+        find([entry], prompt, max_chars) is not None for prompt in render.quoted_prompts(r.spec))])
     if hits and identity(entry) not in {identity(e) for e in await entries(bot.queue, guild_id)}:
         # Removed again (another admin) while the line was read and matched: it refuses nothing now.
         log.info("the refused entry %r was removed before its jobs were cancelled; cancelling none", entry)

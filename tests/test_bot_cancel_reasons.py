@@ -383,3 +383,27 @@ async def test_history_withholds_the_prompt_of_a_finished_job_that_a_word_added_
     assert WORD not in text and len(lines) == 2, text
     assert lines[0].startswith("• a quiet lake") and lines[1].startswith(f"• {render.PROMPT_WITHHELD}"), text
     assert f"`{refused}`" in lines[1]
+
+
+async def test_adding_a_word_cancels_a_waiting_remix_whose_parents_prompt_it_matches(harness):
+    """A remix's replies quote its parent's prompt (↳ remix of `A` *a zorblax lighthouse*), and a
+    Reroll of it is refused once that prompt is: the add left it waiting, then running, its reply
+    showing the refused words until its result (withheld) came."""
+    from tests.test_bot_support import finished_job
+
+    h = harness
+    fd = h.fd
+    await h.start(worker=False)
+    _, parent = await finished_job(h, f"a {WORD} lighthouse")
+    inter = await fd.send_slash_command("remix", {"job": parent, "prompt": "a calm sea"})
+    await fd.wait_for_response(inter)
+    remix = h.job_id(await h.reply_of(inter))
+    other = await _queue(h, "a quiet lake")
+    text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
+    assert f"`{remix}`" in text and f"`{other}`" not in text, text
+    record = await h.wait_delivered(remix)
+    assert (record.state, record.error) == (JobState.CANCELLED, render.CANCEL_BANNED)
+    assert await _status(h, remix) == BANNED
+    assert WORD not in _public_text(_reply(h, remix))
+    assert (await h.queue.get(other)).state == JobState.QUEUED
+    fd.assert_clean()

@@ -259,23 +259,28 @@ async def test_a_result_without_buttons_posted_before_a_late_restart_is_not_post
     fd.assert_clean()
 
 
-async def test_a_remix_of_a_prompt_refused_while_it_ran_is_posted_withheld(harness):
-    """A remix's reply quotes its parent's prompt (↳ remix of `A` *a zorblax lighthouse*). The word
-    is added while the remix runs: the add cancels no job (the remix's own prompt is fine) and the
-    finished remix was posted with the refused prompt in its lineage line. It is withheld."""
-    from tests.test_bot_support import finished_job
+async def test_a_finished_remix_of_a_prompt_refused_before_its_post_is_posted_withheld(harness):
+    """A remix's reply quotes its parent's prompt (↳ remix of `A` *a zorblax lighthouse*). The remix
+    finished while Discord was down, then the word was added: the add cancels only jobs still
+    waiting or running, and the result was posted with the refused prompt in its lineage line. It
+    is withheld."""
+    from tests.test_bot_support import CHANNEL_MESSAGE, finished_job
 
     h = harness
     fd = h.fd
+    h.config.progress.token_ttl = 0   # edits go through the channel (a 503 is not retried by discord.py)
     await h.start(worker=False)
     _, parent = await finished_job(h, f"a {WORD} lighthouse")
     inter = await fd.send_slash_command("remix", {"job": parent, "prompt": "a calm sea"})
     await fd.wait_for_response(inter)
     remix = h.job_id(await h.reply_of(inter))
     await claim_jobs(h.queue, [remix])
+    outage = fd.inject_error("PATCH", CHANNEL_MESSAGE, 503, count=10_000)
+    await _finish(h, remix, _png((0, 0, 255)))
+    await fd.wait_for(lambda: len(outage.hits) >= 1, 10, "its post failing")
     text = await ephemeral_answer(h, "queue-admin ban-word add", {"entry": WORD}, user=fd.admin_user)
     assert "No queued or running job of this server matches it." in text, text
-    await _finish(h, remix, _png((0, 0, 255)))
+    outage.remaining = 0   # Discord is back
     await h.wait_delivered(remix)
     msg = _reply(h, remix)
     assert WORD not in _public_text(msg), msg.content
