@@ -368,19 +368,24 @@ async def entries(queue, guild_id: int | None) -> list[str]:
     return [e for e in value if isinstance(e, str)] if isinstance(value, list) else []
 
 
-async def refused_now(queue, guild_id: int | None, records: Iterable[JobRecord], max_chars: int) -> set[str]:
-    """The ids of `records` whose prompt the server's refused words match now (find, each within
-    MATCH_BUDGET; a timeout counts as a match: fail closed). For listings of jobs that ended before
-    an entry was added: the add cancelled only the jobs still in line or running."""
+async def refused_now(queue, guild_id: int | None, records: Iterable[JobRecord], max_chars: int, *,
+                      quoted: bool = False, budget: float | None = MATCH_BUDGET) -> set[str]:
+    """The ids of `records` whose prompt the server's refused words match now (find, a timeout
+    counting as a match: fail closed), read afresh (a store failure is raised). For what an add
+    could not cancel: jobs that ended before it. `quoted`: every prompt a job's public reply
+    quotes (render.quoted_prompts: a remix's parent's too), not its own alone. `budget`: seconds
+    for each record's check (None: each entry's MATCH_TIMEOUT alone)."""
     listed = await entries(queue, guild_id)
     if not listed:
         return set()
     records = list(records)
 
-    def check() -> set[str]:
-        return {r.id for r in records
-                if find(listed, r.spec.prompt, max_chars, time.monotonic() + MATCH_BUDGET) is not None}
-    return await asyncio.to_thread(check)
+    def matches(record: JobRecord) -> bool:
+        deadline = None if budget is None else time.monotonic() + budget
+        prompts = render.quoted_prompts(record.spec) if quoted else [record.spec.prompt]
+        return any(find(listed, prompt, max_chars, deadline) is not None for prompt in prompts)
+
+    return await asyncio.to_thread(lambda: {r.id for r in records if matches(r)})
 
 
 # The refusal when the list could not be matched in time (MATCH_BUDGET): not a match.

@@ -1136,17 +1136,12 @@ class ProgressCog(commands.Cog, name="Progress"):
 
     async def _refused_now(self, record: JobRecord) -> bool:
         """Whether the server's refused words match a prompt `record`'s post would quote now (its
-        own; a remix's parent's, in its lineage line: render.quoted_prompts), as the add's cancel
-        (moderation.cancel_matching) and a set's contact sheet match a prompt: moderation.find, a
-        timeout counting as a match (fail closed). The list is read afresh: a store failure is
-        raised, and the final post tried again later, rather than posting what may be refused."""
-        listed = await moderation.entries(self.queue, record.spec.guild_id)
-        if not listed:
-            return False
-        max_chars = self.bot.config.imagine.max_prompt_chars
-        return await asyncio.to_thread(
-            lambda: any(moderation.find(listed, prompt, max_chars) is not None
-                        for prompt in render.quoted_prompts(record.spec)))
+        own; a remix's parent's, in its lineage line), as the add's cancel (moderation.
+        cancel_matching) matches them: moderation.refused_now. A store failure is raised, and the
+        final post tried again later, rather than posting what may be refused."""
+        return record.id in await moderation.refused_now(
+            self.queue, record.spec.guild_id, [record], self.bot.config.imagine.max_prompt_chars,
+            quoted=True, budget=None)
 
     async def _post_final(self, t: _Tracker, final: _Final) -> None:
         def files() -> list[discord.File]:

@@ -709,15 +709,20 @@ async def test_a_continue_of_a_non_finite_state_fails_once_and_is_not_retried(qu
         await wait_state(queue, after.id, {JobState.DONE})
 
 
-async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, tiny_models, tmp_path, monkeypatch, caplog):
-    """ffmpeg on PATH is a build that fails (here: one without libx264, a real failing process):
-    the job still ends DONE with its final picture and state, without video.mp4 (the bot posts the
-    picture alone and says so); before, the finished picture was failed and the job run again."""
+def _put_a_broken_ffmpeg_first_on_path(tmp_path, monkeypatch) -> None:
+    """An ffmpeg build that fails as one without libx264 does: a real process, exit status 1."""
     broken = tmp_path / "bin"
     broken.mkdir()
     (broken / "ffmpeg").write_text("#!/bin/sh\necho \"Unknown encoder 'libx264'\" >&2\nexit 1\n")
     (broken / "ffmpeg").chmod(0o755)
     monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
+
+
+async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, tiny_models, tmp_path, monkeypatch, caplog):
+    """ffmpeg on PATH is a build that fails (here: one without libx264, a real failing process):
+    the job still ends DONE with its final picture and state, without video.mp4 (the bot posts the
+    picture alone and says so); before, the finished picture was failed and the job run again."""
+    _put_a_broken_ffmpeg_first_on_path(tmp_path, monkeypatch)
     async with Worker(queue, lambda: tiny_models, worker_id="w1"):
         job = await queue.submit(spec(iterations=4))
         done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
@@ -740,11 +745,7 @@ async def test_a_rerun_that_makes_no_video_leaves_no_earlier_attempts_video(queu
     assert await queue.put_artifact(job.id, "final.png", b"earlier picture", earlier.lease_id) is True
     assert await queue.put_artifact(job.id, "video.mp4", old_video, earlier.lease_id) is True
     assert await queue.release(job.id, earlier.lease_id) is True   # back in line, as a lost worker's job
-    broken = tmp_path / "bin"
-    broken.mkdir()
-    (broken / "ffmpeg").write_text("#!/bin/sh\necho \"Unknown encoder 'libx264'\" >&2\nexit 1\n")
-    (broken / "ffmpeg").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
+    _put_a_broken_ffmpeg_first_on_path(tmp_path, monkeypatch)
     async with Worker(queue, lambda: tiny_models, worker_id="w1"):
         done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
     assert done.state == JobState.DONE and done.worker_id == "w1", done
