@@ -235,6 +235,9 @@ class _Running:
     pending: list[asyncio.Future] = field(default_factory=list)
     similarity: float | None = None
     last_frame: asyncio.Task | None = None   # the newest _on_frame task: the next one waits for it
+    # The last frame when its PNG encode failed: `_on_done` tries it once more (final.png must be
+    # the last frame, not the newest one that happened to encode).
+    unencoded_final: Frame | None = None
     # time.monotonic() just before the call that last renewed its lease (the claim, a heartbeat the
     # store accepted): the store's lease runs at least `lease` seconds from there (Worker._lapsing).
     renewed: float = field(default_factory=time.monotonic)
@@ -878,6 +881,11 @@ class Worker:
         try:
             png = await asyncio.to_thread(frame.png)
         except Exception:  # noqa: BLE001
+            if frame.iteration >= frame.total:
+                run.unencoded_final = frame   # the result's picture: tried again when the run ends
+                log.warning("job %s: its last frame could not be encoded: trying again when it ends",
+                            job_id, exc_info=True)
+                return
             log.warning("job %s: the frame at iteration %d could not be encoded: dropped (not in the "
                         "video)", job_id, frame.iteration, exc_info=True)
             return
@@ -930,6 +938,7 @@ class Worker:
         current = asyncio.current_task()
         await asyncio.gather(*(t for t in run.pending if t is not current), return_exceptions=True)
         try:
+            await self._encode_final(run)
             try:
                 try:
                     video_bytes: bytes | None = await asyncio.to_thread(
@@ -968,6 +977,23 @@ class Worker:
             log.info("job %s done (similarity %.4f, %.1f s after submit)", job_id, run.similarity or 0.0,
                      time.time() - run.record.created_at)
         self._start_budget()   # its state is stored: that may put the states over
+
+    async def _encode_final(self, run: _Running) -> None:
+        """Make sure the run's newest PNG is its last frame: final.png is the result's picture, and an
+        earlier frame posted as the result would be a wrong answer. A last frame whose encode failed
+        is tried once more; a second failure (or no frame at all) fails the run, with a reason, for
+        another attempt from its last checkpoint."""
+        frame, run.unencoded_final = run.unencoded_final, None
+        if frame is not None:
+            try:
+                png = await asyncio.to_thread(frame.png)
+            except Exception as exc:  # noqa: BLE001 - said in the job's reason
+                raise RuntimeError(f"its final image could not be encoded ({type(exc).__name__}: {exc})") from exc
+            run.frames_png.append(png)
+            run.frames_pixels.append(frame.pixels)
+            run.similarity = frame.similarity
+        if not run.frames_png:
+            raise RuntimeError("the run ended without a final image")
 
     async def _store_result(self, run: _Running, video_bytes: bytes | None, state_bytes: bytes) -> bool:
         """The finished run's final.png, video.mp4 and state.pt, then `finish`: False when the job

@@ -718,6 +718,52 @@ def _put_a_broken_ffmpeg_first_on_path(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
 
 
+def _last_frame_encodes_fail(monkeypatch, times):
+    """Frame.png fails the first `times` encodes of a run's last frame (a MemoryError, say); the
+    pixels it was asked to encode are recorded. A last frame it does encode comes out inverted: a
+    mark of where final.png came from (a tiny model's last frames may be the same picture)."""
+    from engine.generate import Frame, png_bytes
+
+    asked: list[np.ndarray] = []
+
+    def png(frame):
+        if frame.iteration >= frame.total:
+            asked.append(frame.pixels)
+            if len(asked) <= times:
+                raise MemoryError("no memory for the PNG")
+            return png_bytes(255 - frame.pixels)
+        return png_bytes(frame.pixels)
+
+    monkeypatch.setattr(Frame, "png", png)
+    return asked
+
+
+async def test_a_last_frame_whose_encode_failed_is_encoded_again_for_final_png(queue, tiny_models, monkeypatch):
+    """final.png is the result: the last frame, never the newest frame that happened to encode
+    (before, a failed encode of the last frame posted the one before it as the result)."""
+    asked = _last_frame_encodes_fail(monkeypatch, times=1)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        job = await queue.submit(spec())
+        done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert done.state == JobState.DONE and done.attempts == 1, done
+    assert len(asked) == 2 and np.array_equal(asked[0], asked[1])
+    from engine.generate import png_bytes
+    progress = [e for e in await job_events(queue, job.id) if e.kind == EventKind.PROGRESS]
+    assert [e.iteration for e in progress] == [0, 2, 4]   # the failed frame was not published
+    final = await queue.get_artifact(job.id, "final.png")
+    assert final == png_bytes(255 - asked[-1])
+
+
+async def test_a_last_frame_that_cannot_be_encoded_fails_the_run_with_the_reason(queue, tiny_models, monkeypatch):
+    _last_frame_encodes_fail(monkeypatch, times=10**6)
+    async with Worker(queue, lambda: tiny_models, worker_id="w1"):
+        job = await queue.submit(spec())
+        done = await wait_state(queue, job.id, {JobState.DONE, JobState.FAILED})
+    assert done.state == JobState.FAILED and done.attempts == queue.max_attempts, done
+    assert "its final image could not be encoded (MemoryError: no memory for the PNG)" in done.error
+    assert await queue.get_artifact(job.id, "final.png") is None
+
+
 async def test_a_job_whose_video_cannot_be_made_is_done_with_its_picture(queue, tiny_models, tmp_path, monkeypatch, caplog):
     """ffmpeg on PATH is a build that fails (here: one without libx264, a real failing process):
     the job still ends DONE with its final picture and state, without video.mp4 (the bot posts the
