@@ -677,6 +677,23 @@ def test_a_queue_url_whose_password_has_a_slash_is_refused_without_quoting_it():
     assert "Xq9" not in redact_secrets("Port could not be cast to integer value as 'Xq9'", "redis://:Xq9?zzz@redis:6379/0")
 
 
+def test_a_file_url_names_an_absolute_path_and_one_with_a_host_is_refused(tmp_path, monkeypatch):
+    """file:///abs/jobs.db is /abs/jobs.db (RFC 8089), whatever the service's folder: it was opened
+    as abs/jobs.db under the current folder, another queue or none."""
+    from engine.queue import check_queue_url, open_queue
+
+    monkeypatch.chdir(tmp_path)
+    assert open_queue(f"file://{tmp_path}/jobs.db").path == f"{tmp_path}/jobs.db"
+    queue = open_queue(f"file://localhost{tmp_path}/jobs.db?lease=5")
+    assert (queue.path, queue.lease) == (f"{tmp_path}/jobs.db", 5.0)
+    assert check_queue_url(f"file://{tmp_path}/jobs.db") is None
+    assert check_queue_url("file://jobs.db") == ("a file URL's path is absolute: file:///abs/path.db, got "
+                                                 "'file://jobs.db' (for a path relative to the current folder "
+                                                 "write sqlite:///path.db)")
+    with pytest.raises(ValueError, match="absolute"):
+        open_queue("file://jobs.db")
+
+
 def test_a_plain_sqlite_path_takes_its_options(tmp_path):
     """`imagine-worker --queue jobs.db?lease=10` beside a bot on `sqlite:///jobs.db?lease=10`: the
     options were checked, then the whole text opened as a file named `jobs.db?lease=10`."""

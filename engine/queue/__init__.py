@@ -3,6 +3,7 @@
     open_queue("sqlite:///imagine.db")        # SQLAlchemy style: relative path "imagine.db"
     open_queue("sqlite:////var/lib/imagine.db")  # absolute path
     open_queue("imagine.db")                  # a plain path is a SQLite file too
+    open_queue("file:///var/lib/imagine.db")  # a file URL: its path is absolute
     open_queue("redis://localhost:6379/0?prefix=imagine")
 
 Options in the query string (both backends): `lease` (seconds, default 30), `max_attempts`
@@ -127,6 +128,10 @@ def check_queue_url(url: str) -> str | None:
     if not scheme and re.fullmatch(r"[A-Za-z0-9._-]+:\d+(/\d*)?", url.partition("?")[0]):
         return (f"{redact_url(url)!r} looks like a Redis address: write redis://{url.partition('?')[0]} "
                 f"(or sqlite:///{url} for a SQLite file of that name)")
+    if scheme == "file" and urlsplit(url).netloc.lower() not in ("", "localhost"):
+        # file://jobs.db names a host, not a file: file:///abs/jobs.db (a file URL's path is absolute).
+        return (f"a file URL's path is absolute: file:///abs/path.db, got {redact_url(url)!r} "
+                f"(for a path relative to the current folder write sqlite:///path.db)")
     if scheme in ("redis", "rediss") and "@" not in urlsplit(url).netloc and "@" in url.split("://", 1)[1]:
         # `redis://:Ab3/Kx9@host/0`: a '/', '?' or '#' in the password ends the host part early, and
         # redis-py's complaint (or the database check below) would quote the password's rest.
@@ -186,7 +191,15 @@ def open_queue(url: str, **kwargs: Any) -> JobQueue:
         from engine.queue.sqlite import SQLiteJobQueue
 
         path, options = url, {}
-        if scheme:
+        if scheme == "file":
+            # A file URL's path is absolute (RFC 8089): "file:///abs/x.db" and
+            # "file://localhost/abs/x.db" -> "/abs/x.db"; before, the '/' was dropped as for sqlite:
+            # a relative path, another queue (or none) depending on the service's folder.
+            parts = urlsplit(url.split("?", 1)[0])
+            if parts.netloc.lower() not in ("", "localhost"):
+                raise ValueError(f"a file URL's path is absolute: file:///abs/path.db, got {url!r}")
+            path = parts.path + (url[len(url.split("?", 1)[0]):])
+        elif scheme:
             body = url.split("://", 1)[1]
             # "sqlite:///x.db" -> "x.db" (relative), "sqlite:////abs/x.db" -> "/abs/x.db"
             path = body[1:] if body.startswith("/") else body
